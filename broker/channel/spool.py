@@ -1,0 +1,290 @@
+"""The default one-way channel: append-only segment files on a local file system.
+
+The plant half holds the `SpoolSender`, the only writer. The enterprise half holds a
+`SpoolReceiver`, which only reads the spool and keeps its position in its own state
+directory: nothing it does can reach the plant half.
+
+Frame: b"DZ" | u32 payload length | u32 CRC-32 of (length + payload) | MessagePack record.
+
+Segments are `NNNNNNNNNN.seg`, numbered upwards. The sender starts a new segment every time
+it opens, so a segment with a successor is final: incomplete or corrupt bytes at its end
+are a torn tail from a crash, skipped and counted, never parsed. Only the newest segment can
+still grow, so the receiver waits there instead of skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from broker.errors import ChannelError
+from broker.records import Record, decode_frame_payload, encode_frame_payload
+
+MAGIC = b"DZ"
+HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 of length + payload
+MAX_PAYLOAD = 1024 * 1024  # bytes; a record is a few hundred
+READ_CHUNK = 4 * MAX_PAYLOAD  # must exceed one whole frame, see SpoolReceiver._advance
+SUFFIX = ".seg"
+POSITION_FILE = "spool-position.json"
+
+log = structlog.get_logger("spool")
+
+
+def frame(payload: bytes) -> bytes:
+    length = struct.pack("<I", len(payload))
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+
+def parse_frames(buf: bytes) -> tuple[list[bytes], int, bool]:
+    """Split `buf` into whole, valid frames.
+
+    Returns the payloads, the offset just after the last valid frame, and whether parsing
+    stopped at the end of `buf` (False: at an incomplete or corrupt frame).
+    """
+    payloads: list[bytes] = []
+    pos = 0
+    end = len(buf)
+    while pos < end:
+        if end - pos < HEADER.size:
+            return payloads, pos, False
+        magic, length, crc = HEADER.unpack_from(buf, pos)
+        if magic != MAGIC or not 0 < length <= MAX_PAYLOAD:
+            return payloads, pos, False
+        start = pos + HEADER.size
+        if start + length > end:
+            return payloads, pos, False
+        payload = buf[start : start + length]
+        if zlib.crc32(payload, zlib.crc32(buf[pos + 2 : pos + 6])) != crc:
+            return payloads, pos, False
+        payloads.append(payload)
+        pos = start + length
+    return payloads, pos, True
+
+
+def segment_numbers(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []  # the plant half has not written yet
+    except OSError as e:
+        raise ChannelError(f"spool {directory}: cannot list: {e.strerror}") from e
+    return sorted(int(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX) and n[:-4].isdigit())
+
+
+def segment_path(directory: Path, number: int) -> Path:
+    return directory / f"{number:010d}{SUFFIX}"
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpoolSender:
+    """Appends records to the spool; the plant half's only way to the enterprise side.
+
+    `send()` is a group commit: one write and one fsync per batch. It blocks; call it from
+    a worker thread. Never reads anything written by the enterprise side.
+    """
+
+    def __init__(self, directory: Path, segment_bytes: int, retention_bytes: int) -> None:
+        self._dir = directory
+        self._segment_bytes = segment_bytes
+        self._retention_bytes = retention_bytes
+        try:
+            directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ChannelError(f"spool {directory}: cannot create: {e.strerror}") from e
+        numbers = segment_numbers(directory)
+        self.next_seq = _last_seq(directory, numbers) + 1
+        self._sizes = {n: segment_path(directory, n).stat().st_size for n in numbers}
+        self._fd = -1
+        self._open_segment((numbers[-1] + 1) if numbers else 1)
+
+    def send(self, records: Sequence[Record]) -> None:
+        """Stamp `seq` on each record and make the batch durable."""
+        if not records:
+            return
+        chunks = []
+        for record in records:
+            record.seq = self.next_seq
+            self.next_seq += 1
+            chunks.append(frame(encode_frame_payload(record)))
+        data = b"".join(chunks)
+        try:
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+        except OSError as e:
+            raise ChannelError(f"spool {self._dir}: cannot write: {e.strerror}") from e
+        self._sizes[self._number] += len(data)
+        if self._sizes[self._number] >= self._segment_bytes:
+            self._open_segment(self._number + 1)
+            self._enforce_retention()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _open_segment(self, number: int) -> None:
+        self.close()
+        path = segment_path(self._dir, number)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+            _fsync_dir(self._dir)
+        except OSError as e:
+            raise ChannelError(f"spool {path}: cannot create segment: {e.strerror}") from e
+        self._number = number
+        self._sizes[number] = 0
+
+    def _enforce_retention(self) -> None:
+        total = sum(self._sizes.values())
+        for number in sorted(self._sizes)[:-1]:
+            if total <= self._retention_bytes:
+                break
+            total -= self._sizes.pop(number)
+            with contextlib.suppress(FileNotFoundError):
+                segment_path(self._dir, number).unlink()
+            log.warning("spool_segment_expired", segment=number, retention_bytes=self._retention_bytes)
+
+
+def _last_seq(directory: Path, numbers: list[int]) -> int:
+    """The seq of the last valid record in the spool, 0 if there is none."""
+    for number in reversed(numbers):
+        payloads, _, _ = parse_frames(segment_path(directory, number).read_bytes())
+        for payload in reversed(payloads):
+            with contextlib.suppress(msgspec.DecodeError):
+                return decode_frame_payload(payload).seq
+    return 0
+
+
+class Position(msgspec.Struct):
+    segment: int = 0  # 0: before the first segment
+    offset: int = 0
+    seq: int = 0  # last record delivered
+
+
+class SpoolReceiver:
+    """Reads records in order, skipping torn tails; keeps its position in `state_dir`.
+
+    The position is saved by `commit()`, after the caller has handled what `receive()`
+    returned; after a restart, reading resumes there: no record is delivered twice.
+    """
+
+    def __init__(self, directory: Path, state_dir: Path) -> None:
+        self._dir = directory
+        self._position_file = state_dir / POSITION_FILE
+        try:
+            state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._pos = msgspec.json.decode(self._position_file.read_bytes(), type=Position)
+        except FileNotFoundError:
+            self._pos = Position()
+        except (OSError, msgspec.DecodeError) as e:
+            raise ChannelError(f"{self._position_file}: unreadable spool position: {e}") from e
+        self._fd = -1
+        self._fd_segment = 0
+        self.torn_bytes = 0  # skipped at the end of final segments
+        self.lost_records = 0  # gaps in seq: expired by retention before they were read
+        self.bad_records = 0  # valid frames whose payload did not decode
+
+    @property
+    def last_seq(self) -> int:
+        return self._pos.seq
+
+    def receive(self, max_records: int = 5000) -> list[Record]:
+        """The next records in order, at most `max_records`; empty when there is nothing new."""
+        records: list[Record] = []
+        while len(records) < max_records:
+            payloads = self._advance()
+            if payloads is None:
+                break
+            for payload in payloads:
+                try:
+                    record = decode_frame_payload(payload)
+                except msgspec.DecodeError:
+                    self.bad_records += 1
+                    log.error("spool_record_undecodable", segment=self._pos.segment)
+                    continue
+                if record.seq <= self._pos.seq:
+                    continue
+                if record.seq > self._pos.seq + 1 and self._pos.seq:
+                    self.lost_records += record.seq - self._pos.seq - 1
+                    log.error("spool_records_lost", after_seq=self._pos.seq, first_seq=record.seq)
+                self._pos.seq = record.seq
+                records.append(record)
+        return records
+
+    def commit(self) -> None:
+        """Persist the position after the records returned so far.
+
+        Atomic (write, then rename), so a killed process resumes exactly here. It is not
+        fsynced: after a power loss the reader may deliver again a few records whose `seq`
+        consumers have already seen (ADR 0003).
+        """
+        tmp = self._position_file.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(msgspec.json.encode(self._pos))
+            os.replace(tmp, self._position_file)
+        except OSError as e:
+            raise ChannelError(f"{self._position_file}: cannot save position: {e.strerror}") from e
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _advance(self) -> list[bytes] | None:
+        """Payloads of the next whole frames, moving across segments; None when caught up."""
+        while True:
+            if not self._open_current():
+                return None
+            size = os.fstat(self._fd).st_size
+            buf = os.pread(self._fd, min(size - self._pos.offset, READ_CHUNK), self._pos.offset)
+            payloads, used, _ = parse_frames(buf)
+            self._pos.offset += used
+            if payloads:
+                return payloads
+            # Nothing whole at this offset. READ_CHUNK exceeds any frame, so the rest of the
+            # file is either empty or invalid. Only a final segment may be skipped past.
+            later = [n for n in segment_numbers(self._dir) if n > self._pos.segment]
+            if not later:
+                return None
+            if size > self._pos.offset:
+                self.torn_bytes += size - self._pos.offset
+                log.warning(
+                    "spool_torn_tail_skipped",
+                    segment=self._pos.segment,
+                    offset=self._pos.offset,
+                    bytes=size - self._pos.offset,
+                )
+            self._pos.segment, self._pos.offset = later[0], 0
+
+    def _open_current(self) -> bool:
+        """Open the segment at the position, moving on if it expired; False if there is none."""
+        if self._fd >= 0 and self._fd_segment == self._pos.segment:
+            return True
+        self.close()
+        while True:
+            numbers = [n for n in segment_numbers(self._dir) if n >= self._pos.segment]
+            if not numbers:
+                return False
+            if numbers[0] != self._pos.segment:  # first start, or expired by retention
+                self._pos.segment, self._pos.offset = numbers[0], 0
+            try:
+                self._fd = os.open(segment_path(self._dir, self._pos.segment), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # expired between the listing and the open
+            except OSError as e:
+                raise ChannelError(f"spool {self._dir}: cannot read: {e.strerror}") from e
+            self._fd_segment = self._pos.segment
+            return True

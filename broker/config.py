@@ -1,0 +1,63 @@
+"""The appliance configuration (`broker.yaml`): where things are, and the caps that bound them.
+
+Typed, validated once at start, unknown keys refused (ADR 0002). Relative paths are resolved
+against the directory of the config file, so a unit file can point at one file and be done.
+The config never holds data-path decisions: what crosses is the policy's job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from broker import documents
+
+Port = Annotated[int, Meta(ge=1, le=65535)]
+MiB = Annotated[int, Meta(ge=1, le=1024 * 1024)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class SpoolConfig(_Section):
+    dir: Path
+    segment_mib: MiB = 16  # a segment is closed and a new one started past this size
+    retention_mib: MiB = 1024  # oldest segments are deleted past this total size
+
+
+class ListenConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8443
+
+
+class TlsConfig(_Section):
+    cert: Path  # server certificate chain, PEM
+    key: Path  # server private key, PEM
+    client_ca: Path  # only consumers with a certificate from this CA get in
+
+
+class EnterpriseConfig(_Section):
+    state_dir: Path  # the reader's spool position; writable by the enterprise user only
+    tls: TlsConfig
+    listen: ListenConfig = ListenConfig()
+    stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
+
+
+class LogConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON
+
+
+class BrokerConfig(_Section):
+    policy: Path
+    spool: SpoolConfig
+    enterprise: EnterpriseConfig
+    log: LogConfig = LogConfig()
+
+
+def load(path: Path) -> BrokerConfig:
+    """Load and validate `broker.yaml`; raises ConfigError naming file and key."""
+    return documents.load(path, BrokerConfig)

@@ -1,0 +1,117 @@
+"""Latest value of every signal, and fan-out of new records to stream subscribers.
+
+Staleness is decided here, when a record is served: a good or uncertain value older than
+three poll intervals of its device is served as `stale`, so a stopped plant half or a
+silent device can never leave a value looking fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import datetime
+
+import msgspec
+import structlog
+
+from broker.policy import Policy
+from broker.records import Record
+
+STALE_AFTER_INTERVALS = 3
+
+log = structlog.get_logger("store")
+
+
+class Subscription:
+    """A bounded queue of records for one stream consumer.
+
+    A consumer too slow to keep up is cut off (the stream ends after what was queued),
+    never silently skipped over: it reconnects and carries on from the snapshot.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._queue: asyncio.Queue[Record | None] = asyncio.Queue(limit)
+        self.overflowed = False
+        self._closed = False
+
+    def offer(self, records: Iterable[Record]) -> None:
+        if self._closed:
+            return
+        for record in records:
+            try:
+                self._queue.put_nowait(record)
+            except asyncio.QueueFull:
+                self.overflowed = True
+                self.close()
+                return
+
+    def close(self) -> None:
+        """End the stream after what is queued."""
+        if not self._closed:
+            self._closed = True
+            # A full queue has a reader that will see `_closed` once it drains.
+            if not self._queue.full():
+                self._queue.put_nowait(None)
+
+    async def next_batch(self, most: int = 512) -> list[Record] | None:
+        """The next records (waits for at least one); None when the stream has ended."""
+        if self._closed and self._queue.empty():
+            return None
+        first = await self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < most and not self._queue.empty():
+            record = self._queue.get_nowait()
+            if record is None:
+                break
+            batch.append(record)
+        return batch
+
+
+class Store:
+    def __init__(self, policy: Policy, queue_limit: int) -> None:
+        interval = {d.name: d.poll_interval_s for d in policy.devices}
+        self._stale_after = {
+            s.path: STALE_AFTER_INTERVALS * interval[s.device] for s in policy.signals
+        }
+        self._latest: dict[str, Record] = {}
+        self._subscribers: set[Subscription] = set()
+        self._queue_limit = queue_limit
+
+    def apply(self, records: list[Record]) -> None:
+        for record in records:
+            self._latest[record.signal] = record
+        for subscription in list(self._subscribers):
+            subscription.offer(records)
+            if subscription.overflowed:
+                self._subscribers.discard(subscription)
+                log.warning("consumer_cut_off", reason="stream_queue_full", limit=self._queue_limit)
+
+    def latest(self, signal: str, now: datetime) -> Record | None:
+        record = self._latest.get(signal)
+        return None if record is None else self._aged(record, now)
+
+    def snapshot(self, now: datetime) -> list[Record]:
+        return [self._aged(r, now) for r in self._latest.values()]
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self._queue_limit)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def close(self) -> None:
+        """End every stream (shutdown)."""
+        for subscription in self._subscribers:
+            subscription.close()
+        self._subscribers.clear()
+
+    def _aged(self, record: Record, now: datetime) -> Record:
+        if record.quality in ("good", "uncertain"):
+            limit = self._stale_after.get(record.signal, 0.0)
+            if (now - record.source_time).total_seconds() > limit:
+                return msgspec.structs.replace(record, quality="stale")
+        return record

@@ -1,0 +1,50 @@
+"""Process lifecycle: run a main coroutine until it ends or SIGINT/SIGTERM asks it to stop.
+
+A stop request cancels the main task, so every `finally` (closing the spool, the listeners,
+child processes) runs before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+from broker.errors import DmzBrokerError
+
+
+def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
+    """Run `main`; returns its exit code, 0 when stopped by a signal."""
+
+    async def guarded() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        stopping = False
+
+        def stop() -> None:
+            nonlocal stopping
+            stopping = True
+            task.cancel()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        try:
+            return await main or 0
+        except asyncio.CancelledError:
+            if stopping:
+                return 0
+            raise
+        except BaseExceptionGroup as group:
+            raise _first_user_error(group) or group from group
+
+    return asyncio.run(guarded())
+
+
+def _first_user_error(group: BaseExceptionGroup) -> DmzBrokerError | None:
+    """A task group wraps the error a user must see; unwrap the first one."""
+    matched = group.subgroup(DmzBrokerError)
+    while isinstance(matched, BaseExceptionGroup):
+        matched = matched.exceptions[0]
+    return matched

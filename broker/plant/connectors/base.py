@@ -1,0 +1,52 @@
+"""What every connector produces and the one interface it keeps (docs/specs/component.md)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from broker.plant.decode import RawValue
+from broker.policy import Device, Signal
+from broker.records import Quality
+
+
+@dataclass(frozen=True, slots=True)
+class RawSample:
+    signal: str  # the policy's signal path
+    raw: RawValue | None  # None when the read failed
+    source_time: datetime
+    quality: Quality
+
+
+Emit = Callable[[list[RawSample]], Awaitable[None]]
+
+
+class Connector(Protocol):
+    """Reads the signals the policy names from one device, with read-only services only."""
+
+    def __init__(self, device: Device, signals: Sequence[Signal]) -> None: ...
+
+    async def run(self, emit: Emit) -> None:
+        """Scan until cancelled, passing each scan's samples to `emit`; never returns."""
+        ...
+
+
+class Backoff:
+    """Exponential backoff with jitter for reconnects: the engine, not the device, waits."""
+
+    def __init__(self, initial_s: float, max_s: float = 30.0) -> None:
+        self._initial = initial_s
+        self._max = max_s
+        self._next = initial_s
+
+    def delay(self) -> float:
+        """The next wait in seconds; each call doubles the following one up to the cap."""
+        current = self._next
+        self._next = min(self._max, self._next * 2)
+        return current * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
+
+    def reset(self) -> None:
+        self._next = self._initial

@@ -1,0 +1,85 @@
+"""The policy's typed schema: devices, the signals of the semantic model, and assets.
+
+Checks that concern one field live here (ranges, patterns, combinations inside one signal);
+checks across the document (references, duplicates) live in `load.py`. Unknown keys are
+refused everywhere (ADR 0002). Nothing here touches the network or the file system.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+_SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"
+Name = Annotated[str, Meta(pattern=f"^{_SEGMENT}$")]
+AssetPath = Annotated[str, Meta(pattern=f"^{_SEGMENT}(/{_SEGMENT}){{0,6}}$")]
+SignalPath = Annotated[str, Meta(pattern=f"^{_SEGMENT}(/{_SEGMENT}){{1,7}}$")]  # asset + measure
+Seconds = Annotated[float, Meta(ge=0.05, le=86_400)]
+
+ModbusTable = Literal["coil", "discrete_input", "holding_register", "input_register"]
+DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "float32"]
+BIT_TABLES = frozenset({"coil", "discrete_input"})
+REGISTER_WIDTH = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class Device(_Strict):
+    name: Name
+    protocol: Literal["modbus"]
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] = 502
+    unit_id: Annotated[int, Meta(ge=0, le=255)] = 1
+    poll_interval_s: Seconds = 1.0
+    timeout_s: Seconds = 1.0
+
+
+class ModbusSource(_Strict):
+    table: ModbusTable
+    address: Annotated[int, Meta(ge=0, le=65535)]
+    type: DataType
+    word_order: Literal["big", "little"] = "big"  # big: the first register holds the high word
+
+    def __post_init__(self) -> None:
+        if (self.table in BIT_TABLES) != (self.type == "bool"):
+            raise ValueError(
+                f"type {self.type!r} does not fit table {self.table!r}: coils and discrete "
+                "inputs are 'bool', registers are a numeric type"
+            )
+        if self.address + self.width > 65536:
+            raise ValueError(f"a {self.type} at address {self.address} runs past 65535")
+
+    @property
+    def width(self) -> int:
+        """Registers (or bits) this source occupies."""
+        return REGISTER_WIDTH.get(self.type, 1)
+
+
+class Signal(_Strict):
+    path: SignalPath  # site/area/asset/measure: the name consumers see
+    device: Name
+    source: ModbusSource
+    unit: str = ""
+    scale: float = 1.0
+    offset: float = 0.0
+    description: str = ""
+
+    @property
+    def asset(self) -> str:
+        return self.path.rpartition("/")[0]
+
+
+class Asset(_Strict):
+    path: AssetPath
+    state_signal: SignalPath | None = None  # truthy → running, falsy → stopped
+
+
+class Policy(_Strict):
+    version: Annotated[int, Meta(ge=1)]
+    devices: Annotated[list[Device], Meta(min_length=1)]
+    signals: Annotated[list[Signal], Meta(min_length=1)]
+    assets: list[Asset] = []

@@ -1,0 +1,1 @@
+"""Plant simulators for the demo and the tests. Never imported by the broker halves."""

@@ -1,0 +1,154 @@
+"""A simulated refrigeration plant: one Modbus TCP server on loopback.
+
+A compressor keeps a cold room near its setpoint; ambient temperature swings; the door
+opens now and then. Values move plausibly so the demo shows real dynamics. The register
+map holds addresses that the demo policy does NOT name (tuning constants, diagnostics),
+so tests can prove that the broker never reads them. Every request is counted by
+function code and address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+# Register map (addresses per table). Unmodelled: coils 2-7, inputs 2-7, holding 1-9 and
+# 12-19, input registers 4-9, 11-19, 22-29, 33-39.
+COIL_COMPRESSOR_RUNNING, COIL_CONDENSER_FAN = 0, 1
+DI_DOOR_OPEN, DI_HIGH_PRESSURE = 0, 1
+HR_SETPOINT, HR_ENERGY = 0, 10  # int16 x0.1 degC; uint32 x0.01 kWh (big word order)
+IR_SUCTION, IR_DISCHARGE, IR_POWER = 0, 1, 2  # int16 x0.01 bar; int16 x0.01 bar; float32 kW
+IR_CONDENSER_OUT, IR_AMBIENT, IR_HUMIDITY = 10, 20, 21  # int16 x0.1 degC; int16; uint16 x0.1 %
+IR_ROOM, IR_RUN_SECONDS = 30, 31  # int16 x0.1 degC; uint32 s (little word order)
+
+FC_COILS, FC_INPUTS, FC_HOLDING, FC_INPUT_REGS = 1, 2, 3, 4
+
+
+@dataclass
+class PlantState:
+    ambient_c: float = 24.0
+    humidity_pct: float = 55.0
+    room_c: float = -17.0
+    setpoint_c: float = -18.0
+    compressor_on: bool = False
+    door_open: bool = False
+    energy_kwh: float = 0.0
+    run_seconds: float = 0.0
+    suction_bar: float = 3.0
+    discharge_bar: float = 6.0
+    power_kw: float = 0.0
+
+
+def step(state: PlantState, t: float, dt: float, rng: random.Random) -> None:
+    """Advance the plant by `dt` seconds at time `t` (seconds since start)."""
+    state.ambient_c = 24 + 6 * math.sin(2 * math.pi * t / 600) + rng.gauss(0, 0.1)
+    state.humidity_pct = min(100.0, max(0.0, 55 + 10 * math.cos(2 * math.pi * t / 600)))
+    if state.door_open:
+        state.door_open = rng.random() > 0.2
+    else:
+        state.door_open = rng.random() < 0.01
+    if state.room_c > state.setpoint_c + 1.0:
+        state.compressor_on = True
+    elif state.room_c < state.setpoint_c - 1.0:
+        state.compressor_on = False
+    heat_in = 0.01 + 0.002 * (state.ambient_c - 20) + (0.08 if state.door_open else 0.0)
+    cooling = 0.06 if state.compressor_on else 0.0
+    state.room_c += (heat_in - cooling) * dt
+    if state.compressor_on:
+        state.suction_bar = 1.2 + 0.02 * (state.room_c + 18) + rng.gauss(0, 0.01)
+        state.discharge_bar = 8 + 0.25 * (state.ambient_c - 20) + rng.gauss(0, 0.03)
+        state.power_kw = 15 + 0.3 * (state.ambient_c - 20) + rng.gauss(0, 0.2)
+        state.run_seconds += dt
+    else:
+        state.suction_bar += (3.0 - state.suction_bar) * 0.1 * dt
+        state.discharge_bar += (6.0 - state.discharge_bar) * 0.1 * dt
+        state.power_kw = 0.0
+    state.energy_kwh += state.power_kw * dt / 3600
+
+
+def _int16(value: float) -> int:
+    return struct.unpack(">H", struct.pack(">h", round(value)))[0]
+
+
+def _words(fmt: str, value: float | int) -> list[int]:
+    return list(struct.unpack(">HH", struct.pack(fmt, value)))
+
+
+class RefrigerationPlant:
+    """The simulated plant's Modbus server; counts every request it receives."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1, tick_s: float = 0.5) -> None:
+        self.address = (host, port)
+        self.unit_id = unit_id
+        self.tick_s = tick_s
+        self.state = PlantState()
+        self.requests: Counter[tuple[int, int, int]] = Counter()  # (function code, address, count)
+        self._rng = random.Random(1)  # noqa: S311 - a reproducible simulation, not secrecy
+        device = SimDevice(
+            id=unit_id,
+            simdata=(
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=8, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=20, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=40, values=0, datatype=DataType.REGISTERS)],
+            ),
+        )
+        self._server = ModbusTcpServer(device, address=self.address, trace_pdu=self._trace)
+        self._ticker: asyncio.Task[None] | None = None
+
+    def addresses_read(self, function_code: int) -> set[int]:
+        return {
+            address + i
+            for (fc, address, count) in self.requests
+            if fc == function_code
+            for i in range(count)
+        }
+
+    @property
+    def function_codes(self) -> set[int]:
+        return {fc for fc, _, _ in self.requests}
+
+    async def start(self) -> None:
+        await self._publish()
+        await self._server.serve_forever(background=True)
+        self._ticker = asyncio.create_task(self._tick_forever(), name="plant simulation")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await self._server.shutdown()
+
+    def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:
+            self.requests[(pdu.function_code, getattr(pdu, "address", -1), getattr(pdu, "count", 0))] += 1
+        return pdu
+
+    async def _tick_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            await asyncio.sleep(self.tick_s)
+            step(self.state, loop.time() - start, self.tick_s, self._rng)
+            await self._publish()
+
+    async def _publish(self) -> None:
+        s, unit, put = self.state, self.unit_id, self._server.async_setValues
+        await put(unit, FC_COILS, COIL_COMPRESSOR_RUNNING, [s.compressor_on, s.compressor_on])
+        await put(unit, FC_INPUTS, DI_DOOR_OPEN, [s.door_open, s.discharge_bar > 14])
+        await put(unit, FC_HOLDING, HR_SETPOINT, [_int16(s.setpoint_c * 10)])
+        await put(unit, FC_HOLDING, HR_ENERGY, _words(">I", round(s.energy_kwh * 100)))
+        await put(unit, FC_INPUT_REGS, IR_SUCTION, [_int16(s.suction_bar * 100), _int16(s.discharge_bar * 100)])
+        await put(unit, FC_INPUT_REGS, IR_POWER, _words(">f", s.power_kw))
+        await put(unit, FC_INPUT_REGS, IR_CONDENSER_OUT, [_int16((s.ambient_c + (8 if s.compressor_on else 1)) * 10)])
+        await put(unit, FC_INPUT_REGS, IR_AMBIENT, [_int16(s.ambient_c * 10), round(s.humidity_pct * 10)])
+        run_words = _words(">I", round(s.run_seconds))
+        await put(unit, FC_INPUT_REGS, IR_ROOM, [_int16(s.room_c * 10), run_words[1], run_words[0]])

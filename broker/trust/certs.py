@@ -1,0 +1,157 @@
+"""A small certificate authority for the appliance: a CA, server and client certificates.
+
+Keys are ECDSA P-256, written with mode 0600 under a tight umask. Client certificates carry
+exactly one URI SAN (the consumer's identity, e.g. spiffe://site/consumer/historian) and the
+clientAuth extended key usage; server certificates carry DNS and IP SANs and serverAuth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.errors import TrustError
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: Path
+    key: Path
+
+
+def init_ca(out: Path, name: str, days: int = 3650) -> Issued:
+    """Create a self-signed CA in `out` (refuses to overwrite an existing one)."""
+    issued = Issued(out / CA_CERT, out / CA_KEY)
+    if issued.cert.exists() or issued.key.exists():
+        raise TrustError(f"{out}: a CA already exists here; remove it first or use another --out")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(issued, cert, key)
+    return issued
+
+
+def issue_server(ca_dir: Path, out: Path, name: str, dns: list[str], ips: list[str], days: int) -> Issued:
+    if not dns and not ips:
+        raise TrustError("a server certificate needs at least one --dns or --ip")
+    try:
+        addresses = [ipaddress.ip_address(ip) for ip in ips]
+    except ValueError as e:
+        raise TrustError(f"--ip: {e}") from e
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(a) for a in addresses]
+    return _issue(ca_dir, out, name, sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+
+
+def issue_client(ca_dir: Path, out: Path, name: str, uri: str, days: int) -> Issued:
+    if "://" not in uri:
+        raise TrustError(f"--uri {uri!r}: expected a URI such as spiffe://site/consumer/historian")
+    return _issue(ca_dir, out, name, [x509.UniformResourceIdentifier(uri)], ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def _issue(
+    ca_dir: Path,
+    out: Path,
+    name: str,
+    sans: list[x509.GeneralName],
+    usage: x509.ObjectIdentifier,
+    days: int,
+) -> Issued:
+    ca_cert, ca_key = _load_ca(ca_dir)
+    issued = Issued(out / f"{name}.crt", out / f"{name}.key")
+    if issued.cert.exists() or issued.key.exists():
+        raise TrustError(f"{issued.cert}: already exists; choose another --name")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(issued, cert, key)
+    return issued
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; an ECDSA leaf signs and agrees keys in handshakes."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
+        key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
+    except FileNotFoundError as e:
+        raise TrustError(f"{e.filename}: not found; create a CA with `dmzbroker certs init-ca`") from e
+    except (ValueError, TypeError) as e:
+        raise TrustError(f"{ca_dir}: CA certificate or key is not usable PEM: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TrustError(f"{ca_dir / CA_KEY}: expected an ECDSA key")
+    return cert, key
+
+
+def _write(issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    issued.cert.parent.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    old_umask = os.umask(0o077)  # the key file is never readable by others, not even briefly
+    try:
+        fd = os.open(issued.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+    finally:
+        os.umask(old_umask)
+    issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

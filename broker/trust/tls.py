@@ -1,0 +1,57 @@
+"""SSLContext factories. Peers are always verified; there is no option to turn that off.
+
+Server side (enterprise API): TLS 1.2 or newer, ECDHE with AEAD ciphers only, no
+compression, no renegotiation, and a client certificate from the configured CA required.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from broker.errors import TrustError
+
+_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are AEAD-only already
+
+
+def server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(_TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load_chain(ctx, cert, key)
+    _load_ca(ctx, client_ca)
+    return ctx
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """For consumers of the API (and our own readiness checks): verifies the server."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_ca(ctx, ca)
+    if cert is not None:
+        _load_chain(ctx, cert, key)
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: Path, key: Path | None) -> None:
+    for path in (cert, key):
+        if path is not None and not path.is_file():
+            raise TrustError(f"{path}: file not found")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise TrustError(
+            f"{cert}: cannot use certificate with key {key}: {e.reason or e}; "
+            "check that both are PEM and belong together"
+        ) from e
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
+    if not ca.is_file():
+        raise TrustError(f"{ca}: CA file not found")
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except ssl.SSLError as e:
+        raise TrustError(f"{ca}: not a usable PEM CA certificate: {e.reason or e}") from e
