@@ -1,5 +1,8 @@
 """The one command line: `dmzbroker run|plant|enterprise|demo|certs`.
 
+Each command imports only what it runs: the plant process never loads the enterprise half's
+code and the reverse, so the boundary holds inside each process as well as between them.
+
 Every user-facing failure is one line on stderr (`dmzbroker: error: …`) and an exit code:
 2 for configuration and trust problems, 1 for others. Never a traceback for a user's mistake.
 """
@@ -40,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler, help_text in (
         ("run", _run, "start the plant half and the enterprise half as two processes"),
         ("plant", _plant, "start the plant half only (reads devices, writes the spool)"),
-        ("enterprise", _enterprise, "start the enterprise half only (reads the spool, serves consumers)"),
+        (
+            "enterprise",
+            _enterprise,
+            "start the enterprise half only (reads the spool, serves consumers)",
+        ),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="broker.yaml")
@@ -71,26 +78,40 @@ def _add_certs(parser: argparse.ArgumentParser) -> None:
     init.add_argument("--days", type=int, default=3650)
     init.set_defaults(handler=lambda a: _report(certs.init_ca(a.out, a.name, a.days)))
 
-    issue = commands.add_parser("issue", help="issue a server or client certificate").add_subparsers(
-        required=True, metavar="KIND"
-    )
+    issue = commands.add_parser(
+        "issue", help="issue a server or client certificate"
+    ).add_subparsers(required=True, metavar="KIND")
     server = issue.add_parser("server", help="a TLS server certificate (DNS and IP SANs)")
     client = issue.add_parser("client", help="a consumer certificate (exactly one URI SAN)")
     for kind, days in ((server, 366), (client, 90)):
-        kind.add_argument("--ca", type=Path, required=True, help="directory holding ca.crt and ca.key")
-        kind.add_argument("--out", type=Path, required=True, help="directory for NAME.crt and NAME.key")
+        kind.add_argument(
+            "--ca", type=Path, required=True, help="directory holding ca.crt and ca.key"
+        )
+        kind.add_argument(
+            "--out", type=Path, required=True, help="directory for NAME.crt and NAME.key"
+        )
         kind.add_argument("--days", type=int, default=days)
     server.add_argument("--name", default="server")
     server.add_argument("--dns", action="append", default=[], help="a DNS name (repeatable)")
     server.add_argument("--ip", action="append", default=[], help="an IP address (repeatable)")
     server.set_defaults(
-        handler=lambda a: _report(certs.issue_server(a.ca, a.out, a.name, a.dns, a.ip, a.days))
+        handler=lambda a: _report(
+            certs.issue_server(a.ca, a.out, name=a.name, dns=a.dns, ips=a.ip, days=a.days)
+        )
     )
-    client.add_argument("--uri", required=True, help="identity, e.g. spiffe://site/consumer/historian")
+    client.add_argument(
+        "--uri", required=True, help="identity, e.g. spiffe://site/consumer/historian"
+    )
     client.add_argument("--name", help="file name (default: the URI's last segment)")
     client.set_defaults(
         handler=lambda a: _report(
-            certs.issue_client(a.ca, a.out, a.name or a.uri.rstrip("/").rpartition("/")[2], a.uri, a.days)
+            certs.issue_client(
+                a.ca,
+                a.out,
+                name=a.name or a.uri.rstrip("/").rpartition("/")[2],
+                uri=a.uri,
+                days=a.days,
+            )
         )
     )
 
@@ -129,4 +150,6 @@ def _demo(args: argparse.Namespace) -> int:
     from broker.demo import run_demo
 
     logs.configure("auto", "demo")
-    return run_until_signalled(run_demo(args.workdir, args.policy, args.seconds, args.port))
+    return run_until_signalled(
+        run_demo(args.workdir, args.policy.resolve(), args.seconds, args.port)
+    )

@@ -32,10 +32,11 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
     demo_policy = policy.load(policy_path)
     device = demo_policy.devices[0]
     _recreate(workdir)
-    ca = certs.init_ca(workdir / "certs", "dmzbroker demo CA", days=30)
-    certs.issue_server(workdir / "certs", workdir / "certs", "server", ["localhost"], ["127.0.0.1"], 30)
-    client = certs.issue_client(workdir / "certs", workdir / "certs", "historian", CONSUMER_URI, 30)
-    config_path = _write_config(workdir, policy_path.resolve(), port)
+    pki = workdir / "certs"
+    ca = certs.init_ca(pki, "dmzbroker demo CA", days=30)
+    certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=30)
+    client = certs.issue_client(pki, pki, name="historian", uri=CONSUMER_URI, days=30)
+    config_path = _write_config(workdir, policy_path, port)
 
     plant = RefrigerationPlant(device.host, device.port, device.unit_id)
     try:
@@ -73,7 +74,9 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
 def _recreate(workdir: Path) -> None:
     if workdir.exists():
         if not (workdir / MARKER).exists():
-            raise ConfigError(f"{workdir}: exists and is not a demo directory; choose another --workdir")
+            raise ConfigError(
+                f"{workdir}: exists and is not a demo directory; choose another --workdir"
+            )
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / MARKER).touch()
@@ -89,7 +92,11 @@ def _write_config(workdir: Path, policy_path: Path, port: int) -> Path:
                 "enterprise": {
                     "state_dir": "enterprise-state",
                     "listen": {"host": "127.0.0.1", "port": port},
-                    "tls": {"cert": "certs/server.crt", "key": "certs/server.key", "client_ca": "certs/ca.crt"},
+                    "tls": {
+                        "cert": "certs/server.crt",
+                        "key": "certs/server.key",
+                        "client_ca": "certs/ca.crt",
+                    },
                 },
             },
             sort_keys=False,

@@ -30,11 +30,13 @@ class _StrictLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             raise yaml.MarkedYAMLError(
-                problem="aliases are not allowed; write the value out", problem_mark=event.start_mark
+                problem="aliases are not allowed; write the value out",
+                problem_mark=event.start_mark,
             )
         if getattr(event, "anchor", None) is not None:
             raise yaml.MarkedYAMLError(
-                problem="anchors are not allowed; write the value out", problem_mark=event.start_mark
+                problem="anchors are not allowed; write the value out",
+                problem_mark=event.start_mark,
             )
         return super().compose_node(parent, index)
 
@@ -55,7 +57,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _refuse_tag(loader: _StrictLoader, suffix: str, node: yaml.Node) -> Any:
-    raise yaml.MarkedYAMLError(problem=f"tag {node.tag!r} is not allowed", problem_mark=node.start_mark)
+    raise yaml.MarkedYAMLError(
+        problem=f"tag {node.tag!r} is not allowed", problem_mark=node.start_mark
+    )
 
 
 _StrictLoader.add_multi_constructor("!", _refuse_tag)

@@ -29,7 +29,9 @@ def configure(fmt: Literal["auto", "json", "console"], process: str) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    final: list[structlog.typing.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    final: list[structlog.typing.Processor] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta
+    ]
     if as_json:  # the console renderer formats exceptions itself
         final.append(structlog.processors.format_exc_info)
     handler = logging.StreamHandler(sys.stderr)

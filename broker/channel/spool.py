@@ -155,7 +155,9 @@ class SpoolSender:
             total -= self._sizes.pop(number)
             with contextlib.suppress(FileNotFoundError):
                 segment_path(self._dir, number).unlink()
-            log.warning("spool_segment_expired", segment=number, retention_bytes=self._retention_bytes)
+            log.warning(
+                "spool_segment_expired", segment=number, retention_bytes=self._retention_bytes
+            )
 
 
 def _last_seq(directory: Path, numbers: list[int]) -> int:

@@ -95,6 +95,10 @@ class Store:
     def snapshot(self, now: datetime) -> list[Record]:
         return [self._aged(r, now) for r in self._latest.values()]
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
     def subscribe(self) -> Subscription:
         subscription = Subscription(self._queue_limit)
         self._subscribers.add(subscription)

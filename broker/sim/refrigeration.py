@@ -85,7 +85,9 @@ def _words(fmt: str, value: float | int) -> list[int]:
 class RefrigerationPlant:
     """The simulated plant's Modbus server; counts every request it receives."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1, tick_s: float = 0.5) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1, tick_s: float = 0.5
+    ) -> None:
         self.address = (host, port)
         self.unit_id = unit_id
         self.tick_s = tick_s
@@ -117,19 +119,26 @@ class RefrigerationPlant:
         return {fc for fc, _, _ in self.requests}
 
     async def start(self) -> None:
-        await self._publish()
+        await self.publish()
         await self._server.serve_forever(background=True)
         self._ticker = asyncio.create_task(self._tick_forever(), name="plant simulation")
 
-    async def stop(self) -> None:
+    async def freeze(self) -> None:
+        """Stop the simulated physics; registers change only through `publish()` from now on."""
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+
+    async def stop(self) -> None:
+        await self.freeze()
         await self._server.shutdown()
 
     def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
-            self.requests[(pdu.function_code, getattr(pdu, "address", -1), getattr(pdu, "count", 0))] += 1
+            self.requests[
+                (pdu.function_code, getattr(pdu, "address", -1), getattr(pdu, "count", 0))
+            ] += 1
         return pdu
 
     async def _tick_forever(self) -> None:
@@ -138,17 +147,30 @@ class RefrigerationPlant:
         while True:
             await asyncio.sleep(self.tick_s)
             step(self.state, loop.time() - start, self.tick_s, self._rng)
-            await self._publish()
+            await self.publish()
 
-    async def _publish(self) -> None:
+    async def publish(self) -> None:
+        """Write `self.state` into the registers."""
         s, unit, put = self.state, self.unit_id, self._server.async_setValues
         await put(unit, FC_COILS, COIL_COMPRESSOR_RUNNING, [s.compressor_on, s.compressor_on])
         await put(unit, FC_INPUTS, DI_DOOR_OPEN, [s.door_open, s.discharge_bar > 14])
         await put(unit, FC_HOLDING, HR_SETPOINT, [_int16(s.setpoint_c * 10)])
         await put(unit, FC_HOLDING, HR_ENERGY, _words(">I", round(s.energy_kwh * 100)))
-        await put(unit, FC_INPUT_REGS, IR_SUCTION, [_int16(s.suction_bar * 100), _int16(s.discharge_bar * 100)])
+        await put(
+            unit,
+            FC_INPUT_REGS,
+            IR_SUCTION,
+            [_int16(s.suction_bar * 100), _int16(s.discharge_bar * 100)],
+        )
         await put(unit, FC_INPUT_REGS, IR_POWER, _words(">f", s.power_kw))
-        await put(unit, FC_INPUT_REGS, IR_CONDENSER_OUT, [_int16((s.ambient_c + (8 if s.compressor_on else 1)) * 10)])
-        await put(unit, FC_INPUT_REGS, IR_AMBIENT, [_int16(s.ambient_c * 10), round(s.humidity_pct * 10)])
+        await put(
+            unit,
+            FC_INPUT_REGS,
+            IR_CONDENSER_OUT,
+            [_int16((s.ambient_c + (8 if s.compressor_on else 1)) * 10)],
+        )
+        await put(
+            unit, FC_INPUT_REGS, IR_AMBIENT, [_int16(s.ambient_c * 10), round(s.humidity_pct * 10)]
+        )
         run_words = _words(">I", round(s.run_seconds))
         await put(unit, FC_INPUT_REGS, IR_ROOM, [_int16(s.room_c * 10), run_words[1], run_words[0]])

@@ -55,7 +55,9 @@ def init_ca(out: Path, name: str, days: int = 3650) -> Issued:
     return issued
 
 
-def issue_server(ca_dir: Path, out: Path, name: str, dns: list[str], ips: list[str], days: int) -> Issued:
+def issue_server(
+    ca_dir: Path, out: Path, *, name: str, dns: list[str], ips: list[str], days: int
+) -> Issued:
     if not dns and not ips:
         raise TrustError("a server certificate needs at least one --dns or --ip")
     try:
@@ -64,18 +66,24 @@ def issue_server(ca_dir: Path, out: Path, name: str, dns: list[str], ips: list[s
         raise TrustError(f"--ip: {e}") from e
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(a) for a in addresses]
-    return _issue(ca_dir, out, name, sans, ExtendedKeyUsageOID.SERVER_AUTH, days)
+    return _issue(
+        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH, days=days
+    )
 
 
-def issue_client(ca_dir: Path, out: Path, name: str, uri: str, days: int) -> Issued:
+def issue_client(ca_dir: Path, out: Path, *, name: str, uri: str, days: int) -> Issued:
     if "://" not in uri:
         raise TrustError(f"--uri {uri!r}: expected a URI such as spiffe://site/consumer/historian")
-    return _issue(ca_dir, out, name, [x509.UniformResourceIdentifier(uri)], ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    return _issue(
+        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days
+    )
 
 
 def _issue(
     ca_dir: Path,
     out: Path,
+    *,
     name: str,
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
@@ -128,7 +136,9 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError as e:
-        raise TrustError(f"{e.filename}: not found; create a CA with `dmzbroker certs init-ca`") from e
+        raise TrustError(
+            f"{e.filename}: not found; create a CA with `dmzbroker certs init-ca`"
+        ) from e
     except (ValueError, TypeError) as e:
         raise TrustError(f"{ca_dir}: CA certificate or key is not usable PEM: {e}") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey):

@@ -137,9 +137,13 @@ class ModbusConnector:
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
         method = getattr(client, READ_FUNCTIONS[request.table][1])
         try:
-            response = await method(request.address, count=request.count, device_id=self._device.unit_id)
-        except (ModbusException, OSError, asyncio.TimeoutError) as e:
-            raise DeviceError(f"read of {request.table} {request.address}+{request.count}: {e}") from e
+            response = await method(
+                request.address, count=request.count, device_id=self._device.unit_id
+            )
+        except (TimeoutError, ModbusException, OSError) as e:
+            raise DeviceError(
+                f"read of {request.table} {request.address}+{request.count}: {e}"
+            ) from e
         now = datetime.now(UTC)
         if response.isError():
             self._log.warning(
@@ -151,7 +155,9 @@ class ModbusConnector:
             )
             return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
         if request.table in BIT_TABLES:
-            return [RawSample(s.signal, response.bits[s.offset], now, "good") for s in request.slots]
+            return [
+                RawSample(s.signal, response.bits[s.offset], now, "good") for s in request.slots
+            ]
         registers = response.registers
         return [
             RawSample(s.signal, tuple(registers[s.offset : s.offset + s.width]), now, "good")

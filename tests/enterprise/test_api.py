@@ -1,0 +1,158 @@
+"""The consumer API over real mutual TLS, with certificates made by our own CLI."""
+
+from __future__ import annotations
+
+import ssl
+import warnings
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from broker import policy
+from broker.enterprise.api import create_app
+from broker.enterprise.store import Store
+from broker.records import Context, Record
+from broker.trust import tls
+from tests.harness import DEMO_POLICY, Pki, eventually, free_port, read_events
+
+RECORD_FIELDS = {
+    "signal", "value", "unit", "quality", "source_time", "broker_time", "seq", "policy_version", "context",
+}  # fmt: skip
+ROOM = "coldstore/storage/cold-room-1/temperature"
+POWER = "coldstore/machine-room/compressor-1/motor_power"
+
+
+def record(signal: str, value: float, seq: int) -> Record:
+    now = datetime.now(UTC)
+    return Record(
+        signal=signal, value=value, unit="degC", quality="good", source_time=now, broker_time=now,
+        policy_version=1, context=Context(asset_state="running"), seq=seq,
+    )  # fmt: skip
+
+
+class Api:
+    def __init__(self, store: Store, base: str, pki: Pki) -> None:
+        self.store = store
+        self.base = base
+        self.pki = pki
+
+    def client_ssl(self, cert: object = None, key: object = None) -> ssl.SSLContext:
+        return tls.client_context(self.pki.ca, cert, key)  # type: ignore[arg-type]
+
+    def consumer_ssl(self) -> ssl.SSLContext:
+        return self.client_ssl(self.pki.client_cert, self.pki.client_key)
+
+
+@pytest.fixture
+async def api(pki: Pki) -> AsyncIterator[Api]:
+    demo = policy.load(DEMO_POLICY)
+    store = Store(demo, queue_limit=100)
+    runner = web.AppRunner(create_app(store, demo))
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(
+        runner,
+        "127.0.0.1",
+        port,
+        ssl_context=tls.server_context(pki.server_cert, pki.server_key, pki.ca),
+    )
+    await site.start()
+    try:
+        yield Api(store, f"https://localhost:{port}", pki)
+    finally:
+        store.close()
+        await runner.cleanup()
+
+
+async def get(api: Api, path: str, context: ssl.SSLContext) -> tuple[int, object]:
+    async with aiohttp.ClientSession() as session, session.get(api.base + path, ssl=context) as r:
+        return r.status, await r.json()
+
+
+async def test_snapshot_serves_the_latest_record_of_every_signal(api: Api) -> None:
+    api.store.apply([record(ROOM, -17.5, 1), record(POWER, 15.2, 2), record(ROOM, -17.9, 3)])
+    status, body = await get(api, "/v1/snapshot", api.consumer_ssl())
+    assert status == 200
+    records = {r["signal"]: r for r in body["records"]}  # type: ignore[index]
+    assert set(records) == {ROOM, POWER}
+    assert records[ROOM]["value"] == -17.9 and records[ROOM]["seq"] == 3
+    assert set(records[ROOM]) == RECORD_FIELDS
+    assert records[ROOM]["source_time"].endswith("Z")
+
+
+async def test_one_signal_by_path_and_unknown_path_is_404(api: Api) -> None:
+    api.store.apply([record(ROOM, -18.0, 1)])
+    status, body = await get(api, f"/v1/signals/{ROOM}", api.consumer_ssl())
+    assert status == 200 and body["value"] == -18.0  # type: ignore[index]
+    status, body = await get(api, "/v1/signals/coldstore/nowhere/nothing", api.consumer_ssl())
+    assert status == 404 and "error" in body  # type: ignore[operator]
+
+
+async def test_signal_metadata_describes_the_model_but_not_the_plant_topology(api: Api) -> None:
+    status, body = await get(api, "/v1/signals", api.consumer_ssl())
+    assert status == 200
+    signals = {s["path"]: s for s in body["signals"]}  # type: ignore[index]
+    assert signals[ROOM]["unit"] == "degC"
+    assert set(signals) == {s.path for s in policy.load(DEMO_POLICY).signals}
+    text = msgspec.json.encode(body).decode()
+    for plant_detail in ("127.0.0.1", "input_register", "address", "plc-machine-room"):
+        assert plant_detail not in text
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize(
+    "path", ["/v1/snapshot", "/v1/signals", f"/v1/signals/{ROOM}", "/v1/stream"]
+)
+async def test_every_method_but_get_is_405(api: Api, method: str, path: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, api.base + path, ssl=api.consumer_ssl(), data=b"{}") as r,
+    ):
+        assert r.status == 405
+        assert r.headers["Allow"] == "GET"
+
+
+async def handshake_refused(api: Api, context: ssl.SSLContext) -> bool:
+    """True when the request fails at the TLS layer (TLS 1.3 reports a missing cert late)."""
+    try:
+        await get(api, "/v1/snapshot", context)
+    except (aiohttp.ClientConnectionError, ssl.SSLError):
+        return True
+    return False
+
+
+async def test_consumer_without_certificate_is_refused(api: Api) -> None:
+    assert await handshake_refused(api, api.client_ssl())
+
+
+async def test_certificate_from_another_ca_is_refused(api: Api) -> None:
+    context = api.client_ssl(api.pki.other_client_cert, api.pki.other_client_key)
+    assert await handshake_refused(api, context)
+
+
+async def test_tls_below_1_2_is_refused(api: Api) -> None:
+    context = api.consumer_ssl()
+    with warnings.catch_warnings(category=DeprecationWarning, action="ignore"):
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    assert await handshake_refused(api, context)
+
+
+async def test_the_good_certificate_gets_in(api: Api) -> None:
+    assert not await handshake_refused(api, api.consumer_ssl())
+
+
+async def test_stream_delivers_new_records_as_server_sent_events(api: Api) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(api.base + "/v1/stream", ssl=api.consumer_ssl()) as response,
+    ):
+        assert response.headers["Content-Type"] == "text/event-stream"
+        await eventually(lambda: api.store.subscribers)
+        api.store.apply([record(ROOM, -17.0, 7), record(POWER, 14.0, 8)])
+        events = await read_events(response, 2)
+    assert [(i, e["signal"], e["value"]) for i, e in events] == [(7, ROOM, -17.0), (8, POWER, 14.0)]

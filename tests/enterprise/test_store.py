@@ -1,0 +1,83 @@
+"""Latest values, staleness at serving time, and bounded fan-out to stream consumers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from broker import policy
+from broker.enterprise.store import STALE_AFTER_INTERVALS, Store
+from broker.records import Context, Quality, Record
+from tests.harness import DEMO_POLICY
+
+ROOM = "coldstore/storage/cold-room-1/temperature"
+DEMO = policy.load(DEMO_POLICY)
+POLL_S = DEMO.devices[0].poll_interval_s
+
+
+def record(seq: int, quality: Quality = "good", age_s: float = 0.0, signal: str = ROOM) -> Record:
+    now = datetime.now(UTC)
+    return Record(
+        signal=signal, value=-18.0, unit="degC", quality=quality,
+        source_time=now - timedelta(seconds=age_s), broker_time=now, policy_version=1,
+        context=Context(), seq=seq,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("quality", "age_intervals", "served_as"),
+    [
+        ("good", STALE_AFTER_INTERVALS - 0.5, "good"),
+        ("good", STALE_AFTER_INTERVALS + 0.5, "stale"),
+        ("uncertain", STALE_AFTER_INTERVALS + 0.5, "stale"),
+        ("bad", STALE_AFTER_INTERVALS + 0.5, "bad"),
+    ],
+)
+def test_a_value_older_than_three_poll_intervals_is_served_stale(
+    quality: Quality, age_intervals: float, served_as: str
+) -> None:
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(1, quality, age_s=age_intervals * POLL_S)])
+    now = datetime.now(UTC)
+    latest = store.latest(ROOM, now)
+    assert latest is not None and latest.quality == served_as
+    assert [r.quality for r in store.snapshot(now)] == [served_as]
+
+
+def test_only_the_latest_record_of_a_signal_is_kept() -> None:
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(1), record(2)])
+    store.apply([record(3)])
+    assert [r.seq for r in store.snapshot(datetime.now(UTC))] == [3]
+
+
+async def test_subscribers_get_records_in_order_in_batches() -> None:
+    store = Store(DEMO, queue_limit=16)
+    subscription = store.subscribe()
+    store.apply([record(1), record(2)])
+    store.apply([record(3)])
+    batch = await asyncio.wait_for(subscription.next_batch(), 1)
+    assert batch is not None and [r.seq for r in batch] == [1, 2, 3]
+
+
+async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queued() -> None:
+    store = Store(DEMO, queue_limit=16)
+    subscription = store.subscribe()
+    store.apply([record(seq) for seq in range(1, 21)])  # 20 records for a queue of 16
+    assert subscription.overflowed and store.subscribers == 0
+    received = []
+    for _ in range(5):  # bounded: the stream must end well before this
+        batch = await asyncio.wait_for(subscription.next_batch(), 1)
+        if batch is None:
+            break
+        received.extend(r.seq for r in batch)
+    assert received == list(range(1, 17))  # no silent gap: a prefix, then the end
+
+
+async def test_closing_the_store_ends_every_stream() -> None:
+    store = Store(DEMO, queue_limit=16)
+    subscription = store.subscribe()
+    store.close()
+    assert await asyncio.wait_for(subscription.next_batch(), 1) is None

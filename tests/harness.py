@@ -1,0 +1,178 @@
+"""Helpers for tests that drive real processes, servers and files (no fixtures here)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import yaml
+
+from broker.trust import tls
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_POLICY = REPO / "policies" / "refrigeration.yaml"
+CONSUMER_URI = "spiffe://test/consumer/historian"
+
+
+def dmzbroker(
+    *args: str, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True, text=True, timeout=timeout, check=check, cwd=REPO,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path  # from `ca`, identity CONSUMER_URI
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path  # from another CA: must never get in
+    other_client_key: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_policy(directory: Path, port: int, poll_interval_s: float = 0.2) -> Path:
+    """The demo policy, pointed at a simulator on `port` and polled faster."""
+    document = yaml.safe_load(DEMO_POLICY.read_text())
+    document["devices"][0].update(port=port, poll_interval_s=poll_interval_s)
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def write_config(directory: Path, policy: Path, pki: Pki, api_port: int) -> Path:
+    path = directory / "broker.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "policy": str(policy),
+                "spool": {"dir": "spool", "segment_mib": 1},
+                "enterprise": {
+                    "state_dir": "enterprise-state",
+                    "listen": {"host": "127.0.0.1", "port": api_port},
+                    "tls": {
+                        "cert": str(pki.server_cert),
+                        "key": str(pki.server_key),
+                        "client_ca": str(pki.ca),
+                    },
+                },
+                "log": {"format": "json"},
+            }
+        )
+    )
+    return path
+
+
+@dataclass
+class Deployment:
+    """A config and policy for the broker, pointed at a running simulator."""
+
+    directory: Path
+    config: Path
+    policy: Path
+    api_port: int
+
+    @property
+    def spool(self) -> Path:
+        return self.directory / "spool"
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.api_port}"
+
+
+class BrokerProcess:
+    """One `python -m broker COMMAND --config FILE` child; stderr goes to a log file."""
+
+    def __init__(self, command: str, config: Path, log: Path) -> None:
+        self.log = log
+        self._stderr = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker", command, "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO,
+        )  # fmt: skip
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._stderr.close()
+        return self.process.returncode
+
+    def events(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+
+async def eventually(
+    condition: Callable[[], object], timeout: float = 15, interval: float = 0.05
+) -> None:
+    """Wait until `condition()` (a plain or async function) is truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {condition}")
+        await asyncio.sleep(interval)
+
+
+async def get_json(url: str, context: ssl.SSLContext) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as response:
+        return response.status, await response.json()
+
+
+def consumer_ssl(pki: Pki) -> ssl.SSLContext:
+    """A consumer with the good client certificate."""
+    return tls.client_context(pki.ca, pki.client_cert, pki.client_key)
+
+
+async def read_events(
+    response: aiohttp.ClientResponse, count: int
+) -> list[tuple[int, dict[str, Any]]]:
+    """The next `count` Server-Sent Events as (id, decoded JSON); fails after 10 s."""
+    events: list[tuple[int, dict[str, Any]]] = []
+    event_id = 0
+    async with asyncio.timeout(10):
+        async for line in response.content:
+            if line.startswith(b"id: "):
+                event_id = int(line[4:])
+            elif line.startswith(b"data: "):
+                events.append((event_id, msgspec.json.decode(line[6:])))
+                if len(events) == count:
+                    break
+    return events
