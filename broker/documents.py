@@ -99,9 +99,27 @@ def convert(data: Any, type_: type[T], source: str, base_dir: Path | None = None
     except msgspec.ValidationError as e:
         match = _MSGSPEC_PATH.match(str(e))
         assert match is not None  # the pattern matches any text
-        path = (match["path"] or "").lstrip(".") or "(top level)"
+        path = (match["path"] or "").lstrip(".")
         what = match["what"]
-        raise ConfigError(f"{source}: {path}: {what[:1].lower()}{what[1:]}") from e
+        what = what[:1].lower() + what[1:]
+        if what.startswith("expected") and ", got" not in what:
+            value = _value_at(data, path)
+            if isinstance(value, (int, float, str)):
+                what += f", got `{value}`"
+        raise ConfigError(f"{source}: {path or '(top level)'}: {what}") from e
+
+
+_PATH_STEP = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def _value_at(data: Any, path: str) -> Any:
+    """The value at a msgspec error path such as `signals[3].source.address`, or None."""
+    for key, index in _PATH_STEP.findall(path):
+        try:
+            data = data[key] if key else data[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def load(path: Path, type_: type[T]) -> T:

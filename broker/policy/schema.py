@@ -7,15 +7,24 @@ refused everywhere (ADR 0002). Nothing here touches the network or the file syst
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
 _SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"
-Name = Annotated[str, Meta(pattern=f"^{_SEGMENT}$")]
-AssetPath = Annotated[str, Meta(pattern=f"^{_SEGMENT}(/{_SEGMENT}){{0,6}}$")]
-SignalPath = Annotated[str, Meta(pattern=f"^{_SEGMENT}(/{_SEGMENT}){{1,7}}$")]  # asset + measure
+_NAME = re.compile(_SEGMENT)
+_ASSET_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{0,6}}")
+_SIGNAL_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{1,7}}")  # an asset path + the measure
+_SPELLING = "lowercase letters, digits, '-' and '_'"
+
+
+def _check_name(field: str, value: str, pattern: re.Pattern[str], shape: str) -> None:
+    if not pattern.fullmatch(value):
+        raise ValueError(f"{field} {value!r}: must be {shape} of {_SPELLING}")
+
+
 Seconds = Annotated[float, Meta(ge=0.05, le=86_400)]
 
 ModbusTable = Literal["coil", "discrete_input", "holding_register", "input_register"]
@@ -29,13 +38,16 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 
 
 class Device(_Strict):
-    name: Name
+    name: str
     protocol: Literal["modbus"]
     host: str
     port: Annotated[int, Meta(ge=1, le=65535)] = 502
     unit_id: Annotated[int, Meta(ge=0, le=255)] = 1
     poll_interval_s: Seconds = 1.0
     timeout_s: Seconds = 1.0
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name, _NAME, "one word")
 
 
 class ModbusSource(_Strict):
@@ -60,13 +72,16 @@ class ModbusSource(_Strict):
 
 
 class Signal(_Strict):
-    path: SignalPath  # site/area/asset/measure: the name consumers see
-    device: Name
+    path: str  # site/area/asset/measure: the name consumers see
+    device: str
     source: ModbusSource
     unit: str = ""
     scale: float = 1.0
     offset: float = 0.0
     description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
 
     @property
     def asset(self) -> str:
@@ -74,8 +89,11 @@ class Signal(_Strict):
 
 
 class Asset(_Strict):
-    path: AssetPath
-    state_signal: SignalPath | None = None  # truthy → running, falsy → stopped
+    path: str
+    state_signal: str | None = None  # truthy → running, falsy → stopped
+
+    def __post_init__(self) -> None:
+        _check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
 
 
 class Policy(_Strict):

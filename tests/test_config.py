@@ -1,0 +1,52 @@
+"""The appliance config: typed, unknown keys refused, paths relative to the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker import config
+from broker.errors import ConfigError
+
+GOOD = """\
+policy: policies/site.yaml
+spool: {dir: spool}
+enterprise:
+  state_dir: state
+  tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broker.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Path) -> None:
+    loaded = config.load(write(tmp_path, GOOD))
+    assert loaded.policy == tmp_path / "policies" / "site.yaml"
+    assert loaded.enterprise.tls.client_ca == tmp_path / "certs" / "ca.crt"
+    assert loaded.enterprise.listen.port == 8443  # the documented default
+    assert loaded.spool.retention_mib == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD + "colour: red\n", "(top level): object contains unknown field `colour`"),
+        (GOOD.replace("spool: {dir: spool}", "spool: {dir: spool, size: 3}"),
+         "spool: object contains unknown field `size`"),
+        (GOOD + "  listen: {port: 70000}\n", "enterprise.listen.port: expected `int` <= 65535, got `70000`"),
+        (GOOD.replace("  tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}\n", ""),
+         "enterprise: object missing required field `tls`"),
+        (GOOD + "log: {format: xml}\n", "log.format: invalid enum value 'xml'"),
+        (GOOD.replace("dir: spool", "dir: 42"), "spool.dir: expected a file system path, got `42`"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_named_by_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as refused:
+        config.load(path)
+    assert str(refused.value) == f"{path}: {expected}"
