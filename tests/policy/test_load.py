@@ -35,5 +35,5 @@ def test_the_demo_policy_loads() -> None:
 
 
 def test_a_missing_policy_file_is_named() -> None:
-    with pytest.raises(ConfigError, match="nowhere.yaml: file not found"):
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml: file not found"):
         policy.load(Path("nowhere.yaml"))
