@@ -219,7 +219,7 @@ class SpoolReceiver:
                     continue
                 if record.seq <= self._pos.seq:
                     continue
-                if record.seq > self._pos.seq + 1 and self._pos.seq:
+                if record.seq > self._pos.seq + 1:
                     self.lost_records += record.seq - self._pos.seq - 1
                     log.error("spool_records_lost", after_seq=self._pos.seq, first_seq=record.seq)
                 self._pos.seq = record.seq

@@ -36,7 +36,10 @@ def decoder_for(signal: Signal) -> Decoder:
     def decode(raw: RawValue) -> Value:
         if isinstance(raw, bool) or len(raw) != source.width:
             raise DecodeError(f"expected {source.width} register(s), got {raw!r}")
-        (value,) = number.unpack(words.pack(*(raw[::-1] if swap else raw)))
+        try:
+            (value,) = number.unpack(words.pack(*(raw[::-1] if swap else raw)))
+        except struct.error as e:  # a register outside 0..65535
+            raise DecodeError(f"not 16-bit registers: {raw!r}") from e
         if scaled:
             value = value * scale + offset
         if isinstance(value, float) and not math.isfinite(value):

@@ -1,0 +1,358 @@
+"""The one-way spool: SpoolSender writes segment files, SpoolReceiver reads them in order."""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from broker.channel.spool import (
+    HEADER,
+    MAX_PAYLOAD,
+    POSITION_FILE,
+    Position,
+    SpoolReceiver,
+    SpoolSender,
+    frame,
+    parse_frames,
+    segment_numbers,
+    segment_path,
+)
+from broker.errors import ChannelError
+from broker.records import Context, Record, decode_frame_payload, encode_frame_payload
+
+SEGMENT_BYTES = 4096
+RETENTION_BYTES = 1 << 30  # effectively unlimited
+
+
+def record(value: object) -> Record:
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    return Record(
+        signal="site/area/asset/measure",
+        value=value,
+        unit="bar",
+        quality="good",
+        source_time=now,
+        broker_time=now,
+        policy_version=1,
+        context=Context(),
+    )
+
+
+def send(spool: Path, values: list[object], batch: int = 5, **sizes: int) -> None:
+    """Send `values` as records, `batch` at a time, with a fresh sender that is then closed."""
+    sender = SpoolSender(
+        spool,
+        segment_bytes=sizes.get("segment_bytes", SEGMENT_BYTES),
+        retention_bytes=sizes.get("retention_bytes", RETENTION_BYTES),
+    )
+    try:
+        for i in range(0, len(values), batch):
+            sender.send([record(v) for v in values[i : i + batch]])
+    finally:
+        sender.close()
+
+
+def drain(receiver: SpoolReceiver, rounds: int = 200) -> list[Record]:
+    """Everything the receiver has to give right now (bounded)."""
+    out: list[Record] = []
+    for _ in range(rounds):
+        batch = receiver.receive()
+        if not batch:
+            return out
+        out.extend(batch)
+    raise AssertionError(f"receiver still delivering after {rounds} rounds")
+
+
+def seqs(records: list[Record]) -> list[int]:
+    return [r.seq for r in records]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+def test_records_round_trip_in_order_across_segments(spool: Path, state: Path) -> None:
+    send(spool, list(range(100)))
+    assert len(segment_numbers(spool)) > 2  # the test really crosses segments
+
+    got = drain(SpoolReceiver(spool, state))
+
+    assert seqs(got) == list(range(1, 101))
+    assert [r.value for r in got] == list(range(100))
+
+
+def test_sender_stamps_seq_on_the_records_it_sends(spool: Path) -> None:
+    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+    batch = [record(i) for i in range(3)]
+    sender.send(batch)
+    sender.close()
+
+    assert seqs(batch) == [1, 2, 3]
+
+
+def test_new_sender_continues_seq_and_starts_a_new_segment(spool: Path, state: Path) -> None:
+    send(spool, list(range(10)))
+    before = segment_numbers(spool)
+
+    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+    after = segment_numbers(spool)
+    sender.send([record("again")])
+    sender.close()
+
+    assert sender.next_seq == 12
+    assert after == [*before, before[-1] + 1]
+    assert seqs(drain(SpoolReceiver(spool, state))) == list(range(1, 12))
+
+
+def test_new_receiver_resumes_after_the_committed_position(spool: Path, state: Path) -> None:
+    send(spool, list(range(10)))
+    first = SpoolReceiver(spool, state)
+    assert seqs(drain(first)) == list(range(1, 11))
+    first.commit()
+    first.close()
+    send(spool, list(range(10, 20)))
+
+    second = SpoolReceiver(spool, state)
+
+    assert second.last_seq == 10
+    assert seqs(drain(second)) == list(range(11, 21))
+
+
+def test_receiver_without_commit_redelivers_from_the_last_commit(spool: Path, state: Path) -> None:
+    send(spool, list(range(10)))
+    first = SpoolReceiver(spool, state)
+    drain(first)
+    first.commit()
+    send(spool, list(range(10, 15)))
+    assert seqs(drain(first)) == list(range(11, 16))
+    first.close()  # no commit for seq 11..15
+
+    second = SpoolReceiver(spool, state)
+
+    assert seqs(drain(second)) == list(range(11, 16))
+
+
+# Bad bytes at the end of a segment, each one what a crash (or a bad disk) can leave behind.
+# The records inside use seq 11, the seq the next sender gives out: misparsing one would show
+# up as a duplicate seq 11 or as a "TORN"/"CORRUPT" value.
+def half_frame() -> bytes:
+    r = record("TORN")
+    r.seq = 11
+    whole = frame(encode_frame_payload(r))
+    return whole[: len(whole) // 2]
+
+
+def bad_crc_frame() -> bytes:
+    r = record("CORRUPT")
+    r.seq = 11
+    whole = bytearray(frame(encode_frame_payload(r)))
+    whole[6] ^= 0xFF  # first byte of the CRC field
+    return bytes(whole)
+
+
+def zeros() -> bytes:
+    return bytes(37)
+
+
+BAD_TAILS = pytest.mark.parametrize(
+    "bad", [half_frame, bad_crc_frame, zeros], ids=lambda f: f.__name__
+)
+
+
+def append_to_newest_segment(spool: Path, data: bytes) -> None:
+    with segment_path(spool, segment_numbers(spool)[-1]).open("ab") as f:
+        f.write(data)
+
+
+@BAD_TAILS
+def test_torn_tail_of_a_final_segment_is_skipped_and_counted(
+    spool: Path, state: Path, bad: Callable[[], bytes]
+) -> None:
+    send(spool, list(range(10)))
+    tail = bad()
+    append_to_newest_segment(spool, tail)
+    send(spool, list(range(10, 20)))  # a new sender: the torn segment is now final
+
+    receiver = SpoolReceiver(spool, state)
+    got = drain(receiver)
+
+    assert seqs(got) == list(range(1, 21))
+    assert [r.value for r in got] == list(range(20))
+    assert receiver.torn_bytes == len(tail)
+    assert receiver.bad_records == 0
+
+
+@BAD_TAILS
+def test_receiver_waits_at_bad_bytes_in_the_newest_segment(
+    spool: Path, state: Path, bad: Callable[[], bytes]
+) -> None:
+    send(spool, list(range(5)))
+    tail = bad()
+    append_to_newest_segment(spool, tail)
+    receiver = SpoolReceiver(spool, state)
+    assert seqs(drain(receiver)) == [1, 2, 3, 4, 5]
+
+    assert receiver.receive() == []
+    assert receiver.receive() == []
+    assert receiver.torn_bytes == 0  # not skipped: the segment may still grow
+
+    send(spool, list(range(5, 10)))
+
+    assert seqs(drain(receiver)) == [6, 7, 8, 9, 10]
+    assert receiver.torn_bytes == len(tail)
+
+
+def test_retention_deletes_old_segments_and_receiver_counts_lost_records(
+    spool: Path, state: Path
+) -> None:
+    sizes = {"segment_bytes": 1024, "retention_bytes": 4096}
+    total = 300
+    send(spool, list(range(10)), batch=1, **sizes)
+    receiver = SpoolReceiver(spool, state)
+    early = drain(receiver)
+    receiver.close()
+    assert seqs(early) == list(range(1, 11))
+
+    send(spool, list(range(10, total)), batch=1, **sizes)
+    oldest = segment_numbers(spool)[0]
+    assert oldest > 1  # retention did delete segments
+    payloads, _, _ = parse_frames(segment_path(spool, oldest).read_bytes())
+    first_kept = decode_frame_payload(payloads[0]).seq
+    assert first_kept > 11  # records 11.. were deleted before the receiver read them
+
+    late = drain(receiver)
+
+    assert seqs(late) == list(range(first_kept, total + 1))
+    assert receiver.lost_records == first_kept - 11
+    assert receiver.lost_records == total - len(early) - len(late)
+
+
+def test_fresh_receiver_counts_records_expired_before_its_first_read(
+    spool: Path, state: Path
+) -> None:
+    send(spool, list(range(300)), batch=1, segment_bytes=1024, retention_bytes=4096)
+    receiver = SpoolReceiver(spool, state)
+
+    got = drain(receiver)
+
+    assert got[0].seq > 1  # the first records expired
+    assert receiver.lost_records == got[0].seq - 1
+
+
+def test_receiver_continues_in_order_after_lost_records(spool: Path, state: Path) -> None:
+    sizes = {"segment_bytes": 1024, "retention_bytes": 4096}
+    send(spool, list(range(5)), batch=1, **sizes)
+    receiver = SpoolReceiver(spool, state)
+    drain(receiver)
+    receiver.close()
+    send(spool, list(range(5, 300)), batch=1, **sizes)
+    drain(receiver)
+    lost = receiver.lost_records
+    assert lost > 0
+
+    send(spool, list(range(300, 310)), batch=1, **sizes)
+
+    assert seqs(drain(receiver)) == list(range(301, 311))
+    assert receiver.lost_records == lost
+
+
+def test_receiver_never_redelivers_a_seq_it_has_already_delivered(spool: Path, state: Path) -> None:
+    send(spool, list(range(10)))
+    state.mkdir()
+    # A position whose offset lags behind its seq: the first five records were delivered.
+    (state / POSITION_FILE).write_bytes(msgspec.json.encode(Position(segment=1, offset=0, seq=5)))
+
+    assert seqs(drain(SpoolReceiver(spool, state))) == [6, 7, 8, 9, 10]
+
+
+def test_corrupt_position_file_raises_channel_error_naming_the_file(
+    spool: Path, state: Path
+) -> None:
+    state.mkdir()
+    position = state / POSITION_FILE
+    position.write_bytes(b"{not json")
+
+    with pytest.raises(ChannelError) as error:
+        SpoolReceiver(spool, state)
+
+    assert str(position) in str(error.value)
+
+
+# parse_frames on hostile input
+
+
+def check_only_whole_valid_frames(buf: bytes) -> None:
+    """The returned payloads, re-framed, are exactly the bytes parse_frames consumed."""
+    payloads, used, at_end = parse_frames(buf)
+    assert b"".join(frame(p) for p in payloads) == buf[:used]
+    assert at_end == (used == len(buf))
+
+
+def valid_frames(rng: random.Random, n: int) -> bytes:
+    return b"".join(frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n))
+
+
+def test_parse_frames_on_random_bytes() -> None:
+    rng = random.Random(1)
+    for _ in range(2000):
+        buf = rng.randbytes(rng.randint(0, 200))
+        if rng.random() < 0.5:
+            buf = b"DZ" + buf  # get past the magic check now and then
+        check_only_whole_valid_frames(buf)
+
+
+def test_parse_frames_on_truncated_frames() -> None:
+    rng = random.Random(2)
+    for _ in range(500):
+        whole = valid_frames(rng, rng.randint(1, 5))
+        cut = rng.randint(0, len(whole))
+        check_only_whole_valid_frames(whole[:cut])
+
+
+def test_parse_frames_on_frames_with_one_corrupted_byte() -> None:
+    rng = random.Random(3)
+    for _ in range(500):
+        buf = bytearray(valid_frames(rng, rng.randint(1, 5)))
+        buf[rng.randrange(len(buf))] ^= rng.randint(1, 255)
+        check_only_whole_valid_frames(bytes(buf))
+
+
+def test_parse_frames_rejects_every_single_byte_corruption_of_one_frame() -> None:
+    whole = frame(encode_frame_payload(record(42)))
+    for i in range(len(whole)):
+        buf = bytearray(whole)
+        buf[i] ^= 0x01
+        assert parse_frames(bytes(buf))[0] == [], f"corrupted byte {i} still parsed"
+
+
+def test_parse_frames_stops_at_a_truncated_frame_after_whole_ones() -> None:
+    first, second = frame(b"one"), frame(b"two")
+
+    payloads, used, at_end = parse_frames(first + second[:-1])
+
+    assert (payloads, used, at_end) == ([b"one"], len(first), False)
+
+
+def test_parse_frames_rejects_an_oversize_length_field() -> None:
+    payload = bytes(MAX_PAYLOAD + 1)
+    length = struct.pack("<I", len(payload))
+    oversize = HEADER.pack(b"DZ", len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+    assert parse_frames(frame(b"ok") + oversize) == ([b"ok"], len(frame(b"ok")), False)
+
+
+def test_parse_frames_rejects_an_empty_frame() -> None:
+    assert parse_frames(frame(b"")) == ([], 0, False)
