@@ -6,9 +6,11 @@ certificates from our CLI. The simulator counts every request it receives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -128,6 +130,46 @@ async def test_only_modelled_addresses_are_read_and_only_with_read_functions(
 
 async def snapshot_has_data(deployment: Deployment, pki: Pki) -> bool:
     return bool(await snapshot(deployment, pki))
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def tcp_sockets() -> list[tuple[int, int, str, str]]:
+    """(local port, remote port, state, inode) of every TCP socket on this host."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            rows.append((int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode))
+    return rows
+
+
+LISTEN = "0A"
+
+
+async def test_plant_half_listens_nowhere_and_enterprise_half_never_touches_the_plc(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+) -> None:
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki))
+    plant_pid, enterprise_pid = half_pids(broker)
+    plant_sockets, enterprise_sockets = socket_inodes(plant_pid), socket_inodes(enterprise_pid)
+    sockets = tcp_sockets()
+    plc_port = plant_sim.address[1]
+    assert not [s for s in sockets if s[3] in plant_sockets and s[2] == LISTEN]
+    assert [s for s in sockets if s[3] in plant_sockets and s[1] == plc_port]  # it does read the PLC
+    assert not [s for s in sockets if s[3] in enterprise_sockets and plc_port in (s[0], s[1])]
+    assert [s[0] for s in sockets if s[3] in enterprise_sockets and s[2] == LISTEN] == [deployment.api_port]
+    assert broker.stop() == 0
 
 
 async def test_sigterm_stops_both_halves_cleanly(

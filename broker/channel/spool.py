@@ -42,16 +42,18 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
 
 
-def parse_frames(buf: bytes) -> tuple[list[bytes], int, bool]:
-    """Split `buf` into whole, valid frames.
+def parse_frames(buf: bytes, most: int | None = None) -> tuple[list[bytes], int, bool]:
+    """Split `buf` into whole, valid frames, at most `most` of them.
 
-    Returns the payloads, the offset just after the last valid frame, and whether parsing
-    stopped at the end of `buf` (False: at an incomplete or corrupt frame).
+    Returns the payloads, the offset just after the last one returned, and whether parsing
+    stopped at the end of `buf` (False: at an incomplete or corrupt frame, or at `most`).
     """
     payloads: list[bytes] = []
     pos = 0
     end = len(buf)
     while pos < end:
+        if most is not None and len(payloads) >= most:
+            return payloads, pos, False
         if end - pos < HEADER.size:
             return payloads, pos, False
         magic, length, crc = HEADER.unpack_from(buf, pos)
@@ -207,7 +209,7 @@ class SpoolReceiver:
         """The next records in order, at most `max_records`; empty when there is nothing new."""
         records: list[Record] = []
         while len(records) < max_records:
-            payloads = self._advance()
+            payloads = self._advance(max_records - len(records))
             if payloads is None:
                 break
             for payload in payloads:
@@ -245,14 +247,17 @@ class SpoolReceiver:
             os.close(self._fd)
             self._fd = -1
 
-    def _advance(self) -> list[bytes] | None:
-        """Payloads of the next whole frames, moving across segments; None when caught up."""
+    def _advance(self, most: int) -> list[bytes] | None:
+        """Payloads of the next whole frames (at most `most`), moving across segments.
+
+        None when caught up.
+        """
         while True:
             if not self._open_current():
                 return None
             size = os.fstat(self._fd).st_size
             buf = os.pread(self._fd, min(size - self._pos.offset, READ_CHUNK), self._pos.offset)
-            payloads, used, _ = parse_frames(buf)
+            payloads, used, _ = parse_frames(buf, most)
             self._pos.offset += used
             if payloads:
                 return payloads

@@ -90,10 +90,10 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
-    subscription = store.subscribe()
+    subscription = store.subscribe()  # before the headers go out, so nothing falls between
     log.info("stream_opened", remote=request.remote)
     try:
+        await response.prepare(request)
         while True:
             try:
                 batch = await asyncio.wait_for(subscription.next_batch(), KEEPALIVE_S)

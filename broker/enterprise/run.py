@@ -60,3 +60,4 @@ async def _deliver(receiver: SpoolReceiver, store: Store) -> None:
             continue
         store.apply(records)
         receiver.commit()
+        await asyncio.sleep(0)  # let consumers drain between batches while catching up

@@ -26,7 +26,8 @@ class Subscription:
     """A bounded queue of records for one stream consumer.
 
     A consumer too slow to keep up is cut off (the stream ends after what was queued),
-    never silently skipped over: it reconnects and carries on from the snapshot.
+    never silently skipped over: it sees the end, reconnects, and can fill the gap from
+    `/v1/snapshot`; every record's `seq` shows where the gap was.
     """
 
     def __init__(self, limit: int) -> None:

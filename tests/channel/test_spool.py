@@ -356,3 +356,12 @@ def test_parse_frames_rejects_an_oversize_length_field() -> None:
 
 def test_parse_frames_rejects_an_empty_frame() -> None:
     assert parse_frames(frame(b"")) == ([], 0, False)
+
+
+def test_receive_returns_at_most_max_records_and_the_rest_next_time(spool: Path, state: Path) -> None:
+    send(spool, list(range(100)), batch=100, segment_bytes=1 << 20)
+    receiver = SpoolReceiver(spool, state)
+    assert seqs(receiver.receive(max_records=30)) == list(range(1, 31))
+    receiver.commit()
+    resumed = SpoolReceiver(spool, state)
+    assert seqs(resumed.receive(max_records=1000)) == list(range(31, 101))

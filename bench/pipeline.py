@@ -1,0 +1,654 @@
+"""Benchmark of the broker's data path: throughput without a network, latency over mutual TLS.
+
+1. Throughput. A synthetic policy (by default 1,000 signals on 4 devices, a mix of bool,
+   int16 and float32) and batches of one scan of every signal, made before the clock starts:
+   - plant: every batch through PlantPipeline.process (gate, decode, context) into
+     SpoolSender.send (one write and one fsync per batch);
+   - enterprise: then every record through SpoolReceiver.receive, Store.apply and
+     SpoolReceiver.commit, as broker.enterprise.run delivers them;
+   - end to end: the two one after the other (the figure held against the target);
+   - concurrent: a writer process and a reader process on one spool at the same time.
+   Target: >= 50,000 points/s end to end.
+
+2. Latency. `python -m broker enterprise` runs as its own process, on a throwaway PKI made
+   with `python -m broker certs` and the same synthetic policy written as YAML. This process
+   makes samples at a fixed rate (by default 10,000 points/s in scans every 10 ms), stamped
+   with the time they are made, sends them through the pipeline into the spool (the fsync in
+   a worker thread, as broker.plant.run does), and reads /v1/stream over mutual TLS in the
+   same event loop. Latency = the time an event's bytes arrive at the consumer - its
+   source_time (both processes read the same wall clock).
+   Target: p99 <= 50 ms, with no event missing.
+
+Run from the repository root: `make bench`, or `.venv/bin/python bench/pipeline.py --help`.
+The spool is fsynced, so the temporary directory (--tmpdir) should be on a real disk.
+Exits 0 whether or not the targets are met (PASS/FAIL is printed); non-zero only on a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import yaml
+
+from broker import logs
+from broker import policy as policy_file
+from broker.channel.spool import SpoolReceiver, SpoolSender
+from broker.enterprise.run import POLL_S
+from broker.enterprise.store import Store
+from broker.plant.connectors import RawSample
+from broker.plant.decode import RawValue
+from broker.plant.pipeline import PlantPipeline
+from broker.policy import Policy
+from broker.policy.schema import REGISTER_WIDTH
+from broker.trust import tls
+
+THROUGHPUT_TARGET = 50_000  # points/s, end to end
+P99_TARGET_MS = 50.0
+
+SEGMENT_BYTES = 16 * 1024 * 1024  # broker.config's defaults
+RETENTION_BYTES = 1024 * 1024 * 1024
+STREAM_QUEUE = 10_000
+
+SIGNALS_PER_ASSET = 10  # the first one is the asset's state signal
+KINDS = ("int16", "float32", "bool")
+TABLE = {"int16": "input_register", "float32": "holding_register", "bool": "coil"}
+UNITS: dict[str, dict[str, Any]] = {
+    "int16": {"unit": "degC", "scale": 0.1},
+    "float32": {"unit": "kW"},
+    "bool": {},
+}
+RAW: dict[str, RawValue] = {
+    "int16": (215,),
+    "float32": struct.unpack(">2H", struct.pack(">f", 21.5)),
+    "bool": True,
+}
+
+CONSUMER_URI = "spiffe://bench/consumer/probe"
+READY_TIMEOUT_S = 30.0  # for a child process to come up
+STALL_TIMEOUT_S = 30.0  # for the spool reader to see a new record
+DRAIN_TIMEOUT_S = 5.0  # for the last records to reach the consumer
+STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL
+
+
+# --- the synthetic plant -------------------------------------------------------------------
+
+
+def synthetic_policy(signals: int, devices: int) -> dict[str, Any]:
+    """A policy document: `signals` signals spread over `devices` devices, 10 per asset."""
+    next_address: Counter[tuple[str, str]] = Counter()
+    signal_docs: list[dict[str, Any]] = []
+    asset_docs: list[dict[str, Any]] = []
+    for i in range(signals):
+        device = f"plc-{i * devices // signals}"
+        asset, k = divmod(i, SIGNALS_PER_ASSET)
+        asset_path = f"bench/line/asset-{asset:04d}"
+        kind = "bool" if k == 0 else KINDS[k % len(KINDS)]
+        path = f"{asset_path}/running" if k == 0 else f"{asset_path}/{kind}-{k}"
+        table = TABLE[kind]
+        address = next_address[device, table]
+        next_address[device, table] += REGISTER_WIDTH.get(kind, 1)
+        source = {"table": table, "address": address, "type": kind}
+        signal_docs.append({"path": path, "device": device, "source": source, **UNITS[kind]})
+        if k == 0:
+            asset_docs.append({"path": asset_path, "state_signal": path})
+    return {
+        "version": 1,
+        "devices": [
+            {"name": f"plc-{d}", "protocol": "modbus", "host": "127.0.0.1"} for d in range(devices)
+        ],
+        "assets": asset_docs,
+        "signals": signal_docs,
+    }
+
+
+def make_policy(signals: int, devices: int) -> Policy:
+    return msgspec.convert(synthetic_policy(signals, devices), Policy)
+
+
+class Scanner:
+    """Stands in for the connectors: samples of every signal in turn, stamped when made."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._points = [(s.path, RAW[s.source.type]) for s in policy.signals]
+        self._next = 0
+
+    def scan(self, size: int) -> list[RawSample]:
+        now = datetime.now(UTC)
+        samples = []
+        for _ in range(size):
+            path, raw = self._points[self._next]
+            samples.append(RawSample(path, raw, now, "good"))
+            self._next = (self._next + 1) % len(self._points)
+        return samples
+
+
+def full_scans(policy: Policy, count: int) -> list[list[RawSample]]:
+    scanner = Scanner(policy)
+    return [scanner.scan(len(policy.signals)) for _ in range(count)]
+
+
+# --- throughput ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rate:
+    points: int
+    seconds: float
+
+    @property
+    def per_s(self) -> float:
+        return self.points / self.seconds
+
+
+def write_all(policy: Policy, batches: Sequence[list[RawSample]], spool: Path) -> float:
+    """The plant side: every batch through the pipeline into the spool; returns seconds."""
+    pipeline = PlantPipeline(policy)
+    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+    try:
+        start = time.perf_counter()
+        for batch in batches:
+            sender.send(pipeline.process(batch))
+        return time.perf_counter() - start
+    finally:
+        sender.close()
+
+
+def read_all(policy: Policy, spool: Path, state_dir: Path, total: int) -> float:
+    """The enterprise side, until record `total` is applied; returns seconds."""
+    receiver = SpoolReceiver(spool, state_dir)
+    store = Store(policy, STREAM_QUEUE)
+    try:
+        start = progress = time.perf_counter()
+        while receiver.last_seq < total:
+            records = receiver.receive()
+            now = time.perf_counter()
+            if records:
+                store.apply(records)
+                receiver.commit()
+                progress = now
+            elif now - progress < STALL_TIMEOUT_S:
+                time.sleep(POLL_S)  # caught up with the writer
+            else:
+                raise RuntimeError(f"read stalled at seq {receiver.last_seq} of {total}")
+        return time.perf_counter() - start
+    finally:
+        receiver.close()
+
+
+def _writer_process(
+    signals: int, devices: int, batch_count: int, spool: Path, start: Barrier
+) -> None:
+    """The writer of the concurrent run; `start` is a barrier shared with the reader."""
+    policy = make_policy(signals, devices)
+    batches = full_scans(policy, batch_count)
+    start.wait()
+    write_all(policy, batches, spool)
+
+
+def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) -> Rate:
+    """Writer and reader in two OS processes; timed until the reader has applied everything."""
+    total = args.batches * args.signals
+    spool = workdir / "spool"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2, timeout=READY_TIMEOUT_S)
+    writer = context.Process(
+        target=_writer_process,
+        args=(args.signals, args.devices, args.batches, spool, start),
+        daemon=True,
+    )
+    writer.start()
+    try:
+        start.wait()
+        seconds = read_all(policy, spool, workdir / "state", total)
+    finally:
+        writer.join(READY_TIMEOUT_S)
+        if writer.is_alive():
+            writer.terminate()
+            writer.join()
+    if writer.exitcode != 0:
+        raise RuntimeError(f"writer process exited with {writer.exitcode}")
+    return Rate(total, seconds)
+
+
+def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rate]:
+    policy = make_policy(args.signals, args.devices)
+    total = args.batches * args.signals
+    batches = full_scans(policy, args.batches)
+    plant = write_all(policy, batches, workdir / "spool")
+    enterprise = read_all(policy, workdir / "spool", workdir / "state", total)
+    return {
+        "plant": Rate(total, plant),
+        "enterprise": Rate(total, enterprise),
+        "end_to_end": Rate(total, plant + enterprise),
+        "concurrent": run_concurrently(args, policy, workdir / "concurrent"),
+    }
+
+
+# --- latency: the enterprise process and its PKI -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def broker_cli(*args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode:
+        raise RuntimeError(f"dmzbroker {' '.join(args)}: {result.stderr.strip()}")
+
+
+def make_pki(directory: Path) -> Pki:
+    out = str(directory)
+    broker_cli("certs", "init-ca", "--out", out, "--name", "bench")
+    broker_cli(
+        "certs", "issue", "server", "--ca", out, "--out", out,
+        "--dns", "localhost", "--ip", "127.0.0.1",
+    )  # fmt: skip
+    broker_cli("certs", "issue", "client", "--ca", out, "--out", out, "--uri", CONSUMER_URI)
+    client = CONSUMER_URI.rpartition("/")[2]
+    return Pki(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / f"{client}.crt",
+        client_key=directory / f"{client}.key",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(workdir: Path, policy: Path, pki: Pki, port: int) -> Path:
+    path = workdir / "broker.yaml"
+    config = {
+        "policy": str(policy),
+        "spool": {"dir": "spool"},
+        "enterprise": {
+            "state_dir": "enterprise-state",
+            "listen": {"host": "127.0.0.1", "port": port},
+            "tls": {
+                "cert": str(pki.server_cert),
+                "key": str(pki.server_key),
+                "client_ca": str(pki.ca),
+            },
+        },
+        "log": {"format": "json"},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def enterprise_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m broker enterprise` with its output in `log`; stopped on exit."""
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "enterprise", "--config", str(config),
+            stdout=out, stderr=out,
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession,
+    url: str,
+    process: asyncio.subprocess.Process,
+    log: Path,
+) -> None:
+    """Until the API answers `url` over mutual TLS."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + READY_TIMEOUT_S
+    problem = "no answer"
+    while loop.time() < deadline:
+        if process.returncode is not None:
+            output = await asyncio.to_thread(log.read_text)
+            raise RuntimeError(f"enterprise process exited:\n{output[-2000:]}")
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except aiohttp.ClientConnectionError as e:
+            problem = str(e)
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url}: {problem} after {READY_TIMEOUT_S:.0f} s")
+
+
+# --- latency: the paced plant half and the consumer ----------------------------------------
+
+
+async def write_spool(
+    queue: asyncio.Queue[list[RawSample]], pipeline: PlantPipeline, sender: SpoolSender
+) -> None:
+    """Group commit as broker.plant.run does: every scan that is waiting, one fsync."""
+    while True:
+        samples = await queue.get()
+        taken = 1
+        while not queue.empty():
+            samples.extend(queue.get_nowait())
+            taken += 1
+        records = pipeline.process(samples)
+        await asyncio.to_thread(sender.send, records)
+        for _ in range(taken):
+            queue.task_done()
+
+
+async def feed_plant(
+    policy: Policy, sender: SpoolSender, per_scan: int, interval: float, seconds: float
+) -> list[tuple[float, int]]:
+    """A scan of `per_scan` samples every `interval` s for `seconds`, into the spool.
+
+    Returns the source time and size of every scan, once all of them are in the spool.
+    """
+    pipeline = PlantPipeline(policy)
+    scanner = Scanner(policy)
+    queue: asyncio.Queue[list[RawSample]] = asyncio.Queue()
+    scans: list[tuple[float, int]] = []
+    loop = asyncio.get_running_loop()
+    async with asyncio.TaskGroup() as tasks:
+        writer = tasks.create_task(write_spool(queue, pipeline, sender))
+        start = loop.time()
+        for tick in range(round(seconds / interval)):
+            await asyncio.sleep(start + tick * interval - loop.time())
+            samples = scanner.scan(per_scan)
+            scans.append((samples[0].source_time.timestamp(), per_scan))
+            queue.put_nowait(samples)
+        await queue.join()
+        writer.cancel()
+    return scans
+
+
+class _Event(msgspec.Struct):
+    seq: int
+    source_time: datetime
+
+
+class StreamConsumer:
+    """Reads /v1/stream; notes each event's source time and latency when its bytes arrive."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, float]] = []  # (source time, latency), seconds
+        self.last_seq = 0
+        self._awaited_seq = math.inf
+        self._done = asyncio.Event()  # the awaited seq arrived, or the stream ended
+
+    async def run(self, response: aiohttp.ClientResponse) -> None:
+        decode = msgspec.json.Decoder(_Event).decode
+        pending = b""
+        try:
+            async for chunk in response.content.iter_any():
+                received = time.time()
+                complete, _, pending = (pending + chunk).rpartition(b"\n\n")
+                for line in complete.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        event = decode(line[6:])
+                        source = event.source_time.timestamp()
+                        self.events.append((source, received - source))
+                        self.last_seq = event.seq
+                if self.last_seq >= self._awaited_seq:
+                    self._done.set()
+        finally:
+            self._done.set()
+
+    async def drain(self, seq: int) -> None:
+        """Until event `seq` has arrived, the stream has ended, or DRAIN_TIMEOUT_S passed."""
+        self._awaited_seq = seq
+        if self.last_seq < seq:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), DRAIN_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class Latency:
+    rate: float  # points/s in the measured window
+    per_scan: int
+    sent: int  # points whose source time is in the measured window
+    received: int  # of those, delivered to the consumer
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def passed(self) -> bool:
+        return self.received == self.sent > 0 and self.p99_ms <= P99_TARGET_MS
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest rank."""
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def summarize(
+    scans: list[tuple[float, int]], events: list[tuple[float, float]], args: argparse.Namespace
+) -> Latency:
+    window_start = scans[0][0] + args.warmup
+    sent = sum(n for t, n in scans if t >= window_start)
+    latencies = sorted(1000 * latency for t, latency in events if t >= window_start)
+    if not latencies:
+        raise RuntimeError(f"the consumer received none of the {sent} points measured")
+    return Latency(
+        rate=sent / args.duration,
+        per_scan=scans[0][1],
+        sent=sent,
+        received=len(latencies),
+        p50_ms=percentile(latencies, 0.50),
+        p99_ms=percentile(latencies, 0.99),
+        max_ms=latencies[-1],
+    )
+
+
+@dataclass(frozen=True)
+class LatencySetup:
+    policy: Policy  # as loaded from the file the enterprise process loads
+    config: Path
+    port: int
+    ssl: ssl.SSLContext  # the consumer's
+    log: Path  # the enterprise process's output
+
+
+def prepare_latency(args: argparse.Namespace, workdir: Path) -> LatencySetup:
+    """The PKI, the policy file and broker.yaml for the enterprise process."""
+    workdir.mkdir()
+    pki = make_pki(workdir / "pki")
+    policy_path = workdir / "policy.yaml"
+    document = synthetic_policy(args.signals, args.devices)
+    policy_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    port = free_port()
+    return LatencySetup(
+        policy=policy_file.load(policy_path),
+        config=write_config(workdir, policy_path, pki, port),
+        port=port,
+        ssl=tls.client_context(pki.ca, pki.client_cert, pki.client_key),
+        log=workdir / "enterprise.log",
+    )
+
+
+async def measure_latency(args: argparse.Namespace, setup: LatencySetup) -> Latency:
+    interval = args.interval_ms / 1000
+    per_scan = max(1, round(args.rate * interval))
+    consumer = StreamConsumer()
+    async with (
+        enterprise_process(setup.config, setup.log) as process,
+        aiohttp.ClientSession(
+            f"https://127.0.0.1:{setup.port}", connector=aiohttp.TCPConnector(ssl=setup.ssl)
+        ) as session,
+    ):
+        await wait_ready(session, "/v1/snapshot", process, setup.log)
+        async with session.get("/v1/stream") as response:
+            response.raise_for_status()
+            reading = asyncio.create_task(consumer.run(response))
+            sender = SpoolSender(setup.config.parent / "spool", SEGMENT_BYTES, RETENTION_BYTES)
+            try:
+                seconds = args.warmup + args.duration
+                scans = await feed_plant(setup.policy, sender, per_scan, interval, seconds)
+                await consumer.drain(sender.next_seq - 1)
+            finally:
+                sender.close()
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+    return summarize(scans, consumer.events, args)
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def print_report(args: argparse.Namespace, throughput: dict[str, Rate], latency: Latency) -> None:
+    kinds = Counter(s.source.type for s in make_policy(args.signals, args.devices).signals)
+    mix = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
+    print(
+        f"dmzbroker pipeline benchmark: {args.signals:,} signals on {args.devices} devices ({mix})"
+    )
+    print()
+    print(
+        f"Throughput, no network: {args.batches} batches of {args.signals:,} samples "
+        "(one scan of every signal), one fsync per batch"
+    )
+    labels = {
+        "plant": "plant        process -> send",
+        "enterprise": "enterprise   receive -> apply -> commit",
+        "end_to_end": "end to end   write all, then read all",
+        "concurrent": "concurrent   writer and reader, 2 processes",
+    }
+    for key, label in labels.items():
+        rate = throughput[key]
+        print(
+            f"  {label:<46}{rate.points:>9,} points {rate.seconds:>7.2f} s"
+            f" {rate.per_s:>10,.0f} points/s"
+        )
+    verdict = "PASS" if throughput["end_to_end"].per_s >= THROUGHPUT_TARGET else "FAIL"
+    print(f"  target >= {THROUGHPUT_TARGET:,} points/s end to end: {verdict}")
+    print()
+    print(
+        f"Latency, {args.rate:,.0f} points/s in scans of {latency.per_scan:,} every "
+        f"{args.interval_ms:g} ms, source_time -> SSE event over mutual TLS"
+    )
+    print(
+        f"  {args.duration:g} s measured after {args.warmup:g} s warm-up: "
+        f"{latency.sent:,} points sent ({latency.rate:,.0f}/s), {latency.received:,} received"
+    )
+    print(
+        f"  p50 {latency.p50_ms:.1f} ms   p99 {latency.p99_ms:.1f} ms   max {latency.max_ms:.1f} ms"
+    )
+    verdict = "PASS" if latency.passed else "FAIL"
+    print(f"  target p99 <= {P99_TARGET_MS:g} ms, none missing: {verdict}")
+
+
+def report_json(args: argparse.Namespace, throughput: dict[str, Rate], latency: Latency) -> str:
+    return json.dumps(
+        {
+            "signals": args.signals,
+            "devices": args.devices,
+            "throughput": {
+                "batch_size": args.signals,
+                "batches": args.batches,
+                "target_points_per_s": THROUGHPUT_TARGET,
+                "pass": throughput["end_to_end"].per_s >= THROUGHPUT_TARGET,
+                **{
+                    key: {"points": r.points, "seconds": r.seconds, "points_per_s": r.per_s}
+                    for key, r in throughput.items()
+                },
+            },
+            "latency": {
+                "rate_points_per_s": latency.rate,
+                "scan_size": latency.per_scan,
+                "interval_ms": args.interval_ms,
+                "warmup_s": args.warmup,
+                "duration_s": args.duration,
+                "sent": latency.sent,
+                "received": latency.received,
+                "p50_ms": latency.p50_ms,
+                "p99_ms": latency.p99_ms,
+                "max_ms": latency.max_ms,
+                "target_p99_ms": P99_TARGET_MS,
+                "pass": latency.passed,
+            },
+        },
+        indent=2,
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("--signals", type=int, default=1000, help="signals in the policy")
+    parser.add_argument("--devices", type=int, default=4, help="devices they are spread over")
+    parser.add_argument("--batches", type=int, default=200, help="throughput: full scans")
+    parser.add_argument("--rate", type=float, default=10_000, help="latency: points/s")
+    parser.add_argument("--interval-ms", type=float, default=10, help="latency: ms between scans")
+    parser.add_argument("--duration", type=float, default=10, help="latency: seconds measured")
+    parser.add_argument("--warmup", type=float, default=2, help="latency: seconds not measured")
+    parser.add_argument("--tmpdir", type=Path, help="where the temporary files go")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args = parser.parse_args()
+    if min(args.signals, args.devices, args.batches) < 1:
+        parser.error("--signals, --devices and --batches must be at least 1")
+    if min(args.rate, args.interval_ms, args.duration) <= 0 or args.warmup < 0:
+        parser.error("--rate, --interval-ms and --duration must be positive")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    logs.configure("auto", "bench")  # any log line of the broker goes to stderr
+    with tempfile.TemporaryDirectory(prefix="dmzbroker-bench-", dir=args.tmpdir) as tmp:
+        workdir = Path(tmp)
+        throughput = measure_throughput(args, workdir / "throughput")
+        setup = prepare_latency(args, workdir / "latency")
+        latency = asyncio.run(measure_latency(args, setup))
+    if args.json:
+        print(report_json(args, throughput, latency))
+    else:
+        print_report(args, throughput, latency)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything started has been stopped and removed by then
+        sys.exit(130)

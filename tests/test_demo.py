@@ -1,0 +1,55 @@
+"""`dmzbroker demo`: the printed curl command works, and `--seconds` ends it cleanly."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, dmzbroker, free_port, write_policy
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Path) -> None:
+    policy = write_policy(tmp_path, free_port(), poll_interval_s=0.5)
+    workdir = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "broker", "demo", "--seconds", "12", "--workdir", str(workdir),
+         "--policy", str(policy), "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        curl_line = ""
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not curl_line:
+            line = demo.stdout.readline()
+            if not line:
+                break
+            if line.startswith("curl "):
+                curl_line = line.strip()
+        assert curl_line, "the demo printed no curl command"
+        result = subprocess.run([*shlex.split(curl_line), "--silent", "--show-error"],
+                                capture_output=True, text=True, timeout=20, check=True)  # fmt: skip
+        records = json.loads(result.stdout)["records"]
+        assert {r["signal"] for r in records} >= {"coldstore/storage/cold-room-1/temperature"}
+        assert demo.wait(timeout=40) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=10)
+        demo.stdout.close()
+
+
+def test_demo_refuses_to_wipe_a_directory_that_is_not_its_own(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = dmzbroker("demo", "--seconds", "1", "--workdir", str(tmp_path), check=False)
+    assert result.returncode == 2
+    assert "is not a demo directory" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
