@@ -63,7 +63,8 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
             flush=True,
         )
         try:
-            return await asyncio.wait_for(exited, seconds) if seconds else await exited
+            async with asyncio.timeout(seconds):  # None: no limit
+                return await exited
         except TimeoutError:
             return 0
     finally:

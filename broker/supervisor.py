@@ -53,7 +53,8 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
                 try:
-                    await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+                    async with asyncio.timeout(STOP_GRACE_S):
+                        await process.wait()
                 except TimeoutError:
                     log.error("half_killed", half=half, after_s=STOP_GRACE_S)
                     process.kill()

@@ -149,7 +149,9 @@ def tcp_sockets() -> list[tuple[int, int, str, str]]:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            rows.append((int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode))
+            rows.append(
+                (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode)
+            )
     return rows
 
 
@@ -166,9 +168,13 @@ async def test_plant_half_listens_nowhere_and_enterprise_half_never_touches_the_
     sockets = tcp_sockets()
     plc_port = plant_sim.address[1]
     assert not [s for s in sockets if s[3] in plant_sockets and s[2] == LISTEN]
-    assert [s for s in sockets if s[3] in plant_sockets and s[1] == plc_port]  # it does read the PLC
+    assert [
+        s for s in sockets if s[3] in plant_sockets and s[1] == plc_port
+    ]  # it does read the PLC
     assert not [s for s in sockets if s[3] in enterprise_sockets and plc_port in (s[0], s[1])]
-    assert [s[0] for s in sockets if s[3] in enterprise_sockets and s[2] == LISTEN] == [deployment.api_port]
+    assert [s[0] for s in sockets if s[3] in enterprise_sockets and s[2] == LISTEN] == [
+        deployment.api_port
+    ]
     assert broker.stop() == 0
 
 

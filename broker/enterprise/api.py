@@ -96,7 +96,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         while True:
             try:
-                batch = await asyncio.wait_for(subscription.next_batch(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    batch = await subscription.next_batch()
             except TimeoutError:
                 await response.write(b": keepalive\n\n")
                 continue

@@ -358,7 +358,9 @@ def test_parse_frames_rejects_an_empty_frame() -> None:
     assert parse_frames(frame(b"")) == ([], 0, False)
 
 
-def test_receive_returns_at_most_max_records_and_the_rest_next_time(spool: Path, state: Path) -> None:
+def test_receive_returns_at_most_max_records_and_the_rest_next_time(
+    spool: Path, state: Path
+) -> None:
     send(spool, list(range(100)), batch=100, segment_bytes=1 << 20)
     receiver = SpoolReceiver(spool, state)
     assert seqs(receiver.receive(max_records=30)) == list(range(1, 31))

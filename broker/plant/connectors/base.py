@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -50,3 +51,15 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self._initial
+
+
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    On Python 3.11, `asyncio.wait_for` (used inside protocol libraries) can swallow a
+    cancellation that races with a response; the task's cancel request stays counted. Call
+    this after each library await, so that a stop request never leaves a connector running.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

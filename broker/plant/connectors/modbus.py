@@ -23,7 +23,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Backoff, Emit, RawSample
+from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
 from broker.policy import Device, Signal
 from broker.policy.schema import BIT_TABLES, ModbusTable
 
@@ -123,7 +123,9 @@ class ModbusConnector:
 
     async def _connect(self, client: AsyncModbusTcpClient) -> None:
         device = self._device
-        if not await client.connect():
+        connected = await client.connect()
+        raise_if_cancelled()
+        if not connected:
             raise DeviceError(f"cannot connect to {device.host}:{device.port}")
         self._log.info("device_session_up", host=device.host, port=device.port)
 
@@ -135,6 +137,7 @@ class ModbusConnector:
         return samples
 
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
+        raise_if_cancelled()
         method = getattr(client, READ_FUNCTIONS[request.table][1])
         try:
             response = await method(

@@ -52,7 +52,9 @@ async def running(connector: ModbusConnector, collector: Collector) -> AsyncIter
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_a_scan_reads_every_signal_with_the_values_the_plc_holds(plant_sim: RefrigerationPlant) -> None:
+async def test_a_scan_reads_every_signal_with_the_values_the_plc_holds(
+    plant_sim: RefrigerationPlant,
+) -> None:
     await plant_sim.freeze()
     plant_sim.state.room_c = -20.4
     await plant_sim.publish()
@@ -75,7 +77,11 @@ async def test_an_unreachable_device_gives_bad_quality_then_recovers_when_it_app
         sim = RefrigerationPlant("127.0.0.1", port)
         await sim.start()
         try:
-            await eventually(lambda: collector.last().get(ROOM, None) and collector.last()[ROOM].quality == "good")
+            await eventually(
+                lambda: (
+                    collector.last().get(ROOM, None) and collector.last()[ROOM].quality == "good"
+                )
+            )
         finally:
             await sim.stop()
 
@@ -86,7 +92,9 @@ async def test_a_server_restart_mid_run_marks_values_bad_then_values_resume() ->
     sim = RefrigerationPlant("127.0.0.1", port)
     await sim.start()
     async with running(ModbusConnector(device(port), DEMO.signals), collector):
-        await eventually(lambda: collector.last().get(ROOM) and collector.last()[ROOM].quality == "good")
+        await eventually(
+            lambda: collector.last().get(ROOM) and collector.last()[ROOM].quality == "good"
+        )
         await sim.stop()
         await eventually(lambda: collector.last()[ROOM].quality == "bad")
         sim = RefrigerationPlant("127.0.0.1", port)
@@ -97,14 +105,18 @@ async def test_a_server_restart_mid_run_marks_values_bad_then_values_resume() ->
             await sim.stop()
 
 
-async def test_an_exception_response_marks_only_that_requests_signals_bad(plant_sim: RefrigerationPlant) -> None:
+async def test_an_exception_response_marks_only_that_requests_signals_bad(
+    plant_sim: RefrigerationPlant,
+) -> None:
     missing = msgspec.convert(
         {"path": "coldstore/machine-room/compressor-1/oil_level", "device": "plc-machine-room",
          "source": {"table": "input_register", "address": 200, "type": "uint16"}},
         Signal,
     )  # fmt: skip
     collector = Collector()
-    async with running(ModbusConnector(device(plant_sim.address[1]), [*DEMO.signals, missing]), collector):
+    async with running(
+        ModbusConnector(device(plant_sim.address[1]), [*DEMO.signals, missing]), collector
+    ):
         await eventually(lambda: len(collector.batches) >= 3)
     samples = collector.last()
     assert samples[missing.path].quality == "bad"
@@ -115,7 +127,9 @@ async def test_a_slow_device_never_sees_overlapping_scans_and_missed_scans_are_c
     in_flight = 0
     most_in_flight = 0
 
-    async def slow(fc: int, start: int, address: int, count: int, registers: list[int], values: object) -> None:
+    async def slow(
+        fc: int, start: int, address: int, count: int, registers: list[int], values: object
+    ) -> None:
         nonlocal in_flight, most_in_flight
         in_flight += 1
         most_in_flight = max(most_in_flight, in_flight)
@@ -124,7 +138,9 @@ async def test_a_slow_device_never_sees_overlapping_scans_and_missed_scans_are_c
 
     port = free_port()
     server = ModbusTcpServer(
-        SimDevice(id=1, simdata=[SimData(0, count=40, values=0, datatype=DataType.REGISTERS)], action=slow),
+        SimDevice(
+            id=1, simdata=[SimData(0, count=40, values=0, datatype=DataType.REGISTERS)], action=slow
+        ),
         address=("127.0.0.1", port),
     )
     await server.serve_forever(background=True)
