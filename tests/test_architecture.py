@@ -25,7 +25,7 @@ def product_modules() -> list[Path]:
 def test_import_contracts_hold() -> None:
     lint_imports = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run(
-        [str(lint_imports)], capture_output=True, text=True, cwd=REPO, timeout=120
+        [str(lint_imports)], check=False, capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 kept, 0 broken" in result.stdout
