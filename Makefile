@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dmzbroker demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests bench
 	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 bench: $(STAMP)

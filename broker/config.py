@@ -23,35 +23,35 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     pass
 
 
-class SpoolConfig(_Section):
+class SpoolConfig(_Section, frozen=True):
     dir: Path
     segment_mib: MiB = 16  # a segment is closed and a new one started past this size
     retention_mib: MiB = 1024  # oldest segments are deleted past this total size
 
 
-class ListenConfig(_Section):
+class ListenConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8443
 
 
-class TlsConfig(_Section):
+class TlsConfig(_Section, frozen=True):
     cert: Path  # server certificate chain, PEM
     key: Path  # server private key, PEM
     client_ca: Path  # only consumers with a certificate from this CA get in
 
 
-class EnterpriseConfig(_Section):
+class EnterpriseConfig(_Section, frozen=True):
     state_dir: Path  # the reader's spool position; writable by the enterprise user only
     tls: TlsConfig
     listen: ListenConfig = ListenConfig()
     stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON
 
 
-class BrokerConfig(_Section):
+class BrokerConfig(_Section, frozen=True):
     policy: Path
     spool: SpoolConfig
     enterprise: EnterpriseConfig

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import yaml
@@ -23,43 +23,35 @@ T = TypeVar("T")
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024  # a policy for a large site fits in far less
 
 
+def _refuse(problem: str, mark: Any) -> NoReturn:
+    raise yaml.MarkedYAMLError(problem=problem, problem_mark=mark)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader without the parts of YAML that make a reviewed file mean something hidden."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
-            raise yaml.MarkedYAMLError(
-                problem="aliases are not allowed; write the value out",
-                problem_mark=event.start_mark,
-            )
+            _refuse("aliases are not allowed; write the value out", event.start_mark)
         if getattr(event, "anchor", None) is not None:
-            raise yaml.MarkedYAMLError(
-                problem="anchors are not allowed; write the value out",
-                problem_mark=event.start_mark,
-            )
+            _refuse("anchors are not allowed; write the value out", event.start_mark)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise yaml.MarkedYAMLError(
-                    problem="merge keys (<<) are not allowed", problem_mark=key_node.start_mark
-                )
+                _refuse("merge keys (<<) are not allowed", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.MarkedYAMLError(
-                    problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
-                )
+                _refuse(f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
 def _refuse_tag(loader: _StrictLoader, suffix: str, node: yaml.Node) -> Any:
-    raise yaml.MarkedYAMLError(
-        problem=f"tag {node.tag!r} is not allowed", problem_mark=node.start_mark
-    )
+    _refuse(f"tag {node.tag!r} is not allowed", node.start_mark)
 
 
 _StrictLoader.add_multi_constructor("!", _refuse_tag)

@@ -44,7 +44,7 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
 
 def _first_user_error(group: BaseExceptionGroup) -> DmzBrokerError | None:
     """A task group wraps the error a user must see; unwrap the first one."""
-    matched = group.subgroup(DmzBrokerError)
+    matched: BaseException | None = group.subgroup(DmzBrokerError)
     while isinstance(matched, BaseExceptionGroup):
         matched = matched.exceptions[0]
-    return matched
+    return matched if isinstance(matched, DmzBrokerError) else None

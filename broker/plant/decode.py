@@ -37,7 +37,7 @@ def decoder_for(signal: Signal) -> Decoder:
         if isinstance(raw, bool) or len(raw) != source.width:
             raise DecodeError(f"expected {source.width} register(s), got {raw!r}")
         try:
-            (value,) = number.unpack(words.pack(*(raw[::-1] if swap else raw)))
+            value: int | float = number.unpack(words.pack(*(raw[::-1] if swap else raw)))[0]
         except struct.error as e:  # a register outside 0..65535
             raise DecodeError(f"not 16-bit registers: {raw!r}") from e
         if scaled:

@@ -37,7 +37,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     pass
 
 
-class Device(_Strict):
+class Device(_Strict, frozen=True):
     name: str
     protocol: Literal["modbus"]
     host: str
@@ -50,7 +50,7 @@ class Device(_Strict):
         _check_name("name", self.name, _NAME, "one word")
 
 
-class ModbusSource(_Strict):
+class ModbusSource(_Strict, frozen=True):
     table: ModbusTable
     address: Annotated[int, Meta(ge=0, le=65535)]
     type: DataType
@@ -71,7 +71,7 @@ class ModbusSource(_Strict):
         return REGISTER_WIDTH.get(self.type, 1)
 
 
-class Signal(_Strict):
+class Signal(_Strict, frozen=True):
     path: str  # site/area/asset/measure: the name consumers see
     device: str
     source: ModbusSource
@@ -88,7 +88,7 @@ class Signal(_Strict):
         return self.path.rpartition("/")[0]
 
 
-class Asset(_Strict):
+class Asset(_Strict, frozen=True):
     path: str
     state_signal: str | None = None  # truthy → running, falsy → stopped
 
@@ -96,7 +96,7 @@ class Asset(_Strict):
         _check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
 
 
-class Policy(_Strict):
+class Policy(_Strict, frozen=True):
     version: Annotated[int, Meta(ge=1)]
     devices: Annotated[list[Device], Meta(min_length=1)]
     signals: Annotated[list[Signal], Meta(min_length=1)]

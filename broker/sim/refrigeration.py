@@ -75,7 +75,7 @@ def step(state: PlantState, t: float, dt: float, rng: random.Random) -> None:
 
 
 def _int16(value: float) -> int:
-    return struct.unpack(">H", struct.pack(">h", round(value)))[0]
+    return int(struct.unpack(">H", struct.pack(">h", round(value)))[0])
 
 
 def _words(fmt: str, value: float | int) -> list[int]:
@@ -132,7 +132,7 @@ class RefrigerationPlant:
 
     async def stop(self) -> None:
         await self.freeze()
-        await self._server.shutdown()
+        await self._server.shutdown()  # type: ignore[no-untyped-call]
 
     def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
