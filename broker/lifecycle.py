@@ -39,7 +39,13 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
         except BaseExceptionGroup as group:
             raise _first_user_error(group) or group from group
 
-    return asyncio.run(guarded())
+    try:
+        return asyncio.run(guarded())
+    finally:
+        # The loop is gone and with it our handlers; a late stop request (Ctrl-C reaches the
+        # whole process group, then the supervisor sends SIGTERM) must not cut the exit short.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _first_user_error(group: BaseExceptionGroup) -> DmzBrokerError | None:

@@ -113,6 +113,7 @@ class BrokerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker", command, "--config", str(config)],
             stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO,
+            start_new_session=True,  # its own process group, as under a terminal
         )  # fmt: skip
 
     def kill9(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -188,6 +189,18 @@ async def test_sigterm_stops_both_halves_cleanly(
     assert broker.stop() == 0
     for pid in pids:
         assert not pid_alive(pid)
+
+
+async def test_ctrl_c_to_the_process_group_stops_every_process_with_exit_0(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+) -> None:
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki))
+    os.killpg(broker.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    await eventually(lambda: broker.process.poll() is not None)
+    assert broker.process.returncode == 0
+    stopped = [json.loads(line) for line in broker.events() if '"half_stopped"' in line]
+    assert sorted((e["half"], e["exit_code"]) for e in stopped) == [("enterprise", 0), ("plant", 0)]
 
 
 async def test_when_one_half_dies_the_other_is_stopped_and_run_fails(
