@@ -75,13 +75,25 @@ async def snapshot(deployment: Deployment, pki: Pki) -> dict[str, dict]:
 
 
 def assert_expected(records: dict[str, dict]) -> None:
-    for signal, value in EXPECTED.items():
-        assert records[signal]["value"] == pytest.approx(value, abs=1e-6), signal
-        assert records[signal]["quality"] == "good", signal
+    for path, value in EXPECTED.items():
+        assert records[path]["value"] == pytest.approx(value, abs=1e-6), path
+        assert records[path]["quality"] == "good", path
     assert records["coldstore/machine-room/compressor-1/motor_power"]["unit"] == "kW"
     assert records["coldstore/machine-room/compressor-1/motor_power"]["context"] == {
         "asset_state": "running"
     }
+
+
+async def snapshot_has_data(deployment: Deployment, pki: Pki) -> bool:
+    return bool(await snapshot(deployment, pki))
+
+
+@pytest.fixture
+async def broker(deployment: Deployment, pki: Pki, start_broker) -> BrokerProcess:
+    """`dmzbroker run`, once data has crossed to the API."""
+    process: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki))
+    return process
 
 
 async def test_decoded_values_reach_snapshot_and_stream_over_mtls(
@@ -111,26 +123,19 @@ async def test_decoded_values_reach_snapshot_and_stream_over_mtls(
 
 
 async def test_only_modelled_addresses_are_read_and_only_with_read_functions(
-    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
 ) -> None:
-    broker: BrokerProcess = start_broker("run", deployment.config)
-    await eventually(lambda: snapshot_has_data(deployment, pki))
     await eventually(lambda: sum(plant_sim.requests.values()) >= 3 * 8)  # several scans
     assert broker.stop() == 0
 
     modelled: dict[int, set[int]] = defaultdict(set)
-    for signal in policy.load(deployment.policy).signals:
-        code = READ_FUNCTIONS[signal.source.table][0]
-        modelled[code].update(
-            range(signal.source.address, signal.source.address + signal.source.width)
-        )
+    for modelled_signal in policy.load(deployment.policy).signals:
+        source = modelled_signal.source
+        code = READ_FUNCTIONS[source.table][0]
+        modelled[code].update(range(source.address, source.address + source.width))
     assert plant_sim.function_codes <= {1, 2, 3, 4}, "a non-read function code reached the PLC"
     for code in (1, 2, 3, 4):
         assert plant_sim.addresses_read(code) == modelled[code], f"function {code}"
-
-
-async def snapshot_has_data(deployment: Deployment, pki: Pki) -> bool:
-    return bool(await snapshot(deployment, pki))
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -160,10 +165,8 @@ LISTEN = "0A"
 
 
 async def test_plant_half_listens_nowhere_and_enterprise_half_never_touches_the_plc(
-    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
 ) -> None:
-    broker: BrokerProcess = start_broker("run", deployment.config)
-    await eventually(lambda: snapshot_has_data(deployment, pki))
     plant_pid, enterprise_pid = half_pids(broker)
     plant_sockets, enterprise_sockets = socket_inodes(plant_pid), socket_inodes(enterprise_pid)
     sockets = tcp_sockets()
@@ -180,10 +183,8 @@ async def test_plant_half_listens_nowhere_and_enterprise_half_never_touches_the_
 
 
 async def test_sigterm_stops_both_halves_cleanly(
-    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
 ) -> None:
-    broker: BrokerProcess = start_broker("run", deployment.config)
-    await eventually(lambda: snapshot_has_data(deployment, pki))
     pids = half_pids(broker)
     assert len(pids) == 2
     assert broker.stop() == 0
@@ -192,10 +193,8 @@ async def test_sigterm_stops_both_halves_cleanly(
 
 
 async def test_ctrl_c_to_the_process_group_stops_every_process_with_exit_0(
-    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
 ) -> None:
-    broker: BrokerProcess = start_broker("run", deployment.config)
-    await eventually(lambda: snapshot_has_data(deployment, pki))
     os.killpg(broker.process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     await eventually(lambda: broker.process.poll() is not None)
     assert broker.process.returncode == 0
@@ -204,10 +203,8 @@ async def test_ctrl_c_to_the_process_group_stops_every_process_with_exit_0(
 
 
 async def test_when_one_half_dies_the_other_is_stopped_and_run_fails(
-    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
 ) -> None:
-    broker: BrokerProcess = start_broker("run", deployment.config)
-    await eventually(lambda: snapshot_has_data(deployment, pki))
     plant_pid, enterprise_pid = half_pids(broker)
     os.kill(plant_pid, 9)
     await eventually(lambda: broker.process.poll() is not None)
