@@ -29,6 +29,10 @@ class SpoolConfig(_Section, frozen=True):
     retention_mib: MiB = 1024  # oldest segments are deleted past this total size
 
 
+class PlantConfig(_Section, frozen=True):
+    state_dir: Path  # accepted policy version, island mode; writable by the plant user only
+
+
 class ListenConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8443
@@ -41,7 +45,7 @@ class TlsConfig(_Section, frozen=True):
 
 
 class EnterpriseConfig(_Section, frozen=True):
-    state_dir: Path  # the reader's spool position; writable by the enterprise user only
+    state_dir: Path  # spool position, accepted policy version; enterprise user only
     tls: TlsConfig
     listen: ListenConfig = ListenConfig()
     stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
@@ -52,8 +56,10 @@ class LogConfig(_Section, frozen=True):
 
 
 class BrokerConfig(_Section, frozen=True):
-    policy: Path
+    policy: Path  # the signed policy envelope
+    trust_root: Path  # the owner keys that may sign it, and how many of each
     spool: SpoolConfig
+    plant: PlantConfig
     enterprise: EnterpriseConfig
     log: LogConfig = LogConfig()
 

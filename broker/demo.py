@@ -1,4 +1,5 @@
-"""`dmzbroker demo`: a throwaway PKI, the simulated plant, and the broker running on it.
+"""`dmzbroker demo`: a throwaway PKI and owner keys, the example policy co-signed, the
+simulated plant, and the broker running on it.
 
 Everything lives in a work directory that is recreated on each run (only if it holds the
 demo's marker file, so a mistyped --workdir never deletes someone's files).
@@ -17,9 +18,11 @@ import yaml
 
 from broker import policy
 from broker.errors import ConfigError, DmzBrokerError
+from broker.policy import Policy, trustroot
+from broker.policy import envelope as envelopes
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.supervisor import Supervisor
-from broker.trust import certs, tls
+from broker.trust import certs, keys, tls
 
 MARKER = ".dmzbroker-demo"
 CONSUMER_URI = "spiffe://demo/consumer/historian"
@@ -36,7 +39,8 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
     ca = certs.init_ca(pki, "dmzbroker demo CA", days=30)
     certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=30)
     client = certs.issue_client(pki, pki, name="historian", uri=CONSUMER_URI, days=30)
-    config_path = _write_config(workdir, policy_path, port)
+    _co_sign(demo_policy, workdir)
+    config_path = _write_config(workdir, port)
 
     plant = RefrigerationPlant(device.host, device.port, device.unit_id)
     try:
@@ -83,13 +87,32 @@ def _recreate(workdir: Path) -> None:
     (workdir / MARKER).touch()
 
 
-def _write_config(workdir: Path, policy_path: Path, port: int) -> Path:
+def _co_sign(demo_policy: Policy, workdir: Path) -> None:
+    """What an OT owner and an IT owner do by hand (docs/policy.md), done for the demo."""
+    owners = workdir / "owners"
+    ot = keys.generate(owners, "Demo OT owner", "ot", passphrase=None)
+    it = keys.generate(owners, "Demo IT owner", "it", passphrase=None)
+    (workdir / "trust-root.yaml").write_text(
+        trustroot.render(
+            demo_policy.deployment_id,
+            [("Demo OT owner", "ot", ot.public), ("Demo IT owner", "it", it.public)],
+        )
+    )
+    envelope = envelopes.compile_policy(demo_policy)
+    for owner in (ot, it):
+        envelope = envelopes.sign(envelope, keys.load_private(owner.private, passphrase=None))
+    envelopes.write(envelope, workdir / "policy.dsse.json")
+
+
+def _write_config(workdir: Path, port: int) -> Path:
     path = workdir / "broker.yaml"
     path.write_text(
         yaml.safe_dump(
             {
-                "policy": str(policy_path),
+                "policy": "policy.dsse.json",
+                "trust_root": "trust-root.yaml",
                 "spool": {"dir": "spool"},
+                "plant": {"state_dir": "plant-state"},
                 "enterprise": {
                     "state_dir": "enterprise-state",
                     "listen": {"host": "127.0.0.1", "port": port},

@@ -2,6 +2,7 @@
 
     DmzBrokerError           one line for the user, never a traceback
     ├── ConfigError          a config or policy file is wrong: names the file and the key path
+    │   └── PolicyRefused    a policy is not signed, not trusted, expired, or rolled back
     ├── TrustError           certificates, keys or TLS material are missing or unusable
     ├── ChannelError         the one-way spool cannot be written or read
     └── DeviceError          a plant device failed to answer or answered with an error
@@ -23,6 +24,14 @@ class ConfigError(DmzBrokerError):
     """A configuration or policy file is invalid; the message names file and key path."""
 
     exit_code = 2
+
+
+class PolicyRefused(ConfigError):
+    """A policy that must not take effect; `reason` is a short code for audit and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class TrustError(DmzBrokerError):

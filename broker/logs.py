@@ -43,4 +43,5 @@ def configure(fmt: Literal["auto", "json", "console"], process: str) -> None:
     root.setLevel(logging.INFO)
     # pymodbus logs each failed connect at ERROR; our connector reports those as events.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("casbin").setLevel(logging.WARNING)  # it logs its model at INFO
     structlog.contextvars.bind_contextvars(process=process)

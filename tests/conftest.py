@@ -11,16 +11,21 @@ from pathlib import Path
 
 import pytest
 
+from broker.policy import trustroot
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     CONSUMER_URI,
+    ENERGY_URI,
+    STRANGER_URI,
     BrokerProcess,
     Deployment,
+    Owners,
     Pki,
+    demo_policy,
     dmzbroker,
     free_port,
+    sign_policy,
     write_config,
-    write_policy,
 )
 
 
@@ -31,9 +36,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     dmzbroker("certs", "init-ca", "--out", str(good), "--name", "test CA")
     dmzbroker("certs", "issue", "server", "--ca", str(good), "--out", str(good),
               "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-    dmzbroker(
-        "certs", "issue", "client", "--ca", str(good), "--out", str(good), "--uri", CONSUMER_URI
-    )
+    for uri in (CONSUMER_URI, ENERGY_URI, STRANGER_URI):
+        dmzbroker("certs", "issue", "client", "--ca", str(good), "--out", str(good), "--uri", uri)
     dmzbroker("certs", "init-ca", "--out", str(other), "--name", "someone else's CA")
     dmzbroker("certs", "issue", "client", "--ca", str(other), "--out", str(other),
               "--uri", "spiffe://test/consumer/intruder")  # fmt: skip
@@ -43,9 +47,37 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server_key=good / "server.key",
         client_cert=good / "historian.crt",
         client_key=good / "historian.key",
+        energy_cert=good / "energy-dashboard.crt",
+        energy_key=good / "energy-dashboard.key",
+        stranger_cert=good / "stranger.crt",
+        stranger_key=good / "stranger.key",
         other_ca=other / "ca.crt",
         other_client_cert=other / "intruder.crt",
         other_client_key=other / "intruder.key",
+    )
+
+
+@pytest.fixture(scope="session")
+def owners(tmp_path_factory: pytest.TempPathFactory) -> Owners:
+    root = tmp_path_factory.mktemp("owners")
+    made = {}
+    for role, name in (("ot", "Olga OT"), ("it", "Ivan IT"), ("ot", "Otto OT"), ("ot", "Mallory")):
+        dmzbroker("keys", "generate", "--role", role, "--name", name, "--out", str(root))
+        made[name] = root / f"{role}-{name.lower().replace(' ', '-')}"
+    trust_root = root / "trust-root.yaml"
+    listed = [("Olga OT", "ot"), ("Ivan IT", "it"), ("Otto OT", "ot")]
+    trust_root.write_text(
+        trustroot.render(
+            "coldstore-demo",
+            [(name, role, made[name].with_suffix(".pub")) for name, role in listed],
+        )
+    )
+    return Owners(
+        ot_key=made["Olga OT"].with_suffix(".key"),
+        it_key=made["Ivan IT"].with_suffix(".key"),
+        second_ot_key=made["Otto OT"].with_suffix(".key"),
+        stranger_key=made["Mallory"].with_suffix(".key"),
+        trust_root=trust_root,
     )
 
 
@@ -60,10 +92,15 @@ async def plant_sim() -> AsyncIterator[RefrigerationPlant]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, plant_sim: RefrigerationPlant, pki: Pki) -> Deployment:
-    policy = write_policy(tmp_path, plant_sim.address[1])
+def deployment(
+    tmp_path: Path, plant_sim: RefrigerationPlant, pki: Pki, owners: Owners
+) -> Deployment:
+    """The demo policy, co-signed by an OT and an IT owner, for the running simulator."""
+    document = demo_policy(plant_sim.address[1])
+    envelope = sign_policy(tmp_path, document, [owners.ot_key, owners.it_key])
     api_port = free_port()
-    return Deployment(tmp_path, write_config(tmp_path, policy, pki, api_port), policy, api_port)
+    config = write_config(tmp_path, envelope, pki, api_port, owners.trust_root)
+    return Deployment(tmp_path, config, envelope, document, api_port)
 
 
 @pytest.fixture

@@ -19,11 +19,15 @@ import aiohttp
 import msgspec
 import yaml
 
-from broker.trust import tls
+from broker import policy
+from broker.policy import envelope as envelopes
+from broker.trust import keys, tls
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_POLICY = REPO / "policies" / "refrigeration.yaml"
-CONSUMER_URI = "spiffe://test/consumer/historian"
+CONSUMER_URI = "spiffe://demo/consumer/historian"  # sees every signal in the demo policy
+ENERGY_URI = "spiffe://demo/consumer/energy-dashboard"  # sees a few
+STRANGER_URI = "spiffe://demo/consumer/stranger"  # valid certificate, not in the policy
 
 
 def dmzbroker(
@@ -43,6 +47,10 @@ class Pki:
     server_key: Path
     client_cert: Path  # from `ca`, identity CONSUMER_URI
     client_key: Path
+    energy_cert: Path  # from `ca`, identity ENERGY_URI
+    energy_key: Path
+    stranger_cert: Path  # from `ca`, identity STRANGER_URI
+    stranger_key: Path
     other_ca: Path
     other_client_cert: Path  # from another CA: must never get in
     other_client_key: Path
@@ -54,22 +62,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_policy(directory: Path, port: int, poll_interval_s: float = 0.2) -> Path:
-    """The demo policy, pointed at a simulator on `port` and polled faster."""
+@dataclass(frozen=True)
+class Owners:
+    """Policy signing keys made by `dmzbroker keys generate`, and a trust root naming some."""
+
+    ot_key: Path
+    it_key: Path
+    second_ot_key: Path  # in the trust root too: a second OT owner
+    stranger_key: Path  # an OT key the trust root does not list
+    trust_root: Path
+
+
+def demo_policy(port: int, poll_interval_s: float = 0.2, **changes: Any) -> dict[str, Any]:
+    """The demo policy as a document, pointed at a simulator on `port` and polled faster."""
     document = yaml.safe_load(DEMO_POLICY.read_text())
     document["devices"][0].update(port=port, poll_interval_s=poll_interval_s)
-    path = directory / "policy.yaml"
+    document.update(changes)
+    return document
+
+
+def write_policy_yaml(directory: Path, document: dict[str, Any], name: str = "policy") -> Path:
+    path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
 
-def write_config(directory: Path, policy: Path, pki: Pki, api_port: int) -> Path:
+def sign_policy(
+    directory: Path,
+    document: dict[str, Any],
+    signers: list[Path],
+    name: str = "policy",
+) -> Path:
+    """Compile the document and sign it with each key in turn; the envelope's path."""
+    envelope = envelopes.compile_policy(policy.load(write_policy_yaml(directory, document, name)))
+    for key in signers:
+        envelope = envelopes.sign(envelope, keys.load_private(key, passphrase=None))
+    path = directory / f"{name}.dsse.json"
+    envelopes.write(envelope, path)
+    return path
+
+
+def write_config(
+    directory: Path, policy_file: Path, pki: Pki, api_port: int, trust_root: Path
+) -> Path:
     path = directory / "broker.yaml"
     path.write_text(
         yaml.safe_dump(
             {
-                "policy": str(policy),
+                "policy": str(policy_file),
+                "trust_root": str(trust_root),
                 "spool": {"dir": "spool", "segment_mib": 1},
+                "plant": {"state_dir": "plant-state"},
                 "enterprise": {
                     "state_dir": "enterprise-state",
                     "listen": {"host": "127.0.0.1", "port": api_port},
@@ -92,7 +135,8 @@ class Deployment:
 
     directory: Path
     config: Path
-    policy: Path
+    policy: Path  # the signed envelope the config names
+    document: dict[str, Any]  # what it was compiled from, to derive new versions
     api_port: int
 
     @property

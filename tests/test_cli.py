@@ -10,16 +10,18 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.harness import DEMO_POLICY, Pki, dmzbroker, free_port, write_config
+from tests.harness import Owners, Pki, demo_policy, dmzbroker, free_port, sign_policy, write_config
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
+    """Exit code 2 and one `dmzbroker: error:` line (log events may come before it)."""
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("dmzbroker: error: ")
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dmzbroker: error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
     for fragment in fragments:
-        assert fragment in lines[0]
+        assert fragment in errors[0]
 
 
 @pytest.mark.parametrize("command", ["run", "plant", "enterprise"])
@@ -30,38 +32,41 @@ def test_missing_config_file(tmp_path: Path, command: str) -> None:
     )
 
 
+@pytest.fixture
+def signed_config(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
+    envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key, owners.it_key])
+    return write_config(tmp_path, envelope, pki, free_port(), owners.trust_root)
+
+
 @pytest.mark.parametrize("command", ["run", "plant", "enterprise"])
-def test_bad_policy_stops_every_command_before_it_starts(
-    tmp_path: Path, pki: Pki, command: str
+def test_a_policy_without_both_signatures_stops_every_command_before_it_starts(
+    tmp_path: Path, pki: Pki, owners: Owners, command: str
 ) -> None:
-    document = yaml.safe_load(DEMO_POLICY.read_text())
-    document["signals"][3]["source"]["address"] = 70000
-    bad_policy = tmp_path / "policy.yaml"
-    bad_policy.write_text(yaml.safe_dump(document))
-    config = write_config(tmp_path, bad_policy, pki, free_port())
+    envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key])
+    config = write_config(tmp_path, envelope, pki, free_port(), owners.trust_root)
     result = dmzbroker(command, "--config", str(config), check=False)
-    assert_one_line_error(
-        result, f"{bad_policy}: signals[3].source.address: expected `int` <= 65535, got `70000`"
-    )
+    assert_one_line_error(result, f"{envelope}: needs 1 more IT owner signature(s)")
     assert not (tmp_path / "spool").exists()  # nothing started
 
 
-def test_enterprise_with_a_missing_server_key_names_the_file(tmp_path: Path, pki: Pki) -> None:
-    config = write_config(tmp_path, DEMO_POLICY, pki, free_port())
-    document = yaml.safe_load(config.read_text())
+def test_enterprise_with_a_missing_server_key_names_the_file(
+    tmp_path: Path, signed_config: Path
+) -> None:
+    document = yaml.safe_load(signed_config.read_text())
     document["enterprise"]["tls"]["key"] = str(tmp_path / "gone.key")
-    config.write_text(yaml.safe_dump(document))
-    assert_one_line_error(
-        dmzbroker("enterprise", "--config", str(config), check=False), "gone.key: file not found"
-    )
+    signed_config.write_text(yaml.safe_dump(document))
+    result = dmzbroker("enterprise", "--config", str(signed_config), check=False)
+    assert_one_line_error(result, "gone.key: file not found")
 
 
-def test_enterprise_whose_port_is_taken_says_so(tmp_path: Path, pki: Pki) -> None:
+def test_enterprise_whose_port_is_taken_says_so(signed_config: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = write_config(tmp_path, DEMO_POLICY, pki, taken.getsockname()[1])
-        result = dmzbroker("enterprise", "--config", str(config), check=False)
+        document = yaml.safe_load(signed_config.read_text())
+        document["enterprise"]["listen"]["port"] = taken.getsockname()[1]
+        signed_config.write_text(yaml.safe_dump(document))
+        result = dmzbroker("enterprise", "--config", str(signed_config), check=False)
     assert_one_line_error(result, "enterprise.listen: cannot listen on 127.0.0.1:")
 
 

@@ -10,8 +10,10 @@ from broker import config
 from broker.errors import ConfigError
 
 GOOD = """\
-policy: policies/site.yaml
+policy: policies/site.dsse.json
+trust_root: trust-root.yaml
 spool: {dir: spool}
+plant: {state_dir: plant-state}
 enterprise:
   state_dir: state
   tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}
@@ -26,7 +28,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Path) -> None:
     loaded = config.load(write(tmp_path, GOOD))
-    assert loaded.policy == tmp_path / "policies" / "site.yaml"
+    assert loaded.policy == tmp_path / "policies" / "site.dsse.json"
+    assert loaded.trust_root == tmp_path / "trust-root.yaml"
     assert loaded.enterprise.tls.client_ca == tmp_path / "certs" / "ca.crt"
     assert loaded.enterprise.listen.port == 8443  # the documented default
     assert loaded.spool.retention_mib == 1024

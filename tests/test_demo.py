@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, dmzbroker, free_port, write_policy
+from tests.harness import REPO, demo_policy, dmzbroker, free_port, write_policy_yaml
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Path) -> None:
-    policy = write_policy(tmp_path, free_port(), poll_interval_s=0.5)
+    policy = write_policy_yaml(tmp_path, demo_policy(free_port(), poll_interval_s=0.5))
     workdir = tmp_path / "demo"
     demo = subprocess.Popen(
         [sys.executable, "-m", "broker", "demo", "--seconds", "12", "--workdir", str(workdir),

@@ -129,7 +129,7 @@ async def test_only_modelled_addresses_are_read_and_only_with_read_functions(
     assert broker.stop() == 0
 
     modelled: dict[int, set[int]] = defaultdict(set)
-    for modelled_signal in policy.load(deployment.policy).signals:
+    for modelled_signal in policy.load(deployment.directory / "policy.yaml").signals:
         source = modelled_signal.source
         code = READ_FUNCTIONS[source.table][0]
         modelled[code].update(range(source.address, source.address + source.width))

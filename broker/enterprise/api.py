@@ -1,8 +1,10 @@
 """The consumer API over HTTPS with mutual TLS (the TLS context is built by broker.trust).
 
 Read-only: every route is GET; any other method is answered 405. Errors are JSON
-`{"error": "..."}`. `/v1/signals` describes the semantic model only: device addresses
-and register maps are plant topology and never leave the plant half's policy view.
+`{"error": "..."}`. Each consumer sees only the signals the policy grants its identity (the
+one URI SAN of its certificate): a signal outside its view is 403 whether or not it exists,
+so the answer leaks nothing. `/v1/signals` describes the semantic model only: device
+addresses and register maps are plant topology and never reach the enterprise side.
 """
 
 from __future__ import annotations
@@ -14,37 +16,25 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 
+from broker.enterprise.authz import Authorization, Peer, denied, peer_of
 from broker.enterprise.store import Store
-from broker.policy import Policy
 from broker.records import to_json
 
 KEEPALIVE_S = 15.0  # an SSE comment this often lets both sides notice a dead connection
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
-SIGNALS_JSON: web.AppKey[bytes] = web.AppKey("signals_json", bytes)
+AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
+PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
+VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
 
 log = structlog.get_logger("api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(store: Store, policy: Policy) -> web.Application:
-    app = web.Application(middlewares=[_json_errors], client_max_size=1024)
+def create_app(store: Store, authz: Authorization) -> web.Application:
+    app = web.Application(middlewares=[_json_errors, _authorize], client_max_size=1024)
     app[STORE] = store
-    app[SIGNALS_JSON] = to_json(
-        {
-            "policy_version": policy.version,
-            "signals": [
-                {
-                    "path": s.path,
-                    "asset": s.asset,
-                    "unit": s.unit,
-                    "type": s.source.type,
-                    "description": s.description,
-                }
-                for s in policy.signals
-            ],
-        }
-    )
+    app[AUTHZ] = authz
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
     app.router.add_get("/v1/signals/{path:.+}", _signal, allow_head=False)
@@ -69,29 +59,73 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return response
 
 
+@web.middleware
+async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the peer and look up its view; refuse a certificate without exactly one URI."""
+    peer = peer_of(
+        request.transport.get_extra_info("ssl_object") if request.transport else None,
+        request.remote,
+    )
+    if peer.identity is None:
+        denied(peer, peer.problem or "no_identity", path=request.path)
+        raise web.HTTPForbidden(
+            reason="the client certificate must name the consumer in exactly one URI SAN"
+        )
+    authz = request.app[AUTHZ]
+    if datetime.now(UTC) >= authz.policy.expires:
+        raise web.HTTPServiceUnavailable(
+            reason="the policy has expired; nothing is published until a newer one is accepted"
+        )
+    if not authz.knows(peer.identity):
+        denied(peer, "unknown_identity", path=request.path)
+    request[PEER] = peer
+    request[VIEW] = authz.view(peer.identity)
+    return await handler(request)
+
+
 async def _signals(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[SIGNALS_JSON], content_type="application/json")
+    authz, view = request.app[AUTHZ], request[VIEW]
+    return _json(
+        {
+            "policy_version": authz.policy.version,
+            "signals": [
+                {
+                    "path": s.path,
+                    "asset": s.asset,
+                    "unit": s.unit,
+                    "type": s.source.type,
+                    "description": s.description,
+                }
+                for s in authz.policy.signals
+                if s.path in view
+            ],
+        }
+    )
 
 
 async def _snapshot(request: web.Request) -> web.Response:
-    return _json({"records": request.app[STORE].snapshot(datetime.now(UTC))})
+    return _json({"records": request.app[STORE].snapshot(datetime.now(UTC), request[VIEW])})
 
 
 async def _signal(request: web.Request) -> web.Response:
     path = request.match_info["path"]
+    if path not in request[VIEW]:
+        denied(request[PEER], "forbidden_signal", signal=path)
+        raise web.HTTPForbidden(reason=f"signal {path!r} is not granted to this consumer")
     record = request.app[STORE].latest(path, datetime.now(UTC))
     if record is None:
-        raise web.HTTPNotFound(reason=f"no value for signal {path!r}")
+        raise web.HTTPNotFound(reason=f"no value yet for signal {path!r}")
     return _json(record)
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
-    store = request.app[STORE]
+    store, peer = request.app[STORE], request[PEER]
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    subscription = store.subscribe()  # before the headers go out, so nothing falls between
-    log.info("stream_opened", remote=request.remote)
+    assert peer.identity is not None  # _authorize let it through
+    subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
+    log.info("stream_opened", identity=peer.identity, remote=peer.remote)
     try:
         await response.prepare(request)
         while True:
@@ -110,5 +144,10 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         pass  # the consumer went away
     finally:
         store.unsubscribe(subscription)
-        log.info("stream_closed", remote=request.remote, cut_off=subscription.overflowed)
+        log.info(
+            "stream_closed",
+            identity=peer.identity,
+            remote=peer.remote,
+            cut_off=subscription.overflowed,
+        )
     return response

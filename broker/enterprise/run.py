@@ -1,7 +1,9 @@
 """The enterprise half's process: spool receiver → store → HTTPS API.
 
 Its only input is the spool, opened read-only; its only outputs are the consumer-facing
-listeners. It holds no plant address and no plant credential.
+listeners. It holds no plant address and no plant credential. A newer accepted policy takes
+effect without a restart: connected consumers keep their streams, with their view widened
+or narrowed to what the new policy grants.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from aiohttp import web
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
+from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.policy import Policy
+from broker.policy.activation import TrustedPolicy
+from broker.policy.watch import PolicyWatcher
 from broker.trust import tls
 
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
@@ -24,12 +29,14 @@ POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added la
 log = structlog.get_logger("enterprise")
 
 
-async def run_enterprise(config: BrokerConfig, policy: Policy) -> None:
+async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy) -> None:
     ent = config.enterprise
     ssl_context = tls.server_context(ent.tls.cert, ent.tls.key, ent.tls.client_ca)
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
-    store = Store(policy, ent.stream_queue)
-    runner = web.AppRunner(create_app(store, policy), access_log=None, handle_signals=False)
+    store = Store(trusted.policy, ent.stream_queue)
+    authz = Authorization(trusted.policy)
+    app = create_app(store, authz)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
         site = web.TCPSite(runner, ent.listen.host, ent.listen.port, ssl_context=ssl_context)
@@ -37,19 +44,32 @@ async def run_enterprise(config: BrokerConfig, policy: Policy) -> None:
             await site.start()
         except OSError as e:
             raise ConfigError(
-                f"enterprise.listen: cannot listen on {ent.listen.host}:{ent.listen.port}: {e.strerror}"
+                f"enterprise.listen: cannot listen on {ent.listen.host}:{ent.listen.port}: "
+                f"{e.strerror}"
             ) from e
         log.info(
             "api_listening",
             address=f"https://{ent.listen.host}:{ent.listen.port}",
-            policy_version=policy.version,
+            policy_version=trusted.policy.version,
             resume_after_seq=receiver.last_seq,
         )
-        await _deliver(receiver, store)
+        watcher = PolicyWatcher(config.policy, config.trust_root, ent.state_dir, trusted)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(_deliver(receiver, store), name="spool reader")
+            async for accepted in watcher.updates():
+                _apply(accepted.policy, store, authz)
     finally:
         store.close()
         await runner.cleanup()
         receiver.close()
+
+
+def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
+    """Switch to a newer policy: the store, the API's authorization, every open stream."""
+    store.use_policy(policy)
+    authz.use_policy(policy)
+    for subscription in store.subscriptions:
+        subscription.view = authz.view(subscription.identity)
 
 
 async def _deliver(receiver: SpoolReceiver, store: Store) -> None:

@@ -30,15 +30,20 @@ class Subscription:
     `/v1/snapshot`; every record's `seq` shows where the gap was.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, identity: str, view: frozenset[str]) -> None:
         self._queue: asyncio.Queue[Record | None] = asyncio.Queue(limit)
+        self.identity = identity
+        self.view = view  # the signals this consumer may see; replaced when the policy changes
         self.overflowed = False
         self._closed = False
 
     def offer(self, records: Iterable[Record]) -> None:
         if self._closed:
             return
+        view = self.view
         for record in records:
+            if record.signal not in view:
+                continue
             try:
                 self._queue.put_nowait(record)
             except asyncio.QueueFull:
@@ -72,36 +77,50 @@ class Subscription:
 
 class Store:
     def __init__(self, policy: Policy, queue_limit: int) -> None:
+        self._latest: dict[str, Record] = {}
+        self._subscribers: set[Subscription] = set()
+        self._queue_limit = queue_limit
+        self.use_policy(policy)
+
+    def use_policy(self, policy: Policy) -> None:
+        """Serve under `policy` from now on: signals it no longer names are forgotten."""
         interval = {d.name: d.poll_interval_s for d in policy.devices}
         self._stale_after = {
             s.path: STALE_AFTER_INTERVALS * interval[s.device] for s in policy.signals
         }
-        self._latest: dict[str, Record] = {}
-        self._subscribers: set[Subscription] = set()
-        self._queue_limit = queue_limit
+        for signal in self._latest.keys() - self._stale_after.keys():
+            del self._latest[signal]
 
     def apply(self, records: list[Record]) -> None:
+        # Records of signals the current policy does not name (written under an older one)
+        # are not served.
+        records = [r for r in records if r.signal in self._stale_after]
         for record in records:
             self._latest[record.signal] = record
         for subscription in list(self._subscribers):
             subscription.offer(records)
             if subscription.overflowed:
                 self._subscribers.discard(subscription)
-                log.warning("consumer_cut_off", reason="stream_queue_full", limit=self._queue_limit)
+                log.warning(
+                    "consumer_cut_off",
+                    identity=subscription.identity,
+                    reason="stream_queue_full",
+                    limit=self._queue_limit,
+                )
 
     def latest(self, signal: str, now: datetime) -> Record | None:
         record = self._latest.get(signal)
         return None if record is None else self._aged(record, now)
 
-    def snapshot(self, now: datetime) -> list[Record]:
-        return [self._aged(r, now) for r in self._latest.values()]
+    def snapshot(self, now: datetime, view: frozenset[str]) -> list[Record]:
+        return [self._aged(r, now) for r in self._latest.values() if r.signal in view]
 
     @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
+    def subscriptions(self) -> frozenset[Subscription]:
+        return frozenset(self._subscribers)
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self._queue_limit)
+    def subscribe(self, identity: str, view: frozenset[str]) -> Subscription:
+        subscription = Subscription(self._queue_limit, identity, view)
         self._subscribers.add(subscription)
         return subscription
 
@@ -116,7 +135,7 @@ class Store:
 
     def _aged(self, record: Record, now: datetime) -> Record:
         if record.quality in ("good", "uncertain"):
-            limit = self._stale_after.get(record.signal, 0.0)
+            limit = self._stale_after[record.signal]
             if (now - record.source_time).total_seconds() > limit:
                 return msgspec.structs.replace(record, quality="stale")
         return record

@@ -31,14 +31,12 @@ class PlantPipeline:
         self._units = {s.path: s.unit for s in policy.signals}
 
     def process(self, samples: Sequence[RawSample]) -> list[Record]:
+        now = datetime.now(UTC)
         decoded: list[tuple[RawSample, Value, bool]] = []
-        for sample in samples:
-            if not self.gate.admits(sample.signal):
-                continue
+        for sample in self.gate.admit(samples, now):
             value, good = self._decode(sample)
             self._context.observe(sample.signal, value, good)
             decoded.append((sample, value, good))
-        now = datetime.now(UTC)
         return [
             Record(
                 signal=sample.signal,

@@ -1,7 +1,9 @@
 """The plant half's process: connectors → pipeline → spool sender.
 
 Opens no listening socket. The only thing it writes is the spool; the only peers it talks
-to are the devices the policy names, with read-only services.
+to are the devices the policy names, with read-only services. A newer accepted policy
+replaces the connectors and the pipeline without a restart; the island flag closes the
+gate within a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,28 +13,78 @@ from collections import defaultdict
 
 import structlog
 
+from broker import island
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
 from broker.plant.connectors import CONNECTORS, RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
+from broker.policy.activation import TrustedPolicy
+from broker.policy.watch import PolicyWatcher
 
 log = structlog.get_logger("plant")
 
 QUEUE_BATCHES = 256  # scans waiting for the spool; past this, connectors wait (backpressure)
 
 
-async def run_plant(config: BrokerConfig, policy: Policy) -> None:
+class PlantHalf:
+    def __init__(self, sender: SpoolSender, policy: Policy) -> None:
+        self._sender = sender
+        self._queue: asyncio.Queue[list[RawSample]] = asyncio.Queue(QUEUE_BATCHES)
+        self.pipeline = PlantPipeline(policy)
+        self._policy = policy
+
+    async def run(self, config: BrokerConfig, trusted: TrustedPolicy) -> None:
+        watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
+        self.pipeline.gate.island = island.is_on(config.plant.state_dir)  # before any scan
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._write(), name="spool writer")
+            tasks.create_task(self._watch_island(config), name="island flag")
+            connectors = tasks.create_task(self._read(self._policy), name="connectors")
+            async for accepted in watcher.updates():
+                connectors.cancel()
+                await asyncio.gather(connectors, return_exceptions=True)
+                while not self._queue.empty():  # samples read under the old policy never cross
+                    self._queue.get_nowait()
+                island_on = self.pipeline.gate.island
+                self._policy = accepted.policy
+                self.pipeline = PlantPipeline(accepted.policy)
+                self.pipeline.gate.island = island_on
+                connectors = tasks.create_task(self._read(accepted.policy), name="connectors")
+
+    async def _read(self, policy: Policy) -> None:
+        signals_of: dict[str, list[Signal]] = defaultdict(list)
+        for signal in policy.signals:
+            signals_of[signal.device].append(signal)
+        async with asyncio.TaskGroup() as tasks:
+            for device in policy.devices:
+                connector = CONNECTORS[device.protocol](device, signals_of[device.name])
+                tasks.create_task(connector.run(self._queue.put), name=f"connector {device.name}")
+
+    async def _write(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            while not self._queue.empty():  # group commit: everything waiting, one fsync
+                batch.extend(self._queue.get_nowait())
+            records = self.pipeline.process(batch)
+            await asyncio.to_thread(self._sender.send, records)
+
+    async def _watch_island(self, config: BrokerConfig) -> None:
+        while True:
+            on = island.is_on(config.plant.state_dir)
+            if on != self.pipeline.gate.island:
+                self.pipeline.gate.island = on
+                log.warning("island_mode_on" if on else "island_mode_off", noticed_by="plant")
+            await asyncio.sleep(island.CHECK_INTERVAL_S)
+
+
+async def run_plant(config: BrokerConfig, trusted: TrustedPolicy) -> None:
     sender = SpoolSender(
         config.spool.dir,
         segment_bytes=config.spool.segment_mib * 1024 * 1024,
         retention_bytes=config.spool.retention_mib * 1024 * 1024,
     )
-    pipeline = PlantPipeline(policy)
-    queue: asyncio.Queue[list[RawSample]] = asyncio.Queue(QUEUE_BATCHES)
-    signals_of: dict[str, list[Signal]] = defaultdict(list)
-    for signal in policy.signals:
-        signals_of[signal.device].append(signal)
+    policy = trusted.policy
     log.info(
         "plant_started",
         policy_version=policy.version,
@@ -41,21 +93,6 @@ async def run_plant(config: BrokerConfig, policy: Policy) -> None:
         next_seq=sender.next_seq,
     )
     try:
-        async with asyncio.TaskGroup() as tasks:
-            for device in policy.devices:
-                connector = CONNECTORS[device.protocol](device, signals_of[device.name])
-                tasks.create_task(connector.run(queue.put), name=f"connector {device.name}")
-            tasks.create_task(_write(queue, pipeline, sender), name="spool writer")
+        await PlantHalf(sender, policy).run(config, trusted)
     finally:
         sender.close()
-
-
-async def _write(
-    queue: asyncio.Queue[list[RawSample]], pipeline: PlantPipeline, sender: SpoolSender
-) -> None:
-    while True:
-        batch = await queue.get()
-        while not queue.empty():  # group commit: everything that is waiting, one fsync
-            batch.extend(queue.get_nowait())
-        records = pipeline.process(batch)
-        await asyncio.to_thread(sender.send, records)

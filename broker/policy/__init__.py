@@ -1,6 +1,6 @@
 """The policy: the one document that decides what crosses the boundary and who sees it."""
 
-from broker.policy.load import load
+from broker.policy.parse import load
 from broker.policy.schema import Asset, Device, ModbusSource, Policy, Signal
 
 __all__ = ["Asset", "Device", "ModbusSource", "Policy", "Signal", "load"]

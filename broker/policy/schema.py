@@ -8,6 +8,7 @@ refused everywhere (ADR 0002). Nothing here touches the network or the file syst
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
@@ -17,6 +18,8 @@ _SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"
 _NAME = re.compile(_SEGMENT)
 _ASSET_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{0,6}}")
 _SIGNAL_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{1,7}}")  # an asset path + the measure
+_PATTERN = re.compile(r"([a-z0-9][a-z0-9_-]*|\*\*?)(/([a-z0-9][a-z0-9_-]*|\*\*?))*")
+_IDENTITY = re.compile(r"[a-z][a-z0-9+.-]*://[^\s]+")
 _SPELLING = "lowercase letters, digits, '-' and '_'"
 
 
@@ -96,8 +99,49 @@ class Asset(_Strict, frozen=True):
         _check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
 
 
+class AccessRole(_Strict, frozen=True):
+    """What a role of enterprise consumers may see: signal path patterns.
+
+    A pattern is a signal path in which `*` stands for one path segment and `**` for any
+    number of them (casbin's globMatch): `coldstore/machine-room/*/motor_power` is the motor
+    power of every asset in that area, `coldstore/**` is every signal of the site.
+    """
+
+    name: str
+    signals: Annotated[list[str], Meta(min_length=1)]
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name, _NAME, "one word")
+        for pattern in self.signals:
+            if not _PATTERN.fullmatch(pattern):
+                raise ValueError(
+                    f"signals pattern {pattern!r}: must be a signal path of {_SPELLING}, "
+                    "where a whole segment may be '*' (any one) or '**' (any number)"
+                )
+
+
+class Consumer(_Strict, frozen=True):
+    """An enterprise consumer, named by the one URI SAN of its client certificate."""
+
+    identity: str
+    roles: Annotated[list[str], Meta(min_length=1)]
+
+    def __post_init__(self) -> None:
+        if not _IDENTITY.fullmatch(self.identity):
+            raise ValueError(
+                f"identity {self.identity!r}: must be a URI such as spiffe://site/consumer/name"
+            )
+
+
 class Policy(_Strict, frozen=True):
-    version: Annotated[int, Meta(ge=1)]
+    deployment_id: str  # the appliance this policy is for; must equal the trust root's
+    version: Annotated[int, Meta(ge=1)]  # never lower than one this appliance accepted
+    expires: Annotated[datetime, Meta(tz=True)]  # RFC 3339 with a zone; refused after it
     devices: Annotated[list[Device], Meta(min_length=1)]
     signals: Annotated[list[Signal], Meta(min_length=1)]
     assets: list[Asset] = []
+    roles: list[AccessRole] = []
+    consumers: list[Consumer] = []
+
+    def __post_init__(self) -> None:
+        _check_name("deployment_id", self.deployment_id, _NAME, "one word")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import TrustError
+from broker.trust.keys import write_secret
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -153,13 +153,7 @@ def _write(issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateK
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    old_umask = os.umask(0o077)  # the key file is never readable by others, not even briefly
-    try:
-        fd = os.open(issued.key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-    finally:
-        os.umask(old_umask)
+    write_secret(issued.key, key_pem)
     issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 

@@ -4,73 +4,14 @@ from __future__ import annotations
 
 import ssl
 import warnings
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
 
 from broker import policy
-from broker.enterprise.api import create_app
-from broker.enterprise.store import Store
-from broker.records import Context, Record
-from broker.trust import tls
-from tests.harness import DEMO_POLICY, Pki, eventually, free_port, read_events
-
-RECORD_FIELDS = {
-    "signal", "value", "unit", "quality", "source_time", "broker_time", "seq", "policy_version", "context",
-}  # fmt: skip
-ROOM = "coldstore/storage/cold-room-1/temperature"
-POWER = "coldstore/machine-room/compressor-1/motor_power"
-
-
-def record(signal: str, value: float, seq: int) -> Record:
-    now = datetime.now(UTC)
-    return Record(
-        signal=signal, value=value, unit="degC", quality="good", source_time=now, broker_time=now,
-        policy_version=1, context=Context(asset_state="running"), seq=seq,
-    )  # fmt: skip
-
-
-class Api:
-    def __init__(self, store: Store, base: str, pki: Pki) -> None:
-        self.store = store
-        self.base = base
-        self.pki = pki
-
-    def client_ssl(self, cert: object = None, key: object = None) -> ssl.SSLContext:
-        return tls.client_context(self.pki.ca, cert, key)  # type: ignore[arg-type]
-
-    def consumer_ssl(self) -> ssl.SSLContext:
-        return self.client_ssl(self.pki.client_cert, self.pki.client_key)
-
-
-@pytest.fixture
-async def api(pki: Pki) -> AsyncIterator[Api]:
-    demo = policy.load(DEMO_POLICY)
-    store = Store(demo, queue_limit=100)
-    runner = web.AppRunner(create_app(store, demo))
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(
-        runner,
-        "127.0.0.1",
-        port,
-        ssl_context=tls.server_context(pki.server_cert, pki.server_key, pki.ca),
-    )
-    await site.start()
-    try:
-        yield Api(store, f"https://localhost:{port}", pki)
-    finally:
-        store.close()
-        await runner.cleanup()
-
-
-async def get(api: Api, path: str, context: ssl.SSLContext) -> tuple[int, object]:
-    async with aiohttp.ClientSession() as session, session.get(api.base + path, ssl=context) as r:
-        return r.status, await r.json()
+from tests.enterprise.served import POWER, RECORD_FIELDS, ROOM, Api, get, record
+from tests.harness import DEMO_POLICY, eventually, read_events
 
 
 async def test_snapshot_serves_the_latest_record_of_every_signal(api: Api) -> None:
@@ -84,11 +25,11 @@ async def test_snapshot_serves_the_latest_record_of_every_signal(api: Api) -> No
     assert records[ROOM]["source_time"].endswith("Z")
 
 
-async def test_one_signal_by_path_and_unknown_path_is_404(api: Api) -> None:
+async def test_one_signal_by_path_and_a_granted_signal_without_value_is_404(api: Api) -> None:
     api.store.apply([record(ROOM, -18.0, 1)])
     status, body = await get(api, f"/v1/signals/{ROOM}", api.consumer_ssl())
     assert status == 200 and body["value"] == -18.0  # type: ignore[index]
-    status, body = await get(api, "/v1/signals/coldstore/nowhere/nothing", api.consumer_ssl())
+    status, body = await get(api, f"/v1/signals/{POWER}", api.consumer_ssl())
     assert status == 404 and "error" in body  # type: ignore[operator]
 
 
@@ -152,7 +93,7 @@ async def test_stream_delivers_new_records_as_server_sent_events(api: Api) -> No
         session.get(api.base + "/v1/stream", ssl=api.consumer_ssl()) as response,
     ):
         assert response.headers["Content-Type"] == "text/event-stream"
-        await eventually(lambda: api.store.subscribers)
+        await eventually(lambda: api.store.subscriptions)
         api.store.apply([record(ROOM, -17.0, 7), record(POWER, 14.0, 8)])
         events = await read_events(response, 2)
     assert [(i, e["signal"], e["value"]) for i, e in events] == [(7, ROOM, -17.0), (8, POWER, 14.0)]

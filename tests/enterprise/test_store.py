@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from broker import policy
@@ -15,6 +16,8 @@ from tests.harness import DEMO_POLICY
 ROOM = "coldstore/storage/cold-room-1/temperature"
 DEMO = policy.load(DEMO_POLICY)
 POLL_S = DEMO.devices[0].poll_interval_s
+EVERYTHING = frozenset(s.path for s in DEMO.signals)
+POWER = "coldstore/machine-room/compressor-1/motor_power"
 
 
 def record(seq: int, quality: Quality = "good", age_s: float = 0.0, signal: str = ROOM) -> Record:
@@ -43,19 +46,19 @@ def test_a_value_older_than_three_poll_intervals_is_served_stale(
     now = datetime.now(UTC)
     latest = store.latest(ROOM, now)
     assert latest is not None and latest.quality == served_as
-    assert [r.quality for r in store.snapshot(now)] == [served_as]
+    assert [r.quality for r in store.snapshot(now, EVERYTHING)] == [served_as]
 
 
 def test_only_the_latest_record_of_a_signal_is_kept() -> None:
     store = Store(DEMO, queue_limit=16)
     store.apply([record(1), record(2)])
     store.apply([record(3)])
-    assert [r.seq for r in store.snapshot(datetime.now(UTC))] == [3]
+    assert [r.seq for r in store.snapshot(datetime.now(UTC), EVERYTHING)] == [3]
 
 
 async def test_subscribers_get_records_in_order_in_batches() -> None:
     store = Store(DEMO, queue_limit=16)
-    subscription = store.subscribe()
+    subscription = store.subscribe("spiffe://t/c", EVERYTHING)
     store.apply([record(1), record(2)])
     store.apply([record(3)])
     batch = await asyncio.wait_for(subscription.next_batch(), 1)
@@ -64,9 +67,9 @@ async def test_subscribers_get_records_in_order_in_batches() -> None:
 
 async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queued() -> None:
     store = Store(DEMO, queue_limit=16)
-    subscription = store.subscribe()
+    subscription = store.subscribe("spiffe://t/c", EVERYTHING)
     store.apply([record(seq) for seq in range(1, 21)])  # 20 records for a queue of 16
-    assert subscription.overflowed and store.subscribers == 0
+    assert subscription.overflowed and not store.subscriptions
     received = []
     for _ in range(5):  # bounded: the stream must end well before this
         batch = await asyncio.wait_for(subscription.next_batch(), 1)
@@ -78,6 +81,31 @@ async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queue
 
 async def test_closing_the_store_ends_every_stream() -> None:
     store = Store(DEMO, queue_limit=16)
-    subscription = store.subscribe()
+    subscription = store.subscribe("spiffe://t/c", EVERYTHING)
     store.close()
     assert await asyncio.wait_for(subscription.next_batch(), 1) is None
+
+
+async def test_a_stream_carries_only_its_view_and_follows_a_new_view() -> None:
+    store = Store(DEMO, queue_limit=16)
+    subscription = store.subscribe("spiffe://t/c", frozenset({POWER}))
+    store.apply([record(1), record(2, signal=POWER)])
+    subscription.view = frozenset({ROOM})  # what a policy reload does
+    store.apply([record(3), record(4, signal=POWER)])
+    batch = await asyncio.wait_for(subscription.next_batch(), 1)
+    assert batch is not None and [r.seq for r in batch] == [2, 3]
+
+
+def test_the_snapshot_holds_only_the_view() -> None:
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(1), record(2, signal=POWER)])
+    assert [r.signal for r in store.snapshot(datetime.now(UTC), frozenset({POWER}))] == [POWER]
+
+
+def test_a_new_policy_forgets_signals_it_no_longer_names() -> None:
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(1), record(2, signal=POWER)])
+    narrower = msgspec.structs.replace(DEMO, signals=[s for s in DEMO.signals if s.path != ROOM])
+    store.use_policy(narrower)
+    store.apply([record(3)])  # written under the old policy, read after the change
+    assert [r.signal for r in store.snapshot(datetime.now(UTC), EVERYTHING)] == [POWER]

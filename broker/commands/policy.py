@@ -1,0 +1,108 @@
+"""`policy compile|show|diff|sign|verify`: the co-signing workflow (docs/policy.md)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.commands.keys import read_passphrase
+from broker.errors import TrustError
+from broker.policy import envelope as envelopes
+from broker.policy import parse, report, trustroot, verify
+from broker.policy.schema import Policy
+from broker.trust import keys
+
+
+def add_to(commands: Any) -> None:
+    group = commands.add_parser("policy", help="compile, review, sign and verify policies")
+    sub = group.add_subparsers(required=True, metavar="COMMAND")
+
+    compile_ = sub.add_parser("compile", help="YAML → an unsigned, canonical policy envelope")
+    compile_.add_argument("source", type=Path, help="the policy as written, YAML")
+    compile_.add_argument("--out", type=Path, help="default: SOURCE with .dsse.json")
+    compile_.set_defaults(handler=_compile)
+
+    show = sub.add_parser("show", help="what a signer needs to read")
+    show.add_argument("envelope", type=Path)
+    show.set_defaults(handler=_show)
+
+    diff = sub.add_parser("diff", help="what NEW lets cross or see that OLD did not")
+    diff.add_argument("old", type=Path)
+    diff.add_argument("new", type=Path)
+    diff.set_defaults(handler=_diff)
+
+    sign = sub.add_parser("sign", help="add one owner's signature (in place)")
+    sign.add_argument("envelope", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the owner's private key")
+    sign.add_argument("--passphrase-file", type=Path, help="for an encrypted key")
+    sign.set_defaults(handler=_sign)
+
+    check = sub.add_parser("verify", help="who signed; non-zero exit unless thresholds are met")
+    check.add_argument("envelope", type=Path)
+    check.add_argument("--trust", type=Path, required=True, help="the appliance's trust root")
+    check.set_defaults(handler=_verify)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    out = args.out or args.source.with_name(args.source.stem + ".dsse.json")
+    envelope = envelopes.compile_policy(parse.load(args.source))
+    envelopes.write(envelope, out)
+    print(f"{out}: unsigned policy envelope; review with `dmzbroker policy show {out}`")
+    return 0
+
+
+def _unverified(path: Path) -> tuple[Policy, str]:
+    """For review commands only: the payload parsed without checking signatures."""
+    payload = envelopes.read(path).untrusted_payload
+    return parse.from_payload(payload, str(path)), hashlib.sha256(payload).hexdigest()
+
+
+def _show(args: argparse.Namespace) -> int:
+    policy, sha256 = _unverified(args.envelope)
+    print(report.show(policy, sha256, datetime.now(UTC)))
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    print(report.diff(_unverified(args.old)[0], _unverified(args.new)[0]))
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    envelope = envelopes.read(args.envelope)
+    key = _private_key(args.key, args.passphrase_file)
+    envelopes.write(envelopes.sign(envelope, key), args.envelope)
+    print(f"{args.envelope}: signed by key {keys.key_id(key.public_key())}")
+    return 0
+
+
+def _private_key(path: Path, passphrase_file: Path | None) -> Ed25519PrivateKey:
+    try:
+        return keys.load_private(path, read_passphrase(passphrase_file, ask=False))
+    except TrustError as e:
+        if passphrase_file is not None or "passphrase-protected" not in str(e):
+            raise
+    return keys.load_private(path, read_passphrase(None, ask=True))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    trust = trustroot.load(args.trust)
+    result = verify.check(envelopes.read(args.envelope), trust)
+    if not result.payload_type_ok:
+        print(f"payloadType is not {envelopes.PAYLOAD_TYPE!r}")
+    for key in result.signers:
+        print(f"signed by {key.name} ({key.role.upper()} owner, key {key.keyid})")
+    for key in result.invalid:
+        print(f"BAD signature claiming {key.name} ({key.role.upper()}): does not match the payload")
+    for keyid in result.unknown_keyids:
+        print(f"signature by key {keyid}: not in the trust root, not counted")
+    for role, threshold in trust.thresholds.items():
+        have = threshold - result.missing[role]
+        print(f"{role.upper()}: {have} of {threshold} required signature(s)")
+    print("VERIFIED" if result.ok else f"NOT VERIFIED: {verify.describe_shortfall(result)}")
+    return 0 if result.ok else 1

@@ -1,0 +1,75 @@
+"""Who a consumer is (the one URI SAN of its client certificate) and what it may see.
+
+The TLS layer has already verified the certificate chain; this module only names the peer
+and asks the policy (casbin, through `broker.policy.access`) for its view, once per identity
+and policy. Every denial is logged with identity, certificate serial and remote address.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import structlog
+from cryptography import x509
+
+from broker.policy import Policy
+from broker.policy.access import Access
+
+log = structlog.get_logger("authz")
+
+
+@dataclass(frozen=True)
+class Peer:
+    identity: str | None  # None when the certificate does not name exactly one URI
+    serial: str
+    remote: str | None
+    problem: str | None = None  # why there is no identity
+
+
+def peer_of(ssl_object: ssl.SSLObject | None, remote: str | None) -> Peer:
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if der is None:  # not reachable through the mTLS listener; refuse rather than assume
+        return Peer(None, "", remote, "no_certificate")
+    cert = x509.load_der_x509_certificate(der)
+    serial = format(cert.serial_number, "x")
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1:
+        return Peer(None, serial, remote, "no_uri_san" if not uris else "several_uri_sans")
+    return Peer(uris[0], serial, remote)
+
+
+def denied(peer: Peer, reason: str, **details: object) -> None:
+    log.warning(
+        "consumer_denied",
+        reason=reason,
+        identity=peer.identity,
+        serial=peer.serial,
+        remote=peer.remote,
+        **details,
+    )
+
+
+class Authorization:
+    """The current policy's answer to "what may this identity see", cached per identity."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.use_policy(policy)
+
+    def use_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self._access = Access(policy)
+        self._views: dict[str, frozenset[str]] = {}
+
+    def knows(self, identity: str) -> bool:
+        return self._access.knows(identity)
+
+    def view(self, identity: str) -> frozenset[str]:
+        view = self._views.get(identity)
+        if view is None:
+            view = self._views[identity] = self._access.visible_to(identity)
+        return view

@@ -1,0 +1,84 @@
+"""The signed policy file: a DSSE envelope around the policy as RFC 8785 canonical JSON.
+
+Signatures are Ed25519 over DSSE's pre-authentication encoding (PAE) of the payload type and
+the exact payload bytes. Nothing in the payload is parsed here: this module moves bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+import msgspec
+import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.errors import ConfigError
+from broker.policy.schema import Policy
+from broker.trust.keys import key_id
+
+PAYLOAD_TYPE = "application/vnd.dmzbroker.policy+json; v=1"
+MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
+
+
+class Signature(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    keyid: str
+    sig: str  # base64
+
+
+class Envelope(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    payloadType: str
+    payload: str  # base64 of the canonical JSON
+    signatures: list[Signature]
+
+    @property
+    def untrusted_payload(self) -> bytes:
+        """The payload bytes, not yet verified: never parse them before verification."""
+        return base64.b64decode(self.payload, validate=True)
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what is actually signed."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
+
+
+def compile_policy(policy: Policy) -> Envelope:
+    """An unsigned envelope holding the policy as canonical JSON."""
+    canonical = rfc8785.dumps(msgspec.to_builtins(policy))
+    return Envelope(PAYLOAD_TYPE, base64.b64encode(canonical).decode(), [])
+
+
+def sign(envelope: Envelope, key: Ed25519PrivateKey) -> Envelope:
+    """The envelope with one more signature (replacing an earlier one by the same key)."""
+    signature = key.sign(pae(envelope.payloadType, envelope.untrusted_payload))
+    keyid = key_id(key.public_key())
+    others = [s for s in envelope.signatures if s.keyid != keyid]
+    added = Signature(keyid, base64.b64encode(signature).decode())
+    return msgspec.structs.replace(envelope, signatures=[*others, added])
+
+
+def read(path: Path) -> Envelope:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise ConfigError(f"{path}: {len(data)} bytes, over the {MAX_ENVELOPE_BYTES} limit")
+    try:
+        envelope = msgspec.json.decode(data, type=Envelope)
+        envelope.untrusted_payload  # noqa: B018 - refuse bad base64 here, with the file's name
+        for signature in envelope.signatures:
+            base64.b64decode(signature.sig, validate=True)
+    except (msgspec.DecodeError, binascii.Error) as e:
+        raise ConfigError(
+            f"{path}: not a policy envelope ({e}); compile one with `dmzbroker policy compile`"
+        ) from e
+    return envelope
+
+
+def write(envelope: Envelope, path: Path) -> None:
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(envelope)) + b"\n")

@@ -1,0 +1,73 @@
+"""Parse a policy and check what no single field can: references and duplicates.
+
+A policy that loads is internally consistent: every signal names a known device, no two
+devices or signals share a name, every asset's state signal exists and belongs to that asset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+from casbin.util import glob_match as matches
+
+from broker import documents
+from broker.errors import ConfigError
+from broker.policy.schema import Policy
+
+
+def load(path: Path) -> Policy:
+    """Load a policy as people write it (YAML); raises ConfigError naming file and key."""
+    return _checked(documents.load(path, Policy), str(path))
+
+
+def from_payload(trusted_payload: bytes, source: str) -> Policy:
+    """Parse the verified payload of a policy envelope (canonical JSON)."""
+    try:
+        data = msgspec.json.decode(trusted_payload)
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
+    return _checked(documents.convert(data, Policy, source), source)
+
+
+def _checked(policy: Policy, source: str) -> Policy:
+    for problem in _problems(policy):
+        raise ConfigError(f"{source}: {problem}")
+    return policy
+
+
+def _problems(policy: Policy) -> Iterator[str]:
+    yield from _duplicates("devices", "name", [d.name for d in policy.devices])
+    yield from _duplicates("signals", "path", [s.path for s in policy.signals])
+    yield from _duplicates("roles", "name", [r.name for r in policy.roles])
+    yield from _duplicates("consumers", "identity", [c.identity for c in policy.consumers])
+    devices = {d.name for d in policy.devices}
+    signals = {s.path for s in policy.signals}
+    roles = {r.name for r in policy.roles}
+    for i, signal in enumerate(policy.signals):
+        if signal.device not in devices:
+            yield f"signals[{i}].device: no device named {signal.device!r}"
+    for i, role in enumerate(policy.roles):
+        for pattern in role.signals:
+            if not any(matches(path, pattern) for path in signals):
+                yield f"roles[{i}].signals: {pattern!r} matches no signal of this policy"
+    for i, consumer in enumerate(policy.consumers):
+        for role_name in consumer.roles:
+            if role_name not in roles:
+                yield f"consumers[{i}].roles: no role named {role_name!r}"
+    for i, asset in enumerate(policy.assets):
+        if asset.state_signal is None:
+            continue
+        if asset.state_signal not in signals:
+            yield f"assets[{i}].state_signal: no signal {asset.state_signal!r}"
+        elif not asset.state_signal.startswith(asset.path + "/"):
+            yield f"assets[{i}].state_signal: {asset.state_signal!r} is not under {asset.path!r}"
+
+
+def _duplicates(section: str, field: str, values: list[str]) -> Iterator[str]:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            yield f"{section}[{i}].{field}: {value!r} is used twice"
+        seen.add(value)

@@ -1,0 +1,105 @@
+"""What a signer reads before signing: `policy show` and `policy diff`.
+
+These read the payload of an envelope WITHOUT verifying it (that is `policy verify`'s job):
+they show a person what they are about to sign, and say so.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from broker.policy.access import Access
+from broker.policy.schema import Device, Policy, Signal
+
+UNVERIFIED = "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
+
+
+def _device(d: Device) -> str:
+    return (
+        f"{d.name}: {d.protocol} {d.host}:{d.port} unit {d.unit_id}, "
+        f"every {d.poll_interval_s:g} s, timeout {d.timeout_s:g} s"
+    )
+
+
+def _signal(s: Signal) -> str:
+    src = s.source
+    scaling = "" if (s.scale, s.offset) == (1.0, 0.0) else f" ×{s.scale:g}{s.offset:+g}"
+    order = f" {src.word_order}-word-first" if src.width > 1 else ""
+    unit = f" [{s.unit}]" if s.unit else ""
+    return f"{s.path}{unit} ← {s.device} {src.table} {src.address} {src.type}{order}{scaling}"
+
+
+def show(policy: Policy, sha256: str, now: datetime) -> str:
+    days = (policy.expires - now).total_seconds() / 86400
+    lines = [
+        f"deployment  {policy.deployment_id}",
+        f"version     {policy.version}",
+        f"expires     {policy.expires.isoformat()} "
+        + (f"(in {days:.0f} days)" if days >= 0 else "(EXPIRED)"),
+        f"sha256      {sha256}",
+        UNVERIFIED,
+        "",
+        f"devices read ({len(policy.devices)}), with read-only services only:",
+        *(f"  {_device(d)}" for d in policy.devices),
+        "",
+        f"signals that may cross ({len(policy.signals)}):",
+        *(f"  {_signal(s)}" for s in policy.signals),
+        "",
+        "roles:",
+        *(f"  {r.name}: {', '.join(r.signals)}" for r in policy.roles),
+        "",
+        "consumers and what each may see:",
+    ]
+    access = Access(policy)
+    for consumer in policy.consumers:
+        visible = sorted(access.visible_to(consumer.identity))
+        lines.append(
+            f"  {consumer.identity} (roles: {', '.join(consumer.roles)}) — {len(visible)} signals"
+        )
+        lines.extend(f"      {path}" for path in visible)
+    if not policy.consumers:
+        lines.append("  (none: no enterprise consumer may see anything)")
+    return "\n".join(lines)
+
+
+def diff(old: Policy, new: Policy) -> str:
+    """What `new` lets cross or lets someone see that `old` did not, and what it removes."""
+    lines = [f"version {old.version} → {new.version}", UNVERIFIED]
+    if old.deployment_id != new.deployment_id:
+        lines.append(f"deployment_id {old.deployment_id} → {new.deployment_id}")
+    if old.expires != new.expires:
+        lines.append(f"expires {old.expires.isoformat()} → {new.expires.isoformat()}")
+
+    old_devices = {d.name: _device(d) for d in old.devices}
+    new_devices = {d.name: _device(d) for d in new.devices}
+    old_signals = {s.path: _signal(s) for s in old.signals}
+    new_signals = {s.path: _signal(s) for s in new.signals}
+    old_views, new_views = Access(old).views(), Access(new).views()
+
+    widened = _only_in(new_devices, old_devices, "+ device")
+    widened += _only_in(new_signals, old_signals, "+ signal")
+    for identity in sorted(new_views):
+        gained = new_views[identity] - old_views.get(identity, frozenset())
+        widened += [f"  {identity} may now see {path}" for path in sorted(gained)]
+    removed = _only_in(old_devices, new_devices, "- device")
+    removed += _only_in(old_signals, new_signals, "- signal")
+    for identity in sorted(old_views):
+        lost = old_views[identity] - new_views.get(identity, frozenset())
+        removed += [f"  {identity} may no longer see {path}" for path in sorted(lost)]
+    changed = [
+        f"  {kind} {name}: {before} → {after}"
+        for kind, before_map, after_map in (
+            ("device", old_devices, new_devices),
+            ("signal", old_signals, new_signals),
+        )
+        for name, before in before_map.items()
+        if (after := after_map.get(name)) is not None and after != before
+    ]
+    lines += ["", "WIDENS (new crossings or new visibility):", *(widened or ["  nothing"])]
+    lines += ["", "NARROWS (removed):", *(removed or ["  nothing"])]
+    lines += ["", "CHANGES:", *(changed or ["  nothing"])]
+    return "\n".join(lines)
+
+
+def _only_in(first: dict[str, str], second: dict[str, str], label: str) -> list[str]:
+    return [f"  {label} {text}" for name, text in first.items() if name not in second]

@@ -1,0 +1,121 @@
+"""Policy reload: on SIGHUP or when the envelope file changes, admit a newer policy.
+
+A valid newer policy is yielded to the half, which applies it without restarting. An invalid
+one is refused (logged as `policy_refused` with its reason) and the running policy stays in
+force. The running policy's approaching expiry is warned about beforehand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from broker.errors import ConfigError
+from broker.policy import trustroot
+from broker.policy.activation import TrustedPolicy, load_trusted
+
+CHECK_INTERVAL_S = 1.0  # how often the file is looked at; SIGHUP acts at once
+EXPIRY_WARNINGS = (timedelta(days=7), timedelta(days=1), timedelta(hours=1))
+
+log = structlog.get_logger("policy")
+
+
+class PolicyWatcher:
+    def __init__(
+        self, path: Path, trust_root: Path, state_dir: Path, current: TrustedPolicy
+    ) -> None:
+        self._path = path
+        self._trust_root = trust_root
+        self._state_dir = state_dir
+        self._current = current
+        self._seen = _fingerprint(path)
+        self._warned: set[timedelta] = set()
+        self._expiry_noted = False
+        self._wake = asyncio.Event()
+
+    async def updates(self) -> AsyncIterator[TrustedPolicy]:
+        """Newly accepted policies, as they come; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._wake.set)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(CHECK_INTERVAL_S):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                hangup, before = self._wake.is_set(), self._seen
+                self._wake.clear()
+                self._warn_if_expiring()
+                self._seen = _fingerprint(self._path)
+                if not hangup and self._seen == before:
+                    continue
+                accepted = self._reload()
+                if accepted is not None:
+                    self._current = accepted
+                    self._warned.clear()
+                    self._expiry_noted = False
+                    yield accepted
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    def _reload(self) -> TrustedPolicy | None:
+        try:
+            trust = trustroot.load(self._trust_root)
+            trusted = load_trusted(self._path, trust, self._state_dir, datetime.now(UTC))
+        except ConfigError as e:  # PolicyRefused included
+            reason = getattr(e, "reason", "invalid")
+            log.error(
+                "policy_refused",
+                reason=reason,
+                error=str(e),
+                kept_version=self._current.policy.version,
+            )
+            return None
+        if not trusted.new:
+            return None
+        log.info(
+            "policy_accepted",
+            version=trusted.policy.version,
+            previous_version=self._current.policy.version,
+            sha256=trusted.sha256,
+            signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in trusted.verification.signers],
+        )
+        return trusted
+
+    def _warn_if_expiring(self) -> None:
+        policy = self._current.policy
+        left = policy.expires - datetime.now(UTC)
+        if left <= timedelta(0):
+            if not self._expiry_noted:
+                self._expiry_noted = True
+                log.error(
+                    "policy_expired",
+                    version=policy.version,
+                    expires=policy.expires.isoformat(),
+                    action="nothing crosses until a newer signed policy is accepted",
+                )
+            return
+        crossed = {w for w in EXPIRY_WARNINGS if left <= w} - self._warned
+        if crossed:
+            self._warned |= crossed
+            log.warning(
+                "policy_expiring",
+                version=policy.version,
+                expires=policy.expires.isoformat(),
+                hours_left=round(left.total_seconds() / 3600, 1),
+            )
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -1,0 +1,37 @@
+"""The consumer API, served in-process over real mutual TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from broker import policy
+from broker.enterprise.api import create_app
+from broker.enterprise.authz import Authorization
+from broker.enterprise.store import Store
+from broker.trust import tls
+from tests.enterprise.served import Api
+from tests.harness import DEMO_POLICY, Pki, free_port
+
+
+@pytest.fixture
+async def api(pki: Pki) -> AsyncIterator[Api]:
+    demo = policy.load(DEMO_POLICY)
+    store = Store(demo, queue_limit=100)
+    runner = web.AppRunner(create_app(store, Authorization(demo)))
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(
+        runner,
+        "127.0.0.1",
+        port,
+        ssl_context=tls.server_context(pki.server_cert, pki.server_key, pki.ca),
+    )
+    await site.start()
+    try:
+        yield Api(store, f"https://localhost:{port}", pki)
+    finally:
+        store.close()
+        await runner.cleanup()

@@ -1,0 +1,122 @@
+"""Each consumer sees exactly what the policy grants the one URI in its certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker import policy
+from broker.policy.access import Access
+from tests.enterprise.served import POWER, ROOM, Api, get, record
+from tests.harness import DEMO_POLICY, ENERGY_URI
+
+DEMO = policy.load(DEMO_POLICY)
+ENERGY_VIEW = Access(DEMO).visible_to(ENERGY_URI)
+
+
+def test_the_energy_role_grants_what_its_patterns_say() -> None:
+    assert {
+        "coldstore/machine-room/compressor-1/motor_power",
+        "coldstore/machine-room/compressor-1/energy",
+        "coldstore/outdoor/weather/ambient_temperature",
+        "coldstore/outdoor/weather/relative_humidity",
+    } == ENERGY_VIEW
+
+
+async def test_a_consumer_sees_only_its_signals_everywhere(api: Api) -> None:
+    api.store.apply([record(s.path, 1.0, i + 1) for i, s in enumerate(DEMO.signals)])
+    energy = api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    _, signals = await get(api, "/v1/signals", energy)
+    assert {s["path"] for s in signals["signals"]} == ENERGY_VIEW  # type: ignore[index]
+    _, snapshot = await get(api, "/v1/snapshot", energy)
+    assert {r["signal"] for r in snapshot["records"]} == ENERGY_VIEW  # type: ignore[index]
+    status, _ = await get(api, f"/v1/signals/{POWER}", energy)
+    assert status == 200
+
+
+async def test_a_signal_outside_the_view_is_403_whether_or_not_it_exists(api: Api) -> None:
+    api.store.apply([record(ROOM, -18.0, 1)])
+    energy = api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    with structlog.testing.capture_logs() as logs:
+        existing, _ = await get(api, f"/v1/signals/{ROOM}", energy)
+        missing, _ = await get(api, "/v1/signals/coldstore/nowhere/nothing", energy)
+    assert existing == missing == 403
+    denials = [e for e in logs if e["event"] == "consumer_denied"]
+    assert [d["signal"] for d in denials] == [ROOM, "coldstore/nowhere/nothing"]
+    assert {d["identity"] for d in denials} == {ENERGY_URI}
+    assert all(d["serial"] and d["remote"] == "127.0.0.1" for d in denials)
+
+
+async def test_an_identity_the_policy_does_not_name_sees_nothing(api: Api) -> None:
+    api.store.apply([record(ROOM, -18.0, 1)])
+    stranger = api.client_ssl(api.pki.stranger_cert, api.pki.stranger_key)
+    with structlog.testing.capture_logs() as logs:
+        _, signals = await get(api, "/v1/signals", stranger)
+        _, snapshot = await get(api, "/v1/snapshot", stranger)
+        status, _ = await get(api, f"/v1/signals/{ROOM}", stranger)
+    assert signals["signals"] == [] and snapshot["records"] == [] and status == 403  # type: ignore[index]
+    assert any(e.get("reason") == "unknown_identity" for e in logs)
+
+
+def certificate_with(pki_ca: Path, out: Path, sans: list[x509.GeneralName]) -> tuple[Path, Path]:
+    """A client certificate from the test CA that our own CLI refuses to issue."""
+    ca_cert = x509.load_pem_x509_certificate(pki_ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((pki_ca.parent / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "historian")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    out.mkdir(exist_ok=True)
+    (out / "c.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "c.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return out / "c.crt", out / "c.key"
+
+
+@pytest.mark.parametrize(
+    ("sans", "reason"),
+    [
+        ([], "no_uri_san"),
+        ([x509.DNSName("historian.example")], "no_uri_san"),
+        (
+            [
+                x509.UniformResourceIdentifier("spiffe://demo/consumer/historian"),
+                x509.UniformResourceIdentifier("spiffe://demo/consumer/energy-dashboard"),
+            ],
+            "several_uri_sans",
+        ),
+    ],
+    ids=["cn-only", "dns-only", "two-uris"],
+)
+async def test_a_certificate_without_exactly_one_uri_is_refused(
+    api: Api, tmp_path: Path, sans: list[x509.GeneralName], reason: str
+) -> None:
+    cert, key = certificate_with(api.pki.ca, tmp_path / "crafted", sans)
+    with structlog.testing.capture_logs() as logs:
+        for path in ("/v1/signals", "/v1/snapshot", f"/v1/signals/{ROOM}", "/v1/stream"):
+            status, _ = await get(api, path, api.client_ssl(cert, key))
+            assert status == 403, path
+    assert {e["reason"] for e in logs if e["event"] == "consumer_denied"} == {reason}
