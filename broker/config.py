@@ -28,6 +28,13 @@ class SpoolConfig(_Section, frozen=True):
     segment_mib: MiB = 16  # a segment is closed and a new one started past this size
     retention_mib: MiB = 1024  # oldest segments are deleted past this total size
 
+    def __post_init__(self) -> None:
+        if self.retention_mib < 2 * self.segment_mib:
+            raise ValueError(
+                f"retention_mib ({self.retention_mib}) must be at least twice segment_mib "
+                f"({self.segment_mib}): the spool always keeps the newest full segment"
+            )
+
 
 class PlantConfig(_Section, frozen=True):
     state_dir: Path  # accepted policy version, island mode; writable by the plant user only
@@ -49,6 +56,7 @@ class EnterpriseConfig(_Section, frozen=True):
     tls: TlsConfig
     listen: ListenConfig = ListenConfig()
     stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
+    max_streams: Annotated[int, Meta(ge=1, le=100_000)] = 256  # open /v1/stream connections
 
 
 class LogConfig(_Section, frozen=True):

@@ -25,8 +25,9 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
 
         def stop() -> None:
             nonlocal stopping
-            stopping = True
-            task.cancel()
+            if not stopping:  # a second request must not interrupt the cleanup of the first
+                stopping = True
+                task.cancel()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)

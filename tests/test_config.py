@@ -46,6 +46,8 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Pat
          "enterprise: object missing required field `tls`"),
         (GOOD + "log: {format: xml}\n", "log.format: invalid enum value 'xml'"),
         (GOOD.replace("dir: spool", "dir: 42"), "spool.dir: expected a file system path, got `42`"),
+        (GOOD.replace("spool: {dir: spool}", "spool: {dir: spool, segment_mib: 64, retention_mib: 100}"),
+         "spool: retention_mib (100) must be at least twice segment_mib (64): the spool always keeps the newest full segment"),
     ],
 )  # fmt: skip
 def test_mistakes_are_named_by_file_and_key(tmp_path: Path, text: str, expected: str) -> None:

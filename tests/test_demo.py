@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Pa
         [sys.executable, "-m", "broker", "demo", "--seconds", "12", "--workdir", str(workdir),
          "--policy", str(policy), "--port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        start_new_session=True,  # so a failed test can stop the demo and its children together
     )  # fmt: skip
     try:
         assert demo.stdout is not None
@@ -42,7 +45,7 @@ def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Pa
         assert demo.wait(timeout=40) == 0
     finally:
         if demo.poll() is None:
-            demo.kill()
+            os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(timeout=10)
         demo.stdout.close()
 

@@ -6,6 +6,7 @@ certificates from our CLI. The simulator counts every request it receives.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -200,6 +201,17 @@ async def test_ctrl_c_to_the_process_group_stops_every_process_with_exit_0(
     assert broker.process.returncode == 0
     stopped = [json.loads(line) for line in broker.events() if '"half_stopped"' in line]
     assert sorted((e["half"], e["exit_code"]) for e in stopped) == [("enterprise", 0), ("plant", 0)]
+
+
+async def test_a_second_sigterm_during_shutdown_still_stops_both_halves(
+    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
+) -> None:
+    pids = half_pids(broker)
+    broker.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.02)
+    broker.process.send_signal(signal.SIGTERM)
+    await eventually(lambda: broker.process.poll() is not None)
+    await eventually(lambda: not any(pid_alive(pid) for pid in pids), timeout=15)
 
 
 async def test_when_one_half_dies_the_other_is_stopped_and_run_fails(

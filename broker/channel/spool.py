@@ -117,18 +117,25 @@ class SpoolSender:
         """Stamp `seq` on each record and make the batch durable."""
         if not records:
             return
+        first_seq = self.next_seq
         chunks = []
-        for record in records:
-            record.seq = self.next_seq
-            self.next_seq += 1
+        for seq, record in enumerate(records, start=first_seq):
+            record.seq = seq
             chunks.append(frame(encode_frame_payload(record)))
-        data = b"".join(chunks)
+        batch = b"".join(chunks)
+        data = memoryview(batch)
+        size = self._sizes[self._number]
         try:
-            os.write(self._fd, data)
+            while data:  # a full disk can take part of a write
+                data = data[os.write(self._fd, data) :]
             os.fsync(self._fd)
         except OSError as e:
+            # Leave no partial batch behind: the next batch starts on a frame boundary.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
             raise ChannelError(f"spool {self._dir}: cannot write: {e.strerror}") from e
-        self._sizes[self._number] += len(data)
+        self.next_seq = first_seq + len(records)
+        self._sizes[self._number] = size + len(batch)
         if self._sizes[self._number] >= self._segment_bytes:
             self._open_segment(self._number + 1)
             self._enforce_retention()
@@ -151,7 +158,9 @@ class SpoolSender:
 
     def _enforce_retention(self) -> None:
         total = sum(self._sizes.values())
-        for number in sorted(self._sizes)[:-1]:
+        # Never the newest two: the one being written and the last full one, which holds
+        # the seq a restarted sender continues from.
+        for number in sorted(self._sizes)[:-2]:
             if total <= self._retention_bytes:
                 break
             total -= self._sizes.pop(number)
@@ -200,6 +209,7 @@ class SpoolReceiver:
         self.torn_bytes = 0  # skipped at the end of final segments
         self.lost_records = 0  # gaps in seq: expired by retention before they were read
         self.bad_records = 0  # valid frames whose payload did not decode
+        self.stale_records = 0  # records at or below the last delivered seq, skipped
 
     @property
     def last_seq(self) -> int:
@@ -220,6 +230,7 @@ class SpoolReceiver:
                     log.error("spool_record_undecodable", segment=self._pos.segment)
                     continue
                 if record.seq <= self._pos.seq:
+                    self.stale_records += 1  # delivered before: never deliver twice
                     continue
                 if record.seq > self._pos.seq + 1:
                     self.lost_records += record.seq - self._pos.seq - 1
@@ -231,13 +242,17 @@ class SpoolReceiver:
     def commit(self) -> None:
         """Persist the position after the records returned so far.
 
-        Atomic (write, then rename), so a killed process resumes exactly here. It is not
-        fsynced: after a power loss the reader may deliver again a few records whose `seq`
-        consumers have already seen (ADR 0003).
+        Atomic and durable (write, fsync, rename), so a killed process resumes exactly
+        here. The directory entry is not fsynced: after a power loss the reader may resume
+        from the previous position and deliver again a few records whose `seq` consumers
+        have already seen (ADR 0003).
         """
         tmp = self._position_file.with_suffix(".tmp")
         try:
-            tmp.write_bytes(msgspec.json.encode(self._pos))
+            with open(tmp, "wb") as f:
+                f.write(msgspec.json.encode(self._pos))
+                f.flush()
+                os.fsync(f.fileno())  # so a power loss never leaves an empty position file
             os.replace(tmp, self._position_file)
         except OSError as e:
             raise ChannelError(f"{self._position_file}: cannot save position: {e.strerror}") from e
@@ -266,6 +281,9 @@ class SpoolReceiver:
             later = [n for n in segment_numbers(self._dir) if n > self._pos.segment]
             if not later:
                 return None
+            # A later segment exists, so this one is final; it may have grown since we looked.
+            if os.fstat(self._fd).st_size > size:
+                continue
             if size > self._pos.offset:
                 self.torn_bytes += size - self._pos.offset
                 log.warning(

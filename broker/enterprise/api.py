@@ -21,6 +21,7 @@ from broker.enterprise.store import Store
 from broker.records import to_json
 
 KEEPALIVE_S = 15.0  # an SSE comment this often lets both sides notice a dead connection
+WRITE_TIMEOUT_S = 10.0  # a consumer that takes no data for this long is disconnected
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
@@ -124,6 +125,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     assert peer.identity is not None  # _authorize let it through
+    if len(store.subscriptions) >= store.max_streams:
+        raise web.HTTPServiceUnavailable(reason="too many open streams; try again later")
     subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
     log.info("stream_opened", identity=peer.identity, remote=peer.remote)
     try:
@@ -133,15 +136,16 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 async with asyncio.timeout(KEEPALIVE_S):
                     batch = await subscription.next_batch()
             except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
+                batch = []
             if batch is None:
                 break
-            await response.write(
-                b"".join(b"id: %d\ndata: %s\n\n" % (r.seq, to_json(r)) for r in batch)
-            )
+            chunk = b"".join(b"id: %d\ndata: %s\n\n" % (r.seq, to_json(r)) for r in batch)
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await response.write(chunk or b": keepalive\n\n")
     except ConnectionResetError:
         pass  # the consumer went away
+    except TimeoutError:
+        log.warning("consumer_cut_off", identity=peer.identity, reason="not_reading")
     finally:
         store.unsubscribe(subscription)
         log.info(

@@ -33,10 +33,10 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy) -> None:
     ent = config.enterprise
     ssl_context = tls.server_context(ent.tls.cert, ent.tls.key, ent.tls.client_ca)
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
-    store = Store(trusted.policy, ent.stream_queue)
+    store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy)
     app = create_app(store, authz)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, ent.listen.host, ent.listen.port, ssl_context=ssl_context)

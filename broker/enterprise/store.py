@@ -76,10 +76,11 @@ class Subscription:
 
 
 class Store:
-    def __init__(self, policy: Policy, queue_limit: int) -> None:
+    def __init__(self, policy: Policy, queue_limit: int, max_streams: int = 256) -> None:
         self._latest: dict[str, Record] = {}
         self._subscribers: set[Subscription] = set()
         self._queue_limit = queue_limit
+        self.max_streams = max_streams
         self.use_policy(policy)
 
     def use_policy(self, policy: Policy) -> None:

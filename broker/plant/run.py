@@ -33,6 +33,7 @@ class PlantHalf:
         self._queue: asyncio.Queue[list[RawSample]] = asyncio.Queue(QUEUE_BATCHES)
         self.pipeline = PlantPipeline(policy)
         self._policy = policy
+        self._sending: asyncio.Future[None] | None = None
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
@@ -63,11 +64,19 @@ class PlantHalf:
 
     async def _write(self) -> None:
         while True:
-            batch = await self._queue.get()
+            scans = [await self._queue.get()]
             while not self._queue.empty():  # group commit: everything waiting, one fsync
-                batch.extend(self._queue.get_nowait())
-            records = self.pipeline.process(batch)
-            await asyncio.to_thread(self._sender.send, records)
+                scans.append(self._queue.get_nowait())
+            # One scan at a time through the pipeline, so each record carries its own scan's
+            # asset state.
+            records = [record for scan in scans for record in self.pipeline.process(scan)]
+            self._sending = asyncio.ensure_future(asyncio.to_thread(self._sender.send, records))
+            await self._sending
+
+    async def finish_sending(self) -> None:
+        """Wait for a send already running in its thread: the spool must not close under it."""
+        if self._sending is not None:
+            await asyncio.wait([self._sending])
 
     async def _watch_island(self, config: BrokerConfig) -> None:
         while True:
@@ -92,7 +101,9 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy) -> None:
         signals=len(policy.signals),
         next_seq=sender.next_seq,
     )
+    half = PlantHalf(sender, policy)
     try:
-        await PlantHalf(sender, policy).run(config, trusted)
+        await half.run(config, trusted)
     finally:
+        await half.finish_sending()
         sender.close()

@@ -57,7 +57,7 @@ class ModbusSource(_Strict, frozen=True):
     table: ModbusTable
     address: Annotated[int, Meta(ge=0, le=65535)]
     type: DataType
-    word_order: Literal["big", "little"] = "big"  # big: the first register holds the high word
+    word_order: Literal["big", "little"] | None = None  # 32-bit types; default big: high word first
 
     def __post_init__(self) -> None:
         if (self.table in BIT_TABLES) != (self.type == "bool"):
@@ -65,6 +65,8 @@ class ModbusSource(_Strict, frozen=True):
                 f"type {self.type!r} does not fit table {self.table!r}: coils and discrete "
                 "inputs are 'bool', registers are a numeric type"
             )
+        if self.word_order is not None and self.width == 1:
+            raise ValueError(f"word_order does not apply to a one-register {self.type}")
         if self.address + self.width > 65536:
             raise ValueError(f"a {self.type} at address {self.address} runs past 65535")
 
@@ -85,6 +87,8 @@ class Signal(_Strict, frozen=True):
 
     def __post_init__(self) -> None:
         _check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
+        if self.source.type == "bool" and (self.scale, self.offset) != (1.0, 0.0):
+            raise ValueError("scale and offset do not apply to a bool signal")
 
     @property
     def asset(self) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -367,3 +369,50 @@ def test_receive_returns_at_most_max_records_and_the_rest_next_time(
     receiver.commit()
     resumed = SpoolReceiver(spool, state)
     assert seqs(resumed.receive(max_records=1000)) == list(range(31, 101))
+
+
+FULL_DISK = """
+import resource, signal, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from broker.channel.spool import SpoolSender
+from broker.errors import ChannelError
+from broker.records import Context, Record
+
+# A file size limit makes write() fail part-way, as a full disk does (EFBIG instead of ENOSPC).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+sender = SpoolSender(Path(sys.argv[1]), segment_bytes=1 << 20, retention_bytes=1 << 30)
+now = datetime.now(UTC)
+sent = 0
+for batch in range(1000):
+    records = [Record(signal="a/b", value=float(i), unit="", quality="good", source_time=now,
+                      broker_time=now, policy_version=1, context=Context()) for i in range(7)]
+    try:
+        sender.send(records)
+    except ChannelError as e:
+        print(sent, sender.next_seq, e)
+        break
+    sent += len(records)
+"""
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_frames(
+    spool: Path, state: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(spool)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    sent, next_seq, *error = result.stdout.split()
+    assert "cannot write" in " ".join(error), result.stdout + result.stderr
+    assert int(next_seq) == int(sent) + 1  # the failed batch's seqs are handed out again
+    receiver = SpoolReceiver(spool, state)
+    delivered = drain(receiver)
+    assert seqs(delivered) == list(range(1, int(sent) + 1))
+    send(spool, [1, 2, 3], batch=3)  # a new sender continues right after what was durable
+    assert seqs(drain(receiver)) == [int(sent) + 1, int(sent) + 2, int(sent) + 3]
+    assert receiver.torn_bytes == 0  # the partial batch was cut off, not left behind

@@ -11,9 +11,11 @@ import asyncio
 import random
 
 import aiohttp
+import msgspec
 import pytest
 
-from broker.channel.spool import SpoolReceiver, segment_numbers
+from broker.channel.spool import SpoolReceiver, frame, segment_numbers, segment_path
+from broker.records import encode_frame_payload
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import Deployment, Pki, consumer_ssl, eventually, get_json
 
@@ -35,17 +37,34 @@ def count_records(deployment: Deployment) -> int:
     return total
 
 
-async def test_plant_killed_mid_write_leaves_a_spool_that_reads_back_whole(
+def tear_last_segment(deployment: Deployment) -> int:
+    """What a power loss does mid-write: half of the next frame reaches the disk."""
+    newest = segment_path(deployment.spool, segment_numbers(deployment.spool)[-1])
+    last = spool_records(deployment, "tear-state")
+    records = [r for _ in range(10_000) if (batch := last.receive()) for r in batch]
+    half_frame = frame(
+        encode_frame_payload(msgspec.structs.replace(records[-1], seq=records[-1].seq + 1))
+    )
+    torn = half_frame[: len(half_frame) // 2]
+    with open(newest, "ab") as f:
+        f.write(torn)
+    return len(torn)
+
+
+async def test_plant_killed_repeatedly_and_a_torn_write_leave_a_spool_that_reads_back_whole(
     deployment: Deployment, plant_sim: RefrigerationPlant, start_broker
 ) -> None:
     rng = random.Random(7)
     target = 0
-    for _ in range(4):
+    torn_bytes = 0
+    for round_ in range(4):
         plant = start_broker("plant", deployment.config)
         target += 14 * 3  # three more scans of the 14 signals
         await eventually(lambda t=target: count_records(deployment) >= t, timeout=20)
         await asyncio.sleep(rng.uniform(0, 0.3))  # land the kill anywhere in a scan
         plant.kill9()
+        if round_ == 1:
+            torn_bytes = tear_last_segment(deployment)
     assert len(segment_numbers(deployment.spool)) >= 4  # one segment per start
 
     receiver = spool_records(deployment, "audit-state")
@@ -57,6 +76,7 @@ async def test_plant_killed_mid_write_leaves_a_spool_that_reads_back_whole(
         seqs.extend(r.seq for r in batch)
         assert all(r.signal.startswith("coldstore/") and r.policy_version == 1 for r in batch)
     assert seqs == list(range(1, len(seqs) + 1))  # in order, no duplicate, no gap
+    assert receiver.torn_bytes == torn_bytes > 0  # the torn frame was skipped, not parsed
     assert receiver.bad_records == 0 and receiver.lost_records == 0
 
 

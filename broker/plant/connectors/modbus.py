@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import structlog
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import ModbusPDU
 
 from broker.errors import DeviceError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
@@ -85,6 +85,12 @@ def _request(table: ModbusTable, start: int, end: int, members: list[Signal]) ->
     return ReadRequest(table, start, end - start, slots)
 
 
+def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
+    """The bits or registers of a response, None if it holds fewer than were asked for."""
+    items = response.bits if request.table in BIT_TABLES else response.registers
+    return items if len(items) >= request.count else None
+
+
 class ModbusConnector:
     def __init__(self, device: Device, signals: Sequence[Signal]) -> None:
         self._device = device
@@ -108,10 +114,10 @@ class ModbusConnector:
             )
             try:
                 await self._connect(client)
-                backoff.reset()
                 next_scan = loop.time()
                 while True:
                     await emit(await self._scan(client))
+                    backoff.reset()  # only a whole scan proves the device is back
                     next_scan = self._schedule(next_scan, loop.time())
                     await asyncio.sleep(next_scan - loop.time())
             except DeviceError as e:
@@ -143,27 +149,26 @@ class ModbusConnector:
             response = await method(
                 request.address, count=request.count, device_id=self._device.unit_id
             )
-        except (TimeoutError, ModbusException, OSError) as e:
+        except Exception as e:
             raise DeviceError(
-                f"read of {request.table} {request.address}+{request.count}: {e}"
+                f"read of {request.table} {request.address}+{request.count}: {e!r}"
             ) from e
         now = datetime.now(UTC)
-        if response.isError():
+        items = None if response.isError() else _items(response, request)
+        if items is None:
             self._log.warning(
                 "device_read_refused",
                 table=request.table,
                 address=request.address,
                 count=request.count,
+                reason="exception_response" if response.isError() else "short_response",
                 exception_code=getattr(response, "exception_code", None),
             )
             return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
         if request.table in BIT_TABLES:
-            return [
-                RawSample(s.signal, response.bits[s.offset], now, "good") for s in request.slots
-            ]
-        registers = response.registers
+            return [RawSample(s.signal, bool(items[s.offset]), now, "good") for s in request.slots]
         return [
-            RawSample(s.signal, tuple(registers[s.offset : s.offset + s.width]), now, "good")
+            RawSample(s.signal, tuple(items[s.offset : s.offset + s.width]), now, "good")
             for s in request.slots
         ]
 

@@ -155,3 +155,46 @@ async def test_a_slow_device_never_sees_overlapping_scans_and_missed_scans_are_c
     assert most_in_flight == 1
     assert connector.overruns >= 2 * connector.scans  # each ~0.32 s scan skips 2-3 slots of 0.1 s
     assert all(s.quality == "good" for s in collector.last().values())
+
+
+async def test_a_response_with_fewer_items_than_asked_marks_bad_and_never_crashes() -> None:
+    """A faulty PLC answers a 10-coil read with one byte (8 coils); pymodbus passes it on."""
+
+    async def short_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(1000):  # bounded: the test ends long before
+                header = await reader.readexactly(7)  # MBAP: tid, protocol, length, unit
+                pdu = await reader.readexactly(int.from_bytes(header[4:6], "big") - 1)
+                answer = bytes([pdu[0], 1, 0b1]) if pdu[0] == 1 else bytes([pdu[0] | 0x80, 1])
+                writer.write(
+                    header[:4] + len(answer + b"u").to_bytes(2, "big") + header[6:7] + answer
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(short_answers, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    coils = [
+        msgspec.convert(
+            {
+                "path": f"site/asset/coil{a}",
+                "device": "plc-machine-room",
+                "source": {"table": "coil", "address": a, "type": "bool"},
+            },
+            Signal,
+        )
+        for a in range(10)
+    ]
+    connector = ModbusConnector(device(port), coils)
+    collector = Collector()
+    try:
+        async with running(connector, collector):
+            await eventually(lambda: len(collector.batches) >= 3)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert all(s.quality == "bad" for s in collector.last().values())
+    assert connector.scans >= 3  # the session stayed up: one bad answer is not a dead device
