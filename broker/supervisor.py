@@ -27,12 +27,21 @@ class Supervisor:
         self._children: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self) -> None:
+        # SIGHUP asks both halves to re-read the policy; it must never stop the broker.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._forward_hangup)
         for half in HALVES:
             self._children[half] = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "broker", half,
                 "--config", str(self._config), "--log-format", self._log_format,
             )  # fmt: skip
             log.info("half_started", half=half, pid=self._children[half].pid)
+
+    def _forward_hangup(self) -> None:
+        for process in self._children.values():
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+        log.info("policy_reload_requested", halves=len(self._children))
 
     async def wait(self) -> int:
         """Until a half exits by itself; returns the exit code to report (never 0)."""

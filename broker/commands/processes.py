@@ -11,8 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from broker import config, logs
 from broker.errors import PolicyRefused
 from broker.lifecycle import run_until_signalled
@@ -62,15 +60,9 @@ def load_half(
             cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=persist
         )
     except PolicyRefused as e:
-        structlog.get_logger("policy").error("policy_refused", reason=e.reason, error=str(e))
+        activation.log_refusal(e)
         raise
-    structlog.get_logger("policy").info(
-        "policy_accepted",
-        version=trusted.policy.version,
-        sha256=trusted.sha256,
-        signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in trusted.verification.signers],
-        new=trusted.new,
-    )
+    activation.log_acceptance(trusted)
     return cfg, trusted
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from broker.errors import ConfigError, PolicyRefused
 from broker.policy import envelope as envelopes
@@ -25,6 +26,8 @@ from broker.policy.trustroot import TrustRoot
 from broker.policy.verify import Verification, verified_payload
 
 STATE_FILE = "policy-accepted.json"
+
+log = structlog.get_logger("policy")
 
 
 class Accepted(msgspec.Struct, frozen=True):
@@ -110,3 +113,26 @@ def _write_state(state_dir: Path, accepted: Accepted) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise ConfigError(f"{path}: cannot record the accepted policy version: {e.strerror}") from e
+
+
+def log_refusal(error: ConfigError, **context: object) -> None:
+    """The `policy_refused` event; equivocation also raises an alarm of its own."""
+    reason = error.reason if isinstance(error, PolicyRefused) else "invalid"
+    log.error("policy_refused", reason=reason, error=str(error), **context)
+    if reason == "equivocation":
+        log.critical(
+            "policy_equivocation",
+            error=str(error),
+            action="two different policies carry one version: find out who signed which",
+        )
+
+
+def log_acceptance(trusted: TrustedPolicy, **context: object) -> None:
+    log.info(
+        "policy_accepted",
+        version=trusted.policy.version,
+        sha256=trusted.sha256,
+        signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in trusted.verification.signers],
+        new=trusted.new,
+        **context,
+    )

@@ -18,7 +18,7 @@ import structlog
 
 from broker.errors import ConfigError
 from broker.policy import trustroot
-from broker.policy.activation import TrustedPolicy, load_trusted
+from broker.policy.activation import TrustedPolicy, load_trusted, log_acceptance, log_refusal
 
 CHECK_INTERVAL_S = 1.0  # how often the file is looked at; SIGHUP acts at once
 EXPIRY_WARNINGS = (timedelta(days=7), timedelta(days=1), timedelta(hours=1))
@@ -70,23 +70,11 @@ class PolicyWatcher:
             trust = trustroot.load(self._trust_root)
             trusted = load_trusted(self._path, trust, self._state_dir, datetime.now(UTC))
         except ConfigError as e:  # PolicyRefused included
-            reason = getattr(e, "reason", "invalid")
-            log.error(
-                "policy_refused",
-                reason=reason,
-                error=str(e),
-                kept_version=self._current.policy.version,
-            )
+            log_refusal(e, kept_version=self._current.policy.version)
             return None
         if not trusted.new:
             return None
-        log.info(
-            "policy_accepted",
-            version=trusted.policy.version,
-            previous_version=self._current.policy.version,
-            sha256=trusted.sha256,
-            signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in trusted.verification.signers],
-        )
+        log_acceptance(trusted, previous_version=self._current.policy.version)
         return trusted
 
     def _warn_if_expiring(self) -> None:
