@@ -35,24 +35,21 @@ import multiprocessing
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
-import yaml
 
 from broker import logs
-from broker import policy as policy_file
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.enterprise.run import POLL_S
 from broker.enterprise.store import Store
@@ -61,6 +58,7 @@ from broker.plant.decode import RawValue
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.policy.schema import REGISTER_WIDTH
+from broker.sim.appliance import provision
 from broker.trust import tls
 
 THROUGHPUT_TARGET = 50_000  # points/s, end to end
@@ -113,7 +111,11 @@ def synthetic_policy(signals: int, devices: int) -> dict[str, Any]:
         if k == 0:
             asset_docs.append({"path": asset_path, "state_signal": path})
     return {
+        "deployment_id": "bench",
         "version": 1,
+        "expires": datetime.now(UTC) + timedelta(days=1),
+        "roles": [{"name": "probe", "signals": ["**"]}],
+        "consumers": [{"identity": CONSUMER_URI, "roles": ["probe"]}],
         "devices": [
             {"name": f"plc-{d}", "protocol": "modbus", "host": "127.0.0.1"} for d in range(devices)
         ],
@@ -248,69 +250,10 @@ def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rat
 # --- latency: the enterprise process and its PKI -------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def broker_cli(*args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if result.returncode:
-        raise RuntimeError(f"dmzbroker {' '.join(args)}: {result.stderr.strip()}")
-
-
-def make_pki(directory: Path) -> Pki:
-    out = str(directory)
-    broker_cli("certs", "init-ca", "--out", out, "--name", "bench")
-    broker_cli(
-        "certs", "issue", "server", "--ca", out, "--out", out,
-        "--dns", "localhost", "--ip", "127.0.0.1",
-    )  # fmt: skip
-    broker_cli("certs", "issue", "client", "--ca", out, "--out", out, "--uri", CONSUMER_URI)
-    client = CONSUMER_URI.rpartition("/")[2]
-    return Pki(
-        ca=directory / "ca.crt",
-        server_cert=directory / "server.crt",
-        server_key=directory / "server.key",
-        client_cert=directory / f"{client}.crt",
-        client_key=directory / f"{client}.key",
-    )
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_config(workdir: Path, policy: Path, pki: Pki, port: int) -> Path:
-    path = workdir / "broker.yaml"
-    config = {
-        "policy": str(policy),
-        "spool": {"dir": "spool"},
-        "enterprise": {
-            "state_dir": "enterprise-state",
-            "listen": {"host": "127.0.0.1", "port": port},
-            "tls": {
-                "cert": str(pki.server_cert),
-                "key": str(pki.server_key),
-                "client_ca": str(pki.ca),
-            },
-        },
-        "log": {"format": "json"},
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 @contextlib.asynccontextmanager
@@ -484,7 +427,7 @@ def summarize(
 
 @dataclass(frozen=True)
 class LatencySetup:
-    policy: Policy  # as loaded from the file the enterprise process loads
+    policy: Policy  # the one the enterprise process loads, co-signed
     config: Path
     port: int
     ssl: ssl.SSLContext  # the consumer's
@@ -492,18 +435,16 @@ class LatencySetup:
 
 
 def prepare_latency(args: argparse.Namespace, workdir: Path) -> LatencySetup:
-    """The PKI, the policy file and broker.yaml for the enterprise process."""
+    """A throwaway appliance (PKI, owner keys, co-signed policy, broker.yaml) for the process."""
     workdir.mkdir()
-    pki = make_pki(workdir / "pki")
-    policy_path = workdir / "policy.yaml"
-    document = synthetic_policy(args.signals, args.devices)
-    policy_path.write_text(yaml.safe_dump(document, sort_keys=False))
+    policy = make_policy(args.signals, args.devices)
     port = free_port()
+    appliance = provision(workdir, policy, port=port, consumer_uri=CONSUMER_URI)
     return LatencySetup(
-        policy=policy_file.load(policy_path),
-        config=write_config(workdir, policy_path, pki, port),
+        policy=policy,
+        config=appliance.config,
         port=port,
-        ssl=tls.client_context(pki.ca, pki.client_cert, pki.client_key),
+        ssl=tls.client_context(appliance.ca, appliance.client_cert, appliance.client_key),
         log=workdir / "enterprise.log",
     )
 

@@ -14,15 +14,13 @@ from pathlib import Path
 
 import aiohttp
 import structlog
-import yaml
 
 from broker import policy
 from broker.errors import ConfigError, DmzBrokerError
-from broker.policy import Policy, trustroot
-from broker.policy import envelope as envelopes
+from broker.sim.appliance import Appliance, provision
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.supervisor import Supervisor
-from broker.trust import certs, keys, tls
+from broker.trust import tls
 
 MARKER = ".dmzbroker-demo"
 CONSUMER_URI = "spiffe://demo/consumer/historian"
@@ -35,12 +33,7 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
     demo_policy = policy.load(policy_path)
     device = demo_policy.devices[0]
     _recreate(workdir)
-    pki = workdir / "certs"
-    ca = certs.init_ca(pki, "dmzbroker demo CA", days=30)
-    certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=30)
-    client = certs.issue_client(pki, pki, name="historian", uri=CONSUMER_URI, days=30)
-    _co_sign(demo_policy, workdir)
-    config_path = _write_config(workdir, port)
+    appliance = provision(workdir, demo_policy, port=port, consumer_uri=CONSUMER_URI)
 
     plant = RefrigerationPlant(device.host, device.port, device.unit_id)
     try:
@@ -49,11 +42,11 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
         raise ConfigError(
             f"cannot start the simulated plant on {device.host}:{device.port}: is the port in use?"
         ) from e
-    supervisor = Supervisor(config_path, "auto")
+    supervisor = Supervisor(appliance.config, "auto")
     try:
         await supervisor.start()
         url = f"https://localhost:{port}/v1/snapshot"
-        ready = asyncio.create_task(_wait_ready(url, ca.cert, client.cert, client.key))
+        ready = asyncio.create_task(_wait_ready(url, appliance))
         exited = asyncio.create_task(supervisor.wait())
         await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
         if exited.done():
@@ -62,8 +55,9 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
         ready.result()
         print(
             "\nThe broker is running. Ask it for the latest value of every signal:\n\n"
-            f"curl --cert {shlex.quote(str(client.cert))} --key {shlex.quote(str(client.key))} "
-            f"--cacert {shlex.quote(str(ca.cert))} {url}\n",
+            f"curl --cert {shlex.quote(str(appliance.client_cert))} "
+            f"--key {shlex.quote(str(appliance.client_key))} "
+            f"--cacert {shlex.quote(str(appliance.ca))} {url}\n",
             flush=True,
         )
         try:
@@ -87,51 +81,9 @@ def _recreate(workdir: Path) -> None:
     (workdir / MARKER).touch()
 
 
-def _co_sign(demo_policy: Policy, workdir: Path) -> None:
-    """What an OT owner and an IT owner do by hand (docs/policy.md), done for the demo."""
-    owners = workdir / "owners"
-    ot = keys.generate(owners, "Demo OT owner", "ot", passphrase=None)
-    it = keys.generate(owners, "Demo IT owner", "it", passphrase=None)
-    (workdir / "trust-root.yaml").write_text(
-        trustroot.render(
-            demo_policy.deployment_id,
-            [("Demo OT owner", "ot", ot.public), ("Demo IT owner", "it", it.public)],
-        )
-    )
-    envelope = envelopes.compile_policy(demo_policy)
-    for owner in (ot, it):
-        envelope = envelopes.sign(envelope, keys.load_private(owner.private, passphrase=None))
-    envelopes.write(envelope, workdir / "policy.dsse.json")
-
-
-def _write_config(workdir: Path, port: int) -> Path:
-    path = workdir / "broker.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "policy": "policy.dsse.json",
-                "trust_root": "trust-root.yaml",
-                "spool": {"dir": "spool"},
-                "plant": {"state_dir": "plant-state"},
-                "enterprise": {
-                    "state_dir": "enterprise-state",
-                    "listen": {"host": "127.0.0.1", "port": port},
-                    "tls": {
-                        "cert": "certs/server.crt",
-                        "key": "certs/server.key",
-                        "client_ca": "certs/ca.crt",
-                    },
-                },
-            },
-            sort_keys=False,
-        )
-    )
-    return path
-
-
-async def _wait_ready(url: str, ca: Path, cert: Path, key: Path) -> None:
+async def _wait_ready(url: str, appliance: Appliance) -> None:
     """Until the API answers over mTLS with at least one record (proves the whole path)."""
-    ssl_context = tls.client_context(ca, cert, key)
+    ssl_context = tls.client_context(appliance.ca, appliance.client_cert, appliance.client_key)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_TIMEOUT_S
     async with aiohttp.ClientSession() as session:

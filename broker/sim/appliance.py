@@ -1,0 +1,76 @@
+"""A throwaway appliance in a directory, for the demo and the benchmark.
+
+Everything an integrator sets up by hand (docs/policy.md, README): a CA with a server and
+one consumer certificate, an OT and an IT owner key, a trust root naming them, the policy
+compiled and co-signed, and a `broker.yaml` pointing at all of it. Development only: keys are
+unencrypted and short-lived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from broker.policy import Policy, trustroot
+from broker.policy import envelope as envelopes
+from broker.trust import certs, keys
+
+DAYS = 30
+
+
+@dataclass(frozen=True)
+class Appliance:
+    config: Path
+    ca: Path
+    client_cert: Path  # the one consumer's
+    client_key: Path
+
+
+def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) -> Appliance:
+    pki = workdir / "certs"
+    ca = certs.init_ca(pki, "dmzbroker throwaway CA", days=DAYS)
+    certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=DAYS)
+    name = consumer_uri.rstrip("/").rpartition("/")[2]
+    client = certs.issue_client(pki, pki, name=name, uri=consumer_uri, days=DAYS)
+    _co_sign(policy, workdir)
+    config = workdir / "broker.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "policy": "policy.dsse.json",
+                "trust_root": "trust-root.yaml",
+                "spool": {"dir": "spool"},
+                "plant": {"state_dir": "plant-state"},
+                "enterprise": {
+                    "state_dir": "enterprise-state",
+                    "listen": {"host": "127.0.0.1", "port": port},
+                    "tls": {
+                        "cert": "certs/server.crt",
+                        "key": "certs/server.key",
+                        "client_ca": "certs/ca.crt",
+                    },
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    return Appliance(config, ca.cert, client.cert, client.key)
+
+
+def _co_sign(policy: Policy, workdir: Path) -> None:
+    """What an OT owner and an IT owner do by hand (docs/policy.md)."""
+    owners = workdir / "owners"
+    ot = keys.generate(owners, "Demo OT owner", "ot", passphrase=None)
+    it = keys.generate(owners, "Demo IT owner", "it", passphrase=None)
+    (workdir / "trust-root.yaml").write_text(
+        trustroot.render(
+            policy.deployment_id,
+            [("Demo OT owner", "ot", ot.public), ("Demo IT owner", "it", it.public)],
+        )
+    )
+    envelope = envelopes.compile_policy(policy)
+    for owner in (ot, it):
+        envelope = envelopes.sign(envelope, keys.load_private(owner.private, passphrase=None))
+    envelopes.write(envelope, workdir / "policy.dsse.json")
