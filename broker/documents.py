@@ -36,6 +36,9 @@ class _StrictLoader(yaml.SafeLoader):
             _refuse("aliases are not allowed; write the value out", event.start_mark)
         if getattr(event, "anchor", None) is not None:
             _refuse("anchors are not allowed; write the value out", event.start_mark)
+        tag = getattr(event, "tag", None)  # None unless the document names a tag explicitly
+        if tag is not None:
+            _refuse(f"tag {tag!r} is not allowed", event.start_mark)
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
@@ -48,14 +51,6 @@ class _StrictLoader(yaml.SafeLoader):
                 _refuse(f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
-
-
-def _refuse_tag(loader: _StrictLoader, suffix: str, node: yaml.Node) -> Any:
-    _refuse(f"tag {node.tag!r} is not allowed", node.start_mark)
-
-
-_StrictLoader.add_multi_constructor("!", _refuse_tag)
-_StrictLoader.add_multi_constructor("tag:", _refuse_tag)
 
 
 def parse_yaml(text: str, source: str) -> Any:

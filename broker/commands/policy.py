@@ -75,6 +75,11 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _sign(args: argparse.Namespace) -> int:
     envelope = envelopes.read(args.envelope)
+    if envelope.payloadType != envelopes.PAYLOAD_TYPE:
+        raise TrustError(
+            f"{args.envelope}: payloadType {envelope.payloadType!r} is not a dmzbroker policy; "
+            "not signing"
+        )
     key = _private_key(args.key, args.passphrase_file)
     envelopes.write(envelopes.sign(envelope, key), args.envelope)
     print(f"{args.envelope}: signed by key {keys.key_id(key.public_key())}")
@@ -92,7 +97,8 @@ def _private_key(path: Path, passphrase_file: Path | None) -> Ed25519PrivateKey:
 
 def _verify(args: argparse.Namespace) -> int:
     trust = trustroot.load(args.trust)
-    result = verify.check(envelopes.read(args.envelope), trust)
+    envelope = envelopes.read(args.envelope)
+    result = verify.check(envelope, trust)
     if not result.payload_type_ok:
         print(f"payloadType is not {envelopes.PAYLOAD_TYPE!r}")
     for key in result.signers:
@@ -104,5 +110,15 @@ def _verify(args: argparse.Namespace) -> int:
     for role, threshold in trust.thresholds.items():
         have = threshold - result.missing[role]
         print(f"{role.upper()}: {have} of {threshold} required signature(s)")
-    print("VERIFIED" if result.ok else f"NOT VERIFIED: {verify.describe_shortfall(result)}")
-    return 0 if result.ok else 1
+    if not result.ok:
+        print(f"NOT VERIFIED: {verify.describe_shortfall(result)}")
+        return 1
+    policy = parse.from_payload(envelope.untrusted_payload, str(args.envelope))  # verified now
+    if policy.deployment_id != trust.deployment_id:
+        print(
+            f"NOT VERIFIED: the policy is for deployment {policy.deployment_id!r}, "
+            f"this trust root for {trust.deployment_id!r}"
+        )
+        return 1
+    print(f"VERIFIED: version {policy.version}, expires {policy.expires.isoformat()}")
+    return 0

@@ -23,7 +23,9 @@ def _device(d: Device) -> str:
 
 def _signal(s: Signal) -> str:
     src = s.source
-    scaling = "" if (s.scale, s.offset) == (1.0, 0.0) else f" ×{s.scale:g}{s.offset:+g}"
+    scaling = (f" ×{s.scale:g}" if s.scale != 1.0 else "") + (
+        f" {s.offset:+g}" if s.offset != 0.0 else ""
+    )
     order = f" {src.word_order or 'big'}-word-first" if src.width > 1 else ""
     unit = f" [{s.unit}]" if s.unit else ""
     return f"{s.path}{unit} ← {s.device} {src.table} {src.address} {src.type}{order}{scaling}"

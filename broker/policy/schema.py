@@ -7,6 +7,7 @@ refused everywhere (ADR 0002). Nothing here touches the network or the file syst
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Literal
@@ -89,6 +90,8 @@ class Signal(_Strict, frozen=True):
         _check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
         if self.source.type == "bool" and (self.scale, self.offset) != (1.0, 0.0):
             raise ValueError("scale and offset do not apply to a bool signal")
+        if not (math.isfinite(self.scale) and math.isfinite(self.offset)):
+            raise ValueError("scale and offset must be finite numbers")
 
     @property
     def asset(self) -> str:
@@ -139,7 +142,7 @@ class Consumer(_Strict, frozen=True):
 
 class Policy(_Strict, frozen=True):
     deployment_id: str  # the appliance this policy is for; must equal the trust root's
-    version: Annotated[int, Meta(ge=1)]  # never lower than one this appliance accepted
+    version: Annotated[int, Meta(ge=1, le=2**53 - 1)]  # never lower than one accepted here
     expires: Annotated[datetime, Meta(tz=True)]  # RFC 3339 with a zone; refused after it
     devices: Annotated[list[Device], Meta(min_length=1)]
     signals: Annotated[list[Signal], Meta(min_length=1)]

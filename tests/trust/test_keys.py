@@ -1,0 +1,96 @@
+"""Owner signing keys: Ed25519 files, optional passphrase, key ids of the raw public key."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from broker.errors import TrustError
+from broker.trust import keys
+
+MESSAGE = b"DSSEv1 4 test 5 hello"
+
+
+def _public_from_file(path: Path) -> Ed25519PublicKey:
+    return keys.parse_public_pem(path.read_text(), str(path))
+
+
+def test_unencrypted_key_round_trips_and_signs_for_its_public_key(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", None)
+    loaded = keys.load_private(generated.private, None)
+    signature = loaded.sign(MESSAGE)
+    assert keys.verifies(_public_from_file(generated.public), signature, MESSAGE)
+    assert keys.key_id(loaded.public_key()) == generated.keyid
+
+
+def test_encrypted_key_round_trips_with_its_passphrase(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "it", b"s3cret phrase")
+    loaded = keys.load_private(generated.private, b"s3cret phrase")
+    signature = loaded.sign(MESSAGE)
+    assert keys.verifies(_public_from_file(generated.public), signature, MESSAGE)
+    assert keys.key_id(loaded.public_key()) == generated.keyid
+
+
+def test_encrypted_key_without_passphrase_is_refused(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", b"s3cret phrase")
+    with pytest.raises(TrustError, match="passphrase"):
+        keys.load_private(generated.private, None)
+
+
+def test_encrypted_key_with_wrong_passphrase_is_refused(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", b"s3cret phrase")
+    with pytest.raises(TrustError):
+        keys.load_private(generated.private, b"another phrase")
+
+
+def test_unencrypted_key_given_a_passphrase_is_refused(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", None)
+    with pytest.raises(TrustError, match="not passphrase-protected"):
+        keys.load_private(generated.private, b"s3cret phrase")
+
+
+def test_key_id_is_sha256_of_the_raw_public_key() -> None:
+    public = Ed25519PrivateKey.generate().public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert keys.key_id(public) == hashlib.sha256(raw).hexdigest()
+
+
+def test_key_id_is_the_same_from_the_private_key_and_from_the_public_pem() -> None:
+    private = Ed25519PrivateKey.generate()
+    reparsed = keys.parse_public_pem(keys.public_pem(private.public_key()), "test")
+    assert keys.key_id(private.public_key()) == keys.key_id(reparsed)
+    assert keys.key_id(reparsed) == keys.key_id(reparsed)
+
+
+def test_different_keys_have_different_key_ids() -> None:
+    first, second = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    assert keys.key_id(first.public_key()) != keys.key_id(second.public_key())
+
+
+def test_verifies_is_false_for_a_signature_over_other_bytes() -> None:
+    private = Ed25519PrivateKey.generate()
+    signature = private.sign(b"other bytes")
+    assert keys.verifies(private.public_key(), signature, b"other bytes")
+    assert not keys.verifies(private.public_key(), signature, MESSAGE)
+
+
+def test_verifies_is_false_for_another_keys_signature() -> None:
+    signature = Ed25519PrivateKey.generate().sign(MESSAGE)
+    assert not keys.verifies(Ed25519PrivateKey.generate().public_key(), signature, MESSAGE)
+
+
+def test_generated_private_key_file_has_mode_0600(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", None)
+    assert generated.private.stat().st_mode & 0o777 == 0o600
+
+
+def test_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
+    first = keys.generate(tmp_path, "Jane Doe", "ot", None)
+    before = first.private.read_bytes()
+    with pytest.raises(TrustError, match="already exists"):
+        keys.generate(tmp_path, "Jane Doe", "ot", None)
+    assert first.private.read_bytes() == before
