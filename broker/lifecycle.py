@@ -40,12 +40,15 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
         except BaseExceptionGroup as group:
             raise _first_user_error(group) or group from group
 
+    # SIGHUP means "re-read the policy": until a policy watcher takes it over, and after the
+    # loop is gone, it must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return asyncio.run(guarded())
     finally:
         # The loop is gone and with it our handlers; a late stop request (Ctrl-C reaches the
         # whole process group, then the supervisor sends SIGTERM) must not cut the exit short.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
 
 

@@ -64,6 +64,7 @@ class PolicyWatcher:
                     yield accepted
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # removal restored the default: exit
 
     def _reload(self) -> TrustedPolicy | None:
         try:
