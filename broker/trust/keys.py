@@ -60,10 +60,15 @@ class GeneratedKey:
 
 
 def generate(out: Path, name: str, role: Role, passphrase: bytes | None) -> GeneratedKey:
-    """Write `<slug>.key` (private, 0600) and `<slug>.pub` (public) for an owner."""
+    """Write `<role>-<name>.key` (private, 0600) and `.pub` (public) for an owner."""
     slug = re.sub(r"[^a-z0-9]+", "-", f"{role}-{name}".lower()).strip("-")
-    generated_private, generated_public = out / f"{slug}.key", out / f"{slug}.pub"
-    for path in (generated_private, generated_public):
+    return generate_pair(out, slug, passphrase)
+
+
+def generate_pair(out: Path, stem: str, passphrase: bytes | None) -> GeneratedKey:
+    """Write `<stem>.key` (private, 0600, encrypted if a passphrase is given) and `.pub`."""
+    private, public = out / f"{stem}.key", out / f"{stem}.pub"
+    for path in (private, public):
         if path.exists():
             raise TrustError(f"{path}: already exists; choose another --name or --out")
     key = Ed25519PrivateKey.generate()
@@ -76,9 +81,9 @@ def generate(out: Path, name: str, role: Role, passphrase: bytes | None) -> Gene
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     out.mkdir(parents=True, exist_ok=True)
-    write_secret(generated_private, private_pem)
-    generated_public.write_text(public_pem(key.public_key()))
-    return GeneratedKey(generated_private, generated_public, key_id(key.public_key()))
+    write_secret(private, private_pem)
+    public.write_text(public_pem(key.public_key()))
+    return GeneratedKey(private, public, key_id(key.public_key()))
 
 
 def load_private(path: Path, passphrase: bytes | None) -> Ed25519PrivateKey:

@@ -1,0 +1,1 @@
+"""The tamper-evident audit log: what happened at the boundary, provably in order."""

@@ -1,0 +1,35 @@
+"""One audit entry, its canonical bytes and its hash; the checkpoint signature message.
+
+Shared by the writer and the verifier, so both compute exactly the same bytes. Canonical
+form: JSON with sorted keys, no spaces (our entries hold only strings, integers, booleans,
+null, lists and objects, so this is stable and equals the line written to disk minus
+`hash`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+GENESIS = "0" * 64  # the prev_hash of a writer's first entry
+WRITERS = ("plant", "enterprise", "cli")
+CHECKPOINT = "audit_checkpoint"
+
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def canonical(fields: dict[str, Any]) -> bytes:
+    return _encoder.encode(fields)
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 of the entry's canonical form without its own `hash`."""
+    unhashed = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(canonical(unhashed)).hexdigest()
+
+
+def checkpoint_message(appliance: str, writer: str, seq: int, head: str) -> bytes:
+    """What a checkpoint signs: this appliance's writer vouches for everything up to `head`."""
+    return f"dmzbroker audit checkpoint v1|{appliance}|{writer}|{seq}|{head}".encode()

@@ -1,0 +1,229 @@
+"""The audit log writer: one hash chain per writer, signed checkpoints, fail-closed signal.
+
+Each entry names its predecessor's hash, so no entry can be edited, removed, reordered or
+inserted without breaking the chain. Every `checkpoint_every` entries, every
+`checkpoint_s` seconds, at rotation and at shutdown, a checkpoint entry signs the chain's
+head with the appliance's audit key, so the chain cannot be rebuilt by someone without it.
+
+The writer starts a new segment file each time it opens (as the spool does), so a torn last
+line after a crash sits at the end of a final segment, where `audit verify` reports it.
+When the log cannot be written, `failing` turns true: the halves stop data crossing until a
+write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.entry import CHECKPOINT, GENESIS, canonical, checkpoint_message, entry_hash
+from broker.errors import ChannelError
+from broker.trust.keys import key_id
+
+SUFFIX = ".jsonl"
+PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
+FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
+
+
+def segment_numbers(directory: Path) -> list[int]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        int(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX) and n[: -len(SUFFIX)].isdigit()
+    )
+
+
+def read_entries(path: Path) -> tuple[list[dict[str, Any]], bytes]:
+    """The whole, parseable lines of a segment, and any bytes after the last of them."""
+    data = path.read_bytes()
+    entries: list[dict[str, Any]] = []
+    pos = 0
+    while (end := data.find(b"\n", pos)) != -1:
+        try:
+            entries.append(msgspec.json.decode(data[pos:end]))
+        except msgspec.DecodeError:
+            break
+        pos = end + 1
+    return entries, data[pos:]
+
+
+class AuditLog:
+    def __init__(
+        self,
+        directory: Path,
+        writer: str,
+        appliance: str,
+        key: Ed25519PrivateKey,
+        *,
+        checkpoint_every: int = 1000,
+        checkpoint_s: float = 60.0,
+        segment_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self._dir = directory / writer
+        self._writer = writer
+        self._appliance = appliance
+        self._key = key
+        self._keyid = key_id(key.public_key())
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_s = checkpoint_s
+        self._segment_bytes = segment_bytes
+        self.boot_id = str(uuid.uuid4())
+        self.failing = False
+        self._pending: deque[bytes] = deque()
+        self.dropped = 0  # entries lost because the disk refused them for too long
+        try:
+            self._dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ChannelError(f"audit log {self._dir}: cannot create: {e.strerror}") from e
+        numbers = segment_numbers(self._dir)
+        self._seq, self._head = self._recover(numbers)
+        self._fd = -1
+        self._size = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_fsync = 0.0
+        self._open_segment((numbers[-1] + 1) if numbers else 1)
+
+    @property
+    def head(self) -> tuple[int, str]:
+        return self._seq, self._head
+
+    def record(
+        self,
+        event: str,
+        *,
+        category: str,
+        outcome: str,
+        actor: str | None = None,
+        object: str | None = None,
+        policy_version: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self._append(
+            {
+                "event": event,
+                "category": category,
+                "outcome": outcome,
+                "actor": actor,
+                "object": object,
+                "policy_version": policy_version,
+                "details": details or {},
+            }
+        )
+        self._since_checkpoint += 1
+        due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
+        if self._since_checkpoint >= self._checkpoint_every or due:
+            self.checkpoint()
+        elif self._size >= self._segment_bytes:
+            self.checkpoint()
+            self._open_segment(self._number + 1)
+
+    def checkpoint(self) -> None:
+        """Sign the chain's head; flushed to disk at once."""
+        seq, head = self._seq, self._head
+        signature = self._key.sign(checkpoint_message(self._appliance, self._writer, seq, head))
+        details = {
+            "appliance": self._appliance,
+            "covers_seq": seq,
+            "head": head,
+            "keyid": self._keyid,
+            "signature": base64.b64encode(signature).decode(),
+        }
+        self._append(
+            {
+                "event": CHECKPOINT,
+                "category": "audit",
+                "outcome": "success",
+                "actor": None,
+                "object": None,
+                "policy_version": None,
+                "details": details,
+            }
+        )
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._flush(force=True)
+
+    def retry(self) -> None:
+        """Try again to write what the disk refused (call it now and then while failing)."""
+        self._flush(force=True)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.checkpoint()
+            os.close(self._fd)
+            self._fd = -1
+
+    def _append(self, body: dict[str, Any]) -> None:
+        entry: dict[str, Any] = {
+            "seq": self._seq + 1,
+            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "boot_id": self.boot_id,
+            "writer": self._writer,
+            **body,
+            "prev_hash": self._head,
+        }
+        entry["hash"] = entry_hash(entry)
+        self._seq, self._head = entry["seq"], entry["hash"]
+        if len(self._pending) >= PENDING_LIMIT:
+            self.dropped += 1  # the chain now has a gap `audit verify` will show
+            return
+        self._pending.append(canonical(entry) + b"\n")
+        self._flush(force=False)
+
+    def _flush(self, *, force: bool) -> None:
+        try:
+            while self._pending:
+                line = self._pending[0]
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                self._size += len(line)
+                self._pending.popleft()
+            now = time.monotonic()
+            if force or now - self._last_fsync >= FSYNC_INTERVAL_S:
+                os.fsync(self._fd)
+                self._last_fsync = now
+        except OSError:
+            self.failing = True
+            return
+        self.failing = False
+
+    def _open_segment(self, number: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        path = self._dir / f"{number:010d}{SUFFIX}"
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+        except OSError as e:
+            raise ChannelError(f"audit log {path}: cannot create: {e.strerror}") from e
+        self._number = number
+        self._size = 0
+
+    def _recover(self, numbers: list[int]) -> tuple[int, str]:
+        """Continue the chain after the last whole entry on disk."""
+        for number in reversed(numbers):
+            entries, _ = read_entries(self._dir / f"{number:010d}{SUFFIX}")
+            if entries:
+                last = entries[-1]
+                return int(last["seq"]), str(last["hash"])
+        return 0, GENESIS
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with contextlib.suppress(OSError):
+            self.close()

@@ -1,0 +1,122 @@
+"""`dmzbroker audit show`: filter entries and print them as a table, JSON, CSV or CEF."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker import __version__
+from broker.audit.log import SUFFIX, read_entries, segment_numbers
+from broker.audit.verify import writers
+
+COLUMNS = ("time", "writer", "seq", "event", "category", "outcome", "actor", "object")
+_SEVERITY = {"failure": 7, "unknown": 5, "success": 3}
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: str | None = None  # RFC 3339, compared as text (all times are UTC with Z)
+    until: str | None = None
+    event: str | None = None
+    category: str | None = None
+    outcome: str | None = None
+    actor: str | None = None
+    writer: str | None = None
+
+    def keep(self, entry: dict[str, Any]) -> bool:
+        time = str(entry.get("time", ""))
+        return (
+            (self.since is None or time >= self.since)
+            and (self.until is None or time <= self.until)
+            and all(
+                wanted is None or entry.get(name) == wanted
+                for name, wanted in (
+                    ("event", self.event),
+                    ("category", self.category),
+                    ("outcome", self.outcome),
+                    ("actor", self.actor),
+                    ("writer", self.writer),
+                )
+            )
+        )
+
+
+def entries(root: Path, filters: Filters) -> Iterator[dict[str, Any]]:
+    for directory in writers(root):
+        if filters.writer is not None and directory.name != filters.writer:
+            continue
+        for number in segment_numbers(directory):
+            found, _ = read_entries(directory / f"{number:010d}{SUFFIX}")
+            yield from (e for e in found if filters.keep(e))
+
+
+def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
+    if fmt == "json":
+        yield from (msgspec.json.encode(e).decode() for e in found)
+    elif fmt == "csv":
+        out = io.StringIO()
+        table = csv.writer(out, lineterminator="\n")
+        table.writerow([*COLUMNS, "details"])
+        yield out.getvalue()
+        for entry in found:
+            out.seek(0)
+            out.truncate()
+            details = msgspec.json.encode(entry.get("details") or {}).decode()
+            table.writerow([*(_text(entry.get(c)) for c in COLUMNS), details])
+            yield out.getvalue().rstrip("\n")
+    elif fmt == "cef":
+        yield from (_cef(e) for e in found)
+    else:
+        yield "  ".join(f"{c:<27}" if c == "time" else c for c in COLUMNS)
+        for entry in found:
+            cells = [_text(entry.get(c)) for c in COLUMNS]
+            yield "  ".join([f"{cells[0]:<27}", *cells[1:]])
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _cef_escape(value: object, *, header: bool) -> str:
+    text = _text(value).replace("\\", "\\\\")
+    return text.replace("|", "\\|") if header else text.replace("=", "\\=").replace("\n", " ")
+
+
+def _cef(entry: dict[str, Any]) -> str:
+    """ArcSight CEF: header fields, then extensions with the chain position."""
+    header = "|".join(
+        _cef_escape(v, header=True)
+        for v in (
+            "CEF:0",
+            "dmzbroker",
+            "dmzbroker",
+            __version__,
+            entry.get("event"),
+            entry.get("event"),
+            _SEVERITY.get(str(entry.get("outcome")), 5),
+        )
+    )
+    extensions = {
+        "rt": entry.get("time"),
+        "cat": entry.get("category"),
+        "outcome": entry.get("outcome"),
+        "suser": entry.get("actor"),
+        "cs1Label": "object",
+        "cs1": entry.get("object"),
+        "cs2Label": "writer",
+        "cs2": entry.get("writer"),
+        "cn1Label": "seq",
+        "cn1": entry.get("seq"),
+        "cs3Label": "hash",
+        "cs3": entry.get("hash"),
+    }
+    tail = " ".join(
+        f"{k}={_cef_escape(v, header=False)}" for k, v in extensions.items() if v is not None
+    )
+    return f"{header}|{tail}"
