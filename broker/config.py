@@ -59,6 +59,13 @@ class EnterpriseConfig(_Section, frozen=True):
     max_streams: Annotated[int, Meta(ge=1, le=100_000)] = 256  # open /v1/stream connections
 
 
+class AuditConfig(_Section, frozen=True):
+    dir: Path  # one folder per writer (plant, enterprise, cli), each owned by its writer
+    key: Path  # the appliance's audit key (`dmzbroker audit keygen`): signs checkpoints
+    checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # entries
+    checkpoint_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0  # seconds
+
+
 class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON
 
@@ -69,6 +76,7 @@ class BrokerConfig(_Section, frozen=True):
     spool: SpoolConfig
     plant: PlantConfig
     enterprise: EnterpriseConfig
+    audit: AuditConfig
     log: LogConfig = LogConfig()
 
 

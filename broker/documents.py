@@ -46,6 +46,8 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 _refuse("merge keys (<<) are not allowed", key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                _refuse("a key must be a plain value, not a list or mapping", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 _refuse(f"duplicate key {key!r}", key_node.start_mark)

@@ -11,8 +11,14 @@ from typing import Literal
 
 import structlog
 
+from broker.audit.forward import AuditForwarder
+from broker.audit.log import AuditLog
 
-def configure(fmt: Literal["auto", "json", "console"], process: str) -> None:
+
+def configure(
+    fmt: Literal["auto", "json", "console"], process: str, audit: AuditLog | None = None
+) -> None:
+    """Set up logging for this process; with `audit`, catalogue events also go there."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -23,8 +29,9 @@ def configure(fmt: Literal["auto", "json", "console"], process: str) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
+    forward: list[structlog.typing.Processor] = [AuditForwarder(audit)] if audit else []
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, *forward, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

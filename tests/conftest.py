@@ -64,6 +64,7 @@ def owners(tmp_path_factory: pytest.TempPathFactory) -> Owners:
     for role, name in (("ot", "Olga OT"), ("it", "Ivan IT"), ("ot", "Otto OT"), ("ot", "Mallory")):
         dmzbroker("keys", "generate", "--role", role, "--name", name, "--out", str(root))
         made[name] = root / f"{role}-{name.lower().replace(' ', '-')}"
+    dmzbroker("audit", "keygen", "--out", str(root))
     trust_root = root / "trust-root.yaml"
     listed = [("Olga OT", "ot"), ("Ivan IT", "it"), ("Otto OT", "ot")]
     trust_root.write_text(
@@ -78,6 +79,7 @@ def owners(tmp_path_factory: pytest.TempPathFactory) -> Owners:
         second_ot_key=made["Otto OT"].with_suffix(".key"),
         stranger_key=made["Mallory"].with_suffix(".key"),
         trust_root=trust_root,
+        audit_key=root / "audit.key",
     )
 
 
@@ -99,7 +101,7 @@ def deployment(
     document = demo_policy(plant_sim.address[1])
     envelope = sign_policy(tmp_path, document, [owners.ot_key, owners.it_key])
     api_port = free_port()
-    config = write_config(tmp_path, envelope, pki, api_port, owners.trust_root)
+    config = write_config(tmp_path, envelope, pki, api_port, owners)
     return Deployment(tmp_path, config, envelope, document, api_port)
 
 

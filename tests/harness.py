@@ -71,6 +71,7 @@ class Owners:
     second_ot_key: Path  # in the trust root too: a second OT owner
     stranger_key: Path  # an OT key the trust root does not list
     trust_root: Path
+    audit_key: Path  # the appliance's audit key (`dmzbroker audit keygen`)
 
 
 def demo_policy(port: int, poll_interval_s: float = 0.2, **changes: Any) -> dict[str, Any]:
@@ -103,14 +104,14 @@ def sign_policy(
 
 
 def write_config(
-    directory: Path, policy_file: Path, pki: Pki, api_port: int, trust_root: Path
+    directory: Path, policy_file: Path, pki: Pki, api_port: int, owners: Owners
 ) -> Path:
     path = directory / "broker.yaml"
     path.write_text(
         yaml.safe_dump(
             {
                 "policy": str(policy_file),
-                "trust_root": str(trust_root),
+                "trust_root": str(owners.trust_root),
                 "spool": {"dir": "spool", "segment_mib": 1},
                 "plant": {"state_dir": "plant-state"},
                 "enterprise": {
@@ -122,6 +123,7 @@ def write_config(
                         "client_ca": str(pki.ca),
                     },
                 },
+                "audit": {"dir": "audit", "key": str(owners.audit_key)},
                 "log": {"format": "json"},
             }
         )

@@ -35,7 +35,7 @@ def test_missing_config_file(tmp_path: Path, command: str) -> None:
 @pytest.fixture
 def signed_config(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
     envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key, owners.it_key])
-    return write_config(tmp_path, envelope, pki, free_port(), owners.trust_root)
+    return write_config(tmp_path, envelope, pki, free_port(), owners)
 
 
 @pytest.mark.parametrize("command", ["run", "plant", "enterprise"])
@@ -43,7 +43,7 @@ def test_a_policy_without_both_signatures_stops_every_command_before_it_starts(
     tmp_path: Path, pki: Pki, owners: Owners, command: str
 ) -> None:
     envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key])
-    config = write_config(tmp_path, envelope, pki, free_port(), owners.trust_root)
+    config = write_config(tmp_path, envelope, pki, free_port(), owners)
     result = dmzbroker(command, "--config", str(config), check=False)
     assert_one_line_error(result, f"{envelope}: needs 1 more IT owner signature(s)")
     assert not (tmp_path / "spool").exists()  # nothing started

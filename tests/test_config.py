@@ -14,6 +14,7 @@ policy: policies/site.dsse.json
 trust_root: trust-root.yaml
 spool: {dir: spool}
 plant: {state_dir: plant-state}
+audit: {dir: audit, key: audit.key}
 enterprise:
   state_dir: state
   tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}

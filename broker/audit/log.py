@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -24,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit.entry import CHECKPOINT, GENESIS, canonical, checkpoint_message, entry_hash
+from broker.config import AuditConfig
 from broker.errors import ChannelError
-from broker.trust.keys import key_id
+from broker.trust.keys import key_id, load_private
 
 SUFFIX = ".jsonl"
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
@@ -81,6 +84,7 @@ class AuditLog:
         self._segment_bytes = segment_bytes
         self.boot_id = str(uuid.uuid4())
         self.failing = False
+        self._lock = threading.RLock()  # the spool sender logs from its worker thread
         self._pending: deque[bytes] = deque()
         self.dropped = 0  # entries lost because the disk refused them for too long
         try:
@@ -95,6 +99,18 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._last_fsync = 0.0
         self._open_segment((numbers[-1] + 1) if numbers else 1)
+
+    @classmethod
+    def open(cls, config: AuditConfig, appliance: str, writer: str) -> AuditLog:
+        """The log of `writer` as `broker.yaml` configures it."""
+        return cls(
+            config.dir,
+            writer,
+            appliance,
+            load_private(config.key, passphrase=None),
+            checkpoint_every=config.checkpoint_every,
+            checkpoint_s=config.checkpoint_s,
+        )
 
     @property
     def head(self) -> tuple[int, str]:
@@ -111,27 +127,35 @@ class AuditLog:
         policy_version: int | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
-        self._append(
-            {
-                "event": event,
-                "category": category,
-                "outcome": outcome,
-                "actor": actor,
-                "object": object,
-                "policy_version": policy_version,
-                "details": details or {},
-            }
-        )
+        with self._lock:
+            self._record(
+                {
+                    "event": event,
+                    "category": category,
+                    "outcome": outcome,
+                    "actor": actor,
+                    "object": object,
+                    "policy_version": policy_version,
+                    "details": details or {},
+                }
+            )
+
+    def _record(self, body: dict[str, Any]) -> None:
+        self._append(body)
         self._since_checkpoint += 1
         due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
         if self._since_checkpoint >= self._checkpoint_every or due:
-            self.checkpoint()
+            self._checkpoint()
         elif self._size >= self._segment_bytes:
-            self.checkpoint()
+            self._checkpoint()
             self._open_segment(self._number + 1)
 
     def checkpoint(self) -> None:
         """Sign the chain's head; flushed to disk at once."""
+        with self._lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         seq, head = self._seq, self._head
         signature = self._key.sign(checkpoint_message(self._appliance, self._writer, seq, head))
         details = {
@@ -158,13 +182,15 @@ class AuditLog:
 
     def retry(self) -> None:
         """Try again to write what the disk refused (call it now and then while failing)."""
-        self._flush(force=True)
+        with self._lock:
+            self._flush(force=True)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            self.checkpoint()
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                self._checkpoint()
+                os.close(self._fd)
+                self._fd = -1
 
     def _append(self, body: dict[str, Any]) -> None:
         entry: dict[str, Any] = {
@@ -227,3 +253,16 @@ class AuditLog:
     def __exit__(self, *_: object) -> None:
         with contextlib.suppress(OSError):
             self.close()
+
+
+def audit_health_changed(failing: bool, consequence: str) -> None:
+    """Say on stderr (and, once it works again, in the log itself) that auditing broke."""
+    log = structlog.get_logger("audit")
+    if failing:
+        log.critical(
+            "audit_write_failed",
+            consequence=consequence,
+            action="free the disk or fix the audit directory",
+        )
+    else:
+        log.warning("audit_write_recovered")

@@ -7,11 +7,17 @@ code and the reverse, so the boundary holds inside each process as well as betwe
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker import config, logs
+import structlog
+
+from broker import __version__, config, logs
+from broker.audit.log import AuditLog
 from broker.errors import PolicyRefused
 from broker.lifecycle import run_until_signalled
 from broker.policy import activation, trustroot
@@ -48,22 +54,37 @@ def add_config_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="broker.yaml")
 
 
-def load_half(
-    args: argparse.Namespace, process: str, state_dir_of: Any, *, persist: bool = True
-) -> tuple[config.BrokerConfig, activation.TrustedPolicy]:
-    """Config, logging, and the verified policy admitted into this half's state dir."""
+@contextlib.contextmanager
+def opened_half(
+    args: argparse.Namespace,
+    process: str,
+    state_dir_of: Callable[[config.BrokerConfig], Path],
+    *,
+    audited: bool = True,
+) -> Iterator[tuple[config.BrokerConfig, activation.TrustedPolicy, AuditLog | None]]:
+    """Config, the audit log, logging, and the verified policy admitted into this half's
+    state dir; the audit log gets a final checkpoint when the half stops."""
     cfg = config.load(args.config)
-    logs.configure(args.log_format or cfg.log.format, process)
     trust = trustroot.load(cfg.trust_root)
+    audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
+    logs.configure(args.log_format or cfg.log.format, process, audit)
+    log = structlog.get_logger(process)
+    if audit is not None:
+        log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
     try:
-        trusted = activation.load_trusted(
-            cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=persist
-        )
-    except PolicyRefused as e:
-        activation.log_refusal(e)
-        raise
-    activation.log_acceptance(trusted)
-    return cfg, trusted
+        try:
+            trusted = activation.load_trusted(
+                cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=audited
+            )
+        except PolicyRefused as e:
+            activation.log_refusal(e)
+            raise
+        activation.log_acceptance(trusted)
+        yield cfg, trusted, audit
+    finally:
+        if audit is not None:
+            log.info("process_stopped", pid=os.getpid())
+            audit.close()
 
 
 def _plant_state(cfg: config.BrokerConfig) -> Path:
@@ -77,23 +98,27 @@ def _enterprise_state(cfg: config.BrokerConfig) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from broker.supervisor import Supervisor
 
-    # Refuse a bad config or policy before starting anything; the halves admit it themselves.
-    cfg, _ = load_half(args, "supervisor", _plant_state, persist=False)
-    return run_until_signalled(Supervisor(args.config, args.log_format or cfg.log.format).run())
+    # Refuse a bad config or policy before starting anything; the halves admit (and audit)
+    # it themselves.
+    with opened_half(args, "supervisor", _plant_state, audited=False) as (cfg, _, _):
+        fmt = args.log_format or cfg.log.format
+    return run_until_signalled(Supervisor(args.config, fmt).run())
 
 
 def _plant(args: argparse.Namespace) -> int:
     from broker.plant.run import run_plant
 
-    cfg, trusted = load_half(args, "plant", _plant_state)
-    return run_until_signalled(run_plant(cfg, trusted))
+    with opened_half(args, "plant", _plant_state) as (cfg, trusted, audit):
+        assert audit is not None
+        return run_until_signalled(run_plant(cfg, trusted, audit))
 
 
 def _enterprise(args: argparse.Namespace) -> int:
     from broker.enterprise.run import run_enterprise
 
-    cfg, trusted = load_half(args, "enterprise", _enterprise_state)
-    return run_until_signalled(run_enterprise(cfg, trusted))
+    with opened_half(args, "enterprise", _enterprise_state) as (cfg, trusted, audit):
+        assert audit is not None
+        return run_until_signalled(run_enterprise(cfg, trusted, audit))
 
 
 def _demo(args: argparse.Namespace) -> int:

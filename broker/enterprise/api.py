@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import structlog
 from aiohttp import web
 
+from broker.audit.log import AuditLog
 from broker.enterprise.authz import Authorization, Peer, denied, peer_of
 from broker.enterprise.store import Store
 from broker.records import to_json
@@ -24,6 +25,7 @@ KEEPALIVE_S = 15.0  # an SSE comment this often lets both sides notice a dead co
 WRITE_TIMEOUT_S = 10.0  # a consumer that takes no data for this long is disconnected
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
+AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
 VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
 
@@ -32,10 +34,11 @@ log = structlog.get_logger("api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(store: Store, authz: Authorization) -> web.Application:
+def create_app(store: Store, authz: Authorization, audit: AuditLog) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _authorize], client_max_size=1024)
     app[STORE] = store
     app[AUTHZ] = authz
+    app[AUDIT] = audit
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
     app.router.add_get("/v1/signals/{path:.+}", _signal, allow_head=False)
@@ -72,6 +75,8 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         raise web.HTTPForbidden(
             reason="the client certificate must name the consumer in exactly one URI SAN"
         )
+    if request.app[AUDIT].failing:
+        raise web.HTTPServiceUnavailable(reason="the audit log cannot be written; try later")
     authz = request.app[AUTHZ]
     if datetime.now(UTC) >= authz.policy.expires:
         raise web.HTTPServiceUnavailable(

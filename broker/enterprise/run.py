@@ -13,6 +13,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from broker.audit.log import AuditLog, audit_health_changed
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
@@ -25,17 +26,18 @@ from broker.policy.watch import PolicyWatcher
 from broker.trust import tls
 
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
+AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 
 log = structlog.get_logger("enterprise")
 
 
-async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy) -> None:
+async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     ent = config.enterprise
     ssl_context = tls.server_context(ent.tls.cert, ent.tls.key, ent.tls.client_ca)
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy)
-    app = create_app(store, authz)
+    app = create_app(store, authz, audit)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
@@ -56,6 +58,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, ent.state_dir, trusted)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_deliver(receiver, store), name="spool reader")
+            tasks.create_task(_watch_audit(audit, store), name="audit health")
             async for accepted in watcher.updates():
                 _apply(accepted.policy, store, authz)
     finally:
@@ -70,6 +73,20 @@ def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
     authz.use_policy(policy)
     for subscription in store.subscriptions:
         subscription.view = authz.view(subscription.identity)
+
+
+async def _watch_audit(audit: AuditLog, store: Store) -> None:
+    """Fail closed while the audit log cannot be written: the API refuses, streams end."""
+    failing = False
+    while True:
+        if audit.failing:
+            audit.retry()
+        if audit.failing != failing:
+            failing = audit.failing
+            audit_health_changed(failing, "consumers are refused until it can be written")
+            if failing:
+                store.close()
+        await asyncio.sleep(AUDIT_CHECK_S)
 
 
 async def _deliver(receiver: SpoolReceiver, store: Store) -> None:

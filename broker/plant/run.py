@@ -14,6 +14,7 @@ from collections import defaultdict
 import structlog
 
 from broker import island
+from broker.audit.log import AuditLog, audit_health_changed
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
 from broker.plant.connectors import CONNECTORS, RawSample
@@ -35,22 +36,23 @@ class PlantHalf:
         self._policy = policy
         self._sending: asyncio.Future[None] | None = None
 
-    async def run(self, config: BrokerConfig, trusted: TrustedPolicy) -> None:
+    async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
         self.pipeline.gate.island = island.is_on(config.plant.state_dir)  # before any scan
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._write(), name="spool writer")
-            tasks.create_task(self._watch_island(config), name="island flag")
+            tasks.create_task(self._watch_flags(config, audit), name="island and audit flags")
             connectors = tasks.create_task(self._read(self._policy), name="connectors")
             async for accepted in watcher.updates():
                 connectors.cancel()
                 await asyncio.gather(connectors, return_exceptions=True)
                 while not self._queue.empty():  # samples read under the old policy never cross
                     self._queue.get_nowait()
-                island_on = self.pipeline.gate.island
+                old_gate = self.pipeline.gate
                 self._policy = accepted.policy
                 self.pipeline = PlantPipeline(accepted.policy)
-                self.pipeline.gate.island = island_on
+                self.pipeline.gate.island = old_gate.island
+                self.pipeline.gate.audit_failing = old_gate.audit_failing
                 connectors = tasks.create_task(self._read(accepted.policy), name="connectors")
 
     async def _read(self, policy: Policy) -> None:
@@ -78,16 +80,23 @@ class PlantHalf:
         if self._sending is not None:
             await asyncio.wait([self._sending])
 
-    async def _watch_island(self, config: BrokerConfig) -> None:
+    async def _watch_flags(self, config: BrokerConfig, audit: AuditLog) -> None:
+        """The island flag and the audit log's health, a few times a second."""
         while True:
+            gate = self.pipeline.gate
             on = island.is_on(config.plant.state_dir)
-            if on != self.pipeline.gate.island:
-                self.pipeline.gate.island = on
+            if on != gate.island:
+                gate.island = on
                 log.warning("island_mode_on" if on else "island_mode_off", noticed_by="plant")
+            if audit.failing:
+                audit.retry()
+            if audit.failing != gate.audit_failing:
+                gate.audit_failing = audit.failing
+                audit_health_changed(audit.failing, "nothing crosses until it can be written")
             await asyncio.sleep(island.CHECK_INTERVAL_S)
 
 
-async def run_plant(config: BrokerConfig, trusted: TrustedPolicy) -> None:
+async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     sender = SpoolSender(
         config.spool.dir,
         segment_bytes=config.spool.segment_mib * 1024 * 1024,
@@ -103,7 +112,7 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy) -> None:
     )
     half = PlantHalf(sender, policy)
     try:
-        await half.run(config, trusted)
+        await half.run(config, trusted, audit)
     finally:
         await half.finish_sending()
         sender.close()

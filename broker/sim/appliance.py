@@ -2,7 +2,7 @@
 
 Everything an integrator sets up by hand (docs/policy.md, README): a CA with a server and
 one consumer certificate, an OT and an IT owner key, a trust root naming them, the policy
-compiled and co-signed, and a `broker.yaml` pointing at all of it. Development only: keys are
+compiled and co-signed, an audit key, and a `broker.yaml` pointing at all of it. Development only: keys are
 unencrypted and short-lived.
 """
 
@@ -35,6 +35,7 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
     name = consumer_uri.rstrip("/").rpartition("/")[2]
     client = certs.issue_client(pki, pki, name=name, uri=consumer_uri, days=DAYS)
     _co_sign(policy, workdir)
+    keys.generate_pair(workdir / "audit-key", "audit", passphrase=None)
     config = workdir / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -52,6 +53,7 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
                         "client_ca": "certs/ca.crt",
                     },
                 },
+                "audit": {"dir": "audit", "key": "audit-key/audit.key"},
             },
             sort_keys=False,
         )

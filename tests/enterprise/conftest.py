@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker import policy
+from broker.audit.log import AuditLog
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
@@ -17,10 +20,13 @@ from tests.harness import DEMO_POLICY, Pki, free_port
 
 
 @pytest.fixture
-async def api(pki: Pki) -> AsyncIterator[Api]:
+async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
     demo = policy.load(DEMO_POLICY)
     store = Store(demo, queue_limit=100)
-    runner = web.AppRunner(create_app(store, Authorization(demo)))
+    audit = AuditLog(
+        tmp_path / "audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
+    )
+    runner = web.AppRunner(create_app(store, Authorization(demo), audit))
     await runner.setup()
     port = free_port()
     site = web.TCPSite(

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def site(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
     """A directory with a broker.yaml whose policy file is written by each test."""
-    write_config(tmp_path, tmp_path / "policy.dsse.json", pki, free_port(), owners.trust_root)
+    write_config(tmp_path, tmp_path / "policy.dsse.json", pki, free_port(), owners)
     return tmp_path
 
 

@@ -1,0 +1,42 @@
+"""Which log events are audit events, with their category and outcome (docs/audit.md).
+
+Every event named here is written to the audit log as well as to the process log, by the
+forwarder in `broker.logs`; call sites just log the event. The standards each serves are
+listed in docs/audit.md.
+"""
+
+from __future__ import annotations
+
+# event → (category, outcome)
+EVENTS: dict[str, tuple[str, str]] = {
+    "process_started": ("process", "success"),
+    "process_stopped": ("process", "success"),
+    "policy_accepted": ("policy", "success"),
+    "policy_refused": ("policy", "failure"),
+    "policy_equivocation": ("policy", "failure"),
+    "policy_expiring": ("policy", "unknown"),
+    "policy_expired": ("policy", "failure"),
+    "policy_reload_requested": ("policy", "success"),
+    "island_mode_on": ("island", "success"),
+    "island_mode_off": ("island", "success"),
+    "device_session_up": ("device", "success"),
+    "device_session_down": ("device", "failure"),
+    "device_read_refused": ("device", "failure"),
+    "scan_overrun": ("device", "unknown"),
+    "consumer_denied": ("access", "failure"),
+    "consumer_cut_off": ("access", "failure"),
+    "stream_opened": ("access", "success"),
+    "stream_closed": ("access", "success"),
+    "spool_records_lost": ("channel", "failure"),
+    "spool_torn_tail_skipped": ("channel", "unknown"),
+    "spool_segment_expired": ("channel", "success"),
+    "half_exited": ("process", "failure"),
+    "audit_write_failed": ("audit", "failure"),
+    "audit_write_recovered": ("audit", "success"),
+}
+
+# Fields of a log event that become the entry's actor / object / policy_version.
+ACTOR_FIELDS = ("identity", "actor", "device", "half")
+OBJECT_FIELDS = ("signal", "path", "table", "segment")
+VERSION_FIELDS = ("policy_version", "version")
+NOT_DETAILS = frozenset({"event", "timestamp", "level", "logger", "process"})

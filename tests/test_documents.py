@@ -1,0 +1,299 @@
+"""Strict YAML and typed conversion: every refusal names the file, the place and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import pytest
+
+from broker.documents import MAX_DOCUMENT_BYTES, convert, load, parse_yaml
+from broker.errors import ConfigError
+
+
+class Listener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=2)]
+    listeners: Annotated[list[Listener], msgspec.Meta(min_length=1)]
+    cert: Path | None = None
+
+
+GOOD = {"name": "plant", "listeners": [{"host": "127.0.0.1", "port": 8443}]}
+
+
+def where(text: str, needle: str, occurrence: int = 1) -> str:
+    """`LINE:COL` (1-based) of the start of the `occurrence`-th `needle` in `text`."""
+    index = -1
+    for _ in range(occurrence):
+        index = text.index(needle, index + 1)
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return f"{line}:{column}"
+
+
+def refusal(text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_yaml(text, "site.yaml")
+    return str(caught.value)
+
+
+def conversion_error(data: object) -> str:
+    with pytest.raises(ConfigError) as caught:
+        convert(data, Doc, "site.yaml")
+    return str(caught.value)
+
+
+# parse_yaml
+
+
+def test_plain_yaml_parses_to_plain_data() -> None:
+    text = "name: plant\nlisteners:\n  - {host: 127.0.0.1, port: 8443}\n"
+    assert parse_yaml(text, "site.yaml") == GOOD
+
+
+@pytest.mark.parametrize(
+    ("text", "needle", "occurrence", "problem"),
+    [
+        ("a: 1\nb: 2\na: 3\n", "a:", 2, "duplicate key 'a'"),
+        ("outer:\n  inner: {x: 1, x: 2}\n", "x:", 2, "duplicate key 'x'"),
+        ("- {k: 1}\n- {k: 1, k: 1}\n", "k:", 3, "duplicate key 'k'"),
+        ("a: &shared 1\nb: 2\n", "&shared", 1, "anchors are not allowed"),
+        ("a: 1\nb: *shared\n", "*shared", 1, "aliases are not allowed"),
+        ("base: {x: 1}\nd:\n  <<: {x: 1}\n", "<<", 1, "merge keys (<<) are not allowed"),
+    ],
+)
+def test_hidden_meaning_is_refused_with_file_line_and_column(
+    text: str, needle: str, occurrence: int, problem: str
+) -> None:
+    message = refusal(text)
+    assert message.startswith(f"site.yaml:{where(text, needle, occurrence)}: ")
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        "!!str 1",
+        "!!int 7",
+        "!!float 1",
+        "!!bool yes",
+        "!!null ''",
+        "!!binary aGk=",
+        "!!python/object/apply:os.system [ls]",
+        "!custom x",
+        "! plain",
+        "!<tag:yaml.org,2002:str> x",
+    ],
+)
+def test_every_explicit_tag_is_refused(tagged: str) -> None:
+    text = f"a: 1\nb: {tagged}\n"
+    message = refusal(text)
+    assert message.startswith(f"site.yaml:{where(text, '!')}: tag ")
+    assert "is not allowed" in message
+
+
+@pytest.mark.parametrize("tagged", ["!!map {a: 1}", "!!seq [1]"])
+def test_explicit_tags_on_collections_are_refused(tagged: str) -> None:
+    assert refusal(tagged).startswith("site.yaml:1:1: tag ")
+
+
+@pytest.mark.parametrize(
+    ("text", "same"), [("true: 1\nTrue: 2\n", "True"), ("1: a\n0x1: b\n", "0x1")]
+)
+def test_keys_that_mean_the_same_value_are_duplicates(text: str, same: str) -> None:
+    assert refusal(text).startswith(f"site.yaml:{where(text, same)}: duplicate key ")
+
+
+def test_keys_that_differ_in_type_or_case_are_not_duplicates() -> None:
+    assert parse_yaml("a: 1\nA: 2\n1: 3\n'1': 4\n", "site.yaml") == {"a": 1, "A": 2, 1: 3, "1": 4}
+
+
+def test_repeated_list_items_are_not_duplicate_keys() -> None:
+    assert parse_yaml("- a\n- a\n", "site.yaml") == ["a", "a"]
+
+
+def test_a_syntax_error_names_file_line_and_column() -> None:
+    text = "a: 1\nb: {c: 2\n"
+    message = refusal(text)
+    assert message.startswith("site.yaml:")
+    line, column = message.split(":")[1:3]
+    assert int(line) >= 2
+    assert int(column) >= 1
+
+
+def test_a_character_yaml_forbids_is_refused_naming_the_file() -> None:
+    assert refusal("a: \x07\n").startswith("site.yaml: not valid YAML: ")
+
+
+def test_more_than_one_document_is_refused() -> None:
+    text = "a: 1\n---\nb: 2\n"
+    assert refusal(text).startswith(f"site.yaml:{where(text, '---')}: ")
+
+
+@pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", "? {a: 1}\n: 1\n"])
+def test_a_collection_as_a_key_is_refused_as_a_config_error(text: str) -> None:
+    assert refusal(text).startswith("site.yaml:1:")
+
+
+# convert
+
+
+def test_good_data_converts_to_the_type() -> None:
+    assert convert(GOOD, Doc, "site.yaml") == Doc(
+        name="plant", listeners=[Listener(host="127.0.0.1", port=8443)]
+    )
+
+
+def test_a_wrong_type_names_the_key_path() -> None:
+    data = {"name": "plant", "listeners": [GOOD["listeners"][0], {"host": "h", "port": "80"}]}
+    assert conversion_error(data) == "site.yaml: listeners[1].port: expected `int`, got `str`"
+
+
+@pytest.mark.parametrize(
+    ("value", "bound"), [(0, "`int` >= 1"), (65536, "`int` <= 65535"), (-8, "`int` >= 1")]
+)
+def test_a_scalar_out_of_range_shows_the_value(value: int, bound: str) -> None:
+    data = {"name": "plant", "listeners": [{"host": "h", "port": value}]}
+    assert (
+        conversion_error(data) == f"site.yaml: listeners[0].port: expected {bound}, got `{value}`"
+    )
+
+
+def test_a_string_too_short_shows_the_value() -> None:
+    data = {**GOOD, "name": "p"}
+    assert conversion_error(data) == "site.yaml: name: expected `str` of length >= 2, got `p`"
+
+
+def test_a_collection_value_is_not_shown() -> None:
+    message = conversion_error({**GOOD, "listeners": []})
+    assert message.startswith("site.yaml: listeners: expected `array` of length >= 1")
+    assert ", got" not in message
+
+
+def test_an_unknown_key_names_where_it_is() -> None:
+    data = {"name": "plant", "listeners": [{"host": "h", "port": 1, "bind": "0.0.0.0"}]}
+    message = conversion_error(data)
+    assert message.startswith("site.yaml: listeners[0]: ")
+    assert "`bind`" in message
+
+
+@pytest.mark.parametrize("data", [[GOOD], "plant", 42])
+def test_a_wrong_root_says_top_level(data: object) -> None:
+    assert conversion_error(data).startswith("site.yaml: (top level): expected `object`")
+
+
+def test_a_missing_required_key_at_the_root_says_top_level() -> None:
+    message = conversion_error({"name": "plant"})
+    assert message.startswith("site.yaml: (top level): ")
+    assert "`listeners`" in message
+
+
+def test_the_problem_starts_lowercase_after_the_path() -> None:
+    message = conversion_error({"name": "plant"})
+    problem = message.removeprefix("site.yaml: (top level): ")
+    assert problem[0].islower()
+
+
+def test_path_fields_resolve_against_base_dir(tmp_path: Path) -> None:
+    base = tmp_path / "etc" / "broker"
+    data = {**GOOD, "cert": "../tls/server.crt"}
+    converted = convert(data, Doc, "site.yaml", base_dir=base)
+    assert converted.cert == (tmp_path / "etc" / "tls" / "server.crt").resolve()
+    assert converted.cert.is_absolute()
+
+
+def test_absolute_path_fields_stay_where_they_point(tmp_path: Path) -> None:
+    absolute = (tmp_path / "server.crt").resolve()
+    converted = convert({**GOOD, "cert": str(absolute)}, Doc, "s", base_dir=tmp_path / "x")
+    assert converted.cert == absolute
+
+
+@pytest.mark.parametrize("value", ["", 3])
+def test_a_path_field_that_is_not_a_path_is_refused(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        convert({**GOOD, "cert": value}, Doc, "site.yaml", base_dir=tmp_path)
+    assert str(caught.value).startswith("site.yaml: cert: expected a file system path")
+
+
+# load
+
+
+def write(directory: Path, content: str | bytes, name: str = "site.yaml") -> Path:
+    path = directory / name
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(path, Doc)
+    return str(caught.value)
+
+
+def test_load_reads_parses_and_converts(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: plant\nlisteners:\n  - host: 127.0.0.1\n    port: 8443\n")
+    assert load(path, Doc) == convert(GOOD, Doc, "x")
+
+
+def test_load_resolves_paths_against_the_files_own_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "conf"
+    directory.mkdir()
+    path = write(directory, "name: plant\nlisteners: [{host: h, port: 1}]\ncert: tls/a.crt\n")
+    assert load(path, Doc).cert == (directory / "tls" / "a.crt").resolve()
+
+
+def test_load_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    text = "name: plant\nlisteners: [{host: h, port: 1}]\nname: again\n"
+    path = write(tmp_path, text)
+    assert load_error(path).startswith(f"{path}:{where(text, 'name:', 2)}: duplicate key")
+
+
+def test_load_conversion_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: plant\nlisteners: [{host: h, port: 0}]\n")
+    assert load_error(path) == f"{path}: listeners[0].port: expected `int` >= 1, got `0`"
+
+
+def test_a_missing_file_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.yaml"
+    assert load_error(missing) == f"{missing}: file not found"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_file_is_refused(tmp_path: Path, content: str) -> None:
+    path = write(tmp_path, content)
+    assert load_error(path) == f"{path}: the file is empty"
+
+
+def test_invalid_utf8_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, b"name: pl\xff\xfeant\n")
+    message = load_error(path)
+    assert message.startswith(f"{path}: ")
+    assert "utf-8" in message.lower()
+
+
+def test_a_directory_is_refused_naming_it(tmp_path: Path) -> None:
+    assert load_error(tmp_path).startswith(f"{tmp_path}: ")
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path) -> None:
+    size = MAX_DOCUMENT_BYTES + 1
+    path = write(tmp_path, b"#" * size)
+    message = load_error(path)
+    assert message.startswith(f"{path}: ")
+    assert str(size) in message
+    assert str(MAX_DOCUMENT_BYTES) in message
+
+
+def test_a_file_exactly_at_the_size_limit_is_read(tmp_path: Path) -> None:
+    head = b"name: plant\nlisteners: [{host: h, port: 1}]\n#"
+    path = write(tmp_path, head + b"x" * (MAX_DOCUMENT_BYTES - len(head) - 1) + b"\n")
+    assert path.stat().st_size == MAX_DOCUMENT_BYTES
+    assert load(path, Doc).name == "plant"

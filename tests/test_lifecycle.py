@@ -1,0 +1,212 @@
+"""run_until_signalled: a stop request runs every `finally`, SIGHUP never kills, user errors unwrap."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.errors import ConfigError, DeviceError, DmzBrokerError
+from broker.lifecycle import run_until_signalled
+from tests.harness import REPO
+
+pytestmark = pytest.mark.timeout(60)
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from broker.lifecycle import run_until_signalled
+
+
+    async def main():
+        try:
+            print("ready", flush=True)
+            await asyncio.sleep(30)
+            print("slept", flush=True)
+        finally:
+            await asyncio.sleep({cleanup_s})
+            print("cleaned", flush=True)
+
+
+    sys.exit(run_until_signalled(main()))
+    """
+)
+
+
+class Child:
+    """The script above in its own process group; its stdout goes to a file."""
+
+    def __init__(self, directory: Path, cleanup_s: float = 0.0) -> None:
+        self.out = directory / "child.out"
+        with open(self.out, "wb") as stdout:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", CHILD.format(cleanup_s=cleanup_s)],
+                stdout=stdout, stderr=subprocess.PIPE, cwd=REPO, start_new_session=True,
+            )  # fmt: skip
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while "ready" not in self.lines():
+            if self.process.poll() is not None:
+                raise AssertionError(f"child exited early: {self.process.stderr.read()!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"child not ready within {timeout} s")
+            time.sleep(0.02)
+
+    def send(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 10) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Child]:
+    started = Child(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill()
+
+
+@pytest.fixture
+def slow_cleanup_child(tmp_path: Path) -> Iterator[Child]:
+    started = Child(tmp_path, cleanup_s=0.5)
+    try:
+        yield started
+    finally:
+        started.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_runs_the_finally_and_exits_0(child: Child, sig: signal.Signals) -> None:
+    child.wait_ready()
+    child.send(sig)
+    assert child.wait() == 0
+    assert child.lines() == ["ready", "cleaned"]
+    assert b"Traceback" not in child.process.stderr.read()
+
+
+def test_a_second_sigterm_does_not_interrupt_the_cleanup(slow_cleanup_child: Child) -> None:
+    slow_cleanup_child.wait_ready()
+    started = time.monotonic()
+    slow_cleanup_child.send(signal.SIGTERM)
+    slow_cleanup_child.send(signal.SIGTERM)  # may merge with the first while pending: see below
+    assert slow_cleanup_child.wait() == 0
+    assert time.monotonic() - started >= 0.5  # the cleanup's sleep ran to its end
+    assert slow_cleanup_child.lines() == ["ready", "cleaned"]
+
+
+def test_sigterm_during_the_cleanup_does_not_interrupt_it(slow_cleanup_child: Child) -> None:
+    slow_cleanup_child.wait_ready()
+    slow_cleanup_child.send(signal.SIGTERM)
+    time.sleep(0.2)  # well inside the 0.5 s cleanup: surely handled as a second request
+    slow_cleanup_child.send(signal.SIGTERM)
+    assert slow_cleanup_child.wait() == 0
+    assert slow_cleanup_child.lines() == ["ready", "cleaned"]
+
+
+def test_sighup_does_not_kill_it(child: Child) -> None:
+    child.wait_ready()
+    child.send(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=0.5)
+    assert child.lines() == ["ready"]
+    child.send(signal.SIGTERM)
+    assert child.wait() == 0
+    assert child.lines() == ["ready", "cleaned"]
+
+
+@pytest.fixture
+def restore_signal_handlers() -> Iterator[None]:
+    """run_until_signalled ignores stop signals once it returns; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("restore_signal_handlers")
+@pytest.mark.parametrize(("returned", "code"), [(None, 0), (0, 0), (3, 3)])
+def test_the_exit_code_is_what_main_returns(returned: int | None, code: int) -> None:
+    async def main() -> int | None:
+        await asyncio.sleep(0)
+        return returned
+
+    assert run_until_signalled(main()) == code
+
+
+@pytest.mark.usefixtures("restore_signal_handlers")
+def test_a_user_error_in_a_task_group_surfaces_as_itself() -> None:
+    raised = ConfigError("policy.yaml: signals[0].device: no device named 'plc'")
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise raised
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(asyncio.sleep(30))
+            group.create_task(fail())
+
+    with pytest.raises(ConfigError) as caught:
+        run_until_signalled(main())
+    assert caught.value is raised
+    assert not isinstance(caught.value, BaseExceptionGroup)
+
+
+@pytest.mark.usefixtures("restore_signal_handlers")
+def test_a_user_error_in_a_nested_task_group_surfaces_as_itself() -> None:
+    raised = DeviceError("plc-machine-room: no answer")
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise raised
+
+    async def inner() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fail())
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(inner())
+
+    with pytest.raises(DmzBrokerError) as caught:
+        run_until_signalled(main())
+    assert caught.value is raised
+
+
+@pytest.mark.usefixtures("restore_signal_handlers")
+def test_a_programming_error_in_a_task_group_is_not_disguised() -> None:
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("a bug")
+
+    async def main() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fail())
+
+    with pytest.raises(ExceptionGroup) as caught:
+        run_until_signalled(main())
+    assert caught.group_contains(ValueError, match="a bug")
+    assert not caught.group_contains(DmzBrokerError)

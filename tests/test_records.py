@@ -1,0 +1,144 @@
+"""Record encodings: MessagePack frames round-trip exactly; consumers' JSON keeps the public names."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from broker.records import (
+    Context,
+    Record,
+    Value,
+    decode_frame_payload,
+    encode_frame_payload,
+    to_json,
+)
+
+PUBLIC_FIELDS = {
+    "signal",
+    "value",
+    "unit",
+    "quality",
+    "source_time",
+    "broker_time",
+    "seq",
+    "policy_version",
+    "context",
+}
+SOURCE_TIME = datetime(2025, 3, 9, 23, 59, 58, 123456, tzinfo=UTC)
+
+
+def record(value: Value = 4.25, **changes: object) -> Record:
+    fields: dict[str, object] = {
+        "signal": "coldstore/machine-room/compressor-1/suction_pressure",
+        "value": value,
+        "unit": "bar",
+        "quality": "good",
+        "source_time": SOURCE_TIME,
+        "broker_time": SOURCE_TIME + timedelta(seconds=1, microseconds=7),
+        "policy_version": 12,
+        "context": Context(asset_state="running"),
+        "seq": 987_654_321,
+    }
+    fields.update(changes)
+    return Record(**fields)  # type: ignore[arg-type]
+
+
+def as_dict(r: Record) -> dict[str, object]:
+    return {name: getattr(r, name) for name in r.__struct_fields__}
+
+
+@pytest.mark.parametrize("value", [True, False, 0, -7, 2**53, 4.25, -0.001, "", "open", None])
+def test_a_record_round_trips_through_a_frame_unchanged(value: Value) -> None:
+    original = record(value)
+    decoded = decode_frame_payload(encode_frame_payload(original))
+    assert decoded == original
+    assert type(decoded.value) is type(value)  # a bool stays a bool, an int never a float
+
+
+@pytest.mark.parametrize("quality", ["good", "uncertain", "bad", "stale"])
+@pytest.mark.parametrize("state", ["running", "stopped", "unknown"])
+def test_every_quality_and_asset_state_round_trips(quality: str, state: str) -> None:
+    original = record(quality=quality, context=Context(asset_state=state))
+    assert as_dict(decode_frame_payload(encode_frame_payload(original))) == as_dict(original)
+
+
+def test_times_stay_timezone_aware_utc_with_microseconds() -> None:
+    decoded = decode_frame_payload(encode_frame_payload(record()))
+    for name in ("source_time", "broker_time"):
+        time = getattr(decoded, name)
+        assert time.utcoffset() == timedelta(0)
+        assert time == getattr(record(), name)
+    assert decoded.source_time.microsecond == 123456
+
+
+def test_a_record_without_a_sequence_number_decodes_with_seq_0() -> None:
+    fields = as_dict(record())
+    del fields["seq"]
+    assert decode_frame_payload(msgspec.msgpack.encode(fields)).seq == 0
+
+
+def test_json_has_exactly_the_public_field_names() -> None:
+    document = json.loads(to_json(record()))
+    assert set(document) == PUBLIC_FIELDS
+    assert document["context"] == {"asset_state": "running"}
+
+
+def test_json_values_match_the_record() -> None:
+    r = record("open", quality="uncertain")
+    document = json.loads(to_json(r))
+    for name in ("signal", "value", "unit", "quality", "seq", "policy_version"):
+        assert document[name] == getattr(r, name)
+
+
+def test_json_times_are_rfc3339_utc_ending_in_z() -> None:
+    r = record()
+    document = json.loads(to_json(r))
+    for name in ("source_time", "broker_time"):
+        text = document[name]
+        assert text.endswith("Z")
+        assert datetime.fromisoformat(text.removesuffix("Z") + "+00:00") == getattr(r, name)
+    assert document["source_time"] == "2025-03-09T23:59:58.123456Z"
+
+
+def test_a_list_of_records_is_a_json_array_of_records() -> None:
+    records = [record(1, seq=1), record(2, seq=2)]
+    document = json.loads(to_json(records))
+    assert [item["seq"] for item in document] == [1, 2]
+    assert all(set(item) == PUBLIC_FIELDS for item in document)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"\xc1", b"\xff\x00\x13garbage", b'{"signal": "a/b"}', msgspec.msgpack.encode([1, 2])],
+)
+def test_garbage_is_a_decode_error(garbage: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_frame_payload(garbage)
+
+
+def test_a_truncated_frame_is_a_decode_error() -> None:
+    payload = encode_frame_payload(record())
+    with pytest.raises(msgspec.DecodeError):
+        decode_frame_payload(payload[: len(payload) // 2])
+
+
+@pytest.mark.parametrize("missing", sorted(PUBLIC_FIELDS - {"seq"}))
+def test_a_payload_missing_a_required_field_is_a_decode_error(missing: str) -> None:
+    fields = as_dict(record())
+    del fields[missing]
+    with pytest.raises(msgspec.DecodeError, match=missing):
+        decode_frame_payload(msgspec.msgpack.encode(fields))
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [("quality", "excellent"), ("policy_version", "12"), ("context", {"asset_state": "idle"})],
+)
+def test_a_payload_with_a_wrong_value_is_a_decode_error(name: str, wrong: object) -> None:
+    fields = {**as_dict(record()), name: wrong}
+    with pytest.raises(msgspec.DecodeError):
+        decode_frame_payload(msgspec.msgpack.encode(fields))
