@@ -33,3 +33,19 @@ def entry_hash(entry: dict[str, Any]) -> str:
 def checkpoint_message(appliance: str, writer: str, seq: int, head: str) -> bytes:
     """What a checkpoint signs: this appliance's writer vouches for everything up to `head`."""
     return f"dmzbroker audit checkpoint v1|{appliance}|{writer}|{seq}|{head}".encode()
+
+
+def raw_hash(line: bytes, claimed: str) -> str:
+    """The hash of a line as written: its bytes without the `"hash":"…",` member.
+
+    Any change to the bytes of a line, even one that keeps its JSON meaning (spaces, key
+    order), changes this, so it is stricter than re-encoding the parsed entry.
+    """
+    start = line.find(_HASH_KEY)
+    end = start + len(_HASH_KEY) + 64 + 2  # the hex digest, then `",`
+    if start < 0 or line[start + len(_HASH_KEY) : end] != claimed.encode() + b'",':
+        return ""
+    return hashlib.sha256(line[:start] + line[end:]).hexdigest()
+
+
+_HASH_KEY = b'"hash":"'

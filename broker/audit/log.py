@@ -48,18 +48,23 @@ def segment_numbers(directory: Path) -> list[int]:
     )
 
 
-def read_entries(path: Path) -> tuple[list[dict[str, Any]], bytes]:
-    """The whole, parseable lines of a segment, and any bytes after the last of them."""
+def read_lines(path: Path) -> tuple[list[bytes], bytes]:
+    """The whole lines of a segment (without newlines), and any bytes after the last one."""
     data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return data[:end].split(b"\n")[:-1], data[end:]
+
+
+def read_entries(path: Path) -> tuple[list[dict[str, Any]], bytes]:
+    """The parseable lines of a segment as entries, and any bytes after them."""
+    lines, tail = read_lines(path)
     entries: list[dict[str, Any]] = []
-    pos = 0
-    while (end := data.find(b"\n", pos)) != -1:
+    for i, line in enumerate(lines):
         try:
-            entries.append(msgspec.json.decode(data[pos:end]))
+            entries.append(msgspec.json.decode(line))
         except msgspec.DecodeError:
-            break
-        pos = end + 1
-    return entries, data[pos:]
+            return entries, b"\n".join(lines[i:]) + b"\n" + tail
+    return entries, tail
 
 
 class AuditLog:

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit.entry import CHECKPOINT, GENESIS, checkpoint_message, entry_hash
-from broker.audit.log import SUFFIX, read_entries, segment_numbers
+from broker.audit.entry import CHECKPOINT, GENESIS, checkpoint_message, raw_hash
+from broker.audit.log import SUFFIX, read_lines, segment_numbers
 from broker.trust.keys import verifies
 
 
@@ -37,6 +38,20 @@ class WriterReport:
         return self.problem is None and self.unproven is None
 
 
+class _Link(msgspec.Struct):
+    """The fields verification reads; the rest of a line is covered by its hash."""
+
+    seq: Any = None
+    writer: Any = None
+    event: Any = None
+    prev_hash: Any = None
+    hash: Any = None
+    details: Any = None
+
+
+_decode_link = msgspec.json.Decoder(_Link).decode
+
+
 def verify_writer(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterReport:
     report = WriterReport(directory.name)
     expected_seq, head, appliance = 1, GENESIS, None
@@ -44,19 +59,23 @@ def verify_writer(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
     numbers = segment_numbers(directory)
     for position, number in enumerate(numbers):
         path = directory / f"{number:010d}{SUFFIX}"
-        entries, tail = read_entries(path)
-        for line, entry in enumerate(entries, start=1):
-            where = f"{path.name} line {line} (seq {entry.get('seq')})"
-            problem = _check(entry, report.writer, expected_seq, head)
-            if problem is None and entry.get("event") == CHECKPOINT:
-                problem, appliance = _check_checkpoint(entry, report.writer, appliance, pubkey)
+        lines, tail = read_lines(path)
+        for line_number, line in enumerate(lines, start=1):
+            try:
+                link = _decode_link(line)
+            except msgspec.DecodeError:
+                report.problem = f"{path.name} line {line_number}: not an audit entry"
+                return report
+            problem = _check(line, link, report.writer, expected_seq, head)
+            if problem is None and link.event == CHECKPOINT:
+                problem, appliance = _check_checkpoint(link, report.writer, appliance, pubkey)
                 if problem is None:
                     report.checkpoints += 1
-                    last_checkpoint_seq = entry["seq"]
+                    last_checkpoint_seq = link.seq
             if problem is not None:
-                report.problem = f"{where}: {problem}"
+                report.problem = f"{path.name} line {line_number} (seq {link.seq}): {problem}"
                 return report
-            expected_seq, head = entry["seq"] + 1, entry["hash"]
+            expected_seq, head = link.seq + 1, link.hash
             report.entries += 1
         if tail:
             place = f"{path.name}: {len(tail)} bytes of a cut-off line at the end"
@@ -69,28 +88,30 @@ def verify_writer(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
     return report
 
 
-def _check(entry: dict[str, Any], writer: str, expected_seq: int, head: str) -> str | None:  # noqa: PLR0911 - one return per kind of break
-    if entry.get("writer") != writer:
-        return f"an entry of writer {entry.get('writer')!r} in the {writer!r} log (spliced)"
-    if not isinstance(entry.get("hash"), str) or entry_hash(entry) != entry["hash"]:
+def _check(  # noqa: PLR0911 - one return per kind of break
+    line: bytes, link: _Link, writer: str, expected_seq: int, head: str
+) -> str | None:
+    if link.writer != writer:
+        return f"an entry of writer {link.writer!r} in the {writer!r} log (spliced)"
+    if not isinstance(link.hash, str) or raw_hash(line, link.hash) != link.hash:
         return "edited: the entry's content does not match its hash"
-    seq = entry.get("seq")
+    seq = link.seq
     if not isinstance(seq, int) or isinstance(seq, bool):
         return "edited: seq is not a number"
     if seq < expected_seq:
         return f"seq {seq} comes again after {expected_seq - 1} (duplicated, replayed or reordered)"
     if seq > expected_seq:
         return f"seq jumps from {expected_seq - 1} to {seq}: {seq - expected_seq} entries deleted"
-    if entry.get("prev_hash") != head:
+    if link.prev_hash != head:
         return "does not follow the entry before it (removed, reordered or spliced entries)"
     return None
 
 
 def _check_checkpoint(
-    entry: dict[str, Any], writer: str, appliance: str | None, pubkey: Ed25519PublicKey | None
+    link: _Link, writer: str, appliance: str | None, pubkey: Ed25519PublicKey | None
 ) -> tuple[str | None, str | None]:
-    details = entry.get("details") or {}
-    if details.get("head") != entry["prev_hash"] or details.get("covers_seq") != entry["seq"] - 1:
+    details = link.details if isinstance(link.details, dict) else {}
+    if details.get("head") != link.prev_hash or details.get("covers_seq") != link.seq - 1:
         return "a checkpoint that vouches for another chain", appliance
     if appliance is not None and details.get("appliance") != appliance:
         return (
@@ -100,7 +121,7 @@ def _check_checkpoint(
         )
     if pubkey is not None:
         message = checkpoint_message(
-            str(details.get("appliance")), writer, entry["seq"] - 1, str(details.get("head"))
+            str(details.get("appliance")), writer, link.seq - 1, str(details.get("head"))
         )
         try:
             signature = base64.b64decode(str(details.get("signature")), validate=True)
