@@ -33,6 +33,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "half_exited": ("process", "failure"),
     "audit_write_failed": ("audit", "failure"),
     "audit_write_recovered": ("audit", "success"),
+    "audit_capacity_warning": ("audit", "unknown"),
 }
 
 # Fields of a log event that become the entry's actor / object / policy_version.

@@ -35,6 +35,7 @@ from broker.trust.keys import key_id, load_private
 
 SUFFIX = ".jsonl"
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
+MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
 FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
 
 
@@ -78,6 +79,7 @@ class AuditLog:
         checkpoint_every: int = 1000,
         checkpoint_s: float = 60.0,
         segment_bytes: int = 8 * 1024 * 1024,
+        capacity_bytes: int = 1024 * 1024 * 1024,
     ) -> None:
         self._dir = directory / writer
         self._writer = writer
@@ -87,6 +89,7 @@ class AuditLog:
         self._checkpoint_every = checkpoint_every
         self._checkpoint_s = checkpoint_s
         self._segment_bytes = segment_bytes
+        self._capacity_bytes = capacity_bytes
         self.boot_id = str(uuid.uuid4())
         self.failing = False
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
@@ -98,6 +101,7 @@ class AuditLog:
             raise ChannelError(f"audit log {self._dir}: cannot create: {e.strerror}") from e
         numbers = segment_numbers(self._dir)
         self._seq, self._head = self._recover(numbers)
+        self._used = sum((self._dir / f"{n:010d}{SUFFIX}").stat().st_size for n in numbers)
         self._fd = -1
         self._size = 0
         self._since_checkpoint = 0
@@ -115,6 +119,7 @@ class AuditLog:
             load_private(config.key, passphrase=None),
             checkpoint_every=config.checkpoint_every,
             checkpoint_s=config.checkpoint_s,
+            capacity_bytes=config.capacity_mib * 1024 * 1024,
         )
 
     @property
@@ -185,6 +190,27 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._flush(force=True)
 
+    @property
+    def usage(self) -> float:
+        """The share of the configured capacity this writer's segments take."""
+        return self._used / self._capacity_bytes
+
+    def check(self) -> None:
+        """Write what waits, and count a full or read-only file system as failing.
+
+        Call it a few times a second: a disk that fills up while nothing is being audited
+        must still close the data path before the next event is lost.
+        """
+        with self._lock:
+            self._flush(force=bool(self._pending))
+            try:
+                fs = os.statvfs(self._dir)
+            except OSError:
+                self.failing = True
+                return
+            if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
+                self.failing = True
+
     def retry(self) -> None:
         """Try again to write what the disk refused (call it now and then while failing)."""
         with self._lock:
@@ -222,6 +248,7 @@ class AuditLog:
                 while view:
                     view = view[os.write(self._fd, view) :]
                 self._size += len(line)
+                self._used += len(line)
                 self._pending.popleft()
             now = time.monotonic()
             if force or now - self._last_fsync >= FSYNC_INTERVAL_S:
@@ -260,14 +287,33 @@ class AuditLog:
             self.close()
 
 
-def audit_health_changed(failing: bool, consequence: str) -> None:
-    """Say on stderr (and, once it works again, in the log itself) that auditing broke."""
-    log = structlog.get_logger("audit")
-    if failing:
-        log.critical(
-            "audit_write_failed",
-            consequence=consequence,
-            action="free the disk or fix the audit directory",
-        )
-    else:
-        log.warning("audit_write_recovered")
+class AuditMonitor:
+    """Watches a writer's health for its half: logs failure, recovery and 80 % capacity."""
+
+    CAPACITY_WARNING = 0.8
+
+    def __init__(self, audit: AuditLog, consequence: str) -> None:
+        self._audit = audit
+        self._consequence = consequence
+        self.failing = False
+        self._warned = False
+        self._log = structlog.get_logger("audit")
+
+    def check(self) -> bool:
+        """True while the audit log cannot be written: nothing may cross meanwhile."""
+        self._audit.check()
+        if self._audit.failing != self.failing:
+            self.failing = self._audit.failing
+            if self.failing:
+                self._log.critical(
+                    "audit_write_failed",
+                    consequence=self._consequence,
+                    action="free space on the audit file system or fix the audit directory",
+                )
+            else:
+                self._log.warning("audit_write_recovered")
+        usage = self._audit.usage
+        if usage >= self.CAPACITY_WARNING and not self._warned:
+            self._log.warning("audit_capacity_warning", used_pct=round(usage * 100))
+        self._warned = usage >= self.CAPACITY_WARNING
+        return self.failing

@@ -13,7 +13,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from broker.audit.log import AuditLog, audit_health_changed
+from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
@@ -77,15 +77,11 @@ def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
 
 async def _watch_audit(audit: AuditLog, store: Store) -> None:
     """Fail closed while the audit log cannot be written: the API refuses, streams end."""
-    failing = False
+    monitor = AuditMonitor(audit, "consumers are refused until it can be written")
     while True:
-        if audit.failing:
-            audit.retry()
-        if audit.failing != failing:
-            failing = audit.failing
-            audit_health_changed(failing, "consumers are refused until it can be written")
-            if failing:
-                store.close()
+        was_failing = monitor.failing
+        if monitor.check() and not was_failing:
+            store.close()
         await asyncio.sleep(AUDIT_CHECK_S)
 
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 import structlog
 
 from broker import island
-from broker.audit.log import AuditLog, audit_health_changed
+from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
 from broker.plant.connectors import CONNECTORS, RawSample
@@ -82,17 +82,14 @@ class PlantHalf:
 
     async def _watch_flags(self, config: BrokerConfig, audit: AuditLog) -> None:
         """The island flag and the audit log's health, a few times a second."""
+        monitor = AuditMonitor(audit, "nothing crosses until it can be written")
         while True:
             gate = self.pipeline.gate
             on = island.is_on(config.plant.state_dir)
             if on != gate.island:
                 gate.island = on
                 log.warning("island_mode_on" if on else "island_mode_off", noticed_by="plant")
-            if audit.failing:
-                audit.retry()
-            if audit.failing != gate.audit_failing:
-                gate.audit_failing = audit.failing
-                audit_health_changed(audit.failing, "nothing crosses until it can be written")
+            gate.audit_failing = monitor.check()
             await asyncio.sleep(island.CHECK_INTERVAL_S)
 
 

@@ -1,0 +1,109 @@
+"""A full audit file system stops data crossing, and crossing resumes once it has room.
+
+A real, small tmpfs mounted by the test (the suite runs as root, as CI does); without the
+right to mount, the test is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from broker.channel.spool import SpoolReceiver
+from broker.sim.refrigeration import RefrigerationPlant
+from tests.harness import (
+    BrokerProcess,
+    Deployment,
+    Owners,
+    Pki,
+    consumer_ssl,
+    dmzbroker,
+    eventually,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "auditfs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        for _ in range(64):  # 2 MiB disk: bounded well above its size
+            f.write(b"\0" * 65536)
+            f.flush()
+    return filler
+
+
+async def api_status(deployment: Deployment, pki: Pki) -> int:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(deployment.base_url + "/v1/snapshot", ssl=consumer_ssl(pki)) as r,
+        ):
+            return r.status
+    except aiohttp.ClientConnectionError:
+        return 0
+
+
+async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, owners: Owners,
+    small_fs: Path, start_broker,
+) -> None:  # fmt: skip
+    document = yaml.safe_load(deployment.config.read_text())
+    document["audit"]["dir"] = str(small_fs)
+    deployment.config.write_text(yaml.safe_dump(document))
+    reader = SpoolReceiver(deployment.spool, deployment.directory / "count-state")
+
+    def crossed() -> int:
+        return sum(len(reader.receive()) for _ in range(100))
+
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: _status_is(deployment, pki, 200), timeout=20)
+
+    filler = fill(small_fs)
+    await eventually(lambda: _status_is(deployment, pki, 503), timeout=5)
+    crossed()
+    await eventually(lambda: crossed() == 0, timeout=5)  # the plant half stopped writing
+    assert crossed() == 0
+    assert any('"audit_write_failed"' in line for line in broker.events())
+
+    filler.unlink()
+    await eventually(lambda: _status_is(deployment, pki, 200), timeout=5)
+    await eventually(lambda: crossed() > 0, timeout=5)
+    assert broker.stop() == 0
+
+    verified = dmzbroker(
+        "audit", "verify", str(small_fs), "--pubkey", str(owners.audit_key.with_suffix(".pub"))
+    )
+    assert "INTACT" in verified.stdout.splitlines()[-1], verified.stdout
+    shown = dmzbroker(
+        "audit", "show", str(small_fs), "--writer", "plant", "--format", "json"
+    ).stdout
+    events = [line for line in shown.splitlines() if "audit_write_" in line]
+    assert any('"audit_write_failed"' in e for e in events)
+    assert any('"audit_write_recovered"' in e for e in events)
+
+
+async def _status_is(deployment: Deployment, pki: Pki, status: int) -> bool:
+    return await api_status(deployment, pki) == status
