@@ -22,6 +22,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "device_session_up": ("device", "success"),
     "device_session_down": ("device", "failure"),
     "device_read_refused": ("device", "failure"),
+    "device_read_recovered": ("device", "success"),
     "scan_overrun": ("device", "unknown"),
     "consumer_denied": ("access", "failure"),
     "consumer_cut_off": ("access", "failure"),

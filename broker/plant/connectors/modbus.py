@@ -98,6 +98,7 @@ class ModbusConnector:
         self.plan = plan_reads(signals)
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
+        self._refused: set[ReadRequest] = set()  # requests the device currently refuses
         self._log = structlog.get_logger("modbus").bind(device=device.name)
 
     async def run(self, emit: Emit) -> None:
@@ -156,15 +157,20 @@ class ModbusConnector:
         now = datetime.now(UTC)
         items = None if response.isError() else _items(response, request)
         if items is None:
-            self._log.warning(
-                "device_read_refused",
-                table=request.table,
-                address=request.address,
-                count=request.count,
-                reason="exception_response" if response.isError() else "short_response",
-                exception_code=getattr(response, "exception_code", None),
-            )
+            if request not in self._refused:  # logged (and audited) once per state change
+                self._refused.add(request)
+                self._log.warning(
+                    "device_read_refused",
+                    table=request.table,
+                    address=request.address,
+                    count=request.count,
+                    reason="exception_response" if response.isError() else "short_response",
+                    exception_code=getattr(response, "exception_code", None),
+                )
             return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
+        if request in self._refused:
+            self._refused.discard(request)
+            self._log.info("device_read_recovered", table=request.table, address=request.address)
         if request.table in BIT_TABLES:
             return [RawSample(s.signal, bool(items[s.offset]), now, "good") for s in request.slots]
         return [
