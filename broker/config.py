@@ -59,12 +59,22 @@ class EnterpriseConfig(_Section, frozen=True):
     max_streams: Annotated[int, Meta(ge=1, le=100_000)] = 256  # open /v1/stream connections
 
 
+class SiemConfig(_Section, frozen=True, kw_only=True):
+    host: str  # the syslog collector (RFC 5425, TLS)
+    port: Port = 6514
+    server_name: str = ""  # the name in its certificate; default: host
+    ca: Path  # verifies the collector
+    cert: Path  # this appliance's client certificate for the collector
+    key: Path
+
+
 class AuditConfig(_Section, frozen=True):
     dir: Path  # one folder per writer (plant, enterprise, cli), each owned by its writer
     key: Path  # the appliance's audit key (`dmzbroker audit keygen`): signs checkpoints
     checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # entries
     checkpoint_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0  # seconds
     capacity_mib: MiB = 1024  # per writer; `audit_capacity_warning` at 80 %
+    siem: SiemConfig | None = None  # export to a syslog collector, from the enterprise half
 
 
 class LogConfig(_Section, frozen=True):

@@ -35,6 +35,9 @@ EVENTS: dict[str, tuple[str, str]] = {
     "audit_write_failed": ("audit", "failure"),
     "audit_write_recovered": ("audit", "success"),
     "audit_capacity_warning": ("audit", "unknown"),
+    "siem_connected": ("audit", "success"),
+    "siem_unreachable": ("audit", "failure"),
+    "siem_connection_lost": ("audit", "failure"),
 }
 
 # Fields of a log event that become the entry's actor / object / policy_version.

@@ -41,7 +41,9 @@ def raw_hash(line: bytes, claimed: str) -> str:
     Any change to the bytes of a line, even one that keeps its JSON meaning (spaces, key
     order), changes this, so it is stricter than re-encoding the parsed entry.
     """
-    start = line.find(_HASH_KEY)
+    # The last one: keys are sorted, so a `hash` key inside `details` comes before it, and
+    # no key after it (object … writer) can hold one.
+    start = line.rfind(_HASH_KEY)
     end = start + len(_HASH_KEY) + 64 + 2  # the hex digest, then `",`
     if start < 0 or line[start + len(_HASH_KEY) : end] != claimed.encode() + b'",':
         return ""

@@ -34,6 +34,7 @@ from broker.errors import ChannelError
 from broker.trust.keys import key_id, load_private
 
 SUFFIX = ".jsonl"
+OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
 MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
 FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
@@ -94,6 +95,7 @@ class AuditLog:
         self.failing = False
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
         self._pending: deque[bytes] = deque()
+        self._partial = 0  # bytes of the first pending line already on disk
         self.dropped = 0  # entries lost because the disk refused them for too long
         try:
             self._dir.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -137,6 +139,8 @@ class AuditLog:
         policy_version: int | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
         with self._lock:
             self._record(
                 {
@@ -244,9 +248,9 @@ class AuditLog:
         try:
             while self._pending:
                 line = self._pending[0]
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                while self._partial < len(line):  # a full disk can take part of a line
+                    self._partial += os.write(self._fd, memoryview(line)[self._partial :])
+                self._partial = 0
                 self._size += len(line)
                 self._used += len(line)
                 self._pending.popleft()

@@ -6,6 +6,7 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import msgspec
 from broker import __version__
 from broker.audit.log import SUFFIX, read_entries, segment_numbers
 from broker.audit.verify import writers
+from broker.errors import ConfigError
 
 COLUMNS = ("time", "writer", "seq", "event", "category", "outcome", "actor", "object")
 _SEVERITY = {"failure": 7, "unknown": 5, "success": 3}
@@ -21,8 +23,8 @@ _SEVERITY = {"failure": 7, "unknown": 5, "success": 3}
 
 @dataclass(frozen=True)
 class Filters:
-    since: str | None = None  # RFC 3339, compared as text (all times are UTC with Z)
-    until: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
     event: str | None = None
     category: str | None = None
     outcome: str | None = None
@@ -30,10 +32,10 @@ class Filters:
     writer: str | None = None
 
     def keep(self, entry: dict[str, Any]) -> bool:
-        time = str(entry.get("time", ""))
+        time = _parse_time(entry.get("time"))
         return (
-            (self.since is None or time >= self.since)
-            and (self.until is None or time <= self.until)
+            (self.since is None or (time is not None and time >= self.since))
+            and (self.until is None or (time is not None and time <= self.until))
             and all(
                 wanted is None or entry.get(name) == wanted
                 for name, wanted in (
@@ -45,6 +47,26 @@ class Filters:
                 )
             )
         )
+
+
+def parse_filter_time(text: str | None, option: str) -> datetime | None:
+    """An RFC 3339 time from the command line; without a zone it is taken as UTC."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise ConfigError(
+            f"{option} {text!r}: not an RFC 3339 time, e.g. 2026-11-25T08:00:00Z"
+        ) from e
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _parse_time(value: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
 
 
 def entries(root: Path, filters: Filters) -> Iterator[dict[str, Any]]:
@@ -63,7 +85,7 @@ def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
         out = io.StringIO()
         table = csv.writer(out, lineterminator="\n")
         table.writerow([*COLUMNS, "details"])
-        yield out.getvalue()
+        yield out.getvalue().rstrip("\n")
         for entry in found:
             out.seek(0)
             out.truncate()

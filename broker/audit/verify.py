@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ def verify_writer(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
                 report.problem = f"{path.name} line {line_number}: not an audit entry"
                 return report
             problem = _check(line, link, report.writer, expected_seq, head)
+            ahead = isinstance(link.seq, int) and link.seq > expected_seq
+            if problem is not None and ahead and _comes_next(lines, line_number, expected_seq):
+                problem = f"reordered: seq {link.seq} stands before seq {expected_seq}"
             if problem is None and link.event == CHECKPOINT:
                 problem, appliance = _check_checkpoint(link, report.writer, appliance, pubkey)
                 if problem is None:
@@ -86,6 +90,15 @@ def verify_writer(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
     if expected_seq - 1 > last_checkpoint_seq:
         report.unproven = (last_checkpoint_seq + 1, expected_seq - 1)
     return report
+
+
+def _comes_next(lines: list[bytes], line_number: int, expected_seq: int) -> bool:
+    """Whether the line after this one holds the seq expected here (two entries swapped)."""
+    if line_number >= len(lines):
+        return False
+    with contextlib.suppress(msgspec.DecodeError):
+        return bool(_decode_link(lines[line_number]).seq == expected_seq)
+    return False
 
 
 def _check(  # noqa: PLR0911 - one return per kind of break

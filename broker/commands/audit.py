@@ -77,8 +77,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     filters = show.Filters(
-        since=args.since,
-        until=args.until,
+        since=show.parse_filter_time(args.since, "--since"),
+        until=show.parse_filter_time(args.until, "--until"),
         event=args.event,
         category=args.category,
         outcome=args.outcome,

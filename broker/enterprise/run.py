@@ -13,6 +13,7 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from broker.audit.export import SiemExporter
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
@@ -59,6 +60,9 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_deliver(receiver, store), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
+            if config.audit.siem is not None:
+                exporter = _exporter(config, trusted.policy.deployment_id)
+                tasks.create_task(exporter.run(), name="siem export")
             async for accepted in watcher.updates():
                 _apply(accepted.policy, store, authz)
     finally:
@@ -73,6 +77,19 @@ def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
     authz.use_policy(policy)
     for subscription in store.subscriptions:
         subscription.view = authz.view(subscription.identity)
+
+
+def _exporter(config: BrokerConfig, appliance: str) -> SiemExporter:
+    siem = config.audit.siem
+    assert siem is not None
+    return SiemExporter(
+        config.audit.dir,
+        config.enterprise.state_dir,
+        (siem.host, siem.port),
+        tls.client_context(siem.ca, siem.cert, siem.key),
+        server_name=siem.server_name or siem.host,
+        hostname=appliance,
+    )
 
 
 async def _watch_audit(audit: AuditLog, store: Store) -> None:

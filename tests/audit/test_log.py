@@ -1,0 +1,442 @@
+"""The audit log writer, on real files with a real Ed25519 key.
+
+Entries are checked against tests/audit/entry.schema.json's rules. `jsonschema` is not
+installed in the venv, so a msgspec Struct with the same fields, types and literals (its
+patterns read from the schema file) does the validating; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import msgspec
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.entry import checkpoint_message
+from broker.audit.log import AuditLog
+from broker.audit.verify import verify_writer
+from tests.audit.support import (
+    CHECKPOINT_EVENT,
+    abandon,
+    canonical_text,
+    fd_of,
+    read_log,
+    read_segment,
+    record_many,
+    segments,
+    sha256_of,
+)
+from tests.harness import REPO
+
+APPLIANCE = "coldstore-1"
+SCHEMA = json.loads((Path(__file__).parent / "entry.schema.json").read_text())
+_PROPS = SCHEMA["properties"]
+_CHECKPOINT_PROPS = SCHEMA["then"]["properties"]["details"]["properties"]
+
+Hex64 = Annotated[str, msgspec.Meta(pattern=_PROPS["hash"]["pattern"])]
+Category = Literal["process", "policy", "island", "device", "access", "channel", "audit"]
+
+
+class Entry(msgspec.Struct, forbid_unknown_fields=True):
+    seq: Annotated[int, msgspec.Meta(ge=1)]
+    time: Annotated[str, msgspec.Meta(pattern=_PROPS["time"]["pattern"])]
+    boot_id: Annotated[str, msgspec.Meta(pattern=_PROPS["boot_id"]["pattern"])]
+    writer: Literal["plant", "enterprise", "cli"]
+    event: Annotated[str, msgspec.Meta(min_length=1)]
+    category: Category
+    outcome: Literal["success", "failure", "unknown"]
+    actor: str | None
+    object: str | None
+    policy_version: int | None
+    details: dict[str, Any]
+    prev_hash: Hex64
+    hash: Hex64
+
+
+class CheckpointDetails(msgspec.Struct, forbid_unknown_fields=True):
+    appliance: Annotated[str, msgspec.Meta(min_length=1)]
+    covers_seq: Annotated[int, msgspec.Meta(ge=0)]
+    head: Hex64
+    keyid: Hex64
+    signature: Annotated[str, msgspec.Meta(pattern=_CHECKPOINT_PROPS["signature"]["pattern"])]
+
+
+def validate(entry: dict[str, Any]) -> None:
+    """Raises msgspec.ValidationError unless `entry` follows entry.schema.json."""
+    checked = msgspec.convert(entry, Entry)  # strict: no int for a str, no bool for an int
+    if checked.event == CHECKPOINT_EVENT:
+        msgspec.convert(checked.details, CheckpointDetails)
+        assert (checked.category, checked.outcome) == ("audit", "success")
+
+
+def open_log(root: Path, key: Ed25519PrivateKey, **options: Any) -> AuditLog:
+    return AuditLog(root, "plant", APPLIANCE, key, **options)
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def test_schema_file_and_validator_describe_the_same_fields() -> None:
+    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert SCHEMA["additionalProperties"] is False
+    assert set(SCHEMA["required"]) == set(_PROPS) == set(Entry.__struct_fields__)
+    assert _PROPS["outcome"]["enum"] == ["success", "failure", "unknown"]
+    assert _PROPS["category"]["enum"] == list(get_args(Category))
+    details = SCHEMA["then"]["properties"]["details"]
+    assert set(details["required"]) == set(_CHECKPOINT_PROPS)
+    assert set(_CHECKPOINT_PROPS) == set(CheckpointDetails.__struct_fields__)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seq": True},
+        {"seq": 0},
+        {"time": "2026-11-25T12:00:00+00:00"},
+        {"outcome": "ok"},
+        {"category": "data"},
+        {"time": "2026-11-25T12:00:00Z"},
+        {"policy_version": "3"},
+        {"hash": "A" * 64},
+        {"extra": 1},
+        {"actor": ...},  # ... removes the field
+    ],
+    ids=str,
+)
+def test_validator_rejects_an_entry_off_the_schema(
+    tmp_path: Path, key: Ed25519PrivateKey, change: dict[str, Any]
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 1, start=1)
+    entry = read_log(tmp_path / "plant")[0]
+    validate(entry)
+    entry.update(change)
+    entry = {k: v for k, v in entry.items() if v is not ...}
+    with pytest.raises(msgspec.ValidationError):
+        validate(entry)
+
+
+def test_every_entry_written_carries_every_field_and_matches_the_schema(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key, checkpoint_every=5) as log:
+        record_many(log, 12)
+    entries = read_log(tmp_path / "plant")
+    assert len(entries) == 12 + 3  # two checkpoints on the way and one at close
+    for entry in entries:
+        assert list(entry) == sorted(entry)  # written in canonical (sorted) order
+        validate(entry)
+
+
+def test_time_is_rfc3339_utc_with_z_and_falls_within_the_writing(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    before = datetime.now(UTC)
+    with open_log(tmp_path, key) as log:
+        record_many(log, 5)
+    after = datetime.now(UTC)
+    times = [e["time"] for e in read_log(tmp_path / "plant")]
+    assert len(times) == 6
+    for text in times:
+        assert text.endswith("Z")
+        parsed = datetime.fromisoformat(text)
+        assert parsed.utcoffset() == timedelta(0)
+        assert before <= parsed <= after
+    assert times == sorted(times)
+
+
+def test_recorded_fields_are_written_as_given_with_empty_details_for_none(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        recorded = record_many(log, 9)
+        log.record("bare", category="device", outcome="unknown")
+    written = [e for e in read_log(tmp_path / "plant") if e["event"] != CHECKPOINT_EVENT]
+    fields = ("event", "category", "outcome", "actor", "object", "policy_version", "details")
+    assert [{f: e[f] for f in fields} for e in written[:-1]] == recorded
+    assert written[-1]["details"] == {}
+    assert written[-1]["actor"] is None
+    assert {e["writer"] for e in written} == {"plant"}
+
+
+def test_seq_counts_from_one_and_each_entry_names_the_hash_before_it(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key, checkpoint_every=4) as log:
+        record_many(log, 10)
+    entries = read_log(tmp_path / "plant")
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+    assert entries[0]["prev_hash"] == "0" * 64
+    for before, entry in itertools.pairwise(entries):
+        assert entry["prev_hash"] == before["hash"]
+    for entry in entries:
+        assert entry["hash"] == sha256_of(entry)
+
+
+def test_each_line_on_disk_is_the_canonical_json_of_its_entry(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 6)
+    lines = segments(tmp_path / "plant")[0].read_text().splitlines()
+    assert len(lines) == 7
+    for line in lines:
+        assert line == canonical_text(json.loads(line))
+
+
+def test_reopening_continues_seq_and_chain_in_a_new_segment_with_a_new_boot_id(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key, checkpoint_every=5) as log:
+        record_many(log, 7)
+    with open_log(tmp_path, key, checkpoint_every=5) as reopened:
+        record_many(reopened, 3, start=7)
+    assert [p.name for p in segments(tmp_path / "plant")] == [
+        "0000000001.jsonl",
+        "0000000002.jsonl",
+    ]
+    old, new = (read_segment(p) for p in segments(tmp_path / "plant"))
+    assert new[0]["seq"] == old[-1]["seq"] + 1
+    assert new[0]["prev_hash"] == old[-1]["hash"]
+    old_boots, new_boots = {e["boot_id"] for e in old}, {e["boot_id"] for e in new}
+    assert len(old_boots) == len(new_boots) == 1
+    assert old_boots != new_boots
+    assert reopened.head == (new[-1]["seq"], new[-1]["hash"])
+
+
+def test_checkpoints_come_every_n_recorded_entries_and_at_close(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    every, count = 5, 12
+    with open_log(tmp_path, key, checkpoint_every=every) as log:
+        record_many(log, count)
+    expected = []
+    for i in range(1, count + 1):
+        expected.append("entry")
+        if i % every == 0:
+            expected.append("checkpoint")
+    expected.append("checkpoint")  # at close
+    entries = read_log(tmp_path / "plant")
+    assert ["checkpoint" if e["event"] == CHECKPOINT_EVENT else "entry" for e in entries] == (
+        expected
+    )
+
+
+def test_every_checkpoint_is_signed_over_the_head_it_follows(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key, checkpoint_every=3) as log:
+        record_many(log, 10)
+    checkpoints = [e for e in read_log(tmp_path / "plant") if e["event"] == CHECKPOINT_EVENT]
+    assert len(checkpoints) == 10 // 3 + 1
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    stranger = Ed25519PrivateKey.generate().public_key()
+    for entry in checkpoints:
+        details = entry["details"]
+        assert details["covers_seq"] == entry["seq"] - 1
+        assert details["head"] == entry["prev_hash"]
+        assert details["appliance"] == APPLIANCE
+        assert details["keyid"] == hashlib.sha256(raw).hexdigest()
+        signature = base64.b64decode(details["signature"], validate=True)
+        message = checkpoint_message(APPLIANCE, "plant", entry["seq"] - 1, entry["prev_hash"])
+        key.public_key().verify(signature, message)  # raises InvalidSignature if not
+        with pytest.raises(InvalidSignature):
+            stranger.verify(signature, message)
+
+
+def test_an_entry_after_checkpoint_s_of_quiet_brings_a_checkpoint(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key, checkpoint_every=1000, checkpoint_s=0.2) as log:
+        record_many(log, 1)
+        time.sleep(0.3)
+        record_many(log, 1, start=1)
+        events = [e["event"] for e in read_log(tmp_path / "plant")]
+    assert events == ["signal_read", "record_published", CHECKPOINT_EVENT]
+
+
+def test_rotation_at_segment_bytes_ends_the_old_segment_with_a_checkpoint(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    limit = 2000
+    with open_log(tmp_path, key, checkpoint_every=1000, segment_bytes=limit) as log:
+        record_many(log, 30)
+    paths = segments(tmp_path / "plant")
+    assert len(paths) >= 3
+    for path, following in itertools.pairwise(paths):
+        lines = path.read_bytes().splitlines(keepends=True)
+        last, before_last = json.loads(lines[-1]), json.loads(lines[-2])
+        assert last["event"] == CHECKPOINT_EVENT
+        assert last["details"]["covers_seq"] == before_last["seq"]
+        size_before_checkpoint = sum(len(line) for line in lines[:-1])
+        assert size_before_checkpoint >= limit  # rotated once the limit was reached ...
+        assert size_before_checkpoint - len(lines[-2]) < limit  # ... and not before
+        assert read_segment(following)[0]["prev_hash"] == last["hash"]
+    report = verify_writer(tmp_path / "plant", key.public_key())
+    assert report.intact, report
+
+
+def test_segments_are_0640_and_the_writer_directory_0750(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        with open_log(tmp_path, key, segment_bytes=1500) as log:
+            record_many(log, 12)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "plant").stat().st_mode) == 0o750
+    paths = segments(tmp_path / "plant")
+    assert len(paths) >= 2  # the first segment and one made by rotation
+    assert [stat.S_IMODE(p.stat().st_mode) for p in paths] == [0o640] * len(paths)
+
+
+def refuse_writes(path: Path) -> int:
+    """Put a read-only descriptor of `path` where the writer's is: its writes fail (EBADF)."""
+    fd = fd_of(path)
+    read_only = os.open(path, os.O_RDONLY)
+    os.dup2(read_only, fd)
+    os.close(read_only)
+    return fd
+
+
+def accept_writes(path: Path, fd: int) -> None:
+    writable = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(writable, fd)
+    os.close(writable)
+
+
+def test_a_segment_that_refuses_writes_turns_failing_on_and_writes_nothing(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = open_log(tmp_path, key, checkpoint_every=1000)
+    record_many(log, 3)
+    path = segments(tmp_path / "plant")[0]
+    size = path.stat().st_size
+    refuse_writes(path)
+    assert not log.failing
+    record_many(log, 4, start=3)  # no exception: the caller learns it from `failing`
+    assert log.failing
+    assert path.stat().st_size == size
+    assert log.head[0] == 7  # the chain went on in memory
+    log.close()
+
+
+def test_retry_writes_the_kept_entries_in_order_and_clears_failing(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = open_log(tmp_path, key, checkpoint_every=5)
+    recorded = record_many(log, 3)
+    path = segments(tmp_path / "plant")[0]
+    fd = refuse_writes(path)
+    recorded += record_many(log, 4, start=3)  # crosses a checkpoint while failing
+    assert log.failing
+    accept_writes(path, fd)
+    log.retry()
+    assert not log.failing
+    entries = read_segment(path)
+    assert [e["seq"] for e in entries] == list(range(1, 9))
+    written = [e for e in entries if e["event"] != CHECKPOINT_EVENT]
+    assert [e["event"] for e in written] == [r["event"] for r in recorded]
+    assert entries[5]["event"] == CHECKPOINT_EVENT
+    log.close()
+    report = verify_writer(tmp_path / "plant", key.public_key())
+    assert report.intact, report
+    assert (report.entries, report.checkpoints) == (9, 2)
+
+
+_FILE_SIZE_LIMIT_CHILD = """
+import os, resource, signal, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from broker.audit.log import AuditLog
+from tests.audit.support import record_many, segments, write_public_key
+
+root = Path(sys.argv[1])
+key = Ed25519PrivateKey.generate()
+write_public_key(key, root / "audit.pub")
+log = AuditLog(root, "plant", "coldstore-1", key, checkpoint_every=5)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+count = 0
+while not log.failing and count < 100:
+    record_many(log, 1, start=count)
+    count += 1
+cut = not segments(root / "plant")[0].read_bytes().endswith(b"\\n")
+record_many(log, 2, start=count)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+log.retry()
+print(count + 2, int(cut), int(log.failing))
+log.close()
+"""
+
+
+def test_a_write_cut_short_by_the_file_size_limit_is_retried_without_a_torn_line(
+    tmp_path: Path,
+) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMIT_CHILD, str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=True, cwd=REPO,
+    )  # fmt: skip
+    recorded, cut, failing = (int(x) for x in child.stdout.split())
+    assert cut == 1  # the limit did cut a line in the middle: the case under test
+    assert failing == 0
+    from broker.trust.keys import parse_public_pem  # noqa: PLC0415
+
+    pubkey = parse_public_pem((tmp_path / "audit.pub").read_text(), "audit.pub")
+    report = verify_writer(tmp_path / "plant", pubkey)
+    assert report.torn == []
+    assert report.intact, report
+    written = [e for e in read_log(tmp_path / "plant") if e["event"] != CHECKPOINT_EVENT]
+    assert len(written) == recorded
+
+
+def test_reopening_after_a_crash_with_a_torn_line_continues_after_the_last_whole_entry(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = open_log(tmp_path, key, checkpoint_every=5)
+    record_many(log, 7)
+    abandon(tmp_path / "plant")  # a crash: no closing checkpoint
+    first = segments(tmp_path / "plant")[0]
+    whole = read_segment(first)
+    torn = canonical_text({**whole[-1], "seq": whole[-1]["seq"] + 1}).encode()[:60]
+    with first.open("ab") as f:
+        f.write(torn)
+    with open_log(tmp_path, key, checkpoint_every=5) as reopened:
+        record_many(reopened, 2, start=7)
+    second = read_segment(segments(tmp_path / "plant")[1])
+    assert second[0]["seq"] == whole[-1]["seq"] + 1
+    assert second[0]["prev_hash"] == whole[-1]["hash"]
+    report = verify_writer(tmp_path / "plant", key.public_key())
+    assert report.intact, report
+    assert len(report.torn) == 1
+    assert report.torn[0].startswith(f"{first.name}: {len(torn)} bytes")
+
+
+def test_an_outcome_other_than_success_failure_unknown_is_never_written(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        with contextlib.suppress(Exception):  # refusing it is as good as recording "unknown"
+            log.record("valve_opened", category="device", outcome="maybe")
+        record_many(log, 1)
+    for entry in read_log(tmp_path / "plant"):
+        validate(entry)
