@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/audit_verify.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
