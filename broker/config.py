@@ -73,7 +73,8 @@ class AuditConfig(_Section, frozen=True):
     key: Path  # the appliance's audit key (`dmzbroker audit keygen`): signs checkpoints
     checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # entries
     checkpoint_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0  # seconds
-    capacity_mib: MiB = 1024  # per writer; `audit_capacity_warning` at 80 %
+    capacity_mib: MiB = 1024  # per writer; warning at 80 %, oldest segments deleted past 90 %
+    retention_days: Annotated[int, Meta(ge=1, le=36_500)] = 365  # older segments are deleted
     siem: SiemConfig | None = None  # export to a syslog collector, from the enterprise half
 
 

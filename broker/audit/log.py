@@ -28,7 +28,14 @@ import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit.entry import CHECKPOINT, GENESIS, canonical, checkpoint_message, entry_hash
+from broker.audit.entry import (
+    CHECKPOINT,
+    EXPIRED,
+    GENESIS,
+    canonical,
+    checkpoint_message,
+    entry_hash,
+)
 from broker.config import AuditConfig
 from broker.errors import ChannelError
 from broker.trust.keys import key_id, load_private
@@ -81,6 +88,7 @@ class AuditLog:
         checkpoint_s: float = 60.0,
         segment_bytes: int = 8 * 1024 * 1024,
         capacity_bytes: int = 1024 * 1024 * 1024,
+        retention_s: float = 365 * 86_400,
     ) -> None:
         self._dir = directory / writer
         self._writer = writer
@@ -91,6 +99,7 @@ class AuditLog:
         self._checkpoint_s = checkpoint_s
         self._segment_bytes = segment_bytes
         self._capacity_bytes = capacity_bytes
+        self._retention_s = retention_s
         self.boot_id = str(uuid.uuid4())
         self.failing = False
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
@@ -122,6 +131,7 @@ class AuditLog:
             checkpoint_every=config.checkpoint_every,
             checkpoint_s=config.checkpoint_s,
             capacity_bytes=config.capacity_mib * 1024 * 1024,
+            retention_s=config.retention_days * 86_400,
         )
 
     @property
@@ -163,6 +173,7 @@ class AuditLog:
         elif self._size >= self._segment_bytes:
             self._checkpoint()
             self._open_segment(self._number + 1)
+            self._expire_segments()
 
     def checkpoint(self) -> None:
         """Sign the chain's head; flushed to disk at once."""
@@ -262,6 +273,42 @@ class AuditLog:
             self.failing = True
             return
         self.failing = False
+
+    def _expire_segments(self) -> None:
+        """Delete the oldest segments past the retention age, or past 90 % of capacity.
+
+        The current segment is never deleted. An `audit_segments_expired` entry records the
+        seq and hash of the last deleted entry: `audit verify` accepts a log that starts
+        later only when such an anchor, itself in the chain, vouches for where it starts.
+        """
+        old = [n for n in segment_numbers(self._dir) if n < self._number]
+        now = time.time()
+        expired: list[int] = []
+        anchor: tuple[int, str] | None = None
+        for number in old:
+            path = self._dir / f"{number:010d}{SUFFIX}"
+            stat = path.stat()
+            too_old = now - stat.st_mtime > self._retention_s
+            if not too_old and self._used <= 0.9 * self._capacity_bytes:
+                break
+            entries, _ = read_entries(path)
+            if entries:
+                anchor = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
+            path.unlink()
+            self._used -= stat.st_size
+            expired.append(number)
+        if expired and anchor is not None:
+            self._record(
+                {
+                    "event": EXPIRED,
+                    "category": "audit",
+                    "outcome": "success",
+                    "actor": None,
+                    "object": None,
+                    "policy_version": None,
+                    "details": {"segments": expired, "through_seq": anchor[0], "head": anchor[1]},
+                }
+            )
 
     def _open_segment(self, number: int) -> None:
         if self._fd >= 0:

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.audit.entry import CHECKPOINT, GENESIS, checkpoint_message, raw_hash
+from broker.audit.entry import CHECKPOINT, EXPIRED, GENESIS, checkpoint_message, raw_hash
 from broker.audit.log import SUFFIX, read_lines, segment_numbers
 from broker.trust.keys import verifies
 
@@ -66,6 +66,7 @@ class _Segment:
     checkpoints: int = 0
     last_checkpoint_seq: int = 0
     appliance: tuple[str, int, str] | None = None  # its first checkpoint's: name, line, place
+    anchors: list[tuple[Any, Any]] = field(default_factory=list)  # (through_seq, head) of expiries
     problem: str | None = None
     problem_line: int = 0
     tail: int = 0  # bytes of a cut-off line at the end
@@ -91,9 +92,12 @@ def _join(writer: str, segments: list[_Segment]) -> WriterReport:
     report = WriterReport(writer)
     expected_seq, head, appliance = 1, GENESIS, None
     last_checkpoint_seq = 0
+    anchors = {anchor for segment in segments for anchor in segment.anchors}
     for position, segment in enumerate(segments):
         if segment.first is not None:
             seq, prev = segment.first
+            if position == 0 and (seq - 1, prev) in anchors:  # older segments were expired
+                expected_seq, head = seq, prev
             link = _Link(seq=seq, writer=writer, prev_hash=prev)
             problem = _continuity(link, expected_seq, head)
             if problem is not None:
@@ -160,6 +164,8 @@ def _verify_segment(path: Path, writer: str, raw_key: bytes | None) -> _Segment:
             segment.problem = f"{path.name} line {line_number} (seq {link.seq}): {problem}"
             segment.problem_line = line_number
             return segment
+        if link.event == EXPIRED and isinstance(link.details, dict):
+            segment.anchors.append((link.details.get("through_seq"), link.details.get("head")))
         expected_seq, head = link.seq + 1, link.hash
         segment.last = (link.seq, link.hash)
         segment.entries += 1

@@ -1,0 +1,68 @@
+"""Retention deletes the oldest audit segments, and the log still proves itself from there."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.log import AuditLog, read_entries, segment_numbers
+from broker.audit.verify import verify_writer
+
+
+def fill(directory: Path, key: Ed25519PrivateKey, **limits: float) -> AuditLog:
+    log = AuditLog(
+        directory, "plant", "site-1", key, checkpoint_every=50, segment_bytes=8_000, **limits
+    )  # type: ignore[arg-type]
+    for i in range(400):
+        log.record("device_read_refused", category="device", outcome="failure", details={"i": i})
+    return log
+
+
+def expiry_entries(directory: Path) -> list[dict]:
+    return [
+        e
+        for n in segment_numbers(directory)
+        for e in read_entries(directory / f"{n:010d}.jsonl")[0]
+        if e["event"] == "audit_segments_expired"
+    ]
+
+
+def test_past_capacity_the_oldest_segments_go_and_the_rest_still_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = fill(tmp_path, key, capacity_bytes=60_000)
+    log.close()
+    directory = tmp_path / "plant"
+    assert segment_numbers(directory)[0] > 1  # the first segments are gone
+    assert sum(p.stat().st_size for p in directory.iterdir()) <= 60_000 + 8_000 * 2
+    anchors = expiry_entries(directory)
+    assert anchors and all(a["details"]["through_seq"] > 0 for a in anchors)
+    report = verify_writer(directory, key.public_key())
+    assert report.intact, report.problem
+
+
+def test_segments_older_than_the_retention_age_go(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(tmp_path, "plant", "site-1", key, segment_bytes=8_000, retention_s=3600)
+    for i in range(60):
+        log.record("scan_overrun", category="device", outcome="unknown", details={"i": i})
+    first = tmp_path / "plant" / "0000000001.jsonl"
+    long_ago = time.time() - 7200
+    os.utime(first, (long_ago, long_ago))
+    for i in range(60):
+        log.record("scan_overrun", category="device", outcome="unknown", details={"i": i})
+    log.close()
+    assert not first.exists()
+    assert verify_writer(tmp_path / "plant", key.public_key()).intact
+
+
+def test_deleting_the_first_segments_by_hand_is_not_retention(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    fill(tmp_path, key).close()  # default capacity: nothing expires
+    directory = tmp_path / "plant"
+    first = segment_numbers(directory)[0]
+    (directory / f"{first:010d}.jsonl").unlink()
+    report = verify_writer(directory, key.public_key())
+    assert not report.intact and "deleted" in str(report.problem)
