@@ -35,6 +35,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "audit_write_failed": ("audit", "failure"),
     "audit_write_recovered": ("audit", "success"),
     "audit_capacity_warning": ("audit", "unknown"),
+    "config_loaded": ("config", "success"),
+    "clock_stepped": ("time", "unknown"),
+    "disk_space_low": ("capacity", "unknown"),
+    "certificate_expiring": ("certificate", "unknown"),
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),
@@ -42,6 +46,6 @@ EVENTS: dict[str, tuple[str, str]] = {
 
 # Fields of a log event that become the entry's actor / object / policy_version.
 ACTOR_FIELDS = ("identity", "actor", "device", "half")
-OBJECT_FIELDS = ("signal", "path", "table", "segment")
+OBJECT_FIELDS = ("signal", "path", "table", "segment", "what")
 VERSION_FIELDS = ("policy_version", "version")
 NOT_DETAILS = frozenset({"event", "timestamp", "level", "logger", "process"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -71,6 +72,12 @@ def opened_half(
     log = structlog.get_logger(process)
     if audit is not None:
         log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
+        log.info(
+            "config_loaded",
+            path=str(args.config.resolve()),
+            sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
+            trust_root_version=trust.version,
+        )
     try:
         try:
             trusted = activation.load_trusted(

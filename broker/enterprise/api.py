@@ -133,7 +133,13 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if len(store.subscriptions) >= store.max_streams:
         raise web.HTTPServiceUnavailable(reason="too many open streams; try again later")
     subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
-    log.info("stream_opened", identity=peer.identity, remote=peer.remote)
+    log.info(
+        "stream_opened",
+        identity=peer.identity,
+        serial=peer.serial,
+        fingerprint=peer.fingerprint,
+        remote=peer.remote,
+    )
     try:
         await response.prepare(request)
         while True:

@@ -7,6 +7,7 @@ and policy. Every denial is logged with identity, certificate serial and remote 
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ class Peer:
     serial: str
     remote: str | None
     problem: str | None = None  # why there is no identity
+    fingerprint: str = ""  # SHA-256 of the certificate (DER), hex
 
 
 def peer_of(ssl_object: ssl.SSLObject | None, remote: str | None) -> Peer:
@@ -33,14 +35,16 @@ def peer_of(ssl_object: ssl.SSLObject | None, remote: str | None) -> Peer:
         return Peer(None, "", remote, "no_certificate")
     cert = x509.load_der_x509_certificate(der)
     serial = format(cert.serial_number, "x")
+    fingerprint = hashlib.sha256(der).hexdigest()
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
     if len(uris) != 1:
-        return Peer(None, serial, remote, "no_uri_san" if not uris else "several_uri_sans")
-    return Peer(uris[0], serial, remote)
+        problem = "no_uri_san" if not uris else "several_uri_sans"
+        return Peer(None, serial, remote, problem, fingerprint)
+    return Peer(uris[0], serial, remote, fingerprint=fingerprint)
 
 
 def denied(peer: Peer, reason: str, **details: object) -> None:
@@ -49,6 +53,7 @@ def denied(peer: Peer, reason: str, **details: object) -> None:
         reason=reason,
         identity=peer.identity,
         serial=peer.serial,
+        fingerprint=peer.fingerprint,
         remote=peer.remote,
         **details,
     )

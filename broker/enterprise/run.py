@@ -9,6 +9,7 @@ or narrowed to what the new policy grants.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -21,6 +22,7 @@ from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
+from broker.health import ClockWatch, warn_expiring_certificates
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
@@ -56,6 +58,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             policy_version=trusted.policy.version,
             resume_after_seq=receiver.last_seq,
         )
+        warn_expiring_certificates(_certificates(config))
         watcher = PolicyWatcher(config.policy, config.trust_root, ent.state_dir, trusted)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_deliver(receiver, store), name="spool reader")
@@ -79,6 +82,14 @@ def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
         subscription.view = authz.view(subscription.identity)
 
 
+def _certificates(config: BrokerConfig) -> dict[str, Path]:
+    tls_config, siem = config.enterprise.tls, config.audit.siem
+    found = {"server certificate": tls_config.cert, "client CA": tls_config.client_ca}
+    if siem is not None:
+        found |= {"SIEM client certificate": siem.cert, "SIEM CA": siem.ca}
+    return found
+
+
 def _exporter(config: BrokerConfig, appliance: str) -> SiemExporter:
     siem = config.audit.siem
     assert siem is not None
@@ -93,9 +104,12 @@ def _exporter(config: BrokerConfig, appliance: str) -> SiemExporter:
 
 
 async def _watch_audit(audit: AuditLog, store: Store) -> None:
-    """Fail closed while the audit log cannot be written: the API refuses, streams end."""
+    """Fail closed while the audit log cannot be written: the API refuses, streams end.
+    Also notes wall-clock steps."""
     monitor = AuditMonitor(audit, "consumers are refused until it can be written")
+    clock = ClockWatch()
     while True:
+        clock.check()
         was_failing = monitor.failing
         if monitor.check() and not was_failing:
             store.close()

@@ -17,6 +17,7 @@ from broker import island
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
+from broker.health import ClockWatch, DiskWatch
 from broker.plant.connectors import CONNECTORS, RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
@@ -81,9 +82,13 @@ class PlantHalf:
             await asyncio.wait([self._sending])
 
     async def _watch_flags(self, config: BrokerConfig, audit: AuditLog) -> None:
-        """The island flag and the audit log's health, a few times a second."""
+        """The island flag, the audit log's health, the clock and the spool's disk."""
         monitor = AuditMonitor(audit, "nothing crosses until it can be written")
+        clock = ClockWatch()
+        spool_disk = DiskWatch(config.spool.dir, "spool")
         while True:
+            clock.check()
+            spool_disk.check()
             gate = self.pipeline.gate
             on = island.is_on(config.plant.state_dir)
             if on != gate.island:
