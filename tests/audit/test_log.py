@@ -1,8 +1,7 @@
 """The audit log writer, on real files with a real Ed25519 key.
 
-Entries are checked against tests/audit/entry.schema.json's rules. `jsonschema` is not
-installed in the venv, so a msgspec Struct with the same fields, types and literals (its
-patterns read from the schema file) does the validating; a test keeps the two in step.
+Every entry written is validated against docs/audit-entry.schema.json (JSON Schema 2020-12),
+which is also the published description of an entry (docs/audit.md).
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any
 
-import msgspec
+import jsonschema
 import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -44,44 +43,13 @@ from tests.audit.support import (
 from tests.harness import REPO
 
 APPLIANCE = "coldstore-1"
-SCHEMA = json.loads((Path(__file__).parent / "entry.schema.json").read_text())
-_PROPS = SCHEMA["properties"]
-_CHECKPOINT_PROPS = SCHEMA["then"]["properties"]["details"]["properties"]
-
-Hex64 = Annotated[str, msgspec.Meta(pattern=_PROPS["hash"]["pattern"])]
-Category = Literal["process", "policy", "island", "device", "access", "channel", "audit"]
-
-
-class Entry(msgspec.Struct, forbid_unknown_fields=True):
-    seq: Annotated[int, msgspec.Meta(ge=1)]
-    time: Annotated[str, msgspec.Meta(pattern=_PROPS["time"]["pattern"])]
-    boot_id: Annotated[str, msgspec.Meta(pattern=_PROPS["boot_id"]["pattern"])]
-    writer: Literal["plant", "enterprise", "cli"]
-    event: Annotated[str, msgspec.Meta(min_length=1)]
-    category: Category
-    outcome: Literal["success", "failure", "unknown"]
-    actor: str | None
-    object: str | None
-    policy_version: int | None
-    details: dict[str, Any]
-    prev_hash: Hex64
-    hash: Hex64
-
-
-class CheckpointDetails(msgspec.Struct, forbid_unknown_fields=True):
-    appliance: Annotated[str, msgspec.Meta(min_length=1)]
-    covers_seq: Annotated[int, msgspec.Meta(ge=0)]
-    head: Hex64
-    keyid: Hex64
-    signature: Annotated[str, msgspec.Meta(pattern=_CHECKPOINT_PROPS["signature"]["pattern"])]
+SCHEMA = json.loads((REPO / "docs" / "audit-entry.schema.json").read_text())
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
 def validate(entry: dict[str, Any]) -> None:
-    """Raises msgspec.ValidationError unless `entry` follows entry.schema.json."""
-    checked = msgspec.convert(entry, Entry)  # strict: no int for a str, no bool for an int
-    if checked.event == CHECKPOINT_EVENT:
-        msgspec.convert(checked.details, CheckpointDetails)
-        assert (checked.category, checked.outcome) == ("audit", "success")
+    """Raises jsonschema.ValidationError unless `entry` follows entry.schema.json."""
+    VALIDATOR.validate(entry)
 
 
 def open_log(root: Path, key: Ed25519PrivateKey, **options: Any) -> AuditLog:
@@ -93,15 +61,9 @@ def key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def test_schema_file_and_validator_describe_the_same_fields() -> None:
-    assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+def test_the_schema_is_a_valid_2020_12_schema_that_refuses_extra_fields() -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert SCHEMA["additionalProperties"] is False
-    assert set(SCHEMA["required"]) == set(_PROPS) == set(Entry.__struct_fields__)
-    assert _PROPS["outcome"]["enum"] == ["success", "failure", "unknown"]
-    assert _PROPS["category"]["enum"] == list(get_args(Category))
-    details = SCHEMA["then"]["properties"]["details"]
-    assert set(details["required"]) == set(_CHECKPOINT_PROPS)
-    assert set(_CHECKPOINT_PROPS) == set(CheckpointDetails.__struct_fields__)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +91,7 @@ def test_validator_rejects_an_entry_off_the_schema(
     validate(entry)
     entry.update(change)
     entry = {k: v for k, v in entry.items() if v is not ...}
-    with pytest.raises(msgspec.ValidationError):
+    with pytest.raises(jsonschema.ValidationError):
         validate(entry)
 
 
