@@ -25,6 +25,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "device_read_recovered": ("device", "success"),
     "scan_overrun": ("device", "unknown"),
     "consumer_denied": ("access", "failure"),
+    "consumer_connected": ("access", "success"),
+    "point_denied": ("policy", "failure"),
     "consumer_cut_off": ("access", "failure"),
     "stream_opened": ("access", "success"),
     "stream_closed": ("access", "success"),

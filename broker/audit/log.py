@@ -218,6 +218,9 @@ class AuditLog:
         """
         with self._lock:
             self._flush(force=bool(self._pending))
+            due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
+            if due and self._since_checkpoint and not self.failing:
+                self._checkpoint()  # a quiet log still gets its last entries signed in time
             try:
                 fs = os.statvfs(self._dir)
             except OSError:

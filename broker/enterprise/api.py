@@ -10,6 +10,7 @@ addresses and register maps are plant topology and never reach the enterprise si
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -26,6 +27,7 @@ WRITE_TIMEOUT_S = 10.0  # a consumer that takes no data for this long is disconn
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
 AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
+CONNECTIONS: web.AppKey[weakref.WeakSet[asyncio.BaseTransport]] = web.AppKey("connections")
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
 VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
 
@@ -39,6 +41,7 @@ def create_app(store: Store, authz: Authorization, audit: AuditLog) -> web.Appli
     app[STORE] = store
     app[AUTHZ] = authz
     app[AUDIT] = audit
+    app[CONNECTIONS] = weakref.WeakSet()
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
     app.router.add_get("/v1/signals/{path:.+}", _signal, allow_head=False)
@@ -86,6 +89,16 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         denied(peer, "unknown_identity", path=request.path)
     request[PEER] = peer
     request[VIEW] = authz.view(peer.identity)
+    connections = request.app[CONNECTIONS]
+    if request.transport is not None and request.transport not in connections:
+        connections.add(request.transport)  # once per TLS connection, not per request
+        log.info(
+            "consumer_connected",
+            identity=peer.identity,
+            serial=peer.serial,
+            fingerprint=peer.fingerprint,
+            remote=peer.remote,
+        )
     return await handler(request)
 
 

@@ -12,8 +12,12 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
+import structlog
+
 from broker.plant.connectors import RawSample
 from broker.policy import Policy
+
+log = structlog.get_logger("gate")
 
 
 class Gate:
@@ -23,6 +27,7 @@ class Gate:
         self.island = False  # set by the plant half from the island flag
         self.audit_failing = False  # fail closed: nothing crosses that cannot be audited
         self.dropped: Counter[str] = Counter()  # reason → samples dropped
+        self._reported: set[str] = set()
 
     def admit(self, samples: Sequence[RawSample], now: datetime) -> list[RawSample]:
         if self.island:
@@ -37,4 +42,8 @@ class Gate:
         admitted = [s for s in samples if s.signal in self._allowed]
         if len(admitted) != len(samples):
             self.dropped["policy_denied"] += len(samples) - len(admitted)
+            for sample in samples:
+                if sample.signal not in self._allowed and sample.signal not in self._reported:
+                    self._reported.add(sample.signal)  # audited once per point, not per sample
+                    log.warning("point_denied", signal=sample.signal, reason="not in the policy")
         return admitted

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
+import aiohttp
 import pytest
 import structlog
 from cryptography import x509
@@ -120,3 +122,21 @@ async def test_a_certificate_without_exactly_one_uri_is_refused(
             status, _ = await get(api, path, api.client_ssl(cert, key))
             assert status == 403, path
     assert {e["reason"] for e in logs if e["event"] == "consumer_denied"} == {reason}
+
+
+async def test_a_connection_is_logged_once_with_its_certificate(api: Api) -> None:
+    context = api.consumer_ssl()  # one context, so the session reuses its connection
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):  # one keep-alive connection, three requests
+                async with session.get(api.base + "/v1/signals", ssl=context) as r:
+                    assert r.status == 200
+    connected = [e for e in logs if e["event"] == "consumer_connected"]
+    assert len(connected) == 1
+    fingerprint = hashlib.sha256(
+        x509.load_pem_x509_certificate(api.pki.client_cert.read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+    ).hexdigest()
+    assert connected[0]["fingerprint"] == fingerprint
+    assert connected[0]["identity"] == "spiffe://demo/consumer/historian"

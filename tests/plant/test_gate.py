@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
+import structlog
 
 from broker import policy
 from broker.plant.connectors import RawSample
@@ -118,3 +119,13 @@ def test_a_failing_audit_log_closes_the_gate_until_it_works_again(demo: Policy) 
     assert gate.dropped["audit_failure"] == 3
     gate.audit_failing = False
     assert gate.admit(samples, BEFORE) == samples
+
+
+def test_a_denied_point_is_logged_once_not_per_sample(demo: Policy) -> None:
+    gate = Gate(demo)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            gate.admit([sample(path) for path in NOT_IN_POLICY], BEFORE)
+    denied = [e["signal"] for e in logs if e["event"] == "point_denied"]
+    assert denied == NOT_IN_POLICY
+    assert gate.dropped["policy_denied"] == 3 * len(NOT_IN_POLICY)
