@@ -36,25 +36,41 @@ class PlantHalf:
         self.pipeline = PlantPipeline(policy)
         self._policy = policy
         self._sending: asyncio.Future[None] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._connectors: asyncio.Task[None] | None = None
+        self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
         self.pipeline.gate.island = island.is_on(config.plant.state_dir)  # before any scan
         async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
             tasks.create_task(self._write(), name="spool writer")
             tasks.create_task(self._watch_flags(config, audit), name="island and audit flags")
-            connectors = tasks.create_task(self._read(self._policy), name="connectors")
+            self._start_reading()
             async for accepted in watcher.updates():
-                connectors.cancel()
-                await asyncio.gather(connectors, return_exceptions=True)
-                while not self._queue.empty():  # samples read under the old policy never cross
-                    self._queue.get_nowait()
-                old_gate = self.pipeline.gate
-                self._policy = accepted.policy
-                self.pipeline = PlantPipeline(accepted.policy)
-                self.pipeline.gate.island = old_gate.island
-                self.pipeline.gate.audit_failing = old_gate.audit_failing
-                connectors = tasks.create_task(self._read(accepted.policy), name="connectors")
+                async with self._switching:
+                    await self._stop_reading()
+                    while not self._queue.empty():  # read under the old policy: never crosses
+                        self._queue.get_nowait()
+                    old_gate = self.pipeline.gate
+                    self._policy = accepted.policy
+                    self.pipeline = PlantPipeline(accepted.policy)
+                    self.pipeline.gate.island = old_gate.island
+                    self.pipeline.gate.audit_failing = old_gate.audit_failing
+                    if not old_gate.audit_failing:
+                        self._start_reading()
+
+    def _start_reading(self) -> None:
+        assert self._tasks is not None
+        self._connectors = self._tasks.create_task(self._read(self._policy), name="connectors")
+
+    async def _stop_reading(self) -> None:
+        """Cancel the connectors; each closes its device session on the way out."""
+        if self._connectors is not None:
+            self._connectors.cancel()
+            await asyncio.gather(self._connectors, return_exceptions=True)
+            self._connectors = None
 
     async def _read(self, policy: Policy) -> None:
         signals_of: dict[str, list[Signal]] = defaultdict(list)
@@ -94,7 +110,16 @@ class PlantHalf:
             if on != gate.island:
                 gate.island = on
                 log.warning("island_mode_on" if on else "island_mode_off", noticed_by="plant")
-            gate.audit_failing = monitor.check()
+            failing = monitor.check()
+            if failing != gate.audit_failing:
+                # Fail closed: nothing crosses, and the device sessions close cleanly (nothing
+                # read may go unaudited); they reopen once the audit log can be written.
+                async with self._switching:
+                    self.pipeline.gate.audit_failing = failing
+                    if failing:
+                        await self._stop_reading()
+                    else:
+                        self._start_reading()
             await asyncio.sleep(island.CHECK_INTERVAL_S)
 
 

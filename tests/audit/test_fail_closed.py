@@ -1,4 +1,5 @@
-"""A full audit file system stops data crossing, and crossing resumes once it has room.
+"""A full audit file system stops data crossing and closes the device sessions; both resume
+once it has room.
 
 A real, small tmpfs mounted by the test (the suite runs as root, as CI does); without the
 right to mount, the test is skipped with the reason.
@@ -6,6 +7,7 @@ right to mount, the test is skipped with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 from collections.abc import Iterator
@@ -87,10 +89,14 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
     await eventually(lambda: crossed() == 0, timeout=5)  # the plant half stopped writing
     assert crossed() == 0
     assert any('"audit_write_failed"' in line for line in broker.events())
+    polled = sum(plant_sim.requests.values())
+    await asyncio.sleep(1.0)  # five poll intervals
+    assert sum(plant_sim.requests.values()) == polled  # the device sessions were closed
 
     filler.unlink()
     await eventually(lambda: _status_is(deployment, pki, 200), timeout=5)
     await eventually(lambda: crossed() > 0, timeout=5)
+    assert sum(plant_sim.requests.values()) > polled  # and reopened
     assert broker.stop() == 0
 
     verified = dmzbroker(
