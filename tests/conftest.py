@@ -16,6 +16,7 @@ from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     CONSUMER_URI,
     ENERGY_URI,
+    MONITORING_URI,
     STRANGER_URI,
     BrokerProcess,
     Deployment,
@@ -36,7 +37,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     dmzbroker("certs", "init-ca", "--out", str(good), "--name", "test CA")
     dmzbroker("certs", "issue", "server", "--ca", str(good), "--out", str(good),
               "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-    for uri in (CONSUMER_URI, ENERGY_URI, STRANGER_URI):
+    for uri in (CONSUMER_URI, ENERGY_URI, STRANGER_URI, MONITORING_URI):
         dmzbroker("certs", "issue", "client", "--ca", str(good), "--out", str(good), "--uri", uri)
     dmzbroker("certs", "init-ca", "--out", str(other), "--name", "someone else's CA")
     dmzbroker("certs", "issue", "client", "--ca", str(other), "--out", str(other),
@@ -51,6 +52,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         energy_key=good / "energy-dashboard.key",
         stranger_cert=good / "stranger.crt",
         stranger_key=good / "stranger.key",
+        monitoring_cert=good / "prometheus.crt",
+        monitoring_key=good / "prometheus.key",
         other_ca=other / "ca.crt",
         other_client_cert=other / "intruder.crt",
         other_client_key=other / "intruder.key",

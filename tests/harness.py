@@ -28,6 +28,7 @@ DEMO_POLICY = REPO / "policies" / "refrigeration.yaml"
 CONSUMER_URI = "spiffe://demo/consumer/historian"  # sees every signal in the demo policy
 ENERGY_URI = "spiffe://demo/consumer/energy-dashboard"  # sees a few
 STRANGER_URI = "spiffe://demo/consumer/stranger"  # valid certificate, not in the policy
+MONITORING_URI = "spiffe://demo/consumer/prometheus"  # may read /metrics only
 
 
 def dmzbroker(
@@ -51,6 +52,8 @@ class Pki:
     energy_key: Path
     stranger_cert: Path  # from `ca`, identity STRANGER_URI
     stranger_key: Path
+    monitoring_cert: Path  # from `ca`, identity MONITORING_URI
+    monitoring_key: Path
     other_ca: Path
     other_client_cert: Path  # from another CA: must never get in
     other_client_key: Path

@@ -13,13 +13,16 @@ import asyncio
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.audit.log import AuditLog
 from broker.enterprise.authz import Authorization, Peer, denied, peer_of
 from broker.enterprise.store import Store
+from broker.metrics import EnterpriseMetrics
 from broker.records import to_json
 
 KEEPALIVE_S = 15.0  # an SSE comment this often lets both sides notice a dead connection
@@ -27,6 +30,8 @@ WRITE_TIMEOUT_S = 10.0  # a consumer that takes no data for this long is disconn
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
 AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
+METRICS: web.AppKey[EnterpriseMetrics] = web.AppKey("metrics", EnterpriseMetrics)
+SPOOL_DIR: web.AppKey[Path] = web.AppKey("spool_dir", Path)
 CONNECTIONS: web.AppKey[weakref.WeakSet[asyncio.BaseTransport]] = web.AppKey("connections")
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
 VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
@@ -36,16 +41,25 @@ log = structlog.get_logger("api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(store: Store, authz: Authorization, audit: AuditLog) -> web.Application:
+def create_app(
+    store: Store,
+    authz: Authorization,
+    audit: AuditLog,
+    metrics: EnterpriseMetrics,
+    spool_dir: Path,
+) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _authorize], client_max_size=1024)
     app[STORE] = store
     app[AUTHZ] = authz
     app[AUDIT] = audit
     app[CONNECTIONS] = weakref.WeakSet()
+    app[METRICS] = metrics
+    app[SPOOL_DIR] = spool_dir
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
     app.router.add_get("/v1/signals/{path:.+}", _signal, allow_head=False)
     app.router.add_get("/v1/stream", _stream, allow_head=False)
+    app.router.add_get("/metrics", _metrics, allow_head=False)
     return app
 
 
@@ -78,10 +92,13 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         raise web.HTTPForbidden(
             reason="the client certificate must name the consumer in exactly one URI SAN"
         )
-    if request.app[AUDIT].failing:
-        raise web.HTTPServiceUnavailable(reason="the audit log cannot be written; try later")
     authz = request.app[AUTHZ]
-    if datetime.now(UTC) >= authz.policy.expires:
+    # /metrics stays readable while data is refused: that is when monitoring matters most,
+    # and it carries no plant values.
+    data = request.path != "/metrics"
+    if data and request.app[AUDIT].failing:
+        raise web.HTTPServiceUnavailable(reason="the audit log cannot be written; try later")
+    if data and datetime.now(UTC) >= authz.policy.expires:
         raise web.HTTPServiceUnavailable(
             reason="the policy has expired; nothing is published until a newer one is accepted"
         )
@@ -135,6 +152,16 @@ async def _signal(request: web.Request) -> web.Response:
     if record is None:
         raise web.HTTPNotFound(reason=f"no value yet for signal {path!r}")
     return _json(record)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    peer = request[PEER]
+    assert peer.identity is not None  # _authorize let it through
+    if not request.app[AUTHZ].may_read_metrics(peer.identity):
+        denied(peer, "forbidden_metrics", path=request.path)
+        raise web.HTTPForbidden(reason="metrics are not granted to this consumer")
+    body = request.app[METRICS].exposition(request.app[SPOOL_DIR])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:

@@ -69,6 +69,13 @@ class Authorization:
         self.policy = policy
         self._access = Access(policy)
         self._views: dict[str, frozenset[str]] = {}
+        monitoring = {r.name for r in policy.roles if r.metrics}
+        self._metrics_readers = frozenset(
+            c.identity for c in policy.consumers if monitoring.intersection(c.roles)
+        )
+
+    def may_read_metrics(self, identity: str) -> bool:
+        return identity in self._metrics_readers
 
     def knows(self, identity: str) -> bool:
         return self._access.knows(identity)

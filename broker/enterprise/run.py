@@ -23,6 +23,7 @@ from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.health import ClockWatch, warn_expiring_certificates
+from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
@@ -40,7 +41,8 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy)
-    app = create_app(store, authz, audit)
+    metrics = EnterpriseMetrics(lambda: len(store.subscriptions), lambda: audit.failing)
+    app = create_app(store, authz, audit, metrics, config.spool.dir)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
@@ -61,7 +63,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
         warn_expiring_certificates(_certificates(config))
         watcher = PolicyWatcher(config.policy, config.trust_root, ent.state_dir, trusted)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_deliver(receiver, store), name="spool reader")
+            tasks.create_task(_deliver(receiver, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
             if config.audit.siem is not None:
                 exporter = _exporter(config, trusted.policy.deployment_id)
@@ -116,7 +118,7 @@ async def _watch_audit(audit: AuditLog, store: Store) -> None:
         await asyncio.sleep(AUDIT_CHECK_S)
 
 
-async def _deliver(receiver: SpoolReceiver, store: Store) -> None:
+async def _deliver(receiver: SpoolReceiver, store: Store, metrics: EnterpriseMetrics) -> None:
     while True:
         records = receiver.receive()
         if not records:
@@ -124,4 +126,5 @@ async def _deliver(receiver: SpoolReceiver, store: Store) -> None:
             continue
         store.apply(records)
         receiver.commit()
+        metrics.records_received.inc(len(records))
         await asyncio.sleep(0)  # let consumers drain between batches while catching up

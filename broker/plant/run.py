@@ -9,6 +9,7 @@ gate within a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 
 import structlog
@@ -18,6 +19,7 @@ from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
 from broker.health import ClockWatch, DiskWatch
+from broker.metrics import PlantMetrics
 from broker.plant.connectors import CONNECTORS, RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
@@ -27,6 +29,7 @@ from broker.policy.watch import PolicyWatcher
 log = structlog.get_logger("plant")
 
 QUEUE_BATCHES = 256  # scans waiting for the spool; past this, connectors wait (backpressure)
+METRICS_EVERY = 8  # flag checks between two writes of the metrics file (2 s)
 
 
 class PlantHalf:
@@ -39,6 +42,11 @@ class PlantHalf:
         self._tasks: asyncio.TaskGroup | None = None
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
+        self.metrics = PlantMetrics(
+            dropped=lambda: self.pipeline.gate.dropped,
+            island=lambda: self.pipeline.gate.island,
+            audit_failing=lambda: self.pipeline.gate.audit_failing,
+        )
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
@@ -91,6 +99,7 @@ class PlantHalf:
             records = [record for scan in scans for record in self.pipeline.process(scan)]
             self._sending = asyncio.ensure_future(asyncio.to_thread(self._sender.send, records))
             await self._sending
+            self.metrics.records_written.inc(len(records))
 
     async def finish_sending(self) -> None:
         """Wait for a send already running in its thread: the spool must not close under it."""
@@ -102,7 +111,7 @@ class PlantHalf:
         monitor = AuditMonitor(audit, "nothing crosses until it can be written")
         clock = ClockWatch()
         spool_disk = DiskWatch(config.spool.dir, "spool")
-        while True:
+        for round_ in itertools.count():
             clock.check()
             spool_disk.check()
             gate = self.pipeline.gate
@@ -120,6 +129,8 @@ class PlantHalf:
                         await self._stop_reading()
                     else:
                         self._start_reading()
+            if round_ % METRICS_EVERY == 0:
+                await asyncio.to_thread(self.metrics.write, config.spool.dir)
             await asyncio.sleep(island.CHECK_INTERVAL_S)
 
 

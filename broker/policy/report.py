@@ -48,7 +48,11 @@ def show(policy: Policy, sha256: str, now: datetime) -> str:
         *(f"  {_signal(s)}" for s in policy.signals),
         "",
         "roles:",
-        *(f"  {r.name}: {', '.join(r.signals)}" for r in policy.roles),
+        *(
+            f"  {r.name}: {', '.join(r.signals) or '(no signals)'}"
+            + ("; may read /metrics" if r.metrics else "")
+            for r in policy.roles
+        ),
         "",
         "consumers and what each may see:",
     ]

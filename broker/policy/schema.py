@@ -115,10 +115,13 @@ class AccessRole(_Strict, frozen=True):
     """
 
     name: str
-    signals: Annotated[list[str], Meta(min_length=1)]
+    signals: list[str] = []
+    metrics: bool = False  # may read /metrics (the broker's own health, no plant values)
 
     def __post_init__(self) -> None:
         _check_name("name", self.name, _NAME, "one word")
+        if not self.signals and not self.metrics:
+            raise ValueError(f"role {self.name!r} grants nothing: give it signals or metrics")
         for pattern in self.signals:
             if not _PATTERN.fullmatch(pattern):
                 raise ValueError(

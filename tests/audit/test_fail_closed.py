@@ -19,6 +19,7 @@ import yaml
 
 from broker.channel.spool import SpoolReceiver
 from broker.sim.refrigeration import RefrigerationPlant
+from broker.trust import tls
 from tests.harness import (
     BrokerProcess,
     Deployment,
@@ -89,6 +90,9 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
     await eventually(lambda: crossed() == 0, timeout=5)  # the plant half stopped writing
     assert crossed() == 0
     assert any('"audit_write_failed"' in line for line in broker.events())
+    metrics = await _metrics(deployment, pki)
+    assert "dmzbroker_enterprise_audit_failing 1.0" in metrics  # raised in metrics too
+    await eventually(lambda: _plant_failing_in_metrics(deployment, pki), timeout=5)
     polled = sum(plant_sim.requests.values())
     await asyncio.sleep(1.0)  # five poll intervals
     assert sum(plant_sim.requests.values()) == polled  # the device sessions were closed
@@ -113,3 +117,17 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
 
 async def _status_is(deployment: Deployment, pki: Pki, status: int) -> bool:
     return await api_status(deployment, pki) == status
+
+
+async def _metrics(deployment: Deployment, pki: Pki) -> str:
+    context = tls.client_context(pki.ca, pki.monitoring_cert, pki.monitoring_key)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(deployment.base_url + "/metrics", ssl=context) as response,
+    ):
+        assert response.status == 200
+        return await response.text()
+
+
+async def _plant_failing_in_metrics(deployment: Deployment, pki: Pki) -> bool:
+    return "dmzbroker_plant_audit_failing 1.0" in await _metrics(deployment, pki)

@@ -14,6 +14,7 @@ from broker.audit.log import AuditLog
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
+from broker.metrics import EnterpriseMetrics
 from broker.trust import tls
 from tests.enterprise.served import Api
 from tests.harness import DEMO_POLICY, Pki, free_port
@@ -26,7 +27,9 @@ async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
     audit = AuditLog(
         tmp_path / "audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
     )
-    runner = web.AppRunner(create_app(store, Authorization(demo), audit))
+    metrics = EnterpriseMetrics(lambda: len(store.subscriptions), lambda: audit.failing)
+    app = create_app(store, Authorization(demo), audit, metrics, tmp_path / "spool")
+    runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     site = web.TCPSite(

@@ -103,3 +103,22 @@ async def test_stream_delivers_new_records_as_server_sent_events(api: Api) -> No
         api.store.apply([record(ROOM, -17.0, 7), record(POWER, 14.0, 8)])
         events = await read_events(response, 2)
     assert [(i, e["signal"], e["value"]) for i, e in events] == [(7, ROOM, -17.0), (8, POWER, 14.0)]
+
+
+async def test_metrics_are_served_only_to_a_consumer_with_a_monitoring_role(api: Api) -> None:
+    monitoring = api.client_ssl(api.pki.monitoring_cert, api.pki.monitoring_key)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(api.base + "/metrics", ssl=monitoring) as response:
+            assert response.status == 200
+            text = await response.text()
+        async with session.get(api.base + "/metrics", ssl=api.consumer_ssl()) as response:
+            assert response.status == 403  # the historian sees data, not the broker's health
+    assert "dmzbroker_enterprise_audit_failing 0.0" in text
+    assert "dmzbroker_streams_open 0.0" in text
+
+
+async def test_the_monitoring_consumer_sees_no_plant_values(api: Api) -> None:
+    api.store.apply([record(ROOM, -18.0, 1)])
+    monitoring = api.client_ssl(api.pki.monitoring_cert, api.pki.monitoring_key)
+    _, snapshot = await get(api, "/v1/snapshot", monitoring)
+    assert snapshot["records"] == []  # type: ignore[index]

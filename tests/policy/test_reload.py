@@ -83,6 +83,7 @@ def energy_roles(*patterns: str) -> list[dict]:
     return [
         {"name": "historian", "signals": ["coldstore/**"]},
         {"name": "energy", "signals": list(patterns)},
+        {"name": "monitoring", "metrics": True},
     ]
 
 

@@ -1,0 +1,34 @@
+"""The plant half's metrics reach /metrics through a file in the spool directory, one way."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from broker.metrics import PLANT_FILE, EnterpriseMetrics, PlantMetrics
+
+
+def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
+    tmp_path: Path,
+) -> None:
+    dropped = Counter({"policy_denied": 3, "island_mode": 7})
+    plant = PlantMetrics(dropped=lambda: dropped, island=lambda: False, audit_failing=lambda: True)
+    plant.records_written.inc(42)
+    plant.write(tmp_path)
+    assert (tmp_path / PLANT_FILE).exists()
+
+    enterprise = EnterpriseMetrics(lambda: 5, lambda: False)
+    enterprise.records_received.inc(40)
+    text = enterprise.exposition(tmp_path).decode()
+    assert "dmzbroker_records_written_total 42.0" in text
+    assert "dmzbroker_records_received_total 40.0" in text
+    assert "dmzbroker_plant_audit_failing 1.0" in text
+    assert 'dmzbroker_points_dropped_total{reason="island_mode"} 7.0' in text
+    assert "dmzbroker_streams_open 5.0" in text
+
+
+def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> None:
+    text = EnterpriseMetrics(lambda: 0, lambda: True).exposition(tmp_path).decode()
+    assert "dmzbroker_records_received_total 0.0" in text
+    assert "dmzbroker_enterprise_audit_failing 1.0" in text
+    assert "dmzbroker_records_written" not in text
