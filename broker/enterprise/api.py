@@ -109,13 +109,7 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
     connections = request.app[CONNECTIONS]
     if request.transport is not None and request.transport not in connections:
         connections.add(request.transport)  # once per TLS connection, not per request
-        log.info(
-            "consumer_connected",
-            identity=peer.identity,
-            serial=peer.serial,
-            fingerprint=peer.fingerprint,
-            remote=peer.remote,
-        )
+        log.info("consumer_connected", **peer.described())
     return await handler(request)
 
 
@@ -173,13 +167,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if len(store.subscriptions) >= store.max_streams:
         raise web.HTTPServiceUnavailable(reason="too many open streams; try again later")
     subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
-    log.info(
-        "stream_opened",
-        identity=peer.identity,
-        serial=peer.serial,
-        fingerprint=peer.fingerprint,
-        remote=peer.remote,
-    )
+    log.info("stream_opened", **peer.described())
     try:
         await response.prepare(request)
         while True:

@@ -28,6 +28,15 @@ class Peer:
     problem: str | None = None  # why there is no identity
     fingerprint: str = ""  # SHA-256 of the certificate (DER), hex
 
+    def described(self) -> dict[str, str | None]:
+        """The fields every consumer event carries."""
+        return {
+            "identity": self.identity,
+            "serial": self.serial,
+            "fingerprint": self.fingerprint,
+            "remote": self.remote,
+        }
+
 
 def peer_of(ssl_object: ssl.SSLObject | None, remote: str | None) -> Peer:
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -48,15 +57,7 @@ def peer_of(ssl_object: ssl.SSLObject | None, remote: str | None) -> Peer:
 
 
 def denied(peer: Peer, reason: str, **details: object) -> None:
-    log.warning(
-        "consumer_denied",
-        reason=reason,
-        identity=peer.identity,
-        serial=peer.serial,
-        fingerprint=peer.fingerprint,
-        remote=peer.remote,
-        **details,
-    )
+    log.warning("consumer_denied", reason=reason, **peer.described(), **details)
 
 
 class Authorization:

@@ -377,13 +377,19 @@ def test_signing_twice_with_one_key_keeps_one_signature_and_does_not_verify(
     assert re.search(r"\bIT\b", _shortfall(result.stdout))
 
 
-def test_a_duplicated_signature_does_not_count_twice_towards_a_threshold(
-    tmp_path: Path, unsigned: Path, owners: Owners
-) -> None:
+@pytest.fixture
+def strict(tmp_path: Path, owners: Owners) -> Path:
+    """The test trust root, but two OT signatures needed."""
     trust = yaml.safe_load(owners.trust_root.read_text())
     trust["thresholds"] = {"ot": 2, "it": 1}
-    strict = tmp_path / "trust-ot-2.yaml"
-    strict.write_text(yaml.safe_dump(trust))
+    path = tmp_path / "trust-ot-2.yaml"
+    path.write_text(yaml.safe_dump(trust))
+    return path
+
+
+def test_a_duplicated_signature_does_not_count_twice_towards_a_threshold(
+    unsigned: Path, owners: Owners, strict: Path
+) -> None:
     _sign(unsigned, owners.ot_key)
     _sign(unsigned, owners.it_key)
     envelope = _read(unsigned)
@@ -396,12 +402,8 @@ def test_a_duplicated_signature_does_not_count_twice_towards_a_threshold(
 
 
 def test_two_ot_keys_and_the_it_key_meet_an_ot_threshold_of_two(
-    tmp_path: Path, unsigned: Path, owners: Owners
+    unsigned: Path, owners: Owners, strict: Path
 ) -> None:
-    trust = yaml.safe_load(owners.trust_root.read_text())
-    trust["thresholds"] = {"ot": 2, "it": 1}
-    strict = tmp_path / "trust-ot-2.yaml"
-    strict.write_text(yaml.safe_dump(trust))
     for key in (owners.ot_key, owners.second_ot_key, owners.it_key):
         _sign(unsigned, key)
     result = _verify(unsigned, strict)
