@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from broker.audit.log import SUFFIX, segment_numbers
+from broker.errors import ChannelError
 
 SD_ID = "dmzbroker@32473"  # 32473: the enterprise number RFC 5612 reserves for examples
 FACILITY = 13  # log audit
@@ -179,6 +180,11 @@ class SiemExporter:
             return msgspec.json.decode(self._cursor_file.read_bytes(), type=dict[str, Cursor])
         except FileNotFoundError:
             return {}
+        except (OSError, msgspec.DecodeError) as e:
+            raise ChannelError(
+                f"{self._cursor_file}: unreadable SIEM export cursor ({e}); delete it to send "
+                "the whole audit log again"
+            ) from e
 
     def _save_cursors(self) -> None:
         tmp = self._cursor_file.with_suffix(".tmp")
