@@ -45,10 +45,14 @@ class ListenConfig(_Section, frozen=True):
     port: Port = 8443
 
 
-class TlsConfig(_Section, frozen=True):
+class TlsConfig(_Section, frozen=True, kw_only=True):
     cert: Path  # server certificate chain, PEM
     key: Path  # server private key, PEM
     client_ca: Path  # only consumers with a certificate from this CA get in
+    profile: Literal["modern", "intermediate"] = "modern"  # TLS 1.3 only / TLS 1.2 and 1.3
+    crl: Path | None = None  # the CA's CRL (`dmzbroker certs crl`): revoked consumers refused
+    stale_crl: Literal["refuse", "accept"] = "refuse"  # past its nextUpdate: refuse everyone,
+    # or keep refusing only the serials it lists
 
 
 class EnterpriseConfig(_Section, frozen=True):

@@ -41,6 +41,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "clock_stepped": ("time", "unknown"),
     "disk_space_low": ("capacity", "unknown"),
     "certificate_expiring": ("certificate", "unknown"),
+    "crl_stale": ("certificate", "failure"),
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),

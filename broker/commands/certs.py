@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
-from broker.trust import certs
+from broker.trust import certs, revocation
+
+DEFAULT_CA = Path("certs")
 
 
 def add_to(commands: Any) -> None:
@@ -22,7 +25,7 @@ def add_to(commands: Any) -> None:
     server = kinds.add_parser("server", help="a TLS server certificate (DNS and IP SANs)")
     client = kinds.add_parser("client", help="a consumer certificate (exactly one URI SAN)")
     for kind, days in ((server, 366), (client, 90)):
-        kind.add_argument("--ca", type=Path, required=True, help="directory with ca.crt, ca.key")
+        kind.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
         kind.add_argument("--out", type=Path, required=True, help="directory for NAME.crt/.key")
         kind.add_argument("--days", type=int, default=days)
     server.add_argument("--name", default="server")
@@ -46,6 +49,57 @@ def add_to(commands: Any) -> None:
             )
         )
     )
+
+    listing = sub.add_parser("list", help="every certificate this CA issued, with days left")
+    listing.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
+    listing.set_defaults(handler=_list)
+
+    revoke = sub.add_parser("revoke", help="revoke a certificate (then publish a CRL)")
+    revoke.add_argument("serial", help="as `certs list` shows it (hex)")
+    revoke.add_argument("--reason", required=True, choices=sorted(revocation.REASONS))
+    revoke.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
+    revoke.set_defaults(handler=_revoke)
+
+    crl = sub.add_parser("crl", help="write the CA's certificate revocation list")
+    crl.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
+    crl.add_argument("--days", type=int, default=7, help="until its nextUpdate")
+    crl.add_argument("--out", type=Path, help="default: CA directory/crl.pem")
+    crl.set_defaults(handler=lambda a: _wrote(revocation.write_crl(a.ca, a.days, a.out)))
+
+    check = sub.add_parser("check", help="warn on certificates ending within 30 days, a stale CRL")
+    check.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
+    check.add_argument("--crl", type=Path, help="default: CA directory/crl.pem")
+    check.set_defaults(handler=_check)
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(f"{'serial':<40}  {'not after':<10}  {'days':>5}  {'revoked':<22}  subject / SANs")
+    for cert in revocation.inventory(args.ca):
+        revoked = f"{cert.revoked.reason}" if cert.revoked else "-"
+        print(
+            f"{cert.serial:<40}  {cert.not_after:%Y-%m-%d}  {cert.days_left:>5.0f}  "
+            f"{revoked:<22}  {cert.subject}  {', '.join(cert.sans)}"
+        )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    revocation.revoke(args.ca, args.serial, args.reason)
+    print(f"revoked {args.serial} ({args.reason}); publish it with `dmzbroker certs crl`")
+    return 0
+
+
+def _wrote(path: Path) -> int:
+    print(f"CRL: {path}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    found = revocation.problems(args.ca, args.crl)
+    for problem in found:
+        print(f"WARNING: {problem}")
+    print("OK" if not found else f"{len(found)} warning(s)")
+    return 1 if found else 0
 
 
 def _report(issued: certs.Issued) -> int:

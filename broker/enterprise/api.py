@@ -93,6 +93,9 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
             reason="the client certificate must name the consumer in exactly one URI SAN"
         )
     authz = request.app[AUTHZ]
+    if peer.serial in authz.revoked:
+        denied(peer, "revoked", path=request.path)
+        raise web.HTTPForbidden(reason="the client certificate is revoked")
     # /metrics stays readable while data is refused: that is when monitoring matters most,
     # and it carries no plant values.
     data = request.path != "/metrics"

@@ -63,7 +63,8 @@ def denied(peer: Peer, reason: str, **details: object) -> None:
 class Authorization:
     """The current policy's answer to "what may this identity see", cached per identity."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, revoked: frozenset[str] = frozenset()) -> None:
+        self.revoked = revoked  # serials a stale CRL still lists (see enterprise.run._tls)
         self.use_policy(policy)
 
     def use_policy(self, policy: Policy) -> None:

@@ -15,7 +15,7 @@ import yaml
 
 from broker.policy import Policy, trustroot
 from broker.policy import envelope as envelopes
-from broker.trust import certs, keys
+from broker.trust import certs, keys, revocation
 
 DAYS = 30
 
@@ -34,6 +34,7 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
     certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=DAYS)
     name = consumer_uri.rstrip("/").rpartition("/")[2]
     client = certs.issue_client(pki, pki, name=name, uri=consumer_uri, days=DAYS)
+    revocation.write_crl(pki, days=DAYS)
     _co_sign(policy, workdir)
     keys.generate_pair(workdir / "audit-key", "audit", passphrase=None)
     config = workdir / "broker.yaml"
@@ -51,6 +52,7 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
                         "cert": "certs/server.crt",
                         "key": "certs/server.key",
                         "client_ca": "certs/ca.crt",
+                        "crl": "certs/crl.pem",
                     },
                 },
                 "audit": {"dir": "audit", "key": "audit-key/audit.key"},

@@ -22,6 +22,8 @@ from broker.trust.keys import write_secret
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+ISSUED = "issued"  # under the CA directory: a copy of every certificate it issued
+SERVER_MAX_DAYS = 366  # what browsers and most TLS stacks accept for a server certificate
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ def issue_server(
 ) -> Issued:
     if not dns and not ips:
         raise TrustError("a server certificate needs at least one --dns or --ip")
+    if days > SERVER_MAX_DAYS:
+        raise TrustError(
+            f"--days {days}: a server certificate may live {SERVER_MAX_DAYS} days at most"
+        )
     try:
         addresses = [ipaddress.ip_address(ip) for ip in ips]
     except ValueError as e:
@@ -89,7 +95,7 @@ def _issue(
     usage: x509.ObjectIdentifier,
     days: int,
 ) -> Issued:
-    ca_cert, ca_key = _load_ca(ca_dir)
+    ca_cert, ca_key = load_ca(ca_dir)
     issued = Issued(out / f"{name}.crt", out / f"{name}.key")
     if issued.cert.exists() or issued.key.exists():
         raise TrustError(f"{issued.cert}: already exists; choose another --name")
@@ -113,6 +119,11 @@ def _issue(
         .sign(ca_key, hashes.SHA256())
     )
     _write(issued, cert, key)
+    inventory = ca_dir / ISSUED
+    inventory.mkdir(exist_ok=True)  # the CA's own record, for `certs list` and `certs check`
+    (inventory / f"{cert.serial_number:x}.crt").write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+    )
     return issued
 
 
@@ -131,7 +142,7 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     try:
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)

@@ -1,7 +1,11 @@
 """SSLContext factories. Peers are always verified; there is no option to turn that off.
 
-Server side (enterprise API): TLS 1.2 or newer, ECDHE with AEAD ciphers only, no
-compression, no renegotiation, and a client certificate from the configured CA required.
+Server side (enterprise API): profile "modern" (TLS 1.3 only, the default) or
+"intermediate" (TLS 1.2 and 1.3, ECDHE with AEAD ciphers only); no compression, no
+renegotiation, no 0-RTT (Python's ssl never accepts early data); a client certificate from
+the configured CA required, and, with a CRL, not revoked. OpenSSL also refuses a client
+certificate whose extended key usage does not include clientAuth, and any certificate
+outside its validity period.
 """
 
 from __future__ import annotations
@@ -14,14 +18,22 @@ from broker.errors import TrustError
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are AEAD-only already
 
 
-def server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+PROFILES = {"modern": ssl.TLSVersion.TLSv1_3, "intermediate": ssl.TLSVersion.TLSv1_2}
+
+
+def server_context(
+    cert: Path, key: Path, client_ca: Path, *, profile: str = "modern", crl: Path | None = None
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.minimum_version = PROFILES[profile]
     ctx.set_ciphers(_TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load_chain(ctx, cert, key)
     _load_ca(ctx, client_ca)
+    if crl is not None:
+        _load_ca(ctx, crl)  # a PEM CRL loads like a CA file
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 

@@ -75,18 +75,22 @@ async def test_certificate_from_another_ca_is_refused(api: Api) -> None:
     assert await handshake_refused(api, context)
 
 
-def test_the_server_accepts_nothing_older_than_tls_1_2(pki: Pki) -> None:
-    # A test client cannot offer TLS 1.1 any more (its OpenSSL refuses), so the server's own
-    # floor is what is checked; the next test shows TLS 1.2 itself is served.
+def test_the_default_profile_is_tls_1_3_only_and_a_client_certificate_is_required(
+    pki: Pki,
+) -> None:
     context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)
-    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
     assert context.verify_mode == ssl.CERT_REQUIRED
+    intermediate = tls.server_context(
+        pki.server_cert, pki.server_key, pki.ca, profile="intermediate"
+    )
+    assert intermediate.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-async def test_a_tls_1_2_consumer_gets_in(api: Api) -> None:
+async def test_a_tls_1_2_consumer_is_refused_under_the_default_profile(api: Api) -> None:
     context = api.consumer_ssl()
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    assert not await handshake_refused(api, context)
+    assert await handshake_refused(api, context)
 
 
 async def test_the_good_certificate_gets_in(api: Api) -> None:

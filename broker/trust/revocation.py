@@ -1,0 +1,156 @@
+"""The CA's inventory: list issued certificates, revoke them, publish a CRL, check expiries.
+
+The CA directory keeps a copy of every certificate it issued (`issued/`), the revocations
+(`revoked.json`) and the CRL number; `certs crl` writes a CRL signed by the CA with a
+nextUpdate, which the enterprise half loads to refuse revoked consumers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from broker.errors import TrustError
+from broker.trust.certs import CA_CERT, ISSUED, load_ca
+
+REVOKED = "revoked.json"
+CRL_NUMBER = "crl-number"
+CRL_FILE = "crl.pem"
+WARN_DAYS = 30
+REASONS = {flag.name: flag for flag in x509.ReasonFlags if flag.name not in ("remove_from_crl",)}
+
+
+class Revocation(msgspec.Struct, frozen=True):
+    reason: str
+    time: dt.datetime
+
+
+@dataclass(frozen=True)
+class Listed:
+    serial: str
+    subject: str
+    sans: list[str]
+    not_after: dt.datetime
+    days_left: float
+    revoked: Revocation | None
+
+
+def _revocations(ca_dir: Path) -> dict[str, Revocation]:
+    try:
+        return msgspec.json.decode((ca_dir / REVOKED).read_bytes(), type=dict[str, Revocation])
+    except FileNotFoundError:
+        return {}
+    except (OSError, msgspec.DecodeError) as e:
+        raise TrustError(f"{ca_dir / REVOKED}: unreadable: {e}") from e
+
+
+def inventory(ca_dir: Path, now: dt.datetime | None = None) -> list[Listed]:
+    now = now or dt.datetime.now(dt.UTC)
+    revoked = _revocations(ca_dir)
+    listed = []
+    for path in sorted((ca_dir / ISSUED).glob("*.crt")):
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        serial = f"{cert.serial_number:x}"
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            sans = [str(n.value) for n in names]
+        except x509.ExtensionNotFound:
+            sans = []
+        days = (cert.not_valid_after_utc - now).total_seconds() / 86_400
+        listed.append(
+            Listed(
+                serial,
+                cert.subject.rfc4514_string(),
+                sans,
+                cert.not_valid_after_utc,
+                days,
+                revoked.get(serial),
+            )
+        )
+    return sorted(listed, key=lambda c: c.not_after)
+
+
+def revoke(ca_dir: Path, serial: str, reason: str) -> None:
+    serial = serial.lower().removeprefix("0x")
+    if reason not in REASONS:
+        raise TrustError(f"--reason {reason!r}: one of {', '.join(sorted(REASONS))}")
+    if not (ca_dir / ISSUED / f"{serial}.crt").exists():
+        raise TrustError(
+            f"serial {serial}: this CA ({ca_dir}) did not issue it; see `dmzbroker certs list`"
+        )
+    revoked = _revocations(ca_dir)
+    revoked.setdefault(serial, Revocation(reason, dt.datetime.now(dt.UTC)))
+    (ca_dir / REVOKED).write_bytes(msgspec.json.encode(revoked))
+
+
+def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None) -> Path:
+    """A CRL of every revocation, valid for `days` (its nextUpdate); returns its path."""
+    ca_cert, ca_key = load_ca(ca_dir)
+    number_file = ca_dir / CRL_NUMBER
+    number = int(number_file.read_text()) + 1 if number_file.exists() else 1
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for serial, revocation in _revocations(ca_dir).items():
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(serial, 16))
+            .revocation_date(revocation.time)
+            .add_extension(x509.CRLReason(REASONS[revocation.reason]), critical=False)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    path = out or ca_dir / CRL_FILE
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    number_file.write_text(str(number))
+    return path
+
+
+def problems(ca_dir: Path, crl: Path | None, now: dt.datetime | None = None) -> list[str]:
+    """What needs an operator: certificates ending within 30 days, a CRL past nextUpdate."""
+    now = now or dt.datetime.now(dt.UTC)
+    found = []
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
+    ca_days = (ca_cert.not_valid_after_utc - now).total_seconds() / 86_400
+    if ca_days < WARN_DAYS:
+        found.append(
+            f"the CA itself ends in {ca_days:.0f} days ({ca_cert.not_valid_after_utc:%Y-%m-%d})"
+        )
+    for cert in inventory(ca_dir, now):
+        if cert.revoked is None and cert.days_left < WARN_DAYS:
+            state = "ended" if cert.days_left < 0 else f"ends in {cert.days_left:.0f} days"
+            found.append(
+                f"serial {cert.serial} ({cert.subject}) {state} ({cert.not_after:%Y-%m-%d})"
+            )
+    crl_path = crl or ca_dir / CRL_FILE
+    if crl_path.exists():
+        revocation_list = x509.load_pem_x509_crl(crl_path.read_bytes())
+        next_update = revocation_list.next_update_utc
+        if next_update is not None and next_update < now:
+            found.append(
+                f"{crl_path}: past its nextUpdate ({next_update:%Y-%m-%d %H:%M}Z); run `dmzbroker certs crl`"
+            )
+    elif crl is not None:
+        found.append(f"{crl}: no CRL there; run `dmzbroker certs crl`")
+    return found
+
+
+def read_crl(path: Path) -> tuple[dt.datetime | None, frozenset[str]]:
+    """A CRL's nextUpdate and its revoked serials (hex)."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError as e:
+        raise TrustError(f"{path}: CRL not found; write one with `dmzbroker certs crl`") from e
+    except ValueError as e:
+        raise TrustError(f"{path}: not a PEM CRL") from e
+    return crl.next_update_utc, frozenset(f"{r.serial_number:x}" for r in crl)

@@ -1,0 +1,174 @@
+"""The consumer TLS endpoint refuses every certificate it must, in the handshake.
+
+A real aiohttp server on 127.0.0.1 with our server context; certificates from our CLI, and,
+for the kinds our CLI refuses to make (expired, not yet valid, serverAuth only), crafted
+with `cryptography` under the same CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.trust import tls
+from tests.harness import dmzbroker, free_port
+
+Serve = Callable[..., "Server"]
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Path:
+    dmzbroker("certs", "init-ca", "--out", str(tmp_path), "--name", "TLS test CA")
+    dmzbroker("certs", "issue", "server", "--ca", str(tmp_path), "--out", str(tmp_path),
+              "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
+    for name in ("good", "revoked"):
+        dmzbroker("certs", "issue", "client", "--ca", str(tmp_path), "--out", str(tmp_path),
+                  "--uri", f"spiffe://t/consumer/{name}")  # fmt: skip
+    return tmp_path
+
+
+class Server:
+    def __init__(self, url: str, ca: Path) -> None:
+        self.url = url
+        self.ca = ca
+
+    async def status(self, cert: Path, key: Path, *, tls12_only: bool = False) -> int | None:
+        """The HTTP status, or None when TLS refused the connection."""
+        context = tls.client_context(self.ca / "ca.crt", cert, key)
+        if tls12_only:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            async with aiohttp.ClientSession() as session, session.get(self.url, ssl=context) as r:
+                return r.status
+        except (aiohttp.ClientConnectionError, ssl.SSLError):
+            return None
+
+
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@pytest.fixture
+async def serve(ca: Path) -> AsyncIterator[Callable[..., object]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(**options: object) -> Server:
+        app = web.Application()
+        app.router.add_get("/", _ok)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        port = free_port()
+        context = tls.server_context(ca / "server.crt", ca / "server.key", ca / "ca.crt", **options)  # type: ignore[arg-type]
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+        return Server(f"https://localhost:{port}/", ca)
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def crafted(
+    ca: Path, name: str, *, start: dt.datetime, end: dt.datetime, usage: x509.ObjectIdentifier
+) -> tuple[Path, Path]:
+    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://t/consumer/{name}")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    (ca / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (ca / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return ca / f"{name}.crt", ca / f"{name}.key"
+
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+async def test_the_good_certificate_gets_in_and_tls_1_2_does_not_under_modern(
+    serve, ca: Path
+) -> None:
+    server = await serve()
+    assert await server.status(ca / "good.crt", ca / "good.key") == 200
+    assert await server.status(ca / "good.crt", ca / "good.key", tls12_only=True) is None
+
+
+async def test_intermediate_accepts_tls_1_2(serve, ca: Path) -> None:
+    server = await serve(profile="intermediate")
+    assert await server.status(ca / "good.crt", ca / "good.key", tls12_only=True) == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "start", "end", "usage"),
+    [
+        (
+            "expired",
+            NOW - dt.timedelta(days=30),
+            NOW - dt.timedelta(days=1),
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        ),
+        (
+            "not-yet-valid",
+            NOW + dt.timedelta(days=1),
+            NOW + dt.timedelta(days=30),
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        ),
+        (
+            "server-auth-only",
+            NOW - dt.timedelta(days=1),
+            NOW + dt.timedelta(days=30),
+            ExtendedKeyUsageOID.SERVER_AUTH,
+        ),
+    ],
+)
+async def test_a_certificate_outside_its_validity_or_purpose_is_refused(
+    serve, ca: Path, name: str, start: dt.datetime, end: dt.datetime, usage: x509.ObjectIdentifier
+) -> None:
+    server = await serve()
+    assert await server.status(*crafted(ca, name, start=start, end=end, usage=usage)) is None
+    assert await server.status(ca / "good.crt", ca / "good.key") == 200  # the server is fine
+
+
+async def test_a_revoked_certificate_is_refused_by_the_crl(serve, ca: Path) -> None:
+    serial = f"{x509.load_pem_x509_certificate((ca / 'revoked.crt').read_bytes()).serial_number:x}"
+    dmzbroker("certs", "revoke", serial, "--reason", "key_compromise", "--ca", str(ca))
+    dmzbroker("certs", "crl", "--ca", str(ca))
+    server = await serve(crl=ca / "crl.pem")
+    assert await server.status(ca / "revoked.crt", ca / "revoked.key") is None
+    assert await server.status(ca / "good.crt", ca / "good.key") == 200
+
+
+async def test_a_crl_past_its_next_update_refuses_everyone_by_default(serve, ca: Path) -> None:
+    dmzbroker("certs", "crl", "--ca", str(ca), "--days", "0")
+    server = await serve(crl=ca / "crl.pem")
+    assert await server.status(ca / "good.crt", ca / "good.key") is None
