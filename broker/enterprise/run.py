@@ -9,8 +9,6 @@ or narrowed to what the new policy grants.
 from __future__ import annotations
 
 import asyncio
-import ssl
-from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -19,7 +17,7 @@ from aiohttp import web
 from broker.audit.export import SiemExporter
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolReceiver
-from broker.config import BrokerConfig, TlsConfig
+from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.store import Store
@@ -30,7 +28,6 @@ from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
 from broker.trust import tls
-from broker.trust.revocation import read_crl
 
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
@@ -40,7 +37,7 @@ log = structlog.get_logger("enterprise")
 
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     ent = config.enterprise
-    ssl_context, revoked = _tls(ent.tls)
+    ssl_context, revoked = tls.endpoint_context(ent.tls)
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy, revoked)
@@ -85,35 +82,6 @@ def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
     authz.use_policy(policy)
     for subscription in store.subscriptions:
         subscription.view = authz.view(subscription.identity)
-
-
-def _tls(config: TlsConfig) -> tuple[ssl.SSLContext, frozenset[str]]:
-    """The server context, and the revoked serials the API must refuse itself (if any).
-
-    A fresh CRL is enforced in the handshake. A CRL past its nextUpdate is too, by default,
-    which refuses every consumer until a new one is published; with `stale_crl: accept` the
-    stale list still refuses the serials it names, by the API.
-    """
-    crl = config.crl
-    revoked: frozenset[str] = frozenset()
-    if crl is not None:
-        next_update, serials = read_crl(crl)
-        if next_update is not None and next_update < datetime.now(UTC):
-            accept = config.stale_crl == "accept"
-            log.warning(
-                "crl_stale",
-                path=str(crl),
-                next_update=next_update.isoformat(),
-                consequence="serials it lists refused by the API"
-                if accept
-                else "every new connection refused until a new CRL is published",
-            )
-            if accept:
-                crl, revoked = None, serials
-    context = tls.server_context(
-        config.cert, config.key, config.client_ca, profile=config.profile, crl=crl
-    )
-    return context, revoked
 
 
 def _certificates(config: BrokerConfig) -> dict[str, Path]:

@@ -11,9 +11,14 @@ outside its validity period.
 from __future__ import annotations
 
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 
+import structlog
+
+from broker.config import TlsConfig
 from broker.errors import TrustError
+from broker.trust.revocation import read_crl
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are AEAD-only already
 
@@ -67,3 +72,32 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
         ctx.load_verify_locations(cafile=ca)
     except ssl.SSLError as e:
         raise TrustError(f"{ca}: not a usable PEM CA certificate: {e.reason or e}") from e
+
+
+def endpoint_context(config: TlsConfig) -> tuple[ssl.SSLContext, frozenset[str]]:
+    """The consumer endpoint's context, and the serials the API must refuse itself, if any.
+
+    A fresh CRL is enforced in the handshake. A CRL past its nextUpdate is too, by default,
+    which refuses every consumer until a new one is published; with `stale_crl: accept` the
+    stale list still refuses the serials it names, in the API.
+    """
+    crl = config.crl
+    revoked: frozenset[str] = frozenset()
+    if crl is not None:
+        next_update, serials = read_crl(crl)
+        if next_update is not None and next_update < datetime.now(UTC):
+            accept = config.stale_crl == "accept"
+            structlog.get_logger("tls").warning(
+                "crl_stale",
+                path=str(crl),
+                next_update=next_update.isoformat(),
+                consequence="serials it lists refused by the API"
+                if accept
+                else "every new connection refused until a new CRL is published",
+            )
+            if accept:
+                crl, revoked = None, serials
+    context = server_context(
+        config.cert, config.key, config.client_ca, profile=config.profile, crl=crl
+    )
+    return context, revoked

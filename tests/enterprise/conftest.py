@@ -28,7 +28,8 @@ async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
         tmp_path / "audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
     )
     metrics = EnterpriseMetrics(lambda: len(store.subscriptions), lambda: audit.failing)
-    app = create_app(store, Authorization(demo), audit, metrics, tmp_path / "spool")
+    authz = Authorization(demo)
+    app = create_app(store, authz, audit, metrics, tmp_path / "spool")
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -40,7 +41,7 @@ async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
     )
     await site.start()
     try:
-        yield Api(store, f"https://localhost:{port}", pki)
+        yield Api(store, f"https://localhost:{port}", pki, authz)
     finally:
         store.close()
         await runner.cleanup()

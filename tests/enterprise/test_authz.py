@@ -140,3 +140,15 @@ async def test_a_connection_is_logged_once_with_its_certificate(api: Api) -> Non
     ).hexdigest()
     assert connected[0]["fingerprint"] == fingerprint
     assert connected[0]["identity"] == "spiffe://demo/consumer/historian"
+
+
+async def test_a_serial_a_stale_crl_lists_is_refused_by_the_api(api: Api) -> None:
+    serial = f"{x509.load_pem_x509_certificate(api.pki.energy_cert.read_bytes()).serial_number:x}"
+    api.authz.revoked = frozenset({serial})  # what `stale_crl: accept` hands the API
+    energy = api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    with structlog.testing.capture_logs() as logs:
+        status, _ = await get(api, "/v1/signals", energy)
+    assert status == 403
+    assert [e["reason"] for e in logs if e["event"] == "consumer_denied"] == ["revoked"]
+    status, _ = await get(api, "/v1/signals", api.consumer_ssl())
+    assert status == 200  # everyone else still gets in

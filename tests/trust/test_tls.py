@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker.config import TlsConfig
 from broker.trust import tls
 from tests.harness import dmzbroker, free_port
 
@@ -172,3 +173,14 @@ async def test_a_crl_past_its_next_update_refuses_everyone_by_default(serve, ca:
     dmzbroker("certs", "crl", "--ca", str(ca), "--days", "0")
     server = await serve(crl=ca / "crl.pem")
     assert await server.status(ca / "good.crt", ca / "good.key") is None
+
+
+def test_a_stale_crl_with_stale_crl_accept_is_enforced_by_serial_in_the_api(ca: Path) -> None:
+    serial = f"{x509.load_pem_x509_certificate((ca / 'revoked.crt').read_bytes()).serial_number:x}"
+    dmzbroker("certs", "revoke", serial, "--reason", "key_compromise", "--ca", str(ca))
+    dmzbroker("certs", "crl", "--ca", str(ca), "--days", "0")
+    config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt",
+                       crl=ca / "crl.pem", stale_crl="accept")  # fmt: skip
+    context, revoked = tls.endpoint_context(config)
+    assert revoked == {serial}  # refused by the API's authorization (403, consumer_denied)
+    assert not context.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF  # the stale list is not in TLS
