@@ -42,6 +42,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "disk_space_low": ("capacity", "unknown"),
     "certificate_expiring": ("certificate", "unknown"),
     "crl_stale": ("certificate", "failure"),
+    "tls_material_reloaded": ("certificate", "success"),
+    "tls_reload_refused": ("certificate", "failure"),
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),

@@ -31,6 +31,7 @@ from broker.trust import tls
 
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
+TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
 
 log = structlog.get_logger("enterprise")
 
@@ -38,6 +39,7 @@ log = structlog.get_logger("enterprise")
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     ent = config.enterprise
     ssl_context, revoked = tls.endpoint_context(ent.tls)
+    reloader = tls.EndpointReloader(ent.tls, ssl_context)
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy, revoked)
@@ -61,10 +63,17 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             resume_after_seq=receiver.last_seq,
         )
         warn_expiring_certificates(_certificates(config))
-        watcher = PolicyWatcher(config.policy, config.trust_root, ent.state_dir, trusted)
+        watcher = PolicyWatcher(
+            config.policy,
+            config.trust_root,
+            ent.state_dir,
+            trusted,
+            on_hangup=lambda: _reload_tls(reloader, authz, force=True),
+        )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_deliver(receiver, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
+            tasks.create_task(_watch_tls(reloader, authz), name="tls material")
             if config.audit.siem is not None:
                 exporter = _exporter(config, trusted.policy.deployment_id)
                 tasks.create_task(exporter.run(), name="siem export")
@@ -103,6 +112,19 @@ def _exporter(config: BrokerConfig, appliance: str) -> SiemExporter:
         server_name=siem.server_name or siem.host,
         hostname=appliance,
     )
+
+
+def _reload_tls(reloader: tls.EndpointReloader, authz: Authorization, *, force: bool) -> None:
+    revoked = reloader.check(force=force)
+    if revoked is not None:
+        authz.revoked = revoked
+
+
+async def _watch_tls(reloader: tls.EndpointReloader, authz: Authorization) -> None:
+    """New certificate, key, client CA or CRL files take effect for new connections."""
+    while True:
+        await asyncio.sleep(TLS_CHECK_S)
+        _reload_tls(reloader, authz, force=False)
 
 
 async def _watch_audit(audit: AuditLog, store: Store) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +28,12 @@ log = structlog.get_logger("policy")
 
 class PolicyWatcher:
     def __init__(
-        self, path: Path, trust_root: Path, state_dir: Path, current: TrustedPolicy
+        self,
+        path: Path,
+        trust_root: Path,
+        state_dir: Path,
+        current: TrustedPolicy,
+        on_hangup: Callable[[], object] | None = None,
     ) -> None:
         self._path = path
         self._trust_root = trust_root
@@ -38,11 +43,12 @@ class PolicyWatcher:
         self._warned: set[timedelta] = set()
         self._expiry_noted = False
         self._wake = asyncio.Event()
+        self._on_hangup = on_hangup  # SIGHUP also asks this half to re-read its other files
 
     async def updates(self) -> AsyncIterator[TrustedPolicy]:
         """Newly accepted policies, as they come; runs until cancelled."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._wake.set)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
             while True:
                 try:
@@ -65,6 +71,11 @@ class PolicyWatcher:
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # removal restored the default: exit
+
+    def _hangup(self) -> None:
+        self._wake.set()
+        if self._on_hangup is not None:
+            self._on_hangup()
 
     def _reload(self) -> TrustedPolicy | None:
         try:

@@ -75,29 +75,81 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
 
 
 def endpoint_context(config: TlsConfig) -> tuple[ssl.SSLContext, frozenset[str]]:
-    """The consumer endpoint's context, and the serials the API must refuse itself, if any.
+    """The consumer endpoint's context, and the serials the API must refuse itself, if any."""
+    crl, revoked = _crl_in_use(config)
+    context = server_context(
+        config.cert, config.key, config.client_ca, profile=config.profile, crl=crl
+    )
+    return context, revoked
+
+
+def _crl_in_use(config: TlsConfig) -> tuple[Path | None, frozenset[str]]:
+    """Which CRL the handshake enforces, and which serials the API must refuse instead.
 
     A fresh CRL is enforced in the handshake. A CRL past its nextUpdate is too, by default,
     which refuses every consumer until a new one is published; with `stale_crl: accept` the
     stale list still refuses the serials it names, in the API.
     """
-    crl = config.crl
-    revoked: frozenset[str] = frozenset()
-    if crl is not None:
-        next_update, serials = read_crl(crl)
-        if next_update is not None and next_update < datetime.now(UTC):
-            accept = config.stale_crl == "accept"
-            structlog.get_logger("tls").warning(
-                "crl_stale",
-                path=str(crl),
-                next_update=next_update.isoformat(),
-                consequence="serials it lists refused by the API"
-                if accept
-                else "every new connection refused until a new CRL is published",
-            )
-            if accept:
-                crl, revoked = None, serials
-    context = server_context(
-        config.cert, config.key, config.client_ca, profile=config.profile, crl=crl
+    if config.crl is None:
+        return None, frozenset()
+    next_update, serials = read_crl(config.crl)
+    if next_update is None or next_update >= datetime.now(UTC):
+        return config.crl, frozenset()
+    accept = config.stale_crl == "accept"
+    structlog.get_logger("tls").warning(
+        "crl_stale",
+        path=str(config.crl),
+        next_update=next_update.isoformat(),
+        consequence="serials it lists refused by the API"
+        if accept
+        else "every new connection refused until a new CRL is published",
     )
-    return context, revoked
+    return (None, serials) if accept else (config.crl, frozenset())
+
+
+class EndpointReloader:
+    """Reloads the endpoint's certificate, key, client CA and CRL when their files change.
+
+    New material goes into the running context, so new handshakes use it and established
+    connections are not touched. A CA removed from the client CA file stays trusted until
+    a restart (OpenSSL's store only grows); a newer CRL takes precedence over older ones.
+    Unusable new files are refused with `tls_reload_refused`, and the old material stays.
+    """
+
+    def __init__(self, config: TlsConfig, context: ssl.SSLContext) -> None:
+        self._config = config
+        self._context = context
+        self._seen = self._fingerprints()
+
+    def check(self, *, force: bool = False) -> frozenset[str] | None:
+        """New revoked serials for the API (stale CRL accepted), or None if nothing changed."""
+        seen = self._fingerprints()
+        if seen == self._seen and not force:
+            return None
+        self._seen = seen
+        log = structlog.get_logger("tls")
+        config = self._config
+        try:
+            server_context(config.cert, config.key, config.client_ca)  # every file usable?
+            crl, revoked = _crl_in_use(config)
+        except TrustError as e:
+            log.error("tls_reload_refused", error=str(e), kept="the material in use")
+            return None
+        _load_chain(self._context, config.cert, config.key)
+        _load_ca(self._context, config.client_ca)
+        if crl is not None:
+            _load_ca(self._context, crl)
+        log.info("tls_material_reloaded", cert=str(config.cert))
+        return revoked
+
+    def _fingerprints(self) -> tuple[tuple[int, int, int] | None, ...]:
+        paths = [self._config.cert, self._config.key, self._config.client_ca, self._config.crl]
+        return tuple(_fingerprint(p) for p in paths)
+
+
+def _fingerprint(path: Path | None) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)

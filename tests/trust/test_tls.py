@@ -7,6 +7,7 @@ with `cryptography` under the same CA.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -184,3 +186,55 @@ def test_a_stale_crl_with_stale_crl_accept_is_enforced_by_serial_in_the_api(ca: 
     context, revoked = tls.endpoint_context(config)
     assert revoked == {serial}  # refused by the API's authorization (403, consumer_denied)
     assert not context.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF  # the stale list is not in TLS
+
+
+async def test_new_material_reaches_new_handshakes_and_open_connections_stay(ca: Path) -> None:
+    config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt",
+                       crl=None, profile="modern")  # fmt: skip
+    context, _ = tls.endpoint_context(config)
+    reloader = tls.EndpointReloader(config, context)
+    app = web.Application()
+    app.router.add_get("/", _ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    client = tls.client_context(ca / "ca.crt", ca / "good.crt", ca / "good.key")
+    url = f"https://localhost:{port}/"
+
+    async def served_serial() -> str:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="localhost"
+        )
+        serial = writer.get_extra_info("peercert")["serialNumber"]
+        writer.close()
+        return str(serial)
+
+    try:
+        async with aiohttp.ClientSession() as kept:
+            async with kept.get(url, ssl=client) as response:
+                assert response.status == 200
+            first = await served_serial()
+            # The operator replaces the server certificate (same CA, new serial).
+            (ca / "server.crt").unlink()
+            (ca / "server.key").unlink()
+            dmzbroker("certs", "issue", "server", "--ca", str(ca), "--out", str(ca),
+                      "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
+            assert reloader.check() is not None
+            async with kept.get(url, ssl=client) as response:  # the open connection goes on
+                assert response.status == 200
+            second = await served_serial()
+        assert first != second  # a new handshake presents the new certificate
+        assert reloader.check() is None  # nothing changed since
+    finally:
+        await runner.cleanup()
+
+
+def test_an_unusable_new_key_is_refused_and_the_old_material_stays(ca: Path) -> None:
+    config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt")
+    context, _ = tls.endpoint_context(config)
+    reloader = tls.EndpointReloader(config, context)
+    (ca / "server.key").write_text("not a key\n")
+    with structlog.testing.capture_logs() as logs:
+        assert reloader.check() is None
+    assert [e["event"] for e in logs] == ["tls_reload_refused"]
