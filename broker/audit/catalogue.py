@@ -43,6 +43,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "certificate_expiring": ("certificate", "unknown"),
     "crl_stale": ("certificate", "failure"),
     "tls_material_reloaded": ("certificate", "success"),
+    "tls_handshake_failed": ("access", "failure"),
     "tls_reload_refused": ("certificate", "failure"),
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),

@@ -20,6 +20,7 @@ from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
+from broker.enterprise.listener import listen
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.health import ClockWatch, warn_expiring_certificates
@@ -47,10 +48,10 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     app = create_app(store, authz, audit, metrics, config.spool.dir)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
+    listening: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, ent.listen.host, ent.listen.port, ssl_context=ssl_context)
         try:
-            await site.start()
+            listening = await listen(runner, ent.listen.host, ent.listen.port, ssl_context)
         except OSError as e:
             raise ConfigError(
                 f"enterprise.listen: cannot listen on {ent.listen.host}:{ent.listen.port}: "
@@ -81,6 +82,8 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
                 _apply(accepted.policy, store, authz)
     finally:
         store.close()
+        if listening is not None:
+            listening.close()
         await runner.cleanup()
         receiver.close()
 
