@@ -57,21 +57,23 @@ class DiskWatch:
         self._low = low
 
 
-def warn_expiring_certificates(paths: dict[str, Path], now: datetime | None = None) -> None:
-    """`certificate_expiring` for each certificate file that ends within 30 days (or has)."""
+def days_left(paths: dict[str, Path], now: datetime | None = None) -> dict[str, float]:
+    """Days until each readable certificate file ends (negative: it has ended)."""
     now = now or datetime.now(UTC)
+    found = {}
     for what, path in paths.items():
         try:
             cert = x509.load_pem_x509_certificate(path.read_bytes())
         except (OSError, ValueError):
             continue  # unreadable files are refused where they are used, with their name
-        days = (cert.not_valid_after_utc - now).total_seconds() / 86_400
+        found[what] = (cert.not_valid_after_utc - now).total_seconds() / 86_400
+    return found
+
+
+def warn_expiring_certificates(paths: dict[str, Path], now: datetime | None = None) -> None:
+    """`certificate_expiring` for each certificate file that ends within 30 days (or has)."""
+    for what, days in days_left(paths, now).items():
         if days < CERT_WARNING_DAYS:
             log.warning(
-                "certificate_expiring",
-                what=what,
-                path=str(path),
-                subject=cert.subject.rfc4514_string(),
-                not_after=cert.not_valid_after_utc.isoformat(),
-                days_left=round(days, 1),
+                "certificate_expiring", what=what, path=str(paths[what]), days_left=round(days, 1)
             )

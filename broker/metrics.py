@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, write_to_textfile
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PLANT_FILE = "metrics-plant.prom"
@@ -33,6 +34,38 @@ class _Drops(Collector):
         yield family
 
 
+class DeviceStats(Protocol):
+    scans: int
+    overruns: int
+    errors: int
+    last_scan_s: float
+
+
+class _Devices(Collector):
+    """Each device's scan counters, read from its connector when metrics are collected."""
+
+    def __init__(self, devices: Callable[[], dict[str, DeviceStats]]) -> None:
+        self._devices = devices
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        scans = CounterMetricFamily("dmzbroker_device_scans", "Whole scans", labels=["device"])
+        skipped = CounterMetricFamily(
+            "dmzbroker_device_skipped_scans", "Scan slots skipped (overruns)", labels=["device"]
+        )
+        errors = CounterMetricFamily(
+            "dmzbroker_device_errors", "Failed connections and reads", labels=["device"]
+        )
+        latency = GaugeMetricFamily(
+            "dmzbroker_device_scan_seconds", "Duration of the last whole scan", labels=["device"]
+        )
+        for name, stats in sorted(self._devices().items()):
+            scans.add_metric([name], stats.scans)
+            skipped.add_metric([name], stats.overruns)
+            errors.add_metric([name], stats.errors)
+            latency.add_metric([name], stats.last_scan_s)
+        yield from (scans, skipped, errors, latency)
+
+
 class PlantMetrics:
     """Read from the plant half's own state when collected, so they never disagree with it."""
 
@@ -41,6 +74,8 @@ class PlantMetrics:
         dropped: Callable[[], Tally[str]],
         island: Callable[[], bool],
         audit_failing: Callable[[], bool],
+        devices: Callable[[], dict[str, DeviceStats]],
+        written_seq: Callable[[], int],
     ) -> None:
         self.registry = CollectorRegistry()
         self.records_written = Counter(
@@ -56,14 +91,37 @@ class PlantMetrics:
             "1 while island mode stops all crossing",
             registry=self.registry,
         ).set_function(island)
+        Gauge(
+            "dmzbroker_spool_written_seq", "seq of the last record written", registry=self.registry
+        ).set_function(written_seq)
         self.registry.register(_Drops(dropped))
+        self.registry.register(_Devices(devices))
 
     def write(self, spool_dir: Path) -> None:
         write_to_textfile(str(spool_dir / PLANT_FILE), self.registry)
 
 
+class _DaysLeft(Collector):
+    def __init__(self, certificates: Callable[[], dict[str, float]]) -> None:
+        self._certificates = certificates
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "dmzbroker_certificate_days_left", "Days until a certificate ends", labels=["what"]
+        )
+        for what, days in sorted(self._certificates().items()):
+            family.add_metric([what], days)
+        yield family
+
+
 class EnterpriseMetrics:
-    def __init__(self, streams: Callable[[], int], audit_failing: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        streams: Callable[[], int],
+        audit_failing: Callable[[], bool],
+        read_seq: Callable[[], int] = lambda: 0,
+        certificates: Callable[[], dict[str, float]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.records_received = Counter(
             "dmzbroker_records_received", "Records read from the spool", registry=self.registry
@@ -76,6 +134,12 @@ class EnterpriseMetrics:
         Gauge(
             "dmzbroker_streams_open", "Open /v1/stream connections", registry=self.registry
         ).set_function(streams)
+        Gauge(
+            "dmzbroker_spool_read_seq",
+            "seq of the last record read (lag: dmzbroker_spool_written_seq minus this)",
+            registry=self.registry,
+        ).set_function(read_seq)
+        self.registry.register(_DaysLeft(certificates))
 
     def exposition(self, spool_dir: Path) -> bytes:
         """Our metrics, then the plant half's as it last wrote them."""

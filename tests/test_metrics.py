@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 from broker.metrics import PLANT_FILE, EnterpriseMetrics, PlantMetrics
 
@@ -12,12 +13,24 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
     tmp_path: Path,
 ) -> None:
     dropped = Counter({"policy_denied": 3, "island_mode": 7})
-    plant = PlantMetrics(dropped=lambda: dropped, island=lambda: False, audit_failing=lambda: True)
+    device = SimpleNamespace(scans=12, overruns=2, errors=1, last_scan_s=0.05)
+    plant = PlantMetrics(
+        dropped=lambda: dropped,
+        island=lambda: False,
+        audit_failing=lambda: True,
+        devices=lambda: {"plc-1": device},
+        written_seq=lambda: 1234,
+    )
     plant.records_written.inc(42)
     plant.write(tmp_path)
     assert (tmp_path / PLANT_FILE).exists()
 
-    enterprise = EnterpriseMetrics(lambda: 5, lambda: False)
+    enterprise = EnterpriseMetrics(
+        lambda: 5,
+        lambda: False,
+        read_seq=lambda: 1200,
+        certificates=lambda: {"server certificate": 45.5},
+    )
     enterprise.records_received.inc(40)
     text = enterprise.exposition(tmp_path).decode()
     assert "dmzbroker_records_written_total 42.0" in text
@@ -25,6 +38,14 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
     assert "dmzbroker_plant_audit_failing 1.0" in text
     assert 'dmzbroker_points_dropped_total{reason="island_mode"} 7.0' in text
     assert "dmzbroker_streams_open 5.0" in text
+    assert 'dmzbroker_device_scans_total{device="plc-1"} 12.0' in text
+    assert 'dmzbroker_device_skipped_scans_total{device="plc-1"} 2.0' in text
+    assert 'dmzbroker_device_errors_total{device="plc-1"} 1.0' in text
+    assert 'dmzbroker_device_scan_seconds{device="plc-1"} 0.05' in text
+    assert (
+        "dmzbroker_spool_written_seq 1234.0" in text and "dmzbroker_spool_read_seq 1200.0" in text
+    )
+    assert 'dmzbroker_certificate_days_left{what="server certificate"} 45.5' in text
 
 
 def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from broker.enterprise.authz import Authorization
 from broker.enterprise.listener import listen
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
-from broker.health import ClockWatch, warn_expiring_certificates
+from broker.health import ClockWatch, days_left, warn_expiring_certificates
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
@@ -44,7 +44,12 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy, revoked)
-    metrics = EnterpriseMetrics(lambda: len(store.subscriptions), lambda: audit.failing)
+    metrics = EnterpriseMetrics(
+        streams=lambda: len(store.subscriptions),
+        audit_failing=lambda: audit.failing,
+        read_seq=lambda: receiver.last_seq,
+        certificates=lambda: days_left(_certificates(config)),
+    )
     app = create_app(store, authz, audit, metrics, config.spool.dir)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()

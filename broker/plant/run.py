@@ -20,7 +20,7 @@ from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import CONNECTORS, RawSample
+from broker.plant.connectors import CONNECTORS, Connector, RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
 from broker.policy.activation import TrustedPolicy
@@ -42,10 +42,13 @@ class PlantHalf:
         self._tasks: asyncio.TaskGroup | None = None
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
+        self._devices: dict[str, Connector] = {}  # the running connectors, for metrics
         self.metrics = PlantMetrics(
             dropped=lambda: self.pipeline.gate.dropped,
             island=lambda: self.pipeline.gate.island,
             audit_failing=lambda: self.pipeline.gate.audit_failing,
+            devices=lambda: dict(self._devices),
+            written_seq=lambda: sender.next_seq - 1,
         )
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
@@ -84,9 +87,11 @@ class PlantHalf:
         signals_of: dict[str, list[Signal]] = defaultdict(list)
         for signal in policy.signals:
             signals_of[signal.device].append(signal)
+        self._devices = {}
         async with asyncio.TaskGroup() as tasks:
             for device in policy.devices:
                 connector = CONNECTORS[device.protocol](device, signals_of[device.name])
+                self._devices[device.name] = connector
                 tasks.create_task(connector.run(self._queue.put), name=f"connector {device.name}")
 
     async def _write(self) -> None:

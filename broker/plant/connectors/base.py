@@ -26,7 +26,16 @@ Emit = Callable[[list[RawSample]], Awaitable[None]]
 
 
 class Connector(Protocol):
-    """Reads the signals the policy names from one device, with read-only services only."""
+    """Reads the signals the policy names from one device, with read-only services only.
+
+    Its counters are read for /metrics: whole scans, skipped scan slots, failed connections
+    and reads, and the duration of the last scan.
+    """
+
+    scans: int
+    overruns: int
+    errors: int
+    last_scan_s: float
 
     def __init__(self, device: Device, signals: Sequence[Signal]) -> None: ...
 

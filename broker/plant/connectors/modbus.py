@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class ModbusConnector:
         self.plan = plan_reads(signals)
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
+        self.errors = 0  # failed connections and reads
+        self.last_scan_s = 0.0  # how long the last whole scan took
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
         self._log = structlog.get_logger("modbus").bind(device=device.name)
 
@@ -122,6 +125,7 @@ class ModbusConnector:
                     next_scan = self._schedule(next_scan, loop.time())
                     await asyncio.sleep(next_scan - loop.time())
             except DeviceError as e:
+                self.errors += 1
                 self._log.warning("device_session_down", error=str(e))
                 await emit(self._all_bad())
             finally:
@@ -137,10 +141,12 @@ class ModbusConnector:
         self._log.info("device_session_up", host=device.host, port=device.port)
 
     async def _scan(self, client: AsyncModbusTcpClient) -> list[RawSample]:
+        started = time.monotonic()
         samples: list[RawSample] = []
         for request in self.plan:
             samples.extend(await self._read(client, request))
         self.scans += 1
+        self.last_scan_s = time.monotonic() - started
         return samples
 
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
@@ -157,6 +163,7 @@ class ModbusConnector:
         now = datetime.now(UTC)
         items = None if response.isError() else _items(response, request)
         if items is None:
+            self.errors += 1
             if request not in self._refused:  # logged (and audited) once per state change
                 self._refused.add(request)
                 self._log.warning(
