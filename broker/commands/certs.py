@@ -24,7 +24,10 @@ def add_to(commands: Any) -> None:
     kinds = issue.add_subparsers(required=True, metavar="KIND")
     server = kinds.add_parser("server", help="a TLS server certificate (DNS and IP SANs)")
     client = kinds.add_parser("client", help="a consumer certificate (exactly one URI SAN)")
-    for kind, days in ((server, 366), (client, 90)):
+    opcua = kinds.add_parser(
+        "opcua", help="the plant half's OPC UA application instance certificate (RSA)"
+    )
+    for kind, days in ((server, 366), (client, 90), (opcua, 366)):
         kind.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
         kind.add_argument("--out", type=Path, required=True, help="directory for NAME.crt/.key")
         kind.add_argument("--days", type=int, default=days)
@@ -47,6 +50,15 @@ def add_to(commands: Any) -> None:
                 uri=a.uri,
                 days=a.days,
             )
+        )
+    )
+
+    opcua.add_argument("--uri", required=True, help="the application URI, e.g. urn:site:dmzbroker")
+    opcua.add_argument("--name", default="opcua-client")
+    opcua.add_argument("--dns", action="append", default=[], help="the plant host's name")
+    opcua.set_defaults(
+        handler=lambda a: _report(
+            certs.issue_opcua(a.ca, a.out, name=a.name, uri=a.uri, dns=a.dns, days=a.days)
         )
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.errors import TrustError
@@ -86,6 +86,39 @@ def issue_client(ca_dir: Path, out: Path, *, name: str, uri: str, days: int) -> 
     )
 
 
+def issue_opcua(
+    ca_dir: Path, out: Path, *, name: str, uri: str, dns: list[str], days: int
+) -> Issued:
+    """An OPC UA application instance certificate for the plant half's OPC UA client.
+
+    OPC UA's RSA security policies (Basic256Sha256, Aes*_RsaOaep/RsaPss) need an RSA key; the
+    application URI goes in the SAN, and the key usages are those the specification lists.
+    Files end in `.pem`, which is how OPC UA stacks (asyncua) tell PEM from DER.
+    """
+    if ":" not in uri:
+        raise TrustError(f"--uri {uri!r}: expected the application URI, e.g. urn:site:dmzbroker")
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    sans += [x509.DNSName(d) for d in dns]
+    return _issue(
+        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days,
+        key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        key_usage=_OPCUA_KEY_USAGE, files=(f"{name}-cert.pem", f"{name}-key.pem"),
+    )  # fmt: skip
+
+
+_OPCUA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=True,  # nonRepudiation
+    key_encipherment=True,
+    data_encipherment=True,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _issue(
     ca_dir: Path,
     out: Path,
@@ -94,12 +127,16 @@ def _issue(
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
     days: int,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
+    key_usage: x509.KeyUsage | None = None,
+    files: tuple[str, str] | None = None,
 ) -> Issued:
     ca_cert, ca_key = load_ca(ca_dir)
-    issued = Issued(out / f"{name}.crt", out / f"{name}.key")
+    cert_name, key_name = files or (f"{name}.crt", f"{name}.key")
+    issued = Issued(out / cert_name, out / key_name)
     if issued.cert.exists() or issued.key.exists():
         raise TrustError(f"{issued.cert}: already exists; choose another --name")
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (
         x509.CertificateBuilder()
@@ -110,7 +147,7 @@ def _issue(
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
+        .add_extension(key_usage or _key_usage(ca=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
@@ -157,7 +194,9 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     return cert, key
 
 
-def _write(issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+def _write(
+    issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+) -> None:
     issued.cert.parent.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.harness import dmzbroker
 
@@ -71,3 +74,23 @@ def test_a_server_certificate_may_not_live_longer_than_366_days(tmp_path: Path) 
     result = dmzbroker("certs", "issue", "server", "--ca", str(tmp_path), "--out", str(tmp_path),
                        "--dns", "localhost", "--days", "400", check=False)  # fmt: skip
     assert result.returncode == 2 and "366 days at most" in result.stderr
+
+
+def test_the_opc_ua_application_certificate_has_what_opc_ua_requires(tmp_path: Path) -> None:
+    dmzbroker("certs", "init-ca", "--out", str(tmp_path), "--name", "Plant CA")
+    out = dmzbroker("certs", "issue", "opcua", "--ca", str(tmp_path), "--out", str(tmp_path),
+                    "--uri", "urn:coldstore:dmzbroker", "--dns", "dmz-plant").stdout  # fmt: skip
+    cert_path, key_path = tmp_path / "opcua-client-cert.pem", tmp_path / "opcua-client-key.pem"
+    assert str(cert_path) in out and key_path.stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    assert isinstance(load_pem_private_key(key_path.read_bytes(), None), rsa.RSAPrivateKey)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:coldstore:dmzbroker"]
+    assert sans.get_values_for_type(x509.DNSName) == ["dmz-plant"]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and usage.content_commitment
+    assert usage.key_encipherment and usage.data_encipherment
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    assert f"{cert.serial_number:x}" in dmzbroker("certs", "list", "--ca", str(tmp_path)).stdout
