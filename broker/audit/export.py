@@ -87,7 +87,6 @@ class SiemExporter:
         self._server_name = server_name
         self._hostname = hostname
         self._confirmed = self._load_cursors()  # persisted: what the collector surely has
-        self.sent = 0
 
     async def run(self) -> None:
         where = f"{self._address[0]}:{self._address[1]}"
@@ -131,7 +130,6 @@ class SiemExporter:
                         await writer.drain()
                         sending[name] = cursor
                         unconfirmed.append((loop.time(), name, cursor))
-                        self.sent += len(frames)
                         sent_any = True
                 self._confirm(unconfirmed, loop.time() - CONFIRM_S)
                 if not sent_any:

@@ -8,7 +8,8 @@ head with the appliance's audit key, so the chain cannot be rebuilt by someone w
 The writer starts a new segment file each time it opens (as the spool does), so a torn last
 line after a crash sits at the end of a final segment, where `audit verify` reports it.
 When the log cannot be written, `failing` turns true: the halves stop data crossing until a
-write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`).
+write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`, and written by
+`check()` once it can).
 """
 
 from __future__ import annotations
@@ -228,11 +229,6 @@ class AuditLog:
                 return
             if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
                 self.failing = True
-
-    def retry(self) -> None:
-        """Try again to write what the disk refused (call it now and then while failing)."""
-        with self._lock:
-            self._flush(force=True)
 
     def close(self) -> None:
         with self._lock:

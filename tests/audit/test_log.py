@@ -301,7 +301,7 @@ def test_a_segment_that_refuses_writes_turns_failing_on_and_writes_nothing(
     log.close()
 
 
-def test_retry_writes_the_kept_entries_in_order_and_clears_failing(
+def test_check_writes_the_kept_entries_in_order_and_clears_failing(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
     log = open_log(tmp_path, key, checkpoint_every=5)
@@ -311,7 +311,7 @@ def test_retry_writes_the_kept_entries_in_order_and_clears_failing(
     recorded += record_many(log, 4, start=3)  # crosses a checkpoint while failing
     assert log.failing
     accept_writes(path, fd)
-    log.retry()
+    log.check()
     assert not log.failing
     entries = read_segment(path)
     assert [e["seq"] for e in entries] == list(range(1, 9))
@@ -345,7 +345,7 @@ while not log.failing and count < 100:
 cut = not segments(root / "plant")[0].read_bytes().endswith(b"\\n")
 record_many(log, 2, start=count)
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-log.retry()
+log.check()
 print(count + 2, int(cut), int(log.failing))
 log.close()
 """
