@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl  # a real syslog collector for the SIEM export tests
+# Real peers for the tests: a syslog collector (SIEM export) and an MQTT broker (MQTT sink).
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto
 
 .PHONY: demo test lint bench clean system-packages
 

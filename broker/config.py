@@ -55,12 +55,25 @@ class TlsConfig(_Section, frozen=True, kw_only=True):
     # or keep refusing only the serials it lists
 
 
+class MqttConfig(_Section, frozen=True, kw_only=True):
+    host: str  # an existing MQTT broker (MQTT 5 over TLS)
+    port: Port = 8883
+    server_name: str = ""  # the name in its certificate; default: host
+    ca: Path  # verifies the MQTT broker
+    cert: Path  # this appliance's client certificate there
+    key: Path
+    identity: str  # the policy consumer whose grant decides what is published
+    topic_prefix: str = "dmzbroker"
+    client_id: str = "dmzbroker"
+
+
 class EnterpriseConfig(_Section, frozen=True):
     state_dir: Path  # spool position, accepted policy version; enterprise user only
     tls: TlsConfig
     listen: ListenConfig = ListenConfig()
     stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
     max_streams: Annotated[int, Meta(ge=1, le=100_000)] = 256  # open /v1/stream connections
+    mqtt: MqttConfig | None = None  # publish to an MQTT broker as well
 
 
 class SiemConfig(_Section, frozen=True, kw_only=True):

@@ -45,6 +45,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tls_material_reloaded": ("certificate", "success"),
     "tls_handshake_failed": ("access", "failure"),
     "tls_reload_refused": ("certificate", "failure"),
+    "mqtt_connected": ("sink", "success"),
+    "mqtt_unreachable": ("sink", "failure"),
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),

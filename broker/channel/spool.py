@@ -194,9 +194,12 @@ class SpoolReceiver:
     returned; after a restart, reading resumes there: no record is delivered twice.
     """
 
-    def __init__(self, directory: Path, state_dir: Path) -> None:
+    def __init__(self, directory: Path, state_dir: Path, reader: str = "") -> None:
+        """`reader` names a second reader of the same spool, with a position of its own."""
         self._dir = directory
-        self._position_file = state_dir / POSITION_FILE
+        self._position_file = state_dir / (
+            f"spool-position-{reader}.json" if reader else POSITION_FILE
+        )
         try:
             state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._pos = msgspec.json.decode(self._position_file.read_bytes(), type=Position)

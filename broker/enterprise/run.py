@@ -21,6 +21,7 @@ from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.listener import listen
+from broker.enterprise.mqtt import MqttSink
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.health import ClockWatch, days_left, warn_expiring_certificates
@@ -80,6 +81,9 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             tasks.create_task(_deliver(receiver, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
             tasks.create_task(_watch_tls(reloader, authz), name="tls material")
+            if ent.mqtt is not None:
+                sink = MqttSink(ent.mqtt, config.spool.dir, ent.state_dir, authz)
+                tasks.create_task(sink.run(), name="mqtt sink")
             if config.audit.siem is not None:
                 exporter = _exporter(config, trusted.policy.deployment_id)
                 tasks.create_task(exporter.run(), name="siem export")

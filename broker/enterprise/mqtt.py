@@ -1,0 +1,86 @@
+"""The MQTT sink: records to an existing MQTT broker over mutual TLS, with store-and-forward.
+
+MQTT 5, QoS 1, retained, topic `<prefix>/<signal path>`, the API's JSON record as payload.
+It publishes what the co-signed policy grants the sink's consumer identity, like any other
+consumer. Store-and-forward: the sink reads the spool with a position of its own
+(`spool-position-mqtt.json`), so the spool is its on-disk queue: while the MQTT broker is
+unreachable the position stays, and on reconnect the records are replayed in order. The
+position moves only after the broker acknowledged a batch: delivery is at least once.
+Records the spool's retention drops before the sink read them are counted and logged
+(`spool_records_lost`), like any reader's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiomqtt
+import structlog
+from paho.mqtt.enums import MQTTProtocolVersion
+
+from broker.channel.spool import SpoolReceiver
+from broker.config import MqttConfig
+from broker.enterprise.authz import Authorization
+from broker.records import to_json
+from broker.trust import tls
+
+BATCH = 500
+IDLE_S = 0.05
+BACKOFF_MAX_S = 30.0
+
+log = structlog.get_logger("mqtt")
+
+
+class MqttSink:
+    def __init__(
+        self, config: MqttConfig, spool_dir: Path, state_dir: Path, authz: Authorization
+    ) -> None:
+        self._config = config
+        self._spool_dir = spool_dir
+        self._state_dir = state_dir
+        self._authz = authz
+        self._context = tls.client_context(config.ca, config.cert, config.key)
+
+    async def run(self) -> None:
+        config = self._config
+        where = f"{config.host}:{config.port}"
+        backoff = 1.0
+        while True:
+            # From the saved position: what an interrupted batch had read is read again.
+            receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader="mqtt")
+            try:
+                async with aiomqtt.Client(
+                    config.host,
+                    config.port,
+                    identifier=config.client_id,
+                    protocol=aiomqtt.ProtocolVersion(MQTTProtocolVersion.MQTTv5),
+                    tls_context=self._context,
+                    timeout=10,
+                ) as client:
+                    log.info("mqtt_connected", address=where)
+                    backoff = 1.0
+                    await self._forward(client, receiver)
+            except aiomqtt.MqttError as e:
+                log.warning("mqtt_unreachable", address=where, error=str(e), retry_in_s=backoff)
+            finally:
+                receiver.close()
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
+        prefix = self._config.topic_prefix
+        while True:
+            records = receiver.receive(max_records=BATCH)
+            if not records:
+                await asyncio.sleep(IDLE_S)
+                continue
+            view = self._authz.view(self._config.identity)
+            await asyncio.gather(
+                *(
+                    client.publish(f"{prefix}/{r.signal}", to_json(r), qos=1, retain=True)
+                    for r in records
+                    if r.signal in view
+                )
+            )
+            receiver.commit()  # acknowledged: the position moves past the batch
