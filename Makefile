@@ -40,6 +40,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/audit_verify.py
+	$(BIN)/python bench/mqtt_sink.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache

@@ -57,6 +57,7 @@ class MqttSink:
                     protocol=aiomqtt.ProtocolVersion(MQTTProtocolVersion.MQTTv5),
                     tls_context=self._context,
                     timeout=10,
+                    max_inflight_messages=BATCH,  # a batch's publishes go out together
                 ) as client:
                     log.info("mqtt_connected", address=where)
                     backoff = 1.0
