@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/audit_verify.py
 	$(BIN)/python bench/mqtt_sink.py
+	$(BIN)/python bench/sse_fanout.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
