@@ -181,7 +181,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 batch = []
             if batch is None:
                 break
-            chunk = b"".join(b"id: %d\ndata: %s\n\n" % (r.seq, to_json(r)) for r in batch)
+            chunk = b"".join(frame for _, frame in batch)
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 await response.write(chunk or b": keepalive\n\n")
     except ConnectionResetError:

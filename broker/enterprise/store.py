@@ -15,11 +15,19 @@ import msgspec
 import structlog
 
 from broker.policy import Policy
-from broker.records import Record
+from broker.records import Record, to_json
 
 STALE_AFTER_INTERVALS = 3
 
 log = structlog.get_logger("store")
+
+
+Event = tuple[Record, bytes]  # a record and its Server-Sent Events frame
+
+
+def sse_event(record: Record) -> bytes:
+    """The record as one Server-Sent Event: `id` is its seq, `data` its JSON."""
+    return b"id: %d\ndata: %s\n\n" % (record.seq, to_json(record))
 
 
 class Subscription:
@@ -31,21 +39,21 @@ class Subscription:
     """
 
     def __init__(self, limit: int, identity: str, view: frozenset[str]) -> None:
-        self._queue: asyncio.Queue[Record | None] = asyncio.Queue(limit)
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(limit)
         self.identity = identity
         self.view = view  # the signals this consumer may see; replaced when the policy changes
         self.overflowed = False
         self._closed = False
 
-    def offer(self, records: Iterable[Record]) -> None:
+    def offer(self, events: Iterable[Event]) -> None:
         if self._closed:
             return
         view = self.view
-        for record in records:
-            if record.signal not in view:
+        for event in events:
+            if event[0].signal not in view:
                 continue
             try:
-                self._queue.put_nowait(record)
+                self._queue.put_nowait(event)
             except asyncio.QueueFull:
                 self.overflowed = True
                 self.close()
@@ -59,8 +67,8 @@ class Subscription:
             if not self._queue.full():
                 self._queue.put_nowait(None)
 
-    async def next_batch(self, most: int = 512) -> list[Record] | None:
-        """The next records (waits for at least one); None when the stream has ended."""
+    async def next_batch(self, most: int = 512) -> list[Event] | None:
+        """The next events (waits for at least one); None when the stream has ended."""
         if self._closed and self._queue.empty():
             return None
         first = await self._queue.get()
@@ -68,10 +76,10 @@ class Subscription:
             return None
         batch = [first]
         while len(batch) < most and not self._queue.empty():
-            record = self._queue.get_nowait()
-            if record is None:
+            event = self._queue.get_nowait()
+            if event is None:
                 break
-            batch.append(record)
+            batch.append(event)
         return batch
 
 
@@ -98,8 +106,11 @@ class Store:
         records = [r for r in records if r.signal in self._stale_after]
         for record in records:
             self._latest[record.signal] = record
+        if not self._subscribers:
+            return
+        events = [(r, sse_event(r)) for r in records]  # encoded once, whatever the audience
         for subscription in list(self._subscribers):
-            subscription.offer(records)
+            subscription.offer(events)
             if subscription.overflowed:
                 self._subscribers.discard(subscription)
                 log.warning(

@@ -62,7 +62,7 @@ async def test_subscribers_get_records_in_order_in_batches() -> None:
     store.apply([record(1), record(2)])
     store.apply([record(3)])
     batch = await asyncio.wait_for(subscription.next_batch(), 1)
-    assert batch is not None and [r.seq for r in batch] == [1, 2, 3]
+    assert batch is not None and [r.seq for r, _ in batch] == [1, 2, 3]
 
 
 async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queued() -> None:
@@ -75,7 +75,7 @@ async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queue
         batch = await asyncio.wait_for(subscription.next_batch(), 1)
         if batch is None:
             break
-        received.extend(r.seq for r in batch)
+        received.extend(r.seq for r, _ in batch)
     assert received == list(range(1, 17))  # no silent gap: a prefix, then the end
 
 
@@ -93,7 +93,7 @@ async def test_a_stream_carries_only_its_view_and_follows_a_new_view() -> None:
     subscription.view = frozenset({ROOM})  # what a policy reload does
     store.apply([record(3), record(4, signal=POWER)])
     batch = await asyncio.wait_for(subscription.next_batch(), 1)
-    assert batch is not None and [r.seq for r in batch] == [2, 3]
+    assert batch is not None and [r.seq for r, _ in batch] == [2, 3]
 
 
 def test_the_snapshot_holds_only_the_view() -> None:
