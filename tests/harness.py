@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import signal
 import socket
@@ -10,7 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import aiohttp
 import msgspec
 import yaml
+from aiohttp import web
 
 from broker import policy
+from broker.enterprise.listener import listen
 from broker.policy import envelope as envelopes
 from broker.trust import keys, tls
 
@@ -171,15 +174,9 @@ class BrokerProcess:
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        code = stop_process(self.process, timeout)
         self._stderr.close()
-        return self.process.returncode
+        return code
 
     def events(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
@@ -226,3 +223,52 @@ async def read_events(
                 if len(events) == count:
                     break
     return events
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    """SIGTERM and wait; SIGKILL if it does not stop in time. Returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode
+
+
+@dataclass
+class Daemon:
+    """A real peer program (a syslog collector, an MQTT broker) a test starts and stops."""
+
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@contextlib.asynccontextmanager
+async def ok_server(context: ssl.SSLContext) -> AsyncIterator[int]:
+    """A one-route app behind the broker's own TLS listener on a free loopback port."""
+    app = web.Application()
+    app.router.add_get("/", _ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    server = await listen(runner, "127.0.0.1", port, context)
+    try:
+        yield port
+    finally:
+        server.close()
+        await runner.cleanup()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import yaml
 from broker.audit.log import read_entries, segment_numbers
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
-from tests.harness import BrokerProcess, Deployment, Pki, dmzbroker, eventually, free_port
+from tests.harness import BrokerProcess, Daemon, Deployment, Pki, dmzbroker, eventually, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -41,27 +39,12 @@ ENTRY = re.compile(rb'writer="(\w+)" seq="(\d+)"')
 
 
 @dataclass
-class Collector:
-    directory: Path
-    port: int
-    received: Path
-    process: subprocess.Popen[bytes] | None = None
+class Collector(Daemon):
+    """rsyslogd with the config in `directory`, writing what it receives to `received`."""
 
-    def start(self) -> None:
-        conf = self.directory / "rsyslog.conf"
-        self.process = subprocess.Popen(
-            ["rsyslogd", "-n", "-f", str(conf), "-i", str(self.directory / "rsyslog.pid")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+    directory: Path = Path()
+    port: int = 0
+    received: Path = Path()
 
     def seqs(self) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {}
@@ -81,7 +64,10 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
               "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
     dmzbroker("certs", "issue", "client", "--ca", str(pki), "--out", str(pki),
               "--uri", "spiffe://demo/audit-exporter")  # fmt: skip
-    found = Collector(tmp_path, free_port(), tmp_path / "received.log")
+    found = Collector(
+        ["rsyslogd", "-n", "-f", str(tmp_path / "rsyslog.conf"), "-i", str(tmp_path / "rsyslog.pid")],
+        directory=tmp_path, port=free_port(), received=tmp_path / "received.log",
+    )  # fmt: skip
     (tmp_path / "rsyslog.conf").write_text(
         RSYSLOG_CONF.format(pki=pki, work=work, port=found.port, received=found.received)
     )

@@ -8,32 +8,16 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import structlog
-from aiohttp import web
 
-from broker.enterprise.listener import listen
 from broker.trust import tls
-from tests.harness import Pki, eventually, free_port
-
-
-async def _ok(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
+from tests.harness import Pki, eventually, ok_server
 
 
 @pytest.fixture
 async def url(pki: Pki) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_get("/", _ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    server = await listen(
-        runner, "127.0.0.1", port, tls.server_context(pki.server_cert, pki.server_key, pki.ca)
-    )
-    try:
+    context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)
+    async with ok_server(context) as port:
         yield f"https://localhost:{port}/"
-    finally:
-        server.close()
-        await runner.cleanup()
 
 
 async def status(url: str, context: ssl.SSLContext) -> int | None:

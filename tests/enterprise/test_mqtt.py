@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,15 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from broker.channel.spool import SpoolReceiver
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
-from tests.harness import CONSUMER_URI, BrokerProcess, Deployment, dmzbroker, eventually, free_port
+from tests.harness import (
+    CONSUMER_URI,
+    BrokerProcess,
+    Daemon,
+    Deployment,
+    dmzbroker,
+    eventually,
+    free_port,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,25 +49,9 @@ log_dest stderr
 
 
 @dataclass
-class Mosquitto:
-    directory: Path
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(self.directory / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+class Mosquitto(Daemon):
+    directory: Path = Path()
+    port: int = 0
 
 
 @pytest.fixture
@@ -74,7 +64,9 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     for name in ("sink", "subscriber"):
         dmzbroker("certs", "issue", "client", "--ca", str(pki), "--out", str(pki),
                   "--name", name, "--uri", f"spiffe://demo/mqtt/{name}")  # fmt: skip
-    found = Mosquitto(tmp_path, free_port())
+    found = Mosquitto(
+        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")], directory=tmp_path, port=free_port()
+    )
     (tmp_path / "mosquitto.conf").write_text(MOSQUITTO_CONF.format(port=found.port, pki=pki))
     found.start()
     try:

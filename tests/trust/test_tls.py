@@ -8,6 +8,7 @@ with `cryptography` under the same CA.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +17,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import structlog
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.config import TlsConfig
 from broker.trust import tls
-from tests.harness import dmzbroker, free_port
+from tests.harness import dmzbroker, ok_server
 
 Serve = Callable[..., "Server"]
 
@@ -57,28 +57,18 @@ class Server:
             return None
 
 
-async def _ok(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 @pytest.fixture
 async def serve(ca: Path) -> AsyncIterator[Callable[..., object]]:
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as servers:
 
-    async def start(**options: object) -> Server:
-        app = web.Application()
-        app.router.add_get("/", _ok)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        port = free_port()
-        context = tls.server_context(ca / "server.crt", ca / "server.key", ca / "ca.crt", **options)  # type: ignore[arg-type]
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
-        return Server(f"https://localhost:{port}/", ca)
+        async def start(**options: object) -> Server:
+            context = tls.server_context(
+                ca / "server.crt", ca / "server.key", ca / "ca.crt", **options
+            )  # type: ignore[arg-type]
+            port = await servers.enter_async_context(ok_server(context))
+            return Server(f"https://localhost:{port}/", ca)
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+        yield start
 
 
 def crafted(
@@ -193,12 +183,11 @@ async def test_new_material_reaches_new_handshakes_and_open_connections_stay(ca:
                        crl=None, profile="modern")  # fmt: skip
     context, _ = tls.endpoint_context(config)
     reloader = tls.EndpointReloader(config, context)
-    app = web.Application()
-    app.router.add_get("/", _ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    async with ok_server(context) as port:
+        await _reload_while_connected(ca, reloader, port)
+
+
+async def _reload_while_connected(ca: Path, reloader: tls.EndpointReloader, port: int) -> None:
     client = tls.client_context(ca / "ca.crt", ca / "good.crt", ca / "good.key")
     url = f"https://localhost:{port}/"
 
@@ -210,24 +199,21 @@ async def test_new_material_reaches_new_handshakes_and_open_connections_stay(ca:
         writer.close()
         return str(serial)
 
-    try:
-        async with aiohttp.ClientSession() as kept:
-            async with kept.get(url, ssl=client) as response:
-                assert response.status == 200
-            first = await served_serial()
-            # The operator replaces the server certificate (same CA, new serial).
-            (ca / "server.crt").unlink()
-            (ca / "server.key").unlink()
-            dmzbroker("certs", "issue", "server", "--ca", str(ca), "--out", str(ca),
-                      "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-            assert reloader.check() is not None
-            async with kept.get(url, ssl=client) as response:  # the open connection goes on
-                assert response.status == 200
-            second = await served_serial()
-        assert first != second  # a new handshake presents the new certificate
-        assert reloader.check() is None  # nothing changed since
-    finally:
-        await runner.cleanup()
+    async with aiohttp.ClientSession() as kept:
+        async with kept.get(url, ssl=client) as response:
+            assert response.status == 200
+        first = await served_serial()
+        # The operator replaces the server certificate (same CA, new serial).
+        (ca / "server.crt").unlink()
+        (ca / "server.key").unlink()
+        dmzbroker("certs", "issue", "server", "--ca", str(ca), "--out", str(ca),
+                  "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
+        assert reloader.check() is not None
+        async with kept.get(url, ssl=client) as response:  # the open connection goes on
+            assert response.status == 200
+        second = await served_serial()
+    assert first != second  # a new handshake presents the new certificate
+    assert reloader.check() is None  # nothing changed since
 
 
 def test_an_unusable_new_key_is_refused_and_the_old_material_stays(ca: Path) -> None:

@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
 from sslyze import (
     ClientAuthenticationCredentials,
     ScanCommand,
@@ -23,9 +22,8 @@ from sslyze import (
     ServerScanStatusEnum,
 )
 
-from broker.enterprise.listener import listen
 from broker.trust import tls
-from tests.harness import Pki, free_port
+from tests.harness import Pki, ok_server
 
 PROTOCOLS = {
     "SSL 2.0": ScanCommand.SSL_2_0_CIPHER_SUITES,
@@ -37,24 +35,11 @@ PROTOCOLS = {
 }
 
 
-async def _ok(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 @pytest.fixture
 async def port(pki: Pki) -> AsyncIterator[int]:
-    app = web.Application()
-    app.router.add_get("/", _ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    chosen = free_port()
     context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)  # the default profile
-    server = await listen(runner, "127.0.0.1", chosen, context)
-    try:
+    async with ok_server(context) as chosen:
         yield chosen
-    finally:
-        server.close()
-        await runner.cleanup()
 
 
 def scan(port: int, pki: Pki) -> dict[str, bool]:
