@@ -117,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dmzbroker-mqtt-bench-") as tmp:
         rate = asyncio.run(measure(Path(tmp), args.records))
     verdict = "PASS" if rate >= 10_000 else "FAIL"
-    print(f"MQTT sink, QoS 1, mTLS, one message per record: {args.records:,} records, "
+    print(f"MQTT sink, QoS 1, mTLS, one message per asset per batch: {args.records:,} records, "
           f"{rate:,.0f} records/s (target >= 10,000: {verdict})")  # fmt: skip
     return 0
 

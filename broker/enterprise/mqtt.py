@@ -1,6 +1,8 @@
 """The MQTT sink: records to an existing MQTT broker over mutual TLS, with store-and-forward.
 
-MQTT 5, QoS 1, retained, topic `<prefix>/<signal path>`, the API's JSON record as payload.
+MQTT 5, QoS 1, retained. One message per asset per batch: topic `<prefix>/<asset path>`,
+payload a JSON array of the API's records of that asset's signals, in spool order (one
+message per record tops out near 6,000 records/s against Mosquitto over TLS; ADR 0007).
 It publishes what the co-signed policy grants the sink's consumer identity, like any other
 consumer. Store-and-forward: the sink reads the spool with a position of its own
 (`spool-position-mqtt.json`), so the spool is its on-disk queue: while the MQTT broker is
@@ -13,6 +15,8 @@ Records the spool's retention drops before the sink read them are counted and lo
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
@@ -22,10 +26,11 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from broker.channel.spool import SpoolReceiver
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
-from broker.records import to_json
+from broker.records import Record, to_json
 from broker.trust import tls
 
-BATCH = 500
+BATCH = 2000
+RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
 IDLE_S = 0.05
 BACKOFF_MAX_S = 30.0
 
@@ -77,11 +82,21 @@ class MqttSink:
                 await asyncio.sleep(IDLE_S)
                 continue
             view = self._authz.view(self._config.identity)
+            allowed = [r for r in records if r.signal in view]
             await asyncio.gather(
                 *(
-                    client.publish(f"{prefix}/{r.signal}", to_json(r), qos=1, retain=True)
-                    for r in records
-                    if r.signal in view
+                    client.publish(f"{prefix}/{asset}", to_json(message), qos=1, retain=True)
+                    for asset, message in by_asset(allowed)
                 )
             )
             receiver.commit()  # acknowledged: the position moves past the batch
+
+
+def by_asset(records: list[Record]) -> Iterator[tuple[str, list[Record]]]:
+    """The records grouped per asset path, each group in order and cut into messages."""
+    groups: defaultdict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[record.signal.rpartition("/")[0]].append(record)
+    for asset, group in groups.items():
+        for start in range(0, len(group), RECORDS_PER_MESSAGE):
+            yield asset, group[start : start + RECORDS_PER_MESSAGE]

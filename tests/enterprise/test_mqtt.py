@@ -97,7 +97,7 @@ class Subscriber:
                     await client.subscribe("dmzbroker/#", qos=1)
                     async for message in client.messages:
                         if not message.retain:  # retained copies are old news, re-sent on subscribe
-                            self.seqs.append(json.loads(message.payload)["seq"])
+                            self.seqs.extend(r["seq"] for r in json.loads(message.payload))
                         if self.stop.is_set():
                             return
             except aiomqtt.MqttError:
