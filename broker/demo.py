@@ -17,6 +17,7 @@ import structlog
 
 from broker import policy
 from broker.errors import ConfigError, DmzBrokerError
+from broker.policy import ModbusDevice
 from broker.sim.appliance import Appliance, provision
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.supervisor import Supervisor
@@ -32,6 +33,10 @@ log = structlog.get_logger("demo")
 async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port: int) -> int:
     demo_policy = policy.load(policy_path)
     device = demo_policy.devices[0]
+    if not isinstance(device, ModbusDevice):
+        raise ConfigError(
+            f"{policy_path}: the demo plant is a Modbus device, not {device.protocol}"
+        )
     _recreate(workdir)
     appliance = provision(workdir, demo_policy, port=port, consumer_uri=CONSUMER_URI)
 

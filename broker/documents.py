@@ -10,6 +10,7 @@ It never executes anything the document says.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -111,8 +112,8 @@ def _value_at(data: Any, path: str) -> Any:
     return data
 
 
-def load(path: Path, type_: type[T]) -> T:
-    """Read, parse and type-check one YAML file."""
+def load(path: Path, type_: type[T], prepare: Callable[[Any], Any] | None = None) -> T:
+    """Read, parse and type-check one YAML file; `prepare` may fill in implied keys first."""
     try:
         size = path.stat().st_size
         if size > MAX_DOCUMENT_BYTES:
@@ -125,4 +126,6 @@ def load(path: Path, type_: type[T]) -> T:
     data = parse_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
+    if prepare is not None:
+        data = prepare(data)
     return convert(data, type_, str(path), base_dir=path.parent)

@@ -1,4 +1,5 @@
-"""Raw point → typed value: register words to numbers, word order, scale and offset.
+"""Raw point → typed value: register words to numbers, byte and word order, bit fields,
+strings, OPC UA variants, scale and offset.
 
 Decoders are built once per signal when the policy loads, so the hot path runs one small
 closure per sample. Pure: no I/O, no device access.
@@ -10,40 +11,95 @@ import math
 import struct
 from collections.abc import Callable
 
-from broker.policy import Signal
+from broker.policy import ModbusSource, Signal
 from broker.records import Value
 
-RawValue = tuple[int, ...] | bool
+# Modbus: a bit, or the 16-bit registers. OPC UA: the variant's value as asyncua gives it.
+RawValue = tuple[int, ...] | bool | int | float | str
 Decoder = Callable[[RawValue], Value]
 
-_STRUCT_FORMAT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f"}
+_STRUCT_FORMAT = {
+    "int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f",
+    "int64": "q", "uint64": "Q", "float64": "d",
+}  # fmt: skip
 
 
 class DecodeError(ValueError):
-    """The raw value cannot become a trustworthy number (wrong width, NaN, infinity)."""
+    """The raw value cannot become a trustworthy value (wrong width, NaN, infinity, type)."""
 
 
 def decoder_for(signal: Signal) -> Decoder:
     source = signal.source
+    scale = _scaling(signal)
+    if not isinstance(source, ModbusSource):
+        return _variant(scale)
+    if source.type == "bool" and source.bit is None:
+        return _bit
+    registers = _registers(source)
     if source.type == "bool":
-        return bool
-    words = struct.Struct(f">{source.width}H")
+        mask = 1 << (source.bit or 0)
+        return lambda raw: bool(registers(raw)[0] & mask)
+    if source.type == "string":
+        return lambda raw: _ascii(registers(raw))
     number = struct.Struct(">" + _STRUCT_FORMAT[source.type])
-    swap = source.word_order == "little"
-    scale, offset = signal.scale, signal.offset
-    scaled = scale != 1.0 or offset != 0.0
+    words = struct.Struct(f">{source.width}H")
+    return lambda raw: scale(number.unpack(words.pack(*registers(raw)))[0])
 
-    def decode(raw: RawValue) -> Value:
-        if isinstance(raw, bool) or len(raw) != source.width:
-            raise DecodeError(f"expected {source.width} register(s), got {raw!r}")
-        try:
-            value: int | float = number.unpack(words.pack(*(raw[::-1] if swap else raw)))[0]
-        except struct.error as e:  # a register outside 0..65535
-            raise DecodeError(f"not 16-bit registers: {raw!r}") from e
+
+def _bit(raw: RawValue) -> Value:
+    if not isinstance(raw, bool):
+        raise DecodeError(f"expected a bit, got {raw!r}")
+    return raw
+
+
+def _registers(source: ModbusSource) -> Callable[[RawValue], tuple[int, ...]]:
+    """Checks the width and range, and puts words and bytes in big-endian order."""
+    width = source.width
+    swap_words = source.word_order == "little"
+    swap_bytes = source.byte_order == "little"
+
+    def ordered(raw: RawValue) -> tuple[int, ...]:
+        if not isinstance(raw, tuple) or len(raw) != width:
+            raise DecodeError(f"expected {width} register(s), got {raw!r}")
+        if not all(0 <= word <= 0xFFFF for word in raw):
+            raise DecodeError(f"not 16-bit registers: {raw!r}")
+        words = raw[::-1] if swap_words else raw
+        return tuple(((w & 0xFF) << 8) | (w >> 8) for w in words) if swap_bytes else words
+
+    return ordered
+
+
+def _ascii(words: tuple[int, ...]) -> str:
+    data = b"".join(word.to_bytes(2, "big") for word in words).rstrip(b"\0")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"not ASCII text: {data!r}") from e
+
+
+def _scaling(signal: Signal) -> Callable[[int | float], Value]:
+    """Scale and offset when set; a number that is not finite is never passed on."""
+    factor, offset = signal.scale, signal.offset
+    scaled = (factor, offset) != (1.0, 0.0)
+
+    def scale(value: int | float) -> Value:
         if scaled:
-            value = value * scale + offset
+            value = value * factor + offset
         if isinstance(value, float) and not math.isfinite(value):
             raise DecodeError(f"not a finite number: {value}")
         return value
+
+    return scale
+
+
+def _variant(scale: Callable[[int | float], Value]) -> Decoder:
+    """An OPC UA value: numbers scaled, booleans and text as they are, nothing else."""
+
+    def decode(raw: RawValue) -> Value:
+        if isinstance(raw, bool | str):
+            return raw
+        if isinstance(raw, int | float):
+            return scale(raw)
+        raise DecodeError(f"a {type(raw).__name__} value is not a number, bool or text")
 
     return decode

@@ -1,6 +1,25 @@
 """The policy: the one document that decides what crosses the boundary and who sees it."""
 
 from broker.policy.parse import load
-from broker.policy.schema import Asset, Device, ModbusSource, Policy, Signal
+from broker.policy.schema import (
+    Asset,
+    Device,
+    ModbusDevice,
+    ModbusSource,
+    OpcUaDevice,
+    OpcUaSource,
+    Policy,
+    Signal,
+)
 
-__all__ = ["Asset", "Device", "ModbusSource", "Policy", "Signal", "load"]
+__all__ = [
+    "Asset",
+    "Device",
+    "ModbusDevice",
+    "ModbusSource",
+    "OpcUaDevice",
+    "OpcUaSource",
+    "Policy",
+    "Signal",
+    "load",
+]

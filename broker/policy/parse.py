@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from casbin.util import glob_match as matches
@@ -19,7 +20,7 @@ from broker.policy.schema import Policy
 
 def load(path: Path) -> Policy:
     """Load a policy as people write it (YAML); raises ConfigError naming file and key."""
-    return _checked(documents.load(path, Policy), str(path))
+    return _checked(documents.load(path, Policy, prepare=_with_source_protocols), str(path))
 
 
 def from_payload(trusted_payload: bytes, source: str) -> Policy:
@@ -28,7 +29,32 @@ def from_payload(trusted_payload: bytes, source: str) -> Policy:
         data = msgspec.json.decode(trusted_payload)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
-    return _checked(documents.convert(data, Policy, source), source)
+    return _checked(documents.convert(_with_source_protocols(data), Policy, source), source)
+
+
+def _with_source_protocols(data: Any) -> Any:
+    """Tag each signal's `source` with its device's protocol, which decides its shape.
+
+    People do not write the tag (the device already says it); the typed schema needs it to
+    tell a Modbus source from an OPC UA one. An explicit tag is kept, and checked below.
+    """
+    if not isinstance(data, dict):
+        return data
+    devices = data.get("devices")
+    protocols = {
+        d.get("name"): d.get("protocol")
+        for d in (devices if isinstance(devices, list) else [])
+        if isinstance(d, dict)
+    }
+    signals = data.get("signals")
+    for signal in signals if isinstance(signals, list) else []:
+        if isinstance(signal, dict) and isinstance(signal.get("source"), dict):
+            source = signal["source"]
+            implied = protocols.get(signal.get("device")) or (
+                "opcua" if "node" in source else "modbus"
+            )
+            source.setdefault("protocol", implied)
+    return data
 
 
 def _checked(policy: Policy, source: str) -> Policy:
@@ -42,12 +68,17 @@ def _problems(policy: Policy) -> Iterator[str]:
     yield from _duplicates("signals", "path", [s.path for s in policy.signals])
     yield from _duplicates("roles", "name", [r.name for r in policy.roles])
     yield from _duplicates("consumers", "identity", [c.identity for c in policy.consumers])
-    devices = {d.name for d in policy.devices}
     signals = {s.path for s in policy.signals}
     roles = {r.name for r in policy.roles}
+    protocols = {d.name: d.protocol for d in policy.devices}
     for i, signal in enumerate(policy.signals):
-        if signal.device not in devices:
+        if signal.device not in protocols:
             yield f"signals[{i}].device: no device named {signal.device!r}"
+        elif signal.source.protocol != protocols[signal.device]:
+            yield (
+                f"signals[{i}].source: a {signal.source.protocol} source on "
+                f"{protocols[signal.device]} device {signal.device!r}"
+            )
     for i, role in enumerate(policy.roles):
         for pattern in role.signals:
             if not any(matches(path, pattern) for path in signals):
@@ -56,6 +87,10 @@ def _problems(policy: Policy) -> Iterator[str]:
         for role_name in consumer.roles:
             if role_name not in roles:
                 yield f"consumers[{i}].roles: no role named {role_name!r}"
+    yield from _asset_problems(policy, signals)
+
+
+def _asset_problems(policy: Policy, signals: set[str]) -> Iterator[str]:
     for i, asset in enumerate(policy.assets):
         if asset.state_signal is None:
             continue

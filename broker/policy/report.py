@@ -9,26 +9,45 @@ from __future__ import annotations
 from datetime import datetime
 
 from broker.policy.access import Access
-from broker.policy.schema import Device, Policy, Signal
+from broker.policy.schema import Device, ModbusSource, OpcUaDevice, Policy, Signal
 
 UNVERIFIED = "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
 
 
 def _device(d: Device) -> str:
+    timing = f"every {d.poll_interval_s:g} s, timeout {d.timeout_s:g} s"
+    if isinstance(d, OpcUaDevice):
+        pin = ", server pinned" if d.server_certificate_sha256 else ", server from the trust list"
+        return (
+            f"{d.name}: opcua {d.endpoint} {d.security_policy}/{d.security_mode}"
+            f"{pin}, {d.read}, {timing}"
+        )
+    budget = f", ≤ {d.max_requests_per_s:g} requests/s" if d.max_requests_per_s else ""
     return (
-        f"{d.name}: {d.protocol} {d.host}:{d.port} unit {d.unit_id}, "
-        f"every {d.poll_interval_s:g} s, timeout {d.timeout_s:g} s"
+        f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}{budget}, "
+        f"{d.max_connections} connection(s)"
     )
+
+
+def _source(s: Signal) -> str:
+    src = s.source
+    if not isinstance(src, ModbusSource):
+        return f"{s.device} {src.node}"
+    unit = f" unit {src.unit_id}" if src.unit_id is not None else ""
+    bit = f" bit {src.bit}" if src.bit is not None else ""
+    order = (
+        f" {src.word_order or 'big'}-word-first" if src.width > 1 and src.type != "string" else ""
+    )
+    order += " little-endian-bytes" if src.byte_order == "little" else ""
+    return f"{s.device}{unit} {src.table} {src.address} {src.type}{bit}{order}"
 
 
 def _signal(s: Signal) -> str:
-    src = s.source
     scaling = (f" ×{s.scale:g}" if s.scale != 1.0 else "") + (
         f" {s.offset:+g}" if s.offset != 0.0 else ""
     )
-    order = f" {src.word_order or 'big'}-word-first" if src.width > 1 else ""
     unit = f" [{s.unit}]" if s.unit else ""
-    return f"{s.path}{unit} ← {s.device} {src.table} {src.address} {src.type}{order}{scaling}"
+    return f"{s.path}{unit} ← {_source(s)}{scaling}"
 
 
 def show(policy: Policy, sha256: str, now: datetime) -> str:

@@ -16,7 +16,7 @@ FORMATS = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": 
 
 def signal(type_: str, word_order: str = "big", scale: float = 1.0, offset: float = 0.0) -> Signal:
     table = "coil" if type_ == "bool" else "holding_register"
-    source = {"table": table, "address": 0, "type": type_}
+    source = {"protocol": "modbus", "table": table, "address": 0, "type": type_}
     if type_ in ("int32", "uint32", "float32"):
         source["word_order"] = word_order
     return msgspec.convert(

@@ -25,7 +25,7 @@ from pymodbus.pdu import ModbusPDU
 
 from broker.errors import DeviceError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
-from broker.policy import Device, Signal
+from broker.policy import ModbusDevice, ModbusSource, Signal
 from broker.policy.schema import BIT_TABLES, ModbusTable
 
 # table → (function code, client method, most items one request may ask for)
@@ -56,20 +56,25 @@ class ReadRequest:
         return READ_FUNCTIONS[self.table][0]
 
 
+def _modbus(signal: Signal) -> ModbusSource:
+    assert isinstance(signal.source, ModbusSource)  # parse checked it against the device
+    return signal.source
+
+
 def plan_reads(signals: Sequence[Signal]) -> list[ReadRequest]:
     """The fewest requests that read every modelled address and no other one."""
     by_table: dict[ModbusTable, list[Signal]] = defaultdict(list)
     for signal in signals:
-        by_table[signal.source.table].append(signal)
+        by_table[_modbus(signal).table].append(signal)
     requests: list[ReadRequest] = []
     for table, group in sorted(by_table.items()):
         limit = READ_FUNCTIONS[table][2]
-        group.sort(key=lambda s: s.source.address)
+        group.sort(key=lambda s: _modbus(s).address)
         start = end = -1
         members: list[Signal] = []
         for signal in group:
-            s_start = signal.source.address
-            s_end = s_start + signal.source.width
+            s_start = _modbus(signal).address
+            s_end = s_start + _modbus(signal).width
             if members and s_start <= end and max(end, s_end) - start <= limit:
                 end = max(end, s_end)
             else:
@@ -82,7 +87,7 @@ def plan_reads(signals: Sequence[Signal]) -> list[ReadRequest]:
 
 
 def _request(table: ModbusTable, start: int, end: int, members: list[Signal]) -> ReadRequest:
-    slots = tuple(Slot(s.path, s.source.address - start, s.source.width) for s in members)
+    slots = tuple(Slot(s.path, _modbus(s).address - start, _modbus(s).width) for s in members)
     return ReadRequest(table, start, end - start, slots)
 
 
@@ -93,7 +98,7 @@ def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
 
 
 class ModbusConnector:
-    def __init__(self, device: Device, signals: Sequence[Signal]) -> None:
+    def __init__(self, device: ModbusDevice, signals: Sequence[Signal]) -> None:
         self._device = device
         self._signals = [s.path for s in signals]
         self.plan = plan_reads(signals)

@@ -110,7 +110,8 @@ async def test_an_exception_response_marks_only_that_requests_signals_bad(
 ) -> None:
     missing = msgspec.convert(
         {"path": "coldstore/machine-room/compressor-1/oil_level", "device": "plc-machine-room",
-         "source": {"table": "input_register", "address": 200, "type": "uint16"}},
+         "source": {"protocol": "modbus", "table": "input_register", "address": 200,
+                    "type": "uint16"}},
         Signal,
     )  # fmt: skip
     collector = Collector()
@@ -182,7 +183,7 @@ async def test_a_response_with_fewer_items_than_asked_marks_bad_and_never_crashe
             {
                 "path": f"site/asset/coil{a}",
                 "device": "plc-machine-room",
-                "source": {"table": "coil", "address": a, "type": "bool"},
+                "source": {"protocol": "modbus", "table": "coil", "address": a, "type": "bool"},
             },
             Signal,
         )

@@ -20,7 +20,7 @@ def sig(
         {
             "path": f"site/asset/{name or f'{table}-{type_}-{address}'}",
             "device": "plc",
-            "source": {"table": table, "address": address, "type": type_},
+            "source": {"protocol": "modbus", "table": table, "address": address, "type": type_},
         },
         Signal,
     )
