@@ -24,6 +24,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "device_read_refused": ("device", "failure"),
     "device_read_recovered": ("device", "success"),
     "scan_overrun": ("device", "unknown"),
+    "scan_overrun_ended": ("device", "success"),
     "consumer_denied": ("access", "failure"),
     "consumer_connected": ("access", "success"),
     "point_denied": ("policy", "failure"),

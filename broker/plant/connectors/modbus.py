@@ -1,12 +1,16 @@
 """Modbus TCP connector: coils, discrete inputs, holding and input registers, read-only.
 
 Read-only by construction: the only Modbus functions this code base names are in
-`READ_FUNCTIONS` (codes 1–4); it never sends a write function code. It never reads an
-address that no signal names: a request covers only modelled addresses that touch or
-overlap, so gaps are never bridged, even when bridging would save a request.
+`READ_FUNCTIONS` (codes 1–4); it never sends a write function code. It reads only what the
+planner (`modbus_plan.py`) plans: never an address that no signal names.
 
-Scans of one device run one after another, never overlapping: a scan that overruns the
-poll interval makes the connector skip the missed slots (counted) instead of queueing them.
+It keeps the device's budget from the policy (docs/modbus.md): a scan starts at most every
+`poll_interval_s` and never overlaps the previous one (missed slots are skipped and counted,
+never queued, so nothing piles up); request starts are spaced to at most
+`max_requests_per_s`; a scan's requests share at most `max_connections` connections; each
+request waits at most `timeout_s`. A timeout or a lost connection trips the device's own
+breaker: its signals go `bad`, the connections close, and it retries after an exponential
+backoff with jitter. Each device runs in its own task, so one never delays another.
 """
 
 from __future__ import annotations
@@ -14,81 +18,36 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import structlog
 from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
 
 from broker.errors import DeviceError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
-from broker.policy import ModbusDevice, ModbusSource, Signal
-from broker.policy.schema import BIT_TABLES, ModbusTable
-
-# table → (function code, client method, most items one request may ask for)
-READ_FUNCTIONS: dict[ModbusTable, tuple[int, str, int]] = {
-    "coil": (1, "read_coils", 2000),
-    "discrete_input": (2, "read_discrete_inputs", 2000),
-    "holding_register": (3, "read_holding_registers", 125),
-    "input_register": (4, "read_input_registers", 125),
-}
+from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, ReadRequest, plan_reads
+from broker.policy import ModbusDevice, Signal
+from broker.policy.schema import BIT_TABLES
 
 
-@dataclass(frozen=True)
-class Slot:
-    signal: str
-    offset: int  # position of the signal's first item in the response
-    width: int
+class Pace:
+    """Spaces request starts at least 1/rate apart, across all of a device's connections."""
 
+    def __init__(self, per_s: float | None) -> None:
+        self._gap = 0.0 if per_s is None else 1.0 / per_s
+        self._next = 0.0
 
-@dataclass(frozen=True)
-class ReadRequest:
-    table: ModbusTable
-    address: int
-    count: int
-    slots: tuple[Slot, ...]
-
-    @property
-    def function_code(self) -> int:
-        return READ_FUNCTIONS[self.table][0]
-
-
-def _modbus(signal: Signal) -> ModbusSource:
-    assert isinstance(signal.source, ModbusSource)  # parse checked it against the device
-    return signal.source
-
-
-def plan_reads(signals: Sequence[Signal]) -> list[ReadRequest]:
-    """The fewest requests that read every modelled address and no other one."""
-    by_table: dict[ModbusTable, list[Signal]] = defaultdict(list)
-    for signal in signals:
-        by_table[_modbus(signal).table].append(signal)
-    requests: list[ReadRequest] = []
-    for table, group in sorted(by_table.items()):
-        limit = READ_FUNCTIONS[table][2]
-        group.sort(key=lambda s: _modbus(s).address)
-        start = end = -1
-        members: list[Signal] = []
-        for signal in group:
-            s_start = _modbus(signal).address
-            s_end = s_start + _modbus(signal).width
-            if members and s_start <= end and max(end, s_end) - start <= limit:
-                end = max(end, s_end)
-            else:
-                if members:
-                    requests.append(_request(table, start, end, members))
-                start, end, members = s_start, s_end, []
-            members.append(signal)
-        requests.append(_request(table, start, end, members))
-    return requests
-
-
-def _request(table: ModbusTable, start: int, end: int, members: list[Signal]) -> ReadRequest:
-    slots = tuple(Slot(s.path, _modbus(s).address - start, _modbus(s).width) for s in members)
-    return ReadRequest(table, start, end - start, slots)
+    async def wait(self) -> None:
+        if not self._gap:
+            return
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next)
+        self._next = start + self._gap  # reserved before sleeping: concurrent callers queue up
+        await asyncio.sleep(start - now)
 
 
 def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
@@ -97,92 +56,141 @@ def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
     return items if len(items) >= request.count else None
 
 
+def _exception_name(code: int | None) -> str | None:
+    """The Modbus name of an exception code (`illegal_address`), for people reading the log."""
+    if code is None:
+        return None
+    try:
+        return ExcCodes(code).name.lower()
+    except ValueError:
+        return f"code_{code}"
+
+
 class ModbusConnector:
     def __init__(self, device: ModbusDevice, signals: Sequence[Signal]) -> None:
         self._device = device
         self._signals = [s.path for s in signals]
-        self.plan = plan_reads(signals)
+        self.plan = plan_reads(signals, device.unit_id)
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
         self.errors = 0  # failed connections and reads
         self.last_scan_s = 0.0  # how long the last whole scan took
+        self._connections = max(1, min(device.max_connections, len(self.plan)))
+        self._pace = Pace(device.max_requests_per_s)
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
+        self._answering: bool | None = None  # audited when it changes, not per retry
+        self._overrun_streak = 0  # slots skipped since the last scan that kept its time
         self._log = structlog.get_logger("modbus").bind(device=device.name)
 
     async def run(self, emit: Emit) -> None:
-        device = self._device
-        backoff = Backoff(initial_s=min(1.0, device.poll_interval_s))
-        loop = asyncio.get_running_loop()
+        breaker = Backoff(initial_s=min(1.0, self._device.poll_interval_s))
         while True:
-            client = AsyncModbusTcpClient(
+            try:
+                async with self._session() as clients:
+                    await self._scan_forever(clients, emit, breaker)
+            except DeviceError as e:
+                self.errors += 1
+                retry_in_s = breaker.delay()
+                down = self._answering is False
+                event = "device_reconnect_failed" if down else "device_session_down"
+                self._answering = False
+                self._log.warning(event, error=str(e), retry_in_s=round(retry_in_s, 3))
+                await emit(self._all_bad())
+                await asyncio.sleep(retry_in_s)
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[list[AsyncModbusTcpClient]]:
+        device = self._device
+        clients = [
+            AsyncModbusTcpClient(
                 device.host,
                 port=device.port,
                 timeout=device.timeout_s,
                 retries=0,
-                reconnect_delay=0,  # reconnects are ours, with backoff and a log line
+                reconnect_delay=0,  # reconnects are ours, through the breaker
             )
-            try:
-                await self._connect(client)
-                next_scan = loop.time()
-                while True:
-                    await emit(await self._scan(client))
-                    backoff.reset()  # only a whole scan proves the device is back
-                    next_scan = self._schedule(next_scan, loop.time())
-                    await asyncio.sleep(next_scan - loop.time())
-            except DeviceError as e:
-                self.errors += 1
-                self._log.warning("device_session_down", error=str(e))
-                await emit(self._all_bad())
-            finally:
+            for _ in range(self._connections)
+        ]
+        try:
+            for client in clients:
+                connected = await client.connect()
+                raise_if_cancelled()
+                if not connected:
+                    raise DeviceError(f"cannot connect to {device.address}")
+            yield clients
+        finally:
+            for client in clients:
                 client.close()
-            await asyncio.sleep(backoff.delay())
 
-    async def _connect(self, client: AsyncModbusTcpClient) -> None:
-        device = self._device
-        connected = await client.connect()
-        raise_if_cancelled()
-        if not connected:
-            raise DeviceError(f"cannot connect to {device.host}:{device.port}")
-        self._log.info("device_session_up", host=device.host, port=device.port)
+    async def _scan_forever(
+        self, clients: list[AsyncModbusTcpClient], emit: Emit, breaker: Backoff
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        next_scan = loop.time()
+        while True:
+            samples = await self._scan(clients)
+            breaker.reset()  # only a whole scan proves the device is back
+            if not self._answering:
+                self._answering = True
+                device = self._device
+                self._log.info(
+                    "device_session_up",
+                    host=device.host,
+                    port=device.port,
+                    connections=len(clients),
+                )
+            await emit(samples)  # waits while the spool is behind: a late scan skips, not queues
+            next_scan = self._schedule(next_scan, loop.time())
+            await asyncio.sleep(next_scan - loop.time())
 
-    async def _scan(self, client: AsyncModbusTcpClient) -> list[RawSample]:
+    async def _scan(self, clients: list[AsyncModbusTcpClient]) -> list[RawSample]:
+        """One pass over the plan, each connection taking the next request when it is free."""
         started = time.monotonic()
-        samples: list[RawSample] = []
-        for request in self.plan:
-            samples.extend(await self._read(client, request))
+        results: list[list[RawSample]] = [[] for _ in self.plan]
+        pending = iter(enumerate(self.plan))
+
+        async def work(client: AsyncModbusTcpClient) -> None:
+            for i, request in pending:
+                results[i] = await self._read(client, request)
+
+        # Not a TaskGroup: on 3.11 a failing child leaves this task's cancel count raised,
+        # which `raise_if_cancelled` would then take for a stop request.
+        workers = [asyncio.create_task(work(client)) for client in clients]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.wait(workers)
         self.scans += 1
         self.last_scan_s = time.monotonic() - started
-        return samples
+        return [sample for samples in results for sample in samples]
 
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
+        await self._pace.wait()
         raise_if_cancelled()
         method = getattr(client, READ_FUNCTIONS[request.table][1])
         try:
-            response = await method(
-                request.address, count=request.count, device_id=self._device.unit_id
-            )
-        except Exception as e:
+            response = await method(request.address, count=request.count, device_id=request.unit_id)
+        except Exception as e:  # pymodbus: no answer within timeout_s, or the connection lost
             raise DeviceError(
-                f"read of {request.table} {request.address}+{request.count}: {e!r}"
+                f"unit {request.unit_id} {request.table} {request.address}+{request.count}: {e}"
             ) from e
+        raise_if_cancelled()
         now = datetime.now(UTC)
         items = None if response.isError() else _items(response, request)
         if items is None:
             self.errors += 1
-            if request not in self._refused:  # logged (and audited) once per state change
-                self._refused.add(request)
-                self._log.warning(
-                    "device_read_refused",
-                    table=request.table,
-                    address=request.address,
-                    count=request.count,
-                    reason="exception_response" if response.isError() else "short_response",
-                    exception_code=getattr(response, "exception_code", None),
-                )
+            self._refused_once(request, response)
             return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
         if request in self._refused:
             self._refused.discard(request)
-            self._log.info("device_read_recovered", table=request.table, address=request.address)
+            self._log.info(
+                "device_read_recovered",
+                unit_id=request.unit_id,
+                table=request.table,
+                address=request.address,
+            )
         if request.table in BIT_TABLES:
             return [RawSample(s.signal, bool(items[s.offset]), now, "good") for s in request.slots]
         return [
@@ -190,16 +198,48 @@ class ModbusConnector:
             for s in request.slots
         ]
 
+    def _refused_once(self, request: ReadRequest, response: ModbusPDU) -> None:
+        """Log (and so audit) a refusal when it starts, not at every poll while it lasts."""
+        if request in self._refused:
+            return
+        self._refused.add(request)
+        code = getattr(response, "exception_code", None)
+        self._log.warning(
+            "device_read_refused",
+            unit_id=request.unit_id,
+            table=request.table,
+            address=request.address,
+            count=request.count,
+            reason="exception_response" if response.isError() else "short_response",
+            exception_code=code,
+            exception=_exception_name(code),
+            signals=[slot.signal for slot in request.slots],
+        )
+
     def _schedule(self, planned: float, now: float) -> float:
-        """The next scan time on the fixed grid; slots already missed are skipped and counted."""
+        """The next scan time on the fixed grid; slots already missed are skipped and counted.
+
+        The first overrun of a streak is logged (and audited), the streak's end too; the
+        overruns between are only counted, so a device that stays slow does not flood the log.
+        """
         interval = self._device.poll_interval_s
         following = planned + interval
-        if now > following:
-            missed = math.ceil((now - following) / interval)
-            self.overruns += missed
-            self._log.warning("scan_overrun", skipped_scans=missed, total_skipped=self.overruns)
-            following += missed * interval
-        return following
+        if now <= following:
+            if self._overrun_streak:
+                self._log.info("scan_overrun_ended", skipped_scans=self._overrun_streak)
+                self._overrun_streak = 0
+            return following
+        missed = math.ceil((now - following) / interval)
+        self.overruns += missed
+        if not self._overrun_streak:
+            self._log.warning(
+                "scan_overrun",
+                skipped_scans=missed,
+                scan_s=round(self.last_scan_s, 3),
+                poll_interval_s=interval,
+            )
+        self._overrun_streak += missed
+        return following + missed * interval
 
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from broker.plant.connectors.modbus import READ_FUNCTIONS, ReadRequest, plan_reads
+from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, ReadRequest, plan_reads
 from broker.policy import Signal, load
 from broker.policy.schema import REGISTER_WIDTH
 from tests.harness import DEMO_POLICY
@@ -69,7 +69,7 @@ def test_read_functions_are_exactly_the_four_read_codes() -> None:
 def test_demo_plan_reads_exactly_the_modelled_addresses_per_table() -> None:
     signals = load(DEMO_POLICY).signals
 
-    requests = plan_reads(signals)
+    requests = plan_reads(signals, 1)
 
     assert covered(requests) == modelled(signals)
     assert_each_signal_whole_in_exactly_one_request(signals, requests)
@@ -78,14 +78,14 @@ def test_demo_plan_reads_exactly_the_modelled_addresses_per_table() -> None:
 def test_demo_plan_uses_the_function_code_of_each_table() -> None:
     codes = {"coil": 1, "discrete_input": 2, "holding_register": 3, "input_register": 4}
 
-    for request in plan_reads(load(DEMO_POLICY).signals):
+    for request in plan_reads(load(DEMO_POLICY).signals, 1):
         assert request.function_code == codes[request.table]
 
 
 def test_gaps_are_never_bridged() -> None:
     signals = [sig(0), sig(2), sig(10, "float32")]
 
-    requests = plan_reads(signals)
+    requests = plan_reads(signals, 1)
 
     assert spans(requests) == [
         ("input_register", 0, 1),
@@ -97,7 +97,7 @@ def test_gaps_are_never_bridged() -> None:
 def test_adjacent_signals_are_merged_into_one_request() -> None:
     signals = [sig(8, "uint16"), sig(5, "int16"), sig(6, "float32")]
 
-    (request,) = plan_reads(signals)
+    (request,) = plan_reads(signals, 1)
 
     assert (request.address, request.count) == (5, 4)
     assert_each_signal_whole_in_exactly_one_request(signals, [request])
@@ -106,7 +106,7 @@ def test_adjacent_signals_are_merged_into_one_request() -> None:
 def test_tables_are_never_mixed_in_one_request() -> None:
     signals = [sig(0, table="input_register"), sig(1, table="holding_register")]
 
-    requests = plan_reads(signals)
+    requests = plan_reads(signals, 1)
 
     assert sorted(spans(requests)) == [("holding_register", 1, 1), ("input_register", 0, 1)]
 
@@ -114,20 +114,20 @@ def test_tables_are_never_mixed_in_one_request() -> None:
 def test_run_of_exactly_125_registers_is_one_request() -> None:
     signals = [sig(a) for a in range(125)]
 
-    assert spans(plan_reads(signals)) == [("input_register", 0, 125)]
+    assert spans(plan_reads(signals, 1)) == [("input_register", 0, 125)]
 
 
 def test_run_of_126_registers_is_split_at_125() -> None:
     signals = [sig(a) for a in range(126)]
 
-    assert spans(plan_reads(signals)) == [("input_register", 0, 125), ("input_register", 125, 1)]
+    assert spans(plan_reads(signals, 1)) == [("input_register", 0, 125), ("input_register", 125, 1)]
 
 
 def test_long_register_run_is_split_without_splitting_a_two_register_signal() -> None:
     # float32 number 62 occupies registers 124-125: it straddles the 125-register limit.
     signals = [sig(a, "float32") for a in range(0, 140, 2)]
 
-    requests = plan_reads(signals)
+    requests = plan_reads(signals, 1)
 
     assert len(requests) == 2  # 140 registers cannot take fewer
     assert all(r.count <= 125 for r in requests)
@@ -138,7 +138,7 @@ def test_long_register_run_is_split_without_splitting_a_two_register_signal() ->
 def test_bit_requests_are_limited_to_2000() -> None:
     signals = [sig(a, "bool", "coil") for a in range(2001)]
 
-    requests = plan_reads(signals)
+    requests = plan_reads(signals, 1)
 
     assert spans(requests) == [("coil", 0, 2000), ("coil", 2000, 1)]
     assert_each_signal_whole_in_exactly_one_request(signals, requests)
@@ -147,13 +147,13 @@ def test_bit_requests_are_limited_to_2000() -> None:
 def test_2000_bits_fit_one_request() -> None:
     signals = [sig(a, "bool", "discrete_input") for a in range(2000)]
 
-    assert spans(plan_reads(signals)) == [("discrete_input", 0, 2000)]
+    assert spans(plan_reads(signals, 1)) == [("discrete_input", 0, 2000)]
 
 
 def test_two_signals_on_one_register_share_one_request() -> None:
     signals = [sig(7, "int16", name="signed"), sig(7, "uint16", name="unsigned")]
 
-    (request,) = plan_reads(signals)
+    (request,) = plan_reads(signals, 1)
 
     assert (request.address, request.count) == (7, 1)
     assert sorted((s.signal, s.offset) for s in request.slots) == [
@@ -165,7 +165,7 @@ def test_two_signals_on_one_register_share_one_request() -> None:
 def test_partly_overlapping_signals_share_one_request() -> None:
     signals = [sig(10, "float32"), sig(11, "int16")]
 
-    (request,) = plan_reads(signals)
+    (request,) = plan_reads(signals, 1)
 
     assert (request.address, request.count) == (10, 2)
     assert_each_signal_whole_in_exactly_one_request(signals, [request])
@@ -174,7 +174,7 @@ def test_partly_overlapping_signals_share_one_request() -> None:
 def test_signal_inside_a_wider_one_does_not_shorten_the_request() -> None:
     signals = [sig(10, "float32"), sig(10, "int16"), sig(12, "uint16")]
 
-    (request,) = plan_reads(signals)
+    (request,) = plan_reads(signals, 1)
 
     assert (request.address, request.count) == (10, 3)
     assert_each_signal_whole_in_exactly_one_request(signals, [request])
