@@ -150,3 +150,128 @@ def test_scaling_to_infinity_is_a_decode_error() -> None:
 def test_a_register_outside_16_bits_is_a_decode_error(raw: tuple[int, ...]) -> None:
     with pytest.raises(DecodeError):
         decoder_for(signal("uint16"))(raw)
+
+
+# 64-bit types, byte order, bits in registers, strings
+
+
+def modbus_signal(type_: str, scale: float = 1.0, **source: object) -> Signal:
+    return msgspec.convert(
+        {
+            "path": "site/asset/m",
+            "device": "plc",
+            "source": {"protocol": "modbus", "table": "input_register", "address": 0,
+                       "type": type_, **source},
+            "scale": scale,
+        },
+        Signal,
+    )  # fmt: skip
+
+
+def words_of(
+    fmt: str, value: float, word_order: str = "big", byte_order: str = "big"
+) -> tuple[int, ...]:
+    """How a PLC with these orders lays `value` out in registers."""
+    words = list(struct.unpack(f">{struct.calcsize(fmt) // 2}H", struct.pack(">" + fmt, value)))
+    if word_order == "little":
+        words.reverse()
+    if byte_order == "little":
+        words = [((w & 0xFF) << 8) | (w >> 8) for w in words]
+    return tuple(words)
+
+
+WIDE_CASES = [
+    ("int64", "q", -(2**62) - 12345),
+    ("int64", "q", 2**63 - 1),
+    ("uint64", "Q", 2**64 - 2),
+    ("float64", "d", -1234.5678e100),
+    ("int32", "i", -2),
+    ("float32", "f", 0.15625),
+]
+
+
+@pytest.mark.parametrize("byte_order", ["big", "little"])
+@pytest.mark.parametrize("word_order", ["big", "little"])
+@pytest.mark.parametrize(("type_", "fmt", "value"), WIDE_CASES)
+def test_wide_types_decode_in_every_word_and_byte_order(
+    type_: str, fmt: str, value: float, word_order: str, byte_order: str
+) -> None:
+    decode = decoder_for(modbus_signal(type_, word_order=word_order, byte_order=byte_order))
+
+    assert decode(words_of(fmt, value, word_order, byte_order)) == value
+
+
+def test_word_order_of_a_64_bit_value_reverses_all_four_registers() -> None:
+    raw = (0x0001, 0x0203, 0x0405, 0x0607)
+    big = decoder_for(modbus_signal("uint64"))(raw)
+    little = decoder_for(modbus_signal("uint64", word_order="little"))(raw)
+
+    assert big == 0x0001_0203_0405_0607
+    assert little == 0x0607_0405_0203_0001
+
+
+def test_byte_order_swaps_bytes_inside_a_one_register_value() -> None:
+    assert decoder_for(modbus_signal("uint16", byte_order="little"))((0x3412,)) == 0x1234
+    assert decoder_for(modbus_signal("int16", byte_order="little"))((0xFEFF,)) == -2
+
+
+def test_unscaled_64_bit_integers_stay_exact() -> None:
+    value = decoder_for(modbus_signal("uint64"))((0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF))
+
+    assert value == 2**64 - 1
+    assert type(value) is int
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_float64_is_a_decode_error(value: float) -> None:
+    with pytest.raises(DecodeError):
+        decoder_for(modbus_signal("float64"))(words_of("d", value))
+
+
+@pytest.mark.parametrize("type_", ["int64", "uint64", "float64"])
+@pytest.mark.parametrize("raw", [(1, 2), (1, 2, 3), (1, 2, 3, 4, 5)])
+def test_a_64_bit_type_needs_exactly_four_registers(type_: str, raw: tuple[int, ...]) -> None:
+    with pytest.raises(DecodeError):
+        decoder_for(modbus_signal(type_))(raw)
+
+
+@pytest.mark.parametrize("bit", range(16))
+def test_bit_picks_one_bit_of_a_register_counting_from_the_least_significant(bit: int) -> None:
+    decode = decoder_for(modbus_signal("bool", bit=bit))
+
+    assert decode((1 << bit,)) is True
+    assert decode((0xFFFF ^ (1 << bit),)) is False
+
+
+def test_bit_numbers_follow_the_byte_order() -> None:
+    """Bit 0 is the least significant bit of the register once its bytes are in order."""
+    assert decoder_for(modbus_signal("bool", bit=8, byte_order="little"))((0x0001,)) is True
+    assert decoder_for(modbus_signal("bool", bit=0, byte_order="little"))((0x0001,)) is False
+
+
+def test_a_bit_in_a_register_needs_one_register() -> None:
+    with pytest.raises(DecodeError):
+        decoder_for(modbus_signal("bool", bit=0))(True)
+
+
+def test_string_is_two_ascii_characters_per_register_with_trailing_nuls_trimmed() -> None:
+    raw = (0x4F49, 0x4C2D, 0x3100, 0x0000)  # "OIL-1" padded with NULs
+
+    assert decoder_for(modbus_signal("string", length=4))(raw) == "OIL-1"
+
+
+def test_string_with_little_byte_order_swaps_each_pair_of_characters() -> None:
+    raw = (0x494F, 0x2D4C, 0x0031)  # "OI" "L-" "1\0" with the bytes of each register swapped
+
+    assert decoder_for(modbus_signal("string", length=3, byte_order="little"))(raw) == "OIL-1"
+
+
+@pytest.mark.parametrize("raw", [(0x4F49,), (0x4F49, 0x4C2D, 0x3100)])
+def test_string_needs_exactly_its_length_in_registers(raw: tuple[int, ...]) -> None:
+    with pytest.raises(DecodeError):
+        decoder_for(modbus_signal("string", length=2))(raw)
+
+
+def test_a_string_that_is_not_ascii_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError):
+        decoder_for(modbus_signal("string", length=1))((0xC3A9,))  # "é" in UTF-8
