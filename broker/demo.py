@@ -40,7 +40,11 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
     _recreate(workdir)
     appliance = provision(workdir, demo_policy, port=port, consumer_uri=CONSUMER_URI)
 
-    plant = RefrigerationPlant(device.host, device.port, device.unit_id)
+    # Condenser fouling develops over simulated days, one a minute: within about a minute
+    # and a half the context flags it while the raw pressure still looks normal.
+    plant = RefrigerationPlant(
+        device.host, device.port, device.unit_id, fouling_bar_per_day=1.0, days_per_second=1 / 60
+    )
     try:
         await plant.start()
     except RuntimeError as e:

@@ -15,14 +15,76 @@ from typing import Literal
 import msgspec
 
 Quality = Literal["good", "uncertain", "bad", "stale"]
-AssetState = Literal["running", "stopped", "unknown"]
 Value = bool | int | float | str | None
 
 
-class Context(msgspec.Struct, frozen=True, kw_only=True):
-    """Operational context added at the edge, from the plant half's own knowledge."""
+class _Part(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
+    pass
 
-    asset_state: AssetState = "unknown"
+
+class WindowStats(_Part, frozen=True, kw_only=True):
+    mean: float | None  # None when no good value fell in the window
+    max: float | None
+
+
+class Load(_Part, frozen=True, kw_only=True):
+    signal: str
+    windows: dict[str, WindowStats]  # "15m" → mean and max over the last 15 minutes
+
+
+class WorkOrder(_Part, frozen=True, kw_only=True):
+    id: str
+    title: str
+
+
+class Maintenance(_Part, frozen=True, kw_only=True):
+    status: Literal["ok", "due", "overdue", "unknown"]
+    last_service: str | None = None  # ISO dates, as the maintenance file says
+    next_due: str | None = None
+    open_work_orders: list[WorkOrder] = []
+
+
+class Assessment(_Part, frozen=True, kw_only=True):
+    expected: float  # the baseline at this sample's ambient and load
+    deviation_pct: float  # (value - expected) / |expected| × 100
+    label: Literal["expected", "below_expected", "abnormal"]
+
+
+class Trend(_Part, frozen=True, kw_only=True):
+    slope_per_h: float  # least squares over the asset's trend window
+    direction: Literal["rising", "falling", "steady"]
+    window: str
+
+
+class Alert(_Part, frozen=True, kw_only=True):
+    rule: str
+    severity: Literal["info", "warning", "critical"]
+    message: str
+    action: str  # the recommended action
+    outcome: str  # energy, product_quality, asset_life or safety
+
+
+class QualityIssue(_Part, frozen=True, kw_only=True):
+    check: (
+        str  # read_failed, undecodable, out_of_range, flatline, spike, noise, device_status, stale
+    )
+    detail: str
+
+
+class Context(msgspec.Struct, frozen=True, kw_only=True):
+    """Operational context added at the edge, from the plant half's own knowledge
+    (docs/records.md). Only plant-side knowledge: never anything from the enterprise side."""
+
+    asset: str = ""  # the asset path; "" for a signal outside any asset
+    asset_type: str = "other"
+    asset_state: str = "unknown"
+    ambient: dict[str, Value] = {}  # the asset's ambient names → their latest values
+    load: Load | None = None
+    maintenance: Maintenance | None = None
+    assessment: Assessment | None = None  # only for a measure with a baseline
+    trend: Trend | None = None  # only for a numeric measure with enough history
+    alerts: list[Alert] = []  # the asset's active rules
+    quality_issues: list[QualityIssue] = []  # why the value is not `good`
 
 
 class Record(msgspec.Struct, kw_only=True):

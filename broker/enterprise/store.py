@@ -94,8 +94,10 @@ class Store:
     def use_policy(self, policy: Policy) -> None:
         """Serve under `policy` from now on: signals it no longer names are forgotten."""
         interval = {d.name: d.poll_interval_s for d in policy.devices}
+        slowest = max(interval.values())  # a derived signal follows its slowest input at most
         self._stale_after = {
-            s.path: STALE_AFTER_INTERVALS * interval[s.device] for s in policy.signals
+            s.path: STALE_AFTER_INTERVALS * (interval[s.device] if s.device else slowest)
+            for s in policy.signals
         }
         for signal in self._latest.keys() - self._stale_after.keys():
             del self._latest[signal]

@@ -16,6 +16,7 @@ import structlog
 
 from broker.plant.connectors import RawSample
 from broker.policy import Policy
+from broker.records import Record
 
 log = structlog.get_logger("gate")
 
@@ -23,6 +24,7 @@ log = structlog.get_logger("gate")
 class Gate:
     def __init__(self, policy: Policy) -> None:
         self._allowed = frozenset(s.path for s in policy.signals)
+        self._proposed = frozenset(s.path for s in policy.signals if s.lifecycle == "proposed")
         self._expires = policy.expires
         self.island = False  # set by the plant half from the island flag
         self.audit_failing = False  # fail closed: nothing crosses that cannot be audited
@@ -47,3 +49,12 @@ class Gate:
                     self._reported.add(sample.signal)  # audited once per point, not per sample
                     log.warning("point_denied", signal=sample.signal, reason="not in the policy")
         return admitted
+
+    def publishable(self, records: list[Record]) -> list[Record]:
+        """The records that may cross: a proposed signal is validated here, never published."""
+        if not self._proposed:
+            return records
+        kept = [r for r in records if r.signal not in self._proposed]
+        if len(kept) != len(records):
+            self.dropped["proposed_signal"] += len(records) - len(kept)
+        return kept

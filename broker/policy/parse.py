@@ -1,7 +1,8 @@
 """Parse a policy and check what no single field can: references and duplicates.
 
 A policy that loads is internally consistent: every signal names a known device, no two
-devices or signals share a name, every asset's state signal exists and belongs to that asset.
+devices or signals share a name, and the semantic model's references and expressions hold
+(`model.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from casbin.util import glob_match as matches
 
 from broker import documents
 from broker.errors import ConfigError
+from broker.policy.model import SemanticModel
 from broker.policy.schema import Policy
 
 
@@ -50,9 +52,12 @@ def _with_source_protocols(data: Any) -> Any:
     for signal in signals if isinstance(signals, list) else []:
         if isinstance(signal, dict) and isinstance(signal.get("source"), dict):
             source = signal["source"]
-            implied = protocols.get(signal.get("device")) or (
-                "opcua" if "node" in source else "modbus"
-            )
+            if "expression" in source and "device" not in signal:
+                implied = "derived"
+            else:
+                implied = protocols.get(signal.get("device")) or (
+                    "opcua" if "node" in source else "modbus"
+                )
             source.setdefault("protocol", implied)
     return data
 
@@ -72,6 +77,8 @@ def _problems(policy: Policy) -> Iterator[str]:
     roles = {r.name for r in policy.roles}
     protocols = {d.name: d.protocol for d in policy.devices}
     for i, signal in enumerate(policy.signals):
+        if signal.device is None:
+            continue  # a derived signal: its expression is checked with its asset
         if signal.device not in protocols:
             yield f"signals[{i}].device: no device named {signal.device!r}"
         elif signal.source.protocol != protocols[signal.device]:
@@ -87,17 +94,8 @@ def _problems(policy: Policy) -> Iterator[str]:
         for role_name in consumer.roles:
             if role_name not in roles:
                 yield f"consumers[{i}].roles: no role named {role_name!r}"
-    yield from _asset_problems(policy, signals)
-
-
-def _asset_problems(policy: Policy, signals: set[str]) -> Iterator[str]:
-    for i, asset in enumerate(policy.assets):
-        if asset.state_signal is None:
-            continue
-        if asset.state_signal not in signals:
-            yield f"assets[{i}].state_signal: no signal {asset.state_signal!r}"
-        elif not asset.state_signal.startswith(asset.path + "/"):
-            yield f"assets[{i}].state_signal: {asset.state_signal!r} is not under {asset.path!r}"
+    yield from _duplicates("assets", "path", [a.path for a in policy.assets])
+    yield from SemanticModel(policy).problems
 
 
 def _duplicates(section: str, field: str, values: list[str]) -> Iterator[str]:

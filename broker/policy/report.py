@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from broker.policy.access import Access
-from broker.policy.schema import Device, ModbusSource, OpcUaDevice, Policy, Signal
+from broker.policy.schema import DerivedSource, Device, ModbusSource, OpcUaDevice, Policy, Signal
 
 UNVERIFIED = "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
 
@@ -31,6 +31,8 @@ def _device(d: Device) -> str:
 
 def _source(s: Signal) -> str:
     src = s.source
+    if isinstance(src, DerivedSource):
+        return f"= {src.expression}"
     if not isinstance(src, ModbusSource):
         return f"{s.device} {src.node}"
     unit = f" unit {src.unit_id}" if src.unit_id is not None else ""

@@ -7,6 +7,7 @@ refused everywhere (ADR 0002). Nothing here touches the network or the file syst
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from datetime import datetime
@@ -20,6 +21,7 @@ _NAME = re.compile(_SEGMENT)
 _ASSET_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{0,6}}")
 _SIGNAL_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{1,7}}")  # an asset path + the measure
 _PATTERN = re.compile(r"([a-z0-9][a-z0-9_-]*|\*\*?)(/([a-z0-9][a-z0-9_-]*|\*\*?))*")
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")  # a name expressions can use
 _IDENTITY = re.compile(r"[a-z][a-z0-9+.-]*://[^\s]+")
 _SPELLING = "lowercase letters, digits, '-' and '_'"
 
@@ -218,20 +220,91 @@ class OpcUaSource(_Strict, frozen=True, tag="opcua", tag_field="protocol"):
         return "variant"  # the value keeps the type the server gives it
 
 
-Source = ModbusSource | OpcUaSource
+class DerivedSource(_Strict, frozen=True, kw_only=True, tag="derived", tag_field="protocol"):
+    """A signal computed at the edge from other values of its asset (no device).
+
+    The expression (docs/model.md) may name the asset's measures, its ambient names and
+    `load`; it is checked when the policy is compiled and never run through `eval`.
+    """
+
+    expression: str
+
+    protocol: ClassVar[str] = "derived"
+
+    @property
+    def type(self) -> str:
+        return "derived"
 
 
-class Signal(_Strict, frozen=True):
+Source = ModbusSource | OpcUaSource | DerivedSource
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,5})([smhd])")
+_DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """Seconds of a duration written as `90s`, `15m`, `24h` or `7d`."""
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"duration {text!r}: must be a number and s, m, h or d, e.g. '15m'")
+    return int(match[1]) * _DURATION_UNIT_S[match[2]]
+
+
+Outcome = Literal["energy", "product_quality", "asset_life", "safety"]
+Lifecycle = Literal["proposed", "approved"]
+
+
+class Range(_Strict, frozen=True, kw_only=True):
+    """The physically valid range of a value; outside it a value is `uncertain`."""
+
+    min: float
+    max: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min) and math.isfinite(self.max) and self.min < self.max):
+            raise ValueError(f"range: min ({self.min}) must be below max ({self.max})")
+
+
+class Checks(_Strict, frozen=True, kw_only=True):
+    """Continuous data-quality checks of one signal; a failed check makes a value `uncertain`."""
+
+    flatline: str | None = None  # unchanged this long is suspicious (a frozen sensor)
+    max_rate_per_s: Annotated[float, Meta(gt=0)] | None = None  # a faster change is a spike
+    max_noise: Annotated[float, Meta(gt=0)] | None = None  # std dev of successive changes
+
+    def __post_init__(self) -> None:
+        if self.flatline is not None:
+            duration_s(self.flatline)
+
+
+class Signal(_Strict, frozen=True, kw_only=True):
+    """One named value of the semantic model: what it means, its unit, where it comes from.
+
+    `lifecycle: proposed` signals are read and validated in the plant half and never
+    published; naming a signal in a co-signed policy approves it unless it says otherwise.
+    """
+
     path: str  # site/area/asset/measure: the name consumers see
-    device: str
     source: Source  # its shape follows the device's protocol (docs/policy.md)
+    device: str | None = None  # None only for a derived signal
     unit: str = ""
     scale: float = 1.0
     offset: float = 0.0
     description: str = ""
+    quantity: str = ""  # e.g. pressure, temperature, power
+    range: Range | None = None
+    outcomes: list[Outcome] = []  # the business outcomes this signal bears on
+    lifecycle: Lifecycle = "approved"
+    checks: Checks = Checks()
 
     def __post_init__(self) -> None:
         _check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
+        if (self.device is None) != isinstance(self.source, DerivedSource):
+            raise ValueError(
+                "a signal read from a device names its 'device'; a derived signal "
+                "(source: {expression: ...}) names none"
+            )
         if self.source.type in ("bool", "string") and (self.scale, self.offset) != (1.0, 0.0):
             raise ValueError(f"scale and offset do not apply to a {self.source.type} signal")
         if not (math.isfinite(self.scale) and math.isfinite(self.offset)):
@@ -241,13 +314,107 @@ class Signal(_Strict, frozen=True):
     def asset(self) -> str:
         return self.path.rpartition("/")[0]
 
+    @property
+    def measure(self) -> str:
+        return self.path.rpartition("/")[2]
 
-class Asset(_Strict, frozen=True):
+
+class StateRule(_Strict, frozen=True, kw_only=True):
+    state: str
+    when: str  # an expression over the asset's values
+
+    def __post_init__(self) -> None:
+        _check_name("state", self.state, _NAME, "one word")
+
+
+class LoadReference(_Strict, frozen=True, kw_only=True):
+    """The signal that measures the asset's load, and the windows of its history to carry."""
+
+    signal: str
+    windows: Annotated[list[str], Meta(min_length=1, max_length=4)] = msgspec.field(
+        default_factory=lambda: ["15m", "24h"]
+    )
+
+    def __post_init__(self) -> None:
+        for window in self.windows:
+            duration_s(window)
+
+
+class Baseline(_Strict, frozen=True, kw_only=True):
+    """Expected value of one measure as a piecewise-linear function of ambient and load.
+
+    `expected[i][j]` is the value at `ambient_points[i]` and `load_points[j]` (one column
+    when there are no load points); in between it is interpolated, outside it is clamped.
+    """
+
+    measure: str
+    ambient: str  # a name of the asset's `ambient`
+    ambient_points: Annotated[list[float], Meta(min_length=2)]
+    load_points: list[float] = []
+    expected: Annotated[list[list[float]], Meta(min_length=2)]
+    worse: Literal["higher", "lower", "both"] = "both"
+    below_expected_pct: Annotated[float, Meta(gt=0)] = 10.0
+    abnormal_pct: Annotated[float, Meta(gt=0)] = 25.0
+    states: list[str] = []  # assessed only in these asset states (all when empty)
+
+    def __post_init__(self) -> None:
+        for name, points in (
+            ("ambient_points", self.ambient_points),
+            ("load_points", self.load_points),
+        ):
+            if any(b <= a for a, b in itertools.pairwise(points)):
+                raise ValueError(f"{name} must increase strictly")
+        columns = max(1, len(self.load_points))
+        if len(self.expected) != len(self.ambient_points) or any(
+            len(row) != columns for row in self.expected
+        ):
+            raise ValueError(
+                f"expected must have {len(self.ambient_points)} rows (one per ambient point) "
+                f"of {columns} value(s) (one per load point)"
+            )
+        if self.abnormal_pct <= self.below_expected_pct:
+            raise ValueError("abnormal_pct must be above below_expected_pct")
+
+
+class Rule(_Strict, frozen=True, kw_only=True):
+    """A condition over state, deviation, trend and maintenance → an alert and what to do."""
+
+    name: str
+    when: str
+    alert: str  # what is wrong, in words
+    action: str  # the recommended action
+    outcome: Outcome
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+    def __post_init__(self) -> None:
+        _check_name("name", self.name, _NAME, "one word")
+
+
+class Asset(_Strict, frozen=True, kw_only=True):
+    """An asset of the site → area → asset hierarchy and the knowledge that gives its
+    values meaning: its states, ambient conditions, load, baselines and rules."""
+
     path: str
-    state_signal: str | None = None  # truthy → running, falsy → stopped
+    type: str = "other"  # compressor, condenser, evaporator, cold-room, pump, fan, …
+    description: str = ""
+    states: list[StateRule] = []  # in order, the first true wins
+    otherwise: str = "stopped"  # the state when none is true
+    ambient: dict[str, str] = {}  # name → signal path of the conditions around it
+    load: LoadReference | None = None
+    baselines: list[Baseline] = []
+    rules: list[Rule] = []
+    trend_window: str = "1h"
 
     def __post_init__(self) -> None:
         _check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
+        _check_name("type", self.type, _NAME, "one word")
+        _check_name("otherwise", self.otherwise, _NAME, "one word")
+        duration_s(self.trend_window)
+        for name in self.ambient:
+            if not _IDENTIFIER.fullmatch(name):
+                raise ValueError(
+                    f"ambient name {name!r}: must be lowercase letters, digits and '_'"
+                )
 
 
 class AccessRole(_Strict, frozen=True):

@@ -9,6 +9,7 @@ unencrypted and short-lived.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,7 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
     revocation.write_crl(pki, days=DAYS)
     _co_sign(policy, workdir)
     keys.generate_pair(workdir / "audit-key", "audit", passphrase=None)
+    _maintenance_records(workdir / "maintenance.csv")
     config = workdir / "broker.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -44,7 +46,10 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
                 "policy": "policy.dsse.json",
                 "trust_root": "trust-root.yaml",
                 "spool": {"dir": "spool"},
-                "plant": {"state_dir": "plant-state"},
+                "plant": {
+                    "state_dir": "plant-state",
+                    "maintenance": {"file": "maintenance.csv"},
+                },
                 "enterprise": {
                     "state_dir": "enterprise-state",
                     "listen": {"host": "127.0.0.1", "port": port},
@@ -61,6 +66,26 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
         )
     )
     return Appliance(config, ca.cert, client.cert, client.key)
+
+
+def _maintenance_records(path: Path) -> None:
+    """What a CMMS would export for the demo plant: one asset due for service soon."""
+    today = date.today()
+    rows = [
+        ("coldstore/machine-room/compressor-1", -60, 30, "WO-1042: Replace compressor oil filter"),
+        ("coldstore/machine-room/condenser-1", -170, 5, ""),
+        (
+            "coldstore/storage/cold-room-1",
+            -20,
+            160,
+            "WO-1051: Door gasket torn; WO-1055: Recalibrate sensor",
+        ),
+    ]
+    lines = ["asset,last_service,next_due,open_work_orders"]
+    for asset, last, due, orders in rows:
+        last_day, due_day = today + timedelta(days=last), today + timedelta(days=due)
+        lines.append(f"{asset},{last_day},{due_day},{orders}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _co_sign(policy: Policy, workdir: Path) -> None:

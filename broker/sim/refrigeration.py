@@ -1,7 +1,10 @@
 """A simulated refrigeration plant: one Modbus TCP server on loopback.
 
 A compressor keeps a cold room near its setpoint; ambient temperature swings; the door
-opens now and then. Values move plausibly so the demo shows real dynamics. The register
+opens now and then. Values move plausibly so the demo shows real dynamics. A developing
+fault can be switched on: condenser fouling raises the discharge pressure at the same
+ambient and load, growing with simulated days (`fouling_bar_per_day`, `days_per_second`
+accelerate it) while the raw value stays inside its normal range. The register
 map holds addresses that the demo policy does NOT name (tuning constants, diagnostics),
 so tests can prove that the broker never reads them. Every request is counted by
 function code and address.
@@ -21,13 +24,15 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 # Register map (addresses per table). Unmodelled: coils 2-7, inputs 2-7, holding 1-9 and
-# 12-19, input registers 4-9, 11-19, 22-29, 33-39.
+# 12-19, input registers 4-9, 11-19, 22-29, 34-39.
 COIL_COMPRESSOR_RUNNING, COIL_CONDENSER_FAN = 0, 1
 DI_DOOR_OPEN, DI_HIGH_PRESSURE = 0, 1
 HR_SETPOINT, HR_ENERGY = 0, 10  # int16 x0.1 degC; uint32 x0.01 kWh (big word order)
 IR_SUCTION, IR_DISCHARGE, IR_POWER = 0, 1, 2  # int16 x0.01 bar; int16 x0.01 bar; float32 kW
 IR_CONDENSER_OUT, IR_AMBIENT, IR_HUMIDITY = 10, 20, 21  # int16 x0.1 degC; int16; uint16 x0.1 %
 IR_ROOM, IR_RUN_SECONDS = 30, 31  # int16 x0.1 degC; uint32 s (little word order)
+IR_DEFROST_CURRENT = 33  # uint16 x0.01 A
+FOULING_MAX_BAR = 2.5
 
 FC_COILS, FC_INPUTS, FC_HOLDING, FC_INPUT_REGS = 1, 2, 3, 4
 
@@ -45,10 +50,16 @@ class PlantState:
     suction_bar: float = 3.0
     discharge_bar: float = 6.0
     power_kw: float = 0.0
+    fouling_bar: float = 0.0  # extra condensing pressure of a dirty condenser
+    defrost_a: float = 0.0
 
 
-def step(state: PlantState, t: float, dt: float, rng: random.Random) -> None:
+def step(
+    state: PlantState, t: float, dt: float, rng: random.Random, fouling_per_s: float = 0.0
+) -> None:
     """Advance the plant by `dt` seconds at time `t` (seconds since start)."""
+    state.fouling_bar = min(FOULING_MAX_BAR, state.fouling_bar + fouling_per_s * dt)
+    state.defrost_a = 8.0 + rng.gauss(0, 0.05) if int(t) % 120 < 10 else 0.0
     state.ambient_c = 24 + 6 * math.sin(2 * math.pi * t / 600) + rng.gauss(0, 0.1)
     state.humidity_pct = min(100.0, max(0.0, 55 + 10 * math.cos(2 * math.pi * t / 600)))
     if state.door_open:
@@ -64,8 +75,14 @@ def step(state: PlantState, t: float, dt: float, rng: random.Random) -> None:
     state.room_c += (heat_in - cooling) * dt
     if state.compressor_on:
         state.suction_bar = 1.2 + 0.02 * (state.room_c + 18) + rng.gauss(0, 0.01)
-        state.discharge_bar = 8 + 0.25 * (state.ambient_c - 20) + rng.gauss(0, 0.03)
         state.power_kw = 15 + 0.3 * (state.ambient_c - 20) + rng.gauss(0, 0.2)
+        state.discharge_bar = (
+            7
+            + 0.25 * (state.ambient_c - 20)
+            + 0.07 * state.power_kw
+            + state.fouling_bar
+            + rng.gauss(0, 0.03)
+        )
         state.run_seconds += dt
     else:
         state.suction_bar += (3.0 - state.suction_bar) * 0.1 * dt
@@ -86,11 +103,19 @@ class RefrigerationPlant:
     """The simulated plant's Modbus server; counts every request it receives."""
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1, tick_s: float = 0.5
+        self,
+        host: str = "127.0.0.1",
+        port: int = 5020,
+        unit_id: int = 1,
+        *,
+        tick_s: float = 0.5,
+        fouling_bar_per_day: float = 0.0,
+        days_per_second: float = 1 / 86400,
     ) -> None:
         self.address = (host, port)
         self.unit_id = unit_id
         self.tick_s = tick_s
+        self.fouling_per_s = fouling_bar_per_day * days_per_second  # per real second
         self.state = PlantState()
         self.requests: Counter[tuple[int, int, int]] = Counter()  # (function code, address, count)
         self._rng = random.Random(1)  # noqa: S311 - a reproducible simulation, not secrecy
@@ -146,7 +171,7 @@ class RefrigerationPlant:
         start = loop.time()
         while True:
             await asyncio.sleep(self.tick_s)
-            step(self.state, loop.time() - start, self.tick_s, self._rng)
+            step(self.state, loop.time() - start, self.tick_s, self._rng, self.fouling_per_s)
             await self.publish()
 
     async def publish(self) -> None:
@@ -172,5 +197,6 @@ class RefrigerationPlant:
         await put(
             unit, FC_INPUT_REGS, IR_AMBIENT, [_int16(s.ambient_c * 10), round(s.humidity_pct * 10)]
         )
+        await put(unit, FC_INPUT_REGS, IR_DEFROST_CURRENT, [round(s.defrost_a * 100)])
         run_words = _words(">I", round(s.run_seconds))
         await put(unit, FC_INPUT_REGS, IR_ROOM, [_int16(s.room_c * 10), run_words[1], run_words[0]])

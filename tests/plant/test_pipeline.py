@@ -24,6 +24,7 @@ RUNNING = f"{COMPRESSOR}/running"
 FAN_RUNNING = f"{CONDENSER}/fan_running"
 OUTLET = f"{CONDENSER}/outlet_temperature"
 AMBIENT = "coldstore/outdoor/weather/ambient_temperature"
+HIGH_PRESSURE = f"{COMPRESSOR}/high_pressure_alarm"
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
 
@@ -56,7 +57,7 @@ def test_values_are_decoded_scaled_and_carry_their_unit(
 ) -> None:
     spec = {s.path: s for s in policy.signals}
     samples = [
-        sample(SUCTION, words("h", -350)),
+        sample(SUCTION, words("h", 350)),
         sample(MOTOR_POWER, words("f", 12.5)),
         sample(RUN_TIME, words("I", 100_000)[::-1]),  # little word order in the policy
     ]
@@ -64,7 +65,7 @@ def test_values_are_decoded_scaled_and_carry_their_unit(
     records = by_signal(pipeline.process(samples))
 
     suction = spec[SUCTION]
-    assert records[SUCTION].value == pytest.approx(-350 * suction.scale + suction.offset)
+    assert records[SUCTION].value == pytest.approx(350 * suction.scale + suction.offset)
     assert records[MOTOR_POWER].value == 12.5
     assert records[RUN_TIME].value == 100_000
     assert {path: r.unit for path, r in records.items()} == {p: spec[p].unit for p in records}
@@ -128,13 +129,22 @@ def test_uncertain_sample_keeps_its_quality(pipeline: PlantPipeline) -> None:
     assert (record.value, record.quality) == (7, "uncertain")
 
 
-def test_asset_state_follows_the_state_signal_of_the_same_batch(pipeline: PlantPipeline) -> None:
+def compressor(running: bool, alarm: bool = False) -> list[RawSample]:
+    """The samples the compressor's state rules read (policy: fault, running, otherwise stopped)."""
+    return [
+        sample(RUNNING, running),
+        sample(MOTOR_POWER, words("f", 14.0 if running else 0.0)),
+        sample(HIGH_PRESSURE, alarm),
+    ]
+
+
+def test_asset_state_follows_the_state_rules_over_the_same_batch(pipeline: PlantPipeline) -> None:
     # The state samples come last: they still set the context of the records before them.
     samples = [
         sample(SUCTION, words("h", 1)),
         sample(OUTLET, words("h", 1)),
         sample(AMBIENT, words("h", 1)),
-        sample(RUNNING, True),
+        *compressor(running=True),
         sample(FAN_RUNNING, False),
     ]
 
@@ -144,7 +154,25 @@ def test_asset_state_follows_the_state_signal_of_the_same_batch(pipeline: PlantP
     assert records[RUNNING].context.asset_state == "running"
     assert records[OUTLET].context.asset_state == "stopped"
     assert records[FAN_RUNNING].context.asset_state == "stopped"
-    assert records[AMBIENT].context.asset_state == "unknown"  # no state signal
+    assert records[AMBIENT].context.asset_state == "unknown"  # its asset has no states
+
+
+def test_the_first_true_state_rule_wins(pipeline: PlantPipeline) -> None:
+    records = by_signal(pipeline.process([sample(SUCTION, (1,)), *compressor(True, alarm=True)]))
+
+    assert records[SUCTION].context.asset_state == "fault"
+
+
+def test_running_needs_power_as_well_as_the_contactor(pipeline: PlantPipeline) -> None:
+    samples = [
+        sample(RUNNING, True),
+        sample(MOTOR_POWER, words("f", 0.5)),
+        sample(HIGH_PRESSURE, False),
+    ]
+
+    records = by_signal(pipeline.process([sample(SUCTION, (1,)), *samples]))
+
+    assert records[SUCTION].context.asset_state == "stopped"
 
 
 def test_asset_state_is_unknown_before_any_state_sample(pipeline: PlantPipeline) -> None:
@@ -156,7 +184,7 @@ def test_asset_state_is_unknown_before_any_state_sample(pipeline: PlantPipeline)
 def test_asset_state_becomes_unknown_when_the_state_sample_is_bad(
     pipeline: PlantPipeline,
 ) -> None:
-    pipeline.process([sample(RUNNING, True)])
+    pipeline.process(compressor(running=True))
 
     records = by_signal(pipeline.process([sample(RUNNING, None, "bad"), sample(SUCTION, (1,))]))
 
@@ -164,8 +192,8 @@ def test_asset_state_becomes_unknown_when_the_state_sample_is_bad(
 
 
 def test_asset_state_changes_from_one_batch_to_the_next(pipeline: PlantPipeline) -> None:
-    first = by_signal(pipeline.process([sample(RUNNING, True), sample(SUCTION, (1,))]))
-    second = by_signal(pipeline.process([sample(RUNNING, False), sample(SUCTION, (1,))]))
+    first = by_signal(pipeline.process([*compressor(running=True), sample(SUCTION, (1,))]))
+    second = by_signal(pipeline.process([*compressor(running=False), sample(SUCTION, (1,))]))
 
     assert first[SUCTION].context.asset_state == "running"
     assert second[SUCTION].context.asset_state == "stopped"

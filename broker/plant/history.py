@@ -1,0 +1,80 @@
+"""Bounded summaries of a value's recent history: windowed mean/max and trend.
+
+Both keep a fixed number of time buckets, whatever the sample rate: a 24 h window of a 1 Hz
+signal costs 30 buckets, not 86,400 samples. Times are seconds (any monotonic epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+BUCKETS = 30
+
+
+@dataclass
+class _Bucket:
+    start: float
+    count: int = 0
+    total: float = 0.0
+    peak: float = -math.inf
+
+
+class Window:
+    """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._width = seconds / BUCKETS
+        self._buckets: deque[_Bucket] = deque()
+
+    def add(self, t: float, value: float) -> None:
+        start = t - t % self._width
+        if not self._buckets or start > self._buckets[-1].start:
+            self._buckets.append(_Bucket(start))
+        bucket = self._buckets[-1]  # a late value counts in the newest bucket
+        bucket.count += 1
+        bucket.total += value
+        bucket.peak = max(bucket.peak, value)
+
+    def stats(self, now: float) -> tuple[float | None, float | None]:
+        """(mean, max) over the window ending at `now`; (None, None) without values."""
+        while self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
+            self._buckets.popleft()
+        count = sum(b.count for b in self._buckets)
+        if count == 0:
+            return None, None
+        return sum(b.total for b in self._buckets) / count, max(b.peak for b in self._buckets)
+
+
+class TrendLine:
+    """Least-squares slope per hour over the bucket means of the last `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._width = seconds / BUCKETS
+        self._buckets: deque[_Bucket] = deque()
+        self._slope: float | None = None  # cached until the next bucket opens
+
+    def add(self, t: float, value: float) -> None:
+        start = t - t % self._width
+        if not self._buckets or start > self._buckets[-1].start:
+            self._buckets.append(_Bucket(start))
+            while self._buckets[0].start <= start - self._seconds:
+                self._buckets.popleft()
+            self._slope = None
+        bucket = self._buckets[-1]
+        bucket.count += 1
+        bucket.total += value
+
+    def slope_per_h(self) -> float | None:
+        """None until three buckets hold values: two points always make a 'trend'."""
+        if self._slope is None and len(self._buckets) >= 3:
+            xs = [b.start for b in self._buckets]
+            ys = [b.total / b.count for b in self._buckets]
+            x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
+            spread = sum((x - x_mean) ** 2 for x in xs)
+            covariance = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True))
+            self._slope = covariance / spread * 3600
+        return self._slope

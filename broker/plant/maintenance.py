@@ -1,0 +1,134 @@
+"""Maintenance status per asset, from the file a CMMS exports (CSV or YAML).
+
+The file is provisioned on the plant side, never fed from the enterprise side. It is
+re-read when it changes (checked at most once a second); a file that does not parse is
+logged with what and where, and the last good contents are kept.
+
+CSV: a header row `asset,last_service,next_due,open_work_orders`, dates as YYYY-MM-DD,
+work orders as `ID: title` separated by `;`. YAML: a list of mappings with the same keys,
+`open_work_orders` a list of `{id, title}`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import structlog
+
+from broker import documents
+from broker.config import MaintenanceConfig
+from broker.errors import ConfigError
+from broker.records import Maintenance, WorkOrder
+
+RECHECK_S = 1.0
+_UNKNOWN = Maintenance(status="unknown")
+_UNREADABLE = (-1, -1)
+
+log = structlog.get_logger("maintenance")
+
+
+class _Entry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    asset: str
+    last_service: date | None = None
+    next_due: date | None = None
+    open_work_orders: list[WorkOrder] = []
+
+
+class MaintenanceBook:
+    def __init__(self, config: MaintenanceConfig | None) -> None:
+        self._config = config
+        self._entries: dict[str, _Entry] = {}
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of what was read
+        self._checked = -RECHECK_S
+        self._status: dict[str, Maintenance] = {}
+        self._today: date | None = None
+
+    def status(self, asset: str) -> Maintenance:
+        self._refresh()
+        return self._status.get(asset, _UNKNOWN)
+
+    def _refresh(self) -> None:
+        if self._config is None:
+            return
+        now = time.monotonic()
+        today = date.today()
+        if now - self._checked < RECHECK_S and today == self._today:
+            return
+        self._checked = now
+        changed = self._reread(self._config.file)
+        if changed or today != self._today:
+            self._today = today
+            self._status = {a: self._judge(e, today) for a, e in self._entries.items()}
+
+    def _reread(self, path: Path) -> bool:
+        try:
+            stat = path.stat()
+        except OSError as e:
+            if self._seen != _UNREADABLE:  # once per state change, not every second
+                log.warning("maintenance_file_unreadable", file=str(path), error=str(e))
+            self._seen = _UNREADABLE
+            return False
+        if (stat.st_mtime_ns, stat.st_size) == self._seen:
+            return False
+        self._seen = (stat.st_mtime_ns, stat.st_size)
+        try:
+            entries = load_entries(path)
+        except ConfigError as e:
+            log.warning("maintenance_file_refused", error=str(e), kept="the last good contents")
+            return False
+        self._entries = {e.asset: e for e in entries}
+        log.info("maintenance_file_loaded", file=str(path), assets=len(entries))
+        return True
+
+    def _judge(self, entry: _Entry, today: date) -> Maintenance:
+        assert self._config is not None
+        status: Literal["ok", "due", "overdue", "unknown"]
+        if entry.next_due is None:
+            status = "unknown"
+        elif entry.next_due < today:
+            status = "overdue"
+        elif entry.next_due <= today + timedelta(days=self._config.due_within_days):
+            status = "due"
+        else:
+            status = "ok"
+        return Maintenance(
+            status=status,
+            last_service=entry.last_service.isoformat() if entry.last_service else None,
+            next_due=entry.next_due.isoformat() if entry.next_due else None,
+            open_work_orders=entry.open_work_orders,
+        )
+
+
+def load_entries(path: Path) -> list[_Entry]:
+    """Parse the file; raises ConfigError naming the file, row or key."""
+    if path.suffix.lower() == ".csv":
+        return _from_csv(path)
+    return documents.load(path, list[_Entry])
+
+
+def _from_csv(path: Path) -> list[_Entry]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from e
+    entries = []
+    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        orders = []
+        for item in (row.get("open_work_orders") or "").split(";"):
+            if item.strip():
+                number, _, title = item.partition(":")
+                orders.append({"id": number.strip(), "title": title.strip()})
+        data = {
+            "asset": row.get("asset"),
+            "last_service": row.get("last_service") or None,
+            "next_due": row.get("next_due") or None,
+            "open_work_orders": orders,
+        }
+        entries.append(documents.convert(data, _Entry, f"{path}:{line}"))
+    return entries
