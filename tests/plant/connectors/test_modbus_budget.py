@@ -1,0 +1,189 @@
+"""The device budget: poll interval, requests per second, connections, timeout; the breaker;
+and a dead device next to a live one. Real pymodbus servers (and a silent TCP server) on
+127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import pytest
+import structlog
+
+from broker.plant.connectors.base import RawSample
+from broker.plant.connectors.modbus import ModbusConnector
+from tests.harness import eventually, free_port
+from tests.plant.connectors.modbus_servers import (
+    Gateway,
+    input_registers,
+    modbus_device,
+    silent_server,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+FOUR_REQUESTS = [0, 2, 4, 6]  # gaps between them: one request each
+
+
+class Scans:
+    """What a connector emitted, with the loop time of each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[float, list[RawSample]]] = []
+
+    async def emit(self, samples: list[RawSample]) -> None:
+        self.batches.append((asyncio.get_running_loop().time(), samples))
+
+    def good(self) -> list[float]:
+        return [t for t, batch in self.batches if all(s.quality == "good" for s in batch)]
+
+    def bad(self) -> list[float]:
+        return [t for t, batch in self.batches if all(s.quality == "bad" for s in batch)]
+
+
+@asynccontextmanager
+async def running(*pairs: tuple[ModbusConnector, Scans]) -> AsyncIterator[None]:
+    """Each connector in its own task, as the plant half runs them."""
+    tasks = [asyncio.create_task(c.run(scans.emit)) for c, scans in pairs]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextmanager
+def events() -> Iterator[list[dict[str, Any]]]:
+    with structlog.testing.capture_logs() as logs:
+        yield logs
+
+
+def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == event]
+
+
+@pytest.mark.parametrize("dead", ["silent", "closed"])
+async def test_a_dead_device_never_delays_a_live_one(dead: str) -> None:
+    async with Gateway() as live_server, silent_server() as silent:
+        dead_port = silent.port if dead == "silent" else free_port()
+        live = ModbusConnector(modbus_device(live_server.port, "live"), input_registers([0]))
+        slow_to_fail = modbus_device(dead_port, "dead", timeout_s=1.0, poll_interval_s=0.05)
+        dying = ModbusConnector(slow_to_fail, input_registers([0], device="dead"))
+        live_scans, dead_scans = Scans(), Scans()
+        async with running((live, live_scans), (dying, dead_scans)):
+            await eventually(lambda: len(dead_scans.bad()) >= 3, timeout=20)
+            await eventually(lambda: len(live_scans.good()) >= 10)
+    assert not dead_scans.good()
+    # The dead device spent ~1 s in each timeout (silent) or retried at once (closed); a wait
+    # shared with it would leave a hole of that size between two of the live device's scans,
+    # which it makes every 0.05 s.
+    good = live_scans.good()
+    gaps = [b - a for a, b in itertools.pairwise(good)]
+    assert max(gaps) < 0.9
+    assert live.errors == 0 and live_scans.bad() == []
+
+
+async def test_a_hung_device_trips_its_breaker_with_growing_backoff_and_one_audit_event() -> None:
+    with events() as logs:
+        async with silent_server() as silent:
+            device = modbus_device(silent.port, timeout_s=0.1, poll_interval_s=0.05)
+            connector = ModbusConnector(device, input_registers([0, 1]))
+            scans = Scans()
+            async with running((connector, scans)):
+                await eventually(lambda: len(silent.accepted) >= 6, timeout=20)
+    gaps = [b - a for a, b in itertools.pairwise(silent.accepted)]
+    # each retry: a 0.1 s timeout, then a backoff doubling from 0.05 s (±20 % jitter)
+    assert gaps[4] > 2.5 * gaps[0]
+    assert all(s.raw is None and s.quality == "bad" for _, batch in scans.batches for s in batch)
+    assert len(named(logs, "device_session_down")) == 1  # audited once per outage
+    assert len(named(logs, "device_reconnect_failed")) >= 4  # only in the process log
+    assert named(logs, "device_session_up") == []  # connected, but it never answered
+    assert connector.errors >= 5
+
+
+async def test_a_device_that_answers_again_closes_the_breaker_and_is_audited_up_once() -> None:
+    port = free_port()
+    with events() as logs:
+        device = modbus_device(port, timeout_s=0.2, poll_interval_s=0.05)
+        connector = ModbusConnector(device, input_registers([0]))
+        scans = Scans()
+        async with running((connector, scans)):
+            await eventually(lambda: connector.errors >= 3)
+            async with Gateway(port=port):
+                await eventually(lambda: len(scans.good()) >= 3)
+    session = [e["event"] for e in logs if e["event"].startswith("device_session")]
+    assert session[:2] == ["device_session_down", "device_session_up"]
+    assert len(named(logs, "device_reconnect_failed")) >= 2
+
+
+@pytest.mark.parametrize("connections", [1, 2, 3])
+async def test_a_scan_uses_at_most_max_connections_in_parallel(connections: int) -> None:
+    async with Gateway(delay_s=0.05) as gateway:
+        device = modbus_device(gateway.port, max_connections=connections, poll_interval_s=0.05)
+        connector = ModbusConnector(device, input_registers(FOUR_REQUESTS))
+        scans = Scans()
+        async with running((connector, scans)):
+            await eventually(lambda: len(scans.good()) >= 3)
+    assert gateway.most_in_flight == connections
+    assert gateway.connections == connections
+    values = {s.signal: s.raw for s in scans.batches[-1][1]}
+    assert values == {f"site/plc/udefault-ir{a}": (1000 + a,) for a in FOUR_REQUESTS}
+
+
+async def test_requests_per_second_never_exceed_the_budget_and_late_scans_are_skipped() -> None:
+    async with Gateway() as gateway:
+        # 4 requests every 0.05 s would be 80 requests/s; the budget allows 20.
+        device = modbus_device(gateway.port, max_requests_per_s=20, max_connections=2)
+        connector = ModbusConnector(device, input_registers(FOUR_REQUESTS))
+        scans = Scans()
+        async with running((connector, scans)):
+            await eventually(lambda: len(gateway.requests) >= 50, timeout=20)
+    arrivals = [r.at for r in gateway.requests]
+    busiest = max(sum(1 for t in arrivals if start <= t < start + 1.0) for start in arrivals)
+    assert busiest <= 21  # 20, plus one that network jitter moved closer to its predecessor
+    assert connector.overruns >= connector.scans  # each 0.2 s scan skipped 3 of its 0.05 s slots
+    assert all(s.quality == "good" for s in scans.batches[-1][1])
+
+
+async def test_overruns_are_audited_once_per_streak_and_the_streak_end_too() -> None:
+    with events() as logs:
+        async with Gateway(delay_s=0.04) as gateway:  # 4 requests: ~0.16 s per scan
+            connector = ModbusConnector(
+                modbus_device(gateway.port, poll_interval_s=0.1), input_registers(FOUR_REQUESTS)
+            )
+            async with running((connector, Scans())):
+                await eventually(lambda: connector.overruns >= 4)
+                gateway.delay_s = 0.0
+                await eventually(lambda: named(logs, "scan_overrun_ended"))
+                skipped_in_streak = connector.overruns
+                gateway.delay_s = 0.04
+                await eventually(lambda: connector.overruns >= skipped_in_streak + 2)
+    assert len(named(logs, "scan_overrun")) == 2  # one per streak, not one per overrun
+    (ended,) = named(logs, "scan_overrun_ended")
+    assert ended["skipped_scans"] == skipped_in_streak
+
+
+async def test_a_slow_consumer_makes_scans_skip_never_queue() -> None:
+    """When the spool is behind, emit waits: the device is read no more often, nothing piles up."""
+    emitted = 0
+
+    async def slow_emit(samples: list[RawSample]) -> None:
+        nonlocal emitted
+        await asyncio.sleep(0.3)  # six 0.05 s slots
+        emitted += 1
+
+    async with Gateway() as gateway:
+        connector = ModbusConnector(modbus_device(gateway.port), input_registers(FOUR_REQUESTS))
+        task = asyncio.create_task(connector.run(slow_emit))
+        try:
+            await eventually(lambda: emitted >= 4)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert connector.scans <= emitted + 1  # one scan per emit, none read ahead
+    assert len(gateway.requests) <= 4 * (emitted + 1)
+    assert connector.overruns >= 4 * emitted
