@@ -36,8 +36,37 @@ class SpoolConfig(_Section, frozen=True):
             )
 
 
+class OpcUaUserConfig(_Section, frozen=True, kw_only=True):
+    """One OPC UA device's user identity: a username and password, or a user certificate."""
+
+    username: str | None = None
+    password_file: Path | None = None  # the password on its first line; never in the policy
+    certificate: Path | None = None  # a user certificate and its key, PEM (`.pem`)
+    private_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        by_password = self.username is not None or self.password_file is not None
+        by_certificate = self.certificate is not None or self.private_key is not None
+        if by_password == by_certificate:
+            raise ValueError("give username and password_file, or certificate and private_key")
+        if by_password and None in (self.username, self.password_file):
+            raise ValueError("username and password_file go together")
+        if by_certificate and None in (self.certificate, self.private_key):
+            raise ValueError("certificate and private_key go together")
+
+
+class OpcUaConfig(_Section, frozen=True, kw_only=True):
+    """The plant half's OPC UA client: its certificate, and whom it trusts."""
+
+    certificate: Path  # application instance certificate (`dmzbroker certs issue opcua`), PEM
+    private_key: Path
+    trust_list: list[Path] = []  # trusted server certificates or their CAs: files or folders
+    users: dict[str, OpcUaUserConfig] = {}  # device name → its user identity credentials
+
+
 class PlantConfig(_Section, frozen=True):
     state_dir: Path  # accepted policy version, island mode; writable by the plant user only
+    opcua: OpcUaConfig | None = None  # needed when the policy names a secured OPC UA device
 
 
 class ListenConfig(_Section, frozen=True):

@@ -50,5 +50,7 @@ def configure(
     root.setLevel(logging.INFO)
     # pymodbus logs each failed connect at ERROR; our connector reports those as events.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    # asyncua logs every request at INFO and each lost session at ERROR; ours are events.
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     logging.getLogger("casbin").setLevel(logging.WARNING)  # it logs its model at INFO
     structlog.contextvars.bind_contextvars(process=process)

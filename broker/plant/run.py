@@ -17,10 +17,10 @@ import structlog
 from broker import island
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolSender
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, OpcUaConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import CONNECTORS, Connector, RawSample
+from broker.plant.connectors import Connector, RawSample, connector_for
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
 from broker.policy.activation import TrustedPolicy
@@ -43,6 +43,7 @@ class PlantHalf:
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
         self._devices: dict[str, Connector] = {}  # the running connectors, for metrics
+        self._opcua: OpcUaConfig | None = None  # run() sets it from the appliance config
         self.metrics = PlantMetrics(
             dropped=lambda: self.pipeline.gate.dropped,
             island=lambda: self.pipeline.gate.island,
@@ -53,6 +54,7 @@ class PlantHalf:
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
         watcher = PolicyWatcher(config.policy, config.trust_root, config.plant.state_dir, trusted)
+        self._opcua = config.plant.opcua  # OPC UA connectors need its certificates and trust
         self.pipeline.gate.island = island.is_on(config.plant.state_dir)  # before any scan
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
@@ -90,7 +92,7 @@ class PlantHalf:
         self._devices = {}
         async with asyncio.TaskGroup() as tasks:
             for device in policy.devices:
-                connector = CONNECTORS[device.protocol](device, signals_of[device.name])
+                connector = connector_for(device, signals_of[device.name], self._opcua)
                 self._devices[device.name] = connector
                 tasks.create_task(connector.run(self._queue.put), name=f"connector {device.name}")
 

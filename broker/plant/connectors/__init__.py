@@ -1,10 +1,28 @@
-"""Connector registry: a protocol name in the policy → the class that reads it."""
+"""Connector registry: a protocol name in the policy → the connector that reads it."""
 
+from collections.abc import Sequence
+
+from broker.config import OpcUaConfig
 from broker.plant.connectors.base import Connector, RawSample
 from broker.plant.connectors.modbus import ModbusConnector
+from broker.plant.connectors.opcua import OpcUaConnector
+from broker.plant.opcua_session import SessionSettings
+from broker.policy import Device, ModbusDevice, OpcUaDevice, Signal
 
-CONNECTORS: dict[str, type[Connector]] = {
-    "modbus": ModbusConnector,
-}
 
-__all__ = ["CONNECTORS", "Connector", "RawSample"]
+def connector_for(
+    device: Device, signals: Sequence[Signal], opcua: OpcUaConfig | None
+) -> Connector:
+    """The device's connector; `opcua` is the appliance config's `plant.opcua`.
+
+    Raises ConfigError or TrustError when an OPC UA device lacks what it needs there: the
+    client certificate, a trust list (or a pin in the policy), user credentials.
+    """
+    match device:
+        case ModbusDevice():
+            return ModbusConnector(device, signals)
+        case OpcUaDevice():
+            return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
+
+
+__all__ = ["Connector", "RawSample", "connector_for"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from broker.plant.decode import RawValue
-from broker.policy import Device, Signal
 from broker.records import Quality
 
 
@@ -36,8 +35,6 @@ class Connector(Protocol):
     overruns: int
     errors: int
     last_scan_s: float
-
-    def __init__(self, device: Device, signals: Sequence[Signal]) -> None: ...
 
     async def run(self, emit: Emit) -> None:
         """Scan until cancelled, passing each scan's samples to `emit`; never returns."""
