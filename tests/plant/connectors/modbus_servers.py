@@ -1,4 +1,5 @@
-"""Servers for the Modbus connector tests, each started and stopped by the test that uses it.
+"""Servers for the Modbus connector tests, each started and stopped by the test that uses it,
+and what the tests observe of a running connector.
 
 `Gateway` is a real pymodbus server with several unit ids that records what it is asked and
 can be made slow or made to refuse; `silent_server` accepts connections and never answers,
@@ -9,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import structlog
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from broker.plant.connectors.base import RawSample
+from broker.plant.connectors.modbus import ModbusConnector
 from broker.policy import ModbusDevice, Signal
 from tests.harness import free_port
 
@@ -170,3 +174,41 @@ def input_registers(
         )
         for address in addresses
     ]
+
+
+class Scans:
+    """What a connector emitted, with the loop time of each batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[float, list[RawSample]]] = []
+
+    async def emit(self, samples: list[RawSample]) -> None:
+        self.batches.append((asyncio.get_running_loop().time(), samples))
+
+    def good(self) -> list[float]:
+        return [t for t, batch in self.batches if all(s.quality == "good" for s in batch)]
+
+    def bad(self) -> list[float]:
+        return [t for t, batch in self.batches if all(s.quality == "bad" for s in batch)]
+
+
+@asynccontextmanager
+async def running(*pairs: tuple[ModbusConnector, Scans]) -> AsyncIterator[None]:
+    """Each connector in its own task, as the plant half runs them."""
+    tasks = [asyncio.create_task(c.run(scans.emit)) for c, scans in pairs]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextmanager
+def events() -> Iterator[list[dict[str, Any]]]:
+    with structlog.testing.capture_logs() as logs:
+        yield logs
+
+
+def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == event]

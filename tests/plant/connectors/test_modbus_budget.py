@@ -6,64 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any
 
 import pytest
-import structlog
 
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from tests.harness import eventually, free_port
 from tests.plant.connectors.modbus_servers import (
     Gateway,
+    Scans,
+    events,
     input_registers,
     modbus_device,
+    named,
+    running,
     silent_server,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
 FOUR_REQUESTS = [0, 2, 4, 6]  # gaps between them: one request each
-
-
-class Scans:
-    """What a connector emitted, with the loop time of each batch."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[float, list[RawSample]]] = []
-
-    async def emit(self, samples: list[RawSample]) -> None:
-        self.batches.append((asyncio.get_running_loop().time(), samples))
-
-    def good(self) -> list[float]:
-        return [t for t, batch in self.batches if all(s.quality == "good" for s in batch)]
-
-    def bad(self) -> list[float]:
-        return [t for t, batch in self.batches if all(s.quality == "bad" for s in batch)]
-
-
-@asynccontextmanager
-async def running(*pairs: tuple[ModbusConnector, Scans]) -> AsyncIterator[None]:
-    """Each connector in its own task, as the plant half runs them."""
-    tasks = [asyncio.create_task(c.run(scans.emit)) for c, scans in pairs]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@contextmanager
-def events() -> Iterator[list[dict[str, Any]]]:
-    with structlog.testing.capture_logs() as logs:
-        yield logs
-
-
-def named(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == event]
 
 
 @pytest.mark.parametrize("dead", ["silent", "closed"])

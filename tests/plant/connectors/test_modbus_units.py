@@ -13,11 +13,13 @@ from broker.plant.connectors.modbus import ModbusConnector
 from tests.harness import eventually
 from tests.plant.connectors.modbus_servers import (
     Gateway,
+    Scans,
     input_registers,
     modbus_device,
+    named,
     register_value,
+    running,
 )
-from tests.plant.connectors.test_modbus_budget import Scans, named, running
 
 pytestmark = pytest.mark.timeout(60)
 
