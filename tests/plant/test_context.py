@@ -1,0 +1,346 @@
+"""Context at the edge: assessments against baselines, rules and their actions, derived
+signals, data-quality checks, maintenance status, and the fouling scenario on the real
+simulated plant read through the real Modbus connector."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from broker import policy
+from broker.config import MaintenanceConfig
+from broker.plant.connectors import RawSample
+from broker.plant.connectors.modbus import ModbusConnector
+from broker.plant.maintenance import MaintenanceBook
+from broker.plant.pipeline import PlantPipeline
+from broker.policy import ModbusDevice, Policy
+from broker.records import Record
+from broker.sim.refrigeration import RefrigerationPlant
+from tests.harness import demo_policy, free_port
+
+COMPRESSOR = "site/plant/compressor"
+PRESSURE = f"{COMPRESSOR}/discharge_pressure"
+POWER = f"{COMPRESSOR}/motor_power"
+AMBIENT = "site/outdoor/weather/ambient_temperature"
+SPECIFIC = f"{COMPRESSOR}/pressure_per_kw"
+T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+
+
+def register(value: float) -> tuple[int, ...]:
+    """A float32 value as the two big-endian registers a PLC would hold."""
+    return struct.unpack(">2H", struct.pack(">f", value))
+
+
+def signal(path: str, address: int, **more: Any) -> dict[str, Any]:
+    source = {"table": "input_register", "address": address, "type": "float32"}
+    return {"path": path, "device": "plc", "source": source, **more}
+
+
+def compressor_policy(tmp_path: Path, **asset: Any) -> Policy:
+    """An 80 psi compressor: its discharge pressure's baseline depends on ambient and load."""
+    document = {
+        "deployment_id": "test",
+        "version": 1,
+        "expires": "2036-01-01T00:00:00Z",
+        "devices": [{"name": "plc", "protocol": "modbus", "host": "127.0.0.1"}],
+        "signals": [
+            signal(PRESSURE, 0, unit="psi", range={"min": 0, "max": 300}),
+            signal(POWER, 2, unit="kW", checks={"max_rate_per_s": 5, "flatline": "30s"}),
+            signal(AMBIENT, 4, unit="degC", checks={"max_noise": 0.5}),
+            {"path": SPECIFIC, "source": {"expression": "discharge_pressure / motor_power"}},
+        ],
+        "assets": [
+            {
+                "path": COMPRESSOR,
+                "type": "compressor",
+                "states": [{"state": "running", "when": "motor_power > 2"}],
+                "ambient": {"temperature": AMBIENT},
+                "load": {"signal": POWER, "windows": ["15m"]},
+                "baselines": [
+                    {
+                        "measure": "discharge_pressure",
+                        "ambient": "temperature",
+                        "ambient_points": [10, 35],
+                        "load_points": [20, 40],
+                        "expected": [[60, 66], [80, 88]],  # psi
+                        "worse": "higher",
+                        "below_expected_pct": 10,
+                        "abnormal_pct": 20,
+                        "states": ["running"],
+                    }
+                ],
+                "rules": [
+                    {
+                        "name": "condenser-fouling",
+                        "when": "state == 'running' and label('discharge_pressure') == 'abnormal'",
+                        "alert": "Head pressure too high for the conditions",
+                        "action": "clean condenser coils",
+                        "outcome": "energy",
+                    },
+                    {
+                        "name": "service-overdue",
+                        "when": "maintenance == 'overdue'",
+                        "alert": "Service overdue",
+                        "action": "inspect compressor valves",
+                        "outcome": "asset_life",
+                    },
+                ],
+                **asset,
+            }
+        ],
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return policy.load(path)
+
+
+def scan(pressure: float, power: float, ambient: float, at: datetime = T0) -> list[RawSample]:
+    return [
+        RawSample(PRESSURE, register(pressure), at, "good"),
+        RawSample(POWER, register(power), at, "good"),
+        RawSample(AMBIENT, register(ambient), at, "good"),
+    ]
+
+
+def by_signal(records: list[Record]) -> dict[str, Record]:
+    return {r.signal: r for r in records}
+
+
+@pytest.fixture
+def compressor(tmp_path: Path) -> Policy:
+    return compressor_policy(tmp_path)
+
+
+def test_80_psi_is_expected_on_a_hot_day_and_abnormal_on_a_cold_one(compressor: Policy) -> None:
+    hot = by_signal(PlantPipeline(compressor).process(scan(80, 20, ambient=35)))[PRESSURE]
+    cold = by_signal(PlantPipeline(compressor).process(scan(80, 20, ambient=10)))[PRESSURE]
+
+    assert hot.value == cold.value == 80
+    assert hot.context.assessment is not None and cold.context.assessment is not None
+    assert (hot.context.assessment.expected, hot.context.assessment.label) == (80, "expected")
+    assert cold.context.assessment.expected == 60
+    assert cold.context.assessment.deviation_pct == pytest.approx(33.33, abs=0.01)
+    assert cold.context.assessment.label == "abnormal"
+    assert [a.action for a in cold.context.alerts] == ["clean condenser coils"]
+    assert hot.context.alerts == []
+
+
+def test_the_same_pressure_and_ambient_at_a_higher_load_is_expected(compressor: Policy) -> None:
+    light = by_signal(PlantPipeline(compressor).process(scan(72, 20, ambient=22.5)))[PRESSURE]
+    heavy = by_signal(PlantPipeline(compressor).process(scan(72, 40, ambient=22.5)))[PRESSURE]
+
+    assert light.context.assessment is not None and heavy.context.assessment is not None
+    assert light.context.assessment.expected == 70  # halfway between 60 and 80
+    assert heavy.context.assessment.expected == 77  # halfway between 66 and 88
+    assert light.context.assessment.label == "expected"
+    assert heavy.context.assessment.deviation_pct < 0
+
+
+def test_between_the_two_bands_is_below_expected(compressor: Policy) -> None:
+    record = by_signal(PlantPipeline(compressor).process(scan(90, 20, ambient=35)))[PRESSURE]
+
+    assert record.context.assessment is not None
+    assert record.context.assessment.label == "below_expected"  # 12.5 % above 80
+    assert record.context.alerts == []
+
+
+def test_no_assessment_outside_the_baselines_states(compressor: Policy) -> None:
+    record = by_signal(PlantPipeline(compressor).process(scan(80, 0.5, ambient=10)))[PRESSURE]
+
+    assert record.context.asset_state == "stopped"
+    assert record.context.assessment is None
+    assert record.context.alerts == []
+
+
+def test_every_record_of_the_asset_carries_ambient_load_and_alerts(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    pipeline.process(scan(60, 30, ambient=10, at=T0 - timedelta(minutes=5)))
+    records = by_signal(pipeline.process(scan(80, 20, ambient=10)))
+
+    power = records[POWER].context
+    assert power.asset == COMPRESSOR and power.asset_type == "compressor"
+    assert power.ambient == {"temperature": 10}
+    assert power.load is not None and power.load.signal == POWER
+    assert power.load.windows["15m"].mean == 25 and power.load.windows["15m"].max == 30
+    assert [a.rule for a in power.alerts] == ["condenser-fouling"]
+
+
+def test_a_derived_signal_is_computed_and_goes_bad_with_its_inputs(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    good = by_signal(pipeline.process(scan(80, 20, ambient=20)))[SPECIFIC]
+    broken = pipeline.process([RawSample(POWER, None, T0, "bad")])
+
+    assert (good.value, good.quality) == (4.0, "good")
+    derived = by_signal(broken)[SPECIFIC]
+    assert (derived.value, derived.quality) == (None, "bad")
+    assert [i.check for i in derived.context.quality_issues] == ["inputs_missing"]
+
+
+def test_quality_checks_make_a_value_uncertain_and_say_why(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    out_of_range = by_signal(pipeline.process(scan(350, 20, ambient=20)))[PRESSURE]
+    later = T0 + timedelta(seconds=1)
+    spike = by_signal(pipeline.process(scan(80, 35, ambient=20, at=later)))[POWER]
+
+    assert out_of_range.quality == "uncertain"
+    assert [i.check for i in out_of_range.context.quality_issues] == ["out_of_range"]
+    assert "300" in out_of_range.context.quality_issues[0].detail
+    assert spike.quality == "uncertain"
+    assert [i.check for i in spike.context.quality_issues] == ["spike"]
+    assert pipeline.checks.stats[PRESSURE].failed_checks["out_of_range"] == 1
+
+
+def test_a_frozen_value_is_flagged_as_a_flatline(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    records = [
+        by_signal(pipeline.process(scan(80, 20, ambient=20, at=T0 + timedelta(seconds=s))))[POWER]
+        for s in range(0, 40, 5)
+    ]
+
+    assert [r.quality for r in records[:6]] == ["good"] * 6  # unchanged for 0..25 s
+    assert {r.quality for r in records[6:]} == {"uncertain"}  # 30 s and more
+    assert records[-1].context.quality_issues[0].check == "flatline"
+
+
+def test_a_noisy_value_is_flagged(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    last = None
+    for i in range(25):
+        at = T0 + timedelta(seconds=i)
+        last = by_signal(pipeline.process(scan(80, 20, ambient=20 + (2 if i % 2 else -2), at=at)))
+    assert last is not None
+    assert "noise" in {i.check for i in last[AMBIENT].context.quality_issues}
+
+
+def test_a_maintenance_file_change_is_reflected(tmp_path: Path, compressor: Policy) -> None:
+    records = tmp_path / "maintenance.yaml"
+    today = date.today()
+    entry = {"asset": COMPRESSOR, "last_service": str(today - timedelta(days=30))}
+    records.write_text(yaml.safe_dump([{**entry, "next_due": str(today + timedelta(days=60))}]))
+    pipeline = PlantPipeline(compressor, MaintenanceBook(MaintenanceConfig(file=records)))
+    before = by_signal(pipeline.process(scan(80, 20, ambient=35)))[PRESSURE].context
+
+    overdue = {
+        **entry,
+        "next_due": str(today - timedelta(days=2)),
+        "open_work_orders": [{"id": "WO-7", "title": "Valve plate"}],
+    }
+    records.write_text(yaml.safe_dump([overdue]))
+    os.utime(records, ns=(0, 10**18))  # a different mtime, whatever the clock's resolution
+
+    def reread() -> Record:
+        return by_signal(pipeline.process(scan(80, 20, ambient=35)))[PRESSURE]
+
+    assert before.maintenance is not None and before.maintenance.status == "ok"
+    after = None
+    for _ in range(40):  # the book looks at the file at most once a second
+        after = reread().context
+        if after.maintenance is not None and after.maintenance.status == "overdue":
+            break
+        time.sleep(0.1)
+    assert after is not None and after.maintenance is not None
+    assert after.maintenance.status == "overdue"
+    assert [w.id for w in after.maintenance.open_work_orders] == ["WO-7"]
+    assert [a.action for a in after.alerts] == ["inspect compressor valves"]
+
+
+def test_a_broken_maintenance_file_keeps_the_last_good_contents(
+    tmp_path: Path, compressor: Policy
+) -> None:
+    records = tmp_path / "maintenance.csv"
+    records.write_text(f"asset,last_service,next_due,open_work_orders\n{COMPRESSOR},,2099-01-01,\n")
+    book = MaintenanceBook(MaintenanceConfig(file=records))
+    assert book.status(COMPRESSOR).status == "ok"
+
+    records.write_text(f"asset,last_service,next_due,open_work_orders\n{COMPRESSOR},,not-a-date,\n")
+    os.utime(records, ns=(0, 10**18))
+    book._checked = -10.0  # the next look reads the file again
+
+    assert book.status(COMPRESSOR).status == "ok"
+    assert book.status("site/other").status == "unknown"
+
+
+def test_a_proposed_signal_is_checked_but_never_leaves_the_pipeline(tmp_path: Path) -> None:
+    compressor_policy(tmp_path)
+    document = yaml.safe_load((tmp_path / "policy.yaml").read_text())
+    document["signals"][2]["lifecycle"] = "proposed"  # the ambient sensor, on trial
+    document["assets"][0]["ambient"] = {}
+    document["assets"][0]["baselines"] = []
+    document["assets"][0]["rules"] = []
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(document))
+    proposed = policy.load(tmp_path / "policy.yaml")
+    pipeline = PlantPipeline(proposed)
+
+    records = pipeline.process(scan(80, 20, ambient=99))
+
+    assert AMBIENT not in {r.signal for r in records}
+    assert pipeline.gate.dropped["proposed_signal"] == 1
+    assert pipeline.checks.stats[AMBIENT].samples == 1  # validated all the same
+
+
+def fouling_plant(fouling_bar_per_day: float) -> RefrigerationPlant:
+    plant = RefrigerationPlant(
+        "127.0.0.1",
+        free_port(),
+        tick_s=0.05,
+        fouling_bar_per_day=fouling_bar_per_day,
+        days_per_second=0.5,  # two simulated days in four seconds
+    )
+    plant.state.setpoint_c = -40  # keeps the compressor running: the baseline applies
+    return plant
+
+
+async def run_plant(plant: RefrigerationPlant, tmp_path: Path, days: float) -> list[Record]:
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(demo_policy(plant.address[1], poll_interval_s=0.1)))
+    demo = policy.load(path)
+    device = demo.devices[0]
+    assert isinstance(device, ModbusDevice)
+    pipeline = PlantPipeline(demo)
+    pressure = "coldstore/machine-room/compressor-1/discharge_pressure"
+    seen: list[Record] = []
+
+    async def emit(samples: list[RawSample]) -> None:
+        seen.extend(r for r in pipeline.process(samples) if r.signal == pressure)
+
+    await plant.start()
+    read = [s for s in demo.signals if s.device == device.name]
+    connector = asyncio.create_task(ModbusConnector(device, read).run(emit))
+    try:
+        await asyncio.sleep(days / 0.5)
+    finally:
+        connector.cancel()
+        await asyncio.gather(connector, return_exceptions=True)
+        await plant.stop()
+    return seen
+
+
+async def test_condenser_fouling_is_flagged_within_two_simulated_days(tmp_path: Path) -> None:
+    records = await run_plant(fouling_plant(fouling_bar_per_day=1.0), tmp_path, days=2.0)
+
+    flagged = [r for r in records if "condenser-fouling" in {a.rule for a in r.context.alerts}]
+    assert flagged, "the fouling was never flagged"
+    first = flagged[0]
+    assert first.context.assessment is not None and first.context.assessment.label == "abnormal"
+    assert [a.action for a in first.context.alerts if a.rule == "condenser-fouling"] == [
+        "clean condenser coils"
+    ]
+    assert isinstance(first.value, float) and first.value < 14  # below the high-pressure trip
+    assert first.quality == "good"  # the raw value alone looks normal
+
+
+async def test_a_healthy_condenser_is_never_flagged(tmp_path: Path) -> None:
+    records = await run_plant(fouling_plant(fouling_bar_per_day=0.0), tmp_path, days=2.0)
+
+    assessed = [r.context.assessment for r in records if r.context.assessment is not None]
+    assert len(assessed) > 10
+    assert {a.label for a in assessed} == {"expected"}
+    assert not any(r.context.alerts for r in records)
