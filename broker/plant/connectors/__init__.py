@@ -6,7 +6,7 @@ from broker.config import OpcUaConfig
 from broker.plant.connectors.base import Connector, RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.opcua import OpcUaConnector
-from broker.plant.opcua_session import SessionSettings
+from broker.plant.connectors.opcua_session import SessionSettings
 from broker.policy import Device, ModbusDevice, OpcUaDevice, Signal
 
 

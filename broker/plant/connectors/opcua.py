@@ -1,6 +1,6 @@
 """OPC UA connector: monitored items in one subscription, or polled Read, read-only.
 
-Read-only by construction: besides opening the session (`broker.plant.opcua_session`), the
+Read-only by construction: besides opening the session (`broker.plant.connectors.opcua_session`), the
 only services this module sends are CreateSubscription, CreateMonitoredItems, Publish
 (asyncua's publish loop) and Read. It never sends Write, Call, AddNodes, DeleteNodes or
 HistoryUpdate; a test counts the services an asyncua server receives.
@@ -31,8 +31,8 @@ from asyncua.ua.uaerrors import UaError
 
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
+from broker.plant.connectors.opcua_session import SessionSettings, open_session
 from broker.plant.decode import RawValue
-from broker.plant.opcua_session import SessionSettings, open_session
 from broker.policy import OpcUaDevice, OpcUaSource, Signal
 from broker.records import Quality
 

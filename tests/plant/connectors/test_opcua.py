@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 import structlog
+import yaml
 from asyncua import ua
 from cryptography import x509
 
@@ -22,9 +24,9 @@ from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors import connector_for
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.opcua import OpcUaConnector
-from broker.plant.opcua_session import SessionSettings, fingerprint, open_session
+from broker.plant.connectors.opcua_session import SessionSettings, fingerprint, open_session
 from broker.policy import OpcUaDevice, Signal
-from tests.harness import eventually
+from tests.harness import dmzbroker, eventually, free_port
 from tests.plant.connectors.opcua_server import (
     INSECURE,
     PASSWORD,
@@ -386,3 +388,53 @@ async def test_only_read_side_services_ever_reach_the_server(pki: OpcUaPki, tmp_
     assert services["ReadRequest"] > 0 and services["CreateMonitoredItemsRequest"] > 0
     assert set(services) <= READ_SIDE, set(services) - READ_SIDE
     assert sum(services[name] for name in WRITE_SIDE) == 0
+
+
+async def discover(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process; a thread keeps this loop (and its server) serving."""
+    return await asyncio.to_thread(dmzbroker, "discover", "opcua", *args, check=False)
+
+
+async def test_discover_prints_a_starter_signal_list_that_a_policy_accepts(
+    plc: OpcUaTestServer, pki: OpcUaPki
+) -> None:
+    done = await discover(
+        plc.endpoint, "--certificate", str(pki.client_cert), "--key", str(pki.client_key),
+        "--trust", str(pki.ca), "--device-name", "press-4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    starter = yaml.safe_load(done.stdout)
+    power = next(s for s in starter["signals"] if s["source"]["node"] == plc.node("Power"))
+    assert power == {
+        "path": "press-4/plant/power",
+        "device": "press-4",
+        "source": {"protocol": "opcua", "node": plc.node("Power")},
+        "unit": "kW",
+        "description": "Plant/Power (Double)",
+    }
+    assert {s["source"]["node"] for s in starter["signals"]} == {plc.node(n) for n in VARIABLES}
+    for signal in starter["signals"]:
+        msgspec.convert(signal, Signal)  # each entry is a valid policy signal as printed
+    assert msgspec.convert(starter["devices"][0], OpcUaDevice).endpoint == plc.endpoint
+
+
+async def test_discover_errors_are_one_line(plc: OpcUaTestServer, pki: OpcUaPki) -> None:
+    own = ("--certificate", str(pki.client_cert), "--key", str(pki.client_key))
+    untrusted = await discover(plc.endpoint, *own, "--trust", str(pki.rogue_cert))
+    unreachable = await discover(f"opc.tcp://127.0.0.1:{free_port()}", *own, "--pin", "0" * 64)
+    no_certificate = await discover(plc.endpoint)
+    for done, code, message in (
+        (untrusted, 2, "is neither pinned by the policy nor in"),
+        (unreachable, 1, "cannot open a session with opc.tcp://127.0.0.1"),
+        (no_certificate, 2, "needs --certificate and --key"),
+    ):
+        assert (done.returncode, done.stdout) == (code, ""), done.stderr
+        assert done.stderr.startswith("dmzbroker: error: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+
+
+async def test_discover_without_security_only_when_asked(plc: OpcUaTestServer) -> None:
+    done = await discover(plc.endpoint, "--security", "None")
+    assert done.returncode == 0, done.stderr
+    device = yaml.safe_load(done.stdout)["devices"][0]
+    assert (device["security_policy"], device["security_mode"]) == ("None", "None")
