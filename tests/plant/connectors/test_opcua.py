@@ -18,7 +18,7 @@ import yaml
 from asyncua import ua
 from cryptography import x509
 
-from broker import policy
+from broker import config, policy
 from broker.config import OpcUaConfig, OpcUaUserConfig
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors import connector_for
@@ -438,3 +438,46 @@ async def test_discover_without_security_only_when_asked(plc: OpcUaTestServer) -
     assert done.returncode == 0, done.stderr
     device = yaml.safe_load(done.stdout)["devices"][0]
     assert (device["security_policy"], device["security_mode"]) == ("None", "None")
+
+
+APPLIANCE = """\
+policy: policy.dsse.json
+trust_root: trust-root.yaml
+spool: {dir: spool}
+audit: {dir: audit, key: audit.key}
+enterprise:
+  state_dir: state
+  tls: {cert: server.crt, key: server.key, client_ca: ca.crt}
+plant:
+  state_dir: plant-state
+  opcua:
+"""
+
+
+@pytest.mark.parametrize(
+    ("opcua", "expected"),
+    [
+        ("    {certificate: c.pem, private_key: k.pem, trustlist: [t]}",
+         r"plant\.opcua: object contains unknown field `trustlist`"),
+        ("    {certificate: c.pem, private_key: k.pem, users: {p: {username: u}}}",
+         r"plant\.opcua\.users\[\.\.\.\]: username and password_file go together"),
+        ("    {certificate: c.pem, private_key: k.pem,\n"
+         "     users: {p: {username: u, password_file: f, certificate: c, private_key: k}}}",
+         r"give username and password_file, or certificate and private_key"),
+    ],
+)  # fmt: skip
+async def test_plant_opcua_config_refuses_unknown_keys_and_half_credentials(
+    tmp_path: Path, opcua: str, expected: str
+) -> None:
+    path = tmp_path / "broker.yaml"
+    path.write_text(APPLIANCE + opcua + "\n")
+    with pytest.raises(ConfigError, match=expected):
+        config.load(path)
+
+
+async def test_plant_opcua_config_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "broker.yaml"
+    path.write_text(APPLIANCE + "    {certificate: c.pem, private_key: k.pem, trust_list: [t]}\n")
+    opcua = config.load(path).plant.opcua
+    assert opcua is not None
+    assert (opcua.certificate, opcua.trust_list) == (tmp_path / "c.pem", [tmp_path / "t"])
