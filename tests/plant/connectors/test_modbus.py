@@ -22,6 +22,7 @@ from tests.harness import DEMO_POLICY, eventually, free_port
 pytestmark = pytest.mark.timeout(60)
 
 DEMO = policy.load(DEMO_POLICY)
+SIGNALS = [s for s in DEMO.signals if s.device == DEMO.devices[0].name]  # not derived ones
 ROOM = "coldstore/storage/cold-room-1/temperature"
 
 
@@ -59,19 +60,19 @@ async def test_a_scan_reads_every_signal_with_the_values_the_plc_holds(
     plant_sim.state.room_c = -20.4
     await plant_sim.publish()
     collector = Collector()
-    async with running(ModbusConnector(device(plant_sim.address[1]), DEMO.signals), collector):
+    async with running(ModbusConnector(device(plant_sim.address[1]), SIGNALS), collector):
         await eventually(lambda: collector.batches)
     samples = collector.last()
-    assert set(samples) == {s.path for s in DEMO.signals}
+    assert set(samples) == {s.path for s in SIGNALS}
     assert all(s.quality == "good" for s in samples.values())
-    room = next(s for s in DEMO.signals if s.path == ROOM)
+    room = next(s for s in SIGNALS if s.path == ROOM)
     assert decoder_for(room)(samples[ROOM].raw) == pytest.approx(-20.4)
 
 
 async def test_an_unreachable_device_gives_bad_quality_then_recovers_when_it_appears() -> None:
     port = free_port()
     collector = Collector()
-    async with running(ModbusConnector(device(port), DEMO.signals), collector):
+    async with running(ModbusConnector(device(port), SIGNALS), collector):
         await eventually(lambda: collector.batches)
         assert all(s.quality == "bad" and s.raw is None for s in collector.last().values())
         sim = RefrigerationPlant("127.0.0.1", port)
@@ -91,7 +92,7 @@ async def test_a_server_restart_mid_run_marks_values_bad_then_values_resume() ->
     collector = Collector()
     sim = RefrigerationPlant("127.0.0.1", port)
     await sim.start()
-    async with running(ModbusConnector(device(port), DEMO.signals), collector):
+    async with running(ModbusConnector(device(port), SIGNALS), collector):
         await eventually(
             lambda: collector.last().get(ROOM) and collector.last()[ROOM].quality == "good"
         )
@@ -116,7 +117,7 @@ async def test_an_exception_response_marks_only_that_requests_signals_bad(
     )  # fmt: skip
     collector = Collector()
     async with running(
-        ModbusConnector(device(plant_sim.address[1]), [*DEMO.signals, missing]), collector
+        ModbusConnector(device(plant_sim.address[1]), [*SIGNALS, missing]), collector
     ):
         await eventually(lambda: len(collector.batches) >= 3)
     samples = collector.last()
@@ -145,7 +146,7 @@ async def test_a_slow_device_never_sees_overlapping_scans_and_missed_scans_are_c
         address=("127.0.0.1", port),
     )
     await server.serve_forever(background=True)
-    signals = [s for s in DEMO.signals if s.source.table == "input_register"]  # 4 requests a scan
+    signals = [s for s in SIGNALS if s.source.table == "input_register"]  # 4 requests a scan
     connector = ModbusConnector(device(port, poll_interval_s=0.1), signals)
     collector = Collector()
     try:

@@ -22,6 +22,11 @@ from broker.policy.schema import BIT_TABLES
 from tests.harness import DEMO_POLICY
 
 
+def demo_signals() -> list[Signal]:
+    demo = load(DEMO_POLICY)
+    return [s for s in demo.signals if s.device == demo.devices[0].name]  # not derived ones
+
+
 def sig(
     address: int, type_: str = "int16", table: str = "input_register", name: str = ""
 ) -> Signal:
@@ -76,7 +81,7 @@ def test_read_functions_are_exactly_the_four_read_codes() -> None:
 
 
 def test_demo_plan_reads_exactly_the_modelled_addresses_per_table() -> None:
-    signals = load(DEMO_POLICY).signals
+    signals = demo_signals()
 
     requests = plan_reads(signals, 1)
 
@@ -87,7 +92,7 @@ def test_demo_plan_reads_exactly_the_modelled_addresses_per_table() -> None:
 def test_demo_plan_uses_the_function_code_of_each_table() -> None:
     codes = {"coil": 1, "discrete_input": 2, "holding_register": 3, "input_register": 4}
 
-    for request in plan_reads(load(DEMO_POLICY).signals, 1):
+    for request in plan_reads(demo_signals(), 1):
         assert request.function_code == codes[request.table]
 
 
