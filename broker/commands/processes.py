@@ -62,9 +62,11 @@ def opened_half(
     state_dir_of: Callable[[config.BrokerConfig], Path],
     *,
     audited: bool = True,
+    admit: bool = True,
 ) -> Iterator[tuple[config.BrokerConfig, activation.TrustedPolicy, AuditLog | None]]:
     """Config, the audit log, logging, and the verified policy admitted into this half's
-    state dir; the audit log gets a final checkpoint when the half stops."""
+    state dir (with `admit=False`, checked against it and left unrecorded); the audit log
+    gets a final checkpoint when the half stops."""
     cfg = config.load(args.config)
     trust = trustroot.load(cfg.trust_root)
     audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
@@ -81,7 +83,7 @@ def opened_half(
     try:
         try:
             trusted = activation.load_trusted(
-                cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=audited
+                cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=admit
             )
         except PolicyRefused as e:
             activation.log_refusal(e)
@@ -107,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
 
     # Refuse a bad config or policy before starting anything; the halves admit (and audit)
     # it themselves.
-    with opened_half(args, "supervisor", _plant_state, audited=False) as (cfg, _, _):
+    checked = opened_half(args, "supervisor", _plant_state, audited=False, admit=False)
+    with checked as (cfg, _, _):
         fmt = args.log_format or cfg.log.format
     return run_until_signalled(Supervisor(args.config, fmt).run())
 
