@@ -128,6 +128,9 @@ async def _signals(request: web.Request) -> web.Response:
                     "unit": s.unit,
                     "type": s.source.type,
                     "description": s.description,
+                    "quantity": s.quantity,
+                    "range": s.range,
+                    "outcomes": s.outcomes,
                 }
                 for s in authz.policy.signals
                 if s.path in view

@@ -15,7 +15,7 @@ import msgspec
 import structlog
 
 from broker.policy import Policy
-from broker.records import Record, to_json
+from broker.records import QualityIssue, Record, to_json
 
 STALE_AFTER_INTERVALS = 3
 
@@ -150,6 +150,13 @@ class Store:
     def _aged(self, record: Record, now: datetime) -> Record:
         if record.quality in ("good", "uncertain"):
             limit = self._stale_after[record.signal]
-            if (now - record.source_time).total_seconds() > limit:
-                return msgspec.structs.replace(record, quality="stale")
+            age = (now - record.source_time).total_seconds()
+            if age > limit:
+                why = QualityIssue(
+                    check="stale", detail=f"no newer value for {age:.0f} s (limit {limit:g} s)"
+                )
+                context = msgspec.structs.replace(
+                    record.context, quality_issues=[*record.context.quality_issues, why]
+                )
+                return msgspec.structs.replace(record, quality="stale", context=context)
         return record

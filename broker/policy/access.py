@@ -44,7 +44,7 @@ class Access:
         self._enforcer.add_grouping_policies(
             [[c.identity, _ROLE_PREFIX + role] for c in policy.consumers for role in c.roles]
         )
-        self._signals = [s.path for s in policy.signals]
+        self._signals = [s.path for s in policy.signals if s.lifecycle == "approved"]  # published
         self._known = frozenset(c.identity for c in policy.consumers)
 
     def knows(self, identity: str) -> bool:

@@ -9,7 +9,15 @@ from __future__ import annotations
 from datetime import datetime
 
 from broker.policy.access import Access
-from broker.policy.schema import DerivedSource, Device, ModbusSource, OpcUaDevice, Policy, Signal
+from broker.policy.schema import (
+    Asset,
+    DerivedSource,
+    Device,
+    ModbusSource,
+    OpcUaDevice,
+    Policy,
+    Signal,
+)
 
 UNVERIFIED = "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
 
@@ -49,7 +57,49 @@ def _signal(s: Signal) -> str:
         f" {s.offset:+g}" if s.offset != 0.0 else ""
     )
     unit = f" [{s.unit}]" if s.unit else ""
-    return f"{s.path}{unit} ← {_source(s)}{scaling}"
+    trial = " PROPOSED: read and validated, never published" if s.lifecycle == "proposed" else ""
+    return f"{s.path}{unit} ← {_source(s)}{scaling}{trial}"
+
+
+def _meaning(s: Signal) -> str:
+    """What a signal means, as the model says: shown under it by `policy show`."""
+    parts = [s.description or "(no description)"]
+    if s.quantity:
+        parts.append(s.quantity)
+    if s.range is not None:
+        parts.append(f"valid {s.range.min:g} to {s.range.max:g}")
+    if s.outcomes:
+        parts.append("bears on " + ", ".join(s.outcomes))
+    checks = s.checks
+    for name, limit in (
+        ("flatline after", checks.flatline),
+        ("spike above /s", checks.max_rate_per_s),
+        ("noise above", checks.max_noise),
+    ):
+        if limit is not None:
+            parts.append(f"{name} {limit}")
+    return "; ".join(parts)
+
+
+def _asset(a: Asset) -> list[str]:
+    lines = [f"  {a.path} ({a.type})" + (f": {a.description}" if a.description else "")]
+    if a.states:
+        states = "; ".join(f"{rule.state} when {rule.when}" for rule in a.states)
+        lines.append(f"      states: {states}; otherwise {a.otherwise}")
+    if a.ambient:
+        lines.append("      ambient: " + ", ".join(f"{n} = {p}" for n, p in a.ambient.items()))
+    if a.load is not None:
+        lines.append(f"      load: {a.load.signal} over {', '.join(a.load.windows)}")
+    for b in a.baselines:
+        axes = f"{b.ambient}" + (" and load" if b.load_points else "")
+        lines.append(
+            f"      baseline: {b.measure} by {axes}; {b.worse} is worse: below expected from "
+            f"{b.below_expected_pct:g} %, abnormal from {b.abnormal_pct:g} %"
+        )
+    for r in a.rules:
+        lines.append(f"      rule {r.name} ({r.severity}, {r.outcome}): when {r.when}")
+        lines.append(f"          → {r.alert}; do: {r.action}")
+    return lines
 
 
 def show(policy: Policy, sha256: str, now: datetime) -> str:
@@ -65,8 +115,11 @@ def show(policy: Policy, sha256: str, now: datetime) -> str:
         f"devices read ({len(policy.devices)}), with read-only services only:",
         *(f"  {_device(d)}" for d in policy.devices),
         "",
-        f"signals that may cross ({len(policy.signals)}):",
-        *(f"  {_signal(s)}" for s in policy.signals),
+        f"signals of the semantic model ({len(policy.signals)}):",
+        *(line for s in policy.signals for line in (f"  {_signal(s)}", f"      {_meaning(s)}")),
+        "",
+        f"assets ({len(policy.assets)}):",
+        *(line for a in policy.assets for line in _asset(a)),
         "",
         "roles:",
         *(
@@ -108,7 +161,19 @@ def diff(old: Policy, new: Policy) -> str:
     for identity in sorted(new_views):
         gained = new_views[identity] - old_views.get(identity, frozenset())
         widened += [f"  {identity} may now see {path}" for path in sorted(gained)]
-    removed = _only_in(old_devices, new_devices, "- device")
+    old_trial = {s.path for s in old.signals if s.lifecycle == "proposed"}
+    new_trial = {s.path for s in new.signals if s.lifecycle == "proposed"}
+    widened += [
+        f"  signal {p} approved: now published"
+        for p in sorted(old_trial - new_trial)
+        if p in new_signals
+    ]
+    removed = [
+        f"  signal {p} back to proposed: no longer published"
+        for p in sorted(new_trial - old_trial)
+        if p in old_signals
+    ]
+    removed += _only_in(old_devices, new_devices, "- device")
     removed += _only_in(old_signals, new_signals, "- signal")
     for identity in sorted(old_views):
         lost = old_views[identity] - new_views.get(identity, frozenset())

@@ -47,6 +47,8 @@ def test_a_value_older_than_three_poll_intervals_is_served_stale(
     latest = store.latest(ROOM, now)
     assert latest is not None and latest.quality == served_as
     assert [r.quality for r in store.snapshot(now, EVERYTHING)] == [served_as]
+    says_why = [i.check for i in latest.context.quality_issues] == ["stale"]
+    assert says_why == (served_as == "stale")
 
 
 def test_only_the_latest_record_of_a_signal_is_kept() -> None:

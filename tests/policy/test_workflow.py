@@ -498,9 +498,33 @@ def test_show_lists_every_signal_with_its_source_table_and_address(shown: str) -
     for signal in yaml.safe_load(DEMO_POLICY.read_text())["signals"]:
         source = signal["source"]
         lines = [line for line in shown.splitlines() if line.strip().startswith(signal["path"])]
-        assert any(
-            re.search(rf"\b{source['table']}\s+{source['address']}\b", line) for line in lines
-        ), signal["path"]
+        where = (
+            rf"= {re.escape(source['expression'])}"
+            if "expression" in source
+            else rf"\b{source['table']}\s+{source['address']}\b"
+        )
+        assert any(re.search(where, line) for line in lines), signal["path"]
+
+
+def test_show_gives_each_signals_meaning_and_flags_the_proposed_ones(shown: str) -> None:
+    lines = shown.splitlines()
+    for signal in yaml.safe_load(DEMO_POLICY.read_text())["signals"]:
+        [at] = [i for i, line in enumerate(lines) if line.startswith(f"  {signal['path']} ")]
+        meaning = lines[at + 1]
+        assert signal.get("description", "(no description)") in meaning
+        if "range" in signal:
+            assert f"valid {signal['range']['min']:g} to {signal['range']['max']:g}" in meaning
+        assert ("PROPOSED" in lines[at]) == (signal.get("lifecycle") == "proposed")
+
+
+def test_show_gives_each_assets_states_baselines_and_rules(shown: str) -> None:
+    for asset in yaml.safe_load(DEMO_POLICY.read_text())["assets"]:
+        assert _lines_with(shown, asset["path"], f"({asset['type']})"), asset["path"]
+        for rule in asset.get("rules", []):
+            assert _lines_with(shown, f"rule {rule['name']}", rule["when"])
+            assert _lines_with(shown, rule["alert"], rule["action"])
+        for baseline in asset.get("baselines", []):
+            assert _lines_with(shown, "baseline:", baseline["measure"], baseline["ambient"])
 
 
 def test_show_gives_each_consumer_with_how_many_signals_it_may_see(shown: str) -> None:
@@ -519,9 +543,10 @@ def test_show_says_its_contents_are_not_verified(shown: str) -> None:
 # --- policy diff ---------------------------------------------------------------------------
 
 ADDED = "coldstore/machine-room/compressor-1/oil_pressure"
-REMOVED = "coldstore/outdoor/weather/relative_humidity"
+REMOVED = "coldstore/machine-room/compressor-1/run_time"
 UNCHANGED = "coldstore/storage/cold-room-1/temperature"
 NEW_CONSUMER = "spiffe://demo/consumer/maintenance"
+PROMOTED = "coldstore/storage/cold-room-1/defrost_heater_current"  # proposed in the demo
 NEW_ROLE_PREFIX = "coldstore/machine-room/compressor-1/"
 
 
@@ -553,6 +578,9 @@ def new_document() -> dict[str, Any]:
             "unit": "bar",
         }
     )
+    for signal in document["signals"]:
+        if signal["path"] == PROMOTED:
+            del signal["lifecycle"]  # approved by default
     document["roles"].append({"name": "maintenance", "signals": [NEW_ROLE_PREFIX + "*"]})
     document["consumers"].append({"identity": NEW_CONSUMER, "roles": ["maintenance"]})
     return document
@@ -566,6 +594,11 @@ def diffed(
     old = _compile(DEMO_POLICY, directory / "old.dsse.json")
     new = _compile(write_policy_yaml(directory, new_document, "new"), directory / "new.dsse.json")
     return _sections(dmzbroker("policy", "diff", str(old), str(new)).stdout)
+
+
+def test_diff_shows_a_promoted_signal_as_widening(diffed: dict[str, str]) -> None:
+    assert _lines_with(diffed["WIDENS"], PROMOTED, "approved")
+    assert PROMOTED not in diffed["NARROWS"]
 
 
 def test_diff_shows_an_added_signal_as_widening(diffed: dict[str, str]) -> None:
