@@ -64,8 +64,14 @@ class OpcUaConfig(_Section, frozen=True, kw_only=True):
     users: dict[str, OpcUaUserConfig] = {}  # device name → its user identity credentials
 
 
+class MaintenanceConfig(_Section, frozen=True):
+    file: Path  # CSV or YAML exported by the CMMS (docs/model.md); re-read when it changes
+    due_within_days: Annotated[int, Meta(ge=0, le=365)] = 7  # "due" this close to next_due
+
+
 class PlantConfig(_Section, frozen=True):
     state_dir: Path  # accepted policy version, island mode; writable by the plant user only
+    maintenance: MaintenanceConfig | None = None
     opcua: OpcUaConfig | None = None  # needed when the policy names a secured OPC UA device
 
 

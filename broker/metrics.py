@@ -41,6 +41,34 @@ class DeviceStats(Protocol):
     last_scan_s: float
 
 
+class SignalStats(Protocol):
+    by_quality: Tally[str]
+    failed_checks: Tally[str]
+
+
+class _SignalQuality(Collector):
+    """Each signal's values by quality and its failed data-quality checks (docs/model.md)."""
+
+    def __init__(self, signals: Callable[[], dict[str, SignalStats]]) -> None:
+        self._signals = signals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        samples = CounterMetricFamily(
+            "dmzbroker_signal_samples", "Values by quality", labels=["signal", "quality"]
+        )
+        failed = CounterMetricFamily(
+            "dmzbroker_signal_check_failures",
+            "Failed data-quality checks",
+            labels=["signal", "check"],
+        )
+        for path, stats in sorted(self._signals().items()):
+            for quality, count in sorted(stats.by_quality.items()):
+                samples.add_metric([path, quality], count)
+            for check, count in sorted(stats.failed_checks.items()):
+                failed.add_metric([path, check], count)
+        yield from (samples, failed)
+
+
 class _Devices(Collector):
     """Each device's scan counters, read from its connector when metrics are collected."""
 
@@ -76,6 +104,7 @@ class PlantMetrics:
         audit_failing: Callable[[], bool],
         devices: Callable[[], dict[str, DeviceStats]],
         written_seq: Callable[[], int],
+        signals: Callable[[], dict[str, SignalStats]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.records_written = Counter(
@@ -96,6 +125,7 @@ class PlantMetrics:
         ).set_function(written_seq)
         self.registry.register(_Drops(dropped))
         self.registry.register(_Devices(devices))
+        self.registry.register(_SignalQuality(signals))
 
     def write(self, spool_dir: Path) -> None:
         write_to_textfile(str(spool_dir / PLANT_FILE), self.registry)

@@ -14,12 +14,16 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
 ) -> None:
     dropped = Counter({"policy_denied": 3, "island_mode": 7})
     device = SimpleNamespace(scans=12, overruns=2, errors=1, last_scan_s=0.05)
+    signal = SimpleNamespace(
+        by_quality=Counter({"good": 9, "uncertain": 3}), failed_checks=Counter({"spike": 3})
+    )
     plant = PlantMetrics(
         dropped=lambda: dropped,
         island=lambda: False,
         audit_failing=lambda: True,
         devices=lambda: {"plc-1": device},
         written_seq=lambda: 1234,
+        signals=lambda: {"site/pump/flow": signal},
     )
     plant.records_written.inc(42)
     plant.write(tmp_path)
@@ -46,6 +50,8 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
         "dmzbroker_spool_written_seq 1234.0" in text and "dmzbroker_spool_read_seq 1200.0" in text
     )
     assert 'dmzbroker_certificate_days_left{what="server certificate"} 45.5' in text
+    assert 'dmzbroker_signal_samples_total{quality="uncertain",signal="site/pump/flow"} 3.0' in text
+    assert 'dmzbroker_signal_check_failures_total{check="spike",signal="site/pump/flow"} 3.0' in text
 
 
 def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from broker.config import BrokerConfig, OpcUaConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
 from broker.plant.connectors import Connector, RawSample, connector_for
+from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, Signal
 from broker.policy.activation import TrustedPolicy
@@ -33,10 +34,11 @@ METRICS_EVERY = 8  # flag checks between two writes of the metrics file (2 s)
 
 
 class PlantHalf:
-    def __init__(self, sender: SpoolSender, policy: Policy) -> None:
+    def __init__(self, sender: SpoolSender, policy: Policy, maintenance: MaintenanceBook) -> None:
         self._sender = sender
         self._queue: asyncio.Queue[list[RawSample]] = asyncio.Queue(QUEUE_BATCHES)
-        self.pipeline = PlantPipeline(policy)
+        self._maintenance = maintenance
+        self.pipeline = PlantPipeline(policy, maintenance)
         self._policy = policy
         self._sending: asyncio.Future[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
@@ -50,6 +52,7 @@ class PlantHalf:
             audit_failing=lambda: self.pipeline.gate.audit_failing,
             devices=lambda: dict(self._devices),
             written_seq=lambda: sender.next_seq - 1,
+            signals=lambda: dict(self.pipeline.checks.stats),
         )
 
     async def run(self, config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
@@ -68,7 +71,7 @@ class PlantHalf:
                         self._queue.get_nowait()
                     old_gate = self.pipeline.gate
                     self._policy = accepted.policy
-                    self.pipeline = PlantPipeline(accepted.policy)
+                    self.pipeline = PlantPipeline(accepted.policy, self._maintenance)
                     self.pipeline.gate.island = old_gate.island
                     self.pipeline.gate.audit_failing = old_gate.audit_failing
                     if not old_gate.audit_failing:
@@ -88,7 +91,8 @@ class PlantHalf:
     async def _read(self, policy: Policy) -> None:
         signals_of: dict[str, list[Signal]] = defaultdict(list)
         for signal in policy.signals:
-            signals_of[signal.device].append(signal)
+            if signal.device is not None:  # derived signals are computed, not read
+                signals_of[signal.device].append(signal)
         self._devices = {}
         async with asyncio.TaskGroup() as tasks:
             for device in policy.devices:
@@ -155,7 +159,7 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLo
         signals=len(policy.signals),
         next_seq=sender.next_seq,
     )
-    half = PlantHalf(sender, policy)
+    half = PlantHalf(sender, policy, MaintenanceBook(config.plant.maintenance))
     try:
         await half.run(config, trusted, audit)
     finally:
