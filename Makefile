@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/audit_verify.py
 	$(BIN)/python bench/mqtt_sink.py
 	$(BIN)/python bench/sse_fanout.py
+	$(BIN)/python bench/opcua_ingest.py
 	$(BIN)/python bench/modbus_plan.py
 
 clean:

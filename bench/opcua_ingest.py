@@ -1,0 +1,173 @@
+"""Benchmark: OPC UA notifications/s ingested by the real connector, 1,000 and 10,000 items.
+
+An asyncua server in a child process (its own core) holds N Double variables and rewrites
+them round-robin as fast as it can; the real `OpcUaConnector` in this process subscribes to
+all of them (Basic256Sha256 SignAndEncrypt, certificates from `dmzbroker certs`, publishing
+interval 100 ms, queue size 1) and counts the samples it emits over a measured window.
+Run: `.venv/bin/python bench/opcua_ingest.py` (`--help` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing as mp
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+from asyncua import Server, ua
+
+from broker.config import OpcUaConfig
+from broker.plant.connectors.base import RawSample
+from broker.plant.connectors.opcua import OpcUaConnector
+from broker.plant.connectors.opcua_session import SessionSettings
+from broker.policy import OpcUaDevice, Signal
+
+REPO = Path(__file__).resolve().parent.parent
+YIELD_EVERY = 100  # server writes between two turns of its event loop
+
+
+def cli(*args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "broker", *args], check=True, capture_output=True, cwd=REPO
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(
+    pki: Path, port: int, items: int, ready: mp.Event, stop: mp.Event, writes: mp.Value
+) -> None:  # type: ignore[type-arg]
+    """The child: a server whose values change as fast as it can write them."""
+    logging.disable(logging.WARNING)
+
+    async def main() -> None:
+        server = Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/bench")
+        await server.set_application_uri("urn:dmzbroker:bench:server")
+        await server.load_certificate(str(pki / "server-cert.pem"))
+        await server.load_private_key(str(pki / "server-key.pem"))
+        server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+        ns = await server.register_namespace("urn:dmzbroker:bench")
+        folder = await server.nodes.objects.add_object(ns, "Bench")
+        ids = [ua.NodeId(f"v{i}", ns) for i in range(items)]
+        for node_id in ids:
+            await folder.add_variable(node_id, node_id.Identifier, 0.0)
+        await server.start()
+        ready.set()
+        value = 0.0
+        while not stop.is_set():
+            for node_id in ids:
+                value += 1.0
+                await server.write_attribute_value(node_id, ua.DataValue(ua.Variant(value)))
+                if value % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let the server sample and publish
+            writes.value += len(ids)
+        await server.stop()
+
+    asyncio.run(main())
+
+
+async def ingest(
+    pki: Path, port: int, items: int, warmup_s: float, measure_s: float
+) -> tuple[float, int, int]:
+    device = msgspec.convert(
+        {"name": "bench", "endpoint": f"opc.tcp://127.0.0.1:{port}/bench", "poll_interval_s": 0.1,
+         "timeout_s": 10.0},
+        OpcUaDevice,
+    )  # fmt: skip
+    signals = [
+        msgspec.convert(
+            {
+                "path": f"bench/items/v{i}",
+                "device": "bench",
+                "source": {"protocol": "opcua", "node": f"ns=2;s=v{i}"},
+            },
+            Signal,
+        )
+        for i in range(items)
+    ]
+    config = OpcUaConfig(
+        certificate=pki / "broker-cert.pem",
+        private_key=pki / "broker-key.pem",
+        trust_list=[pki / "ca" / "ca.crt"],
+    )
+    connector = OpcUaConnector(device, signals, SessionSettings.build(device, config))
+    received = 0
+
+    async def emit(samples: list[RawSample]) -> None:
+        nonlocal received
+        received += len(samples)
+
+    task = asyncio.create_task(connector.run(emit))
+    try:
+        await asyncio.sleep(warmup_s)
+        start_count, start_overruns = received, connector.overruns
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.sleep(measure_s)
+        elapsed = time.perf_counter() - started
+        rate = (received - start_count) / elapsed
+        busy = (time.process_time() - cpu) / elapsed
+        return rate, busy, connector.overruns - start_overruns, connector.errors
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def run(pki: Path, items: int, warmup_s: float, measure_s: float) -> None:
+    context = mp.get_context("spawn")
+    ready, stop, writes = context.Event(), context.Event(), context.Value("q", 0)
+    port = free_port()
+    child = context.Process(target=serve, args=(pki, port, items, ready, stop, writes))
+    child.start()
+    try:
+        if not ready.wait(300):
+            raise SystemExit("the OPC UA server did not start within 300 s")
+        before, started = writes.value, time.perf_counter()
+        rate, busy, overflows, errors = asyncio.run(ingest(pki, port, items, warmup_s, measure_s))
+        written = (writes.value - before) / (time.perf_counter() - started)
+    finally:
+        stop.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    print(
+        f"{items:>6} items | {rate:>9,.0f} notifications/s ingested | server wrote "
+        f"{written:>9,.0f} values/s | connector CPU {busy:.0%} | overflow-flagged {overflows} | "
+        f"session errors {errors}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, nargs="+", default=[1000, 10_000])
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds measured")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = Path(tmp)
+        cli("certs", "init-ca", "--out", str(pki / "ca"), "--name", "bench CA")
+        for name, uri in (
+            ("broker", "urn:dmzbroker:bench"),
+            ("server", "urn:dmzbroker:bench:server"),
+        ):
+            cli("certs", "issue", "opcua", "--ca", str(pki / "ca"), "--out", tmp, "--name", name,
+                "--uri", uri, "--dns", "localhost")  # fmt: skip
+        print("OPC UA ingest: Basic256Sha256 SignAndEncrypt, publishing interval 100 ms, queue 1")
+        for items in args.items:
+            run(pki, items, args.warmup, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
