@@ -1,9 +1,12 @@
 """Benchmark of the broker's data path: throughput without a network, latency over mutual TLS.
 
 1. Throughput. A synthetic policy (by default 1,000 signals on 4 devices, a mix of bool,
-   int16 and float32) and batches of one scan of every signal, made before the clock starts:
-   - plant: every batch through PlantPipeline.process (gate, decode, context) into
-     SpoolSender.send (one write and one fsync per batch);
+   int16 and float32, 10 per asset, each asset with a semantic model: a state rule, ambient,
+   load windows, a baseline, two rules, a derived signal) and batches of one scan of every
+   signal, made before the clock starts:
+   - plant: every batch through PlantPipeline.process (gate, decode, quality checks,
+     context) into SpoolSender.send (one write and one fsync per batch); also the same
+     signals without any model, to show what the context costs;
    - enterprise: then every record through SpoolReceiver.receive, Store.apply and
      SpoolReceiver.commit, as broker.enterprise.run delivers them;
    - end to end: the two one after the other (the figure held against the target);
@@ -57,6 +60,7 @@ from broker.plant.connectors import RawSample
 from broker.plant.decode import RawValue
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
+from broker.policy import parse as policy_parse
 from broker.policy.schema import REGISTER_WIDTH
 from broker.sim.appliance import provision
 from broker.trust import tls
@@ -92,8 +96,48 @@ STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL
 # --- the synthetic plant -------------------------------------------------------------------
 
 
-def synthetic_policy(signals: int, devices: int) -> dict[str, Any]:
-    """A policy document: `signals` signals spread over `devices` devices, 10 per asset."""
+def asset_model(path: str) -> dict[str, Any]:
+    """What the context evaluates for each asset: a state rule, ambient, load windows, a
+    baseline of one measure, two rules (with the sample values, one is true)."""
+    return {
+        "path": path,
+        "type": "pump",
+        "states": [{"state": "running", "when": "running"}],
+        "ambient": {"temperature": f"{path}/int16_3"},
+        "load": {"signal": f"{path}/float32_4", "windows": ["15m", "24h"]},
+        "baselines": [
+            {
+                "measure": "int16_6",
+                "ambient": "temperature",
+                "ambient_points": [0, 40],
+                "load_points": [10, 30],
+                "expected": [[18, 20], [22, 26]],
+                "worse": "higher",
+                "states": ["running"],
+            }
+        ],
+        "rules": [
+            {
+                "name": "hot",
+                "when": "state == 'running' and label('int16_6') != 'expected'",
+                "alert": "hotter than expected",
+                "action": "check the cooling",
+                "outcome": "asset_life",
+            },
+            {
+                "name": "heavy",
+                "when": "load_mean('15m') > 20 and trend('float32_4') != 0",
+                "alert": "heavy load",
+                "action": "check the load",
+                "outcome": "energy",
+            },
+        ],
+    }
+
+
+def synthetic_policy(signals: int, devices: int, model: bool = True) -> dict[str, Any]:
+    """A policy document: `signals` signals spread over `devices` devices, 10 per asset;
+    with `model`, each asset has the context of `asset_model` and a derived signal."""
     next_address: Counter[tuple[str, str]] = Counter()
     signal_docs: list[dict[str, Any]] = []
     asset_docs: list[dict[str, Any]] = []
@@ -102,14 +146,20 @@ def synthetic_policy(signals: int, devices: int) -> dict[str, Any]:
         asset, k = divmod(i, SIGNALS_PER_ASSET)
         asset_path = f"bench/line/asset-{asset:04d}"
         kind = "bool" if k == 0 else KINDS[k % len(KINDS)]
-        path = f"{asset_path}/running" if k == 0 else f"{asset_path}/{kind}-{k}"
+        path = f"{asset_path}/running" if k == 0 else f"{asset_path}/{kind}_{k}"
         table = TABLE[kind]
         address = next_address[device, table]
         next_address[device, table] += REGISTER_WIDTH.get(kind, 1)
         source = {"table": table, "address": address, "type": kind}
-        signal_docs.append({"path": path, "device": device, "source": source, **UNITS[kind]})
-        if k == 0:
-            asset_docs.append({"path": asset_path, "state_signal": path})
+        valid = {"range": {"min": -50, "max": 150}} if kind == "int16" else {}
+        signal_docs.append(
+            {"path": path, "device": device, "source": source, **UNITS[kind], **valid}
+        )
+        if model and k == SIGNALS_PER_ASSET - 1:
+            asset_docs.append(asset_model(asset_path))
+            signal_docs.append(
+                {"path": f"{asset_path}/ratio", "source": {"expression": "float32_4 / int16_3"}}
+            )
     return {
         "deployment_id": "bench",
         "version": 1,
@@ -124,15 +174,16 @@ def synthetic_policy(signals: int, devices: int) -> dict[str, Any]:
     }
 
 
-def make_policy(signals: int, devices: int) -> Policy:
-    return msgspec.convert(synthetic_policy(signals, devices), Policy)
+def make_policy(signals: int, devices: int, model: bool = True) -> Policy:
+    document = synthetic_policy(signals, devices, model)
+    return policy_parse.from_payload(msgspec.json.encode(document), "synthetic policy")
 
 
 class Scanner:
     """Stands in for the connectors: samples of every signal in turn, stamped when made."""
 
     def __init__(self, policy: Policy) -> None:
-        self._points = [(s.path, RAW[s.source.type]) for s in policy.signals]
+        self._points = [(s.path, RAW[s.source.type]) for s in policy.signals if s.device]
         self._next = 0
 
     def scan(self, size: int) -> list[RawSample]:
@@ -147,7 +198,8 @@ class Scanner:
 
 def full_scans(policy: Policy, count: int) -> list[list[RawSample]]:
     scanner = Scanner(policy)
-    return [scanner.scan(len(policy.signals)) for _ in range(count)]
+    read = sum(1 for s in policy.signals if s.device)
+    return [scanner.scan(read) for _ in range(count)]
 
 
 # --- throughput ----------------------------------------------------------------------------
@@ -210,7 +262,7 @@ def _writer_process(
 
 def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) -> Rate:
     """Writer and reader in two OS processes; timed until the reader has applied everything."""
-    total = args.batches * args.signals
+    points = args.batches * args.signals
     spool = workdir / "spool"
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2, timeout=READY_TIMEOUT_S)
@@ -222,7 +274,7 @@ def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) ->
     writer.start()
     try:
         start.wait()
-        seconds = read_all(policy, spool, workdir / "state", total)
+        seconds = read_all(policy, spool, workdir / "state", args.batches * len(policy.signals))
     finally:
         writer.join(READY_TIMEOUT_S)
         if writer.is_alive():
@@ -230,19 +282,25 @@ def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) ->
             writer.join()
     if writer.exitcode != 0:
         raise RuntimeError(f"writer process exited with {writer.exitcode}")
-    return Rate(total, seconds)
+    return Rate(points, seconds)
 
 
 def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rate]:
+    """Points are the samples read from devices; with the model, each scan also makes one
+    derived record per asset, which the enterprise side reads as well."""
     policy = make_policy(args.signals, args.devices)
-    total = args.batches * args.signals
+    points = args.batches * args.signals
     batches = full_scans(policy, args.batches)
     plant = write_all(policy, batches, workdir / "spool")
-    enterprise = read_all(policy, workdir / "spool", workdir / "state", total)
+    records = args.batches * len(policy.signals)
+    enterprise = read_all(policy, workdir / "spool", workdir / "state", records)
+    bare = make_policy(args.signals, args.devices, model=False)
+    no_context = write_all(bare, full_scans(bare, args.batches), workdir / "spool-no-context")
     return {
-        "plant": Rate(total, plant),
-        "enterprise": Rate(total, enterprise),
-        "end_to_end": Rate(total, plant + enterprise),
+        "plant": Rate(points, plant),
+        "plant_no_context": Rate(points, no_context),
+        "enterprise": Rate(points, enterprise),
+        "end_to_end": Rate(points, plant + enterprise),
         "concurrent": run_concurrently(args, policy, workdir / "concurrent"),
     }
 
@@ -348,13 +406,18 @@ async def feed_plant(
 
 class _Event(msgspec.Struct):
     seq: int
+    signal: str
     source_time: datetime
 
 
 class StreamConsumer:
-    """Reads /v1/stream; notes each event's source time and latency when its bytes arrive."""
+    """Reads /v1/stream; notes each event's source time and latency when its bytes arrive.
 
-    def __init__(self) -> None:
+    Derived signals' records (made in the plant half, not sent by the scanner) are not
+    counted: `sent` counts the scanner's points."""
+
+    def __init__(self, derived: frozenset[str]) -> None:
+        self._derived = derived
         self.events: list[tuple[float, float]] = []  # (source time, latency), seconds
         self.last_seq = 0
         self._awaited_seq = math.inf
@@ -370,9 +433,10 @@ class StreamConsumer:
                 for line in complete.split(b"\n"):
                     if line.startswith(b"data: "):
                         event = decode(line[6:])
-                        source = event.source_time.timestamp()
-                        self.events.append((source, received - source))
                         self.last_seq = event.seq
+                        if event.signal not in self._derived:
+                            source = event.source_time.timestamp()
+                            self.events.append((source, received - source))
                 if self.last_seq >= self._awaited_seq:
                     self._done.set()
         finally:
@@ -452,7 +516,7 @@ def prepare_latency(args: argparse.Namespace, workdir: Path) -> LatencySetup:
 async def measure_latency(args: argparse.Namespace, setup: LatencySetup) -> Latency:
     interval = args.interval_ms / 1000
     per_scan = max(1, round(args.rate * interval))
-    consumer = StreamConsumer()
+    consumer = StreamConsumer(frozenset(s.path for s in setup.policy.signals if not s.device))
     async with (
         enterprise_process(setup.config, setup.log) as process,
         aiohttp.ClientSession(
@@ -492,6 +556,7 @@ def print_report(args: argparse.Namespace, throughput: dict[str, Rate], latency:
     )
     labels = {
         "plant": "plant        process -> send",
+        "plant_no_context": "  the same without a semantic model (no context)",
         "enterprise": "enterprise   receive -> apply -> commit",
         "end_to_end": "end to end   write all, then read all",
         "concurrent": "concurrent   writer and reader, 2 processes",

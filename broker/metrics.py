@@ -99,6 +99,7 @@ class PlantMetrics:
 
     def __init__(
         self,
+        *,
         dropped: Callable[[], Tally[str]],
         island: Callable[[], bool],
         audit_failing: Callable[[], bool],

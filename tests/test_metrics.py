@@ -51,7 +51,9 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
     )
     assert 'dmzbroker_certificate_days_left{what="server certificate"} 45.5' in text
     assert 'dmzbroker_signal_samples_total{quality="uncertain",signal="site/pump/flow"} 3.0' in text
-    assert 'dmzbroker_signal_check_failures_total{check="spike",signal="site/pump/flow"} 3.0' in text
+    assert (
+        'dmzbroker_signal_check_failures_total{check="spike",signal="site/pump/flow"} 3.0' in text
+    )
 
 
 def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> None:

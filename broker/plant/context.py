@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import msgspec
 
@@ -60,31 +60,34 @@ class _AssetRuntime:
         self.state = "unknown"
         self._maintenance = maintenance
         window_s = duration_s(asset.trend_window)
+        self._trend_window_h = window_s / 3600
         self.trends = {measure: TrendLine(window_s) for measure in model.signals}
         self.load_windows = (
             {w: Window(duration_s(w)) for w in asset.load.windows} if asset.load else {}
         )
         self.assessments: dict[str, Assessment] = {}
+        self._columns = {  # each baseline's table by load column, made once
+            m: [list(column) for column in zip(*b.expected, strict=True)]
+            for m, b in model.baselines.items()
+        }
         self.base = Context(asset=asset.path, asset_type=asset.type)
         functions: dict[str, Callable[[str], object]] = {
             "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
             "label": lambda m: _field(self.assessments.get(m), "label"),
             "trend": lambda m: self.trends[m].slope_per_h(),
-            "load_mean": lambda w: self._load_stats(w)[0],
-            "load_max": lambda w: self._load_stats(w)[1],
+            "load_mean": lambda w: self._load[w][0],
+            "load_max": lambda w: self._load[w][1],
         }
+        self._load: dict[str, tuple[float | None, float | None]] = {}  # as of the refresh
+        self._trend_of: dict[str, tuple[int, Trend | None]] = {}  # measure → (generation, trend)
         self._rule_names: dict[str, object] = {}
         self._states = Evaluator(self.values, {})
         self._rules = Evaluator(self._rule_names, functions)
-        self._now = 0.0
-
-    def _load_stats(self, window: str) -> tuple[float | None, float | None]:
-        return self.load_windows[window].stats(self._now)
 
     def refresh(self, now: float) -> list[tuple[Signal, Value]]:
         """Evaluate state, derived signals, assessments and rules; the derived values."""
-        self._now = now
         model = self.model
+        self._load = {w: window.stats(now) for w, window in self.load_windows.items()}
         self.state = self._evaluate_state()
         derived: list[tuple[Signal, Value]] = []
         for signal, expression in model.derived:
@@ -126,8 +129,7 @@ class _AssetRuntime:
             load=Load(
                 signal=load.signal,
                 windows={
-                    w: WindowStats(mean=mean, max=peak)
-                    for w, (mean, peak) in ((w, self._load_stats(w)) for w in load.windows)
+                    w: WindowStats(mean=mean, max=peak) for w, (mean, peak) in self._load.items()
                 },
             )
             if load is not None
@@ -146,6 +148,15 @@ class _AssetRuntime:
                 return state
         return self.model.asset.otherwise if self.model.states else "unknown"
 
+    def assessment_of(self, measure: str, value: Value, number: float) -> Assessment | None:
+        """The refresh's assessment when `value` is the one it assessed, else a new one."""
+        baseline = self.model.baselines.get(measure)
+        if baseline is None:
+            return None
+        if value is self.measures.get(measure):
+            return self.assessments.get(measure)
+        return self.assess(baseline, number)
+
     def assess(self, baseline: Baseline, value: float) -> Assessment | None:
         if baseline.states and self.state not in baseline.states:
             return None
@@ -153,7 +164,7 @@ class _AssetRuntime:
         load = _number(self.values.get("load")) if baseline.load_points else 0.0
         if ambient is None or load is None:
             return None
-        expected = _expected(baseline, ambient, load)
+        expected = _expected(baseline, self._columns[baseline.measure], ambient, load)
         if expected == 0:
             return None
         deviation = (value - expected) / abs(expected) * 100
@@ -169,18 +180,28 @@ class _AssetRuntime:
             expected=round(expected, 6), deviation_pct=round(deviation, 2), label=label
         )
 
-    def trend(self, measure: str, value: float) -> Trend | None:
-        slope = self.trends[measure].slope_per_h()
-        if slope is None:
-            return None
-        window = self.model.asset.trend_window
-        change = slope * duration_s(window) / 3600
-        direction: Literal["rising", "falling", "steady"]
-        if abs(change) < STEADY_FRACTION * abs(value):
-            direction = "steady"
-        else:
-            direction = "rising" if change > 0 else "falling"
-        return Trend(slope_per_h=round(slope, 6), direction=direction, window=window)
+    def trend(self, measure: str) -> Trend | None:
+        """The measure's trend, made once per trend bucket and shared by its records."""
+        line = self.trends[measure]
+        cached = self._trend_of.get(measure)
+        if cached is not None and cached[0] == line.generation:
+            return cached[1]
+        slope = line.slope_per_h()
+        found = None
+        if slope is not None:
+            change = slope * self._trend_window_h
+            direction: Literal["rising", "falling", "steady"]
+            if abs(change) < STEADY_FRACTION * abs(line.level()):
+                direction = "steady"
+            else:
+                direction = "rising" if change > 0 else "falling"
+            found = Trend(
+                slope_per_h=round(slope, 6),
+                direction=direction,
+                window=self.model.asset.trend_window,
+            )
+        self._trend_of[measure] = (line.generation, found)
+        return found
 
 
 def _field(assessment: Assessment | None, name: str) -> object:
@@ -198,11 +219,8 @@ def _interpolate(points: Sequence[float], values: Sequence[float], x: float) -> 
     return values[i] + share * (values[i + 1] - values[i])
 
 
-def _expected(baseline: Baseline, ambient: float, load: float) -> float:
-    by_ambient = [
-        _interpolate(baseline.ambient_points, [row[j] for row in baseline.expected], ambient)
-        for j in range(len(baseline.expected[0]))
-    ]
+def _expected(baseline: Baseline, columns: list[list[float]], ambient: float, load: float) -> float:
+    by_ambient = [_interpolate(baseline.ambient_points, column, ambient) for column in columns]
     if not baseline.load_points:
         return by_ambient[0]
     return _interpolate(baseline.load_points, by_ambient, load)
@@ -224,20 +242,19 @@ class ContextEngine:
             for measure, signal in runtime.model.signals.items()
         }
 
-    def observe(self, path: str, value: Value, t: float) -> None:
-        """Take note of a value (None when bad) at time `t` (seconds)."""
-        number = _number(value)
+    def observe(self, path: str, value: Value, t: float) -> str:
+        """Take note of a value (None when bad) at time `t` (seconds); its asset's path."""
+        numeric = type(value) is float or type(value) is int  # bool is not a number here
         for runtime, name in self._readers.get(path, ()):
             runtime.values[name] = value
-            if name == "load" and number is not None:
+            if numeric and name == "load":
                 for window in runtime.load_windows.values():
-                    window.add(t, number)
-        own = self._own.get(path)
-        if own is not None:
-            runtime, measure = own
-            runtime.measures[measure] = value
-            if number is not None:
-                runtime.trends[measure].add(t, number)
+                    window.add(t, cast(float, value))
+        runtime, measure = self._own[path]
+        runtime.measures[measure] = value
+        if numeric:
+            runtime.trends[measure].add(t, cast(float, value))
+        return runtime.model.path
 
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
         """Re-evaluate these assets; the derived signals' new values, observed already."""
@@ -251,14 +268,13 @@ class ContextEngine:
     def context_for(self, path: str, value: Value, issues: list[QualityIssue]) -> Context:
         runtime, measure = self._own[path]
         number = _number(value)
-        baseline = runtime.model.baselines.get(measure)
-        assessment = runtime.assess(baseline, number) if baseline and number is not None else None
-        trend = runtime.trend(measure, number) if number is not None else None
+        if number is None:
+            assessment = trend = None
+        else:
+            assessment = runtime.assessment_of(measure, value, number)
+            trend = runtime.trend(measure)
         if assessment is None and trend is None and not issues:
             return runtime.base
         return msgspec.structs.replace(
             runtime.base, assessment=assessment, trend=trend, quality_issues=issues
         )
-
-    def asset_of(self, path: str) -> str:
-        return self._own[path][0].model.path

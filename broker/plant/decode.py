@@ -24,6 +24,9 @@ _STRUCT_FORMAT = {
 }  # fmt: skip
 
 
+_WORD = struct.Struct(">H")
+
+
 class DecodeError(ValueError):
     """The raw value cannot become a trustworthy value (wrong width, NaN, infinity, type)."""
 
@@ -36,14 +39,30 @@ def decoder_for(signal: Signal) -> Decoder:
     if source.type == "bool" and source.bit is None:
         return _bit
     registers = _registers(source)
+    words = struct.Struct(f">{source.width}H")
     if source.type == "bool":
         mask = 1 << (source.bit or 0)
-        return lambda raw: bool(registers(raw)[0] & mask)
+        return lambda raw: bool(_checked(words, registers(raw))[0] & mask)
     if source.type == "string":
-        return lambda raw: _ascii(registers(raw))
+        return lambda raw: _ascii(_checked(words, registers(raw)))
     number = struct.Struct(">" + _STRUCT_FORMAT[source.type])
-    words = struct.Struct(f">{source.width}H")
-    return lambda raw: scale(number.unpack(words.pack(*registers(raw)))[0])
+
+    def decode(raw: RawValue) -> Value:
+        try:
+            packed = words.pack(*registers(raw))
+        except struct.error as e:  # a register outside 0..65535
+            raise DecodeError(f"not 16-bit registers: {raw!r}") from e
+        return scale(number.unpack(packed)[0])
+
+    return decode
+
+
+def _checked(words: struct.Struct, registers: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        words.pack(*registers)
+    except struct.error as e:
+        raise DecodeError(f"not 16-bit registers: {registers!r}") from e
+    return registers
 
 
 def _bit(raw: RawValue) -> Value:
@@ -53,7 +72,8 @@ def _bit(raw: RawValue) -> Value:
 
 
 def _registers(source: ModbusSource) -> Callable[[RawValue], tuple[int, ...]]:
-    """Checks the width and range, and puts words and bytes in big-endian order."""
+    """Checks the width, and puts words and bytes in big-endian order (the range is checked
+    when the words are packed)."""
     width = source.width
     swap_words = source.word_order == "little"
     swap_bytes = source.byte_order == "little"
@@ -61,10 +81,10 @@ def _registers(source: ModbusSource) -> Callable[[RawValue], tuple[int, ...]]:
     def ordered(raw: RawValue) -> tuple[int, ...]:
         if not isinstance(raw, tuple) or len(raw) != width:
             raise DecodeError(f"expected {width} register(s), got {raw!r}")
-        if not all(0 <= word <= 0xFFFF for word in raw):
-            raise DecodeError(f"not 16-bit registers: {raw!r}")
-        words = raw[::-1] if swap_words else raw
-        return tuple(((w & 0xFF) << 8) | (w >> 8) for w in words) if swap_bytes else words
+        if swap_bytes:
+            _checked(_WORD, raw[:1])  # a swap would hide a register out of range
+            raw = tuple(((w & 0xFF) << 8) | (w >> 8) for w in raw)
+        return raw[::-1] if swap_words else raw
 
     return ordered
 

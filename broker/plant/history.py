@@ -28,6 +28,8 @@ class Window:
         self._seconds = seconds
         self._width = seconds / BUCKETS
         self._buckets: deque[_Bucket] = deque()
+        self._count = 0  # over all buckets: a mean costs no loop
+        self._total = 0.0
 
     def add(self, t: float, value: float) -> None:
         start = t - t % self._width
@@ -37,15 +39,18 @@ class Window:
         bucket.count += 1
         bucket.total += value
         bucket.peak = max(bucket.peak, value)
+        self._count += 1
+        self._total += value
 
     def stats(self, now: float) -> tuple[float | None, float | None]:
         """(mean, max) over the window ending at `now`; (None, None) without values."""
         while self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
-            self._buckets.popleft()
-        count = sum(b.count for b in self._buckets)
-        if count == 0:
+            old = self._buckets.popleft()
+            self._count -= old.count
+            self._total -= old.total
+        if self._count == 0:
             return None, None
-        return sum(b.total for b in self._buckets) / count, max(b.peak for b in self._buckets)
+        return self._total / self._count, max([b.peak for b in self._buckets])
 
 
 class TrendLine:
@@ -56,6 +61,7 @@ class TrendLine:
         self._width = seconds / BUCKETS
         self._buckets: deque[_Bucket] = deque()
         self._slope: float | None = None  # cached until the next bucket opens
+        self.generation = 0  # counts opened buckets: what was derived from the line is stale
 
     def add(self, t: float, value: float) -> None:
         start = t - t % self._width
@@ -64,9 +70,15 @@ class TrendLine:
             while self._buckets[0].start <= start - self._seconds:
                 self._buckets.popleft()
             self._slope = None
+            self.generation += 1
         bucket = self._buckets[-1]
         bucket.count += 1
         bucket.total += value
+
+    def level(self) -> float:
+        """The mean of the newest bucket (there is one once a value was added)."""
+        newest = self._buckets[-1]
+        return newest.total / newest.count
 
     def slope_per_h(self) -> float | None:
         """None until three buckets hold values: two points always make a 'trend'."""

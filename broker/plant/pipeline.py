@@ -54,17 +54,20 @@ class PlantPipeline:
         now = datetime.now(UTC)
         decoded: list[_Decoded] = []
         touched: set[str] = set()
+        stamp, t = None, 0.0
         for sample in self.gate.admit(samples, now):
-            t = sample.source_time.timestamp()
+            if sample.source_time is not stamp:  # a scan's samples share one time
+                stamp, t = sample.source_time, sample.source_time.timestamp()
             value, quality, issues = self._decode(sample, t)
-            self._context.observe(sample.signal, value if quality != "bad" else None, t)
-            touched.add(self._context.asset_of(sample.signal))
+            self.checks.tally(sample.signal, quality, issues, t)
+            touched.add(
+                self._context.observe(sample.signal, value if quality != "bad" else None, t)
+            )
             decoded.append((sample.signal, value, quality, sample.source_time, issues))
         if decoded:
             decoded.extend(self._derive(touched, max(d[3] for d in decoded)))
         records = []
         for path, value, quality, source_time, issues in decoded:
-            self.checks.tally(path, quality, issues, source_time.timestamp())
             records.append(
                 Record(
                     signal=path,
@@ -96,10 +99,8 @@ class PlantPipeline:
         t = source_time.timestamp()
         derived: list[_Decoded] = []
         for signal, value in self._context.refresh(assets, t):
-            if value is None:
-                derived.append((signal.path, None, "bad", source_time, _NO_INPUTS))
-                continue
-            issues = self.checks.check(signal.path, value, t)
-            quality: Quality = "uncertain" if issues else "good"
+            issues = _NO_INPUTS if value is None else self.checks.check(signal.path, value, t)
+            quality: Quality = "bad" if value is None else "uncertain" if issues else "good"
+            self.checks.tally(signal.path, quality, issues, t)
             derived.append((signal.path, value, quality, source_time, issues))
         return derived

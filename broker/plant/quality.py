@@ -18,6 +18,7 @@ from broker.policy.schema import duration_s
 from broker.records import Quality, QualityIssue, Value
 
 NOISE_SAMPLES = 20
+NO_ISSUES: list[QualityIssue] = []  # shared, never changed: most values pass every check
 
 
 @dataclass
@@ -44,12 +45,24 @@ class QualityChecks:
         self._flatline_s = {
             s.path: duration_s(s.checks.flatline) for s in signals if s.checks.flatline
         }
+        self._checked = frozenset(
+            s.path
+            for s in signals
+            if s.range is not None
+            or s.checks.flatline
+            or s.checks.max_rate_per_s is not None
+            or s.checks.max_noise is not None
+        )  # the hot path skips the others at once
         self._memory: dict[str, _Memory] = {}
         self.stats: dict[str, SignalStats] = {s.path: SignalStats() for s in signals}
 
     def check(self, path: str, value: Value, t: float) -> list[QualityIssue]:
         """The checks a good numeric value fails; other values are not judged."""
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            path not in self._checked
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+        ):
             return []
         signal = self._signals[path]
         issues: list[QualityIssue] = []
@@ -65,7 +78,7 @@ class QualityChecks:
         if memory.previous is not None:
             issues.extend(self._against_previous(signal, memory, value, t))
         memory.previous, memory.previous_s = value, t
-        return issues
+        return issues or NO_ISSUES
 
     def _against_previous(
         self, signal: Signal, memory: _Memory, value: float, t: float
@@ -110,9 +123,10 @@ class QualityChecks:
         stats = self.stats[path]
         stats.samples += 1
         stats.by_quality[quality] += 1
-        stats.failed_checks.update(issue.check for issue in issues)
-        if stats.last_s is not None:
-            stats.longest_gap_s = max(stats.longest_gap_s, t - stats.last_s)
-        else:
+        if issues:
+            stats.failed_checks.update(issue.check for issue in issues)
+        if stats.last_s is None:
             stats.first_s = t
+        elif t - stats.last_s > stats.longest_gap_s:
+            stats.longest_gap_s = t - stats.last_s
         stats.last_s = t
