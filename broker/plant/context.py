@@ -227,9 +227,18 @@ def _expected(baseline: Baseline, columns: list[list[float]], ambient: float, lo
 
 
 class ContextEngine:
+    """Keeps the modelled assets (declared in `assets`, or with derived signals); a signal
+    of any other asset carries only its asset's path, and costs no more than that."""
+
     def __init__(self, policy: Policy, maintenance: MaintenanceBook) -> None:
+        declared = {a.path for a in policy.assets}
         self._assets = {
-            model.path: _AssetRuntime(model, maintenance) for model in SemanticModel(policy)
+            model.path: _AssetRuntime(model, maintenance)
+            for model in SemanticModel(policy)
+            if model.path in declared or model.derived
+        }
+        self._plain = {
+            s.path: Context(asset=s.asset) for s in policy.signals if s.asset not in self._assets
         }
         # signal path → (asset, name) pairs that read it: its own asset, ambient, load
         self._readers: dict[str, list[tuple[_AssetRuntime, str]]] = {}
@@ -250,7 +259,10 @@ class ContextEngine:
             if numeric and name == "load":
                 for window in runtime.load_windows.values():
                     window.add(t, cast(float, value))
-        runtime, measure = self._own[path]
+        own = self._own.get(path)
+        if own is None:
+            return ""  # not modelled: nothing to refresh
+        runtime, measure = own
         runtime.measures[measure] = value
         if numeric:
             runtime.trends[measure].add(t, cast(float, value))
@@ -259,13 +271,16 @@ class ContextEngine:
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
         """Re-evaluate these assets; the derived signals' new values, observed already."""
         derived: list[tuple[Signal, Value]] = []
-        for path in assets:
+        for path in assets - {""}:
             for signal, value in self._assets[path].refresh(now):
                 self.observe(signal.path, value, now)
                 derived.append((signal, value))
         return derived
 
     def context_for(self, path: str, value: Value, issues: list[QualityIssue]) -> Context:
+        plain = self._plain.get(path)
+        if plain is not None:
+            return msgspec.structs.replace(plain, quality_issues=issues) if issues else plain
         runtime, measure = self._own[path]
         number = _number(value)
         if number is None:
