@@ -14,7 +14,6 @@ from typing import Any
 import msgspec
 
 GENESIS = "0" * 64  # the prev_hash of a writer's first entry
-WRITERS = ("plant", "enterprise", "cli")
 CHECKPOINT = "audit_checkpoint"
 EXPIRED = "audit_segments_expired"  # retention deleted old segments; names the last entry
 

@@ -15,7 +15,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import yaml
@@ -28,8 +28,10 @@ from asyncua.ua.uaerrors import UaError
 from broker import logs
 from broker.config import OpcUaConfig, OpcUaUserConfig
 from broker.errors import ConfigError, DeviceError
-from broker.plant.connectors.opcua_session import SessionSettings, open_session
 from broker.policy import OpcUaDevice
+
+if TYPE_CHECKING:
+    from broker.plant.connectors.opcua_session import SessionSettings
 from broker.policy.schema import OPCUA_SECURITY_POLICIES
 
 MAX_DEPTH = 12  # folder levels below Objects
@@ -68,6 +70,10 @@ def _discover_opcua(args: argparse.Namespace) -> int:
     logs.configure("console", "cli")
     logging.getLogger().setLevel(logging.ERROR)  # stdout is the YAML; errors are one line
     device = _device(args)
+    # Plant code is imported here, not at the top: every CLI process (the enterprise half's
+    # too) imports the command modules, and only this command talks to a plant device.
+    from broker.plant.connectors.opcua_session import SessionSettings  # noqa: PLC0415
+
     settings = SessionSettings.build(device, _plant_config(args, device))
     found, complete = asyncio.run(_browse(settings, args.max_nodes))
     print(_starter_policy(device, found, complete), end="")
@@ -111,6 +117,8 @@ def _plant_config(args: argparse.Namespace, device: OpcUaDevice) -> OpcUaConfig 
 
 async def _browse(settings: SessionSettings, max_nodes: int) -> tuple[list[Found], bool]:
     """Variables under Objects in the server's own namespaces; whether the walk was complete."""
+    from broker.plant.connectors.opcua_session import open_session  # noqa: PLC0415
+
     async with open_session(settings) as client:
         try:
             return await _variables(client, max_nodes)

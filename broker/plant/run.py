@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import defaultdict
 
 import structlog
 
@@ -20,10 +19,10 @@ from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig, OpcUaConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import Connector, RawSample, connector_for
+from broker.plant.connectors import Connector, RawSample, connectors_for
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
-from broker.policy import Policy, Signal
+from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
 
@@ -89,16 +88,10 @@ class PlantHalf:
             self._connectors = None
 
     async def _read(self, policy: Policy) -> None:
-        signals_of: dict[str, list[Signal]] = defaultdict(list)
-        for signal in policy.signals:
-            if signal.device is not None:  # derived signals are computed, not read
-                signals_of[signal.device].append(signal)
-        self._devices = {}
+        self._devices = connectors_for(policy, self._opcua)
         async with asyncio.TaskGroup() as tasks:
-            for device in policy.devices:
-                connector = connector_for(device, signals_of[device.name], self._opcua)
-                self._devices[device.name] = connector
-                tasks.create_task(connector.run(self._queue.put), name=f"connector {device.name}")
+            for name, connector in self._devices.items():
+                tasks.create_task(connector.run(self._queue.put), name=f"connector {name}")
 
     async def _write(self) -> None:
         while True:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from typing import Literal
 
 import msgspec
 import structlog
 
 from broker.config import PlantConfig
-from broker.plant.connectors import Connector, RawSample, connector_for
+from broker.plant.connectors import RawSample, connectors_for
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.plant.quality import SignalStats
@@ -139,15 +138,9 @@ class Validation:
     def __init__(self, policy: Policy, plant: PlantConfig) -> None:
         self._policy = policy
         self.pipeline = PlantPipeline(policy, MaintenanceBook(plant.maintenance))
-        signals_of: dict[str, list[Signal]] = defaultdict(list)
-        for signal in policy.signals:
-            if signal.device is not None:
-                signals_of[signal.device].append(signal)
         # Built before any reading, so a device the appliance config cannot serve (OPC UA
         # certificates, credentials) stops the command before it starts.
-        self._connectors: list[tuple[str, Connector]] = [
-            (d.name, connector_for(d, signals_of[d.name], plant.opcua)) for d in policy.devices
-        ]
+        self._connectors = connectors_for(policy, plant.opcua)
         self.samples = 0
         self.observed_s = 0.0
         self.complete = False  # True once the whole duration was read
@@ -169,7 +162,7 @@ class Validation:
         started = time.monotonic()
         try:
             async with asyncio.timeout(duration_s), asyncio.TaskGroup() as tasks:
-                for name, connector in self._connectors:
+                for name, connector in self._connectors.items():
                     tasks.create_task(connector.run(self._take), name=f"connector {name}")
                 tasks.create_task(self._progress(started, duration_s), name="progress")
         except TimeoutError:

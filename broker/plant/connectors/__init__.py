@@ -7,7 +7,17 @@ from broker.plant.connectors.base import Connector, RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings
-from broker.policy import Device, ModbusDevice, OpcUaDevice, Signal
+from broker.policy import Device, ModbusDevice, OpcUaDevice, Policy, Signal
+
+
+def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Connector]:
+    """Device name → its connector, reading only that device's signals (derived ones are
+    computed in the pipeline, never read)."""
+    signals_of: dict[str, list[Signal]] = {d.name: [] for d in policy.devices}
+    for signal in policy.signals:
+        if signal.device is not None:
+            signals_of[signal.device].append(signal)
+    return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
 
 
 def connector_for(
@@ -25,4 +35,4 @@ def connector_for(
             return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
 
 
-__all__ = ["Connector", "RawSample", "connector_for"]
+__all__ = ["Connector", "RawSample", "connector_for", "connectors_for"]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
 
 from broker.plant.decode import RawValue
 from broker.records import Quality
@@ -69,3 +72,34 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class ScanGrid:
+    """Scans start on a fixed grid of the poll interval and never overlap: a scan that ran
+    late skips the slots it missed instead of queueing them. The first overrun of a streak
+    is logged (and audited), as is the streak's end; the overruns between are only counted,
+    so a device that stays slow does not flood the log."""
+
+    def __init__(self, interval_s: float, log: FilteringBoundLogger) -> None:
+        self._interval = interval_s
+        self._log = log
+        self._streak = 0  # slots skipped since the last scan that kept its time
+
+    def next_slot(self, planned: float, now: float, scan_s: float) -> tuple[float, int]:
+        """The next start time after the one `planned`, and how many slots were skipped."""
+        following = planned + self._interval
+        if now <= following:
+            if self._streak:
+                self._log.info("scan_overrun_ended", skipped_scans=self._streak)
+                self._streak = 0
+            return following, 0
+        missed = math.ceil((now - following) / self._interval)
+        if not self._streak:
+            self._log.warning(
+                "scan_overrun",
+                skipped_scans=missed,
+                scan_s=round(scan_s, 3),
+                poll_interval_s=self._interval,
+            )
+        self._streak += missed
+        return following + missed * self._interval, missed

@@ -16,7 +16,6 @@ backoff with jitter. Each device runs in its own task, so one never delays anoth
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,7 +27,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
 
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
+from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
 from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, ReadRequest, plan_reads
 from broker.policy import ModbusDevice, Signal
 from broker.policy.schema import BIT_TABLES
@@ -79,8 +78,8 @@ class ModbusConnector:
         self._pace = Pace(device.max_requests_per_s)
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
         self._answering: bool | None = None  # audited when it changes, not per retry
-        self._overrun_streak = 0  # slots skipped since the last scan that kept its time
         self._log = structlog.get_logger("modbus").bind(device=device.name)
+        self._grid = ScanGrid(device.poll_interval_s, self._log)
 
     async def run(self, emit: Emit) -> None:
         breaker = Backoff(initial_s=min(1.0, self._device.poll_interval_s))
@@ -140,7 +139,8 @@ class ModbusConnector:
                     connections=len(clients),
                 )
             await emit(samples)  # waits while the spool is behind: a late scan skips, not queues
-            next_scan = self._schedule(next_scan, loop.time())
+            next_scan, missed = self._grid.next_slot(next_scan, loop.time(), self.last_scan_s)
+            self.overruns += missed
             await asyncio.sleep(next_scan - loop.time())
 
     async def _scan(self, clients: list[AsyncModbusTcpClient]) -> list[RawSample]:
@@ -215,31 +215,6 @@ class ModbusConnector:
             exception=_exception_name(code),
             signals=[slot.signal for slot in request.slots],
         )
-
-    def _schedule(self, planned: float, now: float) -> float:
-        """The next scan time on the fixed grid; slots already missed are skipped and counted.
-
-        The first overrun of a streak is logged (and audited), the streak's end too; the
-        overruns between are only counted, so a device that stays slow does not flood the log.
-        """
-        interval = self._device.poll_interval_s
-        following = planned + interval
-        if now <= following:
-            if self._overrun_streak:
-                self._log.info("scan_overrun_ended", skipped_scans=self._overrun_streak)
-                self._overrun_streak = 0
-            return following
-        missed = math.ceil((now - following) / interval)
-        self.overruns += missed
-        if not self._overrun_streak:
-            self._log.warning(
-                "scan_overrun",
-                skipped_scans=missed,
-                scan_s=round(self.last_scan_s, 3),
-                poll_interval_s=interval,
-            )
-        self._overrun_streak += missed
-        return following + missed * interval
 
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)

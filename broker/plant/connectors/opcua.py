@@ -17,7 +17,6 @@ reconnects with backoff and creates the subscription again.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaError
 
 from broker.errors import ConfigError, DeviceError, TrustError
-from broker.plant.connectors.base import Backoff, Emit, RawSample, raise_if_cancelled
+from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
 from broker.plant.connectors.opcua_session import SessionSettings, open_session
 from broker.plant.decode import RawValue
 from broker.policy import OpcUaDevice, OpcUaSource, Signal
@@ -72,6 +71,7 @@ class OpcUaConnector:
         self.last_scan_s = 0.0  # handling of the last batch, or the last Read
         self._refused: set[int] = set()  # items the server refused or values we cannot use
         self._log = structlog.get_logger("opcua").bind(device=device.name)
+        self._grid = ScanGrid(device.poll_interval_s, self._log)
 
     async def run(self, emit: Emit) -> None:
         device = self._device
@@ -200,19 +200,9 @@ class OpcUaConnector:
             self.last_scan_s = time.monotonic() - started
             await emit(samples)
             backoff.reset()
-            next_read = self._next_slot(next_read, loop.time())
-            await asyncio.sleep(next_read - loop.time())
-
-    def _next_slot(self, planned: float, now: float) -> float:
-        """The next Read on the fixed grid; slots already missed are skipped and counted."""
-        interval = self._device.poll_interval_s
-        following = planned + interval
-        if now > following:
-            missed = math.ceil((now - following) / interval)
+            next_read, missed = self._grid.next_slot(next_read, loop.time(), self.last_scan_s)
             self.overruns += missed
-            self._log.warning("scan_overrun", skipped_scans=missed, total_skipped=self.overruns)
-            following += missed * interval
-        return following
+            await asyncio.sleep(next_read - loop.time())
 
     def _sample(self, handle: int, value: ua.DataValue) -> RawSample:
         status = value.StatusCode
