@@ -19,6 +19,7 @@ import pytest
 
 from broker import policy
 from broker.plant.connectors.modbus import READ_FUNCTIONS
+from broker.policy import ModbusSource
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     BrokerProcess,
@@ -80,9 +81,16 @@ def assert_expected(records: dict[str, dict]) -> None:
         assert records[path]["value"] == pytest.approx(value, abs=1e-6), path
         assert records[path]["quality"] == "good", path
     assert records["coldstore/machine-room/compressor-1/motor_power"]["unit"] == "kW"
-    assert records["coldstore/machine-room/compressor-1/motor_power"]["context"] == {
-        "asset_state": "running"
-    }
+    context = records["coldstore/machine-room/compressor-1/motor_power"]["context"]
+    assert context["asset"] == "coldstore/machine-room/compressor-1"
+    assert (context["asset_type"], context["asset_state"]) == ("compressor", "running")
+    assert context["ambient"]["temperature"] == pytest.approx(31.4)
+    assert context["load"]["signal"] == "coldstore/machine-room/compressor-1/motor_power"
+    # computed at the edge from the outlet and ambient temperatures (+8 K while running)
+    approach = records["coldstore/machine-room/condenser-1/approach_temperature"]
+    assert approach["value"] == pytest.approx(8.0) and approach["unit"] == "K"
+    # read and validated in the plant half, never published
+    assert "coldstore/storage/cold-room-1/defrost_heater_current" not in records
 
 
 async def snapshot_has_data(deployment: Deployment, pki: Pki) -> bool:
@@ -106,7 +114,9 @@ async def test_decoded_values_reach_snapshot_and_stream_over_mtls(
 
     async def all_signals_arrived() -> bool:
         latest.update(await snapshot(deployment, pki))
-        return set(EXPECTED) <= set(latest)
+        return set(EXPECTED) | {"coldstore/machine-room/condenser-1/approach_temperature"} <= set(
+            latest
+        )
 
     await eventually(all_signals_arrived)
     assert_expected(latest)
@@ -132,6 +142,8 @@ async def test_only_modelled_addresses_are_read_and_only_with_read_functions(
     modelled: dict[int, set[int]] = defaultdict(set)
     for modelled_signal in policy.load(deployment.directory / "policy.yaml").signals:
         source = modelled_signal.source
+        if not isinstance(source, ModbusSource):
+            continue  # derived: computed, never read
         code = READ_FUNCTIONS[source.table][0]
         modelled[code].update(range(source.address, source.address + source.width))
     assert plant_sim.function_codes <= {1, 2, 3, 4}, "a non-read function code reached the PLC"
