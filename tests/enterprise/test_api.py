@@ -38,7 +38,10 @@ async def test_signal_metadata_describes_the_model_but_not_the_plant_topology(ap
     assert status == 200
     signals = {s["path"]: s for s in body["signals"]}  # type: ignore[index]
     assert signals[ROOM]["unit"] == "degC"
-    assert set(signals) == {s.path for s in policy.load(DEMO_POLICY).signals}
+    model = policy.load(DEMO_POLICY).signals
+    assert set(signals) == {s.path for s in model if s.lifecycle == "approved"}  # not proposed
+    assert signals[ROOM]["range"] == {"min": -40, "max": 30}
+    assert signals[ROOM]["outcomes"] == ["product_quality"]
     text = msgspec.json.encode(body).decode()
     for plant_detail in ("127.0.0.1", "input_register", "address", "plc-machine-room"):
         assert plant_detail not in text
