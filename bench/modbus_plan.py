@@ -15,16 +15,15 @@ import argparse
 import asyncio
 import math
 import random
-import socket
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import msgspec
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from support import REPO, free_port
 
 from broker import policy
 from broker.plant.connectors.base import RawSample
@@ -32,7 +31,6 @@ from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, modbus_source, plan_reads
 from broker.policy import ModbusDevice, Signal
 
-REPO = Path(__file__).resolve().parent.parent
 TABLES = list(READ_FUNCTIONS)  # coil, discrete_input, holding_register, input_register
 REGISTER_TYPES = ["int16", "uint16", "int32", "float32", "float64", "uint64", "string", "bool"]
 
@@ -130,12 +128,6 @@ class CountingServer:
 
     async def __aexit__(self, *_: object) -> None:
         await self._server.shutdown()  # type: ignore[no-untyped-call]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def measure(name: str, signals: list[Signal], unit_id: int, scans: int) -> None:

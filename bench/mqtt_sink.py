@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from support import REPO, cli, free_port
 
 from broker import policy
 from broker.channel.spool import SpoolReceiver, SpoolSender
@@ -25,7 +25,6 @@ from broker.enterprise.authz import Authorization
 from broker.enterprise.mqtt import MqttSink
 from broker.records import Context, Record
 
-REPO = Path(__file__).resolve().parent.parent
 MOSQUITTO = """listener {port} 127.0.0.1
 cafile {pki}/ca.crt
 certfile {pki}/broker.crt
@@ -38,18 +37,6 @@ user root
 max_inflight_messages 0
 max_queued_messages 0
 """
-
-
-def cli(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "broker", *args], check=True, capture_output=True, cwd=REPO
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fill(spool: Path, signals: list[str], count: int) -> None:

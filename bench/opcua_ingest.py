@@ -13,15 +13,13 @@ import argparse
 import asyncio
 import logging
 import multiprocessing as mp
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 from asyncua import Server, ua
+from support import cli, free_port
 
 from broker.config import OpcUaConfig
 from broker.plant.connectors.base import RawSample
@@ -29,20 +27,7 @@ from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings
 from broker.policy import OpcUaDevice, Signal
 
-REPO = Path(__file__).resolve().parent.parent
 YIELD_EVERY = 100  # server writes between two turns of its event loop
-
-
-def cli(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "broker", *args], check=True, capture_output=True, cwd=REPO
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve(

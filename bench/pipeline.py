@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import multiprocessing
-import socket
 import ssl
 import struct
 import sys
@@ -51,6 +50,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from support import free_port
 
 from broker import logs
 from broker.channel.spool import SpoolReceiver, SpoolSender
@@ -306,12 +306,6 @@ def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rat
 
 
 # --- latency: the enterprise process and its PKI -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

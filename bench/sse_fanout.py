@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+from support import REPO, free_port
 
 from broker import policy
 from broker.channel.spool import SpoolSender
@@ -25,14 +25,7 @@ from broker.records import Context, Record
 from broker.sim.appliance import provision
 from broker.trust import tls
 
-REPO = Path(__file__).resolve().parent.parent
 CONSUMER = "spiffe://demo/consumer/historian"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def consume(
