@@ -251,10 +251,10 @@ def read_all(policy: Policy, spool: Path, state_dir: Path, total: int) -> float:
 
 
 def _writer_process(
-    signals: int, devices: int, batch_count: int, spool: Path, start: Barrier
+    signals: int, devices: int, model: bool, batch_count: int, spool: Path, start: Barrier
 ) -> None:
     """The writer of the concurrent run; `start` is a barrier shared with the reader."""
-    policy = make_policy(signals, devices)
+    policy = make_policy(signals, devices, model)
     batches = full_scans(policy, batch_count)
     start.wait()
     write_all(policy, batches, spool)
@@ -268,7 +268,7 @@ def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) ->
     start = context.Barrier(2, timeout=READY_TIMEOUT_S)
     writer = context.Process(
         target=_writer_process,
-        args=(args.signals, args.devices, args.batches, spool, start),
+        args=(args.signals, args.devices, args.model, args.batches, spool, start),
         daemon=True,
     )
     writer.start()
@@ -288,7 +288,7 @@ def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) ->
 def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rate]:
     """Points are the samples read from devices; with the model, each scan also makes one
     derived record per asset, which the enterprise side reads as well."""
-    policy = make_policy(args.signals, args.devices)
+    policy = make_policy(args.signals, args.devices, args.model)
     points = args.batches * args.signals
     batches = full_scans(policy, args.batches)
     plant = write_all(policy, batches, workdir / "spool")
@@ -495,7 +495,7 @@ class LatencySetup:
 def prepare_latency(args: argparse.Namespace, workdir: Path) -> LatencySetup:
     """A throwaway appliance (PKI, owner keys, co-signed policy, broker.yaml) for the process."""
     workdir.mkdir()
-    policy = make_policy(args.signals, args.devices)
+    policy = make_policy(args.signals, args.devices, args.model)
     port = free_port()
     appliance = provision(workdir, policy, port=port, consumer_uri=CONSUMER_URI)
     return LatencySetup(
@@ -538,7 +538,9 @@ async def measure_latency(args: argparse.Namespace, setup: LatencySetup) -> Late
 
 
 def print_report(args: argparse.Namespace, throughput: dict[str, Rate], latency: Latency) -> None:
-    kinds = Counter(s.source.type for s in make_policy(args.signals, args.devices).signals)
+    kinds = Counter(
+        s.source.type for s in make_policy(args.signals, args.devices, args.model).signals
+    )
     mix = ", ".join(f"{n:,} {kind}" for kind, n in sorted(kinds.items()))
     print(
         f"dmzbroker pipeline benchmark: {args.signals:,} signals on {args.devices} devices ({mix})"
@@ -617,6 +619,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--signals", type=int, default=1000, help="signals in the policy")
     parser.add_argument("--devices", type=int, default=4, help="devices they are spread over")
+    parser.add_argument(
+        "--no-model",
+        dest="model",
+        action="store_false",
+        help="no semantic model: records carry only their asset's path (issue 2's setup)",
+    )
     parser.add_argument("--batches", type=int, default=200, help="throughput: full scans")
     parser.add_argument("--rate", type=float, default=10_000, help="latency: points/s")
     parser.add_argument("--interval-ms", type=float, default=10, help="latency: ms between scans")

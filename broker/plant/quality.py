@@ -74,7 +74,9 @@ class QualityChecks:
                     detail=f"{value:g} outside the valid range {valid.min:g} to {valid.max:g}",
                 )
             )
-        memory = self._memory.setdefault(path, _Memory(unchanged_since_s=t))
+        memory = self._memory.get(path)
+        if memory is None:
+            memory = self._memory[path] = _Memory(unchanged_since_s=t)
         if memory.previous is not None:
             issues.extend(self._against_previous(signal, memory, value, t))
         memory.previous, memory.previous_s = value, t
