@@ -80,6 +80,19 @@ class _AssetRuntime:
         }
         self._load: dict[str, tuple[float | None, float | None]] = {}  # as of the refresh
         self._trend_of: dict[str, tuple[int, Trend | None]] = {}  # measure → (generation, trend)
+        self._alerts = [  # each rule's alert, made once: only whether it is active changes
+            (
+                Alert(
+                    rule=rule.name,
+                    severity=rule.severity,
+                    message=rule.alert,
+                    action=rule.action,
+                    outcome=rule.outcome,
+                ),
+                expression,
+            )
+            for rule, expression in model.rules
+        ]
         self._rule_names: dict[str, object] = {}
         self._states = Evaluator(self.values, {})
         self._rules = Evaluator(self._rule_names, functions)
@@ -111,15 +124,7 @@ class _AssetRuntime:
             open_work_orders=len(maintenance.open_work_orders),
         )
         alerts = [
-            Alert(
-                rule=rule.name,
-                severity=rule.severity,
-                message=rule.alert,
-                action=rule.action,
-                outcome=rule.outcome,
-            )
-            for rule, expression in model.rules
-            if self._rules.evaluate(expression) is True
+            alert for alert, expression in self._alerts if self._rules.evaluate(expression) is True
         ]
         load = model.asset.load
         self.base = msgspec.structs.replace(
