@@ -101,10 +101,13 @@ def _scaling(signal: Signal) -> Callable[[int | float], Value]:
     """Scale and offset when set; a number that is not finite is never passed on."""
     factor, offset = signal.scale, signal.offset
     scaled = (factor, offset) != (1.0, 0.0)
+    # 267 × 0.1 is 26.700000000000003 but 267 / 10 is 26.7: divide by a whole divisor.
+    divisor = round(1 / factor) if factor else 0
+    divide = divisor > 1 and math.isclose(factor * divisor, 1.0, rel_tol=1e-12)
 
     def scale(value: int | float) -> Value:
         if scaled:
-            value = value * factor + offset
+            value = (value / divisor if divide else value * factor) + offset
         if isinstance(value, float) and not math.isfinite(value):
             raise DecodeError(f"not a finite number: {value}")
         return value

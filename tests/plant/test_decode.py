@@ -275,3 +275,12 @@ def test_string_needs_exactly_its_length_in_registers(raw: tuple[int, ...]) -> N
 def test_a_string_that_is_not_ascii_is_a_decode_error() -> None:
     with pytest.raises(DecodeError):
         decoder_for(modbus_signal("string", length=1))((0xC3A9,))  # "é" in UTF-8
+
+
+@pytest.mark.parametrize(("raw", "scale", "expected"), [(267, 0.1, "26.7"), (-175, 0.1, "-17.5"), (12345, 0.01, "123.45"), (3, 0.25, "0.75")])  # fmt: skip
+def test_a_decimal_scale_gives_the_decimal_a_person_reads(
+    raw: int, scale: float, expected: str
+) -> None:
+    # 267 × 0.1 is 26.700000000000003 in binary floating point; consumers should see 26.7
+    decode = decoder_for(signal("int16", scale=scale))
+    assert repr(decode(registers("int16", raw))) == expected
