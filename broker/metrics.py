@@ -7,6 +7,7 @@ metrics at `/metrics` (issue 5 adds more). Metric names: `dmzbroker_<name>_<unit
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,18 +45,33 @@ class DeviceStats(Protocol):
 class SignalStats(Protocol):
     by_quality: Tally[str]
     failed_checks: Tally[str]
+    last_s: float | None  # source time of the last value, seconds since the epoch
+    longest_gap_s: float
 
 
 class _SignalQuality(Collector):
-    """Each signal's values by quality and its failed data-quality checks (docs/model.md)."""
+    """Each signal's values by quality, its failed data-quality checks, and how fresh and
+    complete its values are (docs/model.md): completeness is the samples' rate against the
+    device's poll interval, staleness the age of the last value."""
 
     def __init__(self, signals: Callable[[], dict[str, SignalStats]]) -> None:
         self._signals = signals
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         samples = CounterMetricFamily(
             "dmzbroker_signal_samples", "Values by quality", labels=["signal", "quality"]
         )
+        age = GaugeMetricFamily(
+            "dmzbroker_signal_value_age_seconds",
+            "Since the last value's source time",
+            labels=["signal"],
+        )
+        gap = GaugeMetricFamily(
+            "dmzbroker_signal_longest_gap_seconds",
+            "Longest time between two values",
+            labels=["signal"],
+        )
+        now = time.time()
         failed = CounterMetricFamily(
             "dmzbroker_signal_check_failures",
             "Failed data-quality checks",
@@ -66,7 +82,10 @@ class _SignalQuality(Collector):
                 samples.add_metric([path, quality], count)
             for check, count in sorted(stats.failed_checks.items()):
                 failed.add_metric([path, check], count)
-        yield from (samples, failed)
+            if stats.last_s is not None:
+                age.add_metric([path], max(0.0, now - stats.last_s))
+                gap.add_metric([path], stats.longest_gap_s)
+        yield from (samples, failed, age, gap)
 
 
 class _Devices(Collector):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,10 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
     dropped = Counter({"policy_denied": 3, "island_mode": 7})
     device = SimpleNamespace(scans=12, overruns=2, errors=1, last_scan_s=0.05)
     signal = SimpleNamespace(
-        by_quality=Counter({"good": 9, "uncertain": 3}), failed_checks=Counter({"spike": 3})
+        by_quality=Counter({"good": 9, "uncertain": 3}),
+        failed_checks=Counter({"spike": 3}),
+        last_s=time.time() - 30,
+        longest_gap_s=4.5,
     )
     plant = PlantMetrics(
         dropped=lambda: dropped,
@@ -54,6 +58,9 @@ def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
     assert (
         'dmzbroker_signal_check_failures_total{check="spike",signal="site/pump/flow"} 3.0' in text
     )
+    assert 'dmzbroker_signal_longest_gap_seconds{signal="site/pump/flow"} 4.5' in text
+    [age] = [line for line in text.splitlines() if line.startswith("dmzbroker_signal_value_age")]
+    assert 29 < float(age.rpartition(" ")[2]) < 60  # written a moment ago, 30 s after the value
 
 
 def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> None:
