@@ -65,8 +65,19 @@ class SemanticModel:
 
     def _compile_asset(self, where: str, model: AssetModel) -> None:
         asset = model.asset
+        reserved = {"load"} | RULE_NAMES
+        taken = set(model.signals) | reserved
+        for name in sorted(set(model.signals) & reserved):
+            self.problems.append(
+                f"{where}: the measure {name!r} has a name expressions reserve: rename the signal"
+            )
         for name, path in sorted(asset.ambient.items()):
-            if self._needs_approved(f"{where}.ambient.{name}", path):
+            if name in taken:
+                self.problems.append(
+                    f"{where}.ambient.{name}: already a name of this asset's measures or "
+                    "expressions: choose another"
+                )
+            elif self._needs_approved(f"{where}.ambient.{name}", path):
                 model.inputs[name] = path
         if asset.load is not None and self._needs_approved(
             f"{where}.load.signal", asset.load.signal
