@@ -22,6 +22,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "device_session_up": ("device", "success"),
     "device_session_down": ("device", "failure"),
     "device_read_refused": ("device", "failure"),
+    "device_unit_down": ("device", "failure"),
+    "device_unit_up": ("device", "success"),
     "device_read_recovered": ("device", "success"),
     "scan_overrun": ("device", "unknown"),
     "opcua_security_none": ("device", "unknown"),

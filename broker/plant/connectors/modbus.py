@@ -11,6 +11,10 @@ never queued, so nothing piles up); request starts are spaced to at most
 request waits at most `timeout_s`. A timeout or a lost connection trips the device's own
 breaker: its signals go `bad`, the connections close, and it retries after an exponential
 backoff with jitter. Each device runs in its own task, so one never delays another.
+
+Behind a gateway (several unit ids at one address), a unit that stops answering while the
+connection stays up trips a breaker of its own instead: its signals go `bad`, its requests
+are not sent again until its backoff has passed, and the other units keep their rate.
 """
 
 from __future__ import annotations
@@ -49,6 +53,33 @@ class Pace:
         await asyncio.sleep(start - now)
 
 
+class _UnitSilent(Exception):
+    """One unit behind a gateway did not answer; the connection itself is fine."""
+
+
+class _UnitBreaker:
+    """One unit's breaker: after a silent read, its requests rest until the backoff ends."""
+
+    def __init__(self, initial_s: float) -> None:
+        self._backoff = Backoff(initial_s)
+        self._resting_until = 0.0
+        self.down = False
+
+    def resting(self, now: float) -> bool:
+        return self.down and now < self._resting_until
+
+    def tripped(self, now: float) -> float:
+        """Trip (or stay tripped); the seconds until the next try."""
+        delay = self._backoff.delay()
+        self._resting_until = now + delay
+        self.down = True
+        return delay
+
+    def closed(self) -> None:
+        self._backoff.reset()
+        self.down = False
+
+
 def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
     """The bits or registers of a response, None if it holds fewer than were asked for."""
     items = response.bits if request.table in BIT_TABLES else response.registers
@@ -80,6 +111,12 @@ class ModbusConnector:
         self._answering: bool | None = None  # audited when it changes, not per retry
         self._log = structlog.get_logger("modbus").bind(device=device.name)
         self._grid = ScanGrid(device.poll_interval_s, self._log)
+        units = {request.unit_id for request in self.plan}
+        self._unit_breakers = (  # only behind a gateway: a lone unit is the device
+            {u: _UnitBreaker(min(1.0, device.poll_interval_s)) for u in units}
+            if len(units) > 1
+            else {}
+        )
 
     async def run(self, emit: Emit) -> None:
         breaker = Backoff(initial_s=min(1.0, self._device.poll_interval_s))
@@ -151,7 +188,7 @@ class ModbusConnector:
 
         async def work(client: AsyncModbusTcpClient) -> None:
             for i, request in pending:
-                results[i] = await self._read(client, request)
+                results[i] = await self._read_unless_resting(client, request)
 
         # Not a TaskGroup: on 3.11 a failing child leaves this task's cancel count raised,
         # which `raise_if_cancelled` would then take for a stop request.
@@ -166,6 +203,35 @@ class ModbusConnector:
         self.last_scan_s = time.monotonic() - started
         return [sample for samples in results for sample in samples]
 
+    async def _read_unless_resting(
+        self, client: AsyncModbusTcpClient, request: ReadRequest
+    ) -> list[RawSample]:
+        """The request's samples; `bad` without a read while its unit's breaker rests."""
+        breaker = self._unit_breakers.get(request.unit_id)
+        if breaker is None:
+            return await self._read(client, request)
+        now = time.monotonic()
+        if breaker.resting(now):
+            return self._bad(request)
+        try:
+            samples = await self._read(client, request)
+        except _UnitSilent as e:
+            self.errors += 1
+            was_down = breaker.down
+            retry_in_s = breaker.tripped(time.monotonic())
+            if not was_down:  # logged (and audited) once per state change
+                self._log.warning(
+                    "device_unit_down",
+                    unit_id=request.unit_id,
+                    error=str(e),
+                    retry_in_s=round(retry_in_s, 3),
+                )
+            return self._bad(request)
+        if breaker.down:
+            breaker.closed()
+            self._log.info("device_unit_up", unit_id=request.unit_id)
+        return samples
+
     async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
         await self._pace.wait()
         raise_if_cancelled()
@@ -173,16 +239,17 @@ class ModbusConnector:
         try:
             response = await method(request.address, count=request.count, device_id=request.unit_id)
         except Exception as e:  # pymodbus: no answer within timeout_s, or the connection lost
-            raise DeviceError(
-                f"unit {request.unit_id} {request.table} {request.address}+{request.count}: {e}"
-            ) from e
+            what = f"unit {request.unit_id} {request.table} {request.address}+{request.count}: {e}"
+            if self._unit_breakers and client.connected:
+                raise _UnitSilent(what) from e
+            raise DeviceError(what) from e
         raise_if_cancelled()
         now = datetime.now(UTC)
         items = None if response.isError() else _items(response, request)
         if items is None:
             self.errors += 1
             self._refused_once(request, response)
-            return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
+            return self._bad(request)
         if request in self._refused:
             self._refused.discard(request)
             self._log.info(
@@ -215,6 +282,11 @@ class ModbusConnector:
             exception=_exception_name(code),
             signals=[slot.signal for slot in request.slots],
         )
+
+    @staticmethod
+    def _bad(request: ReadRequest) -> list[RawSample]:
+        now = datetime.now(UTC)
+        return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
 
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)

@@ -54,11 +54,13 @@ class Gateway:
     units: Sequence[int] = (1,)
     delay_s: float = 0.0  # how long each read takes
     refuse: dict[int, ExcCodes] = field(default_factory=dict)  # unit id → its answer to reads
+    silent: set[int] = field(default_factory=set)  # units that do not answer until `wake()`
     port: int = field(default_factory=free_port)
     requests: list[Request] = field(default_factory=list)
     connections: int = 0
     in_flight: int = 0
     most_in_flight: int = 0
+    _woken: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         devices = [
@@ -81,6 +83,11 @@ class Gateway:
             trace_connect=self._connected,
         )
 
+    def wake(self) -> None:
+        """The silent units answer again."""
+        self.silent.clear()
+        self._woken.set()
+
     async def __aenter__(self) -> Gateway:
         await self._server.serve_forever(background=True)
         return self
@@ -93,6 +100,8 @@ class Gateway:
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.delay_s)
+            if unit in self.silent:  # a dead slave: the answer comes (late) after `wake()`
+                await self._woken.wait()
         finally:
             self.in_flight -= 1
         return self.refuse.get(unit)

@@ -100,3 +100,37 @@ async def test_a_unit_missing_behind_the_gateway_is_bad_and_the_others_stay_good
 
 def pick(event: dict[str, Any], *keys: str) -> tuple[Any, ...]:
     return tuple(event[k] for k in keys)
+
+
+async def test_a_silent_unit_behind_the_gateway_trips_its_own_breaker_not_the_devices() -> None:
+    signals = [*input_registers([3]), *input_registers([3], unit_id=9)]
+    with structlog.testing.capture_logs() as logs:
+        async with Gateway(units=(1, 9), silent={9}) as gateway:
+            device = modbus_device(gateway.port, poll_interval_s=0.1, timeout_s=0.2)
+            connector = ModbusConnector(device, signals)
+            scans = Scans()
+            async with running((connector, scans)):
+                await eventually(lambda: len(scans.batches) >= 15, timeout=20)
+                quiet = quality(scans)
+                unit_9_asked = sum(1 for r in gateway.requests if r.unit_id == 9)
+                unit_1_asked = sum(1 for r in gateway.requests if r.unit_id == 1)
+                gateway.wake()  # the slave is back
+                await eventually(lambda: quality(scans)["site/plc/u9-ir3"] == "good", timeout=20)
+    assert quiet == {"site/plc/udefault-ir3": "good", "site/plc/u9-ir3": "bad"}
+    # late answers from unit 9 on the kept connection are never taken for unit 1's
+    read = [(s.signal, s.raw) for _, batch in scans.batches for s in batch if s.quality == "good"]
+    assert {raw for signal, raw in read if signal == "site/plc/udefault-ir3"} == {
+        (register_value(1, 3),)
+    }
+    last = {s.signal: s.raw for s in scans.batches[-1][1]}
+    assert last == {
+        "site/plc/udefault-ir3": (register_value(1, 3),),
+        "site/plc/u9-ir3": (register_value(9, 3),),
+    }
+    assert unit_1_asked >= 15  # the live unit kept its rate: one read a scan
+    assert unit_9_asked < unit_1_asked / 2  # the silent one rested between tries
+    assert gateway.connections == 1  # the session was never torn down
+    assert len(named(logs, "device_unit_down")) == 1  # once per state change, not per try
+    assert named(logs, "device_unit_down")[0]["unit_id"] == 9
+    assert len(named(logs, "device_unit_up")) == 1
+    assert not named(logs, "device_session_down")
