@@ -24,41 +24,41 @@ class _Part(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     stream's worst latencies)."""
 
 
-class WindowStats(_Part, frozen=True, kw_only=True, gc=False):
+class WindowStats(_Part, frozen=True, kw_only=True):
     mean: float | None  # None when no good value fell in the window
     max: float | None
 
 
-class Load(_Part, frozen=True, kw_only=True, gc=False):
+class Load(_Part, frozen=True, kw_only=True):
     signal: str
     windows: dict[str, WindowStats]  # "15m" → mean and max over the last 15 minutes
 
 
-class WorkOrder(_Part, frozen=True, kw_only=True, gc=False):
+class WorkOrder(_Part, frozen=True, kw_only=True):
     id: str
     title: str
 
 
-class Maintenance(_Part, frozen=True, kw_only=True, gc=False):
+class Maintenance(_Part, frozen=True, kw_only=True):
     status: Literal["ok", "due", "overdue", "unknown"]
     last_service: str | None = None  # ISO dates, as the maintenance file says
     next_due: str | None = None
     open_work_orders: list[WorkOrder] = []
 
 
-class Assessment(_Part, frozen=True, kw_only=True, gc=False):
+class Assessment(_Part, frozen=True, kw_only=True):
     expected: float  # the baseline at this sample's ambient and load
     deviation_pct: float  # (value - expected) / |expected| × 100
     label: Literal["expected", "below_expected", "abnormal"]
 
 
-class Trend(_Part, frozen=True, kw_only=True, gc=False):
+class Trend(_Part, frozen=True, kw_only=True):
     slope_per_h: float  # least squares over the asset's trend window
     direction: Literal["rising", "falling", "steady"]
     window: str
 
 
-class Alert(_Part, frozen=True, kw_only=True, gc=False):
+class Alert(_Part, frozen=True, kw_only=True):
     rule: str
     severity: Literal["info", "warning", "critical"]
     message: str
@@ -66,7 +66,7 @@ class Alert(_Part, frozen=True, kw_only=True, gc=False):
     outcome: str  # energy, product_quality, asset_life or safety
 
 
-class QualityIssue(_Part, frozen=True, kw_only=True, gc=False):
+class QualityIssue(_Part, frozen=True, kw_only=True):
     check: (
         str  # read_failed, undecodable, out_of_range, flatline, spike, noise, device_status, stale
     )

@@ -256,8 +256,9 @@ class ContextEngine:
             for measure, signal in runtime.model.signals.items()
         }
 
-    def observe(self, path: str, value: Value, t: float) -> str:
-        """Take note of a value (None when bad) at time `t` (seconds); its asset's path."""
+    def observe(self, path: str, value: Value, t: float) -> str | None:
+        """Take note of a value (None when bad) at time `t` (seconds); the path of its
+        asset, None when that asset is not modelled (nothing to refresh)."""
         numeric = type(value) is float or type(value) is int  # bool is not a number here
         for runtime, name in self._readers.get(path, ()):
             runtime.values[name] = value
@@ -266,7 +267,7 @@ class ContextEngine:
                     window.add(t, cast(float, value))
         own = self._own.get(path)
         if own is None:
-            return ""  # not modelled: nothing to refresh
+            return None
         runtime, measure = own
         runtime.measures[measure] = value
         if numeric:
@@ -276,7 +277,7 @@ class ContextEngine:
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
         """Re-evaluate these assets; the derived signals' new values, observed already."""
         derived: list[tuple[Signal, Value]] = []
-        for path in assets - {""}:
+        for path in assets:
             for signal, value in self._assets[path].refresh(now):
                 self.observe(signal.path, value, now)
                 derived.append((signal, value))

@@ -57,10 +57,10 @@ class MaintenanceBook:
         if self._config is None:
             return
         now = time.monotonic()
-        today = date.today()
-        if now - self._checked < RECHECK_S and today == self._today:
+        if now - self._checked < RECHECK_S:  # a new file, or a new day, shows within a second
             return
         self._checked = now
+        today = date.today()
         changed = self._reread(self._config.file)
         if changed or today != self._today:
             self._today = today

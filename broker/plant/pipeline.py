@@ -60,9 +60,9 @@ class PlantPipeline:
                 stamp, t = sample.source_time, sample.source_time.timestamp()
             value, quality, issues = self._decode(sample, t)
             self.checks.tally(sample.signal, quality, issues, t)
-            touched.add(
-                self._context.observe(sample.signal, value if quality != "bad" else None, t)
-            )
+            asset = self._context.observe(sample.signal, value if quality != "bad" else None, t)
+            if asset is not None:
+                touched.add(asset)
             decoded.append((sample.signal, value, quality, sample.source_time, issues))
         if decoded:
             decoded.extend(self._derive(touched, max(d[3] for d in decoded)))

@@ -26,7 +26,6 @@ class SignalStats:
     samples: int = 0
     by_quality: Counter[str] = field(default_factory=Counter)
     failed_checks: Counter[str] = field(default_factory=Counter)
-    first_s: float | None = None
     last_s: float | None = None
     longest_gap_s: float = 0.0
 
@@ -127,8 +126,6 @@ class QualityChecks:
         stats.by_quality[quality] += 1
         if issues:
             stats.failed_checks.update(issue.check for issue in issues)
-        if stats.last_s is None:
-            stats.first_s = t
-        elif t - stats.last_s > stats.longest_gap_s:
+        if stats.last_s is not None and t - stats.last_s > stats.longest_gap_s:
             stats.longest_gap_s = t - stats.last_s
         stats.last_s = t
