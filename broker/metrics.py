@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -43,8 +43,10 @@ class DeviceStats(Protocol):
 
 
 class SignalStats(Protocol):
-    by_quality: Tally[str]
-    failed_checks: Tally[str]
+    @property
+    def by_quality(self) -> Mapping[str, int]: ...
+    @property
+    def failed_checks(self) -> Mapping[str, int]: ...
     last_s: float | None  # source time of the last value, seconds since the epoch
     longest_gap_s: float
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from typing import Literal, cast
+from dataclasses import dataclass, field
+from typing import Literal
 
 import msgspec
 
@@ -55,8 +56,11 @@ class _AssetRuntime:
     def __init__(self, model: AssetModel, maintenance: MaintenanceBook) -> None:
         asset = model.asset
         self.model = model
-        self.values: dict[str, object] = {}  # expression name → latest value (None if bad)
-        self.measures: dict[str, object] = {}  # own measure → latest value (None if bad)
+        # Every name the asset's expressions read → its latest value (None if bad): its
+        # measures (derived ones too), its ambient names, `load`, and the rules' `state`,
+        # `maintenance` and `open_work_orders`. One mapping, because the policy compiler
+        # keeps these names apart (docs/model.md) and each expression reads only its own.
+        self.names: dict[str, Value] = {}
         self.state = "unknown"
         self._maintenance = maintenance
         window_s = duration_s(asset.trend_window)
@@ -93,44 +97,35 @@ class _AssetRuntime:
             )
             for rule, expression in model.rules
         ]
-        self._rule_names: dict[str, object] = {}
-        self._states = Evaluator(self.values, {})
-        self._rules = Evaluator(self._rule_names, functions)
+        self._expressions = Evaluator(self.names, functions)
 
     def refresh(self, now: float) -> list[tuple[Signal, Value]]:
         """Evaluate state, derived signals, assessments and rules; the derived values."""
-        model = self.model
+        model, names, evaluate = self.model, self.names, self._expressions.evaluate
         self._load = {w: window.stats(now) for w, window in self.load_windows.items()}
         self.state = self._evaluate_state()
         derived: list[tuple[Signal, Value]] = []
         for signal, expression in model.derived:
-            result = _value(self._states.evaluate(expression))
-            self.measures[signal.measure] = result
+            result = _value(evaluate(expression))
+            names[signal.measure] = result
             derived.append((signal, result))
         for measure, baseline in model.baselines.items():
-            current = _number(self.measures.get(measure))
+            current = _number(names.get(measure))
             found = self.assess(baseline, current) if current is not None else None
             if found is None:
                 self.assessments.pop(measure, None)
             else:
                 self.assessments[measure] = found
         maintenance = self._maintenance.status(model.path)
-        self._rule_names.clear()
-        self._rule_names.update(self.values)
-        self._rule_names.update(self.measures)
-        self._rule_names.update(
-            state=self.state,
-            maintenance=maintenance.status,
-            open_work_orders=len(maintenance.open_work_orders),
-        )
-        alerts = [
-            alert for alert, expression in self._alerts if self._rules.evaluate(expression) is True
-        ]
+        names["state"] = self.state
+        names["maintenance"] = maintenance.status
+        names["open_work_orders"] = len(maintenance.open_work_orders)
         load = model.asset.load
-        self.base = msgspec.structs.replace(
-            self.base,
+        self.base = Context(
+            asset=model.path,
+            asset_type=model.asset.type,
             asset_state=self.state,
-            ambient={name: _value(self.values.get(name)) for name in model.asset.ambient},
+            ambient={name: names.get(name) for name in model.asset.ambient},
             load=Load(
                 signal=load.signal,
                 windows={
@@ -140,13 +135,13 @@ class _AssetRuntime:
             if load is not None
             else None,
             maintenance=maintenance,
-            alerts=alerts,
+            alerts=[alert for alert, expression in self._alerts if evaluate(expression) is True],
         )
         return derived
 
     def _evaluate_state(self) -> str:
         for state, expression in self.model.states:
-            result = self._states.evaluate(expression)
+            result = self._expressions.evaluate(expression)
             if result is None:
                 return "unknown"  # an input is missing or bad: do not guess
             if result:
@@ -158,15 +153,15 @@ class _AssetRuntime:
         baseline = self.model.baselines.get(measure)
         if baseline is None:
             return None
-        if value is self.measures.get(measure):
+        if value is self.names.get(measure):
             return self.assessments.get(measure)
         return self.assess(baseline, number)
 
     def assess(self, baseline: Baseline, value: float) -> Assessment | None:
         if baseline.states and self.state not in baseline.states:
             return None
-        ambient = _number(self.values.get(baseline.ambient))
-        load = _number(self.values.get("load")) if baseline.load_points else 0.0
+        ambient = _number(self.names.get(baseline.ambient))
+        load = _number(self.names.get("load")) if baseline.load_points else 0.0
         if ambient is None or load is None:
             return None
         expected = _expected(baseline, self._columns[baseline.measure], ambient, load)
@@ -231,6 +226,17 @@ def _expected(baseline: Baseline, columns: list[list[float]], ambient: float, lo
     return _interpolate(baseline.load_points, by_ambient, load)
 
 
+@dataclass(slots=True)
+class _Observer:
+    """Where one signal's values go, worked out once: the names of the assets that read it
+    (its own, or as ambient or load), the load windows it feeds, its own asset's trend."""
+
+    writes: list[tuple[dict[str, Value], str]] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
+    trend: TrendLine | None = None
+    asset: str | None = None  # its own asset when modelled: refreshed after the scan
+
+
 class ContextEngine:
     """Keeps the modelled assets (declared in `assets`, or with derived signals); a signal
     of any other asset carries only its asset's path, and costs no more than that."""
@@ -245,11 +251,19 @@ class ContextEngine:
         self._plain = {
             s.path: Context(asset=s.asset) for s in policy.signals if s.asset not in self._assets
         }
-        # signal path → (asset, name) pairs that read it: its own asset, ambient, load
-        self._readers: dict[str, list[tuple[_AssetRuntime, str]]] = {}
+        self._observers: dict[str, _Observer] = {}
         for runtime in self._assets.values():
-            for name, path in runtime.model.inputs.items():
-                self._readers.setdefault(path, []).append((runtime, name))
+            model = runtime.model
+            for name, path in model.inputs.items():  # its own measures, ambient, load
+                observer = self._observers.setdefault(path, _Observer())
+                observer.writes.append((runtime.names, name))
+                if name == "load":
+                    observer.windows.extend(runtime.load_windows.values())
+            for measure, signal in model.signals.items():
+                observer = self._observers.setdefault(signal.path, _Observer())
+                if model.inputs.get(measure) != signal.path:  # derived: not an input
+                    observer.writes.append((runtime.names, measure))
+                observer.trend, observer.asset = runtime.trends[measure], model.path
         self._own = {
             signal.path: (runtime, measure)
             for runtime in self._assets.values()
@@ -259,20 +273,17 @@ class ContextEngine:
     def observe(self, path: str, value: Value, t: float) -> str | None:
         """Take note of a value (None when bad) at time `t` (seconds); the path of its
         asset, None when that asset is not modelled (nothing to refresh)."""
-        numeric = type(value) is float or type(value) is int  # bool is not a number here
-        for runtime, name in self._readers.get(path, ()):
-            runtime.values[name] = value
-            if numeric and name == "load":
-                for window in runtime.load_windows.values():
-                    window.add(t, cast(float, value))
-        own = self._own.get(path)
-        if own is None:
+        observer = self._observers.get(path)
+        if observer is None:
             return None
-        runtime, measure = own
-        runtime.measures[measure] = value
-        if numeric:
-            runtime.trends[measure].add(t, cast(float, value))
-        return runtime.model.path
+        for names, name in observer.writes:
+            names[name] = value
+        if type(value) is float or type(value) is int:  # bool is not a number here
+            for window in observer.windows:
+                window.add(t, value)
+            if observer.trend is not None:
+                observer.trend.add(t, value)
+        return observer.asset
 
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
         """Re-evaluate these assets; the derived signals' new values, observed already."""

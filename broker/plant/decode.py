@@ -33,9 +33,8 @@ class DecodeError(ValueError):
 
 def decoder_for(signal: Signal) -> Decoder:
     source = signal.source
-    scale = _scaling(signal)
     if not isinstance(source, ModbusSource):
-        return _variant(scale)
+        return _variant(_scaling(signal, integral=False) or _finite)
     if source.type == "bool" and source.bit is None:
         return _bit
     registers = _registers(source)
@@ -46,13 +45,17 @@ def decoder_for(signal: Signal) -> Decoder:
     if source.type == "string":
         return lambda raw: _ascii(_checked(words, registers(raw)))
     number = struct.Struct(">" + _STRUCT_FORMAT[source.type])
+    scale = _scaling(signal, integral=source.type not in ("float32", "float64"))
+    in_order = source.word_order == "big" and source.byte_order == "big"
+    width = source.width
 
     def decode(raw: RawValue) -> Value:
-        try:
-            packed = words.pack(*registers(raw))
-        except struct.error as e:  # a register outside 0..65535
-            raise DecodeError(f"not 16-bit registers: {raw!r}") from e
-        return scale(number.unpack(packed)[0])
+        try:  # packing checks the count, the type and the range of the registers
+            packed = words.pack(*(raw if in_order else registers(raw)))  # type: ignore[misc]
+        except (struct.error, TypeError) as e:
+            raise DecodeError(f"expected {width} 16-bit register(s), got {raw!r}") from e
+        value = number.unpack(packed)[0]
+        return value if scale is None else scale(value)
 
     return decode
 
@@ -97,22 +100,23 @@ def _ascii(words: tuple[int, ...]) -> str:
         raise DecodeError(f"not ASCII text: {data!r}") from e
 
 
-def _scaling(signal: Signal) -> Callable[[int | float], Value]:
-    """Scale and offset when set; a number that is not finite is never passed on."""
+def _scaling(signal: Signal, integral: bool) -> Callable[[int | float], Value] | None:
+    """Scale and offset when set, and a number that is not finite is never passed on; None
+    when there is nothing to do (an unscaled integer)."""
     factor, offset = signal.scale, signal.offset
-    scaled = (factor, offset) != (1.0, 0.0)
+    if (factor, offset) == (1.0, 0.0):
+        return None if integral else _finite
     # 267 × 0.1 is 26.700000000000003 but 267 / 10 is 26.7: divide by a whole divisor.
     divisor = round(1 / factor) if factor else 0
-    divide = divisor > 1 and math.isclose(factor * divisor, 1.0, rel_tol=1e-12)
+    if divisor > 1 and math.isclose(factor * divisor, 1.0, rel_tol=1e-12):
+        return lambda value: _finite(value / divisor + offset)
+    return lambda value: _finite(value * factor + offset)
 
-    def scale(value: int | float) -> Value:
-        if scaled:
-            value = (value / divisor if divide else value * factor) + offset
-        if isinstance(value, float) and not math.isfinite(value):
-            raise DecodeError(f"not a finite number: {value}")
-        return value
 
-    return scale
+def _finite(value: int | float) -> Value:
+    if not math.isfinite(value):
+        raise DecodeError(f"not a finite number: {value}")
+    return value
 
 
 def _variant(scale: Callable[[int | float], Value]) -> Decoder:

@@ -23,7 +23,7 @@ from broker.plant.maintenance import MaintenanceBook
 from broker.plant.quality import QualityChecks
 from broker.policy import Policy
 from broker.policy.schema import DerivedSource
-from broker.records import Quality, QualityIssue, Record, Value
+from broker.records import Context, Quality, QualityIssue, Record, Value
 
 log = structlog.get_logger("pipeline")
 
@@ -33,8 +33,7 @@ _NO_INPUTS = [
     QualityIssue(check="inputs_missing", detail="an input of the expression is missing or bad")
 ]
 
-# signal, value, quality, source time, why not good
-_Decoded = tuple[str, Value, Quality, datetime, list[QualityIssue]]
+_NO_CONTEXT = Context()
 
 
 class PlantPipeline:
@@ -52,7 +51,8 @@ class PlantPipeline:
 
     def process(self, samples: Sequence[RawSample]) -> list[Record]:
         now = datetime.now(UTC)
-        decoded: list[_Decoded] = []
+        records: list[Record] = []
+        issues_of: list[list[QualityIssue]] = []  # each record's, for its context
         touched: set[str] = set()
         stamp, t = None, 0.0
         for sample in self.gate.admit(samples, now):
@@ -63,24 +63,31 @@ class PlantPipeline:
             asset = self._context.observe(sample.signal, value if quality != "bad" else None, t)
             if asset is not None:
                 touched.add(asset)
-            decoded.append((sample.signal, value, quality, sample.source_time, issues))
-        if decoded:
-            decoded.extend(self._derive(touched, max(d[3] for d in decoded)))
-        records = []
-        for path, value, quality, source_time, issues in decoded:
-            records.append(
-                Record(
-                    signal=path,
-                    value=value,
-                    unit=self._units[path],
-                    quality=quality,
-                    source_time=source_time,
-                    broker_time=now,
-                    policy_version=self._version,
-                    context=self._context.context_for(path, value, issues),
-                )
-            )
+            records.append(self._record(sample.signal, value, quality, sample.source_time, now))
+            issues_of.append(issues)
+        if touched:
+            for record, issues in self._derive(touched, max(r.source_time for r in records), now):
+                records.append(record)
+                issues_of.append(issues)
+        # The context last: every record of a scan carries the state and alerts of the scan.
+        context_for = self._context.context_for
+        for record, issues in zip(records, issues_of, strict=True):
+            record.context = context_for(record.signal, record.value, issues)
         return self.gate.publishable(records)
+
+    def _record(
+        self, signal: str, value: Value, quality: Quality, source_time: datetime, now: datetime
+    ) -> Record:
+        return Record(
+            signal=signal,
+            value=value,
+            unit=self._units[signal],
+            quality=quality,
+            source_time=source_time,
+            broker_time=now,
+            policy_version=self._version,
+            context=_NO_CONTEXT,  # set once the whole scan is observed
+        )
 
     def _decode(self, sample: RawSample, t: float) -> tuple[Value, Quality, list[QualityIssue]]:
         if sample.raw is None or sample.quality == "bad":
@@ -95,12 +102,14 @@ class PlantPipeline:
             issues = [_UNCERTAIN_AT_SOURCE, *issues]
         return value, ("uncertain" if issues else sample.quality), issues
 
-    def _derive(self, assets: set[str], source_time: datetime) -> list[_Decoded]:
+    def _derive(
+        self, assets: set[str], source_time: datetime, now: datetime
+    ) -> list[tuple[Record, list[QualityIssue]]]:
         t = source_time.timestamp()
-        derived: list[_Decoded] = []
+        derived = []
         for signal, value in self._context.refresh(assets, t):
             issues = _NO_INPUTS if value is None else self.checks.check(signal.path, value, t)
             quality: Quality = "bad" if value is None else "uncertain" if issues else "good"
             self.checks.tally(signal.path, quality, issues, t)
-            derived.append((signal.path, value, quality, source_time, issues))
+            derived.append((self._record(signal.path, value, quality, source_time, now), issues))
         return derived

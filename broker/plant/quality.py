@@ -21,51 +21,50 @@ NOISE_SAMPLES = 20
 NO_ISSUES: list[QualityIssue] = []  # shared, never changed: most values pass every check
 
 
-@dataclass
+@dataclass(slots=True)
 class SignalStats:
     samples: int = 0
-    by_quality: Counter[str] = field(default_factory=Counter)
+    by_quality: dict[str, int] = field(default_factory=dict)  # a plain dict: tallied per value
     failed_checks: Counter[str] = field(default_factory=Counter)
     last_s: float | None = None
     longest_gap_s: float = 0.0
 
 
-@dataclass
-class _Memory:
-    previous: float | None = None
-    previous_s: float = 0.0
-    unchanged_since_s: float = 0.0
-    changes: deque[float] = field(default_factory=lambda: deque(maxlen=NOISE_SAMPLES))
+class _SignalChecks:
+    """One signal's checks, and what they remember of its previous value."""
 
+    __slots__ = (
+        "changes",
+        "flatline",
+        "flatline_s",
+        "max_noise",
+        "max_rate",
+        "previous",
+        "previous_s",
+        "range",
+        "remembers",
+        "unchanged_since_s",
+    )
 
-class QualityChecks:
-    def __init__(self, signals: list[Signal]) -> None:
-        self._signals = {s.path: s for s in signals}
-        self._flatline_s = {
-            s.path: duration_s(s.checks.flatline) for s in signals if s.checks.flatline
-        }
-        self._checked = frozenset(
-            s.path
-            for s in signals
-            if s.range is not None
-            or s.checks.flatline
-            or s.checks.max_rate_per_s is not None
-            or s.checks.max_noise is not None
-        )  # the hot path skips the others at once
-        self._memory: dict[str, _Memory] = {}
-        self.stats: dict[str, SignalStats] = {s.path: SignalStats() for s in signals}
+    def __init__(self, signal: Signal) -> None:
+        checks = signal.checks
+        self.range = signal.range
+        self.max_rate = checks.max_rate_per_s
+        self.flatline = checks.flatline
+        self.flatline_s = duration_s(checks.flatline) if checks.flatline else None
+        self.max_noise = checks.max_noise
+        # a range needs only the value itself; the other checks compare it with the last one
+        self.remembers = bool(checks.flatline) or (
+            self.max_rate is not None or self.max_noise is not None
+        )
+        self.previous: float | None = None
+        self.previous_s = 0.0
+        self.unchanged_since_s = 0.0
+        self.changes: deque[float] = deque(maxlen=NOISE_SAMPLES)
 
-    def check(self, path: str, value: Value, t: float) -> list[QualityIssue]:
-        """The checks a good numeric value fails; other values are not judged."""
-        if (
-            path not in self._checked
-            or isinstance(value, bool)
-            or not isinstance(value, int | float)
-        ):
-            return []
-        signal = self._signals[path]
+    def check(self, value: float, t: float) -> list[QualityIssue]:
         issues: list[QualityIssue] = []
-        valid = signal.range
+        valid = self.range
         if valid is not None and not valid.min <= value <= valid.max:
             issues.append(
                 QualityIssue(
@@ -73,22 +72,19 @@ class QualityChecks:
                     detail=f"{value:g} outside the valid range {valid.min:g} to {valid.max:g}",
                 )
             )
-        memory = self._memory.get(path)
-        if memory is None:
-            memory = self._memory[path] = _Memory(unchanged_since_s=t)
-        if memory.previous is not None:
-            issues.extend(self._against_previous(signal, memory, value, t))
-        memory.previous, memory.previous_s = value, t
+        if self.remembers:
+            if self.previous is None:
+                self.unchanged_since_s = t
+            else:
+                self._against_previous(value, t, issues)
+            self.previous, self.previous_s = value, t
         return issues or NO_ISSUES
 
-    def _against_previous(
-        self, signal: Signal, memory: _Memory, value: float, t: float
-    ) -> list[QualityIssue]:
-        assert memory.previous is not None
-        issues: list[QualityIssue] = []
-        change = value - memory.previous
-        elapsed = t - memory.previous_s
-        limit = signal.checks.max_rate_per_s
+    def _against_previous(self, value: float, t: float, issues: list[QualityIssue]) -> None:
+        assert self.previous is not None
+        change = value - self.previous
+        elapsed = t - self.previous_s
+        limit = self.max_rate
         if limit is not None and elapsed > 0 and abs(change) / elapsed > limit:
             issues.append(
                 QualityIssue(
@@ -97,20 +93,19 @@ class QualityChecks:
                 )
             )
         if change != 0:
-            memory.unchanged_since_s = t
-        flatline = self._flatline_s.get(signal.path)
-        if flatline is not None and t - memory.unchanged_since_s >= flatline:
+            self.unchanged_since_s = t
+        if self.flatline_s is not None and t - self.unchanged_since_s >= self.flatline_s:
             issues.append(
                 QualityIssue(
                     check="flatline",
-                    detail=f"unchanged for {t - memory.unchanged_since_s:.0f} s "
-                    f"(limit {signal.checks.flatline})",
+                    detail=f"unchanged for {t - self.unchanged_since_s:.0f} s "
+                    f"(limit {self.flatline})",
                 )
             )
-        memory.changes.append(change)
-        noise = signal.checks.max_noise
-        if noise is not None and len(memory.changes) == NOISE_SAMPLES:
-            spread = statistics.pstdev(memory.changes)
+        self.changes.append(change)
+        noise = self.max_noise
+        if noise is not None and len(self.changes) == NOISE_SAMPLES:
+            spread = statistics.pstdev(self.changes)
             if spread > noise:
                 issues.append(
                     QualityIssue(
@@ -118,14 +113,35 @@ class QualityChecks:
                         detail=f"successive changes spread {spread:g}, above {noise:g}",
                     )
                 )
-        return issues
+
+
+class QualityChecks:
+    def __init__(self, signals: list[Signal]) -> None:
+        self._checks = {  # only the signals with checks: the hot path skips the others at once
+            s.path: _SignalChecks(s)
+            for s in signals
+            if s.range is not None
+            or s.checks.flatline
+            or s.checks.max_rate_per_s is not None
+            or s.checks.max_noise is not None
+        }
+        self.stats: dict[str, SignalStats] = {s.path: SignalStats() for s in signals}
+
+    def check(self, path: str, value: Value, t: float) -> list[QualityIssue]:
+        """The checks a good numeric value fails; other values are not judged."""
+        checks = self._checks.get(path)
+        if checks is None or not (type(value) is float or type(value) is int):  # bool is not
+            return NO_ISSUES
+        return checks.check(value, t)
 
     def tally(self, path: str, quality: Quality, issues: list[QualityIssue], t: float) -> None:
         stats = self.stats[path]
         stats.samples += 1
-        stats.by_quality[quality] += 1
+        counts = stats.by_quality
+        counts[quality] = counts.get(quality, 0) + 1
         if issues:
             stats.failed_checks.update(issue.check for issue in issues)
-        if stats.last_s is not None and t - stats.last_s > stats.longest_gap_s:
-            stats.longest_gap_s = t - stats.last_s
+        last = stats.last_s
+        if last is not None and t - last > stats.longest_gap_s:
+            stats.longest_gap_s = t - last
         stats.last_s = t

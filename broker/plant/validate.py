@@ -86,7 +86,7 @@ def judge(
 ) -> SignalReport:
     """The verdict on one signal's tallies over `observed_s` seconds of reading."""
     interval = cadence_s(device)
-    good = stats.by_quality["good"]
+    good = stats.by_quality.get("good", 0)
     failed = dict(sorted(stats.failed_checks.items()))
     reasons: list[str] = []
     if stats.samples == 0:
@@ -122,8 +122,8 @@ def judge(
         expected_samples=expected,
         completeness_pct=completeness,
         good=good,
-        uncertain=stats.by_quality["uncertain"],
-        bad=stats.by_quality["bad"] + stats.by_quality["stale"],
+        uncertain=stats.by_quality.get("uncertain", 0),
+        bad=stats.by_quality.get("bad", 0) + stats.by_quality.get("stale", 0),
         failed_checks=failed,
         longest_gap_s=gap,
         stale_after_s=stale_after,
@@ -179,7 +179,7 @@ class Validation:
                 elapsed_s=round(time.monotonic() - started),
                 duration_s=duration_s,
                 samples=self.samples,
-                bad=sum(s.by_quality["bad"] for s in stats),
+                bad=sum(s.by_quality.get("bad", 0) for s in stats),
                 signals_seen=sum(s.samples > 0 for s in stats),
                 signals=len(self._policy.signals),
             )

@@ -6,18 +6,20 @@ import asyncio
 import math
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+import msgspec
 from structlog.typing import FilteringBoundLogger
 
 from broker.plant.decode import RawValue
 from broker.records import Quality
 
 
-@dataclass(frozen=True, slots=True)
-class RawSample:
+class RawSample(msgspec.Struct, frozen=True, gc=False):
+    """One value as a device gave it. Not tracked by the cyclic garbage collector: it holds
+    no cycles, and thousands are made per second."""
+
     signal: str  # the policy's signal path
     raw: RawValue | None  # None when the read failed
     source_time: datetime
