@@ -3,7 +3,9 @@
 1. Throughput. A synthetic policy (by default 1,000 signals on 4 devices, a mix of bool,
    int16 and float32, 10 per asset, each asset with a semantic model: a state rule, ambient,
    load windows, a baseline, two rules, a derived signal) and batches of one scan of every
-   signal, made before the clock starts:
+   signal a second, made before the clock starts. Every pipeline is first warmed with a
+   day of history (untimed), so load windows span all their buckets and every numeric
+   record carries its trend, as in a broker that has run for a while:
    - plant: every batch through PlantPipeline.process (gate, decode, quality checks,
      context) into SpoolSender.send (one write and one fsync per batch); also the same
      signals without any model, to show what the context costs;
@@ -35,6 +37,8 @@ import contextlib
 import json
 import math
 import multiprocessing
+import os
+import shutil
 import ssl
 import struct
 import sys
@@ -86,6 +90,7 @@ RAW: dict[str, RawValue] = {
     "bool": True,
 }
 
+SCAN_INTERVAL = timedelta(seconds=1)  # between the source times of the timed scans
 CONSUMER_URI = "spiffe://bench/consumer/probe"
 READY_TIMEOUT_S = 30.0  # for a child process to come up
 STALL_TIMEOUT_S = 30.0  # for the spool reader to see a new record
@@ -180,14 +185,15 @@ def make_policy(signals: int, devices: int, model: bool = True) -> Policy:
 
 
 class Scanner:
-    """Stands in for the connectors: samples of every signal in turn, stamped when made."""
+    """Stands in for the connectors: samples of every signal in turn, stamped when made (or
+    at the time given)."""
 
     def __init__(self, policy: Policy) -> None:
         self._points = [(s.path, RAW[s.source.type]) for s in policy.signals if s.device]
         self._next = 0
 
-    def scan(self, size: int) -> list[RawSample]:
-        now = datetime.now(UTC)
+    def scan(self, size: int, at: datetime | None = None) -> list[RawSample]:
+        now = at or datetime.now(UTC)
         samples = []
         for _ in range(size):
             path, raw = self._points[self._next]
@@ -196,10 +202,29 @@ class Scanner:
         return samples
 
 
-def full_scans(policy: Policy, count: int) -> list[list[RawSample]]:
+def full_scans(policy: Policy, count: int, start: datetime) -> list[list[RawSample]]:
+    """`count` scans of every signal read from devices, one every SCAN_INTERVAL from `start`."""
     scanner = Scanner(policy)
     read = sum(1 for s in policy.signals if s.device)
-    return [scanner.scan(read) for _ in range(count)]
+    return [scanner.scan(read, start + i * SCAN_INTERVAL) for i in range(count)]
+
+
+def timed_scans(policy: Policy, count: int) -> list[list[RawSample]]:
+    """The scans timed, ending now."""
+    return full_scans(policy, count, datetime.now(UTC) - count * SCAN_INTERVAL)
+
+
+def warm(pipeline: PlantPipeline, policy: Policy, before: datetime) -> None:
+    """Fill every history as a broker that has run for a day would have them, before the
+    clock starts: scans over the 25 h before `before`, every 45 min (each bucket of the
+    24 h load windows) then every 2 min for the last hour (each bucket of the 1 h trend
+    lines), so trends are computed and carried, and window maxima span all their buckets."""
+    day = [before - timedelta(hours=25) + i * timedelta(minutes=45) for i in range(32)]
+    hour = [before - timedelta(hours=1) + i * timedelta(minutes=2) for i in range(30)]
+    scanner = Scanner(policy)
+    read = sum(1 for s in policy.signals if s.device)
+    for at in day + hour:
+        pipeline.process(scanner.scan(read, at))
 
 
 # --- throughput ----------------------------------------------------------------------------
@@ -215,9 +240,15 @@ class Rate:
         return self.points / self.seconds
 
 
-def write_all(policy: Policy, batches: Sequence[list[RawSample]], spool: Path) -> float:
-    """The plant side: every batch through the pipeline into the spool; returns seconds."""
+def warmed(policy: Policy, batches: Sequence[list[RawSample]]) -> PlantPipeline:
+    """A pipeline with a day of history before the first of `batches`."""
     pipeline = PlantPipeline(policy)
+    warm(pipeline, policy, batches[0][0].source_time)
+    return pipeline
+
+
+def write_all(pipeline: PlantPipeline, batches: Sequence[list[RawSample]], spool: Path) -> float:
+    """The plant side: every batch through the pipeline into the spool; returns seconds."""
     sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
     try:
         start = time.perf_counter()
@@ -255,9 +286,10 @@ def _writer_process(
 ) -> None:
     """The writer of the concurrent run; `start` is a barrier shared with the reader."""
     policy = make_policy(signals, devices, model)
-    batches = full_scans(policy, batch_count)
+    batches = timed_scans(policy, batch_count)
+    pipeline = warmed(policy, batches)
     start.wait()
-    write_all(policy, batches, spool)
+    write_all(pipeline, batches, spool)
 
 
 def run_concurrently(args: argparse.Namespace, policy: Policy, workdir: Path) -> Rate:
@@ -290,12 +322,13 @@ def measure_throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Rat
     derived record per asset, which the enterprise side reads as well."""
     policy = make_policy(args.signals, args.devices, args.model)
     points = args.batches * args.signals
-    batches = full_scans(policy, args.batches)
-    plant = write_all(policy, batches, workdir / "spool")
+    batches = timed_scans(policy, args.batches)
+    plant = write_all(warmed(policy, batches), batches, workdir / "spool")
     records = args.batches * len(policy.signals)
     enterprise = read_all(policy, workdir / "spool", workdir / "state", records)
     bare = make_policy(args.signals, args.devices, model=False)
-    no_context = write_all(bare, full_scans(bare, args.batches), workdir / "spool-no-context")
+    bare_batches = timed_scans(bare, args.batches)
+    no_context = write_all(warmed(bare, bare_batches), bare_batches, workdir / "spool-no-context")
     return {
         "plant": Rate(points, plant),
         "plant_no_context": Rate(points, no_context),
@@ -646,6 +679,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dmzbroker-bench-", dir=args.tmpdir) as tmp:
         workdir = Path(tmp)
         throughput = measure_throughput(args, workdir / "throughput")
+        shutil.rmtree(workdir / "throughput")
+        os.sync()  # else the write-back of its spools slows the latency run's fsyncs
         setup = prepare_latency(args, workdir / "latency")
         latency = asyncio.run(measure_latency(args, setup))
     if args.json:

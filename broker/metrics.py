@@ -47,6 +47,7 @@ class SignalStats(Protocol):
     def by_quality(self) -> Mapping[str, int]: ...
     @property
     def failed_checks(self) -> Mapping[str, int]: ...
+
     last_s: float | None  # source time of the last value, seconds since the epoch
     longest_gap_s: float
 

@@ -47,6 +47,11 @@ def record(value: Value = 4.25, **changes: object) -> Record:
     return Record(**fields)  # type: ignore[arg-type]
 
 
+def round_trip(r: Record) -> Record:
+    (decoded,) = decode_frame_payload(encode_frame_payload([r]))
+    return decoded
+
+
 def as_dict(r: Record) -> dict[str, object]:
     return {name: getattr(r, name) for name in r.__struct_fields__}
 
@@ -54,7 +59,7 @@ def as_dict(r: Record) -> dict[str, object]:
 @pytest.mark.parametrize("value", [True, False, 0, -7, 2**53, 4.25, -0.001, "", "open", None])
 def test_a_record_round_trips_through_a_frame_unchanged(value: Value) -> None:
     original = record(value)
-    decoded = decode_frame_payload(encode_frame_payload(original))
+    decoded = round_trip(original)
     assert decoded == original
     assert type(decoded.value) is type(value)  # a bool stays a bool, an int never a float
 
@@ -63,11 +68,11 @@ def test_a_record_round_trips_through_a_frame_unchanged(value: Value) -> None:
 @pytest.mark.parametrize("state", ["running", "stopped", "unknown"])
 def test_every_quality_and_asset_state_round_trips(quality: str, state: str) -> None:
     original = record(quality=quality, context=Context(asset_state=state))
-    assert as_dict(decode_frame_payload(encode_frame_payload(original))) == as_dict(original)
+    assert as_dict(round_trip(original)) == as_dict(original)
 
 
 def test_times_stay_timezone_aware_utc_with_microseconds() -> None:
-    decoded = decode_frame_payload(encode_frame_payload(record()))
+    decoded = round_trip(record())
     for name in ("source_time", "broker_time"):
         time = getattr(decoded, name)
         assert time.utcoffset() == timedelta(0)
@@ -78,7 +83,7 @@ def test_times_stay_timezone_aware_utc_with_microseconds() -> None:
 def test_a_record_without_a_sequence_number_decodes_with_seq_0() -> None:
     fields = as_dict(record())
     del fields["seq"]
-    assert decode_frame_payload(msgspec.msgpack.encode(fields)).seq == 0
+    assert decode_frame_payload(msgspec.msgpack.encode([fields]))[0].seq == 0
 
 
 def test_json_has_exactly_the_public_field_names() -> None:
@@ -124,7 +129,7 @@ def test_garbage_is_a_decode_error(garbage: bytes) -> None:
 
 
 def test_a_truncated_frame_is_a_decode_error() -> None:
-    payload = encode_frame_payload(record())
+    payload = encode_frame_payload([record()])
     with pytest.raises(msgspec.DecodeError):
         decode_frame_payload(payload[: len(payload) // 2])
 
@@ -134,7 +139,7 @@ def test_a_payload_missing_a_required_field_is_a_decode_error(missing: str) -> N
     fields = as_dict(record())
     del fields[missing]
     with pytest.raises(msgspec.DecodeError, match=missing):
-        decode_frame_payload(msgspec.msgpack.encode(fields))
+        decode_frame_payload(msgspec.msgpack.encode([fields]))
 
 
 @pytest.mark.parametrize(
@@ -144,4 +149,4 @@ def test_a_payload_missing_a_required_field_is_a_decode_error(missing: str) -> N
 def test_a_payload_with_a_wrong_value_is_a_decode_error(name: str, wrong: object) -> None:
     fields = {**as_dict(record()), name: wrong}
     with pytest.raises(msgspec.DecodeError):
-        decode_frame_payload(msgspec.msgpack.encode(fields))
+        decode_frame_payload(msgspec.msgpack.encode([fields]))

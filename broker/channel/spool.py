@@ -4,7 +4,9 @@ The plant half holds the `SpoolSender`, the only writer. The enterprise half hol
 `SpoolReceiver`, which only reads the spool and keeps its position in its own state
 directory: nothing it does can reach the plant half.
 
-Frame: b"DZ" | u32 payload length | u32 CRC-32 of (length + payload) | MessagePack record.
+Frame: b"DZ" | u32 payload length | u32 CRC-32 of (length + payload) | MessagePack array of
+up to FRAME_RECORDS records with consecutive seq (one encode and one CRC for all of them:
+per-record frames cost the plant half a tenth of its time).
 
 Segments are `NNNNNNNNNN.seg`, numbered upwards. The sender starts a new segment every time
 it opens, so a segment with a successor is final: incomplete or corrupt bytes at its end
@@ -30,6 +32,7 @@ from broker.records import Record, decode_frame_payload, encode_frame_payload
 MAGIC = b"DZ"
 HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 of length + payload
 MAX_PAYLOAD = 1024 * 1024  # bytes; a record is a few hundred
+FRAME_RECORDS = 256  # a frame of records with context is about 150 KB
 READ_CHUNK = 4 * MAX_PAYLOAD  # must exceed one whole frame, see SpoolReceiver._advance
 SUFFIX = ".seg"
 POSITION_FILE = "spool-position.json"
@@ -40,6 +43,26 @@ log = structlog.get_logger("spool")
 def frame(payload: bytes) -> bytes:
     length = struct.pack("<I", len(payload))
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+
+def encode_frames(records: Sequence[Record]) -> list[bytes]:
+    """Frames of up to FRAME_RECORDS records; a frame over MAX_PAYLOAD is split in halves."""
+    frames: list[bytes] = []
+    pending = [records[i : i + FRAME_RECORDS] for i in range(0, len(records), FRAME_RECORDS)]
+    while pending:
+        chunk = pending.pop(0)
+        payload = encode_frame_payload(chunk)
+        if len(payload) <= MAX_PAYLOAD:
+            frames.append(frame(payload))
+        elif len(chunk) > 1:
+            half = len(chunk) // 2
+            pending[:0] = [chunk[:half], chunk[half:]]
+        else:
+            raise ChannelError(
+                f"record {chunk[0].seq} of {chunk[0].signal} is {len(payload)} bytes, above the "
+                f"spool's limit of {MAX_PAYLOAD}: shorten the texts of its asset's model"
+            )
+    return frames
 
 
 def parse_frames(buf: bytes, most: int | None = None) -> tuple[list[bytes], int, bool]:
@@ -118,11 +141,9 @@ class SpoolSender:
         if not records:
             return
         first_seq = self.next_seq
-        chunks = []
         for seq, record in enumerate(records, start=first_seq):
             record.seq = seq
-            chunks.append(frame(encode_frame_payload(record)))
-        batch = b"".join(chunks)
+        batch = b"".join(encode_frames(records))
         data = memoryview(batch)
         size = self._sizes[self._number]
         try:
@@ -177,7 +198,8 @@ def _last_seq(directory: Path, numbers: list[int]) -> int:
         payloads, _, _ = parse_frames(segment_path(directory, number).read_bytes())
         for payload in reversed(payloads):
             with contextlib.suppress(msgspec.DecodeError):
-                return decode_frame_payload(payload).seq
+                if records := decode_frame_payload(payload):
+                    return records[-1].seq
     return 0
 
 
@@ -219,28 +241,34 @@ class SpoolReceiver:
         return self._pos.seq
 
     def receive(self, max_records: int = 5000) -> list[Record]:
-        """The next records in order, at most `max_records`; empty when there is nothing new."""
+        """The next records in order, whole frames at a time: at most `max_records` unless
+        the first frame alone holds more; empty when there is nothing new."""
         records: list[Record] = []
         while len(records) < max_records:
-            payloads = self._advance(max_records - len(records))
+            payloads = self._advance(max(1, (max_records - len(records)) // FRAME_RECORDS))
             if payloads is None:
                 break
             for payload in payloads:
                 try:
-                    record = decode_frame_payload(payload)
+                    batch = decode_frame_payload(payload)
                 except msgspec.DecodeError:
-                    self.bad_records += 1
-                    log.error("spool_record_undecodable", segment=self._pos.segment)
+                    self.bad_records += 1  # a whole frame: the CRC held, so the writer wrote it
+                    log.error("spool_frame_undecodable", segment=self._pos.segment)
                     continue
-                if record.seq <= self._pos.seq:
-                    self.stale_records += 1  # delivered before: never deliver twice
-                    continue
-                if record.seq > self._pos.seq + 1:
-                    self.lost_records += record.seq - self._pos.seq - 1
-                    log.error("spool_records_lost", after_seq=self._pos.seq, first_seq=record.seq)
-                self._pos.seq = record.seq
-                records.append(record)
+                self._take(batch, records)
         return records
+
+    def _take(self, batch: list[Record], records: list[Record]) -> None:
+        """Append the records of one frame that follow the last delivered seq."""
+        for record in batch:
+            if record.seq <= self._pos.seq:
+                self.stale_records += 1  # delivered before: never deliver twice
+                continue
+            if record.seq > self._pos.seq + 1:
+                self.lost_records += record.seq - self._pos.seq - 1
+                log.error("spool_records_lost", after_seq=self._pos.seq, first_seq=record.seq)
+            self._pos.seq = record.seq
+            records.append(record)
 
     def commit(self) -> None:
         """Persist the position after the records returned so far.

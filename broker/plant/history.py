@@ -6,6 +6,7 @@ signal costs 30 buckets, not 86,400 samples. Times are seconds (any monotonic ep
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ class Window:
         self._buckets: deque[_Bucket] = deque()
         self._count = 0  # over all buckets: a mean costs no loop
         self._total = 0.0
+        self._older_peak: float | None = None  # of all buckets but the newest; None: unknown
 
     def add(self, t: float, value: float) -> None:
         start = t - t % self._width
         if not self._buckets or start > self._buckets[-1].start:
             self._buckets.append(_Bucket(start))
+            self._older_peak = None
         bucket = self._buckets[-1]  # a late value counts in the newest bucket
         bucket.count += 1
         bucket.total += value
@@ -48,9 +51,13 @@ class Window:
             old = self._buckets.popleft()
             self._count -= old.count
             self._total -= old.total
+            self._older_peak = None
         if self._count == 0:
             return None, None
-        return self._total / self._count, max([b.peak for b in self._buckets])
+        if self._older_peak is None:  # once per bucket, not at every scan
+            older = itertools.islice(self._buckets, len(self._buckets) - 1)
+            self._older_peak = max([b.peak for b in older], default=-math.inf)
+        return self._total / self._count, max(self._older_peak, self._buckets[-1].peak)
 
 
 class TrendLine:

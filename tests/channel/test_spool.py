@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from broker.channel.spool import (
+    FRAME_RECORDS,
     HEADER,
     MAX_PAYLOAD,
     POSITION_FILE,
@@ -153,14 +154,14 @@ def test_receiver_without_commit_redelivers_from_the_last_commit(spool: Path, st
 def half_frame() -> bytes:
     r = record("TORN")
     r.seq = 11
-    whole = frame(encode_frame_payload(r))
+    whole = frame(encode_frame_payload([r]))
     return whole[: len(whole) // 2]
 
 
 def bad_crc_frame() -> bytes:
     r = record("CORRUPT")
     r.seq = 11
-    whole = bytearray(frame(encode_frame_payload(r)))
+    whole = bytearray(frame(encode_frame_payload([r])))
     whole[6] ^= 0xFF  # first byte of the CRC field
     return bytes(whole)
 
@@ -232,7 +233,7 @@ def test_retention_deletes_old_segments_and_receiver_counts_lost_records(
     oldest = segment_numbers(spool)[0]
     assert oldest > 1  # retention did delete segments
     payloads, _, _ = parse_frames(segment_path(spool, oldest).read_bytes())
-    first_kept = decode_frame_payload(payloads[0]).seq
+    first_kept = decode_frame_payload(payloads[0])[0].seq
     assert first_kept > 11  # records 11.. were deleted before the receiver read them
 
     late = drain(receiver)
@@ -333,7 +334,7 @@ def test_parse_frames_on_frames_with_one_corrupted_byte() -> None:
 
 
 def test_parse_frames_rejects_every_single_byte_corruption_of_one_frame() -> None:
-    whole = frame(encode_frame_payload(record(42)))
+    whole = frame(encode_frame_payload([record(42)]))
     for i in range(len(whole)):
         buf = bytearray(whole)
         buf[i] ^= 0x01
@@ -363,12 +364,48 @@ def test_parse_frames_rejects_an_empty_frame() -> None:
 def test_receive_returns_at_most_max_records_and_the_rest_next_time(
     spool: Path, state: Path
 ) -> None:
-    send(spool, list(range(100)), batch=100, segment_bytes=1 << 20)
+    send(spool, list(range(100)), batch=10, segment_bytes=1 << 20)  # frames of 10 records
     receiver = SpoolReceiver(spool, state)
     assert seqs(receiver.receive(max_records=30)) == list(range(1, 31))
     receiver.commit()
     resumed = SpoolReceiver(spool, state)
     assert seqs(resumed.receive(max_records=1000)) == list(range(31, 101))
+
+
+def test_a_frame_is_delivered_whole_even_past_max_records(spool: Path, state: Path) -> None:
+    send(spool, list(range(100)), batch=100)
+    receiver = SpoolReceiver(spool, state)
+    assert seqs(receiver.receive(max_records=30)) == list(range(1, 101))
+
+
+def test_a_large_batch_is_written_as_frames_of_at_most_frame_records(spool: Path) -> None:
+    send(spool, list(range(2 * FRAME_RECORDS + 1)), batch=2 * FRAME_RECORDS + 1)
+    payloads, _, at_end = parse_frames(segment_path(spool, 1).read_bytes())
+    sizes = [len(decode_frame_payload(p)) for p in payloads]
+    assert at_end and sizes == [FRAME_RECORDS, FRAME_RECORDS, 1]
+
+
+def test_a_frame_over_the_payload_limit_is_split(spool: Path, state: Path) -> None:
+    big = "x" * (MAX_PAYLOAD // 3)  # three of them do not fit one frame
+    send(spool, [big] * 3, batch=3)
+    payloads, _, _ = parse_frames(segment_path(spool, 1).read_bytes())
+    assert [len(decode_frame_payload(p)) for p in payloads] == [1, 2]
+    assert [r.value for r in drain(SpoolReceiver(spool, state))] == [big] * 3
+
+
+def test_a_record_over_the_payload_limit_is_refused_and_nothing_is_written(spool: Path) -> None:
+    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+    try:
+        with pytest.raises(
+            ChannelError, match=r"record 1 of site/area/asset/measure is \d+ bytes, above"
+        ):
+            sender.send([record("x" * MAX_PAYLOAD)])
+        assert sender.next_seq == 1
+        sender.send([record("fits")])
+    finally:
+        sender.close()
+    (only,) = parse_frames(segment_path(spool, 1).read_bytes())[0]
+    assert [r.seq for r in decode_frame_payload(only)] == [1]
 
 
 FULL_DISK = """

@@ -43,7 +43,7 @@ def tear_last_segment(deployment: Deployment) -> int:
     last = spool_records(deployment, "tear-state")
     records = [r for _ in range(10_000) if (batch := last.receive()) for r in batch]
     half_frame = frame(
-        encode_frame_payload(msgspec.structs.replace(records[-1], seq=records[-1].seq + 1))
+        encode_frame_payload([msgspec.structs.replace(records[-1], seq=records[-1].seq + 1)])
     )
     torn = half_frame[: len(half_frame) // 2]
     with open(newest, "ab") as f:
