@@ -46,7 +46,7 @@ def decoder_for(signal: Signal) -> Decoder:
         return lambda raw: _ascii(_checked(words, registers(raw)))
     number = struct.Struct(">" + _STRUCT_FORMAT[source.type])
     scale = _scaling(signal, integral=source.type not in ("float32", "float64"))
-    in_order = source.word_order == "big" and source.byte_order == "big"
+    in_order = "little" not in (source.word_order, source.byte_order)
     width = source.width
 
     def decode(raw: RawValue) -> Value:

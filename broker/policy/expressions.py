@@ -157,26 +157,37 @@ def _closure(node: ast.expr) -> _Closure:  # noqa: PLR0911 - one branch per allo
     if isinstance(node, ast.BoolOp):
         return _boolean(isinstance(node.op, ast.And), [_closure(v) for v in node.values])
     assert isinstance(node, ast.Compare)
-    return _comparison(_closure(node.left), node.ops, [_closure(c) for c in node.comparators])
+    return _comparison(node)
 
 
 def _boolean(conjunction: bool, parts: list[_Closure]) -> _Closure:
-    """`and` / `or` as Python does them: short-circuit, and the deciding value."""
-
-    def run(names: Names, functions: Functions) -> object:
-        value: object = conjunction
-        for part in parts:
-            value = part(names, functions)
-            if bool(value) != conjunction:
-                return value
-        return value
-
-    return run
+    """`a and b and c` as Python does it (short-circuit, the deciding value): Python's own
+    `and`/`or`, nested from the right."""
+    left, rest = parts[0], parts[1:]
+    if not rest:
+        return left
+    right = _boolean(conjunction, rest)
+    if conjunction:
+        return lambda names, functions: left(names, functions) and right(names, functions)
+    return lambda names, functions: left(names, functions) or right(names, functions)
 
 
-def _comparison(first: _Closure, ops: list[ast.cmpop], rest: list[_Closure]) -> _Closure:
-    """`a < b <= c` as Python does it: each pair in turn, stopping at the first false one."""
-    steps = [(_OPERATORS[type(op)], operand) for op, operand in zip(ops, rest, strict=True)]
+def _comparison(node: ast.Compare) -> _Closure:
+    """`a < b <= c` as Python does it: each pair in turn, stopping at the first false one.
+    The usual single comparison with a constant (`state == 'running'`) gets a closure of
+    its own: rules and states are mostly that, at every scan of every asset."""
+    first = _closure(node.left)
+    if len(node.ops) == 1:
+        compare = _OPERATORS[type(node.ops[0])]
+        if isinstance(node.comparators[0], ast.Constant):
+            constant = node.comparators[0].value
+            return lambda names, functions: compare(first(names, functions), constant)
+        second = _closure(node.comparators[0])
+        return lambda names, functions: compare(first(names, functions), second(names, functions))
+    steps = [
+        (_OPERATORS[type(op)], _closure(operand))
+        for op, operand in zip(node.ops, node.comparators, strict=True)
+    ]
 
     def run(names: Names, functions: Functions) -> object:
         left = first(names, functions)

@@ -1,0 +1,103 @@
+"""The compiled expression closures give what Python gives for the same expression.
+
+Python's own evaluation of the (checked) text is the oracle here, and only here: the
+product never evaluates text (ADR 0010)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.policy.expressions import Evaluator, compile_expression
+
+NAMES = ("a", "b", "c")
+VALUES = st.one_of(
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(-5, 5, allow_nan=False),
+    st.sampled_from(["running", "stopped", ""]),
+)
+ATOMS = st.one_of(
+    st.sampled_from(NAMES),
+    st.integers(-3, 3).map(str),
+    st.sampled_from(["'running'", "'stopped'", "0.5"]),
+)
+COMPARE = st.sampled_from(["==", "!=", "<", "<=", ">", ">="])
+ARITHMETIC = st.sampled_from(["+", "-", "*"])
+
+
+def _expressions() -> st.SearchStrategy[str]:
+    def extend(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+        return st.one_of(
+            st.tuples(inner, COMPARE, inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            st.tuples(inner, COMPARE, inner, COMPARE, inner).map(
+                lambda t: f"({t[0]} {t[1]} {t[2]} {t[3]} {t[4]})"
+            ),
+            st.tuples(inner, ARITHMETIC, inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+            st.lists(inner, min_size=2, max_size=4).map(lambda p: "(" + " and ".join(p) + ")"),
+            st.lists(inner, min_size=2, max_size=4).map(lambda p: "(" + " or ".join(p) + ")"),
+            inner.map(lambda e: f"(not {e})"),
+            inner.map(lambda e: f"(-{e})"),
+            st.tuples(inner, inner, inner).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+        )
+
+    return st.recursive(ATOMS, extend, max_leaves=8)
+
+
+def python(text: str, names: dict[str, object]) -> object:
+    try:
+        return eval(text, {"__builtins__": {}}, names)  # the oracle, in this test only
+    except (ArithmeticError, TypeError, ValueError):
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(_expressions(), st.fixed_dictionaries({n: VALUES for n in NAMES}))
+def test_a_compiled_expression_gives_what_python_gives(text: str, names: dict[str, object]) -> None:
+    compiled = compile_expression(text, set(NAMES))
+    got = Evaluator(names, {}).evaluate(compiled)
+    expected = python(text, names)
+    if isinstance(expected, float) and isinstance(got, float):
+        assert math.isclose(got, expected) or got == expected
+    else:
+        assert got == expected
+        assert type(got) is type(expected)  # `and`/`or` give the deciding value itself
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a and b", 0),  # the deciding value, not False
+        ("b or a", 2),
+        ("a < 3 <= c", True),
+        ("c > 3 > a", False),  # stops at the first false pair
+        ("state == 'running'", True),
+        ("'running' == state", True),
+        ("not b", True),
+        ("a / b", None),  # division by zero: no value
+        ("missing_input + 1", None),  # a bad input is None in the mapping: no value
+    ],
+)
+def test_known_cases(text: str, expected: object) -> None:
+    names = {"a": 2, "b": 0, "c": 3, "state": "running", "missing_input": None}
+    got = Evaluator(names, {}).evaluate(compile_expression(text, set(names)))
+    assert got == expected and type(got) is type(expected)
+
+
+def test_functions_are_called_with_their_quoted_argument() -> None:
+    calls: list[str] = []
+
+    def label(measure: str) -> str:
+        calls.append(measure)
+        return "abnormal"
+
+    compiled = compile_expression(
+        "label('pressure') != 'expected' and state == 'running'",
+        {"state"},
+        {"label": {"pressure"}},
+    )
+    assert Evaluator({"state": "running"}, {"label": label}).evaluate(compiled) is True
+    assert calls == ["pressure"]
