@@ -13,6 +13,7 @@ alerts of that same scan.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +42,15 @@ STEADY_FRACTION = 0.01  # a change over the trend window under 1 % of the value 
 
 
 def _value(value: object) -> Value:
+    """An expression's result as a value: None unless a bool, text or finite number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value if isinstance(value, bool | int | float | str) else None
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
+    """The value if it is a number (a bool is not)."""
+    return value if type(value) is float or type(value) is int else None
 
 
 class _AssetRuntime:
@@ -70,10 +73,6 @@ class _AssetRuntime:
             {w: Window(duration_s(w)) for w in asset.load.windows} if asset.load else {}
         )
         self.assessments: dict[str, Assessment] = {}
-        self._columns = {  # each baseline's table by load column, made once
-            m: [list(column) for column in zip(*b.expected, strict=True)]
-            for m, b in model.baselines.items()
-        }
         self.base = Context(asset=asset.path, asset_type=asset.type)
         functions: dict[str, Callable[[str], object]] = {
             "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
@@ -164,11 +163,19 @@ class _AssetRuntime:
         load = _number(self.names.get("load")) if baseline.load_points else 0.0
         if ambient is None or load is None:
             return None
-        expected = _expected(baseline, self._columns[baseline.measure], ambient, load)
+        expected = _expected(baseline, ambient, load)
         if expected == 0:
             return None
         deviation = (value - expected) / abs(expected) * 100
-        worse = {"higher": deviation, "lower": -deviation, "both": abs(deviation)}[baseline.worse]
+        if not math.isfinite(deviation):  # a table or value near the float limits
+            return None
+        worse = (
+            deviation
+            if baseline.worse == "higher"
+            else -deviation
+            if baseline.worse == "lower"
+            else abs(deviation)
+        )
         label: Literal["expected", "below_expected", "abnormal"]
         if worse >= baseline.abnormal_pct:
             label = "abnormal"
@@ -177,7 +184,11 @@ class _AssetRuntime:
         else:
             label = "expected"
         return Assessment(
-            expected=round(expected, 6), deviation_pct=round(deviation, 2), label=label
+            # round(x * 10**n) / 10**n: as round(x, n) but on rare ties in the last digit,
+            # and 6x faster
+            expected=round(expected * 1e6) / 1e6,
+            deviation_pct=round(deviation * 100) / 100,
+            label=label,
         )
 
     def trend(self, measure: str) -> Trend | None:
@@ -208,22 +219,31 @@ def _field(assessment: Assessment | None, name: str) -> object:
     return None if assessment is None else getattr(assessment, name)
 
 
-def _interpolate(points: Sequence[float], values: Sequence[float], x: float) -> float:
-    """Piecewise-linear through (points, values), clamped at both ends."""
+def _segment(points: Sequence[float], x: float) -> tuple[int, int, float]:
+    """The points either side of x and x's share of the way between them; clamped at both
+    ends (the same point twice)."""
+    last = len(points) - 1
     if x <= points[0]:
-        return values[0]
-    if x >= points[-1]:
-        return values[-1]
-    i = bisect_right(points, x) - 1
-    share = (x - points[i]) / (points[i + 1] - points[i])
-    return values[i] + share * (values[i + 1] - values[i])
+        return 0, 0, 0.0
+    if x >= points[last]:
+        return last, last, 0.0
+    above = bisect_right(points, x)
+    below = above - 1
+    return below, above, (x - points[below]) / (points[above] - points[below])
 
 
-def _expected(baseline: Baseline, columns: list[list[float]], ambient: float, load: float) -> float:
-    by_ambient = [_interpolate(baseline.ambient_points, column, ambient) for column in columns]
-    if not baseline.load_points:
-        return by_ambient[0]
-    return _interpolate(baseline.load_points, by_ambient, load)
+def _expected(baseline: Baseline, ambient: float, load: float) -> float:
+    """Piecewise-linear over ambient, and over load when the table has a load axis."""
+    rows = baseline.expected  # rows[i][j]: at ambient_points[i] and load_points[j]
+    below, above, share = _segment(baseline.ambient_points, ambient)
+    if baseline.load_points:
+        left, right, load_share = _segment(baseline.load_points, load)
+        low, high = rows[below], rows[above]
+        at_low = low[left] + load_share * (low[right] - low[left])
+        at_high = high[left] + load_share * (high[right] - high[left])
+    else:
+        at_low, at_high = rows[below][0], rows[above][0]
+    return at_low + share * (at_high - at_low)
 
 
 @dataclass(slots=True)

@@ -30,7 +30,11 @@ log = structlog.get_logger("pipeline")
 _READ_FAILED = [QualityIssue(check="read_failed", detail="the device gave no value for this read")]
 _UNCERTAIN_AT_SOURCE = QualityIssue(check="device_status", detail="the device marked it uncertain")
 _NO_INPUTS = [
-    QualityIssue(check="inputs_missing", detail="an input of the expression is missing or bad")
+    QualityIssue(
+        check="inputs_missing",
+        detail="no value: an input of the expression is missing or bad, or its arithmetic "
+        "failed (division by zero, overflow)",
+    )
 ]
 
 _NO_CONTEXT = Context()

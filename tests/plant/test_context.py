@@ -184,6 +184,17 @@ def test_a_derived_signal_is_computed_and_goes_bad_with_its_inputs(compressor: P
     assert [i.check for i in derived.context.quality_issues] == ["inputs_missing"]
 
 
+def test_a_derived_signal_whose_arithmetic_fails_is_bad_and_the_scan_goes_on(
+    compressor: Policy,
+) -> None:
+    records = by_signal(PlantPipeline(compressor).process(scan(80, 0, ambient=20)))
+
+    derived = records[SPECIFIC]  # discharge_pressure / motor_power, with the motor at 0 kW
+    assert (derived.value, derived.quality) == (None, "bad")
+    assert "division by zero" in derived.context.quality_issues[0].detail
+    assert records[PRESSURE].quality == "good" and records[PRESSURE].context.asset_state == "stopped"
+
+
 def test_quality_checks_make_a_value_uncertain_and_say_why(compressor: Policy) -> None:
     pipeline = PlantPipeline(compressor)
     out_of_range = by_signal(pipeline.process(scan(350, 20, ambient=20)))[PRESSURE]
