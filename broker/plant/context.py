@@ -78,10 +78,10 @@ class _AssetRuntime:
             "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
             "label": lambda m: _field(self.assessments.get(m), "label"),
             "trend": lambda m: self.trends[m].slope_per_h(),
-            "load_mean": lambda w: self._load[w][0],
-            "load_max": lambda w: self._load[w][1],
+            "load_mean": lambda w: self._load[w].mean,
+            "load_max": lambda w: self._load[w].max,
         }
-        self._load: dict[str, tuple[float | None, float | None]] = {}  # as of the refresh
+        self._load: dict[str, WindowStats] = {}  # as of the refresh; never changed after
         self._trend_of: dict[str, tuple[int, Trend | None]] = {}  # measure → (generation, trend)
         self._alerts = [  # each rule's alert, made once: only whether it is active changes
             (
@@ -101,7 +101,7 @@ class _AssetRuntime:
     def refresh(self, now: float) -> list[tuple[Signal, Value]]:
         """Evaluate state, derived signals, assessments and rules; the derived values."""
         model, names, evaluate = self.model, self.names, self._expressions.evaluate
-        self._load = {w: window.stats(now) for w, window in self.load_windows.items()}
+        self._load = {w: window.stats(now) for w, window in self.load_windows.items()}  # shared
         self.state = self._evaluate_state()
         derived: list[tuple[Signal, Value]] = []
         for signal, expression in model.derived:
@@ -125,14 +125,7 @@ class _AssetRuntime:
             asset_type=model.asset.type,
             asset_state=self.state,
             ambient={name: names.get(name) for name in model.asset.ambient},
-            load=Load(
-                signal=load.signal,
-                windows={
-                    w: WindowStats(mean=mean, max=peak) for w, (mean, peak) in self._load.items()
-                },
-            )
-            if load is not None
-            else None,
+            load=Load(signal=load.signal, windows=self._load) if load is not None else None,
             maintenance=maintenance,
             alerts=[alert for alert, expression in self._alerts if evaluate(expression) is True],
         )

@@ -11,7 +11,10 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from broker.records import WindowStats
+
 BUCKETS = 30
+_EMPTY = WindowStats(mean=None, max=None)
 
 
 @dataclass
@@ -45,19 +48,21 @@ class Window:
         self._count += 1
         self._total += value
 
-    def stats(self, now: float) -> tuple[float | None, float | None]:
-        """(mean, max) over the window ending at `now`; (None, None) without values."""
+    def stats(self, now: float) -> WindowStats:
+        """Mean and max over the window ending at `now`; both None without values."""
         while self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
             old = self._buckets.popleft()
             self._count -= old.count
             self._total -= old.total
             self._older_peak = None
         if self._count == 0:
-            return None, None
+            return _EMPTY
         if self._older_peak is None:  # once per bucket, not at every scan
             older = itertools.islice(self._buckets, len(self._buckets) - 1)
             self._older_peak = max([b.peak for b in older], default=-math.inf)
-        return self._total / self._count, max(self._older_peak, self._buckets[-1].peak)
+        return WindowStats(
+            mean=self._total / self._count, max=max(self._older_peak, self._buckets[-1].peak)
+        )
 
 
 class TrendLine:

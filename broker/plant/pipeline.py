@@ -59,16 +59,19 @@ class PlantPipeline:
         issues_of: list[list[QualityIssue]] = []  # each record's, for its context
         touched: set[str] = set()
         stamp, t = None, 0.0
+        # bound once: the loop runs for every sample
+        decode, tally, observe = self._decode, self.checks.tally, self._context.observe
+        make_record, add_record, add_issues = self._record, records.append, issues_of.append
         for sample in self.gate.admit(samples, now):
             if sample.source_time is not stamp:  # a scan's samples share one time
                 stamp, t = sample.source_time, sample.source_time.timestamp()
-            value, quality, issues = self._decode(sample, t)
-            self.checks.tally(sample.signal, quality, issues, t)
-            asset = self._context.observe(sample.signal, value if quality != "bad" else None, t)
-            if asset is not None:
+            signal = sample.signal
+            value, quality, issues = decode(sample, t)
+            tally(signal, quality, issues, t)
+            if (asset := observe(signal, value if quality != "bad" else None, t)) is not None:
                 touched.add(asset)
-            records.append(self._record(sample.signal, value, quality, sample.source_time, now))
-            issues_of.append(issues)
+            add_record(make_record(signal, value, quality, stamp, now))
+            add_issues(issues)
         if touched:
             for record, issues in self._derive(touched, max(r.source_time for r in records), now):
                 records.append(record)
