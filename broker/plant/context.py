@@ -140,14 +140,14 @@ class _AssetRuntime:
                 return state
         return self.model.asset.otherwise if self.model.states else "unknown"
 
-    def assessment_of(self, measure: str, value: Value, number: float) -> Assessment | None:
+    def assessment_of(self, measure: str, value: float) -> Assessment | None:
         """The refresh's assessment when `value` is the one it assessed, else a new one."""
         baseline = self.model.baselines.get(measure)
         if baseline is None:
             return None
         if value is self.names.get(measure):
             return self.assessments.get(measure)
-        return self.assess(baseline, number)
+        return self.assess(baseline, value)
 
     def assess(self, baseline: Baseline, value: float) -> Assessment | None:
         if baseline.states and self.state not in baseline.states:
@@ -308,18 +308,20 @@ class ContextEngine:
         return derived
 
     def context_for(self, path: str, value: Value, issues: list[QualityIssue]) -> Context:
-        plain = self._plain.get(path)
-        if plain is not None:
+        own = self._own.get(path)
+        if own is None:
+            plain = self._plain[path]
             return msgspec.structs.replace(plain, quality_issues=issues) if issues else plain
-        runtime, measure = self._own[path]
-        number = _number(value)
-        if number is None:
-            assessment = trend = None
-        else:
-            assessment = runtime.assessment_of(measure, value, number)
+        runtime, measure = own
+        if type(value) is float or type(value) is int:  # bool is not a number here
+            assessment = runtime.assessment_of(measure, value)
             trend = runtime.trend(measure)
-        if assessment is None and trend is None and not issues:
+            if assessment is None and trend is None and not issues:
+                return runtime.base
+        elif not issues:
             return runtime.base
+        else:
+            assessment = trend = None
         return msgspec.structs.replace(
             runtime.base, assessment=assessment, trend=trend, quality_issues=issues
         )

@@ -17,7 +17,7 @@ BUCKETS = 30
 _EMPTY = WindowStats(mean=None, max=None)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Bucket:
     start: float
     count: int = 0
@@ -35,16 +35,19 @@ class Window:
         self._count = 0  # over all buckets: a mean costs no loop
         self._total = 0.0
         self._older_peak: float | None = None  # of all buckets but the newest; None: unknown
+        self._next_start = -math.inf  # when the newest bucket is over
 
     def add(self, t: float, value: float) -> None:
-        start = t - t % self._width
-        if not self._buckets or start > self._buckets[-1].start:
+        if t >= self._next_start:
+            start = t - t % self._width
             self._buckets.append(_Bucket(start))
+            self._next_start = start + self._width
             self._older_peak = None
         bucket = self._buckets[-1]  # a late value counts in the newest bucket
         bucket.count += 1
         bucket.total += value
-        bucket.peak = max(bucket.peak, value)
+        if value > bucket.peak:  # noqa: PLR1730 - max() is a call, for every value
+            bucket.peak = value
         self._count += 1
         self._total += value
 
@@ -74,11 +77,13 @@ class TrendLine:
         self._buckets: deque[_Bucket] = deque()
         self._slope: float | None = None  # cached until the next bucket opens
         self.generation = 0  # counts opened buckets: what was derived from the line is stale
+        self._next_start = -math.inf  # when the newest bucket is over
 
     def add(self, t: float, value: float) -> None:
-        start = t - t % self._width
-        if not self._buckets or start > self._buckets[-1].start:
+        if t >= self._next_start:
+            start = t - t % self._width
             self._buckets.append(_Bucket(start))
+            self._next_start = start + self._width
             while self._buckets[0].start <= start - self._seconds:
                 self._buckets.popleft()
             self._slope = None
