@@ -192,7 +192,9 @@ def test_a_derived_signal_whose_arithmetic_fails_is_bad_and_the_scan_goes_on(
     derived = records[SPECIFIC]  # discharge_pressure / motor_power, with the motor at 0 kW
     assert (derived.value, derived.quality) == (None, "bad")
     assert "division by zero" in derived.context.quality_issues[0].detail
-    assert records[PRESSURE].quality == "good" and records[PRESSURE].context.asset_state == "stopped"
+    assert (
+        records[PRESSURE].quality == "good" and records[PRESSURE].context.asset_state == "stopped"
+    )
 
 
 def test_quality_checks_make_a_value_uncertain_and_say_why(compressor: Policy) -> None:
