@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -58,7 +59,7 @@ from support import free_port
 
 from broker import logs
 from broker.channel.spool import SpoolReceiver, SpoolSender
-from broker.enterprise.run import POLL_S
+from broker.enterprise.run import POLL_S, tune_garbage_collector
 from broker.enterprise.store import Store
 from broker.plant.connectors import RawSample
 from broker.plant.decode import RawValue
@@ -103,7 +104,8 @@ STOP_TIMEOUT_S = 10.0  # SIGTERM, then SIGKILL
 
 def asset_model(path: str) -> dict[str, Any]:
     """What the context evaluates for each asset: a state rule, ambient, load windows, a
-    baseline of one measure, two rules (with the sample values, one is true)."""
+    baseline of one measure, two rules (with the sample values and a warmed history, one is
+    true: every record carries its alert)."""
     return {
         "path": path,
         "type": "pump",
@@ -131,7 +133,7 @@ def asset_model(path: str) -> dict[str, Any]:
             },
             {
                 "name": "heavy",
-                "when": "load_mean('15m') > 20 and trend('float32_4') != 0",
+                "when": "load_mean('15m') > 20 and trend('float32_4') >= 0",
                 "alert": "heavy load",
                 "action": "check the load",
                 "outcome": "energy",
@@ -260,7 +262,17 @@ def write_all(pipeline: PlantPipeline, batches: Sequence[list[RawSample]], spool
 
 
 def read_all(policy: Policy, spool: Path, state_dir: Path, total: int) -> float:
-    """The enterprise side, until record `total` is applied; returns seconds."""
+    """The enterprise side, until record `total` is applied, with the enterprise process's
+    garbage-collector setting; returns seconds."""
+    threshold = gc.get_threshold()
+    tune_garbage_collector()
+    try:
+        return _read_all(policy, spool, state_dir, total)
+    finally:
+        gc.set_threshold(*threshold)
+
+
+def _read_all(policy: Policy, spool: Path, state_dir: Path, total: int) -> float:
     receiver = SpoolReceiver(spool, state_dir)
     store = Store(policy, STREAM_QUEUE)
     try:

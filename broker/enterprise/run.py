@@ -9,6 +9,7 @@ or narrowed to what the new policy grants.
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import structlog
@@ -34,11 +35,22 @@ from broker.trust import tls
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 
 log = structlog.get_logger("enterprise")
 
 
+def tune_garbage_collector() -> None:
+    """Fewer young collections. Records decoded from the spool carry lists and dicts that
+    the cyclic collector tracks though they never form cycles; at CPython's default it took
+    45 % of this half's time (docs/performance.md). Reference counting still frees each
+    record as soon as it is delivered; only cyclic garbage waits longer."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
+    tune_garbage_collector()
     ent = config.enterprise
     ssl_context, revoked = tls.endpoint_context(ent.tls)
     reloader = tls.EndpointReloader(ent.tls, ssl_context)
