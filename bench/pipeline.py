@@ -13,7 +13,9 @@
      SpoolReceiver.commit, as broker.enterprise.run delivers them;
    - end to end: the two one after the other (the figure held against the target);
    - concurrent: a writer process and a reader process on one spool at the same time.
-   Target: >= 50,000 points/s end to end.
+   Target: >= 50,000 points/s, held against "plant" with a semantic model (issue 7: context
+   must keep the pipeline at that rate with 1,000 assets) and against "end to end" with
+   --no-model (issue 2).
 
 2. Latency. `python -m broker enterprise` runs as its own process, on a throwaway PKI made
    with `python -m broker certs` and the same synthetic policy written as YAML. This process
@@ -70,7 +72,7 @@ from broker.policy.schema import REGISTER_WIDTH
 from broker.sim.appliance import provision
 from broker.trust import tls
 
-THROUGHPUT_TARGET = 50_000  # points/s, end to end
+THROUGHPUT_TARGET = 50_000  # points/s: plant with context (issue 7), end to end without (2)
 P99_TARGET_MS = 50.0
 
 SEGMENT_BYTES = 16 * 1024 * 1024  # broker.config's defaults
@@ -608,8 +610,10 @@ def print_report(args: argparse.Namespace, throughput: dict[str, Rate], latency:
             f"  {label:<46}{rate.points:>9,} points {rate.seconds:>7.2f} s"
             f" {rate.per_s:>10,.0f} points/s"
         )
-    verdict = "PASS" if throughput["end_to_end"].per_s >= THROUGHPUT_TARGET else "FAIL"
-    print(f"  target >= {THROUGHPUT_TARGET:,} points/s end to end: {verdict}")
+    held = target_figure(args)
+    verdict = "PASS" if throughput[held].per_s >= THROUGHPUT_TARGET else "FAIL"
+    what = {"plant": "through the plant half, with context", "end_to_end": "end to end"}[held]
+    print(f"  target >= {THROUGHPUT_TARGET:,} points/s {what}: {verdict}")
     print()
     print(
         f"Latency, {args.rate:,.0f} points/s in scans of {latency.per_scan:,} every "
@@ -626,6 +630,12 @@ def print_report(args: argparse.Namespace, throughput: dict[str, Rate], latency:
     print(f"  target p99 <= {P99_TARGET_MS:g} ms, none missing: {verdict}")
 
 
+def target_figure(args: argparse.Namespace) -> str:
+    """The figure the target is held against: with context the plant pipeline's (issue 7),
+    without it the whole path's (issue 2)."""
+    return "plant" if args.model else "end_to_end"
+
+
 def report_json(args: argparse.Namespace, throughput: dict[str, Rate], latency: Latency) -> str:
     return json.dumps(
         {
@@ -635,7 +645,8 @@ def report_json(args: argparse.Namespace, throughput: dict[str, Rate], latency: 
                 "batch_size": args.signals,
                 "batches": args.batches,
                 "target_points_per_s": THROUGHPUT_TARGET,
-                "pass": throughput["end_to_end"].per_s >= THROUGHPUT_TARGET,
+                "target_figure": target_figure(args),
+                "pass": throughput[target_figure(args)].per_s >= THROUGHPUT_TARGET,
                 **{
                     key: {"points": r.points, "seconds": r.seconds, "points_per_s": r.per_s}
                     for key, r in throughput.items()
