@@ -58,11 +58,17 @@ def encode_frames(records: Sequence[Record]) -> list[bytes]:
             half = len(chunk) // 2
             pending[:0] = [chunk[:half], chunk[half:]]
         else:
-            raise ChannelError(
-                f"record {chunk[0].seq} of {chunk[0].signal} is {len(payload)} bytes, above the "
-                f"spool's limit of {MAX_PAYLOAD}: shorten the texts of its asset's model"
-            )
+            raise RecordTooLarge(chunk[0], len(payload))
     return frames
+
+
+class RecordTooLarge(Exception):
+    """One record encodes to more than a frame may hold: it can never cross."""
+
+    def __init__(self, record: Record, size: int) -> None:
+        super().__init__(f"{record.signal}: {size} bytes, above {MAX_PAYLOAD}")
+        self.record = record
+        self.size = size
 
 
 def parse_frames(buf: bytes, most: int | None = None) -> tuple[list[bytes], int, bool]:
@@ -137,13 +143,26 @@ class SpoolSender:
         self._open_segment((numbers[-1] + 1) if numbers else 1)
 
     def send(self, records: Sequence[Record]) -> None:
-        """Stamp `seq` on each record and make the batch durable."""
-        if not records:
-            return
-        first_seq = self.next_seq
-        for seq, record in enumerate(records, start=first_seq):
-            record.seq = seq
-        batch = b"".join(encode_frames(records))
+        """Stamp `seq` on each record and make the batch durable. A record too large for any
+        frame (a huge text value) is dropped with an error, and the rest of the batch goes on."""
+        while True:
+            if not records:
+                return
+            first_seq = self.next_seq
+            for seq, record in enumerate(records, start=first_seq):
+                record.seq = seq
+            try:
+                batch = b"".join(encode_frames(records))
+                break
+            except RecordTooLarge as e:
+                log.error(
+                    "record_too_large",
+                    signal=e.record.signal,
+                    bytes=e.size,
+                    limit=MAX_PAYLOAD,
+                    what_to_do="shorten the value at its source or the texts of its asset's model",
+                )
+                records = [r for r in records if r is not e.record]
         data = memoryview(batch)
         size = self._sizes[self._number]
         try:

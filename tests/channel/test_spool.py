@@ -13,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 
 from broker.channel.spool import (
     FRAME_RECORDS,
@@ -393,19 +394,16 @@ def test_a_frame_over_the_payload_limit_is_split(spool: Path, state: Path) -> No
     assert [r.value for r in drain(SpoolReceiver(spool, state))] == [big] * 3
 
 
-def test_a_record_over_the_payload_limit_is_refused_and_nothing_is_written(spool: Path) -> None:
-    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
-    try:
-        with pytest.raises(
-            ChannelError, match=r"record 1 of site/area/asset/measure is \d+ bytes, above"
-        ):
-            sender.send([record("x" * MAX_PAYLOAD)])
-        assert sender.next_seq == 1
-        sender.send([record("fits")])
-    finally:
-        sender.close()
-    (only,) = parse_frames(segment_path(spool, 1).read_bytes())[0]
-    assert [r.seq for r in decode_frame_payload(only)] == [1]
+def test_a_record_over_the_payload_limit_is_dropped_and_the_rest_is_written(
+    spool: Path, state: Path
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        send(spool, ["before", "x" * MAX_PAYLOAD, "after"], batch=3)
+
+    received = drain(SpoolReceiver(spool, state))
+    assert [(r.seq, r.value) for r in received] == [(1, "before"), (2, "after")]  # no gap
+    (dropped,) = [e for e in logs if e["event"] == "record_too_large"]
+    assert dropped["signal"] == "site/area/asset/measure" and dropped["bytes"] > MAX_PAYLOAD
 
 
 FULL_DISK = """
