@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
@@ -25,6 +26,7 @@ from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
+from broker.records import Record
 
 log = structlog.get_logger("plant")
 
@@ -39,7 +41,8 @@ class PlantHalf:
         self._maintenance = maintenance
         self.pipeline = PlantPipeline(policy, maintenance)
         self._policy = policy
-        self._sending: asyncio.Future[None] | None = None
+        # One thread writes the spool, so shutting it down waits for a write in progress.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._tasks: asyncio.TaskGroup | None = None
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
@@ -94,6 +97,7 @@ class PlantHalf:
                 tasks.create_task(connector.run(self._queue.put), name=f"connector {name}")
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             scans = [await self._queue.get()]
             while not self._queue.empty():  # group commit: everything waiting, one fsync
@@ -101,14 +105,17 @@ class PlantHalf:
             # One scan at a time through the pipeline, so each record carries its own scan's
             # asset state.
             records = [record for scan in scans for record in self.pipeline.process(scan)]
-            self._sending = asyncio.ensure_future(asyncio.to_thread(self._sender.send, records))
-            await self._sending
-            self.metrics.records_written.inc(len(records))
+            await loop.run_in_executor(self._writer, self._send, records)
+
+    def _send(self, records: list[Record]) -> None:
+        self._sender.send(records)
+        self.metrics.records_written.inc(len(records))
 
     async def finish_sending(self) -> None:
-        """Wait for a send already running in its thread: the spool must not close under it."""
-        if self._sending is not None:
-            await asyncio.wait([self._sending])
+        """Let the writer thread finish the batch it is writing, even when the task that
+        waited for it was cancelled (its thread goes on): the spool must not close under a
+        write."""
+        await asyncio.to_thread(self._writer.shutdown)
 
     async def _watch_flags(self, config: BrokerConfig, audit: AuditLog) -> None:
         """The island flag, the audit log's health, the clock and the spool's disk."""
