@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Barrier
@@ -206,29 +206,17 @@ class Scanner:
         return samples
 
 
-def full_scans(policy: Policy, count: int, start: datetime) -> list[list[RawSample]]:
-    """`count` scans of every signal read from devices, one every SCAN_INTERVAL from `start`."""
+def full_scans(policy: Policy, times: Iterable[datetime]) -> Iterator[list[RawSample]]:
+    """A scan of every signal read from devices at each of `times`."""
     scanner = Scanner(policy)
     read = sum(1 for s in policy.signals if s.device)
-    return [scanner.scan(read, start + i * SCAN_INTERVAL) for i in range(count)]
+    return (scanner.scan(read, at) for at in times)
 
 
 def timed_scans(policy: Policy, count: int) -> list[list[RawSample]]:
-    """The scans timed, ending now."""
-    return full_scans(policy, count, datetime.now(UTC) - count * SCAN_INTERVAL)
-
-
-def warm(pipeline: PlantPipeline, policy: Policy, before: datetime) -> None:
-    """Fill every history as a broker that has run for a day would have them, before the
-    clock starts: scans over the 25 h before `before`, every 45 min (each bucket of the
-    24 h load windows) then every 2 min for the last hour (each bucket of the 1 h trend
-    lines), so trends are computed and carried, and window maxima span all their buckets."""
-    day = [before - timedelta(hours=25) + i * timedelta(minutes=45) for i in range(32)]
-    hour = [before - timedelta(hours=1) + i * timedelta(minutes=2) for i in range(30)]
-    scanner = Scanner(policy)
-    read = sum(1 for s in policy.signals if s.device)
-    for at in day + hour:
-        pipeline.process(scanner.scan(read, at))
+    """The scans timed, one every SCAN_INTERVAL, ending now."""
+    start = datetime.now(UTC) - count * SCAN_INTERVAL
+    return list(full_scans(policy, (start + i * SCAN_INTERVAL for i in range(count))))
 
 
 # --- throughput ----------------------------------------------------------------------------
@@ -245,9 +233,17 @@ class Rate:
 
 
 def warmed(policy: Policy, batches: Sequence[list[RawSample]]) -> PlantPipeline:
-    """A pipeline with a day of history before the first of `batches`."""
+    """A pipeline with every history filled as a broker that has run for a day would have
+    them, before the first of `batches`: scans over the 25 h before it, every 45 min (each
+    bucket of the 24 h load windows) then every 2 min for the last hour (each bucket of the
+    1 h trend lines), so trends are computed and carried, and window maxima span all their
+    buckets."""
+    before = batches[0][0].source_time
+    day = [before - timedelta(hours=25) + i * timedelta(minutes=45) for i in range(32)]
+    hour = [before - timedelta(hours=1) + i * timedelta(minutes=2) for i in range(30)]
     pipeline = PlantPipeline(policy)
-    warm(pipeline, policy, batches[0][0].source_time)
+    for scan in full_scans(policy, day + hour):
+        pipeline.process(scan)
     return pipeline
 
 

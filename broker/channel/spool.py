@@ -6,7 +6,7 @@ directory: nothing it does can reach the plant half.
 
 Frame: b"DZ" | u32 payload length | u32 CRC-32 of (length + payload) | MessagePack array of
 up to FRAME_RECORDS records with consecutive seq (one encode and one CRC for all of them:
-per-record frames cost the plant half a tenth of its time).
+a record with context cost 6.3 µs to send in a frame of its own, 4.3 µs in frames of 256).
 
 Segments are `NNNNNNNNNN.seg`, numbered upwards. The sender starts a new segment every time
 it opens, so a segment with a successor is final: incomplete or corrupt bytes at its end

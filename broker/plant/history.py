@@ -25,23 +25,36 @@ class _Bucket:
     peak: float = -math.inf
 
 
-class Window:
-    """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
+class _Buckets:
+    """Values kept in BUCKETS time buckets of equal width over the last `seconds`."""
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._width = seconds / BUCKETS
         self._buckets: deque[_Bucket] = deque()
+        self._next_start = -math.inf  # when the newest bucket is over
+
+    def _open(self, t: float) -> float:
+        """Open the bucket that holds `t` (callers check `_next_start` first, so that adding
+        to the newest bucket costs no call); its start."""
+        start = t - t % self._width
+        self._buckets.append(_Bucket(start))
+        self._next_start = start + self._width
+        return start
+
+
+class Window(_Buckets):
+    """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
         self._count = 0  # over all buckets: a mean costs no loop
         self._total = 0.0
         self._older_peak: float | None = None  # of all buckets but the newest; None: unknown
-        self._next_start = -math.inf  # when the newest bucket is over
 
     def add(self, t: float, value: float) -> None:
         if t >= self._next_start:
-            start = t - t % self._width
-            self._buckets.append(_Bucket(start))
-            self._next_start = start + self._width
+            self._open(t)
             self._older_peak = None
         bucket = self._buckets[-1]  # a late value counts in the newest bucket
         bucket.count += 1
@@ -68,22 +81,17 @@ class Window:
         )
 
 
-class TrendLine:
+class TrendLine(_Buckets):
     """Least-squares slope per hour over the bucket means of the last `seconds`."""
 
     def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._width = seconds / BUCKETS
-        self._buckets: deque[_Bucket] = deque()
+        super().__init__(seconds)
         self._slope: float | None = None  # cached until the next bucket opens
         self.generation = 0  # counts opened buckets: what was derived from the line is stale
-        self._next_start = -math.inf  # when the newest bucket is over
 
     def add(self, t: float, value: float) -> None:
         if t >= self._next_start:
-            start = t - t % self._width
-            self._buckets.append(_Bucket(start))
-            self._next_start = start + self._width
+            start = self._open(t)
             while self._buckets[0].start <= start - self._seconds:
                 self._buckets.popleft()
             self._slope = None

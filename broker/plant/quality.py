@@ -23,11 +23,14 @@ NO_ISSUES: list[QualityIssue] = []  # shared, never changed: most values pass ev
 
 @dataclass(slots=True)
 class SignalStats:
-    samples: int = 0
     by_quality: dict[str, int] = field(default_factory=dict)  # a plain dict: tallied per value
     failed_checks: Counter[str] = field(default_factory=Counter)
     last_s: float | None = None
     longest_gap_s: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return sum(self.by_quality.values())
 
 
 class _SignalChecks:
@@ -136,7 +139,6 @@ class QualityChecks:
 
     def tally(self, path: str, quality: Quality, issues: list[QualityIssue], t: float) -> None:
         stats = self.stats[path]
-        stats.samples += 1
         counts = stats.by_quality
         counts[quality] = counts.get(quality, 0) + 1
         if issues:

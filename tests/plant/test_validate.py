@@ -233,7 +233,7 @@ OPCUA = OpcUaDevice(name="ua", endpoint="opc.tcp://127.0.0.1:4840")  # subscribe
 
 
 def tallies(good: int, uncertain: int = 0, bad: int = 0, gap_s: float = 1.0, **checks: int):
-    stats = SignalStats(samples=good + uncertain + bad, longest_gap_s=gap_s)
+    stats = SignalStats(longest_gap_s=gap_s)  # samples: good + uncertain + bad
     stats.by_quality.update(good=good, uncertain=uncertain, bad=bad)
     stats.failed_checks.update(checks)
     return stats
