@@ -68,9 +68,9 @@ class Alert(_Part, frozen=True, kw_only=True):
 
 
 class QualityIssue(_Part, frozen=True, kw_only=True):
-    check: (
-        str  # read_failed, undecodable, out_of_range, flatline, spike, noise, device_status, stale
-    )
+    # read_failed, undecodable, device_status, out_of_range, spike, flatline, noise,
+    # inputs_missing, clock_ahead, stale
+    check: str
     detail: str
 
 

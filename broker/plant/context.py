@@ -32,6 +32,7 @@ from broker.records import (
     Assessment,
     Context,
     Load,
+    Quality,
     QualityIssue,
     Trend,
     Value,
@@ -39,13 +40,24 @@ from broker.records import (
 )
 
 STEADY_FRACTION = 0.01  # a change over the trend window under 1 % of the value is "steady"
+_SMALLEST_INT, _LARGEST_INT = -(2**63), 2**64 - 1  # what a record's integer can hold
+_EXACT = 2.0**53  # beyond it a float has no decimals left to round
 
 
 def _value(value: object) -> Value:
-    """An expression's result as a value: None unless a bool, text or finite number."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value if isinstance(value, bool | int | float | str) else None
+    """An expression's result as a value: None unless a bool, text, finite number or an
+    integer a record can hold (arithmetic on 64-bit meters can go beyond)."""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if type(value) is int:
+        return value if _SMALLEST_INT <= value <= _LARGEST_INT else None
+    return value if isinstance(value, bool | str) else None
+
+
+def _rounded(x: float, factor: float) -> float:
+    """round(x * factor) / factor: as round(x, n) but on rare ties in the last digit, and 6x
+    faster; a number too large for decimals is kept as it is (x * factor could overflow)."""
+    return round(x * factor) / factor if -_EXACT < x < _EXACT else x
 
 
 def _number(value: object) -> float | None:
@@ -77,10 +89,11 @@ class _AssetRuntime:
         functions: dict[str, Callable[[str], object]] = {
             "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
             "label": lambda m: _field(self.assessments.get(m), "label"),
-            "trend": lambda m: self.trends[m].slope_per_h(),
+            "trend": lambda m: self.trends[m].slope_per_h(self._now),
             "load_mean": lambda w: self._load[w].mean,
             "load_max": lambda w: self._load[w].max,
         }
+        self._now = 0.0  # the time of the latest refresh: what trends are as of
         self._load: dict[str, WindowStats] = {}  # as of the refresh; never changed after
         self._trend_of: dict[str, tuple[int, Trend | None]] = {}  # measure → (generation, trend)
         self._alerts = [  # each rule's alert, made once: only whether it is active changes
@@ -101,6 +114,7 @@ class _AssetRuntime:
     def refresh(self, now: float) -> list[tuple[Signal, Value]]:
         """Evaluate state, derived signals, assessments and rules; the derived values."""
         model, names, evaluate = self.model, self.names, self._expressions.evaluate
+        self._now = now
         self._load = {w: window.stats(now) for w, window in self.load_windows.items()}  # shared
         self.state = self._evaluate_state()
         derived: list[tuple[Signal, Value]] = []
@@ -177,20 +191,16 @@ class _AssetRuntime:
         else:
             label = "expected"
         return Assessment(
-            # round(x * 10**n) / 10**n: as round(x, n) but on rare ties in the last digit,
-            # and 6x faster
-            expected=round(expected * 1e6) / 1e6,
-            deviation_pct=round(deviation * 100) / 100,
-            label=label,
+            expected=_rounded(expected, 1e6), deviation_pct=_rounded(deviation, 100), label=label
         )
 
     def trend(self, measure: str) -> Trend | None:
         """The measure's trend, made once per trend bucket and shared by its records."""
         line = self.trends[measure]
+        slope = line.slope_per_h(self._now)  # first: it opens a generation when buckets expire
         cached = self._trend_of.get(measure)
         if cached is not None and cached[0] == line.generation:
             return cached[1]
-        slope = line.slope_per_h()
         found = None
         if slope is not None:
             change = slope * self._trend_window_h
@@ -283,15 +293,16 @@ class ContextEngine:
             for measure, signal in runtime.model.signals.items()
         }
 
-    def observe(self, path: str, value: Value, t: float) -> str | None:
-        """Take note of a value (None when bad) at time `t` (seconds); the path of its
+    def observe(self, path: str, value: Value, quality: Quality, t: float) -> str | None:
+        """Take note of a value (None when bad) at time `t` (seconds): expressions read it
+        unless bad, history (load windows, trends) keeps it only when good. The path of its
         asset, None when that asset is not modelled (nothing to refresh)."""
         observer = self._observers.get(path)
         if observer is None:
             return None
         for names, name in observer.writes:
             names[name] = value
-        if type(value) is float or type(value) is int:  # bool is not a number here
+        if quality == "good" and (type(value) is float or type(value) is int):  # not bool
             for window in observer.windows:
                 window.add(t, value)
             if observer.trend is not None:
@@ -299,13 +310,9 @@ class ContextEngine:
         return observer.asset
 
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
-        """Re-evaluate these assets; the derived signals' new values, observed already."""
-        derived: list[tuple[Signal, Value]] = []
-        for path in assets:
-            for signal, value in self._assets[path].refresh(now):
-                self.observe(signal.path, value, now)
-                derived.append((signal, value))
-        return derived
+        """Re-evaluate these assets; the derived signals' new values, for the caller to
+        check and observe."""
+        return [derived for path in assets for derived in self._assets[path].refresh(now)]
 
     def context_for(self, path: str, value: Value, issues: list[QualityIssue]) -> Context:
         own = self._own.get(path)

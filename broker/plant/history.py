@@ -42,6 +42,15 @@ class _Buckets:
         self._next_start = start + self._width
         return start
 
+    def _expire(self, now: float) -> bool:
+        """Drop the buckets wholly before the window ending at `now`; whether any was."""
+        buckets, oldest = self._buckets, now - self._seconds
+        if not buckets or buckets[0].start + self._width > oldest:
+            return False
+        while buckets and buckets[0].start + self._width <= oldest:
+            buckets.popleft()
+        return True
+
 
 class Window(_Buckets):
     """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
@@ -65,19 +74,22 @@ class Window(_Buckets):
         self._total += value
 
     def stats(self, now: float) -> WindowStats:
-        """Mean and max over the window ending at `now`; both None without values."""
-        while self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
-            old = self._buckets.popleft()
-            self._count -= old.count
-            self._total -= old.total
+        """Mean and max over the window ending at `now`; both None without values, the mean
+        None when the values' sum is beyond a float."""
+        if self._expire(now):
+            # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
+            self._count = sum(b.count for b in self._buckets)
+            self._total = math.fsum(b.total for b in self._buckets)
             self._older_peak = None
         if self._count == 0:
             return _EMPTY
         if self._older_peak is None:  # once per bucket, not at every scan
             older = itertools.islice(self._buckets, len(self._buckets) - 1)
             self._older_peak = max([b.peak for b in older], default=-math.inf)
+        mean = self._total / self._count
         return WindowStats(
-            mean=self._total / self._count, max=max(self._older_peak, self._buckets[-1].peak)
+            mean=mean if math.isfinite(mean) else None,
+            max=max(self._older_peak, self._buckets[-1].peak),
         )
 
 
@@ -91,9 +103,7 @@ class TrendLine(_Buckets):
 
     def add(self, t: float, value: float) -> None:
         if t >= self._next_start:
-            start = self._open(t)
-            while self._buckets[0].start <= start - self._seconds:
-                self._buckets.popleft()
+            self._expire(self._open(t) + self._width)
             self._slope = None
             self.generation += 1
         bucket = self._buckets[-1]
@@ -101,17 +111,23 @@ class TrendLine(_Buckets):
         bucket.total += value
 
     def level(self) -> float:
-        """The mean of the newest bucket (there is one once a value was added)."""
+        """The mean of the newest bucket (call after slope_per_h() gave a slope)."""
         newest = self._buckets[-1]
         return newest.total / newest.count
 
-    def slope_per_h(self) -> float | None:
-        """None until three buckets hold values: two points always make a 'trend'."""
+    def slope_per_h(self, now: float) -> float | None:
+        """Over the window ending at `now`: a measure that stopped giving good values has
+        no trend once they are older than the window. None until three buckets hold values
+        (two points always make a 'trend'), or when the values are beyond a float's range."""
+        if self._expire(now):
+            self._slope = None
+            self.generation += 1
         if self._slope is None and len(self._buckets) >= 3:
             xs = [b.start for b in self._buckets]
             ys = [b.total / b.count for b in self._buckets]
             x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
             spread = sum((x - x_mean) ** 2 for x in xs)
             covariance = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True))
-            self._slope = covariance / spread * 3600
+            slope = covariance / spread * 3600
+            self._slope = slope if math.isfinite(slope) else None
         return self._slope

@@ -38,6 +38,9 @@ _NO_INPUTS = [
 ]
 
 _NO_CONTEXT = Context()
+# A source time further ahead of the broker's clock is a device clock that is wrong: the
+# value is uncertain and kept out of history (one such time would hold every window still).
+AHEAD_TOLERANCE_S = 60.0
 
 
 class PlantPipeline:
@@ -55,25 +58,31 @@ class PlantPipeline:
 
     def process(self, samples: Sequence[RawSample]) -> list[Record]:
         now = datetime.now(UTC)
+        clock = now.timestamp()
         records: list[Record] = []
         issues_of: list[list[QualityIssue]] = []  # each record's, for its context
         touched: set[str] = set()
-        stamp, t = None, 0.0
+        stamp, t, ahead = None, 0.0, False
         # bound once: the loop runs for every sample
         decode, tally, observe = self._decode, self.checks.tally, self._context.observe
         make_record, add_record, add_issues = self._record, records.append, issues_of.append
         for sample in self.gate.admit(samples, now):
             if sample.source_time is not stamp:  # a scan's samples share one time
                 stamp, t = sample.source_time, sample.source_time.timestamp()
+                ahead = t - clock > AHEAD_TOLERANCE_S
             signal = sample.signal
             value, quality, issues = decode(sample, t)
+            if ahead and quality != "bad":
+                quality, issues = "uncertain", [_ahead_of(t - clock), *issues]
             tally(signal, quality, issues, t)
-            if (asset := observe(signal, value if quality != "bad" else None, t)) is not None:
+            if (asset := observe(signal, value, quality, t)) is not None:
                 touched.add(asset)
             add_record(make_record(signal, value, quality, stamp, now))
             add_issues(issues)
         if touched:
-            for record, issues in self._derive(touched, max(r.source_time for r in records), now):
+            # at the scan's time, or the broker's if a device clock is ahead of it
+            at = min(max(r.source_time for r in records), now)
+            for record, issues in self._derive(touched, at, now):
                 records.append(record)
                 issues_of.append(issues)
         # The context last: every record of a scan carries the state and alerts of the scan.
@@ -118,5 +127,13 @@ class PlantPipeline:
             issues = _NO_INPUTS if value is None else self.checks.check(signal.path, value, t)
             quality: Quality = "bad" if value is None else "uncertain" if issues else "good"
             self.checks.tally(signal.path, quality, issues, t)
+            self._context.observe(signal.path, value, quality, t)
             derived.append((self._record(signal.path, value, quality, source_time, now), issues))
         return derived
+
+
+def _ahead_of(seconds: float) -> QualityIssue:
+    return QualityIssue(
+        check="clock_ahead",
+        detail=f"stamped {seconds:.0f} s ahead of the broker's clock: check the device's clock",
+    )

@@ -6,12 +6,15 @@ An expression is one line such as `motor_power > 2`, `cooling_kw / motor_power` 
 quoted words, names the policy defines, arithmetic, comparisons, `and`/`or`/`not`,
 `x if c else y`, and the functions the context offers (called with a quoted name).
 Refused when compiled, with the reason: attribute access, subscripts, imports, lambdas,
-comprehensions, unknown names or functions, and any power but a small constant one.
+comprehensions, unknown names or functions, and any power but a small constant one. At run
+time, reading a name or function without a value (missing, bad, not yet known) makes the
+expression yield nothing, as failing arithmetic does: a bad input is never taken for a falsy
+value (`not power` must not be true because power could not be read).
 
 Nothing is ever passed to `eval`. The checked tree is compiled once into nested closures
-whose operators are simpleeval's (`safe_power`, `safe_mult`, `safe_add`: bounded results),
-because walking the tree with simpleeval per evaluation costs 8x more, which a plant of
-1,000 assets cannot afford at every scan (ADR 0010).
+whose operators are simpleeval's (`safe_power`, `safe_mult`, `safe_add`: bounded results;
+`%` on numbers only), because walking the tree with simpleeval per evaluation costs 8x
+more, which a plant of 1,000 assets cannot afford at every scan (ADR 0010).
 """
 
 from __future__ import annotations
@@ -25,12 +28,24 @@ import simpleeval
 MAX_LENGTH = 500
 MAX_EXPONENT = 8
 
+
+def _modulo(left: object, right: object) -> object:
+    """`%` on numbers only: on text it would be printf formatting, whose width has no bound
+    (`'%0999999999d' % x`)."""
+    if isinstance(left, str):
+        raise TypeError("'%' is the remainder of numbers here, not text formatting")
+    return left % right  # type: ignore[operator]
+
+
 _OPERATORS: dict[type, Callable[..., object]] = {
-    op: simpleeval.DEFAULT_OPERATORS[op]
-    for op in (
-        ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not,
-        ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
-    )
+    **{
+        op: simpleeval.DEFAULT_OPERATORS[op]
+        for op in (
+            ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd, ast.Not,
+            ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE,
+        )
+    },
+    ast.Mod: _modulo,
 }  # fmt: skip
 _NODES = (
     ast.Expression, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Name,
@@ -46,11 +61,16 @@ class ExpressionError(ValueError):
     """An expression the policy may not hold; the message says why."""
 
 
+class _NoValue(LookupError):
+    """A name or function has no value now (missing, or None: bad or not yet known)."""
+
+
 @dataclass(frozen=True)
 class Expression:
     text: str
     run: _Closure
     names: frozenset[str]  # the names it reads
+    calls: frozenset[tuple[str, str]]  # the (function, quoted argument) pairs it calls
 
 
 class Evaluator:
@@ -80,15 +100,20 @@ def compile_expression(
     except SyntaxError as e:
         raise ExpressionError(f"not a valid expression: {e.msg}") from e
     used: set[str] = set()
+    calls: set[tuple[str, str]] = set()
     callees = {id(n.func) for n in ast.walk(module) if isinstance(n, ast.Call)}
     for node in ast.walk(module):
         if id(node) not in callees:  # a called name is checked with its call
-            _check(node, names, functions, used)
-    return Expression(text.strip(), _closure(module.body), frozenset(used))
+            _check(node, names, functions, used, calls)
+    return Expression(text.strip(), _closure(module.body), frozenset(used), frozenset(calls))
 
 
 def _check(
-    node: ast.AST, names: set[str], functions: Mapping[str, set[str]], used: set[str]
+    node: ast.AST,
+    names: set[str],
+    functions: Mapping[str, set[str]],
+    used: set[str],
+    calls: set[tuple[str, str]],
 ) -> None:
     if isinstance(node, ast.Attribute):
         raise ExpressionError(f"attribute access ('.{node.attr}') is not allowed")
@@ -109,7 +134,7 @@ def _check(
                 f"a power must have a constant exponent of at most {MAX_EXPONENT}"
             )
     if isinstance(node, ast.Call):
-        _check_call(node, functions)
+        calls.add(_check_call(node, functions))
     elif isinstance(node, ast.Name):
         if node.id not in names:
             known = ", ".join(sorted(names)) or "none"
@@ -117,7 +142,7 @@ def _check(
         used.add(node.id)
 
 
-def _check_call(node: ast.Call, functions: Mapping[str, set[str]]) -> None:
+def _check_call(node: ast.Call, functions: Mapping[str, set[str]]) -> tuple[str, str]:
     if not isinstance(node.func, ast.Name) or node.func.id not in functions:
         offered = ", ".join(sorted(functions)) or "none"
         raise ExpressionError(f"only these functions may be called: {offered}")
@@ -128,6 +153,7 @@ def _check_call(node: ast.Call, functions: Mapping[str, set[str]]) -> None:
     if argument.value not in functions[name]:
         accepted = ", ".join(sorted(functions[name])) or "none"
         raise ExpressionError(f"{name}({argument.value!r}): not one of {accepted}")
+    return name, argument.value
 
 
 def _closure(node: ast.expr) -> _Closure:  # noqa: PLR0911 - one branch per allowed node
@@ -137,11 +163,25 @@ def _closure(node: ast.expr) -> _Closure:  # noqa: PLR0911 - one branch per allo
         return lambda names, functions: constant
     if isinstance(node, ast.Name):
         name = node.id
-        return lambda names, functions: names[name]
+
+        def read(names: Names, functions: Functions) -> object:
+            value = names[name]
+            if value is None:  # a bad input: as missing, never a falsy value to compare
+                raise _NoValue(name)
+            return value
+
+        return read
     if isinstance(node, ast.Call):
         assert isinstance(node.func, ast.Name) and isinstance(node.args[0], ast.Constant)
         function, argument = node.func.id, str(node.args[0].value)
-        return lambda names, functions: functions[function](argument)
+
+        def call(names: Names, functions: Functions) -> object:
+            value = functions[function](argument)
+            if value is None:  # no assessment, trend or load yet
+                raise _NoValue(f"{function}({argument!r})")
+            return value
+
+        return call
     if isinstance(node, ast.UnaryOp):
         unary, operand = _OPERATORS[type(node.op)], _closure(node.operand)
         return lambda names, functions: unary(operand(names, functions))

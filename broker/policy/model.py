@@ -23,6 +23,7 @@ from broker.policy.expressions import Expression, ExpressionError, compile_expre
 from broker.policy.schema import Asset, Baseline, DerivedSource, Policy, Rule, Signal
 
 RULE_NAMES = frozenset({"state", "maintenance", "open_work_orders"})
+MEASURE_FUNCTIONS = frozenset({"deviation", "label", "trend"})  # called with a measure's name
 
 
 @dataclass
@@ -141,11 +142,10 @@ class SemanticModel:
             model.derived.append((signal, compiled))
 
     def _reads_approved(self, where: str, model: AssetModel, compiled: Expression) -> bool:
-        paths = {
-            model.inputs.get(name) or model.signals[name].path
-            for name in compiled.names
-            if name not in RULE_NAMES
-        }
+        measures = {name for name in compiled.names if name not in RULE_NAMES} | {
+            argument for function, argument in compiled.calls if function in MEASURE_FUNCTIONS
+        }  # `trend('m')` reads m as surely as `m` does
+        paths = {model.inputs.get(name) or model.signals[name].path for name in measures}
         return all([self._needs_approved(where, path) for path in sorted(paths)])
 
     def _expression(

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from broker import policy
+from broker.channel.spool import encode_frames
 from broker.config import MaintenanceConfig
 from broker.plant.connectors import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
@@ -357,3 +358,102 @@ async def test_a_healthy_condenser_is_never_flagged(tmp_path: Path) -> None:
     assert len(assessed) > 10
     assert {a.label for a in assessed} == {"expected"}
     assert not any(r.context.alerts for r in records)
+
+
+# --- values at the edges: nothing a device sends may stop the plant half or skew history ---
+
+
+def edited(tmp_path: Path, change: Any) -> Policy:
+    """The compressor policy, changed by `change(document)` before it is loaded."""
+    compressor_policy(tmp_path)
+    path = tmp_path / "policy.yaml"
+    document = yaml.safe_load(path.read_text())
+    change(document)
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return policy.load(path)
+
+
+def test_a_value_near_the_float_limit_is_assessed_not_fatal(tmp_path: Path) -> None:
+    def float64_pressure(document: dict[str, Any]) -> None:
+        document["signals"][0]["source"]["type"] = "float64"
+
+    pipeline = PlantPipeline(edited(tmp_path, float64_pressure))
+    raw = struct.unpack(">4H", struct.pack(">d", 1e307))  # its deviation x 100 is infinite
+    records = by_signal(
+        pipeline.process([RawSample(PRESSURE, raw, T0, "good"), *scan(0, 20, 20)[1:]])
+    )
+
+    pressure = records[PRESSURE]
+    assert (pressure.value, pressure.quality) == (1e307, "uncertain")  # out of range
+    assert pressure.context.assessment is not None
+    assert pressure.context.assessment.label == "abnormal"
+    assert pressure.context.assessment.deviation_pct > 1e306
+
+
+def test_a_derived_integer_a_record_cannot_hold_is_bad(tmp_path: Path) -> None:
+    def meters(document: dict[str, Any]) -> None:
+        for name, address in (("energy_in", 10), ("energy_out", 20)):
+            source = {"table": "input_register", "address": address, "type": "uint64"}
+            document["signals"].append(
+                {"path": f"{COMPRESSOR}/{name}", "device": "plc", "source": source}
+            )
+        net = {"expression": "energy_out - energy_in"}
+        document["signals"].append({"path": f"{COMPRESSOR}/energy_net", "source": net})
+
+    pipeline = PlantPipeline(edited(tmp_path, meters))
+    not_available = (0xFFFF,) * 4  # 2**64 - 1, a meter's usual "no reading"
+    records = pipeline.process(
+        [
+            *scan(80, 20, 20),
+            RawSample(f"{COMPRESSOR}/energy_in", not_available, T0, "good"),
+            RawSample(f"{COMPRESSOR}/energy_out", (0, 0, 0, 5), T0, "good"),
+        ]
+    )
+
+    net = by_signal(records)[f"{COMPRESSOR}/energy_net"]
+    assert (net.value, net.quality) == (None, "bad")  # 5 - (2**64 - 1): beyond 64 bits
+    assert len(encode_frames(records)) == 1  # and the scan can be written
+
+
+def test_load_history_keeps_only_good_values(compressor: Policy) -> None:
+    pipeline = PlantPipeline(compressor)
+    pipeline.process(scan(80, 20, ambient=20))
+    spike = by_signal(pipeline.process(scan(80, 900, ambient=20, at=T0 + timedelta(seconds=1))))
+    assert spike[POWER].quality == "uncertain"  # faster than 5 kW/s
+    later = by_signal(pipeline.process(scan(80, 20, ambient=20, at=T0 + timedelta(seconds=60))))
+
+    load = later[PRESSURE].context.load
+    assert load is not None
+    assert (load.windows["15m"].mean, load.windows["15m"].max) == (20.0, 20.0)
+
+
+def test_a_bad_input_makes_the_state_unknown_not_a_guess(tmp_path: Path) -> None:
+    compressor = compressor_policy(
+        tmp_path, states=[{"state": "running", "when": "motor_power != 0"}]
+    )
+    pipeline = PlantPipeline(compressor)
+    assert by_signal(pipeline.process(scan(80, 0, 20)))[PRESSURE].context.asset_state == "stopped"
+    unread = [RawSample(POWER, None, T0 + timedelta(seconds=1), "bad")]
+
+    assert by_signal(pipeline.process(unread))[POWER].context.asset_state == "unknown"
+
+
+def test_a_time_ahead_of_the_broker_is_flagged_and_kept_out_of_history(
+    compressor: Policy,
+) -> None:
+    pipeline = PlantPipeline(compressor)
+    now = datetime.now(UTC)
+    ahead = by_signal(pipeline.process(scan(80, 50, 20, at=now + timedelta(days=1))))
+    records = [
+        by_signal(pipeline.process(scan(80, power, 20, at=now + timedelta(seconds=s))))
+        for s, power in ((-60, 20), (-30, 22), (0, 24))
+    ]
+
+    assert ahead[POWER].quality == "uncertain"
+    assert [i.check for i in ahead[POWER].context.quality_issues] == ["clock_ahead"]
+    assert "86400 s ahead" in ahead[POWER].context.quality_issues[0].detail
+    assert ahead[SPECIFIC].source_time <= datetime.now(UTC)  # derived: the broker's time
+    load = records[-1][PRESSURE].context.load
+    assert load is not None
+    assert (load.windows["15m"].mean, load.windows["15m"].max) == (22.0, 24.0)
+    assert records[-1][POWER].quality == "good"

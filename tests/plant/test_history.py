@@ -60,9 +60,9 @@ def test_a_trend_line_needs_three_buckets() -> None:
     width = 3600 / BUCKETS
     line.add(T0, 1.0)
     line.add(T0 + width, 2.0)
-    assert line.slope_per_h() is None
+    assert line.slope_per_h(T0 + width) is None
     line.add(T0 + 2 * width, 3.0)
-    assert line.slope_per_h() == pytest.approx(1.0 / width * 3600)
+    assert line.slope_per_h(T0 + 2 * width) == pytest.approx(1.0 / width * 3600)
 
 
 def test_a_trend_line_counts_its_buckets_and_forgets_old_ones() -> None:
@@ -76,4 +76,33 @@ def test_a_trend_line_counts_its_buckets_and_forgets_old_ones() -> None:
     for i in range(3):  # an hour later: only these three remain
         line.add(T0 + 3600 + 10 * width + i * width, 7.0)
     assert line.generation == 6
-    assert line.slope_per_h() == pytest.approx(0.0)
+    assert line.slope_per_h(T0 + 3600 + 12 * width) == pytest.approx(0.0)
+
+
+def test_a_trend_ends_when_its_values_are_older_than_the_window() -> None:
+    line = TrendLine(3600)
+    width = 3600 / BUCKETS
+    for i in range(5):
+        line.add(T0 + i * width, 10.0 * i)
+    assert line.slope_per_h(T0 + 4 * width) == pytest.approx(10.0 / width * 3600)
+    generation = line.generation
+    assert line.slope_per_h(T0 + 3 * 3600) is None  # no good value for hours: no trend
+    assert line.generation > generation  # what was derived from the old line is stale
+
+
+def test_a_huge_value_leaves_the_mean_whole_once_it_expires() -> None:
+    window = Window(900)
+    window.add(T0, 1e30)  # swallows small values in a running sum
+    for i in range(1, 40):
+        window.add(T0 + i * WIDTH, 20.0)
+        window.stats(T0 + i * WIDTH)
+    stats = window.stats(T0 + 39 * WIDTH)
+    assert (stats.mean, stats.max) == (20.0, 20.0)
+
+
+def test_a_mean_beyond_a_float_is_no_mean() -> None:
+    window = Window(900)
+    window.add(T0, 1.7e308)
+    window.add(T0 + 1, 1.7e308)  # the sum is infinite
+    stats = window.stats(T0 + 1)
+    assert (stats.mean, stats.max) == (None, 1.7e308)

@@ -79,12 +79,27 @@ def test_a_compiled_expression_gives_what_python_gives(text: str, names: dict[st
         ("not b", True),
         ("a / b", None),  # division by zero: no value
         ("missing_input + 1", None),  # a bad input is None in the mapping: no value
+        # ... and never a falsy value that a comparison or `not` would make something of
+        ("not missing_input", None),
+        ("missing_input != 0", None),
+        ("missing_input == 0", None),
+        ("1 if missing_input else 2", None),
+        ("a or missing_input", 2),  # not read: the left side decides
+        ("a % c", 2),
+        ("state % a", None),  # text formatting, whose width has no bound: refused
+        ("'%0999999999d' % a", None),
     ],
 )
 def test_known_cases(text: str, expected: object) -> None:
     names = {"a": 2, "b": 0, "c": 3, "state": "running", "missing_input": None}
     got = Evaluator(names, {}).evaluate(compile_expression(text, set(names)))
     assert got == expected and type(got) is type(expected)
+
+
+def test_a_function_without_a_value_is_no_value_not_a_falsy_one() -> None:
+    compiled = compile_expression("not trend('pressure')", set(), {"trend": {"pressure"}})
+    assert Evaluator({}, {"trend": lambda m: None}).evaluate(compiled) is None
+    assert Evaluator({}, {"trend": lambda m: 0.0}).evaluate(compiled) is True
 
 
 def test_functions_are_called_with_their_quoted_argument() -> None:
