@@ -1,8 +1,9 @@
 """Maintenance status per asset, from the file a CMMS exports (CSV or YAML).
 
 The file is provisioned on the plant side, never fed from the enterprise side. It is
-re-read when it changes (checked at most once a second); a file that does not parse is
-logged with what and where, and the last good contents are kept.
+re-read when it changes (checked at most once a second); a file that does not parse, or
+that cannot be read (removed, no permission), is logged with what and where, and the last
+good contents are kept.
 
 CSV: a header row `asset,last_service,next_due,open_work_orders`, dates as YYYY-MM-DD,
 work orders as `ID: title` separated by `;`. YAML: a list of mappings with the same keys,
@@ -106,19 +107,35 @@ class MaintenanceBook:
 
 
 def load_entries(path: Path) -> list[_Entry]:
-    """Parse the file; raises ConfigError naming the file, row or key."""
+    """Parse the file; raises ConfigError naming the file, row or key. An asset listed twice
+    is refused: which of its rows would be the truth?"""
     if path.suffix.lower() == ".csv":
-        return _from_csv(path)
-    return documents.load(path, list[_Entry])
+        entries = _from_csv(path)
+    else:
+        entries = documents.load(path, list[_Entry])
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, start=1):
+        if entry.asset in seen:
+            raise ConfigError(
+                f"{path}: entry {number}: {entry.asset} is listed twice; list each asset once"
+                " (in CSV its work orders in one cell, separated by ';')"
+            )
+        seen.add(entry.asset)
+    return entries
 
 
 def _from_csv(path: Path) -> list[_Entry]:
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: spreadsheet programs start their "CSV UTF-8" with a byte order mark
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from e
+    reader = csv.DictReader(io.StringIO(text))
+    columns = set(reader.fieldnames or ())
+    if unknown := sorted(columns - set(_Entry.__struct_fields__)):
+        known = ", ".join(_Entry.__struct_fields__)
+        raise ConfigError(f"{path}:1: unknown column {unknown[0]!r} (the columns are: {known})")
     entries = []
-    for line, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+    for row in reader:
         orders = []
         for item in (row.get("open_work_orders") or "").split(";"):
             if item.strip():
@@ -130,5 +147,5 @@ def _from_csv(path: Path) -> list[_Entry]:
             "next_due": row.get("next_due") or None,
             "open_work_orders": orders,
         }
-        entries.append(documents.convert(data, _Entry, f"{path}:{line}"))
+        entries.append(documents.convert(data, _Entry, f"{path}:{reader.line_num}"))
     return entries

@@ -62,19 +62,23 @@ class PlantPipeline:
         records: list[Record] = []
         issues_of: list[list[QualityIssue]] = []  # each record's, for its context
         touched: set[str] = set()
-        stamp, t, ahead = None, 0.0, False
+        stamp, read, t, seen, ahead = None, None, 0.0, 0.0, False
         # bound once: the loop runs for every sample
         decode, tally, observe = self._decode, self.checks.tally, self._context.observe
         make_record, add_record, add_issues = self._record, records.append, issues_of.append
         for sample in self.gate.admit(samples, now):
-            if sample.source_time is not stamp:  # a scan's samples share one time
-                stamp, t = sample.source_time, sample.source_time.timestamp()
+            # A scan's samples share their times. History follows the source time `t`; the
+            # checks and tallies (flatline, rate, gaps) follow `seen`, when it was read.
+            if sample.source_time is not stamp or sample.read_time is not read:
+                stamp, read = sample.source_time, sample.read_time
+                t = stamp.timestamp()
+                seen = t if read is None else read.timestamp()
                 ahead = t - clock > AHEAD_TOLERANCE_S
             signal = sample.signal
-            value, quality, issues = decode(sample, t)
+            value, quality, issues = decode(sample, seen)
             if ahead and quality != "bad":
                 quality, issues = "uncertain", [_ahead_of(t - clock), *issues]
-            tally(signal, quality, issues, t)
+            tally(signal, quality, issues, seen)
             if (asset := observe(signal, value, quality, t)) is not None:
                 touched.add(asset)
             add_record(make_record(signal, value, quality, stamp, now))

@@ -457,3 +457,25 @@ def test_a_time_ahead_of_the_broker_is_flagged_and_kept_out_of_history(
     assert load is not None
     assert (load.windows["15m"].mean, load.windows["15m"].max) == (22.0, 24.0)
     assert records[-1][POWER].quality == "good"
+
+
+def test_a_frozen_value_with_a_frozen_source_time_is_a_flatline_by_its_reads(
+    compressor: Policy,
+) -> None:
+    """An OPC UA server may stamp a value with the time of its last change: a sensor stuck
+    at one value then keeps one source time, and only the reads show how long."""
+    pipeline = PlantPipeline(compressor)
+    changed = T0 - timedelta(hours=1)
+    records = [
+        by_signal(
+            pipeline.process(
+                [RawSample(POWER, register(20), changed, "good", T0 + timedelta(seconds=s))]
+            )
+        )[POWER]
+        for s in range(0, 40, 5)
+    ]
+
+    assert {r.source_time for r in records} == {changed}
+    assert [r.quality for r in records[:6]] == ["good"] * 6  # unchanged for 0..25 s of reads
+    assert records[-1].context.quality_issues[0].check == "flatline"
+    assert pipeline.checks.stats[POWER].longest_gap_s == 5.0  # between reads, not changes

@@ -22,8 +22,11 @@ class RawSample(msgspec.Struct, frozen=True, gc=False):
 
     signal: str  # the policy's signal path
     raw: RawValue | None  # None when the read failed
-    source_time: datetime
+    source_time: datetime  # the device's time for the value, or when the response came
     quality: Quality
+    # When the broker received it, if not source_time: an OPC UA source timestamp may be
+    # the time of the value's last change, but a flatline or a gap is judged by the reads.
+    read_time: datetime | None = None
 
 
 Emit = Callable[[list[RawSample]], Awaitable[None]]

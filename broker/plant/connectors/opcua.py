@@ -135,7 +135,9 @@ class OpcUaConnector:
             results = await self._call(client.uaclient.create_monitored_items(request))
             for handle, result in zip(handles, results, strict=True):
                 if not result.StatusCode.is_good():
-                    refused.append(self._refuse(handle, result.StatusCode, "item_refused"))
+                    self._refuse(handle, result.StatusCode, "item_refused")
+                    path = self._signals[handle]
+                    refused.append(RawSample(path, None, datetime.now(UTC), "bad"))
         if refused:
             await emit(refused)
         backoff.reset()  # the device took the subscription: it is back
@@ -169,11 +171,12 @@ class OpcUaConnector:
         self, message: ua.NotificationMessage, give_up: Callable[[str], None]
     ) -> list[RawSample]:
         samples: list[RawSample] = []
+        received = datetime.now(UTC)
         for data in message.NotificationData or ():
             if isinstance(data, ua.DataChangeNotification):
                 for item in data.MonitoredItems:
                     if 0 <= item.ClientHandle < len(self._signals):
-                        samples.append(self._sample(item.ClientHandle, item.Value))
+                        samples.append(self._sample(item.ClientHandle, item.Value, received))
             elif isinstance(data, ua.StatusChangeNotification) and not data.Status.is_good():
                 give_up(f"subscription ended: {data.Status.name}")  # BadShutdown, BadTimeout
         return samples
@@ -195,7 +198,10 @@ class OpcUaConnector:
                     ],
                 )
                 values = await self._call(client.uaclient.read(request))
-                samples += [self._sample(h, v) for h, v in zip(handles, values, strict=True)]
+                received = datetime.now(UTC)
+                samples += [
+                    self._sample(h, v, received) for h, v in zip(handles, values, strict=True)
+                ]
             self.scans += 1
             self.last_scan_s = time.monotonic() - started
             await emit(samples)
@@ -204,26 +210,21 @@ class OpcUaConnector:
             self.overruns += missed
             await asyncio.sleep(next_read - loop.time())
 
-    def _sample(self, handle: int, value: ua.DataValue) -> RawSample:
+    def _sample(self, handle: int, value: ua.DataValue, received: datetime) -> RawSample:
         status = value.StatusCode
         if status is not None and status.value & _OVERFLOW == _OVERFLOW:
             self.overruns += 1
-        when = value.SourceTimestamp or value.ServerTimestamp or datetime.now(UTC)
+        when = value.SourceTimestamp or value.ServerTimestamp or received
         quality = quality_of(status)
         raw = _raw(value.Value)
         if raw is None and quality != "bad":
-            return self._refuse(handle, status, "value_unsupported", when)
+            self._refuse(handle, status, "value_unsupported")
+            return RawSample(self._signals[handle], None, when, "bad", received)
         self._refused.discard(handle)
-        return RawSample(self._signals[handle], raw, when, quality)
+        return RawSample(self._signals[handle], raw, when, quality, received)
 
-    def _refuse(
-        self,
-        handle: int,
-        status: ua.StatusCode | None,
-        reason: str,
-        when: datetime | None = None,
-    ) -> RawSample:
-        """A signal the device cannot give: `bad`, logged (and audited) once per state change."""
+    def _refuse(self, handle: int, status: ua.StatusCode | None, reason: str) -> None:
+        """A signal the device cannot give: logged (and audited) once per state change."""
         if handle not in self._refused:
             self._refused.add(handle)
             self._log.warning(
@@ -233,7 +234,6 @@ class OpcUaConnector:
                 reason=reason,
                 status=status.name if status is not None else None,
             )
-        return RawSample(self._signals[handle], None, when or datetime.now(UTC), "bad")
 
     async def _call(self, request: Awaitable[T]) -> T:
         try:

@@ -198,6 +198,24 @@ async def test_polled_read_as_the_per_device_fallback(plc: OpcUaTestServer, pki:
     assert all(len(batch) == 4 for batch in collector.batches)  # one whole Read each time
 
 
+async def test_a_frozen_value_keeps_its_source_time_and_each_read_has_its_own(
+    plc: OpcUaTestServer, pki: OpcUaPki
+) -> None:
+    ua_plc = device(plc, read="poll")
+    connector = OpcUaConnector(
+        ua_plc, signals(plc, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+    )
+    changed = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # a server stamping the last change
+    await plc.set("Power", 4.0, ua.StatusCodes.Good, changed)
+    async with running(connector) as collector:
+        await eventually(lambda: connector.scans >= 3, timeout=10)
+    samples = [batch[0] for batch in collector.batches]
+    assert {s.source_time for s in samples} == {changed}  # the record keeps the device's time
+    reads = [s.read_time for s in samples]
+    assert all(r is not None and r > changed for r in reads)
+    assert reads == sorted(reads) and len(set(reads)) == len(reads)  # what checks judge by
+
+
 async def test_an_unknown_node_or_a_value_the_model_cannot_take_is_bad_and_logged_once(
     plc: OpcUaTestServer, pki: OpcUaPki, events: list[dict[str, Any]]
 ) -> None:
