@@ -95,7 +95,8 @@ class _AssetRuntime:
         }
         self._now = 0.0  # the time of the latest refresh: what trends are as of
         self._load: dict[str, WindowStats] = {}  # as of the refresh; never changed after
-        self._trend_of: dict[str, tuple[int, Trend | None]] = {}  # measure → (generation, trend)
+        # measure → (generation, valid until, trend): made once per bucket, not per record
+        self._trend_of: dict[str, tuple[int, float, Trend | None]] = {}
         self._alerts = [  # each rule's alert, made once: only whether it is active changes
             (
                 Alert(
@@ -197,10 +198,10 @@ class _AssetRuntime:
     def trend(self, measure: str) -> Trend | None:
         """The measure's trend, made once per trend bucket and shared by its records."""
         line = self.trends[measure]
-        slope = line.slope_per_h(self._now)  # first: it opens a generation when buckets expire
         cached = self._trend_of.get(measure)
-        if cached is not None and cached[0] == line.generation:
-            return cached[1]
+        if cached is not None and cached[0] == line.generation and self._now < cached[1]:
+            return cached[2]
+        slope = line.slope_per_h(self._now)  # drops what the window has left behind
         found = None
         if slope is not None:
             change = slope * self._trend_window_h
@@ -214,7 +215,7 @@ class _AssetRuntime:
                 direction=direction,
                 window=self.model.asset.trend_window,
             )
-        self._trend_of[measure] = (line.generation, found)
+        self._trend_of[measure] = (line.generation, line.changes_at(), found)
         return found
 
 

@@ -51,6 +51,10 @@ class _Buckets:
             buckets.popleft()
         return True
 
+    def changes_at(self) -> float:
+        """When the oldest bucket leaves the window (what was derived from it goes stale)."""
+        return self._buckets[0].start + self._width + self._seconds if self._buckets else math.inf
+
 
 class Window(_Buckets):
     """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
@@ -76,7 +80,8 @@ class Window(_Buckets):
     def stats(self, now: float) -> WindowStats:
         """Mean and max over the window ending at `now`; both None without values, the mean
         None when the values' sum is beyond a float."""
-        if self._expire(now):
+        if self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
+            self._expire(now)
             # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
             self._count = sum(b.count for b in self._buckets)
             self._total = math.fsum(b.total for b in self._buckets)

@@ -479,3 +479,24 @@ def test_a_frozen_value_with_a_frozen_source_time_is_a_flatline_by_its_reads(
     assert [r.quality for r in records[:6]] == ["good"] * 6  # unchanged for 0..25 s of reads
     assert records[-1].context.quality_issues[0].check == "flatline"
     assert pipeline.checks.stats[POWER].longest_gap_s == 5.0  # between reads, not changes
+
+
+def test_a_trend_rule_ends_when_the_measure_has_had_no_good_value_for_its_window(
+    tmp_path: Path,
+) -> None:
+    climbing = {
+        "name": "pressure-climbing",
+        "when": "trend('discharge_pressure') > 30",
+        "alert": "Head pressure climbing",
+        "action": "check the condenser",
+        "outcome": "energy",
+    }
+    pipeline = PlantPipeline(compressor_policy(tmp_path, trend_window="10m", rules=[climbing]))
+    for minute in range(10):  # +60 psi/h
+        rising = pipeline.process(scan(80 + minute, 20, 20, at=T0 + timedelta(minutes=minute)))
+    assert [a.rule for a in by_signal(rising)[POWER].context.alerts] == ["pressure-climbing"]
+    at = T0 + timedelta(hours=3)
+    unread = [RawSample(PRESSURE, None, at, "bad"), *scan(80, 20, 20, at=at)[1:]]
+
+    later = by_signal(pipeline.process(unread))
+    assert later[POWER].context.alerts == []  # no good pressure for 3 h: no trend to act on
