@@ -48,7 +48,7 @@ class SignalStats(Protocol):
     @property
     def failed_checks(self) -> Mapping[str, int]: ...
 
-    last_s: float | None  # source time of the last value, seconds since the epoch
+    last_s: float | None  # when the last value was read, seconds since the epoch
     longest_gap_s: float
 
 
@@ -66,7 +66,7 @@ class _SignalQuality(Collector):
         )
         age = GaugeMetricFamily(
             "dmzbroker_signal_value_age_seconds",
-            "Since the last value's source time",
+            "Since the last value was read",
             labels=["signal"],
         )
         gap = GaugeMetricFamily(

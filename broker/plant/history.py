@@ -49,6 +49,8 @@ class _Buckets:
             return False
         while buckets and buckets[0].start + self._width <= oldest:
             buckets.popleft()
+        if not buckets:  # the next value, however late, opens a bucket of its own
+            self._next_start = -math.inf
         return True
 
     def changes_at(self) -> float:
@@ -84,7 +86,7 @@ class Window(_Buckets):
             self._expire(now)
             # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
             self._count = sum(b.count for b in self._buckets)
-            self._total = math.fsum(b.total for b in self._buckets)
+            self._total = sum(b.total for b in self._buckets)  # inf, not an error, at the limit
             self._older_peak = None
         if self._count == 0:
             return _EMPTY

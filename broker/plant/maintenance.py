@@ -1,9 +1,9 @@
 """Maintenance status per asset, from the file a CMMS exports (CSV or YAML).
 
 The file is provisioned on the plant side, never fed from the enterprise side. It is
-re-read when it changes (checked at most once a second); a file that does not parse, or
-that cannot be read (removed, no permission), is logged with what and where, and the last
-good contents are kept.
+re-read when it changes (checked at most once a second); a file that is removed, cannot be
+read or does not parse is logged with what and where, and the last good contents are kept
+until a good file is back.
 
 CSV: a header row `asset,last_service,next_due,open_work_orders`, dates as YYYY-MM-DD,
 work orders as `ID: title` separated by `;`. YAML: a list of mappings with the same keys,
@@ -29,7 +29,7 @@ from broker.records import Maintenance, WorkOrder
 
 RECHECK_S = 1.0
 _UNKNOWN = Maintenance(status="unknown")
-_UNREADABLE = (-1, -1)
+_UNREADABLE = (-1, -1, -1)
 
 log = structlog.get_logger("maintenance")
 
@@ -45,7 +45,9 @@ class MaintenanceBook:
     def __init__(self, config: MaintenanceConfig | None) -> None:
         self._config = config
         self._entries: dict[str, _Entry] = {}
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of what was read
+        # (mtime_ns, ctime_ns, size) of what was read: ctime too, so that a permission
+        # change alone (chmod) makes the file be tried again
+        self._seen: tuple[int, int, int] | None = None
         self._checked = -RECHECK_S
         self._status: dict[str, Maintenance] = {}
         self._today: date | None = None
@@ -75,9 +77,10 @@ class MaintenanceBook:
                 log.warning("maintenance_file_unreadable", file=str(path), error=str(e))
             self._seen = _UNREADABLE
             return False
-        if (stat.st_mtime_ns, stat.st_size) == self._seen:
+        seen = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        if seen == self._seen:
             return False
-        self._seen = (stat.st_mtime_ns, stat.st_size)
+        self._seen = seen
         try:
             entries = load_entries(path)
         except ConfigError as e:
@@ -110,21 +113,23 @@ def load_entries(path: Path) -> list[_Entry]:
     """Parse the file; raises ConfigError naming the file, row or key. An asset listed twice
     is refused: which of its rows would be the truth?"""
     if path.suffix.lower() == ".csv":
-        entries = _from_csv(path)
+        located = _from_csv(path)
     else:
         entries = documents.load(path, list[_Entry])
+        located = [(f"{path}: entry {n}", e) for n, e in enumerate(entries, start=1)]
     seen: set[str] = set()
-    for number, entry in enumerate(entries, start=1):
+    for where, entry in located:
         if entry.asset in seen:
             raise ConfigError(
-                f"{path}: entry {number}: {entry.asset} is listed twice; list each asset once"
+                f"{where}: {entry.asset} is listed twice; list each asset once"
                 " (in CSV its work orders in one cell, separated by ';')"
             )
         seen.add(entry.asset)
-    return entries
+    return [entry for _, entry in located]
 
 
-def _from_csv(path: Path) -> list[_Entry]:
+def _from_csv(path: Path) -> list[tuple[str, _Entry]]:
+    """The entries with the line each starts on; rows with every cell empty are skipped."""
     try:  # utf-8-sig: spreadsheet programs start their "CSV UTF-8" with a byte order mark
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
@@ -136,6 +141,8 @@ def _from_csv(path: Path) -> list[_Entry]:
         raise ConfigError(f"{path}:1: unknown column {unknown[0]!r} (the columns are: {known})")
     entries = []
     for row in reader:
+        if not any(row.values()):  # `,,,` as spreadsheets export their empty rows
+            continue
         orders = []
         for item in (row.get("open_work_orders") or "").split(";"):
             if item.strip():
@@ -147,5 +154,6 @@ def _from_csv(path: Path) -> list[_Entry]:
             "next_due": row.get("next_due") or None,
             "open_work_orders": orders,
         }
-        entries.append(documents.convert(data, _Entry, f"{path}:{reader.line_num}"))
+        where = f"{path}:{reader.line_num}"
+        entries.append((where, documents.convert(data, _Entry, where)))
     return entries

@@ -10,6 +10,7 @@ spool.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -63,6 +64,7 @@ class PlantPipeline:
         issues_of: list[list[QualityIssue]] = []  # each record's, for its context
         touched: set[str] = set()
         stamp, read, t, seen, ahead = None, None, 0.0, 0.0, False
+        newest_read = -math.inf  # the derived signals' checks go by it
         # bound once: the loop runs for every sample
         decode, tally, observe = self._decode, self.checks.tally, self._context.observe
         make_record, add_record, add_issues = self._record, records.append, issues_of.append
@@ -73,6 +75,7 @@ class PlantPipeline:
                 stamp, read = sample.source_time, sample.read_time
                 t = stamp.timestamp()
                 seen = t if read is None else read.timestamp()
+                newest_read = max(newest_read, seen)
                 ahead = t - clock > AHEAD_TOLERANCE_S
             signal = sample.signal
             value, quality, issues = decode(sample, seen)
@@ -86,7 +89,7 @@ class PlantPipeline:
         if touched:
             # at the scan's time, or the broker's if a device clock is ahead of it
             at = min(max(r.source_time for r in records), now)
-            for record, issues in self._derive(touched, at, now):
+            for record, issues in self._derive(touched, at, newest_read, now):
                 records.append(record)
                 issues_of.append(issues)
         # The context last: every record of a scan carries the state and alerts of the scan.
@@ -123,14 +126,16 @@ class PlantPipeline:
         return value, ("uncertain" if issues else sample.quality), issues
 
     def _derive(
-        self, assets: set[str], source_time: datetime, now: datetime
+        self, assets: set[str], source_time: datetime, seen: float, now: datetime
     ) -> list[tuple[Record, list[QualityIssue]]]:
+        """The derived signals of these assets at `source_time`, checked as read at `seen`."""
         t = source_time.timestamp()
+        checks = self.checks
         derived = []
         for signal, value in self._context.refresh(assets, t):
-            issues = _NO_INPUTS if value is None else self.checks.check(signal.path, value, t)
+            issues = _NO_INPUTS if value is None else checks.check(signal.path, value, seen)
             quality: Quality = "bad" if value is None else "uncertain" if issues else "good"
-            self.checks.tally(signal.path, quality, issues, t)
+            checks.tally(signal.path, quality, issues, seen)
             self._context.observe(signal.path, value, quality, t)
             derived.append((self._record(signal.path, value, quality, source_time, now), issues))
         return derived

@@ -500,3 +500,41 @@ def test_a_trend_rule_ends_when_the_measure_has_had_no_good_value_for_its_window
 
     later = by_signal(pipeline.process(unread))
     assert later[POWER].context.alerts == []  # no good pressure for 3 h: no trend to act on
+
+
+def test_a_derived_signal_is_checked_by_when_its_inputs_were_read(tmp_path: Path) -> None:
+    def flatline_on_derived(document: dict[str, Any]) -> None:
+        document["signals"][3]["checks"] = {"flatline": "30s"}
+
+    pipeline = PlantPipeline(edited(tmp_path, flatline_on_derived))
+    changed = T0 - timedelta(hours=1)  # every input stamped with its last change
+    derived = [
+        by_signal(
+            pipeline.process(
+                [
+                    RawSample(s.signal, s.raw, changed, "good", T0 + timedelta(seconds=second))
+                    for s in scan(80, 20, 20)
+                ]
+            )
+        )[SPECIFIC]
+        for second in range(0, 40, 5)
+    ]
+
+    assert [r.quality for r in derived[:6]] == ["good"] * 6
+    assert derived[-1].context.quality_issues[0].check == "flatline"
+    assert pipeline.checks.stats[SPECIFIC].longest_gap_s == 5.0
+
+
+def test_a_records_trend_ends_once_its_good_values_are_older_than_the_window(
+    tmp_path: Path,
+) -> None:
+    pipeline = PlantPipeline(compressor_policy(tmp_path, trend_window="10m"))
+    for minute in range(10):  # +60 psi/h
+        rising = pipeline.process(scan(80 + minute, 20, 20, at=T0 + timedelta(minutes=minute)))
+    trend = by_signal(rising)[PRESSURE].context.trend
+    assert trend is not None and trend.direction == "rising"
+
+    for minute in range(10, 60):  # out of range: uncertain, kept out of history
+        later = by_signal(pipeline.process(scan(350, 20, 20, at=T0 + timedelta(minutes=minute))))
+    assert later[PRESSURE].quality == "uncertain"
+    assert later[PRESSURE].context.trend is None

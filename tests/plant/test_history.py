@@ -106,3 +106,22 @@ def test_a_mean_beyond_a_float_is_no_mean() -> None:
     window.add(T0 + 1, 1.7e308)  # the sum is infinite
     stats = window.stats(T0 + 1)
     assert (stats.mean, stats.max) == (None, 1.7e308)
+
+
+def test_a_late_value_after_everything_expired_opens_a_bucket_of_its_own() -> None:
+    window, line = Window(900), TrendLine(900)
+    for history in (window, line):
+        history.add(T0 + 100, 5.0)
+    assert window.stats(T0 + 2000).mean is None  # everything expired on reading
+    assert line.slope_per_h(T0 + 2000) is None
+    for history in (window, line):
+        history.add(T0 + 100, 7.0)  # a value stamped earlier than the last: no crash
+    assert window.stats(T0 + 100).mean == 7.0
+
+
+def test_values_summing_beyond_a_float_as_buckets_expire_give_no_mean() -> None:
+    window = Window(900)
+    for minute, value in ((0, 20.0), (1, 1.7e308), (2, 1.7e308), (16, 20.0)):
+        window.add(T0 + minute * 60, value)
+        stats = window.stats(T0 + minute * 60)  # at 16: the first bucket leaves, a re-sum
+    assert (stats.mean, stats.max) == (None, 1.7e308)

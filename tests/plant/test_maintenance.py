@@ -39,15 +39,28 @@ def test_an_unknown_column_is_refused_by_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "text"),
+    ("name", "text", "where"),
     [
-        ("cmms.csv", HEADER + ROW + ROW.replace("WO-1: Oil filter; WO-2: Belt", "WO-3: x")),
-        ("cmms.yaml", "- {asset: site/plant/compressor}\n- {asset: site/plant/compressor}\n"),
+        (
+            "cmms.csv",
+            HEADER + ROW + ROW.replace("WO-1: Oil filter; WO-2: Belt", "WO-3: x"),
+            "cmms.csv:3",
+        ),
+        (
+            "cmms.yaml",
+            "- {asset: site/plant/compressor}\n- {asset: site/plant/compressor}\n",
+            "cmms.yaml: entry 2",
+        ),
     ],
 )
-def test_an_asset_listed_twice_is_refused(tmp_path: Path, name: str, text: str) -> None:
-    with pytest.raises(ConfigError, match="entry 2: site/plant/compressor is listed twice"):
+def test_an_asset_listed_twice_is_refused(tmp_path: Path, name: str, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=f"{where}: site/plant/compressor is listed twice"):
         load_entries(write(tmp_path, text, name))
+
+
+def test_empty_rows_as_spreadsheets_export_them_are_skipped(tmp_path: Path) -> None:
+    (entry,) = load_entries(write(tmp_path, HEADER + ROW + ",,,\n,,,\n"))
+    assert entry.asset == "site/plant/compressor"
 
 
 def test_an_error_names_the_line_of_the_file(tmp_path: Path) -> None:
