@@ -82,7 +82,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     receiver.close()
     store = Store(policy, queue_limit=10)
     store.apply(received)
-    aged = store.snapshot(datetime.now(UTC), frozenset(r.signal for r in received))
+    later = datetime.now(UTC) + timedelta(minutes=10)  # served after the plant went quiet
+    aged = store.snapshot(later, frozenset(r.signal for r in received))
     store.close()
     return [json.loads(to_json(r)) for r in [*received, *aged]]
 

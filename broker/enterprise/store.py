@@ -150,7 +150,9 @@ class Store:
     def _aged(self, record: Record, now: datetime) -> Record:
         if record.quality in ("good", "uncertain"):
             limit = self._stale_after[record.signal]
-            age = (now - record.source_time).total_seconds()
+            # By broker_time, the appliance's own clock at the read: a device's source time
+            # may be the value's last change (OPC UA) or come from a clock that is behind.
+            age = (now - record.broker_time).total_seconds()
             if age > limit:
                 why = QualityIssue(
                     check="stale", detail=f"no newer value for {age:.0f} s (limit {limit:g} s)"

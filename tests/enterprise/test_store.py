@@ -20,11 +20,18 @@ EVERYTHING = frozenset(s.path for s in DEMO.signals)
 POWER = "coldstore/machine-room/compressor-1/motor_power"
 
 
-def record(seq: int, quality: Quality = "good", age_s: float = 0.0, signal: str = ROOM) -> Record:
-    now = datetime.now(UTC)
+def record(
+    seq: int,
+    quality: Quality = "good",
+    age_s: float = 0.0,
+    signal: str = ROOM,
+    changed_s: float = 0.0,
+) -> Record:
+    """A record read `age_s` ago, of a value whose source time is `changed_s` older still."""
+    read = datetime.now(UTC) - timedelta(seconds=age_s)
     return Record(
         signal=signal, value=-18.0, unit="degC", quality=quality,
-        source_time=now - timedelta(seconds=age_s), broker_time=now, policy_version=1,
+        source_time=read - timedelta(seconds=changed_s), broker_time=read, policy_version=1,
         context=Context(), seq=seq,
     )  # fmt: skip
 
@@ -49,6 +56,15 @@ def test_a_value_older_than_three_poll_intervals_is_served_stale(
     assert [r.quality for r in store.snapshot(now, EVERYTHING)] == [served_as]
     says_why = [i.check for i in latest.context.quality_issues] == ["stale"]
     assert says_why == (served_as == "stale")
+
+
+def test_a_value_read_just_now_is_fresh_however_old_its_source_time() -> None:
+    """An OPC UA server may stamp a value with its last change; a device clock may be
+    behind. Freshness is when the broker read it."""
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(1, changed_s=3600)])
+    latest = store.latest(ROOM, datetime.now(UTC))
+    assert latest is not None and latest.quality == "good"
 
 
 def test_only_the_latest_record_of_a_signal_is_kept() -> None:
