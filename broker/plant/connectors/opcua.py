@@ -10,6 +10,11 @@ batch's `emit`, so a slow spool holds back the next Publish request and the serv
 monitored-item queues (`queue_size`, oldest discarded) are the only buffers. What they
 discard is flagged by the server (the Overflow bit) and counted in `overruns`.
 
+The subscription sends a message every publishing interval (a keep-alive when nothing
+changed), and each message re-emits the items it did not carry with their last value and
+source time and a new read time: a live subscription says they are still current, so an
+unchanging value is not served stale and a stuck one can flatline, as in polling.
+
 When the session drops, every signal of the device is emitted `bad` at once; the connector
 reconnects with backoff and creates the subscription again.
 """
@@ -22,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
+import msgspec
 import structlog
 from asyncua import ua
 from asyncua.client.client import Client
@@ -106,9 +112,13 @@ class OpcUaConnector:
         async def connection_lost(e: Exception) -> None:
             give_up(str(e) or type(e).__name__)
 
+        current: dict[int, RawSample] = {}  # each item's last notified value
+
         async def published(result: ua.PublishResult) -> None:
             started = time.monotonic()
-            samples = self._notifications(result.NotificationMessage, give_up)
+            samples = self._notifications(result.NotificationMessage, give_up, current)
+            if not result.MoreNotifications:  # else newer values may be on their way
+                samples += _still_current(current, samples, datetime.now(UTC))
             if samples:
                 await emit(samples)
                 self.scans += 1
@@ -119,7 +129,9 @@ class OpcUaConnector:
         params = ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=interval_ms,
             RequestedLifetimeCount=LIFETIME_COUNT,
-            RequestedMaxKeepAliveCount=client.get_keepalive_count(interval_ms),
+            # A message every publishing interval, a keep-alive when nothing changed: it
+            # says the values the items last notified are still current.
+            RequestedMaxKeepAliveCount=1,
             MaxNotificationsPerPublish=NOTIFICATIONS_PER_PUBLISH,
             PublishingEnabled=True,
         )
@@ -168,7 +180,10 @@ class OpcUaConnector:
         )
 
     def _notifications(
-        self, message: ua.NotificationMessage, give_up: Callable[[str], None]
+        self,
+        message: ua.NotificationMessage,
+        give_up: Callable[[str], None],
+        current: dict[int, RawSample],
     ) -> list[RawSample]:
         samples: list[RawSample] = []
         received = datetime.now(UTC)
@@ -176,7 +191,9 @@ class OpcUaConnector:
             if isinstance(data, ua.DataChangeNotification):
                 for item in data.MonitoredItems:
                     if 0 <= item.ClientHandle < len(self._signals):
-                        samples.append(self._sample(item.ClientHandle, item.Value, received))
+                        sample = self._sample(item.ClientHandle, item.Value, received)
+                        current[item.ClientHandle] = sample
+                        samples.append(sample)
             elif isinstance(data, ua.StatusChangeNotification) and not data.Status.is_good():
                 give_up(f"subscription ended: {data.Status.name}")  # BadShutdown, BadTimeout
         return samples
@@ -246,6 +263,20 @@ class OpcUaConnector:
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)
         return [RawSample(path, None, now, "bad") for path in self._signals]
+
+
+def _still_current(
+    current: dict[int, RawSample], notified: list[RawSample], received: datetime
+) -> list[RawSample]:
+    """The items this message did not carry, read again as of `received`: a live
+    subscription says their values have not changed. Without it, a value that does not
+    change (a setpoint) would be served stale, and a stuck one could not flatline."""
+    fresh = {sample.signal for sample in notified}
+    return [
+        msgspec.structs.replace(sample, read_time=received)
+        for sample in current.values()
+        if sample.signal not in fresh
+    ]
 
 
 def _raw(variant: ua.Variant | None) -> RawValue | None:

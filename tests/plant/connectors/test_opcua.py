@@ -251,8 +251,26 @@ async def test_absolute_deadband_filters_small_changes_at_the_server(
         for value in (101.0, 102.0, 103.0, 110.0):  # only 110 moves more than 5 from 100
             await plc.set("Power", value)
         await eventually(lambda: collector.latest[POWER].raw == 110.0)
-    seen = [s.raw for batch in collector.batches for s in batch]
-    assert seen == [100.0, 110.0]
+    notified = {(s.source_time, s.raw) for batch in collector.batches for s in batch}
+    assert [raw for _, raw in sorted(notified)] == [100.0, 110.0]  # the rest: still current
+
+
+async def test_an_unchanging_subscribed_value_is_still_current_at_every_interval(
+    plc: OpcUaTestServer, pki: OpcUaPki
+) -> None:
+    ua_plc = device(plc)  # subscribe, 0.1 s
+    connector = OpcUaConnector(
+        ua_plc, signals(plc, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+    )
+    changed = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    await plc.set("Power", 4.0, ua.StatusCodes.Good, changed)
+    async with running(connector) as collector:
+        await eventually(lambda: len(collector.batches) >= 5, timeout=10)
+    samples = [s for batch in collector.batches for s in batch]
+    assert {(s.source_time, s.raw, s.quality) for s in samples} == {(changed, 4.0, "good")}
+    reads = [s.read_time for s in samples]
+    assert all(r is not None for r in reads)
+    assert reads == sorted(reads) and len(set(reads)) == len(reads)  # one per keep-alive
 
 
 async def test_username_and_certificate_user_identities(
