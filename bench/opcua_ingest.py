@@ -3,7 +3,8 @@
 An asyncua server in a child process (its own core) holds N Double variables and rewrites
 them round-robin as fast as it can; the real `OpcUaConnector` in this process subscribes to
 all of them (Basic256Sha256 SignAndEncrypt, certificates from `dmzbroker certs`, publishing
-interval 100 ms, queue size 1) and counts the samples it emits over a measured window.
+interval 100 ms, queue size 1) and counts the new values it emits over a measured window
+(and, apart, the unchanged items each message re-emits as still current).
 Run: `.venv/bin/python bench/opcua_ingest.py` (`--help` for the knobs).
 """
 
@@ -15,6 +16,7 @@ import logging
 import multiprocessing as mp
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import msgspec
@@ -66,7 +68,7 @@ def serve(
 
 async def ingest(
     pki: Path, port: int, items: int, warmup_s: float, measure_s: float
-) -> tuple[float, int, int]:
+) -> tuple[float, float, float, int, int]:
     device = msgspec.convert(
         {"name": "bench", "endpoint": f"opc.tcp://127.0.0.1:{port}/bench", "poll_interval_s": 0.1,
          "timeout_s": 10.0},
@@ -89,22 +91,31 @@ async def ingest(
         trust_list=[pki / "ca" / "ca.crt"],
     )
     connector = OpcUaConnector(device, signals, SessionSettings.build(device, config))
-    received = 0
+    received = repeated = 0
+    last: dict[str, datetime] = {}  # each signal's last source time
 
     async def emit(samples: list[RawSample]) -> None:
-        nonlocal received
-        received += len(samples)
+        """Counts new values; the others are unchanged items re-emitted as still current."""
+        nonlocal received, repeated
+        for sample in samples:
+            if last.get(sample.signal) != sample.source_time:
+                last[sample.signal] = sample.source_time
+                received += 1
+            else:
+                repeated += 1
 
     task = asyncio.create_task(connector.run(emit))
     try:
         await asyncio.sleep(warmup_s)
-        start_count, start_overruns = received, connector.overruns
+        start_count, start_repeated, start_overruns = received, repeated, connector.overruns
         started, cpu = time.perf_counter(), time.process_time()
         await asyncio.sleep(measure_s)
         elapsed = time.perf_counter() - started
         rate = (received - start_count) / elapsed
+        still_current = (repeated - start_repeated) / elapsed
         busy = (time.process_time() - cpu) / elapsed
-        return rate, busy, connector.overruns - start_overruns, connector.errors
+        overflows = connector.overruns - start_overruns
+        return rate, still_current, busy, overflows, connector.errors
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -120,7 +131,9 @@ def run(pki: Path, items: int, warmup_s: float, measure_s: float) -> None:
         if not ready.wait(300):
             raise SystemExit("the OPC UA server did not start within 300 s")
         before, started = writes.value, time.perf_counter()
-        rate, busy, overflows, errors = asyncio.run(ingest(pki, port, items, warmup_s, measure_s))
+        rate, still_current, busy, overflows, errors = asyncio.run(
+            ingest(pki, port, items, warmup_s, measure_s)
+        )
         written = (writes.value - before) / (time.perf_counter() - started)
     finally:
         stop.set()
@@ -128,9 +141,9 @@ def run(pki: Path, items: int, warmup_s: float, measure_s: float) -> None:
         if child.is_alive():
             child.kill()
     print(
-        f"{items:>6} items | {rate:>9,.0f} notifications/s ingested | server wrote "
-        f"{written:>9,.0f} values/s | connector CPU {busy:.0%} | overflow-flagged {overflows} | "
-        f"session errors {errors}"
+        f"{items:>6} items | {rate:>9,.0f} notifications/s ingested | {still_current:>9,.0f} "
+        f"unchanged re-emitted/s | server wrote {written:>9,.0f} values/s | connector CPU "
+        f"{busy:.0%} | overflow-flagged {overflows} | session errors {errors}"
     )
 
 
