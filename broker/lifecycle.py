@@ -13,6 +13,8 @@ from typing import Any
 
 from broker.errors import DmzBrokerError
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
     """Run `main`; returns its exit code, 0 when stopped by a signal."""
@@ -29,7 +31,7 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
                 stopping = True
                 task.cancel()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, stop)
         try:
             return await main or 0
@@ -39,6 +41,11 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
             raise
         except BaseExceptionGroup as group:
             raise _first_user_error(group) or group from group
+        finally:
+            # Nothing is left to stop. Hold further stop requests until they are ignored
+            # below: closing the loop closes the pipe asyncio's signal handling writes to,
+            # and a signal arriving meanwhile printed an OSError traceback at the user.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
 
     # SIGHUP means "re-read the policy": until a policy watcher takes it over, and after the
     # loop is gone, it must not kill the process.
@@ -48,8 +55,9 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
     finally:
         # The loop is gone and with it our handlers; a late stop request (Ctrl-C reaches the
         # whole process group, then the supervisor sends SIGTERM) must not cut the exit short.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (*_STOP_SIGNALS, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # what was held: discarded
 
 
 def _first_user_error(group: BaseExceptionGroup) -> DmzBrokerError | None:

@@ -213,6 +213,9 @@ async def test_ctrl_c_to_the_process_group_stops_every_process_with_exit_0(
     assert broker.process.returncode == 0
     stopped = [json.loads(line) for line in broker.events() if '"half_stopped"' in line]
     assert sorted((e["half"], e["exit_code"]) for e in stopped) == [("enterprise", 0), ("plant", 0)]
+    # A stop request arriving while a half closes its loop printed an OSError traceback (seen
+    # in half of the runs of an interrupted `make demo`; rarer here).
+    assert not [line for line in broker.events() if "Traceback" in line]
 
 
 async def test_a_second_sigterm_during_shutdown_still_stops_both_halves(
