@@ -82,8 +82,7 @@ class Window(_Buckets):
     def stats(self, now: float) -> WindowStats:
         """Mean and max over the window ending at `now`; both None without values, the mean
         None when the values' sum is beyond a float."""
-        if self._buckets and self._buckets[0].start + self._width <= now - self._seconds:
-            self._expire(now)
+        if self._expire(now):
             # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
             self._count = sum(b.count for b in self._buckets)
             self._total = sum(b.total for b in self._buckets)  # inf, not an error, at the limit

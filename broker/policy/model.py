@@ -23,7 +23,6 @@ from broker.policy.expressions import Expression, ExpressionError, compile_expre
 from broker.policy.schema import Asset, Baseline, DerivedSource, Policy, Rule, Signal
 
 RULE_NAMES = frozenset({"state", "maintenance", "open_work_orders"})
-MEASURE_FUNCTIONS = frozenset({"deviation", "label", "trend"})  # called with a measure's name
 
 
 @dataclass
@@ -143,8 +142,8 @@ class SemanticModel:
 
     def _reads_approved(self, where: str, model: AssetModel, compiled: Expression) -> bool:
         measures = {name for name in compiled.names if name not in RULE_NAMES} | {
-            argument for function, argument in compiled.calls if function in MEASURE_FUNCTIONS
-        }  # `trend('m')` reads m as surely as `m` does
+            argument for _, argument in compiled.calls if argument in model.signals
+        }  # `trend('m')` reads m as surely as `m` does (a load window is not a measure)
         paths = {model.inputs.get(name) or model.signals[name].path for name in measures}
         return all([self._needs_approved(where, path) for path in sorted(paths)])
 
