@@ -27,6 +27,7 @@ import msgspec
 import structlog
 
 from broker.errors import ChannelError
+from broker.folder_lock import FolderLock
 from broker.records import Record, decode_frame_payload, encode_frame_payload
 
 MAGIC = b"DZ"
@@ -125,7 +126,9 @@ class SpoolSender:
     """Appends records to the spool; the plant half's only way to the enterprise side.
 
     `send()` is a group commit: one write and one fsync per batch. It blocks; call it from
-    a worker thread. Never reads anything written by the enterprise side.
+    a worker thread. Never reads anything written by the enterprise side. Holds the spool's
+    folder lock until `close()`: a second sender would reuse seq numbers and strand the
+    receiver on its segments (raises FolderLockError naming the holder).
     """
 
     def __init__(self, directory: Path, segment_bytes: int, retention_bytes: int) -> None:
@@ -136,11 +139,16 @@ class SpoolSender:
             directory.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:
             raise ChannelError(f"spool {directory}: cannot create: {e.strerror}") from e
-        numbers = segment_numbers(directory)
-        self.next_seq = _last_seq(directory, numbers) + 1
-        self._sizes = {n: segment_path(directory, n).stat().st_size for n in numbers}
+        self._lock = FolderLock(directory)
         self._fd = -1
-        self._open_segment((numbers[-1] + 1) if numbers else 1)
+        try:
+            numbers = segment_numbers(directory)
+            self.next_seq = _last_seq(directory, numbers) + 1
+            self._sizes = {n: segment_path(directory, n).stat().st_size for n in numbers}
+            self._open_segment((numbers[-1] + 1) if numbers else 1)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def send(self, records: Sequence[Record]) -> None:
         """Stamp `seq` on each record and make the batch durable. A record too large for any
@@ -181,12 +189,16 @@ class SpoolSender:
             self._enforce_retention()
 
     def close(self) -> None:
+        self._close_segment()
+        self._lock.release()
+
+    def _close_segment(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def _open_segment(self, number: int) -> None:
-        self.close()
+        self._close_segment()
         path = segment_path(self._dir, number)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
@@ -295,7 +307,9 @@ class SpoolReceiver:
         Atomic and durable (write, fsync, rename), so a killed process resumes exactly
         here. The directory entry is not fsynced: after a power loss the reader may resume
         from the previous position and deliver again a few records whose `seq` consumers
-        have already seen (ADR 0003).
+        have already seen (ADR 0003). The temporary name is fixed on purpose: the enterprise
+        half holds the lock on its state folder (ADR 0013), so no other process writes here,
+        and a crash leaves at most this one file behind, overwritten by the next commit.
         """
         tmp = self._position_file.with_suffix(".tmp")
         try:
