@@ -20,7 +20,13 @@ from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig, OpcUaConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import Connector, RawSample, connectors_for
+from broker.plant.connectors import (
+    Connector,
+    RawSample,
+    connectors_for,
+    signals_by_device,
+    supervise,
+)
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
@@ -91,10 +97,15 @@ class PlantHalf:
             self._connectors = None
 
     async def _read(self, policy: Policy) -> None:
+        """Each device under its own supervisor: whatever one raises stays with that device."""
         self._devices = connectors_for(policy, self._opcua)
+        signals = signals_by_device(policy)
         async with asyncio.TaskGroup() as tasks:
             for name, connector in self._devices.items():
-                tasks.create_task(connector.run(self._queue.put), name=f"connector {name}")
+                paths = [signal.path for signal in signals[name]]
+                tasks.create_task(
+                    supervise(name, connector, paths, self._queue.put), name=f"connector {name}"
+                )
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,17 +7,24 @@ from broker.plant.connectors.base import Connector, RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings
+from broker.plant.connectors.supervision import supervise
 from broker.policy import Device, ModbusDevice, OpcUaDevice, Policy, Signal
 
 
 def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Connector]:
     """Device name → its connector, reading only that device's signals (derived ones are
     computed in the pipeline, never read)."""
+    signals_of = signals_by_device(policy)
+    return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
+
+
+def signals_by_device(policy: Policy) -> dict[str, list[Signal]]:
+    """Device name → the signals read from it, in policy order."""
     signals_of: dict[str, list[Signal]] = {d.name: [] for d in policy.devices}
     for signal in policy.signals:
         if signal.device is not None:
             signals_of[signal.device].append(signal)
-    return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
+    return signals_of
 
 
 def connector_for(
@@ -35,4 +42,11 @@ def connector_for(
             return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
 
 
-__all__ = ["Connector", "RawSample", "connector_for", "connectors_for"]
+__all__ = [
+    "Connector",
+    "RawSample",
+    "connector_for",
+    "connectors_for",
+    "signals_by_device",
+    "supervise",
+]

@@ -15,8 +15,17 @@ changed), and each message re-emits the items it did not carry with their last v
 source time and a new read time: a live subscription says they are still current, so an
 unchanging value is not served stale and a stuck one can flatline, as in polling.
 
-When the session drops, every signal of the device is emitted `bad` at once; the connector
-reconnects with backoff and creates the subscription again.
+When the session drops, or the server stops answering Publish requests, every signal of the
+device is emitted `bad` at once; the connector reconnects with backoff and creates the
+subscription again. Up and down are logged (and audited) once per state change, never per
+retry.
+
+A value is taken only when it is what the server's own model says the node holds: each
+session first reads every node's DataType, and a value of another type (a string where a
+Double is modelled, a ByteString, a structure) is `bad`, never data. So is a value with a
+Bad status, an array, or a type the model cannot take. Each is logged (and audited) as
+`device_read_refused` once per state change of its signal, and `device_read_recovered` when
+it is good again. Whatever asyncua raises is mapped to a `DeviceError` here (`_call`).
 """
 
 from __future__ import annotations
@@ -32,11 +41,17 @@ import structlog
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
-from broker.plant.connectors.opcua_session import SessionSettings, open_session
+from broker.plant.connectors.opcua_session import (
+    CertificateRefused,
+    SessionSettings,
+    failure,
+    open_session,
+)
 from broker.plant.decode import RawValue
 from broker.policy import OpcUaDevice, OpcUaSource, Signal
 from broker.records import Quality
@@ -46,8 +61,25 @@ NOTIFICATIONS_PER_PUBLISH = 10_000  # bounds one batch; the server keeps the res
 LIFETIME_COUNT = 10_000  # publishing intervals without a Publish before the server gives up
 _QUALITY: tuple[Quality, ...] = ("good", "uncertain", "bad", "bad")  # by the 2 severity bits
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue discarded values
+SILENT_PUBLISHES = 3  # keep-alive periods without a Publish response before the session is dropped
 T = TypeVar("T")
 _DEADBAND = {"absolute": ua.DeadbandType.Absolute, "percent": ua.DeadbandType.Percent}
+_V = ua.VariantType
+_SIGNED = frozenset({_V.SByte, _V.Int16, _V.Int32, _V.Int64})
+_UNSIGNED = frozenset({_V.Byte, _V.UInt16, _V.UInt32, _V.UInt64})
+# Abstract and derived standard DataTypes (namespace 0) → the variant types their values
+# may have; a built-in DataType (ids 1–25, but BaseDataType) has the variant type of its id.
+_DERIVED: dict[int, frozenset[ua.VariantType]] = {
+    ObjectIds.Number: _SIGNED | _UNSIGNED | {_V.Float, _V.Double},
+    ObjectIds.Integer: _SIGNED,
+    ObjectIds.UInteger: _UNSIGNED,
+    ObjectIds.Enumeration: frozenset({_V.Int32}),
+    ObjectIds.Duration: frozenset({_V.Double}),
+    ObjectIds.UtcTime: frozenset({_V.DateTime}),
+    ObjectIds.IntegerId: frozenset({_V.UInt32}),
+    ObjectIds.Counter: frozenset({_V.UInt32}),
+    ObjectIds.LocaleId: frozenset({_V.String}),
+}
 
 
 def quality_of(status: ua.StatusCode | None) -> Quality:
@@ -75,7 +107,11 @@ class OpcUaConnector:
         self.overruns = 0  # poll slots skipped, or values the server's queues discarded
         self.errors = 0  # failed sessions and reads
         self.last_scan_s = 0.0  # handling of the last batch, or the last Read
-        self._refused: set[int] = set()  # items the server refused or values we cannot use
+        self._refused: dict[int, str] = {}  # item → why its values are not taken now
+        # Each node's modelled variant types (None: any), read at the start of each session.
+        self._types: list[frozenset[ua.VariantType] | None] = [None] * len(self._nodes)
+        self._up: bool | None = None  # None until the first session: logged when it changes
+        self._down_because: str | None = None  # the kind of the current outage
         self._log = structlog.get_logger("opcua").bind(device=device.name)
         self._grid = ScanGrid(device.poll_interval_s, self._log)
 
@@ -85,21 +121,58 @@ class OpcUaConnector:
         while True:
             try:
                 async with open_session(self._settings) as client:
-                    self._log.info(
-                        "device_session_up",
-                        endpoint=device.endpoint,
-                        security=f"{device.security_policy}/{device.security_mode}",
-                        user_identity=device.user_identity,
-                    )
+                    await self._learn_types(client)
                     if device.read == "subscribe":
                         await self._subscribe(client, emit, backoff)
                     else:
                         await self._poll(client, emit, backoff)
             except (DeviceError, TrustError) as e:
                 self.errors += 1
-                self._log.warning("device_session_down", endpoint=device.endpoint, error=str(e))
+                retry_in_s = backoff.delay()
+                self._went_down(e, retry_in_s)
                 await emit(self._all_bad())
-            await asyncio.sleep(backoff.delay())
+                await asyncio.sleep(retry_in_s)
+
+    def _came_up(self, backoff: Backoff) -> None:
+        """Values arrived: the device is back (logged once, not per Publish or Read)."""
+        backoff.reset()
+        if self._up is not True:
+            self._up, self._down_because = True, None
+            device = self._device
+            self._log.info(
+                "device_session_up",
+                endpoint=device.endpoint,
+                security=f"{device.security_policy}/{device.security_mode}",
+                user_identity=device.user_identity,
+            )
+
+    def _went_down(self, e: DeviceError | TrustError, retry_in_s: float) -> None:
+        """Logged (and audited) when the device goes down, or fails in another way while
+        down (a server back up that now refuses the broker's certificate); a retry that
+        fails as the last one did is only in the process log."""
+        because = _outage_kind(e)
+        fields = {"error": str(e), "error_code": because, "retry_in_s": round(retry_in_s, 3)}
+        if self._up is False and because == self._down_because:
+            self._log.info("device_reconnect_failed", **fields)
+        else:
+            self._log.warning("device_session_down", endpoint=self._device.endpoint, **fields)
+        self._up, self._down_because = False, because
+
+    async def _learn_types(self, client: Client) -> None:
+        """Each node's DataType, as the server models it now (one Read per 1,000 nodes)."""
+        types: list[frozenset[ua.VariantType] | None] = []
+        for first in range(0, len(self._nodes), ITEMS_PER_CALL):
+            handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
+            request = ua.ReadParameters(
+                TimestampsToReturn=ua.TimestampsToReturn.Neither,
+                NodesToRead=[
+                    ua.ReadValueId(NodeId=self._nodes[h], AttributeId=AttributeIds.DataType)
+                    for h in handles
+                ],
+            )
+            answers = _all_of(await self._call(client.uaclient.read(request)), len(handles))
+            types += [_variant_types(answer) for answer in answers]
+        self._types = types
 
     async def _subscribe(self, client: Client, emit: Emit, backoff: Backoff) -> None:
         """Creates the subscription and its items, then waits until the session is lost."""
@@ -113,16 +186,28 @@ class OpcUaConnector:
             give_up(str(e) or type(e).__name__)
 
         current: dict[int, RawSample] = {}  # each item's last notified value
+        heard = time.monotonic()  # when the server last answered a Publish request
+        handling = False  # a response is being handled (emit may wait for the spool)
 
         async def published(result: ua.PublishResult) -> None:
-            started = time.monotonic()
-            samples = self._notifications(result.NotificationMessage, give_up, current)
-            if not result.MoreNotifications:  # else newer values may be on their way
-                samples += _still_current(current, samples, datetime.now(UTC))
-            if samples:
-                await emit(samples)
-                self.scans += 1
-                self.last_scan_s = time.monotonic() - started
+            nonlocal heard, handling
+            started = heard = time.monotonic()
+            handling = True
+            try:
+                samples = self._notifications(result.NotificationMessage, give_up, current)
+                if not result.MoreNotifications:  # else newer values may be on their way
+                    samples += _still_current(current, samples, datetime.now(UTC))
+                self._came_up(backoff)
+                if samples:
+                    await emit(samples)
+                    self.scans += 1
+                    self.last_scan_s = time.monotonic() - started
+            except (
+                Exception
+            ) as e:  # asyncua would log and drop it, leaving a session reading nothing
+                give_up(f"a Publish response could not be handled: {failure(e)}")
+            finally:
+                heard, handling = time.monotonic(), False
 
         client.connection_lost_callback = connection_lost
         interval_ms = self._device.poll_interval_s * 1000
@@ -136,6 +221,15 @@ class OpcUaConnector:
             PublishingEnabled=True,
         )
         subscription = await self._call(client.uaclient.create_subscription(params, published))
+        # A message is due every keep-alive period; a server that stops answering Publish
+        # requests (they wait without a timeout) would otherwise leave the values unmarked.
+        silent_s = max(
+            self._device.timeout_s,
+            SILENT_PUBLISHES
+            * subscription.RevisedPublishingInterval
+            / 1000
+            * max(1, subscription.RevisedMaxKeepAliveCount),
+        )
         refused: list[RawSample] = []
         for first in range(0, len(self._nodes), ITEMS_PER_CALL):
             handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
@@ -145,15 +239,19 @@ class OpcUaConnector:
                 ItemsToCreate=[self._item(handle, interval_ms) for handle in handles],
             )
             results = await self._call(client.uaclient.create_monitored_items(request))
-            for handle, result in zip(handles, results, strict=True):
+            for handle, result in zip(handles, _all_of(results, len(handles)), strict=True):
                 if not result.StatusCode.is_good():
                     self._refuse(handle, result.StatusCode, "item_refused")
                     path = self._signals[handle]
                     refused.append(RawSample(path, None, datetime.now(UTC), "bad"))
         if refused:
             await emit(refused)
-        backoff.reset()  # the device took the subscription: it is back
-        raise DeviceError(f"session lost: {await lost}")
+        heard = time.monotonic()
+        while not lost.done():
+            await asyncio.wait([lost], timeout=silent_s / 4)
+            if not handling and time.monotonic() - heard > silent_s:
+                give_up(f"no Publish response for {silent_s:g} s")
+        raise DeviceError(f"session lost: {lost.result()}")
 
     def _item(self, handle: int, interval_ms: float) -> ua.MonitoredItemCreateRequest:
         source = self._sources[handle]
@@ -214,15 +312,15 @@ class OpcUaConnector:
                         for h in handles
                     ],
                 )
-                values = await self._call(client.uaclient.read(request))
+                values = _all_of(await self._call(client.uaclient.read(request)), len(handles))
                 received = datetime.now(UTC)
                 samples += [
                     self._sample(h, v, received) for h, v in zip(handles, values, strict=True)
                 ]
             self.scans += 1
             self.last_scan_s = time.monotonic() - started
+            self._came_up(backoff)
             await emit(samples)
-            backoff.reset()
             next_read, missed = self._grid.next_slot(next_read, loop.time(), self.last_scan_s)
             self.overruns += missed
             await asyncio.sleep(next_read - loop.time())
@@ -233,30 +331,56 @@ class OpcUaConnector:
             self.overruns += 1
         when = value.SourceTimestamp or value.ServerTimestamp or received
         quality = quality_of(status)
-        raw = _raw(value.Value)
-        if raw is None and quality != "bad":
-            self._refuse(handle, status, "value_unsupported")
-            return RawSample(self._signals[handle], None, when, "bad", received)
-        self._refused.discard(handle)
-        return RawSample(self._signals[handle], raw, when, quality, received)
+        variant = value.Value
+        modelled = self._types[handle]
+        if quality == "bad":
+            reason = "bad_status"
+        elif (
+            modelled is not None
+            and variant is not None
+            and variant.VariantType is not ua.VariantType.Null  # no value: unsupported below
+            and variant.VariantType not in modelled
+        ):
+            reason = "type_mismatch"
+        elif (raw := _raw(variant)) is None:
+            reason = "value_unsupported"
+        else:
+            if handle in self._refused:
+                del self._refused[handle]
+                self._log.info(
+                    "device_read_recovered",
+                    signal=self._signals[handle],
+                    node=self._sources[handle].node,
+                )
+            return RawSample(self._signals[handle], raw, when, quality, received)
+        self._refuse(handle, status, reason, variant)
+        return RawSample(self._signals[handle], None, when, "bad", received)
 
-    def _refuse(self, handle: int, status: ua.StatusCode | None, reason: str) -> None:
+    def _refuse(
+        self,
+        handle: int,
+        status: ua.StatusCode | None,
+        reason: str,
+        variant: ua.Variant | None = None,
+    ) -> None:
         """A signal the device cannot give: logged (and audited) once per state change."""
-        if handle not in self._refused:
-            self._refused.add(handle)
+        if self._refused.get(handle) != reason:
+            self._refused[handle] = reason
             self._log.warning(
                 "device_read_refused",
                 signal=self._signals[handle],
                 node=self._sources[handle].node,
                 reason=reason,
                 status=status.name if status is not None else None,
+                variant=_described(variant),
+                modelled=sorted(t.name for t in self._types[handle] or ()),
             )
 
     async def _call(self, request: Awaitable[T]) -> T:
         try:
             result = await request
-        except (OSError, TimeoutError, UaError) as e:
-            raise DeviceError(f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # whatever asyncua raises: it never leaves as a library error
+            raise DeviceError(failure(e)) from e
         raise_if_cancelled()
         return result
 
@@ -277,6 +401,43 @@ def _still_current(
         for sample in current.values()
         if sample.signal not in fresh
     ]
+
+
+def _all_of(results: list[T], asked: int) -> list[T]:
+    """The results of a batch, one per item asked for; a server answering another number
+    could pair a value with the wrong signal."""
+    if len(results) != asked:
+        raise DeviceError(f"the server answered {len(results)} results to {asked} items")
+    return results
+
+
+def _variant_types(data_type: ua.DataValue) -> frozenset[ua.VariantType] | None:
+    """The variant types a node's values may have, from a Read of its DataType; None when
+    they cannot be told (a vendor's own type, BaseDataType, a node the server refuses)."""
+    node = data_type.Value.Value if data_type.Value is not None else None
+    if not isinstance(node, ua.NodeId) or node.NamespaceIndex != 0:
+        return None
+    identifier = node.Identifier
+    if not isinstance(identifier, int) or identifier == ObjectIds.BaseDataType:
+        return None
+    if ObjectIds.Boolean <= identifier <= ObjectIds.DiagnosticInfo:
+        return frozenset({ua.VariantType(identifier)})
+    return _DERIVED.get(identifier)
+
+
+def _outage_kind(e: DeviceError | TrustError) -> str:
+    """A low-cardinality code for an outage: a new one while down is audited again."""
+    if isinstance(e, CertificateRefused):
+        return "broker_certificate_refused"
+    if isinstance(e, TrustError):
+        return "server_certificate_refused"
+    return "no_session"
+
+
+def _described(variant: ua.Variant | None) -> str | None:
+    if variant is None:
+        return None
+    return f"{variant.VariantType.name}{'[]' if variant.is_array else ''}"
 
 
 def _raw(variant: ua.Variant | None) -> RawValue | None:

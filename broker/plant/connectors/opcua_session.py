@@ -5,6 +5,12 @@ by the policy (SHA-256) or be in the plant's trust list, and it is checked *befo
 secure channel is opened with it: asyncua itself would take whatever certificate a server
 offers. Security None only when the policy says so, and then each session is audited.
 This module opens and closes sessions; it sends no service that reads or writes data.
+
+It is also where asyncua's exceptions become ours (`session_error`, `failure`): whatever the
+library raises, a caller gets a `DeviceError` whose message says what happened in words an
+operator can act on, never a library traceback. A strict server that refuses the broker's
+own certificate (the usual first step of commissioning) is named as such, with what to give
+its administrator to trust.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,8 @@ import structlog
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.crypto import security_policies
-from asyncua.ua.uaerrors import UaError
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -43,6 +51,22 @@ MODES = {
     "None": ua.MessageSecurityMode.None_,
 }
 _CERTIFICATE_FILES = (".pem", ".crt", ".der")
+# What a server answers when it does not (yet) trust the client's certificate. Many answer
+# BadSecurityChecksFailed on purpose, so as not to tell a stranger why.
+_NOT_TRUSTED = frozenset({
+    StatusCodes.BadCertificateUntrusted,
+    StatusCodes.BadSecurityChecksFailed,
+    StatusCodes.BadCertificateChainIncomplete,
+    StatusCodes.BadCertificateRevocationUnknown,
+    StatusCodes.BadCertificateIssuerRevocationUnknown,
+})  # fmt: skip
+
+
+class CertificateRefused(DeviceError):
+    """The server refused the broker's own certificate: its administrator must trust it (or
+    a new one must be issued). A trust problem, so the CLI exits 2 as for a TrustError."""
+
+    exit_code = 2
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -119,6 +143,8 @@ class ClientCertificate:
     certificate: Path
     private_key: Path
     application_uri: str
+    sha256: str  # what a server's administrator compares before trusting it
+    subject: str
 
     @classmethod
     def load(cls, certificate: Path, private_key: Path) -> ClientCertificate:
@@ -137,7 +163,7 @@ class ClientCertificate:
             uri = san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]
         except (x509.ExtensionNotFound, IndexError) as e:
             raise TrustError(f"{certificate}: no application URI in its SAN") from e
-        return cls(certificate, private_key, uri)
+        return cls(certificate, private_key, uri, fingerprint(cert), cert.subject.rfc4514_string())
 
 
 @dataclass(frozen=True)
@@ -210,8 +236,8 @@ async def open_session(settings: SessionSettings) -> AsyncIterator[Client]:
         await client.connect(auto_reconnect=False)  # reconnects are the connector's, with backoff
     except (DeviceError, TrustError):
         raise
-    except (OSError, TimeoutError, UaError) as e:
-        raise DeviceError(f"cannot open a session with {device.endpoint}: {_reason(e)}") from e
+    except Exception as e:  # whatever asyncua raises: it never leaves as a library error
+        raise session_error(e, settings) from e
     finally:
         raise_if_cancelled()
     if device.unsecured:
@@ -297,5 +323,44 @@ def _policy_name(uri: str) -> str:
     return uri.rpartition("#")[2]
 
 
-def _reason(e: BaseException) -> str:
-    return str(e) or type(e).__name__
+def session_error(e: Exception, settings: SessionSettings) -> DeviceError:
+    """Why a session could not be opened, from what asyncua raised while opening it."""
+    endpoint = settings.device.endpoint
+    client = settings.client
+    status = e.code if isinstance(e, UaStatusCodeError) else None
+    if client is not None and (status in _NOT_TRUSTED or _secure_channel_refused(e)):
+        why = ua.StatusCode(status).name if status is not None else "it refused the secure channel"
+        return CertificateRefused(
+            f"{endpoint}: the server refused the broker's certificate ({why}): give its "
+            f"administrator {client.certificate} (SHA-256 {client.sha256}, subject "
+            f"{client.subject}) to trust, then the device comes up by itself"
+        )
+    if (
+        client is not None
+        and status is not None
+        and ua.StatusCode(status).name.startswith("BadCertificate")
+    ):  # expired, revoked, wrong URI or key usage: trusting it again would not help
+        return CertificateRefused(
+            f"{endpoint}: the server refused the broker's certificate {client.certificate} "
+            f"({failure(e)}): issue a new one (`dmzbroker certs issue opcua`)"
+        )
+    return DeviceError(f"cannot open a session with {endpoint}: {failure(e)}")
+
+
+def failure(e: BaseException) -> str:
+    """What asyncua raised, in one line: its own errors as they are, anything else named
+    as unexpected (an assertion or a bug inside the library, never a device's answer)."""
+    if isinstance(e, UaStatusCodeError):
+        return str(e)  # the status' description and name: "The certificate … (BadCertificate…)"
+    if isinstance(e, OSError | TimeoutError | UaError):
+        return str(e) or type(e).__name__
+    return f"unexpected {type(e).__name__} in asyncua" + (f": {e}" if str(e) else "")
+
+
+def _secure_channel_refused(e: Exception) -> bool:
+    """asyncua 2.1 raises a bare AssertionError (ua_client.py, open_secure_channel) when a
+    server answers OpenSecureChannel with a fault instead of a channel, as strict servers
+    do when they do not trust the client's certificate: the status is lost on the way."""
+    return isinstance(e, AssertionError) and any(
+        frame.name == "open_secure_channel" for frame in traceback.extract_tb(e.__traceback__)
+    )
