@@ -1,8 +1,9 @@
 """`plan POLICY`: the Modbus requests one scan of each device sends (docs/modbus.md).
 
 For a PLC engineer reviewing a policy before it is signed: what the broker will ask of each
-device, and whether the device's budget can carry it. Reads only the policy file; talks to
-no device.
+device, and whether the device's budget can carry it. Warnings (`broker.policy.budget`) are
+printed, never turned into a failing exit code: the co-signers decide. Reads only the policy
+file; talks to no device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker import policy
-from broker.policy import ModbusDevice
+from broker.policy import ModbusDevice, Policy, Signal, budget
 
 if TYPE_CHECKING:
     from broker.plant.connectors.modbus_plan import ReadRequest
@@ -26,47 +27,49 @@ def add_to(commands: Any) -> None:
     command.set_defaults(handler=_plan)
 
 
-def _plan(args: argparse.Namespace) -> int:
+def scans(loaded: Policy) -> list[tuple[ModbusDevice, list[Signal], list[ReadRequest]]]:
+    """Each Modbus device of a policy, its signals, and the requests one scan sends."""
     # Imported here: the enterprise process loads this module too, never the plant's code.
     from broker.plant.connectors.modbus_plan import plan_reads  # noqa: PLC0415
 
-    loaded = policy.load(args.policy)
-    devices = [d for d in loaded.devices if isinstance(d, ModbusDevice)]
-    if not devices:
+    found = []
+    for device in loaded.devices:
+        if isinstance(device, ModbusDevice):
+            signals = [s for s in loaded.signals if s.device == device.name]
+            found.append((device, signals, plan_reads(signals, device.unit_id)))
+    return found
+
+
+def _plan(args: argparse.Namespace) -> int:
+    planned = scans(policy.load(args.policy))
+    if not planned:
         print(f"{args.policy}: no Modbus devices")
         return 0
-    total = 0
-    for device in devices:
-        signals = [s for s in loaded.signals if s.device == device.name]
-        requests = plan_reads(signals, device.unit_id)
+    total = warned = 0
+    for device, signals, requests in planned:
         total += len(requests)
-        print("\n".join(_describe(device, requests, len(signals))))
+        warnings = budget.warnings(device, len(requests))
+        warned += len(warnings)
+        print("\n".join(_describe(device, requests, len(signals), warnings)))
         print()
-    print(f"total: {total} requests per scan, {len(devices)} Modbus device(s)")
-    return 0
+    print(f"total: {total} requests per scan, {len(planned)} Modbus device(s)")
+    if warned:
+        print(f"{warned} warning(s) above: read them before signing (they do not stop the policy)")
+    return 0  # a warning is not an error (docs/modbus.md)
 
 
-def _describe(device: ModbusDevice, requests: list[ReadRequest], signals: int) -> list[str]:
-    budget = (
-        "unlimited requests/s"
-        if device.max_requests_per_s is None
-        else f"at most {device.max_requests_per_s:g} requests/s"
-    )
+def _describe(
+    device: ModbusDevice, requests: list[ReadRequest], signals: int, warnings: list[str]
+) -> list[str]:
     lines = [
         f"{device.name} ({device.address}): {len(requests)} requests per scan for {signals} "
-        f"signals, every {device.poll_interval_s:g} s; {budget}, "
-        f"{device.max_connections} connection(s), timeout {device.timeout_s:g} s",
+        f"signals, every {device.poll_interval_s:g} s; {budget.describe(device)}, "
+        f"timeout {device.timeout_s:g} s",
         f"  {'unit':>4}  {'function':<26} {'start':>5}  {'count':>5}  signals",
     ]
     for r in requests:
         function = f"FC{r.function_code} {r.table}"
         covered = ", ".join(slot.signal for slot in r.slots)
         lines.append(f"  {r.unit_id:>4}  {function:<26} {r.address:>5}  {r.count:>5}  {covered}")
-    if device.max_requests_per_s is not None:
-        scan_s = len(requests) / device.max_requests_per_s
-        if scan_s > device.poll_interval_s:
-            lines.append(
-                f"  note: at {device.max_requests_per_s:g} requests/s a scan takes at least "
-                f"{scan_s:g} s, longer than poll_interval_s: scans will be skipped"
-            )
+    lines.extend(f"  WARNING: {warning}" for warning in warnings)
     return lines

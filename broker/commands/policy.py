@@ -10,6 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.commands import plan
 from broker.commands.keys import read_passphrase
 from broker.errors import TrustError
 from broker.policy import envelope as envelopes
@@ -64,8 +65,9 @@ def _unverified(path: Path) -> tuple[Policy, str]:
 
 def _show(args: argparse.Namespace) -> int:
     policy, sha256 = _unverified(args.envelope)
-    print(report.show(policy, sha256, datetime.now(UTC)))
-    return 0
+    requests = {device.name: len(planned) for device, _, planned in plan.scans(policy)}
+    print(report.show(policy, sha256, datetime.now(UTC), requests))
+    return 0  # warnings are printed, never an error: the co-signers decide
 
 
 def _diff(args: argparse.Namespace) -> int:

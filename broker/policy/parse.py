@@ -31,7 +31,23 @@ def from_payload(trusted_payload: bytes, source: str) -> Policy:
         data = msgspec.json.decode(trusted_payload)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
-    return _checked(documents.convert(_with_source_protocols(data), Policy, source), source)
+    data = _with_source_protocols(_unset_budgets_left_out(data))
+    return _checked(documents.convert(data, Policy, source), source)
+
+
+def _unset_budgets_left_out(data: Any) -> Any:
+    """Drop `max_requests_per_s: null` from the devices of a signed payload.
+
+    Envelopes compiled before every device had a default budget (ADR 0008) spell a budget
+    the policy did not set as null. It still means "not set", so the device gets the default
+    instead of an already signed policy being refused after an upgrade. Only payloads: in
+    YAML a null is a mistake and is refused with its place.
+    """
+    devices = data.get("devices") if isinstance(data, dict) else None
+    for device in devices if isinstance(devices, list) else []:
+        if isinstance(device, dict) and device.get("max_requests_per_s", 0) is None:
+            del device["max_requests_per_s"]
+    return data
 
 
 def _with_source_protocols(data: Any) -> Any:

@@ -1,18 +1,22 @@
 """What a signer reads before signing: `policy show` and `policy diff`.
 
 These read the payload of an envelope WITHOUT verifying it (that is `policy verify`'s job):
-they show a person what they are about to sign, and say so.
+they show a person what they are about to sign, and say so. What the policy asks of a device
+beyond its budget, or above the defaults, is a WARNING here (`budget.py`), never a refusal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
+from broker.policy import budget
 from broker.policy.access import Access
 from broker.policy.schema import (
     Asset,
     DerivedSource,
     Device,
+    ModbusDevice,
     ModbusSource,
     OpcUaDevice,
     Policy,
@@ -30,11 +34,7 @@ def _device(d: Device) -> str:
             f"{d.name}: opcua {d.endpoint} {d.security_policy}/{d.security_mode}"
             f"{pin}, {d.read}, {timing}"
         )
-    budget = f", ≤ {d.max_requests_per_s:g} requests/s" if d.max_requests_per_s else ""
-    return (
-        f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}{budget}, "
-        f"{d.max_connections} connection(s)"
-    )
+    return f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}, {budget.describe(d)}"
 
 
 def _source(s: Signal) -> str:
@@ -102,8 +102,26 @@ def _asset(a: Asset) -> list[str]:
     return lines
 
 
-def show(policy: Policy, sha256: str, now: datetime) -> str:
+def _warnings(found: list[str]) -> list[str]:
+    """A block of its own (after a blank line), or nothing at all when nothing is found."""
+    if not found:
+        return []
+    return [
+        "",
+        f"WARNINGS for the OT and IT owners ({len(found)}): read them before signing",
+        *(f"  WARNING: {warning}" for warning in found),
+    ]
+
+
+def show(policy: Policy, sha256: str, now: datetime, requests_per_scan: Mapping[str, int]) -> str:
+    """What a signer reads; `requests_per_scan` is the planned count per Modbus device."""
     days = (policy.expires - now).total_seconds() / 86400
+    found = [
+        warning
+        for d in policy.devices
+        if isinstance(d, ModbusDevice)
+        for warning in budget.warnings(d, requests_per_scan.get(d.name, 0))
+    ]
     lines = [
         f"deployment  {policy.deployment_id}",
         f"version     {policy.version}",
@@ -111,6 +129,7 @@ def show(policy: Policy, sha256: str, now: datetime) -> str:
         + (f"(in {days:.0f} days)" if days >= 0 else "(EXPIRED)"),
         f"sha256      {sha256}",
         UNVERIFIED,
+        *_warnings(found),
         "",
         f"devices read ({len(policy.devices)}), with read-only services only:",
         *(f"  {_device(d)}" for d in policy.devices),
@@ -190,6 +209,14 @@ def diff(old: Policy, new: Policy) -> str:
     lines += ["", "WIDENS (new crossings or new visibility):", *(widened or ["  nothing"])]
     lines += ["", "NARROWS (removed):", *(removed or ["  nothing"])]
     lines += ["", "CHANGES:", *(changed or ["  nothing"])]
+    old_modbus = {d.name: d for d in old.devices if isinstance(d, ModbusDevice)}
+    raised = [
+        warning
+        for d in new.devices
+        if isinstance(d, ModbusDevice) and d.name in old_modbus
+        for warning in budget.raised_since(old_modbus[d.name], d, old.version)
+    ]
+    lines += _warnings(raised)
     return "\n".join(lines)
 
 

@@ -44,6 +44,14 @@ REGISTER_WIDTH = {
 }  # fmt: skip
 
 
+# A device's budget when its policy sets none (ADR 0008): what a small PLC (S7-1200 or
+# Modicon M221 class) or a 9600-baud serial line behind a gateway carries without its owner
+# noticing. Raising either is the co-signers' decision, and `plan`/`policy show` say so.
+DEFAULT_MAX_REQUESTS_PER_S = 20.0
+DEFAULT_MAX_CONNECTIONS = 1
+MAX_REQUESTS_PER_S = 10_000.0
+
+
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
 
@@ -52,8 +60,9 @@ class ModbusDevice(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
     """A Modbus TCP server (a PLC, or a gateway with several unit ids behind it).
 
     Its request budget: scans start at most every `poll_interval_s`, at most
-    `max_requests_per_s` requests go out (unlimited when not set), over at most
-    `max_connections` TCP connections.
+    `max_requests_per_s` requests go out, over at most `max_connections` TCP connections.
+    Both have conservative defaults that protect a small PLC when the policy says nothing
+    (ADR 0008); there is no "unlimited".
     """
 
     name: str
@@ -62,11 +71,17 @@ class ModbusDevice(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
     unit_id: Annotated[int, Meta(ge=0, le=255)] = 1  # the default for this device's signals
     poll_interval_s: Seconds = 1.0
     timeout_s: Seconds = 1.0
-    max_requests_per_s: Annotated[float, Meta(gt=0, le=10_000)] | None = None
-    max_connections: Annotated[int, Meta(ge=1, le=16)] = 1
+    max_requests_per_s: float = DEFAULT_MAX_REQUESTS_PER_S  # range checked below, by name
+    max_connections: Annotated[int, Meta(ge=1, le=16)] = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         _check_name("name", self.name, _NAME, "one word")
+        if not 0 < self.max_requests_per_s <= MAX_REQUESTS_PER_S:  # NaN fails too
+            raise ValueError(
+                f"device {self.name!r}: max_requests_per_s {self.max_requests_per_s:g} must be "
+                f"above 0 and at most {MAX_REQUESTS_PER_S:g} requests per second (leave it out "
+                f"for the default {DEFAULT_MAX_REQUESTS_PER_S:g})"
+            )
 
     protocol: ClassVar[str] = "modbus"  # msgspec's tag, readable in code
 

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from broker import policy
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
-from tests.harness import eventually, free_port
+from broker.policy import ModbusDevice
+from tests.harness import eventually, free_port, write_policy_yaml
 from tests.plant.connectors.modbus_servers import (
     Gateway,
     Scans,
@@ -26,6 +31,70 @@ from tests.plant.connectors.modbus_servers import (
 pytestmark = pytest.mark.timeout(60)
 
 FOUR_REQUESTS = [0, 2, 4, 6]  # gaps between them: one request each
+DEFAULT_RATE = 20  # requests/s, as docs/modbus.md promises; written here, not imported
+UNITS = (1, 2, 3, 4)
+
+
+def single_register_policy(port: int, **budget: Any) -> dict[str, Any]:
+    """1,200 signals of one register each, every other address, so each is its own request
+    (the planner never reads the gaps), polled every 0.1 s: 12,000 requests/s if unpaced."""
+    signals = [
+        {
+            "path": f"site/gateway/u{unit}/{table[0]}{address}",
+            "device": "gateway",
+            "source": {"table": table, "address": address, "type": "uint16", "unit_id": unit},
+        }
+        for unit in UNITS
+        for table in ("input_register", "holding_register")
+        for address in range(0, 300, 2)
+    ]
+    device = {"name": "gateway", "protocol": "modbus", "host": "127.0.0.1", "port": port}
+    return {
+        "deployment_id": "budget",
+        "version": 1,
+        "expires": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
+        "devices": [{**device, "poll_interval_s": 0.1, "timeout_s": 1.0, **budget}],
+        "signals": signals,
+    }
+
+
+async def arrivals_under(tmp_path: Path, requests: int, **budget: Any) -> list[float]:
+    """Loop times at which a real server received the first `requests` requests of a
+    connector built from the parsed policy, as the plant half builds it."""
+    async with Gateway(units=UNITS) as gateway:
+        loaded = policy.load(
+            write_policy_yaml(tmp_path, single_register_policy(gateway.port, **budget))
+        )
+        device = loaded.devices[0]
+        assert isinstance(device, ModbusDevice)
+        connector = ModbusConnector(device, loaded.signals)
+        assert len(connector.plan) == len(loaded.signals) == 1200
+        async with running((connector, Scans())):
+            await eventually(lambda: len(gateway.requests) >= requests, timeout=30)
+    return [r.at for r in gateway.requests[:requests]]
+
+
+def busiest(arrivals: list[float], window_s: float) -> int:
+    """The most requests that arrived within any `window_s` seconds."""
+    return max(sum(1 for t in arrivals if start <= t < start + window_s) for start in arrivals)
+
+
+async def test_a_policy_that_sets_no_budget_reads_at_the_default_rate(tmp_path: Path) -> None:
+    """Issue 12: this policy sent 4,700-4,900 requests/s to one PLC (740 in 100 ms)."""
+    arrivals = await arrivals_under(tmp_path, requests=80)  # 4 s at the default rate
+
+    mean = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    assert 5 < mean <= DEFAULT_RATE * 1.05  # at the budget, not merely slowed by the machine
+    assert busiest(arrivals, 1.0) <= DEFAULT_RATE + 2  # + network jitter between two starts
+    assert busiest(arrivals, 0.1) <= 4  # spaced (2 a window, + a late one), never a burst
+
+
+async def test_a_budget_set_in_the_policy_is_the_one_kept(tmp_path: Path) -> None:
+    arrivals = await arrivals_under(tmp_path, requests=150, max_requests_per_s=50)
+
+    mean = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+    assert DEFAULT_RATE * 1.25 < mean <= 50 * 1.05
+    assert busiest(arrivals, 1.0) <= 52
 
 
 @pytest.mark.parametrize("dead", ["silent", "closed"])
@@ -85,7 +154,10 @@ async def test_a_device_that_answers_again_closes_the_breaker_and_is_audited_up_
 @pytest.mark.parametrize("connections", [1, 2, 3])
 async def test_a_scan_uses_at_most_max_connections_in_parallel(connections: int) -> None:
     async with Gateway(delay_s=0.05) as gateway:
-        device = modbus_device(gateway.port, max_connections=connections, poll_interval_s=0.05)
+        # The rate is raised so that only the connections limit how many requests overlap.
+        device = modbus_device(
+            gateway.port, max_connections=connections, poll_interval_s=0.05, max_requests_per_s=1000
+        )
         connector = ModbusConnector(device, input_registers(FOUR_REQUESTS))
         scans = Scans()
         async with running((connector, scans)):
@@ -114,9 +186,9 @@ async def test_requests_per_second_never_exceed_the_budget_and_late_scans_are_sk
 async def test_overruns_are_audited_once_per_streak_and_the_streak_end_too() -> None:
     with events() as logs:
         async with Gateway(delay_s=0.04) as gateway:  # 4 requests: ~0.16 s per scan
-            connector = ModbusConnector(
-                modbus_device(gateway.port, poll_interval_s=0.1), input_registers(FOUR_REQUESTS)
-            )
+            # Raised: the streak must end when the device answers fast, not stay for the rate.
+            device = modbus_device(gateway.port, poll_interval_s=0.1, max_requests_per_s=1000)
+            connector = ModbusConnector(device, input_registers(FOUR_REQUESTS))
             async with running((connector, Scans())):
                 await eventually(lambda: connector.overruns >= 4)
                 gateway.delay_s = 0.0

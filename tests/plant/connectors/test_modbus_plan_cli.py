@@ -12,6 +12,10 @@ from tests.harness import DEMO_POLICY, demo_policy, dmzbroker, write_policy_yaml
 ROW = re.compile(r"^\s+(\d+)\s+FC(\d) (\w+)\s+(\d+)\s+(\d+)\s+(.+)$")
 
 
+def warnings(output: str) -> list[str]:
+    return [line.strip() for line in output.splitlines() if line.strip().startswith("WARNING")]
+
+
 def rows(output: str) -> list[tuple[int, int, int, int]]:
     """(unit id, function code, start, count) of each request line."""
     return [
@@ -33,10 +37,15 @@ def test_the_demo_policy_plan_lists_each_request_with_the_signals_it_covers() ->
     assert result.stdout.strip().endswith(
         f"total: {len(plan)} requests per scan, 1 Modbus device(s)"
     )
+    # 8 requests every second fit the default budget of 20 requests/s: nothing to warn about.
+    assert "at most 20 requests/s (the default), 1 connection (the default)" in result.stdout
+    assert "WARNING" not in result.stdout and "warning" not in result.stdout
+    assert "unlimited" not in result.stdout
 
 
 def test_a_gateway_with_unit_ids_and_a_tight_budget_is_planned_per_unit(tmp_path: Path) -> None:
-    document = demo_policy(5020)
+    document = demo_policy(5020, poll_interval_s=1.0)
+    del document["devices"][0]["max_requests_per_s"]
     document["devices"].append(
         {"name": "gateway", "protocol": "modbus", "host": "10.0.0.9", "unit_id": 3,
          "poll_interval_s": 1.0, "max_requests_per_s": 2}
@@ -54,8 +63,71 @@ def test_a_gateway_with_unit_ids_and_a_tight_budget_is_planned_per_unit(tmp_path
 
     gateway = out[out.index("gateway (10.0.0.9:502)") :]
     assert rows(gateway) == [(3, 3, 100, 3), (4, 3, 100, 2), (4, 3, 300, 2)]
-    assert "at 2 requests/s a scan takes at least 1.5 s" in gateway
+    assert warnings(gateway) == [
+        "WARNING: device gateway needs 3 requests every 1 s = 3 requests/s, but its budget is "
+        "2/s: scans will be skipped (each takes at least 1.5 s); slow the poll interval, group "
+        "the registers so fewer requests read them, or raise max_requests_per_s after asking "
+        "the PLC's owner"
+    ]
+    assert warnings(out[: out.index("gateway (10.0.0.9:502)")]) == []
     assert f"total: {len(rows(out))} requests per scan, 2 Modbus device(s)" in out
+    assert "1 warning(s) above: read them before signing" in out
+
+
+def single_registers(count: int, **device: object) -> dict[str, object]:
+    """The demo policy with one device of `count` one-register signals with gaps between
+    them: one request each."""
+    document = demo_policy(5020, poll_interval_s=1.0)
+    del document["devices"][0]["max_requests_per_s"]
+    document["devices"].append({"name": "plc", "protocol": "modbus", "host": "10.0.0.7", **device})
+    document["signals"] += [
+        {"path": f"site/line/press/r{a}", "device": "plc",
+         "source": {"table": "input_register", "address": a, "type": "uint16"}}
+        for a in range(0, 2 * count, 2)
+    ]  # fmt: skip
+    return document
+
+
+def test_plan_warns_in_plain_words_when_scans_cannot_fit_the_default_budget(
+    tmp_path: Path,
+) -> None:
+    document = single_registers(48, poll_interval_s=0.1)
+
+    result = dmzbroker("plan", str(write_policy_yaml(tmp_path, document)))
+
+    assert result.returncode == 0  # a warning is not an error
+    assert warnings(result.stdout) == [
+        "WARNING: device plc needs 48 requests every 0.1 s = 480 requests/s, but its budget is "
+        "20/s: scans will be skipped (each takes at least 2.4 s); slow the poll interval, group "
+        "the registers so fewer requests read them, or raise max_requests_per_s after asking "
+        "the PLC's owner"
+    ]
+    assert "unlimited" not in result.stdout
+
+
+def test_plan_warns_when_a_policy_raises_a_budget_above_the_default(tmp_path: Path) -> None:
+    document = single_registers(48, poll_interval_s=1.0, max_requests_per_s=200, max_connections=2)
+
+    result = dmzbroker("plan", str(write_policy_yaml(tmp_path, document)))
+
+    assert result.returncode == 0
+    found = warnings(result.stdout)
+    assert found[0] == (
+        "WARNING: raises device plc's budget from the default 20 to 200 requests/s: confirm "
+        "with the PLC's owner that it can take it"
+    )
+    assert found[1].startswith(
+        "WARNING: lets device plc be read over 2 connections at once instead of the default 1"
+    )
+    assert len(found) == 2  # 48 requests a second fit in 200: no overload warning
+
+
+def test_plan_is_quiet_for_a_scan_that_exactly_fills_its_budget(tmp_path: Path) -> None:
+    document = single_registers(3, poll_interval_s=0.15)  # 3 / 0.15 s = 20 requests/s
+
+    result = dmzbroker("plan", str(write_policy_yaml(tmp_path, document)))
+
+    assert warnings(result.stdout) == []
 
 
 def test_a_missing_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
