@@ -167,6 +167,23 @@ class _DaysLeft(Collector):
         yield family
 
 
+class _AuditSuppressed(Collector):
+    """Outsider-caused audit events counted instead of written (ADR 0015), by event."""
+
+    def __init__(self, suppressed: Callable[[], Mapping[str, int]]) -> None:
+        self._suppressed = suppressed
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "dmzbroker_audit_events_suppressed",
+            "Audit events only counted into an events_suppressed entry",
+            labels=["event"],
+        )
+        for event, count in sorted(self._suppressed().items()):
+            family.add_metric([event], count)
+        yield family
+
+
 class EnterpriseMetrics:
     def __init__(
         self,
@@ -174,6 +191,8 @@ class EnterpriseMetrics:
         audit_failing: Callable[[], bool],
         read_seq: Callable[[], int] = lambda: 0,
         certificates: Callable[[], dict[str, float]] = dict,
+        *,
+        audit_suppressed: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.records_received = Counter(
@@ -193,6 +212,7 @@ class EnterpriseMetrics:
             registry=self.registry,
         ).set_function(read_seq)
         self.registry.register(_DaysLeft(certificates))
+        self.registry.register(_AuditSuppressed(audit_suppressed))
 
     def exposition(self, spool_dir: Path) -> bytes:
         """Our metrics, then the plant half's as it last wrote them."""

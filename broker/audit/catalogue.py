@@ -58,6 +58,24 @@ EVENTS: dict[str, tuple[str, str]] = {
     "siem_connection_lost": ("audit", "failure"),
 }
 
+# Events anyone on the IT network can cause at will (a connection, a handshake, a refused
+# request): per (event, source) the first few per interval are written in full, the rest only
+# counted into one `events_suppressed` entry per interval (broker.audit.throttle). Every other
+# event (policy, trust, keys, checkpoints, island, audit state, process, config, devices) is
+# always written in full. A new event an outsider can trigger belongs here.
+AGGREGATED = frozenset(
+    {
+        "consumer_denied",
+        "consumer_connected",
+        "consumer_cut_off",
+        "stream_opened",
+        "stream_closed",
+        "tls_handshake_failed",
+    }
+)
+SUPPRESSED = "events_suppressed"  # written by the forwarder itself: audit / unknown
+SOURCE_FIELDS = ("identity", "remote")  # who caused an aggregated event: identity, else address
+
 # Fields of a log event that become the entry's actor / object / policy_version.
 ACTOR_FIELDS = ("identity", "actor", "device", "half")
 OBJECT_FIELDS = ("signal", "path", "table", "segment", "what")

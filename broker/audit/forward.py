@@ -1,50 +1,110 @@
 """Log events that are audit events (the catalogue) also go into the audit log.
 
 A structlog processor: call sites log as usual, and the audit log cannot miss an event that
-the catalogue names. It never raises into the caller; a failing audit log is reported by
-the log's own `failing` flag, which closes the data path.
+the catalogue names. Each entry is bounded in size (broker.audit.bound), a value that became
+the entry's actor or object is not repeated in its details, and outsider-caused events are
+throttled (broker.audit.throttle): one counted instead of written is dropped from the process
+log too, and the count reaches both logs as `events_suppressed` once per interval — written
+by `flush()`, which the audit log calls from `check()` and before its closing checkpoint.
+
+It never raises into the caller; a failing audit log is reported by the log's own `failing`
+flag, which closes the data path.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import msgspec
+import structlog
 
-from broker.audit.catalogue import ACTOR_FIELDS, EVENTS, NOT_DETAILS, OBJECT_FIELDS, VERSION_FIELDS
-from broker.audit.log import AuditLog
+from broker.audit.bound import INSIDER, OUTSIDER, bound_entry
+from broker.audit.catalogue import (
+    ACTOR_FIELDS,
+    AGGREGATED,
+    EVENTS,
+    NOT_DETAILS,
+    OBJECT_FIELDS,
+    SOURCE_FIELDS,
+    SUPPRESSED,
+    VERSION_FIELDS,
+)
+from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.throttle import Throttle
+
+log = structlog.get_logger("audit")
 
 
 class AuditForwarder:
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog, throttle: Throttle | None = None) -> None:
         self._audit = audit
+        self._throttle = throttle or Throttle()
+        audit.held_back = self
+
+    @property
+    def suppressed(self) -> Mapping[str, int]:
+        return self._throttle.suppressed
 
     def __call__(
         self, _: Any, __: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         event = event_dict.get("event")
         kind = EVENTS.get(event) if isinstance(event, str) else None
-        if kind is not None:
-            assert isinstance(event, str)
-            details = msgspec.to_builtins(
-                {k: v for k, v in event_dict.items() if k not in NOT_DETAILS}, enc_hook=str
-            )
-            version = _first(event_dict, VERSION_FIELDS)
-            self._audit.record(
-                event,
-                category=kind[0],
-                outcome=kind[1],
-                actor=_text(_first(event_dict, ACTOR_FIELDS)),
-                object=_text(_first(event_dict, OBJECT_FIELDS)),
-                policy_version=version if isinstance(version, int) else None,
-                details=details,
-            )
+        if kind is None:
+            return event_dict
+        assert isinstance(event, str)
+        outsider = event in AGGREGATED
+        if outsider:
+            self.flush()  # an interval that ended since the last check() is summed up first
+            source = _text(_first(event_dict, SOURCE_FIELDS)) or "unknown"
+            if not self._throttle.admit(event, source, reserved=self._reserved()):
+                raise structlog.DropEvent
+        actor_field = _first_field(event_dict, ACTOR_FIELDS)
+        object_field = _first_field(event_dict, OBJECT_FIELDS)
+        once = NOT_DETAILS | {actor_field, object_field}
+        details = msgspec.to_builtins(
+            {k: v for k, v in event_dict.items() if k not in once}, enc_hook=str
+        )
+        actor, object, details = bound_entry(
+            _text(event_dict.get(actor_field)) if actor_field else None,
+            _text(event_dict.get(object_field)) if object_field else None,
+            details,
+            OUTSIDER if outsider else INSIDER,
+        )
+        version = _first(event_dict, VERSION_FIELDS)
+        self._audit.record(
+            event,
+            category=kind[0],
+            outcome=kind[1],
+            actor=actor,
+            object=object,
+            policy_version=version if isinstance(version, int) else None,
+            details=details,
+        )
         return event_dict
+
+    def flush(self, *, final: bool = False) -> None:
+        """Write the interval's `events_suppressed` entry if it is due (`final`: now)."""
+        summary = self._throttle.summary(reserved=self._reserved(), final=final)
+        if summary is None:
+            return
+        _, _, details = bound_entry(None, None, summary, INSIDER)
+        self._audit.record(SUPPRESSED, category="audit", outcome="unknown", details=details)
+        log.warning(SUPPRESSED, **summary)  # not in the catalogue: recorded once, just above
+
+    def _reserved(self) -> bool:
+        """Past the capacity warning, the rest of the log is kept for security events."""
+        return self._audit.usage >= AuditMonitor.CAPACITY_WARNING
+
+
+def _first_field(event_dict: MutableMapping[str, Any], names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if event_dict.get(n) is not None), None)
 
 
 def _first(event_dict: MutableMapping[str, Any], names: tuple[str, ...]) -> object:
-    return next((event_dict[n] for n in names if event_dict.get(n) is not None), None)
+    name = _first_field(event_dict, names)
+    return None if name is None else event_dict[name]
 
 
 def _text(value: object) -> str | None:

@@ -21,9 +21,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
@@ -45,6 +46,8 @@ SUFFIX = ".jsonl"
 OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
 MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
+CARRIED_POLICY = "last_policy_accepted"  # in an expiry anchor (ADR 0015)
+CARRIED_FIELDS = ("seq", "time", "boot_id", "policy_version", "details", "hash")
 FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
 
 
@@ -77,7 +80,19 @@ def read_entries(path: Path) -> tuple[list[dict[str, Any]], bytes]:
     return entries, tail
 
 
+class HeldBack(Protocol):
+    """Entries held back before they reach the log (broker.audit.forward): counted, and
+    summed up as `events_suppressed` once per interval."""
+
+    @property
+    def suppressed(self) -> Mapping[str, int]: ...
+
+    def flush(self, *, final: bool = False) -> None: ...
+
+
 class AuditLog:
+    held_back: HeldBack | None = None  # set by the forwarder; flushed by check() and close()
+
     def __init__(
         self,
         directory: Path,
@@ -207,6 +222,11 @@ class AuditLog:
         self._flush(force=True)
 
     @property
+    def suppressed(self) -> Mapping[str, int]:
+        """Entries counted instead of written, by event, since start (for /metrics)."""
+        return self.held_back.suppressed if self.held_back is not None else {}
+
+    @property
     def usage(self) -> float:
         """The share of the configured capacity this writer's segments take."""
         return self._used / self._capacity_bytes
@@ -218,6 +238,8 @@ class AuditLog:
         must still close the data path before the next event is lost.
         """
         with self._lock:
+            if self.held_back is not None:
+                self.held_back.flush()  # an interval's summary is due even if nothing new came
             self._flush(force=bool(self._pending))
             due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
             if due and self._since_checkpoint and not self.failing:
@@ -233,6 +255,8 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                if self.held_back is not None:
+                    self.held_back.flush(final=True)  # under the closing checkpoint
                 self._checkpoint()
                 os.close(self._fd)
                 self._fd = -1
@@ -279,11 +303,15 @@ class AuditLog:
         The current segment is never deleted. An `audit_segments_expired` entry records the
         seq and hash of the last deleted entry: `audit verify` accepts a log that starts
         later only when such an anchor, itself in the chain, vouches for where it starts.
+        It also carries the newest `policy_accepted` entry among those deleted (or carried
+        by an anchor among them), so that no amount of retention removes the record of the
+        policy in force (ADR 0015).
         """
         old = [n for n in segment_numbers(self._dir) if n < self._number]
         now = time.time()
         expired: list[int] = []
         anchor: tuple[int, str] | None = None
+        policy: dict[str, Any] | None = None
         for number in old:
             path = self._dir / f"{number:010d}{SUFFIX}"
             stat = path.stat()
@@ -293,10 +321,18 @@ class AuditLog:
             entries, _ = read_entries(path)
             if entries:
                 anchor = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
+                policy = _newest_policy(entries, policy)
             path.unlink()
             self._used -= stat.st_size
             expired.append(number)
         if expired and anchor is not None:
+            details: dict[str, Any] = {
+                "segments": expired,
+                "through_seq": anchor[0],
+                "head": anchor[1],
+            }
+            if policy is not None:
+                details[CARRIED_POLICY] = policy
             self._record(
                 {
                     "event": EXPIRED,
@@ -305,7 +341,7 @@ class AuditLog:
                     "actor": None,
                     "object": None,
                     "policy_version": None,
-                    "details": {"segments": expired, "through_seq": anchor[0], "head": anchor[1]},
+                    "details": details,
                 }
             )
 
@@ -335,6 +371,24 @@ class AuditLog:
     def __exit__(self, *_: object) -> None:
         with contextlib.suppress(OSError):
             self.close()
+
+
+def _newest_policy(
+    entries: list[dict[str, Any]], carried: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The last `policy_accepted` entry in `entries` or carried by an anchor there, else
+    `carried`."""
+    for entry in entries:
+        details = entry.get("details")
+        if entry.get("event") == "policy_accepted":
+            carried = {k: entry.get(k) for k in CARRIED_FIELDS}
+        elif (
+            entry.get("event") == EXPIRED
+            and isinstance(details, dict)
+            and CARRIED_POLICY in details
+        ):
+            carried = details[CARRIED_POLICY]
+    return carried
 
 
 class AuditMonitor:

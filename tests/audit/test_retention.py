@@ -66,3 +66,38 @@ def test_deleting_the_first_segments_by_hand_is_not_retention(tmp_path: Path) ->
     (directory / f"{first:010d}.jsonl").unlink()
     report = verify_writer(directory, key.public_key())
     assert not report.intact and "deleted" in str(report.problem)
+
+
+def test_retention_never_removes_the_record_of_the_policy_in_force(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(
+        tmp_path, "plant", "site-1", key, checkpoint_every=50, segment_bytes=8_000,
+        capacity_bytes=40_000,
+    )  # fmt: skip
+    signers = ["ot:Olga OT:ab12", "it:Ivan IT:cd34"]
+    for version in (4, 5):
+        log.record(
+            "policy_accepted", category="policy", outcome="success", policy_version=version,
+            details={"version": version, "sha256": "ee" * 32, "signers": signers},
+        )  # fmt: skip
+    accepted = read_entries(tmp_path / "plant" / "0000000001.jsonl")[0][-1]
+    for i in range(2000):  # many times the capacity: every segment with the policy goes
+        log.record("device_read_refused", category="device", outcome="failure", details={"i": i})
+    log.close()
+    directory = tmp_path / "plant"
+    entries = [
+        e
+        for n in segment_numbers(directory)
+        for e in read_entries(directory / f"{n:010d}.jsonl")[0]
+    ]
+    assert not any(e["event"] == "policy_accepted" for e in entries)
+    anchors = expiry_entries(directory)
+    # The anchor of the first expiry (a few dozen entries in) is long gone too: what remains
+    # was carried from anchor to anchor.
+    assert anchors and min(a["seq"] for a in anchors) > 500
+    carrying = [a for a in anchors if "last_policy_accepted" in a["details"]]
+    assert carrying
+    carried = carrying[-1]["details"]["last_policy_accepted"]
+    assert carried["seq"] == accepted["seq"] and carried["hash"] == accepted["hash"]
+    assert carried["policy_version"] == 5 and carried["details"]["signers"] == signers
+    assert verify_writer(directory, key.public_key()).intact

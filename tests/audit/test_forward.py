@@ -1,0 +1,192 @@
+"""The forwarder: catalogue events reach the audit log bounded, outsider-caused ones
+throttled, security events always in full, the summary written by `check()` and `close()`,
+and nothing of an outsider's flood in the last 20 % of the capacity.
+
+A real AuditLog on disk; the forwarder is called as structlog calls a processor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.audit.forward import AuditForwarder
+from broker.audit.log import AuditLog
+from broker.audit.throttle import Limits, Throttle
+from broker.audit.verify import verify_writer
+from broker.metrics import EnterpriseMetrics
+from tests.audit.support import read_log
+from tests.audit.test_bound import PERCENT_01_PATH
+from tests.harness import STRANGER_URI, dmzbroker
+
+HANDSHAKE = "tls_handshake_failed"
+SECURITY = (
+    ("policy_accepted", {"version": 3, "sha256": "ab" * 32, "signers": ["ot:Olga:1", "it:Ivan:2"]}),
+    ("island_mode_on", {"changed": True, "noticed_by": "plant"}),
+    ("tls_reload_refused", {"path": "/etc/dmzbroker/server.crt", "error": "no key"}),
+    ("audit_capacity_warning", {"used_pct": 81}),
+    ("config_loaded", {"path": "/etc/dmzbroker/broker.yaml", "sha256": "cd" * 32}),
+    ("process_stopped", {"pid": 7}),
+)
+
+
+def denied(i: int = 0, path: str = "/v1/signals/secret") -> dict[str, Any]:
+    return {
+        "event": "consumer_denied",
+        "reason": "unknown_identity",
+        "identity": STRANGER_URI,
+        "serial": "5e" * 8,
+        "fingerprint": "f0" * 32,
+        "remote": f"127.0.0.{i % 250 + 1}",
+        "path": path,
+        "level": "warning",
+        "timestamp": "2026-12-05T10:00:00Z",
+    }
+
+
+def handshake(i: int) -> dict[str, Any]:
+    reason = "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    return {"event": HANDSHAKE, "remote": f"10.1.{i // 250}.{i % 250}", "reason": reason}
+
+
+def forward(forwarder: AuditForwarder, event_dict: dict[str, Any]) -> bool:
+    """Pass one log event through; False when it was dropped (counted, not written)."""
+    try:
+        forwarder(None, "warning", dict(event_dict))
+    except structlog.DropEvent:
+        return False
+    return True
+
+
+def open_log(tmp_path: Path, key: Ed25519PrivateKey, **options: Any) -> AuditLog:
+    return AuditLog(tmp_path, "enterprise", "site-1", key, **options)
+
+
+def test_an_8kb_path_of_control_characters_makes_one_small_entry(tmp_path: Path) -> None:
+    audit = open_log(tmp_path, Ed25519PrivateKey.generate())
+    forward(AuditForwarder(audit), denied(path=PERCENT_01_PATH))
+    audit.close()
+    line = (tmp_path / "enterprise" / "0000000001.jsonl").read_bytes().splitlines()[0]
+    assert len(line) < 2048  # it was about 33 KB: the path twice, each byte as `\u0001`
+    entry = json.loads(line)
+    assert entry["actor"] == STRANGER_URI and entry["object"].endswith("…")
+    assert "path" not in entry["details"] and "identity" not in entry["details"]  # stored once
+    assert entry["details"]["truncated"]["object"]["bytes"] == len(PERCENT_01_PATH)
+
+
+def test_a_flood_writes_the_first_few_and_one_summary_that_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    audit = open_log(tmp_path, key)
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=5, overall=20)))
+    written = sum(forward(forwarder, denied(i)) for i in range(10_000))
+    assert written == 5  # 250 addresses, but one identity: the source is who, if known
+    handshakes = sum(forward(forwarder, handshake(i)) for i in range(1000))
+    assert handshakes == 15  # 1,000 addresses: the overall cap of 20 is reached
+    assert forwarder.suppressed == {"consumer_denied": 10_000 - 5, HANDSHAKE: 1000 - 15}
+    audit.close()
+    entries = read_log(tmp_path / "enterprise")
+    assert sum(e["event"] == "consumer_denied" for e in entries) == 5
+    assert sum(e["event"] == HANDSHAKE for e in entries) == 15
+    (summary,) = [e for e in entries if e["event"] == "events_suppressed"]
+    assert summary["category"] == "audit" and summary["outcome"] == "unknown"
+    assert summary["details"]["suppressed"] == 10_000 - 5 + 1000 - 15
+    assert summary["details"]["by_event"] == {"consumer_denied": 9995, HANDSHAKE: 985}
+    assert summary["details"]["by_source"][0] == {
+        "event": "consumer_denied",
+        "source": STRANGER_URI,
+        "count": 10_000 - 5,
+    }
+    assert len(summary["details"]["by_source"]) == 20  # the top 20 of 986 pairs
+    assert summary["details"]["other_sources"] == {"pairs": 986 - 20, "count": 986 - 20}
+    assert entries[-1]["event"] == "audit_checkpoint"  # the summary is under the last one
+    assert entries.index(summary) == len(entries) - 2
+    assert verify_writer(tmp_path / "enterprise", key.public_key()).intact
+
+
+def test_the_summary_is_written_by_check_when_its_interval_ends(tmp_path: Path) -> None:
+    audit = open_log(tmp_path, Ed25519PrivateKey.generate())
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=1, interval_s=0.3)))
+    for _ in range(5):
+        forward(forwarder, denied())
+    deadline = time.monotonic() + 10
+    while not any(e["event"] == "events_suppressed" for e in read_log(tmp_path / "enterprise")):
+        assert time.monotonic() < deadline, "no summary within 10 s"
+        audit.check()  # what AuditMonitor does four times a second
+        time.sleep(0.05)
+    audit.close()
+    summaries = [e for e in read_log(tmp_path / "enterprise") if e["event"] == "events_suppressed"]
+    assert [s["details"]["suppressed"] for s in summaries] == [4]  # and none again at close
+
+
+def test_security_events_are_never_throttled_even_during_a_flood(tmp_path: Path) -> None:
+    audit = open_log(tmp_path, Ed25519PrivateKey.generate())
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=2, overall=2)))
+    for round_ in range(50):
+        for i in range(200):
+            forward(forwarder, denied(i))
+        for event, fields in SECURITY:
+            assert forward(forwarder, {"event": event, **fields, "round": round_})
+    audit.close()
+    entries = read_log(tmp_path / "enterprise")
+    for event, _ in SECURITY:
+        assert sum(e["event"] == event for e in entries) == 50, event
+    assert sum(e["event"] == "consumer_denied" for e in entries) == 2
+
+
+def test_past_the_capacity_warning_outsider_events_are_only_counted(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    audit = open_log(tmp_path, key, capacity_bytes=200_000, segment_bytes=50_000)
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=1_000_000, overall=1_000_000)))
+    i = 0
+    while audit.usage < 0.8:  # an outsider fills the log up to the reserve, not beyond
+        assert forward(forwarder, denied(i))
+        i += 1
+        assert i < 10_000
+    before = audit.usage
+    assert not any(forward(forwarder, denied(i)) for i in range(5000))
+    assert audit.usage < before + 0.01  # the summaries only, once an hour
+    for _ in range(20):  # security events still have the last 20 %
+        for event, fields in SECURITY:
+            assert forward(forwarder, {"event": event, **fields})
+    assert not audit.failing
+    audit.close()
+    entries = read_log(tmp_path / "enterprise")
+    assert sum(e["event"] == "policy_accepted" for e in entries) == 20
+    (summary,) = [e for e in entries if e["event"] == "events_suppressed"]
+    assert summary["details"]["capacity_reserve"] is True
+    assert summary["details"]["suppressed"] == 5000
+    assert verify_writer(tmp_path / "enterprise", key.public_key()).intact
+
+
+def test_suppressed_counts_reach_the_metrics(tmp_path: Path) -> None:
+    audit = open_log(tmp_path, Ed25519PrivateKey.generate())
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=3)))
+    for _ in range(10):
+        forward(forwarder, denied())
+    metrics = EnterpriseMetrics(lambda: 0, lambda: False, audit_suppressed=lambda: audit.suppressed)
+    text = metrics.exposition(tmp_path).decode()
+    assert 'dmzbroker_audit_events_suppressed_total{event="consumer_denied"} 7.0' in text
+    audit.close()
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv", "cef"])
+def test_audit_show_lists_the_summary(tmp_path: Path, fmt: str) -> None:
+    audit = open_log(tmp_path / "audit", Ed25519PrivateKey.generate())
+    forwarder = AuditForwarder(audit, Throttle(Limits(per_source=1)))
+    for _ in range(3):
+        forward(forwarder, denied())
+    audit.close()
+    shown = dmzbroker(
+        "audit", "show", str(tmp_path / "audit"), "--event", "events_suppressed", "--format", fmt
+    ).stdout
+    assert "events_suppressed" in shown
+    if fmt == "json":
+        assert json.loads(shown)["details"]["suppressed"] == 2
