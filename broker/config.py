@@ -76,8 +76,23 @@ class PlantConfig(_Section, frozen=True):
 
 
 class ListenConfig(_Section, frozen=True):
+    """The consumer port and what one outsider may hold of it (ADR 0014)."""
+
     host: str = "127.0.0.1"
     port: Port = 8443
+    # Open at once; at the limit, the oldest connection without a request yet is closed.
+    # Lowered at start (with a warning) when the open-file limit has no room for it.
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 1024
+    max_connections_per_address: Annotated[int, Meta(ge=1, le=1_000_000)] = 64
+    header_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0  # accept → first request
+    idle_timeout_s: Annotated[float, Meta(gt=0, le=86_400)] = 60.0  # between requests
+
+    def __post_init__(self) -> None:
+        if self.max_connections_per_address > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_address ({self.max_connections_per_address}) cannot "
+                f"exceed max_connections ({self.max_connections})"
+            )
 
 
 class TlsConfig(_Section, frozen=True, kw_only=True):
@@ -134,6 +149,22 @@ class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON
 
 
+class SupervisorConfig(_Section, frozen=True):
+    """How `dmzbroker run` restarts a half that exited (ADR 0013)."""
+
+    restart_initial_s: Annotated[float, Meta(ge=0.01, le=60)] = 0.5  # first delay, jittered
+    restart_max_s: Annotated[float, Meta(ge=0.01, le=3600)] = 30.0  # doubling stops here
+    restart_reset_s: Annotated[float, Meta(ge=0.1, le=86_400)] = 60.0  # ran this long: back to
+    # the first delay
+
+    def __post_init__(self) -> None:
+        if self.restart_max_s < self.restart_initial_s:
+            raise ValueError(
+                f"restart_max_s ({self.restart_max_s}) cannot be below restart_initial_s "
+                f"({self.restart_initial_s})"
+            )
+
+
 class BrokerConfig(_Section, frozen=True):
     policy: Path  # the signed policy envelope
     trust_root: Path  # the owner keys that may sign it, and how many of each
@@ -142,6 +173,7 @@ class BrokerConfig(_Section, frozen=True):
     enterprise: EnterpriseConfig
     audit: AuditConfig
     log: LogConfig = LogConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
 
 
 def load(path: Path) -> BrokerConfig:

@@ -167,6 +167,45 @@ class _DaysLeft(Collector):
         yield family
 
 
+class ConnectionCounts(Protocol):
+    @property
+    def open(self) -> int: ...
+    @property
+    def limited(self) -> Mapping[str, int]: ...
+    @property
+    def accept_errors(self) -> Mapping[str, int]: ...
+
+
+class _Connections(Collector):
+    """The consumer listener's connections and limits (ADR 0014), read when collected."""
+
+    def __init__(self, counts: Callable[[], ConnectionCounts | None]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        counts = self._counts()
+        if counts is None:
+            return
+        yield GaugeMetricFamily(
+            "dmzbroker_connections_open", "Consumer connections open", value=counts.open
+        )
+        limited = CounterMetricFamily(
+            "dmzbroker_connections_limited",
+            "Consumer connections refused or closed by a limit",
+            labels=["reason"],
+        )
+        for reason, count in sorted(counts.limited.items()):
+            limited.add_metric([reason], count)
+        errors = CounterMetricFamily(
+            "dmzbroker_accept_errors",
+            "Failed accepts on the consumer port (EMFILE, ENFILE...), retried",
+            labels=["error"],
+        )
+        for error, count in sorted(counts.accept_errors.items()):
+            errors.add_metric([error], count)
+        yield from (limited, errors)
+
+
 class _AuditSuppressed(Collector):
     """Outsider-caused audit events counted instead of written (ADR 0015), by event."""
 
@@ -191,6 +230,7 @@ class EnterpriseMetrics:
         audit_failing: Callable[[], bool],
         read_seq: Callable[[], int] = lambda: 0,
         certificates: Callable[[], dict[str, float]] = dict,
+        connections: Callable[[], ConnectionCounts | None] = lambda: None,
         *,
         audit_suppressed: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
@@ -198,6 +238,13 @@ class EnterpriseMetrics:
         self.records_received = Counter(
             "dmzbroker_records_received", "Records read from the spool", registry=self.registry
         )
+        self.spool_read_errors = Counter(
+            "dmzbroker_spool_read_errors",
+            "Failed reads of the spool or saves of the read position (EMFILE, EIO...), retried",
+            ["error"],
+            registry=self.registry,
+        )
+        self.registry.register(_Connections(connections))
         Gauge(
             "dmzbroker_enterprise_audit_failing",
             "1 while the enterprise half's audit log cannot be written (consumers refused)",

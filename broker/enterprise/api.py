@@ -21,6 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.audit.log import AuditLog
 from broker.enterprise.authz import Authorization, Peer, denied, peer_of
+from broker.enterprise.listener import request_started
+from broker.enterprise.openapi import served_document
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.records import to_json
@@ -32,6 +34,7 @@ AUTHZ: web.AppKey[Authorization] = web.AppKey("authz", Authorization)
 AUDIT: web.AppKey[AuditLog] = web.AppKey("audit", AuditLog)
 METRICS: web.AppKey[EnterpriseMetrics] = web.AppKey("metrics", EnterpriseMetrics)
 SPOOL_DIR: web.AppKey[Path] = web.AppKey("spool_dir", Path)
+OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 CONNECTIONS: web.AppKey[weakref.WeakSet[asyncio.BaseTransport]] = web.AppKey("connections")
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
 VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
@@ -55,11 +58,13 @@ def create_app(
     app[CONNECTIONS] = weakref.WeakSet()
     app[METRICS] = metrics
     app[SPOOL_DIR] = spool_dir
+    app[OPENAPI] = served_document()
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
     app.router.add_get("/v1/signals/{path:.+}", _signal, allow_head=False)
     app.router.add_get("/v1/stream", _stream, allow_head=False)
     app.router.add_get("/metrics", _metrics, allow_head=False)
+    app.router.add_get("/v1/openapi.json", _openapi, allow_head=False)
     return app
 
 
@@ -83,6 +88,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Name the peer and look up its view; refuse a certificate without exactly one URI."""
+    request_started()  # the listener's header deadline ends; it is a client, not a squatter
     peer = peer_of(
         request.transport.get_extra_info("ssl_object") if request.transport else None,
         request.remote,
@@ -97,8 +103,8 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         denied(peer, "revoked", path=request.path)
         raise web.HTTPForbidden(reason="the client certificate is revoked")
     # /metrics stays readable while data is refused: that is when monitoring matters most,
-    # and it carries no plant values.
-    data = request.path != "/metrics"
+    # and it carries no plant values; nor does the API's own description.
+    data = request.path not in ("/metrics", "/v1/openapi.json")
     if data and request.app[AUDIT].failing:
         raise web.HTTPServiceUnavailable(reason="the audit log cannot be written; try later")
     if data and datetime.now(UTC) >= authz.policy.expires:
@@ -162,6 +168,11 @@ async def _metrics(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(reason="metrics are not granted to this consumer")
     body = request.app[METRICS].exposition(request.app[SPOOL_DIR])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    # Any authenticated consumer: the document describes the API, not what it serves.
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:

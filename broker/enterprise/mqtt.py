@@ -26,6 +26,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from broker.channel.spool import SpoolReceiver
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
+from broker.errors import ChannelError
 from broker.records import Record, to_json
 from broker.trust import tls
 
@@ -52,9 +53,10 @@ class MqttSink:
         where = f"{config.host}:{config.port}"
         backoff = 1.0
         while True:
-            # From the saved position: what an interrupted batch had read is read again.
-            receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader="mqtt")
+            receiver: SpoolReceiver | None = None
             try:
+                # From the saved position: what an interrupted batch had read is read again.
+                receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader="mqtt")
                 async with aiomqtt.Client(
                     config.host,
                     config.port,
@@ -69,8 +71,11 @@ class MqttSink:
                     await self._forward(client, receiver)
             except aiomqtt.MqttError as e:
                 log.warning("mqtt_unreachable", address=where, error=str(e), retry_in_s=backoff)
+            except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retried
+                log.warning("mqtt_spool_unreadable", error=str(e), retry_in_s=backoff)
             finally:
-                receiver.close()
+                if receiver is not None:
+                    receiver.close()
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
 

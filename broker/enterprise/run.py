@@ -9,6 +9,7 @@ or narrowed to what the new policy grants.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
-from broker.enterprise.listener import listen
+from broker.enterprise.episodes import Episode
+from broker.enterprise.listener import ConnectionStats, Listener, fit_to_file_limit, listen
 from broker.enterprise.mqtt import MqttSink
 from broker.enterprise.store import Store
-from broker.errors import ConfigError
+from broker.errors import ChannelError, ConfigError
 from broker.health import ClockWatch, days_left, warn_expiring_certificates
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
@@ -36,6 +38,7 @@ POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added la
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
+SPOOL_RETRY_S = (0.05, 2.0)  # first and longest pause after a failed spool read
 
 log = structlog.get_logger("enterprise")
 
@@ -54,22 +57,38 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     ent = config.enterprise
     ssl_context, revoked = tls.endpoint_context(ent.tls)
     reloader = tls.EndpointReloader(ent.tls, ssl_context)
-    receiver = SpoolReceiver(config.spool.dir, ent.state_dir)
+    limits = fit_to_file_limit(ent.listen)
+    spool = _SpoolReading(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
     authz = Authorization(trusted.policy, revoked)
+    connections = ConnectionStats()
     metrics = EnterpriseMetrics(
         streams=lambda: len(store.subscriptions),
         audit_failing=lambda: audit.failing,
-        read_seq=lambda: receiver.last_seq,
+        read_seq=lambda: spool.receiver.last_seq,
         certificates=lambda: days_left(_certificates(config)),
+        connections=lambda: connections,
     )
     app = create_app(store, authz, audit, metrics, config.spool.dir)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=2.0,
+        keepalive_timeout=limits.idle_timeout_s,  # also bounds a later request's headers
+    )
     await runner.setup()
-    listening: asyncio.Server | None = None
+    listener: Listener | None = None
     try:
         try:
-            listening = await listen(runner, ent.listen.host, ent.listen.port, ssl_context)
+            listener = await listen(
+                runner,
+                ent.listen.host,
+                ent.listen.port,
+                ssl_context,
+                limits=limits,
+                stats=connections,
+            )
         except OSError as e:
             raise ConfigError(
                 f"enterprise.listen: cannot listen on {ent.listen.host}:{ent.listen.port}: "
@@ -79,7 +98,8 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             "api_listening",
             address=f"https://{ent.listen.host}:{ent.listen.port}",
             policy_version=trusted.policy.version,
-            resume_after_seq=receiver.last_seq,
+            resume_after_seq=spool.receiver.last_seq,
+            max_connections=limits.max_connections,
         )
         warn_expiring_certificates(_certificates(config))
         watcher = PolicyWatcher(
@@ -90,7 +110,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             on_hangup=lambda: _reload_tls(reloader, authz, force=True),
         )
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(_deliver(receiver, store, metrics), name="spool reader")
+            tasks.create_task(_deliver(spool, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
             tasks.create_task(_watch_tls(reloader, authz), name="tls material")
             if ent.mqtt is not None:
@@ -103,10 +123,10 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
                 _apply(accepted.policy, store, authz)
     finally:
         store.close()
-        if listening is not None:
-            listening.close()
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
-        receiver.close()
+        spool.receiver.close()
 
 
 def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
@@ -164,13 +184,54 @@ async def _watch_audit(audit: AuditLog, store: Store) -> None:
         await asyncio.sleep(AUDIT_CHECK_S)
 
 
-async def _deliver(receiver: SpoolReceiver, store: Store, metrics: EnterpriseMetrics) -> None:
+class _SpoolReading:
+    """The spool receiver, reopened from its saved position after a failed read: a read
+    that fails midway may have moved past records it never returned."""
+
+    def __init__(self, directory: Path, state_dir: Path) -> None:
+        self._directory = directory
+        self._state_dir = state_dir
+        self.receiver = SpoolReceiver(directory, state_dir)
+
+    def reopen(self) -> None:
+        self.receiver.close()
+        self.receiver = SpoolReceiver(self._directory, self._state_dir)
+
+
+async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetrics) -> None:
+    """Spool → store, for as long as the half runs. A failed read or position save (out of
+    descriptors, an I/O error) is retried with backoff and logged once per episode; it never
+    ends the half, and no record is delivered twice or skipped."""
+    failing = Episode(log, "spool_read_failed", "spool_read_recovered")
+    pause = SPOOL_RETRY_S[0]
+    reopen = False
+    committed = True  # the saved position is where the store has got to
     while True:
-        records = receiver.receive()
-        if not records:
-            await asyncio.sleep(POLL_S)
+        try:
+            if reopen:
+                spool.reopen()
+                reopen = False
+            if not committed:
+                spool.receiver.commit()
+                committed = True
+            records = spool.receiver.receive()
+            if records:
+                store.apply(records)
+                committed = False
+                metrics.records_received.inc(len(records))
+                spool.receiver.commit()
+                committed = True
+        except (ChannelError, OSError) as e:
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+            error = errno.errorcode.get(getattr(cause, "errno", None) or 0, type(cause).__name__)
+            metrics.spool_read_errors.labels(error).inc()
+            failing.hit(error, error=str(e), retry_in_s=pause)
+            reopen = committed  # what was read but not delivered is read again
+            await asyncio.sleep(pause)
+            pause = min(SPOOL_RETRY_S[1], pause * 2)
             continue
-        store.apply(records)
-        receiver.commit()
-        metrics.records_received.inc(len(records))
-        await asyncio.sleep(0)  # let consumers drain between batches while catching up
+        if failing.active:
+            failing.end(resume_after_seq=spool.receiver.last_seq)
+            pause = SPOOL_RETRY_S[0]
+        # An idle reader polls; while catching up, consumers drain between batches.
+        await asyncio.sleep(0 if records else POLL_S)

@@ -120,11 +120,12 @@ class EndpointReloader:
         self._config = config
         self._context = context
         self._seen = self._fingerprints()
+        self._deferred = False  # a reload put off by an OS error, logged once until it works
 
     def check(self, *, force: bool = False) -> frozenset[str] | None:
         """New revoked serials for the API (stale CRL accepted), or None if nothing changed."""
-        seen = self._fingerprints()
-        if seen == self._seen and not force:
+        seen, before = self._fingerprints(), self._seen
+        if seen == before and not force:
             return None
         self._seen = seen
         log = structlog.get_logger("tls")
@@ -132,13 +133,20 @@ class EndpointReloader:
         try:
             server_context(config.cert, config.key, config.client_ca)  # every file usable?
             crl, revoked = _crl_in_use(config)
+            _load_chain(self._context, config.cert, config.key)
+            _load_ca(self._context, config.client_ca)
+            if crl is not None:
+                _load_ca(self._context, crl)
         except TrustError as e:
             log.error("tls_reload_refused", error=str(e), kept="the material in use")
             return None
-        _load_chain(self._context, config.cert, config.key)
-        _load_ca(self._context, config.client_ca)
-        if crl is not None:
-            _load_ca(self._context, crl)
+        except OSError as e:  # out of file descriptors, an I/O error: not the files' fault
+            self._seen = before  # so the next check tries again
+            if not self._deferred:
+                self._deferred = True
+                log.warning("tls_reload_deferred", error=str(e), kept="the material in use")
+            return None
+        self._deferred = False
         log.info("tls_material_reloaded", cert=str(config.cert))
         return revoked
 
