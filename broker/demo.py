@@ -8,6 +8,7 @@ demo's marker file, so a mistyped --workdir never deletes someone's files).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shlex
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import structlog
 
 from broker import policy
+from broker.config import SupervisorConfig
 from broker.errors import ConfigError, DmzBrokerError
 from broker.policy import ModbusDevice
 from broker.sim.appliance import Appliance, provision
@@ -51,17 +53,11 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
         raise ConfigError(
             f"cannot start the simulated plant on {device.host}:{device.port}: is the port in use?"
         ) from e
-    supervisor = Supervisor(appliance.config, "auto")
+    # `run`'s supervisor, without an audit writer of its own: the demo's log is the terminal.
+    running = asyncio.create_task(Supervisor(appliance.config, "auto", SupervisorConfig()).run())
     try:
-        await supervisor.start()
         url = f"https://localhost:{port}/v1/snapshot"
-        ready = asyncio.create_task(_wait_ready(url, appliance))
-        exited = asyncio.create_task(supervisor.wait())
-        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            ready.cancel()
-            return exited.result()
-        ready.result()
+        await _wait_ready(url, appliance)
         print(
             "\nThe broker is running. Ask it for the latest value of every signal:\n\n"
             f"curl --cert {shlex.quote(str(appliance.client_cert))} "
@@ -69,13 +65,14 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
             f"--cacert {shlex.quote(str(appliance.ca))} {url}\n",
             flush=True,
         )
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):  # None: no limit
-                return await exited
-        except TimeoutError:
-            return 0
+                await asyncio.shield(running)  # ends only by a stop request or a bug
+        return 0
     finally:
-        await supervisor.stop()
+        running.cancel()  # stops both halves
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
         await plant.stop()
 
 

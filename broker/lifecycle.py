@@ -1,12 +1,16 @@
-"""Process lifecycle: run a main coroutine until it ends or SIGINT/SIGTERM asks it to stop.
+"""Process lifecycle: run a main coroutine until it ends or SIGINT/SIGTERM asks it to stop,
+and, for a half started by `dmzbroker run`, end when its supervisor ends.
 
 A stop request cancels the main task, so every `finally` (closing the spool, the listeners,
-child processes) runs before the process exits.
+child processes) runs before the process exits. A half never outlives its supervisor: a
+half left running headless would keep polling devices with nothing watching it, and the
+next `run` would be refused its folders.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -14,6 +18,29 @@ from typing import Any
 from broker.errors import DmzBrokerError
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SUPERVISOR_PID = "DMZBROKER_SUPERVISOR_PID"  # set by `run` in each half's environment
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_supervisor() -> None:
+    """Under `run`, have the kernel send this process SIGTERM when the supervisor dies.
+
+    Call it first thing in the child. The supervisor may have died before the request was
+    made (the kernel would then never send the signal), so the parent is checked after it:
+    if it is no longer the supervisor whose pid `run` passed down, the half does not start.
+    Without SUPERVISOR_PID in the environment (systemd, `dmzbroker plant`) it does nothing.
+    """
+    supervisor = os.environ.pop(SUPERVISOR_PID, None)
+    if supervisor is None:
+        return
+    import ctypes  # noqa: PLC0415 - only under `run`: not loaded in the hardened units
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    term = ctypes.c_ulong(signal.SIGTERM)
+    if libc.prctl(_PR_SET_PDEATHSIG, term, ctypes.c_ulong(0), ctypes.c_ulong(0), 0) != 0:
+        raise SystemExit(f"dmzbroker: error: prctl: {os.strerror(ctypes.get_errno())}")
+    if str(os.getppid()) != supervisor:
+        raise SystemExit(f"dmzbroker: error: supervisor pid {supervisor} is gone; not starting")
 
 
 def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:

@@ -1,40 +1,176 @@
-"""`dmzbroker run`: the two halves as two OS processes, joined only by the spool.
+"""`dmzbroker run`: the two halves as two OS processes, joined only by the spool, each kept up.
 
-Each half is started as `python -m broker plant|enterprise --config FILE`. If one half
-exits on its own, the other is stopped too: a broker with half its pipeline is not running.
+Each half is started as `python -I -m broker plant|enterprise --config FILE`: in isolated
+mode, so neither a `broker/` folder in the working directory nor a PYTHON* variable can
+stand in for the installed package. A half that exits by itself is started again after a
+backoff (doubling from `restart_initial_s` up to `restart_max_s`, jittered, and back to the
+first delay once the half has run `restart_reset_s`), with `half_exited` and
+`half_restarted` in the supervisor's own audit log. The other half is never touched: the
+plant half never stops, pauses or changes its polling because of the enterprise side.
+
+Each half runs in a session of its own, so a terminal's Ctrl-C reaches the supervisor
+only, which then stops both (SIGTERM, SIGKILL after STOP_GRACE_S) and exits 0; if the
+supervisor itself dies, the kernel sends each half SIGTERM (`lifecycle.end_with_supervisor`).
+This module never stops or restarts a half because of the other, and never starts a half
+while another process holds a folder the halves write (`refuse_if_running`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import structlog
 
+from broker.audit.log import AuditLog, AuditMonitor
+from broker.config import BrokerConfig, SupervisorConfig
+from broker.folder_lock import check_free
+from broker.lifecycle import SUPERVISOR_PID
+
 HALVES = ("plant", "enterprise")
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
+AUDIT_CHECK_S = 1.0  # how often the supervisor's audit log is checked (and checkpointed)
 
 log = structlog.get_logger("supervisor")
 
 
+def refuse_if_running(config: BrokerConfig) -> None:
+    """Raise FolderLockError, naming the folder and its holder, if another process writes
+    any folder a half would write. Each half takes these locks itself; this only keeps
+    `run` from starting next to another instance and restarting halves that cannot start."""
+    audit = config.audit.dir
+    for folder in (
+        config.spool.dir,
+        config.plant.state_dir,
+        config.enterprise.state_dir,
+        audit / "plant",
+        audit / "enterprise",
+    ):
+        check_free(folder)
+
+
+class Backoff:
+    """Delays before restarting one half: exponential, capped, with jitter (half to all of
+    the step, so halves that die together do not come back in lockstep)."""
+
+    def __init__(self, settings: SupervisorConfig) -> None:
+        self._settings = settings
+        self._failures = 0  # exits in a row without a healthy run between them
+
+    def after_exit(self, ran_s: float) -> float:
+        if ran_s >= self._settings.restart_reset_s:
+            self._failures = 0  # it ran fine for a while: this exit is a fresh incident
+        step = self._settings.restart_initial_s * 2.0 ** min(self._failures, 32)
+        self._failures += 1
+        ceiling = min(self._settings.restart_max_s, step)
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
+
+
 class Supervisor:
-    def __init__(self, config: Path, log_format: str) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_format: str,
+        settings: SupervisorConfig,
+        audit: AuditLog | None = None,  # None: the demo, whose log is the terminal
+    ) -> None:
         self._config = config
         self._log_format = log_format
+        self._settings = settings
+        self._audit = audit
         self._children: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self) -> None:
+    async def run(self) -> None:
+        """Keep both halves running until cancelled (a stop signal); then stop both."""
         # SIGHUP asks both halves to re-read the policy; it must never stop the broker.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._forward_hangup)
-        for half in HALVES:
-            self._children[half] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker", half,
-                "--config", str(self._config), "--log-format", self._log_format,
-            )  # fmt: skip
-            log.info("half_started", half=half, pid=self._children[half].pid)
+        async with asyncio.TaskGroup() as tasks:
+            if self._audit is not None:
+                tasks.create_task(self._watch_audit(self._audit), name="supervisor audit")
+            for half in HALVES:
+                tasks.create_task(self._keep_running(half), name=half)
+
+    async def _keep_running(self, half: str) -> None:
+        backoff = Backoff(self._settings)
+        starts = 0
+        delay = 0.0
+        while True:
+            try:
+                process = await self._start(half)
+            except OSError as e:  # fork or exec refused (out of memory or processes): retry
+                delay = backoff.after_exit(0.0)
+                log.error("half_start_failed", half=half, error=str(e), retry_in_s=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            if starts == 0:
+                log.info("half_started", half=half, pid=process.pid)
+            else:
+                log.warning(
+                    "half_restarted",
+                    half=half,
+                    pid=process.pid,
+                    restarts=starts,
+                    delay_s=round(delay, 3),
+                )
+            starts += 1
+            started = time.monotonic()
+            try:
+                code = await process.wait()
+            except asyncio.CancelledError:
+                await self._stop(half, process)
+                raise
+            ran_s = time.monotonic() - started
+            delay = backoff.after_exit(ran_s)
+            log.error(
+                "half_exited",
+                half=half,
+                pid=process.pid,
+                **_how_it_ended(code),
+                ran_s=round(ran_s, 3),
+                restart_in_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+
+    async def _start(self, half: str) -> asyncio.subprocess.Process:
+        """Start a half; a stop request arriving meanwhile stops it again before returning."""
+        environment = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
+        argv = [sys.executable, "-I", "-m", "broker", half, "--config", str(self._config)]
+        spawning = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *argv,
+                "--log-format",
+                self._log_format,
+                env=environment,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        try:
+            process = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            await self._stop(half, await spawning)
+            raise
+        self._children[half] = process
+        return process
+
+    async def _stop(self, half: str, process: asyncio.subprocess.Process) -> None:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await process.wait()
+            except TimeoutError:
+                log.error("half_killed", half=half, pid=process.pid, after_s=STOP_GRACE_S)
+                process.kill()
+                await process.wait()
+        log.info("half_stopped", half=half, pid=process.pid, exit_code=process.returncode)
 
     def _forward_hangup(self) -> None:
         for process in self._children.values():
@@ -43,36 +179,17 @@ class Supervisor:
                     process.send_signal(signal.SIGHUP)
         log.info("policy_reload_requested", halves=len(self._children))
 
-    async def wait(self) -> int:
-        """Until a half exits by itself; returns the exit code to report (never 0)."""
-        waits = {asyncio.create_task(p.wait()): half for half, p in self._children.items()}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-        half = waits[done.pop()]
-        code = self._children[half].returncode or 1
-        log.error("half_exited", half=half, exit_code=self._children[half].returncode)
-        return code
+    async def _watch_audit(self, audit: AuditLog) -> None:
+        """Checkpoints on time, and a failing audit log reported (the halves go on)."""
+        monitor = AuditMonitor(audit, "restarts of halves are only in the process log")
+        while True:
+            monitor.check()
+            await asyncio.sleep(AUDIT_CHECK_S)
 
-    async def stop(self) -> None:
-        for half, process in self._children.items():
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(STOP_GRACE_S):
-                        await process.wait()
-                except TimeoutError:
-                    log.error("half_killed", half=half, after_s=STOP_GRACE_S)
-                    process.kill()
-                    await process.wait()
-            log.info("half_stopped", half=half, exit_code=process.returncode)
 
-    async def run(self) -> int:
-        await self.start()
-        try:
-            return await self.wait()
-        finally:
-            await self.stop()
+def _how_it_ended(returncode: int) -> dict[str, int | str]:
+    """An exit code, or the signal that ended the process (asyncio gives it negated)."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return {"exit_signal": signal.Signals(-returncode).name}
+    return {"exit_code": returncode}

@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,14 +20,17 @@ import aiohttp
 import pytest
 
 from broker import policy
+from broker.lifecycle import SUPERVISOR_PID
 from broker.plant.connectors.modbus import READ_FUNCTIONS
 from broker.policy import ModbusSource
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     BrokerProcess,
     Deployment,
+    Owners,
     Pki,
     consumer_ssl,
+    dmzbroker,
     eventually,
     get_json,
     read_events,
@@ -229,27 +234,199 @@ async def test_a_second_sigterm_during_shutdown_still_stops_both_halves(
     await eventually(lambda: not any(pid_alive(pid) for pid in pids), timeout=15)
 
 
-async def test_when_one_half_dies_the_other_is_stopped_and_run_fails(
-    deployment: Deployment, plant_sim: RefrigerationPlant, broker: BrokerProcess
+async def test_a_half_that_dies_is_restarted_and_audited_while_the_other_keeps_running(
+    deployment: Deployment, plant_sim: RefrigerationPlant, owners: Owners, pki: Pki, start_broker
 ) -> None:
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki), timeout=30)
     plant_pid, enterprise_pid = half_pids(broker)
-    os.kill(plant_pid, 9)
-    await eventually(lambda: broker.process.poll() is not None)
-    assert broker.process.returncode != 0
-    assert not pid_alive(enterprise_pid)
-    assert any('"half_exited"' in line and '"plant"' in line for line in broker.events())
+
+    os.kill(plant_pid, signal.SIGKILL)
+    await eventually(lambda: current_pid(broker, "plant") != plant_pid, timeout=30)
+    assert broker.process.poll() is None  # `run` goes on
+    assert current_pid(broker, "enterprise") == enterprise_pid and pid_alive(enterprise_pid)
+    # The new plant half reads the PLC again, and its values cross.
+    requests = sum(plant_sim.requests.values())
+    await eventually(lambda: sum(plant_sim.requests.values()) > requests + 8, timeout=30)
+    assert broker.stop() == 0
+    assert not pid_alive(current_pid(broker, "plant"))
+
+    exited = [e for e in events(broker) if e["event"] == "half_exited"]
+    assert [(e["half"], e["pid"], e["exit_signal"]) for e in exited] == [("plant", plant_pid, "SIGKILL")]
+    audit = deployment.directory / "audit"
+    shown = dmzbroker("audit", "show", str(audit), "--writer", "supervisor", "--format", "json")
+    entries = [json.loads(line) for line in shown.stdout.splitlines()]
+    by_event = {e["event"]: e for e in entries}
+    assert by_event["half_exited"]["actor"] == "plant"
+    assert by_event["half_exited"]["details"]["exit_signal"] == "SIGKILL"
+    restarted = by_event["half_restarted"]
+    assert restarted["actor"] == "plant" and restarted["details"]["restarts"] == 1
+    assert 0 < restarted["details"]["delay_s"] <= 0.5  # the first delay: 0.25 to 0.5 s
+    assert {"process_started", "process_stopped", "audit_checkpoint"} <= by_event.keys()
+    verified = dmzbroker(
+        "audit", "verify", str(audit), "--pubkey", str(owners.audit_key.with_suffix(".pub")),
+        check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout
+    assert any(line.startswith("supervisor: ") for line in verified.stdout.splitlines())
+
+
+async def test_kill_9_of_run_leaves_no_half_running(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+) -> None:
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki), timeout=30)
+    pids = half_pids(broker)
+    assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+
+    broker.kill9()
+    # The kernel sends each half SIGTERM: they stop cleanly, within their usual stop time.
+    await eventually(lambda: not any(pid_alive(pid) for pid in pids), timeout=15)
+    stopped = [e for e in events(broker) if e["event"] == "process_stopped"]
+    assert sorted(e["process"] for e in stopped) == ["enterprise", "plant"]
+
+
+def test_a_half_whose_supervisor_is_already_gone_does_not_start(tmp_path: Path) -> None:
+    """The race the parent-death signal cannot cover: the supervisor died before the half
+    asked for the signal. The half sees that its parent is not the supervisor and stops
+    before the command line is even read (the config named here does not exist)."""
+    gone = os.getpid() + 1  # not the half's parent (this process is)
+    result = subprocess.run(
+        [sys.executable, "-I", "-m", "broker", "plant", "--config", str(tmp_path / "none.yaml")],
+        env={**os.environ, SUPERVISOR_PID: str(gone)},
+        capture_output=True, text=True, timeout=30, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"dmzbroker: error: supervisor pid {gone} is gone; not starting"
+    ]
+
+
+TRAP = """
+import pathlib, sys
+pathlib.Path({marker!r}).write_text("imported from the working directory")
+sys.exit(99)
+"""
+
+
+async def test_a_broker_folder_in_the_working_directory_is_never_imported(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "workdir"
+    (workdir / "broker").mkdir(parents=True)
+    marker = tmp_path / "trap-sprung"
+    (workdir / "broker" / "__init__.py").write_text(TRAP.format(marker=str(marker)))
+    # The trap works: a plain `python -m broker` from there imports it.
+    sprung = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "--version", cwd=workdir
+    )
+    async with asyncio.timeout(30):
+        assert await sprung.wait() == 99
+    assert marker.exists()
+    marker.unlink()
+
+    # The operator's `dmzbroker run` from that directory starts the real halves.
+    log = tmp_path / "run.log"
+    with open(log, "wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            Path(sys.executable).parent / "dmzbroker", "run", "--config", deployment.config,
+            stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir, start_new_session=True,
+        )  # fmt: skip
+    try:
+        await eventually(lambda: snapshot_has_data(deployment, pki), timeout=30)
+        started = [json.loads(line) for line in log.read_text().splitlines() if "half_" in line]
+        assert [e["event"] for e in started] == ["half_started", "half_started"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        async with asyncio.timeout(15):
+            assert await process.wait() == 0
+    assert not marker.exists()
+
+
+async def test_a_second_instance_is_refused_and_the_first_keeps_serving(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker, tmp_path: Path
+) -> None:
+    first: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki), timeout=30)
+    plant_pid, enterprise_pid = half_pids(first)
+    segments = sorted(deployment.spool.glob("*.seg"))
+    directory = deployment.directory
+
+    refused = {
+        "run": (directory / "audit" / "supervisor", first.process.pid),
+        "plant": (directory / "plant-state", plant_pid),
+        "enterprise": (directory / "enterprise-state", enterprise_pid),
+    }
+    for command, (folder, holder) in refused.items():
+        second = dmzbroker(command, "--config", str(deployment.config), check=False, timeout=30)
+        assert second.returncode == 1, command
+        assert second.stderr.splitlines() == [
+            f"dmzbroker: error: {folder}: in use by another dmzbroker process (pid {holder}); "
+            "only one instance may write a folder: stop that one, or give this one other folders"
+        ], command
+
+    assert sorted(deployment.spool.glob("*.seg")) == segments  # the refused ones wrote nothing
+    assert half_pids(first) == [plant_pid, enterprise_pid] and first.process.poll() is None
+    seen = await snapshot(deployment, pki)
+    await eventually(
+        lambda: newer_values(deployment, pki, max(r["seq"] for r in seen.values())), timeout=15
+    )
+
+    # A killed holder leaves nothing that blocks the next start: kill every process at once.
+    first.kill9()
+    for pid in (plant_pid, enterprise_pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    await eventually(lambda: not pid_alive(plant_pid) and not pid_alive(enterprise_pid))
+    again: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(
+        lambda: newer_values(deployment, pki, max(r["seq"] for r in seen.values())), timeout=30
+    )
+    assert again.stop() == 0
+
+
+async def test_run_next_to_a_running_half_is_refused_before_starting_anything(
+    deployment: Deployment, plant_sim: RefrigerationPlant, start_broker
+) -> None:
+    plant: BrokerProcess = start_broker("plant", deployment.config)
+    await eventually(lambda: '"device_session_up"' in "".join(plant.events()), timeout=30)
+    second = dmzbroker("run", "--config", str(deployment.config), check=False, timeout=30)
+    assert second.returncode == 1
+    assert second.stderr.splitlines()[-1] == (
+        f"dmzbroker: error: {deployment.spool}: in use by another dmzbroker process "
+        f"(pid {plant.process.pid}); only one instance may write a folder: stop that one, or "
+        "give this one other folders"
+    )
+    assert "half_started" not in second.stderr
+    assert plant.process.poll() is None
+    assert plant.stop() == 0
+
+
+async def newer_values(deployment: Deployment, pki: Pki, after_seq: int) -> bool:
+    records = await snapshot(deployment, pki)
+    return any(r["seq"] > after_seq and r["quality"] == "good" for r in records.values())
+
+
+def events(broker: BrokerProcess) -> list[dict]:
+    return [json.loads(line) for line in broker.events() if line.startswith("{")]
+
+
+def current_pid(broker: BrokerProcess, half: str) -> int:
+    """The pid of the half's latest start."""
+    starts = ("half_started", "half_restarted")
+    return [e["pid"] for e in events(broker) if e["event"] in starts and e["half"] == half][-1]
 
 
 def half_pids(broker: BrokerProcess) -> list[int]:
-    events = [json.loads(line) for line in broker.events() if line.startswith("{")]
-    return [e["pid"] for e in events if e["event"] == "half_started"]
+    return [e["pid"] for e in events(broker) if e["event"] == "half_started"]
 
 
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        # A zombie still answers kill(0); it is gone for our purposes once defunct.
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    # A zombie still answers kill(0); it is gone for our purposes once reaped or defunct.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"

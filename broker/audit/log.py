@@ -40,6 +40,7 @@ from broker.audit.entry import (
 )
 from broker.config import AuditConfig
 from broker.errors import ChannelError
+from broker.folder_lock import FolderLock
 from broker.trust.keys import key_id, load_private
 
 SUFFIX = ".jsonl"
@@ -126,15 +127,22 @@ class AuditLog:
             self._dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:
             raise ChannelError(f"audit log {self._dir}: cannot create: {e.strerror}") from e
-        numbers = segment_numbers(self._dir)
-        self._seq, self._head = self._recover(numbers)
-        self._used = sum((self._dir / f"{n:010d}{SUFFIX}").stat().st_size for n in numbers)
+        # One writer per chain: a second one would reuse seq numbers, which `audit verify`
+        # cannot tell from tampering. Released by close().
+        self._folder_lock = FolderLock(self._dir)
         self._fd = -1
-        self._size = 0
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
-        self._last_fsync = 0.0
-        self._open_segment((numbers[-1] + 1) if numbers else 1)
+        try:
+            numbers = segment_numbers(self._dir)
+            self._seq, self._head = self._recover(numbers)
+            self._used = sum((self._dir / f"{n:010d}{SUFFIX}").stat().st_size for n in numbers)
+            self._size = 0
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+            self._last_fsync = 0.0
+            self._open_segment((numbers[-1] + 1) if numbers else 1)
+        except BaseException:
+            self._folder_lock.release()
+            raise
 
     @classmethod
     def open(cls, config: AuditConfig, appliance: str, writer: str) -> AuditLog:
@@ -260,6 +268,7 @@ class AuditLog:
                 self._checkpoint()
                 os.close(self._fd)
                 self._fd = -1
+            self._folder_lock.release()
 
     def _append(self, body: dict[str, Any]) -> None:
         entry: dict[str, Any] = {

@@ -20,6 +20,7 @@ import structlog
 from broker import __version__, config, logs
 from broker.audit.log import AuditLog
 from broker.errors import PolicyRefused
+from broker.folder_lock import FolderLock
 from broker.lifecycle import run_until_signalled
 from broker.policy import activation, trustroot
 
@@ -66,34 +67,36 @@ def opened_half(
 ) -> Iterator[tuple[config.BrokerConfig, activation.TrustedPolicy, AuditLog | None]]:
     """Config, the audit log, logging, and the verified policy admitted into this half's
     state dir (with `admit=False`, checked against it and left unrecorded); the audit log
-    gets a final checkpoint when the half stops."""
+    gets a final checkpoint when the half stops. A half that admits holds its state dir's
+    lock meanwhile (one instance per folder, ADR 0013)."""
     cfg = config.load(args.config)
     trust = trustroot.load(cfg.trust_root)
-    audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
-    logs.configure(args.log_format or cfg.log.format, process, audit)
-    log = structlog.get_logger(process)
-    if audit is not None:
-        log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
-        log.info(
-            "config_loaded",
-            path=str(args.config.resolve()),
-            sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
-            trust_root_version=trust.version,
-        )
-    try:
-        try:
-            trusted = activation.load_trusted(
-                cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=admit
-            )
-        except PolicyRefused as e:
-            activation.log_refusal(e)
-            raise
-        activation.log_acceptance(trusted)
-        yield cfg, trusted, audit
-    finally:
+    with FolderLock(state_dir_of(cfg)) if admit else contextlib.nullcontext():
+        audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
+        logs.configure(args.log_format or cfg.log.format, process, audit)
+        log = structlog.get_logger(process)
         if audit is not None:
-            log.info("process_stopped", pid=os.getpid())
-            audit.close()
+            log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
+            log.info(
+                "config_loaded",
+                path=str(args.config.resolve()),
+                sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
+                trust_root_version=trust.version,
+            )
+        try:
+            try:
+                trusted = activation.load_trusted(
+                    cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=admit
+                )
+            except PolicyRefused as e:
+                activation.log_refusal(e)
+                raise
+            activation.log_acceptance(trusted)
+            yield cfg, trusted, audit
+        finally:
+            if audit is not None:
+                log.info("process_stopped", pid=os.getpid())
+                audit.close()
 
 
 def _plant_state(cfg: config.BrokerConfig) -> Path:
@@ -105,14 +108,16 @@ def _enterprise_state(cfg: config.BrokerConfig) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from broker.supervisor import Supervisor
+    from broker.supervisor import Supervisor, refuse_if_running
 
-    # Refuse a bad config or policy before starting anything; the halves admit (and audit)
-    # it themselves.
-    checked = opened_half(args, "supervisor", _plant_state, audited=False, admit=False)
-    with checked as (cfg, _, _):
+    # Refuse a bad config or policy, or folders another instance writes, before starting
+    # anything; the halves admit (and audit) the policy themselves. The supervisor's own
+    # audit writer holds its folder: a second `run` is refused right there.
+    with opened_half(args, "supervisor", _plant_state, admit=False) as (cfg, _, audit):
+        assert audit is not None
+        refuse_if_running(cfg)
         fmt = args.log_format or cfg.log.format
-    return run_until_signalled(Supervisor(args.config, fmt).run())
+        return run_until_signalled(Supervisor(args.config, fmt, cfg.supervisor, audit).run())
 
 
 def _plant(args: argparse.Namespace) -> int:

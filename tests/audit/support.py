@@ -85,8 +85,10 @@ def fd_of(path: Path) -> int:
 
 
 def abandon(writer_dir: Path) -> None:
-    """What a crash does to a writer: its descriptor goes, no closing checkpoint is written."""
+    """What a crash does to a writer: its descriptors go (the segment's, and the folder lock's
+    with its lock), no closing checkpoint is written."""
     os.close(fd_of(segments(writer_dir)[-1]))
+    os.close(fd_of(writer_dir / ".lock"))
 
 
 def write_public_key(key: Ed25519PrivateKey, path: Path) -> Path:
