@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sse_fanout.py
 	$(BIN)/python bench/opcua_ingest.py
 	$(BIN)/python bench/modbus_plan.py
+	$(BIN)/python bench/audit_flood.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
