@@ -15,11 +15,22 @@ backoff with jitter. Each device runs in its own task, so one never delays anoth
 Behind a gateway (several unit ids at one address), a unit that stops answering while the
 connection stays up trips a breaker of its own instead: its signals go `bad`, its requests
 are not sent again until its backoff has passed, and the other units keep their rate.
+
+It never takes an answer that does not match its request as data (docs/modbus.md, "A device
+that answers wrongly"). pymodbus skips frames with another transaction or unit id but takes
+id 0 for any, and checks neither the function code nor the number of items; a frame it
+cannot decode it raises inside the transport, where asyncio logs a traceback and drops the
+connection. So the connector decodes with `_ResponseDecoder`, which turns every frame into a
+PDU, and checks each answer against its request: a well-formed answer with the wrong number
+of items, or an exception response, is a refusal of that request; anything else (another
+transaction id, unit id or function code, a frame that is no read answer) means the
+connection no longer lines up requests and answers, and it is dropped like a silent one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,7 +39,8 @@ from datetime import UTC, datetime
 import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ModbusPDU
+from pymodbus.exceptions import ModbusException
+from pymodbus.pdu import DecodePDU, ModbusPDU
 
 from broker.errors import DeviceError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
@@ -51,6 +63,89 @@ class Pace:
         start = max(now, self._next)
         self._next = start + self._gap  # reserved before sleeping: concurrent callers queue up
         await asyncio.sleep(start - now)
+
+
+# What pymodbus raises for a request: no answer within timeout_s or the connection lost
+# (ModbusException), and what its decoding raises should a version let one through.
+_LIBRARY_ERRORS = (ModbusException, OSError, ValueError, IndexError, struct.error)
+_READ_CODES = frozenset(code for code, _, _ in READ_FUNCTIONS.values())
+_REGISTER_CODES = frozenset(
+    code for table, (code, _, _) in READ_FUNCTIONS.items() if table not in BIT_TABLES
+)
+
+
+class _Unreadable(ModbusPDU):
+    """A frame that is no well-formed answer to a read; `problem` says why, for the log."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__()
+        self.problem = problem
+
+
+def _malformed(frame: bytes) -> str | None:
+    """Why a response PDU (function code onwards) is no well-formed answer to a read."""
+    code = frame[0]
+    if code & 0x80:
+        return None if len(frame) == 2 and code != 0x80 else f"an exception of {len(frame)} bytes"
+    if code not in _READ_CODES:
+        return f"function code {code}, which answers no read"
+    if len(frame) < 2 or frame[1] != len(frame) - 2:
+        return f"a byte count that disagrees with its {len(frame) - 2} bytes of data"
+    if code in _REGISTER_CODES and frame[1] % 2:
+        return f"an odd byte count ({frame[1]}) for registers"
+    return None
+
+
+class _ResponseDecoder(DecodePDU):
+    """Decodes well-formed read answers and exception responses, and nothing else.
+
+    Every frame gives a PDU: where pymodbus's decoder gives None (which its framer raises
+    from inside the transport's data_received), this gives an `_Unreadable` that the
+    connector refuses as data.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(is_server=False)
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        problem = _malformed(frame)
+        pdu = None if problem else super().decode(frame)
+        return _Unreadable(problem or "an undecodable frame") if pdu is None else pdu
+
+
+class _Client(AsyncModbusTcpClient):
+    """One connection to the device: pymodbus's client with `_ResponseDecoder`, knowing the
+    transaction id of the request it sent last (one request at a time per connection)."""
+
+    def __init__(self, device: ModbusDevice) -> None:
+        super().__init__(
+            device.host,
+            port=device.port,
+            timeout=device.timeout_s,
+            retries=0,
+            reconnect_delay=0,  # reconnects are ours, through the breaker
+            trace_pdu=self._traced,
+        )
+        self.ctx.framer.decoder = _ResponseDecoder()  # what `register()` extends, replaced
+        self.sent_tid = 0  # pymodbus numbers requests from 1
+
+    def _traced(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if sending:
+            self.sent_tid = pdu.transaction_id
+        return pdu
+
+
+def _mismatch(response: ModbusPDU, request: ReadRequest, tid: int) -> str | None:
+    """Why `response` is not the answer to `request`, sent with transaction id `tid`."""
+    if isinstance(response, _Unreadable):
+        return response.problem
+    if response.transaction_id != tid:
+        return f"transaction id {response.transaction_id}, not {tid}"
+    if response.dev_id != request.unit_id:
+        return f"unit id {response.dev_id}"
+    if response.function_code & 0x7F != request.function_code:
+        return f"function code {response.function_code}"
+    return None
 
 
 class _UnitSilent(Exception):
@@ -80,10 +175,16 @@ class _UnitBreaker:
         self.down = False
 
 
-def _items(response: ModbusPDU, request: ReadRequest) -> Sequence[int] | None:
-    """The bits or registers of a response, None if it holds fewer than were asked for."""
-    items = response.bits if request.table in BIT_TABLES else response.registers
-    return items if len(items) >= request.count else None
+def _refusal(response: ModbusPDU, request: ReadRequest) -> str | None:
+    """Why an answer to `request` gives no data: an exception, or not the items asked for."""
+    if response.isError():
+        return "exception_response"
+    bits = request.table in BIT_TABLES
+    items = len(response.bits) if bits else len(response.registers)
+    asked = -(-request.count // 8) * 8 if bits else request.count  # bits come in whole bytes
+    if items == asked:
+        return None
+    return "short_response" if items < asked else "long_response"
 
 
 def _exception_name(code: int | None) -> str | None:
@@ -135,18 +236,9 @@ class ModbusConnector:
                 await asyncio.sleep(retry_in_s)
 
     @asynccontextmanager
-    async def _session(self) -> AsyncIterator[list[AsyncModbusTcpClient]]:
+    async def _session(self) -> AsyncIterator[list[_Client]]:
         device = self._device
-        clients = [
-            AsyncModbusTcpClient(
-                device.host,
-                port=device.port,
-                timeout=device.timeout_s,
-                retries=0,
-                reconnect_delay=0,  # reconnects are ours, through the breaker
-            )
-            for _ in range(self._connections)
-        ]
+        clients = [_Client(device) for _ in range(self._connections)]
         try:
             for client in clients:
                 connected = await client.connect()
@@ -158,9 +250,7 @@ class ModbusConnector:
             for client in clients:
                 client.close()
 
-    async def _scan_forever(
-        self, clients: list[AsyncModbusTcpClient], emit: Emit, breaker: Backoff
-    ) -> None:
+    async def _scan_forever(self, clients: list[_Client], emit: Emit, breaker: Backoff) -> None:
         loop = asyncio.get_running_loop()
         next_scan = loop.time()
         while True:
@@ -180,13 +270,13 @@ class ModbusConnector:
             self.overruns += missed
             await asyncio.sleep(next_scan - loop.time())
 
-    async def _scan(self, clients: list[AsyncModbusTcpClient]) -> list[RawSample]:
+    async def _scan(self, clients: list[_Client]) -> list[RawSample]:
         """One pass over the plan, each connection taking the next request when it is free."""
         started = time.monotonic()
         results: list[list[RawSample]] = [[] for _ in self.plan]
         pending = iter(enumerate(self.plan))
 
-        async def work(client: AsyncModbusTcpClient) -> None:
+        async def work(client: _Client) -> None:
             for i, request in pending:
                 results[i] = await self._read_unless_resting(client, request)
 
@@ -203,9 +293,7 @@ class ModbusConnector:
         self.last_scan_s = time.monotonic() - started
         return [sample for samples in results for sample in samples]
 
-    async def _read_unless_resting(
-        self, client: AsyncModbusTcpClient, request: ReadRequest
-    ) -> list[RawSample]:
+    async def _read_unless_resting(self, client: _Client, request: ReadRequest) -> list[RawSample]:
         """The request's samples; `bad` without a read while its unit's breaker rests."""
         breaker = self._unit_breakers.get(request.unit_id)
         if breaker is None:
@@ -232,24 +320,27 @@ class ModbusConnector:
             self._log.info("device_unit_up", unit_id=request.unit_id)
         return samples
 
-    async def _read(self, client: AsyncModbusTcpClient, request: ReadRequest) -> list[RawSample]:
+    async def _read(self, client: _Client, request: ReadRequest) -> list[RawSample]:
         await self._pace.wait()
         raise_if_cancelled()
         method = getattr(client, READ_FUNCTIONS[request.table][1])
+        what = f"unit {request.unit_id} {request.table} {request.address}+{request.count}"
         try:
             response = await method(request.address, count=request.count, device_id=request.unit_id)
-        except Exception as e:  # pymodbus: no answer within timeout_s, or the connection lost
-            what = f"unit {request.unit_id} {request.table} {request.address}+{request.count}: {e}"
+        except _LIBRARY_ERRORS as e:
             if self._unit_breakers and client.connected:
-                raise _UnitSilent(what) from e
-            raise DeviceError(what) from e
+                raise _UnitSilent(f"{what}: {e}") from e
+            raise DeviceError(f"{what}: {e}") from e
         raise_if_cancelled()
+        if (mismatch := _mismatch(response, request, client.sent_tid)) is not None:
+            raise DeviceError(f"{what}: answered with {mismatch}")
         now = datetime.now(UTC)
-        items = None if response.isError() else _items(response, request)
-        if items is None:
+        reason = _refusal(response, request)
+        if reason is not None:
             self.errors += 1
-            self._refused_once(request, response)
+            self._refused_once(request, response, reason)
             return self._bad(request)
+        items = response.bits if request.table in BIT_TABLES else response.registers
         if request in self._refused:
             self._refused.discard(request)
             self._log.info(
@@ -265,19 +356,19 @@ class ModbusConnector:
             for s in request.slots
         ]
 
-    def _refused_once(self, request: ReadRequest, response: ModbusPDU) -> None:
+    def _refused_once(self, request: ReadRequest, response: ModbusPDU, reason: str) -> None:
         """Log (and so audit) a refusal when it starts, not at every poll while it lasts."""
         if request in self._refused:
             return
         self._refused.add(request)
-        code = getattr(response, "exception_code", None)
+        code = response.exception_code if response.isError() else None
         self._log.warning(
             "device_read_refused",
             unit_id=request.unit_id,
             table=request.table,
             address=request.address,
             count=request.count,
-            reason="exception_response" if response.isError() else "short_response",
+            reason=reason,
             exception_code=code,
             exception=_exception_name(code),
             signals=[slot.signal for slot in request.slots],
