@@ -2,8 +2,10 @@
 
 It sends Browse and Read only, over a session secured exactly like the connector's (the
 server certificate pinned with `--pin` or found in `--trust`; `--security None` only when
-asked for). The output is YAML an OT owner edits (paths, units, what to share) before it
-goes into a policy: discovery never decides what crosses.
+asked for). A server that refuses the broker's certificate is named as such, in one line
+with what to give its administrator to trust (exit 2). The output is YAML an OT owner
+edits (paths, units, what to share) before it goes into a policy: discovery never decides
+what crosses.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
-from asyncua.ua.uaerrors import UaError
 
 from broker import logs
 from broker.config import OpcUaConfig, OpcUaUserConfig
@@ -117,13 +118,13 @@ def _plant_config(args: argparse.Namespace, device: OpcUaDevice) -> OpcUaConfig 
 
 async def _browse(settings: SessionSettings, max_nodes: int) -> tuple[list[Found], bool]:
     """Variables under Objects in the server's own namespaces; whether the walk was complete."""
-    from broker.plant.connectors.opcua_session import open_session  # noqa: PLC0415
+    from broker.plant.connectors.opcua_session import failure, open_session  # noqa: PLC0415
 
     async with open_session(settings) as client:
         try:
             return await _variables(client, max_nodes)
-        except (OSError, TimeoutError, UaError) as e:
-            raise DeviceError(f"browsing {settings.device.endpoint} failed: {e}") from e
+        except Exception as e:  # whatever asyncua raises: one line, never a traceback
+            raise DeviceError(f"browsing {settings.device.endpoint} failed: {failure(e)}") from e
 
 
 async def _variables(client: Client, max_nodes: int) -> tuple[list[Found], bool]:

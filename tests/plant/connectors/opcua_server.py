@@ -3,21 +3,34 @@
 It counts every service request it receives (by hooking asyncua's request dispatch, the one
 place all session services pass through), so tests can prove which services the broker
 sent, and it records which user identities logged in.
+
+It can also be strict, as commissioned Kepware- or Siemens-class servers are: client
+certificates are checked against a trust folder its administrator fills (`trust()` adds one
+while it runs). asyncua checks them at CreateSession (BadCertificateUntrusted); with
+`refuse_at="channel"` they are checked when the secure channel opens, and refused with a
+fault in the OpenSecureChannel answer, as strict servers do (asyncua's own client then
+raises a bare AssertionError). And it can misbehave as no server does on purpose: serve
+values as they are set (`hostile=True`: of any type whatever the node's DataType, and with
+their value beside a Bad status), and lose its Publish responses (`publishing`).
 """
 
 from __future__ import annotations
 
+import shutil
 import weakref
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import Server, ua
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import User, UserRole
+from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -48,6 +61,39 @@ async def _counted(self: UaProcessor, typeid: ua.NodeId, *args: Any) -> Any:
 
 
 UaProcessor._process_message = _counted  # type: ignore[method-assign]
+
+# Servers (by InternalServer) that check client certificates when the channel opens, and
+# those whose Publish responses are lost.
+_STRICT_CHANNEL: weakref.WeakKeyDictionary[Any, TrustStore] = weakref.WeakKeyDictionary()
+_MUTED: weakref.WeakSet[Any] = weakref.WeakSet()
+_open_channel = UaProcessor.open_secure_channel
+_forward_publish = UaProcessor.forward_publish_response
+
+
+def _strict_open(self: UaProcessor, algohdr: Any, seqhdr: Any, body: Any) -> None:
+    store = _STRICT_CHANNEL.get(self.iserver)
+    sender = algohdr.SenderCertificate
+    if store is None or not sender or store.is_trusted(x509.load_der_x509_certificate(sender)):
+        return _open_channel(self, algohdr, seqhdr, body)
+    request = struct_from_binary(ua.OpenSecureChannelRequest, body)
+    self._connection.select_policy(
+        algohdr.SecurityPolicyURI, sender, request.Parameters.SecurityMode
+    )
+    fault = ua.ServiceFault()
+    fault.ResponseHeader.ServiceResult = ua.StatusCode(ua.StatusCodes.BadSecurityChecksFailed)
+    self.send_response(
+        request.RequestHeader.RequestHandle, seqhdr, fault, ua.MessageType.SecureOpen
+    )
+    return None
+
+
+async def _maybe_lost(self: UaProcessor, result: Any, requestdata: Any) -> None:
+    if self.iserver not in _MUTED:
+        await _forward_publish(self, result, requestdata)
+
+
+UaProcessor.open_secure_channel = _strict_open  # type: ignore[method-assign]
+UaProcessor.forward_publish_response = _maybe_lost  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -118,7 +164,12 @@ class OpcUaTestServer:
         variables: dict[str, Any],
         policies: Iterable[ua.SecurityPolicyType] = (*SECURE, *INSECURE),
         rogue: bool = False,
+        trusted_clients: Path | None = None,
+        refuse_at: Literal["session", "channel"] = "session",
+        hostile: bool = False,
     ) -> None:
+        """With `trusted_clients` (a folder of certificates, not empty), only clients whose
+        certificate it holds, or whose issuer it holds, may open a session."""
         self.port = free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/dmzbroker-test"
         self.users = _Users(pki.user_cert)
@@ -129,6 +180,10 @@ class OpcUaTestServer:
         self._policies = list(policies)
         self._variables = variables
         self.namespace = 0
+        self.trusted_clients = trusted_clients
+        self._refuse_at = refuse_at
+        self._trust: TrustStore | None = None
+        self._hostile = hostile
 
     @property
     def services(self) -> Counter[str]:
@@ -149,6 +204,15 @@ class OpcUaTestServer:
         server.set_identity_tokens(
             [ua.AnonymousIdentityToken, ua.UserNameIdentityToken, ua.X509IdentityToken]
         )
+        if self.trusted_clients is not None:
+            self._trust = TrustStore([self.trusted_clients], [])
+            await self._trust.load()
+            options = CertificateValidatorOptions
+            server.set_certificate_validator(
+                CertificateValidator(options.TRUSTED_VALIDATION | options.PEER_CLIENT, self._trust)
+            )
+            if self._refuse_at == "channel":
+                _STRICT_CHANNEL[server.iserver] = self._trust
         self.namespace = await server.register_namespace(NAMESPACE)
         plant = await server.nodes.objects.add_object(self.namespace, "Plant")
         for name, value in self._variables.items():
@@ -159,7 +223,28 @@ class OpcUaTestServer:
         await server.start()
 
     async def stop(self) -> None:
+        _STRICT_CHANNEL.pop(self.server.iserver, None)
+        _MUTED.discard(self.server.iserver)
         await self.server.stop()
+
+    async def trust(self, certificate: Path) -> None:
+        """What the administrator does: put the client's certificate in the trust folder
+        and have the server reload it, while it keeps running."""
+        assert self.trusted_clients is not None and self._trust is not None
+        shutil.copy(certificate, self.trusted_clients / certificate.name)
+        await self._trust.load()
+
+    @property
+    def publishing(self) -> bool:
+        return self.server.iserver not in _MUTED
+
+    @publishing.setter
+    def publishing(self, on: bool) -> None:
+        """Off: every Publish response is lost on the way, and the requests stay unanswered."""
+        if on:
+            _MUTED.discard(self.server.iserver)
+        else:
+            _MUTED.add(self.server.iserver)
 
     async def restart(self) -> None:
         """Back on the same port with the same address space, as after a power cycle."""
@@ -172,12 +257,19 @@ class OpcUaTestServer:
         status: int = ua.StatusCodes.Good,
         source_time: datetime | None = None,
     ) -> None:
-        await self.server.write_attribute_value(
-            ua.NodeId(name, self.namespace),
-            ua.DataValue(
-                ua.Variant(value),
-                StatusCode=ua.StatusCode(status),
-                SourceTimestamp=source_time or datetime.now(UTC),
-                ServerTimestamp=datetime.now(UTC),
-            ),
+        node = ua.NodeId(name, self.namespace)
+        data = ua.DataValue(
+            value if isinstance(value, ua.Variant) else ua.Variant(value),
+            StatusCode=ua.StatusCode(status),
+            SourceTimestamp=source_time or datetime.now(UTC),
+            ServerTimestamp=datetime.now(UTC),
         )
+        if not self._hostile:
+            await self.server.write_attribute_value(node, data)
+            return
+        # asyncua would refuse another type than the node's, and null a value beside a Bad
+        # status (as servers shall): set it as it is, and notify the monitored items.
+        attribute = self.server.iserver.aspace._nodes[node].attributes[ua.AttributeIds.Value]
+        attribute.value, attribute.value_callback = data, None
+        for handle, notify in list(attribute.datachange_callbacks.items()):
+            await notify(handle, data)

@@ -1,0 +1,241 @@
+"""The OPC UA connector against servers that refuse it or misbehave: real asyncua servers on
+127.0.0.1, with the misbehaviour injected on the server side (tests/plant/connectors/opcua_server.py).
+
+A strict server refusing the broker's certificate until its administrator trusts it; values
+of another type than the node's DataType; Bad statuses; Publish responses that never come.
+The connector never crashes, never takes such a value as data, marks it `bad` and logs (so
+audits) each state change once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asyncua import ua
+from cryptography import x509
+
+from broker.audit.catalogue import EVENTS
+from broker.plant.connectors import supervise
+from broker.plant.connectors.opcua import OpcUaConnector
+from broker.plant.connectors.opcua_session import SessionSettings, fingerprint
+from tests.harness import eventually
+from tests.plant.connectors.opcua_server import OpcUaPki, OpcUaTestServer
+from tests.plant.connectors.test_opcua import (
+    POWER,
+    Collector,
+    device,
+    discover,
+    events,
+    pki,
+    plant_config,
+    running,
+    serving,
+    signals,
+)
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
+__all__ = ["events", "pki"]  # fixtures shared with test_opcua.py
+
+REFUSED = "the server refused the broker's certificate"
+
+
+def kinds(events: list[dict[str, Any]], *names: str) -> list[str]:
+    return [e["event"] for e in events if e["event"] in names]
+
+
+@pytest.fixture
+def trust_folder(tmp_path: Path, pki: OpcUaPki) -> Iterator[Path]:
+    """The server's trust folder: another CA's certificate, never the broker's."""
+    folder = tmp_path / "server-trusts"
+    folder.mkdir()
+    shutil.copy(pki.rogue_cert, folder)
+    yield folder
+
+
+@asynccontextmanager
+async def supervised(connector: OpcUaConnector, paths: list[str]) -> AsyncIterator[Collector]:
+    """As the plant half runs it: under the supervisor."""
+    collector = Collector()
+    task = asyncio.create_task(supervise("ua-plc", connector, paths, collector.emit))
+    try:
+        yield collector
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("refuse_at", ["session", "channel"])
+async def test_a_strict_server_refusing_our_certificate_is_named_and_trusted_mid_run(
+    pki: OpcUaPki, trust_folder: Path, events: list[dict[str, Any]], refuse_at: str
+) -> None:
+    """`session`: asyncua's check at CreateSession (BadCertificateUntrusted); `channel`: a
+    fault in the OpenSecureChannel answer, on which asyncua raises a bare AssertionError."""
+    strict = OpcUaTestServer(pki, {"Power": 3.5}, trusted_clients=trust_folder, refuse_at=refuse_at)
+    async with serving(strict) as server:
+        ua_plc = device(server)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        async with supervised(connector, [POWER]) as collector:
+            await eventually(lambda: collector.quality(POWER) == "bad", timeout=20)
+            await eventually(lambda: connector.errors >= 4, timeout=20)  # it keeps retrying
+            assert collector.latest[POWER].raw is None
+            assert server.services["ReadRequest"] == 0  # nothing was ever read
+            await server.trust(pki.client_cert)  # the administrator trusts it, no restart
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=20)
+            assert collector.latest[POWER].raw == 3.5
+    down = [e for e in events if e["event"] == "device_session_down"]
+    assert len(down) == 1, down  # one audited entry for the whole refusal
+    sha256 = fingerprint(x509.load_pem_x509_certificate(pki.client_cert.read_bytes()))
+    error = down[0]["error"]
+    assert REFUSED in error and str(pki.client_cert) in error and sha256 in error, error
+    assert "then the device comes up by itself" in error
+    assert down[0]["error_code"] == "broker_certificate_refused"
+    assert ("BadCertificateUntrusted" if refuse_at == "session" else "secure channel") in error
+    retries = kinds(events, "device_reconnect_failed")
+    assert len(retries) >= 3 and "device_reconnect_failed" not in EVENTS  # not audited
+    assert kinds(events, "device_session_up", "device_session_down") == [
+        "device_session_down",
+        "device_session_up",
+    ]
+    assert kinds(events, "device_connector_failed") == []  # mapped at the boundary
+
+
+async def test_discover_names_a_refusal_of_our_certificate_in_one_line(
+    pki: OpcUaPki, trust_folder: Path
+) -> None:
+    strict = OpcUaTestServer(pki, {"Power": 1.0}, trusted_clients=trust_folder, refuse_at="channel")
+    async with serving(strict) as server:
+        done = await discover(
+            server.endpoint, "--certificate", str(pki.client_cert), "--key", str(pki.client_key),
+            "--trust", str(pki.ca),
+        )  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, ""), done.stderr
+    assert done.stderr.startswith(f"dmzbroker: error: {server.endpoint}: {REFUSED}")
+    assert f"give its administrator {pki.client_cert}" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+
+
+async def wait_for_sample(collector: Collector, at: datetime) -> None:
+    """Until the value the server stamped `at` has been handled."""
+    await eventually(
+        lambda: POWER in collector.latest and collector.latest[POWER].source_time == at
+    )
+
+
+@pytest.mark.parametrize("read", ["subscribe", "poll"])
+async def test_values_of_another_type_than_the_node_models_are_never_data(
+    pki: OpcUaPki, events: list[dict[str, Any]], read: str
+) -> None:
+    hostile_server = OpcUaTestServer(pki, {"Power": 1.5}, hostile=True)  # a Double node
+    async with serving(hostile_server) as server:
+        ua_plc = device(server, read=read)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        hostile: list[tuple[Any, ua.VariantType | None]] = [
+            ([1.0, 2.0], None),  # an array of the right type
+            (b"\x00\x01", ua.VariantType.ByteString),
+            (ua.EUInformation(DisplayName=ua.LocalizedText("kW")), None),  # an ExtensionObject
+            ("12.5", None),  # text where a number is modelled
+            (True, None),  # a bool: a number to Python, not to the model
+        ]
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
+            for step, (value, variant_type) in enumerate(hostile):
+                at = start + timedelta(seconds=step)
+                await server.set("Power", ua.Variant(value, variant_type), source_time=at)
+                await wait_for_sample(collector, at)
+                assert (collector.latest[POWER].raw, collector.latest[POWER].quality) == (
+                    None,
+                    "bad",
+                ), value
+            await server.set("Power", 7.25, source_time=start + timedelta(seconds=9))
+            await wait_for_sample(collector, start + timedelta(seconds=9))
+            assert (collector.latest[POWER].raw, collector.latest[POWER].quality) == (7.25, "good")
+    taken = {s.raw for batch in collector.batches for s in batch if s.quality != "bad"}
+    assert taken == {1.5, 7.25}
+    changes = [
+        (e["event"], e.get("reason"), e.get("variant"))
+        for e in events
+        if e["event"] in ("device_read_refused", "device_read_recovered")
+    ]
+    assert changes == [  # once per state change, not per value or per keep-alive
+        ("device_read_refused", "value_unsupported", "Double[]"),
+        ("device_read_refused", "type_mismatch", "ByteString"),
+        ("device_read_recovered", None, None),
+    ]
+    refusals = [e for e in events if e["event"] == "device_read_refused"]
+    assert all(e["modelled"] == ["Double"] for e in refusals)
+    assert kinds(events, "device_session_down") == []  # the session stays up throughout
+
+
+async def test_bad_statuses_are_bad_without_a_value_and_logged_once_per_change(
+    pki: OpcUaPki, events: list[dict[str, Any]]
+) -> None:
+    async with serving(OpcUaTestServer(pki, {"Power": 1.0}, hostile=True)) as server:
+        ua_plc = device(server)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
+            statuses = [
+                ua.StatusCodes.BadSensorFailure,
+                ua.StatusCodes.BadSensorFailure,  # the same state: not logged again
+                ua.StatusCodes.BadOutOfService,
+                ua.StatusCodes.BadCommunicationError,
+            ]
+            for step, status in enumerate(statuses):
+                at = start + timedelta(seconds=step)
+                await server.set("Power", 1000.0 + step, status, at)
+                await wait_for_sample(collector, at)
+                assert collector.latest[POWER].quality == "bad"
+                assert collector.latest[POWER].raw is None  # the value beside a Bad status
+            await server.set("Power", 2.0, source_time=start + timedelta(seconds=9))
+            await wait_for_sample(collector, start + timedelta(seconds=9))
+            assert collector.quality(POWER) == "good"
+    assert not any(
+        s.raw is not None and s.raw >= 1000 for batch in collector.batches for s in batch
+    )
+    refused = [e for e in events if e["event"] == "device_read_refused"]
+    assert [(e["reason"], e["status"]) for e in refused] == [("bad_status", "BadSensorFailure")]
+    assert refused[0]["variant"] == "Double"  # the server did send a value beside the status
+    assert kinds(events, "device_read_recovered") == ["device_read_recovered"]
+
+
+async def test_publish_responses_that_stop_coming_mark_the_device_bad_until_they_resume(
+    pki: OpcUaPki, events: list[dict[str, Any]]
+) -> None:
+    async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
+        ua_plc = device(server, timeout_s=1.0)  # silence: max(1 s, 3 keep-alives of 0.1 s)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
+            server.publishing = False
+            try:
+                await eventually(lambda: collector.quality(POWER) == "bad", timeout=10)
+                errors = connector.errors
+                await eventually(lambda: connector.errors >= errors + 2, timeout=20)
+                assert collector.quality(POWER) == "bad"  # new sessions, still no Publish
+            finally:
+                server.publishing = True
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=20)
+    down = [e for e in events if e["event"] == "device_session_down"]
+    assert len(down) == 1 and "no Publish response for 1 s" in down[0]["error"], down
+    assert kinds(events, "device_session_up", "device_session_down") == [
+        "device_session_up",
+        "device_session_down",
+        "device_session_up",
+    ]
