@@ -195,6 +195,7 @@ class HostilePLC:
     """An asyncio TCP server on a free port of 127.0.0.1, misbehaving as `behaviour` says."""
 
     behaviour: str = "healthy"
+    hostile_units: frozenset[int] | None = None  # the unit ids that misbehave; None: all
     requests: list[Asked] = field(default_factory=list)
     connections: int = 0
     port: int = 0
@@ -235,7 +236,8 @@ class HostilePLC:
             for _ in range(100_000):  # bounded: a test ends long before
                 asked = await self._next_request(reader)
                 self.requests.append(asked)
-                behaviour = self.behaviour
+                hostile = self.hostile_units is None or asked.unit in self.hostile_units
+                behaviour = self.behaviour if hostile else "healthy"
                 self.served.append(behaviour)
                 reply = BEHAVIOURS[behaviour](asked)
                 for i, chunk in enumerate(reply.chunks):

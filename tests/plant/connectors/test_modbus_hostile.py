@@ -188,3 +188,76 @@ async def test_a_hostile_answer_is_never_data_and_is_audited_once_per_state_chan
             case.exception_code,
         )
     assert caught == []
+
+
+def gateway_signals() -> list[Signal]:
+    return [
+        msgspec.convert(
+            {
+                "path": f"site/plc/u{unit}-h10",
+                "device": "plc",
+                "source": {
+                    "protocol": "modbus",
+                    "table": "holding_register",
+                    "address": 10,
+                    "type": "uint16",
+                    "unit_id": unit,
+                },
+            },
+            Signal,
+        )
+        for unit in (1, 2)
+    ]
+
+
+def qualities(scans: Scans) -> dict[str, str]:
+    return {s.signal.split("/")[-1]: s.quality for s in last(scans)}
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "hostile_quality", "audited"),
+    [
+        # no answer in time, the connection holds: only unit 2's breaker trips
+        (
+            "wrong_transaction_id",
+            {"u1-h10": "good", "u2-h10": "bad"},
+            ["device_session_up", "device_unit_down", "device_unit_up"],
+        ),
+        # an answer to no request: the connection no longer lines up, every unit goes down
+        (
+            "zero_transaction_id",
+            {"u1-h10": "bad", "u2-h10": "bad"},
+            ["device_session_up", "device_session_down", "device_session_up"],
+        ),
+    ],
+)
+async def test_behind_a_gateway_a_silent_unit_trips_its_own_breaker_a_wrong_answer_the_devices(
+    behaviour: str, hostile_quality: dict[str, str], audited: list[str]
+) -> None:
+    with loop_errors() as caught, events() as logs:
+        async with HostilePLC(hostile_units=frozenset({2})) as plc:
+            device = modbus_device(
+                plc.port, poll_interval_s=0.1, timeout_s=0.3, max_requests_per_s=1000
+            )
+            connector = ModbusConnector(device, gateway_signals())
+            scans = Scans()
+            task = asyncio.create_task(connector.run(scans.emit))
+            try:
+                await eventually(lambda: all_quality(scans, "good"))
+                errors = connector.errors
+                plc.behaviour = behaviour
+                await eventually(lambda: plc.answered(behaviour) >= HOSTILE_ANSWERS, 30)
+                await eventually(lambda: connector.errors >= errors + HOSTILE_ANSWERS)
+                await eventually(lambda: qualities(scans) == hostile_quality)
+                plc.behaviour = "healthy"
+                await eventually(lambda: all_quality(scans, "good"), 30)
+                assert not task.done()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    samples = [s for _, batch in scans.batches for s in batch]
+    assert all(s.raw == (healthy_register(10),) for s in samples if s.quality == "good")
+    events_seen = [e["event"] for e in logs if e["event"] in EVENTS]
+    assert [e for e in events_seen if not e.startswith("scan_overrun")] == audited
+    assert all(e["unit_id"] == 2 for e in named(logs, "device_unit_down"))
+    assert caught == []
