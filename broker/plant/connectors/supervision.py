@@ -57,7 +57,7 @@ async def supervise(
             error = "CancelledError raised inside the connector, not a stop request"
         except Exception as e:  # containing everything is what this function is for
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        connector.errors += 1
+        connector.errors += 1  # each failure counts for /metrics; only the first is logged
         if loop.time() - started >= STABLE_S:
             backoff.reset()  # it ran well for a while: this is a new failure, not the same one
         retry_in_s = backoff.delay()
@@ -69,8 +69,6 @@ async def supervise(
                 retry_in_s=round(retry_in_s, 3),
                 signals=len(signals),
             )
-        else:  # the same outage: counted in `errors`, not logged again
-            log.debug("device_connector_failed_again", error=error)
         now = datetime.now(UTC)
         await emit([RawSample(path, None, now, "bad") for path in signals])
         await asyncio.sleep(retry_in_s)
