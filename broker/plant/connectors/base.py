@@ -37,6 +37,9 @@ class Connector(Protocol):
 
     Its counters are read for /metrics: whole scans, skipped scan slots, failed connections
     and reads, and the duration of the last scan.
+
+    It may raise anything from `run`: the plant half runs each connector under
+    `supervision.supervise`, which keeps the failure to its device (docs/specs/component.md).
     """
 
     scans: int
