@@ -1,8 +1,10 @@
-"""run_until_signalled: a stop request runs every `finally`, SIGHUP never kills, user errors unwrap."""
+"""run_until_signalled: a stop request runs every `finally`, SIGHUP never kills, user errors
+unwrap; end_with_supervisor: a half ends when the supervisor that started it dies."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from broker.errors import ConfigError, DeviceError, DmzBrokerError
-from broker.lifecycle import run_until_signalled
+from broker.lifecycle import SUPERVISOR_PID, run_until_signalled
 from tests.harness import REPO
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +26,7 @@ CHILD = textwrap.dedent(
     import asyncio
     import sys
 
-    from broker.lifecycle import run_until_signalled
+    from broker.lifecycle import SUPERVISOR_PID, run_until_signalled
 
 
     async def main():
@@ -210,3 +212,78 @@ def test_a_programming_error_in_a_task_group_is_not_disguised() -> None:
         run_until_signalled(main())
     assert caught.group_contains(ValueError, match="a bug")
     assert not caught.group_contains(DmzBrokerError)
+
+
+HALF = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from broker.lifecycle import end_with_supervisor, run_until_signalled
+
+    end_with_supervisor()
+
+
+    async def main():
+        try:
+            print("ready", flush=True)
+            await asyncio.sleep(30)
+        finally:
+            print("cleaned", flush=True)
+
+
+    sys.exit(run_until_signalled(main()))
+    """
+)
+SUPERVISOR = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+
+    environment = dict(os.environ)
+    if sys.argv[2] == "supervised":
+        environment[{name!r}] = str(os.getpid())
+    with open(sys.argv[1], "wb") as out:
+        half = subprocess.Popen([sys.executable, "-I", "-c", {half!r}], stdout=out, env=environment)
+    print(half.pid, flush=True)
+    time.sleep(60)
+    """
+).format(name=SUPERVISOR_PID, half=HALF)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
+def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / "half.out"
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, str(out), mode],
+        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert supervisor.stdout is not None
+    half = int(supervisor.stdout.readline())
+    try:
+        deadline = time.monotonic() + 20
+        while "ready" not in out.read_text().splitlines():
+            assert time.monotonic() < deadline, "the half did not start"
+            time.sleep(0.02)
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        # Up to 10 s for the supervised half to stop; 2 s of watching the unsupervised one.
+        deadline = time.monotonic() + (10 if mode == "supervised" else 2)
+        while alive(half) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if mode == "supervised":  # SIGTERM from the kernel: a clean stop, `finally` ran
+            assert not alive(half)
+            assert out.read_text().splitlines() == ["ready", "cleaned"]
+        else:  # what `run` did before: the half lives on, headless
+            assert alive(half)
+    finally:
+        supervisor.stdout.close()
+        if alive(half):
+            os.kill(half, signal.SIGKILL)

@@ -29,6 +29,7 @@ from broker.channel.spool import (
     segment_path,
 )
 from broker.errors import ChannelError
+from broker.folder_lock import FolderLockError
 from broker.records import Context, Record, decode_frame_payload, encode_frame_payload
 
 SEGMENT_BYTES = 4096
@@ -119,6 +120,23 @@ def test_new_sender_continues_seq_and_starts_a_new_segment(spool: Path, state: P
     assert sender.next_seq == 12
     assert after == [*before, before[-1] + 1]
     assert seqs(drain(SpoolReceiver(spool, state))) == list(range(1, 12))
+
+
+def test_a_second_sender_is_refused_while_the_receiver_reads_without_a_lock(
+    spool: Path, state: Path
+) -> None:
+    sender = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+    try:
+        segments = segment_numbers(spool)
+        with pytest.raises(FolderLockError, match=f"{spool}: in use by another dmzbroker"):
+            SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)
+        assert segment_numbers(spool) == segments  # the refused one created nothing
+        sender.send([record(i) for i in range(3)])
+        assert seqs(drain(SpoolReceiver(spool, state))) == [1, 2, 3]  # readers need no lock
+    finally:
+        sender.close()
+    again = SpoolSender(spool, SEGMENT_BYTES, RETENTION_BYTES)  # close() let go of it
+    again.close()
 
 
 def test_new_receiver_resumes_after_the_committed_position(spool: Path, state: Path) -> None:
@@ -412,6 +430,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from broker.channel.spool import SpoolSender
 from broker.errors import ChannelError
+from broker.folder_lock import FolderLockError
 from broker.records import Context, Record
 
 # A file size limit makes write() fail part-way, as a full disk does (EFBIG instead of ENOSPC).
