@@ -90,7 +90,7 @@ def _malformed(frame: bytes) -> str | None:
     if code not in _READ_CODES:
         return f"function code {code}, which answers no read"
     if len(frame) < 2 or frame[1] != len(frame) - 2:
-        return f"a byte count that disagrees with its {len(frame) - 2} bytes of data"
+        return "a byte count that disagrees with the frame's length"
     if code in _REGISTER_CODES and frame[1] % 2:
         return f"an odd byte count ({frame[1]}) for registers"
     return None
