@@ -176,6 +176,10 @@ class ConnectionCounts(Protocol):
     def accept_errors(self) -> Mapping[str, int]: ...
 
 
+_LIMITS = ("per_address", "overall", "evicted", "header_timeout")  # shown at 0 from the start
+_OUT_OF_FILES = ("EMFILE", "ENFILE")  # this process's and the system's file table full
+
+
 class _Connections(Collector):
     """The consumer listener's connections and limits (ADR 0014), read when collected."""
 
@@ -194,15 +198,15 @@ class _Connections(Collector):
             "Consumer connections refused or closed by a limit",
             labels=["reason"],
         )
-        for reason, count in sorted(counts.limited.items()):
-            limited.add_metric([reason], count)
+        for reason in sorted({*_LIMITS, *counts.limited}):
+            limited.add_metric([reason], counts.limited.get(reason, 0))
         errors = CounterMetricFamily(
             "dmzbroker_accept_errors",
             "Failed accepts on the consumer port (EMFILE, ENFILE...), retried",
             labels=["error"],
         )
-        for error, count in sorted(counts.accept_errors.items()):
-            errors.add_metric([error], count)
+        for error in sorted({*_OUT_OF_FILES, *counts.accept_errors}):
+            errors.add_metric([error], counts.accept_errors.get(error, 0))
         yield from (limited, errors)
 
 
@@ -244,6 +248,8 @@ class EnterpriseMetrics:
             ["error"],
             registry=self.registry,
         )
+        for error in _OUT_OF_FILES:
+            self.spool_read_errors.labels(error)
         self.registry.register(_Connections(connections))
         Gauge(
             "dmzbroker_enterprise_audit_failing",

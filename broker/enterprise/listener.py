@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import itertools
 import resource
 import socket
 import ssl
@@ -42,6 +43,7 @@ from broker.errors import ConfigError
 ACCEPT_BATCH = 16  # connections taken per wake-up: bounds descriptors held past the limit
 BACKLOG = 128  # the kernel's queue of connections not yet accepted
 ACCEPT_RETRY_S = (0.05, 1.0)  # first and longest pause after a failed accept
+EVICTION_SCAN = 16  # candidates looked at per eviction: bounds its cost under a flood
 EPISODE_QUIET_S = 10.0  # a limit episode ends after this long without a hit
 # Descriptors the half needs besides consumer connections: spool segment and position,
 # audit segment, TLS, policy and metrics files while read, the MQTT and SIEM sockets and
@@ -132,6 +134,7 @@ class Listener:
         self._sockets: list[socket.socket] = []
         self._per_address: Counter[str] = Counter()
         self._waiting: dict[_Connection, None] = {}  # no request yet, oldest first
+        self._silent: dict[_Connection, None] = {}  # not a byte yet (no TLS hello), oldest first
         self._open: set[_Connection] = set()
         self._pause = ACCEPT_RETRY_S[0]
         self._resume: asyncio.TimerHandle | None = None
@@ -215,22 +218,50 @@ class Listener:
         self._open.add(connection)
         self._per_address[address] += 1
         self._waiting[connection] = None
+        self._silent[connection] = None
         self.stats.open = len(self._open)
         loop = asyncio.get_running_loop()
         connection.deadline = loop.call_later(limits.header_timeout_s, self._expire, connection)
-        connection.task = loop.create_task(self._serve(connection))
+        # Until its first byte, a connection is only a socket: no transport, no TLS state.
+        loop.add_reader(sock.fileno(), self._spoke, connection)
+
+    def _spoke(self, connection: _Connection) -> None:
+        """The first bytes (a TLS hello, normally) or the end: start the handshake."""
+        self._silent.pop(connection, None)
+        asyncio.get_running_loop().remove_reader(connection.sock.fileno())
+        try:
+            gone = connection.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            gone = False
+        except OSError:
+            gone = True
+        if gone:  # left without a word: nothing to log, no handshake to start
+            connection.sock.close()
+            self.forget(connection)
+            return
+        connection.task = asyncio.get_running_loop().create_task(self._serve(connection))
 
     def _note(self, reason: str, address: str) -> None:
         self.stats.limited[reason] += 1
         self._limited.hit(reason, remote=address, open=len(self._open))
 
     def _evict_oldest_waiting(self) -> bool:
+        """Close a connection that has not made a request, to make room: the oldest of an
+        address that holds several (a flood comes from few addresses, a consumer holds one
+        or two), silent ones (not even a TLS hello) before those under way."""
         if not self._waiting:
             return False
-        oldest = next(iter(self._waiting))
+        oldest = self._victim()
         self._note("evicted", oldest.address)
         self.close_connection(oldest)
         return True
+
+    def _victim(self) -> _Connection:
+        for queue in (self._silent, self._waiting):
+            for connection in itertools.islice(queue, EVICTION_SCAN):
+                if self._per_address[connection.address] > 1:
+                    return connection
+        return next(iter(self._silent or self._waiting))
 
     def _expire(self, connection: _Connection) -> None:
         if connection.waiting and not connection.closed:
@@ -247,8 +278,13 @@ class Listener:
         """Close it now (or as soon as its transport exists) and stop counting it."""
         if not connection.closed:
             connection.closed = True
-            if connection.transport is not None:
+            if connection in self._silent:  # only a socket so far
+                self._silent.pop(connection)
+                asyncio.get_running_loop().remove_reader(connection.sock.fileno())
+                connection.sock.close()
+            elif connection.transport is not None:
                 connection.transport.abort()
+            # else: its hand-over to asyncio is under way and will close it (`_serve`)
         self.forget(connection)
 
     def forget(self, connection: _Connection) -> None:

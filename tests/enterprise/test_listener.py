@@ -1,16 +1,39 @@
-"""Failed TLS handshakes are seen and logged (asyncio alone would hide them)."""
+"""The consumer listener: failed handshakes are seen and logged (asyncio alone would hide
+them), and an outsider cannot hold more of the port than its limits allow (ADR 0014).
+
+Real parts: the broker's listener and API app on 127.0.0.1, real TLS with certificates from
+our CLI, clients from other loopback addresses (the whole of 127.0.0.0/8 is loopback).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import resource
+import socket
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker import config, policy
+from broker.audit.log import AuditLog
+from broker.enterprise import listener as listener_module
+from broker.enterprise.api import create_app
+from broker.enterprise.authz import Authorization
+from broker.enterprise.listener import Listener, listen
+from broker.enterprise.store import Store
+from broker.metrics import EnterpriseMetrics
 from broker.trust import tls
-from tests.harness import Pki, eventually, ok_server
+from tests.harness import DEMO_POLICY, Pki, eventually, free_port, ok_server
 
 
 @pytest.fixture
@@ -67,3 +90,226 @@ async def test_a_tls_1_2_client_is_logged_as_refused_under_the_default_profile(
     assert [e["reason"] for e in logs if e["event"] == "tls_handshake_failed"] == [
         "UNSUPPORTED_PROTOCOL"
     ]
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+class Served:
+    """The real API app behind a listener with the given limits."""
+
+    def __init__(self, port: int, listener: Listener, pki: Pki) -> None:
+        self.port = port
+        self.listener = listener
+        self.url = f"https://localhost:{port}/v1/signals"
+        self.consumer = tls.client_context(pki.ca, pki.client_cert, pki.client_key)
+
+    async def get(self) -> int | None:
+        return await status(self.url, self.consumer)
+
+    async def idle(self, source: str) -> asyncio.StreamReader:
+        """A TCP connection from `source` that sends nothing."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(source, 0)
+        )
+        self._writers.append(writer)
+        return reader
+
+    async def tls(self, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, Any]:
+        """A consumer's TLS connection, handshake done, nothing sent yet."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=self.consumer, server_hostname="localhost",
+            local_addr=(source, 0),
+        )  # fmt: skip
+        self._writers.append(writer)
+        return reader, writer
+
+    _writers: list[asyncio.StreamWriter]
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """True when the server closes the connection within `seconds` (it never sends data
+    unasked), False when it is still open then."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await reader.read(1) == b""
+    except TimeoutError:
+        return False
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+@pytest.fixture
+def serve(pki: Pki, tmp_path: Path) -> Iterator[Any]:
+    """`async with serve(**limits) as served`: a fresh app and listener per use."""
+
+    @contextlib.asynccontextmanager
+    async def start(**limits: Any) -> AsyncIterator[Served]:
+        demo = policy.load(DEMO_POLICY)
+        store = Store(demo, queue_limit=100)
+        audit = AuditLog(
+            tmp_path / "audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
+        )
+        metrics = EnterpriseMetrics(lambda: len(store.subscriptions), lambda: audit.failing)
+        app = create_app(store, Authorization(demo), audit, metrics, tmp_path / "spool")
+        limits_config = config.ListenConfig(**limits)
+        runner = web.AppRunner(app, keepalive_timeout=limits_config.idle_timeout_s)
+        await runner.setup()
+        port = free_port()
+        context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)
+        listener = await listen(runner, "127.0.0.1", port, context, limits=limits_config)
+        served = Served(port, listener, pki)
+        served._writers = []
+        try:
+            yield served
+        finally:
+            for writer in served._writers:
+                writer.close()
+            listener.close()
+            store.close()
+            await runner.cleanup()
+            audit.close()
+
+    yield start
+
+
+async def test_an_address_at_its_limit_is_refused_and_others_are_still_served(
+    serve: Any,
+) -> None:
+    async with serve(max_connections=10, max_connections_per_address=3) as served:
+        held = [await served.idle("127.0.0.2") for _ in range(3)]
+        await eventually(lambda: served.listener.stats.open == 3, timeout=5)
+        fourth = await served.idle("127.0.0.2")
+        assert await closed_within(fourth, 5)
+        assert served.listener.stats.limited == {"per_address": 1}
+        assert not any([await closed_within(r, 0.2) for r in held])  # the first three stay
+        assert await served.get() == 200  # another address is not affected
+
+
+async def test_at_the_overall_limit_the_oldest_connection_without_a_request_makes_room(
+    serve: Any,
+) -> None:
+    async with serve(max_connections=4, max_connections_per_address=4) as served:
+        idle = [await served.idle("127.0.0.3") for _ in range(4)]
+        await eventually(lambda: served.listener.stats.open == 4, timeout=5)
+        assert await served.get() == 200  # the consumer is served all the same
+        assert await closed_within(idle[0], 5)  # the oldest idle connection made room
+        assert not await closed_within(idle[3], 0.2)
+        assert served.listener.stats.limited["evicted"] == 1
+        assert served.listener.stats.open <= 4
+
+
+async def test_when_every_connection_is_serving_a_request_a_new_one_is_refused(
+    serve: Any, pki: Pki
+) -> None:
+    async with serve(max_connections=2, max_connections_per_address=2) as served:
+        streams = []
+        for _ in range(2):  # two consumers each in a request that does not end: a stream
+            reader, writer = await served.tls()
+            writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            streams.append(reader)
+        async with asyncio.timeout(5):
+            for reader in streams:
+                assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        third = await served.idle("127.0.0.4")
+        assert await closed_within(third, 5)
+        assert served.listener.stats.limited == {"overall": 1}
+        assert not any([await closed_within(r, 0.2) for r in streams])  # streams go on
+
+
+async def test_a_connection_that_sends_no_request_in_time_is_closed_and_not_logged_as_a_handshake(
+    serve: Any,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with serve(header_timeout_s=0.5) as served:
+            silent = await served.idle("127.0.0.5")  # not even a TLS hello
+            reader, writer = await served.tls("127.0.0.6")
+            writer.write(b"GET /v1/sig")  # headers started, never finished
+            started = time.monotonic()
+            assert await closed_within(silent, 5)
+            assert await closed_within(reader, 5)
+            assert time.monotonic() - started >= 0.3
+            assert served.listener.stats.limited == {"header_timeout": 2}
+    assert not [e for e in logs if e["event"] == "tls_handshake_failed"]
+
+
+async def test_a_served_connection_is_not_cut_by_the_header_deadline_but_by_its_idle_timeout(
+    serve: Any,
+) -> None:
+    async with serve(header_timeout_s=0.3, idle_timeout_s=1.5) as served:
+        reader, writer = await served.tls()
+        for _ in range(2):  # the second request comes after the header deadline has passed
+            writer.write(b"GET /v1/signals HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                length = next(
+                    int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )  # fmt: skip
+                await reader.readexactly(length)
+            assert not await closed_within(reader, 0.6)
+        started = time.monotonic()
+        assert await closed_within(reader, 10)  # idle past idle_timeout_s: closed
+        assert time.monotonic() - started >= 0.3
+        assert served.listener.stats.limited == {}
+        await eventually(lambda: served.listener.stats.open == 0, timeout=5)
+
+
+async def test_limits_are_logged_once_per_episode_with_counts_at_its_end(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener_module, "EPISODE_QUIET_S", 0.5)
+    with structlog.testing.capture_logs() as logs:
+        async with serve(max_connections=10, max_connections_per_address=1) as served:
+            first = await served.idle("127.0.0.7")
+            refused = [await served.idle("127.0.0.7") for _ in range(40)]
+            for reader in refused:
+                assert await closed_within(reader, 5)
+            await eventually(
+                lambda: any(e["event"] == "connections_limited_ended" for e in logs), timeout=5
+            )
+            assert not await closed_within(first, 0.1)
+    started = [e for e in logs if e["event"] == "connections_limited"]
+    ended = [e for e in logs if e["event"] == "connections_limited_ended"]
+    assert len(started) == 1
+    assert (started[0]["reason"], started[0]["remote"]) == ("per_address", "127.0.0.7")
+    assert len(ended) == 1
+    assert ended[0]["counts"] == {"per_address": 40}
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_out_of_file_descriptors_on_accept_pauses_makes_room_and_recovers(
+    serve: Any,
+) -> None:
+    """EMFILE for real: this process's own open-file limit is lowered for a moment, while
+    the clients' sockets already exist."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with structlog.testing.capture_logs() as logs:
+        async with serve(max_connections=100, max_connections_per_address=100) as served:
+            await served.idle("127.0.0.8")
+            await eventually(lambda: served.listener.stats.open == 1, timeout=5)
+            loop = asyncio.get_running_loop()
+            sockets = [socket.socket() for _ in range(12)]
+            try:
+                for sock in sockets:
+                    sock.setblocking(False)
+                    sock.bind(("127.0.0.8", 0))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (_open_files() + 2, hard))
+                for sock in sockets:
+                    await loop.sock_connect(sock, ("127.0.0.1", served.port))
+                await eventually(lambda: served.listener.stats.accept_errors, timeout=5)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await eventually(lambda: any(e["event"] == "accept_recovered" for e in logs), 10)
+            assert served.listener.stats.limited["evicted"] >= 1  # room was made
+            assert await served.get() == 200
+            for sock in sockets:
+                sock.close()
+    failed = [e for e in logs if e["event"] == "accept_failed"]
+    assert len(failed) == 1
+    assert failed[0]["reason"] == "EMFILE"
+    assert len([e for e in logs if e["event"] == "accept_recovered"]) == 1
