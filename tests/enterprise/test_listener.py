@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import socket
 import ssl
@@ -33,6 +32,7 @@ from broker.enterprise.listener import Listener, listen
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.trust import tls
+from tests.enterprise.test_run import lowest_free_fd
 from tests.harness import DEMO_POLICY, Pki, eventually, free_port, ok_server
 
 
@@ -278,10 +278,6 @@ async def test_limits_are_logged_once_per_episode_with_counts_at_its_end(
     assert ended[0]["counts"] == {"per_address": 40}
 
 
-def _open_files() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def test_out_of_file_descriptors_on_accept_pauses_makes_room_and_recovers(
     serve: Any,
 ) -> None:
@@ -298,7 +294,7 @@ async def test_out_of_file_descriptors_on_accept_pauses_makes_room_and_recovers(
                 for sock in sockets:
                     sock.setblocking(False)
                     sock.bind(("127.0.0.8", 0))
-                resource.setrlimit(resource.RLIMIT_NOFILE, (_open_files() + 2, hard))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd() + 2, hard))
                 for sock in sockets:
                     await loop.sock_connect(sock, ("127.0.0.1", served.port))
                 await eventually(lambda: served.listener.stats.accept_errors, timeout=5)
