@@ -119,14 +119,18 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
     broker: BrokerProcess = start_broker("run", deployment.config)
     await eventually(lambda: "enterprise" in collector.seqs(), timeout=30)
 
-    for _ in range(20):
+    # One identity's first 10 denials and connections a minute are written in full, the
+    # rest counted (ADR 0015): most of its budget is left for the outage.
+    for _ in range(3):
         await deny_once(deployment, pki)
     collector.stop()  # the collector goes away mid-stream
+    before_outage = on_disk(deployment.directory / "audit")["enterprise"]
     outage_ends = time.monotonic() + 4
     while time.monotonic() < outage_ends:
         await deny_once(deployment, pki)
+    during_outage = on_disk(deployment.directory / "audit")["enterprise"] - before_outage
     collector.start()
-    for _ in range(20):
+    for _ in range(3):
         await deny_once(deployment, pki)
 
     written = on_disk(deployment.directory / "audit")
@@ -137,6 +141,6 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
 
     await eventually(all_arrived, timeout=40)
     got = collector.seqs()
-    assert written["enterprise"] > 40  # the denials really were audited and exported
+    assert during_outage >= 10  # the denials really were audited while it was away
     assert "plant" in got  # the plant half's log crosses through the enterprise half
     assert broker.stop() == 0
