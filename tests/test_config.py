@@ -34,6 +34,9 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Pat
     assert loaded.enterprise.tls.client_ca == tmp_path / "certs" / "ca.crt"
     assert loaded.enterprise.listen.port == 8443  # the documented default
     assert loaded.spool.retention_mib == 1024
+    listen = loaded.enterprise.listen
+    assert (listen.max_connections, listen.max_connections_per_address) == (1024, 64)
+    assert (listen.header_timeout_s, listen.idle_timeout_s) == (10.0, 60.0)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,10 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Pat
         (GOOD.replace("spool: {dir: spool}", "spool: {dir: spool, size: 3}"),
          "spool: object contains unknown field `size`"),
         (GOOD + "  listen: {port: 70000}\n", "enterprise.listen.port: expected `int` <= 65535, got `70000`"),
+        (GOOD + "  listen: {max_connections: 10, max_connections_per_address: 20}\n",
+         "enterprise.listen: max_connections_per_address (20) cannot exceed max_connections (10)"),
+        (GOOD + "  listen: {header_timeout_s: 0}\n", "enterprise.listen.header_timeout_s: expected `float` > 0.0, got `0`"),
+        (GOOD + "  listen: {max_connections: 0}\n", "enterprise.listen.max_connections: expected `int` >= 1, got `0`"),
         (GOOD.replace("  tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}\n", ""),
          "enterprise: object missing required field `tls`"),
         (GOOD + "log: {format: xml}\n", "log.format: invalid enum value 'xml'"),
