@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Real peers for the tests: a syslog collector (SIEM export) and an MQTT broker (MQTT sink).
 SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto
 
-.PHONY: demo test lint bench clean system-packages
+.PHONY: demo test lint bench fuzz clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dmzbroker needs Python 3.11"'
@@ -45,6 +45,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/opcua_ingest.py
 	$(BIN)/python bench/modbus_plan.py
 	$(BIN)/python bench/audit_flood.py
+
+# The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
+# a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).
+fuzz: $(STAMP)
+	DMZBROKER_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/enterprise/test_openapi.py \
+	  -k schemathesis -s --timeout=1800
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
