@@ -41,7 +41,6 @@ import structlog
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 
 from broker.errors import ConfigError, DeviceError, TrustError
@@ -52,38 +51,16 @@ from broker.plant.connectors.opcua_session import (
     failure,
     open_session,
 )
-from broker.plant.decode import RawValue
+from broker.plant.connectors.opcua_types import described, judged, quality_of, variant_types
 from broker.policy import OpcUaDevice, OpcUaSource, Signal
-from broker.records import Quality
 
 ITEMS_PER_CALL = 1000  # monitored items per CreateMonitoredItems, nodes per Read
 NOTIFICATIONS_PER_PUBLISH = 10_000  # bounds one batch; the server keeps the rest queued
 LIFETIME_COUNT = 10_000  # publishing intervals without a Publish before the server gives up
-_QUALITY: tuple[Quality, ...] = ("good", "uncertain", "bad", "bad")  # by the 2 severity bits
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue discarded values
 SILENT_PUBLISHES = 3  # keep-alive periods without a Publish response before the session is dropped
 T = TypeVar("T")
 _DEADBAND = {"absolute": ua.DeadbandType.Absolute, "percent": ua.DeadbandType.Percent}
-_V = ua.VariantType
-_SIGNED = frozenset({_V.SByte, _V.Int16, _V.Int32, _V.Int64})
-_UNSIGNED = frozenset({_V.Byte, _V.UInt16, _V.UInt32, _V.UInt64})
-# Abstract and derived standard DataTypes (namespace 0) → the variant types their values
-# may have; a built-in DataType (ids 1–25, but BaseDataType) has the variant type of its id.
-_DERIVED: dict[int, frozenset[ua.VariantType]] = {
-    ObjectIds.Number: _SIGNED | _UNSIGNED | {_V.Float, _V.Double},
-    ObjectIds.Integer: _SIGNED,
-    ObjectIds.UInteger: _UNSIGNED,
-    ObjectIds.Enumeration: frozenset({_V.Int32}),
-    ObjectIds.Duration: frozenset({_V.Double}),
-    ObjectIds.UtcTime: frozenset({_V.DateTime}),
-    ObjectIds.IntegerId: frozenset({_V.UInt32}),
-    ObjectIds.Counter: frozenset({_V.UInt32}),
-    ObjectIds.LocaleId: frozenset({_V.String}),
-}
-
-
-def quality_of(status: ua.StatusCode | None) -> Quality:
-    return _QUALITY[status.value >> 30] if status is not None else "good"
 
 
 def _opcua(signal: Signal) -> OpcUaSource:
@@ -171,7 +148,7 @@ class OpcUaConnector:
                 ],
             )
             answers = _all_of(await self._call(client.uaclient.read(request)), len(handles))
-            types += [_variant_types(answer) for answer in answers]
+            types += [variant_types(answer) for answer in answers]
         self._types = types
 
     async def _subscribe(self, client: Client, emit: Emit, backoff: Backoff) -> None:
@@ -330,31 +307,18 @@ class OpcUaConnector:
         if status is not None and status.value & _OVERFLOW == _OVERFLOW:
             self.overruns += 1
         when = value.SourceTimestamp or value.ServerTimestamp or received
-        quality = quality_of(status)
-        variant = value.Value
-        modelled = self._types[handle]
-        if quality == "bad":
-            reason = "bad_status"
-        elif (
-            modelled is not None
-            and variant is not None
-            and variant.VariantType is not ua.VariantType.Null  # no value: unsupported below
-            and variant.VariantType not in modelled
-        ):
-            reason = "type_mismatch"
-        elif (raw := _raw(variant)) is None:
-            reason = "value_unsupported"
-        else:
-            if handle in self._refused:
-                del self._refused[handle]
-                self._log.info(
-                    "device_read_recovered",
-                    signal=self._signals[handle],
-                    node=self._sources[handle].node,
-                )
-            return RawSample(self._signals[handle], raw, when, quality, received)
-        self._refuse(handle, status, reason, variant)
-        return RawSample(self._signals[handle], None, when, "bad", received)
+        raw, refusal = judged(value, self._types[handle])
+        if refusal is not None:
+            self._refuse(handle, status, refusal, value.Value)
+            return RawSample(self._signals[handle], None, when, "bad", received)
+        if handle in self._refused:
+            del self._refused[handle]
+            self._log.info(
+                "device_read_recovered",
+                signal=self._signals[handle],
+                node=self._sources[handle].node,
+            )
+        return RawSample(self._signals[handle], raw, when, quality_of(status), received)
 
     def _refuse(
         self,
@@ -372,7 +336,7 @@ class OpcUaConnector:
                 node=self._sources[handle].node,
                 reason=reason,
                 status=status.name if status is not None else None,
-                variant=_described(variant),
+                variant=described(variant),
                 modelled=sorted(t.name for t in self._types[handle] or ()),
             )
 
@@ -411,20 +375,6 @@ def _all_of(results: list[T], asked: int) -> list[T]:
     return results
 
 
-def _variant_types(data_type: ua.DataValue) -> frozenset[ua.VariantType] | None:
-    """The variant types a node's values may have, from a Read of its DataType; None when
-    they cannot be told (a vendor's own type, BaseDataType, a node the server refuses)."""
-    node = data_type.Value.Value if data_type.Value is not None else None
-    if not isinstance(node, ua.NodeId) or node.NamespaceIndex != 0:
-        return None
-    identifier = node.Identifier
-    if not isinstance(identifier, int) or identifier == ObjectIds.BaseDataType:
-        return None
-    if ObjectIds.Boolean <= identifier <= ObjectIds.DiagnosticInfo:
-        return frozenset({ua.VariantType(identifier)})
-    return _DERIVED.get(identifier)
-
-
 def _outage_kind(e: DeviceError | TrustError) -> str:
     """A low-cardinality code for an outage: a new one while down is audited again."""
     if isinstance(e, CertificateRefused):
@@ -432,15 +382,3 @@ def _outage_kind(e: DeviceError | TrustError) -> str:
     if isinstance(e, TrustError):
         return "server_certificate_refused"
     return "no_session"
-
-
-def _described(variant: ua.Variant | None) -> str | None:
-    if variant is None:
-        return None
-    return f"{variant.VariantType.name}{'[]' if variant.is_array else ''}"
-
-
-def _raw(variant: ua.Variant | None) -> RawValue | None:
-    """A scalar number, bool or text as the model can take it; None for anything else."""
-    value = variant.Value if variant is not None else None
-    return value if isinstance(value, bool | int | float | str) else None
