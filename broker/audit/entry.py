@@ -9,6 +9,7 @@ null, lists and objects, so this is stable and equals the line written to disk m
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -18,6 +19,11 @@ CHECKPOINT = "audit_checkpoint"
 EXPIRED = "audit_segments_expired"  # retention deleted old segments; names the last entry
 
 _encoder = msgspec.json.Encoder(order="sorted")
+
+
+def timestamp() -> str:
+    """Now, as every time in the audit log is written: RFC 3339 UTC, microseconds, `Z`."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def canonical(fields: dict[str, Any]) -> bytes:

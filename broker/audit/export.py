@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from broker.audit.log import SUFFIX, segment_numbers
+from broker.audit.segments import SUFFIX, segment_numbers
 from broker.errors import ChannelError
 
 SD_ID = "dmzbroker@32473"  # 32473: the enterprise number RFC 5612 reserves for examples

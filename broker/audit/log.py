@@ -22,11 +22,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgspec
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -37,48 +35,20 @@ from broker.audit.entry import (
     canonical,
     checkpoint_message,
     entry_hash,
+    timestamp,
 )
+from broker.audit.retention import RESERVE, expire
+from broker.audit.segments import read_entries, segment_numbers, segment_path
 from broker.config import AuditConfig
 from broker.errors import ChannelError
 from broker.folder_lock import FolderLock
 from broker.trust.keys import key_id, load_private
 
-SUFFIX = ".jsonl"
 OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
 MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
-CARRIED_POLICY = "last_policy_accepted"  # in an expiry anchor (ADR 0015)
-CARRIED_FIELDS = ("seq", "time", "boot_id", "policy_version", "details", "hash")
+EXPIRY_CHECK_S = 60.0  # in the reserve, how often check() looks for segments that may go
 FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
-
-
-def segment_numbers(directory: Path) -> list[int]:
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return sorted(
-        int(n[: -len(SUFFIX)]) for n in names if n.endswith(SUFFIX) and n[: -len(SUFFIX)].isdigit()
-    )
-
-
-def read_lines(path: Path) -> tuple[list[bytes], bytes]:
-    """The whole lines of a segment (without newlines), and any bytes after the last one."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    return data[:end].split(b"\n")[:-1], data[end:]
-
-
-def read_entries(path: Path) -> tuple[list[dict[str, Any]], bytes]:
-    """The parseable lines of a segment as entries, and any bytes after them."""
-    lines, tail = read_lines(path)
-    entries: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        try:
-            entries.append(msgspec.json.decode(line))
-        except msgspec.DecodeError:
-            return entries, b"\n".join(lines[i:]) + b"\n" + tail
-    return entries, tail
 
 
 class HeldBack(Protocol):
@@ -134,12 +104,19 @@ class AuditLog:
         try:
             numbers = segment_numbers(self._dir)
             self._seq, self._head = self._recover(numbers)
-            self._used = sum((self._dir / f"{n:010d}{SUFFIX}").stat().st_size for n in numbers)
+            self._used = sum(segment_path(self._dir, n).stat().st_size for n in numbers)
             self._size = 0
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
             self._last_fsync = 0.0
-            self._open_segment((numbers[-1] + 1) if numbers else 1)
+            self._last_expiry = 0.0
+            self._rollover_due = False
+            self._number = (numbers[-1] + 1) if numbers else 1
+            try:
+                self._fd = self._create(self._number)
+            except OSError as e:
+                path = segment_path(self._dir, self._number)
+                raise ChannelError(f"audit log {path}: cannot create: {e.strerror}") from e
         except BaseException:
             self._folder_lock.release()
             raise
@@ -194,10 +171,8 @@ class AuditLog:
         due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
         if self._since_checkpoint >= self._checkpoint_every or due:
             self._checkpoint()
-        elif self._size >= self._segment_bytes:
-            self._checkpoint()
-            self._open_segment(self._number + 1)
-            self._expire_segments()
+        elif self._size >= self._segment_bytes and not self._rollover_due:
+            self._roll_over()
 
     def checkpoint(self) -> None:
         """Sign the chain's head; flushed to disk at once."""
@@ -249,6 +224,10 @@ class AuditLog:
             if self.held_back is not None:
                 self.held_back.flush()  # an interval's summary is due even if nothing new came
             self._flush(force=bool(self._pending))
+            if self._rollover_due:
+                self._roll_over()
+            elif self.usage >= RESERVE and time.monotonic() - self._last_expiry >= EXPIRY_CHECK_S:
+                self._expire_segments()  # in the reserve few entries come to trigger it
             due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
             if due and self._since_checkpoint and not self.failing:
                 self._checkpoint()  # a quiet log still gets its last entries signed in time
@@ -273,7 +252,7 @@ class AuditLog:
     def _append(self, body: dict[str, Any]) -> None:
         entry: dict[str, Any] = {
             "seq": self._seq + 1,
-            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "time": timestamp(),
             "boot_id": self.boot_id,
             "writer": self._writer,
             **body,
@@ -307,41 +286,14 @@ class AuditLog:
         self.failing = False
 
     def _expire_segments(self) -> None:
-        """Delete the oldest segments past the retention age, or past 90 % of capacity.
-
-        The current segment is never deleted. An `audit_segments_expired` entry records the
-        seq and hash of the last deleted entry: `audit verify` accepts a log that starts
-        later only when such an anchor, itself in the chain, vouches for where it starts.
-        It also carries the newest `policy_accepted` entry among those deleted (or carried
-        by an anchor among them), so that no amount of retention removes the record of the
-        policy in force (ADR 0015).
-        """
-        old = [n for n in segment_numbers(self._dir) if n < self._number]
-        now = time.time()
-        expired: list[int] = []
-        anchor: tuple[int, str] | None = None
-        policy: dict[str, Any] | None = None
-        for number in old:
-            path = self._dir / f"{number:010d}{SUFFIX}"
-            stat = path.stat()
-            too_old = now - stat.st_mtime > self._retention_s
-            if not too_old and self._used <= 0.9 * self._capacity_bytes:
-                break
-            entries, _ = read_entries(path)
-            if entries:
-                anchor = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
-                policy = _newest_policy(entries, policy)
-            path.unlink()
-            self._used -= stat.st_size
-            expired.append(number)
-        if expired and anchor is not None:
-            details: dict[str, Any] = {
-                "segments": expired,
-                "through_seq": anchor[0],
-                "head": anchor[1],
-            }
-            if policy is not None:
-                details[CARRIED_POLICY] = policy
+        """Delete the segments retention says must go (broker.audit.retention) and record
+        the anchor `audit verify` needs to accept a log that starts later."""
+        self._last_expiry = time.monotonic()
+        expiry = expire(
+            self._dir, self._number, self._used, self._capacity_bytes, self._retention_s
+        )
+        self._used -= expiry.freed
+        if expiry.anchor is not None:
             self._record(
                 {
                     "event": EXPIRED,
@@ -350,25 +302,38 @@ class AuditLog:
                     "actor": None,
                     "object": None,
                     "policy_version": None,
-                    "details": details,
+                    "details": expiry.anchor,
                 }
             )
 
-    def _open_segment(self, number: int) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-        path = self._dir / f"{number:010d}{SUFFIX}"
+    def _create(self, number: int) -> int:
+        path = segment_path(self._dir, number)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+
+    def _roll_over(self) -> None:
+        """End the full segment with a checkpoint and continue in a new one.
+
+        The new segment is opened first: when that fails (no descriptor left, a read-only or
+        full folder) writing goes on in the current one, whole and chained, and `check()`
+        tries again; no descriptor is closed while its number could still be written to.
+        """
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-        except OSError as e:
-            raise ChannelError(f"audit log {path}: cannot create: {e.strerror}") from e
-        self._number = number
+            fd = self._create(self._number + 1)
+        except OSError:
+            self._rollover_due = True
+            return
+        self._rollover_due = False
+        self._checkpoint()  # the last entry of the old segment
+        os.close(self._fd)
+        self._fd = fd
+        self._number += 1
         self._size = 0
+        self._expire_segments()
 
     def _recover(self, numbers: list[int]) -> tuple[int, str]:
         """Continue the chain after the last whole entry on disk."""
         for number in reversed(numbers):
-            entries, _ = read_entries(self._dir / f"{number:010d}{SUFFIX}")
+            entries, _ = read_entries(segment_path(self._dir, number))
             if entries:
                 last = entries[-1]
                 return int(last["seq"]), str(last["hash"])
@@ -382,28 +347,10 @@ class AuditLog:
             self.close()
 
 
-def _newest_policy(
-    entries: list[dict[str, Any]], carried: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    """The last `policy_accepted` entry in `entries` or carried by an anchor there, else
-    `carried`."""
-    for entry in entries:
-        details = entry.get("details")
-        if entry.get("event") == "policy_accepted":
-            carried = {k: entry.get(k) for k in CARRIED_FIELDS}
-        elif (
-            entry.get("event") == EXPIRED
-            and isinstance(details, dict)
-            and CARRIED_POLICY in details
-        ):
-            carried = details[CARRIED_POLICY]
-    return carried
-
-
 class AuditMonitor:
     """Watches a writer's health for its half: logs failure, recovery and 80 % capacity."""
 
-    CAPACITY_WARNING = 0.8
+    CAPACITY_WARNING = RESERVE
 
     def __init__(self, audit: AuditLog, consequence: str) -> None:
         self._audit = audit

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from broker import __version__
-from broker.audit.log import SUFFIX, read_entries, segment_numbers
+from broker.audit.segments import SUFFIX, read_entries, segment_numbers
 from broker.audit.verify import writers
 from broker.errors import ConfigError
 

@@ -23,7 +23,7 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from broker.audit.entry import CHECKPOINT, EXPIRED, GENESIS, checkpoint_message, raw_hash
-from broker.audit.log import SUFFIX, read_lines, segment_numbers
+from broker.audit.segments import SUFFIX, read_lines, segment_numbers
 from broker.trust.keys import verifies
 
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from broker.audit.log import read_entries, segment_numbers
+from broker.audit.segments import read_entries, segment_numbers
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
 from tests.harness import BrokerProcess, Daemon, Deployment, Pki, dmzbroker, eventually, free_port

@@ -402,3 +402,60 @@ def test_an_outcome_other_than_success_failure_unknown_is_never_written(
         record_many(log, 1)
     for entry in read_log(tmp_path / "plant"):
         validate(entry)
+
+
+_NO_DESCRIPTOR_CHILD = """
+import os, resource, socket, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from broker.audit.log import AuditLog
+from tests.audit.support import record_many, segments, write_public_key
+
+root = Path(sys.argv[1])
+key = Ed25519PrivateKey.generate()
+write_public_key(key, root / "audit.pub")
+log = AuditLog(root, "plant", "coldstore-1", key, segment_bytes=2_000)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+lowest = os.open(os.devnull, os.O_RDONLY)  # the limit bounds descriptor numbers, not counts
+os.close(lowest)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+record_many(log, 40)  # several segments' worth: every rollover meets EMFILE
+failing = log.failing
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+stuck = len(segments(root / "plant"))
+peer, other = socket.socketpair()  # whatever takes the next free number, e.g. a consumer
+log.check()  # retries the rollover
+record_many(log, 40, start=40)
+log.close()
+try:
+    leaked = len(other.recv(65536, socket.MSG_DONTWAIT))
+except BlockingIOError:
+    leaked = 0
+print(stuck, int(failing), len(segments(root / "plant")), leaked)
+"""
+
+
+def test_a_rollover_without_a_free_descriptor_keeps_writing_and_is_retried(
+    tmp_path: Path,
+) -> None:
+    """A real EMFILE at rollover: no exception reaches the caller, nothing is lost, the
+    log is not failing (it can still be written), and check() rolls over once it can."""
+    child = subprocess.run(
+        [sys.executable, "-c", _NO_DESCRIPTOR_CHILD, str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-2000:]
+    stuck, failing, after, leaked = (int(x) for x in child.stdout.split())
+    assert leaked == 0  # no entry went to a descriptor number the log no longer owned
+    assert stuck == 1  # every rollover failed: all 40 entries went on in the first segment
+    assert failing == 0
+    assert after > 2  # rolled over once descriptors were back, and went on rolling
+    from broker.trust.keys import parse_public_pem  # noqa: PLC0415
+
+    pubkey = parse_public_pem((tmp_path / "audit.pub").read_text(), "audit.pub")
+    report = verify_writer(tmp_path / "plant", pubkey)
+    assert report.intact, report
+    written = [e for e in read_log(tmp_path / "plant") if e["event"] != CHECKPOINT_EVENT]
+    assert [e["details"].get("i") for e in written if e["details"]] == [
+        i for i in range(80) if i % 4
+    ]  # record_many gives empty details to every fourth entry

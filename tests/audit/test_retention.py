@@ -6,10 +6,16 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.audit.log import AuditLog, read_entries, segment_numbers
+from broker.audit import log as log_module
+from broker.audit.forward import AuditForwarder
+from broker.audit.log import AuditLog
+from broker.audit.retention import RESERVE, TRIM_TO
+from broker.audit.segments import read_entries, segment_numbers, segment_path
 from broker.audit.verify import verify_writer
+from tests.audit.test_forward import denied, forward
 
 
 def fill(directory: Path, key: Ed25519PrivateKey, **limits: float) -> AuditLog:
@@ -100,4 +106,53 @@ def test_retention_never_removes_the_record_of_the_policy_in_force(tmp_path: Pat
     carried = carrying[-1]["details"]["last_policy_accepted"]
     assert carried["seq"] == accepted["seq"] and carried["hash"] == accepted["hash"]
     assert carried["policy_version"] == 5 and carried["details"]["signers"] == signers
+    assert verify_writer(directory, key.public_key()).intact
+
+
+def test_a_log_that_reached_capacity_is_trimmed_below_the_reserve_line(tmp_path: Path) -> None:
+    """Trimming by size ends below the reserve line (it used to stop at 90 %, so a log that
+    once filled up stayed in the reserve, consumer events only summarised, for a year)."""
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path, "enterprise", "site-1", key, segment_bytes=8_000,
+                     capacity_bytes=100_000)  # fmt: skip
+    forwarder = AuditForwarder(audit)
+    count = 0
+    while segment_numbers(tmp_path / "enterprise")[0] == 1:  # until size trimming starts
+        assert forward(
+            forwarder, {"event": "policy_reload_requested", "by": "operator", "i": count}
+        )
+        count += 1
+        assert count < 5000
+    assert audit.usage < RESERVE  # out of the reserve
+    assert forward(forwarder, denied())  # consumer events are written in full again
+    audit.close()
+    assert verify_writer(tmp_path / "enterprise", key.public_key()).intact
+
+
+def reach_the_reserve(directory: Path, key: Ed25519PrivateKey) -> AuditLog:
+    audit = AuditLog(directory, "plant", "site-1", key, segment_bytes=8_000, capacity_bytes=100_000)
+    i = 0
+    while audit.usage < RESERVE:
+        audit.record("device_session_down", category="device", outcome="failure", details={"i": i})
+        i += 1
+    return audit
+
+
+def test_in_the_reserve_history_older_than_a_week_goes_and_the_last_week_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log_module, "EXPIRY_CHECK_S", 0.0)  # check() looks at once
+    key = Ed25519PrivateKey.generate()
+    audit = reach_the_reserve(tmp_path, key)
+    directory = tmp_path / "plant"
+    audit.check()
+    assert segment_numbers(directory)[0] == 1  # a flood cannot push out the last week
+    assert audit.usage >= RESERVE
+    eight_days_ago = time.time() - 8 * 86_400
+    for number in segment_numbers(directory)[:-1]:
+        os.utime(segment_path(directory, number), (eight_days_ago, eight_days_ago))
+    audit.check()  # no new entry needed: in the reserve few come
+    assert segment_numbers(directory)[0] > 1
+    assert audit.usage <= TRIM_TO + 0.02  # down to 70 %, plus the anchor's entry
+    audit.close()
     assert verify_writer(directory, key.public_key()).intact

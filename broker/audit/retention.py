@@ -1,0 +1,93 @@
+"""Which old audit segments go: by age, and by size, with room kept for security events.
+
+Oldest segment first, never the one being written (ADR 0015):
+- a segment older than the retention age goes;
+- past `TRIM_AT` of the capacity, the oldest go whatever their age, down to `TRIM_TO`;
+- from `RESERVE` (where outsider and repeated device events stop being written in full, so
+  that security events keep the rest) segments older than `KEEP_S` go, down to `TRIM_TO`.
+  Without this an appliance whose ordinary consumer traffic once reached the reserve would
+  stay in it until security events alone filled the next tenth; with it, a flood can push
+  out history older than `KEEP_S`, never the last `KEEP_S` of it.
+
+Trimming ends below the reserve line, so a log that reached capacity leaves the reserve.
+Whatever is deleted, the anchor it returns carries the seq and hash of the last deleted
+entry and the newest `policy_accepted` entry among them (or carried by an anchor among
+them), so no amount of retention removes the record of the policy in force.
+
+This module deletes only whole segments older than the current one, and never raises: a
+file it cannot read or delete stops this round, and the next one tries again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.audit.entry import EXPIRED
+from broker.audit.segments import read_entries, segment_numbers, segment_path
+
+RESERVE = 0.8  # share of the capacity past which only security events are written in full
+TRIM_AT = 0.9  # past this share the oldest segments go whatever their age …
+TRIM_TO = 0.7  # … down to this share, below the reserve line
+KEEP_S = 7 * 86_400  # at the reserve line, history younger than this is kept
+CARRIED_POLICY = "last_policy_accepted"  # in an expiry anchor
+CARRIED_FIELDS = ("seq", "time", "boot_id", "policy_version", "details", "hash")
+
+
+@dataclass
+class Expiry:
+    segments: list[int] = field(default_factory=list)
+    freed: int = 0  # bytes
+    anchor: dict[str, Any] | None = None  # details of the `audit_segments_expired` entry due
+
+
+def expire(directory: Path, current: int, used: int, capacity: int, retention_s: float) -> Expiry:
+    """Delete what the rules above say must go; what went, and the anchor to record."""
+    now = time.time()
+    hard = used > TRIM_AT * capacity
+    soft = used >= RESERVE * capacity
+    done = Expiry()
+    policy: dict[str, Any] | None = None
+    head: tuple[int, str] | None = None
+    try:
+        for number in (n for n in segment_numbers(directory) if n < current):
+            path = segment_path(directory, number)
+            stat = path.stat()
+            age = now - stat.st_mtime
+            over = used - done.freed > TRIM_TO * capacity
+            if not (age > retention_s or (over and (hard or (soft and age > KEEP_S)))):
+                break
+            entries, _ = read_entries(path)
+            if entries:
+                head = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
+                policy = _newest_policy(entries, policy)
+            path.unlink()
+            done.freed += stat.st_size
+            done.segments.append(number)
+    except OSError:
+        pass  # a segment removed or unreadable under us: retried at the next round
+    if head is not None:
+        done.anchor = {"segments": done.segments, "through_seq": head[0], "head": head[1]}
+        if policy is not None:
+            done.anchor[CARRIED_POLICY] = policy
+    return done
+
+
+def _newest_policy(
+    entries: list[dict[str, Any]], carried: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The last `policy_accepted` entry in `entries` or carried by an anchor there, else
+    `carried`."""
+    for entry in entries:
+        details = entry.get("details")
+        if entry.get("event") == "policy_accepted":
+            carried = {k: entry.get(k) for k in CARRIED_FIELDS}
+        elif (
+            entry.get("event") == EXPIRED
+            and isinstance(details, dict)
+            and CARRIED_POLICY in details
+        ):
+            carried = details[CARRIED_POLICY]
+    return carried
