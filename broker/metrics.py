@@ -35,11 +35,15 @@ class _Drops(Collector):
         yield family
 
 
-class DeviceStats(Protocol):
-    scans: int
-    overruns: int
-    errors: int
-    last_scan_s: float
+class DeviceStats(Protocol):  # read only: a connector's counters, or its supervisor's view
+    @property
+    def scans(self) -> int: ...
+    @property
+    def overruns(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def last_scan_s(self) -> float: ...
 
 
 class SignalStats(Protocol):
