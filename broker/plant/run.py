@@ -20,13 +20,7 @@ from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig, OpcUaConfig
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import (
-    Connector,
-    RawSample,
-    connectors_for,
-    signals_by_device,
-    supervise,
-)
+from broker.plant.connectors import RawSample, SupervisedDevice, supervised_devices
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
@@ -52,7 +46,7 @@ class PlantHalf:
         self._tasks: asyncio.TaskGroup | None = None
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
-        self._devices: dict[str, Connector] = {}  # the running connectors, for metrics
+        self._devices: dict[str, SupervisedDevice] = {}  # the running devices, for metrics
         self._opcua: OpcUaConfig | None = None  # run() sets it from the appliance config
         self.metrics = PlantMetrics(
             dropped=lambda: self.pipeline.gate.dropped,
@@ -97,15 +91,12 @@ class PlantHalf:
             self._connectors = None
 
     async def _read(self, policy: Policy) -> None:
-        """Each device under its own supervisor: whatever one raises stays with that device."""
-        self._devices = connectors_for(policy, self._opcua)
-        signals = signals_by_device(policy)
+        """Each device under its own supervisor, which also builds its connector: whatever
+        one raises, or lacks in the appliance config, stays with that device."""
+        self._devices = supervised_devices(policy, self._opcua)
         async with asyncio.TaskGroup() as tasks:
-            for name, connector in self._devices.items():
-                paths = [signal.path for signal in signals[name]]
-                tasks.create_task(
-                    supervise(name, connector, paths, self._queue.put), name=f"connector {name}"
-                )
+            for name, device in self._devices.items():
+                tasks.create_task(device.run(self._queue.put), name=f"connector {name}")
 
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,13 +1,14 @@
 """Connector registry: a protocol name in the policy → the connector that reads it."""
 
 from collections.abc import Sequence
+from functools import partial
 
 from broker.config import OpcUaConfig
 from broker.plant.connectors.base import Connector, RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings
-from broker.plant.connectors.supervision import supervise
+from broker.plant.connectors.supervision import SupervisedDevice
 from broker.policy import Device, ModbusDevice, OpcUaDevice, Policy, Signal
 
 
@@ -16,6 +17,20 @@ def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Conne
     computed in the pipeline, never read)."""
     signals_of = signals_by_device(policy)
     return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
+
+
+def supervised_devices(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, SupervisedDevice]:
+    """Device name → its supervisor, which builds the connector itself: a device that the
+    appliance config cannot serve is `bad` on its own, and the others read (supervision.py)."""
+    signals_of = signals_by_device(policy)
+    return {
+        d.name: SupervisedDevice(
+            d.name,
+            partial(connector_for, d, signals_of[d.name], opcua),
+            [signal.path for signal in signals_of[d.name]],
+        )
+        for d in policy.devices
+    }
 
 
 def signals_by_device(policy: Policy) -> dict[str, list[Signal]]:
@@ -45,8 +60,9 @@ def connector_for(
 __all__ = [
     "Connector",
     "RawSample",
+    "SupervisedDevice",
     "connector_for",
     "connectors_for",
     "signals_by_device",
-    "supervise",
+    "supervised_devices",
 ]

@@ -22,7 +22,7 @@ from asyncua import ua
 from cryptography import x509
 
 from broker.audit.catalogue import EVENTS
-from broker.plant.connectors import supervise
+from broker.plant.connectors import SupervisedDevice
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings, fingerprint
 from tests.harness import eventually
@@ -63,7 +63,9 @@ def trust_folder(tmp_path: Path, pki: OpcUaPki) -> Iterator[Path]:
 async def supervised(connector: OpcUaConnector, paths: list[str]) -> AsyncIterator[Collector]:
     """As the plant half runs it: under the supervisor."""
     collector = Collector()
-    task = asyncio.create_task(supervise("ua-plc", connector, paths, collector.emit))
+    task = asyncio.create_task(
+        SupervisedDevice("ua-plc", lambda: connector, paths).run(collector.emit)
+    )
     try:
         yield collector
     finally:

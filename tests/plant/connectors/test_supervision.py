@@ -8,6 +8,7 @@ devices in the plant half, tests/plant/connectors/test_opcua_faults.py with a re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,8 +18,9 @@ import pytest
 import structlog
 
 from broker.audit.catalogue import EVENTS
+from broker.errors import TrustError
 from broker.plant.connectors.base import Emit, RawSample
-from broker.plant.connectors.supervision import supervise
+from broker.plant.connectors.supervision import SupervisedDevice
 from tests.harness import eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -81,7 +83,9 @@ async def test_any_exception_marks_the_signals_bad_once_and_the_device_recovers(
 ) -> None:
     connector = Flaky(fault, failures=3)
     collector = Collector()
-    task = asyncio.create_task(supervise("plc", connector, SIGNALS, collector.emit, 0.01))
+    task = asyncio.create_task(
+        SupervisedDevice("plc", lambda: connector, SIGNALS).run(collector.emit, 0.01)
+    )
     try:
         await eventually(lambda: connector.scans >= 3, timeout=10)
         assert not task.done()
@@ -109,7 +113,9 @@ async def test_a_connector_that_fails_after_good_scans_is_logged_at_each_change(
 ) -> None:
     connector = Flaky(RuntimeError("after a while"), failures=2, good_first=2)
     collector = Collector()
-    task = asyncio.create_task(supervise("plc", connector, SIGNALS, collector.emit, 0.01))
+    task = asyncio.create_task(
+        SupervisedDevice("plc", lambda: connector, SIGNALS).run(collector.emit, 0.01)
+    )
     try:
         await eventually(lambda: len(connector.runs) >= 3 and connector.scans >= 8, timeout=10)
     finally:
@@ -125,7 +131,9 @@ async def test_a_connector_that_fails_after_good_scans_is_logged_at_each_change(
 
 async def test_retries_back_off_exponentially() -> None:
     connector = Flaky(DeviceGlitch(), failures=4)
-    task = asyncio.create_task(supervise("plc", connector, SIGNALS, Collector().emit, 0.05))
+    task = asyncio.create_task(
+        SupervisedDevice("plc", lambda: connector, SIGNALS).run(Collector().emit, 0.05)
+    )
     try:
         await eventually(lambda: len(connector.runs) >= 5, timeout=10)
     finally:
@@ -138,7 +146,9 @@ async def test_retries_back_off_exponentially() -> None:
 
 async def test_a_stop_request_is_never_contained() -> None:
     connector = Flaky(DeviceGlitch(), failures=0)
-    task = asyncio.create_task(supervise("plc", connector, SIGNALS, Collector().emit, 0.01))
+    task = asyncio.create_task(
+        SupervisedDevice("plc", lambda: connector, SIGNALS).run(Collector().emit, 0.01)
+    )
     await eventually(lambda: connector.scans >= 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -153,7 +163,9 @@ async def test_a_cancellation_raised_inside_a_library_is_a_failure_not_a_stop(
     they were."""
     connector = Flaky(asyncio.CancelledError(), failures=1)
     collector = Collector()
-    task = asyncio.create_task(supervise("plc", connector, SIGNALS, collector.emit, 0.01))
+    task = asyncio.create_task(
+        SupervisedDevice("plc", lambda: connector, SIGNALS).run(collector.emit, 0.01)
+    )
     try:
         await eventually(lambda: connector.scans >= 1, timeout=10)
     finally:
@@ -167,4 +179,42 @@ async def test_a_cancellation_raised_inside_a_library_is_a_failure_not_a_stop(
 async def test_process_exits_are_not_contained(fault: BaseException) -> None:
     connector = Flaky(fault, failures=1)
     with pytest.raises(type(fault)):
-        await supervise("plc", connector, SIGNALS, Collector().emit, 0.01)
+        await SupervisedDevice("plc", lambda: connector, SIGNALS).run(Collector().emit, 0.01)
+
+
+async def test_a_connector_that_cannot_be_built_is_bad_once_and_built_again_after_backoff(
+    events: list[dict[str, Any]],
+) -> None:
+    """What a device needs from the appliance config (an OPC UA trust list, a password file)
+    can be unreadable at start or after a reload: that device is bad, not the half."""
+    builds: list[float] = []
+    connector = Flaky(DeviceGlitch(), failures=0)
+
+    def build() -> Flaky:
+        builds.append(time.monotonic())
+        if len(builds) <= 3:
+            raise TrustError("/etc/dmzbroker/opcua-trust/plc.pem: not a readable certificate")
+        return connector
+
+    device = SupervisedDevice("plc", build, SIGNALS)
+    collector = Collector()
+    task = asyncio.create_task(device.run(collector.emit, 0.02))
+    try:
+        await eventually(lambda: device.scans >= 3, timeout=10)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert collector.qualities()[:3] == ["bad", "bad", "bad"]
+    assert collector.qualities()[-1] == "good"
+    gaps = [b - a for a, b in itertools.pairwise(builds)]
+    assert all(gap >= 0.8 * 0.02 * 2**i for i, gap in enumerate(gaps)), gaps  # backed off
+    assert len(builds) == 4 and device.connector is connector  # built once it could be
+    assert device.failed_builds == 3 and device.errors == 3  # in /metrics as device errors
+    assert logged(events) == ["device_connector_failed", "device_connector_recovered"]
+    failed = next(e for e in events if e["event"] == "device_connector_failed")
+    assert failed["stage"] == "build"
+    assert failed["error"] == (
+        "its connector cannot be built: TrustError: "
+        "/etc/dmzbroker/opcua-trust/plc.pem: not a readable certificate"
+    )
