@@ -58,7 +58,7 @@ ITEMS_PER_CALL = 1000  # monitored items per CreateMonitoredItems, nodes per Rea
 NOTIFICATIONS_PER_PUBLISH = 10_000  # bounds one batch; the server keeps the rest queued
 LIFETIME_COUNT = 10_000  # publishing intervals without a Publish before the server gives up
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue discarded values
-SILENT_PUBLISHES = 3  # keep-alive periods without a Publish response before the session is dropped
+SILENT_PUBLISHES = 3  # keep-alive periods (poll intervals at most) without a Publish response
 T = TypeVar("T")
 _DEADBAND = {"absolute": ua.DeadbandType.Absolute, "percent": ua.DeadbandType.Percent}
 
@@ -89,6 +89,7 @@ class OpcUaConnector:
         self._types: list[frozenset[ua.VariantType] | None] = [None] * len(self._nodes)
         self._up: bool | None = None  # None until the first session: logged when it changes
         self._down_because: str | None = None  # the kind of the current outage
+        self._revision_logged = False  # a keep-alive period revised past the silence limit
         self._log = structlog.get_logger("opcua").bind(device=device.name)
         self._grid = ScanGrid(device.poll_interval_s, self._log)
 
@@ -198,15 +199,7 @@ class OpcUaConnector:
             PublishingEnabled=True,
         )
         subscription = await self._call(client.uaclient.create_subscription(params, published))
-        # A message is due every keep-alive period; a server that stops answering Publish
-        # requests (they wait without a timeout) would otherwise leave the values unmarked.
-        silent_s = max(
-            self._device.timeout_s,
-            SILENT_PUBLISHES
-            * subscription.RevisedPublishingInterval
-            / 1000
-            * max(1, subscription.RevisedMaxKeepAliveCount),
-        )
+        silent_s = self._silence_limit(subscription)
         refused: list[RawSample] = []
         for first in range(0, len(self._nodes), ITEMS_PER_CALL):
             handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
@@ -229,6 +222,29 @@ class OpcUaConnector:
             if not handling and time.monotonic() - heard > silent_s:
                 give_up(f"no Publish response for {silent_s:g} s")
         raise DeviceError(f"session lost: {lost.result()}")
+
+    def _silence_limit(self, subscription: ua.CreateSubscriptionResult) -> float:
+        """How long without a Publish response before the session is dropped.
+
+        A message is due every keep-alive period; a server that stops answering Publish
+        requests (they wait without a timeout) would otherwise leave the values unmarked.
+        The server may revise the period upward, but never past what the policy's poll
+        interval allows (3 intervals and a request timeout): a hung server must not stay up
+        for hours. A revision beyond that is logged once per connector."""
+        device = self._device
+        keep_alive_s = float(subscription.RevisedPublishingInterval) / 1000
+        keep_alive_s *= max(1, int(subscription.RevisedMaxKeepAliveCount))
+        cap_s = SILENT_PUBLISHES * device.poll_interval_s + device.timeout_s
+        wanted_s = max(device.timeout_s, SILENT_PUBLISHES * keep_alive_s)
+        if wanted_s > cap_s and not self._revision_logged:
+            self._revision_logged = True
+            self._log.warning(
+                "subscription_revised",
+                publishing_interval_ms=subscription.RevisedPublishingInterval,
+                max_keep_alive_count=subscription.RevisedMaxKeepAliveCount,
+                silence_limit_s=round(cap_s, 3),  # silent for longer: the session is dropped
+            )
+        return min(wanted_s, cap_s)
 
     def _item(self, handle: int, interval_ms: float) -> ua.MonitoredItemCreateRequest:
         source = self._sources[handle]

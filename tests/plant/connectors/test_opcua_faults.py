@@ -241,3 +241,32 @@ async def test_publish_responses_that_stop_coming_mark_the_device_bad_until_they
         "device_session_down",
         "device_session_up",
     ]
+
+
+async def test_a_server_revising_the_keep_alive_upward_cannot_stretch_the_silence_limit(
+    pki: OpcUaPki, events: list[dict[str, Any]]
+) -> None:
+    """The server answers CreateSubscription with 5,000 keep-alive periods (8 minutes at
+    0.1 s) and then stops publishing: the device goes bad after 3 poll intervals and a
+    request timeout, not after 25 minutes; the revision is logged once."""
+    async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
+        service = server.server.iserver.subscription_service
+        service._clamp_keep_alive_count = lambda requested: 5000  # as a hostile server revises
+        ua_plc = device(server, timeout_s=1.0)  # the limit: 3 × 0.1 s + 1 s
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
+            server.publishing = False
+            try:
+                await eventually(lambda: collector.quality(POWER) == "bad", timeout=10)
+                errors = connector.errors
+                await eventually(lambda: connector.errors >= errors + 1, timeout=20)
+            finally:
+                server.publishing = True
+    down = [e for e in events if e["event"] == "device_session_down"]
+    assert len(down) == 1 and "no Publish response for 1.3 s" in down[0]["error"], down
+    revised = [e for e in events if e["event"] == "subscription_revised"]
+    assert len(revised) == 1, revised  # once, though every new session is revised again
+    assert revised[0]["max_keep_alive_count"] == 5000 and revised[0]["silence_limit_s"] == 1.3
