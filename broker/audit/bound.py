@@ -37,6 +37,10 @@ class Bounds:
 # policy, local files and devices: more room keeps their error texts whole.
 OUTSIDER = Bounds(text_bytes=256, details_bytes=2048)
 INSIDER = Bounds(text_bytes=1024, details_bytes=16384)
+# An `events_suppressed` summary names every identity and device it counted (up to 200 pairs
+# each, broker.audit.throttle) and the 20 largest addresses: once per interval, so it may be
+# larger than one event's details.
+SUMMARY = Bounds(text_bytes=256, details_bytes=96 * 1024)
 
 _encoder = msgspec.json.Encoder(order="sorted")
 _WORST_CHAR = 6  # `\u00XX`: no character costs more once stored

@@ -70,9 +70,10 @@ EVENTS: dict[str, tuple[str, str]] = {
 
 # Events anyone on the IT network can cause at will (a connection, a handshake, a refused
 # request): per (event, source) the first few per interval are written in full, the rest only
-# counted into one `events_suppressed` entry per interval (broker.audit.throttle). Every other
-# event (policy, trust, keys, checkpoints, island, audit state, process, config, devices) is
-# always written in full. A new event an outsider can trigger belongs here.
+# counted into one `events_suppressed` entry per interval (broker.audit.throttle). Every event
+# in neither this set nor DEVICE_AGGREGATED (policy, trust, keys, checkpoints, island, audit
+# state, process, config) is always written in full. A new event an outsider can trigger
+# belongs here.
 AGGREGATED = frozenset(
     {
         "consumer_denied",
@@ -83,8 +84,39 @@ AGGREGATED = frozenset(
         "tls_handshake_failed",
     }
 )
+# Events a device can trigger over and over (a signal flapping Good↔Bad, a session or a unit
+# going up and down, scans overrunning under jitter): aggregated the same way with the device
+# as source, on a budget of their own, so one device cannot flood the plant's audit log (and,
+# through a failing log, close every device session of the half). Trust events of a device
+# (`opcua_server_certificate_refused`) are not here: they are always written.
+DEVICE_AGGREGATED = frozenset(
+    {
+        "device_read_refused",
+        "device_read_recovered",
+        "device_session_up",
+        "device_session_down",
+        "device_unit_up",
+        "device_unit_down",
+        "device_connector_failed",
+        "device_connector_recovered",
+        "scan_overrun",
+        "scan_overrun_ended",
+        "opcua_security_none",
+        "opcua_endpoint_refused",
+    }
+)
 SUPPRESSED = "events_suppressed"  # written by the forwarder itself: audit / unknown
-SOURCE_FIELDS = ("identity", "remote")  # who caused an aggregated event: identity, else address
+# Who caused an aggregated IT-side event, in this order: a consumer identity or the serial of
+# a certificate of the site CA (bounded by what the CA issued), else the remote address
+# (anyone). Each kind has its own budget (broker.audit.throttle).
+IDENTITY_FIELDS = ("identity", "serial")
+ADDRESS_FIELDS = ("remote",)
+DEVICE_FIELDS = ("device",)
+# `consumer_denied` reasons that concern the certificate itself (after a complete mTLS
+# handshake, so its holder has the key): never crowded out by other sources' events.
+TRUST_REASONS = frozenset(
+    {"revoked", "no_uri_san", "several_uri_sans", "no_certificate", "no_identity"}
+)
 
 # Fields of a log event that become the entry's actor / object / policy_version.
 ACTOR_FIELDS = ("identity", "actor", "device", "half")

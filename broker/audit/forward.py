@@ -2,10 +2,11 @@
 
 A structlog processor: call sites log as usual, and the audit log cannot miss an event that
 the catalogue names. Each entry is bounded in size (broker.audit.bound), a value that became
-the entry's actor or object is not repeated in its details, and outsider-caused events are
-throttled (broker.audit.throttle): one counted instead of written is dropped from the process
-log too, and the count reaches both logs as `events_suppressed` once per interval — written
-by `flush()`, which the audit log calls from `check()` and before its closing checkpoint.
+the entry's actor or object is not repeated in its details, and events a source can repeat at
+will (outsiders' on the IT side, a device's on the plant side) are throttled by source
+(broker.audit.throttle): one counted instead of written is dropped from the process log too,
+and the count reaches both logs as `events_suppressed` once per interval — written by
+`flush()`, which the audit log calls from `check()` and before its closing checkpoint.
 
 It never raises into the caller; a failing audit log is reported by the log's own `failing`
 flag, which closes the data path.
@@ -19,19 +20,23 @@ from typing import Any
 import msgspec
 import structlog
 
-from broker.audit.bound import INSIDER, OUTSIDER, bound_entry
+from broker.audit.bound import INSIDER, OUTSIDER, SUMMARY, bound_entry
 from broker.audit.catalogue import (
     ACTOR_FIELDS,
+    ADDRESS_FIELDS,
     AGGREGATED,
+    DEVICE_AGGREGATED,
+    DEVICE_FIELDS,
     EVENTS,
+    IDENTITY_FIELDS,
     NOT_DETAILS,
     OBJECT_FIELDS,
-    SOURCE_FIELDS,
     SUPPRESSED,
+    TRUST_REASONS,
     VERSION_FIELDS,
 )
 from broker.audit.log import AuditLog, AuditMonitor
-from broker.audit.throttle import Throttle
+from broker.audit.throttle import Kind, Throttle
 
 log = structlog.get_logger("audit")
 
@@ -55,10 +60,13 @@ class AuditForwarder:
             return event_dict
         assert isinstance(event, str)
         outsider = event in AGGREGATED
-        if outsider:
+        if outsider or event in DEVICE_AGGREGATED:
             self.flush()  # an interval that ended since the last check() is summed up first
-            source = _text(_first(event_dict, SOURCE_FIELDS)) or "unknown"
-            if not self._throttle.admit(event, source, reserved=self._reserved()):
+            source, budget = _source(event_dict, device=not outsider)
+            trust = budget is Kind.IDENTITY and event_dict.get("reason") in TRUST_REASONS
+            if not self._throttle.admit(
+                event, source, budget, reserved=self._reserved(), trust=trust
+            ):
                 raise structlog.DropEvent
         actor_field = _first_field(event_dict, ACTOR_FIELDS)
         object_field = _first_field(event_dict, OBJECT_FIELDS)
@@ -89,13 +97,24 @@ class AuditForwarder:
         summary = self._throttle.summary(reserved=self._reserved(), final=final)
         if summary is None:
             return
-        _, _, details = bound_entry(None, None, summary, INSIDER)
+        _, _, details = bound_entry(None, None, summary, SUMMARY)
         self._audit.record(SUPPRESSED, category="audit", outcome="unknown", details=details)
         log.warning(SUPPRESSED, **summary)  # not in the catalogue: recorded once, just above
 
     def _reserved(self) -> bool:
         """Past the capacity warning, the rest of the log is kept for security events."""
         return self._audit.usage >= AuditMonitor.CAPACITY_WARNING
+
+
+def _source(event_dict: MutableMapping[str, Any], *, device: bool) -> tuple[str, Kind]:
+    """Who caused a repeatable event, and so which budget it draws on."""
+    if device:
+        return _text(_first(event_dict, DEVICE_FIELDS)) or "unknown", Kind.DEVICE
+    for name in IDENTITY_FIELDS:
+        if event_dict.get(name):  # a certificate of the site CA: an identity, else its serial
+            prefix = "" if name == IDENTITY_FIELDS[0] else f"{name}:"
+            return prefix + str(event_dict[name]), Kind.IDENTITY
+    return _text(_first(event_dict, ADDRESS_FIELDS)) or "unknown", Kind.ADDRESS
 
 
 def _first_field(event_dict: MutableMapping[str, Any], names: tuple[str, ...]) -> str | None:

@@ -1,16 +1,32 @@
-"""Which outsider-caused audit events are written in full, and the count of the rest.
+"""Which repeatable audit events are written in full, and the count of the rest.
 
-Events anyone on the IT network can cause at will (catalogue.AGGREGATED) are admitted per
-interval: the first `per_source` of each (event, source) in full, at most `overall` in full
-across all sources together (so many addresses cannot multiply the budget); the rest are
-only counted. Once per interval the counts become one summary — by event, and by (event,
-source) for the `top_sources` largest, the others summed — which the forwarder writes as
-`events_suppressed`. While the audit log is past its capacity warning (the reserve kept for
-security events) nothing is admitted in full and an interval lasts `reserve_interval_s`.
+Events a source can cause over and over (catalogue.AGGREGATED on the IT side,
+catalogue.DEVICE_AGGREGATED on the plant side) are admitted per interval: the first
+`per_source` of each (event, source) in full, the rest only counted. Sources are of three
+kinds, and each kind has its own overall budget of `overall` entries in full per interval,
+so that no kind can use up another's:
 
-Memory is bounded too: at most `tracked` (event, source) pairs are counted apart per
-interval; later sources are only summed. This module never writes or logs anything itself
-and never blocks: it only counts and decides.
+- `address`: only a remote address (failed handshakes; anyone on the IT network, from as
+  many addresses as he likes — the overall budget is what stops him multiplying his own);
+- `identity`: a certificate of the site CA (a consumer identity, or the serial of a
+  certificate that names none); as many as the CA issued, so a summary names every one;
+- `device`: a device of the appliance config (a flapping signal, a session going up and
+  down, scans overrunning under jitter).
+
+A `trust` event (a refusal because of the certificate itself: revoked, no usable identity)
+is never crowded out: the first `per_source` per (event, source) and interval are written
+whatever the overall budgets and the capacity reserve say. Only its own source's repeats
+beyond that are counted, which keeps a revoked certificate from flooding the log.
+
+Once per interval the counts become one summary, which the forwarder writes as
+`events_suppressed`: by event, by kind, and by (event, source) — every identity and device
+pair up to `named` per kind, the `top_sources` largest address pairs, the others summed per
+kind under `other_sources`. While the audit log is in its capacity reserve nothing but
+trust events is admitted in full and an interval lasts `reserve_interval_s`.
+
+Memory is bounded: at most `tracked` (event, source) pairs per kind are counted apart per
+interval; later ones are only summed. This module never writes or logs anything itself and
+never blocks: it only counts and decides.
 """
 
 from __future__ import annotations
@@ -20,20 +36,35 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-SOURCE_CHARS = 128  # a source (identity or address) is counted by its beginning
+from broker.audit.entry import timestamp
+
+SOURCE_CHARS = 128  # a source (identity, address or device) is counted by its beginning
+
+
+class Kind(StrEnum):
+    ADDRESS = "address"
+    IDENTITY = "identity"
+    DEVICE = "device"
+
+
+_NAMED_IN_FULL = (Kind.IDENTITY, Kind.DEVICE)  # bounded by the CA and by the config
 
 
 @dataclass(frozen=True)
 class Limits:
     interval_s: float = 60.0
     per_source: int = 10  # entries in full per (event, source) per interval
-    overall: int = 200  # entries in full per interval, all sources together
-    top_sources: int = 20  # (event, source) pairs named in a summary
-    tracked: int = 10_000  # (event, source) pairs counted apart per interval
+    overall: int = 200  # entries in full per interval, per kind of source
+    top_sources: int = 20  # address pairs named in a summary
+    named: int = 200  # identity pairs, and device pairs, named in a summary
+    tracked: int = 10_000  # (event, source) pairs counted apart per interval and kind
     reserve_interval_s: float = 3600.0  # an interval while the capacity reserve holds
+
+
+_Pair = tuple[str, str]  # (event, source)
 
 
 @dataclass
@@ -41,11 +72,11 @@ class _Window:
     start: float
     since: str
     reserved: bool
-    written: Counter[tuple[str, str]] = field(default_factory=Counter)
-    written_total: int = 0
-    held: Counter[tuple[str, str]] = field(default_factory=Counter)
+    written: Counter[tuple[str, Kind, str, bool]] = field(default_factory=Counter)
+    written_by_kind: Counter[Kind] = field(default_factory=Counter)
+    held: dict[Kind, Counter[_Pair]] = field(default_factory=dict)
     held_by_event: Counter[str] = field(default_factory=Counter)
-    untracked: int = 0  # held events of sources beyond `tracked`
+    untracked: Counter[Kind] = field(default_factory=Counter)  # held beyond `tracked`
 
 
 class Throttle:
@@ -64,27 +95,29 @@ class Throttle:
         with self._lock:
             return dict(self._suppressed)
 
-    def admit(self, event: str, source: str, *, reserved: bool) -> bool:
+    def admit(
+        self, event: str, source: str, kind: Kind, *, reserved: bool, trust: bool = False
+    ) -> bool:
         """True: write this event in full. False: it has been counted for the summary."""
         with self._lock:
             window = self._window
             if window is None:
-                window = self._window = _Window(self._clock(), _now(), reserved)
+                window = self._window = _Window(self._clock(), timestamp(), reserved)
             window.reserved = window.reserved or reserved
-            key = (event, source[:SOURCE_CHARS])
+            source = source[:SOURCE_CHARS]
             limits = self.limits
-            if (
-                not reserved
-                and window.written_total < limits.overall
-                and window.written[key] < limits.per_source
+            key = (event, kind, source, trust)
+            if window.written[key] < limits.per_source and (
+                trust or (not reserved and window.written_by_kind[kind] < limits.overall)
             ):
                 window.written[key] += 1
-                window.written_total += 1
+                window.written_by_kind[kind] += 1
                 return True
-            if key in window.held or len(window.held) < limits.tracked:
-                window.held[key] += 1
+            held = window.held.setdefault(kind, Counter())
+            if (event, source) in held or len(held) < limits.tracked:
+                held[(event, source)] += 1
             else:
-                window.untracked += 1
+                window.untracked[kind] += 1
             window.held_by_event[event] += 1
             self._suppressed[event] += 1
             return False
@@ -106,23 +139,36 @@ class Throttle:
             return self._details(window)
 
     def _details(self, window: _Window) -> dict[str, Any]:
-        ranked = sorted(window.held.items(), key=lambda item: (-item[1], item[0]))
-        top = ranked[: self.limits.top_sources]
-        rest = ranked[self.limits.top_sources :]
+        named: list[dict[str, Any]] = []
+        others: dict[str, dict[str, int]] = {}
+        by_kind: dict[str, int] = {}
+        for kind in Kind:
+            held = window.held.get(kind, Counter())
+            ranked = sorted(held.items(), key=lambda item: (-item[1], item[0]))
+            cap = self.limits.named if kind in _NAMED_IN_FULL else self.limits.top_sources
+            named += [
+                {"event": event, "kind": str(kind), "source": source, "count": count}
+                for (event, source), count in ranked[:cap]
+            ]
+            rest = ranked[cap:]
+            # pairs beyond `tracked` were not told apart: they are in `count`, not `pairs`
+            if rest or window.untracked[kind]:
+                others[str(kind)] = {
+                    "pairs": len(rest),
+                    "count": sum(count for _, count in rest) + window.untracked[kind],
+                }
+            total = sum(held.values()) + window.untracked[kind]
+            if total:
+                by_kind[str(kind)] = total
         return {
             "since": window.since,
-            "until": _now(),
+            "until": timestamp(),
             "suppressed": sum(window.held_by_event.values()),
-            "written": window.written_total,
+            "written": sum(window.written_by_kind.values()),
             "by_event": dict(sorted(window.held_by_event.items())),
-            "by_source": [
-                {"event": event, "source": source, "count": count} for (event, source), count in top
-            ],
-            # pairs beyond `tracked` were not told apart: they are in `count`, not `pairs`
-            "other_sources": {
-                "pairs": len(rest),
-                "count": sum(count for _, count in rest) + window.untracked,
-            },
+            "by_kind": by_kind,
+            "by_source": named,
+            "other_sources": others,
             "capacity_reserve": window.reserved,
             "limits": {
                 "interval_s": self.limits.interval_s,
@@ -130,7 +176,3 @@ class Throttle:
                 "overall": self.limits.overall,
             },
         }
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

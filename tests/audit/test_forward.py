@@ -89,23 +89,25 @@ def test_a_flood_writes_the_first_few_and_one_summary_that_counts_the_rest(
     written = sum(forward(forwarder, denied(i)) for i in range(10_000))
     assert written == 5  # 250 addresses, but one identity: the source is who, if known
     handshakes = sum(forward(forwarder, handshake(i)) for i in range(1000))
-    assert handshakes == 15  # 1,000 addresses: the overall cap of 20 is reached
-    assert forwarder.suppressed == {"consumer_denied": 10_000 - 5, HANDSHAKE: 1000 - 15}
+    assert handshakes == 20  # 1,000 addresses: the addresses' overall cap of 20 is reached
+    assert forwarder.suppressed == {"consumer_denied": 10_000 - 5, HANDSHAKE: 1000 - 20}
     audit.close()
     entries = read_log(tmp_path / "enterprise")
     assert sum(e["event"] == "consumer_denied" for e in entries) == 5
-    assert sum(e["event"] == HANDSHAKE for e in entries) == 15
+    assert sum(e["event"] == HANDSHAKE for e in entries) == 20
     (summary,) = [e for e in entries if e["event"] == "events_suppressed"]
     assert summary["category"] == "audit" and summary["outcome"] == "unknown"
-    assert summary["details"]["suppressed"] == 10_000 - 5 + 1000 - 15
-    assert summary["details"]["by_event"] == {"consumer_denied": 9995, HANDSHAKE: 985}
-    assert summary["details"]["by_source"][0] == {
+    assert summary["details"]["suppressed"] == 10_000 - 5 + 1000 - 20
+    assert summary["details"]["by_event"] == {"consumer_denied": 9995, HANDSHAKE: 980}
+    by_source = summary["details"]["by_source"]
+    assert {
         "event": "consumer_denied",
+        "kind": "identity",
         "source": STRANGER_URI,
         "count": 10_000 - 5,
-    }
-    assert len(summary["details"]["by_source"]) == 20  # the top 20 of 986 pairs
-    assert summary["details"]["other_sources"] == {"pairs": 986 - 20, "count": 986 - 20}
+    } in by_source
+    assert sum(s["kind"] == "address" for s in by_source) == 20  # the top 20 of 980 pairs
+    assert summary["details"]["other_sources"] == {"address": {"pairs": 960, "count": 960}}
     assert entries[-1]["event"] == "audit_checkpoint"  # the summary is under the last one
     assert entries.index(summary) == len(entries) - 2
     assert verify_writer(tmp_path / "enterprise", key.public_key()).intact
@@ -190,3 +192,91 @@ def test_audit_show_lists_the_summary(tmp_path: Path, fmt: str) -> None:
     assert "events_suppressed" in shown
     if fmt == "json":
         assert json.loads(shown)["details"]["suppressed"] == 2
+
+
+def test_failed_handshakes_from_many_addresses_cannot_hide_an_identity(tmp_path: Path) -> None:
+    """The review's reproduction, default limits: 25 addresses x 20 failed handshakes used to
+    spend the one overall budget; a stolen identity's refusals then went unwritten, and the
+    summary named only the 20 largest sources. Revoked certificates likewise."""
+    key = Ed25519PrivateKey.generate()
+    audit = open_log(tmp_path, key)
+    forwarder = AuditForwarder(audit)
+    for i in range(25):
+        for _ in range(20):
+            forward(forwarder, handshake(i))
+    stolen = {**denied(), "identity": "spiffe://site/historian", "reason": "forbidden_signal"}
+    assert all(forward(forwarder, stolen) for _ in range(3))
+    for i in range(25):  # then 25 identities spend the identities' own overall budget
+        for _ in range(12):
+            forward(forwarder, {**denied(), "identity": f"spiffe://site/c{i}"})
+    revoked = {**denied(), "identity": "spiffe://site/lost-laptop", "reason": "revoked"}
+    assert all(forward(forwarder, revoked) for _ in range(10))  # a trust matter: written
+    assert not forward(forwarder, revoked)  # its own repeats are counted, not a flood
+    no_uri = {**denied(), "identity": None, "serial": "7a" * 8, "reason": "no_uri_san"}
+    assert forward(forwarder, no_uri)
+    audit.close()
+    entries = read_log(tmp_path / "enterprise")
+    actors = [e["actor"] for e in entries if e["event"] == "consumer_denied"]
+    assert actors.count("spiffe://site/historian") == 3
+    assert actors.count("spiffe://site/lost-laptop") == 10
+    (summary,) = [e["details"] for e in entries if e["event"] == "events_suppressed"]
+    identities = {s["source"] for s in summary["by_source"] if s["kind"] == "identity"}
+    assert identities == {f"spiffe://site/c{i}" for i in range(25)} | {"spiffe://site/lost-laptop"}
+    assert "identity" not in summary["other_sources"]
+    assert verify_writer(tmp_path / "enterprise", key.public_key()).intact
+
+
+def plant_logger(forwarder: AuditForwarder, device: str) -> Any:
+    """A logger as a connector has one: bound to its device, through the audit forwarder."""
+    return structlog.wrap_logger(
+        structlog.ReturnLogger(),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            forwarder,
+            structlog.processors.JSONRenderer(),
+        ],
+    ).bind(device=device)
+
+
+def test_a_flapping_device_cannot_flood_the_plant_audit_log(tmp_path: Path) -> None:
+    """From the plant review: 1,000 OPC UA items flipping Good/Bad over 10 publishes gave
+    9,000 entries; a Modbus device answering one scan well and then garbage gave 100
+    session_up/down entries in 10 s; scans overran and recovered under jitter."""
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path, "plant", "site-1", key)
+    forwarder = AuditForwarder(audit)
+    opcua, modbus = plant_logger(forwarder, "chiller-ua"), plant_logger(forwarder, "plc-7")
+    for publish in range(10):
+        for i in range(1000):
+            signal, node = f"site/chiller/t{i}", f"ns=2;i={1000 + i}"
+            if publish % 2 == 0:
+                opcua.warning("device_read_refused", signal=signal, node=node,
+                              reason="bad_status", status="BadSensorFailure", variant=None,
+                              modelled=["Double"])  # fmt: skip
+            else:
+                opcua.info("device_read_recovered", signal=signal, node=node)
+    for _ in range(50):
+        modbus.info("device_session_up", host="127.0.0.1", port=502)
+        modbus.warning("device_session_down", host="127.0.0.1", port=502, error="short_response")
+        modbus.warning("scan_overrun", skipped_scans=1, scan_s=0.13, poll_interval_s=0.1)
+        modbus.info("scan_overrun_ended", skipped_scans=1)
+    for _ in range(30):  # a trust event of a device is never throttled
+        opcua.warning("opcua_server_certificate_refused", sha256="ab" * 32, error="not trusted")
+    assert not audit.failing
+    audit.close()
+    entries = read_log(tmp_path / "plant")
+    written: dict[str, int] = {}
+    for entry in entries:
+        written[entry["event"]] = written.get(entry["event"], 0) + 1
+    for event in ("device_read_refused", "device_read_recovered", "device_session_up",
+                  "device_session_down", "scan_overrun", "scan_overrun_ended"):  # fmt: skip
+        assert written[event] == 10, event  # the first 10 per (event, device) in full
+    assert written["opcua_server_certificate_refused"] == 30
+    (summary,) = [e["details"] for e in entries if e["event"] == "events_suppressed"]
+    counted = {(s["event"], s["source"]): s["count"] for s in summary["by_source"]}
+    assert counted[("device_read_refused", "chiller-ua")] == 5000 - 10
+    assert counted[("device_session_down", "plc-7")] == 40
+    assert summary["by_kind"] == {"device": 2 * 4990 + 4 * 40}
+    assert sum(len(p.read_bytes()) for p in (tmp_path / "plant").iterdir()) < 200_000
+    assert verify_writer(tmp_path / "plant", key.public_key()).intact
