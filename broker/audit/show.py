@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from broker import __version__
+from broker.audit.catalogue import SUPPRESSED
 from broker.audit.segments import SUFFIX, read_entries, segment_numbers
 from broker.audit.verify import writers
 from broker.errors import ConfigError
@@ -98,7 +99,30 @@ def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
         yield "  ".join(f"{c:<27}" if c == "time" else c for c in COLUMNS)
         for entry in found:
             cells = [_text(entry.get(c)) for c in COLUMNS]
+            if entry.get("event") == SUPPRESSED and not cells[-1]:
+                cells[-1] = _counted(entry.get("details"))
             yield "  ".join([f"{cells[0]:<27}", *cells[1:]])
+
+
+def _counted(details: object) -> str:
+    """An `events_suppressed` entry in a few words: what it counted, from how many sources,
+    and the events most counted."""
+    if not isinstance(details, dict):
+        return ""
+    named = details.get("by_source")
+    named = named if isinstance(named, list) else []
+    sources = len({(s.get("kind"), s.get("source")) for s in named if isinstance(s, dict)})
+    others = details.get("other_sources")
+    if isinstance(others, dict):  # {"pairs", "count"} per kind of source
+        sources += sum(o.get("pairs", 0) for o in others.values() if isinstance(o, dict))
+    text = f"{details.get('suppressed', '?')} events from {sources} sources"
+    if details.get("capacity_reserve"):
+        text += " (capacity reserve)"
+    by_event = details.get("by_event")
+    if isinstance(by_event, dict) and by_event:
+        most = sorted(by_event.items(), key=lambda item: -item[1])[:3]
+        text += ": " + ", ".join(f"{event} {count}" for event, count in most)
+    return text
 
 
 def _text(value: object) -> str:

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit.forward import AuditForwarder
 from broker.audit.log import AuditLog
+from broker.audit.throttle import Limits, Throttle
 from tests.audit.support import read_log, record_many
+from tests.audit.test_forward import denied, forward, handshake
 from tests.harness import dmzbroker
 
 ODD_EVENT = "valve|override"  # a pipe: must be escaped in a CEF header
@@ -221,3 +224,19 @@ def test_table_has_a_header_and_one_line_per_entry(root: Path) -> None:
     for line, entry in zip(lines[1:], expected, strict=True):
         cells = line.split()
         assert cells[:4] == [entry["time"], "enterprise", str(entry["seq"]), entry["event"]]
+
+
+def test_table_shows_what_an_events_suppressed_entry_counted(tmp_path: Path) -> None:
+    root = tmp_path / "audit"
+    with AuditLog(root, "enterprise", "coldstore-1", Ed25519PrivateKey.generate()) as audit:
+        forwarder = AuditForwarder(audit, Throttle(Limits(per_source=1)))
+        for i in range(4):
+            for _ in range(3):
+                forward(forwarder, {**denied(), "identity": f"spiffe://site/c{i}"})
+        for _ in range(5):
+            forward(forwarder, handshake(0))
+    (line,) = show(root, "--event", "events_suppressed")[1:]
+    assert line.endswith(
+        "events_suppressed  audit  unknown    12 events from 5 sources: "
+        "consumer_denied 8, tls_handshake_failed 4"
+    ), line
