@@ -178,10 +178,13 @@ class ConnectionCounts(Protocol):
     def limited(self) -> Mapping[str, int]: ...
     @property
     def accept_errors(self) -> Mapping[str, int]: ...
+    @property
+    def http_errors(self) -> Mapping[str, int]: ...
 
 
 _LIMITS = ("per_address", "overall", "evicted", "header_timeout")  # shown at 0 from the start
 _OUT_OF_FILES = ("EMFILE", "ENFILE")  # this process's and the system's file table full
+_HTTP_ERRORS = ("400", "500")  # a request that could not be parsed; a handler that failed
 
 
 class _Connections(Collector):
@@ -211,7 +214,14 @@ class _Connections(Collector):
         )
         for error in sorted({*_OUT_OF_FILES, *counts.accept_errors}):
             errors.add_metric([error], counts.accept_errors.get(error, 0))
-        yield from (limited, errors)
+        answered = CounterMetricFamily(
+            "dmzbroker_http_errors",
+            "Requests the HTTP layer answered with an error itself (400: malformed)",
+            labels=["status"],
+        )
+        for status in sorted({*_HTTP_ERRORS, *counts.http_errors}):
+            answered.add_metric([status], counts.http_errors.get(status, 0))
+        yield from (limited, errors, answered)
 
 
 class _AuditSuppressed(Collector):

@@ -3,7 +3,8 @@
 Read-only: every route is GET; any other method is answered 405. Errors are JSON
 `{"error": "..."}`. Each consumer sees only the signals the policy grants its identity (the
 one URI SAN of its certificate): a signal outside its view is 403 whether or not it exists,
-so the answer leaks nothing. `/v1/signals` describes the semantic model only: device
+so the answer leaks nothing; an identity the policy does not name gets 403 on every route
+but the API's own description. `/v1/signals` describes the semantic model only: device
 addresses and register maps are plant topology and never reach the enterprise side.
 """
 
@@ -16,12 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from broker.audit.log import AuditLog
 from broker.enterprise.authz import Authorization, Peer, denied, peer_of
-from broker.enterprise.listener import request_started
+from broker.enterprise.handshake import request_started
 from broker.enterprise.openapi import served_document
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
@@ -52,6 +53,7 @@ def create_app(
     spool_dir: Path,
 ) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _authorize], client_max_size=1024)
+    app.on_response_prepare.append(_anonymous)
     app[STORE] = store
     app[AUTHZ] = authz
     app[AUDIT] = audit
@@ -85,10 +87,15 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return response
 
 
+async def _anonymous(request: web.Request, response: web.StreamResponse) -> None:
+    # aiohttp names itself and Python's version in `Server`: of use only to an attacker.
+    response.headers.popall(hdrs.SERVER, None)
+
+
 @web.middleware
 async def _authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Name the peer and look up its view; refuse a certificate without exactly one URI."""
-    request_started()  # the listener's header deadline ends; it is a client, not a squatter
+    """Name the peer and look up its view; refuse a certificate without exactly one URI, a
+    revoked one, and an identity the policy does not name (but for the API's description)."""
     peer = peer_of(
         request.transport.get_extra_info("ssl_object") if request.transport else None,
         request.remote,
@@ -102,6 +109,11 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
     if peer.serial in authz.revoked:
         denied(peer, "revoked", path=request.path)
         raise web.HTTPForbidden(reason="the client certificate is revoked")
+    if authz.knows(peer.identity):
+        request_started(request)  # a consumer, not a squatter: not closed to make room
+    elif request.path != "/v1/openapi.json":
+        denied(peer, "unknown_identity", path=request.path)
+        raise web.HTTPForbidden(reason="the policy grants this identity nothing")
     # /metrics stays readable while data is refused: that is when monitoring matters most,
     # and it carries no plant values; nor does the API's own description.
     data = request.path not in ("/metrics", "/v1/openapi.json")
@@ -111,8 +123,6 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         raise web.HTTPServiceUnavailable(
             reason="the policy has expired; nothing is published until a newer one is accepted"
         )
-    if not authz.knows(peer.identity):
-        denied(peer, "unknown_identity", path=request.path)
     request[PEER] = peer
     request[VIEW] = authz.view(peer.identity)
     connections = request.app[CONNECTIONS]

@@ -1,30 +1,34 @@
-"""The consumer-facing listener: it accepts TCP itself, within limits, and does the TLS handshake.
+"""The consumer-facing listener: it accepts TCP itself, within limits, before any TLS.
 
 Accepting here, not in asyncio's server, is what lets it keep the IT side's connections
 within bounds the operator sets (ADR 0014):
 
 - at most `max_connections` open at once, and `max_connections_per_address` per client
-  address; at the overall limit, the oldest connection that has not made a request yet
-  (handshaking, or sending its headers slowly) is closed to make room, so idle and
-  slow-header floods cannot lock a consumer out; a connection from an address at its own
-  limit, or when every open connection is serving a request, is closed at once;
+  address; at the overall limit, a connection that is not in a request is closed to make
+  room: first the oldest of those that have not sent a byte (not even a TLS hello), then,
+  among the rest, the oldest of a client (an address, an IPv6 /64) that has several waiting,
+  then the oldest. A connection is in a request from the moment the API knows its consumer
+  (`handshake.request_started`) until its response is written; an idle kept-alive
+  connection, or one of an identity the policy does not know, may be closed. So idle,
+  slow-header and stranger-certificate floods cannot lock a consumer out; a connection from
+  an address at its own limit, or when every open connection is in a request, is closed at
+  once;
 - a connection must send its first request's headers within `header_timeout_s` of being
   accepted (TLS handshake included); later requests on a kept-alive connection within
-  aiohttp's `keepalive_timeout` (`idle_timeout_s`, set by the caller);
-- accept errors (EMFILE, ENFILE, ENOBUFS...) pause accepting with backoff and close the
-  oldest connection without a request; the process carries on.
+  `idle_timeout_s` (aiohttp's keep-alive timeout, which `handshake.Served` sets);
+- accept errors (EMFILE, ENFILE, ENOBUFS...) pause accepting with backoff and close a
+  connection that is not in a request; the process carries on.
 
-A failed handshake is logged as `tls_handshake_failed` with the peer address and OpenSSL's
-reason (asyncio alone hides it). This module never logs per connection for a limit: each
-kind of trouble is counted and logged once per episode (`connections_limited`,
-`accept_failed`).
+The TLS handshake and the hand-over to aiohttp are broker.enterprise.handshake's. This
+module never logs per connection for a limit: each kind of trouble is counted and logged
+once per episode (`connections_limited`, `accept_failed`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno
+import ipaddress
 import itertools
 import resource
 import socket
@@ -38,6 +42,7 @@ from aiohttp import web
 
 from broker.config import ListenConfig
 from broker.enterprise.episodes import Episode
+from broker.enterprise.handshake import Connection, Handshake, HttpErrors, Served
 from broker.errors import ConfigError
 
 ACCEPT_BATCH = 16  # connections taken per wake-up: bounds descriptors held past the limit
@@ -45,24 +50,14 @@ BACKLOG = 128  # the kernel's queue of connections not yet accepted
 ACCEPT_RETRY_S = (0.05, 1.0)  # first and longest pause after a failed accept
 EVICTION_SCAN = 16  # candidates looked at per eviction: bounds its cost under a flood
 EPISODE_QUIET_S = 10.0  # a limit episode ends after this long without a hit
+IPV6_CLIENT_PREFIX = 64  # one IPv6 host picks any address of its /64 (ADR 0014)
 # Descriptors the half needs besides consumer connections: spool segment and position,
 # audit segment, TLS, policy and metrics files while read, the MQTT and SIEM sockets and
 # the SIEM export's audit readers, stdio, the event loop; plus a batch of accepts.
 RESERVED_FILES = 64 + ACCEPT_BATCH
 
-log = structlog.get_logger("tls")
 limits_log = structlog.get_logger("listener")
 DEFAULT_LIMITS = ListenConfig()
-
-_CONNECTION: contextvars.ContextVar[_Connection] = contextvars.ContextVar("connection")
-
-
-def request_started() -> None:
-    """Called by the app for each request: a connection that sends one is a client, not a
-    squatter: its header deadline ends and it is no longer closed to make room."""
-    connection = _CONNECTION.get(None)
-    if connection is not None and connection.waiting:
-        connection.listener.served(connection)
 
 
 def fit_to_file_limit(limits: ListenConfig) -> ListenConfig:
@@ -97,16 +92,16 @@ def fit_to_file_limit(limits: ListenConfig) -> ListenConfig:
     )
 
 
-@dataclass(eq=False)
-class _Connection:
-    listener: Listener
-    address: str
-    sock: socket.socket
-    transport: asyncio.Transport | None = None
-    task: asyncio.Task[None] | None = None  # hands the socket to asyncio
-    deadline: asyncio.TimerHandle | None = None
-    waiting: bool = True  # no request yet
-    closed: bool = False
+def client_of(address: str) -> str:
+    """Who holds a connection, for choosing one to close: the address, or for IPv6 its /64
+    (a host there can use any of its 2^64 addresses)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return address
 
 
 @dataclass
@@ -116,6 +111,7 @@ class ConnectionStats:
     open: int = 0
     limited: Counter[str] = field(default_factory=Counter)  # by reason
     accept_errors: Counter[str] = field(default_factory=Counter)  # by errno name
+    http_errors: Counter[str] = field(default_factory=Counter)  # answered by aiohttp, by status
 
 
 class Listener:
@@ -133,15 +129,16 @@ class Listener:
         self._limits = limits
         self._sockets: list[socket.socket] = []
         self._per_address: Counter[str] = Counter()
-        self._waiting: dict[_Connection, None] = {}  # no request yet, oldest first
-        self._silent: dict[_Connection, None] = {}  # not a byte yet (no TLS hello), oldest first
-        self._open: set[_Connection] = set()
+        self._waiting: dict[Connection, None] = {}  # not in a request, oldest first
+        self._silent: dict[Connection, None] = {}  # not a byte yet (no TLS hello), oldest first
+        self._open: set[Connection] = set()
         self._pause = ACCEPT_RETRY_S[0]
         self._resume: asyncio.TimerHandle | None = None
         self._limited = Episode(limits_log, "connections_limited", "connections_limited_ended",
                                 quiet_s=EPISODE_QUIET_S)  # fmt: skip
         self._accept_failing = Episode(limits_log, "accept_failed", "accept_recovered")
         self.stats = stats or ConnectionStats()
+        self._http_errors = HttpErrors(self.stats.http_errors, EPISODE_QUIET_S)
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -162,13 +159,23 @@ class Listener:
         self._accepting(True)
 
     def close(self) -> None:
-        """Stop accepting (open connections are left to aiohttp's shutdown)."""
+        """Stop accepting, close every connection not handed to aiohttp yet (silent, or in
+        its handshake) and end what is pending; aiohttp's shutdown closes the others."""
         self._accepting(False)
         if self._resume is not None:
             self._resume.cancel()
+            self._resume = None
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
+        for connection in list(self._open):
+            if connection.deadline is not None:
+                connection.deadline.cancel()
+            if not connection.handed_over:
+                self.close_connection(connection)
+        self._limited.end()
+        self._accept_failing.end()
+        self._http_errors.end()
 
     def _accepting(self, on: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -198,8 +205,10 @@ class Listener:
         name = errno.errorcode.get(e.errno or 0, type(e).__name__)
         self.stats.accept_errors[name] += 1
         self._accept_failing.hit(name, error=e.strerror, retry_in_s=self._pause)
-        self._evict_oldest_waiting()
+        self._make_room()
         self._accepting(False)
+        if self._resume is not None:  # one pause at a time: the latest, longest, counts
+            self._resume.cancel()
         self._resume = asyncio.get_running_loop().call_later(self._pause, self._accepting, True)
         self._pause = min(ACCEPT_RETRY_S[1], self._pause * 2)
 
@@ -209,12 +218,12 @@ class Listener:
             sock.close()
             self._note("per_address", address)
             return
-        if len(self._open) >= limits.max_connections and not self._evict_oldest_waiting():
+        if len(self._open) >= limits.max_connections and not self._make_room():
             sock.close()
             self._note("overall", address)
             return
         sock.setblocking(False)
-        connection = _Connection(self, address, sock)
+        connection = Connection(self, address, sock)
         self._open.add(connection)
         self._per_address[address] += 1
         self._waiting[connection] = None
@@ -225,7 +234,7 @@ class Listener:
         # Until its first byte, a connection is only a socket: no transport, no TLS state.
         loop.add_reader(sock.fileno(), self._spoke, connection)
 
-    def _spoke(self, connection: _Connection) -> None:
+    def _spoke(self, connection: Connection) -> None:
         """The first bytes (a TLS hello, normally) or the end: start the handshake."""
         self._silent.pop(connection, None)
         asyncio.get_running_loop().remove_reader(connection.sock.fileno())
@@ -245,36 +254,49 @@ class Listener:
         self.stats.limited[reason] += 1
         self._limited.hit(reason, remote=address, open=len(self._open))
 
-    def _evict_oldest_waiting(self) -> bool:
-        """Close a connection that has not made a request, to make room: the oldest of an
-        address that holds several (a flood comes from few addresses, a consumer holds one
-        or two), silent ones (not even a TLS hello) before those under way."""
+    def _make_room(self) -> bool:
+        """Close a connection that is not in a request, if there is one."""
         if not self._waiting:
             return False
-        oldest = self._victim()
-        self._note("evicted", oldest.address)
-        self.close_connection(oldest)
+        victim = self._victim()
+        self._note("evicted", victim.address)
+        self.close_connection(victim)
         return True
 
-    def _victim(self) -> _Connection:
-        for queue in (self._silent, self._waiting):
-            for connection in itertools.islice(queue, EVICTION_SCAN):
-                if self._per_address[connection.address] > 1:
-                    return connection
-        return next(iter(self._silent or self._waiting))
+    def _victim(self) -> Connection:
+        """A connection that has not sent a byte, the oldest, whoever holds it: a consumer
+        sends its hello at once, so such a connection is no consumer's. Else, among those
+        waiting, the oldest of a client with several waiting (a flood comes from few
+        clients; a consumer waits with one connection at a time), else the oldest."""
+        if self._silent:
+            return next(iter(self._silent))
+        oldest = list(itertools.islice(self._waiting, EVICTION_SCAN))
+        waiting_by_client = Counter(client_of(c.address) for c in oldest)
+        for connection in oldest:
+            if waiting_by_client[client_of(connection.address)] > 1:
+                return connection
+        return oldest[0]
 
-    def _expire(self, connection: _Connection) -> None:
+    def _expire(self, connection: Connection) -> None:
         if connection.waiting and not connection.closed:
             self._note("header_timeout", connection.address)
             self.close_connection(connection)
 
-    def served(self, connection: _Connection) -> None:
+    def served(self, connection: Connection) -> None:
+        """In a request: its header deadline ends, and it is not closed to make room."""
         connection.waiting = False
         self._waiting.pop(connection, None)
         if connection.deadline is not None:
             connection.deadline.cancel()
 
-    def close_connection(self, connection: _Connection) -> None:
+    def idle(self, connection: Connection) -> None:
+        """Its response is written and it waits for another request: it may be closed to
+        make room again (the newest of those waiting)."""
+        if connection in self._open and not connection.waiting and not connection.closed:
+            connection.waiting = True
+            self._waiting[connection] = None
+
+    def close_connection(self, connection: Connection) -> None:
         """Close it now (or as soon as its transport exists) and stop counting it."""
         if not connection.closed:
             connection.closed = True
@@ -287,7 +309,7 @@ class Listener:
             # else: its hand-over to asyncio is under way and will close it (`_serve`)
         self.forget(connection)
 
-    def forget(self, connection: _Connection) -> None:
+    def forget(self, connection: Connection) -> None:
         """The connection is gone: it no longer counts against any limit (idempotent)."""
         if connection not in self._open:
             return
@@ -298,107 +320,23 @@ class Listener:
             del self._per_address[connection.address]
         self.stats.open = len(self._open)
 
-    async def _serve(self, connection: _Connection) -> None:
+    async def _serve(self, connection: Connection) -> None:
         if connection.closed:  # closed to make room before its turn came
             connection.sock.close()
             return
+        # The header deadline, which covers the handshake, comes first.
+        timeout_s = self._limits.header_timeout_s + 1
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _Handshake(connection, self._server, self._context, self._limits),
+                lambda: Handshake(connection, self._context, timeout_s, self._handler),
                 connection.sock,
             )
         except OSError:
             connection.sock.close()
             self.forget(connection)
 
-
-class _Handshake(asyncio.Protocol):
-    """Owns a connection until its TLS handshake is done, then steps aside."""
-
-    def __init__(
-        self,
-        connection: _Connection,
-        server: web.Server,
-        context: ssl.SSLContext,
-        limits: ListenConfig,
-    ) -> None:
-        self._connection = connection
-        self._server = server
-        self._context = context
-        self._timeout = limits.header_timeout_s + 1  # the header deadline, which covers the
-        # handshake, comes first
-        self._early: list[bytes] = []  # application data that came before the hand-over
-        self._task: asyncio.Task[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._connection.transport = transport
-        if self._connection.closed:
-            transport.abort()
-            return
-        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
-
-    def data_received(self, data: bytes) -> None:
-        self._early.append(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connection.listener.forget(self._connection)
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        connection = self._connection
-        listener = connection.listener
-        _CONNECTION.set(connection)  # copied into the tasks aiohttp starts for it
-        try:
-            secure = await asyncio.get_running_loop().start_tls(
-                transport, self, self._context, server_side=True,
-                ssl_handshake_timeout=self._timeout,
-            )  # fmt: skip
-        except (ssl.SSLError, OSError, TimeoutError) as e:
-            if not connection.closed:  # not closed by a limit, which counts it instead
-                log.warning(
-                    "tls_handshake_failed",
-                    remote=connection.address,
-                    reason=getattr(e, "reason", None) or type(e).__name__,
-                    detail=getattr(e, "verify_message", None) or str(e)[:200],
-                )
-            transport.close()
-            listener.forget(connection)
-            return
-        if secure is None or connection.closed:  # gone, or closed by a limit meanwhile
-            listener.forget(connection)
-            return
-        handler = _Served(self._server(), connection)
-        secure.set_protocol(handler)
-        handler.connection_made(secure)
-        for data in self._early:
-            handler.data_received(data)
-
-
-class _Served(asyncio.Protocol):
-    """aiohttp's protocol for one connection, with the listener told when it ends."""
-
-    def __init__(self, handler: asyncio.Protocol, connection: _Connection) -> None:
-        self._handler = handler
-        self._connection = connection
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._handler.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._handler.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._handler.eof_received()
-
-    def pause_writing(self) -> None:
-        self._handler.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._handler.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._connection.listener.forget(self._connection)
-        self._handler.connection_lost(exc)
+    def _handler(self, connection: Connection) -> Served:
+        return Served(connection, self._server, self._http_errors, self._limits.idle_timeout_s)
 
 
 async def listen(
@@ -410,7 +348,10 @@ async def listen(
     limits: ListenConfig = DEFAULT_LIMITS,
     stats: ConnectionStats | None = None,
 ) -> Listener:
-    """Start accepting; close the returned listener before `runner.cleanup()`."""
+    """Start accepting; close the returned listener before `runner.cleanup()`. Each
+    connection's aiohttp handler is made here (`handshake.Served`): the runner's handler
+    options (`keepalive_timeout`, `access_log`) do not apply; `limits` sets the idle timeout,
+    and there is no access log."""
     server = runner.server
     assert server is not None, "call runner.setup() first"
     listener = Listener(server, context, limits, stats)

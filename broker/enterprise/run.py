@@ -68,6 +68,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
         read_seq=lambda: spool.receiver.last_seq,
         certificates=lambda: days_left(_certificates(config)),
         connections=lambda: connections,
+        audit_suppressed=lambda: audit.suppressed,
     )
     app = create_app(store, authz, audit, metrics, config.spool.dir)
     runner = web.AppRunner(
@@ -75,8 +76,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
         access_log=None,
         handle_signals=False,
         shutdown_timeout=2.0,
-        keepalive_timeout=limits.idle_timeout_s,  # also bounds a later request's headers
-    )
+    )  # the listener makes each connection's handler, with `limits.idle_timeout_s`
     await runner.setup()
     listener: Listener | None = None
     try:

@@ -1,4 +1,5 @@
-"""The consumer API, served in-process over real mutual TLS on 127.0.0.1."""
+"""The consumer API, served in-process over real mutual TLS on 127.0.0.1, behind the
+broker's own listener (as `dmzbroker enterprise` serves it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from broker import policy
 from broker.audit.log import AuditLog
 from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
+from broker.enterprise.listener import listen
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.trust import tls
@@ -33,15 +35,12 @@ async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(
-        runner,
-        "127.0.0.1",
-        port,
-        ssl_context=tls.server_context(pki.server_cert, pki.server_key, pki.ca),
-    )
-    await site.start()
+    context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)
+    listener = await listen(runner, "127.0.0.1", port, context)
     try:
         yield Api(store, f"https://localhost:{port}", pki, authz)
     finally:
+        listener.close()
         store.close()
         await runner.cleanup()
+        audit.close()

@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker import policy
 from broker.policy.access import Access
 from tests.enterprise.served import POWER, ROOM, Api, get, record
-from tests.harness import DEMO_POLICY, ENERGY_URI
+from tests.harness import DEMO_POLICY, ENERGY_URI, STRANGER_URI
 
 DEMO = policy.load(DEMO_POLICY)
 ENERGY_VIEW = Access(DEMO).visible_to(ENERGY_URI)
@@ -56,15 +56,32 @@ async def test_a_signal_outside_the_view_is_403_whether_or_not_it_exists(api: Ap
     assert all(d["serial"] and d["remote"] == "127.0.0.1" for d in denials)
 
 
-async def test_an_identity_the_policy_does_not_name_sees_nothing(api: Api) -> None:
+@pytest.mark.parametrize(
+    "path", ["/v1/signals", "/v1/snapshot", f"/v1/signals/{ROOM}", "/v1/stream", "/metrics"]
+)
+async def test_an_identity_the_policy_does_not_name_is_refused_every_route_once_audited(
+    api: Api, path: str
+) -> None:
+    """A valid certificate the policy does not name is no consumer: 403, never an empty view
+    (an empty stream would hold a `max_streams` slot), one denial per request."""
     api.store.apply([record(ROOM, -18.0, 1)])
     stranger = api.client_ssl(api.pki.stranger_cert, api.pki.stranger_key)
     with structlog.testing.capture_logs() as logs:
-        _, signals = await get(api, "/v1/signals", stranger)
-        _, snapshot = await get(api, "/v1/snapshot", stranger)
-        status, _ = await get(api, f"/v1/signals/{ROOM}", stranger)
-    assert signals["signals"] == [] and snapshot["records"] == [] and status == 403  # type: ignore[index]
-    assert any(e.get("reason") == "unknown_identity" for e in logs)
+        status, body = await get(api, path, stranger)
+    assert status == 403 and set(body) == {"error"}  # type: ignore[arg-type]
+    denials = [e for e in logs if e["event"] == "consumer_denied"]
+    assert [(d["reason"], d["identity"]) for d in denials] == [("unknown_identity", STRANGER_URI)]
+    assert not api.store.subscriptions
+
+
+async def test_an_identity_the_policy_does_not_name_still_reads_the_api_description(
+    api: Api,
+) -> None:
+    stranger = api.client_ssl(api.pki.stranger_cert, api.pki.stranger_key)
+    with structlog.testing.capture_logs() as logs:
+        status, _ = await get(api, "/v1/openapi.json", stranger)
+    assert status == 200
+    assert not [e for e in logs if e["event"] == "consumer_denied"]
 
 
 def certificate_with(pki_ca: Path, out: Path, sans: list[x509.GeneralName]) -> tuple[Path, Path]:

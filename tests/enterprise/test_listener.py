@@ -309,3 +309,132 @@ async def test_out_of_file_descriptors_on_accept_pauses_makes_room_and_recovers(
     assert len(failed) == 1
     assert failed[0]["reason"] == "EMFILE"
     assert len([e for e in logs if e["event"] == "accept_recovered"]) == 1
+
+
+# ---- who is closed to make room ------------------------------------------------------------
+
+
+async def request(reader: asyncio.StreamReader, writer: Any, path: str) -> tuple[bytes, bytes]:
+    """One GET on an open connection: the head and body of its answer."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1]) for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )  # fmt: skip
+        return head, await reader.readexactly(length)
+
+
+async def open_stream(served: Served, source: str) -> asyncio.StreamReader:
+    """A consumer's connection in a request that does not end."""
+    reader, writer = await served.tls(source)
+    writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader
+
+
+async def test_silent_connections_go_before_a_consumers_second_connection(serve: Any) -> None:
+    """A consumer opening a second connection next to a live one holds two from its address;
+    an attacker's silent sockets from one address each must still go first."""
+    async with serve(max_connections=4, max_connections_per_address=4) as served:
+        await open_stream(served, "127.0.0.10")
+        reader, writer = await served.tls("127.0.0.10")  # past its handshake, no request yet
+        silent = [await served.idle(f"127.0.0.{n}") for n in (20, 21)]
+        await eventually(lambda: served.listener.stats.open == 4, timeout=5)
+        late = await served.idle("127.0.0.22")
+        assert await closed_within(silent[0], 5)  # the oldest silent one made room
+        head, _ = await request(reader, writer, "/v1/signals")
+        assert head.startswith(b"HTTP/1.1 200")  # the consumer's second connection is served
+        assert not await closed_within(late, 0.2)
+        assert served.listener.stats.limited == {"evicted": 1}
+
+
+async def test_a_stranger_certificate_cannot_hold_every_slot_by_sending_requests(
+    serve: Any, pki: Pki
+) -> None:
+    """A valid certificate the policy does not name stays evictable however many requests
+    it sends (it may read the API's description): a consumer connecting then is served."""
+    async with serve(max_connections=2, max_connections_per_address=2) as served:
+        stranger = tls.client_context(pki.ca, pki.stranger_cert, pki.stranger_key)
+        held = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", served.port, ssl=stranger, server_hostname="localhost",
+                local_addr=("127.0.0.30", 0),
+            )  # fmt: skip
+            served._writers.append(writer)
+            for _ in range(2):  # the one route it may read, again and again
+                head, _ = await request(reader, writer, "/v1/openapi.json")
+                assert head.startswith(b"HTTP/1.1 200")
+            held.append(reader)
+        await eventually(lambda: served.listener.stats.open == 2, timeout=5)
+        assert await served.get() == 200
+        assert served.listener.stats.limited["evicted"] >= 1
+        assert "overall" not in served.listener.stats.limited
+
+
+async def test_a_kept_alive_connection_is_closed_to_make_room_once_its_answer_is_written(
+    serve: Any,
+) -> None:
+    async with serve(max_connections=2, max_connections_per_address=2) as served:
+        await open_stream(served, "127.0.0.40")  # in a request: never closed for room
+        reader, writer = await served.tls("127.0.0.41")
+        head, _ = await request(reader, writer, "/v1/signals")
+        assert head.startswith(b"HTTP/1.1 200")  # answered, now idle and kept alive
+        assert await served.get() == 200  # a third consumer connection is served
+        assert await closed_within(reader, 5)  # in place of the idle one
+        assert served.listener.stats.limited == {"evicted": 1}
+
+
+def test_ipv6_clients_are_told_apart_by_their_64_prefix() -> None:
+    client_of = listener_module.client_of
+    assert client_of("2001:db8:1:2::a") == client_of("2001:db8:1:2:ffff::1")
+    assert client_of("2001:db8:1:2::a") != client_of("2001:db8:1:3::a")
+    assert client_of("127.0.0.1") == "127.0.0.1" != client_of("127.0.0.2")
+
+
+# ---- closing ------------------------------------------------------------------------------
+
+
+async def test_closing_the_listener_closes_connections_not_handed_over_and_ends_episodes(
+    serve: Any,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with serve(header_timeout_s=30, max_connections_per_address=2) as served:
+            silent = await served.idle("127.0.0.50")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", served.port, local_addr=("127.0.0.51", 0)
+            )
+            served._writers.append(writer)
+            writer.write(b"\x16\x03\x01\x02\x00\x01")  # a TLS hello begun, never finished
+            for _ in range(3):  # the third from .52 is over its address's limit
+                await served.idle("127.0.0.52")
+            await eventually(lambda: served.listener.stats.limited["per_address"] == 1, 5)
+            await eventually(lambda: served.listener.stats.open == 4, timeout=5)
+            served.listener.close()
+            assert await closed_within(silent, 5)  # not left to its 30 s header deadline
+            assert await closed_within(reader, 5)
+            await eventually(lambda: served.listener.stats.open == 0, timeout=5)
+            assert [e["event"] for e in logs if e["event"].startswith("connections_")] == [
+                "connections_limited",
+                "connections_limited_ended",  # at close, not 10 s later
+            ]
+
+
+async def test_a_second_failed_accept_replaces_the_pending_resume(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepting resumes after the latest pause, not the first one's."""
+    monkeypatch.setattr(listener_module, "ACCEPT_RETRY_S", (1.0, 10.0))
+    async with serve() as served:
+        failure = OSError(24, "Too many open files")
+        served.listener._accept_failed(failure)  # resume in 1 s
+        served.listener._accept_failed(failure)  # resume in 2 s
+        paused = time.monotonic()
+        await served.idle("127.0.0.60")
+        await asyncio.sleep(1.6)  # past the first pause: still not accepting
+        assert served.listener.stats.open == 0
+        await eventually(lambda: served.listener.stats.open == 1, timeout=10)
+        assert time.monotonic() - paused >= 1.9
