@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from broker.config import OpcUaConfig, OpcUaUserConfig
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors.base import raise_if_cancelled
+from broker.plant.connectors.opcua_limits import bounded_client
 from broker.policy import OpcUaDevice
 
 POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
@@ -226,7 +227,7 @@ async def open_session(settings: SessionSettings) -> AsyncIterator[Client]:
     """A connected client; raises DeviceError (no answer, no such endpoint) or TrustError."""
     device = settings.device
     log = structlog.get_logger("opcua").bind(device=device.name)
-    client = Client(device.endpoint, timeout=device.timeout_s)
+    client = bounded_client(device.endpoint, device.timeout_s)  # what a server can make us hold
     client.name = client.description = "dmzbroker"
     if settings.client is not None:
         client.application_uri = settings.client.application_uri

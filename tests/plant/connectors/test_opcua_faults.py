@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from asyncua import ua
+from asyncua.common.connection import TransportLimits
 from cryptography import x509
 
 from broker.audit.catalogue import EVENTS
@@ -44,6 +45,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 __all__ = ["events", "pki"]  # fixtures shared with test_opcua.py
 
 REFUSED = "the server refused the broker's certificate"
+MESSAGE = "site/line/plc/message"
 
 
 def kinds(events: list[dict[str, Any]], *names: str) -> list[str]:
@@ -270,3 +272,61 @@ async def test_a_server_revising_the_keep_alive_upward_cannot_stretch_the_silenc
     revised = [e for e in events if e["event"] == "subscription_revised"]
     assert len(revised) == 1, revised  # once, though every new session is revised again
     assert revised[0]["max_keep_alive_count"] == 5000 and revised[0]["silence_limit_s"] == 1.3
+
+
+@pytest.mark.parametrize("read", ["subscribe", "poll"])
+async def test_a_text_of_a_megabyte_is_refused_once_and_the_other_signals_stay_good(
+    pki: OpcUaPki, events: list[dict[str, Any]], read: str
+) -> None:
+    huge = "x" * 1_000_000  # a String node: the right type, far over MAX_TEXT_BYTES
+    async with serving(OpcUaTestServer(pki, {"Power": 1.5, "Message": huge})) as server:
+        ua_plc = device(server, read=read)
+        connector = OpcUaConnector(
+            ua_plc,
+            signals(server, "Power", "Message"),
+            SessionSettings.build(ua_plc, plant_config(pki)),
+        )
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(MESSAGE) == "bad", timeout=10)
+            scans = connector.scans
+            await eventually(lambda: connector.scans >= scans + 5, timeout=10)
+            assert collector.quality(POWER) == "good" and collector.latest[POWER].raw == 1.5
+            await server.set("Message", "defrost")  # a text of a normal size is taken again
+            await eventually(lambda: collector.quality(MESSAGE) == "good", timeout=10)
+    assert not any(s.raw == huge for batch in collector.batches for s in batch)
+    refused = [e for e in events if e["event"] == "device_read_refused"]
+    assert len(refused) == 1, refused  # once, not per poll or keep-alive
+    assert refused[0]["signal"] == MESSAGE and refused[0]["reason"] == "value_unsupported"
+    assert refused[0]["variant"] == "String(1000000 chars)"  # its size, never its content
+    assert kinds(events, "device_session_down") == []
+
+
+async def test_a_server_sending_a_message_over_the_limit_cannot_make_us_hold_it(
+    pki: OpcUaPki, events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores the limits the broker announced (it acknowledges none, keeps
+    its own 100 MiB) and answers a Read with 9 MiB: the response is refused at 8 MiB, the
+    device goes down, and it is retried as after any lost session."""
+
+    def acknowledge_no_limits(self: TransportLimits, hello: ua.Hello) -> ua.Acknowledge:
+        return ua.Acknowledge(
+            ReceiveBufferSize=65535, SendBufferSize=65535, MaxMessageSize=0, MaxChunkCount=0
+        )
+
+    monkeypatch.setattr(
+        TransportLimits, "create_acknowledge_and_set_limits", acknowledge_no_limits
+    )  # server side only: the client never acknowledges
+    big = "y" * (9 * 1024 * 1024)
+    async with serving(OpcUaTestServer(pki, {"Power": 1.5, "Message": big})) as server:
+        ua_plc = device(server, read="poll")
+        connector = OpcUaConnector(
+            ua_plc,
+            signals(server, "Power", "Message"),
+            SessionSettings.build(ua_plc, plant_config(pki)),
+        )
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "bad", timeout=20)
+            await eventually(lambda: connector.errors >= 2, timeout=20)  # retried
+    assert not any(s.raw is not None for batch in collector.batches for s in batch)
+    (down,) = [e for e in events if e["event"] == "device_session_down"]
+    assert "BadRequestTooLarge" in down["error"], down
