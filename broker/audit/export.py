@@ -8,7 +8,8 @@ Delivery is at least once. Syslog over TLS has no acknowledgement, so a batch co
 delivered only once the connection has stayed up `CONFIRM_S` after it was written; only
 then does the persisted cursor move past it. After a collector outage (or a restart)
 sending resumes in order from the cursor, and the last few seconds before the outage are sent
-again (their seq and hash tell the duplicates apart).
+again (their seq and hash tell the duplicates apart). Reconnects back off, and each outage is
+logged once, however often the collector refuses or drops us meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,9 @@ FACILITY = 13  # log audit
 SEVERITY = {"failure": 4, "unknown": 5, "success": 6}  # warning, notice, informational
 BATCH = 500  # entries per write
 IDLE_S = 0.5  # how often a caught-up exporter looks for new entries
-BACKOFF_MAX_S = 30.0
+BACKOFF_FIRST_S = 1.0  # the first wait after a refused or lost connection, doubling …
+BACKOFF_MAX_S = 30.0  # … up to this
+STABLE_S = 10.0  # a connection that lasted this long ends an episode of failures
 CONFIRM_S = 2.0  # a batch is taken as received once the connection outlives it this long
 CURSOR_FILE = "siem-cursor.json"
 
@@ -89,28 +93,53 @@ class SiemExporter:
         self._confirmed = self._load_cursors()  # persisted: what the collector surely has
 
     async def run(self) -> None:
+        """Connect, send, and after a refused or lost connection wait before the next try:
+        exponential backoff with jitter, capped at `BACKOFF_MAX_S`, started afresh only
+        after a connection that stayed up `STABLE_S`. Each episode of failures is logged
+        once (its first failure, then the first connection in it); the rest are counted."""
         where = f"{self._address[0]}:{self._address[1]}"
-        backoff = 1.0
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST_S
+        failures = 0  # in this episode: connections refused, or lost before STABLE_S
+        announced = False  # siem_connected logged in this episode
         while True:
             try:
                 reader, writer = await asyncio.open_connection(
                     *self._address, ssl=self._context, server_hostname=self._server_name
                 )
             except (OSError, ssl.SSLError) as e:
-                log.warning("siem_unreachable", address=where, error=str(e))
-                await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-                continue
-            log.info("siem_connected", address=where)
-            backoff = 1.0
-            try:
-                await self._send_until_closed(reader, writer)
-            except (OSError, ssl.SSLError) as e:
-                log.warning("siem_connection_lost", address=where, error=str(e))
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    await writer.wait_closed()
+                if not failures:
+                    log.warning("siem_unreachable", address=where, error=str(e))
+                failures += 1
+            else:
+                if not announced:
+                    log.info("siem_connected", address=where, failures=failures)
+                    announced = True
+                started = loop.time()
+                error = await self._send(reader, writer)
+                if loop.time() - started >= STABLE_S:
+                    failures, delay = 0, BACKOFF_FIRST_S  # it worked: a new episode begins
+                if not failures:
+                    log.warning("siem_connection_lost", address=where, error=error)
+                    announced = False
+                failures += 1
+            # A collector that accepts and drops at once must not be hammered (nor our audit
+            # log filled with the attempts); jitter keeps many appliances from reconnecting
+            # in step after the collector's restart.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - not secrecy
+            delay = min(BACKOFF_MAX_S, delay * 2)
+
+    async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """Send until the connection ends; why it ended."""
+        try:
+            await self._send_until_closed(reader, writer)
+        except (OSError, ssl.SSLError) as e:
+            return str(e) or type(e).__name__
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        return "the connection ended"
 
     async def _send_until_closed(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

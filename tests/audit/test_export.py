@@ -3,6 +3,9 @@ collector outage loses nothing: every seq arrives at least once, in order per co
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import re
 import shutil
 import time
@@ -12,8 +15,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 
+from broker.audit.export import SiemExporter
 from broker.audit.segments import read_entries, segment_numbers
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
@@ -144,3 +149,53 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
     assert during_outage >= 10  # the denials really were audited while it was away
     assert "plant" in got  # the plant half's log crosses through the enterprise half
     assert broker.stop() == 0
+
+
+async def test_a_collector_that_drops_every_connection_is_retried_with_backoff_logged_once(
+    tmp_path: Path,
+) -> None:
+    """A real mTLS server that completes each handshake and closes at once: the exporter
+    used to reconnect at once, over and over, logging (and auditing) every attempt."""
+    pki = tmp_path / "pki"
+    dmzbroker("certs", "init-ca", "--out", str(pki), "--name", "SIEM CA")
+    dmzbroker("certs", "issue", "server", "--ca", str(pki), "--out", str(pki), "--name", "collector",
+              "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
+    dmzbroker("certs", "issue", "client", "--ca", str(pki), "--out", str(pki),
+              "--uri", "spiffe://demo/audit-exporter")  # fmt: skip
+    loop = asyncio.get_running_loop()
+    connects: list[float] = []
+
+    async def drop(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connects.append(loop.time())
+        writer.close()
+
+    context = tls.server_context(pki / "collector.crt", pki / "collector.key", pki / "ca.crt")
+    server = await asyncio.start_server(drop, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    (tmp_path / "audit").mkdir()
+    exporter = SiemExporter(
+        tmp_path / "audit", tmp_path, ("127.0.0.1", port),
+        tls.client_context(pki / "ca.crt", pki / "audit-exporter.crt", pki / "audit-exporter.key"),
+        server_name="localhost", hostname="site-1",
+    )  # fmt: skip
+    try:
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(exporter.run())
+            try:
+                await eventually(lambda: len(connects) >= 4, timeout=40)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        server.close()
+        await server.wait_closed()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(connects[:4])]
+    # Waits of 1, 2 and 4 s, each with jitter down to half of it (less the time to connect).
+    assert [round(g, 1) >= floor for g, floor in zip(gaps, (0.4, 0.9, 1.9), strict=True)] == [
+        True, True, True,
+    ], gaps  # fmt: skip
+    events = [e["event"] for e in logs]
+    assert events.count("siem_connection_lost") == 1  # one episode, logged once
+    assert events.count("siem_connected") == 2  # the first connection, and the episode's
+    assert "siem_unreachable" not in events
