@@ -46,8 +46,12 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
 
 
-def encode_frames(records: Sequence[Record]) -> list[bytes]:
-    """Frames of up to FRAME_RECORDS records; a frame over MAX_PAYLOAD is split in halves."""
+def encode_frames(
+    records: Sequence[Record], too_large: list[RecordTooLarge] | None = None
+) -> list[bytes]:
+    """Frames of up to FRAME_RECORDS records; a frame over MAX_PAYLOAD is split in halves.
+    A record over it alone raises RecordTooLarge, or, given `too_large`, is left out and
+    added there (the rest is encoded once, whatever the number of such records)."""
     frames: list[bytes] = []
     pending = [records[i : i + FRAME_RECORDS] for i in range(0, len(records), FRAME_RECORDS)]
     while pending:
@@ -58,8 +62,10 @@ def encode_frames(records: Sequence[Record]) -> list[bytes]:
         elif len(chunk) > 1:
             half = len(chunk) // 2
             pending[:0] = [chunk[:half], chunk[half:]]
-        else:
+        elif too_large is None:
             raise RecordTooLarge(chunk[0], len(payload))
+        else:
+            too_large.append(RecordTooLarge(chunk[0], len(payload)))
     return frames
 
 
@@ -141,6 +147,7 @@ class SpoolSender:
             raise ChannelError(f"spool {directory}: cannot create: {e.strerror}") from e
         self._lock = FolderLock(directory)
         self._fd = -1
+        self._too_large: set[str] = set()  # signals whose record was dropped, logged once
         try:
             numbers = segment_numbers(directory)
             self.next_seq = _last_seq(directory, numbers) + 1
@@ -152,25 +159,25 @@ class SpoolSender:
 
     def send(self, records: Sequence[Record]) -> None:
         """Stamp `seq` on each record and make the batch durable. A record too large for any
-        frame (a huge text value) is dropped with an error, and the rest of the batch goes on."""
-        while True:
+        frame (a huge text value) is dropped with an error, logged once per signal until it
+        crosses again, and the rest of the batch goes on without a gap in `seq`."""
+        first_seq = self.next_seq
+        while True:  # ends: each round without a break drops at least one record
             if not records:
                 return
-            first_seq = self.next_seq
             for seq, record in enumerate(records, start=first_seq):
                 record.seq = seq
-            try:
-                batch = b"".join(encode_frames(records))
+            too_large: list[RecordTooLarge] = []
+            batch = b"".join(encode_frames(records, too_large))
+            if not too_large:
                 break
-            except RecordTooLarge as e:
-                log.error(
-                    "record_too_large",
-                    signal=e.record.signal,
-                    bytes=e.size,
-                    limit=MAX_PAYLOAD,
-                    what_to_do="shorten the value at its source or the texts of its asset's model",
-                )
-                records = [r for r in records if r is not e.record]
+            # Stamped again below without them, each seq no larger than before: the rest
+            # fits as it did, and the batch is encoded once more, not once per record.
+            self._refuse(too_large)
+            dropped = {id(e.record) for e in too_large}
+            records = [r for r in records if id(r) not in dropped]
+        if self._too_large:  # a signal whose record crosses again is logged if it recurs
+            self._too_large.difference_update(r.signal for r in records)
         data = memoryview(batch)
         size = self._sizes[self._number]
         try:
@@ -187,6 +194,18 @@ class SpoolSender:
         if self._sizes[self._number] >= self._segment_bytes:
             self._open_segment(self._number + 1)
             self._enforce_retention()
+
+    def _refuse(self, too_large: list[RecordTooLarge]) -> None:
+        for e in too_large:
+            if e.record.signal not in self._too_large:
+                self._too_large.add(e.record.signal)
+                log.error(
+                    "record_too_large",
+                    signal=e.record.signal,
+                    bytes=e.size,
+                    limit=MAX_PAYLOAD,
+                    what_to_do="shorten the value at its source or the texts of its asset's model",
+                )
 
     def close(self) -> None:
         self._close_segment()

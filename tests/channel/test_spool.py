@@ -10,11 +10,13 @@ import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 import structlog
 
+from broker.channel import spool as spool_module
 from broker.channel.spool import (
     FRAME_RECORDS,
     HEADER,
@@ -422,6 +424,43 @@ def test_a_record_over_the_payload_limit_is_dropped_and_the_rest_is_written(
     assert [(r.seq, r.value) for r in received] == [(1, "before"), (2, "after")]  # no gap
     (dropped,) = [e for e in logs if e["event"] == "record_too_large"]
     assert dropped["signal"] == "site/area/asset/measure" and dropped["bytes"] > MAX_PAYLOAD
+
+
+def test_records_too_large_are_logged_once_per_signal_and_the_batch_encoded_twice(
+    spool: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OPC UA text of a megabyte read every poll: the spool logs it once, not per
+    batch, and a batch with several such records is encoded twice, not once per record."""
+    payloads: list[int] = []  # records in each frame payload encoded
+
+    def counted(records: Any) -> bytes:
+        payloads.append(len(records))
+        return encode_frame_payload(records)
+
+    monkeypatch.setattr(spool_module, "encode_frame_payload", counted)
+
+    def huge() -> Record:
+        return msgspec.structs.replace(record("x" * MAX_PAYLOAD), signal="site/area/asset/text")
+
+    sender = SpoolSender(spool, segment_bytes=SEGMENT_BYTES, retention_bytes=RETENTION_BYTES)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(5):  # five polls
+                sender.send([record("ok"), huge(), huge(), huge()])
+            first_polls = len(payloads)
+            fixed = msgspec.structs.replace(record("fixed at its source"), signal=huge().signal)
+            sender.send([fixed])  # it crosses again
+            sender.send([huge()])  # and a new episode is logged again
+    finally:
+        sender.close()
+    received = drain(SpoolReceiver(spool, state))
+    assert [r.value for r in received] == ["ok"] * 5 + ["fixed at its source"]
+    assert seqs(received) == list(range(1, 7))  # no gap where records were dropped
+    dropped = [e for e in logs if e["event"] == "record_too_large"]
+    assert len(dropped) == 2, dropped  # once for five polls, once after it crossed again
+    # Per poll: the batch of 4, its 2 halves, their 4 halves, then the one record left,
+    # however many of them are too large (before: the whole batch again for each).
+    assert first_polls == 5 * (1 + 2 + 4 + 1), payloads
 
 
 FULL_DISK = """
