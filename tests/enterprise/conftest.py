@@ -38,7 +38,7 @@ async def api(pki: Pki, tmp_path: Path) -> AsyncIterator[Api]:
     context = tls.server_context(pki.server_cert, pki.server_key, pki.ca)
     listener = await listen(runner, "127.0.0.1", port, context)
     try:
-        yield Api(store, f"https://localhost:{port}", pki, authz)
+        yield Api(store, f"https://localhost:{port}", pki, authz, listener)
     finally:
         listener.close()
         store.close()

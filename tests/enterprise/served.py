@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import aiohttp
 
 from broker.enterprise.authz import Authorization
+from broker.enterprise.listener import Listener
 from broker.enterprise.store import Store
 from broker.records import Context, Record
 from broker.trust import tls
@@ -29,11 +30,14 @@ def record(signal: str, value: float, seq: int) -> Record:
 
 
 class Api:
-    def __init__(self, store: Store, base: str, pki: Pki, authz: Authorization) -> None:
+    def __init__(
+        self, store: Store, base: str, pki: Pki, authz: Authorization, listener: Listener
+    ) -> None:
         self.store = store
         self.base = base
         self.pki = pki
         self.authz = authz
+        self.listener = listener
 
     def client_ssl(self, cert: object = None, key: object = None) -> ssl.SSLContext:
         return tls.client_context(self.pki.ca, cert, key)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""The enterprise half's spool reader survives file-system errors (issue 12).
+"""The enterprise half: its spool reader survives file-system errors (issue 12), and its
+/metrics shows what the audit throttle only counted.
 
 The fault is real: this process's open-file limit is lowered for a moment, so listing the
 spool, opening a segment and saving the read position fail with EMFILE, as they did when
@@ -11,8 +12,11 @@ import asyncio
 import contextlib
 import os
 import resource
+import ssl
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import structlog
 
 from broker import policy
@@ -20,8 +24,11 @@ from broker.channel.spool import SpoolSender
 from broker.enterprise.run import _deliver, _SpoolReading
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
+from broker.trust import tls
 from tests.enterprise.served import ROOM, record
-from tests.harness import CONSUMER_URI, DEMO_POLICY, eventually
+from tests.harness import CONSUMER_URI, DEMO_POLICY, Deployment, Pki, eventually
+
+DENIED = 25  # denied requests of one identity in a minute: the first 10 audited in full
 
 
 def lowest_free_fd() -> int:
@@ -81,3 +88,36 @@ async def test_spool_reads_failing_with_emfile_are_retried_without_a_gap_or_a_re
     ]
     recovered = next(e for e in logs if e["event"] == "spool_read_recovered")
     assert recovered["counts"]["EMFILE"] == failures()
+
+
+async def test_audit_events_only_counted_by_the_throttle_show_in_the_halfs_metrics(
+    deployment: Deployment, pki: Pki, start_broker: Any
+) -> None:
+    """The real `dmzbroker enterprise`: past the audit's per-source budget (10 a minute),
+    a consumer's denied requests are only counted, and /metrics says how many."""
+    start_broker("enterprise", deployment.config)
+    monitoring = tls.client_context(pki.ca, pki.monitoring_cert, pki.monitoring_key)
+    energy = tls.client_context(pki.ca, pki.energy_cert, pki.energy_key)  # not ROOM's
+
+    async def metrics() -> str | None:
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(deployment.base_url + "/metrics", ssl=monitoring) as response,
+            ):
+                return await response.text() if response.status == 200 else None
+        except (aiohttp.ClientConnectionError, ssl.SSLError):
+            return None  # not listening yet
+
+    await eventually(metrics, timeout=60, interval=0.2)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(DENIED):
+            url = f"{deployment.base_url}/v1/signals/{ROOM}"
+            async with session.get(url, ssl=energy) as r:
+                assert r.status == 403
+    counted = f'dmzbroker_audit_events_suppressed_total{{event="consumer_denied"}} {DENIED - 10}.0'
+
+    async def shown() -> bool:
+        return counted in (await metrics() or "")
+
+    await eventually(shown, timeout=10)
