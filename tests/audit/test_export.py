@@ -124,8 +124,8 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
     broker: BrokerProcess = start_broker("run", deployment.config)
     await eventually(lambda: "enterprise" in collector.seqs(), timeout=30)
 
-    # One identity's first 10 denials and connections a minute are written in full, the
-    # rest counted (ADR 0015): most of its budget is left for the outage.
+    # One identity's first 10 denials a minute are written in full, the rest counted (ADR
+    # 0015): 7 of its budget are left for the outage.
     for _ in range(3):
         await deny_once(deployment, pki)
     collector.stop()  # the collector goes away mid-stream
@@ -146,7 +146,7 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
 
     await eventually(all_arrived, timeout=40)
     got = collector.seqs()
-    assert during_outage >= 10  # the denials really were audited while it was away
+    assert during_outage >= 7  # the denials really were audited while it was away
     assert "plant" in got  # the plant half's log crosses through the enterprise half
     assert broker.stop() == 0
 
