@@ -55,6 +55,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tls_handshake_failed": ("access", "failure"),
     "connections_limited": ("access", "failure"),
     "connections_limited_ended": ("access", "success"),
+    "requests_malformed": ("access", "failure"),
+    "requests_malformed_ended": ("access", "success"),
     "connection_limit_lowered": ("capacity", "unknown"),
     "accept_failed": ("capacity", "failure"),
     "accept_recovered": ("capacity", "success"),
