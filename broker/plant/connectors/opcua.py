@@ -25,7 +25,7 @@ session first reads every node's DataType, and a value of another type (a string
 Double is modelled, a ByteString, a structure) is `bad`, never data. So is a value with a
 Bad status, an array, or a type the model cannot take. Each is logged (and audited) as
 `device_read_refused` once per state change of its signal, and `device_read_recovered` when
-it is good again. Whatever asyncua raises is mapped to a `DeviceError` here (`_call`).
+it is good again (the type model: `opcua_types`). Whatever asyncua raises is mapped to a `DeviceError` here (`_call`).
 """
 
 from __future__ import annotations
