@@ -16,15 +16,15 @@ Behind a gateway (several unit ids at one address), a unit that stops answering 
 connection stays up trips a breaker of its own instead: its signals go `bad`, its requests
 are not sent again until its backoff has passed, and the other units keep their rate.
 
+The breaker's backoff starts afresh only after the session has scanned well for `STABLE_S`
+(the idea `supervision.py` applies to a whole connector): a device that answers one scan and
+then fails is reconnected at a slowing rate, not once per scan.
+
 It never takes an answer that does not match its request as data (docs/modbus.md, "A device
-that answers wrongly"). pymodbus skips frames with another transaction or unit id but takes
-id 0 for any, and checks neither the function code nor the number of items; a frame it
-cannot decode it raises inside the transport, where asyncio logs a traceback and drops the
-connection. So the connector decodes with `_ResponseDecoder`, which turns every frame into a
-PDU, and checks each answer against its request: a well-formed answer with the wrong number
-of items, or an exception response, is a refusal of that request; anything else (another
-transaction id, unit id or function code, a frame that is no read answer) means the
-connection no longer lines up requests and answers, and it is dropped like a silent one.
+that answers wrongly"): `modbus_frames.py` decodes every frame and says why an answer is not
+one; a refusal (an exception, the wrong number of items) makes that request's signals `bad`,
+anything else means the connection no longer lines up requests and answers, and it is
+dropped like a silent one.
 """
 
 from __future__ import annotations
@@ -38,27 +38,31 @@ from datetime import UTC, datetime
 
 import structlog
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import DecodePDU, ModbusPDU
+from pymodbus.pdu import ModbusPDU
 
 from broker.errors import DeviceError
 from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.modbus_frames import (
+    ResponseDecoder,
+    exception_name,
+    mismatch,
+    refusal,
+)
 from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, ReadRequest, plan_reads
-from broker.policy import ModbusDevice, Signal
+from broker.plant.connectors.supervision import FIRST_RETRY_S, MAX_RETRY_S, STABLE_S
+from broker.policy import ModbusDevice, Signal, budget
 from broker.policy.schema import BIT_TABLES
 
 
 class Pace:
     """Spaces request starts at least 1/rate apart, across all of a device's connections."""
 
-    def __init__(self, per_s: float | None) -> None:
-        self._gap = 0.0 if per_s is None else 1.0 / per_s
+    def __init__(self, per_s: float) -> None:
+        self._gap = 1.0 / per_s
         self._next = 0.0
 
     async def wait(self) -> None:
-        if not self._gap:
-            return
         now = asyncio.get_running_loop().time()
         start = max(now, self._next)
         self._next = start + self._gap  # reserved before sleeping: concurrent callers queue up
@@ -68,53 +72,10 @@ class Pace:
 # What pymodbus raises for a request: no answer within timeout_s or the connection lost
 # (ModbusException), and what its decoding raises should a version let one through.
 _LIBRARY_ERRORS = (ModbusException, OSError, ValueError, IndexError, struct.error)
-_READ_CODES = frozenset(code for code, _, _ in READ_FUNCTIONS.values())
-_REGISTER_CODES = frozenset(
-    code for table, (code, _, _) in READ_FUNCTIONS.items() if table not in BIT_TABLES
-)
-
-
-class _Unreadable(ModbusPDU):
-    """A frame that is no well-formed answer to a read; `problem` says why, for the log."""
-
-    def __init__(self, problem: str) -> None:
-        super().__init__()
-        self.problem = problem
-
-
-def _malformed(frame: bytes) -> str | None:
-    """Why a response PDU (function code onwards) is no well-formed answer to a read."""
-    code = frame[0]
-    if code & 0x80:
-        return None if len(frame) == 2 and code != 0x80 else f"an exception of {len(frame)} bytes"
-    if code not in _READ_CODES:
-        return f"function code {code}, which answers no read"
-    if len(frame) < 2 or frame[1] != len(frame) - 2:
-        return "a byte count that disagrees with the frame's length"
-    if code in _REGISTER_CODES and frame[1] % 2:
-        return f"an odd byte count ({frame[1]}) for registers"
-    return None
-
-
-class _ResponseDecoder(DecodePDU):
-    """Decodes well-formed read answers and exception responses, and nothing else.
-
-    Every frame gives a PDU: where pymodbus's decoder gives None (which its framer raises
-    from inside the transport's data_received), this gives an `_Unreadable` that the
-    connector refuses as data.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(is_server=False)
-
-    def decode(self, frame: bytes) -> ModbusPDU | None:
-        problem = _malformed(frame)
-        pdu = None if problem else super().decode(frame)
-        return _Unreadable(problem or "an undecodable frame") if pdu is None else pdu
 
 
 class _Client(AsyncModbusTcpClient):
-    """One connection to the device: pymodbus's client with `_ResponseDecoder`, knowing the
+    """One connection to the device: pymodbus's client with `ResponseDecoder`, knowing the
     transaction id of the request it sent last (one request at a time per connection)."""
 
     def __init__(self, device: ModbusDevice) -> None:
@@ -126,26 +87,13 @@ class _Client(AsyncModbusTcpClient):
             reconnect_delay=0,  # reconnects are ours, through the breaker
             trace_pdu=self._traced,
         )
-        self.ctx.framer.decoder = _ResponseDecoder()  # what `register()` extends, replaced
+        self.ctx.framer.decoder = ResponseDecoder()  # what `register()` extends, replaced
         self.sent_tid = 0  # pymodbus numbers requests from 1
 
     def _traced(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if sending:
             self.sent_tid = pdu.transaction_id
         return pdu
-
-
-def _mismatch(response: ModbusPDU, request: ReadRequest, tid: int) -> str | None:
-    """Why `response` is not the answer to `request`, sent with transaction id `tid`."""
-    if isinstance(response, _Unreadable):
-        return response.problem
-    if response.transaction_id != tid:
-        return f"transaction id {response.transaction_id}, not {tid}"
-    if response.dev_id != request.unit_id:
-        return f"unit id {response.dev_id}"
-    if response.function_code & 0x7F != request.function_code:
-        return f"function code {response.function_code}"
-    return None
 
 
 class _UnitSilent(Exception):
@@ -175,28 +123,6 @@ class _UnitBreaker:
         self.down = False
 
 
-def _refusal(response: ModbusPDU, request: ReadRequest) -> str | None:
-    """Why an answer to `request` gives no data: an exception, or not the items asked for."""
-    if response.isError():
-        return "exception_response"
-    bits = request.table in BIT_TABLES
-    items = len(response.bits) if bits else len(response.registers)
-    asked = -(-request.count // 8) * 8 if bits else request.count  # bits come in whole bytes
-    if items == asked:
-        return None
-    return "short_response" if items < asked else "long_response"
-
-
-def _exception_name(code: int | None) -> str | None:
-    """The Modbus name of an exception code (`illegal_address`), for people reading the log."""
-    if code is None:
-        return None
-    try:
-        return ExcCodes(code).name.lower()
-    except ValueError:
-        return f"code_{code}"
-
-
 class ModbusConnector:
     def __init__(self, device: ModbusDevice, signals: Sequence[Signal]) -> None:
         self._device = device
@@ -210,6 +136,8 @@ class ModbusConnector:
         self._pace = Pace(device.max_requests_per_s)
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
         self._answering: bool | None = None  # audited when it changes, not per retry
+        self._good_since: float | None = None  # when this session first scanned whole
+        self._budget_told = False
         self._log = structlog.get_logger("modbus").bind(device=device.name)
         self._grid = ScanGrid(device.poll_interval_s, self._log)
         units = {request.unit_id for request in self.plan}
@@ -220,13 +148,18 @@ class ModbusConnector:
         )
 
     async def run(self, emit: Emit) -> None:
-        breaker = Backoff(initial_s=min(1.0, self._device.poll_interval_s))
+        self._warn_if_over_budget()
+        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S)
         while True:
+            self._good_since = None
             try:
                 async with self._session() as clients:
-                    await self._scan_forever(clients, emit, breaker)
+                    await self._scan_forever(clients, emit)
             except DeviceError as e:
                 self.errors += 1
+                good = self._good_since
+                if good is not None and time.monotonic() - good >= STABLE_S:
+                    breaker.reset()  # scanned well for a while: a new failure, not the same one
                 retry_in_s = breaker.delay()
                 down = self._answering is False
                 event = "device_reconnect_failed" if down else "device_session_down"
@@ -234,6 +167,24 @@ class ModbusConnector:
                 self._log.warning(event, error=str(e), retry_in_s=round(retry_in_s, 3))
                 await emit(self._all_bad())
                 await asyncio.sleep(retry_in_s)
+
+    def _warn_if_over_budget(self) -> None:
+        """Audit, once per connector (so once per accepted policy), scans its budget cannot
+        carry: a policy signed before the default budget existed may now be held to it."""
+        if self._budget_told:
+            return
+        self._budget_told = True
+        device = self._device
+        found = budget.misfits(device, len(self.plan))
+        if found:
+            self._log.warning(
+                "device_budget_exceeded",
+                requests_per_scan=len(self.plan),
+                poll_interval_s=device.poll_interval_s,
+                max_requests_per_s=device.max_requests_per_s,
+                max_connections=device.max_connections,
+                warnings=found,
+            )
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[list[_Client]]:
@@ -250,12 +201,13 @@ class ModbusConnector:
             for client in clients:
                 client.close()
 
-    async def _scan_forever(self, clients: list[_Client], emit: Emit, breaker: Backoff) -> None:
+    async def _scan_forever(self, clients: list[_Client], emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         next_scan = loop.time()
         while True:
             samples = await self._scan(clients)
-            breaker.reset()  # only a whole scan proves the device is back
+            if self._good_since is None:
+                self._good_since = time.monotonic()
             if not self._answering:
                 self._answering = True
                 device = self._device
@@ -332,10 +284,10 @@ class ModbusConnector:
                 raise _UnitSilent(f"{what}: {e}") from e
             raise DeviceError(f"{what}: {e}") from e
         raise_if_cancelled()
-        if (mismatch := _mismatch(response, request, client.sent_tid)) is not None:
-            raise DeviceError(f"{what}: answered with {mismatch}")
+        if (wrong := mismatch(response, request, client.sent_tid)) is not None:
+            raise DeviceError(f"{what}: answered with {wrong}")
         now = datetime.now(UTC)
-        reason = _refusal(response, request)
+        reason = refusal(response, request)
         if reason is not None:
             self.errors += 1
             self._refused_once(request, response, reason)
@@ -370,7 +322,7 @@ class ModbusConnector:
             count=request.count,
             reason=reason,
             exception_code=code,
-            exception=_exception_name(code),
+            exception=exception_name(code),
             signals=[slot.signal for slot in request.slots],
         )
 

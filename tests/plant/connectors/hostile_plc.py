@@ -187,6 +187,11 @@ BEHAVIOURS: dict[str, Callable[[Asked], Reply]] = {
         [bytes([b]) for b in _frame(a, _pdu(a, _hostile(a.count)))], gap_s=0.3
     ),
     "garbage_flood": _garbage,
+    # a connection's first request (pymodbus numbers each client's from 1) answered well, the
+    # rest with transaction id 0: a device that passes one scan per connection, then fails
+    "healthy_once_per_connection": lambda a: (
+        _healthy(a) if a.tid == 1 else Reply([_frame(a, _pdu(a, _hostile(a.count)), transId=0)])
+    ),
 }
 
 

@@ -11,6 +11,7 @@ with a traceback in the log.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import msgspec
 import pytest
 
 from broker.audit.catalogue import EVENTS
+from broker.plant.connectors import modbus
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.policy import Signal
@@ -261,3 +263,77 @@ async def test_behind_a_gateway_a_silent_unit_trips_its_own_breaker_a_wrong_answ
     assert [e for e in events_seen if not e.startswith("scan_overrun")] == audited
     assert all(e["unit_id"] == 2 for e in named(logs, "device_unit_down"))
     assert caught == []
+
+
+WINDOW_S = 8.0  # long enough for the old behaviour (a reconnect per 0.2 s) to show
+
+
+async def test_a_device_that_fails_after_each_good_scan_is_reconnected_at_a_slowing_rate() -> None:
+    """Answering one scan well must not reset the breaker: at a 0.1 s poll interval the
+    connector used to open a connection (and audit a session up and down) every 0.2 s."""
+    with events() as logs:
+        async with HostilePLC(behaviour="healthy_once_per_connection") as plc:
+            device = modbus_device(
+                plc.port, poll_interval_s=0.1, timeout_s=0.3, max_requests_per_s=1000
+            )
+            connector = ModbusConnector(device, signals("holding_register"))
+            scans = Scans()
+            task = asyncio.create_task(connector.run(scans.emit))
+            try:
+                await eventually(lambda: plc.connections >= 1)
+                started = asyncio.get_running_loop().time()
+                first = plc.connections
+                await asyncio.sleep(WINDOW_S)  # the window the rate is measured over
+                connects = plc.connections - first + 1
+                ran_s = asyncio.get_running_loop().time() - started
+                assert not task.done()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    # 1 + 2 + 4 s of backoff (±20 %) fit in 8 s: at most 4 connections, 5 with slack
+    assert 2 <= connects <= 5, f"{connects} connections in {ran_s:.1f} s"
+    delays = [e["retry_in_s"] for e in logs if e["event"] == "device_session_down"]
+    assert len(delays) >= 2
+    assert all(later > earlier for earlier, later in itertools.pairwise(delays))
+    assert delays[0] >= 0.8  # the first retry waits a second, not one poll interval
+    assert [s for _, batch in scans.batches for s in batch if s.raw and HOSTILE in s.raw] == []
+
+
+async def test_a_session_that_scanned_well_for_the_stable_period_starts_its_backoff_afresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(modbus, "STABLE_S", 0.5)
+    with events() as logs:
+        async with HostilePLC() as plc:
+            device = modbus_device(
+                plc.port, poll_interval_s=0.1, timeout_s=0.3, max_requests_per_s=1000
+            )
+            connector = ModbusConnector(device, signals("holding_register"))
+            scans = Scans()
+            task = asyncio.create_task(connector.run(scans.emit))
+
+            def downs() -> list[float]:
+                return [e["retry_in_s"] for e in logs if e["event"] == "device_session_down"]
+
+            async def fail_once() -> None:
+                before = len(downs())
+                plc.behaviour = "zero_transaction_id"
+                await eventually(lambda: len(downs()) > before)
+                plc.behaviour = "healthy"
+
+            try:
+                await eventually(lambda: all_quality(scans, "good"))
+                await fail_once()
+                await eventually(lambda: all_quality(scans, "good"), 30)
+                await fail_once()  # right after it came back: the same incident, it doubles
+                await eventually(lambda: all_quality(scans, "good"), 30)
+                scanned = connector.scans
+                await eventually(lambda: connector.scans >= scanned + 10)  # 1 s > STABLE_S
+                await fail_once()  # after a stable session: a fresh incident
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    first, doubled, fresh = downs()
+    assert 0.8 <= first <= 1.2
+    assert 1.6 <= doubled <= 2.4
+    assert 0.8 <= fresh <= 1.2
