@@ -86,20 +86,30 @@ class ScanGrid:
     """Scans start on a fixed grid of the poll interval and never overlap: a scan that ran
     late skips the slots it missed instead of queueing them. The first overrun of a streak
     is logged (and audited), as is the streak's end; the overruns between are only counted,
-    so a device that stays slow does not flood the log."""
+    so a device that stays slow does not flood the log.
+
+    A streak ends only after `ON_TIME_TO_END` scans in a row kept their time (hysteresis):
+    a scan whose length jitters around the poll interval (round trips of 30-70 ms against a
+    0.1 s interval) would otherwise start and end a streak every few scans. One late scan
+    among them keeps the streak going, and the countdown starts again."""
+
+    ON_TIME_TO_END = 10
 
     def __init__(self, interval_s: float, log: FilteringBoundLogger) -> None:
         self._interval = interval_s
         self._log = log
-        self._streak = 0  # slots skipped since the last scan that kept its time
+        self._streak = 0  # slots skipped since the streak began; 0: no streak
+        self._on_time = 0  # scans in a row that kept their time during a streak
 
     def next_slot(self, planned: float, now: float, scan_s: float) -> tuple[float, int]:
         """The next start time after the one `planned`, and how many slots were skipped."""
         following = planned + self._interval
         if now <= following:
             if self._streak:
-                self._log.info("scan_overrun_ended", skipped_scans=self._streak)
-                self._streak = 0
+                self._on_time += 1
+                if self._on_time >= self.ON_TIME_TO_END:
+                    self._log.info("scan_overrun_ended", skipped_scans=self._streak)
+                    self._streak = self._on_time = 0
             return following, 0
         missed = math.ceil((now - following) / self._interval)
         if not self._streak:
@@ -110,4 +120,5 @@ class ScanGrid:
                 poll_interval_s=self._interval,
             )
         self._streak += missed
+        self._on_time = 0
         return following + missed * self._interval, missed
