@@ -128,11 +128,16 @@ def test_show_warns_when_scans_cannot_fit_the_budget_and_when_it_is_raised(
 
     assert tight_out.returncode == raised_out.returncode == 0  # a warning is not an error
     assert _warnings(tight_out.stdout) == [
-        "WARNINGS for the OT and IT owners (1): read them before signing",
+        "WARNINGS for the OT and IT owners (2): read them before signing",
         f"WARNING: device {DEVICE} needs 8 requests every 0.1 s = 80 requests/s, but its "
         f"budget is {DEFAULT_RATE}/s: scans will be skipped (each takes at least 0.4 s); slow "
         "the poll interval, group the registers so fewer requests read them, or raise "
         "max_requests_per_s after asking the PLC's owner",
+        f"WARNING: device {DEVICE} needs 8 requests every 0.1 s over 1 connection, one request "
+        "at a time on each: at a typical 20 ms per answer that takes 0.16 s, longer than the "
+        "poll interval, so scans will be skipped; slow the poll interval, group the registers "
+        "so fewer requests read them, or allow more connections (max_connections) after "
+        "asking the PLC's owner",
     ]
     raised_warnings = _warnings(raised_out.stdout)
     assert raised_warnings[0].startswith("WARNINGS for the OT and IT owners (2)")

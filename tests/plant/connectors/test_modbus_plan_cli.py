@@ -100,7 +100,12 @@ def test_plan_warns_in_plain_words_when_scans_cannot_fit_the_default_budget(
         "WARNING: device plc needs 48 requests every 0.1 s = 480 requests/s, but its budget is "
         "20/s: scans will be skipped (each takes at least 2.4 s); slow the poll interval, group "
         "the registers so fewer requests read them, or raise max_requests_per_s after asking "
-        "the PLC's owner"
+        "the PLC's owner",
+        "WARNING: device plc needs 48 requests every 0.1 s over 1 connection, one request at a "
+        "time on each: at a typical 20 ms per answer that takes 0.96 s, longer than the poll "
+        "interval, so scans will be skipped; slow the poll interval, group the registers so "
+        "fewer requests read them, or allow more connections (max_connections) after asking "
+        "the PLC's owner",
     ]
     assert "unlimited" not in result.stdout
 
@@ -122,12 +127,51 @@ def test_plan_warns_when_a_policy_raises_a_budget_above_the_default(tmp_path: Pa
     assert len(found) == 2  # 48 requests a second fit in 200: no overload warning
 
 
-def test_plan_is_quiet_for_a_scan_that_exactly_fills_its_budget(tmp_path: Path) -> None:
-    document = single_registers(3, poll_interval_s=0.15)  # 3 / 0.15 s = 20 requests/s
+def test_plan_warns_when_a_scan_leaves_its_budget_no_room_for_the_answers(tmp_path: Path) -> None:
+    """One connection sends one request at a time: a scan that needs all of the rate has no
+    time left for the device to answer (10 requests every 0.5 s at 20/s with a 60 ms round
+    trip skipped half its scans). An exact fit is a warning, not a fit."""
+    exact = single_registers(10, poll_interval_s=0.5)  # 10 / 0.5 s = 20 requests/s
+    nearly = single_registers(9, poll_interval_s=0.5)  # 18 requests/s: 90 %
+
+    for document, rate, share in ((exact, 20, "100%"), (nearly, 18, "90%")):
+        found = warnings(dmzbroker("plan", str(write_policy_yaml(tmp_path, document))).stdout)
+        requests = round(rate * 0.5)
+        assert found == [
+            f"WARNING: device plc needs {requests} requests every 0.5 s = {rate} requests/s, "
+            f"{share} of its budget of 20/s: that leaves no room for the device's answer time, "
+            "so scans will be skipped whenever it answers slowly; slow the poll interval, group "
+            "the registers so fewer requests read them, or raise max_requests_per_s after "
+            "asking the PLC's owner"
+        ]
+
+
+def test_plan_is_quiet_when_the_scan_leaves_room_for_the_answers(tmp_path: Path) -> None:
+    document = single_registers(8, poll_interval_s=0.5)  # 16 requests/s: 80 %, 8 x 20 ms
 
     result = dmzbroker("plan", str(write_policy_yaml(tmp_path, document)))
 
     assert warnings(result.stdout) == []
+
+
+def test_plan_warns_when_one_connection_cannot_carry_the_answers_in_time(tmp_path: Path) -> None:
+    """A budget raised far enough still leaves each connection one request at a time."""
+    one = single_registers(60, poll_interval_s=1.0, max_requests_per_s=200)
+    two = single_registers(60, poll_interval_s=1.0, max_requests_per_s=200, max_connections=2)
+
+    one_found = warnings(dmzbroker("plan", str(write_policy_yaml(tmp_path, one))).stdout)
+    two_found = warnings(dmzbroker("plan", str(write_policy_yaml(tmp_path, two))).stdout)
+
+    assert one_found[0] == (
+        "WARNING: device plc needs 60 requests every 1 s over 1 connection, one request at a "
+        "time on each: at a typical 20 ms per answer that takes 1.2 s, longer than the poll "
+        "interval, so scans will be skipped; slow the poll interval, group the registers so "
+        "fewer requests read them, or allow more connections (max_connections) after asking "
+        "the PLC's owner"
+    )
+    assert len(one_found) == 2  # and the raised budget
+    assert not [w for w in two_found if "per answer" in w]  # 30 each: 0.6 s
+    assert len(two_found) == 2  # the raised budget and the second connection
 
 
 def test_a_missing_file_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
