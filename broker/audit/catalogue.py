@@ -32,6 +32,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "opcua_endpoint_refused": ("device", "failure"),
     "opcua_server_certificate_refused": ("certificate", "failure"),
     "scan_overrun_ended": ("device", "success"),
+    "device_budget_exceeded": ("device", "unknown"),
     "consumer_denied": ("access", "failure"),
     "consumer_connected": ("access", "success"),
     "point_denied": ("policy", "failure"),
