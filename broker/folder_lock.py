@@ -6,9 +6,17 @@ outlives its holder and never blocks the next start. The holder writes its pid i
 only so that a refused second instance can name it; nothing is decided by that pid.
 
 Readers of a folder (the enterprise half reading the spool, `audit verify`, `audit show`)
-never take the lock. This module never waits for a lock (a second instance is refused at
-once) and never deletes a lock file: a writer that unlinked it could hold a lock on a file
-the next writer no longer sees, and two writers would each hold "the" lock.
+never take the lock. A writer that finds the lock held tries again for `HELD_GRACE_S` before
+it is refused: `check_free` holds the lock for an instant to test it, and a writer starting
+at that instant must not be told that another process writes its folder. A real holder
+keeps the lock for its whole life, so a second instance is still refused, only a moment
+later. This module never waits longer than that, and never deletes a lock file: a writer
+that unlinked it could hold a lock on a file the next writer no longer sees, and two
+writers would each hold "the" lock.
+
+The lock file is opened without following a symbolic link and must be a regular file with
+one link, owned by this process's user: anything else is refused, naming it, so that a
+`.lock` planted as a link to another file never has that file truncated and overwritten.
 """
 
 from __future__ import annotations
@@ -17,12 +25,20 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
+import time
 from pathlib import Path
+
+import structlog
 
 from broker.errors import DmzBrokerError
 
 LOCK_FILE = ".lock"
+HELD_GRACE_S = 0.5  # how long a held lock is tried again: far longer than a check holds it
+_RETRY_EVERY_S = 0.01
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone else holds it"
+
+log = structlog.get_logger("folder_lock")
 
 
 class FolderLockError(DmzBrokerError):
@@ -37,22 +53,27 @@ class FolderLock:
         path = folder / LOCK_FILE
         try:
             folder.mkdir(mode=0o750, parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as e:
             raise FolderLockError(f"{path}: cannot open the folder's lock: {e.strerror}") from e
+        self._fd = _open(path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_soon(self._fd)
         except OSError as e:
             holder = _holder(self._fd)
             os.close(self._fd)
             if e.errno in _HELD:
                 raise _in_use(folder, holder) from None
             raise FolderLockError(f"{path}: cannot lock: {e.strerror}") from e
+        pid = f"{os.getpid()}\n".encode()
         try:
             os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # the pid is only for the message a second instance prints
+            error = None if os.pwrite(self._fd, pid, 0) == len(pid) else "a short write"
+        except OSError as e:
+            error = e.strerror
+        if error is not None:
+            # The lock holds without it; only a refused second instance's message lacks the
+            # pid. But a lock file that cannot be written says the folder may not be either.
+            log.warning("lock_pid_write_failed", path=str(path), error=error)
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -67,13 +88,12 @@ class FolderLock:
 
 
 def check_free(folder: Path) -> None:
-    """Raise FolderLockError if a writer holds `folder` now; takes nothing and creates nothing."""
+    """Raise FolderLockError if a writer holds `folder` now. Creates nothing, and holds the
+    lock only for the instant of the test (a writer starting then waits it out)."""
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open(folder / LOCK_FILE, os.O_RDONLY)
     except FileNotFoundError:
         return  # never locked: no writer has run here
-    except OSError as e:
-        raise FolderLockError(f"{folder / LOCK_FILE}: cannot read: {e.strerror}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -82,6 +102,59 @@ def check_free(folder: Path) -> None:
         raise FolderLockError(f"{folder / LOCK_FILE}: cannot lock: {e.strerror}") from e
     finally:
         os.close(fd)
+
+
+def _open(path: Path, flags: int) -> int:
+    """A descriptor of the lock file at `path`, refused unless it is a regular file of ours;
+    raises FileNotFoundError (without O_CREAT) or FolderLockError."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
+    except FileNotFoundError:
+        if flags & os.O_CREAT:
+            raise FolderLockError(f"{path}: cannot open the folder's lock: no folder") from None
+        raise
+    except OSError as e:
+        if e.errno == errno.EISDIR:
+            raise FolderLockError(
+                f"{path}: is not a regular file; a lock file must be a regular file of ours"
+            ) from None
+        if e.errno == errno.ELOOP:
+            raise FolderLockError(
+                f"{path}: is a symbolic link; a lock file must be a regular file (remove it)"
+            ) from None
+        raise FolderLockError(f"{path}: cannot open the folder's lock: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        problem = _not_ours(st)
+    except OSError as e:
+        problem = f"cannot inspect: {e.strerror}"
+    if problem is not None:
+        os.close(fd)
+        raise FolderLockError(f"{path}: {problem}; a lock file must be a regular file of ours")
+    return fd
+
+
+def _not_ours(st: os.stat_result) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this process's uid {os.geteuid()}"
+    if st.st_nlink != 1:
+        return f"has {st.st_nlink} hard links (another name for some other file)"
+    return None
+
+
+def _flock_soon(fd: int) -> None:
+    """Take the lock, trying again for HELD_GRACE_S while it is held; raises OSError."""
+    deadline = time.monotonic() + HELD_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in _HELD or time.monotonic() >= deadline:
+                raise
+        time.sleep(_RETRY_EVERY_S)
 
 
 def _holder(fd: int) -> str:

@@ -1,12 +1,15 @@
-"""The folder lock: one holder at a time, the holder's pid named, nothing left by a killed one."""
+"""The folder lock: one holder at a time, the holder's pid named, nothing left by a killed one,
+no lock file planted by someone else followed, and a check never taken for a holder."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +124,109 @@ def test_the_pid_may_be_missing_while_a_holder_starts(
     with pytest.raises(FolderLockError) as refused:
         FolderLock(folder)
     assert "(a process whose pid is not written yet)" in str(refused.value)
+
+
+# --- a lock file planted by someone else is never followed or overwritten -------------------
+
+
+def _planted(tmp_path: Path) -> tuple[Path, Path]:
+    folder, victim = tmp_path / "spool", tmp_path / "victim"
+    folder.mkdir()
+    victim.write_text("precious\n")
+    return folder, victim
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    folder, victim = _planted(tmp_path)
+    (folder / LOCK_FILE).symlink_to("../victim")
+
+    for take in (FolderLock, check_free):
+        with pytest.raises(FolderLockError) as refused:
+            take(folder)
+        assert str(refused.value) == (
+            f"{folder / LOCK_FILE}: is a symbolic link; a lock file must be a regular file "
+            "(remove it)"
+        )
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_lock_file_that_is_another_name_for_some_file_is_refused(tmp_path: Path) -> None:
+    folder, victim = _planted(tmp_path)
+    os.link(victim, folder / LOCK_FILE)
+
+    with pytest.raises(FolderLockError, match=r"\.lock: has 2 hard links"):
+        FolderLock(folder)
+    assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_lock_file_that_is_no_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    if kind == "directory":
+        (folder / LOCK_FILE).mkdir()
+    else:
+        os.mkfifo(folder / LOCK_FILE)
+
+    for take in (FolderLock, check_free):
+        with pytest.raises(FolderLockError) as refused:
+            take(folder)
+        assert str(refused.value).startswith(f"{folder / LOCK_FILE}: ")
+        assert "regular file" in str(refused.value)
+        assert len(str(refused.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_lock_file_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    folder, _ = _planted(tmp_path)
+    (folder / LOCK_FILE).write_text("")
+    os.chown(folder / LOCK_FILE, 4242, 4242)
+
+    with pytest.raises(FolderLockError, match="is owned by uid 4242, not by this process's uid 0"):
+        FolderLock(folder)
+    assert (folder / LOCK_FILE).read_text() == ""
+
+
+def test_a_writer_starting_while_a_check_holds_the_lock_for_an_instant_is_not_refused(
+    tmp_path: Path,
+) -> None:
+    """`check_free` takes the lock to test it; a writer must not take that for a holder."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as check_free does, for an instant
+    release = threading.Timer(0.05, os.close, (fd,))
+    release.start()
+    try:
+        with FolderLock(folder):
+            assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    finally:
+        release.join(timeout=5)
+
+
+PID_UNWRITABLE = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pathlib import Path
+    from broker.folder_lock import FolderLock
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    lock = FolderLock(Path(sys.argv[1]))
+    print("holding", flush=True)
+    """
+)
+
+
+def test_a_pid_that_cannot_be_written_is_said_and_the_lock_still_held(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PID_UNWRITABLE, str(tmp_path / "spool")],
+        capture_output=True, text=True, cwd=REPO, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    assert "lock_pid_write_failed" in result.stdout + result.stderr
+    assert "File too large" in result.stdout + result.stderr
+    assert result.stdout.strip().endswith("holding")
