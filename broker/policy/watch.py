@@ -3,11 +3,17 @@
 A valid newer policy is yielded to the half, which applies it without restarting. An invalid
 one is refused (logged as `policy_refused` with its reason) and the running policy stays in
 force. The running policy's approaching expiry is warned about beforehand.
+
+A file that cannot be read for a passing reason of this process or machine (out of file
+descriptors or memory, an interrupted call) is no verdict on the policy: it is tried again at
+the next check, with one `policy_read_failed` per episode, never refused. This module never
+refuses a policy it could not read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +28,10 @@ from broker.policy.activation import TrustedPolicy, load_trusted, log_acceptance
 
 CHECK_INTERVAL_S = 1.0  # how often the file is looked at; SIGHUP acts at once
 EXPIRY_WARNINGS = (timedelta(days=7), timedelta(days=1), timedelta(hours=1))
+# Reading failed because of this process or machine, not because of the file.
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR}
+)
 
 log = structlog.get_logger("policy")
 
@@ -42,6 +52,7 @@ class PolicyWatcher:
         self._seen = _fingerprint(path)
         self._warned: set[timedelta] = set()
         self._expiry_noted = False
+        self._unread = False  # the last try could not read the files: try again next check
         self._wake = asyncio.Event()
         self._on_hangup = on_hangup  # SIGHUP also asks this half to re-read its other files
 
@@ -60,7 +71,7 @@ class PolicyWatcher:
                 self._wake.clear()
                 self._warn_if_expiring()
                 self._seen = _fingerprint(self._path)
-                if not hangup and self._seen == before:
+                if not hangup and self._seen == before and not self._unread:
                     continue
                 accepted = self._reload()
                 if accepted is not None:
@@ -82,8 +93,20 @@ class PolicyWatcher:
             trust = trustroot.load(self._trust_root)
             trusted = load_trusted(self._path, trust, self._state_dir, datetime.now(UTC))
         except ConfigError as e:  # PolicyRefused included
+            if _transient(e):
+                if not self._unread:
+                    log.warning(
+                        "policy_read_failed",
+                        error=str(e),
+                        kept_version=self._current.policy.version,
+                        action=f"tried again every {CHECK_INTERVAL_S:g} s",
+                    )
+                self._unread = True
+                return None
+            self._unread = False
             log_refusal(e, kept_version=self._current.policy.version)
             return None
+        self._unread = False
         if not trusted.new:
             return None
         log_acceptance(trusted, previous_version=self._current.policy.version)
@@ -111,6 +134,11 @@ class PolicyWatcher:
                 expires=policy.expires.isoformat(),
                 hours_left=round(left.total_seconds() / 3600, 1),
             )
+
+
+def _transient(error: ConfigError) -> bool:
+    cause = error.__cause__
+    return isinstance(cause, OSError) and cause.errno in TRANSIENT_ERRNOS
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:

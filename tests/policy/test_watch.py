@@ -1,0 +1,72 @@
+"""The policy watcher, in-process: a newer signed policy is taken at the next check, and a file
+that cannot be read for a passing reason (here a real EMFILE) is tried again, never refused."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from broker.policy import trustroot
+from broker.policy.activation import TrustedPolicy, load_trusted
+from broker.policy.watch import CHECK_INTERVAL_S, PolicyWatcher
+from tests.harness import Owners, demo_policy, eventually, sign_policy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def lowest_free_fd() -> int:
+    """The number the next open file would get: a soft limit of it makes that open fail
+    (the limit bounds descriptor numbers, not how many are open)."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+async def test_a_policy_unreadable_for_lack_of_descriptors_is_read_again_not_refused(
+    tmp_path: Path, owners: Owners
+) -> None:
+    signers = [owners.ot_key, owners.it_key]
+    envelope = tmp_path / "policy.dsse.json"
+    os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
+    state = tmp_path / "state"
+    current = load_trusted(envelope, trustroot.load(owners.trust_root), state, datetime.now(UTC))
+    watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
+    accepted: list[TrustedPolicy] = []
+
+    async def follow() -> None:
+        async for policy in watcher.updates():
+            accepted.append(policy)
+
+    newer = sign_policy(tmp_path, demo_policy(5020, version=2), signers, "v2")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with capture_logs() as logs:
+        task = asyncio.create_task(follow())
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), hard))
+            try:
+                os.replace(newer, envelope)
+                await eventually(
+                    lambda: any(e["event"] == "policy_read_failed" for e in logs),
+                    timeout=5 * CHECK_INTERVAL_S,
+                )
+                await asyncio.sleep(2 * CHECK_INTERVAL_S)  # more checks fail: said once
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await eventually(lambda: accepted, timeout=5 * CHECK_INTERVAL_S)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    assert [p.policy.version for p in accepted] == [2]
+    events = [e["event"] for e in logs]
+    assert "policy_refused" not in events
+    assert events.count("policy_read_failed") == 1
+    (failed,) = [e for e in logs if e["event"] == "policy_read_failed"]
+    assert "Too many open files" in failed["error"] and failed["kept_version"] == 1
+    assert "policy_accepted" in events
