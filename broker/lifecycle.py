@@ -4,7 +4,9 @@ and, for a half started by `dmzbroker run`, end when its supervisor ends.
 A stop request cancels the main task, so every `finally` (closing the spool, the listeners,
 child processes) runs before the process exits. A half never outlives its supervisor: a
 half left running headless would keep polling devices with nothing watching it, and the
-next `run` would be refused its folders.
+next `run` would be refused its folders. A half whose supervisor is gone bounds its own
+shutdown: nothing is left to SIGKILL it, so the kernel ends it `STOP_GRACE_S` after the stop
+request (SIGALRM, whose default action ends the process) if its cleanup hangs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from broker.errors import DmzBrokerError
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SUPERVISOR_PID = "DMZBROKER_SUPERVISOR_PID"  # set by `run` in each half's environment
+STOP_GRACE_S = 10.0  # a half's clean stop may take this long; then it is ended (SIGKILL, SIGALRM)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_supervisor: list[int] = []  # the pid of the `run` that started this half, once checked
 
 
 def end_with_supervisor() -> None:
@@ -41,6 +45,12 @@ def end_with_supervisor() -> None:
         raise SystemExit(f"dmzbroker: error: prctl: {os.strerror(ctypes.get_errno())}")
     if str(os.getppid()) != supervisor:
         raise SystemExit(f"dmzbroker: error: supervisor pid {supervisor} is gone; not starting")
+    _supervisor.append(os.getppid())
+
+
+def _orphaned() -> bool:
+    """Started by `run`, whose process is gone: nobody would SIGKILL a stop that hangs."""
+    return bool(_supervisor) and os.getppid() != _supervisor[0]
 
 
 def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
@@ -56,6 +66,8 @@ def run_until_signalled(main: Coroutine[Any, Any, int | None]) -> int:
             nonlocal stopping
             if not stopping:  # a second request must not interrupt the cleanup of the first
                 stopping = True
+                if _orphaned():  # the kernel ends the process if the cleanup hangs
+                    signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
                 task.cancel()
 
         for sig in _STOP_SIGNALS:

@@ -10,9 +10,11 @@ plant half never stops, pauses or changes its polling because of the enterprise 
 
 Each half runs in a session of its own, so a terminal's Ctrl-C reaches the supervisor
 only, which then stops both (SIGTERM, SIGKILL after STOP_GRACE_S) and exits 0; if the
-supervisor itself dies, the kernel sends each half SIGTERM (`lifecycle.end_with_supervisor`).
-This module never stops or restarts a half because of the other, and never starts a half
-while another process holds a folder the halves write (`refuse_if_running`).
+supervisor itself dies, the kernel sends each half SIGTERM (`lifecycle.end_with_supervisor`),
+and a half that then hangs in its cleanup ends itself after STOP_GRACE_S.
+This module never stops or restarts a half because of the other. It checks the folders the
+halves write before starting them (`refuse_if_running`), so that a second instance is told
+at once; what keeps two writers off one folder is each half's own lock (`folder_lock`).
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ import structlog
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.config import BrokerConfig, SupervisorConfig
 from broker.folder_lock import check_free
-from broker.lifecycle import SUPERVISOR_PID
+from broker.lifecycle import STOP_GRACE_S, SUPERVISOR_PID
 
 HALVES = ("plant", "enterprise")
-STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 AUDIT_CHECK_S = 1.0  # how often the supervisor's audit log is checked (and checkpointed)
 
 log = structlog.get_logger("supervisor")
@@ -55,7 +56,7 @@ def refuse_if_running(config: BrokerConfig) -> None:
         check_free(folder)
 
 
-class Backoff:
+class RestartDelay:
     """Delays before restarting one half: exponential, capped, with jitter (half to all of
     the step, so halves that die together do not come back in lockstep)."""
 
@@ -97,7 +98,7 @@ class Supervisor:
                 tasks.create_task(self._keep_running(half), name=half)
 
     async def _keep_running(self, half: str) -> None:
-        backoff = Backoff(self._settings)
+        backoff = RestartDelay(self._settings)
         starts = 0
         delay = 0.0
         while True:

@@ -287,3 +287,57 @@ def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode:
         supervisor.stdout.close()
         if alive(half):
             os.kill(half, signal.SIGKILL)
+
+
+STUCK_HALF = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    from broker import lifecycle
+
+    lifecycle.end_with_supervisor()
+    lifecycle.STOP_GRACE_S = 1.0  # the default is 10 s; the test need not wait that long
+
+
+    async def main():
+        try:
+            print("ready", flush=True)
+            await asyncio.sleep(30)
+        finally:
+            print("stopping", flush=True)
+            await asyncio.shield(asyncio.sleep(30))  # a cleanup that hangs
+            print("cleaned", flush=True)
+
+
+    sys.exit(lifecycle.run_until_signalled(main()))
+    """
+)
+
+
+def test_a_half_whose_supervisor_died_ends_itself_when_its_cleanup_hangs(tmp_path: Path) -> None:
+    """Nobody is left to SIGKILL it: it bounds its own stop instead of lingering headless."""
+    out = tmp_path / "half.out"
+    script = SUPERVISOR.replace(repr(HALF), repr(STUCK_HALF))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", script, str(out), "supervised"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert supervisor.stdout is not None
+    half = int(supervisor.stdout.readline())
+    try:
+        deadline = time.monotonic() + 20
+        while "ready" not in out.read_text().splitlines():
+            assert time.monotonic() < deadline, "the half did not start"
+            time.sleep(0.02)
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        deadline = time.monotonic() + 15  # 1 s of grace, much slack; the cleanup hangs 30 s
+        while alive(half) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(half)
+        assert out.read_text().splitlines() == ["ready", "stopping"]
+    finally:
+        supervisor.stdout.close()
+        if alive(half):
+            os.kill(half, signal.SIGKILL)

@@ -29,7 +29,7 @@ from broker.metrics import PLANT_FILE
 from broker.plant.connectors.modbus import READ_FUNCTIONS
 from broker.policy import ModbusSource
 from broker.sim.refrigeration import RefrigerationPlant
-from broker.supervisor import Backoff
+from broker.supervisor import RestartDelay
 from tests.harness import (
     BrokerProcess,
     Deployment,
@@ -536,7 +536,7 @@ def plant_scans(spool: Path) -> tuple[float, float, float] | None:
 
 
 def test_restart_delays_double_with_jitter_up_to_the_cap_and_start_over_after_a_good_run() -> None:
-    backoff = Backoff(
+    backoff = RestartDelay(
         SupervisorConfig(restart_initial_s=0.5, restart_max_s=30.0, restart_reset_s=60.0)
     )
     delays = [backoff.after_exit(ran_s=1.0) for _ in range(12)]
