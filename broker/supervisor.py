@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import structlog
 
 from broker.audit.log import AuditLog, AuditMonitor
+from broker.backoff import Backoff
 from broker.config import BrokerConfig, SupervisorConfig
 from broker.folder_lock import check_free
 from broker.lifecycle import STOP_GRACE_S, SUPERVISOR_PID
@@ -56,21 +56,16 @@ def refuse_if_running(config: BrokerConfig) -> None:
         check_free(folder)
 
 
-class RestartDelay:
+def restart_delays(settings: SupervisorConfig) -> Backoff:
     """Delays before restarting one half: exponential, capped, with jitter (half to all of
-    the step, so halves that die together do not come back in lockstep)."""
-
-    def __init__(self, settings: SupervisorConfig) -> None:
-        self._settings = settings
-        self._failures = 0  # exits in a row without a healthy run between them
-
-    def after_exit(self, ran_s: float) -> float:
-        if ran_s >= self._settings.restart_reset_s:
-            self._failures = 0  # it ran fine for a while: this exit is a fresh incident
-        step = self._settings.restart_initial_s * 2.0 ** min(self._failures, 32)
-        self._failures += 1
-        ceiling = min(self._settings.restart_max_s, step)
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
+    the step, so halves that die together do not come back in lockstep); a half that ran
+    `restart_reset_s` before it exited starts them afresh."""
+    return Backoff(
+        settings.restart_initial_s,
+        settings.restart_max_s,
+        fresh_after_s=settings.restart_reset_s,
+        jitter=(0.5, 1.0),
+    )
 
 
 class Supervisor:
@@ -98,14 +93,14 @@ class Supervisor:
                 tasks.create_task(self._keep_running(half), name=half)
 
     async def _keep_running(self, half: str) -> None:
-        backoff = RestartDelay(self._settings)
+        backoff = restart_delays(self._settings)
         starts = 0
         delay = 0.0
         while True:
             try:
                 process = await self._start(half)
             except OSError as e:  # fork or exec refused (out of memory or processes): retry
-                delay = backoff.after_exit(0.0)
+                delay = backoff.after(0.0)
                 log.error("half_start_failed", half=half, error=str(e), retry_in_s=round(delay, 3))
                 await asyncio.sleep(delay)
                 continue
@@ -127,7 +122,7 @@ class Supervisor:
                 await self._stop(half, process)
                 raise
             ran_s = time.monotonic() - started
-            delay = backoff.after_exit(ran_s)
+            delay = backoff.after(ran_s)
             log.error(
                 "half_exited",
                 half=half,

@@ -29,7 +29,7 @@ from broker.metrics import PLANT_FILE
 from broker.plant.connectors.modbus import READ_FUNCTIONS
 from broker.policy import ModbusSource
 from broker.sim.refrigeration import RefrigerationPlant
-from broker.supervisor import RestartDelay
+from broker.supervisor import restart_delays
 from tests.harness import (
     BrokerProcess,
     Deployment,
@@ -536,18 +536,18 @@ def plant_scans(spool: Path) -> tuple[float, float, float] | None:
 
 
 def test_restart_delays_double_with_jitter_up_to_the_cap_and_start_over_after_a_good_run() -> None:
-    backoff = RestartDelay(
+    backoff = restart_delays(
         SupervisorConfig(restart_initial_s=0.5, restart_max_s=30.0, restart_reset_s=60.0)
     )
-    delays = [backoff.after_exit(ran_s=1.0) for _ in range(12)]
+    delays = [backoff.after(ran_s=1.0) for _ in range(12)]
     ceilings = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30]
     for delay, ceiling in zip(delays, ceilings, strict=True):
         assert ceiling / 2 <= delay <= ceiling
     assert len(set(delays)) == len(delays)  # jittered
-    assert backoff.after_exit(ran_s=60.0) <= 0.5  # it ran fine for a while: a fresh start
-    assert 0.5 <= backoff.after_exit(ran_s=0.1) <= 1.0
+    assert backoff.after(ran_s=60.0) <= 0.5  # it ran fine for a while: a fresh start
+    assert 0.5 <= backoff.after(ran_s=0.1) <= 1.0
     for _ in range(2000):  # an hour-long outage never overflows the doubling
-        assert backoff.after_exit(ran_s=0.0) <= 30.0
+        assert backoff.after(ran_s=0.0) <= 30.0
 
 
 def test_restart_settings_are_checked() -> None:

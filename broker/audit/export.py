@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import ssl
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import msgspec
 import structlog
 
 from broker.audit.segments import SUFFIX, segment_numbers
+from broker.backoff import Backoff
 from broker.errors import ChannelError
 
 SD_ID = "dmzbroker@32473"  # 32473: the enterprise number RFC 5612 reserves for examples
@@ -99,10 +99,12 @@ class SiemExporter:
         once (its first failure, then the first connection in it); the rest are counted."""
         where = f"{self._address[0]}:{self._address[1]}"
         loop = asyncio.get_running_loop()
-        delay = BACKOFF_FIRST_S
+        # Jitter keeps many appliances from reconnecting in step after the collector restarts.
+        backoff = Backoff(BACKOFF_FIRST_S, BACKOFF_MAX_S, fresh_after_s=STABLE_S, jitter=(0.5, 1))
         failures = 0  # in this episode: connections refused, or lost before STABLE_S
         announced = False  # siem_connected logged in this episode
         while True:
+            ran_s = 0.0  # how long the connection stayed up
             try:
                 reader, writer = await asyncio.open_connection(
                     *self._address, ssl=self._context, server_hostname=self._server_name
@@ -117,17 +119,16 @@ class SiemExporter:
                     announced = True
                 started = loop.time()
                 error = await self._send(reader, writer)
-                if loop.time() - started >= STABLE_S:
-                    failures, delay = 0, BACKOFF_FIRST_S  # it worked: a new episode begins
+                ran_s = loop.time() - started
+                if ran_s >= STABLE_S:
+                    failures = 0  # it worked: a new episode begins
                 if not failures:
                     log.warning("siem_connection_lost", address=where, error=error)
                     announced = False
                 failures += 1
             # A collector that accepts and drops at once must not be hammered (nor our audit
-            # log filled with the attempts); jitter keeps many appliances from reconnecting
-            # in step after the collector's restart.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - not secrecy
-            delay = min(BACKOFF_MAX_S, delay * 2)
+            # log filled with the attempts).
+            await asyncio.sleep(backoff.after(ran_s))
 
     async def _send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """Send until the connection ends; why it ended."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Protocol
@@ -50,24 +49,6 @@ class Connector(Protocol):
     async def run(self, emit: Emit) -> None:
         """Scan until cancelled, passing each scan's samples to `emit`; never returns."""
         ...
-
-
-class Backoff:
-    """Exponential backoff with jitter for reconnects: the engine, not the device, waits."""
-
-    def __init__(self, initial_s: float, max_s: float = 30.0) -> None:
-        self._initial = initial_s
-        self._max = max_s
-        self._next = initial_s
-
-    def delay(self) -> float:
-        """The next wait in seconds; each call doubles the following one up to the cap."""
-        current = self._next
-        self._next = min(self._max, self._next * 2)
-        return current * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not secrecy
-
-    def reset(self) -> None:
-        self._next = self._initial
 
 
 def raise_if_cancelled() -> None:

@@ -41,8 +41,9 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
+from broker.backoff import Backoff
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
 from broker.plant.connectors.modbus_frames import (
     ResponseDecoder,
     exception_name,
@@ -149,7 +150,7 @@ class ModbusConnector:
 
     async def run(self, emit: Emit) -> None:
         self._warn_if_over_budget()
-        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S)
+        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
         while True:
             self._good_since = None
             try:
@@ -158,9 +159,7 @@ class ModbusConnector:
             except DeviceError as e:
                 self.errors += 1
                 good = self._good_since
-                if good is not None and time.monotonic() - good >= STABLE_S:
-                    breaker.reset()  # scanned well for a while: a new failure, not the same one
-                retry_in_s = breaker.delay()
+                retry_in_s = breaker.after(0.0 if good is None else time.monotonic() - good)
                 down = self._answering is False
                 event = "device_reconnect_failed" if down else "device_session_down"
                 self._answering = False

@@ -43,8 +43,9 @@ from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaError
 
+from broker.backoff import Backoff
 from broker.errors import ConfigError, DeviceError, TrustError
-from broker.plant.connectors.base import Backoff, Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
 from broker.plant.connectors.opcua_session import (
     CertificateRefused,
     SessionSettings,

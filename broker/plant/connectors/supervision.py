@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from broker.plant.connectors.base import Backoff, Connector, Emit, RawSample
+from broker.backoff import Backoff
+from broker.plant.connectors.base import Connector, Emit, RawSample
 
 FIRST_RETRY_S = 1.0  # the backoff doubles from here, up to MAX_RETRY_S
 MAX_RETRY_S = 30.0
@@ -59,7 +60,7 @@ class SupervisedDevice:
     async def run(self, emit: Emit, first_retry_s: float = FIRST_RETRY_S) -> None:
         """Build the connector and run it until cancelled, whatever either raises."""
         log = structlog.get_logger("connector").bind(device=self.device)
-        backoff = Backoff(first_retry_s, MAX_RETRY_S)
+        backoff = Backoff(first_retry_s, MAX_RETRY_S, fresh_after_s=STABLE_S)
         loop = asyncio.get_running_loop()
         failing = False  # since the last failure, no value other than `bad` was emitted
 
@@ -92,9 +93,7 @@ class SupervisedDevice:
                 self.failed_builds += 1
             else:
                 self.connector.errors += 1
-            if loop.time() - started >= STABLE_S:
-                backoff.reset()  # it ran well for a while: this is a new failure, not the same one
-            retry_in_s = backoff.delay()
+            retry_in_s = backoff.after(loop.time() - started)
             if not failing:
                 failing = True
                 log.warning(

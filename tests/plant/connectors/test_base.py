@@ -11,16 +11,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from broker.plant.connectors.base import Backoff, ScanGrid, raise_if_cancelled
-
-
-def test_backoff_doubles_up_to_the_cap_with_jitter_and_resets() -> None:
-    backoff = Backoff(initial_s=0.5, max_s=4.0)
-    delays = [backoff.delay() for _ in range(6)]
-    for delay, nominal in zip(delays, [0.5, 1, 2, 4, 4, 4], strict=True):
-        assert 0.8 * nominal <= delay <= 1.2 * nominal
-    backoff.reset()
-    assert backoff.delay() <= 0.6
+from broker.plant.connectors.base import ScanGrid, raise_if_cancelled
 
 
 async def test_a_cancel_swallowed_by_wait_for_is_raised_again() -> None:
