@@ -4,6 +4,7 @@ unwrap; end_with_supervisor: a half ends when the supervisor that started it die
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -258,13 +259,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
-def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode: str) -> None:
-    out = tmp_path / "half.out"
+@contextlib.contextmanager
+def supervisor_killed(script: str, out: Path, mode: str, cwd: Path) -> Iterator[int]:
+    """Start `script` as the supervisor of a half, wait for the half to say "ready", kill
+    the supervisor; yields the half's pid, and kills the half afterwards if it is alive."""
     supervisor = subprocess.Popen(
-        [sys.executable, "-c", SUPERVISOR, str(out), mode],
-        stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        [sys.executable, "-c", script, str(out), mode], stdout=subprocess.PIPE, text=True, cwd=cwd
+    )
     assert supervisor.stdout is not None
     half = int(supervisor.stdout.readline())
     try:
@@ -274,6 +275,17 @@ def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode:
             time.sleep(0.02)
         supervisor.kill()
         supervisor.wait(timeout=10)
+        yield half
+    finally:
+        supervisor.stdout.close()
+        if alive(half):
+            os.kill(half, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["supervised", "unsupervised"])
+def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode: str) -> None:
+    out = tmp_path / "half.out"
+    with supervisor_killed(SUPERVISOR, out, mode, cwd=tmp_path) as half:
         # Up to 10 s for the supervised half to stop; 2 s of watching the unsupervised one.
         deadline = time.monotonic() + (10 if mode == "supervised" else 2)
         while alive(half) and time.monotonic() < deadline:
@@ -283,10 +295,6 @@ def test_a_half_ends_cleanly_when_its_supervisor_is_killed(tmp_path: Path, mode:
             assert out.read_text().splitlines() == ["ready", "cleaned"]
         else:  # what `run` did before: the half lives on, headless
             assert alive(half)
-    finally:
-        supervisor.stdout.close()
-        if alive(half):
-            os.kill(half, signal.SIGKILL)
 
 
 STUCK_HALF = textwrap.dedent(
@@ -319,25 +327,9 @@ def test_a_half_whose_supervisor_died_ends_itself_when_its_cleanup_hangs(tmp_pat
     """Nobody is left to SIGKILL it: it bounds its own stop instead of lingering headless."""
     out = tmp_path / "half.out"
     script = SUPERVISOR.replace(repr(HALF), repr(STUCK_HALF))
-    supervisor = subprocess.Popen(
-        [sys.executable, "-c", script, str(out), "supervised"],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert supervisor.stdout is not None
-    half = int(supervisor.stdout.readline())
-    try:
-        deadline = time.monotonic() + 20
-        while "ready" not in out.read_text().splitlines():
-            assert time.monotonic() < deadline, "the half did not start"
-            time.sleep(0.02)
-        supervisor.kill()
-        supervisor.wait(timeout=10)
+    with supervisor_killed(script, out, "supervised", cwd=REPO) as half:
         deadline = time.monotonic() + 15  # 1 s of grace, much slack; the cleanup hangs 30 s
         while alive(half) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not alive(half)
         assert out.read_text().splitlines() == ["ready", "stopping"]
-    finally:
-        supervisor.stdout.close()
-        if alive(half):
-            os.kill(half, signal.SIGKILL)

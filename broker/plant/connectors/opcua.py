@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -140,16 +140,8 @@ class OpcUaConnector:
     async def _learn_types(self, client: Client) -> None:
         """Each node's DataType, as the server models it now (one Read per 1,000 nodes)."""
         types: list[frozenset[ua.VariantType] | None] = []
-        for first in range(0, len(self._nodes), ITEMS_PER_CALL):
-            handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
-            request = ua.ReadParameters(
-                TimestampsToReturn=ua.TimestampsToReturn.Neither,
-                NodesToRead=[
-                    ua.ReadValueId(NodeId=self._nodes[h], AttributeId=AttributeIds.DataType)
-                    for h in handles
-                ],
-            )
-            answers = _all_of(await self._call(client.uaclient.read(request)), len(handles))
+        for handles in self._batches():
+            answers = await self._read(client, handles, AttributeIds.DataType)
             types += [variant_types(answer) for answer in answers]
         self._types = types
 
@@ -202,8 +194,7 @@ class OpcUaConnector:
         subscription = await self._call(client.uaclient.create_subscription(params, published))
         silent_s = self._silence_limit(subscription)
         refused: list[RawSample] = []
-        for first in range(0, len(self._nodes), ITEMS_PER_CALL):
-            handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
+        for handles in self._batches():
             request = ua.CreateMonitoredItemsParameters(
                 SubscriptionId=subscription.SubscriptionId,
                 TimestampsToReturn=ua.TimestampsToReturn.Both,
@@ -297,16 +288,8 @@ class OpcUaConnector:
         while True:
             started = time.monotonic()
             samples: list[RawSample] = []
-            for first in range(0, len(self._nodes), ITEMS_PER_CALL):
-                handles = range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
-                request = ua.ReadParameters(
-                    TimestampsToReturn=ua.TimestampsToReturn.Both,
-                    NodesToRead=[
-                        ua.ReadValueId(NodeId=self._nodes[h], AttributeId=AttributeIds.Value)
-                        for h in handles
-                    ],
-                )
-                values = _all_of(await self._call(client.uaclient.read(request)), len(handles))
+            for handles in self._batches():
+                values = await self._read(client, handles, AttributeIds.Value)
                 received = datetime.now(UTC)
                 samples += [
                     self._sample(h, v, received) for h, v in zip(handles, values, strict=True)
@@ -318,6 +301,24 @@ class OpcUaConnector:
             next_read, missed = self._grid.next_slot(next_read, loop.time(), self.last_scan_s)
             self.overruns += missed
             await asyncio.sleep(next_read - loop.time())
+
+    def _batches(self) -> Iterator[range]:
+        """The items' handles, ITEMS_PER_CALL at a time: one service call each."""
+        for first in range(0, len(self._nodes), ITEMS_PER_CALL):
+            yield range(first, min(first + ITEMS_PER_CALL, len(self._nodes)))
+
+    async def _read(
+        self, client: Client, handles: range, attribute: AttributeIds
+    ) -> list[ua.DataValue]:
+        """One Read of `attribute` of these items' nodes, an answer for each (with both
+        timestamps: a DataType has none, a value may have either)."""
+        request = ua.ReadParameters(
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[
+                ua.ReadValueId(NodeId=self._nodes[h], AttributeId=attribute) for h in handles
+            ],
+        )
+        return _all_of(await self._call(client.uaclient.read(request)), len(handles))
 
     def _sample(self, handle: int, value: ua.DataValue, received: datetime) -> RawSample:
         status = value.StatusCode
