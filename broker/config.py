@@ -136,11 +136,13 @@ class SiemConfig(_Section, frozen=True, kw_only=True):
 
 
 class AuditConfig(_Section, frozen=True):
-    dir: Path  # one folder per writer (plant, enterprise, cli), each owned by its writer
+    dir: Path  # one folder per writer (plant, enterprise, supervisor, validate, cli), each
+    # locked by its writer
     key: Path  # the appliance's audit key (`dmzbroker audit keygen`): signs checkpoints
     checkpoint_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000  # entries
     checkpoint_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0  # seconds
-    capacity_mib: MiB = 1024  # per writer; warning at 80 %, oldest segments deleted past 90 %
+    capacity_mib: MiB = 1024  # per writer; past 80 %: a warning, throttled events only counted;
+    # past 90 %: oldest segments deleted down to 70 % (ADR 0015)
     retention_days: Annotated[int, Meta(ge=1, le=36_500)] = 365  # older segments are deleted
     siem: SiemConfig | None = None  # export to a syslog collector, from the enterprise half
 

@@ -1,8 +1,10 @@
 """Which log events are audit events, with their category and outcome (docs/audit.md).
 
-Every event named here is written to the audit log as well as to the process log, by the
-forwarder in `broker.logs`; call sites just log the event. The standards each serves are
-listed in docs/audit.md.
+Every event named here is written to the audit log as well as to the process log, by
+`broker.audit.forward.AuditForwarder` (installed in `broker.logs`), except that repeats of
+an event in `AGGREGATED` or `DEVICE_AGGREGATED` beyond their budget are only counted in
+`events_suppressed` (broker.audit.throttle); call sites just log the event. The standards
+each serves are listed in docs/audit.md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "spool_torn_tail_skipped": ("channel", "unknown"),
     "spool_segment_expired": ("channel", "success"),
     "half_exited": ("process", "failure"),
+    "half_start_failed": ("process", "failure"),
     "half_restarted": ("process", "success"),
     "audit_write_failed": ("audit", "failure"),
     "audit_write_recovered": ("audit", "success"),

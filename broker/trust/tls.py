@@ -144,7 +144,11 @@ class EndpointReloader:
             self._seen = before  # so the next check tries again
             if not self._deferred:
                 self._deferred = True
-                log.warning("tls_reload_deferred", error=str(e), kept="the material in use")
+                log.warning(
+                    "tls_reload_deferred",
+                    error=str(e),
+                    kept="what was loaded before the error; the rest is tried at the next check",
+                )
             return None
         self._deferred = False
         log.info("tls_material_reloaded", cert=str(config.cert))

@@ -38,7 +38,8 @@ class Connector(Protocol):
     and reads, and the duration of the last scan.
 
     It may raise anything from `run`: the plant half runs each connector under
-    `supervision.supervise`, which keeps the failure to its device (docs/specs/component.md).
+    `supervision.SupervisedDevice`, which keeps the failure to its device
+    (docs/specs/component.md).
     """
 
     scans: int
