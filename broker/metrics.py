@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -200,28 +200,32 @@ class _Connections(Collector):
         yield GaugeMetricFamily(
             "dmzbroker_connections_open", "Consumer connections open", value=counts.open
         )
-        limited = CounterMetricFamily(
+        yield _by_label(
             "dmzbroker_connections_limited",
             "Consumer connections refused or closed by a limit",
-            labels=["reason"],
-        )
-        for reason in sorted({*_LIMITS, *counts.limited}):
-            limited.add_metric([reason], counts.limited.get(reason, 0))
-        errors = CounterMetricFamily(
+            "reason", _LIMITS, counts.limited,
+        )  # fmt: skip
+        yield _by_label(
             "dmzbroker_accept_errors",
             "Failed accepts on the consumer port (EMFILE, ENFILE...), retried",
-            labels=["error"],
-        )
-        for error in sorted({*_OUT_OF_FILES, *counts.accept_errors}):
-            errors.add_metric([error], counts.accept_errors.get(error, 0))
-        answered = CounterMetricFamily(
+            "error", _OUT_OF_FILES, counts.accept_errors,
+        )  # fmt: skip
+        yield _by_label(
             "dmzbroker_http_errors",
             "Requests the HTTP layer answered with an error itself (400: malformed)",
-            labels=["status"],
-        )
-        for status in sorted({*_HTTP_ERRORS, *counts.http_errors}):
-            answered.add_metric([status], counts.http_errors.get(status, 0))
-        yield from (limited, errors, answered)
+            "status", _HTTP_ERRORS, counts.http_errors,
+        )  # fmt: skip
+
+
+def _by_label(
+    name: str, help_text: str, label: str, known: Iterable[str], counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    """A counter per label value: the `known` ones shown at 0 from the start (so a dashboard
+    or an alert has a series before the first hit), and any other value that was counted."""
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for value in sorted({*known, *counts}):
+        family.add_metric([value], counts.get(value, 0))
+    return family
 
 
 class _AuditSuppressed(Collector):
