@@ -7,7 +7,7 @@ beyond its budget, or above the defaults, is a WARNING here (`budget.py`), never
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 
 from broker.policy import budget
@@ -175,25 +175,16 @@ def diff(old: Policy, new: Policy) -> str:
     new_signals = {s.path: _signal(s) for s in new.signals}
     old_views, new_views = Access(old).views(), Access(new).views()
 
-    widened = _only_in(new_devices, old_devices, "+ device")
-    widened += _only_in(new_signals, old_signals, "+ signal")
-    for identity in sorted(new_views):
-        gained = new_views[identity] - old_views.get(identity, frozenset())
-        widened += [f"  {identity} may now see {path}" for path in sorted(gained)]
+    widened = [f"  {line}" for line in _widened(old, new, old_views, new_views)]
     old_trial = {s.path for s in old.signals if s.lifecycle == "proposed"}
     new_trial = {s.path for s in new.signals if s.lifecycle == "proposed"}
-    widened += [
-        f"  signal {p} approved: now published"
-        for p in sorted(old_trial - new_trial)
-        if p in new_signals
-    ]
     removed = [
         f"  signal {p} back to proposed: no longer published"
         for p in sorted(new_trial - old_trial)
         if p in old_signals
     ]
-    removed += _only_in(old_devices, new_devices, "- device")
-    removed += _only_in(old_signals, new_signals, "- signal")
+    removed += [f"  - device {text}" for text in _only_in(old_devices, new_devices)]
+    removed += [f"  - signal {text}" for text in _only_in(old_signals, new_signals)]
     for identity in sorted(old_views):
         lost = old_views[identity] - new_views.get(identity, frozenset())
         removed += [f"  {identity} may no longer see {path}" for path in sorted(lost)]
@@ -220,5 +211,42 @@ def diff(old: Policy, new: Policy) -> str:
     return "\n".join(lines)
 
 
-def _only_in(first: dict[str, str], second: dict[str, str], label: str) -> list[str]:
-    return [f"  {label} {text}" for name, text in first.items() if name not in second]
+WIDENING_LIMIT = 20  # lines kept in a `policy_accepted` entry; `policy diff` shows them all
+
+
+def widening(old: Policy, new: Policy) -> list[str]:
+    """What `new` newly lets cross or lets someone see, as `policy diff` says it, in at most
+    WIDENING_LIMIT lines (the last one says how many more), for the `policy_accepted` entry."""
+    found = _widened(old, new, Access(old).views(), Access(new).views())
+    if len(found) <= WIDENING_LIMIT:
+        return found
+    more = len(found) - WIDENING_LIMIT + 1
+    return [*found[: WIDENING_LIMIT - 1], f"… and {more} more (`dmzbroker policy diff` lists all)"]
+
+
+def _widened(
+    old: Policy,
+    new: Policy,
+    old_views: Mapping[str, frozenset[str]],
+    new_views: Mapping[str, frozenset[str]],
+) -> list[str]:
+    """Devices and signals added, visibility gained per consumer, signals approved."""
+    new_signals = {s.path: _signal(s) for s in new.signals}
+    found = _only_in({d.name: _device(d) for d in new.devices}, {d.name for d in old.devices})
+    found = [f"+ device {text}" for text in found]
+    found += [f"+ signal {text}" for text in _only_in(new_signals, {s.path for s in old.signals})]
+    for identity in sorted(new_views):
+        gained = new_views[identity] - old_views.get(identity, frozenset())
+        found += [f"{identity} may now see {path}" for path in sorted(gained)]
+    old_trial = {s.path for s in old.signals if s.lifecycle == "proposed"}
+    new_trial = {s.path for s in new.signals if s.lifecycle == "proposed"}
+    found += [
+        f"signal {p} approved: now published"
+        for p in sorted(old_trial - new_trial)
+        if p in new_signals
+    ]
+    return found
+
+
+def _only_in(first: dict[str, str], second: Collection[str]) -> list[str]:
+    return [text for name, text in first.items() if name not in second]
