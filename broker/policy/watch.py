@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from broker.errors import ConfigError
-from broker.policy import trustroot
+from broker.policy import report, trustroot
 from broker.policy.activation import TrustedPolicy, load_trusted, log_acceptance, log_refusal
 
 CHECK_INTERVAL_S = 1.0  # how often the file is looked at; SIGHUP acts at once
@@ -109,7 +109,9 @@ class PolicyWatcher:
         self._unread = False
         if not trusted.new:
             return None
-        log_acceptance(trusted, previous_version=self._current.policy.version)
+        previous = self._current.policy
+        widened = report.widening(previous, trusted.policy)
+        log_acceptance(trusted, previous_version=previous.version, widened=widened)
         return trusted
 
     def _warn_if_expiring(self) -> None:
