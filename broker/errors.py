@@ -2,7 +2,9 @@
 
     DmzBrokerError           one line for the user, never a traceback
     ├── ConfigError          a config or policy file is wrong: names the file and the key path
-    │   └── PolicyRefused    a policy is not signed, not trusted, expired, or rolled back
+    │   ├── PolicyRefused    a policy is not signed, not trusted, expired, or rolled back
+    │   └── TrustRootRefused a trust root is not signed by its owners, or may not replace
+    │                        the one in force (rollback, swapped, not signed by the current)
     ├── TrustError           certificates, keys or TLS material are missing or unusable
     ├── ChannelError         the one-way spool cannot be written or read
     └── DeviceError          a plant device failed to answer or answered with an error
@@ -28,6 +30,14 @@ class ConfigError(DmzBrokerError):
 
 class PolicyRefused(ConfigError):
     """A policy that must not take effect; `reason` is a short code for audit and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TrustRootRefused(ConfigError):
+    """A trust root that must not take effect; `reason` is a short code for audit and metrics."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from broker.policy import trustroot
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     CONSUMER_URI,
@@ -70,12 +69,13 @@ def owners(tmp_path_factory: pytest.TempPathFactory) -> Owners:
     dmzbroker("audit", "keygen", "--out", str(root))
     trust_root = root / "trust-root.yaml"
     listed = [("Olga OT", "ot"), ("Ivan IT", "it"), ("Otto OT", "ot")]
-    trust_root.write_text(
-        trustroot.render(
-            "coldstore-demo",
-            [(name, role, made[name].with_suffix(".pub")) for name, role in listed],
-        )
-    )
+    owner_args = [
+        f"--owner={role}:{name}:{made[name].with_suffix('.pub')}" for name, role in listed
+    ]
+    dmzbroker("trust", "init", "--deployment-id", "coldstore-demo", *owner_args,
+              "--out", str(trust_root))  # fmt: skip
+    for name in ("Olga OT", "Ivan IT"):
+        dmzbroker("trust", "sign", str(trust_root), "--key", str(made[name].with_suffix(".key")))
     return Owners(
         ot_key=made["Olga OT"].with_suffix(".key"),
         it_key=made["Ivan IT"].with_suffix(".key"),

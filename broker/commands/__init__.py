@@ -1,5 +1,16 @@
 """Command groups of the CLI; a new group is one module here and one line in this list."""
 
-from broker.commands import audit, certs, discover, island, keys, plan, policy, processes, validate
+from broker.commands import (
+    audit,
+    certs,
+    discover,
+    island,
+    keys,
+    plan,
+    policy,
+    processes,
+    trust,
+    validate,
+)
 
-COMMAND_GROUPS = [processes, certs, keys, policy, island, audit, plan, discover, validate]
+COMMAND_GROUPS = [processes, certs, keys, trust, policy, island, audit, plan, discover, validate]

@@ -28,12 +28,17 @@ def add_to(commands: Any) -> None:
 def _generate(args: argparse.Namespace) -> int:
     passphrase = read_passphrase(args.passphrase_file, ask=args.encrypt, confirm=True)
     generated = keys.generate(args.out, args.name, args.role, passphrase)
+    owner = f"{args.role}:{args.name}:{generated.public}"
     print(
         f"private key: {generated.private} (keep it offline; mode 0600)\n"
         f"public key:  {generated.public}\n"
         f"key id:      {generated.keyid}\n"
-        "Add the public key to the appliance's trust root with role "
-        f"'{args.role}' and name {args.name!r}."
+        "Then list it in the appliance's trust root:\n"
+        f"  a first root:  dmzbroker trust init --deployment-id ID "
+        f"--owner '{owner}' --owner … --out trust-root.yaml\n"
+        f"  an existing root:  dmzbroker trust rotate trust-root.yaml "
+        f"--add-owner '{owner}' --out trust-root-next.yaml\n"
+        "and have the owners sign it with `dmzbroker trust sign`."
     )
     return 0
 

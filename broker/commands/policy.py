@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from broker.commands.keys import read_passphrase
 from broker.errors import TrustError
 from broker.policy import envelope as envelopes
 from broker.policy import parse, report, trustroot, verify
+from broker.policy.envelope import Envelope
 from broker.policy.schema import Policy
 from broker.trust import keys
 
@@ -82,13 +84,30 @@ def _sign(args: argparse.Namespace) -> int:
             f"{args.envelope}: payloadType {envelope.payloadType!r} is not a dmzbroker policy; "
             "not signing"
         )
-    key = _private_key(args.key, args.passphrase_file)
-    envelopes.write(envelopes.sign(envelope, key), args.envelope)
-    print(f"{args.envelope}: signed by key {keys.key_id(key.public_key())}")
+    add_signature(args.envelope, envelope, args.key, args.passphrase_file)
     return 0
 
 
+def add_signature(
+    path: Path, envelope: Envelope, key_file: Path, passphrase_file: Path | None
+) -> Ed25519PrivateKey:
+    """Sign `envelope` with the owner's key and write it to `path` (policies and trust roots)."""
+    key = _private_key(key_file, passphrase_file)
+    keyid = keys.key_id(key.public_key())
+    replaced = any(s.keyid == keyid for s in envelope.signatures)
+    envelopes.write(envelopes.sign(envelope, key), path)
+    again = " (replacing its earlier signature by this key)" if replaced else ""
+    print(f"{path}: signed by key {keyid}{again}")
+    return key
+
+
 def _private_key(path: Path, passphrase_file: Path | None) -> Ed25519PrivateKey:
+    with contextlib.suppress(OSError):  # a missing file is reported by load_private
+        if path.read_bytes().lstrip().startswith(b"-----BEGIN PUBLIC KEY"):
+            raise TrustError(
+                f"{path}: a public key; --key takes the owner's private key (the .key file), "
+                "which signs"
+            )
     try:
         return keys.load_private(path, read_passphrase(passphrase_file, ask=False))
     except TrustError as e:
@@ -103,15 +122,7 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify.check(envelope, trust)
     if not result.payload_type_ok:
         print(f"payloadType is not {envelopes.PAYLOAD_TYPE!r}")
-    for key in result.signers:
-        print(f"signed by {key.name} ({key.role.upper()} owner, key {key.keyid})")
-    for key in result.invalid:
-        print(f"BAD signature claiming {key.name} ({key.role.upper()}): does not match the payload")
-    for keyid in result.unknown_keyids:
-        print(f"signature by key {keyid}: not in the trust root, not counted")
-    for role, threshold in trust.thresholds.items():
-        have = threshold - result.missing[role]
-        print(f"{role.upper()}: {have} of {threshold} required signature(s)")
+    print_signatures(result, trust)
     if not result.ok:
         print(f"NOT VERIFIED: {verify.describe_shortfall(result)}")
         return 1
@@ -124,3 +135,18 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     print(f"VERIFIED: version {policy.version}, expires {policy.expires.isoformat()}")
     return 0
+
+
+def print_signatures(
+    result: verify.Verification, trust: verify.Keyring, listed_in: str = "the trust root"
+) -> None:
+    """Who signed, which signatures do not count, and each role's count against its threshold."""
+    for key in result.signers:
+        print(f"signed by {key.name} ({key.role.upper()} owner, key {key.keyid})")
+    for key in result.invalid:
+        print(f"BAD signature claiming {key.name} ({key.role.upper()}): does not match the payload")
+    for keyid in result.unknown_keyids:
+        print(f"signature by key {keyid}: not in {listed_in}, not counted")
+    for role, threshold in trust.thresholds.items():
+        have = threshold - result.missing[role]
+        print(f"{role.upper()}: {have} of {threshold} required signature(s)")

@@ -1,5 +1,7 @@
 """The signed policy file: a DSSE envelope around the policy as RFC 8785 canonical JSON.
 
+The trust root uses the same envelope with its own payload type (broker/policy/trustroot.py).
+
 Signatures are Ed25519 over DSSE's pre-authentication encoding (PAE) of the payload type and
 the exact payload bytes. Nothing in the payload is parsed here: this module moves bytes.
 """
@@ -60,6 +62,11 @@ def sign(envelope: Envelope, key: Ed25519PrivateKey) -> Envelope:
 
 
 def read(path: Path) -> Envelope:
+    return decode(read_bytes(path), str(path))
+
+
+def read_bytes(path: Path) -> bytes:
+    """An envelope file's bytes, refused when missing, unreadable or over the size limit."""
     try:
         data = path.read_bytes()
     except FileNotFoundError as e:
@@ -68,17 +75,30 @@ def read(path: Path) -> Envelope:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
     if len(data) > MAX_ENVELOPE_BYTES:
         raise ConfigError(f"{path}: {len(data)} bytes, over the {MAX_ENVELOPE_BYTES} limit")
+    return data
+
+
+def decode(
+    data: bytes,
+    source: str,
+    what: str = "a policy envelope",
+    remedy: str = "compile one with `dmzbroker policy compile`",
+) -> Envelope:
+    """The envelope in `data` (signatures not checked); `what` and `remedy` word the refusal."""
     try:
         envelope = msgspec.json.decode(data, type=Envelope)
         envelope.untrusted_payload  # noqa: B018 - refuse bad base64 here, with the file's name
         for signature in envelope.signatures:
             base64.b64decode(signature.sig, validate=True)
     except (msgspec.DecodeError, binascii.Error) as e:
-        raise ConfigError(
-            f"{path}: not a policy envelope ({e}); compile one with `dmzbroker policy compile`"
-        ) from e
+        raise ConfigError(f"{source}: not {what} ({e}); {remedy}") from e
     return envelope
 
 
+def encode(envelope: Envelope) -> bytes:
+    """The file form of an envelope: indented JSON, so that a reviewer can read it."""
+    return msgspec.json.format(msgspec.json.encode(envelope)) + b"\n"
+
+
 def write(envelope: Envelope, path: Path) -> None:
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(envelope)) + b"\n")
+    path.write_bytes(encode(envelope))

@@ -1,20 +1,43 @@
-"""Signature checks of a policy envelope against the trust root.
+"""Signature checks of a DSSE envelope against owner keys and per-role thresholds.
 
+The policy is checked against the trust root; the trust root against its own keys and, when
+it replaces another, against the keys of the root in force: one threshold check for both.
 Two forms, as in python-tuf: `check()` reports (who signed, which role, what is missing) and
-never raises, for `dmzbroker policy verify`; `verified_payload()` enforces and returns the
-payload bytes only when every role's threshold is met by distinct keys. Nothing is parsed
-before that.
+never raises, for `dmzbroker policy verify` and `dmzbroker trust verify`; `verified_payload()`
+enforces and returns the payload bytes only when every role's threshold is met by distinct
+keys. Nothing is parsed before that, and a signature never counts for a key that is not listed.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from broker.errors import PolicyRefused
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.errors import ConfigError, PolicyRefused
 from broker.policy.envelope import PAYLOAD_TYPE, Envelope, pae
-from broker.policy.trustroot import OwnerKey, TrustRoot
 from broker.trust.keys import ROLES, Role, verifies
+
+
+@dataclass(frozen=True)
+class OwnerKey:
+    keyid: str
+    name: str
+    role: Role
+    public_key: Ed25519PublicKey
+
+
+class Keyring(Protocol):
+    """Who may sign and how many of each role must: a trust root."""
+
+    @property
+    def keys(self) -> Mapping[str, OwnerKey]: ...  # by key id
+
+    @property
+    def thresholds(self) -> Mapping[Role, int]: ...
 
 
 @dataclass(frozen=True)
@@ -30,7 +53,7 @@ class Verification:
         return self.payload_type_ok and not any(self.missing.values())
 
 
-def check(envelope: Envelope, trust: TrustRoot) -> Verification:
+def check(envelope: Envelope, trust: Keyring, payload_type: str = PAYLOAD_TYPE) -> Verification:
     message = pae(envelope.payloadType, envelope.untrusted_payload)
     signers: dict[str, OwnerKey] = {}  # by key id: one key never counts twice
     unknown: list[str] = []
@@ -48,7 +71,7 @@ def check(envelope: Envelope, trust: TrustRoot) -> Verification:
         for role in ROLES
     }
     return Verification(
-        envelope.payloadType == PAYLOAD_TYPE,
+        envelope.payloadType == payload_type,
         tuple(signers.values()),
         tuple(unknown),
         tuple(invalid),
@@ -57,31 +80,37 @@ def check(envelope: Envelope, trust: TrustRoot) -> Verification:
 
 
 def verified_payload(
-    envelope: Envelope, trust: TrustRoot, source: str
+    envelope: Envelope,
+    trust: Keyring,
+    source: str,
+    *,
+    payload_type: str = PAYLOAD_TYPE,
+    what: str = "policy",
+    refused: Callable[[str, str], ConfigError] = PolicyRefused,
 ) -> tuple[bytes, Verification]:
-    """The trusted payload bytes; raises PolicyRefused naming what is missing."""
-    result = check(envelope, trust)
+    """The trusted payload bytes; raises `refused(reason, message)` naming what is missing."""
+    result = check(envelope, trust, payload_type)
     if not result.payload_type_ok:
-        raise PolicyRefused(
+        raise refused(
             "wrong_payload_type",
-            f"{source}: payloadType {envelope.payloadType!r} is not {PAYLOAD_TYPE!r}",
+            f"{source}: payloadType {envelope.payloadType!r} is not {payload_type!r}",
         )
     if not envelope.signatures:
-        raise PolicyRefused("unsigned", f"{source}: the policy is not signed")
+        raise refused("unsigned", f"{source}: the {what} is not signed")
     if not result.ok:
-        raise PolicyRefused("threshold_not_met", f"{source}: {describe_shortfall(result)}")
+        raise refused("threshold_not_met", f"{source}: {describe_shortfall(result)}")
     return envelope.untrusted_payload, result
 
 
-def describe_shortfall(result: Verification) -> str:
+def describe_shortfall(result: Verification, listed_in: str = "the trust root") -> str:
     needs = ", ".join(
         f"{n} more {role.upper()} owner signature(s)" for role, n in result.missing.items() if n
     )
-    details = [f"needs {needs}"]
+    details = [f"needs {needs}"] if needs else []
     if result.invalid:
         names = ", ".join(repr(k.name) for k in result.invalid)
         details.append(f"signatures that do not match the payload: {names}")
     if result.unknown_keyids:
         ids = ", ".join(k[:16] + "…" for k in result.unknown_keyids)
-        details.append(f"signatures by keys not in the trust root: {ids}")
+        details.append(f"signatures by keys not in {listed_in}: {ids}")
     return "; ".join(details)

@@ -1,9 +1,9 @@
 """A throwaway appliance in a directory, for the demo and the benchmark.
 
 Everything an integrator sets up by hand (docs/policy.md, README): a CA with a server and
-one consumer certificate, an OT and an IT owner key, a trust root naming them, the policy
-compiled and co-signed, an audit key, and a `broker.yaml` pointing at all of it. Development only: keys are
-unencrypted and short-lived.
+one consumer certificate, an OT and an IT owner key, a trust root naming them and signed by
+both, the policy compiled and co-signed, an audit key, and a `broker.yaml` pointing at all of
+it. Development only: keys are unencrypted and short-lived.
 """
 
 from __future__ import annotations
@@ -93,13 +93,20 @@ def _co_sign(policy: Policy, workdir: Path) -> None:
     owners = workdir / "owners"
     ot = keys.generate(owners, "Demo OT owner", "ot", passphrase=None)
     it = keys.generate(owners, "Demo IT owner", "it", passphrase=None)
-    (workdir / "trust-root.yaml").write_text(
-        trustroot.render(
-            policy.deployment_id,
-            [("Demo OT owner", "ot", ot.public), ("Demo IT owner", "it", it.public)],
-        )
+    ot_key, it_key = (keys.load_private(o.private, passphrase=None) for o in (ot, it))
+    root = trustroot.unsigned(
+        policy.deployment_id,
+        1,
+        {"ot": 1, "it": 1},
+        [
+            trustroot.owner("Demo OT owner", "ot", ot_key.public_key()),
+            trustroot.owner("Demo IT owner", "it", it_key.public_key()),
+        ],
     )
+    for key in (ot_key, it_key):
+        root = envelopes.sign(root, key)
+    envelopes.write(root, workdir / "trust-root.yaml")
     envelope = envelopes.compile_policy(policy)
-    for owner in (ot, it):
-        envelope = envelopes.sign(envelope, keys.load_private(owner.private, passphrase=None))
+    for key in (ot_key, it_key):
+        envelope = envelopes.sign(envelope, key)
     envelopes.write(envelope, workdir / "policy.dsse.json")

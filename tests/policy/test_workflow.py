@@ -380,10 +380,14 @@ def test_signing_twice_with_one_key_keeps_one_signature_and_does_not_verify(
 @pytest.fixture
 def strict(tmp_path: Path, owners: Owners) -> Path:
     """The test trust root, but two OT signatures needed."""
-    trust = yaml.safe_load(owners.trust_root.read_text())
-    trust["thresholds"] = {"ot": 2, "it": 1}
     path = tmp_path / "trust-ot-2.yaml"
-    path.write_text(yaml.safe_dump(trust))
+    listed = [("ot", "Olga OT", owners.ot_key), ("ot", "Otto OT", owners.second_ot_key),
+              ("it", "Ivan IT", owners.it_key)]  # fmt: skip
+    specs = [f"--owner={role}:{name}:{key.with_suffix('.pub')}" for role, name, key in listed]
+    dmzbroker("trust", "init", "--deployment-id", "coldstore-demo", *specs,
+              "--threshold-ot", "2", "--out", str(path))  # fmt: skip
+    for _, _, key in listed:
+        dmzbroker("trust", "sign", str(path), "--key", str(key))
     return path
 
 
