@@ -4,9 +4,16 @@ The plant half holds the `SpoolSender`, the only writer. The enterprise half hol
 `SpoolReceiver`, which only reads the spool and keeps its position in its own state
 directory: nothing it does can reach the plant half.
 
-Frame: b"DZ" | u32 payload length | u32 CRC-32 of (length + payload) | MessagePack array of
-up to FRAME_RECORDS records with consecutive seq (one encode and one CRC for all of them:
-a record with context cost 6.3 µs to send in a frame of its own, 4.3 µs in frames of 256).
+Frame: magic | u32 payload length | u32 CRC-32 | payload. Two kinds, told apart by the magic:
+- b"DZ", records: CRC-32 of (length + payload); the payload is a MessagePack array of up to
+  FRAME_RECORDS records with consecutive seq (one encode and one CRC for all of them: a
+  record with context cost 6.3 µs to send in a frame of its own, 4.3 µs in frames of 256).
+- b"DA", an audit checkpoint of the plant half's audit log, crossing to be witnessed (ADR
+  0003's amendment): CRC-32 of (magic + length + payload), so one damaged magic byte never
+  turns a frame of one kind into the other; the payload is the checkpoint entry's canonical
+  JSON line. Receivers never return these as records: a caller that asks gets the payloads
+  (unverified bytes) apart, every other reader skips them; the position moves past either way.
+Spools written before checkpoint frames existed hold only records frames and read as before.
 
 Segments are `NNNNNNNNNN.seg`, numbered upwards. The sender starts a new segment every time
 it opens, so a segment with a successor is final: incomplete or corrupt bytes at its end
@@ -22,6 +29,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import structlog
@@ -30,8 +38,10 @@ from broker.errors import ChannelError
 from broker.folder_lock import FolderLock
 from broker.records import Record, decode_frame_payload, encode_frame_payload
 
-MAGIC = b"DZ"
-HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 of length + payload
+MAGIC = b"DZ"  # a frame of records
+CHECKPOINT_MAGIC = b"DA"  # a frame holding one audit checkpoint entry
+KINDS = (MAGIC, CHECKPOINT_MAGIC)
+HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 (see the module docstring)
 MAX_PAYLOAD = 1024 * 1024  # bytes; a record is a few hundred
 FRAME_RECORDS = 256  # a frame of records with context is about 150 KB
 READ_CHUNK = 4 * MAX_PAYLOAD  # must exceed one whole frame, see SpoolReceiver._advance
@@ -41,9 +51,26 @@ POSITION_FILE = "spool-position.json"
 log = structlog.get_logger("spool")
 
 
-def frame(payload: bytes) -> bytes:
+class Frame(NamedTuple):
+    kind: bytes  # MAGIC or CHECKPOINT_MAGIC
+    payload: bytes
+
+
+def frame(payload: bytes, kind: bytes = MAGIC) -> bytes:
     length = struct.pack("<I", len(payload))
-    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+    return HEADER.pack(kind, len(payload), _crc(kind, length, payload)) + payload
+
+
+def _crc(kind: bytes, length: bytes, payload: bytes) -> int:
+    """Records frames keep the CRC they always had; any other kind covers its magic too."""
+    return zlib.crc32(payload, zlib.crc32(length if kind == MAGIC else kind + length))
+
+
+def checkpoint_frame(entry: bytes) -> bytes:
+    """A frame for one audit checkpoint entry (its canonical JSON line, without newline)."""
+    if not 0 < len(entry) <= MAX_PAYLOAD:
+        raise ValueError(f"an audit checkpoint entry of {len(entry)} bytes cannot cross")
+    return frame(entry, CHECKPOINT_MAGIC)
 
 
 def encode_frames(
@@ -78,32 +105,32 @@ class RecordTooLarge(Exception):
         self.size = size
 
 
-def parse_frames(buf: bytes, most: int | None = None) -> tuple[list[bytes], int, bool]:
-    """Split `buf` into whole, valid frames, at most `most` of them.
+def parse_frames(buf: bytes, most: int | None = None) -> tuple[list[Frame], int, bool]:
+    """Split `buf` into whole, valid frames of either kind, at most `most` of them.
 
-    Returns the payloads, the offset just after the last one returned, and whether parsing
+    Returns the frames, the offset just after the last one returned, and whether parsing
     stopped at the end of `buf` (False: at an incomplete or corrupt frame, or at `most`).
     """
-    payloads: list[bytes] = []
+    frames: list[Frame] = []
     pos = 0
     end = len(buf)
     while pos < end:
-        if most is not None and len(payloads) >= most:
-            return payloads, pos, False
+        if most is not None and len(frames) >= most:
+            return frames, pos, False
         if end - pos < HEADER.size:
-            return payloads, pos, False
+            return frames, pos, False
         magic, length, crc = HEADER.unpack_from(buf, pos)
-        if magic != MAGIC or not 0 < length <= MAX_PAYLOAD:
-            return payloads, pos, False
+        if magic not in KINDS or not 0 < length <= MAX_PAYLOAD:
+            return frames, pos, False
         start = pos + HEADER.size
         if start + length > end:
-            return payloads, pos, False
+            return frames, pos, False
         payload = buf[start : start + length]
-        if zlib.crc32(payload, zlib.crc32(buf[pos + 2 : pos + 6])) != crc:
-            return payloads, pos, False
-        payloads.append(payload)
+        if _crc(magic, buf[pos + 2 : pos + 6], payload) != crc:
+            return frames, pos, False
+        frames.append(Frame(magic, payload))
         pos = start + length
-    return payloads, pos, True
+    return frames, pos, True
 
 
 def segment_numbers(directory: Path) -> list[int]:
@@ -157,18 +184,23 @@ class SpoolSender:
             self._lock.release()
             raise
 
-    def send(self, records: Sequence[Record]) -> None:
-        """Stamp `seq` on each record and make the batch durable. A record too large for any
-        frame (a huge text value) is dropped with an error, logged once per signal until it
-        crosses again, and the rest of the batch goes on without a gap in `seq`."""
+    def send(self, records: Sequence[Record], checkpoints: Sequence[bytes] = ()) -> None:
+        """Stamp `seq` on each record and make the batch durable, with the audit checkpoint
+        entries given (canonical JSON lines) in frames of their own after the records. A
+        record too large for any frame (a huge text value) is dropped with an error, logged
+        once per signal until it crosses again, and the rest of the batch goes on without a
+        gap in `seq`."""
         first_seq = self.next_seq
+        tail = [checkpoint_frame(entry) for entry in checkpoints]
+        frames: list[bytes] = []
         while True:  # ends: each round without a break drops at least one record
             if not records:
-                return
+                frames = []  # none, or all too large
+                break
             for seq, record in enumerate(records, start=first_seq):
                 record.seq = seq
             too_large: list[RecordTooLarge] = []
-            batch = b"".join(encode_frames(records, too_large))
+            frames = encode_frames(records, too_large)
             if not too_large:
                 break
             # Stamped again below without them, each seq no larger than before: the rest
@@ -176,8 +208,11 @@ class SpoolSender:
             self._refuse(too_large)
             dropped = {id(e.record) for e in too_large}
             records = [r for r in records if id(r) not in dropped]
+        if not records and not tail:
+            return
         if self._too_large:  # a signal whose record crosses again is logged if it recurs
             self._too_large.difference_update(r.signal for r in records)
+        batch = b"".join([*frames, *tail])
         data = memoryview(batch)
         size = self._sizes[self._number]
         try:
@@ -245,8 +280,10 @@ class SpoolSender:
 def _last_seq(directory: Path, numbers: list[int]) -> int:
     """The seq of the last valid record in the spool, 0 if there is none."""
     for number in reversed(numbers):
-        payloads, _, _ = parse_frames(segment_path(directory, number).read_bytes())
-        for payload in reversed(payloads):
+        frames, _, _ = parse_frames(segment_path(directory, number).read_bytes())
+        for kind, payload in reversed(frames):
+            if kind != MAGIC:
+                continue
             with contextlib.suppress(msgspec.DecodeError):
                 if records := decode_frame_payload(payload):
                     return records[-1].seq
@@ -285,20 +322,33 @@ class SpoolReceiver:
         self.lost_records = 0  # gaps in seq: expired by retention before they were read
         self.bad_records = 0  # valid frames whose payload did not decode
         self.stale_records = 0  # records at or below the last delivered seq, skipped
+        self.checkpoint_frames = 0  # audit checkpoint frames read (never returned as records)
 
     @property
     def last_seq(self) -> int:
         return self._pos.seq
 
-    def receive(self, max_records: int = 5000) -> list[Record]:
+    def receive(
+        self, max_records: int = 5000, checkpoints: list[bytes] | None = None
+    ) -> list[Record]:
         """The next records in order, whole frames at a time: at most `max_records` unless
-        the first frame alone holds more; empty when there is nothing new."""
+        the first frame alone holds more; empty when there is nothing new.
+
+        Audit checkpoint frames read on the way are never records: their payloads (unverified
+        bytes) are appended to `checkpoints` if given, else skipped; either way `commit()`
+        moves the position past them. So a caller that takes them must commit after handling
+        them even when no record came."""
         records: list[Record] = []
         while len(records) < max_records:
-            payloads = self._advance(max(1, (max_records - len(records)) // FRAME_RECORDS))
-            if payloads is None:
+            frames = self._advance(max(1, (max_records - len(records)) // FRAME_RECORDS))
+            if frames is None:
                 break
-            for payload in payloads:
+            for kind, payload in frames:
+                if kind == CHECKPOINT_MAGIC:
+                    self.checkpoint_frames += 1
+                    if checkpoints is not None:
+                        checkpoints.append(payload)
+                    continue
                 try:
                     batch = decode_frame_payload(payload)
                 except msgspec.DecodeError:
@@ -345,8 +395,8 @@ class SpoolReceiver:
             os.close(self._fd)
             self._fd = -1
 
-    def _advance(self, most: int) -> list[bytes] | None:
-        """Payloads of the next whole frames (at most `most`), moving across segments.
+    def _advance(self, most: int) -> list[Frame] | None:
+        """The next whole frames (at most `most`), moving across segments.
 
         None when caught up.
         """
@@ -355,10 +405,10 @@ class SpoolReceiver:
                 return None
             size = os.fstat(self._fd).st_size
             buf = os.pread(self._fd, min(size - self._pos.offset, READ_CHUNK), self._pos.offset)
-            payloads, used, _ = parse_frames(buf, most)
+            frames, used, _ = parse_frames(buf, most)
             self._pos.offset += used
-            if payloads:
-                return payloads
+            if frames:
+                return frames
             # Nothing whole at this offset. READ_CHUNK exceeds any frame, so the rest of the
             # file is either empty or invalid. Only a final segment may be skipped past.
             later = [n for n in segment_numbers(self._dir) if n > self._pos.segment]

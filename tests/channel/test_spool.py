@@ -18,8 +18,11 @@ import structlog
 
 from broker.channel import spool as spool_module
 from broker.channel.spool import (
+    CHECKPOINT_MAGIC,
     FRAME_RECORDS,
     HEADER,
+    KINDS,
+    MAGIC,
     MAX_PAYLOAD,
     POSITION_FILE,
     Position,
@@ -253,8 +256,8 @@ def test_retention_deletes_old_segments_and_receiver_counts_lost_records(
     send(spool, list(range(10, total)), batch=1, **sizes)
     oldest = segment_numbers(spool)[0]
     assert oldest > 1  # retention did delete segments
-    payloads, _, _ = parse_frames(segment_path(spool, oldest).read_bytes())
-    first_kept = decode_frame_payload(payloads[0])[0].seq
+    frames, _, _ = parse_frames(segment_path(spool, oldest).read_bytes())
+    first_kept = decode_frame_payload(frames[0].payload)[0].seq
     assert first_kept > 11  # records 11.. were deleted before the receiver read them
 
     late = drain(receiver)
@@ -293,6 +296,65 @@ def test_receiver_continues_in_order_after_lost_records(spool: Path, state: Path
     assert receiver.lost_records == lost
 
 
+# Audit checkpoint frames: the plant's checkpoints crossing to be witnessed
+
+
+def checkpoint_line(seq: int) -> bytes:
+    return b'{"event":"audit_checkpoint","seq":%d}' % seq
+
+
+def test_checkpoint_frames_are_never_records_and_go_only_to_a_reader_that_asks(
+    spool: Path, state: Path
+) -> None:
+    sender = SpoolSender(spool, segment_bytes=1 << 20, retention_bytes=RETENTION_BYTES)
+    try:
+        sender.send([record(1), record(2)], [checkpoint_line(7)])
+        sender.send([], [checkpoint_line(9)])  # no scan came: the checkpoint crosses alone
+        sender.send([record(3)])
+        sender.send([], [checkpoint_line(12), checkpoint_line(15)])
+        assert sender.next_seq == 4  # checkpoints take no record seq
+    finally:
+        sender.close()
+
+    asking = SpoolReceiver(spool, state)
+    taken: list[bytes] = []
+    assert seqs(asking.receive(checkpoints=taken)) == [1, 2, 3]
+    assert taken == [checkpoint_line(n) for n in (7, 9, 12, 15)]
+    asking.commit()  # past the trailing checkpoint frames too
+    again: list[bytes] = []
+    assert SpoolReceiver(spool, state).receive(checkpoints=again) == [] and again == []
+
+    other = SpoolReceiver(spool, state, reader="mqtt")  # a consumer-facing reader
+    assert [r.value for r in other.receive()] == [1, 2, 3]
+    assert other.checkpoint_frames == 4
+    other.commit()
+    assert SpoolReceiver(spool, state, reader="mqtt").receive() == []
+
+
+def test_a_new_sender_continues_seq_past_trailing_checkpoint_frames(spool: Path) -> None:
+    send(spool, list(range(5)))
+    sender = SpoolSender(spool, segment_bytes=1 << 20, retention_bytes=RETENTION_BYTES)
+    try:
+        sender.send([], [checkpoint_line(3)])
+    finally:
+        sender.close()
+
+    assert SpoolSender(spool, 1 << 20, RETENTION_BYTES).next_seq == 6
+
+
+def test_a_checkpoint_too_large_for_a_frame_is_refused_before_anything_is_written(
+    spool: Path,
+) -> None:
+    sender = SpoolSender(spool, segment_bytes=1 << 20, retention_bytes=RETENTION_BYTES)
+    try:
+        with pytest.raises(ValueError, match="cannot cross"):
+            sender.send([record(1)], [b"x" * (MAX_PAYLOAD + 1)])
+        assert sender.next_seq == 1
+    finally:
+        sender.close()
+    assert segment_path(spool, 1).stat().st_size == 0
+
+
 def test_receiver_never_redelivers_a_seq_it_has_already_delivered(spool: Path, state: Path) -> None:
     send(spool, list(range(10)))
     state.mkdir()
@@ -319,14 +381,14 @@ def test_corrupt_position_file_raises_channel_error_naming_the_file(
 
 
 def check_only_whole_valid_frames(buf: bytes) -> None:
-    """The returned payloads, re-framed, are exactly the bytes parse_frames consumed."""
-    payloads, used, at_end = parse_frames(buf)
-    assert b"".join(frame(p) for p in payloads) == buf[:used]
+    """The returned frames, re-framed, are exactly the bytes parse_frames consumed."""
+    frames, used, at_end = parse_frames(buf)
+    assert b"".join(frame(f.payload, f.kind) for f in frames) == buf[:used]
     assert at_end == (used == len(buf))
 
 
 def valid_frames(rng: random.Random, n: int) -> bytes:
-    return b"".join(frame(rng.randbytes(rng.randint(1, 64))) for _ in range(n))
+    return b"".join(frame(rng.randbytes(rng.randint(1, 64)), rng.choice(KINDS)) for _ in range(n))
 
 
 def test_parse_frames_on_random_bytes() -> None:
@@ -334,7 +396,7 @@ def test_parse_frames_on_random_bytes() -> None:
     for _ in range(2000):
         buf = rng.randbytes(rng.randint(0, 200))
         if rng.random() < 0.5:
-            buf = b"DZ" + buf  # get past the magic check now and then
+            buf = rng.choice(KINDS) + buf  # get past the magic check now and then
         check_only_whole_valid_frames(buf)
 
 
@@ -354,20 +416,38 @@ def test_parse_frames_on_frames_with_one_corrupted_byte() -> None:
         check_only_whole_valid_frames(bytes(buf))
 
 
-def test_parse_frames_rejects_every_single_byte_corruption_of_one_frame() -> None:
-    whole = frame(encode_frame_payload([record(42)]))
+@pytest.mark.parametrize("kind", KINDS)
+def test_parse_frames_rejects_every_single_byte_corruption_of_one_frame(kind: bytes) -> None:
+    whole = frame(encode_frame_payload([record(42)]), kind)
     for i in range(len(whole)):
         buf = bytearray(whole)
         buf[i] ^= 0x01
         assert parse_frames(bytes(buf))[0] == [], f"corrupted byte {i} still parsed"
 
 
+def test_a_frame_whose_magic_is_changed_to_the_other_kind_is_refused() -> None:
+    """A damaged magic never turns records into a checkpoint or a checkpoint into records:
+    the checkpoint kind's CRC covers its magic."""
+    payload = encode_frame_payload([record(42)])
+    records_frame, checkpoint = frame(payload), frame(payload, CHECKPOINT_MAGIC)
+    assert parse_frames(CHECKPOINT_MAGIC + records_frame[2:])[0] == []
+    assert parse_frames(MAGIC + checkpoint[2:])[0] == []
+
+
+def test_a_records_frame_written_before_checkpoint_frames_existed_still_parses() -> None:
+    payload = encode_frame_payload([record(42)])
+    length = struct.pack("<I", len(payload))
+    old = HEADER.pack(b"DZ", len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
+
+    assert parse_frames(old) == ([(MAGIC, payload)], len(old), True)
+
+
 def test_parse_frames_stops_at_a_truncated_frame_after_whole_ones() -> None:
     first, second = frame(b"one"), frame(b"two")
 
-    payloads, used, at_end = parse_frames(first + second[:-1])
+    frames, used, at_end = parse_frames(first + second[:-1])
 
-    assert (payloads, used, at_end) == ([b"one"], len(first), False)
+    assert (frames, used, at_end) == ([(MAGIC, b"one")], len(first), False)
 
 
 def test_parse_frames_rejects_an_oversize_length_field() -> None:
@@ -375,7 +455,7 @@ def test_parse_frames_rejects_an_oversize_length_field() -> None:
     length = struct.pack("<I", len(payload))
     oversize = HEADER.pack(b"DZ", len(payload), zlib.crc32(payload, zlib.crc32(length))) + payload
 
-    assert parse_frames(frame(b"ok") + oversize) == ([b"ok"], len(frame(b"ok")), False)
+    assert parse_frames(frame(b"ok") + oversize) == ([(MAGIC, b"ok")], len(frame(b"ok")), False)
 
 
 def test_parse_frames_rejects_an_empty_frame() -> None:
@@ -401,16 +481,16 @@ def test_a_frame_is_delivered_whole_even_past_max_records(spool: Path, state: Pa
 
 def test_a_large_batch_is_written_as_frames_of_at_most_frame_records(spool: Path) -> None:
     send(spool, list(range(2 * FRAME_RECORDS + 1)), batch=2 * FRAME_RECORDS + 1)
-    payloads, _, at_end = parse_frames(segment_path(spool, 1).read_bytes())
-    sizes = [len(decode_frame_payload(p)) for p in payloads]
+    frames, _, at_end = parse_frames(segment_path(spool, 1).read_bytes())
+    sizes = [len(decode_frame_payload(f.payload)) for f in frames]
     assert at_end and sizes == [FRAME_RECORDS, FRAME_RECORDS, 1]
 
 
 def test_a_frame_over_the_payload_limit_is_split(spool: Path, state: Path) -> None:
     big = "x" * (MAX_PAYLOAD // 3)  # three of them do not fit one frame
     send(spool, [big] * 3, batch=3)
-    payloads, _, _ = parse_frames(segment_path(spool, 1).read_bytes())
-    assert [len(decode_frame_payload(p)) for p in payloads] == [1, 2]
+    frames, _, _ = parse_frames(segment_path(spool, 1).read_bytes())
+    assert [len(decode_frame_payload(f.payload)) for f in frames] == [1, 2]
     assert [r.value for r in drain(SpoolReceiver(spool, state))] == [big] * 3
 
 
