@@ -226,7 +226,7 @@ def run(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     with open(workdir / "enterprise.log", "wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "broker", "enterprise", "--config", str(appliance.config),
-             "--log-format", "json"],
+             "--log-format", "json", "--reset-state"],
             stdout=subprocess.DEVNULL, stderr=log, cwd=workdir,
         )  # fmt: skip
         try:

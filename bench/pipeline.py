@@ -357,7 +357,7 @@ async def enterprise_process(config: Path, log: Path) -> AsyncIterator[asyncio.s
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "broker", "enterprise", "--config", str(config),
-            stdout=out, stderr=out,
+            "--reset-state", stdout=out, stderr=out,
         )  # fmt: skip
     try:
         yield process

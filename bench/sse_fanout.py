@@ -54,7 +54,7 @@ async def run(workdir: Path, consumers: int, records: int) -> float:
     appliance = provision(workdir, demo, port=port, consumer_uri=CONSUMER)
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker", "enterprise", "--config", str(appliance.config),
-        "--log-format", "json", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        "--log-format", "json", "--reset-state", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         context = tls.client_context(appliance.ca, appliance.client_cert, appliance.client_key)

@@ -54,7 +54,9 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
             f"cannot start the simulated plant on {device.host}:{device.port}: is the port in use?"
         ) from e
     # `run`'s supervisor, without an audit writer of its own: the demo's log is the terminal.
-    running = asyncio.create_task(Supervisor(appliance.config, "auto", SupervisorConfig()).run())
+    # A fresh appliance: each half's first start records what it accepts (--reset-state).
+    supervisor = Supervisor(appliance.config, "auto", SupervisorConfig(), reset_state=True)
+    running = asyncio.create_task(supervisor.run())
     try:
         url = f"https://localhost:{port}/v1/snapshot"
         await _wait_ready(url, appliance)

@@ -75,8 +75,11 @@ class Supervisor:
         log_format: str,
         settings: SupervisorConfig,
         audit: AuditLog | None = None,  # None: the demo, whose log is the terminal
+        *,
+        reset_state: bool = False,  # a new installation: each half's FIRST start gets it
     ) -> None:
         self._config = config
+        self._reset_state = reset_state
         self._log_format = log_format
         self._settings = settings
         self._audit = audit
@@ -98,7 +101,9 @@ class Supervisor:
         delay = 0.0
         while True:
             try:
-                process = await self._start(half)
+                # A restart never resets: a half whose records vanished while it ran must
+                # not come back without them.
+                process = await self._start(half, reset_state=self._reset_state and starts == 0)
             except OSError as e:  # fork or exec refused (out of memory or processes): retry
                 delay = backoff.after(0.0)
                 log.error("half_start_failed", half=half, error=str(e), retry_in_s=round(delay, 3))
@@ -133,10 +138,12 @@ class Supervisor:
             )
             await asyncio.sleep(delay)
 
-    async def _start(self, half: str) -> asyncio.subprocess.Process:
+    async def _start(self, half: str, *, reset_state: bool) -> asyncio.subprocess.Process:
         """Start a half; a stop request arriving meanwhile stops it again before returning."""
         environment = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
         argv = [sys.executable, "-I", "-m", "broker", half, "--config", str(self._config)]
+        if reset_state:
+            argv.append("--reset-state")
         spawning = asyncio.ensure_future(
             asyncio.create_subprocess_exec(
                 *argv,

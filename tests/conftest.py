@@ -109,11 +109,13 @@ def deployment(
 
 
 @pytest.fixture
-def start_broker(tmp_path: Path) -> Iterator[Callable[[str, Path], BrokerProcess]]:
+def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
+    """start(command, config, reset_state=None): None adds --reset-state to a fresh install."""
     started: list[BrokerProcess] = []
 
-    def start(command: str, config: Path) -> BrokerProcess:
-        process = BrokerProcess(command, config, tmp_path / f"{command}-{len(started)}.log")
+    def start(command: str, config: Path, reset_state: bool | None = None) -> BrokerProcess:
+        log = tmp_path / f"{command}-{len(started)}.log"
+        process = BrokerProcess(command, config, log, reset_state)
         started.append(process)
         return process
 

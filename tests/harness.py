@@ -162,14 +162,31 @@ class Deployment:
         return f"https://localhost:{self.api_port}"
 
 
-class BrokerProcess:
-    """One `python -m broker COMMAND --config FILE` child; stderr goes to a log file."""
+def fresh_install(command: str, config: Path) -> bool:
+    """Whether a half `command` would start has no record of an accepted policy yet: an
+    operator starts such an installation once with `--reset-state`."""
+    from broker import config as broker_config  # noqa: PLC0415 - only for process tests
 
-    def __init__(self, command: str, config: Path, log: Path) -> None:
+    cfg = broker_config.load(config)
+    dirs = {"plant": [cfg.plant.state_dir], "enterprise": [cfg.enterprise.state_dir]}
+    state_dirs = dirs.get(command, dirs["plant"] + dirs["enterprise"])
+    return any(not (d / "policy-accepted.json").exists() for d in state_dirs)
+
+
+class BrokerProcess:
+    """One `python -m broker COMMAND --config FILE` child; stderr goes to a log file.
+    A fresh installation is started with `--reset-state` unless `reset_state` says."""
+
+    def __init__(
+        self, command: str, config: Path, log: Path, reset_state: bool | None = None
+    ) -> None:
         self.log = log
         self._stderr = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        if reset_state is None:
+            reset_state = fresh_install(command, config)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker", command, "--config", str(config)],
+            [sys.executable, "-m", "broker", command, "--config", str(config)]
+            + (["--reset-state"] if reset_state else []),
             stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO,
             start_new_session=True,  # its own process group, as under a terminal
         )  # fmt: skip

@@ -44,7 +44,7 @@ def test_a_policy_without_both_signatures_stops_every_command_before_it_starts(
 ) -> None:
     envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key])
     config = write_config(tmp_path, envelope, pki, free_port(), owners)
-    result = dmzbroker(command, "--config", str(config), check=False)
+    result = dmzbroker(command, "--config", str(config), "--reset-state", check=False)
     assert_one_line_error(result, f"{envelope}: needs 1 more IT owner signature(s)")
     assert not (tmp_path / "spool").exists()  # nothing started
 
@@ -55,7 +55,7 @@ def test_enterprise_with_a_missing_server_key_names_the_file(
     document = yaml.safe_load(signed_config.read_text())
     document["enterprise"]["tls"]["key"] = str(tmp_path / "gone.key")
     signed_config.write_text(yaml.safe_dump(document))
-    result = dmzbroker("enterprise", "--config", str(signed_config), check=False)
+    result = dmzbroker("enterprise", "--config", str(signed_config), "--reset-state", check=False)
     assert_one_line_error(result, "gone.key: file not found")
 
 
@@ -66,7 +66,9 @@ def test_enterprise_whose_port_is_taken_says_so(signed_config: Path) -> None:
         document = yaml.safe_load(signed_config.read_text())
         document["enterprise"]["listen"]["port"] = taken.getsockname()[1]
         signed_config.write_text(yaml.safe_dump(document))
-        result = dmzbroker("enterprise", "--config", str(signed_config), check=False)
+        result = dmzbroker(
+            "enterprise", "--config", str(signed_config), "--reset-state", check=False
+        )
     assert_one_line_error(result, "enterprise.listen: cannot listen on 127.0.0.1:")
 
 

@@ -339,6 +339,7 @@ async def test_a_broker_folder_in_the_working_directory_is_never_imported(
     with open(log, "wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             Path(sys.executable).parent / "dmzbroker", "run", "--config", deployment.config,
+            "--reset-state",
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir, start_new_session=True,
         )  # fmt: skip
     try:

@@ -11,8 +11,9 @@ Oldest segment first, never the one being written (ADR 0015):
 
 Trimming ends below the reserve line, so a log that reached capacity leaves the reserve.
 Whatever is deleted, the anchor it returns carries the seq and hash of the last deleted
-entry and the newest `policy_accepted` entry among them (or carried by an anchor among
-them), so no amount of retention removes the record of the policy in force.
+entry and the newest `policy_accepted` and `trust_root_accepted` entries among them (or
+carried by an anchor among them), so no amount of retention removes the record of the policy
+and trust root in force (broker.policy.accepted reads them back at start).
 
 This module deletes only whole segments older than the current one, and never raises: a
 file it cannot read or delete stops this round, and the next one tries again.
@@ -33,6 +34,8 @@ TRIM_AT = 0.9  # past this share the oldest segments go whatever their age …
 TRIM_TO = 0.7  # … down to this share, below the reserve line
 KEEP_S = 7 * 86_400  # at the reserve line, history younger than this is kept
 CARRIED_POLICY = "last_policy_accepted"  # in an expiry anchor
+CARRIED_TRUST_ROOT = "last_trust_root_accepted"  # likewise
+CARRIED = {"policy_accepted": CARRIED_POLICY, "trust_root_accepted": CARRIED_TRUST_ROOT}
 CARRIED_FIELDS = ("seq", "time", "boot_id", "policy_version", "details", "hash")
 
 
@@ -49,7 +52,7 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
     hard = used > TRIM_AT * capacity
     soft = used >= RESERVE * capacity
     done = Expiry()
-    policy: dict[str, Any] | None = None
+    carried: dict[str, dict[str, Any]] = {}
     head: tuple[int, str] | None = None
     try:
         for number in (n for n in segment_numbers(directory) if n < current):
@@ -62,7 +65,7 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
             entries, _ = read_entries(path)
             if entries:
                 head = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
-                policy = _newest_policy(entries, policy)
+                _carry_newest(entries, carried)
             path.unlink()
             done.freed += stat.st_size
             done.segments.append(number)
@@ -70,24 +73,17 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
         pass  # a segment removed or unreadable under us: retried at the next round
     if head is not None:
         done.anchor = {"segments": done.segments, "through_seq": head[0], "head": head[1]}
-        if policy is not None:
-            done.anchor[CARRIED_POLICY] = policy
+        done.anchor.update(carried)
     return done
 
 
-def _newest_policy(
-    entries: list[dict[str, Any]], carried: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    """The last `policy_accepted` entry in `entries` or carried by an anchor there, else
-    `carried`."""
+def _carry_newest(entries: list[dict[str, Any]], carried: dict[str, dict[str, Any]]) -> None:
+    """Into `carried` (by anchor key): the last entry of each CARRIED event in `entries`,
+    or what an anchor there carries of it."""
     for entry in entries:
         details = entry.get("details")
-        if entry.get("event") == "policy_accepted":
-            carried = {k: entry.get(k) for k in CARRIED_FIELDS}
-        elif (
-            entry.get("event") == EXPIRED
-            and isinstance(details, dict)
-            and CARRIED_POLICY in details
-        ):
-            carried = details[CARRIED_POLICY]
-    return carried
+        event = entry.get("event")
+        if event in CARRIED:
+            carried[CARRIED[event]] = {k: entry.get(k) for k in CARRIED_FIELDS}
+        elif event == EXPIRED and isinstance(details, dict):
+            carried.update({k: details[k] for k in CARRIED.values() if k in details})

@@ -19,10 +19,11 @@ import structlog
 
 from broker import __version__, config, logs
 from broker.audit.log import AuditLog
-from broker.errors import PolicyRefused
+from broker.errors import ConfigError, PolicyRefused
 from broker.folder_lock import FolderLock
 from broker.lifecycle import run_until_signalled
-from broker.policy import activation, trustroot
+from broker.policy import accepted as records
+from broker.policy import activation
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
 
@@ -37,6 +38,12 @@ def add_to(commands: Any) -> None:
         add_config_argument(command)
         command.add_argument(
             "--log-format", choices=("auto", "json", "console"), help="overrides log.format"
+        )
+        command.add_argument(
+            "--reset-state",
+            action="store_true",
+            help="a new installation: start although neither the state dir nor the audit log "
+            "records an accepted policy and trust root (audited as state_reset)",
         )
         command.set_defaults(handler=handler)
 
@@ -64,14 +71,33 @@ def opened_half(
     *,
     audited: bool = True,
     admit: bool = True,
+    reset_state: bool | None = None,
 ) -> Iterator[tuple[config.BrokerConfig, activation.TrustedPolicy, AuditLog | None]]:
-    """Config, the audit log, logging, and the verified policy admitted into this half's
-    state dir (with `admit=False`, checked against it and left unrecorded); the audit log
-    gets a final checkpoint when the half stops. A half that admits holds its state dir's
-    lock meanwhile (one instance per folder, ADR 0013)."""
+    """Config, the trust root in force, the audit log, logging, and the verified policy
+    admitted into this half's state dir (with `admit=False`, checked against it and left
+    unrecorded); the audit log gets a final checkpoint when the half stops. A half that
+    admits holds its state dir's lock meanwhile (one instance per folder, ADR 0013).
+
+    What was accepted before is the floor: the state dir's records and this half's own audit
+    log (broker.policy.accepted). With neither, the start is refused unless `reset_state`
+    (`--reset-state`, audited as `state_reset`); None: a check that admits nothing and needs
+    no record (`validate`)."""
     cfg = config.load(args.config)
-    trust = trustroot.load(cfg.trust_root)
-    with FolderLock(state_dir_of(cfg)) if admit else contextlib.nullcontext():
+    state_dir = state_dir_of(cfg)
+    # A check that is no half (run's, validate's) reads the plant half's records, whose
+    # state dir it checks against.
+    writer_dir = cfg.audit.dir / (process if process in ("plant", "enterprise") else "plant")
+    with FolderLock(state_dir) if admit else contextlib.nullcontext():
+        floor = records.floor(state_dir, writer_dir)
+        missing = floor.missing(state_dir, writer_dir)
+        if missing and reset_state is False:
+            raise ConfigError(
+                "; ".join(missing) + "; if this is a new installation, start once with "
+                "--reset-state"
+            )
+        accepted_root = activation.restore_root(floor, cfg.trust_root)
+        in_force = activation.admit_root(cfg.trust_root, accepted_root, state_dir, persist=admit)
+        trust = in_force.root
         audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
         logs.configure(args.log_format or cfg.log.format, process, audit)
         log = structlog.get_logger(process)
@@ -83,10 +109,31 @@ def opened_half(
                 sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
                 trust_root_version=trust.version,
             )
+        if admit:
+            floor_version = floor.policy.version if floor.policy is not None else None
+            if missing and reset_state:
+                log.warning(
+                    "state_reset",
+                    missing=missing,
+                    action="started with --reset-state: what this start accepts is the floor",
+                )
+            if in_force.new:
+                activation.log_root_acceptance(
+                    trust,
+                    previous_version=accepted_root.version if accepted_root else None,
+                    policy_version=floor_version,
+                )
+            if in_force.refused is not None:
+                activation.log_root_refusal(in_force.refused, trust, policy_version=floor_version)
         try:
             try:
                 trusted = activation.load_trusted(
-                    cfg.policy, trust, state_dir_of(cfg), datetime.now(UTC), persist=admit
+                    cfg.policy,
+                    trust,
+                    state_dir,
+                    datetime.now(UTC),
+                    floor=floor.policy,
+                    persist=admit,
                 )
             except PolicyRefused as e:
                 activation.log_refusal(e)
@@ -113,17 +160,26 @@ def _run(args: argparse.Namespace) -> int:
     # Refuse a bad config or policy, or folders another instance writes, before starting
     # anything; the halves admit (and audit) the policy themselves. The supervisor's own
     # audit writer holds its folder: a second `run` is refused right there.
-    with opened_half(args, "supervisor", _plant_state, admit=False) as (cfg, _, audit):
+    with opened_half(
+        args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state
+    ) as (cfg, _, audit):
         assert audit is not None
         refuse_if_running(cfg)
         fmt = args.log_format or cfg.log.format
-        return run_until_signalled(Supervisor(args.config, fmt, cfg.supervisor, audit).run())
+        supervisor = Supervisor(
+            args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state
+        )
+        return run_until_signalled(supervisor.run())
 
 
 def _plant(args: argparse.Namespace) -> int:
     from broker.plant.run import run_plant
 
-    with opened_half(args, "plant", _plant_state) as (cfg, trusted, audit):
+    with opened_half(args, "plant", _plant_state, reset_state=args.reset_state) as (
+        cfg,
+        trusted,
+        audit,
+    ):
         assert audit is not None
         return run_until_signalled(run_plant(cfg, trusted, audit))
 
@@ -131,7 +187,11 @@ def _plant(args: argparse.Namespace) -> int:
 def _enterprise(args: argparse.Namespace) -> int:
     from broker.enterprise.run import run_enterprise
 
-    with opened_half(args, "enterprise", _enterprise_state) as (cfg, trusted, audit):
+    with opened_half(args, "enterprise", _enterprise_state, reset_state=args.reset_state) as (
+        cfg,
+        trusted,
+        audit,
+    ):
         assert audit is not None
         return run_until_signalled(run_enterprise(cfg, trusted, audit))
 

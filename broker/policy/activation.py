@@ -1,39 +1,36 @@
-"""Whether a verified policy may take effect on this appliance: deployment, expiry, version.
+"""Whether a verified policy, or a new trust root, may take effect on this appliance.
 
-The highest version this appliance ever accepted, and its hash, are kept in the state
-directory of each half and written (atomically, durably) *before* the policy takes effect.
-A lower version is a rollback; the same version with other content is equivocation: both
-are refused. The same version and content is a no-op.
+A policy: its deployment, expiry, and version against the floor (the highest version this
+half ever accepted, broker.policy.accepted). A lower version is a rollback; the same version
+with other content is equivocation: both are refused. The same version and content is a
+no-op. A trust root: the one in its file takes effect only when it is the accepted root or a
+valid rotation of it (broker.policy.trustroot.check_rotation); otherwise the accepted root,
+restored from its record, stays in force. Records are written (atomically, durably) *before*
+what they record takes effect. This module never admits anything below a floor.
 """
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import msgspec
 import structlog
 
-from broker.errors import ConfigError, PolicyRefused
+from broker.errors import ConfigError, PolicyRefused, TrustRootRefused
+from broker.policy import accepted as records
 from broker.policy import envelope as envelopes
+from broker.policy import trustroot
+from broker.policy.accepted import AcceptedPolicy, AcceptedRoot
 from broker.policy.parse import from_payload
 from broker.policy.schema import Policy
 from broker.policy.trustroot import TrustRoot
 from broker.policy.verify import Verification, verified_payload
 
-STATE_FILE = "policy-accepted.json"
-
 log = structlog.get_logger("policy")
-
-
-class Accepted(msgspec.Struct, frozen=True):
-    version: int
-    sha256: str
-    deployment_id: str
 
 
 @dataclass(frozen=True)
@@ -42,12 +39,35 @@ class TrustedPolicy:
     sha256: str  # of the signed payload bytes
     verification: Verification
     new: bool  # False: this exact policy was already accepted
+    root: TrustRoot  # the trust root it was verified under
+
+    @property
+    def record(self) -> AcceptedPolicy:
+        return AcceptedPolicy(self.policy.version, self.sha256, self.policy.deployment_id)
+
+
+@dataclass(frozen=True)
+class RootInForce:
+    root: TrustRoot
+    new: bool  # accepted now: its record is written, its acceptance still to be logged
+    refused: ConfigError | None  # the file's root, refused: the accepted one stays in force
+
+    @property
+    def record(self) -> AcceptedRoot:
+        return records.root_record(self.root.version, self.root.sha256, self.root.document)
 
 
 def load_trusted(
-    path: Path, trust: TrustRoot, state_dir: Path, now: datetime, *, persist: bool = True
+    path: Path,
+    trust: TrustRoot,
+    state_dir: Path,
+    now: datetime,
+    *,
+    floor: AcceptedPolicy | None,
+    persist: bool = True,
 ) -> TrustedPolicy:
-    """Verify, parse and admit the policy envelope at `path`; raises PolicyRefused."""
+    """Verify, parse and admit the policy envelope at `path` over `floor`; raises
+    PolicyRefused. Admitted, it is recorded in `state_dir` (unless not `persist`)."""
     envelope = envelopes.read(path)
     payload, verification = verified_payload(envelope, trust, str(path))
     policy = from_payload(payload, str(path))
@@ -60,59 +80,90 @@ def load_trusted(
         )
     if policy.expires <= now:
         raise PolicyRefused("expired", f"{path}: expired at {policy.expires.isoformat()}")
-    accepted = _read_state(state_dir)
     new = True
-    if accepted is not None:
-        if policy.version < accepted.version:
+    if floor is not None:
+        if policy.version < floor.version:
             raise PolicyRefused(
                 "rollback",
-                f"{path}: version {policy.version} is lower than version {accepted.version}, "
+                f"{path}: version {policy.version} is lower than version {floor.version}, "
                 "already accepted here (rollback refused)",
             )
-        if policy.version == accepted.version:
-            if sha256 != accepted.sha256:
+        if policy.version == floor.version:
+            if sha256 != floor.sha256:
                 raise PolicyRefused(
                     "equivocation",
                     f"{path}: version {policy.version} differs from the version "
-                    f"{accepted.version} already accepted here (equivocation refused); "
+                    f"{floor.version} already accepted here (equivocation refused); "
                     "a changed policy needs a higher version",
                 )
             new = False
-    if new and persist:
-        _write_state(state_dir, Accepted(policy.version, sha256, policy.deployment_id))
-    return TrustedPolicy(policy, sha256, verification, new)
+    trusted = TrustedPolicy(policy, sha256, verification, new, trust)
+    if persist and (new or not (state_dir / records.POLICY_STATE).exists()):
+        records.write_policy(state_dir, trusted.record)  # again if only the log still had it
+    return trusted
 
 
-def _read_state(state_dir: Path) -> Accepted | None:
-    path = state_dir / STATE_FILE
+def admit_root(
+    path: Path, current: TrustRoot | None, state_dir: Path, *, persist: bool = True
+) -> RootInForce:
+    """The trust root in force once the file at `path` is considered against `current` (the
+    accepted root, None on a fresh start): the file's root if it is `current` or a valid
+    rotation of it (recorded in `state_dir` first, unless not `persist`), else `current`
+    with the refusal. Raises ConfigError only when there is no root to keep."""
     try:
-        return msgspec.json.decode(path.read_bytes(), type=Accepted)
-    except FileNotFoundError:
-        return None
-    except (OSError, msgspec.DecodeError) as e:
-        # Never treat an unreadable record as "nothing accepted yet": that would allow rollback.
-        raise ConfigError(f"{path}: unreadable record of the accepted policy version: {e}") from e
-
-
-def _write_state(state_dir: Path, accepted: Accepted) -> None:
-    path = state_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    try:
-        state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(msgspec.json.encode(accepted))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(state_dir, os.O_RDONLY)
+        candidate = trustroot.load(path)
+    except ConfigError as e:
+        if current is None:
+            raise
+        return RootInForce(current, False, _refusal(e))
+    if current is not None:
+        if candidate.sha256 == current.sha256:
+            return RootInForce(current, False, None)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise ConfigError(f"{path}: cannot record the accepted policy version: {e.strerror}") from e
+            trustroot.check_rotation(current, candidate)
+        except TrustRootRefused as e:
+            return RootInForce(current, False, TrustRootRefused(e.reason, f"{path}: {e}"))
+    admitted = RootInForce(candidate, True, None)
+    if persist:
+        records.write_root(state_dir, admitted.record)
+    return admitted
+
+
+def restore_root(floor: records.Floor, path: Path) -> TrustRoot | None:
+    """The accepted trust root (None if none is recorded), from the first record that still
+    holds its document: the floor's, the audit log's, or the file at `path` itself if it is
+    that very root. ConfigError if none does: nothing lower may stand in for it."""
+    record = floor.root
+    if record is None:
+        return None
+    problems = []
+    for source, candidate in (("its record", record), ("the audit log", floor.log_root)):
+        if candidate is None or candidate.sha256 != record.sha256:
+            continue
+        try:
+            root = trustroot.parse(candidate.document_bytes, f"the accepted trust root in {source}")
+        except (ConfigError, binascii.Error) as e:
+            problems.append(str(e))
+            continue
+        if root.sha256 == record.sha256:
+            return root
+        problems.append(f"{source} holds another document than the accepted root")
+    with contextlib.suppress(ConfigError):
+        root = trustroot.load(path)
+        if root.sha256 == record.sha256:
+            return root
+    raise ConfigError(
+        f"the accepted trust root (version {record.version}, sha256 {record.sha256[:16]}…) "
+        f"cannot be restored, and {path} is not it: {'; '.join(problems) or 'no document kept'}"
+    )
+
+
+def _refusal(error: ConfigError) -> TrustRootRefused:
+    if isinstance(error, TrustRootRefused):
+        return error
+    refused = TrustRootRefused("invalid", str(error))
+    refused.__cause__ = error.__cause__  # a passing read failure stays recognisable as one
+    return refused
 
 
 def log_refusal(error: ConfigError, **context: object) -> None:
@@ -134,5 +185,30 @@ def log_acceptance(trusted: TrustedPolicy, **context: object) -> None:
         sha256=trusted.sha256,
         signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in trusted.verification.signers],
         new=trusted.new,
+        **context,
+    )
+
+
+def log_root_acceptance(root: TrustRoot, **context: object) -> None:
+    """`trust_root_accepted`, with the signed document: enough to restore the root from the
+    audit log alone (broker.policy.accepted)."""
+    log.info(
+        "trust_root_accepted",
+        version=root.version,
+        sha256=root.sha256,
+        deployment_id=root.deployment_id,
+        document=records.document_pieces(root.document),
+        signers=[f"{k.role}:{k.name}:{k.keyid[:16]}" for k in root.signers],
+        **context,
+    )
+
+
+def log_root_refusal(error: ConfigError, kept: TrustRoot, **context: object) -> None:
+    log.error(
+        "trust_root_refused",
+        reason=_refusal(error).reason,
+        error=str(error),
+        kept_version=kept.version,
+        action="the accepted trust root stays in force; find out who replaced the file",
         **context,
     )

@@ -1,8 +1,13 @@
-"""Policy reload: on SIGHUP or when the envelope file changes, admit a newer policy.
+"""Policy reload: on SIGHUP or when the envelope or trust root file changes, admit a newer
+policy.
 
-A valid newer policy is yielded to the half, which applies it without restarting. An invalid
-one is refused (logged as `policy_refused` with its reason) and the running policy stays in
-force. The running policy's approaching expiry is warned about beforehand.
+The trust root file is considered first: a valid rotation of the root in force takes effect
+(`trust_root_accepted`), anything else is refused (`trust_root_refused`, once per file
+content) and the root in force stays. A valid newer policy is then yielded to the half, which
+applies it without restarting. An invalid one is refused (logged as `policy_refused` with its
+reason) and the running policy stays in force. The floor is the running policy, held in
+memory: deleting the state files while the half runs lowers nothing. The running policy's
+approaching expiry is warned about beforehand.
 
 A file that cannot be read for a passing reason of this process or machine (out of file
 descriptors or memory, an interrupted call) is no verdict on the policy: it is tried again at
@@ -23,8 +28,17 @@ from pathlib import Path
 import structlog
 
 from broker.errors import ConfigError
-from broker.policy import report, trustroot
-from broker.policy.activation import TrustedPolicy, load_trusted, log_acceptance, log_refusal
+from broker.policy import report
+from broker.policy.activation import (
+    RootInForce,
+    TrustedPolicy,
+    admit_root,
+    load_trusted,
+    log_acceptance,
+    log_refusal,
+    log_root_acceptance,
+    log_root_refusal,
+)
 
 CHECK_INTERVAL_S = 1.0  # how often the file is looked at; SIGHUP acts at once
 EXPIRY_WARNINGS = (timedelta(days=7), timedelta(days=1), timedelta(hours=1))
@@ -49,7 +63,9 @@ class PolicyWatcher:
         self._trust_root = trust_root
         self._state_dir = state_dir
         self._current = current
-        self._seen = _fingerprint(path)
+        self._root = current.root  # the trust root in force
+        self._refused_root: str | None = None  # the last refusal logged, not repeated
+        self._seen = (_fingerprint(path), _fingerprint(trust_root))
         self._warned: set[timedelta] = set()
         self._expiry_noted = False
         self._unread = False  # the last try could not read the files: try again next check
@@ -70,7 +86,7 @@ class PolicyWatcher:
                 hangup, before = self._wake.is_set(), self._seen
                 self._wake.clear()
                 self._warn_if_expiring()
-                self._seen = _fingerprint(self._path)
+                self._seen = (_fingerprint(self._path), _fingerprint(self._trust_root))
                 if not hangup and self._seen == before and not self._unread:
                     continue
                 accepted = self._reload()
@@ -90,8 +106,17 @@ class PolicyWatcher:
 
     def _reload(self) -> TrustedPolicy | None:
         try:
-            trust = trustroot.load(self._trust_root)
-            trusted = load_trusted(self._path, trust, self._state_dir, datetime.now(UTC))
+            in_force = admit_root(self._trust_root, self._root, self._state_dir)
+            if in_force.refused is not None and _transient(in_force.refused):
+                raise in_force.refused
+            self._note_root(in_force)
+            trusted = load_trusted(
+                self._path,
+                self._root,
+                self._state_dir,
+                datetime.now(UTC),
+                floor=self._current.record,
+            )
         except ConfigError as e:  # PolicyRefused included
             if _transient(e):
                 if not self._unread:
@@ -113,6 +138,19 @@ class PolicyWatcher:
         widened = report.widening(previous, trusted.policy)
         log_acceptance(trusted, previous_version=previous.version, widened=widened)
         return trusted
+
+    def _note_root(self, in_force: RootInForce) -> None:
+        version = self._current.policy.version
+        if in_force.refused is not None:
+            if str(in_force.refused) != self._refused_root:
+                self._refused_root = str(in_force.refused)
+                log_root_refusal(in_force.refused, in_force.root, policy_version=version)
+        elif in_force.new:
+            log_root_acceptance(
+                in_force.root, previous_version=self._root.version, policy_version=version
+            )
+            self._refused_root = None
+        self._root = in_force.root
 
     def _warn_if_expiring(self) -> None:
         policy = self._current.policy

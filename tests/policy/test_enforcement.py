@@ -42,7 +42,8 @@ def spool_files(site: Path) -> list[str]:
 
 def refused(site: Path, reason: str, *message: str) -> None:
     before = spool_files(site)
-    result = dmzbroker("plant", "--config", str(site / "broker.yaml"), check=False)
+    # --reset-state lowers no floor: a refusal here is the policy's, not a missing record's
+    result = dmzbroker("plant", "--config", str(site / "broker.yaml"), "--reset-state", check=False)
     assert result.returncode == 2, result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("dmzbroker: error: ")

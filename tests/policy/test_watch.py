@@ -35,7 +35,8 @@ async def test_a_policy_unreadable_for_lack_of_descriptors_is_read_again_not_ref
     envelope = tmp_path / "policy.dsse.json"
     os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
     state = tmp_path / "state"
-    current = load_trusted(envelope, trustroot.load(owners.trust_root), state, datetime.now(UTC))
+    root = trustroot.load(owners.trust_root)
+    current = load_trusted(envelope, root, state, datetime.now(UTC), floor=None)
     watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
     accepted: list[TrustedPolicy] = []
 
