@@ -1,4 +1,12 @@
-"""`dmzbroker audit show`: filter entries and print them as a table, JSON, CSV or CEF."""
+"""`dmzbroker audit show`: filter entries and print them as a table, JSON, CSV or CEF.
+
+Entries hold text that outsiders chose (a requested path, a certificate's name), so this module
+never prints a character a terminal, a spreadsheet or a SIEM would act on: one entry is one
+line in every format, control and other non-printable characters (C0, DEL, C1, U+2028/2029,
+bidi overrides, zero-width and other format characters) are spelled out as escapes, CSV cells
+cannot start a formula (OWASP CSV injection) and CEF fields are escaped as the ArcSight CEF
+specification says.
+"""
 
 from __future__ import annotations
 
@@ -81,7 +89,7 @@ def entries(root: Path, filters: Filters) -> Iterator[dict[str, Any]]:
 
 def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
     if fmt == "json":
-        yield from (msgspec.json.encode(e).decode() for e in found)
+        yield from (_json_inert(msgspec.json.encode(e).decode()) for e in found)
     elif fmt == "csv":
         out = io.StringIO()
         table = csv.writer(out, lineterminator="\n")
@@ -90,8 +98,9 @@ def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
         for entry in found:
             out.seek(0)
             out.truncate()
-            details = msgspec.json.encode(entry.get("details") or {}).decode()
-            table.writerow([*(_text(entry.get(c)) for c in COLUMNS), details])
+            details = _json_inert(msgspec.json.encode(entry.get("details") or {}).decode())
+            cells = [*(inert(_text(entry.get(c))) for c in COLUMNS), details]
+            table.writerow([_no_formula(cell) for cell in cells])
             yield out.getvalue().rstrip("\n")
     elif fmt == "cef":
         yield from (_cef(e) for e in found)
@@ -101,7 +110,50 @@ def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
             cells = [_text(entry.get(c)) for c in COLUMNS]
             if entry.get("event") == SUPPRESSED and not cells[-1]:
                 cells[-1] = _counted(entry.get("details"))
+            cells = [inert(cell) for cell in cells]
             yield "  ".join([f"{cells[0]:<27}", *cells[1:]])
+
+
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# OWASP's list of characters that make a spreadsheet read a cell as a formula. TAB and CR
+# cannot start a cell here (`inert` spelled them out), but the list is kept whole.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert(text: str) -> str:
+    """`text` with backslashes doubled and every non-printable character spelled out as
+    `\\n`, `\\r`, `\\t`, `\\xNN`, `\\uNNNN` or `\\UNNNNNNNN` (so the text says which it was)."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_SHORT.get(c) or (c if c.isprintable() else _spelled(c)) for c in text)
+
+
+def _spelled(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _json_inert(line: str) -> str:
+    """A JSON line with the non-printable characters JSON lets through raw (DEL, C1, U+2028,
+    bidi overrides, ...) written as `\\u` escapes: it decodes to the same value."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else _json_escape(ord(c)) for c in line)
+
+
+def _json_escape(code: int) -> str:
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # beyond the BMP: a UTF-16 surrogate pair, as JSON spells it
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _no_formula(cell: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one that would start a formula gets a single
+    quote in front (OWASP's recommendation), which spreadsheets display as text."""
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
 
 
 def _counted(details: object) -> str:
@@ -129,9 +181,20 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+# ArcSight CEF: a backslash is escaped everywhere; a pipe in header fields; an equals sign,
+# CR and LF (as \r and \n) in extension values. Any other non-printable character (and CR or
+# LF in a header field, where the specification allows none) becomes the text of its escape,
+# e.g. \x1b, with that backslash escaped: a SIEM shows the text, never the character. Extension
+# keys are fixed names of the CEF dictionary: nothing from an entry becomes a key.
+_CEF_HEADER = {"\\": "\\\\", "|": "\\|"}
+_CEF_EXTENSION = {"\\": "\\\\", "=": "\\=", "\n": "\\n", "\r": "\\r"}
+
+
 def _cef_escape(value: object, *, header: bool) -> str:
-    text = _text(value).replace("\\", "\\\\")
-    return text.replace("|", "\\|") if header else text.replace("=", "\\=").replace("\n", " ")
+    escapes = _CEF_HEADER if header else _CEF_EXTENSION
+    return "".join(
+        escapes.get(c) or (c if c.isprintable() else "\\" + inert(c)) for c in _text(value)
+    )
 
 
 def _cef(entry: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def test_csv_has_a_header_and_one_row_per_entry(root: Path) -> None:
         assert cells["seq"] == str(entry["seq"])
         assert cells["time"] == entry["time"]
         for name in ("writer", "event", "category", "outcome", "actor", "object"):
-            assert cells[name] == ("" if entry[name] is None else entry[name])
+            assert unescape(cells[name]) == ("" if entry[name] is None else entry[name])
         assert json.loads(cells["details"]) == entry["details"]
 
 
@@ -171,7 +171,14 @@ _EXTENSION_KEY = re.compile(r"(?:^| )([A-Za-z0-9]+)=")
 
 
 def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
+    """CEF's escapes: a backslash before any character stands for it, `\\n` and `\\r` for
+    a line break."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r"}.get(m[1], m[1]), text)
+
+
+def unescape(text: str) -> str:
+    """The table's and CSV's escapes (`\\\\`, `\\n`, `\\x1b`, `\\u2028`, ...) read back."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def parse_cef(line: str) -> tuple[list[str], dict[str, str]]:
@@ -240,3 +247,123 @@ def test_table_shows_what_an_events_suppressed_entry_counted(tmp_path: Path) -> 
         "events_suppressed  audit  unknown    12 events from 5 sources: "
         "consumer_denied 8, tls_handshake_failed 4"
     ), line
+
+
+# What an outsider can put into an entry: the path of a refused request (a percent-encoded
+# line break decodes to a real one), and a certificate's or a signal's name.
+FORGED_LINE = "2026-12-05T00:00:00.000000Z  enterprise  9999  policy_accepted  policy  success"
+FORGED_PATH = f"/v1/x\n{FORGED_LINE}"
+HOSTILE = {
+    "object": FORGED_PATH,
+    "actor": '=HYPERLINK("http://evil.example/","open")',
+    "details": {"path": "/v1/y\r\x1b[2J\x1b]0;owned\x07 \x85\u2028\u2029\u202e\x7f\t\U000e0001"},
+}
+FORMULA_OBJECTS = ["+1+2", "-2+3", "@SUM(A1:A9)", "\t=1+1", "\r=1+1", "\\=1+1"]
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hostile") / "audit"
+    with AuditLog(root, "enterprise", "coldstore-1", Ed25519PrivateKey.generate()) as audit:
+        audit.record("consumer_denied", category="access", outcome="failure", **HOSTILE)
+        for text in FORMULA_OBJECTS:
+            audit.record("consumer_denied", category="access", outcome="failure", object=text)
+        audit.record(  # every kind of character a terminal or a viewer acts on, in the event
+            "".join(map(chr, [*range(0x20), *range(0x7F, 0xA0)])) + "\u2028\u202e|x=y",
+            category="access",
+            outcome="failure",
+        )
+    return root
+
+
+def stored(writer: Path) -> list[dict[str, Any]]:
+    """The writer's entries as stored: lines end at LF only (a raw NEL or U+2028 is inside
+    an entry's JSON, where `str.splitlines` would cut it)."""
+    return [
+        json.loads(line)
+        for segment in sorted(writer.glob("*.jsonl"))
+        for line in segment.read_bytes().split(b"\n")
+        if line
+    ]
+
+
+def as_text(char: str) -> str:
+    """A character as the escape that spells it (`\\x1b`, `\\u2028`), or itself if printable."""
+    return char if char.isprintable() else char.encode("unicode_escape").decode()
+
+
+def assert_inert(stdout: str, entries: int) -> list[str]:
+    """One line per entry (plus a header), and nothing but printable characters on them."""
+    lines = stdout.split("\n")
+    assert lines.pop() == ""
+    assert lines == stdout.splitlines()  # no other line break (NEL, U+2028, FS, VT, ...)
+    assert len(lines) == entries
+    assert [line for line in lines if not line.isprintable()] == []
+    return lines
+
+
+def test_table_shows_a_forged_line_as_part_of_its_entry(hostile: Path) -> None:
+    expected = stored(hostile / "enterprise")
+    lines = assert_inert(dmzbroker("audit", "show", str(hostile)).stdout, 1 + len(expected))
+    for line, entry in zip(lines[1:], expected, strict=True):
+        assert line.split()[:3] == [entry["time"], "enterprise", str(entry["seq"])]
+    assert not [line for line in lines if line.startswith(FORGED_LINE[:27])]
+    denied = lines[1 + next(i for i, e in enumerate(expected) if e["object"] == FORGED_PATH)]
+    assert denied.endswith("/v1/x\\n" + FORGED_LINE)
+    assert unescape(denied[denied.index("/v1/x") :]) == FORGED_PATH
+
+
+def test_json_lines_keep_every_value_and_escape_what_json_lets_through(hostile: Path) -> None:
+    stdout = dmzbroker("audit", "show", str(hostile), "--format", "json").stdout
+    expected = stored(hostile / "enterprise")
+    lines = assert_inert(stdout, len(expected))
+    assert [json.loads(line) for line in lines] == expected
+    for raw in ("\x1b", "\x85", "\u2028", "\u202e", "\x7f"):
+        assert raw not in stdout
+
+
+def test_csv_cells_are_inert_and_never_start_a_formula(hostile: Path) -> None:
+    stdout = dmzbroker("audit", "show", str(hostile), "--format", "csv").stdout
+    expected = stored(hostile / "enterprise")
+    assert_inert(stdout, 1 + len(expected))
+    rows = list(csv.reader(io.StringIO(stdout)))[1:]
+    for row, entry in zip(rows, expected, strict=True):
+        assert [cell for cell in row if cell[:1] in ("=", "+", "-", "@", "\t", "\r")] == []
+        cells = dict(zip(CSV_HEADER, row, strict=True))
+        for name in ("event", "actor", "object"):
+            text = cells[name]
+            if entry[name] and entry[name][0] in "=+-@":
+                assert text.startswith("'"), text
+                text = text[1:]
+            assert unescape(text) == (entry[name] or "")
+        assert json.loads(cells["details"]) == entry["details"]
+    objects = {
+        e["object"]: dict(zip(CSV_HEADER, r, strict=True))
+        for e, r in zip(expected, rows, strict=True)
+    }
+    assert objects["+1+2"]["object"] == "'+1+2"
+    assert objects["\t=1+1"]["object"] == "\\t=1+1"
+    assert objects["\\=1+1"]["object"] == "\\\\=1+1"
+
+
+def test_cef_is_escaped_as_the_specification_says_and_adds_no_field(hostile: Path) -> None:
+    stdout = dmzbroker("audit", "show", str(hostile), "--format", "cef").stdout
+    expected = stored(hostile / "enterprise")
+    lines = assert_inert(stdout, len(expected))
+    keys = {"rt", "cat", "outcome", "cs1Label", "cs2Label", "cs2", "cn1Label", "cn1", "cs3Label"}
+    for line, entry in zip(lines, expected, strict=True):
+        header, extensions = parse_cef(line)
+        assert len(header) == 7
+        assert header[4] == header[5] == "".join(map(as_text, entry["event"]))
+        assert keys | {"cs3"} <= extensions.keys() <= keys | {"cs1", "cs3", "suser"}
+        for key, name in (("suser", "actor"), ("cs1", "object")):
+            if entry[name] is not None:
+                spelled = "".join(c if c in "\r\n" else as_text(c) for c in entry[name])
+                assert extensions[key] == spelled
+    forged = next(
+        line for line, e in zip(lines, expected, strict=True) if e["object"] == FORGED_PATH
+    )
+    assert "cs1=/v1/x\\n2026-12-05T00:00:00.000000Z  enterprise" in forged
+    odd = next(line for line, e in zip(lines, expected, strict=True) if e["event"].endswith("|x=y"))
+    assert odd.count("|") - odd.count("\\|") == 7  # the event's pipe is escaped in the header
+    assert "\\\\x1b" in odd and "\\\\u2028" in odd and "|x=y|" in odd
