@@ -16,6 +16,7 @@ import msgspec
 
 GENESIS = "0" * 64  # the prev_hash of a writer's first entry
 CHECKPOINT = "audit_checkpoint"
+CHAIN_BREAK = "audit_chain_break"  # a writer's start found a tail it would not adopt
 EXPIRED = "audit_segments_expired"  # retention deleted old segments; names the last entry
 
 _encoder = msgspec.json.Encoder(order="sorted")
@@ -36,9 +37,10 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(unhashed)).hexdigest()
 
 
-def checkpoint_message(appliance: str, writer: str, seq: int, head: str) -> bytes:
-    """What a checkpoint signs: this appliance's writer vouches for everything up to `head`."""
-    return f"dmzbroker audit checkpoint v1|{appliance}|{writer}|{seq}|{head}".encode()
+def checkpoint_message(appliance: str, writer: str, seq: int, head: str, epoch: int) -> bytes:
+    """What a checkpoint signs: this appliance's writer vouches, with the key of `epoch`
+    (broker.audit.epochs), for everything up to `head`, the hash of entry `seq`."""
+    return f"dmzbroker audit checkpoint v2|{appliance}|{writer}|{seq}|{head}|{epoch}".encode()
 
 
 def raw_hash(line: bytes, claimed: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit.entry import canonical
-from broker.trust.keys import key_id, verifies
+from broker.errors import ConfigError, TrustError
+from broker.trust.keys import key_id, load_private, parse_public_pem, verifies
 
 CHAIN_FILE = "epochs.jsonl"
 KEY_FILE = "epoch.key"
@@ -61,6 +63,42 @@ class RootKey:
     @classmethod
     def of(cls, key: Ed25519PrivateKey) -> RootKey:
         return cls(key.public_key(), lambda: key)
+
+    @classmethod
+    def from_files(cls, private: Path) -> RootKey:
+        """The root key configured as `audit.key`: its public half from `audit.pub` beside it
+        (so the private key may be taken off the appliance), else from the private key."""
+        public_path = private.with_suffix(".pub")
+
+        def load() -> Ed25519PrivateKey:
+            try:
+                return load_private(private, passphrase=None)
+            except TrustError as e:
+                raise ConfigError(
+                    f"{e}: the root audit key is needed to certify a writer's first epoch key "
+                    "(a writer's first start, or after it lost epoch.key); put it back for this "
+                    "start, and take it off the appliance again afterwards"
+                ) from e
+
+        try:
+            text = public_path.read_text()
+        except FileNotFoundError:
+            key = load()
+            return cls(key.public_key(), lambda: key)
+        except OSError as e:
+            raise ConfigError(f"{public_path}: cannot read: {e.strerror}") from e
+        try:
+            public = parse_public_pem(text, str(public_path))
+        except TrustError as e:
+            raise ConfigError(str(e)) from e
+
+        def load_matching() -> Ed25519PrivateKey:
+            key = load()
+            if key_id(key.public_key()) != key_id(public):
+                raise ConfigError(f"{private}: not the private half of {public_path}")
+            return key
+
+        return cls(public, load_matching)
 
 
 def certificate_message(
@@ -219,9 +257,24 @@ def advance(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     _write_durably(directory / NEXT_KEY_FILE, pem, mode=0o600, append=False)
-    _write_durably(directory / CHAIN_FILE, canonical(certificate) + b"\n", mode=0o640, append=True)
-    os.replace(directory / NEXT_KEY_FILE, directory / KEY_FILE)
-    _fsync_folder(directory)
+    chain = directory / CHAIN_FILE
+    try:
+        size = chain.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    try:
+        _write_durably(chain, canonical(certificate) + b"\n", mode=0o640, append=True)
+    except OSError:
+        # Not certified: undo what may be on disk, so that the chain never holds a torn line
+        # and the old key, still the certified one, goes on signing.
+        with contextlib.suppress(OSError):
+            os.truncate(chain, size)
+        with contextlib.suppress(OSError):
+            (directory / NEXT_KEY_FILE).unlink()
+        raise
+    with contextlib.suppress(OSError):  # else the next start renames it (`current_key`)
+        os.replace(directory / NEXT_KEY_FILE, directory / KEY_FILE)
+        _fsync_folder(directory)
     root_certified = not epochs or certificate["certified_by"] != epochs[-1].keyid
     epoch = Epoch(
         number, from_seq, public, key_id(public), len(epochs) + 1, root_certified, appliance

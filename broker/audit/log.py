@@ -1,12 +1,15 @@
 """The audit log writer: one hash chain per writer, signed checkpoints, fail-closed signal.
 
 Each entry names its predecessor's hash, so no entry can be edited, removed, reordered or
-inserted without breaking the chain. Every `checkpoint_every` entries, every
+inserted without breaking the chain. At start, every `checkpoint_every` entries, every
 `checkpoint_s` seconds, at rotation and at shutdown, a checkpoint entry signs the chain's
-head with the appliance's audit key, so the chain cannot be rebuilt by someone without it.
+head with the writer's current epoch key (broker.audit.epochs, ADR 0016), so the chain
+cannot be rebuilt by someone without it, and a key taken today cannot sign for yesterday.
 
-The writer starts a new segment file each time it opens (as the spool does), so a torn last
-line after a crash sits at the end of a final segment, where `audit verify` reports it.
+The writer starts a new segment file each time it opens (as the spool does). It continues
+its chain only when the log ends with a checkpoint that verifies (broker.audit.recovery);
+never otherwise: what follows that checkpoint is left as it is, unadopted, and the new
+segment starts with an `audit_chain_break` entry naming it, which `audit verify` reports.
 When the log cannot be written, `failing` turns true: the halves stop data crossing until a
 write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`, and written by
 `check()` once it can).
@@ -21,28 +24,29 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit import epochs
 from broker.audit.entry import (
+    CHAIN_BREAK,
     CHECKPOINT,
     EXPIRED,
-    GENESIS,
     canonical,
     checkpoint_message,
     entry_hash,
     timestamp,
 )
+from broker.audit.recovery import Found, examine
 from broker.audit.retention import RESERVE, expire
-from broker.audit.segments import read_entries, segment_numbers, segment_path
+from broker.audit.segments import segment_numbers, segment_path
 from broker.config import AuditConfig
-from broker.errors import ChannelError
+from broker.errors import ChannelError, ConfigError, DmzBrokerError
 from broker.folder_lock import FolderLock
-from broker.trust.keys import key_id, load_private
 
 OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
@@ -63,25 +67,41 @@ class HeldBack(Protocol):
 
 class AuditLog:
     held_back: HeldBack | None = None  # set by the forwarder; flushed by check() and close()
+    # Witnesses (broker.plant.run, the SIEM export): called with each checkpoint entry (every
+    # field, seq and hash too) once it is written and fsynced. It must be cheap; what it
+    # raises is counted in `hook_failures`, never passed on to the writer.
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None
+    # Set by _start(): where the chain continues, and the epoch whose key signs from there.
+    _seq: int
+    _head: str
+    _epochs: list[epochs.Epoch]
+    _epoch: epochs.Epoch
+    _epoch_key: Ed25519PrivateKey
+    _epoch_started: float
 
     def __init__(
         self,
         directory: Path,
         writer: str,
         appliance: str,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | epochs.RootKey,
         *,
         checkpoint_every: int = 1000,
         checkpoint_s: float = 60.0,
         segment_bytes: int = 8 * 1024 * 1024,
         capacity_bytes: int = 1024 * 1024 * 1024,
         retention_s: float = 365 * 86_400,
+        epoch_s: float = epochs.EPOCH_S,
     ) -> None:
+        """`key` is the root audit key (the private half is loaded only when a first epoch
+        must be certified); the checkpoints are signed by the writer's epoch keys."""
         self._dir = directory / writer
         self._writer = writer
         self._appliance = appliance
-        self._key = key
-        self._keyid = key_id(key.public_key())
+        self._root = key if isinstance(key, epochs.RootKey) else epochs.RootKey.of(key)
+        self._epoch_s = epoch_s
+        self.hook_failures = 0
+        self.chain_break: dict[str, Any] | None = None  # the details of the break at start
         self._checkpoint_every = checkpoint_every
         self._checkpoint_s = checkpoint_s
         self._segment_bytes = segment_bytes
@@ -103,7 +123,6 @@ class AuditLog:
         self._fd = -1
         try:
             numbers = segment_numbers(self._dir)
-            self._seq, self._head = self._recover(numbers)
             self._used = sum(segment_path(self._dir, n).stat().st_size for n in numbers)
             self._size = 0
             self._since_checkpoint = 0
@@ -113,22 +132,32 @@ class AuditLog:
             self._rollover_due = False
             self._number = (numbers[-1] + 1) if numbers else 1
             try:
+                self._start(numbers)
                 self._fd = self._create(self._number)
             except OSError as e:
-                path = segment_path(self._dir, self._number)
-                raise ChannelError(f"audit log {path}: cannot create: {e.strerror}") from e
+                raise ChannelError(f"audit log {self._dir}: cannot start: {e}") from e
+            if self.chain_break is not None:
+                self._append(self._event(CHAIN_BREAK, "failure", self.chain_break))
+                structlog.get_logger("audit").error(
+                    CHAIN_BREAK, writer=writer, seq=self._seq, **self.chain_break
+                )
+            self._checkpoint("start")
         except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
             self._folder_lock.release()
             raise
 
     @classmethod
     def open(cls, config: AuditConfig, appliance: str, writer: str) -> AuditLog:
-        """The log of `writer` as `broker.yaml` configures it."""
+        """The log of `writer` as `broker.yaml` configures it. The root key file is read only
+        when the writer must certify a first epoch key; `audit.pub` beside it is enough
+        otherwise."""
         return cls(
             config.dir,
             writer,
             appliance,
-            load_private(config.key, passphrase=None),
+            epochs.RootKey.from_files(config.key),
             checkpoint_every=config.checkpoint_every,
             checkpoint_s=config.checkpoint_s,
             capacity_bytes=config.capacity_mib * 1024 * 1024,
@@ -152,6 +181,10 @@ class AuditLog:
     ) -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome!r} is not one of {OUTCOMES}")
+        if event == CHAIN_BREAK:
+            # Written only by the writer whose chain broke, at its start (above); this is the
+            # process log's copy coming back through the forwarder.
+            return
         with self._lock:
             self._record(
                 {
@@ -168,41 +201,69 @@ class AuditLog:
     def _record(self, body: dict[str, Any]) -> None:
         self._append(body)
         self._since_checkpoint += 1
-        due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
-        if self._since_checkpoint >= self._checkpoint_every or due:
-            self._checkpoint()
+        if self._since_checkpoint >= self._checkpoint_every:
+            self._checkpoint("count")
+        elif time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
+            self._checkpoint("time")
         elif self._size >= self._segment_bytes and not self._rollover_due:
             self._roll_over()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, reason: str = "time") -> None:
         """Sign the chain's head; flushed to disk at once."""
         with self._lock:
-            self._checkpoint()
+            self._checkpoint(reason)
 
-    def _checkpoint(self) -> None:
-        seq, head = self._seq, self._head
-        signature = self._key.sign(checkpoint_message(self._appliance, self._writer, seq, head))
+    def _checkpoint(self, reason: str) -> None:
+        seq, head, epoch = self._seq, self._head, self._epoch
+        message = checkpoint_message(self._appliance, self._writer, seq, head, epoch.number)
         details = {
             "appliance": self._appliance,
             "covers_seq": seq,
             "head": head,
-            "keyid": self._keyid,
-            "signature": base64.b64encode(signature).decode(),
+            "epoch": epoch.number,
+            "keyid": epoch.keyid,
+            "reason": reason,
+            "signature": base64.b64encode(self._epoch_key.sign(message)).decode(),
         }
-        self._append(
-            {
-                "event": CHECKPOINT,
-                "category": "audit",
-                "outcome": "success",
-                "actor": None,
-                "object": None,
-                "policy_version": None,
-                "details": details,
-            }
-        )
+        entry = self._append(self._event(CHECKPOINT, "success", details))
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._flush(force=True)
+        if self._pending:
+            return  # not on disk: neither witnessed nor a point to change epochs at
+        if self.on_checkpoint is not None:
+            try:
+                self.on_checkpoint(entry)
+            except Exception:  # a witness must never stop the writer
+                self.hook_failures += 1
+        if time.monotonic() - self._epoch_started >= self._epoch_s:
+            self._next_epoch(self._epoch_key)
+
+    def _next_epoch(self, certifier: Ed25519PrivateKey) -> None:
+        """Certify a new epoch key from the next seq on; the old key object is dropped, so
+        nothing in this process can sign for the seqs before it any more. A failure keeps
+        the old key, still the certified one, until the next checkpoint tries again."""
+        with contextlib.suppress(OSError):
+            self._advance(certifier)
+
+    def _advance(self, certifier: Ed25519PrivateKey) -> None:
+        epoch, key = epochs.advance(
+            self._dir, self._appliance, self._epochs, self._seq + 1, certifier
+        )
+        self._epochs.append(epoch)
+        self._epoch, self._epoch_key = epoch, key
+        self._epoch_started = time.monotonic()
+
+    def _event(self, event: str, outcome: str, details: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "event": event,
+            "category": "audit",
+            "outcome": outcome,
+            "actor": None,
+            "object": None,
+            "policy_version": None,
+            "details": details,
+        }
 
     @property
     def suppressed(self) -> Mapping[str, int]:
@@ -230,7 +291,7 @@ class AuditLog:
                 self._expire_segments()  # in the reserve few entries come to trigger it
             due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
             if due and self._since_checkpoint and not self.failing:
-                self._checkpoint()  # a quiet log still gets its last entries signed in time
+                self._checkpoint("time")  # a quiet log still gets its last entries signed in time
             try:
                 fs = os.statvfs(self._dir)
             except OSError:
@@ -244,12 +305,12 @@ class AuditLog:
             if self._fd >= 0:
                 if self.held_back is not None:
                     self.held_back.flush(final=True)  # under the closing checkpoint
-                self._checkpoint()
+                self._checkpoint("stop")
                 os.close(self._fd)
                 self._fd = -1
             self._folder_lock.release()
 
-    def _append(self, body: dict[str, Any]) -> None:
+    def _append(self, body: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "seq": self._seq + 1,
             "time": timestamp(),
@@ -262,9 +323,10 @@ class AuditLog:
         self._seq, self._head = entry["seq"], entry["hash"]
         if len(self._pending) >= PENDING_LIMIT:
             self.dropped += 1  # the chain now has a gap `audit verify` will show
-            return
+            return entry
         self._pending.append(canonical(entry) + b"\n")
         self._flush(force=False)
+        return entry
 
     def _flush(self, *, force: bool) -> None:
         try:
@@ -294,17 +356,7 @@ class AuditLog:
         )
         self._used -= expiry.freed
         if expiry.anchor is not None:
-            self._record(
-                {
-                    "event": EXPIRED,
-                    "category": "audit",
-                    "outcome": "success",
-                    "actor": None,
-                    "object": None,
-                    "policy_version": None,
-                    "details": expiry.anchor,
-                }
-            )
+            self._record(self._event(EXPIRED, "success", expiry.anchor))
 
     def _create(self, number: int) -> int:
         path = segment_path(self._dir, number)
@@ -323,21 +375,79 @@ class AuditLog:
             self._rollover_due = True
             return
         self._rollover_due = False
-        self._checkpoint()  # the last entry of the old segment
+        self._checkpoint("rollover")  # the last entry of the old segment
         os.close(self._fd)
         self._fd = fd
         self._number += 1
         self._size = 0
         self._expire_segments()
 
-    def _recover(self, numbers: list[int]) -> tuple[int, str]:
-        """Continue the chain after the last whole entry on disk."""
-        for number in reversed(numbers):
-            entries, _ = read_entries(segment_path(self._dir, number))
-            if entries:
-                last = entries[-1]
-                return int(last["seq"]), str(last["hash"])
-        return 0, GENESIS
+    def _start(self, numbers: list[int]) -> None:
+        """Find where the chain may continue, and the epoch key that signs from there.
+
+        Sets seq, head and the epoch; `chain_break` when the log is not adopted. A first
+        start (no segments, no key chain) certifies epoch 1 with the root key.
+        """
+        chain, problem = epochs.read_chain(self._dir, self._root.public)
+        first = not numbers and not (self._dir / epochs.CHAIN_FILE).exists()
+        reasons = [problem] if problem is not None and not first else []
+        if problem is not None:
+            epochs.cut(self._dir, chain)  # new epochs follow the last one that verifies
+        key, why = epochs.current_key(self._dir, chain)
+        if chain and key is None:
+            reasons.append(why)
+        found = examine(self._dir, numbers, chain, self._appliance, self._writer)
+        last = chain[-1] if chain else None
+        if found.problem:
+            reasons.insert(0, found.problem)
+        elif last is not None and found.highest_seq + 1 < last.from_seq:
+            reasons.append(
+                f"the log ends at seq {found.highest_seq}, but epoch {last.number} "
+                f"({epochs.CHAIN_FILE} line {last.line}) starts at seq {last.from_seq}: "
+                "entries after the last checkpoint were removed"
+            )
+        self._epochs = chain
+        self._epoch_started = time.monotonic()
+        if first:
+            self._seq, self._head = 0, found.last_good_hash
+            self._advance(self._root_private("this is the writer's first start"))
+        elif not reasons:
+            self._seq, self._head = found.last_good_seq, found.last_good_hash
+            assert last is not None and key is not None
+            self._epoch, self._epoch_key = last, key
+            if self._seq + 1 > last.from_seq:  # else: certified at the last start, never used
+                self._advance(key)
+        else:
+            self._break(found, reasons, key, last)
+
+    def _break(
+        self,
+        found: Found,
+        reasons: list[str],
+        key: Ed25519PrivateKey | None,
+        last: epochs.Epoch | None,
+    ) -> None:
+        """Leave the tail after the last good checkpoint unadopted: the break entry (written
+        next) takes a seq above every seq found there, and links to that checkpoint."""
+        seq = max(found.highest_seq + 1, last.from_seq + 1 if last is not None else 1)
+        if key is None:
+            key = self._root_private(reasons[-1])
+            reasons.append("a new epoch certified by the root key")
+        self._seq, self._head = seq - 1, found.last_good_hash
+        self._advance(key)
+        self.chain_break = {
+            "last_good_seq": found.last_good_seq,
+            "last_good_hash": found.last_good_hash,
+            "first_bad": found.first_bad,
+            "unadopted": list(found.unadopted) if found.unadopted is not None else None,
+            "reason": "; ".join(reasons),
+        }
+
+    def _root_private(self, why: str) -> Ed25519PrivateKey:
+        try:
+            return self._root.load_private()
+        except DmzBrokerError as e:
+            raise ConfigError(f"audit log {self._dir}: {why}: {e}") from e
 
     def __enter__(self) -> AuditLog:
         return self

@@ -47,7 +47,9 @@ def record_many(log: AuditLog, count: int, start: int = 0) -> list[dict[str, Any
 
 
 def segments(writer_dir: Path) -> list[Path]:
-    return sorted(writer_dir.glob("*.jsonl"))  # names are zero-padded: text order = number order
+    """The segments (named by number; not epochs.jsonl, the key chain)."""
+    # names are zero-padded: text order = number order
+    return sorted(p for p in writer_dir.glob("*.jsonl") if p.stem.isdigit())
 
 
 def read_segment(path: Path) -> list[dict[str, Any]]:
