@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Real peers for the tests: a syslog collector (SIEM export) and an MQTT broker (MQTT sink).
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto
+# Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink) and a
+# browser (headless Chromium renders `audit report`).
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium
 
 .PHONY: demo test lint bench fuzz clean system-packages
 
