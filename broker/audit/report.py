@@ -50,20 +50,33 @@ class Verdict:
     text: str  # as `audit verify` says it
     entries: int
     checkpoints: int
+    witnesses: int
     notes: tuple[str, ...]
 
 
 def verdict_of(report: WriterReport) -> Verdict:
-    """`audit verify`'s answer for one writer, in the report's three kinds."""
-    if report.problem is not None:
-        css, said = "broken", f"BROKEN at {report.problem}"
-    elif report.unproven is not None:
-        first, last = report.unproven
+    """`audit verify`'s answer for one writer, and which of the three kinds it is."""
+    if report.problem is not None or report.unproven:
+        css = "broken"
+    elif report.window is not None:
         css = "window"
-        said = f"INTACT, {last - first + 1} newest entries (seq {first}..{last}) not yet under a checkpoint"
     else:
-        css, said = "intact", "INTACT"
-    return Verdict(report.writer, css, said, report.entries, report.checkpoints, tuple(report.torn))
+        css = "intact"
+    notes = (
+        *(b.describe() for b in report.breaks),
+        *report.unproven[1:],  # the first is in the verdict
+        *report.torn,
+        *report.notes,
+    )
+    return Verdict(
+        report.writer,
+        css,
+        report.verdict,
+        report.entries,
+        report.checkpoints,
+        report.witnesses,
+        notes,
+    )
 
 
 def render(
@@ -132,6 +145,7 @@ def _verdicts(verdicts: Sequence[Verdict], signatures_checked: bool) -> str:
             _td(v.text, f"verdict {v.css}"),
             _td(v.entries),
             _td(v.checkpoints),
+            _td(v.witnesses),
             _list(v.notes) if v.notes else _td(""),
         ]
         for v in verdicts
@@ -151,7 +165,11 @@ def _verdicts(verdicts: Sequence[Verdict], signatures_checked: bool) -> str:
     return (
         f'<h2>Verdict per writer</h2><p class="verdict">Overall: {text(worst)}</p>'
         f'<p class="note">{text(signed)}</p>'
-        + _table(("writer", "verdict", "entries", "checkpoints", "notes"), rows, "no writers")
+        + _table(
+            ("writer", "verdict", "entries", "checkpoints", "witnesses", "notes"),
+            rows,
+            "no writers",
+        )
     )
 
 
