@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from broker.audit import report as html_report
+from broker.audit import review as audit_review
 from broker.audit import show, verify
 from broker.errors import ConfigError, TrustError
 from broker.trust import keys
+
+PROGRESS_AFTER_S = 2.0  # a run shorter than this prints no progress
 
 
 def add_to(commands: Any) -> None:
@@ -31,6 +36,12 @@ def add_to(commands: Any) -> None:
         review.add_argument(f"--{name}")
     review.add_argument("--format", choices=("table", "json", "csv", "cef"), default="table")
     review.set_defaults(handler=_show)
+
+    page = sub.add_parser("report", help="one self-contained HTML page for a security review")
+    page.add_argument("dir", type=Path, help="the audit directory (one folder per writer)")
+    page.add_argument("--html", type=Path, required=True, metavar="OUT.html", help="the page")
+    page.add_argument("--pubkey", type=Path, help="audit.pub, to check checkpoint signatures")
+    page.set_defaults(handler=_report)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -87,4 +98,34 @@ def _show(args: argparse.Namespace) -> int:
     )
     for line in show.render(show.entries(args.dir, filters), args.format):
         print(line)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    found = verify.writers(args.dir)
+    if not found:
+        raise ConfigError(f"{args.dir}: no audit log here (expected one folder per writer)")
+    pubkey = None
+    if args.pubkey is not None:
+        try:
+            pubkey = keys.parse_public_pem(args.pubkey.read_text(), str(args.pubkey))
+        except OSError as e:
+            raise TrustError(f"{args.pubkey}: cannot read: {e.strerror}") from e
+    started = time.monotonic()
+
+    def progress(seen: int) -> None:  # only a run long enough to wonder about prints it
+        if time.monotonic() - started >= PROGRESS_AFTER_S:
+            print(f"audit report: {seen:,} entries read", file=sys.stderr, flush=True)
+
+    gathered = audit_review.read(found, progress)
+    if time.monotonic() - started >= PROGRESS_AFTER_S:
+        print("audit report: verifying the chains", file=sys.stderr, flush=True)
+    verdicts = [html_report.verdict_of(r) for r in verify.verify_dir(args.dir, pubkey)]
+    page = html_report.render(
+        str(args.dir), verdicts, gathered, signatures_checked=pubkey is not None
+    )
+    html_report.write(args.html, page)
+    for verdict in verdicts:
+        print(f"{verdict.writer}: {verdict.text}")
+    print(f"report written to {args.html} ({gathered.entries.total:,} entries)")
     return 0
