@@ -48,6 +48,12 @@ def add_to(commands: Any) -> None:
     check = sub.add_parser("verify", help="who signed; non-zero exit unless thresholds are met")
     check.add_argument("envelope", type=Path)
     check.add_argument("--trust", type=Path, required=True, help="the appliance's trust root")
+    check.add_argument(
+        "--at",
+        type=_moment,
+        metavar="TIME",
+        help="check expiry at this moment, RFC 3339 with a UTC offset (default: now)",
+    )
     check.set_defaults(handler=_verify)
 
 
@@ -133,8 +139,28 @@ def _verify(args: argparse.Namespace) -> int:
             f"this trust root for {trust.deployment_id!r}"
         )
         return 1
+    at = args.at or datetime.now(UTC)
+    if policy.expires <= at:
+        print(
+            f"EXPIRED: version {policy.version} expired at {policy.expires.isoformat()}, "
+            f"before {at.isoformat()}; the broker refuses it"
+        )
+        return 1
     print(f"VERIFIED: version {policy.version}, expires {policy.expires.isoformat()}")
     return 0
+
+
+def _moment(text: str) -> datetime:
+    """`--at`: an RFC 3339 time; one without a UTC offset would be read in local time."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time ({e})") from e
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no UTC offset; add Z or +HH:MM (for example 2026-12-05T12:00:00Z)"
+        )
+    return moment
 
 
 def print_signatures(
