@@ -46,6 +46,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "stream_closed": ("access", "success"),
     "spool_records_lost": ("channel", "failure"),
     "spool_torn_tail_skipped": ("channel", "unknown"),
+    "spool_checkpoint_refused": ("channel", "failure"),
     "spool_segment_expired": ("channel", "success"),
     "half_exited": ("process", "failure"),
     "half_start_failed": ("process", "failure"),
@@ -76,6 +77,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),
 }
+    "audit_checkpoint_witnessed": ("audit", "success"),
 
 # Events anyone on the IT network can cause at will (a connection, a handshake, a refused
 # request): per (event, source) the first few per interval are written in full, the rest only

@@ -1,7 +1,8 @@
 """The enterprise half's process: spool receiver → store → HTTPS API.
 
 Its only input is the spool, opened read-only; its only outputs are the consumer-facing
-listeners. It holds no plant address and no plant credential. A newer accepted policy takes
+listeners (and its audit log, which keeps the plant's audit checkpoints that crossed as
+witnesses). It holds no plant address and no plant credential. A newer accepted policy takes
 effect without a restart: connected consumers keep their streams, with their view widened
 or narrowed to what the new policy grants.
 """
@@ -16,8 +17,10 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from broker.audit.crossing import CROSSING_WRITER, witness_details
 from broker.audit.export import SiemExporter
 from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.witness import WITNESSED
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
 from broker.enterprise.api import create_app
@@ -214,9 +217,14 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
             if not committed:
                 spool.receiver.commit()
                 committed = True
-            records = spool.receiver.receive()
+            checkpoints: list[bytes] = []
+            records = spool.receiver.receive(checkpoints=checkpoints)
             if records:
                 store.apply(records)
+            if checkpoints:
+                _witness(checkpoints)
+            if records or checkpoints:
+                committed = False
                 committed = False
                 metrics.records_received.inc(len(records))
                 spool.receiver.commit()
@@ -233,5 +241,20 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
         if failing.active:
             failing.end(resume_after_seq=spool.receiver.last_seq)
             pause = SPOOL_RETRY_S[0]
+
+
+def _witness(checkpoints: list[bytes]) -> None:
+    """The plant's audit checkpoints that crossed, each kept as an `audit_checkpoint_witnessed`
+    entry of this half's audit log (written by the audit forwarder, like every catalogue
+    event), before the spool position moves past them: a crash in between witnesses one
+    again after the restart, an identical entry `audit verify` counts as the same witness.
+    What is not a well-formed plant checkpoint is refused, logged and skipped."""
+    for unverified in checkpoints:
+        try:
+            details = witness_details(unverified)
+        except ValueError as e:
+            log.error("spool_checkpoint_refused", reason=str(e), bytes=len(unverified))
+            continue
+        log.info(WITNESSED, actor=CROSSING_WRITER, **details)
         # An idle reader polls; while catching up, consumers drain between batches.
         await asyncio.sleep(0 if records else POLL_S)

@@ -3,21 +3,29 @@
 Opens no listening socket. The only thing it writes is the spool; the only peers it talks
 to are the devices the policy names, with read-only services. A newer accepted policy
 replaces the connectors and the pipeline without a restart; the island flag closes the
-gate within a fraction of a second.
+gate within a fraction of a second. Each checkpoint of the plant's audit log crosses the
+spool too, so the enterprise half witnesses it (broker.audit.witness): with the next scan's
+batch, or within WITNESS_WAIT_S when no scan comes. A checkpoint is made right after start
+and right before the spool closes, so the entries of a run are witnessed up to its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import structlog
 
 from broker import island
+from broker.audit.entry import canonical
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig, OpcUaConfig
+from broker.errors import ChannelError
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
 from broker.plant.connectors import RawSample, SupervisedDevice, supervised_devices
@@ -32,6 +40,7 @@ log = structlog.get_logger("plant")
 
 QUEUE_BATCHES = 256  # scans waiting for the spool; past this, connectors wait (backpressure)
 METRICS_EVERY = 8  # flag checks between two writes of the metrics file (2 s)
+WITNESS_WAIT_S = 0.5  # longest an audit checkpoint waits for the spool when no scan comes
 
 
 class PlantHalf:
@@ -43,6 +52,9 @@ class PlantHalf:
         self._policy = policy
         # One thread writes the spool, so shutting it down waits for a write in progress.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
+        # Audit checkpoints waiting to cross, appended by the audit log from any thread
+        # (deque appends and pops are atomic: no lock the spool writer could wait on).
+        self._checkpoints: deque[bytes] = deque()
         self._tasks: asyncio.TaskGroup | None = None
         self._connectors: asyncio.Task[None] | None = None
         self._switching = asyncio.Lock()  # a reload and an audit failure never interleave
@@ -98,20 +110,49 @@ class PlantHalf:
             for name, device in self._devices.items():
                 tasks.create_task(device.run(self._queue.put), name=f"connector {name}")
 
+    def witness(self, entry: dict[str, Any]) -> None:
+        """The audit log's `on_checkpoint` hook: queue the entry to cross with the next
+        batch. Called under the audit log's lock, maybe from the spool writer's own thread
+        (it logs too), so it only appends: it never waits for the spool."""
+        self._checkpoints.append(canonical(entry))
+
     async def _write(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            scans = [await self._queue.get()]
+            scans = []
+            if not self._checkpoints:
+                with contextlib.suppress(TimeoutError):  # no scan: checkpoints still cross
+                    async with asyncio.timeout(WITNESS_WAIT_S):
+                        scans.append(await self._queue.get())
             while not self._queue.empty():  # group commit: everything waiting, one fsync
                 scans.append(self._queue.get_nowait())
             # One scan at a time through the pipeline, so each record carries its own scan's
             # asset state.
             records = [record for scan in scans for record in self.pipeline.process(scan)]
-            await loop.run_in_executor(self._writer, self._send, records)
+            checkpoints = self._take_checkpoints()
+            if records or checkpoints:
+                await loop.run_in_executor(self._writer, self._send, records, checkpoints)
 
-    def _send(self, records: list[Record]) -> None:
-        self._sender.send(records)
+    def _take_checkpoints(self) -> list[bytes]:
+        taken: list[bytes] = []
+        while self._checkpoints:
+            taken.append(self._checkpoints.popleft())
+        return taken
+
+    def _send(self, records: list[Record], checkpoints: list[bytes]) -> None:
+        self._sender.send(records, checkpoints)
         self.metrics.records_written.inc(len(records))
+
+    def send_last_checkpoint(self, audit: AuditLog) -> None:
+        """After the writer thread stopped: a checkpoint of everything so far, sent at once,
+        so the enterprise half witnesses this run up to its end (only the closing entries
+        written after the spool is closed wait for the next start's checkpoint)."""
+        audit.checkpoint("stop")
+        checkpoints = self._take_checkpoints()
+        try:
+            self._sender.send([], checkpoints)
+        except ChannelError as e:
+            log.error("spool_checkpoint_unsent", error=str(e), checkpoints=len(checkpoints))
 
     async def finish_sending(self) -> None:
         """Let the writer thread finish the batch it is writing, even when the task that
@@ -162,8 +203,14 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLo
         next_seq=sender.next_seq,
     )
     half = PlantHalf(sender, policy, MaintenanceBook(config.plant.maintenance))
+    audit.on_checkpoint = half.witness
     try:
+        # The start checkpoint was made before the spool opened: this one, covering it
+        # and the start's entries (the accepted policy), is the first to cross.
+        audit.checkpoint("start")
         await half.run(config, trusted, audit)
     finally:
         await half.finish_sending()
+        await asyncio.to_thread(half.send_last_checkpoint, audit)
+        audit.on_checkpoint = None  # the spool closes: the closing checkpoint cannot cross
         sender.close()
