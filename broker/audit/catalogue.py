@@ -76,8 +76,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),
-}
     "audit_checkpoint_witnessed": ("audit", "success"),
+}
 
 # Events anyone on the IT network can cause at will (a connection, a handshake, a refused
 # request): per (event, source) the first few per interval are written in full, the rest only

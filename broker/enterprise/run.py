@@ -221,12 +221,11 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
             records = spool.receiver.receive(checkpoints=checkpoints)
             if records:
                 store.apply(records)
+                metrics.records_received.inc(len(records))
             if checkpoints:
                 _witness(checkpoints)
             if records or checkpoints:
                 committed = False
-                committed = False
-                metrics.records_received.inc(len(records))
                 spool.receiver.commit()
                 committed = True
         except (ChannelError, OSError) as e:
@@ -241,6 +240,8 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
         if failing.active:
             failing.end(resume_after_seq=spool.receiver.last_seq)
             pause = SPOOL_RETRY_S[0]
+        # An idle reader polls; while catching up, consumers drain between batches.
+        await asyncio.sleep(0 if records else POLL_S)
 
 
 def _witness(checkpoints: list[bytes]) -> None:
@@ -256,5 +257,3 @@ def _witness(checkpoints: list[bytes]) -> None:
             log.error("spool_checkpoint_refused", reason=str(e), bytes=len(unverified))
             continue
         log.info(WITNESSED, actor=CROSSING_WRITER, **details)
-        # An idle reader polls; while catching up, consumers drain between batches.
-        await asyncio.sleep(0 if records else POLL_S)
