@@ -272,6 +272,7 @@ class _Joiner:
 
     def __init__(self, report: WriterReport, segments: list[_Segment]) -> None:
         self.report = report
+        self.started = False  # whether the log's first entry has been placed
         self.expected: tuple[int, str] | None = None  # (seq, prev_hash) the next entry needs
         self.pending: str | None = None  # the first problem since the chain was last proven
         self.link = 0  # chain breaks so far
@@ -300,7 +301,8 @@ class _Joiner:
         place = f"{segment.name} line 1 (seq {seq})"
         opening = segment.opening_break
         problem = None
-        if self.expected is None:  # the first entry left: seq 1, or the one after an expiry
+        if not self.started:  # the first entry left: seq 1, or the one after an expiry
+            self.started = True
             self.report.first_seq = seq
             key = (seq - 1, prev) if opening is None else _anchor_through(self.anchors, seq - 1)
             if (seq, prev) != (1, GENESIS) and key not in self.anchors:
@@ -312,7 +314,7 @@ class _Joiner:
         elif opening is not None and (self.pending is not None or self.expected != (seq, prev)):
             problem = _break_links(opening, self.report.sealed, self.report.last_seq)
             self.pending = None  # the break owns what went wrong in the tail it left behind
-        elif self.pending is None:
+        elif self.pending is None and self.expected is not None:
             found = _continuity(_Link(seq=seq, prev_hash=prev), *self.expected)
             self.pending = None if found is None else f"{place}: {found}"
         if problem is not None:
@@ -326,11 +328,11 @@ class _Joiner:
     def _take(self, segment: _Segment, *, last: bool) -> None:
         """Count the segment in; what it proves counts only while the chain is proven."""
         report = self.report
-        report.entries += segment.entries
-        report.checkpoints += len(segment.checkpoints)
         report.breaks += segment.breaks
         report.last_seq = max(report.last_seq, segment.highest)
         if self.pending is None:
+            report.entries += segment.entries
+            report.checkpoints += len(segment.checkpoints)
             for seq, entry_hash in segment.checkpoints:
                 report.sealed[seq] = entry_hash
                 self.sealed_link[seq] = self.link

@@ -10,7 +10,7 @@ from typing import Any
 
 from broker.audit import report as html_report
 from broker.audit import review as audit_review
-from broker.audit import show, verify
+from broker.audit import show, verify, witness
 from broker.errors import ConfigError, TrustError
 from broker.trust import keys
 
@@ -28,6 +28,17 @@ def add_to(commands: Any) -> None:
     check = sub.add_parser("verify", help="prove the log intact, or name the first problem")
     check.add_argument("dir", type=Path, help="the audit directory (one folder per writer)")
     check.add_argument("--pubkey", type=Path, help="audit.pub, to check checkpoint signatures")
+    check.add_argument(
+        "--witness",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="checkpoints a collector received (JSON or syslog lines); repeatable",
+    )
+    check.add_argument(
+        "--strict", action="store_true", help="exit 1 also for entries not yet under a checkpoint"
+    )
     check.set_defaults(handler=_verify)
 
     review = sub.add_parser("show", help="filter and print entries")
@@ -51,8 +62,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    found = verify.writers(args.dir)
-    if not found:
+    if not verify.writers(args.dir):
         raise ConfigError(f"{args.dir}: no audit log here (expected one folder per writer)")
     pubkey = None
     if args.pubkey is not None:
@@ -60,30 +70,44 @@ def _verify(args: argparse.Namespace) -> int:
             pubkey = keys.parse_public_pem(args.pubkey.read_text(), str(args.pubkey))
         except OSError as e:
             raise TrustError(f"{args.pubkey}: cannot read: {e.strerror}") from e
+    files = [witness.read_file(path) for path in args.witness]
     started = time.perf_counter()
-    reports = [verify.verify_writer(directory, pubkey) for directory in found]
+    reports = verify.verify_dir(args.dir, pubkey, files)
     elapsed = time.perf_counter() - started
     for report in reports:
         print(
-            f"{report.writer}: {report.entries} entries, {report.checkpoints} checkpoints verified"
+            f"{report.writer}: {report.entries} entries, {report.checkpoints} checkpoints, "
+            f"{report.witnesses} witnesses verified"
         )
-        for place in report.torn:
-            print(f"  note: {place}")
-        if report.problem:
-            print(f"  BROKEN at {report.problem}")
-        if report.unproven:
-            first, last = report.unproven
-            print(
-                f"  UNPROVEN: seq {first}..{last} come after the last checkpoint; "
-                "the tail may have been truncated and cannot be proven"
-            )
+        for line in report.torn + report.notes:
+            print(f"  note: {line}")
+        print(f"  {report.writer}: {report.verdict}")
+        for more in report.unproven[1:] if report.problem is None else ():
+            print(f"    and UNPROVEN: {more}")
+    for file in files:
+        print(
+            f"witness {file.path}: {len(file.witnesses)} checkpoints, {file.skipped} lines "
+            f"skipped (not audit entries), {file.corrupt} checkpoints not matching their hash"
+        )
     if pubkey is None:
-        print("checkpoint signatures NOT checked: give --pubkey audit.pub")
+        print("checkpoint signatures and the epoch key chain NOT checked: give --pubkey audit.pub")
     total = sum(r.entries for r in reports)
     print(f"{total} entries in {elapsed:.2f} s ({total / max(elapsed, 1e-9):,.0f} entries/s)")
-    intact = all(r.intact for r in reports)
-    print("INTACT" if intact else "NOT INTACT")
-    return 0 if intact else 1
+    if any(r.problem is not None for r in reports):
+        print("BROKEN")
+        return 1
+    if not all(r.intact for r in reports):
+        print("UNPROVEN")
+        return 1
+    waiting = sum(r.window[1] - r.window[0] + 1 for r in reports if r.window is not None)
+    if waiting:
+        print(
+            f"INTACT, {waiting} newest entries not yet under a checkpoint (a running writer; "
+            "--strict counts this as a failure)"
+        )
+        return 1 if args.strict else 0
+    print("INTACT")
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:

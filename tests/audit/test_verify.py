@@ -1,8 +1,10 @@
 """`dmzbroker audit verify` and verify_writer on a real log, intact and tampered with.
 
 The pristine log: writer "plant", checkpoint every 5 entries, opened twice (30 then 12
-recorded entries, closed each time), so two segments. Each test tampers with a fresh copy
-and checks both the real CLI (exit code, printed text) and verify_writer.
+recorded entries, closed each time), so two segments, each sealed at start and at close, and
+two epochs. Each test tampers with a fresh copy and checks both the real CLI (exit code,
+printed text) and verify_writer. The attacks on truncation, chain breaks, epochs, anchors and
+witnesses are in the second half.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit.entry import checkpoint_message
+from broker.audit.export import frame
 from broker.audit.log import AuditLog
 from broker.audit.verify import WriterReport, verify_writer
 from broker.trust import keys
@@ -40,11 +44,14 @@ from tests.harness import dmzbroker
 APPLIANCE, OTHER_APPLIANCE = "coldstore-1", "coldstore-2"
 EVERY = 5
 OPENS = (30, 12)  # entries recorded per open of the writer
-CHECKPOINTS = sum(n // EVERY + 1 for n in OPENS)  # every EVERY entries, and one at each close
+# Per open: a start checkpoint, one after every EVERY entries (the start's counting as the
+# first of the 30: 6 + 1 at seq 37), one at close. test_pristine_log_is_laid_out_as_the_tests_expect
+# checks these against the files.
+CHECKPOINTS = 12
 ENTRIES = sum(OPENS) + CHECKPOINTS
-FIRST_OF_SECOND_OPEN = OPENS[0] + OPENS[0] // EVERY + 1 + 1
+FIRST_OF_SECOND_OPEN = 39
 RECORD = 14  # seq of an ordinary entry (not a checkpoint) in the first segment
-SIGNED = 3 * (EVERY + 1)  # seq of the third checkpoint
+SIGNED = 19  # seq of the fourth checkpoint
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Logs:
     pubkey: Path
     other_root: Path  # another appliance's, same writer name and the same shape
     other_pubkey: Path
+    key: Ed25519PrivateKey  # our root key
 
 
 def write_log(root: Path, appliance: str, key: Ed25519PrivateKey) -> None:
@@ -74,6 +82,7 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Logs:
         write_public_key(ours, base / "audit.pub"),
         base / "theirs",
         write_public_key(theirs, base / "other.pub"),
+        ours,
     )
 
 
@@ -99,7 +108,7 @@ def assert_broken(
     result: subprocess.CompletedProcess[str], report: WriterReport, seq: int, words: str
 ) -> None:
     assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stdout.splitlines()[-1] == "NOT INTACT"
+    assert result.stdout.splitlines()[-1] == "BROKEN"
     broken = [line for line in result.stdout.splitlines() if "BROKEN at" in line]
     assert len(broken) == 1, result.stdout
     assert f"(seq {seq})" in broken[0]
@@ -150,20 +159,22 @@ def rechain(root: Path) -> None:
 def test_pristine_log_is_laid_out_as_the_tests_expect(logs: Logs) -> None:
     first, second = (read_segment(p) for p in segments(logs.root / "plant"))
     entries = first + second
-    assert (ENTRIES, CHECKPOINTS, FIRST_OF_SECOND_OPEN) == (52, 10, 38)
     assert len(entries) == ENTRIES
     assert sum(e["event"] == CHECKPOINT_EVENT for e in entries) == CHECKPOINTS
     assert second[0]["seq"] == FIRST_OF_SECOND_OPEN
     assert entries[RECORD - 1]["event"] != CHECKPOINT_EVENT
     assert entries[RECORD]["event"] != CHECKPOINT_EVENT  # the one after it, for the swap
     assert entries[SIGNED - 1]["event"] == CHECKPOINT_EVENT
+    assert entries[0]["event"] == entries[FIRST_OF_SECOND_OPEN - 1]["event"] == CHECKPOINT_EVENT
+    assert [e["details"]["epoch"] for e in (entries[0], second[0])] == [1, 2]
 
 
 def test_intact_log_exits_0_with_entries_and_checkpoints_counted(root: Path, logs: Logs) -> None:
     result, report = verify(root, logs.pubkey)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints verified" in lines
+    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints, 0 witnesses verified" in lines
+    assert "  plant: INTACT" in lines
     assert lines[-1] == "INTACT"
     assert "NOT checked" not in result.stdout
     assert "BROKEN" not in result.stdout
@@ -172,8 +183,10 @@ def test_intact_log_exits_0_with_entries_and_checkpoints_counted(root: Path, log
         ENTRIES,
         CHECKPOINTS,
         None,
-        None,
+        [],
     )
+    assert report.window is None
+    assert report.verdict == "INTACT"
     assert report.intact
     assert [e["seq"] for e in read_log(root / "plant")] == list(range(1, ENTRIES + 1))
 
@@ -181,8 +194,10 @@ def test_intact_log_exits_0_with_entries_and_checkpoints_counted(root: Path, log
 def test_without_pubkey_says_signatures_were_not_checked(root: Path) -> None:
     result, report = verify(root, None)
     assert result.returncode == 0
-    assert "checkpoint signatures NOT checked" in result.stdout
+    assert "checkpoint signatures and the epoch key chain NOT checked" in result.stdout
+    assert result.stdout.splitlines()[-1] == "INTACT"
     assert report.intact
+    assert not report.signatures_checked
 
 
 def test_key_made_by_keygen_signs_a_log_that_verifies_with_its_public_key(
@@ -197,7 +212,7 @@ def test_key_made_by_keygen_signs_a_log_that_verifies_with_its_public_key(
         record_many(log, 7)
     result, report = verify(tmp_path / "audit", public)
     assert result.returncode == 0, result.stdout
-    assert "plant: 10 entries, 3 checkpoints verified" in result.stdout
+    assert "plant: 11 entries, 4 checkpoints, 0 witnesses verified" in result.stdout
     assert report.intact
 
 
@@ -239,7 +254,7 @@ def test_two_swapped_entries_are_reported(root: Path, logs: Logs) -> None:
     swap(root, RECORD)
     result, report = verify(root, logs.pubkey)
     assert result.returncode == 1
-    assert "NOT INTACT" in result.stdout
+    assert "BROKEN" in result.stdout.splitlines()
     assert report.problem is not None
     assert f"(seq {RECORD + 1})" in report.problem  # the first entry out of its place
 
@@ -292,7 +307,7 @@ def test_other_appliances_segment_rechained_onto_ours_is_caught_at_its_checkpoin
 ) -> None:
     shutil.copyfile(segments(logs.other_root / "plant")[-1], segments(root / "plant")[-1])
     rechain(root)
-    first_foreign_checkpoint = FIRST_OF_SECOND_OPEN + EVERY
+    first_foreign_checkpoint = FIRST_OF_SECOND_OPEN  # their start checkpoint
     for pubkey in (None, logs.pubkey):
         result, report = verify(root, pubkey)
         assert_broken(
@@ -301,8 +316,15 @@ def test_other_appliances_segment_rechained_onto_ours_is_caught_at_its_checkpoin
         assert f"{OTHER_APPLIANCE!r}" in report.problem
 
 
-def test_checkpoints_verified_with_another_key_have_a_bad_signature(root: Path, logs: Logs) -> None:
-    assert_broken(*verify(root, logs.other_pubkey), seq=EVERY + 1, words="bad checkpoint signature")
+def test_a_log_verified_with_another_root_key_is_broken_at_its_key_chain(
+    root: Path, logs: Logs
+) -> None:
+    result, report = verify(root, logs.other_pubkey)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "BROKEN"
+    expected = "BROKEN at epochs.jsonl line 1: epoch 1 not certified by the root key (audit.pub)"
+    assert f"  plant: {expected}" in result.stdout.splitlines()
+    assert report.verdict == expected
 
 
 def alter_signature(entry: dict[str, Any]) -> None:
@@ -325,42 +347,6 @@ def test_checkpoint_with_altered_signature_and_rebuilt_chain_has_a_bad_signature
     assert_broken(*verify(root, logs.pubkey), seq=SIGNED, words="bad checkpoint signature")
 
 
-def test_writer_killed_without_closing_leaves_an_unproven_window(tmp_path: Path) -> None:
-    count = 12
-    signer = Ed25519PrivateKey.generate()
-    log = AuditLog(tmp_path / "audit", "plant", APPLIANCE, signer, checkpoint_every=EVERY)
-    record_many(log, count)
-    abandon(tmp_path / "audit" / "plant")
-    last_checkpoint = (count // EVERY) * (EVERY + 1)
-    window = (last_checkpoint + 1, count + count // EVERY)
-    pub = write_public_key(signer, tmp_path / "audit.pub")
-    result, report = verify(tmp_path / "audit", pub)
-    assert result.returncode == 1
-    assert f"UNPROVEN: seq {window[0]}..{window[1]} come after the last checkpoint" in (
-        result.stdout
-    )
-    assert result.stdout.splitlines()[-1] == "NOT INTACT"
-    assert "BROKEN" not in result.stdout
-    assert report.unproven == window
-    assert report.problem is None
-    assert report.entries == window[1]
-
-
-def test_tail_truncated_after_a_checkpoint_is_unproven(root: Path, logs: Logs) -> None:
-    newest = segments(root / "plant")[-1]
-    kept = read_segment(newest)[:-4]
-    write_segment(newest, kept)
-    last_checkpoint = max(e["seq"] for e in kept if e["event"] == CHECKPOINT_EVENT)
-    window = (last_checkpoint + 1, kept[-1]["seq"])
-    assert window[0] <= window[1]
-    result, report = verify(root, logs.pubkey)
-    assert result.returncode == 1
-    assert f"UNPROVEN: seq {window[0]}..{window[1]}" in result.stdout
-    assert result.stdout.splitlines()[-1] == "NOT INTACT"
-    assert report.unproven == window
-    assert report.problem is None
-
-
 def test_torn_last_line_is_a_note_and_the_entries_before_still_verify(
     root: Path, logs: Logs
 ) -> None:
@@ -372,7 +358,7 @@ def test_torn_last_line_is_a_note_and_the_entries_before_still_verify(
     assert f"  note: {newest.name}: {len(half)} bytes of a cut-off line at the end" in (
         result.stdout.splitlines()
     )
-    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints verified" in result.stdout
+    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints, 0 witnesses" in result.stdout
     assert "BROKEN" not in result.stdout
     assert result.returncode == 0  # a note, not a break: the entries before it are intact
     assert (report.entries, report.checkpoints, report.problem) == (ENTRIES, CHECKPOINTS, None)
@@ -384,10 +370,12 @@ def test_log_of_one_writer_copied_in_as_another_writer_is_spliced(root: Path, lo
     result, _ = verify(root, logs.pubkey)
     report = verify_writer(root / "enterprise", None)
     assert result.returncode == 1
-    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints verified" in result.stdout
+    assert f"plant: {ENTRIES} entries, {CHECKPOINTS} checkpoints, 0 witnesses" in result.stdout
     assert "enterprise: 0 entries" in result.stdout
-    assert "an entry of writer 'plant' in the 'enterprise' log (spliced)" in result.stdout
+    # its key chain (copied too) certifies another writer; without it, the entries do
+    assert "  enterprise: BROKEN at epochs.jsonl line 1: certifies writer 'plant'" in result.stdout
     assert report.problem is not None
+    assert "an entry of writer 'plant' in the 'enterprise' log (spliced)" in report.problem
     assert "(seq 1)" in report.problem
 
 
@@ -401,7 +389,7 @@ def test_garbled_line_after_a_checkpoint_in_the_last_segment_is_not_intact(
     path.write_text("".join(lines))
     result, report = verify(root, logs.pubkey)
     assert result.returncode == 1, result.stdout
-    assert "INTACT" not in result.stdout.splitlines()
+    assert result.stdout.splitlines()[-1] == "BROKEN"
     assert report.problem is not None
     assert report.problem.startswith(f"{path.name} line {index + 1}")
 
@@ -416,7 +404,7 @@ def test_line_replaced_by_json_that_is_not_an_object_is_reported_not_a_crash(
     result = dmzbroker("audit", "verify", str(root), "--pubkey", str(logs.pubkey), check=False)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 1
-    assert result.stdout.splitlines()[-1] == "NOT INTACT"
+    assert result.stdout.splitlines()[-1] == "BROKEN"
     report = verify_writer(root / "plant", None)
     assert report.problem is not None
     assert f"line {index + 1}" in report.problem
@@ -434,3 +422,304 @@ def test_untouched_entry_whose_details_hold_a_hash_key_verifies_intact(tmp_path:
     result, report = verify(tmp_path / "audit", write_public_key(signer, tmp_path / "audit.pub"))
     assert report.problem is None, report.problem
     assert result.returncode == 0, result.stdout
+
+
+# --- Verdicts of a live log, chain breaks, epochs, anchors and witnesses (issue 13) ---------
+
+
+def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return dmzbroker("audit", "verify", str(root), *args, check=False)
+
+
+def live_log(root: Path, key: Ed25519PrivateKey, count: int) -> None:
+    """A writer that recorded `count` entries after its last checkpoint and is still running
+    (as far as its files go: a crash looks the same until the next start)."""
+    log = AuditLog(root, "plant", APPLIANCE, key, checkpoint_every=EVERY)
+    record_many(log, EVERY * 2 + count)
+    abandon(root / "plant")
+
+
+def test_a_live_log_is_intact_with_a_warning_and_fails_only_under_strict(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    live_log(tmp_path / "audit", key, 3)
+    pub = write_public_key(key, tmp_path / "audit.pub")
+    result = cli(tmp_path / "audit", "--pubkey", str(pub))
+    # seq 1 start checkpoint, 2..6, 7 checkpoint, 8..12, 13 checkpoint, 14..16 unsealed
+    warning = "INTACT, 3 newest entries (seq 14..16) not yet under a checkpoint"
+    assert result.returncode == 0, result.stdout
+    assert f"  plant: {warning}" in result.stdout.splitlines()
+    assert result.stdout.splitlines()[-1].startswith("INTACT, 3 newest entries not yet under")
+    assert "UNPROVEN" not in result.stdout and "BROKEN" not in result.stdout
+    strict = cli(tmp_path / "audit", "--pubkey", str(pub), "--strict")
+    assert strict.returncode == 1
+    assert f"  plant: {warning}" in strict.stdout.splitlines()
+    report = verify_writer(tmp_path / "audit" / "plant", key.public_key())
+    assert (report.window, report.intact, report.verdict) == ((14, 16), True, warning)
+
+
+def checkpoints_of(writer_dir: Path) -> list[dict[str, Any]]:
+    return [e for e in read_log(writer_dir) if e["event"] == CHECKPOINT_EVENT]
+
+
+def syslog_line(entry: dict[str, Any]) -> str:
+    """How a collector stores what the SIEM export sent (broker.audit.export.frame)."""
+    framed = frame(entry, canonical_text(entry).encode(), "appliance-1").decode()
+    return framed.split(" ", 1)[1]  # without the octet count
+
+
+def test_log_cut_right_after_a_checkpoint_is_truncated_by_a_witness_file(
+    root: Path, logs: Logs, tmp_path: Path
+) -> None:
+    newest = segments(root / "plant")[-1]
+    entries = read_segment(newest)
+    cut_at = next(i for i, e in enumerate(entries) if e["event"] == CHECKPOINT_EVENT and i > 0)
+    write_segment(newest, entries[: cut_at + 1])  # ends with a checkpoint: looks sealed
+    assert cli(root, "--pubkey", str(logs.pubkey)).stdout.splitlines()[-1] == "INTACT"
+    later = [e for e in entries[cut_at + 1 :] if e["event"] == CHECKPOINT_EVENT]
+    witness = tmp_path / "collector.log"
+    witness.write_text(
+        "a line from something else\n"
+        + "".join(syslog_line(e) + "\n" for e in checkpoints_of(logs.root / "plant")[:3])
+        + canonical_text(later[-1]) + "\n"
+    )  # fmt: skip
+    result = cli(root, "--pubkey", str(logs.pubkey), "--witness", str(witness))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "BROKEN"
+    expected = (
+        f"  plant: BROKEN at the end (seq {entries[cut_at]['seq']}): the log ends at seq "
+        f"{entries[cut_at]['seq']}, but a witness ({witness} line 5) holds a checkpoint at seq "
+        f"{later[-1]['seq']}: truncated"
+    )
+    assert expected in result.stdout.splitlines(), result.stdout
+    assert f"witness {witness}: 4 checkpoints, 1 lines skipped" in result.stdout
+
+
+def witnessed_pair(root: Path, key: Ed25519PrivateKey, opens: int) -> None:
+    """A plant and an enterprise writer; every plant checkpoint is recorded by the enterprise
+    writer as audit_checkpoint_witnessed, as the enterprise half does when it crosses."""
+    for run in range(opens):
+        enterprise = AuditLog(root, "enterprise", APPLIANCE, key, checkpoint_every=50)
+        plant = AuditLog(root, "plant", APPLIANCE, key, checkpoint_every=EVERY)
+
+        def witness(entry: dict[str, Any], enterprise: AuditLog = enterprise) -> None:
+            details = {k: entry["details"][k] for k in entry["details"] if k != "reason"}
+            enterprise.record(
+                "audit_checkpoint_witnessed",
+                category="audit",
+                outcome="success",
+                actor="plant",
+                details={"witnessed_writer": "plant", "seq": entry["seq"], "hash": entry["hash"],
+                         **details},
+            )  # fmt: skip
+
+        plant.on_checkpoint = witness
+        record_many(plant, 12, start=run * 12)
+        plant.close()
+        enterprise.close()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("witnessed")
+    key = Ed25519PrivateKey.generate()
+    witnessed_pair(base / "audit", key, opens=2)
+    return base / "audit", write_public_key(key, base / "audit.pub")
+
+
+@pytest.fixture
+def pair_copy(pair: tuple[Path, Path], tmp_path: Path) -> Path:
+    shutil.copytree(pair[0], tmp_path / "audit")
+    return tmp_path / "audit"
+
+
+def test_the_enterprise_log_witnesses_the_plant_log_without_options(
+    pair: tuple[Path, Path], pair_copy: Path
+) -> None:
+    result = cli(pair_copy, "--pubkey", str(pair[1]))
+    held = [e for e in read_log(pair_copy / "enterprise") if e["actor"] == "plant"]
+    assert len(held) >= 4  # each run's checkpoints after the hook was set, and its stop
+    assert result.returncode == 0, result.stdout
+    assert f"checkpoints, {len(held)} witnesses verified" in result.stdout
+    assert result.stdout.splitlines()[-1] == "INTACT"
+
+
+def test_newest_plant_segment_deleted_is_truncation_seen_from_the_enterprise_log(
+    pair: tuple[Path, Path], pair_copy: Path
+) -> None:
+    segments(pair_copy / "plant")[-1].unlink()
+    result = cli(pair_copy, "--pubkey", str(pair[1]))
+    assert result.returncode == 1
+    plant = [line for line in result.stdout.splitlines() if line.startswith("  plant: ")]
+    assert plant[0].startswith("  plant: BROKEN at the end (seq "), result.stdout
+    assert "holds a checkpoint at seq" in plant[0] and "truncated" in plant[0]
+    assert "(enterprise log seq " in plant[0]
+
+
+def test_newest_segment_of_every_writer_deleted_is_truncation_seen_by_a_witness_file(
+    pair: tuple[Path, Path], pair_copy: Path, tmp_path: Path
+) -> None:
+    witness = tmp_path / "siem.jsonl"
+    witness.write_text(
+        "".join(
+            canonical_text(e) + "\n"
+            for w in ("plant", "enterprise")
+            for e in checkpoints_of(pair_copy / w)
+        )
+    )
+    for writer in ("plant", "enterprise"):
+        segments(pair_copy / writer)[-1].unlink()
+    assert cli(pair_copy, "--pubkey", str(pair[1])).returncode == 0  # nothing left to tell
+    result = cli(pair_copy, "--pubkey", str(pair[1]), "--witness", str(witness))
+    assert result.returncode == 1
+    for writer in ("plant", "enterprise"):
+        assert f"  {writer}: BROKEN at the end (seq " in result.stdout, result.stdout
+    assert result.stdout.count(": truncated") == 2
+
+
+def test_a_witness_the_log_contradicts_is_broken(root: Path, logs: Logs, tmp_path: Path) -> None:
+    """The newest segment deleted, then the writer started again: the log ends with a sealed
+    checkpoint, so it continues from there, reusing the deleted seqs. On its own the log is
+    intact; the collector's copy of a deleted checkpoint says otherwise."""
+    witnessed = checkpoints_of(root / "plant")[-3]
+    assert witnessed["seq"] > FIRST_OF_SECOND_OPEN
+    segments(root / "plant")[-1].unlink()
+    with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=EVERY) as log:
+        record_many(log, 20, start=100)
+    assert cli(root, "--pubkey", str(logs.pubkey)).returncode == 0
+    witness = tmp_path / "w.jsonl"
+    witness.write_text(canonical_text(witnessed) + "\n")
+    result = cli(root, "--pubkey", str(logs.pubkey), "--witness", str(witness))
+    assert result.returncode == 1
+    expected = (
+        f"  plant: BROKEN at seq {witnessed['seq']}: a witness ({witness} line 1) holds a "
+        f"checkpoint there (hash {witnessed['hash'][:16]}…) that the log does not prove"
+    )
+    assert any(line.startswith(expected) for line in result.stdout.splitlines()), result.stdout
+
+
+def resign_all(root: Path, key: Ed25519PrivateKey, epoch: int) -> None:
+    """Rebuild the chain and sign every checkpoint with `key`, claiming `epoch`."""
+    head = "0" * 64
+    for path in segments(root / "plant"):
+        entries = read_segment(path)
+        for entry in entries:
+            entry["prev_hash"] = head
+            if entry["event"] == CHECKPOINT_EVENT:
+                d = entry["details"]
+                d["head"], d["covers_seq"], d["epoch"] = head, entry["seq"] - 1, epoch
+                d["keyid"] = keys.key_id(key.public_key())
+                message = checkpoint_message(d["appliance"], "plant", d["covers_seq"], head, epoch)
+                d["signature"] = base64.b64encode(key.sign(message)).decode()
+            entry["hash"] = head = sha256_of(entry)
+        write_segment(path, entries)
+
+
+def test_the_current_epoch_key_cannot_re_sign_the_past(root: Path, logs: Logs) -> None:
+    """An attacker takes the current epoch key (epoch 2, from seq 39), drops an entry of the
+    first run and re-signs everything: seq 1..38 belong to epoch 1, whose key is gone."""
+    current = keys.load_private(root / "plant" / "epoch.key", None)
+    path, index = locate(root, RECORD)
+    entries = read_segment(path)
+    del entries[index]
+    for later in entries[index:]:
+        later["seq"] -= 1
+    write_segment(path, entries)
+    for claimed, words in ((2, "it claims epoch 2, but seq 1 belongs to epoch 1"),
+                           (1, "not made with epoch 1's key")):  # fmt: skip
+        resign_all(root, current, claimed)
+        assert_broken(*verify(root, logs.pubkey), seq=1, words=words)
+
+
+def test_a_tampered_tail_restarted_is_a_chain_break_reported_forever(
+    root: Path, logs: Logs
+) -> None:
+    """After the last checkpoint, drop an entry and re-hash the rest (no key needed), then
+    restart the writer: it records a chain break instead of adopting, and verify keeps
+    saying so, with the break's fields; the tampering belongs to the break."""
+    newest = segments(root / "plant")[-1]
+    entries = read_segment(newest)
+    tail = [e for e in entries if e["seq"] > entries[-1]["seq"] - 1]  # the stop checkpoint
+    live = AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=100)
+    record_many(live, 4, start=200)
+    abandon(root / "plant")
+    last = read_segment(segments(root / "plant")[-1])
+    del last[3]  # seq s+3: the forger's deletion after the start checkpoint ...
+    for entry in last[3:]:
+        entry["seq"] -= 1
+    head = last[2]["hash"]
+    for entry in last[3:]:  # ... hidden by re-hashing the rest
+        entry["prev_hash"] = head
+        entry["hash"] = head = sha256_of(entry)
+    write_segment(segments(root / "plant")[-1], last)
+    with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=100):
+        pass
+    good, first_after = last[0]["seq"], last[1]["seq"]
+    assert tail and last[0]["event"] == CHECKPOINT_EVENT
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "UNPROVEN"
+    assert "BROKEN" not in result.stdout
+    brk = report.breaks[0]
+    assert brk.seq == last[-1]["seq"] + 1
+    assert brk.details["last_good_seq"] == good
+    assert brk.details["unadopted"] == [first_after, last[-1]["seq"]]
+    described = (
+        f"chain break at seq {brk.seq} ({segments(root / 'plant')[-1].name} line 1): last good "
+        f"seq {good} (hash {last[0]['hash'][:16]}…), first bad none, seq {first_after}.."
+        f"{last[-1]['seq']} not adopted: "
+    )
+    assert f"  plant: {report.verdict}" in result.stdout.splitlines()
+    assert report.verdict.startswith(f"UNPROVEN: {described}")
+    with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=100) as log:
+        record_many(log, 3)
+    again, _ = verify(root, logs.pubkey)
+    assert again.returncode == 1 and f"  plant: UNPROVEN: {described}" in again.stdout  # forever
+
+
+def test_a_forged_expiry_anchor_in_the_unsealed_tail_is_not_trusted(root: Path, logs: Logs) -> None:
+    """Delete the oldest segment and append an anchor for it after the last checkpoint,
+    chained correctly (no key needed), then restart the writer."""
+    oldest, newest = segments(root / "plant")
+    deleted = read_segment(oldest)
+    oldest.unlink()
+    entries = read_segment(newest)
+    anchor = dict(entries[-1], seq=entries[-1]["seq"] + 1, event="audit_segments_expired",
+                  category="audit", prev_hash=entries[-1]["hash"],
+                  details={"segments": [1], "through_seq": deleted[-1]["seq"],
+                           "head": deleted[-1]["hash"]})  # fmt: skip
+    anchor["hash"] = sha256_of(anchor)
+    write_segment(newest, [*entries, anchor])
+    for restarted in (False, True):
+        if restarted:
+            with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=EVERY):
+                pass
+        result, report = verify(root, logs.pubkey)
+        assert result.returncode == 1, result.stdout
+        untrusted = [u for u in report.unproven if "not trusted" in u]
+        assert len(untrusted) == 1, report.unproven
+        assert untrusted[0].startswith(f"the log starts at seq {FIRST_OF_SECOND_OPEN}, and the")
+        assert f"UNPROVEN: {untrusted[0]}" in result.stdout
+        assert result.stdout.splitlines()[-1] == "UNPROVEN"
+
+
+def test_missing_key_chain_is_unproven_and_an_edited_one_broken(root: Path, logs: Logs) -> None:
+    chain = root / "plant" / "epochs.jsonl"
+    lines = chain.read_text().splitlines(keepends=True)
+    chain.unlink()
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "UNPROVEN"
+    assert report.verdict == (
+        "UNPROVEN: epochs.jsonl: missing (the key chain from audit.pub): no checkpoint "
+        "signature can be checked"
+    )
+    edited = json.loads(lines[1])
+    edited["from_seq"] = 2  # epoch 2 would sign from seq 2: the past
+    chain.write_text(lines[0] + canonical_text(edited) + "\n")
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "BROKEN"
+    assert (
+        report.verdict
+        == "BROKEN at epochs.jsonl line 2: epoch 2 not certified by epoch 1's key or the root key (audit.pub)"
+    )
