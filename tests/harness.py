@@ -22,7 +22,7 @@ import yaml
 from aiohttp import web
 
 from broker import policy
-from broker.enterprise.listener import listen
+from broker.enterprise.listener import ContextInForce, listen
 from broker.policy import envelope as envelopes
 from broker.trust import keys, tls
 
@@ -282,7 +282,7 @@ async def _ok(_: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def ok_server(context: ssl.SSLContext) -> AsyncIterator[int]:
+async def ok_server(context: ssl.SSLContext | ContextInForce) -> AsyncIterator[int]:
     """A one-route app behind the broker's own TLS listener on a free loopback port."""
     app = web.Application()
     app.router.add_get("/", _ok)

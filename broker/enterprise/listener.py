@@ -35,6 +35,7 @@ import socket
 import ssl
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -114,18 +115,29 @@ class ConnectionStats:
     http_errors: Counter[str] = field(default_factory=Counter)  # answered by aiohttp, by status
 
 
+class ContextInForce(Protocol):
+    """Holds the TLS context in force and replaces it on a reload (tls.EndpointReloader)."""
+
+    @property
+    def context(self) -> ssl.SSLContext: ...
+
+
 class Listener:
-    """Accepting sockets, the open connections, and their limits."""
+    """Accepting sockets, the open connections, and their limits.
+
+    Each new handshake takes the TLS context in force when it starts: a reloaded context
+    serves every handshake after the reload, and established connections keep theirs.
+    """
 
     def __init__(
         self,
         server: web.Server,
-        context: ssl.SSLContext,
+        tls: ssl.SSLContext | ContextInForce,
         limits: ListenConfig,
         stats: ConnectionStats | None = None,
     ) -> None:
         self._server = server
-        self._context = context
+        self._tls = tls
         self._limits = limits
         self._sockets: list[socket.socket] = []
         self._per_address: Counter[str] = Counter()
@@ -326,9 +338,11 @@ class Listener:
             return
         # The header deadline, which covers the handshake, comes first.
         timeout_s = self._limits.header_timeout_s + 1
+        tls = self._tls
+        context = tls if isinstance(tls, ssl.SSLContext) else tls.context
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: Handshake(connection, self._context, timeout_s, self._handler),
+                lambda: Handshake(connection, context, timeout_s, self._handler),
                 connection.sock,
             )
         except OSError:
@@ -343,17 +357,18 @@ async def listen(
     runner: web.AppRunner,
     host: str,
     port: int,
-    context: ssl.SSLContext,
+    tls: ssl.SSLContext | ContextInForce,
     *,
     limits: ListenConfig = DEFAULT_LIMITS,
     stats: ConnectionStats | None = None,
 ) -> Listener:
-    """Start accepting; close the returned listener before `runner.cleanup()`. Each
+    """Start accepting with a fixed TLS context, or the one in force at each handshake;
+    close the returned listener before `runner.cleanup()`. Each
     connection's aiohttp handler is made here (`handshake.Served`): the runner's handler
     options (`keepalive_timeout`, `access_log`) do not apply; `limits` sets the idle timeout,
     and there is no access log."""
     server = runner.server
     assert server is not None, "call runner.setup() first"
-    listener = Listener(server, context, limits, stats)
+    listener = Listener(server, tls, limits, stats)
     await listener.start(host, port)
     return listener

@@ -58,12 +58,11 @@ def tune_garbage_collector() -> None:
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     tune_garbage_collector()
     ent = config.enterprise
-    ssl_context, revoked = tls.endpoint_context(ent.tls)
-    reloader = tls.EndpointReloader(ent.tls, ssl_context)
+    reloader = tls.EndpointReloader(ent.tls)  # the TLS context in force, fresh on each reload
     limits = fit_to_file_limit(ent.listen)
     spool = _SpoolReading(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
-    authz = Authorization(trusted.policy, revoked)
+    authz = Authorization(trusted.policy, reloader.revoked)
     connections = ConnectionStats()
     metrics = EnterpriseMetrics(
         streams=lambda: len(store.subscriptions),
@@ -88,7 +87,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
                 runner,
                 ent.listen.host,
                 ent.listen.port,
-                ssl_context,
+                reloader,
                 limits=limits,
                 stats=connections,
             )

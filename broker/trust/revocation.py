@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from broker.errors import TrustError
 from broker.trust.certs import CA_CERT, ISSUED, load_ca
@@ -22,6 +23,13 @@ REVOKED = "revoked.json"
 CRL_NUMBER = "crl-number"
 CRL_FILE = "crl.pem"
 WARN_DAYS = 30
+_SIGNING_KEYS = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+    dsa.DSAPublicKey,
+)  # a CA key of another type (X25519...) signs nothing
 REASONS = {flag.name: flag for flag in x509.ReasonFlags if flag.name not in ("remove_from_crl",)}
 
 
@@ -145,12 +153,55 @@ def problems(ca_dir: Path, crl: Path | None, now: dt.datetime | None = None) -> 
     return found
 
 
-def read_crl(path: Path) -> tuple[dt.datetime | None, frozenset[str]]:
-    """A CRL's nextUpdate and its revoked serials (hex)."""
+@dataclass(frozen=True)
+class CrlFacts:
+    """What the TLS endpoint needs of a CRL whose signature a client CA checked."""
+
+    number: int | None  # its CRLNumber extension; our `certs crl` always writes one
+    next_update: dt.datetime | None
+    serials: frozenset[str]  # revoked, hex
+    pem: bytes  # the list as checked: what the handshake enforces, and what tells it apart
+
+
+def read_crl(path: Path, client_ca: Path) -> CrlFacts:
+    """A CRL signed by a CA of the `client_ca` file (the one that issues consumer
+    certificates): a list signed by anyone else would revoke nothing or the wrong serials."""
     try:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except FileNotFoundError as e:
         raise TrustError(f"{path}: CRL not found; write one with `dmzbroker certs crl`") from e
     except ValueError as e:
         raise TrustError(f"{path}: not a PEM CRL") from e
-    return crl.next_update_utc, frozenset(f"{r.serial_number:x}" for r in crl)
+    if not any(_signed_by(crl, ca) for ca in _certificates(client_ca)):
+        raise TrustError(
+            f"{path}: not signed by a CA of the client CA file {client_ca} "
+            f"(its issuer: {crl.issuer.rfc4514_string()}); publish the CRL of the CA that "
+            "issues the consumer certificates (`dmzbroker certs crl --ca DIR`)"
+        )
+    try:
+        extension = crl.extensions.get_extension_for_class(x509.CRLNumber)
+    except x509.ExtensionNotFound:
+        extension = None
+    number = extension.value.crl_number if extension is not None else None
+    return CrlFacts(
+        number,
+        crl.next_update_utc,
+        frozenset(f"{r.serial_number:x}" for r in crl),
+        crl.public_bytes(serialization.Encoding.PEM),
+    )
+
+
+def _certificates(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except FileNotFoundError as e:
+        raise TrustError(f"{path}: CA file not found") from e
+    except ValueError as e:
+        raise TrustError(f"{path}: not a PEM CA certificate file") from e
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    key = ca.public_key()
+    if ca.subject != crl.issuer or not isinstance(key, _SIGNING_KEYS):
+        return False
+    return crl.is_signature_valid(key)

@@ -173,17 +173,16 @@ def test_a_stale_crl_with_stale_crl_accept_is_enforced_by_serial_in_the_api(ca: 
     dmzbroker("certs", "crl", "--ca", str(ca), "--days", "0")
     config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt",
                        crl=ca / "crl.pem", stale_crl="accept")  # fmt: skip
-    context, revoked = tls.endpoint_context(config)
-    assert revoked == {serial}  # refused by the API's authorization (403, consumer_denied)
-    assert not context.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF  # the stale list is not in TLS
+    endpoint = tls.EndpointReloader(config)
+    assert endpoint.revoked == {serial}  # refused by the API's authorization (403, consumer_denied)
+    assert not endpoint.context.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF  # the stale list: API
 
 
 async def test_new_material_reaches_new_handshakes_and_open_connections_stay(ca: Path) -> None:
     config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt",
                        crl=None, profile="modern")  # fmt: skip
-    context, _ = tls.endpoint_context(config)
-    reloader = tls.EndpointReloader(config, context)
-    async with ok_server(context) as port:
+    reloader = tls.EndpointReloader(config)
+    async with ok_server(reloader) as port:
         await _reload_while_connected(ca, reloader, port)
 
 
@@ -218,8 +217,7 @@ async def _reload_while_connected(ca: Path, reloader: tls.EndpointReloader, port
 
 def test_an_unusable_new_key_is_refused_and_the_old_material_stays(ca: Path) -> None:
     config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt")
-    context, _ = tls.endpoint_context(config)
-    reloader = tls.EndpointReloader(config, context)
+    reloader = tls.EndpointReloader(config)
     (ca / "server.key").write_text("not a key\n")
     with structlog.testing.capture_logs() as logs:
         assert reloader.check() is None
