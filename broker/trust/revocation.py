@@ -2,7 +2,8 @@
 
 The CA directory keeps a copy of every certificate it issued (`issued/`), the revocations
 (`revoked.json`) and the CRL number; `certs crl` writes a CRL signed by the CA with a
-nextUpdate, which the enterprise half loads to refuse revoked consumers.
+nextUpdate and the next CRL number, which the enterprise half loads to refuse revoked
+consumers. `read_crl` never returns a CRL that no CA of the client CA file signed.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ renegotiation, no 0-RTT (Python's ssl never accepts early data); a client certif
 the configured CA required, and, with a CRL, not revoked. OpenSSL also refuses a client
 certificate whose extended key usage does not include clientAuth, and any certificate
 outside its validity period.
+
+The endpoint's context is never changed once in use: a reload (`EndpointReloader`) builds a
+new one, so nothing an earlier file trusted or revoked lingers in OpenSSL's store.
 """
 
 from __future__ import annotations
