@@ -200,7 +200,7 @@ def check_witnesses(
             witness.seq,
             appliance=witness.appliance,
             writer=report.writer,
-            covers_seq=witness.covers_seq,
+            covers_seq=witness.seq - 1,  # a checkpoint signs the seq before its own
             head=witness.head,
             epoch=witness.epoch,
             signature=witness.signature,

@@ -33,8 +33,7 @@ class Witness:
     seq: int
     hash: str
     appliance: str
-    covers_seq: int
-    head: str
+    head: str  # what it signs: the hash of entry seq - 1
     epoch: Any  # checked against the writer's key chain, so kept as found
     signature: str
     source: str  # where it was found, for messages: "FILE line N", "enterprise log seq M"
@@ -101,14 +100,12 @@ def _witness(writer: Any, seq: Any, hash: Any, details: Any, source: str) -> Wit
         return None
     if not isinstance(seq, int) or isinstance(seq, bool):
         return None
-    covers, head = details.get("covers_seq"), details.get("head")
     return Witness(
         writer=writer,
         seq=seq,
         hash=hash,
         appliance=str(details.get("appliance")),
-        covers_seq=covers if isinstance(covers, int) else -1,
-        head=str(head),
+        head=str(details.get("head")),
         epoch=details.get("epoch"),
         signature=str(details.get("signature")),
         source=source,
