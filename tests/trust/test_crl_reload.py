@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 import structlog
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -25,7 +28,7 @@ from broker.errors import TrustError
 from broker.trust import tls
 from broker.trust.certs import load_ca
 from broker.trust.revocation import revoke, write_crl
-from tests.harness import dmzbroker, ok_server
+from tests.harness import BrokerProcess, Deployment, dmzbroker, eventually, ok_server
 
 SAME_SECOND_TRIES = 10  # two CRLs written milliseconds apart rarely straddle a second
 
@@ -57,13 +60,13 @@ def install(source: Path, target: Path) -> None:
     os.replace(staged, target)
 
 
-async def status(port: int, ca: Path, name: str) -> int | None:
+async def status(port: int, ca: Path, name: str, path: str = "/") -> int | None:
     """The HTTP status a consumer gets on a new connection, or None when TLS refused it."""
     context = tls.client_context(ca / "ca.crt", ca / f"{name}.crt", ca / f"{name}.key")
     try:
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"https://localhost:{port}/", ssl=context) as response,
+            session.get(f"https://localhost:{port}{path}", ssl=context) as response,
         ):
             return response.status
     except (aiohttp.ClientConnectionError, ssl.SSLError):
@@ -246,3 +249,44 @@ def test_a_crl_of_another_ca_is_refused_at_start_and_at_a_reload(
         assert reloader.check() is None
     assert [e["event"] for e in logs] == ["tls_reload_refused"]
     assert "not signed by a CA of the client CA file" in logs[0]["error"]
+
+
+async def test_a_running_enterprise_half_enforces_the_newer_crl_on_sighup_and_refuses_the_older(
+    single_ca: Path, deployment: Deployment, start_broker: Callable[..., BrokerProcess]
+) -> None:
+    ca = single_ca
+    first, second = two_crls_in_one_second(ca)
+    install(first, ca / "crl.pem")
+    settings = yaml.safe_load(deployment.config.read_text())
+    settings["enterprise"]["tls"] = {
+        "cert": str(ca / "server.crt"),
+        "key": str(ca / "server.key"),
+        "client_ca": str(ca / "client-ca.crt"),
+        "crl": str(ca / "crl.pem"),
+    }
+    deployment.config.write_text(yaml.safe_dump(settings))
+    broker = start_broker("enterprise", deployment.config)
+    port = deployment.api_port
+
+    async def handshake_of(name: str) -> bool:  # any HTTP answer: the handshake went through
+        return await status(port, ca, name, "/v1/signals") is not None
+
+    async def refused(name: str) -> bool:
+        return not await handshake_of(name)
+
+    def logged(event: str) -> bool:
+        return any(f'"{event}"' in line for line in broker.events())
+
+    await eventually(lambda: handshake_of("good"), timeout=60, interval=0.2)
+    assert await handshake_of("revoked")
+    install(second, ca / "crl.pem")
+    broker.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: refused("revoked"), timeout=20, interval=0.2)
+    assert logged("tls_material_reloaded")
+    assert await handshake_of("good")
+
+    install(first, ca / "crl.pem")  # the rollback
+    broker.process.send_signal(signal.SIGHUP)
+    await eventually(lambda: logged("tls_reload_refused"), timeout=20, interval=0.2)
+    assert await refused("revoked") and await handshake_of("good")
+    assert broker.process.poll() is None
