@@ -100,6 +100,9 @@ class PolicyWatcher:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # removal restored the default: exit
 
     def _hangup(self) -> None:
+        # Audited here, in the half that acts on it: under systemd (`systemctl reload`) no
+        # supervisor sees the signal.
+        log.info("policy_reload_requested", cause="SIGHUP", version=self._current.policy.version)
         self._wake.set()
         if self._on_hangup is not None:
             self._on_hangup()
