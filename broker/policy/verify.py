@@ -5,19 +5,20 @@ it replaces another, against the keys of the root in force: one threshold check 
 Two forms, as in python-tuf: `check()` reports (who signed, which role, what is missing) and
 never raises, for `dmzbroker policy verify` and `dmzbroker trust verify`; `verified_payload()`
 enforces and returns the payload bytes only when every role's threshold is met by distinct
-keys. Nothing is parsed before that, and a signature never counts for a key that is not listed.
+keys (the trust root enforces its own in broker/policy/trustroot.py, with its own refusals).
+Nothing is parsed before that, and a signature never counts for a key that is not listed.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.errors import ConfigError, PolicyRefused
+from broker.errors import PolicyRefused
 from broker.policy.envelope import PAYLOAD_TYPE, Envelope, pae
 from broker.trust.keys import ROLES, Role, verifies
 
@@ -79,26 +80,18 @@ def check(envelope: Envelope, trust: Keyring, payload_type: str = PAYLOAD_TYPE) 
     )
 
 
-def verified_payload(
-    envelope: Envelope,
-    trust: Keyring,
-    source: str,
-    *,
-    payload_type: str = PAYLOAD_TYPE,
-    what: str = "policy",
-    refused: Callable[[str, str], ConfigError] = PolicyRefused,
-) -> tuple[bytes, Verification]:
-    """The trusted payload bytes; raises `refused(reason, message)` naming what is missing."""
-    result = check(envelope, trust, payload_type)
+def verified_payload(envelope: Envelope, trust: Keyring, source: str) -> tuple[bytes, Verification]:
+    """The trusted policy payload bytes; raises PolicyRefused naming what is missing."""
+    result = check(envelope, trust)
     if not result.payload_type_ok:
-        raise refused(
+        raise PolicyRefused(
             "wrong_payload_type",
-            f"{source}: payloadType {envelope.payloadType!r} is not {payload_type!r}",
+            f"{source}: payloadType {envelope.payloadType!r} is not {PAYLOAD_TYPE!r}",
         )
     if not envelope.signatures:
-        raise refused("unsigned", f"{source}: the {what} is not signed")
+        raise PolicyRefused("unsigned", f"{source}: the policy is not signed")
     if not result.ok:
-        raise refused("threshold_not_met", f"{source}: {describe_shortfall(result)}")
+        raise PolicyRefused("threshold_not_met", f"{source}: {describe_shortfall(result)}")
     return envelope.untrusted_payload, result
 
 
