@@ -427,33 +427,43 @@ def _verify_segment(path: Path, writer: str, table: list[_EpochRow] | None) -> _
         ahead = isinstance(link.seq, int) and link.seq > expected_seq
         if problem is not None and ahead and _comes_next(lines, line_number, expected_seq):
             problem = f"reordered: seq {link.seq} stands before seq {expected_seq}"
-        place = f"{path.name} line {line_number}"
         if problem is None and link.event == CHECKPOINT:
             if segment.appliance is None:  # the join compares it with the other segments'
                 claimed = link.details.get("appliance") if isinstance(link.details, dict) else None
-                segment.appliance = (str(claimed), line_number, f"{place} (seq {link.seq})")
+                place = f"{path.name} line {line_number} (seq {link.seq})"
+                segment.appliance = (str(claimed), line_number, place)
             problem, appliance = _check_checkpoint(link, writer, appliance, chain)
             if problem is None:
                 segment.checkpoints.append((link.seq, link.hash))
         if problem is not None:
-            segment.problem = f"{place} (seq {link.seq}): {problem}"
+            segment.problem = f"{path.name} line {line_number} (seq {link.seq}): {problem}"
             segment.problem_line = line_number
             break
-        details = link.details if isinstance(link.details, dict) else {}
-        if link.event == EXPIRED:
-            segment.anchors.append((link.seq, details.get("through_seq"), details.get("head")))
-        elif link.event == CHAIN_BREAK:
-            segment.breaks.append(ChainBreak(link.seq, place, details))
-            if line_number == 1:
-                segment.opening_break = segment.breaks[-1]
-        elif link.event == WITNESSED:
-            segment.witnessed.append((link.seq, details))
+        if link.event in _NOTED:
+            _note(segment, link, line_number)
         expected_seq, head = link.seq + 1, link.hash
         segment.last = (link.seq, link.hash)
         segment.highest = link.seq
         segment.entries += 1
-    segment.highest = max([segment.highest, *_seqs(lines[segment.problem_line :])])
+    if segment.problem is not None:
+        segment.highest = max([segment.highest, *_seqs(lines[segment.problem_line :])])
     return segment
+
+
+_NOTED = frozenset({EXPIRED, CHAIN_BREAK, WITNESSED})
+
+
+def _note(segment: _Segment, link: _Link, line_number: int) -> None:
+    """Keep what the join needs of an expiry anchor, a chain break or a witnessed checkpoint."""
+    details = link.details if isinstance(link.details, dict) else {}
+    if link.event == EXPIRED:
+        segment.anchors.append((link.seq, details.get("through_seq"), details.get("head")))
+    elif link.event == CHAIN_BREAK:
+        segment.breaks.append(ChainBreak(link.seq, f"{segment.name} line {line_number}", details))
+        if line_number == 1:
+            segment.opening_break = segment.breaks[-1]
+    else:
+        segment.witnessed.append((link.seq, details))
 
 
 def _seqs(lines: list[bytes]) -> list[int]:

@@ -723,3 +723,24 @@ def test_missing_key_chain_is_unproven_and_an_edited_one_broken(root: Path, logs
         report.verdict
         == "BROKEN at epochs.jsonl line 2: epoch 2 not certified by epoch 1's key or the root key (audit.pub)"
     )
+
+
+def test_an_edit_in_the_unadopted_tail_belongs_to_the_break_not_a_separate_broken(
+    root: Path, logs: Logs
+) -> None:
+    live = AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=100)
+    record_many(live, 4, start=300)
+    abandon(root / "plant")
+    newest = segments(root / "plant")[-1]
+    edited_seq = read_segment(newest)[2]["seq"]
+    edit(root, edited_seq, lambda entry: entry.update(outcome="success"))  # hash left stale
+    before, _ = verify(root, logs.pubkey)
+    assert before.stdout.splitlines()[-1] == "BROKEN"  # not restarted: the edit is a break
+    with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=100):
+        pass
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "UNPROVEN", result.stdout
+    assert report.problem is None
+    assert report.breaks[0].details["first_bad"] == f"{newest.name} line 3"
+    assert f"first bad {newest.name} line 3" in report.verdict
