@@ -14,15 +14,25 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from yarl import URL
 
 from broker.audit.forward import AuditForwarder
 from broker.audit.log import AuditLog
 from broker.audit.throttle import Limits, Throttle
+from broker.trust import tls
 from tests.audit.support import read_log, record_many
 from tests.audit.test_forward import denied, forward, handshake
-from tests.harness import dmzbroker
+from tests.harness import (
+    BrokerProcess,
+    Deployment,
+    Pki,
+    consumer_ssl,
+    dmzbroker,
+    eventually,
+)
 
 ODD_EVENT = "valve|override"  # a pipe: must be escaped in a CEF header
 ODD_ACTOR = "dom\\ops=admin"  # a backslash and an equals sign: escaped in a CEF extension
@@ -60,7 +70,9 @@ def show_json(root: Path, *args: str) -> list[dict[str, Any]]:
 
 def test_json_lines_parse_and_equal_the_entries_on_disk(root: Path) -> None:
     expected = on_disk(root)
-    assert len(expected) == 2 * 12 + 1 + 2 * (12 // 6 + 1)  # with checkpoints
+    recorded = [e for e in expected if e["event"] != "audit_checkpoint"]
+    assert len(recorded) == 2 * 12 + 1
+    assert len(expected) - len(recorded) >= 2 * (12 // 6 + 1)  # every 6 entries and at stop
     assert show_json(root) == expected
 
 
@@ -281,7 +293,7 @@ def stored(writer: Path) -> list[dict[str, Any]]:
     an entry's JSON, where `str.splitlines` would cut it)."""
     return [
         json.loads(line)
-        for segment in sorted(writer.glob("*.jsonl"))
+        for segment in sorted(writer.glob("[0-9]*.jsonl"))  # not epochs.jsonl
         for line in segment.read_bytes().split(b"\n")
         if line
     ]
@@ -367,3 +379,60 @@ def test_cef_is_escaped_as_the_specification_says_and_adds_no_field(hostile: Pat
     odd = next(line for line, e in zip(lines, expected, strict=True) if e["event"].endswith("|x=y"))
     assert odd.count("|") - odd.count("\\|") == 7  # the event's pipe is escaped in the header
     assert "\\\\x1b" in odd and "\\\\u2028" in odd and "|x=y|" in odd
+
+
+# The issue's attack, percent-encoded as a client sends it; the API decodes the path.
+FORGED_REQUEST = (
+    "/v1/x%0A2026-12-05T00:00:00.000000Z%20%20enterprise%20%209999%20%20policy_accepted"
+    "%20%20policy%20%20success%0D%1B%5B2J%C2%85%E2%80%A8%E2%80%AE"
+)
+FORMULA_REQUEST = "/v1/signals/=HYPERLINK(%22http://evil.example/%22,%22open%22)"
+
+
+async def _status(url: str, context: object) -> int | None:
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(URL(url, encoded=True), ssl=context) as response,  # sent as written
+        ):
+            return response.status
+    except aiohttp.ClientConnectionError:
+        return None  # not listening yet
+
+
+@pytest.mark.timeout(90)
+async def test_a_forged_line_sent_to_a_running_broker_stays_inside_its_entry(
+    deployment: Deployment, pki: Pki, start_broker
+) -> None:
+    enterprise: BrokerProcess = start_broker("enterprise", deployment.config)
+    stranger = tls.client_context(pki.ca, pki.stranger_cert, pki.stranger_key)
+    base = deployment.base_url
+    await eventually(lambda: _status(base + "/v1/snapshot", consumer_ssl(pki)), timeout=30)
+    assert await _status(base + FORGED_REQUEST, stranger) == 403
+    assert await _status(base + FORMULA_REQUEST, consumer_ssl(pki)) == 403
+    audit = deployment.directory / "audit"
+
+    def denials() -> list[dict[str, Any]]:
+        shown = show(
+            audit, "--writer", "enterprise", "--event", "consumer_denied", "--format", "json"
+        )
+        return [json.loads(line) for line in shown]
+
+    await eventually(lambda: len(denials()) == 2)
+    forged, formula = denials()
+    assert forged["object"].startswith("/v1/x\n2026-12-05T00:00:00.000000Z  enterprise  9999")
+    assert forged["object"].endswith("success\r\x1b[2J\x85\u2028\u202e")
+    assert formula["object"] == '=HYPERLINK("http://evil.example/","open")'
+    assert enterprise.stop() == 0  # the log as it stays, for an exact count below
+
+    stored_entries = len(stored(audit / "enterprise"))
+    for fmt in ("table", "json", "csv", "cef"):
+        stdout = dmzbroker(
+            "audit", "show", str(audit), "--writer", "enterprise", "--format", fmt
+        ).stdout
+        lines = assert_inert(stdout, stored_entries + (fmt in ("table", "csv")))  # + a header
+        assert not [line for line in lines if line.startswith("2026-12-05T00:00:00.000000Z")]
+        if fmt == "csv":
+            cells = [cell for row in csv.reader(io.StringIO(stdout)) for cell in row]
+            assert [c for c in cells if c[:1] in ("=", "+", "-", "@")] == []
+            assert '\'=HYPERLINK("http://evil.example/","open")' in cells
