@@ -24,7 +24,7 @@ import yaml
 
 from broker import policy
 from broker.config import SupervisorConfig
-from broker.lifecycle import SUPERVISOR_PID
+from broker.lifecycle import STOP_GRACE_S, SUPERVISOR_PID
 from broker.metrics import PLANT_FILE
 from broker.plant.connectors.modbus import READ_FUNCTIONS
 from broker.policy import ModbusSource
@@ -640,3 +640,21 @@ async def test_sighup_to_a_half_without_a_supervisor_is_audited_by_that_half(
     assert plant.stop() == 0
     assert len(audited(deployment, "plant", "policy_reload_requested")) == 1
     assert not (deployment.directory / "audit" / "supervisor").exists()
+
+
+@pytest.mark.timeout(120)
+async def test_a_half_that_will_not_stop_is_killed_and_the_kill_audited(
+    deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, start_broker
+) -> None:
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: snapshot_has_data(deployment, pki), timeout=30)
+    _, enterprise_pid = half_pids(broker)
+    os.kill(enterprise_pid, signal.SIGSTOP)  # a half hung so hard it cannot act on SIGTERM
+    started = time.monotonic()
+    assert broker.stop(timeout=STOP_GRACE_S + 30) == 0
+    assert time.monotonic() - started >= STOP_GRACE_S  # it was given its grace first
+    assert not pid_alive(enterprise_pid)
+    [killed] = audited(deployment, "supervisor", "half_killed")
+    assert (killed["actor"], killed["outcome"]) == ("enterprise", "failure")
+    assert killed["details"] == {"pid": enterprise_pid, "after_s": STOP_GRACE_S}
+    assert audited(deployment, "supervisor", "process_stopped")  # written after the kill
