@@ -51,6 +51,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "half_exited": ("process", "failure"),
     "half_start_failed": ("process", "failure"),
     "half_restarted": ("process", "success"),
+    "half_killed": ("process", "failure"),
     "audit_write_failed": ("audit", "failure"),
     "audit_write_recovered": ("audit", "success"),
     "audit_capacity_warning": ("audit", "unknown"),
