@@ -9,7 +9,9 @@ first delay once the half has run `restart_reset_s`), with `half_exited` and
 plant half never stops, pauses or changes its polling because of the enterprise side.
 
 Each half runs in a session of its own, so a terminal's Ctrl-C reaches the supervisor
-only, which then stops both (SIGTERM, SIGKILL after STOP_GRACE_S) and exits 0; if the
+only, which then stops both (SIGTERM, SIGKILL after STOP_GRACE_S, audited as `half_killed`)
+and exits 0. SIGHUP is passed to both halves (`policy_reload_requested`, here and in each
+half, which also audits a SIGHUP sent to it directly, as under systemd). If the
 supervisor itself dies, the kernel sends each half SIGTERM (`lifecycle.end_with_supervisor`),
 and a half that then hangs in its cleanup ends itself after STOP_GRACE_S.
 This module never stops or restarts a half because of the other. It checks the folders the
