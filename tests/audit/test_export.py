@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import re
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +20,7 @@ import pytest
 import structlog
 import yaml
 
-from broker.audit.export import SiemExporter
+from broker.audit.export import IDLE_S, SiemExporter
 from broker.audit.segments import read_entries, segment_numbers
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
@@ -113,14 +115,7 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
     deployment: Deployment, plant_sim: RefrigerationPlant, pki: Pki, collector: Collector,
     start_broker,
 ) -> None:  # fmt: skip
-    pki_dir = collector.directory / "siem-pki"
-    document = yaml.safe_load(deployment.config.read_text())
-    document["audit"]["siem"] = {
-        "host": "127.0.0.1", "port": collector.port, "server_name": "localhost",
-        "ca": str(pki_dir / "ca.crt"), "cert": str(pki_dir / "audit-exporter.crt"),
-        "key": str(pki_dir / "audit-exporter.key"),
-    }  # fmt: skip
-    deployment.config.write_text(yaml.safe_dump(document))
+    siem_config(deployment, collector)
     broker: BrokerProcess = start_broker("run", deployment.config)
     await eventually(lambda: "enterprise" in collector.seqs(), timeout=30)
 
@@ -149,6 +144,86 @@ async def test_every_entry_reaches_the_collector_at_least_once_across_an_outage(
     assert during_outage >= 7  # the denials really were audited while it was away
     assert "plant" in got  # the plant half's log crosses through the enterprise half
     assert broker.stop() == 0
+
+
+def siem_config(deployment: Deployment, collector: Collector, **audit: object) -> None:
+    """Point the deployment's audit export at the collector (and set other audit keys)."""
+    pki_dir = collector.directory / "siem-pki"
+    document = yaml.safe_load(deployment.config.read_text())
+    document["audit"]["siem"] = {
+        "host": "127.0.0.1", "port": collector.port, "server_name": "localhost",
+        "ca": str(pki_dir / "ca.crt"), "cert": str(pki_dir / "audit-exporter.crt"),
+        "key": str(pki_dir / "audit-exporter.key"),
+    }  # fmt: skip
+    document["audit"].update(audit)
+    deployment.config.write_text(yaml.safe_dump(document))
+
+
+def received_checkpoints(collector: Collector, arrived: dict[tuple[str, int], float]) -> None:
+    """Note the wall-clock time each checkpoint entry is first seen in the collector's file."""
+    if not collector.received.exists():
+        return
+    now = time.time()
+    for line in collector.received.read_bytes().splitlines():
+        start = line.find(b"{")
+        try:
+            entry = json.loads(line[start:]) if start >= 0 else None
+        except ValueError:
+            continue  # a line rsyslog is still writing
+        if isinstance(entry, dict) and entry.get("event") == "audit_checkpoint":
+            arrived.setdefault((entry["writer"], entry["seq"]), now)
+
+
+def checkpoints_made(audit_dir: Path, since: float) -> dict[tuple[str, int], float]:
+    """Every writer's checkpoints made after `since` (epoch seconds), with when."""
+    made = {}
+    for folder in (p for p in audit_dir.iterdir() if p.is_dir()):
+        for n in segment_numbers(folder):
+            for e in read_entries(folder / f"{n:010d}.jsonl")[0]:
+                at = datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                if e["event"] == "audit_checkpoint" and at.timestamp() > since:
+                    made[(e["writer"], e["seq"])] = at.timestamp()
+    return made
+
+
+async def test_each_writers_checkpoints_reach_the_collector_within_seconds_of_being_made(
+    deployment: Deployment, collector: Collector, start_broker
+) -> None:  # fmt: skip
+    """Checkpoints are witnesses kept outside the appliance (`audit verify --witness`): each
+    one must reach the collector soon after it is made, not with some later batch."""
+    siem_config(deployment, collector, checkpoint_s=2)  # a time checkpoint 2 s after an entry
+    audit_dir = deployment.directory / "audit"
+    broker: BrokerProcess = start_broker("run", deployment.config)
+    await eventually(lambda: "plant" in collector.seqs(), timeout=30)  # the export is running
+    since = time.time()
+    arrived: dict[tuple[str, int], float] = {}  # watched all along: first seen, when
+
+    def made_more(than: int) -> bool:
+        received_checkpoints(collector, arrived)
+        return len(checkpoints_made(audit_dir, since)) >= than
+
+    for state in ("on", "off", "on", "off"):
+        # The `cli` writer seals its start and stop; the plant audits noticing the flag and
+        # signs that within 2 s; the enterprise witnesses the plant's checkpoint, and signs.
+        count = len(checkpoints_made(audit_dir, since))
+        cli = asyncio.ensure_future(
+            asyncio.to_thread(dmzbroker, "island", state, "--config", str(deployment.config))
+        )
+        await eventually(lambda: made_more(count + 3) and cli.done(), timeout=30, interval=0.1)  # noqa: B023
+        cli.result()
+
+    def all_arrived() -> bool:
+        received_checkpoints(collector, arrived)
+        return set(checkpoints_made(audit_dir, since)) <= set(arrived)
+
+    await eventually(all_arrived, timeout=30, interval=0.1)
+    made = checkpoints_made(audit_dir, since)
+    assert broker.stop() == 0
+    assert {writer for writer, _ in made} >= {"cli", "plant", "enterprise"}
+    lags = {key: arrived[key] - at for key, at in made.items()}
+    # The exporter looks for new lines every IDLE_S (0.5 s); the bound leaves room for a
+    # loaded two-core machine.
+    assert max(lags.values()) < IDLE_S + 5, sorted(lags.items(), key=lambda kv: -kv[1])[:5]
 
 
 async def test_a_collector_that_drops_every_connection_is_retried_with_backoff_logged_once(
