@@ -163,13 +163,13 @@ def flood_worker(target: Target, worker: int) -> Tally:
 
 
 def audit_bytes(writer_dir: Path) -> int:
-    return sum(p.stat().st_size for p in writer_dir.glob("*.jsonl"))
+    return sum(p.stat().st_size for p in writer_dir.glob("*.jsonl") if p.stem.isdigit())
 
 
 def audit_counts(writer_dir: Path) -> dict[str, int]:
     """Outsider events written in full, and counted in `events_suppressed`, by event."""
     counts: dict[str, int] = {"written": 0, "suppressed": 0, "summaries": 0}
-    for path in sorted(writer_dir.glob("*.jsonl")):
+    for path in sorted(p for p in writer_dir.glob("*.jsonl") if p.stem.isdigit()):  # segments
         for line in path.read_bytes().splitlines():
             entry = json.loads(line)
             if entry["event"] in AGGREGATED:
