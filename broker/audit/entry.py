@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -37,10 +38,16 @@ def entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(unhashed)).hexdigest()
 
 
-def checkpoint_message(appliance: str, writer: str, seq: int, head: str, epoch: int) -> bytes:
-    """What a checkpoint signs: this appliance's writer vouches, with the key of `epoch`
-    (broker.audit.epochs), for everything up to `head`, the hash of entry `seq`."""
-    return f"dmzbroker audit checkpoint v2|{appliance}|{writer}|{seq}|{head}|{epoch}".encode()
+def checkpoint_message(writer: str, details: Mapping[str, Any]) -> bytes:
+    """What a checkpoint signs: every one of its details but `signature` (appliance,
+    covers_seq, head, epoch, keyid, reason, ...), canonical, after the writer's name.
+
+    This appliance's writer vouches, with the key of `epoch` (broker.audit.epochs), for
+    everything up to `head`, the hash of entry `covers_seq`, and for why it signed: a
+    `reason` (e.g. "stop") cannot be changed without the signature failing.
+    """
+    signed = {k: v for k, v in details.items() if k != "signature"}
+    return b"dmzbroker audit checkpoint v3|" + writer.encode() + b"|" + canonical(signed)
 
 
 def raw_hash(line: bytes, claimed: str) -> str:

@@ -215,16 +215,16 @@ class AuditLog:
 
     def _checkpoint(self, reason: str) -> None:
         seq, head, epoch = self._seq, self._head, self._epoch
-        message = checkpoint_message(self._appliance, self._writer, seq, head, epoch.number)
-        details = {
+        details: dict[str, Any] = {
             "appliance": self._appliance,
             "covers_seq": seq,
             "head": head,
             "epoch": epoch.number,
             "keyid": epoch.keyid,
             "reason": reason,
-            "signature": base64.b64encode(self._epoch_key.sign(message)).decode(),
         }
+        message = checkpoint_message(self._writer, details)
+        details["signature"] = base64.b64encode(self._epoch_key.sign(message)).decode()
         entry = self._append(self._event(CHECKPOINT, "success", details))
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()

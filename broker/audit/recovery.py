@@ -144,15 +144,12 @@ def _sealed(
         or not isinstance(details.get("signature"), str)
     ):
         return False
-    return _signed(epoch.key, details, appliance, writer, seq)
+    return _signed(epoch.key, details, writer)
 
 
-def _signed(
-    key: Ed25519PublicKey, details: dict[str, Any], appliance: str, writer: str, seq: int
-) -> bool:
+def _signed(key: Ed25519PublicKey, details: dict[str, Any], writer: str) -> bool:
     try:
         signature = base64.b64decode(details["signature"], validate=True)
     except (binascii.Error, ValueError):
         return False
-    message = checkpoint_message(appliance, writer, seq - 1, details["head"], details["epoch"])
-    return verifies(key, signature, message)
+    return verifies(key, signature, checkpoint_message(writer, details))

@@ -179,9 +179,15 @@ def test_a_stolen_epoch_key_cannot_sign_before_its_epoch(
         epoch = epochs.key_for(chain, entry["seq"])
         assert epoch is not None and epoch.keyid != current.keyid
         for number in (epoch.number, current.number):
-            message = checkpoint_message(
-                APPLIANCE, "plant", entry["seq"] - 1, entry["prev_hash"], number
-            )
+            details = {
+                "appliance": APPLIANCE,
+                "covers_seq": entry["seq"] - 1,
+                "head": entry["prev_hash"],
+                "epoch": number,
+                "keyid": current.keyid,
+                "reason": "time",
+            }
+            message = checkpoint_message("plant", details)
             signature = stolen.sign(message)
             assert not verifies(epoch.key, signature, message)  # the only key valid there
     # The chain cannot be extended backwards either: a certificate by the stolen key for an

@@ -223,8 +223,14 @@ def test_every_checkpoint_is_signed_over_the_head_it_follows(
         assert details["epoch"] == 1
         assert details["keyid"] == hashlib.sha256(raw).hexdigest()
         signature = base64.b64decode(details["signature"], validate=True)
-        message = checkpoint_message(APPLIANCE, "plant", entry["seq"] - 1, entry["prev_hash"], 1)
+        message = checkpoint_message("plant", details)
         epoch_key.verify(signature, message)  # raises InvalidSignature if not
+        # Every detail is signed, the reason too: a "stop" cannot be made into a "time".
+        for field, other in (("reason", "forged"), ("keyid", "0" * 64), ("appliance", "x")):
+            with pytest.raises(InvalidSignature):
+                epoch_key.verify(signature, checkpoint_message("plant", {**details, field: other}))
+        with pytest.raises(InvalidSignature):
+            epoch_key.verify(signature, checkpoint_message("enterprise", details))
         with pytest.raises(InvalidSignature):
             key.public_key().verify(signature, message)  # the root key signs no checkpoint
         with pytest.raises(InvalidSignature):
