@@ -9,8 +9,8 @@ null, lists and objects, so this is stable and equals the line written to disk m
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
