@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit.entry import canonical
+from broker.audit.segments import read_bounded
 from broker.errors import ConfigError, TrustError
 from broker.trust.keys import key_id, load_private, parse_public_pem, verifies
 
@@ -35,6 +38,10 @@ CHAIN_FILE = "epochs.jsonl"
 KEY_FILE = "epoch.key"
 NEXT_KEY_FILE = "epoch.key.next"  # a key being certified: see `advance`
 REJECTED_FILE = "epochs.rejected"  # certificate lines the writer cut off its chain, kept
+UNREADABLE_FILE = "epochs.unreadable"  # an epochs.jsonl that could not be read, moved aside
+TORN = "incomplete (a torn write)"  # read_chain's problem for a last line without newline
+MAX_CHAIN_BYTES = 64 * 1024 * 1024  # about 300 bytes an epoch: decades of hourly epochs
+MAX_KEY_BYTES = 64 * 1024  # a PEM Ed25519 key is 119 bytes
 EPOCH_S = 3600.0  # a new epoch at every start and then at the first checkpoint after this
 _FIELDS = frozenset(
     {"epoch", "from_seq", "key", "certified_by", "appliance", "writer", "signature"}
@@ -123,7 +130,7 @@ def read_chain(directory: Path, root: Ed25519PublicKey) -> tuple[list[Epoch], st
     and the first problem found or None. Stops at the first problem; the epochs before it are
     still returned."""
     try:
-        data = (directory / CHAIN_FILE).read_bytes()
+        data = read_bounded(directory / CHAIN_FILE, MAX_CHAIN_BYTES)
     except FileNotFoundError:
         return [], f"{CHAIN_FILE}: missing (the key chain from audit.pub)"
     except OSError as e:
@@ -136,7 +143,7 @@ def read_chain(directory: Path, root: Ed25519PublicKey) -> tuple[list[Epoch], st
         except _Refused as e:
             return epochs, f"{CHAIN_FILE} line {number}: {e}"
     if lines[-1]:
-        return epochs, f"{CHAIN_FILE} line {len(lines)}: incomplete (a torn write)"
+        return epochs, f"{CHAIN_FILE} line {len(lines)}: {TORN}"
     return epochs, None
 
 
@@ -202,13 +209,13 @@ def current_key(directory: Path, epochs: list[Epoch]) -> tuple[Ed25519PrivateKey
     """The last epoch's private key, after finishing an epoch change a crash interrupted (see
     `advance`); or None and why there is none that may be used."""
     pending = directory / NEXT_KEY_FILE
-    if pending.exists():
+    if os.path.lexists(pending):
         key, _ = _read_key(pending)
         if key is not None and epochs and key_id(key.public_key()) == epochs[-1].keyid:
             os.replace(pending, directory / KEY_FILE)  # certified: the change was complete
             _fsync_folder(directory)
         else:
-            pending.unlink()  # never certified, so never used
+            pending.unlink()  # never certified (or not ours), so never used
     if not epochs:
         return None, f"{KEY_FILE}: no certified epoch to use it for"
     key, problem = _read_key(directory / KEY_FILE)
@@ -288,9 +295,12 @@ def cut(directory: Path, epochs: list[Epoch]) -> None:
     never deleted."""
     path = directory / CHAIN_FILE
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CHAIN_BYTES)
     except FileNotFoundError:
         return
+    except OSError:  # a link, a FIFO, a device, a giant: moved aside, never read
+        os.replace(path, directory / UNREADABLE_FILE)
+        data = b""
     keep = b"".join(line + b"\n" for line in data.split(b"\n")[: len(epochs)])
     rejected = data[len(keep) :]
     if rejected:
@@ -304,12 +314,20 @@ def cut(directory: Path, epochs: list[Epoch]) -> None:
 
 
 def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
+    """A private key file this process wrote: regular, ours, 0600 at most. Another mode or
+    owner means someone else could read it or swapped it: not used."""
     try:
-        data = path.read_bytes()
+        status = os.lstat(path)
+        data = read_bounded(path, MAX_KEY_BYTES)
     except FileNotFoundError:
         return None, f"{path.name}: missing"
     except OSError as e:
         return None, f"{path.name}: cannot read: {e.strerror}"
+    if status.st_uid != os.geteuid() or status.st_mode & 0o077:
+        return None, (
+            f"{path.name}: mode {stat.S_IMODE(status.st_mode):04o}, owner uid {status.st_uid}: "
+            "not private to this writer (it may have been read or swapped)"
+        )
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (TypeError, ValueError):
@@ -320,13 +338,21 @@ def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
 
 
 def _write_durably(path: Path, data: bytes, *, mode: int, append: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    old_umask = os.umask(0o077 if mode == 0o600 else 0o027)
+    """Append to `path`, or write it anew. A new file is created by this call (O_EXCL, after
+    removing what was there), so a file someone made in advance, with a wider mode or as a
+    link, never receives a key."""
+    if append:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW, mode)
-    finally:
-        os.umask(old_umask)
-    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if not append:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]

@@ -102,6 +102,9 @@ class AuditLog:
         self._epoch_s = epoch_s
         self.hook_failures = 0
         self.chain_break: dict[str, Any] | None = None  # the details of the break at start
+        # The seq of the last checkpoint start-up recovery found valid (broker.audit.recovery):
+        # where the log was adopted, or the last good seq of its chain break; 0 for a new log.
+        self.adopted_seq = 0
         self._checkpoint_every = checkpoint_every
         self._checkpoint_s = checkpoint_s
         self._segment_bytes = segment_bytes
@@ -123,7 +126,7 @@ class AuditLog:
         self._fd = -1
         try:
             numbers = segment_numbers(self._dir)
-            self._used = sum(segment_path(self._dir, n).stat().st_size for n in numbers)
+            self._used = sum(_size(segment_path(self._dir, n)) for n in numbers)
             self._size = 0
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
@@ -356,7 +359,10 @@ class AuditLog:
         )
         self._used -= expiry.freed
         if expiry.anchor is not None:
-            self._record(self._event(EXPIRED, "success", expiry.anchor))
+            self._append(self._event(EXPIRED, "success", expiry.anchor))
+            # Sealed at once: `audit verify` trusts an anchor only under a later checkpoint,
+            # so a healthy log must not read UNPROVEN until the next one comes.
+            self._checkpoint("expiry")
 
     def _create(self, number: int) -> int:
         path = segment_path(self._dir, number)
@@ -389,10 +395,16 @@ class AuditLog:
         start (no segments, no key chain) certifies epoch 1 with the root key.
         """
         chain, problem = epochs.read_chain(self._dir, self._root.public)
-        first = not numbers and not (self._dir / epochs.CHAIN_FILE).exists()
-        reasons = [problem] if problem is not None and not first else []
+        # No epoch and no segment: nothing was ever vouched for (an epochs.jsonl left empty
+        # by a first start that found the disk full is no log to break).
+        first = not numbers and not chain
         if problem is not None:
             epochs.cut(self._dir, chain)  # new epochs follow the last one that verifies
+            if problem.endswith(epochs.TORN):
+                problem = None  # a crash during an epoch change: the old key is still certified
+        reasons = [problem] if problem is not None and not first else []
+        if not chain and not first and problem is None:
+            reasons.append(f"{epochs.CHAIN_FILE}: no certified epoch")
         key, why = epochs.current_key(self._dir, chain)
         if chain and key is None:
             reasons.append(why)
@@ -408,6 +420,7 @@ class AuditLog:
             )
         self._epochs = chain
         self._epoch_started = time.monotonic()
+        self.adopted_seq = found.last_good_seq
         if first:
             self._seq, self._head = 0, found.last_good_hash
             self._advance(self._root_private("this is the writer's first start"))
@@ -455,6 +468,14 @@ class AuditLog:
     def __exit__(self, *_: object) -> None:
         with contextlib.suppress(OSError):
             self.close()
+
+
+def _size(path: Path) -> int:
+    """A segment's size on disk; 0 for one that went or is no file (recovery reports it)."""
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
 
 
 class AuditMonitor:

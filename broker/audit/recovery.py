@@ -49,7 +49,7 @@ def examine(
     seq, head, position = 0, GENESIS, (numbers[0] if numbers else 0, 0)
     for number in reversed(numbers):
         path = segment_path(directory, number)
-        lines, _ = read_lines(path)
+        lines, _, _ = _read(path)
         index = next(
             (
                 i
@@ -72,9 +72,15 @@ def _describe(directory: Path, numbers: list[int], skip: int, seq: int, head: st
     count = 0
     first_bad: str | None = None
     expected_seq, expected_prev = seq + 1, cast(object, head)
+    unreadable: list[str] = []
     for i, number in enumerate(numbers):
         path = segment_path(directory, number)
-        lines, tail = read_lines(path)
+        lines, tail, error = _read(path)
+        if error:
+            unreadable.append(f"{path.name} ({error})")
+            if first_bad is None:
+                first_bad = f"{path.name} line 1"
+            continue
         start = skip if i == 0 else 0
         for line_number, line in enumerate(lines[start:], start=start + 1):
             count += 1
@@ -97,7 +103,9 @@ def _describe(directory: Path, numbers: list[int], skip: int, seq: int, head: st
         if tail and first_bad is None:
             first_bad = f"{path.name} line {len(lines) + 1}"  # a torn last line
     unadopted = (first_seq, last_seq) if first_seq is not None else None
-    if first_bad is not None:
+    if unreadable:
+        problem = f"cannot read {', '.join(unreadable)}: what it holds is not adopted"
+    elif first_bad is not None:
         problem = f"{first_bad} does not continue the chain from the last checkpoint"
     elif count:
         problem = (
@@ -108,6 +116,16 @@ def _describe(directory: Path, numbers: list[int], skip: int, seq: int, head: st
     else:
         problem = ""
     return Found(seq, head, last_seq, unadopted, first_bad, problem)
+
+
+def _read(path: Path) -> tuple[list[bytes], bytes, str]:
+    """A segment's lines and tail, or why it cannot be read (a FIFO, a link, a folder, a
+    giant): such a segment is a break to record, never a reason not to start."""
+    try:
+        lines, tail = read_lines(path)
+    except OSError as e:
+        return [], b"", e.strerror or type(e).__name__
+    return lines, tail, ""
 
 
 def _decode(line: bytes) -> dict[str, Any] | None:

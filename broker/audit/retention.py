@@ -11,7 +11,8 @@ Oldest segment first, never the one being written (ADR 0015):
 
 Trimming ends below the reserve line, so a log that reached capacity leaves the reserve.
 Whatever is deleted, the anchor it returns carries the seq and hash of the last deleted
-entry and the newest `policy_accepted` and `trust_root_accepted` entries among them (or
+entry, that entry itself whole when it is a checkpoint (as it is when its segment was ended
+by a rollover), and the newest `policy_accepted` and `trust_root_accepted` entries among them (or
 carried by an anchor among them), so no amount of retention removes the record of the policy
 and trust root in force (broker.policy.accepted reads them back at start).
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.audit.entry import EXPIRED
+from broker.audit.entry import CHECKPOINT, EXPIRED
 from broker.audit.segments import read_entries, segment_numbers, segment_path
 
 RESERVE = 0.8  # share of the capacity past which only security events are written in full
@@ -53,7 +54,8 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
     soft = used >= RESERVE * capacity
     done = Expiry()
     carried: dict[str, dict[str, Any]] = {}
-    head: tuple[int, str] | None = None
+    last: dict[str, Any] | None = None  # the last deleted entry
+    checkpoint: dict[str, Any] | None = None  # the last deleted checkpoint
     try:
         for number in (n for n in segment_numbers(directory) if n < current):
             path = segment_path(directory, number)
@@ -62,19 +64,55 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
             over = used - done.freed > TRIM_TO * capacity
             if not (age > retention_s or (over and (hard or (soft and age > KEEP_S)))):
                 break
-            entries, _ = read_entries(path)
+            entries = [e for e in read_entries(path)[0] if _whole(e)]
             if entries:
-                head = (int(entries[-1]["seq"]), str(entries[-1]["hash"]))
+                last = entries[-1]
+                checkpoint = next(
+                    (e for e in reversed(entries) if e["event"] == CHECKPOINT), checkpoint
+                )
                 _carry_newest(entries, carried)
             path.unlink()
             done.freed += stat.st_size
             done.segments.append(number)
-    except OSError:
-        pass  # a segment removed or unreadable under us: retried at the next round
-    if head is not None:
-        done.anchor = {"segments": done.segments, "through_seq": head[0], "head": head[1]}
+    except (OSError, ValueError):
+        pass  # a segment removed, unreadable or not a segment: retried at the next round
+    if last is not None:
+        done.anchor = _anchor(done.segments, last, checkpoint)
         done.anchor.update(carried)
     return done
+
+
+def _anchor(
+    segments: list[int], last: dict[str, Any], checkpoint: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The anchor's own details. It carries the last deleted checkpoint whole, so that
+    `audit verify` can check its signature with the key of its own epoch: an anchor made
+    with a key taken later cannot vouch for history it never signed (ADR 0016)."""
+    anchor: dict[str, Any] = {
+        "segments": segments,
+        "through_seq": last["seq"],
+        "head": last["hash"],
+        "checkpoint": checkpoint,
+    }
+    if checkpoint is not last:
+        # A segment ends with its rollover checkpoint unless its writer crashed before it.
+        anchor["note"] = f"the last deleted entry (seq {last['seq']}) is not a checkpoint; " + (
+            f"the last deleted checkpoint (seq {checkpoint['seq']}) is carried"
+            if checkpoint is not None
+            else "no deleted segment held a checkpoint"
+        )
+    return anchor
+
+
+def _whole(entry: Any) -> bool:
+    """An entry with the fields the anchor uses, of the right types (a line that is not is
+    left to `audit verify` to report: it is deleted with its segment all the same)."""
+    return (
+        isinstance(entry, dict)
+        and type(entry.get("seq")) is int
+        and isinstance(entry.get("hash"), str)
+        and isinstance(entry.get("event"), str)
+    )
 
 
 def _carry_newest(entries: list[dict[str, Any]], carried: dict[str, dict[str, Any]]) -> None:

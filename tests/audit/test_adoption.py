@@ -264,3 +264,20 @@ def test_open_reads_the_root_public_key_from_audit_pub_beside_audit_key(tmp_path
     (tmp_path / "audit" / "plant" / epochs.KEY_FILE).unlink()
     with pytest.raises(ConfigError, match=r"audit\.key: key file not found.*put it back"):
         AuditLog(tmp_path / "audit", "plant", APPLIANCE, root)
+
+
+def test_adopted_seq_is_the_last_checkpoint_recovery_found_valid(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        assert log.adopted_seq == 0  # a new log
+        record_many(log, 7)
+    stop = read_log(tmp_path / "plant")[-1]
+    assert stop["details"]["reason"] == "stop"
+    with open_log(tmp_path, key) as log:
+        assert log.adopted_seq == stop["seq"]  # the log ended with it: adopted
+        assert log.chain_break is None
+    last_good = crash_after(tmp_path, key, 8)
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is not None
+        assert log.adopted_seq == last_good["seq"] == log.chain_break["last_good_seq"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from pathlib import Path
@@ -9,12 +10,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit import epochs
 from broker.audit import log as log_module
+from broker.audit.entry import checkpoint_message
 from broker.audit.forward import AuditForwarder
 from broker.audit.log import AuditLog
 from broker.audit.retention import RESERVE, TRIM_TO
 from broker.audit.segments import read_entries, segment_numbers, segment_path
 from broker.audit.verify import verify_writer
+from broker.trust.keys import verifies
+from tests.audit.support import sha256_of
 from tests.audit.test_forward import denied, forward
 
 
@@ -155,4 +160,56 @@ def test_in_the_reserve_history_older_than_a_week_goes_and_the_last_week_stays(
     assert segment_numbers(directory)[0] > 1
     assert audit.usage <= TRIM_TO + 0.02  # down to 70 %, plus the anchor's entry
     audit.close()
+    assert verify_writer(directory, key.public_key()).intact
+
+
+def test_an_anchor_carries_the_last_deleted_checkpoint_whole_and_is_sealed_at_once(
+    tmp_path: Path,
+) -> None:
+    """A key taken later cannot forge an anchor for history it never signed: the anchor
+    carries the rollover checkpoint that ended the deleted segments, signed by its own
+    epoch's key; and the expiry checkpoint right after it keeps a healthy log INTACT."""
+    key = Ed25519PrivateKey.generate()
+    log = fill(tmp_path, key, capacity_bytes=60_000)  # not closed: no stop seal to help
+    directory = tmp_path / "plant"
+    chain, problem = epochs.read_chain(directory, key.public_key())
+    assert problem is None
+    entries = [
+        e for n in segment_numbers(directory) for e in read_entries(segment_path(directory, n))[0]
+    ]
+    anchors = [i for i, e in enumerate(entries) if e["event"] == "audit_segments_expired"]
+    assert anchors
+    for i in anchors:
+        details = entries[i]["details"]
+        carried = details["checkpoint"]
+        assert carried["event"] == "audit_checkpoint"
+        assert carried["details"]["reason"] == "rollover"
+        assert (carried["seq"], carried["hash"]) == (details["through_seq"], details["head"])
+        assert sha256_of(carried) == carried["hash"]  # whole, as written
+        epoch = epochs.key_for(chain, carried["seq"])
+        assert epoch is not None and epoch.number == carried["details"]["epoch"]
+        signature = base64.b64decode(carried["details"]["signature"])
+        assert verifies(epoch.key, signature, checkpoint_message("plant", carried["details"]))
+        assert "note" not in details
+        seal = entries[i + 1]
+        assert seal["event"] == "audit_checkpoint" and seal["details"]["reason"] == "expiry"
+        assert seal["details"]["head"] == entries[i]["hash"]
+    report = verify_writer(directory, key.public_key())
+    assert report.intact and not report.problem, report.problem
+    log.close()
+
+
+def test_a_file_with_a_non_ascii_digit_name_is_no_segment(tmp_path: Path) -> None:
+    """`².jsonl` (str.isdigit accepts it, int() does not) neither stops a writer's start
+    nor its retention."""
+    key = Ed25519PrivateKey.generate()
+    AuditLog(tmp_path, "plant", "site-1", key).close()
+    directory = tmp_path / "plant"
+    for name in ("².jsonl", "١٢.jsonl", "12.jsonl", "+000000001.jsonl"):
+        (directory / name).write_text("{}\n")
+    assert segment_numbers(directory) == [1]
+    log = fill(tmp_path, key, capacity_bytes=60_000)  # retention runs with them there
+    assert segment_numbers(directory)[0] > 1
+    log.close()
+    assert (directory / "².jsonl").exists()
     assert verify_writer(directory, key.public_key()).intact
