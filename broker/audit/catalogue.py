@@ -54,6 +54,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "half_killed": ("process", "failure"),
     "audit_write_failed": ("audit", "failure"),
     "audit_chain_break": ("audit", "failure"),  # written by the log itself at start
+    "audit_entries_dropped": ("audit", "failure"),  # written by the log itself, on recovery
     "audit_write_recovered": ("audit", "success"),
     "audit_capacity_warning": ("audit", "unknown"),
     "config_loaded": ("config", "success"),

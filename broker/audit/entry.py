@@ -19,6 +19,7 @@ GENESIS = "0" * 64  # the prev_hash of a writer's first entry
 CHECKPOINT = "audit_checkpoint"
 CHAIN_BREAK = "audit_chain_break"  # a writer's start found a tail it would not adopt
 EXPIRED = "audit_segments_expired"  # retention deleted old segments; names the last entry
+DROPPED = "audit_entries_dropped"  # entries the writer could not keep; when writing resumes
 
 _encoder = msgspec.json.Encoder(order="sorted")
 

@@ -35,6 +35,7 @@ from broker.audit import epochs
 from broker.audit.entry import (
     CHAIN_BREAK,
     CHECKPOINT,
+    DROPPED,
     EXPIRED,
     canonical,
     checkpoint_message,
@@ -116,6 +117,7 @@ class AuditLog:
         self._pending: deque[bytes] = deque()
         self._partial = 0  # bytes of the first pending line already on disk
         self.dropped = 0  # entries lost because the disk refused them for too long
+        self._lost: Lost | None = None  # those not yet reported in `audit_entries_dropped`
         try:
             self._dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:
@@ -323,10 +325,14 @@ class AuditLog:
             "prev_hash": self._head,
         }
         entry["hash"] = entry_hash(entry)
-        self._seq, self._head = entry["seq"], entry["hash"]
         if len(self._pending) >= PENDING_LIMIT:
-            self.dropped += 1  # the chain now has a gap `audit verify` will show
+            # Not chained: the chain stays whole, and what was lost is said in one entry
+            # once the disk takes entries again (_flush).
+            self.dropped += 1
+            self._lost = self._lost or Lost(entry["time"])
+            self._lost.add(entry)
             return entry
+        self._seq, self._head = entry["seq"], entry["hash"]
         self._pending.append(canonical(entry) + b"\n")
         self._flush(force=False)
         return entry
@@ -349,6 +355,9 @@ class AuditLog:
             self.failing = True
             return
         self.failing = False
+        if self._lost is not None:  # writing resumed: say what could not be kept
+            lost, self._lost = self._lost, None
+            self._append(self._event(DROPPED, "failure", lost.details()))
 
     def _expire_segments(self) -> None:
         """Delete the segments retention says must go (broker.audit.retention) and record
@@ -468,6 +477,27 @@ class AuditLog:
     def __exit__(self, *_: object) -> None:
         with contextlib.suppress(OSError):
             self.close()
+
+
+class Lost:
+    """Entries dropped at PENDING_LIMIT, summed up for their `audit_entries_dropped` entry."""
+
+    def __init__(self, first: str) -> None:
+        self.first = self.last = first
+        self.events: dict[str, int] = {}
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.last = entry["time"]
+        event = str(entry["event"])
+        self.events[event] = self.events.get(event, 0) + 1
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "count": sum(self.events.values()),
+            "first": self.first,
+            "last": self.last,
+            "events": self.events,
+        }
 
 
 def _size(path: Path) -> int:

@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit import log as log_module
 from broker.audit.entry import checkpoint_message
 from broker.audit.epochs import read_chain
 from broker.audit.log import AuditLog
@@ -451,3 +452,33 @@ def test_a_rollover_without_a_free_descriptor_keeps_writing_and_is_retried(
     assert [e["details"].get("i") for e in written if e["details"]] == [
         i for i in range(80) if i % 4
     ]  # record_many gives empty details to every fourth entry
+
+
+def test_entries_dropped_at_the_pending_limit_leave_the_chain_whole_and_are_reported(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropped entries take no seq and no place in the chain (the log stays INTACT, not
+    BROKEN forever); one `audit_entries_dropped` entry says what was lost once writing
+    resumes."""
+    monkeypatch.setattr(log_module, "PENDING_LIMIT", 3)
+    log = open_log(tmp_path, key, checkpoint_every=1000)
+    record_many(log, 2)
+    path = segments(tmp_path / "plant")[0]
+    fd = refuse_writes(path)
+    record_many(log, 8, start=2)  # 3 kept in memory, 5 dropped
+    assert log.failing and log.dropped == 5
+    accept_writes(path, fd)
+    log.check()
+    assert not log.failing
+    log.close()
+    entries = read_segment(path)
+    assert [e["seq"] for e in entries] == list(range(1, len(entries) + 1))
+    dropped = [e for e in entries if e["event"] == "audit_entries_dropped"]
+    assert len(dropped) == 1
+    details = dropped[0]["details"]
+    assert details["count"] == 5 and sum(details["events"].values()) == 5
+    assert details["first"] <= details["last"]
+    assert (dropped[0]["category"], dropped[0]["outcome"]) == ("audit", "failure")
+    assert dropped[0]["seq"] == 7  # 1 start checkpoint, 2 entries, 3 kept, then this
+    report = verify_writer(tmp_path / "plant", key.public_key())
+    assert report.intact, report
