@@ -19,11 +19,11 @@ import structlog
 
 from broker import __version__, config, logs
 from broker.audit.log import AuditLog
-from broker.errors import ConfigError, PolicyRefused
+from broker.errors import ConfigError, PolicyRefused, TrustRootRefused
 from broker.folder_lock import FolderLock
 from broker.lifecycle import run_until_signalled
 from broker.policy import accepted as records
-from broker.policy import activation
+from broker.policy import activation, trustroot
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
 
@@ -86,46 +86,67 @@ def opened_half(
     state_dir = state_dir_of(cfg)
     # A check that is no half (run's, validate's) reads the plant half's records, whose
     # state dir it checks against.
-    writer_dir = cfg.audit.dir / (process if process in ("plant", "enterprise") else "plant")
+    own = process in ("plant", "enterprise")
+    writer = process if own else "plant"
+    writer_dir = cfg.audit.dir / writer
     with FolderLock(state_dir) if admit else contextlib.nullcontext():
-        floor = records.floor(state_dir, writer_dir)
-        missing = floor.missing(state_dir, writer_dir)
-        if missing and reset_state is False:
-            raise ConfigError(
-                "; ".join(missing) + "; if this is a new installation, start once with "
-                "--reset-state"
-            )
-        accepted_root = activation.restore_root(floor, cfg.trust_root)
-        in_force = activation.admit_root(cfg.trust_root, accepted_root, state_dir, persist=admit)
-        trust = in_force.root
-        audit = AuditLog.open(cfg.audit, trust.deployment_id, process) if audited else None
-        logs.configure(args.log_format or cfg.log.format, process, audit)
+        # The root in force is always the file's own, verified alone; what this half
+        # recorded only limits it (broker.policy.activation.root_at_start).
+        candidate = trustroot.load(cfg.trust_root)
+        audit = AuditLog.open(cfg.audit, candidate.deployment_id, process) if audited else None
         log = structlog.get_logger(process)
-        if audit is not None:
-            log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
-            log.info(
-                "config_loaded",
-                path=str(args.config.resolve()),
-                sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
-                trust_root_version=trust.version,
-            )
-        if admit:
-            floor_version = floor.policy.version if floor.policy is not None else None
-            if missing and reset_state:
-                log.warning(
-                    "state_reset",
-                    missing=missing,
-                    action="started with --reset-state: what this start accepts is the floor",
+        try:
+            logs.configure(args.log_format or cfg.log.format, process, audit)
+            if audit is not None:
+                log.info(
+                    "process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id
                 )
-            if in_force.new:
+                log.info(
+                    "config_loaded",
+                    path=str(args.config.resolve()),
+                    sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
+                    trust_root_version=candidate.version,
+                )
+            # Only the chain the writer adopted counts: from this writer's head, in memory,
+            # or, for another writer's log, from its last checkpoint that verifies.
+            head = (
+                audit.head[1]
+                if own and audit is not None
+                else records.adopted_head(
+                    writer_dir, cfg.audit.key, candidate.deployment_id, writer
+                )
+            )
+            floor = records.floor(state_dir, writer_dir, head)
+            missing = floor.missing(state_dir, writer_dir)
+            if missing and reset_state is False:
+                raise ConfigError(
+                    "; ".join(missing) + "; if this is a new installation, start once with "
+                    "--reset-state"
+                )
+            floor_version = floor.policy.version if floor.policy is not None else None
+            try:
+                in_force = activation.root_at_start(
+                    candidate, cfg.trust_root, floor, cfg.policy, state_dir, persist=admit
+                )
+            except TrustRootRefused as e:
+                activation.log_root_refusal(e, None, policy_version=floor_version)
+                raise
+            trust = in_force.root
+            if admit:
+                if missing and reset_state:
+                    log.warning(
+                        "state_reset",
+                        missing=missing,
+                        action="started with --reset-state: what this start accepts is the floor",
+                    )
+                # At every start, as `policy_accepted` is: the newest record of both is then
+                # near the head, and the next start's walk back to it is short.
                 activation.log_root_acceptance(
                     trust,
-                    previous_version=accepted_root.version if accepted_root else None,
+                    new=in_force.new,
+                    previous_version=floor.root.version if floor.root else None,
                     policy_version=floor_version,
                 )
-            if in_force.refused is not None:
-                activation.log_root_refusal(in_force.refused, trust, policy_version=floor_version)
-        try:
             try:
                 trusted = activation.load_trusted(
                     cfg.policy,

@@ -2,13 +2,17 @@
 where that record is kept: its state dir, and its own audit log.
 
 Each half's state dir holds `policy-accepted.json` (version, hash, deployment) and
-`trust-root-accepted.json` (version, hash, and the root's signed document, so the root in
-force can be restored when its file was replaced). Every acceptance is also an audit entry
-(`policy_accepted`, `trust_root_accepted`, carried across retention by the expiry anchor), so
-deleting the state files lowers nothing: at start the floor is the highest of both records.
+`trust-root-accepted.json` (version, hash, and the root's signed document, against which a
+rotation is checked). Every acceptance is also an audit entry (`policy_accepted`,
+`trust_root_accepted`, carried across retention by the expiry anchor), so deleting the state
+files lowers nothing: at start the floor is the highest of both records.
 
-This module never lowers a floor: a record it cannot read is an error, never "nothing
-accepted yet", and a missing record is reported as missing for the caller to refuse.
+Records only ever LIMIT what is accepted: they are files the half itself can write, so they
+never supply the keys in force (broker.policy.activation). From the audit log only entries of
+the chain the writer adopted count (`from_audit`): a line appended or inserted without the
+writer is no record. This module never lowers a floor: a record it cannot read is an error,
+never "nothing accepted yet", and a missing record is reported as missing for the caller to
+refuse. It never follows a symlink or blocks on a FIFO in the state dir.
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ import base64
 import binascii
 import contextlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
-from broker.audit.entry import EXPIRED
+from broker.audit import epochs, recovery
+from broker.audit.entry import EXPIRED, GENESIS, raw_hash
 from broker.audit.retention import CARRIED_POLICY, CARRIED_TRUST_ROOT
-from broker.audit.segments import read_entries, segment_numbers, segment_path
+from broker.audit.segments import segment_numbers, segment_path
 from broker.errors import ConfigError
 
 POLICY_STATE = "policy-accepted.json"
@@ -35,6 +41,12 @@ ROOT_EVENT = "trust_root_accepted"
 # An audit detail string is kept up to 1 KiB (broker.audit.bound): the root's document is
 # recorded as a list of base64 pieces below that, joined again when it is read back.
 DOCUMENT_PIECE = 768
+STATE_LIMIT = 1024 * 1024  # a state file is a few KiB: anything larger is no record of ours
+# Only lines holding one of these can be a record; the others are only followed back.
+_RECORD_MARKERS = tuple(
+    b'"event":"' + event.encode() + b'"' for event in (POLICY_EVENT, ROOT_EVENT, EXPIRED)
+)
+_PREV_KEY = b'"prev_hash":"'
 
 
 class AcceptedPolicy(msgspec.Struct, frozen=True):
@@ -62,7 +74,8 @@ class Floor:
 
     policy: AcceptedPolicy | None
     root: AcceptedRoot | None
-    log_root: AcceptedRoot | None  # the audit log's own record, to restore from if needed
+    roots: tuple[tuple[str, AcceptedRoot], ...]  # every root record found, with its place
+    state_root: AcceptedRoot | None  # the state dir's own
 
     def missing(self, state_dir: Path, writer_dir: Path) -> list[str]:
         """What is missing, as sentences naming both places looked at."""
@@ -80,41 +93,85 @@ class Floor:
         return found
 
 
-def floor(state_dir: Path, writer_dir: Path) -> Floor:
+def floor(state_dir: Path, writer_dir: Path, head: str | None) -> Floor:
     """The highest accepted policy and trust root of the state dir and the audit log of
-    this half (`<audit dir>/<writer>`); raises ConfigError for an unreadable state file."""
+    this half (`<audit dir>/<writer>`, its chain followed back from `head`: see
+    `from_audit`); raises ConfigError for an unreadable state file."""
     policy_state = _read(state_dir / POLICY_STATE, AcceptedPolicy)
     root_state = _read(state_dir / ROOT_STATE, AcceptedRoot)
-    policy_log, root_log = from_audit(writer_dir)
-    return Floor(_higher(policy_state, policy_log), _higher(root_state, root_log), root_log)
+    policy_log, root_log = from_audit(writer_dir, head) if head is not None else (None, None)
+    places = (
+        (str(state_dir / ROOT_STATE), root_state),
+        (f"the {ROOT_EVENT} entry in {writer_dir}", root_log),
+    )
+    roots = tuple((place, r) for place, r in places if r is not None)
+    return Floor(
+        _higher(policy_state, policy_log), _higher(root_state, root_log), roots, root_state
+    )
 
 
-def from_audit(writer_dir: Path) -> tuple[AcceptedPolicy | None, AcceptedRoot | None]:
-    """The newest `policy_accepted` and `trust_root_accepted` records of one writer's log,
-    entries or carried by an expiry anchor: newest segment first, each search stopping at
-    the first found. Unreadable segments are skipped (the state files still count)."""
+def adopted_head(writer_dir: Path, audit_key: Path, appliance: str, writer: str) -> str | None:
+    """The hash of the last checkpoint of `writer_dir` that verifies, as the writer's own
+    start-up recovery finds it (broker.audit.recovery): where `from_audit` starts for a
+    process that reads another writer's log (`run`'s and `validate`'s checks). None: none."""
+    try:
+        chain, _ = epochs.read_chain(writer_dir, epochs.RootKey.from_files(audit_key).public)
+        found = recovery.examine(writer_dir, segment_numbers(writer_dir), chain, appliance, writer)
+    except (OSError, ConfigError):
+        return None  # nothing adopted can be found: the state files alone count
+    return found.last_good_hash if found.last_good_seq else None
+
+
+def from_audit(writer_dir: Path, head: str) -> tuple[AcceptedPolicy | None, AcceptedRoot | None]:
+    """The newest `policy_accepted` and `trust_root_accepted` records (entries, or carried by
+    an expiry anchor) of the chain that ends at `head`, the hash of an entry the writer wrote
+    or adopted: each line counted is the one whose hash the line after it names, checked
+    over its bytes. A line appended, inserted or edited without the writer (an unadopted
+    tail, a forged record) is never on that chain, so it counts for nothing.
+
+    Newest segment first, each search stopping at the first found, which is also the
+    highest: a half records an acceptance only at or above its floor, and that floor
+    included every record on the chain before it (this same walk, at its own start, or the
+    policy in memory), so versions never fall along one writer's chain. `--reset-state`
+    does not break this: it is allowed only when the chain holds no record at all. The walk
+    reads back only to the newest records (each start records both), not the whole log.
+    """
     policy: AcceptedPolicy | None = None
     root: AcceptedRoot | None = None
+    expected = head
     for number in reversed(segment_numbers(writer_dir)):
-        path = segment_path(writer_dir, number)
         try:
-            data = path.read_bytes()
+            data = segment_path(writer_dir, number).read_bytes()
         except OSError:
-            continue
-        # Most segments hold neither: skip them without decoding every line.
-        if b'"' + POLICY_EVENT.encode() not in data and b'"' + ROOT_EVENT.encode() not in data:
-            continue
-        try:
-            entries, _ = read_entries(path)
-        except OSError:
-            continue
-        for entry in reversed(entries):
-            if policy is None:
-                policy = _policy_record(entry)
-            if root is None:
-                root = _root_record(entry)
-            if policy is not None and root is not None:
+            return policy, root  # the chain cannot be followed past a segment not read
+        end = len(data)
+        while expected != GENESIS:
+            needle = b'"hash":"' + expected.encode() + b'",'
+            at = data.rfind(needle, 0, end)
+            if at < 0:
+                break  # in an older segment
+            start = data.rfind(b"\n", 0, at) + 1
+            stop = data.find(b"\n", at)
+            line = data[start : stop if stop >= 0 else len(data)]
+            end = start
+            # The needle may also sit inside a line's details: only the line whose own hash
+            # it is, over its own bytes, is the chain's.
+            if stop < 0 or raw_hash(line, expected) != expected:
+                continue
+            if any(marker in line for marker in _RECORD_MARKERS):
+                entry = _decoded(line)
+                if policy is None:
+                    policy = _policy_record(entry)
+                if root is None:
+                    root = _root_record(entry)
+                if policy is not None and root is not None:
+                    return policy, root
+            previous = _previous(line)
+            if previous is None:
                 return policy, root
+            expected = previous
+        if expected == GENESIS:
+            break
     return policy, root
 
 
@@ -134,6 +191,26 @@ def document_pieces(document: bytes) -> list[str]:
     """The root's document as the audit entry keeps it (see DOCUMENT_PIECE)."""
     text = base64.b64encode(document).decode()
     return [text[i : i + DOCUMENT_PIECE] for i in range(0, len(text), DOCUMENT_PIECE)]
+
+
+def _decoded(line: bytes) -> dict[str, Any]:
+    try:
+        entry = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def _previous(line: bytes) -> str | None:
+    """The line's own `prev_hash` (keys are sorted: a `prev_hash` key inside `details` comes
+    before it, and no key after it can hold one; a string cannot hold the quotes)."""
+    at = line.rfind(_PREV_KEY)
+    if at < 0:
+        return None
+    value = line[at + len(_PREV_KEY) : at + len(_PREV_KEY) + 64]
+    if len(value) != 64 or line[at + len(_PREV_KEY) + 64 : at + len(_PREV_KEY) + 65] != b'"':
+        return None
+    return value.decode("ascii", "replace")
 
 
 def _policy_record(entry: dict[str, Any]) -> AcceptedPolicy | None:
@@ -186,20 +263,46 @@ def _higher(state: Record | None, log: Record | None) -> Record | None:
 
 def _read(path: Path, kind: type[Record]) -> Record | None:
     try:
-        return msgspec.json.decode(path.read_bytes(), type=kind)
+        data = _read_regular(path)
+        return msgspec.json.decode(data, type=kind)
     except FileNotFoundError:
         return None
     except (OSError, msgspec.DecodeError) as e:
         # Never treat an unreadable record as "nothing accepted yet": that would allow rollback.
-        raise ConfigError(f"{path}: unreadable record of what this half accepted: {e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"{path}: unreadable record of what this half accepted: {reason}") from e
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file of at most STATE_LIMIT: never through a symlink, never
+    waiting on a FIFO or device, never reading without end (/dev/zero)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(0, "not a regular file")
+        if st.st_size > STATE_LIMIT:
+            raise OSError(0, f"larger than {STATE_LIMIT} bytes")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(STATE_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > STATE_LIMIT:
+        raise OSError(0, f"larger than {STATE_LIMIT} bytes")
+    return data
 
 
 def _write(path: Path, data: bytes, what: str) -> None:
-    """Atomically and durably: the record is on disk before what it records takes effect."""
+    """Atomically and durably: the record is on disk before what it records takes effect.
+    The temporary file is made new (a stale one, or a symlink planted in its place, is
+    removed first, never followed)."""
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, 0o640), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

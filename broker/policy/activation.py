@@ -4,15 +4,16 @@ A policy: its deployment, expiry, and version against the floor (the highest ver
 half ever accepted, broker.policy.accepted). A lower version is a rollback; the same version
 with other content is equivocation: both are refused. The same version and content is a
 no-op. A trust root: the one in its file takes effect only when it is the accepted root or a
-valid rotation of it (broker.policy.trustroot.check_rotation); otherwise the accepted root,
-restored from its record, stays in force. Records are written (atomically, durably) *before*
-what they record takes effect. This module never admits anything below a floor.
+valid rotation of it (broker.policy.trustroot.check_rotation) under which the policy file
+verifies. At start the file's root is the only candidate: a record (state dir, audit log) only
+limits it, and anything else stops the start; a running half keeps the root it holds in
+memory. Records are written (atomically, durably) *before* what they record takes effect.
+This module never admits anything below a floor, and never takes keys from a record.
 """
 
 from __future__ import annotations
 
 import binascii
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -103,59 +104,98 @@ def load_trusted(
     return trusted
 
 
-def admit_root(
-    path: Path, current: TrustRoot | None, state_dir: Path, *, persist: bool = True
-) -> RootInForce:
-    """The trust root in force once the file at `path` is considered against `current` (the
-    accepted root, None on a fresh start): the file's root if it is `current` or a valid
-    rotation of it (recorded in `state_dir` first, unless not `persist`), else `current`
-    with the refusal. Raises ConfigError only when there is no root to keep."""
+def admit_root(path: Path, current: TrustRoot, policy: Path, state_dir: Path) -> RootInForce:
+    """The running half's trust root once the file at `path` is considered: the file's root
+    if it is `current` (the root in force, held in memory) or a valid rotation of it under
+    which the policy file at `policy` verifies (recorded in `state_dir` first), else
+    `current` with the refusal."""
     try:
         candidate = trustroot.load(path)
-    except ConfigError as e:
-        if current is None:
-            raise
-        return RootInForce(current, False, _refusal(e))
-    if current is not None:
         if candidate.sha256 == current.sha256:
             return RootInForce(current, False, None)
-        try:
-            trustroot.check_rotation(current, candidate)
-        except TrustRootRefused as e:
-            return RootInForce(current, False, TrustRootRefused(e.reason, f"{path}: {e}"))
+        _check_rotation(current, candidate, policy, path)
+    except ConfigError as e:
+        return RootInForce(current, False, _refusal(e))
     admitted = RootInForce(candidate, True, None)
-    if persist:
-        records.write_root(state_dir, admitted.record)
+    records.write_root(state_dir, admitted.record)
     return admitted
 
 
-def restore_root(floor: records.Floor, path: Path) -> TrustRoot | None:
-    """The accepted trust root (None if none is recorded), from the first record that still
-    holds its document: the floor's, the audit log's, or the file at `path` itself if it is
-    that very root. ConfigError if none does: nothing lower may stand in for it."""
-    record = floor.root
-    if record is None:
-        return None
-    problems = []
-    for source, candidate in (("its record", record), ("the audit log", floor.log_root)):
-        if candidate is None or candidate.sha256 != record.sha256:
+def root_at_start(
+    candidate: TrustRoot,
+    path: Path,
+    floor: records.Floor,
+    policy: Path,
+    state_dir: Path,
+    *,
+    persist: bool = True,
+) -> RootInForce:
+    """The trust root in force at a half's start: always `candidate`, the root of the file
+    at `path`, verified alone. The records (state dir, audit log) only limit it, never
+    supply it: they are files this half can write. Against each, `candidate` must be the
+    recorded root or a valid rotation of it (checked with the record's document) under which
+    the policy file at `policy` verifies; raises TrustRootRefused naming the file, the record
+    and what to do otherwise. `new`: the highest record is another root (or none)."""
+    for place, record in floor.roots:
+        if record.sha256 == candidate.sha256:
             continue
         try:
-            root = trustroot.parse(candidate.document_bytes, f"the accepted trust root in {source}")
-        except (ConfigError, binascii.Error) as e:
-            problems.append(str(e))
-            continue
-        if root.sha256 == record.sha256:
-            return root
-        problems.append(f"{source} holds another document than the accepted root")
-    with contextlib.suppress(ConfigError):
-        root = trustroot.load(path)
-        if root.sha256 == record.sha256:
-            return root
-    raise ConfigError(
-        f"the accepted trust root (version {record.version}, sha256 {record.sha256[:16]}…) "
-        f"cannot be restored, and {path} is not it: {'; '.join(problems) or 'no document kept'}"
-    )
+            recorded = _recorded_root(record, place)
+            _check_rotation(recorded, candidate, policy, path)
+        except ConfigError as e:
+            refused = _refusal(e)
+            raise TrustRootRefused(
+                refused.reason,
+                f"{refused}; the trust root recorded as accepted ({place}: version "
+                f"{record.version}, sha256 {record.sha256[:16]}…) is not this file's root and "
+                f"this half does not start. Put the accepted root back in {path}, or deploy a "
+                "valid rotation of it together with a policy the new owners signed; if the "
+                "record itself was forged, find out who wrote it before removing it",
+            ) from e.__cause__
+    highest = floor.root
+    in_force = RootInForce(candidate, highest is None or highest.sha256 != candidate.sha256, None)
+    state = floor.state_root
+    if persist and (state is None or state.sha256 != candidate.sha256):
+        records.write_root(state_dir, in_force.record)  # again if only the log still had it
+    return in_force
+
+
+def _recorded_root(record: AcceptedRoot, place: str) -> TrustRoot:
+    """The root a record names, from the document it keeps: only to check a rotation."""
+    try:
+        root = trustroot.parse(record.document_bytes, f"the trust root recorded in {place}")
+    except (ConfigError, binascii.Error) as e:
+        raise TrustRootRefused(
+            "unverifiable_record",
+            f"the trust root recorded in {place} cannot be read to check a rotation "
+            f"against it: {e}",
+        ) from None
+    if root.sha256 != record.sha256:
+        raise TrustRootRefused(
+            "unverifiable_record", f"{place} keeps another document than the root it records"
+        )
+    return root
+
+
+def _check_rotation(current: TrustRoot, candidate: TrustRoot, policy: Path, path: Path) -> None:
+    """Refuse `candidate` (from `path`) unless it is a valid rotation of `current` and the
+    policy file verifies under it: a rotation that removes the owners who signed the running
+    policy would otherwise leave a policy no root in force vouches for."""
+    try:
+        trustroot.check_rotation(current, candidate)
+    except TrustRootRefused as e:
+        raise TrustRootRefused(e.reason, f"{path}: {e}") from None
+    try:
+        verified_payload(envelopes.read(policy), candidate, str(policy))
+    except ConfigError as e:
+        refused = TrustRootRefused(
+            "policy_not_signed",
+            f"{path}: the new trust root (version {candidate.version}) is refused because "
+            f"the policy does not verify under it ({e}); deploy the new root together with a "
+            "policy the new owners signed",
+        )
+        # A passing read failure of the policy stays recognisable as one (tried again).
+        raise refused from e.__cause__
 
 
 def _refusal(error: ConfigError) -> TrustRootRefused:
@@ -190,8 +230,8 @@ def log_acceptance(trusted: TrustedPolicy, **context: object) -> None:
 
 
 def log_root_acceptance(root: TrustRoot, **context: object) -> None:
-    """`trust_root_accepted`, with the signed document: enough to restore the root from the
-    audit log alone (broker.policy.accepted)."""
+    """`trust_root_accepted`, with the signed document: enough to check a rotation against
+    it from the audit log alone (broker.policy.accepted)."""
     log.info(
         "trust_root_accepted",
         version=root.version,
@@ -203,12 +243,16 @@ def log_root_acceptance(root: TrustRoot, **context: object) -> None:
     )
 
 
-def log_root_refusal(error: ConfigError, kept: TrustRoot, **context: object) -> None:
+def log_root_refusal(error: ConfigError, kept: TrustRoot | None, **context: object) -> None:
     log.error(
         "trust_root_refused",
         reason=_refusal(error).reason,
         error=str(error),
-        kept_version=kept.version,
-        action="the accepted trust root stays in force; find out who replaced the file",
+        kept_version=kept.version if kept is not None else None,
+        action=(
+            "the accepted trust root stays in force; find out who replaced the file"
+            if kept is not None
+            else "this half does not start; find out who replaced the file or the record"
+        ),
         **context,
     )

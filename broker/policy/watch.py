@@ -1,8 +1,8 @@
 """Policy reload: on SIGHUP or when the envelope or trust root file changes, admit a newer
 policy.
 
-The trust root file is considered first: a valid rotation of the root in force takes effect
-(`trust_root_accepted`), anything else is refused (`trust_root_refused`, once per file
+The trust root file is considered first: a valid rotation of the root in force, under which
+the policy file verifies, takes effect (`trust_root_accepted`), anything else is refused (`trust_root_refused`, once per file
 content) and the root in force stays. A valid newer policy is then yielded to the half, which
 applies it without restarting. An invalid one is refused (logged as `policy_refused` with its
 reason) and the running policy stays in force. The floor is the running policy, held in
@@ -109,7 +109,7 @@ class PolicyWatcher:
 
     def _reload(self) -> TrustedPolicy | None:
         try:
-            in_force = admit_root(self._trust_root, self._root, self._state_dir)
+            in_force = admit_root(self._trust_root, self._root, self._path, self._state_dir)
             if in_force.refused is not None and _transient(in_force.refused):
                 raise in_force.refused
             self._note_root(in_force)
@@ -150,7 +150,10 @@ class PolicyWatcher:
                 log_root_refusal(in_force.refused, in_force.root, policy_version=version)
         elif in_force.new:
             log_root_acceptance(
-                in_force.root, previous_version=self._root.version, policy_version=version
+                in_force.root,
+                new=True,
+                previous_version=self._root.version,
+                policy_version=version,
             )
             self._refused_root = None
         self._root = in_force.root
