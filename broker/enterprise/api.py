@@ -106,9 +106,11 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
             reason="the client certificate must name the consumer in exactly one URI SAN"
         )
     authz = request.app[AUTHZ]
-    if peer.serial in authz.revoked:
+    if peer.serial in authz.revoked:  # a connection made before its CRL came into force
         denied(peer, "revoked", path=request.path)
-        raise web.HTTPForbidden(reason="the client certificate is revoked")
+        refused = _json({"error": "the client certificate is revoked"}, status=403)
+        refused.force_close()  # and the connection ends with this answer
+        return refused
     if authz.knows(peer.identity):
         request_started(request)  # a consumer, not a squatter: not closed to make room
     elif request.path != "/v1/openapi.json":
@@ -194,6 +196,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if len(store.subscriptions) >= store.max_streams:
         raise web.HTTPServiceUnavailable(reason="too many open streams; try again later")
     subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
+    authz = request.app[AUTHZ]
+    authz.stream_opened(peer.serial, subscription)  # a CRL revoking it ends the wait at once
     log.info("stream_opened", **peer.described())
     try:
         await response.prepare(request)
@@ -203,6 +207,9 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                     batch = await subscription.next_batch()
             except TimeoutError:
                 batch = []
+            if peer.serial in authz.revoked:  # checked at every batch and keepalive too
+                log.warning("consumer_cut_off", **peer.described(), reason="revoked")
+                break
             if batch is None:
                 break
             chunk = b"".join(frame for _, frame in batch)
@@ -213,6 +220,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         log.warning("consumer_cut_off", identity=peer.identity, reason="not_reading")
     finally:
+        authz.stream_closed(peer.serial, subscription)
         store.unsubscribe(subscription)
         log.info(
             "stream_closed",

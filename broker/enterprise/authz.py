@@ -3,6 +3,8 @@
 The TLS layer has already verified the certificate chain; this module only names the peer
 and asks the policy (casbin, through `broker.policy.access`) for its view, once per identity
 and policy. Every denial is logged with identity, certificate serial and remote address.
+It also holds the serials of the CRL in force, and ends the open streams of a certificate
+when a newly loaded CRL revokes it: a handshake checks only connections made after.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from cryptography import x509
@@ -60,12 +63,38 @@ def denied(peer: Peer, reason: str, **details: object) -> None:
     log.warning("consumer_denied", reason=reason, **peer.described(), **details)
 
 
+class Stream(Protocol):
+    """An open stream (store.Subscription), as far as a revocation needs it."""
+
+    def close(self) -> None: ...
+
+
 class Authorization:
-    """The current policy's answer to "what may this identity see", cached per identity."""
+    """The current policy's answer to "what may this identity see", cached per identity;
+    the serials the CRL in force revokes, refused at every request."""
 
     def __init__(self, policy: Policy, revoked: frozenset[str] = frozenset()) -> None:
-        self.revoked = revoked  # serials a stale CRL still lists (see enterprise.run._tls)
+        self.revoked = revoked  # the CRL's serials, fresh or stale (tls.EndpointReloader)
+        self._streams: dict[str, set[Stream]] = {}  # open streams by certificate serial
         self.use_policy(policy)
+
+    def use_revoked(self, revoked: frozenset[str]) -> None:
+        """The serials of a CRL just put in force: refused from the next request on, and
+        every open stream of one of them ended now (its handler logs `consumer_cut_off`)."""
+        self.revoked = revoked
+        for serial in revoked & self._streams.keys():
+            for stream in self._streams[serial]:
+                stream.close()
+
+    def stream_opened(self, serial: str, stream: Stream) -> None:
+        self._streams.setdefault(serial, set()).add(stream)
+
+    def stream_closed(self, serial: str, stream: Stream) -> None:
+        streams = self._streams.get(serial)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._streams[serial]
 
     def use_policy(self, policy: Policy) -> None:
         self.policy = policy

@@ -58,7 +58,9 @@ def tune_garbage_collector() -> None:
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     tune_garbage_collector()
     ent = config.enterprise
-    reloader = tls.EndpointReloader(ent.tls)  # the TLS context in force, fresh on each reload
+    # The TLS context in force, fresh on each reload; the CRLs accepted are recorded in the
+    # state dir, so an older one put back while the half was stopped is refused at start.
+    reloader = tls.EndpointReloader(ent.tls, ent.state_dir)
     limits = fit_to_file_limit(ent.listen)
     spool = _SpoolReading(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
@@ -163,11 +165,12 @@ def _exporter(config: BrokerConfig, appliance: str) -> SiemExporter:
 def _reload_tls(reloader: tls.EndpointReloader, authz: Authorization, *, force: bool) -> None:
     revoked = reloader.check(force=force)
     if revoked is not None:
-        authz.revoked = revoked
+        authz.use_revoked(revoked)  # open streams of a revoked serial end at once
 
 
 async def _watch_tls(reloader: tls.EndpointReloader, authz: Authorization) -> None:
-    """New certificate, key, client CA or CRL files take effect for new connections."""
+    """New certificate, key, client CA or CRL files take effect for new connections; a new
+    CRL's revocations for open ones too."""
     while True:
         await asyncio.sleep(TLS_CHECK_S)
         _reload_tls(reloader, authz, force=False)

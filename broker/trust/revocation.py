@@ -9,6 +9,7 @@ consumers. `read_crl` never returns a CRL that no CA of the client CA file signe
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,9 @@ class CrlFacts:
     number: int | None  # its CRLNumber extension; our `certs crl` always writes one
     next_update: dt.datetime | None
     serials: frozenset[str]  # revoked, hex
-    pem: bytes  # the list as checked: what the handshake enforces, and what tells it apart
+    pem: bytes  # the list as checked: what the handshake enforces
+    issuer: str  # RFC 4514: CRL numbers are comparable only between lists of one issuer
+    sha256: str  # of the list (DER), hex: what tells two lists of one number apart
 
 
 def read_crl(path: Path, client_ca: Path) -> CrlFacts:
@@ -189,6 +192,8 @@ def read_crl(path: Path, client_ca: Path) -> CrlFacts:
         crl.next_update_utc,
         frozenset(f"{r.serial_number:x}" for r in crl),
         crl.public_bytes(serialization.Encoding.PEM),
+        crl.issuer.rfc4514_string(),
+        hashlib.sha256(crl.public_bytes(serialization.Encoding.DER)).hexdigest(),
     )
 
 

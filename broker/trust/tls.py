@@ -22,6 +22,7 @@ import structlog
 
 from broker.config import TlsConfig
 from broker.errors import TrustError
+from broker.trust.crlstate import AcceptedCrl, read_accepted, record_accepted
 from broker.trust.revocation import CrlFacts, read_crl
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are AEAD-only already
@@ -80,7 +81,9 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
 
 class EndpointReloader:
     """The consumer endpoint's TLS context in force, replaced by a fresh one when its files
-    change (checked by `check`, on SIGHUP and every second).
+    change (checked by `check`, on SIGHUP and every second), and the serials of the CRL in
+    force, which the API refuses at every request (so a revocation also reaches connections
+    made before it).
 
     A reload builds a new context from the current certificate, key, client CA and CRL files
     and swaps it in whole: the listener reads `context` for every new handshake, established
@@ -88,22 +91,50 @@ class EndpointReloader:
     CA removed from the client CA file is no longer trusted, and only the new CRL is in force
     (OpenSSL, given two CRLs of one issuer stamped in the same second, would keep the first).
 
-    A CRL must be signed by a CA of the client CA file, and a new CRL must carry a higher CRL
-    number than the one in force: an older CRL put back would un-revoke certificates. At start
-    a CRL without a number is accepted (there is nothing to compare it with); at a reload it
-    is refused. A reload that fails in any part is refused with `tls_reload_refused`, and the
-    context in force stays as it was, CRL included.
+    A CRL must be signed by a CA of the client CA file, and must be shown at least as new as
+    the last one accepted from its issuer: a higher CRL number, or the very same list. An
+    older CRL put back would un-revoke certificates; so would another list under the same
+    number. With a `state_dir` the accepted number and hash of each issuer are recorded there
+    (crlstate) before the context that enforces them is swapped in, and compared at the next
+    start as at a reload. A CRL without a number is accepted only first (nothing to compare
+    it with). A reload that fails in any part is refused with `tls_reload_refused`, and the
+    context in force stays as it was, CRL included. At start, a CRL older than the one
+    recorded is refused the same way, and the half starts refusing every consumer in the
+    handshake until a CRL at least as new is installed: an endpoint that serves no one is
+    safer than one that serves a revoked certificate.
     """
 
-    def __init__(self, config: TlsConfig) -> None:
+    def __init__(self, config: TlsConfig, state_dir: Path | None = None) -> None:
         self._config = config
+        self._state_dir = state_dir
         self._seen = self._fingerprints()  # first: a change while loading is seen next time
-        self._crl = _current_crl(config)
-        self.context, self.revoked = _endpoint(config, self._crl)
+        self._accepted = read_accepted(state_dir) if state_dir is not None else {}
         self._deferred = False  # a reload put off by an OS error, logged once until it works
+        crl = _current_crl(config)
+        try:
+            _succeeds(crl, self._accepted, config, first=True)
+        except TrustError as e:
+            self._crl: CrlFacts | None = None
+            self.context, self.revoked = _refusing_everyone(config), frozenset[str]()
+            structlog.get_logger("tls").error("tls_reload_refused", error=str(e), kept=self._kept())
+            return
+        self.context, self.revoked = _endpoint(config, crl)
+        try:
+            self._record(crl)
+        except OSError as e:
+            raise TrustError(
+                f"{state_dir}: cannot record the CRL accepted ({e.strerror}); the half needs "
+                "its state dir writable"
+            ) from e
+        self._crl = crl
+
+    @property
+    def refusing_everyone(self) -> bool:
+        """At start the CRL was older than the one accepted before: no consumer is served."""
+        return self._crl is None and self._config.crl is not None
 
     def check(self, *, force: bool = False) -> frozenset[str] | None:
-        """New revoked serials for the API (stale CRL accepted), or None if nothing changed."""
+        """The serials of the CRL in force after a reload, or None if nothing changed."""
         seen, before = self._fingerprints(), self._seen
         if seen == before and not force:
             return None
@@ -112,15 +143,11 @@ class EndpointReloader:
         config = self._config
         try:
             crl = _current_crl(config)
-            _succeeds(crl, self._crl, config)
+            _succeeds(crl, self._accepted, config, first=False)
             context, revoked = _endpoint(config, crl)
+            self._record(crl)  # before it takes effect: a restart never goes below it
         except TrustError as e:
-            log.error(
-                "tls_reload_refused",
-                error=str(e),
-                kept="the TLS context in force, CRL number "
-                f"{self._crl.number if self._crl is not None else '(none)'}",
-            )
+            log.error("tls_reload_refused", error=str(e), kept=self._kept())
             return None
         except OSError as e:  # out of file descriptors, an I/O error: not the files' fault
             self._seen = before  # so the next check tries again
@@ -141,6 +168,26 @@ class EndpointReloader:
         )
         return revoked
 
+    def _record(self, crl: CrlFacts | None) -> None:
+        if crl is None:
+            return
+        accepted = AcceptedCrl(crl.issuer, crl.number, crl.sha256)
+        if self._accepted.get(crl.issuer) == accepted:
+            return
+        updated = self._accepted | {crl.issuer: accepted}
+        if self._state_dir is not None:
+            record_accepted(self._state_dir, updated)
+        self._accepted = updated
+
+    def _kept(self) -> str:
+        if self.refusing_everyone:
+            return (
+                "every consumer refused in the handshake until a CRL at least as new as the "
+                "one accepted before is installed"
+            )
+        number = self._crl.number if self._crl is not None else "(none)"
+        return f"the TLS context in force, CRL number {number}"
+
     def _fingerprints(self) -> tuple[tuple[int, int, int] | None, ...]:
         paths = [self._config.cert, self._config.key, self._config.client_ca, self._config.crl]
         return tuple(_fingerprint(p) for p in paths)
@@ -150,33 +197,59 @@ def _current_crl(config: TlsConfig) -> CrlFacts | None:
     return None if config.crl is None else read_crl(config.crl, config.client_ca)
 
 
-def _succeeds(new: CrlFacts | None, in_force: CrlFacts | None, config: TlsConfig) -> None:
-    """Refuse a CRL that cannot be shown newer than the one in force (a rollback)."""
-    if new is None or in_force is None or new.pem == in_force.pem:
-        return  # no CRL configured, or the same list read again
+def _succeeds(
+    new: CrlFacts | None, accepted: dict[str, AcceptedCrl], config: TlsConfig, *, first: bool
+) -> None:
+    """Refuse a CRL that cannot be shown at least as new as the last one accepted from its
+    issuer (a rollback)."""
+    if new is None:
+        return  # no CRL configured
+    before = accepted.get(new.issuer)
+    if before is not None and before.sha256 == new.sha256:
+        return  # the same list read again
     fix = "publish a new CRL with `dmzbroker certs crl`, which numbers every CRL it writes"
     if new.number is None:
+        if first and before is None:
+            return  # nothing to compare it with
         raise TrustError(
             f"{config.crl}: the new CRL has no CRL number, so it cannot be told from an older "
             f"one put back; {fix}"
         )
-    if in_force.number is not None and new.number <= in_force.number:
+    if before is None or before.crl_number is None:
+        return
+    if new.number < before.crl_number:
         raise TrustError(
-            f"{config.crl}: CRL number {new.number} is not higher than {in_force.number}, the "
-            "number of the CRL in force: an older CRL put back would un-revoke certificates; "
-            f"{fix}"
+            f"{config.crl}: CRL number {new.number} is not higher than {before.crl_number}, the "
+            f"number of the CRL last accepted from {new.issuer}: an older CRL put back would "
+            f"un-revoke certificates; {fix}"
+        )
+    if new.number == before.crl_number:
+        raise TrustError(
+            f"{config.crl}: CRL number {new.number} is not higher than {before.crl_number}, and "
+            f"the list differs from the one accepted under that number from {new.issuer} "
+            f"(sha256 {before.sha256}): a CRL must not be replaced under its number; {fix}"
         )
 
 
-def _endpoint(config: TlsConfig, crl: CrlFacts | None) -> tuple[ssl.SSLContext, frozenset[str]]:
-    """A fresh context for the consumer endpoint, and the serials the API must refuse itself.
+def _refusing_everyone(config: TlsConfig) -> ssl.SSLContext:
+    """A context in which every client certificate fails: it must be checked against a CRL
+    and none is loaded (OpenSSL: "unable to get certificate CRL")."""
+    context = server_context(config.cert, config.key, config.client_ca, profile=config.profile)
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
 
-    A fresh CRL is enforced in the handshake. A CRL past its nextUpdate is too, by default,
+
+def _endpoint(config: TlsConfig, crl: CrlFacts | None) -> tuple[ssl.SSLContext, frozenset[str]]:
+    """A fresh context for the consumer endpoint, and the serials the API must refuse itself:
+    every serial of the CRL, fresh or stale, so that a connection made before the CRL was in
+    force is refused at its next request (the handshake checks only new connections).
+
+    A fresh CRL is enforced in the handshake too. A CRL past its nextUpdate is, by default,
     which refuses every consumer until a new one is published; with `stale_crl: accept` the
-    stale list still refuses the serials it names, in the API.
+    stale list refuses the serials it names in the API only.
     """
     in_tls = crl
-    revoked: frozenset[str] = frozenset()
+    revoked = crl.serials if crl is not None else frozenset[str]()
     if crl is not None and crl.next_update is not None and crl.next_update < datetime.now(UTC):
         accept = config.stale_crl == "accept"
         structlog.get_logger("tls").warning(
@@ -188,7 +261,7 @@ def _endpoint(config: TlsConfig, crl: CrlFacts | None) -> tuple[ssl.SSLContext, 
             else "every new connection refused until a new CRL is published",
         )
         if accept:
-            in_tls, revoked = None, crl.serials
+            in_tls = None
     if in_tls is None:
         context = server_context(config.cert, config.key, config.client_ca, profile=config.profile)
         return context, revoked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 from pathlib import Path
@@ -17,7 +18,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker import policy
 from broker.policy.access import Access
 from tests.enterprise.served import POWER, ROOM, Api, get, record
-from tests.harness import DEMO_POLICY, ENERGY_URI, STRANGER_URI
+from tests.harness import (
+    CONSUMER_URI,
+    DEMO_POLICY,
+    ENERGY_URI,
+    STRANGER_URI,
+    eventually,
+    read_events,
+)
 
 DEMO = policy.load(DEMO_POLICY)
 ENERGY_VIEW = Access(DEMO).visible_to(ENERGY_URI)
@@ -169,3 +177,69 @@ async def test_a_serial_a_stale_crl_lists_is_refused_by_the_api(api: Api) -> Non
     assert [e["reason"] for e in logs if e["event"] == "consumer_denied"] == ["revoked"]
     status, _ = await get(api, "/v1/signals", api.consumer_ssl())
     assert status == 200  # everyone else still gets in
+
+
+def serial_of(cert: Path) -> str:
+    return f"{x509.load_pem_x509_certificate(cert.read_bytes()).serial_number:x}"
+
+
+async def test_a_crl_put_in_force_ends_the_open_stream_of_the_certificate_it_revokes(
+    api: Api,
+) -> None:
+    energy = api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(api.base + "/v1/stream", ssl=api.consumer_ssl()) as revoked,
+        session.get(api.base + "/v1/stream", ssl=energy) as other,
+    ):
+        assert revoked.status == other.status == 200
+        await eventually(lambda: len(api.store.subscriptions) == 2)
+        api.store.apply([record(POWER, 1.0, 1)])
+        assert [e["value"] for _, e in await read_events(revoked, 1)] == [1.0]
+        assert [e["value"] for _, e in await read_events(other, 1)] == [1.0]
+        with structlog.testing.capture_logs() as logs:
+            api.authz.use_revoked(frozenset({serial_of(api.pki.client_cert)}))
+            async with asyncio.timeout(10):  # ended at once, not at the next keepalive (15 s)
+                rest = await revoked.content.read()
+            assert rest.strip() == b""  # the stream ended (read to its end), with no more data
+            api.store.apply([record(POWER, 2.0, 2)])
+            assert [e["value"] for _, e in await read_events(other, 1)] == [2.0]  # goes on
+    cut = [e for e in logs if e["event"] == "consumer_cut_off"]
+    assert [(e["reason"], e["serial"], e["identity"]) for e in cut] == [
+        ("revoked", serial_of(api.pki.client_cert), CONSUMER_URI)
+    ]
+
+
+async def test_a_kept_alive_connection_of_a_revoked_certificate_gets_403_and_is_closed(
+    api: Api,
+) -> None:
+    port = int(api.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=api.consumer_ssl(), server_hostname="localhost"
+    )
+    try:
+        assert await keep_alive_get(reader, writer) == 200
+        api.authz.use_revoked(frozenset({serial_of(api.pki.client_cert)}))
+        with structlog.testing.capture_logs() as logs:
+            assert await keep_alive_get(reader, writer) == 403
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed after it
+    finally:
+        writer.close()
+    assert [e["reason"] for e in logs if e["event"] == "consumer_denied"] == ["revoked"]
+    status, _ = await get(
+        api, "/v1/signals", api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    )
+    assert status == 200  # another certificate still gets in
+
+
+async def keep_alive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """One HTTP/1.1 request on an open connection, its body read; its status."""
+    writer.write(b"GET /v1/signals HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await asyncio.wait_for(reader.readexactly(length), timeout=10)
+    return int(head.split(b" ", 2)[1])
