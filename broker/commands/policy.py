@@ -11,6 +11,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit.show import inert
 from broker.commands import plan
 from broker.commands.keys import read_passphrase
 from broker.errors import TrustError
@@ -168,9 +169,10 @@ def print_signatures(
 ) -> None:
     """Who signed, which signatures do not count, and each role's count against its threshold."""
     for key in result.signers:
-        print(f"signed by {key.name} ({key.role.upper()} owner, key {key.keyid})")
+        print(f"signed by {inert(key.name)} ({key.role.upper()} owner, key {key.keyid})")
     for key in result.invalid:
-        print(f"BAD signature claiming {key.name} ({key.role.upper()}): does not match the payload")
+        name = inert(key.name)
+        print(f"BAD signature claiming {name} ({key.role.upper()}): does not match the payload")
     for keyid in result.unknown_keyids:
         print(f"signature by key {keyid}: not in {listed_in}, not counted")
     for role, threshold in trust.thresholds.items():

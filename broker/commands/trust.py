@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.audit.show import inert
 from broker.commands.policy import add_signature, print_signatures
 from broker.errors import ConfigError, TrustRootRefused
 from broker.policy import envelope as envelopes
@@ -140,13 +141,13 @@ def _show(args: argparse.Namespace) -> int:
     examined = trustroot.examine(envelopes.read_bytes(args.root), str(args.root))
     root = examined.root
     print(f"trust root:  {args.root}")
-    print(f"deployment:  {root.deployment_id}")
+    print(f"deployment:  {inert(root.deployment_id)}")
     print(f"version:     {root.version}")
     print(f"sha256:      {root.sha256}")
     print(f"thresholds:  OT {root.thresholds['ot']}, IT {root.thresholds['it']}")
     print("owners:")
     for key in sorted(root.keys.values(), key=lambda k: (k.role, k.name)):
-        print(f"  {key.role.upper()}  {key.name}  key {key.keyid}")
+        print(f"  {key.role.upper()}  {inert(key.name)}  key {key.keyid}")
     print_signatures(examined.verification, root, listed_in="this trust root")
     if examined.verification.ok:
         print("signed by its own owners at their thresholds")

@@ -27,6 +27,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Meta
 
+from broker.audit.show import inert
 from broker.errors import ConfigError, TrustError, TrustRootRefused
 from broker.policy import envelope as envelopes
 from broker.policy.envelope import Envelope
@@ -215,8 +216,10 @@ def _candidate(untrusted_payload: bytes, source: str) -> _Candidate:
         document = msgspec.json.decode(untrusted_payload, type=_TrustRootFile)
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: the trust root's payload: {e}") from e
+    _printable(document.deployment_id, f"{source}: deployment_id")
     keys: dict[str, OwnerKey] = {}
     for i, entry in enumerate(document.keys):
+        _printable(entry.name, f"{source}: keys[{i}].name")
         try:
             public_key = parse_public_pem(entry.public_key, f"{source}: keys[{i}].public_key")
         except TrustError as e:
@@ -243,3 +246,14 @@ def _candidate(untrusted_payload: bytes, source: str) -> _Candidate:
                 f"{available} {role.upper()} key(s) are listed"
             )
     return _Candidate(document.deployment_id, document.version, thresholds, keys)
+
+
+def _printable(text: str, where: str) -> None:
+    """Refuse a name holding a control or format character (ESC, CR, LF, bidi overrides,
+    zero-width ...): owners read these names on a terminal before they sign."""
+    bad = next((c for c in text if not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(
+            f"{where}: holds a control or format character ({inert(bad)}); "
+            "use printable characters only"
+        )

@@ -4,7 +4,10 @@ CLI, real plant-half processes, their real audit logs."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import shutil
 import signal
 from datetime import UTC, datetime, timedelta
@@ -160,9 +163,12 @@ async def test_a_swapped_trust_root_and_a_policy_its_keys_signed_are_refused(
     assert plant.process.poll() is None  # the old policy keeps running
     assert plant.stop() == 0
     assert json.loads((site / STATE_FILES[0]).read_text())["version"] == 2
-    # At a restart too: the accepted root (restored from its record) stays in force.
+    # At a restart the half does not start: the file's root is not the accepted one.
     result = dmzbroker(*plant_args(site), check=False)
-    assert result.returncode == 2 and "needs 1 more OT owner" in result.stderr, result.stderr
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert str(site / "trust-root.yaml") in error and str(site / STATE_FILES[1]) in error
+    assert "this half does not start" in error
     assert len(audited(site, "trust_root_refused", reason="swapped")) == 2
 
 
@@ -173,14 +179,24 @@ async def test_trust_root_rotation_rollback_and_one_role_signatures(
     plant = await started(start_broker, site)
     ours = owner_keys(owners)
     ot, it = ours[0][2], ours[1][2]
-    new_it = Ed25519PrivateKey.generate()
+    ivy = keys.generate(site, "Ivy", "it", passphrase=None)
+    new_it = keys.load_private(ivy.private, passphrase=None)
     rotated = [ours[0], ("Ivy IT", "it", new_it)]
     root_of(site, 2, rotated, [ot, new_it])  # the current IT owner did not sign
     plant.process.send_signal(signal.SIGHUP)
     await eventually(
         lambda: audited(site, "trust_root_refused", reason="not_signed_by_current"), timeout=20
     )
-    root_of(site, 2, rotated, [ot, it, new_it])  # current thresholds and its own: accepted
+    root_of(site, 2, rotated, [ot, it, new_it])  # current thresholds and its own ...
+    plant.process.send_signal(signal.SIGHUP)
+    # ... but the policy file was signed by Ivan, no owner of the new root: refused, so that
+    # no policy runs that the root in force does not vouch for.
+    await eventually(
+        lambda: audited(site, "trust_root_refused", reason="policy_not_signed"), timeout=20
+    )
+    [refused] = audited(site, "trust_root_refused", reason="policy_not_signed")
+    assert "a policy the new owners signed" in refused["details"]["error"]
+    install(site, 3, [owners.ot_key, ivy.private])  # deployed together: accepted
     plant.process.send_signal(signal.SIGHUP)
     await eventually(lambda: audited(site, "trust_root_accepted", version=2), timeout=20)
     [accepted] = audited(site, "trust_root_accepted", version=2)
@@ -189,15 +205,15 @@ async def test_trust_root_rotation_rollback_and_one_role_signatures(
     plant.process.send_signal(signal.SIGHUP)
     await eventually(lambda: audited(site, "trust_root_refused", reason="rollback"), timeout=20)
     assert plant.stop() == 0
+    await eventually(lambda: audited(site, "policy_accepted", version=3), timeout=20)
     state = json.loads((site / STATE_FILES[1]).read_text())
     assert state["version"] == 2
-    # Both state files gone: the rotated root comes back from the audit log, the old file
-    # is still refused as a rollback, and the policy (signed by Olga and Ivan; Olga is
-    # still an owner, Ivan not) needs an IT signature of the root in force.
+    # Both state files gone: the audit log still records root version 2, so the old file
+    # is refused as a rollback at start and the half does not start.
     for name in STATE_FILES:
         (site / name).unlink()
     result = dmzbroker(*plant_args(site), check=False)
-    assert "needs 1 more IT owner" in result.stderr, result.stderr
+    assert result.returncode == 2 and "rollback refused" in result.stderr, result.stderr
     assert len(audited(site, "trust_root_refused", reason="rollback")) == 2
 
 
@@ -230,3 +246,165 @@ def test_policy_verify_says_expired_and_at_checks_another_moment(
     assert result.returncode == 0 and result.stdout.splitlines()[-1].startswith("VERIFIED")
     result = dmzbroker(*args, "--at", "2026-01-01T00:00:00", check=False)
     assert result.returncode == 2 and "has no UTC offset" in result.stderr
+
+
+def attacker_root(site: Path, version: int) -> tuple[bytes, list[Path]]:
+    """A trust root of attacker keys (named like the real owners), signed by them, and the
+    attacker's key files; the site's trust-root.yaml is left as it is."""
+    made = [keys.generate(site, f"Eve {r}", r, passphrase=None) for r in ("ot", "it")]
+    eve = [keys.load_private(k.private, passphrase=None) for k in made]
+    listed = [trustroot.owner("Olga OT", "ot", eve[0].public_key())]
+    listed.append(trustroot.owner("Ivan IT", "it", eve[1].public_key()))
+    root = trustroot.unsigned("coldstore-demo", version, {"ot": 1, "it": 1}, listed)
+    for key in eve:
+        root = envelopes.sign(root, key)
+    return envelopes.encode(root), [k.private for k in made]
+
+
+def append_line(site: Path, entry: dict[str, Any]) -> None:
+    """One line added to the plant's newest audit segment, as someone without the writer
+    would: a plausible seq and a hash of the wrong chain."""
+    directory = site / "audit" / "plant"
+    last = audit_entries(site)[-1]
+    forged = {"seq": last["seq"] + 1, "prev_hash": last["hash"], "hash": "0" * 64, **entry}
+    with segment_path(directory, segment_numbers(directory)[-1]).open("a") as f:
+        f.write(json.dumps(forged, sort_keys=True, separators=(",", ":")) + "\n")
+
+
+async def test_attack_a_an_attacker_root_in_the_state_file_stops_the_start_and_takes_nothing(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    install(site, 2, [owners.ot_key, owners.it_key])
+    assert (await started(start_broker, site)).stop() == 0
+    real_policy = (site / "policy.dsse.json").read_bytes()
+    document, eve = attacker_root(site, 50)
+    forged = trustroot.parse(document, "attacker")
+    (site / STATE_FILES[1]).write_text(
+        json.dumps(
+            {
+                "version": 50,
+                "sha256": forged.sha256,
+                "document": base64.b64encode(document).decode(),
+            }
+        )
+    )
+    install(site, 9, eve)  # a policy the attacker signed
+    result = dmzbroker(*plant_args(site), check=False)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert str(site / STATE_FILES[1]) in error and "rollback refused" in error
+    assert audited(site, "trust_root_refused", reason="rollback")
+    assert not audited(site, "policy_accepted", version=9)
+    # The forged record removed: the real root and policy work again.
+    (site / STATE_FILES[1]).unlink()
+    (site / "policy.dsse.json").write_bytes(real_policy)
+    plant = await started(start_broker, site)
+    assert plant.stop() == 0
+    assert json.loads((site / STATE_FILES[1]).read_text())["version"] == 1
+
+
+async def test_attack_b_a_trust_root_accepted_line_appended_to_the_log_counts_for_nothing(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    install(site, 2, [owners.ot_key, owners.it_key])
+    assert (await started(start_broker, site)).stop() == 0
+    real_policy = (site / "policy.dsse.json").read_bytes()
+    (site / STATE_FILES[1]).unlink()
+    document, eve = attacker_root(site, 1)  # the same version: a swap, were it counted
+    forged = trustroot.parse(document, "attacker")
+    details = {"version": 1, "sha256": forged.sha256, "document": [
+        base64.b64encode(document).decode()
+    ]}  # fmt: skip
+    append_line(site, {"event": "trust_root_accepted", "details": details})
+    install(site, 9, eve)
+    result = dmzbroker(*plant_args(site), check=False)
+    # The real root stays in force (the forged line is on no chain the writer adopted): the
+    # attacker's policy is refused, not the root.
+    assert result.returncode == 2 and "needs 1 more OT owner" in result.stderr, result.stderr
+    assert not audited(site, "trust_root_refused")
+    (site / "policy.dsse.json").write_bytes(real_policy)
+    plant = await started(start_broker, site)
+    assert plant.stop() == 0
+    assert audited(site, "policy_accepted", version=2)
+
+
+async def test_attack_c_a_policy_accepted_line_appended_to_the_log_lowers_no_floor(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    signers = [owners.ot_key, owners.it_key]
+    install(site, 2, signers)
+    assert (await started(start_broker, site)).stop() == 0
+    (site / STATE_FILES[0]).unlink()
+    real_policy = (site / "policy.dsse.json").read_bytes()
+    sha = hashlib.sha256(envelopes.read(site / "policy.dsse.json").untrusted_payload)
+    install(site, 1, signers)
+    one = hashlib.sha256(envelopes.read(site / "policy.dsse.json").untrusted_payload)
+    assert one.hexdigest() != sha.hexdigest()
+    details = {"sha256": one.hexdigest(), "deployment_id": "coldstore-demo"}
+    append_line(site, {"event": "policy_accepted", "policy_version": 1, "details": details})
+    result = dmzbroker(*plant_args(site), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "version 1 is lower than version 2" in result.stderr.splitlines()[-1]
+    (site / "policy.dsse.json").write_bytes(real_policy)  # the real policy again
+    plant = await started(start_broker, site)
+    assert plant.stop() == 0
+
+
+async def test_a_rotation_whose_owners_did_not_sign_the_policy_stops_the_start(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    install(site, 2, [owners.ot_key, owners.it_key])
+    assert (await started(start_broker, site)).stop() == 0
+    ours = owner_keys(owners)
+    ivy = keys.generate(site, "Ivy", "it", passphrase=None)
+    new_it = keys.load_private(ivy.private, passphrase=None)
+    root_of(site, 2, [ours[0], ("Ivy IT", "it", new_it)], [ours[0][2], ours[1][2], new_it])
+    result = dmzbroker(*plant_args(site), check=False)
+    assert result.returncode == 2, result.stderr
+    assert "a policy the new owners signed" in result.stderr.splitlines()[-1]
+    assert audited(site, "trust_root_refused", reason="policy_not_signed")
+    assert json.loads((site / STATE_FILES[1]).read_text())["version"] == 1  # nothing recorded
+    install(site, 3, [owners.ot_key, ivy.private])
+    plant = await started(start_broker, site)
+    assert plant.stop() == 0
+    assert json.loads((site / STATE_FILES[1]).read_text())["version"] == 2
+    [accepted] = audited(site, "trust_root_accepted", version=2)
+    assert accepted["details"]["new"] is True and accepted["details"]["previous_version"] == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "symlink"])
+async def test_a_state_file_that_is_no_regular_file_is_refused_at_once(
+    site: Path, owners: Owners, start_broker: Any, kind: str
+) -> None:
+    install(site, 1, [owners.ot_key, owners.it_key])
+    assert (await started(start_broker, site)).stop() == 0
+    state = site / STATE_FILES[0]
+    real = state.read_bytes()
+    state.unlink()
+    if kind == "fifo":
+        os.mkfifo(state)
+    elif kind == "zero":
+        state.symlink_to("/dev/zero")
+    else:
+        (site / "elsewhere.json").write_bytes(real)
+        state.symlink_to(site / "elsewhere.json")
+    result = dmzbroker(*plant_args(site), check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"{state}: unreadable record of what this half accepted" in error
+    reason = "not a regular file" if kind == "fifo" else "symbolic links"
+    assert reason in error
+
+
+async def test_a_symlink_planted_as_the_state_tmp_file_is_not_followed(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    install(site, 1, [owners.ot_key, owners.it_key])
+    target = site / "victim.txt"
+    target.write_text("untouched")
+    (site / "plant-state").mkdir(exist_ok=True)
+    (site / "plant-state" / "policy-accepted.tmp").symlink_to(target)
+    plant = await started(start_broker, site, reset_state=True)
+    assert plant.stop() == 0
+    assert target.read_text() == "untouched"
+    assert json.loads((site / STATE_FILES[0]).read_text())["version"] == 1
