@@ -9,17 +9,21 @@ the attacker), a rollback, a rotation signed only by the new owners, an old unsi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import rfc8785
 import yaml
 
 from broker.cli import main
+from broker.policy import envelope as envelopes
 from tests.harness import Owners, dmzbroker
 
 
@@ -338,3 +342,45 @@ def test_rotate_starts_only_from_a_verified_root(tmp_path: Path, owner_keys: Key
     _sign(half, owner_keys.olga)
     refused = _trust("rotate", str(half), "--out", str(tmp_path / "next.yaml"))
     assert "needs 1 more IT owner signature(s)" in _error(refused)
+
+
+HOSTILE = "Olga\x1b[2J\x1b[31m\rVERIFIED\nforged\u202e"
+
+
+def test_trust_init_refuses_an_owner_name_with_control_characters(
+    tmp_path: Path, owner_keys: Keys
+) -> None:
+    made = _trust("init", "--deployment-id", "site-1", "--out", str(tmp_path / "root.json"),
+                  f"--owner={_spec('ot', HOSTILE, owner_keys.olga)}",
+                  f"--owner={_spec('it', 'Ivan IT', owner_keys.ivan)}")  # fmt: skip
+    error = _error(made)
+    assert "keys[0].name: holds a control or format character (\\x1b)" in error
+    assert not any(c in made.stdout + error for c in "\x1b\r\u202e")
+    assert not (tmp_path / "root.json").exists()
+    made = _trust("init", "--deployment-id", "site\n1", "--out", str(tmp_path / "root.json"),
+                  f"--owner={_spec('ot', 'Olga', owner_keys.olga)}",
+                  f"--owner={_spec('it', 'Ivan IT', owner_keys.ivan)}")  # fmt: skip
+    assert "deployment_id: holds a control or format character (\\n)" in _error(made)
+
+
+def test_a_hand_made_root_with_a_hostile_owner_name_is_refused_by_show_and_verify(
+    tmp_path: Path, current: Path, owner_keys: Keys
+) -> None:
+    envelope = envelopes.read_bytes(current)
+    decoded = json.loads(envelope)
+    payload = json.loads(base64.b64decode(decoded["payload"]))
+    payload["keys"][0]["name"] = HOSTILE
+    decoded["payload"] = base64.b64encode(rfc8785.dumps(payload)).decode()
+    decoded["signatures"] = []
+    hostile = tmp_path / "hostile.json"
+    hostile.write_text(json.dumps(decoded))
+    _sign_raw = _trust("sign", str(hostile), "--key", str(owner_keys.olga))
+    for result in (
+        _sign_raw,
+        _trust("show", str(hostile)),
+        _trust("verify", str(hostile)),
+        _cli("policy", "verify", str(current), "--trust", str(hostile)),
+    ):
+        error = _error(result)
+        assert "keys[0].name: holds a control or format character" in error
+        assert not any(c in result.stdout + error for c in "\x1b\r\u202e")

@@ -332,3 +332,22 @@ def test_a_raised_threshold_of_the_current_root_must_be_met_by_the_rotation() ->
     refused = _refused(current, new)
     assert refused.reason == "not_signed_by_current"
     assert "1 more OT owner signature" in str(refused)
+
+
+@pytest.mark.parametrize("name", ["Olga\x1b[2J", "Olga\rVERIFIED", "Olga\nforged", "Olga\u202e"])
+def test_an_owner_name_or_deployment_with_a_control_or_format_character_is_refused(
+    name: str,
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    other = Ed25519PrivateKey.generate()
+    owners = [trustroot.owner(name, "ot", key.public_key())]
+    owners.append(trustroot.owner("Ivan", "it", other.public_key()))
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.name: holds a control or format character"):
+        trustroot.unsigned("coldstore-demo", 1, {"ot": 1, "it": 1}, owners)
+    with pytest.raises(ConfigError, match="deployment_id: holds a control or format character"):
+        trustroot.unsigned(
+            name,
+            1,
+            {"ot": 1, "it": 1},
+            [trustroot.owner("Olga", "ot", key.public_key()), owners[1]],
+        )
