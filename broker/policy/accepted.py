@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,10 @@ ROOT_EVENT = "trust_root_accepted"
 DOCUMENT_PIECE = 768
 STATE_LIMIT = 1024 * 1024  # a state file is a few KiB: anything larger is no record of ours
 # Only lines holding one of these can be a record; the others are only followed back.
-_RECORD_MARKERS = tuple(
-    b'"event":"' + event.encode() + b'"' for event in (POLICY_EVENT, ROOT_EVENT, EXPIRED)
+_RECORD = re.compile(
+    b'"event":"(?:'
+    + b"|".join(re.escape(e.encode()) for e in (POLICY_EVENT, ROOT_EVENT, EXPIRED))
+    + b')"'
 )
 _PREV_KEY = b'"prev_hash":"'
 
@@ -158,7 +161,7 @@ def from_audit(writer_dir: Path, head: str) -> tuple[AcceptedPolicy | None, Acce
             # it is, over its own bytes, is the chain's.
             if stop < 0 or raw_hash(line, expected) != expected:
                 continue
-            if any(marker in line for marker in _RECORD_MARKERS):
+            if _RECORD.search(line):
                 entry = _decoded(line)
                 if policy is None:
                     policy = _policy_record(entry)
