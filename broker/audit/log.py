@@ -72,6 +72,10 @@ class AuditLog:
     # field, seq and hash too) once it is written and fsynced. It must be cheap; what it
     # raises is counted in `hook_failures`, never passed on to the writer.
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None
+    # Set by _start(): the seq of the last checkpoint start-up recovery found valid
+    # (broker.audit.recovery): where the log was adopted, or the last good seq of its chain
+    # break; 0 for a new log.
+    adopted_seq: int
     # Set by _start(): where the chain continues, and the epoch whose key signs from there.
     _seq: int
     _head: str
@@ -103,9 +107,6 @@ class AuditLog:
         self._epoch_s = epoch_s
         self.hook_failures = 0
         self.chain_break: dict[str, Any] | None = None  # the details of the break at start
-        # The seq of the last checkpoint start-up recovery found valid (broker.audit.recovery):
-        # where the log was adopted, or the last good seq of its chain break; 0 for a new log.
-        self.adopted_seq = 0
         self._checkpoint_every = checkpoint_every
         self._checkpoint_s = checkpoint_s
         self._segment_bytes = segment_bytes
@@ -241,7 +242,9 @@ class AuditLog:
                 self.on_checkpoint(entry)
             except Exception:  # a witness must never stop the writer
                 self.hook_failures += 1
-        if time.monotonic() - self._epoch_started >= self._epoch_s:
+        # Not at "stop": an epoch certified after the last entry would make the log look cut
+        # short of it (`audit verify` checks that the log reaches the last epoch).
+        if reason != "stop" and time.monotonic() - self._epoch_started >= self._epoch_s:
             self._next_epoch(self._epoch_key)
 
     def _next_epoch(self, certifier: Ed25519PrivateKey) -> None:

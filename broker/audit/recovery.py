@@ -104,7 +104,7 @@ def _describe(directory: Path, numbers: list[int], skip: int, seq: int, head: st
             first_bad = f"{path.name} line {len(lines) + 1}"  # a torn last line
     unadopted = (first_seq, last_seq) if first_seq is not None else None
     if unreadable:
-        problem = f"cannot read {', '.join(unreadable)}: what it holds is not adopted"
+        problem = f"cannot read {', '.join(unreadable)}: not adopted"
     elif first_bad is not None:
         problem = f"{first_bad} does not continue the chain from the last checkpoint"
     elif count:

@@ -6,6 +6,7 @@ cannot sign for the seqs before its epoch."""
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import epochs
+from broker.audit import segments as segments_module
 from broker.audit.entry import checkpoint_message
 from broker.audit.log import AuditLog
 from broker.errors import ConfigError
@@ -281,3 +283,130 @@ def test_adopted_seq_is_the_last_checkpoint_recovery_found_valid(
     with open_log(tmp_path, key) as log:
         assert log.chain_break is not None
         assert log.adopted_seq == last_good["seq"] == log.chain_break["last_good_seq"]
+
+
+def test_a_torn_last_certificate_line_is_an_interrupted_epoch_change_not_a_break(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """A crash while appending a certificate leaves half a line; the old epoch key is still
+    the certified one, so the next start drops the torn line (kept in epochs.rejected)."""
+    log = open_log(tmp_path, key)
+    record_many(log, 3)
+    log.checkpoint()  # the log ends sealed, as it does when an epoch change starts
+    folder = tmp_path / "plant"
+    whole = (folder / epochs.CHAIN_FILE).read_bytes()
+    torn = whole.splitlines()[-1][:40]
+    with (folder / epochs.CHAIN_FILE).open("ab") as chain:
+        chain.write(torn)
+    abandon(folder)
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is None
+        record_many(log, 1)
+    assert BREAK not in {e["event"] for e in read_log(folder)}
+    assert torn in (folder / epochs.REJECTED_FILE).read_bytes()
+    chain, problem = epochs.read_chain(folder, key.public_key())
+    assert problem is None and len(chain) == 2
+
+
+def test_a_precreated_world_readable_epoch_key_next_never_receives_a_key(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = open_log(tmp_path, key, epoch_s=0.0)
+    folder = tmp_path / "plant"
+    planted = folder / epochs.NEXT_KEY_FILE
+    planted.touch()
+    planted.chmod(0o666)
+    watcher = planted.open("rb")  # the attacker keeps it open, to read what comes
+    try:
+        record_many(log, 2)
+        log.checkpoint()  # an epoch change
+        assert watcher.read() == b""  # the key went into a file of its own
+    finally:
+        watcher.close()
+    mode = (folder / epochs.KEY_FILE).stat().st_mode & 0o777
+    assert mode == 0o600
+    log.close()
+
+
+def test_an_epoch_key_readable_by_others_is_not_used(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 2)
+    folder = tmp_path / "plant"
+    (folder / epochs.KEY_FILE).chmod(0o644)
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is not None
+        assert "mode 0644" in log.chain_break["reason"]
+        assert "certified by the root key" in log.chain_break["reason"]
+    chain, problem = epochs.read_chain(folder, key.public_key())
+    assert problem is None and chain[-1].root_certified
+
+
+def test_an_empty_key_chain_without_segments_is_a_first_start(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """As a first start that found the disk full leaves it (advance cut the chain back)."""
+    folder = tmp_path / "plant"
+    folder.mkdir()
+    (folder / epochs.CHAIN_FILE).write_bytes(b"")
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is None
+        record_many(log, 1)
+    assert read_log(folder)[0]["details"]["reason"] == "start"
+
+
+def test_an_empty_key_chain_beside_segments_is_a_break(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 2)
+    folder = tmp_path / "plant"
+    (folder / epochs.CHAIN_FILE).write_bytes(b"")
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is not None
+        assert "no certified epoch" in log.chain_break["reason"]
+
+
+@pytest.mark.parametrize("hostile", ["fifo", "directory", "symlink", "huge"])
+def test_a_segment_that_cannot_be_read_is_a_break_not_a_refusal(
+    tmp_path: Path,
+    key: Ed25519PrivateKey,
+    hostile: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 3)
+    folder = tmp_path / "plant"
+    planted = folder / "0000000009.jsonl"
+    if hostile == "fifo":
+        os.mkfifo(planted)  # a blocking read would hang the start forever
+    elif hostile == "directory":
+        planted.mkdir()
+    elif hostile == "symlink":
+        planted.symlink_to("/dev/zero")
+    else:
+        limit = segments(folder)[0].stat().st_size  # the real segment is still read
+        monkeypatch.setattr(segments_module, "MAX_SEGMENT_BYTES", limit)
+        planted.write_bytes(b"x" * (limit + 1))
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is not None
+        assert "cannot read 0000000009.jsonl" in log.chain_break["reason"]
+        assert log.chain_break["first_bad"] == "0000000009.jsonl line 1"
+        record_many(log, 1)
+    assert [p.name for p in segments(folder)][-1] == "0000000010.jsonl"
+
+
+@pytest.mark.parametrize("name", [epochs.KEY_FILE, epochs.CHAIN_FILE])
+def test_a_key_file_linked_to_dev_zero_is_never_read(
+    tmp_path: Path, key: Ed25519PrivateKey, name: str
+) -> None:
+    with open_log(tmp_path, key) as log:
+        record_many(log, 2)
+    target = tmp_path / "plant" / name
+    target.unlink()
+    target.symlink_to("/dev/zero")
+    with open_log(tmp_path, key) as log:
+        assert log.chain_break is not None
+        assert f"{name}: cannot read" in log.chain_break["reason"]
+    assert not target.is_symlink()  # replaced by the new epoch's file
