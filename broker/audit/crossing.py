@@ -24,7 +24,7 @@ from broker.audit.entry import CHECKPOINT, entry_hash
 
 CROSSING_WRITER = "plant"  # the writer whose checkpoints cross the spool
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_COPIED = ("covers_seq", "head", "epoch", "keyid", "signature", "appliance")
+_COPIED = ("covers_seq", "head", "epoch", "keyid", "reason", "signature", "appliance")
 
 
 def witness_details(unverified: bytes, writer: str = CROSSING_WRITER) -> dict[str, Any]:

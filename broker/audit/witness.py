@@ -23,6 +23,8 @@ from broker.audit.entry import CHECKPOINT, entry_hash
 from broker.errors import ConfigError
 
 WITNESSED = "audit_checkpoint_witnessed"
+# What an `audit_checkpoint_witnessed` entry adds to the checkpoint's own details.
+_WITNESS_FIELDS = frozenset({"witnessed_writer", "seq", "hash"})
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,7 @@ class Witness:
     seq: int
     hash: str
     appliance: str
-    head: str  # what it signs: the hash of entry seq - 1
-    epoch: Any  # checked against the writer's key chain, so kept as found
-    signature: str
+    details: dict[str, Any]  # the checkpoint's details as signed, kept as found
     source: str  # where it was found, for messages: "FILE line N", "enterprise log seq M"
 
 
@@ -90,8 +90,9 @@ def from_witnessed(details: Any, source: str) -> Witness | None:
     """The checkpoint an `audit_checkpoint_witnessed` entry holds, or None if malformed."""
     if not isinstance(details, dict):
         return None
+    signed = {k: v for k, v in details.items() if k not in _WITNESS_FIELDS}
     return _witness(
-        details.get("witnessed_writer"), details.get("seq"), details.get("hash"), details, source
+        details.get("witnessed_writer"), details.get("seq"), details.get("hash"), signed, source
     )
 
 
@@ -105,8 +106,6 @@ def _witness(writer: Any, seq: Any, hash: Any, details: Any, source: str) -> Wit
         seq=seq,
         hash=hash,
         appliance=str(details.get("appliance")),
-        head=str(details.get("head")),
-        epoch=details.get("epoch"),
-        signature=str(details.get("signature")),
+        details=details,
         source=source,
     )

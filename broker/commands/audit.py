@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from broker.audit import report as html_report
 from broker.audit import review as audit_review
 from broker.audit import show, verify, witness
@@ -61,31 +63,43 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(args: argparse.Namespace) -> int:
-    if not verify.writers(args.dir):
+def _log_and_key(args: argparse.Namespace) -> tuple[list[Path], Ed25519PublicKey | None]:
+    """The writer folders of the audit directory given, and the root key of --pubkey."""
+    found = verify.writers(args.dir)
+    if not found:
         raise ConfigError(f"{args.dir}: no audit log here (expected one folder per writer)")
-    pubkey = None
-    if args.pubkey is not None:
-        try:
-            pubkey = keys.parse_public_pem(args.pubkey.read_text(), str(args.pubkey))
-        except OSError as e:
-            raise TrustError(f"{args.pubkey}: cannot read: {e.strerror}") from e
+    if args.pubkey is None:
+        return found, None
+    try:
+        return found, keys.parse_public_pem(args.pubkey.read_text(), str(args.pubkey))
+    except OSError as e:
+        raise TrustError(f"{args.pubkey}: cannot read: {e.strerror}") from e
+
+
+def _say(text: str) -> None:
+    """Print a line that holds text from the log (writer names, a break's reason): inert,
+    so no control character in it reaches the terminal (broker.audit.show)."""
+    print(show.inert(text))
+
+
+def _verify(args: argparse.Namespace) -> int:
+    _, pubkey = _log_and_key(args)
     files = [witness.read_file(path) for path in args.witness]
     started = time.perf_counter()
     reports = verify.verify_dir(args.dir, pubkey, files)
     elapsed = time.perf_counter() - started
     for report in reports:
-        print(
+        _say(
             f"{report.writer}: {report.entries} entries, {report.checkpoints} checkpoints, "
             f"{report.witnesses} witnesses verified"
         )
         for line in report.torn + report.notes:
-            print(f"  note: {line}")
-        print(f"  {report.writer}: {report.verdict}")
+            _say(f"  note: {line}")
+        _say(f"  {report.writer}: {report.verdict}")
         for more in report.unproven[1:] if report.problem is None else ():
-            print(f"    and UNPROVEN: {more}")
+            _say(f"    and UNPROVEN: {more}")
     for file in files:
-        print(
+        _say(
             f"witness {file.path}: {len(file.witnesses)} checkpoints, {file.skipped} lines "
             f"skipped (not audit entries), {file.corrupt} checkpoints not matching their hash"
         )
@@ -126,15 +140,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    found = verify.writers(args.dir)
-    if not found:
-        raise ConfigError(f"{args.dir}: no audit log here (expected one folder per writer)")
-    pubkey = None
-    if args.pubkey is not None:
-        try:
-            pubkey = keys.parse_public_pem(args.pubkey.read_text(), str(args.pubkey))
-        except OSError as e:
-            raise TrustError(f"{args.pubkey}: cannot read: {e.strerror}") from e
+    found, pubkey = _log_and_key(args)
     started = time.monotonic()
 
     def progress(seen: int) -> None:  # only a run long enough to wonder about prints it
@@ -150,6 +156,6 @@ def _report(args: argparse.Namespace) -> int:
     )
     html_report.write(args.html, page)
     for verdict in verdicts:
-        print(f"{verdict.writer}: {verdict.text}")
-    print(f"report written to {args.html} ({gathered.entries.total:,} entries)")
+        _say(f"{verdict.writer}: {verdict.text}")
+    _say(f"report written to {args.html} ({gathered.entries.total:,} entries)")
     return 0

@@ -36,7 +36,7 @@ from tests.harness import (
 pytestmark = pytest.mark.timeout(240)
 
 WITNESSED = "audit_checkpoint_witnessed"
-COPIED = ("covers_seq", "head", "epoch", "keyid", "signature", "appliance")
+COPIED = ("covers_seq", "head", "epoch", "keyid", "reason", "signature", "appliance")
 Start = Callable[[str, Path], BrokerProcess]
 
 
@@ -118,7 +118,7 @@ async def test_each_checkpoint_is_witnessed_once_across_restarts_up_to_the_spool
     plant = entries(audit_dir, "plant")
     stopped = next(i for i, e in enumerate(plant) if e["event"] == "process_stopped")
     sealed = [e for e in plant[:stopped] if e["event"] == CHECKPOINT][-1]
-    assert sealed["details"]["reason"] == "stop"
+    assert sealed["details"]["reason"] == "time"
     assert sealed["seq"] in seqs
 
 
@@ -223,7 +223,7 @@ MALFORMED = {
     "a hash of another entry": (_hash_claims_another_entry(), "is not the entry's hash"),
     "no signature": (
         canonical(checkpoint_entry(details={"covers_seq": 11, "head": "a" * 64})),
-        "details lack epoch, keyid, signature, appliance",
+        "details lack epoch, keyid, reason, signature, appliance",
     ),
     "a head that is no hash": (
         canonical(checkpoint_entry(details={**checkpoint_entry()["details"], "head": "x"})),
