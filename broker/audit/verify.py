@@ -289,7 +289,7 @@ def _past_chain(chain: list[epoch_chain.Epoch], epoch: Any) -> bool:
 
 def _verify_chain(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterReport:
     """Check each segment on its own (in parallel for large logs), then join them."""
-    chain, chain_problem, segments = _verify_segments(directory, pubkey)
+    chain, chain_problem, segments, last = _verify_segments(directory, pubkey)
     report = WriterReport(directory.name, signatures_checked=chain is not None, epochs=chain)
     if chain_problem is not None and chain is None:
         report.unproven.append(f"{chain_problem}: no checkpoint signature can be checked")
@@ -311,7 +311,6 @@ def _verify_chain(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
             f"{epoch_chain.CHAIN_FILE} holds no epoch: empty key chain (emptied, or its "
             "writer's first start never finished)"
         )
-    last = chain[-1] if chain else None
     if (
         last is not None
         and report.problem is None
@@ -331,9 +330,12 @@ def _verify_chain(directory: Path, pubkey: Ed25519PublicKey | None) -> WriterRep
 
 def _verify_segments(
     directory: Path, pubkey: Ed25519PublicKey | None
-) -> tuple[list[epoch_chain.Epoch] | None, str | None, list[_Segment]]:
-    """The key chain (None when it cannot be read or no pubkey), its problem, and the
-    segments checked with it."""
+) -> tuple[list[epoch_chain.Epoch] | None, str | None, list[_Segment], epoch_chain.Epoch | None]:
+    """The key chain (None when it cannot be read or no pubkey), its problem, the segments
+    checked with it, and the last epoch certified before they were read (the log reaches
+    its from_seq, or one seq short of it; an epoch certified meanwhile it need not)."""
+    # The last epoch before the segments are looked at: the log must reach it (below).
+    floor = epoch_chain.read_chain(directory, pubkey)[0][-1:] if pubkey is not None else []
     paths = [directory / f"{n:010d}{SUFFIX}" for n in segment_numbers(directory)]
     # The segments as they are now, and then the key chain: every checkpoint in them was
     # signed after its epoch's certificate was written, so the chain read later holds it
@@ -352,7 +354,7 @@ def _verify_segments(
             segments = list(pool.map(_verify_segment, *zip(*jobs, strict=True)))
     else:
         segments = [_verify_segment(*job) for job in jobs]
-    return chain, chain_problem, segments
+    return chain, chain_problem, segments, floor[0] if floor and chain else None
 
 
 def _size(path: Path) -> int:

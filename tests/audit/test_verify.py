@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit import epochs
 from broker.audit.entry import checkpoint_message
 from broker.audit.export import frame
 from broker.audit.log import AuditLog
@@ -746,3 +747,276 @@ def test_an_edit_in_the_unadopted_tail_belongs_to_the_break_not_a_separate_broke
     assert report.problem is None
     assert report.breaks[0].details["first_bad"] == f"{newest.name} line 3"
     assert f"first bad {newest.name} line 3" in report.verdict
+
+
+# --- Review 1 of issue 13: what the verifier must not take an attacker's word for ----------
+
+
+def siem_file(root: Path, path: Path, writers: tuple[str, ...] = ("plant",)) -> Path:
+    """A collector's file of every checkpoint the writers made so far."""
+    path.write_text(
+        "".join(canonical_text(e) + "\n" for w in writers for e in checkpoints_of(root / w))
+    )
+    return path
+
+
+def cut_chain(writer_dir: Path, through_seq: int) -> None:
+    """Keep only the certificates of the epochs the log up to `through_seq` uses."""
+    chain = writer_dir / "epochs.jsonl"
+    lines = chain.read_text().splitlines(keepends=True)
+    chain.write_text("".join(x for x in lines if json.loads(x)["from_seq"] <= through_seq))
+
+
+def test_log_and_key_chain_cut_together_are_truncated_by_a_witness_not_a_bad_signature(
+    root: Path, logs: Logs, tmp_path: Path
+) -> None:
+    """No key needed: delete the newest segment and the epoch that signed it. Its witnesses
+    name an epoch the chain no longer has: that is the cut, not a forged witness."""
+    witness = siem_file(root, tmp_path / "siem.jsonl")
+    segments(root / "plant")[-1].unlink()
+    cut_chain(root / "plant", FIRST_OF_SECOND_OPEN - 1)
+    result, _ = verify(root, logs.pubkey)
+    assert result.returncode == 0, result.stdout  # on its own the log cannot tell
+    result = cli(root, "--pubkey", str(logs.pubkey), "--witness", str(witness))
+    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "BROKEN", result.stdout
+    expected = (
+        f"  plant: BROKEN at the end (seq {FIRST_OF_SECOND_OPEN - 1}): the key chain ends at "
+        f"epoch 1 (epochs.jsonl line 1), but a witness ({witness} line "
+    )
+    assert any(line.startswith(expected) for line in result.stdout.splitlines()), result.stdout
+    assert "signed in epoch 2: the log and its key chain were cut (truncated)" in result.stdout
+    assert "a bad signature" not in result.stdout
+
+
+def test_a_witness_of_a_known_epoch_with_a_bad_signature_is_noted_not_counted(
+    root: Path, logs: Logs, tmp_path: Path
+) -> None:
+    forged = checkpoints_of(root / "plant")[-1]
+    forged["details"]["signature"] = base64.b64encode(bytes(64)).decode()
+    forged["hash"] = sha256_of(forged)
+    witness = tmp_path / "w.jsonl"
+    witness.write_text(canonical_text(forged) + "\n")
+    result = cli(root, "--pubkey", str(logs.pubkey), "--witness", str(witness))
+    assert result.returncode == 0, result.stdout
+    assert "  note: 1 witnesses not counted: a bad signature" in result.stdout.splitlines()
+
+
+def test_every_segment_deleted_and_every_chain_emptied_is_never_intact(
+    pair: tuple[Path, Path], pair_copy: Path, tmp_path: Path
+) -> None:
+    witness = siem_file(pair_copy, tmp_path / "siem.jsonl", ("plant", "enterprise"))
+    for writer in ("plant", "enterprise"):
+        for path in segments(pair_copy / writer):
+            path.unlink()
+        (pair_copy / writer / "epochs.jsonl").write_bytes(b"")
+    alone = cli(pair_copy, "--pubkey", str(pair[1]))
+    assert alone.returncode == 1 and alone.stdout.splitlines()[-1] == "UNPROVEN", alone.stdout
+    for writer in ("plant", "enterprise"):
+        assert f"  {writer}: UNPROVEN: the log of '{writer}' holds no entry: empty log" in (
+            alone.stdout
+        )
+    assert "epochs.jsonl holds no epoch: empty key chain" in alone.stdout
+    result = cli(pair_copy, "--pubkey", str(pair[1]), "--witness", str(witness))
+    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "BROKEN"
+    assert result.stdout.count("the key chain (epochs.jsonl) holds no epoch, but a witness") == 2
+
+
+def test_newest_segment_deleted_with_its_key_chain_untouched_is_unproven(
+    root: Path, logs: Logs
+) -> None:
+    segments(root / "plant")[-1].unlink()
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "UNPROVEN"
+    assert report.unproven == [
+        f"the log ends at seq {FIRST_OF_SECOND_OPEN - 1}, but epoch 2 (epochs.jsonl line 2) "
+        f"starts at seq {FIRST_OF_SECOND_OPEN}: its newest entries were removed (truncated), "
+        "or its writer crashed right after an epoch change, before writing (its next start "
+        "shows which)"
+    ]
+
+
+def test_a_restart_after_a_crash_right_after_an_epoch_change_is_intact(
+    root: Path, logs: Logs
+) -> None:
+    """The writer certified its start's epoch and died before writing: the next start
+    continues with that epoch, so the log reaches it again."""
+    newest = segments(root / "plant")[-1]
+    newest.unlink()  # as if the second start had crashed before its start checkpoint
+    with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=EVERY) as log:
+        record_many(log, 3)
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 0, result.stdout
+    assert report.verdict == "INTACT"
+
+
+def test_entries_forged_after_the_stop_checkpoint_are_broken_even_after_a_restart(
+    root: Path, logs: Logs
+) -> None:
+    newest = segments(root / "plant")[-1]
+    entries = read_segment(newest)
+    assert entries[-1]["details"]["reason"] == "stop"
+    forged = dict(entries[-2], seq=entries[-1]["seq"] + 1, event="policy_accepted",
+                  prev_hash=entries[-1]["hash"], details={"version": 99})  # fmt: skip
+    forged["hash"] = sha256_of(forged)
+    write_segment(newest, [*entries, forged])
+    expected = (
+        f"{newest.name} line {len(entries) + 1} (seq {forged['seq']}): an entry after the "
+        f"writer's closing checkpoint (seq {entries[-1]['seq']}): added"
+    )
+    for restart in (False, True):
+        if restart:  # the writer's chain break does not account for it
+            with AuditLog(root, "plant", APPLIANCE, logs.key, checkpoint_every=EVERY):
+                pass
+        result, report = verify(root, logs.pubkey)
+        assert result.returncode == 1 and report.verdict == f"BROKEN at {expected}"
+
+
+def test_a_segment_added_after_a_stopped_writer_must_open_as_the_writer_opens_one(
+    root: Path, logs: Logs
+) -> None:
+    last = read_segment(segments(root / "plant")[-1])[-1]
+    forged = dict(last, seq=last["seq"] + 1, event="policy_accepted", prev_hash=last["hash"],
+                  details={"version": 99})  # fmt: skip
+    forged["hash"] = sha256_of(forged)
+    added = root / "plant" / "0000000003.jsonl"
+    write_segment(added, [forged])
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert report.verdict.startswith(
+        f"BROKEN at {added.name} line 1 (seq {forged['seq']}): a segment that follows no "
+        "rollover checkpoint opens with 'policy_accepted'"
+    )
+
+
+def forged_break(root: Path, good: dict[str, Any], seq: int, reason: str) -> Path:
+    """A new segment opening with an audit_chain_break nobody sealed (no key needed)."""
+    entry = {
+        "seq": seq, "time": good["time"], "boot_id": "forged", "writer": "plant",
+        "event": "audit_chain_break", "category": "audit", "outcome": "failure",
+        "actor": None, "object": None, "policy_version": None,
+        "details": {"last_good_seq": good["seq"], "last_good_hash": good["hash"],
+                    "first_bad": None, "unadopted": [good["seq"] + 1, seq - 1],
+                    "reason": reason},
+        "prev_hash": good["hash"],
+    }  # fmt: skip
+    entry["hash"] = sha256_of(entry)
+    path = root / "plant" / f"{len(segments(root / 'plant')) + 1:010d}.jsonl"
+    write_segment(path, [entry])
+    return path
+
+
+def test_a_forged_chain_break_does_not_hide_a_deletion_under_checkpoints(
+    root: Path, logs: Logs
+) -> None:
+    path, index = locate(root, RECORD)
+    entries = read_segment(path)
+    del entries[index]
+    write_segment(path, entries)
+    _, before = verify(root, logs.pubkey)
+    assert before.problem is not None and f"(seq {RECORD + 1})" in before.problem
+    all_entries = read_log(root / "plant")
+    good = next(e for e in all_entries if e["seq"] == 7)  # a checkpoint before the deletion
+    forged_break(root, good, all_entries[-1]["seq"] + 1, "power loss")
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "BROKEN"
+    assert report.problem == before.problem and not report.breaks
+
+
+def test_a_break_from_the_last_valid_checkpoint_still_needs_its_seal(
+    root: Path, logs: Logs
+) -> None:
+    """Even naming the log's last checkpoint, a break no epoch key sealed is BROKEN."""
+    last = read_log(root / "plant")[-1]
+    path = forged_break(root, last, last["seq"] + 1, "clean restart")
+    result, report = verify(root, logs.pubkey)
+    assert result.returncode == 1
+    assert report.verdict == (
+        f"BROKEN at {path.name} line 1 (seq {last['seq'] + 1}): a chain break no checkpoint "
+        "seals (forged, or its writer crashed right after writing it)"
+    )
+
+
+def test_text_from_the_log_reaches_the_terminal_inert(root: Path, logs: Logs) -> None:
+    last = read_log(root / "plant")[-1]
+    forged_break(root, last, last["seq"] + 1, "ok\n  plant: INTACT\nINTACT\x1b[8m")
+    entries = read_segment(segments(root / "plant")[-1])
+    entries[0]["details"]["first_bad"] = "\x1b[2K\r"
+    entries[0]["hash"] = sha256_of(entries[0])
+    write_segment(segments(root / "plant")[-1], entries)
+    (root / "evil\x1b[31m").mkdir()
+    for command in ("verify", "report"):
+        extra = ("--html", str(root.parent / "r.html")) if command == "report" else ()
+        result = dmzbroker("audit", command, str(root), "--pubkey", str(logs.pubkey), *extra,
+                           check=False)  # fmt: skip
+        assert "\x1b" not in result.stdout and "\r" not in result.stdout, repr(result.stdout)
+        assert "evil\\x1b[31m" in result.stdout
+
+
+def test_verify_reads_the_key_chain_after_the_segments(tmp_path: Path) -> None:
+    """An epoch change and a checkpoint signed with the new key between verify's reading of
+    the segments and of epochs.jsonl: it sees the log as it was, never a later key."""
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(tmp_path, "plant", APPLIANCE, key, checkpoint_every=EVERY, epoch_s=0.0)
+    try:
+        record_many(log, 7)
+        real = epochs.read_chain
+
+        def writer_runs_meanwhile(
+            directory: Path, root: Any
+        ) -> tuple[list[epochs.Epoch], str | None]:
+            record_many(log, 12, start=7)  # checkpoints, each followed by an epoch change
+            return real(directory, root)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(epochs, "read_chain", writer_runs_meanwhile)
+            report = verify_writer(tmp_path / "plant", key.public_key())
+        assert report.intact, report.verdict
+    finally:
+        log.close()
+
+
+def signed_checkpoint(
+    last: dict[str, Any], key: Ed25519PrivateKey, epoch: int, reason: str
+) -> dict[str, Any]:
+    """The checkpoint the holder of `key` can make after `last`."""
+    details = {"appliance": APPLIANCE, "covers_seq": last["seq"], "head": last["hash"],
+               "epoch": epoch, "keyid": keys.key_id(key.public_key()), "reason": reason}  # fmt: skip
+    details["signature"] = base64.b64encode(key.sign(checkpoint_message("plant", details))).decode()
+    entry = dict(last, seq=last["seq"] + 1, event=CHECKPOINT_EVENT, category="audit",
+                 outcome="success", prev_hash=last["hash"], details=details)  # fmt: skip
+    entry["hash"] = sha256_of(entry)
+    return entry
+
+
+def test_the_stolen_current_key_cannot_expire_the_past(
+    root: Path, logs: Logs, tmp_path: Path
+) -> None:
+    """With epoch.key: delete the first run's segment, then add a segment the key can seal
+    with an expiry anchor for it. The anchor's deleted checkpoint must be signed by ITS
+    epoch's key (gone), so it is not trusted, and the witnesses of what went are not
+    'expired': the log no longer holds them."""
+    witness = siem_file(root, tmp_path / "siem.jsonl")
+    stolen = keys.load_private(root / "plant" / "epoch.key", None)
+    oldest, newest = segments(root / "plant")
+    deleted, kept = read_segment(oldest), read_segment(newest)
+    oldest.unlink()
+    forged_old = signed_checkpoint(deleted[-2], stolen, 2, "rollover")  # seq 38, in epoch 1
+    for carried in (None, forged_old):
+        start = signed_checkpoint(kept[-1], stolen, 2, "start")
+        anchor = dict(start, seq=start["seq"] + 1, event="audit_segments_expired",
+                      prev_hash=start["hash"],
+                      details={"segments": [1], "through_seq": FIRST_OF_SECOND_OPEN - 1,
+                               "head": kept[0]["prev_hash"], "checkpoint": carried})  # fmt: skip
+        anchor["hash"] = sha256_of(anchor)
+        write_segment(root / "plant" / "0000000003.jsonl",
+                      [start, anchor, signed_checkpoint(anchor, stolen, 2, "expiry")])  # fmt: skip
+        result, report = verify(root, logs.pubkey)
+        assert result.returncode == 1 and report.expired == (0, "")
+        assert report.verdict.startswith(
+            f"UNPROVEN: the log starts at seq {FIRST_OF_SECOND_OPEN}, and the expiry anchor"
+        )
+        assert "carries" in report.verdict and "not trusted" in report.verdict
+        result = cli(root, "--pubkey", str(logs.pubkey), "--witness", str(witness))
+        assert result.returncode == 1 and result.stdout.splitlines()[-1] == "BROKEN"
+        assert "no trusted expiry anchor accounts for it: deleted" in result.stdout
+        assert "witnesses not counted: expired" not in result.stdout

@@ -77,3 +77,29 @@ def test_witnesses_of_another_appliance_or_with_a_bad_signature_are_not_counted(
     # without the key the forged one cannot be told apart: it says the log was truncated
     unchecked = verify_writer(directory, None, read_file(path).witnesses)
     assert unchecked.problem is not None and "truncated" in unchecked.problem
+
+
+def test_witnesses_of_what_retention_deleted_count_as_expired_behind_its_anchor(
+    tmp_path: Path,
+) -> None:
+    """A real writer expires its oldest segments: the anchor carries the last deleted
+    checkpoint, signed by its own epoch, so the collector's copies of deleted checkpoints
+    are expired, not missing; the one the anchor carries is checked against it."""
+    key = Ed25519PrivateKey.generate()
+    made: list[dict] = []
+    writer = AuditLog(tmp_path, "plant", APPLIANCE, key, checkpoint_every=50,
+                      segment_bytes=8_000, capacity_bytes=60_000)  # fmt: skip
+    writer.on_checkpoint = made.append
+    for i in range(400):
+        writer.record("device_read_refused", category="device", outcome="failure",
+                      details={"i": i})  # fmt: skip
+    writer.close()
+    file = tmp_path / "siem.jsonl"
+    file.write_text("".join(canonical_text(e) + "\n" for e in made))
+    report = verify_writer(tmp_path / "plant", key.public_key(), read_file(file).witnesses)
+    assert report.intact, report.verdict
+    through, _ = report.expired
+    assert 0 < through < report.first_seq
+    gone = sum(1 for e in made if e["seq"] < through)
+    assert gone and f"{gone} witnesses not counted: expired" in report.notes
+    assert report.witnesses == len(made) - gone  # the carried one included
