@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import ssl
@@ -27,8 +28,18 @@ from broker.config import TlsConfig
 from broker.errors import TrustError
 from broker.trust import tls
 from broker.trust.certs import load_ca
+from broker.trust.crlstate import MAX_BYTES, STATE
 from broker.trust.revocation import revoke, write_crl
-from tests.harness import BrokerProcess, Deployment, dmzbroker, eventually, ok_server
+from tests.harness import (
+    CONSUMER_URI,
+    ENERGY_URI,
+    BrokerProcess,
+    Deployment,
+    dmzbroker,
+    eventually,
+    ok_server,
+    read_events,
+)
 
 SAME_SECOND_TRIES = 10  # two CRLs written milliseconds apart rarely straddle a second
 
@@ -202,9 +213,9 @@ async def test_an_established_connection_keeps_its_context_across_a_reload(
             writer.close()
 
 
-async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/") -> int:
     """One keep-alive HTTP/1.1 request on an open connection; its status."""
-    writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode())
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
     length = next(
         int(line.split(b":", 1)[1])
@@ -251,12 +262,8 @@ def test_a_crl_of_another_ca_is_refused_at_start_and_at_a_reload(
     assert "not signed by a CA of the client CA file" in logs[0]["error"]
 
 
-async def test_a_running_enterprise_half_enforces_the_newer_crl_on_sighup_and_refuses_the_older(
-    single_ca: Path, deployment: Deployment, start_broker: Callable[..., BrokerProcess]
-) -> None:
-    ca = single_ca
-    first, second = two_crls_in_one_second(ca)
-    install(first, ca / "crl.pem")
+def serve_consumers_of(ca: Path, deployment: Deployment) -> None:
+    """The deployment's enterprise half serves consumers of `ca`, with its CRL."""
     settings = yaml.safe_load(deployment.config.read_text())
     settings["enterprise"]["tls"] = {
         "cert": str(ca / "server.crt"),
@@ -265,6 +272,15 @@ async def test_a_running_enterprise_half_enforces_the_newer_crl_on_sighup_and_re
         "crl": str(ca / "crl.pem"),
     }
     deployment.config.write_text(yaml.safe_dump(settings))
+
+
+async def test_a_running_enterprise_half_enforces_the_newer_crl_on_sighup_and_refuses_the_older(
+    single_ca: Path, deployment: Deployment, start_broker: Callable[..., BrokerProcess]
+) -> None:
+    ca = single_ca
+    first, second = two_crls_in_one_second(ca)
+    install(first, ca / "crl.pem")
+    serve_consumers_of(ca, deployment)
     broker = start_broker("enterprise", deployment.config)
     port = deployment.api_port
 
@@ -290,3 +306,183 @@ async def test_a_running_enterprise_half_enforces_the_newer_crl_on_sighup_and_re
     await eventually(lambda: logged("tls_reload_refused"), timeout=20, interval=0.2)
     assert await refused("revoked") and await handshake_of("good")
     assert broker.process.poll() is None
+
+
+def accepted_record(state: Path) -> list[dict[str, object]]:
+    return json.loads((state / STATE).read_text())
+
+
+async def test_an_older_crl_put_back_while_stopped_refuses_every_consumer_until_a_newer_one(
+    single_ca: Path, tmp_path: Path
+) -> None:
+    ca, state = single_ca, tmp_path / "enterprise-state"
+    older = write_crl(ca, out=ca / "crl-older.pem")
+    revoke(ca, serial_of(ca / "revoked.crt"), "key_compromise")
+    install(write_crl(ca, out=ca / "crl-newer.pem"), ca / "crl.pem")
+    tls.EndpointReloader(config(ca), state)  # the first run accepts and records it
+    [record] = accepted_record(state)
+    assert record["crl_number"] == crl_number(ca / "crl.pem")
+    assert record["issuer"] == "CN=Reload CA" and len(str(record["sha256"])) == 64
+
+    install(older, ca / "crl.pem")  # put back while the half is stopped
+    with structlog.testing.capture_logs() as logs:
+        restarted = tls.EndpointReloader(config(ca), state)
+    [refused] = [e for e in logs if e["event"] == "tls_reload_refused"]
+    assert (
+        f"CRL number {crl_number(older)} is not higher than {record['crl_number']}"
+        in (refused["error"])
+    )
+    assert "every consumer refused" in refused["kept"] and restarted.refusing_everyone
+    async with ok_server(restarted) as port:
+        assert await status(port, ca, "revoked") is None
+        assert await status(port, ca, "good") is None  # nobody, rather than the revoked one
+        assert restarted.check(force=True) is None  # SIGHUP with the same file: still refused
+        install(write_crl(ca, out=ca / "crl-newest.pem"), ca / "crl.pem")
+        assert restarted.check() is not None  # recovery: a newer CRL
+        assert await status(port, ca, "good") == 200
+        assert await status(port, ca, "revoked") is None
+    assert not restarted.refusing_everyone
+    assert [r["crl_number"] for r in accepted_record(state)] == [crl_number(ca / "crl.pem")]
+
+
+async def test_another_crl_under_the_number_accepted_is_refused_at_start_and_at_a_reload(
+    single_ca: Path, tmp_path: Path
+) -> None:
+    ca, state = single_ca, tmp_path / "enterprise-state"
+    revoke(ca, serial_of(ca / "revoked.crt"), "key_compromise")
+    install(write_crl(ca, out=ca / "crl-revoking.pem"), ca / "crl.pem")
+    number = crl_number(ca / "crl.pem")
+    (ca / "revoked.json").unlink()  # the CA's files edited: the same number, nothing revoked
+    (ca / "crl-number").write_text(str(number - 1))
+    same_number = write_crl(ca, out=ca / "crl-same-number.pem")
+    assert crl_number(same_number) == number
+
+    reloader = tls.EndpointReloader(config(ca), state)
+    assert reloader.check(force=True) is not None  # the very same list again: no rollback
+    install(same_number, ca / "crl.pem")
+    with structlog.testing.capture_logs() as logs:
+        assert reloader.check() is None
+    assert "the list differs from the one accepted under that number" in logs[0]["error"]
+    with structlog.testing.capture_logs() as logs:
+        restarted = tls.EndpointReloader(config(ca), state)
+    assert [e["event"] for e in logs] == ["tls_reload_refused"] and restarted.refusing_everyone
+    async with ok_server(restarted) as port:
+        assert await status(port, ca, "revoked") is None and await status(port, ca, "good") is None
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "garbage", "huge"])
+def test_a_record_of_accepted_crls_that_is_not_ours_stops_the_start(
+    single_ca: Path, tmp_path: Path, kind: str
+) -> None:
+    ca, state = single_ca, tmp_path / "enterprise-state"
+    install(write_crl(ca, out=ca / "crl-1.pem"), ca / "crl.pem")
+    state.mkdir()
+    path = state / STATE
+    if kind == "symlink":
+        (tmp_path / "elsewhere.json").write_text("[]")
+        path.symlink_to(tmp_path / "elsewhere.json")
+    elif kind == "fifo":
+        os.mkfifo(path)  # would hang a reader that blocks
+    elif kind == "garbage":
+        path.write_text('{"crl_number": 1}')
+    else:
+        path.write_bytes(b" " * (MAX_BYTES + 1))
+    with pytest.raises(TrustError, match=STATE):
+        tls.EndpointReloader(config(ca), state)
+
+
+def test_the_record_is_written_without_following_a_link_left_in_its_place(
+    single_ca: Path, tmp_path: Path
+) -> None:
+    ca, state = single_ca, tmp_path / "enterprise-state"
+    state.mkdir()
+    target = tmp_path / "target"
+    target.write_text("untouched")
+    (state / f"{STATE}.tmp").symlink_to(target)  # a link where the new record is made
+    install(write_crl(ca, out=ca / "crl-1.pem"), ca / "crl.pem")
+    tls.EndpointReloader(config(ca), state)
+    assert target.read_text() == "untouched"
+    assert [r["crl_number"] for r in accepted_record(state)] == [crl_number(ca / "crl.pem")]
+
+
+async def test_a_revocation_ends_the_open_stream_and_kept_alive_connection_of_its_certificate(
+    single_ca: Path, deployment: Deployment, start_broker: Callable[..., BrokerProcess]
+) -> None:
+    ca = single_ca
+    for uri in (CONSUMER_URI, ENERGY_URI):  # consumers the demo policy names
+        dmzbroker("certs", "issue", "client", "--ca", str(ca), "--out", str(ca), "--uri", uri)
+    historian = tls.client_context(ca / "ca.crt", ca / "historian.crt", ca / "historian.key")
+    energy = tls.client_context(ca / "ca.crt", ca / "energy-dashboard.crt",
+                                ca / "energy-dashboard.key")  # fmt: skip
+    install(write_crl(ca, out=ca / "crl-1.pem"), ca / "crl.pem")
+    serve_consumers_of(ca, deployment)
+    start_broker("plant", deployment.config)
+    broker = start_broker("enterprise", deployment.config)
+    url = deployment.base_url + "/v1/stream"
+
+    async def served() -> bool:
+        return await status(deployment.api_port, ca, "historian", "/v1/signals") == 200
+
+    await eventually(served, timeout=60, interval=0.2)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, ssl=historian) as revoked_stream,
+        session.get(url, ssl=energy) as other_stream,
+    ):
+        assert revoked_stream.status == other_stream.status == 200
+        assert await read_events(revoked_stream, 1) and await read_events(other_stream, 1)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", deployment.api_port, ssl=historian, server_hostname="localhost"
+        )
+        try:
+            assert await get(reader, writer, "/v1/signals") == 200  # kept alive
+            revoke(ca, serial_of(ca / "historian.crt"), "key_compromise")
+            install(write_crl(ca, out=ca / "crl-2.pem"), ca / "crl.pem")
+            broker.process.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(12):  # under the 15 s keepalive: the reload ends it
+                while await revoked_stream.content.readany():
+                    pass  # what was queued before the reload, then the end
+            assert await get(reader, writer, "/v1/signals") == 403
+            assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # then closed
+        finally:
+            writer.close()
+        assert await read_events(other_stream, 3)  # the other consumer streams on
+    cut_off = [line for line in broker.events() if '"consumer_cut_off"' in line]
+    assert len(cut_off) == 1 and '"revoked"' in cut_off[0]
+    assert serial_of(ca / "historian.crt") in cut_off[0]
+    assert await status(deployment.api_port, ca, "historian", "/v1/signals") is None
+
+
+async def test_an_older_crl_put_back_while_the_half_is_stopped_refuses_all_until_a_newer_one(
+    single_ca: Path, deployment: Deployment, start_broker: Callable[..., BrokerProcess]
+) -> None:
+    ca = single_ca
+    older = write_crl(ca, out=ca / "crl-older.pem")
+    revoke(ca, serial_of(ca / "revoked.crt"), "key_compromise")
+    install(write_crl(ca, out=ca / "crl-newer.pem"), ca / "crl.pem")
+    serve_consumers_of(ca, deployment)
+    port = deployment.api_port
+
+    async def handshake_of(name: str) -> bool:
+        return await status(port, ca, name, "/v1/signals") is not None
+
+    first = start_broker("enterprise", deployment.config)
+    await eventually(lambda: handshake_of("good"), timeout=60, interval=0.2)
+    assert not await handshake_of("revoked")
+    assert first.stop() == 0
+
+    install(older, ca / "crl.pem")  # the rollback, while the half is stopped
+    broker = start_broker("enterprise", deployment.config)
+
+    def refused_at_start() -> bool:
+        return any('"tls_reload_refused"' in line for line in broker.events())
+
+    await eventually(refused_at_start, timeout=60, interval=0.2)
+    await eventually(lambda: any('"api_listening"' in e for e in broker.events()), timeout=30)
+    assert not await handshake_of("good") and not await handshake_of("revoked")
+    assert broker.process.poll() is None  # it runs, refusing every consumer
+
+    install(write_crl(ca, out=ca / "crl-newest.pem"), ca / "crl.pem")  # the recovery
+    await eventually(lambda: handshake_of("good"), timeout=20, interval=0.2)
+    assert not await handshake_of("revoked")
+    assert any('"tls_material_reloaded"' in line for line in broker.events())
