@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit.entry import canonical
-from broker.audit.segments import read_bounded
 from broker.errors import ConfigError, TrustError
+from broker.safe_files import fsync_folder, read_regular
 from broker.trust.keys import key_id, load_private, parse_public_pem, verifies
 
 CHAIN_FILE = "epochs.jsonl"
@@ -130,7 +130,7 @@ def read_chain(directory: Path, root: Ed25519PublicKey) -> tuple[list[Epoch], st
     and the first problem found or None. Stops at the first problem; the epochs before it are
     still returned."""
     try:
-        data = read_bounded(directory / CHAIN_FILE, MAX_CHAIN_BYTES)
+        data = read_regular(directory / CHAIN_FILE, MAX_CHAIN_BYTES)
     except FileNotFoundError:
         return [], f"{CHAIN_FILE}: missing (the key chain from audit.pub)"
     except OSError as e:
@@ -213,7 +213,7 @@ def current_key(directory: Path, epochs: list[Epoch]) -> tuple[Ed25519PrivateKey
         key, _ = _read_key(pending)
         if key is not None and epochs and key_id(key.public_key()) == epochs[-1].keyid:
             os.replace(pending, directory / KEY_FILE)  # certified: the change was complete
-            _fsync_folder(directory)
+            fsync_folder(directory)
         else:
             pending.unlink()  # never certified (or not ours), so never used
     if not epochs:
@@ -281,7 +281,7 @@ def advance(
         raise
     with contextlib.suppress(OSError):  # else the next start renames it (`current_key`)
         os.replace(directory / NEXT_KEY_FILE, directory / KEY_FILE)
-        _fsync_folder(directory)
+        fsync_folder(directory)
     root_certified = not epochs or certificate["certified_by"] != epochs[-1].keyid
     epoch = Epoch(
         number, from_seq, public, key_id(public), len(epochs) + 1, root_certified, appliance
@@ -295,7 +295,7 @@ def cut(directory: Path, epochs: list[Epoch]) -> None:
     never deleted."""
     path = directory / CHAIN_FILE
     try:
-        data = read_bounded(path, MAX_CHAIN_BYTES)
+        data = read_regular(path, MAX_CHAIN_BYTES)
     except FileNotFoundError:
         return
     except OSError:  # a link, a FIFO, a device, a giant: moved aside, never read
@@ -310,7 +310,7 @@ def cut(directory: Path, epochs: list[Epoch]) -> None:
     staged = directory / f"{CHAIN_FILE}.new"
     _write_durably(staged, keep, mode=0o640, append=False)
     os.replace(staged, path)
-    _fsync_folder(directory)
+    fsync_folder(directory)
 
 
 def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
@@ -318,7 +318,7 @@ def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
     owner means someone else could read it or swapped it: not used."""
     try:
         status = os.lstat(path)
-        data = read_bounded(path, MAX_KEY_BYTES)
+        data = read_regular(path, MAX_KEY_BYTES)
     except FileNotFoundError:
         return None, f"{path.name}: missing"
     except OSError as e:
@@ -359,12 +359,4 @@ def _write_durably(path: Path, data: bytes, *, mode: int, append: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_folder(path.parent)

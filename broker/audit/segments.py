@@ -7,14 +7,14 @@ never creates, changes or deletes a segment.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from broker.safe_files import read_regular
 
 SUFFIX = ".jsonl"
 # A writer ends a segment at `segment_bytes` (8 MiB by default) plus one entry; a "segment"
@@ -39,33 +39,11 @@ def segment_numbers(directory: Path) -> list[int]:
     return sorted(int(n[: -len(SUFFIX)]) for n in names if _NAME.fullmatch(n))
 
 
-def read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of the regular file `path`, at most `limit` of them, else OSError.
-
-    Never follows a symlink at `path` (a link to /dev/zero would never end), never blocks on
-    a FIFO or a device put in a writer folder, and never reads more than `limit`.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if status.st_size > limit:
-            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:  # grown since fstat
-        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
-    return data
-
-
 def read_lines(path: Path) -> tuple[list[bytes], bytes]:
     """The whole lines of a segment (without newlines), and any bytes after the last one.
 
     OSError for a segment that is not a regular file or is over MAX_SEGMENT_BYTES."""
-    data = read_bounded(path, MAX_SEGMENT_BYTES)
+    data = read_regular(path, MAX_SEGMENT_BYTES)
     end = data.rfind(b"\n") + 1
     return data[:end].split(b"\n")[:-1], data[end:]
 

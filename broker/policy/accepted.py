@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
+from broker import safe_files
 from broker.audit import epochs, recovery
 from broker.audit.entry import EXPIRED, GENESIS, raw_hash
 from broker.audit.retention import CARRIED_POLICY, CARRIED_TRUST_ROOT
@@ -266,7 +264,7 @@ def _higher(state: Record | None, log: Record | None) -> Record | None:
 
 def _read(path: Path, kind: type[Record]) -> Record | None:
     try:
-        data = _read_regular(path)
+        data = safe_files.read_regular(path, STATE_LIMIT)
         return msgspec.json.decode(data, type=kind)
     except FileNotFoundError:
         return None
@@ -276,46 +274,8 @@ def _read(path: Path, kind: type[Record]) -> Record | None:
         raise ConfigError(f"{path}: unreadable record of what this half accepted: {reason}") from e
 
 
-def _read_regular(path: Path) -> bytes:
-    """The bytes of a regular file of at most STATE_LIMIT: never through a symlink, never
-    waiting on a FIFO or device, never reading without end (/dev/zero)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "not a regular file")
-        if st.st_size > STATE_LIMIT:
-            raise OSError(0, f"larger than {STATE_LIMIT} bytes")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(STATE_LIMIT + 1)
-    finally:
-        os.close(fd)
-    if len(data) > STATE_LIMIT:
-        raise OSError(0, f"larger than {STATE_LIMIT} bytes")
-    return data
-
-
 def _write(path: Path, data: bytes, what: str) -> None:
-    """Atomically and durably: the record is on disk before what it records takes effect.
-    The temporary file is made new (a stale one, or a symlink planted in its place, is
-    removed first, never followed)."""
-    tmp = path.with_suffix(".tmp")
     try:
-        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(tmp, flags, 0o640), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        safe_files.replace_durably(path, data)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise ConfigError(f"{path}: cannot record the {what}: {e.strerror}") from e

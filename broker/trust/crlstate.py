@@ -13,14 +13,12 @@ place, the folder fsynced), so a crash leaves the old record or the new one.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
 from pathlib import Path
 
 import msgspec
 
 from broker.errors import TrustError
+from broker.safe_files import read_regular, replace_durably
 
 STATE = "crl-accepted.json"
 MAX_BYTES = 1 << 20  # a record per issuer is ~200 B: far more than any client CA file holds
@@ -36,22 +34,11 @@ def read_accepted(state_dir: Path) -> dict[str, AcceptedCrl]:
     """The accepted record of each issuer; empty when the half never accepted a CRL."""
     path = state_dir / STATE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         return {}
-    except OSError as e:  # ELOOP: a symbolic link
+    except OSError as e:  # a link, a FIFO, larger than any record of ours
         raise TrustError(f"{path}: cannot read the record of accepted CRLs: {e.strerror}") from e
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TrustError(f"{path}: not a regular file; the record of accepted CRLs is one")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise TrustError(f"{path}: cannot read the record of accepted CRLs: {e.strerror}") from e
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise TrustError(f"{path}: larger than {MAX_BYTES} bytes; not a record this half wrote")
     try:
         records = msgspec.json.decode(data, type=list[AcceptedCrl])
     except msgspec.DecodeError as e:
@@ -65,27 +52,5 @@ def read_accepted(state_dir: Path) -> dict[str, AcceptedCrl]:
 
 def record_accepted(state_dir: Path, accepted: dict[str, AcceptedCrl]) -> None:
     """Replace the record, durably, before what it records takes effect. Raises OSError."""
-    path = state_dir / STATE
-    tmp = state_dir / f"{STATE}.tmp"
     data = msgspec.json.encode(sorted(accepted.values(), key=lambda r: r.issuer))
-    state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by a crash; unlink removes a link itself, never its target
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    folder = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    replace_durably(state_dir / STATE, data)

@@ -403,7 +403,7 @@ async def test_a_symlink_planted_as_the_state_tmp_file_is_not_followed(
     target = site / "victim.txt"
     target.write_text("untouched")
     (site / "plant-state").mkdir(exist_ok=True)
-    (site / "plant-state" / "policy-accepted.tmp").symlink_to(target)
+    (site / "plant-state" / "policy-accepted.json.tmp").symlink_to(target)
     plant = await started(start_broker, site, reset_state=True)
     assert plant.stop() == 0
     assert target.read_text() == "untouched"
