@@ -83,6 +83,8 @@ class AuditLog:
     _epoch: epochs.Epoch
     _epoch_key: Ed25519PrivateKey
     _epoch_started: float
+    _next_fd = -1  # the segment a rollover opened, used once its checkpoint is written
+    _switch_after = 0  # pending lines up to and including that checkpoint
 
     def __init__(
         self,
@@ -211,7 +213,7 @@ class AuditLog:
             self._checkpoint("count")
         elif time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
             self._checkpoint("time")
-        elif self._size >= self._segment_bytes and not self._rollover_due:
+        elif self._size >= self._segment_bytes and not self._rollover_due and self._next_fd < 0:
             self._roll_over()
 
     def checkpoint(self, reason: str = "time") -> None:
@@ -316,6 +318,11 @@ class AuditLog:
                 self._checkpoint("stop")
                 os.close(self._fd)
                 self._fd = -1
+            if self._next_fd >= 0:  # a rollover whose checkpoint never reached the disk
+                os.close(self._next_fd)
+                self._next_fd = -1
+                with contextlib.suppress(OSError):
+                    segment_path(self._dir, self._number + 1).unlink()  # empty, never used
             self._folder_lock.release()
 
     def _append(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +344,8 @@ class AuditLog:
             return entry
         self._seq, self._head = entry["seq"], entry["hash"]
         self._pending.append(canonical(entry) + b"\n")
+        if self._next_fd >= 0 and not self._switch_after:  # the rollover checkpoint
+            self._switch_after = len(self._pending)
         self._flush(force=False)
         return entry
 
@@ -350,6 +359,10 @@ class AuditLog:
                 self._size += len(line)
                 self._used += len(line)
                 self._pending.popleft()
+                if self._switch_after:
+                    self._switch_after -= 1
+                    if not self._switch_after:
+                        self._switch_segment()
             now = time.monotonic()
             if force or now - self._last_fsync >= FSYNC_INTERVAL_S:
                 os.fsync(self._fd)
@@ -393,12 +406,22 @@ class AuditLog:
             self._rollover_due = True
             return
         self._rollover_due = False
-        self._checkpoint("rollover")  # the last entry of the old segment
+        self._next_fd = fd
+        self._checkpoint("rollover")  # the last entry of the old segment: _flush switches
+        if self._next_fd < 0:  # switched (else the disk refused the checkpoint: see _flush)
+            self._expire_segments()
+
+    def _switch_segment(self) -> None:
+        """Continue in the segment the rollover opened, right after its checkpoint is
+        written whole: a checkpoint (or part of a line) the disk refused stays due for the
+        old segment, so every segment but the first still opens after a rollover checkpoint
+        and no line is ever split between two segments."""
+        with contextlib.suppress(OSError):
+            os.fsync(self._fd)  # the old segment is complete whatever its last fsync says
         os.close(self._fd)
-        self._fd = fd
+        self._fd, self._next_fd = self._next_fd, -1
         self._number += 1
         self._size = 0
-        self._expire_segments()
 
     def _start(self, numbers: list[int]) -> None:
         """Find where the chain may continue, and the epoch key that signs from there.

@@ -386,6 +386,64 @@ def test_a_write_cut_short_by_the_file_size_limit_is_retried_without_a_torn_line
     assert len(written) == recorded
 
 
+_ROLLOVER_REFUSED_CHILD = """
+import resource, signal, sys
+from pathlib import Path
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from broker.audit.entry import canonical
+from broker.audit.log import AuditLog
+from tests.audit.support import body, record_many, segments, write_public_key
+
+root = Path(sys.argv[1])
+key = Ed25519PrivateKey.generate()
+write_public_key(key, root / "audit.pub")
+limit = 8192
+log = AuditLog(root, "plant", "coldstore-1", key, segment_bytes=limit)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+first = segments(root / "plant")[0]
+for i in range(200):
+    seq = log.head[0] + 1
+    line = canonical({"seq": seq, "time": "2026-12-05T00:00:00.000000Z", "boot_id": log.boot_id,
+        "writer": "plant", **body(i), "prev_hash": "0" * 64, "hash": "0" * 64}) + b"\\n"
+    size = first.stat().st_size
+    if size + len(line) >= limit:  # this entry starts the rollover: it fits, its checkpoint not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + len(line) + 10, hard))
+        record_many(log, 1, start=i)
+        break
+    record_many(log, 1, start=i)
+refused = log.failing
+cut = not first.read_bytes().endswith(b"\\n")  # the checkpoint's first 10 bytes only
+record_many(log, 2, start=500)  # while the checkpoint waits: behind it, in the new segment
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+log.check()
+record_many(log, 2, start=600)
+log.close()
+print(int(refused), int(cut))
+"""
+
+
+def test_a_rollover_checkpoint_the_disk_refuses_stays_in_the_old_segment(
+    tmp_path: Path,
+) -> None:
+    """The new segment is opened, then the disk takes only part of the rollover checkpoint:
+    the writer goes on in the new segment only once that checkpoint is whole in the old one,
+    so no line is split between segments and the new one opens after a rollover checkpoint."""
+    child = subprocess.run(
+        [sys.executable, "-c", _ROLLOVER_REFUSED_CHILD, str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=True, cwd=REPO,
+    )  # fmt: skip
+    assert child.stdout.split() == ["1", "1"]  # the checkpoint was cut: the case under test
+    from broker.trust.keys import parse_public_pem  # noqa: PLC0415
+
+    pubkey = parse_public_pem((tmp_path / "audit.pub").read_text(), "audit.pub")
+    report = verify_writer(tmp_path / "plant", pubkey)
+    assert report.intact, report
+    first, second = segments(tmp_path / "plant")
+    assert read_segment(first)[-1]["details"]["reason"] == "rollover"
+    assert read_segment(second)[0]["object"] == "plant/tag/500"  # recorded while it waited
+
+
 def test_an_outcome_other_than_success_failure_unknown_is_never_written(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
