@@ -12,7 +12,7 @@ Oldest segment first, never the one being written (ADR 0015):
 Trimming ends below the reserve line, so a log that reached capacity leaves the reserve.
 Whatever is deleted, the anchor it returns carries the seq and hash of the last deleted
 entry, that entry itself whole when it is a checkpoint (as it is when its segment was ended
-by a rollover), and the newest `policy_accepted` and `trust_root_accepted` entries among them (or
+by a rollover), and the highest-version `policy_accepted` and `trust_root_accepted` entries among them (or
 carried by an anchor among them), so no amount of retention removes the record of the policy
 and trust root in force (broker.policy.accepted reads them back at start).
 
@@ -70,7 +70,7 @@ def expire(directory: Path, current: int, used: int, capacity: int, retention_s:
                 checkpoint = next(
                     (e for e in reversed(entries) if e["event"] == CHECKPOINT), checkpoint
                 )
-                _carry_newest(entries, carried)
+                _carry_highest(entries, carried)
             path.unlink()
             done.freed += stat.st_size
             done.segments.append(number)
@@ -115,13 +115,28 @@ def _whole(entry: Any) -> bool:
     )
 
 
-def _carry_newest(entries: list[dict[str, Any]], carried: dict[str, dict[str, Any]]) -> None:
-    """Into `carried` (by anchor key): the last entry of each CARRIED event in `entries`,
-    or what an anchor there carries of it."""
+def _carry_highest(entries: list[dict[str, Any]], carried: dict[str, dict[str, Any]]) -> None:
+    """Into `carried` (by anchor key): of each CARRIED event in `entries`, or carried by an
+    anchor there, the entry with the highest version. Highest, not last: a deleted segment
+    may hold a tail its writer never adopted (ADR 0016), and a line put there to lower the
+    rollback floor must not become the record the floor is read from."""
     for entry in entries:
         details = entry.get("details")
         event = entry.get("event")
+        found: list[tuple[str, dict[str, Any]]] = []
         if event in CARRIED:
-            carried[CARRIED[event]] = {k: entry.get(k) for k in CARRIED_FIELDS}
+            found.append((CARRIED[event], {k: entry.get(k) for k in CARRIED_FIELDS}))
         elif event == EXPIRED and isinstance(details, dict):
-            carried.update({k: details[k] for k in CARRIED.values() if k in details})
+            found += [(k, details[k]) for k in CARRIED.values() if isinstance(details.get(k), dict)]
+        for key, record in found:
+            if key not in carried or _version(record) >= _version(carried[key]):
+                carried[key] = record
+
+
+def _version(record: dict[str, Any]) -> int:
+    """A policy_accepted entry's policy version, a trust_root_accepted entry's root version."""
+    details = record.get("details")
+    version = details.get("version") if isinstance(details, dict) else None
+    if not isinstance(version, int):
+        version = record.get("policy_version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else -1

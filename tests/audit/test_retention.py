@@ -114,6 +114,31 @@ def test_retention_never_removes_the_record_of_the_policy_in_force(tmp_path: Pat
     assert verify_writer(directory, key.public_key()).intact
 
 
+def test_the_anchor_carries_the_highest_accepted_version_not_the_last_one(
+    tmp_path: Path,
+) -> None:
+    """A lower version after a higher one in a deleted segment (a line put in a tail the
+    writer never adopted) must not become the record the rollback floor is read from."""
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(
+        tmp_path, "plant", "site-1", key, checkpoint_every=50, segment_bytes=8_000,
+        capacity_bytes=40_000,
+    )  # fmt: skip
+    for version in (5, 4):
+        log.record(
+            "policy_accepted", category="policy", outcome="success", policy_version=version,
+            details={"version": version, "sha256": f"{version:02d}" * 32},
+        )  # fmt: skip
+    for i in range(2000):  # every segment with either record goes
+        log.record("device_read_refused", category="device", outcome="failure", details={"i": i})
+    log.close()
+    carrying = [
+        a for a in expiry_entries(tmp_path / "plant") if "last_policy_accepted" in a["details"]
+    ]
+    assert carrying
+    assert {a["details"]["last_policy_accepted"]["policy_version"] for a in carrying} == {5}
+
+
 def test_a_log_that_reached_capacity_is_trimmed_below_the_reserve_line(tmp_path: Path) -> None:
     """Trimming by size ends below the reserve line (it used to stop at 90 %, so a log that
     once filled up stayed in the reserve, consumer events only summarised, for a year)."""
