@@ -24,6 +24,7 @@ from broker.folder_lock import FolderLock
 from broker.lifecycle import run_until_signalled
 from broker.policy import accepted as records
 from broker.policy import activation, trustroot
+from broker.policy import envelope as envelopes
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
 
@@ -92,7 +93,12 @@ def opened_half(
     with FolderLock(state_dir) if admit else contextlib.nullcontext():
         # The root in force is always the file's own, verified alone; what this half
         # recorded only limits it (broker.policy.activation.root_at_start).
-        candidate = trustroot.load(cfg.trust_root)
+        try:
+            candidate = trustroot.load(cfg.trust_root)
+        except ConfigError as e:
+            if audited:
+                _audit_refused_root(args, cfg, process, e)
+            raise
         audit = AuditLog.open(cfg.audit, candidate.deployment_id, process) if audited else None
         log = structlog.get_logger(process)
         try:
@@ -165,6 +171,23 @@ def opened_half(
             if audit is not None:
                 log.info("process_stopped", pid=os.getpid())
                 audit.close()
+
+
+def _audit_refused_root(
+    args: argparse.Namespace, cfg: config.BrokerConfig, process: str, error: ConfigError
+) -> None:
+    """Audit a trust root file that does not verify alone (one role's signatures, unsigned,
+    edited), before the start is refused. The log is opened under the deployment the file
+    claims: nothing verified names it, and a false claim shows in `audit verify` as a
+    checkpoint of another appliance. A file that is no trust root at all names none, and
+    the error alone says what is wrong."""
+    try:
+        claimed = trustroot.examine(envelopes.read_bytes(cfg.trust_root), str(cfg.trust_root))
+    except ConfigError:
+        return
+    with AuditLog.open(cfg.audit, claimed.root.deployment_id, process) as audit:
+        logs.configure(args.log_format or cfg.log.format, process, audit)
+        activation.log_root_refusal(error, None)
 
 
 def _plant_state(cfg: config.BrokerConfig) -> Path:

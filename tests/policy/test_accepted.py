@@ -226,6 +226,8 @@ def test_a_root_signed_by_one_role_is_refused_on_a_fresh_install(
     result = dmzbroker(*plant_args(site, "--reset-state"), check=False)
     assert result.returncode == 2
     assert "needs 1 more IT owner signature(s)" in result.stderr.splitlines()[-1]
+    [refused] = audited(site, "trust_root_refused")
+    assert "needs 1 more IT owner signature(s)" in refused["details"]["error"]
 
 
 def test_policy_verify_says_expired_and_at_checks_another_moment(
