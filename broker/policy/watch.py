@@ -48,6 +48,7 @@ TRANSIENT_ERRNOS = frozenset(
 )
 
 log = structlog.get_logger("policy")
+Fingerprint = tuple[int, int, int] | None  # inode, size, mtime; None: unreadable
 
 
 class PolicyWatcher:
@@ -65,7 +66,9 @@ class PolicyWatcher:
         self._current = current
         self._root = current.root  # the trust root in force
         self._refused_root: str | None = None  # the last refusal logged, not repeated
-        self._seen = (_fingerprint(path), _fingerprint(trust_root))
+        # Unknown: the first check reloads, as the files may have changed since the half
+        # loaded them (a SIGHUP before this watcher ran was ignored).
+        self._seen: tuple[Fingerprint, Fingerprint] | None = None
         self._warned: set[timedelta] = set()
         self._expiry_noted = False
         self._unread = False  # the last try could not read the files: try again next check
@@ -187,7 +190,7 @@ def _transient(error: ConfigError) -> bool:
     return isinstance(cause, OSError) and cause.errno in TRANSIENT_ERRNOS
 
 
-def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+def _fingerprint(path: Path) -> Fingerprint:
     try:
         st = os.stat(path)
     except OSError:

@@ -71,3 +71,25 @@ async def test_a_policy_unreadable_for_lack_of_descriptors_is_read_again_not_ref
     (failed,) = [e for e in logs if e["event"] == "policy_read_failed"]
     assert "Too many open files" in failed["error"] and failed["kept_version"] == 1
     assert "policy_accepted" in events
+
+
+async def test_a_policy_replaced_before_the_watcher_runs_is_taken_at_its_first_check(
+    tmp_path: Path, owners: Owners
+) -> None:
+    """The half loads the policy, then starts its watcher: a file replaced in between (and a
+    SIGHUP then, which the half still ignores) must not go unnoticed until the next change."""
+    signers = [owners.ot_key, owners.it_key]
+    envelope = tmp_path / "policy.dsse.json"
+    os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
+    state = tmp_path / "state"
+    current = load_trusted(
+        envelope, trustroot.load(owners.trust_root), state, datetime.now(UTC), floor=None
+    )
+    os.replace(sign_policy(tmp_path, demo_policy(5020, version=2), signers, "v2"), envelope)
+    watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
+    updates = watcher.updates()
+    try:
+        newer = await asyncio.wait_for(anext(updates), timeout=5 * CHECK_INTERVAL_S)
+    finally:
+        await updates.aclose()
+    assert newer.policy.version == 2
