@@ -295,3 +295,18 @@ async def ok_server(context: ssl.SSLContext | ContextInForce) -> AsyncIterator[i
     finally:
         server.close()
         await runner.cleanup()
+
+
+async def keep_alive_get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/v1/signals"
+) -> int:
+    """One HTTP/1.1 request on an open (kept-alive) connection, its body read; its status."""
+    writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await asyncio.wait_for(reader.readexactly(length), timeout=10)
+    return int(head.split(b" ", 2)[1])

@@ -24,6 +24,7 @@ from tests.harness import (
     ENERGY_URI,
     STRANGER_URI,
     eventually,
+    keep_alive_get,
     read_events,
 )
 
@@ -230,16 +231,3 @@ async def test_a_kept_alive_connection_of_a_revoked_certificate_gets_403_and_is_
         api, "/v1/signals", api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
     )
     assert status == 200  # another certificate still gets in
-
-
-async def keep_alive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    """One HTTP/1.1 request on an open connection, its body read; its status."""
-    writer.write(b"GET /v1/signals HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    await asyncio.wait_for(reader.readexactly(length), timeout=10)
-    return int(head.split(b" ", 2)[1])

@@ -37,22 +37,12 @@ from tests.harness import (
     Deployment,
     dmzbroker,
     eventually,
+    keep_alive_get,
     ok_server,
     read_events,
 )
 
 SAME_SECOND_TRIES = 10  # two CRLs written milliseconds apart rarely straddle a second
-
-
-@pytest.fixture
-def ca(tmp_path: Path) -> Path:
-    dmzbroker("certs", "init-ca", "--out", str(tmp_path), "--name", "Reload CA")
-    dmzbroker("certs", "issue", "server", "--ca", str(tmp_path), "--out", str(tmp_path),
-              "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-    for name in ("good", "revoked"):
-        dmzbroker("certs", "issue", "client", "--ca", str(tmp_path), "--out", str(tmp_path),
-                  "--uri", f"spiffe://t/consumer/{name}")  # fmt: skip
-    return tmp_path
 
 
 def serial_of(cert: Path) -> str:
@@ -203,27 +193,14 @@ async def test_an_established_connection_keeps_its_context_across_a_reload(
             "127.0.0.1", port, ssl=client, server_hostname="localhost"
         )
         try:
-            assert await get(reader, writer) == 200
+            assert await keep_alive_get(reader, writer, "/") == 200
             revoke(ca, serial_of(ca / "revoked.crt"), "superseded")
             write_crl(ca, out=ca / "crl.pem")
             assert reloader.check() is not None
             assert await status(port, ca, "revoked") is None  # a new connection is refused
-            assert await get(reader, writer) == 200  # the established one goes on
+            assert await keep_alive_get(reader, writer, "/") == 200  # the established one goes on
         finally:
             writer.close()
-
-
-async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str = "/") -> int:
-    """One keep-alive HTTP/1.1 request on an open connection; its status."""
-    writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path.encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    await asyncio.wait_for(reader.readexactly(length), timeout=10)
-    return int(head.split(b" ", 2)[1])
 
 
 def test_a_crl_without_a_number_is_accepted_at_start_and_refused_at_a_reload(
@@ -247,7 +224,7 @@ def test_a_crl_of_another_ca_is_refused_at_start_and_at_a_reload(
 ) -> None:
     ca = single_ca
     other = tmp_path_factory.mktemp("other-ca")
-    dmzbroker("certs", "init-ca", "--out", str(other), "--name", "Reload CA")  # same name
+    dmzbroker("certs", "init-ca", "--out", str(other), "--name", "TLS test CA")  # same name
     dmzbroker("certs", "crl", "--ca", str(other))
     install(other / "crl.pem", ca / "crl.pem")
     with pytest.raises(TrustError, match="not signed by a CA of the client CA file"):
@@ -322,7 +299,7 @@ async def test_an_older_crl_put_back_while_stopped_refuses_every_consumer_until_
     tls.EndpointReloader(config(ca), state)  # the first run accepts and records it
     [record] = accepted_record(state)
     assert record["crl_number"] == crl_number(ca / "crl.pem")
-    assert record["issuer"] == "CN=Reload CA" and len(str(record["sha256"])) == 64
+    assert record["issuer"] == "CN=TLS test CA" and len(str(record["sha256"])) == 64
 
     install(older, ca / "crl.pem")  # put back while the half is stopped
     with structlog.testing.capture_logs() as logs:
@@ -435,14 +412,14 @@ async def test_a_revocation_ends_the_open_stream_and_kept_alive_connection_of_it
             "127.0.0.1", deployment.api_port, ssl=historian, server_hostname="localhost"
         )
         try:
-            assert await get(reader, writer, "/v1/signals") == 200  # kept alive
+            assert await keep_alive_get(reader, writer) == 200  # kept alive
             revoke(ca, serial_of(ca / "historian.crt"), "key_compromise")
             install(write_crl(ca, out=ca / "crl-2.pem"), ca / "crl.pem")
             broker.process.send_signal(signal.SIGHUP)
             async with asyncio.timeout(12):  # under the 15 s keepalive: the reload ends it
                 while await revoked_stream.content.readany():
                     pass  # what was queued before the reload, then the end
-            assert await get(reader, writer, "/v1/signals") == 403
+            assert await keep_alive_get(reader, writer) == 403
             assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # then closed
         finally:
             writer.close()

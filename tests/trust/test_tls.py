@@ -29,17 +29,6 @@ from tests.harness import dmzbroker, ok_server
 Serve = Callable[..., "Server"]
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> Path:
-    dmzbroker("certs", "init-ca", "--out", str(tmp_path), "--name", "TLS test CA")
-    dmzbroker("certs", "issue", "server", "--ca", str(tmp_path), "--out", str(tmp_path),
-              "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-    for name in ("good", "revoked"):
-        dmzbroker("certs", "issue", "client", "--ca", str(tmp_path), "--out", str(tmp_path),
-                  "--uri", f"spiffe://t/consumer/{name}")  # fmt: skip
-    return tmp_path
-
-
 class Server:
     def __init__(self, url: str, ca: Path) -> None:
         self.url = url
