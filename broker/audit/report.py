@@ -207,7 +207,7 @@ def _trust(review: Review) -> str:
             _td(n.writer),
             _td(n.event),
             _td(n.details.get("version", n.details.get("kept_version"))),
-            _td(n.details.get("sha256") or n.details.get("reason") or ""),
+            _td(n.details.get("sha256") or n.details.get("reason") or "", "h"),
             _list([str(s) for s in n.details.get("signers") or []] or [n.details.get("error", "")]),
         ]
         for n in review.trust
