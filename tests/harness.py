@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import signal
 import socket
 import ssl
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from aiohttp import web
 from broker import policy
 from broker.enterprise.listener import ContextInForce, listen
 from broker.policy import envelope as envelopes
+from broker.policy import trustroot
+from broker.policy.activation import TrustedPolicy, load_trusted
 from broker.trust import keys, tls
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,3 +314,18 @@ async def keep_alive_get(
     )
     await asyncio.wait_for(reader.readexactly(length), timeout=10)
     return int(head.split(b" ", 2)[1])
+
+
+def accepted_first_policy(directory: Path, owners: Owners) -> tuple[Path, Path, TrustedPolicy]:
+    """A co-signed version 1 of the demo policy at `directory/policy.dsse.json`, admitted into
+    `directory/state` as a half does at start: the envelope, the state dir and the
+    TrustedPolicy (for a PolicyWatcher to start from)."""
+    envelope = directory / "policy.dsse.json"
+    os.replace(
+        sign_policy(directory, demo_policy(5020), [owners.ot_key, owners.it_key], "v1"), envelope
+    )
+    state = directory / "state"
+    current = load_trusted(
+        envelope, trustroot.load(owners.trust_root), state, datetime.now(UTC), floor=None
+    )
+    return envelope, state, current

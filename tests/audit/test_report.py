@@ -13,7 +13,6 @@ import struct
 import subprocess
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,7 @@ from broker.audit import report as report_page
 from broker.audit.forward import AuditForwarder
 from broker.audit.log import AuditLog
 from broker.policy import report as policy_report
-from broker.policy import trustroot
 from broker.policy.access import Access
-from broker.policy.activation import load_trusted
 from broker.policy.watch import CHECK_INTERVAL_S, PolicyWatcher
 from broker.trust import keys
 from tests.audit.support import segments
@@ -38,6 +35,7 @@ from tests.harness import (
     ENERGY_URI,
     STRANGER_URI,
     Owners,
+    accepted_first_policy,
     demo_policy,
     dmzbroker,
     eventually,
@@ -335,11 +333,7 @@ def test_a_directory_without_an_audit_log_is_a_clear_error(tmp_path: Path) -> No
 async def test_a_reload_logs_what_the_new_policy_widened(tmp_path: Path, owners: Owners) -> None:
     """The watcher's policy_accepted names what the reloaded policy newly lets cross."""
     signers = [owners.ot_key, owners.it_key]
-    envelope = tmp_path / "policy.dsse.json"
-    os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
-    state = tmp_path / "state"
-    trust = trustroot.load(owners.trust_root)
-    current = load_trusted(envelope, trust, state, datetime.now(UTC), floor=None)
+    envelope, state, current = accepted_first_policy(tmp_path, owners)
     watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
     updates = watcher.updates()
     with capture_logs() as logs:

@@ -143,16 +143,22 @@ def edit(root: Path, seq: int, change: Callable[[dict[str, Any]], None]) -> None
     path.write_text("".join(lines))
 
 
-def rechain(root: Path) -> None:
-    """What a forger without the key can do: recompute every prev_hash, head and hash."""
+def rechain(root: Path, signer: tuple[Ed25519PrivateKey, int] | None = None) -> None:
+    """What a forger without the key can do: recompute every prev_hash, head and hash; with
+    `signer` (a key and the epoch it claims), also re-sign every checkpoint with that key."""
     head = "0" * 64
     for path in segments(root / "plant"):
         entries = read_segment(path)
         for entry in entries:
             entry["prev_hash"] = head
             if entry["event"] == CHECKPOINT_EVENT:
-                entry["details"]["head"] = head
-                entry["details"]["covers_seq"] = entry["seq"] - 1
+                d = entry["details"]
+                d["head"], d["covers_seq"] = head, entry["seq"] - 1
+                if signer is not None:
+                    key, d["epoch"] = signer
+                    d["keyid"] = keys.key_id(key.public_key())
+                    message = checkpoint_message("plant", d)
+                    d["signature"] = base64.b64encode(key.sign(message)).decode()
             entry["hash"] = head = sha256_of(entry)
         write_segment(path, entries)
 
@@ -600,23 +606,6 @@ def test_a_witness_the_log_contradicts_is_broken(root: Path, logs: Logs, tmp_pat
     assert any(line.startswith(expected) for line in result.stdout.splitlines()), result.stdout
 
 
-def resign_all(root: Path, key: Ed25519PrivateKey, epoch: int) -> None:
-    """Rebuild the chain and sign every checkpoint with `key`, claiming `epoch`."""
-    head = "0" * 64
-    for path in segments(root / "plant"):
-        entries = read_segment(path)
-        for entry in entries:
-            entry["prev_hash"] = head
-            if entry["event"] == CHECKPOINT_EVENT:
-                d = entry["details"]
-                d["head"], d["covers_seq"], d["epoch"] = head, entry["seq"] - 1, epoch
-                d["keyid"] = keys.key_id(key.public_key())
-                message = checkpoint_message("plant", d)
-                d["signature"] = base64.b64encode(key.sign(message)).decode()
-            entry["hash"] = head = sha256_of(entry)
-        write_segment(path, entries)
-
-
 def test_the_current_epoch_key_cannot_re_sign_the_past(root: Path, logs: Logs) -> None:
     """An attacker takes the current epoch key (epoch 2, from seq 39), drops an entry of the
     first run and re-signs everything: seq 1..38 belong to epoch 1, whose key is gone."""
@@ -629,7 +618,7 @@ def test_the_current_epoch_key_cannot_re_sign_the_past(root: Path, logs: Logs) -
     write_segment(path, entries)
     for claimed, words in ((2, "it claims epoch 2, but seq 1 belongs to epoch 1"),
                            (1, "not made with epoch 1's key")):  # fmt: skip
-        resign_all(root, current, claimed)
+        rechain(root, (current, claimed))
         assert_broken(*verify(root, logs.pubkey), seq=1, words=words)
 
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from broker.policy import trustroot
-from broker.policy.activation import TrustedPolicy, load_trusted
+from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import CHECK_INTERVAL_S, PolicyWatcher
-from tests.harness import Owners, demo_policy, eventually, sign_policy
+from tests.harness import Owners, accepted_first_policy, demo_policy, eventually, sign_policy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,11 +30,7 @@ async def test_a_policy_unreadable_for_lack_of_descriptors_is_read_again_not_ref
     tmp_path: Path, owners: Owners
 ) -> None:
     signers = [owners.ot_key, owners.it_key]
-    envelope = tmp_path / "policy.dsse.json"
-    os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
-    state = tmp_path / "state"
-    root = trustroot.load(owners.trust_root)
-    current = load_trusted(envelope, root, state, datetime.now(UTC), floor=None)
+    envelope, state, current = accepted_first_policy(tmp_path, owners)
     watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
     accepted: list[TrustedPolicy] = []
 
@@ -79,12 +73,7 @@ async def test_a_policy_replaced_before_the_watcher_runs_is_taken_at_its_first_c
     """The half loads the policy, then starts its watcher: a file replaced in between (and a
     SIGHUP then, which the half still ignores) must not go unnoticed until the next change."""
     signers = [owners.ot_key, owners.it_key]
-    envelope = tmp_path / "policy.dsse.json"
-    os.replace(sign_policy(tmp_path, demo_policy(5020), signers, "v1"), envelope)
-    state = tmp_path / "state"
-    current = load_trusted(
-        envelope, trustroot.load(owners.trust_root), state, datetime.now(UTC), floor=None
-    )
+    envelope, state, current = accepted_first_policy(tmp_path, owners)
     os.replace(sign_policy(tmp_path, demo_policy(5020, version=2), signers, "v2"), envelope)
     watcher = PolicyWatcher(envelope, owners.trust_root, state, current)
     updates = watcher.updates()
