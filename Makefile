@@ -4,11 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink) and a
-# browser (headless Chromium renders `audit report`).
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium
+# Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink), a
+# browser (headless Chromium renders `audit report`); nftables, iproute2 and systemd's
+# analyzer for the appliance's firewall, network-namespace and unit tests.
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium nftables iproute2 systemd
 
-.PHONY: demo test lint bench fuzz clean system-packages
+.PHONY: demo test lint bench fuzz sbom clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dmzbroker needs Python 3.11"'
@@ -52,6 +53,13 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	DMZBROKER_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/enterprise/test_openapi.py \
 	  -k schemathesis -s --timeout=1800
+
+# A CycloneDX SBOM of what the appliance runs: the installed environment, not the dev tools'
+# wishes (cyclonedx-py reads the venv's installed distributions).
+sbom: $(STAMP)
+	$(BIN)/cyclonedx-py environment --pyproject pyproject.toml --output-reproducible \
+	  --of JSON -o dmzbroker.cdx.json $(VENV)
+	@echo "wrote dmzbroker.cdx.json"
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
