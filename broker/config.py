@@ -167,6 +167,22 @@ class SupervisorConfig(_Section, frozen=True):
             )
 
 
+class DiodeConfig(_Section, frozen=True, kw_only=True):
+    """Two hosts with a hardware data diode between them (ADR 0019): `diode send` on the OT
+    host reads the spool and sends UDP datagrams; `diode receive` on the IT host writes them
+    into its own spool (`spool.dir` there), which the enterprise half reads as usual."""
+
+    host: str  # the receiver's address: the sender sends there, the receiver binds it
+    port: Port = 7600
+    state_dir: Path  # sender: its read position in the spool; receiver: its own state
+    datagram_bytes: Annotated[int, Meta(ge=512, le=65_000)] = 1400  # whole datagram, headers in
+    max_datagrams_s: Annotated[int, Meta(ge=1, le=1_000_000)] = 20_000  # the sender's rate bound
+    copies: Annotated[int, Meta(ge=1, le=5)] = 1  # each datagram sent this many times
+    heartbeat_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0  # sender → receiver, always
+    heartbeat_alarm_after: Annotated[int, Meta(ge=1, le=1000)] = 3  # silent intervals → alarm
+    resync_s: Annotated[float, Meta(ge=1, le=86_400)] = 60.0  # full latest-value resync period
+
+
 class BrokerConfig(_Section, frozen=True):
     policy: Path  # the signed policy envelope
     trust_root: Path  # the owner keys that may sign it, and how many of each
@@ -176,6 +192,7 @@ class BrokerConfig(_Section, frozen=True):
     audit: AuditConfig
     log: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    diode: DiodeConfig | None = None  # only on the two hosts of a hardware data diode
 
 
 def load(path: Path) -> BrokerConfig:

@@ -13,6 +13,11 @@ Frame: magic | u32 payload length | u32 CRC-32 | payload. Two kinds, told apart 
   turns a frame of one kind into the other; the payload is the checkpoint entry's canonical
   JSON line. Receivers never return these as records: a caller that asks gets the payloads
   (unverified bytes) apart, every other reader skips them; the position moves past either way.
+- b"DR", resync records (ADR 0019): written only by the diode receiver on an IT host, they
+  carry the latest value of signals whose records were lost on the diode, with the plant's own
+  seq, which is below the spool's position. Same payload as b"DZ", CRC as b"DA". Receivers
+  return them apart (`resync`) as latest-value updates, never as records in seq order; a
+  reader that does not ask skips them.
 Spools written before checkpoint frames existed hold only records frames and read as before.
 
 Segments are `NNNNNNNNNN.seg`, numbered upwards. The sender starts a new segment every time
@@ -40,7 +45,8 @@ from broker.records import Record, decode_frame_payload, encode_frame_payload
 
 MAGIC = b"DZ"  # a frame of records
 CHECKPOINT_MAGIC = b"DA"  # a frame holding one audit checkpoint entry
-KINDS = (MAGIC, CHECKPOINT_MAGIC)
+RESYNC_MAGIC = b"DR"  # a frame of resync records (the diode receiver's, ADR 0019)
+KINDS = (MAGIC, CHECKPOINT_MAGIC, RESYNC_MAGIC)
 HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 (see the module docstring)
 MAX_PAYLOAD = 1024 * 1024  # bytes; a record is a few hundred
 FRAME_RECORDS = 256  # a frame of records with context is about 150 KB
@@ -52,7 +58,7 @@ log = structlog.get_logger("spool")
 
 
 class Frame(NamedTuple):
-    kind: bytes  # MAGIC or CHECKPOINT_MAGIC
+    kind: bytes  # MAGIC, CHECKPOINT_MAGIC or RESYNC_MAGIC
     payload: bytes
 
 
@@ -74,7 +80,9 @@ def checkpoint_frame(entry: bytes) -> bytes:
 
 
 def encode_frames(
-    records: Sequence[Record], too_large: list[RecordTooLarge] | None = None
+    records: Sequence[Record],
+    too_large: list[RecordTooLarge] | None = None,
+    kind: bytes = MAGIC,
 ) -> list[bytes]:
     """Frames of up to FRAME_RECORDS records; a frame over MAX_PAYLOAD is split in halves.
     A record over it alone raises RecordTooLarge, or, given `too_large`, is left out and
@@ -85,7 +93,7 @@ def encode_frames(
         chunk = pending.pop(0)
         payload = encode_frame_payload(chunk)
         if len(payload) <= MAX_PAYLOAD:
-            frames.append(frame(payload))
+            frames.append(frame(payload, kind))
         elif len(chunk) > 1:
             half = len(chunk) // 2
             pending[:0] = [chunk[:half], chunk[half:]]
@@ -212,7 +220,34 @@ class SpoolSender:
             return
         if self._too_large:  # a signal whose record crosses again is logged if it recurs
             self._too_large.difference_update(r.signal for r in records)
-        batch = b"".join([*frames, *tail])
+        self._write(b"".join([*frames, *tail]))
+        self.next_seq = first_seq + len(records)
+
+    def forward(
+        self,
+        records: Sequence[Record],
+        resync: Sequence[Record] = (),
+        checkpoints: Sequence[bytes] = (),
+    ) -> int:
+        """Append records that already carry their seq (the plant's, across a diode: ADR
+        0019), never restamped: those at or below the last seq written are left out (a
+        repeat). Then `resync` records, whatever their seq, in b"DR" frames, and the audit
+        checkpoint entries. One write and one fsync; returns how many records were left
+        out. Raises RecordTooLarge like `send` never does: what crossed a diode fitted a
+        frame on the plant's side."""
+        fresh: list[Record] = []
+        for record in records:
+            if record.seq >= self.next_seq:
+                fresh.append(record)
+                self.next_seq = record.seq + 1
+        frames = encode_frames(fresh) + encode_frames(resync, kind=RESYNC_MAGIC)
+        frames += [checkpoint_frame(entry) for entry in checkpoints]
+        if frames:
+            self._write(b"".join(frames))
+        return len(records) - len(fresh)
+
+    def _write(self, batch: bytes) -> None:
+        """Append whole frames durably (one write, one fsync), rolling segments over."""
         data = memoryview(batch)
         size = self._sizes[self._number]
         try:
@@ -224,7 +259,6 @@ class SpoolSender:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
             raise ChannelError(f"spool {self._dir}: cannot write: {e.strerror}") from e
-        self.next_seq = first_seq + len(records)
         self._sizes[self._number] = size + len(batch)
         if self._sizes[self._number] >= self._segment_bytes:
             self._open_segment(self._number + 1)
@@ -329,7 +363,10 @@ class SpoolReceiver:
         return self._pos.seq
 
     def receive(
-        self, max_records: int = 5000, checkpoints: list[bytes] | None = None
+        self,
+        max_records: int = 5000,
+        checkpoints: list[bytes] | None = None,
+        resync: list[Record] | None = None,
     ) -> list[Record]:
         """The next records in order, whole frames at a time: at most `max_records` unless
         the first frame alone holds more; empty when there is nothing new.
@@ -337,7 +374,8 @@ class SpoolReceiver:
         Audit checkpoint frames read on the way are never records: their payloads (unverified
         bytes) are appended to `checkpoints` if given, else skipped; either way `commit()`
         moves the position past them. So a caller that takes them must commit after handling
-        them even when no record came."""
+        them even when no record came. Resync records (b"DR") likewise go to `resync` if
+        given, without touching `last_seq` or the lost and stale counts."""
         records: list[Record] = []
         while len(records) < max_records:
             frames = self._advance(max(1, (max_records - len(records)) // FRAME_RECORDS))
@@ -349,11 +387,17 @@ class SpoolReceiver:
                     if checkpoints is not None:
                         checkpoints.append(payload)
                     continue
+                if kind == RESYNC_MAGIC and resync is None:
+                    continue
                 try:
                     batch = decode_frame_payload(payload)
                 except msgspec.DecodeError:
                     self.bad_records += 1  # a whole frame: the CRC held, so the writer wrote it
                     log.error("spool_frame_undecodable", segment=self._pos.segment)
+                    continue
+                if kind == RESYNC_MAGIC:
+                    assert resync is not None
+                    resync.extend(batch)
                     continue
                 self._take(batch, records)
         return records

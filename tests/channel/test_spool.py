@@ -25,6 +25,7 @@ from broker.channel.spool import (
     MAGIC,
     MAX_PAYLOAD,
     POSITION_FILE,
+    RESYNC_MAGIC,
     Position,
     SpoolReceiver,
     SpoolSender,
@@ -329,6 +330,58 @@ def test_checkpoint_frames_are_never_records_and_go_only_to_a_reader_that_asks(
     assert other.checkpoint_frames == 4
     other.commit()
     assert SpoolReceiver(spool, state, reader="mqtt").receive() == []
+
+
+def stamped(seq: int, value: object, signal: str = "site/area/asset/measure") -> Record:
+    r = record(value)
+    r.signal, r.seq = signal, seq
+    return r
+
+
+def test_forward_keeps_the_seq_records_carry_and_leaves_out_repeats(
+    spool: Path, state: Path
+) -> None:
+    """The diode receiver's spool: the plant's seq crosses unchanged, gaps stay gaps (the
+    reader counts them as lost), and a repeat at or below the last seq written is left out."""
+    sender = SpoolSender(spool, segment_bytes=1 << 20, retention_bytes=RETENTION_BYTES)
+    try:
+        assert sender.forward([stamped(5, "a"), stamped(6, "b")], checkpoints=[b"{}"]) == 0
+        assert sender.forward([stamped(6, "b"), stamped(9, "c"), stamped(4, "old")]) == 2
+        assert sender.next_seq == 10
+    finally:
+        sender.close()
+    assert SpoolSender(spool, 1 << 20, RETENTION_BYTES).next_seq == 10  # continues after 9
+    receiver = SpoolReceiver(spool, state)
+    checkpoints: list[bytes] = []
+    got = receiver.receive(checkpoints=checkpoints)
+    assert [(r.seq, r.value) for r in got] == [(5, "a"), (6, "b"), (9, "c")]
+    assert checkpoints == [b"{}"]
+    assert receiver.lost_records == 4 + 2  # 1..4 before the first, 7..8
+
+
+def test_resync_frames_reach_only_a_reader_that_asks_and_leave_the_position_alone(
+    spool: Path, state: Path
+) -> None:
+    sender = SpoolSender(spool, segment_bytes=1 << 20, retention_bytes=RETENTION_BYTES)
+    try:
+        sender.forward([stamped(1, "x", "s/a"), stamped(2, "y", "s/b")])
+        written = sender.forward([stamped(3, "z", "s/a")], resync=[stamped(2, "y", "s/b")])
+        assert written == 0 and sender.next_seq == 4  # a resync record takes no seq
+    finally:
+        sender.close()
+    asking = SpoolReceiver(spool, state)
+    resync: list[Record] = []
+    assert seqs(asking.receive(resync=resync)) == [1, 2, 3]
+    assert [(r.seq, r.signal) for r in resync] == [(2, "s/b")]
+    assert asking.last_seq == 3 and asking.stale_records == 0 and asking.lost_records == 0
+    other = SpoolReceiver(spool, state, reader="mqtt")
+    assert seqs(other.receive()) == [1, 2, 3]  # skips them
+
+
+def test_a_resync_frame_relabelled_as_records_is_refused() -> None:
+    payload = encode_frame_payload([record(42)])
+    assert parse_frames(MAGIC + frame(payload, RESYNC_MAGIC)[2:])[0] == []
+    assert parse_frames(RESYNC_MAGIC + frame(payload)[2:])[0] == []
 
 
 def test_a_new_sender_continues_seq_past_trailing_checkpoint_frames(spool: Path) -> None:
