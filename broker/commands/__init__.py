@@ -3,6 +3,7 @@
 from broker.commands import (
     audit,
     certs,
+    deploy,
     discover,
     island,
     keys,
@@ -13,4 +14,16 @@ from broker.commands import (
     validate,
 )
 
-COMMAND_GROUPS = [processes, certs, keys, trust, policy, island, audit, plan, discover, validate]
+COMMAND_GROUPS = [
+    processes,
+    certs,
+    keys,
+    trust,
+    policy,
+    island,
+    audit,
+    plan,
+    discover,
+    validate,
+    deploy,
+]

@@ -1,0 +1,1 @@
+"""What the operating system enforces around the two halves: users and folders, firewall, posture."""
