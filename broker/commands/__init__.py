@@ -9,6 +9,7 @@ from broker.commands import (
     keys,
     plan,
     policy,
+    posture,
     processes,
     trust,
     validate,
@@ -26,4 +27,5 @@ COMMAND_GROUPS = [
     discover,
     validate,
     deploy,
+    posture,
 ]
