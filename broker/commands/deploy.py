@@ -58,18 +58,17 @@ def _nftables(args: argparse.Namespace) -> int:
     ot = _parsed("--ot-interface", nftables.interface_name, args.ot_interface)
     it = _parsed("--it-interface", nftables.interface_name, args.it_interface)
     it_allow = [_parsed("--it-allow", nftables.source_network, value) for value in args.it_allow]
+    if ot == it:
+        raise ConfigError(f"--ot-interface and --it-interface are both {ot!r}: name two NICs")
     # Logs go to stderr; the ruleset is the only thing on stdout.
     with opened_half(args, "deploy", _plant_state, admit=False, audited=False) as (
         cfg,
         trusted,
         _,
     ):
-        try:
-            text = nftables.ruleset(
-                cfg, trusted.policy, ot_interface=ot, it_interface=it, it_allow=it_allow
-            )
-        except ValueError as e:
-            raise ConfigError(f"--ot-interface, --it-interface: {e}") from e
+        text = nftables.ruleset(
+            cfg, trusted.policy, ot_interface=ot, it_interface=it, it_allow=it_allow
+        )
     if args.out is None:
         sys.stdout.write(text)
         return 0
