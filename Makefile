@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 # Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink), a
 # browser (headless Chromium renders `audit report`); nftables, iproute2 and systemd's
-# analyzer for the appliance's firewall, network-namespace and unit tests.
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium nftables iproute2 systemd
+# analyzer, procps's sysctl for the appliance's firewall, network-namespace and unit tests.
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium nftables iproute2 systemd procps
 
 .PHONY: demo test lint bench fuzz sbom clean system-packages
 
