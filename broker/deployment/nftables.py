@@ -104,9 +104,8 @@ def it_peers(cfg: BrokerConfig) -> list[Peer]:
     if cfg.audit.siem is not None:
         siem = cfg.audit.siem
         named.append(("config audit.siem.host", siem.host, siem.port, "tcp"))
-    diode = getattr(cfg, "diode", None)  # DiodeConfig, when the channel crosses a diode
-    if diode is not None:
-        named.append(("config diode.host", diode.host, diode.port, "udp"))
+    if cfg.diode is not None:
+        named.append(("config diode.host", cfg.diode.host, cfg.diode.port, "udp"))
     return [Peer(key, host, resolve(key, host), port, proto) for key, host, port, proto in named]
 
 

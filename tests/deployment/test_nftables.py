@@ -74,9 +74,11 @@ def _config(directory: Path, envelope: Path, pki: Pki, owners: Owners, **extra: 
 
 @pytest.fixture
 def signed(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
-    """A config naming an MQTT broker and a SIEM, and a co-signed policy with four devices."""
+    """A config naming an MQTT broker, a SIEM and a diode receiver, and a co-signed policy
+    with four devices."""
     envelope = sign_policy(tmp_path, _policy(_devices()), [owners.ot_key, owners.it_key])
-    return _config(tmp_path, envelope, pki, owners)
+    diode = {"host": "198.51.100.40", "port": 7600, "state_dir": "diode"}
+    return _config(tmp_path, envelope, pki, owners, diode=diode)
 
 
 def _rules(text: str, chain: str) -> list[str]:
@@ -100,7 +102,12 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
         'counter name "ot_dropped" drop',
     ]
     assert "# policy devices[plc-2].host: localhost, resolved to 127.0.0.1" in text
-    assert _rules(text, "ot_in") == ['counter name "ot_dropped" drop']
+    # the diode receiver's address is never this host's on the OT host: the rule opens
+    # nothing there, and lets the datagrams in on the IT host of a diode pair
+    assert _rules(text, "ot_in") == [
+        'ip daddr 198.51.100.40 udp dport 7600 ct state new accept comment "config diode.host"',
+        'counter name "ot_dropped" drop',
+    ]
     assert _rules(text, "it_in") == [
         "tcp dport 8443 tcp flags & (fin|syn|rst|ack) == syn ct state new accept "
         'comment "consumer port"',
@@ -110,6 +117,7 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
         "ip daddr 198.51.100.20 tcp dport 8883 ct state new accept "
         'comment "config enterprise.mqtt.host"',
         'ip6 daddr 2001:db8:1::30 tcp dport 6514 ct state new accept comment "config audit.siem.host"',
+        'ip daddr 198.51.100.40 udp dport 7600 ct state new accept comment "config diode.host"',
         'counter name "it_dropped" drop',
     ]
     assert _rules(text, "forward") == [
