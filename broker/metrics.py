@@ -7,6 +7,7 @@ metrics at `/metrics` (issue 5 adds more). Metric names: `dmzbroker_<name>_<unit
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PLANT_FILE = "metrics-plant.prom"
+DIODE_FILE = "diode.prom"  # on an IT host behind a diode: the receiver's (broker.channel.udp)
 
 
 class _Drops(Collector):
@@ -286,9 +288,10 @@ class EnterpriseMetrics:
         self.registry.register(_AuditSuppressed(audit_suppressed))
 
     def exposition(self, spool_dir: Path) -> bytes:
-        """Our metrics, then the plant half's as it last wrote them."""
-        try:
-            plant = (spool_dir / PLANT_FILE).read_bytes()
-        except OSError:
-            plant = b""
-        return generate_latest(self.registry) + plant
+        """Our metrics, then the plant half's and the diode receiver's as they last wrote
+        them (each file only where it exists)."""
+        written = b""
+        for name in (PLANT_FILE, DIODE_FILE):
+            with contextlib.suppress(OSError):
+                written += (spool_dir / name).read_bytes()
+        return generate_latest(self.registry) + written

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from broker.metrics import PLANT_FILE, EnterpriseMetrics, PlantMetrics
+from broker.metrics import DIODE_FILE, PLANT_FILE, EnterpriseMetrics, PlantMetrics
 
 
 def test_the_enterprise_exposition_carries_the_plant_halfs_last_written_metrics(
@@ -68,3 +68,9 @@ def test_without_a_plant_file_the_enterprise_serves_its_own(tmp_path: Path) -> N
     assert "dmzbroker_records_received_total 0.0" in text
     assert "dmzbroker_enterprise_audit_failing 1.0" in text
     assert "dmzbroker_records_written" not in text
+
+
+def test_the_enterprise_exposition_carries_the_diode_receivers_metrics(tmp_path: Path) -> None:
+    (tmp_path / DIODE_FILE).write_text("dmzbroker_diode_datagrams_lost_total 3.0\n")
+    text = EnterpriseMetrics(lambda: 0, lambda: False).exposition(tmp_path).decode()
+    assert "dmzbroker_diode_datagrams_lost_total 3.0" in text

@@ -52,12 +52,14 @@ EVENTS: dict[str, tuple[str, str]] = {
     "half_start_failed": ("process", "failure"),
     "half_restarted": ("process", "success"),
     "half_killed": ("process", "failure"),
+    "halves_share_user": ("process", "unknown"),  # run/demo not separating the halves
     "audit_write_failed": ("audit", "failure"),
     "audit_chain_break": ("audit", "failure"),  # written by the log itself at start
     "audit_entries_dropped": ("audit", "failure"),  # written by the log itself, on recovery
     "audit_write_recovered": ("audit", "success"),
     "audit_capacity_warning": ("audit", "unknown"),
     "config_loaded": ("config", "success"),
+    "maintenance_file_refused": ("config", "failure"),
     "clock_stepped": ("time", "unknown"),
     "disk_space_low": ("capacity", "unknown"),
     "certificate_expiring": ("certificate", "unknown"),
@@ -80,6 +82,14 @@ EVENTS: dict[str, tuple[str, str]] = {
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),
     "audit_checkpoint_witnessed": ("audit", "success"),
+    # The diode channel (ADR 0019): its two ends' own audit writers.
+    "diode_session_started": ("channel", "success"),
+    "diode_session_adopted": ("channel", "unknown"),
+    "diode_gap_detected": ("channel", "failure"),
+    "diode_heartbeat_missed": ("channel", "failure"),
+    "diode_link_restored": ("channel", "success"),
+    "diode_datagrams_refused": ("channel", "failure"),
+    "diode_send_failed": ("channel", "failure"),
 }
 
 # Events anyone on the IT network can cause at will (a connection, a handshake, a refused

@@ -4,6 +4,7 @@ from broker.commands import (
     audit,
     certs,
     deploy,
+    diode,
     discover,
     island,
     keys,
@@ -28,4 +29,5 @@ COMMAND_GROUPS = [
     validate,
     deploy,
     posture,
+    diode,
 ]

@@ -47,6 +47,14 @@ def add_to(commands: Any) -> None:
             "records an accepted policy and trust root (audited as state_reset)",
         )
         command.set_defaults(handler=handler)
+        if name == "run":
+            command.add_argument(
+                "--same-user",
+                action="store_true",
+                help="started as root, run both halves as root instead of as dmzbroker-plant "
+                "and dmzbroker-enterprise (audited as halves_share_user: the enterprise half "
+                "could then write the plant half's spool, state and audit log)",
+            )
 
     demo = commands.add_parser(
         "demo", help="run a simulated refrigeration plant through the broker",
@@ -104,15 +112,7 @@ def opened_half(
         try:
             logs.configure(args.log_format or cfg.log.format, process, audit)
             if audit is not None:
-                log.info(
-                    "process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id
-                )
-                log.info(
-                    "config_loaded",
-                    path=str(args.config.resolve()),
-                    sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
-                    trust_root_version=candidate.version,
-                )
+                _log_start(args, process, audit, candidate.version)
             # Only the chain the writer adopted counts: from this writer's head, in memory,
             # or, for another writer's log, from its last checkpoint that verifies.
             head = (
@@ -173,6 +173,43 @@ def opened_half(
                 audit.close()
 
 
+@contextlib.contextmanager
+def opened_channel(
+    args: argparse.Namespace, process: str
+) -> Iterator[tuple[config.BrokerConfig, AuditLog]]:
+    """Config (with a `diode:` section), logging and the audit log of a process that carries
+    the channel and admits no policy (`diode send`, `diode receive`): the trust root is verified alone, for the
+    deployment id its audit log is kept under; the log gets a final checkpoint at the end."""
+    cfg = config.load(args.config)
+    if cfg.diode is None:
+        raise ConfigError(f"{args.config}: no `diode:` section, which {process} needs")
+    try:
+        root = trustroot.load(cfg.trust_root)
+    except ConfigError as e:
+        _audit_refused_root(args, cfg, process, e)
+        raise
+    with AuditLog.open(cfg.audit, root.deployment_id, process) as audit:
+        logs.configure(args.log_format or cfg.log.format, process, audit)
+        _log_start(args, process, audit, root.version)
+        try:
+            yield cfg, audit
+        finally:
+            structlog.get_logger(process).info("process_stopped", pid=os.getpid())
+
+
+def _log_start(
+    args: argparse.Namespace, process: str, audit: AuditLog, trust_root_version: int
+) -> None:
+    log = structlog.get_logger(process)
+    log.info("process_started", pid=os.getpid(), version=__version__, boot_id=audit.boot_id)
+    log.info(
+        "config_loaded",
+        path=str(args.config.resolve()),
+        sha256=hashlib.sha256(args.config.read_bytes()).hexdigest(),
+        trust_root_version=trust_root_version,
+    )
+
+
 def _audit_refused_root(
     args: argparse.Namespace, cfg: config.BrokerConfig, process: str, error: ConfigError
 ) -> None:
@@ -199,19 +236,23 @@ def _enterprise_state(cfg: config.BrokerConfig) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from broker.supervisor import Supervisor, refuse_if_running
+    from broker.supervisor import Supervisor, check_interpreter, half_users, refuse_if_running
 
-    # Refuse a bad config or policy, or folders another instance writes, before starting
-    # anything; the halves admit (and audit) the policy themselves. The supervisor's own
-    # audit writer holds its folder: a second `run` is refused right there.
+    # Refuse a bad config or policy, missing users, or folders another instance writes,
+    # before starting any half; the halves admit (and audit) the policy themselves. The
+    # supervisor's own audit writer holds its folder: a second `run` is refused right there.
     with opened_half(
         args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state
     ) as (cfg, _, audit):
         assert audit is not None
-        refuse_if_running(cfg)
+        # As root, each half as its own user (ADR 0018); else both as this one (audited).
+        users = half_users() if os.geteuid() == 0 and not args.same_user else None
+        refuse_if_running(cfg, users)
+        if users is not None:
+            check_interpreter(users)
         fmt = args.log_format or cfg.log.format
         supervisor = Supervisor(
-            args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state
+            args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state, users=users
         )
         return run_until_signalled(supervisor.run())
 

@@ -35,6 +35,7 @@ from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
 from broker.policy.watch import PolicyWatcher
+from broker.records import Record
 from broker.trust import tls
 
 POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
@@ -220,13 +221,16 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
                 spool.receiver.commit()
                 committed = True
             checkpoints: list[bytes] = []
-            records = spool.receiver.receive(checkpoints=checkpoints)
+            resync: list[Record] = []  # only behind a diode (ADR 0019)
+            records = spool.receiver.receive(checkpoints=checkpoints, resync=resync)
             if records:
                 store.apply(records)
                 metrics.records_received.inc(len(records))
+            if resync:
+                store.apply_resync(resync)
             if checkpoints:
                 _witness(checkpoints)
-            if records or checkpoints:
+            if records or checkpoints or resync:
                 committed = False
                 spool.receiver.commit()
                 committed = True

@@ -122,6 +122,17 @@ class Store:
                     limit=self._queue_limit,
                 )
 
+    def apply_resync(self, records: list[Record]) -> None:
+        """Latest values sent again across a diode after loss (ADR 0019): each one is applied
+        only if it is newer, by seq, than the signal's latest here; the spool's seq order
+        does not hold for them."""
+        newer = []
+        for record in records:
+            held = self._latest.get(record.signal)
+            if held is None or record.seq > held.seq:
+                newer.append(record)
+        self.apply(newer)
+
     def latest(self, signal: str, now: datetime) -> Record | None:
         record = self._latest.get(signal)
         return None if record is None else self._aged(record, now)

@@ -74,6 +74,18 @@ def test_only_the_latest_record_of_a_signal_is_kept() -> None:
     assert [r.seq for r in store.snapshot(datetime.now(UTC), EVERYTHING)] == [3]
 
 
+def test_a_resync_record_replaces_only_an_older_latest_value() -> None:
+    """Behind a diode, a resync record's seq is below the spool position: it is applied only
+    where it is newer than what the store holds (ADR 0019)."""
+    store = Store(DEMO, queue_limit=16)
+    store.apply([record(5), record(3, signal=POWER)])
+    store.apply_resync([record(4), record(7, signal=POWER)])
+    latest = {r.signal: r.seq for r in store.snapshot(datetime.now(UTC), EVERYTHING)}
+    assert latest == {ROOM: 5, POWER: 7}
+    store.apply_resync([record(2, signal="coldstore/machine-room/compressor-1/energy")])
+    assert len(store.snapshot(datetime.now(UTC), EVERYTHING)) == 3  # none held yet: applied
+
+
 async def test_subscribers_get_records_in_order_in_batches() -> None:
     store = Store(DEMO, queue_limit=16)
     subscription = store.subscribe("spiffe://t/c", EVERYTHING)
