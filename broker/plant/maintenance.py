@@ -1,9 +1,11 @@
 """Maintenance status per asset, from the file a CMMS exports (CSV or YAML).
 
-The file is provisioned on the plant side, never fed from the enterprise side. It is
-re-read when it changes (checked at most once a second); a file that is removed, cannot be
-read or does not parse is logged with what and where, and the last good contents are kept
-until a good file is back.
+The file is provisioned on the plant side, never fed from the enterprise side: a file that
+someone other than root or this half's user could have written (it, a folder above it or a
+link on the way is another user's, or group- or world-writable, as a share the IT side
+writes would be) is refused. It is re-read when it changes (checked at most once a second);
+a file that is removed, cannot be read, is refused or does not parse is logged with what and
+where, and the last good contents are kept until a good file is back. Never writes the file.
 
 CSV: a header row `asset,last_service,next_due,open_work_orders`, dates as YYYY-MM-DD,
 work orders as `ID: title` separated by `;`. YAML: a list of mappings with the same keys,
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import stat
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -29,7 +33,10 @@ from broker.records import Maintenance, WorkOrder
 
 RECHECK_S = 1.0
 _UNKNOWN = Maintenance(status="unknown")
-_UNREADABLE = (-1, -1, -1)
+# (mtime_ns, ctime_ns, size, why others could have written it) of what was looked at
+_Seen = tuple[int, int, int, str | None]
+_UNREADABLE: _Seen = (-1, -1, -1, None)
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 log = structlog.get_logger("maintenance")
 
@@ -45,9 +52,9 @@ class MaintenanceBook:
     def __init__(self, config: MaintenanceConfig | None) -> None:
         self._config = config
         self._entries: dict[str, _Entry] = {}
-        # (mtime_ns, ctime_ns, size) of what was read: ctime too, so that a permission
-        # change alone (chmod) makes the file be tried again
-        self._seen: tuple[int, int, int] | None = None
+        # ctime and who could write it too, so that a permission change alone (chmod of the
+        # file or of a folder above it) makes the file be tried again
+        self._seen: _Seen | None = None
         self._checked = -RECHECK_S
         self._status: dict[str, Maintenance] = {}
         self._today: date | None = None
@@ -71,20 +78,38 @@ class MaintenanceBook:
 
     def _reread(self, path: Path) -> bool:
         try:
-            stat = path.stat()
+            status = path.stat()
+            others = writable_by_others(path)
         except OSError as e:
             if self._seen != _UNREADABLE:  # once per state change, not every second
                 log.warning("maintenance_file_unreadable", file=str(path), error=str(e))
             self._seen = _UNREADABLE
             return False
-        seen = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+        seen = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, others)
         if seen == self._seen:
             return False
         self._seen = seen
+        if others is not None:
+            log.warning(
+                "maintenance_file_refused",
+                path=str(path),
+                reason="writable_by_others",
+                error=others,
+                kept="the last good contents",
+                fix="keep it and each folder above it owned by root or this half's user and"
+                " not group- or world-writable: a copy on the plant side, never an IT share",
+            )
+            return False
         try:
             entries = load_entries(path)
         except ConfigError as e:
-            log.warning("maintenance_file_refused", error=str(e), kept="the last good contents")
+            log.warning(
+                "maintenance_file_refused",
+                path=str(path),
+                reason="invalid",
+                error=str(e),
+                kept="the last good contents",
+            )
             return False
         self._entries = {e.asset: e for e in entries}
         log.info("maintenance_file_loaded", file=str(path), assets=len(entries))
@@ -107,6 +132,32 @@ class MaintenanceBook:
             next_due=entry.next_due.isoformat() if entry.next_due else None,
             open_work_orders=entry.open_work_orders,
         )
+
+
+def writable_by_others(path: Path) -> str | None:
+    """Why someone other than root or this process's user could have written `path`: the
+    file, a folder above it (which could swap it) or a link on the way, before or after the
+    links are followed, is theirs or group- or world-writable; None when nobody else could.
+    A world-writable folder with the sticky bit (/tmp) is no such way: only an entry's owner
+    may rename or remove it. Raises OSError when a place cannot be looked at."""
+    trusted = (0, os.geteuid())
+    given = path.absolute()
+    real = path.resolve(strict=True)
+    for place in dict.fromkeys([given, *given.parents, real, *real.parents]):
+        status = os.lstat(place)
+        if status.st_uid not in trusted:
+            return (
+                f"{place} is owned by uid {status.st_uid}, neither root nor this half's user"
+                f" (uid {os.geteuid()})"
+            )
+        if stat.S_ISLNK(status.st_mode):  # a link's own mode bits mean nothing
+            continue
+        writable = status.st_mode & _OTHERS_WRITE
+        if writable and not (stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_ISVTX):
+            who = {stat.S_IWGRP: "group", stat.S_IWOTH: "world"}.get(writable, "group- and world")
+            mode = stat.S_IMODE(status.st_mode)
+            return f"{place} is {who}-writable (mode {mode:04o})"
+    return None
 
 
 def load_entries(path: Path) -> list[_Entry]:
