@@ -87,11 +87,13 @@ class FolderLock:
         self.release()
 
 
-def check_free(folder: Path) -> None:
+def check_free(folder: Path, owner: int | None = None) -> None:
     """Raise FolderLockError if a writer holds `folder` now. Creates nothing, and holds the
-    lock only for the instant of the test (a writer starting then waits it out)."""
+    lock only for the instant of the test (a writer starting then waits it out). `owner`:
+    the uid whose lock file it must be (`run` as root checks its halves' folders); default,
+    this process's."""
     try:
-        fd = _open(folder / LOCK_FILE, os.O_RDONLY)
+        fd = _open(folder / LOCK_FILE, os.O_RDONLY, owner)
     except FileNotFoundError:
         return  # never locked: no writer has run here
     try:
@@ -104,7 +106,40 @@ def check_free(folder: Path) -> None:
         os.close(fd)
 
 
-def _open(path: Path, flags: int) -> int:
+def holder(folder: Path) -> int | None:
+    """The pid recorded by the process that holds `folder`'s lock now; None when no process
+    holds it (or it was never locked). For `dmzbroker posture`, which finds a running half by
+    the folder it writes, as root or as any user who may read the lock file.
+
+    Never creates, writes or needs to own the lock file (root reads a half's); it tests the
+    lock as `check_free` does, for an instant (a writer starting then waits it out). Raises
+    OSError when the lock file cannot be opened (another user's folder, a symbolic link) and
+    FolderLockError for one that is no regular file, or held before its pid is written."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FolderLockError(f"{path}: is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in _HELD:
+                raise
+            pid = _recorded_pid(fd)
+            if pid is None:
+                raise FolderLockError(
+                    f"{path}: held by a process whose pid is not written yet"
+                ) from None
+            return pid
+        return None  # we got it: nobody holds it (closing the descriptor drops ours)
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path, flags: int, owner: int | None = None) -> int:
     """A descriptor of the lock file at `path`, refused unless it is a regular file of ours;
     raises FileNotFoundError (without O_CREAT) or FolderLockError."""
     try:
@@ -125,7 +160,7 @@ def _open(path: Path, flags: int) -> int:
         raise FolderLockError(f"{path}: cannot open the folder's lock: {e.strerror}") from e
     try:
         st = os.fstat(fd)
-        problem = _not_ours(st)
+        problem = _not_ours(st, os.geteuid() if owner is None else owner)
     except OSError as e:
         problem = f"cannot inspect: {e.strerror}"
     if problem is not None:
@@ -134,11 +169,12 @@ def _open(path: Path, flags: int) -> int:
     return fd
 
 
-def _not_ours(st: os.stat_result) -> str | None:
+def _not_ours(st: os.stat_result, owner: int) -> str | None:
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"is owned by uid {st.st_uid}, not by this process's uid {os.geteuid()}"
+    if st.st_uid != owner:
+        whose = "this process's uid" if owner == os.geteuid() else "its writer's uid"
+        return f"is owned by uid {st.st_uid}, not by {whose} {owner}"
     if st.st_nlink != 1:
         return f"has {st.st_nlink} hard links (another name for some other file)"
     return None
@@ -158,10 +194,15 @@ def _flock_soon(fd: int) -> None:
 
 
 def _holder(fd: int) -> str:
+    pid = _recorded_pid(fd)
+    return f"pid {pid}" if pid is not None else "a process whose pid is not written yet"
+
+
+def _recorded_pid(fd: int) -> int | None:
     text = b""
     with contextlib.suppress(OSError):
         text = os.pread(fd, 32, 0).strip()
-    return f"pid {int(text)}" if text.isdigit() else "a process whose pid is not written yet"
+    return int(text) if text.isdigit() else None
 
 
 def _in_use(folder: Path, holder: str) -> FolderLockError:

@@ -17,45 +17,150 @@ and a half that then hangs in its cleanup ends itself after STOP_GRACE_S.
 This module never stops or restarts a half because of the other. It checks the folders the
 halves write before starting them (`refuse_if_running`), so that a second instance is told
 at once; what keeps two writers off one folder is each half's own lock (`folder_lock`).
+
+Started as root, the supervisor runs each half as its own user (`half_users`, ADR 0018):
+the plant half as dmzbroker-plant, the enterprise half as dmzbroker-enterprise with the
+plant group as a supplementary group (it reads the spool and the plant's audit log, writes
+neither), each with its unit's umask. Otherwise (`--same-user`, a non-root start, the demo)
+both halves share one user, and `halves_share_user` (audited) says what that gives up. A
+missing user is refused, never replaced by root; this module never creates a user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
+import pwd
 import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import structlog
 
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.backoff import Backoff
 from broker.config import BrokerConfig, SupervisorConfig
+from broker.deployment.layout import PLANT_USER, user_of, written_paths
+from broker.errors import ConfigError
 from broker.folder_lock import check_free
 from broker.lifecycle import STOP_GRACE_S, SUPERVISOR_PID
 
 HALVES = ("plant", "enterprise")
 AUDIT_CHECK_S = 1.0  # how often the supervisor's audit log is checked (and checkpointed)
+UMASKS = {"plant": 0o027, "enterprise": 0o077}  # as the units' UMask=: the spool group-readable
+EXTRA_GROUPS: dict[str, tuple[str, ...]] = {
+    "plant": (),
+    "enterprise": (PLANT_USER,),
+}  # reads the spool and plant audit
+PROBE_TIMEOUT_S = 60.0  # one interpreter start, importing the package, on a loaded box
+# What one user for both halves gives up: what the enterprise half could then do to the plant.
+GIVES_UP = (
+    "the enterprise half can write the spool the plant half reads at start, the plant's state "
+    "(island flag, accepted policy) and its audit log, and signal or trace the plant process"
+)
 
 log = structlog.get_logger("supervisor")
 
 
-def refuse_if_running(config: BrokerConfig) -> None:
+@dataclass(frozen=True)
+class HalfUser:
+    """Who a half runs as when `run` is started as root."""
+
+    name: str
+    uid: int
+    gid: int
+    extra_groups: tuple[int, ...]
+    umask: int
+
+
+def half_users() -> dict[str, HalfUser]:
+    """Each half's user and groups from the system's user database; ConfigError naming the
+    first that is missing."""
+    users = {}
+    for half in HALVES:
+        name = user_of(half)
+        try:
+            entry = pwd.getpwnam(name)
+            extra = tuple(grp.getgrnam(group).gr_gid for group in EXTRA_GROUPS[half])
+        except KeyError:
+            raise ConfigError(
+                f"user {name} (or its group) does not exist: create the halves' users with "
+                "deploy/install.sh, or start both halves as one user with --same-user"
+            ) from None
+        users[half] = HalfUser(name, entry.pw_uid, entry.pw_gid, extra, UMASKS[half])
+    return users
+
+
+def check_interpreter(users: dict[str, HalfUser]) -> None:
+    """ConfigError unless each half's user can start this interpreter and import the broker:
+    an installation only root can read would otherwise fail at every restart, forever."""
+    for half, user in users.items():
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-I", "-c", "import broker.cli"],
+                check=False,
+                **_as(user),
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=PROBE_TIMEOUT_S,
+            )
+            problem = probe.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            failed = probe.returncode != 0
+        except OSError as e:
+            problem, failed = [e.strerror or str(e)], True
+        if failed:
+            raise ConfigError(
+                f"user {user.name} cannot run the {half} half with {sys.executable} "
+                f"({'; '.join(problem) or 'exit code ' + str(probe.returncode)}): install "
+                "dmzbroker where that user can read it (deploy/install.sh --prefix), or start "
+                "both halves as one user with --same-user"
+            )
+
+
+def refuse_if_running(config: BrokerConfig, users: dict[str, HalfUser] | None = None) -> None:
     """Raise FolderLockError, naming the folder and its holder, if another process writes
     any folder a half would write. Each half takes these locks itself; this only keeps
-    `run` from starting next to another instance and restarting halves that cannot start."""
-    audit = config.audit.dir
-    for folder in (
-        config.spool.dir,
-        config.plant.state_dir,
-        config.enterprise.state_dir,
-        audit / "plant",
-        audit / "enterprise",
-    ):
-        check_free(folder)
+    `run` from starting next to another instance and restarting halves that cannot start.
+    With `users`, a folder's lock file belongs to its half's user, not to this process's."""
+    written = written_paths(config)
+    for half in HALVES:
+        owner = users[half].uid if users is not None else None
+        for folder in written[half]:
+            check_free(folder, owner)
+
+
+def sharing_user() -> str:
+    """The name of the one user both halves run as when `run` does not separate them."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a name, as in some containers
+        return str(os.geteuid())
+
+
+class _Credentials(TypedDict):
+    user: int | None
+    group: int | None
+    extra_groups: list[int] | None
+    umask: int
+
+
+def _as(user: HalfUser | None) -> _Credentials:
+    """The subprocess arguments that start a child as `user` (None: as this process)."""
+    if user is None:
+        return {"user": None, "group": None, "extra_groups": None, "umask": -1}
+    return {
+        "user": user.uid,
+        "group": user.gid,
+        "extra_groups": list(user.extra_groups),
+        "umask": user.umask,
+    }
 
 
 def restart_delays(settings: SupervisorConfig) -> Backoff:
@@ -79,8 +184,11 @@ class Supervisor:
         audit: AuditLog | None = None,  # None: the demo, whose log is the terminal
         *,
         reset_state: bool = False,  # a new installation: each half's FIRST start gets it
+        users: dict[str, HalfUser] | None = None,  # None: both halves as this process's user
     ) -> None:
-        self._config = config
+        # Absolute: a half that runs as another user may not be able to enter this cwd.
+        self._config = config.absolute()
+        self._users = users
         self._reset_state = reset_state
         self._log_format = log_format
         self._settings = settings
@@ -91,6 +199,8 @@ class Supervisor:
         """Keep both halves running until cancelled (a stop signal); then stop both."""
         # SIGHUP asks both halves to re-read the policy; it must never stop the broker.
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._forward_hangup)
+        if self._users is None:
+            log.warning("halves_share_user", user=sharing_user(), gives_up=GIVES_UP)
         async with asyncio.TaskGroup() as tasks:
             if self._audit is not None:
                 tasks.create_task(self._watch_audit(self._audit), name="supervisor audit")
@@ -112,7 +222,8 @@ class Supervisor:
                 await asyncio.sleep(delay)
                 continue
             if starts == 0:
-                log.info("half_started", half=half, pid=process.pid)
+                user = self._users[half].name if self._users is not None else sharing_user()
+                log.info("half_started", half=half, pid=process.pid, user=user)
             else:
                 log.warning(
                     "half_restarted",
@@ -143,6 +254,7 @@ class Supervisor:
     async def _start(self, half: str, *, reset_state: bool) -> asyncio.subprocess.Process:
         """Start a half; a stop request arriving meanwhile stops it again before returning."""
         environment = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
+        user = self._users[half] if self._users is not None else None
         argv = [sys.executable, "-I", "-m", "broker", half, "--config", str(self._config)]
         if reset_state:
             argv.append("--reset-state")
@@ -154,6 +266,7 @@ class Supervisor:
                 env=environment,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                **_as(user),
             )
         )
         try:

@@ -190,7 +190,9 @@ class BrokerProcess:
             reset_state = fresh_install(command, config)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker", command, "--config", str(config)]
-            + (["--reset-state"] if reset_state else []),
+            + (["--reset-state"] if reset_state else [])
+            # A test's folders are its own user's (tmp_path is 0700): both halves run as it.
+            + (["--same-user"] if command == "run" else []),
             stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO,
             start_new_session=True,  # its own process group, as under a terminal
         )  # fmt: skip

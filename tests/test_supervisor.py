@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import yaml
 
 from broker import policy
 from broker.config import SupervisorConfig
+from broker.deployment.layout import ENTERPRISE_USER, PLANT_USER
 from broker.lifecycle import STOP_GRACE_S, SUPERVISOR_PID
 from broker.metrics import PLANT_FILE
 from broker.plant.connectors.modbus import READ_FUNCTIONS
@@ -272,6 +274,11 @@ async def test_a_half_that_dies_is_restarted_and_audited_while_the_other_keeps_r
     assert restarted["actor"] == "plant" and restarted["details"]["restarts"] == 1
     assert 0 < restarted["details"]["delay_s"] <= 0.5  # the first delay: 0.25 to 0.5 s
     assert {"process_started", "process_stopped", "audit_checkpoint"} <= by_event.keys()
+    # --same-user (as every test's `run`): audited once, with what it gives up
+    shared = [e for e in entries if e["event"] == "halves_share_user"]
+    assert len(shared) == 1 and shared[0]["outcome"] == "unknown"
+    assert shared[0]["details"]["user"] == pwd.getpwuid(os.geteuid()).pw_name
+    assert "signal or trace the plant process" in shared[0]["details"]["gives_up"]
     verified = dmzbroker(
         "audit", "verify", str(audit), "--pubkey", str(owners.audit_key.with_suffix(".pub")),
         check=False,
@@ -348,7 +355,7 @@ async def test_a_broker_folder_in_the_working_directory_is_never_imported(
     with open(log, "wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             Path(sys.executable).parent / "dmzbroker", "run", "--config", deployment.config,
-            "--reset-state",
+            "--reset-state", "--same-user",
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir, start_new_session=True,
         )  # fmt: skip
     try:
@@ -410,7 +417,9 @@ async def test_run_next_to_a_running_half_is_refused_before_starting_anything(
 ) -> None:
     plant: BrokerProcess = start_broker("plant", deployment.config)
     await eventually(lambda: '"device_session_up"' in "".join(plant.events()), timeout=30)
-    second = dmzbroker("run", "--config", str(deployment.config), check=False, timeout=30)
+    second = dmzbroker(
+        "run", "--config", str(deployment.config), "--same-user", check=False, timeout=30
+    )
     assert second.returncode == 1
     assert second.stderr.splitlines()[-1] == (
         f"dmzbroker: error: {deployment.spool}: in use by another dmzbroker process "
@@ -658,3 +667,21 @@ async def test_a_half_that_will_not_stop_is_killed_and_the_kill_audited(
     assert (killed["actor"], killed["outcome"]) == ("enterprise", "failure")
     assert killed["details"] == {"pid": enterprise_pid, "after_s": STOP_GRACE_S}
     assert audited(deployment, "supervisor", "process_stopped")  # written after the kill
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run the halves as their users")
+def test_run_as_root_without_the_halves_users_is_refused_before_starting_anything(
+    deployment: Deployment,
+) -> None:
+    for name in (PLANT_USER, ENTERPRISE_USER):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            pytest.skip(f"{name} exists on this machine (deploy/install.sh ran here)")
+    result = dmzbroker("run", "--config", str(deployment.config), "--reset-state", check=False)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"dmzbroker: error: user {PLANT_USER} (or its group) does not exist: create the halves' "
+        "users with deploy/install.sh, or start both halves as one user with --same-user"
+    )
+    assert "half_started" not in result.stderr
+    assert not deployment.spool.exists()

@@ -218,7 +218,7 @@ def run_limited(flood_config: Path, tmp_path: Path) -> Any:
         process = subprocess.Popen(
             ["prlimit", f"--nofile={FILE_LIMIT}:{FILE_LIMIT}",  # then execs: the same pid
              sys.executable, "-m", "broker", "run", "--config", str(flood_config),
-             "--reset-state"],
+             "--reset-state", "--same-user"],
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO, start_new_session=True,
         )  # fmt: skip
     try:
