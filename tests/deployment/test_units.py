@@ -9,6 +9,7 @@ with its ExecStart in place; each rates at most 1.5; each binds only what it mus
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import subprocess
@@ -141,6 +142,44 @@ def test_the_writable_check_sees_a_folder_left_out_or_one_made_too_wide() -> Non
     assert writable(unit, Path("/var/lib/dmzbroker/enterprise"))
     unit["ReadOnlyPaths"] = ["/var/lib/dmzbroker/enterprise"]
     assert not writable(unit, Path("/var/lib/dmzbroker/enterprise/position"))
+
+
+def unit_writable_roots(unit: dict[str, list[str]]) -> list[str]:
+    return [f"/var/lib/{d}" for d in words(unit, "StateDirectory")] + [
+        p.lstrip("-+") for p in words(unit, "ReadWritePaths")
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting in a new mount namespace needs root")
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is missing")
+def test_the_kernel_lets_each_unit_write_its_folders_and_no_other(tmp_path: Path) -> None:
+    """The sandbox as ProtectSystem=strict builds it, in a mount namespace of its own over a
+    copy of the folders: the whole tree read-only, the unit's writable folders bound back
+    read-write; then a file is created in every folder the configuration names."""
+    table = written_paths(with_diode(tmp_path))
+    every = sorted({p for paths in table.values() for p in paths} | {Path("/etc/dmzbroker")})
+    root = tmp_path / "root"
+    for path in every:
+        (root / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
+    for process, unit_name in UNIT_OF.items():
+        binds = "".join(
+            f'mount --bind "$R{w}" "$R{w}"; mount -o remount,bind,rw "$R{w}" "$R{w}"\n'
+            for w in unit_writable_roots(service(unit_name))
+        )
+        tries = "".join(
+            f'touch "$R{p}/probe" 2>/dev/null && echo "{p} rw" || echo "{p} ro"\n' for p in every
+        )
+        script = f'R={root}\nmount --bind "$R" "$R"; mount -o remount,bind,ro "$R" "$R"\n'
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script + binds + tries],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        outcome = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+        wanted = {str(p): "rw" if p in table[process] else "ro" for p in every}
+        assert outcome == wanted, unit_name
 
 
 def installed_root(tmp_path: Path) -> Path:
