@@ -20,6 +20,7 @@ from broker.audit.show import inert
 from broker.commands.processes import add_config_argument
 from broker.deployment import posture
 from broker.deployment.posture import Posture, Unknown
+from broker.deployment.sockets import Socket
 
 MISMATCH = 1
 
@@ -117,7 +118,7 @@ def _half(half: posture.Process | Unknown | None) -> str:
     return f"pid {half.pid}, user {user} (uid {uid}), listening on {_sockets(half.listening)}"
 
 
-def _sockets(sockets: list[posture.Socket] | Unknown) -> str:
+def _sockets(sockets: list[Socket] | Unknown) -> str:
     if isinstance(sockets, Unknown):
         return _unknown(sockets)
     return ", ".join(inert(str(s)) for s in sockets) or "nothing"

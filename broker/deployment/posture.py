@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import os
 import pwd
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -35,6 +34,8 @@ from broker.audit.entry import CHECKPOINT
 from broker.audit.log import MIN_FREE_BYTES
 from broker.audit.segments import MAX_SEGMENT_BYTES, segment_numbers, segment_path
 from broker.config import BrokerConfig
+from broker.deployment import sockets
+from broker.deployment.sockets import Socket, SocketCheck
 from broker.errors import DmzBrokerError
 from broker.folder_lock import holder
 from broker.metrics import PLANT_FILE
@@ -48,8 +49,6 @@ HALVES = ("plant", "enterprise")
 DIODE_RECEIVER = "diode-receive"
 METRICS_STALE_S = 30.0  # the plant half rewrites its metrics every 2 s: older is not current
 SEGMENTS_READ = 2  # a writer's newest segment may be empty (its next one, made ahead)
-_LISTENING_UNIX = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags column
-_PROC_LIMIT = 64 * 1024 * 1024  # /proc/net/unix of a busy host stays far below this
 
 T = TypeVar("T")
 
@@ -60,30 +59,11 @@ class Unknown(msgspec.Struct, frozen=True):
     unknown: str
 
 
-class Socket(msgspec.Struct, frozen=True, order=True):
-    protocol: Literal["tcp", "udp", "unix"]
-    address: str  # an IP address (compressed), or a unix socket's path (`@…`: abstract)
-    port: int | None = None
-
-    def __str__(self) -> str:
-        if self.port is None:
-            return f"{self.protocol} {self.address}"
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{self.protocol} {host}:{self.port}"
-
-
 class Process(msgspec.Struct, frozen=True):
     pid: int
     user: str | Unknown
     uid: int | Unknown  # effective
     listening: list[Socket] | Unknown
-
-
-class SocketCheck(msgspec.Struct, frozen=True):
-    expected: list[Socket]
-    extra: list[Socket]  # listening, not in the manifest
-    missing: list[Socket]  # in the manifest, not listening
-    matches: bool
 
 
 class Crl(msgspec.Struct, frozen=True):
@@ -174,8 +154,8 @@ def collect(cfg: BrokerConfig, resolve: Resolver | None = None) -> Posture:
     processes = list(HALVES) + ([DIODE_RECEIVER] if cfg.diode is not None else [])
     halves = {name: find(cfg.audit.dir / name) for name in processes}
     manifest = declared(cfg, resolve or _resolve)
-    sockets = {name: _check(manifest[name], halves[name]) for name in processes}
-    mismatches = judge(halves, sockets, diode=cfg.diode is not None)
+    checks = {name: _check(manifest[name], halves[name]) for name in processes}
+    mismatches = judge(halves, checks, diode=cfg.diode is not None)
     return Posture(
         tls=tls_state(cfg),
         policy=policy_state(cfg),
@@ -184,7 +164,7 @@ def collect(cfg: BrokerConfig, resolve: Resolver | None = None) -> Posture:
         island_mode=_guarded(lambda: island.is_on(cfg.plant.state_dir)),
         audit=audit_state(cfg.audit.dir, cfg.spool.dir),
         manifest=manifest,
-        sockets=sockets,
+        sockets=checks,
         listening_matches_manifest=not mismatches,
         mismatches=mismatches,
     )
@@ -203,13 +183,6 @@ def declared(cfg: BrokerConfig, resolve: Resolver) -> dict[str, list[Socket] | U
     if cfg.diode is not None:
         manifest[DIODE_RECEIVER] = _addresses("udp", cfg.diode.host, cfg.diode.port, resolve)
     return manifest
-
-
-def compare(expected: Sequence[Socket], listening: Iterable[Socket]) -> SocketCheck:
-    """The sockets listening beyond the manifest, and those of the manifest not listening."""
-    found, wanted = set(listening), set(expected)
-    extra, missing = sorted(found - wanted), sorted(wanted - found)
-    return SocketCheck(sorted(wanted), extra, missing, not extra and not missing)
 
 
 def judge(
@@ -248,7 +221,7 @@ def _check(
         return expected
     if isinstance(half.listening, Unknown):
         return half.listening
-    return compare(expected, half.listening)
+    return sockets.compare(expected, half.listening)
 
 
 def _addresses(
@@ -259,20 +232,13 @@ def _addresses(
         found = resolve(host, port, kind)
     except OSError as e:
         return Unknown(f"{host}: cannot be resolved: {e.strerror or e}")
-    return sorted({Socket(protocol, _ip(ip), p) for ip, p in found})
+    return sorted({Socket(protocol, sockets.ip(address), p) for address, p in found})
 
 
 def _resolve(host: str, port: int, kind: int) -> list[tuple[str, int]]:
     """As the halves resolve what they bind (broker.enterprise.listener: AI_PASSIVE)."""
     infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
     return [(str(info[4][0]), int(info[4][1])) for info in infos]
-
-
-def _ip(text: str) -> str:
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0]).compressed
-    except ValueError:
-        return text
 
 
 # -- the running processes ----------------------------------------------------------------------
@@ -301,59 +267,12 @@ def find(writer_dir: Path) -> Process | Unknown | None:
 
 
 def listening_of(process: psutil.Process) -> list[Socket] | Unknown:
-    """TCP sockets in LISTEN, UDP sockets bound without a peer, listening unix sockets."""
     try:
-        connections = process.net_connections(kind="inet")
-        inodes = _socket_inodes(process.pid)
-        unix = read_regular(Path("/proc/net/unix"), _PROC_LIMIT).decode(errors="replace")
+        return sockets.listening(process)
     except psutil.AccessDenied:
         return Unknown(f"pid {process.pid}: its sockets may be read only by root or its user")
     except (psutil.Error, OSError) as e:
         return Unknown(f"pid {process.pid}: cannot read its sockets: {_reason(e)}")
-    found = inet_listening(connections) + unix_listening(unix, inodes)
-    return sorted(set(found))
-
-
-def inet_listening(connections: Iterable[Any]) -> list[Socket]:
-    """From psutil's connections of one process (`laddr`, `raddr`, `type`, `status`)."""
-    found = []
-    for c in connections:
-        if not c.laddr:
-            continue
-        if c.type == socket.SOCK_STREAM and c.status == psutil.CONN_LISTEN:
-            found.append(Socket("tcp", _ip(c.laddr.ip), c.laddr.port))
-        elif c.type == socket.SOCK_DGRAM and not c.raddr:
-            found.append(Socket("udp", _ip(c.laddr.ip), c.laddr.port))
-    return found
-
-
-def unix_listening(proc_net_unix: str, inodes: set[str]) -> list[Socket]:
-    """The listening unix sockets among `inodes`, from the text of /proc/net/unix."""
-    found = []
-    for line in proc_net_unix.splitlines()[1:]:
-        fields = line.split(maxsplit=7)
-        if len(fields) < 7 or fields[6] not in inodes:
-            continue
-        try:
-            listening = int(fields[3], 16) & _LISTENING_UNIX
-        except ValueError:
-            continue
-        if listening:
-            found.append(Socket("unix", fields[7] if len(fields) == 8 else "(unnamed)"))
-    return found
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    return inodes
 
 
 # -- what is configured and accepted ------------------------------------------------------------

@@ -7,15 +7,19 @@ import json
 import os
 import pwd
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
 from broker import config
-from broker.deployment import posture
-from broker.deployment.posture import Process, Socket, SocketCheck, Unknown
+from broker.deployment import posture, sockets
+from broker.deployment.posture import Process, Unknown
+from broker.deployment.sockets import Socket, SocketCheck
+from broker.folder_lock import FolderLock
 from broker.policy import trustroot
 from tests.harness import Deployment, Owners, dmzbroker, eventually, sign_policy
 
@@ -87,15 +91,14 @@ async def test_posture_of_running_halves_matches_the_manifest(
     code, out = run_posture(deployment, "--json")
     assert json.loads(out)["island_mode"] is True and code == 0
 
-    # A policy signed anew but not yet reloaded: the file is not what the halves accepted.
+    assert enterprise.stop() == 0
+    # A policy signed anew while the enterprise half is stopped (the running plant half may
+    # reload it): the file is not what the enterprise half accepted.
     sign_policy(deployment.directory, {**document, "version": VERSION + 1}, signers)
     differences = posture.collect(cfg).policy.differences
-    assert differences == [
-        f"{half} accepted version {VERSION}, the file is version {VERSION + 1}"
-        for half in ("plant", "enterprise")
-    ]
-
-    assert enterprise.stop() == 0
+    assert f"enterprise accepted version {VERSION}, the file is version {VERSION + 1}" in (
+        differences
+    )
     code, out = run_posture(deployment, "--json")
     found = json.loads(out)
     assert code == 1 and found["halves"]["enterprise"] is None
@@ -113,24 +116,24 @@ async def test_posture_of_running_halves_matches_the_manifest(
 
 def test_a_socket_beyond_the_manifest_is_named_by_its_address() -> None:
     api = Socket("tcp", "127.0.0.1", 8443)
-    extra = Socket("tcp", "0.0.0.0", 9999)  # noqa: S104 - a listed socket, nothing binds it
-    check = posture.compare([api], [api, extra])
+    extra = Socket("tcp", "0.0.0.0", 9999)
+    check = sockets.compare([api], [api, extra])
     assert check == SocketCheck([api], [extra], [], matches=False)
     halves: dict[str, Process | Unknown | None] = {
-        "plant": Process(1, "p", 1, [Socket("udp", "0.0.0.0", 47808)]),  # noqa: S104
+        "plant": Process(1, "p", 1, [Socket("udp", "0.0.0.0", 47808)]),
         "enterprise": Process(2, "e", 2, [api, extra]),
     }
-    sockets = {
-        "plant": posture.compare([], [Socket("udp", "0.0.0.0", 47808)]),  # noqa: S104
+    checks: dict[str, SocketCheck | Unknown | None] = {
+        "plant": sockets.compare([], [Socket("udp", "0.0.0.0", 47808)]),
         "enterprise": check,
     }
-    assert posture.judge(halves, sockets, diode=False) == [
+    assert posture.judge(halves, checks, diode=False) == [
         "plant: listens on udp 0.0.0.0:47808, not in the manifest",
         "enterprise: listens on tcp 0.0.0.0:9999, not in the manifest",
     ]
-    missing = posture.compare([api], [])
+    missing = sockets.compare([api], [])
     assert not missing.matches and missing.missing == [api]
-    assert posture.compare([api], [api]).matches
+    assert sockets.compare([api], [api]).matches
 
 
 def test_sockets_read_from_a_real_process(tmp_path: Path) -> None:
@@ -171,3 +174,38 @@ def test_sockets_read_from_a_real_process(tmp_path: Path) -> None:
 
 def test_a_folder_never_locked_has_no_holder(tmp_path: Path) -> None:
     assert posture.find(tmp_path / "audit" / "plant") is None
+
+
+def as_nobody(read: Callable[[], object]) -> Any:
+    """`read()` in a forked child that has become nobody, its result as JSON (a fork needs no
+    interpreter that nobody may execute)."""
+    nobody = pwd.getpwnam("nobody")
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(reader)
+            os.setgroups([])
+            os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+            os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+            os.write(writer, msgspec.json.encode(read()))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        data = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    return json.loads(data)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: reads as another user (nobody)")
+def test_another_user_is_told_what_it_cannot_read(tmp_path: Path) -> None:
+    writer = tmp_path / "audit" / "plant"
+    writer.mkdir(parents=True, mode=0o700)
+    me = psutil.Process()
+    with FolderLock(writer):
+        lock, sockets = as_nobody(lambda: [posture.find(writer), posture.listening_of(me)])
+    assert lock == {"unknown": f"{writer}: cannot read its lock: {writer}/.lock: Permission denied"}
+    assert sockets == {"unknown": f"pid {me.pid}: its sockets may be read only by root or its user"}
