@@ -54,12 +54,20 @@ fuzz: $(STAMP)
 	DMZBROKER_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests/enterprise/test_openapi.py \
 	  -k schemathesis -s --timeout=1800
 
-# A CycloneDX SBOM of what the appliance runs: the installed environment, not the dev tools'
-# wishes (cyclonedx-py reads the venv's installed distributions).
+# A CycloneDX SBOM of what the appliance runs: dmzbroker installed alone into a fresh venv (no
+# dev extra, no pip or setuptools: --without-pip, installed by the dev venv's pip), which
+# cyclonedx-py then reads. The dev venv would also list the test and lint tools.
+# tests/deployment/test_sbom.py runs this target with its own SBOM_VENV and SBOM_FILE.
+SBOM_VENV := build/sbom-venv
+SBOM_FILE := dmzbroker.cdx.json
 sbom: $(STAMP)
+	rm -rf $(SBOM_VENV)
+	$(PYTHON) -m venv --without-pip $(SBOM_VENV)
+	$(BIN)/pip --python $(SBOM_VENV)/bin/python install --quiet --no-compile \
+	  --disable-pip-version-check .
 	$(BIN)/cyclonedx-py environment --pyproject pyproject.toml --output-reproducible \
-	  --of JSON -o dmzbroker.cdx.json $(VENV)
-	@echo "wrote dmzbroker.cdx.json"
+	  --of JSON -o $(SBOM_FILE) $(SBOM_VENV)
+	@echo "wrote $(SBOM_FILE)"
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache build $(SBOM_FILE)
