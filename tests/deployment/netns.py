@@ -80,7 +80,7 @@ def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 30
     line = process.stdout.readline() if readable else b""
     if line.strip() != b"ready":
         raise AssertionError(
-            f"{process.args} not ready within {timeout} s ({line!r}): "
+            f"{process.args!r} not ready within {timeout} s ({line!r}): "
             + log.read_text(errors="replace")[-2000:]
         )
 

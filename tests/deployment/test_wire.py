@@ -49,7 +49,7 @@ from tests.plant.connectors.opcua_server import OpcUaPki, make_pki
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and nftables need root"),
     pytest.mark.skipif(bool(MISSING_TOOLS), reason=f"not installed: {', '.join(MISSING_TOOLS)}"),
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(180),  # one fixture builds it all; slow when other tests load the cores
 ]
 
 PID = os.getpid()
@@ -168,14 +168,15 @@ def wire(tmp_path_factory: pytest.TempPathFactory, pki: Pki, owners: Owners) -> 
         without = peer(it, "probe", "--target", target)["result"]
         appliance.run("nft", "-f", str(ruleset))
         with_ruleset = peer(it, "probe", "--target", target)["result"]
+        # from here on, all the OT link carries
+        sniffer = ot.python(*PEERS, "sniff", "--iface", f"plc{PID}", "--pcap", str(pcap),
+                            log=directory / "sniff.log")  # fmt: skip
         halves = [
             appliance.python("-m", "broker", half, "--config", str(config), "--reset-state",
                              log=directory / f"{half}.log", ready=False)
             for half in ("plant", "enterprise")
         ]  # fmt: skip
-        sniffer = ot.python(*PEERS, "sniff", "--iface", f"plc{PID}", "--pcap", str(pcap),
-                            log=directory / "sniff.log")  # fmt: skip
-        consumed = peer(it, *consume)
+        consumed = peer(it, *consume, "--timeout", "45")
         before = counters(appliance)
         attack = peer(it, "attack", "--api", API, "--tls", client,
                       "--ot", target, "--ot", f"{UA_SERVER}:{OPCUA_PORT}")  # fmt: skip

@@ -39,7 +39,7 @@ from tests.plant.connectors.opcua_server import OpcUaPki, OpcUaTestServer
 
 MODBUS_PORT, OPCUA_PORT = 502, 4840
 OPCUA_PATH = "/dmzbroker-test"
-CONNECT_TIMEOUT_S = 0.3  # a dropped SYN is never answered: this is how long an attempt waits
+CONNECT_TIMEOUT_S = 0.5  # a dropped SYN is never answered: this is how long an attempt waits
 SCANNED = range(1, 1025)
 FLOOD_HELD = 300  # idle connections the flood keeps open at once
 FLOOD_MAX_ATTEMPTS = 20_000
@@ -110,7 +110,7 @@ def sniff(args: argparse.Namespace) -> None:
     sniffer.start()
     while not stopping.wait(0.1):
         pass
-    wrpcap(args.pcap, sniffer.stop())
+    wrpcap(args.pcap, sniffer.stop() or [])
 
 
 # --- IT ------------------------------------------------------------------------------------
