@@ -5,7 +5,7 @@ reach the spool in the plant's seq order. A seq seen before is a duplicate (k co
 wire repeating one). A seq skipped over is *missing*, not yet lost: reordering may still bring
 it, and what follows it waits. It is declared lost — one gap with its exact range, reported
 once — when the reordering window has passed: `REORDER_S` since it went missing, or
-`REORDER_DATAGRAMS` later datagrams, whichever comes first (ADR 0019). This module never
+`REORDER_DATAGRAMS` seqs later, whichever comes first (ADR 0019). This module never
 touches a socket or a file.
 """
 
@@ -86,7 +86,7 @@ class Reorder(Generic[T]):
             if self.next > self._highest or not self._missing:
                 return out
             gap = self._missing[0]
-            if now - gap.since < REORDER_S and self._highest - gap.last <= REORDER_DATAGRAMS:
+            if now - gap.since < REORDER_S and self._highest - gap.first <= REORDER_DATAGRAMS:
                 return out
             self._missing.pop(0)
             out.append(Lost(gap.first, gap.last))

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from broker.channel import datagrams as dg
 from broker.channel.sequence import Lost, Reorder
 from broker.channel.spool import SpoolReceiver, SpoolSender
-from broker.config import BrokerConfig, DiodeConfig
+from broker.config import DiodeConfig, SpoolConfig
 from broker.errors import ChannelError, ConfigError
 from broker.metrics import DIODE_FILE
 from broker.records import Record
@@ -53,7 +53,8 @@ CANDIDATE_DATAGRAMS = 4096  # a new session's datagrams held meanwhile
 REFUSED_LOG_S = 10.0  # refused datagrams are logged (and audited) at most this often
 RECENT_GAPS = 8  # gap ranges shown in diode.prom
 GAPS_PER_EVENT = 64  # ranges per diode_gap_detected entry (all are reported)
-SOCKET_BUFFER = 4 * 1024 * 1024
+SOCKET_BUFFER = 8 * 1024 * 1024  # bytes, the receiver's: bursts at the full rate
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; Python does not name it
 
 log = structlog.get_logger("diode")
 
@@ -67,14 +68,22 @@ def _address(diode: DiodeConfig) -> tuple[socket.AddressFamily, tuple[Any, ...]]
     return family, address
 
 
+def enlarge_receive_buffer(sock: socket.socket) -> None:
+    """SOCKET_BUFFER to absorb bursts: past net.core.rmem_max only with CAP_NET_ADMIN
+    (SO_RCVBUFFORCE); otherwise as much as rmem_max allows (docs/deployment.md)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+
+
 class DiodeSender:
-    def __init__(self, config: BrokerConfig) -> None:
-        assert config.diode is not None
-        self._cfg = config.diode
+    def __init__(self, spool: SpoolConfig, diode: DiodeConfig) -> None:
+        self._cfg = diode
         self._family, self._target = _address(self._cfg)
         self.session = secrets.randbits(63) + 1  # never 0
         self._framer = dg.Framer(self.session, self._cfg.datagram_bytes)
-        self._spool = SpoolReceiver(config.spool.dir, self._cfg.state_dir, reader=READER)
+        self._spool = SpoolReceiver(spool.dir, diode.state_dir, reader=READER)
         self._latest: dict[str, Record] = {}  # every signal's latest record seen
         self._live: deque[bytes] = deque()
         self._resync: deque[Record] = deque()
@@ -220,33 +229,26 @@ class _ReceiverState(msgspec.Struct):
 
 
 class DiodeReceiver(asyncio.DatagramProtocol):
-    def __init__(self, config: BrokerConfig) -> None:
-        assert config.diode is not None
-        self._cfg = config.diode
-        self._spool_dir = config.spool.dir
-        self._state_file = self._cfg.state_dir / RECEIVER_STATE
+    def __init__(self, spool: SpoolConfig, diode: DiodeConfig) -> None:
+        self._cfg = diode
+        self._spool_dir = spool.dir
+        self._state_file = diode.state_dir / RECEIVER_STATE
         self._spool = SpoolSender(
-            config.spool.dir,
-            config.spool.segment_mib * 1024 * 1024,
-            config.spool.retention_mib * 1024 * 1024,
+            spool.dir, spool.segment_mib * 1024 * 1024, spool.retention_mib * 1024 * 1024
         )
         self._session: int | None = None
         self._order: Reorder[dg.Datagram] = Reorder()
-        self._fresh_install = True
         try:
             self._cfg.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             saved = msgspec.json.decode(self._state_file.read_bytes(), type=_ReceiverState)
-            self._session, self._order, self._fresh_install = (
-                saved.session,
-                Reorder(saved.next),
-                False,
-            )
+            self._session, self._order = saved.session, Reorder(saved.next)
         except FileNotFoundError:
             pass
         except (OSError, msgspec.DecodeError) as e:
             self._spool.close()
             raise ChannelError(f"{self._state_file}: unreadable diode state: {e}") from e
         self._last_heard = time.monotonic()
+        self.listening = False  # bound to its address
         self._link_up = False
         self._alarmed = False
         # Other sessions' datagrams, held while the current one may have ended: since when.
@@ -270,6 +272,9 @@ class DiodeReceiver(asyncio.DatagramProtocol):
     # asyncio.DatagramProtocol: called for each datagram; never answers.
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = time.monotonic()
+        if len(data) > self._cfg.datagram_bytes:  # the sender never makes one this large
+            self.refused["oversized"] += 1
+            return
         try:
             datagram = dg.decode(data)
         except dg.DatagramError as e:
@@ -305,8 +310,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         _, backlog = self._candidates.pop(datagram.session, (now, []))
         self._refuse_candidates(now, every=True)
         first = min(d.seq for d in [*backlog, datagram])
-        self._order = Reorder(first if self._fresh_install else 1)
-        self._fresh_install = False
+        self._order = Reorder()  # what the session sent before is lost, and reported
         log.warning(
             "diode_session_adopted",
             session=f"{datagram.session:016x}",
@@ -386,7 +390,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         family, address = _address(self._cfg)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            enlarge_receive_buffer(sock)
             sock.bind(address)
         except OSError as e:
             sock.close()
@@ -395,6 +399,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
                 f"diode: cannot bind {self._cfg.host}:{self._cfg.port}: {e.strerror}"
             ) from e
         transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self.listening = True
         log.info("diode_receiving", address=f"{self._cfg.host}:{self._cfg.port}")
         next_refused_log = next_metrics = time.monotonic()
         try:
@@ -500,7 +505,7 @@ class _ReceiverStats(Collector):
         refused = CounterMetricFamily(
             "dmzbroker_diode_datagrams_refused", "Datagrams refused", labels=["reason"]
         )
-        for reason in sorted({"crc", "magic", "short", "session", *r.refused}):
+        for reason in sorted({"crc", "magic", "oversized", "session", *r.refused}):
             refused.add_metric([reason], r.refused.get(reason, 0))
         yield refused
         yield CounterMetricFamily(

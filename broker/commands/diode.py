@@ -40,9 +40,11 @@ def add_to(commands: Any) -> None:
 
 def _send(args: argparse.Namespace) -> int:
     with opened_channel(args, "diode-send") as (cfg, _):
-        return run_until_signalled(DiodeSender(cfg).run())
+        assert cfg.diode is not None  # opened_channel refuses a config without it
+        return run_until_signalled(DiodeSender(cfg.spool, cfg.diode).run())
 
 
 def _receive(args: argparse.Namespace) -> int:
     with opened_channel(args, "diode-receive") as (cfg, _):
-        return run_until_signalled(DiodeReceiver(cfg).run())
+        assert cfg.diode is not None
+        return run_until_signalled(DiodeReceiver(cfg.spool, cfg.diode).run())
