@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/opcua_ingest.py
 	$(BIN)/python bench/modbus_plan.py
 	$(BIN)/python bench/audit_flood.py
+	$(BIN)/python bench/diode.py
 
 # The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
 # a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).
