@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import structlog
 import yaml
@@ -49,6 +50,7 @@ from tests.harness import (
     Pki,
     consumer_ssl,
     demo_policy,
+    dmzbroker,
     eventually,
     free_port,
     get_json,
@@ -351,6 +353,23 @@ async def test_a_receiver_restart_goes_unnoticed_by_the_sender(
     assert (link.sender._cfg.state_dir / SENDER_METRICS).exists()
 
 
+async def test_a_restarted_sender_is_a_new_session_the_receiver_adopts_and_audits(
+    link: Link, logs: list[dict[str, Any]]
+) -> None:
+    link.write(rounds=3)
+    await eventually(lambda: link.receiver.sessions == 1 and link.receiver.received > 3)
+    first = link.sender.session
+    await link.stop("sender")
+    link.sender = DiodeSender(link.ot_spool, link.sender._cfg)  # resumes from its position
+    link.tasks["sender"] = asyncio.create_task(link.sender.run())
+    last_seq = link.write(rounds=3)
+    await eventually(lambda: link.it_latest() == link.ot_latest(), timeout=10)
+    adopted = [e for e in logs if e["event"] == "diode_session_adopted"]
+    assert [e["previous"] for e in adopted] == [None, f"{first:016x}"]
+    assert adopted[-1]["session"] == f"{link.sender.session:016x}" != f"{first:016x}"
+    assert [r.seq for r in link.it_records()[0]] == list(range(1, last_seq + 1))
+
+
 async def test_hostile_datagrams_are_counted_and_dropped(
     link: Link, logs: list[dict[str, Any]]
 ) -> None:
@@ -491,3 +510,22 @@ async def test_end_to_end_plant_spool_to_a_consumer_across_the_diode_processes(
     assert all(p.returncode == 0 for p in processes)
     audit = (tmp_path / "it" / "audit" / "diode-receive").glob("*")
     assert any(b"diode_session_adopted" in f.read_bytes() for f in audit if f.is_file())
+
+
+def test_without_a_diode_section_both_ends_refuse_to_start(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    config = write_config(tmp_path, tmp_path / "policy.dsse.json", pki, free_port(), owners)
+    for end in ("send", "receive"):
+        done = dmzbroker("diode", end, "--config", str(config), check=False)
+        assert done.returncode == 2, done.stderr
+        assert "no `diode:` section" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_commented_example_in_deploy_broker_yaml_parses() -> None:
+    text = (REPO / "deploy" / "broker.yaml").read_text()
+    start = text.index("# diode:")
+    block = [line.removeprefix("# ") for line in text[start:].splitlines() if line.startswith("# ")]
+    example = yaml.safe_load("\n".join(block))["diode"]
+    parsed = msgspec.convert(example, DiodeConfig, dec_hook=lambda t, v: t(v))
+    assert parsed.port == 7600 and parsed.copies == 1
