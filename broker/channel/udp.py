@@ -21,16 +21,13 @@ import secrets
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import structlog
-from prometheus_client import CollectorRegistry, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from broker.channel import datagrams as dg
+from broker.channel import diode_metrics
 from broker.channel.sequence import Lost, Reorder
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import DiodeConfig, SpoolConfig
@@ -191,36 +188,7 @@ class DiodeSender:
                     self.send_errors[reason] += 1
 
     def _write_metrics(self) -> None:
-        registry = CollectorRegistry()
-        registry.register(_SenderStats(self))
-        with contextlib.suppress(OSError):
-            write_to_textfile(str(self._cfg.state_dir / SENDER_METRICS), registry)
-
-
-class _SenderStats(Collector):
-    def __init__(self, sender: DiodeSender) -> None:
-        self._s = sender
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self._s
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_sent", "Datagrams sent, copies included", value=s.sent
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_records_sent", "Records sent (live)", value=s.records_sent
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_resync_records_sent", "Records sent again", value=s.resync_records
-        )
-        errors = CounterMetricFamily(
-            "dmzbroker_diode_send_errors", "Datagrams the kernel refused", labels=["error"]
-        )
-        for reason, count in sorted(s.send_errors.items()):
-            errors.add_metric([reason], count)
-        yield errors
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_sent_seq", "seq of the last record sent", value=s.last_record_seq
-        )
+        diode_metrics.write(self._cfg.state_dir / SENDER_METRICS, diode_metrics.SenderStats(self))
 
 
 class _ReceiverState(msgspec.Struct):
@@ -470,10 +438,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             log.warning("diode_datagrams_refused", **{f"by_{k}": v for k, v in sorted(new.items())})
 
     def _write_metrics(self) -> None:
-        registry = CollectorRegistry()
-        registry.register(_ReceiverStats(self))
-        with contextlib.suppress(OSError):
-            write_to_textfile(str(self._spool_dir / RECEIVER_METRICS), registry)
+        diode_metrics.write(self._spool_dir / RECEIVER_METRICS, diode_metrics.ReceiverStats(self))
 
     @property
     def link_up(self) -> bool:
@@ -482,55 +447,3 @@ class DiodeReceiver(asyncio.DatagramProtocol):
     @property
     def duplicates(self) -> int:
         return self._order.duplicates
-
-
-class _ReceiverStats(Collector):
-    def __init__(self, receiver: DiodeReceiver) -> None:
-        self._r = receiver
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        r = self._r
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_received",
-            "Valid datagrams received, duplicates included",
-            value=r.received,
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_lost", "Datagrams declared lost", value=r.lost
-        )
-        yield CounterMetricFamily("dmzbroker_diode_gaps", "Lost datagram ranges", value=r.gaps)
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_duplicate", "Duplicates dropped", value=r.duplicates
-        )
-        refused = CounterMetricFamily(
-            "dmzbroker_diode_datagrams_refused", "Datagrams refused", labels=["reason"]
-        )
-        for reason in sorted({"crc", "magic", "oversized", "session", *r.refused}):
-            refused.add_metric([reason], r.refused.get(reason, 0))
-        yield refused
-        yield CounterMetricFamily(
-            "dmzbroker_diode_sessions", "Sender sessions adopted", value=r.sessions
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_resync_records_written",
-            "Resync records newer than what was written, written as b'DR' frames",
-            value=r.resync_written,
-        )
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_link_up", "1 while heartbeats arrive", value=int(r.link_up)
-        )
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_announced_seq",
-            "seq of the last record the sender announced in a heartbeat",
-            value=r.last_record_seq,
-        )
-        first = GaugeMetricFamily(
-            "dmzbroker_diode_recent_gap_first", "First seq of a recent gap", labels=["slot"]
-        )
-        last = GaugeMetricFamily(
-            "dmzbroker_diode_recent_gap_last", "Last seq of a recent gap", labels=["slot"]
-        )
-        for slot, gap in enumerate(reversed(r.recent)):  # slot 0: the newest
-            first.add_metric([str(slot)], gap.first)
-            last.add_metric([str(slot)], gap.last)
-        yield from (first, last)
