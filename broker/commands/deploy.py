@@ -18,6 +18,7 @@ from broker import safe_files
 from broker.commands.processes import add_config_argument, opened_half
 from broker.config import BrokerConfig
 from broker.deployment import nftables
+from broker.deployment.layout import PLANT_USER
 from broker.errors import ConfigError
 
 T = TypeVar("T")
@@ -46,6 +47,14 @@ def add_to(commands: Any) -> None:
         metavar="CIDR",
         help="a consumer source network (repeatable; default: any source)",
     )
+    command.add_argument(
+        "--ot-user",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="a user (name or uid) that may open connections to the devices (repeatable; "
+        f"default: {PLANT_USER}); a name must exist where the ruleset is loaded",
+    )
     command.add_argument("--out", type=Path, help="write the ruleset here (default: stdout)")
     command.set_defaults(handler=_nftables, log_format=None)
 
@@ -58,6 +67,7 @@ def _nftables(args: argparse.Namespace) -> int:
     ot = _parsed("--ot-interface", nftables.interface_name, args.ot_interface)
     it = _parsed("--it-interface", nftables.interface_name, args.it_interface)
     it_allow = [_parsed("--it-allow", nftables.source_network, value) for value in args.it_allow]
+    ot_users = [_parsed("--ot-user", nftables.user, value) for value in args.ot_user]
     if ot == it:
         raise ConfigError(f"--ot-interface and --it-interface are both {ot!r}: name two NICs")
     # Logs go to stderr; the ruleset is the only thing on stdout.
@@ -66,9 +76,24 @@ def _nftables(args: argparse.Namespace) -> int:
         trusted,
         _,
     ):
-        text = nftables.ruleset(
-            cfg, trusted.policy, ot_interface=ot, it_interface=it, it_allow=it_allow
+        written = nftables.write(
+            cfg,
+            trusted.policy,
+            ot_interface=ot,
+            it_interface=it,
+            it_allow=it_allow,
+            ot_users=ot_users or [PLANT_USER],
         )
+    for peer in written.devices_by_name:
+        addresses = ", ".join(str(address) for address in peer.addresses)
+        print(
+            f"dmzbroker: warning: {peer.key}: {peer.host!r} resolved to {addresses} now; the "
+            "ruleset allows no DNS, so the plant half cannot resolve it while the ruleset is "
+            "loaded: name the device by address (or pin the name to these addresses in "
+            "/etc/hosts)",
+            file=sys.stderr,
+        )
+    text = written.text
     if args.out is None:
         sys.stdout.write(text)
         return 0
