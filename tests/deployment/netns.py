@@ -36,8 +36,9 @@ def run(argv: Sequence[str], timeout: float = 30) -> str:
 
 @dataclass
 class Namespace:
-    """One network namespace: loopback up, IPv6 off (so that nothing but what the test
-    sends appears on its links: no router solicitations, no multicast listener reports)."""
+    """One network namespace, loopback up. IPv6 is on, as on a real host: a ruleset must
+    hold for both families, and a namespace's own neighbour discovery and multicast listener
+    reports are part of what its links carry."""
 
     name: str
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -66,12 +67,16 @@ class Namespace:
         self.run("sysctl", "-qw", *settings)
 
     def up(self, interface: str, *addresses: str) -> None:
+        """Addresses (IPv4 or IPv6, with prefix length) on `interface`, then the link up.
+        IPv6 addresses skip duplicate address detection: usable at once, not after ~1 s."""
         for address in addresses:
-            self.run("ip", "address", "add", address, "dev", interface)
+            nodad = ["nodad"] if ":" in address else []
+            self.run("ip", "address", "add", address, "dev", interface, *nodad)
         self.run("ip", "link", "set", interface, "up")
 
     def route(self, destination: str, via: str) -> None:
-        self.run("ip", "route", "add", destination, "via", via)
+        family = "-6" if ":" in via else "-4"
+        self.run("ip", family, "route", "add", destination, "via", via)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
@@ -99,7 +104,6 @@ def namespaces(*names: str) -> Iterator[list[Namespace]]:
             run(["ip", "netns", "add", name])
             space = Namespace(name)
             made.append(space)
-            space.sysctl("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
             space.run("ip", "link", "set", "lo", "up")
         yield made
     finally:

@@ -1,16 +1,21 @@
 """The programs tests/deployment/test_wire.py runs inside its network namespaces: the OT
-servers, the capture on the OT link, and the IT side (a consumer, and an attacker).
+servers, the capture on the OT link, and the IT side (a consumer, and two attackers: one with
+ordinary sockets, one with hand-made packets).
 
-    python -m tests.deployment.wire_peers ot --modbus ADDR --opcua ADDR --pki JSON --stats FILE
+    python -m tests.deployment.wire_peers ot --opcua ADDR --pki JSON --stats FILE
     python -m tests.deployment.wire_peers sniff --iface NAME --pcap FILE
-    python -m tests.deployment.wire_peers probe --target ADDR:PORT
+    python -m tests.deployment.wire_peers probe --target ADDR:PORT…
     python -m tests.deployment.wire_peers consume --api URL --tls JSON --signal PATH…
     python -m tests.deployment.wire_peers attack --api URL --tls JSON --ot ADDR:PORT…
+        [--appliance-ot ADDR…]
+    python -m tests.deployment.wire_peers craft --source ADDR… --spoof ADDR…
+        --consumer ADDR:PORT… --routed ADDR:PORT… --appliance-ot ADDR… [--quote JSON…]
 
-`ot` and `sniff` print `ready` once serving (capturing) and write what they saw when
-stopped with SIGTERM; the others print one JSON report. Every loop is bounded in time and in
-count; the attacker never sends a packet anywhere but the appliance and the OT addresses it
-is given (a routed attempt through the appliance).
+An IPv6 address with a port is written `[ADDR]:PORT`. `ot` and `sniff` print `ready` once
+serving (capturing) and write what they saw when stopped with SIGTERM; the others print one
+JSON report. Every loop is bounded in time and in count; the attackers never send a packet
+anywhere but the appliance and the OT addresses they are given (routed through the
+appliance).
 """
 
 from __future__ import annotations
@@ -69,8 +74,10 @@ def opcua_hello(endpoint: str) -> bytes:
 class CountedPlant(RefrigerationPlant):
     """The refrigeration simulator, also noting when each request arrived (monotonic s)."""
 
-    def __init__(self, host: str) -> None:
-        super().__init__(host, MODBUS_PORT, tick_s=0.1)
+    def __init__(self) -> None:
+        # every address of the namespace, both families: a routed write that got through to
+        # any of them would be counted
+        super().__init__("", MODBUS_PORT, tick_s=0.1)
         self.arrivals: list[tuple[float, int]] = []
 
     def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
@@ -80,7 +87,7 @@ class CountedPlant(RefrigerationPlant):
 
 
 async def ot(args: argparse.Namespace) -> None:
-    plant = CountedPlant(args.modbus)
+    plant = CountedPlant()
     pki = OpcUaPki(**{name: Path(path) for name, path in json.loads(args.pki).items()})
     server = OpcUaTestServer(pki, {"Power": 2.5})
     server.port = OPCUA_PORT  # a fixed address in a namespace of its own, not a free one
@@ -122,8 +129,9 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext:
 
 
 def _address(text: str) -> tuple[str, int]:
+    """`ADDR:PORT` or `[ADDR]:PORT` (IPv6)."""
     host, port = text.rsplit(":", 1)
-    return host, int(port)
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 async def attempt(host: str, port: int, payload: bytes = b"") -> str:
@@ -147,7 +155,7 @@ async def attempt(host: str, port: int, payload: bytes = b"") -> str:
 
 
 async def probe(args: argparse.Namespace) -> dict[str, Any]:
-    return {"result": await attempt(*_address(args.target))}
+    return {target: await attempt(*_address(target)) for target in args.target}
 
 
 async def snapshot_quality(api: str, context: ssl.SSLContext) -> dict[str, str]:
@@ -236,10 +244,14 @@ async def scan(host: str, ports: list[int]) -> list[int]:
 
 def udp_spray(targets: list[tuple[str, int]]) -> int:
     sent = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as v4,
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as v6,
+    ):
         for i in range(UDP_SPRAY):
+            target = targets[i % len(targets)]
             with contextlib.suppress(OSError):
-                sock.sendto(modbus_writes()[i % 3], targets[i % len(targets)])
+                (v6 if ":" in target[0] else v4).sendto(modbus_writes()[i % 3], target)
                 sent += 1
     return sent
 
@@ -297,18 +309,21 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
     report["write_shaped"] = await write_shaped(args.api, context)
     report["malformed"] = await malformed(host, port, context)
     writes = b"".join(modbus_writes())
-    at_appliance = {
-        f"modbus write to {host}:{MODBUS_PORT}": (host, MODBUS_PORT, writes),
-        f"OPC UA Hello to {host}:{OPCUA_PORT}": (
-            host, OPCUA_PORT, opcua_hello(f"opc.tcp://{host}:{OPCUA_PORT}"),
-        ),
-    }  # fmt: skip
+    at_appliance: dict[str, tuple[str, int, bytes]] = {}
+    # its IT address, and its OT addresses reached through the IT NIC
+    for address in (host, *args.appliance_ot):
+        at_appliance[f"modbus write to {address}:{MODBUS_PORT}"] = (address, MODBUS_PORT, writes)
+        at_appliance[f"OPC UA Hello to {address}:{OPCUA_PORT}"] = (
+            address, OPCUA_PORT, opcua_hello(f"opc.tcp://{address}:{OPCUA_PORT}"),
+        )  # fmt: skip
+    routed = {}
     for target in args.ot:
         ot_host, ot_port = _address(target)
         payload = writes if ot_port == MODBUS_PORT else opcua_hello(f"opc.tcp://{target}")
-        at_appliance[f"routed to {target}"] = (ot_host, ot_port, payload)
+        routed[f"routed to {target}"] = (ot_host, ot_port, payload)
+    report["at_appliance"], report["routed"] = len(at_appliance), len(routed)
     report["attempts"] = {
-        name: await attempt(*destination) for name, destination in at_appliance.items()
+        name: await attempt(*destination) for name, destination in (at_appliance | routed).items()
     }
     report["udp_sent"] = await asyncio.to_thread(
         udp_spray, [_address(target) for target in args.ot]
@@ -320,11 +335,87 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+NOT_SYN = ("A", "F", "R", "FA", "PA", "SA", "SR", "SF", "FPU", "")  # TCP flags, no plain SYN
+
+
+def craft(args: argparse.Namespace) -> dict[str, int]:
+    """Packets no socket sends, each of which the ruleset must drop and count: SYNs with OT
+    source addresses (at the consumer port, where an answer would go out on the OT link, and
+    routed at OT hosts); segments without a plain SYN; fragmented SYNs and UDP; SYNs at the
+    appliance's OT addresses through the IT NIC; and ICMP errors (fragmentation needed,
+    redirect, IPv6 packet too big) quoting the plant's own OT connections (`--quote`:
+    [appliance address, its port, device address, device port]). Counts what it sent by
+    the counter that should see it: `spoofed`, `routed`, `at_appliance`."""
+    from scapy.all import (  # noqa: PLC0415 - slow import, only here
+        ICMP,
+        IP,
+        TCP,
+        UDP,
+        ICMPv6PacketTooBig,
+        IPv6,
+        IPv6ExtHdrFragment,
+        Packet,
+        Raw,
+        conf,
+        fragment,
+        fragment6,
+        send,
+    )
+
+    conf.verb = 0
+
+    def ip(src: str, dst: str) -> Packet:
+        return IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+
+    def own(dst: str) -> str:  # the attacker's real address in dst's family
+        return next(a for a in args.source if (":" in a) == (":" in dst))
+
+    sent = {"spoofed": 0, "routed": 0, "at_appliance": 0}
+    packets: list[Packet] = []
+
+    def add(counter: str, *made: Packet) -> None:
+        sent[counter] += 1  # several fragments are one packet once reassembled
+        packets.extend(made)
+
+    consumers, routed = [_address(a) for a in args.consumer], [_address(a) for a in args.routed]
+    for dst, dport in (*consumers, *routed):
+        for src in (a for a in args.spoof if (":" in a) == (":" in dst)):
+            add("spoofed", ip(src, dst) / TCP(sport=4444, dport=dport, flags="S", seq=1000))
+        counter = "at_appliance" if (dst, dport) in consumers else "routed"
+        for n, flags in enumerate(NOT_SYN):
+            add(counter, ip(own(dst), dst) / TCP(sport=40000 + n, dport=dport, flags=flags))
+    for dst, dport in routed:
+        syn = TCP(sport=41000, dport=dport, flags="S")
+        if ":" in dst:
+            whole = IPv6(src=own(dst), dst=dst) / IPv6ExtHdrFragment() / syn / Raw(b"S" * 1400)
+            add("routed", *fragment6(whole, 600))
+        else:
+            add("routed", *fragment(IP(src=own(dst), dst=dst) / syn / Raw(b"S" * 64), 16))
+    for dst, dport in routed[:1]:
+        udp = ip(own(dst), dst) / UDP(sport=41001, dport=dport) / Raw(modbus_writes()[0] * 8)
+        add("routed", *fragment(udp, fragsize=16))
+    for address in args.appliance_ot:
+        for dport in (MODBUS_PORT, OPCUA_PORT, 22):
+            add("at_appliance", ip(own(address), address) / TCP(sport=41002, dport=dport))
+    for quoted in map(json.loads, args.quote):
+        ours, sport, device, dport = quoted
+        inner = bytes(ip(ours, device) / TCP(sport=sport, dport=dport, flags="A", seq=1))
+        src = own(ours)
+        if ":" in ours:
+            add("at_appliance", IPv6(src=src, dst=ours) / ICMPv6PacketTooBig(mtu=1280) / inner)
+        else:
+            add("at_appliance", IP(src=src, dst=ours) / ICMP(type=3, code=4, nexthopmtu=552)
+                / inner[:28])  # fmt: skip
+            add("at_appliance", IP(src=src, dst=ours) / ICMP(type=5, code=1, gw=src) / inner[:28])
+    for v6 in (False, True):  # one socket per family; the routes pick the IT NIC
+        send([p for p in packets if (IPv6 in p) == v6])
+    return sent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="wire_peers")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("ot")
-    p.add_argument("--modbus", required=True)
     p.add_argument("--opcua", required=True)
     p.add_argument("--pki", required=True, help="OpcUaPki as JSON")
     p.add_argument("--stats", required=True)
@@ -332,7 +423,11 @@ def main() -> None:
     p.add_argument("--iface", required=True)
     p.add_argument("--pcap", required=True)
     p = commands.add_parser("probe")
-    p.add_argument("--target", required=True)
+    p.add_argument("--target", action="append", required=True)
+    p = commands.add_parser("craft")
+    for name in ("--source", "--spoof", "--consumer", "--routed", "--appliance-ot"):
+        p.add_argument(name, action="append", required=True)
+    p.add_argument("--quote", action="append", default=[], help="[ours, port, device, port]")
     for name in ("consume", "attack"):
         p = commands.add_parser(name)
         p.add_argument("--api", required=True)
@@ -340,6 +435,7 @@ def main() -> None:
     commands.choices["consume"].add_argument("--signal", action="append", required=True)
     commands.choices["consume"].add_argument("--timeout", type=float, default=30)
     commands.choices["attack"].add_argument("--ot", action="append", required=True)
+    commands.choices["attack"].add_argument("--appliance-ot", action="append", default=[])
     commands.choices["attack"].add_argument("--baseline", type=float, default=3)
     commands.choices["attack"].add_argument("--flood", type=float, default=5)
     args = parser.parse_args()
@@ -347,6 +443,8 @@ def main() -> None:
         asyncio.run(ot(args))
     elif args.command == "sniff":
         sniff(args)
+    elif args.command == "craft":
+        print(json.dumps(craft(args)), flush=True)
     else:
         report = asyncio.run(
             {"probe": probe, "consume": consume, "attack": attack}[args.command](args)
