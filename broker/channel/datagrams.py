@@ -92,8 +92,15 @@ def encode(kind: int, session: int, seq: int, payload: bytes) -> bytes:
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
-def decode(data: bytes) -> Datagram:
-    """One datagram, checked and parsed; raises DatagramError (only) on anything else."""
+class Header(NamedTuple):
+    kind: int
+    session: int
+    seq: int
+
+
+def check(data: bytes) -> Header:
+    """One datagram's header, checked with its CRC, the payload not parsed (the receiver
+    holds the bytes and parses them when it releases them); raises DatagramError only."""
     if len(data) < HEADER.size:
         raise DatagramError("short", f"{len(data)} bytes, a header is {HEADER.size}")
     if len(data) > MAX_DATAGRAM:
@@ -107,6 +114,14 @@ def decode(data: bytes) -> Datagram:
         raise DatagramError("version", str(version))
     if seq == 0:
         raise DatagramError("seq", "0 (a session counts from 1)")
+    if kind not in KIND_NAMES:
+        raise DatagramError("kind", str(kind))
+    return Header(kind, session, seq)
+
+
+def decode(data: bytes) -> Datagram:
+    """One datagram, checked and parsed; raises DatagramError (only) on anything else."""
+    kind, session, seq = check(data)
     return Datagram(kind, session, seq, decode_body(kind, data[HEADER.size :]))
 
 
@@ -138,64 +153,92 @@ def decode_body(kind: int, payload: bytes) -> Body:
     raise DatagramError("kind", str(kind))
 
 
+class Piece(NamedTuple):
+    """A datagram's content before it is numbered: the sender queues these and numbers
+    each one as it goes on the wire, so the wire order is the seq order (ADR 0019)."""
+
+    kind: int  # RECORDS, RESYNC, CHECKPOINT, or FRAGMENT (then `inner` is the message's kind)
+    payload: bytes  # a fragment's: its slice of the message
+    last_record_seq: int = 0  # the highest record seq it completes, 0 if none
+    part: int = 0  # FRAGMENT only: 0-based index, count, the message's kind
+    parts: int = 0
+    inner: int = 0
+
+
 @dataclass
 class Framer:
-    """Turns what the sender read into datagrams of at most `datagram_bytes`, numbering
-    them; one per session (a sender start)."""
+    """Turns what the sender read into datagrams of at most `datagram_bytes`; one per
+    session (a sender start). `pieces`/`checkpoint_pieces` cut, `number` numbers: a
+    sender queues pieces and numbers each one when it sends it."""
 
     session: int
     datagram_bytes: int
-    seq: int = 0  # of the last datagram made
+    seq: int = 0  # of the last datagram numbered
     _room: int = field(init=False)
+    _message: int = field(init=False, default=0)  # seq of the current message's part 0
 
     def __post_init__(self) -> None:
         if not MIN_DATAGRAM <= self.datagram_bytes <= MAX_DATAGRAM:
             raise ValueError(f"datagram_bytes {self.datagram_bytes} out of range")
         self._room = self.datagram_bytes - HEADER.size
 
-    def records(self, records: Iterable[Record], kind: int = RECORDS) -> list[bytes]:
-        """As few datagrams as the records fit in, in order; a record too large for one
+    def pieces(self, records: Iterable[Record], kind: int = RECORDS) -> list[Piece]:
+        """As few pieces as the records fit in, in order; a record too large for one
         datagram alone is fragmented."""
-        out: list[bytes] = []
+        out: list[Piece] = []
         batch: list[bytes] = []
         size = _ARRAY16.size
+        last = 0
         for record in records:
             encoded = _encoder.encode(record)
             if batch and size + len(encoded) > self._room:
-                out.append(self._make(kind, _array(batch)))
+                out.append(Piece(kind, _array(batch), last))
                 batch, size = [], _ARRAY16.size
+            last = record.seq
             if _ARRAY16.size + len(encoded) > self._room:
-                out += self._fragments(kind, _array([encoded]))
+                out += self._fragments(kind, _array([encoded]), last)
                 continue
             batch.append(encoded)
             size += len(encoded)
         if batch:
-            out.append(self._make(kind, _array(batch)))
+            out.append(Piece(kind, _array(batch), last))
         return out
 
-    def checkpoint(self, entry: bytes) -> list[bytes]:
+    def checkpoint_pieces(self, entry: bytes) -> list[Piece]:
         if len(entry) <= self._room:
-            return [self._make(CHECKPOINT, entry)]
-        return self._fragments(CHECKPOINT, entry)
+            return [Piece(CHECKPOINT, entry)]
+        return self._fragments(CHECKPOINT, entry, 0)
+
+    def number(self, piece: Piece) -> bytes:
+        """The datagram of one piece, with the session's next seq. A message's fragments
+        must be numbered in order; others may come between them (a heartbeat)."""
+        self.seq += 1
+        if piece.kind != FRAGMENT:
+            return encode(piece.kind, self.session, self.seq, piece.payload)
+        if piece.part == 0:
+            self._message = self.seq
+        head = _FRAGMENT.pack(self._message, piece.part, piece.parts, piece.inner)
+        return encode(FRAGMENT, self.session, self.seq, head + piece.payload)
+
+    def records(self, records: Iterable[Record], kind: int = RECORDS) -> list[bytes]:
+        """`pieces`, numbered at once."""
+        return [self.number(p) for p in self.pieces(records, kind)]
+
+    def checkpoint(self, entry: bytes) -> list[bytes]:
+        """`checkpoint_pieces`, numbered at once."""
+        return [self.number(p) for p in self.checkpoint_pieces(entry)]
 
     def heartbeat(self, last_record_seq: int, sent: int) -> bytes:
-        return self._make(HEARTBEAT, _HEARTBEAT.pack(last_record_seq & _U64, sent & _U64))
+        payload = _HEARTBEAT.pack(last_record_seq & _U64, sent & _U64)
+        return self.number(Piece(HEARTBEAT, payload))
 
-    def _make(self, kind: int, payload: bytes) -> bytes:
-        self.seq += 1
-        return encode(kind, self.session, self.seq, payload)
-
-    def _fragments(self, kind: int, payload: bytes) -> list[bytes]:
+    def _fragments(self, kind: int, payload: bytes, last: int) -> list[Piece]:
         step = self._room - _FRAGMENT.size
         count = -(-len(payload) // step)
         if count > MAX_FRAGMENTS:
             raise ValueError(f"a message of {len(payload)} bytes needs {count} fragments")
-        message = self.seq + 1
         return [
-            self._make(
-                FRAGMENT,
-                _FRAGMENT.pack(message, i, count, kind) + payload[i * step : (i + 1) * step],
-            )
+            Piece(FRAGMENT, payload[i * step : (i + 1) * step], last, i, count, kind)
             for i in range(count)
         ]
 

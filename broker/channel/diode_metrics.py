@@ -32,6 +32,7 @@ class SenderCounters(Protocol):
     sent: int
     records_sent: int
     resync_records: int
+    resync_deferred: int
     last_record_seq: int
 
     @property
@@ -44,6 +45,8 @@ class ReceiverCounters(Protocol):
     gaps: int
     sessions: int
     resync_written: int
+    records_lost: int
+    records_repeated: int
     last_record_seq: int
 
     @property
@@ -70,6 +73,11 @@ class SenderStats(Collector):
         )
         yield CounterMetricFamily(
             "dmzbroker_diode_resync_records_sent", "Records sent again", value=s.resync_records
+        )
+        yield CounterMetricFamily(
+            "dmzbroker_diode_resync_rounds_deferred",
+            "Resync rounds not started: the previous one was still being sent",
+            value=s.resync_deferred,
         )
         errors = CounterMetricFamily(
             "dmzbroker_diode_send_errors", "Datagrams the kernel refused", labels=["error"]
@@ -98,12 +106,22 @@ class ReceiverStats(Collector):
         )
         yield CounterMetricFamily("dmzbroker_diode_gaps", "Lost datagram ranges", value=r.gaps)
         yield CounterMetricFamily(
+            "dmzbroker_diode_records_lost",
+            "Record seqs never written: lost datagrams, or a sender session's lost tail",
+            value=r.records_lost,
+        )
+        yield CounterMetricFamily(
+            "dmzbroker_diode_records_repeated",
+            "Records at or below the IT spool's last seq, left out",
+            value=r.records_repeated,
+        )
+        yield CounterMetricFamily(
             "dmzbroker_diode_datagrams_duplicate", "Duplicates dropped", value=r.duplicates
         )
         refused = CounterMetricFamily(
             "dmzbroker_diode_datagrams_refused", "Datagrams refused", labels=["reason"]
         )
-        for reason in sorted({"crc", "magic", "oversized", "session", *r.refused}):
+        for reason in sorted({"crc", "magic", "oversized", "session", "seq_jump", *r.refused}):
             refused.add_metric([reason], r.refused.get(reason, 0))
         yield refused
         yield CounterMetricFamily(

@@ -21,7 +21,9 @@ import secrets
 import socket
 import time
 from collections import Counter, deque
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -29,11 +31,18 @@ import structlog
 from broker.channel import datagrams as dg
 from broker.channel import diode_metrics
 from broker.channel.sequence import Lost, Reorder
-from broker.channel.spool import SpoolReceiver, SpoolSender
+from broker.channel.spool import MAGIC as SPOOL_RECORDS
+from broker.channel.spool import (
+    SpoolReceiver,
+    SpoolSender,
+    parse_frames,
+    segment_numbers,
+    segment_path,
+)
 from broker.config import DiodeConfig, SpoolConfig
 from broker.errors import ChannelError, ConfigError
 from broker.metrics import DIODE_FILE
-from broker.records import Record
+from broker.records import Record, decode_frame_payload
 from broker.safe_files import replace_durably
 
 READER = "diode"  # the sender's position file in diode.state_dir: spool-position-diode.json
@@ -46,7 +55,11 @@ BURST_S = 0.02  # the token bucket holds this long's worth of datagrams
 COMMIT_S = 0.2  # the sender saves its spool position at most this often
 FLUSH_S = 0.01  # the receiver writes its spool at least this often while datagrams come
 TAKEOVER_INTERVALS = 2  # a new session is adopted after the current one is silent this long
-CANDIDATE_DATAGRAMS = 4096  # a new session's datagrams held meanwhile
+CANDIDATE_BYTES = 64 * 1024 * 1024  # a new session's datagrams held meanwhile (3 s at 20,000/s)
+JUMP_MARGIN = 65_536  # datagrams a seq may lead by, beyond the rate's bound (kernel buffers)
+RECORD_JUMP = 1 << 32  # record seqs a datagram may skip past the IT spool's (retention loss)
+AHEAD_BEATS = 5  # heartbeats in a row below the IT spool's seq before it is set back
+STATE_SAVE_S = 0.2  # the receiver saves a state only heartbeats moved at most this often
 REFUSED_LOG_S = 10.0  # refused datagrams are logged (and audited) at most this often
 RECENT_GAPS = 8  # gap ranges shown in diode.prom
 GAPS_PER_EVENT = 64  # ranges per diode_gap_detected entry (all are reported)
@@ -74,26 +87,56 @@ def enlarge_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
 
+def latest_in_spool(directory: Path, upto_seq: int) -> dict[str, Record]:
+    """The latest record of every signal in the spool's retained segments, up to a seq:
+    what a restarted sender resyncs besides what it reads from then on. Reads files only,
+    in a worker thread; a segment expired meanwhile is skipped."""
+    latest: dict[str, Record] = {}
+    for number in segment_numbers(directory):
+        try:
+            data = segment_path(directory, number).read_bytes()
+        except FileNotFoundError:
+            continue
+        frames, _, _ = parse_frames(data)
+        for kind, payload in frames:
+            if kind != SPOOL_RECORDS:
+                continue
+            with contextlib.suppress(msgspec.DecodeError):
+                for record in decode_frame_payload(payload):
+                    if record.seq > upto_seq:
+                        return latest
+                    latest[record.signal] = record
+    return latest
+
+
 class DiodeSender:
     def __init__(self, spool: SpoolConfig, diode: DiodeConfig) -> None:
         self._cfg = diode
         self._family, self._target = _address(self._cfg)
         self.session = secrets.randbits(63) + 1  # never 0
         self._framer = dg.Framer(self.session, self._cfg.datagram_bytes)
+        self._spool_dir = spool.dir
         self._spool = SpoolReceiver(spool.dir, diode.state_dir, reader=READER)
         self._latest: dict[str, Record] = {}  # every signal's latest record seen
-        self._live: deque[bytes] = deque()
+        # Pieces are numbered as they are sent, so the wire order is the seq order.
+        self._live: deque[dg.Piece] = deque()
         self._resync: deque[Record] = deque()
+        self._beat = False  # a heartbeat is due: it goes first
         self._tokens = 0.0
         self._capacity = max(float(self._cfg.copies), self._cfg.max_datagrams_s * BURST_S)
         self.sent = 0  # datagrams, copies included
         self.send_errors: Counter[str] = Counter()
         self.records_sent = 0
         self.resync_records = 0
-        self.last_record_seq = self._spool.last_seq
+        self.resync_deferred = 0  # rounds not started: the previous one was still queued
+        self.last_record_seq = self._spool.last_seq  # of the last record sent
 
     async def run(self) -> None:
         sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        # What was read before this start (a restart) is resynced too (ADR 0019).
+        seed = asyncio.ensure_future(
+            asyncio.to_thread(latest_in_spool, self._spool_dir, self.last_record_seq)
+        )
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -106,17 +149,19 @@ class DiodeSender:
                 max_datagrams_s=self._cfg.max_datagrams_s,
                 resume_after_seq=self.last_record_seq,
             )
-            await self._loop(sock)
+            await self._loop(sock, seed)
         finally:
+            seed.cancel()
             sock.close()
             self._spool.close()
 
-    async def _loop(self, sock: socket.socket) -> None:
+    async def _loop(self, sock: socket.socket, seed: asyncio.Future[dict[str, Record]]) -> None:
         now = time.monotonic()
         last_refill = last_commit = now
         next_heartbeat = now
         next_resync = now + self._cfg.resync_s
         uncommitted = False
+        seeding = True
         while True:
             now = time.monotonic()
             self._tokens = min(
@@ -124,14 +169,16 @@ class DiodeSender:
                 self._tokens + (now - last_refill) * self._cfg.max_datagrams_s,
             )
             last_refill = now
+            if seeding and seed.done():
+                seeding = False
+                self._seed(seed.result())
             if now >= next_heartbeat:
                 next_heartbeat = now + self._cfg.heartbeat_s
-                beat = self._framer.heartbeat(self.last_record_seq, self.sent)
-                self._live.appendleft(beat)  # ahead of data: the link's pulse
+                self._beat = True
                 self._write_metrics()
             if now >= next_resync:
                 next_resync = now + self._cfg.resync_s
-                self._resync.extend(self._latest.values())
+                self._start_resync()
             if not self._live:
                 uncommitted |= self._read()
             if uncommitted and not self._live and now - last_commit >= COMMIT_S:
@@ -145,36 +192,55 @@ class DiodeSender:
             else:
                 await asyncio.sleep(0)
 
+    def _seed(self, latest: dict[str, Record]) -> None:
+        for signal, record in latest.items():  # what was read since the start is newer
+            self._latest.setdefault(signal, record)
+
+    def _start_resync(self) -> None:
+        if self._resync:  # never two rounds queued: the queue stays one record per signal
+            self.resync_deferred += 1
+        else:
+            self._resync.extend(self._latest.values())
+
     def _read(self) -> bool:
         checkpoints: list[bytes] = []
         records = self._spool.receive(READ_RECORDS, checkpoints=checkpoints)
         if records:
-            self._live.extend(self._framer.records(records))
+            self._live.extend(self._framer.pieces(records))
             for record in records:
                 self._latest[record.signal] = record
             self.records_sent += len(records)
-            self.last_record_seq = records[-1].seq
         for entry in checkpoints:
-            self._live.extend(self._framer.checkpoint(entry))
+            self._live.extend(self._framer.checkpoint_pieces(entry))
         return bool(records or checkpoints)
 
     def _send(self, sock: socket.socket) -> None:
-        """Send what the tokens allow, each datagram `copies` times: the copies of a burst
-        go after the whole burst, so that one burst of loss does not take all of them."""
+        """Number and send what the tokens allow, each datagram `copies` times: the copies
+        of a burst go after the whole burst, so that one burst of loss does not take all of
+        them. A heartbeat goes first; a message's fragments are never split across bursts."""
         copies = self._cfg.copies
         room = int(self._tokens // copies)
         if room <= 0:
             return
-        # Resync takes at most half the room while live data waits, all of it otherwise.
-        resync_room = room // 2 if self._live else room
         burst: list[bytes] = []
-        while self._live and len(burst) < room - min(resync_room, len(self._resync)):
-            burst.append(self._live.popleft())
+        if self._beat:
+            self._beat = False
+            burst.append(self._framer.heartbeat(self.last_record_seq, self.sent))
+        # Resync takes at most half the room while live data waits, all of it otherwise.
+        resync_room = (room - len(burst)) // 2 if self._live else room
+        live_room = room - min(resync_room, len(self._resync))
+        while self._live:
+            piece = self._live[0]
+            if len(burst) >= live_room and piece.part == 0:
+                break
+            self._live.popleft()
+            burst.append(self._framer.number(piece))
+            if piece.last_record_seq and piece.part == max(0, piece.parts - 1):
+                self.last_record_seq = piece.last_record_seq
         if self._resync and len(burst) < room:
             take = [self._resync.popleft() for _ in range(min(len(self._resync), 64))]
-            made = self._framer.records(take, dg.RESYNC)
+            burst += [self._framer.number(p) for p in self._framer.pieces(take, dg.RESYNC)]
             self.resync_records += len(take)
-            burst += made
         for _ in range(copies):
             for datagram in burst:
                 self._tokens -= 1
@@ -194,6 +260,12 @@ class DiodeSender:
 class _ReceiverState(msgspec.Struct):
     session: int
     next: int  # the datagram seq expected next
+    saved_at: float = 0.0  # wall clock: bounds the seq a restarted receiver accepts
+
+
+class _Held(NamedTuple):
+    header: dg.Header
+    data: bytes
 
 
 class DiodeReceiver(asyncio.DatagramProtocol):
@@ -204,23 +276,32 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         self._spool = SpoolSender(
             spool.dir, spool.segment_mib * 1024 * 1024, spool.retention_mib * 1024 * 1024
         )
+        now = time.monotonic()
         self._session: int | None = None
-        self._order: Reorder[dg.Datagram] = Reorder()
+        # Datagrams held as bytes (bounded in bytes, ADR 0019), parsed when released.
+        self._order: Reorder[bytes] = Reorder()
+        # When the session's highest seq last rose (bounds how far ahead a seq may be);
+        # -inf: no bound (a first start).
+        self._advanced_at = float("-inf")
         try:
             self._cfg.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             saved = msgspec.json.decode(self._state_file.read_bytes(), type=_ReceiverState)
             self._session, self._order = saved.session, Reorder(saved.next)
+            self._advanced_at = now - max(0.0, time.time() - saved.saved_at)
         except FileNotFoundError:
             pass
         except (OSError, msgspec.DecodeError) as e:
             self._spool.close()
             raise ChannelError(f"{self._state_file}: unreadable diode state: {e}") from e
-        self._last_heard = time.monotonic()
+        self._saved = (self._session, self._order.next)
+        self._saved_at = now
+        self._last_heard = now
         self.listening = False  # bound to its address
         self._link_up = False
         self._alarmed = False
         # Other sessions' datagrams, held while the current one may have ended: since when.
-        self._candidates: dict[int, tuple[float, list[dg.Datagram]]] = {}
+        self._candidates: dict[int, tuple[float, list[_Held]]] = {}
+        self._candidate_bytes = 0
         self._assembling: list[dg.Fragment] = []
         self._written: dict[str, int] = {}  # signal -> seq of the latest record written
         self._records: list[Record] = []
@@ -234,8 +315,16 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         self.recent: deque[Lost] = deque(maxlen=RECENT_GAPS)
         self.sessions = 0
         self.resync_written = 0
+        self.records_lost = 0  # record seqs never written (lost datagrams, a session's tail)
+        self.records_repeated = 0  # records at or below the IT spool's last seq, left out
+        self._repeated_logged = 0
+        self._records_reported = 0  # record seqs up to this one are written or reported
         self.last_record_seq = 0  # announced by the last heartbeat
+        self._ahead_beats = 0  # heartbeats in a row announcing less than the IT spool holds
         self._gaps_to_report: list[Lost] = []
+        self._record_gaps: list[Lost] = []
+        self._rewind_to: int | None = None  # set the IT spool's seq back (diode_spool_rewound)
+        self._tail: tuple[int, int] | None = None  # at which pending record a session ended
 
     # asyncio.DatagramProtocol: called for each datagram; never answers.
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -244,53 +333,95 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             self.refused["oversized"] += 1
             return
         try:
-            datagram = dg.decode(data)
+            header = dg.check(data)
         except dg.DatagramError as e:
             self.refused[e.reason] += 1
             return
-        if datagram.session != self._session:
-            if not self._take_over(datagram, now):
-                return
-        else:
-            self._last_heard = now
-        self.received += 1
-        if datagram.kind == dg.HEARTBEAT:
-            assert isinstance(datagram.body, dg.Heartbeat)
-            self.last_record_seq = datagram.body.last_record_seq
-        self._order.offer(datagram.seq, datagram, now)
+        if header.session != self._session:
+            self._take_over(_Held(header, data), now)
+            return
+        self._last_heard = now
+        self._accept(_Held(header, data), now)
 
-    def _take_over(self, datagram: dg.Datagram, now: float) -> bool:
+    def _accept(self, held: _Held, now: float) -> None:
+        """A datagram of the current session into the order, unless its seq is further
+        ahead than the sender can have counted since the highest seq rose: one forged
+        datagram must not declare billions lost and turn what follows into duplicates."""
+        seq = held.header.seq
+        elapsed = now - self._advanced_at
+        if seq > self._order.highest + JUMP_MARGIN + elapsed * self._cfg.max_datagrams_s:
+            self.refused["seq_jump"] += 1
+            return
+        if held.header.kind == dg.HEARTBEAT:
+            try:
+                beat = dg.decode_body(dg.HEARTBEAT, held.data[dg.HEADER.size :])
+            except dg.DatagramError as e:
+                self.refused[e.reason] += 1
+                return
+            assert isinstance(beat, dg.Heartbeat)
+            self._heard_beat(beat.last_record_seq)
+        self.received += 1
+        if seq > self._order.highest:
+            self._advanced_at = now
+        self._order.offer(seq, held.data, now, len(held.data))
+
+    def _heard_beat(self, announced: int) -> None:
+        """The plant's last record seq, as the sender announces it. Announced below what
+        the IT spool holds, heartbeat after heartbeat, the IT spool is ahead of the plant:
+        the plant's spool was reset, or a record was forged. Then the IT spool's seq is
+        set back to follow the plant's (audited), else it would leave out all that comes."""
+        self.last_record_seq = announced
+        if announced + 1 >= self._spool.next_seq:
+            self._ahead_beats = 0
+            return
+        self._ahead_beats += 1
+        if self._ahead_beats == AHEAD_BEATS:
+            log.error(
+                "diode_spool_rewound",
+                session=f"{self._session or 0:016x}",
+                it_last_seq=self._spool.next_seq - 1,
+                announced_seq=announced,
+                cause="the plant's spool was reset, or a forged record crossed",
+            )
+            self._rewind_to = announced
+
+    def _take_over(self, held: _Held, now: float) -> None:
         """A datagram of another session: adopted at once when there is no session, else
         held until the current one has been silent for TAKEOVER_INTERVALS heartbeats (a
         restarted sender), and refused if it is not (another sender, or a forgery)."""
         silent = now - self._last_heard
+        session = held.header.session
         if self._session is not None and silent < TAKEOVER_INTERVALS * self._cfg.heartbeat_s:
-            if sum(len(h) for _, h in self._candidates.values()) >= CANDIDATE_DATAGRAMS:
+            if self._candidate_bytes + len(held.data) > CANDIDATE_BYTES:
                 self.refused["session"] += 1
             else:
-                self._candidates.setdefault(datagram.session, (now, []))[1].append(datagram)
-            return False
+                self._candidate_bytes += len(held.data)
+                self._candidates.setdefault(session, (now, []))[1].append(held)
+            return
         for item in self._order.end():
             self._deliver(item)
+        self._tail = (len(self._records), self.last_record_seq)  # the old session's last word
         previous = self._session
-        self._session = datagram.session
+        self._session = session
         self.sessions += 1
-        _, backlog = self._candidates.pop(datagram.session, (now, []))
+        self._ahead_beats = 0
+        _, backlog = self._candidates.pop(session, (now, []))
+        self._candidate_bytes -= sum(len(h.data) for h in backlog)
         self._refuse_candidates(now, every=True)
-        first = min(d.seq for d in [*backlog, datagram])
-        self._order = Reorder()  # what the session sent before is lost, and reported
         log.warning(
             "diode_session_adopted",
-            session=f"{datagram.session:016x}",
+            session=f"{session:016x}",
             previous=None if previous is None else f"{previous:016x}",
-            first_seq=first,
+            first_seq=min(h.header.seq for h in [*backlog, held]),
             silent_s=round(silent, 3),
         )
+        # What the session sent before is lost, and reported; it started counting after
+        # the previous session was last heard (or at any time, if there was none).
+        self._order = Reorder()
+        self._advanced_at = self._last_heard if previous is not None else float("-inf")
         self._last_heard = now
-        for held_datagram in backlog:
-            self.received += 1
-            self._order.offer(held_datagram.seq, held_datagram, now)
-        return True
+        for h in [*backlog, held]:
+            self._accept(h, now)
 
     def _refuse_candidates(self, now: float, *, every: bool = False) -> None:
         """Other sessions' datagrams held longer than a takeover while the current session
@@ -299,9 +430,10 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         for session, (since, held) in list(self._candidates.items()):
             if every or (now - since >= window and now - self._last_heard < window):
                 self.refused["session"] += len(held)
+                self._candidate_bytes -= sum(len(h.data) for h in held)
                 del self._candidates[session]
 
-    def _deliver(self, item: dg.Datagram | Lost) -> None:
+    def _deliver(self, item: bytes | Lost) -> None:
         """One released item, in seq order, into what the next flush writes."""
         if isinstance(item, Lost):
             self.lost += item.datagrams
@@ -310,7 +442,14 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             self._gaps_to_report.append(item)
             self._assembling.clear()  # a message missing a fragment never completes
             return
-        kind, body = item.kind, item.body
+        kind = item[3]  # checked on arrival (dg.check)
+        if kind == dg.HEARTBEAT:
+            return  # read on arrival
+        try:
+            body = dg.decode_body(kind, item[dg.HEADER.size :])
+        except dg.DatagramError as e:
+            self.refused[e.reason] += 1
+            return
         if isinstance(body, dg.Fragment):
             assembled = self._assemble(body)
             if assembled is None:
@@ -318,8 +457,12 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             kind, body = assembled
         if kind == dg.RECORDS:
             assert isinstance(body, list)
-            self._records += body
+            bound = max(self._spool.next_seq, self._records_reported) + RECORD_JUMP
             for record in body:
+                if record.seq > bound:  # forged, or damaged past the CRC: never written
+                    self.refused["record_seq"] += 1
+                    continue
+                self._records.append(record)
                 self._written[record.signal] = record.seq
         elif kind == dg.RESYNC:
             assert isinstance(body, list)
@@ -374,9 +517,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             while True:
                 await asyncio.sleep(FLUSH_S)
                 now = time.monotonic()
-                for item in self._order.release(now):
-                    self._deliver(item)
-                await self._flush()
+                await self.step(now)
                 self._check_link(now)
                 self._refuse_candidates(now)
                 if now >= next_metrics:
@@ -387,32 +528,85 @@ class DiodeReceiver(asyncio.DatagramProtocol):
                     self._log_refused()
         finally:
             transport.close()
-            with contextlib.suppress(ChannelError):
+            with contextlib.suppress(ChannelError, OSError):
                 await self._flush()
+                await self._save(time.monotonic(), force=True)
             self._spool.close()
 
-    async def _flush(self) -> None:
+    async def step(self, now: float) -> None:
+        """Release what the order lets go, write it, report, and save the state."""
+        for item in self._order.release(now):
+            self._deliver(item)
+        if await self._flush():
+            await self._save(now, force=True)
+        else:
+            await self._save(now)
+
+    async def _flush(self) -> bool:
+        """Write what was delivered and report gaps; True if anything was written."""
         records, resync, checkpoints = self._records, self._resync, self._checkpoints
-        if records or resync or checkpoints:
+        wrote = bool(records or resync or checkpoints)
+        if self._rewind_to is not None:
+            self._spool.next_seq = self._rewind_to + 1
+            self._records_reported = min(self._records_reported, self._rewind_to)
+            self._rewind_to = None
+        self._find_record_gaps(records)
+        if wrote:
             self._records, self._resync, self._checkpoints = [], [], []
-            await asyncio.to_thread(self._spool.forward, records, resync, checkpoints)
+            repeated = await asyncio.to_thread(self._spool.forward, records, resync, checkpoints)
+            self.records_repeated += repeated
             self.resync_written += len(resync)
-            if self._session is not None:
-                state = _ReceiverState(self._session, self._order.next)
-                await asyncio.to_thread(
-                    replace_durably, self._state_file, msgspec.json.encode(state)
-                )
         gaps, self._gaps_to_report = self._gaps_to_report, []
-        for start in range(0, len(gaps), GAPS_PER_EVENT):
-            part = gaps[start : start + GAPS_PER_EVENT]
-            log.error(
-                "diode_gap_detected",
-                session=f"{self._session or 0:016x}",
-                first=part[0].first,
-                last=part[-1].last,
-                count=sum(g.datagrams for g in part),
-                ranges=[[g.first, g.last] for g in part],
-            )
+        for fields in self._ranges(gaps):
+            log.error("diode_gap_detected", **fields)
+        record_gaps, self._record_gaps = self._record_gaps, []
+        for fields in self._ranges(record_gaps):
+            log.error("diode_records_lost", **fields)
+        return wrote
+
+    def _find_record_gaps(self, records: list[Record]) -> None:
+        """Record seqs that will never be written: skipped over by what is written now, or
+        announced by a session that ended without them arriving (its tail lost). Each
+        reported once; an empty IT spool starts wherever the first record is."""
+        expected = max(self._spool.next_seq, self._records_reported + 1)
+        tail_at, tail = self._tail if self._tail is not None else (-1, 0)
+        self._tail = None
+        for i, record in enumerate([*records, None]):
+            if i == tail_at and tail >= expected > 1:
+                self._record_gaps.append(Lost(expected, tail))
+                expected = tail + 1
+            if record is None or record.seq < expected:
+                continue
+            if record.seq > expected > 1:
+                self._record_gaps.append(Lost(expected, record.seq - 1))
+            expected = record.seq + 1
+        self._records_reported = expected - 1
+        self.records_lost += sum(g.datagrams for g in self._record_gaps)
+
+    def _ranges(self, ranges: list[Lost]) -> Iterator[dict[str, Any]]:
+        """The fields of one report per GAPS_PER_EVENT ranges (all are reported)."""
+        for start in range(0, len(ranges), GAPS_PER_EVENT):
+            part = ranges[start : start + GAPS_PER_EVENT]
+            yield {
+                "session": f"{self._session or 0:016x}",
+                "first": part[0].first,
+                "last": part[-1].last,
+                "count": sum(g.datagrams for g in part),
+                "ranges": [[g.first, g.last] for g in part],
+            }
+
+    async def _save(self, now: float, *, force: bool = False) -> None:
+        """The session and the next seq, after every write and, when only heartbeats or
+        a gap moved it, at most every STATE_SAVE_S: a restart reports what it missed,
+        never what it had received."""
+        state = (self._session, self._order.next)
+        if self._session is None or state == self._saved:
+            return
+        if not force and now - self._saved_at < STATE_SAVE_S:
+            return
+        data = msgspec.json.encode(_ReceiverState(self._session, self._order.next, time.time()))
+        await asyncio.to_thread(replace_durably, self._state_file, data)
+        self._saved, self._saved_at = state, now
 
     def _check_link(self, now: float) -> None:
         silent = now - self._last_heard
@@ -436,6 +630,13 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         if new:
             self._refused_logged = self.refused.copy()
             log.warning("diode_datagrams_refused", **{f"by_{k}": v for k, v in sorted(new.items())})
+        if self.records_repeated > self._repeated_logged:
+            log.warning(
+                "diode_records_repeated",
+                count=self.records_repeated - self._repeated_logged,
+                it_last_seq=self._spool.next_seq - 1,
+            )
+            self._repeated_logged = self.records_repeated
 
     def _write_metrics(self) -> None:
         diode_metrics.write(self._spool_dir / RECEIVER_METRICS, diode_metrics.ReceiverStats(self))
