@@ -17,6 +17,10 @@ writers would each hold "the" lock.
 The lock file is opened without following a symbolic link and must be a regular file with
 one link, owned by this process's user: anything else is refused, naming it, so that a
 `.lock` planted as a link to another file never has that file truncated and overwritten.
+It is private to its writer (0600; a holder makes an older, wider one so): flock(2) needs no
+write access, so anyone who could open it, such as the spool readers' group in the plant's
+folders, could take the lock while the writer is down and keep it from ever starting again.
+Root (`run`'s check, `posture`) still opens it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import structlog
 from broker.errors import DmzBrokerError
 
 LOCK_FILE = ".lock"
+LOCK_MODE = 0o600  # only the writer opens it (root too): see the module's docstring
 HELD_GRACE_S = 0.5  # how long a held lock is tried again: far longer than a check holds it
 _RETRY_EVERY_S = 0.01
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone else holds it"
@@ -57,6 +62,10 @@ class FolderLock:
             raise FolderLockError(f"{path}: cannot open the folder's lock: {e.strerror}") from e
         self._fd = _open(path, os.O_RDWR | os.O_CREAT)
         try:
+            # Before the lock is tried: a file left 0640 by an older version is closed to the
+            # group now, although a descriptor someone opened before stays theirs until the
+            # writer's next start finds the lock free (or is refused, naming them).
+            os.fchmod(self._fd, LOCK_MODE)
             _flock_soon(self._fd)
         except OSError as e:
             holder = _holder(self._fd)
@@ -143,7 +152,7 @@ def _open(path: Path, flags: int, owner: int | None = None) -> int:
     """A descriptor of the lock file at `path`, refused unless it is a regular file of ours;
     raises FileNotFoundError (without O_CREAT) or FolderLockError."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, LOCK_MODE)
     except FileNotFoundError:
         if flags & os.O_CREAT:
             raise FolderLockError(f"{path}: cannot open the folder's lock: no folder") from None

@@ -6,8 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -204,6 +206,42 @@ def test_a_writer_starting_while_a_check_holds_the_lock_for_an_instant_is_not_re
             assert (folder / LOCK_FILE).read_text() == f"{os.getpid()}\n"
     finally:
         release.join(timeout=5)
+
+
+def test_the_lock_file_is_the_writers_alone_and_an_older_wider_one_is_narrowed(
+    tmp_path: Path,
+) -> None:
+    """Review r1 #1: flock needs no write access, so a lock file the spool readers' group can
+    open lets them take it while the writer is down and keep the writer from starting."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    old.mkdir()
+    (old / LOCK_FILE).write_text("")
+    (old / LOCK_FILE).chmod(0o640)  # as every version before this one made it
+    previous = os.umask(0)
+    try:
+        with FolderLock(new), FolderLock(old):
+            assert stat.S_IMODE((new / LOCK_FILE).stat().st_mode) == 0o600
+            assert stat.S_IMODE((old / LOCK_FILE).stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
+def test_another_user_cannot_open_the_lock_file_to_take_it() -> None:
+    # Not under tmp_path, whose parents are 0700: the folder open to everyone, so that only
+    # the file's mode keeps another user out.
+    with tempfile.TemporaryDirectory(prefix="dmzbroker-lock-", dir="/tmp") as place:
+        folder = Path(place)
+        folder.chmod(0o755)
+        FolderLock(folder).release()
+        group = (folder / LOCK_FILE).stat().st_gid  # in the file's group, as spool readers are
+        opened = subprocess.run(
+            ["/usr/bin/python3", "-I", "-c", f"import os; os.open({place!r} + '/.lock', 0)"],
+            user=65534, group=65534, extra_groups=[group], capture_output=True, text=True,
+            timeout=30, check=False,
+        )  # fmt: skip
+    assert opened.returncode == 1
+    assert "PermissionError" in opened.stderr
 
 
 PID_UNWRITABLE = textwrap.dedent(

@@ -12,7 +12,7 @@ never supply the keys in force (broker.policy.activation). From the audit log on
 the chain the writer adopted count (`from_audit`): a line appended or inserted without the
 writer is no record. This module never lowers a floor: a record it cannot read is an error,
 never "nothing accepted yet", and a missing record is reported as missing for the caller to
-refuse. It never follows a symlink or blocks on a FIFO in the state dir.
+refuse. It never follows a symlink or blocks on a FIFO in the state dir or the audit log.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from broker import safe_files
 from broker.audit import epochs, recovery
 from broker.audit.entry import EXPIRED, GENESIS, raw_hash
 from broker.audit.retention import CARRIED_POLICY, CARRIED_TRUST_ROOT
-from broker.audit.segments import segment_numbers, segment_path
+from broker.audit.segments import MAX_SEGMENT_BYTES, segment_numbers, segment_path
 from broker.errors import ConfigError
 
 POLICY_STATE = "policy-accepted.json"
@@ -142,9 +142,13 @@ def from_audit(writer_dir: Path, head: str) -> tuple[AcceptedPolicy | None, Acce
     expected = head
     for number in reversed(segment_numbers(writer_dir)):
         try:
-            data = segment_path(writer_dir, number).read_bytes()
+            # As everywhere a segment is read: no link followed, no FIFO waited on, no giant
+            # read whole (`run` reads the plant's log as root, and the plant user owns it).
+            data = safe_files.read_regular(segment_path(writer_dir, number), MAX_SEGMENT_BYTES)
         except OSError:
-            return policy, root  # the chain cannot be followed past a segment not read
+            # Not the chain's if the head is in an older one; if the chain runs through it,
+            # the older segments hold no line with the hash sought and the walk finds nothing.
+            continue
         end = len(data)
         while expected != GENESIS:
             needle = b'"hash":"' + expected.encode() + b'",'

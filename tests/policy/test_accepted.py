@@ -398,6 +398,25 @@ async def test_a_state_file_that_is_no_regular_file_is_refused_at_once(
     assert reason in error
 
 
+async def test_a_fifo_as_the_newest_plant_audit_segment_neither_hangs_nor_hides_the_records(
+    site: Path, owners: Owners, start_broker: Any
+) -> None:
+    """Review r1 #7: `run` (as root) reads the plant user's audit log for its floor; a FIFO
+    there once blocked it forever before either half started."""
+    install(site, 2, [owners.ot_key, owners.it_key])
+    assert (await started(start_broker, site, reset_state=True)).stop() == 0
+    plant_audit = site / "audit" / "plant"
+    os.mkfifo(segment_path(plant_audit, segment_numbers(plant_audit)[-1] + 50))
+    for state in STATE_FILES:
+        (site / state).unlink()  # the floor must now come from the audit log alone
+    install(site, 1, [owners.ot_key, owners.it_key])
+
+    result = dmzbroker("validate", "--config", str(site / "broker.yaml"), check=False, timeout=60)
+
+    assert result.returncode == 2, result.stderr
+    assert "version 1 is lower than version 2, already accepted here" in result.stderr
+
+
 async def test_a_symlink_planted_as_the_state_tmp_file_is_not_followed(
     site: Path, owners: Owners, start_broker: Any
 ) -> None:
