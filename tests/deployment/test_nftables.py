@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from tests.harness import (
     demo_policy,
     dmzbroker,
     sign_policy,
+    stop_process,
     write_config,
     write_policy_yaml,
 )
@@ -44,7 +46,8 @@ needs_root = pytest.mark.skipif(
 def _devices() -> list[dict[str, Any]]:
     return [
         {"name": "plc-1", "protocol": "modbus", "host": "192.0.2.10", "port": 502},
-        {"name": "plc-2", "protocol": "modbus", "host": "localhost", "port": 5020},
+        # glibc's inet_aton form of 192.0.2.11: a name to getaddrinfo, resolved without DNS
+        {"name": "plc-2", "protocol": "modbus", "host": "3221225995", "port": 5020},
         {"name": "scada", "protocol": "opcua", "endpoint": "opc.tcp://[2001:db8::20]:4841/ua"},
         {"name": "historian", "protocol": "opcua", "endpoint": "opc.tcp://192.0.2.30"},
     ]
@@ -78,7 +81,8 @@ def signed(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
     with four devices."""
     envelope = sign_policy(tmp_path, _policy(_devices()), [owners.ot_key, owners.it_key])
     diode = {"host": "198.51.100.40", "port": 7600, "state_dir": "diode"}
-    return _config(tmp_path, envelope, pki, owners, diode=diode)
+    listen = {"listen": {"host": "0.0.0.0", "port": 8443}}
+    return _config(tmp_path, envelope, pki, owners, diode=diode, enterprise=listen)
 
 
 def _rules(text: str, chain: str) -> list[str]:
@@ -92,28 +96,44 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
     loaded = policy.load(signed.parent / "policy.yaml")
     text = nftables.ruleset(cfg, loaded, ot_interface="enp1s0", it_interface="enp2s0")
 
+    owner = 'meta skuid "dmzbroker-plant"'
     assert _rules(text, "ot_out") == [
-        'ip daddr 192.0.2.10 tcp dport 502 ct state new accept comment "policy devices[plc-1].host"',
-        'ip daddr 127.0.0.1 tcp dport 5020 ct state new accept comment "policy devices[plc-2].host"',
-        "ip6 daddr 2001:db8::20 tcp dport 4841 ct state new accept "
+        "jump link_out",
+        "ct state established,related accept",
+        f"{owner} ip daddr 192.0.2.10 tcp dport 502 ct state new accept "
+        'comment "policy devices[plc-1].host"',
+        f"{owner} ip daddr 192.0.2.11 tcp dport 5020 ct state new accept "
+        'comment "policy devices[plc-2].host"',
+        f"{owner} ip6 daddr 2001:db8::20 tcp dport 4841 ct state new accept "
         'comment "policy devices[scada].endpoint"',
-        "ip daddr 192.0.2.30 tcp dport 4840 ct state new accept "  # OPC UA's default port
+        f"{owner} ip daddr 192.0.2.30 tcp dport 4840 ct state new accept "  # OPC UA's default
         'comment "policy devices[historian].endpoint"',
         'counter name "ot_dropped" drop',
     ]
-    assert "# policy devices[plc-2].host: localhost, resolved to 127.0.0.1" in text
+    assert "# policy devices[plc-2].host: 3221225995, resolved to 192.0.2.11" in text
     # the diode receiver's address is never this host's on the OT host: the rule opens
     # nothing there, and lets the datagrams in on the IT host of a diode pair
     assert _rules(text, "ot_in") == [
+        'icmp type redirect counter name "ot_dropped" drop',
+        'icmpv6 type nd-redirect counter name "ot_dropped" drop',
+        "jump link_in",
+        "ct state established,related accept",
         'ip daddr 198.51.100.40 udp dport 7600 ct state new accept comment "config diode.host"',
         'counter name "ot_dropped" drop',
     ]
     assert _rules(text, "it_in") == [
-        "tcp dport 8443 tcp flags & (fin|syn|rst|ack) == syn ct state new accept "
-        'comment "consumer port"',
+        'icmp type redirect counter name "it_dropped" drop',
+        'icmpv6 type nd-redirect counter name "it_dropped" drop',
+        "jump link_in",
+        "ct state established,related accept",
+        # listen.host is 0.0.0.0: only this NIC's own addresses, not the OT NIC's
+        "fib daddr . iif type local tcp dport 8443 tcp flags & (fin|syn|rst|ack) == syn "
+        'ct state new accept comment "consumer port"',
         'counter name "it_dropped" drop',
     ]
     assert _rules(text, "it_out") == [
+        "jump link_out",
+        "ct state established,related accept",
         "ip daddr 198.51.100.20 tcp dport 8883 ct state new accept "
         'comment "config enterprise.mqtt.host"',
         'ip6 daddr 2001:db8:1::30 tcp dport 6514 ct state new accept comment "config audit.siem.host"',
@@ -125,17 +145,41 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
         'counter name "forward_dropped" drop',
     ]
     for hook, match, side in (("input", "iif", "in"), ("output", "oif", "out")):
-        rules = _rules(text, hook)
-        assert rules[0] == f"type filter hook {hook} priority filter; policy drop;"
-        assert f'{match} "lo" accept comment "the two halves and local tools"' in rules
-        assert "ct state established,related accept" in rules
-        assert rules[-2:] == [
+        assert _rules(text, hook) == [
+            f"type filter hook {hook} priority filter; policy drop;",
+            f'{match} "lo" accept comment "the two halves and local tools"',
             f'{match}name vmap {{ "enp1s0" : jump ot_{side}, "enp2s0" : jump it_{side} }}',
             'counter name "other_dropped" drop',
         ]
-    # nothing accepted without a connection state, an interface or a loopback match
-    accepts = [line for line in text.splitlines() if line.strip().endswith("accept")]
-    assert all("ct state" in r or '"lo"' in r or "hoplimit 255" in r for r in accepts)
+    assert _rules(text, "raw_prerouting") == [
+        "type filter hook prerouting priority raw; policy accept;",
+        'iifname "enp1s0" ct zone set 1',
+        'iifname "enp2s0" ct zone set 2',
+        "ip6 saddr :: ip6 daddr ff02::/16 accept",  # only skips the reverse-path check
+        'fib saddr . iif oif missing counter name "spoofed_dropped" drop',
+    ]
+    assert _rules(text, "raw_output") == [
+        "type filter hook output priority raw; policy accept;",
+        'oifname "enp1s0" ct zone set 1',
+        'oifname "enp2s0" ct zone set 2',
+    ]
+    # nothing accepted without a connection state, loopback, a link-only hop limit, or (in
+    # the raw chain, which decides nothing) duplicate address detection
+    rules = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+    accepts = [rule for rule in rules if " accept" in rule and "policy accept" not in rule]
+    assert len(accepts) == 20
+    assert all(
+        "ct state" in r or '"lo"' in r or "hoplimit" in r or "saddr :: " in r for r in accepts
+    )
+
+
+HEAD_IN = [
+    'icmp type redirect counter name "it_dropped" drop',
+    'icmpv6 type nd-redirect counter name "it_dropped" drop',
+    "jump link_in",
+    "ct state established,related accept",
+]
+SYN = "tcp flags & (fin|syn|rst|ack) == syn ct state new accept"
 
 
 def test_it_allow_narrows_the_consumer_port_per_family(signed: Path) -> None:
@@ -143,12 +187,124 @@ def test_it_allow_narrows_the_consumer_port_per_family(signed: Path) -> None:
     loaded = policy.load(signed.parent / "policy.yaml")
     allow = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "2001:db8:2::/48", "10.1.2.3")]
     rules = _rules(nftables.ruleset(cfg, loaded, it_allow=allow), "it_in")
-    syn = "tcp flags & (fin|syn|rst|ack) == syn ct state new accept"
+    own = "fib daddr . iif type local tcp dport 8443"
     assert rules == [
-        f'ip saddr {{ 198.51.100.0/24, 10.1.2.3/32 }} tcp dport 8443 {syn} comment "consumer port"',
-        f'ip6 saddr 2001:db8:2::/48 tcp dport 8443 {syn} comment "consumer port"',
+        *HEAD_IN,
+        f'ip saddr {{ 198.51.100.0/24, 10.1.2.3/32 }} {own} {SYN} comment "consumer port"',
+        f'ip6 saddr 2001:db8:2::/48 {own} {SYN} comment "consumer port"',
         'counter name "it_dropped" drop',
     ]
+
+
+def test_a_specific_listen_address_is_the_only_consumer_destination(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    envelope = sign_policy(tmp_path, _policy(_devices()), [owners.ot_key, owners.it_key])
+    listen = {"listen": {"host": "198.51.100.1", "port": 8443}}
+    cfg = config.load(_config(tmp_path, envelope, pki, owners, enterprise=listen))
+    loaded = policy.load(tmp_path / "policy.yaml")
+    allow = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "2001:db8:2::/48")]
+    rules = _rules(nftables.ruleset(cfg, loaded, it_allow=allow), "it_in")
+    assert rules == [  # an IPv6 source can never reach an IPv4 listen address: no rule
+        *HEAD_IN,
+        f'ip saddr 198.51.100.0/24 ip daddr 198.51.100.1 tcp dport 8443 {SYN} comment "consumer port"',
+        'counter name "it_dropped" drop',
+    ]
+
+
+def test_only_the_ot_users_open_connections_to_the_devices(signed: Path) -> None:
+    cfg = config.load(signed)
+    loaded = policy.load(signed.parent / "policy.yaml")
+    users = ["dmzbroker-plant", "0", "dmzbroker-diode", "0"]
+    rules = _rules(nftables.ruleset(cfg, loaded, ot_users=users), "ot_out")
+    devices = [rule for rule in rules if "daddr" in rule]
+    assert len(devices) == 4
+    assert all(
+        r.startswith('meta skuid { "dmzbroker-plant", 0, "dmzbroker-diode" } ') for r in devices
+    )
+    # the sinks and the diode's datagrams in are not the plant's: no user match there
+    assert "skuid" not in "".join(_rules(nftables.ruleset(cfg, loaded), "it_out"))
+
+
+@pytest.mark.parametrize(
+    "value", ["", "-x", "1x", "a b", 'a"b', "a" * 33, "4294967295", "x;drop", "\u0661"]
+)
+def test_bad_users_are_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        nftables.user(value)
+
+
+def test_users_and_uids_are_accepted() -> None:
+    assert [nftables.user(v) for v in ("dmzbroker-plant", "_x.y", "0", "007", "4294967294")] == [
+        "dmzbroker-plant",
+        "_x.y",
+        "0",
+        "7",
+        "4294967294",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("0.0.0.0", "'0.0.0.0' is the unspecified address"),
+        ("::", "'::' is the unspecified address"),
+        ("127.0.0.1", "'127.0.0.1' is a loopback address"),
+        ("localhost", "'localhost' (127.0.0.1) is a loopback address"),
+        ("::1", "'::1' is a loopback address"),
+        ("224.0.0.1", "is a multicast or broadcast address"),
+        ("ff02::1", "is a multicast or broadcast address"),
+        ("255.255.255.255", "is a multicast or broadcast address"),
+        ("169.254.1.1", "is link-local only"),
+        ("fe80::1", "is link-local only"),
+        ("198.51.100.7", "'198.51.100.7' is inside --it-allow 198.51.100.0/24, the IT side"),
+        ("198.51.100.20", "is the address of config enterprise.mqtt.host, an IT-side sink"),
+        ("2001:db8:1::30", "is the address of config audit.siem.host, an IT-side sink"),
+        ("198.51.100.40", "is the address of config diode.host, an IT-side sink"),
+    ],
+)
+def test_a_device_address_that_cannot_be_on_the_ot_network_is_refused(
+    signed: Path, host: str, reason: str
+) -> None:
+    cfg = config.load(signed)
+    devices = _devices()
+    devices[1]["host"] = host
+    loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "bad-address"))
+    allow = [ipaddress.ip_network("198.51.100.0/24")] if host == "198.51.100.7" else []
+    with pytest.raises(ConfigError) as raised:
+        nftables.ruleset(cfg, loaded, it_allow=allow)
+    assert str(raised.value).startswith(f"policy devices[plc-2].host: {host!r}")
+    assert reason in str(raised.value)
+    assert "a device must have a unicast address on the OT network" in str(raised.value)
+
+
+def test_an_ipv4_mapped_device_address_is_matched_as_ipv4(signed: Path) -> None:
+    cfg = config.load(signed)
+    devices = _devices()
+    devices[0]["host"] = "::ffff:192.0.2.10"
+    devices[2]["endpoint"] = "opc.tcp://[::ffff:192.0.2.20]:4841/ua"
+    loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "mapped"))
+    rules = _rules(nftables.ruleset(cfg, loaded), "ot_out")
+    assert (
+        'ip daddr 192.0.2.10 tcp dport 502 ct state new accept comment "policy devices[plc-1].host"'
+        in " ".join(rules).replace('meta skuid "dmzbroker-plant" ', "")
+    )
+    assert any("ip daddr 192.0.2.20 tcp dport 4841" in r for r in rules)
+    assert not any("::ffff" in r for r in rules)
+
+
+@pytest.mark.parametrize(
+    "host", ["192.0.2.10\n}", "plc 1", 'plc"1', "plc;1", "plc\x00", "-plc", "plc..x", "a" * 64]
+)
+def test_host_text_that_is_no_address_or_host_name_never_reaches_the_ruleset(
+    signed: Path, host: str
+) -> None:
+    cfg = config.load(signed)
+    devices = _devices()
+    devices[0]["host"] = host
+    loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "bad-text"))
+    with pytest.raises(ConfigError, match="is neither an IP address nor a host name"):
+        nftables.ruleset(cfg, loaded)
 
 
 def test_a_host_that_does_not_resolve_is_named_with_its_key(signed: Path) -> None:
@@ -175,14 +331,19 @@ def test_fifteen_byte_interface_names_and_vlans_are_accepted() -> None:
 def test_nft_accepts_the_ruleset(signed: Path, tmp_path: Path) -> None:
     cfg = config.load(signed)
     loaded = policy.load(signed.parent / "policy.yaml")
-    allow = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8::/32")]
+    allow = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:2::/48")]
     ruleset = tmp_path / "dmzbroker.nft"
-    ruleset.write_text(nftables.ruleset(cfg, loaded, it_allow=allow))
+    # nft resolves a user name when it reads the file: name users this machine has
+    ruleset.write_text(nftables.ruleset(cfg, loaded, it_allow=allow, ot_users=["root", "65534"]))
     netns.run([str(NFT), "-c", "-f", str(ruleset)])
     broken = tmp_path / "broken.nft"  # the check can fail: it is no rubber stamp
-    broken.write_text(ruleset.read_text().replace("policy drop;", "policy dropp;", 1))
-    with pytest.raises(AssertionError, match="exited 1"):
+    broken.write_text(ruleset.read_text().replace('"root"', '"no-such-user-14"', 1))
+    with pytest.raises(AssertionError, match="User does not exist"):
         netns.run([str(NFT), "-c", "-f", str(broken)])
+    # the shipped example names dmzbroker-plant, which deploy/install.sh creates
+    shipped = tmp_path / "shipped.nft"
+    shipped.write_text((EXAMPLE / "dmzbroker.nft").read_text().replace('"dmzbroker-plant"', "0"))
+    netns.run([str(NFT), "-c", "-f", str(shipped)])
 
 
 def test_the_shipped_example_is_the_generators_output() -> None:
@@ -205,9 +366,20 @@ def test_the_cli_writes_the_ruleset_of_the_signed_policy(signed: Path, tmp_path:
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     printed = dmzbroker(*args, "--it-allow", "198.51.100.0/24")
     assert printed.stdout == out.read_text()
-    assert "ip daddr 192.0.2.10 tcp dport 502 ct state new accept" in printed.stdout
-    assert "ip saddr 198.51.100.0/24 tcp dport 8443" in printed.stdout
+    assert 'meta skuid "dmzbroker-plant" ip daddr 192.0.2.10 tcp dport 502 ct' in printed.stdout
+    assert "ip saddr 198.51.100.0/24 fib daddr . iif type local tcp dport 8443" in printed.stdout
     assert '"enp1s0" : jump ot_in, "it0" : jump it_in' in printed.stdout
+    # plc-2 is named by a host name, the others by address: one warning, naming it
+    for done in (written, printed):
+        warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+        assert warnings == [
+            "dmzbroker: warning: policy devices[plc-2].host: '3221225995' resolved to "
+            "192.0.2.11 now; the ruleset allows no DNS, so the plant half cannot resolve it "
+            "while the ruleset is loaded: name the device by address (or pin the name to "
+            "these addresses in /etc/hosts)"
+        ]
+    users = dmzbroker(*args, "--ot-user", "dmzbroker-diode", "--ot-user", "0").stdout
+    assert 'meta skuid { "dmzbroker-diode", 0 } ip daddr 192.0.2.10 tcp dport 502' in users
 
 
 def test_the_cli_refuses_a_policy_the_owners_did_not_both_sign(
@@ -231,6 +403,12 @@ def test_the_cli_refuses_a_policy_the_owners_did_not_both_sign(
         (["--ot-interface", "a-much-too-long-name"], "--ot-interface 'a-much-too-long-name'"),
         (["--it-interface", "it 0"], "--it-interface 'it 0': an interface name is"),
         (["--it-interface", "ot0"], "--ot-interface and --it-interface are both 'ot0'"),
+        (["--ot-user", "plant user"], "--ot-user 'plant user': a user is a uid or a name"),
+        (["--ot-user", "4294967295"], "--ot-user '4294967295': a uid is at most 4294967294"),
+        (
+            ["--it-allow", "192.0.2.0/24"],
+            "policy devices[plc-1].host: '192.0.2.10' is inside --it-allow 192.0.2.0/24",
+        ),
     ],
 )
 def test_the_cli_names_a_bad_argument(signed: Path, flags: list[str], message: str) -> None:
@@ -259,21 +437,23 @@ def test_the_cli_names_a_host_that_does_not_resolve(
 
 LISTEN = """
 import select, socket, sys
-servers = []
+servers, held = [], []
 for port in sys.argv[1:]:
-    s = socket.socket()
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
+    s.bind(("::", int(port)))
     s.listen(16)
     servers.append(s)
 print("ready", flush=True)
 while True:
     for s in select.select(servers, [], [])[0]:
-        s.accept()[0].close()
+        held.append(s.accept()[0])  # kept open: the appliance may hold a connection
 """
 
 CONNECT = """
-import socket, sys
+import encodings.idna, os, socket, sys  # imported while root: nobody cannot read /root
+os.setuid(int(sys.argv[4]))
 try:
     socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
     print("open")
@@ -281,13 +461,87 @@ except OSError as e:
     print(type(e).__name__)
 """
 
+HOLD = """
+import encodings.idna, os, select, socket, sys
+os.setuid(int(sys.argv[3]))
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print("ready", flush=True)
+print(s.getsockname()[1], flush=True)
+while select.select([s], [], [], 30)[0]:
+    data = s.recv(4096)
+    if not data:
+        break
+    print("received", data, flush=True)
+"""
+
+# Counts the TCP segments on the link from the consumer port, until a file appears.
+CAPTURE = """
+import os, socket, struct, sys, time
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+sock.bind((sys.argv[1], 0))
+sock.settimeout(0.05)
+print("ready", flush=True)
+tcp = from_consumer_port = 0
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+    try:
+        frame = sock.recv(65535)
+    except TimeoutError:
+        continue
+    kind = struct.unpack("!H", frame[12:14])[0]
+    if kind == 0x0800 and frame[23] == 6:
+        sport = struct.unpack("!H", frame[14 + (frame[14] & 15) * 4:][:2])[0]
+    elif kind == 0x86DD and frame[20] == 6:
+        sport = struct.unpack("!H", frame[54:56])[0]
+    else:
+        continue
+    tcp += 1
+    from_consumer_port += sport == int(sys.argv[3])
+print(tcp, from_consumer_port, flush=True)
+"""
+
+# From the IT side, crafted with scapy: spoofed OT sources (v4 and v6) at the appliance's
+# consumer port, a segment forged into the plant's held OT connection, ICMP errors from a
+# genuine IT address quoting that connection (packet too big; redirect), and a redirect
+# quoting the attacker's own consumer connection (`related` to it: only the redirect rule
+# stops that one).
+ATTACK = """
+import socket, sys
+from scapy.all import ICMP, IP, TCP, Ether, IPv6, Raw, conf, sendp
+conf.verb = 0
+mac, held = sys.argv[1], int(sys.argv[2])
+ot_peer, ot_peer6, appl_ot, appl_it, appl_it6, it_peer = sys.argv[3:9]
+quoted = bytes(IP(src=appl_ot, dst=ot_peer, flags="DF", len=1500) / TCP(sport=held, dport=502))
+own = socket.create_connection((appl_it, 8443), timeout=10)
+mine = bytes(IP(src=appl_it, dst=it_peer) / TCP(sport=8443, dport=own.getsockname()[1]))
+sendp([
+    Ether(dst=mac) / IP(src=ot_peer, dst=appl_it) / TCP(sport=502, dport=8443, flags="S"),
+    Ether(dst=mac) / IP(src=ot_peer, dst=appl_ot) / TCP(sport=502, dport=8443, flags="S"),
+    Ether(dst=mac) / IPv6(src=ot_peer6, dst=appl_it6) / TCP(sport=502, dport=8443, flags="S"),
+    Ether(dst=mac) / IP(src=ot_peer, dst=appl_ot) / TCP(sport=502, dport=held, flags="PA")
+    / Raw(b"FORGED-FROM-IT"),
+    Ether(dst=mac) / IP(src=it_peer, dst=appl_ot) / ICMP(type=3, code=4, nexthopmtu=552)
+    / quoted[:28],
+    Ether(dst=mac) / IP(src=it_peer, dst=appl_ot) / ICMP(type=5, code=1, gw=it_peer)
+    / quoted[:28],
+    Ether(dst=mac) / IP(src=it_peer, dst=appl_it) / ICMP(type=5, code=1, gw=it_peer) / mine[:28],
+], iface="eth0")
+print("sent", flush=True)
+"""
+
 APPLIANCE_OT, OT_PEER = "192.0.2.1", "192.0.2.10"
 APPLIANCE_IT, IT_PEER = "198.51.100.1", "198.51.100.10"
+APPLIANCE_OT6, OT_PEER6 = "2001:db8:0:1::1", "2001:db8:0:1::10"
+APPLIANCE_IT6, IT_PEER6 = "2001:db8:2::1", "2001:db8:2::10"
 CONSUMER_PORT, DEVICE_PORT = 8443, 502
+PLANT_UID = 65534  # `nobody`: the ruleset's --ot-user here, a name nft must resolve
+SPOOFED, IT_ICMP = 4, 3  # what ATTACK sends of each kind
 
 
-def _connect(space: netns.Namespace, host: str, port: int, timeout: float = 1.0) -> str:
-    return space.run(sys.executable, "-c", CONNECT, host, str(port), str(timeout)).strip()
+def _connect(
+    space: netns.Namespace, host: str, port: int, timeout: float = 5.0, uid: int = 0
+) -> str:
+    return space.run(sys.executable, "-c", CONNECT, host, str(port), str(timeout), str(uid)).strip()
 
 
 def _counters(appliance: netns.Namespace) -> dict[str, int]:
@@ -299,25 +553,57 @@ def _counters(appliance: netns.Namespace) -> dict[str, int]:
     }
 
 
+def _snmp6(space: netns.Namespace, name: str) -> int:
+    for line in space.run("cat", "/proc/net/snmp6").splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            return int(value)
+    return 0  # the kernel lists a message type once it has counted one
+
+
+def _until(condition: Any, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[tuple[netns.Namespace, netns.Namespace, netns.Namespace]]:
-    """appliance (ot0, it0, forwarding on) between an OT and an IT namespace."""
+    """appliance (ot0, it0, IPv4 and IPv6 forwarding on) between an OT and an IT namespace,
+    with IPv6 on everywhere; the links are still down."""
     pid = os.getpid()
     with netns.namespaces(f"nft{pid}-appl", f"nft{pid}-ot", f"nft{pid}-it") as made:
         appliance, ot, it = made
+        for space in made:  # netns.namespaces turns IPv6 off; this test wants it
+            space.sysctl("net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0")
         netns.veth(appliance, "ot0", ot, "eth0")
         netns.veth(appliance, "it0", it, "eth0")
-        appliance.up("ot0", f"{APPLIANCE_OT}/24")
-        appliance.up("it0", f"{APPLIANCE_IT}/24")
-        ot.up("eth0", f"{OT_PEER}/24")
-        it.up("eth0", f"{IT_PEER}/24")
-        ot.route("198.51.100.0/24", APPLIANCE_OT)
-        it.route("192.0.2.0/24", APPLIANCE_IT)
+        for space, interface, addresses in (
+            (appliance, "ot0", (f"{APPLIANCE_OT}/24", f"{APPLIANCE_OT6}/64")),
+            (appliance, "it0", (f"{APPLIANCE_IT}/24", f"{APPLIANCE_IT6}/64")),
+            (ot, "eth0", (f"{OT_PEER}/24", f"{OT_PEER6}/64")),
+            (it, "eth0", (f"{IT_PEER}/24", f"{IT_PEER6}/64")),
+        ):
+            for address in addresses:
+                space.run("ip", "address", "add", address, "dev", interface)
         # a router, as far as the kernel goes: only the ruleset stops forwarding
-        appliance.sysctl("net.ipv4.ip_forward=1")
+        appliance.sysctl("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         appliance.python("-c", LISTEN, str(CONSUMER_PORT), "8444", log=tmp_path / "appl.log")
         ot.python("-c", LISTEN, str(DEVICE_PORT), "503", log=tmp_path / "ot.log")
         yield appliance, ot, it
+
+
+def _links_up(appliance: netns.Namespace, ot: netns.Namespace, it: netns.Namespace) -> None:
+    for space, interface in ((appliance, "ot0"), (appliance, "it0"), (ot, "eth0"), (it, "eth0")):
+        space.run("ip", "link", "set", interface, "up")
+    ot.route("default", APPLIANCE_OT)
+    ot.route("default", APPLIANCE_OT6)
+    it.route("192.0.2.0/24", APPLIANCE_IT)
+    it.route("2001:db8:0:1::/64", APPLIANCE_IT6)
+    for space in (appliance, ot, it):  # duplicate address detection done (through the rules)
+        _until(lambda s=space: not s.run("ip", "-6", "address", "show", "tentative").strip(), "DAD")
 
 
 @needs_root
@@ -327,29 +613,113 @@ def test_real_packets_meet_the_ruleset(
     pki: Pki,
     owners: Owners,
 ) -> None:
-    appliance, _, it = network
-    # Without the ruleset, IT reaches the OT device through the appliance: the control.
-    assert _connect(it, OT_PEER, DEVICE_PORT) == "open"
-
-    devices = [{"name": "plc-1", "protocol": "modbus", "host": OT_PEER, "port": DEVICE_PORT}]
+    appliance, ot, it = network
+    devices = [
+        {"name": "plc-1", "protocol": "modbus", "host": OT_PEER, "port": DEVICE_PORT},
+        {"name": "plc-6", "protocol": "modbus", "host": OT_PEER6, "port": DEVICE_PORT},
+    ]
     envelope = sign_policy(tmp_path, _policy(devices), [owners.ot_key, owners.it_key])
-    cfg = config.load(_config(tmp_path, envelope, pki, owners))
+    listen = {"listen": {"host": "::", "port": CONSUMER_PORT}}
+    cfg = config.load(_config(tmp_path, envelope, pki, owners, enterprise=listen))
     ruleset = tmp_path / "dmzbroker.nft"
-    allow = [ipaddress.ip_network("198.51.100.0/24")]
-    ruleset.write_text(nftables.ruleset(cfg, policy.load(tmp_path / "policy.yaml"), it_allow=allow))
+    loaded = policy.load(tmp_path / "policy.yaml")
+    # the default: consumers from any source (what makes spoofing worth checking)
+    ruleset.write_text(nftables.ruleset(cfg, loaded, ot_users=["nobody"]))
     appliance.run("nft", "-f", str(ruleset))
-    assert _counters(appliance) == dict.fromkeys(nftables.COUNTERS, 0)
+    _links_up(appliance, ot, it)
 
+    # Idle, with IPv6 on: the appliance's multicast listener reports leave (the kernel counts
+    # only those the output hook passed), the peers' router solicitations are set apart, and
+    # nothing lands in a hostile counter.
+    _until(lambda: _snmp6(appliance, "Icmp6OutType143") >= 1, "an MLDv2 report sent")
+    _until(lambda: _counters(appliance)["router_discovery_dropped"] >= 1, "a peer's RS seen")
+    idle = _counters(appliance)
+    assert {
+        name: idle[name] for name in nftables.COUNTERS if name != "router_discovery_dropped"
+    } == {
+        "ot_dropped": 0,
+        "it_dropped": 0,
+        "forward_dropped": 0,
+        "other_dropped": 0,
+        "spoofed_dropped": 0,
+    }
+
+    # IT: the consumer port, on the IT NIC's own addresses only (IPv4 and IPv6)
     assert _connect(it, APPLIANCE_IT, CONSUMER_PORT) == "open"
-    assert _connect(it, APPLIANCE_IT, 8444) == "TimeoutError"  # it listens: the rules stop it
-    assert _counters(appliance)["it_dropped"] >= 1
+    assert _connect(it, APPLIANCE_IT6, CONSUMER_PORT) == "open"
+    before = _counters(appliance)["it_dropped"]
+    assert _connect(it, APPLIANCE_IT, 8444, timeout=0.5) == "TimeoutError"  # it listens
+    assert _connect(it, APPLIANCE_OT, CONSUMER_PORT, timeout=0.5) == "TimeoutError"  # OT NIC's
+    assert _connect(it, APPLIANCE_OT6, CONSUMER_PORT, timeout=0.5) == "TimeoutError"
+    assert _counters(appliance)["it_dropped"] >= before + 3
 
-    assert _connect(appliance, OT_PEER, DEVICE_PORT) == "open"
-    # it listens too: the ruleset stops the SYN on its way out (the kernel retries, then gives up)
-    assert _connect(appliance, OT_PEER, 503) in ("TimeoutError", "PermissionError")
-    assert _counters(appliance)["ot_dropped"] >= 1
+    # OT: only the plant's user reaches the devices, at their ports
+    assert _connect(appliance, OT_PEER, DEVICE_PORT, uid=PLANT_UID) == "open"
+    assert _connect(appliance, OT_PEER6, DEVICE_PORT, uid=PLANT_UID) == "open"  # ND works
+    before = _counters(appliance)["ot_dropped"]
+    for host, port, uid in (
+        (OT_PEER, DEVICE_PORT, 0),
+        (OT_PEER6, DEVICE_PORT, 0),
+        (OT_PEER, 503, PLANT_UID),
+    ):
+        assert _connect(appliance, host, port, 0.5, uid) in ("TimeoutError", "PermissionError")
+    assert _counters(appliance)["ot_dropped"] >= before + 3
 
-    assert _connect(it, OT_PEER, DEVICE_PORT) == "TimeoutError"
+    # nothing forwarded, IPv4 or IPv6
+    assert _connect(it, OT_PEER, DEVICE_PORT, timeout=0.5) == "TimeoutError"
+    assert _connect(it, OT_PEER6, DEVICE_PORT, timeout=0.5) == "TimeoutError"
+    assert _counters(appliance)["forward_dropped"] >= 2
+
+    # Crafted from IT, while the plant holds a connection to the device and the OT link is
+    # captured: spoofed sources are dropped before conntrack, ICMP errors quoting the OT
+    # connection are no answers on the IT NIC (its own zone), and no packet of the consumer
+    # port appears on the OT link.
+    hold = appliance.python(
+        "-c", HOLD, OT_PEER, str(DEVICE_PORT), str(PLANT_UID), log=tmp_path / "hold.log"
+    )
+    assert hold.stdout is not None
+    held = int(hold.stdout.readline())
+    stop = tmp_path / "capture.stop"
+    capture = ot.python(
+        "-c", CAPTURE, "eth0", str(stop), str(CONSUMER_PORT), log=tmp_path / "cap.log"
+    )
+    before = _counters(appliance)
+    mac = json.loads(appliance.run("ip", "-j", "link", "show", "it0"))[0]["address"]
+    sent = it.run(
+        sys.executable,
+        "-c",
+        ATTACK,
+        mac,
+        str(held),
+        OT_PEER,
+        OT_PEER6,
+        APPLIANCE_OT,
+        APPLIANCE_IT,
+        APPLIANCE_IT6,
+        IT_PEER,
+    )
+    assert sent.strip() == "sent"
+    _until(
+        lambda: _counters(appliance)["spoofed_dropped"] >= before["spoofed_dropped"] + SPOOFED,
+        "spoofed dropped",
+    )
+    # polls and consumers still work, and the capture sees them
+    assert _connect(appliance, OT_PEER, DEVICE_PORT, uid=PLANT_UID) == "open"
+    assert _connect(it, APPLIANCE_IT, CONSUMER_PORT) == "open"
+    stop.touch()
+    assert capture.stdout is not None
+    segments, from_consumer_port = map(int, capture.stdout.readline().split())
+    assert segments >= 3 and from_consumer_port == 0  # no SYN-ACK reflected into the plant
     after = _counters(appliance)
-    assert after["forward_dropped"] >= 1
+    assert after["spoofed_dropped"] - before["spoofed_dropped"] == SPOOFED
+    assert after["it_dropped"] - before["it_dropped"] == IT_ICMP
+    assert "mtu 552" not in appliance.run("ip", "route", "get", OT_PEER)  # the ICMP error
+    assert "redirected" not in appliance.run("ip", "route", "get", OT_PEER)
+    stop_process(hold)
+    assert b"received" not in hold.stdout.read()  # the forged segment never reached it
+    assert after["ot_dropped"] == before["ot_dropped"]
     assert after["other_dropped"] == 0
+
+    # Without the ruleset, IT reaches the OT device through the appliance: the control.
+    appliance.run("nft", "delete", "table", "inet", nftables.TABLE)
+    assert _connect(it, OT_PEER, DEVICE_PORT) == "open"
