@@ -24,6 +24,13 @@ plant group as a supplementary group (it reads the spool and the plant's audit l
 neither), each with its unit's umask. Otherwise (`--same-user`, a non-root start, the demo)
 both halves share one user, and `halves_share_user` (audited) says what that gives up. A
 missing user is refused, never replaced by root; this module never creates a user.
+Before dropping to them it certifies each half's first audit epoch for its user
+(`enroll_halves`), so that no half needs to read the root audit key. A half of its own user
+gets a minimal environment (`half_environment`), never root's, and, when the supervisor's
+stdout or stderr is a regular file, a pipe the supervisor copies into it line by line
+(`_relay`): a descriptor of root's log in a half's hands would let it truncate the log.
+What the units add and `run` does not (seccomp, an empty capability bounding set, the file
+system sandbox) is in docs/deployment.md; each half sets no_new_privs itself at start.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import grp
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -43,9 +51,11 @@ from typing import TypedDict
 
 import structlog
 
+from broker.audit.epochs import RootKey
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.backoff import Backoff
 from broker.config import BrokerConfig, SupervisorConfig
+from broker.deployment import enrollment
 from broker.deployment.layout import PLANT_USER, user_of, written_paths
 from broker.errors import ConfigError
 from broker.folder_lock import check_free
@@ -59,6 +69,11 @@ EXTRA_GROUPS: dict[str, tuple[str, ...]] = {
     "enterprise": (PLANT_USER,),
 }  # reads the spool and plant audit
 PROBE_TIMEOUT_S = 60.0  # one interpreter start, importing the package, on a loaded box
+# A half of its own user gets these of the supervisor's environment and nothing else.
+KEPT_VARIABLES = ("LANG", "LC_ALL", "TZ")
+HALF_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # systemd's default
+RELAY_LINE_BYTES = 64 * 1024  # a longer line from a half is copied in pieces of this size
+RELAY_DRAIN_S = 2.0  # after a half exits, how long its last lines may take to arrive
 # What one user for both halves gives up: what the enterprise half could then do to the plant.
 GIVES_UP = (
     "the enterprise half can write the spool the plant half reads at start, the plant's state "
@@ -77,6 +92,7 @@ class HalfUser:
     gid: int
     extra_groups: tuple[int, ...]
     umask: int
+    home: str = "/nonexistent"
 
 
 def half_users() -> dict[str, HalfUser]:
@@ -93,8 +109,42 @@ def half_users() -> dict[str, HalfUser]:
                 f"user {name} (or its group) does not exist: create the halves' users with "
                 "deploy/install.sh, or start both halves as one user with --same-user"
             ) from None
-        users[half] = HalfUser(name, entry.pw_uid, entry.pw_gid, extra, UMASKS[half])
+        users[half] = HalfUser(
+            name, entry.pw_uid, entry.pw_gid, extra, UMASKS[half], entry.pw_dir or "/nonexistent"
+        )
     return users
+
+
+def enroll_halves(config: BrokerConfig, appliance: str) -> None:
+    """Certify, as root, epoch 1 of each half's audit log that has none yet, for the half's
+    user (broker.deployment.enrollment): the halves then never read the root audit key,
+    which is loaded here only if a half needs it."""
+    root = RootKey.from_files(config.audit.key)
+    for done in enrollment.enroll(config, appliance, root, HALVES):
+        if done.skipped is None:
+            log.info("audit_epoch_enrolled", writer=done.writer, user=done.user)
+
+
+def half_environment(user: HalfUser | None) -> dict[str, str]:
+    """The environment a half starts with. As another user: a few locale and time variables
+    and a fixed PATH, never the rest of root's (credentials, proxies, HOME, LD_* and SSL_*
+    settings would all be readable by the half, and change what it loads)."""
+    supervisor = {SUPERVISOR_PID: str(os.getpid())}
+    if user is None:
+        return {**os.environ, **supervisor}
+    kept = {name: os.environ[name] for name in KEPT_VARIABLES if name in os.environ}
+    return {"PATH": HALF_PATH, "HOME": user.home, **kept, **supervisor}
+
+
+def relayed() -> bool:
+    """Whether the halves' output goes through the supervisor: when its stdout or stderr is a
+    regular file, which a half holding the descriptor could truncate or overwrite. A
+    terminal, a pipe or the journal's socket is left to them (a terminal keeps its colours)."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return True
+    return False
 
 
 def check_interpreter(users: dict[str, HalfUser]) -> None:
@@ -194,6 +244,8 @@ class Supervisor:
         self._settings = settings
         self._audit = audit
         self._children: dict[str, asyncio.subprocess.Process] = {}
+        self._relaying = users is not None and relayed()
+        self._relays: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         """Keep both halves running until cancelled (a stop signal); then stop both."""
@@ -236,6 +288,7 @@ class Supervisor:
             started = time.monotonic()
             try:
                 code = await process.wait()
+                await self._drain(half)
             except asyncio.CancelledError:
                 await self._stop(half, process)
                 raise
@@ -253,8 +306,10 @@ class Supervisor:
 
     async def _start(self, half: str, *, reset_state: bool) -> asyncio.subprocess.Process:
         """Start a half; a stop request arriving meanwhile stops it again before returning."""
-        environment = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
         user = self._users[half] if self._users is not None else None
+        # Relayed: one pipe for both, read by _relay; else the supervisor's own, inherited.
+        stdout = asyncio.subprocess.PIPE if self._relaying else None
+        stderr = asyncio.subprocess.STDOUT if self._relaying else None
         argv = [sys.executable, "-I", "-m", "broker", half, "--config", str(self._config)]
         if reset_state:
             argv.append("--reset-state")
@@ -263,9 +318,12 @@ class Supervisor:
                 *argv,
                 "--log-format",
                 self._log_format,
-                env=environment,
+                env=half_environment(user),
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                limit=RELAY_LINE_BYTES,
+                stdout=stdout,
+                stderr=stderr,
                 **_as(user),
             )
         )
@@ -275,7 +333,17 @@ class Supervisor:
             await self._stop(half, await spawning)
             raise
         self._children[half] = process
+        if process.stdout is not None:
+            self._relays[half] = asyncio.create_task(_relay(process.stdout), name=f"{half} out")
         return process
+
+    async def _drain(self, half: str) -> None:
+        """Let the relay of a half that exited copy its last lines (its error, if it failed
+        to start), for at most RELAY_DRAIN_S: a process it left behind may hold the pipe."""
+        relay = self._relays.pop(half, None)
+        if relay is not None:
+            await asyncio.wait({relay}, timeout=RELAY_DRAIN_S)
+            relay.cancel()
 
     async def _stop(self, half: str, process: asyncio.subprocess.Process) -> None:
         if process.returncode is None:
@@ -288,6 +356,7 @@ class Supervisor:
                 log.error("half_killed", half=half, pid=process.pid, after_s=STOP_GRACE_S)
                 process.kill()
                 await process.wait()
+        await self._drain(half)
         log.info("half_stopped", half=half, pid=process.pid, exit_code=process.returncode)
 
     def _forward_hangup(self) -> None:
@@ -303,6 +372,26 @@ class Supervisor:
         while True:
             monitor.check()
             await asyncio.sleep(AUDIT_CHECK_S)
+
+
+async def _relay(output: asyncio.StreamReader) -> None:
+    """Copy a half's output into the supervisor's stderr until it ends: whole lines, so that
+    the two halves' lines never interleave, and a line longer than RELAY_LINE_BYTES in pieces
+    (memory stays bounded). A stderr that refuses is skipped, never a reason to stop reading:
+    the half would block on a full pipe."""
+    while True:
+        try:
+            chunk = await output.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            chunk = e.partial  # the end: what came after the last newline, if anything
+        except asyncio.LimitOverrunError as e:
+            chunk = await output.read(max(e.consumed, 1))
+        if not chunk:
+            return
+        with contextlib.suppress(OSError):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(2, view) :]
 
 
 def _how_it_ended(returncode: int) -> dict[str, int | str]:

@@ -76,6 +76,7 @@ for unit in "${UNITS[@]}"; do
         die "role $ROLE needs $HERE/systemd/$unit.service, which this copy of dmzbroker does not have"
 done
 [[ -f $HERE/broker.yaml ]] || die "$HERE/broker.yaml (the example configuration) is missing"
+[[ -f $HERE/sysctl/90-dmzbroker.conf ]] || die "$HERE/sysctl/90-dmzbroker.conf is missing"
 for tool in getent groupadd useradd usermod stat; do
     command -v "$tool" >/dev/null || die "'$tool' is not installed (needed to create the users)"
 done
@@ -204,6 +205,11 @@ for unit in "${UNITS[@]}"; do
         install_file "/etc/systemd/system/$unit.service" 0644
 done
 
+# The kernel settings that go with the firewall (deploy/nftables/README.md): no forwarding,
+# no redirects, strict reverse path. Applied at the next boot, or now by `sysctl --system`.
+mkdir -p -- "$R/etc/sysctl.d"
+install_file /etc/sysctl.d/90-dmzbroker.conf 0644 <"$HERE/sysctl/90-dmzbroker.conf"
+
 # The example configuration, never over the operator's own.
 if [[ -e $R$ETC/broker.yaml || -L $R$ETC/broker.yaml ]]; then
     say "kept $ETC/broker.yaml"
@@ -213,7 +219,9 @@ else
 fi
 
 # Secrets that exist: each readable by the one user that needs it.
-ensure_secret $ETC/audit.key "root:$PLANT" 0640  # every writer reads it at its first start
+# The root audit key is root's alone: `dmzbroker audit enroll` (and `run` as root) certify
+# each writer's first epoch with it, so no half ever reads it (ADR 0018).
+ensure_secret $ETC/audit.key root:root 0600
 if has_user "$ENTERPRISE"; then
     ensure_secret $ETC/tls/server.key "$ENTERPRISE:$ENTERPRISE" 0600
 fi
@@ -227,5 +235,9 @@ fi
 
 if [[ ! -x $R$PREFIX/bin/dmzbroker ]]; then
     say "note: $PREFIX/bin/dmzbroker is not installed yet; the units start it"
+fi
+if [[ -e $R$ETC/audit.key ]]; then
+    say "$ETC/audit.key is root's alone (0600): before the units' first start, run" \
+        "$PREFIX/bin/dmzbroker audit enroll --config $ETC/broker.yaml"
 fi
 say "done; then: systemctl daemon-reload && systemctl enable --now ${UNITS[*]/%/.service}"

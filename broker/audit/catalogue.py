@@ -53,6 +53,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "half_restarted": ("process", "success"),
     "half_killed": ("process", "failure"),
     "halves_share_user": ("process", "unknown"),  # run/demo not separating the halves
+    "audit_epoch_enrolled": ("audit", "success"),  # run as root, for a half's first start
     "audit_write_failed": ("audit", "failure"),
     "audit_chain_break": ("audit", "failure"),  # written by the log itself at start
     "audit_entries_dropped": ("audit", "failure"),  # written by the log itself, on recovery
@@ -88,7 +89,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "diode_gap_detected": ("channel", "failure"),
     "diode_records_lost": ("channel", "failure"),
     "diode_records_repeated": ("channel", "unknown"),
-    "diode_spool_rewound": ("channel", "failure"),
+    "diode_seq_realigned": ("channel", "failure"),
     "diode_heartbeat_missed": ("channel", "failure"),
     "diode_link_restored": ("channel", "success"),
     "diode_datagrams_refused": ("channel", "failure"),

@@ -7,8 +7,10 @@ half `audit.pub`); every other epoch by the epoch before it. An epoch signs chec
 from its `from_seq` on, and `from_seq` grows with every epoch, so a key taken from the
 appliance today cannot sign a checkpoint for yesterday's entries: their epochs' keys are gone.
 
-Readers (`audit verify`, the writer at start) rebuild the chain from `audit.pub` alone with
-`read_chain`. This module never deletes or rewrites a certificate that verifies, and never
+Epoch 1 of a writer that runs as another user is certified by root before its first start
+(`enroll`: `dmzbroker audit enroll`, or `run` as root), with its files given to that user, so
+that no half ever needs to read the root key (ADR 0018). Readers (`audit verify`, the writer
+at start) rebuild the chain from `audit.pub` alone with `read_chain`. This module never deletes or rewrites a certificate that verifies, and never
 writes a private key with wider permissions than 0600.
 """
 
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from broker.audit.entry import canonical
 from broker.errors import ConfigError, TrustError
+from broker.audit.segments import segment_numbers
 from broker.safe_files import fsync_folder, read_regular
 from broker.trust.keys import key_id, load_private, parse_public_pem, verifies
 
@@ -80,11 +83,14 @@ class RootKey:
         def load() -> Ed25519PrivateKey:
             try:
                 return load_private(private, passphrase=None)
-            except TrustError as e:
+            except (TrustError, OSError) as e:
+                what = f"{private}: cannot read: {e.strerror}" if isinstance(e, OSError) else e
                 raise ConfigError(
-                    f"{e}: the root audit key is needed to certify a writer's first epoch key "
-                    "(a writer's first start, or after it lost epoch.key); put it back for this "
-                    "start, and take it off the appliance again afterwards"
+                    f"{what}: the root audit key certifies a writer's first epoch key. Before a "
+                    "writer's first start, run `dmzbroker audit enroll --config FILE` as root "
+                    "(`dmzbroker run` as root does it itself); a writer that lost epoch.key "
+                    "needs the key for one start (a new link, recorded as a chain break): put "
+                    "it back, readable by that writer, and take it away again afterwards"
                 ) from e
 
         try:
@@ -236,8 +242,11 @@ def advance(
     epochs: list[Epoch],
     from_seq: int,
     certifier: Ed25519PrivateKey,
+    owner: tuple[int, int] | None = None,
 ) -> tuple[Epoch, Ed25519PrivateKey]:
     """Certify a fresh key as the next epoch, from `from_seq` on, and make it the current one.
+    `owner` (uid, gid): root enrolling another user's writer (`enroll`); its files are given
+    to that user.
 
     Crash-safe order: the new key is on disk (`epoch.key.next`) before its certificate, and
     the certificate before the key replaces the old one, so whatever instant a crash hits, the
@@ -263,14 +272,17 @@ def advance(
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_durably(directory / NEXT_KEY_FILE, pem, mode=0o600, append=False)
+    _write_durably(directory / NEXT_KEY_FILE, pem, mode=0o600, append=False, owner=owner)
     chain = directory / CHAIN_FILE
     try:
         size = chain.stat().st_size
     except FileNotFoundError:
         size = 0
     try:
-        _write_durably(chain, canonical(certificate) + b"\n", mode=0o640, append=True)
+        # Enrolling, the chain is empty: written anew (O_EXCL), never appended to a file the
+        # writer's user could have made a link to something of root's.
+        line = canonical(certificate) + b"\n"
+        _write_durably(chain, line, mode=0o640, append=owner is None, owner=owner)
     except OSError:
         # Not certified: undo what may be on disk, so that the chain never holds a torn line
         # and the old key, still the certified one, goes on signing.
@@ -313,6 +325,27 @@ def cut(directory: Path, epochs: list[Epoch]) -> None:
     fsync_folder(directory)
 
 
+def enroll(directory: Path, appliance: str, root: RootKey, owner: tuple[int, int]) -> str | None:
+    """As root, certify epoch 1 of the writer folder `directory` for the writer that runs as
+    `owner` (uid, gid): `epochs.jsonl` and `epoch.key` (0600) are created anew and given to
+    it, and its first start continues this chain without the root key (`AuditLog._start`
+    adopts a log of no entries whose chain is one epoch from seq 1). None when enrolled;
+    else why nothing was changed: a writer that has a key chain or a log already certifies
+    its own next epochs, and one whose chain broke starts a new link itself."""
+    chain = directory / CHAIN_FILE
+    try:
+        status = os.lstat(chain)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(status.st_mode) or status.st_size:
+            return f"has a key chain ({CHAIN_FILE}) already"
+    if segment_numbers(directory):
+        return "has an audit log already"
+    advance(directory, appliance, [], 1, root.load_private(), owner=owner)
+    return None
+
+
 def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
     """A private key file this process wrote: regular, ours, 0600 at most. Another mode or
     owner means someone else could read it or swapped it: not used."""
@@ -337,10 +370,12 @@ def _read_key(path: Path) -> tuple[Ed25519PrivateKey | None, str]:
     return key, ""
 
 
-def _write_durably(path: Path, data: bytes, *, mode: int, append: bool) -> None:
+def _write_durably(
+    path: Path, data: bytes, *, mode: int, append: bool, owner: tuple[int, int] | None = None
+) -> None:
     """Append to `path`, or write it anew. A new file is created by this call (O_EXCL, after
     removing what was there), so a file someone made in advance, with a wider mode or as a
-    link, never receives a key."""
+    link, never receives a key. `owner`: (uid, gid) a new file is given to before any byte."""
     if append:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     else:
@@ -352,6 +387,8 @@ def _write_durably(path: Path, data: bytes, *, mode: int, append: bool) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if not append:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
         view = memoryview(data)
         while view:

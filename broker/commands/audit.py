@@ -1,4 +1,5 @@
-"""`audit keygen|verify|show`: the appliance's audit key, and reviewing the audit log."""
+"""`audit keygen|enroll|verify|show|report`: the appliance's audit key, each writer's first
+epoch key, and reviewing the audit log."""
 
 from __future__ import annotations
 
@@ -26,6 +27,24 @@ def add_to(commands: Any) -> None:
     keygen = sub.add_parser("keygen", help="the appliance's audit key (signs checkpoints)")
     keygen.add_argument("--out", type=Path, required=True, help="directory for audit.key/.pub")
     keygen.set_defaults(handler=_keygen)
+
+    enroll = sub.add_parser(
+        "enroll",
+        help="as root, certify each writer's first epoch key for its user (ADR 0018)",
+        description="Certify epoch 1 of each audit writer that has no key chain yet, with the "
+        "root audit key, and give its epoch key to the user the writer runs as, so that no "
+        "half needs to read audit.key. Writers that have a chain are left alone.",
+    )
+    enroll.add_argument("--config", type=Path, required=True, help="broker.yaml")
+    enroll.add_argument(
+        "--writer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this writer (plant, enterprise, diode-send, diode-receive); repeatable; "
+        "default: every writer of the configuration whose user exists here",
+    )
+    enroll.set_defaults(handler=_enroll)
 
     check = sub.add_parser("verify", help="prove the log intact, or name the first problem")
     check.add_argument("dir", type=Path, help="the audit directory (one folder per writer)")
@@ -60,6 +79,36 @@ def add_to(commands: Any) -> None:
 def _keygen(args: argparse.Namespace) -> int:
     generated = keys.generate_pair(args.out, "audit", passphrase=None)
     print(f"private key: {generated.private}\npublic key:  {generated.public}")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from broker import config
+    from broker.audit.epochs import RootKey
+    from broker.deployment import enrollment
+    from broker.policy import trustroot
+
+    cfg = config.load(args.config)
+    known = enrollment.writers(cfg)
+    unknown = [writer for writer in args.writer if writer not in known]
+    if unknown:
+        raise ConfigError(
+            f"--writer {unknown[0]}: not a writer of {args.config} that runs as its own user "
+            f"(one of: {', '.join(known)})"
+        )
+    appliance = trustroot.load(cfg.trust_root).deployment_id  # as each writer opens its log
+    done = enrollment.enroll(
+        cfg,
+        appliance,
+        RootKey.from_files(cfg.audit.key),
+        args.writer or known,
+        missing_user_ok=not args.writer,
+    )
+    for result in done:
+        if result.skipped is None:
+            print(f"{result.writer}: epoch 1 certified; its key belongs to {result.user}")
+        else:
+            print(f"{result.writer}: left alone: {result.skipped}")
     return 0
 
 

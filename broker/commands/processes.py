@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from broker.policy import activation, trustroot
 from broker.policy import envelope as envelopes
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
+_PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
 
 
 def add_to(commands: Any) -> None:
@@ -236,7 +238,13 @@ def _enterprise_state(cfg: config.BrokerConfig) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from broker.supervisor import Supervisor, check_interpreter, half_users, refuse_if_running
+    from broker.supervisor import (
+        Supervisor,
+        check_interpreter,
+        enroll_halves,
+        half_users,
+        refuse_if_running,
+    )
 
     # Refuse a bad config or policy, missing users, or folders another instance writes,
     # before starting any half; the halves admit (and audit) the policy themselves. The
@@ -250,6 +258,8 @@ def _run(args: argparse.Namespace) -> int:
         refuse_if_running(cfg, users)
         if users is not None:
             check_interpreter(users)
+            # Under the trust root's deployment id, as each half opens its log.
+            enroll_halves(cfg, trustroot.load(cfg.trust_root).deployment_id)
         fmt = args.log_format or cfg.log.format
         supervisor = Supervisor(
             args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state, users=users
@@ -257,8 +267,19 @@ def _run(args: argparse.Namespace) -> int:
         return run_until_signalled(supervisor.run())
 
 
+def no_new_privileges() -> None:
+    """PR_SET_NO_NEW_PRIVS for this process and all it ever starts: no exec gains privileges
+    (setuid, file capabilities) from here on, which is what the units' NoNewPrivileges= gives,
+    and `run` as root cannot set in a child without code between fork and exec."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise ConfigError(f"cannot set no_new_privs: {os.strerror(ctypes.get_errno())}")
+
+
 def _plant(args: argparse.Namespace) -> int:
     from broker.plant.run import run_plant
+
+    no_new_privileges()
 
     with opened_half(args, "plant", _plant_state, reset_state=args.reset_state) as (
         cfg,
@@ -271,6 +292,8 @@ def _plant(args: argparse.Namespace) -> int:
 
 def _enterprise(args: argparse.Namespace) -> int:
     from broker.enterprise.run import run_enterprise
+
+    no_new_privileges()
 
     with opened_half(args, "enterprise", _enterprise_state, reset_state=args.reset_state) as (
         cfg,

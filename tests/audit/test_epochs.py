@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import epochs
+from broker.audit.log import AuditLog
+from broker.errors import ConfigError
+from broker.trust import keys
 from broker.trust.keys import key_id
+from tests.harness import dmzbroker
+
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -262,3 +271,58 @@ def test_a_lost_or_wrong_epoch_key_is_named(
         build(other, root, [1])
         path.write_bytes((other / epochs.KEY_FILE).read_bytes())
     assert epochs.current_key(folder, chain) == (None, why)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a writer's files to another user needs root")
+def test_an_enrolled_writer_starts_as_its_user_without_the_root_key_and_verifies_intact() -> None:
+    """Review r1 #5: root certifies epoch 1 for the writer's user, so the writer never reads
+    audit.key (root's alone, 0600); a writer never enrolled is told how to be."""
+    with tempfile.TemporaryDirectory(prefix="dmzbroker-enroll-", dir="/tmp") as place:
+        base = Path(place)
+        base.chmod(0o755)  # the writer's user must reach its folder; not tmp_path (0700)
+        made = keys.generate_pair(base, "audit", passphrase=None)
+        (base / "audit").mkdir(mode=0o755)
+        root = epochs.RootKey.from_files(made.private)
+        writer = base / "audit" / "plant"
+        writer.mkdir()
+        os.chown(writer, NOBODY, NOBODY)
+        assert epochs.enroll(writer, "site", root, (NOBODY, NOBODY)) is None
+        assert epochs.enroll(writer, "site", root, (NOBODY, NOBODY)) == (
+            "has a key chain (epochs.jsonl) already"
+        )
+        for name, mode in ((epochs.KEY_FILE, 0o600), (epochs.CHAIN_FILE, 0o640)):
+            status = (writer / name).stat()
+            assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (
+                NOBODY, NOBODY, mode,
+            )  # fmt: skip
+        unenrolled = base / "audit" / "enterprise"
+        unenrolled.mkdir()
+        os.chown(unenrolled, NOBODY, NOBODY)
+
+        os.setegid(NOBODY)
+        os.seteuid(NOBODY)  # the writer's user: audit.key (root's, 0600) is unreadable now
+        try:
+            with pytest.raises(PermissionError):
+                made.private.read_bytes()
+            with AuditLog(
+                base / "audit", "plant", "site", epochs.RootKey.from_files(made.private)
+            ) as log:
+                log.record("process_started", category="process", outcome="success")
+            with pytest.raises(ConfigError) as refused:
+                AuditLog(
+                    base / "audit", "enterprise", "site", epochs.RootKey.from_files(made.private)
+                )
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert "this is the writer's first start" in str(refused.value)
+        assert "Permission denied" in str(refused.value)
+        assert "run `dmzbroker audit enroll --config FILE` as root" in str(refused.value)
+        shutil.rmtree(unenrolled)
+
+        verified = dmzbroker(
+            "audit", "verify", str(base / "audit"), "--pubkey", str(made.public), check=False
+        )
+        assert verified.returncode == 0, verified.stdout
+        assert "plant: INTACT" in verified.stdout
+        assert verified.stdout.splitlines()[-1] == "INTACT"

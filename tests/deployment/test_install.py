@@ -72,7 +72,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3.11")  # the venv's is under /root, which 
 # Run as a half user: each probe is [name, operation, target, argument]; prints name → "ok" or
 # the errno's name. Only the standard library, so the system interpreter runs it as anyone.
 PROBE = r"""
-import ctypes, errno, json, os, sys
+import ctypes, errno, fcntl, json, os, sys
 results = {}
 for name, op, target, arg in json.loads(sys.argv[1]):
     try:
@@ -83,6 +83,12 @@ for name, op, target, arg in json.loads(sys.argv[1]):
         elif op == "replace":  # a file of ours on the same file system, renamed over target
             os.close(os.open(arg, os.O_WRONLY | os.O_CREAT, 0o600))
             os.replace(arg, target)
+        elif op == "flock":  # flock(2) needs only a descriptor, of any access mode
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
         elif op == "read":
             with open(target, "rb") as f:
                 f.read(1)
@@ -305,13 +311,30 @@ def listening(pid: int) -> list[str]:
     return found
 
 
+ROOTS_SECRET = "DMZBROKER_TEST_ROOTS_SECRET"  # in run's environment, never in a half's
+
+
 def start_run(python: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`dmzbroker run` as root (this process's user), as an operator or a unit would start it."""
+    """`dmzbroker run` as root (this process's user), as an operator or a unit would start it,
+    with a variable of root's session in its environment and its stderr a regular file."""
     with open(log, "wb") as stderr:
         return subprocess.Popen(
             [str(python), "-m", "broker", "run", "--config", str(config), "--reset-state"],
             stdout=subprocess.DEVNULL, stderr=stderr, cwd=log.parent, start_new_session=True,
+            env={**os.environ, ROOTS_SECRET: "s3cr3t", "HOME": "/root"},
         )  # fmt: skip
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode().split("=", 1) for p in pairs if p)
+
+
+def status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {name}: line for pid {pid}")
 
 
 def supplementary_groups(pid: int) -> set[int]:
@@ -333,8 +356,18 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
     install(root)  # again, after provisioning: the secrets get their owners and modes
     etc = root / ETC
     assert owner_and_mode(etc / "tls" / "server.key") == (ENTERPRISE_USER, ENTERPRISE_USER, 0o600)
-    assert owner_and_mode(etc / "audit.key") == ("root", PLANT_USER, 0o640)
+    # Root's alone (review r1 #5): the halves' first epochs are certified by root.
+    assert owner_and_mode(etc / "audit.key") == ("root", "root", 0o600)
     python = runnable_interpreter(root)
+    # By hand for the plant; `run` enrolls the enterprise half itself.
+    enrolled = subprocess.run(
+        [str(python), "-m", "broker", "audit", "enroll", "--config", str(config),
+         "--writer", "plant"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert enrolled.stdout == f"plant: epoch 1 certified; its key belongs to {PLANT_USER}\n"
+    plant_key = root / STATE / "audit" / "plant" / "epoch.key"
+    assert owner_and_mode(plant_key) == (PLANT_USER, PLANT_USER, 0o600)
 
     log = root / "run.log"
     run = start_run(python, config, log)
@@ -360,6 +393,14 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
         assert supplementary_groups(enterprise.pid) == {grp.getgrnam(PLANT_USER).gr_gid}
         assert supplementary_groups(plant.pid) == set()
         assert supervisor.uids().effective == 0
+        assert ROOTS_SECRET in environment_of(supervisor.pid)
+        for half in (plant, enterprise):  # review r1 #6
+            environment = environment_of(half.pid)
+            assert ROOTS_SECRET not in environment
+            assert environment["HOME"] == "/nonexistent"
+            assert status_field(half.pid, "NoNewPrivs") == "1"
+            # root's log file is not theirs to truncate: they write into a pipe run reads
+            assert os.readlink(f"/proc/{half.pid}/fd/2").startswith("pipe:")
 
         state = root / STATE
         spool, plant_state, plant_audit = (
@@ -387,6 +428,11 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
                 ["signal_plant", "kill", pid, int(signal.SIGTERM)],
                 ["ptrace_plant", "ptrace", pid, None],
                 ["open_plant_memory", "mem", pid, None],
+                # review r1 #1: holding a plant lock keeps the plant half from starting
+                ["flock_spool_lock", "flock", str(spool / ".lock"), None],
+                ["flock_plant_audit_lock", "flock", str(plant_audit / ".lock"), None],
+                # review r1 #5: with the root key, it could rebuild its own log
+                ["read_audit_key", "read", str(etc / "audit.key"), None],
                 # positive controls: what the enterprise half needs
                 ["list_spool", "list", str(spool), None],
                 ["read_segment", "read", str(segment), None],
@@ -404,6 +450,9 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
             "signal_plant": "EPERM",
             "ptrace_plant": "EPERM",
             "open_plant_memory": "EACCES",
+            "flock_spool_lock": "EACCES",
+            "flock_plant_audit_lock": "EACCES",
+            "read_audit_key": "EACCES",
             "list_spool": "ok",
             "read_segment": "ok",
             "read_plant_audit": "ok",
@@ -432,4 +481,13 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
         assert not plant.is_running() and not enterprise.is_running()
     finally:
         stop_process(run, timeout=20)
-    assert '"halves_share_user"' not in log.read_text()
+    text = log.read_text()
+    assert '"halves_share_user"' not in text
+    assert '"audit_epoch_enrolled"' in text and '"plant_started"' in text  # halves' lines relayed
+    verified = subprocess.run(
+        [str(python), "-m", "broker", "audit", "verify", str(root / STATE / "audit"),
+         "--pubkey", str(etc / "audit.pub")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout
+    assert verified.stdout.splitlines()[-1] == "INTACT"
