@@ -310,21 +310,24 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
     report["malformed"] = await malformed(host, port, context)
     writes = b"".join(modbus_writes())
     at_appliance: dict[str, tuple[str, int, bytes]] = {}
-    # its IT address, and its OT addresses reached through the IT NIC
+    # its IT address, and its OT addresses reached through the IT NIC (the consumer port
+    # too: it is open on the IT NIC's own addresses only)
     for address in (host, *args.appliance_ot):
         at_appliance[f"modbus write to {address}:{MODBUS_PORT}"] = (address, MODBUS_PORT, writes)
         at_appliance[f"OPC UA Hello to {address}:{OPCUA_PORT}"] = (
             address, OPCUA_PORT, opcua_hello(f"opc.tcp://{address}:{OPCUA_PORT}"),
         )  # fmt: skip
+        if address != host:
+            at_appliance[f"consumer port at {address}"] = (address, port, b"GET / HTTP/1.1\r\n")
     routed = {}
     for target in args.ot:
         ot_host, ot_port = _address(target)
         payload = writes if ot_port == MODBUS_PORT else opcua_hello(f"opc.tcp://{target}")
         routed[f"routed to {target}"] = (ot_host, ot_port, payload)
     report["at_appliance"], report["routed"] = len(at_appliance), len(routed)
-    report["attempts"] = {
-        name: await attempt(*destination) for name, destination in (at_appliance | routed).items()
-    }
+    attempts = at_appliance | routed  # all at once: each dropped SYN waits CONNECT_TIMEOUT_S
+    results = await asyncio.gather(*(attempt(*destination) for destination in attempts.values()))
+    report["attempts"] = dict(zip(attempts, results, strict=True))
     report["udp_sent"] = await asyncio.to_thread(
         udp_spray, [_address(target) for target in args.ot]
     )
@@ -336,6 +339,10 @@ async def attack(args: argparse.Namespace) -> dict[str, Any]:
 
 
 NOT_SYN = ("A", "F", "R", "FA", "PA", "SA", "SR", "SF", "FPU", "")  # TCP flags, no plain SYN
+# Below the kernel's ephemeral range (32768-60999): a crafted segment must never fall into a
+# connection the consumer or the flood left in the connection tracking table (TIME_WAIT
+# entries live 120 s), where it would be `established` and not counted.
+CRAFTED_PORT = 20000
 
 
 def craft(args: argparse.Namespace) -> dict[str, int]:
@@ -383,20 +390,27 @@ def craft(args: argparse.Namespace) -> dict[str, int]:
             add("spoofed", ip(src, dst) / TCP(sport=4444, dport=dport, flags="S", seq=1000))
         counter = "at_appliance" if (dst, dport) in consumers else "routed"
         for n, flags in enumerate(NOT_SYN):
-            add(counter, ip(own(dst), dst) / TCP(sport=40000 + n, dport=dport, flags=flags))
+            add(counter, ip(own(dst), dst) / TCP(sport=CRAFTED_PORT + n, dport=dport, flags=flags))
     for dst, dport in routed:
-        syn = TCP(sport=41000, dport=dport, flags="S")
+        syn = TCP(sport=CRAFTED_PORT + 100, dport=dport, flags="S")
         if ":" in dst:
             whole = IPv6(src=own(dst), dst=dst) / IPv6ExtHdrFragment() / syn / Raw(b"S" * 1400)
             add("routed", *fragment6(whole, 600))
         else:
             add("routed", *fragment(IP(src=own(dst), dst=dst) / syn / Raw(b"S" * 64), 16))
     for dst, dport in routed[:1]:
-        udp = ip(own(dst), dst) / UDP(sport=41001, dport=dport) / Raw(modbus_writes()[0] * 8)
+        udp = (
+            ip(own(dst), dst)
+            / UDP(sport=CRAFTED_PORT + 101, dport=dport)
+            / Raw(modbus_writes()[0] * 8)
+        )
         add("routed", *fragment(udp, fragsize=16))
     for address in args.appliance_ot:
         for dport in (MODBUS_PORT, OPCUA_PORT, 22):
-            add("at_appliance", ip(own(address), address) / TCP(sport=41002, dport=dport))
+            add(
+                "at_appliance",
+                ip(own(address), address) / TCP(sport=CRAFTED_PORT + 102, dport=dport),
+            )
     for quoted in map(json.loads, args.quote):
         ours, sport, device, dport = quoted
         inner = bytes(ip(ours, device) / TCP(sport=sport, dport=dport, flags="A", seq=1))
