@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.audit.entry import canonical
-from broker.errors import ConfigError, TrustError
 from broker.audit.segments import segment_numbers
+from broker.errors import ConfigError, TrustError
 from broker.safe_files import fsync_folder, read_regular
 from broker.trust.keys import key_id, load_private, parse_public_pem, verifies
 
@@ -242,6 +242,7 @@ def advance(
     epochs: list[Epoch],
     from_seq: int,
     certifier: Ed25519PrivateKey,
+    *,
     owner: tuple[int, int] | None = None,
 ) -> tuple[Epoch, Ed25519PrivateKey]:
     """Certify a fresh key as the next epoch, from `from_seq` on, and make it the current one.

@@ -11,10 +11,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from broker import config
 from broker.audit import report as html_report
 from broker.audit import review as audit_review
 from broker.audit import show, verify, witness
+from broker.audit.epochs import RootKey
+from broker.deployment import enrollment
 from broker.errors import ConfigError, TrustError
+from broker.policy import trustroot
 from broker.trust import keys
 
 PROGRESS_AFTER_S = 2.0  # a run shorter than this prints no progress
@@ -83,11 +87,6 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from broker import config
-    from broker.audit.epochs import RootKey
-    from broker.deployment import enrollment
-    from broker.policy import trustroot
-
     cfg = config.load(args.config)
     known = enrollment.writers(cfg)
     unknown = [writer for writer in args.writer if writer not in known]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from broker.audit import epochs
 from broker.config import BrokerConfig
+from broker.deployment.layout import user_of, written_paths
 from broker.errors import ConfigError
 from broker.folder_lock import check_free
-from broker.deployment.layout import user_of, written_paths
 
 
 @dataclass(frozen=True)

@@ -325,6 +325,14 @@ def start_run(python: Path, config: Path, log: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+def dmzbroker_as_root(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI of the installed interpreter, as root."""
+    return subprocess.run(
+        [str(python), "-m", "broker", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
 def environment_of(pid: int) -> dict[str, str]:
     pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(p.decode().split("=", 1) for p in pairs if p)
@@ -360,11 +368,10 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
     assert owner_and_mode(etc / "audit.key") == ("root", "root", 0o600)
     python = runnable_interpreter(root)
     # By hand for the plant; `run` enrolls the enterprise half itself.
-    enrolled = subprocess.run(
-        [str(python), "-m", "broker", "audit", "enroll", "--config", str(config),
-         "--writer", "plant"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    enrolled = dmzbroker_as_root(
+        python, "audit", "enroll", "--config", str(config), "--writer", "plant"
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
     assert enrolled.stdout == f"plant: epoch 1 certified; its key belongs to {PLANT_USER}\n"
     plant_key = root / STATE / "audit" / "plant" / "epoch.key"
     assert owner_and_mode(plant_key) == (PLANT_USER, PLANT_USER, 0o600)
@@ -484,10 +491,8 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
     text = log.read_text()
     assert '"halves_share_user"' not in text
     assert '"audit_epoch_enrolled"' in text and '"plant_started"' in text  # halves' lines relayed
-    verified = subprocess.run(
-        [str(python), "-m", "broker", "audit", "verify", str(root / STATE / "audit"),
-         "--pubkey", str(etc / "audit.pub")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    verified = dmzbroker_as_root(
+        python, "audit", "verify", str(root / STATE / "audit"), "--pubkey", str(etc / "audit.pub")
+    )
     assert verified.returncode == 0, verified.stdout
     assert verified.stdout.splitlines()[-1] == "INTACT"
