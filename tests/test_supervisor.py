@@ -31,7 +31,14 @@ from broker.metrics import PLANT_FILE
 from broker.plant.connectors.modbus import READ_FUNCTIONS
 from broker.policy import ModbusSource
 from broker.sim.refrigeration import RefrigerationPlant
-from broker.supervisor import restart_delays
+from broker.supervisor import (
+    HALF_PATH,
+    RELAY_LINE_BYTES,
+    HalfUser,
+    _relay,
+    half_environment,
+    restart_delays,
+)
 from tests.harness import (
     BrokerProcess,
     Deployment,
@@ -685,3 +692,41 @@ def test_run_as_root_without_the_halves_users_is_refused_before_starting_anythin
     )
     assert "half_started" not in result.stderr
     assert not deployment.spool.exists()
+
+
+def test_a_half_of_its_own_user_gets_none_of_roots_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review r1 #6: root's session (credentials, LD_*, SSL_*, HOME) never reaches a half."""
+    for name, value in (("AWS_SECRET_ACCESS_KEY", "s3cr3t"), ("LD_PRELOAD", "/tmp/x.so"),
+                        ("SSL_CERT_FILE", "/tmp/ca.pem"), ("HOME", "/root"), ("TZ", "UTC"),
+                        ("LANG", "C.UTF-8")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LC_ALL", raising=False)
+    user = HalfUser("dmzbroker-plant", 4242, 4242, (), 0o027, "/nonexistent")
+
+    assert half_environment(user) == {
+        "PATH": HALF_PATH,
+        "HOME": "/nonexistent",
+        "LANG": "C.UTF-8",
+        "TZ": "UTC",
+        SUPERVISOR_PID: str(os.getpid()),
+    }
+    # One user for both (--same-user, the demo): the halves are that user, as before.
+    assert half_environment(None)["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+
+
+async def test_relayed_output_keeps_lines_whole_and_bounds_a_long_one(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    reader = asyncio.StreamReader(limit=RELAY_LINE_BYTES)
+    long_line = b"x" * (3 * RELAY_LINE_BYTES) + b"\n"
+    reader.feed_data(b'{"event": "one"}\n' + long_line + b"no newline at the end")
+    reader.feed_eof()
+
+    await asyncio.wait_for(_relay(reader), timeout=10)
+
+    assert capfd.readouterr().err == (
+        '{"event": "one"}\n' + long_line.decode() + "no newline at the end"
+    )
+    assert reader.at_eof()  # all read: nothing held back
