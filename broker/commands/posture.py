@@ -1,9 +1,10 @@
 """`posture`: the running security settings of the appliance, and whether the sockets its
 halves listen on are the ones the configuration declares (broker.deployment.posture).
 
-Exit 0: both halves run and listen on exactly the manifest; 1: something does not match (a
-half not running, an extra or missing socket, sockets that cannot be read); 2: a bad
-configuration. It reads only; it never changes anything a half uses.
+Exit 0: both halves run, each as its own user, and listen on exactly the manifest; 1:
+something does not match (a half not running, an extra or missing socket, sockets that cannot
+be read, a half as another user than the layout's or sharing one; `--same-user` accepts the
+last two); 2: a bad configuration. It reads only; it never changes anything a half uses.
 """
 
 from __future__ import annotations
@@ -30,22 +31,29 @@ def add_to(commands: Any) -> None:
     command = commands.add_parser(
         "posture",
         help=help_text,
-        description=f"{help_text}. Exit 0: both halves run and listen on exactly what the "
-        f"configuration declares; {MISMATCH}: something does not match; 2: configuration error.",
+        description=f"{help_text}. Exit 0: both halves run, each as its own user, and listen on "
+        f"exactly what the configuration declares; {MISMATCH}: something does not match; "
+        "2: configuration error.",
     )
     add_config_argument(command)
     command.add_argument("--json", action="store_true", help="the posture as JSON")
+    command.add_argument(
+        "--same-user",
+        action="store_true",
+        help="halves started with `run --same-user` (a demo, tests): report that they are not "
+        "separated, but do not fail for it",
+    )
     command.set_defaults(handler=_posture)
 
 
 def _posture(args: argparse.Namespace) -> int:
-    found = posture.collect(config.load(args.config))
+    found = posture.collect(config.load(args.config), same_user=args.same_user)
     if args.json:
         sys.stdout.buffer.write(msgspec.json.encode(found) + b"\n")
     else:
         print("\n".join(render(found)))
     sys.stdout.flush()
-    return 0 if found.listening_matches_manifest else MISMATCH
+    return 0 if not found.mismatches else MISMATCH
 
 
 def render(found: Posture) -> Iterator[str]:
@@ -79,7 +87,8 @@ def render(found: Posture) -> Iterator[str]:
     yield f"audit: {audit.dir}: {space}"
     for name, writer in audit.writers.items():
         yield f"audit {inert(name)}: {_writer(writer)}"
-    if found.listening_matches_manifest:
+    yield from (f"separation: NOT SEPARATED: {inert(s)}" for s in found.separation)
+    if not found.mismatches:
         yield "posture: matches the manifest"
     else:
         yield "posture: DOES NOT MATCH: " + "; ".join(found.mismatches)
@@ -113,9 +122,10 @@ def _half(half: posture.Process | Unknown | None) -> str:
         return "NOT RUNNING"
     if isinstance(half, Unknown):
         return _unknown(half)
-    user = _unknown(half.user) if isinstance(half.user, Unknown) else inert(half.user)
-    uid = _unknown(half.uid) if isinstance(half.uid, Unknown) else half.uid
-    return f"pid {half.pid}, user {user} (uid {uid}), listening on {_sockets(half.listening)}"
+    return (
+        f"pid {half.pid}, user {inert(half.user)} (uid {half.uid}), listening on "
+        f"{_sockets(half.listening)} (pids {', '.join(map(str, half.processes))})"
+    )
 
 
 def _sockets(sockets: list[Socket] | Unknown) -> str:
@@ -127,13 +137,24 @@ def _sockets(sockets: list[Socket] | Unknown) -> str:
 def _writer(writer: posture.WriterState | Unknown) -> str:
     if isinstance(writer, Unknown):
         return _unknown(writer)
-    running = "running" if writer.running else "not running"
+    running = _flag(writer.running, "running", "not running")
     failing = "" if writer.failing is None else f", failing: {_flag(writer.failing, 'YES', 'no')}"
-    age = "" if writer.last_checkpoint_age_s is None else f" {writer.last_checkpoint_age_s} s ago"
-    return (
-        f"{running}, last seq {writer.last_seq}, last checkpoint covers seq "
-        f"{writer.last_checkpoint_seq}{age}{failing}"
+    age = writer.last_checkpoint_age_s
+    ago = (
+        ""
+        if age is None
+        else f" {_value(age)} s ago"
+        if not isinstance(age, Unknown)
+        else (f", its age {_unknown(age)}")
     )
+    return (
+        f"{running}, last seq {_value(writer.last_seq)}, last checkpoint covers seq "
+        f"{_value(writer.last_checkpoint_seq)}{ago}{failing}"
+    )  # fmt: skip
+
+
+def _value(value: int | float | Unknown | None) -> str:
+    return _unknown(value) if isinstance(value, Unknown) else str(value)
 
 
 def _flag(value: bool | Unknown, on: str, off: str) -> str:

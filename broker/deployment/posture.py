@@ -1,15 +1,17 @@
 """The running security settings of the appliance, as `dmzbroker posture` reports them.
 
-Finds each running half by the pid its audit writer recorded in its folder's lock
-(broker.folder_lock.holder), and reads what it is: its user, the sockets it listens on, what
-it accepted (broker.policy.accepted), island mode, the audit writers' tails; then compares the
-sockets with the manifest the configuration declares (the plant half listens on nothing, the
-enterprise half on its `listen` address, a diode receiver on its UDP port).
+Finds each running half by the kernel's holder of its audit folder's lock, with its user's
+processes (broker.deployment.halves), and reads what it is: its user, the sockets those
+processes listen on, what it accepted (broker.policy.accepted), island mode, the audit writers'
+tails; then compares the sockets with the manifest the configuration declares (the plant half
+listens on nothing, the enterprise half on its `listen` address, a diode receiver on its UDP
+port), and each half's user with the layout's (broker.deployment.layout).
 
 It only reads: it never writes, signals or keeps a lock of a half (the lock test lasts an
 instant), and never proves integrity (`dmzbroker audit verify` does). What it cannot read (a
 folder of another user, a process it may not inspect) is reported as `Unknown` with the
-reason, never raised.
+reason, never raised. Everything in a half's folders is the half's to write, so it is read as
+hostile: a file of the wrong kind or size, or content of the wrong type, is `Unknown` too.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ from broker.audit.entry import CHECKPOINT
 from broker.audit.log import MIN_FREE_BYTES
 from broker.audit.segments import MAX_SEGMENT_BYTES, segment_numbers, segment_path
 from broker.config import BrokerConfig
-from broker.deployment import sockets
+from broker.deployment import halves as holders
+from broker.deployment import layout, sockets
 from broker.deployment.sockets import Socket, SocketCheck
 from broker.errors import DmzBrokerError
-from broker.folder_lock import holder
 from broker.metrics import PLANT_FILE
 from broker.policy import accepted as records
 from broker.policy import envelope as envelopes
@@ -60,9 +62,11 @@ class Unknown(msgspec.Struct, frozen=True):
 
 
 class Process(msgspec.Struct, frozen=True):
-    pid: int
-    user: str | Unknown
-    uid: int | Unknown  # effective
+    pid: int  # the kernel's holder of its audit folder's lock
+    user: str  # effective; `uid N` when it has no name
+    uid: int  # effective
+    real_uid: int
+    processes: list[int]  # whose sockets count as its own (broker.deployment.halves)
     listening: list[Socket] | Unknown
 
 
@@ -113,11 +117,11 @@ class TrustRootState(msgspec.Struct, frozen=True):
 
 
 class WriterState(msgspec.Struct, frozen=True):
-    running: bool  # a process holds the folder's lock
-    last_seq: int | None
-    last_time: str | None
-    last_checkpoint_seq: int | None  # the seq its newest checkpoint covers
-    last_checkpoint_age_s: float | None
+    running: bool | Unknown  # a process holds the folder's lock
+    last_seq: int | Unknown | None  # None: no entry yet
+    last_time: str | Unknown | None
+    last_checkpoint_seq: int | Unknown | None  # the seq its newest checkpoint covers
+    last_checkpoint_age_s: float | Unknown | None
     failing: bool | Unknown | None  # None: not running
 
 
@@ -143,19 +147,26 @@ class Posture(msgspec.Struct, frozen=True):
     manifest: dict[str, list[Socket] | Unknown]
     sockets: dict[str, SocketCheck | Unknown | None]
     listening_matches_manifest: bool
-    mismatches: list[str]  # why it does not match, one sentence each
+    separated: bool  # each running half as its layout user, no two sharing one
+    separation: list[str]  # why not, one sentence each
+    mismatches: list[str]  # why the exit code is not 0, one sentence each
 
 
 Resolver = Callable[[str, int, int], list[tuple[str, int]]]
 
 
-def collect(cfg: BrokerConfig, resolve: Resolver | None = None) -> Posture:
-    """The posture of the appliance `cfg` configures, as it runs now."""
+def collect(
+    cfg: BrokerConfig, resolve: Resolver | None = None, *, same_user: bool = False
+) -> Posture:
+    """The posture of the appliance `cfg` configures, as it runs now. `same_user`: halves
+    that share a user or run as another than the layout's (`run --same-user`, a demo) are
+    reported in `separation` but are no mismatch."""
     processes = list(HALVES) + ([DIODE_RECEIVER] if cfg.diode is not None else [])
-    halves = {name: find(cfg.audit.dir / name) for name in processes}
+    halves = running(cfg.audit.dir, processes)
     manifest = declared(cfg, resolve or _resolve)
     checks = {name: _check(manifest[name], halves[name]) for name in processes}
-    mismatches = judge(halves, checks, diode=cfg.diode is not None)
+    listening = judge(halves, checks, diode=cfg.diode is not None)
+    users = separation(halves)
     return Posture(
         tls=tls_state(cfg),
         policy=policy_state(cfg),
@@ -165,8 +176,10 @@ def collect(cfg: BrokerConfig, resolve: Resolver | None = None) -> Posture:
         audit=audit_state(cfg.audit.dir, cfg.spool.dir),
         manifest=manifest,
         sockets=checks,
-        listening_matches_manifest=not mismatches,
-        mismatches=mismatches,
+        listening_matches_manifest=not listening,
+        separated=not users,
+        separation=users,
+        mismatches=listening + ([] if same_user else users),
     )
 
 
@@ -244,26 +257,85 @@ def _resolve(host: str, port: int, kind: int) -> list[tuple[str, int]]:
 # -- the running processes ----------------------------------------------------------------------
 
 
-def find(writer_dir: Path) -> Process | Unknown | None:
-    """The process whose audit writer holds `writer_dir`; None when none does."""
+def running(
+    audit_dir: Path, names: Sequence[str], user_of: Callable[[str], str] = layout.user_of
+) -> dict[str, Process | Unknown | None]:
+    """Each process of `names` found by its audit folder's lock; None when not running. A
+    half running as its own user (`user_of`), shared with no other half, is every process of
+    that user; any other (root, a user of `run --same-user`, which run more than the half) is
+    its holder and its holder's descendants only, and `separation` says why."""
+    held = {name: find(audit_dir / name) for name in names}
+    found: dict[str, Process | Unknown | None] = {}
+    for name, half in held.items():
+        if not isinstance(half, holders.Holder):
+            found[name] = half
+            continue
+        others = [h for n, h in held.items() if n != name and isinstance(h, holders.Holder)]
+        shared = any(_uids(half) & _uids(other) for other in others)
+        found[name] = _process(half, shared=shared or _uids(half) != {_uid(user_of(name))})
+    return found
+
+
+def find(writer_dir: Path) -> holders.Holder | Unknown | None:
+    """The kernel's holder of `writer_dir`'s lock; None when none holds it."""
     try:
-        pid = holder(writer_dir)
+        return holders.holder(writer_dir)
     except (OSError, DmzBrokerError) as e:
         return Unknown(f"{writer_dir}: cannot read its lock: {_reason(e)}")
-    if pid is None:
-        return None
+
+
+def separation(halves: dict[str, Process | Unknown | None]) -> list[str]:
+    """Why the running halves are not each their layout user, alone; empty when they are."""
+    found = []
+    running = [(name, half) for name, half in halves.items() if isinstance(half, Process)]
+    for name, half in running:
+        expected = layout.user_of(name)
+        real = "" if half.real_uid == half.uid else f" (real user {_name(half.real_uid)})"
+        if half.user != expected or real:
+            found.append(f"{name}: runs as {half.user}{real}, expected {expected}")
+    for at, (name, half) in enumerate(running):
+        for other, other_half in running[at + 1 :]:
+            for uid in sorted({half.uid, half.real_uid} & {other_half.uid, other_half.real_uid}):
+                found.append(f"{name} and {other} share user {_name(uid)}: not separated")
+    return found
+
+
+def _process(half: holders.Holder, *, shared: bool) -> Process | Unknown:
     try:
-        process = psutil.Process(pid)
-        uid = process.uids().effective
-    except psutil.NoSuchProcess:
-        return Unknown(f"pid {pid}, recorded in {writer_dir}'s lock, is not visible here")
+        members = holders.members(half, shared=shared)
     except psutil.Error as e:
-        return Unknown(f"pid {pid}: cannot be inspected: {e}")
+        return Unknown(f"pid {half.pid}: cannot be inspected: {e}")
+    listening: set[Socket] = set()
+    for member in members:
+        found = listening_of(member)
+        if isinstance(found, Unknown):
+            if member.is_running():
+                return Process(*_ids(half), [m.pid for m in members], found)
+            continue  # exited meanwhile: it listens on nothing now
+        listening.update(found)
+    return Process(*_ids(half), [m.pid for m in members], sorted(listening))
+
+
+def _ids(half: holders.Holder) -> tuple[int, str, int, int]:
+    return half.pid, _name(half.effective_uid), half.effective_uid, half.real_uid
+
+
+def _uids(half: holders.Holder) -> set[int]:
+    return {half.real_uid, half.effective_uid}
+
+
+def _uid(user: str) -> int | None:
     try:
-        user: str | Unknown = pwd.getpwuid(uid).pw_name
+        return pwd.getpwnam(user).pw_uid
     except KeyError:
-        user = Unknown(f"uid {uid} has no user name")
-    return Process(pid, user, uid, listening_of(process))
+        return None  # not installed: no process runs as it
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def listening_of(process: psutil.Process) -> list[Socket] | Unknown:
@@ -352,11 +424,10 @@ def _accepted(
     pick: Callable[[records.Floor], records.AcceptedPolicy | records.AcceptedRoot | None],
 ) -> Accepted | Unknown | None:
     """The half's state dir record (without its audit log's: that needs the audit key)."""
-    try:
-        record = pick(records.floor(state_dir, state_dir, None))
-    except DmzBrokerError as e:
-        return Unknown(str(e))
-    return None if record is None else Accepted(record.version, record.sha256)
+    record = _guarded(lambda: pick(records.floor(state_dir, state_dir, None)))
+    if record is None or isinstance(record, Unknown):
+        return record
+    return Accepted(record.version, record.sha256)
 
 
 def _differences(
@@ -398,59 +469,100 @@ def _file_system(path: Path) -> FileSystem:
 
 
 def _writer(directory: Path, spool_dir: Path, *, full: bool) -> WriterState:
-    running = holder(directory) is not None
-    last, checkpoint = None, None
+    running = _guarded(lambda: holders.holder(directory) is not None)
+    try:
+        last, checkpoint = _newest(directory)
+    except (OSError, DmzBrokerError) as e:
+        last = checkpoint = Unknown(_reason(e))
+    failing: bool | Unknown | None = None
+    if isinstance(running, Unknown):
+        failing = running
+    elif running:
+        failing = True if full else _failing(directory.name, spool_dir)
+    details = _field(checkpoint, "details", dict, "an object")
+    covers = (
+        details
+        if not isinstance(details, dict)
+        else _field(details, "covers_seq", int, "an integer")
+    )
+    moment = _moment(checkpoint)
+    age = (
+        moment
+        if not isinstance(moment, datetime)
+        else round((datetime.now(UTC) - moment).total_seconds(), 1)
+    )
+    when = _moment(last)
+    return WriterState(
+        running,
+        _field(last, "seq", int, "an integer"),
+        when.isoformat() if isinstance(when, datetime) else when,
+        covers,
+        age,
+        failing,
+    )  # fmt: skip
+
+
+Entry = dict[str, Any] | Unknown | None  # None: no entry found
+
+
+def _newest(directory: Path) -> tuple[Entry, Entry]:
+    """The writer's last entry and last checkpoint, from its newest segments."""
+    last: Entry = None
+    checkpoint: Entry = None
     for number in list(reversed(segment_numbers(directory)))[:SEGMENTS_READ]:
         data = read_regular(segment_path(directory, number), MAX_SEGMENT_BYTES)
         found_last, found_checkpoint = tail(data)
-        last = last or found_last
-        checkpoint = checkpoint or found_checkpoint
+        last = found_last if last is None else last
+        checkpoint = found_checkpoint if checkpoint is None else checkpoint
         if checkpoint is not None:
             break
-    failing: bool | Unknown | None = None
-    if running:
-        failing = True if full else _failing(directory.name, spool_dir)
-    covers = checkpoint.get("details", {}).get("covers_seq") if checkpoint else None
-    return WriterState(
-        running,
-        last.get("seq") if last else None,
-        last.get("time") if last else None,
-        covers if isinstance(covers, int) else None,
-        _age(checkpoint.get("time")) if checkpoint else None,
-        failing,
-    )
+    return last, checkpoint
 
 
-def tail(segment: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+def tail(segment: bytes) -> tuple[Entry, Entry]:
     """A segment's last whole entry and its last checkpoint, decoded (not verified)."""
     end = segment.rfind(b"\n")
     if end < 0:
         return None, None
     last = _entry(segment[segment.rfind(b"\n", 0, end) + 1 : end])
     at = segment.rfind(b'"event":"' + CHECKPOINT.encode() + b'"', 0, end)
-    checkpoint = None
+    checkpoint: Entry = None
     if at >= 0:
         stop = segment.find(b"\n", at)
         checkpoint = _entry(segment[segment.rfind(b"\n", 0, at) + 1 : stop])
     return last, checkpoint
 
 
-def _entry(line: bytes) -> dict[str, Any] | None:
+def _entry(line: bytes) -> dict[str, Any] | Unknown:
     try:
         entry = msgspec.json.decode(line)
-    except msgspec.DecodeError:
-        return None
-    return entry if isinstance(entry, dict) else None
+    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        return Unknown(f"an entry is not JSON: {e}")
+    return entry if isinstance(entry, dict) else Unknown("an entry is not a JSON object")
 
 
-def _age(when: object) -> float | None:
+def _field(entry: Entry, key: str, kind: type[T], what: str) -> T | Unknown | None:
+    """`entry[key]` when it is of `kind` (a bool is no integer), else why not."""
+    if entry is None or isinstance(entry, Unknown):
+        return entry
+    value = entry.get(key)
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    return Unknown(f"{key} of an entry is not {what}")
+
+
+def _moment(entry: Entry) -> datetime | Unknown | None:
+    """An entry's time, which the writer writes with its time zone."""
+    when = _field(entry, "time", str, "a string")
     if not isinstance(when, str):
-        return None
+        return when
     try:
         moment = datetime.fromisoformat(when)
     except ValueError:
-        return None
-    return round((datetime.now(UTC) - moment).total_seconds(), 1)
+        return Unknown("time of an entry is not an ISO 8601 time")
+    if moment.utcoffset() is None:
+        return Unknown("time of an entry has no time zone")
+    return moment
 
 
 def _failing(writer: str, spool_dir: Path) -> bool | Unknown:
@@ -476,9 +588,11 @@ def _failing(writer: str, spool_dir: Path) -> bool | Unknown:
 
 
 def _guarded(read: Callable[[], T]) -> T | Unknown:
+    """`read()`, or why it failed. Whatever it reads is a half's to write and may be made to
+    fail in ways no parser documents: one item lost is better than the whole report."""
     try:
         return read()
-    except (OSError, ValueError, DmzBrokerError) as e:
+    except Exception as e:  # see above
         return Unknown(_reason(e))
 
 

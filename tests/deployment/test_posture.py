@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ import psutil
 import pytest
 
 from broker import config
-from broker.deployment import posture, sockets
+from broker.deployment import halves, posture, sockets
+from broker.deployment.layout import ENTERPRISE_USER, PLANT_USER
 from broker.deployment.posture import Process, Unknown
 from broker.deployment.sockets import Socket, SocketCheck
 from broker.folder_lock import FolderLock
@@ -55,16 +58,29 @@ async def test_posture_of_running_halves_matches_the_manifest(
     enterprise = start_broker("enterprise", deployment.config)
     await eventually(lambda: both_running(cfg), timeout=30, interval=0.2)
 
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    not_separated = [
+        f"plant: runs as {me}, expected {PLANT_USER}",
+        f"enterprise: runs as {me}, expected {ENTERPRISE_USER}",
+        f"plant and enterprise share user {me}: not separated",
+    ]
     code, out = run_posture(deployment, "--json")
+    found = json.loads(out)
+    assert code == 1 and found["listening_matches_manifest"] is True
+    assert found["separated"] is False
+    assert found["separation"] == not_separated == found["mismatches"]
+    code, out = run_posture(deployment, "--json", "--same-user")
     found = json.loads(out)
     assert code == 0, found["mismatches"]
     assert found["listening_matches_manifest"] is True and found["mismatches"] == []
+    assert found["separation"] == not_separated
     plant, api = found["halves"]["plant"], found["halves"]["enterprise"]
     assert plant["listening"] == [] == found["manifest"]["plant"]
     port = {"protocol": "tcp", "address": "127.0.0.1", "port": deployment.api_port}
     assert api["listening"] == [port] == found["manifest"]["enterprise"]
     assert api["pid"] == enterprise.process.pid
-    me = pwd.getpwuid(os.geteuid()).pw_name
+    # Sharing a user, each half is its lock holder and its descendants only.
+    assert api["processes"][0] == enterprise.process.pid
     assert (plant["user"], plant["uid"]) == (api["user"], api["uid"]) == (me, os.geteuid())
 
     policy = found["policy"]
@@ -88,7 +104,7 @@ async def test_posture_of_running_halves_matches_the_manifest(
     assert found["island_mode"] is False
 
     dmzbroker("island", "on", "--config", str(deployment.config), "--reason", "test")
-    code, out = run_posture(deployment, "--json")
+    code, out = run_posture(deployment, "--json", "--same-user")
     assert json.loads(out)["island_mode"] is True and code == 0
 
     assert enterprise.stop() == 0
@@ -99,19 +115,20 @@ async def test_posture_of_running_halves_matches_the_manifest(
     assert f"enterprise accepted version {VERSION}, the file is version {VERSION + 1}" in (
         differences
     )
-    code, out = run_posture(deployment, "--json")
+    code, out = run_posture(deployment, "--json", "--same-user")
     found = json.loads(out)
     assert code == 1 and found["halves"]["enterprise"] is None
     assert found["sockets"]["enterprise"] is None
     assert "enterprise: not running" in found["mismatches"]
     assert found["audit"]["writers"]["enterprise"]["running"] is False
 
-    code, out = run_posture(deployment)
+    code, out = run_posture(deployment, "--same-user")
     assert code == 1
     lines = out.splitlines()
     assert any(line.startswith("enterprise: NOT RUNNING") for line in lines), out
     assert "plant: pid " in out and "listening on nothing" in out
     assert lines[-1] == "posture: DOES NOT MATCH: enterprise: not running"
+    assert f"separation: NOT SEPARATED: plant: runs as {me}, expected {PLANT_USER}" in lines
 
 
 def test_a_socket_beyond_the_manifest_is_named_by_its_address() -> None:
@@ -120,8 +137,8 @@ def test_a_socket_beyond_the_manifest_is_named_by_its_address() -> None:
     check = sockets.compare([api], [api, extra])
     assert check == SocketCheck([api], [extra], [], matches=False)
     halves: dict[str, Process | Unknown | None] = {
-        "plant": Process(1, "p", 1, [Socket("udp", "0.0.0.0", 47808)]),
-        "enterprise": Process(2, "e", 2, [api, extra]),
+        "plant": Process(1, "p", 1, 1, [1], [Socket("udp", "0.0.0.0", 47808)]),
+        "enterprise": Process(2, "e", 2, 2, [2], [api, extra]),
     }
     checks: dict[str, SocketCheck | Unknown | None] = {
         "plant": sockets.compare([], [Socket("udp", "0.0.0.0", 47808)]),
@@ -209,3 +226,243 @@ def test_another_user_is_told_what_it_cannot_read(tmp_path: Path) -> None:
         lock, sockets = as_nobody(lambda: [posture.find(writer), posture.listening_of(me)])
     assert lock == {"unknown": f"{writer}: cannot read its lock: {writer}/.lock: Permission denied"}
     assert sockets == {"unknown": f"pid {me.pid}: its sockets may be read only by root or its user"}
+
+
+# -- each half is its user's processes, found by the kernel's lock holder -----------------------
+
+
+class Spawned:
+    """Processes forked by a test, each told to exit when the test closes its pipe."""
+
+    def __init__(self) -> None:
+        self.children: list[int] = []
+        self.controls: list[int] = []
+
+    def start(
+        self,
+        user: str,
+        *,
+        lock: Path | None = None,
+        listen: bool = False,
+        child_listens: bool = False,
+    ) -> list[tuple[int, int]]:
+        """A process that takes `lock`'s folder lock as root (so the kernel records it), then
+        becomes `user`; it listens with `listen`, and forks a listening child with
+        `child_listens`. (pid, port or 0) of each, the process first."""
+        control, stop = os.pipe()
+        report, reported = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.closerange(3, control)
+                os.closerange(control + 1, reported)
+                os.closerange(reported + 1, 4096)
+                _serve(user, lock, listen, child_listens, control, reported)
+                code = 0
+            finally:
+                os._exit(code)
+        self.children.append(pid)
+        self.controls.append(stop)
+        os.close(control)
+        os.close(reported)
+        with os.fdopen(report, "rb") as lines:
+            found = [tuple(map(int, line.split())) for line in lines.read().splitlines()]
+        assert len(found) == 1 + child_listens, found
+        return [(p, port) for p, port in found]
+
+    def stop(self) -> None:
+        for stop in self.controls:
+            os.close(stop)
+        for pid in self.children:
+            deadline = time.monotonic() + 10
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+
+
+def _serve(
+    user: str, lock: Path | None, listen: bool, child_listens: bool, control: int, report: int
+) -> None:
+    held = FolderLock(lock) if lock is not None else None
+    account = pwd.getpwnam(user)
+    os.setgroups([])
+    os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
+    os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
+    server = socket.create_server(("127.0.0.1", 0)) if listen else None
+    port = server.getsockname()[1] if server is not None else 0
+    os.write(report, f"{os.getpid()} {port}\n".encode())
+    grandchild = os.fork() if child_listens else -1
+    if grandchild == 0:
+        code = 1
+        try:
+            own = socket.create_server(("127.0.0.1", 0))
+            os.write(report, f"{os.getpid()} {own.getsockname()[1]}\n".encode())
+            os.close(report)
+            os.read(control, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report)
+    os.read(control, 1)  # until the test closes its end
+    if grandchild > 0:
+        os.waitpid(grandchild, 0)
+    del held, server
+
+
+@pytest.fixture
+def spawned() -> Iterator[Spawned]:
+    processes = Spawned()
+    try:
+        yield processes
+    finally:
+        processes.stop()
+
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: halves as other users")
+
+
+@ROOT_ONLY
+def test_every_process_of_a_halfs_user_is_counted_and_its_user_checked(
+    tmp_path: Path, spawned: Spawned
+) -> None:
+    """The plant half as daemon, the enterprise half as nobody; another process of nobody's
+    listens beside it, and the enterprise half wrote a decoy pid into its lock."""
+    audit = tmp_path / "audit"
+    [(plant, _)] = spawned.start("daemon", lock=audit / "plant")
+    [(api, api_port)] = spawned.start("nobody", lock=audit / "enterprise", listen=True)
+    [(helper, helper_port)] = spawned.start("nobody", listen=True)
+    (audit / "enterprise" / ".lock").write_text("1\n")  # the file says pid 1; the kernel not
+
+    users = {"plant": "daemon", "enterprise": "nobody"}.__getitem__  # as if the layout's
+    found = posture.running(audit, ["plant", "enterprise"], users)
+    enterprise = found["enterprise"]
+    assert isinstance(enterprise, Process) and enterprise.pid == api
+    assert {api, helper} <= set(enterprise.processes)
+    assert isinstance(enterprise.listening, list)
+    own, beside = Socket("tcp", "127.0.0.1", api_port), Socket("tcp", "127.0.0.1", helper_port)
+    assert {own, beside} <= set(enterprise.listening)
+    assert beside in sockets.compare([own], enterprise.listening).extra
+    plant_half = found["plant"]
+    assert isinstance(plant_half, Process) and plant_half.pid == plant
+    assert plant_half.user == "daemon" and helper not in plant_half.processes
+    # With the layout's users, which these are not: counted as their holders only.
+    found = posture.running(audit, ["plant", "enterprise"])
+    assert isinstance(enterprise := found["enterprise"], Process) and enterprise.processes == [api]
+    assert posture.separation(found) == [
+        f"plant: runs as daemon, expected {PLANT_USER}",
+        f"enterprise: runs as nobody, expected {ENTERPRISE_USER}",
+    ]
+
+
+@ROOT_ONLY
+def test_halves_sharing_a_user_are_each_their_holder_and_its_descendants(
+    tmp_path: Path, spawned: Spawned
+) -> None:
+    audit = tmp_path / "audit"
+    [(plant, _)] = spawned.start("nobody", lock=audit / "plant")
+    (api, _), (child, child_port) = spawned.start(
+        "nobody", lock=audit / "enterprise", child_listens=True
+    )
+    [(other, other_port)] = spawned.start("nobody", listen=True)
+
+    users = {"plant": "nobody", "enterprise": "nobody"}.__getitem__
+    found = posture.running(audit, ["plant", "enterprise"], users)
+    enterprise, plant_half = found["enterprise"], found["plant"]
+    assert isinstance(enterprise, Process) and isinstance(plant_half, Process)
+    assert enterprise.processes == [api, child] and plant_half.processes == [plant]
+    assert enterprise.listening == [Socket("tcp", "127.0.0.1", child_port)]
+    assert plant_half.listening == []
+    assert other_port and other not in enterprise.processes + plant_half.processes
+    assert "plant and enterprise share user nobody: not separated" in posture.separation(found)
+
+
+def test_the_lock_holder_is_read_from_the_kernels_record(tmp_path: Path) -> None:
+    folder = tmp_path / "audit" / "plant"
+    assert halves.holder(folder) is None  # never locked
+    with FolderLock(folder):
+        held = halves.holder(folder)
+        assert held is not None and held.pid == os.getpid()
+        lock = os.stat(folder / ".lock")
+        text = halves.LOCKS.read_text()
+        assert halves.writers(text, lock) == [os.getpid()]
+        waiter = f"9: -> FLOCK  ADVISORY  WRITE 4242 {text.split()[5]} 0 EOF\n"
+        assert halves.writers(waiter, lock) == []
+    assert halves.holder(folder) is None  # released
+
+
+# -- a writer's hostile audit segment -----------------------------------------------------------
+
+
+def _checkpoint(**fields: object) -> bytes:
+    entry = {"seq": 3, "time": "2026-01-01T00:00:00+00:00", "event": "audit_checkpoint"}
+    entry["details"] = {"covers_seq": 2}
+    return msgspec.json.encode({**entry, **fields}) + b"\n"
+
+
+HOSTILE: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "a time without its zone": (
+        lambda s: s.write_bytes(_checkpoint(time="2026-12-05T00:00:00")),
+        "last_checkpoint_age_s",
+        "time of an entry has no time zone",
+    ),
+    "details not an object": (
+        lambda s: s.write_bytes(_checkpoint(details="x")),
+        "last_checkpoint_seq",
+        "details of an entry is not an object",
+    ),
+    "a seq not an integer": (
+        lambda s: s.write_bytes(_checkpoint(seq="3")),
+        "last_seq",
+        "seq of an entry is not an integer",
+    ),
+    "a seq that is a boolean": (
+        lambda s: s.write_bytes(_checkpoint(seq=True)),
+        "last_seq",
+        "seq of an entry is not an integer",
+    ),
+    "invalid UTF-8": (
+        lambda s: s.write_bytes(b'{"seq":1,"time":"\xff\xfe"}\n'),
+        "last_seq",
+        "an entry is not JSON",
+    ),
+    "deep nesting": (lambda s: s.write_bytes(b"[" * 100_000 + b"\n"), "last_seq", "not JSON"),
+    "a huge segment": (
+        lambda s: os.truncate(s, 0) if s.touch() else os.truncate(s, 257 * 2**20),
+        "last_seq",
+        "larger than",
+    ),
+    "a FIFO": (os.mkfifo, "last_seq", "not a regular file"),
+    "a symbolic link": (
+        lambda s: s.symlink_to("/dev/zero"),
+        "last_seq",
+        "Too many levels of symbolic links",
+    ),
+}
+
+
+def test_hostile_audit_content_never_crashes_posture(deployment: Deployment) -> None:
+    """Each case the newest segment of a writer folder of its own, all read by one run."""
+    audit = config.load(deployment.config).audit.dir
+    folders = {case: audit / f"hostile-{n}" for n, case in enumerate(HOSTILE)}
+    for case, (plant_it, _, _) in HOSTILE.items():
+        folders[case].mkdir(parents=True)
+        plant_it(folders[case] / "0000000001.jsonl")
+    started = time.monotonic()
+    code, out = run_posture(deployment, "--json")  # no traceback: asserted there
+    assert time.monotonic() - started < 30
+    assert code == 1  # the halves do not run
+    writers = json.loads(out)["audit"]["writers"]
+    for case, (_, key, reason) in HOSTILE.items():
+        found = writers[folders[case].name]
+        assert reason in found.get(key, {}).get("unknown", ""), (case, found)
+        assert found["running"] is False, case
+    code, out = run_posture(deployment)
+    assert code == 1
+    lines = {line.split(":", 1)[0]: line for line in out.splitlines()}
+    for folder in folders.values():
+        line = lines[f"audit {folder.name}"]
+        assert line.startswith(f"audit {folder.name}: not running, ") and "unknown (" in line
