@@ -365,8 +365,6 @@ def _raw_chains(ot: str, it: str) -> list[str]:
         "\t\ttype filter hook prerouting priority raw; policy accept;",
         "\t\t# Before conntrack sees it: the zone of the NIC it came in on.",
         *(f'\t\tiifname "{name}" ct zone set {zone}' for name, zone in zones),
-        "\t\t# Duplicate address detection has no source address yet: nothing to check.",
-        "\t\tip6 saddr :: ip6 daddr ff02::/16 accept",
         "\t\t# Strict reverse path: the source must be routed back out of this very NIC.",
         '\t\tfib saddr . iif oif missing counter name "spoofed_dropped" drop',
         "\t}",

@@ -155,7 +155,6 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
         "type filter hook prerouting priority raw; policy accept;",
         'iifname "enp1s0" ct zone set 1',
         'iifname "enp2s0" ct zone set 2',
-        "ip6 saddr :: ip6 daddr ff02::/16 accept",  # only skips the reverse-path check
         'fib saddr . iif oif missing counter name "spoofed_dropped" drop',
     ]
     assert _rules(text, "raw_output") == [
@@ -163,14 +162,11 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
         'oifname "enp1s0" ct zone set 1',
         'oifname "enp2s0" ct zone set 2',
     ]
-    # nothing accepted without a connection state, loopback, a link-only hop limit, or (in
-    # the raw chain, which decides nothing) duplicate address detection
+    # nothing accepted without a connection state, loopback or a link-only hop limit
     rules = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
     accepts = [rule for rule in rules if " accept" in rule and "policy accept" not in rule]
-    assert len(accepts) == 20
-    assert all(
-        "ct state" in r or '"lo"' in r or "hoplimit" in r or "saddr :: " in r for r in accepts
-    )
+    assert len(accepts) == 19
+    assert all("ct state" in r or '"lo"' in r or "hoplimit" in r for r in accepts)
 
 
 HEAD_IN = [
