@@ -47,6 +47,7 @@ class ReceiverCounters(Protocol):
     resync_written: int
     records_lost: int
     records_repeated: int
+    seq_offset: int
     last_record_seq: int
 
     @property
@@ -139,6 +140,11 @@ class ReceiverStats(Collector):
             "dmzbroker_diode_announced_seq",
             "seq of the last record the sender announced in a heartbeat",
             value=r.last_record_seq,
+        )
+        yield GaugeMetricFamily(
+            "dmzbroker_diode_seq_offset",
+            "Added to the plant's record seqs since its spool was found behind the IT spool's",
+            value=r.seq_offset,
         )
         first = GaugeMetricFamily(
             "dmzbroker_diode_recent_gap_first", "First seq of a recent gap", labels=["slot"]

@@ -58,7 +58,7 @@ TAKEOVER_INTERVALS = 2  # a new session is adopted after the current one is sile
 CANDIDATE_BYTES = 64 * 1024 * 1024  # a new session's datagrams held meanwhile (3 s at 20,000/s)
 JUMP_MARGIN = 65_536  # datagrams a seq may lead by, beyond the rate's bound (kernel buffers)
 RECORD_JUMP = 1 << 32  # record seqs a datagram may skip past the IT spool's (retention loss)
-AHEAD_BEATS = 5  # heartbeats in a row below the IT spool's seq before it is set back
+AHEAD_BEATS = 10  # heartbeats in a row below the IT spool's seq before it is realigned
 STATE_SAVE_S = 0.2  # the receiver saves a state only heartbeats moved at most this often
 REFUSED_LOG_S = 10.0  # refused datagrams are logged (and audited) at most this often
 RECENT_GAPS = 8  # gap ranges shown in diode.prom
@@ -261,6 +261,7 @@ class _ReceiverState(msgspec.Struct):
     session: int
     next: int  # the datagram seq expected next
     saved_at: float = 0.0  # wall clock: bounds the seq a restarted receiver accepts
+    offset: int = 0  # IT spool seq = plant seq + offset (diode_seq_realigned)
 
 
 class _Held(NamedTuple):
@@ -278,22 +279,22 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         )
         now = time.monotonic()
         self._session: int | None = None
+        self.seq_offset = 0  # added to the plant's record seqs (diode_seq_realigned)
         # Datagrams held as bytes (bounded in bytes, ADR 0019), parsed when released.
         self._order: Reorder[bytes] = Reorder()
         # When the session's highest seq last rose (bounds how far ahead a seq may be);
         # -inf: no bound (a first start).
         self._advanced_at = float("-inf")
         try:
-            self._cfg.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-            saved = msgspec.json.decode(self._state_file.read_bytes(), type=_ReceiverState)
-            self._session, self._order = saved.session, Reorder(saved.next)
-            self._advanced_at = now - max(0.0, time.time() - saved.saved_at)
-        except FileNotFoundError:
-            pass
-        except (OSError, msgspec.DecodeError) as e:
+            self._restore(now)
+        except ChannelError:
             self._spool.close()
-            raise ChannelError(f"{self._state_file}: unreadable diode state: {e}") from e
-        self._saved = (self._session, self._order.next)
+            raise
+        self._saved: tuple[int | None, int, int] = (
+            self._session,
+            self._order.next,
+            self.seq_offset,
+        )
         self._saved_at = now
         self._last_heard = now
         self.listening = False  # bound to its address
@@ -323,8 +324,20 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         self._ahead_beats = 0  # heartbeats in a row announcing less than the IT spool holds
         self._gaps_to_report: list[Lost] = []
         self._record_gaps: list[Lost] = []
-        self._rewind_to: int | None = None  # set the IT spool's seq back (diode_spool_rewound)
         self._tail: tuple[int, int] | None = None  # at which pending record a session ended
+
+    def _restore(self, now: float) -> None:
+        """The state saved by a previous run, if any."""
+        try:
+            self._cfg.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            saved = msgspec.json.decode(self._state_file.read_bytes(), type=_ReceiverState)
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError) as e:
+            raise ChannelError(f"{self._state_file}: unreadable diode state: {e}") from e
+        self._session, self._order = saved.session, Reorder(saved.next)
+        self.seq_offset = saved.offset
+        self._advanced_at = now - max(0.0, time.time() - saved.saved_at)
 
     # asyncio.DatagramProtocol: called for each datagram; never answers.
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -368,22 +381,26 @@ class DiodeReceiver(asyncio.DatagramProtocol):
     def _heard_beat(self, announced: int) -> None:
         """The plant's last record seq, as the sender announces it. Announced below what
         the IT spool holds, heartbeat after heartbeat, the IT spool is ahead of the plant:
-        the plant's spool was reset, or a record was forged. Then the IT spool's seq is
-        set back to follow the plant's (audited), else it would leave out all that comes."""
+        the plant's spool was reset, or a record was forged. The plant's seqs are then
+        written with an offset (audited): the IT spool's seq never goes back (its readers
+        rely on it), and what comes is written, not left out forever."""
         self.last_record_seq = announced
-        if announced + 1 >= self._spool.next_seq:
+        if announced + self.seq_offset + 1 >= self._spool.next_seq:
             self._ahead_beats = 0
             return
         self._ahead_beats += 1
-        if self._ahead_beats == AHEAD_BEATS:
+        if self._ahead_beats >= AHEAD_BEATS:
+            self._ahead_beats = 0
+            previous, self.seq_offset = self.seq_offset, self._spool.next_seq - 1 - announced
             log.error(
-                "diode_spool_rewound",
+                "diode_seq_realigned",
                 session=f"{self._session or 0:016x}",
                 it_last_seq=self._spool.next_seq - 1,
                 announced_seq=announced,
+                offset=self.seq_offset,
+                previous_offset=previous,
                 cause="the plant's spool was reset, or a forged record crossed",
             )
-            self._rewind_to = announced
 
     def _take_over(self, held: _Held, now: float) -> None:
         """A datagram of another session: adopted at once when there is no session, else
@@ -400,7 +417,8 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             return
         for item in self._order.end():
             self._deliver(item)
-        self._tail = (len(self._records), self.last_record_seq)  # the old session's last word
+        # The old session's last word, and where its records end in what is pending.
+        self._tail = (len(self._records), self.last_record_seq + self.seq_offset)
         previous = self._session
         self._session = session
         self.sessions += 1
@@ -459,6 +477,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
             assert isinstance(body, list)
             bound = max(self._spool.next_seq, self._records_reported) + RECORD_JUMP
             for record in body:
+                record.seq += self.seq_offset
                 if record.seq > bound:  # forged, or damaged past the CRC: never written
                     self.refused["record_seq"] += 1
                     continue
@@ -467,6 +486,7 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         elif kind == dg.RESYNC:
             assert isinstance(body, list)
             for record in body:  # only what is newer than what was written fills a loss
+                record.seq += self.seq_offset
                 if record.seq > self._written.get(record.signal, 0):
                     self._written[record.signal] = record.seq
                     self._resync.append(record)
@@ -529,27 +549,21 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         finally:
             transport.close()
             with contextlib.suppress(ChannelError, OSError):
-                await self._flush()
-                await self._save(time.monotonic(), force=True)
+                await self.step(time.monotonic(), final=True)
             self._spool.close()
 
-    async def step(self, now: float) -> None:
-        """Release what the order lets go, write it, report, and save the state."""
+    async def step(self, now: float, *, final: bool = False) -> None:
+        """Release what the order lets go, write it, report, and save the state (`final`:
+        at once, the receiver stops)."""
         for item in self._order.release(now):
             self._deliver(item)
-        if await self._flush():
-            await self._save(now, force=True)
-        else:
-            await self._save(now)
+        wrote = await self._flush()
+        await self._save(now, force=wrote or final)
 
     async def _flush(self) -> bool:
         """Write what was delivered and report gaps; True if anything was written."""
         records, resync, checkpoints = self._records, self._resync, self._checkpoints
         wrote = bool(records or resync or checkpoints)
-        if self._rewind_to is not None:
-            self._spool.next_seq = self._rewind_to + 1
-            self._records_reported = min(self._records_reported, self._rewind_to)
-            self._rewind_to = None
         self._find_record_gaps(records)
         if wrote:
             self._records, self._resync, self._checkpoints = [], [], []
@@ -599,12 +613,14 @@ class DiodeReceiver(asyncio.DatagramProtocol):
         """The session and the next seq, after every write and, when only heartbeats or
         a gap moved it, at most every STATE_SAVE_S: a restart reports what it missed,
         never what it had received."""
-        state = (self._session, self._order.next)
+        state = (self._session, self._order.next, self.seq_offset)
         if self._session is None or state == self._saved:
             return
         if not force and now - self._saved_at < STATE_SAVE_S:
             return
-        data = msgspec.json.encode(_ReceiverState(self._session, self._order.next, time.time()))
+        data = msgspec.json.encode(
+            _ReceiverState(self._session, self._order.next, time.time(), self.seq_offset)
+        )
         await asyncio.to_thread(replace_durably, self._state_file, data)
         self._saved, self._saved_at = state, now
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.channel import datagrams as dg
-from broker.channel.sequence import REORDER_DATAGRAMS, REORDER_S, Lost, Reorder
+from broker.channel.sequence import HELD_BYTES, REORDER_DATAGRAMS, REORDER_S, Lost, Reorder
 from broker.records import Context, Record
 
 SESSION = 0x1234_5678_9ABC_DEF0
@@ -185,3 +185,27 @@ def test_random_loss_duplication_and_reordering_reports_exactly_the_losses() -> 
     lost = {s for x in released if isinstance(x, Lost) for s in range(x.first, x.last + 1)}
     assert delivered == sorted(set(arrivals))
     assert lost == dropped
+
+
+def test_a_gap_is_declared_early_when_what_is_held_exceeds_its_bytes() -> None:
+    order: Reorder[bytes] = Reorder()
+    order.offer(1, b"a", 0.0, 1)
+    size = HELD_BYTES // 4
+    for seq in range(3, 8):  # 5 datagrams of a quarter of the bound wait behind seq 2
+        order.offer(seq, b"x", 0.0, size)
+    assert order.held_bytes == 1 + 5 * size
+    assert order.release(0.0) == [b"a", Lost(2, 2), *[b"x"] * 5]
+    assert order.held_bytes == 0
+
+
+def test_pieces_are_numbered_when_sent_whatever_came_between() -> None:
+    """The sender queues pieces and numbers each as it sends it: a heartbeat made while
+    data waits takes the next seq, and a fragmented message still names its first part."""
+    framer = dg.Framer(SESSION, 512)
+    pieces = framer.pieces([record(1), record(2, value="x" * 2000)])
+    assert framer.seq == 0 and [p.kind for p in pieces][:2] == [dg.RECORDS, dg.FRAGMENT]
+    beat = dg.decode(framer.heartbeat(0, 0))
+    numbered = [dg.decode(framer.number(p)) for p in pieces]
+    assert beat.seq == 1 and [d.seq for d in numbered] == list(range(2, 2 + len(pieces)))
+    fragments = [d.body for d in numbered if isinstance(d.body, dg.Fragment)]
+    assert {f.message for f in fragments} == {3} and pieces[-1].last_record_seq == 2

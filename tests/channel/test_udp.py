@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +34,9 @@ from broker import policy
 from broker.channel import datagrams as dg
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.channel.udp import (
+    AHEAD_BEATS,
     RECEIVER_METRICS,
+    RECEIVER_STATE,
     SENDER_METRICS,
     DiodeReceiver,
     DiodeSender,
@@ -72,6 +75,7 @@ class Relay(asyncio.DatagramProtocol):
         self.rng = random.Random(seed)
         self.drop = self.duplicate = self.reorder = 0.0
         self.blackout = False  # drop everything (not counted as a test drop)
+        self.blacked: set[int] = set()  # seqs dropped by a blackout
         self.dropped: Counter[int] = Counter()  # seq -> copies dropped
         self.forwarded: Counter[int] = Counter()  # seq -> copies forwarded
         self._held: bytes | None = None
@@ -81,9 +85,10 @@ class Relay(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.blackout:
-            return
         seq = dg.HEADER.unpack_from(data)[4]
+        if self.blackout:
+            self.blacked.add(seq)
+            return
         if self.rng.random() < self.drop:
             self.dropped[seq] += 1
             return
@@ -131,6 +136,29 @@ def record(signal: str, value: float) -> Record:
     )  # fmt: skip
 
 
+def numbered(signal: str, value: float, seq: int) -> Record:
+    r = record(signal, value)
+    r.seq = seq
+    return r
+
+
+def spool_contents(directory: Path, tmp: Path) -> tuple[list[Record], list[Record], list[bytes]]:
+    """Everything in a spool: records in order, resync records, checkpoint entries."""
+    reader = SpoolReceiver(directory, tmp / "reader", reader=str(time.time_ns()))
+    try:
+        records: list[Record] = []
+        resync: list[Record] = []
+        checkpoints: list[bytes] = []
+        for _ in range(1000):
+            batch = reader.receive(resync=resync, checkpoints=checkpoints)
+            if not batch:
+                return records, resync, checkpoints
+            records += batch
+        raise AssertionError("the spool did not end")
+    finally:
+        reader.close()
+
+
 @dataclass
 class Link:
     """An OT spool, a sender, the relay, a receiver and its IT spool, in this event loop."""
@@ -169,18 +197,8 @@ class Link:
 
     def it_records(self) -> tuple[list[Record], list[Record]]:
         """Everything in the IT spool: records in order, and resync records."""
-        reader = SpoolReceiver(self.it_spool.dir, self.tmp / "reader", reader=str(time.time_ns()))
-        try:
-            records: list[Record] = []
-            resync: list[Record] = []
-            for _ in range(1000):
-                batch = reader.receive(resync=resync)
-                if not batch:
-                    return records, resync
-                records += batch
-            raise AssertionError("the IT spool did not end")
-        finally:
-            reader.close()
+        records, resync, _ = spool_contents(self.it_spool.dir, self.tmp)
+        return records, resync
 
     def it_latest(self) -> dict[str, tuple[int, object]]:
         records, resync = self.it_records()
@@ -213,7 +231,7 @@ async def link(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[
         "resync_s": options.get("resync_s", 60.0),
         "copies": options.get("copies", 1),
         "datagram_bytes": 1400,
-        "max_datagrams_s": 4000,  # the relay, in this loop, keeps up with it
+        "max_datagrams_s": options.get("max_datagrams_s", 4000),  # the relay keeps up
     }
     sender_config = DiodeConfig(
         host="127.0.0.1", port=relay_port, state_dir=tmp_path / "ot-diode", **common
@@ -398,25 +416,253 @@ async def test_hostile_datagrams_are_counted_and_dropped(
     assert all(r.value != -1.0 for r in link.it_records()[0])
 
 
+@pytest.mark.parametrize("link", [{"max_datagrams_s": 300}], indirect=True)
+async def test_a_slow_link_with_a_backlog_reports_no_false_gap(
+    link: Link, logs: list[dict[str, Any]]
+) -> None:
+    """Each datagram is numbered when it is sent: heartbeats never overtake queued data,
+    so a backlog that takes seconds to drain is not mistaken for loss."""
+    last_seq = link.write(rounds=60)  # about 300 datagrams: a second at 300/s
+    await sent_everything(link, last_seq)
+    await eventually(lambda: len(link.it_records()[0]) == last_seq, timeout=10)
+    assert [r.seq for r in link.it_records()[0]] == list(range(1, last_seq + 1))
+    assert link.receiver.lost == 0 and reported(logs) == set()
+    assert link.receiver.duplicates == 0 and not link.relay.dropped
+
+
+@pytest.mark.parametrize("link", [{"resync_s": 1.0}], indirect=True)
+async def test_a_restarted_sender_resyncs_a_signal_lost_before_it_restarted(
+    link: Link, logs: list[dict[str, Any]]
+) -> None:
+    """Every signal's last update is lost, the sender commits its position and restarts;
+    only one signal changes afterwards: the resync still brings every other one across."""
+    link.relay.blackout = True
+    last_seq = link.write(rounds=1)
+    position = link.sender._cfg.state_dir / "spool-position-diode.json"
+    await eventually(
+        lambda: position.exists() and msgspec.json.decode(position.read_bytes())["seq"] == last_seq,
+        timeout=10,
+    )
+    await link.stop("sender")
+    link.relay.blackout = False
+    link.sender = DiodeSender(link.ot_spool, link.sender._cfg)
+    link.tasks["sender"] = asyncio.create_task(link.sender.run())
+    plant = SpoolSender(link.ot_spool.dir, 1 << 20, 1 << 30)
+    try:
+        update = record(SIGNALS[0], 99.0)
+        plant.send([update])
+        link.written[update.signal] = update
+    finally:
+        plant.close()
+    await eventually(lambda: link.it_latest() == link.ot_latest(), timeout=10)
+    assert len(link.it_latest()) == len(SIGNALS)
+
+
+@pytest.mark.parametrize("link", [{"resync_s": 1.0, "max_datagrams_s": 150}], indirect=True)
+async def test_a_resync_round_never_starts_while_the_last_one_is_queued(link: Link) -> None:
+    """2,500 signals at 150 datagrams/s: a round takes about 2 s, longer than resync_s;
+    the queue stays at most one record per signal, and live data still crosses."""
+    signals = [f"site/wide/asset-{i}/measure" for i in range(2500)]
+    plant = SpoolSender(link.ot_spool.dir, 1 << 20, 1 << 30)
+    try:
+        plant.send([record(signal, 1.0) for signal in signals])
+        last_seq = plant.next_seq - 1
+    finally:
+        plant.close()
+    await eventually(lambda: link.sender.last_record_seq == last_seq, timeout=15)
+    deadline = time.monotonic() + 2.0
+    largest = 0
+    while time.monotonic() < deadline:
+        largest = max(largest, len(link.sender._resync))
+        await asyncio.sleep(0.02)
+    assert 0 < largest <= len(signals)
+    assert link.sender.resync_deferred >= 1
+    # Live data still crosses while rounds are being sent: it has at least half the rate.
+    last_seq = link.write(rounds=1)
+    await eventually(lambda: link.sender.last_record_seq == last_seq, timeout=5)
+
+
+async def test_a_receiver_restart_after_an_idle_period_reports_no_false_gap(
+    link: Link, logs: list[dict[str, Any]]
+) -> None:
+    """Only heartbeats come; the receiver restarts: the gap it reports is exactly what was
+    sent while it was down, not what it had received before."""
+    await eventually(lambda: link.receiver.received >= 5, timeout=5)
+    link.relay.blackout = True
+    highest = max(link.relay.forwarded)
+    await eventually(lambda: link.receiver._order.highest >= highest, timeout=5)
+    await link.stop("receiver")
+    assert msgspec.json.decode((link.receiver_config.state_dir / RECEIVER_STATE).read_bytes())
+    link.start_receiver()
+    await eventually(lambda: link.receiver.listening, timeout=5)
+    await eventually(lambda: len(link.relay.blacked) >= 2, timeout=5)
+    link.relay.blackout = False
+    await eventually(lambda: link.receiver.received >= 3, timeout=5)
+    await eventually(lambda: reported(logs) == link.relay.blacked, timeout=5)
+    assert link.receiver.lost == len(link.relay.blacked)
+
+
+async def test_audit_checkpoints_cross_as_checkpoint_frames_fragmented_or_not(
+    link: Link,
+) -> None:
+    small = b'{"event":"audit_checkpoint","seq":7}'
+    large = b'{"event":"audit_checkpoint","pad":"' + b"x" * 5000 + b'"}'  # 4 datagrams
+    plant = SpoolSender(link.ot_spool.dir, 1 << 20, 1 << 30)
+    try:
+        plant.send([record(SIGNALS[0], 1.0)], checkpoints=[small, large])
+    finally:
+        plant.close()
+
+    def crossed() -> list[bytes]:
+        return spool_contents(link.it_spool.dir, link.tmp)[2]
+
+    await eventually(lambda: crossed() == [small, large], timeout=10)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[DiodeReceiver]:
+    """A receiver fed by hand (`datagram_received`, `step`), no socket: sans-io cases."""
+    config = DiodeConfig(
+        host="127.0.0.1", port=free_udp_port(), state_dir=tmp_path / "it-diode",
+        heartbeat_s=HEARTBEAT_S, max_datagrams_s=4000,
+    )  # fmt: skip
+    spool = SpoolConfig(dir=tmp_path / "it-spool", segment_mib=1, retention_mib=64)
+    receiver = DiodeReceiver(spool, config)
+    try:
+        yield receiver
+    finally:
+        receiver._spool.close()
+
+
+async def feed(receiver: DiodeReceiver, datagrams: list[bytes], later_s: float = 0.0) -> None:
+    for data in datagrams:
+        receiver.datagram_received(data, None)
+    await receiver.step(time.monotonic() + later_s)
+
+
+def it_seqs(receiver: DiodeReceiver, tmp: Path) -> list[int]:
+    return [r.seq for r in spool_contents(receiver._spool_dir, tmp)[0]]
+
+
+async def test_a_far_future_seq_is_refused_and_the_link_goes_on(
+    receiver: DiodeReceiver, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    framer = dg.Framer(5, 1400)
+    await feed(receiver, framer.records([numbered("s/a", 1.0, seq) for seq in range(1, 11)]))
+    forged = dg.encode(dg.HEARTBEAT, 5, 2**63, bytes(16))  # a valid CRC, the current session
+    await feed(receiver, [forged], later_s=1.0)
+    assert receiver.refused["seq_jump"] == 1 and receiver.lost == 0
+    await feed(receiver, framer.records([numbered("s/a", 2.0, seq) for seq in range(11, 61)]))
+    assert it_seqs(receiver, tmp_path) == list(range(1, 61))
+    assert receiver.lost == 0 and receiver.duplicates == 0 and reported(logs) == set()
+    # A real outage: after 30 s of silence, a jump of 100,000 datagrams is plausible at
+    # 4,000/s; it is one gap, reported exactly.
+    receiver._advanced_at -= 30
+    highest = framer.seq
+    framer.seq += 100_000
+    await feed(receiver, framer.records([numbered("s/a", 3.0, 61)]), later_s=1.0)
+    assert reported(logs) == set(range(highest + 1, highest + 100_001))
+    assert it_seqs(receiver, tmp_path)[-1] == 61
+
+
+async def test_a_record_far_ahead_of_the_plant_does_not_block_the_it_spool(
+    receiver: DiodeReceiver, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    framer = dg.Framer(6, 1400)
+    await feed(receiver, framer.records([numbered("s/a", 1.0, 1), numbered("s/b", 1.0, 2)]))
+    await feed(receiver, framer.records([numbered("s/a", -1.0, 2**62)]))  # past any bound
+    assert receiver.refused["record_seq"] == 1
+    # Within the bound (forged, or the plant's spool reset): what follows is left out,
+    # counted, until the heartbeats have shown the IT spool ahead of the plant long enough.
+    await feed(receiver, framer.records([numbered("s/a", -2.0, 1000)]))
+    await feed(receiver, framer.records([numbered("s/a", 3.0, seq) for seq in range(3, 8)]))
+    assert receiver.records_repeated == 5
+    for _ in range(AHEAD_BEATS):
+        await feed(receiver, [framer.heartbeat(7, 0)])
+    realigned = [e for e in logs if e["event"] == "diode_seq_realigned"]
+    assert [(e["it_last_seq"], e["announced_seq"], e["offset"]) for e in realigned] == [
+        (1000, 7, 993)
+    ]
+    # The plant's 8.. follow, written above 1000: the IT spool's seq never goes back, so its
+    # readers take them; the offset survives a restart.
+    await feed(receiver, framer.records([numbered("s/a", 4.0, seq) for seq in range(8, 12)]))
+    assert it_seqs(receiver, tmp_path) == [1, 2, 1000, 1001, 1002, 1003, 1004]
+    state = msgspec.json.decode((receiver._cfg.state_dir / RECEIVER_STATE).read_bytes())
+    assert state["offset"] == 993
+    receiver._log_refused()
+    assert any(e["event"] == "diode_records_repeated" and e["count"] == 5 for e in logs)
+
+
+async def test_a_sender_sessions_lost_tail_is_reported_as_records_lost(
+    receiver: DiodeReceiver, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    """Session A: records 1..50 arrive; 51..60 are lost but its heartbeat announcing 60
+    arrives; 61..70 and every later heartbeat are lost; A stops. Session B resumes after
+    70: the records lost are exactly 51..70, each reported once."""
+    a = dg.Framer(1, 1400)
+    await feed(receiver, a.records([numbered("s/a", 1.0, seq) for seq in range(1, 51)]))
+    a.records([numbered("s/a", 1.0, seq) for seq in range(51, 61)])  # lost
+    await feed(receiver, [a.heartbeat(60, 0)])
+    a.records([numbered("s/a", 1.0, seq) for seq in range(61, 71)])  # lost, and A stops
+    receiver._last_heard -= 10 * HEARTBEAT_S
+    b = dg.Framer(2, 1400)
+    await feed(
+        receiver, b.records([numbered("s/a", 2.0, seq) for seq in range(71, 81)]), later_s=1.0
+    )
+    lost = [e for e in logs if e["event"] == "diode_records_lost"]
+    ranges = [tuple(r) for e in lost for r in e["ranges"]]
+    assert ranges == [(51, 60), (61, 70)] and receiver.records_lost == 20
+    assert it_seqs(receiver, tmp_path) == [*range(1, 51), *range(71, 81)]
+    metrics_file = receiver._spool_dir / RECEIVER_METRICS
+    receiver._write_metrics()
+    assert "dmzbroker_diode_records_lost_total 20.0" in metrics_file.read_text()
+
+
+async def test_a_fast_sender_restart_with_a_backlog_loses_nothing(
+    receiver: DiodeReceiver, tmp_path: Path
+) -> None:
+    """A new session sends 6,000 datagrams while the old one may still be talking (less
+    than two heartbeats since it was heard): all are held, then adopted."""
+    a = dg.Framer(1, 1400)
+    await feed(receiver, a.records([numbered("s/a", 1.0, 1)]))
+    b = dg.Framer(2, 1400)
+    backlog = [b.heartbeat(1, n) for n in range(6000)]
+    backlog += b.records([numbered("s/a", 2.0, seq) for seq in range(2, 12)])
+    for data in backlog:
+        receiver.datagram_received(data, None)
+    assert receiver.refused["session"] == 0
+    receiver._last_heard -= 10 * HEARTBEAT_S  # A is silent: B is a restarted sender
+    await feed(receiver, [b.heartbeat(11, 6001)], later_s=1.0)
+    assert receiver.refused["session"] == 0 and receiver.lost == 0
+    assert it_seqs(receiver, tmp_path) == list(range(1, 12))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="sniffing the loopback interface needs root")
 async def test_not_one_packet_leaves_the_receivers_port(link: Link) -> None:
     from scapy.all import UDP, AsyncSniffer  # noqa: PLC0415 - only this test, as root
 
     port = link.receiver_config.port
+    started = threading.Event()
+    towards: list[Any] = []  # appended by the sniffer's thread as it processes packets
+    back: list[Any] = []
     sniffer = AsyncSniffer(
-        iface="lo", store=True, lfilter=lambda p: UDP in p and port in (p[UDP].sport, p[UDP].dport)
+        iface="lo",
+        store=False,
+        lfilter=lambda p: UDP in p and port in (p[UDP].sport, p[UDP].dport),
+        prn=lambda p: (towards if p[UDP].dport == port else back).append(p),
+        started_callback=started.set,
     )
     sniffer.start()
     try:
-        await asyncio.sleep(0.3)  # the sniffer's socket is open
+        await eventually(started.is_set, timeout=10)  # its socket is open: nothing missed
+        received = link.receiver.received
         last_seq = link.write(rounds=10)
         await sent_everything(link, last_seq)
-        await eventually(lambda: link.receiver.received > 20, timeout=5)
+        await eventually(lambda: link.receiver.received > received + 20, timeout=5)
+        # The capture has processed the traffic (a packet back would be among it).
+        await eventually(lambda: len(towards) > 20, timeout=15)
     finally:
-        packets = sniffer.stop()
-    towards = [p for p in packets if p[UDP].dport == port]
-    back = [p for p in packets if p[UDP].sport == port]
-    assert towards, "the capture saw the diode's traffic"
+        sniffer.stop()
     assert back == []
 
 
