@@ -429,6 +429,31 @@ def test_the_cli_names_a_host_that_does_not_resolve(
     assert done.stdout == ""
 
 
+SYSCTL = REPO / "deploy" / "sysctl" / "90-dmzbroker.conf"
+
+
+@needs_root
+def test_the_shipped_sysctls_apply_and_reach_every_nic() -> None:
+    """`sysctl -p` (procps, as `sysctl --system` reads it) refuses a key the kernel lacks;
+    in a fresh namespace with a NIC that existed before, every setting holds."""
+    name = f"nft{os.getpid()}-sysctl"
+    with netns.namespaces(name) as (space,):
+        space.run("ip", "link", "add", "nic0", "type", "veth", "peer", "name", "nic1")
+        space.run("sysctl", "-q", "-p", str(SYSCTL))
+        for key, value in (
+            ("net.ipv4.ip_forward", "0"),
+            ("net.ipv4.conf.nic0.rp_filter", "1"),
+            ("net.ipv4.conf.nic0.accept_redirects", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv6.conf.nic0.accept_redirects", "0"),
+            ("net.ipv4.conf.nic0.accept_source_route", "0"),
+            ("net.ipv6.conf.nic0.accept_ra", "0"),
+            ("net.ipv4.conf.nic0.arp_ignore", "1"),
+            ("net.ipv4.conf.nic0.arp_announce", "2"),
+        ):
+            assert space.run("sysctl", "-n", key).strip() == value, key
+
+
 # ---- real packets, as root, in namespaces this test creates and removes ----
 
 LISTEN = """
