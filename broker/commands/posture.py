@@ -20,8 +20,10 @@ from broker import config
 from broker.audit.show import inert
 from broker.commands.processes import add_config_argument
 from broker.deployment import posture
-from broker.deployment.posture import Posture, Unknown
+from broker.deployment.audit_tail import WriterState
+from broker.deployment.posture import Posture
 from broker.deployment.sockets import Socket
+from broker.deployment.unknown import Unknown
 
 MISMATCH = 1
 
@@ -134,7 +136,7 @@ def _sockets(sockets: list[Socket] | Unknown) -> str:
     return ", ".join(inert(str(s)) for s in sockets) or "nothing"
 
 
-def _writer(writer: posture.WriterState | Unknown) -> str:
+def _writer(writer: WriterState | Unknown) -> str:
     if isinstance(writer, Unknown):
         return _unknown(writer)
     running = _flag(writer.running, "running", "not running")

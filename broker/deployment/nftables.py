@@ -173,26 +173,6 @@ def it_peers(cfg: BrokerConfig) -> list[Peer]:
     return [Peer(key, host, resolve(key, host), port, proto) for key, host, port, proto in named]
 
 
-def ruleset(
-    cfg: BrokerConfig,
-    policy: Policy,
-    *,
-    ot_interface: str = "ot0",
-    it_interface: str = "it0",
-    it_allow: Sequence[Network] = (),
-    ot_users: Sequence[str] = (PLANT_USER,),
-) -> str:
-    """The ruleset text for `nft -f` (see `write`)."""
-    return write(
-        cfg,
-        policy,
-        ot_interface=ot_interface,
-        it_interface=it_interface,
-        it_allow=it_allow,
-        ot_users=ot_users,
-    ).text
-
-
 def write(
     cfg: BrokerConfig,
     policy: Policy,

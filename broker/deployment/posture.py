@@ -3,44 +3,41 @@
 Finds each running half by the kernel's holder of its audit folder's lock, with its user's
 processes (broker.deployment.halves), and reads what it is: its user, the sockets those
 processes listen on, what it accepted (broker.policy.accepted), island mode, the audit writers'
-tails; then compares the sockets with the manifest the configuration declares (the plant half
-listens on nothing, the enterprise half on its `listen` address, a diode receiver on its UDP
-port), and each half's user with the layout's (broker.deployment.layout).
+tails (broker.deployment.audit_tail); then compares the sockets with the manifest the
+configuration declares (the plant half listens on nothing, the enterprise half on its `listen`
+address, a diode receiver on its UDP port), and each half's user with the layout's
+(broker.deployment.layout).
 
 It only reads: it never writes, signals or keeps a lock of a half (the lock test lasts an
 instant), and never proves integrity (`dmzbroker audit verify` does). What it cannot read (a
 folder of another user, a process it may not inspect) is reported as `Unknown` with the
-reason, never raised. Everything in a half's folders is the half's to write, so it is read as
-hostile: a file of the wrong kind or size, or content of the wrong type, is `Unknown` too.
+reason (broker.deployment.unknown), never raised. Everything in a half's folders is the half's
+to write, so it is read as hostile: a file of the wrong kind or size, or content of the wrong
+type, is `Unknown` too.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
 import pwd
 import socket
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 import msgspec
 import psutil
 from cryptography import x509
 
 from broker import island
-from broker.audit.entry import CHECKPOINT
-from broker.audit.log import MIN_FREE_BYTES
-from broker.audit.segments import MAX_SEGMENT_BYTES, segment_numbers, segment_path
 from broker.config import BrokerConfig
 from broker.deployment import halves as holders
 from broker.deployment import layout, sockets
+from broker.deployment.audit_tail import AuditState, audit_state
 from broker.deployment.sockets import Socket, SocketCheck
+from broker.deployment.unknown import Unknown, guarded, reason
 from broker.errors import DmzBrokerError
-from broker.metrics import PLANT_FILE
 from broker.policy import accepted as records
 from broker.policy import envelope as envelopes
 from broker.policy import parse, trustroot, verify
@@ -49,16 +46,6 @@ from broker.trust.revocation import read_crl
 
 HALVES = ("plant", "enterprise")
 DIODE_RECEIVER = "diode-receive"
-METRICS_STALE_S = 30.0  # the plant half rewrites its metrics every 2 s: older is not current
-SEGMENTS_READ = 2  # a writer's newest segment may be empty (its next one, made ahead)
-
-T = TypeVar("T")
-
-
-class Unknown(msgspec.Struct, frozen=True):
-    """What could not be read, and why."""
-
-    unknown: str
 
 
 class Process(msgspec.Struct, frozen=True):
@@ -116,27 +103,6 @@ class TrustRootState(msgspec.Struct, frozen=True):
     differences: list[str]
 
 
-class WriterState(msgspec.Struct, frozen=True):
-    running: bool | Unknown  # a process holds the folder's lock
-    last_seq: int | Unknown | None  # None: no entry yet
-    last_time: str | Unknown | None
-    last_checkpoint_seq: int | Unknown | None  # the seq its newest checkpoint covers
-    last_checkpoint_age_s: float | Unknown | None
-    failing: bool | Unknown | None  # None: not running
-
-
-class FileSystem(msgspec.Struct, frozen=True):
-    free_bytes: int
-    free_pct: float
-    read_only: bool
-
-
-class AuditState(msgspec.Struct, frozen=True):
-    dir: str
-    file_system: FileSystem | Unknown
-    writers: dict[str, WriterState | Unknown]
-
-
 class Posture(msgspec.Struct, frozen=True):
     tls: Tls
     policy: PolicyState
@@ -172,7 +138,7 @@ def collect(
         policy=policy_state(cfg),
         trust_root=trust_root_state(cfg),
         halves=halves,
-        island_mode=_guarded(lambda: island.is_on(cfg.plant.state_dir)),
+        island_mode=guarded(lambda: island.is_on(cfg.plant.state_dir)),
         audit=audit_state(cfg.audit.dir, cfg.spool.dir),
         manifest=manifest,
         sockets=checks,
@@ -281,7 +247,7 @@ def find(writer_dir: Path) -> holders.Holder | Unknown | None:
     try:
         return holders.holder(writer_dir)
     except (OSError, DmzBrokerError) as e:
-        return Unknown(f"{writer_dir}: cannot read its lock: {_reason(e)}")
+        return Unknown(f"{writer_dir}: cannot read its lock: {reason(e)}")
 
 
 def separation(halves: dict[str, Process | Unknown | None]) -> list[str]:
@@ -344,7 +310,7 @@ def listening_of(process: psutil.Process) -> list[Socket] | Unknown:
     except psutil.AccessDenied:
         return Unknown(f"pid {process.pid}: its sockets may be read only by root or its user")
     except (psutil.Error, OSError) as e:
-        return Unknown(f"pid {process.pid}: cannot read its sockets: {_reason(e)}")
+        return Unknown(f"pid {process.pid}: cannot read its sockets: {reason(e)}")
 
 
 # -- what is configured and accepted ------------------------------------------------------------
@@ -352,14 +318,14 @@ def listening_of(process: psutil.Process) -> list[Socket] | Unknown:
 
 def tls_state(cfg: BrokerConfig) -> Tls:
     tls = cfg.enterprise.tls
-    subjects = _guarded(
+    subjects = guarded(
         lambda: [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(
             read_regular(tls.client_ca, 1024 * 1024))]
     )  # fmt: skip
     crl: Crl | Unknown | None = None
     if tls.crl is not None:
         path = tls.crl
-        crl = _guarded(lambda: _crl(path, tls.client_ca))
+        crl = guarded(lambda: _crl(path, tls.client_ca))
     return Tls(tls.profile, subjects, crl)
 
 
@@ -424,7 +390,7 @@ def _accepted(
     pick: Callable[[records.Floor], records.AcceptedPolicy | records.AcceptedRoot | None],
 ) -> Accepted | Unknown | None:
     """The half's state dir record (without its audit log's: that needs the audit key)."""
-    record = _guarded(lambda: pick(records.floor(state_dir, state_dir, None)))
+    record = guarded(lambda: pick(records.floor(state_dir, state_dir, None)))
     if record is None or isinstance(record, Unknown):
         return record
     return Accepted(record.version, record.sha256)
@@ -441,163 +407,3 @@ def _differences(
                 + (" with other content" if record.version == version else "")
             )
     return found
-
-
-# -- audit --------------------------------------------------------------------------------------
-
-
-def audit_state(audit_dir: Path, spool_dir: Path) -> AuditState:
-    file_system = _guarded(lambda: _file_system(audit_dir))
-    writers: dict[str, WriterState | Unknown] = {}
-    try:
-        names = sorted(n for n in os.listdir(audit_dir) if (audit_dir / n).is_dir())
-    except OSError as e:
-        return AuditState(str(audit_dir), file_system, {"*": Unknown(_reason(e))})
-    full = isinstance(file_system, FileSystem) and (
-        file_system.read_only or file_system.free_bytes < MIN_FREE_BYTES
-    )
-    for name in names:
-        writers[name] = _guarded(functools.partial(_writer, audit_dir / name, spool_dir, full=full))
-    return AuditState(str(audit_dir), file_system, writers)
-
-
-def _file_system(path: Path) -> FileSystem:
-    fs = os.statvfs(path)
-    free = fs.f_bavail * fs.f_frsize
-    share = fs.f_bavail / fs.f_blocks if fs.f_blocks else 1.0
-    return FileSystem(free, round(share * 100, 1), bool(fs.f_flag & os.ST_RDONLY))
-
-
-def _writer(directory: Path, spool_dir: Path, *, full: bool) -> WriterState:
-    running = _guarded(lambda: holders.holder(directory) is not None)
-    try:
-        last, checkpoint = _newest(directory)
-    except (OSError, DmzBrokerError) as e:
-        last = checkpoint = Unknown(_reason(e))
-    failing: bool | Unknown | None = None
-    if isinstance(running, Unknown):
-        failing = running
-    elif running:
-        failing = True if full else _failing(directory.name, spool_dir)
-    details = _field(checkpoint, "details", dict, "an object")
-    covers = (
-        details
-        if not isinstance(details, dict)
-        else _field(details, "covers_seq", int, "an integer")
-    )
-    moment = _moment(checkpoint)
-    age = (
-        moment
-        if not isinstance(moment, datetime)
-        else round((datetime.now(UTC) - moment).total_seconds(), 1)
-    )
-    when = _moment(last)
-    return WriterState(
-        running,
-        _field(last, "seq", int, "an integer"),
-        when.isoformat() if isinstance(when, datetime) else when,
-        covers,
-        age,
-        failing,
-    )  # fmt: skip
-
-
-Entry = dict[str, Any] | Unknown | None  # None: no entry found
-
-
-def _newest(directory: Path) -> tuple[Entry, Entry]:
-    """The writer's last entry and last checkpoint, from its newest segments."""
-    last: Entry = None
-    checkpoint: Entry = None
-    for number in list(reversed(segment_numbers(directory)))[:SEGMENTS_READ]:
-        data = read_regular(segment_path(directory, number), MAX_SEGMENT_BYTES)
-        found_last, found_checkpoint = tail(data)
-        last = found_last if last is None else last
-        checkpoint = found_checkpoint if checkpoint is None else checkpoint
-        if checkpoint is not None:
-            break
-    return last, checkpoint
-
-
-def tail(segment: bytes) -> tuple[Entry, Entry]:
-    """A segment's last whole entry and its last checkpoint, decoded (not verified)."""
-    end = segment.rfind(b"\n")
-    if end < 0:
-        return None, None
-    last = _entry(segment[segment.rfind(b"\n", 0, end) + 1 : end])
-    at = segment.rfind(b'"event":"' + CHECKPOINT.encode() + b'"', 0, end)
-    checkpoint: Entry = None
-    if at >= 0:
-        stop = segment.find(b"\n", at)
-        checkpoint = _entry(segment[segment.rfind(b"\n", 0, at) + 1 : stop])
-    return last, checkpoint
-
-
-def _entry(line: bytes) -> dict[str, Any] | Unknown:
-    try:
-        entry = msgspec.json.decode(line)
-    except (msgspec.DecodeError, RecursionError) as e:  # RecursionError: nested too deep
-        return Unknown(f"an entry is not JSON: {e}")
-    return entry if isinstance(entry, dict) else Unknown("an entry is not a JSON object")
-
-
-def _field(entry: Entry, key: str, kind: type[T], what: str) -> T | Unknown | None:
-    """`entry[key]` when it is of `kind` (a bool is no integer), else why not."""
-    if entry is None or isinstance(entry, Unknown):
-        return entry
-    value = entry.get(key)
-    if isinstance(value, kind) and not isinstance(value, bool):
-        return value
-    return Unknown(f"{key} of an entry is not {what}")
-
-
-def _moment(entry: Entry) -> datetime | Unknown | None:
-    """An entry's time, which the writer writes with its time zone."""
-    when = _field(entry, "time", str, "a string")
-    if not isinstance(when, str):
-        return when
-    try:
-        moment = datetime.fromisoformat(when)
-    except ValueError:
-        return Unknown("time of an entry is not an ISO 8601 time")
-    if moment.utcoffset() is None:
-        return Unknown("time of an entry has no time zone")
-    return moment
-
-
-def _failing(writer: str, spool_dir: Path) -> bool | Unknown:
-    """Only the plant half says it in a file (its metrics, in the spool)."""
-    if writer != "plant":
-        return Unknown(f"the {writer} writer reports it only at /metrics")
-    path = spool_dir / PLANT_FILE
-    try:
-        age = time.time() - os.stat(path).st_mtime
-        text = read_regular(path, 16 * 1024 * 1024).decode(errors="replace")
-    except OSError as e:
-        return Unknown(f"{path}: {_reason(e)}")
-    if age > METRICS_STALE_S:
-        return Unknown(f"{path} is {age:.0f} s old: the plant half does not write it")
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == "dmzbroker_plant_audit_failing":
-            return value.strip() not in ("0", "0.0")
-    return Unknown(f"{path}: no dmzbroker_plant_audit_failing")
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def _guarded(read: Callable[[], T]) -> T | Unknown:
-    """`read()`, or why it failed. Whatever it reads is a half's to write and may be made to
-    fail in ways no parser documents: one item lost is better than the whole report."""
-    try:
-        return read()
-    except Exception as e:  # see above
-        return Unknown(_reason(e))
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    return str(error)

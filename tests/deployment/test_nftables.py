@@ -94,7 +94,7 @@ def _rules(text: str, chain: str) -> list[str]:
 def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> None:
     cfg = config.load(signed)
     loaded = policy.load(signed.parent / "policy.yaml")
-    text = nftables.ruleset(cfg, loaded, ot_interface="enp1s0", it_interface="enp2s0")
+    text = nftables.write(cfg, loaded, ot_interface="enp1s0", it_interface="enp2s0").text
 
     owner = 'meta skuid "dmzbroker-plant"'
     assert _rules(text, "ot_out") == [
@@ -182,7 +182,7 @@ def test_it_allow_narrows_the_consumer_port_per_family(signed: Path) -> None:
     cfg = config.load(signed)
     loaded = policy.load(signed.parent / "policy.yaml")
     allow = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "2001:db8:2::/48", "10.1.2.3")]
-    rules = _rules(nftables.ruleset(cfg, loaded, it_allow=allow), "it_in")
+    rules = _rules(nftables.write(cfg, loaded, it_allow=allow).text, "it_in")
     own = "fib daddr . iif type local tcp dport 8443"
     assert rules == [
         *HEAD_IN,
@@ -200,7 +200,7 @@ def test_a_specific_listen_address_is_the_only_consumer_destination(
     cfg = config.load(_config(tmp_path, envelope, pki, owners, enterprise=listen))
     loaded = policy.load(tmp_path / "policy.yaml")
     allow = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "2001:db8:2::/48")]
-    rules = _rules(nftables.ruleset(cfg, loaded, it_allow=allow), "it_in")
+    rules = _rules(nftables.write(cfg, loaded, it_allow=allow).text, "it_in")
     assert rules == [  # an IPv6 source can never reach an IPv4 listen address: no rule
         *HEAD_IN,
         f'ip saddr 198.51.100.0/24 ip daddr 198.51.100.1 tcp dport 8443 {SYN} comment "consumer port"',
@@ -212,14 +212,14 @@ def test_only_the_ot_users_open_connections_to_the_devices(signed: Path) -> None
     cfg = config.load(signed)
     loaded = policy.load(signed.parent / "policy.yaml")
     users = ["dmzbroker-plant", "0", "dmzbroker-diode", "0"]
-    rules = _rules(nftables.ruleset(cfg, loaded, ot_users=users), "ot_out")
+    rules = _rules(nftables.write(cfg, loaded, ot_users=users).text, "ot_out")
     devices = [rule for rule in rules if "daddr" in rule]
     assert len(devices) == 4
     assert all(
         r.startswith('meta skuid { "dmzbroker-plant", 0, "dmzbroker-diode" } ') for r in devices
     )
     # the sinks and the diode's datagrams in are not the plant's: no user match there
-    assert "skuid" not in "".join(_rules(nftables.ruleset(cfg, loaded), "it_out"))
+    assert "skuid" not in "".join(_rules(nftables.write(cfg, loaded).text, "it_out"))
 
 
 @pytest.mark.parametrize(
@@ -268,7 +268,7 @@ def test_a_device_address_that_cannot_be_on_the_ot_network_is_refused(
     loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "bad-address"))
     allow = [ipaddress.ip_network("198.51.100.0/24")] if host == "198.51.100.7" else []
     with pytest.raises(ConfigError) as raised:
-        nftables.ruleset(cfg, loaded, it_allow=allow)
+        nftables.write(cfg, loaded, it_allow=allow)
     assert str(raised.value).startswith(f"policy devices[plc-2].host: {host!r}")
     assert reason in str(raised.value)
     assert "a device must have a unicast address on the OT network" in str(raised.value)
@@ -280,7 +280,7 @@ def test_an_ipv4_mapped_device_address_is_matched_as_ipv4(signed: Path) -> None:
     devices[0]["host"] = "::ffff:192.0.2.10"
     devices[2]["endpoint"] = "opc.tcp://[::ffff:192.0.2.20]:4841/ua"
     loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "mapped"))
-    rules = _rules(nftables.ruleset(cfg, loaded), "ot_out")
+    rules = _rules(nftables.write(cfg, loaded).text, "ot_out")
     assert (
         'ip daddr 192.0.2.10 tcp dport 502 ct state new accept comment "policy devices[plc-1].host"'
         in " ".join(rules).replace('meta skuid "dmzbroker-plant" ', "")
@@ -300,7 +300,7 @@ def test_host_text_that_is_no_address_or_host_name_never_reaches_the_ruleset(
     devices[0]["host"] = host
     loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "bad-text"))
     with pytest.raises(ConfigError, match="is neither an IP address nor a host name"):
-        nftables.ruleset(cfg, loaded)
+        nftables.write(cfg, loaded)
 
 
 def test_a_host_that_does_not_resolve_is_named_with_its_key(signed: Path) -> None:
@@ -309,7 +309,7 @@ def test_a_host_that_does_not_resolve_is_named_with_its_key(signed: Path) -> Non
     devices[1]["host"] = "plc1.invalid"  # RFC 6761: never resolves
     loaded = policy.load(write_policy_yaml(signed.parent, _policy(devices), "unresolvable"))
     with pytest.raises(ConfigError, match=r"policy devices\[plc-2\]\.host: cannot resolve "):
-        nftables.ruleset(cfg, loaded)
+        nftables.write(cfg, loaded)
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "eth 0", "eth/0", 'it0"', "-x", "lo", "it0;drop"])
@@ -330,7 +330,7 @@ def test_nft_accepts_the_ruleset(signed: Path, tmp_path: Path) -> None:
     allow = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:2::/48")]
     ruleset = tmp_path / "dmzbroker.nft"
     # nft resolves a user name when it reads the file: name users this machine has
-    ruleset.write_text(nftables.ruleset(cfg, loaded, it_allow=allow, ot_users=["root", "65534"]))
+    ruleset.write_text(nftables.write(cfg, loaded, it_allow=allow, ot_users=["root", "65534"]).text)
     netns.run([str(NFT), "-c", "-f", str(ruleset)])
     broken = tmp_path / "broken.nft"  # the check can fail: it is no rubber stamp
     broken.write_text(ruleset.read_text().replace('"root"', '"no-such-user-14"', 1))
@@ -348,7 +348,7 @@ def test_the_shipped_example_is_the_generators_output() -> None:
     counts here, and signing is tested through the CLI)."""
     cfg = config.load(EXAMPLE / "example" / "broker.yaml")
     loaded = policy.load(EXAMPLE / "example" / "policy.yaml")
-    expected = nftables.ruleset(cfg, loaded, it_allow=[ipaddress.ip_network(EXAMPLE_ALLOW)])
+    expected = nftables.write(cfg, loaded, it_allow=[ipaddress.ip_network(EXAMPLE_ALLOW)]).text
     assert (EXAMPLE / "dmzbroker.nft").read_text() == expected, (
         "regenerate deploy/nftables/dmzbroker.nft (deploy/nftables/README.md)"
     )
@@ -644,7 +644,7 @@ def test_real_packets_meet_the_ruleset(
     ruleset = tmp_path / "dmzbroker.nft"
     loaded = policy.load(tmp_path / "policy.yaml")
     # the default: consumers from any source (what makes spoofing worth checking)
-    ruleset.write_text(nftables.ruleset(cfg, loaded, ot_users=["nobody"]))
+    ruleset.write_text(nftables.write(cfg, loaded, ot_users=["nobody"]).text)
     appliance.run("nft", "-f", str(ruleset))
     _links_up(appliance, ot, it)
 

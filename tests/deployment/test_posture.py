@@ -20,8 +20,9 @@ import pytest
 from broker import config
 from broker.deployment import halves, posture, sockets
 from broker.deployment.layout import ENTERPRISE_USER, PLANT_USER
-from broker.deployment.posture import Process, Unknown
+from broker.deployment.posture import Process
 from broker.deployment.sockets import Socket, SocketCheck
+from broker.deployment.unknown import Unknown
 from broker.folder_lock import FolderLock
 from broker.policy import trustroot
 from tests.harness import Deployment, Owners, dmzbroker, eventually, sign_policy
