@@ -25,7 +25,9 @@ from typing import Any
 import structlog
 
 from broker.channel.spool import SpoolReceiver, SpoolSender
-from broker.channel.udp import DiodeReceiver, DiodeSender, enlarge_receive_buffer
+from broker.channel.udp import DiodeSender
+from broker.channel.udp_receiver import DiodeReceiver
+from broker.channel.udp_socket import enlarge_receive_buffer
 from broker.config import DiodeConfig, SpoolConfig
 from broker.records import Context, Load, Maintenance, Record, Trend, WindowStats
 

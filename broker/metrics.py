@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PLANT_FILE = "metrics-plant.prom"
-DIODE_FILE = "diode.prom"  # on an IT host behind a diode: the receiver's (broker.channel.udp)
+DIODE_FILE = "diode.prom"  # on an IT host behind a diode: broker.channel.udp_receiver writes it
 
 
 class _Drops(Collector):

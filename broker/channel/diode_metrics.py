@@ -60,35 +60,85 @@ class ReceiverCounters(Protocol):
     def duplicates(self) -> int: ...
 
 
+# The metrics without labels: (family, name, help, the counters' attribute it reads).
+_Unlabelled = tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str]
+_Counter, _Gauge = CounterMetricFamily, GaugeMetricFamily
+_SENDER: tuple[_Unlabelled, ...] = (
+    (_Counter, "dmzbroker_diode_datagrams_sent", "Datagrams sent, copies included", "sent"),
+    (_Counter, "dmzbroker_diode_records_sent", "Records sent (live)", "records_sent"),
+    (_Counter, "dmzbroker_diode_resync_records_sent", "Records sent again", "resync_records"),
+    (
+        _Counter,
+        "dmzbroker_diode_resync_rounds_deferred",
+        "Resync rounds not started: the previous one was still being sent",
+        "resync_deferred",
+    ),
+    (_Gauge, "dmzbroker_diode_sent_seq", "seq of the last record sent", "last_record_seq"),
+)
+_RECEIVER: tuple[_Unlabelled, ...] = (
+    (
+        _Counter,
+        "dmzbroker_diode_datagrams_received",
+        "Valid datagrams received, duplicates included",
+        "received",
+    ),
+    (_Counter, "dmzbroker_diode_datagrams_lost", "Datagrams declared lost", "lost"),
+    (_Counter, "dmzbroker_diode_gaps", "Lost datagram ranges", "gaps"),
+    (
+        _Counter,
+        "dmzbroker_diode_records_lost",
+        "Record seqs never written: lost datagrams, or a sender session's lost tail",
+        "records_lost",
+    ),
+    (
+        _Counter,
+        "dmzbroker_diode_records_repeated",
+        "Records at or below the IT spool's last seq, left out",
+        "records_repeated",
+    ),
+    (_Counter, "dmzbroker_diode_datagrams_duplicate", "Duplicates dropped", "duplicates"),
+    (_Counter, "dmzbroker_diode_sessions", "Sender sessions adopted", "sessions"),
+    (
+        _Counter,
+        "dmzbroker_diode_resync_records_written",
+        "Resync records newer than what was written, written as b'DR' frames",
+        "resync_written",
+    ),
+    (_Gauge, "dmzbroker_diode_link_up", "1 while heartbeats arrive", "link_up"),
+    (
+        _Gauge,
+        "dmzbroker_diode_announced_seq",
+        "seq of the last record the sender announced in a heartbeat",
+        "last_record_seq",
+    ),
+    (
+        _Gauge,
+        "dmzbroker_diode_seq_offset",
+        "Added to the plant's record seqs since its spool was found behind the IT spool's",
+        "seq_offset",
+    ),
+)
+
+
+def _unlabelled(
+    table: tuple[_Unlabelled, ...], counters: object
+) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    for family, name, help_text, attribute in table:
+        yield family(name, help_text, value=int(getattr(counters, attribute)))
+
+
 class SenderStats(Collector):
     def __init__(self, sender: SenderCounters) -> None:
         self._s = sender
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self._s
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_sent", "Datagrams sent, copies included", value=s.sent
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_records_sent", "Records sent (live)", value=s.records_sent
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_resync_records_sent", "Records sent again", value=s.resync_records
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_resync_rounds_deferred",
-            "Resync rounds not started: the previous one was still being sent",
-            value=s.resync_deferred,
-        )
+        yield from _unlabelled(_SENDER, self._s)
         errors = CounterMetricFamily(
             "dmzbroker_diode_send_errors", "Datagrams the kernel refused", labels=["error"]
         )
-        for reason, count in sorted(s.send_errors.items()):
+        for reason, count in sorted(self._s.send_errors.items()):
             errors.add_metric([reason], count)
         yield errors
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_sent_seq", "seq of the last record sent", value=s.last_record_seq
-        )
 
 
 class ReceiverStats(Collector):
@@ -97,55 +147,13 @@ class ReceiverStats(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         r = self._r
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_received",
-            "Valid datagrams received, duplicates included",
-            value=r.received,
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_lost", "Datagrams declared lost", value=r.lost
-        )
-        yield CounterMetricFamily("dmzbroker_diode_gaps", "Lost datagram ranges", value=r.gaps)
-        yield CounterMetricFamily(
-            "dmzbroker_diode_records_lost",
-            "Record seqs never written: lost datagrams, or a sender session's lost tail",
-            value=r.records_lost,
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_records_repeated",
-            "Records at or below the IT spool's last seq, left out",
-            value=r.records_repeated,
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_datagrams_duplicate", "Duplicates dropped", value=r.duplicates
-        )
+        yield from _unlabelled(_RECEIVER, r)
         refused = CounterMetricFamily(
             "dmzbroker_diode_datagrams_refused", "Datagrams refused", labels=["reason"]
         )
         for reason in sorted({"crc", "magic", "oversized", "session", "seq_jump", *r.refused}):
             refused.add_metric([reason], r.refused.get(reason, 0))
         yield refused
-        yield CounterMetricFamily(
-            "dmzbroker_diode_sessions", "Sender sessions adopted", value=r.sessions
-        )
-        yield CounterMetricFamily(
-            "dmzbroker_diode_resync_records_written",
-            "Resync records newer than what was written, written as b'DR' frames",
-            value=r.resync_written,
-        )
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_link_up", "1 while heartbeats arrive", value=int(r.link_up)
-        )
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_announced_seq",
-            "seq of the last record the sender announced in a heartbeat",
-            value=r.last_record_seq,
-        )
-        yield GaugeMetricFamily(
-            "dmzbroker_diode_seq_offset",
-            "Added to the plant's record seqs since its spool was found behind the IT spool's",
-            value=r.seq_offset,
-        )
         first = GaugeMetricFamily(
             "dmzbroker_diode_recent_gap_first", "First seq of a recent gap", labels=["slot"]
         )

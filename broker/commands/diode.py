@@ -12,8 +12,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from broker.channel.udp import DiodeReceiver, DiodeSender
-from broker.commands.processes import add_config_argument, opened_channel
+from broker.channel.udp import DiodeSender
+from broker.channel.udp_receiver import DiodeReceiver
+from broker.commands.processes import (
+    add_config_argument,
+    add_log_format_argument,
+    opened_channel,
+)
 from broker.lifecycle import run_until_signalled
 
 
@@ -32,9 +37,7 @@ def add_to(commands: Any) -> None:
     ):
         end = ends.add_parser(name, help=help_text, description=help_text)
         add_config_argument(end)
-        end.add_argument(
-            "--log-format", choices=("auto", "json", "console"), help="overrides log.format"
-        )
+        add_log_format_argument(end)
         end.set_defaults(handler=handler)
 
 

@@ -39,9 +39,7 @@ def add_to(commands: Any) -> None:
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         add_config_argument(command)
-        command.add_argument(
-            "--log-format", choices=("auto", "json", "console"), help="overrides log.format"
-        )
+        add_log_format_argument(command)
         command.add_argument(
             "--reset-state",
             action="store_true",
@@ -72,6 +70,12 @@ def add_to(commands: Any) -> None:
 
 def add_config_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="broker.yaml")
+
+
+def add_log_format_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format", choices=("auto", "json", "console"), help="overrides log.format"
+    )
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from broker.commands.processes import add_config_argument, opened_half
+from broker.commands.processes import add_config_argument, add_log_format_argument, opened_half
 from broker.config import BrokerConfig
 from broker.errors import ConfigError
 from broker.lifecycle import run_until_signalled
@@ -36,9 +36,7 @@ def add_to(commands: Any) -> None:
     add_config_argument(command)
     command.add_argument("--duration", default="10m", help="how long to read: 90s, 10m, 1h")
     command.add_argument("--json", action="store_true", help="the report as JSON")
-    command.add_argument(
-        "--log-format", choices=("auto", "json", "console"), help="overrides log.format"
-    )
+    add_log_format_argument(command)
     command.set_defaults(handler=_validate)
 
 

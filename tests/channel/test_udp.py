@@ -33,15 +33,14 @@ from broker import config as broker_config
 from broker import policy
 from broker.channel import datagrams as dg
 from broker.channel.spool import SpoolReceiver, SpoolSender
-from broker.channel.udp import (
+from broker.channel.udp import SENDER_METRICS, DiodeSender
+from broker.channel.udp_receiver import (
     AHEAD_BEATS,
     RECEIVER_METRICS,
     RECEIVER_STATE,
-    SENDER_METRICS,
     DiodeReceiver,
-    DiodeSender,
-    enlarge_receive_buffer,
 )
+from broker.channel.udp_socket import enlarge_receive_buffer
 from broker.config import DiodeConfig, SpoolConfig
 from broker.records import Context, Record
 from broker.trust import tls
