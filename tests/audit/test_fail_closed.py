@@ -83,6 +83,9 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
 
     broker: BrokerProcess = start_broker("run", deployment.config)
     await eventually(lambda: _status_is(deployment, pki, 200), timeout=20)
+    # The enterprise half can serve before the plant half has opened its audit log: a disk
+    # filled before that stops the plant half's start instead (fail closed, another test).
+    await eventually(lambda: crossed() > 0, timeout=20)
 
     filler = fill(small_fs)
     await eventually(lambda: _status_is(deployment, pki, 503), timeout=5)
@@ -91,7 +94,7 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
     assert "dmzbroker_enterprise_audit_failing 1.0" in metrics  # raised in metrics too
     # The two halves notice on their own: wait for the plant half's gate to close, then
     # drain what it wrote before, and nothing more may cross.
-    await eventually(lambda: _plant_failing_in_metrics(deployment, pki), timeout=5)
+    await eventually(lambda: _plant_failing_in_metrics(deployment, pki), timeout=10)
     crossed()
     await asyncio.sleep(1.0)  # five poll intervals
     assert crossed() == 0
