@@ -17,20 +17,36 @@ def add_to(commands: Any) -> None:
     init = sub.add_parser("init-ca", help="create a certificate authority")
     init.add_argument("--out", type=Path, required=True, help="directory for ca.crt and ca.key")
     init.add_argument("--name", required=True, help="the CA's common name")
-    init.add_argument("--days", type=int, default=3650)
-    init.set_defaults(handler=lambda a: _report(certs.init_ca(a.out, a.name, a.days)))
+    init.add_argument("--days", type=int, default=3650, help="validity (default: %(default)s)")
+    init.add_argument(
+        "--key-type",
+        choices=certs.CA_KEY_TYPES,
+        default="ecdsa",
+        help="ecdsa (P-256, default) or rsa (3072-bit: it then signs with RSA-PKCS1v15-SHA256, "
+        "the certificate signature OPC UA security profiles list; for RSA-only OPC UA servers)",
+    )
+    init.set_defaults(handler=lambda a: _report(certs.init_ca(a.out, a.name, a.days, a.key_type)))
 
     issue = sub.add_parser("issue", help="issue a server or client certificate")
     kinds = issue.add_subparsers(required=True, metavar="KIND")
     server = kinds.add_parser("server", help="a TLS server certificate (DNS and IP SANs)")
     client = kinds.add_parser("client", help="a consumer certificate (exactly one URI SAN)")
     opcua = kinds.add_parser(
-        "opcua", help="the plant half's OPC UA application instance certificate (RSA)"
+        "opcua",
+        help="the plant half's OPC UA application instance certificate (RSA)",
+        description="Writes NAME-cert.pem and NAME-key.pem (mode 0600) in --out; with --der "
+        "also NAME-cert.der and ca.der (the issuing CA), the files an OPC UA server's "
+        "administrator puts in its trust store (with the CA's CRL: `certs crl --der`). "
+        "See docs/opcua.md.",
     )
-    for kind, days in ((server, 366), (client, 90), (opcua, 366)):
+    for kind, days, files in (
+        (server, 366, "NAME.crt and NAME.key"),
+        (client, 90, "NAME.crt and NAME.key"),
+        (opcua, 366, "NAME-cert.pem and NAME-key.pem (--der: NAME-cert.der, ca.der)"),
+    ):
         kind.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
-        kind.add_argument("--out", type=Path, required=True, help="directory for NAME.crt/.key")
-        kind.add_argument("--days", type=int, default=days)
+        kind.add_argument("--out", type=Path, required=True, help=f"directory for {files}")
+        kind.add_argument("--days", type=int, default=days, help="validity (default: %(default)s)")
     server.add_argument("--name", default="server")
     server.add_argument("--dns", action="append", default=[], help="a DNS name (repeatable)")
     server.add_argument("--ip", action="append", default=[], help="an IP address (repeatable)")
@@ -54,11 +70,16 @@ def add_to(commands: Any) -> None:
     )
 
     opcua.add_argument("--uri", required=True, help="the application URI, e.g. urn:site:dmzbroker")
-    opcua.add_argument("--name", default="opcua-client")
+    opcua.add_argument("--name", default="opcua-client", help="file names (default: %(default)s)")
     opcua.add_argument("--dns", action="append", default=[], help="the plant host's name")
+    opcua.add_argument(
+        "--der", action="store_true", help="also write NAME-cert.der and ca.der (DER)"
+    )
     opcua.set_defaults(
         handler=lambda a: _report(
-            certs.issue_opcua(a.ca, a.out, name=a.name, uri=a.uri, dns=a.dns, days=a.days)
+            certs.issue_opcua(
+                a.ca, a.out, name=a.name, uri=a.uri, dns=a.dns, days=a.days, der=a.der
+            )
         )
     )
 
@@ -76,7 +97,8 @@ def add_to(commands: Any) -> None:
     crl.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
     crl.add_argument("--days", type=int, default=7, help="until its nextUpdate")
     crl.add_argument("--out", type=Path, help="default: CA directory/crl.pem")
-    crl.set_defaults(handler=lambda a: _wrote(revocation.write_crl(a.ca, a.days, a.out)))
+    crl.add_argument("--der", action="store_true", help="also write a DER copy beside it (crl.der)")
+    crl.set_defaults(handler=_crl)
 
     check = sub.add_parser("check", help="warn on certificates ending within 30 days, a stale CRL")
     check.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
@@ -101,8 +123,9 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wrote(path: Path) -> int:
-    print(f"CRL: {path}")
+def _crl(args: argparse.Namespace) -> int:
+    path = revocation.write_crl(args.ca, args.days, args.out, der=args.der)
+    print(f"CRL: {path}" + (f"\nCRL (DER): {revocation.der_copy(path)}" if args.der else ""))
     return 0
 
 
@@ -116,4 +139,6 @@ def _check(args: argparse.Namespace) -> int:
 
 def _report(issued: certs.Issued) -> int:
     print(f"certificate: {issued.cert}\nprivate key: {issued.key}")
+    for path, what in zip(issued.der, ("certificate (DER)", "issuing CA (DER)"), strict=False):
+        print(f"{what}: {path}")
     return 0

@@ -3,6 +3,11 @@
 Keys are ECDSA P-256, written with mode 0600 under a tight umask. Client certificates carry
 exactly one URI SAN (the consumer's identity, e.g. spiffe://site/consumer/historian) and the
 clientAuth extended key usage; server certificates carry DNS and IP SANs and serverAuth.
+
+A CA's key is ECDSA P-256 by default, or RSA (`--key-type rsa`): what it signs (certificates
+and CRLs) is then sha256WithRSAEncryption (RSA-PKCS1v15-SHA256), the certificate signature
+algorithm the OPC UA security profiles list; RSA-only OPC UA stacks refuse an ECDSA chain.
+It never overwrites a CA, and never writes a private key other than through `write_secret`.
 """
 
 from __future__ import annotations
@@ -23,21 +28,32 @@ from broker.trust.keys import write_secret
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 ISSUED = "issued"  # under the CA directory: a copy of every certificate it issued
+CA_DER = "ca.der"  # the issuing CA next to an OPC UA certificate, for DER-only trust stores
 SERVER_MAX_DAYS = 366  # what browsers and most TLS stacks accept for a server certificate
+CA_KEY_TYPES = ("ecdsa", "rsa")
+CA_RSA_BITS = 3072  # a CA outlives its leaves (2048-bit): NIST SP 800-57 beyond 2030
+CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
 class Issued:
     cert: Path
     key: Path
+    der: tuple[Path, ...] = ()  # DER copies: the certificate, then its issuing CA
 
 
-def init_ca(out: Path, name: str, days: int = 3650) -> Issued:
+def init_ca(out: Path, name: str, days: int = 3650, key_type: str = "ecdsa") -> Issued:
     """Create a self-signed CA in `out` (refuses to overwrite an existing one)."""
+    if key_type not in CA_KEY_TYPES:
+        raise TrustError(f"--key-type {key_type!r}: one of {', '.join(CA_KEY_TYPES)}")
     issued = Issued(out / CA_CERT, out / CA_KEY)
     if issued.cert.exists() or issued.key.exists():
         raise TrustError(f"{out}: a CA already exists here; remove it first or use another --out")
-    key = ec.generate_private_key(ec.SECP256R1())
+    key: CaKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=CA_RSA_BITS)
+        if key_type == "rsa"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = _now()
     cert = (
@@ -87,13 +103,15 @@ def issue_client(ca_dir: Path, out: Path, *, name: str, uri: str, days: int) -> 
 
 
 def issue_opcua(
-    ca_dir: Path, out: Path, *, name: str, uri: str, dns: list[str], days: int
+    ca_dir: Path, out: Path, *, name: str, uri: str, dns: list[str], days: int, der: bool = False
 ) -> Issued:
     """An OPC UA application instance certificate for the plant half's OPC UA client.
 
     OPC UA's RSA security policies (Basic256Sha256, Aes*_RsaOaep/RsaPss) need an RSA key; the
     application URI goes in the SAN, and the key usages are those the specification lists.
-    Files end in `.pem`, which is how OPC UA stacks (asyncua) tell PEM from DER.
+    Files end in `.pem`, which is how OPC UA stacks (asyncua) tell PEM from DER. With `der`,
+    the certificate is also written as `NAME-cert.der` and the issuing CA as `ca.der` in
+    `out`: what most OPC UA servers' trust stores take (the private key stays PEM only).
     """
     if ":" not in uri:
         raise TrustError(f"--uri {uri!r}: expected the application URI, e.g. urn:site:dmzbroker")
@@ -103,6 +121,7 @@ def issue_opcua(
         ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days,
         key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
         key_usage=_OPCUA_KEY_USAGE, files=(f"{name}-cert.pem", f"{name}-key.pem"),
+        der=(f"{name}-cert.der", CA_DER) if der else (),
     )  # fmt: skip
 
 
@@ -127,14 +146,15 @@ def _issue(
     sans: list[x509.GeneralName],
     usage: x509.ObjectIdentifier,
     days: int,
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None,
+    key: CaKey | None = None,
     key_usage: x509.KeyUsage | None = None,
     files: tuple[str, str] | None = None,
+    der: tuple[str, ...] = (),
 ) -> Issued:
     ca_cert, ca_key = load_ca(ca_dir)
     cert_name, key_name = files or (f"{name}.crt", f"{name}.key")
-    issued = Issued(out / cert_name, out / key_name)
-    if issued.cert.exists() or issued.key.exists():
+    issued = Issued(out / cert_name, out / key_name, tuple(out / d for d in der))
+    if issued.cert.exists() or issued.key.exists() or (der and issued.der[0].exists()):
         raise TrustError(f"{issued.cert}: already exists; choose another --name")
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -156,6 +176,8 @@ def _issue(
         .sign(ca_key, hashes.SHA256())
     )
     _write(issued, cert, key)
+    for path, certificate in zip(issued.der, (cert, ca_cert), strict=False):
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
     inventory = ca_dir / ISSUED
     inventory.mkdir(exist_ok=True)  # the CA's own record, for `certs list` and `certs check`
     (inventory / f"{cert.serial_number:x}.crt").write_bytes(
@@ -179,7 +201,7 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(ca_dir: Path) -> tuple[x509.Certificate, CaKey]:
     try:
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
@@ -189,14 +211,12 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
         ) from e
     except (ValueError, TypeError) as e:
         raise TrustError(f"{ca_dir}: CA certificate or key is not usable PEM: {e}") from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TrustError(f"{ca_dir / CA_KEY}: expected an ECDSA key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise TrustError(f"{ca_dir / CA_KEY}: expected an ECDSA or RSA key")
     return cert, key
 
 
-def _write(
-    issued: Issued, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-) -> None:
+def _write(issued: Issued, cert: x509.Certificate, key: CaKey) -> None:
     issued.cert.parent.mkdir(parents=True, exist_ok=True)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,

@@ -3,7 +3,8 @@
 The CA directory keeps a copy of every certificate it issued (`issued/`), the revocations
 (`revoked.json`) and the CRL number; `certs crl` writes a CRL signed by the CA with a
 nextUpdate and the next CRL number, which the enterprise half loads to refuse revoked
-consumers. `read_crl` never returns a CRL that no CA of the client CA file signed.
+consumers, and OPC UA servers load (`--der`: a DER copy beside it) to check the plant's
+certificate. `read_crl` never returns a CRL that no CA of the client CA file signed.
 """
 
 from __future__ import annotations
@@ -98,8 +99,15 @@ def revoke(ca_dir: Path, serial: str, reason: str) -> None:
     (ca_dir / REVOKED).write_bytes(msgspec.json.encode(revoked))
 
 
-def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None) -> Path:
-    """A CRL of every revocation, valid for `days` (its nextUpdate); returns its path."""
+def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None, *, der: bool = False) -> Path:
+    """A CRL of every revocation, valid for `days` (its nextUpdate), signed as the CA signs
+    (ECDSA or RSA-PKCS1v15, SHA-256); returns its path. With `der`, a DER copy is written
+    beside it (`der_copy(path)`)."""
+    path = out or ca_dir / CRL_FILE
+    if der and der_copy(path) == path:
+        raise TrustError(
+            f"--out {path}: with --der, name the PEM file (e.g. crl.pem); the DER copy goes beside it"
+        )
     ca_cert, ca_key = load_ca(ca_dir)
     number_file = ca_dir / CRL_NUMBER
     number = int(number_file.read_text()) + 1 if number_file.exists() else 1
@@ -120,10 +128,16 @@ def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None) -> Path:
             .build()
         )
     crl = builder.sign(ca_key, hashes.SHA256())
-    path = out or ca_dir / CRL_FILE
     path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    if der:
+        der_copy(path).write_bytes(crl.public_bytes(serialization.Encoding.DER))
     number_file.write_text(str(number))
     return path
+
+
+def der_copy(crl: Path) -> Path:
+    """Where `write_crl(..., der=True)` writes the DER copy of the CRL at `crl`."""
+    return crl.with_suffix(".der")
 
 
 def problems(ca_dir: Path, crl: Path | None, now: dt.datetime | None = None) -> list[str]:
