@@ -11,8 +11,10 @@ specification says.
 from __future__ import annotations
 
 import csv
+import heapq
 import io
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,9 @@ from broker.audit.verify import writers
 from broker.errors import ConfigError
 
 COLUMNS = ("time", "writer", "seq", "event", "category", "outcome", "actor", "object")
+# A table column is as wide as its widest cell up to this; a longer cell (free text an
+# outsider chose) pushes the rest of its own line only. The last column is never padded.
+MAX_WIDTH = 40
 _SEVERITY = {"failure": 7, "unknown": 5, "success": 3}
 
 
@@ -78,13 +83,40 @@ def _parse_time(value: object) -> datetime | None:
         return None
 
 
-def entries(root: Path, filters: Filters) -> Iterator[dict[str, Any]]:
-    for directory in writers(root):
-        if filters.writer is not None and directory.name != filters.writer:
-            continue
+@dataclass(frozen=True)
+class Entries:
+    """The kept entries of every writer, merged in time order; each writer's own entries
+    stay in chain order. Read from the files again each time it is iterated (the table is
+    laid out in two passes without holding the log in memory)."""
+
+    root: Path
+    filters: Filters
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        chains = [
+            self._chain(directory)
+            for directory in writers(self.root)
+            if self.filters.writer is None or directory.name == self.filters.writer
+        ]
+        # Ties keep the writers' order (by name); an entry without a readable time follows
+        # the entry before it in its chain.
+        return heapq.merge(*chains, key=_sort_key)
+
+    def _chain(self, directory: Path) -> Iterator[dict[str, Any]]:
         for number in segment_numbers(directory):
             found, _ = read_entries(directory / f"{number:010d}{SUFFIX}")
-            yield from (e for e in found if filters.keep(e))
+            yield from (e for e in found if self.filters.keep(e))
+
+
+def entries(root: Path, filters: Filters) -> Entries:
+    return Entries(root, filters)
+
+
+def _sort_key(entry: dict[str, Any]) -> float:
+    time = _parse_time(entry.get("time"))
+    if time is None:
+        return -math.inf
+    return (time if time.tzinfo else time.replace(tzinfo=UTC)).timestamp()
 
 
 def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
@@ -105,13 +137,33 @@ def render(found: Iterable[dict[str, Any]], fmt: str) -> Iterator[str]:
     elif fmt == "cef":
         yield from (_cef(e) for e in found)
     else:
-        yield "  ".join(f"{c:<27}" if c == "time" else c for c in COLUMNS)
-        for entry in found:
-            cells = [_text(entry.get(c)) for c in COLUMNS]
-            if entry.get("event") == SUPPRESSED and not cells[-1]:
-                cells[-1] = _counted(entry.get("details"))
-            cells = [inert(cell) for cell in cells]
-            yield "  ".join([f"{cells[0]:<27}", *cells[1:]])
+        yield from _table(found)
+
+
+def _table(found: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """Aligned columns: a first pass over the entries measures them, a second prints."""
+    if isinstance(found, Iterator):
+        raise RuntimeError("the table reads the entries twice: pass an Entries, not an iterator")
+    widths = [len(c) for c in COLUMNS]
+    for cells in map(_cells, found):
+        widths = [max(w, min(len(cell), MAX_WIDTH)) for w, cell in zip(widths, cells, strict=True)]
+    yield _line(COLUMNS, widths)
+    yield from (_line(_cells(entry), widths) for entry in found)
+
+
+def _cells(entry: dict[str, Any]) -> list[str]:
+    cells = [_text(entry.get(c)) for c in COLUMNS]
+    if entry.get("event") == SUPPRESSED and not cells[-1]:
+        cells[-1] = _counted(entry.get("details"))
+    return [inert(cell) for cell in cells]
+
+
+def _line(cells: Sequence[str], widths: list[int]) -> str:
+    padded = [
+        cell.rjust(width) if name == "seq" else cell.ljust(width)
+        for name, cell, width in zip(COLUMNS[:-1], cells[:-1], widths, strict=False)
+    ]
+    return "  ".join([*padded, cells[-1]]).rstrip()
 
 
 _SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}

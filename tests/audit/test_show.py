@@ -54,10 +54,12 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def on_disk(root: Path) -> list[dict[str, Any]]:
-    """Every entry, in the order `show` lists them: writer by name, then the chain."""
-    return [
+    """Every entry, in the order `show` lists them: by time, equal times by writer name (a
+    stable sort of the writers' chains, each already in time order)."""
+    chains = [
         e for writer in sorted(p for p in root.iterdir() if p.is_dir()) for e in read_log(writer)
     ]
+    return sorted(chains, key=lambda e: datetime.fromisoformat(e["time"]))
 
 
 def show(root: Path, *args: str) -> list[str]:
@@ -74,6 +76,17 @@ def test_json_lines_parse_and_equal_the_entries_on_disk(root: Path) -> None:
     assert len(recorded) == 2 * 12 + 1
     assert len(expected) - len(recorded) >= 2 * (12 // 6 + 1)  # every 6 entries and at stop
     assert show_json(root) == expected
+
+
+def test_two_writers_recording_in_turn_come_out_interleaved_in_time_order(root: Path) -> None:
+    shown = [e for e in show_json(root) if e["event"] != "audit_checkpoint"]
+    times = [datetime.fromisoformat(e["time"]) for e in show_json(root)]
+    assert times == sorted(times)
+    # the fixture records plant, enterprise, plant, ... twelve times, then one more plant entry
+    assert [e["writer"] for e in shown] == ["plant", "enterprise"] * 12 + ["plant"]
+    for writer in ("plant", "enterprise"):  # each writer's chain keeps its order
+        seqs = [e["seq"] for e in show_json(root) if e["writer"] == writer]
+        assert seqs == sorted(seqs) == [e["seq"] for e in read_log(root / writer)]
 
 
 @pytest.mark.parametrize(
@@ -245,6 +258,29 @@ def test_table_has_a_header_and_one_line_per_entry(root: Path) -> None:
         assert cells[:4] == [entry["time"], "enterprise", str(entry["seq"]), entry["event"]]
 
 
+def test_table_columns_line_up(root: Path) -> None:
+    header, *rows = show(root)
+    expected = on_disk(root)
+    assert len(rows) == len(expected)
+    # Left-aligned columns start where their header word starts; `seq` is right-aligned
+    # and ends where its header word ends.
+    start = {name: header.index(name) for name in CSV_HEADER[:-1]}
+    seq_end = start["seq"] + len("seq")
+    left = ["time", "writer", "event", "category", "outcome", "actor", "object"]
+    for row, entry in zip(rows, expected, strict=True):
+        cells = {
+            name: row[start[name] : start[following] if following else None].rstrip()
+            for name, following in zip(left, [*left[1:], None], strict=True)
+        }
+        cells["writer"], seq = cells["writer"].split()
+        assert row[:seq_end].endswith(" " + str(entry["seq"])), row
+        assert row[seq_end : seq_end + 2] == "  ", row
+        assert seq == str(entry["seq"])
+        for name in left:
+            assert unescape(cells[name]) == ("" if entry[name] is None else entry[name]), row
+    assert len({len(row) for row in rows}) > 1  # the last column is not padded
+
+
 def test_table_shows_what_an_events_suppressed_entry_counted(tmp_path: Path) -> None:
     root = tmp_path / "audit"
     with AuditLog(root, "enterprise", "coldstore-1", Ed25519PrivateKey.generate()) as audit:
@@ -255,8 +291,8 @@ def test_table_shows_what_an_events_suppressed_entry_counted(tmp_path: Path) -> 
         for _ in range(5):
             forward(forwarder, handshake(0))
     (line,) = show(root, "--event", "events_suppressed")[1:]
-    assert line.endswith(
-        "events_suppressed  audit  unknown    12 events from 5 sources: "
+    assert line.endswith(  # category and actor as wide as their headers; no actor
+        "events_suppressed  audit     unknown         12 events from 5 sources: "
         "consumer_denied 8, tls_handshake_failed 4"
     ), line
 
