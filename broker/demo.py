@@ -21,7 +21,7 @@ from broker.config import SupervisorConfig
 from broker.errors import ConfigError, DmzBrokerError
 from broker.policy import ModbusDevice
 from broker.sim.appliance import Appliance, provision
-from broker.sim.refrigeration import RefrigerationPlant
+from broker.sim.refrigeration import demo_plant
 from broker.supervisor import Supervisor
 from broker.trust import tls
 
@@ -43,10 +43,8 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
     appliance = provision(workdir, demo_policy, port=port, consumer_uri=CONSUMER_URI)
 
     # Condenser fouling develops over simulated days, one a minute: within about a minute
-    # and a half the context flags it while the raw pressure still looks normal.
-    plant = RefrigerationPlant(
-        device.host, device.port, device.unit_id, fouling_bar_per_day=1.0, days_per_second=1 / 60
-    )
+    # the context flags it while the raw pressure still looks normal.
+    plant = demo_plant(device.host, device.port, device.unit_id)
     try:
         await plant.start()
     except RuntimeError as e:

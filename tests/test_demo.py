@@ -1,4 +1,5 @@
-"""`dmzbroker demo`: the printed curl command works, and `--seconds` ends it cleanly."""
+"""`dmzbroker demo`: the printed curl command works, `--seconds` ends it cleanly, and it warns
+about nothing it has just made itself."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ pytestmark = pytest.mark.timeout(90)
 def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Path) -> None:
     policy = write_policy_yaml(tmp_path, demo_policy(free_port(), poll_interval_s=0.5))
     workdir = tmp_path / "demo"
+    log = (tmp_path / "demo.log").open("w+")  # a file: a pipe nobody reads could fill up
     demo = subprocess.Popen(
         [sys.executable, "-m", "broker", "demo", "--seconds", "12", "--workdir", str(workdir),
          "--policy", str(policy), "--port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
         start_new_session=True,  # so a failed test can stop the demo and its children together
     )  # fmt: skip
     try:
@@ -48,6 +50,11 @@ def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Pa
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(timeout=10)
         demo.stdout.close()
+        log.close()
+    # The enterprise half looks at its certificates when it starts: the demo's are fresh.
+    events = (tmp_path / "demo.log").read_text()
+    assert '"logger": "enterprise"' in events or "[enterprise" in events, events[-2000:]
+    assert "certificate_expiring" not in events
 
 
 def test_demo_refuses_to_wipe_a_directory_that_is_not_its_own(tmp_path: Path) -> None:

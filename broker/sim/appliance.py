@@ -14,11 +14,14 @@ from pathlib import Path
 
 import yaml
 
+from broker.health import CERT_WARNING_DAYS
 from broker.policy import Policy, trustroot
 from broker.policy import envelope as envelopes
 from broker.trust import certs, keys, revocation
 
-DAYS = 30
+# Short-lived, yet well past the broker's own expiry warning: a fresh appliance must not
+# warn `certificate_expiring` about the certificates it has just made.
+DAYS = 3 * CERT_WARNING_DAYS
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,13 @@ IR_CONDENSER_OUT, IR_AMBIENT, IR_HUMIDITY = 10, 20, 21  # int16 x0.1 degC; int16
 IR_ROOM, IR_RUN_SECONDS = 30, 31  # int16 x0.1 degC; uint32 s (little word order)
 IR_DEFROST_CURRENT = 33  # uint16 x0.01 A
 FOULING_MAX_BAR = 2.5
+# The demo's fault (`dmzbroker demo`, `dmzbroker sim refrigeration`): one simulated day a
+# minute, the condenser fouls fast enough that the discharge pressure reads drifting within
+# about half a minute and abnormal within about a minute, both during the compressor's first
+# run (about 65 s; the next starts only after about 70 s off). README's demo section states
+# these times and tests/sim/test_refrigeration.py holds the simulation to them.
+DEMO_FOULING_BAR_PER_DAY = 1.5
+DEMO_DAYS_PER_SECOND = 1 / 60
 
 FC_COILS, FC_INPUTS, FC_HOLDING, FC_INPUT_REGS = 1, 2, 3, 4
 
@@ -171,8 +178,17 @@ class RefrigerationPlant:
         start = loop.time()
         while True:
             await asyncio.sleep(self.tick_s)
-            step(self.state, loop.time() - start, self.tick_s, self._rng, self.fouling_per_s)
-            await self.publish()
+            await self.advance(loop.time() - start)
+
+    async def advance(self, t: float) -> None:
+        """One tick of the simulated physics at `t` seconds since the start, into the
+        registers (the ticker calls it; a test may drive the clock itself, after `freeze`)."""
+        step(self.state, t, self.tick_s, self._rng, self.fouling_per_s)
+        await self.publish()
+
+    async def values(self, function_code: int, address: int, count: int) -> list[int] | list[bool]:
+        """What a read with this function code would return, without a connection."""
+        return await self._server.async_getValues(self.unit_id, function_code, address, count)
 
     async def publish(self) -> None:
         """Write `self.state` into the registers."""
@@ -200,3 +216,14 @@ class RefrigerationPlant:
         await put(unit, FC_INPUT_REGS, IR_DEFROST_CURRENT, [round(s.defrost_a * 100)])
         run_words = _words(">I", round(s.run_seconds))
         await put(unit, FC_INPUT_REGS, IR_ROOM, [_int16(s.room_c * 10), run_words[1], run_words[0]])
+
+
+def demo_plant(host: str = "127.0.0.1", port: int = 5020, unit_id: int = 1) -> RefrigerationPlant:
+    """The demo's plant: the one policies/refrigeration.yaml reads, with its developing fault."""
+    return RefrigerationPlant(
+        host,
+        port,
+        unit_id,
+        fouling_bar_per_day=DEMO_FOULING_BAR_PER_DAY,
+        days_per_second=DEMO_DAYS_PER_SECOND,
+    )
