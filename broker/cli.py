@@ -9,9 +9,11 @@ mistake.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from broker import __version__
 from broker.commands import COMMAND_GROUPS
@@ -32,8 +34,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """`--help` that gives every option's default, so that no one reads the code to learn
+    what `--days` is when not given. Options without one (None, False, empty) and those
+    whose help already words it are shown as written."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default, written = action.default, action.help or ""
+        nothing = default is None or isinstance(default, bool) or default in ("", [])
+        if (
+            action.option_strings
+            and not nothing
+            and default is not argparse.SUPPRESS
+            and written is not argparse.SUPPRESS
+            and "default" not in written.lower()
+        ):
+            action = copy.copy(action)  # the parser's own action stays as written
+            action.help = f"{written} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser (subparsers are made of the parent's class) shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dmzbroker", description="One-way, deny-by-default OT/IT boundary broker."
     )
     parser.add_argument("--version", action="version", version=f"dmzbroker {__version__}")

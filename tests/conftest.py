@@ -66,7 +66,7 @@ def owners(tmp_path_factory: pytest.TempPathFactory) -> Owners:
     for role, name in (("ot", "Olga OT"), ("it", "Ivan IT"), ("ot", "Otto OT"), ("ot", "Mallory")):
         dmzbroker("keys", "generate", "--role", role, "--name", name, "--out", str(root))
         made[name] = root / f"{role}-{name.lower().replace(' ', '-')}"
-    dmzbroker("audit", "keygen", "--out", str(root))
+    dmzbroker("audit", "keygen", "--out", str(root / "audit.key"))
     trust_root = root / "trust-root.yaml"
     listed = [("Olga OT", "ot"), ("Ivan IT", "it"), ("Otto OT", "ot")]
     owner_args = [

@@ -171,14 +171,16 @@ def test_signing_again_with_the_same_key_says_it_replaced_its_signature(
 ) -> None:
     again = _trust("sign", str(current), "--key", str(owner_keys.olga))
     assert again.returncode == 0
-    assert "replacing its earlier signature by this key" in again.stdout
+    assert "replacing Olga OT's earlier OT signature (one signature per key" in again.stdout
     assert _trust("verify", str(current)).returncode == 0
 
 
 def test_a_public_key_given_as_key_is_refused(current: Path, owner_keys: Keys) -> None:
     before = current.read_bytes()
     refused = _trust("sign", str(current), "--key", str(owner_keys.olga.with_suffix(".pub")))
-    assert "a public key; --key takes the owner's private key" in _error(refused)
+    error = _error(refused)
+    assert "a public key, which cannot sign; sign with its private key" in error
+    assert str(owner_keys.olga) in error
     assert current.read_bytes() == before
 
 

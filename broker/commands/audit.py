@@ -16,6 +16,7 @@ from broker.audit import report as html_report
 from broker.audit import review as audit_review
 from broker.audit import show, verify, witness
 from broker.audit.epochs import RootKey
+from broker.commands.outputs import out_file
 from broker.deployment import enrollment
 from broker.errors import ConfigError, TrustError
 from broker.policy import trustroot
@@ -28,8 +29,20 @@ def add_to(commands: Any) -> None:
     group = commands.add_parser("audit", help="the tamper-evident audit log")
     sub = group.add_subparsers(required=True, metavar="COMMAND")
 
-    keygen = sub.add_parser("keygen", help="the appliance's audit key (signs checkpoints)")
-    keygen.add_argument("--out", type=Path, required=True, help="directory for audit.key/.pub")
+    keygen = sub.add_parser(
+        "keygen",
+        help="the appliance's audit key (signs checkpoints)",
+        description="Write a new Ed25519 audit key to FILE (mode 0600) and its public key "
+        "beside it with .pub (audit.key → audit.pub), where `audit verify --pubkey` and the "
+        "writers look for it. Never overwrites either file.",
+    )
+    keygen.add_argument(
+        "--out",
+        type=out_file("audit.key", suffix=".key"),
+        required=True,
+        metavar="FILE",
+        help="the private key file, e.g. /etc/dmzbroker/audit.key (broker.yaml's audit.key)",
+    )
     keygen.set_defaults(handler=_keygen)
 
     enroll = sub.add_parser(
@@ -81,8 +94,8 @@ def add_to(commands: Any) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    generated = keys.generate_pair(args.out, "audit", passphrase=None)
-    print(f"private key: {generated.private}\npublic key:  {generated.public}")
+    generated = keys.generate_at(args.out, passphrase=None)
+    print(f"private key: {generated.private} (mode 0600)\npublic key:  {generated.public}")
     return 0
 
 

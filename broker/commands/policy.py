@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.audit.show import inert
 from broker.commands import plan
 from broker.commands.keys import read_passphrase
+from broker.commands.outputs import out_file
 from broker.errors import TrustError
 from broker.policy import envelope as envelopes
 from broker.policy import parse, report, trustroot, verify
 from broker.policy.envelope import Envelope
-from broker.policy.schema import Policy
+from broker.policy.verify import OwnerKey
 from broker.trust import keys
 
 
@@ -28,7 +28,12 @@ def add_to(commands: Any) -> None:
 
     compile_ = sub.add_parser("compile", help="YAML → an unsigned, canonical policy envelope")
     compile_.add_argument("source", type=Path, help="the policy as written, YAML")
-    compile_.add_argument("--out", type=Path, help="default: SOURCE with .dsse.json")
+    compile_.add_argument(
+        "--out",
+        type=out_file("site.dsse.json"),
+        metavar="FILE",
+        help="the envelope to write (default: SOURCE with .dsse.json)",
+    )
     compile_.set_defaults(handler=_compile)
 
     show = sub.add_parser("show", help="what a signer needs to read")
@@ -44,6 +49,11 @@ def add_to(commands: Any) -> None:
     sign.add_argument("envelope", type=Path)
     sign.add_argument("--key", type=Path, required=True, help="the owner's private key")
     sign.add_argument("--passphrase-file", type=Path, help="for an encrypted key")
+    sign.add_argument(
+        "--trust",
+        type=Path,
+        help="the appliance's trust root: name the signer's role and say what is still missing",
+    )
     sign.set_defaults(handler=_sign)
 
     check = sub.add_parser("verify", help="who signed; non-zero exit unless thresholds are met")
@@ -60,27 +70,24 @@ def add_to(commands: Any) -> None:
 
 def _compile(args: argparse.Namespace) -> int:
     out = args.out or args.source.with_name(args.source.stem + ".dsse.json")
-    envelope = envelopes.compile_policy(parse.load(args.source))
+    compiled = parse.load(args.source)
+    envelope = envelopes.compile_policy(compiled)
     envelopes.write(envelope, out)
     print(f"{out}: unsigned policy envelope; review with `dmzbroker policy show {out}`")
-    return 0
-
-
-def _unverified(path: Path) -> tuple[Policy, str]:
-    """For review commands only: the payload parsed without checking signatures."""
-    payload = envelopes.read(path).untrusted_payload
-    return parse.from_payload(payload, str(path)), hashlib.sha256(payload).hexdigest()
+    found = report.warnings(compiled, plan.requests_per_scan(compiled))
+    if found:
+        print("\n".join(report.warning_lines(found)))
+    return 0  # warnings are printed, never an error: the co-signers decide
 
 
 def _show(args: argparse.Namespace) -> int:
-    policy, sha256 = _unverified(args.envelope)
-    requests = {device.name: len(planned) for device, _, planned in plan.scans(policy)}
-    print(report.show(policy, sha256, datetime.now(UTC), requests))
+    policy, sha256 = report.unverified(args.envelope)
+    print(report.show(policy, sha256, datetime.now(UTC), plan.requests_per_scan(policy)))
     return 0  # warnings are printed, never an error: the co-signers decide
 
 
 def _diff(args: argparse.Namespace) -> int:
-    print(report.diff(_unverified(args.old)[0], _unverified(args.new)[0]))
+    print(report.diff(report.unverified(args.old)[0], report.unverified(args.new)[0]))
     return 0
 
 
@@ -91,36 +98,52 @@ def _sign(args: argparse.Namespace) -> int:
             f"{args.envelope}: payloadType {envelope.payloadType!r} is not a dmzbroker policy; "
             "not signing"
         )
-    add_signature(args.envelope, envelope, args.key, args.passphrase_file)
+    trust = trustroot.load(args.trust) if args.trust is not None else None
+    owners = trust.keys if trust is not None else None
+    key = add_signature(args.envelope, envelope, args.key, args.passphrase_file, owners)
+    if trust is not None:
+        if keys.key_id(key.public_key()) not in trust.keys:
+            print(f"note: this key is not an owner in {args.trust}; its signature does not count")
+        result = verify.check(envelopes.read(args.envelope), trust)
+        print_signatures(result, trust)
+        print(
+            "thresholds met; `dmzbroker policy verify` also checks deployment and expiry"
+            if result.ok
+            else f"not yet: {verify.describe_shortfall(result)}"
+        )
     return 0
 
 
 def add_signature(
-    path: Path, envelope: Envelope, key_file: Path, passphrase_file: Path | None
+    path: Path,
+    envelope: Envelope,
+    key_file: Path,
+    passphrase_file: Path | None,
+    owners: Mapping[str, OwnerKey] | None = None,
 ) -> Ed25519PrivateKey:
-    """Sign `envelope` with the owner's key and write it to `path` (policies and trust roots)."""
-    key = _private_key(key_file, passphrase_file)
+    """Sign `envelope` with the owner's key and write it to `path` (policies and trust roots).
+
+    One signature per key: signing again replaces that key's signature, and says so, naming
+    the owner and role when `owners` (the trust root's keys by key id) lists the key."""
+    key = keys.load_private(
+        key_file,
+        read_passphrase(passphrase_file, ask=False),
+        ask=lambda: read_passphrase(None, ask=True),
+    )
     keyid = keys.key_id(key.public_key())
-    replaced = any(s.keyid == keyid for s in envelope.signatures)
-    envelopes.write(envelopes.sign(envelope, key), path)
-    again = " (replacing its earlier signature by this key)" if replaced else ""
-    print(f"{path}: signed by key {keyid}{again}")
+    owner = (owners or {}).get(keyid)
+    signer = f"{inert(owner.name)} ({owner.role.upper()} owner, key {keyid})" if owner else ""
+    signed = envelopes.sign(envelope, key)
+    envelopes.write(signed, path)
+    if any(s.keyid == keyid for s in envelope.signatures):
+        whose = f"{inert(owner.name)}'s earlier {owner.role.upper()}" if owner else "its earlier"
+        print(
+            f"{path}: signed by {signer or f'key {keyid}'}, replacing {whose} signature "
+            f"(one signature per key; {len(signed.signatures)} signature(s) in the file)"
+        )
+    else:
+        print(f"{path}: signed by {signer or f'key {keyid}'}")
     return key
-
-
-def _private_key(path: Path, passphrase_file: Path | None) -> Ed25519PrivateKey:
-    with contextlib.suppress(OSError):  # a missing file is reported by load_private
-        if path.read_bytes().lstrip().startswith(b"-----BEGIN PUBLIC KEY"):
-            raise TrustError(
-                f"{path}: a public key; --key takes the owner's private key (the .key file), "
-                "which signs"
-            )
-    try:
-        return keys.load_private(path, read_passphrase(passphrase_file, ask=False))
-    except TrustError as e:
-        if passphrase_file is not None or "passphrase-protected" not in str(e):
-            raise
-    return keys.load_private(path, read_passphrase(None, ask=True))
 
 
 def _verify(args: argparse.Namespace) -> int:

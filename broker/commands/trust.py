@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.audit.show import inert
+from broker.commands.outputs import out_file
 from broker.commands.policy import add_signature, print_signatures
 from broker.errors import ConfigError, TrustRootRefused
 from broker.policy import envelope as envelopes
@@ -39,7 +40,9 @@ def add_to(commands: Any) -> None:
         help="an owner key, e.g. ot:'Jane Doe':ot-jane-doe.pub (repeat)",
     )
     _thresholds(init, "default 1")
-    init.add_argument("--out", type=Path, required=True, help="e.g. trust-root.yaml")
+    init.add_argument(
+        "--out", type=out_file("trust-root.yaml"), required=True, help="e.g. trust-root.yaml"
+    )
     init.set_defaults(handler=_init)
 
     sign = sub.add_parser("sign", help="add one owner's signature (in place)")
@@ -59,7 +62,9 @@ def add_to(commands: Any) -> None:
 
     rotate = sub.add_parser("rotate", help="the next version of a root, unsigned")
     rotate.add_argument("current", type=Path, help="the root in force")
-    rotate.add_argument("--out", type=Path, required=True, help="the new root")
+    rotate.add_argument(
+        "--out", type=out_file("trust-root-next.yaml"), required=True, help="the new root"
+    )
     rotate.add_argument("--add-owner", action="append", default=[], metavar=OWNER_SPEC)
     rotate.add_argument("--remove-owner", action="append", default=[], metavar="NAME")
     _thresholds(rotate, "default: as in CURRENT")
@@ -128,7 +133,8 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _sign(args: argparse.Namespace) -> int:
     examined = trustroot.examine(envelopes.read_bytes(args.root), str(args.root))
-    key = add_signature(args.root, examined.envelope, args.key, args.passphrase_file)
+    owners = examined.root.keys
+    key = add_signature(args.root, examined.envelope, args.key, args.passphrase_file, owners)
     if keys.key_id(key.public_key()) not in examined.root.keys:
         print(
             "note: this key is not an owner in this root; its signature counts only for the "

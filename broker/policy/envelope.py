@@ -101,4 +101,7 @@ def encode(envelope: Envelope) -> bytes:
 
 
 def write(envelope: Envelope, path: Path) -> None:
-    path.write_bytes(encode(envelope))
+    try:
+        path.write_bytes(encode(envelope))
+    except OSError as e:  # a folder, a read-only file or place: the user's to fix
+        raise ConfigError(f"{path}: cannot write: {e.strerror}") from e

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -66,11 +67,20 @@ def generate(out: Path, name: str, role: Role, passphrase: bytes | None) -> Gene
 
 
 def generate_pair(out: Path, stem: str, passphrase: bytes | None) -> GeneratedKey:
-    """Write `<stem>.key` (private, 0600, encrypted if a passphrase is given) and `.pub`."""
-    private, public = out / f"{stem}.key", out / f"{stem}.pub"
+    """Write `<stem>.key` and `<stem>.pub` in the folder `out`, made if missing."""
+    out.mkdir(parents=True, exist_ok=True)
+    return generate_at(out / f"{stem}.key", passphrase)
+
+
+def generate_at(private: Path, passphrase: bytes | None) -> GeneratedKey:
+    """Write the private key to `private` (0600, encrypted if a passphrase is given) and its
+    public key beside it with the suffix `.pub`, where `audit.key`'s readers look for it."""
+    public = private.with_suffix(".pub")
+    if public == private:
+        raise RuntimeError(f"{private}: the private key cannot be named .pub")
     for path in (private, public):
         if path.exists():
-            raise TrustError(f"{path}: already exists; choose another --name or --out")
+            raise TrustError(f"{path}: already exists; not overwriting it (choose another --out)")
     key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
@@ -80,31 +90,99 @@ def generate_pair(out: Path, stem: str, passphrase: bytes | None) -> GeneratedKe
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    out.mkdir(parents=True, exist_ok=True)
     write_secret(private, private_pem)
     public.write_text(public_pem(key.public_key()))
     return GeneratedKey(private, public, key_id(key.public_key()))
 
 
-def load_private(path: Path, passphrase: bytes | None) -> Ed25519PrivateKey:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise TrustError(f"{path}: key file not found") from e
+def load_private(
+    path: Path, passphrase: bytes | None, ask: Callable[[], bytes | None] | None = None
+) -> Ed25519PrivateKey:
+    """The Ed25519 private key in `path`, decrypted with `passphrase`, else with what `ask()`
+    returns when the key turns out to be encrypted. A refusal names the file and says what it
+    is instead: missing, a folder, a public key or certificate, not a key, a wrong passphrase."""
+    data = _read_key_file(path)
+    label = _pem_label(data)
+    if label is None or data.lstrip().startswith(b"ssh-"):
+        what = "an OpenSSH public key" if data.lstrip().startswith(b"ssh-") else "not a key"
+        raise TrustError(f"{path}: {what}: no PEM private key in it; {_WHICH_FILE}")
+    if not label.endswith("PRIVATE KEY"):
+        raise TrustError(f"{path}: {_not_private(path, label)}")
+    encrypted = label == "ENCRYPTED PRIVATE KEY"
+    if encrypted and passphrase is None and ask is not None:
+        try:
+            passphrase = ask()
+        except TrustError as e:  # no terminal to ask on, or the answers differed
+            raise TrustError(f"{path}: it is passphrase-protected: {e}") from e
+    if encrypted and passphrase is None:
+        raise TrustError(f"{path}: it is passphrase-protected; give --passphrase-file")
+    if not encrypted and passphrase is not None:
+        raise TrustError(f"{path}: it is not passphrase-protected; drop --passphrase-file")
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
-    except TypeError as e:  # encrypted but no passphrase given, or the reverse
-        hint = (
-            "it is not passphrase-protected; drop --passphrase-file"
-            if passphrase
-            else "it is passphrase-protected; give --passphrase-file"
-        )
-        raise TrustError(f"{path}: {hint}") from e
     except ValueError as e:
-        raise TrustError(f"{path}: cannot load the key (wrong passphrase or not a PEM key)") from e
+        problem = (
+            "wrong passphrase: the one given does not decrypt this key"
+            if encrypted
+            else "an OpenSSH private key; dmzbroker reads PEM (PKCS#8) keys: " + _WHICH_FILE
+            if label == "OPENSSH PRIVATE KEY"
+            else f"a damaged or unsupported {label!r} block: cannot load it"
+        )
+        raise TrustError(f"{path}: {problem}") from e
+    except (TypeError, UnsupportedAlgorithm) as e:  # e.g. an old-style encrypted PEM
+        raise TrustError(f"{path}: cannot load the key: {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
-        raise TrustError(f"{path}: not an Ed25519 private key")
+        kind = type(key).__name__.removeprefix("_").replace("PrivateKey", "")
+        raise TrustError(f"{path}: the key is {kind}, not Ed25519; {_WHICH_FILE}")
     return key
+
+
+# What to give instead, for a file that is not a private key made by this CLI.
+_WHICH_FILE = "give the .key file that `dmzbroker keys generate` (or `audit keygen`) wrote"
+_PUBLIC_LABELS = ("PUBLIC KEY", "CERTIFICATE", "X509 CRL", "CERTIFICATE REQUEST")
+MAX_KEY_BYTES = 64 * 1024  # a PEM key is under 1 KiB: anything larger is not one
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_BYTES + 1)
+    except FileNotFoundError as e:
+        raise TrustError(f"{path}: key file not found") from e
+    except IsADirectoryError as e:
+        found = sorted(path.glob("*.key"))
+        example = f", e.g. {found[0]}" if found else ""
+        raise TrustError(f"{path}: a folder, not a key file; name the .key file{example}") from e
+    except OSError as e:
+        raise TrustError(f"{path}: cannot read the key file: {e.strerror}") from e
+    if len(data) > MAX_KEY_BYTES:
+        raise TrustError(f"{path}: over {MAX_KEY_BYTES} bytes: not a key; {_WHICH_FILE}")
+    return data
+
+
+def _pem_label(data: bytes) -> str | None:
+    """The label of the first PEM block (`PRIVATE KEY`, `PUBLIC KEY`, …), None if there is none."""
+    found = re.search(rb"-----BEGIN ([A-Z0-9 ]+)-----", data)
+    return found.group(1).decode() if found else None
+
+
+def _not_private(path: Path, label: str) -> str:
+    if not label.endswith(_PUBLIC_LABELS):
+        return f"a PEM {label!r} block, not a private key; {_WHICH_FILE}"
+    what = (
+        "a public key"
+        if "PUBLIC" in label
+        else "a revocation list"
+        if "CRL" in label
+        else "a certificate"
+    )
+    private = path.with_suffix(".key")
+    instead = (
+        f"sign with its private key {private}"
+        if path.suffix == ".pub" and private.is_file()
+        else _WHICH_FILE
+    )
+    return f"{what}, which cannot sign; {instead}"
 
 
 def write_secret(path: Path, data: bytes) -> None:

@@ -210,8 +210,8 @@ def test_without_pubkey_says_signatures_were_not_checked(root: Path) -> None:
 def test_key_made_by_keygen_signs_a_log_that_verifies_with_its_public_key(
     tmp_path: Path,
 ) -> None:
-    dmzbroker("audit", "keygen", "--out", str(tmp_path / "keys"))
-    private, public = tmp_path / "keys" / "audit.key", tmp_path / "keys" / "audit.pub"
+    private, public = tmp_path / "audit.key", tmp_path / "audit.pub"
+    dmzbroker("audit", "keygen", "--out", str(private))
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     with AuditLog(
         tmp_path / "audit", "plant", APPLIANCE, keys.load_private(private, None), checkpoint_every=3

@@ -94,3 +94,76 @@ def test_generate_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
     with pytest.raises(TrustError, match="already exists"):
         keys.generate(tmp_path, "Jane Doe", "ot", None)
     assert first.private.read_bytes() == before
+
+
+# --- what load_private says about a file that is not the private key ------------------------
+
+
+def test_a_public_key_is_named_with_the_private_key_beside_it(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", None)
+    with pytest.raises(TrustError) as refused:
+        keys.load_private(generated.public, None)
+    assert str(refused.value) == (
+        f"{generated.public}: a public key, which cannot sign; "
+        f"sign with its private key {generated.private}"
+    )
+
+
+def test_an_encrypted_key_asks_only_when_no_passphrase_is_given(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", b"s3cret phrase")
+    asked: list[bool] = []
+
+    def ask() -> bytes:
+        asked.append(True)
+        return b"s3cret phrase"
+
+    loaded = keys.load_private(generated.private, None, ask=ask)
+    assert keys.key_id(loaded.public_key()) == generated.keyid
+    assert asked == [True]
+    plain = keys.generate(tmp_path, "Jim Doe", "ot", None)
+    keys.load_private(plain.private, None, ask=ask)
+    assert asked == [True]  # a key without a passphrase is never asked for one
+
+
+def test_a_wrong_passphrase_is_named_not_confused_with_a_broken_file(tmp_path: Path) -> None:
+    generated = keys.generate(tmp_path, "Jane Doe", "ot", b"s3cret phrase")
+    with pytest.raises(TrustError, match="wrong passphrase: the one given does not decrypt"):
+        keys.load_private(generated.private, b"another phrase")
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"deployment_id: site-1\n", "not a key: no PEM private key in it"),
+        (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI jane@host\n", "an OpenSSH public key"),
+        (b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "a damaged"),
+        (b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", "a revocation list"),
+        (b"-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+         "an OpenSSH private key"),
+        (b"-" * (keys.MAX_KEY_BYTES + 1), "over 65536 bytes: not a key"),
+    ],
+)  # fmt: skip
+def test_a_file_that_is_not_a_key_says_what_it_is(
+    tmp_path: Path, content: bytes, said: str
+) -> None:
+    path = tmp_path / "owner.key"
+    path.write_bytes(content)
+    with pytest.raises(TrustError) as refused:
+        keys.load_private(path, None)
+    assert str(refused.value).startswith(f"{path}: {said}")
+    assert "passphrase" not in str(refused.value)
+
+
+def test_a_folder_and_a_missing_file_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TrustError, match="a folder, not a key file"):
+        keys.load_private(tmp_path, None)
+    with pytest.raises(TrustError, match="key file not found"):
+        keys.load_private(tmp_path / "missing.key", None)
+
+
+def test_generate_at_writes_the_public_key_beside_the_private_one(tmp_path: Path) -> None:
+    generated = keys.generate_at(tmp_path / "audit.key", None)
+    assert generated.public == tmp_path / "audit.pub"
+    loaded = keys.load_private(generated.private, None)
+    assert keys.key_id(_public_from_file(generated.public)) == keys.key_id(loaded.public_key())
+    assert generated.private.stat().st_mode & 0o777 == 0o600
