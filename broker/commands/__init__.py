@@ -12,6 +12,7 @@ from broker.commands import (
     policy,
     posture,
     processes,
+    sim,
     trust,
     validate,
 )
@@ -30,4 +31,5 @@ COMMAND_GROUPS = [
     deploy,
     posture,
     diode,
+    sim,
 ]

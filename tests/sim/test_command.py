@@ -1,0 +1,124 @@
+"""`dmzbroker sim refrigeration`: the demo's plant as a process of its own, read by a real
+pymodbus client; it says where it listens, listens only there, and stops on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pymodbus.client import AsyncModbusTcpClient
+
+from broker.sim.refrigeration import IR_AMBIENT, IR_DISCHARGE, IR_ROOM, IR_SUCTION
+from tests.harness import REPO, dmzbroker, eventually, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextmanager
+def simulator(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """The command running with `args`; its log (stderr) in a file. Killed if still running."""
+    log = tmp_path / "sim.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker", "sim", "refrigeration", *args],
+            stdout=subprocess.DEVNULL, stderr=sink, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield process, log
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def signed(word: int) -> int:
+    return word - 0x10000 if word & 0x8000 else word
+
+
+async def input_registers(host: str, port: int) -> list[int] | None:
+    """Input registers 0-39 of unit 1, or None while nothing answers there."""
+    client = AsyncModbusTcpClient(host, port=port, timeout=2, retries=0)
+    try:
+        if not await client.connect():
+            return None
+        response = await client.read_input_registers(0, count=40, device_id=1)
+        return None if response.isError() else list(response.registers)
+    finally:
+        client.close()
+
+
+async def answering(host: str, port: int) -> list[int]:
+    """The registers, once the started process answers (it takes a second or two)."""
+    read: list[list[int]] = []
+
+    async def answered() -> bool:
+        registers = await input_registers(host, port)
+        read.extend([registers] if registers is not None else [])
+        return bool(read)
+
+    await eventually(answered, timeout=30, interval=0.2)
+    return read[0]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_serves_the_demo_registers_and_stops_on_a_signal(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    port = free_port()
+    with simulator(tmp_path, "--port", str(port)) as (process, log):
+        first = await answering("127.0.0.1", port)
+        assert f'"port": {port}' in log.read_text()
+        assert '"event": "simulator_started"' in log.read_text()
+        # A cold store: a room near -18 degC, pressures of a refrigeration circuit, in bar.
+        assert -25 <= signed(first[IR_ROOM]) / 10 <= -10
+        assert 0 < signed(first[IR_SUCTION]) / 100 < signed(first[IR_DISCHARGE]) / 100 < 25
+        assert -10 <= signed(first[IR_AMBIENT]) / 10 <= 40
+
+        async def moved() -> bool:  # the simulation runs: the noisy ambient changes
+            now = await input_registers("127.0.0.1", port)
+            return now is not None and now[IR_AMBIENT] != first[IR_AMBIENT]
+
+        await eventually(moved, timeout=20)
+
+        process.send_signal(stop)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    assert '"event": "simulator_stopped"' in log.read_text()
+    assert "Traceback" not in log.read_text()
+    with socket.create_server(("127.0.0.1", port)):  # the port is free again
+        pass
+
+
+async def test_listens_on_the_host_given_and_nowhere_else(tmp_path: Path) -> None:
+    port = free_port()
+    with simulator(tmp_path, "--host", "127.0.0.2", "--port", str(port)) as (process, log):
+        await answering("127.0.0.2", port)
+        assert await input_registers("127.0.0.1", port) is None
+        assert '"host": "127.0.0.2"' in log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = dmzbroker("sim", "refrigeration", "--port", str(port), check=False)
+    assert result.returncode == 2
+    assert f"dmzbroker: error: cannot listen on 127.0.0.1:{port}: the port is in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "modbus"])
+def test_a_port_out_of_range_is_refused(port: str) -> None:
+    result = dmzbroker("sim", "refrigeration", "--port", port, check=False)
+    assert result.returncode == 2
+    assert f"argument --port: {port!r} is not a TCP port (1-65535)" in result.stderr
