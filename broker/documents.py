@@ -3,20 +3,22 @@
 Both the appliance config and the policy are YAML written by people. This module is the one
 place that parses them: a strict subset of YAML (no duplicate keys, anchors, aliases, tags or
 merge keys, which hide meaning from a reviewer), then a typed conversion that refuses unknown
-keys. Every mistake becomes a `ConfigError` of the form `FILE: key.path[3]: what is wrong`.
+keys, then the checks across fields a caller gives. Every mistake becomes one `ConfigError`
+line, `FILE:LINE: key.path[3]: what is wrong`, the line found from the key path in the same
+parse; data that has no lines (a signed JSON payload) gives `SOURCE: key.path: what`.
 It never executes anything the document says.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
 import yaml
 
+from broker.conversion_errors import KeyPath, explain, parse_path, render_path
 from broker.errors import ConfigError
 
 T = TypeVar("T")
@@ -56,25 +58,82 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class KeyLines:
+    """The line (1-based) each key and list item of a parsed YAML document is written on."""
+
+    def __init__(self, lines: dict[KeyPath, int]) -> None:
+        self._lines = lines
+
+    def line(self, path: KeyPath) -> int:
+        """The line of `path`, or of its deepest prefix written in the document.
+
+        A missing key is shown at its mapping; a key `prepare` implied, at the mapping too.
+        """
+        for end in range(len(path), -1, -1):
+            if (line := self._lines.get(path[:end])) is not None:
+                return line
+        return 1
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """Parse strict YAML; `source` names the document in errors."""
+    return parse_yaml_lines(text, source)[0]
+
+
+def parse_yaml_lines(text: str, source: str) -> tuple[Any, KeyLines]:
+    """Parse strict YAML, and note where each key path is written, from the same parse."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        loader = _StrictLoader(text)  # the reader refuses characters YAML forbids here
+        try:
+            node = loader.get_single_node()
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError(f"{where}: {e.problem}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
+    except RecursionError as e:  # PyYAML composes recursively; no real document nests so deep
+        raise ConfigError(f"{source}: nested too deeply to be a configuration") from e
+    return data, KeyLines(_lines_of(node))
 
 
-_MSGSPEC_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+def _lines_of(root: Any) -> dict[KeyPath, int]:
+    """Key path → line, for every key (its own line) and list item of the composed tree."""
+    if root is None:
+        return {}
+    lines: dict[KeyPath, int] = {(): root.start_mark.line + 1}
+    pending: list[tuple[KeyPath, Any]] = [((), root)]  # a loop, not recursion: depth is free
+    while pending:
+        path, node = pending.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                pending.append((key, value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                pending.append(((*path, index), item))
+    return lines
 
 
-def convert(data: Any, type_: type[T], source: str, base_dir: Path | None = None) -> T:
+def convert(
+    data: Any,
+    type_: type[T],
+    source: str,
+    base_dir: Path | None = None,
+    *,
+    lines: KeyLines | None = None,
+    check: Callable[[T], Iterable[str]] | None = None,
+) -> T:
     """Convert parsed data to `type_`, refusing unknown keys and wrong types.
 
     Fields typed `Path` are resolved against `base_dir` (the document's own directory).
+    `check` yields what no single field can show, each problem `key.path: what is wrong`;
+    the first is raised. `lines` (from `parse_yaml_lines`) puts the line in every error.
     """
 
     def decode_path(field_type: type, value: Any) -> Any:
@@ -85,35 +144,29 @@ def convert(data: Any, type_: type[T], source: str, base_dir: Path | None = None
         return (base_dir / value).resolve()
 
     try:
-        return msgspec.convert(data, type_, strict=True, dec_hook=decode_path)
+        converted = msgspec.convert(data, type_, strict=True, dec_hook=decode_path)
     except msgspec.ValidationError as e:
-        match = _MSGSPEC_PATH.match(str(e))
-        assert match is not None  # the pattern matches any text
-        path = (match["path"] or "").lstrip(".")
-        what = match["what"]
-        what = what[:1].lower() + what[1:]
-        if what.startswith("expected") and ", got" not in what:
-            value = _value_at(data, path)
-            if isinstance(value, (int, float, str)):
-                what += f", got `{value}`"
-        raise ConfigError(f"{source}: {path or '(top level)'}: {what}") from e
+        explained = explain(e, data, type_, decode_path)
+        where = _where(source, lines, explained.place)
+        raise ConfigError(f"{where}: {render_path(explained.path)}: {explained.what}") from e
+    for problem in check(converted) if check is not None else ():
+        path, _, _ = problem.partition(": ")
+        raise ConfigError(f"{_where(source, lines, parse_path(path))}: {problem}")
+    return converted
 
 
-_PATH_STEP = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+def _where(source: str, lines: KeyLines | None, path: KeyPath) -> str:
+    return source if lines is None else f"{source}:{lines.line(path)}"
 
 
-def _value_at(data: Any, path: str) -> Any:
-    """The value at a msgspec error path such as `signals[3].source.address`, or None."""
-    for key, index in _PATH_STEP.findall(path):
-        try:
-            data = data[key] if key else data[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def load(path: Path, type_: type[T], prepare: Callable[[Any], Any] | None = None) -> T:
-    """Read, parse and type-check one YAML file; `prepare` may fill in implied keys first."""
+def load(
+    path: Path,
+    type_: type[T],
+    prepare: Callable[[Any], Any] | None = None,
+    check: Callable[[T], Iterable[str]] | None = None,
+) -> T:
+    """Read, parse and type-check one YAML file; `prepare` may fill in implied keys first,
+    `check` yields the problems across fields (see `convert`)."""
     try:
         size = path.stat().st_size
         if size > MAX_DOCUMENT_BYTES:
@@ -123,9 +176,22 @@ def load(path: Path, type_: type[T], prepare: Callable[[Any], Any] | None = None
         raise ConfigError(f"{path}: file not found") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from e
-    data = parse_yaml(text, str(path))
+    return from_text(text, type_, str(path), path.parent, prepare=prepare, check=check)
+
+
+def from_text(
+    text: str,
+    type_: type[T],
+    source: str,
+    base_dir: Path | None = None,
+    *,
+    prepare: Callable[[Any], Any] | None = None,
+    check: Callable[[T], Iterable[str]] | None = None,
+) -> T:
+    """Parse and type-check one YAML document already read; errors carry its lines."""
+    data, lines = parse_yaml_lines(text, source)
     if data is None:
-        raise ConfigError(f"{path}: the file is empty")
+        raise ConfigError(f"{source}: the file is empty")
     if prepare is not None:
         data = prepare(data)
-    return convert(data, type_, str(path), base_dir=path.parent)
+    return convert(data, type_, source, base_dir, lines=lines, check=check)

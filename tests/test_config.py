@@ -42,24 +42,25 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Pat
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (GOOD + "colour: red\n", "(top level): object contains unknown field `colour`"),
+        (GOOD + "colour: red\n", "9: (top level): unknown key 'colour' (known keys: policy, trust_root, "
+         "spool, plant, enterprise, audit, log, supervisor, diode)"),
         (GOOD.replace("spool: {dir: spool}", "spool: {dir: spool, size: 3}"),
-         "spool: object contains unknown field `size`"),
-        (GOOD + "  listen: {port: 70000}\n", "enterprise.listen.port: expected `int` <= 65535, got `70000`"),
+         "3: spool: unknown key 'size' (known keys: dir, segment_mib, retention_mib)"),
+        (GOOD + "  listen: {port: 70000}\n", "9: enterprise.listen.port: expected `int` <= 65535, got `70000`"),
         (GOOD + "  listen: {max_connections: 10, max_connections_per_address: 20}\n",
-         "enterprise.listen: max_connections_per_address (20) cannot exceed max_connections (10)"),
-        (GOOD + "  listen: {header_timeout_s: 0}\n", "enterprise.listen.header_timeout_s: expected `float` > 0.0, got `0`"),
-        (GOOD + "  listen: {max_connections: 0}\n", "enterprise.listen.max_connections: expected `int` >= 1, got `0`"),
+         "9: enterprise.listen: max_connections_per_address (20) cannot exceed max_connections (10)"),
+        (GOOD + "  listen: {header_timeout_s: 0}\n", "9: enterprise.listen.header_timeout_s: expected `float` > 0.0, got `0`"),
+        (GOOD + "  listen: {max_connections: 0}\n", "9: enterprise.listen.max_connections: expected `int` >= 1, got `0`"),
         (GOOD.replace("  tls: {cert: certs/server.crt, key: certs/server.key, client_ca: certs/ca.crt}\n", ""),
-         "enterprise: object missing required field `tls`"),
-        (GOOD + "log: {format: xml}\n", "log.format: invalid enum value 'xml'"),
-        (GOOD.replace("dir: spool", "dir: 42"), "spool.dir: expected a file system path, got `42`"),
+         "6: enterprise: missing required key 'tls'"),
+        (GOOD + "log: {format: xml}\n", "9: log.format: invalid enum value 'xml' (one of: auto, json, console)"),
+        (GOOD.replace("dir: spool", "dir: 42"), "3: spool.dir: expected a file system path, got `42`"),
         (GOOD.replace("spool: {dir: spool}", "spool: {dir: spool, segment_mib: 64, retention_mib: 100}"),
-         "spool: retention_mib (100) must be at least twice segment_mib (64): the spool always keeps the newest full segment"),
+         "3: spool: retention_mib (100) must be at least twice segment_mib (64): the spool always keeps the newest full segment"),
     ],
 )  # fmt: skip
 def test_mistakes_are_named_by_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as refused:
         config.load(path)
-    assert str(refused.value) == f"{path}: {expected}"
+    assert str(refused.value) == f"{path}:{expected}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pytest
+import yaml
 
-from broker.documents import MAX_DOCUMENT_BYTES, convert, load, parse_yaml
+from broker import config
+from broker.documents import MAX_DOCUMENT_BYTES, convert, from_text, load, parse_yaml
 from broker.errors import ConfigError
 
 
@@ -177,20 +180,35 @@ def test_a_collection_value_is_not_shown() -> None:
 
 def test_an_unknown_key_names_where_it_is() -> None:
     data = {"name": "plant", "listeners": [{"host": "h", "port": 1, "bind": "0.0.0.0"}]}
-    message = conversion_error(data)
-    assert message.startswith("site.yaml: listeners[0]: ")
-    assert "`bind`" in message
+    assert conversion_error(data) == (
+        "site.yaml: listeners[0]: unknown key 'bind' (known keys: host, port)"
+    )
 
 
-@pytest.mark.parametrize("data", [[GOOD], "plant", 42])
-def test_a_wrong_root_says_top_level(data: object) -> None:
-    assert conversion_error(data).startswith("site.yaml: (top level): expected `object`")
+def test_an_unknown_key_close_to_a_known_one_suggests_it() -> None:
+    data = {"name": "plant", "listeners": [{"host": "h", "prot": 1}]}
+    assert (
+        conversion_error(data)
+        == "site.yaml: listeners[0]: unknown key 'prot' — did you mean 'port'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ([GOOD], "expected an object, got a list — write it as {name: …, listeners: …}"),
+        ("plant", "expected `object`, got `str`"),
+        (42, "expected `object`, got `int`"),
+    ],
+)
+def test_a_wrong_root_says_top_level(data: object, expected: str) -> None:
+    assert conversion_error(data) == f"site.yaml: (top level): {expected}"
 
 
 def test_a_missing_required_key_at_the_root_says_top_level() -> None:
-    message = conversion_error({"name": "plant"})
-    assert message.startswith("site.yaml: (top level): ")
-    assert "`listeners`" in message
+    assert conversion_error({"name": "plant"}) == (
+        "site.yaml: (top level): missing required key 'listeners'"
+    )
 
 
 def test_the_problem_starts_lowercase_after_the_path() -> None:
@@ -258,7 +276,7 @@ def test_load_errors_name_the_file_and_line(tmp_path: Path) -> None:
 
 def test_load_conversion_errors_name_the_file_and_key(tmp_path: Path) -> None:
     path = write(tmp_path, "name: plant\nlisteners: [{host: h, port: 0}]\n")
-    assert load_error(path) == f"{path}: listeners[0].port: expected `int` >= 1, got `0`"
+    assert load_error(path) == f"{path}:2: listeners[0].port: expected `int` >= 1, got `0`"
 
 
 def test_a_missing_file_is_refused(tmp_path: Path) -> None:
@@ -297,3 +315,176 @@ def test_a_file_exactly_at_the_size_limit_is_read(tmp_path: Path) -> None:
     path = write(tmp_path, head + b"x" * (MAX_DOCUMENT_BYTES - len(head) - 1) + b"\n")
     assert path.stat().st_size == MAX_DOCUMENT_BYTES
     assert load(path, Doc).name == "plant"
+
+
+# where: every error while loading a YAML document gives its line
+
+
+class Range(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    low: float
+    high: float
+    step: float = 1.0
+
+
+class Probe(msgspec.Struct, forbid_unknown_fields=True, tag="probe", tag_field="kind"):
+    mode: Literal["fast", "slow"] | None = None
+
+
+class Meter(msgspec.Struct, forbid_unknown_fields=True, tag="meter", tag_field="kind"):
+    unit: str
+
+
+class Site(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    zones: dict[str, Range] = {}
+    sensors: list[Probe | Meter] = []
+
+    def __post_init__(self) -> None:
+        if self.name == "reserved":
+            raise ValueError("name 'reserved' is taken")
+
+
+SITE = """\
+name: plant
+zones:
+  cold room:
+    low: -30
+    high: -18
+  dock: {low: 0, high: 10}
+sensors:
+  - kind: probe
+    mode: fast
+  - {kind: meter, unit: kW}
+"""
+
+
+def site_error(text: str, check: Callable[[Site], Iterable[str]] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        from_text(text, Site, "site.yaml", check=check)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_site_document_loads() -> None:
+    assert from_text(SITE, Site, "site.yaml").sensors[1] == Meter(unit="kW")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "expected"),
+    [
+        ("high: -18", "high: cold", 5, "zones['cold room'].high: expected `float`, got `str`"),
+        ("high: 10}", "hihg: 10}", 6, "zones.dock: unknown key 'hihg' — did you mean 'high'?"),
+        ("high: 10}", "top: 10}", 6, "zones.dock: unknown key 'top' (known keys: low, high, step)"),
+        ("{low: 0, high: 10}", "[0, 10]", 6,
+         "zones.dock: expected an object, got a list — write it as {low: 0, high: 10}"),
+        ("{low: 0, high: 10}", "[0, 10, 2]", 6,
+         "zones.dock: expected an object, got a list — write it as {low: 0, high: 10, step: 2}"),
+        ("{low: 0, high: 10}", "[0]", 6,
+         "zones.dock: expected an object, got a list — write it as {low: …, high: …}"),
+        ("mode: fast", "mode: fats", 9,
+         "sensors[0].mode: invalid enum value 'fats' — did you mean 'fast'? (one of: fast, slow)"),
+        ("mode: fast", "mode: quick", 9,
+         "sensors[0].mode: invalid enum value 'quick' (one of: fast, slow)"),
+        ("kind: meter", "kind: metre", 10,
+         "sensors[1].kind: invalid value 'metre' — did you mean 'meter'? (one of: probe, meter)"),
+        ("unit: kW", "units: kW", 10, "sensors[1]: unknown key 'units' — did you mean 'unit'?"),
+        ("{kind: meter, unit: kW}", "{kind: meter}", 10, "sensors[1]: missing required key 'unit'"),
+        ("name: plant", "name: reserved", 1, "(top level): name 'reserved' is taken"),
+    ],
+)  # fmt: skip
+def test_conversion_errors_give_the_line_of_the_key_and_teach(
+    old: str, new: str, line: int, expected: str
+) -> None:
+    assert old in SITE
+    assert site_error(SITE.replace(old, new)) == f"site.yaml:{line}: {expected}"
+
+
+def test_a_check_across_fields_is_told_at_the_line_of_its_key_path() -> None:
+    def check(site: Site) -> Iterator[str]:
+        yield "sensors[1].unit: kW is not measured here"
+
+    assert site_error(SITE, check) == "site.yaml:10: sensors[1].unit: kW is not measured here"
+
+
+def test_a_check_naming_a_key_not_written_is_told_at_the_deepest_written_one() -> None:
+    def check(site: Site) -> Iterator[str]:
+        yield "zones['cold room'].step: the default step is too coarse here"
+
+    assert site_error(SITE, check) == (
+        "site.yaml:3: zones['cold room'].step: the default step is too coarse here"
+    )
+
+
+def test_without_lines_a_check_keeps_the_key_path_alone() -> None:
+    def check(site: Site) -> Iterator[str]:
+        yield "sensors[1].unit: kW is not measured here"
+
+    data = yaml.safe_load(SITE)
+    with pytest.raises(ConfigError) as caught:
+        convert(data, Site, "site.dsse.json", check=check)
+    assert str(caught.value) == "site.dsse.json: sensors[1].unit: kW is not measured here"
+
+
+def test_keys_implied_before_conversion_are_told_at_their_mapping() -> None:
+    def imply(data: Any) -> Any:
+        data["zones"]["dock"]["step"] = "fine"  # as a `prepare` fills in a key people omit
+        return data
+
+    with pytest.raises(ConfigError) as caught:
+        from_text(SITE, Site, "site.yaml", prepare=imply)
+    assert str(caught.value) == "site.yaml:6: zones.dock.step: expected `float`, got `str`"
+
+
+def test_a_document_nested_too_deeply_is_refused_naming_it() -> None:
+    assert refusal("a: " + "[" * 1000 + "]" * 1000 + "\n") == (
+        "site.yaml: nested too deeply to be a configuration"
+    )
+
+
+# broker.yaml: the same mechanism, through config.load
+
+BROKER_YAML = """\
+policy: policy.dsse.json
+trust_root: trust-root.yaml
+spool: {dir: spool}
+audit: {dir: audit, key: audit.key}
+enterprise:
+  state_dir: state
+  tls:
+    cert: server.crt
+    key: server.key
+    client_ca: ca.crt
+plant:
+  state_dir: plant-state
+  opcua:
+    certificate: c.pem
+    private_key: k.pem
+    users:
+      plc-1: {username: u, password_file: p}
+"""
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line", "expected"),
+    [
+        ("client_ca: ca.crt", "client-ca: ca.crt", 10,
+         "enterprise.tls: unknown key 'client-ca' — did you mean 'client_ca'?"),
+        ("    key: server.key\n", "    key: server.key\n    profile: moden\n", 10,
+         "enterprise.tls.profile: invalid enum value 'moden' — did you mean 'modern'? "
+         "(one of: modern, intermediate)"),
+        ("{username: u, password_file: p}", "{username: u}", 17,
+         "plant.opcua.users.plc-1: username and password_file go together"),
+        ("spool: {dir: spool}", "spool: {dir: spool, segment_mib: 64, retention_mib: 100}", 3,
+         "spool: retention_mib (100) must be at least twice segment_mib (64)"),
+        ("    cert: server.crt\n", "", 7, "enterprise.tls: missing required key 'cert'"),
+    ],
+)  # fmt: skip
+def test_broker_yaml_errors_give_the_line_and_teach(
+    tmp_path: Path, old: str, new: str, line: int, expected: str
+) -> None:
+    assert old in BROKER_YAML
+    path = write(tmp_path, BROKER_YAML.replace(old, new), "broker.yaml")
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    assert str(caught.value).startswith(f"{path}:{line}: {expected}")

@@ -273,12 +273,10 @@ def parse_entries(data: bytes, path: Path) -> list[_Entry]:
         located = _from_csv(data, path)
     else:
         try:
-            parsed = documents.parse_yaml(data.decode("utf-8"), str(path))
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: cannot read: {e}") from e
-        if parsed is None:
-            raise ConfigError(f"{path}: the file is empty")
-        entries = documents.convert(parsed, list[_Entry], str(path))
+        entries = documents.from_text(text, list[_Entry], str(path))
         located = [(f"{path}: entry {n}", e) for n, e in enumerate(entries, start=1)]
     seen: set[str] = set()
     for where, entry in located:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from casbin.util import glob_match as matches
@@ -17,12 +17,12 @@ from casbin.util import glob_match as matches
 from broker import documents
 from broker.errors import ConfigError
 from broker.policy.model import SemanticModel
-from broker.policy.schema import Policy
+from broker.policy.schema import Device, OpcUaDevice, OpcUaSource, Policy, Signal
 
 
 def load(path: Path) -> Policy:
-    """Load a policy as people write it (YAML); raises ConfigError naming file and key."""
-    return _checked(documents.load(path, Policy, prepare=_with_source_protocols), str(path))
+    """Load a policy as people write it (YAML); raises ConfigError naming file, line and key."""
+    return documents.load(path, Policy, prepare=_with_source_protocols, check=_problems)
 
 
 def from_payload(trusted_payload: bytes, source: str) -> Policy:
@@ -32,7 +32,7 @@ def from_payload(trusted_payload: bytes, source: str) -> Policy:
     except msgspec.DecodeError as e:
         raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
     data = _with_source_protocols(_unset_budgets_left_out(data))
-    return _checked(documents.convert(data, Policy, source), source)
+    return documents.convert(data, Policy, source, check=_problems)
 
 
 def _unset_budgets_left_out(data: Any) -> Any:
@@ -50,6 +50,9 @@ def _unset_budgets_left_out(data: Any) -> Any:
     return data
 
 
+_DEVICE_PROTOCOLS = {d.__struct_config__.tag for d in get_args(Device)}
+
+
 def _with_source_protocols(data: Any) -> Any:
     """Tag each signal's `source` with its device's protocol, which decides its shape.
 
@@ -59,10 +62,10 @@ def _with_source_protocols(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     devices = data.get("devices")
-    protocols = {
+    protocols = {  # a protocol that is not one is refused at its device, not at each signal
         d.get("name"): d.get("protocol")
         for d in (devices if isinstance(devices, list) else [])
-        if isinstance(d, dict)
+        if isinstance(d, dict) and d.get("protocol") in _DEVICE_PROTOCOLS
     }
     signals = data.get("signals")
     for signal in signals if isinstance(signals, list) else []:
@@ -78,12 +81,6 @@ def _with_source_protocols(data: Any) -> Any:
     return data
 
 
-def _checked(policy: Policy, source: str) -> Policy:
-    for problem in _problems(policy):
-        raise ConfigError(f"{source}: {problem}")
-    return policy
-
-
 def _problems(policy: Policy) -> Iterator[str]:
     yield from _duplicates("devices", "name", [d.name for d in policy.devices])
     yield from _duplicates("signals", "path", [s.path for s in policy.signals])
@@ -92,6 +89,7 @@ def _problems(policy: Policy) -> Iterator[str]:
     signals = {s.path for s in policy.signals}
     roles = {r.name for r in policy.roles}
     protocols = {d.name: d.protocol for d in policy.devices}
+    polled = {d.name for d in policy.devices if isinstance(d, OpcUaDevice) and d.read == "poll"}
     for i, signal in enumerate(policy.signals):
         if signal.device is None:
             continue  # a derived signal: its expression is checked with its asset
@@ -101,6 +99,12 @@ def _problems(policy: Policy) -> Iterator[str]:
             yield (
                 f"signals[{i}].source: a {signal.source.protocol} source on "
                 f"{protocols[signal.device]} device {signal.device!r}"
+            )
+        elif signal.device in polled and (unused := _subscription_keys(signal)):
+            yield (
+                f"signals[{i}].source.{unused[0]}: only a subscription applies "
+                f"{', '.join(unused)}, and device {signal.device!r} is polled (read: poll): "
+                "leave them out, or let the device subscribe"
             )
     for i, role in enumerate(policy.roles):
         for pattern in role.signals:
@@ -112,6 +116,22 @@ def _problems(policy: Policy) -> Iterator[str]:
                 yield f"consumers[{i}].roles: no role named {role_name!r}"
     yield from _duplicates("assets", "path", [a.path for a in policy.assets])
     yield from SemanticModel(policy).problems
+
+
+def _subscription_keys(signal: Signal) -> list[str]:
+    """The keys of an OPC UA source that only a subscription applies, as the policy sets them."""
+    source = signal.source
+    if not isinstance(source, OpcUaSource):
+        return []
+    return [
+        key
+        for key, unset in (
+            ("sampling_interval_ms", source.sampling_interval_ms is None),
+            ("queue_size", source.queue_size == 1),
+            ("deadband", source.deadband is None),
+        )
+        if not unset
+    ]
 
 
 def _duplicates(section: str, field: str, values: list[str]) -> Iterator[str]:

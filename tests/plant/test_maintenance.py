@@ -80,6 +80,15 @@ def test_an_error_names_the_line_of_the_file(tmp_path: Path) -> None:
         load_entries(path)
 
 
+def test_a_yaml_error_names_the_line_and_the_nearest_key(tmp_path: Path) -> None:
+    text = "- asset: site/plant/compressor\n- asset: site/plant/pump\n  next_dew: 2026-01-01\n"
+    with pytest.raises(ConfigError) as refused:
+        load_entries(write(tmp_path, text, "cmms.yaml"))
+    assert str(refused.value).endswith(
+        "cmms.yaml:3: [1]: unknown key 'next_dew' — did you mean 'next_due'?"
+    )
+
+
 # Where the file comes from: only root or the plant user may have written it (an IT share
 # would let the enterprise side, or anyone, write what the plant half trusts).
 

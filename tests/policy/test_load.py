@@ -1,7 +1,8 @@
 """Policy files that must be refused, each with one clear line naming file and key.
 
 Data-driven: each folder in cases/ holds a `policy.yaml` and the `expected.err` line that
-must end the error message (after the file name). Add a case by adding a folder.
+must end the error message: after the file name, `LINE: key.path: what` (or `LINE:COLUMN:`
+for YAML the strict parser refuses). Add a case by adding a folder.
 """
 
 from __future__ import annotations

@@ -460,7 +460,7 @@ async def test_discover_errors_are_one_line(plc: OpcUaTestServer, pki: OpcUaPki)
     unreachable = await discover(f"opc.tcp://127.0.0.1:{free_port()}", *own, "--pin", "0" * 64)
     no_certificate = await discover(plc.endpoint)
     for done, code, message in (
-        (untrusted, 2, "is neither pinned by the policy nor in"),
+        (untrusted, 2, "is not trusted by --pin or --trust"),
         (unreachable, 1, "cannot open a session with opc.tcp://127.0.0.1"),
         (no_certificate, 2, "needs --certificate and --key"),
     ):
@@ -494,9 +494,9 @@ plant:
     ("opcua", "expected"),
     [
         ("    {certificate: c.pem, private_key: k.pem, trustlist: [t]}",
-         r"plant\.opcua: object contains unknown field `trustlist`"),
+         r"plant\.opcua: unknown key 'trustlist' — did you mean 'trust_list'\?"),
         ("    {certificate: c.pem, private_key: k.pem, users: {p: {username: u}}}",
-         r"plant\.opcua\.users\[\.\.\.\]: username and password_file go together"),
+         r"plant\.opcua\.users\.p: username and password_file go together"),
         ("    {certificate: c.pem, private_key: k.pem,\n"
          "     users: {p: {username: u, password_file: f, certificate: c, private_key: k}}}",
          r"give username and password_file, or certificate and private_key"),
