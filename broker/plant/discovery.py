@@ -3,6 +3,10 @@
 Run by the CLI, never by a running half. It sends Browse and Read only, over a session
 secured exactly like the connector's, and prints YAML an OT owner edits before it goes into
 a policy: discovery never decides what crosses. It never writes to the server.
+
+A server certificate it cannot trust is named by its SHA-256, with the `--pin` and `--trust`
+flags that would trust it: the operator compares it with the server's own display first;
+discovery never trusts a certificate because it was offered.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
+from cryptography import x509
 
 from broker import logs
 from broker.config import OpcUaConfig, OpcUaUserConfig
-from broker.errors import ConfigError, DeviceError
-from broker.plant.connectors.opcua_session import SessionSettings
+from broker.errors import ConfigError, DeviceError, TrustError
+from broker.plant.connectors.opcua_session import (
+    ServerCertificateUntrusted,
+    SessionSettings,
+    fingerprint,
+)
 from broker.policy import OpcUaDevice
 
 MAX_DEPTH = 12  # folder levels below Objects
@@ -43,10 +52,26 @@ def discover_opcua(args: argparse.Namespace) -> int:
     logs.configure("console", "cli")
     logging.getLogger().setLevel(logging.ERROR)  # stdout is the YAML; errors are one line
     device = _device(args)
-    settings = SessionSettings.build(device, _plant_config(args, device))
-    found, complete = asyncio.run(_browse(settings, args.max_nodes))
-    print(_starter_policy(device, found, complete), end="")
+    settings = SessionSettings.build(device, _plant_config(args, device), require_trust=False)
+    try:
+        found, complete, server_sha256 = asyncio.run(_browse(settings, args.max_nodes))
+    except ServerCertificateUntrusted as e:
+        raise TrustError(_how_to_trust(device, e)) from e
+    print(_starter_policy(device, found, complete, server_sha256), end="")
     return 0
+
+
+def _how_to_trust(device: OpcUaDevice, e: ServerCertificateUntrusted) -> str:
+    """What the command line needs to trust this server: in its flags, not policy keys."""
+    if device.server_certificate_sha256 is not None:
+        why = f"does not match --pin {device.server_certificate_sha256}"
+    else:
+        why = "is not trusted by --pin or --trust"
+    return (
+        f"{device.endpoint}: the server's certificate (SHA-256 {e.sha256}, subject {e.subject})"
+        f" {why}: compare it with the certificate the server itself shows, then run again "
+        f"with --pin {e.sha256} (or --trust FILE: that certificate, or the CA that issued it)"
+    )
 
 
 def _device(args: argparse.Namespace) -> OpcUaDevice:
@@ -84,13 +109,18 @@ def _plant_config(args: argparse.Namespace, device: OpcUaDevice) -> OpcUaConfig 
     )
 
 
-async def _browse(settings: SessionSettings, max_nodes: int) -> tuple[list[Found], bool]:
-    """Variables under Objects in the server's own namespaces; whether the walk was complete."""
+async def _browse(
+    settings: SessionSettings, max_nodes: int
+) -> tuple[list[Found], bool, str | None]:
+    """Variables under Objects in the server's own namespaces, whether the walk was complete,
+    and the SHA-256 of the server certificate trusted (None with security None)."""
     from broker.plant.connectors.opcua_session import failure, open_session  # noqa: PLC0415
 
     async with open_session(settings) as client:
+        peer = None if settings.device.unsecured else client.security_policy.peer_certificate
+        server_sha256 = fingerprint(x509.load_der_x509_certificate(peer)) if peer else None
         try:
-            return await _variables(client, max_nodes)
+            return (*await _variables(client, max_nodes), server_sha256)
         except Exception as e:  # whatever asyncua raises: one line, never a traceback
             raise DeviceError(f"browsing {settings.device.endpoint} failed: {failure(e)}") from e
 
@@ -139,10 +169,13 @@ async def _describe(client: Client, node: Node, browse_path: str) -> Found:
     return Found(node.nodeid.to_string(), browse_path, type_name, unit)
 
 
-def _starter_policy(device: OpcUaDevice, found: list[Found], complete: bool) -> str:
+def _starter_policy(
+    device: OpcUaDevice, found: list[Found], complete: bool, server_sha256: str | None
+) -> str:
     header = [
         f"# Starter signal list for {device.endpoint}: {len(found)} variables found"
         + ("" if complete else " (stopped at --max-nodes; raise it to see the rest)"),
+        *([f"# Server certificate SHA-256: {server_sha256}"] if server_sha256 else []),
         "# Edit each path (site/area/asset/measure) and unit, delete what must not cross,",
         "# then copy this into the policy and have it co-signed.",
     ]

@@ -14,6 +14,10 @@ The subscription sends a message every publishing interval (a keep-alive when no
 changed), and each message re-emits the items it did not carry with their last value and
 source time and a new read time: a live subscription says they are still current, so an
 unchanging value is not served stale and a stuck one can flatline, as in polling.
+The enterprise half serves a value `stale` three poll intervals after it was last confirmed,
+so a message must come every poll interval: a server that revises the keep-alive count
+upward (node-opcua makes 1 into 2) gets the subscription created again with a publishing
+interval that brings its keep-alive period back to the poll interval (`publishing_interval`).
 
 When the session drops, or the server stops answering Publish requests, every signal of the
 device is emitted `bad` at once; the connector reconnects with backoff and creates the
@@ -46,6 +50,7 @@ from asyncua.ua.uaerrors import UaError
 from broker.backoff import Backoff
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.opcua_keepalive import SLACK, keep_alive_s, publishing_interval
 from broker.plant.connectors.opcua_session import (
     CertificateRefused,
     SessionSettings,
@@ -182,16 +187,7 @@ class OpcUaConnector:
 
         client.connection_lost_callback = connection_lost
         interval_ms = self._device.poll_interval_s * 1000
-        params = ua.CreateSubscriptionParameters(
-            RequestedPublishingInterval=interval_ms,
-            RequestedLifetimeCount=LIFETIME_COUNT,
-            # A message every publishing interval, a keep-alive when nothing changed: it
-            # says the values the items last notified are still current.
-            RequestedMaxKeepAliveCount=1,
-            MaxNotificationsPerPublish=NOTIFICATIONS_PER_PUBLISH,
-            PublishingEnabled=True,
-        )
-        subscription = await self._call(client.uaclient.create_subscription(params, published))
+        subscription = await self._create_subscription(client, published)
         silent_s = self._silence_limit(subscription)
         refused: list[RawSample] = []
         for handles in self._batches():
@@ -215,6 +211,39 @@ class OpcUaConnector:
                 give_up(f"no Publish response for {silent_s:g} s")
         raise DeviceError(f"session lost: {lost.result()}")
 
+    async def _create_subscription(
+        self, client: Client, published: Callable[[ua.PublishResult], Awaitable[None]]
+    ) -> ua.CreateSubscriptionResult:
+        """A subscription sending a message every poll interval, asked for again with a
+        shorter publishing interval when the server revised the keep-alive count upward."""
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=self._device.poll_interval_s * 1000,
+            RequestedLifetimeCount=LIFETIME_COUNT,
+            # A message every publishing interval, a keep-alive when nothing changed: it
+            # says the values the items last notified are still current.
+            RequestedMaxKeepAliveCount=1,
+            MaxNotificationsPerPublish=NOTIFICATIONS_PER_PUBLISH,
+            PublishingEnabled=True,
+        )
+        subscription = await self._call(client.uaclient.create_subscription(params, published))
+        shorter_ms = publishing_interval(self._device.poll_interval_s, subscription)
+        if shorter_ms is not None:
+            # Created before the first is deleted: asyncua's publish loop ends for good
+            # when a Publish finds the session without a subscription.
+            params.RequestedPublishingInterval = shorter_ms
+            first, subscription = (
+                subscription,
+                await self._call(client.uaclient.create_subscription(params, published)),
+            )
+            await self._call(client.uaclient.delete_subscriptions([first.SubscriptionId]))
+            self._log.info(
+                "subscription_recreated",
+                max_keep_alive_count=first.RevisedMaxKeepAliveCount,
+                publishing_interval_ms=subscription.RevisedPublishingInterval,
+                keep_alive_s=round(keep_alive_s(subscription), 3),
+            )
+        return subscription
+
     def _silence_limit(self, subscription: ua.CreateSubscriptionResult) -> float:
         """How long without a Publish response before the session is dropped.
 
@@ -222,19 +251,21 @@ class OpcUaConnector:
         requests (they wait without a timeout) would otherwise leave the values unmarked.
         The server may revise the period upward, but never past what the policy's poll
         interval allows (3 intervals and a request timeout): a hung server must not stay up
-        for hours. A revision beyond that is logged once per connector."""
+        for hours. A period longer than the poll interval, which `publishing_interval` could
+        not bring back, is logged once per connector: unchanged values are then confirmed
+        less often than the policy asks, and served `stale` when it is three times longer."""
         device = self._device
-        keep_alive_s = float(subscription.RevisedPublishingInterval) / 1000
-        keep_alive_s *= max(1, int(subscription.RevisedMaxKeepAliveCount))
+        period_s = keep_alive_s(subscription)
         cap_s = SILENT_PUBLISHES * device.poll_interval_s + device.timeout_s
-        wanted_s = max(device.timeout_s, SILENT_PUBLISHES * keep_alive_s)
-        if wanted_s > cap_s and not self._revision_logged:
+        wanted_s = max(device.timeout_s, SILENT_PUBLISHES * period_s)
+        if period_s > device.poll_interval_s * SLACK and not self._revision_logged:
             self._revision_logged = True
             self._log.warning(
                 "subscription_revised",
                 publishing_interval_ms=subscription.RevisedPublishingInterval,
                 max_keep_alive_count=subscription.RevisedMaxKeepAliveCount,
-                silence_limit_s=round(cap_s, 3),  # silent for longer: the session is dropped
+                keep_alive_s=round(period_s, 3),  # unchanged values confirmed this often
+                silence_limit_s=round(min(wanted_s, cap_s), 3),  # then the session is dropped
             )
         return min(wanted_s, cap_s)
 

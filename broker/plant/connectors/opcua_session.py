@@ -70,6 +70,16 @@ class CertificateRefused(DeviceError):
     exit_code = 2
 
 
+class ServerCertificateUntrusted(TrustError):
+    """The server's certificate is neither pinned nor in the trust list (or not the pinned
+    one): carries what an operator compares before pinning or trusting it."""
+
+    def __init__(self, message: str, certificate: x509.Certificate) -> None:
+        super().__init__(message)
+        self.sha256 = fingerprint(certificate)
+        self.subject = certificate.subject.rfc4514_string()
+
+
 def fingerprint(certificate: x509.Certificate) -> str:
     """What `server_certificate_sha256` pins: the SHA-256 of the DER certificate, hex."""
     return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
@@ -102,19 +112,21 @@ class TrustList:
             )
         if pin is not None:
             if fingerprint(unverified) != pin:
-                raise TrustError(
+                raise ServerCertificateUntrusted(
                     f"server certificate {fingerprint(unverified)} does not match the policy's "
-                    f"server_certificate_sha256 {pin}"
+                    f"server_certificate_sha256 {pin}",
+                    unverified,
                 )
             return unverified
         if unverified in self.certificates or any(
             _issued_by(unverified, ca) for ca in self.certificates
         ):
             return unverified
-        raise TrustError(
+        raise ServerCertificateUntrusted(
             f"server certificate {fingerprint(unverified)} ({unverified.subject.rfc4514_string()})"
             " is neither pinned by the policy nor in plant.opcua.trust_list: if it is the "
-            "right server, add its certificate to the trust list or pin its SHA-256"
+            "right server, add its certificate to the trust list or pin its SHA-256",
+            unverified,
         )
 
 
@@ -178,8 +190,12 @@ class SessionSettings:
     password: str | None = None
 
     @classmethod
-    def build(cls, device: OpcUaDevice, config: OpcUaConfig | None) -> SessionSettings:
-        """Raises ConfigError or TrustError naming the device and what to configure."""
+    def build(
+        cls, device: OpcUaDevice, config: OpcUaConfig | None, *, require_trust: bool = True
+    ) -> SessionSettings:
+        """Raises ConfigError or TrustError naming the device and what to configure. Without
+        `require_trust` (discover), nothing to trust the server by is not an error here: the
+        session then refuses the server's certificate, naming its SHA-256."""
         where = f"OPC UA device {device.name!r}"
         user = config.users.get(device.name) if config else None
         wanted = {"username": "username", "certificate": "certificate"}.get(device.user_identity)
@@ -199,7 +215,8 @@ class SessionSettings:
                 )
             return cls(device, None, TrustList(), None)
         if (
-            not device.unsecured
+            require_trust
+            and not device.unsecured
             and device.server_certificate_sha256 is None
             and not (config.trust_list)
         ):

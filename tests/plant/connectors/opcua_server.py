@@ -167,9 +167,11 @@ class OpcUaTestServer:
         trusted_clients: Path | None = None,
         refuse_at: Literal["session", "channel"] = "session",
         hostile: bool = False,
+        revocations: Path | None = None,
     ) -> None:
         """With `trusted_clients` (a folder of certificates, not empty), only clients whose
-        certificate it holds, or whose issuer it holds, may open a session."""
+        certificate it holds, or whose issuer it holds, may open a session; and with
+        `revocations` (a folder of CRLs), only those no CRL there revokes."""
         self.port = free_port()
         self.endpoint = f"opc.tcp://127.0.0.1:{self.port}/dmzbroker-test"
         self.users = _Users(pki.user_cert)
@@ -184,6 +186,7 @@ class OpcUaTestServer:
         self._refuse_at = refuse_at
         self._trust: TrustStore | None = None
         self._hostile = hostile
+        self._revocations = revocations
 
     @property
     def services(self) -> Counter[str]:
@@ -205,7 +208,9 @@ class OpcUaTestServer:
             [ua.AnonymousIdentityToken, ua.UserNameIdentityToken, ua.X509IdentityToken]
         )
         if self.trusted_clients is not None:
-            self._trust = TrustStore([self.trusted_clients], [])
+            self._trust = TrustStore(
+                [self.trusted_clients], [self._revocations] if self._revocations else []
+            )
             await self._trust.load()
             options = CertificateValidatorOptions
             server.set_certificate_validator(
@@ -232,6 +237,11 @@ class OpcUaTestServer:
         and have the server reload it, while it keeps running."""
         assert self.trusted_clients is not None and self._trust is not None
         shutil.copy(certificate, self.trusted_clients / certificate.name)
+        await self.reload_trust()
+
+    async def reload_trust(self) -> None:
+        """Read the trust and CRL folders again, as an administrator has the server do."""
+        assert self._trust is not None
         await self._trust.load()
 
     @property
