@@ -39,6 +39,10 @@ def parse_public_pem(pem: str, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem.encode())
     except ValueError as e:
+        if _pem_label(pem.encode()) in ("PRIVATE KEY", "ENCRYPTED PRIVATE KEY"):
+            raise TrustError(
+                f"{where}: a private key where its public key is meant; give the .pub file"
+            ) from e
         raise TrustError(f"{where}: not a PEM public key") from e
     if not isinstance(key, Ed25519PublicKey):
         raise TrustError(f"{where}: not an Ed25519 public key")

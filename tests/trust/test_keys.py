@@ -167,3 +167,9 @@ def test_generate_at_writes_the_public_key_beside_the_private_one(tmp_path: Path
     loaded = keys.load_private(generated.private, None)
     assert keys.key_id(_public_from_file(generated.public)) == keys.key_id(loaded.public_key())
     assert generated.private.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_private_key_given_for_a_public_one_says_so(tmp_path: Path) -> None:
+    generated = keys.generate_at(tmp_path / "audit.key", None)
+    with pytest.raises(TrustError, match="a private key where its public key is meant; give"):
+        keys.parse_public_pem(generated.private.read_text(), str(generated.private))
