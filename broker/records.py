@@ -40,17 +40,25 @@ class WorkOrder(_Part, frozen=True, kw_only=True):
     title: str
 
 
+MaintenanceStatus = Literal["ok", "due", "overdue", "unknown"]
+
+
 class Maintenance(_Part, frozen=True, kw_only=True):
-    status: Literal["ok", "due", "overdue", "unknown"]
+    status: MaintenanceStatus
     last_service: str | None = None  # ISO dates, as the maintenance file says
     next_due: str | None = None
     open_work_orders: list[WorkOrder] = []
 
 
+AssessmentLabel = Literal["expected", "drifting", "abnormal"]
+AssessmentDirection = Literal["above", "below"]
+
+
 class Assessment(_Part, frozen=True, kw_only=True):
     expected: float  # the baseline at this sample's ambient and load
-    deviation_pct: float  # (value - expected) / |expected| × 100
-    label: Literal["expected", "below_expected", "abnormal"]
+    deviation_pct: float  # (value - expected) / |expected| × 100, two decimals
+    label: AssessmentLabel  # how far from expected, in the direction the baseline calls worse
+    direction: AssessmentDirection | None  # the side of expected; None: exactly on it
 
 
 class Trend(_Part, frozen=True, kw_only=True):

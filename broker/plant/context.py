@@ -4,7 +4,9 @@ Per asset, at each sample time: its state (the first true state rule), its ambie
 snapshot, its load history, its maintenance status, its derived signals, the assessment of
 measures against their baselines, the trend of each measure, and the rules that are true,
 with their recommended actions. Context comes only from plant-side knowledge (the devices
-and the provisioned maintenance file), never from the enterprise side.
+and the provisioned maintenance file), never from the enterprise side. Every number it
+computes is rounded to the precision the policy compiler decided for it
+(broker/policy/precision.py): float noise never leaves the plant half.
 
 The pipeline observes a scan's values first, then refreshes each asset the scan touched
 once, then asks for each record's context: every record of a scan carries the state and
@@ -26,10 +28,12 @@ from broker.plant.maintenance import MaintenanceBook
 from broker.policy import Policy, Signal
 from broker.policy.expressions import Evaluator
 from broker.policy.model import AssetModel, SemanticModel
+from broker.policy.precision import Precision, Precisions
 from broker.policy.schema import Baseline, duration_s
 from broker.records import (
     Alert,
     Assessment,
+    AssessmentLabel,
     Context,
     Load,
     Quality,
@@ -68,9 +72,20 @@ def _number(value: object) -> float | None:
 class _AssetRuntime:
     """What the engine remembers of one asset between scans."""
 
-    def __init__(self, model: AssetModel, maintenance: MaintenanceBook) -> None:
+    def __init__(
+        self, model: AssetModel, maintenance: MaintenanceBook, precisions: Precisions
+    ) -> None:
         asset = model.asset
         self.model = model
+        self._precision = {m: precisions[s.path] for m, s in model.signals.items()}
+        # A slope to one decimal finer than a change of the values' last digit over the window.
+        window_h = duration_s(asset.trend_window) / 3600
+        finer = 1 + math.ceil(math.log10(window_h))
+        self._slope_precision = {m: p.finer(finer) for m, p in self._precision.items()}
+        self._derived = [
+            (signal, expression, precisions[signal.path].round)
+            for signal, expression in model.derived
+        ]
         # Every name the asset's expressions read → its latest value (None if bad): its
         # measures (derived ones too), its ambient names, `load`, and the rules' `state`,
         # `maintenance` and `open_work_orders`. One mapping, because the policy compiler
@@ -81,15 +96,18 @@ class _AssetRuntime:
         window_s = duration_s(asset.trend_window)
         self._trend_window_h = window_s / 3600
         self.trends = {measure: TrendLine(window_s) for measure in model.signals}
+        # A mean to one decimal finer than the load's values; a max is one of them.
+        mean = precisions[asset.load.signal].finer(1) if asset.load else Precision()
         self.load_windows = (
-            {w: Window(duration_s(w)) for w in asset.load.windows} if asset.load else {}
+            {w: Window(duration_s(w), mean) for w in asset.load.windows} if asset.load else {}
         )
         self.assessments: dict[str, Assessment] = {}
         self.base = Context(asset=asset.path, asset_type=asset.type)
         functions: dict[str, Callable[[str], object]] = {
             "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
             "label": lambda m: _field(self.assessments.get(m), "label"),
-            "trend": lambda m: self.trends[m].slope_per_h(self._now),
+            "direction": lambda m: _field(self.assessments.get(m), "direction"),
+            "trend": lambda m: _field(self.trend(m), "slope_per_h"),  # as records show it
             "load_mean": lambda w: self._load[w].mean,
             "load_max": lambda w: self._load[w].max,
         }
@@ -119,8 +137,10 @@ class _AssetRuntime:
         self._load = {w: window.stats(now) for w, window in self.load_windows.items()}  # shared
         self.state = self._evaluate_state()
         derived: list[tuple[Signal, Value]] = []
-        for signal, expression in model.derived:
+        for signal, expression, rounded in self._derived:
             result = _value(evaluate(expression))
+            if type(result) is float:
+                result = rounded(result)
             names[signal.measure] = result
             derived.append((signal, result))
         for measure, baseline in model.baselines.items():
@@ -171,7 +191,8 @@ class _AssetRuntime:
         load = _number(self.names.get("load")) if baseline.load_points else 0.0
         if ambient is None or load is None:
             return None
-        expected = _expected(baseline, ambient, load)
+        # As precise as the measure: the deviation is then the one a reader works out.
+        expected = self._precision[baseline.measure].round(_expected(baseline, ambient, load))
         if expected == 0:
             return None
         deviation = (value - expected) / abs(expected) * 100
@@ -184,15 +205,19 @@ class _AssetRuntime:
             if baseline.worse == "lower"
             else abs(deviation)
         )
-        label: Literal["expected", "below_expected", "abnormal"]
+        label: AssessmentLabel
         if worse >= baseline.abnormal_pct:
             label = "abnormal"
-        elif worse >= baseline.below_expected_pct:
-            label = "below_expected"
+        elif worse >= baseline.drifting_pct:
+            label = "drifting"
         else:
             label = "expected"
+        shown = _rounded(deviation, 100)
         return Assessment(
-            expected=_rounded(expected, 1e6), deviation_pct=_rounded(deviation, 100), label=label
+            expected=expected,
+            deviation_pct=shown,
+            label=label,
+            direction="above" if shown > 0 else "below" if shown < 0 else None,
         )
 
     def trend(self, measure: str) -> Trend | None:
@@ -211,7 +236,7 @@ class _AssetRuntime:
             else:
                 direction = "rising" if change > 0 else "falling"
             found = Trend(
-                slope_per_h=round(slope, 6),
+                slope_per_h=self._slope_precision[measure].round(slope),
                 direction=direction,
                 window=self.model.asset.trend_window,
             )
@@ -219,8 +244,8 @@ class _AssetRuntime:
         return found
 
 
-def _field(assessment: Assessment | None, name: str) -> object:
-    return None if assessment is None else getattr(assessment, name)
+def _field(part: Assessment | Trend | None, name: str) -> object:
+    return None if part is None else getattr(part, name)
 
 
 def _segment(points: Sequence[float], x: float) -> tuple[int, int, float]:
@@ -267,9 +292,10 @@ class ContextEngine:
 
     def __init__(self, policy: Policy, maintenance: MaintenanceBook) -> None:
         declared = {a.path for a in policy.assets}
+        semantic = SemanticModel(policy)
         self._assets = {
-            model.path: _AssetRuntime(model, maintenance)
-            for model in SemanticModel(policy)
+            model.path: _AssetRuntime(model, maintenance, semantic.precisions)
+            for model in semantic
             if model.path in declared or model.derived
         }
         self._plain = {

@@ -1,7 +1,9 @@
 """Bounded summaries of a value's recent history: windowed mean/max and trend.
 
 Both keep a fixed number of time buckets, whatever the sample rate: a 24 h window of a 1 Hz
-signal costs 30 buckets, not 86,400 samples. Times are seconds (any monotonic epoch).
+signal costs 30 buckets, not 86,400 samples. Times are seconds (any monotonic epoch). A
+trend says nothing until its history spans half its window: a slope fitted to the first
+minute of a 10 min window is noise extrapolated to an hour.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+from broker.policy.precision import Precision
 from broker.records import WindowStats
 
 BUCKETS = 30
+# A trend is reported once its buckets with values span half the window, and are at least
+# this many (a slope through two or three points is whatever their noise says).
+TREND_MIN_SPAN = BUCKETS // 2  # in buckets, from the oldest bucket's start to the newest's
+TREND_MIN_BUCKETS = 5
 _EMPTY = WindowStats(mean=None, max=None)
 
 
@@ -59,10 +66,12 @@ class _Buckets:
 
 
 class Window(_Buckets):
-    """Mean and max of the values seen in the last `seconds` (to one bucket's precision)."""
+    """Mean and max of the values seen in the last `seconds` (to one bucket's precision);
+    the mean rounded to `precision`, the max as it was seen."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, precision: Precision | None = None) -> None:
         super().__init__(seconds)
+        self._round = (precision or Precision()).round
         self._count = 0  # over all buckets: a mean costs no loop
         self._total = 0.0
         self._older_peak: float | None = None  # of all buckets but the newest; None: unknown
@@ -94,7 +103,7 @@ class Window(_Buckets):
             self._older_peak = max([b.peak for b in older], default=-math.inf)
         mean = self._total / self._count
         return WindowStats(
-            mean=mean if math.isfinite(mean) else None,
+            mean=self._round(mean) if math.isfinite(mean) else None,
             max=max(self._older_peak, self._buckets[-1].peak),
         )
 
@@ -123,12 +132,13 @@ class TrendLine(_Buckets):
 
     def slope_per_h(self, now: float) -> float | None:
         """Over the window ending at `now`: a measure that stopped giving good values has
-        no trend once they are older than the window. None until three buckets hold values
-        (two points always make a 'trend'), or when the values are beyond a float's range."""
+        no trend once they are older than the window. None until the buckets holding values
+        span half the window and are at least TREND_MIN_BUCKETS, or when the values are
+        beyond a float's range."""
         if self._expire(now):
             self._slope = None
             self.generation += 1
-        if self._slope is None and len(self._buckets) >= 3:
+        if self._slope is None and self._long_enough():
             xs = [b.start for b in self._buckets]
             ys = [b.total / b.count for b in self._buckets]
             x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -137,3 +147,10 @@ class TrendLine(_Buckets):
             slope = covariance / spread * 3600
             self._slope = slope if math.isfinite(slope) else None
         return self._slope
+
+    def _long_enough(self) -> bool:
+        buckets = self._buckets
+        if len(buckets) < TREND_MIN_BUCKETS:
+            return False
+        span = (buckets[-1].start - buckets[0].start) / self._width  # starts are whole widths
+        return span > TREND_MIN_SPAN - 0.5

@@ -6,7 +6,9 @@ An expression is one line such as `motor_power > 2`, `cooling_kw / motor_power` 
 quoted words, names the policy defines, arithmetic, comparisons, `and`/`or`/`not`,
 `x if c else y`, and the functions the context offers (called with a quoted name).
 Refused when compiled, with the reason: attribute access, subscripts, imports, lambdas,
-comprehensions, unknown names or functions, and any power but a small constant one. At run
+comprehensions, unknown names or functions, any power but a small constant one, and a
+comparison of a name or function that takes only certain words with one it never takes
+(`label('p') == 'below_expected'`: a rule that could never fire). At run
 time, reading a name or function without a value (missing, bad, not yet known) makes the
 expression yield nothing, as failing arithmetic does: a bad input is never taken for a falsy
 value (`not power` must not be true because power could not be read).
@@ -89,9 +91,13 @@ class Evaluator:
 
 
 def compile_expression(
-    text: str, names: set[str], functions: Mapping[str, set[str]] | None = None
+    text: str,
+    names: set[str],
+    functions: Mapping[str, set[str]] | None = None,
+    words: Mapping[str, frozenset[str]] | None = None,
 ) -> Expression:
-    """Parse and check; `functions` maps each callable name to the arguments it accepts."""
+    """Parse and check; `functions` maps each callable name to the arguments it accepts,
+    `words` a name or function to the only words it ever is."""
     functions = functions or {}
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"longer than {MAX_LENGTH} characters")
@@ -105,6 +111,8 @@ def compile_expression(
     for node in ast.walk(module):
         if id(node) not in callees:  # a called name is checked with its call
             _check(node, names, functions, used, calls)
+        if words and isinstance(node, ast.Compare):
+            _check_words(node, words)
     return Expression(text.strip(), _closure(module.body), frozenset(used), frozenset(calls))
 
 
@@ -154,6 +162,30 @@ def _check_call(node: ast.Call, functions: Mapping[str, set[str]]) -> tuple[str,
         accepted = ", ".join(sorted(functions[name])) or "none"
         raise ExpressionError(f"{name}({argument.value!r}): not one of {accepted}")
     return name, argument.value
+
+
+def _check_words(node: ast.Compare, words: Mapping[str, frozenset[str]]) -> None:
+    """`x == 'w'` and `x != 'w'` (either way round) where x only ever is one of some words."""
+    operands = [node.left, *node.comparators]
+    for op, left, right in zip(node.ops, operands, operands[1:], strict=False):
+        if not isinstance(op, ast.Eq | ast.NotEq):
+            continue
+        for subject, other in ((left, right), (right, left)):
+            taken = words.get(_word_source(subject) or "")
+            if taken is not None and isinstance(other, ast.Constant) and other.value not in taken:
+                always = "false" if isinstance(op, ast.Eq) else "true"
+                raise ExpressionError(
+                    f"{ast.unparse(subject)} is one of {', '.join(sorted(taken))}, never "
+                    f"{other.value!r}: this comparison would always be {always}"
+                )
+
+
+def _word_source(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return node.func.id
+    return None
 
 
 def _closure(node: ast.expr) -> _Closure:  # noqa: PLR0911 - one branch per allowed node

@@ -6,8 +6,13 @@ Names an asset's expressions read (docs/model.md):
   included for baselines and rules;
 - its `ambient` names and `load` (the load signal's current value);
 - in rules only: `state`, `maintenance` (ok, due, overdue, unknown), `open_work_orders`,
-  and the functions `deviation(m)`, `label(m)` (for measures with a baseline), `trend(m)`
-  (slope per hour), `load_mean(w)`, `load_max(w)` (for the load's windows).
+  and the functions `deviation(m)`, `label(m)`, `direction(m)` (for measures with a
+  baseline), `trend(m)` (slope per hour), `load_mean(w)`, `load_max(w)` (for the load's
+  windows).
+
+A rule comparing `state`, `maintenance`, `label(m)` or `direction(m)` with a word they can
+never take (`label('p') == 'below_expected'`) could never fire: it is refused, naming the
+words they take. Every signal's precision (broker/policy/precision.py) is decided here too.
 
 A published value's context must not carry what is still proposed: everything an asset's
 states, ambient, load, baselines and rules read, and every input of an approved derived
@@ -16,13 +21,19 @@ signal, must be an approved signal.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import get_args
 
 from broker.policy.expressions import Expression, ExpressionError, compile_expression
+from broker.policy.precision import Precisions
 from broker.policy.schema import Asset, Baseline, DerivedSource, Policy, Rule, Signal
+from broker.records import AssessmentDirection, AssessmentLabel, MaintenanceStatus
 
 RULE_NAMES = frozenset({"state", "maintenance", "open_work_orders"})
+LABELS = frozenset(get_args(AssessmentLabel))
+DIRECTIONS = frozenset(get_args(AssessmentDirection))
+MAINTENANCE = frozenset(get_args(MaintenanceStatus))
 
 
 @dataclass
@@ -46,6 +57,7 @@ class SemanticModel:
     def __init__(self, policy: Policy) -> None:
         self.problems: list[str] = []
         self._signals = {s.path: s for s in policy.signals}
+        self.precisions = Precisions(self._signals, lambda s: self.assets[s.asset].inputs)
         self.assets: dict[str, AssetModel] = {}
         declared = {a.path: (i, a) for i, a in enumerate(policy.assets)}
         for signal in policy.signals:
@@ -98,13 +110,20 @@ class SemanticModel:
         functions = {
             "deviation": set(model.baselines),
             "label": set(model.baselines),
+            "direction": set(model.baselines),
             "trend": set(model.signals),
             "load_mean": windows,
             "load_max": windows,
         }
+        words = {
+            "state": frozenset(states),
+            "maintenance": MAINTENANCE,
+            "label": LABELS,
+            "direction": DIRECTIONS,
+        }
         for j, rule in enumerate(asset.rules):
             compiled = self._expression(
-                f"{where}.rules[{j}].when", rule.when, measures | RULE_NAMES, functions
+                f"{where}.rules[{j}].when", rule.when, measures | RULE_NAMES, functions, words
             )
             if compiled is not None and self._reads_approved(
                 f"{where}.rules[{j}].when", model, compiled
@@ -153,9 +172,10 @@ class SemanticModel:
         text: str,
         names: set[str],
         functions: dict[str, set[str]] | None = None,
+        words: Mapping[str, frozenset[str]] | None = None,
     ) -> Expression | None:
         try:
-            return compile_expression(text, names, functions)
+            return compile_expression(text, names, functions, words)
         except ExpressionError as e:
             self.problems.append(f"{where}: {e}")
             return None

@@ -7,32 +7,45 @@ beyond its budget, or above the defaults, is a WARNING here (`budget.py`), never
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping
 from datetime import datetime
+from pathlib import Path
 
-from broker.policy import budget
+from broker.policy import advice, budget, parse
+from broker.policy import envelope as envelopes
 from broker.policy.access import Access
 from broker.policy.schema import (
     Asset,
+    Baseline,
     DerivedSource,
     Device,
     ModbusDevice,
     ModbusSource,
     OpcUaDevice,
+    OpcUaSource,
     Policy,
     Signal,
+    written,
 )
 
 UNVERIFIED = "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
 
 
+def unverified(path: Path) -> tuple[Policy, str]:
+    """For review commands only (`policy show|diff`, `plan`): the payload of the envelope at
+    `path` parsed WITHOUT checking its signatures, and the payload's SHA-256."""
+    payload = envelopes.read(path).untrusted_payload
+    return parse.from_payload(payload, str(path)), hashlib.sha256(payload).hexdigest()
+
+
 def _device(d: Device) -> str:
-    timing = f"every {d.poll_interval_s:g} s, timeout {d.timeout_s:g} s"
+    timing = f"every {written(d.poll_interval_s)} s, timeout {written(d.timeout_s)} s"
     if isinstance(d, OpcUaDevice):
         pin = ", server pinned" if d.server_certificate_sha256 else ", server from the trust list"
         return (
             f"{d.name}: opcua {d.endpoint} {d.security_policy}/{d.security_mode}"
-            f"{pin}, {d.read}, {timing}"
+            f"{pin}, {d.user_identity} identity, {d.read}, {timing}"
         )
     return f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}, {budget.describe(d)}"
 
@@ -40,11 +53,14 @@ def _device(d: Device) -> str:
 def _source(s: Signal) -> str:
     src = s.source
     if isinstance(src, DerivedSource):
-        return f"= {src.expression}"
+        n = src.decimals
+        to = f" to {n} decimal{'' if n == 1 else 's'}" if n is not None else ""
+        return f"= {src.expression}{to}"
     if not isinstance(src, ModbusSource):
-        return f"{s.device} {src.node}"
+        return f"{s.device} {src.node}{_monitoring(src)}"
     unit = f" unit {src.unit_id}" if src.unit_id is not None else ""
     bit = f" bit {src.bit}" if src.bit is not None else ""
+    bit += f" length {src.length}" if src.length is not None else ""
     order = (
         f" {src.word_order or 'big'}-word-first" if src.width > 1 and src.type != "string" else ""
     )
@@ -52,9 +68,23 @@ def _source(s: Signal) -> str:
     return f"{s.device}{unit} {src.table} {src.address} {src.type}{bit}{order}"
 
 
+def _monitoring(src: OpcUaSource) -> str:
+    """What the server is asked for when it samples the node (a subscription only)."""
+    shown = ""
+    if src.sampling_interval_ms is not None:
+        shown += f" sampled every {written(src.sampling_interval_ms)} ms"
+    if src.queue_size != 1:
+        shown += f" queue {src.queue_size}"
+    if src.deadband is not None:
+        percent = " %" if src.deadband.kind == "percent" else ""
+        shown += f" deadband {src.deadband.kind} {written(src.deadband.value)}{percent}"
+    return shown
+
+
 def _signal(s: Signal) -> str:
-    scaling = (f" ×{s.scale:g}" if s.scale != 1.0 else "") + (
-        f" {s.offset:+g}" if s.offset != 0.0 else ""
+    sign = "+" if s.offset > 0 else "-"
+    scaling = (f" ×{written(s.scale)}" if s.scale != 1.0 else "") + (
+        f" {sign}{written(abs(s.offset))}" if s.offset != 0.0 else ""
     )
     unit = f" [{s.unit}]" if s.unit else ""
     trial = " PROPOSED: read and validated, never published" if s.lifecycle == "proposed" else ""
@@ -67,7 +97,7 @@ def _meaning(s: Signal) -> str:
     if s.quantity:
         parts.append(s.quantity)
     if s.range is not None:
-        parts.append(f"valid {s.range.min:g} to {s.range.max:g}")
+        parts.append(f"valid {written(s.range.min)} to {written(s.range.max)}")
     if s.outcomes:
         parts.append("bears on " + ", ".join(s.outcomes))
     checks = s.checks
@@ -77,12 +107,15 @@ def _meaning(s: Signal) -> str:
         ("noise above", checks.max_noise),
     ):
         if limit is not None:
-            parts.append(f"{name} {limit}")
+            parts.append(f"{name} {limit if isinstance(limit, str) else written(limit)}")
     return "; ".join(parts)
 
 
 def _asset(a: Asset) -> list[str]:
-    lines = [f"  {a.path} ({a.type})" + (f": {a.description}" if a.description else "")]
+    lines = [
+        f"  {a.path} ({a.type}, trends over {a.trend_window})"
+        + (f": {a.description}" if a.description else "")
+    ]
     if a.states:
         states = "; ".join(f"{rule.state} when {rule.when}" for rule in a.states)
         lines.append(f"      states: {states}; otherwise {a.otherwise}")
@@ -92,17 +125,50 @@ def _asset(a: Asset) -> list[str]:
         lines.append(f"      load: {a.load.signal} over {', '.join(a.load.windows)}")
     for b in a.baselines:
         axes = f"{b.ambient}" + (" and load" if b.load_points else "")
+        only = f"; only when {', '.join(b.states)}" if b.states else ""
         lines.append(
-            f"      baseline: {b.measure} by {axes}; {b.worse} is worse: below expected from "
-            f"{b.below_expected_pct:g} %, abnormal from {b.abnormal_pct:g} %"
+            f"      baseline: {b.measure} by {axes}; {b.worse} is worse: drifting from "
+            f"{written(b.drifting_pct)} %, abnormal from {written(b.abnormal_pct)} %{only}"
         )
+        lines.extend(f"          {row}" for row in _expected(b))
     for r in a.rules:
         lines.append(f"      rule {r.name} ({r.severity}, {r.outcome}): when {r.when}")
         lines.append(f"          → {r.alert}; do: {r.action}")
     return lines
 
 
-def _warnings(found: list[str]) -> list[str]:
+def _expected(b: Baseline) -> list[str]:
+    """The baseline's table, point by point: the values the assessment compares against."""
+    if not b.load_points:
+        pairs = zip(b.ambient_points, b.expected, strict=True)
+        return [
+            f"expected by {b.ambient}: "
+            + ", ".join(f"{written(x)} → {written(row[0])}" for x, row in pairs)
+        ]
+    return [
+        f"expected at {b.ambient} {written(x)}, by load: "
+        + ", ".join(
+            f"{written(load)} → {written(v)}" for load, v in zip(b.load_points, row, strict=True)
+        )
+        for x, row in zip(b.ambient_points, b.expected, strict=True)
+    ]
+
+
+def warnings(policy: Policy, requests_per_scan: Mapping[str, int]) -> list[str]:
+    """Every warning for the signers: each Modbus device's budget against its planned
+    `requests_per_scan`, then what the policy may not mean (`advice.py`)."""
+    return [
+        *(
+            warning
+            for d in policy.devices
+            if isinstance(d, ModbusDevice)
+            for warning in budget.warnings(d, requests_per_scan.get(d.name, 0))
+        ),
+        *advice.warnings(policy),
+    ]
+
+
+def warning_lines(found: list[str]) -> list[str]:
     """A block of its own (after a blank line), or nothing at all when nothing is found."""
     if not found:
         return []
@@ -116,12 +182,7 @@ def _warnings(found: list[str]) -> list[str]:
 def show(policy: Policy, sha256: str, now: datetime, requests_per_scan: Mapping[str, int]) -> str:
     """What a signer reads; `requests_per_scan` is the planned count per Modbus device."""
     days = (policy.expires - now).total_seconds() / 86400
-    found = [
-        warning
-        for d in policy.devices
-        if isinstance(d, ModbusDevice)
-        for warning in budget.warnings(d, requests_per_scan.get(d.name, 0))
-    ]
+    found = warnings(policy, requests_per_scan)
     lines = [
         f"deployment  {policy.deployment_id}",
         f"version     {policy.version}",
@@ -129,7 +190,7 @@ def show(policy: Policy, sha256: str, now: datetime, requests_per_scan: Mapping[
         + (f"(in {days:.0f} days)" if days >= 0 else "(EXPIRED)"),
         f"sha256      {sha256}",
         UNVERIFIED,
-        *_warnings(found),
+        *warning_lines(found),
         "",
         f"devices read ({len(policy.devices)}), with read-only services only:",
         *(f"  {_device(d)}" for d in policy.devices),
@@ -207,7 +268,7 @@ def diff(old: Policy, new: Policy) -> str:
         if isinstance(d, ModbusDevice) and d.name in old_modbus
         for warning in budget.raised_since(old_modbus[d.name], d, old.version)
     ]
-    lines += _warnings(raised)
+    lines += warning_lines(raised)
     return "\n".join(lines)
 
 

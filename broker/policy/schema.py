@@ -31,6 +31,13 @@ def _check_name(field: str, value: str, pattern: re.Pattern[str], shape: str) ->
         raise ValueError(f"{field} {value!r}: must be {shape} of {_SPELLING}")
 
 
+def written(value: float) -> str:
+    """A number of the policy as a signer reads it: the shortest text that parses back to the
+    same float (`0.1`, `2`, `1e-05`), never rounded, so that what is shown is what runs."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
 Seconds = Annotated[float, Meta(ge=0.05, le=86_400)]
 
 ModbusTable = Literal["coil", "discrete_input", "holding_register", "input_register"]
@@ -173,7 +180,18 @@ class ModbusSource(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
 
     def __post_init__(self) -> None:
         bit_table = self.table in BIT_TABLES
-        if bit_table and (self.type != "bool" or self.bit is not None):
+        # `bit` first: a key the decoder would ignore must never reach a signer's screen.
+        if bit_table and self.bit is not None:
+            raise ValueError(
+                f"bit: does not apply to a {self.table}, which is a single bit already "
+                "(type 'bool'): leave 'bit' out"
+            )
+        if self.bit is not None and self.type != "bool":
+            raise ValueError(
+                f"bit: applies only to type 'bool' (one bit of a register); a {self.type} "
+                "is read whole: leave 'bit' out, or make the signal type 'bool'"
+            )
+        if bit_table and self.type != "bool":
             raise ValueError(
                 f"type {self.type!r} does not fit table {self.table!r}: coils and discrete "
                 "inputs are 'bool', registers are a numeric type or a bool with 'bit'"
@@ -240,9 +258,12 @@ class DerivedSource(_Strict, frozen=True, kw_only=True, tag="derived", tag_field
 
     The expression (docs/model.md) may name the asset's measures, its ambient names and
     `load`; it is checked when the policy is compiled and never run through `eval`.
+    `decimals` rounds its value; without it, the precision follows from the inputs
+    (broker/policy/precision.py).
     """
 
     expression: str
+    decimals: Annotated[int, Meta(ge=0, le=12)] | None = None
 
     protocol: ClassVar[str] = "derived"
 
@@ -324,6 +345,8 @@ class Signal(_Strict, frozen=True, kw_only=True):
             raise ValueError(f"scale and offset do not apply to a {self.source.type} signal")
         if not (math.isfinite(self.scale) and math.isfinite(self.offset)):
             raise ValueError("scale and offset must be finite numbers")
+        if self.scale == 0:
+            raise ValueError("scale: 0 would publish the offset whatever the device sends")
 
     @property
     def asset(self) -> str:
@@ -368,9 +391,12 @@ class Baseline(_Strict, frozen=True, kw_only=True):
     load_points: list[float] = []
     expected: Annotated[list[list[float]], Meta(min_length=2)]
     worse: Literal["higher", "lower", "both"] = "both"
-    below_expected_pct: Annotated[float, Meta(gt=0)] = 10.0
+    drifting_pct: Annotated[float, Meta(gt=0)] = 10.0
     abnormal_pct: Annotated[float, Meta(gt=0)] = 25.0
     states: list[str] = []  # assessed only in these asset states (all when empty)
+    # The old name of drifting_pct: refused naming the new one, not as an unknown key
+    # (UNSET: never in a compiled payload).
+    below_expected_pct: float | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         for name, points in (
@@ -387,8 +413,13 @@ class Baseline(_Strict, frozen=True, kw_only=True):
                 f"expected must have {len(self.ambient_points)} rows (one per ambient point) "
                 f"of {columns} value(s) (one per load point)"
             )
-        if self.abnormal_pct <= self.below_expected_pct:
-            raise ValueError("abnormal_pct must be above below_expected_pct")
+        if self.below_expected_pct is not msgspec.UNSET:
+            raise ValueError(
+                "below_expected_pct is now drifting_pct (the label below_expected is now "
+                "drifting, with a direction above or below): rename the key"
+            )
+        if self.abnormal_pct <= self.drifting_pct:
+            raise ValueError("abnormal_pct must be above drifting_pct")
 
 
 class Rule(_Strict, frozen=True, kw_only=True):

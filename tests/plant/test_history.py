@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.plant.history import BUCKETS, TrendLine, Window
+from broker.plant.history import BUCKETS, TREND_MIN_BUCKETS, TREND_MIN_SPAN, TrendLine, Window
+from broker.policy.precision import Precision
 
 T0 = 1_700_000_000.0  # a bucket boundary for both widths used here
 WIDTH = 900 / BUCKETS  # 15 min window: 30 s buckets
@@ -55,14 +56,29 @@ def test_everything_expires_after_a_silence_longer_than_the_window() -> None:
     assert window.stats(T0 + 2000).mean is None
 
 
-def test_a_trend_line_needs_three_buckets() -> None:
+def test_a_trend_says_nothing_until_its_history_spans_half_its_window() -> None:
+    """Issue 15: the first minute of a 10 min window gave 63 bar/h."""
     line = TrendLine(3600)
     width = 3600 / BUCKETS
-    line.add(T0, 1.0)
-    line.add(T0 + width, 2.0)
-    assert line.slope_per_h(T0 + width) is None
-    line.add(T0 + 2 * width, 3.0)
-    assert line.slope_per_h(T0 + 2 * width) == pytest.approx(1.0 / width * 3600)
+    slopes = []
+    for i in range(TREND_MIN_SPAN + 1):  # a bucket each: 2 min apart, up to 30 min
+        line.add(T0 + i * width, 1.0 + i)
+        slopes.append(line.slope_per_h(T0 + i * width))
+    assert TREND_MIN_SPAN == BUCKETS // 2
+    assert slopes[:-1] == [None] * TREND_MIN_SPAN  # up to 28 min of a 60 min window
+    assert slopes[-1] == pytest.approx(1.0 / width * 3600)  # 30 min: half the window
+
+
+def test_a_trend_needs_enough_points_however_long_its_span() -> None:
+    line = TrendLine(3600)
+    width = 3600 / BUCKETS
+    starts = [0, TREND_MIN_SPAN // 2, TREND_MIN_SPAN + 2]  # spanning more than half
+    for i in starts:
+        line.add(T0 + i * width, float(i))
+    assert line.slope_per_h(T0 + starts[-1] * width) is None  # three points: no trend
+    for i in range(starts[-1] + 1, starts[-1] + TREND_MIN_BUCKETS - len(starts) + 1):
+        line.add(T0 + i * width, float(i))
+    assert line.slope_per_h(T0 + i * width) == pytest.approx(1.0 / width * 3600)
 
 
 def test_a_trend_line_counts_its_buckets_and_forgets_old_ones() -> None:
@@ -73,18 +89,18 @@ def test_a_trend_line_counts_its_buckets_and_forgets_old_ones() -> None:
     assert line.generation == 3
     line.add(T0 + 2 * width + 1, 100.0)  # same bucket: its mean moves, no new generation
     assert line.generation == 3 and line.level() == pytest.approx(53.5)
-    for i in range(3):  # an hour later: only these three remain
+    for i in range(16):  # an hour later: only these sixteen remain
         line.add(T0 + 3600 + 10 * width + i * width, 7.0)
-    assert line.generation == 6
-    assert line.slope_per_h(T0 + 3600 + 12 * width) == pytest.approx(0.0)
+    assert line.generation == 19
+    assert line.slope_per_h(T0 + 3600 + 25 * width) == pytest.approx(0.0)
 
 
 def test_a_trend_ends_when_its_values_are_older_than_the_window() -> None:
     line = TrendLine(3600)
     width = 3600 / BUCKETS
-    for i in range(5):
+    for i in range(16):
         line.add(T0 + i * width, 10.0 * i)
-    assert line.slope_per_h(T0 + 4 * width) == pytest.approx(10.0 / width * 3600)
+    assert line.slope_per_h(T0 + 15 * width) == pytest.approx(10.0 / width * 3600)
     generation = line.generation
     assert line.slope_per_h(T0 + 3 * 3600) is None  # no good value for hours: no trend
     assert line.generation > generation  # what was derived from the old line is stale
@@ -125,3 +141,17 @@ def test_values_summing_beyond_a_float_as_buckets_expire_give_no_mean() -> None:
         window.add(T0 + minute * 60, value)
         stats = window.stats(T0 + minute * 60)  # at 16: the first bucket leaves, a re-sum
     assert (stats.mean, stats.max) == (None, 1.7e308)
+
+
+def test_a_windows_mean_never_shows_float_noise_and_keeps_its_precision() -> None:
+    """(0.1 + 0.2) / 2 is 0.15000000000000002 in floats; 5 / 3 is 1.67 to two decimals."""
+    plain, rounded = Window(900), Window(900, Precision(2))
+    for history in (plain, rounded):
+        for i, value in enumerate((0.1, 0.2)):
+            history.add(T0 + i, value)
+    assert (plain.stats(T0 + 1).mean, rounded.stats(T0 + 1).mean) == (0.15, 0.15)
+    for history in (plain, rounded):
+        history.add(T0 + 2, 4.7)
+    assert plain.stats(T0 + 2).mean == 1.66666666667  # no precision: 12 significant digits
+    stats = rounded.stats(T0 + 2)
+    assert (stats.mean, stats.max) == (1.67, 4.7)  # the max: as it was seen
