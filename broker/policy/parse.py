@@ -50,7 +50,8 @@ def _unset_budgets_left_out(data: Any) -> Any:
     return data
 
 
-_DEVICE_PROTOCOLS = {d.__struct_config__.tag for d in get_args(Device)}
+# A tuple: `in` compares, so a mistaken value that cannot be hashed (a dict) is no TypeError
+_DEVICE_PROTOCOLS = tuple(d.__struct_config__.tag for d in get_args(Device))
 
 
 def _with_source_protocols(data: Any) -> Any:
@@ -63,9 +64,11 @@ def _with_source_protocols(data: Any) -> Any:
         return data
     devices = data.get("devices")
     protocols = {  # a protocol that is not one is refused at its device, not at each signal
-        d.get("name"): d.get("protocol")
+        d["name"]: d["protocol"]
         for d in (devices if isinstance(devices, list) else [])
-        if isinstance(d, dict) and d.get("protocol") in _DEVICE_PROTOCOLS
+        if isinstance(d, dict)
+        and isinstance(d.get("name"), str)
+        and d.get("protocol") in _DEVICE_PROTOCOLS
     }
     signals = data.get("signals")
     for signal in signals if isinstance(signals, list) else []:
@@ -74,7 +77,8 @@ def _with_source_protocols(data: Any) -> Any:
             if "expression" in source and "device" not in signal:
                 implied = "derived"
             else:
-                implied = protocols.get(signal.get("device")) or (
+                device = signal.get("device")  # a mistyped one is refused below, at its key
+                implied = (protocols.get(device) if isinstance(device, str) else None) or (
                     "opcua" if "node" in source else "modbus"
                 )
             source.setdefault("protocol", implied)

@@ -113,6 +113,10 @@ def test_the_base_policy_loads(tmp_path: Path) -> None:
         ("range: {min: 0, max: 400}", "range: [0, 400, 9]",
          "signals[1].range: expected an object, got a list — write it as {min: …, max: …}"),
         # a wrong type or bound deep in a list item
+        ("protocol: modbus", "protocol: {a: 1}",
+         "devices[0].protocol: expected `str`, got `dict`"),
+        ("device: plc-1\n    source:\n", "device: [plc-1]\n    source:\n",
+         "signals[1].device: expected `str | null`, got `array`"),
         ("address: 4", "address: -4",
          "signals[1].source.address: expected `int` >= 0, got `-4`"),
         ("outside: site/room/pump/pressure", "outside: 7",
