@@ -112,7 +112,9 @@ def explain(
         first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", what)
         if first and isinstance(value, dict) and first[0] in value:
             place = (*path, first[0])
-    return Explained(path, place, what[:1].lower() + what[1:])
+    if what[1:2].islower():  # msgspec's "Expected …", not an acronym such as "OPC UA"
+        what = what[:1].lower() + what[1:]
+    return Explained(path, place, what)
 
 
 def _resolve_any_keys(
