@@ -7,6 +7,7 @@ The config never holds data-path decisions: what crosses is the policy's job.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -195,6 +196,7 @@ class BrokerConfig(_Section, frozen=True):
     diode: DiodeConfig | None = None  # only on the two hosts of a hardware data diode
 
 
-def load(path: Path) -> BrokerConfig:
-    """Load and validate `broker.yaml`; raises ConfigError naming file and key."""
-    return documents.load(path, BrokerConfig)
+def load(path: Path, check: Callable[[BrokerConfig], Iterable[str]] | None = None) -> BrokerConfig:
+    """Load and validate `broker.yaml`; raises ConfigError naming file, line and key. `check`
+    (broker.preflight) yields problems no single key shows, such as a file that is missing."""
+    return documents.load(path, BrokerConfig, check=check)

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from broker import __version__, config, logs
+from broker import __version__, config, logs, preflight
 from broker.audit.log import AuditLog
 from broker.errors import ConfigError, PolicyRefused, TrustRootRefused
 from broker.folder_lock import FolderLock
@@ -28,6 +28,15 @@ from broker.policy import activation, trustroot
 from broker.policy import envelope as envelopes
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
+# Whose files each process checks before it starts (broker.preflight): `run`'s supervisor
+# both halves', before starting either; a half, or `validate`, its own. Others (`deploy
+# nftables`) read the policy and trust root only, which opened_half checks anyway.
+CHECKED_HALVES = {
+    "supervisor": ("plant", "enterprise"),
+    "plant": ("plant",),
+    "enterprise": ("enterprise",),
+    "validate": ("plant",),
+}
 _PR_SET_NO_NEW_PRIVS = 38  # linux/prctl.h
 
 
@@ -97,7 +106,8 @@ def opened_half(
     log (broker.policy.accepted). With neither, the start is refused unless `reset_state`
     (`--reset-state`, audited as `state_reset`); None: a check that admits nothing and needs
     no record (`validate`)."""
-    cfg = config.load(args.config)
+    halves = CHECKED_HALVES.get(process)
+    cfg = config.load(args.config, preflight.problems(halves) if halves is not None else None)
     state_dir = state_dir_of(cfg)
     # A check that is no half (run's, validate's) reads the plant half's records, whose
     # state dir it checks against.
@@ -186,7 +196,7 @@ def opened_channel(
     """Config (with a `diode:` section), logging and the audit log of a process that carries
     the channel and admits no policy (`diode send`, `diode receive`): the trust root is verified alone, for the
     deployment id its audit log is kept under; the log gets a final checkpoint at the end."""
-    cfg = config.load(args.config)
+    cfg = config.load(args.config, preflight.problems(()))
     if cfg.diode is None:
         raise ConfigError(f"{args.config}: no `diode:` section, which {process} needs")
     try:

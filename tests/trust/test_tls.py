@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.config import TlsConfig
+from broker.errors import TrustError
 from broker.trust import tls
 from tests.harness import dmzbroker, ok_server
 
@@ -211,3 +212,26 @@ def test_an_unusable_new_key_is_refused_and_the_old_material_stays(ca: Path) -> 
     with structlog.testing.capture_logs() as logs:
         assert reloader.check() is None
     assert [e["event"] for e in logs] == ["tls_reload_refused"]
+
+
+def test_a_new_server_certificate_without_server_auth_is_refused_and_the_old_stays(
+    ca: Path,
+) -> None:
+    """Every consumer would fail "unsuitable certificate purpose": the reload is refused
+    (naming serverAuth), like any unusable file, and the context in force stays."""
+    config = TlsConfig(cert=ca / "server.crt", key=ca / "server.key", client_ca=ca / "ca.crt")
+    reloader = tls.EndpointReloader(config)
+    context = reloader.context
+    for suffix in ("crt", "key"):  # a consumer's certificate put in the server's place
+        (ca / f"server.{suffix}").write_bytes((ca / f"good.{suffix}").read_bytes())
+    with structlog.testing.capture_logs() as logs:
+        assert reloader.check() is None
+    (refused,) = logs
+    assert refused["event"] == "tls_reload_refused"
+    assert "leaves out serverAuth" in refused["error"]
+    assert reloader.context is context
+
+
+def test_a_leaf_certificate_given_as_the_client_ca_is_refused(ca: Path) -> None:
+    with pytest.raises(TrustError, match=r"certificate 1 \(CN=good\) is not a CA"):
+        tls.server_context(ca / "server.crt", ca / "server.key", ca / "good.crt")

@@ -1,0 +1,152 @@
+"""The start check: every file `broker.yaml` names is there, readable, and fit for its use,
+before a process that needs it starts.
+
+`dmzbroker run` calls it for both halves before starting either; `plant`, `enterprise` and
+`validate` for their own half (so a half restarted by `run` is checked again, and a problem
+of one half's material never stops the other); `diode send|receive` for what they share.
+A mistake stops the command with one line that names the config and its line, the key and
+the resolved file: `broker.yaml:23: enterprise.tls.cert: /etc/dmzbroker/tls/sever.crt: file
+not found` (the check runs inside `config.load`, whose errors carry the line).
+
+Every `Path` in the config is checked by its key path: the folders the broker creates
+(`CREATED`) are not, `plant.opcua.trust_list` entries may be files or folders, everything
+else must be a readable file. TLS material is then checked as broker.trust.tls does when it
+builds a context: the purpose of each certificate, that each key is its certificate's, that
+each CA file holds CAs only, and that the CRL is signed by the client CA.
+
+Files are read as the user that starts the command. When `run` starts as root, each half
+checks its own files again as its own user when it starts. This module never writes,
+creates or fixes anything, and never reads a device or a peer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
+
+import msgspec
+
+from broker.config import BrokerConfig
+from broker.conversion_errors import KeyPath, render_path
+from broker.errors import TrustError
+from broker.trust import tls
+from broker.trust.revocation import read_crl
+
+# Folders the broker makes when they are missing: never "not found".
+CREATED = frozenset(
+    {"spool.dir", "plant.state_dir", "enterprise.state_dir", "audit.dir", "diode.state_dir"}
+)
+_FILE_OR_FOLDER = re.compile(r"plant\.opcua\.trust_list\[\d+\]")
+# Leaf certificates with their keys: (section, certificate key, private key key, purpose).
+_LEAVES: tuple[tuple[str, str, str, tls.Purpose | None], ...] = (
+    ("enterprise.tls", "cert", "key", "server"),
+    ("enterprise.mqtt", "cert", "key", "client"),
+    ("audit.siem", "cert", "key", "client"),
+    ("plant.opcua", "certificate", "private_key", "opcua"),
+)
+_USER_CERTIFICATE = re.compile(r"(plant\.opcua\.users\.[^.]+)\.certificate")  # purpose: any
+_CA_FILES = {
+    "enterprise.tls.client_ca": tls.CONSUMERS_CA,
+    "enterprise.mqtt.ca": "give the certificate of the CA that issued the MQTT broker's",
+    "audit.siem.ca": "give the certificate of the CA that issued the collector's",
+}
+
+
+def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]:
+    """The check for `config.load` of a process running `halves` ("plant", "enterprise";
+    none: only what every process reads): it yields each problem with a file that process
+    needs as `key.path: FILE: what is wrong` (documents.load raises the first, with its line)."""
+
+    def check(config: BrokerConfig) -> Iterator[str]:
+        named = {key: path for key, path in paths(config) if half_of(key) in (None, *halves)}
+        for key, path in named.items():
+            yield from _unreadable(key, path)
+        for section, cert_name, key_name, purpose in _LEAVES:
+            cert_key, key_key = f"{section}.{cert_name}", f"{section}.{key_name}"
+            if cert_key in named and key_key in named:
+                yield from _unfit_leaf(named, (cert_key, key_key), purpose)
+        for user in filter(None, map(_USER_CERTIFICATE.fullmatch, list(named))):
+            yield from _unfit_leaf(named, (user[0], f"{user[1]}.private_key"), None)
+        for ca_key, fix in _CA_FILES.items():
+            if ca_key in named:
+                yield from _unfit_ca(ca_key, named[ca_key], fix)
+        crl = named.get("enterprise.tls.crl")
+        if crl is not None:
+            try:
+                read_crl(crl, named["enterprise.tls.client_ca"])
+            except TrustError as e:
+                yield f"enterprise.tls.crl: {e}"
+
+    return check
+
+
+def paths(config: BrokerConfig) -> Iterator[tuple[str, Path]]:
+    """Every path the config holds, with its key path (`plant.opcua.trust_list[0]`)."""
+    for steps, path in _walk(config, ()):
+        yield render_path(steps), path
+
+
+def half_of(key: str) -> str | None:
+    """The half that reads the file at `key`; None: every process reads it (or none does)."""
+    if key.startswith("audit.siem."):
+        return "enterprise"  # the enterprise half exports the audit log
+    first = key.split(".", 1)[0]
+    return first if first in ("plant", "enterprise", "diode") else None
+
+
+def _walk(value: object, steps: KeyPath) -> Iterator[tuple[KeyPath, Path]]:
+    if isinstance(value, Path):
+        yield steps, value
+    elif isinstance(value, msgspec.Struct):
+        for field in msgspec.structs.fields(value):
+            yield from _walk(getattr(value, field.name), (*steps, field.name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _walk(item, (*steps, index))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from _walk(item, (*steps, name))
+
+
+def _unreadable(key: str, path: Path) -> Iterator[str]:
+    if key in CREATED:
+        return
+    if key == "audit.key" and path.with_suffix(".pub").is_file():
+        return  # the private root key may be kept off the appliance (broker.audit.epochs)
+    try:
+        if _FILE_OR_FOLDER.fullmatch(key) and path.is_dir():
+            return
+        with path.open("rb") as file:
+            file.read(1)
+    except FileNotFoundError:
+        hint = " (nor audit.pub beside it); make it with `dmzbroker audit keygen`"
+        yield f"{key}: {path}: file not found{hint if key == 'audit.key' else ''}"
+    except IsADirectoryError:
+        yield f"{key}: {path}: a folder; name the file itself"
+    except OSError as e:
+        yield f"{key}: {path}: cannot read: {e.strerror}"
+
+
+def _unfit_leaf(
+    named: dict[str, Path], keys: tuple[str, str], purpose: tls.Purpose | None
+) -> Iterator[str]:
+    cert, key = (named[k] for k in keys)
+    try:
+        unfit = tls.unfit_leaf(cert, key, purpose)
+    except OSError as e:  # gone since it was opened, or unreadable: said above
+        yield f"{keys[str(e.filename) != str(cert)]}: {e.filename}: cannot read: {e.strerror}"
+        return
+    if unfit is not None:
+        at_fault, problem = unfit
+        yield f"{keys[at_fault != cert]}: {at_fault}: {problem}"
+
+
+def _unfit_ca(key: str, path: Path, fix: str) -> Iterator[str]:
+    try:
+        problem = tls.unfit_ca(path, fix)
+    except OSError as e:
+        yield f"{key}: {path}: cannot read: {e.strerror}"
+        return
+    if problem is not None:
+        yield f"{key}: {path}: {problem}"

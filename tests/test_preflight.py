@@ -1,0 +1,324 @@
+"""Every file broker.yaml names is checked before a half starts: the error names the key and
+the resolved file, and no half is started (nothing is written: no audit log, no spool).
+
+Certificates come from our own CLI (the `pki` fixture): a client certificate given as the
+server's, a key of another certificate, a server certificate given as the client CA are the
+mistakes an operator makes with them. What our CLI cannot make (a CA whose key usage leaves
+out keyCertSign, a server certificate without any extended key usage) is built with
+`cryptography` here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker import config as broker_config
+from broker import preflight
+from broker.errors import ConfigError
+from broker.trust import tls
+from tests.harness import (
+    BrokerProcess,
+    Owners,
+    Pki,
+    demo_policy,
+    dmzbroker,
+    eventually,
+    free_port,
+    sign_policy,
+    write_config,
+)
+
+
+@pytest.fixture
+def site(tmp_path: Path, pki: Pki, owners: Owners) -> Path:
+    """A good broker.yaml in tmp_path, for a plant nobody serves (no half needs it to start)."""
+    envelope = sign_policy(tmp_path, demo_policy(free_port()), [owners.ot_key, owners.it_key])
+    return write_config(tmp_path, envelope, pki, free_port(), owners)
+
+
+def edit(config: Path, key: str, value: Any) -> None:
+    """Set `key` (dotted) in the YAML file `config`."""
+    document = yaml.safe_load(config.read_text())
+    *parents, last = key.split(".")
+    node = document
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value
+    config.write_text(yaml.safe_dump(document))
+
+
+def refused(command: str, config: Path) -> str:
+    """Run `command` on `config`: it must exit 2 with one line and start no half (write
+    nothing next to the config). The line."""
+    before = {p.name for p in config.parent.iterdir()}
+    fresh = ["--reset-state"] if command != "validate" else []  # so that only the check stops it
+    result = dmzbroker(command, "--config", str(config), *fresh, check=False, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.match(rf"dmzbroker: error: {re.escape(str(config))}:\d+: ", line), line
+    assert {p.name for p in config.parent.iterdir()} == before  # no audit, spool or state
+    return line
+
+
+def craft(
+    directory: Path,
+    name: str,
+    ca: Path,
+    *,
+    is_ca: bool,
+    key_usage: x509.KeyUsage | None,
+) -> tuple[Path, Path]:
+    """A certificate issued by our CLI's CA `ca` with exactly these extensions."""
+    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca.with_suffix(".key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+    )
+    if key_usage is not None:
+        builder = builder.add_extension(key_usage, critical=True)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
+def usage(**allowed: bool) -> x509.KeyUsage:
+    names = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+             "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")  # fmt: skip
+    return x509.KeyUsage(**{n: allowed.get(n, False) for n in names})
+
+
+# `dmzbroker run`: the issue's four faults, found before either half starts.
+
+
+def test_a_missing_file_names_its_key_and_the_resolved_file(site: Path) -> None:
+    edit(site, "enterprise.tls.cert", "tls/sever.crt")  # relative: to broker.yaml's folder
+    line = refused("run", site)
+    (number,) = (n for n, text in enumerate(site.read_text().splitlines(), 1) if "sever" in text)
+    resolved = site.parent / "tls" / "sever.crt"
+    assert (
+        line
+        == f"dmzbroker: error: {site}:{number}: enterprise.tls.cert: {resolved}: file not found"
+    )
+
+
+def test_a_server_certificate_without_server_auth_is_refused(site: Path, pki: Pki) -> None:
+    edit(site, "enterprise.tls.cert", str(pki.client_cert))  # clientAuth only
+    edit(site, "enterprise.tls.key", str(pki.client_key))
+    line = refused("run", site)
+    assert f"enterprise.tls.cert: {pki.client_cert}: its extended key usage (clientAuth) " in line
+    assert "leaves out serverAuth" in line
+    assert line.endswith("issue it with `dmzbroker certs issue server`")
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(site: Path, pki: Pki) -> None:
+    edit(site, "enterprise.tls.key", str(pki.client_key))
+    line = refused("run", site)
+    assert f"enterprise.tls.key: {pki.client_key}: not the private key of {pki.server_cert}" in line
+
+
+def test_a_client_ca_that_is_not_a_ca_is_refused(site: Path, pki: Pki) -> None:
+    edit(site, "enterprise.tls.client_ca", str(pki.server_cert))
+    line = refused("run", site)
+    assert f"enterprise.tls.client_ca: {pki.server_cert}: certificate 1 (CN=" in line
+    assert "is not a CA (no basicConstraints CA:TRUE)" in line
+
+
+def test_a_ca_whose_key_usage_leaves_out_key_cert_sign_is_refused(
+    site: Path, pki: Pki, tmp_path: Path
+) -> None:
+    ca, _ = craft(tmp_path, "signs-nothing", pki.ca, is_ca=True, key_usage=usage(crl_sign=True))
+    edit(site, "enterprise.tls.client_ca", str(ca))
+    assert "is a CA whose key usage leaves out keyCertSign" in refused("run", site)
+
+
+# Each half alone checks its own files; validate checks the plant's.
+
+
+def test_the_enterprise_half_alone_refuses_its_missing_file(site: Path) -> None:
+    edit(site, "enterprise.tls.key", "missing.key")
+    assert f"enterprise.tls.key: {site.parent / 'missing.key'}: file not found" in refused(
+        "enterprise", site
+    )
+
+
+def test_validate_refuses_a_missing_plant_file(site: Path, tmp_path: Path) -> None:
+    edit(site, "plant.maintenance", {"file": "cmms.csv"})
+    assert f"plant.maintenance.file: {tmp_path / 'cmms.csv'}: file not found" in refused(
+        "validate", site
+    )
+
+
+def events(process: BrokerProcess) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in process.events() if line.startswith("{")]
+
+
+def named(process: BrokerProcess, event: str) -> list[dict[str, Any]]:
+    return [e for e in events(process) if e.get("event") == event]
+
+
+async def test_the_plant_half_starts_whatever_the_enterprise_material(
+    site: Path, start_broker: Callable[[str, Path], BrokerProcess]
+) -> None:
+    """The plant's availability never depends on the enterprise side's files."""
+    edit(site, "enterprise.tls.cert", "tls/sever.crt")
+    plant = start_broker("plant", site)
+    await eventually(lambda: named(plant, "policy_accepted"), timeout=30)
+    assert plant.process.poll() is None
+
+
+async def test_the_good_config_starts_both_halves(
+    site: Path, start_broker: Callable[[str, Path], BrokerProcess]
+) -> None:
+    """The positive control: the same config, unedited, passes and both halves admit."""
+    run = start_broker("run", site)
+    await eventually(lambda: len(named(run, "policy_accepted")) >= 2, timeout=45)
+    assert run.process.poll() is None
+    assert {e["half"] for e in named(run, "half_started")} == {"plant", "enterprise"}
+    assert not named(run, "half_exited")
+
+
+# The check itself, in process: every key it knows, every fault it names.
+
+
+def full_config(directory: Path, pki: Pki, owners: Owners) -> Path:
+    """A config with every optional section that names a file, all of them good."""
+    config = write_config(directory, directory / "policy.dsse.json", pki, 1, owners)
+    (directory / "policy.dsse.json").write_text("{}")
+    (directory / "cmms.csv").write_text("asset,next_due\n")
+    (directory / "password").write_text("secret\n")
+    (directory / "trusted").mkdir()
+    client = {"ca": str(pki.ca), "cert": str(pki.client_cert), "key": str(pki.client_key)}
+    edit(config, "enterprise.mqtt", {"host": "localhost", "identity": "x", **client})
+    edit(config, "audit.siem", {"host": "localhost", **client})
+    edit(config, "plant.maintenance", {"file": "cmms.csv"})
+    edit(config, "diode", {"host": "127.0.0.1", "state_dir": "diode"})
+    edit(
+        config,
+        "plant.opcua",
+        {
+            "certificate": str(pki.client_cert),
+            "private_key": str(pki.client_key),
+            "trust_list": [str(pki.ca), "trusted"],
+            "users": {
+                "plc-a": {"username": "u", "password_file": "password"},
+                "plc-b": {"certificate": str(pki.energy_cert), "private_key": str(pki.energy_key)},
+            },
+        },
+    )
+    return config
+
+
+def check(config: Path, halves: tuple[str, ...] = ("plant", "enterprise")) -> None:
+    broker_config.load(config, preflight.problems(halves))
+
+
+def test_every_path_key_is_known_and_a_full_good_config_passes(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    config = full_config(tmp_path, pki, owners)
+    keys = {key for key, _ in preflight.paths(broker_config.load(config))}
+    assert keys >= preflight.CREATED  # the folders it skips are real keys
+    assert {"plant.opcua.trust_list[1]", "plant.opcua.users.plc-b.private_key"} <= keys
+    check(config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "halves", "expected"),
+    [
+        ("enterprise.mqtt.cert", "server", ("enterprise",), "leaves out clientAuth"),
+        ("enterprise.mqtt.ca", "server", ("enterprise",), "is not a CA"),
+        ("audit.siem.ca", "missing", ("enterprise",), "file not found"),
+        ("audit.siem.key", "energy_key", ("enterprise",), "not the private key of"),
+        ("audit.key", "missing", (), "file not found (nor audit.pub beside it)"),
+        ("policy", "missing", (), "file not found"),
+        ("trust_root", "folder", (), "a folder; name the file itself"),
+        ("plant.opcua.certificate", "server", ("plant",), "leaves out clientAuth"),
+        ("plant.opcua.trust_list", "missing list", ("plant",), "file not found"),
+        ("plant.opcua.users.plc-b.private_key", "client_key", ("plant",), "not the private key"),
+        ("plant.opcua.users.plc-a.password_file", "missing", ("plant",), "file not found"),
+        ("plant.maintenance.file", "folder", ("plant",), "a folder"),
+        ("enterprise.tls.crl", "ca", ("enterprise",), "not a PEM CRL"),
+    ],
+)
+def test_each_file_key_is_checked_by_the_half_that_reads_it(
+    tmp_path: Path,
+    pki: Pki,
+    owners: Owners,
+    key: str,
+    value: str,
+    halves: tuple[str, ...],
+    expected: str,
+) -> None:
+    config = full_config(tmp_path, pki, owners)
+    files = {
+        "server": pki.server_cert,
+        "energy_key": pki.energy_key,
+        "client_key": pki.client_key,
+        "ca": pki.ca,
+        "missing": tmp_path / "missing",
+        "folder": tmp_path / "trusted",
+    }
+    given: object = [str(pki.ca), str(tmp_path / "missing")] if value == "missing list" else value
+    edit(config, key, str(files[value]) if value in files else given)
+    at = f"{key}[1]" if value == "missing list" else key
+    with pytest.raises(ConfigError) as error:
+        check(config, halves)
+    assert re.match(rf"{re.escape(str(config))}:\d+: {re.escape(at)}: ", str(error.value))
+    assert expected in str(error.value), error.value
+    other = {"plant": ("enterprise",), "enterprise": ("plant",)}.get(next(iter(halves), ""))
+    if other is not None:
+        check(config, other)  # the other half does not read it: it starts
+
+
+def test_a_key_beside_audit_pub_may_be_kept_off_the_appliance(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    config = full_config(tmp_path, pki, owners)
+    (tmp_path / "audit.pub").write_bytes(owners.audit_key.with_suffix(".pub").read_bytes())
+    edit(config, "audit.key", "audit.key")  # beside its .pub, and absent
+    check(config)
+
+
+def test_a_server_certificate_without_extended_key_usage_is_fit_for_any_purpose(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """X.509 and OpenSSL read no EKU as any purpose; only a key usage without a TLS key
+    exchange is refused then."""
+    cert, key = craft(tmp_path, "no-eku", pki.ca, is_ca=False, key_usage=None)
+    assert tls.unfit_leaf(cert, key, "server") is None
+    cert, key = craft(
+        tmp_path, "signs-certs", pki.ca, is_ca=False, key_usage=usage(key_cert_sign=True)
+    )
+    unfit = tls.unfit_leaf(cert, key, "server")
+    assert unfit is not None and unfit[0] == cert
+    assert "allows none of digitalSignature, keyEncipherment, keyAgreement" in unfit[1]
