@@ -10,19 +10,28 @@ unreachable the position stays, and on reconnect the records are replayed in ord
 position moves only after the broker acknowledged a batch: delivery is at least once.
 Records the spool's retention drops before the sink read them are counted and logged
 (`spool_records_lost`), like any reader's.
+
+A lost connection ends the session at once (not when a publish times out), and reconnects
+are tried every few seconds at most, so the sink is back soon after its broker. It never
+skips the broker's certificate check: a broker reached by an address its certificate does
+not name is verified by `enterprise.mqtt.server_name`, or refused with that key in the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import aiomqtt
 import structlog
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
@@ -33,9 +42,38 @@ from broker.trust import tls
 BATCH = 2000
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
 IDLE_S = 0.05
-BACKOFF_MAX_S = 30.0
+PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but does not acknowledge
+KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within 1.5 times this
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 2.0  # a refused connection costs the broker one SYN: retrying often is cheap,
+# and bounds how long the sink stays away after its broker is back (docs/api.md#mqtt)
 
-log = structlog.get_logger("mqtt")
+# Not "mqtt": aiomqtt sets that logger to WARNING at import, which hid mqtt_connected.
+log = structlog.get_logger("mqtt_sink")
+
+
+class _NamedServerContext(ssl.SSLContext):
+    """A client context that checks the server's certificate against `server_name`, whatever
+    address the connection goes to: paho passes its connect address as `server_hostname`
+    and has no setting for another name (eclipse-paho/paho.mqtt.python#734)."""
+
+    server_name = ""
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.server_name
+        # The handshake here, not in paho: a refused one then closes its socket (paho's own
+        # handshake leaves it to the garbage collector); paho's later call finds it done.
+        kwargs["do_handshake_on_connect"] = True
+        return super().wrap_socket(*args, **kwargs)
+
+
+def _verifying_name(context: ssl.SSLContext, server_name: str) -> ssl.SSLContext:
+    # The same object with one method overridden (the class has no state of its own), so
+    # everything tls.client_context set up (CA, client certificate, versions) stays as it is.
+    context.__class__ = _NamedServerContext
+    assert isinstance(context, _NamedServerContext)
+    context.server_name = server_name
+    return context
 
 
 class MqttSink:
@@ -46,12 +84,17 @@ class MqttSink:
         self._spool_dir = spool_dir
         self._state_dir = state_dir
         self._authz = authz
-        self._context = tls.client_context(config.ca, config.cert, config.key)
+        self._server_name = config.server_name or config.host
+        self._context = _verifying_name(
+            tls.client_context(config.ca, config.cert, config.key), self._server_name
+        )
 
     async def run(self) -> None:
         config = self._config
         where = f"{config.host}:{config.port}"
-        backoff = 1.0
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
+        reported = ""  # the failure already logged in this outage: repeats are not logged again
+        down_since: float | None = None
         while True:
             receiver: SpoolReceiver | None = None
             try:
@@ -63,23 +106,48 @@ class MqttSink:
                     identifier=config.client_id,
                     protocol=aiomqtt.ProtocolVersion(MQTTProtocolVersion.MQTTv5),
                     tls_context=self._context,
-                    timeout=10,
+                    timeout=PUBLISH_TIMEOUT_S,
+                    keepalive=KEEPALIVE_S,
                     max_inflight_messages=BATCH,  # a batch's publishes go out together
                 ) as client:
-                    log.info("mqtt_connected", address=where)
-                    backoff = 1.0
-                    await self._forward(client, receiver)
+                    # aiomqtt warns past 10 pending calls; a batch is up to BATCH by design.
+                    client.pending_calls_threshold = BATCH
+                    after = {} if down_since is None else {"down_s": _since(down_since)}
+                    log.info("mqtt_connected", address=where, **after)
+                    backoff.reset()
+                    reported, down_since = "", None
+                    await self._session(client, receiver)
             except aiomqtt.MqttError as e:
-                log.warning("mqtt_unreachable", address=where, error=str(e), retry_in_s=backoff)
+                error, event = self._explained(e), "mqtt_unreachable"
             except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retried
-                log.warning("mqtt_spool_unreadable", error=str(e), retry_in_s=backoff)
+                error, event = str(e), "mqtt_spool_unreadable"
             finally:
                 if receiver is not None:
                     receiver.close()
-            await asyncio.sleep(backoff)
-            backoff = min(BACKOFF_MAX_S, backoff * 2)
+            delay = backoff.delay()
+            if down_since is None:
+                down_since = time.monotonic()
+            if error != reported:
+                log.warning(event, address=where, error=error, retry_in_s=round(delay, 2))
+                reported = error
+            await asyncio.sleep(delay)
 
-    async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
+    async def _session(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
+        """Forward until the connection is lost, noticed when it happens: a publish waiting
+        for its acknowledgement would otherwise wait out its timeout."""
+        watching = asyncio.create_task(_disconnection(client))
+        forwarding = asyncio.create_task(self._forward(client, receiver))
+        try:
+            done, _ = await asyncio.wait(
+                (watching, forwarding), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (watching, forwarding):
+                task.cancel()
+            await asyncio.gather(watching, forwarding, return_exceptions=True)
+        done.pop().result()  # raises: neither task ends otherwise
+
+    async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> NoReturn:
         prefix = self._config.topic_prefix
         while True:
             records = receiver.receive(max_records=BATCH)
@@ -95,6 +163,36 @@ class MqttSink:
                 )
             )
             receiver.commit()  # acknowledged: the position moves past the batch
+
+    def _explained(self, error: aiomqtt.MqttError) -> str:
+        """The error, with its cause, and for a certificate that does not name the broker's
+        address the key that fixes it."""
+        text = str(error)
+        if error.__cause__ is not None:
+            text = f"{text}: {error.__cause__}"
+        if "mismatch, certificate is not valid for" in text:  # CPython's ssl verify message
+            key = "server_name" if self._config.server_name else "host"
+            text += (
+                f"; the MQTT broker's certificate does not name {self._server_name!r} "
+                f"(enterprise.mqtt.{key}): set enterprise.mqtt.server_name to a DNS name or "
+                "IP address it carries"
+            )
+        return text
+
+
+async def _disconnection(client: aiomqtt.Client) -> NoReturn:
+    """Raises MqttError when the client loses its connection. The message iterator is
+    aiomqtt's one public view of the connection; nothing is subscribed, so no message comes."""
+    try:
+        async for _ in client.messages:
+            pass
+    except aiomqtt.MqttError as e:  # "Disconnected during message iteration", from the cause
+        raise aiomqtt.MqttError(f"connection lost: {e.__cause__ or 'closed'}") from None
+    raise aiomqtt.MqttError("connection lost")  # the iterator ends only by raising
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 1)
 
 
 def by_asset(records: list[Record]) -> Iterator[tuple[str, list[Record]]]:
