@@ -1,4 +1,5 @@
-"""`dmzbroker audit show`: filter entries and print them as a table, JSON, CSV or CEF.
+"""`dmzbroker audit show`: filter the writers' entries, merged in time order, and print them
+as an aligned table, JSON, CSV or CEF.
 
 Entries hold text that outsiders chose (a requested path, a certificate's name), so this module
 never prints a character a terminal, a spreadsheet or a SIEM would act on: one entry is one
