@@ -33,14 +33,22 @@ def certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(data)
 
 
-def test_the_default_ca_is_still_ecdsa(tmp_path: Path) -> None:
+def test_the_default_ca_is_still_ecdsa_and_without_der_only_pem_is_written(
+    tmp_path: Path,
+) -> None:
     authority = ca(tmp_path)
     key = serialization.load_pem_private_key((authority / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(tmp_path / "out"),
-              "--uri", URI)  # fmt: skip
-    issued = certificate(tmp_path / "out" / "opcua-client-cert.pem")
+    out = tmp_path / "out"
+    dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(out), "--uri", URI)
+    dmzbroker("certs", "crl", "--ca", str(authority))
+    issued = certificate(out / "opcua-client-cert.pem")
     assert issued.signature_algorithm_oid == SignatureAlgorithmOID.ECDSA_WITH_SHA256
+    assert sorted(p.name for p in out.iterdir()) == [
+        "opcua-client-cert.pem",
+        "opcua-client-key.pem",
+    ]
+    assert not (authority / "crl.der").exists()
 
 
 def test_an_rsa_ca_signs_certificates_and_crls_with_sha256_rsa(tmp_path: Path) -> None:
@@ -84,18 +92,6 @@ def test_an_rsa_ca_signs_certificates_and_crls_with_sha256_rsa(tmp_path: Path) -
     assert der.signature_algorithm_oid == SignatureAlgorithmOID.RSA_WITH_SHA256
     assert der.is_signature_valid(root.public_key())
     assert der.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
-
-
-def test_without_der_nothing_but_pem_is_written(tmp_path: Path) -> None:
-    authority = ca(tmp_path)
-    out = tmp_path / "out"
-    dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(out), "--uri", URI)
-    dmzbroker("certs", "crl", "--ca", str(authority))
-    assert sorted(p.name for p in out.iterdir()) == [
-        "opcua-client-cert.pem",
-        "opcua-client-key.pem",
-    ]
-    assert not (authority / "crl.der").exists()
 
 
 def test_a_der_crl_never_overwrites_its_pem(tmp_path: Path) -> None:
