@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.cli import main
+from broker.errors import ConfigError
+from broker.policy import envelope as envelopes
 from tests.harness import DEMO_POLICY, Owners
 
 
@@ -207,3 +209,11 @@ def test_trust_sign_again_names_the_owner_whose_signature_it_replaced(
     assert again.returncode == 0, again.stderr
     assert "replacing Ivan IT's earlier IT signature (one signature per key; 2 " in again.stdout
     assert _cli("trust", "verify", str(root)).returncode == 0
+
+
+def test_an_envelope_that_cannot_be_written_is_named_not_a_traceback(
+    tmp_path: Path, unsigned: Path
+) -> None:
+    envelope = envelopes.read(unsigned)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: cannot write: Is a directory"):
+        envelopes.write(envelope, tmp_path)
