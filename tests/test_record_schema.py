@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import struct
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -106,6 +107,7 @@ def test_the_records_checked_cover_every_part_of_the_context(
     contexts = [r["context"] for r in served]
     assert any(r["signal"].endswith("approach_temperature") for r in served)  # derived
     assert any(c["assessment"] and c["assessment"]["label"] == "abnormal" for c in contexts)
+    assert any(c["assessment"] and c["assessment"]["direction"] == "above" for c in contexts)
     assert any(c["trend"] for c in contexts)
     assert any(c["load"] and c["load"]["windows"]["15m"]["mean"] for c in contexts)
     assert {a["rule"] for c in contexts for a in c["alerts"]} >= {
@@ -127,6 +129,9 @@ def test_the_records_checked_cover_every_part_of_the_context(
         lambda r: r["context"].pop("alerts"),
         lambda r: r["context"].update(state=r["context"].pop("asset_state")),
         lambda r: r["context"]["assessment"].update(expected_value=1.0),
+        lambda r: r["context"]["assessment"].update(label="below_expected"),  # before issue 15
+        lambda r: r["context"]["assessment"].pop("direction"),
+        lambda r: r["context"]["assessment"].update(direction="higher"),
         lambda r: r["context"]["alerts"][0].pop("action"),
         lambda r: r["context"]["maintenance"].update(status="fine"),
         lambda r: r.update(source_time="2026-05-01T12:00:00+02:00"),
@@ -169,3 +174,56 @@ def test_the_example_in_records_md_is_valid() -> None:
     text = (REPO / "docs" / "records.md").read_text()
     example = text.split("```json\n", 1)[1].split("```", 1)[0]
     VALIDATOR.validate(json.loads(example))
+
+
+def readme_record() -> dict[str, Any]:
+    text = (REPO / "README.md").read_text()
+    sample = text.split("A record looks like this:", 1)[1]
+    found: dict[str, Any] = json.loads(sample.split("```json\n", 1)[1].split("```", 1)[0])
+    return found
+
+
+def test_the_readme_sample_is_a_valid_record() -> None:
+    VALIDATOR.validate(readme_record())
+
+
+def test_the_readme_sample_is_what_the_pipeline_makes_of_its_inputs(tmp_path: Path) -> None:
+    """Issue 15: the README's sample record must be one the broker actually produces. Its
+    inputs, through the real pipeline on the demo policy: 26.7 degC and 47.1 % outside, the
+    motor at 16.4 and 17.4 kW in turn, the discharge pressure rising 0.02 bar every 20 s to
+    10.63 bar over 5 minutes (half the trend window), the compressor's service not yet due."""
+    today = date.today()
+    maintenance = tmp_path / "maintenance.csv"
+    maintenance.write_text(
+        "asset,last_service,next_due,open_work_orders\n"
+        f"{COMPRESSOR},{today - timedelta(days=70)},{today + timedelta(days=110)},"
+        "WO-1042: Replace compressor oil filter\n"
+    )
+    pipeline = PlantPipeline(
+        load(DEMO_POLICY), MaintenanceBook(MaintenanceConfig(file=maintenance))
+    )
+    for i in range(16):
+        raw = {
+            f"{COMPRESSOR}/running": True,
+            f"{COMPRESSOR}/motor_power": words("f", 17.4 if i % 2 else 16.4),
+            f"{COMPRESSOR}/discharge_pressure": words("h", 1033 + 2 * i),
+            f"{COMPRESSOR}/high_pressure_alarm": False,
+            "coldstore/outdoor/weather/ambient_temperature": words("h", 267),
+            "coldstore/outdoor/weather/relative_humidity": words("H", 471),
+        }
+        at = T0 + timedelta(seconds=20 * i)
+        records = pipeline.process([RawSample(p, v, at, "good") for p, v in raw.items()])
+    pressure = f"{COMPRESSOR}/discharge_pressure"
+    made = json.loads(to_json(next(r for r in records if r.signal == pressure)))
+    sample = readme_record()
+
+    VALIDATOR.validate({**made, "seq": 1})  # seq is stamped by the channel, after this
+    for record in (made, sample):  # what depends on when it runs: the times, today's date
+        for key in ("source_time", "broker_time", "seq"):
+            record.pop(key)
+        for key in ("last_service", "next_due"):
+            record["context"]["maintenance"].pop(key)
+    assert sample == made
+    assert sample["context"]["assessment"] == {
+        "expected": 9.89, "deviation_pct": 7.48, "label": "drifting", "direction": "above",
+    }  # fmt: skip

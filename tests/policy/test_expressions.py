@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.policy.expressions import Evaluator, compile_expression
+from broker.policy.expressions import Evaluator, ExpressionError, compile_expression
 
 NAMES = ("a", "b", "c")
 VALUES = st.one_of(
@@ -116,3 +116,46 @@ def test_functions_are_called_with_their_quoted_argument() -> None:
     )
     assert Evaluator({"state": "running"}, {"label": label}).evaluate(compiled) is True
     assert calls == ["pressure"]
+
+
+WORDS = {"label": frozenset({"expected", "drifting", "abnormal"}), "state": frozenset({"on"})}
+
+
+@pytest.mark.parametrize(
+    ("text", "always"),
+    [
+        ("label('pressure') == 'below_expected'", "false"),  # the label before issue 15
+        ("'below_expected' == label('pressure')", "false"),
+        ("state == 'on' and label('pressure') != 'low'", "true"),
+        ("0 < 1 == state", "false"),  # a pair inside a chain
+        ("state == 1", "false"),
+    ],
+)
+def test_a_comparison_with_a_word_it_never_is_is_refused(text: str, always: str) -> None:
+    with pytest.raises(
+        ExpressionError, match=f"never .*: this comparison would always be {always}"
+    ):
+        compile_expression(text, {"state"}, {"label": {"pressure"}}, WORDS)
+
+
+def test_the_refusal_names_the_words_it_is() -> None:
+    with pytest.raises(ExpressionError) as refused:
+        compile_expression(
+            "label('pressure') == 'below_expected'", set(), {"label": {"pressure"}}, WORDS
+        )
+    assert str(refused.value).startswith(
+        "label('pressure') is one of abnormal, drifting, expected, never 'below_expected'"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "label('pressure') == 'drifting'",
+        "state != 'on'",
+        "state < 'zzz'",  # an ordering, not an equality: not judged
+        "state == state",
+    ],
+)
+def test_comparisons_that_can_be_true_or_false_are_accepted(text: str) -> None:
+    compile_expression(text, {"state"}, {"label": {"pressure"}}, WORDS)

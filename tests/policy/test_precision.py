@@ -50,7 +50,7 @@ def test_what_follows_from_the_inputs(text: str, decimals: int | None, significa
 
 
 @given(
-    st.integers(-10**6, 10**6), st.integers(-10**6, 10**6), st.integers(0, 4), st.integers(0, 4)
+    st.integers(-(10**6), 10**6), st.integers(-(10**6), 10**6), st.integers(0, 4), st.integers(0, 4)
 )
 def test_sums_and_products_of_decimals_come_out_exact(x: int, y: int, dx: int, dy: int) -> None:
     """The rounded float is the exact decimal result, whatever noise the float had."""
