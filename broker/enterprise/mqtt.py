@@ -118,18 +118,24 @@ class MqttSink:
                     reported, down_since = "", None
                     await self._session(client, receiver)
             except aiomqtt.MqttError as e:
-                error, event = self._explained(e), "mqtt_unreachable"
+                error, spool_failed = self._explained(e), False
             except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retried
-                error, event = str(e), "mqtt_spool_unreadable"
+                error, spool_failed = str(e), True
             finally:
                 if receiver is not None:
                     receiver.close()
             delay = backoff.delay()
             if down_since is None:
                 down_since = time.monotonic()
-            if error != reported:
-                log.warning(event, address=where, error=error, retry_in_s=round(delay, 2))
-                reported = error
+            if error == reported:
+                pass
+            elif spool_failed:
+                log.warning("mqtt_spool_unreadable", error=error, retry_in_s=round(delay, 2))
+            else:
+                log.warning(
+                    "mqtt_unreachable", address=where, error=error, retry_in_s=round(delay, 2)
+                )
+            reported = error
             await asyncio.sleep(delay)
 
     async def _session(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
