@@ -43,7 +43,7 @@ BATCH = 2000
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
 IDLE_S = 0.05
 PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but does not acknowledge
-KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within 1.5 times this
+KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within twice this
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # a refused connection costs the broker one SYN: retrying often is cheap,
 # and bounds how long the sink stays away after its broker is back (docs/api.md#mqtt)
