@@ -1,9 +1,11 @@
 """`plan POLICY`: the Modbus requests one scan of each device sends (docs/modbus.md).
 
 For a PLC engineer reviewing a policy before it is signed: what the broker will ask of each
-device, and whether the device's budget can carry it. Warnings (`broker.policy.budget`) are
-printed, never turned into a failing exit code: the co-signers decide. Reads only the policy
-file; talks to no device.
+device, and whether the device's budget can carry it. POLICY is the YAML as written or an
+envelope (`policy compile`, signed or not), whose payload is planned as `policy show` reads
+it: without verifying signatures, and saying so. Warnings (`broker.policy.budget`,
+`broker.policy.advice`) are printed, never turned into a failing exit code: the co-signers
+decide. Reads only the policy file; talks to no device.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from broker import policy
-from broker.policy import ModbusDevice, Policy, Signal, budget
+from broker.policy import ModbusDevice, Policy, Signal, advice, budget, report
+from broker.policy.schema import written
 
 if TYPE_CHECKING:
     from broker.plant.connectors.modbus_plan import ReadRequest
@@ -23,7 +28,11 @@ def add_to(commands: Any) -> None:
     command = commands.add_parser(
         "plan", help="the Modbus requests one scan of each device sends, from a policy"
     )
-    command.add_argument("policy", type=Path, help="the policy as written, YAML")
+    command.add_argument(
+        "policy",
+        type=Path,
+        help="the policy as written (YAML), or its envelope from `policy compile`, signed or not",
+    )
     command.set_defaults(handler=_plan)
 
 
@@ -40,8 +49,29 @@ def scans(loaded: Policy) -> list[tuple[ModbusDevice, list[Signal], list[ReadReq
     return found
 
 
+def requests_per_scan(loaded: Policy) -> dict[str, int]:
+    """The number of requests one scan sends, per Modbus device (for the budget warnings)."""
+    return {device.name: len(requests) for device, _, requests in scans(loaded)}
+
+
+def _is_envelope(path: Path) -> bool:
+    """Whether `path` holds a policy envelope (JSON with a payloadType) rather than YAML."""
+    try:
+        data = msgspec.json.decode(path.read_bytes())
+    except (OSError, msgspec.DecodeError):
+        return False  # YAML, or a file policy.load will name the problem of
+    return isinstance(data, dict) and "payloadType" in data
+
+
 def _plan(args: argparse.Namespace) -> int:
-    planned = scans(policy.load(args.policy))
+    if _is_envelope(args.policy):
+        loaded, sha256 = report.unverified(args.policy)
+        print(f"{args.policy}: the policy in this envelope, payload sha256 {sha256}")
+        print(report.UNVERIFIED)
+        print()
+    else:
+        loaded = policy.load(args.policy)
+    planned = scans(loaded)
     if not planned:
         print(f"{args.policy}: no Modbus devices")
         return 0
@@ -53,6 +83,9 @@ def _plan(args: argparse.Namespace) -> int:
         print("\n".join(_describe(device, requests, len(signals), warnings)))
         print()
     print(f"total: {total} requests per scan, {len(planned)} Modbus device(s)")
+    for warning in advice.warnings(loaded):  # about the signals' addresses, not one device
+        print(f"WARNING: {warning}")
+        warned += 1
     if warned:
         print(f"{warned} warning(s) above: read them before signing (they do not stop the policy)")
     return 0  # a warning is not an error (docs/modbus.md)
@@ -63,8 +96,8 @@ def _describe(
 ) -> list[str]:
     lines = [
         f"{device.name} ({device.address}): {len(requests)} requests per scan for {signals} "
-        f"signals, every {device.poll_interval_s:g} s; {budget.describe(device)}, "
-        f"timeout {device.timeout_s:g} s",
+        f"signals, every {written(device.poll_interval_s)} s; {budget.describe(device)}, "
+        f"timeout {written(device.timeout_s)} s",
         f"  {'unit':>4}  {'function':<26} {'start':>5}  {'count':>5}  signals",
     ]
     for r in requests:

@@ -21,6 +21,7 @@ from broker.policy.schema import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUESTS_PER_S,
     ModbusDevice,
+    written,
 )
 
 # A scan needing more of the budget than this leaves no room for the device's answer time: with
@@ -43,7 +44,7 @@ def describe(device: ModbusDevice) -> str:
     """`at most 20 requests/s (the default), 1 connection (the default)`."""
     rate, connections = device.max_requests_per_s, device.max_connections
     return (
-        f"at most {_number(rate)} requests/s"
+        f"at most {written(rate)} requests/s"
         + (" (the default)" if rate == DEFAULT_MAX_REQUESTS_PER_S else "")
         + f", {connections} connection{'s' if connections > 1 else ''}"
         + (" (the default)" if connections == DEFAULT_MAX_CONNECTIONS else "")
@@ -57,7 +58,7 @@ def warnings(device: ModbusDevice, requests_per_scan: int) -> list[str]:
     if budget > DEFAULT_MAX_REQUESTS_PER_S:
         found.append(
             f"raises device {device.name}'s budget from the default "
-            f"{_number(DEFAULT_MAX_REQUESTS_PER_S)} to {_number(budget)} requests/s: " + CONFIRM
+            f"{written(DEFAULT_MAX_REQUESTS_PER_S)} to {written(budget)} requests/s: " + CONFIRM
         )
     if device.max_connections > DEFAULT_MAX_CONNECTIONS:
         found.append(_more_connections(device, f"the default {DEFAULT_MAX_CONNECTIONS}"))
@@ -70,18 +71,18 @@ def misfits(device: ModbusDevice, requests_per_scan: int) -> list[str]:
     interval = device.poll_interval_s
     needed = requests_per_scan / interval
     budget = device.max_requests_per_s
-    every = f"device {device.name} needs {requests_per_scan} requests every {_number(interval)} s"
+    every = f"device {device.name} needs {requests_per_scan} requests every {written(interval)} s"
     fix = "slow the poll interval, group the registers so fewer requests read them, or "
     if needed > budget * (1 + 1e-9):  # float noise must not call an exact fit an overrun
         found.append(
-            f"{every} = {_number(needed)} requests/s, but its budget is {_number(budget)}/s: "
+            f"{every} = {_number(needed)} requests/s, but its budget is {written(budget)}/s: "
             f"scans will be skipped (each takes at least {_number(requests_per_scan / budget)} "
             f"s); {fix}raise max_requests_per_s " + ASK
         )
     elif needed > budget * HEADROOM:
         found.append(
             f"{every} = {_number(needed)} requests/s, {needed / budget:.0%} of its budget of "
-            f"{_number(budget)}/s: that leaves no room for the device's answer time, so scans "
+            f"{written(budget)}/s: that leaves no room for the device's answer time, so scans "
             f"will be skipped whenever it answers slowly; {fix}raise max_requests_per_s " + ASK
         )
     connections = min(device.max_connections, max(1, requests_per_scan))
@@ -102,8 +103,8 @@ def raised_since(old: ModbusDevice, new: ModbusDevice, old_version: int) -> list
     found = []
     if new.max_requests_per_s > old.max_requests_per_s:
         found.append(
-            f"raises device {new.name}'s budget from {_number(old.max_requests_per_s)} "
-            f"(version {old_version}) to {_number(new.max_requests_per_s)} requests/s: " + CONFIRM
+            f"raises device {new.name}'s budget from {written(old.max_requests_per_s)} "
+            f"(version {old_version}) to {written(new.max_requests_per_s)} requests/s: " + CONFIRM
         )
     if new.max_connections > old.max_connections:
         found.append(_more_connections(new, f"{old.max_connections} (version {old_version})"))

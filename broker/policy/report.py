@@ -113,8 +113,8 @@ def _meaning(s: Signal) -> str:
 
 def _asset(a: Asset) -> list[str]:
     lines = [
-        f"  {a.path} ({a.type}, trends over {a.trend_window})"
-        + (f": {a.description}" if a.description else "")
+        f"  {a.path} ({a.type})" + (f": {a.description}" if a.description else ""),
+        f"      trends over {a.trend_window}",
     ]
     if a.states:
         states = "; ".join(f"{rule.state} when {rule.when}" for rule in a.states)

@@ -38,12 +38,6 @@ def registers(type_: str, value: float, word_order: str = "big") -> tuple[int, .
     return words[::-1] if word_order == "little" else words
 
 
-def as_stored(type_: str, value: float) -> float:
-    """`value` after a round trip through the type (float32 rounds)."""
-    fmt = ">" + FORMATS[type_]
-    return struct.unpack(fmt, struct.pack(fmt, value))[0]
-
-
 CASES = [
     ("int16", -12345),
     ("int16", 32767),
@@ -61,7 +55,8 @@ CASES = [
 def test_decodes_each_type_in_each_word_order(type_: str, value: float, word_order: str) -> None:
     decode = decoder_for(signal(type_, word_order))
 
-    assert decode(registers(type_, value, word_order)) == as_stored(type_, value)
+    # Integers are exact; a float32 reads back as the short decimal that was stored.
+    assert decode(registers(type_, value, word_order)) == value
 
 
 @pytest.mark.parametrize(
@@ -284,3 +279,106 @@ def test_a_decimal_scale_gives_the_decimal_a_person_reads(
     # 267 × 0.1 is 26.700000000000003 in binary floating point; consumers should see 26.7
     decode = decoder_for(signal("int16", scale=scale))
     assert repr(decode(registers("int16", raw))) == expected
+
+
+# Precision: what a person reads, never a float-noise tail (docs/modbus.md)
+
+
+def float32_of(value: float) -> float:
+    """The double a float32 register holding `value` unpacks to."""
+    return float(struct.unpack(">f", struct.pack(">f", value))[0])
+
+
+def test_a_float32_is_the_shortest_decimal_that_reads_back_as_it() -> None:
+    decode = decoder_for(signal("float32"))
+    raw = registers("float32", 16.654696)
+    assert float32_of(16.654696) == 16.654695510864258  # what decoding used to publish
+
+    assert repr(decode(raw)) == "16.654696"
+
+
+@pytest.mark.parametrize("exponent", range(-149, 128))
+def test_every_power_of_two_float32_is_published_at_its_shortest(exponent: int) -> None:
+    """Powers of two sit at a float32 binade's edge, where the rounding interval is lopsided;
+    subnormals (below 2**-126) carry fewer digits: both are checked against a plain search."""
+    value = 2.0**exponent
+    shortest = next(
+        text for digits in range(1, 10) if float32_of(float(text := f"{value:.{digits}g}")) == value
+    )
+    decode = decoder_for(signal("float32"))
+
+    assert decode(registers("float32", value)) == float(shortest)
+    assert decode(registers("float32", -value)) == -float(shortest)
+
+
+@pytest.mark.parametrize(
+    ("type_", "raw", "scale", "offset", "expected"),
+    [
+        ("int16", 267, 0.1, 0.0, "26.7"),
+        ("int16", 267, 0.25, 0.0, "66.75"),
+        ("int16", 267, 2.0, 0.0, "534"),  # a whole scale keeps an integer an integer
+        ("int16", -250, 0.1, 5.0, "-20.0"),
+        ("uint16", 300, 1.0, -273.15, "26.85"),
+        ("int32", 7, 0.1, 0.2, "0.9"),  # 7 × 0.1 + 0.2 is 0.9000000000000001 in binary
+        ("int32", -100000, 0.001, 2.5, "-97.5"),
+        ("uint16", 3, 1e-05, 0.0, "3e-05"),
+        ("float32", 16.654696, 0.1, 0.0, "1.6654696"),
+        ("float32", 0.1, 3.0, 0.0, "0.3"),  # the float32 0.1 read as 0.1, not 0.100000001
+        ("float32", 12.5, 2.0, -1.0, "24.0"),
+    ],
+)
+def test_a_scaled_value_is_as_precise_as_its_inputs(
+    type_: str, raw: float, scale: float, offset: float, expected: str
+) -> None:
+    decode = decoder_for(signal(type_, scale=scale, offset=offset))
+
+    assert repr(decode(registers(type_, raw))) == expected
+
+
+def test_an_integer_times_a_whole_scale_past_64_bits_is_a_float() -> None:
+    decode = decoder_for(modbus_signal("uint64", scale=1000.0))
+    value = decode((0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF))
+
+    assert value == float((2**64 - 1) * 1000)
+    assert decoder_for(modbus_signal("uint64", scale=1000.0))((0, 0, 0, 7)) == 7000
+
+
+def test_an_integer_scaled_past_the_largest_float_is_a_decode_error() -> None:
+    decode = decoder_for(modbus_signal("uint64", scale=1e300))
+
+    assert decode((0, 0, 0, 1)) == 1e300
+    with pytest.raises(DecodeError):
+        decode((0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF))
+
+
+def opcua_signal(scale: float = 1.0, offset: float = 0.0) -> Signal:
+    return msgspec.convert(
+        {
+            "path": "site/asset/m",
+            "device": "ua",
+            "source": {"protocol": "opcua", "node": "ns=2;s=M"},
+            "scale": scale,
+            "offset": offset,
+        },
+        Signal,
+    )
+
+
+def test_an_opc_ua_number_is_scaled_exactly_and_text_and_bools_pass_through() -> None:
+    decode = decoder_for(opcua_signal(scale=0.1, offset=0.2))
+
+    assert repr(decode(7)) == "0.9"
+    assert repr(decode(0.7)) == "0.27"
+    assert decode("text") == "text"
+    assert decode(True) is True
+    with pytest.raises(DecodeError):
+        decode(math.nan)
+    with pytest.raises(DecodeError):
+        decoder_for(opcua_signal(scale=1e300))(10**400)
+
+
+def test_an_unscaled_opc_ua_double_is_kept_as_the_server_sent_it() -> None:
+    decode = decoder_for(opcua_signal())
+
+    assert decode(16.654695510864258) == 16.654695510864258  # a double: not ours to shorten
+    assert decode(-7) == -7

@@ -191,3 +191,65 @@ def test_an_invalid_policy_names_the_key_and_never_shows_a_traceback(tmp_path: P
     assert "max_connections" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_plan_of_an_envelope_plans_what_was_signed_and_says_it_is_unverified(
+    tmp_path: Path,
+) -> None:
+    """The same plan from the YAML and from its envelope, signed or not; the envelope's is
+    what the signers approved, read without verifying (like `policy show`)."""
+    source = write_policy_yaml(tmp_path, demo_policy(5020, poll_interval_s=1.0))
+    envelope = tmp_path / "policy.dsse.json"
+    dmzbroker("policy", "compile", str(source), "--out", str(envelope))
+
+    from_yaml = dmzbroker("plan", str(source)).stdout
+    result = dmzbroker("plan", str(envelope))
+
+    assert result.returncode == 0
+    assert rows(result.stdout) == rows(from_yaml) != []
+    first, second = result.stdout.splitlines()[:2]
+    assert first.startswith(f"{envelope}: the policy in this envelope, payload sha256 ")
+    assert second == (
+        "(contents shown as written; `dmzbroker policy verify` checks the signatures)"
+    )
+    sha256 = first.rsplit(" ", 1)[1]
+    assert f"sha256      {sha256}" in dmzbroker("policy", "show", str(envelope)).stdout
+    assert "unknown field" not in result.stdout + result.stderr
+
+
+def test_plan_of_a_broken_envelope_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    envelope = tmp_path / "policy.dsse.json"
+    envelope.write_text('{"payloadType": "application/vnd.dmzbroker.policy+json; v=1"}')
+
+    result = dmzbroker("plan", str(envelope), check=False)
+
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"dmzbroker: error: {envelope}: not a policy envelope")
+    assert "Traceback" not in result.stderr
+
+
+MODICON = (
+    "signal site/line/press/r40001: reads holding register 40001 (0-based, as Modbus requests "
+    'count); for Modicon 40001 (1-based "4xxxx" notation) write address: 0'
+)
+
+
+def test_a_modicon_address_is_warned_about_by_plan_show_and_compile_never_refused(
+    tmp_path: Path,
+) -> None:
+    document = single_registers(1)
+    document["signals"].append(
+        {"path": "site/line/press/r40001", "device": "plc",
+         "source": {"table": "holding_register", "address": 40001, "type": "int16"}}
+    )  # fmt: skip
+    source = write_policy_yaml(tmp_path, document)
+    envelope = tmp_path / "policy.dsse.json"
+
+    compiled = dmzbroker("policy", "compile", str(source), "--out", str(envelope))
+    planned = dmzbroker("plan", str(source))
+    shown = dmzbroker("policy", "show", str(envelope))
+
+    for result in (compiled, planned, shown):
+        assert result.returncode == 0
+        assert f"WARNING: {MODICON}" in warnings(result.stdout)
+    assert "1 warning(s) above: read them before signing" in planned.stdout
