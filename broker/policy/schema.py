@@ -187,9 +187,10 @@ class ModbusSource(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
                 "(type 'bool'): leave 'bit' out"
             )
         if self.bit is not None and self.type != "bool":
+            article = "an" if self.type.startswith("int") else "a"
             raise ValueError(
-                f"bit: applies only to type 'bool' (one bit of a register); a {self.type} "
-                "is read whole: leave 'bit' out, or make the signal type 'bool'"
+                f"bit: applies only to type 'bool' (one bit of a register); {article} "
+                f"{self.type} is read whole: leave 'bit' out, or make the signal type 'bool'"
             )
         if bit_table and self.type != "bool":
             raise ValueError(
