@@ -303,18 +303,21 @@ def test_compile_refuses_a_standard_yaml_tag_naming_file_line_col(tmp_path: Path
 @pytest.mark.parametrize("value", [".nan", ".inf"])
 def test_compile_refuses_a_non_finite_scale_with_one_line(tmp_path: Path, value: str) -> None:
     source, refused = _compile_edited(tmp_path, "    scale: 0.01\n", f"    scale: {value}\n")
+    row = DEMO_POLICY.read_text().splitlines().index("    scale: 0.01") + 1
     assert refused.returncode == 2
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
-    assert refused.stderr.startswith(f"dmzbroker: error: {source}: ")
+    assert refused.stderr.startswith(f"dmzbroker: error: {source}:{row}: signals[")
+    assert "scale and offset must be finite numbers" in refused.stderr
 
 
 def test_compile_refuses_a_version_beyond_the_json_safe_integers_with_one_line(
     tmp_path: Path,
 ) -> None:
     source, refused = _compile_edited(tmp_path, "version: 1\n", f"version: {2**53 + 1}\n")
+    row = DEMO_POLICY.read_text().splitlines().index("version: 1") + 1
     assert refused.returncode == 2
     assert len(refused.stderr.splitlines()) == 1, refused.stderr
-    assert refused.stderr.startswith(f"dmzbroker: error: {source}: ")
+    assert refused.stderr.startswith(f"dmzbroker: error: {source}:{row}: version: ")
 
 
 # --- policy sign and verify ----------------------------------------------------------------
