@@ -4,9 +4,12 @@ msgspec says what failed and at which key path (`$.signals[3].source.table`), in
 This module turns that into the words of the documents people write: the valid values of an
 enum and the nearest one, the nearest known key for an unknown one, the `{min: 0, max: 400}`
 form for a struct written as a list. It finds them by walking the target type along the error
-path, choosing a tagged union's member by its tag as msgspec does. It also parses and renders
-key paths, so that a path means the same here, in `documents.py` and in every check's message.
-It only explains: it never accepts or corrects a document.
+path, choosing a tagged union's member by its tag as msgspec does. What the document wrote (an
+unknown key, a wrong value, a key that is not text) is taken from the data, not from msgspec's
+text, whose quoting a key with a backtick in it confuses; it is shown quoted once, with every
+non-printable character spelled out, so that no value can start a line of its own. It also
+parses and renders key paths, so that a path means the same here, in `documents.py` and in
+every check's message. It only explains: it never accepts or corrects a document.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import difflib
 import json
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -23,11 +26,17 @@ import msgspec
 
 Step = str | int
 KeyPath = tuple[Step, ...]
+Place = tuple[Hashable, ...]  # a key path whose keys may be any YAML scalar (`5:`, `null:`)
 
 _ANY_KEY = "[...]"  # msgspec's step for "some value of a dict", resolved to its key below
 _STEP = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]|\['([^']*)'\]|(\[\.\.\.\])")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-_MSGSPEC = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+# msgspec's paths name struct fields, list indexes and `[...]`, never a key from the document,
+# so a path has no backtick; " - at `key` in" says the error is about a key of that mapping.
+_MSGSPEC = re.compile(
+    r"^(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL
+)
+_UNKNOWN = "Object contains unknown field `"
 _FORM_KEYS = 4  # the most keys a suggested `{key: …}` form lists without the values
 _QUOTED = re.compile(r"`([^`]*)`|'([^']*)'")
 
@@ -69,7 +78,7 @@ class Explained:
     """A conversion error in people's words; `place` is the path whose line shows it."""
 
     path: KeyPath
-    place: KeyPath
+    place: Place
     what: str
 
 
@@ -80,26 +89,34 @@ def explain(
     dec_hook: Callable[[type, Any], Any] | None = None,
 ) -> Explained:
     """Word `error`, raised converting `data` to `type_`, so that it says how to fix it."""
-    match = _MSGSPEC.match(str(error))
+    text = str(error)
+    match = _MSGSPEC.match(text)
     assert match is not None  # the pattern matches any text
     what = match["what"]
     path = _resolve_any_keys(parse_path(match["path"] or ""), type_, data, dec_hook)
+    if text.startswith(_UNKNOWN):  # the one message that quotes the document's own words
+        path, key = _unknown_field(text, text[len(what) :], path, data, type_)
+        target, _ = _walk(type_, data, path)
+        return Explained(
+            path, (*path, key), f"unknown key {_shown(key)}" + _nearest_key(key, _keys(target))
+        )
     target, value = _walk(type_, data, path)
     quoted = _QUOTED.search(what)
     named = next((q for q in quoted.groups() if q is not None), "") if quoted else ""
-    place = path
-    if what.startswith("Object contains unknown field"):
-        place = (*path, named)
-        what = f"unknown key {named!r}" + _nearest_key(named, _keys(target))
+    place: Place = path
+    if match["key"] is not None and (key := _not_text_key(value)) is not _NONE:
+        place = (*path, key)
+        what = f"keys must be text, got {_scalar(key)}"
     elif what.startswith("Object missing required field"):
         what = f"missing required key {named!r}"
     elif what.startswith("Invalid enum value") and _is_literal(target):
-        what = f"invalid enum value {named!r}" + _choices(named, get_args(target))
+        what = f"invalid enum value {_shown(value)}" + _choices(value, get_args(target))
     elif what.startswith("Invalid value") and path:
-        parent, _ = _walk(type_, data, path[:-1])
+        parent, written = _walk(type_, data, path[:-1])
         tags = _tags(parent, path[-1])
-        if tags:
-            what = f"invalid value {named!r}" + _choices(named, tags)
+        if tags and isinstance(written, dict):
+            tag = written.get(path[-1])
+            what = f"invalid value {_shown(tag)}" + _choices(tag, tags)
     elif what.startswith("Expected `object") and what.endswith("got `array`"):
         written_as = _struct_form(target, value)
         what = "expected an object, got a list" + (
@@ -107,7 +124,7 @@ def explain(
         )
     elif what.lower().startswith("expected") and ", got" not in what:  # ours start lowercase
         if isinstance(value, (int, float, str)):
-            what += f", got `{value}`"
+            what += f", got `{_printable(str(value))}`"
     else:  # a check of the struct itself (__post_init__): at the key it names first, if any
         first = re.match(r"[A-Za-z_][A-Za-z0-9_]*", what)
         if first and isinstance(value, dict) and first[0] in value:
@@ -115,6 +132,30 @@ def explain(
     if what[1:2].islower():  # msgspec's "Expected …", not an acronym such as "OPC UA"
         what = what[:1].lower() + what[1:]
     return Explained(path, place, what)
+
+
+_NONE = object()  # no such key (None is a key YAML can write: `null:`)
+
+
+def _unknown_field(
+    text: str, suffix: str, path: KeyPath, data: Any, type_: Any
+) -> tuple[KeyPath, str]:
+    """Where an unknown key is and what it is, found in the data and checked against msgspec's
+    text: a key such as ``a - at `$.devices`` at the top level reads like a path of its own."""
+    for at, after in ((path, suffix), ((), "")):
+        target, value = _walk(type_, data, at)
+        known = _keys(target)
+        unknown = [k for k in value if isinstance(k, str) and k not in known] if known else []
+        if unknown and isinstance(value, dict) and text == f"{_UNKNOWN}{unknown[0]}`{after}":
+            return at, unknown[0]
+    return path, text[len(_UNKNOWN) : len(text) - len(suffix) - 1]  # not found: msgspec's words
+
+
+def _not_text_key(mapping: Any) -> Any:
+    """The first key of `mapping` that is not text (a number, `null`, a date), else `_NONE`."""
+    if not isinstance(mapping, dict):
+        return _NONE
+    return next((key for key in mapping if not isinstance(key, str)), _NONE)
 
 
 def _resolve_any_keys(
@@ -235,9 +276,9 @@ def _nearest_key(written: str, known: list[str]) -> str:
     return f" (known keys: {', '.join(known)})" if known else ""
 
 
-def _choices(written: str, values: tuple[Any, ...] | list[str]) -> str:
+def _choices(written: Any, values: tuple[Any, ...] | list[str]) -> str:
     valid = [str(v) for v in values]
-    near = _nearest(written, valid)
+    near = _nearest(written, valid) if isinstance(written, str) else None
     hint = f" — did you mean {near!r}?" if near is not None else ""
     return f"{hint} (one of: {', '.join(valid)})"
 
@@ -257,6 +298,19 @@ def _struct_form(type_: Any, written: Any) -> str:
     if len(names) > _FORM_KEYS:
         return ""  # a whole document written as a list: its keys would not help
     return "{" + ", ".join(f"{n}: …" for n in names) + "}"
+
+
+def _shown(value: Any) -> str:
+    """A value the document wrote, as an error shows it: text in quotes (once), else as YAML."""
+    return f"'{_printable(value)}'" if isinstance(value, str) else _scalar(value)
+
+
+def _printable(text: str) -> str:
+    """`text` with each non-printable character spelled out (`\\n`, `\\x1b`, `\\u2028`), so that
+    it cannot break or colour the error's line; a backslash is shown as written."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _scalar(value: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import msgspec
 import yaml
 
-from broker.conversion_errors import KeyPath, explain, parse_path, render_path
+from broker.conversion_errors import Place, explain, parse_path, render_path
 from broker.errors import ConfigError
 
 T = TypeVar("T")
@@ -31,7 +31,15 @@ def _refuse(problem: str, mark: Any) -> NoReturn:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader without the parts of YAML that make a reviewed file mean something hidden."""
+    """SafeLoader without the parts of YAML that make a reviewed file mean something hidden.
+
+    It keeps each key as constructed (`5:` is the number 5), by key node, so that an error about
+    a key that is not text is told at that key's line.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.keys: dict[int, Any] = {}  # id(key node) → the key; the nodes live as long as this
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()  # type: ignore[no-untyped-call]
@@ -52,6 +60,7 @@ class _StrictLoader(yaml.SafeLoader):
             if not isinstance(key_node, yaml.ScalarNode):
                 _refuse("a key must be a plain value, not a list or mapping", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
+            self.keys[id(key_node)] = key
             if key in seen:
                 _refuse(f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
@@ -61,10 +70,10 @@ class _StrictLoader(yaml.SafeLoader):
 class KeyLines:
     """The line (1-based) each key and list item of a parsed YAML document is written on."""
 
-    def __init__(self, lines: dict[KeyPath, int]) -> None:
+    def __init__(self, lines: dict[Place, int]) -> None:
         self._lines = lines
 
-    def line(self, path: KeyPath) -> int:
+    def line(self, path: Place) -> int:
         """The line of `path`, or of its deepest prefix written in the document.
 
         A missing key is shown at its mapping; a key `prepare` implied, at the mapping too.
@@ -87,6 +96,7 @@ def parse_yaml_lines(text: str, source: str) -> tuple[Any, KeyLines]:
         try:
             node = loader.get_single_node()
             data = None if node is None else loader.construct_document(node)
+            keys = loader.keys
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as e:
@@ -97,20 +107,21 @@ def parse_yaml_lines(text: str, source: str) -> tuple[Any, KeyLines]:
         raise ConfigError(f"{source}: not valid YAML: {e}") from e
     except RecursionError as e:  # PyYAML composes recursively; no real document nests so deep
         raise ConfigError(f"{source}: nested too deeply to be a configuration") from e
-    return data, KeyLines(_lines_of(node))
+    return data, KeyLines(_lines_of(node, keys))
 
 
-def _lines_of(root: Any) -> dict[KeyPath, int]:
-    """Key path → line, for every key (its own line) and list item of the composed tree."""
+def _lines_of(root: Any, keys: dict[int, Any]) -> dict[Place, int]:
+    """Key path → line, for every key (its own line) and list item of the composed tree;
+    `keys` holds each key as constructed, by key node."""
     if root is None:
         return {}
-    lines: dict[KeyPath, int] = {(): root.start_mark.line + 1}
-    pending: list[tuple[KeyPath, Any]] = [((), root)]  # a loop, not recursion: depth is free
+    lines: dict[Place, int] = {(): root.start_mark.line + 1}
+    pending: list[tuple[Place, Any]] = [((), root)]  # a loop, not recursion: depth is free
     while pending:
         path, node = pending.pop()
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                key = (*path, key_node.value)
+                key = (*path, keys.get(id(key_node), key_node.value))
                 lines[key] = key_node.start_mark.line + 1
                 pending.append((key, value_node))
         elif isinstance(node, yaml.SequenceNode):
@@ -155,7 +166,7 @@ def convert(
     return converted
 
 
-def _where(source: str, lines: KeyLines | None, path: KeyPath) -> str:
+def _where(source: str, lines: KeyLines | None, path: Place) -> str:
     return source if lines is None else f"{source}:{lines.line(path)}"
 
 

@@ -391,6 +391,25 @@ def test_the_site_document_loads() -> None:
         ("unit: kW", "units: kW", 10, "sensors[1]: unknown key 'units' — did you mean 'unit'?"),
         ("{kind: meter, unit: kW}", "{kind: meter}", 10, "sensors[1]: missing required key 'unit'"),
         ("name: plant", "name: reserved", 1, "(top level): name 'reserved' is taken"),
+        # a key that is not text: at its own line, named as written (issue 15 review L1)
+        ("  dock: {low", "  7: {low", 6, "zones: keys must be text, got 7"),
+        ("  dock: {low", "  null: {low", 6, "zones: keys must be text, got null"),
+        ("  dock: {low", "  2.5: {low", 6, "zones: keys must be text, got 2.5"),
+        ("    mode: fast", "    mode: fast\n    9: x", 10, "sensors[0]: keys must be text, got 9"),
+        ("name: plant", "name: plant\ntrue: 1", 2, "(top level): keys must be text, got true"),
+        # a key with a backtick: named whole, at its own line (L2)
+        ("    high: -18", "    \"hi`gh\": -18", 5,
+         "zones['cold room']: unknown key 'hi`gh' — did you mean 'high'?"),
+        ("    high: -18", "    \"a`b`c\": -18", 5,
+         "zones['cold room']: unknown key 'a`b`c' (known keys: low, high, step)"),
+        # a top-level key that reads like msgspec's path suffix is still the key
+        ("zones:", "\"x - at `$.zones\": 1\nzones:", 2,
+         "(top level): unknown key 'x - at `$.zones' (known keys: name, zones, sensors)"),
+        # a value is shown once, quoted once: backslashes as written (L6)
+        ("mode: fast", "mode: 'C:\\fast'", 9,
+         "sensors[0].mode: invalid enum value 'C:\\fast' — did you mean 'fast'? (one of: fast, slow)"),
+        ("kind: meter", "kind: 'me\\ter'", 10,
+         "sensors[1].kind: invalid value 'me\\ter' — did you mean 'meter'? (one of: probe, meter)"),
     ],
 )  # fmt: skip
 def test_conversion_errors_give_the_line_of_the_key_and_teach(
@@ -398,6 +417,23 @@ def test_conversion_errors_give_the_line_of_the_key_and_teach(
 ) -> None:
     assert old in SITE
     assert site_error(SITE.replace(old, new)) == f"site.yaml:{line}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "written"),
+    [
+        ("mode: fast", 'mode: "fa\\nst\\e[31m\\u2028"', "'fa\\nst\\x1b[31m\\u2028'"),
+        ("kind: meter", 'kind: "me\\rter\\x85"', "'me\\rter\\x85'"),
+        ("unit: kW", '"un\\nit\\e": kW', "'un\\nit\\x1b'"),
+        ("high: 10}", '"hi\\ngh": 10}', "'hi\\ngh'"),
+    ],
+)
+def test_a_value_from_the_document_cannot_start_a_line_or_an_escape_of_its_own(
+    old: str, new: str, written: str
+) -> None:
+    message = site_error(SITE.replace(old, new))  # site_error: one line, no newline
+    assert written in message
+    assert message.isprintable(), repr(message)
 
 
 def test_a_check_across_fields_is_told_at_the_line_of_its_key_path() -> None:
@@ -478,6 +514,8 @@ plant:
         ("spool: {dir: spool}", "spool: {dir: spool, segment_mib: 64, retention_mib: 100}", 3,
          "spool: retention_mib (100) must be at least twice segment_mib (64)"),
         ("    cert: server.crt\n", "", 7, "enterprise.tls: missing required key 'cert'"),
+        ("      plc-1: {username", "      plc-1: {username: u, password_file: p}\n      2001: {username",
+         18, "plant.opcua.users: keys must be text, got 2001"),
     ],
 )  # fmt: skip
 def test_broker_yaml_errors_give_the_line_and_teach(

@@ -112,6 +112,20 @@ def test_the_base_policy_loads(tmp_path: Path) -> None:
          "signals[1].range: expected an object, got a list — write it as {min: -2.5, max: 12.75}"),
         ("range: {min: 0, max: 400}", "range: [0, 400, 9]",
          "signals[1].range: expected an object, got a list — write it as {min: …, max: …}"),
+        # a value is shown as written, quoted once, with control characters spelled out
+        ("table: holding_register", 'table: "holding\\e[31m_register\\n"',
+         "signals[1].source.table: invalid enum value 'holding\\x1b[31m_register\\n' — did you "
+         "mean 'holding_register'? (one of: "),
+        ("table: holding_register", r"table: 'holding\register'",
+         r"signals[1].source.table: invalid enum value 'holding\register' — did you "
+         "mean 'holding_register'? (one of: "),
+        ("scale: 0.1", '"sc\\nale": 0.1',
+         "signals[1]: unknown key 'sc\\nale' — did you mean 'scale'?"),
+        # a key that is not text, or holds a backtick: at its own line, named as written
+        ("outside: site/room/pump/pressure", "5: site/room/pump/pressure",
+         "assets[0].ambient: keys must be text, got 5"),
+        ("host: 127.0.0.1", '"ho`st": 127.0.0.1',
+         "devices[0]: unknown key 'ho`st' — did you mean 'host'?"),
         # a wrong type or bound deep in a list item
         ("protocol: modbus", "protocol: {a: 1}",
          "devices[0].protocol: expected `str`, got `dict`"),
