@@ -83,6 +83,23 @@ def test_audit_keygen_refuses_a_missing_folder_and_an_existing_key(tmp_path: Pat
     assert private.read_bytes() == before
 
 
+@pytest.mark.parametrize("linked", ["audit.key", "audit.pub"])
+def test_audit_keygen_refuses_a_dangling_link_and_never_writes_through_it(
+    tmp_path: Path, linked: str
+) -> None:
+    target = tmp_path / "elsewhere" / "target"
+    target.parent.mkdir()
+    (tmp_path / linked).symlink_to(target)
+    made = _cli("audit", "keygen", "--out", str(tmp_path / "audit.key"))
+    assert made.returncode == 2, (made.stdout, made.stderr)
+    assert made.stderr == (
+        f"dmzbroker: error: {tmp_path / linked}: a symbolic link; not writing a key through it "
+        "(choose another --out)\n"
+    )
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([linked, "elsewhere"])
+
+
 # --- the same for the other --out FILE options ---------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """Owners' signing keys: Ed25519, private key 0600 and optionally passphrase-encrypted.
 
 A key id is the SHA-256 (hex) of the raw 32-byte public key, so it can be recomputed from
-the public key alone and never has to be trusted as given.
+the public key alone and never has to be trusted as given. Key files are only ever created new:
+never over an existing file, and never through a symbolic link (a link planted at the name would
+put the key wherever it points). Reading a key never blocks on a FIFO put in its place.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +86,8 @@ def generate_at(private: Path, passphrase: bytes | None) -> GeneratedKey:
     if public == private:
         raise RuntimeError(f"{private}: the private key cannot be named .pub")
     for path in (private, public):
-        if path.exists():
-            raise TrustError(f"{path}: already exists; not overwriting it (choose another --out)")
+        if (there := _existing(path)) is not None:
+            raise there
     key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase)
@@ -94,9 +97,31 @@ def generate_at(private: Path, passphrase: bytes | None) -> GeneratedKey:
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-    write_secret(private, private_pem)
-    public.write_text(public_pem(key.public_key()))
+    try:
+        write_secret(private, private_pem)
+    except OSError as e:  # made or linked there since the check above, or a read-only folder
+        raise _cannot_create(private, e) from e
+    try:
+        _write_new(public, public_pem(key.public_key()).encode(), 0o644)
+    except OSError as e:
+        private.unlink()  # ours, made new just now: a retry must not find it
+        raise _cannot_create(public, e) from e
     return GeneratedKey(private, public, key_id(key.public_key()))
+
+
+def _existing(path: Path) -> TrustError | None:
+    """Why a new key cannot be written at `path`, if something (even a dangling link) is there."""
+    if path.is_symlink():
+        return TrustError(
+            f"{path}: a symbolic link; not writing a key through it (choose another --out)"
+        )
+    if os.path.lexists(path):
+        return TrustError(f"{path}: already exists; not overwriting it (choose another --out)")
+    return None
+
+
+def _cannot_create(path: Path, error: OSError) -> TrustError:
+    return _existing(path) or TrustError(f"{path}: cannot create it: {error.strerror}")
 
 
 def load_private(
@@ -148,20 +173,43 @@ MAX_KEY_BYTES = 64 * 1024  # a PEM key is under 1 KiB: anything larger is not on
 
 
 def _read_key_file(path: Path) -> bytes:
+    # A key named on the command line may be a link (followed), but never a FIFO to wait on.
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_KEY_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            data = b""
+            if stat.S_ISREG(mode):
+                with os.fdopen(fd, "rb", closefd=False) as file:
+                    data = file.read(MAX_KEY_BYTES + 1)
+        finally:
+            os.close(fd)
     except FileNotFoundError as e:
         raise TrustError(f"{path}: key file not found") from e
-    except IsADirectoryError as e:
-        found = sorted(path.glob("*.key"))
-        example = f", e.g. {found[0]}" if found else ""
-        raise TrustError(f"{path}: a folder, not a key file; name the .key file{example}") from e
     except OSError as e:
         raise TrustError(f"{path}: cannot read the key file: {e.strerror}") from e
+    if stat.S_ISDIR(mode):
+        example = next(iter(_key_files(path)), None)
+        hint = f", e.g. {example}" if example is not None else ""
+        raise TrustError(f"{path}: a folder, not a key file; name the .key file{hint}")
+    if not stat.S_ISREG(mode):
+        raise TrustError(f"{path}: not a regular file; {_WHICH_FILE}")
     if len(data) > MAX_KEY_BYTES:
         raise TrustError(f"{path}: over {MAX_KEY_BYTES} bytes: not a key; {_WHICH_FILE}")
     return data
+
+
+def _key_files(folder: Path) -> list[Path]:
+    """The `.key` files in `folder` worth naming: regular files (no links), printable names."""
+    found = []
+    for path in sorted(folder.glob("*.key")):
+        try:
+            regular = stat.S_ISREG(path.lstat().st_mode)
+        except OSError:  # gone since the listing
+            continue
+        if regular and path.name.isprintable():
+            found.append(path)
+    return found
 
 
 def _pem_label(data: bytes) -> str | None:
@@ -193,8 +241,16 @@ def write_secret(path: Path, data: bytes) -> None:
     """Create a file only its owner can read, without a moment of wider permissions."""
     old_umask = os.umask(0o077)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        _write_new(path, data, 0o600)
     finally:
         os.umask(old_umask)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` new with `mode`: FileExistsError if anything, even a dangling link, is
+    there (O_EXCL never follows a link; O_NOFOLLOW says so once more)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        file.write(data)

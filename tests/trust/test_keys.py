@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,105 @@ def test_a_private_key_given_for_a_public_one_says_so(tmp_path: Path) -> None:
     generated = keys.generate_at(tmp_path / "audit.key", None)
     with pytest.raises(TrustError, match="a private key where its public key is meant; give"):
         keys.parse_public_pem(generated.private.read_text(), str(generated.private))
+
+
+# --- key files are made new, never through a link (review L4) --------------------------------
+
+
+@pytest.mark.parametrize("linked", ["audit.key", "audit.pub"])
+@pytest.mark.parametrize("dangling", [True, False])
+def test_generate_at_never_writes_through_a_link(
+    tmp_path: Path, linked: str, dangling: bool
+) -> None:
+    target = tmp_path / "target"
+    if not dangling:
+        target.write_text("left alone\n")
+    (tmp_path / linked).symlink_to(target)
+    with pytest.raises(TrustError) as refused:
+        keys.generate_at(tmp_path / "audit.key", None)
+    assert str(refused.value) == (
+        f"{tmp_path / linked}: a symbolic link; not writing a key through it (choose another --out)"
+    )
+    assert target.exists() is not dangling
+    assert dangling or target.read_text() == "left alone\n"
+    assert sorted(tmp_path.iterdir()) == sorted({tmp_path / linked, *[target][: not dangling]})
+
+
+def test_a_link_planted_after_the_check_is_not_written_through_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    private, target = tmp_path / "audit.key", tmp_path / "target.pub"
+    write_new = keys._write_new
+
+    def plant_then_write(path: Path, data: bytes, mode: int) -> None:
+        if path.suffix == ".pub":  # a race a real attacker wins: the link appears in between
+            path.symlink_to(target)
+        write_new(path, data, mode)
+
+    monkeypatch.setattr(keys, "_write_new", plant_then_write)
+    with pytest.raises(TrustError, match=r"audit\.pub: a symbolic link; not writing a key"):
+        keys.generate_at(private, None)
+    assert not target.exists()
+    assert not private.exists()  # the half-made pair is removed: a retry can succeed
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_the_private_key_is_0600_and_the_public_key_0644_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        generated = keys.generate_at(tmp_path / "audit.key", None)
+    finally:
+        os.umask(old)
+    assert generated.private.stat().st_mode & 0o777 == 0o600
+    assert generated.public.stat().st_mode & 0o777 == 0o644
+
+
+# --- a folder or a FIFO given as the key (review L5) -----------------------------------------
+
+
+def test_the_folder_hint_names_a_real_key_file_with_a_printable_name(tmp_path: Path) -> None:
+    (tmp_path / "a-dangling.key").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "b-link.key").symlink_to(tmp_path / "d-real.key")
+    (tmp_path / "c-\x1b[31m\nFAKE.key").write_text("x")
+    (tmp_path / "c-folder.key").mkdir()
+    (tmp_path / "d-real.key").write_text("x")
+    with pytest.raises(TrustError) as refused:
+        keys.load_private(tmp_path, None)
+    assert str(refused.value) == (
+        f"{tmp_path}: a folder, not a key file; name the .key file, e.g. {tmp_path}/d-real.key"
+    )
+
+
+def test_a_folder_with_no_key_file_to_name_gives_no_example(tmp_path: Path) -> None:
+    (tmp_path / "a.key").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "b\x07.key").write_text("x")
+    with pytest.raises(TrustError) as refused:
+        keys.load_private(tmp_path, None)
+    assert str(refused.value) == f"{tmp_path}: a folder, not a key file; name the .key file"
+
+
+def test_a_fifo_in_place_of_the_key_is_refused_without_waiting(tmp_path: Path) -> None:
+    fifo = tmp_path / "owner.key"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            keys.load_private(fifo, None)
+        except BaseException as e:  # handed to the test thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    if worker.is_alive():  # blocked in open(): a writer end lets it go, then fail
+        with open(fifo, "wb"):
+            pass
+        worker.join(timeout=10)
+        pytest.fail("load_private blocked on a FIFO")
+    assert [str(e) for e in outcome] == [
+        f"{fifo}: not a regular file; give the .key file that `dmzbroker keys generate` "
+        "(or `audit keygen`) wrote"
+    ]
