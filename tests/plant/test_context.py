@@ -1,12 +1,12 @@
-"""Context at the edge: assessments against baselines, rules and their actions, derived
-signals, data-quality checks, maintenance status, and the fouling scenario on the real
-simulated plant read through the real Modbus connector."""
+"""Context at the edge: rules and their actions, derived signals, data-quality checks,
+maintenance status, values at the edges, and the fouling scenario on the real simulated plant
+read through the real Modbus connector (assessments, trends and precision:
+test_assessment.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import struct
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -23,200 +23,27 @@ from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import ModbusDevice, Policy
-from broker.records import Record, to_json
+from broker.records import Record
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import demo_policy, free_port
-
-COMPRESSOR = "site/plant/compressor"
-PRESSURE = f"{COMPRESSOR}/discharge_pressure"
-POWER = f"{COMPRESSOR}/motor_power"
-AMBIENT = "site/outdoor/weather/ambient_temperature"
-SPECIFIC = f"{COMPRESSOR}/pressure_per_kw"
-T0 = datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
-
-
-def register(value: float) -> tuple[int, ...]:
-    """A float32 value as the two big-endian registers a PLC would hold."""
-    return struct.unpack(">2H", struct.pack(">f", value))
-
-
-def signal(path: str, address: int, **more: Any) -> dict[str, Any]:
-    source = {"table": "input_register", "address": address, "type": "float32"}
-    return {"path": path, "device": "plc", "source": source, **more}
-
-
-def compressor_policy(tmp_path: Path, **asset: Any) -> Policy:
-    """An 80 psi compressor: its discharge pressure's baseline depends on ambient and load."""
-    document = {
-        "deployment_id": "test",
-        "version": 1,
-        "expires": "2036-01-01T00:00:00Z",
-        "devices": [{"name": "plc", "protocol": "modbus", "host": "127.0.0.1"}],
-        "signals": [
-            signal(PRESSURE, 0, unit="psi", range={"min": 0, "max": 300}),
-            signal(POWER, 2, unit="kW", checks={"max_rate_per_s": 5, "flatline": "30s"}),
-            signal(AMBIENT, 4, unit="degC", checks={"max_noise": 0.5}),
-            {"path": SPECIFIC, "source": {"expression": "discharge_pressure / motor_power"}},
-        ],
-        "assets": [
-            {
-                "path": COMPRESSOR,
-                "type": "compressor",
-                "states": [{"state": "running", "when": "motor_power > 2"}],
-                "ambient": {"temperature": AMBIENT},
-                "load": {"signal": POWER, "windows": ["15m"]},
-                "baselines": [
-                    {
-                        "measure": "discharge_pressure",
-                        "ambient": "temperature",
-                        "ambient_points": [10, 35],
-                        "load_points": [20, 40],
-                        "expected": [[60, 66], [80, 88]],  # psi
-                        "worse": "higher",
-                        "drifting_pct": 10,
-                        "abnormal_pct": 20,
-                        "states": ["running"],
-                    }
-                ],
-                "rules": [
-                    {
-                        "name": "condenser-fouling",
-                        "when": "state == 'running' and label('discharge_pressure') == 'abnormal'",
-                        "alert": "Head pressure too high for the conditions",
-                        "action": "clean condenser coils",
-                        "outcome": "energy",
-                    },
-                    {
-                        "name": "service-overdue",
-                        "when": "maintenance == 'overdue'",
-                        "alert": "Service overdue",
-                        "action": "inspect compressor valves",
-                        "outcome": "asset_life",
-                    },
-                ],
-                **asset,
-            }
-        ],
-    }
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return policy.load(path)
-
-
-def scan(pressure: float, power: float, ambient: float, at: datetime = T0) -> list[RawSample]:
-    return [
-        RawSample(PRESSURE, register(pressure), at, "good"),
-        RawSample(POWER, register(power), at, "good"),
-        RawSample(AMBIENT, register(ambient), at, "good"),
-    ]
-
-
-def by_signal(records: list[Record]) -> dict[str, Record]:
-    return {r.signal: r for r in records}
+from tests.plant.compressor import (
+    AMBIENT,
+    COMPRESSOR,
+    POWER,
+    PRESSURE,
+    SPECIFIC,
+    T0,
+    by_signal,
+    compressor_policy,
+    edited,
+    register,
+    scan,
+)
 
 
 @pytest.fixture
 def compressor(tmp_path: Path) -> Policy:
     return compressor_policy(tmp_path)
-
-
-def test_80_psi_is_expected_on_a_hot_day_and_abnormal_on_a_cold_one(compressor: Policy) -> None:
-    hot = by_signal(PlantPipeline(compressor).process(scan(80, 20, ambient=35)))[PRESSURE]
-    cold = by_signal(PlantPipeline(compressor).process(scan(80, 20, ambient=10)))[PRESSURE]
-
-    assert hot.value == cold.value == 80
-    assert hot.context.assessment is not None and cold.context.assessment is not None
-    assert (hot.context.assessment.expected, hot.context.assessment.label) == (80, "expected")
-    assert cold.context.assessment.expected == 60
-    assert cold.context.assessment.deviation_pct == pytest.approx(33.33, abs=0.01)
-    assert cold.context.assessment.label == "abnormal"
-    assert [a.action for a in cold.context.alerts] == ["clean condenser coils"]
-    assert hot.context.alerts == []
-
-
-def test_the_same_pressure_and_ambient_at_a_higher_load_is_expected(compressor: Policy) -> None:
-    light = by_signal(PlantPipeline(compressor).process(scan(72, 20, ambient=22.5)))[PRESSURE]
-    heavy = by_signal(PlantPipeline(compressor).process(scan(72, 40, ambient=22.5)))[PRESSURE]
-
-    assert light.context.assessment is not None and heavy.context.assessment is not None
-    assert light.context.assessment.expected == 70  # halfway between 60 and 80
-    assert heavy.context.assessment.expected == 77  # halfway between 66 and 88
-    assert light.context.assessment.label == "expected"
-    assert heavy.context.assessment.deviation_pct < 0
-
-
-def test_between_the_two_bands_is_drifting_above(compressor: Policy) -> None:
-    """Issue 15: a pressure above expected read `below_expected`, as if it were too low."""
-    record = by_signal(PlantPipeline(compressor).process(scan(90, 20, ambient=35)))[PRESSURE]
-
-    assessment = record.context.assessment
-    assert assessment is not None  # 12.5 % above 80
-    assert (assessment.label, assessment.direction, assessment.deviation_pct) == (
-        "drifting", "above", 12.5,
-    )  # fmt: skip
-    assert record.context.alerts == []
-
-
-@pytest.mark.parametrize(
-    ("pressure", "label", "direction"),
-    [
-        (80, "expected", None),  # exactly on expected: on neither side
-        (84, "expected", "above"),  # 5 %: under drifting_pct
-        (60, "expected", "below"),  # -25 %: far below, but only higher is worse
-        (88, "drifting", "above"),  # 10 %: drifting_pct itself
-        (96, "abnormal", "above"),  # 20 %: abnormal_pct itself
-    ],
-)
-def test_the_label_says_how_far_in_the_worse_direction_and_direction_which_side(
-    compressor: Policy, pressure: float, label: str, direction: str | None
-) -> None:
-    record = by_signal(PlantPipeline(compressor).process(scan(pressure, 20, ambient=35)))[PRESSURE]
-
-    assessment = record.context.assessment
-    assert assessment is not None and assessment.expected == 80
-    assert (assessment.label, assessment.direction) == (label, direction)
-
-
-def test_when_both_sides_are_worse_a_low_value_drifts_below(tmp_path: Path) -> None:
-    def both(document: dict[str, Any]) -> None:
-        document["assets"][0]["baselines"][0]["worse"] = "both"
-
-    pipeline = PlantPipeline(edited(tmp_path, both))
-    low = by_signal(pipeline.process(scan(70, 20, ambient=35)))[PRESSURE].context.assessment
-
-    assert low is not None
-    assert (low.label, low.direction, low.deviation_pct) == ("drifting", "below", -12.5)
-
-
-def test_rules_read_the_label_and_the_direction(tmp_path: Path) -> None:
-    drifting_low = {
-        "name": "pressure-low",
-        "when": "label('discharge_pressure') == 'drifting' and "
-        "direction('discharge_pressure') == 'below'",
-        "alert": "Head pressure low",
-        "action": "check the refrigerant charge",
-        "outcome": "energy",
-    }
-
-    def both(document: dict[str, Any]) -> None:
-        baseline = document["assets"][0]["baselines"][0]
-        baseline["worse"] = "both"
-        document["assets"][0]["rules"] = [drifting_low]
-
-    pipeline = PlantPipeline(edited(tmp_path, both))
-    low = by_signal(pipeline.process(scan(70, 20, ambient=35)))[PRESSURE]
-    high = by_signal(pipeline.process(scan(90, 20, ambient=35)))[PRESSURE]
-
-    assert [a.rule for a in low.context.alerts] == ["pressure-low"]
-    assert high.context.alerts == []  # drifting too, but above
-
-
-def test_no_assessment_outside_the_baselines_states(compressor: Policy) -> None:
-    record = by_signal(PlantPipeline(compressor).process(scan(80, 0.5, ambient=10)))[PRESSURE]
-
-    assert record.context.asset_state == "stopped"
-    assert record.context.assessment is None
-    assert record.context.alerts == []
 
 
 def test_every_record_of_the_asset_carries_ambient_load_and_alerts(compressor: Policy) -> None:
@@ -418,36 +245,6 @@ async def test_a_healthy_condenser_is_never_flagged(tmp_path: Path) -> None:
     assert not any(r.context.alerts for r in records)
 
 
-# --- values at the edges: nothing a device sends may stop the plant half or skew history ---
-
-
-def edited(tmp_path: Path, change: Any) -> Policy:
-    """The compressor policy, changed by `change(document)` before it is loaded."""
-    compressor_policy(tmp_path)
-    path = tmp_path / "policy.yaml"
-    document = yaml.safe_load(path.read_text())
-    change(document)
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return policy.load(path)
-
-
-def test_a_value_near_the_float_limit_is_assessed_not_fatal(tmp_path: Path) -> None:
-    def float64_pressure(document: dict[str, Any]) -> None:
-        document["signals"][0]["source"]["type"] = "float64"
-
-    pipeline = PlantPipeline(edited(tmp_path, float64_pressure))
-    raw = struct.unpack(">4H", struct.pack(">d", 1e307))  # its deviation x 100 is infinite
-    records = by_signal(
-        pipeline.process([RawSample(PRESSURE, raw, T0, "good"), *scan(0, 20, 20)[1:]])
-    )
-
-    pressure = records[PRESSURE]
-    assert (pressure.value, pressure.quality) == (1e307, "uncertain")  # out of range
-    assert pressure.context.assessment is not None
-    assert pressure.context.assessment.label == "abnormal"
-    assert pressure.context.assessment.deviation_pct > 1e306
-
-
 def test_a_derived_integer_a_record_cannot_hold_is_bad(tmp_path: Path) -> None:
     def meters(document: dict[str, Any]) -> None:
         for name, address in (("energy_in", 10), ("energy_out", 20)):
@@ -539,27 +336,6 @@ def test_a_frozen_value_with_a_frozen_source_time_is_a_flatline_by_its_reads(
     assert pipeline.checks.stats[POWER].longest_gap_s == 5.0  # between reads, not changes
 
 
-def test_a_trend_rule_ends_when_the_measure_has_had_no_good_value_for_its_window(
-    tmp_path: Path,
-) -> None:
-    climbing = {
-        "name": "pressure-climbing",
-        "when": "trend('discharge_pressure') > 30",
-        "alert": "Head pressure climbing",
-        "action": "check the condenser",
-        "outcome": "energy",
-    }
-    pipeline = PlantPipeline(compressor_policy(tmp_path, trend_window="10m", rules=[climbing]))
-    for minute in range(10):  # +60 psi/h
-        rising = pipeline.process(scan(80 + minute, 20, 20, at=T0 + timedelta(minutes=minute)))
-    assert [a.rule for a in by_signal(rising)[POWER].context.alerts] == ["pressure-climbing"]
-    at = T0 + timedelta(hours=3)
-    unread = [RawSample(PRESSURE, None, at, "bad"), *scan(80, 20, 20, at=at)[1:]]
-
-    later = by_signal(pipeline.process(unread))
-    assert later[POWER].context.alerts == []  # no good pressure for 3 h: no trend to act on
-
-
 def test_a_derived_signal_is_checked_by_when_its_inputs_were_read(tmp_path: Path) -> None:
     def flatline_on_derived(document: dict[str, Any]) -> None:
         document["signals"][3]["checks"] = {"flatline": "30s"}
@@ -581,103 +357,3 @@ def test_a_derived_signal_is_checked_by_when_its_inputs_were_read(tmp_path: Path
     assert [r.quality for r in derived[:6]] == ["good"] * 6
     assert derived[-1].context.quality_issues[0].check == "flatline"
     assert pipeline.checks.stats[SPECIFIC].longest_gap_s == 5.0
-
-
-def test_a_records_trend_ends_once_its_good_values_are_older_than_the_window(
-    tmp_path: Path,
-) -> None:
-    pipeline = PlantPipeline(compressor_policy(tmp_path, trend_window="10m"))
-    for minute in range(10):  # +60 psi/h
-        rising = pipeline.process(scan(80 + minute, 20, 20, at=T0 + timedelta(minutes=minute)))
-    trend = by_signal(rising)[PRESSURE].context.trend
-    assert trend is not None and trend.direction == "rising"
-
-    for minute in range(10, 60):  # out of range: uncertain, kept out of history
-        later = by_signal(pipeline.process(scan(350, 20, 20, at=T0 + timedelta(minutes=minute))))
-    assert later[PRESSURE].quality == "uncertain"
-    assert later[PRESSURE].context.trend is None
-
-
-# --- precision: numbers computed at the edge read like the plant, never like float noise ---
-
-
-def tenths(document: dict[str, Any]) -> None:
-    """Pressure and ambient as a PLC often holds them: int16 registers in tenths."""
-    for i in (0, 2):
-        document["signals"][i]["source"]["type"] = "int16"
-        document["signals"][i]["scale"] = 0.1
-    document["signals"][3]["source"]["expression"] = "discharge_pressure - temperature"
-    document["assets"][0]["trend_window"] = "10m"
-
-
-def scan_in_tenths(pressure: int, power: float, ambient: int, at: datetime = T0) -> list[RawSample]:
-    return [
-        RawSample(PRESSURE, (pressure,), at, "good"),
-        RawSample(POWER, register(power), at, "good"),
-        RawSample(AMBIENT, (ambient,), at, "good"),
-    ]
-
-
-def test_a_derived_difference_is_the_exact_decimal_not_float_noise(tmp_path: Path) -> None:
-    """Issue 15: 7.9999999999999964 is a defect. 17.9 - 10.1 is 7.799999999999999 in floats."""
-    pipeline = PlantPipeline(edited(tmp_path, tenths))
-    records = by_signal(pipeline.process(scan_in_tenths(179, 20, ambient=101)))
-
-    assert (records[PRESSURE].value, records[AMBIENT].value) == (17.9, 10.1)
-    assert records[SPECIFIC].value == 7.8
-    assert b'"value":7.8,' in to_json(records[SPECIFIC])
-
-
-def test_a_derived_quotient_has_the_decimals_the_signal_declares(tmp_path: Path) -> None:
-    def declared(document: dict[str, Any]) -> None:
-        document["signals"][3]["source"]["decimals"] = 2
-
-    undeclared = by_signal(PlantPipeline(compressor_policy(tmp_path)).process(scan(80, 30, 20)))
-    two = by_signal(PlantPipeline(edited(tmp_path, declared)).process(scan(80, 30, 20)))
-
-    assert 80 / 30 == 2.6666666666666665
-    assert undeclared[SPECIFIC].value == 2.666667  # float32 inputs: 7 significant digits
-    assert two[SPECIFIC].value == 2.67
-
-
-def test_expected_is_as_precise_as_the_measure(tmp_path: Path) -> None:
-    pipeline = PlantPipeline(edited(tmp_path, tenths))
-    # at 26.7 degC and 20 kW the table gives 60 + 16.7 / 25 x 20 = 73.36 psi
-    record = by_signal(pipeline.process(scan_in_tenths(800, 20, ambient=267)))[PRESSURE]
-
-    assessment = record.context.assessment
-    assert assessment is not None
-    assert assessment.expected == 73.4  # tenths, like the pressure it is compared with
-    assert assessment.deviation_pct == round((80 - 73.4) / 73.4 * 100, 2)
-
-
-def test_load_means_and_trend_slopes_are_rounded_to_what_follows_from_their_values(
-    tmp_path: Path,
-) -> None:
-    pipeline = PlantPipeline(edited(tmp_path, tenths))
-    for i in range(16):  # every 20 s for 5 min: pressure +0.1 psi, load 0.1 / 0.2 kW
-        at = T0 + timedelta(seconds=20 * i)
-        records = by_signal(pipeline.process(scan_in_tenths(800 + i, 0.1 + i % 2 / 10, 200, at)))
-
-    context = records[PRESSURE].context
-    assert context.load is not None
-    mean = context.load.windows["15m"].mean  # float32 0.1 and 0.2: 7 significant digits
-    assert mean is not None and mean == float(f"{mean:.7g}") and mean == pytest.approx(0.15)
-    assert context.trend is not None  # 0.1 psi per 20 s: 18 psi/h, to 2 decimals
-    assert context.trend.slope_per_h == 18.0
-
-
-def test_a_trend_is_reported_only_once_its_history_spans_half_its_window(
-    tmp_path: Path,
-) -> None:
-    """Issue 15: the first minute of a 10 min window gave 63 bar/h."""
-    pipeline = PlantPipeline(compressor_policy(tmp_path, trend_window="10m"))
-    trends = []
-    for i in range(20):  # every 20 s (one bucket each): +1 psi a minute
-        at = T0 + timedelta(seconds=20 * i)
-        record = by_signal(pipeline.process(scan(80 + i / 3, 20, 20, at=at)))[PRESSURE]
-        trends.append(record.context.trend)
-
-    assert trends[:15] == [None] * 15  # up to 4 min 40 s of a 10 min window
-    assert all(t is not None and t.direction == "rising" for t in trends[15:])
-    assert trends[-1] is not None and trends[-1].slope_per_h == pytest.approx(60, rel=1e-6)
