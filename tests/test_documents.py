@@ -172,6 +172,11 @@ def test_a_string_too_short_shows_the_value() -> None:
     assert conversion_error(data) == "site.yaml: name: expected `str` of length >= 2, got `p`"
 
 
+def test_a_value_shown_after_a_bound_has_its_control_characters_spelled_out() -> None:
+    data = {**GOOD, "name": "\n"}
+    assert conversion_error(data) == "site.yaml: name: expected `str` of length >= 2, got `\\n`"
+
+
 def test_a_collection_value_is_not_shown() -> None:
     message = conversion_error({**GOOD, "listeners": []})
     assert message.startswith("site.yaml: listeners: expected `array` of length >= 1")
