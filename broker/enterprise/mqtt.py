@@ -12,7 +12,9 @@ Records the spool's retention drops before the sink read them are counted and lo
 (`spool_records_lost`), like any reader's.
 
 A lost connection ends the session at once (not when a publish times out), and reconnects
-are tried every few seconds at most, so the sink is back soon after its broker. It never
+are tried every few seconds at most, so the sink is back soon after its broker. A broker that
+accepts and then drops the sink (another client with its client id, a quota) does not make it
+reconnect or log any faster: only a connection that held `FRESH_AFTER_S` ends an outage. It never
 skips the broker's certificate check: a broker reached by an address its certificate does
 not name is verified by `enterprise.mqtt.server_name`, or refused with that key in the error.
 """
@@ -47,6 +49,7 @@ KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within 
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # a refused connection costs the broker one SYN: retrying often is cheap,
 # and bounds how long the sink stays away after its broker is back (docs/api.md#mqtt)
+FRESH_AFTER_S = 30.0  # a connection that held this long ended an outage: its loss is a new one
 
 # Not "mqtt": aiomqtt sets that logger to WARNING at import, which hid mqtt_connected.
 log = structlog.get_logger("mqtt_sink")
@@ -67,10 +70,8 @@ class _NamedServerContext(ssl.SSLContext):
         return super().wrap_socket(*args, **kwargs)
 
 
-def _verifying_name(context: ssl.SSLContext, server_name: str) -> ssl.SSLContext:
-    # The same object with one method overridden (the class has no state of its own), so
-    # everything tls.client_context set up (CA, client certificate, versions) stays as it is.
-    context.__class__ = _NamedServerContext
+def _verifying_name(config: MqttConfig, server_name: str) -> _NamedServerContext:
+    context = tls.client_context(config.ca, config.cert, config.key, cls=_NamedServerContext)
     assert isinstance(context, _NamedServerContext)
     context.server_name = server_name
     return context
@@ -85,18 +86,20 @@ class MqttSink:
         self._state_dir = state_dir
         self._authz = authz
         self._server_name = config.server_name or config.host
-        self._context = _verifying_name(
-            tls.client_context(config.ca, config.cert, config.key), self._server_name
-        )
+        self._context = _verifying_name(config, self._server_name)
 
     async def run(self) -> None:
         config = self._config
         where = f"{config.host}:{config.port}"
-        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
-        reported = ""  # the failure already logged in this outage: repeats are not logged again
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
+        # An outage runs from a failure until a connection has held FRESH_AFTER_S: connections
+        # lost sooner belong to it, so a flapping broker is logged (and audited) once.
         down_since: float | None = None
+        reported: set[str] = set()  # the failures logged in this outage
+        announced = False  # mqtt_connected logged since the outage began
         while True:
             receiver: SpoolReceiver | None = None
+            connected_at: float | None = None
             try:
                 # From the saved position: what an interrupted batch had read is read again.
                 receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader="mqtt")
@@ -112,10 +115,11 @@ class MqttSink:
                 ) as client:
                     # aiomqtt warns past 10 pending calls; a batch is up to BATCH by design.
                     client.pending_calls_threshold = BATCH
-                    after = {} if down_since is None else {"down_s": _since(down_since)}
-                    log.info("mqtt_connected", address=where, **after)
-                    backoff.reset()
-                    reported, down_since = "", None
+                    connected_at = time.monotonic()
+                    if not announced:
+                        after = {} if down_since is None else {"down_s": _since(down_since)}
+                        log.info("mqtt_connected", address=where, **after)
+                        announced = True
                     await self._session(client, receiver)
             except aiomqtt.MqttError as e:
                 error, spool_failed = self._explained(e), False
@@ -124,10 +128,13 @@ class MqttSink:
             finally:
                 if receiver is not None:
                     receiver.close()
-            delay = backoff.delay()
+            held_s = 0.0 if connected_at is None else time.monotonic() - connected_at
+            if held_s >= FRESH_AFTER_S:
+                down_since = None  # the outage before this connection is over
             if down_since is None:
-                down_since = time.monotonic()
-            if error == reported:
+                down_since, reported, announced = time.monotonic(), set(), False
+            delay = backoff.after(held_s)
+            if error in reported:
                 pass
             elif spool_failed:
                 log.warning("mqtt_spool_unreadable", error=error, retry_in_s=round(delay, 2))
@@ -135,7 +142,7 @@ class MqttSink:
                 log.warning(
                     "mqtt_unreachable", address=where, error=error, retry_in_s=round(delay, 2)
                 )
-            reported = error
+            reported.add(error)
             await asyncio.sleep(delay)
 
     async def _session(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
@@ -151,6 +158,10 @@ class MqttSink:
             for task in (watching, forwarding):
                 task.cancel()
             await asyncio.gather(watching, forwarding, return_exceptions=True)
+        # Both may have ended in the same step: a fault of the forwarding (a bug, not a lost
+        # connection) must not be taken for the connection lost and retried silently.
+        if forwarding in done:
+            forwarding.result()
         done.pop().result()  # raises: neither task ends otherwise
 
     async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> NoReturn:

@@ -76,9 +76,16 @@ def server_context(
     return ctx
 
 
-def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """For consumers of the API (and our own readiness checks): verifies the server."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+def client_context(
+    ca: Path,
+    cert: Path | None = None,
+    key: Path | None = None,
+    *,
+    cls: type[ssl.SSLContext] = ssl.SSLContext,
+) -> ssl.SSLContext:
+    """For consumers of the API (and our own readiness checks): verifies the server. `cls`
+    is a subclass for a client that must adjust how sockets are wrapped (the MQTT sink)."""
+    ctx = cls(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_ca(ctx, ca)
     if cert is not None:
