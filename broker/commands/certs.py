@@ -34,15 +34,16 @@ def add_to(commands: Any) -> None:
     opcua = kinds.add_parser(
         "opcua",
         help="the plant half's OPC UA application instance certificate (RSA)",
-        description="Writes NAME-cert.pem and NAME-key.pem (mode 0600) in --out; with --der "
-        "also NAME-cert.der and ca.der (the issuing CA), the files an OPC UA server's "
-        "administrator puts in its trust store (with the CA's CRL: `certs crl --der`). "
-        "See docs/opcua.md.",
+        description="Writes NAME-cert.pem and NAME-key.pem (the key with mode 0600) in --out; "
+        "with --der also NAME-cert.der and ca-FINGERPRINT.der (the issuing CA, named by the "
+        "first 8 hex digits of its SHA-256, so that two CAs' copies never replace each other), "
+        "the files an OPC UA server's administrator puts in its trust store (with the CA's CRL: "
+        "`certs crl --der`). See docs/opcua.md.",
     )
     for kind, days, files in (
         (server, 366, "NAME.crt and NAME.key"),
         (client, 90, "NAME.crt and NAME.key"),
-        (opcua, 366, "NAME-cert.pem and NAME-key.pem (--der: NAME-cert.der, ca.der)"),
+        (opcua, 366, "NAME-cert.pem and NAME-key.pem (--der: NAME-cert.der, ca-FINGERPRINT.der)"),
     ):
         kind.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
         kind.add_argument("--out", type=Path, required=True, help=f"directory for {files}")
@@ -73,7 +74,9 @@ def add_to(commands: Any) -> None:
     opcua.add_argument("--name", default="opcua-client", help="file names (default: %(default)s)")
     opcua.add_argument("--dns", action="append", default=[], help="the plant host's name")
     opcua.add_argument(
-        "--der", action="store_true", help="also write NAME-cert.der and ca.der (DER)"
+        "--der",
+        action="store_true",
+        help="also write NAME-cert.der and ca-FINGERPRINT.der (the issuing CA), in DER",
     )
     opcua.set_defaults(
         handler=lambda a: _report(
@@ -97,7 +100,12 @@ def add_to(commands: Any) -> None:
     crl.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
     crl.add_argument("--days", type=int, default=7, help="until its nextUpdate")
     crl.add_argument("--out", type=Path, help="default: CA directory/crl.pem")
-    crl.add_argument("--der", action="store_true", help="also write a DER copy beside it (crl.der)")
+    crl.add_argument(
+        "--der",
+        action="store_true",
+        help="also write a DER copy beside the CRL, named as it with .der (default: CA "
+        "directory/crl.der). Neither replaces a file that is not a CRL",
+    )
     crl.set_defaults(handler=_crl)
 
     check = sub.add_parser("check", help="warn on certificates ending within 30 days, a stale CRL")

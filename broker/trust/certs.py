@@ -28,7 +28,6 @@ from broker.trust.keys import write_secret
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 ISSUED = "issued"  # under the CA directory: a copy of every certificate it issued
-CA_DER = "ca.der"  # the issuing CA next to an OPC UA certificate, for DER-only trust stores
 SERVER_MAX_DAYS = 366  # what browsers and most TLS stacks accept for a server certificate
 CA_KEY_TYPES = ("ecdsa", "rsa")
 CA_RSA_BITS = 3072  # a CA outlives its leaves (2048-bit): NIST SP 800-57 beyond 2030
@@ -110,8 +109,9 @@ def issue_opcua(
     OPC UA's RSA security policies (Basic256Sha256, Aes*_RsaOaep/RsaPss) need an RSA key; the
     application URI goes in the SAN, and the key usages are those the specification lists.
     Files end in `.pem`, which is how OPC UA stacks (asyncua) tell PEM from DER. With `der`,
-    the certificate is also written as `NAME-cert.der` and the issuing CA as `ca.der` in
-    `out`: what most OPC UA servers' trust stores take (the private key stays PEM only).
+    the certificate is also written as `NAME-cert.der` and the issuing CA as
+    `ca_der_name(ca)` in `out`: what most OPC UA servers' trust stores take (the private key
+    stays PEM only).
     """
     if ":" not in uri:
         raise TrustError(f"--uri {uri!r}: expected the application URI, e.g. urn:site:dmzbroker")
@@ -121,7 +121,7 @@ def issue_opcua(
         ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days,
         key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
         key_usage=_OPCUA_KEY_USAGE, files=(f"{name}-cert.pem", f"{name}-key.pem"),
-        der=(f"{name}-cert.der", CA_DER) if der else (),
+        der=der,
     )  # fmt: skip
 
 
@@ -149,13 +149,20 @@ def _issue(
     key: CaKey | None = None,
     key_usage: x509.KeyUsage | None = None,
     files: tuple[str, str] | None = None,
-    der: tuple[str, ...] = (),
+    der: bool = False,
 ) -> Issued:
     ca_cert, ca_key = load_ca(ca_dir)
     cert_name, key_name = files or (f"{name}.crt", f"{name}.key")
-    issued = Issued(out / cert_name, out / key_name, tuple(out / d for d in der))
-    if issued.cert.exists() or issued.key.exists() or (der and issued.der[0].exists()):
-        raise TrustError(f"{issued.cert}: already exists; choose another --name")
+    ca_der = ca_cert.public_bytes(serialization.Encoding.DER)
+    copies = (Path(cert_name).with_suffix(".der").name, ca_der_name(ca_cert)) if der else ()
+    issued = Issued(out / cert_name, out / key_name, tuple(out / c for c in copies))
+    for path in (issued.cert, issued.key, *issued.der[:1]):
+        if path.exists():
+            raise TrustError(f"{path}: already exists; choose another --name")
+    if der and issued.der[1].exists() and issued.der[1].read_bytes() != ca_der:
+        raise TrustError(
+            f"{issued.der[1]}: exists and is not this CA's certificate; not overwritten"
+        )
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = _now()
     cert = (
@@ -176,14 +183,23 @@ def _issue(
         .sign(ca_key, hashes.SHA256())
     )
     _write(issued, cert, key)
-    for path, certificate in zip(issued.der, (cert, ca_cert), strict=False):
-        path.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    for path, data in zip(
+        issued.der, (cert.public_bytes(serialization.Encoding.DER), ca_der), strict=False
+    ):
+        path.write_bytes(data)
     inventory = ca_dir / ISSUED
     inventory.mkdir(exist_ok=True)  # the CA's own record, for `certs list` and `certs check`
     (inventory / f"{cert.serial_number:x}.crt").write_bytes(
         cert.public_bytes(serialization.Encoding.PEM)
     )
     return issued
+
+
+def ca_der_name(ca_cert: x509.Certificate) -> str:
+    """`ca-<the first 8 hex digits of its SHA-256>.der`: the issuing CA's DER copy beside an
+    OPC UA certificate. Named after the CA itself, so a second CA's copy never replaces it and
+    the TLS CA's `ca.crt` in the same folder is not taken for it."""
+    return f"ca-{ca_cert.fingerprint(hashes.SHA256()).hex()[:8]}.der"
 
 
 def _key_usage(*, ca: bool) -> x509.KeyUsage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,21 @@ def revoke(ca_dir: Path, serial: str, reason: str) -> None:
 def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None, *, der: bool = False) -> Path:
     """A CRL of every revocation, valid for `days` (its nextUpdate), signed as the CA signs
     (ECDSA or RSA-PKCS1v15, SHA-256); returns its path. With `der`, a DER copy is written
-    beside it (`der_copy(path)`)."""
+    beside it (`der_copy(path)`). Neither replaces a file that is not a CRL (an earlier one,
+    or a wrong CA's put there by mistake): a mistyped --out must not destroy a certificate."""
     path = out or ca_dir / CRL_FILE
     if der and der_copy(path) == path:
         raise TrustError(
             f"--out {path}: with --der, name the PEM file (e.g. crl.pem); the DER copy goes beside it"
         )
     ca_cert, ca_key = load_ca(ca_dir)
+    targets = [(path, x509.load_pem_x509_crl)]
+    targets += [(der_copy(path), x509.load_der_x509_crl)] if der else []
+    for target, load in targets:
+        if not _replaceable(target, load):
+            raise TrustError(
+                f"{target}: exists and is not a CRL; not overwritten (choose another --out)"
+            )
     number_file = ca_dir / CRL_NUMBER
     number = int(number_file.read_text()) + 1 if number_file.exists() else 1
     now = dt.datetime.now(dt.UTC)
@@ -133,6 +142,20 @@ def write_crl(ca_dir: Path, days: int = 7, out: Path | None = None, *, der: bool
         der_copy(path).write_bytes(crl.public_bytes(serialization.Encoding.DER))
     number_file.write_text(str(number))
     return path
+
+
+def _replaceable(
+    path: Path,
+    load: Callable[[bytes], x509.CertificateRevocationList],
+) -> bool:
+    """Whether `path` is free, or holds a CRL in `load`'s encoding."""
+    try:
+        load(path.read_bytes())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):  # a folder, unreadable, or not such a CRL
+        return False
+    return True
 
 
 def der_copy(crl: Path) -> Path:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import SignatureAlgorithmOID
 
@@ -66,12 +66,13 @@ def test_an_rsa_ca_signs_certificates_and_crls_with_sha256_rsa(tmp_path: Path) -
     leaf.verify_directly_issued_by(root)  # raises if the signature does not verify
     # The DER copies are the same certificates, and the report names every file written.
     assert certificate(out / "opcua-client-cert.der") == leaf
-    assert certificate(out / "ca.der") == root
+    ca_der = f"ca-{root.fingerprint(hashes.SHA256()).hex()[:8]}.der"  # named after the CA
+    assert certificate(out / ca_der) == root
     assert sorted(p.name for p in out.iterdir()) == [
-        "ca.der", "opcua-client-cert.der", "opcua-client-cert.pem", "opcua-client-key.pem",
+        ca_der, "opcua-client-cert.der", "opcua-client-cert.pem", "opcua-client-key.pem",
     ]  # fmt: skip
     for name in (
-        "ca.der",
+        ca_der,
         "opcua-client-cert.der",
         "opcua-client-cert.pem",
         "opcua-client-key.pem",
@@ -119,7 +120,74 @@ def test_issue_opcua_help_names_every_file_it_writes(tmp_path: Path) -> None:
         [sys.executable, "-m", "broker", "certs", "issue", "opcua", "--help"],
         capture_output=True, text=True, check=True, cwd=REPO, env=env,
     ).stdout  # fmt: skip
-    named = set(re.findall(r"\b(?:NAME-)?[a-z-]*\.(?:pem|der|crt|key)\b", shown))
-    written = {p.name.replace("plc-reader", "NAME") for p in out.iterdir()}
+    named = set(re.findall(r"\b(?:NAME-)?[a-zA-Z-]*\.(?:pem|der|crt|key)\b", shown))
+    written = {
+        re.sub(r"^ca-[0-9a-f]{8}\.der$", "ca-FINGERPRINT.der", p.name.replace("plc-reader", "NAME"))
+        for p in out.iterdir()
+    }
     assert written <= named, (written, shown)
     assert "NAME.crt" not in shown and "NAME.key" not in shown  # what it never writes
+
+
+def test_der_copies_from_two_cas_in_one_folder_never_replace_each_other(tmp_path: Path) -> None:
+    """The TLS CA and the OPC UA CA, or a second site's CA, issuing into one folder: each
+    CA's DER copy has its own name, and a leaf's DER copy is never replaced."""
+    first, second = ca(tmp_path / "one", "--key-type", "rsa"), ca(tmp_path / "two")
+    out = tmp_path / "own"
+    for authority, name in ((first, "plc-one"), (second, "plc-two")):
+        dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(out),
+                  "--uri", URI, "--name", name, "--der")  # fmt: skip
+    copies = [certificate(p) for p in out.glob("ca-*.der")]
+    roots = [certificate(first / "ca.crt"), certificate(second / "ca.crt")]
+    assert len(copies) == 2 and set(copies) == set(roots)
+    # A NAME-cert.der already there (its PEM moved away) is refused, and nothing written.
+    (out / "plc-one-cert.pem").rename(tmp_path / "moved.pem")
+    (out / "plc-one-key.pem").unlink()
+    before = (out / "plc-one-cert.der").read_bytes()
+    done = dmzbroker("certs", "issue", "opcua", "--ca", str(second), "--out", str(out),
+                     "--uri", URI, "--name", "plc-one", "--der", check=False)  # fmt: skip
+    assert done.returncode == 2 and "plc-one-cert.der: already exists" in done.stderr
+    assert (out / "plc-one-cert.der").read_bytes() == before
+    assert not (out / "plc-one-cert.pem").exists()
+
+
+def test_a_ca_copy_of_other_content_under_the_ca_name_is_refused(tmp_path: Path) -> None:
+    authority = ca(tmp_path)
+    root = certificate(authority / "ca.crt")
+    out = tmp_path / "own"
+    out.mkdir()
+    squatter = out / f"ca-{root.fingerprint(hashes.SHA256()).hex()[:8]}.der"
+    squatter.write_bytes(b"someone else's file")
+    done = dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(out),
+                     "--uri", URI, "--der", check=False)  # fmt: skip
+    assert done.returncode == 2 and "is not this CA's certificate" in done.stderr, done.stderr
+    assert squatter.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in out.iterdir()) == [squatter.name]
+
+
+def test_a_crl_replaces_only_its_own_earlier_output(tmp_path: Path) -> None:
+    """`--out` names the PEM and the DER copy goes beside it with .der: neither may replace
+    a certificate that happens to be there, or anything but a CRL; a CRL it renews."""
+    authority = ca(tmp_path / "one")
+    own = tmp_path / "own"
+    dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(own), "--uri", URI,
+              "--der")  # fmt: skip
+    (own / "notes.der").write_text("not a CRL")
+    kept = {p.name: p.read_bytes() for p in own.iterdir()}
+    for target in ("opcua-client-cert.pem", "opcua-client-cert.der", "notes.der"):
+        out = own / target.replace(".der", ".crl")  # a .der name is the copy of NAME.crl
+        done = dmzbroker("certs", "crl", "--ca", str(authority), "--out", str(out), "--der",
+                         check=False)  # fmt: skip
+        assert done.returncode == 2 and "is not a CRL; not overwritten" in done.stderr, done.stderr
+        assert {p.name: p.read_bytes() for p in own.iterdir()} == kept, target
+    assert not (authority / "crl-number").exists()  # nothing was written
+    for _ in range(2):  # its own CRL and DER copy: renewed, the copy named after --out
+        done = dmzbroker("certs", "crl", "--ca", str(authority), "--out", str(own / "site.crl"),
+                         "--der")  # fmt: skip
+        assert f"CRL (DER): {own / 'site.der'}" in done.stdout
+    assert (
+        x509.load_der_x509_crl((own / "site.der").read_bytes())
+        .extensions.get_extension_for_class(x509.CRLNumber)
+        .value.crl_number
+        == 2
+    )

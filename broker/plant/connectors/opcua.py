@@ -1,8 +1,8 @@
 """OPC UA connector: monitored items in one subscription, or polled Read, read-only.
 
 Read-only by construction: besides opening the session (`broker.plant.connectors.opcua_session`), the
-only services this module sends are CreateSubscription, CreateMonitoredItems, Publish
-(asyncua's publish loop) and Read. It never sends Write, Call, AddNodes, DeleteNodes or
+only services this connector sends are CreateSubscription and ModifySubscription (through
+`opcua_keepalive`), CreateMonitoredItems, Publish (asyncua's publish loop) and Read. It never sends Write, Call, AddNodes, DeleteNodes or
 HistoryUpdate; a test counts the services an asyncua server receives.
 
 There is no client-side notification queue to overflow: the publish loop awaits each
@@ -16,8 +16,8 @@ source time and a new read time: a live subscription says they are still current
 unchanging value is not served stale and a stuck one can flatline, as in polling.
 The enterprise half serves a value `stale` three poll intervals after it was last confirmed,
 so a message must come every poll interval: a server that revises the keep-alive count
-upward (node-opcua makes 1 into 2) gets the subscription created again with a publishing
-interval that brings its keep-alive period back to the poll interval (`publishing_interval`).
+upward (node-opcua makes 1 into 2) gets its subscription changed in place to a publishing
+interval that brings its keep-alive period back to the poll interval (`opcua_keepalive`).
 
 When the session drops, or the server stops answering Publish requests, every signal of the
 device is emitted `bad` at once; the connector reconnects with backoff and creates the
@@ -29,14 +29,14 @@ session first reads every node's DataType, and a value of another type (a string
 Double is modelled, a ByteString, a structure) is `bad`, never data. So is a value with a
 Bad status, an array, or a type the model cannot take. Each is logged (and audited) as
 `device_read_refused` once per state change of its signal, and `device_read_recovered` when
-it is good again (the type model: `opcua_types`). Whatever asyncua raises is mapped to a `DeviceError` here (`_call`).
+it is good again (the type model: `opcua_types`). Whatever asyncua raises is mapped to a `DeviceError` (`opcua_session.call`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -49,11 +49,12 @@ from asyncua.ua.uaerrors import UaError
 
 from broker.backoff import Backoff
 from broker.errors import ConfigError, DeviceError, TrustError
-from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
-from broker.plant.connectors.opcua_keepalive import SLACK, keep_alive_s, publishing_interval
+from broker.plant.connectors.base import Emit, RawSample, ScanGrid
+from broker.plant.connectors.opcua_keepalive import KeepAlive
 from broker.plant.connectors.opcua_session import (
     CertificateRefused,
     SessionSettings,
+    call,
     failure,
     open_session,
 )
@@ -61,10 +62,7 @@ from broker.plant.connectors.opcua_types import described, judged, quality_of, v
 from broker.policy import OpcUaDevice, OpcUaSource, Signal
 
 ITEMS_PER_CALL = 1000  # monitored items per CreateMonitoredItems, nodes per Read
-NOTIFICATIONS_PER_PUBLISH = 10_000  # bounds one batch; the server keeps the rest queued
-LIFETIME_COUNT = 10_000  # publishing intervals without a Publish before the server gives up
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue discarded values
-SILENT_PUBLISHES = 3  # keep-alive periods (poll intervals at most) without a Publish response
 T = TypeVar("T")
 _DEADBAND = {"absolute": ua.DeadbandType.Absolute, "percent": ua.DeadbandType.Percent}
 
@@ -95,8 +93,8 @@ class OpcUaConnector:
         self._types: list[frozenset[ua.VariantType] | None] = [None] * len(self._nodes)
         self._up: bool | None = None  # None until the first session: logged when it changes
         self._down_because: str | None = None  # the kind of the current outage
-        self._revision_logged = False  # a keep-alive period revised past the silence limit
         self._log = structlog.get_logger("opcua").bind(device=device.name)
+        self._keep_alive = KeepAlive(device, self._log)
         self._grid = ScanGrid(device.poll_interval_s, self._log)
 
     async def run(self, emit: Emit) -> None:
@@ -164,6 +162,10 @@ class OpcUaConnector:
         current: dict[int, RawSample] = {}  # each item's last notified value
         heard = time.monotonic()  # when the server last answered a Publish request
         handling = False  # a response is being handled (emit may wait for the spool)
+        # A Publish before the items exist says nothing about them: counting it as the device
+        # being up would reset the backoff of a session that fails while creating them. One
+        # notifying an item proves the item exists (it may overtake CreateMonitoredItems').
+        items_made = False
 
         async def published(result: ua.PublishResult) -> None:
             nonlocal heard, handling
@@ -173,7 +175,8 @@ class OpcUaConnector:
                 samples = self._notifications(result.NotificationMessage, give_up, current)
                 if not result.MoreNotifications:  # else newer values may be on their way
                     samples += _still_current(current, samples, datetime.now(UTC))
-                self._came_up(backoff)
+                if items_made or current:
+                    self._came_up(backoff)
                 if samples:
                     await emit(samples)
                     self.scans += 1
@@ -187,21 +190,21 @@ class OpcUaConnector:
 
         client.connection_lost_callback = connection_lost
         interval_ms = self._device.poll_interval_s * 1000
-        subscription = await self._create_subscription(client, published)
-        silent_s = self._silence_limit(subscription)
+        subscription_id, silent_s = await self._keep_alive.subscribe(client, published)
         refused: list[RawSample] = []
         for handles in self._batches():
             request = ua.CreateMonitoredItemsParameters(
-                SubscriptionId=subscription.SubscriptionId,
+                SubscriptionId=subscription_id,
                 TimestampsToReturn=ua.TimestampsToReturn.Both,
                 ItemsToCreate=[self._item(handle, interval_ms) for handle in handles],
             )
-            results = await self._call(client.uaclient.create_monitored_items(request))
+            results = await call(client.uaclient.create_monitored_items(request))
             for handle, result in zip(handles, _all_of(results, len(handles)), strict=True):
                 if not result.StatusCode.is_good():
                     self._refuse(handle, result.StatusCode, "item_refused")
                     path = self._signals[handle]
                     refused.append(RawSample(path, None, datetime.now(UTC), "bad"))
+        items_made = True
         if refused:
             await emit(refused)
         heard = time.monotonic()
@@ -210,64 +213,6 @@ class OpcUaConnector:
             if not handling and time.monotonic() - heard > silent_s:
                 give_up(f"no Publish response for {silent_s:g} s")
         raise DeviceError(f"session lost: {lost.result()}")
-
-    async def _create_subscription(
-        self, client: Client, published: Callable[[ua.PublishResult], Awaitable[None]]
-    ) -> ua.CreateSubscriptionResult:
-        """A subscription sending a message every poll interval, asked for again with a
-        shorter publishing interval when the server revised the keep-alive count upward."""
-        params = ua.CreateSubscriptionParameters(
-            RequestedPublishingInterval=self._device.poll_interval_s * 1000,
-            RequestedLifetimeCount=LIFETIME_COUNT,
-            # A message every publishing interval, a keep-alive when nothing changed: it
-            # says the values the items last notified are still current.
-            RequestedMaxKeepAliveCount=1,
-            MaxNotificationsPerPublish=NOTIFICATIONS_PER_PUBLISH,
-            PublishingEnabled=True,
-        )
-        subscription = await self._call(client.uaclient.create_subscription(params, published))
-        shorter_ms = publishing_interval(self._device.poll_interval_s, subscription)
-        if shorter_ms is not None:
-            # Created before the first is deleted: asyncua's publish loop ends for good
-            # when a Publish finds the session without a subscription.
-            params.RequestedPublishingInterval = shorter_ms
-            first, subscription = (
-                subscription,
-                await self._call(client.uaclient.create_subscription(params, published)),
-            )
-            await self._call(client.uaclient.delete_subscriptions([first.SubscriptionId]))
-            self._log.info(
-                "subscription_recreated",
-                max_keep_alive_count=first.RevisedMaxKeepAliveCount,
-                publishing_interval_ms=subscription.RevisedPublishingInterval,
-                keep_alive_s=round(keep_alive_s(subscription), 3),
-            )
-        return subscription
-
-    def _silence_limit(self, subscription: ua.CreateSubscriptionResult) -> float:
-        """How long without a Publish response before the session is dropped.
-
-        A message is due every keep-alive period; a server that stops answering Publish
-        requests (they wait without a timeout) would otherwise leave the values unmarked.
-        The server may revise the period upward, but never past what the policy's poll
-        interval allows (3 intervals and a request timeout): a hung server must not stay up
-        for hours. A period longer than the poll interval, which `publishing_interval` could
-        not bring back, is logged once per connector: unchanged values are then confirmed
-        less often than the policy asks, and served `stale` when it is three times longer."""
-        device = self._device
-        period_s = keep_alive_s(subscription)
-        cap_s = SILENT_PUBLISHES * device.poll_interval_s + device.timeout_s
-        wanted_s = max(device.timeout_s, SILENT_PUBLISHES * period_s)
-        if period_s > device.poll_interval_s * SLACK and not self._revision_logged:
-            self._revision_logged = True
-            self._log.warning(
-                "subscription_revised",
-                publishing_interval_ms=subscription.RevisedPublishingInterval,
-                max_keep_alive_count=subscription.RevisedMaxKeepAliveCount,
-                keep_alive_s=round(period_s, 3),  # unchanged values confirmed this often
-                silence_limit_s=round(min(wanted_s, cap_s), 3),  # then the session is dropped
-            )
-        return min(wanted_s, cap_s)
 
     def _item(self, handle: int, interval_ms: float) -> ua.MonitoredItemCreateRequest:
         source = self._sources[handle]
@@ -349,7 +294,7 @@ class OpcUaConnector:
                 ua.ReadValueId(NodeId=self._nodes[h], AttributeId=attribute) for h in handles
             ],
         )
-        return _all_of(await self._call(client.uaclient.read(request)), len(handles))
+        return _all_of(await call(client.uaclient.read(request)), len(handles))
 
     def _sample(self, handle: int, value: ua.DataValue, received: datetime) -> RawSample:
         status = value.StatusCode
@@ -388,14 +333,6 @@ class OpcUaConnector:
                 variant=described(variant),
                 modelled=sorted(t.name for t in self._types[handle] or ()),
             )
-
-    async def _call(self, request: Awaitable[T]) -> T:
-        try:
-            result = await request
-        except Exception as e:  # whatever asyncua raises: it never leaves as a library error
-            raise DeviceError(failure(e)) from e
-        raise_if_cancelled()
-        return result
 
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)

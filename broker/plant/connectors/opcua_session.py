@@ -19,9 +19,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 from asyncua import ua
@@ -62,6 +63,8 @@ _NOT_TRUSTED = frozenset({
     StatusCodes.BadCertificateIssuerRevocationUnknown,
 })  # fmt: skip
 
+T = TypeVar("T")
+
 
 class CertificateRefused(DeviceError):
     """The server refused the broker's own certificate: its administrator must trust it (or
@@ -77,7 +80,15 @@ class ServerCertificateUntrusted(TrustError):
     def __init__(self, message: str, certificate: x509.Certificate) -> None:
         super().__init__(message)
         self.sha256 = fingerprint(certificate)
-        self.subject = certificate.subject.rfc4514_string()
+        self.subject = subject_of(certificate)
+
+
+def subject_of(certificate: x509.Certificate) -> str:
+    """The certificate's subject on one line, its control and other unprintable characters
+    escaped (`\\n`, `\\x1b`): a server's certificate is chosen by whoever runs the server, and
+    must not break a one-line error or colour the fingerprint an operator compares."""
+    shown = certificate.subject.rfc4514_string()
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in shown)
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
@@ -123,7 +134,7 @@ class TrustList:
         ):
             return unverified
         raise ServerCertificateUntrusted(
-            f"server certificate {fingerprint(unverified)} ({unverified.subject.rfc4514_string()})"
+            f"server certificate {fingerprint(unverified)} ({subject_of(unverified)})"
             " is neither pinned by the policy nor in plant.opcua.trust_list: if it is the "
             "right server, add its certificate to the trust list or pin its SHA-256",
             unverified,
@@ -176,7 +187,7 @@ class ClientCertificate:
             uri = san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]
         except (x509.ExtensionNotFound, IndexError) as e:
             raise TrustError(f"{certificate}: no application URI in its SAN") from e
-        return cls(certificate, private_key, uri, fingerprint(cert), cert.subject.rfc4514_string())
+        return cls(certificate, private_key, uri, fingerprint(cert), subject_of(cert))
 
 
 @dataclass(frozen=True)
@@ -302,7 +313,7 @@ async def _secure(client: Client, settings: SessionSettings, log: structlog.Boun
         log.warning(
             "opcua_server_certificate_refused",
             sha256=fingerprint(unverified),
-            subject=unverified.subject.rfc4514_string(),
+            subject=subject_of(unverified),
             error=str(e),
         )
         raise
@@ -363,6 +374,16 @@ def session_error(e: Exception, settings: SessionSettings) -> DeviceError:
             f"({failure(e)}): issue a new one (`dmzbroker certs issue opcua`)"
         )
     return DeviceError(f"cannot open a session with {endpoint}: {failure(e)}")
+
+
+async def call(request: Awaitable[T]) -> T:
+    """One service call: whatever asyncua raises leaves as a DeviceError (`failure`)."""
+    try:
+        result = await request
+    except Exception as e:  # whatever asyncua raises: it never leaves as a library error
+        raise DeviceError(failure(e)) from e
+    raise_if_cancelled()
+    return result
 
 
 def failure(e: BaseException) -> str:

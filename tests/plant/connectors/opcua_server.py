@@ -16,6 +16,7 @@ their value beside a Bad status), and lose its Publish responses (`publishing`).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import weakref
 from collections import Counter
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asyncua import Server, ua
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.server.uaprocessor import UaProcessor
@@ -255,6 +257,35 @@ class OpcUaTestServer:
             _MUTED.discard(self.server.iserver)
         else:
             _MUTED.add(self.server.iserver)
+
+    def revise_keep_alive(
+        self,
+        to_at_least: int,
+        modify: Literal["honoured", "ignored", "refused"] = "honoured",
+    ) -> None:
+        """Revise every keep-alive count asked for up to `to_at_least` (node-opcua makes 1
+        into 2). ModifySubscription
+        is then "honoured" as the specification says (asyncua ignores it: "ignored" answers
+        with the subscription unchanged, as a server that cannot change it does), or
+        "refused" with BadServiceUnsupported, as a minimal embedded server does."""
+        service = self.server.iserver.subscription_service
+        service._clamp_keep_alive_count = lambda requested: max(requested, to_at_least)
+        ignore = service.modify_subscription
+
+        def modified(params: ua.ModifySubscriptionParameters) -> ua.ModifySubscriptionResult:
+            if modify == "refused":
+                raise ServiceError(ua.StatusCodes.BadServiceUnsupported)
+            if modify == "honoured":
+                data = service.subscriptions[params.SubscriptionId].data
+                data.RevisedPublishingInterval = params.RequestedPublishingInterval
+                data.RevisedMaxKeepAliveCount = max(params.RequestedMaxKeepAliveCount, to_at_least)
+                subscription = service.subscriptions[params.SubscriptionId]
+                if subscription._task is not None:  # its loop read the period when it began
+                    subscription._task.cancel()
+                    subscription._task = asyncio.create_task(subscription._subscription_loop())
+            return ignore(params)
+
+        service.modify_subscription = modified
 
     async def restart(self) -> None:
         """Back on the same port with the same address space, as after a power cycle."""

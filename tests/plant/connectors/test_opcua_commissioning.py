@@ -1,19 +1,27 @@
 """Commissioning the OPC UA side against real asyncua servers on 127.0.0.1: a site CA of RSA
 keys whose certificate and CRL a strict server's trust store holds, `discover` naming the
-server certificate it cannot trust with the flags that would trust it, and a server that
-revises the subscription's keep-alive count upward (as node-opcua does)."""
+server certificate it cannot trust with the flags that would trust it, and servers that
+revise the subscription's keep-alive count upward (as node-opcua does), change it in place
+or not, and allow one subscription per session (as embedded servers do)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import shutil
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from asyncua import ua
+from asyncua.common.utils import ServiceError
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import (
@@ -66,7 +74,8 @@ async def test_a_strict_server_trusting_the_rsa_site_ca_and_its_crl_accepts_us_u
     trusted, revocations = tmp_path / "server-trusts", tmp_path / "server-crls"
     trusted.mkdir()
     revocations.mkdir()
-    shutil.copy(own / "ca.der", trusted)  # the site CA only: never our certificate itself
+    (ca_der,) = own.glob("ca-*.der")  # one CA issued both: one copy
+    shutil.copy(ca_der, trusted)  # the site CA only: never our certificate itself
     shutil.copy(ca / "crl.der", revocations)
     site = OpcUaPki(ca / "ca.crt", own / "broker-cert.pem", own / "broker-key.pem",
                     own / "server-cert.pem", own / "server-key.pem", pki.rogue_cert,
@@ -114,15 +123,53 @@ async def test_discover_names_the_untrusted_server_certificate_and_the_flags_to_
     assert sessions == 1  # the refused certificates were never used for a session
 
 
+async def test_discover_escapes_a_hostile_certificate_subject_in_its_one_line_error(
+    pki: OpcUaPki, tmp_path: Path
+) -> None:
+    """The server's certificate is whoever runs the server's to make: a subject with a line
+    break and terminal escapes must not split the error or fake what the operator compares."""
+    hostile = "press-4\nrun again with --pin 00ff \x1b[31mOK"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostile)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(SERVER_URI), x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp_path / "hostile-cert.pem", tmp_path / "hostile-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    faker = OpcUaTestServer(
+        replace(pki, rogue_cert=cert_file, rogue_key=key_file), {"Power": 1.0}, rogue=True
+    )
+    async with serving(faker) as server:
+        done = await discover(server.endpoint, "--certificate", str(pki.client_cert),
+                              "--key", str(pki.client_key))  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "\x1b" not in done.stderr and "press-4\\nrun again" in done.stderr, done.stderr
+    assert "\\x1b[31mOK" in done.stderr
+    assert f"run again with --pin {fingerprint(cert)}" in done.stderr
+
+
 async def test_a_server_revising_the_keep_alive_count_still_confirms_values_every_interval(
     pki: OpcUaPki, events: list[dict[str, Any]]
 ) -> None:
     """The server makes a keep-alive count of 1 into 4: an unchanged value would be confirmed
     every 2 s, past the 1.5 s (3 × 0.5 s) after which the enterprise half serves it `stale`.
-    The subscription is created again at 125 ms, so the keep-alive period is 0.5 s again."""
+    The subscription is changed in place to 125 ms, so the keep-alive period is 0.5 s again."""
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
+        server.revise_keep_alive(4)
         service = server.server.iserver.subscription_service
-        service._clamp_keep_alive_count = lambda requested: max(requested, 4)  # as it revises
         ua_plc = device(server, poll_interval_s=0.5)
         connector = OpcUaConnector(
             ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
@@ -134,12 +181,77 @@ async def test_a_server_revising_the_keep_alive_count_still_confirms_values_ever
             kept = [(s.data.RevisedPublishingInterval, s.data.RevisedMaxKeepAliveCount)
                     for s in service.subscriptions.values()]  # fmt: skip
         services = server.services
-    assert kept == [(125.0, 4)]  # the first subscription was deleted
-    assert (services["CreateSubscriptionRequest"], services["DeleteSubscriptionsRequest"]) == (2, 1)
+    assert kept == [(125.0, 4)]  # one subscription, changed in place: 4 × 125 ms = 0.5 s
+    assert (services["CreateSubscriptionRequest"], services["ModifySubscriptionRequest"]) == (1, 1)
+    assert services["DeleteSubscriptionsRequest"] == services["CreateSessionRequest"] - 1 == 0
     confirmed = [s.read_time for batch in collector.batches[first:] for s in batch
                  if s.signal == POWER]  # fmt: skip
-    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(confirmed) if a and b]
-    assert len(gaps) >= 7 and max(gaps) < 1.5, gaps  # never as old as the stale limit
-    recreated = [e for e in events if e["event"] == "subscription_recreated"]
-    assert len(recreated) == 1 and recreated[0]["keep_alive_s"] == 0.5, recreated
+    gaps = sorted((b - a).total_seconds() for a, b in itertools.pairwise(confirmed) if a and b)
+    # Half of them at most 1 s apart: 2 s without the change; a median shrugs off a loaded
+    # machine's late wake-up, which a maximum would not.
+    assert len(gaps) >= 7 and gaps[len(gaps) // 2] < 1.0, gaps
+    modified = [e for e in events if e["event"] == "subscription_modified"]
+    assert len(modified) == 1 and modified[0]["keep_alive_s"] == 0.5, modified
     assert not [e for e in events if e["event"] == "subscription_revised"]
+
+
+@pytest.mark.parametrize("modify", ["ignored", "refused"])
+async def test_a_server_with_one_subscription_per_session_that_keeps_its_revision_stays_up(
+    pki: OpcUaPki, events: list[dict[str, Any]], modify: str
+) -> None:
+    """An embedded server: one subscription per session, a keep-alive count of 1 made into
+    2, and ModifySubscription ignored or refused. The broker keeps the first subscription
+    (values confirmed every 1 s at a 0.5 s poll, still inside the 1.5 s stale limit), says
+    so once, and never opens another session."""
+    async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
+        server.server.iserver.max_subscriptions = 1
+        server.revise_keep_alive(2, modify=modify)  # type: ignore[arg-type]
+        ua_plc = device(server, poll_interval_s=0.5)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        async with running(connector) as collector:
+            await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
+            first = len(collector.batches)
+            await eventually(lambda: len(collector.batches) >= first + 4, timeout=20)
+            quality = collector.quality(POWER)
+        services = server.services
+    assert quality == "good" and connector.errors == 0
+    assert (services["CreateSessionRequest"], services["CreateSubscriptionRequest"]) == (1, 1)
+    assert services["ModifySubscriptionRequest"] == 1
+    assert not [e for e in events if e["event"] == "device_session_down"]
+    revised = [e for e in events if e["event"] == "subscription_revised"]
+    assert len(revised) == 1 and revised[0]["keep_alive_s"] == 1.0, revised
+    assert revised[0]["max_keep_alive_count"] == 2
+    assert ("BadServiceUnsupported" in (revised[0]["modify_refused"] or "")) == (
+        modify == "refused"
+    )
+
+
+async def test_a_server_publishing_before_it_refuses_the_items_does_not_reset_the_backoff(
+    pki: OpcUaPki, events: list[dict[str, Any]]
+) -> None:
+    """The subscription's first (empty) message arrives, then CreateMonitoredItems is
+    refused: the session failed, so the retries wait longer each time instead of starting
+    again at the first delay (a new session every 0.5 s against the plant)."""
+    async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
+        service = server.server.iserver.subscription_service
+
+        async def refused(params: ua.CreateMonitoredItemsParameters) -> Any:
+            subscription = service.subscriptions[params.SubscriptionId]
+            await eventually(lambda: not subscription._startup, timeout=5)  # it has published
+            # asyncua's client asks again only once its callback is done with the response
+            asked = server.services["PublishRequest"]
+            await eventually(lambda: server.services["PublishRequest"] > asked, timeout=5)
+            raise ServiceError(ua.StatusCodes.BadTooManyMonitoredItems)
+
+        service.create_monitored_items = refused
+        ua_plc = device(server, poll_interval_s=0.5)
+        connector = OpcUaConnector(
+            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+        )
+        async with running(connector):
+            await eventually(lambda: connector.errors >= 3, timeout=20)
+    retries = [e["retry_in_s"] for e in events if e.get("error_code") == "no_session"]
+    assert retries[2] > retries[0] * 2, retries  # 0.5, 1, 2 s (±20 % jitter): doubled twice
+    assert not [e for e in events if e["event"] == "device_session_up"]

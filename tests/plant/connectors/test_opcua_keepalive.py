@@ -4,10 +4,15 @@ test_opcua_commissioning.py)."""
 
 from __future__ import annotations
 
+import math
+
+import msgspec
 import pytest
+import structlog
 from asyncua import ua
 
-from broker.plant.connectors.opcua_keepalive import keep_alive_s, publishing_interval
+from broker.plant.connectors.opcua_keepalive import KeepAlive, keep_alive_s, publishing_interval
+from broker.policy import OpcUaDevice
 
 
 def _revised(interval_ms: float, count: int) -> ua.CreateSubscriptionResult:
@@ -24,6 +29,10 @@ def _revised(interval_ms: float, count: int) -> ua.CreateSubscriptionResult:
         (0.5, 500.0, 4, 125.0),
         (1.0, 2000.0, 1, None),  # the server's own, longer interval: asking again cannot help
         (0.1, 100.0, 5000, None),  # a hostile count: 0.02 ms would flood; the silence limit holds
+        (1.0, 1000.0, 4, 250.0),  # at most MAX_SPEEDUP messages per poll interval
+        (1.0, 1000.0, 5, None),  # more: the revised period is kept (and logged)
+        (60.0, 60000.0, 1200, None),  # 50 ms would be 1,200 messages per poll interval
+        (0.1, 100.0, 4, None),  # 25 ms: below MIN_PUBLISHING_MS
     ],
 )
 def test_the_interval_asked_for_again_follows_the_revised_response(
@@ -34,3 +43,39 @@ def test_the_interval_asked_for_again_follows_the_revised_response(
     assert publishing_interval(poll_s, revised) == again_ms
     if again_ms is not None:  # what the server then keeps: one message every poll interval
         assert keep_alive_s(_revised(again_ms, count)) == pytest.approx(poll_s)
+
+
+@pytest.mark.parametrize("interval_ms", [math.nan, math.inf, -math.inf, 0.0, -1000.0])
+@pytest.mark.parametrize("count", [0, 1, 2, 2**32 - 1])
+def test_an_unusable_revised_interval_is_never_asked_again_and_never_confirms(
+    interval_ms: float, count: int
+) -> None:
+    """No number of seconds: the subscription is not changed, and its period is infinite, so
+    the connector warns (`subscription_revised`) and drops a silent session at its cap."""
+    revised = _revised(interval_ms, count)
+    assert keep_alive_s(revised) == math.inf
+    assert publishing_interval(1.0, revised) is None
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "count", "shown_ms", "shown_s"),
+    [(math.nan, 2, "nan", None), (0.0, 1, 0.0, None), (1000.0, 5, 1000.0, 5.0)],
+)
+def test_a_period_that_cannot_be_brought_back_is_logged_once_and_bounds_the_silence(
+    interval_ms: float, count: int, shown_ms: object, shown_s: object
+) -> None:
+    """What the connector does with what it kept: a warning naming the server's revision
+    (a NaN as words, not an invalid JSON number), once per connector, and a silence limit
+    of 3 poll intervals and a request timeout at most."""
+    ua_plc = msgspec.convert(
+        {"name": "ua-plc", "endpoint": "opc.tcp://127.0.0.1:4840", "poll_interval_s": 1.0,
+         "timeout_s": 2.0},
+        OpcUaDevice,
+    )  # fmt: skip
+    keep_alive = KeepAlive(ua_plc, structlog.get_logger("opcua"))
+    with structlog.testing.capture_logs() as logs:
+        limits = [keep_alive.silence_limit(_revised(interval_ms, count)) for _ in range(2)]
+    assert limits == [5.0, 5.0]  # 3 × 1 s + 2 s
+    assert [(e["event"], e["publishing_interval_ms"], e["keep_alive_s"]) for e in logs] == [
+        ("subscription_revised", shown_ms, shown_s)
+    ]
