@@ -10,9 +10,13 @@ not found` (the check runs inside `config.load`, whose errors carry the line).
 
 Every `Path` in the config is checked by its key path: the folders the broker creates
 (`CREATED`) are not, `plant.opcua.trust_list` entries may be files or folders, everything
-else must be a readable file. TLS material is then checked as broker.trust.tls does when it
-builds a context: the purpose of each certificate, that each key is its certificate's, that
-each CA file holds CAs only, and that the CRL is signed by the client CA.
+else must be a readable regular file (a link to one is followed; a FIFO, a device or a
+folder is refused at once, never read or waited on). A file the half tolerates missing
+(`TOLERATED`: the CMMS export) gets a warning, never a refusal. TLS material is then checked
+as broker.trust.tls does when it builds a context (broker.trust.fitness): the purpose of
+each certificate, that each key is its certificate's, that the client CA file holds CAs
+only, that the anchors for the MQTT broker and the collector are certificates, and that the
+CRL is signed by the client CA.
 
 Files are read as the user that starts the command. When `run` starts as root, each half
 checks its own files again as its own user when it starts. This module never writes,
@@ -26,30 +30,38 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from broker.config import BrokerConfig
 from broker.conversion_errors import KeyPath, render_path
+from broker.documents import MAX_DOCUMENT_BYTES
 from broker.errors import TrustError
-from broker.trust import tls
+from broker.safe_files import read_regular
+from broker.trust import fitness
 from broker.trust.revocation import read_crl
 
 # Folders the broker makes when they are missing: never "not found".
 CREATED = frozenset(
     {"spool.dir", "plant.state_dir", "enterprise.state_dir", "audit.dir", "diode.state_dir"}
 )
+# Files a half reads as an ordinary hiccup when they are missing or unreadable (the CMMS
+# export: a copy may be under way): a warning, never a refusal (broker.plant.maintenance).
+TOLERATED = frozenset({"plant.maintenance.file"})
 _FILE_OR_FOLDER = re.compile(r"plant\.opcua\.trust_list\[\d+\]")
 # Leaf certificates with their keys: (section, certificate key, private key key, purpose).
-_LEAVES: tuple[tuple[str, str, str, tls.Purpose | None], ...] = (
+_LEAVES: tuple[tuple[str, str, str, fitness.Purpose | None], ...] = (
     ("enterprise.tls", "cert", "key", "server"),
     ("enterprise.mqtt", "cert", "key", "client"),
     ("audit.siem", "cert", "key", "client"),
     ("plant.opcua", "certificate", "private_key", "opcua"),
 )
 _USER_CERTIFICATE = re.compile(r"(plant\.opcua\.users\.[^.]+)\.certificate")  # purpose: any
-_CA_FILES = {
-    "enterprise.tls.client_ca": tls.CONSUMERS_CA,
-    "enterprise.mqtt.ca": "give the certificate of the CA that issued the MQTT broker's",
-    "audit.siem.ca": "give the certificate of the CA that issued the collector's",
+# The CA that issues consumers' certificates must be a CA. The anchors for a server the
+# appliance connects to need only be certificates: a pinned self-signed server certificate
+# (CA:FALSE) or a v1 root is an anchor OpenSSL accepts.
+_ANCHOR_FILES = {
+    "enterprise.mqtt.ca": "give the MQTT broker's certificate or the CA that issued it",
+    "audit.siem.ca": "give the collector's certificate or the CA that issued it",
 }
 
 
@@ -68,9 +80,14 @@ def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]
                 yield from _unfit_leaf(named, (cert_key, key_key), purpose)
         for user in filter(None, map(_USER_CERTIFICATE.fullmatch, list(named))):
             yield from _unfit_leaf(named, (user[0], f"{user[1]}.private_key"), None)
-        for ca_key, fix in _CA_FILES.items():
-            if ca_key in named:
-                yield from _unfit_ca(ca_key, named[ca_key], fix)
+        if "enterprise.tls.client_ca" in named:
+            path = named["enterprise.tls.client_ca"]
+            yield from _unfit(
+                "enterprise.tls.client_ca", path, fitness.unfit_ca, fitness.CONSUMERS_CA
+            )
+        for anchor_key, fix in _ANCHOR_FILES.items():
+            if anchor_key in named:
+                yield from _unfit(anchor_key, named[anchor_key], fitness.unfit_anchors, fix)
         crl = named.get("enterprise.tls.crl")
         if crl is not None:
             try:
@@ -79,6 +96,19 @@ def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]
                 yield f"enterprise.tls.crl: {e}"
 
     return check
+
+
+def warn(config: BrokerConfig, halves: Collection[str]) -> None:
+    """Log `start_file_unreadable` for each file of `halves` that is TOLERATED missing and is
+    missing or unreadable now (called once logging is set up, so it reaches the log)."""
+    for key, path in paths(config):
+        if key in TOLERATED and half_of(key) in (None, *halves):
+            problem = _unreadable_file(key, path)
+            if problem is not None:
+                structlog.get_logger("preflight").warning(
+                    "start_file_unreadable", key=key, file=str(path), error=problem,
+                    consequence="the half starts; maintenance reads unknown until it is back",
+                )  # fmt: skip
 
 
 def paths(config: BrokerConfig) -> Iterator[tuple[str, Path]]:
@@ -114,26 +144,32 @@ def _unreadable(key: str, path: Path) -> Iterator[str]:
         return
     if key == "audit.key" and path.with_suffix(".pub").is_file():
         return  # the private root key may be kept off the appliance (broker.audit.epochs)
+    problem = None if key in TOLERATED else _unreadable_file(key, path)
+    if problem is not None:
+        yield f"{key}: {path}: {problem}"
+
+
+def _unreadable_file(key: str, path: Path) -> str | None:
+    """What keeps `path` from being read as a file (a link to one is followed): the read is
+    bounded and never blocks, so a FIFO or a device at the path is refused at once."""
     try:
-        if _FILE_OR_FOLDER.fullmatch(key) and path.is_dir():
-            return
-        with path.open("rb") as file:
-            file.read(1)
+        if path.is_dir():
+            return None if _FILE_OR_FOLDER.fullmatch(key) else "a folder; name the file itself"
+        read_regular(path, MAX_DOCUMENT_BYTES, follow_links=True)
     except FileNotFoundError:
         hint = " (nor audit.pub beside it); make it with `dmzbroker audit keygen`"
-        yield f"{key}: {path}: file not found{hint if key == 'audit.key' else ''}"
-    except IsADirectoryError:
-        yield f"{key}: {path}: a folder; name the file itself"
+        return f"file not found{hint if key == 'audit.key' else ''}"
     except OSError as e:
-        yield f"{key}: {path}: cannot read: {e.strerror}"
+        return f"cannot read: {e.strerror}"
+    return None
 
 
 def _unfit_leaf(
-    named: dict[str, Path], keys: tuple[str, str], purpose: tls.Purpose | None
+    named: dict[str, Path], keys: tuple[str, str], purpose: fitness.Purpose | None
 ) -> Iterator[str]:
     cert, key = (named[k] for k in keys)
     try:
-        unfit = tls.unfit_leaf(cert, key, purpose)
+        unfit = fitness.unfit_leaf(cert, key, purpose)
     except OSError as e:  # gone since it was opened, or unreadable: said above
         yield f"{keys[str(e.filename) != str(cert)]}: {e.filename}: cannot read: {e.strerror}"
         return
@@ -142,10 +178,12 @@ def _unfit_leaf(
         yield f"{keys[at_fault != cert]}: {at_fault}: {problem}"
 
 
-def _unfit_ca(key: str, path: Path, fix: str) -> Iterator[str]:
+def _unfit(
+    key: str, path: Path, judge: Callable[[Path, str], str | None], fix: str
+) -> Iterator[str]:
     try:
-        problem = tls.unfit_ca(path, fix)
-    except OSError as e:
+        problem = judge(path, fix)
+    except OSError as e:  # gone since it was opened, or unreadable: said above
         yield f"{key}: {path}: cannot read: {e.strerror}"
         return
     if problem is not None:

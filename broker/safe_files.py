@@ -1,8 +1,10 @@
 """Reading and replacing the small files a half trusts (state records, keys, audit segments)
 in folders someone else on the box might also write.
 
-A read never follows a symbolic link at the path (a link to /dev/zero would never end), never
-blocks on a FIFO or a device put in its place, and never reads more than its limit. A
+A read never follows a symbolic link at the path (a link to /dev/zero would never end) unless
+its caller allows one for files an operator links on purpose (certificates), never blocks on
+a FIFO or a device put in its place (a link is judged by what it points to: a regular file or
+a refusal), and never reads more than its limit. A
 replacement is atomic and durable: a temporary file made new by this call (a stale one, or a
 link planted in its place, is removed first, never followed), fsynced, renamed over the
 path, and the folder fsynced, so the record is on disk before what it records takes effect.
@@ -20,9 +22,10 @@ from pathlib import Path
 _NO_LINK = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def read_regular(path: Path, limit: int) -> bytes:
+def read_regular(path: Path, limit: int, *, follow_links: bool = False) -> bytes:
     """The bytes of the regular file `path`, at most `limit` of them, else OSError."""
-    fd = os.open(path, os.O_RDONLY | _NO_LINK)
+    flags = _NO_LINK & ~os.O_NOFOLLOW if follow_links else _NO_LINK
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):

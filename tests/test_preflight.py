@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,8 +30,9 @@ from cryptography.x509.oid import NameOID
 
 from broker import config as broker_config
 from broker import preflight
+from broker.commands.validate import NOT_FIT
 from broker.errors import ConfigError
-from broker.trust import tls
+from broker.trust import fitness
 from tests.harness import (
     BrokerProcess,
     Owners,
@@ -171,11 +176,37 @@ def test_the_enterprise_half_alone_refuses_its_missing_file(site: Path) -> None:
     )
 
 
-def test_validate_refuses_a_missing_plant_file(site: Path, tmp_path: Path) -> None:
+def test_a_missing_maintenance_file_is_a_warning_that_names_it_never_a_refusal(
+    site: Path, tmp_path: Path
+) -> None:
+    """The plant half reads a missing CMMS export as an ordinary hiccup (maintenance
+    `unknown`): validate passes and warns, naming the key and the file."""
     edit(site, "plant.maintenance", {"file": "cmms.csv"})
-    assert f"plant.maintenance.file: {tmp_path / 'cmms.csv'}: file not found" in refused(
-        "validate", site
+    result = dmzbroker(
+        "validate", "--config", str(site), "--duration", "1s", check=False, timeout=30
     )
+    assert result.returncode in (0, NOT_FIT), result.stderr  # no device answers: not fit
+    assert "dmzbroker: error" not in result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if "start_file_unreadable" in line]
+    assert "plant.maintenance.file" in warning and str(tmp_path / "cmms.csv") in warning
+    assert "file not found" in warning
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("at", ["enterprise.tls.cert", "enterprise.tls.key"])
+def test_a_fifo_or_a_device_at_a_file_path_is_refused_at_once(
+    site: Path, tmp_path: Path, at: str
+) -> None:
+    """No writer ever opens the FIFO and /dev/zero never ends: a start check that waited
+    on either would never start a half, and never exit for systemd to see."""
+    fifo = tmp_path / "planted"
+    os.mkfifo(fifo)
+    edit(site, at, str(fifo) if at.endswith("cert") else "/dev/zero")
+    started = time.monotonic()
+    line = refused("run", site)
+    assert line.endswith(f"{at}: {fifo if at.endswith('cert') else '/dev/zero'}: cannot read: "
+                         "not a regular file"), line  # fmt: skip
+    assert time.monotonic() - started < 30
 
 
 def events(process: BrokerProcess) -> list[dict[str, Any]]:
@@ -189,11 +220,43 @@ def named(process: BrokerProcess, event: str) -> list[dict[str, Any]]:
 async def test_the_plant_half_starts_whatever_the_enterprise_material(
     site: Path, start_broker: Callable[[str, Path], BrokerProcess]
 ) -> None:
-    """The plant's availability never depends on the enterprise side's files."""
+    """The plant's availability never depends on the enterprise side's files, nor on a CMMS
+    export that is missing or is a FIFO nobody writes (maintenance `unknown` meanwhile)."""
     edit(site, "enterprise.tls.cert", "tls/sever.crt")
+    os.mkfifo(site.parent / "cmms.csv")
+    edit(site, "plant.maintenance", {"file": "cmms.csv"})
     plant = start_broker("plant", site)
     await eventually(lambda: named(plant, "policy_accepted"), timeout=30)
     assert plant.process.poll() is None
+    (warned,) = named(plant, "start_file_unreadable")
+    assert warned["key"] == "plant.maintenance.file" and "not a regular file" in warned["error"]
+
+
+async def test_an_enterprise_half_restarted_onto_bad_files_never_touches_the_plant_half(
+    site: Path, start_broker: Callable[[str, Path], BrokerProcess]
+) -> None:
+    """`run` checks both halves once; a restart checks the restarted half alone. Files the
+    enterprise half finds wrong at its restart keep it down (exit 2, restarted with backoff)
+    while the plant half started before runs on untouched."""
+    edit(site, "supervisor", {"restart_initial_s": 0.1, "restart_max_s": 0.5})
+    run = start_broker("run", site)
+    await eventually(lambda: len(named(run, "policy_accepted")) >= 2, timeout=45)
+    pids = {e["half"]: e["pid"] for e in named(run, "half_started")}
+    edit(site, "enterprise.tls.cert", "tls/sever.crt")  # an IT-side mistake, made meanwhile
+    os.kill(pids["enterprise"], signal.SIGKILL)
+
+    def refused_restarts() -> list[dict[str, Any]]:
+        return [
+            e for e in named(run, "half_exited")
+            if e["half"] == "enterprise" and e.get("exit_code") == 2
+        ]  # fmt: skip
+
+    await eventually(lambda: len(refused_restarts()) >= 2, timeout=45)
+    assert any("enterprise.tls.cert" in line and "file not found" in line for line in run.events())
+    assert all(e["half"] == "enterprise" for e in named(run, "half_exited"))
+    assert all(e["half"] == "enterprise" for e in named(run, "half_restarted"))
+    os.kill(pids["plant"], 0)  # the very plant half started first, still running
+    assert run.process.poll() is None
 
 
 async def test_the_good_config_starts_both_halves(
@@ -256,7 +319,8 @@ def test_every_path_key_is_known_and_a_full_good_config_passes(
     ("key", "value", "halves", "expected"),
     [
         ("enterprise.mqtt.cert", "server", ("enterprise",), "leaves out clientAuth"),
-        ("enterprise.mqtt.ca", "server", ("enterprise",), "is not a CA"),
+        ("enterprise.mqtt.ca", "client_key", ("enterprise",), "not a PEM certificate"),
+        ("enterprise.tls.client_ca", "server", ("enterprise",), "is not a CA"),
         ("audit.siem.ca", "missing", ("enterprise",), "file not found"),
         ("audit.siem.key", "energy_key", ("enterprise",), "not the private key of"),
         ("audit.key", "missing", (), "file not found (nor audit.pub beside it)"),
@@ -266,7 +330,6 @@ def test_every_path_key_is_known_and_a_full_good_config_passes(
         ("plant.opcua.trust_list", "missing list", ("plant",), "file not found"),
         ("plant.opcua.users.plc-b.private_key", "client_key", ("plant",), "not the private key"),
         ("plant.opcua.users.plc-a.password_file", "missing", ("plant",), "file not found"),
-        ("plant.maintenance.file", "folder", ("plant",), "a folder"),
         ("enterprise.tls.crl", "ca", ("enterprise",), "not a PEM CRL"),
     ],
 )
@@ -315,10 +378,42 @@ def test_a_server_certificate_without_extended_key_usage_is_fit_for_any_purpose(
     """X.509 and OpenSSL read no EKU as any purpose; only a key usage without a TLS key
     exchange is refused then."""
     cert, key = craft(tmp_path, "no-eku", pki.ca, is_ca=False, key_usage=None)
-    assert tls.unfit_leaf(cert, key, "server") is None
+    assert fitness.unfit_leaf(cert, key, "server") is None
     cert, key = craft(
         tmp_path, "signs-certs", pki.ca, is_ca=False, key_usage=usage(key_cert_sign=True)
     )
-    unfit = tls.unfit_leaf(cert, key, "server")
+    unfit = fitness.unfit_leaf(cert, key, "server")
     assert unfit is not None and unfit[0] == cert
     assert "allows none of digitalSignature, keyEncipherment, keyAgreement" in unfit[1]
+
+
+def test_the_anchors_of_a_server_we_connect_to_may_be_a_pinned_leaf(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    """enterprise.mqtt.ca and audit.siem.ca given a server's own CA:FALSE certificate pass
+    (OpenSSL anchors on it: tests/trust/test_tls.py); the client CA never does."""
+    config = full_config(tmp_path, pki, owners)
+    edit(config, "enterprise.mqtt.ca", str(pki.server_cert))
+    edit(config, "audit.siem.ca", str(pki.server_cert))
+    check(config)
+    edit(config, "enterprise.tls.client_ca", str(pki.server_cert))
+    with pytest.raises(ConfigError, match=r"enterprise\.tls\.client_ca: .* is not a CA"):
+        check(config)
+
+
+def test_a_maintenance_file_that_is_not_a_regular_file_is_only_warned_about(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    config = full_config(tmp_path, pki, owners)
+    (tmp_path / "cmms.csv").unlink()
+    os.mkfifo(tmp_path / "cmms.csv")
+    check(config, ("plant",))  # no refusal
+    with structlog.testing.capture_logs() as logs:
+        preflight.warn(broker_config.load(config), ("plant",))
+    (warned,) = logs
+    assert (warned["event"], warned["key"]) == ("start_file_unreadable", "plant.maintenance.file")
+    assert warned["file"] == str(tmp_path / "cmms.csv")
+    assert warned["error"] == "cannot read: not a regular file"
+    with structlog.testing.capture_logs() as logs:
+        preflight.warn(broker_config.load(config), ("enterprise",))
+    assert logs == []  # not the enterprise half's file

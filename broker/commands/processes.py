@@ -129,6 +129,8 @@ def opened_half(
             logs.configure(args.log_format or cfg.log.format, process, audit)
             if audit is not None:
                 _log_start(args, process, audit, candidate.version)
+            if halves is not None:
+                preflight.warn(cfg, halves)
             # Only the chain the writer adopted counts: from this writer's head, in memory,
             # or, for another writer's log, from its last checkpoint that verifies.
             head = (
@@ -196,9 +198,11 @@ def opened_channel(
     """Config (with a `diode:` section), logging and the audit log of a process that carries
     the channel and admits no policy (`diode send`, `diode receive`): the trust root is verified alone, for the
     deployment id its audit log is kept under; the log gets a final checkpoint at the end."""
-    cfg = config.load(args.config, preflight.problems(()))
-    if cfg.diode is None:
-        raise ConfigError(f"{args.config}: no `diode:` section, which {process} needs")
+    # The section first: without one, what its files say is beside the point.
+    for check in (None, preflight.problems(())):
+        cfg = config.load(args.config, check)
+        if cfg.diode is None:
+            raise ConfigError(f"{args.config}: no `diode:` section, which {process} needs")
     try:
         root = trustroot.load(cfg.trust_root)
     except ConfigError as e:

@@ -7,12 +7,11 @@ the configured CA required, and, with a CRL, not revoked. OpenSSL also refuses a
 certificate whose extended key usage does not include clientAuth, and any certificate
 outside its validity period.
 
-What every peer would refuse at every handshake is found when a context is built, and by
-`dmzbroker run` before either half starts (broker.preflight): a certificate whose extended
-key usage leaves out its purpose (serverAuth for the endpoint, clientAuth where the appliance
-is a client) or whose key usage allows no TLS key exchange, a key that is not the
-certificate's, a CA file with a certificate that is no CA. A certificate with no extended
-key usage at all is fit for any purpose, as X.509 and OpenSSL have it.
+What every peer would refuse at every handshake (broker.trust.fitness: a certificate unfit
+for its purpose, a key that is not the certificate's, a client CA file with a certificate
+that is no CA) is found when a context is built, and before a half starts (broker.preflight).
+Every file is read bounded (a regular file, at most fitness.MAX_PEM_BYTES, without blocking):
+a FIFO or a device at a path is refused, never waited on.
 
 The endpoint's context is never changed once in use: a reload (`EndpointReloader`) builds a
 new one, so nothing an earlier file trusted or revoked lingers in OpenSSL's store.
@@ -24,40 +23,19 @@ import ssl
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 import structlog
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.config import TlsConfig
 from broker.errors import TrustError
 from broker.trust.crlstate import AcceptedCrl, read_accepted, record_accepted
+from broker.trust.fitness import CONSUMERS_CA, Purpose, read_pem, unfit_ca, unfit_leaf
 from broker.trust.revocation import CrlFacts, read_crl
 
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # TLS 1.3 suites are AEAD-only already
 
 
 PROFILES = {"modern": ssl.TLSVersion.TLSv1_3, "intermediate": ssl.TLSVersion.TLSv1_2}
-
-CONSUMERS_CA = "give the certificate of the CA that issues the consumers' certificates"
-Purpose = Literal["server", "client", "opcua"]  # what a leaf certificate is presented for
-_NEEDED_EKU = {
-    "server": ExtendedKeyUsageOID.SERVER_AUTH,
-    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
-    "opcua": ExtendedKeyUsageOID.CLIENT_AUTH,  # the plant half is the OPC UA client
-}
-_EKU_NAMES = {
-    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
-    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
-    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
-    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
-    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
-}
 
 
 def server_context(
@@ -93,100 +71,13 @@ def client_context(
     return ctx
 
 
-def unfit_leaf(cert: Path, key: Path | None, purpose: Purpose | None) -> tuple[Path, str] | None:
-    """Why `cert` (PEM, the leaf first, then any intermediates) with `key` cannot serve as
-    `purpose` (None: any), as (the file at fault, what is wrong and what to do); None if it can.
-    OSError when a file cannot be read."""
-    issue = f"issue it with `dmzbroker certs issue {purpose or 'client'}`"
-    try:
-        leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
-    except ValueError:
-        return cert, f"not a PEM certificate; {issue}"
-    if purpose is not None:
-        problem = _unfit_for(leaf, purpose)
-        if problem is not None:
-            return cert, f"{problem}; {issue}"
-    if key is None:
-        return None
-    problem = _unfit_key(leaf, cert, key)
-    return None if problem is None else (key, f"{problem}{issue} and use its key")
-
-
-def _unfit_key(leaf: x509.Certificate, cert: Path, key: Path) -> str | None:
-    try:
-        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except TypeError:
-        return "encrypted, and the broker reads keys without a passphrase: decrypt it, or "
-    except (ValueError, UnsupportedAlgorithm):
-        return "not a PEM private key; give the certificate's key, or "
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-        return (
-            f"not the private key of {cert} (their public keys differ); give the key the "
-            "certificate was issued with, or "
-        )
-    return None
-
-
-def _unfit_for(leaf: x509.Certificate, purpose: Purpose) -> str | None:
-    """OpenSSL's purpose check: a peer refuses it ("unsuitable certificate purpose")."""
-    needed = _NEEDED_EKU[purpose]
-    try:
-        usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    except x509.ExtensionNotFound:
-        usages = [needed]  # no EKU: any purpose
-    if needed not in usages:
-        named = ", ".join(_EKU_NAMES.get(u, u.dotted_string) for u in usages)
-        return (
-            f"its extended key usage ({named}) leaves out {_EKU_NAMES[needed]}, so every "
-            "peer refuses it in the handshake (unsuitable certificate purpose)"
-        )
-    try:
-        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    if not (usage.digital_signature or usage.key_encipherment or usage.key_agreement):
-        return (
-            "its key usage allows none of digitalSignature, keyEncipherment, keyAgreement, "
-            "so no TLS key exchange can use it"
-        )
-    return None
-
-
-def unfit_ca(path: Path, fix: str) -> str | None:
-    """Why the CA file `path` (PEM, one or more certificates) cannot verify peers' certificates,
-    ending in `fix`; None if every certificate in it is a CA. OSError when it is unreadable."""
-    try:
-        certificates = x509.load_pem_x509_certificates(path.read_bytes())
-    except ValueError:
-        return f"not a PEM certificate; {fix}"
-    for number, certificate in enumerate(certificates, 1):
-        which = f"certificate {number} ({certificate.subject.rfc4514_string()})"
-        try:
-            is_ca = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
-            return f"{which} is not a CA (no basicConstraints CA:TRUE); {fix}"
-        try:
-            usage = certificate.extensions.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            continue
-        if not usage.key_cert_sign:
-            return f"{which} is a CA whose key usage leaves out keyCertSign; {fix}"
-    return None
-
-
 def _load_chain(
     ctx: ssl.SSLContext, cert: Path, key: Path | None, purpose: Purpose | None = None
 ) -> None:
-    for path in (cert, key):
-        if path is not None and not path.is_file():
-            raise TrustError(f"{path}: file not found")
     try:
         unfit = unfit_leaf(cert, key, purpose)
     except OSError as e:
-        raise TrustError(f"{e.filename}: cannot read: {e.strerror}") from e
+        raise TrustError(_unreadable(e)) from e
     if unfit is not None:
         raise TrustError(f"{unfit[0]}: {unfit[1]}")
     try:
@@ -199,19 +90,25 @@ def _load_chain(
 
 
 def _load_ca(ctx: ssl.SSLContext, ca: Path, *, must_be_ca: bool = False) -> None:
-    if not ca.is_file():
-        raise TrustError(f"{ca}: CA file not found")
-    if must_be_ca:
-        try:
-            unfit = unfit_ca(ca, CONSUMERS_CA)
-        except OSError as e:
-            raise TrustError(f"{ca}: cannot read: {e.strerror}") from e
-        if unfit is not None:
-            raise TrustError(f"{ca}: {unfit}")
+    """Load the CA file (or CRL: OpenSSL reads both from a file, not from `cadata`) `ca`,
+    once a bounded read has shown it a regular file of sensible size."""
+    try:
+        unfit = unfit_ca(ca, CONSUMERS_CA) if must_be_ca else None
+        read_pem(ca)
+    except OSError as e:
+        raise TrustError(_unreadable(e)) from e
+    if unfit is not None:
+        raise TrustError(f"{ca}: {unfit}")
     try:
         ctx.load_verify_locations(cafile=ca)
     except ssl.SSLError as e:
         raise TrustError(f"{ca}: not a usable PEM CA certificate: {e.reason or e}") from e
+
+
+def _unreadable(e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        return f"{e.filename}: file not found"
+    return f"{e.filename}: cannot read: {e.strerror}"
 
 
 class EndpointReloader:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.config import TlsConfig
 from broker.errors import TrustError
-from broker.trust import tls
+from broker.trust import fitness, tls
 from tests.harness import dmzbroker, ok_server
 
 Serve = Callable[..., "Server"]
@@ -235,3 +237,99 @@ def test_a_new_server_certificate_without_server_auth_is_refused_and_the_old_sta
 def test_a_leaf_certificate_given_as_the_client_ca_is_refused(ca: Path) -> None:
     with pytest.raises(TrustError, match=r"certificate 1 \(CN=good\) is not a CA"):
         tls.server_context(ca / "server.crt", ca / "server.key", ca / "good.crt")
+
+
+# What a file at a certificate's path may be: a regular file, read bounded, never waited on.
+
+
+def self_signed(directory: Path, name: str, *, common_name: str = "localhost") -> Path:
+    """A self-signed server certificate with CA:FALSE (pinned by the client), and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(minutes=5))
+        .not_valid_after(NOW + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return directory / f"{name}.crt"
+
+
+async def handshake(served: Path, anchor: Path) -> None:
+    """A TLS handshake with a server presenting `served`, verified by our client context
+    with `anchor` as its CA file."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(served, served.with_suffix(".key"))
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, ssl=context)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        client = tls.client_context(anchor)
+        connecting = asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="localhost"
+        )
+        _, writer = await asyncio.wait_for(connecting, timeout=10)
+        writer.close()
+
+
+async def test_a_pinned_self_signed_server_certificate_anchors_the_client(tmp_path: Path) -> None:
+    """enterprise.mqtt.ca and audit.siem.ca may pin the server's own CA:FALSE certificate:
+    OpenSSL takes it as the anchor, so the start check must not ask for a CA there."""
+    pinned = self_signed(tmp_path, "pinned")
+    assert fitness.unfit_anchors(pinned, "fix") is None
+    assert "is not a CA" in (fitness.unfit_ca(pinned, "fix") or "")  # never a client CA
+    await handshake(pinned, pinned)
+    with pytest.raises(ssl.SSLCertVerificationError):  # the control: another pin is refused
+        await handshake(pinned, self_signed(tmp_path, "other"))
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_or_a_device_at_a_certificate_path_is_refused_at_once(ca: Path) -> None:
+    fifo = ca / "server.fifo"
+    os.mkfifo(fifo)  # no writer ever comes: a blocking open would wait forever
+    started = time.monotonic()
+    with pytest.raises(TrustError, match=rf"^{fifo}: cannot read: not a regular file$"):
+        tls.server_context(fifo, ca / "server.key", ca / "ca.crt")
+    with pytest.raises(TrustError, match=r"^/dev/zero: cannot read: not a regular file$"):
+        tls.server_context(ca / "server.crt", Path("/dev/zero"), ca / "ca.crt")
+    with pytest.raises(TrustError, match=rf"^{fifo}: cannot read: not a regular file$"):
+        tls.client_context(fifo)
+    assert time.monotonic() - started < 10
+
+
+def test_a_certificate_over_the_size_limit_is_refused(ca: Path) -> None:
+    huge = ca / "huge.crt"
+    huge.write_bytes((ca / "server.crt").read_bytes() + b"#" * fitness.MAX_PEM_BYTES)
+    with pytest.raises(TrustError, match=rf"{huge}: cannot read: larger than 1048576 bytes"):
+        tls.server_context(huge, ca / "server.key", ca / "ca.crt")
+
+
+def test_a_link_to_a_certificate_is_followed_as_certbot_lays_them_out(ca: Path) -> None:
+    live = ca / "live"
+    live.mkdir()
+    for name in ("server.crt", "server.key", "ca.crt"):
+        (live / name).symlink_to(ca / name)
+    tls.server_context(live / "server.crt", live / "server.key", live / "ca.crt")
+
+
+def test_a_subject_in_an_error_cannot_forge_a_line(tmp_path: Path) -> None:
+    forged = self_signed(tmp_path, "forged", common_name="mqtt\nFAKE LINE\x1b[31m")
+    with pytest.raises(TrustError) as refused:
+        tls.server_context(forged, forged.with_suffix(".key"), forged)
+    message = str(refused.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "(CN=mqtt\\nFAKE LINE\\x1b[31m) is not a CA" in message
