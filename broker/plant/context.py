@@ -28,7 +28,7 @@ from broker.plant.maintenance import MaintenanceBook
 from broker.policy import Policy, Signal
 from broker.policy.expressions import Evaluator
 from broker.policy.model import AssetModel, SemanticModel
-from broker.policy.precision import Precision, Precisions
+from broker.policy.precision import Precision, Precisions, expected_precision
 from broker.policy.schema import Baseline, duration_s
 from broker.records import (
     Alert,
@@ -82,6 +82,10 @@ class _AssetRuntime:
         window_h = duration_s(asset.trend_window) / 3600
         finer = 1 + math.ceil(math.log10(window_h))
         self._slope_precision = {m: p.finer(finer) for m, p in self._precision.items()}
+        self._expected_precision = {
+            m: expected_precision(self._precision[m], [v for row in baseline.expected for v in row])
+            for m, baseline in model.baselines.items()
+        }
         self._derived = [
             (signal, expression, precisions[signal.path].round)
             for signal, expression in model.derived
@@ -191,19 +195,25 @@ class _AssetRuntime:
         load = _number(self.names.get("load")) if baseline.load_points else 0.0
         if ambient is None or load is None:
             return None
-        # As precise as the measure: the deviation is then the one a reader works out.
-        expected = self._precision[baseline.measure].round(_expected(baseline, ambient, load))
-        if expected == 0:
+        exact = _expected(baseline, ambient, load)
+        expected = self._expected_precision[baseline.measure].round(exact)
+        # From `expected` as shown, so that the deviation is the one a reader works out;
+        # from the exact value when that rounds to 0 (only an exact 0 has no deviation).
+        against = expected or exact
+        if against == 0:
             return None
-        deviation = (value - expected) / abs(expected) * 100
+        deviation = (value - against) / abs(against) * 100
         if not math.isfinite(deviation):  # a table or value near the float limits
             return None
+        # The label from the deviation as shown: 10.0 % is drifting when drifting_pct is 10,
+        # though the float division said 9.999999999999996.
+        shown = _rounded(deviation, 100)
         worse = (
-            deviation
+            shown
             if baseline.worse == "higher"
-            else -deviation
+            else -shown
             if baseline.worse == "lower"
-            else abs(deviation)
+            else abs(shown)
         )
         label: AssessmentLabel
         if worse >= baseline.abnormal_pct:
@@ -212,7 +222,6 @@ class _AssetRuntime:
             label = "drifting"
         else:
             label = "expected"
-        shown = _rounded(deviation, 100)
         return Assessment(
             expected=expected,
             deviation_pct=shown,
@@ -229,14 +238,15 @@ class _AssetRuntime:
         slope = line.slope_per_h(self._now)  # drops what the window has left behind
         found = None
         if slope is not None:
-            change = slope * self._trend_window_h
+            shown = self._slope_precision[measure].round(slope)
+            change = shown * self._trend_window_h  # the direction of the slope as shown
             direction: Literal["rising", "falling", "steady"]
-            if abs(change) < STEADY_FRACTION * abs(line.level()):
+            if change == 0 or abs(change) < STEADY_FRACTION * abs(line.level()):
                 direction = "steady"
             else:
                 direction = "rising" if change > 0 else "falling"
             found = Trend(
-                slope_per_h=self._slope_precision[measure].round(slope),
+                slope_per_h=shown,
                 direction=direction,
                 window=self.model.asset.trend_window,
             )

@@ -2,8 +2,9 @@
 
 Both keep a fixed number of time buckets, whatever the sample rate: a 24 h window of a 1 Hz
 signal costs 30 buckets, not 86,400 samples. Times are seconds (any monotonic epoch). A
-trend says nothing until its history spans half its window: a slope fitted to the first
-minute of a 10 min window is noise extrapolated to an hour.
+trend says nothing until its history spans half its window without a long gap: a slope
+fitted to the first minute of a 10 min window, or to two short runs either side of a long
+outage, is noise (or a step) extrapolated to an hour.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ BUCKETS = 30
 # this many (a slope through two or three points is whatever their noise says).
 TREND_MIN_SPAN = BUCKETS // 2  # in buckets, from the oldest bucket's start to the newest's
 TREND_MIN_BUCKETS = 5
+# ...and no run of empty buckets between two holding values is longer than this: a quarter
+# of the window without values (a device offline) is a step, not a slope. Once the values
+# before the gap leave the window, the trend comes back when the new ones span half of it.
+TREND_MAX_GAP = BUCKETS // 4  # in empty buckets
 _EMPTY = WindowStats(mean=None, max=None)
 
 
@@ -133,8 +138,8 @@ class TrendLine(_Buckets):
     def slope_per_h(self, now: float) -> float | None:
         """Over the window ending at `now`: a measure that stopped giving good values has
         no trend once they are older than the window. None until the buckets holding values
-        span half the window and are at least TREND_MIN_BUCKETS, or when the values are
-        beyond a float's range."""
+        span half the window, are at least TREND_MIN_BUCKETS and have no gap longer than
+        TREND_MAX_GAP empty buckets, or when the values are beyond a float's range."""
         if self._expire(now):
             self._slope = None
             self.generation += 1
@@ -152,5 +157,9 @@ class TrendLine(_Buckets):
         buckets = self._buckets
         if len(buckets) < TREND_MIN_BUCKETS:
             return False
-        span = (buckets[-1].start - buckets[0].start) / self._width  # starts are whole widths
-        return span > TREND_MIN_SPAN - 0.5
+        width = self._width  # starts are whole widths apart
+        if (buckets[-1].start - buckets[0].start) / width < TREND_MIN_SPAN - 0.5:
+            return False
+        starts = [b.start for b in buckets]
+        longest = max(later - earlier for earlier, later in itertools.pairwise(starts))
+        return longest / width < TREND_MAX_GAP + 1.5  # neighbours are 1 width apart

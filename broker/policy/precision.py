@@ -1,14 +1,18 @@
 """The precision of the numbers the broker computes (derived signals, assessments, load
 statistics, trends): the one the model declares, else the one that follows from the inputs.
 
-A read value is as precise as its decoding makes it (docs/records.md): a scaled value to the
-decimals of its scale and offset, an unscaled integer to the unit, an unscaled float32 to the
-7 significant digits float32 carries. From there, `+`, `-` and `%` of decimal numbers keep
-the most decimals of their operands, `*` the sum of them, and a constant integer power n
-times them: rounded to those, the result is the exact decimal one, never float noise
-(26.7 - 18.7 is 8.0, not 7.9999999999999964). A quotient has no exact decimal form: it is
-rounded to significant digits (those of its least precise operand, at most SIGNIFICANT),
-unless the signal declares `decimals`.
+A read value is as precise as its decoding makes it (docs/records.md): a scaled integer to
+the decimals of its scale and offset, an unscaled integer to the unit, an unscaled float32
+to the 9 significant digits its shortest decimal may need, any other float (a scaled
+float32 is the exact decimal product of its shortest decimal and the scale) to SIGNIFICANT
+digits. From there, `+`, `-` and `%` of decimal numbers keep the most decimals of their
+operands, `*` the sum of them, and a constant integer power n times them: rounded to those,
+the result is the exact decimal one, never float noise (26.7 - 18.7 is 8.0, not
+7.9999999999999964). A quotient by a constant whose inverse is a finite decimal (1000, 4,
+0.5) has exact decimals too; any other quotient is rounded to significant digits (those of
+its least precise operand, at most SIGNIFICANT, never fewer than its integer digits),
+unless the signal declares `decimals`. A baseline's expected value is one decimal finer
+than both the measure and the table's own values (it is interpolated between them).
 
 Nothing here reads a value: the precision of every number is decided once, when the policy
 is compiled. It must never round a value more coarsely than its inputs are known.
@@ -18,13 +22,14 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 from broker.policy.schema import DerivedSource, ModbusSource, Signal
 
 SIGNIFICANT = 12  # a double's arithmetic noise sits in the last 3 to 5 of its 17 digits
-FLOAT32_SIGNIFICANT = 7  # what a float32 carries (24 bits)
+FLOAT32_SIGNIFICANT = 9  # a float32's shortest decimal needs at most 9: each one survives
 MAX_DECIMALS = 12  # more than this: rounded to significant digits instead
 _INTEGERS = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
 
@@ -46,6 +51,8 @@ class Precision:
             return x
         if self.decimals is not None:
             return round(x, self.decimals) + 0.0  # + 0.0: -0.0 is 0.0
+        if abs(x) >= 10.0**self.significant:  # an integer digit is never rounded away
+            return round(x, 0) + 0.0
         return float(f"{x:.{self.significant}g}") + 0.0
 
     def finer(self, digits: int) -> Precision:
@@ -53,11 +60,6 @@ class Precision:
         if self.decimals is None:
             return self
         return Precision(max(0, self.decimals + digits), self.significant)
-
-    def describe(self) -> str:
-        if self.decimals is not None:
-            return f"{self.decimals} decimal{'s' if self.decimals != 1 else ''}"
-        return f"{self.significant} significant digits"
 
 
 UNKNOWN = Precision()
@@ -74,16 +76,26 @@ def decimals_of(number: float) -> int:
 
 
 def read_precision(signal: Signal) -> Precision:
-    """A read (not derived) signal's values as the decoder gives them."""
+    """A read (not derived) signal's values as the decoder gives them (broker/plant/decode.py):
+    only an integer times a scale has the scale's decimals; a scaled float has its own digits
+    and the scale's, and an OPC UA value may be either."""
     source = signal.source
-    if (signal.scale, signal.offset) != (1.0, 0.0):
+    if not isinstance(source, ModbusSource):
+        return UNKNOWN
+    scaled = (signal.scale, signal.offset) != (1.0, 0.0)
+    if source.type in _INTEGERS:
         return Precision(max(decimals_of(signal.scale), decimals_of(signal.offset)))
-    if isinstance(source, ModbusSource):
-        if source.type in _INTEGERS:
-            return Precision(0)
-        if source.type == "float32":
-            return Precision(None, FLOAT32_SIGNIFICANT)
+    if source.type == "float32" and not scaled:
+        return Precision(None, FLOAT32_SIGNIFICANT)
     return UNKNOWN
+
+
+def expected_precision(measure: Precision, table: Iterable[float]) -> Precision:
+    """A baseline's expected value: interpolated between the table's values, so one decimal
+    finer than both them and the measure it is compared with."""
+    if measure.decimals is None:
+        return measure
+    return Precision(max(measure.decimals, *map(decimals_of, table)) + 1, measure.significant)
 
 
 def expression_precision(text: str, of_name: Callable[[str], Precision]) -> Precision:
@@ -114,7 +126,28 @@ def _of(node: ast.expr, of_name: Callable[[str], Precision]) -> Precision:  # no
         return _joined(left, right, max)
     if isinstance(node.op, ast.Mult):
         return _joined(left, right, lambda a, b: a + b)
+    shift = _inverse_decimals(node.right) if isinstance(node.op, ast.Div) else None
+    if shift is not None and left.decimals is not None:  # x / 1000: x × 0.001, exactly
+        return Precision(max(0, left.decimals + shift), left.significant)
     return Precision(None, min(left.significant, right.significant))  # a quotient
+
+
+def _inverse_decimals(node: ast.expr) -> int | None:
+    """The decimals that dividing by this constant adds (1000 → 3, 4 → 2, 0.1 → -1), when its
+    inverse is a finite decimal (its digits are a product of 2s and 5s); else None."""
+    value = node.value if isinstance(node, ast.Constant) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not value or not math.isfinite(value):
+        return None
+    _, digits, exponent = Decimal(repr(value)).normalize().as_tuple()
+    assert isinstance(exponent, int)  # finite
+    whole, twos, fives = int("".join(map(str, digits))), 0, 0
+    while whole % 2 == 0:
+        whole, twos = whole // 2, twos + 1
+    while whole % 5 == 0:
+        whole, fives = whole // 5, fives + 1
+    return max(twos, fives) + exponent if whole == 1 else None
 
 
 def _joined(left: Precision, right: Precision, decimals: Callable[[int, int], int]) -> Precision:

@@ -4,7 +4,7 @@ every number computed at the edge: read like the plant, never like float noise."
 from __future__ import annotations
 
 import struct
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -226,19 +226,19 @@ def test_a_derived_quotient_has_the_decimals_the_signal_declares(tmp_path: Path)
     two = by_signal(PlantPipeline(edited(tmp_path, declared)).process(scan(80, 30, 20)))
 
     assert 80 / 30 == 2.6666666666666665
-    assert undeclared[SPECIFIC].value == 2.666667  # float32 inputs: 7 significant digits
+    assert undeclared[SPECIFIC].value == 2.66666667  # float32 inputs: 9 significant digits
     assert two[SPECIFIC].value == 2.67
 
 
-def test_expected_is_as_precise_as_the_measure(tmp_path: Path) -> None:
+def test_expected_is_one_decimal_finer_than_the_measure_and_the_table(tmp_path: Path) -> None:
     pipeline = PlantPipeline(edited(tmp_path, tenths))
     # at 26.7 degC and 20 kW the table gives 60 + 16.7 / 25 x 20 = 73.36 psi
     record = by_signal(pipeline.process(scan_in_tenths(800, 20, ambient=267)))[PRESSURE]
 
     assessment = record.context.assessment
     assert assessment is not None
-    assert assessment.expected == 73.4  # tenths, like the pressure it is compared with
-    assert assessment.deviation_pct == round((80 - 73.4) / 73.4 * 100, 2)
+    assert assessment.expected == 73.36  # hundredths: the pressure is in tenths, the table whole
+    assert assessment.deviation_pct == round((80 - 73.36) / 73.36 * 100, 2)
 
 
 def test_load_means_and_trend_slopes_are_rounded_to_what_follows_from_their_values(
@@ -251,7 +251,103 @@ def test_load_means_and_trend_slopes_are_rounded_to_what_follows_from_their_valu
 
     context = records[PRESSURE].context
     assert context.load is not None
-    mean = context.load.windows["15m"].mean  # float32 0.1 and 0.2: 7 significant digits
-    assert mean is not None and mean == float(f"{mean:.7g}") and mean == pytest.approx(0.15)
+    mean = context.load.windows["15m"].mean  # float32 0.1 and 0.2: 9 significant digits
+    assert mean is not None and mean == float(f"{mean:.9g}") and mean == pytest.approx(0.15)
     assert context.trend is not None  # 0.1 psi per 20 s: 18 psi/h, to 2 decimals
     assert context.trend.slope_per_h == 18.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "scale", "offset", "published"),
+    [
+        (16.654696, 1, 0, 16.654696),  # 8 significant digits: 7 would make it 16.6547
+        (16.654696, 0.1, 0, 1.6654696),  # not to the scale's one decimal
+        (1013.25, 0.001, 0, 1.01325),
+        (1.3, 2, 0, 2.6),  # a whole scale: not to 0 decimals
+        (293.1234, 1, -273.15, 19.9734),
+    ],
+)
+def test_a_derived_copy_of_a_scaled_float32_is_the_value_as_published(
+    tmp_path: Path, raw: float, scale: float, offset: float, published: float
+) -> None:
+    """Review of issue 15: a scaled float is not stepped to its scale's decimals."""
+
+    def scaled(document: dict[str, Any]) -> None:
+        document["signals"][0].update(scale=scale, offset=offset)
+        document["signals"][3]["source"]["expression"] = "discharge_pressure + 0"
+
+    records = by_signal(PlantPipeline(edited(tmp_path, scaled)).process(scan(raw, 20, 20)))
+
+    assert records[PRESSURE].value == published
+    assert records[SPECIFIC].value == published
+
+
+def integer_pressure(table: list[list[float]]) -> Any:
+    def change(document: dict[str, Any]) -> None:
+        document["signals"][0]["source"]["type"] = "int16"
+        document["assets"][0]["baselines"][0]["expected"] = table
+
+    return change
+
+
+def test_expected_keeps_the_tables_own_decimals_for_an_integer_measure(tmp_path: Path) -> None:
+    """Review: an int16 measure against a table of 1.4 read expected 1.0, deviation 0 %."""
+    pipeline = PlantPipeline(edited(tmp_path, integer_pressure([[1.4, 1.4], [1.4, 1.4]])))
+    assessment = by_signal(pipeline.process(scan_int(1)))[PRESSURE].context.assessment
+
+    assert assessment is not None
+    assert (assessment.expected, assessment.deviation_pct) == (1.4, -28.57)
+
+
+def test_an_expected_that_rounds_to_zero_is_still_assessed(tmp_path: Path) -> None:
+    """Review: a table of 0.4 rounded to 0 and the +150 % value had no assessment at all."""
+    pipeline = PlantPipeline(edited(tmp_path, integer_pressure([[0.4, 0.4], [0.4, 0.4]])))
+    assessment = by_signal(pipeline.process(scan_int(1)))[PRESSURE].context.assessment
+    assert assessment is not None and (assessment.expected, assessment.label) == (0.4, "abnormal")
+
+    tiny = PlantPipeline(edited(tmp_path, integer_pressure([[0, 0], [0.001, 0.001]])))
+    at = by_signal(tiny.process(scan_int(1, ambient=10.5)))[PRESSURE].context.assessment
+    assert at is not None  # 0.00002 expected: 0.0 to 4 decimals, assessed from the exact
+    assert (at.expected, at.label, at.direction) == (0.0, "abnormal", "above")
+
+
+def scan_int(pressure: int, ambient: float = 20, at: datetime = T0) -> list[RawSample]:
+    return [RawSample(PRESSURE, (pressure,), at, "good"), *scan(0, 20, ambient, at)[1:]]
+
+
+@pytest.mark.parametrize(
+    ("tenths_of_psi", "label", "deviation"),
+    [(121, "drifting", 10.0), (120, "expected", 9.09), (132, "abnormal", 20.0)],
+)
+def test_the_label_follows_the_deviation_as_published_at_its_threshold(
+    tmp_path: Path, tenths_of_psi: int, label: str, deviation: float
+) -> None:
+    """Review: 12.1 against 11.0 showed deviation_pct 10.0 but read `expected` (the float
+    division gave 9.999999999999996), against the signed drifting_pct: 10."""
+
+    def eleven(document: dict[str, Any]) -> None:
+        tenths(document)
+        document["assets"][0]["baselines"][0]["expected"] = [[11.0, 11.0], [11.0, 11.0]]
+
+    pipeline = PlantPipeline(edited(tmp_path, eleven))
+    record = by_signal(pipeline.process(scan_in_tenths(tenths_of_psi, 20, 200)))[PRESSURE]
+
+    assessment = record.context.assessment
+    assert assessment is not None
+    assert (assessment.deviation_pct, assessment.label) == (deviation, label)
+
+
+def test_a_slope_that_rounds_to_zero_is_steady_not_rising(tmp_path: Path) -> None:
+    """Review: an integer count near 0 could read `rising` with slope_per_h 0.0."""
+
+    def count(document: dict[str, Any]) -> None:
+        document["signals"][0]["source"]["type"] = "int16"  # whole units: slope to 0.1/h
+
+    pipeline = PlantPipeline(edited(tmp_path, count))
+    for i in range(160):  # every 12 s for 32 min: a single 1 among zeros, after the middle
+        at = T0 + timedelta(seconds=12 * i)
+        record = by_signal(pipeline.process(scan_int(1 if i == 100 else 0, at=at)))[PRESSURE]
+
+    trend = record.context.trend
+    assert trend is not None  # 0.02 psi/h
+    assert (trend.slope_per_h, trend.direction) == (0.0, "steady")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from broker.plant.history import BUCKETS, TREND_MIN_BUCKETS, TREND_MIN_SPAN, TrendLine, Window
+from broker.plant.history import (
+    BUCKETS,
+    TREND_MAX_GAP,
+    TREND_MIN_BUCKETS,
+    TREND_MIN_SPAN,
+    TrendLine,
+    Window,
+)
 from broker.policy.precision import Precision
 
 T0 = 1_700_000_000.0  # a bucket boundary for both widths used here
@@ -72,7 +79,9 @@ def test_a_trend_says_nothing_until_its_history_spans_half_its_window() -> None:
 def test_a_trend_needs_enough_points_however_long_its_span() -> None:
     line = TrendLine(3600)
     width = 3600 / BUCKETS
-    starts = [0, TREND_MIN_SPAN // 2, TREND_MIN_SPAN + 2]  # spanning more than half
+    gap = TREND_MAX_GAP + 1  # as far apart as they may be
+    starts = [0, gap, 2 * gap]  # spanning more than half
+    assert 2 * gap > TREND_MIN_SPAN
     for i in starts:
         line.add(T0 + i * width, float(i))
     assert line.slope_per_h(T0 + starts[-1] * width) is None  # three points: no trend
@@ -155,3 +164,20 @@ def test_a_windows_mean_never_shows_float_noise_and_keeps_its_precision() -> Non
     assert plain.stats(T0 + 2).mean == 1.66666666667  # no precision: 12 significant digits
     stats = rounded.stats(T0 + 2)
     assert (stats.mean, stats.max) == (1.67, 4.7)  # the max: as it was seen
+
+
+def test_no_trend_across_a_gap_longer_than_a_quarter_of_the_window() -> None:
+    """Review: 4 min of 100, 26 min offline, then 110 gave 19.2/h "rising" from a step."""
+    line, width = TrendLine(3600), 3600 / BUCKETS  # 2 min buckets
+    for minute in (0, 2, 30, 32, 34):  # five buckets spanning 17 widths, 13 empty between
+        line.add(T0 + minute * 60, 100.0 if minute < 30 else 110.0)
+    assert line.slope_per_h(T0 + 34 * 60) is None
+
+    short = TrendLine(3600)  # the same span, with an outage of TREND_MAX_GAP buckets
+    before = range(0, 8)
+    after = range(8 + TREND_MAX_GAP, 8 + TREND_MAX_GAP + 4)
+    for i in (*before, *after):
+        short.add(T0 + i * width, float(i))
+    assert short.slope_per_h(T0 + after[-1] * width) == pytest.approx(1.0 / width * 3600)
+    short.add(T0 + (after[-1] + TREND_MAX_GAP + 2) * width, 30.0)  # one bucket too many empty
+    assert short.slope_per_h(T0 + (after[-1] + TREND_MAX_GAP + 2) * width) is None

@@ -40,12 +40,17 @@ def test_decimals_of_a_number_as_written(number: float, decimals: int) -> None:
         ("-a + 1", 2, 12),
         ("a if a > b else b", 2, 12),
         ("a / b", None, 12),  # a quotient: significant digits
-        ("a + f", None, 7),  # a float32 input: its 7 significant digits
+        ("a + f", None, 9),  # a float32 input: its 9 significant digits
+        ("a / 1000", 5, 12),  # x / 1000 is x × 0.001: exact decimals
+        ("a / 4", 4, 12),
+        ("a / 0.1", 1, 12),
+        ("a / 3", None, 12),  # no finite decimal
+        ("a / 0", None, 12),
         ("a ** 0.5", None, 12),
     ],
 )
 def test_what_follows_from_the_inputs(text: str, decimals: int | None, significant: int) -> None:
-    inputs = {"a": Precision(2), "b": Precision(1), "f": Precision(None, 7)}
+    inputs = {"a": Precision(2), "b": Precision(1), "f": Precision(None, 9)}
     assert expression_precision(text, inputs.__getitem__) == Precision(decimals, significant)
 
 
@@ -82,7 +87,7 @@ def edited_demo(tmp_path: Path, change: Any) -> policy.Policy:
 def test_every_signal_of_the_demo_has_the_precision_of_its_decoding(tmp_path: Path) -> None:
     precisions = SemanticModel(edited_demo(tmp_path, lambda d: None)).precisions
     assert precisions[PRESSURE] == Precision(2)  # int16 x 0.01
-    assert precisions[POWER] == Precision(None, 7)  # float32
+    assert precisions[POWER] == Precision(None, 9)  # float32
     assert precisions["coldstore/machine-room/compressor-1/run_time"] == Precision(0)
     assert precisions[APPROACH] == Precision(1)  # tenths minus tenths
 
@@ -107,3 +112,13 @@ def test_decimals_beyond_what_a_policy_may_declare_are_refused(tmp_path: Path) -
 
     with pytest.raises(ConfigError, match=r"source.decimals.*<= 12"):
         edited_demo(tmp_path, too_many)
+
+
+def test_a_large_integer_quotient_keeps_every_integer_digit() -> None:
+    """Review: int64 1234567890123456 / 1000 was published as 1234567890120.0."""
+    whole = {"a": Precision(0)}.__getitem__
+    assert expression_precision("a / 1000", whole).round(1234567890123456 / 1000) == (
+        1234567890123.456
+    )
+    assert expression_precision("a / 3", whole).round(3703703670370368 / 3) == 1234567890123456.0
+    assert Precision(None).round(1234567890123.456) == 1234567890123.0
