@@ -4,7 +4,9 @@ The CA directory keeps a copy of every certificate it issued (`issued/`), the re
 (`revoked.json`) and the CRL number; `certs crl` writes a CRL signed by the CA with a
 nextUpdate and the next CRL number, which the enterprise half loads to refuse revoked
 consumers, and OPC UA servers load (`--der`: a DER copy beside it) to check the plant's
-certificate. `read_crl` never returns a CRL that no CA of the client CA file signed.
+certificate. `read_crl` never returns a CRL that no CA of the client CA file signed, and
+reads both files bounded (`read_pem`), so a FIFO put at either path is refused at once
+instead of stalling the enterprise half's reload.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 
 from broker.errors import TrustError
 from broker.trust.certs import CA_CERT, ISSUED, load_ca
+from broker.trust.fitness import read_pem
 
 REVOKED = "revoked.json"
 CRL_NUMBER = "crl-number"
@@ -208,9 +211,11 @@ def read_crl(path: Path, client_ca: Path) -> CrlFacts:
     """A CRL signed by a CA of the `client_ca` file (the one that issues consumer
     certificates): a list signed by anyone else would revoke nothing or the wrong serials."""
     try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
+        crl = x509.load_pem_x509_crl(read_pem(path))
     except FileNotFoundError as e:
         raise TrustError(f"{path}: CRL not found; write one with `dmzbroker certs crl`") from e
+    except OSError as e:  # a FIFO, a device, a folder, too large: the file's fault
+        raise TrustError(f"{path}: cannot read the CRL: {e.strerror}") from e
     except ValueError as e:
         raise TrustError(f"{path}: not a PEM CRL") from e
     if not any(_signed_by(crl, ca) for ca in _certificates(client_ca)):
@@ -236,9 +241,11 @@ def read_crl(path: Path, client_ca: Path) -> CrlFacts:
 
 def _certificates(path: Path) -> list[x509.Certificate]:
     try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
+        return x509.load_pem_x509_certificates(read_pem(path))
     except FileNotFoundError as e:
         raise TrustError(f"{path}: CA file not found") from e
+    except OSError as e:
+        raise TrustError(f"{path}: cannot read the CA file: {e.strerror}") from e
     except ValueError as e:
         raise TrustError(f"{path}: not a PEM CA certificate file") from e
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from tests.harness import (
 )
 
 SAME_SECOND_TRIES = 10  # two CRLs written milliseconds apart rarely straddle a second
+FIFO_REFUSAL_S = 10  # a refusal takes milliseconds; generous for a loaded 2-core box
 
 
 def serial_of(cert: Path) -> str:
@@ -463,3 +465,35 @@ async def test_an_older_crl_put_back_while_the_half_is_stopped_refuses_all_until
     await eventually(lambda: handshake_of("good"), timeout=20, interval=0.2)
     assert not await handshake_of("revoked")
     assert any('"tls_material_reloaded"' in line for line in broker.events())
+
+
+@pytest.mark.parametrize("swapped", ["crl.pem", "client-ca.crt"])
+async def test_a_fifo_swapped_in_for_the_crl_or_client_ca_is_refused_at_once_at_a_reload(
+    single_ca: Path, swapped: str
+) -> None:
+    """A FIFO put at a path the reload reads would block it until some writer came: the read
+    is bounded and non-blocking, so the reload is refused and the CRL in force stays."""
+    ca = single_ca
+    revoke(ca, serial_of(ca / "revoked.crt"), "key_compromise")
+    write_crl(ca, out=ca / "crl.pem")
+    reloader = tls.EndpointReloader(config(ca))
+    async with ok_server(reloader) as port:
+        in_force = reloader.context
+        staged = ca / "fifo.new"
+        os.mkfifo(staged)
+        os.replace(staged, ca / swapped)
+        result: list[frozenset[str] | None] = []
+        with structlog.testing.capture_logs() as logs:
+            reloading = threading.Thread(target=lambda: result.append(reloader.check()))
+            reloading.start()
+            reloading.join(timeout=FIFO_REFUSAL_S)
+            blocked = reloading.is_alive()
+            if blocked:  # a writer's open and close lets the blocked read end
+                os.close(os.open(ca / swapped, os.O_WRONLY | os.O_NONBLOCK))
+                reloading.join()
+        assert not blocked, f"the reload blocked on the FIFO at {swapped}"
+        assert result == [None] and reloader.context is in_force
+        [refused] = [e for e in logs if e["event"] == "tls_reload_refused"]
+        assert swapped in refused["error"] and "not a regular file" in refused["error"]
+        assert await status(port, ca, "revoked") is None  # the CRL in force still revokes
+        assert await status(port, ca, "good") == 200
