@@ -4,8 +4,10 @@ strings, OPC UA variants, scale and offset, at the precision the plant has.
 Precision (docs/modbus.md): a float32 is published as the shortest decimal that reads back
 as the same float32 (16.654696, not the 16.654695510864258 its double holds); a scaled value
 is the exact decimal result of raw × scale + offset, as precise as its inputs and no more
-(267 × 0.1 + 0 is 26.7; an integer times a whole scale stays an integer). Never a float-noise
-tail, never a rounding that loses what the device said.
+(267 × 0.1 + 0 is 26.7; an integer times a whole scale stays an integer). An OPC UA Float
+arrives as the shortest decimal of its float32 (`float32_text`, applied by the connector,
+which alone sees the variant type), so it is published and scaled as a Modbus float32 is.
+Never a float-noise tail, never a rounding that loses what the device said.
 
 Decoders are built once per signal when the policy loads, so the hot path runs one small
 closure per sample. Pure: no I/O, no device access.
@@ -132,7 +134,7 @@ def _scaling(signal: Signal, type_: str | None) -> Number | None:
     nothing to do (an unscaled integer)."""
     unscaled = (signal.scale, signal.offset) == (1.0, 0.0)
     if type_ == "float32":
-        return _float32 if unscaled else _decimal_scaling(signal, _float32_text)
+        return _float32 if unscaled else _decimal_scaling(signal, float32_text)
     if type_ == "float64":
         return _finite if unscaled else _decimal_scaling(signal, repr)
     return None if unscaled else _integer_scaling(signal, _INTEGER_RANGE.get(type_ or ""))
@@ -204,10 +206,10 @@ def _finite(value: int | float) -> Value:
 def _float32(value: int | float) -> Value:
     if not math.isfinite(value):
         raise DecodeError(f"not a finite number: {value}")
-    return float(_float32_text(value))
+    return float(float32_text(value))
 
 
-def _float32_text(value: float) -> str:
+def float32_text(value: float) -> str:
     """The shortest decimal that reads back as the float32 `value` (a double holding it).
 
     For a normal float32, every decimal of up to 6 significant digits reads back, so `%.6g`

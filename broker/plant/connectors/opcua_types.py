@@ -6,7 +6,9 @@ and what the decoder can take: a scalar number, bool or text. This module must n
 through a value with a Bad status, of another variant type than the node's DataType allows,
 an array, a structure, a ByteString, or a text longer than MAX_TEXT_BYTES: a server that
 sends one (by mistake or on purpose) gets its signal marked `bad`, never data, and a text
-of megabytes never reaches the pipeline or the spool.
+of megabytes never reaches the pipeline or the spool. A Float (32-bit) is taken as the
+shortest decimal that reads back as it (`decode.float32_text`), as a Modbus float32 is: the
+variant type is known only here, the decoder sees a Python float.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Literal
 from asyncua import ua
 from asyncua.ua.object_ids import ObjectIds
 
-from broker.plant.decode import RawValue
+from broker.plant.decode import RawValue, float32_text
 from broker.records import Quality
 
 # A text value longer than this (UTF-8) is refused: a tag's text (a mode, a recipe name, an
@@ -79,6 +81,8 @@ def judged(
     raw = variant.Value if variant is not None else None
     if isinstance(raw, str) and _too_long(raw):
         return None, "value_unsupported"
+    if isinstance(raw, float) and variant is not None and variant.VariantType is _V.Float:
+        raw = float(float32_text(raw))  # 16.654696, not its double's 16.654695510864258
     if isinstance(raw, bool | int | float | str):
         return raw, None
     return None, "value_unsupported"

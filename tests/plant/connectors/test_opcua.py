@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 import msgspec
 import pytest
 import pytest_asyncio
-import structlog
 import yaml
 from asyncua import ua
 from cryptography import x509
@@ -25,6 +25,7 @@ from broker.plant.connectors import connector_for
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings, fingerprint, open_session
+from broker.plant.decode import decoder_for
 from broker.policy import OpcUaDevice, Signal
 from tests.harness import dmzbroker, eventually, free_port
 from tests.plant.connectors.opcua_server import (
@@ -33,12 +34,13 @@ from tests.plant.connectors.opcua_server import (
     SECURE,
     OpcUaPki,
     OpcUaTestServer,
-    make_pki,
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
-VARIABLES = {"Power": 10.5, "Running": True, "Mode": "auto", "Count": 7, "Table": [1, 2]}
+FLOAT32 = struct.unpack("<f", struct.pack("<f", 16.654696))[0]  # a double: 16.654695510864258
+VARIABLES = {"Power": 10.5, "Running": True, "Mode": "auto", "Count": 7, "Table": [1, 2],
+             "Flow": ua.Variant(FLOAT32, ua.VariantType.Float)}  # fmt: skip
 READ_SIDE = {  # session, discovery and subscription services, Browse and Read: nothing else
     "GetEndpointsRequest", "FindServersRequest", "CreateSessionRequest",
     "ActivateSessionRequest", "CloseSessionRequest", "BrowseRequest", "BrowseNextRequest",
@@ -48,11 +50,6 @@ READ_SIDE = {  # session, discovery and subscription services, Browse and Read: 
 }  # fmt: skip
 WRITE_SIDE = {"WriteRequest", "CallRequest", "AddNodesRequest", "AddReferencesRequest",
               "DeleteNodesRequest", "DeleteReferencesRequest", "HistoryUpdateRequest"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> OpcUaPki:
-    return make_pki(tmp_path_factory.mktemp("opcua-pki"))
 
 
 @asynccontextmanager
@@ -69,12 +66,6 @@ async def plc(pki: OpcUaPki) -> AsyncIterator[OpcUaTestServer]:
     """Every allowed policy and None, anonymous/username/certificate users."""
     async with serving(OpcUaTestServer(pki, VARIABLES)) as server:
         yield server
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
 
 
 def device(server: OpcUaTestServer, **fields: Any) -> OpcUaDevice:
@@ -196,6 +187,27 @@ async def test_polled_read_as_the_per_device_fallback(plc: OpcUaTestServer, pki:
         "site/line/plc/count": (3, "uncertain"),
     }
     assert all(len(batch) == 4 for batch in collector.batches)  # one whole Read each time
+
+
+async def test_a_float_is_published_as_its_shortest_float32_decimal_and_a_double_as_it_is(
+    plc: OpcUaTestServer, pki: OpcUaPki
+) -> None:
+    """As a Modbus float32 is: 16.654696, not the 16.654695510864258 its double holds; a
+    scaled Float is scaled from that decimal (docs/modbus.md, Precision)."""
+    ua_plc = device(plc)
+    flow, power = signals(plc, "Flow", "Power")
+    scaled = msgspec.structs.replace(flow, scale=0.1)
+    connector = OpcUaConnector(
+        ua_plc, [flow, power], SessionSettings.build(ua_plc, plant_config(pki))
+    )
+    await plc.set("Power", FLOAT32)  # a Double holding the same number: all its digits count
+    async with running(connector) as collector:
+        await eventually(lambda: len(collector.latest) == 2 and all(
+            s.quality == "good" for s in collector.latest.values()), timeout=10)  # fmt: skip
+    raw = collector.latest[flow.path].raw
+    assert raw == 16.654696 and repr(raw) == "16.654696"
+    assert collector.latest[power.path].raw == 16.654695510864258
+    assert raw is not None and decoder_for(scaled)(raw) == 1.6654696
 
 
 async def test_a_frozen_value_keeps_its_source_time_and_each_read_has_its_own(
