@@ -15,6 +15,7 @@ import csv
 import heapq
 import io
 import math
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,8 +31,9 @@ from broker.audit.verify import writers
 from broker.errors import ConfigError
 
 COLUMNS = ("time", "writer", "seq", "event", "category", "outcome", "actor", "object")
-# A table column is as wide as its widest cell up to this; a longer cell (free text an
-# outsider chose) pushes the rest of its own line only. The last column is never padded.
+# A table column is as wide as its widest cell up to this, in terminal columns (`_width`); a
+# longer cell (free text an outsider chose) pushes the rest of its own line only. The last
+# column is never padded.
 MAX_WIDTH = 40
 _SEVERITY = {"failure": 7, "unknown": 5, "success": 3}
 
@@ -147,7 +149,9 @@ def _table(found: Iterable[dict[str, Any]]) -> Iterator[str]:
         raise RuntimeError("the table reads the entries twice: pass an Entries, not an iterator")
     widths = [len(c) for c in COLUMNS]
     for cells in map(_cells, found):
-        widths = [max(w, min(len(cell), MAX_WIDTH)) for w, cell in zip(widths, cells, strict=True)]
+        widths = [
+            max(w, min(_width(cell), MAX_WIDTH)) for w, cell in zip(widths, cells, strict=True)
+        ]
     yield _line(COLUMNS, widths)
     yield from (_line(_cells(entry), widths) for entry in found)
 
@@ -161,10 +165,22 @@ def _cells(entry: dict[str, Any]) -> list[str]:
 
 def _line(cells: Sequence[str], widths: list[int]) -> str:
     padded = [
-        cell.rjust(width) if name == "seq" else cell.ljust(width)
+        pad + cell if name == "seq" else cell + pad
         for name, cell, width in zip(COLUMNS[:-1], cells[:-1], widths, strict=False)
+        for pad in [" " * (width - _width(cell))]
     ]
     return "  ".join([*padded, cells[-1]]).rstrip()
+
+
+def _width(cell: str) -> int:
+    """The terminal columns `cell` takes: a wide or fullwidth character (CJK, East Asian
+    Width W or F) two, a combining mark none (it sits on the character before), others one."""
+    if cell.isascii():  # nearly every cell: no lookup per character
+        return len(cell)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in cell
+    )
 
 
 _SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}

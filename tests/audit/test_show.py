@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import unicodedata
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,30 @@ def test_table_columns_line_up(root: Path) -> None:
         for name in left:
             assert unescape(cells[name]) == ("" if entry[name] is None else entry[name]), row
     assert len({len(row) for row in rows}) > 1  # the last column is not padded
+
+
+def display_width(text: str) -> int:
+    """Terminal columns: a wide or fullwidth character takes two, a combining mark none."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
+def test_table_columns_line_up_on_screen_with_wide_and_combining_characters(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "audit"
+    actors = ["冷凍庫の操作員", "ｏｐｓ", "cafe\u0301-ops", "ops"]  # CJK, fullwidth, combining
+    with AuditLog(root, "plant", "coldstore-1", Ed25519PrivateKey.generate()) as audit:
+        for i, actor in enumerate(actors):
+            audit.record("valve_moved", category="device", outcome="success", actor=actor,
+                         object=f"valve-{i}")  # fmt: skip
+    header, *rows = show(root, "--event", "valve_moved")
+    column = display_width(header[: header.index("object")])
+    for row, actor in zip(rows, actors, strict=True):
+        assert actor in row, row
+        assert display_width(row[: row.index("valve-")]) == column, row
 
 
 def test_table_shows_what_an_events_suppressed_entry_counted(tmp_path: Path) -> None:
