@@ -10,7 +10,6 @@ out keyCertSign, a server certificate without any extended key usage) is built w
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -24,15 +23,13 @@ import pytest
 import structlog
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from broker import config as broker_config
 from broker import preflight
 from broker.commands.validate import NOT_FIT
 from broker.errors import ConfigError
 from broker.trust import fitness
+from tests.certificates import Extension, certificate, localhost
 from tests.harness import (
     BrokerProcess,
     Owners,
@@ -87,33 +84,13 @@ def craft(
     key_usage: x509.KeyUsage | None,
 ) -> tuple[Path, Path]:
     """A certificate issued by our CLI's CA `ca` with exactly these extensions."""
-    ca_cert = x509.load_pem_x509_certificate(ca.read_bytes())
-    ca_key = serialization.load_pem_private_key(ca.with_suffix(".key").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    )
+    extensions: list[Extension] = [
+        (x509.BasicConstraints(ca=is_ca, path_length=None), True),
+        localhost(),
+    ]
     if key_usage is not None:
-        builder = builder.add_extension(key_usage, critical=True)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return directory / f"{name}.crt", directory / f"{name}.key"
+        extensions.append((key_usage, True))
+    return certificate(directory, name, extensions, issuer=ca)
 
 
 def usage(**allowed: bool) -> x509.KeyUsage:

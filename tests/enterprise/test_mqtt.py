@@ -48,6 +48,7 @@ from tests.harness import (
     dmzbroker,
     eventually,
     free_port,
+    running,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -177,17 +178,6 @@ async def listening(subscriber: Subscriber) -> AsyncIterator[None]:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
-async def running(*coroutines: Any) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(c) for c in coroutines]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def in_order_per_topic(received: list[tuple[str, int]]) -> bool:

@@ -20,13 +20,12 @@ import aiohttp
 import pytest
 import structlog
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.config import TlsConfig
 from broker.errors import TrustError
 from broker.trust import fitness, tls
+from tests.certificates import certificate, localhost
 from tests.harness import dmzbroker, ok_server
 
 Serve = Callable[..., "Server"]
@@ -66,35 +65,12 @@ async def serve(ca: Path) -> AsyncIterator[Callable[..., object]]:
 def crafted(
     ca: Path, name: str, *, start: dt.datetime, end: dt.datetime, usage: x509.ObjectIdentifier
 ) -> tuple[Path, Path]:
-    ca_cert = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://t/consumer/{name}")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    (ca / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (ca / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return ca / f"{name}.crt", ca / f"{name}.key"
+    spiffe = x509.UniformResourceIdentifier(f"spiffe://t/consumer/{name}")
+    extensions = [
+        (x509.ExtendedKeyUsage([usage]), False),
+        (x509.SubjectAlternativeName([spiffe]), False),
+    ]
+    return certificate(ca, name, extensions, issuer=ca / "ca.crt", start=start, end=end)
 
 
 NOW = dt.datetime.now(dt.UTC)
@@ -244,30 +220,12 @@ def test_a_leaf_certificate_given_as_the_client_ca_is_refused(ca: Path) -> None:
 
 def self_signed(directory: Path, name: str, *, common_name: str = "localhost") -> Path:
     """A self-signed server certificate with CA:FALSE (pinned by the client), and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(minutes=5))
-        .not_valid_after(NOW + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{name}.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return directory / f"{name}.crt"
+    extensions = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        localhost(),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ]
+    return certificate(directory, name, extensions, common_name=common_name)[0]
 
 
 async def handshake(served: Path, anchor: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.policy import ModbusDevice, Signal
+from tests import harness
 from tests.harness import free_port
 
 REGISTERS = 300  # per table and unit id; input register i of unit u holds u * 1000 + i
@@ -201,16 +202,9 @@ class Scans:
         return [t for t, batch in self.batches if all(s.quality == "bad" for s in batch)]
 
 
-@asynccontextmanager
-async def running(*pairs: tuple[ModbusConnector, Scans]) -> AsyncIterator[None]:
+def running(*pairs: tuple[ModbusConnector, Scans]) -> AbstractAsyncContextManager[None]:
     """Each connector in its own task, as the plant half runs them."""
-    tasks = [asyncio.create_task(c.run(scans.emit)) for c, scans in pairs]
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return harness.running(*(c.run(scans.emit) for c, scans in pairs))
 
 
 @contextmanager

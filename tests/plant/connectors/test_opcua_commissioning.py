@@ -42,8 +42,6 @@ from tests.plant.connectors.test_opcua import (
     POWER,
     device,
     discover,
-    events,
-    pki,
     plant_config,
     running,
     serving,
@@ -51,7 +49,6 @@ from tests.plant.connectors.test_opcua import (
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
-__all__ = ["events", "pki"]  # fixtures shared with test_opcua.py
 
 
 def _cli(*args: str) -> None:
@@ -236,13 +233,14 @@ async def test_a_server_publishing_before_it_refuses_the_items_does_not_reset_th
     again at the first delay (a new session every 0.5 s against the plant)."""
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
         service = server.server.iserver.subscription_service
+        # The server handles one request of a session at a time: a Publish request is served
+        # while CreateMonitoredItems waits only if it came first. A revised keep-alive count
+        # makes the broker ask ModifySubscription, after its first Publish request.
+        server.revise_keep_alive(2, modify="ignored")
 
         async def refused(params: ua.CreateMonitoredItemsParameters) -> Any:
             subscription = service.subscriptions[params.SubscriptionId]
             await eventually(lambda: not subscription._startup, timeout=5)  # it has published
-            # asyncua's client asks again only once its callback is done with the response
-            asked = server.services["PublishRequest"]
-            await eventually(lambda: server.services["PublishRequest"] > asked, timeout=5)
             raise ServiceError(ua.StatusCodes.BadTooManyMonitoredItems)
 
         service.create_monitored_items = refused
@@ -253,5 +251,7 @@ async def test_a_server_publishing_before_it_refuses_the_items_does_not_reset_th
         async with running(connector):
             await eventually(lambda: connector.errors >= 3, timeout=20)
     retries = [e["retry_in_s"] for e in events if e.get("error_code") == "no_session"]
+    failures = [e["error"] for e in events if e.get("error_code") == "no_session"]
+    assert all("BadTooManyMonitoredItems" in f for f in failures), failures  # refused, not slow
     assert retries[2] > retries[0] * 2, retries  # 0.5, 1, 2 s (±20 % jitter): doubled twice
     assert not [e for e in events if e["event"] == "device_session_up"]

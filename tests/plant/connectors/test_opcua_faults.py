@@ -33,8 +33,6 @@ from tests.plant.connectors.test_opcua import (
     Collector,
     device,
     discover,
-    events,
-    pki,
     plant_config,
     running,
     serving,
@@ -42,7 +40,6 @@ from tests.plant.connectors.test_opcua import (
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
-__all__ = ["events", "pki"]  # fixtures shared with test_opcua.py
 
 REFUSED = "the server refused the broker's certificate"
 MESSAGE = "site/line/plc/message"
