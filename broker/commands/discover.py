@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from broker.policy.schema import OPCUA_SECURITY_POLICIES
+from broker.policy.device_schema import OPCUA_SECURITY_POLICIES
 
 
 def add_to(commands: Any) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 
-from broker.policy.schema import (
+from broker.policy.device_schema import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUESTS_PER_S,
     ModbusDevice,
-    written,
 )
+from broker.policy.schema import written
 
 # A scan needing more of the budget than this leaves no room for the device's answer time: with
 # one request at a time per connection, each request waits for its answer as well as its turn.

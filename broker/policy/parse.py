@@ -16,8 +16,9 @@ from casbin.util import glob_match as matches
 
 from broker import documents
 from broker.errors import ConfigError
+from broker.policy.device_schema import Device, OpcUaDevice
 from broker.policy.model import SemanticModel
-from broker.policy.schema import Device, OpcUaDevice, OpcUaSource, Policy, Signal
+from broker.policy.schema import OpcUaSource, Policy, Signal
 
 
 def load(path: Path) -> Policy:

@@ -15,14 +15,12 @@ from pathlib import Path
 from broker.policy import advice, budget, parse
 from broker.policy import envelope as envelopes
 from broker.policy.access import Access
+from broker.policy.device_schema import Device, ModbusDevice, OpcUaDevice
 from broker.policy.schema import (
     Asset,
     Baseline,
     DerivedSource,
-    Device,
-    ModbusDevice,
     ModbusSource,
-    OpcUaDevice,
     OpcUaSource,
     Policy,
     Signal,

@@ -1,7 +1,8 @@
-"""The policy's typed schema: devices, the signals of the semantic model, and assets.
+"""The policy's typed schema: the signals of the semantic model and their sources, assets,
+access, and the document that holds them with its devices (`device_schema`).
 
 Checks that concern one field live here (ranges, patterns, combinations inside one signal);
-checks across the document (references, duplicates) live in `load.py`. Unknown keys are
+checks across the document (references, duplicates) live in `parse.py`. Unknown keys are
 refused everywhere (ADR 0002). Nothing here touches the network or the file system.
 """
 
@@ -16,19 +17,14 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 from msgspec import Meta
 
-_SEGMENT = r"[a-z0-9][a-z0-9_-]{0,62}"
-_NAME = re.compile(_SEGMENT)
-_ASSET_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{0,6}}")
-_SIGNAL_PATH = re.compile(f"{_SEGMENT}(/{_SEGMENT}){{1,7}}")  # an asset path + the measure
+from broker.policy.device_schema import Device
+from broker.policy.fields import NAME, SEGMENT, SPELLING, Strict, check_name
+
+_ASSET_PATH = re.compile(f"{SEGMENT}(/{SEGMENT}){{0,6}}")
+_SIGNAL_PATH = re.compile(f"{SEGMENT}(/{SEGMENT}){{1,7}}")  # an asset path + the measure
 _PATTERN = re.compile(r"([a-z0-9][a-z0-9_-]*|\*\*?)(/([a-z0-9][a-z0-9_-]*|\*\*?))*")
 _IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,62}")  # a name expressions can use
 _IDENTITY = re.compile(r"[a-z][a-z0-9+.-]*://[^\s]+")
-_SPELLING = "lowercase letters, digits, '-' and '_'"
-
-
-def _check_name(field: str, value: str, pattern: re.Pattern[str], shape: str) -> None:
-    if not pattern.fullmatch(value):
-        raise ValueError(f"{field} {value!r}: must be {shape} of {_SPELLING}")
 
 
 def written(value: float) -> str:
@@ -37,8 +33,6 @@ def written(value: float) -> str:
     text = repr(float(value))
     return text.removesuffix(".0")
 
-
-Seconds = Annotated[float, Meta(ge=0.05, le=86_400)]
 
 ModbusTable = Literal["coil", "discrete_input", "holding_register", "input_register"]
 DataType = Literal[
@@ -51,116 +45,7 @@ REGISTER_WIDTH = {
 }  # fmt: skip
 
 
-# A device's budget when its policy sets none (ADR 0008): what a small PLC (S7-1200 or
-# Modicon M221 class) or a 9600-baud serial line behind a gateway carries without its owner
-# noticing. Raising either is the co-signers' decision, and `plan`/`policy show` say so.
-DEFAULT_MAX_REQUESTS_PER_S = 20.0
-DEFAULT_MAX_CONNECTIONS = 1
-MAX_REQUESTS_PER_S = 10_000.0
-
-
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    pass
-
-
-class ModbusDevice(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
-    """A Modbus TCP server (a PLC, or a gateway with several unit ids behind it).
-
-    Its request budget: scans start at most every `poll_interval_s`, at most
-    `max_requests_per_s` requests go out, over at most `max_connections` TCP connections.
-    Both have conservative defaults that protect a small PLC when the policy says nothing
-    (ADR 0008); there is no "unlimited".
-    """
-
-    name: str
-    host: str
-    port: Annotated[int, Meta(ge=1, le=65535)] = 502
-    unit_id: Annotated[int, Meta(ge=0, le=255)] = 1  # the default for this device's signals
-    poll_interval_s: Seconds = 1.0
-    timeout_s: Seconds = 1.0
-    max_requests_per_s: float = DEFAULT_MAX_REQUESTS_PER_S  # range checked below, by name
-    max_connections: Annotated[int, Meta(ge=1, le=16)] = DEFAULT_MAX_CONNECTIONS
-
-    def __post_init__(self) -> None:
-        _check_name("name", self.name, _NAME, "one word")
-        if not 0 < self.max_requests_per_s <= MAX_REQUESTS_PER_S:  # NaN fails too
-            raise ValueError(
-                f"device {self.name!r}: max_requests_per_s {self.max_requests_per_s:g} must be "
-                f"above 0 and at most {MAX_REQUESTS_PER_S:g} requests per second (leave it out "
-                f"for the default {DEFAULT_MAX_REQUESTS_PER_S:g})"
-            )
-
-    protocol: ClassVar[str] = "modbus"  # msgspec's tag, readable in code
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-OPCUA_SECURITY_POLICIES = ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
-OPCUA_REFUSED_POLICIES = frozenset({"Basic128Rsa15", "Basic256"})  # deprecated: SHA-1
-_OPCUA_ENDPOINT = re.compile(r"opc\.tcp://[^\s/]+(/\S*)?")
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-class OpcUaDevice(_Strict, frozen=True, tag="opcua", tag_field="protocol"):
-    """An OPC UA server, read through subscriptions (or polled Read when `read: poll`).
-
-    SignAndEncrypt with Basic256Sha256 unless the policy says otherwise; security `None`
-    only when both `security_policy` and `security_mode` say so explicitly. The server's
-    certificate must be pinned here (`server_certificate_sha256`) or be in the plant's
-    trust list (appliance config): never accepted because it was offered.
-    """
-
-    name: str
-    endpoint: str  # opc.tcp://host:port/path
-    security_policy: str = "Basic256Sha256"
-    security_mode: Literal["SignAndEncrypt", "Sign", "None"] = "SignAndEncrypt"
-    server_certificate_sha256: str | None = None  # hex SHA-256 of the DER certificate
-    user_identity: Literal["anonymous", "username", "certificate"] = "anonymous"
-    read: Literal["subscribe", "poll"] = "subscribe"
-    poll_interval_s: Seconds = 1.0  # publishing interval, or the Read interval when polled
-    timeout_s: Seconds = 5.0
-
-    def __post_init__(self) -> None:
-        _check_name("name", self.name, _NAME, "one word")
-        if not _OPCUA_ENDPOINT.fullmatch(self.endpoint):
-            raise ValueError(f"endpoint {self.endpoint!r}: must be opc.tcp://host:port[/path]")
-        if self.security_policy in OPCUA_REFUSED_POLICIES:
-            raise ValueError(
-                f"security_policy {self.security_policy!r} is deprecated (SHA-1) and refused: "
-                f"use one of {', '.join(OPCUA_SECURITY_POLICIES)}"
-            )
-        if self.security_policy not in (*OPCUA_SECURITY_POLICIES, "None"):
-            raise ValueError(
-                f"security_policy {self.security_policy!r}: must be one of "
-                f"{', '.join(OPCUA_SECURITY_POLICIES)} (or None, with security_mode None)"
-            )
-        if (self.security_policy == "None") != (self.security_mode == "None"):
-            raise ValueError(
-                "security_policy None and security_mode None go together: an unsecured "
-                "session must be asked for explicitly with both"
-            )
-        if self.server_certificate_sha256 is not None and not _SHA256_HEX.fullmatch(
-            self.server_certificate_sha256
-        ):
-            raise ValueError("server_certificate_sha256: must be 64 lowercase hex digits")
-
-    protocol: ClassVar[str] = "opcua"
-
-    @property
-    def address(self) -> str:
-        return self.endpoint
-
-    @property
-    def unsecured(self) -> bool:
-        return self.security_mode == "None"
-
-
-Device = ModbusDevice | OpcUaDevice
-
-
-class ModbusSource(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
+class ModbusSource(Strict, frozen=True, tag="modbus", tag_field="protocol"):
     """Where a Modbus signal lives: table, address, type, and how its bytes are laid out.
 
     `bit` picks one bit (0 = least significant) of a 16-bit register as a bool; `length` is
@@ -221,7 +106,7 @@ class ModbusSource(_Strict, frozen=True, tag="modbus", tag_field="protocol"):
 _OPCUA_NODE = re.compile(r"(ns=\d{1,5};)?[isgb]=\S.*")
 
 
-class Deadband(_Strict, frozen=True):
+class Deadband(Strict, frozen=True):
     kind: Literal["absolute", "percent"]
     value: Annotated[float, Meta(ge=0)]
 
@@ -230,7 +115,7 @@ class Deadband(_Strict, frozen=True):
             raise ValueError("a percent deadband is at most 100")
 
 
-class OpcUaSource(_Strict, frozen=True, tag="opcua", tag_field="protocol"):
+class OpcUaSource(Strict, frozen=True, tag="opcua", tag_field="protocol"):
     """An OPC UA node (`ns=2;s=Compressor1.Power`, `i=2258`) and how to monitor it.
 
     Without `sampling_interval_ms` the server samples at the device's publishing interval.
@@ -254,7 +139,7 @@ class OpcUaSource(_Strict, frozen=True, tag="opcua", tag_field="protocol"):
         return "variant"  # the value keeps the type the server gives it
 
 
-class DerivedSource(_Strict, frozen=True, kw_only=True, tag="derived", tag_field="protocol"):
+class DerivedSource(Strict, frozen=True, kw_only=True, tag="derived", tag_field="protocol"):
     """A signal computed at the edge from other values of its asset (no device).
 
     The expression (docs/model.md) may name the asset's measures, its ambient names and
@@ -292,7 +177,7 @@ Outcome = Literal["energy", "product_quality", "asset_life", "safety"]
 Lifecycle = Literal["proposed", "approved"]
 
 
-class Range(_Strict, frozen=True, kw_only=True):
+class Range(Strict, frozen=True, kw_only=True):
     """The physically valid range of a value; outside it a value is `uncertain`."""
 
     min: float
@@ -303,7 +188,7 @@ class Range(_Strict, frozen=True, kw_only=True):
             raise ValueError(f"range: min ({self.min}) must be below max ({self.max})")
 
 
-class Checks(_Strict, frozen=True, kw_only=True):
+class Checks(Strict, frozen=True, kw_only=True):
     """Continuous data-quality checks of one signal; a failed check makes a value `uncertain`."""
 
     flatline: str | None = None  # unchanged this long is suspicious (a frozen sensor)
@@ -315,7 +200,7 @@ class Checks(_Strict, frozen=True, kw_only=True):
             duration_s(self.flatline)
 
 
-class Signal(_Strict, frozen=True, kw_only=True):
+class Signal(Strict, frozen=True, kw_only=True):
     """One named value of the semantic model: what it means, its unit, where it comes from.
 
     `lifecycle: proposed` signals are read and validated in the plant half and never
@@ -336,7 +221,7 @@ class Signal(_Strict, frozen=True, kw_only=True):
     checks: Checks = Checks()
 
     def __post_init__(self) -> None:
-        _check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
+        check_name("path", self.path, _SIGNAL_PATH, "2 to 8 segments separated by '/'")
         if (self.device is None) != isinstance(self.source, DerivedSource):
             raise ValueError(
                 "a signal read from a device names its 'device'; a derived signal "
@@ -358,15 +243,15 @@ class Signal(_Strict, frozen=True, kw_only=True):
         return self.path.rpartition("/")[2]
 
 
-class StateRule(_Strict, frozen=True, kw_only=True):
+class StateRule(Strict, frozen=True, kw_only=True):
     state: str
     when: str  # an expression over the asset's values
 
     def __post_init__(self) -> None:
-        _check_name("state", self.state, _NAME, "one word")
+        check_name("state", self.state, NAME, "one word")
 
 
-class LoadReference(_Strict, frozen=True, kw_only=True):
+class LoadReference(Strict, frozen=True, kw_only=True):
     """The signal that measures the asset's load, and the windows of its history to carry."""
 
     signal: str
@@ -379,7 +264,7 @@ class LoadReference(_Strict, frozen=True, kw_only=True):
             duration_s(window)
 
 
-class Baseline(_Strict, frozen=True, kw_only=True):
+class Baseline(Strict, frozen=True, kw_only=True):
     """Expected value of one measure as a piecewise-linear function of ambient and load.
 
     `expected[i][j]` is the value at `ambient_points[i]` and `load_points[j]` (one column
@@ -423,7 +308,7 @@ class Baseline(_Strict, frozen=True, kw_only=True):
             raise ValueError("abnormal_pct must be above drifting_pct")
 
 
-class Rule(_Strict, frozen=True, kw_only=True):
+class Rule(Strict, frozen=True, kw_only=True):
     """A condition over state, deviation, trend and maintenance → an alert and what to do."""
 
     name: str
@@ -434,10 +319,10 @@ class Rule(_Strict, frozen=True, kw_only=True):
     severity: Literal["info", "warning", "critical"] = "warning"
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name, _NAME, "one word")
+        check_name("name", self.name, NAME, "one word")
 
 
-class Asset(_Strict, frozen=True, kw_only=True):
+class Asset(Strict, frozen=True, kw_only=True):
     """An asset of the site → area → asset hierarchy and the knowledge that gives its
     values meaning: its states, ambient conditions, load, baselines and rules."""
 
@@ -453,9 +338,9 @@ class Asset(_Strict, frozen=True, kw_only=True):
     trend_window: str = "1h"
 
     def __post_init__(self) -> None:
-        _check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
-        _check_name("type", self.type, _NAME, "one word")
-        _check_name("otherwise", self.otherwise, _NAME, "one word")
+        check_name("path", self.path, _ASSET_PATH, "1 to 7 segments separated by '/'")
+        check_name("type", self.type, NAME, "one word")
+        check_name("otherwise", self.otherwise, NAME, "one word")
         duration_s(self.trend_window)
         for name in self.ambient:
             if not _IDENTIFIER.fullmatch(name):
@@ -464,7 +349,7 @@ class Asset(_Strict, frozen=True, kw_only=True):
                 )
 
 
-class AccessRole(_Strict, frozen=True):
+class AccessRole(Strict, frozen=True):
     """What a role of enterprise consumers may see: signal path patterns.
 
     A pattern is a signal path in which `*` stands for one path segment and `**` for any
@@ -477,18 +362,18 @@ class AccessRole(_Strict, frozen=True):
     metrics: bool = False  # may read /metrics (the broker's own health, no plant values)
 
     def __post_init__(self) -> None:
-        _check_name("name", self.name, _NAME, "one word")
+        check_name("name", self.name, NAME, "one word")
         if not self.signals and not self.metrics:
             raise ValueError(f"role {self.name!r} grants nothing: give it signals or metrics")
         for pattern in self.signals:
             if not _PATTERN.fullmatch(pattern):
                 raise ValueError(
-                    f"signals pattern {pattern!r}: must be a signal path of {_SPELLING}, "
+                    f"signals pattern {pattern!r}: must be a signal path of {SPELLING}, "
                     "where a whole segment may be '*' (any one) or '**' (any number)"
                 )
 
 
-class Consumer(_Strict, frozen=True):
+class Consumer(Strict, frozen=True):
     """An enterprise consumer, named by the one URI SAN of its client certificate."""
 
     identity: str
@@ -501,7 +386,7 @@ class Consumer(_Strict, frozen=True):
             )
 
 
-class Policy(_Strict, frozen=True):
+class Policy(Strict, frozen=True):
     deployment_id: str  # the appliance this policy is for; must equal the trust root's
     version: Annotated[int, Meta(ge=1, le=2**53 - 1)]  # never lower than one accepted here
     expires: Annotated[datetime, Meta(tz=True)]  # RFC 3339 with a zone; refused after it
@@ -512,4 +397,4 @@ class Policy(_Strict, frozen=True):
     consumers: list[Consumer] = []
 
     def __post_init__(self) -> None:
-        _check_name("deployment_id", self.deployment_id, _NAME, "one word")
+        check_name("deployment_id", self.deployment_id, NAME, "one word")

@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.policy.schema import DEFAULT_MAX_REQUESTS_PER_S
+from broker.policy.device_schema import DEFAULT_MAX_REQUESTS_PER_S
 from tests.deployment.netns import MISSING_TOOLS, Namespace, namespaces, veth
 from tests.deployment.wire_peers import MODBUS_PORT, OPCUA_PATH, OPCUA_PORT
 from tests.harness import (

@@ -18,7 +18,7 @@ from broker import config
 from broker.plant import validate
 from broker.plant.quality import SignalStats
 from broker.policy import load
-from broker.policy.schema import Device, OpcUaDevice
+from broker.policy.device_schema import Device, OpcUaDevice
 from broker.sim.refrigeration import RefrigerationPlant
 from tests.harness import (
     DEMO_POLICY,
