@@ -35,6 +35,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "scan_overrun": ("device", "unknown"),
     "opcua_security_none": ("device", "unknown"),
     "opcua_endpoint_refused": ("device", "failure"),
+    "subscription_revised": ("device", "unknown"),  # values confirmed less often than asked
     "opcua_server_certificate_refused": ("certificate", "failure"),
     "scan_overrun_ended": ("device", "success"),
     "device_budget_exceeded": ("device", "unknown"),
@@ -131,6 +132,7 @@ DEVICE_AGGREGATED = frozenset(
         "scan_overrun_ended",
         "opcua_security_none",
         "opcua_endpoint_refused",
+        "subscription_revised",
     }
 )
 SUPPRESSED = "events_suppressed"  # written by the forwarder itself: audit / unknown

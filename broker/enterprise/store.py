@@ -15,9 +15,8 @@ import msgspec
 import structlog
 
 from broker.policy import Policy
+from broker.policy.device_schema import STALE_AFTER_INTERVALS
 from broker.records import QualityIssue, Record, to_json
-
-STALE_AFTER_INTERVALS = 3
 
 log = structlog.get_logger("store")
 

@@ -21,6 +21,8 @@ from broker.policy.fields import NAME, Seconds, Strict, check_name
 DEFAULT_MAX_REQUESTS_PER_S = 20.0
 DEFAULT_MAX_CONNECTIONS = 1
 MAX_REQUESTS_PER_S = 10_000.0
+# A value not confirmed for this many of its device's poll intervals is served `stale` (ADR 0004).
+STALE_AFTER_INTERVALS = 3
 
 
 class ModbusDevice(Strict, frozen=True, tag="modbus", tag_field="protocol"):

@@ -9,7 +9,8 @@ import msgspec
 import pytest
 
 from broker import policy
-from broker.enterprise.store import STALE_AFTER_INTERVALS, Store
+from broker.enterprise.store import Store
+from broker.policy.device_schema import STALE_AFTER_INTERVALS
 from broker.records import Context, Quality, Record
 from tests.harness import DEMO_POLICY
 

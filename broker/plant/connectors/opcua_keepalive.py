@@ -22,13 +22,18 @@ from asyncua.client.client import Client
 from broker.errors import DeviceError
 from broker.plant.connectors.opcua_session import call
 from broker.policy import OpcUaDevice
+from broker.policy.device_schema import STALE_AFTER_INTERVALS
 
 MIN_PUBLISHING_MS = 50.0  # the shortest interval asked for to offset a revised keep-alive count
 MAX_SPEEDUP = 4  # at most this many messages per poll interval (ADR 0008: the device's budget)
 SLACK = 1.001  # a revised interval a float rounding longer is the interval asked for
 LIFETIME_COUNT = 10_000  # publishing intervals without a Publish before the server gives up
 NOTIFICATIONS_PER_PUBLISH = 10_000  # bounds one batch; the server keeps the rest queued
-SILENT_PUBLISHES = 3  # keep-alive periods (poll intervals at most) without a Publish response
+SILENT_PUBLISHES = 3  # keep-alive periods without a Publish response: then the session is dropped
+# A server's own longer keep-alive is waited for up to this long. Dropping the session sooner
+# would open a new one against the server every few seconds; its values read `stale` anyway,
+# and a server that is hung is still dropped within a minute.
+MAX_SILENCE_S = 60.0
 Revised = ua.CreateSubscriptionResult | ua.ModifySubscriptionResult
 Published = Callable[[ua.PublishResult], Awaitable[None]]
 
@@ -114,15 +119,15 @@ class KeepAlive:
 
         A message is due every keep-alive period; a server that stops answering Publish
         requests (they wait without a timeout) would otherwise leave the values unmarked.
-        The server may revise the period upward, but never past what the policy's poll
-        interval allows (3 intervals and a request timeout): a hung server must not stay up
-        for hours. A period longer than the poll interval, which the subscription could not
-        be changed back from, is logged once per connector: unchanged values are then
-        confirmed less often than the policy asks, and served `stale` when it is three
-        times longer."""
+        As the policy asks, that is three poll intervals. A server that kept a longer period
+        (the subscription could not be changed back) is given three of its periods, up to
+        MAX_SILENCE_S: dropping it sooner would reconnect to it over and over. That is
+        logged and audited once per connector (`subscription_revised`), with what to change:
+        unchanged values are confirmed less often than the policy asks, and served `stale`
+        when that is over three poll intervals."""
         device = self._device
         period_s = keep_alive_s(revised)
-        cap_s = SILENT_PUBLISHES * device.poll_interval_s + device.timeout_s
+        cap_s = max(SILENT_PUBLISHES * device.poll_interval_s + device.timeout_s, MAX_SILENCE_S)
         limit_s = min(max(device.timeout_s, SILENT_PUBLISHES * period_s), cap_s)
         if period_s > device.poll_interval_s * SLACK and not self._revision_logged:
             self._revision_logged = True
@@ -139,5 +144,21 @@ class KeepAlive:
                 keep_alive_s=round(period_s, 3) if usable else None,
                 silence_limit_s=round(limit_s, 3),  # then the session is dropped
                 modify_refused=refused,
+                advice=_advice(device, period_s),
             )
         return limit_s
+
+
+def _advice(device: OpcUaDevice, period_s: float) -> str:
+    """What the owners can do about a server that confirms values less often than asked."""
+    stale_s = STALE_AFTER_INTERVALS * device.poll_interval_s
+    if not math.isfinite(period_s):
+        return "the server's publishing interval is unusable: ask its administrator to check it"
+    if period_s * SLACK <= stale_s:
+        return "values stay fresh (confirmed within three poll intervals): nothing to do"
+    return (
+        f"unchanged values are confirmed every {period_s:g} s and read stale after "
+        f"{stale_s:g} s: set the device's poll_interval_s to {period_s:g} s in the policy, "
+        "or ask the server's administrator to allow a shorter publishing interval or "
+        "keep-alive count"
+    )

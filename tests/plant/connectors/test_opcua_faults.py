@@ -23,7 +23,7 @@ from asyncua.common.connection import TransportLimits
 from cryptography import x509
 
 from broker.audit.catalogue import EVENTS
-from broker.plant.connectors import SupervisedDevice
+from broker.plant.connectors import SupervisedDevice, opcua_keepalive
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings, fingerprint
 from tests.harness import eventually
@@ -243,15 +243,17 @@ async def test_publish_responses_that_stop_coming_mark_the_device_bad_until_they
 
 
 async def test_a_server_revising_the_keep_alive_upward_cannot_stretch_the_silence_limit(
-    pki: OpcUaPki, events: list[dict[str, Any]]
+    pki: OpcUaPki, events: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server answers CreateSubscription with 5,000 keep-alive periods (8 minutes at
-    0.1 s) and then stops publishing: the device goes bad after 3 poll intervals and a
-    request timeout, not after 25 minutes; the revision is logged once."""
+    0.1 s) and then stops publishing: the device goes bad after MAX_SILENCE_S (a minute;
+    2 s here, so that the test is short), not after 25 minutes; the revision is audited
+    once."""
+    monkeypatch.setattr(opcua_keepalive, "MAX_SILENCE_S", 2.0)
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
         service = server.server.iserver.subscription_service
         service._clamp_keep_alive_count = lambda requested: 5000  # as a hostile server revises
-        ua_plc = device(server, timeout_s=1.0)  # the limit: 3 × 0.1 s + 1 s
+        ua_plc = device(server, timeout_s=1.0)  # 3 × 0.1 s + 1 s is below the cap of 2 s
         connector = OpcUaConnector(
             ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
         )
@@ -265,10 +267,10 @@ async def test_a_server_revising_the_keep_alive_upward_cannot_stretch_the_silenc
             finally:
                 server.publishing = True
     down = [e for e in events if e["event"] == "device_session_down"]
-    assert len(down) == 1 and "no Publish response for 1.3 s" in down[0]["error"], down
+    assert len(down) == 1 and "no Publish response for 2 s" in down[0]["error"], down
     revised = [e for e in events if e["event"] == "subscription_revised"]
     assert len(revised) == 1, revised  # once, though every new session is revised again
-    assert revised[0]["max_keep_alive_count"] == 5000 and revised[0]["silence_limit_s"] == 1.3
+    assert revised[0]["max_keep_alive_count"] == 5000 and revised[0]["silence_limit_s"] == 2.0
 
 
 @pytest.mark.parametrize("read", ["subscribe", "poll"])

@@ -11,6 +11,7 @@ import pytest
 import structlog
 from asyncua import ua
 
+from broker.audit.catalogue import DEVICE_AGGREGATED, EVENTS
 from broker.plant.connectors.opcua_keepalive import KeepAlive, keep_alive_s, publishing_interval
 from broker.policy import OpcUaDevice
 
@@ -58,15 +59,22 @@ def test_an_unusable_revised_interval_is_never_asked_again_and_never_confirms(
 
 
 @pytest.mark.parametrize(
-    ("interval_ms", "count", "shown_ms", "shown_s"),
-    [(math.nan, 2, "nan", None), (0.0, 1, 0.0, None), (1000.0, 5, 1000.0, 5.0)],
+    ("interval_ms", "count", "shown_ms", "shown_s", "limit_s"),
+    [
+        (math.nan, 2, "nan", None, 60.0),  # no duration: waited for up to the cap
+        (0.0, 1, 0.0, None, 60.0),
+        (1000.0, 5, 1000.0, 5.0, 15.0),  # three of the server's own periods, not 3 × 1 s + 2 s
+        (60_000.0, 10, 60_000.0, 600.0, 60.0),  # a period of 10 min: at most 1 min of silence
+    ],
 )
-def test_a_period_that_cannot_be_brought_back_is_logged_once_and_bounds_the_silence(
-    interval_ms: float, count: int, shown_ms: object, shown_s: object
+def test_a_period_that_cannot_be_brought_back_is_audited_once_with_advice_and_waited_for(
+    interval_ms: float, count: int, shown_ms: object, shown_s: object, limit_s: float
 ) -> None:
     """What the connector does with what it kept: a warning naming the server's revision
-    (a NaN as words, not an invalid JSON number), once per connector, and a silence limit
-    of 3 poll intervals and a request timeout at most."""
+    (a NaN as words, not an invalid JSON number) and what to change, once per connector, and
+    a silence limit of three of the server's periods, within MAX_SILENCE_S. Dropping the
+    session after 3 poll intervals instead would reconnect to a healthy server that simply
+    keeps alive every 5 s over and over."""
     ua_plc = msgspec.convert(
         {"name": "ua-plc", "endpoint": "opc.tcp://127.0.0.1:4840", "poll_interval_s": 1.0,
          "timeout_s": 2.0},
@@ -75,7 +83,25 @@ def test_a_period_that_cannot_be_brought_back_is_logged_once_and_bounds_the_sile
     keep_alive = KeepAlive(ua_plc, structlog.get_logger("opcua"))
     with structlog.testing.capture_logs() as logs:
         limits = [keep_alive.silence_limit(_revised(interval_ms, count)) for _ in range(2)]
-    assert limits == [5.0, 5.0]  # 3 × 1 s + 2 s
+    assert limits == [limit_s, limit_s]
     assert [(e["event"], e["publishing_interval_ms"], e["keep_alive_s"]) for e in logs] == [
         ("subscription_revised", shown_ms, shown_s)
     ]
+    advice = logs[0]["advice"]
+    if shown_s is None:
+        assert "unusable" in advice
+    else:
+        assert f"set the device's poll_interval_s to {shown_s:g} s in the policy" in advice
+    assert "subscription_revised" in EVENTS  # audited, as a device event that is aggregated
+    assert "subscription_revised" in DEVICE_AGGREGATED
+
+
+def test_a_period_within_the_stale_limit_needs_no_change() -> None:
+    ua_plc = msgspec.convert(
+        {"name": "ua-plc", "endpoint": "opc.tcp://127.0.0.1:4840", "poll_interval_s": 1.0},
+        OpcUaDevice,
+    )
+    keep_alive = KeepAlive(ua_plc, structlog.get_logger("opcua"))
+    with structlog.testing.capture_logs() as logs:
+        assert keep_alive.silence_limit(_revised(1000.0, 2)) == 6.0
+    assert "nothing to do" in logs[0]["advice"]
