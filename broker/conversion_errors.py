@@ -110,13 +110,13 @@ def explain(
     elif what.startswith("Object missing required field"):
         what = f"missing required key {named!r}"
     elif what.startswith("Invalid enum value") and _is_literal(target):
-        what = f"invalid enum value {_shown(value)}" + _choices(value, get_args(target))
+        what = f"invalid enum value {_shown(value)}" + choices(value, get_args(target))
     elif what.startswith("Invalid value") and path:
         parent, written = _walk(type_, data, path[:-1])
         tags = _tags(parent, path[-1])
         if tags and isinstance(written, dict):
             tag = written.get(path[-1])
-            what = f"invalid value {_shown(tag)}" + _choices(tag, tags)
+            what = f"invalid value {_shown(tag)}" + choices(tag, tags)
     elif what.startswith("Expected `object") and what.endswith("got `array`"):
         written_as = _struct_form(target, value)
         what = "expected an object, got a list" + (
@@ -276,7 +276,8 @@ def _nearest_key(written: str, known: list[str]) -> str:
     return f" (known keys: {', '.join(known)})" if known else ""
 
 
-def _choices(written: Any, values: tuple[Any, ...] | list[str]) -> str:
+def choices(written: Any, values: tuple[Any, ...] | list[str]) -> str:
+    """` — did you mean 'x'? (one of: …)`: the nearest valid value, and all of them."""
     valid = [str(v) for v in values]
     near = _nearest(written, valid) if isinstance(written, str) else None
     hint = f" — did you mean {near!r}?" if near is not None else ""

@@ -79,11 +79,26 @@ def add_to(commands: Any) -> None:
     )
     check.set_defaults(handler=_verify)
 
-    review = sub.add_parser("show", help="filter and print entries")
-    review.add_argument("dir", type=Path)
-    for name in ("since", "until", "event", "category", "outcome", "actor", "writer"):
-        review.add_argument(f"--{name}")
-    review.add_argument("--format", choices=("table", "json", "csv", "cef"), default="table")
+    review = sub.add_parser(
+        "show", help="filter and print entries, every writer's merged in time order"
+    )
+    review.add_argument("dir", type=Path, help="the audit directory (one folder per writer)")
+    for name, meaning in (
+        ("since", "entries at or after this RFC 3339 time (no zone: UTC), e.g. 2026-11-25T08:00Z"),
+        ("until", "entries at or before this RFC 3339 time (no zone: UTC)"),
+        ("event", "only this event, e.g. policy_accepted (docs/audit.md lists them)"),
+        ("category", "only this category, e.g. policy, access, device, audit"),
+        ("outcome", "only this outcome: success, failure or unknown"),
+        ("actor", "only entries of this actor (a consumer identity, an owner, a process)"),
+        ("writer", "only this writer's folder, e.g. plant or enterprise"),
+    ):
+        review.add_argument(f"--{name}", help=meaning)
+    review.add_argument(
+        "--format",
+        choices=("table", "json", "csv", "cef"),
+        default="table",
+        help="table for people (aligned columns), json lines, csv, or CEF for a SIEM",
+    )
     review.set_defaults(handler=_show)
 
     page = sub.add_parser("report", help="one self-contained HTML page for a security review")

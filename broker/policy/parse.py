@@ -15,6 +15,7 @@ import msgspec
 from casbin.util import glob_match as matches
 
 from broker import documents
+from broker.conversion_errors import choices
 from broker.errors import ConfigError
 from broker.policy.device_schema import Device, OpcUaDevice
 from broker.policy.model import SemanticModel
@@ -99,7 +100,10 @@ def _problems(policy: Policy) -> Iterator[str]:
         if signal.device is None:
             continue  # a derived signal: its expression is checked with its asset
         if signal.device not in protocols:
-            yield f"signals[{i}].device: no device named {signal.device!r}"
+            yield (
+                f"signals[{i}].device: no device named {signal.device!r}"
+                + choices(signal.device, sorted(protocols))
+            )
         elif signal.source.protocol != protocols[signal.device]:
             yield (
                 f"signals[{i}].source: a {signal.source.protocol} source on "
@@ -118,7 +122,10 @@ def _problems(policy: Policy) -> Iterator[str]:
     for i, consumer in enumerate(policy.consumers):
         for role_name in consumer.roles:
             if role_name not in roles:
-                yield f"consumers[{i}].roles: no role named {role_name!r}"
+                yield (
+                    f"consumers[{i}].roles: no role named {role_name!r}"
+                    + choices(role_name, sorted(roles))
+                )
     yield from _duplicates("assets", "path", [a.path for a in policy.assets])
     yield from SemanticModel(policy).problems
 

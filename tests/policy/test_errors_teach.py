@@ -203,7 +203,10 @@ def test_payload_errors_have_the_key_path_and_the_words_but_no_line() -> None:
     )
     data = yaml.safe_load(GOOD)
     data["signals"][1]["device"] = "plc-2"
-    assert payload_refusal(data) == "site.dsse.json: signals[1].device: no device named 'plc-2'"
+    assert payload_refusal(data) == (
+        "site.dsse.json: signals[1].device: no device named 'plc-2' — did you mean 'plc-1'? "
+        "(one of: plc-1)"
+    )
 
 
 def test_the_cli_prints_the_one_line_and_exits_2(tmp_path: Path) -> None:
