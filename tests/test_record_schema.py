@@ -188,33 +188,38 @@ def test_the_readme_sample_is_a_valid_record() -> None:
 
 
 def test_the_readme_sample_is_what_the_pipeline_makes_of_its_inputs(tmp_path: Path) -> None:
-    """Issue 15: the README's sample record must be one the broker actually produces. Its
-    inputs, through the real pipeline on the demo policy: 26.7 degC and 47.1 % outside, the
-    motor at 16.4 and 17.4 kW in turn, the discharge pressure rising 0.02 bar every 20 s to
-    10.63 bar over 5 minutes (half the trend window), the compressor's service not yet due."""
+    """Issue 15: the README's sample record must be one the broker actually produces (it was
+    fetched from `dmzbroker demo` 5.5 minutes in, the compressor running). Inputs that make it,
+    through the real pipeline on the demo policy: 22.2 degC and 45.4 % outside; the motor at
+    18.417418 kW as it starts, unloaded to 8.8 kW, then loading up to 15.712936 kW; the
+    discharge pressure rising from 10.10 to 11.25 bar over 5 minutes (half the trend window),
+    one scan every 20 s; the compressor's service not yet due."""
     today = date.today()
     maintenance = tmp_path / "maintenance.csv"
     maintenance.write_text(
         "asset,last_service,next_due,open_work_orders\n"
-        f"{COMPRESSOR},{today - timedelta(days=70)},{today + timedelta(days=110)},"
+        f"{COMPRESSOR},{today - timedelta(days=60)},{today + timedelta(days=30)},"
         "WO-1042: Replace compressor oil filter\n"
     )
     pipeline = PlantPipeline(
         load(DEMO_POLICY), MaintenanceBook(MaintenanceConfig(file=maintenance))
     )
-    for i in range(16):
+    centibar = (1010, 1018, 1027, 1035, 1043, 1052, 1059, 1067, 1075, 1083, 1090, 1097, 1104,
+                1111, 1118, 1125)  # fmt: skip
+    kilowatts = (18.417418, *[8.8] * 13, 11.333364, 15.712936)
+    for i, (pressure, power) in enumerate(zip(centibar, kilowatts, strict=True)):
         raw = {
             f"{COMPRESSOR}/running": True,
-            f"{COMPRESSOR}/motor_power": words("f", 17.4 if i % 2 else 16.4),
-            f"{COMPRESSOR}/discharge_pressure": words("h", 1033 + 2 * i),
+            f"{COMPRESSOR}/motor_power": words("f", power),
+            f"{COMPRESSOR}/discharge_pressure": words("h", pressure),
             f"{COMPRESSOR}/high_pressure_alarm": False,
-            "coldstore/outdoor/weather/ambient_temperature": words("h", 267),
-            "coldstore/outdoor/weather/relative_humidity": words("H", 471),
+            "coldstore/outdoor/weather/ambient_temperature": words("h", 222),
+            "coldstore/outdoor/weather/relative_humidity": words("H", 454),
         }
         at = T0 + timedelta(seconds=20 * i)
         records = pipeline.process([RawSample(p, v, at, "good") for p, v in raw.items()])
-    pressure = f"{COMPRESSOR}/discharge_pressure"
-    made = json.loads(to_json(next(r for r in records if r.signal == pressure)))
+    pressure_path = f"{COMPRESSOR}/discharge_pressure"
+    made = json.loads(to_json(next(r for r in records if r.signal == pressure_path)))
     sample = readme_record()
 
     VALIDATOR.validate({**made, "seq": 1})  # seq is stamped by the channel, after this
@@ -225,5 +230,8 @@ def test_the_readme_sample_is_what_the_pipeline_makes_of_its_inputs(tmp_path: Pa
             record["context"]["maintenance"].pop(key)
     assert sample == made
     assert sample["context"]["assessment"] == {
-        "expected": 9.893, "deviation_pct": 7.45, "label": "drifting", "direction": "above",
+        "expected": 8.65, "deviation_pct": 30.06, "label": "abnormal", "direction": "above",
+    }  # fmt: skip
+    assert sample["context"]["trend"] == {
+        "slope_per_h": 13.812, "direction": "rising", "window": "10m",
     }  # fmt: skip
