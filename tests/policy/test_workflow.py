@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,17 @@ def _reversed_keys(value: Any) -> Any:
     return value
 
 
+@pytest.fixture(scope="module")
+def compiled_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _compile(DEMO_POLICY, tmp_path_factory.mktemp("compiled") / "policy.dsse.json")
+
+
 @pytest.fixture
-def unsigned(tmp_path: Path) -> Path:
-    """The demo policy compiled by the CLI, not yet signed."""
-    return _compile(DEMO_POLICY, tmp_path / "policy.dsse.json")
+def unsigned(compiled_once: Path, tmp_path: Path) -> Path:
+    """The demo policy compiled by the CLI, not yet signed: this test's own copy."""
+    copy = tmp_path / "policy.dsse.json"
+    shutil.copyfile(compiled_once, copy)
+    return copy
 
 
 # --- keys generate -------------------------------------------------------------------------
