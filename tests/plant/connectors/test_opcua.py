@@ -90,6 +90,14 @@ def signals(server: OpcUaTestServer, *names: str, **source: Any) -> list[Signal]
     ]
 
 
+def power_reader(server: OpcUaTestServer, pki: OpcUaPki, **fields: Any) -> OpcUaConnector:
+    """A connector reading the server's Power node, its device changed by `fields`."""
+    ua_plc = device(server, **fields)
+    return OpcUaConnector(
+        ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
+    )
+
+
 def plant_config(pki: OpcUaPki, trust: list[Path] | None = None, **users: Any) -> OpcUaConfig:
     return OpcUaConfig(
         certificate=pki.client_cert,

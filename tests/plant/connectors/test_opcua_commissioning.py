@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import (
     CertificateRefused,
     SessionSettings,
@@ -43,9 +42,9 @@ from tests.plant.connectors.test_opcua import (
     device,
     discover,
     plant_config,
+    power_reader,
     running,
     serving,
-    signals,
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
@@ -167,10 +166,7 @@ async def test_a_server_revising_the_keep_alive_count_still_confirms_values_ever
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
         server.revise_keep_alive(4)
         service = server.server.iserver.subscription_service
-        ua_plc = device(server, poll_interval_s=0.5)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki, poll_interval_s=0.5)
         async with running(connector) as collector:
             await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
             first = len(collector.batches)
@@ -203,10 +199,7 @@ async def test_a_server_with_one_subscription_per_session_that_keeps_its_revisio
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
         server.server.iserver.max_subscriptions = 1
         server.revise_keep_alive(2, modify=modify)  # type: ignore[arg-type]
-        ua_plc = device(server, poll_interval_s=0.5)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki, poll_interval_s=0.5)
         async with running(connector) as collector:
             await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
             first = len(collector.batches)
@@ -244,10 +237,7 @@ async def test_a_server_publishing_before_it_refuses_the_items_does_not_reset_th
             raise ServiceError(ua.StatusCodes.BadTooManyMonitoredItems)
 
         service.create_monitored_items = refused
-        ua_plc = device(server, poll_interval_s=0.5)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki, poll_interval_s=0.5)
         async with running(connector):
             await eventually(lambda: connector.errors >= 3, timeout=20)
     retries = [e["retry_in_s"] for e in events if e.get("error_code") == "no_session"]

@@ -34,6 +34,7 @@ from tests.plant.connectors.test_opcua import (
     device,
     discover,
     plant_config,
+    power_reader,
     running,
     serving,
     signals,
@@ -80,10 +81,7 @@ async def test_a_strict_server_refusing_our_certificate_is_named_and_trusted_mid
     fault in the OpenSecureChannel answer, on which asyncua raises a bare AssertionError."""
     strict = OpcUaTestServer(pki, {"Power": 3.5}, trusted_clients=trust_folder, refuse_at=refuse_at)
     async with serving(strict) as server:
-        ua_plc = device(server)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki)
         async with supervised(connector, [POWER]) as collector:
             await eventually(lambda: collector.quality(POWER) == "bad", timeout=20)
             await eventually(lambda: connector.errors >= 4, timeout=20)  # it keeps retrying
@@ -137,10 +135,7 @@ async def test_values_of_another_type_than_the_node_models_are_never_data(
 ) -> None:
     hostile_server = OpcUaTestServer(pki, {"Power": 1.5}, hostile=True)  # a Double node
     async with serving(hostile_server) as server:
-        ua_plc = device(server, read=read)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki, read=read)
         start = datetime(2026, 1, 1, tzinfo=UTC)
         hostile: list[tuple[Any, ua.VariantType | None]] = [
             ([1.0, 2.0], None),  # an array of the right type
@@ -183,10 +178,7 @@ async def test_bad_statuses_are_bad_without_a_value_and_logged_once_per_change(
     pki: OpcUaPki, events: list[dict[str, Any]]
 ) -> None:
     async with serving(OpcUaTestServer(pki, {"Power": 1.0}, hostile=True)) as server:
-        ua_plc = device(server)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        connector = power_reader(server, pki)
         start = datetime(2026, 1, 1, tzinfo=UTC)
         async with running(connector) as collector:
             await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
@@ -218,10 +210,8 @@ async def test_publish_responses_that_stop_coming_mark_the_device_bad_until_they
     pki: OpcUaPki, events: list[dict[str, Any]]
 ) -> None:
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
-        ua_plc = device(server, timeout_s=1.0)  # silence: max(1 s, 3 keep-alives of 0.1 s)
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        # silence: max(1 s, 3 keep-alives of 0.1 s)
+        connector = power_reader(server, pki, timeout_s=1.0)
         async with running(connector) as collector:
             await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
             server.publishing = False
@@ -253,10 +243,8 @@ async def test_a_server_revising_the_keep_alive_upward_cannot_stretch_the_silenc
     async with serving(OpcUaTestServer(pki, {"Power": 4.0})) as server:
         service = server.server.iserver.subscription_service
         service._clamp_keep_alive_count = lambda requested: 5000  # as a hostile server revises
-        ua_plc = device(server, timeout_s=1.0)  # 3 × 0.1 s + 1 s is below the cap of 2 s
-        connector = OpcUaConnector(
-            ua_plc, signals(server, "Power"), SessionSettings.build(ua_plc, plant_config(pki))
-        )
+        # 3 × 0.1 s + 1 s is below the cap of 2 s
+        connector = power_reader(server, pki, timeout_s=1.0)
         async with running(connector) as collector:
             await eventually(lambda: collector.quality(POWER) == "good", timeout=10)
             server.publishing = False
