@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from broker.config import BrokerConfig
 from broker.deployment.layout import PLANT_USER
 from broker.errors import ConfigError
-from broker.policy import ModbusDevice, Policy
+from broker.policy import BacnetDevice, OpcUaDevice, Policy
 
 TABLE = "dmzbroker"
 # Hostile or unexpected traffic per interface, forwarding attempts, packets on any other
@@ -147,12 +147,13 @@ def device_peers(
     the device for an address that cannot be a device on the OT network."""
     peers = []
     for device in policy.devices:
-        if isinstance(device, ModbusDevice):
-            key, host, port = f"policy devices[{device.name}].host", device.host, device.port
-        else:
+        transport: Literal["tcp", "udp"] = "udp" if isinstance(device, BacnetDevice) else "tcp"
+        if isinstance(device, OpcUaDevice):
             key = f"policy devices[{device.name}].endpoint"
             host, port = _endpoint(key, device.endpoint)
-        peer = Peer(key, host, resolve(key, host), port)
+        else:
+            key, host, port = f"policy devices[{device.name}].host", device.host, device.port
+        peer = Peer(key, host, resolve(key, host), port, transport)
         for address in peer.addresses:
             _check_device_address(peer, address, it_allow, sinks)
         peers.append(peer)

@@ -114,6 +114,8 @@ class PlantPipeline:
 
     def _decode(self, sample: RawSample, t: float) -> tuple[Value, Quality, list[QualityIssue]]:
         if sample.raw is None or sample.quality == "bad":
+            if sample.reason is not None:
+                return None, "bad", [QualityIssue(check="device_status", detail=sample.reason)]
             return None, "bad", _READ_FAILED
         try:
             value = self._decoders[sample.signal](sample.raw)
@@ -122,7 +124,13 @@ class PlantPipeline:
             return None, "bad", [QualityIssue(check="undecodable", detail=str(e))]
         issues = self.checks.check(sample.signal, value, t)
         if sample.quality == "uncertain":
-            issues = [_UNCERTAIN_AT_SOURCE, *issues]
+            said = sample.reason
+            status = (
+                _UNCERTAIN_AT_SOURCE
+                if said is None
+                else QualityIssue(check="device_status", detail=said)
+            )
+            issues = [status, *issues]
         return value, ("uncertain" if issues else sample.quality), issues
 
     def _derive(

@@ -1,5 +1,5 @@
-"""The devices of the policy: the Modbus TCP and OPC UA servers the plant half reads, with
-their request budget (Modbus) and their security (OPC UA).
+"""The devices of the policy: the Modbus TCP and OPC UA servers, DNP3 outstations and BACnet/IP
+devices the plant half reads, with their request budget and, for OPC UA, their security.
 
 Checks that concern one device's fields live here; checks across the document live in
 `parse.py`. Unknown keys are refused (ADR 0002). Nothing here touches the network or the file
@@ -23,6 +23,17 @@ DEFAULT_MAX_CONNECTIONS = 1
 MAX_REQUESTS_PER_S = 10_000.0
 # A value not confirmed for this many of its device's poll intervals is served `stale` (ADR 0004).
 STALE_AFTER_INTERVALS = 3
+# How often a DNP3 device read by events is integrity-polled when its policy does not say.
+DNP3_DEFAULT_INTEGRITY_S = 3600.0
+
+
+def _check_rate(device: str, per_s: float) -> None:
+    if not 0 < per_s <= MAX_REQUESTS_PER_S:  # NaN fails too
+        raise ValueError(
+            f"device {device!r}: max_requests_per_s {per_s:g} must be above 0 and at most "
+            f"{MAX_REQUESTS_PER_S:g} requests per second (leave it out for the default "
+            f"{DEFAULT_MAX_REQUESTS_PER_S:g})"
+        )
 
 
 class ModbusDevice(Strict, frozen=True, tag="modbus", tag_field="protocol"):
@@ -45,12 +56,7 @@ class ModbusDevice(Strict, frozen=True, tag="modbus", tag_field="protocol"):
 
     def __post_init__(self) -> None:
         check_name("name", self.name, NAME, "one word")
-        if not 0 < self.max_requests_per_s <= MAX_REQUESTS_PER_S:  # NaN fails too
-            raise ValueError(
-                f"device {self.name!r}: max_requests_per_s {self.max_requests_per_s:g} must be "
-                f"above 0 and at most {MAX_REQUESTS_PER_S:g} requests per second (leave it out "
-                f"for the default {DEFAULT_MAX_REQUESTS_PER_S:g})"
-            )
+        _check_rate(self.name, self.max_requests_per_s)
 
     protocol: ClassVar[str] = "modbus"  # msgspec's tag, readable in code
 
@@ -119,4 +125,97 @@ class OpcUaDevice(Strict, frozen=True, tag="opcua", tag_field="protocol"):
         return self.security_mode == "None"
 
 
-Device = ModbusDevice | OpcUaDevice
+class Dnp3Device(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
+    """A DNP3 outstation over TCP, read by this master (docs/dnp3.md, ADR 0023).
+
+    `read: static` (the default) reads the policy's points, and only them, every
+    `poll_interval_s` (range reads of their groups). `read: events` polls `event_classes` every
+    `poll_interval_s`, after an integrity poll (class 0 and the event classes) at the start of
+    each session and every `integrity_interval_s`; its events are confirmed, as the protocol
+    requires. Unsolicited responses are taken only with `unsolicited: true`, and never
+    enabled by the broker (that is a write to the outstation).
+    """
+
+    name: str
+    host: str
+    outstation_address: Annotated[int, Meta(ge=0, le=65519)]
+    port: Annotated[int, Meta(ge=1, le=65535)] = 20000
+    master_address: Annotated[int, Meta(ge=0, le=65519)] = 1
+    read: Literal["static", "events"] = "static"
+    event_classes: tuple[Literal[1, 2, 3], ...] = ()  # `read: events` only; none: [1, 2, 3]
+    integrity_interval_s: Seconds | None = None  # `read: events` only; none: 3600
+    unsolicited: bool = False
+    poll_interval_s: Seconds = 1.0
+    timeout_s: Seconds = 2.0
+
+    def __post_init__(self) -> None:
+        check_name("name", self.name, NAME, "one word")
+        if self.master_address == self.outstation_address:
+            raise ValueError(
+                f"master_address and outstation_address are both {self.master_address}: "
+                "the broker's link address must differ from the outstation's"
+            )
+        if len(set(self.event_classes)) != len(self.event_classes):
+            raise ValueError("event_classes: a class is named twice")
+        if self.read == "static" and (self.event_classes or self.integrity_interval_s):
+            raise ValueError(
+                "event_classes and integrity_interval_s apply only to `read: events`: "
+                "leave them out, or set `read: events`"
+            )
+        if self.unsolicited and self.read == "static":
+            raise ValueError(
+                "unsolicited: true applies only to `read: events` (unsolicited responses "
+                "carry events): set `read: events`, or leave it out"
+            )
+
+    protocol: ClassVar[str] = "dnp3"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def classes_polled(self) -> tuple[int, ...]:
+        """The event classes of an event poll: those named, else all three."""
+        if self.read != "events":
+            return ()
+        return tuple(sorted(self.event_classes)) or (1, 2, 3)
+
+    @property
+    def integrity_every_s(self) -> float | None:
+        if self.read != "events":
+            return None
+        return self.integrity_interval_s or DNP3_DEFAULT_INTEGRITY_S
+
+
+class BacnetDevice(Strict, frozen=True, tag="bacnet", tag_field="protocol"):
+    """A BACnet/IP device, read with ReadProperty and ReadPropertyMultiple (docs/bacnet.md).
+
+    `device_instance` is checked against the device at the start of each session: a device
+    that answers with another instance is not read. `read: cov` subscribes to changes of
+    value (SubscribeCOV), which changes the device's state (its subscription list), so it
+    is only done when the policy says so; `read: poll` (the default) only reads. Request
+    starts are spaced to at most `max_requests_per_s` (default as for Modbus, ADR 0008).
+    """
+
+    name: str
+    host: str
+    device_instance: Annotated[int, Meta(ge=0, le=4_194_302)]
+    port: Annotated[int, Meta(ge=1, le=65535)] = 47808
+    read: Literal["poll", "cov"] = "poll"
+    poll_interval_s: Seconds = 1.0
+    timeout_s: Seconds = 3.0
+    max_requests_per_s: float = DEFAULT_MAX_REQUESTS_PER_S  # range checked below, by name
+
+    def __post_init__(self) -> None:
+        check_name("name", self.name, NAME, "one word")
+        _check_rate(self.name, self.max_requests_per_s)
+
+    protocol: ClassVar[str] = "bacnet"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+Device = ModbusDevice | OpcUaDevice | Dnp3Device | BacnetDevice

@@ -15,12 +15,13 @@ from pathlib import Path
 from broker.policy import advice, budget, parse
 from broker.policy import envelope as envelopes
 from broker.policy.access import Access
-from broker.policy.device_schema import Device, ModbusDevice, OpcUaDevice
+from broker.policy.device_schema import BacnetDevice, Device, Dnp3Device, ModbusDevice, OpcUaDevice
 from broker.policy.schema import (
     Asset,
+    BacnetSource,
     Baseline,
     DerivedSource,
-    ModbusSource,
+    Dnp3Source,
     OpcUaSource,
     Policy,
     Signal,
@@ -45,7 +46,28 @@ def _device(d: Device) -> str:
             f"{d.name}: opcua {d.endpoint} {d.security_policy}/{d.security_mode}"
             f"{pin}, {d.user_identity} identity, {d.read}, {timing}"
         )
+    if isinstance(d, Dnp3Device):
+        return f"{d.name}: dnp3 {d.address} {_dnp3_reads(d)}, {timing}"
+    if isinstance(d, BacnetDevice):
+        rate = f"at most {written(d.max_requests_per_s)} requests/s"
+        return (
+            f"{d.name}: bacnet {d.address} device {d.device_instance}, {d.read}, {timing}, {rate}"
+        )
     return f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}, {budget.describe(d)}"
+
+
+def _dnp3_reads(d: Dnp3Device) -> str:
+    """What the master asks the outstation for, and what it accepts unasked."""
+    link = f"master {d.master_address} → outstation {d.outstation_address}"
+    if d.read == "static":
+        return f"{link}, static reads of the named points"
+    integrity = d.integrity_every_s
+    classes = ", ".join(map(str, d.classes_polled))
+    unsolicited = ", unsolicited accepted" if d.unsolicited else ", unsolicited ignored"
+    return (
+        f"{link}, events of class {classes}, integrity poll every {written(integrity or 0)} s"
+        f"{unsolicited}"
+    )
 
 
 def _source(s: Signal) -> str:
@@ -54,8 +76,12 @@ def _source(s: Signal) -> str:
         n = src.decimals
         to = f" to {n} decimal{'' if n == 1 else 's'}" if n is not None else ""
         return f"= {src.expression}{to}"
-    if not isinstance(src, ModbusSource):
+    if isinstance(src, OpcUaSource):
         return f"{s.device} {src.node}{_monitoring(src)}"
+    if isinstance(src, Dnp3Source):
+        return f"{s.device} g{src.group}v{src.variation} index {src.index} {src.type}"
+    if isinstance(src, BacnetSource):
+        return f"{s.device} {src.object_type},{src.instance} {src.property} {src.type}"
     unit = f" unit {src.unit_id}" if src.unit_id is not None else ""
     bit = f" bit {src.bit}" if src.bit is not None else ""
     bit += f" length {src.length}" if src.length is not None else ""

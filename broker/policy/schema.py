@@ -8,6 +8,7 @@ refused everywhere (ADR 0002). Nothing here touches the network or the file syst
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import math
 import re
@@ -158,7 +159,95 @@ class DerivedSource(Strict, frozen=True, kw_only=True, tag="derived", tag_field=
         return "derived"
 
 
-Source = ModbusSource | OpcUaSource | DerivedSource
+# DNP3 static object groups the broker reads, each with the variations it may ask for (0: the
+# outstation's default). Events (groups 2, 4, 11, 22, 23, 32, 42) report a point of these.
+DNP3_VARIATIONS: dict[int, tuple[int, ...]] = {
+    1: (0, 1, 2),  # binary input
+    3: (0, 1, 2),  # double-bit binary input
+    10: (0, 1, 2),  # binary output status
+    20: (0, 1, 2, 5, 6),  # counter
+    21: (0, 1, 2, 5, 6, 9, 10),  # frozen counter
+    30: (0, 1, 2, 3, 4, 5, 6),  # analog input
+    40: (0, 1, 2, 3, 4),  # analog output status
+}
+_DNP3_TYPES = {  # (group, variation) → the value's type; a group alone for all its variations
+    1: "bool", 10: "bool", 3: "string", 20: "uint32", 21: "uint32",
+    (30, 1): "int32", (30, 2): "int16", (30, 3): "int32", (30, 4): "int16",
+    (30, 5): "float32", (30, 6): "float64",
+    (40, 1): "int32", (40, 2): "int16", (40, 3): "float32", (40, 4): "float64",
+}  # fmt: skip
+
+
+class Dnp3Source(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
+    """A DNP3 point: its static object group, variation (0: the outstation's default) and
+    index. Binary inputs and output status are `bool`; a double-bit input is one of the
+    words `off`, `on`, `intermediate`, `indeterminate`; counters and analogs are numbers.
+    """
+
+    group: int
+    index: Annotated[int, Meta(ge=0, le=65535)]
+    variation: int = 0
+
+    def __post_init__(self) -> None:
+        variations = DNP3_VARIATIONS.get(self.group)
+        if variations is None:
+            raise ValueError(
+                f"group {self.group}: the broker reads the static groups "
+                f"{', '.join(map(str, DNP3_VARIATIONS))} (events report points of these)"
+            )
+        if self.variation not in variations:
+            raise ValueError(
+                f"variation {self.variation}: group {self.group} has variations "
+                f"{', '.join(map(str, variations))} (0: the outstation's default)"
+            )
+
+    protocol: ClassVar[str] = "dnp3"
+
+    @property
+    def type(self) -> str:
+        found = _DNP3_TYPES.get(self.group) or _DNP3_TYPES.get((self.group, self.variation))
+        return str(found) if found is not None else "variant"
+
+
+BacnetObjectType = Literal[
+    "analog-input", "analog-output", "analog-value", "binary-input", "binary-output",
+    "binary-value", "multi-state-input", "multi-state-output", "multi-state-value", "accumulator",
+]  # fmt: skip
+BACNET_OBJECT_TYPES: dict[str, str] = {  # object type → the type of its present-value
+    "analog-input": "float32", "analog-output": "float32", "analog-value": "float32",
+    "binary-input": "bool", "binary-output": "bool", "binary-value": "bool",
+    "multi-state-input": "uint32", "multi-state-output": "uint32", "multi-state-value": "uint32",
+    "accumulator": "uint32",
+}  # fmt: skip
+_BACNET_PROPERTY = re.compile(r"[a-z][a-z0-9-]{0,62}")
+
+
+class BacnetSource(Strict, frozen=True, tag="bacnet", tag_field="protocol"):
+    """A BACnet object's property (`present-value` unless said otherwise), by object type
+    and instance. A binary object's value is `bool`, an analog one a number, a multi-state
+    one its state number (1…)."""
+
+    object_type: BacnetObjectType
+    instance: Annotated[int, Meta(ge=0, le=4_194_302)]
+    property: str = "present-value"
+
+    def __post_init__(self) -> None:
+        if not _BACNET_PROPERTY.fullmatch(self.property):
+            raise ValueError(
+                f"property {self.property!r}: must be a BACnet property identifier such as "
+                "'present-value'"
+            )
+
+    protocol: ClassVar[str] = "bacnet"
+
+    @builtins.property  # `property` is a field here
+    def type(self) -> str:
+        if self.property != "present-value":
+            return "variant"
+        return BACNET_OBJECT_TYPES[self.object_type]
+
+
+Source = ModbusSource | OpcUaSource | Dnp3Source | BacnetSource | DerivedSource
 
 
 _DURATION = re.compile(r"([1-9][0-9]{0,5})([smhd])")

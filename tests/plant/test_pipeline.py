@@ -127,6 +127,24 @@ def test_uncertain_sample_keeps_its_quality(pipeline: PlantPipeline) -> None:
     (record,) = pipeline.process([sample(RUN_TIME, (7, 0), "uncertain")])
 
     assert (record.value, record.quality) == (7, "uncertain")
+    assert [i.detail for i in record.context.quality_issues] == ["the device marked it uncertain"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "quality", "value"),
+    [((7, 0), "uncertain", 7), ((7, 0), "bad", None), (None, "bad", None)],
+)
+def test_the_devices_reason_is_the_records_device_status_issue(
+    pipeline: PlantPipeline, raw: object, quality: Quality, value: object
+) -> None:
+    said = RawSample(RUN_TIME, raw, T0, quality, reason="DNP3 flag LOCAL_FORCED")  # type: ignore[arg-type]
+
+    (record,) = pipeline.process([said])
+
+    assert (record.value, record.quality) == (value, quality)
+    assert [(i.check, i.detail) for i in record.context.quality_issues] == [
+        ("device_status", "DNP3 flag LOCAL_FORCED")
+    ]
 
 
 def compressor(running: bool, alarm: bool = False) -> list[RawSample]:

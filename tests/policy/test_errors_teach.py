@@ -97,7 +97,7 @@ def test_the_base_policy_loads(tmp_path: Path) -> None:
         # a tagged union's tag
         ("protocol: modbus", "protocol: modbuss",
          "devices[0].protocol: invalid value 'modbuss' — did you mean 'modbus'? "
-         "(one of: modbus, opcua)"),
+         "(one of: modbus, opcua, dnp3, bacnet)"),
         # an unknown key: the nearest known one, or all of them
         ("scale: 0.1", "scael: 0.1",
          "signals[1]: unknown key 'scael' — did you mean 'scale'?"),

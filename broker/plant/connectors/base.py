@@ -26,6 +26,9 @@ class RawSample(msgspec.Struct, frozen=True, gc=False):
     # When the broker received it, if not source_time: an OPC UA source timestamp may be
     # the time of the value's last change, but a flatline or a gap is judged by the reads.
     read_time: datetime | None = None
+    # Why the device marked it `uncertain` or `bad`, in the device's own words (a DNP3 flag,
+    # a BACnet reliability): the record's `device_status` quality issue. None: not said.
+    reason: str | None = None
 
 
 Emit = Callable[[list[RawSample]], Awaitable[None]]
