@@ -142,7 +142,7 @@ class Dnp3Device(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
     port: Annotated[int, Meta(ge=1, le=65535)] = 20000
     master_address: Annotated[int, Meta(ge=0, le=65519)] = 1
     read: Literal["static", "events"] = "static"
-    event_classes: tuple[Literal[1, 2, 3], ...] = ()  # `read: events` only; none: [1, 2, 3]
+    event_classes: tuple[Literal[1, 2, 3], ...] | None = None  # `read: events`; none: 1, 2, 3
     integrity_interval_s: Seconds | None = None  # `read: events` only; none: 3600
     unsolicited: bool = False
     poll_interval_s: Seconds = 1.0
@@ -151,16 +151,31 @@ class Dnp3Device(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
     def __post_init__(self) -> None:
         check_name("name", self.name, NAME, "one word")
         if self.master_address == self.outstation_address:
-            raise ValueError(
-                f"master_address and outstation_address are both {self.master_address}: "
-                "the broker's link address must differ from the outstation's"
+            raise ValueError(  # at the outstation's line: master_address is often left out
+                f"outstation_address {self.outstation_address} is also the broker's "
+                "master_address (default 1): the two link addresses must differ"
             )
-        if len(set(self.event_classes)) != len(self.event_classes):
-            raise ValueError("event_classes: a class is named twice")
-        if self.read == "static" and (self.event_classes or self.integrity_interval_s):
+        classes = self.event_classes
+        if classes == ():  # an empty list must not read as "none" and run as "all three"
             raise ValueError(
-                "event_classes and integrity_interval_s apply only to `read: events`: "
-                "leave them out, or set `read: events`"
+                "event_classes: [] would poll no class: name the classes (1, 2, 3) to poll, "
+                "or leave it out for all three"
+            )
+        if classes is not None and (twice := [c for c in classes if classes.count(c) > 1]):
+            raise ValueError(f"event_classes: class {twice[0]} is named twice")
+        given = [
+            key
+            for key, value in (
+                ("event_classes", classes),
+                ("integrity_interval_s", self.integrity_interval_s),
+            )
+            if value is not None
+        ]
+        if self.read == "static" and given:
+            verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+            raise ValueError(
+                f"{' and '.join(given)} {verb} only to `read: events`: leave {them} out, "
+                "or set `read: events`"
             )
         if self.unsolicited and self.read == "static":
             raise ValueError(
@@ -179,7 +194,7 @@ class Dnp3Device(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
         """The event classes of an event poll: those named, else all three."""
         if self.read != "events":
             return ()
-        return tuple(sorted(self.event_classes)) or (1, 2, 3)
+        return tuple(sorted(self.event_classes or (1, 2, 3)))
 
     @property
     def integrity_every_s(self) -> float | None:

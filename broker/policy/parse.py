@@ -17,9 +17,9 @@ from casbin.util import glob_match as matches
 from broker import documents
 from broker.conversion_errors import choices
 from broker.errors import ConfigError
-from broker.policy.device_schema import Device, OpcUaDevice
+from broker.policy.device_schema import Device, Dnp3Device, OpcUaDevice
 from broker.policy.model import SemanticModel
-from broker.policy.schema import OpcUaSource, Policy, Signal
+from broker.policy.schema import Dnp3Source, OpcUaSource, Policy, Signal
 
 
 def load(path: Path) -> Policy:
@@ -96,6 +96,7 @@ def _problems(policy: Policy) -> Iterator[str]:
     roles = {r.name for r in policy.roles}
     protocols = {d.name: d.protocol for d in policy.devices}
     polled = {d.name for d in policy.devices if isinstance(d, OpcUaDevice) and d.read == "poll"}
+    by_events = {d.name for d in policy.devices if isinstance(d, Dnp3Device) and d.read == "events"}
     for i, signal in enumerate(policy.signals):
         if signal.device is None:
             continue  # a derived signal: its expression is checked with its asset
@@ -114,6 +115,16 @@ def _problems(policy: Policy) -> Iterator[str]:
                 f"signals[{i}].source.{unused[0]}: only a subscription applies "
                 f"{', '.join(unused)}, and device {signal.device!r} is polled (read: poll): "
                 "leave them out, or let the device subscribe"
+            )
+        elif (
+            signal.device in by_events
+            and isinstance(signal.source, Dnp3Source)
+            and signal.source.variation != 0
+        ):  # class polls return the outstation's own variations: the key would do nothing
+            yield (
+                f"signals[{i}].source.variation: device {signal.device!r} is read by events "
+                "(read: events), whose class polls return the variations the outstation is "
+                "set up for: leave variation out, or read the device with read: static"
             )
     for i, role in enumerate(policy.roles):
         for pattern in role.signals:

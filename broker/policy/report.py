@@ -50,9 +50,9 @@ def _device(d: Device) -> str:
         return f"{d.name}: dnp3 {d.address} {_dnp3_reads(d)}, {timing}"
     if isinstance(d, BacnetDevice):
         rate = f"at most {written(d.max_requests_per_s)} requests/s"
-        return (
-            f"{d.name}: bacnet {d.address} device {d.device_instance}, {d.read}, {timing}, {rate}"
-        )
+        # a subscription is state the broker leaves on the device: the signer must see it
+        reads = "poll" if d.read == "poll" else "cov (SubscribeCOV: subscribes on the device)"
+        return f"{d.name}: bacnet {d.address} device {d.device_instance}, {reads}, {timing}, {rate}"
     return f"{d.name}: modbus {d.host}:{d.port} unit {d.unit_id}, {timing}, {budget.describe(d)}"
 
 
