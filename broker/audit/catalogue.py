@@ -39,6 +39,10 @@ EVENTS: dict[str, tuple[str, str]] = {
     "opcua_server_certificate_refused": ("certificate", "failure"),
     "scan_overrun_ended": ("device", "success"),
     "device_budget_exceeded": ("device", "unknown"),
+    # DNP3 and BACnet (issue 16): what a device says about itself, never acted on by the broker
+    "device_status_reported": ("device", "unknown"),  # DNP3 IIN bits, e.g. DEVICE_RESTART
+    "device_unsolicited_ignored": ("device", "unknown"),
+    "device_units_differ": ("device", "failure"),  # its values are `uncertain`
     "consumer_denied": ("access", "failure"),
     "consumer_connected": ("access", "success"),
     "point_denied": ("policy", "failure"),
@@ -133,6 +137,9 @@ DEVICE_AGGREGATED = frozenset(
         "opcua_security_none",
         "opcua_endpoint_refused",
         "subscription_revised",
+        "device_status_reported",
+        "device_unsolicited_ignored",
+        "device_units_differ",
     }
 )
 SUPPRESSED = "events_suppressed"  # written by the forwarder itself: audit / unknown
