@@ -1,11 +1,13 @@
-"""`discover opcua URL`: browse an OPC UA server and print a starter signal list for a policy.
+"""`discover opcua URL|dnp3 HOST:PORT|bacnet ADDRESS`: read a device and print a starter policy.
 
 It sends Browse and Read only, over a session secured exactly like the connector's (the
 server certificate pinned with `--pin` or found in `--trust`; `--security None` only when
 asked for). A server that refuses the broker's certificate is named as such, in one line
 with what to give its administrator to trust (exit 2). The output is YAML an OT owner
 edits (paths, units, what to share) before it goes into a policy: discovery never decides
-what crosses.
+what crosses. `discover dnp3` sends one integrity poll (READ of class 0, and the CONFIRMs
+the outstation asks for); `discover bacnet` sends Who-Is, ReadProperty and
+ReadPropertyMultiple only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,47 @@ def add_to(commands: Any) -> None:
     opcua.add_argument("--max-nodes", type=int, default=5000, help="stop browsing after this many")
     opcua.set_defaults(handler=_discover_opcua)
 
+    dnp3 = sub.add_parser("dnp3", help="list an outstation's points (one class 0 READ only)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    dnp3.add_argument("address", type=host_port, metavar="HOST:PORT",
+                      help="the outstation's TCP address (port 20000 if left out)")  # fmt: skip
+    dnp3.add_argument("--outstation", type=int, required=True, metavar="ADDRESS",
+                      help="the outstation's link address (no default: a guess could reach "
+                      "another device behind a gateway)")  # fmt: skip
+    dnp3.add_argument("--master", type=int, default=1, metavar="ADDRESS",
+                      help="this master's link address, as the outstation expects it")  # fmt: skip
+    dnp3.add_argument("--device-name", default="outstation", help="the device's name in the policy")
+    dnp3.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    dnp3.set_defaults(handler=_discover_dnp3)
+
+    bacnet = sub.add_parser("bacnet", help="list a device's objects (Who-Is and reads only)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    bacnet.add_argument("address", type=host_port, metavar="ADDRESS",
+                        help="HOST[:PORT] of the device, or a broadcast address (port 47808 if "
+                        "left out)")  # fmt: skip
+    bacnet.add_argument("--device-instance", type=int, metavar="N",
+                        help="the device to list when several answer (default: the only one)")  # fmt: skip
+    bacnet.add_argument("--device-name", default="bacnet-device",
+                        help="the device's name in the policy")  # fmt: skip
+    bacnet.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
+    bacnet.add_argument(
+        "--max-objects", type=int, default=5000, help="stop listing after this many"
+    )
+    bacnet.add_argument("--port-local", type=int, default=0, metavar="PORT",
+                        help="the UDP port to send from (0: any; 47808 to hear devices that "
+                        "broadcast their I-Am)")  # fmt: skip
+    bacnet.set_defaults(handler=_discover_bacnet)
+
+
+def host_port(text: str) -> tuple[str, int | None]:
+    """HOST or HOST:PORT (argparse type); the port's default is the protocol's."""
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        return text, None
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST or HOST:PORT (port 1-65535)")
+    return host, int(port)
+
 
 def _discover_opcua(args: argparse.Namespace) -> int:
     # Imported here, not at the top: every CLI process (the halves' too) imports the command
@@ -43,3 +86,16 @@ def _discover_opcua(args: argparse.Namespace) -> int:
     from broker.plant.discovery import discover_opcua
 
     return discover_opcua(args)
+
+
+def _discover_dnp3(args: argparse.Namespace) -> int:
+    from broker.plant.discovery_dnp3 import discover_dnp3
+
+    return discover_dnp3(args)
+
+
+def _discover_bacnet(args: argparse.Namespace) -> int:
+    # bacpypes3 takes 0.3 s to import: only this command pays for it.
+    from broker.plant.discovery_bacnet import discover_bacnet
+
+    return discover_bacnet(args)

@@ -1,0 +1,252 @@
+"""List a DNP3 outstation's points for `dmzbroker discover dnp3`: one integrity poll, read only.
+
+Run by the CLI, never by a running half. It opens one TCP connection, sends one READ of
+class 0 (the integrity poll's static data), and prints a starter policy an OT owner edits
+(paths, units, scale, what to share) before it is co-signed: discovery never decides what
+crosses. The only other things it may send are those the protocol requires of a master:
+an application CONFIRM when the outstation asks for one (a response in several fragments
+sets CON on each but the last) and the link layer's answers the codec owes (`Channel.replies`).
+It never writes (no WRITE of the restart indication), never enables or disables unsolicited
+responses, and never confirms an unsolicited response (the outstation keeps its own state).
+Every encoder it uses is in `broker.plant.connectors.dnp3_objects`, which builds READ and
+CONFIRM only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import yaml
+
+from broker import logs
+from broker.errors import ConfigError, DeviceError
+from broker.plant.connectors.dnp3_frames import Channel, FrameError
+from broker.plant.connectors.dnp3_objects import (
+    RESPONSE,
+    Point,
+    Response,
+    class_header,
+    confirm,
+    indications,
+    parse_response,
+    quality_of,
+    read_request,
+)
+from broker.policy import Dnp3Device
+from broker.policy.schema import DNP3_VARIATIONS, Dnp3Source
+
+DEFAULT_PORT = 20000
+MAX_FRAGMENTS = 1000  # of one answer: at 2,048 bytes each, far beyond any outstation's class 0
+GROUP_NAMES = {  # the static groups a policy can name (schema.DNP3_VARIATIONS), as path words
+    1: "binary-input",
+    3: "double-bit-input",
+    10: "binary-output-status",
+    20: "counter",
+    21: "frozen-counter",
+    30: "analog-input",
+    40: "analog-output-status",
+}
+
+
+@dataclass(frozen=True)
+class Poll:
+    """What one integrity poll returned."""
+
+    points: list[Point]  # the last report of each (group, index), in group and index order
+    indications: list[str]  # the IIN bits of the last fragment
+    skipped: list[str]  # what the codec could not decode
+
+
+def discover_dnp3(args: argparse.Namespace) -> int:
+    logs.configure("console", "cli")
+    logging.getLogger().setLevel(logging.ERROR)  # stdout is the YAML; errors are one line
+    device = _device(args)
+    poll = asyncio.run(_integrity_poll(device, args.timeout))
+    print(_starter_policy(device, poll), end="")
+    return 0
+
+
+def _device(args: argparse.Namespace) -> Dnp3Device:
+    host, port = args.address
+    fields = {
+        "name": args.device_name,
+        "host": host,
+        "port": port or DEFAULT_PORT,
+        "outstation_address": args.outstation,
+        "master_address": args.master,
+    }
+    try:
+        return msgspec.convert(fields, Dnp3Device)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"discover dnp3: {e}") from e
+
+
+async def _integrity_poll(device: Dnp3Device, timeout_s: float) -> Poll:
+    where = (
+        f"{device.address} (outstation {device.outstation_address}, master {device.master_address})"
+    )
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(device.host, device.port), timeout_s
+        )
+    except TimeoutError as e:
+        raise DeviceError(
+            f"{device.address}: no TCP connection within {timeout_s:g} s: check the host, the "
+            "port and any firewall between"
+        ) from e
+    except OSError as e:
+        raise DeviceError(
+            f"{device.address}: cannot connect ({e.strerror or e}): check that the outstation "
+            f"listens there (DNP3's usual port is {DEFAULT_PORT})"
+        ) from e
+    try:
+        return await _poll(Channel(device.master_address, device.outstation_address),
+                           reader, writer, where, timeout_s)  # fmt: skip
+    except FrameError as e:
+        raise DeviceError(
+            f"{where}: the answer is not DNP3 this master accepts ({e}): check the port and "
+            "--outstation/--master against the outstation's configuration"
+        ) from e
+    finally:
+        writer.close()
+        await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+
+
+async def _poll(
+    channel: Channel,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    where: str,
+    timeout_s: float,
+) -> Poll:
+    """One READ of class 0; the solicited fragments of its answer until the final one."""
+    writer.write(channel.request(read_request(0, [class_header(0)])))
+    await writer.drain()
+    found: dict[tuple[int, int], Point] = {}
+    skipped: list[str] = []
+    for _ in range(MAX_FRAGMENTS):
+        response = await _next_response(channel, reader, writer, where, timeout_s)
+        for point in response.points:
+            found[(point.group, point.index)] = point
+        skipped += response.skipped
+        if response.confirm:  # the outstation waits for it before its next fragment
+            writer.write(channel.request(confirm(response.seq, unsolicited=False)))
+            await writer.drain()
+        if response.final:
+            return Poll(
+                sorted(found.values(), key=lambda p: (p.group, p.index)),
+                indications(response.iin),
+                skipped,
+            )
+    raise DeviceError(f"{where}: the answer went on past {MAX_FRAGMENTS} fragments; stopped")
+
+
+async def _next_response(
+    channel: Channel,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    where: str,
+    timeout_s: float,
+) -> Response:
+    """The next solicited response; unsolicited ones are read and dropped, never confirmed."""
+    pending: list[bytes] = []
+    while True:
+        while pending:
+            response = parse_response(pending.pop(0))
+            if response.function == RESPONSE:
+                return response
+        try:
+            chunk = await asyncio.wait_for(reader.read(4096), timeout_s)
+        except TimeoutError as e:
+            raise DeviceError(
+                f"{where}: no answer to the integrity poll within {timeout_s:g} s: an "
+                "outstation ignores frames for another link address, so check --outstation "
+                "and --master against its configuration (or raise --timeout)"
+            ) from e
+        if not chunk:
+            raise DeviceError(
+                f"{where}: the outstation closed the connection without answering: check that "
+                "it accepts this master (its allowed master addresses or IP addresses)"
+            )
+        pending = channel.receive(chunk)
+        owed = channel.replies()  # link status or acknowledgement the link layer requires
+        if owed:
+            writer.write(owed)
+            await writer.drain()
+
+
+def _starter_policy(device: Dnp3Device, poll: Poll) -> str:
+    """A policy `policy compile` accepts as printed; the owner edits it before signing."""
+    listed = [p for p in poll.points if p.group in DNP3_VARIATIONS]
+    if not listed:
+        raise DeviceError(
+            f"{device.address}: the integrity poll returned {len(poll.points)} points of the "
+            "groups the broker reads"
+            + (f" (IIN: {', '.join(poll.indications)})" if poll.indications else "")
+        )
+    header = [
+        f"# Starter policy for DNP3 outstation {device.outstation_address} at {device.address}: "
+        f"{len(poll.points)} points in its integrity poll (class 0)",
+        *([f"# Indications (IIN) set: {', '.join(poll.indications)}"] if poll.indications else []),
+        *[f"# Not decoded: {what}" for what in poll.skipped],
+        *[
+            f"# Not listed: g{p.group}v{p.variation} index {p.index} (the broker does not read "
+            f"group {p.group})"
+            for p in poll.points
+            if p.group not in DNP3_VARIATIONS
+        ],
+        "# Set deployment_id, version and expires; edit each path (site/area/asset/measure),",
+        "# unit and scale, delete what must not cross; then compile and co-sign it. Each",
+        "# variation is the one the outstation sent; another (e.g. g30v5, float) may be asked.",
+    ]
+    document = {
+        "deployment_id": "change-me",
+        "version": 1,
+        "expires": (datetime.now(UTC) + timedelta(days=90)).strftime("%Y-%m-%dT00:00:00Z"),
+        "devices": [
+            {
+                "name": device.name,
+                "protocol": "dnp3",
+                "host": device.host,
+                "port": device.port,
+                "outstation_address": device.outstation_address,
+                "master_address": device.master_address,
+            }
+        ],
+    }
+    signals = ["signals:"]
+    for point in listed:
+        source = _source(point)
+        quality, reason = quality_of(point)
+        flags = "no flags" if point.flags is None else f"flags 0x{point.flags:02x}"
+        signals.append(
+            f"  # g{point.group}v{point.variation} index {point.index}: {point.value!r}, {flags} "
+            f"({quality}{': ' + reason if reason else ''}), {source.type}"
+        )
+        signal = {
+            "path": f"{device.name}/{GROUP_NAMES[point.group]}-{point.index}",
+            "device": device.name,
+            "source": {
+                "protocol": "dnp3",
+                "group": source.group,
+                "variation": source.variation,
+                "index": source.index,
+            },
+            "unit": "",
+            "description": f"g{point.group}v{point.variation} index {point.index}",
+        }
+        dumped = yaml.safe_dump([signal], sort_keys=False, allow_unicode=True)
+        signals.append("\n".join("  " + line for line in dumped.splitlines()))
+    body = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    return "\n".join(header) + "\n" + body + "\n".join(signals) + "\n"
+
+
+def _source(point: Point) -> Dnp3Source:
+    """The point as a policy source, in the variation it came in when the schema has it."""
+    variation = point.variation if point.variation in DNP3_VARIATIONS[point.group] else 0
+    return Dnp3Source(group=point.group, index=point.index, variation=variation)
