@@ -1,5 +1,5 @@
 """`dmzbroker demo`: a throwaway PKI and owner keys, the example policy co-signed, the
-simulated plant, and the broker running on it.
+simulated plant (a Modbus PLC and a BACnet/IP room controller), and the broker running on it.
 
 Everything lives in a work directory that is recreated on each run (only if it holds the
 demo's marker file, so a mistyped --workdir never deletes someone's files).
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import shlex
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -19,9 +20,9 @@ import structlog
 from broker import policy
 from broker.config import SupervisorConfig
 from broker.errors import ConfigError, DmzBrokerError
-from broker.policy import ModbusDevice
+from broker.policy import BacnetDevice, Device, ModbusDevice
 from broker.sim.appliance import Appliance, provision
-from broker.sim.refrigeration import demo_plant
+from broker.sim.refrigeration import ROOM_CONTROLLER_INSTANCE, ListenError, demo_plant
 from broker.supervisor import Supervisor
 from broker.trust import tls
 
@@ -34,22 +35,24 @@ log = structlog.get_logger("demo")
 
 async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port: int) -> int:
     demo_policy = policy.load(policy_path)
-    device = demo_policy.devices[0]
-    if not isinstance(device, ModbusDevice):
-        raise ConfigError(
-            f"{policy_path}: the demo plant is a Modbus device, not {device.protocol}"
-        )
+    plc, room_controller = _plant_devices(policy_path, demo_policy.devices)
     _recreate(workdir)
     appliance = provision(workdir, demo_policy, port=port, consumer_uri=CONSUMER_URI)
 
     # Condenser fouling develops over simulated days, one a minute: within about a minute
     # the context flags it while the raw pressure still looks normal.
-    plant = demo_plant(device.host, device.port, device.unit_id)
+    plant = demo_plant(
+        plc.host,
+        plc.port,
+        plc.unit_id,
+        room_controller=(room_controller.host, room_controller.port),
+    )
     try:
         await plant.start()
-    except RuntimeError as e:
+    except ListenError as e:
         raise ConfigError(
-            f"cannot start the simulated plant on {device.host}:{device.port}: is the port in use?"
+            f"cannot start the simulated plant: {e.server} cannot listen on {e.host}:{e.port}: "
+            "is the port in use?"
         ) from e
     # `run`'s supervisor, without an audit writer of its own: the demo's log is the terminal.
     # A fresh appliance: each half's first start records what it accepts (--reset-state).
@@ -74,6 +77,27 @@ async def run_demo(workdir: Path, policy_path: Path, seconds: float | None, port
         with contextlib.suppress(asyncio.CancelledError):
             await running
         await plant.stop()
+
+
+def _plant_devices(
+    policy_path: Path, devices: Sequence[Device]
+) -> tuple[ModbusDevice, BacnetDevice]:
+    """The policy's devices must be the ones the simulated plant serves: its PLC (Modbus)
+    and its chill room's controller (BACnet/IP, the simulator's device instance)."""
+    kinds = sorted(d.protocol for d in devices)
+    plc = [d for d in devices if isinstance(d, ModbusDevice)]
+    controller = [d for d in devices if isinstance(d, BacnetDevice)]
+    if kinds != ["bacnet", "modbus"] or len(plc) != 1 or len(controller) != 1:
+        raise ConfigError(
+            f"{policy_path}: the demo plant is one Modbus device and one BACnet device, "
+            f"not {', '.join(kinds) or 'none'}"
+        )
+    if controller[0].device_instance != ROOM_CONTROLLER_INSTANCE:
+        raise ConfigError(
+            f"{policy_path}: device {controller[0].name!r}: the demo's room controller is "
+            f"BACnet device {ROOM_CONTROLLER_INSTANCE}, not {controller[0].device_instance}"
+        )
+    return plc[0], controller[0]
 
 
 def _recreate(workdir: Path) -> None:
