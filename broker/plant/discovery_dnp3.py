@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -99,10 +100,10 @@ async def _integrity_poll(device: Dnp3Device, timeout_s: float) -> Poll:
             f"{device.address}: no TCP connection within {timeout_s:g} s: check the host, the "
             "port and any firewall between"
         ) from e
-    except OSError as e:
+    except OSError as e:  # asyncio's message repeats the address: the errno's words only
         raise DeviceError(
-            f"{device.address}: cannot connect ({e.strerror or e}): check that the outstation "
-            f"listens there (DNP3's usual port is {DEFAULT_PORT})"
+            f"{device.address}: cannot connect ({os.strerror(e.errno) if e.errno else e}): "
+            f"check that the outstation listens there (DNP3's usual port is {DEFAULT_PORT})"
         ) from e
     try:
         return await _poll(Channel(device.master_address, device.outstation_address),

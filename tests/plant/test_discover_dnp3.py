@@ -1,0 +1,144 @@
+"""`dmzbroker discover dnp3` against opendnp3's outstation on 127.0.0.1, through the proxy that
+counts what the master sends: the starter policy lists every point of the integrity poll and
+compiles as printed, the command sends READ (and only the CONFIRMs a multi-fragment answer
+asks for), never confirms an unsolicited response, and says in one line what went wrong when
+nothing listens, nothing answers, or the answer is not DNP3."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.harness import dmzbroker, free_port
+from tests.plant.connectors.dnp3_outstation import ONLINE, CountingProxy, Dnp3Outstation
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+GROUPS = {1, 3, 10, 20, 21, 30, 40}  # opendnp3 serves frozen counters (21) too
+
+
+@pytest.fixture(scope="module")
+def station() -> Iterator[Dnp3Outstation]:
+    with Dnp3Outstation(size=100) as outstation:  # an answer of several fragments
+        outstation.set("analog", 7, 21.5, flags=ONLINE)
+        yield outstation
+
+
+async def discover(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process; a thread keeps this loop (and the proxy) serving."""
+    return await asyncio.to_thread(dmzbroker, "discover", "dnp3", *args, check=False)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("dmzbroker: error: ") and "Traceback" not in done.stderr
+    return line
+
+
+async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_printed(
+    station: Dnp3Outstation, tmp_path: Path
+) -> None:
+    async with CountingProxy(station.port) as proxy:
+        done = await discover(f"127.0.0.1:{proxy.port}", "--outstation", "1024",
+                              "--device-name", "lift-station")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert proxy.functions["READ"] == 1  # one integrity poll, nothing else read
+        assert proxy.functions["CONFIRM"] >= 1  # the answer came in fragments that asked for it
+        proxy.assert_read_only()
+    starter = yaml.safe_load(done.stdout)
+    assert starter["devices"] == [{"name": "lift-station", "protocol": "dnp3", "host": "127.0.0.1",
+                                   "port": proxy.port, "outstation_address": 1024,
+                                   "master_address": 1}]  # fmt: skip
+    sources = {(s["source"]["group"], s["source"]["index"]): s for s in starter["signals"]}
+    assert {group for group, _ in sources} == GROUPS
+    assert len(sources) == len(starter["signals"]) == len(GROUPS) * station.size
+    analog = sources[(30, 7)]
+    assert analog["path"] == "lift-station/analog-input-7"
+    assert analog["source"]["variation"] in (1, 2, 3, 4, 5, 6)  # the one it came in
+    lines = done.stdout.splitlines()
+    comment = lines[lines.index("  - path: lift-station/analog-input-7") - 1]
+    assert comment.startswith(f"  # g30v{analog['source']['variation']} index 7: 21")
+    assert "flags 0x01 (good)" in comment
+    restarted = lines[lines.index("  - path: lift-station/analog-input-8") - 1]
+    assert "RESTART" in restarted and "(bad" in restarted  # never set: as it started
+    assert "# Indications (IIN) set:" in done.stdout and "DEVICE_RESTART" in done.stdout
+    (tmp_path / "starter.yaml").write_text(done.stdout)
+    compiled = await asyncio.to_thread(
+        dmzbroker, "policy", "compile", str(tmp_path / "starter.yaml"), check=False
+    )
+    assert compiled.returncode == 0, compiled.stderr + compiled.stdout
+
+
+async def test_an_unsolicited_response_is_neither_taken_nor_confirmed() -> None:
+    """opendnp3 sends a null unsolicited response at start and repeats it until confirmed."""
+    with Dnp3Outstation(size=2, unsolicited=True, outstation=10, master=3) as chatty:
+        async with CountingProxy(chatty.port) as proxy:
+            done = await discover(f"127.0.0.1:{proxy.port}", "--outstation", "10",
+                                  "--master", "3")  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert dict(proxy.functions) == {"READ": 1}  # no CONFIRM: not of the unsolicited one
+            proxy.assert_read_only()
+    assert len(yaml.safe_load(done.stdout)["signals"]) == len(GROUPS) * 2
+
+
+async def test_a_wrong_link_address_gets_no_answer_and_says_which_flags_to_check(
+    station: Dnp3Outstation,
+) -> None:
+    async with CountingProxy(station.port) as proxy:
+        done = await discover(f"127.0.0.1:{proxy.port}", "--outstation", "7", "--timeout", "1")
+        assert dict(proxy.functions) == {"READ": 1}
+    line = one_line_error(done)
+    assert "(outstation 7, master 1): no answer to the integrity poll within 1 s" in line
+    assert "check --outstation and --master" in line
+
+
+async def test_nothing_listening_is_named_with_the_usual_port() -> None:
+    line = one_line_error(await discover(f"127.0.0.1:{free_port()}", "--outstation", "10"))
+    assert "cannot connect (Connection refused)" in line and "usual port is 20000" in line
+
+
+@asynccontextmanager
+async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
+    """A TCP server that answers anything with `answer`, or says nothing (None)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        if answer is not None:
+            writer.write(answer)
+            await writer.drain()
+        await reader.read(4096)  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_answer_that_is_not_dnp3_is_named_as_such() -> None:
+    async with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+        line = one_line_error(await discover(f"127.0.0.1:{port}", "--outstation", "10"))
+    assert "the answer is not DNP3 this master accepts" in line and "check the port" in line
+
+
+async def test_a_silent_server_times_out_in_one_line() -> None:
+    async with tcp_server(None) as port:
+        done = await discover(f"127.0.0.1:{port}", "--outstation", "10", "--timeout", "0.5")
+    assert "no answer to the integrity poll within 0.5 s" in one_line_error(done)
+
+
+async def test_help_shows_the_defaults_and_the_outstation_is_required() -> None:
+    shown = await asyncio.to_thread(dmzbroker, "discover", "dnp3", "--help")
+    assert "default: 1" in shown.stdout and "default: 5.0" in shown.stdout
+    missing = await discover("127.0.0.1:20000")
+    assert missing.returncode == 2 and "--outstation" in missing.stderr
