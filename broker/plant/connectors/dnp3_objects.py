@@ -5,8 +5,9 @@ ranges) and CONFIRM (of a response that asks for one), and parses responses: the
 application header, the internal indications (IIN) and the objects of the groups the
 connector reads (binary and double-bit inputs, binary output status, counters, frozen
 counters, analog inputs, analog output status, static and event variations), their flags
-and times. Groups 50, 51, 52 and 80 are sized and passed over (a g51 common time of
-occurrence dates the relative times after it). Pure functions of bytes.
+and times. Groups 50, 51, 52, 80 and the octet strings 110 and 111 (whose variation is
+their length) are sized and passed over (a g51 common time of occurrence dates the relative
+times after it). Pure functions of bytes.
 
 This module must never build any function code but READ (1) and CONFIRM (0):
 `FUNCTIONS_SENT` names them, and no encoder of another exists. It never allocates from a
@@ -199,6 +200,7 @@ _QUALIFIERS: Final = {
     0x07: (0, 1, False), 0x08: (0, 2, False),
     0x17: (1, 1, False), 0x28: (2, 2, False),
 }  # fmt: skip
+_OCTET_STRINGS = (110, 111)  # static and event; the variation is the length in octets
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -253,7 +255,7 @@ class _Objects:
             start = self.pos
             group, variation, qualifier = self.take(3, "an object header")
             name = f"g{group}v{variation}"
-            layout = _VALUES.get((group, variation)) or _PASSED_OVER.get((group, variation))
+            layout = _VALUES.get((group, variation)) or _passed_over(group, variation)
             shape = _QUALIFIERS.get(qualifier)
             if layout is None or shape is None or (layout.packed and shape[0]):
                 why = f"qualifier 0x{qualifier:02x}" if layout else "an object it cannot size"
@@ -282,7 +284,7 @@ class _Objects:
                     f"{len(self.apdu) - self.pos} present"
                 )
             body = self.take(size, name)
-            if (group, variation) in _PASSED_OVER:
+            if (group, variation) not in _VALUES:
                 if group == 51 and count:
                     self.cto = _time(body[-6:], f"{name} at byte {start}")
             elif not (prefix or is_range):
@@ -303,6 +305,12 @@ class _Objects:
                     cto=self.cto,
                     where=where,
                 )
+
+
+def _passed_over(group: int, variation: int) -> _Layout | None:
+    if group in _OCTET_STRINGS and variation:
+        return _Layout(f"{variation}s", False, 0)
+    return _PASSED_OVER.get((group, variation))
 
 
 def _points(
