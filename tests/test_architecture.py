@@ -1,25 +1,193 @@
-"""The boundary in the code itself: import contracts and the absence of any write path."""
+"""The boundary in the code itself: import contracts and the absence of any write path.
+
+Each check is a function over one module's syntax tree, so that planting a violation in a
+small module (`test_each_check_finds_a_planted_violation`) proves the check would see it.
+"""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from bacpypes3 import apdu
+
+from broker.plant.connectors import bacnet_frames, dnp3_objects
 from tests.harness import REPO
 
 BROKER = REPO / "broker"
-# Every pymodbus client call that writes, and the generic ones that could.
+# Every pymodbus client call that writes, and the generic ones that could; the OPC UA ones;
+# the bacpypes3 Application calls that write, control a device or serve a local one.
 WRITE_CALLS = {
     "write_coil", "write_coils", "write_register", "write_registers", "mask_write_register",
     "readwrite_registers", "execute", "write_value", "write_attribute", "write_values", "call_method",
+    "write_property", "enable_communications", "disable_communications", "i_am", "i_have",
+    "add_object", "delete_object",
 }  # fmt: skip
+
+# BACnet: the services the connector sends (bacnet_frames.SERVICES_USED), and the two it only
+# decodes: an I-Am (the answer to a directed Who-Is) and a change-of-value notification.
+BACNET_SENT = frozenset({"whoIs", "readProperty", "readPropertyMultiple", "subscribeCOV"})
+BACNET_DECODED = frozenset({"iAm", "unconfirmedCOVNotification"})
+_TABLES = (apdu.ConfirmedServiceChoice._enum_map, apdu.UnconfirmedServiceChoice._enum_map)
+# Every other service bacpypes3 knows (writes, DeviceCommunicationControl, ReinitializeDevice,
+# files, objects, lists, alarms, time synchronisation, virtual terminals, private transfers):
+# by its request class, and by its service name in both spellings (writeProperty,
+# write-property). Taken from bacpypes3 itself, so a service it adds is forbidden too.
+BACNET_FORBIDDEN = frozenset(
+    c.__name__
+    for c in [*apdu.confirmed_request_types.values(), *apdu.unconfirmed_request_types.values()]
+    if c.__name__ not in {f"{s[0].upper()}{s[1:]}Request" for s in BACNET_SENT | BACNET_DECODED}
+) | frozenset(
+    name
+    for table in _TABLES
+    for name, number in table.items()
+    if number not in {table[s] for s in BACNET_SENT | BACNET_DECODED if s in table}
+)
+# A bacpypes3 Application with a device object answers Who-Is, ReadProperty and WriteProperty
+# from the OT network: the plant half encodes and decodes APDUs and serves nothing.
+BACNET_SERVING = frozenset(
+    {"Application", "ApplicationServiceElement", "DeviceObject", "NetworkServiceElement"}
+)
+# DNP3 request function codes (IEEE 1815 table 4-1) other than READ (1) and CONFIRM (0).
+DNP3_FORBIDDEN = frozenset(
+    [
+        "WRITE",
+        "SELECT",
+        "OPERATE",
+        "DIRECT_OPERATE",
+        "DIRECT_OPERATE_NR",
+        "IMMED_FREEZE",
+        "IMMED_FREEZE_NR",
+        "FREEZE_CLEAR",
+        "FREEZE_CLEAR_NR",
+        "FREEZE_AT_TIME",
+        "FREEZE_AT_TIME_NR",
+        "COLD_RESTART",
+        "WARM_RESTART",
+        "INITIALIZE_DATA",
+        "INITIALIZE_APPLICATION",
+        "START_APPLICATION",
+        "STOP_APPLICATION",
+        "SAVE_CONFIGURATION",
+        "ENABLE_UNSOLICITED",
+        "DISABLE_UNSOLICITED",
+        "ASSIGN_CLASS",
+        "DELAY_MEASURE",
+        "RECORD_CURRENT_TIME",
+        "OPEN_FILE",
+        "CLOSE_FILE",
+        "DELETE_FILE",
+        "GET_FILE_INFO",
+        "AUTHENTICATE_FILE",
+        "ABORT_FILE",
+        "ACTIVATE_CONFIG",
+        "AUTHENTICATE_REQ",
+        "AUTH_REQ_NO_ACK",
+    ]
+)
+
+Check = Callable[[str, ast.AST], list[str]]
 
 
 def product_modules() -> list[Path]:
     """The code that runs in the broker's processes (the simulators are not part of it)."""
     return [p for p in BROKER.rglob("*.py") if "sim" not in p.relative_to(BROKER).parts]
+
+
+def _names(tree: ast.AST) -> list[tuple[int, str]]:
+    """Every name a module uses: attributes, variables, imported names, string constants."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Name):
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.alias):
+            found.append((node.lineno, node.name.rpartition(".")[2]))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append((node.lineno, node.value))
+    return found
+
+
+def write_calls(where: str, tree: ast.AST) -> list[str]:
+    return [f"{where}:{line}: {name}" for line, name in _names(tree) if name in WRITE_CALLS]
+
+
+def bacnet_services(where: str, tree: ast.AST) -> list[str]:
+    return [f"{where}:{line}: {name}" for line, name in _names(tree) if name in BACNET_FORBIDDEN]
+
+
+def bacnet_serving(where: str, tree: ast.AST) -> list[str]:
+    uses_bacpypes3 = any(
+        isinstance(node, ast.ImportFrom | ast.Import)
+        and any(
+            n.startswith("bacpypes3")
+            for n in ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            + [a.name for a in getattr(node, "names", [])]
+        )
+        for node in ast.walk(tree)
+    )
+    if not uses_bacpypes3:  # aiohttp's web.Application is another thing
+        return []
+    return [f"{where}:{line}: {name}" for line, name in _names(tree) if name in BACNET_SERVING]
+
+
+def _dnp3_function(name: str) -> str | None:
+    """The forbidden function code an upper-case name spells, alone or inside (FC_WRITE)."""
+    if not name.isupper():  # `writer.write(...)` is the TCP stream, not a DNP3 WRITE
+        return None
+    words = name.strip("_").split("_")
+    for code in DNP3_FORBIDDEN:
+        n = len(code.split("_"))
+        if any("_".join(words[i : i + n]) == code for i in range(len(words) - n + 1)):
+            return code
+    return None
+
+
+def dnp3_functions(where: str, tree: ast.AST) -> list[str]:
+    return [
+        f"{where}:{line}: {name}" for line, name in _names(tree) if _dnp3_function(name) is not None
+    ]
+
+
+def unconnected_datagrams(where: str, tree: ast.AST) -> list[str]:
+    """A datagram socket of the plant half must be connected to its device (remote_addr), so
+    the kernel drops datagrams from anyone else; one bound without a peer, or made by hand
+    (SOCK_DGRAM, `sock=`), would take them from the whole OT network."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "SOCK_DGRAM":
+            found.append(f"{where}:{node.lineno}: SOCK_DGRAM")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "create_datagram_endpoint"
+        ):
+            keys = {k.arg for k in node.keywords}
+            if "remote_addr" not in keys or "sock" in keys:
+                found.append(f"{where}:{node.lineno}: create_datagram_endpoint without remote_addr")
+    return found
+
+
+def listening(where: str, tree: ast.AST) -> list[str]:
+    servers = {"start_server", "create_server", "TCPSite", "listen", "serve_forever"}
+    return [
+        f"{where}:{node.lineno}: {node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr in servers
+    ]
+
+
+def offenders(check: Check, paths: list[Path]) -> list[str]:
+    return [
+        finding
+        for path in paths
+        for finding in check(str(path.relative_to(REPO)), ast.parse(path.read_text(), str(path)))
+    ]
 
 
 def test_import_contracts_hold() -> None:
@@ -32,22 +200,95 @@ def test_import_contracts_hold() -> None:
 
 
 def test_no_product_module_calls_a_write_service() -> None:
-    offenders = []
-    for path in product_modules():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Attribute) and node.attr in WRITE_CALLS:
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.attr}")
-            if isinstance(node, ast.Constant) and node.value in WRITE_CALLS:
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}")
-    assert offenders == []
+    assert offenders(write_calls, product_modules()) == []
+
+
+def test_no_product_module_names_a_bacnet_service_beyond_reads_and_subscriptions() -> None:
+    named = {
+        "WritePropertyRequest", "WritePropertyMultipleRequest", "WriteGroupRequest",
+        "DeviceCommunicationControlRequest", "ReinitializeDeviceRequest",
+        "AtomicWriteFileRequest", "CreateObjectRequest", "DeleteObjectRequest",
+        "AddListElementRequest", "RemoveListElementRequest", "TimeSynchronizationRequest",
+        "LifeSafetyOperationRequest", "AcknowledgeAlarmRequest", "VTOpenRequest",
+        "ConfirmedPrivateTransferRequest", "IHaveRequest", "writeProperty", "write-property",
+        "deviceCommunicationControl", "reinitialize-device",
+    }  # fmt: skip
+    assert named <= BACNET_FORBIDDEN
+    assert not {"ReadPropertyRequest", "WhoIsRequest", "IAmRequest", "readProperty"} & (
+        BACNET_FORBIDDEN
+    )
+    assert offenders(bacnet_services, product_modules()) == []
+    assert bacnet_frames.SERVICES_USED <= BACNET_SENT
+
+
+def test_no_product_module_runs_a_bacnet_application_that_would_serve() -> None:
+    assert offenders(bacnet_serving, product_modules()) == []
+
+
+def test_the_dnp3_master_sends_only_read_and_confirm() -> None:
+    assert dnp3_objects.FUNCTIONS_SENT == {"CONFIRM": 0, "READ": 1}
+    header = dnp3_objects.class_header(0)
+    for apdu_bytes in (
+        dnp3_objects.read_request(5, [header]),
+        dnp3_objects.confirm(5, unsolicited=False),
+        dnp3_objects.confirm(5, unsolicited=True),
+    ):  # the function code is the APDU's second octet
+        assert apdu_bytes[1] in dnp3_objects.FUNCTIONS_SENT.values()
+    dnp3_modules = [p for p in product_modules() if "dnp3" in p.name]
+    assert len(dnp3_modules) >= 3, dnp3_modules  # frames, objects, connector (and discovery)
+    assert offenders(dnp3_functions, dnp3_modules) == []
 
 
 def test_the_plant_half_has_no_server_code() -> None:
-    listening = {"start_server", "create_server", "TCPSite", "listen", "serve_forever"}
-    offenders = [
-        f"{path.relative_to(REPO)}:{node.lineno}: {node.attr}"
-        for path in (BROKER / "plant").rglob("*.py")
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Attribute) and node.attr in listening
-    ]
-    assert offenders == []
+    assert offenders(listening, list((BROKER / "plant").rglob("*.py"))) == []
+
+
+def test_the_plant_half_opens_only_connected_datagram_sockets() -> None:
+    # `dmzbroker discover bacnet` (an operator's one-off command, not the running half) may
+    # broadcast a Who-Is and take I-Ams from any device for its few seconds (docs/bacnet.md).
+    plant = [p for p in (BROKER / "plant").rglob("*.py") if not p.name.startswith("discovery")]
+    assert offenders(unconnected_datagrams, plant) == []
+
+
+PLANTED: list[tuple[Check, str]] = [
+    (write_calls, "async def f(c):\n    await c.write_register(1, 2)\n"),
+    (write_calls, "async def f(app, a, o):\n    await app.write_property(a, o, 'present-value', 1)\n"),
+    (write_calls, "def f(app):\n    app.add_object(object())\n"),
+    (bacnet_services, "from bacpypes3.apdu import WritePropertyRequest\n"),
+    (bacnet_services, "from bacpypes3 import apdu\nr = apdu.DeviceCommunicationControlRequest()\n"),
+    (bacnet_services, "from bacpypes3.apdu import ReinitializeDeviceRequest as Read\n"),
+    (bacnet_services, "SERVICES = {'readProperty', 'writePropertyMultiple'}\n"),
+    (bacnet_services, "SERVICE = 'atomic-write-file'\n"),
+    (bacnet_services, "from bacpypes3.apdu import UTCTimeSynchronizationRequest\n"),
+    (bacnet_serving, "from bacpypes3.app import Application\n"),
+    (bacnet_serving, "import bacpypes3.local.device\nd = bacpypes3.local.device.DeviceObject()\n"),
+    (dnp3_functions, "FUNCTIONS = {'READ': 1, 'WRITE': 2}\n"),
+    (dnp3_functions, "_DIRECT_OPERATE = 5\n"),
+    (dnp3_functions, "FC_DISABLE_UNSOLICITED: int = 21\n"),
+    (dnp3_functions, "def f(o):\n    return o.COLD_RESTART\n"),
+    (listening, "import asyncio\nasync def f():\n    await asyncio.start_server(None, '', 0)\n"),
+    (unconnected_datagrams,
+     "async def f(loop, p):\n    await loop.create_datagram_endpoint(p, local_addr=('', 47808))\n"),
+    (unconnected_datagrams, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"),
+    (unconnected_datagrams,
+     "async def f(loop, p, s):\n    await loop.create_datagram_endpoint(p, sock=s, remote_addr=1)\n"),
+]  # fmt: skip
+CLEAN: list[tuple[Check, str]] = [
+    (dnp3_functions, "async def f(writer, b):\n    writer.write(b)\n    await writer.drain()\n"),
+    (dnp3_functions, "FUNCTIONS_SENT = {'CONFIRM': 0, 'READ': 1}\nLOCAL_FORCED = 0x10\n"),
+    (bacnet_services, "from bacpypes3.apdu import ReadPropertyRequest, IAmRequest\n"),
+    (bacnet_serving, "from aiohttp import web\napp = web.Application()\n"),
+    (unconnected_datagrams,
+     "async def f(loop, p):\n    await loop.create_datagram_endpoint(p, remote_addr=('h', 1))\n"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("check", "source"), PLANTED)
+def test_each_check_finds_a_planted_violation(check: Check, source: str) -> None:
+    found = check("planted.py", ast.parse(source))
+    assert found and all(f.startswith("planted.py:") for f in found)
+
+
+@pytest.mark.parametrize(("check", "source"), CLEAN)
+def test_the_checks_pass_what_reads_only(check: Check, source: str) -> None:
+    assert check("clean.py", ast.parse(source)) == []
