@@ -4,12 +4,22 @@ from collections.abc import Sequence
 from functools import partial
 
 from broker.config import OpcUaConfig
+from broker.plant.connectors.bacnet import BacnetConnector
 from broker.plant.connectors.base import Connector, RawSample
+from broker.plant.connectors.dnp3 import Dnp3Connector
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings
 from broker.plant.connectors.supervision import SupervisedDevice
-from broker.policy import Device, ModbusDevice, OpcUaDevice, Policy, Signal
+from broker.policy import (
+    BacnetDevice,
+    Device,
+    Dnp3Device,
+    ModbusDevice,
+    OpcUaDevice,
+    Policy,
+    Signal,
+)
 
 
 def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Connector]:
@@ -55,8 +65,10 @@ def connector_for(
             return ModbusConnector(device, signals)
         case OpcUaDevice():
             return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
-        case _:  # issue 16 in progress: the DNP3 and BACnet parts replace this line
-            raise NotImplementedError(device.protocol)
+        case BacnetDevice():
+            return BacnetConnector(device, signals)
+        case Dnp3Device():
+            return Dnp3Connector(device, signals)
 
 
 __all__ = [
