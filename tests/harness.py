@@ -72,6 +72,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass(frozen=True)
 class Owners:
     """Policy signing keys made by `dmzbroker keys generate`, and a trust root naming some."""
@@ -84,16 +90,23 @@ class Owners:
     audit_key: Path  # the appliance's audit key (`dmzbroker audit keygen`)
 
 
-def demo_policy(port: int, poll_interval_s: float = 0.2, **changes: Any) -> dict[str, Any]:
+def demo_policy(
+    port: int, poll_interval_s: float = 0.2, bacnet_port: int | None = None, **changes: Any
+) -> dict[str, Any]:
     """The demo policy as a document, pointed at a simulator on `port` and polled faster.
 
     Its 8 requests per scan need 40 requests/s at 0.2 s, above the default budget of 20: the
     budget is raised explicitly (the simulator on loopback takes 200, enough down to 0.05 s).
+    Its BACnet room controller is pointed at `bacnet_port`, else at a free UDP port where
+    nothing answers (never at 47808, where a developer's `make demo` may be running).
     """
     document = yaml.safe_load(DEMO_POLICY.read_text())
     document["devices"][0].update(
         port=port, poll_interval_s=poll_interval_s, max_requests_per_s=200
     )
+    for device in document["devices"][1:]:
+        if device["protocol"] == "bacnet":
+            device.update(port=bacnet_port or free_udp_port(), poll_interval_s=poll_interval_s)
     document.update(changes)
     return document
 

@@ -1,5 +1,6 @@
-"""`dmzbroker sim refrigeration`: the demo's plant as a process of its own, read by a real
-pymodbus client; it says where it listens, listens only there, and stops on SIGINT/SIGTERM."""
+"""`dmzbroker sim refrigeration`: the demo's plant as a process of its own (a Modbus server
+read by a real pymodbus client, a BACnet/IP room controller); it says where it listens,
+listens only there, and stops on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,8 +17,15 @@ from pathlib import Path
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from broker.sim.refrigeration import IR_AMBIENT, IR_DISCHARGE, IR_ROOM, IR_SUCTION
-from tests.harness import REPO, dmzbroker, eventually, free_port
+from broker.sim.refrigeration import (
+    IR_AMBIENT,
+    IR_DISCHARGE,
+    IR_ROOM,
+    IR_SUCTION,
+    ROOM_CONTROLLER_INSTANCE,
+    ROOM_CONTROLLER_PORT,
+)
+from tests.harness import REPO, dmzbroker, eventually, free_port, free_udp_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,10 +80,14 @@ async def answering(host: str, port: int) -> list[int]:
 async def test_serves_the_demo_registers_and_stops_on_a_signal(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
-    port = free_port()
-    with simulator(tmp_path, "--port", str(port)) as (process, log):
+    port, bacnet_port = free_port(), free_udp_port()
+    with simulator(tmp_path, "--port", str(port), "--bacnet-port", str(bacnet_port)) as (
+        process,
+        log,
+    ):
         first = await answering("127.0.0.1", port)
         assert f'"port": {port}' in log.read_text()
+        assert f'"bacnet_port": {bacnet_port}' in log.read_text()
         assert '"event": "simulator_started"' in log.read_text()
         # A cold store: a room near -18 degC, pressures of a refrigeration circuit, in bar.
         assert -25 <= signed(first[IR_ROOM]) / 10 <= -10
@@ -92,13 +104,17 @@ async def test_serves_the_demo_registers_and_stops_on_a_signal(
         assert await asyncio.to_thread(process.wait, 20) == 0
     assert '"event": "simulator_stopped"' in log.read_text()
     assert "Traceback" not in log.read_text()
-    with socket.create_server(("127.0.0.1", port)):  # the port is free again
+    with socket.create_server(("127.0.0.1", port)):  # the ports are free again
         pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", bacnet_port))
 
 
 async def test_listens_on_the_host_given_and_nowhere_else(tmp_path: Path) -> None:
-    port = free_port()
-    with simulator(tmp_path, "--host", "127.0.0.2", "--port", str(port)) as (process, log):
+    port, bacnet_port = free_port(), free_udp_port()
+    with simulator(
+        tmp_path, "--host", "127.0.0.2", "--port", str(port), "--bacnet-port", str(bacnet_port)
+    ) as (process, log):
         await answering("127.0.0.2", port)
         assert await input_registers("127.0.0.1", port) is None
         assert '"host": "127.0.0.2"' in log.read_text()
@@ -109,12 +125,35 @@ async def test_listens_on_the_host_given_and_nowhere_else(tmp_path: Path) -> Non
 def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = dmzbroker("sim", "refrigeration", "--port", str(port), check=False)
+        result = dmzbroker(
+            "sim", "refrigeration", "--port", str(port), "--bacnet-port", str(free_udp_port()),
+            check=False,
+        )  # fmt: skip
     assert result.returncode == 2
-    assert f"dmzbroker: error: cannot listen on 127.0.0.1:{port}: the port is in use" in (
-        result.stderr
-    )
+    assert (
+        f"dmzbroker: error: cannot listen on 127.0.0.1:{port} (the Modbus server): "
+        "the port is in use"
+    ) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_bacnet_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        bacnet_port = taken.getsockname()[1]
+        result = dmzbroker(
+            "sim", "refrigeration", "--port", str(port), "--bacnet-port", str(bacnet_port),
+            check=False,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        f"dmzbroker: error: cannot listen on 127.0.0.1:{bacnet_port} (the BACnet/IP room "
+        "controller): the port is in use"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    with socket.create_server(("127.0.0.1", port)):  # the Modbus server it started is gone
+        pass
 
 
 @pytest.mark.parametrize("port", ["0", "65536", "modbus"])
@@ -122,3 +161,14 @@ def test_a_port_out_of_range_is_refused(port: str) -> None:
     result = dmzbroker("sim", "refrigeration", "--port", port, check=False)
     assert result.returncode == 2
     assert f"argument --port: {port!r} is not a TCP port (1-65535)" in result.stderr
+    result = dmzbroker("sim", "refrigeration", "--bacnet-port", port, check=False)
+    assert result.returncode == 2
+    assert f"argument --bacnet-port: {port!r} is not a UDP port (1-65535)" in result.stderr
+
+
+def test_help_names_both_servers_and_their_default_ports() -> None:
+    text = " ".join(dmzbroker("sim", "refrigeration", "--help").stdout.split())
+    assert "Modbus TCP server (unit id 1)" in text
+    assert f"BACnet/IP device (instance {ROOM_CONTROLLER_INSTANCE}, UDP)" in text
+    assert "--bacnet-port BACNET_PORT UDP port of the BACnet/IP room controller (default: " in text
+    assert f"(default: {ROOM_CONTROLLER_PORT}, BACnet/IP's own port, as the demo policy)" in text

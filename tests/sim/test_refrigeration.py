@@ -1,10 +1,13 @@
 """The demo's plant keeps the README's word: on the simulation's own clock (no real minutes
 waited), the discharge pressure read through the demo policy's pipeline turns `drifting`
-and then `abnormal` within the times README.md's demo section states."""
+and then `abnormal` within the times README.md's demo section states. Its chill room (the
+BACnet room controller's) moves physically with the compressor, its door and the fault."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from broker import policy
 from broker.plant.connectors import RawSample
@@ -12,7 +15,18 @@ from broker.plant.connectors.modbus_plan import plan_reads
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import ModbusDevice
 from broker.records import Assessment
-from broker.sim.refrigeration import FC_COILS, FC_INPUTS, RefrigerationPlant, demo_plant
+from broker.sim.refrigeration import (
+    DOOR_EVERY_S,
+    DOOR_FIRST_S,
+    DOOR_OPEN_S,
+    FC_COILS,
+    FC_INPUTS,
+    PlantState,
+    RefrigerationPlant,
+    demo_plant,
+    door_open_at,
+    step,
+)
 from tests.harness import DEMO_POLICY, REPO, free_port
 
 PRESSURE = "coldstore/machine-room/compressor-1/discharge_pressure"
@@ -84,3 +98,85 @@ def test_the_readme_states_the_times_this_test_checks() -> None:
     text = " ".join((REPO / "README.md").read_text().split())
     assert DRIFTING_TEXT in text
     assert ABNORMAL_TEXT in text
+
+
+async def chill_room_ticks(plant: RefrigerationPlant, seconds: float) -> list[Tick]:
+    """The chill room tick by tick, on the simulation's own clock (never started)."""
+    ticks, before = [], plant.chill_room.temperature_c
+    for tick in range(1, round(seconds / plant.tick_s) + 1):
+        t = tick * plant.tick_s
+        await plant.advance(t)
+        room = plant.chill_room
+        ticks.append(
+            Tick(t, room.temperature_c - before, room.door_open, room.fan_running,
+                 plant.state.compressor_on, room.calling, room.temperature_c)
+        )  # fmt: skip
+        before = room.temperature_c
+    return ticks
+
+
+class Tick(NamedTuple):
+    t: float
+    change: float  # K since the tick before
+    door_open: bool
+    fan_running: bool
+    compressor_on: bool
+    calling: bool
+    temperature_c: float
+
+
+def mean(values: list[float]) -> float:
+    assert values  # the simulation went through that condition
+    return sum(values) / len(values)
+
+
+async def test_the_chill_room_door_opens_now_and_then_on_the_simulators_clock() -> None:
+    plant = demo_plant(port=free_port())
+    ticks = await chill_room_ticks(plant, 180)
+    opened = [t.t for t in ticks if t.door_open]
+    # Closed for the first DOOR_FIRST_S, then open DOOR_OPEN_S seconds every DOOR_EVERY_S.
+    assert min(opened) == DOOR_FIRST_S
+    starts = [t for t in opened if t - plant.tick_s not in opened]
+    assert starts == [DOOR_FIRST_S + n * DOOR_EVERY_S for n in range(len(starts))]
+    assert len(starts) == 3
+    assert len(opened) == 3 * DOOR_OPEN_S / plant.tick_s
+    assert [door_open_at(t.t) for t in ticks] == [t.door_open for t in ticks]
+
+
+async def test_the_chill_room_warms_with_its_door_open_or_its_compressor_off_and_cools_while_it_runs() -> (
+    None
+):
+    plant = demo_plant(port=free_port())
+    ticks = await chill_room_ticks(plant, 1200)
+    # The evaporator fan runs with the compressor and stops while the door is open.
+    assert all(t.fan_running == (t.compressor_on and not t.door_open) for t in ticks)
+    assert any(t.fan_running for t in ticks) and any(t.compressor_on and t.door_open for t in ticks)
+    off_shut = mean([t.change for t in ticks if not t.compressor_on and not t.door_open])
+    off_open = mean([t.change for t in ticks if not t.compressor_on and t.door_open])
+    cooling = mean([t.change for t in ticks if t.fan_running and t.calling])
+    assert 0 < off_shut < off_open  # through the walls; much more through the door
+    assert cooling < 0
+    # Its controller holds it near its +2 degC setpoint, well inside the policy's rule.
+    assert all(0 < t.temperature_c < 5 for t in ticks), min(ticks, key=lambda t: t.temperature_c)
+
+
+async def test_a_fouled_condenser_cools_the_chill_room_less() -> None:
+    clean = demo_plant(port=free_port())
+    clean.fouling_per_s = 0.0
+    fouled = demo_plant(port=free_port())
+    rates = []
+    for plant in (clean, fouled):
+        ticks = await chill_room_ticks(plant, 600)
+        rates.append(mean([t.change for t in ticks[300:] if t.fan_running and t.calling]))
+    assert rates[0] < rates[1] < 0  # both cool, the fouled one more slowly
+
+
+async def test_the_chill_room_changes_none_of_the_plcs_values() -> None:
+    """Its physics has its own random numbers: the PLC, and the fault's timing, are as they
+    were before the room controller existed."""
+    plant = demo_plant(port=free_port())
+    alone, rng = PlantState(), random.Random(1)  # as RefrigerationPlant seeds the PLC's
+    for tick in range(1, 401):
+        await plant.advance(tick * plant.tick_s)
+        step(alone, tick * plant.tick_s, plant.tick_s, rng, plant.fouling_per_s)
+        assert plant.state == alone
