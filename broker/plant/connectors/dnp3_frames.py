@@ -177,17 +177,21 @@ class Channel:
 
     def receive(self, chunk: bytes) -> list[bytes]:
         """Whole APDUs from the outstation completed by `chunk`, in order."""
-        self._buffer += chunk
+        buffer = self._buffer + chunk
         apdus = []
-        while len(self._buffer) >= _HEADER:
-            frame_size = self._check_header(self._buffer[:_HEADER])
-            if len(self._buffer) < frame_size:
-                break
-            frame, self._buffer = self._buffer[:frame_size], self._buffer[frame_size:]
-            apdu = self._frame(frame)
-            self._offset += frame_size
-            if apdu is not None:
-                apdus.append(apdu)
+        pos = 0  # sliced once at the end: a large chunk costs linear time, not quadratic
+        try:
+            while len(buffer) - pos >= _HEADER:
+                frame_size = self._check_header(buffer[pos : pos + _HEADER])
+                if len(buffer) - pos < frame_size:
+                    break
+                apdu = self._frame(buffer[pos : pos + frame_size])
+                pos += frame_size
+                self._offset += frame_size
+                if apdu is not None:
+                    apdus.append(apdu)
+        finally:
+            self._buffer = buffer[pos:]
         if not START.startswith(self._buffer[:2]):  # checked early: never wait on garbage
             raise FrameError(f"no frame start (05 64) at byte {self._offset}")
         return apdus

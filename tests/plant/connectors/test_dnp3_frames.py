@@ -247,3 +247,31 @@ def test_misuse_is_a_value_error() -> None:
         Channel(1, 2).request(b"")
     with pytest.raises(ValueError, match="at most 250"):
         encode_frame(0, 1, 2, bytes(251))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(st.integers(0, 255), st.binary(max_size=250)), min_size=1, max_size=12
+    )
+)
+def test_well_framed_arbitrary_link_traffic_raises_only_frame_error(
+    frames: list[tuple[int, bytes]],
+) -> None:
+    # CRCs right, addresses right: every control octet and any user data, past the CRCs.
+    channel = Channel(MASTER, OUTSTATION)
+    try:
+        for control, data in frames:
+            for apdu in channel.receive(encode_frame(control, MASTER, OUTSTATION, data)):
+                assert 0 < len(apdu) <= MAX_FRAGMENT
+            for control_sent, *_ in unframe(channel.replies()):
+                assert control_sent in (DIR | SEC_ACK, DIR | SEC_LINK_STATUS)
+    except FrameError:
+        pass
+
+
+def test_a_large_chunk_is_read_whole_in_bounded_time() -> None:
+    wire = outstation_frames(bytes(MAX_FRAGMENT)) * 200  # 200 fragments, ~480 kB in one chunk
+    started = time.monotonic()
+    assert len(Channel(MASTER, OUTSTATION).receive(wire)) == 200
+    assert time.monotonic() - started < 5.0  # generous: a shared 2-core machine
