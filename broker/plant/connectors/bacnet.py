@@ -129,6 +129,7 @@ class BacnetConnector:
         self.malformed = 0  # datagrams that were not BACnet/IP for us: dropped
         self.requests = 0  # requests sent (a budget check for the tests and the bench)
         self.cov_lifetime_s = COV_LIFETIME_S
+        self.local_address: tuple[str, int] | None = None  # the session's socket, for tests
         self._pace = Pace(device.max_requests_per_s)
         self._refused: set[str] = set()  # requests the device currently refuses
         self._answering: bool | None = None
@@ -173,6 +174,8 @@ class BacnetConnector:
             )
         except OSError as e:
             raise DeviceError(f"cannot open a UDP socket to {device.address}: {e}") from e
+        transport = link.transport
+        self.local_address = transport.get_extra_info("sockname") if transport else None
         try:
             raise_if_cancelled()
             yield link
