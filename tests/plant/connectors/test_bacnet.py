@@ -74,11 +74,11 @@ async def sim() -> AsyncIterator[SimulatedBacnetDevice]:
     assert all(device.requests[w] == 0 for w in WRITES)
 
 
-def policy_device(sim: SimulatedBacnetDevice, **overrides: Any) -> BacnetDevice:
+def policy_device(port: int, **overrides: Any) -> BacnetDevice:
     settings: dict[str, Any] = {
         "name": "rc",
         "host": "127.0.0.1",
-        "port": sim.port,
+        "port": port,
         "device_instance": INSTANCE,
         "poll_interval_s": 0.1,
         "timeout_s": 0.5,
@@ -125,7 +125,7 @@ class Reader:
 
 
 def reading(sim: SimulatedBacnetDevice, signals: Sequence[Signal] = ALL, **device: Any) -> Reader:
-    return Reader(BacnetConnector(policy_device(sim, **device), signals))
+    return Reader(BacnetConnector(policy_device(sim.port, **device), signals))
 
 
 def good(batch: dict[str, RawSample]) -> bool:
@@ -295,7 +295,7 @@ async def test_requests_are_spaced_to_the_budget(sim: SimulatedBacnetDevice) -> 
     async with reading(sim, poll_interval_s=0.01, max_requests_per_s=5) as reader:
         await reader.until(good)
         before, started = sum(sim.requests.values()), time.monotonic()
-        await reader.until(lambda b: False if time.monotonic() - started < 1.5 else True)
+        await reader.until(lambda b: time.monotonic() - started >= 1.5)
         sent, elapsed = sum(sim.requests.values()) - before, time.monotonic() - started
     assert sent <= 5 * elapsed + 2, (sent, elapsed)
     assert sent >= 3  # it did keep reading

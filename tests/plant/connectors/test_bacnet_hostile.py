@@ -1,0 +1,160 @@
+"""The BACnet connector against a device that answers wrongly: a relay in front of the
+simulated device mangles its answers (malformed BVLL, NPDU and APDU, a wrong invoke id, a
+flood, requests of its own). The connector must report a clear error, never take a wrong
+answer as data, never answer anything itself, and read again once the device behaves."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+
+from broker.plant.connectors import bacnet_frames as frames
+from broker.plant.connectors.bacnet import INBOX, SERVICES_USED, BacnetConnector
+from broker.sim.bacnet_device import SimulatedBacnetDevice, service_name
+from tests.harness import free_udp_port
+from tests.plant.connectors.test_bacnet import (
+    ALL,
+    INSTANCE,
+    OBJECTS,
+    READ_ONLY,
+    WRITES,
+    Reader,
+    good,
+    policy_device,
+    write_property,
+)
+
+GARBAGE = [
+    b"hello",  # not BACnet/IP
+    b"\x81\x0a\x00\x20\x01\x00",  # a BVLL length that lies
+    b"\x81\x0a\x00\x07\x01\x00\x30",  # a complex ACK cut after its type
+    b"\x81\x0a\x00\x06\x02\x00",  # NPDU version 2
+    b"\x81\x0a\x00\x0a\x01\x80\x00\x00\x00\x00",  # a network-layer message
+    b"\x81\x0a\x00\x0b\x01\x00\x30\x07\x0e\xff\xff",  # an ACK whose tags make no sense
+]
+
+
+class Relay:
+    """Between the connector and the device: forwards requests, mangles answers by `mode`,
+    and counts what the connector sent by service (an answer from it would show)."""
+
+    def __init__(self, device_port: int) -> None:
+        self.device_port = device_port
+        self.mode = "pass"
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.client: tuple[str, int] | None = None
+        self.front: asyncio.DatagramTransport | None = None
+        self.back: asyncio.DatagramTransport | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        relay = self
+
+        class Front(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                relay.client = addr
+                relay.sent[service_name(data[6:])] += 1
+                assert relay.back is not None
+                relay.back.sendto(data)
+
+        class Back(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                relay.answer(data)
+
+        front, _ = await loop.create_datagram_endpoint(Front, local_addr=("127.0.0.1", 0))
+        back, _ = await loop.create_datagram_endpoint(
+            Back, remote_addr=("127.0.0.1", self.device_port)
+        )
+        self.front = cast(asyncio.DatagramTransport, front)
+        self.back = cast(asyncio.DatagramTransport, back)
+        self.port = self.front.get_extra_info("sockname")[1]
+
+    def stop(self) -> None:
+        for transport in (self.front, self.back):
+            if transport is not None:
+                transport.close()
+
+    def answer(self, data: bytes) -> None:
+        assert self.front is not None and self.client is not None
+        send = self.front.sendto
+        if self.mode == "garbage":
+            for junk in GARBAGE:
+                send(junk, self.client)
+            return  # the real answer never comes
+        if self.mode == "wrong-invoke" and len(data) > 7 and data[6] >> 4 in (3, 5):
+            data = data[:7] + bytes([data[7] ^ 0x55]) + data[8:]  # complex ACK or error
+        if self.mode == "flood":
+            for i in range(3 * INBOX):
+                send(GARBAGE[i % len(GARBAGE)], self.client)
+            send(frames.who_is(), self.client)  # a request to the connector: never answered
+            send(write_property(), self.client)
+        send(data, self.client)
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    device = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), INSTANCE, OBJECTS)
+    await device.start()
+    relay = Relay(device.port)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
+        await device.stop()
+    assert set(device.requests) <= READ_ONLY, device.requests
+    assert all(device.requests[w] == 0 for w in WRITES)
+    # the connector sent requests only: an answer to the relay's requests would show here
+    assert set(relay.sent) <= SERVICES_USED, relay.sent
+
+
+def reading(relay: Relay) -> Reader:
+    device = policy_device(relay.port, timeout_s=0.3)
+    return Reader(BacnetConnector(device, ALL))
+
+
+async def test_malformed_answers_are_a_clear_error_then_it_recovers(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        relay.mode = "garbage"
+        down = await reader.until(lambda b: not good(b))
+        assert all(s.quality == "bad" and s.raw is None for s in down.values())
+        relay.mode = "pass"
+        await reader.until(good)
+    error = next(e for e in events if e["event"] == "device_session_down")["error"]
+    assert "no answer to readPropertyMultiple within 0.3 s; dropped: the last " in error
+    assert reader.connector.malformed >= len(GARBAGE)
+
+
+async def test_an_answer_with_the_wrong_invoke_id_is_never_data(relay: Relay) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        relay.mode = "wrong-invoke"
+        await reader.until(lambda b: not good(b))
+        hostile_from = len(reader.batches)
+        await reader.until(lambda b: True)  # a retry during the hostile phase
+        hostile = reader.batches[hostile_from:]
+        relay.mode = "pass"
+        await reader.until(good)
+    assert all(s.quality == "bad" for batch in hostile for s in batch)
+    assert reader.connector.stray >= 1
+
+
+async def test_a_flood_and_requests_from_the_device_change_nothing(relay: Relay) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        relay.mode = "flood"
+        for _ in range(3):  # it keeps its session or drops it; either way, no crash
+            batch = await reader.until(lambda b: True)
+            assert all(s.quality in ("good", "bad") for s in batch.values())
+        relay.mode = "pass"
+        await reader.until(good)
+    connector = reader.connector
+    assert connector.malformed + connector.stray > 0
