@@ -54,12 +54,18 @@ def _devices() -> list[dict[str, Any]]:
 
 
 def _policy(devices: list[dict[str, Any]]) -> dict[str, Any]:
-    """The demo policy's signals, all on the first device, with these devices."""
+    """The demo policy's signals, all on the first device (Modbus), with these devices: its
+    BACnet room controller's values become coils (binary objects) and registers."""
     document = demo_policy(502, devices=devices)
     first = devices[0]["name"]
-    for signal in document["signals"]:
+    for address, signal in enumerate(document["signals"], start=1000):
         if signal.get("device") is not None:
             signal["device"] = first
+            source = signal["source"]
+            if "object_type" in source:
+                binary = source["object_type"].startswith("binary")
+                table, type_ = ("coil", "bool") if binary else ("input_register", "int16")
+                signal["source"] = {"table": table, "address": address, "type": type_}
     return document
 
 
@@ -167,6 +173,64 @@ def test_each_side_allows_only_what_the_config_and_policy_name(signed: Path) -> 
     accepts = [rule for rule in rules if " accept" in rule and "policy accept" not in rule]
     assert len(accepts) == 19
     assert all("ct state" in r or '"lo"' in r or "hoplimit" in r for r in accepts)
+
+
+def _ot_protocols_ruleset(tmp_path: Path, pki: Pki, owners: Owners, **write: Any) -> str:
+    """The ruleset of a policy with a Modbus device, a DNP3 outstation and two BACnet/IP
+    devices (one IPv6, on another port), a signal on each."""
+    devices = [
+        {"name": "plc-1", "protocol": "modbus", "host": "192.0.2.10", "port": 502},
+        {"name": "rtu", "protocol": "dnp3", "host": "192.0.2.50", "outstation_address": 10},
+        {"name": "ahu", "protocol": "bacnet", "host": "192.0.2.60", "device_instance": 1},
+        {"name": "vav", "protocol": "bacnet", "host": "2001:db8::61", "port": 47809,
+         "device_instance": 2},
+    ]  # fmt: skip
+    sources: list[dict[str, Any]] = [
+        {"table": "input_register", "address": 0, "type": "int16"},
+        {"group": 30, "index": 0},
+        {"object_type": "analog-input", "instance": 1},
+        {"object_type": "binary-input", "instance": 1},
+    ]
+    signals = [
+        {"path": f"coldstore/plant/{d['name']}/value", "device": d["name"], "source": source}
+        for d, source in zip(devices, sources, strict=True)
+    ]
+    document = demo_policy(502, devices=devices, signals=signals, assets=[])
+    document["roles"] = [{"name": "historian", "signals": ["coldstore/**"]}]
+    document["consumers"] = document["consumers"][:1]
+    envelope = sign_policy(tmp_path, document, [owners.ot_key, owners.it_key])
+    cfg = config.load(_config(tmp_path, envelope, pki, owners))
+    return nftables.write(cfg, policy.load(tmp_path / "policy.yaml"), **write).text
+
+
+def test_a_dnp3_device_is_reached_over_tcp_and_a_bacnet_device_over_udp(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    text = _ot_protocols_ruleset(tmp_path, pki, owners)
+
+    owner = 'meta skuid "dmzbroker-plant"'
+    assert _rules(text, "ot_out")[2:-1] == [
+        f"{owner} ip daddr 192.0.2.10 tcp dport 502 ct state new accept "
+        'comment "policy devices[plc-1].host"',
+        f"{owner} ip daddr 192.0.2.50 tcp dport 20000 ct state new accept "
+        'comment "policy devices[rtu].host"',
+        f"{owner} ip daddr 192.0.2.60 udp dport 47808 ct state new accept "
+        'comment "policy devices[ahu].host"',
+        f"{owner} ip6 daddr 2001:db8::61 udp dport 47809 ct state new accept "
+        'comment "policy devices[vav].host"',
+    ]
+    # a BACnet device's answers and notifications come back as replies of the plant's own
+    # datagrams (conntrack): nothing from the OT network is let in as new
+    assert not [rule for rule in _rules(text, "ot_in") if "47808" in rule or "20000" in rule]
+
+
+@needs_nft
+def test_nft_accepts_the_ruleset_with_dnp3_and_bacnet_devices(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    ruleset = tmp_path / "dmzbroker.nft"
+    ruleset.write_text(_ot_protocols_ruleset(tmp_path, pki, owners, ot_users=["root"]))
+    netns.run([str(NFT), "-c", "-f", str(ruleset)])
 
 
 HEAD_IN = [
@@ -481,6 +545,31 @@ except OSError as e:
     print(type(e).__name__)
 """
 
+# A BACnet/IP device as far as the ruleset goes: answers each datagram to its sender.
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+# The BACnet connector's socket: connected to the device, one datagram out, its answer back.
+UDP_ASK = """
+import encodings.idna, os, socket, sys
+os.setuid(int(sys.argv[4]))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.send(b"who-is")
+    print("answered" if s.recv(64) == b"who-is" else "garbled")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
 HOLD = """
 import encodings.idna, os, select, socket, sys
 os.setuid(int(sys.argv[3]))
@@ -554,6 +643,7 @@ APPLIANCE_IT, IT_PEER = "198.51.100.1", "198.51.100.10"
 APPLIANCE_OT6, OT_PEER6 = "2001:db8:0:1::1", "2001:db8:0:1::10"
 APPLIANCE_IT6, IT_PEER6 = "2001:db8:2::1", "2001:db8:2::10"
 CONSUMER_PORT, DEVICE_PORT = 8443, 502
+DNP3_PORT, BACNET_PORT = 20000, 47808
 PLANT_UID = 65534  # `nobody`: the ruleset's --ot-user here, a name nft must resolve
 SPOOFED, IT_ICMP = 4, 3  # what ATTACK sends of each kind
 
@@ -562,6 +652,16 @@ def _connect(
     space: netns.Namespace, host: str, port: int, timeout: float = 5.0, uid: int = 0
 ) -> str:
     return space.run(sys.executable, "-c", CONNECT, host, str(port), str(timeout), str(uid)).strip()
+
+
+def _ask_udp(space: netns.Namespace, host: str, port: int, timeout: float, uid: int) -> str:
+    return space.run(sys.executable, "-c", UDP_ASK, host, str(port), str(timeout), str(uid)).strip()
+
+
+UNASKED = """
+import socket, sys
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"who-is", (sys.argv[1], int(sys.argv[2])))
+"""
 
 
 def _counters(appliance: netns.Namespace) -> dict[str, int]:
@@ -611,7 +711,8 @@ def network(tmp_path: Path) -> Iterator[tuple[netns.Namespace, netns.Namespace, 
         # a router, as far as the kernel goes: only the ruleset stops forwarding
         appliance.sysctl("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         appliance.python("-c", LISTEN, str(CONSUMER_PORT), "8444", log=tmp_path / "appl.log")
-        ot.python("-c", LISTEN, str(DEVICE_PORT), "503", log=tmp_path / "ot.log")
+        ot.python("-c", LISTEN, str(DEVICE_PORT), "503", str(DNP3_PORT), log=tmp_path / "ot.log")
+        ot.python("-c", UDP_ECHO, str(BACNET_PORT), log=tmp_path / "ot-udp.log")
         yield appliance, ot, it
 
 
@@ -637,6 +738,8 @@ def test_real_packets_meet_the_ruleset(
     devices = [
         {"name": "plc-1", "protocol": "modbus", "host": OT_PEER, "port": DEVICE_PORT},
         {"name": "plc-6", "protocol": "modbus", "host": OT_PEER6, "port": DEVICE_PORT},
+        {"name": "rtu", "protocol": "dnp3", "host": OT_PEER, "outstation_address": 10},
+        {"name": "ahu", "protocol": "bacnet", "host": OT_PEER, "device_instance": 1},
     ]
     envelope = sign_policy(tmp_path, _policy(devices), [owners.ot_key, owners.it_key])
     listen = {"listen": {"host": "::", "port": CONSUMER_PORT}}
@@ -684,6 +787,16 @@ def test_real_packets_meet_the_ruleset(
     ):
         assert _connect(appliance, host, port, 0.5, uid) in ("TimeoutError", "PermissionError")
     assert _counters(appliance)["ot_dropped"] >= before + 3
+
+    # DNP3 over TCP and BACnet/IP over UDP: the plant's user reaches each device at its port
+    # and gets the BACnet device's answer back; root's datagram is dropped; a datagram the
+    # OT network sends to the appliance unasked (a Who-Is, a forged answer) never gets in
+    assert _connect(appliance, OT_PEER, DNP3_PORT, uid=PLANT_UID) == "open"
+    assert _ask_udp(appliance, OT_PEER, BACNET_PORT, 5.0, PLANT_UID) == "answered"
+    before = _counters(appliance)["ot_dropped"]
+    assert _ask_udp(appliance, OT_PEER, BACNET_PORT, 0.5, 0) in ("TimeoutError", "PermissionError")
+    ot.run(sys.executable, "-c", UNASKED, APPLIANCE_OT, str(BACNET_PORT))
+    _until(lambda: _counters(appliance)["ot_dropped"] >= before + 2, "both datagrams dropped")
 
     # nothing forwarded, IPv4 or IPv6
     assert _connect(it, OT_PEER, DEVICE_PORT, timeout=0.5) == "TimeoutError"
