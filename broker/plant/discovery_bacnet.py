@@ -6,7 +6,9 @@ its object-list, and each object's object-name, description, units and present-v
 prints a starter policy an OT owner edits before it is co-signed: discovery never decides
 what crosses. It never writes, never subscribes, never sends a device-management service,
 and answers nothing it receives (it runs no bacpypes3 Application, which would serve a
-device object of its own); bacpypes3 only encodes and decodes the packets.
+device object of its own). Its packets are the connector's (`bacnet_frames`), plus a Who-Is
+sent as a broadcast and a read of one entry of the object-list, which the connector does
+not need.
 
 Its work is bounded: at most `--max-objects` entries of the object-list are read (a device
 that holds more is named as such), each request waits `--timeout` seconds at most.
@@ -19,6 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,31 +29,21 @@ from typing import Any
 import msgspec
 import yaml
 from bacpypes3.apdu import (
-    APDU,
     AbortPDU,
-    APCISequence,
-    ComplexAckPDU,
-    ConfirmedRequestPDU,
     ErrorPDU,
     IAmRequest,
-    PropertyReference,
-    ReadAccessSpecification,
     ReadPropertyACK,
     ReadPropertyMultipleACK,
-    ReadPropertyMultipleRequest,
     ReadPropertyRequest,
     RejectPDU,
-    UnconfirmedRequestPDU,
-    WhoIsRequest,
 )
-from bacpypes3.ipv4.bvll import LPDU, OriginalBroadcastNPDU, OriginalUnicastNPDU
-from bacpypes3.npdu import NPDU
-from bacpypes3.pdu import PDU
 from bacpypes3.primitivedata import ObjectIdentifier, Unsigned
-from bacpypes3.vendor import get_vendor_info
 
 from broker import logs
 from broker.errors import ConfigError, DeviceError
+from broker.plant.connectors import bacnet_frames
+from broker.plant.connectors.bacnet_frames import FrameError, parse, value_of
+from broker.plant.connectors.bacnet_units import our_unit
 from broker.policy import BacnetDevice
 from broker.policy.schema import BACNET_OBJECT_TYPES
 
@@ -59,8 +52,7 @@ DEFAULT_PORT = 47808
 OBJECTS_PER_REQUEST = 8  # of a ReadPropertyMultiple: its answer stays well under 480 bytes
 PROPERTIES = ("object-name", "description", "units", "present-value")
 MAX_I_AMS = 1000  # answers kept from one broadcast Who-Is
-MAX_RESPONSE_APDU = 5  # the code for 1,476 bytes: the largest a BACnet/IP datagram carries
-_VENDOR = get_vendor_info(0)  # ASHRAE's standard object types and their properties
+_ORIGINAL_BROADCAST = b"\x81\x0b"  # BVLL type and function of a broadcast (Annex J.2.10)
 
 
 @dataclass(frozen=True)
@@ -140,9 +132,6 @@ async def _who_is(
     `timeout_s` when broadcast."""
     loop = asyncio.get_running_loop()
     broadcast = is_broadcast(host)
-    request = WhoIsRequest()
-    if instance is not None:  # only that device answers
-        request.deviceInstanceRangeLowLimit = request.deviceInstanceRangeHighLimit = instance
     if broadcast:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -152,13 +141,26 @@ async def _who_is(
         transport, link = await loop.create_datagram_endpoint(_Datagrams, sock=sock)
     else:
         transport, link = await loop.create_datagram_endpoint(
-            _Datagrams, remote_addr=(host, port), local_addr=("", port_local)
+            _Datagrams,
+            remote_addr=(host, port),
+            local_addr=("0.0.0.0", port_local),  # noqa: S104 - connected to the device below
         )
     try:
-        transport.sendto(encode(request, broadcast=broadcast), (host, port) if broadcast else None)
-        return await _i_ams(link, f"{host}:{port}", broadcast, timeout_s)
+        who_is = bacnet_frames.who_is()  # an Original-Unicast-NPDU
+        if broadcast:
+            transport.sendto(_ORIGINAL_BROADCAST + who_is[2:], (host, port))
+        else:
+            transport.sendto(who_is)
+        found = await _i_ams(link, f"{host}:{port}", broadcast, timeout_s)
     finally:
         transport.close()
+    if instance is not None and found and not any(i.instance == instance for i in found):
+        answered = ", ".join(str(i.instance) for i in found[:20])
+        raise DeviceError(
+            f"{host}:{port}: no device {instance} answered the Who-Is (device {answered} did): "
+            "check --device-instance"
+        )
+    return [i for i in found if instance is None or i.instance == instance]
 
 
 async def _i_ams(link: _Datagrams, where: str, broadcast: bool, timeout_s: float) -> list[IAm]:
@@ -174,8 +176,8 @@ async def _i_ams(link: _Datagrams, where: str, broadcast: bool, timeout_s: float
             raise _refused(where, item)
         data, source = item
         try:
-            apdu = decode(data)
-        except ValueError as e:
+            apdu = parse(data)
+        except FrameError as e:
             if broadcast:  # other traffic on a shared port is not ours to judge
                 continue
             raise DeviceError(f"{where}: {e}: is this the device's BACnet/IP port?") from e
@@ -279,46 +281,50 @@ class _Session:
         self._transport.close()
 
     async def read(self, identifier: ObjectIdentifier, prop: str, index: int | None = None) -> Any:
-        request = ReadPropertyRequest(objectIdentifier=identifier, propertyIdentifier=prop)
-        if index is not None:
-            request.propertyArrayIndex = index
-        answer = await self._ask(request, f"{prop} of {identifier}")
+        """One property; of an array (the object-list), one entry (`index` 0: the length)."""
+        what = f"{prop} of {identifier}"
+        if index is None:
+            answer = await self._ask(
+                lambda i: bacnet_frames.read_property(i, identifier, prop), what
+            )
+        else:
+            answer = await self._ask(lambda i: _read_entry(i, identifier, prop, index), what)
         if not isinstance(answer, ReadPropertyACK):
             raise self._unexpected(answer)
-        if index == 0:
-            datatype: Any = Unsigned
-        elif index is not None:
-            datatype = ObjectIdentifier  # of the object-list, the only array read here
-        else:
-            datatype = _datatype(identifier, prop)
-        return answer.propertyValue.cast_out(datatype)
+        try:
+            if index is None:
+                return value_of(str(identifier[0]), prop, answer.propertyValue)
+            return answer.propertyValue.cast_out(Unsigned if index == 0 else ObjectIdentifier)
+        except (FrameError, ValueError, TypeError) as e:  # bacpypes3's words for a bad value
+            raise _Refused(f"{what}: {e}") from e
 
     async def read_multiple(
         self, identifiers: list[ObjectIdentifier], properties: tuple[str, ...]
     ) -> list[Found]:
-        request = ReadPropertyMultipleRequest(listOfReadAccessSpecs=[
-            ReadAccessSpecification(objectIdentifier=identifier, listOfPropertyReferences=[
-                PropertyReference(propertyIdentifier=prop) for prop in properties])
-            for identifier in identifiers])  # fmt: skip
-        answer = await self._ask(request, f"{len(identifiers)} objects")
+        wanted = [(identifier, prop) for identifier in identifiers for prop in properties]
+        answer = await self._ask(
+            lambda i: bacnet_frames.read_property_multiple(i, wanted), f"{len(identifiers)} objects"
+        )
         if not isinstance(answer, ReadPropertyMultipleACK):
             raise self._unexpected(answer)
         found = []
         for result in answer.listOfReadAccessResults:
-            values = {}
+            identifier, values = result.objectIdentifier, {}
             for element in result.listOfResults:
                 value = element.readResult.propertyValue
-                if value is not None:  # else an error: the object lacks that property
-                    prop = str(element.propertyIdentifier)
-                    values[prop] = value.cast_out(_datatype(result.objectIdentifier, prop))
-            identifier = result.objectIdentifier
+                if value is None:  # an error in the list: the object lacks that property
+                    continue
+                prop = str(element.propertyIdentifier)
+                try:
+                    values[prop] = value_of(str(identifier[0]), prop, value)
+                except FrameError:
+                    continue  # not the standard datatype: left out, as if absent
             found.append(Found(str(identifier[0]), int(identifier[1]), values))
         return found
 
-    async def _ask(self, request: Any, what: str) -> Any:
+    async def _ask(self, request: Callable[[int], bytes], what: str) -> Any:
         self._invoke_id = (self._invoke_id + 1) % 256
-        request.invokeID = self._invoke_id
-        self._transport.sendto(encode(request, broadcast=False))
+        self._transport.sendto(request(self._invoke_id))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         while (left := deadline - loop.time()) > 0:
@@ -329,8 +335,8 @@ class _Session:
             if isinstance(item, OSError):
                 raise _refused(self._where, item)
             try:
-                answer = decode(item[0])
-            except ValueError as e:
+                answer = parse(item[0])
+            except FrameError as e:
                 raise DeviceError(f"{self._where}: {e} in the answer to a read of {what}") from e
             if getattr(answer, "apduInvokeID", None) != self._invoke_id:
                 continue  # a late answer to an earlier request, or an unconfirmed request
@@ -346,12 +352,17 @@ class _Session:
         return DeviceError(f"{self._where}: answered a read with {type(answer).__name__}")
 
 
-def _datatype(identifier: ObjectIdentifier, prop: str) -> Any:
-    kind = _VENDOR.get_object_class(identifier[0])
-    datatype = kind.get_property_type(prop) if kind is not None else None
-    if datatype is None:
-        raise _Refused(f"{identifier} has no standard property {prop}")
-    return datatype
+def _read_entry(invoke_id: int, identifier: ObjectIdentifier, prop: str, index: int) -> bytes:
+    """A ReadProperty of one entry of an array property: `bacnet_frames.read_property` with
+    a property array index (the connector reads no array, so its module has no such read)."""
+    whole = bacnet_frames.read_property(invoke_id, identifier, prop)
+    request = ReadPropertyRequest(objectIdentifier=identifier, propertyIdentifier=prop,
+                                  propertyArrayIndex=index)  # fmt: skip
+    entry = request.encode().pduData  # the service's parameters: appended after the header
+    tail = bytes(ReadPropertyRequest(objectIdentifier=identifier,
+                                     propertyIdentifier=prop).encode().pduData)  # fmt: skip
+    body = whole[: len(whole) - len(tail)] + bytes(entry)
+    return body[:2] + len(body).to_bytes(2, "big") + body[4:]
 
 
 def _words(answer: Any) -> str:
@@ -359,39 +370,6 @@ def _words(answer: Any) -> str:
     if isinstance(answer, ErrorPDU):
         return f"error {answer.errorClass}: {answer.errorCode}"
     return f"{type(answer).__name__.removesuffix('PDU').lower()} {answer.apduAbortRejectReason}"
-
-
-def encode(request: Any, *, broadcast: bool) -> bytes:
-    """A request as one BACnet/IP datagram (BVLL, NPDU, APDU)."""
-    apdu = request.encode()
-    if isinstance(apdu, ConfirmedRequestPDU):
-        apdu.apduSeg = apdu.apduMor = False
-        apdu.apduSA = False  # no segmented answers: a device that needs them aborts
-        apdu.apduMaxSegs = 0
-        apdu.apduMaxResp = MAX_RESPONSE_APDU
-        apdu.apduInvokeID = request.invokeID
-    npdu = NPDU(apdu.encode().pduData)
-    npdu.npduControl = 0x04 if isinstance(apdu, ConfirmedRequestPDU) else 0  # expecting reply
-    link = (OriginalBroadcastNPDU if broadcast else OriginalUnicastNPDU)(npdu.encode().pduData)
-    return bytes(link.encode().pduData)
-
-
-def decode(datagram: bytes) -> Any:
-    """A BACnet/IP datagram's APDU, decoded as far as bacpypes3 knows the service; a
-    ValueError that says what is wrong for anything else."""
-    try:
-        link = LPDU.decode(PDU(datagram))
-        if link.bvlciType != 0x81:
-            raise ValueError(f"BVLL type 0x{link.bvlciType:02x}")
-        npdu = NPDU.decode(PDU(link.pduData))
-        if npdu.npduNetMessage is not None:
-            raise ValueError("a network-layer message")
-        apdu = APDU.decode(PDU(npdu.pduData))
-        if isinstance(apdu, ComplexAckPDU | UnconfirmedRequestPDU | ErrorPDU):
-            return APCISequence.decode(apdu)
-        return apdu
-    except Exception as e:  # whatever bacpypes3 raises on bytes it cannot read
-        raise ValueError(f"not a BACnet/IP packet ({datagram[:8].hex()}…: {e})") from None
 
 
 def _starter_policy(
@@ -437,7 +415,7 @@ def _starter_policy(
             "path": f"{device.name}/{f.object_type}-{f.instance}",
             "device": device.name,
             "source": {"protocol": "bacnet", "object_type": f.object_type, "instance": f.instance},
-            "unit": "",
+            "unit": our_unit(units.attr, str(units)) if units is not None else "",
             "description": " — ".join(
                 str(part) for part in (object_name, f.values.get("description")) if part
             ),

@@ -1,0 +1,157 @@
+"""`dmzbroker discover bacnet` against the simulated BACnet/IP device on 127.0.0.1, which counts
+every service it receives: the starter policy lists each object of a type the broker reads
+with its name and units and compiles as printed, only Who-Is, ReadProperty and
+ReadPropertyMultiple reach the device, a long object-list stops at --max-objects and says so,
+and nothing listening, nothing answering or an answer that is not BACnet is one line."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from broker.plant.connectors.bacnet_units import our_unit
+from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
+from tests.harness import dmzbroker
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+READS = {"whoIs", "readProperty", "readPropertyMultiple"}
+ROOM = [
+    SimObject("analog-input", 1, "room-temp", -18.5, "degreesCelsius", "cold room air"),
+    SimObject("binary-input", 2, "door", False),
+    SimObject("multi-state-value", 3, "fan-mode", 2),
+    SimObject("analog-output", 4, "valve", 40.0, "percent"),
+]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def device(objects: list[SimObject]) -> AsyncIterator[SimulatedBacnetDevice]:
+    simulated = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), 1001, objects, "room-ctl")
+    await simulated.start()
+    try:
+        yield simulated
+    finally:
+        await simulated.stop()
+    assert set(simulated.requests) <= READS, simulated.requests  # never a write, never DM
+
+
+async def discover(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process; a thread keeps this loop (and the device) serving."""
+    return await asyncio.to_thread(dmzbroker, "discover", "bacnet", *args, check=False)
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("dmzbroker: error: ") and "Traceback" not in done.stderr
+    return line
+
+
+async def test_a_device_s_objects_become_a_starter_policy_that_compiles_as_printed(
+    tmp_path: Path,
+) -> None:
+    async with device(ROOM) as room:
+        done = await discover(f"127.0.0.1:{room.port}", "--device-name", "room-controller")
+        assert done.returncode == 0, done.stderr
+        assert room.requests["whoIs"] == 1 and room.requests["readPropertyMultiple"] >= 1
+    starter = yaml.safe_load(done.stdout)
+    assert starter["devices"] == [{"name": "room-controller", "protocol": "bacnet",
+                                   "host": "127.0.0.1", "port": room.port,
+                                   "device_instance": 1001}]  # fmt: skip
+    by_object = {(s["source"]["object_type"], s["source"]["instance"]): s
+                 for s in starter["signals"]}  # fmt: skip
+    assert set(by_object) == {(o.object_type, o.instance) for o in ROOM}  # no device, no port
+    temperature = by_object[("analog-input", 1)]
+    assert temperature["description"] == "room-temp — cold room air"
+    assert temperature["unit"] == our_unit("degreesCelsius") != ""  # the policy's spelling
+    assert by_object[("analog-output", 4)]["unit"] == our_unit("percent") != ""
+    assert by_object[("binary-input", 2)]["unit"] == ""  # a binary object has no units
+    assert temperature["source"] == {"protocol": "bacnet", "object_type": "analog-input",
+                                     "instance": 1}  # fmt: skip
+    lines = done.stdout.splitlines()
+    comment = lines[lines.index(f"  - path: {temperature['path']}") - 1]
+    assert comment == "  # analog-input 1 'room-temp': -18.5 degrees-celsius, float32"
+    assert "# Starter policy for BACnet device 1001 (room-ctl)" in lines[0]
+    (tmp_path / "starter.yaml").write_text(done.stdout)
+    compiled = await asyncio.to_thread(
+        dmzbroker, "policy", "compile", str(tmp_path / "starter.yaml"), check=False
+    )
+    assert compiled.returncode == 0, compiled.stderr + compiled.stdout
+
+
+async def test_a_long_object_list_is_read_entry_by_entry_and_stops_at_max_objects() -> None:
+    """An object-list longer than one answer can hold (2 kB; the device does not segment): the
+    device aborts the whole read, so discover reads its length, then one entry at a time."""
+    many = [SimObject("analog-value", i, f"av-{i}", float(i), "percent") for i in range(400)]
+    async with device(many) as big:
+        done = await discover(f"127.0.0.1:{big.port}", "--max-objects", "20")
+        assert done.returncode == 0, done.stderr
+        # its name, the whole list (aborted), the list's length, then 20 entries
+        assert big.requests["readProperty"] == 1 + 1 + 1 + 20
+    header = done.stdout.splitlines()[0]
+    assert "of 402 in its object-list (stopped at --max-objects 20; raise it" in header
+    assert 0 < len(yaml.safe_load(done.stdout)["signals"]) <= 20
+
+
+async def test_another_device_instance_is_named_and_not_read() -> None:
+    async with device(ROOM[:1]) as room:
+        done = await discover(f"127.0.0.1:{room.port}", "--device-instance", "77")
+        assert room.requests == {"whoIs": 1}  # nothing read from the wrong device
+    line = one_line_error(done)
+    assert "no device 77 answered the Who-Is (device 1001 did): check --device-instance" in line
+
+
+async def test_nothing_listening_is_named_with_the_usual_port() -> None:
+    line = one_line_error(await discover(f"127.0.0.1:{free_udp_port()}", "--timeout", "2"))
+    assert "nothing listens there (Connection refused)" in line and "usual port is 47808" in line
+
+
+@asynccontextmanager
+async def udp_server(answer: bytes | None) -> AsyncIterator[int]:
+    """A UDP server that answers any datagram with `answer`, or says nothing (None)."""
+
+    class Reply(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            if answer is not None:
+                self.transport.sendto(answer, addr)  # type: ignore[attr-defined]
+
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Reply, local_addr=("127.0.0.1", 0))
+    try:
+        yield transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()
+
+
+async def test_an_answer_that_is_not_bacnet_is_named_as_such() -> None:
+    async with udp_server(b"SSH-2.0-OpenSSH_9.2\r\n") as port:
+        line = one_line_error(await discover(f"127.0.0.1:{port}"))
+    assert "not BACnet/IP (BVLL type 53)" in line and "is this the device's BACnet/IP port?" in line
+
+
+async def test_a_silent_port_times_out_in_one_line() -> None:
+    async with udp_server(None) as port:
+        done = await discover(f"127.0.0.1:{port}", "--timeout", "0.5")
+    assert "no device answered the Who-Is" in one_line_error(done)
+
+
+async def test_help_shows_the_defaults() -> None:
+    shown = await asyncio.to_thread(dmzbroker, "discover", "bacnet", "--help")
+    assert "default: 5000" in shown.stdout and "default: 3.0" in shown.stdout
