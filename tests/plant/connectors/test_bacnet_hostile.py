@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -70,8 +70,7 @@ class Relay:
         back, _ = await loop.create_datagram_endpoint(
             Back, remote_addr=("127.0.0.1", self.device_port)
         )
-        self.front = cast(asyncio.DatagramTransport, front)
-        self.back = cast(asyncio.DatagramTransport, back)
+        self.front, self.back = front, back
         self.port = self.front.get_extra_info("sockname")[1]
 
     def stop(self) -> None:
