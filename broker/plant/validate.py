@@ -75,6 +75,8 @@ def cadence_s(device: Device | None) -> float | None:
 
     A derived signal is computed only when its asset's inputs arrive, and an OPC UA
     subscription reports changes only (and none inside a deadband): neither has a cadence.
+    A DNP3 device read by events and a BACnet device read by COV emit every signal at every
+    poll (an unchanged one with its last value, confirmed by the poll): theirs is the poll's.
     """
     if device is None or (isinstance(device, OpcUaDevice) and device.read == "subscribe"):
         return None
