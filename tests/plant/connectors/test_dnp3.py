@@ -257,3 +257,19 @@ async def test_unsolicited_responses_are_confirmed_when_the_policy_takes_them(
         await eventually(lambda: unsolicited_proxy.unsolicited_confirms >= 1)
         await eventually(lambda: collector.batches and collector.last()["level"].raw == 5)
     assert not named(events, "device_unsolicited_ignored")
+
+
+async def test_a_point_the_outstation_lacks_is_bad_with_its_refusal_and_the_rest_reads(
+    dnp3_proxy: CountingProxy, events: list[dict[str, Any]]
+) -> None:
+    absent = [signal("level", 30, 0, 5), signal("missing", 30, 20, 5)]  # 8 points: 0..7
+    collector = Collector()
+    async with running(Dnp3Connector(device(dnp3_proxy.port), absent), collector):
+        await eventually(lambda: len(collector.batches) >= 5)
+    samples = collector.last()
+    assert (samples["level"].raw, samples["level"].quality) == (21.5, "good")
+    assert samples["missing"].quality == "bad"
+    assert "refused the read" in (samples["missing"].reason or "")
+    refused = named(events, "device_read_refused")
+    assert len(refused) == 1  # once, not per poll
+    assert refused[0]["read"] == ["g30v5 0..0", "g30v5 20..20"]
