@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/mqtt_sink.py
 	$(BIN)/python bench/sse_fanout.py
 	$(BIN)/python bench/opcua_ingest.py
+	$(BIN)/python bench/dnp3_ingest.py
+	$(BIN)/python bench/bacnet_ingest.py
 	$(BIN)/python bench/modbus_plan.py
 	$(BIN)/python bench/audit_flood.py
 	$(BIN)/python bench/diode.py
