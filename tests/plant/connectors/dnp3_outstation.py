@@ -23,6 +23,7 @@ API (used by the DNP3 connector tests, `discover dnp3` and the bench):
         proxy.unsolicited, proxy.unsolicited_confirms        # sent by each side
         proxy.cut() / proxy.restore()                        # an outage: connections closed, refused
         proxy.assert_read_only()                             # READ and CONFIRM only, no link reset
+    link_frames(buffer) -> (frames, rest)                   # an independent frame splitter
 
 Every point exists at indexes 0..size-1 of every kind, with the value 0 and the RESTART flag
 until set; the outstation sets DEVICE_RESTART when it starts. Unsolicited responses are
@@ -303,7 +304,7 @@ class CountingProxy:
         buffer = b""
         try:
             while chunk := await reader.read(4096):
-                found, buffer = _frames(buffer + chunk)
+                found, buffer = link_frames(buffer + chunk)
                 for control, data in found:
                     count(control, data)
                 writer.write(chunk)
@@ -335,7 +336,7 @@ class CountingProxy:
             self.unsolicited += 1
 
 
-def _frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+def link_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     """The whole link frames in `buffer` as (control, user data without CRCs), and the bytes
     left over. Independent of the broker's codec on purpose: it counts what that codec sends."""
     out = []

@@ -21,7 +21,7 @@ from broker.plant.connectors.dnp3_frames import PRI_REQUEST_LINK_STATUS, PRM, en
 from broker.plant.connectors.dnp3_objects import FUNCTIONS_SENT
 from broker.policy import Dnp3Device, Dnp3Source, Signal
 from tests.harness import eventually, running
-from tests.plant.connectors.dnp3_outstation import FUNCTIONS, CountingProxy, _frames
+from tests.plant.connectors.dnp3_outstation import FUNCTIONS, CountingProxy, link_frames
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,7 +84,7 @@ class HostileOutstation:
         try:
             buffer = b""
             while chunk := await reader.read(4096):
-                found, buffer = _frames(buffer + chunk)
+                found, buffer = link_frames(buffer + chunk)
                 for _, data in found:
                     if len(data) < 3:
                         continue
