@@ -221,14 +221,19 @@ class BacnetConnector:
                 lambda i: frames.read_property(i, wildcard, "object-identifier"),
             )
             found = frames.value_of("device", "object-identifier", answer.propertyValue)
-            return int(found[1])
+            if str(found[0]) == "device":
+                return int(found[1])
         except (_Refused, FrameError):
-            pass  # bacpypes3 devices answer unknown-object: ask with a directed Who-Is
+            pass
+        # bacpypes3 devices answer the wildcard with unknown-object: ask with a directed Who-Is
         await self._send(link, frames.who_is())
         answer = await self._receive(
             link, lambda apdu: isinstance(apdu, IAmRequest), "a directed Who-Is"
         )
-        return int(answer.iAmDeviceIdentifier[1])
+        try:
+            return int(answer.iAmDeviceIdentifier[1])
+        except (TypeError, IndexError, ValueError) as e:
+            raise DeviceError(f"{self._device.address}: an I-Am without a device: {e}") from e
 
     async def _read_units(self, link: _Link) -> None:
         """Compare each analog signal's units with the policy's, once per session."""
@@ -342,7 +347,12 @@ class BacnetConnector:
                 errors.update(dict.fromkeys(batch, f"BACnet: the device refused the read ({e})"))
                 continue
             self._recovered(key)
-            self._take(answer, batch, values, errors)
+            try:
+                self._take(answer, batch, values, errors)
+            except (AttributeError, TypeError, IndexError, ValueError) as e:
+                # decoded, but not shaped as an ACK is: the device's bytes, never a crash
+                unread = f"BACnet: an answer that could not be read ({type(e).__name__})"
+                errors.update((p, unread) for p in batch if p not in values)
         return values, errors
 
     def _batches(self, wanted: list[frames.Property]) -> list[list[frames.Property]]:

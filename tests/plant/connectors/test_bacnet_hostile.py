@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.plant.connectors import bacnet_frames as frames
 from broker.plant.connectors.bacnet import INBOX, SERVICES_USED, BacnetConnector
+from broker.plant.connectors.bacnet_frames import FrameError
 from broker.sim.bacnet_device import SimulatedBacnetDevice, service_name
 from tests.harness import free_udp_port
 from tests.plant.connectors.test_bacnet import (
@@ -58,7 +61,12 @@ class Relay:
         class Front(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
                 relay.client = addr
-                relay.sent[service_name(data[6:])] += 1
+                service = service_name(data[6:])
+                relay.sent[service] += 1
+                if relay.mode == "reject" and service == "readPropertyMultiple":
+                    # a Reject PDU (type 6) for its invoke id: unrecognized-service (9)
+                    relay.answer(b"\x81\x0a\x00\x09\x01\x00\x60" + bytes([data[8], 9]))
+                    return
                 assert relay.back is not None
                 relay.back.sendto(data)
 
@@ -157,3 +165,46 @@ async def test_a_flood_and_requests_from_the_device_change_nothing(relay: Relay)
         await reader.until(good)
     connector = reader.connector
     assert connector.malformed + connector.stray > 0
+
+
+async def test_a_refused_read_makes_its_signals_bad_and_keeps_the_session(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        relay.mode = "reject"
+        for _ in range(3):
+            batch = await reader.until(lambda b: not good(b))
+            assert all(s.quality == "bad" and s.raw is None for s in batch.values())
+        reason = batch[ALL[0].path].reason
+        assert reason == "BACnet: the device refused the read (reject unrecognized-service)"
+        relay.mode = "pass"
+        await reader.until(good)
+    names = [e["event"] for e in events if e["event"].startswith("device_")]
+    assert names == ["device_session_up", "device_read_refused", "device_read_recovered"]
+    refused = next(e for e in events if e["event"] == "device_read_refused")
+    assert refused["reason"] == "reject unrecognized-service"
+    assert refused["signals"] == [s.path for s in ALL]
+
+
+def _bvll(payload: bytes) -> bytes:
+    return b"\x81\x0a" + (4 + len(payload)).to_bytes(2, "big") + payload
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.binary(max_size=80).map(lambda b: _bvll(b"\x01\x00" + b)),
+        st.sampled_from([0x30, 0x50, 0x10, 0x20, 0x60, 0x70]).flatmap(
+            lambda kind: st.binary(max_size=60).map(
+                lambda b: _bvll(b"\x01\x00" + bytes([kind]) + b)
+            )
+        ),
+    )
+)
+def test_any_datagram_parses_or_raises_frame_error_only(datagram: bytes) -> None:
+    try:
+        frames.parse(datagram)
+    except FrameError as e:
+        assert str(e)
