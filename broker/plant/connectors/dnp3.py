@@ -7,7 +7,7 @@ takes (`unsolicited: true`). It never writes (not even g80v1 to clear the restar
 indication, which another master may depend on), never enables or disables unsolicited
 responses, never syncs time, freezes, restarts or controls. `read: static` reads exactly
 the points the signals name, in range reads over runs of adjacent indexes, never across a
-gap; `read: events` polls the event classes, with an integrity poll (class 0 and the event
+gap (planned by `dnp3_plan.py`); `read: events` polls the event classes, with an integrity poll (class 0 and the event
 classes) at the start of each session and every `integrity_every_s`, keeps the latest value
 of the named points only and drops every other point at once.
 
@@ -30,7 +30,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from itertools import groupby
 from typing import Final, NamedTuple
 
 import structlog
@@ -48,15 +47,14 @@ from broker.plant.connectors.dnp3_objects import (
     indications,
     parse_response,
     quality_of,
-    range_header,
     read_request,
 )
+from broker.plant.connectors.dnp3_plan import static_reads
 from broker.plant.connectors.supervision import FIRST_RETRY_S, MAX_RETRY_S, STABLE_S
 from broker.policy import Dnp3Device, Dnp3Source, Signal
 
 MAX_FRAGMENTS: Final = 32  # fragments of one response; a longer one never finishes
 MAX_BYTES_PER_REQUEST: Final = 128 * 1024  # received while waiting for one response
-HEADERS_PER_READ: Final = 32  # object headers of one static READ (227 bytes: one segment)
 _CHUNK = 4096
 # Indications worth an audit event when they change (contract: device_status_reported).
 NOTABLE: Final = frozenset(
@@ -190,7 +188,7 @@ class Dnp3Connector:
         for _, source in self._sources:
             if source.variation:
                 self._asked.setdefault((source.group, source.index), set()).add(source.variation)
-        self.reads = _static_reads([source for _, source in self._sources])
+        self.reads = static_reads([source for _, source in self._sources])
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
         self.errors = 0  # failed connections and refused reads
@@ -391,44 +389,6 @@ class Dnp3Connector:
     def _all_bad(self) -> list[RawSample]:
         now = datetime.now(UTC)
         return [RawSample(path, None, now, "bad") for path in self._signals]
-
-
-def _static_reads(sources: Sequence[Dnp3Source]) -> list[list[Header]]:
-    """The READs of one static scan: a range header per run of adjacent indexes of one group
-    and variation (never bridging a gap: no point that no signal names is read), at most
-    HEADERS_PER_READ to a READ. A point named in two variations is read in two READs: an
-    outstation answers a point once per request (opendnp3 in the last variation asked)."""
-    layers: list[list[tuple[int, int, int]]] = []
-    seen: dict[tuple[int, int], int] = {}
-    for group, variation, index in sorted({(s.group, s.variation, s.index) for s in sources}):
-        layer = seen.get((group, index), 0)
-        seen[group, index] = layer + 1
-        if layer == len(layers):
-            layers.append([])
-        layers[layer].append((group, variation, index))
-    reads = []
-    for points in layers:
-        headers = _runs(points)
-        reads += [
-            headers[i : i + HEADERS_PER_READ] for i in range(0, len(headers), HEADERS_PER_READ)
-        ]
-    return reads
-
-
-def _runs(points: list[tuple[int, int, int]]) -> list[Header]:
-    """Range headers over the runs of adjacent indexes in sorted (group, variation, index)."""
-    headers = []
-    for (group, variation), same in groupby(points, key=lambda p: p[:2]):
-        indexes = [index for _, _, index in same]
-        run_start = previous = indexes[0]
-        for index in [*indexes[1:], None]:
-            if index is not None and index == previous + 1:
-                previous = index
-                continue
-            headers.append(range_header(group, variation, run_start, previous))
-            if index is not None:
-                run_start = previous = index
-    return headers
 
 
 def _describe(headers: Sequence[Header]) -> list[str]:

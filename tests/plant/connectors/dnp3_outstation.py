@@ -30,7 +30,8 @@ until set; the outstation sets DEVICE_RESTART when it starts. Unsolicited respon
 allowed only with `unsolicited=True` (it then sends a null unsolicited response at start
 and repeats it until it is confirmed).
 
-The fixtures `dnp3_outstation` (one per test module) and `dnp3_proxy` (one per test, whose
+The subprocess ends when its stdin closes, so a test process that dies leaves no
+outstation behind. The fixtures `dnp3_outstation` (one per test module) and `dnp3_proxy` (one per test, whose
 teardown asserts the master sent only READ and CONFIRM) are in conftest.py.
 """
 
