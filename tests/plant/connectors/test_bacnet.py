@@ -356,3 +356,18 @@ async def test_the_connectors_socket_answers_nothing_and_takes_only_the_device(
 def _datagram_to_nowait(port: int, payload: bytes) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.sendto(payload, ("127.0.0.1", port))
+
+
+async def test_cov_subscriptions_are_bounded_and_renewed_before_they_lapse(
+    sim: SimulatedBacnetDevice,
+) -> None:
+    signals = [signal("room-temp", "analog-input", 1, "degC")]
+    reader = reading(sim, signals, read="cov", poll_interval_s=0.2)
+    reader.connector.cov_lifetime_s = 3  # renewed after 2 s
+    async with reader:
+        await reader.until(good)
+        assert sim.requests["subscribeCOV"] == 1
+        await reader.until(lambda b: sim.requests["subscribeCOV"] == 2, timeout_s=6.0)
+        sim.set("analog-input", 1, -7.5)  # still notified after the renewal
+        batch = await reader.until(lambda b: b[path("room-temp")].raw == -7.5)
+    assert batch[path("room-temp")].read_time is not None
