@@ -106,7 +106,9 @@ class _Link:
         await self._send(self._channel.request(read_request(seq, headers)))
         fragments: list[Response] = []
         while len(fragments) < MAX_FRAGMENTS:
-            response = await self._next_response()
+            # Each fragment within timeout_s, whatever comes between (unsolicited, link frames).
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            response = await self._next_response(deadline)
             if response.seq != seq or response.first != (not fragments):
                 raise DeviceError(
                     f"answered with sequence {response.seq} "
@@ -121,10 +123,10 @@ class _Link:
             seq = (seq + 1) & 0x0F  # the next fragment of a response takes the next sequence
         raise DeviceError(f"a response that did not finish within {MAX_FRAGMENTS} fragments")
 
-    async def _next_response(self) -> Response:
+    async def _next_response(self, deadline: float) -> Response:
         """The next solicited response; unsolicited ones are taken or ignored on the way."""
         while True:
-            apdu = await self._next_apdu()
+            apdu = await self._next_apdu(deadline)
             try:
                 response = parse_response(apdu)
             except FrameError as e:
@@ -134,8 +136,7 @@ class _Link:
             if self._connector.unsolicited(response) and response.confirm:
                 await self._send(self._channel.request(confirm(response.seq, unsolicited=True)))
 
-    async def _next_apdu(self) -> bytes:
-        deadline = asyncio.get_running_loop().time() + self._timeout
+    async def _next_apdu(self, deadline: float) -> bytes:
         while not self._apdus:
             try:
                 async with asyncio.timeout_at(deadline):

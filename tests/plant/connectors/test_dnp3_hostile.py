@@ -134,6 +134,11 @@ class HostileOutstation:
                     )
                     writer.write(frames_of(fragment))
                     await writer.drain()
+            case "unsolicited_trickle":  # no answer, an unsolicited response every 0.3 s
+                for _ in range(100):
+                    writer.write(frames_of(UNSOLICITED))
+                    await writer.drain()
+                    await asyncio.sleep(0.3)
             case "slow_loris":  # the healthy answer, a byte every quarter second
                 for byte in good:
                     writer.write(bytes((byte,)))
@@ -151,6 +156,7 @@ CASES = {  # behaviour → words the session_down error must contain
     "link_status_flood": "bytes while waiting",
     "unsolicited_flood": "bytes while waiting",
     "slow_loris": "no answer within",
+    "unsolicited_trickle": "no answer within",
 }
 
 
