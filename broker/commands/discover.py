@@ -38,35 +38,38 @@ def add_to(commands: Any) -> None:
     opcua.add_argument("--max-nodes", type=int, default=5000, help="stop browsing after this many")
     opcua.set_defaults(handler=_discover_opcua)
 
-    dnp3 = sub.add_parser("dnp3", help="list an outstation's points (one class 0 READ only)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    dnp3 = sub.add_parser("dnp3", help="list an outstation's points (one class 0 READ only)")
     dnp3.add_argument("address", type=host_port, metavar="HOST:PORT",
                       help="the outstation's TCP address (port 20000 if left out)")  # fmt: skip
     dnp3.add_argument("--outstation", type=int, required=True, metavar="ADDRESS",
                       help="the outstation's link address (no default: a guess could reach "
                       "another device behind a gateway)")  # fmt: skip
     dnp3.add_argument("--master", type=int, default=1, metavar="ADDRESS",
-                      help="this master's link address, as the outstation expects it")  # fmt: skip
-    dnp3.add_argument("--device-name", default="outstation", help="the device's name in the policy")
-    dnp3.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+                      help="this master's link address, as the outstation expects it "
+                      "(default: %(default)s)")  # fmt: skip
+    dnp3.add_argument("--device-name", default="outstation",
+                      help="the device's name in the policy (default: %(default)s)")  # fmt: skip
+    dnp3.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                      help="to wait for the connection and each answer (default: %(default)s)")  # fmt: skip
     dnp3.set_defaults(handler=_discover_dnp3)
 
-    bacnet = sub.add_parser("bacnet", help="list a device's objects (Who-Is and reads only)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    bacnet = sub.add_parser("bacnet", help="list a device's objects (Who-Is and reads only)")
     bacnet.add_argument("address", type=host_port, metavar="ADDRESS",
-                        help="HOST[:PORT] of the device, or a broadcast address (port 47808 if "
-                        "left out)")  # fmt: skip
+                        help="HOST[:PORT] of the device, or a broadcast address: "
+                        "255.255.255.255 or one ending in .255 (port 47808 if left out)")  # fmt: skip
     bacnet.add_argument("--device-instance", type=int, metavar="N",
-                        help="the device to list when several answer (default: the only one)")  # fmt: skip
+                        help="the device to list (default: the only one that answers)")  # fmt: skip
     bacnet.add_argument("--device-name", default="bacnet-device",
-                        help="the device's name in the policy")  # fmt: skip
-    bacnet.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
-    bacnet.add_argument(
-        "--max-objects", type=int, default=5000, help="stop listing after this many"
-    )
+                        help="the device's name in the policy (default: %(default)s)")  # fmt: skip
+    bacnet.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                        help="to wait for each answer; a broadcast Who-Is collects I-Ams this "
+                        "long (default: %(default)s)")  # fmt: skip
+    bacnet.add_argument("--max-objects", type=int, default=5000, metavar="N",
+                        help="read at most this many entries of the object-list "
+                        "(default: %(default)s)")  # fmt: skip
     bacnet.add_argument("--port-local", type=int, default=0, metavar="PORT",
-                        help="the UDP port to send from (0: any; 47808 to hear devices that "
-                        "broadcast their I-Am)")  # fmt: skip
+                        help="the UDP port to send from (default: %(default)s, any; 47808 to "
+                        "hear devices that broadcast their I-Am)")  # fmt: skip
     bacnet.set_defaults(handler=_discover_bacnet)
 
 
