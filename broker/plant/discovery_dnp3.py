@@ -154,7 +154,10 @@ async def _next_response(
     where: str,
     timeout_s: float,
 ) -> Response:
-    """The next solicited response; unsolicited ones are read and dropped, never confirmed."""
+    """The next solicited response; unsolicited ones are read and dropped, never confirmed.
+    One deadline for the whole wait: a trickle of unsolicited responses cannot extend it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     pending: list[bytes] = []
     while True:
         while pending:
@@ -162,7 +165,7 @@ async def _next_response(
             if response.function == RESPONSE:
                 return response
         try:
-            chunk = await asyncio.wait_for(reader.read(4096), timeout_s)
+            chunk = await asyncio.wait_for(reader.read(4096), max(0.0, deadline - loop.time()))
         except TimeoutError as e:
             raise DeviceError(
                 f"{where}: no answer to the integrity poll within {timeout_s:g} s: an "

@@ -100,6 +100,17 @@ async def test_a_wrong_link_address_gets_no_answer_and_says_which_flags_to_check
     assert "check --outstation and --master" in line
 
 
+async def test_an_outstation_that_talks_to_another_master_is_named_with_its_addresses() -> None:
+    """Its unsolicited null response at start goes to the master it is configured for."""
+    with Dnp3Outstation(size=1, unsolicited=True, outstation=10, master=2) as other:
+        async with CountingProxy(other.port) as proxy:
+            done = await discover(f"127.0.0.1:{proxy.port}", "--outstation", "10")
+            assert dict(proxy.functions) == {"READ": 1}
+    line = one_line_error(done)
+    assert "(frame at byte 0: from 10 to 2, not from outstation 10 to master 1)" in line
+    assert "--outstation/--master" in line
+
+
 async def test_nothing_listening_is_named_with_the_usual_port() -> None:
     line = one_line_error(await discover(f"127.0.0.1:{free_port()}", "--outstation", "10"))
     assert "cannot connect (Connection refused)" in line and "usual port is 20000" in line
@@ -139,6 +150,7 @@ async def test_a_silent_server_times_out_in_one_line() -> None:
 
 async def test_help_shows_the_defaults_and_the_outstation_is_required() -> None:
     shown = await asyncio.to_thread(dmzbroker, "discover", "dnp3", "--help")
-    assert "default: 1" in shown.stdout and "default: 5.0" in shown.stdout
+    words = " ".join(shown.stdout.split())  # as wrapped for any terminal width
+    assert "expects it (default: 1)" in words and "each answer (default: 5.0)" in words
     missing = await discover("127.0.0.1:20000")
     assert missing.returncode == 2 and "--outstation" in missing.stderr
