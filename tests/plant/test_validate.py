@@ -29,6 +29,7 @@ from tests.harness import (
     demo_policy,
     dmzbroker,
     free_port,
+    free_udp_port,
     sign_policy,
     write_config,
 )
@@ -213,7 +214,8 @@ async def test_progress_is_logged_while_reading(
     monkeypatch.setattr(validate, "PROGRESS_EVERY_S", 0.3)
     demo = load(DEMO_POLICY)
     device = msgspec.structs.replace(demo.devices[0], port=plant_sim.address[1])
-    policy = msgspec.structs.replace(demo, devices=[device])
+    room_controller = msgspec.structs.replace(demo.devices[1], port=free_udp_port())  # silent
+    policy = msgspec.structs.replace(demo, devices=[device, room_controller])
     validation = validate.Validation(policy, config.PlantConfig(state_dir=tmp_path))
 
     with structlog.testing.capture_logs() as logged:

@@ -32,7 +32,7 @@ def test_refused_with_a_message_naming_file_and_key(case: Path) -> None:
 def test_the_demo_policy_loads() -> None:
     loaded = policy.load(DEMO_POLICY)
     assert loaded.version == 1
-    assert len(loaded.signals) == len({s.path for s in loaded.signals}) == 16
+    assert len(loaded.signals) == len({s.path for s in loaded.signals}) == 20
 
 
 def test_a_missing_policy_file_is_named() -> None:

@@ -513,11 +513,12 @@ def test_show_lists_every_signal_with_its_source_table_and_address(shown: str) -
     for signal in yaml.safe_load(DEMO_POLICY.read_text())["signals"]:
         source = signal["source"]
         lines = [line for line in shown.splitlines() if line.strip().startswith(signal["path"])]
-        where = (
-            rf"= {re.escape(source['expression'])}"
-            if "expression" in source
-            else rf"\b{source['table']}\s+{source['address']}\b"
-        )
+        if "expression" in source:
+            where = rf"= {re.escape(source['expression'])}"
+        elif "object_type" in source:  # BACnet
+            where = rf"\b{source['object_type']},{source['instance']} present-value\b"
+        else:
+            where = rf"\b{source['table']}\s+{source['address']}\b"
         assert any(re.search(where, line) for line in lines), signal["path"]
 
 
