@@ -13,11 +13,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from bacpypes3.primitivedata import ObjectIdentifier
 from pymodbus.client import AsyncModbusTcpClient
 
+from broker.plant.connectors import bacnet_frames as frames
 from broker.sim.refrigeration import (
+    AI_ROOM_TEMPERATURE,
+    AV_ROOM_SETPOINT,
+    BI_DOOR,
     IR_AMBIENT,
     IR_DISCHARGE,
     IR_ROOM,
@@ -63,6 +69,32 @@ async def input_registers(host: str, port: int) -> list[int] | None:
         client.close()
 
 
+async def present_value(host: str, port: int, obj: tuple[str, int]) -> Any:
+    """One object's present-value read from the room controller with a ReadProperty, or
+    None when nothing answers within a second."""
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Link(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            answers.put_nowait(data)
+
+        def error_received(self, exc: Exception) -> None:  # ICMP port unreachable
+            pass
+
+    transport, _ = await loop.create_datagram_endpoint(Link, remote_addr=(host, port))
+    try:
+        transport.sendto(frames.read_property(1, ObjectIdentifier(obj), "present-value"))
+        try:
+            async with asyncio.timeout(1.0):
+                answer = frames.parse(await answers.get())
+        except TimeoutError:
+            return None
+        return frames.value_of(obj[0], "present-value", answer.propertyValue)
+    finally:
+        transport.close()
+
+
 async def answering(host: str, port: int) -> list[int]:
     """The registers, once the started process answers (it takes a second or two)."""
     read: list[list[int]] = []
@@ -100,6 +132,12 @@ async def test_serves_the_demo_registers_and_stops_on_a_signal(
 
         await eventually(moved, timeout=20)
 
+        # The chill room's controller answers on its UDP port: a room near +2 degC.
+        temperature = await present_value("127.0.0.1", bacnet_port, AI_ROOM_TEMPERATURE)
+        assert isinstance(temperature, float) and 0 < temperature < 6
+        assert await present_value("127.0.0.1", bacnet_port, AV_ROOM_SETPOINT) == 2.0
+        assert str(await present_value("127.0.0.1", bacnet_port, BI_DOOR)) in {"active", "inactive"}
+
         process.send_signal(stop)
         assert await asyncio.to_thread(process.wait, 20) == 0
     assert '"event": "simulator_stopped"' in log.read_text()
@@ -117,6 +155,8 @@ async def test_listens_on_the_host_given_and_nowhere_else(tmp_path: Path) -> Non
     ) as (process, log):
         await answering("127.0.0.2", port)
         assert await input_registers("127.0.0.1", port) is None
+        assert await present_value("127.0.0.2", bacnet_port, AV_ROOM_SETPOINT) == 2.0
+        assert await present_value("127.0.0.1", bacnet_port, AV_ROOM_SETPOINT) is None
         assert '"host": "127.0.0.2"' in log.read_text()
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 20) == 0
