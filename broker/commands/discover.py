@@ -98,7 +98,7 @@ def _discover_dnp3(args: argparse.Namespace) -> int:
 
 
 def _discover_bacnet(args: argparse.Namespace) -> int:
-    # bacpypes3 takes 0.3 s to import: only this command pays for it.
+    # bacpypes3 takes about 0.5 s to import: only this command pays for it.
     from broker.plant.discovery_bacnet import discover_bacnet
 
     return discover_bacnet(args)
