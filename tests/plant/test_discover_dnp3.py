@@ -27,6 +27,7 @@ GROUPS = {1, 3, 10, 20, 21, 30, 40}  # opendnp3 serves frozen counters (21) too
 def station() -> Iterator[Dnp3Outstation]:
     with Dnp3Outstation(size=100) as outstation:  # an answer of several fragments
         outstation.set("analog", 7, 21.5, flags=ONLINE)
+        outstation.set("double_bit", 3, "on", flags=ONLINE)
         yield outstation
 
 
@@ -69,6 +70,8 @@ async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_prin
     assert "flags 0x01 (good)" in comment
     restarted = lines[lines.index("  - path: lift-station/analog-input-8") - 1]
     assert "RESTART" in restarted and "(bad" in restarted  # never set: as it started
+    double_bit = lines[lines.index("  - path: lift-station/double-bit-input-3") - 1]
+    assert double_bit.endswith(": 'on', flags 0x81 (good), string")  # state in bits 6-7
     assert "# Indications (IIN) set:" in done.stdout and "DEVICE_RESTART" in done.stdout
     (tmp_path / "starter.yaml").write_text(done.stdout)
     compiled = await asyncio.to_thread(
