@@ -78,6 +78,7 @@ API_PORT = 8443  # the shipped default; the namespace's ports are its own
 API = f"https://{APPLIANCE_IT}:{API_PORT}"
 MODBUS_SIGNAL = "coldstore/machine-room/compressor-1/suction_pressure"
 UA_SIGNAL = "coldstore/ua/plc/power"
+CHILL_ROOM = "coldstore/storage/cold-room-2"  # the demo room controller's asset, left out
 POLL_INTERVAL_S = 0.5  # the demo's 8 requests a scan: 16 requests/s, inside the default budget
 WRITE_CODES = {5, 6, 15, 16, 22, 23}
 PEERS = ("-m", "tests.deployment.wire_peers")
@@ -105,8 +106,13 @@ class Wire:
 
 
 def policy_document() -> dict[str, Any]:
-    """The demo policy at the OT Modbus server, at the default budget, plus one OPC UA device."""
+    """The demo policy at the OT Modbus server, at the default budget, plus one OPC UA device.
+    Without the demo's BACnet room controller (on loopback, not on this OT link): its chill
+    room asset and signals go with it (tests/deployment/test_nftables.py covers BACnet's UDP)."""
     document = demo_policy(MODBUS_PORT, poll_interval_s=POLL_INTERVAL_S)
+    document["devices"] = [d for d in document["devices"] if d["protocol"] != "bacnet"]
+    document["signals"] = [s for s in document["signals"] if s.get("device") != "room-controller"]
+    document["assets"] = [a for a in document["assets"] if a["path"] != CHILL_ROOM]
     document["devices"][0].update(host=PLC6, max_requests_per_s=DEFAULT_MAX_REQUESTS_PER_S)
     document["devices"].append(
         {"name": "ua-plc", "protocol": "opcua", "poll_interval_s": POLL_INTERVAL_S,
