@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,9 @@ def add_to(commands: Any) -> None:
         "own port, as the demo policy)",
     )  # fmt: skip
     fridge.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
+        "--host", type=_ipv4, default="127.0.0.1",
+        help="IPv4 address to listen on (default: %(default)s)",
+    )  # fmt: skip
     fridge.set_defaults(handler=_refrigeration)
 
 
@@ -64,6 +66,15 @@ def _port(kind: str) -> Callable[[str], int]:
         return port
 
     return port_number
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IPv4 address (the BACnet/IP room controller needs one)"
+        ) from None
 
 
 def _refrigeration(args: argparse.Namespace) -> int:

@@ -206,6 +206,14 @@ def test_a_port_out_of_range_is_refused(port: str) -> None:
     assert f"argument --bacnet-port: {port!r} is not a UDP port (1-65535)" in result.stderr
 
 
+@pytest.mark.parametrize("host", ["localhost", "::1", "127.0.0"])
+def test_a_host_that_is_not_an_ipv4_address_is_refused(host: str) -> None:
+    result = dmzbroker("sim", "refrigeration", "--host", host, check=False)
+    assert result.returncode == 2
+    assert f"argument --host: {host!r} is not an IPv4 address" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_help_names_both_servers_and_their_default_ports() -> None:
     text = " ".join(dmzbroker("sim", "refrigeration", "--help").stdout.split())
     assert "Modbus TCP server (unit id 1)" in text
