@@ -12,8 +12,9 @@ with DIR=1, PRM=1 and function UNCONFIRMED_USER_DATA, so the outstation's link o
 back and no link reset is ever needed.
 
 This module must never originate a link request (no RESET_LINK_STATES, no
-TEST_LINK_STATES, no REQUEST_LINK_STATUS): it answers only the outstation's
-REQUEST_LINK_STATUS (with LINK_STATUS) and CONFIRMED_USER_DATA (with ACK). It never accepts
+TEST_LINK_STATES, no REQUEST_LINK_STATUS): it answers only what the outstation's primary
+frames are owed by a secondary (IEEE 1815-2012 clause 9): REQUEST_LINK_STATUS with
+LINK_STATUS; RESET_LINK_STATES, TEST_LINK_STATES and CONFIRMED_USER_DATA with ACK. It never accepts
 a frame that is not from the configured outstation to the configured master, a frame whose
 CRC is wrong, or a fragment over MAX_FRAGMENT; it never allocates from a length the peer
 claims beyond what one frame can hold. It builds no application function code: that is
@@ -232,17 +233,26 @@ class Channel:
             return None  # a secondary frame answers a request this master never sends
         if (function in _CARRIES_DATA) != bool(data):
             raise FrameError(f"{where}: link function {function} with {len(data)} bytes of data")
-        if function == PRI_REQUEST_LINK_STATUS:
-            reply = encode_frame(DIR | SEC_LINK_STATUS, self.outstation, self.master)
-            if reply not in self._replies:  # one answer suffices for any number of asks
-                self._replies.append(reply)
-            return None
+        self._owe(function)
         if function == PRI_CONFIRMED_USER_DATA:
-            self._replies.append(encode_frame(DIR | SEC_ACK, self.outstation, self.master))
             fcb = control & FCB
             if control & FCV and fcb == self._last_fcb:
                 return None  # a repeat of a frame whose ACK was lost: acknowledged, not used
             self._last_fcb = fcb
         elif function != PRI_UNCONFIRMED_USER_DATA:
-            return None  # reset/test link states: owed no answer by a master that never confirms
+            return None  # link status, reset or test link states: answered; anything else: ignored
         return self._rx.add(bytes(data))
+
+    def _owe(self, function: int) -> None:
+        """The answer a secondary owes to the outstation's primary frame of `function`."""
+        if function == PRI_REQUEST_LINK_STATUS:
+            reply = encode_frame(DIR | SEC_LINK_STATUS, self.outstation, self.master)
+            if reply not in self._replies:  # one answer suffices for any number of asks
+                self._replies.append(reply)
+        elif function in (PRI_RESET_LINK_STATES, PRI_TEST_LINK_STATES, PRI_CONFIRMED_USER_DATA):
+            # An outstation that uses link confirms resets (and tests) its link to us before
+            # its confirmed data and waits for the ACK our secondary owes: an answer, not a
+            # request of ours.
+            self._replies.append(encode_frame(DIR | SEC_ACK, self.outstation, self.master))
+            if function == PRI_RESET_LINK_STATES:
+                self._last_fcb = None  # the next confirmed frame is new, whatever its FCB

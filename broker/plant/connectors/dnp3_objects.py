@@ -286,7 +286,7 @@ class _Objects:
             body = self.take(size, name)
             if (group, variation) not in _VALUES:
                 if group == 51 and count:
-                    self.cto = _time(body[-6:], f"{name} at byte {start}")
+                    self.cto = _time(body[-6:])  # None when out of range: relative times skipped
             elif not (prefix or is_range):
                 self.skipped.append(f"{name} at byte {start}: a count without indexes; not read")
             elif layout.time == 2 and self.cto is None:
@@ -294,17 +294,10 @@ class _Objects:
                     f"{name} at byte {start}: relative times with no g51 before them; not read"
                 )
             else:
-                where = f"{name} at byte {start}"
                 self.points += _points(
-                    (group, variation),
-                    layout,
-                    body,
-                    first=first,
-                    prefix=prefix,
-                    count=count,
+                    (group, variation), layout, body, first=first, prefix=prefix, count=count,
                     cto=self.cto,
-                    where=where,
-                )
+                )  # fmt: skip
 
 
 def _passed_over(group: int, variation: int) -> _Layout | None:
@@ -322,7 +315,6 @@ def _points(
     prefix: int,
     count: int,
     cto: datetime | None,
-    where: str,
 ) -> list[Point]:
     group, variation = key
     static = STATIC_GROUP.get(group, group)
@@ -366,24 +358,29 @@ def _points(
             value = number_value
         when = None
         if layout.time == 6:
-            when = _time(item[pos : pos + 6], where)
+            when = _time(item[pos : pos + 6])
         elif layout.time == 2 and cto is not None:
-            when = cto + timedelta(milliseconds=int.from_bytes(item[pos : pos + 2], "little"))
+            delay = timedelta(milliseconds=int.from_bytes(item[pos : pos + 2], "little"))
+            when = cto + delay if cto <= datetime.max.replace(tzinfo=UTC) - delay else None
         points.append(Point(static, variation, index, value, flags, when, event))
     return points
 
 
-def _time(octets: bytes, where: str) -> datetime:
+def _time(octets: bytes) -> datetime | None:
+    """A 48-bit time (ms since 1970 UTC); None past the year 9999 (some devices send all
+    ones for "no time"): the point keeps its value, `quality_of` says its time is lost."""
     try:
         return _EPOCH + timedelta(milliseconds=int.from_bytes(octets, "little"))
-    except OverflowError as e:
-        raise FrameError(f"{where}: a time past the year 9999") from e
+    except OverflowError:
+        return None
 
 
 def quality_of(point: Point) -> tuple[Quality, str | None]:
-    """The quality the point's flags give, and the flags that made it so."""
+    """The quality the point's flags give, and the flags that made it so; `uncertain` when
+    its variation carries a time that could not be read."""
+    no_time = point.time is None and _carries_time(point)
     if point.flags is None:
-        return "good", None
+        return ("uncertain", _NO_TIME) if no_time else ("good", None)
     flags = point.flags
     named = [name for bit, name in _COMMON_FLAGS + _TYPE_FLAGS.get(point.group, ()) if flags & bit]
     if not flags & _ONLINE or flags & _COMM_LOST:
@@ -391,8 +388,18 @@ def quality_of(point: Point) -> tuple[Quality, str | None]:
             named if flags & _ONLINE else ["not ONLINE", *named]
         )
     if named:
-        return "uncertain", "DNP3 flags: " + ", ".join(named)
-    return "good", None
+        return "uncertain", "DNP3 flags: " + ", ".join(named) + ("; " + _NO_TIME if no_time else "")
+    return ("uncertain", _NO_TIME) if no_time else ("good", None)
+
+
+_NO_TIME: Final = "DNP3: the point's time is out of range (past the year 9999)"
+_EVENT_GROUP: Final = {static: event for event, static in STATIC_GROUP.items()}
+
+
+def _carries_time(point: Point) -> bool:
+    group = _EVENT_GROUP.get(point.group, point.group) if point.event else point.group
+    layout = _VALUES.get((group, point.variation))
+    return layout is not None and layout.time != 0
 
 
 def indications(iin: int) -> list[str]:

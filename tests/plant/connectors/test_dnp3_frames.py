@@ -174,17 +174,29 @@ def test_a_bad_start_is_refused_at_once_and_a_partial_one_waits() -> None:
         channel.receive(b"\x00")
 
 
-def test_link_status_is_answered_once_and_reset_or_test_not_at_all() -> None:
+def test_link_status_is_answered_once_reset_and_test_are_acked() -> None:
     channel = Channel(MASTER, OUTSTATION)
     ask = encode_frame(PRM | PRI_REQUEST_LINK_STATUS, MASTER, OUTSTATION)
     assert channel.receive(ask + ask) == []
     # LINK_STATUS (11) from master 1 to outstation 1024, DIR set, PRM clear: 0x8B.
     assert channel.replies().hex(" ") == "05 64 05 8b 00 04 01 00 2e f7"
     assert channel.replies() == b""
-    for function in (PRI_RESET_LINK_STATES, PRI_TEST_LINK_STATES):
-        channel.receive(encode_frame(PRM | FCV | function, MASTER, OUTSTATION))
+    ack = encode_frame(DIR | SEC_ACK, OUTSTATION, MASTER)
+    channel.receive(encode_frame(PRM | PRI_RESET_LINK_STATES, MASTER, OUTSTATION))
+    assert channel.replies() == ack  # a secondary owes it: an answer, never a request of ours
+    channel.receive(encode_frame(PRM | FCV | FCB | PRI_TEST_LINK_STATES, MASTER, OUTSTATION))
+    assert channel.replies() == ack
     channel.receive(encode_frame(SEC_ACK, MASTER, OUTSTATION))  # answers nothing we sent
     assert channel.replies() == b""
+
+
+def test_after_a_link_reset_a_confirmed_frame_is_new_whatever_its_fcb() -> None:
+    channel = Channel(MASTER, OUTSTATION)
+    segment_ = bytes((FIR | FIN, 0xC0, 0x81, 0, 0))
+    confirmed = encode_frame(PRM | FCV | FCB | PRI_CONFIRMED_USER_DATA, MASTER, OUTSTATION, segment_)
+    assert channel.receive(confirmed) == [segment_[1:]]
+    channel.receive(encode_frame(PRM | PRI_RESET_LINK_STATES, MASTER, OUTSTATION))
+    assert channel.receive(confirmed) == [segment_[1:]]  # the same FCB, but after a reset
 
 
 def test_confirmed_user_data_is_acked_and_a_repeat_is_not_used_twice() -> None:

@@ -5,12 +5,10 @@ stack (yadnp3's opendnp3 outstation in a subprocess) through our link layer."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import re
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +22,7 @@ from broker.plant.connectors.dnp3_objects import (
     FUNCTIONS_SENT,
     Header,
     Point,
+    Response,
     class_header,
     confirm,
     indications,
@@ -32,6 +31,7 @@ from broker.plant.connectors.dnp3_objects import (
     range_header,
     read_request,
 )
+from tests.plant.connectors.dnp3_outstation import CountingProxy, Dnp3Outstation
 
 ONLINE = 0x01
 T0 = datetime(2026, 12, 6, 3, 0, 0, 123000, tzinfo=UTC)
@@ -275,12 +275,34 @@ def test_a_count_the_bytes_do_not_hold_is_refused_without_allocating(header: byt
         (response(bytes((30, 1))), "an object header at byte 4"),
         (response(bytes((30, 1, 0x00, 5, 4))), "range 5..4 runs backwards"),
         (response(bytes((30, 1, 0x01, 5))), "g30v1's range at byte 7"),
-        (response(bytes((2, 2, 0x17, 1, 0, 1)) + b"\xff" * 6), "past the year 9999"),
     ],
 )
 def test_malformed_responses_say_what_and_where(apdu: bytes, problem: str) -> None:
     with pytest.raises(FrameError, match=re.escape(problem)):
         parse_response(apdu)
+
+
+def test_a_time_out_of_range_loses_the_time_not_the_point_nor_the_fragment() -> None:
+    """Some devices send all ones for "no time": the value stays, uncertain, and parsing goes on."""
+    parsed = parse_response(
+        response(
+            bytes((32, 3, 0x28, 1, 0, 4, 0, ONLINE)) + struct.pack("<i", 5) + b"\xff" * 6,
+            bytes((30, 1, 0x00, 0, 0, ONLINE)) + struct.pack("<i", 7),
+        )
+    )
+    event, static = parsed.points
+    assert (event.group, event.index, event.value, event.time, event.event) == (
+        30,
+        4,
+        5,
+        None,
+        True,
+    )
+    quality, reason = quality_of(event)
+    assert quality == "uncertain" and "time is out of range" in (reason or "")
+    assert (static.value, quality_of(static)) == (7, ("good", None))
+    # Packed and flag-less variations carry no time: no time there is no fault.
+    assert quality_of(Point(30, 3, 0, 1, None, None, False)) == ("good", None)
 
 
 @settings(max_examples=400, deadline=None)
@@ -347,69 +369,13 @@ def test_indications_name_the_set_bits() -> None:
 
 # --- against the reference stack --------------------------------------------------------
 
-OUTSTATION = """
-import signal, sys, threading, time
-import opendnp3 as o
-
-class App(o.IOutstationApplication):
-    def SupportsWriteAbsoluteTime(s): return False
-    def WriteAbsoluteTime(s, t): return False
-    def SupportsAssignClass(s): return False
-    def GetApplicationIIN(s): return o.ApplicationIIN()
-    def ColdRestartSupport(s): return o.RestartMode.UNSUPPORTED
-    def WarmRestartSupport(s): return o.RestartMode.UNSUPPORTED
-    def ColdRestart(s): return 0
-    def WarmRestart(s): return 0
-    def Now(s): return o.DNPTime(int(time.time() * 1000))
-
-class Commands(o.ICommandHandler):
-    def Begin(s): pass
-    def End(s): pass
-    def Select(s, c, i): return o.CommandStatus.NOT_SUPPORTED
-    def Operate(s, c, i, h, t): return o.CommandStatus.NOT_SUPPORTED
-
-manager = o.DNP3Manager(1)
-channel = manager.AddTCPServer("s", o.levels.NOTHING, o.ServerAcceptMode.CloseExisting,
-                               o.IPEndpoint("127.0.0.1", int(sys.argv[1])), None)
-config = o.OutstationStackConfig(o.DatabaseConfig(3))
-config.outstation.params.allowUnsolicited = False
-config.link.LocalAddr = 1024
-config.link.RemoteAddr = 1
-outstation = channel.AddOutstation("o", Commands(), App(), config)
-outstation.Enable()
-updates = o.UpdateBuilder()
-updates.Update(o.Analog(21.5), 0)
-updates.Update(o.Binary(True), 1)
-outstation.Apply(updates.Build())
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-print("ready", flush=True)
-stop.wait(60)
-manager.Shutdown()
-"""
-
 
 @pytest.fixture
-def outstation_port() -> Iterator[int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-c", OUTSTATION, str(port)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        assert process.stdout.readline().strip() == "ready"
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+def station() -> Iterator[Dnp3Outstation]:
+    with Dnp3Outstation(size=3) as outstation:
+        outstation.set("analog", 0, 21.5)
+        outstation.set("binary", 1, True)
+        yield outstation
 
 
 def exchange(connection: socket.socket, channel: Channel, request: bytes) -> bytes:
@@ -424,22 +390,20 @@ def exchange(connection: socket.socket, channel: Channel, request: bytes) -> byt
     raise AssertionError("no response within 5 s")
 
 
-def connect(port: int) -> socket.socket:
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=5)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def test_the_reference_outstation_answers_our_reads(outstation_port: int) -> None:
+def talk(port: int) -> tuple[Response, Response]:
+    """An integrity poll and a static read, in this thread (the proxy serves in the loop)."""
     channel = Channel(master=1, outstation=1024)
-    with contextlib.closing(connect(outstation_port)) as connection:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
         integrity = parse_response(exchange(connection, channel, read_request(0, [class_header(0)])))  # fmt: skip
         floats = parse_response(exchange(connection, channel, read_request(1, [range_header(30, 5, 0, 2)])))  # fmt: skip
+    return integrity, floats
+
+
+async def test_the_reference_outstation_answers_our_reads(station: Dnp3Outstation) -> None:
+    async with CountingProxy(station.port) as proxy:
+        integrity, floats = await asyncio.to_thread(talk, proxy.port)
+    assert dict(proxy.functions) == {"READ": 2}  # what the codec sent, counted on the wire
+    proxy.assert_read_only()
     assert (integrity.function, integrity.seq, integrity.skipped) == (129, 0, [])
     assert "DEVICE_RESTART" in indications(integrity.iin)  # set at start, and we leave it so
     points = {(p.group, p.index): p for p in integrity.points}
