@@ -194,7 +194,7 @@ def _walk(type_: Any, data: Any, path: KeyPath) -> tuple[Any, Any]:
     for step in path:
         type_ = _unwrap(type_, data)
         origin = get_origin(type_)
-        if isinstance(step, int) and origin is list:
+        if isinstance(step, int) and origin in (list, tuple):  # list[X] or tuple[X, ...]
             type_ = get_args(type_)[0]
             data = data[step] if isinstance(data, list) and step < len(data) else None
         elif isinstance(step, str) and origin is dict:

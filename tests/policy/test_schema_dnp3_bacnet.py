@@ -114,7 +114,7 @@ def test_the_base_policy_loads_with_its_defaults(tmp_path: Path) -> None:
          "devices[0]: event_classes: [] would poll no class: name the classes (1, 2, 3) to "
          "poll, or leave it out for all three"),
         (DNP3, DNP3 + "    read: events\n    event_classes: [0]\n", "event_classes",
-         "devices[0].event_classes[0]: invalid enum value 0"),
+         "devices[0].event_classes[0]: invalid enum value 0 (one of: 1, 2, 3)"),
         (DNP3, DNP3 + "    read: event\n", "read: event",
          "devices[0].read: invalid enum value 'event' — did you mean 'events'? "
          "(one of: static, events)"),
