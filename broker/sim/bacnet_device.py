@@ -7,7 +7,14 @@ served on one UDP port. Every request is counted by service name (`readProperty`
 `writeProperty`, `whoIs`, …) as it arrives, before bacpypes3 decides to answer or refuse
 it, so a test can assert that a client sent no write and no device-management service.
 Datagrams that are not a request (answers, malformed packets) are counted under
-`"not-a-request"`.
+`"not-a-request"`. BVLL messages other than the two that carry an NPDU (Write-BDT,
+Register-Foreign-Device, …) are counted as `"bvll:write-bdt"` and the like, and
+network-layer messages as `"network:initialize-routing-table"` and the like, as they reach
+the socket: a test that asserts the counts names every message a client sent.
+
+Like a real device (and unlike bacpypes3's own server), it answers a ReadProperty of the
+wildcard device instance 4194303 as itself, and aborts with segmentation-not-supported an
+answer longer than its `max_apdu` (it never segments).
 
 It is a test and demo device: it must never be imported by the broker's halves (the import
 contracts forbid it), and it is not hardened against hostile clients.
@@ -17,11 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bacpypes3.apdu import ConfirmedServiceChoice, UnconfirmedServiceChoice
+from bacpypes3.apdu import (
+    AbortPDU,
+    ComplexAckPDU,
+    ConfirmedServiceChoice,
+    UnconfirmedServiceChoice,
+)
 from bacpypes3.app import Application
 from bacpypes3.local.analog import AnalogInputObject, AnalogOutputObject, AnalogValueObject
 from bacpypes3.local.binary import BinaryInputObject, BinaryOutputObject, BinaryValueObject
@@ -80,6 +93,45 @@ _CLASSES: dict[str, type] = {
 }
 _CONFIRMED: dict[int, str] = ConfirmedServiceChoice._attr_map  # number → "readProperty", …
 _UNCONFIRMED: dict[int, str] = UnconfirmedServiceChoice._attr_map
+_WILDCARD = ObjectIdentifier(("device", 4194303))
+# Annex J.2: the BVLL functions; 0x0a and 0x0b carry an NPDU to the application
+_BVLL = {
+    0x00: "result", 0x01: "write-bdt", 0x02: "read-bdt", 0x03: "read-bdt-ack",
+    0x04: "forwarded-npdu", 0x05: "register-foreign-device", 0x06: "read-fdt",
+    0x07: "read-fdt-ack", 0x08: "delete-fdt-entry", 0x09: "distribute-broadcast-to-network",
+    0x0C: "secure-bvll",
+}  # fmt: skip
+# clause 6.2.4: network-layer message types
+_NETWORK = {
+    0x00: "who-is-router-to-network", 0x01: "i-am-router-to-network",
+    0x02: "i-could-be-router-to-network", 0x03: "reject-message-to-network",
+    0x04: "router-busy-to-network", 0x05: "router-available-to-network",
+    0x06: "initialize-routing-table", 0x07: "initialize-routing-table-ack",
+    0x08: "establish-connection-to-network", 0x09: "disconnect-connection-to-network",
+    0x12: "what-is-network-number", 0x13: "network-number-is",
+}  # fmt: skip
+
+
+def link_message(data: bytes) -> str | None:
+    """A BVLL or network-layer message's name (`"bvll:write-bdt"`,
+    `"network:initialize-routing-table"`); None for a datagram that carries an APDU (or that
+    is not BACnet/IP: the application layer counts it)."""
+    if len(data) < 4 or data[0] != 0x81:
+        return None
+    if data[1] not in (0x0A, 0x0B):
+        return "bvll:" + _BVLL.get(data[1], f"0x{data[1]:02x}")
+    npdu = data[4:]
+    if len(npdu) < 2 or not npdu[1] & 0x80:
+        return None
+    at = 2
+    if npdu[1] & 0x20:  # DNET, DLEN, DADR
+        at += 3 + (npdu[at + 2] if len(npdu) > at + 2 else 0)
+    if npdu[1] & 0x08:  # SNET, SLEN, SADR
+        at += 3 + (npdu[at + 2] if len(npdu) > at + 2 else 0)
+    if npdu[1] & 0x20:
+        at += 1  # hop count
+    kind = npdu[at] if len(npdu) > at else None
+    return "network:" + (_NETWORK.get(kind, f"0x{kind:02x}") if kind is not None else "cut")
 
 
 def service_name(data: bytes) -> str:
@@ -117,6 +169,7 @@ class SimulatedBacnetDevice:
         name: str = "simulated-device",
         *,
         max_apdu: int = 1476,
+        prefix: int = 32,
     ) -> None:
         self.host = host
         self.port = port
@@ -124,6 +177,7 @@ class SimulatedBacnetDevice:
         self.name = name
         self.requests: collections.Counter[str] = collections.Counter()
         self._max_apdu = max_apdu
+        self._prefix = prefix  # of its network: below 32, it also hears that subnet's broadcasts
         self._specs = list(objects)
         self._objects: dict[tuple[str, int], Any] = {}
         self._app: Application | None = None
@@ -132,6 +186,9 @@ class SimulatedBacnetDevice:
         """Serve the device; its objects keep the values and status set so far."""
         if self._app is not None:
             return
+        # bacpypes3 retries a port in use for ever, in a task: say so now instead
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((self.host, self.port))
         device = DeviceObject(
             objectIdentifier=("device", self.device_instance),
             objectName=self.name,
@@ -142,7 +199,7 @@ class SimulatedBacnetDevice:
             segmentationSupported="noSegmentation",
         )
         port = NetworkPortObject(
-            f"{self.host}/32:{self.port}",
+            f"{self.host}/{self._prefix}:{self.port}",
             objectIdentifier=("network-port", 1),
             objectName="NetworkPort-1",
         )
@@ -158,8 +215,33 @@ class SimulatedBacnetDevice:
             await counted(pdu)
 
         asap.confirmation = confirmation
+        read_property = app.do_ReadPropertyRequest
+        me = ObjectIdentifier(("device", self.device_instance))
+
+        async def do_read_property(apdu: Any) -> None:
+            if apdu.objectIdentifier == _WILDCARD:  # "whoever receives this" (clause 15.5.2)
+                apdu.objectIdentifier = me
+            await read_property(apdu)
+
+        app.do_ReadPropertyRequest = do_read_property
+        respond = app.response
+
+        async def response(apdu: Any) -> None:
+            if isinstance(apdu, ComplexAckPDU) and 3 + len(apdu.encode().pduData) > self._max_apdu:
+                abort = AbortPDU(
+                    srv=True, invoke_id=apdu.apduInvokeID, reason="segmentationNotSupported"
+                )
+                abort.pduSource, abort.pduDestination = apdu.pduSource, apdu.pduDestination
+                apdu = abort
+            await respond(apdu)
+
+        app.response = response
         self._app = app
-        await self._bound()
+        try:
+            await self._bound()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _bound(self) -> None:
         """Wait (bounded) until the UDP endpoint is open: bacpypes3 opens it in a task."""
@@ -169,15 +251,32 @@ class SimulatedBacnetDevice:
             if self._transport() is not None:
                 return
             await asyncio.sleep(0.01)
-        raise RuntimeError(f"simulated BACnet device: {self.host}:{self.port} did not open")
+        raise OSError(f"simulated BACnet device: {self.host}:{self.port} did not open")
 
     def _transport(self) -> Any:
         app = self._app
         for layer in app.link_layers.values() if app is not None else ():
             transport = getattr(getattr(layer, "server", None), "local_transport", None)
             if transport is not None:
+                self._count_link_messages(layer.server)
                 return transport
         return None
+
+    def _count_link_messages(self, server: Any) -> None:
+        """Count BVLL and network-layer messages where datagrams arrive (bacpypes3 handles
+        them below the application, where `requests` counts)."""
+        if getattr(server, "_counted", False):
+            return
+        arrived = server.confirmation
+
+        async def confirmation(pdu: Any) -> None:
+            message = link_message(bytes(pdu.pduData))
+            if message is not None:
+                self.requests[message] += 1
+            await arrived(pdu)
+
+        server.confirmation = confirmation
+        server._counted = True
 
     async def stop(self) -> None:
         """Close the device's socket; nothing answers on the port until `start` again."""

@@ -6,15 +6,18 @@ request class. Each confirmed request goes out as one unsegmented APDU that does
 segmented answer, in an Original-Unicast-NPDU for the local network (no DNET: routed
 networks are not supported yet).
 
-`parse` decodes whatever arrives from the device and raises `FrameError` (saying what is
-wrong) for anything that is not a well-formed BVLL, NPDU and APDU for us: it must never let
-a bacpypes3 exception or a half-decoded value out, because the bytes come from the OT network.
+`peek` reads a datagram's BVLL, NPDU and APDU headers without decoding the service (a few
+octets, constant time), so that what answers no outstanding request is dropped before
+bacpypes3 spends time on it. `parse` decodes whatever passes and raises `FrameError` (saying
+what is wrong) for anything that is not a well-formed BVLL, NPDU and APDU for us: neither may
+let a bacpypes3 exception or a half-decoded value out, because the bytes come from the OT
+network.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from bacpypes3.apdu import (
     APDU,
@@ -34,15 +37,21 @@ from bacpypes3.constructeddata import SequenceOf
 from bacpypes3.ipv4.bvll import OriginalUnicastNPDU
 from bacpypes3.npdu import NPDU
 from bacpypes3.pdu import PDU
-from bacpypes3.primitivedata import ObjectIdentifier
+from bacpypes3.primitivedata import Atomic, CharacterString, ObjectIdentifier, OctetString
 from bacpypes3.vendor import get_vendor_info
 
 # The only services the connector sends (docs/bacnet.md); subscribeCOV only with `read: cov`.
 SERVICES_USED: Final = frozenset({"whoIs", "readProperty", "readPropertyMultiple", "subscribeCOV"})
 
 MAX_APDU: Final = 1476  # the largest answer we accept: one Ethernet frame of BACnet/IP
+# The largest BACnet/IP datagram: BVLL (4) + the largest NPDU header (21) + MAX_APDU
+# (Annex J, clause 6.2); anything longer is not BACnet/IP and is dropped undecoded.
+MAX_DATAGRAM: Final = 4 + 21 + MAX_APDU
 _MAX_RESP_CODE: Final = 5  # clause 20.1.2.5: 5 means up to 1476 octets
 WILDCARD_INSTANCE: Final = 4194303  # "the device that receives this" (clause 15.5.2)
+
+MAX_COV_LIFETIME_S: Final = 3600  # a subscription lapses within the hour if we vanish
+_LONG: Final = 265  # a text of 255 octets with its tags: longer ones are split on refusal
 
 _BVLL_TYPE = 0x81
 _ORIGINAL_UNICAST = 0x0A
@@ -96,6 +105,8 @@ def read_property_multiple(invoke_id: int, wanted: Sequence[Property]) -> bytes:
 
 def subscribe_cov(invoke_id: int, process_id: int, obj: ObjectIdentifier, lifetime_s: int) -> bytes:
     """Unconfirmed notifications of `obj` to this socket for `lifetime_s` (never 0: forever)."""
+    if not 0 < lifetime_s <= MAX_COV_LIFETIME_S:
+        raise ValueError(f"a COV lifetime of {lifetime_s} s: 1 .. {MAX_COV_LIFETIME_S} s only")
     request = SubscribeCOVRequest(
         subscriberProcessIdentifier=process_id,
         monitoredObjectIdentifier=obj,
@@ -105,12 +116,89 @@ def subscribe_cov(invoke_id: int, process_id: int, obj: ObjectIdentifier, lifeti
     return _confirmed(request, invoke_id)
 
 
+def cancel_cov(invoke_id: int, process_id: int, obj: ObjectIdentifier) -> bytes:
+    """The cancellation of our subscription to `obj`: a SubscribeCOV without
+    issue-confirmed-notifications and lifetime (clause 13.14.1.1.3)."""
+    request = SubscribeCOVRequest(
+        subscriberProcessIdentifier=process_id, monitoredObjectIdentifier=obj
+    )
+    return _confirmed(request, invoke_id)
+
+
 def answer_size(wanted: Sequence[Property]) -> int:
-    """An upper estimate of the octets of a ReadPropertyMultiple-ACK for `wanted` (a REAL or
-    an enumeration; an error is 8), with the 3 octets of the ACK's header: batches are cut
-    so that this stays within the device's max-apdu-length-accepted."""
+    """A safe estimate of the octets of a ReadPropertyMultiple-ACK for `wanted`, with the 3
+    octets of the ACK's header: batches are cut so that this stays within the device's
+    max-apdu-length-accepted. A number, an enumeration or a bit string takes at most 12
+    octets with its tags (an error takes 8); text, octet strings, arrays, lists and
+    properties of unknown type are counted at `_LONG` each."""
     objects = len({obj for obj, _ in wanted})
-    return 3 + objects * 7 + len(wanted) * 12
+    return 3 + objects * 7 + sum(_property_size(obj, prop) for obj, prop in wanted)
+
+
+def _property_size(obj: ObjectIdentifier, prop: str) -> int:
+    try:
+        kind = _OBJECTS.get_object_class(ObjectType(obj[0]))
+        datatype = kind.get_property_type(PropertyIdentifier(prop)) if kind is not None else None
+    except (ValueError, KeyError, TypeError):
+        datatype = None
+    if datatype is None or not issubclass(datatype, Atomic):
+        return _LONG
+    if issubclass(datatype, CharacterString | OctetString):
+        return _LONG
+    return 12
+
+
+class Peek(NamedTuple):
+    """A datagram's APDU type (clause 20.1.1: 0 confirmed request … 7 abort), its invoke id
+    (None for an unconfirmed request) and its service choice (None where it has none)."""
+
+    kind: int
+    invoke_id: int | None
+    service: int | None
+
+
+def peek(datagram: bytes) -> Peek:
+    """The headers of a datagram from the device, without decoding its service: FrameError
+    for what is not an unsegmented local BACnet/IP APDU (checked again, in full, by `parse`)."""
+    if len(datagram) > MAX_DATAGRAM:
+        raise FrameError(f"a datagram of {len(datagram)} octets, over BACnet/IP's {MAX_DATAGRAM}")
+    if len(datagram) < 7 or datagram[0] != _BVLL_TYPE:
+        raise FrameError(f"not BACnet/IP (BVLL type {datagram[:1].hex() or 'missing'})")
+    if datagram[1] not in (_ORIGINAL_UNICAST, _ORIGINAL_BROADCAST):
+        raise FrameError(f"BVLL function 0x{datagram[1]:02x} carries no message for us")
+    if int.from_bytes(datagram[2:4], "big") != len(datagram):
+        raise FrameError(
+            f"BVLL length {int.from_bytes(datagram[2:4], 'big')} but {len(datagram)} octets"
+        )
+    control = datagram[5]
+    if datagram[4] != 1 or control & 0x80:
+        raise FrameError("a network-layer message or an NPDU of another version, not an APDU")
+    if control & 0x28:
+        raise FrameError("a routed message (DNET/SNET): routed networks are not supported")
+    apdu = datagram[6:]
+    kind = apdu[0] >> 4
+    segmented = bool(apdu[0] & 0x08)
+    at: dict[int, tuple[int | None, int | None]] = {
+        0: (2, 5 if segmented else 3),  # confirmed request: flags, max segs/resp, invoke id
+        1: (None, 1),  # unconfirmed request
+        2: (1, 2),  # simple ACK
+        3: (1, 4 if segmented else 2),  # complex ACK
+        4: (1, None),  # segment ACK
+        5: (1, 2),  # error
+        6: (1, None),  # reject
+        7: (1, None),  # abort
+    }
+    if kind not in at:
+        raise FrameError(f"APDU type {kind} is not defined")
+    invoke_at, service_at = at[kind]
+    last = max(i for i in (invoke_at, service_at) if i is not None)
+    if len(apdu) <= last:
+        raise FrameError(f"an APDU of type {kind} cut after {len(apdu)} octets")
+    return Peek(
+        kind,
+        apdu[invoke_at] if invoke_at is not None else None,
+        apdu[service_at] if service_at is not None else None,
+    )
 
 
 def parse(datagram: bytes) -> APDU:

@@ -55,6 +55,21 @@ class Connector(Protocol):
         ...
 
 
+class Pace:
+    """Spaces request starts at least 1/rate apart, across all of a device's connections
+    (Modbus) or on its one socket (BACnet)."""
+
+    def __init__(self, per_s: float) -> None:
+        self._gap = 1.0 / per_s
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next)
+        self._next = start + self._gap  # reserved before sleeping: concurrent callers queue up
+        await asyncio.sleep(start - now)
+
+
 def raise_if_cancelled() -> None:
     """Re-raise a cancellation that a library swallowed.
 

@@ -43,7 +43,7 @@ from pymodbus.pdu import ModbusPDU
 
 from broker.backoff import Backoff
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import Emit, Pace, RawSample, ScanGrid, raise_if_cancelled
 from broker.plant.connectors.modbus_frames import (
     ResponseDecoder,
     exception_name,
@@ -54,21 +54,6 @@ from broker.plant.connectors.modbus_plan import READ_FUNCTIONS, ReadRequest, pla
 from broker.plant.connectors.supervision import FIRST_RETRY_S, MAX_RETRY_S, STABLE_S
 from broker.policy import ModbusDevice, Signal, budget
 from broker.policy.schema import BIT_TABLES
-
-
-class Pace:
-    """Spaces request starts at least 1/rate apart, across all of a device's connections."""
-
-    def __init__(self, per_s: float) -> None:
-        self._gap = 1.0 / per_s
-        self._next = 0.0
-
-    async def wait(self) -> None:
-        now = asyncio.get_running_loop().time()
-        start = max(now, self._next)
-        self._next = start + self._gap  # reserved before sleeping: concurrent callers queue up
-        await asyncio.sleep(start - now)
-
 
 # What pymodbus raises for a request: no answer within timeout_s or the connection lost
 # (ModbusException), and what its decoding raises should a version let one through.

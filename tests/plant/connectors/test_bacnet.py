@@ -235,9 +235,10 @@ async def test_a_device_with_another_instance_is_not_read(
         batch = await reader.until(lambda b: True)
     assert all(s.quality == "bad" and s.raw is None for s in batch.values())
     down = next(e for e in events if e["event"] == "device_session_down")
-    assert f"device {INSTANCE}," in down["error"]
-    assert f"device {INSTANCE + 1} as the policy says" in down["error"]
+    assert f"is not BACnet device {INSTANCE + 1} as the policy says" in down["error"]
+    assert f"(it is BACnet device {INSTANCE})" in down["error"]  # named by the wildcard read
     assert sim.requests["readPropertyMultiple"] == 0  # identity first: nothing else read
+    assert sim.requests["whoIs"] == 0  # ReadProperty of its own identifier says enough
 
 
 async def test_a_missing_object_or_property_is_bad_alone(sim: SimulatedBacnetDevice) -> None:
@@ -345,7 +346,7 @@ async def test_the_connectors_socket_answers_nothing_and_takes_only_the_device(
         assert await _datagram_to(sim.port, frames.who_is()) is not None  # the probe does work
         # an "answer" from another port, with a plausible invoke id, is never data: the
         # kernel drops it (connected socket), so the connector does not even count it
-        forged = frames.read_property(connector._invoke, oid, "object-identifier")
+        forged = frames.read_property(0, oid, "object-identifier")
         for invoke in range(256):
             _datagram_to_nowait(port, forged[:6] + bytes([invoke]) + forged[7:])
         await reader.until(good)
