@@ -5,9 +5,13 @@ class 0 (the integrity poll's static data), and prints a starter policy an OT ow
 (paths, units, scale, what to share) before it is co-signed: discovery never decides what
 crosses. The only other things it may send are those the protocol requires of a master:
 an application CONFIRM when the outstation asks for one (a response in several fragments
-sets CON on each but the last) and the link layer's answers the codec owes (`Channel.replies`).
-It never writes (no WRITE of the restart indication), never enables or disables unsolicited
-responses, and never confirms an unsolicited response (the outstation keeps its own state).
+sets CON on each but the last; a null unsolicited response, which carries no event and
+enables nothing, but holds the outstation's answers until it is confirmed) and the link
+layer's answers the codec owes (`Channel.replies`). It never writes (no WRITE of the restart
+indication), never enables or disables unsolicited responses, and never confirms an
+unsolicited response with objects (that would delete events another master may need).
+The whole answer must come within `DEADLINE_TIMEOUTS` × --timeout, in fragments numbered
+as a response to its READ is: a hostile endpoint cannot keep the command running.
 Every encoder it uses is in `broker.plant.connectors.dnp3_objects`, which builds READ and
 CONFIRM only.
 """
@@ -27,6 +31,7 @@ import yaml
 from broker import logs
 from broker.errors import ConfigError, DeviceError
 from broker.plant.connectors.dnp3_frames import Channel, FrameError
+from broker.plant.connectors.dnp3_link import NULL_RESPONSE
 from broker.plant.connectors.dnp3_objects import (
     RESPONSE,
     Point,
@@ -42,7 +47,8 @@ from broker.policy import Dnp3Device
 from broker.policy.schema import DNP3_VARIATIONS, Dnp3Source
 
 DEFAULT_PORT = 20000
-MAX_FRAGMENTS = 1000  # of one answer: at 2,048 bytes each, far beyond any outstation's class 0
+MAX_FRAGMENTS = 256  # of one answer: 512 KiB, some 50,000 points, beyond most class 0 answers
+DEADLINE_TIMEOUTS = 10  # the whole answer within this many --timeout
 GROUP_NAMES = {  # the static groups a policy can name (schema.DNP3_VARIATIONS), as path words
     1: "binary-input",
     3: "double-bit-input",
@@ -130,8 +136,19 @@ async def _poll(
     await writer.drain()
     found: dict[tuple[int, int], Point] = {}
     skipped: list[str] = []
-    for _ in range(MAX_FRAGMENTS):
-        response = await _next_response(channel, reader, writer, where, timeout_s)
+    loop = asyncio.get_running_loop()
+    overall = loop.time() + DEADLINE_TIMEOUTS * timeout_s
+    for n in range(MAX_FRAGMENTS):
+        deadline = min(loop.time() + timeout_s, overall)
+        response = await _next_response(
+            channel, reader, writer, where, deadline=deadline, timeout_s=timeout_s
+        )
+        if response.seq != n & 0x0F or response.first != (n == 0):
+            raise DeviceError(
+                f"{where}: fragment {n + 1} of the answer has sequence {response.seq} "
+                f"({'first' if response.first else 'not first'}) where {n & 0x0F} "
+                f"({'first' if n == 0 else 'not first'}) was due: not an answer to this READ"
+            )
         for point in response.points:
             found[(point.group, point.index)] = point
         skipped += response.skipped
@@ -152,23 +169,30 @@ async def _next_response(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     where: str,
+    *,
+    deadline: float,
     timeout_s: float,
 ) -> Response:
-    """The next solicited response; unsolicited ones are read and dropped, never confirmed.
-    One deadline for the whole wait: a trickle of unsolicited responses cannot extend it."""
+    """The next solicited response; unsolicited ones are read and dropped, a null one
+    confirmed. One deadline for the whole wait: a trickle of unsolicited responses cannot
+    extend it."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
     pending: list[bytes] = []
     while True:
         while pending:
-            response = parse_response(pending.pop(0))
+            apdu = pending.pop(0)
+            response = parse_response(apdu)
             if response.function == RESPONSE:
                 return response
+            if response.confirm and len(apdu) == NULL_RESPONSE:
+                writer.write(channel.request(confirm(response.seq, unsolicited=True)))
+                await writer.drain()
         try:
             chunk = await asyncio.wait_for(reader.read(4096), max(0.0, deadline - loop.time()))
         except TimeoutError as e:
             raise DeviceError(
-                f"{where}: no answer to the integrity poll within {timeout_s:g} s: an "
+                f"{where}: no answer to the integrity poll within {timeout_s:g} s "
+                f"(the whole answer within {DEADLINE_TIMEOUTS * timeout_s:g} s): an "
                 "outstation ignores frames for another link address, so check --outstation "
                 "and --master against its configuration (or raise --timeout)"
             ) from e

@@ -12,7 +12,7 @@ outage.
 API (used by the DNP3 connector tests, `discover dnp3` and the bench):
 
     with Dnp3Outstation(size=8, unsolicited=False, outstation=1024, master=1,
-                        unsolicited_confirm_timeout_s=1.0) as station:
+                        unsolicited_confirm_timeout_s=5.0, events=1000) as station:
         station.set("analog", 0, 21.5, flags=ONLINE)        # kinds: KINDS below
         station.set("double_bit", 1, "on")                  # off|on|intermediate|indeterminate
         station.restart()                                    # sets IIN1.7 DEVICE_RESTART again
@@ -21,6 +21,7 @@ API (used by the DNP3 connector tests, `discover dnp3` and the bench):
     async with CountingProxy(station.port) as proxy:        # proxy.port: where a master connects
         proxy.functions, proxy.links, proxy.reads            # what the master sent
         proxy.unsolicited, proxy.unsolicited_confirms        # sent by each side
+        proxy.unsolicited_with_objects, proxy.data_confirms  # the non-null ones, their CONFIRMs
         proxy.cut() / proxy.restore()                        # an outage: connections closed, refused
         proxy.assert_read_only()                             # READ and CONFIRM only, no link reset
     link_frames(buffer) -> (frames, rest)                   # an independent frame splitter
@@ -28,7 +29,15 @@ API (used by the DNP3 connector tests, `discover dnp3` and the bench):
 Every point exists at indexes 0..size-1 of every kind, with the value 0 and the RESTART flag
 until set; the outstation sets DEVICE_RESTART when it starts. Unsolicited responses are
 allowed only with `unsolicited=True` (it then sends a null unsolicited response at start
-and repeats it until it is confirmed).
+and repeats it until it is confirmed; yadnp3 does not expose the class mask that would
+report events unsolicited without an ENABLE_UNSOLICITED, so only null ones come: an
+unsolicited response with objects is the hostile outstation's, test_dnp3_hostile.py). The event
+buffer holds `events` events of each type (1000: more than the tests of one module make,
+so an overflow only happens when a test asks for it).
+
+`start` picks a free port and retries with another when opendnp3 could not bind it (another
+process took it first): the subprocess says "ready" only once a listening socket of its own
+is on that port (/proc), which a connect probe to someone else's server cannot fake.
 
 The subprocess ends when its stdin closes, so a test process that dies leaves no
 outstation behind. The fixtures `dnp3_outstation` (one per test module) and `dnp3_proxy` (one per test, whose
@@ -93,15 +102,17 @@ class Dnp3Outstation:
         size: int = 8,
         *,
         unsolicited: bool = False,
-        unsolicited_confirm_timeout_s: float = 1.0,
+        unsolicited_confirm_timeout_s: float = 5.0,
+        events: int = 1000,
         outstation: int = 1024,
         master: int = 1,
     ) -> None:
         self.size = size
         self.unsolicited = unsolicited
-        # opendnp3 holds its answers while it waits for an unsolicited response's CONFIRM
-        # (5 s by default); shorter here, so a test of a master that ignores them is quick.
+        # opendnp3 holds its answers while it waits for an unsolicited response's CONFIRM:
+        # its default, 5 s, so the tests see what a master meets in the field.
         self.unsolicited_confirm_timeout_s = unsolicited_confirm_timeout_s
+        self.events = events
         self.outstation = outstation
         self.master = master
         self.port = 0
@@ -117,6 +128,7 @@ class Dnp3Outstation:
                 "size": self.size,
                 "unsolicited": self.unsolicited,
                 "unsolicited_confirm_ms": int(self.unsolicited_confirm_timeout_s * 1000),
+                "events": self.events,
                 "outstation": self.outstation,
                 "master": self.master,
             }
@@ -130,7 +142,7 @@ class Dnp3Outstation:
             )
             if self._answer() == "ready" and self._listening():
                 return
-            self.stop()
+            self.stop()  # "taken": another process bound the port first; try another one
         raise RuntimeError("the DNP3 outstation did not start")
 
     def _listening(self) -> bool:
@@ -235,6 +247,9 @@ class CountingProxy:
         self.reads: list[list[ReadHeader]] = []  # the object headers of each READ, in order
         self.unsolicited = 0  # UNSOLICITED_RESPONSEs the outstation sent
         self.unsolicited_confirms = 0  # CONFIRMs of them (UNS set) the master sent
+        self.unsolicited_with_objects = 0  # those of them that carried objects (not null)
+        self.data_confirms = 0  # CONFIRMs of an unsolicited response that carried objects
+        self._unsolicited_null: dict[int, bool] = {}  # seq → whether the last one was null
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -331,10 +346,17 @@ class CountingProxy:
             self.reads.append(_read_headers(data[3:]))
         elif function == 0 and data[1] & 0x10:
             self.unsolicited_confirms += 1
+            if not self._unsolicited_null.get(data[1] & 0x0F, True):
+                self.data_confirms += 1
 
     def _from_outstation(self, control: int, data: bytes) -> None:
+        # The first segment of each unsolicited response (a null one fits in one segment of
+        # 5 bytes: transport header, application control, function, IIN).
         if len(data) >= 3 and data[0] & 0x40 and data[2] == 130:
             self.unsolicited += 1
+            null = len(data) == 5 and bool(data[0] & 0x80)
+            self.unsolicited_with_objects += not null
+            self._unsolicited_null[data[1] & 0x0F] = null
 
 
 def link_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
@@ -356,7 +378,7 @@ def link_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         if len(buffer) < total:
             return out, buffer
         body = buffer[10:total]
-        data = b"".join(body[i : i + 16] for i in range(0, len(body), 18))
+        data = b"".join(body[i : i + 18][:-2] for i in range(0, len(body), 18))  # CRCs off
         out.append((buffer[3], data))
         buffer = buffer[total:]
 
@@ -441,24 +463,29 @@ def _serve(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the su
         "counter": o.Counter, "analog": o.Analog, "analog_output": o.AnalogOutputStatus,
     }  # fmt: skip
     manager = o.DNP3Manager(1)
-    channel = manager.AddTCPServer(
-        "server",
-        o.levels.NOTHING,
-        o.ServerAcceptMode.CloseExisting,
-        o.IPEndpoint("127.0.0.1", config["port"]),
-        None,
-    )
+    try:
+        channel = manager.AddTCPServer(
+            "server",
+            o.levels.NOTHING,
+            o.ServerAcceptMode.CloseExisting,
+            o.IPEndpoint("127.0.0.1", config["port"]),
+            None,
+        )
+    except RuntimeError:  # "Unable to bind server": the parent tries another port
+        print("taken", flush=True)
+        manager.Shutdown()
+        return
     stack = o.OutstationStackConfig(o.DatabaseConfig(config["size"]))
     stack.outstation.params.allowUnsolicited = config["unsolicited"]
     stack.outstation.params.unsolConfirmTimeout = o.TimeDuration.Milliseconds(
         config["unsolicited_confirm_ms"]
     )
-    stack.outstation.eventBufferConfig = o.EventBufferConfig(*([100] * 8))
+    stack.outstation.eventBufferConfig = o.EventBufferConfig(*([config["events"]] * 8))
     stack.link.LocalAddr = config["outstation"]
     stack.link.RemoteAddr = config["master"]
     outstation = channel.AddOutstation("outstation", Commands(), App(), stack)
     outstation.Enable()
-    print("ready", flush=True)
+    print("ready" if _listening_here(config["port"]) else "taken", flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         op = command["op"]
@@ -489,6 +516,29 @@ def _serve(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the su
             indications.update({k: bool(v) for k, v in command.items() if k != "op"})
         print("ok", flush=True)
     manager.Shutdown()
+
+
+def _listening_here(port: int) -> bool:  # pragma: no cover - runs in the subprocess
+    """Whether this process has a socket listening on 127.0.0.1:`port` (opendnp3 binds in its
+    own thread and says nothing when it cannot): /proc/net/tcp, by socket inode."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        mine = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                mine.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue  # closed meanwhile
+        with open("/proc/net/tcp") as table:
+            for line in table.readlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                address, _, hex_port = local.partition(":")
+                listening = state == "0A" and address == "0100007F"
+                if listening and int(hex_port, 16) == port and f"socket:[{inode}]" in mine:
+                    return True
+        time.sleep(0.02)
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover - the subprocess

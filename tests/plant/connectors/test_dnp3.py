@@ -217,7 +217,10 @@ async def test_connector_for_builds_the_dnp3_connector(dnp3_proxy: CountingProxy
 
 @pytest.fixture(scope="module")
 def unsolicited_outstation() -> Iterator[Dnp3Outstation]:
-    with Dnp3Outstation(unsolicited=True) as station:
+    """Unsolicited reporting allowed, with opendnp3's default 5 s unsolicited confirm
+    timeout: it sends a null unsolicited response on each connection and holds its answers
+    until that is confirmed or the 5 s are over (beyond the default timeout_s of 2 s)."""
+    with Dnp3Outstation(unsolicited=True, unsolicited_confirm_timeout_s=5.0) as station:
         station.set("analog", 0, 5.5)
         yield station
 
@@ -231,19 +234,26 @@ async def unsolicited_proxy(
     proxy.assert_read_only()
 
 
-async def test_unsolicited_responses_are_ignored_and_not_confirmed_by_default(
-    unsolicited_proxy: CountingProxy, events: list[dict[str, Any]]
+@pytest.mark.parametrize("read", ["static", "events"])
+async def test_a_null_unsolicited_response_is_confirmed_so_reads_go_on_with_unsolicited_off(
+    read: str, unsolicited_proxy: CountingProxy, events: list[dict[str, Any]]
 ) -> None:
     collector = Collector()
     connector = Dnp3Connector(
-        device(unsolicited_proxy.port, read="events", timeout_s=3.0), [signal("level", 30, 0)]
-    )
+        device(unsolicited_proxy.port, read=read), [signal("level", 30, 0)]
+    )  # unsolicited: false and timeout_s 2, as by default
     async with running(connector, collector):
-        await eventually(lambda: named(events, "device_unsolicited_ignored"))
-        await eventually(lambda: collector.batches and collector.last()["level"].raw == 5)
-        await eventually(lambda: unsolicited_proxy.unsolicited >= 2)  # it tried again
-    assert unsolicited_proxy.unsolicited_confirms == 0
-    assert len(named(events, "device_unsolicited_ignored")) == 1  # once per session
+        await eventually(
+            lambda: collector.batches and collector.last()["level"].raw == 5, timeout=4
+        )
+        scans = len(collector.batches)
+        await eventually(lambda: len(collector.batches) >= scans + 5)
+    assert all(s.quality == "good" for batch in collector.batches for s in batch)
+    assert not named(events, "device_session_down")
+    assert unsolicited_proxy.unsolicited >= 1
+    assert unsolicited_proxy.unsolicited_confirms >= 1  # the null one: it carries nothing
+    assert unsolicited_proxy.unsolicited_with_objects == unsolicited_proxy.data_confirms == 0
+    assert not named(events, "device_unsolicited_ignored")  # a null one is not "ignored"
 
 
 async def test_unsolicited_responses_are_confirmed_when_the_policy_takes_them(
@@ -257,6 +267,69 @@ async def test_unsolicited_responses_are_confirmed_when_the_policy_takes_them(
         await eventually(lambda: unsolicited_proxy.unsolicited_confirms >= 1)
         await eventually(lambda: collector.batches and collector.last()["level"].raw == 5)
     assert not named(events, "device_unsolicited_ignored")
+
+
+async def test_a_variation_0_signal_reads_beside_one_naming_the_default_variation(
+    dnp3_proxy: CountingProxy,
+) -> None:
+    """opendnp3's default for analog inputs is g30v1: both READs are answered in g30v1, each
+    kept under the variation it asked for."""
+    both = [signal("level_int", 30, 0, 1), signal("level_default", 30, 0)]
+    collector = Collector()
+    async with running(Dnp3Connector(device(dnp3_proxy.port), both), collector):
+        await eventually(lambda: len(collector.batches) >= 3)
+    samples = collector.last()
+    assert {name: (s.raw, s.quality) for name, s in samples.items()} == {
+        "level_int": (21, "good"),
+        "level_default": (21, "good"),
+    }
+    assert [{(h.group, h.variation) for h in read} for read in dnp3_proxy.reads[:2]] == [
+        {(30, 0)},
+        {(30, 1)},
+    ]
+
+
+async def test_an_event_buffer_overflow_brings_the_integrity_poll_forward(
+    dnp3_outstation: Dnp3Outstation, dnp3_proxy: CountingProxy, events: list[dict[str, Any]]
+) -> None:
+    def integrity_polls() -> int:
+        return sum((60, 1) in {(h.group, h.variation) for h in r} for r in dnp3_proxy.reads)
+
+    collector = Collector()
+    connector = Dnp3Connector(device(dnp3_proxy.port, read="events"), [signal("level", 30, 7)])
+    async with running(connector, collector):
+        await eventually(lambda: len(collector.batches) >= 3)
+        assert integrity_polls() == 1  # at the start; the next one is due in an hour
+        try:
+            dnp3_outstation.indications(event_buffer_overflow=True)
+            await eventually(lambda: integrity_polls() == 2, timeout=5)
+            scans = len(dnp3_proxy.reads)
+            await eventually(lambda: len(dnp3_proxy.reads) >= scans + 5)
+        finally:
+            dnp3_outstation.indications(event_buffer_overflow=False)
+    assert integrity_polls() == 2  # once when it turned on, not at every poll while it stays
+    reported = [e["indications"] for e in named(events, "device_status_reported")]
+    assert ["DEVICE_RESTART", "EVENT_BUFFER_OVERFLOW"] in reported
+
+
+async def test_events_mode_after_a_reconnect_starts_again_from_an_integrity_poll(
+    dnp3_outstation: Dnp3Outstation, dnp3_proxy: CountingProxy, events: list[dict[str, Any]]
+) -> None:
+    dnp3_outstation.set("counter", 5, 10)
+    collector = Collector()
+    connector = Dnp3Connector(device(dnp3_proxy.port, read="events"), [signal("starts", 20, 5)])
+    async with running(connector, collector):
+        await eventually(lambda: collector.batches and collector.last()["starts"].raw == 10)
+        dnp3_proxy.cut()
+        await eventually(lambda: named(events, "device_session_down"))
+        reads_before, down_at = len(dnp3_proxy.reads), len(collector.batches)
+        dnp3_outstation.set("counter", 5, 20)  # changed while the broker was away
+        dnp3_proxy.restore()
+        await eventually(lambda: collector.last()["starts"].raw == 20)
+    first_read = {(h.group, h.variation) for h in dnp3_proxy.reads[reads_before]}
+    assert (60, 1) in first_read  # class 0 first: nothing kept from the last session
+    after = [batch[0] for batch in collector.batches[down_at - 1 :]]
+    assert all(s.raw in (None, 20) for s in after)  # never the old value as if fresh
 
 
 async def test_a_point_the_outstation_lacks_is_bad_with_its_refusal_and_the_rest_reads(
