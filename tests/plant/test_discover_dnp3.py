@@ -1,20 +1,23 @@
 """`dmzbroker discover dnp3` against opendnp3's outstation on 127.0.0.1, through the proxy that
 counts what the master sends: the starter policy lists every point of the integrity poll and
 compiles as printed, the command sends READ (and only the CONFIRMs a multi-fragment answer
-asks for), never confirms an unsolicited response, and says in one line what went wrong when
-nothing listens, nothing answers, or the answer is not DNP3."""
+or a null unsolicited response asks for), never confirms an unsolicited response with
+objects, and says in one line what went wrong when nothing listens, nothing answers, the
+answer is not DNP3, is not numbered as an answer to its READ, or never ends."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
+from broker.plant.connectors.dnp3_frames import PRI_UNCONFIRMED_USER_DATA, PRM, encode_frame
 from tests.harness import dmzbroker, free_port
 from tests.plant.connectors.dnp3_outstation import ONLINE, CountingProxy, Dnp3Outstation
 
@@ -80,14 +83,17 @@ async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_prin
     assert compiled.returncode == 0, compiled.stderr + compiled.stdout
 
 
-async def test_an_unsolicited_response_is_neither_taken_nor_confirmed() -> None:
-    """opendnp3 sends a null unsolicited response at start and repeats it until confirmed."""
+async def test_a_null_unsolicited_response_is_confirmed_so_the_answer_comes() -> None:
+    """opendnp3 sends a null unsolicited response at start and holds its answers until it is
+    confirmed or its 5 s confirm timeout ends: beyond a --timeout of 2 s."""
     with Dnp3Outstation(size=2, unsolicited=True, outstation=10, master=3) as chatty:
         async with CountingProxy(chatty.port) as proxy:
             done = await discover(f"127.0.0.1:{proxy.port}", "--outstation", "10",
-                                  "--master", "3")  # fmt: skip
+                                  "--master", "3", "--timeout", "2")  # fmt: skip
             assert done.returncode == 0, done.stderr
-            assert dict(proxy.functions) == {"READ": 1}  # no CONFIRM: not of the unsolicited one
+            assert proxy.functions["READ"] == 1
+            assert proxy.unsolicited_confirms >= 1  # the null one: it carries no event
+            assert proxy.unsolicited_with_objects == proxy.data_confirms == 0
             proxy.assert_read_only()
     assert len(yaml.safe_load(done.stdout)["signals"]) == len(GROUPS) * 2
 
@@ -149,6 +155,53 @@ async def test_a_silent_server_times_out_in_one_line() -> None:
     async with tcp_server(None) as port:
         done = await discover(f"127.0.0.1:{port}", "--outstation", "10", "--timeout", "0.5")
     assert "no answer to the integrity poll within 0.5 s" in one_line_error(done)
+
+
+@asynccontextmanager
+async def fragments_server(apdus: Callable[[int], bytes], every_s: float) -> AsyncIterator[int]:
+    """A DNP3 endpoint that answers a READ with the fragments `apdus(n)`, one every `every_s`."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        try:
+            for n in range(10_000):
+                apdu = apdus(n)
+                segment = bytes((0xC0 | n & 0x3F,)) + apdu
+                writer.write(encode_frame(PRM | PRI_UNCONFIRMED_USER_DATA, 1, 10, segment))
+                await writer.drain()
+                await asyncio.sleep(every_s)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_answer_that_never_ends_is_cut_at_the_overall_deadline() -> None:
+    """Each fragment comes within --timeout, none is final: 10 × --timeout in all."""
+
+    def fragment(n: int) -> bytes:  # FIR on the first only, never FIN, numbered as due
+        return bytes(((0x80 if n == 0 else 0) | n & 0x0F, 129, 0, 0))
+
+    async with fragments_server(fragment, every_s=0.05) as port:
+        started = time.monotonic()
+        done = await discover(f"127.0.0.1:{port}", "--outstation", "10", "--timeout", "0.3")
+        took = time.monotonic() - started
+    line = one_line_error(done)
+    assert "no answer to the integrity poll within 0.3 s (the whole answer within 3 s)" in line
+    assert took < 15  # the CLI's start-up and 3 s; without the deadline, 10,000 × 0.05 s
+
+
+async def test_a_fragment_numbered_for_another_request_is_refused() -> None:
+    async with fragments_server(lambda n: bytes((0xC5, 129, 0, 0)), every_s=0.05) as port:
+        line = one_line_error(await discover(f"127.0.0.1:{port}", "--outstation", "10"))
+    assert "fragment 1 of the answer has sequence 5 (first) where 0 (first) was due" in line
 
 
 async def test_help_shows_the_defaults_and_the_outstation_is_required() -> None:
