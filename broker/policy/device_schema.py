@@ -132,7 +132,9 @@ class Dnp3Device(Strict, frozen=True, tag="dnp3", tag_field="protocol"):
     `poll_interval_s` (range reads of their groups). `read: events` polls `event_classes` every
     `poll_interval_s`, after an integrity poll (class 0 and the event classes) at the start of
     each session and every `integrity_interval_s`; its events are confirmed, as the protocol
-    requires. Unsolicited responses are taken only with `unsolicited: true`, and never
+    requires (so it needs a master address of its own, never the SCADA's), and every named
+    point must be in one of `event_classes` (else only the integrity poll refreshes it).
+    Unsolicited responses with objects are taken only with `unsolicited: true`, and never
     enabled by the broker (that is a write to the outstation).
     """
 
