@@ -170,6 +170,7 @@ class SimulatedBacnetDevice:
         *,
         max_apdu: int = 1476,
         prefix: int = 32,
+        abort_over: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -177,6 +178,9 @@ class SimulatedBacnetDevice:
         self.name = name
         self.requests: collections.Counter[str] = collections.Counter()
         self._max_apdu = max_apdu
+        # answers longer than this are aborted; a device that claims more than it can send
+        # (some gateways) has it below max_apdu
+        self._abort_over = max_apdu if abort_over is None else abort_over
         self._prefix = prefix  # of its network: below 32, it also hears that subnet's broadcasts
         self._specs = list(objects)
         self._objects: dict[tuple[str, int], Any] = {}
@@ -227,7 +231,10 @@ class SimulatedBacnetDevice:
         respond = app.response
 
         async def response(apdu: Any) -> None:
-            if isinstance(apdu, ComplexAckPDU) and 3 + len(apdu.encode().pduData) > self._max_apdu:
+            if (
+                isinstance(apdu, ComplexAckPDU)
+                and 3 + len(apdu.encode().pduData) > self._abort_over
+            ):
                 abort = AbortPDU(
                     srv=True, invoke_id=apdu.apduInvokeID, reason="segmentationNotSupported"
                 )
@@ -284,6 +291,16 @@ class SimulatedBacnetDevice:
         if app is not None:
             app.close()
             await asyncio.sleep(0)  # let the endpoint's close run
+
+    def subscriptions(self) -> list[tuple[str, int, str]]:
+        """The live COV subscriptions: (subscriber address, process id, object)."""
+        app = self._app
+        detections = getattr(app, "_cov_detections", {}) if app is not None else {}
+        return [
+            (str(c.client_addr), int(c.proc_id), str(getattr(c.obj_ref, "objectIdentifier", "?")))
+            for d in detections.values()
+            for c in d.cov_subscriptions
+        ]
 
     @staticmethod
     def _build(spec: SimObject) -> Any:

@@ -223,6 +223,12 @@ class BacnetLink:
             return f"an answer for service {head.service}, not {service}"
         return None
 
+    def _between(self, head: frames.Peek) -> str:
+        """Why a datagram that arrived with no request outstanding is dropped."""
+        if head.kind in _ANSWERS and head.invoke_id == self._answered:
+            return "duplicate"
+        return f"an APDU of type {head.kind} while no request was outstanding"
+
     async def wait(self, timeout_s: float) -> None:
         """Until a datagram arrives or `timeout_s` passes; notifications are then taken, the
         rest dropped (between scans: nothing is outstanding)."""
@@ -233,7 +239,7 @@ class BacnetLink:
                 await asyncio.wait_for(link.arrived.wait(), timeout_s)
             raise_if_cancelled()
         loop = asyncio.get_running_loop()
-        await self._drain(link, lambda head: "between requests", None, loop.time() + timeout_s)
+        await self._drain(link, self._between, None, loop.time() + timeout_s)
         self._checked()
 
     async def _receive(

@@ -372,3 +372,112 @@ async def test_cov_subscriptions_are_bounded_and_renewed_before_they_lapse(
         sim.set("analog-input", 1, -7.5)  # still notified after the renewal
         batch = await reader.until(lambda b: b[path("room-temp")].raw == -7.5)
     assert batch[path("room-temp")].read_time is not None
+
+
+async def test_long_text_properties_are_batched_to_fit_and_halved_when_refused(
+    events: list[dict[str, Any]],
+) -> None:
+    """Twenty object-names of 60 characters on a device that takes 480 octets and aborts a
+    longer answer (segmentation-not-supported): every name is read, good, every scan."""
+    long = [
+        SimObject("analog-value", i, f"AHU-{i:02d}-supply-air-temperature-sensor-long-name-{i}", i)
+        for i in range(20)
+    ]
+    device = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), INSTANCE, long, max_apdu=480)
+    names = [
+        signal(f"n{o.instance}", o.object_type, o.instance, property="object-name") for o in long
+    ]
+    await device.start()
+    try:
+        async with reading(device, names) as reader:
+            batch = await reader.until(good, timeout_s=5.0)
+            connector = reader.connector
+            # the estimate counts a text at 265 octets: no more than one name per request
+            assert connector._max_objects == len(long)  # nothing was refused
+            assert {s.raw for s in batch.values()} == {o.name for o in long}
+    finally:
+        await device.stop()
+    assert not [e for e in events if e["event"] == "device_read_refused"]
+
+
+async def test_a_batch_the_device_says_is_too_big_is_halved_and_the_size_kept(
+    events: list[dict[str, Any]],
+) -> None:
+    """A device that claims 1476 octets but aborts answers over 200 (some gateways do): the
+    connector halves the batch until it fits, and keeps the smaller size for the session."""
+    many = [SimObject("analog-value", i, f"v{i}", float(i)) for i in range(40)]
+    device = SimulatedBacnetDevice(
+        "127.0.0.1", free_udp_port(), INSTANCE, many, max_apdu=1476, abort_over=200
+    )
+    values = [signal(f"v{o.instance}", o.object_type, o.instance) for o in many]
+    await device.start()
+    try:
+        reader = reading(device, values)
+        async with reader:
+            batch = await reader.until(good, timeout_s=5.0)
+            split = reader.connector._max_objects
+            assert 1 <= split < 10  # halved from 34 objects a batch
+            aborted = device.requests["readPropertyMultiple"]
+            await reader.until(good)
+            await reader.until(good)
+            # kept: later scans send no batch that is aborted again
+            assert device.requests["readPropertyMultiple"] - aborted <= 2 * (40 // split + 1)
+            assert reader.connector._max_objects == split  # kept: not probed again each scan
+    finally:
+        await device.stop()
+    assert {s.raw for s in batch.values()} == {float(o.instance) for o in many}
+    assert not [e for e in events if e["event"] == "device_read_refused"]
+
+
+def test_an_object_s_properties_are_never_cut_across_batches() -> None:
+    from broker.plant.connectors import bacnet_values
+
+    reads = [bacnet_values.read_of(s) for s in ALL]
+    reads += [bacnet_values.read_of(signal("n", "analog-input", 1, property="object-name"))]
+    objects = bacnet_values.scan_objects(reads)
+    for max_apdu in (50, 100, 300, 480, 1476):
+        for max_objects in (1, 2, 5, 50):
+            cut = bacnet_values.batches(objects, max_apdu, max_objects)
+            for props in objects:
+                holding = [b for b in cut if props[0] in b]
+                assert len(holding) == 1 and all(p in holding[0] for p in props)
+            assert all(len({o for o, _ in b}) <= max_objects for b in cut)
+
+
+def test_a_value_whose_status_flags_were_not_read_is_never_good() -> None:
+    from broker.plant.connectors.bacnet_values import quality_of
+
+    quality, reason = quality_of(None, None, "abort segmentation-not-supported")
+    assert quality == "uncertain"
+    assert reason == (
+        "BACnet: status unknown, status-flags not read (abort segmentation-not-supported)"
+    )
+
+
+async def test_the_simulator_refuses_a_port_in_use_at_once() -> None:
+    first = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), INSTANCE, OBJECTS[:1])
+    await first.start()
+    try:
+        second = SimulatedBacnetDevice("127.0.0.1", first.port, INSTANCE, OBJECTS[:1])
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            await second.start()
+        assert time.monotonic() - started < 1.0  # no bacpypes3 retry loop
+        await second.stop()
+    finally:
+        await first.stop()
+
+
+async def test_the_simulator_counts_bvll_and_network_layer_messages(
+    sim: SimulatedBacnetDevice,
+) -> None:
+    write_bdt = b"\x81\x01\x00\x0e" + bytes([127, 0, 0, 1, 0xBA, 0xC0, 255, 255, 255, 255])
+    init_routing = b"\x81\x0a\x00\x08\x01\x80\x06\x00"  # Initialize-Routing-Table, empty
+    for datagram in (write_bdt, init_routing):
+        _datagram_to_nowait(sim.port, datagram)
+    deadline = time.monotonic() + 3.0
+    while len(sim.requests) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert sim.requests["bvll:write-bdt"] == 1
+    assert sim.requests["network:initialize-routing-table"] == 1
+    sim.requests.clear()  # the fixture's read-only check is about the connector

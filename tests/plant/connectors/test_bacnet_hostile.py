@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from bacpypes3.apdu import UnconfirmedCOVNotificationRequest
+from bacpypes3.basetypes import PropertyValue
+from bacpypes3.constructeddata import Any as AnyValue
+from bacpypes3.primitivedata import ObjectIdentifier, Real
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +35,22 @@ from tests.plant.connectors.test_bacnet import (
     write_property,
 )
 
+# a COV notification of 45 kB (5000 values): over BACnet/IP's largest datagram, and about
+# half a second of bacpypes3's decoding
+BIG = frames._datagram(
+    UnconfirmedCOVNotificationRequest(
+        subscriberProcessIdentifier=1,
+        initiatingDeviceIdentifier=ObjectIdentifier(("device", INSTANCE)),
+        monitoredObjectIdentifier=ObjectIdentifier("analog-input,1"),
+        timeRemaining=1,
+        listOfValues=[
+            PropertyValue(propertyIdentifier="present-value", value=AnyValue(Real(1.0)))
+            for _ in range(5000)
+        ],
+    ).encode(),
+    expecting_reply=False,
+)
+
 GARBAGE = [
     b"hello",  # not BACnet/IP
     b"\x81\x0a\x00\x20\x01\x00",  # a BVLL length that lies
@@ -49,10 +69,13 @@ class Relay:
         self.device_port = device_port
         self.mode = "pass"
         self.sent: collections.Counter[str] = collections.Counter()
+        self.invoke_ids: list[int] = []  # of the confirmed requests, in order
+        self.dropped = 0  # datagrams the mode dropped
         self.client: tuple[str, int] | None = None
         self.front: asyncio.DatagramTransport | None = None
         self.back: asyncio.DatagramTransport | None = None
         self.port = 0
+        self.device: SimulatedBacnetDevice | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -63,6 +86,17 @@ class Relay:
                 relay.client = addr
                 service = service_name(data[6:])
                 relay.sent[service] += 1
+                if data[6] >> 4 == 0:  # a confirmed request
+                    relay.invoke_ids.append(data[8])
+                if relay.mode == "drop-all" or (
+                    relay.mode == "drop-rpm" and service == "readPropertyMultiple"
+                ):
+                    relay.dropped += 1  # the device never hears the scan
+                    return
+                if relay.mode == "simple-ack" and data[6] >> 4 == 0:
+                    # a Simple-ACK with the request's invoke id and service, whatever it was
+                    relay.answer(b"\x81\x0a\x00\x09\x01\x00\x20" + data[8:10])
+                    return
                 if relay.mode == "reject" and service == "readPropertyMultiple":
                     # a Reject PDU (type 6) for its invoke id: unrecognized-service (9)
                     relay.answer(b"\x81\x0a\x00\x09\x01\x00\x60" + bytes([data[8], 9]))
@@ -81,6 +115,11 @@ class Relay:
         self.front, self.back = front, back
         self.port = self.front.get_extra_info("sockname")[1]
 
+    def inject(self, data: bytes) -> None:
+        """A datagram to the connector from the device's address (as a spoofer sends it)."""
+        assert self.front is not None and self.client is not None
+        self.front.sendto(data, self.client)
+
     def stop(self) -> None:
         for transport in (self.front, self.back):
             if transport is not None:
@@ -89,6 +128,14 @@ class Relay:
     def answer(self, data: bytes) -> None:
         assert self.front is not None and self.client is not None
         send = self.front.sendto
+        if self.mode == "drop-cov" and data[6:8] == b"\x10\x02":
+            self.dropped += 1  # an unconfirmed COV notification, lost on the way
+            return
+        if self.mode == "duplicate":
+            send(data, self.client)  # the same answer twice: the second must be dropped
+        if self.mode == "big":
+            for _ in range(8):  # each over BACnet/IP's largest datagram
+                send(BIG, self.client)
         if self.mode == "garbage":
             for junk in GARBAGE:
                 send(junk, self.client)
@@ -108,6 +155,7 @@ async def relay() -> AsyncIterator[Relay]:
     device = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), INSTANCE, OBJECTS)
     await device.start()
     relay = Relay(device.port)
+    relay.device = device
     await relay.start()
     try:
         yield relay
@@ -206,7 +254,79 @@ def _bvll(payload: bytes) -> bytes:
     )
 )
 def test_any_datagram_parses_or_raises_frame_error_only(datagram: bytes) -> None:
+    for read in (frames.peek, frames.parse):
+        try:
+            read(datagram)
+        except FrameError as e:
+            assert str(e)
+
+
+def reading_with(relay: Relay, **device: Any) -> Reader:
+    settings: dict[str, Any] = {"timeout_s": 0.3} | device
+    return Reader(BacnetConnector(policy_device(relay.port, **settings), ALL))
+
+
+async def test_over_long_datagrams_are_dropped_undecoded_and_never_stall_the_loop(
+    relay: Relay,
+) -> None:
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            started = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - started - 0.01)
+
+    beating = asyncio.create_task(heartbeat())
     try:
-        frames.parse(datagram)
-    except FrameError as e:
-        assert str(e)
+        async with reading_with(relay, read="cov") as reader:
+            await reader.until(good)
+            relay.mode = "big"
+            for _ in range(10):  # 8 datagrams of 45 kB per answer, every answer
+                batch = await reader.until(lambda b: True)
+            assert good(batch)  # dropped on arrival: the session carries on
+            assert reader.connector.malformed >= 8
+    finally:
+        beating.cancel()
+    # decoding one took about 0.5 s before: the heartbeat would have seen it
+    assert max(lags) < 0.25, max(lags)
+
+
+async def test_invoke_ids_are_random_not_a_sequence(relay: Relay) -> None:
+    async with reading_with(relay) as reader:
+        await reader.until(lambda b: len(relay.invoke_ids) >= 40)
+    ids = relay.invoke_ids
+    steps = [(b - a) % 256 for a, b in zip(ids, ids[1:], strict=False)]
+    assert steps.count(1) < len(steps) / 4, ids  # a counter would step by 1 every time
+    assert 0 not in steps  # never the previous id: a late answer is never taken for ours
+    assert len(set(ids)) > len(ids) / 2
+
+
+async def test_a_second_answer_to_a_request_is_dropped_and_logged_once(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading_with(relay) as reader:
+        await reader.until(good)
+        relay.mode = "duplicate"
+        for _ in range(3):
+            assert good(await reader.until(lambda b: True))
+    assert reader.connector.link.duplicates >= 3
+    logged = [e for e in events if e["event"] == "device_answer_duplicated"]
+    assert len(logged) == 1, logged
+    assert "spoofing" in logged[0]["detail"]
+
+
+async def test_a_simple_ack_to_a_read_is_a_session_error_not_a_crash(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading_with(relay) as reader:
+        await reader.until(good)
+        relay.mode = "simple-ack"
+        down = await reader.until(lambda b: not good(b))
+        assert all(s.quality == "bad" for s in down.values())
+        relay.mode = "pass"
+        await reader.until(good)
+    error = next(e for e in events if e["event"] == "device_session_down")["error"]
+    assert "dropped: the last a Simple-ACK to a request" in error
+    assert not any(e["event"] == "device_connector_failed" for e in events)
