@@ -11,7 +11,14 @@ sent as a broadcast and a read of one entry of the object-list, which the connec
 not need.
 
 Its work is bounded: at most `--max-objects` entries of the object-list are read (a device
-that holds more is named as such), each request waits `--timeout` seconds at most.
+that holds more is named as such), each request waits `--timeout` seconds at most, and a
+datagram longer than BACnet/IP allows is dropped unread.
+
+ADDRESS is a broadcast when it is the broadcast address of one of the host's own IPv4
+interfaces (the Who-Is then goes to that subnet and every answer within `--timeout` is
+collected); any other address is one device's. Two I-Ams for one device instance from two
+addresses are an error naming both: a duplicated instance or a spoofer, never silently
+the last one.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import psutil
 import yaml
 from bacpypes3.apdu import (
     AbortPDU,
@@ -77,6 +86,8 @@ class _Datagrams(asyncio.DatagramProtocol):
         )
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) > bacnet_frames.MAX_DATAGRAM:
+            return  # not BACnet/IP: never decoded
         if not self.queue.full():  # a flood is dropped, not buffered
             self.queue.put_nowait((data, addr))
 
@@ -116,13 +127,40 @@ async def _discover(host: str, port: int, args: argparse.Namespace) -> str:
 
 
 def is_broadcast(host: str) -> bool:
-    """255.255.255.255, or an IPv4 address ending in .255 (a directed broadcast of a /24 or
-    wider network: the usual BACnet/IP subnet)."""
+    """Whether `host` is the broadcast address of one of this host's IPv4 interfaces (its
+    subnet's directed broadcast). 255.255.255.255 is refused: it leaves by the default
+    route's interface, which need not be the OT one."""
     try:
         address = ipaddress.IPv4Address(host)
     except ValueError:
         return False
-    return address == ipaddress.IPv4Address("255.255.255.255") or address.packed[-1] == 255
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ConfigError(
+            "discover bacnet: 255.255.255.255 leaves by the default route, which may not be "
+            f"the OT network: name the OT subnet's broadcast address ({_broadcasts()})"
+        )
+    return host in _interface_broadcasts()
+
+
+def _interface_broadcasts() -> set[str]:
+    """Each IPv4 interface address's subnet broadcast (from its netmask: `ip address add`
+    without `brd +` leaves the broadcast attribute unset, though the kernel routes it)."""
+    found: set[str] = set()
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family != socket.AF_INET or not a.netmask:
+                continue
+            network = ipaddress.IPv4Network(f"{a.address}/{a.netmask}", strict=False)
+            if network.prefixlen < 31 and not network.is_loopback:
+                found.add(str(network.broadcast_address))
+            if a.broadcast:
+                found.add(a.broadcast)
+    return found
+
+
+def _broadcasts() -> str:
+    found = sorted(_interface_broadcasts())
+    return "this host's: " + ", ".join(found) if found else "this host has none"
 
 
 async def _who_is(
@@ -140,11 +178,17 @@ async def _who_is(
         sock.bind(("0.0.0.0", port_local))  # noqa: S104
         transport, link = await loop.create_datagram_endpoint(_Datagrams, sock=sock)
     else:
-        transport, link = await loop.create_datagram_endpoint(
-            _Datagrams,
-            remote_addr=(host, port),
-            local_addr=("0.0.0.0", port_local),  # noqa: S104 - connected to the device below
-        )
+        try:
+            transport, link = await loop.create_datagram_endpoint(
+                _Datagrams,
+                remote_addr=(host, port),
+                local_addr=("0.0.0.0", port_local),  # noqa: S104 - connected to the device below
+            )
+        except OSError as e:
+            raise DeviceError(
+                f"{host}:{port}: cannot send to it ({e.strerror or e}); a broadcast must be "
+                f"the broadcast address of one of this host's interfaces ({_broadcasts()})"
+            ) from e
     try:
         who_is = bacnet_frames.who_is()  # an Original-Unicast-NPDU
         if broadcast:
@@ -167,6 +211,7 @@ async def _i_ams(link: _Datagrams, where: str, broadcast: bool, timeout_s: float
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     found: dict[int, IAm] = {}
+    twice: dict[int, set[tuple[str, int]]] = {}  # instance → every address that claimed it
     while len(found) < MAX_I_AMS and (left := deadline - loop.time()) > 0:
         try:
             item = await asyncio.wait_for(link.queue.get(), left)
@@ -182,9 +227,22 @@ async def _i_ams(link: _Datagrams, where: str, broadcast: bool, timeout_s: float
                 continue
             raise DeviceError(f"{where}: {e}: is this the device's BACnet/IP port?") from e
         if isinstance(apdu, IAmRequest):
-            found[apdu.iAmDeviceIdentifier[1]] = IAm(apdu.iAmDeviceIdentifier[1], source)
+            try:
+                instance = int(apdu.iAmDeviceIdentifier[1])
+            except (TypeError, IndexError, ValueError):
+                continue  # an I-Am without a device identifier names nothing
+            if instance in found and found[instance].address != source:
+                twice.setdefault(instance, {found[instance].address}).add(source)
+                continue
+            found[instance] = IAm(instance, source)
             if not broadcast:
                 break
+    for instance, addresses in sorted(twice.items()):
+        listed = " and ".join(f"{a[0]}:{a[1]}" for a in sorted(addresses))
+        raise DeviceError(
+            f"{where}: device {instance} answered from {listed}: two devices share the "
+            "instance, or a host spoofs it; fix that before writing a policy"
+        )
     return sorted(found.values(), key=lambda i: i.instance)
 
 
@@ -267,7 +325,7 @@ class _Session:
         self._transport = transport
         self._link = link
         self._timeout_s = timeout_s
-        self._invoke_id = 0
+        self._invoke_id = 255
 
     @classmethod
     async def open(cls, device: BacnetDevice, timeout_s: float) -> _Session:
@@ -289,7 +347,9 @@ class _Session:
             )
         else:
             answer = await self._ask(lambda i: _read_entry(i, identifier, prop, index), what)
-        if not isinstance(answer, ReadPropertyACK):
+        if not isinstance(answer, ReadPropertyACK) or str(answer.propertyIdentifier) != prop:
+            raise self._unexpected(answer)
+        if answer.objectIdentifier != identifier:
             raise self._unexpected(answer)
         try:
             if index is None:
@@ -323,7 +383,8 @@ class _Session:
         return found
 
     async def _ask(self, request: Callable[[int], bytes], what: str) -> Any:
-        self._invoke_id = (self._invoke_id + 1) % 256
+        invoke_id = secrets.randbelow(255)  # never the previous one: a late answer is not ours
+        self._invoke_id = invoke_id + (invoke_id >= self._invoke_id)
         self._transport.sendto(request(self._invoke_id))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s

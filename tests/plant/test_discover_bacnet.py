@@ -7,8 +7,10 @@ and nothing listening, nothing answering or an answer that is not BACnet is one 
 from __future__ import annotations
 
 import asyncio
-import socket
+import json
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +20,8 @@ import yaml
 
 from broker.plant.connectors.bacnet_units import our_unit
 from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
-from tests.harness import dmzbroker
+from tests.deployment import netns
+from tests.harness import REPO, dmzbroker, free_udp_port, stop_process
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
@@ -29,12 +32,6 @@ ROOM = [
     SimObject("multi-state-value", 3, "fan-mode", 2),
     SimObject("analog-output", 4, "valve", 40.0, "percent"),
 ]
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager
@@ -156,3 +153,77 @@ async def test_help_shows_the_defaults() -> None:
     shown = await asyncio.to_thread(dmzbroker, "discover", "bacnet", "--help")
     words = " ".join(shown.stdout.split())  # as wrapped for any terminal width
     assert "object-list (default: 5000)" in words and "this long (default: 3.0)" in words
+
+
+async def test_an_address_that_is_no_interface_s_broadcast_is_one_device_s() -> None:
+    """127.0.0.255 ends in .255 but is no interface's broadcast address: a directed Who-Is."""
+    async with udp_server(None) as port:
+        done = await discover(f"127.0.0.255:{port}", "--timeout", "0.5")
+    assert "nothing listens there" in one_line_error(done)  # connected: the ICMP came back
+
+
+async def test_the_limited_broadcast_is_refused_with_the_interfaces_broadcasts() -> None:
+    done = await discover("255.255.255.255:47808", "--timeout", "0.5")
+    assert done.returncode == 2, done.stderr
+    assert "leaves by the default route" in done.stderr and "Traceback" not in done.stderr
+
+
+# A simulated device in a namespace: it serves until SIGTERM, then writes its counts.
+RUNNER = """
+import asyncio, json, signal, sys
+from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
+async def main(host, instance, counts):
+    device = SimulatedBacnetDevice(host, 47808, int(instance),
+        [SimObject("analog-input", 1, "room-temp", -18.5, "degreesCelsius")], "room-ctl",
+        prefix=24)
+    await device.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await device.stop()
+    open(counts, "w").write(json.dumps(device.requests))
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.skipif(bool(netns.MISSING_TOOLS), reason=f"missing {netns.MISSING_TOOLS}")
+async def test_broadcast_mode_in_a_namespace_finds_the_device_and_names_a_duplicated_instance(
+    tmp_path: Path,
+) -> None:
+    """A /24 on a veth interface in a namespace of its own: `discover bacnet` broadcasts its
+    Who-Is to the subnet's broadcast address (its interface's, so a broadcast), and a second
+    device claiming the same instance from another address is an error naming both."""
+    with netns.namespaces(f"dmzb-bac-{os.getpid()}") as (space,):
+        space.run("ip", "link", "add", "bac0", "type", "veth", "peer", "name", "bac1")
+        space.up("bac1")
+        space.up("bac0", "10.77.0.1/24", "10.77.0.2/24")
+        devices = []
+
+        def device(host: str) -> None:
+            counts = tmp_path / f"{host}.json"
+            process = space.python("-c", RUNNER, host, "1001", str(counts), log=tmp_path / "log")
+            devices.append((process, counts))
+
+        def discover_in_namespace() -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "broker", "discover", "bacnet", "10.77.0.255:47808"]
+            return subprocess.run(
+                space.exec_argv(*argv, "--timeout", "1"),
+                capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+            )  # fmt: skip
+
+        device("10.77.0.1")
+        found = discover_in_namespace()
+        assert found.returncode == 0, found.stderr
+        starter = yaml.safe_load(found.stdout)
+        assert starter["devices"][0]["host"] == "10.77.0.1"
+        assert starter["devices"][0]["device_instance"] == 1001
+        device("10.77.0.2")  # the same instance again, from another address
+        twice = discover_in_namespace()
+        assert twice.returncode == 1, twice.stderr
+        assert "device 1001 answered from 10.77.0.1:47808 and 10.77.0.2:47808" in twice.stderr
+        for process, _ in devices:
+            stop_process(process)
+        for _, counts in devices:
+            assert set(json.loads(counts.read_text())) <= READS  # never a write, never DM
