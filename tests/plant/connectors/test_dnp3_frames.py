@@ -193,7 +193,9 @@ def test_link_status_is_answered_once_reset_and_test_are_acked() -> None:
 def test_after_a_link_reset_a_confirmed_frame_is_new_whatever_its_fcb() -> None:
     channel = Channel(MASTER, OUTSTATION)
     segment_ = bytes((FIR | FIN, 0xC0, 0x81, 0, 0))
-    confirmed = encode_frame(PRM | FCV | FCB | PRI_CONFIRMED_USER_DATA, MASTER, OUTSTATION, segment_)
+    confirmed = encode_frame(
+        PRM | FCV | FCB | PRI_CONFIRMED_USER_DATA, MASTER, OUTSTATION, segment_
+    )
     assert channel.receive(confirmed) == [segment_[1:]]
     channel.receive(encode_frame(PRM | PRI_RESET_LINK_STATES, MASTER, OUTSTATION))
     assert channel.receive(confirmed) == [segment_[1:]]  # the same FCB, but after a reset

@@ -76,6 +76,7 @@ class HostileOutstation:
         self.functions: collections.Counter[str] = collections.Counter()
         self.links: collections.Counter[str] = collections.Counter()
         self.unsolicited_confirms: collections.Counter[int] = collections.Counter()  # by seq
+        self.integrity_polls = 0  # READs naming class 0 (g60v1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -112,6 +113,7 @@ class HostileOutstation:
                         self.unsolicited_confirms[data[1] & 0x0F] += 1
                     if data[2] != 1:
                         continue
+                    self.integrity_polls += bytes((60, 1, 0x06)) in data[3:]
                     behaviour = self.behaviour  # as it is when the READ comes
                     if behaviour.endswith("_flood"):
                         await self._flood(writer, behaviour)
@@ -160,6 +162,8 @@ class HostileOutstation:
                     writer.write(frames_of(UNSOLICITED))
                     await writer.drain()
                     await asyncio.sleep(0.3)
+            case "restarted":  # the healthy answer, with DEVICE_RESTART (IIN1.7) now set
+                writer.write(frames_of(bytes((0xC0 | seq, 129, 0x80, 0)) + response(seq)[4:]))
             case "refused":  # events mode: the poll refused, no objects
                 writer.write(frames_of(bytes((0xC0 | seq, 129, 0, 0x02))))
             case "duplicates":  # two events of one point in one 0x28 header: the later wins
@@ -314,3 +318,22 @@ async def test_a_null_unsolicited_response_is_confirmed_one_with_objects_never(
     assert {s.raw for _, batch in collector.batches for s in batch} == {HEALTHY}
     ignored = [e for e in events if e["event"] == "device_unsolicited_ignored"]
     assert [e["seq"] for e in ignored] == [1]  # once per session, and not for the null one
+
+
+async def test_a_restart_within_a_session_brings_the_integrity_poll_forward(
+    events: list[dict[str, Any]],
+) -> None:
+    """DEVICE_RESTART turning on without a reconnect: the outstation's event buffer is gone."""
+    collector = Collector()
+    async with hostile() as station:
+        connector = Dnp3Connector(device("evil", station.port, read="events"), signals("evil"))
+        async with running(connector.run(collector.emit)):
+            await eventually(lambda: len(collector.batches) >= 3)
+            assert station.integrity_polls == 1  # at the start; the next one is due in an hour
+            station.behaviour = "restarted"
+            await eventually(lambda: station.integrity_polls == 2, timeout=5)
+            scans = len(collector.batches)
+            await eventually(lambda: len(collector.batches) >= scans + 5)
+    assert station.integrity_polls == 2  # on the edge, not at every poll while it stays set
+    reported = [e["indications"] for e in events if e["event"] == "device_status_reported"]
+    assert reported == [["DEVICE_RESTART"]]
