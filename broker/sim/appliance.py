@@ -83,6 +83,7 @@ def _maintenance_records(path: Path) -> None:
             160,
             "WO-1051: Door gasket torn; WO-1055: Recalibrate sensor",
         ),
+        ("coldstore/storage/cold-room-2", -45, 135, ""),
     ]
     lines = ["asset,last_service,next_due,open_work_orders"]
     for asset, last, due, orders in rows:
