@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -105,6 +106,10 @@ async def _integrity_poll(device: Dnp3Device, timeout_s: float) -> Poll:
         raise DeviceError(
             f"{device.address}: no TCP connection within {timeout_s:g} s: check the host, the "
             "port and any firewall between"
+        ) from e
+    except socket.gaierror as e:  # its errno is a resolver code, not an OS one
+        raise DeviceError(
+            f"{device.address}: cannot resolve {device.host!r} ({e.strerror}): check the host name"
         ) from e
     except OSError as e:  # asyncio's message repeats the address: the errno's words only
         raise DeviceError(

@@ -125,6 +125,15 @@ async def test_nothing_listening_is_named_with_the_usual_port() -> None:
     assert "cannot connect (Connection refused)" in line and "usual port is 20000" in line
 
 
+async def test_a_host_that_does_not_resolve_is_named_as_such() -> None:
+    line = one_line_error(await discover("no-such-host.invalid", "--outstation", "10"))
+    # the resolver's words vary with the machine's DNS (unknown name, or no server reachable)
+    assert line.startswith(
+        "dmzbroker: error: no-such-host.invalid:20000: cannot resolve 'no-such-host.invalid' ("
+    )
+    assert line.endswith("): check the host name")
+
+
 @asynccontextmanager
 async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
     """A TCP server that answers anything with `answer`, or says nothing (None)."""

@@ -113,7 +113,11 @@ class Link:
                 async with asyncio.timeout_at(deadline):
                     chunk = await self._reader.read(_CHUNK)
             except TimeoutError as e:
-                raise DeviceError(f"no answer within {self._timeout} s") from e
+                raise DeviceError(
+                    f"no answer within {self._timeout} s: if this lasts, check that the "
+                    "outstation's link addresses are the policy's outstation_address and "
+                    "master_address (it does not answer frames addressed otherwise)"
+                ) from e
             except OSError as e:
                 raise DeviceError(f"connection lost: {e}") from e
             raise_if_cancelled()
