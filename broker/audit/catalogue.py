@@ -43,6 +43,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "device_status_reported": ("device", "unknown"),  # DNP3 IIN bits, e.g. DEVICE_RESTART
     "device_unsolicited_ignored": ("device", "unknown"),
     "device_units_differ": ("device", "failure"),  # its values are `uncertain`
+    "device_answer_duplicated": ("device", "failure"),  # BACnet: a second answer, dropped
     "consumer_denied": ("access", "failure"),
     "consumer_connected": ("access", "success"),
     "point_denied": ("policy", "failure"),
@@ -140,6 +141,7 @@ DEVICE_AGGREGATED = frozenset(
         "device_status_reported",
         "device_unsolicited_ignored",
         "device_units_differ",
+        "device_answer_duplicated",
     }
 )
 SUPPRESSED = "events_suppressed"  # written by the forwarder itself: audit / unknown

@@ -1,8 +1,8 @@
 """BACnet/IP datagrams the BACnet connector sends and receives, sans I/O (bacpypes3 codecs).
 
 Read-only by construction: this module builds only the requests in `SERVICES_USED` — a
-directed Who-Is, ReadProperty, ReadPropertyMultiple and SubscribeCOV — and imports no other
-request class. Each confirmed request goes out as one unsegmented APDU that does not accept a
+Who-Is (for `discover bacnet`; the connector sends none), ReadProperty, ReadPropertyMultiple
+and SubscribeCOV (a subscription or its cancellation) — and imports no other request class. Each confirmed request goes out as one unsegmented APDU that does not accept a
 segmented answer, in an Original-Unicast-NPDU for the local network (no DNET: routed
 networks are not supported yet).
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,9 +21,15 @@ from broker.plant.connectors import bacnet_frames as frames
 from broker.plant.connectors.bacnet import BacnetConnector
 from broker.sim.bacnet_device import SimulatedBacnetDevice
 from tests.plant.connectors.test_bacnet import INSTANCE, Reader, good, path, policy_device, signal
-from tests.plant.connectors.test_bacnet_hostile import Relay, relay  # noqa: F401 - a fixture
+from tests.plant.connectors.test_bacnet_hostile import Relay, relayed
 
 TEMP = signal("room-temp", "analog-input", 1)  # no unit: no units read at session start
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    async with relayed() as started:
+        yield started
 
 
 def cov_reader(relay: Relay, **device: Any) -> Reader:
