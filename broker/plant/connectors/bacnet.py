@@ -103,6 +103,12 @@ class BacnetConnector:
                     try:
                         await self._start_session()
                         await self._scan_forever(emit)
+                    except DeviceError:
+                        # Its values go bad now, not after timeout_s of cancelling: the next
+                        # session's subscriptions (same port and process id) replace these,
+                        # and their lifetime bounds them meanwhile.
+                        self._subscribed = {}
+                        raise
                     finally:
                         await self._unsubscribe()
             except DeviceError as e:
