@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/dmzbroker demo
 
+# Two workers for most of the suite (its tests mostly wait on sockets and processes), then, alone,
+# the tests marked `serial` in tests/conftest.py (machine-wide state, rates under load).
 test: lint system-packages
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -28,6 +28,32 @@ from tests.harness import (
     write_config,
 )
 
+# `make test` runs the suite on two workers (pytest-xdist), then these tests alone. They
+# change what the whole machine shares (system users, network namespaces, nftables, systemd
+# units: another worker's test would see them), or check that a device keeps its rate while
+# another one misbehaves, a measurement a busy second worker would distort.
+SERIAL_FOLDERS = ("deployment/",)
+SERIAL_FILES = (
+    "audit/test_flood.py",
+    "enterprise/test_flood.py",
+    "plant/connectors/test_bacnet_hostile.py",
+    "plant/connectors/test_dnp3_hostile.py",
+    "plant/connectors/test_modbus_budget.py",
+    "plant/connectors/test_modbus_hostile.py",
+)
+SERIAL_TESTS = (  # asserts that the halves' users do not exist, which tests/deployment creates
+    "test_supervisor.py::test_run_as_root_without_the_halves_users_is_refused_before_starting_anything",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        where = item.path.relative_to(tests).as_posix()
+        test = f"{where}::{item.name}"
+        if where.startswith(SERIAL_FOLDERS) or where in SERIAL_FILES or test in SERIAL_TESTS:
+            item.add_marker(pytest.mark.serial)
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
