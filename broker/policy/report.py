@@ -64,9 +64,11 @@ def _dnp3_reads(d: Dnp3Device) -> str:
     integrity = d.integrity_every_s
     classes = ", ".join(map(str, d.classes_polled))
     unsolicited = ", unsolicited accepted" if d.unsolicited else ", unsolicited ignored"
+    # Confirming events deletes them from the outstation's buffer for this master address:
+    # the signer must see that it has to be the broker's own (docs/dnp3.md).
     return (
-        f"{link}, events of class {classes}, integrity poll every {written(integrity or 0)} s"
-        f"{unsolicited}"
+        f"{link}, events of class {classes} confirmed (consumed for master {d.master_address}), "
+        f"integrity poll every {written(integrity or 0)} s{unsolicited}"
     )
 
 

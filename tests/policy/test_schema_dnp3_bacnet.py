@@ -304,12 +304,12 @@ def test_policy_show_describes_the_dnp3_and_bacnet_devices_and_their_signals() -
     ("keys", "line"),
     [
         ({"read": "events"},
-         "  rtu: dnp3 10.0.0.7:20000 master 1 → outstation 10, events of class 1, 2, 3, "
-         "integrity poll every 3600 s, unsolicited ignored, every 1 s, timeout 2 s"),
+         "  rtu: dnp3 10.0.0.7:20000 master 1 → outstation 10, events of class 1, 2, 3 "
+         "confirmed (consumed for master 1), integrity poll every 3600 s, unsolicited ignored, every 1 s, timeout 2 s"),
         ({"read": "events", "event_classes": [3, 1], "integrity_interval_s": 600,
           "unsolicited": True, "master_address": 3, "port": 20001, "poll_interval_s": 5},
-         "  rtu: dnp3 10.0.0.7:20001 master 3 → outstation 10, events of class 1, 3, "
-         "integrity poll every 600 s, unsolicited accepted, every 5 s, timeout 2 s"),
+         "  rtu: dnp3 10.0.0.7:20001 master 3 → outstation 10, events of class 1, 3 "
+         "confirmed (consumed for master 3), integrity poll every 600 s, unsolicited accepted, every 5 s, timeout 2 s"),
     ],
 )  # fmt: skip
 def test_policy_show_says_what_a_dnp3_device_read_by_events_polls(
