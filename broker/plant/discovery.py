@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from asyncua.common.node import Node
 from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 from cryptography import x509
 
-from broker import logs
 from broker.config import OpcUaConfig, OpcUaUserConfig
 from broker.errors import ConfigError, DeviceError, TrustError
 from broker.plant.connectors.opcua_session import (
@@ -34,6 +32,7 @@ from broker.plant.connectors.opcua_session import (
     SessionSettings,
     fingerprint,
 )
+from broker.plant.discovery_starter import quiet_logs
 from broker.policy import OpcUaDevice
 
 MAX_DEPTH = 12  # folder levels below Objects
@@ -49,8 +48,7 @@ class Found:
 
 
 def discover_opcua(args: argparse.Namespace) -> int:
-    logs.configure("console", "cli")
-    logging.getLogger().setLevel(logging.ERROR)  # stdout is the YAML; errors are one line
+    quiet_logs()
     device = _device(args)
     settings = SessionSettings.build(device, _plant_config(args, device), require_trust=False)
     try:
@@ -198,7 +196,7 @@ def _starter_policy(
             {
                 "path": _signal_path(device.name, f.browse_path),
                 "device": device.name,
-                "source": {"protocol": "opcua", "node": f.node},
+                "source": {"node": f.node},  # the device says the protocol
                 "unit": f.unit,
                 "description": f"{f.browse_path} ({f.data_type})",
             }

@@ -1,13 +1,13 @@
 """List a DNP3 outstation's points for `dmzbroker discover dnp3`: one integrity poll, read only.
 
 Run by the CLI, never by a running half. It opens one TCP connection, sends one READ of
-class 0 (the integrity poll's static data), and prints a starter policy an OT owner edits
-(paths, units, scale, what to share) before it is co-signed: discovery never decides what
-crosses. The only other things it may send are those the protocol requires of a master:
-an application CONFIRM when the outstation asks for one (a response in several fragments
-sets CON on each but the last; a null unsolicited response, which carries no event and
-enables nothing, but holds the outstation's answers until it is confirmed) and the link
-layer's answers the codec owes (`Channel.replies`). It never writes (no WRITE of the restart
+class 0 (the integrity poll's static data), and prints a starter policy
+(`discovery_starter`) an OT owner edits (paths, units, scale, what to share) before it is
+co-signed: discovery never decides what crosses. The only other things it may send are
+those the protocol requires of a master: an application CONFIRM when the outstation asks
+for one (a response in several fragments sets CON on each but the last; a null unsolicited
+response, which carries no event and enables nothing, but holds the outstation's answers
+until it is confirmed) and the link layer's answers the codec owes (`Channel.replies`). It never writes (no WRITE of the restart
 indication), never enables or disables unsolicited responses, and never confirms an
 unsolicited response with objects (that would delete events another master may need).
 The whole answer must come within `DEADLINE_TIMEOUTS` × --timeout, in fragments numbered
@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 
 import msgspec
-import yaml
 
-from broker import logs
 from broker.errors import ConfigError, DeviceError
 from broker.plant.connectors.dnp3_frames import Channel, FrameError
 from broker.plant.connectors.dnp3_link import NULL_RESPONSE
@@ -44,6 +40,7 @@ from broker.plant.connectors.dnp3_objects import (
     quality_of,
     read_request,
 )
+from broker.plant.discovery_starter import EDIT, Listed, quiet_logs, starter_policy
 from broker.policy import Dnp3Device
 from broker.policy.schema import DNP3_VARIATIONS, Dnp3Source
 
@@ -71,8 +68,7 @@ class Poll:
 
 
 def discover_dnp3(args: argparse.Namespace) -> int:
-    logs.configure("console", "cli")
-    logging.getLogger().setLevel(logging.ERROR)  # stdout is the YAML; errors are one line
+    quiet_logs()
     device = _device(args)
     poll = asyncio.run(_integrity_poll(device, args.timeout))
     print(_starter_policy(device, poll), end="")
@@ -218,8 +214,9 @@ def _starter_policy(device: Dnp3Device, poll: Poll) -> str:
     listed = [p for p in poll.points if p.group in DNP3_VARIATIONS]
     if not listed:
         raise DeviceError(
-            f"{device.address}: the integrity poll returned {len(poll.points)} points of the "
-            "groups the broker reads"
+            f"{device.address}: the integrity poll returned {len(poll.points)} points, none of "
+            f"a group the broker reads ({', '.join(map(str, DNP3_VARIATIONS))}): check which "
+            "points the outstation assigns to class 0"
             + (f" (IIN: {', '.join(poll.indications)})" if poll.indications else "")
         )
     header = [
@@ -233,50 +230,33 @@ def _starter_policy(device: Dnp3Device, poll: Poll) -> str:
             for p in poll.points
             if p.group not in DNP3_VARIATIONS
         ],
-        "# Set deployment_id, version and expires; edit each path (site/area/asset/measure),",
-        "# unit and scale, delete what must not cross; then compile and co-sign it. Each",
-        "# variation is the one the outstation sent; another (e.g. g30v5, float) may be asked.",
+        *EDIT,
+        "# Each variation is the one the outstation sent; another (g30v5: float) may be asked.",
     ]
-    document = {
-        "deployment_id": "change-me",
-        "version": 1,
-        "expires": (datetime.now(UTC) + timedelta(days=90)).strftime("%Y-%m-%dT00:00:00Z"),
-        "devices": [
-            {
-                "name": device.name,
-                "protocol": "dnp3",
-                "host": device.host,
-                "port": device.port,
-                "outstation_address": device.outstation_address,
-                "master_address": device.master_address,
-            }
-        ],
-    }
-    signals = ["signals:"]
-    for point in listed:
-        source = _source(point)
-        quality, reason = quality_of(point)
-        flags = "no flags" if point.flags is None else f"flags 0x{point.flags:02x}"
-        signals.append(
-            f"  # g{point.group}v{point.variation} index {point.index}: {point.value!r}, {flags} "
-            f"({quality}{': ' + reason if reason else ''}), {source.type}"
-        )
-        signal = {
+    fields = {"name": device.name, "protocol": "dnp3", "host": device.host, "port": device.port,
+              "outstation_address": device.outstation_address,
+              "master_address": device.master_address}  # fmt: skip
+    return starter_policy(header, fields, [_listed(device, point) for point in listed])
+
+
+def _listed(device: Dnp3Device, point: Point) -> Listed:
+    source = _source(point)
+    quality, reason = quality_of(point)
+    flags = "no flags" if point.flags is None else f"flags 0x{point.flags:02x}"
+    comment = (
+        f"g{point.group}v{point.variation} index {point.index}: {point.value!r}, {flags} "
+        f"({quality}{': ' + reason if reason else ''}), {source.type}"
+    )
+    return Listed(
+        comment,
+        {
             "path": f"{device.name}/{GROUP_NAMES[point.group]}-{point.index}",
             "device": device.name,
-            "source": {
-                "protocol": "dnp3",
-                "group": source.group,
-                "variation": source.variation,
-                "index": source.index,
-            },
+            "source": {"group": source.group, "variation": source.variation, "index": source.index},
             "unit": "",
             "description": f"g{point.group}v{point.variation} index {point.index}",
-        }
-        dumped = yaml.safe_dump([signal], sort_keys=False, allow_unicode=True)
-        signals.append("\n".join("  " + line for line in dumped.splitlines()))
-    body = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
-    return "\n".join(header) + "\n" + body + "\n".join(signals) + "\n"
+        },
+    )
 
 
 def _source(point: Point) -> Dnp3Source:

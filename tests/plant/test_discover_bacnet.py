@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,13 @@ from broker.plant.connectors.bacnet_units import our_unit
 from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
 from tests.deployment import netns
 from tests.harness import REPO, dmzbroker, free_udp_port, stop_process
+from tests.plant.discover_support import assert_compiles, one_line_error
+from tests.plant.discover_support import discover as discover_cli
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 READS = {"whoIs", "readProperty", "readPropertyMultiple"}
+discover = partial(discover_cli, "bacnet")
 ROOM = [
     SimObject("analog-input", 1, "room-temp", -18.5, "degreesCelsius", "cold room air"),
     SimObject("binary-input", 2, "door", False),
@@ -43,19 +47,6 @@ async def device(objects: list[SimObject]) -> AsyncIterator[SimulatedBacnetDevic
     finally:
         await simulated.stop()
     assert set(simulated.requests) <= READS, simulated.requests  # never a write, never DM
-
-
-async def discover(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a child process; a thread keeps this loop (and the device) serving."""
-    return await asyncio.to_thread(dmzbroker, "discover", "bacnet", *args, check=False)
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 1, done.stderr
-    assert done.stdout == ""
-    (line,) = done.stderr.splitlines()
-    assert line.startswith("dmzbroker: error: ") and "Traceback" not in done.stderr
-    return line
 
 
 async def test_a_device_s_objects_become_a_starter_policy_that_compiles_as_printed(
@@ -77,17 +68,13 @@ async def test_a_device_s_objects_become_a_starter_policy_that_compiles_as_print
     assert temperature["unit"] == our_unit("degreesCelsius") != ""  # the policy's spelling
     assert by_object[("analog-output", 4)]["unit"] == our_unit("percent") != ""
     assert by_object[("binary-input", 2)]["unit"] == ""  # a binary object has no units
-    assert temperature["source"] == {"protocol": "bacnet", "object_type": "analog-input",
-                                     "instance": 1}  # fmt: skip
+    # no `protocol`: the device says it (docs/policy.md), and a starter is what people write
+    assert temperature["source"] == {"object_type": "analog-input", "instance": 1}
     lines = done.stdout.splitlines()
     comment = lines[lines.index(f"  - path: {temperature['path']}") - 1]
     assert comment == "  # analog-input 1 'room-temp': -18.5 degrees-celsius, float32"
     assert "# Starter policy for BACnet device 1001 (room-ctl)" in lines[0]
-    (tmp_path / "starter.yaml").write_text(done.stdout)
-    compiled = await asyncio.to_thread(
-        dmzbroker, "policy", "compile", str(tmp_path / "starter.yaml"), check=False
-    )
-    assert compiled.returncode == 0, compiled.stderr + compiled.stdout
+    await assert_compiles(done.stdout, tmp_path)
 
 
 async def test_a_long_object_list_is_read_entry_by_entry_and_stops_at_max_objects() -> None:
@@ -141,6 +128,15 @@ async def test_an_answer_that_is_not_bacnet_is_named_as_such() -> None:
     async with udp_server(b"SSH-2.0-OpenSSH_9.2\r\n") as port:
         line = one_line_error(await discover(f"127.0.0.1:{port}"))
     assert "not BACnet/IP (BVLL type 53)" in line and "is this the device's BACnet/IP port?" in line
+
+
+async def test_a_host_that_does_not_resolve_is_named_as_such() -> None:
+    line = one_line_error(await discover("nosuchhost.invalid", "--timeout", "0.5"))
+    # the resolver's words vary with the machine's DNS (unknown name, or no server reachable)
+    assert line.startswith(
+        "dmzbroker: error: nosuchhost.invalid:47808: cannot resolve 'nosuchhost.invalid' ("
+    )
+    assert line.endswith("): check the host name")
 
 
 async def test_a_silent_port_times_out_in_one_line() -> None:

@@ -8,10 +8,10 @@ answer is not DNP3, is not numbered as an answer to its READ, or never ends."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,13 @@ import yaml
 from broker.plant.connectors.dnp3_frames import PRI_UNCONFIRMED_USER_DATA, PRM, encode_frame
 from tests.harness import dmzbroker, free_port
 from tests.plant.connectors.dnp3_outstation import ONLINE, CountingProxy, Dnp3Outstation
+from tests.plant.discover_support import assert_compiles, one_line_error, tcp_server
+from tests.plant.discover_support import discover as discover_cli
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 GROUPS = {1, 3, 10, 20, 21, 30, 40}  # opendnp3 serves frozen counters (21) too
+discover = partial(discover_cli, "dnp3")
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +35,6 @@ def station() -> Iterator[Dnp3Outstation]:
         outstation.set("analog", 7, 21.5, flags=ONLINE)
         outstation.set("double_bit", 3, "on", flags=ONLINE)
         yield outstation
-
-
-async def discover(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI in a child process; a thread keeps this loop (and the proxy) serving."""
-    return await asyncio.to_thread(dmzbroker, "discover", "dnp3", *args, check=False)
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 1, done.stderr
-    assert done.stdout == ""
-    (line,) = done.stderr.splitlines()
-    assert line.startswith("dmzbroker: error: ") and "Traceback" not in done.stderr
-    return line
 
 
 async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_printed(
@@ -67,6 +57,7 @@ async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_prin
     analog = sources[(30, 7)]
     assert analog["path"] == "lift-station/analog-input-7"
     assert analog["source"]["variation"] in (1, 2, 3, 4, 5, 6)  # the one it came in
+    assert set(analog["source"]) == {"group", "variation", "index"}  # the device says dnp3
     lines = done.stdout.splitlines()
     comment = lines[lines.index("  - path: lift-station/analog-input-7") - 1]
     assert comment.startswith(f"  # g30v{analog['source']['variation']} index 7: 21")
@@ -76,11 +67,7 @@ async def test_the_integrity_poll_becomes_a_starter_policy_that_compiles_as_prin
     double_bit = lines[lines.index("  - path: lift-station/double-bit-input-3") - 1]
     assert double_bit.endswith(": 'on', flags 0x81 (good), string")  # state in bits 6-7
     assert "# Indications (IIN) set:" in done.stdout and "DEVICE_RESTART" in done.stdout
-    (tmp_path / "starter.yaml").write_text(done.stdout)
-    compiled = await asyncio.to_thread(
-        dmzbroker, "policy", "compile", str(tmp_path / "starter.yaml"), check=False
-    )
-    assert compiled.returncode == 0, compiled.stderr + compiled.stdout
+    await assert_compiles(done.stdout, tmp_path)
 
 
 async def test_a_null_unsolicited_response_is_confirmed_so_the_answer_comes() -> None:
@@ -135,7 +122,7 @@ async def test_a_host_that_does_not_resolve_is_named_as_such() -> None:
 
 
 @asynccontextmanager
-async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
+async def answering(answer: bytes | None) -> AsyncIterator[int]:
     """A TCP server that answers anything with `answer`, or says nothing (None)."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -146,22 +133,18 @@ async def tcp_server(answer: bytes | None) -> AsyncIterator[int]:
         await reader.read(4096)  # until the client hangs up
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with tcp_server(serve) as port:
+        yield port
 
 
 async def test_an_answer_that_is_not_dnp3_is_named_as_such() -> None:
-    async with tcp_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
+    async with answering(b"HTTP/1.1 400 Bad Request\r\n\r\n") as port:
         line = one_line_error(await discover(f"127.0.0.1:{port}", "--outstation", "10"))
     assert "the answer is not DNP3 this master accepts" in line and "check the port" in line
 
 
 async def test_a_silent_server_times_out_in_one_line() -> None:
-    async with tcp_server(None) as port:
+    async with answering(None) as port:
         done = await discover(f"127.0.0.1:{port}", "--outstation", "10", "--timeout", "0.5")
     assert "no answer to the integrity poll within 0.5 s" in one_line_error(done)
 
@@ -184,12 +167,8 @@ async def fragments_server(apdus: Callable[[int], bytes], every_s: float) -> Asy
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with tcp_server(serve) as port:
+        yield port
 
 
 async def test_an_answer_that_never_ends_is_cut_at_the_overall_deadline() -> None:
@@ -211,6 +190,13 @@ async def test_a_fragment_numbered_for_another_request_is_refused() -> None:
     async with fragments_server(lambda n: bytes((0xC5, 129, 0, 0)), every_s=0.05) as port:
         line = one_line_error(await discover(f"127.0.0.1:{port}", "--outstation", "10"))
     assert "fragment 1 of the answer has sequence 5 (first) where 0 (first) was due" in line
+
+
+async def test_an_answer_without_a_point_the_broker_reads_says_what_to_check() -> None:
+    async with fragments_server(lambda n: bytes((0xC0, 129, 0, 0)), every_s=0.05) as port:
+        line = one_line_error(await discover(f"127.0.0.1:{port}", "--outstation", "10"))
+    assert "the integrity poll returned 0 points, none of a group the broker reads (1, 3," in line
+    assert line.endswith("check which points the outstation assigns to class 0")
 
 
 async def test_help_shows_the_defaults_and_the_outstation_is_required() -> None:

@@ -452,7 +452,7 @@ async def discover(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_discover_prints_a_starter_signal_list_that_a_policy_accepts(
-    plc: OpcUaTestServer, pki: OpcUaPki
+    plc: OpcUaTestServer, pki: OpcUaPki, tmp_path: Path
 ) -> None:
     done = await discover(
         plc.endpoint, "--certificate", str(pki.client_cert), "--key", str(pki.client_key),
@@ -464,14 +464,19 @@ async def test_discover_prints_a_starter_signal_list_that_a_policy_accepts(
     assert power == {
         "path": "press-4/plant/power",
         "device": "press-4",
-        "source": {"protocol": "opcua", "node": plc.node("Power")},
+        "source": {"node": plc.node("Power")},  # no protocol: the device says it
         "unit": "kW",
         "description": "Plant/Power (Double)",
     }
     assert {s["source"]["node"] for s in starter["signals"]} == {plc.node(n) for n in VARIABLES}
-    for signal in starter["signals"]:
-        msgspec.convert(signal, Signal)  # each entry is a valid policy signal as printed
-    assert msgspec.convert(starter["devices"][0], OpcUaDevice).endpoint == plc.endpoint
+    document = tmp_path / "policy.yaml"  # the list as printed, in a policy's top keys
+    document.write_text(
+        "deployment_id: d\nversion: 1\nexpires: 2099-01-01T00:00:00Z\n" + done.stdout
+    )
+    accepted = policy.load(document)
+    assert len(accepted.signals) == len(starter["signals"])
+    (device,) = accepted.devices
+    assert isinstance(device, OpcUaDevice) and device.endpoint == plc.endpoint
 
 
 async def test_discover_errors_are_one_line(plc: OpcUaTestServer, pki: OpcUaPki) -> None:
