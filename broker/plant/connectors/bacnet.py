@@ -47,7 +47,7 @@ from broker.plant.connectors.bacnet_frames import SERVICES_USED, FrameError
 from broker.plant.connectors.bacnet_link import INBOX, BacnetLink, Refused
 from broker.plant.connectors.bacnet_units import our_unit, same_unit
 from broker.plant.connectors.bacnet_values import PRESENT_VALUE, Read
-from broker.plant.connectors.base import Emit, RawSample, ScanGrid
+from broker.plant.connectors.base import Emit, RawSample, ScanGrid, SessionBreaker
 from broker.plant.connectors.supervision import FIRST_RETRY_S, MAX_RETRY_S, STABLE_S
 from broker.policy import BacnetDevice, Signal
 
@@ -72,9 +72,8 @@ class BacnetConnector:
         self.last_scan_s = 0.0
         self.cov_lifetime_s = COV_LIFETIME_S
         self._refused: set[str] = set()  # requests the device currently refuses
-        self._answering: bool | None = None
-        self._good_since: float | None = None
         self._log = structlog.get_logger("bacnet").bind(device=device.name)
+        self._breaker = SessionBreaker(self._log, [r.signal for r in self._reads])
         self._grid = ScanGrid(device.poll_interval_s, self._log)
         self.link = BacnetLink(device, self._log, self._notified)
         # names our COV subscriptions: one per connector, so a new session renews them
@@ -95,9 +94,9 @@ class BacnetConnector:
     local_address = property(lambda self: self.link.local_address)
 
     async def run(self, emit: Emit) -> None:
-        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
+        backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
         while True:
-            self._good_since = None
+            self._breaker.opening()
             try:
                 async with self.link.session():
                     try:
@@ -113,14 +112,7 @@ class BacnetConnector:
                         await self._unsubscribe()
             except DeviceError as e:
                 self.errors += 1
-                good = self._good_since
-                retry_in_s = breaker.after(0.0 if good is None else time.monotonic() - good)
-                down = self._answering is False
-                event = "device_reconnect_failed" if down else "device_session_down"
-                self._answering = False
-                self._log.warning(event, error=str(e), retry_in_s=round(retry_in_s, 3))
-                await emit(self._all_bad())
-                await asyncio.sleep(retry_in_s)
+                await self._breaker.failed(e, backoff, emit)
 
     # ---- session start and end
 
@@ -244,18 +236,13 @@ class BacnetConnector:
         next_scan = loop.time()
         while True:
             samples = await self._scan()
-            if self._good_since is None:
-                self._good_since = time.monotonic()
-            if not self._answering:
-                self._answering = True
-                device = self._device
-                self._log.info(
-                    "device_session_up",
-                    host=device.host,
-                    port=device.port,
-                    device_instance=device.device_instance,
-                    max_apdu=self._max_apdu,
-                )
+            device = self._device
+            self._breaker.scanned(
+                host=device.host,
+                port=device.port,
+                device_instance=device.device_instance,
+                max_apdu=self._max_apdu,
+            )
             await emit(samples)
             next_scan, missed = self._grid.next_slot(next_scan, loop.time(), self.last_scan_s)
             self.overruns += missed
@@ -396,7 +383,3 @@ class BacnetConnector:
         if key in self._refused:
             self._refused.discard(key)
             self._log.info("device_read_recovered", request=key)
-
-    def _all_bad(self) -> list[RawSample]:
-        now = datetime.now(UTC)
-        return [RawSample(r.signal, None, now, "bad") for r in self._reads]

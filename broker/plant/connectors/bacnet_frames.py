@@ -162,14 +162,7 @@ def peek(datagram: bytes) -> Peek:
     for what is not an unsegmented local BACnet/IP APDU (checked again, in full, by `parse`)."""
     if len(datagram) > MAX_DATAGRAM:
         raise FrameError(f"a datagram of {len(datagram)} octets, over BACnet/IP's {MAX_DATAGRAM}")
-    if len(datagram) < 7 or datagram[0] != _BVLL_TYPE:
-        raise FrameError(f"not BACnet/IP (BVLL type {datagram[:1].hex() or 'missing'})")
-    if datagram[1] not in (_ORIGINAL_UNICAST, _ORIGINAL_BROADCAST):
-        raise FrameError(f"BVLL function 0x{datagram[1]:02x} carries no message for us")
-    if int.from_bytes(datagram[2:4], "big") != len(datagram):
-        raise FrameError(
-            f"BVLL length {int.from_bytes(datagram[2:4], 'big')} but {len(datagram)} octets"
-        )
+    _check_bvll(datagram, shortest=7)
     control = datagram[5]
     if datagram[4] != 1 or control & 0x80:
         raise FrameError("a network-layer message or an NPDU of another version, not an APDU")
@@ -201,10 +194,10 @@ def peek(datagram: bytes) -> Peek:
     )
 
 
-def parse(datagram: bytes) -> APDU:
-    """The APDU in a datagram from the device, decoded as far as its service (an ACK's and
-    an unconfirmed request's parameters included)."""
-    if len(datagram) < 4 or datagram[0] != _BVLL_TYPE:
+def _check_bvll(datagram: bytes, shortest: int) -> None:
+    """FrameError unless the datagram has `shortest` octets or more and its BVLL header is
+    BACnet/IP's, brings a message (an original unicast or broadcast) and says its length."""
+    if len(datagram) < shortest or datagram[0] != _BVLL_TYPE:
         raise FrameError(f"not BACnet/IP (BVLL type {datagram[:1].hex() or 'missing'})")
     if datagram[1] not in (_ORIGINAL_UNICAST, _ORIGINAL_BROADCAST):
         raise FrameError(f"BVLL function 0x{datagram[1]:02x} carries no message for us")
@@ -212,6 +205,12 @@ def parse(datagram: bytes) -> APDU:
         raise FrameError(
             f"BVLL length {int.from_bytes(datagram[2:4], 'big')} but {len(datagram)} octets"
         )
+
+
+def parse(datagram: bytes) -> APDU:
+    """The APDU in a datagram from the device, decoded as far as its service (an ACK's and
+    an unconfirmed request's parameters included)."""
+    _check_bvll(datagram, shortest=4)
     try:
         npdu = NPDU.decode(PDU(datagram[4:]))
     except Exception as e:  # bacpypes3 raises assorted errors on short or odd input

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 
 import msgspec
 from structlog.typing import FilteringBoundLogger
 
+from broker.backoff import Backoff
+from broker.errors import DeviceError
 from broker.plant.decode import RawValue
 from broker.records import Quality
 
@@ -122,3 +125,47 @@ class ScanGrid:
         self._streak += missed
         self._on_time = 0
         return following + missed * self._interval, missed
+
+
+class SessionBreaker:
+    """Whether a connector's session with its device answers, told once per change: the
+    breaker of a connector that drops its session on a `DeviceError` and connects again
+    (Modbus, DNP3, BACnet; docs/specs/component.md, "Behaviour toward devices").
+
+    `device_session_up` is logged (and audited) at the first good scan after start or an
+    outage, `device_session_down` when a session fails; a retry that fails while the device
+    stays down is `device_reconnect_failed`, in the process log only. The backoff starts
+    afresh only after a session that scanned well for its `fresh_after_s`: a device that
+    answers one scan and then fails is reconnected at a slowing rate, not once per scan.
+    """
+
+    def __init__(self, log: FilteringBoundLogger, signals: Sequence[str]) -> None:
+        self._log = log
+        self._signals = signals  # the device's signal paths: all `bad` while it is down
+        self._answering: bool | None = None  # None until a first good scan or failure
+        self._good_since: float | None = None  # when this session first scanned whole
+
+    def opening(self) -> None:
+        """A new session is being opened: its good time starts at its own first good scan."""
+        self._good_since = None
+
+    def scanned(self, **fields: object) -> None:
+        """A scan went well; when the device was not answering, say so with `fields`."""
+        if self._good_since is None:
+            self._good_since = time.monotonic()
+        if not self._answering:
+            self._answering = True
+            self._log.info("device_session_up", **fields)
+
+    async def failed(self, error: DeviceError, backoff: Backoff, emit: Emit) -> None:
+        """The session failed: log it, mark every signal `bad` in one batch, and wait out
+        the backoff before the caller connects again. `backoff` is the caller's, made afresh
+        at each `run` from its module's retry constants (which tests may shorten)."""
+        good = self._good_since
+        retry_in_s = backoff.after(0.0 if good is None else time.monotonic() - good)
+        event = "device_reconnect_failed" if self._answering is False else "device_session_down"
+        self._answering = False
+        self._log.warning(event, error=str(error), retry_in_s=round(retry_in_s, 3))
+        now = datetime.now(UTC)
+        await emit([RawSample(path, None, now, "bad") for path in self._signals])
+        await asyncio.sleep(retry_in_s)

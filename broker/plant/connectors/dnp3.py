@@ -31,7 +31,13 @@ import structlog
 
 from broker.backoff import Backoff
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Emit, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import (
+    Emit,
+    RawSample,
+    ScanGrid,
+    SessionBreaker,
+    raise_if_cancelled,
+)
 from broker.plant.connectors.dnp3_link import Link
 from broker.plant.connectors.dnp3_objects import (
     Header,
@@ -70,7 +76,6 @@ class _Latest(NamedTuple):
 class Dnp3Connector:
     def __init__(self, device: Dnp3Device, signals: Sequence[Signal]) -> None:
         self.device = device
-        self._signals = [s.path for s in signals]
         self._sources: list[tuple[str, Dnp3Source]] = []
         for signal in signals:
             if not isinstance(signal.source, Dnp3Source):  # the policy's checks forbid it
@@ -90,15 +95,14 @@ class Dnp3Connector:
         self._integrity_due = False  # events were lost: an integrity poll at the next scan
         self._refused: dict[int, str] = {}  # read number → what the outstation said
         self._unsolicited_told = False  # device_unsolicited_ignored, once per session
-        self._answering: bool | None = None
-        self._good_since: float | None = None
         self._log = structlog.get_logger("dnp3").bind(device=device.name)
+        self._breaker = SessionBreaker(self._log, [s.path for s in signals])
         self._grid = ScanGrid(device.poll_interval_s, self._log)
 
     async def run(self, emit: Emit) -> None:
-        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
+        backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
         while True:
-            self._good_since = None
+            self._breaker.opening()
             self._unsolicited_told = False
             self._latest.clear()  # a new session starts from an integrity poll or a read
             try:
@@ -109,14 +113,7 @@ class Dnp3Connector:
                     link.close()
             except DeviceError as e:
                 self.errors += 1
-                good = self._good_since
-                retry_in_s = breaker.after(0.0 if good is None else time.monotonic() - good)
-                down = self._answering is False
-                event = "device_reconnect_failed" if down else "device_session_down"
-                self._answering = False
-                self._log.warning(event, error=str(e), retry_in_s=round(retry_in_s, 3))
-                await emit(self._all_bad())
-                await asyncio.sleep(retry_in_s)
+                await self._breaker.failed(e, backoff, emit)
 
     async def _connect(self) -> Link:
         device = self.device
@@ -148,12 +145,7 @@ class Dnp3Connector:
                 samples = await self._event_scan(link, integrity=integrity)
             self.scans += 1
             self.last_scan_s = time.monotonic() - started
-            if self._good_since is None:
-                self._good_since = time.monotonic()
-            if not self._answering:
-                self._answering = True
-                device = self.device
-                self._log.info("device_session_up", host=device.host, port=device.port)
+            self._breaker.scanned(host=self.device.host, port=self.device.port)
             await emit(samples)  # waits while the spool is behind: a late scan skips, not queues
             next_scan, missed = self._grid.next_slot(next_scan, loop.time(), self.last_scan_s)
             self.overruns += missed
@@ -165,16 +157,13 @@ class Dnp3Connector:
         missing_reason: dict[tuple[int, int, int], str] = {}
         for number, headers in enumerate(self.reads):
             refused, _ = self._take(await link.ask(headers), headers)
+            self._refusal_seen(number, headers, refused)
             if refused:
-                self._refused_once(number, headers, refused)
                 for header in headers:
                     for index in range(header.start, header.stop + 1):
                         missing_reason[header.group, header.variation, index] = (
                             f"the outstation refused the read: {', '.join(refused)}"
                         )
-            elif number in self._refused:
-                del self._refused[number]
-                self._log.info("device_read_recovered", read=_describe(headers))
         now = datetime.now(UTC)
         samples = []
         for path, source in self._sources:
@@ -195,11 +184,7 @@ class Dnp3Connector:
         refused, received = self._take(await link.ask(headers), headers)
         if integrity:
             self._integrity_due = False  # this poll read what an overflow or restart lost
-        if refused:
-            self._refused_once(0, headers, refused)
-        elif 0 in self._refused:
-            del self._refused[0]
-            self._log.info("device_read_recovered", read=_describe(headers))
+        self._refusal_seen(0, headers, refused)
         now = datetime.now(UTC)
         samples = []
         for path, source in self._sources:
@@ -288,17 +273,18 @@ class Dnp3Connector:
             self._indications = notable
             self._log.warning("device_status_reported", indications=sorted(notable))
 
-    def _refused_once(self, number: int, headers: Sequence[Header], refused: list[str]) -> None:
+    def _refusal_seen(self, number: int, headers: Sequence[Header], refused: list[str]) -> None:
+        """Log (and so audit) a read's refusal when it starts or changes, and its end."""
+        if not refused:
+            if self._refused.pop(number, None) is not None:
+                self._log.info("device_read_recovered", read=_describe(headers))
+            return
         said = ", ".join(refused)
         if self._refused.get(number) == said:
             return
         self._refused[number] = said
         self.errors += 1
         self._log.warning("device_read_refused", read=_describe(headers), indications=refused)
-
-    def _all_bad(self) -> list[RawSample]:
-        now = datetime.now(UTC)
-        return [RawSample(path, None, now, "bad") for path in self._signals]
 
 
 def _describe(headers: Sequence[Header]) -> list[str]:

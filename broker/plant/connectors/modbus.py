@@ -43,7 +43,14 @@ from pymodbus.pdu import ModbusPDU
 
 from broker.backoff import Backoff
 from broker.errors import DeviceError
-from broker.plant.connectors.base import Emit, Pace, RawSample, ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import (
+    Emit,
+    Pace,
+    RawSample,
+    ScanGrid,
+    SessionBreaker,
+    raise_if_cancelled,
+)
 from broker.plant.connectors.modbus_frames import (
     ResponseDecoder,
     exception_name,
@@ -112,7 +119,6 @@ class _UnitBreaker:
 class ModbusConnector:
     def __init__(self, device: ModbusDevice, signals: Sequence[Signal]) -> None:
         self._device = device
-        self._signals = [s.path for s in signals]
         self.plan = plan_reads(signals, device.unit_id)
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
@@ -121,10 +127,9 @@ class ModbusConnector:
         self._connections = max(1, min(device.max_connections, len(self.plan)))
         self._pace = Pace(device.max_requests_per_s)
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
-        self._answering: bool | None = None  # audited when it changes, not per retry
-        self._good_since: float | None = None  # when this session first scanned whole
         self._budget_told = False
         self._log = structlog.get_logger("modbus").bind(device=device.name)
+        self._breaker = SessionBreaker(self._log, [s.path for s in signals])
         self._grid = ScanGrid(device.poll_interval_s, self._log)
         units = {request.unit_id for request in self.plan}
         self._unit_breakers = (  # only behind a gateway: a lone unit is the device
@@ -135,22 +140,15 @@ class ModbusConnector:
 
     async def run(self, emit: Emit) -> None:
         self._warn_if_over_budget()
-        breaker = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
+        backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
         while True:
-            self._good_since = None
+            self._breaker.opening()
             try:
                 async with self._session() as clients:
                     await self._scan_forever(clients, emit)
             except DeviceError as e:
                 self.errors += 1
-                good = self._good_since
-                retry_in_s = breaker.after(0.0 if good is None else time.monotonic() - good)
-                down = self._answering is False
-                event = "device_reconnect_failed" if down else "device_session_down"
-                self._answering = False
-                self._log.warning(event, error=str(e), retry_in_s=round(retry_in_s, 3))
-                await emit(self._all_bad())
-                await asyncio.sleep(retry_in_s)
+                await self._breaker.failed(e, backoff, emit)
 
     def _warn_if_over_budget(self) -> None:
         """Audit, once per connector (so once per accepted policy), scans its budget cannot
@@ -190,17 +188,8 @@ class ModbusConnector:
         next_scan = loop.time()
         while True:
             samples = await self._scan(clients)
-            if self._good_since is None:
-                self._good_since = time.monotonic()
-            if not self._answering:
-                self._answering = True
-                device = self._device
-                self._log.info(
-                    "device_session_up",
-                    host=device.host,
-                    port=device.port,
-                    connections=len(clients),
-                )
+            device = self._device
+            self._breaker.scanned(host=device.host, port=device.port, connections=len(clients))
             await emit(samples)  # waits while the spool is behind: a late scan skips, not queues
             next_scan, missed = self._grid.next_slot(next_scan, loop.time(), self.last_scan_s)
             self.overruns += missed
@@ -314,7 +303,3 @@ class ModbusConnector:
     def _bad(request: ReadRequest) -> list[RawSample]:
         now = datetime.now(UTC)
         return [RawSample(slot.signal, None, now, "bad") for slot in request.slots]
-
-    def _all_bad(self) -> list[RawSample]:
-        now = datetime.now(UTC)
-        return [RawSample(path, None, now, "bad") for path in self._signals]
