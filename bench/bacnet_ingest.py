@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing as mp
 import time
 from typing import Any
 
 import msgspec
 import structlog
-from support import free_port
+from support import SPAWN, Window, device_process, free_port, measure_ingest, samples_and_good
 
 from broker.plant.connectors.bacnet import BacnetConnector
-from broker.plant.connectors.base import RawSample
 from broker.policy import BacnetDevice, Signal
 from broker.policy.device_schema import DEFAULT_MAX_REQUESTS_PER_S, MAX_REQUESTS_PER_S
 from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
@@ -34,7 +32,7 @@ POLL_INTERVAL_S = 0.05  # the shortest a policy allows (broker.policy.fields.Sec
 INSTANCE = 1001
 
 
-def serve(port: int, objects: int, ready: Any, stop: Any, cpu_s: Any) -> None:
+def serve(port: int, objects: int, cpu_s: Any, ready: Any, stop: Any) -> None:
     """The child: the simulated device until `stop` is set; its CPU seconds in `cpu_s`."""
     logging.disable(logging.WARNING)
 
@@ -55,7 +53,7 @@ def serve(port: int, objects: int, ready: Any, stop: Any, cpu_s: Any) -> None:
 
 async def ingest(
     port: int, objects: int, per_s: float, warmup_s: float, measure_s: float
-) -> tuple[float, float, float, float, int, int]:
+) -> Window:
     device = msgspec.convert(
         {"name": "bench", "protocol": "bacnet", "host": "127.0.0.1", "port": port,
          "device_instance": INSTANCE, "poll_interval_s": POLL_INTERVAL_S, "timeout_s": 10.0,
@@ -75,58 +73,23 @@ async def ingest(
         for i in range(objects)
     ]
     connector = BacnetConnector(device, signals)
-    received = good = 0
-
-    async def emit(samples: list[RawSample]) -> None:
-        nonlocal received, good
-        received += len(samples)
-        good += sum(1 for sample in samples if sample.quality == "good")
-
-    task = asyncio.create_task(connector.run(emit))
-    try:
-        await asyncio.sleep(warmup_s)
-        start_received, start_good, start_requests = received, good, connector.requests
-        start_overruns = connector.overruns
-        started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.sleep(measure_s)
-        elapsed = time.perf_counter() - started
-        return (
-            (received - start_received) / elapsed,
-            (good - start_good) / elapsed,
-            (connector.requests - start_requests) / elapsed,
-            (time.process_time() - cpu) / elapsed,
-            connector.overruns - start_overruns,
-            connector.errors,
-        )
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    counters = ["requests", "overruns"]
+    return await measure_ingest(connector, samples_and_good, counters, warmup_s, measure_s)
 
 
 def run(objects: int, per_s: float, warmup_s: float, measure_s: float) -> None:
-    context = mp.get_context("spawn")
-    ready, stop, cpu_s = context.Event(), context.Event(), context.Value("d", 0.0)
+    cpu_s = SPAWN.Value("d", 0.0)
     port = free_port()  # a TCP port free now; UDP's is almost always free with it
-    child = context.Process(target=serve, args=(port, objects, ready, stop, cpu_s))
-    child.start()
-    try:
-        if not ready.wait(300):
-            raise SystemExit("the simulated BACnet device did not start within 300 s")
+    with device_process("the simulated BACnet device", serve, port, objects, cpu_s):
         device_cpu, started = cpu_s.value, time.perf_counter()
-        rate, good, requests, busy, overruns, errors = asyncio.run(
-            ingest(port, objects, per_s, warmup_s, measure_s)
-        )
+        window = asyncio.run(ingest(port, objects, per_s, warmup_s, measure_s))
         device_busy = (cpu_s.value - device_cpu) / (time.perf_counter() - started)
-    finally:
-        stop.set()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
     print(
-        f"{objects:>6} objects | budget {per_s:>6,.0f} req/s | {rate:>8,.0f} points/s ingested "
-        f"({good:,.0f} good) | {requests:>6,.0f} requests/s | connector CPU {busy:.0%}, device "
-        f"CPU {device_busy:.0%} | "
-        f"overruns {overruns} | session errors {errors}"
+        f"{objects:>6} objects | budget {per_s:>6,.0f} req/s | {window.per_s('samples'):>8,.0f} "
+        f"points/s ingested ({window.per_s('good'):,.0f} good) | "
+        f"{window.per_s('requests'):>6,.0f} requests/s | connector CPU {window.cpu:.0%}, device "
+        f"CPU {device_busy:.0%} | overruns {window.changed['overruns']} | session errors "
+        f"{window.errors}"
     )
 
 

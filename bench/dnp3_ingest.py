@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 
 import msgspec
 import structlog
+from support import Window, measure_ingest, samples_and_good
 
-from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.dnp3 import Dnp3Connector
 from broker.policy import Dnp3Device, Signal
 from tests.plant.connectors.dnp3_outstation import ONLINE, Dnp3Outstation
@@ -27,9 +26,7 @@ from tests.plant.connectors.dnp3_outstation import ONLINE, Dnp3Outstation
 POLL_INTERVAL_S = 0.05  # the shortest a policy allows (broker.policy.fields.Seconds)
 
 
-async def ingest(
-    port: int, points: int, warmup_s: float, measure_s: float
-) -> tuple[float, float, float, float, int, int]:
+async def ingest(port: int, points: int, warmup_s: float, measure_s: float) -> Window:
     device = msgspec.convert(
         {"name": "bench", "protocol": "dnp3", "host": "127.0.0.1", "port": port,
          "outstation_address": 1024, "poll_interval_s": POLL_INTERVAL_S, "timeout_s": 10.0},
@@ -47,45 +44,20 @@ async def ingest(
         for i in range(points)
     ]
     connector = Dnp3Connector(device, signals)
-    received = good = 0
-
-    async def emit(samples: list[RawSample]) -> None:
-        nonlocal received, good
-        received += len(samples)
-        good += sum(1 for sample in samples if sample.quality == "good")
-
-    task = asyncio.create_task(connector.run(emit))
-    try:
-        await asyncio.sleep(warmup_s)
-        start_received, start_good, start_scans = received, good, connector.scans
-        start_overruns = connector.overruns
-        started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.sleep(measure_s)
-        elapsed = time.perf_counter() - started
-        return (
-            (received - start_received) / elapsed,
-            (good - start_good) / elapsed,
-            (connector.scans - start_scans) / elapsed,
-            (time.process_time() - cpu) / elapsed,
-            connector.overruns - start_overruns,
-            connector.errors,
-        )
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    counters = ["scans", "overruns"]
+    return await measure_ingest(connector, samples_and_good, counters, warmup_s, measure_s)
 
 
 def run(points: int, warmup_s: float, measure_s: float) -> None:
     with Dnp3Outstation(size=points) as station:
         for index in range(points):  # online, so that every sample is good
             station.set("analog", index, float(index) + 0.5, flags=ONLINE)
-        rate, good, scans, busy, overruns, errors = asyncio.run(
-            ingest(station.port, points, warmup_s, measure_s)
-        )
+        window = asyncio.run(ingest(station.port, points, warmup_s, measure_s))
     print(
-        f"{points:>6} points | {rate:>9,.0f} points/s ingested ({good:,.0f} good) | "
-        f"{scans:>5.1f} scans/s | connector CPU {busy:.0%} | overruns {overruns} | "
-        f"session errors {errors}"
+        f"{points:>6} points | {window.per_s('samples'):>9,.0f} points/s ingested "
+        f"({window.per_s('good'):,.0f} good) | {window.per_s('scans'):>5.1f} scans/s | "
+        f"connector CPU {window.cpu:.0%} | overruns {window.changed['overruns']} | "
+        f"session errors {window.errors}"
     )
 
 

@@ -16,12 +16,13 @@ import logging
 import multiprocessing as mp
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
 import msgspec
 from asyncua import Server, ua
-from support import cli, free_port
+from support import SPAWN, Window, cli, device_process, free_port, measure_ingest
 
 from broker.config import OpcUaConfig
 from broker.plant.connectors.base import RawSample
@@ -33,7 +34,7 @@ YIELD_EVERY = 100  # server writes between two turns of its event loop
 
 
 def serve(
-    pki: Path, port: int, items: int, ready: mp.Event, stop: mp.Event, writes: mp.Value
+    pki: Path, port: int, items: int, writes: mp.Value, ready: mp.Event, stop: mp.Event
 ) -> None:  # type: ignore[type-arg]
     """The child: a server whose values change as fast as it can write them."""
     logging.disable(logging.WARNING)
@@ -66,9 +67,7 @@ def serve(
     asyncio.run(main())
 
 
-async def ingest(
-    pki: Path, port: int, items: int, warmup_s: float, measure_s: float
-) -> tuple[float, float, float, int, int]:
+async def ingest(pki: Path, port: int, items: int, warmup_s: float, measure_s: float) -> Window:
     device = msgspec.convert(
         {"name": "bench", "endpoint": f"opc.tcp://127.0.0.1:{port}/bench", "poll_interval_s": 0.1,
          "timeout_s": 10.0},
@@ -91,59 +90,33 @@ async def ingest(
         trust_list=[pki / "ca" / "ca.crt"],
     )
     connector = OpcUaConnector(device, signals, SessionSettings.build(device, config))
-    received = repeated = 0
     last: dict[str, datetime] = {}  # each signal's last source time
 
-    async def emit(samples: list[RawSample]) -> None:
-        """Counts new values; the others are unchanged items re-emitted as still current."""
-        nonlocal received, repeated
+    def tally(samples: list[RawSample], counts: Counter[str]) -> None:
+        """New values; the others are unchanged items re-emitted as still current."""
+        new = 0
         for sample in samples:
             if last.get(sample.signal) != sample.source_time:
                 last[sample.signal] = sample.source_time
-                received += 1
-            else:
-                repeated += 1
+                new += 1
+        counts["new"] += new
+        counts["repeated"] += len(samples) - new
 
-    task = asyncio.create_task(connector.run(emit))
-    try:
-        await asyncio.sleep(warmup_s)
-        start_count, start_repeated, start_overruns = received, repeated, connector.overruns
-        started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.sleep(measure_s)
-        elapsed = time.perf_counter() - started
-        rate = (received - start_count) / elapsed
-        still_current = (repeated - start_repeated) / elapsed
-        busy = (time.process_time() - cpu) / elapsed
-        overflows = connector.overruns - start_overruns
-        return rate, still_current, busy, overflows, connector.errors
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    return await measure_ingest(connector, tally, ["overruns"], warmup_s, measure_s)
 
 
 def run(pki: Path, items: int, warmup_s: float, measure_s: float) -> None:
-    context = mp.get_context("spawn")
-    ready, stop, writes = context.Event(), context.Event(), context.Value("q", 0)
+    writes = SPAWN.Value("q", 0)
     port = free_port()
-    child = context.Process(target=serve, args=(pki, port, items, ready, stop, writes))
-    child.start()
-    try:
-        if not ready.wait(300):
-            raise SystemExit("the OPC UA server did not start within 300 s")
+    with device_process("the OPC UA server", serve, pki, port, items, writes):
         before, started = writes.value, time.perf_counter()
-        rate, still_current, busy, overflows, errors = asyncio.run(
-            ingest(pki, port, items, warmup_s, measure_s)
-        )
+        window = asyncio.run(ingest(pki, port, items, warmup_s, measure_s))
         written = (writes.value - before) / (time.perf_counter() - started)
-    finally:
-        stop.set()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
     print(
-        f"{items:>6} items | {rate:>9,.0f} notifications/s ingested | {still_current:>9,.0f} "
-        f"unchanged re-emitted/s | server wrote {written:>9,.0f} values/s | connector CPU "
-        f"{busy:.0%} | overflow-flagged {overflows} | session errors {errors}"
+        f"{items:>6} items | {window.per_s('new'):>9,.0f} notifications/s ingested | "
+        f"{window.per_s('repeated'):>9,.0f} unchanged re-emitted/s | server wrote "
+        f"{written:>9,.0f} values/s | connector CPU {window.cpu:.0%} | overflow-flagged "
+        f"{window.changed['overruns']} | session errors {window.errors}"
     )
 
 
