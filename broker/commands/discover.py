@@ -55,8 +55,8 @@ def add_to(commands: Any) -> None:
 
     bacnet = sub.add_parser("bacnet", help="list a device's objects (Who-Is and reads only)")
     bacnet.add_argument("address", type=host_port, metavar="ADDRESS",
-                        help="HOST[:PORT] of the device, or a broadcast address: "
-                        "255.255.255.255 or one ending in .255 (port 47808 if left out)")  # fmt: skip
+                        help="HOST[:PORT] of the device, or the broadcast address of one of "
+                        "this host's interfaces (port 47808 if left out)")  # fmt: skip
     bacnet.add_argument("--device-instance", type=int, metavar="N",
                         help="the device to list (default: the only one that answers)")  # fmt: skip
     bacnet.add_argument("--device-name", default="bacnet-device",

@@ -149,6 +149,7 @@ async def test_help_shows_the_defaults() -> None:
     shown = await asyncio.to_thread(dmzbroker, "discover", "bacnet", "--help")
     words = " ".join(shown.stdout.split())  # as wrapped for any terminal width
     assert "object-list (default: 5000)" in words and "this long (default: 3.0)" in words
+    assert "the broadcast address of one of this host's interfaces (port 47808" in words
 
 
 async def test_an_address_that_is_no_interface_s_broadcast_is_one_device_s() -> None:
