@@ -63,7 +63,7 @@ async def test_a_lost_notification_is_corrected_by_the_next_scan(relay: Relay) -
         await reader.until(good)
         relay.mode = "drop-cov"
         sim_of(relay).set("analog-input", 1, 30.0)  # the notification is lost on the way
-        batch = await reader.until(lambda b: b[path("room-temp")].raw == 30.0, timeout_s=3.0)
+        batch = await reader.until(lambda b: b[path("room-temp")].raw == 30.0)
     assert relay.dropped >= 1
     assert batch[path("room-temp")].quality == "good"
 
@@ -80,25 +80,26 @@ async def test_a_notification_is_taken_only_from_our_subscription(relay: Relay) 
         stray = reader.connector.stray
         for datagram in forged:
             relay.inject(datagram)
-        await reader.until(lambda b: reader.connector.stray >= stray + 3, timeout_s=3.0)
+        await reader.until(lambda b: reader.connector.stray >= stray + 3)
         relay.inject(notification(ours, INSTANCE, "analog-input,1", 64.0))  # the control
-        early = await reader.until(lambda b: b[path("room-temp")].raw == 64.0, timeout_s=0.9)
-        # it came before the next scan, which reads the device again and wins
+        # 64.0 is only in the notification (the device holds -18.5): no scan can bring it,
+        # however late the notification is handled on a loaded machine
+        early = await reader.until(lambda b: b[path("room-temp")].raw == 64.0)
         assert list(early) == [path("room-temp")]
         assert early[path("room-temp")].read_time is not None
-        await reader.until(lambda b: b[path("room-temp")].raw == -18.5, timeout_s=3.0)
+        # the next scan reads the device again and wins
+        await reader.until(lambda b: b[path("room-temp")].raw == -18.5)
     seen = {s.raw for batch in reader.batches for s in batch}
     assert seen.isdisjoint({61.0, 62.0, 63.0})
 
 
 async def test_a_change_arrives_with_its_notification_before_the_next_scan(relay: Relay) -> None:
-    async with cov_reader(relay, poll_interval_s=2.0) as reader:
+    # the next scan is 30 s away, beyond until's 10 s: the value can only come by notification
+    async with cov_reader(relay, poll_interval_s=30.0) as reader:
         await reader.until(good)
         scans = reader.connector.scans
-        changed = time.monotonic()
         sim_of(relay).set("analog-input", 1, -4.5)
-        await reader.until(lambda b: b[path("room-temp")].raw == -4.5, timeout_s=1.5)
-        assert time.monotonic() - changed < 1.5
+        await reader.until(lambda b: b[path("room-temp")].raw == -4.5)
         assert reader.connector.scans == scans  # no scan read it: the notification did
 
 
@@ -135,7 +136,9 @@ async def test_a_stop_while_the_device_is_silent_waits_at_most_timeout_s(relay: 
         await reader.until(good)
         relay.mode = "drop-all"
         started = time.monotonic()
-    assert time.monotonic() - started < 0.5 + 1.5  # the cancellation's wait, bounded (loaded CI)
+    # the cancellation's wait is bounded by timeout_s (0.5 s); 5 s leaves room for a loaded
+    # CI and still tells it from a wait for the device (silent for ever) or the 300 s lifetime
+    assert time.monotonic() - started < 5.0
 
 
 def test_a_subscription_lifetime_is_bounded() -> None:
