@@ -13,6 +13,15 @@ so that no kind can use up another's:
 - `device`: a device of the appliance config (a flapping signal, a session going up and
   down, scans overrunning under jitter).
 
+The first entry of each (event, device) in an interval is written in full whatever the
+devices' overall budget says: two or three hostile devices (an outstation toggling its
+indications, a device refusing every other request) use that budget up, and a good device's
+`device_session_down` must still be read in the log, not only counted in a summary — no
+device may hide another's record. Devices, unlike addresses, are a set the config bounds and
+an attacker cannot multiply; at most `tracked` pairs per interval get this first entry.
+Their repeats compete for the overall budget as before, and the capacity reserve still holds
+back even a first entry.
+
 A `trust` event (a refusal because of the certificate itself: revoked, no usable identity)
 is never crowded out: the first `per_source` per (event, source) and interval are written
 whatever the overall budgets and the capacity reserve say. Only its own source's repeats
@@ -25,7 +34,8 @@ kind under `other_sources`. While the audit log is in its capacity reserve nothi
 trust events is admitted in full and an interval lasts `reserve_interval_s`.
 
 Memory is bounded: at most `tracked` (event, source) pairs per kind are counted apart per
-interval; later ones are only summed. This module never writes or logs anything itself and
+interval, later ones only summed; and a device pair's first entry is written beyond the
+budget only while fewer than `tracked` pairs were. This module never writes or logs anything itself and
 never blocks: it only counts and decides.
 """
 
@@ -51,6 +61,9 @@ class Kind(StrEnum):
 
 
 _NAMED_IN_FULL = (Kind.IDENTITY, Kind.DEVICE)  # bounded by the CA and by the config
+# Kinds whose sources the config bounds: each pair's first entry per interval is written
+# beyond the overall budget, so no source can hide another's event.
+_FIRST_IN_FULL = (Kind.DEVICE,)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class _Window:
     reserved: bool
     written: Counter[tuple[str, Kind, str, bool]] = field(default_factory=Counter)
     written_by_kind: Counter[Kind] = field(default_factory=Counter)
+    pairs_written: Counter[Kind] = field(default_factory=Counter)  # pairs with one in full
     held: dict[Kind, Counter[_Pair]] = field(default_factory=dict)
     held_by_event: Counter[str] = field(default_factory=Counter)
     untracked: Counter[Kind] = field(default_factory=Counter)  # held beyond `tracked`
@@ -107,11 +121,13 @@ class Throttle:
             source = source[:SOURCE_CHARS]
             limits = self.limits
             key = (event, kind, source, trust)
+            first = window.written[key] == 0
             if window.written[key] < limits.per_source and (
-                trust or (not reserved and window.written_by_kind[kind] < limits.overall)
+                trust or (not reserved and self._within_budget(window, kind, first=first))
             ):
                 window.written[key] += 1
                 window.written_by_kind[kind] += 1
+                window.pairs_written[kind] += first
                 return True
             held = window.held.setdefault(kind, Counter())
             if (event, source) in held or len(held) < limits.tracked:
@@ -121,6 +137,14 @@ class Throttle:
             window.held_by_event[event] += 1
             self._suppressed[event] += 1
             return False
+
+    def _within_budget(self, window: _Window, kind: Kind, *, first: bool) -> bool:
+        """The kind's overall budget admits it, or it is a device pair's first entry (while
+        fewer than `tracked` pairs were written, which bounds the memory it takes)."""
+        limits = self.limits
+        if window.written_by_kind[kind] < limits.overall:
+            return True
+        return first and kind in _FIRST_IN_FULL and window.pairs_written[kind] < limits.tracked
 
     def summary(self, *, reserved: bool, final: bool = False) -> dict[str, Any] | None:
         """The details of the `events_suppressed` entry due now, if any; the interval then

@@ -280,3 +280,39 @@ def test_a_flapping_device_cannot_flood_the_plant_audit_log(tmp_path: Path) -> N
     assert summary["by_kind"] == {"device": 2 * 4990 + 4 * 40}
     assert sum(len(p.read_bytes()) for p in (tmp_path / "plant").iterdir()) < 200_000
     assert verify_writer(tmp_path / "plant", key.public_key()).intact
+
+
+def test_hostile_devices_cannot_hide_a_good_devices_session_down(tmp_path: Path) -> None:
+    """Review 16: a DNP3 outstation toggling its indications and refusing every other poll,
+    and a BACnet device doing likewise, spend the devices' budget of the minute; the good PLC's
+    session going down is still in the log in full, with its device as actor."""
+    key = Ed25519PrivateKey.generate()
+    audit = AuditLog(tmp_path, "plant", "site-1", key)
+    forwarder = AuditForwarder(audit)
+    for name in ("outstation-3", "ahu-controller", "outstation-4"):
+        hostile = plant_logger(forwarder, name)
+        for _ in range(100):
+            hostile.warning("device_status_reported", indications=["DEVICE_TROUBLE"])
+            hostile.warning("device_read_refused", reason="refused", status="NO_FUNC_CODE")
+            hostile.info("device_read_recovered")
+            hostile.info("device_session_up", host="127.0.0.1", port=20000)
+            hostile.warning("device_session_down", host="127.0.0.1", port=20000, error="eof")
+            hostile.warning("device_unsolicited_ignored", octets=17)
+            hostile.warning("scan_overrun", skipped_scans=1, scan_s=0.13, poll_interval_s=0.1)
+    good = plant_logger(forwarder, "plc-7")
+    for _ in range(3):
+        good.warning("device_session_down", host="127.0.0.1", port=502, error="timeout")
+        good.info("device_session_up", host="127.0.0.1", port=502)
+    audit.close()
+    entries = read_log(tmp_path / "plant")
+    device_entries = [e for e in entries if e["category"] == "device"]
+    assert len(device_entries) == 200 + 2  # the budget, and the good device's first of each
+    assert [e["event"] for e in device_entries if e["actor"] == "plc-7"] == [
+        "device_session_down",
+        "device_session_up",
+    ]
+    (summary,) = [e["details"] for e in entries if e["event"] == "events_suppressed"]
+    counted = {(s["event"], s["source"]): s["count"] for s in summary["by_source"]}
+    assert counted[("device_session_down", "plc-7")] == 2  # its repeats are only counted
+    assert counted[("device_read_refused", "outstation-3")] == 90  # the noisy stay limited
+    assert verify_writer(tmp_path / "plant", key.public_key()).intact

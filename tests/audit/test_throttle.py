@@ -201,10 +201,64 @@ def test_devices_have_their_own_budget_and_are_named_by_device() -> None:
     throttle, _ = make(per_source=3, overall=10)
     flood(throttle, REFUSED, "plc-1", 1000, kind=DEVICE)  # 1,000 signals of one PLC flipping
     assert flood(throttle, REFUSED, "plc-2", 5, kind=DEVICE) == 3
-    assert sum(flood(throttle, "scan_overrun", f"plc-{i}", 3, kind=DEVICE) for i in range(9)) == 4
+    # 4 within the budget (plc-0's 3, plc-1's first), then only the other 7 devices' first
+    assert sum(flood(throttle, "scan_overrun", f"plc-{i}", 3, kind=DEVICE) for i in range(9)) == 11
     assert flood(throttle, DENIED, "spiffe://a", 3) == 3  # the IT side's budget is untouched
     summary = throttle.summary(reserved=False, final=True)
     assert summary is not None
     by_device = {(s["event"], s["source"]): s["count"] for s in summary["by_source"]}
     assert by_device[(REFUSED, "plc-1")] == 997 and by_device[(REFUSED, "plc-2")] == 2
-    assert summary["by_kind"]["device"] == 997 + 2 + 27 - 4
+    assert summary["by_kind"]["device"] == 997 + 2 + 27 - 11
+
+
+DEVICE_EVENTS = ("device_status_reported", "device_read_refused", "device_read_recovered",
+                 "device_session_up", "device_session_down", "device_unsolicited_ignored",
+                 "scan_overrun", "scan_overrun_ended", "device_connector_failed")  # fmt: skip
+
+
+def test_noisy_devices_cannot_hide_another_devices_first_event() -> None:
+    """Review 16 (availability, finding 2): a DNP3 outstation toggling its indications and a
+    BACnet device refusing every other request use up the devices' overall budget; a good
+    device's `device_session_down` was then only a count in the summary."""
+    throttle, clock = make()  # the defaults: 10 per (event, device), 200 per interval
+    noisy = ("dnp3-iin-toggle", "bacnet-refuser", "dnp3-flap")
+    written = sum(  # every noisy pair once, then over and over
+        flood(throttle, event, device, count, kind=DEVICE)
+        for count in (1, 50)
+        for device in noisy
+        for event in DEVICE_EVENTS
+    )
+    assert written == 200  # the devices' overall budget, used up
+    clock.now += 59  # the same interval
+    assert flood(throttle, "device_session_down", "good-plc", 1, kind=DEVICE) == 1  # in full
+    assert flood(throttle, "device_session_up", "good-plc", 1, kind=DEVICE) == 1
+    assert flood(throttle, "device_session_down", "good-plc", 5, kind=DEVICE) == 0  # repeats
+    assert flood(throttle, "device_session_up", "good-plc", 5, kind=DEVICE) == 0
+    # the noisy ones stay limited: each of their pairs had its first entry, or 10, already
+    assert sum(flood(throttle, e, d, 20, kind=DEVICE) for d in noisy for e in DEVICE_EVENTS) == 0
+    assert flood(throttle, "device_session_down", "good-plc", 1, reserved=True, kind=DEVICE) == 0
+    assert flood(throttle, "device_session_up", "other-plc", 1, reserved=True, kind=DEVICE) == 0
+    clock.now += 1
+    summary = throttle.summary(reserved=False)
+    assert summary is not None
+    assert summary["written"] == 202
+    counted = {(s["event"], s["source"]): s["count"] for s in summary["by_source"]}
+    assert counted[("device_session_down", "good-plc")] == 6
+    assert counted[("device_session_up", "good-plc")] == 5
+    assert counted[("device_session_up", "other-plc")] == 1  # the capacity reserve held it
+    # a new interval: the good device's first is written again, even with the budget spent
+    sum(flood(throttle, e, d, 50, kind=DEVICE) for d in noisy for e in DEVICE_EVENTS)
+    assert flood(throttle, "device_session_down", "good-plc", 3, kind=DEVICE) == 1
+
+
+def test_first_device_entries_beyond_the_budget_are_bounded_by_the_pairs_tracked() -> None:
+    throttle, _ = make(per_source=10, overall=5, tracked=50)
+    assert flood(throttle, REFUSED, "noisy", 100, kind=DEVICE) == 5  # the budget, spent
+    # pairs beyond `tracked` (a config cannot name that many; the bound holds all the same)
+    written = sum(flood(throttle, REFUSED, f"plc-{i}", 2, kind=DEVICE) for i in range(1000))
+    assert written == 50 - 1  # one pair each until 50 pairs were written in full
+    summary = throttle.summary(reserved=False, final=True)
+    assert summary is not None
+    assert summary["written"] == 5 + 49
+    assert summary["suppressed"] == 95 + 49 + (1000 - 49) * 2
+    assert summary["other_sources"] == {"device": {"pairs": 0, "count": (1000 - 49) * 2}}
