@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,7 +23,8 @@ import yaml
 from broker.plant.connectors.bacnet_units import our_unit
 from broker.sim.bacnet_device import SimObject, SimulatedBacnetDevice
 from tests.deployment import netns
-from tests.harness import REPO, dmzbroker, free_udp_port, stop_process
+from tests.harness import REPO, dmzbroker, stop_process
+from tests.plant.connectors.test_bacnet import started_on_a_free_port
 from tests.plant.discover_support import assert_compiles, one_line_error
 from tests.plant.discover_support import discover as discover_cli
 
@@ -40,8 +42,7 @@ ROOM = [
 
 @asynccontextmanager
 async def device(objects: list[SimObject]) -> AsyncIterator[SimulatedBacnetDevice]:
-    simulated = SimulatedBacnetDevice("127.0.0.1", free_udp_port(), 1001, objects, "room-ctl")
-    await simulated.start()
+    simulated = await started_on_a_free_port(1001, objects, "room-ctl")
     try:
         yield simulated
     finally:
@@ -100,7 +101,14 @@ async def test_another_device_instance_is_named_and_not_read() -> None:
 
 
 async def test_nothing_listening_is_named_with_the_usual_port() -> None:
-    line = one_line_error(await discover(f"127.0.0.1:{free_udp_port()}", "--timeout", "2"))
+    # a port held by a socket connected elsewhere: the kernel delivers it no datagram from
+    # discover and answers port unreachable, as for a free port, and while it is held no
+    # other test can bind it
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.connect(("127.0.0.1", 9))
+        port = held.getsockname()[1]
+        line = one_line_error(await discover(f"127.0.0.1:{port}", "--timeout", "2"))
     assert "nothing listens there (Connection refused)" in line and "usual port is 47808" in line
 
 
