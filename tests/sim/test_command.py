@@ -10,8 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,22 +108,46 @@ async def answering(host: str, port: int) -> list[int]:
     return read[0]
 
 
-async def started(log: Path) -> None:
-    """Until the start is logged: Modbus answers before the BACnet device is up."""
-    await eventually(lambda: '"event": "simulator_started"' in log.read_text(), timeout=30)
+def in_use(stderr: str, host: str, port: int, server: str) -> bool:
+    """The command said it could not listen on host:port (`server`), as for a port in use."""
+    return f"dmzbroker: error: cannot listen on {host}:{port} ({server}): " in stderr
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, *host: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], Path, int, int]]:
+    """The command on free ports, once its start is logged (Modbus answers before the BACnet
+    device is up): (process, log, port, bacnet_port). A port free when picked may be taken by
+    another test before the command binds it: on that error, and on no other, it starts again
+    on other ports, 3 times at most."""
+    address = host[-1] if host else "127.0.0.1"
+    for attempt in range(3):
+        port, bacnet_port = free_port(), free_udp_port()
+        args = (*host, "--port", str(port), "--bacnet-port", str(bacnet_port))
+        with simulator(tmp_path, *args) as (process, log):
+            await eventually(
+                lambda: (
+                    '"event": "simulator_started"' in log.read_text() or process.poll() is not None
+                ),
+                timeout=30,
+            )
+            if process.poll() is None:
+                yield process, log, port, bacnet_port
+                return
+            error = log.read_text()
+            taken = in_use(error, address, port, "the Modbus server") or in_use(
+                error, address, bacnet_port, "the BACnet/IP room controller"
+            )
+            assert taken and attempt < 2, error
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_serves_the_demo_registers_and_stops_on_a_signal(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
-    port, bacnet_port = free_port(), free_udp_port()
-    with simulator(tmp_path, "--port", str(port), "--bacnet-port", str(bacnet_port)) as (
-        process,
-        log,
-    ):
+    async with serving(tmp_path) as (process, log, port, bacnet_port):
         first = await answering("127.0.0.1", port)
-        await started(log)
         assert f'"port": {port}' in log.read_text()
         assert f'"bacnet_port": {bacnet_port}' in log.read_text()
         # A cold store: a room near -18 degC, pressures of a refrigeration circuit, in bar.
@@ -154,12 +178,8 @@ async def test_serves_the_demo_registers_and_stops_on_a_signal(
 
 
 async def test_listens_on_the_host_given_and_nowhere_else(tmp_path: Path) -> None:
-    port, bacnet_port = free_port(), free_udp_port()
-    with simulator(
-        tmp_path, "--host", "127.0.0.2", "--port", str(port), "--bacnet-port", str(bacnet_port)
-    ) as (process, log):
+    async with serving(tmp_path, "--host", "127.0.0.2") as (process, log, port, bacnet_port):
         await answering("127.0.0.2", port)
-        await started(log)
         assert await input_registers("127.0.0.1", port) is None
         assert await present_value("127.0.0.2", bacnet_port, AV_ROOM_SETPOINT) == 2.0
         assert await present_value("127.0.0.1", bacnet_port, AV_ROOM_SETPOINT) is None
@@ -184,14 +204,17 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_a_bacnet_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
-    port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         bacnet_port = taken.getsockname()[1]
-        result = dmzbroker(
-            "sim", "refrigeration", "--port", str(port), "--bacnet-port", str(bacnet_port),
-            check=False,
-        )  # fmt: skip
+        for _ in range(3):  # the Modbus port, free when picked, may be taken before it binds
+            port = free_port()
+            result = dmzbroker(
+                "sim", "refrigeration", "--port", str(port), "--bacnet-port", str(bacnet_port),
+                check=False,
+            )  # fmt: skip
+            if not in_use(result.stderr, "127.0.0.1", port, "the Modbus server"):
+                break
     assert result.returncode == 2
     assert (
         f"dmzbroker: error: cannot listen on 127.0.0.1:{bacnet_port} (the BACnet/IP room "
