@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,28 +45,59 @@ def snapshot(curl_line: str) -> dict[str, dict[str, Any]]:
     return {r["signal"]: r for r in json.loads(result.stdout)["records"]}
 
 
+def curl_command(demo: subprocess.Popen[str], out: Path, log: Path, ports: list[int]) -> str:
+    """The curl command the demo prints, or "" once it cannot come: the demo ended, or said it
+    cannot listen on one of `ports`, or 40 s passed."""
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        curl = [line for line in out.read_text().split("\n")[:-1] if line.startswith("curl ")]
+        if curl:
+            return curl[0]
+        errors = log.read_text()
+        if demo.poll() is not None or any(
+            f"cannot listen on 127.0.0.1:{p}:" in errors for p in ports
+        ):
+            return ""
+        time.sleep(0.2)
+    return ""
+
+
+@contextmanager
+def demo_on_free_ports(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`dmzbroker demo --seconds 20`, its plant and API on free ports, once it printed its
+    curl command: (the process, the command); stopped with its children if still running.
+    A port free when picked may be taken by another test before the demo binds it: on that
+    error, and on no other, it starts again on other ports, 3 times at most."""
+    out, log = tmp_path / "demo.out", tmp_path / "demo.log"  # files: a pipe could fill up
+    for attempt in range(3):
+        ports = [free_port(), free_udp_port(), free_port()]  # the PLC, room controller, API
+        document = demo_policy(ports[0], poll_interval_s=0.5, bacnet_port=ports[1])
+        policy = write_policy_yaml(tmp_path, document)
+        with out.open("w") as stdout, log.open("w") as stderr:
+            demo = subprocess.Popen(
+                [sys.executable, "-m", "broker", "demo", "--seconds", "20",
+                 "--workdir", str(tmp_path / "demo"), "--policy", str(policy),
+                 "--port", str(ports[2])],
+                stdout=stdout, stderr=stderr, text=True, cwd=REPO,
+                start_new_session=True,  # so a failed test can stop the demo and its children
+            )  # fmt: skip
+        try:
+            curl_line = curl_command(demo, out, log, ports)
+            if curl_line:
+                yield demo, curl_line
+                return
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.wait(timeout=10)
+        errors = log.read_text()
+        taken = any(f"cannot listen on 127.0.0.1:{p}:" in errors for p in ports)
+        assert taken and attempt < 2, f"the demo printed no curl command: {errors[-2000:]}"
+
+
 def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Path) -> None:
-    document = demo_policy(free_port(), poll_interval_s=0.5, bacnet_port=free_udp_port())
-    policy = write_policy_yaml(tmp_path, document)
-    workdir = tmp_path / "demo"
-    log = (tmp_path / "demo.log").open("w+")  # a file: a pipe nobody reads could fill up
-    demo = subprocess.Popen(
-        [sys.executable, "-m", "broker", "demo", "--seconds", "20", "--workdir", str(workdir),
-         "--policy", str(policy), "--port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
-        start_new_session=True,  # so a failed test can stop the demo and its children together
-    )  # fmt: skip
-    try:
-        assert demo.stdout is not None
-        curl_line = ""
+    with demo_on_free_ports(tmp_path) as (demo, curl_line):
         deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not curl_line:
-            line = demo.stdout.readline()
-            if not line:
-                break
-            if line.startswith("curl "):
-                curl_line = line.strip()
-        assert curl_line, "the demo printed no curl command"
         records: dict[str, dict[str, Any]] = {}
 
         wanted = {"coldstore/storage/cold-room-1/temperature", *BACNET_UNITS}
@@ -86,12 +119,6 @@ def test_demo_prints_a_curl_command_that_works_then_stops_by_itself(tmp_path: Pa
         assert type(context["ambient"]["compressor_running"]) is bool
         assert context["asset_state"] in {"door_open", "cooling", "idle"}
         assert demo.wait(timeout=40) == 0
-    finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait(timeout=10)
-        demo.stdout.close()
-        log.close()
     # The enterprise half looks at its certificates when it starts: the demo's are fresh.
     events = (tmp_path / "demo.log").read_text()
     assert '"logger": "enterprise"' in events or "[enterprise" in events, events[-2000:]
