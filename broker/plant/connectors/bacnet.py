@@ -47,7 +47,13 @@ from broker.plant.connectors.bacnet_frames import SERVICES_USED, FrameError
 from broker.plant.connectors.bacnet_link import INBOX, BacnetLink, Refused
 from broker.plant.connectors.bacnet_units import our_unit, same_unit
 from broker.plant.connectors.bacnet_values import PRESENT_VALUE, Read
-from broker.plant.connectors.base import Emit, RawSample, ScanGrid, SessionBreaker
+from broker.plant.connectors.base import (
+    Emit,
+    Hysteresis,
+    RawSample,
+    ScanGrid,
+    SessionBreaker,
+)
 from broker.plant.connectors.supervision import FIRST_RETRY_S, MAX_RETRY_S, STABLE_S
 from broker.policy import BacnetDevice, Signal
 
@@ -71,7 +77,12 @@ class BacnetConnector:
         self.errors = 0  # failed sessions and refused reads
         self.last_scan_s = 0.0
         self.cov_lifetime_s = COV_LIFETIME_S
-        self._refused: set[str] = set()  # requests the device currently refuses
+        # Whether the device refuses a request, by request. A refused scan read is told when
+        # it starts, its end once answered `Hysteresis.HOLD` times in a row (a read refused
+        # every other poll is told once); a subscription, tried only at a session's start
+        # or renewal, at each change.
+        self._refused: Hysteresis[str, bool] = Hysteresis(False, start_at_once=True)
+        self._unsubscribable: Hysteresis[str, bool] = Hysteresis(False, start_at_once=True, hold=1)
         self._log = structlog.get_logger("bacnet").bind(device=device.name)
         self._breaker = SessionBreaker(self._log, [r.signal for r in self._reads])
         self._grid = ScanGrid(device.poll_interval_s, self._log)
@@ -205,10 +216,11 @@ class BacnetConnector:
             try:
                 await self.link.confirmed("subscribeCOV", build)
             except Refused as e:
-                self._refused_once(key, str(e), [r.signal for r in self._reads if r.obj == obj])
+                signals = [r.signal for r in self._reads if r.obj == obj]
+                self._refused_once(self._unsubscribable, key, str(e), signals)
                 self._subscribed.pop(obj, None)
                 continue
-            self._recovered(key)
+            self._recovered(self._unsubscribable, key)
             self._subscribed[obj] = time.monotonic() + lifetime * 2 / 3
             self.link.notifications = True
 
@@ -298,10 +310,10 @@ class BacnetConnector:
                     continue
                 reads = set(batch)
                 signals = [r.signal for r in self._reads if (r.obj, r.prop) in reads]
-                self._refused_once(key, str(e), signals)
+                self._refused_once(self._refused, key, str(e), signals)
                 errors.update(dict.fromkeys(batch, f"BACnet: the device refused the read ({e})"))
                 continue
-            self._recovered(key)
+            self._recovered(self._refused, key)
             try:
                 values_.take(answer, batch, found, errors)
             except (AttributeError, TypeError, IndexError, ValueError) as e:
@@ -372,14 +384,13 @@ class BacnetConnector:
 
     # ---- events
 
-    def _refused_once(self, key: str, reason: str, signals: list[str]) -> None:
+    def _refused_once(
+        self, refused: Hysteresis[str, bool], key: str, reason: str, signals: list[str]
+    ) -> None:
         self.errors += 1
-        if key in self._refused:
-            return
-        self._refused.add(key)
-        self._log.warning("device_read_refused", request=key, reason=reason, signals=signals)
+        if refused.seen(key, True):
+            self._log.warning("device_read_refused", request=key, reason=reason, signals=signals)
 
-    def _recovered(self, key: str) -> None:
-        if key in self._refused:
-            self._refused.discard(key)
+    def _recovered(self, refused: Hysteresis[str, bool], key: str) -> None:
+        if refused.seen(key, False):
             self._log.info("device_read_recovered", request=key)

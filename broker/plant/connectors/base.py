@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 from structlog.typing import FilteringBoundLogger
@@ -125,6 +125,52 @@ class ScanGrid:
         self._streak += missed
         self._on_time = 0
         return following + missed * self._interval, missed
+
+
+K = TypeVar("K")  # what a state is kept for: a request, a read, a device's indications
+S = TypeVar("S")  # the state: what a device says of it
+
+
+class Hysteresis(Generic[K, S]):
+    """Which change of a per-answer state to log (and audit): the state last told, per key,
+    and the one that would replace it (docs/specs/component.md, "Events").
+
+    A new state is told once it has held for `HOLD` answers in a row, so a device whose
+    answers flip between two states (an indication toggled at every answer, a request
+    refused every other poll) is told once, not at the poll rate; a state that lasts is told
+    `HOLD` answers late. With `start_at_once`, leaving the `quiet` state (a refusal
+    starting) is told at the first answer that shows it; the return to it (the recovery),
+    and any other change, still waits out `HOLD` answers. Only the events wait: each
+    answer's values are judged as they come. Keeps nothing for a key that is quiet and not
+    changing. `hold=1` tells every change: for a state seen far less often than at each
+    poll (a BACnet subscription, renewed every few minutes)."""
+
+    HOLD = 3
+
+    def __init__(self, quiet: S, *, start_at_once: bool, hold: int = HOLD) -> None:
+        self._quiet = quiet
+        self._start_at_once = start_at_once
+        self._hold = hold
+        self._told: dict[K, S] = {}  # the state last told, when not quiet
+        self._coming: dict[K, tuple[S, int]] = {}  # another state, and answers it has held
+
+    def seen(self, key: K, state: S) -> bool:
+        """One answer said `state` for `key`: True when the caller is to tell it now."""
+        told = self._told.get(key, self._quiet)
+        if state == told:
+            self._coming.pop(key, None)
+            return False
+        coming, held = self._coming.get(key, (state, 0))
+        held = held + 1 if coming == state else 1
+        if held < self._hold and not (self._start_at_once and told == self._quiet):
+            self._coming[key] = (state, held)
+            return False
+        self._coming.pop(key, None)
+        if state == self._quiet:
+            del self._told[key]
+        else:
+            self._told[key] = state
+        return True
 
 
 class SessionBreaker:

@@ -33,6 +33,7 @@ from broker.backoff import Backoff
 from broker.errors import DeviceError
 from broker.plant.connectors.base import (
     Emit,
+    Hysteresis,
     RawSample,
     ScanGrid,
     SessionBreaker,
@@ -91,9 +92,13 @@ class Dnp3Connector:
         # reads key it by the variation the READ asked for (0: the outstation's default).
         self._latest: dict[tuple[int, int], dict[int, _Latest]] = {}
         self._skipped: set[str] = set()  # what the parser could not read, told once
-        self._indications: frozenset[str] = frozenset()  # the notable ones last seen
+        self._lost: frozenset[str] = frozenset()  # EVENTS_LOST bits of the last response
+        self._indications: Hysteresis[None, frozenset[str]] = Hysteresis(
+            frozenset(), start_at_once=False
+        )
         self._integrity_due = False  # events were lost: an integrity poll at the next scan
-        self._refused: dict[int, str] = {}  # read number → what the outstation said
+        # read number → what the outstation said in refusing it (None: it answered)
+        self._refused: Hysteresis[int, str | None] = Hysteresis(None, start_at_once=True)
         self._unsolicited_told = False  # device_unsolicited_ignored, once per session
         self._log = structlog.get_logger("dnp3").bind(device=device.name)
         self._breaker = SessionBreaker(self._log, [s.path for s in signals])
@@ -265,24 +270,26 @@ class Dnp3Connector:
         return False
 
     def _indications_seen(self, iin: int) -> None:
-        """Audit the notable indications when they change (never clear them: read-only)."""
+        """Audit the notable indications once a change has held (`Hysteresis`); never clear
+        them (read-only). Events lost call for an integrity poll at once, on the first
+        response that shows the bit turning on."""
         notable = frozenset(indications(iin)) & NOTABLE
-        if notable != self._indications:
-            if (notable - self._indications) & EVENTS_LOST:
-                self._integrity_due = True
-            self._indications = notable
+        lost = notable & EVENTS_LOST
+        if lost - self._lost:
+            self._integrity_due = True
+        self._lost = lost
+        if self._indications.seen(None, notable):
             self._log.warning("device_status_reported", indications=sorted(notable))
 
     def _refusal_seen(self, number: int, headers: Sequence[Header], refused: list[str]) -> None:
-        """Log (and so audit) a read's refusal when it starts or changes, and its end."""
-        if not refused:
-            if self._refused.pop(number, None) is not None:
-                self._log.info("device_read_recovered", read=_describe(headers))
+        """Log (and so audit) a read's refusal when it starts, a change of it or its end once
+        that has held (`Hysteresis`): a read refused every other poll is told once."""
+        said = ", ".join(refused) or None
+        if not self._refused.seen(number, said):
             return
-        said = ", ".join(refused)
-        if self._refused.get(number) == said:
+        if said is None:
+            self._log.info("device_read_recovered", read=_describe(headers))
             return
-        self._refused[number] = said
         self.errors += 1
         self._log.warning("device_read_refused", read=_describe(headers), indications=refused)
 

@@ -161,6 +161,10 @@ class Channel:
         self._buffer = b""
         self._rx = Reassembler()
         self._replies: list[bytes] = []
+        self._answered: set[int] = set()  # link services answered for this receive() call
+        self._link_status = encode_frame(DIR | SEC_LINK_STATUS, outstation, master)
+        self._ack = encode_frame(DIR | SEC_ACK, outstation, master)
+        self._checked_header = b""  # the last header whose CRC matched: a repeat is not redone
         self._last_fcb: int | None = None  # of the last CONFIRMED_USER_DATA accepted
         self._offset = 0  # bytes received before the buffer: where an error is
 
@@ -179,6 +183,7 @@ class Channel:
     def receive(self, chunk: bytes) -> list[bytes]:
         """Whole APDUs from the outstation completed by `chunk`, in order."""
         buffer = self._buffer + chunk
+        self._answered.clear()
         apdus = []
         pos = 0  # sliced once at the end: a large chunk costs linear time, not quadratic
         try:
@@ -202,8 +207,10 @@ class Channel:
         where = f"frame at byte {self._offset}"
         if header[:2] != START:
             raise FrameError(f"no frame start (05 64) at byte {self._offset}")
-        if int.from_bytes(header[8:10], "little") != crc16(header[:8]):
-            raise FrameError(f"{where}: header CRC does not match")
+        if header != self._checked_header:  # a flood repeats one frame: one CRC, not one each
+            if int.from_bytes(header[8:10], "little") != crc16(header[:8]):
+                raise FrameError(f"{where}: header CRC does not match")
+            self._checked_header = header
         length = header[2]
         if length < 5:
             raise FrameError(f"{where}: length {length} is below the minimum 5")
@@ -244,15 +251,21 @@ class Channel:
         return self._rx.add(bytes(data))
 
     def _owe(self, function: int) -> None:
-        """The answer a secondary owes to the outstation's primary frame of `function`."""
-        if function == PRI_REQUEST_LINK_STATUS:
-            reply = encode_frame(DIR | SEC_LINK_STATUS, self.outstation, self.master)
-            if reply not in self._replies:  # one answer suffices for any number of asks
-                self._replies.append(reply)
-        elif function in (PRI_RESET_LINK_STATES, PRI_TEST_LINK_STATES, PRI_CONFIRMED_USER_DATA):
+        """The answer a secondary owes to the outstation's primary frame of `function`.
+
+        A primary waits for the answer to each frame before it sends the next, so a chunk
+        holding many link-service requests is a flood: one LINK_STATUS, and one ACK per reset
+        or test, answers them all (answering each would amplify the flood, and cost a frame's
+        encoding each). Every CONFIRMED_USER_DATA frame gets its ACK, as the standard needs."""
+        if function == PRI_CONFIRMED_USER_DATA:
+            self._replies.append(self._ack)
+        elif function in (PRI_REQUEST_LINK_STATUS, PRI_RESET_LINK_STATES, PRI_TEST_LINK_STATES):
             # An outstation that uses link confirms resets (and tests) its link to us before
             # its confirmed data and waits for the ACK our secondary owes: an answer, not a
             # request of ours.
-            self._replies.append(encode_frame(DIR | SEC_ACK, self.outstation, self.master))
+            if function not in self._answered:
+                self._answered.add(function)
+                link_status = function == PRI_REQUEST_LINK_STATUS
+                self._replies.append(self._link_status if link_status else self._ack)
             if function == PRI_RESET_LINK_STATES:
                 self._last_fcb = None  # the next confirmed frame is new, whatever its FCB

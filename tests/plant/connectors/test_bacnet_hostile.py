@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from broker.plant.connectors import bacnet_frames as frames
 from broker.plant.connectors.bacnet import INBOX, SERVICES_USED, BacnetConnector
 from broker.plant.connectors.bacnet_frames import FrameError
+from broker.plant.connectors.base import Hysteresis
 from broker.sim.bacnet_device import SimulatedBacnetDevice, service_name
 from tests.harness import free_udp_port
 from tests.plant.connectors.test_bacnet import (
@@ -73,6 +74,7 @@ class Relay:
         self.sent: collections.Counter[str] = collections.Counter()
         self.invoke_ids: list[int] = []  # of the confirmed requests, in order
         self.dropped = 0  # datagrams the mode dropped
+        self.scans = 0  # readPropertyMultiple requests relayed or answered here
         self.client: tuple[str, int] | None = None
         self.front: asyncio.DatagramTransport | None = None
         self.back: asyncio.DatagramTransport | None = None
@@ -99,7 +101,9 @@ class Relay:
                     # a Simple-ACK with the request's invoke id and service, whatever it was
                     relay.answer(b"\x81\x0a\x00\x09\x01\x00\x20" + data[8:10])
                     return
-                if relay.mode == "reject" and service == "readPropertyMultiple":
+                relay.scans += service == "readPropertyMultiple"
+                toggled = relay.mode == "reject-toggle" and relay.scans % 2 == 1
+                if (relay.mode == "reject" or toggled) and service == "readPropertyMultiple":
                     # a Reject PDU (type 6) for its invoke id: unrecognized-service (9)
                     relay.answer(b"\x81\x0a\x00\x09\x01\x00\x60" + bytes([data[8], 9]))
                     return
@@ -238,12 +242,33 @@ async def test_a_refused_read_makes_its_signals_bad_and_keeps_the_session(
         reason = batch[ALL[0].path].reason
         assert reason == "BACnet: the device refused the read (reject unrecognized-service)"
         relay.mode = "pass"
-        await reader.until(good)
+        for _ in range(Hysteresis.HOLD):  # the recovery is told once it has held
+            await reader.until(good)
     names = [e["event"] for e in events if e["event"].startswith("device_")]
     assert names == ["device_session_up", "device_read_refused", "device_read_recovered"]
     refused = next(e for e in events if e["event"] == "device_read_refused")
     assert refused["reason"] == "reject unrecognized-service"
     assert refused["signals"] == [s.path for s in ALL]
+
+
+async def test_a_read_refused_every_other_scan_is_told_once_until_it_really_recovers(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        relay.mode = "reject-toggle"
+        flapping_from = len(reader.batches)
+        scans = relay.scans
+        await reader.until(lambda b: relay.scans >= scans + 30)  # 3 s at a poll of 0.1 s
+        flapping = [e["event"] for e in events if e["event"].startswith("device_read_")]
+        flapped = reader.batches[flapping_from:]
+        relay.mode = "pass"
+        await reader.until(lambda b: any(e["event"] == "device_read_recovered" for e in events))
+    assert flapping == ["device_read_refused"]  # was a refusal and a recovery per two scans
+    told = [e["event"] for e in events if e["event"].startswith("device_read_")]
+    assert told == ["device_read_refused", "device_read_recovered"]
+    # Quality is not delayed: each answer's values are judged as it comes.
+    assert {s.quality for batch in flapped for s in batch} == {"good", "bad"}
 
 
 def _bvll(payload: bytes) -> bytes:

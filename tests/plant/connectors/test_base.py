@@ -1,4 +1,4 @@
-"""Shared connector machinery: backoff, the scan grid, and stopping even when a library
+"""Shared connector machinery: backoff, the scan grid, the events' hysteresis, and stopping even when a library
 swallows a cancel."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from broker.plant.connectors.base import ScanGrid, raise_if_cancelled
+from broker.plant.connectors.base import Hysteresis, ScanGrid, raise_if_cancelled
 
 
 async def test_a_cancel_swallowed_by_wait_for_is_raised_again() -> None:
@@ -83,3 +83,26 @@ def test_the_end_of_a_streak_counts_every_slot_it_skipped() -> None:
         ("scan_overrun", 2),
         ("scan_overrun_ended", 3),
     ]
+
+
+def told(hysteresis: Hysteresis[str, str | None], answers: Iterable[str | None]) -> list[object]:
+    """The states told, in order, for one key's answers."""
+    return [state for state in answers if hysteresis.seen("read", state)]
+
+
+def test_a_refusal_is_told_at_once_and_its_recovery_once_it_has_held() -> None:
+    refusals: Hysteresis[str, str | None] = Hysteresis(None, start_at_once=True)
+    flapping = ["busy", None] * 50 + ["busy"]
+    assert told(refusals, flapping) == ["busy"]  # not a refusal and a recovery per two polls
+    assert told(refusals, [None] * (Hysteresis.HOLD - 1)) == []
+    assert told(refusals, [None]) == [None]  # it held: the recovery is told
+    assert told(refusals, ["busy", "busy", "gone", "gone", "gone"]) == ["busy", "gone"]
+
+
+def test_a_state_is_told_only_once_it_has_held_for_hold_answers() -> None:
+    states: Hysteresis[str, str | None] = Hysteresis(None, start_at_once=False)
+    assert told(states, ["restart", "trouble"] * 50) == []
+    assert told(states, ["restart"] * 10) == ["restart"]  # at its HOLDth answer, once
+    assert told(states, ["restart", None, None, "restart", None, None, None]) == [None]
+    every: Hysteresis[str, str | None] = Hysteresis(None, start_at_once=False, hold=1)
+    assert told(every, ["a", None, "a"]) == ["a", None, "a"]

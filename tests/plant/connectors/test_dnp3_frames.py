@@ -312,3 +312,27 @@ def test_a_large_chunk_is_read_whole_in_bounded_time() -> None:
     # once (a second pass, or a rescan per frame, would show here)
     assert channel.headers == 200 * len(unframe(fragment))
     assert channel.framed == len(wire)
+
+
+def test_a_chunk_of_many_link_service_requests_gets_one_answer_each_kind() -> None:
+    """A primary waits for each answer before its next frame: a chunk of 100 asks is a
+    flood, answered once, not amplified; confirmed user data is still acked frame by frame."""
+    channel = Channel(MASTER, OUTSTATION)
+    link_status = encode_frame(DIR | SEC_LINK_STATUS, OUTSTATION, MASTER)
+    ack = encode_frame(DIR | SEC_ACK, OUTSTATION, MASTER)
+    asks = encode_frame(PRM | PRI_REQUEST_LINK_STATUS, MASTER, OUTSTATION) * 100
+    assert channel.receive(asks) == []
+    assert channel.replies() == link_status
+    resets = encode_frame(PRM | PRI_RESET_LINK_STATES, MASTER, OUTSTATION) * 100
+    tests = encode_frame(PRM | FCV | FCB | PRI_TEST_LINK_STATES, MASTER, OUTSTATION) * 100
+    channel.receive(resets + tests + asks)
+    assert channel.replies() == ack + ack + link_status  # one per kind asked
+    channel.receive(asks)
+    assert channel.replies() == link_status  # the next chunk is answered again
+    segment_ = bytes((FIR | FIN, 0xC0, 0x81, 0, 0))
+    data = [
+        encode_frame(PRM | FCV | fcb | PRI_CONFIRMED_USER_DATA, MASTER, OUTSTATION, segment_)
+        for fcb in (FCB, 0, FCB)
+    ]
+    assert channel.receive(b"".join(data)) == [segment_[1:]] * 3
+    assert channel.replies() == ack * 3

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from broker.plant.connectors.base import Hysteresis
 from broker.plant.connectors.dnp3 import Dnp3Connector
 from broker.plant.connectors.dnp3_frames import PRI_REQUEST_LINK_STATUS, PRM, encode_frame
 from broker.plant.connectors.dnp3_objects import FUNCTIONS_SENT
@@ -77,6 +78,7 @@ class HostileOutstation:
         self.links: collections.Counter[str] = collections.Counter()
         self.unsolicited_confirms: collections.Counter[int] = collections.Counter()  # by seq
         self.integrity_polls = 0  # READs naming class 0 (g60v1)
+        self.reads = 0  # READs received
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -114,6 +116,7 @@ class HostileOutstation:
                     if data[2] != 1:
                         continue
                     self.integrity_polls += bytes((60, 1, 0x06)) in data[3:]
+                    self.reads += 1
                     behaviour = self.behaviour  # as it is when the READ comes
                     if behaviour.endswith("_flood"):
                         await self._flood(writer, behaviour)
@@ -166,6 +169,14 @@ class HostileOutstation:
                 writer.write(frames_of(bytes((0xC0 | seq, 129, 0x80, 0)) + response(seq)[4:]))
             case "refused":  # events mode: the poll refused, no objects
                 writer.write(frames_of(bytes((0xC0 | seq, 129, 0, 0x02))))
+            case "iin_toggle":  # the healthy answer, with DEVICE_RESTART and NEED_TIME in turn
+                iin1 = 0x80 if self.reads % 2 else 0x10
+                writer.write(frames_of(bytes((0xC0 | seq, 129, iin1, 0)) + response(seq)[4:]))
+            case "refuse_toggle":  # every other READ refused (OBJECT_UNKNOWN), no objects
+                if self.reads % 2:
+                    writer.write(frames_of(bytes((0xC0 | seq, 129, 0, 0x02))))
+                else:
+                    writer.write(good)
             case "duplicates":  # two events of one point in one 0x28 header: the later wins
                 apdu = bytes((0xC0 | seq, 129, 0, 0, 32, 1, 0x28, 2, 0)) + event(7) + event(8)
                 writer.write(frames_of(apdu))
@@ -337,3 +348,55 @@ async def test_a_restart_within_a_session_brings_the_integrity_poll_forward(
     assert station.integrity_polls == 2  # on the edge, not at every poll while it stays set
     reported = [e["indications"] for e in events if e["event"] == "device_status_reported"]
     assert reported == [["DEVICE_RESTART"]]
+
+
+FLAPS = 30  # answers of a flapping outstation: 3 s at its poll of 0.1 s
+
+
+async def test_indications_toggled_at_every_answer_are_not_reported_at_the_poll_rate(
+    events: list[dict[str, Any]],
+) -> None:
+    """Hysteresis: a set of indications is reported once it has held for HOLD answers. One
+    toggled at every answer is never reported; a lasting change still is, once."""
+    collector = Collector()
+    async with hostile() as station:
+        connector = Dnp3Connector(device("evil", station.port), signals("evil"))
+        async with running(connector.run(collector.emit)):
+            await eventually(lambda: collector.last() and collector.last().raw == HEALTHY)
+            station.behaviour = "iin_toggle"
+            reads = station.reads
+            await eventually(lambda: station.reads >= reads + FLAPS, timeout=30)
+            flapping = [e for e in events if e["event"] == "device_status_reported"]
+            station.behaviour = "restarted"
+            await eventually(lambda: any(e["event"] == "device_status_reported" for e in events))
+            reads = station.reads
+            await eventually(lambda: station.reads >= reads + 2 * Hysteresis.HOLD)
+    assert flapping == []  # was one per answer: 30 here, 10 a second for ever
+    reported = [e["indications"] for e in events if e["event"] == "device_status_reported"]
+    assert reported == [["DEVICE_RESTART"]]
+    # The values were judged at each answer all along: an indication is no value's quality.
+    assert {s.quality for _, batch in collector.batches for s in batch} == {"good"}
+
+
+async def test_a_read_refused_every_other_poll_is_told_once_and_its_recovery_once(
+    events: list[dict[str, Any]],
+) -> None:
+    collector = Collector()
+    async with hostile() as station:
+        connector = Dnp3Connector(device("evil", station.port), signals("evil"))
+        async with running(connector.run(collector.emit)):
+            await eventually(lambda: collector.last() and collector.last().raw == HEALTHY)
+            station.behaviour = "refuse_toggle"
+            flapping_from = len(collector.batches)
+            reads = station.reads
+            await eventually(lambda: station.reads >= reads + FLAPS, timeout=30)
+            flapping = [e["event"] for e in events if e["event"].startswith("device_read_")]
+            flapped = collector.batches[flapping_from:]
+            station.behaviour = "healthy"
+            await eventually(lambda: any(e["event"] == "device_read_recovered" for e in events))
+    assert flapping == ["device_read_refused"]  # was a refusal and a recovery per two polls
+    told = [e["event"] for e in events if e["event"].startswith("device_read_")]
+    assert told == ["device_read_refused", "device_read_recovered"]
+    # Quality is not delayed: each answer's values are judged as it comes.
+    assert {s.quality for _, batch in flapped for s in batch} == {"good", "bad"}
+    assert connector.errors == 1  # one refusal told; the session never dropped
