@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -248,18 +247,10 @@ class RefrigerationPlant:
         self._ticker = asyncio.create_task(self._tick_forever(), name="plant simulation")
 
     async def _start_room_controller(self, device: SimulatedBacnetDevice) -> None:
-        where = ("the BACnet/IP room controller", device.host, device.port)
-        # bacpypes3 retries a failed bind in the background instead of raising: try the
-        # address first, so that a port in use is an error at once, not after a timeout.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((device.host, device.port))
-            except OSError as e:
-                raise ListenError(*where) from e
         try:
             await device.start()
-        except RuntimeError as e:  # taken in between
-            raise ListenError(*where) from e
+        except OSError as e:  # the port is in use, or the host is not one of ours
+            raise ListenError("the BACnet/IP room controller", device.host, device.port) from e
         self._room_controller_serving = True
         await self.publish()
 
