@@ -61,6 +61,16 @@ _TOO_BIG_ABORTS = frozenset(
 _TOO_BIG_REJECTS = frozenset({int(RejectReason("bufferOverflow"))})
 
 
+# A request that met no answer is sent again this many times, with the same invoke id (a
+# retransmission, as BACnet's Number_Of_APDU_Retries), before the session is given up: one
+# datagram lost on the OT network must not take every signal of the device `bad`.
+APDU_RETRIES = 1
+
+
+class _NoAnswer(DeviceError):
+    """Nothing answered the request within timeout_s."""
+
+
 class Refused(Exception):
     """The device answered a request with an error, a reject or an abort; `too_big` when it
     said the answer would not fit its APDU."""
@@ -184,19 +194,32 @@ class BacnetLink:
         invoke = secrets.randbelow(255)
         invoke += invoke >= self._invoke  # never the previous one: a late answer is not ours
         self._invoke = invoke
-        assert link.transport is not None
-        link.transport.sendto(build(invoke))
-        self.requests += 1
+        request = build(invoke)
         expect = _SIMPLE_ACK if service == "subscribeCOV" else _COMPLEX_ACK
         loop = asyncio.get_running_loop()
-        end = loop.time() + self._device.timeout_s
-        answer = await self._receive(
-            link,
-            lambda head: self._ours(head, invoke, int(ConfirmedServiceChoice(service)), expect),
-            matches,
-            service,
-            end if deadline is None else min(end, deadline),
-        )
+        for retries_left in range(APDU_RETRIES, -1, -1):
+            assert link.transport is not None
+            link.transport.sendto(request)
+            self.requests += 1
+            end = loop.time() + self._device.timeout_s
+            try:
+                answer = await self._receive(
+                    link,
+                    lambda head: self._ours(
+                        head, invoke, int(ConfirmedServiceChoice(service)), expect
+                    ),
+                    matches,
+                    service,
+                    end if deadline is None else min(end, deadline),
+                )
+                break
+            except _NoAnswer:
+                if not retries_left or (deadline is not None and loop.time() >= deadline):
+                    raise
+            await self._pace.wait()
+            if not self.closing:
+                raise_if_cancelled()
+            link = self._checked()
         self._answered = invoke
         if isinstance(answer, ErrorPDU):
             error = f"{getattr(answer, 'errorClass', '?')}: {getattr(answer, 'errorCode', '?')}"
@@ -264,9 +287,9 @@ class BacnetLink:
                 detail = f"; dropped: the last {self._last_drop}" if self._last_drop else ""
                 if dropped:
                     detail += f"; {dropped} datagrams over the inbox limit"
-                raise DeviceError(
+                raise _NoAnswer(
                     f"{self._device.address}: no answer to {what} within "
-                    f"{self._device.timeout_s:g} s{detail}"
+                    f"{self._device.timeout_s:g} s, {APDU_RETRIES + 1} times{detail}"
                 )
             link.arrived.clear()
             with suppress(TimeoutError):

@@ -97,6 +97,10 @@ class Relay:
                 ):
                     relay.dropped += 1  # the device never hears the scan
                     return
+                if relay.mode == "drop-one-rpm" and service == "readPropertyMultiple":
+                    relay.mode = "pass"  # one datagram lost, as a network loses one
+                    relay.dropped += 1
+                    return
                 if relay.mode == "simple-ack" and data[6] >> 4 == 0:
                     # a Simple-ACK with the request's invoke id and service, whatever it was
                     relay.answer(b"\x81\x0a\x00\x09\x01\x00\x20" + data[8:10])
@@ -197,7 +201,7 @@ async def test_malformed_answers_are_a_clear_error_then_it_recovers(
         relay.mode = "pass"
         await reader.until(good)
     error = next(e for e in events if e["event"] == "device_session_down")["error"]
-    assert "no answer to readPropertyMultiple within 0.3 s; dropped: the last " in error
+    assert "no answer to readPropertyMultiple within 0.3 s, 2 times; dropped: the last " in error
     # dropped, each: undecoded when its headers answer no outstanding request (stray)
     assert reader.connector.malformed + reader.connector.stray >= len(GARBAGE)
     assert reader.connector.malformed >= len(GARBAGE) - 1
@@ -228,6 +232,25 @@ async def test_a_flood_and_requests_from_the_device_change_nothing(relay: Relay)
         await reader.until(good)
     connector = reader.connector
     assert connector.malformed + connector.stray > 0
+
+
+async def test_one_lost_datagram_is_sent_again_and_costs_no_value(
+    relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with reading(relay) as reader:
+        await reader.until(good)
+        seen = len(reader.batches)
+        relay.mode = "drop-one-rpm"
+        await reader.until(lambda batch: relay.dropped == 1 and good(batch))
+        for _ in range(3):
+            await reader.until(good)
+        after = reader.batches[seen:]
+    assert relay.dropped == 1
+    assert all(s.quality == "good" for batch in after for s in batch)
+    names = [e["event"] for e in events if e["event"].startswith("device_")]
+    assert names == ["device_session_up"]  # no session lost, nothing refused
+    ids = relay.invoke_ids  # random and never the previous one, but for a retransmission
+    assert any(a == b for a, b in itertools.pairwise(ids))
 
 
 async def test_a_refused_read_makes_its_signals_bad_and_keeps_the_session(
