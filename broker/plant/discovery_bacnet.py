@@ -45,7 +45,6 @@ from broker.plant.discovery_starter import EDIT, Listed, quiet_logs, starter_pol
 from broker.policy import BacnetDevice
 from broker.policy.schema import BACNET_OBJECT_TYPES
 
-SERVICES_SENT = ("whoIs", "readProperty", "readPropertyMultiple")  # and nothing else
 OBJECTS_PER_REQUEST = 8  # of a ReadPropertyMultiple: its answer stays well under 480 bytes
 PROPERTIES = ("object-name", "description", "units", "present-value")
 

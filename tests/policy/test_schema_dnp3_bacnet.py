@@ -18,11 +18,11 @@ import pytest
 
 from broker import policy
 from broker.commands.plan import requests_per_scan
-from broker.errors import ConfigError
 from broker.policy import BacnetSource, Dnp3Device, Dnp3Source, parse, report
 from broker.policy import envelope as envelopes
 from broker.policy.schema import DNP3_VARIATIONS
 from tests.harness import dmzbroker
+from tests.policy.test_errors_teach import line_of, refusal
 
 GOOD = """\
 deployment_id: site-a
@@ -52,20 +52,6 @@ DNP3 = "    outstation_address: 10\n"
 BACNET = "    device_instance: 1234\n"
 BINARY = "    source: {group: 1, index: 0}\n"
 ANALOG_IN = "    source: {object_type: analog-input, instance: 1}\n"
-
-
-def line_of(text: str, needle: str) -> int:
-    found = [n for n, line in enumerate(text.splitlines(), start=1) if needle in line]
-    assert len(found) == 1, f"{needle!r} is on lines {found}"
-    return found[0]
-
-
-def refusal(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "p.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as refused:
-        policy.load(path)
-    return str(refused.value).removeprefix(f"{path}:")
 
 
 def test_the_base_policy_loads_with_its_defaults(tmp_path: Path) -> None:
