@@ -352,8 +352,16 @@ def supplementary_groups(pid: int) -> set[int]:
     raise AssertionError(f"no Groups: line for pid {pid}")
 
 
-def half_of(child: psutil.Process) -> str:
-    return "plant" if "plant" in child.cmdline() else "enterprise"
+def halves_running(supervisor: psutil.Process) -> dict[str, psutil.Process]:
+    """The supervisor's children that are halves (`-m broker plant|enterprise`), by half. Its
+    other children come and go (the interpreter probe) and may be zombies when asked."""
+    halves = {}
+    for child in supervisor.children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # ZombieProcess is one
+            argv = child.cmdline()
+            if argv[2:4] == ["-m", "broker"] and argv[4:5] in (["plant"], ["enterprise"]):
+                halves[argv[4]] = child
+    return halves
 
 
 async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_cannot_touch_the_plant(
@@ -384,7 +392,7 @@ async def test_run_as_root_starts_each_half_as_its_user_and_the_enterprise_canno
 
         async def data_crossed() -> bool:
             assert run.poll() is None, log.read_text()
-            halves.update({half_of(c): c for c in supervisor.children()})
+            halves.update(halves_running(supervisor))
             with contextlib.suppress(OSError):
                 status, body = await get_json(
                     f"https://localhost:{api_port}/v1/snapshot", consumer_ssl(pki)
