@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink), a
+# PostgreSQL server (the historian sink; the tests start their own, as an unprivileged user), a
 # browser (headless Chromium renders `audit report`); nftables, iproute2 and systemd's
 # analyzer, procps's sysctl for the appliance's firewall, network-namespace and unit tests.
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto chromium nftables iproute2 systemd procps
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto postgresql-15 chromium nftables iproute2 systemd procps
 
 .PHONY: demo test lint bench fuzz sbom clean system-packages
 

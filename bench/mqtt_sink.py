@@ -2,7 +2,7 @@
 
 Fills a spool with N records (default 50,000) of the demo's signals, starts Mosquitto on a
 free loopback port with a throwaway PKI (`dmzbroker certs`), and times the real sink
-(`broker.enterprise.mqtt.MqttSink`) from its first publish until its spool position reaches
+(`broker.enterprise.outputs.mqtt.MqttSink`) from its first publish until its spool position reaches
 the last record. Target: >= 10,000 records/s. Run: `.venv/bin/python bench/mqtt_sink.py`.
 """
 
@@ -22,7 +22,7 @@ from broker import policy
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
-from broker.enterprise.mqtt import MqttSink
+from broker.enterprise.outputs.mqtt import MqttSink
 from broker.records import Context, Record
 
 MOSQUITTO = """listener {port} 127.0.0.1

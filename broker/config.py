@@ -118,6 +118,48 @@ class MqttConfig(_Section, frozen=True, kw_only=True):
     client_id: str = "dmzbroker"
 
 
+class PostgresLogin(_Section, frozen=True, kw_only=True):
+    """A PostgreSQL role and how it proves itself: a client certificate whose CN is the role,
+    or a password file (the password on its first line)."""
+
+    user: str
+    cert: Path | None = None  # sslcert; its CN must be `user` (PostgreSQL's `cert` method)
+    key: Path | None = None  # sslkey
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        by_certificate = self.cert is not None or self.key is not None
+        if by_certificate == (self.password_file is not None):
+            raise ValueError("give cert and key, or password_file")
+        if by_certificate and None in (self.cert, self.key):
+            raise ValueError("cert and key go together")
+
+
+class PostgresConfig(PostgresLogin, frozen=True, kw_only=True):
+    """The PostgreSQL historian sink (docs/outputs.md#postgresql): TLS with
+    sslmode=verify-full, INSERT-only as `user`; `owner` creates the schema on first start."""
+
+    host: str
+    port: Port = 5432
+    server_name: str = ""  # the name in its certificate (verify-full); default: host
+    database: str
+    ca: Path  # verifies the PostgreSQL server (sslrootcert)
+    identity: str  # the policy consumer whose grant decides what is written
+    schema: str = "dmzbroker"
+    owner: PostgresLogin | None = None  # creates the schema and grants `user` INSERT, once
+
+
+class OpcUaServerConfig(_Section, frozen=True, kw_only=True):
+    """The read-only OPC UA server (docs/outputs.md#opc-ua). Client application
+    certificates are checked against `enterprise.tls.client_ca` and `.crl`."""
+
+    host: str = "127.0.0.1"
+    port: Port = 4840
+    certificate: Path  # the server's application instance certificate (RSA), PEM
+    private_key: Path
+    max_sessions: Annotated[int, Meta(ge=1, le=10_000)] = 64
+
+
 class EnterpriseConfig(_Section, frozen=True):
     state_dir: Path  # spool position, accepted policy version; enterprise user only
     tls: TlsConfig
@@ -125,6 +167,8 @@ class EnterpriseConfig(_Section, frozen=True):
     stream_queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # records per SSE consumer
     max_streams: Annotated[int, Meta(ge=1, le=100_000)] = 256  # open /v1/stream connections
     mqtt: MqttConfig | None = None  # publish to an MQTT broker as well
+    postgres: PostgresConfig | None = None  # write into a PostgreSQL historian as well
+    opcua: OpcUaServerConfig | None = None  # serve a read-only OPC UA mirror as well
 
 
 class SiemConfig(_Section, frozen=True, kw_only=True):

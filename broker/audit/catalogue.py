@@ -85,6 +85,19 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tls_reload_refused": ("certificate", "failure"),
     "mqtt_connected": ("sink", "success"),
     "mqtt_unreachable": ("sink", "failure"),
+    # Outputs (issue 17, docs/specs/output.md): one that raised, the PostgreSQL sink, the
+    # OPC UA server's clients, SSE resumption.
+    "output_failed": ("sink", "failure"),
+    "postgres_connected": ("sink", "success"),
+    "postgres_unreachable": ("sink", "failure"),
+    "postgres_refused": ("sink", "failure"),  # a privilege, the schema: an owner must act
+    "postgres_schema_created": ("sink", "success"),
+    "opcua_client_refused": ("access", "failure"),  # at the secure channel or the session
+    "opcua_session_opened": ("access", "success"),
+    "opcua_session_closed": ("access", "success"),
+    "opcua_service_refused": ("access", "failure"),  # a write, call, node management...
+    "stream_resumed": ("access", "success"),
+    "stream_records_gone": ("access", "failure"),  # asked for records retention removed
     "siem_connected": ("audit", "success"),
     "siem_unreachable": ("audit", "failure"),
     "siem_connection_lost": ("audit", "failure"),
@@ -116,6 +129,12 @@ AGGREGATED = frozenset(
         "stream_opened",
         "stream_closed",
         "tls_handshake_failed",
+        "opcua_client_refused",
+        "opcua_session_opened",
+        "opcua_session_closed",
+        "opcua_service_refused",
+        "stream_resumed",
+        "stream_records_gone",
     }
 )
 # Events a device can trigger over and over (a signal flapping Good↔Bad, a session or a unit

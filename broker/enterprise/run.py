@@ -27,7 +27,7 @@ from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.episodes import Episode
 from broker.enterprise.listener import ConnectionStats, Listener, fit_to_file_limit, listen
-from broker.enterprise.mqtt import MqttSink
+from broker.enterprise.outputs.mqtt import MqttSink
 from broker.enterprise.store import Store
 from broker.errors import ChannelError, ConfigError
 from broker.health import ClockWatch, days_left, warn_expiring_certificates

@@ -33,9 +33,9 @@ from paho.mqtt.properties import Properties
 from broker import policy
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import MqttConfig
-from broker.enterprise import mqtt
+from broker.enterprise.outputs import mqtt
 from broker.enterprise.authz import Authorization
-from broker.enterprise.mqtt import MqttSink
+from broker.enterprise.outputs.mqtt import MqttSink
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
 from tests.enterprise.served import POWER, ROOM, record

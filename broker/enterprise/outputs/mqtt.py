@@ -37,7 +37,9 @@ from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
+from broker.enterprise.outputs.base import OutputContext
 from broker.errors import ChannelError
+from broker.policy import Policy
 from broker.records import Record, to_json
 from broker.trust import tls
 
@@ -77,7 +79,17 @@ def _verifying_name(config: MqttConfig, server_name: str) -> _NamedServerContext
     return context
 
 
+def configured(context: OutputContext) -> MqttSink | None:
+    """The sink, where `enterprise.mqtt` is set."""
+    mqtt = context.config.enterprise.mqtt
+    if mqtt is None:
+        return None
+    return MqttSink(mqtt, context.spool_dir, context.state_dir, context.authz)
+
+
 class MqttSink:
+    name = "mqtt"
+
     def __init__(
         self, config: MqttConfig, spool_dir: Path, state_dir: Path, authz: Authorization
     ) -> None:
@@ -88,7 +100,16 @@ class MqttSink:
         self._server_name = config.server_name or config.host
         self._context = _verifying_name(config, self._server_name)
 
-    async def run(self) -> None:
+    async def start(self) -> None:
+        """Nothing to bind: an unreachable broker is retried in `run`, never a reason to stop."""
+
+    def use_policy(self, policy: Policy) -> None:
+        """Nothing to do: each batch asks `authz` for the view in force."""
+
+    async def close(self) -> None:
+        """Nothing held between sessions: the position is saved after each acknowledged batch."""
+
+    async def run(self) -> NoReturn:
         config = self._config
         where = f"{config.host}:{config.port}"
         backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
@@ -102,7 +123,7 @@ class MqttSink:
             connected_at: float | None = None
             try:
                 # From the saved position: what an interrupted batch had read is read again.
-                receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader="mqtt")
+                receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
                 async with aiomqtt.Client(
                     config.host,
                     config.port,
