@@ -270,6 +270,20 @@ class EnterpriseMetrics:
         )
         for error in _OUT_OF_FILES:
             self.spool_read_errors.labels(error)
+        # Each output (docs/specs/output.md) counts what it delivered; one that reads the
+        # spool also shows its position (lag: dmzbroker_spool_written_seq minus this).
+        self.output_records = Counter(
+            "dmzbroker_output_records",
+            "Records each output delivered (written, published, served as a value)",
+            ["output"],
+            registry=self.registry,
+        )
+        self.output_seq = Gauge(
+            "dmzbroker_output_position_seq",
+            "seq of the last record an output that reads the spool has delivered",
+            ["output"],
+            registry=self.registry,
+        )
         self.registry.register(_Connections(connections))
         Gauge(
             "dmzbroker_enterprise_audit_failing",
