@@ -8,7 +8,7 @@ silent device can never leave a value looking fresh.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 import msgspec
@@ -86,6 +86,8 @@ class Store:
     def __init__(self, policy: Policy, queue_limit: int, max_streams: int = 256) -> None:
         self._latest: dict[str, Record] = {}
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[Callable[[list[Record]], None]] = []
+        self.last_seq = 0  # of the last record applied in spool order (resync records aside)
         self._queue_limit = queue_limit
         self.max_streams = max_streams
         self.use_policy(policy)
@@ -101,12 +103,16 @@ class Store:
         for signal in self._latest.keys() - self._stale_after.keys():
             del self._latest[signal]
 
-    def apply(self, records: list[Record]) -> None:
+    def apply(self, records: list[Record], *, resync: bool = False) -> None:
         # Records of signals the current policy does not name (written under an older one)
         # are not served.
+        if records and not resync:
+            self.last_seq = max(self.last_seq, records[-1].seq)
         records = [r for r in records if r.signal in self._stale_after]
         for record in records:
             self._latest[record.signal] = record
+        for listener in self._listeners:
+            listener(records)
         if not self._subscribers:
             return
         events = [(r, sse_event(r)) for r in records]  # encoded once, whatever the audience
@@ -130,7 +136,7 @@ class Store:
             held = self._latest.get(record.signal)
             if held is None or record.seq > held.seq:
                 newer.append(record)
-        self.apply(newer)
+        self.apply(newer, resync=True)
 
     def latest(self, signal: str, now: datetime) -> Record | None:
         record = self._latest.get(signal)
@@ -138,6 +144,11 @@ class Store:
 
     def snapshot(self, now: datetime, view: frozenset[str]) -> list[Record]:
         return [self._aged(r, now) for r in self._latest.values() if r.signal in view]
+
+    def listen(self, listener: Callable[[list[Record]], None]) -> None:
+        """Call `listener` with the records of each `apply`, once they are the latest values
+        (an output that mirrors latest values: it must not block, and coalesce on its own)."""
+        self._listeners.append(listener)
 
     @property
     def subscriptions(self) -> frozenset[Subscription]:
