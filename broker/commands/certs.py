@@ -40,10 +40,20 @@ def add_to(commands: Any) -> None:
         "the files an OPC UA server's administrator puts in its trust store (with the CA's CRL: "
         "`certs crl --der`). See docs/opcua.md.",
     )
+    opcua_server = kinds.add_parser(
+        "opcua-server",
+        help="the enterprise half's OPC UA server certificate (RSA, serverAuth + clientAuth)",
+        description="Writes NAME-cert.pem and NAME-key.pem (the key with mode 0600) in --out, "
+        "for enterprise.opcua.certificate and .private_key: an RSA key, the application URI "
+        "and the host names (--dns) and addresses (--ip) clients connect to as SANs; with "
+        "--der also the DER copies, as `issue opcua`. See docs/opcua-server.md.",
+    )
+    opcua_files = "NAME-cert.pem and NAME-key.pem (--der: NAME-cert.der, ca-FINGERPRINT.der)"
     for kind, days, files in (
         (server, 366, "NAME.crt and NAME.key"),
         (client, 90, "NAME.crt and NAME.key"),
-        (opcua, 366, "NAME-cert.pem and NAME-key.pem (--der: NAME-cert.der, ca-FINGERPRINT.der)"),
+        (opcua, 366, opcua_files),
+        (opcua_server, 366, opcua_files),
     ):
         kind.add_argument("--ca", type=Path, default=DEFAULT_CA, help="CA directory (certs/)")
         kind.add_argument("--out", type=Path, required=True, help=f"directory for {files}")
@@ -70,13 +80,29 @@ def add_to(commands: Any) -> None:
         )
     )
 
-    opcua.add_argument("--uri", required=True, help="the application URI, e.g. urn:site:dmzbroker")
-    opcua.add_argument("--name", default="opcua-client", help="file names (default: %(default)s)")
-    opcua.add_argument("--dns", action="append", default=[], help="the plant host's name")
-    opcua.add_argument(
-        "--der",
-        action="store_true",
-        help="also write NAME-cert.der and ca-FINGERPRINT.der (the issuing CA), in DER",
+    for kind, name, host in (
+        (opcua, "opcua-client", "the plant host's name"),
+        (opcua_server, "opcua-server", "a name clients connect to (repeatable)"),
+    ):
+        kind.add_argument(
+            "--uri", required=True, help="the application URI, e.g. urn:site:dmzbroker"
+        )
+        kind.add_argument("--name", default=name, help="file names (default: %(default)s)")
+        kind.add_argument("--dns", action="append", default=[], help=host)
+        kind.add_argument(
+            "--der",
+            action="store_true",
+            help="also write NAME-cert.der and ca-FINGERPRINT.der (the issuing CA), in DER",
+        )
+    opcua_server.add_argument(
+        "--ip", action="append", default=[], help="an address clients connect to (repeatable)"
+    )
+    opcua_server.set_defaults(
+        handler=lambda a: _report(
+            certs.issue_opcua_server(
+                a.ca, a.out, name=a.name, uri=a.uri, dns=a.dns, ips=a.ip, days=a.days, der=a.der
+            )
+        )
     )
     opcua.set_defaults(
         handler=lambda a: _report(

@@ -2,7 +2,9 @@
 
 Keys are ECDSA P-256, written with mode 0600 under a tight umask. Client certificates carry
 exactly one URI SAN (the consumer's identity, e.g. spiffe://site/consumer/historian) and the
-clientAuth extended key usage; server certificates carry DNS and IP SANs and serverAuth.
+clientAuth extended key usage; server certificates carry DNS and IP SANs and serverAuth. OPC UA
+application instance certificates (`issue_opcua`, `issue_opcua_server`) are RSA and carry the
+application URI first.
 
 A CA's key is ECDSA P-256 by default, or RSA (`--key-type rsa`): what it signs (certificates
 and CRLs) is then sha256WithRSAEncryption (RSA-PKCS1v15-SHA256), the certificate signature
@@ -32,6 +34,8 @@ SERVER_MAX_DAYS = 366  # what browsers and most TLS stacks accept for a server c
 CA_KEY_TYPES = ("ecdsa", "rsa")
 CA_RSA_BITS = 3072  # a CA outlives its leaves (2048-bit): NIST SP 800-57 beyond 2030
 CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_SERVER = ExtendedKeyUsageOID.SERVER_AUTH
+_CLIENT = ExtendedKeyUsageOID.CLIENT_AUTH
 
 
 @dataclass(frozen=True)
@@ -81,24 +85,14 @@ def issue_server(
         raise TrustError(
             f"--days {days}: a server certificate may live {SERVER_MAX_DAYS} days at most"
         )
-    try:
-        addresses = [ipaddress.ip_address(ip) for ip in ips]
-    except ValueError as e:
-        raise TrustError(f"--ip: {e}") from e
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(a) for a in addresses]
-    return _issue(
-        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH, days=days
-    )
+    return _issue(ca_dir, out, name=name, sans=_host_sans(dns, ips), usages=(_SERVER,), days=days)
 
 
 def issue_client(ca_dir: Path, out: Path, *, name: str, uri: str, days: int) -> Issued:
     if "://" not in uri:
         raise TrustError(f"--uri {uri!r}: expected a URI such as spiffe://site/consumer/historian")
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-    return _issue(
-        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days
-    )
+    return _issue(ca_dir, out, name=name, sans=sans, usages=(_CLIENT,), days=days)
 
 
 def issue_opcua(
@@ -113,16 +107,67 @@ def issue_opcua(
     `ca_der_name(ca)` in `out`: what most OPC UA servers' trust stores take (the private key
     stays PEM only).
     """
+    return _issue_application(
+        ca_dir, out, name=name, uri=uri, hosts=_host_sans(dns, []), usages=(_CLIENT,),
+        days=days, der=der,
+    )  # fmt: skip
+
+
+def issue_opcua_server(
+    ca_dir: Path,
+    out: Path,
+    *,
+    name: str,
+    uri: str,
+    dns: list[str],
+    ips: list[str],
+    days: int,
+    der: bool = False,
+) -> Issued:
+    """The enterprise half's OPC UA server application instance certificate.
+
+    As `issue_opcua`, with serverAuth and clientAuth (OPC UA clients check serverAuth; the
+    specification's application instance certificate carries both) and the host names and
+    addresses clients connect to: a client compares the endpoint URL's host with them.
+    """
+    if not dns and not ips:
+        raise TrustError("an OPC UA server certificate needs at least one --dns or --ip")
+    return _issue_application(
+        ca_dir, out, name=name, uri=uri, hosts=_host_sans(dns, ips), usages=(_SERVER, _CLIENT),
+        days=days, der=der,
+    )  # fmt: skip
+
+
+def _issue_application(
+    ca_dir: Path,
+    out: Path,
+    *,
+    name: str,
+    uri: str,
+    hosts: list[x509.GeneralName],
+    usages: tuple[x509.ObjectIdentifier, ...],
+    days: int,
+    der: bool,
+) -> Issued:
+    """An OPC UA application instance certificate: RSA, the application URI first."""
     if ":" not in uri:
         raise TrustError(f"--uri {uri!r}: expected the application URI, e.g. urn:site:dmzbroker")
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-    sans += [x509.DNSName(d) for d in dns]
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri), *hosts]
     return _issue(
-        ca_dir, out, name=name, sans=sans, usage=ExtendedKeyUsageOID.CLIENT_AUTH, days=days,
+        ca_dir, out, name=name, sans=sans, usages=usages, days=days,
         key=rsa.generate_private_key(public_exponent=65537, key_size=2048),
         key_usage=_OPCUA_KEY_USAGE, files=(f"{name}-cert.pem", f"{name}-key.pem"),
         der=der,
     )  # fmt: skip
+
+
+def _host_sans(dns: list[str], ips: list[str]) -> list[x509.GeneralName]:
+    try:
+        addresses = [ipaddress.ip_address(ip) for ip in ips]
+    except ValueError as e:
+        raise TrustError(f"--ip: {e}") from e
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    return sans + [x509.IPAddress(a) for a in addresses]
 
 
 _OPCUA_KEY_USAGE = x509.KeyUsage(
@@ -144,7 +189,7 @@ def _issue(
     *,
     name: str,
     sans: list[x509.GeneralName],
-    usage: x509.ObjectIdentifier,
+    usages: tuple[x509.ObjectIdentifier, ...],
     days: int,
     key: CaKey | None = None,
     key_usage: x509.KeyUsage | None = None,
@@ -175,7 +220,7 @@ def _issue(
         .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(key_usage or _key_usage(ca=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False

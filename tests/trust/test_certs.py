@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, SignatureAlgorithmOID
 
 from tests.harness import REPO, dmzbroker
 
@@ -191,3 +191,75 @@ def test_a_crl_replaces_only_its_own_earlier_output(tmp_path: Path) -> None:
         .value.crl_number
         == 2
     )
+
+
+def test_an_opcua_server_certificate_names_its_uri_hosts_and_both_usages(tmp_path: Path) -> None:
+    """What OPC UA clients check of a server: an RSA key, serverAuth (and clientAuth, as the
+    specification's application instance certificate), the application URI and the endpoint
+    URL's host among the SANs; the private key 0600."""
+    authority = ca(tmp_path, "--key-type", "rsa")
+    out = tmp_path / "out"
+    done = dmzbroker("certs", "issue", "opcua-server", "--ca", str(authority), "--out", str(out),
+                     "--uri", "urn:site:dmzbroker:mirror", "--dns", "mirror.example",
+                     "--ip", "127.0.0.1", "--der")  # fmt: skip
+    leaf = certificate(out / "opcua-server-cert.pem")
+    assert str(out / "opcua-server-key.pem") in done.stdout
+    assert (out / "opcua-server-key.pem").stat().st_mode & 0o077 == 0
+    key = serialization.load_pem_private_key((out / "opcua-server-key.pem").read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey) and key.key_size == 2048
+    assert key.public_key() == leaf.public_key()
+    leaf.verify_directly_issued_by(certificate(authority / "ca.crt"))
+    assert certificate(out / "opcua-server-cert.der") == leaf
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:site:dmzbroker:mirror"]
+    assert sans.get_values_for_type(x509.DNSName) == ["mirror.example"]
+    assert [str(a) for a in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    key_usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert key_usage.digital_signature and key_usage.content_commitment
+    assert key_usage.key_encipherment and key_usage.data_encipherment
+    assert not key_usage.key_cert_sign
+    # The plant half's client certificate keeps clientAuth only.
+    dmzbroker("certs", "issue", "opcua", "--ca", str(authority), "--out", str(out),
+              "--uri", URI)  # fmt: skip
+    client = certificate(out / "opcua-client-cert.pem")
+    assert list(client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+
+
+def test_an_opcua_server_certificate_without_a_host_or_with_a_bad_address_is_refused(
+    tmp_path: Path,
+) -> None:
+    authority = ca(tmp_path, "--key-type", "rsa")
+    out = tmp_path / "out"
+    for hosts, said in (
+        ((), "an OPC UA server certificate needs at least one --dns or --ip"),
+        (("--ip", "mirror.example"), "--ip: "),
+    ):
+        done = dmzbroker("certs", "issue", "opcua-server", "--ca", str(authority),
+                         "--out", str(out), "--uri", "urn:site:mirror", *hosts,
+                         check=False)  # fmt: skip
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_issue_opcua_server_help_names_every_file_it_writes(tmp_path: Path) -> None:
+    authority = ca(tmp_path)
+    out = tmp_path / "out"
+    dmzbroker("certs", "issue", "opcua-server", "--ca", str(authority), "--out", str(out),
+              "--uri", URI, "--dns", "localhost", "--name", "mirror", "--der")  # fmt: skip
+    env = {**os.environ, "COLUMNS": "400"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "broker", "certs", "issue", "opcua-server", "--help"],
+        capture_output=True, text=True, check=True, cwd=REPO, env=env,
+    ).stdout  # fmt: skip
+    named = set(re.findall(r"\b(?:NAME-)?[a-zA-Z-]*\.(?:pem|der|crt|key)\b", shown))
+    written = {
+        re.sub(r"^ca-[0-9a-f]{8}\.der$", "ca-FINGERPRINT.der", p.name.replace("mirror", "NAME"))
+        for p in out.iterdir()
+    }
+    assert written <= named, (written, shown)
+    assert "--ip" in shown and "opcua-server" in shown
