@@ -2,8 +2,9 @@
 
 The OT interface may carry only connections the plant half's user opens to the devices the
 verified policy names, at their ports; the IT interface only consumers' connections to the
-consumer port on the IT NIC's own addresses, and the appliance's own to the MQTT broker, the
-SIEM collector and a diode receiver. Each NIC has its own conntrack zone and a strict
+consumer port (and the OPC UA port, when the enterprise half serves one) on the IT NIC's own
+addresses, and the appliance's own to the MQTT broker, the PostgreSQL historian, the SIEM
+collector and a diode receiver. Each NIC has its own conntrack zone and a strict
 reverse-path check, so a packet arriving on one NIC can neither claim a source behind the
 other nor count as an answer to the other's connections. Nothing is forwarded; everything
 else is dropped and counted (`COUNTERS`). Host names are resolved here, when the ruleset is
@@ -161,11 +162,12 @@ def device_peers(
 
 
 def it_peers(cfg: BrokerConfig) -> list[Peer]:
-    """The IT-side hosts the appliance connects to: MQTT broker, SIEM, diode receiver."""
+    """The IT-side hosts the appliance connects to: MQTT broker, PostgreSQL, SIEM, diode
+    receiver."""
     named: list[tuple[str, str, int, Literal["tcp", "udp"]]] = []
-    if cfg.enterprise.mqtt is not None:
-        mqtt = cfg.enterprise.mqtt
-        named.append(("config enterprise.mqtt.host", mqtt.host, mqtt.port, "tcp"))
+    for name, sink in (("mqtt", cfg.enterprise.mqtt), ("postgres", cfg.enterprise.postgres)):
+        if sink is not None:
+            named.append((f"config enterprise.{name}.host", sink.host, sink.port, "tcp"))
     if cfg.audit.siem is not None:
         siem = cfg.audit.siem
         named.append(("config audit.siem.host", siem.host, siem.port, "tcp"))
@@ -217,7 +219,7 @@ def write(
         "",
         "\tchain it_in {",
         *_side_rules("it", "in"),
-        *_consumer_rules(cfg, it_allow),
+        *_listener_rules(cfg, it_allow),
         '\t\tcounter name "it_dropped" drop',
         "\t}",
         "",
@@ -316,8 +318,9 @@ def _header(policy: Policy, ot: str, it: str) -> list[str]:
         "# strict reverse path, ARP only for the NIC's own addresses): each needs the other.",
         "#",
         f"# OT interface {ot!r}: only the plant half's connections to the policy's devices.",
-        f"# IT interface {it!r}: only consumers to the consumer port on its own addresses, and",
-        "# the appliance's own connections to its MQTT broker, SIEM collector and diode receiver.",
+        f"# IT interface {it!r}: only consumers to the consumer port (and OPC UA clients to the",
+        "# OPC UA port, if configured) on its own addresses, and the appliance's own connections",
+        "# to its MQTT broker, PostgreSQL historian, SIEM collector and diode receiver.",
         "# Each interface has its own conntrack zone: a packet on one is never an answer to a",
         "# connection on the other. A source not routed back out of the NIC it came in on is",
         "# dropped before anything else. Nothing is forwarded. Everything else is dropped and",
@@ -416,17 +419,35 @@ def _peer_rules(peers: Sequence[Peer], what: str, owner: str = "") -> list[str]:
     return lines
 
 
-def _consumer_rules(cfg: BrokerConfig, it_allow: Sequence[Network]) -> list[str]:
-    listen = cfg.enterprise.listen
+def _listener_rules(cfg: BrokerConfig, it_allow: Sequence[Network]) -> list[str]:
+    """New connections to the enterprise half's listening ports: the consumer port, and the
+    OPC UA port when the half serves one."""
+    listen, opcua = cfg.enterprise.listen, cfg.enterprise.opcua
+    lines = _inbound_rules(
+        ("Consumers", "consumer port"), "listen", listen.host, listen.port, it_allow
+    )
+    if opcua is not None:
+        what = ("OPC UA clients", "OPC UA port")
+        lines += _inbound_rules(what, "opcua", opcua.host, opcua.port, it_allow)
+    return lines
+
+
+def _inbound_rules(
+    what: tuple[str, str], section: str, host: str, port: int, it_allow: Sequence[Network]
+) -> list[str]:
+    who, name = what
     syn = "tcp flags & (fin|syn|rst|ack) == syn"
-    accept = f'tcp dport {listen.port} {syn} ct state new accept comment "consumer port"'
-    key = "config enterprise.listen.host"
-    own = resolve(key, listen.host) if listen.host else ()
+    accept = f'tcp dport {port} {syn} ct state new accept comment "{name}"'
+    key = f"config enterprise.{section}.host"
+    own = resolve(key, host) if host else ()
+    if own and all(address.is_loopback for address in own):
+        # No packet from the IT NIC can reach a loopback address: nothing to open.
+        return [f"\t\t# No rule for the {name}: {key} is {host}, loopback only."]
     if not own or all(address.is_unspecified for address in own):
-        lines = ["\t\t# Consumers to this NIC's own addresses (the listen address is any)."]
+        lines = [f"\t\t# {who} to this NIC's own addresses (the {section} address is any)."]
         targets = [("", "fib daddr . iif type local ")]
     else:
-        lines = [f"\t\t# Consumers to the listen address ({key}: {listen.host})."]
+        lines = [f"\t\t# {who} to the {section} address ({key}: {host})."]
         targets = [(family, f"{family} daddr {_set(a)} ") for family, a in _by_family(own)]
     sources: list[tuple[str, str]] = [("", "")]
     if it_allow:

@@ -272,6 +272,94 @@ def test_a_specific_listen_address_is_the_only_consumer_destination(
     ]
 
 
+def _with_outputs(
+    tmp_path: Path, pki: Pki, owners: Owners, opcua_host: str, **postgres: Any
+) -> config.BrokerConfig:
+    """The `signed` appliance with a PostgreSQL historian and an OPC UA server as well."""
+    envelope = sign_policy(tmp_path, _policy(_devices()), [owners.ot_key, owners.it_key])
+    login = {"user": "dmzbroker_sink", "cert": str(pki.client_cert), "key": str(pki.client_key)}
+    historian = {"host": "198.51.100.25", "database": "historian", "ca": str(pki.ca),
+                 "identity": "x", **login, **postgres}  # fmt: skip
+    opcua = {"host": opcua_host, "port": 4850, "certificate": str(pki.server_cert),
+             "private_key": str(pki.server_key)}  # fmt: skip
+    enterprise = {"listen": {"host": "0.0.0.0", "port": 8443}, "postgres": historian,
+                  "opcua": opcua}  # fmt: skip
+    return config.load(_config(tmp_path, envelope, pki, owners, enterprise=enterprise))
+
+
+def test_the_historian_is_reached_and_the_opcua_port_admitted_like_the_consumer_port(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    cfg = _with_outputs(tmp_path, pki, owners, "0.0.0.0", port=5433)
+    loaded = policy.load(tmp_path / "policy.yaml")
+    allow = [ipaddress.ip_network(n) for n in ("198.51.100.0/24", "2001:db8:2::/48")]
+    text = nftables.write(cfg, loaded, it_allow=allow).text
+    assert _rules(text, "it_out") == [
+        "jump link_out",
+        "ct state established,related accept",
+        "ip daddr 198.51.100.20 tcp dport 8883 ct state new accept "
+        'comment "config enterprise.mqtt.host"',
+        "ip daddr 198.51.100.25 tcp dport 5433 ct state new accept "
+        'comment "config enterprise.postgres.host"',
+        'ip6 daddr 2001:db8:1::30 tcp dport 6514 ct state new accept comment "config audit.siem.host"',
+        'counter name "it_dropped" drop',
+    ]
+    own = "fib daddr . iif type local tcp dport"
+    assert _rules(text, "it_in") == [
+        *HEAD_IN,
+        f'ip saddr 198.51.100.0/24 {own} 8443 {SYN} comment "consumer port"',
+        f'ip6 saddr 2001:db8:2::/48 {own} 8443 {SYN} comment "consumer port"',
+        f'ip saddr 198.51.100.0/24 {own} 4850 {SYN} comment "OPC UA port"',
+        f'ip6 saddr 2001:db8:2::/48 {own} 4850 {SYN} comment "OPC UA port"',
+        'counter name "it_dropped" drop',
+    ]
+    # the historian is an IT-side sink: no device may claim its address
+    devices = _devices()
+    devices[1]["host"] = "198.51.100.25"
+    bad = policy.load(write_policy_yaml(tmp_path, _policy(devices), "historian-address"))
+    with pytest.raises(ConfigError, match=r"is the address of config enterprise\.postgres\.host"):
+        nftables.write(cfg, bad)
+
+
+def test_a_specific_opcua_address_is_its_only_destination(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    cfg = _with_outputs(tmp_path, pki, owners, "2001:db8:2::1")
+    loaded = policy.load(tmp_path / "policy.yaml")
+    rules = _rules(nftables.write(cfg, loaded).text, "it_in")
+    assert [rule for rule in rules if "4850" in rule] == [
+        f'ip6 daddr 2001:db8:2::1 tcp dport 4850 {SYN} comment "OPC UA port"'
+    ]
+
+
+def test_a_loopback_opcua_server_opens_nothing_on_the_it_side(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    cfg = _with_outputs(tmp_path, pki, owners, "127.0.0.1")  # the config's default
+    text = nftables.write(cfg, policy.load(tmp_path / "policy.yaml")).text
+    assert "dport 4850" not in text
+    assert "# No rule for the OPC UA port: config enterprise.opcua.host is 127.0.0.1" in text
+    assert [rule for rule in _rules(text, "it_in") if "accept" in rule] == [
+        "ct state established,related accept",
+        f'fib daddr . iif type local tcp dport 8443 {SYN} comment "consumer port"',
+    ]
+
+
+@needs_nft
+def test_nft_accepts_the_ruleset_with_the_historian_and_the_opcua_port(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    for host in ("0.0.0.0", "198.51.100.1", "::"):
+        cfg = _with_outputs(tmp_path, pki, owners, host)
+        allow = [ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:2::/48")]
+        text = nftables.write(cfg, policy.load(tmp_path / "policy.yaml"), it_allow=allow,
+                              ot_users=["root"]).text  # fmt: skip
+        assert 'comment "OPC UA port"' in text
+        ruleset = tmp_path / "dmzbroker.nft"
+        ruleset.write_text(text)
+        netns.run([str(NFT), "-c", "-f", str(ruleset)])
+
+
 def test_only_the_ot_users_open_connections_to_the_devices(signed: Path) -> None:
     cfg = config.load(signed)
     loaded = policy.load(signed.parent / "policy.yaml")
