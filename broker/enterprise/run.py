@@ -1,10 +1,12 @@
-"""The enterprise half's process: spool receiver → store → HTTPS API.
+"""The enterprise half's process: spool receiver → store → outputs (broker.enterprise.outputs:
+the HTTPS API, and the sinks and servers the config names).
 
-Its only input is the spool, opened read-only; its only outputs are the consumer-facing
-listeners (and its audit log, which keeps the plant's audit checkpoints that crossed as
-witnesses). It holds no plant address and no plant credential. A newer accepted policy takes
-effect without a restart: connected consumers keep their streams, with their view widened
-or narrowed to what the new policy grants.
+Its only input is the spool, opened read-only; its only outputs are the ones in the output
+registry, each contained on its own (docs/specs/output.md), and its audit log, which keeps
+the plant's audit checkpoints that crossed as witnesses. It holds no plant address and no
+plant credential. A newer accepted policy takes effect without a restart: connected
+consumers keep their streams, with their view widened or narrowed to what the new policy
+grants, and every output is told.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import gc
 from pathlib import Path
 
 import structlog
-from aiohttp import web
 
 from broker.audit.crossing import CROSSING_WRITER, witness_details
 from broker.audit.export import SiemExporter
@@ -23,13 +24,12 @@ from broker.audit.log import AuditLog, AuditMonitor
 from broker.audit.witness import WITNESSED
 from broker.channel.spool import SpoolReceiver
 from broker.config import BrokerConfig
-from broker.enterprise.api import create_app
 from broker.enterprise.authz import Authorization
 from broker.enterprise.episodes import Episode
-from broker.enterprise.listener import ConnectionStats, Listener, fit_to_file_limit, listen
-from broker.enterprise.outputs.mqtt import MqttSink
+from broker.enterprise.listener import ConnectionStats
+from broker.enterprise.outputs import Output, OutputContext, outputs_for, run_contained
 from broker.enterprise.store import Store
-from broker.errors import ChannelError, ConfigError
+from broker.errors import ChannelError
 from broker.health import ClockWatch, days_left, warn_expiring_certificates
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
@@ -62,9 +62,11 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     # The TLS context in force, fresh on each reload; the CRLs accepted are recorded in the
     # state dir, so an older one put back while the half was stopped is refused at start.
     reloader = tls.EndpointReloader(ent.tls, ent.state_dir)
-    limits = fit_to_file_limit(ent.listen)
     spool = _SpoolReading(config.spool.dir, ent.state_dir)
     store = Store(trusted.policy, ent.stream_queue, ent.max_streams)
+    # What this half applied before a restart counts as applied: a stream resumed after it
+    # replays from the spool up to here, then goes on live.
+    store.last_seq = spool.receiver.last_seq
     authz = Authorization(trusted.policy, reloader.revoked)
     connections = ConnectionStats()
     metrics = EnterpriseMetrics(
@@ -75,37 +77,13 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
         connections=lambda: connections,
         audit_suppressed=lambda: audit.suppressed,
     )
-    app = create_app(store, authz, audit, metrics, config.spool.dir)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=2.0,
-    )  # the listener makes each connection's handler, with `limits.idle_timeout_s`
-    await runner.setup()
-    listener: Listener | None = None
+    context = OutputContext(config, authz, store, audit, metrics, reloader, connections)
+    outputs = outputs_for(context)
+    started: list[Output] = []
     try:
-        try:
-            listener = await listen(
-                runner,
-                ent.listen.host,
-                ent.listen.port,
-                reloader,
-                limits=limits,
-                stats=connections,
-            )
-        except OSError as e:
-            raise ConfigError(
-                f"enterprise.listen: cannot listen on {ent.listen.host}:{ent.listen.port}: "
-                f"{e.strerror}"
-            ) from e
-        log.info(
-            "api_listening",
-            address=f"https://{ent.listen.host}:{ent.listen.port}",
-            policy_version=trusted.policy.version,
-            resume_after_seq=spool.receiver.last_seq,
-            max_connections=limits.max_connections,
-        )
+        for output in outputs:
+            started.append(output)  # closed below even if its start fails halfway
+            await output.start()
         warn_expiring_certificates(_certificates(config))
         watcher = PolicyWatcher(
             config.policy,
@@ -118,28 +96,27 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             tasks.create_task(_deliver(spool, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
             tasks.create_task(_watch_tls(reloader, authz), name="tls material")
-            if ent.mqtt is not None:
-                sink = MqttSink(ent.mqtt, config.spool.dir, ent.state_dir, authz)
-                tasks.create_task(sink.run(), name="mqtt sink")
+            for output in outputs:
+                tasks.create_task(run_contained(output), name=f"output {output.name}")
             if config.audit.siem is not None:
                 exporter = _exporter(config, trusted.policy.deployment_id)
                 tasks.create_task(exporter.run(), name="siem export")
             async for accepted in watcher.updates():
-                _apply(accepted.policy, store, authz)
+                _apply(accepted.policy, store, authz, outputs)
     finally:
         store.close()
-        if listener is not None:
-            listener.close()
-        await runner.cleanup()
+        for output in reversed(started):
+            await output.close()
         spool.receiver.close()
 
 
-def _apply(policy: Policy, store: Store, authz: Authorization) -> None:
-    """Switch to a newer policy: the store, the API's authorization, every open stream."""
+def _apply(policy: Policy, store: Store, authz: Authorization, outputs: list[Output]) -> None:
+    """Switch to a newer policy: the store, the authorization, then every output (the API's
+    open streams get the new view)."""
     store.use_policy(policy)
     authz.use_policy(policy)
-    for subscription in store.subscriptions:
-        subscription.view = authz.view(subscription.identity)
+    for output in outputs:
+        output.use_policy(policy)
 
 
 def _certificates(config: BrokerConfig) -> dict[str, Path]:

@@ -6,14 +6,17 @@ One line per output (docs/specs/output.md): a function that takes the half's
 
 from collections.abc import Callable
 
-from broker.enterprise.outputs import mqtt
+from broker.enterprise.outputs import https, mqtt
 from broker.enterprise.outputs.base import Output, OutputContext, run_contained
 
-REGISTRY: tuple[Callable[[OutputContext], Output | None], ...] = (mqtt.configured,)
+REGISTRY: tuple[Callable[[OutputContext], Output | None], ...] = (
+    https.configured,
+    mqtt.configured,
+)
 
 
 def outputs_for(context: OutputContext) -> list[Output]:
-    """The outputs the appliance config asks for, in registry order."""
+    """The outputs the appliance config asks for, in registry order (the order they start)."""
     return [output for build in REGISTRY if (output := build(context)) is not None]
 
 

@@ -12,7 +12,7 @@ anything the plant half reads. One output's failure never stops another: each ru
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -22,9 +22,11 @@ from broker.audit.log import AuditLog
 from broker.backoff import Backoff
 from broker.config import BrokerConfig
 from broker.enterprise.authz import Authorization
+from broker.enterprise.listener import ConnectionStats
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
+from broker.trust.tls import EndpointReloader
 
 FIRST_RETRY_S = 1.0  # an output that raised runs again after this, doubling up to MAX_RETRY_S
 MAX_RETRY_S = 30.0
@@ -42,6 +44,10 @@ class OutputContext:
     store: Store  # latest values, and new records as they are read
     audit: AuditLog  # `audit.failing`: outputs stop serving data while it cannot be written
     metrics: EnterpriseMetrics
+    # The consumer port's TLS material in force, which the half reloads (files, SIGHUP, CRL):
+    # the HTTPS output serves with it. None: the HTTPS output loads it itself (a test).
+    tls: EndpointReloader | None = None
+    connections: ConnectionStats = field(default_factory=ConnectionStats)  # shown in /metrics
 
     @property
     def spool_dir(self) -> Path:
@@ -76,8 +82,9 @@ class Output(Protocol):
 
 async def run_contained(output: Output) -> NoReturn:
     """Run `output` until cancelled, whatever it raises: a failure is logged once per outage
-    (`output_failed`, with the error) and the output runs again after a backoff; the half
-    and the other outputs never see it."""
+    (`output_failed`, with the error; the same error again before the output has run
+    `STABLE_S` is only retried) and the output runs again after a backoff; the half and the
+    other outputs never see it."""
     bound = log.bind(output=output.name)
     backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
     loop = asyncio.get_running_loop()
@@ -86,15 +93,16 @@ async def run_contained(output: Output) -> NoReturn:
         started = loop.time()
         try:
             await output.run()
+            error = "RuntimeError: run() returned"  # a bug too: not run again in a tight loop
         except asyncio.CancelledError:
             raise
         except Exception as e:  # containment is this function's job
             error = f"{type(e).__name__}: {e}"
-            ran_s = loop.time() - started
-            if ran_s >= STABLE_S:
-                reported.clear()  # it ran well for a while: this is a new outage
-            delay = backoff.after(ran_s)
-            if error not in reported:
-                bound.error("output_failed", error=error, retry_in_s=round(delay, 2))
-                reported.add(error)
-            await asyncio.sleep(delay)
+        ran_s = loop.time() - started
+        if ran_s >= STABLE_S:
+            reported.clear()  # it ran well for a while: this is a new outage
+        delay = backoff.after(ran_s)
+        if error not in reported:
+            bound.error("output_failed", error=error, retry_in_s=round(delay, 2))
+            reported.add(error)
+        await asyncio.sleep(delay)

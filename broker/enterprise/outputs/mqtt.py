@@ -9,7 +9,10 @@ consumer. Store-and-forward: the sink reads the spool with a position of its own
 unreachable the position stays, and on reconnect the records are replayed in order. The
 position moves only after the broker acknowledged a batch: delivery is at least once.
 Records the spool's retention drops before the sink read them are counted and logged
-(`spool_records_lost`), like any reader's.
+(`spool_records_lost`), like any reader's. While the half's audit log cannot be written it
+publishes nothing new (fail closed, as the API answers 503): the records wait in the spool.
+What it published and where its position is show in `dmzbroker_output_records_total` and
+`dmzbroker_output_position_seq` (output="mqtt").
 
 A lost connection ends the session at once (not when a publish times out), and reconnects
 are tried every few seconds at most, so the sink is back soon after its broker. A broker that
@@ -33,12 +36,14 @@ import aiomqtt
 import structlog
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from broker.audit.log import AuditLog
 from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs.base import OutputContext
 from broker.errors import ChannelError
+from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.records import Record, to_json
 from broker.trust import tls
@@ -84,19 +89,35 @@ def configured(context: OutputContext) -> MqttSink | None:
     mqtt = context.config.enterprise.mqtt
     if mqtt is None:
         return None
-    return MqttSink(mqtt, context.spool_dir, context.state_dir, context.authz)
+    return MqttSink(
+        mqtt,
+        context.spool_dir,
+        context.state_dir,
+        context.authz,
+        metrics=context.metrics,
+        audit=context.audit,
+    )
 
 
 class MqttSink:
     name = "mqtt"
 
     def __init__(
-        self, config: MqttConfig, spool_dir: Path, state_dir: Path, authz: Authorization
+        self,
+        config: MqttConfig,
+        spool_dir: Path,
+        state_dir: Path,
+        authz: Authorization,
+        *,
+        metrics: EnterpriseMetrics | None = None,  # the half's; None: not counted (a test)
+        audit: AuditLog | None = None,  # the half's; None: never paused for it (a test)
     ) -> None:
         self._config = config
         self._spool_dir = spool_dir
         self._state_dir = state_dir
         self._authz = authz
+        self._metrics = metrics
+        self._audit = audit
         self._server_name = config.server_name or config.host
         self._context = _verifying_name(config, self._server_name)
 
@@ -187,7 +208,11 @@ class MqttSink:
 
     async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> NoReturn:
         prefix = self._config.topic_prefix
+        self._delivered(receiver, 0)  # the position it starts from
         while True:
+            if self._audit is not None and self._audit.failing:
+                await asyncio.sleep(IDLE_S)  # fail closed; the spool keeps what waits
+                continue
             records = receiver.receive(max_records=BATCH)
             if not records:
                 await asyncio.sleep(IDLE_S)
@@ -201,6 +226,12 @@ class MqttSink:
                 )
             )
             receiver.commit()  # acknowledged: the position moves past the batch
+            self._delivered(receiver, len(allowed))
+
+    def _delivered(self, receiver: SpoolReceiver, count: int) -> None:
+        if self._metrics is not None:
+            self._metrics.output_records.labels(self.name).inc(count)
+            self._metrics.output_seq.labels(self.name).set(receiver.last_seq)
 
     def _explained(self, error: aiomqtt.MqttError) -> str:
         """The error, with its cause, and for a certificate that does not name the broker's
