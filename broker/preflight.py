@@ -15,8 +15,10 @@ folder is refused at once, never read or waited on). A file the half tolerates m
 (`TOLERATED`: the CMMS export) gets a warning, never a refusal. TLS material is then checked
 as broker.trust.tls does when it builds a context (broker.trust.fitness): the purpose of
 each certificate, that each key is its certificate's, that the client CA file holds CAs
-only, that the anchors for the MQTT broker and the collector are certificates, and that the
-CRL is signed by the client CA.
+only, that the anchors for the MQTT broker, the PostgreSQL server and the collector are
+certificates, and that the CRL is signed by the client CA. A PostgreSQL client key must also
+have the mode libpq accepts (0600 or less; 0640 or less when root owns it): libpq refuses any
+other at every connection, so the sink would never connect.
 
 Files are read as the user that starts the command. When `run` starts as root, each half
 checks its own files again as its own user when it starts. This module never writes,
@@ -26,6 +28,7 @@ creates or fixes anything, and never reads a device or a peer.
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
@@ -52,6 +55,9 @@ _FILE_OR_FOLDER = re.compile(r"plant\.opcua\.trust_list\[\d+\]")
 _LEAVES: tuple[tuple[str, str, str, fitness.Purpose | None], ...] = (
     ("enterprise.tls", "cert", "key", "server"),
     ("enterprise.mqtt", "cert", "key", "client"),
+    ("enterprise.postgres", "cert", "key", "client"),
+    ("enterprise.postgres.owner", "cert", "key", "client"),
+    ("enterprise.opcua", "certificate", "private_key", "opcua-server"),
     ("audit.siem", "cert", "key", "client"),
     ("plant.opcua", "certificate", "private_key", "opcua"),
 )
@@ -61,8 +67,11 @@ _USER_CERTIFICATE = re.compile(r"(plant\.opcua\.users\.[^.]+)\.certificate")  # 
 # (CA:FALSE) or a v1 root is an anchor OpenSSL accepts.
 _ANCHOR_FILES = {
     "enterprise.mqtt.ca": "give the MQTT broker's certificate or the CA that issued it",
+    "enterprise.postgres.ca": "give the PostgreSQL server's certificate or the CA that issued it",
     "audit.siem.ca": "give the collector's certificate or the CA that issued it",
 }
+# Keys libpq reads (sslkey): it refuses one with more access than its mode rule allows.
+_LIBPQ_KEYS = ("enterprise.postgres.key", "enterprise.postgres.owner.key")
 
 
 def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]:
@@ -85,6 +94,9 @@ def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]
             yield from _unfit(
                 "enterprise.tls.client_ca", path, fitness.unfit_ca, fitness.CONSUMERS_CA
             )
+        for key in _LIBPQ_KEYS:
+            if key in named:
+                yield from _too_open_for_libpq(key, named[key])
         for anchor_key, fix in _ANCHOR_FILES.items():
             if anchor_key in named:
                 yield from _unfit(anchor_key, named[anchor_key], fitness.unfit_anchors, fix)
@@ -188,3 +200,23 @@ def _unfit(
         return
     if problem is not None:
         yield f"{key}: {path}: {problem}"
+
+
+def _too_open_for_libpq(key: str, path: Path) -> Iterator[str]:
+    """libpq's rule for a client key (fe-secure-openssl.c): group and others no access; when
+    root owns it, the group may read it (system-wide keys read through a group)."""
+    try:
+        status = path.stat()
+    except OSError:  # said above
+        return
+    by_root = status.st_uid == 0
+    too_open = (
+        stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO if by_root else stat.S_IRWXG | stat.S_IRWXO
+    )
+    if status.st_mode & too_open:
+        mode, limit = stat.S_IMODE(status.st_mode), "0640" if by_root else "0600"
+        owner = "owned by root" if by_root else "not owned by root"
+        yield (
+            f"{key}: {path}: mode {mode:04o}, {owner}: libpq refuses a key with more access "
+            f"than {limit} at every connection; chmod {limit[1:]} it"
+        )

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -394,3 +395,144 @@ def test_a_maintenance_file_that_is_not_a_regular_file_is_only_warned_about(
     with structlog.testing.capture_logs() as logs:
         preflight.warn(broker_config.load(config), ("enterprise",))
     assert logs == []  # not the enterprise half's file
+
+
+# The outputs' material (issue 17): the PostgreSQL sink's TLS and login files, the OPC UA
+# server's application certificate.
+
+
+@pytest.fixture(scope="session")
+def opcua_certs(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Path:
+    """An `issue opcua-server` certificate (RSA, serverAuth) and an `issue opcua` one (the
+    plant's client kind: RSA, clientAuth only), from the pki fixture's CA."""
+    out = tmp_path_factory.mktemp("opcua-certs")
+    common = ("--ca", str(pki.ca.parent), "--out", str(out), "--uri", "urn:test:dmzbroker")
+    dmzbroker("certs", "issue", "opcua-server", *common, "--dns", "localhost")
+    dmzbroker("certs", "issue", "opcua", *common, "--name", "client")
+    return out
+
+
+def outputs_config(directory: Path, pki: Pki, owners: Owners, opcua_certs: Path) -> Path:
+    """full_config with a PostgreSQL sink (its user by client certificate, its owner by
+    password file) and an OPC UA server, all of their files good."""
+    config = full_config(directory, pki, owners)
+    (directory / "pg-password").write_text("owner secret\n")
+    login = {"user": "dmzbroker_sink", "cert": str(pki.client_cert), "key": str(pki.client_key)}
+    owner = {"user": "dmzbroker_owner", "password_file": "pg-password"}
+    postgres = {"host": "localhost", "database": "historian", "ca": str(pki.ca),
+                "identity": "x", **login, "owner": owner}  # fmt: skip
+    edit(config, "enterprise.postgres", postgres)
+    server = {"certificate": str(opcua_certs / "opcua-server-cert.pem"),
+              "private_key": str(opcua_certs / "opcua-server-key.pem")}  # fmt: skip
+    edit(config, "enterprise.opcua", server)
+    return config
+
+
+def test_the_outputs_good_material_passes(
+    tmp_path: Path, pki: Pki, owners: Owners, opcua_certs: Path
+) -> None:
+    config = outputs_config(tmp_path, pki, owners, opcua_certs)
+    keys = {key for key, _ in preflight.paths(broker_config.load(config))}
+    assert {"enterprise.postgres.owner.password_file", "enterprise.opcua.private_key"} <= keys
+    check(config)
+    check(config, ("enterprise",))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("enterprise.postgres.ca", "client_key", "not a PEM certificate; give the PostgreSQL"),
+        ("enterprise.postgres.ca", "missing", "file not found"),
+        ("enterprise.postgres.cert", "server", "leaves out clientAuth"),
+        ("enterprise.postgres.key", "energy_key", "not the private key of"),
+        ("enterprise.postgres.owner.password_file", "missing", "file not found"),
+        ("enterprise.postgres.owner", "server login", "leaves out clientAuth"),
+        ("enterprise.opcua.certificate", "missing", "file not found"),
+        # our CLI's server certificate is ECDSA: no OPC UA security policy signs with it
+        ("enterprise.opcua.certificate", "ec server", "its key is not RSA"),
+        ("enterprise.opcua.certificate", "opcua client", "leaves out serverAuth"),
+        ("enterprise.opcua.private_key", "opcua client key", "not the private key of"),
+    ],
+)
+def test_each_output_file_is_checked_by_the_enterprise_half(
+    tmp_path: Path,
+    pki: Pki,
+    owners: Owners,
+    opcua_certs: Path,
+    key: str,
+    value: str,
+    expected: str,
+) -> None:
+    config = outputs_config(tmp_path, pki, owners, opcua_certs)
+    client = (opcua_certs / "client-cert.pem", opcua_certs / "client-key.pem")
+    given: dict[str, object] = {
+        "client_key": str(pki.client_key),
+        "missing": str(tmp_path / "missing"),
+        "server": str(pki.server_cert),
+        "energy_key": str(pki.energy_key),
+        "server login": {"user": "o", "cert": str(pki.server_cert), "key": str(pki.server_key)},
+        "opcua client key": str(client[1]),
+    }
+    if value == "ec server":
+        edit(config, "enterprise.opcua.private_key", str(pki.server_key))
+        given[value] = str(pki.server_cert)
+    if value == "opcua client":
+        edit(config, "enterprise.opcua.private_key", str(client[1]))
+        given[value] = str(client[0])
+    edit(config, key, given[value])
+    at = f"{key}.cert" if value == "server login" else key
+    with pytest.raises(ConfigError) as error:
+        check(config, ("enterprise",))
+    assert re.match(rf"{re.escape(str(config))}:\d+: {re.escape(at)}: ", str(error.value))
+    assert expected in str(error.value), error.value
+    if key.startswith("enterprise.opcua.") and value != "missing":
+        assert "issue it with `dmzbroker certs issue opcua-server`" in str(error.value)
+    check(config, ("plant",))  # the plant half does not read it: it starts
+
+
+def _libpq_refuses(cert: Path, key: Path) -> bool:
+    """Whether libpq itself (psycopg's) refuses `key` for its mode: it reads the key when it
+    starts TLS, so a socket that listens and never answers is peer enough."""
+    import psycopg  # noqa: PLC0415 - only this test needs the driver
+
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        try:
+            psycopg.connect(
+                host="127.0.0.1", port=peer.getsockname()[1], dbname="x", user="x",
+                sslmode="require", sslnegotiation="direct", sslcert=str(cert), sslkey=str(key),
+                connect_timeout=2,
+            )  # fmt: skip
+        except psycopg.OperationalError as e:
+            return "has group or world access" in str(e)
+    raise AssertionError("a peer that never answers was taken for a PostgreSQL server")
+
+
+def test_a_postgres_key_is_refused_exactly_when_libpq_would_refuse_it(
+    tmp_path: Path, pki: Pki, owners: Owners, opcua_certs: Path
+) -> None:
+    """libpq checks its client key's mode at every connection: a key it refuses would keep the
+    sink from ever connecting, so the start check refuses it, by libpq's own rule (asked of
+    libpq here, for each mode and owner)."""
+    config = outputs_config(tmp_path, pki, owners, opcua_certs)
+    key = tmp_path / "sink.key"
+    key.write_bytes(pki.client_key.read_bytes())
+    edit(config, "enterprise.postgres.key", str(key))
+    me = os.geteuid()
+    cases = [(me, 0o600, False), (me, 0o644, True), (me, 0o604, True), (me, 0o640, me != 0)]
+    if me == 0:  # a key root owns may be read by its group; any other owner's may not
+        cases += [(65534, 0o640, True), (65534, 0o600, False)]
+    for owner, mode, refused_ in cases:
+        os.chown(key, owner, -1)
+        os.chmod(key, mode)
+        assert _libpq_refuses(pki.client_cert, key) == refused_, (owner, oct(mode))
+        if not refused_:
+            check(config)
+            continue
+        with pytest.raises(ConfigError) as error:
+            check(config)
+        limit = "0640" if owner == 0 else "0600"
+        assert str(error.value).endswith(
+            f"enterprise.postgres.key: {key}: mode {mode:04o}, "
+            f"{'owned by root' if owner == 0 else 'not owned by root'}: libpq refuses a key "
+            f"with more access than {limit} at every connection; chmod {limit[1:]} it"
+        ), error.value

@@ -20,6 +20,7 @@ from typing import Literal
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.audit.show import inert
@@ -28,11 +29,13 @@ from broker.safe_files import read_regular
 MAX_PEM_BYTES = 1024 * 1024  # a chain, a key or a CRL of a site fits in far less
 
 CONSUMERS_CA = "give the certificate of the CA that issues the consumers' certificates"
-Purpose = Literal["server", "client", "opcua"]  # what a leaf certificate is presented for
+# What a leaf certificate is presented for.
+Purpose = Literal["server", "client", "opcua", "opcua-server"]
 _NEEDED_EKU = {
     "server": ExtendedKeyUsageOID.SERVER_AUTH,
     "client": ExtendedKeyUsageOID.CLIENT_AUTH,
     "opcua": ExtendedKeyUsageOID.CLIENT_AUTH,  # the plant half is the OPC UA client
+    "opcua-server": ExtendedKeyUsageOID.SERVER_AUTH,  # the enterprise half's OPC UA server
 }
 _EKU_NAMES = {
     ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
@@ -87,7 +90,13 @@ def _unfit_key(leaf: x509.Certificate, cert: Path, key: Path) -> str | None:
 
 
 def _unfit_for(leaf: x509.Certificate, purpose: Purpose) -> str | None:
-    """OpenSSL's purpose check: a peer refuses it ("unsuitable certificate purpose")."""
+    """OpenSSL's purpose check: a peer refuses it ("unsuitable certificate purpose"); and
+    for the OPC UA server, RSA, which every security policy it offers needs."""
+    if purpose == "opcua-server" and not isinstance(leaf.public_key(), rsa.RSAPublicKey):
+        return (
+            "its key is not RSA, and the server's security policies (Basic256Sha256, "
+            "Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss) sign and encrypt with RSA"
+        )
     needed = _NEEDED_EKU[purpose]
     try:
         usages = list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
