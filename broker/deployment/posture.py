@@ -5,7 +5,7 @@ processes (broker.deployment.halves), and reads what it is: its user, the socket
 processes listen on, what it accepted (broker.policy.accepted), island mode, the audit writers'
 tails (broker.deployment.audit_tail); then compares the sockets with the manifest the
 configuration declares (the plant half listens on nothing, the enterprise half on its `listen`
-address, a diode receiver on its UDP port), and each half's user with the layout's
+address and, with `enterprise.opcua`, the OPC UA server's, a diode receiver on its UDP port), and each half's user with the layout's
 (broker.deployment.layout).
 
 It only reads: it never writes, signals or keeps a lock of a half (the lock test lasts an
@@ -154,11 +154,12 @@ def collect(
 
 def declared(cfg: BrokerConfig, resolve: Resolver) -> dict[str, list[Socket] | Unknown]:
     """What each process may listen on, from the configuration."""
-    listen = cfg.enterprise.listen
-    manifest: dict[str, list[Socket] | Unknown] = {
-        "plant": [],
-        "enterprise": _addresses("tcp", listen.host, listen.port, resolve),
-    }
+    listen, opcua = cfg.enterprise.listen, cfg.enterprise.opcua
+    enterprise = _addresses("tcp", listen.host, listen.port, resolve)
+    if opcua is not None and not isinstance(enterprise, Unknown):
+        served = _addresses("tcp", opcua.host, opcua.port, resolve)
+        enterprise = served if isinstance(served, Unknown) else sorted({*enterprise, *served})
+    manifest: dict[str, list[Socket] | Unknown] = {"plant": [], "enterprise": enterprise}
     if cfg.diode is not None:
         manifest[DIODE_RECEIVER] = _addresses("udp", cfg.diode.host, cfg.diode.port, resolve)
     return manifest

@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import psutil
 import pytest
+import yaml
 
 from broker import config
 from broker.deployment import halves, posture, sockets
@@ -25,7 +26,15 @@ from broker.deployment.sockets import Socket, SocketCheck
 from broker.deployment.unknown import Unknown
 from broker.folder_lock import FolderLock
 from broker.policy import trustroot
-from tests.harness import Deployment, Owners, dmzbroker, eventually, sign_policy
+from tests.harness import (
+    Deployment,
+    Owners,
+    Pki,
+    dmzbroker,
+    eventually,
+    sign_policy,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -152,6 +161,36 @@ def test_a_socket_beyond_the_manifest_is_named_by_its_address() -> None:
     missing = sockets.compare([api], [])
     assert not missing.matches and missing.missing == [api]
     assert sockets.compare([api], [api]).matches
+
+
+def test_the_opcua_server_is_in_the_enterprise_manifest(
+    tmp_path: Path, pki: Pki, owners: Owners
+) -> None:
+    """The enterprise half listens on its consumer port and, when it serves OPC UA, on the
+    OPC UA port as well (both resolved as the half binds them); an address that cannot be
+    resolved makes the whole manifest unknown, never a shorter one."""
+    path = write_config(tmp_path, tmp_path / "policy.dsse.json", pki, 8443, owners)
+    document = yaml.safe_load(path.read_text())
+    server = {"certificate": str(pki.server_cert), "private_key": str(pki.server_key)}
+    assert posture.declared(config.load(path), posture._resolve)["enterprise"] == [
+        Socket("tcp", "127.0.0.1", 8443)
+    ]
+    document["enterprise"]["opcua"] = {**server, "host": "::", "port": 4850}
+    path.write_text(yaml.safe_dump(document))
+    cfg = config.load(path)
+    assert posture.declared(cfg, posture._resolve)["enterprise"] == [
+        Socket("tcp", "127.0.0.1", 8443),
+        Socket("tcp", "::", 4850),
+    ]
+
+    def unresolvable(host: str, port: int, kind: int) -> list[tuple[str, int]]:
+        if host == "::":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return posture._resolve(host, port, kind)
+
+    assert posture.declared(cfg, unresolvable)["enterprise"] == Unknown(
+        "::: cannot be resolved: Name or service not known"
+    )
 
 
 def test_sockets_read_from_a_real_process(tmp_path: Path) -> None:
