@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
+import msgspec
 import pytest
 import structlog
 import yaml
@@ -30,12 +32,19 @@ from broker.audit.log import AuditLog
 from broker.channel.spool import POSITION_FILE, SpoolReceiver, SpoolSender
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import REGISTRY, OutputContext, base, outputs_for, run_contained
+from broker.enterprise.outputs.mqtt import MqttSink
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.trust import tls
 from tests.enterprise.served import ROOM, record
-from tests.enterprise.test_mqtt import Mosquitto, mosquitto, mqtt_pki  # noqa: F401 - fixtures
+from tests.enterprise.test_mqtt import (  # noqa: F401 - mosquitto, mqtt_pki: fixtures
+    Mosquitto,
+    acknowledged,
+    mosquitto,
+    mqtt_pki,
+    sink_config,
+)
 from tests.harness import (
     CONSUMER_URI,
     DEMO_POLICY,
@@ -327,3 +336,35 @@ async def test_the_halfs_outputs_deliver_and_write_nothing_into_the_spool(
     assert fingerprint(deployment.spool) == before
     position = deployment.directory / "enterprise-state" / "spool-position-mqtt.json"
     assert json.loads(position.read_bytes())["seq"] == RECORDS
+
+
+async def test_the_mqtt_sink_holds_what_it_has_not_published_while_the_policy_is_expired(
+    tmp_path: Path,
+    mosquitto: Mosquitto,  # noqa: F811
+) -> None:
+    """Fail closed like the API (503): under an expired policy the sink publishes nothing
+    and its position stays; a newer policy lets everything through, nothing lost."""
+    demo = policy.load(DEMO_POLICY)
+    expired = msgspec.structs.replace(demo, expires=datetime.now(UTC) - timedelta(seconds=1))
+    authz = Authorization(expired)
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    sender = SpoolSender(spool, 1 << 20, 16 << 20)
+    try:
+        sender.send([record(ROOM, float(i), 0) for i in range(RECORDS)])
+    finally:
+        sender.close()
+    metrics = EnterpriseMetrics(lambda: 0, lambda: False)
+    sink = MqttSink(sink_config(mosquitto, "localhost"), spool, state, authz, metrics=metrics)
+
+    def position() -> float:
+        return float(metrics.output_seq.labels("mqtt")._value.get())
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(sink.run()):
+            await eventually(lambda: any(e["event"] == "mqtt_connected" for e in logs))
+            await asyncio.sleep(1.0)  # time for a publish to show, if there were one
+            assert acknowledged(state) == 0 and position() == 0
+            authz.use_policy(demo)
+            await eventually(lambda: acknowledged(state) == RECORDS, timeout=30)
+    assert position() == RECORDS
+    assert metrics.output_records.labels("mqtt")._value.get() == RECORDS

@@ -9,8 +9,9 @@ consumer. Store-and-forward: the sink reads the spool with a position of its own
 unreachable the position stays, and on reconnect the records are replayed in order. The
 position moves only after the broker acknowledged a batch: delivery is at least once.
 Records the spool's retention drops before the sink read them are counted and logged
-(`spool_records_lost`), like any reader's. While the half's audit log cannot be written it
-publishes nothing new (fail closed, as the API answers 503): the records wait in the spool.
+(`spool_records_lost`), like any reader's. While the half's audit log cannot be written, or
+the policy has expired, it publishes nothing new (fail closed, as the API answers 503): the
+records wait in the spool.
 What it published and where its position is show in `dmzbroker_output_records_total` and
 `dmzbroker_output_position_seq` (output="mqtt").
 
@@ -29,6 +30,7 @@ import ssl
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -210,7 +212,7 @@ class MqttSink:
         prefix = self._config.topic_prefix
         self._delivered(receiver, 0)  # the position it starts from
         while True:
-            if self._audit is not None and self._audit.failing:
+            if self._held():
                 await asyncio.sleep(IDLE_S)  # fail closed; the spool keeps what waits
                 continue
             records = receiver.receive(max_records=BATCH)
@@ -227,6 +229,12 @@ class MqttSink:
             )
             receiver.commit()  # acknowledged: the position moves past the batch
             self._delivered(receiver, len(allowed))
+
+    def _held(self) -> bool:
+        """Nothing new crosses while the audit log cannot be written or the policy expired
+        (the API answers 503 then)."""
+        audit_failing = self._audit is not None and self._audit.failing
+        return audit_failing or datetime.now(UTC) >= self._authz.policy.expires
 
     def _delivered(self, receiver: SpoolReceiver, count: int) -> None:
         if self._metrics is not None:
