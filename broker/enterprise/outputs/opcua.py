@@ -1,0 +1,228 @@
+"""The read-only OPC UA server: the semantic model and its latest values, for plant-level IT
+systems (MES, SCADA at level 3, historians) that read OPC UA (docs/opcua-server.md).
+
+It mirrors the half's `Store`: no spool position of its own (a mirror serves latest values;
+a client that was away reads the current ones). Records arrive by `store.listen`, are
+coalesced per signal and written to the address space by `run`, a chunk at a time, so
+neither a burst of records nor a large model holds the event loop; values the store would
+now serve as stale are written stale within STALE_CHECK_S. Clients see only what the policy
+grants the identity of their certificate, and can change nothing (`opcua_guard`,
+`opcua_session`). It never writes to the spool, the plant's state or anything the plant half
+reads; a client can make it do nothing but answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from datetime import UTC, datetime
+from typing import NoReturn
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from broker.config import OpcUaServerConfig
+from broker.enterprise.outputs.base import OutputContext
+from broker.enterprise.outputs.opcua_guard import GuardedServer
+from broker.enterprise.outputs.opcua_session import SessionRules
+from broker.enterprise.outputs.opcua_space import CHUNK, NAMESPACE, AddressSpace
+from broker.enterprise.outputs.opcua_trust import ClientTrust
+from broker.errors import ConfigError
+from broker.policy import Policy
+from broker.records import Record
+from broker.trust.fitness import read_pem, unfit_leaf
+
+STALE_CHECK_S = 1.0  # how late a value turns stale in the mirror, at most, after the API
+SERVER_NAME = "dmzbroker read-only mirror"
+
+log = structlog.get_logger("opcua_server")
+
+
+def configured(context: OutputContext) -> OpcUaServer | None:
+    """The server, where `enterprise.opcua` is set."""
+    config = context.config.enterprise.opcua
+    return None if config is None else OpcUaServer(config, context)
+
+
+class OpcUaServer:
+    """`OpcUaServer(config, context)`; `await start()` binds `config.host:port` (ConfigError
+    on a port in use or unusable certificate files); `endpoint` is then its opc.tcp URL;
+    `run()` feeds values until cancelled; `close()` stops it."""
+
+    name = "opcua"
+
+    def __init__(self, config: OpcUaServerConfig, context: OutputContext) -> None:
+        self._config = config
+        self._context = context
+        self._pending: dict[str, Record] = {}  # coalesced: the latest record of each signal
+        self._fresh: set[str] = set()  # signals written good or uncertain: may turn stale
+        self._policy: Policy | None = None  # a newer policy to build the space for
+        self._wake = asyncio.Event()
+        self._server: GuardedServer | None = None
+        self._space: AddressSpace | None = None
+        self._rules: SessionRules | None = None
+        self._port = config.port
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self._config.host}:{self._port}"
+
+    @property
+    def sessions(self) -> int:
+        return 0 if self._rules is None else len(self._rules.sessions)
+
+    async def start(self) -> None:
+        config, context = self._config, self._context
+        certificate, key = self._files()
+        trust = ClientTrust(context.config.enterprise.tls, context.authz)
+        server = GuardedServer(trust, config.max_sessions)
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{config.host}:{config.port}")
+        server.set_server_name(SERVER_NAME)
+        await server.set_application_uri(_application_uri(certificate, context))
+        await server.load_certificate(certificate, format="pem")
+        await server.load_private_key(key, format="pem")
+        policy = context.authz.policy
+        ns = await server.register_namespace(NAMESPACE.format(deployment=policy.deployment_id))
+        space = AddressSpace(server, ns)
+        await space.use_policy(policy)
+        rules = SessionRules(context.authz, space, config.max_sessions, self._closed_for)
+        server.guard_with(rules)
+        try:
+            await server.start()
+        except OSError as e:
+            raise ConfigError(
+                f"enterprise.opcua: cannot listen on {config.host}:{config.port}: "
+                f"{e.strerror or errno.errorcode.get(e.errno or 0, e)}"
+            ) from e
+        assert server.bserver is not None
+        self._port = server.bserver.port
+        self._server, self._space, self._rules = server, space, rules
+        context.store.listen(self._received)
+        self._queue_all()
+        log.info(
+            "opcua_server_listening", address=self.endpoint, signals=len(policy.signals),
+            max_sessions=config.max_sessions,
+        )  # fmt: skip
+
+    def _files(self) -> tuple[bytes, bytes]:
+        config = self._config
+        try:
+            unfit = unfit_leaf(config.certificate, config.private_key, None)
+            certificate, key = read_pem(config.certificate), read_pem(config.private_key)
+        except OSError as e:
+            raise ConfigError(f"enterprise.opcua: {e.filename}: cannot read: {e.strerror}") from e
+        if unfit is not None:
+            raise ConfigError(f"enterprise.opcua: {unfit[0]}: {unfit[1]}")
+        leaf = x509.load_pem_x509_certificate(certificate)
+        if not isinstance(leaf.public_key(), rsa.RSAPublicKey):
+            raise ConfigError(
+                f"enterprise.opcua.certificate: {config.certificate}: not an RSA key, which the "
+                "OPC UA security policies need; issue one with `dmzbroker certs issue opcua-server`"
+            )
+        return certificate, key
+
+    def use_policy(self, policy: Policy) -> None:
+        self._policy = policy
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    async def run(self) -> NoReturn:
+        space, rules = self._space, self._rules
+        if space is None or rules is None:
+            raise RuntimeError("OpcUaServer.run before start")
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), STALE_CHECK_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._closed_for() is not None:
+                for session in list(rules.sessions):
+                    session.close()
+            policy, self._policy = self._policy, None
+            if policy is not None:
+                await space.use_policy(policy)
+                self._end_narrowed(rules)
+                self._queue_all()
+            await self._write_pending(space)
+            await self._age(space)
+
+    def _received(self, records: list[Record]) -> None:
+        """Store listener: called in the spool reader's step, so it only notes the records."""
+        pending = self._pending
+        for record in records:
+            pending[record.signal] = record
+        if records:
+            self._wake.set()
+
+    def _queue_all(self) -> None:
+        """Every latest value the store holds, written (again) at the next step."""
+        everything = frozenset(s.path for s in self._context.authz.policy.signals)
+        for record in self._context.store.snapshot(datetime.now(UTC), everything):
+            self._pending.setdefault(record.signal, record)
+        self._wake.set()
+
+    async def _write_pending(self, space: AddressSpace) -> None:
+        while self._pending:
+            batch = list(self._pending.values())[:CHUNK]
+            for record in batch:
+                del self._pending[record.signal]
+                await space.write(record)
+                if record.quality in ("good", "uncertain"):
+                    self._fresh.add(record.signal)
+                else:
+                    self._fresh.discard(record.signal)
+            self._context.metrics.output_records.labels(self.name).inc(len(batch))
+            await asyncio.sleep(0)  # the spool reader and other outputs run between chunks
+
+    async def _age(self, space: AddressSpace) -> None:
+        """Write stale the values the store now serves as stale (as the API would)."""
+        now = datetime.now(UTC)
+        store = self._context.store
+        for i, signal in enumerate(list(self._fresh)):
+            record = store.latest(signal, now)
+            if record is None or record.quality == "stale":
+                self._fresh.discard(signal)
+                if record is not None and signal not in self._pending:
+                    await space.write(record)
+            if i % CHUNK == CHUNK - 1:
+                await asyncio.sleep(0)
+
+    def _end_narrowed(self, rules: SessionRules) -> None:
+        """End the sessions a newer policy no longer grants all they watch (or anything)."""
+        for session in list(rules.sessions):
+            peer = session.peer
+            known = peer is not None and rules.authz.knows(peer.identity or "")
+            if not known or session.watches_beyond(rules.view(peer)):
+                log.info(
+                    "opcua_session_ending",
+                    reason="policy_narrowed",
+                    **(peer.described() if peer else {}),
+                )
+                session.close()
+
+    def _closed_for(self) -> str | None:
+        """Why no session may be open now; None while the mirror may serve."""
+        if self._context.audit.failing:
+            return "the audit log cannot be written"
+        expires = self._context.authz.policy.expires
+        if expires < datetime.now(UTC):
+            return f"the policy expired at {expires.isoformat()}"
+        return None
+
+
+def _application_uri(certificate: bytes, context: OutputContext) -> str:
+    """The server certificate's URI SAN: OPC UA clients check it against the endpoint's."""
+    leaf = x509.load_pem_x509_certificate(certificate)
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    return uris[0] if uris else f"urn:dmzbroker:{context.authz.policy.deployment_id}:opcua"

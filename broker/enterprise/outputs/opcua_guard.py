@@ -1,0 +1,342 @@
+"""What closes asyncua 2.1.0 where the read-only mirror needs it closed (ADR 0025), at the
+one place every client message passes: the connection's `UaProcessor`.
+
+- A secure channel opens only with Basic256Sha256, Aes128_Sha256_RsaOaep or
+  Aes256_Sha256_RsaPss in SignAndEncrypt, and only for a certificate our trust list accepts
+  (`opcua_trust`), checked when the channel opens, before any RSA work
+  (BadSecurityChecksFailed, the connection closed). A channel without security may only
+  ask for the endpoints (discovery); a session on it is refused (BadSecurityModeRejected).
+- A session's certificate must be its channel's; its identity is the channel
+  certificate's URI SAN; the identity must be in the policy, the policy in force and the
+  audit log writable, and at most `max_sessions` are open. A session is re-activated only
+  from a channel with its own certificate (asyncua would hand it to any client that
+  names its authentication token). A user token must be anonymous or the channel's own
+  certificate. Nobody gets asyncua's Admin role.
+- Services form an allow-list: reads, browsing and subscriptions. Everything else (Write,
+  Call, Add/DeleteNodes, Add/DeleteReferences, HistoryUpdate, HistoryRead,
+  TransferSubscriptions, RegisterServer(2), and services unknown) is refused with
+  BadUserAccessDenied and logged `opcua_service_refused`, session or not.
+- Per-session filtering and limits are in `opcua_session`; transport bounds here.
+
+Nothing here writes to the address space, the spool, or anything the plant half reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from asyncua import Server, ua
+from asyncua.common.connection import TransportLimits
+from asyncua.crypto import security_policies as sp
+from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.internal_server import InternalServer
+from asyncua.server.uaprocessor import UaProcessor
+from asyncua.server.user_managers import UserManager
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.ua.ua_binary import header_from_binary, nodeid_from_binary, struct_from_binary
+from asyncua.ua.ua_binary import uatcp_to_binary
+
+from broker.enterprise.authz import Peer
+from broker.enterprise.outputs.opcua_session import MAX_SUBSCRIPTIONS, GuardedSession, SessionRules
+from broker.enterprise.outputs.opcua_trust import ClientTrust, Untrusted, split_chain
+
+log = structlog.get_logger("opcua_server")
+
+SECURE_POLICIES = (
+    sp.SecurityPolicyBasic256Sha256,
+    sp.SecurityPolicyAes128Sha256RsaOaep,
+    sp.SecurityPolicyAes256Sha256RsaPss,
+)
+SECURITY = [
+    ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+    ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+    ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+]
+_SECURE_URIS = frozenset(p.URI for p in SECURE_POLICIES)
+_I = ua.ObjectIds
+DISCOVERY = frozenset(
+    {
+        _I.GetEndpointsRequest_Encoding_DefaultBinary,
+        _I.FindServersRequest_Encoding_DefaultBinary,
+        _I.CloseSecureChannelRequest_Encoding_DefaultBinary,
+    }
+)
+ALLOWED = DISCOVERY | {
+    _I.CreateSessionRequest_Encoding_DefaultBinary,
+    _I.ActivateSessionRequest_Encoding_DefaultBinary,
+    _I.CloseSessionRequest_Encoding_DefaultBinary,
+    _I.ReadRequest_Encoding_DefaultBinary,
+    _I.BrowseRequest_Encoding_DefaultBinary,
+    _I.TranslateBrowsePathsToNodeIdsRequest_Encoding_DefaultBinary,
+    _I.RegisterNodesRequest_Encoding_DefaultBinary,
+    _I.UnregisterNodesRequest_Encoding_DefaultBinary,
+    _I.CreateSubscriptionRequest_Encoding_DefaultBinary,
+    _I.ModifySubscriptionRequest_Encoding_DefaultBinary,
+    _I.DeleteSubscriptionsRequest_Encoding_DefaultBinary,
+    _I.SetPublishingModeRequest_Encoding_DefaultBinary,
+    _I.CreateMonitoredItemsRequest_Encoding_DefaultBinary,
+    _I.ModifyMonitoredItemsRequest_Encoding_DefaultBinary,
+    _I.DeleteMonitoredItemsRequest_Encoding_DefaultBinary,
+    _I.SetMonitoringModeRequest_Encoding_DefaultBinary,
+    _I.PublishRequest_Encoding_DefaultBinary,
+    _I.RepublishRequest_Encoding_DefaultBinary,
+}
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request's chunks together (asyncua: 100 MiB)
+MAX_CHUNK_BYTES = 65_535  # one chunk, refused before it is buffered whole
+PENDING_MESSAGES = 32  # parsed chunks queued per connection (asyncua: 500)
+ACTIVATION_S = 10.0  # a connection without an activated session is closed after this
+MAX_SESSION_TIMEOUT_MS = 60_000  # a session whose client went away lingers at most this
+
+
+def service_name(typeid: ua.NodeId) -> str:
+    name = ua.ObjectIdNames.get(typeid.Identifier, str(typeid.Identifier))
+    return str(name).removesuffix("_Encoding_DefaultBinary").removesuffix("Request")
+
+
+class _NoAdmin(UserManager):
+    """Every session is a plain user: asyncua lets its Admin role write read-only values."""
+
+    def get_user(
+        self, iserver: Any, username: str | None = None, password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:  # fmt: skip
+        return User(role=UserRole.User)
+
+
+class GuardedProcessor(UaProcessor):
+    """One client connection's processor, with our checks in front of asyncua's."""
+
+    rules: SessionRules
+    trust: ClientTrust
+    peer: Peer | None = None  # the channel's client, once its certificate was accepted
+    channel_der: bytes = b""
+
+    async def process(self, header: Any, body: Any) -> bool:
+        if header.MessageType == ua.MessageType.SecureOpen and not self._connection.is_open():
+            try:
+                self._check_opening(struct_from_binary(ua.AsymmetricAlgorithmHeader, body.copy()))
+            except Untrusted as refused:
+                self._refuse_channel(refused)
+                return False
+        return bool(await super().process(header, body))
+
+    def _check_opening(self, security: ua.AsymmetricAlgorithmHeader) -> None:
+        uri = security.SecurityPolicyURI
+        if uri == sp.SecurityPolicyNone.URI:
+            return  # discovery only: no session will be created on it
+        if uri not in _SECURE_URIS:
+            raise Untrusted("security_policy_refused", f"{uri} is not offered")
+        certificate = security.SenderCertificate or b""
+        self.peer = self.trust.verify(certificate, _remote(self.name))
+        self.channel_der = split_chain(certificate)[0]
+
+    def open_secure_channel(self, algohdr: Any, seqhdr: Any, body: Any) -> None:
+        request = struct_from_binary(ua.OpenSecureChannelRequest, body.copy())
+        mode = request.Parameters.SecurityMode
+        if not self._connection.is_open():
+            secure = self.peer is not None
+            wanted = (
+                ua.MessageSecurityMode.SignAndEncrypt if secure else ua.MessageSecurityMode.None_
+            )
+            if mode != wanted:
+                self._refuse_channel(Untrusted("security_mode_refused", f"mode {mode.name}"))
+                return
+        elif self.peer is not None and self.trust.revoked(self.peer):
+            self._refuse_channel(Untrusted("revoked", "at the channel's renewal", self.peer))
+            return
+        super().open_secure_channel(algohdr, seqhdr, body)
+
+    def _refuse_channel(self, refused: Untrusted) -> None:
+        log.warning(
+            "opcua_client_refused", stage="channel", reason=refused.reason,
+            detail=refused.detail, **_described(refused.peer, self.name),
+        )  # fmt: skip
+        status = ua.StatusCodes.BadSecurityChecksFailed
+        if refused.reason == "security_policy_refused":
+            status = ua.StatusCodes.BadSecurityPolicyRejected
+        error = ua.ErrorMessage(ua.StatusCode(status), refused.detail)
+        self._transport.write(uatcp_to_binary(ua.MessageType.Error, error))
+        self._transport.close()
+
+    async def process_message(self, seqhdr: Any, body: Any) -> bool:
+        peek = body.copy()
+        typeid = nodeid_from_binary(peek)
+        request = struct_from_binary(ua.RequestHeader, peek)
+        service = typeid.Identifier if typeid.NamespaceIndex == 0 else -1
+        refusal = self._refusal(service, typeid, request, peek)
+        if refusal is not None:
+            self._fault(request, seqhdr, refusal)
+            return True
+        result = await super().process_message(seqhdr, body)
+        if service == _I.CreateSessionRequest_Encoding_DefaultBinary:
+            self._bind_created()
+        return bool(result) if result is not None else True
+
+    def _refusal(self, service: int, typeid: ua.NodeId, request: Any, peek: Any) -> int | None:
+        """The status refusing this request, logged; None to let asyncua serve it."""
+        peer = self.peer
+        if service not in ALLOWED:
+            log.warning(
+                "opcua_service_refused", service=service_name(typeid),
+                **_described(peer, self.name),
+            )  # fmt: skip
+            return ua.StatusCodes.BadUserAccessDenied
+        if service in DISCOVERY:
+            return None
+        if peer is None:
+            self._session_refused("security_none", "a session needs a SignAndEncrypt channel")
+            return ua.StatusCodes.BadSecurityModeRejected
+        if service == _I.CreateSessionRequest_Encoding_DefaultBinary:
+            params = struct_from_binary(ua.CreateSessionParameters, peek)
+            if self.session is not None:
+                self._session_refused("second_session", "one session per connection")
+                return ua.StatusCodes.BadTooManySessions
+            if (
+                not params.ClientCertificate
+                or split_chain(params.ClientCertificate)[0] != self.channel_der
+            ):
+                self._session_refused("certificate_not_channels", "not the channel's certificate")
+                return ua.StatusCodes.BadCertificateInvalid
+            why = self.rules.refusal(peer)
+            if why is not None:
+                self._session_refused(why[0], why[1])
+                return why[2]
+        if service == _I.ActivateSessionRequest_Encoding_DefaultBinary:
+            return self._activation_refusal(request, peek)
+        return None
+
+    def _activation_refusal(self, request: Any, peek: Any) -> int | None:
+        params = struct_from_binary(ua.ActivateSessionParameters, peek)
+        token = params.UserIdentityToken
+        if isinstance(token, ua.X509IdentityToken) and token.CertificateData != self.channel_der:
+            self._session_refused("user_certificate_not_channels", "user token certificate")
+            return ua.StatusCodes.BadIdentityTokenRejected
+        if self.session is None:  # re-activation from another connection (Part 4 §6.7)
+            held = self.iserver.lookup_external_session(request.AuthenticationToken)
+            if not isinstance(held, GuardedSession) or held.channel_der != self.channel_der:
+                self._session_refused("session_of_another_client", "unknown session")
+                return ua.StatusCodes.BadSessionIdInvalid
+            held.transport = self._transport
+        return None
+
+    def _bind_created(self) -> None:
+        session = self.session
+        if isinstance(session, GuardedSession) and session.peer is None and self.peer is not None:
+            session.bind(self.peer, self.channel_der, self._transport)
+
+    def _session_refused(self, reason: str, detail: str) -> None:
+        log.warning(
+            "opcua_client_refused", stage="session", reason=reason, detail=detail,
+            **_described(self.peer, self.name),
+        )  # fmt: skip
+
+    def _fault(self, request: Any, seqhdr: Any, status: int) -> None:
+        response = ua.ServiceFault()
+        response.ResponseHeader.ServiceResult = ua.StatusCode(status)
+        self.send_response(request.RequestHandle, seqhdr, response)
+
+
+def _remote(name: Any) -> str | None:
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else None
+
+
+def _described(peer: Peer | None, name: Any) -> dict[str, str | None]:
+    if peer is None:
+        return {"remote": _remote(name)}
+    return peer.described()
+
+
+class _Protocol(OPCUAProtocol):
+    """A connection: our processor instead of asyncua's, and no chunk buffered past the
+    size a chunk may have (asyncua buffers whatever length a header claims)."""
+
+    rules: SessionRules
+    trust: ClientTrust
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.processor is None:
+            return  # refused at max_connections
+        processor = GuardedProcessor(self.iserver, self.transport, self.limits)
+        processor.rules, processor.trust = self.rules, self.trust
+        processor.set_policies(self.policies)
+        self.processor = processor
+
+    def data_received(self, data: bytes) -> None:
+        if len(self._buffer) + len(data) >= 8:
+            header = header_from_binary(ua.utils.Buffer((self._buffer + data)[:12]))
+            if header.packet_size > MAX_CHUNK_BYTES:
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        super().data_received(data)
+
+
+class _BinaryServer(BinaryServer):
+    rules: SessionRules
+    trust: ClientTrust
+
+    def _make_protocol(self) -> OPCUAProtocol:
+        protocol = _Protocol(
+            self.iserver, self._policies, self.clients, self.closing_tasks, self.limits
+        )
+        protocol.rules, protocol.trust = self.rules, self.trust
+        return protocol
+
+
+class _InternalServer(InternalServer):
+    rules: SessionRules
+
+    def create_session(
+        self, name: str, user: User = User(role=UserRole.Anonymous), external: bool = False
+    ) -> GuardedSession:
+        return GuardedSession(
+            self, self.aspace, self.subscription_service, name, self.rules, user, external
+        )
+
+
+class GuardedServer(Server):
+    """asyncua's Server, serving only through our processor, sessions and limits."""
+
+    def __init__(self, trust: ClientTrust, max_sessions: int) -> None:
+        iserver = _InternalServer(user_manager=_NoAdmin())
+        iserver.allow_remote_admin = False
+        iserver.max_connections = max_sessions + 8  # room for discovery and handshakes
+        iserver.max_pending_activation_seconds = ACTIVATION_S
+        iserver.max_pending_messages_per_connection = PENDING_MESSAGES
+        iserver.max_session_timeout_ms = MAX_SESSION_TIMEOUT_MS
+        iserver.max_subscriptions = max_sessions * MAX_SUBSCRIPTIONS
+        iserver.supported_tokens = (ua.AnonymousIdentityToken, ua.X509IdentityToken)
+        super().__init__(iserver=iserver)
+        self.set_security_policy(SECURITY)
+        self.limits = TransportLimits(
+            max_recv_buffer=MAX_CHUNK_BYTES,
+            max_send_buffer=MAX_CHUNK_BYTES,
+            max_chunk_count=MAX_REQUEST_BYTES // MAX_CHUNK_BYTES + 1,
+            max_message_size=MAX_REQUEST_BYTES,
+        )
+        self._iserver = iserver
+        self._trust = trust
+        self._rules: SessionRules | None = None
+
+    def guard_with(self, rules: SessionRules) -> None:
+        """The sessions' rules (they need the address space, made after `init`)."""
+        self._rules = self._iserver.rules = rules
+
+    async def start(self) -> None:
+        """Server.start with our BinaryServer (asyncua 2.1.0's body, less its discovery)."""
+        if self._rules is None:
+            raise RuntimeError("GuardedServer.start before guard_with")
+        await self._setup_server_nodes()
+        await self.iserver.start()
+        try:
+            host, port = self._get_bind_socket_info()
+            self.bserver = _BinaryServer(self.iserver, host, port, self.limits)
+            self.bserver.rules, self.bserver.trust = self._rules, self._trust
+            self.bserver.set_policies(self._policies)
+            await self.bserver.start()
+        except BaseException:
+            await self.iserver.stop()
+            raise

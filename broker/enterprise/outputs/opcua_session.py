@@ -1,0 +1,293 @@
+"""An OPC UA client's session on the read-only mirror: what it may see and how much it may ask.
+
+A session belongs to the identity of its channel's certificate and sees only the nodes of
+the signals `authz.view(identity)` grants (and the standard Server object and types): Read,
+Browse, TranslateBrowsePaths and CreateMonitoredItems answer BadNodeIdUnknown for anything
+else, as if it did not exist, and Browse leaves such nodes out of its references. The view
+is asked at each request, so a policy reload narrows it at once (and the server ends the
+sessions whose monitored items it narrowed, `OpcUaServer.use_policy`).
+
+asyncua keeps one subscription table for all sessions; a session may only touch its own
+subscriptions here. Bounds per session: MAX_SUBSCRIPTIONS subscriptions,
+MAX_MONITORED_ITEMS items, MAX_OPERATIONS nodes per request; `SessionRules` bounds the
+number of sessions (`max_sessions`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from asyncua import ua
+from asyncua.common.utils import ServiceError
+from asyncua.crypto.permission_rules import User
+from asyncua.server.internal_session import InternalSession
+
+from broker.enterprise.authz import Authorization, Peer
+from broker.enterprise.outputs.opcua_space import AddressSpace
+
+log = structlog.get_logger("opcua_server")
+
+MAX_SUBSCRIPTIONS = 8  # per session
+MAX_MONITORED_ITEMS = 20_000  # per session: a whole site's signals, twice
+MAX_OPERATIONS = 5_000  # nodes in one Read, Browse, TranslateBrowsePaths, CreateMonitoredItems
+_UNKNOWN = ua.StatusCodes.BadNodeIdUnknown
+_NOT_OURS = ua.StatusCodes.BadSubscriptionIdInvalid
+
+
+class SessionRules:
+    """Who may hold a session and see what: the policy's grants, the server's bounds."""
+
+    def __init__(
+        self,
+        authz: Authorization,
+        space: AddressSpace,
+        max_sessions: int,
+        closed_for: Callable[[], str | None],
+    ) -> None:
+        self.authz = authz
+        self.space = space
+        self.max_sessions = max_sessions
+        self.closed_for = closed_for  # why no session may open now (audit failing...), or None
+        self.sessions: set[GuardedSession] = set()
+
+    def refusal(self, peer: Peer) -> tuple[str, str, int] | None:
+        """(reason, detail, status) refusing `peer` a new session, or None."""
+        closed = self.closed_for()
+        if closed is not None:
+            return "not_serving", closed, ua.StatusCodes.BadServerHalted
+        identity = peer.identity or ""
+        if peer.serial in self.authz.revoked:
+            return (
+                "revoked",
+                f"serial {peer.serial} is revoked",
+                ua.StatusCodes.BadCertificateRevoked,
+            )
+        if not self.authz.knows(identity):
+            return (
+                "unknown_identity",
+                "not a consumer of the policy",
+                ua.StatusCodes.BadUserAccessDenied,
+            )
+        if len(self.sessions) >= self.max_sessions:
+            detail = f"max_sessions ({self.max_sessions}) open"
+            return "too_many_sessions", detail, ua.StatusCodes.BadTooManySessions
+        return None
+
+    def view(self, peer: Peer | None) -> frozenset[str]:
+        if peer is None or peer.identity is None or peer.serial in self.authz.revoked:
+            return frozenset()
+        return self.authz.view(peer.identity)
+
+    def visible(self, node: ua.NodeId, view: frozenset[str]) -> bool:
+        signals = self.space.signals_of(node)
+        return signals is None or not signals.isdisjoint(view)
+
+
+class GuardedSession(InternalSession):
+    """A session that answers only for its identity's nodes and its own subscriptions."""
+
+    def __init__(
+        self, iserver: Any, aspace: Any, submgr: Any, name: str, rules: SessionRules,
+        user: User, external: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(iserver, aspace, submgr, name, user=user, external=external)
+        self.rules = rules
+        self.peer: Peer | None = None  # set once the processor accepted its creation
+        self.channel_der = b""
+        self.transport: asyncio.BaseTransport | None = None
+        self._items: dict[int, int] = {}  # own subscription id → its monitored items
+        self._watched: set[str] = set()  # signals monitored items were made for
+
+    def bind(self, peer: Peer, channel_der: bytes, transport: asyncio.BaseTransport) -> None:
+        self.peer, self.channel_der, self.transport = peer, channel_der, transport
+        self.rules.sessions.add(self)
+        self.rules.authz.stream_opened(peer.serial, self)  # a revocation ends it (close)
+        log.info("opcua_session_opened", **peer.described())
+
+    def close(self) -> None:
+        """End the session and its connection (revoked, policy narrowed, audit failing)."""
+        if self.transport is not None:
+            self.transport.close()
+        asyncio.get_running_loop().create_task(self.close_session(True))
+
+    async def close_session(self, delete_subs: bool = True) -> None:
+        peer = self.peer
+        if peer is not None and self in self.rules.sessions:
+            self.rules.sessions.discard(self)
+            self.rules.authz.stream_closed(peer.serial, self)
+            log.info("opcua_session_closed", **peer.described())
+        await super().close_session(delete_subs)
+
+    def watches_beyond(self, view: frozenset[str]) -> bool:
+        """Whether a monitored item made in this session watches a signal outside `view`
+        (items deleted since still count: ending a session too many is the safe side)."""
+        return not self._watched <= view
+
+    def _view(self) -> frozenset[str]:
+        return self.rules.view(self.peer)
+
+    def _own(self, sub_id: int) -> bool:
+        return sub_id in self._items
+
+    async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        _bounded(params.NodesToRead)
+        view = self._view()
+        shown = [self.rules.visible(r.NodeId, view) for r in params.NodesToRead]
+        params.NodesToRead = [r for r, ok in zip(params.NodesToRead, shown, strict=True) if ok]
+        results = iter(await super().read(params) if params.NodesToRead else [])
+        return [
+            next(results) if ok else ua.DataValue(StatusCode=ua.StatusCode(_UNKNOWN))
+            for ok in shown
+        ]
+
+    async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
+        _bounded(params.NodesToBrowse)
+        view = self._view()
+        results = []
+        for description in params.NodesToBrowse:
+            if not self.rules.visible(description.NodeId, view):
+                results.append(ua.BrowseResult(StatusCode=ua.StatusCode(_UNKNOWN)))
+                continue
+            one = ua.BrowseParameters(View=params.View, NodesToBrowse=[description])
+            result = (await super().browse(one))[0]
+            result.References = [
+                r for r in result.References if self.rules.visible(_node(r.NodeId), view)
+            ]
+            results.append(result)
+        return results
+
+    async def translate_browsepaths_to_nodeids(
+        self, params: list[ua.BrowsePath]
+    ) -> list[ua.BrowsePathResult]:
+        _bounded(params)
+        view = self._view()
+        results = []
+        for path in params:
+            if not self.rules.visible(path.StartingNode, view):
+                results.append(ua.BrowsePathResult(StatusCode=ua.StatusCode(_UNKNOWN)))
+                continue
+            result = (await super().translate_browsepaths_to_nodeids([path]))[0]
+            targets = [t for t in result.Targets if self.rules.visible(_node(t.TargetId), view)]
+            if len(targets) != len(result.Targets) and not targets:
+                result = ua.BrowsePathResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadNoMatch))
+            else:
+                result.Targets = targets
+            results.append(result)
+        return results
+
+    async def create_subscription(
+        self, params: ua.CreateSubscriptionParameters, callback: Callable[..., Any],
+        request_callback: Callable[..., Any] | None = None,
+    ) -> ua.CreateSubscriptionResult:  # fmt: skip
+        if len(self._items) >= MAX_SUBSCRIPTIONS:
+            raise ServiceError(ua.StatusCodes.BadTooManySubscriptions)
+        result = await super().create_subscription(params, callback, request_callback)
+        self._items[result.SubscriptionId] = 0
+        return result
+
+    async def create_monitored_items(
+        self, params: ua.CreateMonitoredItemsParameters
+    ) -> list[ua.MonitoredItemCreateResult]:
+        _bounded(params.ItemsToCreate)
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        view = self._view()
+        room = MAX_MONITORED_ITEMS - sum(self._items.values())
+        verdicts: list[int | None] = []
+        for item in params.ItemsToCreate:
+            if not self.rules.visible(item.ItemToMonitor.NodeId, view):
+                verdicts.append(_UNKNOWN)
+            elif room <= 0:
+                verdicts.append(ua.StatusCodes.BadTooManyMonitoredItems)
+            else:
+                verdicts.append(None)
+                room -= 1
+        items = params.ItemsToCreate
+        params.ItemsToCreate = [i for i, v in zip(items, verdicts, strict=True) if v is None]
+        made = iter(await super().create_monitored_items(params) if params.ItemsToCreate else [])
+        results = []
+        for item, verdict in zip(items, verdicts, strict=True):
+            if verdict is not None:
+                results.append(ua.MonitoredItemCreateResult(StatusCode=ua.StatusCode(verdict)))
+                continue
+            result = next(made)
+            if result.StatusCode.is_good():
+                self._items[params.SubscriptionId] += 1
+                self._watched |= self.rules.space.signals_of(item.ItemToMonitor.NodeId) or set()
+            results.append(result)
+        return results
+
+    async def modify_monitored_items(
+        self, params: ua.ModifyMonitoredItemsParameters
+    ) -> list[ua.MonitoredItemModifyResult]:
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        return await super().modify_monitored_items(params)
+
+    async def delete_monitored_items(
+        self, params: ua.DeleteMonitoredItemsParameters
+    ) -> list[ua.StatusCode]:
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        results = await super().delete_monitored_items(params)
+        self._items[params.SubscriptionId] -= sum(r.is_good() for r in results)
+        return results
+
+    async def set_monitoring_mode(
+        self, params: ua.SetMonitoringModeParameters
+    ) -> list[ua.StatusCode]:
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        return await super().set_monitoring_mode(params)
+
+    def modify_subscription(
+        self, params: ua.ModifySubscriptionParameters
+    ) -> ua.ModifySubscriptionResult:
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        return super().modify_subscription(params)
+
+    def republish(self, params: ua.RepublishParameters) -> ua.NotificationMessage:
+        if not self._own(params.SubscriptionId):
+            raise ServiceError(_NOT_OURS)
+        return super().republish(params)
+
+    async def set_publishing_mode(
+        self, params: ua.SetPublishingModeParameters
+    ) -> list[ua.StatusCode]:
+        own = [i for i in params.SubscriptionIds if self._own(i)]
+        done = iter(await super().set_publishing_mode(
+            ua.SetPublishingModeParameters(PublishingEnabled=params.PublishingEnabled, SubscriptionIds=own)
+        ) if own else [])  # fmt: skip
+        return [
+            next(done) if self._own(i) else ua.StatusCode(_NOT_OURS) for i in params.SubscriptionIds
+        ]
+
+    async def delete_subscriptions(self, ids: list[int]) -> list[ua.StatusCode]:
+        own = [i for i in ids if self._own(i)]
+        done = iter(await super().delete_subscriptions(own) if own else [])
+        results = [next(done) if self._own(i) else ua.StatusCode(_NOT_OURS) for i in ids]
+        for i in own:
+            self._items.pop(i, None)
+        return results
+
+    def publish(self, acks: Any = None) -> tuple[int, list[ua.StatusCode]]:
+        acks = list(acks or [])
+        own = [a for a in acks if self._own(a.SubscriptionId)]
+        count, done = super().publish(own)
+        results = iter(done)
+        return count, [
+            next(results) if self._own(a.SubscriptionId) else ua.StatusCode(_NOT_OURS) for a in acks
+        ]
+
+
+def _bounded(operations: list[Any]) -> None:
+    if len(operations) > MAX_OPERATIONS:
+        raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+
+
+def _node(expanded: ua.ExpandedNodeId | ua.NodeId) -> ua.NodeId:
+    return ua.NodeId(expanded.Identifier, expanded.NamespaceIndex)
