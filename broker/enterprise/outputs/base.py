@@ -85,7 +85,7 @@ async def run_contained(output: Output) -> NoReturn:
     (`output_failed`, with the error; the same error again before the output has run
     `STABLE_S` is only retried) and the output runs again after a backoff; the half and the
     other outputs never see it."""
-    bound = log.bind(output=output.name)
+    output_log = log.bind(output=output.name)
     backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
     loop = asyncio.get_running_loop()
     reported: set[str] = set()
@@ -103,6 +103,6 @@ async def run_contained(output: Output) -> NoReturn:
             reported.clear()  # it ran well for a while: this is a new outage
         delay = backoff.after(ran_s)
         if error not in reported:
-            bound.error("output_failed", error=error, retry_in_s=round(delay, 2))
+            output_log.error("output_failed", error=error, retry_in_s=round(delay, 2))
             reported.add(error)
         await asyncio.sleep(delay)
