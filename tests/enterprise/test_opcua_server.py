@@ -8,6 +8,8 @@ moves one fails here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,6 +25,7 @@ from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.uaprocessor import UaProcessor
+from asyncua.crypto.permission_rules import UserRole
 from asyncua.ua.uaerrors import BadNodeIdUnknown, BadUserAccessDenied, UaStatusCodeError
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -38,6 +41,7 @@ from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
 from broker.records import Alert, Assessment, Context, Record
+from tests.enterprise.served import Api, get
 from tests.harness import CONSUMER_URI, DEMO_POLICY, ENERGY_URI, STRANGER_URI, Pki, dmzbroker
 from tests.harness import eventually, free_port
 
@@ -99,10 +103,15 @@ def _client(
     return client
 
 
-async def connect(client: Client, pki: OpcUaPki) -> Client:
+async def secured(client: Client, pki: OpcUaPki) -> Client:
+    """The client set up for SignAndEncrypt; `async with` it connects."""
     policy, cert, key = client._opcua_security  # type: ignore[attr-defined]
     await client.set_security(policy, str(cert), str(key), server_certificate=str(pki.server_cert))
-    await client.connect()
+    return client
+
+
+async def connect(client: Client, pki: OpcUaPki) -> Client:
+    await (await secured(client, pki)).connect()
     return client
 
 
@@ -135,33 +144,43 @@ def broker_config(
 
 
 async def start_mirror(
-    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki, **opcua_changes: Any
-) -> Mirror:
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki, store: Store | None = None,
+    authz: Authorization | None = None, **opcua_changes: Any,
+) -> Mirror:  # fmt: skip
     demo = policy.load(DEMO_POLICY)
-    store = Store(demo, queue_limit=100)
+    store = store or Store(demo, queue_limit=100)
+    authz = authz or Authorization(demo)
     audit = AuditLog(
-        tmp_path / "audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
+        tmp_path / "opcua-audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
     )
-    authz = Authorization(demo)
     metrics = EnterpriseMetrics(lambda: 0, lambda: audit.failing)
-    config = broker_config(tmp_path, pki, opcua_pki, free_port(), **opcua_changes)
+    config = broker_config(tmp_path, pki, opcua_pki, **({"port": free_port()} | opcua_changes))
     output = opcua.configured(OutputContext(config, authz, store, audit, metrics))
     assert isinstance(output, OpcUaServer)
-    await output.start()
+    try:
+        await output.start()
+    except BaseException:
+        audit.close()
+        raise
     return Mirror(output, store, authz, audit, opcua_pki)
+
+
+@contextlib.asynccontextmanager
+async def serving(mirror: Mirror) -> AsyncIterator[Mirror]:
+    task = asyncio.create_task(mirror.server.run())
+    try:
+        yield mirror
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await mirror.server.close()
+        mirror.audit.close()
 
 
 @pytest.fixture
 async def mirror(tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki) -> AsyncIterator[Mirror]:
-    served = await start_mirror(tmp_path, pki, opcua_pki)
-    task = asyncio.create_task(served.server.run())
-    try:
+    async with serving(await start_mirror(tmp_path, pki, opcua_pki)) as served:
         yield served
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await served.server.close()
-        served.audit.close()
 
 
 def record(signal: str, value: Any, seq: int, quality: str = "good", **context: Any) -> Record:
@@ -186,7 +205,7 @@ async def test_the_registry_builds_it_only_where_configured(
 ) -> None:
     assert opcua.configured in REGISTRY
     demo = policy.load(DEMO_POLICY)
-    config = broker_config(tmp_path, pki, opcua_pki, free_port())
+    config = broker_config(tmp_path, pki, opcua_pki, port=free_port())
     without = msgspec.structs.replace(
         config, enterprise=msgspec.structs.replace(config.enterprise, opcua=None)
     )
@@ -206,7 +225,7 @@ async def test_the_registry_builds_it_only_where_configured(
 async def test_address_space_has_assets_as_objects_and_signals_with_units_and_ranges(
     mirror: Mirror,
 ) -> None:
-    async with await connect(mirror.client(), mirror.pki) as client:
+    async with await secured(mirror.client(), mirror.pki) as client:
         ns = await namespace(client)
         objects = client.nodes.objects
         site = await objects.get_child([f"{ns}:coldstore"])
@@ -229,3 +248,245 @@ async def test_address_space_has_assets_as_objects_and_signals_with_units_and_ra
         assert (await door.read_data_type()) == ua.NodeId(ua.ObjectIds.Boolean)
         # the value is read-only by its access level too, not only by the service refusal
         assert ua.AccessLevel.CurrentWrite not in await variable.get_access_level()
+
+
+@pytest.fixture
+async def mirror_of_api(
+    api: Api, tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
+) -> AsyncIterator[Mirror]:
+    """The mirror on the very store and authorization the served HTTPS API answers from."""
+    started = await start_mirror(tmp_path, pki, opcua_pki, store=api.store, authz=api.authz)
+    async with serving(started) as served:
+        yield served
+
+
+async def test_values_qualities_times_and_context_equal_the_apis(
+    api: Api, mirror_of_api: Mirror
+) -> None:
+    alert = Alert(
+        rule="door_left_open",
+        severity="warning",
+        message="door open 5 min",
+        action="close it",
+        outcome="energy",
+    )
+    assessment = Assessment(expected=-18.0, deviation_pct=5.5, label="drifting", direction="above")
+    api.store.apply([
+        record(ROOM, -17.0, 1, asset_state="running", assessment=assessment, alerts=[alert]),
+        record(POWER, 12, 2, quality="uncertain"),
+        record(DOOR, True, 3),
+        record("coldstore/storage/cold-room-2/temperature", None, 4, quality="bad"),
+    ])  # fmt: skip
+    _, body = await get(api, "/v1/snapshot", api.consumer_ssl())
+    served = {r["signal"]: r for r in body["records"]}  # type: ignore[index]
+    assert len(served) == 4
+    async with await secured(mirror_of_api.client(), mirror_of_api.pki) as client:
+        ns = await namespace(client)
+
+        async def all_written() -> bool:
+            values = await client.read_values([node_of(client, ns, p) for p in served])
+            return None not in values[:3]
+
+        await eventually(all_written)
+        for path, expected in served.items():
+            value = await node_of(client, ns, path).read_data_value(raise_on_bad_status=False)
+            assert value.StatusCode.value == STATUS[expected["quality"]], path
+            assert value.Value.Value == expected["value"], path
+            assert value.SourceTimestamp == _time(expected["source_time"])
+            assert value.ServerTimestamp == _time(expected["broker_time"])
+        assert await node_of(client, ns, ROOM, "State").read_value() == "running"
+        assert await node_of(client, ns, ROOM, "Assessment").read_value() == "drifting"
+        assert await node_of(client, ns, ROOM, "ActiveAlerts").read_value() == [
+            "warning door_left_open: door open 5 min"
+        ]
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+async def test_a_value_the_api_serves_stale_turns_stale_in_the_mirror(
+    api: Api, mirror_of_api: Mirror
+) -> None:
+    old = record(ROOM, -18.0, 1)
+    old.broker_time = old.source_time = datetime.now(UTC) - timedelta(hours=1)
+    api.store.apply([old])
+    _, body = await get(api, "/v1/snapshot", api.consumer_ssl())
+    assert body["records"][0]["quality"] == "stale"  # type: ignore[index]
+    async with await secured(mirror_of_api.client(), mirror_of_api.pki) as client:
+        node = node_of(client, ns := await namespace(client), ROOM)
+
+        async def stale() -> bool:
+            value = await node.read_data_value(raise_on_bad_status=False)
+            return value.StatusCode.value == ua.StatusCodes.UncertainLastUsableValue
+
+        await eventually(stale)
+        assert ns
+        assert (await node.read_data_value(raise_on_bad_status=False)).Value.Value == -18.0
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def datachange_notification(self, node: Any, value: Any, data: Any) -> None:
+        self.values.append(value)
+
+
+async def test_a_subscription_delivers_every_value_change(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki) as client:
+        changes = Changes()
+        subscription = await client.create_subscription(50, changes)
+        await subscription.subscribe_data_change(node_of(client, await namespace(client), ROOM))
+        for seq in range(1, 6):
+            mirror.store.apply([record(ROOM, -20.0 + seq, seq)])
+            await eventually(lambda seq=seq: -20.0 + seq in changes.values)  # type: ignore[misc]
+        assert [v for v in changes.values if v is not None] == [-19.0, -18.0, -17.0, -16.0, -15.0]
+
+
+async def test_a_client_of_another_identity_sees_only_its_granted_nodes(mirror: Mirror) -> None:
+    mirror.store.apply([record(ROOM, -18.0, 1), record(POWER, 10.0, 2)])
+    view = mirror.authz.view(ENERGY_URI)
+    assert POWER in view and ROOM not in view
+    async with await secured(mirror.client(ENERGY_URI), mirror.pki) as client:
+        ns = await namespace(client)
+        await eventually(lambda: node_of(client, ns, POWER).read_value())
+        with pytest.raises(BadNodeIdUnknown):
+            await node_of(client, ns, ROOM).read_value()
+        with pytest.raises(BadNodeIdUnknown):
+            await node_of(client, ns, ROOM, "EngineeringUnits").read_value()
+        with pytest.raises(BadNodeIdUnknown):
+            await node_of(client, ns, "coldstore/storage").read_browse_name()
+        site = await client.nodes.objects.get_child([f"{ns}:coldstore"])
+        areas = {(await c.read_browse_name()).Name for c in await site.get_children()}
+        assert areas == {"machine-room", "outdoor"}  # storage holds nothing it is granted
+        found = await client.nodes.objects.get_child([f"{ns}:coldstore", f"{ns}:machine-room"])
+        seen = {
+            n.nodeid.Identifier for c in await found.get_children() for n in await c.get_children()
+        }
+        assert seen == {p for p in view if p.startswith("coldstore/machine-room/")}
+        subscription = await client.create_subscription(50, Changes())
+        with pytest.raises(BadNodeIdUnknown):
+            await subscription.subscribe_data_change(node_of(client, ns, ROOM))
+        with pytest.raises(UaStatusCodeError):  # translating a path to it finds nothing
+            await client.nodes.objects.get_child([f"{ns}:coldstore", f"{ns}:storage"])
+
+
+async def test_an_identity_the_policy_does_not_know_gets_no_session(mirror: Mirror) -> None:
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(UaStatusCodeError):
+            await connect(mirror.client(STRANGER_URI), mirror.pki)
+    refused = [e for e in logs if e["event"] == "opcua_client_refused"]
+    assert refused and refused[0]["reason"] == "unknown_identity"
+    assert refused[0]["identity"] == STRANGER_URI
+    assert mirror.server.sessions == 0
+
+
+async def test_a_write_is_refused_audited_and_changes_nothing(mirror: Mirror) -> None:
+    mirror.store.apply([record(ROOM, -18.0, 1)])
+    async with await secured(mirror.client(), mirror.pki) as client:
+        node = node_of(client, await namespace(client), ROOM)
+        await eventually(lambda: node.read_value())
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(BadUserAccessDenied):
+                await node.write_value(ua.DataValue(ua.Variant(99.0, ua.VariantType.Double)))
+        assert await node.read_value() == -18.0
+    refused = [e for e in logs if e["event"] == "opcua_service_refused"]
+    assert refused == [
+        {"event": "opcua_service_refused", "log_level": "warning", "service": "Write",
+         "identity": CONSUMER_URI, **{k: refused[0][k] for k in ("serial", "fingerprint", "remote")}}
+    ]  # fmt: skip
+
+
+async def test_the_session_is_a_plain_user_never_asyncuas_admin(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki):
+        await eventually(lambda: mirror.server.sessions == 1)
+        (session,) = mirror.server._rules.sessions  # type: ignore[union-attr]
+        assert session.user.role is UserRole.User
+
+
+async def test_max_sessions_bounds_sessions_and_the_store_keeps_feeding_others(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
+) -> None:
+    started = await start_mirror(tmp_path, pki, opcua_pki, max_sessions=2)
+    async with serving(started) as mirror:
+        seen: list[int] = []
+        mirror.store.listen(lambda records: seen.extend(r.seq for r in records))
+        clients = [await connect(mirror.client(), mirror.pki) for _ in range(2)]
+        try:
+            with (
+                structlog.testing.capture_logs() as logs,
+                pytest.raises(UaStatusCodeError) as refused,
+            ):
+                await connect(mirror.client(), mirror.pki)
+            assert refused.value.code == ua.StatusCodes.BadTooManySessions
+            assert [e["reason"] for e in logs if e["event"] == "opcua_client_refused"] == [
+                "too_many_sessions"
+            ]
+            mirror.store.apply([record(ROOM, -18.0, 7)])
+            assert seen == [7]  # another store reader (the API, a sink) is not held up
+        finally:
+            for client in clients:
+                await client.disconnect()
+        await eventually(lambda: mirror.server.sessions == 0)
+        async with await secured(mirror.client(), mirror.pki):
+            pass  # room again once they closed
+
+
+async def test_a_client_certificate_from_another_ca_is_refused_at_the_secure_channel(
+    mirror: Mirror, pki: Pki, tmp_path: Path
+) -> None:
+    dmzbroker("certs", "issue", "opcua", "--ca", str(pki.other_ca.parent), "--out", str(tmp_path),
+              "--uri", CONSUMER_URI, "--name", "intruder")  # fmt: skip
+    pki_of_intruder = OpcUaPki(
+        mirror.pki.server_cert, mirror.pki.server_key,
+        {CONSUMER_URI: (tmp_path / "intruder-cert.pem", tmp_path / "intruder-key.pem")},
+    )  # fmt: skip
+    client = _client(mirror.server.endpoint, pki_of_intruder, CONSUMER_URI)
+    with structlog.testing.capture_logs() as logs, pytest.raises(Exception):  # noqa: B017, PT011
+        await connect(client, mirror.pki)
+    await client.disconnect()
+    refused = [e for e in logs if e["event"] == "opcua_client_refused"]
+    assert [(e["stage"], e["reason"]) for e in refused] == [("channel", "certificate_untrusted")]
+    assert mirror.server.sessions == 0
+
+
+async def test_a_session_over_an_unsecured_channel_is_refused(mirror: Mirror) -> None:
+    client = Client(mirror.server.endpoint, timeout=20)
+    client.application_uri = CONSUMER_URI
+    with structlog.testing.capture_logs() as logs, pytest.raises(UaStatusCodeError) as refused:
+        await client.connect()  # no security: discovery only
+    await client.disconnect()
+    assert refused.value.code == ua.StatusCodes.BadSecurityModeRejected
+    assert [e["reason"] for e in logs if e["event"] == "opcua_client_refused"] == ["security_none"]
+    endpoints = await Client(mirror.server.endpoint, timeout=20).connect_and_get_server_endpoints()
+    assert {(e.SecurityPolicyUri.rpartition("#")[2], e.SecurityMode) for e in endpoints} == {
+        (name, ua.MessageSecurityMode.SignAndEncrypt)
+        for name in ("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss")
+    }
+
+
+@pytest.mark.parametrize(
+    "security", [sp.SecurityPolicyAes128Sha256RsaOaep, sp.SecurityPolicyAes256Sha256RsaPss]
+)
+async def test_each_offered_policy_serves(mirror: Mirror, security: type[Any]) -> None:
+    async with await secured(mirror.client(policy=security), mirror.pki) as client:
+        assert await namespace(client) > 1
+
+
+async def test_a_port_in_use_or_an_unusable_certificate_stops_start_with_one_line(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ConfigError, match=rf"enterprise.opcua: cannot listen on 127.0.0.1:{port}: "
+        ):
+            await start_mirror(tmp_path, pki, opcua_pki, port=port)
+    with pytest.raises(ConfigError, match="not an RSA key"):  # the API's ECDSA certificate
+        await start_mirror(tmp_path, pki, opcua_pki, certificate=str(pki.server_cert),
+                           private_key=str(pki.server_key))  # fmt: skip
+    with pytest.raises(ConfigError, match="missing.pem: cannot read"):
+        await start_mirror(tmp_path, pki, opcua_pki, certificate=str(tmp_path / "missing.pem"))
