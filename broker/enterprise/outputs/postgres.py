@@ -1,0 +1,383 @@
+"""The PostgreSQL historian sink: records into an existing PostgreSQL, over TLS
+(sslmode=verify-full), as a role that may only INSERT (docs/postgres.md).
+
+It writes what the co-signed policy grants the sink's consumer identity, asked per batch, so
+a narrower policy applies from the next batch. Store-and-forward: it reads the spool with a
+position of its own (`spool-position-postgres.json`); a batch goes in by COPY into a
+temporary table and `INSERT … SELECT … ON CONFLICT DO NOTHING` on `(signal, seq,
+broker_time)`, and the position moves only after the COMMIT. A batch replayed after a crash
+or an outage therefore never duplicates a row. Records the spool's retention drops before
+the sink read them are counted and logged (`spool_records_lost`), as for any reader.
+
+The schema is created once, when absent, by the `owner` login (postgres_schema.py); the
+sink's role never creates anything but its session's temporary table and, through the
+owner's SECURITY DEFINER functions, a day's partition and an asset's view.
+
+An unreachable server is retried every few seconds (`postgres_unreachable`, once per
+outage); a refusal an owner must fix (a missing GRANT, no schema, a login the server
+refuses) is one `postgres_refused` line naming the GRANT or setting that fixes it, retried
+every `REFUSED_RETRY_S`. Neither ever stops the half. It never reads anything from the
+database but its own privileges, and never writes anywhere the plant half reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import msgspec
+import psycopg
+import structlog
+from psycopg import sql
+
+from broker import safe_files
+from broker.backoff import Backoff
+from broker.channel.spool import SpoolReceiver
+from broker.config import PostgresConfig, PostgresLogin
+from broker.enterprise.authz import Authorization
+from broker.enterprise.outputs import postgres_schema as schema
+from broker.enterprise.outputs.base import OutputContext
+from broker.errors import ConfigError
+from broker.metrics import EnterpriseMetrics
+from broker.policy import Policy
+from broker.records import Record
+
+BATCH = 5000
+IDLE_S = 0.05
+HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
+CONNECT_TIMEOUT_S = 10
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 2.0  # as the MQTT sink: a refused connection is cheap, and the sink is back soon
+FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss is a new one
+REFUSED_RETRY_S = 30.0  # an owner must act first: asking again often only fills logs
+PASSWORD_LIMIT = 4096  # bytes
+REFUSING = ("authentication failed", "no pg_hba.conf entry", "does not exist")  # libpq's words
+COLUMNS = ("signal", "source_time", "broker_time", "value", "unit", "quality", "seq",
+           "policy_version", "context")  # fmt: skip
+INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
+
+log = structlog.get_logger("postgres_sink")
+_json = msgspec.json.Encoder()
+
+
+class Refused(Exception):
+    """The server refuses the sink something only its owner or the operator can give."""
+
+
+def configured(context: OutputContext) -> PostgresSink | None:
+    """The sink, where `enterprise.postgres` is set."""
+    config = context.config.enterprise.postgres
+    if config is None:
+        return None
+    return PostgresSink(
+        config, context.spool_dir, context.state_dir, context.authz, context.metrics,
+        held=lambda: context.audit.failing,
+    )  # fmt: skip
+
+
+class PostgresSink:
+    name = "postgres"
+
+    def __init__(
+        self,
+        config: PostgresConfig,
+        spool_dir: Path,
+        state_dir: Path,
+        authz: Authorization,
+        metrics: EnterpriseMetrics,
+        *,
+        held: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._config = config
+        self._spool_dir = spool_dir
+        self._state_dir = state_dir
+        self._authz = authz
+        self._metrics = metrics
+        self._held = held  # the audit log cannot be written: nothing new goes out
+        self._where = (
+            f"database {config.database!r} at {config.host}:{config.port} (enterprise.postgres)"
+        )
+
+    async def start(self) -> None:
+        """Nothing to bind; only a setting that can never work stops the half here."""
+        if not schema.SCHEMA_NAME.fullmatch(self._config.schema):
+            raise ConfigError(
+                f"enterprise.postgres.schema {self._config.schema!r}: must be lowercase "
+                "letters, digits and '_', not starting with a digit"
+            )
+
+    def use_policy(self, policy: Policy) -> None:
+        """Nothing to do: each batch asks `authz` for the view and the version in force."""
+
+    async def close(self) -> None:
+        """Nothing held between sessions: the position is saved after each commit."""
+
+    async def run(self) -> NoReturn:
+        config = self._config
+        address = f"{config.host}:{config.port}"
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
+        down_since: float | None = None
+        reported: set[str] = set()  # the failures logged in this outage
+        announced = False
+        while True:
+            receiver: SpoolReceiver | None = None
+            connected_at: float | None = None
+            try:
+                # From the saved position: what an uncommitted batch had read is read again.
+                receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
+                async with await self._connect(config) as connection:
+                    await self._prepare(connection)
+                    connected_at = time.monotonic()
+                    if not announced:
+                        after = {} if down_since is None else {"down_s": _since(down_since)}
+                        log.info("postgres_connected", address=address, database=config.database,
+                                 user=config.user, schema=config.schema, **after)  # fmt: skip
+                        announced = True
+                    await self._forward(connection, receiver)
+            except Refused as e:
+                event, error, delay = "postgres_refused", str(e), REFUSED_RETRY_S
+            except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as e:
+                event, error = self._explained(e)
+                delay = REFUSED_RETRY_S if event == "postgres_refused" else 0.0
+            finally:
+                if receiver is not None:
+                    receiver.close()
+            held_s = 0.0 if connected_at is None else time.monotonic() - connected_at
+            if held_s >= FRESH_AFTER_S:
+                down_since = None
+            if down_since is None:
+                down_since, reported, announced = time.monotonic(), set(), False
+            delay = delay or backoff.after(held_s)
+            if error not in reported:
+                log.warning(event, address=address, error=error, retry_in_s=round(delay, 2))
+                reported.add(error)
+            await asyncio.sleep(delay)
+
+    async def _connect(
+        self, config: PostgresConfig, login: PostgresLogin | None = None
+    ) -> psycopg.AsyncConnection[Any]:
+        login = login or config
+        params: dict[str, Any] = {
+            "host": config.server_name or config.host,  # the name verify-full checks
+            "port": config.port,
+            "dbname": config.database,
+            "user": login.user,
+            "sslmode": "verify-full",
+            "sslrootcert": str(config.ca),
+            "ssl_min_protocol_version": "TLSv1.2",
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "application_name": "dmzbroker",
+            # A silent peer (a cut cable, no FIN) is noticed in about 30 s, not hours.
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+            "keepalives_count": 3, "tcp_user_timeout": 30_000,
+        }  # fmt: skip
+        if config.server_name and config.server_name != config.host:
+            params["hostaddr"] = await _address_of(config.host, config.port)
+        if login.password_file is not None:
+            params.update(password=_password(login), sslcertmode="disable")
+        else:
+            params.update(sslcert=str(login.cert), sslkey=str(login.key))
+        # Autocommit: each `transaction()` block is a transaction of its own, committed at
+        # its end; nothing is left open between batches.
+        return await psycopg.AsyncConnection.connect(autocommit=True, **params)
+
+    async def _prepare(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        """The schema there (made by the owner if absent), every privilege the sink needs
+        held, and this session's temporary table; else Refused, naming the fix."""
+        config = self._config
+        if not await schema.exists(connection, config.schema):
+            await self._create_schema()
+        if needs := await schema.missing(connection, config.schema):
+            raise Refused(
+                f"role {config.user!r} lacks {needs[0]} in {self._where}: as the owner of "
+                f"schema {config.schema!r}, run GRANT {needs[0]} TO {config.user} "
+                "(docs/postgres.md#roles-and-grants)"
+            )
+        async with connection.transaction():
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
+                for name, kind in zip(COLUMNS, _INCOMING_TYPES, strict=True)
+            )
+            await connection.execute(
+                sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DELETE ROWS").format(
+                    sql.Identifier(INCOMING), columns
+                )
+            )
+
+    async def _create_schema(self) -> None:
+        config = self._config
+        if config.owner is None:
+            raise Refused(
+                f"schema {config.schema!r} does not exist in {self._where}: set "
+                "enterprise.postgres.owner to a role that may create it there, or create it "
+                "as docs/postgres.md#the-schema shows"
+            )
+        async with await self._connect(config, config.owner) as owner, owner.transaction():
+            # One creator at a time (two halves started together): the second finds it.
+            await owner.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (config.schema,))
+            if await schema.exists(owner, config.schema):
+                return
+            try:
+                layout = await schema.create(owner, config.schema, config.user)
+            except psycopg.errors.InsufficientPrivilege as e:
+                raise Refused(
+                    f"owner role {config.owner.user!r} may not create schema "
+                    f"{config.schema!r} in {self._where} ({e.diag.message_primary}): "
+                    f"GRANT CREATE ON DATABASE {config.database} TO {config.owner.user}"
+                ) from None
+        log.info("postgres_schema_created", schema=config.schema, database=config.database,
+                 layout=layout, owner=config.owner.user, user=config.user)  # fmt: skip
+
+    async def _forward(
+        self, connection: psycopg.AsyncConnection[Any], receiver: SpoolReceiver
+    ) -> NoReturn:
+        identity = self._config.identity
+        described: int | None = None  # the policy version the assets and signals rows are for
+        while True:
+            if self._held() or datetime.now(UTC) >= self._authz.policy.expires:
+                await asyncio.sleep(HELD_S)
+                continue
+            policy = self._authz.policy
+            view = self._authz.view(identity)
+            if described != policy.version:
+                async with connection.transaction():
+                    await self._describe(connection, policy, view)
+                described = policy.version
+            records = receiver.receive(max_records=BATCH)
+            if not records:
+                await asyncio.sleep(IDLE_S)
+                continue
+            allowed = [r for r in records if r.signal in view]
+            if allowed:
+                async with connection.transaction():
+                    await self._write(connection, allowed)
+            receiver.commit()  # committed: the position moves past the batch
+            self._metrics.output_records.labels(self.name).inc(len(allowed))
+            self._metrics.output_seq.labels(self.name).set(receiver.last_seq)
+
+    async def _describe(
+        self, connection: psycopg.AsyncConnection[Any], policy: Policy, view: frozenset[str]
+    ) -> None:
+        """The assets and signals rows of this policy version, and a view per asset."""
+        names = {"schema": sql.Identifier(self._config.schema)}
+        assets = schema.asset_paths(view)
+        cursor = await connection.execute(
+            sql.SQL("SELECT a, {schema}.ensure_asset_view(a) FROM unnest(%s::text[]) a").format(
+                **names
+            ),
+            (assets,),
+        )
+        view_names = {str(a): str(v) for a, v in await cursor.fetchall()}
+        for table, rows in (
+            ("signals", list(schema.signal_rows(policy, view))),
+            ("assets", list(schema.asset_rows(policy, view_names))),
+        ):
+            if not rows:
+                continue
+            placeholders = sql.SQL(", ").join(sql.Placeholder() * len(rows[0]))
+            async with connection.cursor() as cursor:
+                await cursor.executemany(
+                    sql.SQL("INSERT INTO {schema}.{table} VALUES ({values}) ON CONFLICT DO NOTHING")
+                    .format(table=sql.Identifier(table), values=placeholders, **names),
+                    rows,
+                )  # fmt: skip
+
+    async def _write(self, connection: psycopg.AsyncConnection[Any], records: list[Record]) -> None:
+        """One batch, in the caller's transaction: the days' partitions, COPY, INSERT."""
+        names = {
+            "schema": sql.Identifier(self._config.schema),
+            "incoming": sql.Identifier(INCOMING),
+            "columns": sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        }
+        days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
+        await connection.execute(
+            sql.SQL("SELECT {schema}.ensure_partition(d) FROM unnest(%s::date[]) d").format(
+                **names
+            ),
+            (days,),
+        )
+        async with connection.cursor() as cursor:
+            async with cursor.copy(
+                sql.SQL("COPY pg_temp.{incoming} ({columns}) FROM STDIN").format(**names)
+            ) as copy:
+                copy.set_types(_INCOMING_TYPES)
+                for row in _rows(records):
+                    await copy.write_row(row)
+            await cursor.execute(
+                sql.SQL(
+                    "INSERT INTO {schema}.records ({columns}) SELECT signal, source_time, "
+                    "broker_time, value::jsonb, unit, quality, seq, policy_version, "
+                    "context::jsonb FROM pg_temp.{incoming} ON CONFLICT DO NOTHING"
+                ).format(**names)
+            )
+
+    def _explained(self, error: psycopg.Error) -> tuple[str, str]:
+        """The event and one line: what failed, where, and for a refusal what fixes it."""
+        text = " ".join(str(error).split())  # libpq's message spans lines
+        if isinstance(error, psycopg.errors.InsufficientPrivilege):
+            return "postgres_refused", (
+                f"{text} in {self._where}: as the owner of schema {self._config.schema!r}, "
+                f"GRANT what docs/postgres.md#roles-and-grants lists TO {self._config.user}"
+            )
+        if "does not match host name" in text:
+            key = "server_name" if self._config.server_name else "host"
+            return "postgres_unreachable", (
+                f"{text}: the server's certificate does not name "
+                f"{self._config.server_name or self._config.host!r} (enterprise.postgres.{key}): "
+                "set enterprise.postgres.server_name to a DNS name or IP address it carries"
+            )
+        if isinstance(error, psycopg.OperationalError) and any(w in text for w in REFUSING):
+            return (
+                "postgres_refused",
+                f"{text}: check enterprise.postgres.user, its login and database",
+            )
+        return "postgres_unreachable", text
+
+
+_INCOMING_TYPES: Sequence[str] = ("text", "timestamptz", "timestamptz", "text", "text", "text",
+                                  "int8", "int8", "text")  # fmt: skip
+
+
+def _rows(records: list[Record]) -> list[tuple[object, ...]]:
+    return [
+        (r.signal, r.source_time, r.broker_time,
+         None if r.value is None else _json.encode(_storable(r.value)).decode(),
+         r.unit, r.quality, r.seq, r.policy_version, _json.encode(r.context).decode())
+        for r in records
+    ]  # fmt: skip
+
+
+def _storable(value: object) -> object:
+    """PostgreSQL's text and jsonb cannot hold U+0000: a string value keeps the rest."""
+    return value.replace("\x00", "") if isinstance(value, str) else value
+
+
+def _password(login: PostgresLogin) -> str:
+    assert login.password_file is not None
+    try:
+        data = safe_files.read_regular(login.password_file, PASSWORD_LIMIT, follow_links=True)
+    except OSError as e:
+        raise Refused(f"cannot read {login.password_file}: {e.strerror}") from None
+    return data.decode(errors="replace").partition("\n")[0].rstrip("\r")
+
+
+async def _address_of(host: str, port: int) -> str:
+    """`host` as an IP address: libpq connects to `hostaddr` and verifies the name in `host`."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError as e:
+        raise psycopg.OperationalError(f"cannot resolve {host!r}: {e}") from None
+    return str(found[0][4][0])
+
+
+def _since(start: float) -> float:
+    return round(time.monotonic() - start, 1)

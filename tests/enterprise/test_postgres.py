@@ -1,0 +1,492 @@
+"""The PostgreSQL historian sink against a real PostgreSQL 15 over TLS (verify-full), logging
+in by client certificate or password file, as a role that may only INSERT.
+
+The schema is made by the owner login on first start; rows equal the records the API
+serves; a replay never duplicates a row; what the identity is not granted is never written;
+a missing GRANT is one clear `postgres_refused` line while the API keeps serving; the
+SECURITY DEFINER functions take no hostile argument. (The 30-s outage and the bench are in
+their own files.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+import structlog
+
+from broker import policy
+from broker.channel.spool import SpoolSender
+from broker.config import PostgresConfig, PostgresLogin
+from broker.enterprise.authz import Authorization
+from broker.enterprise.outputs import postgres as postgres_output
+from broker.enterprise.outputs.postgres import PostgresSink
+from broker.errors import ConfigError
+from broker.metrics import EnterpriseMetrics
+from broker.records import Alert, Assessment, Context, QualityIssue, Record
+from tests.enterprise.postgres_server import (  # noqa: F401 - fixtures
+    PostgresServer,
+    postgres,
+    postgres_pki,
+)
+from tests.enterprise.served import POWER, ROOM, Api
+from tests.harness import (
+    CONSUMER_URI,
+    DEMO_POLICY,
+    ENERGY_URI,
+    Pki,
+    eventually,
+    read_events,
+    running,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "postgres.md"
+SINK, OWNER = "dmzbroker_sink", "historian_owner"
+DOOR = "coldstore/storage/cold-room-1/door_open"
+WEATHER = "coldstore/outdoor/weather/ambient_temperature"
+
+
+@dataclass
+class Historian:
+    """A database `historian` owned by the owner role (password file); the sink's role logs
+    in by certificate and has no privilege yet."""
+
+    server: PostgresServer
+    owner: PostgresLogin
+    sink: PostgresLogin
+
+    def config(self, identity: str = CONSUMER_URI, **changes: Any) -> PostgresConfig:
+        changes.setdefault("owner", self.owner)
+        return self.server.sink_config(identity, self.sink, **changes)
+
+    def rows(self, query: str) -> list[tuple[Any, ...]]:
+        return self.server.sql(query, database="historian")
+
+    def seqs(self) -> list[int]:
+        return [seq for (seq,) in self.rows("SELECT seq FROM dmzbroker.records ORDER BY seq")]
+
+
+@pytest.fixture
+def historian(postgres: PostgresServer) -> Historian:  # noqa: F811 - the fixture
+    owner = postgres.create_role(OWNER, password="owner secret")
+    postgres.create_database("historian", owner=OWNER)
+    return Historian(postgres, owner, postgres.create_role(SINK))
+
+
+def sink_of(
+    config: PostgresConfig, tmp_path: Path, state: str = "state", **kwargs: Any
+) -> PostgresSink:
+    return PostgresSink(
+        config, tmp_path / "spool", tmp_path / state, Authorization(policy.load(DEMO_POLICY)),
+        EnterpriseMetrics(lambda: 0, lambda: False), **kwargs,
+    )  # fmt: skip
+
+
+def position(tmp_path: Path, state: str = "state") -> int:
+    path = tmp_path / state / "spool-position-postgres.json"
+    return int(json.loads(path.read_bytes())["seq"]) if path.exists() else 0
+
+
+def varied(count: int) -> list[Record]:
+    """Records of several signals and kinds: numbers, booleans, a bad value without one, and
+    context with an assessment, an alert and a quality issue."""
+    now = datetime.now(UTC)
+    alert = Alert(rule="warm-room", severity="warning", message="too warm", action="check door",
+                  outcome="product_quality")  # fmt: skip
+    made = []
+    for i in range(count):
+        signal = (ROOM, POWER, DOOR, WEATHER)[i % 4]
+        value: bool | float | None = (-18.5 + i / 100, 12.25, i % 8 == 2, 21.0)[i % 4]
+        context = Context(
+            asset=signal.rpartition("/")[0], asset_type="cold-room", asset_state="running",
+            assessment=Assessment(expected=-18.0, deviation_pct=2.5, label="expected",
+                                  direction="above") if i % 4 == 0 else None,
+            alerts=[alert] if i % 8 == 0 else [],
+            quality_issues=[QualityIssue(check="read_failed", detail="timeout")] if i % 12 == 3
+            else [],
+        )  # fmt: skip
+        quality = "bad" if i % 12 == 3 else "good"
+        made.append(Record(
+            signal=signal, value=None if quality == "bad" else value, unit="degC",
+            quality=quality, source_time=now - timedelta(milliseconds=i),
+            broker_time=now, policy_version=1, context=context,
+        ))  # fmt: skip
+    return made
+
+
+def spool_of(tmp_path: Path, records: list[Record], retention: int = 64 << 20) -> SpoolSender:
+    sender = SpoolSender(tmp_path / "spool", 1 << 20, retention)
+    sender.send(records)
+    return sender
+
+
+def events(logs: list[dict[str, Any]], prefix: str = "postgres_") -> list[str]:
+    return [e["event"] for e in logs if e["event"].startswith(prefix)]
+
+
+def documented_columns(table: str) -> set[str]:
+    """The columns docs/postgres.md lists for `table` (its `### <table>` table)."""
+    section = DOCS.read_text().split(f"### `<schema>.{table}`", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE))
+
+
+async def test_the_schema_is_made_once_by_the_owner_as_documented_and_the_sink_may_only_insert(
+    historian: Historian, tmp_path: Path
+) -> None:
+    sender = spool_of(tmp_path, varied(40))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == 40, timeout=30)
+            # Started again: the schema is there, nothing is made twice.
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: events(logs).count("postgres_connected") == 2)
+    finally:
+        sender.close()
+    assert events(logs) == ["postgres_schema_created", "postgres_connected", "postgres_connected"]
+    created = next(e for e in logs if e["event"] == "postgres_schema_created")
+    assert (created["layout"], created["owner"], created["user"]) == ("partitions", OWNER, SINK)
+    assert historian.seqs() == list(range(1, 41))
+    for table in ("records", "signals", "assets"):
+        columns = {c for (c,) in historian.rows(
+            "SELECT column_name FROM information_schema.columns "
+            f"WHERE table_schema = 'dmzbroker' AND table_name = '{table}'"
+        )}  # fmt: skip
+        assert columns == documented_columns(table), table
+    assert historian.rows("SELECT version, layout FROM dmzbroker.schema_version") == [
+        (1, "partitions")
+    ]
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    assert historian.rows(f"SELECT to_regclass('dmzbroker.records_{today}') IS NOT NULL") == [
+        (True,)
+    ]
+    # The owner's view of an asset: numbers and booleans as numbers, context in columns.
+    door = historian.server.sql(
+        'SELECT measure, value, asset_state, active_alerts FROM '
+        'dmzbroker."coldstore/storage/cold-room-1" WHERE signal = %s ORDER BY seq LIMIT 2',
+        (DOOR,), database="historian",
+    )  # fmt: skip
+    assert door == [("door_open", 1.0, "running", 0), ("door_open", 0.0, "running", 0)]
+    # INSERT only: the sink's role reads nothing, changes nothing, creates nothing.
+    async with await sink_of(historian.config(), tmp_path)._connect(historian.config()) as c:
+        await c.set_autocommit(True)
+        for statement in (
+            "SELECT count(*) FROM dmzbroker.records",
+            'SELECT count(*) FROM dmzbroker."coldstore/storage/cold-room-1"',
+            "UPDATE dmzbroker.records SET value = '0'",
+            "DELETE FROM dmzbroker.records",
+            "TRUNCATE dmzbroker.records",
+            "CREATE TABLE dmzbroker.planted (x int)",
+            'DROP VIEW dmzbroker."coldstore/storage/cold-room-1"',
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await c.execute(statement.encode())
+    assert len(historian.seqs()) == 40
+
+
+async def test_rows_equal_the_records_the_api_serves(
+    historian: Historian, api: Api, tmp_path: Path
+) -> None:
+    """Every record as /v1/stream serves it (the half applies what it reads from the spool)
+    equals its row: seq, value, unit, quality, both times, policy version and context."""
+    records = varied(48)
+    sender = spool_of(tmp_path, records)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(api.base + "/v1/stream", ssl=api.consumer_ssl()) as response,
+        ):
+            await eventually(lambda: api.store.subscriptions)
+            api.store.apply(records)
+            served = await read_events(response, len(records))
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 48, timeout=30)
+    finally:
+        sender.close()
+    rows = historian.rows(
+        "SELECT seq, signal, value, unit, quality, source_time, broker_time, policy_version,"
+        " context FROM dmzbroker.records ORDER BY seq"
+    )
+    assert len(rows) == len(served) == 48
+    for (seq, record), row in zip(served, rows, strict=True):
+        stored = dict(zip(("seq", "signal", "value", "unit", "quality", "source_time",
+                           "broker_time", "policy_version", "context"), row, strict=True))  # fmt: skip
+        for time in ("source_time", "broker_time"):
+            stored[time] = stored[time].astimezone(UTC).isoformat().replace("+00:00", "Z")
+            record[time] = datetime.fromisoformat(record[time]).isoformat().replace("+00:00", "Z")
+        assert seq == record["seq"]
+        assert stored == record
+    assert any(r["value"] is None for _, r in served) and any(
+        r["context"]["alerts"] for _, r in served
+    )
+
+
+async def test_a_replayed_spool_writes_no_row_twice(historian: Historian, tmp_path: Path) -> None:
+    """The same spool read again from the start (a lost position file, a crash between the
+    COMMIT and saving the position): every row once."""
+    sender = spool_of(tmp_path, varied(12_000))
+    try:
+        for state in ("state", "replay"):
+            async with running(sink_of(historian.config(), tmp_path, state).run()):
+                await eventually(lambda: position(tmp_path, state) == 12_000, timeout=60)  # noqa: B023
+    finally:
+        sender.close()
+    assert historian.seqs() == list(range(1, 12_001))
+
+
+async def test_only_what_the_identity_is_granted_is_written(
+    historian: Historian, tmp_path: Path
+) -> None:
+    granted = Authorization(policy.load(DEMO_POLICY)).view(ENERGY_URI)
+    sender = spool_of(tmp_path, varied(40))
+    try:
+        async with running(sink_of(historian.config(ENERGY_URI), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 40, timeout=30)
+    finally:
+        sender.close()
+    written = {s for (s,) in historian.rows("SELECT DISTINCT signal FROM dmzbroker.records")}
+    assert written == {POWER, WEATHER}  # of the four in the spool
+    described = {s for (s,) in historian.rows("SELECT path FROM dmzbroker.signals")}
+    assert described == set(granted)
+    assets = historian.rows(
+        "SELECT path, parent, level, view_name FROM dmzbroker.assets ORDER BY path"
+    )
+    assert ("coldstore", None, "site", None) in assets
+    assert ("coldstore/machine-room", "coldstore", "area", None) in assets
+    assert ("coldstore/machine-room/compressor-1", "coldstore/machine-room", "work_center",
+            "coldstore/machine-room/compressor-1") in assets  # fmt: skip
+    assert not [a for a in assets if a[0].startswith("coldstore/storage")]
+
+
+async def test_a_role_without_insert_is_refused_in_one_line_and_the_api_keeps_serving(
+    historian: Historian, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INSERT revoked from the sink's role before it starts, then given back: one
+    `postgres_refused` line naming the GRANT, retried, then every record written once."""
+    monkeypatch.setattr(postgres_output, "REFUSED_RETRY_S", 0.3)
+    sender = spool_of(tmp_path, varied(20))
+    try:
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 20, timeout=30)
+        historian.rows(f"REVOKE INSERT ON dmzbroker.records FROM {SINK}")
+        sender.send(varied(20))
+        with structlog.testing.capture_logs() as logs:
+            sink = asyncio.create_task(sink_of(historian.config(), tmp_path).run())
+            try:
+                await asyncio.sleep(2)  # several retries: the refusal is logged once
+                api.store.apply(varied(4))
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(api.base + "/v1/snapshot", ssl=api.consumer_ssl()) as response,
+                ):
+                    assert response.status == 200
+                    assert len((await response.json())["records"]) == 4
+                assert not sink.done()
+                assert position(tmp_path) == 20
+                historian.rows(f"GRANT INSERT ON dmzbroker.records TO {SINK}")
+                await eventually(lambda: position(tmp_path) == 40, timeout=30)
+            finally:
+                sink.cancel()
+                await asyncio.gather(sink, return_exceptions=True)
+    finally:
+        sender.close()
+    assert events(logs) == ["postgres_refused", "postgres_connected"]
+    refused = next(e for e in logs if e["event"] == "postgres_refused")
+    assert f"GRANT INSERT ON dmzbroker.records TO {SINK}" in refused["error"]
+    assert "'historian' at 127.0.0.1" in refused["error"] and "\n" not in refused["error"]
+    assert historian.seqs() == list(range(1, 41))
+
+
+async def test_insert_revoked_mid_stream_is_refused_and_nothing_is_lost(
+    historian: Historian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres_output, "REFUSED_RETRY_S", 0.3)
+    sender = spool_of(tmp_path, varied(10))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == 10, timeout=30)
+                historian.rows(f"REVOKE INSERT ON dmzbroker.records FROM {SINK}")
+                sender.send(varied(10))
+                await eventually(lambda: "postgres_refused" in events(logs))
+                assert position(tmp_path) == 10
+                historian.rows(f"GRANT INSERT ON dmzbroker.records TO {SINK}")
+                await eventually(lambda: position(tmp_path) == 20, timeout=30)
+    finally:
+        sender.close()
+    refused = next(e for e in logs if e["event"] == "postgres_refused")
+    assert "permission denied for table records" in refused["error"]
+    assert historian.seqs() == list(range(1, 21))
+
+
+async def test_a_schema_missing_without_an_owner_or_an_owner_without_create_is_refused(
+    historian: Historian, tmp_path: Path
+) -> None:
+    sender = spool_of(tmp_path, varied(5))
+    try:
+        for config, fix in (
+            (historian.config(owner=None), "set enterprise.postgres.owner"),
+            (
+                historian.config(owner=historian.sink),
+                f"GRANT CREATE ON DATABASE historian TO {SINK}",
+            ),
+        ):
+            with structlog.testing.capture_logs() as logs:
+                async with running(sink_of(config, tmp_path).run()):
+                    await eventually(lambda: "postgres_refused" in events(logs))
+            assert events(logs) == ["postgres_refused"]
+            assert fix in logs[0]["error"] and "dmzbroker" in logs[0]["error"]
+    finally:
+        sender.close()
+    assert position(tmp_path) == 0
+
+
+async def test_verify_full_refuses_a_server_whose_certificate_does_not_name_it(
+    historian: Historian, tmp_path: Path, pki: Pki
+) -> None:
+    sender = spool_of(tmp_path, varied(5))
+    try:
+        for config, words in (
+            (historian.config(server_name="db.example.org"),
+             ["does not match host name \"db.example.org\"", "enterprise.postgres.server_name"]),
+            (historian.config(ca=pki.ca), ["certificate verify failed"]),  # another CA
+        ):  # fmt: skip
+            with structlog.testing.capture_logs() as logs:
+                async with running(sink_of(config, tmp_path).run()):
+                    await eventually(lambda: "postgres_unreachable" in events(logs))
+            error = next(e for e in logs if e["event"] == "postgres_unreachable")["error"]
+            assert all(word in error for word in words), error
+            assert "postgres_connected" not in events(logs)
+    finally:
+        sender.close()
+    assert position(tmp_path) == 0
+
+
+async def test_a_password_file_login_writes_with_the_documented_grants(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """A second sink, by password, given exactly the GRANTs docs/postgres.md lists; a
+    wrong password is refused in one line."""
+    sender = spool_of(tmp_path, varied(10))
+    try:
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 10, timeout=30)
+        by_password = historian.server.create_role("dmzbroker_sink2", password="sink secret")
+        grants = re.search(r"```sql\n(GRANT USAGE.*?)```", DOCS.read_text(), re.DOTALL)
+        assert grants is not None
+        historian.rows(grants.group(1).replace(SINK, "dmzbroker_sink2"))
+        config = historian.server.sink_config(CONSUMER_URI, by_password, database="historian")
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(config, tmp_path, "second").run()):
+                await eventually(lambda: position(tmp_path, "second") == 10, timeout=30)
+        assert events(logs) == ["postgres_connected"]
+        assert by_password.password_file is not None
+        by_password.password_file.write_text("wrong\n")
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(config, tmp_path, "third").run()):
+                await eventually(lambda: "postgres_refused" in events(logs))
+        assert "password authentication failed" in logs[0]["error"]
+    finally:
+        sender.close()
+    assert historian.seqs() == list(range(1, 11))
+
+
+async def test_the_owners_functions_take_no_hostile_argument_and_no_other_role(
+    historian: Historian, tmp_path: Path
+) -> None:
+    sender = spool_of(tmp_path, varied(4))
+    try:
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 4, timeout=30)
+    finally:
+        sender.close()
+    config = historian.config()
+    async with await sink_of(config, tmp_path)._connect(config) as c:
+        await c.set_autocommit(True)
+        for hostile in (
+            'x"; DROP TABLE dmzbroker.records; --',
+            "",
+            "a/../b",
+            "A/B",
+            "a/" + "b" * 64,
+        ):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                await c.execute("SELECT dmzbroker.ensure_asset_view(%s)", (hostile,))
+    # A role of the same database that was granted nothing may not call them.
+    other = historian.server.create_role("someone_else")
+    config = historian.server.sink_config(CONSUMER_URI, other, database="historian")
+    async with await sink_of(config, tmp_path)._connect(config) as c:
+        await c.set_autocommit(True)
+        for call in ("SELECT dmzbroker.ensure_partition('2030-01-01')",
+                     "SELECT dmzbroker.ensure_asset_view('a/b')"):  # fmt: skip
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await c.execute(call.encode())
+    assert historian.rows("SELECT count(*) FROM dmzbroker.records") == [(4,)]
+
+
+async def test_records_lost_to_spool_retention_are_logged_and_the_rest_written(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """The spool keeps about 2 MiB; 10 MiB were written before the sink first read it."""
+    sender = SpoolSender(tmp_path / "spool", 1 << 20, 2 << 20)
+    try:
+        for _ in range(40):
+            sender.send(varied(250))
+        last = sender.next_seq - 1
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == last, timeout=60)
+    finally:
+        sender.close()
+    lost = next(e for e in logs if e["event"] == "spool_records_lost")
+    seqs = historian.seqs()
+    assert seqs[0] == lost["first_seq"] and seqs == list(range(lost["first_seq"], last + 1))
+
+
+async def test_a_server_stop_and_a_crash_mid_stream_lose_nothing_and_duplicate_nothing(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """Short outages (the 30-s one is in test_postgres_outage.py): a clean stop, then a
+    SIGKILL of every server process, while the plant writes on."""
+    sender = SpoolSender(tmp_path / "spool", 1 << 20, 64 << 20)
+
+    async def plant() -> None:
+        for _ in range(100_000):
+            sender.send(varied(20))
+            await asyncio.sleep(0.01)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run(), plant()):
+                for outage in (historian.server.stop, historian.server.kill):
+                    await eventually(lambda: position(tmp_path) > 0, timeout=30)
+                    outage()
+                    await eventually(lambda: "postgres_unreachable" in events(logs), timeout=30)
+                    historian.server.start()
+                    before = sender.next_seq - 1
+                    await eventually(lambda: position(tmp_path) >= before, timeout=60)  # noqa: B023
+                    logs.clear()
+            last = sender.next_seq - 1
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == last, timeout=60)
+    finally:
+        sender.close()
+    assert historian.seqs() == list(range(1, last + 1))
+
+
+async def test_a_schema_name_that_would_need_quoting_stops_the_half_at_start(
+    historian: Historian, tmp_path: Path
+) -> None:
+    sink = sink_of(historian.config(schema='dmz"; DROP'), tmp_path)
+    with pytest.raises(ConfigError, match=r"enterprise\.postgres\.schema"):
+        await sink.start()
