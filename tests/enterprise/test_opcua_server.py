@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,13 +22,15 @@ import pytest
 import structlog
 from asyncua import Client, ua
 from asyncua.crypto import security_policies as sp
+from asyncua.crypto.permission_rules import UserRole
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.uaprocessor import UaProcessor
-from asyncua.crypto.permission_rules import UserRole
 from asyncua.ua.uaerrors import BadNodeIdUnknown, BadUserAccessDenied, UaStatusCodeError
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker import policy
 from broker.audit.log import AuditLog
@@ -36,14 +39,28 @@ from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import REGISTRY, opcua
 from broker.enterprise.outputs.base import OutputContext
 from broker.enterprise.outputs.opcua import OpcUaServer
+from broker.enterprise.outputs.opcua_guard import GuardedProcessor
+from broker.enterprise.outputs.opcua_session import (
+    MAX_OPERATIONS,
+    MAX_SUBSCRIPTIONS,
+    GuardedSession,
+)
 from broker.enterprise.outputs.opcua_space import STATUS, UNECE, unit_id
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
 from broker.records import Alert, Assessment, Context, Record
 from tests.enterprise.served import Api, get
-from tests.harness import CONSUMER_URI, DEMO_POLICY, ENERGY_URI, STRANGER_URI, Pki, dmzbroker
-from tests.harness import eventually, free_port
+from tests.harness import (
+    CONSUMER_URI,
+    DEMO_POLICY,
+    ENERGY_URI,
+    STRANGER_URI,
+    Pki,
+    dmzbroker,
+    eventually,
+    free_port,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -373,9 +390,8 @@ async def test_a_client_of_another_identity_sees_only_its_granted_nodes(mirror: 
 
 
 async def test_an_identity_the_policy_does_not_know_gets_no_session(mirror: Mirror) -> None:
-    with structlog.testing.capture_logs() as logs:
-        with pytest.raises(UaStatusCodeError):
-            await connect(mirror.client(STRANGER_URI), mirror.pki)
+    with structlog.testing.capture_logs() as logs, pytest.raises(UaStatusCodeError):
+        await connect(mirror.client(STRANGER_URI), mirror.pki)
     refused = [e for e in logs if e["event"] == "opcua_client_refused"]
     assert refused and refused[0]["reason"] == "unknown_identity"
     assert refused[0]["identity"] == STRANGER_URI
@@ -386,10 +402,9 @@ async def test_a_write_is_refused_audited_and_changes_nothing(mirror: Mirror) ->
     mirror.store.apply([record(ROOM, -18.0, 1)])
     async with await secured(mirror.client(), mirror.pki) as client:
         node = node_of(client, await namespace(client), ROOM)
-        await eventually(lambda: node.read_value())
-        with structlog.testing.capture_logs() as logs:
-            with pytest.raises(BadUserAccessDenied):
-                await node.write_value(ua.DataValue(ua.Variant(99.0, ua.VariantType.Double)))
+        await eventually(node.read_value)
+        with structlog.testing.capture_logs() as logs, pytest.raises(BadUserAccessDenied):
+            await node.write_value(ua.DataValue(ua.Variant(99.0, ua.VariantType.Double)))
         assert await node.read_value() == -18.0
     refused = [e for e in logs if e["event"] == "opcua_service_refused"]
     assert refused == [
@@ -443,7 +458,7 @@ async def test_a_client_certificate_from_another_ca_is_refused_at_the_secure_cha
         {CONSUMER_URI: (tmp_path / "intruder-cert.pem", tmp_path / "intruder-key.pem")},
     )  # fmt: skip
     client = _client(mirror.server.endpoint, pki_of_intruder, CONSUMER_URI)
-    with structlog.testing.capture_logs() as logs, pytest.raises(Exception):  # noqa: B017, PT011
+    with structlog.testing.capture_logs() as logs, pytest.raises(Exception):  # noqa: B017
         await connect(client, mirror.pki)
     await client.disconnect()
     refused = [e for e in logs if e["event"] == "opcua_client_refused"]
@@ -488,5 +503,222 @@ async def test_a_port_in_use_or_an_unusable_certificate_stops_start_with_one_lin
     with pytest.raises(ConfigError, match="not an RSA key"):  # the API's ECDSA certificate
         await start_mirror(tmp_path, pki, opcua_pki, certificate=str(pki.server_cert),
                            private_key=str(pki.server_key))  # fmt: skip
-    with pytest.raises(ConfigError, match="missing.pem: cannot read"):
+    with pytest.raises(ConfigError, match=r"missing\.pem: cannot read"):
         await start_mirror(tmp_path, pki, opcua_pki, certificate=str(tmp_path / "missing.pem"))
+
+
+# --- hooks into asyncua 2.1.0's internals: each one named, each one tested (ADR 0025) ---
+
+HOOKS = {  # class → the members our subclasses override or read
+    UaProcessor: ("process", "open_secure_channel", "process_message", "send_response",
+                  "set_policies", "_connection", "_transport", "session", "iserver", "name"),
+    OPCUAProtocol: ("connection_made", "data_received", "_buffer", "processor", "policies",
+                    "limits", "transport"),
+    BinaryServer: ("_make_protocol", "_policies", "clients", "closing_tasks", "limits", "port"),
+    InternalServer: ("create_session", "lookup_external_session", "max_connections",
+                     "max_pending_activation_seconds", "max_pending_messages_per_connection",
+                     "max_session_timeout_ms", "max_subscriptions", "supported_tokens",
+                     "allow_remote_admin"),
+    InternalSession: ("read", "browse", "translate_browsepaths_to_nodeids", "create_subscription",
+                      "create_monitored_items", "modify_monitored_items", "delete_monitored_items",
+                      "set_monitoring_mode", "modify_subscription", "republish",
+                      "set_publishing_mode", "delete_subscriptions", "publish", "close_session"),
+}  # fmt: skip
+
+
+async def test_every_asyncua_member_the_guard_relies_on_is_still_there(mirror: Mirror) -> None:
+    server = mirror.server._server
+    assert server is not None and server.bserver is not None
+    found = {
+        InternalServer: server.iserver,
+        BinaryServer: server.bserver,
+    }
+    for cls, members in HOOKS.items():
+        for member in members:
+            where = found.get(cls, cls)
+            assert hasattr(where, member) or member in cls.__init__.__code__.co_names, (
+                f"asyncua {cls.__name__}.{member} moved: re-check opcua_guard/opcua_session"
+            )
+    # the upgrade-sensitive signatures our overrides mirror
+    assert list(inspect.signature(UaProcessor.process_message).parameters) == [
+        "self",
+        "seqhdr",
+        "body",
+    ]
+    assert list(inspect.signature(UaProcessor.open_secure_channel).parameters) == [
+        "self",
+        "algohdr",
+        "seqhdr",
+        "body",
+    ]
+    assert list(inspect.signature(InternalServer.create_session).parameters) == [
+        "self",
+        "name",
+        "user",
+        "external",
+    ]
+
+
+async def test_every_connection_and_session_goes_through_the_guard(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki):
+        server = mirror.server._server
+        assert server is not None and server.bserver is not None
+        (protocol,) = server.bserver.clients
+        assert isinstance(protocol.processor, GuardedProcessor)
+        assert isinstance(protocol.processor.session, GuardedSession)
+        assert server.iserver.max_connections == 64 + 8
+        assert server.iserver.supported_tokens == (ua.AnonymousIdentityToken, ua.X509IdentityToken)
+
+
+async def test_register_server2_needs_no_session_in_asyncua_and_is_refused_here(
+    mirror: Mirror,
+) -> None:
+    client = Client(mirror.server.endpoint, timeout=20)  # no security, no session
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        params = ua.RegisterServer2Parameters()
+        params.Server.ServerUri = "urn:attacker"
+        params.Server.ServerNames = [ua.LocalizedText("rogue")]
+        with structlog.testing.capture_logs() as logs, pytest.raises(BadUserAccessDenied):
+            await client.uaclient.register_server2(params)
+        with pytest.raises(BadUserAccessDenied):
+            await client.uaclient.register_server(params.Server)
+        servers = await client.find_servers()
+    finally:
+        client.disconnect_socket()
+    assert all(s.ApplicationUri != "urn:attacker" for s in servers)
+    assert [e["service"] for e in logs if e["event"] == "opcua_service_refused"] == [
+        "RegisterServer2"
+    ]
+
+
+async def test_a_session_is_not_reactivated_from_another_clients_channel(mirror: Mirror) -> None:
+    """asyncua hands a live session to any channel that names its authentication token."""
+    async with await secured(mirror.client(), mirror.pki) as owner:
+        thief = await secured(mirror.client(ENERGY_URI), mirror.pki)
+        await thief.connect_socket()
+        try:
+            await thief.send_hello()
+            await thief.open_secure_channel()
+            thief.uaclient.protocol.authentication_token = (
+                owner.uaclient.protocol.authentication_token
+            )
+            thief._server_nonce = owner._server_nonce
+            with (
+                structlog.testing.capture_logs() as logs,
+                pytest.raises(UaStatusCodeError) as refused,
+            ):
+                await thief.activate_session()
+        finally:
+            thief.disconnect_socket()
+        assert refused.value.code == ua.StatusCodes.BadSessionIdInvalid
+        assert [e["reason"] for e in logs if e["event"] == "opcua_client_refused"] == [
+            "session_of_another_client"
+        ]
+        assert await owner.get_namespace_index("urn:dmzbroker:coldstore-demo") > 1  # still its own
+
+
+async def test_a_session_certificate_other_than_the_channels_is_refused(mirror: Mirror) -> None:
+    """asyncua checks only the certificate in CreateSession, not that it is the channel's."""
+    client = await secured(mirror.client(), mirror.pki)
+    other = mirror.pki.clients[ENERGY_URI][0].read_bytes()
+    send = client.uaclient.create_session
+
+    async def swapped(params: ua.CreateSessionParameters) -> ua.CreateSessionResult:
+        params.ClientCertificate = x509.load_pem_x509_certificate(other).public_bytes(Encoding.DER)
+        return await send(params)
+
+    client.uaclient.create_session = swapped  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs, pytest.raises(UaStatusCodeError) as refused:
+        await client.connect()
+    await client.disconnect()
+    assert refused.value.code == ua.StatusCodes.BadCertificateInvalid
+    assert [e["reason"] for e in logs if e["event"] == "opcua_client_refused"] == [
+        "certificate_not_channels"
+    ]
+    assert mirror.server.sessions == 0
+
+
+async def test_a_chunk_longer_than_a_chunk_may_be_is_not_buffered(mirror: Mirror) -> None:
+    """asyncua buffers whatever length a header claims before it checks any limit."""
+    host, port = mirror.server.endpoint.removeprefix("opc.tcp://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"HELF" + (1 << 30).to_bytes(4, "little") + b"\0" * 1024)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed without waiting for a GiB
+    finally:
+        writer.close()
+
+
+async def test_revoking_a_certificate_ends_its_open_session(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki) as client:
+        await eventually(lambda: mirror.server.sessions == 1)
+        (session,) = mirror.server._rules.sessions  # type: ignore[union-attr]
+        assert session.peer is not None
+        mirror.authz.use_revoked(frozenset({session.peer.serial}))
+        await eventually(lambda: mirror.server.sessions == 0)
+        with pytest.raises(Exception):  # noqa: B017
+            await client.get_namespace_index("urn:dmzbroker:coldstore-demo")
+
+
+async def test_while_the_audit_log_fails_sessions_end_and_none_open(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki):
+        await eventually(lambda: mirror.server.sessions == 1)
+        mirror.audit.failing = True
+        try:
+            await eventually(lambda: mirror.server.sessions == 0)
+            with (
+                structlog.testing.capture_logs() as logs,
+                pytest.raises(UaStatusCodeError) as refused,
+            ):
+                await connect(mirror.client(), mirror.pki)
+            assert refused.value.code == ua.StatusCodes.BadServerHalted
+            assert [e["reason"] for e in logs if e["event"] == "opcua_client_refused"] == [
+                "not_serving"
+            ]
+        finally:
+            mirror.audit.failing = False
+
+
+async def test_a_policy_that_narrows_a_view_ends_the_sessions_watching_beyond_it(
+    mirror: Mirror,
+) -> None:
+    demo = policy.load(DEMO_POLICY)
+    roles = [
+        r
+        if r.name != "energy"
+        else msgspec.structs.replace(r, signals=["coldstore/outdoor/weather/*"])
+        for r in demo.roles
+    ]
+    narrower = msgspec.structs.replace(demo, version=demo.version + 1, roles=roles)
+    async with (
+        await secured(mirror.client(ENERGY_URI), mirror.pki) as energy,
+        await secured(mirror.client(), mirror.pki),
+    ):
+        ns = await namespace(energy)
+        subscription = await energy.create_subscription(50, Changes())
+        await subscription.subscribe_data_change(node_of(energy, ns, POWER))
+        await eventually(lambda: mirror.server.sessions == 2)
+        mirror.authz.use_policy(narrower)
+        mirror.server.use_policy(narrower)
+        await eventually(lambda: mirror.server.sessions == 1)  # the historian's stays
+        (left,) = mirror.server._rules.sessions  # type: ignore[union-attr]
+        assert left.peer is not None and left.peer.identity == CONSUMER_URI
+
+
+async def test_requests_and_monitored_items_are_bounded_per_session(mirror: Mirror) -> None:
+    async with await secured(mirror.client(), mirror.pki) as client:
+        ns = await namespace(client)
+        too_many = [node_of(client, ns, ROOM)] * (MAX_OPERATIONS + 1)
+        with pytest.raises(UaStatusCodeError) as refused:
+            await client.read_values(too_many)
+        assert refused.value.code == ua.StatusCodes.BadTooManyOperations
+        for _ in range(MAX_SUBSCRIPTIONS):
+            await client.create_subscription(500, Changes())
+        with pytest.raises(UaStatusCodeError) as refused:
+            await client.create_subscription(500, Changes())
+        assert refused.value.code == ua.StatusCodes.BadTooManySubscriptions

@@ -14,6 +14,7 @@ reads; a client can make it do nothing but answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from datetime import UTC, datetime
 from typing import NoReturn
@@ -137,10 +138,8 @@ class OpcUaServer:
         if space is None or rules is None:
             raise RuntimeError("OpcUaServer.run before start")
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), STALE_CHECK_S)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._closed_for() is not None:
                 for session in list(rules.sessions):

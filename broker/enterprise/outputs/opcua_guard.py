@@ -24,25 +24,36 @@ Nothing here writes to the address space, the spool, or anything the plant half 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from asyncua import Server, ua
+from asyncua import ua
 from asyncua.common.connection import TransportLimits
+from asyncua.common.utils import Buffer
 from asyncua.crypto import security_policies as sp
+from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
+from asyncua.server.server import Server
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
-from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.ua.ua_binary import header_from_binary, nodeid_from_binary, struct_from_binary
-from asyncua.ua.ua_binary import uatcp_to_binary
+from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.ua_binary import (
+    header_from_binary,
+    nodeid_from_binary,
+    struct_from_binary,
+    uatcp_to_binary,
+)
 
 from broker.enterprise.authz import Peer
 from broker.enterprise.outputs.opcua_session import MAX_SUBSCRIPTIONS, GuardedSession, SessionRules
+from broker.enterprise.outputs.opcua_space import status
 from broker.enterprise.outputs.opcua_trust import ClientTrust, Untrusted, split_chain
 
 log = structlog.get_logger("opcua_server")
+
+Refusal = tuple[str, str, int]  # reason (for the audit), detail, the status answered
 
 SECURE_POLICIES = (
     sp.SecurityPolicyBasic256Sha256,
@@ -55,7 +66,7 @@ SECURITY = [
     ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
 ]
 _SECURE_URIS = frozenset(p.URI for p in SECURE_POLICIES)
-_I = ua.ObjectIds
+_I = ObjectIds
 DISCOVERY = frozenset(
     {
         _I.GetEndpointsRequest_Encoding_DefaultBinary,
@@ -91,8 +102,9 @@ MAX_SESSION_TIMEOUT_MS = 60_000  # a session whose client went away lingers at m
 
 
 def service_name(typeid: ua.NodeId) -> str:
-    name = ua.ObjectIdNames.get(typeid.Identifier, str(typeid.Identifier))
-    return str(name).removesuffix("_Encoding_DefaultBinary").removesuffix("Request")
+    found = typeid.Identifier
+    name = ObjectIdNames.get(found, str(found)) if isinstance(found, int) else str(found)
+    return name.removesuffix("_Encoding_DefaultBinary").removesuffix("Request")
 
 
 class _NoAdmin(UserManager):
@@ -120,7 +132,7 @@ class GuardedProcessor(UaProcessor):
             except Untrusted as refused:
                 self._refuse_channel(refused)
                 return False
-        return bool(await super().process(header, body))
+        return bool(await super().process(header, body))  # type: ignore[no-untyped-call]
 
     def _check_opening(self, security: ua.AsymmetricAlgorithmHeader) -> None:
         uri = security.SecurityPolicyURI
@@ -146,78 +158,93 @@ class GuardedProcessor(UaProcessor):
         elif self.peer is not None and self.trust.revoked(self.peer):
             self._refuse_channel(Untrusted("revoked", "at the channel's renewal", self.peer))
             return
-        super().open_secure_channel(algohdr, seqhdr, body)
+        super().open_secure_channel(algohdr, seqhdr, body)  # type: ignore[no-untyped-call]
 
     def _refuse_channel(self, refused: Untrusted) -> None:
         log.warning(
             "opcua_client_refused", stage="channel", reason=refused.reason,
             detail=refused.detail, **_described(refused.peer, self.name),
         )  # fmt: skip
-        status = ua.StatusCodes.BadSecurityChecksFailed
+        code = StatusCodes.BadSecurityChecksFailed
         if refused.reason == "security_policy_refused":
-            status = ua.StatusCodes.BadSecurityPolicyRejected
-        error = ua.ErrorMessage(ua.StatusCode(status), refused.detail)
-        self._transport.write(uatcp_to_binary(ua.MessageType.Error, error))
+            code = StatusCodes.BadSecurityPolicyRejected
+        error = ua.ErrorMessage(status(code), ua.String(refused.detail))
+        self._transport.write(uatcp_to_binary(cast(ua.MessageType, ua.MessageType.Error), error))
         self._transport.close()
 
     async def process_message(self, seqhdr: Any, body: Any) -> bool:
         peek = body.copy()
         typeid = nodeid_from_binary(peek)
         request = struct_from_binary(ua.RequestHeader, peek)
-        service = typeid.Identifier if typeid.NamespaceIndex == 0 else -1
+        service = (
+            typeid.Identifier
+            if isinstance(typeid.Identifier, int) and typeid.NamespaceIndex == 0
+            else -1
+        )
         refusal = self._refusal(service, typeid, request, peek)
         if refusal is not None:
             self._fault(request, seqhdr, refusal)
             return True
-        result = await super().process_message(seqhdr, body)
+        result = await super().process_message(seqhdr, body)  # type: ignore[no-untyped-call]
         if service == _I.CreateSessionRequest_Encoding_DefaultBinary:
             self._bind_created()
         return bool(result) if result is not None else True
 
     def _refusal(self, service: int, typeid: ua.NodeId, request: Any, peek: Any) -> int | None:
         """The status refusing this request, logged; None to let asyncua serve it."""
-        peer = self.peer
         if service not in ALLOWED:
             log.warning(
                 "opcua_service_refused", service=service_name(typeid),
-                **_described(peer, self.name),
+                **_described(self.peer, self.name),
             )  # fmt: skip
-            return ua.StatusCodes.BadUserAccessDenied
+            return StatusCodes.BadUserAccessDenied
+        refused: Refusal | None = None
         if service in DISCOVERY:
             return None
-        if peer is None:
-            self._session_refused("security_none", "a session needs a SignAndEncrypt channel")
-            return ua.StatusCodes.BadSecurityModeRejected
-        if service == _I.CreateSessionRequest_Encoding_DefaultBinary:
-            params = struct_from_binary(ua.CreateSessionParameters, peek)
-            if self.session is not None:
-                self._session_refused("second_session", "one session per connection")
-                return ua.StatusCodes.BadTooManySessions
-            if (
-                not params.ClientCertificate
-                or split_chain(params.ClientCertificate)[0] != self.channel_der
-            ):
-                self._session_refused("certificate_not_channels", "not the channel's certificate")
-                return ua.StatusCodes.BadCertificateInvalid
-            why = self.rules.refusal(peer)
-            if why is not None:
-                self._session_refused(why[0], why[1])
-                return why[2]
-        if service == _I.ActivateSessionRequest_Encoding_DefaultBinary:
-            return self._activation_refusal(request, peek)
-        return None
+        if self.peer is None:
+            refused = ("security_none", "a session needs a SignAndEncrypt channel",
+                       StatusCodes.BadSecurityModeRejected)  # fmt: skip
+        elif service == _I.CreateSessionRequest_Encoding_DefaultBinary:
+            refused = self._creation_refusal(self.peer, peek)
+        elif service == _I.ActivateSessionRequest_Encoding_DefaultBinary:
+            refused = self._activation_refusal(request, peek)
+        if refused is None:
+            return None
+        log.warning(
+            "opcua_client_refused", stage="session", reason=refused[0], detail=refused[1],
+            **_described(self.peer, self.name),
+        )  # fmt: skip
+        return refused[2]
 
-    def _activation_refusal(self, request: Any, peek: Any) -> int | None:
+    def _creation_refusal(self, peer: Peer, peek: Any) -> Refusal | None:
+        params = struct_from_binary(ua.CreateSessionParameters, peek)
+        if self.session is not None:
+            return "second_session", "one session per connection", StatusCodes.BadTooManySessions
+        if _leaf(params.ClientCertificate) != self.channel_der:
+            return (
+                "certificate_not_channels", "the session's certificate is not the channel's",
+                StatusCodes.BadCertificateInvalid,
+            )  # fmt: skip
+        return self.rules.refusal(peer)
+
+    def _activation_refusal(self, request: Any, peek: Any) -> Refusal | None:
         params = struct_from_binary(ua.ActivateSessionParameters, peek)
         token = params.UserIdentityToken
-        if isinstance(token, ua.X509IdentityToken) and token.CertificateData != self.channel_der:
-            self._session_refused("user_certificate_not_channels", "user token certificate")
-            return ua.StatusCodes.BadIdentityTokenRejected
+        if (
+            isinstance(token, ua.X509IdentityToken)
+            and _leaf(token.CertificateData) != self.channel_der
+        ):
+            return (
+                "user_certificate_not_channels", "the user token's certificate is not the channel's",
+                StatusCodes.BadIdentityTokenRejected,
+            )  # fmt: skip
         if self.session is None:  # re-activation from another connection (Part 4 §6.7)
             held = self.iserver.lookup_external_session(request.AuthenticationToken)
             if not isinstance(held, GuardedSession) or held.channel_der != self.channel_der:
-                self._session_refused("session_of_another_client", "unknown session")
-                return ua.StatusCodes.BadSessionIdInvalid
+                return (
+                    "session_of_another_client", "no session of this client has that token",
+                    StatusCodes.BadSessionIdInvalid,
+                )  # fmt: skip
             held.transport = self._transport
         return None
 
@@ -226,16 +253,18 @@ class GuardedProcessor(UaProcessor):
         if isinstance(session, GuardedSession) and session.peer is None and self.peer is not None:
             session.bind(self.peer, self.channel_der, self._transport)
 
-    def _session_refused(self, reason: str, detail: str) -> None:
-        log.warning(
-            "opcua_client_refused", stage="session", reason=reason, detail=detail,
-            **_described(self.peer, self.name),
-        )  # fmt: skip
-
-    def _fault(self, request: Any, seqhdr: Any, status: int) -> None:
+    def _fault(self, request: Any, seqhdr: Any, code: int) -> None:
         response = ua.ServiceFault()
-        response.ResponseHeader.ServiceResult = ua.StatusCode(status)
-        self.send_response(request.RequestHandle, seqhdr, response)
+        response.ResponseHeader.ServiceResult = status(code)
+        self.send_response(request.RequestHandle, seqhdr, response)  # type: ignore[no-untyped-call]
+
+
+def _leaf(unverified: bytes | None) -> bytes:
+    """The first certificate of a certificate field; b"" when there is none to compare."""
+    try:
+        return split_chain(unverified or b"")[0]
+    except ValueError:
+        return b""
 
 
 def _remote(name: Any) -> str | None:
@@ -261,12 +290,12 @@ class _Protocol(OPCUAProtocol):
             return  # refused at max_connections
         processor = GuardedProcessor(self.iserver, self.transport, self.limits)
         processor.rules, processor.trust = self.rules, self.trust
-        processor.set_policies(self.policies)
+        processor.set_policies(self.policies)  # type: ignore[no-untyped-call]
         self.processor = processor
 
     def data_received(self, data: bytes) -> None:
         if len(self._buffer) + len(data) >= 8:
-            header = header_from_binary(ua.utils.Buffer((self._buffer + data)[:12]))
+            header = header_from_binary(Buffer((self._buffer + data)[:12]))
             if header.packet_size > MAX_CHUNK_BYTES:
                 if self.transport is not None:
                     self.transport.close()
@@ -286,15 +315,19 @@ class _BinaryServer(BinaryServer):
         return protocol
 
 
+_ANONYMOUS = User(role=UserRole.Anonymous)  # asyncua's default; the user is set at activation
+
+
 class _InternalServer(InternalServer):
     rules: SessionRules
 
     def create_session(
-        self, name: str, user: User = User(role=UserRole.Anonymous), external: bool = False
+        self, name: str, user: User = _ANONYMOUS, external: bool = False
     ) -> GuardedSession:
         return GuardedSession(
-            self, self.aspace, self.subscription_service, name, self.rules, user, external
-        )
+            self, self.aspace, self.subscription_service, name,
+            rules=self.rules, user=user, external=external,
+        )  # fmt: skip
 
 
 class GuardedServer(Server):
@@ -308,7 +341,7 @@ class GuardedServer(Server):
         iserver.max_pending_messages_per_connection = PENDING_MESSAGES
         iserver.max_session_timeout_ms = MAX_SESSION_TIMEOUT_MS
         iserver.max_subscriptions = max_sessions * MAX_SUBSCRIPTIONS
-        iserver.supported_tokens = (ua.AnonymousIdentityToken, ua.X509IdentityToken)
+        iserver.supported_tokens = (ua.AnonymousIdentityToken, ua.X509IdentityToken)  # type: ignore[assignment]
         super().__init__(iserver=iserver)
         self.set_security_policy(SECURITY)
         self.limits = TransportLimits(
@@ -333,7 +366,7 @@ class GuardedServer(Server):
         await self.iserver.start()
         try:
             host, port = self._get_bind_socket_info()
-            self.bserver = _BinaryServer(self.iserver, host, port, self.limits)
+            self.bserver = _BinaryServer(self.iserver, host or "", port or 0, self.limits)
             self.bserver.rules, self.bserver.trust = self._rules, self._trust
             self.bserver.set_policies(self._policies)
             await self.bserver.start()

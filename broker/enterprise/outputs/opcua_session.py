@@ -24,17 +24,18 @@ from asyncua import ua
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User
 from asyncua.server.internal_session import InternalSession
+from asyncua.ua.status_codes import StatusCodes
 
 from broker.enterprise.authz import Authorization, Peer
-from broker.enterprise.outputs.opcua_space import AddressSpace
+from broker.enterprise.outputs.opcua_space import AddressSpace, status
 
 log = structlog.get_logger("opcua_server")
 
 MAX_SUBSCRIPTIONS = 8  # per session
 MAX_MONITORED_ITEMS = 20_000  # per session: a whole site's signals, twice
 MAX_OPERATIONS = 5_000  # nodes in one Read, Browse, TranslateBrowsePaths, CreateMonitoredItems
-_UNKNOWN = ua.StatusCodes.BadNodeIdUnknown
-_NOT_OURS = ua.StatusCodes.BadSubscriptionIdInvalid
+_UNKNOWN = StatusCodes.BadNodeIdUnknown
+_NOT_OURS = StatusCodes.BadSubscriptionIdInvalid
 
 
 class SessionRules:
@@ -53,27 +54,27 @@ class SessionRules:
         self.closed_for = closed_for  # why no session may open now (audit failing...), or None
         self.sessions: set[GuardedSession] = set()
 
-    def refusal(self, peer: Peer) -> tuple[str, str, int] | None:
+    def refusal(self, peer: Peer) -> tuple[str, str, int] | None:  # opcua_guard.Refusal
         """(reason, detail, status) refusing `peer` a new session, or None."""
         closed = self.closed_for()
         if closed is not None:
-            return "not_serving", closed, ua.StatusCodes.BadServerHalted
+            return "not_serving", closed, StatusCodes.BadServerHalted
         identity = peer.identity or ""
         if peer.serial in self.authz.revoked:
             return (
                 "revoked",
                 f"serial {peer.serial} is revoked",
-                ua.StatusCodes.BadCertificateRevoked,
+                StatusCodes.BadCertificateRevoked,
             )
         if not self.authz.knows(identity):
             return (
                 "unknown_identity",
                 "not a consumer of the policy",
-                ua.StatusCodes.BadUserAccessDenied,
+                StatusCodes.BadUserAccessDenied,
             )
         if len(self.sessions) >= self.max_sessions:
             detail = f"max_sessions ({self.max_sessions}) open"
-            return "too_many_sessions", detail, ua.StatusCodes.BadTooManySessions
+            return "too_many_sessions", detail, StatusCodes.BadTooManySessions
         return None
 
     def view(self, peer: Peer | None) -> frozenset[str]:
@@ -90,7 +91,7 @@ class GuardedSession(InternalSession):
     """A session that answers only for its identity's nodes and its own subscriptions."""
 
     def __init__(
-        self, iserver: Any, aspace: Any, submgr: Any, name: str, rules: SessionRules,
+        self, iserver: Any, aspace: Any, submgr: Any, name: str, *, rules: SessionRules,
         user: User, external: bool,
     ) -> None:  # fmt: skip
         super().__init__(iserver, aspace, submgr, name, user=user, external=external)
@@ -138,10 +139,7 @@ class GuardedSession(InternalSession):
         shown = [self.rules.visible(r.NodeId, view) for r in params.NodesToRead]
         params.NodesToRead = [r for r, ok in zip(params.NodesToRead, shown, strict=True) if ok]
         results = iter(await super().read(params) if params.NodesToRead else [])
-        return [
-            next(results) if ok else ua.DataValue(StatusCode=ua.StatusCode(_UNKNOWN))
-            for ok in shown
-        ]
+        return [next(results) if ok else ua.DataValue(StatusCode=status(_UNKNOWN)) for ok in shown]
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
         _bounded(params.NodesToBrowse)
@@ -149,7 +147,7 @@ class GuardedSession(InternalSession):
         results = []
         for description in params.NodesToBrowse:
             if not self.rules.visible(description.NodeId, view):
-                results.append(ua.BrowseResult(StatusCode=ua.StatusCode(_UNKNOWN)))
+                results.append(ua.BrowseResult(StatusCode=status(_UNKNOWN)))
                 continue
             one = ua.BrowseParameters(View=params.View, NodesToBrowse=[description])
             result = (await super().browse(one))[0]
@@ -167,12 +165,12 @@ class GuardedSession(InternalSession):
         results = []
         for path in params:
             if not self.rules.visible(path.StartingNode, view):
-                results.append(ua.BrowsePathResult(StatusCode=ua.StatusCode(_UNKNOWN)))
+                results.append(ua.BrowsePathResult(StatusCode=status(_UNKNOWN)))
                 continue
             result = (await super().translate_browsepaths_to_nodeids([path]))[0]
             targets = [t for t in result.Targets if self.rules.visible(_node(t.TargetId), view)]
             if len(targets) != len(result.Targets) and not targets:
-                result = ua.BrowsePathResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadNoMatch))
+                result = ua.BrowsePathResult(StatusCode=status(StatusCodes.BadNoMatch))
             else:
                 result.Targets = targets
             results.append(result)
@@ -183,7 +181,7 @@ class GuardedSession(InternalSession):
         request_callback: Callable[..., Any] | None = None,
     ) -> ua.CreateSubscriptionResult:  # fmt: skip
         if len(self._items) >= MAX_SUBSCRIPTIONS:
-            raise ServiceError(ua.StatusCodes.BadTooManySubscriptions)
+            raise ServiceError(StatusCodes.BadTooManySubscriptions)
         result = await super().create_subscription(params, callback, request_callback)
         self._items[result.SubscriptionId] = 0
         return result
@@ -201,7 +199,7 @@ class GuardedSession(InternalSession):
             if not self.rules.visible(item.ItemToMonitor.NodeId, view):
                 verdicts.append(_UNKNOWN)
             elif room <= 0:
-                verdicts.append(ua.StatusCodes.BadTooManyMonitoredItems)
+                verdicts.append(StatusCodes.BadTooManyMonitoredItems)
             else:
                 verdicts.append(None)
                 room -= 1
@@ -211,7 +209,7 @@ class GuardedSession(InternalSession):
         results = []
         for item, verdict in zip(items, verdicts, strict=True):
             if verdict is not None:
-                results.append(ua.MonitoredItemCreateResult(StatusCode=ua.StatusCode(verdict)))
+                results.append(ua.MonitoredItemCreateResult(StatusCode=status(verdict)))
                 continue
             result = next(made)
             if result.StatusCode.is_good():
@@ -262,14 +260,12 @@ class GuardedSession(InternalSession):
         done = iter(await super().set_publishing_mode(
             ua.SetPublishingModeParameters(PublishingEnabled=params.PublishingEnabled, SubscriptionIds=own)
         ) if own else [])  # fmt: skip
-        return [
-            next(done) if self._own(i) else ua.StatusCode(_NOT_OURS) for i in params.SubscriptionIds
-        ]
+        return [next(done) if self._own(i) else status(_NOT_OURS) for i in params.SubscriptionIds]
 
     async def delete_subscriptions(self, ids: list[int]) -> list[ua.StatusCode]:
         own = [i for i in ids if self._own(i)]
         done = iter(await super().delete_subscriptions(own) if own else [])
-        results = [next(done) if self._own(i) else ua.StatusCode(_NOT_OURS) for i in ids]
+        results = [next(done) if self._own(i) else status(_NOT_OURS) for i in ids]
         for i in own:
             self._items.pop(i, None)
         return results
@@ -280,14 +276,16 @@ class GuardedSession(InternalSession):
         count, done = super().publish(own)
         results = iter(done)
         return count, [
-            next(results) if self._own(a.SubscriptionId) else ua.StatusCode(_NOT_OURS) for a in acks
+            next(results) if self._own(a.SubscriptionId) else status(_NOT_OURS) for a in acks
         ]
 
 
 def _bounded(operations: list[Any]) -> None:
     if len(operations) > MAX_OPERATIONS:
-        raise ServiceError(ua.StatusCodes.BadTooManyOperations)
+        raise ServiceError(StatusCodes.BadTooManyOperations)
 
 
 def _node(expanded: ua.ExpandedNodeId | ua.NodeId) -> ua.NodeId:
-    return ua.NodeId(expanded.Identifier, expanded.NamespaceIndex)
+    return ua.NodeId(
+        expanded.Identifier, expanded.NamespaceIndex
+    )  # an ExpandedNodeId's server part dropped

@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import cast
 
-from asyncua import Server, ua
+from asyncua import ua
+from asyncua.server.server import Server
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 
 from broker.policy import Policy
 from broker.policy.schema import Signal
@@ -31,10 +36,10 @@ PROPERTIES = ("State", "Assessment", "ActiveAlerts")  # a record's context, per 
 UNITS_NAMESPACE = "http://www.opcfoundation.org/UA/units/un/cefact"
 CHUNK = 200  # nodes made between yields: a large model never holds the event loop long
 STATUS: dict[Quality, int] = {
-    "good": ua.StatusCodes.Good,
-    "uncertain": ua.StatusCodes.Uncertain,
-    "stale": ua.StatusCodes.UncertainLastUsableValue,
-    "bad": ua.StatusCodes.Bad,
+    "good": StatusCodes.Good,
+    "uncertain": StatusCodes.Uncertain,
+    "stale": StatusCodes.UncertainLastUsableValue,
+    "bad": StatusCodes.Bad,
 }
 # UNECE Recommendation 20 codes of the units policies use most (OPC UA Part 8, EUInformation)
 UNECE = {
@@ -42,6 +47,10 @@ UNECE = {
     "MPa": "MPA", "%": "P1", "A": "AMP", "V": "VLT", "W": "WTT", "kW": "KWT", "kWh": "KWH",
     "Hz": "HTZ", "s": "SEC", "min": "MIN", "h": "HUR", "rpm": "RPM", "m3/h": "MQH", "l/s": "G51",
 }  # fmt: skip
+
+
+def status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
 
 
 def unit_id(code: str) -> int:
@@ -70,7 +79,7 @@ class AddressSpace:
         self._context: dict[str, tuple[str, str, list[str]]] = {}  # what properties hold
 
     def node_id(self, path: str, part: str = "") -> ua.NodeId:
-        return ua.NodeId(f"{path}.{part}" if part else path, self._ns)
+        return ua.NodeId(ua.String(f"{path}.{part}" if part else path), ua.Int16(self._ns))
 
     def signals_of(self, node: ua.NodeId) -> frozenset[str] | None:
         """The signals that make `node` visible; None for a node outside the model (the
@@ -98,7 +107,9 @@ class AddressSpace:
         for path in sorted(objects, key=lambda p: p.count("/")):
             if path not in self._objects:
                 parent = path.rpartition("/")[0]
-                where = self.node_id(parent) if parent else ua.NodeId(ua.ObjectIds.ObjectsFolder)
+                where = (
+                    self.node_id(parent) if parent else ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder))
+                )
                 await self._server.get_node(where).add_object(
                     self.node_id(path), ua.QualifiedName(path.rpartition("/")[2], self._ns)
                 )
@@ -123,13 +134,13 @@ class AddressSpace:
         kind = variant_type(signal)
         node = await asset.add_variable(
             self.node_id(signal.path), ua.QualifiedName(signal.measure, self._ns), ua.Variant(),
-            datatype=ua.NodeId(kind.value),
+            datatype=ua.NodeId(ua.Int32(kind.value)),
         )  # fmt: skip
-        waiting = ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData)
-        await node.write_attribute(ua.AttributeIds.Value, ua.DataValue(StatusCode=waiting))
+        waiting = status(StatusCodes.BadWaitingForInitialData)
+        await node.write_attribute(AttributeIds.Value, ua.DataValue(StatusCode=waiting))
         if signal.description:
             text = ua.LocalizedText(signal.description)
-            await node.write_attribute(ua.AttributeIds.Description, ua.DataValue(text))
+            await node.write_attribute(AttributeIds.Description, ua.DataValue(ua.Variant(text)))
         code = UNECE.get(signal.unit)
         units = ua.EUInformation(
             NamespaceUri=UNITS_NAMESPACE,
@@ -177,9 +188,9 @@ class AddressSpace:
             self.node_id(record.signal),
             ua.DataValue(
                 variant,
-                StatusCode=ua.StatusCode(STATUS[record.quality]),
-                SourceTimestamp=record.source_time,
-                ServerTimestamp=record.broker_time,
+                StatusCode=status(STATUS[record.quality]),
+                SourceTimestamp=cast(ua.DateTime, record.source_time),
+                ServerTimestamp=cast(ua.DateTime, record.broker_time),
             ),
         )
         context = record.context
@@ -191,12 +202,11 @@ class AddressSpace:
         if self._context.get(record.signal) == now:
             return
         self._context[record.signal] = now
-        for name, value in zip(PROPERTIES, now, strict=True):
+        at = cast(ua.DateTime, record.source_time)
+        for name, text in zip(PROPERTIES, now, strict=True):
             await self._server.write_attribute_value(
                 self.node_id(record.signal, name),
-                ua.DataValue(
-                    ua.Variant(value, ua.VariantType.String), SourceTimestamp=record.source_time
-                ),
+                ua.DataValue(ua.Variant(text, ua.VariantType.String), SourceTimestamp=at),
             )
 
 

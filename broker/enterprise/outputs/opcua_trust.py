@@ -106,13 +106,13 @@ class ClientTrust:
         except VerificationError as e:
             raise Untrusted("certificate_untrusted", str(e), peer) from None
         crl = self._crl
-        if crl is not None and crl.next_update is not None and crl.next_update < now:
-            if self._config.stale_crl == "refuse":
-                raise Untrusted(
-                    "crl_stale",
-                    f"{self._config.crl} is past its nextUpdate; publish a new CRL",
-                    peer,
-                )
+        stale = crl is not None and crl.next_update is not None and crl.next_update < now
+        if stale and self._config.stale_crl == "refuse":
+            raise Untrusted(
+                "crl_stale",
+                f"{self._config.crl} is past its nextUpdate; publish a new CRL",
+                peer,
+            )
         revoked = self._authz.revoked | (crl.serials if crl is not None else frozenset())
         if peer.serial in revoked:
             raise Untrusted("revoked", f"serial {peer.serial} is revoked", peer)
