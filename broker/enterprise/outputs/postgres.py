@@ -25,12 +25,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-import msgspec
 import psycopg
 import structlog
 from psycopg import sql
@@ -57,12 +56,9 @@ FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss 
 REFUSED_RETRY_S = 30.0  # an owner must act first: asking again often only fills logs
 PASSWORD_LIMIT = 4096  # bytes
 REFUSING = ("authentication failed", "no pg_hba.conf entry", "does not exist")  # libpq's words
-COLUMNS = ("signal", "source_time", "broker_time", "value", "unit", "quality", "seq",
-           "policy_version", "context")  # fmt: skip
 INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
 
 log = structlog.get_logger("postgres_sink")
-_json = msgspec.json.Encoder()
 
 
 class Refused(Exception):
@@ -138,7 +134,11 @@ class PostgresSink:
                         log.info("postgres_connected", address=address, database=config.database,
                                  user=config.user, schema=config.schema, **after)  # fmt: skip
                         announced = True
-                    await self._forward(connection, receiver)
+                    try:
+                        await self._forward(connection, receiver)
+                    except psycopg.errors.InsufficientPrivilege as e:  # revoked while it ran
+                        refusal = await self._refusal(connection)
+                        raise refusal or Refused(self._explained(e)[1]) from None
             except Refused as e:
                 event, error, delay = "postgres_refused", str(e), REFUSED_RETRY_S
             except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as e:
@@ -172,6 +172,7 @@ class PostgresSink:
             "ssl_min_protocol_version": "TLSv1.2",
             "connect_timeout": CONNECT_TIMEOUT_S,
             "application_name": "dmzbroker",
+            "options": "-c TimeZone=UTC",
             # A silent peer (a cut cable, no FIN) is noticed in about 30 s, not hours.
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
             "keepalives_count": 3, "tcp_user_timeout": 30_000,
@@ -192,22 +193,30 @@ class PostgresSink:
         config = self._config
         if not await schema.exists(connection, config.schema):
             await self._create_schema()
-        if needs := await schema.missing(connection, config.schema):
-            raise Refused(
-                f"role {config.user!r} lacks {needs[0]} in {self._where}: as the owner of "
-                f"schema {config.schema!r}, run GRANT {needs[0]} TO {config.user} "
-                "(docs/postgres.md#roles-and-grants)"
+        if refusal := await self._refusal(connection):
+            raise refusal
+        columns = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
+            for name, kind in schema.RECORD_COLUMNS
+        )
+        await connection.execute(
+            sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DELETE ROWS").format(
+                sql.Identifier(INCOMING), columns
             )
-        async with connection.transaction():
-            columns = sql.SQL(", ").join(
-                sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
-                for name, kind in zip(COLUMNS, _INCOMING_TYPES, strict=True)
-            )
-            await connection.execute(
-                sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DELETE ROWS").format(
-                    sql.Identifier(INCOMING), columns
-                )
-            )
+        )
+
+    async def _refusal(self, connection: psycopg.AsyncConnection[Any]) -> Refused | None:
+        """Refused, naming the first privilege the sink's role lacks and the GRANT that gives
+        it; None when it lacks none."""
+        config = self._config
+        needs = await schema.missing(connection, config.schema)
+        if not needs:
+            return None
+        return Refused(
+            f"role {config.user!r} lacks {needs[0]} in {self._where}: as the owner of "
+            f"schema {config.schema!r}, run GRANT {needs[0]} TO {config.user} "
+            "(docs/postgres.md#roles-and-grants)"
+        )
 
     async def _create_schema(self) -> None:
         config = self._config
@@ -292,7 +301,7 @@ class PostgresSink:
         names = {
             "schema": sql.Identifier(self._config.schema),
             "incoming": sql.Identifier(INCOMING),
-            "columns": sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+            "columns": sql.SQL(", ").join(sql.Identifier(c) for c, _ in schema.RECORD_COLUMNS),
         }
         days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
         await connection.execute(
@@ -305,14 +314,13 @@ class PostgresSink:
             async with cursor.copy(
                 sql.SQL("COPY pg_temp.{incoming} ({columns}) FROM STDIN").format(**names)
             ) as copy:
-                copy.set_types(_INCOMING_TYPES)
-                for row in _rows(records):
+                copy.set_types(schema.COPY_TYPES)
+                for row in schema.record_rows(records):
                     await copy.write_row(row)
             await cursor.execute(
                 sql.SQL(
-                    "INSERT INTO {schema}.records ({columns}) SELECT signal, source_time, "
-                    "broker_time, value::jsonb, unit, quality, seq, policy_version, "
-                    "context::jsonb FROM pg_temp.{incoming} ON CONFLICT DO NOTHING"
+                    "INSERT INTO {schema}.records ({columns}) SELECT {columns} "
+                    "FROM pg_temp.{incoming} ON CONFLICT DO NOTHING"
                 ).format(**names)
             )
 
@@ -337,24 +345,6 @@ class PostgresSink:
                 f"{text}: check enterprise.postgres.user, its login and database",
             )
         return "postgres_unreachable", text
-
-
-_INCOMING_TYPES: Sequence[str] = ("text", "timestamptz", "timestamptz", "text", "text", "text",
-                                  "int8", "int8", "text")  # fmt: skip
-
-
-def _rows(records: list[Record]) -> list[tuple[object, ...]]:
-    return [
-        (r.signal, r.source_time, r.broker_time,
-         None if r.value is None else _json.encode(_storable(r.value)).decode(),
-         r.unit, r.quality, r.seq, r.policy_version, _json.encode(r.context).decode())
-        for r in records
-    ]  # fmt: skip
-
-
-def _storable(value: object) -> object:
-    """PostgreSQL's text and jsonb cannot hold U+0000: a string value keeps the rest."""
-    return value.replace("\x00", "") if isinstance(value, str) else value
 
 
 def _password(login: PostgresLogin) -> str:

@@ -17,15 +17,22 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import psycopg
 from psycopg import sql
 
 from broker.policy import Policy
+from broker.records import Record
 
 SCHEMA_VERSION = 1
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # needs no quoting in BI tools' SQL either
 TABLES = ("records", "signals", "assets")  # the sink's role INSERTs into these, nothing else
 FUNCTIONS = ("ensure_partition(date)", "ensure_asset_view(text)")  # and EXECUTEs these
+# `records` columns in COPY order; the session's temporary table holds them as these types.
+RECORD_COLUMNS = (("signal", "text"), ("source_time", "timestamptz"),
+                  ("broker_time", "timestamptz"), ("value", "jsonb"), ("unit", "text"),
+                  ("quality", "text"), ("seq", "bigint"), ("policy_version", "bigint"),
+                  ("context", "jsonb"))  # fmt: skip
 # The asset hierarchy by depth, as ISA-95's equipment levels (and ISA-88's below a work unit).
 ISA95_LEVELS = ("site", "area", "work_center", "work_unit", "equipment_module", "control_module")
 
@@ -257,3 +264,39 @@ def asset_rows(policy: Policy, view_names: dict[str, str]) -> Iterator[tuple[obj
         yield (path, policy.version, name, parent or None, level(depth), depth,
                asset.type if asset else "other", asset.description if asset else "",
                view_names.get(path))  # fmt: skip
+
+
+_json = msgspec.json.Encoder()
+# How the driver sends each of RECORD_COLUMNS in COPY: JSON goes as the text it already is.
+COPY_TYPES = ("text", "timestamptz", "timestamptz", "text", "text", "text", "int8", "int8",
+              "text")  # fmt: skip
+
+
+def record_rows(records: list[Record]) -> list[tuple[object, ...]]:
+    """The records as rows in RECORD_COLUMNS order, for COPY. PostgreSQL's text and jsonb
+    cannot hold U+0000: it is left out of strings (a record with one would otherwise stop
+    the sink at every try)."""
+    return [
+        (r.signal, r.source_time, r.broker_time,
+         None if r.value is None else _json_text(r.value),
+         r.unit.replace("\0", "") if "\0" in r.unit else r.unit,
+         r.quality, r.seq, r.policy_version, _json_text(r.context))
+        for r in records
+    ]  # fmt: skip
+
+
+def _json_text(obj: object) -> str:
+    data = _json.encode(obj)
+    if b"\\u0000" in data:  # rare: decoded, cleaned and encoded again
+        data = _json.encode(_without_nul(msgspec.json.decode(data)))
+    return data.decode()
+
+
+def _without_nul(obj: object) -> object:
+    if isinstance(obj, str):
+        return obj.replace("\0", "")
+    if isinstance(obj, list):
+        return [_without_nul(item) for item in obj]
+    if isinstance(obj, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in obj.items()}
+    return obj
