@@ -6,13 +6,14 @@ One line per output (docs/specs/output.md): a function that takes the half's
 
 from collections.abc import Callable
 
-from broker.enterprise.outputs import https, mqtt, opcua
+from broker.enterprise.outputs import https, mqtt, opcua, postgres
 from broker.enterprise.outputs.base import Output, OutputContext, run_contained
 
 REGISTRY: tuple[Callable[[OutputContext], Output | None], ...] = (
     https.configured,
     mqtt.configured,
     opcua.configured,
+    postgres.configured,
 )
 
 
