@@ -74,6 +74,12 @@ def add_to(commands: Any) -> None:
     demo.add_argument("--workdir", type=Path, default=Path(".demo"), help="demo files (recreated)")
     demo.add_argument("--policy", type=Path, default=Path("policies/refrigeration.yaml"))
     demo.add_argument("--port", type=int, default=8443, help="HTTPS port of the consumer API")
+    demo.add_argument(
+        "--opcua-port",
+        type=int,
+        default=4840,
+        help="port of the read-only OPC UA server (0: none, which starts about a second sooner)",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -327,5 +333,5 @@ def _demo(args: argparse.Namespace) -> int:
 
     logs.configure("auto", "demo")
     return run_until_signalled(
-        run_demo(args.workdir, args.policy.resolve(), args.seconds, args.port)
+        run_demo(args.workdir, args.policy.resolve(), args.seconds, args.port, args.opcua_port)
     )

@@ -3,7 +3,8 @@
 Everything an integrator sets up by hand (docs/policy.md, README): a CA with a server and
 one consumer certificate, an OT and an IT owner key, a trust root naming them and signed by
 both, the policy compiled and co-signed, an audit key, and a `broker.yaml` pointing at all of
-it. Development only: keys are unencrypted and short-lived.
+it; with an OPC UA port, the read-only OPC UA server's certificate and the consumer's OPC UA
+application certificate too. Development only: keys are unencrypted and short-lived.
 """
 
 from __future__ import annotations
@@ -25,19 +26,51 @@ DAYS = 3 * CERT_WARNING_DAYS
 
 
 @dataclass(frozen=True)
+class OpcUaAccess:
+    """How the one consumer reaches the read-only OPC UA server."""
+
+    port: int  # on 127.0.0.1
+    cert: Path  # the consumer's application certificate: its URI SAN is the identity
+    key: Path
+    server_cert: Path  # for the client to pin the server by
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://localhost:{self.port}"
+
+
+@dataclass(frozen=True)
 class Appliance:
     config: Path
     ca: Path
     client_cert: Path  # the one consumer's
     client_key: Path
+    opcua: OpcUaAccess | None = None
 
 
-def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) -> Appliance:
+def provision(
+    workdir: Path, policy: Policy, *, port: int, consumer_uri: str, opcua_port: int | None = None
+) -> Appliance:
+    """The appliance in `workdir`: its API on 127.0.0.1:`port`, and with `opcua_port` the
+    read-only OPC UA server on 127.0.0.1:`opcua_port` as well."""
     pki = workdir / "certs"
     ca = certs.init_ca(pki, "dmzbroker throwaway CA", days=DAYS)
     certs.issue_server(pki, pki, name="server", dns=["localhost"], ips=["127.0.0.1"], days=DAYS)
     name = consumer_uri.rstrip("/").rpartition("/")[2]
     client = certs.issue_client(pki, pki, name=name, uri=consumer_uri, days=DAYS)
+    enterprise: dict[str, object] = {}
+    opcua = None
+    if opcua_port is not None:
+        server = certs.issue_opcua_server(
+            pki, pki, name="opcua-server", uri=f"urn:dmzbroker:{policy.deployment_id}:opcua",
+            dns=["localhost"], ips=["127.0.0.1"], days=DAYS,
+        )  # fmt: skip
+        reader = certs.issue_opcua(pki, pki, name=f"{name}-opcua", uri=consumer_uri, dns=[],
+                                   days=DAYS)  # fmt: skip
+        enterprise["opcua"] = {"host": "127.0.0.1", "port": opcua_port,
+                               "certificate": f"certs/{server.cert.name}",
+                               "private_key": f"certs/{server.key.name}"}  # fmt: skip
+        opcua = OpcUaAccess(opcua_port, reader.cert, reader.key, server.cert)
     revocation.write_crl(pki, days=DAYS)
     _co_sign(policy, workdir)
     keys.generate_pair(workdir / "audit-key", "audit", passphrase=None)
@@ -62,13 +95,14 @@ def provision(workdir: Path, policy: Policy, *, port: int, consumer_uri: str) ->
                         "client_ca": "certs/ca.crt",
                         "crl": "certs/crl.pem",
                     },
+                    **enterprise,
                 },
                 "audit": {"dir": "audit", "key": "audit-key/audit.key"},
             },
             sort_keys=False,
         )
     )
-    return Appliance(config, ca.cert, client.cert, client.key)
+    return Appliance(config, ca.cert, client.cert, client.key, opcua)
 
 
 def _maintenance_records(path: Path) -> None:
