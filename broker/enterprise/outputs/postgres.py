@@ -140,10 +140,9 @@ class PostgresSink:
                         refusal = await self._refusal(connection)
                         raise refusal or Refused(self._explained(e)[1]) from None
             except Refused as e:
-                event, error, delay = "postgres_refused", str(e), REFUSED_RETRY_S
+                refused, error = True, str(e)
             except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as e:
-                event, error = self._explained(e)
-                delay = REFUSED_RETRY_S if event == "postgres_refused" else 0.0
+                refused, error = self._explained(e)
             finally:
                 if receiver is not None:
                     receiver.close()
@@ -152,7 +151,8 @@ class PostgresSink:
                 down_since = None
             if down_since is None:
                 down_since, reported, announced = time.monotonic(), set(), False
-            delay = delay or backoff.after(held_s)
+            delay = REFUSED_RETRY_S if refused else backoff.after(held_s)
+            event = "postgres_refused" if refused else "postgres_unreachable"
             if error not in reported:
                 log.warning(event, address=address, error=error, retry_in_s=round(delay, 2))
                 reported.add(error)
@@ -324,27 +324,25 @@ class PostgresSink:
                 ).format(**names)
             )
 
-    def _explained(self, error: psycopg.Error) -> tuple[str, str]:
-        """The event and one line: what failed, where, and for a refusal what fixes it."""
+    def _explained(self, error: psycopg.Error) -> tuple[bool, str]:
+        """Whether an owner or operator must act (a refusal, retried slowly), and one line:
+        what failed, where, and what fixes it."""
         text = " ".join(str(error).split())  # libpq's message spans lines
         if isinstance(error, psycopg.errors.InsufficientPrivilege):
-            return "postgres_refused", (
+            return True, (
                 f"{text} in {self._where}: as the owner of schema {self._config.schema!r}, "
                 f"GRANT what docs/postgres.md#roles-and-grants lists TO {self._config.user}"
             )
         if "does not match host name" in text:
             key = "server_name" if self._config.server_name else "host"
-            return "postgres_unreachable", (
+            return False, (
                 f"{text}: the server's certificate does not name "
                 f"{self._config.server_name or self._config.host!r} (enterprise.postgres.{key}): "
                 "set enterprise.postgres.server_name to a DNS name or IP address it carries"
             )
-        if isinstance(error, psycopg.OperationalError) and any(w in text for w in REFUSING):
-            return (
-                "postgres_refused",
-                f"{text}: check enterprise.postgres.user, its login and database",
-            )
-        return "postgres_unreachable", text
+        if any(words in text for words in REFUSING):
+            return True, f"{text}: check enterprise.postgres.user, its login and the database"
+        return False, text
 
 
 def _password(login: PostgresLogin) -> str:
