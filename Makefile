@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/audit_verify.py
 	$(BIN)/python bench/mqtt_sink.py
+	$(BIN)/python bench/postgres_sink.py
 	$(BIN)/python bench/sse_fanout.py
 	$(BIN)/python bench/opcua_ingest.py
 	$(BIN)/python bench/dnp3_ingest.py
