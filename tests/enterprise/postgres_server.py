@@ -17,6 +17,7 @@ import both into the test module):
     config = postgres.sink_config(CONSUMER_URI, sink, owner=owner)  # a PostgresConfig
     postgres.stop(); postgres.start()   # a clean stop; the same port again
     postgres.kill(); postgres.start()   # a crash (SIGKILL to every server process)
+    postgres.pause(); postgres.resume() # a hung server (SIGSTOP / SIGCONT)
     postgres.sql("SELECT count(*) FROM dmzbroker.records", database="historian")
 """
 
@@ -168,23 +169,36 @@ class PostgresServer:
     def kill(self) -> None:
         """A crash: SIGKILL to the postmaster and every backend at once; the next start
         recovers from the WAL."""
+        processes = self._signal_all(signal.SIGKILL)
+        psutil.wait_procs(processes, timeout=30)
+
+    def pause(self) -> None:
+        """SIGSTOP to every server process: connections stay open and unanswered (a hung
+        host), the kernel still acknowledging what is sent. `resume()` undoes it."""
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, number: int) -> list[psutil.Process]:
         pid = self._postmaster()
         if pid is None:
-            return
+            return []
         try:
             processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.NoSuchProcess:
-            return
+            return []
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGKILL)
-        psutil.wait_procs(processes, timeout=30)
+                process.send_signal(number)
+        return processes
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
     def close(self) -> None:
+        self.resume()  # a paused server would not stop
         try:
             self.stop()
         except RuntimeError:

@@ -509,6 +509,33 @@ async def test_a_string_with_nul_is_written_without_it_instead_of_stopping_the_s
     assert len(rows) == 3
 
 
+async def test_a_hung_server_is_left_after_the_answer_timeout_and_written_to_once_back(
+    historian: Historian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every server process stopped (SIGSTOP) while batches go in: the kernel still
+    acknowledges, so only the sink's own answer timeout notices; nothing lost or doubled."""
+    monkeypatch.setattr(postgres_output, "ANSWER_TIMEOUT_S", 2.0)
+    sender = SpoolSender(tmp_path / "spool", 1 << 20, 64 << 20)
+    sender.send(varied(100))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == 100, timeout=30)
+                historian.server.pause()
+                try:
+                    sender.send(varied(100))
+                    await eventually(lambda: "postgres_unreachable" in events(logs), timeout=30)
+                    assert position(tmp_path) == 100
+                finally:
+                    historian.server.resume()
+                await eventually(lambda: position(tmp_path) == 200, timeout=60)
+    finally:
+        sender.close()
+    unreachable = next(e for e in logs if e["event"] == "postgres_unreachable")
+    assert unreachable["error"] == "no answer within 2 s"
+    assert historian.seqs() == list(range(1, 201))
+
+
 async def test_a_schema_name_that_would_need_quoting_stops_the_half_at_start(
     historian: Historian, tmp_path: Path
 ) -> None:

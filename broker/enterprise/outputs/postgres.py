@@ -50,6 +50,7 @@ BATCH = 5000
 IDLE_S = 0.05
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
 CONNECT_TIMEOUT_S = 10
+ANSWER_TIMEOUT_S = 60.0  # a server that accepts and then hangs (no FIN, keepalives answered)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # as the MQTT sink: a refused connection is cheap, and the sink is back soon
 FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss is a new one
@@ -127,7 +128,8 @@ class PostgresSink:
                 # From the saved position: what an uncommitted batch had read is read again.
                 receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
                 async with await self._connect(config) as connection:
-                    await self._prepare(connection)
+                    async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                        await self._prepare(connection)
                     connected_at = time.monotonic()
                     if not announced:
                         after = {} if down_since is None else {"down_s": _since(down_since)}
@@ -143,6 +145,8 @@ class PostgresSink:
                 refused, error = True, str(e)
             except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as e:
                 refused, error = self._explained(e)
+            except TimeoutError:
+                refused, error = False, f"no answer within {ANSWER_TIMEOUT_S:g} s"
             finally:
                 if receiver is not None:
                     receiver.close()
@@ -254,7 +258,7 @@ class PostgresSink:
             policy = self._authz.policy
             view = self._authz.view(identity)
             if described != policy.version:
-                async with connection.transaction():
+                async with asyncio.timeout(ANSWER_TIMEOUT_S), connection.transaction():
                     await self._describe(connection, policy, view)
                 described = policy.version
             records = receiver.receive(max_records=BATCH)
@@ -263,7 +267,7 @@ class PostgresSink:
                 continue
             allowed = [r for r in records if r.signal in view]
             if allowed:
-                async with connection.transaction():
+                async with asyncio.timeout(ANSWER_TIMEOUT_S), connection.transaction():
                     await self._write(connection, allowed)
             receiver.commit()  # committed: the position moves past the batch
             self._metrics.output_records.labels(self.name).inc(len(allowed))
