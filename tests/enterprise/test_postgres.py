@@ -536,6 +536,25 @@ async def test_a_hung_server_is_left_after_the_answer_timeout_and_written_to_onc
     assert historian.seqs() == list(range(1, 201))
 
 
+async def test_nothing_new_is_written_while_the_audit_log_fails(
+    historian: Historian, tmp_path: Path
+) -> None:
+    failing = [True]
+    sender = spool_of(tmp_path, varied(10))
+    try:
+        sink = sink_of(historian.config(), tmp_path, held=lambda: failing[0])
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink.run()):
+                await eventually(lambda: "postgres_connected" in events(logs), timeout=30)
+                await asyncio.sleep(1)  # it would have written by now (the others take ~0.1 s)
+                assert position(tmp_path) == 0
+                failing[0] = False
+                await eventually(lambda: position(tmp_path) == 10, timeout=30)
+    finally:
+        sender.close()
+    assert historian.seqs() == list(range(1, 11))
+
+
 async def test_a_schema_name_that_would_need_quoting_stops_the_half_at_start(
     historian: Historian, tmp_path: Path
 ) -> None:

@@ -16,8 +16,10 @@ owner's SECURITY DEFINER functions, a day's partition and an asset's view.
 An unreachable server is retried every few seconds (`postgres_unreachable`, once per
 outage); a refusal an owner must fix (a missing GRANT, no schema, a login the server
 refuses) is one `postgres_refused` line naming the GRANT or setting that fixes it, retried
-every `REFUSED_RETRY_S`. Neither ever stops the half. It never reads anything from the
-database but its own privileges, and never writes anywhere the plant half reads.
+every `REFUSED_RETRY_S`. Neither ever stops the half. While the audit log cannot be written
+or the policy has expired, nothing new is written. It reads no row from the database (only
+whether its schema exists and which privileges it holds), and never writes anywhere the
+plant half reads.
 """
 
 from __future__ import annotations
