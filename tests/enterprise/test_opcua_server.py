@@ -722,3 +722,34 @@ async def test_requests_and_monitored_items_are_bounded_per_session(mirror: Mirr
         with pytest.raises(UaStatusCodeError) as refused:
             await client.create_subscription(500, Changes())
         assert refused.value.code == ua.StatusCodes.BadTooManySubscriptions
+
+
+async def test_a_newer_policy_rebuilds_the_space_keeping_what_it_still_names(
+    mirror: Mirror,
+) -> None:
+    demo = policy.load(DEMO_POLICY)
+    fewer = msgspec.structs.replace(
+        demo, version=demo.version + 1, signals=[s for s in demo.signals if s.path != DOOR]
+    )
+    mirror.store.apply([record(ROOM, -18.5, 1)])
+    async with await secured(mirror.client(), mirror.pki) as client:
+        ns = await namespace(client)
+        await eventually(node_of(client, ns, DOOR).read_browse_name)
+        mirror.store.use_policy(fewer)
+        mirror.authz.use_policy(fewer)
+        mirror.server.use_policy(fewer)
+
+        async def door_gone() -> bool:
+            try:
+                await node_of(client, ns, DOOR).read_browse_name()
+            except BadNodeIdUnknown:
+                return True
+            return False
+
+        await eventually(door_gone)
+        assert await node_of(client, ns, ROOM).read_value() == -18.5
+        room = await client.nodes.objects.get_child(
+            [f"{ns}:coldstore", f"{ns}:storage", f"{ns}:cold-room-1"]
+        )
+        names = {(await c.read_browse_name()).Name for c in await room.get_children()}
+        assert "door_open" not in names and "temperature" in names

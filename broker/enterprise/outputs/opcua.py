@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -102,6 +103,10 @@ class OpcUaServer:
         self._server, self._space, self._rules = server, space, rules
         context.store.listen(self._received)
         self._queue_all()
+        # asyncua's standard address space is ~400k objects that live as long as the server:
+        # kept out of the cyclic collector, they would add ~160 ms to each of the half's full
+        # collections, a pause every output and consumer of the half would feel.
+        gc.freeze()
         log.info(
             "opcua_server_listening", address=self.endpoint, signals=len(policy.signals),
             max_sessions=config.max_sessions,
@@ -132,6 +137,7 @@ class OpcUaServer:
         if self._server is not None:
             await self._server.stop()
             self._server = None
+            gc.unfreeze()  # what start froze is collectable again
 
     async def run(self) -> NoReturn:
         space, rules = self._space, self._rules

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import cast
 
 from asyncua import ua
+from asyncua.common.manage_nodes import delete_nodes
 from asyncua.server.server import Server
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
@@ -34,7 +35,8 @@ from broker.records import Quality, Record
 NAMESPACE = "urn:dmzbroker:{deployment}"
 PROPERTIES = ("State", "Assessment", "ActiveAlerts")  # a record's context, per variable
 UNITS_NAMESPACE = "http://www.opcfoundation.org/UA/units/un/cefact"
-CHUNK = 200  # nodes made between yields: a large model never holds the event loop long
+CHUNK = 200  # values written between yields (about 2 ms)
+BUILD_CHUNK = 16  # nodes made or removed between yields (about 20 ms)
 STATUS: dict[Quality, int] = {
     "good": StatusCodes.Good,
     "uncertain": StatusCodes.Uncertain,
@@ -93,16 +95,18 @@ class AddressSpace:
 
     async def use_policy(self, policy: Policy) -> None:
         """Make the space the policy's model: nodes of signals gone or changed are removed,
-        those new or changed are made, yielding every CHUNK nodes."""
+        those new or changed are made, yielding every BUILD_CHUNK nodes."""
         wanted = {s.path: s for s in policy.signals if s.lifecycle == "approved"}
         gone = [p for p, s in self._signals.items() if wanted.get(p) != s]
-        await self._delete([self.node_id(p) for p in gone], recursive=True)
-        for path in gone:
-            del self._signals[path]
+        for i, path in enumerate(gone):
+            signal = self._signals.pop(path)
             self._context.pop(path, None)
+            await self._remove(path, [self.node_id(path, part) for part in _parts(signal)])
+            await _pause(i + 1)
         objects = _objects_of(wanted.values())
-        stale_objects = [p for p in self._objects if p not in objects]
-        await self._delete([self.node_id(p) for p in sorted(stale_objects, reverse=True)])
+        for path in sorted((p for p in self._objects if p not in objects), reverse=True):
+            await self._remove(path, [])  # deepest first: its children are gone already
+            await asyncio.sleep(0)
         made = 0
         for path in sorted(objects, key=lambda p: p.count("/")):
             if path not in self._objects:
@@ -122,10 +126,10 @@ class AddressSpace:
                 self._signals[path] = signal
                 made = await _pause(made + 1)
         visible = {self.node_id(p): s for p, s in objects.items()}
-        for path in self._signals:
+        for path, signal in self._signals.items():
             only = frozenset((path,))
             visible[self.node_id(path)] = only
-            for part in ("EngineeringUnits", "EURange", *PROPERTIES):
+            for part in _parts(signal):
                 visible[self.node_id(path, part)] = only
         self._visible = visible
 
@@ -167,11 +171,22 @@ class AddressSpace:
                 self.node_id(signal.path, name), ua.QualifiedName(name, self._ns), value, kind
             )
 
-    async def _delete(self, nodes: list[ua.NodeId], *, recursive: bool = False) -> None:
-        for start in range(0, len(nodes), CHUNK):
-            chunk = [self._server.get_node(n) for n in nodes[start : start + CHUNK]]
-            await self._server.delete_nodes(chunk, recursive=recursive)
-            await asyncio.sleep(0)
+    async def _remove(self, path: str, parts: list[ua.NodeId]) -> None:
+        """Delete the node at `path` and its `parts` (properties). Only its parent refers to
+        it: that one reference is removed, instead of asyncua's DeleteTargetReferences, which
+        scans every node of the server for each node deleted (minutes for a thousand)."""
+        parent_path = path.rpartition("/")[0]
+        node = self.node_id(path)
+        parent = self._server.get_node(
+            self.node_id(parent_path)
+            if parent_path
+            else ua.NodeId(ua.Int32(ObjectIds.ObjectsFolder))
+        )
+        for reference in await parent.get_references():
+            if reference.NodeId == node and reference.IsForward:
+                await parent.delete_reference(node, reference.ReferenceTypeId)
+        nodes = [self._server.get_node(n) for n in (*parts, node)]
+        await delete_nodes(self._server.iserver.isession, nodes, delete_target_references=False)
 
     async def write(self, record: Record) -> None:
         """The record as its variable's value, and its context as the properties (written
@@ -210,6 +225,11 @@ class AddressSpace:
             )
 
 
+def _parts(signal: Signal) -> tuple[str, ...]:
+    """The property nodes of a signal's variable."""
+    return ("EngineeringUnits", *(("EURange",) if signal.range else ()), *PROPERTIES)
+
+
 def _objects_of(signals: Iterable[Signal]) -> dict[str, frozenset[str]]:
     """Every asset path prefix (site, site/area, ...) → the signals below it."""
     below: dict[str, set[str]] = {}
@@ -221,6 +241,6 @@ def _objects_of(signals: Iterable[Signal]) -> dict[str, frozenset[str]]:
 
 
 async def _pause(made: int) -> int:
-    if made and made % CHUNK == 0:
+    if made and made % BUILD_CHUNK == 0:
         await asyncio.sleep(0)
     return made
