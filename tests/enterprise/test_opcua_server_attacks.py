@@ -1,0 +1,815 @@
+"""Attacks on the read-only OPC UA mirror, by clients that hold the wrong certificate, none,
+or a good one and try what a read-only mirror must refuse (ADR 0025, docs/opcua-server.md).
+
+Each attack is refused, audited (the event logged is in the audit catalogue), and leaves the
+served values as they were. Where asyncua's client will not send a request as an attacker
+would (no session, a None channel, another client's certificate in CreateSession), the
+request is sent through its lower layer (`client.uaclient`), which encodes whatever it is
+given. A second, independent stack (o6: open62541, in a child process) reads the same
+values and is refused the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+from asyncua import Client, ua
+from asyncua.crypto import security_policies as sp
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker import policy
+from broker.audit.catalogue import EVENTS
+from broker.audit.log import AuditLog
+from broker.config import BrokerConfig
+from broker.enterprise.authz import Authorization
+from broker.enterprise.outputs import opcua
+from broker.enterprise.outputs.base import OutputContext
+from broker.enterprise.outputs.opcua import OpcUaServer
+from broker.enterprise.store import Store
+from broker.metrics import EnterpriseMetrics
+from broker.records import Context, Record
+from tests.harness import (
+    CONSUMER_URI,
+    DEMO_POLICY,
+    ENERGY_URI,
+    REPO,
+    STRANGER_URI,
+    Pki,
+    dmzbroker,
+    eventually,
+    free_port,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOM = "coldstore/storage/cold-room-1/temperature"  # the historian's, not the energy dashboard's
+POWER = "coldstore/machine-room/compressor-1/motor_power"  # granted to both
+NAMESPACE = "urn:dmzbroker:coldstore-demo"
+SERVER_URI = "urn:test:dmzbroker:mirror"
+S = ua.StatusCodes
+REFUSED = (S.BadUserAccessDenied, S.BadNotWritable)  # what a mutating service may be answered
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Certificates for the attacks: `clients` by name → (certificate, key), PEM."""
+
+    ca_dir: Path  # a copy of the test CA (it revokes one of its certificates)
+    ca_der: Path  # its certificate in DER, the server's chain for o6
+    crl: Path
+    crl_der: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, tuple[Path, Path]]
+
+    def cert_der(self, name: str) -> bytes:
+        cert = x509.load_pem_x509_certificate(self.clients[name][0].read_bytes())
+        return cert.public_bytes(serialization.Encoding.DER)
+
+
+IDENTITIES = {"historian": CONSUMER_URI, "energy": ENERGY_URI, "stranger": STRANGER_URI,
+              "revoked": CONSUMER_URI, "intruder": CONSUMER_URI, "self-signed": CONSUMER_URI}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keys(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    root = tmp_path_factory.mktemp("opcua-attacks")
+    ca = root / "ca"
+    shutil.copytree(pki.ca.parent, ca)
+    out = root / "issued"
+    dmzbroker("certs", "issue", "opcua-server", "--ca", str(ca), "--out", str(out), "--der",
+              "--uri", SERVER_URI, "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
+    for name in ("historian", "energy", "stranger", "revoked"):
+        dmzbroker("certs", "issue", "opcua", "--ca", str(ca), "--out", str(out),
+                  "--uri", IDENTITIES[name], "--name", name)  # fmt: skip
+    other = root / "other-ca"  # a CA the mirror does not trust, issuing the historian's URI
+    dmzbroker("certs", "init-ca", "--out", str(other), "--name", "someone else's CA")
+    dmzbroker("certs", "issue", "opcua", "--ca", str(other), "--out", str(out),
+              "--uri", CONSUMER_URI, "--name", "intruder")  # fmt: skip
+    _self_signed(out, "self-signed", CONSUMER_URI)
+    revoked = x509.load_pem_x509_certificate((out / "revoked-cert.pem").read_bytes())
+    dmzbroker("certs", "revoke", f"{revoked.serial_number:x}", "--reason", "key_compromise",
+              "--ca", str(ca))  # fmt: skip
+    dmzbroker("certs", "crl", "--ca", str(ca), "--der")
+    (ca_der,) = out.glob("ca-*.der")
+    names = (*IDENTITIES,)
+    return Keys(
+        ca, ca_der, ca / "crl.pem", ca / "crl.der", out / "opcua-server-cert.pem",
+        out / "opcua-server-key.pem",
+        {n: (out / f"{n}-cert.pem", out / f"{n}-key.pem") for n in names},
+    )  # fmt: skip
+
+
+def _self_signed(out: Path, name: str, uri: str) -> None:
+    """What an attacker makes for itself: the historian's URI, signed by its own key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (out / f"{name}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{name}-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def served_record(signal: str, value: float, seq: int) -> Record:
+    """A record whose broker_time is ahead: it stays `good` however slow the machine (the
+    store ages values by broker_time), so what is served can be compared exactly."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    return Record(
+        signal=signal, value=value, unit="degC", quality="good",
+        source_time=now - dt.timedelta(seconds=1), broker_time=now + dt.timedelta(hours=1),
+        policy_version=1, context=Context(asset_state="running"), seq=seq,
+    )  # fmt: skip
+
+
+@dataclass
+class Mirror:
+    server: OpcUaServer
+    store: Store
+    keys: Keys
+    logs: list[dict[str, Any]]  # every structlog event while it served
+
+    @property
+    def endpoint(self) -> str:
+        return self.server.endpoint
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        assert name in EVENTS, f"{name} is not an audit event"
+        return [e for e in self.logs if e["event"] == name]
+
+    def client(self, name: str = "historian") -> Client:
+        client = Client(self.endpoint, timeout=20)
+        client.application_uri = IDENTITIES[name]
+        return client
+
+    async def secured(
+        self,
+        name: str = "historian",
+        *,
+        policy: type[sp.SecurityPolicy] = sp.SecurityPolicyBasic256Sha256,
+        mode: ua.MessageSecurityMode = ua.MessageSecurityMode.SignAndEncrypt,
+        key_of: str | None = None,
+    ) -> Client:
+        """A client with `name`'s certificate (and the key of `key_of`, if given), the
+        server's certificate pinned (asyncua checks none by itself)."""
+        client = self.client(name)
+        cert, key = self.keys.clients[name]
+        key = self.keys.clients[key_of][1] if key_of else key
+        await client.set_security(
+            policy, str(cert), str(key), server_certificate=str(self.keys.server_cert), mode=mode
+        )
+        return client
+
+    @contextlib.asynccontextmanager
+    async def session(self, name: str = "historian") -> AsyncIterator[Client]:
+        client = await self.secured(name)
+        await client.connect()
+        try:
+            yield client
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+
+def _config(tmp_path: Path, pki: Pki, keys: Keys) -> BrokerConfig:
+    document = {
+        "policy": str(tmp_path / "policy.dsse.json"),
+        "trust_root": str(tmp_path / "trust-root.yaml"),
+        "spool": {"dir": str(tmp_path / "spool")},
+        "plant": {"state_dir": str(tmp_path / "plant-state")},
+        "enterprise": {
+            "state_dir": str(tmp_path / "enterprise-state"),
+            "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key),
+                    "client_ca": str(keys.ca_dir / "ca.crt"), "crl": str(keys.crl)},
+            "opcua": {"host": "127.0.0.1", "port": free_port(),
+                      "certificate": str(keys.server_cert), "private_key": str(keys.server_key)},
+        },
+        "audit": {"dir": str(tmp_path / "audit"), "key": str(tmp_path / "audit.key")},
+    }  # fmt: skip
+    return msgspec.convert(
+        document, BrokerConfig, dec_hook=lambda t, v: Path(v) if t is Path else v
+    )
+
+
+@pytest.fixture
+async def mirror(tmp_path: Path, pki: Pki, keys: Keys) -> AsyncIterator[Mirror]:
+    """The mirror serving ROOM and POWER under the demo policy, on a free port."""
+    demo = policy.load(DEMO_POLICY)
+    store = Store(demo, queue_limit=100)
+    store.apply([served_record(ROOM, -18.5, 1), served_record(POWER, 12.25, 2)])
+    audit = AuditLog(
+        tmp_path / "opcua-audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
+    )
+    metrics = EnterpriseMetrics(lambda: 0, lambda: audit.failing)
+    context = OutputContext(
+        _config(tmp_path, pki, keys), Authorization(demo), store, audit, metrics
+    )
+    server = opcua.configured(context)
+    assert isinstance(server, OpcUaServer)
+    with structlog.testing.capture_logs() as logs:
+        await server.start()
+        task = asyncio.create_task(server.run())
+        try:
+            served = Mirror(server, store, keys, logs)
+            await eventually(lambda: _reads(served, ROOM, -18.5), timeout=30)
+            yield served
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.close()
+            audit.close()
+
+
+async def _reads(mirror: Mirror, signal: str, value: float) -> bool:
+    async with mirror.session() as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        return await client.get_node(ua.NodeId(signal, ns)).read_value() == value
+
+
+async def unchanged(mirror: Mirror) -> None:
+    """What the historian is served afterwards is what the store holds: same value, status,
+    name, children; no node an attack tried to add; no server registered."""
+    async with mirror.session() as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        room = client.get_node(ua.NodeId(ROOM, ns))
+        read = await room.read_data_value()
+        held = mirror.store.latest(ROOM, dt.datetime.now(dt.UTC))
+        assert held is not None
+        assert read.Value.Value == held.value == -18.5
+        assert read.StatusCode.is_good() and read.SourceTimestamp == held.source_time
+        assert (await room.read_display_name()).Text == "temperature"
+        asset = client.get_node(ua.NodeId("coldstore/storage/cold-room-1", ns))
+        children = {c.nodeid.Identifier for c in await asset.get_children()}
+        assert ROOM in children and "evil" not in children
+        evil = await client.uaclient.read(_read_params(ua.NodeId("evil", ns)))
+        assert evil[0].StatusCode.value == S.BadNodeIdUnknown
+        servers = await client.find_servers()
+        assert [s.ApplicationUri for s in servers] == [SERVER_URI]
+
+
+def _read_params(*nodes: ua.NodeId, attribute: int = ua.AttributeIds.Value) -> ua.ReadParameters:
+    return ua.ReadParameters(
+        NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=attribute) for n in nodes]
+    )
+
+
+async def status_of(call: Awaitable[Any]) -> int:
+    """The status a service answered: its ServiceFault's, or else the one of each result
+    (which must all agree)."""
+    try:
+        results = await call
+    except UaStatusCodeError as e:
+        return e.code
+    codes = {getattr(r, "StatusCode", r).value for r in (results or [ua.StatusCode()])}
+    assert len(codes) == 1, codes
+    return codes.pop()
+
+
+def session_params(client: Client, certificate: bytes | None) -> ua.CreateSessionParameters:
+    """A CreateSession request as a client sends one, with the certificate it is given."""
+    return ua.CreateSessionParameters(
+        ClientDescription=ua.ApplicationDescription(
+            ApplicationUri=client.application_uri, ApplicationType=ua.ApplicationType.Client
+        ),
+        EndpointUrl=client.server_url.geturl(), SessionName="attack", ClientNonce=os.urandom(32),
+        ClientCertificate=certificate, RequestedSessionTimeout=60_000, MaxResponseMessageSize=0,
+    )  # fmt: skip
+
+
+def evil_server() -> ua.RegisteredServer:
+    return ua.RegisteredServer(
+        ServerUri="urn:evil", ProductUri="urn:evil", ServerNames=[ua.LocalizedText("evil")],
+        ServerType=ua.ApplicationType.Server, DiscoveryUrls=["opc.tcp://evil:4840"], IsOnline=True,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def none_channel(mirror: Mirror) -> AsyncIterator[Client]:
+    """A channel without security (which only discovery may use), no session."""
+    client = mirror.client()
+    await client.connect_sessionless()
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect_sessionless()
+
+
+def fingerprint(keys: Keys, name: str) -> str:
+    return hashlib.sha256(keys.cert_der(name)).hexdigest()
+
+
+def no_session_with(mirror: Mirror, name: str) -> None:
+    """No session was ever opened with `name`'s certificate."""
+    mine = fingerprint(mirror.keys, name)
+    assert not [e for e in mirror.events("opcua_session_opened") if e["fingerprint"] == mine]
+
+
+def refused(mirror: Mirror, stage: str, reason: str) -> dict[str, Any]:
+    """The one `opcua_client_refused` of that stage and reason (audited)."""
+    found = [e for e in mirror.events("opcua_client_refused")
+             if e["stage"] == stage and e["reason"] == reason]  # fmt: skip
+    assert len(found) == 1, mirror.events("opcua_client_refused")
+    return found[0]
+
+
+# -- the secure channel -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("intruder", "certificate_untrusted"), ("self-signed", "certificate_untrusted"),
+     ("revoked", "revoked")],
+)  # fmt: skip
+async def test_a_certificate_the_trust_list_refuses_gets_no_channel(
+    mirror: Mirror, name: str, reason: str
+) -> None:
+    """Another CA's certificate, a self-signed one and a revoked one all name the
+    historian's URI: each is refused when the channel opens, before any session."""
+    client = await mirror.secured(name)
+    with pytest.raises((UaError, ConnectionError, OSError)) as raised:
+        await client.connect()
+    assert "BadSecurityChecksFailed" in repr(raised.value) or isinstance(
+        raised.value, (ConnectionError, OSError)
+    ), repr(raised.value)
+    event = refused(mirror, "channel", reason)
+    assert event["fingerprint"] == fingerprint(mirror.keys, name)
+    no_session_with(mirror, name)
+    await unchanged(mirror)
+
+
+async def test_another_clients_certificate_without_its_key_gets_no_channel(
+    mirror: Mirror,
+) -> None:
+    """The energy dashboard's certificate is public; presenting it with another key fails
+    the OpenSecureChannel signature: no channel, no session as the dashboard."""
+    client = await mirror.secured("energy", key_of="historian")
+    with pytest.raises((UaError, ConnectionError, OSError, asyncio.TimeoutError)):
+        await client.connect()
+    no_session_with(mirror, "energy")
+    await unchanged(mirror)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [sp.SecurityPolicyBasic256Sha256, sp.SecurityPolicyAes128Sha256RsaOaep,
+     sp.SecurityPolicyAes256Sha256RsaPss],
+)  # fmt: skip
+async def test_sign_without_encrypt_gets_no_channel(
+    mirror: Mirror, policy: type[sp.SecurityPolicy]
+) -> None:
+    client = await mirror.secured(policy=policy, mode=ua.MessageSecurityMode.Sign)
+    with pytest.raises((UaError, ConnectionError, OSError)):
+        await client.connect_sessionless()
+    refused(mirror, "channel", "security_mode_refused")
+
+
+async def test_discovery_without_security_offers_only_the_three_sign_and_encrypt_endpoints(
+    mirror: Mirror,
+) -> None:
+    async with none_channel(mirror) as client:
+        endpoints = await client.get_endpoints()
+    offered = {(e.SecurityPolicyUri, e.SecurityMode) for e in endpoints}
+    encrypt = ua.MessageSecurityMode.SignAndEncrypt
+    assert offered == {
+        (sp.SecurityPolicyBasic256Sha256.URI, encrypt),
+        (sp.SecurityPolicyAes128Sha256RsaOaep.URI, encrypt),
+        (sp.SecurityPolicyAes256Sha256RsaPss.URI, encrypt),
+    }
+
+
+# -- the session ----------------------------------------------------------------------------
+
+
+async def test_a_session_over_a_channel_without_security_is_refused(mirror: Mirror) -> None:
+    """asyncua would create it (ADR 0025); the mirror answers BadSecurityModeRejected, with a
+    certificate in the request or without."""
+    for certificate in (None, mirror.keys.cert_der("historian")):
+        async with none_channel(mirror) as client:
+            code = await status_of(
+                client.uaclient.create_session(session_params(client, certificate))
+            )
+            assert code == S.BadSecurityModeRejected, hex(code)
+            # Nor can a read be slipped in without a session.
+            code = await status_of(client.uaclient.read(_read_params(ua.NodeId(ROOM, 2))))
+            assert code != S.Good
+    assert len(mirror.events("opcua_client_refused")) >= 2
+    assert all(e["reason"] == "security_none" for e in mirror.events("opcua_client_refused"))
+    await unchanged(mirror)
+
+
+@pytest.mark.parametrize("swapped", ["energy", "intruder", None])
+async def test_a_session_certificate_other_than_the_channels_is_refused(
+    mirror: Mirror, swapped: str | None
+) -> None:
+    """A channel opened with the historian's certificate, then CreateSession naming the
+    energy dashboard's, an untrusted one, or none: the identity would come from it."""
+    client = await mirror.secured("historian")
+    await client.connect_sessionless()
+    try:
+        certificate = mirror.keys.cert_der(swapped) if swapped else None
+        code = await status_of(client.uaclient.create_session(session_params(client, certificate)))
+    finally:
+        client.disconnect_socket()
+    assert code == S.BadCertificateInvalid, hex(code)
+    refused(mirror, "session", "certificate_not_channels")
+    no_session_with(mirror, "energy")
+    await unchanged(mirror)
+
+
+async def test_a_user_token_of_another_clients_certificate_is_refused(mirror: Mirror) -> None:
+    """ActivateSession with an X509 user token carrying the energy dashboard's certificate,
+    on the historian's channel and session."""
+    client = await mirror.secured("historian")
+    client.user_certificate = x509.load_der_x509_certificate(mirror.keys.cert_der("energy"))
+    client.user_private_key = serialization.load_pem_private_key(
+        mirror.keys.clients["historian"][1].read_bytes(), None
+    )
+    with pytest.raises(UaStatusCodeError) as raised:
+        await client.connect()
+    assert raised.value.code == S.BadIdentityTokenRejected, hex(raised.value.code)
+    refused(mirror, "session", "user_certificate_not_channels")
+    no_session_with(mirror, "energy")
+
+
+async def test_an_identity_the_policy_does_not_know_gets_no_session(mirror: Mirror) -> None:
+    client = await mirror.secured("stranger")
+    with pytest.raises(UaStatusCodeError) as raised:
+        await client.connect()
+    assert raised.value.code == S.BadUserAccessDenied, hex(raised.value.code)
+    assert refused(mirror, "session", "unknown_identity")["identity"] == STRANGER_URI
+    no_session_with(mirror, "stranger")
+
+
+# -- services a read-only mirror refuses ---------------------------------------------------
+
+Service = Callable[[Client, int], Awaitable[Any]]
+
+
+def _write(attribute: int, value: ua.Variant) -> Service:
+    def call(client: Client, ns: int) -> Awaitable[Any]:
+        write = ua.WriteValue(
+            NodeId=ua.NodeId(ROOM, ns), AttributeId=attribute, Value=ua.DataValue(value)
+        )
+        return client.uaclient.write(ua.WriteParameters(NodesToWrite=[write]))
+
+    return call
+
+
+def _call(client: Client, ns: int) -> Awaitable[Any]:
+    method = ua.CallMethodRequest(
+        ObjectId=ua.NodeId(ua.ObjectIds.Server),
+        MethodId=ua.NodeId(ua.ObjectIds.Server_GetMonitoredItems),
+        InputArguments=[ua.Variant(1, ua.VariantType.UInt32)],
+    )
+    return client.uaclient.call([method])
+
+
+def _add_nodes(client: Client, ns: int) -> Awaitable[Any]:
+    item = ua.AddNodesItem(
+        ParentNodeId=ua.NodeId("coldstore/storage/cold-room-1", ns),
+        ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasComponent),
+        RequestedNewNodeId=ua.NodeId("evil", ns),
+        BrowseName=ua.QualifiedName("evil", ns),
+        NodeClass=ua.NodeClass.Variable,
+        NodeAttributes=ua.VariableAttributes(Value=ua.Variant(1.0)),
+        TypeDefinition=ua.NodeId(ua.ObjectIds.BaseDataVariableType),
+    )
+    return client.uaclient.add_nodes([item])
+
+
+def _delete_nodes(client: Client, ns: int) -> Awaitable[Any]:
+    item = ua.DeleteNodesItem(NodeId=ua.NodeId(ROOM, ns), DeleteTargetReferences=True)
+    return client.uaclient.delete_nodes(ua.DeleteNodesParameters(NodesToDelete=[item]))
+
+
+def _add_references(client: Client, ns: int) -> Awaitable[Any]:
+    item = ua.AddReferencesItem(
+        SourceNodeId=ua.NodeId(ua.ObjectIds.ObjectsFolder),
+        ReferenceTypeId=ua.NodeId(ua.ObjectIds.Organizes), IsForward=True,
+        TargetNodeId=ua.NodeId(ROOM, ns), TargetNodeClass=ua.NodeClass.Variable,
+    )  # fmt: skip
+    return client.uaclient.add_references([item])
+
+
+def _delete_references(client: Client, ns: int) -> Awaitable[Any]:
+    item = ua.DeleteReferencesItem(
+        SourceNodeId=ua.NodeId("coldstore/storage/cold-room-1", ns),
+        ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasComponent), IsForward=True,
+        TargetNodeId=ua.NodeId(ROOM, ns), DeleteBidirectional=True,
+    )  # fmt: skip
+    return client.uaclient.delete_references([item])
+
+
+def _history_update(client: Client, ns: int) -> Awaitable[Any]:
+    details = ua.UpdateDataDetails(
+        NodeId=ua.NodeId(ROOM, ns), PerformInsertReplace=ua.PerformUpdateType.Replace,
+        UpdateValues=[ua.DataValue(ua.Variant(99.0))],
+    )  # fmt: skip
+    return client.uaclient.history_update(
+        ua.HistoryUpdateParameters(HistoryUpdateDetails=[details])
+    )
+
+
+def _transfer_subscriptions(client: Client, ns: int) -> Awaitable[Any]:
+    params = ua.TransferSubscriptionsParameters(SubscriptionIds=[1, 2, 3], SendInitialValues=True)
+    return client.uaclient.transfer_subscriptions(params)
+
+
+def _register_server(client: Client, ns: int) -> Awaitable[Any]:
+    return client.uaclient.register_server(evil_server())
+
+
+def _register_server2(client: Client, ns: int) -> Awaitable[Any]:
+    params = ua.RegisterServer2Parameters(Server=evil_server(), DiscoveryConfiguration=[])
+    return client.uaclient.register_server2(params)
+
+
+SERVICES: dict[str, tuple[str, Service]] = {  # test id → (service as logged, the request)
+    "write-value": ("Write", _write(ua.AttributeIds.Value, ua.Variant(99.0, ua.VariantType.Double))),
+    "write-display-name": ("Write", _write(ua.AttributeIds.DisplayName, ua.Variant(ua.LocalizedText("pwned")))),
+    "call": ("Call", _call),
+    "add-nodes": ("AddNodes", _add_nodes),
+    "delete-nodes": ("DeleteNodes", _delete_nodes),
+    "add-references": ("AddReferences", _add_references),
+    "delete-references": ("DeleteReferences", _delete_references),
+    "history-update": ("HistoryUpdate", _history_update),
+    "transfer-subscriptions": ("TransferSubscriptions", _transfer_subscriptions),
+    "register-server": ("RegisterServer", _register_server),
+    "register-server2": ("RegisterServer2", _register_server2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_a_mutating_service_is_refused_audited_and_changes_nothing(
+    mirror: Mirror, service: str
+) -> None:
+    logged, request = SERVICES[service]
+    async with mirror.session() as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        code = await status_of(request(client, ns))
+    assert code in REFUSED, hex(code)
+    events = [e for e in mirror.events("opcua_service_refused") if e["service"] == logged]
+    assert len(events) == 1 and events[0]["identity"] == CONSUMER_URI, events
+    await unchanged(mirror)
+
+
+@pytest.mark.parametrize("service", ["register-server", "register-server2"])
+async def test_register_server_without_a_session_is_refused_and_audited(
+    mirror: Mirror, service: str
+) -> None:
+    """asyncua serves RegisterServer(2) to anyone, without a session (ADR 0025): an
+    anonymous client on a channel without security registered a server FindServers then
+    listed."""
+    logged, request = SERVICES[service]
+    async with none_channel(mirror) as client:
+        code = await status_of(request(client, 0))
+        servers = await client.find_servers()
+    assert code in REFUSED, hex(code)
+    assert [s.ApplicationUri for s in servers] == [SERVER_URI]
+    events = [e for e in mirror.events("opcua_service_refused") if e["service"] == logged]
+    assert len(events) == 1 and events[0]["remote"], events
+    await unchanged(mirror)
+
+
+# -- another identity's nodes ---------------------------------------------------------------
+
+
+async def test_nodes_not_granted_cannot_be_read_browsed_or_translated_by_guessing(
+    mirror: Mirror,
+) -> None:
+    """The energy dashboard knows the NodeId scheme (`ns;s=<signal path>`) and guesses the
+    historian's cold room: each service answers as if the node did not exist, while the
+    historian's own session is served (the control)."""
+    room_path = ["coldstore", "storage", "cold-room-1", "temperature"]
+    answers: dict[str, dict[str, Any]] = {}
+    for name in ("energy", "historian"):
+        async with mirror.session(name) as client:
+            ns = await client.get_namespace_index(NAMESPACE)
+            room = ua.NodeId(ROOM, ns)
+            asset = ua.NodeId("coldstore/storage/cold-room-1", ns)
+            reads = await client.uaclient.read(
+                _read_params(room, ua.NodeId(f"{ROOM}.EngineeringUnits", ns))
+            )
+            reads += await client.uaclient.read(
+                _read_params(room, asset, attribute=ua.AttributeIds.DisplayName)
+            )
+            browse = ua.BrowseParameters(NodesToBrowse=[
+                ua.BrowseDescription(NodeId=n, BrowseDirection=ua.BrowseDirection.Both,
+                                     IncludeSubtypes=True, ResultMask=63)
+                for n in (room, ua.NodeId("coldstore", ns))
+            ])  # fmt: skip
+            browsed = await client.uaclient.browse(browse)
+            elements = [
+                ua.RelativePathElement(
+                    ReferenceTypeId=ua.NodeId(ua.ObjectIds.HierarchicalReferences),
+                    IsInverse=False,  # asyncua's default is True
+                    IncludeSubtypes=True,
+                    TargetName=ua.QualifiedName(part, ns),
+                )
+                for part in room_path
+            ]
+            path = ua.BrowsePath(
+                StartingNode=ua.NodeId(ua.ObjectIds.ObjectsFolder),
+                RelativePath=ua.RelativePath(Elements=elements),
+            )
+            (translated,) = await client.uaclient.translate_browsepaths_to_nodeids([path])
+            historian_ns = ns
+            answers[name] = {
+                "reads": [r.StatusCode.value for r in reads],
+                "browse_room": browsed[0].StatusCode.value,
+                "below_coldstore": {r.NodeId.Identifier for r in browsed[1].References},
+                "translated": (
+                    translated.StatusCode.value,
+                    [t.TargetId for t in translated.Targets],
+                ),
+            }
+    energy, historian = answers["energy"], answers["historian"]
+    assert historian["reads"] == [S.Good] * 4
+    assert energy["reads"] == [S.BadNodeIdUnknown] * 4
+    assert historian["browse_room"] == S.Good and energy["browse_room"] == S.BadNodeIdUnknown
+    assert "coldstore/storage" in historian["below_coldstore"]
+    assert "coldstore/storage" not in energy["below_coldstore"]
+    assert "coldstore/machine-room" in energy["below_coldstore"]  # its own part is there
+    assert historian["translated"] == (S.Good, [ua.NodeId(ROOM, historian_ns)])
+    assert energy["translated"] == (S.BadNoMatch, [])
+    await unchanged(mirror)
+
+
+async def test_translate_never_walks_through_a_node_not_granted(mirror: Mirror) -> None:
+    """A browse path may end at a standard node (a type definition) after passing through
+    the historian's assets: the answer must not tell the energy dashboard whether those
+    assets and signals exist (the same as for a path through names that do not)."""
+
+    def step(reference: int, name: str, ns: int) -> ua.RelativePathElement:
+        return ua.RelativePathElement(
+            ReferenceTypeId=ua.NodeId(reference), IsInverse=False, IncludeSubtypes=True,
+            TargetName=ua.QualifiedName(name, ns),
+        )  # fmt: skip
+
+    down, typed = ua.ObjectIds.HierarchicalReferences, ua.ObjectIds.HasTypeDefinition
+    async with mirror.session("energy") as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        answers = []
+        for names, end in (
+            (["coldstore", "storage"], "BaseObjectType"),
+            (["coldstore", "no-such-area"], "BaseObjectType"),
+            (["coldstore", "storage", "cold-room-1", "temperature"], "BaseDataVariableType"),
+            (["coldstore", "storage", "cold-room-1", "no-such-signal"], "BaseDataVariableType"),
+        ):
+            elements = [step(down, n, ns) for n in names] + [step(typed, end, 0)]
+            path = ua.BrowsePath(
+                StartingNode=ua.NodeId(ua.ObjectIds.ObjectsFolder),
+                RelativePath=ua.RelativePath(Elements=elements),
+            )
+            (result,) = await client.uaclient.translate_browsepaths_to_nodeids([path])
+            answers.append((result.StatusCode.value, len(result.Targets)))
+    not_granted, absent = answers[0::2], answers[1::2]
+    assert not_granted == absent == [(S.BadNoMatch, 0)] * 2, answers
+
+
+class _Changes:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def datachange_notification(self, node: Any, value: Any, data: Any) -> None:
+        self.seen.append((node.nodeid.Identifier, value))
+
+
+async def test_a_subscription_to_a_node_not_granted_delivers_nothing(mirror: Mirror) -> None:
+    """The dashboard monitors the cold room by NodeId and its own power signal: the first is
+    refused, and a new cold room value never reaches it while new power values do; nor can
+    it add items to, or delete, the historian's subscription by guessing its id."""
+    async with mirror.session("historian") as historian, mirror.session("energy") as energy:
+        ns = await energy.get_namespace_index(NAMESPACE)
+        theirs_changes, mine = _Changes(), _Changes()
+        theirs = await historian.create_subscription(50, theirs_changes)
+        await theirs.subscribe_data_change(historian.get_node(ua.NodeId(ROOM, ns)))
+        subscription = await energy.create_subscription(50, mine)
+        nodes = (ua.NodeId(ROOM, ns), ua.NodeId(f"{ROOM}.State", ns), ua.NodeId(POWER, ns))
+        results = await subscription.subscribe_data_change([energy.get_node(n) for n in nodes])
+        assert [getattr(r, "value", None) for r in results[:2]] == [S.BadNodeIdUnknown] * 2
+        assert isinstance(results[2], int)  # a handle: made
+        # Items on the historian's subscription, or deleting it: not the dashboard's to touch.
+        foreign = ua.CreateMonitoredItemsParameters(
+            SubscriptionId=theirs.subscription_id, TimestampsToReturn=ua.TimestampsToReturn.Both,
+            ItemsToCreate=[_monitor(ua.NodeId(POWER, ns), 9)],
+        )  # fmt: skip
+        code = await status_of(energy.uaclient.create_monitored_items(foreign))
+        assert code == S.BadSubscriptionIdInvalid, hex(code)
+        deleted = await energy.uaclient.delete_subscriptions([theirs.subscription_id])
+        assert [c.value for c in deleted] == [S.BadSubscriptionIdInvalid]
+
+        mirror.store.apply([served_record(ROOM, -21.0, 3)])
+        mirror.store.apply([served_record(POWER, 13.5, 4)])
+        await eventually(lambda: (POWER, 13.5) in mine.seen, timeout=30)
+        await eventually(lambda: (ROOM, -21.0) in theirs_changes.seen, timeout=30)
+        assert {node for node, _ in mine.seen} == {POWER}, mine.seen
+
+
+def _monitor(node: ua.NodeId, handle: int) -> ua.MonitoredItemCreateRequest:
+    return ua.MonitoredItemCreateRequest(
+        ItemToMonitor=ua.ReadValueId(NodeId=node, AttributeId=ua.AttributeIds.Value),
+        MonitoringMode=ua.MonitoringMode.Reporting,
+        RequestedParameters=ua.MonitoringParameters(
+            ClientHandle=handle, SamplingInterval=0, QueueSize=10, DiscardOldest=True
+        ),
+    )
+
+
+# -- a second, independent stack (o6: open62541) ----------------------------------------------
+
+
+def o6_client(mirror: Mirror, name: str, read: list[str], write: list[str]) -> dict[str, Any]:
+    """Run tests/enterprise/opcua_o6.py in a child process; its JSON answer."""
+    cert, key = mirror.keys.clients[name]
+    request = {
+        "url": mirror.endpoint, "certificate": str(cert), "private_key": str(key),
+        "trust": str(mirror.keys.ca_der), "crl": str(mirror.keys.crl_der),
+        "application_uri": IDENTITIES[name], "namespace": NAMESPACE, "read": read, "write": write,
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.enterprise.opcua_o6"], input=json.dumps(request),
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+    )  # fmt: skip
+    lines = done.stdout.strip().splitlines()  # o6 prints a banner first
+    assert done.returncode == 0 and lines, done.stderr[-2000:]
+    answer: dict[str, Any] = json.loads(lines[-1])
+    return answer
+
+
+TICKS_EPOCH = dt.datetime(1601, 1, 1, tzinfo=dt.UTC)  # OPC UA DateTime: 100 ns ticks since
+
+
+def ticks(moment: dt.datetime) -> int:
+    return (moment - TICKS_EPOCH) // dt.timedelta(microseconds=1) * 10
+
+
+async def test_a_second_stack_reads_what_the_store_serves_and_cannot_write(
+    mirror: Mirror,
+) -> None:
+    """o6 over Basic256Sha256 SignAndEncrypt, verifying the server's chain and CRL: the
+    historian's values with their status and both timestamps; a Value write refused and
+    audited; the energy dashboard's guess at the cold room unknown."""
+    answer = await asyncio.to_thread(o6_client, mirror, "historian", [ROOM, POWER], [ROOM])
+    now = dt.datetime.now(dt.UTC)
+    for signal in (ROOM, POWER):
+        held = mirror.store.latest(signal, now)
+        assert held is not None
+        assert answer["values"][signal] == [
+            held.value,
+            S.Good,
+            ticks(held.source_time),
+            ticks(held.broker_time),
+        ]
+    assert answer["writes"] == {ROOM: S.BadUserAccessDenied}
+    events = [e for e in mirror.events("opcua_service_refused") if e["service"] == "Write"]
+    assert len(events) == 1 and events[0]["identity"] == CONSUMER_URI
+    guess = await asyncio.to_thread(o6_client, mirror, "energy", [POWER, ROOM], [])
+    assert guess["values"][POWER][:2] == [12.25, S.Good]
+    assert guess["values"][ROOM][1] == S.BadNodeIdUnknown
+    await unchanged(mirror)
+
+
+@pytest.mark.parametrize(("name", "reason"), [("intruder", "certificate_untrusted"),
+                                              ("revoked", "revoked")])  # fmt: skip
+async def test_a_second_stack_with_a_refused_certificate_gets_no_channel(
+    mirror: Mirror, name: str, reason: str
+) -> None:
+    answer = await asyncio.to_thread(o6_client, mirror, name, [ROOM], [ROOM])
+    assert "values" not in answer and answer["refused"] != S.Good, answer
+    refused(mirror, "channel", reason)
+    no_session_with(mirror, name)
+    await unchanged(mirror)
