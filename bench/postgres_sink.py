@@ -179,7 +179,7 @@ def main() -> int:
             server.start()
             owner = server.create_role("historian_owner", password="bench owner")
             sink = server.create_role("dmzbroker_sink")
-            for count in args.records:
+            for count in dict.fromkeys(args.records):  # each count once: a database each
                 database = f"bench_{count}"
                 server.create_database(database, owner=owner.user)
                 config = server.sink_config(CONSUMER_URI, sink, owner=owner, database=database)
