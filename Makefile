@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/postgres_sink.py
 	$(BIN)/python bench/sse_fanout.py
 	$(BIN)/python bench/opcua_ingest.py
+	$(BIN)/python bench/opcua_server.py
 	$(BIN)/python bench/dnp3_ingest.py
 	$(BIN)/python bench/bacnet_ingest.py
 	$(BIN)/python bench/modbus_plan.py
