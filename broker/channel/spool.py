@@ -334,7 +334,9 @@ class SpoolReceiver:
     """Reads records in order, skipping torn tails; keeps its position in `state_dir`.
 
     The position is saved by `commit()`, after the caller has handled what `receive()`
-    returned; after a restart, reading resumes there: no record is delivered twice.
+    returned; after a restart, reading resumes there: no record is delivered twice. A caller
+    that reads ahead of what it has handled (a sink writing batch n while it reads batch
+    n + 1) takes a `mark()` after each batch and saves that one with `commit(mark)`.
     """
 
     def __init__(self, directory: Path, state_dir: Path, reader: str = "") -> None:
@@ -350,6 +352,7 @@ class SpoolReceiver:
             self._pos = Position()
         except (OSError, msgspec.DecodeError) as e:
             raise ChannelError(f"{self._position_file}: unreadable spool position: {e}") from e
+        self._saved = msgspec.structs.replace(self._pos)
         self._fd = -1
         self._fd_segment = 0
         self.torn_bytes = 0  # skipped at the end of final segments
@@ -414,8 +417,13 @@ class SpoolReceiver:
             self._pos.seq = record.seq
             records.append(record)
 
-    def commit(self) -> None:
-        """Persist the position after the records returned so far.
+    def mark(self) -> Position:
+        """The position after the records returned so far, to `commit` later."""
+        return msgspec.structs.replace(self._pos)
+
+    def commit(self, mark: Position | None = None) -> None:
+        """Persist the position after the records returned so far, or `mark` (taken by
+        `mark()` since the last commit: a position never moves back).
 
         Atomic and durable (write, fsync, rename), so a killed process resumes exactly
         here. The directory entry is not fsynced: after a power loss the reader may resume
@@ -424,15 +432,19 @@ class SpoolReceiver:
         half holds the lock on its state folder (ADR 0013), so no other process writes here,
         and a crash leaves at most this one file behind, overwritten by the next commit.
         """
+        position = self._pos if mark is None else mark
+        if (position.segment, position.offset) < (self._saved.segment, self._saved.offset):
+            raise RuntimeError(f"spool position {position} is before the one saved")
         tmp = self._position_file.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(msgspec.json.encode(self._pos))
+                f.write(msgspec.json.encode(position))
                 f.flush()
                 os.fsync(f.fileno())  # so a power loss never leaves an empty position file
             os.replace(tmp, self._position_file)
         except OSError as e:
             raise ChannelError(f"{self._position_file}: cannot save position: {e.strerror}") from e
+        self._saved = msgspec.structs.replace(position)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -642,3 +642,66 @@ def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_frames(
     send(spool, [1, 2, 3], batch=3)  # a new sender continues right after what was durable
     assert seqs(drain(receiver)) == [int(sent) + 1, int(sent) + 2, int(sent) + 3]
     assert receiver.torn_bytes == 0  # the partial batch was cut off, not left behind
+
+
+# A reader that reads ahead of what it has handled (the PostgreSQL sink reads batch n + 1
+# while the database commits batch n) saves marks, never the read position itself.
+def read_ahead(receiver: SpoolReceiver, batches: int, size: int) -> list[Any]:
+    """`batches` batches of `size` records, each with the mark taken right after it."""
+    taken = []
+    for _ in range(batches):
+        batch = receiver.receive(max_records=size)
+        taken.append((seqs(batch), receiver.mark()))
+    return taken
+
+
+def test_a_crash_between_marks_replays_exactly_the_batches_not_committed(
+    spool: Path, state: Path
+) -> None:
+    send(spool, list(range(40)), batch=5)  # frames of 5 records, across segments
+    first = SpoolReceiver(spool, state)
+    (one, mark_one), (two, mark_two), (three, _) = read_ahead(first, 3, 10)
+    assert (one, two, three) == ([*range(1, 11)], [*range(11, 21)], [*range(21, 31)])
+    first.commit(mark_one)  # batch one committed; two and three read, not committed
+    first.close()  # the process dies here: only the position file survives
+
+    second = SpoolReceiver(spool, state)
+    assert second.last_seq == 10
+    assert seqs(drain(second)) == list(range(11, 41))  # two, three and the rest: none skipped
+    second.close()
+
+    third = SpoolReceiver(spool, state)  # still at mark one: `second` committed nothing
+    (again, mark_again), _ = read_ahead(third, 2, 10)
+    assert again == two and mark_again == mark_two  # the same batch ends at the same mark
+    third.commit(mark_again)
+    third.close()
+    assert seqs(drain(SpoolReceiver(spool, state))) == list(range(21, 41))
+
+
+def test_marks_committed_in_turn_while_reading_ahead_deliver_every_record_once(
+    spool: Path, state: Path
+) -> None:
+    """Read one batch ahead, commit the one before, and crash after each commit in turn."""
+    send(spool, list(range(60)), batch=3)
+    delivered: list[int] = []
+    for _ in range(100):  # bounded: each round commits one batch
+        receiver = SpoolReceiver(spool, state)
+        (batch, mark), (_, _) = read_ahead(receiver, 2, 6)
+        if not batch:
+            break
+        receiver.commit(mark)  # the first batch is handled; the second was read ahead only
+        receiver.close()
+        delivered.extend(batch)
+    assert delivered == list(range(1, 61))
+
+
+def test_a_mark_behind_the_saved_position_is_refused(spool: Path, state: Path) -> None:
+    send(spool, list(range(20)), batch=5)
+    receiver = SpoolReceiver(spool, state)
+    (_, older), (_, newer) = read_ahead(receiver, 2, 5)
+    receiver.commit(newer)
+    with pytest.raises(RuntimeError, match="before the one saved"):
+        receiver.commit(older)
+    receiver.commit()  # the read position itself is never behind
+    receiver.close()
+    assert seqs(drain(SpoolReceiver(spool, state))) == list(range(11, 21))
