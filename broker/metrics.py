@@ -278,6 +278,12 @@ class EnterpriseMetrics:
             ["output"],
             registry=self.registry,
         )
+        self.output_refused = Counter(
+            "dmzbroker_output_refused",
+            "Records an output left out for good: their destination refused their data",
+            ["output"],
+            registry=self.registry,
+        )
         self.output_seq = Gauge(
             "dmzbroker_output_position_seq",
             "seq of the last record an output that reads the spool has delivered",

@@ -43,12 +43,13 @@ from broker.config import PostgresConfig, PostgresLogin
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import postgres_schema as schema
 from broker.enterprise.outputs.base import OutputContext
+from broker.enterprise.outputs.postgres_writer import INCOMING, Batch, BatchWriter
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
-from broker.records import Record
 
 BATCH = 5000
+SLICE = 512  # records read and encoded between two turns of the event loop (~5 ms)
 IDLE_S = 0.05
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
 CONNECT_TIMEOUT_S = 10
@@ -59,7 +60,6 @@ FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss 
 REFUSED_RETRY_S = 30.0  # an owner must act first: asking again often only fills logs
 PASSWORD_LIMIT = 4096  # bytes
 REFUSING = ("authentication failed", "no pg_hba.conf entry", "does not exist")  # libpq's words
-INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
 
 log = structlog.get_logger("postgres_sink")
 
@@ -251,29 +251,83 @@ class PostgresSink:
     async def _forward(
         self, connection: psycopg.AsyncConnection[Any], receiver: SpoolReceiver
     ) -> NoReturn:
-        identity = self._config.identity
+        """Two tasks: one reads and encodes batches, yielding between slices; the other
+        writes them in turn. So the sink reads batch n + 1 while the server takes batch n,
+        and a batch's mark is committed only after its COMMIT (at most one batch written
+        past the saved position)."""
+        writer = BatchWriter(connection, self._config.schema)
+        batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._read(connection, receiver, writer, batches))
+                tasks.create_task(self._write(receiver, writer, batches))
+        except ExceptionGroup as failed:  # the first failure ends the session, as one would
+            raise failed.exceptions[0] from None
+        raise AssertionError("unreachable: both tasks loop until they fail")
+
+    async def _read(
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        receiver: SpoolReceiver,
+        writer: BatchWriter,
+        batches: asyncio.Queue[Batch],
+    ) -> NoReturn:
         described: int | None = None  # the policy version the assets and signals rows are for
         while True:
             if self._held() or datetime.now(UTC) >= self._authz.policy.expires:
                 await asyncio.sleep(HELD_S)
                 continue
             policy = self._authz.policy
-            view = self._authz.view(identity)
+            view = self._authz.view(self._config.identity)
             if described != policy.version:
+                await batches.join()  # the connection is free: no batch queued or written
                 async with asyncio.timeout(ANSWER_TIMEOUT_S), connection.transaction():
                     await self._describe(connection, policy, view)
                 described = policy.version
-            records = receiver.receive(max_records=BATCH)
-            if not records:
+            batch = await self._next_batch(receiver, writer, view)
+            if batch is None:
                 await asyncio.sleep(IDLE_S)
                 continue
-            allowed = [r for r in records if r.signal in view]
-            if allowed:
-                async with asyncio.timeout(ANSWER_TIMEOUT_S), connection.transaction():
-                    await self._write(connection, allowed)
-            receiver.commit()  # committed: the position moves past the batch
-            self._metrics.output_records.labels(self.name).inc(len(allowed))
-            self._metrics.output_seq.labels(self.name).set(receiver.last_seq)
+            await batches.put(batch)
+
+    async def _next_batch(
+        self, receiver: SpoolReceiver, writer: BatchWriter, view: frozenset[str]
+    ) -> Batch | None:
+        """Up to BATCH records read, those `view` grants encoded, a slice at a time with a
+        turn of the event loop between slices (the writer answers the server meanwhile);
+        None when there is nothing new."""
+        read, allowed, data = 0, [], bytearray()
+        while read < BATCH:
+            records = receiver.receive(max_records=min(SLICE, BATCH - read))
+            if not records:
+                break
+            read += len(records)
+            if granted := [r for r in records if r.signal in view]:
+                allowed += granted
+                data += await writer.encode(granted)
+            await asyncio.sleep(0)
+        return Batch(allowed, receiver.mark(), bytes(data)) if read else None
+
+    async def _write(
+        self, receiver: SpoolReceiver, writer: BatchWriter, batches: asyncio.Queue[Batch]
+    ) -> NoReturn:
+        while True:
+            batch = await batches.get()
+            refused = []
+            if batch.records:
+                async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                    refused = await writer.write(batch)
+            for refusal in refused:
+                record = refusal.record
+                log.error("postgres_refused", seq=record.seq, signal=record.signal,
+                          sqlstate=refusal.sqlstate, error=refusal.error,
+                          what_to_do=f"left out: see why {self._where} refuses it (a "
+                          "constraint, the database's encoding, a column's type)")  # fmt: skip
+            receiver.commit(batch.mark)  # committed: the position moves past the batch
+            self._metrics.output_records.labels(self.name).inc(len(batch.records) - len(refused))
+            self._metrics.output_refused.labels(self.name).inc(len(refused))
+            self._metrics.output_seq.labels(self.name).set(batch.mark.seq)
+            batches.task_done()
 
     async def _describe(
         self, connection: psycopg.AsyncConnection[Any], policy: Policy, view: frozenset[str]
@@ -301,34 +355,6 @@ class PostgresSink:
                     .format(table=sql.Identifier(table), values=placeholders, **names),
                     rows,
                 )  # fmt: skip
-
-    async def _write(self, connection: psycopg.AsyncConnection[Any], records: list[Record]) -> None:
-        """One batch, in the caller's transaction: the days' partitions, COPY, INSERT."""
-        names = {
-            "schema": sql.Identifier(self._config.schema),
-            "incoming": sql.Identifier(INCOMING),
-            "columns": sql.SQL(", ").join(sql.Identifier(c) for c, _ in schema.RECORD_COLUMNS),
-        }
-        days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
-        await connection.execute(
-            sql.SQL("SELECT {schema}.ensure_partition(d) FROM unnest(%s::date[]) d").format(
-                **names
-            ),
-            (days,),
-        )
-        async with connection.cursor() as cursor:
-            async with cursor.copy(
-                sql.SQL("COPY pg_temp.{incoming} ({columns}) FROM STDIN").format(**names)
-            ) as copy:
-                copy.set_types(schema.COPY_TYPES)
-                for row in schema.record_rows(records):
-                    await copy.write_row(row)
-            await cursor.execute(
-                sql.SQL(
-                    "INSERT INTO {schema}.records ({columns}) SELECT {columns} "
-                    "FROM pg_temp.{incoming} ON CONFLICT DO NOTHING"
-                ).format(**names)
-            )
 
     def _explained(self, error: psycopg.Error) -> tuple[bool, str]:
         """Whether an owner or operator must act (a refusal, retried slowly), and one line:

@@ -1,0 +1,146 @@
+"""How the PostgreSQL sink puts a batch of records into `<schema>.records`: COPY into the
+session's temporary table, `INSERT … SELECT … ON CONFLICT DO NOTHING`, COMMIT.
+
+`encode()` is CPU only (the COPY rows, formatted by psycopg without a COPY under way), so the
+sink reads and encodes the next batch while `write()` waits for the server on this one; the
+caller moves its spool position past a batch only after `write()` returned for it.
+
+A record the server refuses for its data (SQLSTATE class 22 or 23: a value a column type,
+the database's encoding or a constraint the owner added does not take) would otherwise fail
+its batch at every try. `write()` then writes the batch again by halves, down to the
+refused records, and returns them: every other record is written. A half written again is
+a conflict, never a second row. It never reads a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.copy import AsyncCopy, AsyncWriter
+from psycopg.pq import TransactionStatus
+
+from broker.channel.spool import Position
+from broker.enterprise.outputs import postgres_schema as schema
+from broker.records import Record
+
+INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
+
+
+@dataclass
+class Batch:
+    records: list[Record]  # what the grant lets through, in seq order
+    mark: Position  # the spool position after the batch
+    data: bytes  # `records` as COPY text rows (`encode`)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    record: Record
+    sqlstate: str
+    error: str  # the server's message
+
+
+def refuses_data(error: psycopg.Error) -> bool:
+    """The server refuses the data of a row (class 22 data exception, class 23 integrity
+    constraint), not the sink: writing the row again can never succeed. A unique violation
+    is no such refusal (ON CONFLICT DO NOTHING takes every unique key)."""
+    state = error.sqlstate or ""
+    return state[:2] in ("22", "23") and state != "23505"
+
+
+class _Collected(AsyncWriter):
+    """COPY rows into memory, formatted by psycopg without a COPY under way."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def write(self, data: Any) -> None:
+        self.data += data
+
+    async def finish(self, exc: BaseException | None = None) -> None:
+        pass
+
+
+class BatchWriter:
+    """Writes batches on one connection (autocommit: each batch is a BEGIN … COMMIT of its
+    own), one at a time."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[Any], schema_name: str) -> None:
+        self._connection = connection
+        names = {
+            "schema": sql.Identifier(schema_name),
+            "incoming": sql.Identifier(INCOMING),
+            "columns": sql.SQL(", ").join(sql.Identifier(c) for c, _ in schema.RECORD_COLUMNS),
+        }
+        self._partitions = sql.SQL(
+            "BEGIN; SELECT {schema}.ensure_partition(d) FROM unnest({days}::date[]) d"
+        )
+        self._names = names
+        self._copy = sql.SQL("COPY pg_temp.{incoming} ({columns}) FROM STDIN").format(**names)
+        # One simple query, one round trip: if the INSERT fails, COMMIT is never run.
+        self._insert = sql.SQL(
+            "INSERT INTO {schema}.records ({columns}) SELECT {columns} "
+            "FROM pg_temp.{incoming} ON CONFLICT DO NOTHING; COMMIT"
+        ).format(**names)
+
+    async def encode(self, records: list[Record]) -> bytes:
+        """`records` as COPY text rows (CPU only: nothing is sent)."""
+        async with self._connection.cursor() as cursor:
+            written = _Collected()
+            async with AsyncCopy(cursor, binary=False, writer=written) as copy:
+                copy.set_types(schema.COPY_TYPES)
+                for row in schema.record_rows(records):
+                    await copy.write_row(row)
+        return bytes(written.data)
+
+    async def write(self, batch: Batch) -> list[Refusal]:
+        """The batch in a transaction of its own, committed; on a row refused for its data,
+        by halves down to the refused records, which it returns. Any other error is raised
+        (the batch not written)."""
+        try:
+            await self._write(batch.records, batch.data)
+            return []
+        except psycopg.Error as e:
+            if not refuses_data(e):
+                raise
+        return await self._bisect(batch.records)
+
+    async def _bisect(self, records: list[Record]) -> list[Refusal]:
+        """Each refused record alone, in at most 2·log2(n) writes per refused record; the
+        rest committed. A part known to fail is split, not written whole again."""
+        refused: list[Refusal] = []
+        half = len(records) // 2
+        parts = [records[half:], records[:half]] if half else [records]
+        while parts:  # ends: each part is written, or refused alone, or split in two
+            part = parts.pop()
+            try:
+                await self._write(part, await self.encode(part))
+            except psycopg.Error as e:
+                if not refuses_data(e):
+                    raise
+                if len(part) == 1:
+                    message = " ".join((e.diag.message_primary or str(e)).split())
+                    refused.append(Refusal(part[0], e.sqlstate or "", message))
+                else:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]
+        return refused
+
+    async def _write(self, records: list[Record], data: bytes) -> None:
+        """BEGIN, the days' partitions, COPY, INSERT, COMMIT; rolled back on an error."""
+        days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
+        try:
+            await self._connection.execute(
+                self._partitions.format(days=sql.Literal(days), **self._names)
+            )
+            async with self._connection.cursor() as cursor, cursor.copy(self._copy) as copy:
+                await copy.write(data)
+            await self._connection.execute(self._insert)
+        except psycopg.Error:
+            if self._connection.info.transaction_status != TransactionStatus.IDLE:
+                await self._connection.execute("ROLLBACK")
+            raise
