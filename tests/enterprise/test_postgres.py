@@ -561,3 +561,54 @@ async def test_a_schema_name_that_would_need_quoting_stops_the_half_at_start(
     sink = sink_of(historian.config(schema='dmz"; DROP'), tmp_path)
     with pytest.raises(ConfigError, match=r"enterprise\.postgres\.schema"):
         await sink.start()
+
+
+async def test_records_the_server_refuses_for_their_data_are_left_out_and_the_rest_written(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """A database in LATIN1 cannot hold '€' (22P05, refused by the COPY), and a CHECK the
+    owner added refuses a device clock at 1970 (23514, refused by the INSERT): each such
+    record is left out, logged and counted once; every other record is written, and the
+    stream goes on after them."""
+    historian.server.sql(
+        f"CREATE DATABASE latin OWNER \"{OWNER}\" ENCODING 'LATIN1' LC_COLLATE 'C' "
+        "LC_CTYPE 'C' TEMPLATE template0"
+    )
+    metrics = EnterpriseMetrics(lambda: 0, lambda: False)
+    sink = PostgresSink(
+        historian.config(database="latin"), tmp_path / "spool", tmp_path / "state",
+        Authorization(policy.load(DEMO_POLICY)), metrics,
+    )  # fmt: skip
+    odd = varied(3000)
+    odd[1234].value = "5 €"  # seq 1245
+    odd[2345].source_time = datetime(1970, 1, 1, tzinfo=UTC)  # seq 2356
+    sender = spool_of(tmp_path, varied(10))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink.run()):
+                await eventually(lambda: position(tmp_path) == 10, timeout=30)
+                historian.server.sql(
+                    "ALTER TABLE dmzbroker.records ADD CONSTRAINT plausible_clock "
+                    "CHECK (source_time >= '2000-01-01')",
+                    database="latin",
+                )
+                sender.send(odd)
+                sender.send(varied(10))
+                await eventually(lambda: position(tmp_path) == 3020, timeout=120)
+    finally:
+        sender.close()
+    refused = [e for e in logs if e["event"] == "postgres_refused"]
+    assert [(e["seq"], e["signal"], e["sqlstate"]) for e in refused] == [
+        (1245, DOOR, "22P05"),
+        (2356, POWER, "23514"),
+    ]
+    assert "no equivalent in encoding" in refused[0]["error"]
+    assert "plausible_clock" in refused[1]["error"]
+    assert all("\n" not in e["error"] and "left out" in e["what_to_do"] for e in refused)
+    seqs = [s for (s,) in historian.server.sql(
+        "SELECT seq FROM dmzbroker.records ORDER BY seq", database="latin"
+    )]  # fmt: skip
+    assert seqs == [s for s in range(1, 3021) if s not in (1245, 2356)]
+    sample = metrics.registry.get_sample_value
+    assert sample("dmzbroker_output_refused_total", {"output": "postgres"}) == 2
+    assert sample("dmzbroker_output_records_total", {"output": "postgres"}) == 3018

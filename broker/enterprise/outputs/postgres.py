@@ -178,6 +178,9 @@ class PostgresSink:
             "ssl_min_protocol_version": "TLSv1.2",
             "connect_timeout": CONNECT_TIMEOUT_S,
             "application_name": "dmzbroker",
+            # The server converts to the database's encoding, and refuses (22P05) what it
+            # cannot hold: one record left out, not a batch the sink could never encode.
+            "client_encoding": "UTF8",
             "options": "-c TimeZone=UTC",
             # A silent peer (a cut cable, no FIN) is noticed in about 30 s, not hours.
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
