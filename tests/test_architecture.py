@@ -102,7 +102,7 @@ def product_modules() -> list[Path]:
 # historian (SQL `execute`), the OPC UA server into its own address space. They live in the
 # enterprise half, which cannot import the plant half (the import contracts), and
 # `test_it_side_writers_reach_nothing_else` checks they open no other client.
-IT_SIDE_WRITERS = ("postgres", "postgres_schema", "opcua", "opcua_space", "opcua_guard",
+IT_SIDE_WRITERS = ("postgres", "postgres_schema", "postgres_writer", "opcua", "opcua_space", "opcua_guard",
                    "opcua_session", "opcua_trust")  # fmt: skip
 IT_SIDE_WRITER_PATHS = {BROKER / "enterprise" / "outputs" / f"{m}.py" for m in IT_SIDE_WRITERS}
 
