@@ -3,7 +3,10 @@
 A session belongs to the identity of its channel's certificate and sees only the nodes of
 the signals `authz.view(identity)` grants (and the standard Server object and types): Read,
 Browse, TranslateBrowsePaths and CreateMonitoredItems answer BadNodeIdUnknown for anything
-else, as if it did not exist, and Browse leaves such nodes out of its references. The view
+else, exactly as for a node that does not exist (so no answer tells whether a node not
+granted exists), Browse leaves such nodes out of its references, and a browse path never
+passes through one. (BrowseNext, HistoryRead and Query are refused whatever they name,
+`opcua_guard`; RegisterNodes echoes any NodeId, as asyncua does.) The view
 is asked at each request, so a policy reload narrows it at once (and the server ends the
 sessions whose monitored items it narrowed, `OpcUaServer.use_policy`).
 
@@ -46,19 +49,19 @@ class SessionRules:
         authz: Authorization,
         space: AddressSpace,
         max_sessions: int,
-        closed_for: Callable[[], str | None],
+        closed_for: Callable[[], tuple[str, str] | None],
     ) -> None:
         self.authz = authz
         self.space = space
         self.max_sessions = max_sessions
-        self.closed_for = closed_for  # why no session may open now (audit failing...), or None
+        self.closed_for = closed_for  # (reason, detail) no session may open now, or None
         self.sessions: set[GuardedSession] = set()
 
     def refusal(self, peer: Peer) -> tuple[str, str, int] | None:  # opcua_guard.Refusal
         """(reason, detail, status) refusing `peer` a new session, or None."""
         closed = self.closed_for()
         if closed is not None:
-            return "not_serving", closed, StatusCodes.BadServerHalted
+            return *closed, StatusCodes.BadServerHalted
         identity = peer.identity or ""
         if peer.serial in self.authz.revoked:
             return (
@@ -161,20 +164,35 @@ class GuardedSession(InternalSession):
         self, params: list[ua.BrowsePath]
     ) -> list[ua.BrowsePathResult]:
         _bounded(params)
+        _bounded([e for path in params for e in path.RelativePath.Elements])
         view = self._view()
-        results = []
-        for path in params:
-            if not self.rules.visible(path.StartingNode, view):
-                results.append(ua.BrowsePathResult(StatusCode=status(_UNKNOWN)))
-                continue
-            result = (await super().translate_browsepaths_to_nodeids([path]))[0]
-            targets = [t for t in result.Targets if self.rules.visible(_node(t.TargetId), view)]
-            if len(targets) != len(result.Targets) and not targets:
-                result = ua.BrowsePathResult(StatusCode=status(StatusCodes.BadNoMatch))
-            else:
-                result.Targets = targets
-            results.append(result)
-        return results
+        return [await self._translate(path, view) for path in params]
+
+    async def _translate(self, path: ua.BrowsePath, view: frozenset[str]) -> ua.BrowsePathResult:
+        """The path walked one element at a time through nodes the session may see: a node
+        not granted ends it as a name that does not exist does (BadNoMatch), whatever
+        standard node (a type definition) the path would reach through it."""
+        elements = path.RelativePath.Elements
+        if not self.rules.visible(path.StartingNode, view):
+            return ua.BrowsePathResult(StatusCode=status(_UNKNOWN))
+        if not elements:
+            return ua.BrowsePathResult(StatusCode=status(StatusCodes.BadNothingToDo))
+        if not elements[-1].TargetName.Name:
+            return ua.BrowsePathResult(StatusCode=status(StatusCodes.BadBrowseNameInvalid))
+        reached: dict[ua.NodeId, ua.BrowsePathTarget] = {
+            _node(path.StartingNode): ua.BrowsePathTarget()
+        }
+        for element in elements:
+            one = ua.RelativePath(Elements=[element])
+            steps = [ua.BrowsePath(StartingNode=n, RelativePath=one) for n in reached]
+            found = await super().translate_browsepaths_to_nodeids(steps)
+            targets = (t for result in found for t in result.Targets)
+            reached = {
+                node: t for t in targets if self.rules.visible(node := _node(t.TargetId), view)
+            }
+            if not reached:
+                return ua.BrowsePathResult(StatusCode=status(StatusCodes.BadNoMatch))
+        return ua.BrowsePathResult(Targets=list(reached.values()))
 
     async def create_subscription(
         self, params: ua.CreateSubscriptionParameters, callback: Callable[..., Any],

@@ -85,9 +85,10 @@ class AddressSpace:
 
     def signals_of(self, node: ua.NodeId) -> frozenset[str] | None:
         """The signals that make `node` visible; None for a node outside the model (the
-        standard Server object and types, which every client may read)."""
+        standard Server object and types, which every client may read); none for a node
+        that does not exist, so that it is answered as one not granted is."""
         if node.NamespaceIndex != self._ns:
-            return None
+            return None if node in self._server.iserver.aspace else frozenset()
         return self._visible.get(node, frozenset())
 
     def has(self, signal: str) -> bool:
