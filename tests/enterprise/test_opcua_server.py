@@ -20,9 +20,10 @@ from typing import Any
 import msgspec
 import pytest
 import structlog
-from asyncua import Client, ua
+from asyncua import Client, Server, ua
 from asyncua.crypto import security_policies as sp
 from asyncua.crypto.permission_rules import UserRole
+from asyncua.server.address_space import AddressSpace as AddressSpaceOfAsyncua
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
@@ -45,7 +46,7 @@ from broker.enterprise.outputs.opcua_session import (
     MAX_SUBSCRIPTIONS,
     GuardedSession,
 )
-from broker.enterprise.outputs.opcua_space import STATUS, UNECE, unit_id
+from broker.enterprise.outputs.opcua_space import STATUS, UNECE, AddressSpace, unit_id
 from broker.enterprise.store import Store
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
@@ -186,6 +187,9 @@ async def start_mirror(
 async def serving(mirror: Mirror) -> AsyncIterator[Mirror]:
     task = asyncio.create_task(mirror.server.run())
     try:
+        await eventually(lambda: mirror.server.ready or task.done(), timeout=60)
+        if task.done():
+            task.result()  # run failed: its error, not a timeout further on
         yield mirror
     finally:
         task.cancel()
@@ -507,6 +511,70 @@ async def test_a_port_in_use_or_an_unusable_certificate_stops_start_with_one_lin
         await start_mirror(tmp_path, pki, opcua_pki, certificate=str(tmp_path / "missing.pem"))
 
 
+async def test_start_only_binds_and_sessions_wait_for_the_space_run_builds(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`start` (before the half's spool reader starts) reads the files and binds, nothing
+    more: asyncua is not initialised yet and a client is told the server is starting. `run`
+    initialises it and builds the space; until that is done a session is refused, audited
+    as `starting`; then served. `close` in any of these states frees the port."""
+    building, release = asyncio.Event(), asyncio.Event()
+    build = AddressSpace.use_policy
+
+    async def held_build(space: AddressSpace, newer: policy.Policy) -> None:
+        building.set()
+        await release.wait()
+        await build(space, newer)
+
+    monkeypatch.setattr(AddressSpace, "use_policy", held_build)
+    mirror = await start_mirror(tmp_path, pki, opcua_pki)
+    server = mirror.server._server
+    assert server is not None and ua.NodeId(ua.ObjectIds.Server) not in server.iserver.aspace
+    assert not mirror.server.ready
+    with structlog.testing.capture_logs() as logs, pytest.raises(UaStatusCodeError) as starting:
+        await connect(mirror.client(), mirror.pki)  # asyncua not initialised
+    task = asyncio.create_task(mirror.server.run())
+    try:
+        with structlog.testing.capture_logs() as more:
+            await asyncio.wait_for(building.wait(), 60)
+            with pytest.raises(UaStatusCodeError) as refused:
+                await connect(mirror.client(), mirror.pki)
+        assert refused.value.code == starting.value.code == ua.StatusCodes.BadServerHalted
+        logs += more
+        reasons = [(e["stage"], e["reason"]) for e in logs if e["event"] == "opcua_client_refused"]
+        assert reasons == [("channel", "starting"), ("session", "starting")], logs
+        assert mirror.server.sessions == 0 and not mirror.server.ready
+        release.set()
+        await eventually(lambda: mirror.server.ready, timeout=60)
+        mirror.store.apply([record(ROOM, -18.0, 1)])
+        async with await secured(mirror.client(), mirror.pki) as client:
+            await eventually(node_of(client, await namespace(client), ROOM).read_value)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await mirror.server.close()
+        mirror.audit.close()
+    listen_again(mirror.server.endpoint)
+
+
+def listen_again(endpoint: str) -> None:
+    """Another server can listen on the port (as servers do: connections the closed one
+    accepted may still be in TIME_WAIT)."""
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", int(endpoint.rpartition(":")[2])))
+        again.listen()
+
+
+async def test_close_before_run_frees_the_port(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
+) -> None:
+    mirror = await start_mirror(tmp_path, pki, opcua_pki)
+    await mirror.server.close()
+    mirror.audit.close()
+    listen_again(mirror.server.endpoint)
+
+
 # --- hooks into asyncua 2.1.0's internals: each one named, each one tested (ADR 0025) ---
 
 HOOKS = {  # class → the members our subclasses override or read
@@ -514,11 +582,14 @@ HOOKS = {  # class → the members our subclasses override or read
                   "set_policies", "_connection", "_transport", "session", "iserver", "name"),
     OPCUAProtocol: ("connection_made", "data_received", "_buffer", "processor", "policies",
                     "limits", "transport"),
-    BinaryServer: ("_make_protocol", "_policies", "clients", "closing_tasks", "limits", "port"),
+    BinaryServer: ("_make_protocol", "_policies", "clients", "closing_tasks", "limits", "_server",
+                   "cleanup_task", "_close_task_loop", "stop"),
+    Server: ("init", "_setup_server_nodes", "iserver", "bserver", "limits", "_policies", "stop"),
     InternalServer: ("create_session", "lookup_external_session", "max_connections",
                      "max_pending_activation_seconds", "max_pending_messages_per_connection",
                      "max_session_timeout_ms", "max_subscriptions", "supported_tokens",
-                     "allow_remote_admin"),
+                     "allow_remote_admin", "aspace"),
+    AddressSpaceOfAsyncua: ("__contains__",),
     InternalSession: ("read", "browse", "translate_browsepaths_to_nodeids", "create_subscription",
                       "create_monitored_items", "modify_monitored_items", "delete_monitored_items",
                       "set_monitoring_mode", "modify_subscription", "republish",
@@ -532,6 +603,7 @@ async def test_every_asyncua_member_the_guard_relies_on_is_still_there(mirror: M
     found = {
         InternalServer: server.iserver,
         BinaryServer: server.bserver,
+        Server: server,
     }
     for cls, members in HOOKS.items():
         for member in members:

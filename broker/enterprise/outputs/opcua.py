@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import gc
 from datetime import UTC, datetime
 from typing import NoReturn
 
@@ -50,7 +49,8 @@ def configured(context: OutputContext) -> OpcUaServer | None:
 class OpcUaServer:
     """`OpcUaServer(config, context)`; `await start()` binds `config.host:port` (ConfigError
     on a port in use or unusable certificate files); `endpoint` is then its opc.tcp URL;
-    `run()` feeds values until cancelled; `close()` stops it."""
+    `run()` builds the address space (`ready` once it is), then feeds values until
+    cancelled; `close()` stops it."""
 
     name = "opcua"
 
@@ -64,6 +64,8 @@ class OpcUaServer:
         self._server: GuardedServer | None = None
         self._space: AddressSpace | None = None
         self._rules: SessionRules | None = None
+        self._built = False  # the address space holds the policy's model: sessions may open
+        self._certificate = self._key = b""  # PEM, read by start
         self._port = config.port
 
     @property
@@ -71,46 +73,52 @@ class OpcUaServer:
         return f"opc.tcp://{self._config.host}:{self._port}"
 
     @property
+    def ready(self) -> bool:
+        """Whether sessions may open: `run` has built the address space."""
+        return self._built
+
+    @property
     def sessions(self) -> int:
         return 0 if self._rules is None else len(self._rules.sessions)
 
     async def start(self) -> None:
+        """Only what an operator's mistake can make fail (ConfigError): the certificate and
+        key read and checked, the port bound. asyncua's init (about a second) and the address
+        space (seconds for thousands of signals) are made by `run`, so the half's spool
+        reader, which starts after every output's `start`, is not held up; until then a
+        client is refused, told the server is starting (`opcua_client_refused`)."""
         config, context = self._config, self._context
-        certificate, key = self._files()
+        self._certificate, self._key = self._files()
         trust = ClientTrust(context.config.enterprise.tls, context.authz)
         server = GuardedServer(trust, config.max_sessions)
-        await server.init()
-        server.set_endpoint(f"opc.tcp://{config.host}:{config.port}")
-        server.set_server_name(SERVER_NAME)
-        await server.set_application_uri(_application_uri(certificate, context))
-        await server.load_certificate(certificate, format="pem")
-        await server.load_private_key(key, format="pem")
-        policy = context.authz.policy
-        ns = await server.register_namespace(NAMESPACE.format(deployment=policy.deployment_id))
-        space = AddressSpace(server, ns)
-        await space.use_policy(policy)
-        rules = SessionRules(context.authz, space, config.max_sessions, self._closed_for)
-        server.guard_with(rules)
         try:
-            await server.start()
+            self._port = await server.listen(config.host, config.port)
         except OSError as e:
             raise ConfigError(
                 f"enterprise.opcua: cannot listen on {config.host}:{config.port}: "
                 f"{e.strerror or errno.errorcode.get(e.errno or 0, e)}"
             ) from e
-        assert server.bserver is not None
-        self._port = server.bserver.port
-        self._server, self._space, self._rules = server, space, rules
+        self._server = server
         context.store.listen(self._received)
-        self._queue_all()
-        # asyncua's standard address space is ~400k objects that live as long as the server:
-        # kept out of the cyclic collector, they would add ~160 ms to each of the half's full
-        # collections, a pause every output and consumer of the half would feel.
-        gc.freeze()
-        log.info(
-            "opcua_server_listening", address=self.endpoint, signals=len(policy.signals),
-            max_sessions=config.max_sessions,
-        )  # fmt: skip
+        log.info("opcua_server_listening", address=self.endpoint, max_sessions=config.max_sessions)
+
+    async def _serve(self, server: GuardedServer) -> tuple[AddressSpace, SessionRules]:
+        """asyncua's server on the bound port, its address space still empty: a session is
+        refused as `starting` until `run` has built it (`self._built`)."""
+        context = self._context
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self._config.host}:{self._port}")
+        server.set_server_name(SERVER_NAME)
+        await server.set_application_uri(_application_uri(self._certificate, context))
+        await server.load_certificate(self._certificate, format="pem")
+        await server.load_private_key(self._key, format="pem")
+        deployment = context.authz.policy.deployment_id
+        ns = await server.register_namespace(NAMESPACE.format(deployment=deployment))
+        space = AddressSpace(server, ns)
+        rules = SessionRules(context.authz, space, self._config.max_sessions, self._closed_for)
+        server.guard_with(rules)
+        await server.start()
+        return space, rules
 
     def _files(self) -> tuple[bytes, bytes]:
         config = self._config
@@ -137,12 +145,16 @@ class OpcUaServer:
         if self._server is not None:
             await self._server.stop()
             self._server = None
-            gc.unfreeze()  # what start froze is collectable again
 
     async def run(self) -> NoReturn:
-        space, rules = self._space, self._rules
-        if space is None or rules is None:
+        server = self._server
+        if server is None:
             raise RuntimeError("OpcUaServer.run before start")
+        if self._space is None or self._rules is None:
+            self._space, self._rules = await self._serve(server)
+        space, rules = self._space, self._rules
+        if not self._built:
+            await self._build(space)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), STALE_CHECK_S)
@@ -157,6 +169,15 @@ class OpcUaServer:
                 self._queue_all()
             await self._write_pending(space)
             await self._age(space)
+
+    async def _build(self, space: AddressSpace) -> None:
+        """The policy in force as the address space; sessions may open from then on."""
+        self._policy = None  # a newer one told before now is the one in force
+        policy = self._context.authz.policy
+        await space.use_policy(policy)
+        self._built = True
+        self._queue_all()
+        log.info("opcua_server_ready", address=self.endpoint, signals=len(policy.signals))
 
     def _received(self, records: list[Record]) -> None:
         """Store listener: called in the spool reader's step, so it only notes the records."""
@@ -212,13 +233,15 @@ class OpcUaServer:
                 )
                 session.close()
 
-    def _closed_for(self) -> str | None:
-        """Why no session may be open now; None while the mirror may serve."""
+    def _closed_for(self) -> tuple[str, str] | None:
+        """(reason, detail): why no session may be open now; None while the mirror serves."""
+        if not self._built:
+            return "starting", "the address space is being built: try again in a few seconds"
         if self._context.audit.failing:
-            return "the audit log cannot be written"
+            return "not_serving", "the audit log cannot be written"
         expires = self._context.authz.policy.expires
         if expires < datetime.now(UTC):
-            return f"the policy expired at {expires.isoformat()}"
+            return "not_serving", f"the policy expired at {expires.isoformat()}"
         return None
 
 
