@@ -174,7 +174,7 @@ async def test_the_schema_is_made_once_by_the_owner_as_documented_and_the_sink_m
     # The owner's view of an asset: numbers and booleans as numbers, context in columns.
     door = historian.server.sql(
         'SELECT measure, value, asset_state, active_alerts FROM '
-        'dmzbroker."coldstore/storage/cold-room-1" WHERE signal = %s ORDER BY seq LIMIT 2',
+        'dmzbroker_assets."coldstore/storage/cold-room-1" WHERE signal = %s ORDER BY seq LIMIT 2',
         (DOOR,), database="historian",
     )  # fmt: skip
     assert door == [("door_open", 1.0, "running", 0), ("door_open", 0.0, "running", 0)]
@@ -183,12 +183,12 @@ async def test_the_schema_is_made_once_by_the_owner_as_documented_and_the_sink_m
         await c.set_autocommit(True)
         for statement in (
             "SELECT count(*) FROM dmzbroker.records",
-            'SELECT count(*) FROM dmzbroker."coldstore/storage/cold-room-1"',
+            'SELECT count(*) FROM dmzbroker_assets."coldstore/storage/cold-room-1"',
             "UPDATE dmzbroker.records SET value = '0'",
             "DELETE FROM dmzbroker.records",
             "TRUNCATE dmzbroker.records",
             "CREATE TABLE dmzbroker.planted (x int)",
-            'DROP VIEW dmzbroker."coldstore/storage/cold-room-1"',
+            'DROP VIEW dmzbroker_assets."coldstore/storage/cold-room-1"',
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 await c.execute(statement.encode())
@@ -558,9 +558,11 @@ async def test_nothing_new_is_written_while_the_audit_log_fails(
 async def test_a_schema_name_that_would_need_quoting_stops_the_half_at_start(
     historian: Historian, tmp_path: Path
 ) -> None:
-    sink = sink_of(historian.config(schema='dmz"; DROP'), tmp_path)
-    with pytest.raises(ConfigError, match=r"enterprise\.postgres\.schema"):
-        await sink.start()
+    for name in ('dmz"; DROP', "historian_assets", "h" * 57):  # the views' schema: 63 bytes
+        sink = sink_of(historian.config(schema=name), tmp_path)
+        with pytest.raises(ConfigError, match=r"enterprise\.postgres\.schema"):
+            await sink.start()
+    await sink_of(historian.config(schema="h" * 56), tmp_path).start()
 
 
 async def test_records_the_server_refuses_for_their_data_are_left_out_and_the_rest_written(
@@ -612,3 +614,61 @@ async def test_records_the_server_refuses_for_their_data_are_left_out_and_the_re
     sample = metrics.registry.get_sample_value
     assert sample("dmzbroker_output_refused_total", {"output": "postgres"}) == 2
     assert sample("dmzbroker_output_records_total", {"output": "postgres"}) == 3018
+
+
+async def test_asset_views_take_no_name_of_a_table_nor_of_each_other(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """Views live in `<schema>_assets`: an asset named like a table of the schema gets a view,
+    the tables stay; assets longer than 63 bytes that share their first 63 get names of their
+    own (the start, '~', 64 bits of the path's md5), each reading its own asset's rows; a name
+    already taken (not by that asset's view) is refused, never shared."""
+    sender = spool_of(tmp_path, varied(4))
+    try:
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 4, timeout=30)
+    finally:
+        sender.close()
+    long_one, long_two = (f"site/{'a' * 58}/{end}" for end in ("x", "y"))
+    assets = ["records", "signals", "assets", "schema_version", "records_20260101",
+              long_one, long_two, long_one[:63]]  # fmt: skip
+    config = historian.config()
+    async with await sink_of(config, tmp_path)._connect(config) as c:
+        await c.set_autocommit(True)
+        call = "SELECT dmzbroker.ensure_asset_view(%s)"
+        names = [(await (await c.execute(call, (a,))).fetchone() or [""])[0] for a in assets]
+        again = [(await (await c.execute(call, (a,))).fetchone() or [""])[0] for a in assets]
+        historian.rows('CREATE TABLE dmzbroker_assets."site/planted" (x int)')
+        with pytest.raises(psycopg.errors.DuplicateTable, match="taken by"):
+            await c.execute(call, ("site/planted",))
+    assert names == again and len(set(names)) == len(assets)
+    assert names[:5] == assets[:5] and names[7] == long_one[:63]
+    assert [len(n) for n in names[5:7]] == [63, 63] and names[5][46] == "~"
+    views = dict(historian.rows(
+        "SELECT c.relname, obj_description(c.oid, 'pg_class') FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'dmzbroker_assets' AND c.relkind = 'v'"
+    ))  # fmt: skip
+    assert {name: views[name] for name in names} == dict(zip(names, assets, strict=True))
+    tables = historian.server.sql(
+        "SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n "
+        "ON n.oid = c.relnamespace WHERE n.nspname = 'dmzbroker' AND c.relname = ANY(%s) "
+        "ORDER BY 1", (assets[:4],), database="historian",
+    )  # fmt: skip
+    assert tables == [("assets", "r"), ("records", "p"), ("schema_version", "r"), ("signals", "r")]
+    # Each view reads its own asset's rows, and only those.
+    now = datetime.now(UTC)
+    for asset in ("records", long_one, long_two):
+        historian.rows(
+            "INSERT INTO dmzbroker.signals VALUES "
+            f"('{asset}/m', 1, '{asset}', 'm', '', 'float32', '', 'other', NULL, NULL, '{{}}')"
+        )
+        historian.server.sql(
+            "INSERT INTO dmzbroker.records VALUES (%s, %s, %s, '1', '', 'good', 99, 1, '{}')",
+            (f"{asset}/m", now, now), database="historian",
+        )  # fmt: skip
+    for asset, name in zip(assets, names, strict=True):
+        if asset in ("records", long_one, long_two):
+            rows = historian.rows(f'SELECT signal, measure FROM dmzbroker_assets."{name}"')
+            assert rows == [(f"{asset}/m", "m")], asset
+    assert len(historian.seqs()) == 4 + 3

@@ -5,8 +5,9 @@ It writes what the co-signed policy grants the sink's consumer identity, asked p
 a narrower policy applies from the next batch. Store-and-forward: it reads the spool with a
 position of its own (`spool-position-postgres.json`); a batch goes in by COPY into a
 temporary table and `INSERT … SELECT … ON CONFLICT DO NOTHING` on `(signal, seq,
-broker_time)`, and the position moves only after the COMMIT. A batch replayed after a crash
-or an outage therefore never duplicates a row. Records the spool's retention drops before
+broker_time)` (postgres_writer.py), and the position moves only after the COMMIT. A batch
+replayed after a crash or an outage therefore never duplicates a row. A record the server
+refuses for its data is left out, logged (`postgres_refused` with its seq) and counted. Records the spool's retention drops before
 the sink read them are counted and logged (`spool_records_lost`), as for any reader.
 
 The schema is created once, when absent, by the `owner` login (postgres_schema.py); the
@@ -104,10 +105,12 @@ class PostgresSink:
 
     async def start(self) -> None:
         """Nothing to bind; only a setting that can never work stops the half here."""
-        if not schema.SCHEMA_NAME.fullmatch(self._config.schema):
+        name = self._config.schema
+        if not schema.SCHEMA_NAME.fullmatch(name) or name.endswith(schema.VIEWS_SUFFIX):
             raise ConfigError(
-                f"enterprise.postgres.schema {self._config.schema!r}: must be lowercase "
-                "letters, digits and '_', not starting with a digit"
+                f"enterprise.postgres.schema {name!r}: must be lowercase letters, digits and "
+                "'_', not starting with a digit, at most 56 bytes and not ending in "
+                f"'{schema.VIEWS_SUFFIX}' (the asset views go into '<schema>{schema.VIEWS_SUFFIX}')"
             )
 
     def use_policy(self, policy: Policy) -> None:

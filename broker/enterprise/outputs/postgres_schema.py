@@ -25,7 +25,11 @@ from broker.policy import Policy
 from broker.records import Record
 
 SCHEMA_VERSION = 1
-SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # needs no quoting in BI tools' SQL either
+# Needs no quoting in BI tools' SQL either; leaves room for VIEWS_SUFFIX within 63 bytes.
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
+# The per-asset views live in a schema of their own, `<schema>_assets`: a view named after
+# any asset path can never take the name of a table, a partition or another schema's object.
+VIEWS_SUFFIX = "_assets"
 TABLES = ("records", "signals", "assets")  # the sink's role INSERTs into these, nothing else
 FUNCTIONS = ("ensure_partition(date)", "ensure_asset_view(text)")  # and EXECUTEs these
 # `records` columns in COPY order; the session's temporary table holds them as these types.
@@ -39,6 +43,8 @@ ISA95_LEVELS = ("site", "area", "work_center", "work_unit", "equipment_module", 
 _TABLES = """
 CREATE SCHEMA {schema};
 COMMENT ON SCHEMA {schema} IS 'dmzbroker historian (docs/postgres.md)';
+CREATE SCHEMA {views};
+COMMENT ON SCHEMA {views} IS 'dmzbroker historian: one view per asset (docs/postgres.md)';
 CREATE TABLE {schema}.schema_version (
     version integer PRIMARY KEY,
     layout text NOT NULL,  -- 'partitions' (by day) or 'hypertable' (TimescaleDB)
@@ -53,7 +59,7 @@ CREATE TABLE {schema}.assets (
     depth smallint NOT NULL,
     type text NOT NULL,
     description text NOT NULL,
-    view_name text,  -- the asset's view in this schema; NULL for an asset without signals
+    view_name text,  -- the asset's view in <schema>_assets; NULL for an asset without signals
     PRIMARY KEY (path, policy_version)
 );
 CREATE TABLE {schema}.signals (
@@ -114,21 +120,26 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     view_name text;
+    taken_by text;
 BEGIN
     IF asset !~ '^[a-z0-9][a-z0-9_-]{{0,62}}(/[a-z0-9][a-z0-9_-]{{0,62}}){{0,6}}$' THEN
         RAISE EXCEPTION 'not an asset path: %', asset USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The path itself; past 63 bytes its start, '~' (never in a path) and 64 bits of its md5.
     view_name := CASE WHEN octet_length(asset) <= 63 THEN asset
-                 ELSE left(asset, 50) || '~' || left(md5(asset), 12) END;
-    PERFORM pg_advisory_xact_lock(hashtext(format('%I.%I', {name}, view_name)));
-    IF EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname = {name} AND c.relname = view_name AND c.relkind <> 'v') THEN
-        RAISE EXCEPTION 'asset %: its view name is taken by a table of the schema', asset
+                 ELSE left(asset, 46) || '~' || left(md5(asset), 16) END;
+    PERFORM pg_advisory_xact_lock(hashtext(format('%I.%I', {views_name}, view_name)));
+    SELECT coalesce(obj_description(c.oid, 'pg_class'), '') INTO taken_by
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = {views_name} AND c.relname = view_name;
+    IF taken_by = asset THEN
+        RETURN view_name;
+    ELSIF taken_by IS NOT NULL THEN  -- never by design; refused rather than shared
+        RAISE EXCEPTION 'asset %: view name % is taken by %', asset, view_name, taken_by
             USING ERRCODE = 'duplicate_table';
     END IF;
-    IF to_regclass(format('%I.%I', {name}, view_name)) IS NULL THEN
-        EXECUTE format($view$
-            CREATE VIEW %1$I.%2$I AS
+    EXECUTE format($view$
+            CREATE VIEW %5$I.%2$I AS
             SELECT r.broker_time, r.source_time, r.signal,
                    substr(r.signal, %3$s) AS measure,
                    CASE jsonb_typeof(r.value)
@@ -144,8 +155,8 @@ BEGIN
                    r.seq, r.policy_version, r.context
             FROM %1$I.records r
             WHERE r.signal IN (SELECT s.path FROM %1$I.signals s WHERE s.asset = %4$L)
-            $view$, {name}, view_name, length(asset) + 2, asset);
-    END IF;
+            $view$, {name}, view_name, length(asset) + 2, asset, {views_name});
+    EXECUTE format('COMMENT ON VIEW %I.%I IS %L', {views_name}, view_name, asset);
     RETURN view_name;
 END
 $fn$;
@@ -182,6 +193,8 @@ def _names(schema: str) -> dict[str, sql.Composable]:
     return {
         "schema": sql.Identifier(schema),
         "name": sql.Literal(schema),  # inside the functions: an argument to format()'s %I
+        "views": sql.Identifier(schema + VIEWS_SUFFIX),
+        "views_name": sql.Literal(schema + VIEWS_SUFFIX),
         "records": sql.Literal(f"{schema}.records"),
     }
 
