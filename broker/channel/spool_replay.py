@@ -58,8 +58,9 @@ class SpoolReplay:
 
     def __init__(self, directory: Path, after_seq: int, up_to_seq: int) -> None:
         self._dir = directory
+        self.after_seq = after_seq
+        self.up_to_seq = up_to_seq
         self._next = after_seq + 1  # the seq wanted next
-        self._up_to = up_to_seq
         self._fd = -1
         self._segment = 0  # 0: the start segment is not chosen yet
         self._offset = 0  # in the segment, of the first byte not yet taken into `_pending`
@@ -103,20 +104,20 @@ class SpoolReplay:
         for record in batch:
             if record.seq < self._next:
                 continue
-            if record.seq > self._up_to:
+            if record.seq > self.up_to_seq:
                 self._end(steps)
                 return
             if record.seq > self._next:
                 steps.append(Gone(self._next, record.seq - 1))
             steps.append(record)
             self._next = record.seq + 1
-            if record.seq == self._up_to:
+            if record.seq == self.up_to_seq:
                 self.done = True
                 return
 
     def _end(self, steps: list[Record | Gone]) -> None:
-        if self._next <= self._up_to:
-            steps.append(Gone(self._next, self._up_to))
+        if self._next <= self.up_to_seq:
+            steps.append(Gone(self._next, self.up_to_seq))
         self.done = True
 
     def _next_frame(self) -> Frame | None:

@@ -24,6 +24,7 @@ from broker.audit.log import AuditLog
 from broker.enterprise.authz import Authorization, Peer, denied, peer_of
 from broker.enterprise.handshake import request_started
 from broker.enterprise.openapi import served_document
+from broker.enterprise.resume import MAX_REPLAYS, ReplaySlots, last_event_id, resume
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.records import to_json
@@ -37,6 +38,7 @@ METRICS: web.AppKey[EnterpriseMetrics] = web.AppKey("metrics", EnterpriseMetrics
 SPOOL_DIR: web.AppKey[Path] = web.AppKey("spool_dir", Path)
 OPENAPI: web.AppKey[bytes] = web.AppKey("openapi", bytes)
 CONNECTIONS: web.AppKey[weakref.WeakSet[asyncio.BaseTransport]] = web.AppKey("connections")
+REPLAYS: web.AppKey[ReplaySlots] = web.AppKey("replays", ReplaySlots)
 PEER: web.RequestKey[Peer] = web.RequestKey("peer", Peer)
 VIEW: web.RequestKey[frozenset[str]] = web.RequestKey("view", frozenset)
 
@@ -51,6 +53,8 @@ def create_app(
     audit: AuditLog,
     metrics: EnterpriseMetrics,
     spool_dir: Path,
+    *,
+    max_replays: int = MAX_REPLAYS,
 ) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _authorize], client_max_size=1024)
     app.on_response_prepare.append(_anonymous)
@@ -60,6 +64,7 @@ def create_app(
     app[CONNECTIONS] = weakref.WeakSet()
     app[METRICS] = metrics
     app[SPOOL_DIR] = spool_dir
+    app[REPLAYS] = ReplaySlots(max_replays)
     app[OPENAPI] = served_document()
     app.router.add_get("/v1/signals", _signals, allow_head=False)
     app.router.add_get("/v1/snapshot", _snapshot, allow_head=False)
@@ -188,7 +193,10 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 async def _stream(request: web.Request) -> web.StreamResponse:
+    """Live records as server-sent events; with `Last-Event-ID`, first those missed since
+    (broker.enterprise.resume)."""
     store, peer = request.app[STORE], request[PEER]
+    after_seq = last_event_id(request)  # a malformed one is refused before anything is held
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -196,15 +204,33 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     if len(store.subscriptions) >= store.max_streams:
         raise web.HTTPServiceUnavailable(reason="too many open streams; try again later")
     subscription = store.subscribe(peer.identity, request[VIEW])  # before the headers go out
+    newest_seq = store.last_seq  # the subscription brings every record above it, none below
     authz = request.app[AUTHZ]
     authz.stream_opened(peer.serial, subscription)  # a CRL revoking it ends the wait at once
     log.info("stream_opened", **peer.described())
+
+    async def write(chunk: bytes) -> None:
+        async with asyncio.timeout(WRITE_TIMEOUT_S):
+            await response.write(chunk)
+
     try:
         await response.prepare(request)
+        # A replay that stopped short is not followed by live records: they would hide a gap.
+        live = after_seq is None or await resume(
+            write,
+            request.app[SPOOL_DIR],
+            request.app[REPLAYS],
+            subscription,
+            peer,
+            after_seq=after_seq,
+            newest_seq=newest_seq,
+            keepalive_s=KEEPALIVE_S,
+        )
+        floor = newest_seq if after_seq is not None else 0  # replayed or refused up to it
         while True:
             try:
                 async with asyncio.timeout(KEEPALIVE_S):
-                    batch = await subscription.next_batch()
+                    batch = await subscription.next_batch() if live else None
             except TimeoutError:
                 batch = []
             if peer.serial in authz.revoked:  # checked at every batch and keepalive too
@@ -212,9 +238,10 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 break
             if batch is None:
                 break
-            chunk = b"".join(frame for _, frame in batch)
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await response.write(chunk or b": keepalive\n\n")
+            if floor and batch:  # never twice: only until the first live record above it
+                batch = [event for event in batch if event[0].seq > floor]
+                floor = 0 if batch else floor
+            await write(b"".join(frame for _, frame in batch) or b": keepalive\n\n")
     except ConnectionResetError:
         pass  # the consumer went away
     except TimeoutError:

@@ -58,6 +58,11 @@ class Subscription:
                 self.close()
                 return
 
+    @property
+    def closed(self) -> bool:
+        """Ended: cut off (`overflowed`), or closed by the half (shutdown, audit failure)."""
+        return self._closed
+
     def close(self) -> None:
         """End the stream after what is queued."""
         if not self._closed:
