@@ -85,14 +85,15 @@ class OpcUaServer:
         """Only what an operator's mistake can make fail (ConfigError): the certificate and
         key read and checked, the port bound. asyncua's init (about a second) and the address
         space (seconds for thousands of signals) are made by `run`, so the half's spool
-        reader, which starts after every output's `start`, is not held up; until then a
-        client is refused, told the server is starting (`opcua_client_refused`)."""
+        reader, which starts after every output's `start`, is not held up. Connections are
+        accepted once asyncua is initialised; a session is refused as `starting`
+        (`opcua_client_refused`) until the space is built."""
         config, context = self._config, self._context
         self._certificate, self._key = self._files()
         trust = ClientTrust(context.config.enterprise.tls, context.authz)
         server = GuardedServer(trust, config.max_sessions)
         try:
-            self._port = await server.listen(config.host, config.port)
+            self._port = await server.bind(config.host, config.port)
         except OSError as e:
             raise ConfigError(
                 f"enterprise.opcua: cannot listen on {config.host}:{config.port}: "
@@ -100,11 +101,10 @@ class OpcUaServer:
             ) from e
         self._server = server
         context.store.listen(self._received)
-        log.info("opcua_server_listening", address=self.endpoint, max_sessions=config.max_sessions)
 
     async def _serve(self, server: GuardedServer) -> tuple[AddressSpace, SessionRules]:
-        """asyncua's server on the bound port, its address space still empty: a session is
-        refused as `starting` until `run` has built it (`self._built`)."""
+        """asyncua's server accepting on the bound port, its address space still empty: a
+        session is refused as `starting` until `run` has built it (`self._built`)."""
         context = self._context
         await server.init()
         server.set_endpoint(f"opc.tcp://{self._config.host}:{self._port}")
@@ -118,6 +118,9 @@ class OpcUaServer:
         rules = SessionRules(context.authz, space, self._config.max_sessions, self._closed_for)
         server.guard_with(rules)
         await server.start()
+        log.info(
+            "opcua_server_listening", address=self.endpoint, max_sessions=self._config.max_sessions
+        )
         return space, rules
 
     def _files(self) -> tuple[bytes, bytes]:

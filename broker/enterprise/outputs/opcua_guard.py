@@ -99,7 +99,6 @@ MAX_CHUNK_BYTES = 65_535  # one chunk, refused before it is buffered whole
 PENDING_MESSAGES = 32  # parsed chunks queued per connection (asyncua: 500)
 ACTIVATION_S = 10.0  # a connection without an activated session is closed after this
 MAX_SESSION_TIMEOUT_MS = 60_000  # a session whose client went away lingers at most this
-STARTING = "the server is starting: try again in a few seconds"
 
 
 def service_name(typeid: ua.NodeId) -> str:
@@ -305,8 +304,8 @@ class _Protocol(OPCUAProtocol):
 
 
 class _BinaryServer(BinaryServer):
-    """asyncua's BinaryServer on the listener `GuardedServer.listen` bound (its own start
-    would bind again), with our protocol."""
+    """asyncua's BinaryServer on the socket `GuardedServer.bind` bound (its own start would
+    bind again), with our protocol."""
 
     rules: SessionRules
     trust: ClientTrust
@@ -315,6 +314,7 @@ class _BinaryServer(BinaryServer):
     async def start(self) -> None:
         self._server = self.listening
         self.cleanup_task = asyncio.create_task(self._close_task_loop())
+        await self.listening.start_serving()
 
     def _make_protocol(self) -> OPCUAProtocol:
         protocol = _Protocol(
@@ -322,32 +322,6 @@ class _BinaryServer(BinaryServer):
         )
         protocol.rules, protocol.trust = self.rules, self.trust
         return protocol
-
-
-class _Starting(asyncio.Protocol):
-    """A connection before asyncua is initialised: its first message (a Hello) is answered
-    with an Error saying why (earlier, asyncua's client would miss it and wait for its
-    timeout), and the connection closed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._idle = asyncio.get_running_loop().call_later(ACTIVATION_S, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        transport = self._transport
-        if transport.is_closing():
-            return
-        log.warning(
-            "opcua_client_refused", stage="channel", reason="starting", detail=STARTING,
-            remote=_remote(transport.get_extra_info("peername")),
-        )  # fmt: skip
-        error = ua.ErrorMessage(status(StatusCodes.BadServerHalted), ua.String(STARTING))
-        transport.write(uatcp_to_binary(cast(ua.MessageType, ua.MessageType.Error), error))
-        transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._idle.cancel()
 
 
 _ANONYMOUS = User(role=UserRole.Anonymous)  # asyncua's default; the user is set at activation
@@ -394,22 +368,26 @@ class GuardedServer(Server):
         """The sessions' rules (they need the address space, made after `init`)."""
         self._rules = self._iserver.rules = rules
 
-    async def listen(self, host: str, port: int) -> int:
-        """Bind and listen on host:port (OSError if it cannot), before `init`: each
-        connection is refused as `starting` until `start`. The port bound."""
+    async def bind(self, host: str, port: int) -> int:
+        """Bind host:port (OSError if it cannot), before `init`; connections are accepted
+        from `start` on (until then refused by the kernel: nothing could answer them, and a
+        client such as the demo's waits for the port). The port bound."""
         loop = asyncio.get_running_loop()
-        self._listening = await loop.create_server(self._connection, host, port)
+        self._listening = await loop.create_server(
+            self._connection, host, port, start_serving=False
+        )
         port_bound: int = self._listening.sockets[0].getsockname()[1]
         return port_bound
 
-    def _connection(self) -> asyncio.Protocol:
-        return _Starting() if self.bserver is None else self.bserver._make_protocol()
+    def _connection(self) -> OPCUAProtocol:
+        assert self.bserver is not None  # accepting only once `start` made it
+        return self.bserver._make_protocol()
 
     async def start(self) -> None:
-        """Server.start on the listener of `listen` (asyncua 2.1.0's body, less its
-        discovery and its own bind)."""
+        """Server.start on the socket of `bind` (asyncua 2.1.0's body, less its discovery
+        and its own bind)."""
         if self._rules is None or self._listening is None:
-            raise RuntimeError("GuardedServer.start before listen and guard_with")
+            raise RuntimeError("GuardedServer.start before bind and guard_with")
         await self._setup_server_nodes()
         await self.iserver.start()
         bserver = _BinaryServer(self.iserver, "", 0, self.limits)
