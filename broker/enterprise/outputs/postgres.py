@@ -280,7 +280,7 @@ class PostgresSink:
     ) -> NoReturn:
         described: int | None = None  # the policy version the assets and signals rows are for
         while True:
-            if self._held() or datetime.now(UTC) >= self._authz.policy.expires:
+            if self._holding():
                 await asyncio.sleep(HELD_S)
                 continue
             policy = self._authz.policy
@@ -319,6 +319,10 @@ class PostgresSink:
     ) -> NoReturn:
         while True:
             batch = await batches.get()
+            # Read before it held: written once allowed again (polled, as the reader does:
+            # neither the audit log's state nor the policy's expiry is an event to wait on).
+            while self._holding():  # noqa: ASYNC110
+                await asyncio.sleep(HELD_S)
             refused = []
             if batch.records:
                 async with asyncio.timeout(ANSWER_TIMEOUT_S):
@@ -334,6 +338,10 @@ class PostgresSink:
             self._metrics.output_refused.labels(self.name).inc(len(refused))
             self._metrics.output_seq.labels(self.name).set(batch.mark.seq)
             batches.task_done()
+
+    def _holding(self) -> bool:
+        """Nothing new goes out: the audit log cannot be written, or the policy expired."""
+        return self._held() or datetime.now(UTC) >= self._authz.policy.expires
 
     async def _describe(
         self, connection: psycopg.AsyncConnection[Any], policy: Policy, view: frozenset[str]
