@@ -239,10 +239,11 @@ async def _stream(request: web.Request) -> web.StreamResponse:
             if batch is None:
                 break
             if floor and batch:  # never twice: only until the first live record above it
-                batch = [event for event in batch if event[0].seq > floor]
-                floor = 0 if batch else floor
-            await write(b"".join(frame for _, frame in batch) or b": keepalive\n\n")
-    except ConnectionResetError:
+                # A diode's resync values are below it by nature, and were never replayed.
+                batch = [e for e in batch if e.resync or e.record.seq > floor]
+                floor = floor if all(e.resync for e in batch) else 0
+            await write(b"".join(e.frame for e in batch) or b": keepalive\n\n")
+    except ConnectionError:
         pass  # the consumer went away
     except TimeoutError:
         log.warning("consumer_cut_off", identity=peer.identity, reason="not_reading")

@@ -121,11 +121,13 @@ async def resume(
     """Send what a stream that asked to resume after `after_seq` gets before its live records
     (those above `newest_seq`, the store's last applied seq when it subscribed). False when
     the replay did not finish: the stream must end there, since live records after it would
-    hide a gap."""
+    hide a gap. What `write` raises (the consumer went away or stopped reading) and a
+    cancellation go on to the caller, once the replay is logged as stopped short for it."""
     if after_seq > newest_seq:  # from another spool, or a consumer's mistake: say so
         await write(resume_refused(newest_seq))
         return True
     assert peer.identity is not None
+    replay = _Replay(SpoolReplay(spool_dir, after_seq, newest_seq), subscription, peer)
 
     async def waiting() -> bool:
         if ended(subscription):
@@ -133,28 +135,59 @@ async def resume(
         await write(b": keepalive\n\n")
         return True
 
-    if after_seq == newest_seq:
-        return _resumed(peer, after_seq, newest_seq, replayed=0, complete=True)
-    if not await slots.acquire(peer.identity, keepalive_s, waiting):
-        return False
     try:
-        return await _replay(
-            write, SpoolReplay(spool_dir, after_seq, newest_seq), subscription, peer
-        )
+        if replay.spool.done:  # at the newest seq already: nothing to read
+            pass
+        elif not await slots.acquire(peer.identity, keepalive_s, waiting):
+            replay.stopped = "stream_ended"
+        else:
+            try:
+                await replay.run(write)
+            finally:
+                await slots.release(peer.identity)
+    # The consumer's doing, never the spool's: not `stream_replay_failed`.
+    except asyncio.CancelledError:  # the consumer went away, or the half stops
+        replay.stopped = "cancelled"
+        raise
+    except ConnectionError:
+        replay.stopped = "consumer_left"
+        raise
+    except TimeoutError:  # a write that waited too long: the stream is cut off
+        replay.stopped = "not_reading"
+        raise
     finally:
-        await slots.release(peer.identity)
+        replay.spool.close()
+        replay.log()
+    return replay.spool.done
 
 
-async def _replay(write: Write, spool: SpoolReplay, subscription: Subscription, peer: Peer) -> bool:
-    """Send the records of `subscription.view` from `spool`, each gone range announced before
-    the record after it; whether the replay finished. It stops early when the half ends the
-    stream or the spool cannot be read."""
-    sent = 0
-    try:
-        while not spool.done and not ended(subscription):
+class _Replay:
+    """One stream's replay: the records of `subscription.view` from `spool`, each gone range
+    announced before the record after it; how many were sent, and why it stopped short."""
+
+    def __init__(self, spool: SpoolReplay, subscription: Subscription, peer: Peer) -> None:
+        self.spool = spool
+        self._subscription = subscription
+        self._peer = peer
+        self.sent = 0
+        self.stopped: str | None = None  # why it did not finish, when it did not
+
+    async def run(self, write: Write) -> None:
+        """Until the replay is done, the half ends the stream, or the spool cannot be read."""
+        spool, subscription, peer = self.spool, self._subscription, self._peer
+        while not spool.done:
+            if ended(subscription):
+                self.stopped = "stream_ended"
+                return
             view = subscription.view  # a policy reload narrows it at once
-            chunk = []
-            for step in spool.read(STEP_RECORDS):
+            try:
+                steps = spool.read(STEP_RECORDS)
+            except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retry later
+                log.error("stream_replay_failed", identity=peer.identity, error=str(e))
+                self.stopped = "spool_unreadable"
+                return
+            chunk, records = [], 0
+            for step in steps:
                 if isinstance(step, Gone):
                     log.warning(
                         "stream_records_gone",
@@ -166,24 +199,20 @@ async def _replay(write: Write, spool: SpoolReplay, subscription: Subscription, 
                     chunk.append(records_gone(step))
                 elif step.signal in view:
                     chunk.append(sse_event(step))
-                    sent += 1
+                    records += 1
             if chunk:
                 await write(b"".join(chunk))
+                self.sent += records
             await asyncio.sleep(0)  # a write into free buffer space does not yield
-    except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retry later
-        log.error("stream_replay_failed", identity=peer.identity, error=str(e))
-    finally:
-        spool.close()
-    return _resumed(peer, spool.after_seq, spool.up_to_seq, replayed=sent, complete=spool.done)
 
-
-def _resumed(peer: Peer, after_seq: int, up_to_seq: int, *, replayed: int, complete: bool) -> bool:
-    log.info(
-        "stream_resumed",
-        **peer.described(),
-        after_seq=after_seq,
-        up_to_seq=up_to_seq,
-        replayed=replayed,
-        complete=complete,
-    )
-    return complete
+    def log(self) -> None:
+        spool, complete = self.spool, self.spool.done
+        log.info(
+            "stream_resumed",
+            **self._peer.described(),
+            after_seq=spool.after_seq,
+            up_to_seq=spool.up_to_seq,
+            replayed=self.sent,
+            complete=complete,
+            **({} if complete else {"reason": self.stopped or "failed"}),
+        )

@@ -6,7 +6,8 @@ registry, each contained on its own (docs/specs/output.md), and its audit log, w
 the plant's audit checkpoints that crossed as witnesses. It holds no plant address and no
 plant credential. A newer accepted policy takes effect without a restart: connected
 consumers keep their streams, with their view widened or narrowed to what the new policy
-grants, and every output is told.
+grants, and every output is told. Stopping never waits on an output for long: its run and
+its close() get `OUTPUT_STOP_S` in all, and one still going then is left behind (logged).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NoReturn
 
 import structlog
 
@@ -27,6 +30,7 @@ from broker.config import BrokerConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.episodes import Episode
 from broker.enterprise.listener import ConnectionStats
+from broker.enterprise.output_failures import OutputFailures
 from broker.enterprise.outputs import Output, OutputContext, outputs_for, run_contained
 from broker.enterprise.store import Store
 from broker.errors import ChannelError
@@ -43,6 +47,10 @@ AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 SPOOL_RETRY_S = (0.05, 2.0)  # first and longest pause after a failed spool read
+# Stopping the outputs: their runs get RUN_STOP_S to end once cancelled, then their close()
+# what is left of OUTPUT_STOP_S, well within the supervisor's 10 s before it kills the half.
+RUN_STOP_S = 1.5
+OUTPUT_STOP_S = 4.0
 
 log = structlog.get_logger("enterprise")
 
@@ -79,7 +87,9 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     )
     context = OutputContext(config, authz, store, audit, metrics, reloader, connections)
     outputs = outputs_for(context)
+    failures = {output.name: OutputFailures(output.name) for output in outputs}
     started: list[Output] = []
+    runs: dict[asyncio.Task[NoReturn], Output] = {}
     try:
         for output in outputs:
             started.append(output)  # closed below even if its start fails halfway
@@ -92,31 +102,81 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
             trusted,
             on_hangup=lambda: _reload_tls(reloader, authz, force=True),
         )
+        # Outside the task group, which would wait for each to end however long it takes.
+        runs = {_run(output): output for output in outputs}
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(_deliver(spool, store, metrics), name="spool reader")
             tasks.create_task(_watch_audit(audit, store), name="audit health")
             tasks.create_task(_watch_tls(reloader, authz), name="tls material")
-            for output in outputs:
-                tasks.create_task(run_contained(output), name=f"output {output.name}")
             if config.audit.siem is not None:
                 exporter = _exporter(config, trusted.policy.deployment_id)
                 tasks.create_task(exporter.run(), name="siem export")
             async for accepted in watcher.updates():
-                _apply(accepted.policy, store, authz, outputs)
+                _apply(accepted.policy, store, authz, outputs, failures)
     finally:
         store.close()
-        for output in reversed(started):
-            await output.close()
+        await stop_outputs(runs, started, failures)
         spool.receiver.close()
 
 
-def _apply(policy: Policy, store: Store, authz: Authorization, outputs: list[Output]) -> None:
+def _run(output: Output) -> asyncio.Task[NoReturn]:
+    return asyncio.create_task(run_contained(output), name=f"output {output.name}")
+
+
+async def stop_outputs(
+    runs: Mapping[asyncio.Task[NoReturn], Output],
+    outputs: list[Output],
+    failures: dict[str, OutputFailures],
+) -> None:
+    """End the outputs' runs, then close every output that was started (its start may have
+    failed halfway), in at most OUTPUT_STOP_S whatever they do: a run or a close() still
+    going at its deadline is cancelled (again) and left behind, logged as `output_failed`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + OUTPUT_STOP_S
+    for task in runs:
+        task.cancel()
+    await _wait_bounded(runs, RUN_STOP_S, "stop", failures)
+    closing = {asyncio.create_task(output.close()): output for output in reversed(outputs)}
+    await _wait_bounded(closing, deadline - loop.time(), "close", failures)
+
+
+async def _wait_bounded(
+    tasks: Mapping[asyncio.Task[Any], Output],
+    wait_s: float,
+    stage: str,
+    failures: dict[str, OutputFailures],
+) -> None:
+    """Wait up to `wait_s` for each output's task; one still going is cancelled and logged,
+    never waited for. What one raised is logged too: the others end all the same."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, wait_s))
+    for task in pending:
+        task.cancel()  # psycopg, for one, gives up its own cancel-and-wait at a second one
+        why = f"did not end within {wait_s:.1f} s of the stop: left behind"
+        failures[tasks[task].name].failed(stage, why)
+    for task in done:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            failures[tasks[task].name].failed(stage, error)
+
+
+def _apply(
+    policy: Policy,
+    store: Store,
+    authz: Authorization,
+    outputs: list[Output],
+    failures: dict[str, OutputFailures],
+) -> None:
     """Switch to a newer policy: the store, the authorization, then every output (the API's
-    open streams get the new view)."""
+    open streams get the new view). An output that fails to take it is logged; the others
+    are told all the same."""
     store.use_policy(policy)
     authz.use_policy(policy)
     for output in outputs:
-        output.use_policy(policy)
+        try:
+            output.use_policy(policy)
+        except Exception as e:  # the output's bug: the half and the other outputs go on
+            failures[output.name].failed("use_policy", e)
 
 
 def _certificates(config: BrokerConfig) -> dict[str, Path]:

@@ -1,8 +1,10 @@
-"""Latest value of every signal, and fan-out of new records to stream subscribers.
+"""Latest value of every signal, and fan-out of new records to stream subscribers and to
+the outputs that listen (`listen`).
 
 Staleness is decided here, when a record is served: a good or uncertain value older than
 three poll intervals of its device is served as `stale`, so a stopped plant half or a
-silent device can never leave a value looking fresh.
+silent device can never leave a value looking fresh. A listener that raises is contained
+here: it never ends the spool reader's step, nor keeps the records from anyone else.
 """
 
 from __future__ import annotations
@@ -10,23 +12,40 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import NamedTuple
 
 import msgspec
 import structlog
 
+from broker.enterprise.output_failures import OutputFailures
 from broker.policy import Policy
 from broker.policy.device_schema import STALE_AFTER_INTERVALS
 from broker.records import QualityIssue, Record, to_json
 
+LISTENER_QUIET_S = 60.0  # a listener's same failure is logged again after this long without one
+
 log = structlog.get_logger("store")
 
+Listener = Callable[[list[Record]], None]
 
-Event = tuple[Record, bytes]  # a record and its Server-Sent Events frame
+
+class Event(NamedTuple):
+    """A record and its Server-Sent Events frame."""
+
+    record: Record
+    frame: bytes
+    resync: bool = False  # a diode's resync value: its seq is below the stream's, out of order
 
 
 def sse_event(record: Record) -> bytes:
     """The record as one Server-Sent Event: `id` is its seq, `data` its JSON."""
     return b"id: %d\ndata: %s\n\n" % (record.seq, to_json(record))
+
+
+def resync_event(record: Record) -> bytes:
+    """A resync value as a Server-Sent Event without `id`: its seq is below records already
+    sent, and an `id` would move the consumer's Last-Event-ID back (a resume would replay)."""
+    return b"data: %s\n\n" % to_json(record)
 
 
 class Subscription:
@@ -49,7 +68,7 @@ class Subscription:
             return
         view = self.view
         for event in events:
-            if event[0].signal not in view:
+            if event.record.signal not in view:
                 continue
             try:
                 self._queue.put_nowait(event)
@@ -91,7 +110,7 @@ class Store:
     def __init__(self, policy: Policy, queue_limit: int, max_streams: int = 256) -> None:
         self._latest: dict[str, Record] = {}
         self._subscribers: set[Subscription] = set()
-        self._listeners: list[Callable[[list[Record]], None]] = []
+        self._listeners: list[tuple[Listener, OutputFailures]] = []
         self.last_seq = 0  # of the last record applied in spool order (resync records aside)
         self._queue_limit = queue_limit
         self.max_streams = max_streams
@@ -116,11 +135,15 @@ class Store:
         records = [r for r in records if r.signal in self._stale_after]
         for record in records:
             self._latest[record.signal] = record
-        for listener in self._listeners:
-            listener(records)
+        for listener, failures in self._listeners:
+            try:
+                listener(records)
+            except Exception as e:  # the listener's bug: the reader and the others go on
+                failures.failed("store_listener", e)
         if not self._subscribers:
             return
-        events = [(r, sse_event(r)) for r in records]  # encoded once, whatever the audience
+        encode = resync_event if resync else sse_event
+        events = [Event(r, encode(r), resync) for r in records]  # once, whatever the audience
         for subscription in list(self._subscribers):
             subscription.offer(events)
             if subscription.overflowed:
@@ -150,10 +173,16 @@ class Store:
     def snapshot(self, now: datetime, view: frozenset[str]) -> list[Record]:
         return [self._aged(r, now) for r in self._latest.values() if r.signal in view]
 
-    def listen(self, listener: Callable[[list[Record]], None]) -> None:
+    def listen(self, listener: Listener, name: str | None = None) -> None:
         """Call `listener` with the records of each `apply`, once they are the latest values
-        (an output that mirrors latest values: it must not block, and coalesce on its own)."""
-        self._listeners.append(listener)
+        (an output that mirrors latest values: it must not block, and coalesce on its own).
+        What it raises is logged as `output_failed` (once per outage) under `name`, by
+        default the `name` of the output whose method it is, and it is called again next
+        time."""
+        if name is None:
+            owner = getattr(listener, "__self__", None)
+            name = str(getattr(owner, "name", getattr(listener, "__qualname__", listener)))
+        self._listeners.append((listener, OutputFailures(name, LISTENER_QUIET_S)))
 
     @property
     def subscriptions(self) -> frozenset[Subscription]:

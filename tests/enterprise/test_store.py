@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
+import structlog
 
 from broker import policy
 from broker.enterprise.store import Store
@@ -93,7 +94,7 @@ async def test_subscribers_get_records_in_order_in_batches() -> None:
     store.apply([record(1), record(2)])
     store.apply([record(3)])
     batch = await asyncio.wait_for(subscription.next_batch(), 1)
-    assert batch is not None and [r.seq for r, _ in batch] == [1, 2, 3]
+    assert batch is not None and [e.record.seq for e in batch] == [1, 2, 3]
 
 
 async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queued() -> None:
@@ -106,7 +107,7 @@ async def test_a_consumer_too_slow_for_its_queue_is_cut_off_after_what_was_queue
         batch = await asyncio.wait_for(subscription.next_batch(), 1)
         if batch is None:
             break
-        received.extend(r.seq for r, _ in batch)
+        received.extend(e.record.seq for e in batch)
     assert received == list(range(1, 17))  # no silent gap: a prefix, then the end
 
 
@@ -124,7 +125,7 @@ async def test_a_stream_carries_only_its_view_and_follows_a_new_view() -> None:
     subscription.view = frozenset({ROOM})  # what a policy reload does
     store.apply([record(3), record(4, signal=POWER)])
     batch = await asyncio.wait_for(subscription.next_batch(), 1)
-    assert batch is not None and [r.seq for r, _ in batch] == [2, 3]
+    assert batch is not None and [e.record.seq for e in batch] == [2, 3]
 
 
 def test_the_snapshot_holds_only_the_view() -> None:
@@ -140,3 +141,57 @@ def test_a_new_policy_forgets_signals_it_no_longer_names() -> None:
     store.use_policy(narrower)
     store.apply([record(3)])  # written under the old policy, read after the change
     assert [r.signal for r in store.snapshot(datetime.now(UTC), EVERYTHING)] == [POWER]
+
+
+async def test_a_resync_record_goes_to_streams_without_an_id() -> None:
+    """Its seq is below what the stream sent already: an `id:` would move the consumer's
+    Last-Event-ID back, and its next resume would replay what it has."""
+    store = Store(DEMO, queue_limit=16)
+    subscription = store.subscribe("spiffe://t/c", EVERYTHING)
+    store.apply([record(5), record(3, signal=POWER)])
+    store.apply_resync([record(4, signal=POWER)])
+    batch = await asyncio.wait_for(subscription.next_batch(), 1)
+    assert batch is not None
+    assert [(e.record.seq, e.resync) for e in batch] == [(5, False), (3, False), (4, True)]
+    assert batch[0].frame.startswith(b"id: 5\ndata: {")
+    assert batch[2].frame.startswith(b"data: {") and b"id:" not in batch[2].frame
+    assert msgspec.json.decode(batch[2].frame[6:])["seq"] == 4  # the record still says it
+
+
+class Mirror:
+    """An output whose store listener has a bug."""
+
+    name = "mirror"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def received(self, records: list[Record]) -> None:
+        self.calls += 1
+        raise ValueError("mirror bug")
+
+
+async def test_a_listener_that_raises_is_logged_once_and_the_others_still_get_every_record() -> (
+    None
+):
+    store = Store(DEMO, queue_limit=16)
+    mirror, others = Mirror(), Mirror()
+    others.name = "other"
+    got: list[int] = []
+    store.listen(mirror.received)  # first: its failure must not keep the records from the rest
+    store.listen(lambda records: got.extend(r.seq for r in records))
+    store.listen(others.received)
+    subscription = store.subscribe("spiffe://t/c", EVERYTHING)
+    with structlog.testing.capture_logs() as logs:
+        for seq in range(1, 4):
+            store.apply([record(seq)])
+    assert mirror.calls == 3 and others.calls == 3  # called again each time
+    assert got == [1, 2, 3] and store.last_seq == 3
+    assert [r.seq for r in store.snapshot(datetime.now(UTC), EVERYTHING)] == [3]
+    batch = await asyncio.wait_for(subscription.next_batch(), 1)
+    assert batch is not None and [e.record.seq for e in batch] == [1, 2, 3]
+    failed = [(e["output"], e["stage"], e["error"]) for e in logs if e["event"] == "output_failed"]
+    assert failed == [
+        ("mirror", "store_listener", "ValueError: mirror bug"),
+        ("other", "store_listener", "ValueError: mirror bug"),
+    ]

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-import structlog
-
 from broker.audit.log import AuditLog
 from broker.backoff import Backoff
 from broker.config import BrokerConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.listener import ConnectionStats
+from broker.enterprise.output_failures import OutputFailures
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
@@ -31,8 +30,6 @@ from broker.trust.tls import EndpointReloader
 FIRST_RETRY_S = 1.0  # an output that raised runs again after this, doubling up to MAX_RETRY_S
 MAX_RETRY_S = 30.0
 STABLE_S = 60.0  # a run that lasted this long before failing starts the backoff afresh
-
-log = structlog.get_logger("outputs")
 
 
 @dataclass(frozen=True)
@@ -85,24 +82,22 @@ async def run_contained(output: Output) -> NoReturn:
     (`output_failed`, with the error; the same error again before the output has run
     `STABLE_S` is only retried) and the output runs again after a backoff; the half and the
     other outputs never see it."""
-    output_log = log.bind(output=output.name)
+    failures = OutputFailures(output.name)
     backoff = Backoff(FIRST_RETRY_S, MAX_RETRY_S, fresh_after_s=STABLE_S)
     loop = asyncio.get_running_loop()
-    reported: set[str] = set()
     while True:
         started = loop.time()
+        error: Exception | str
         try:
             await output.run()
             error = "RuntimeError: run() returned"  # a bug too: not run again in a tight loop
         except asyncio.CancelledError:
             raise
         except Exception as e:  # containment is this function's job
-            error = f"{type(e).__name__}: {e}"
+            error = e
         ran_s = loop.time() - started
         if ran_s >= STABLE_S:
-            reported.clear()  # it ran well for a while: this is a new outage
+            failures.recovered()  # it ran well for a while: this is a new outage
         delay = backoff.after(ran_s)
-        if error not in reported:
-            output_log.error("output_failed", error=error, retry_in_s=round(delay, 2))
-            reported.add(error)
+        failures.failed("run", error, retry_in_s=round(delay, 2))
         await asyncio.sleep(delay)
