@@ -44,6 +44,7 @@ from tests.harness import dmzbroker, free_port
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SUPERUSER = "postgres"
 PASSWORD_GROUP = "password_login"  # its members log in by password, everyone else by certificate
+CLEARTEXT_GROUP = "cleartext_login"  # its members are asked for their password in clear
 DATABASE = "historian"  # the database `sink_config` names unless told otherwise
 UNPRIVILEGED = 65534  # nobody/nogroup: initdb and postgres refuse to run as root
 
@@ -64,6 +65,7 @@ log_connections = off
 """
 HBA = f"""
 local all {SUPERUSER} trust
+hostssl all +{CLEARTEXT_GROUP} 127.0.0.1/32 password
 hostssl all +{PASSWORD_GROUP} 127.0.0.1/32 scram-sha-256
 hostssl all all 127.0.0.1/32 cert
 """
@@ -160,6 +162,7 @@ class PostgresServer:
         if not self._started_once:
             self._started_once = True
             self.sql(f"CREATE ROLE {PASSWORD_GROUP} NOLOGIN")
+            self.sql(f"CREATE ROLE {CLEARTEXT_GROUP} NOLOGIN")
 
     def stop(self) -> None:
         """A clean, fast stop: connections are closed, the server writes its checkpoint."""
@@ -225,14 +228,18 @@ class PostgresServer:
             cursor = connection.execute(statement.encode(), params)
             return cursor.fetchall() if cursor.description else []
 
-    def create_role(self, name: str, *, password: str | None = None) -> PostgresLogin:
+    def create_role(
+        self, name: str, *, password: str | None = None, cleartext: bool = False
+    ) -> PostgresLogin:
         """A login role (NOSUPERUSER, no CREATEDB/CREATEROLE) and how it logs in: a client
-        certificate whose CN is `name`, or with `password`, a password file holding it."""
+        certificate whose CN is `name`, or with `password`, a password file holding it (the
+        server asking for it by SCRAM, or in clear with `cleartext`)."""
         if password is None:
             self.sql(f'CREATE ROLE "{name}" LOGIN')
             cert, key = self.pki.client(name)
             return PostgresLogin(user=name, cert=cert, key=key)
-        self.sql(f'CREATE ROLE "{name}" LOGIN IN ROLE {PASSWORD_GROUP} PASSWORD %s', (password,))
+        group = CLEARTEXT_GROUP if cleartext else PASSWORD_GROUP
+        self.sql(f'CREATE ROLE "{name}" LOGIN IN ROLE {group} PASSWORD %s', (password,))
         password_file = self.pki.directory / f"{name}.password"
         password_file.write_text(password + "\n")
         password_file.chmod(0o600)

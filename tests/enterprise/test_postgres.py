@@ -4,14 +4,15 @@ in by client certificate or password file, as a role that may only INSERT.
 The schema is made by the owner login on first start; rows equal the records the API
 serves; a replay never duplicates a row; what the identity is not granted is never written;
 a missing GRANT is one clear `postgres_refused` line while the API keeps serving; the
-SECURITY DEFINER functions take no hostile argument. (The 30-s outage and the bench are in
-their own files.)
+SECURITY DEFINER functions take no hostile argument; the database stopped for 30 s
+mid-stream loses nothing and duplicates nothing. (The bench is bench/postgres_sink.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -301,7 +302,11 @@ async def test_a_role_without_insert_is_refused_in_one_line_and_the_api_keeps_se
                 await asyncio.gather(sink, return_exceptions=True)
     finally:
         sender.close()
-    assert events(logs) == ["postgres_refused", "postgres_connected"]
+    # (a transient postgres_unreachable under load may come between: not what is tested)
+    assert [e for e in events(logs) if e != "postgres_unreachable"] == [
+        "postgres_refused",
+        "postgres_connected",
+    ]
     refused = next(e for e in logs if e["event"] == "postgres_refused")
     assert f"GRANT INSERT ON dmzbroker.records TO {SINK}" in refused["error"]
     assert "'historian' at 127.0.0.1" in refused["error"] and "\n" not in refused["error"]
@@ -455,10 +460,11 @@ async def test_records_lost_to_spool_retention_are_logged_and_the_rest_written(
 
 
 async def test_a_server_stop_and_a_crash_mid_stream_lose_nothing_and_duplicate_nothing(
-    historian: Historian, tmp_path: Path
+    historian: Historian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Short outages (the 30-s one is in test_postgres_outage.py): a clean stop, then a
-    SIGKILL of every server process, while the plant writes on."""
+    """Short outages: a clean stop, then a SIGKILL of every server process, while the plant
+    writes on. (Each a new outage, logged again: the sessions between are short.)"""
+    monkeypatch.setattr(postgres_output, "FRESH_AFTER_S", 0.5)
     sender = SpoolSender(tmp_path / "spool", 1 << 20, 64 << 20)
 
     async def plant() -> None:
@@ -599,13 +605,15 @@ async def test_records_the_server_refuses_for_their_data_are_left_out_and_the_re
                 await eventually(lambda: position(tmp_path) == 3020, timeout=120)
     finally:
         sender.close()
+    # One line for the episode (a second only if the records came in two batches a minute
+    # apart): the first refused record and the counts by SQLSTATE.
     refused = [e for e in logs if e["event"] == "postgres_refused"]
-    assert [(e["seq"], e["signal"], e["sqlstate"]) for e in refused] == [
-        (1245, DOOR, "22P05"),
-        (2356, POWER, "23514"),
-    ]
+    assert (refused[0]["seq"], refused[0]["signal"], refused[0]["sqlstate"]) == (
+        1245, DOOR, "22P05",
+    )  # fmt: skip
     assert "no equivalent in encoding" in refused[0]["error"]
-    assert "plausible_clock" in refused[1]["error"]
+    assert sum(e["records"] for e in refused) <= 2 and len(refused) <= 2
+    assert refused[0]["by_sqlstate"] in ({"22P05": 1, "23514": 1}, {"22P05": 1})
     assert all("\n" not in e["error"] and "left out" in e["what_to_do"] for e in refused)
     seqs = [s for (s,) in historian.server.sql(
         "SELECT seq FROM dmzbroker.records ORDER BY seq", database="latin"
@@ -672,3 +680,205 @@ async def test_asset_views_take_no_name_of_a_table_nor_of_each_other(
             rows = historian.rows(f'SELECT signal, measure FROM dmzbroker_assets."{name}"')
             assert rows == [(f"{asset}/m", "m")], asset
     assert len(historian.seqs()) == 4 + 3
+
+
+async def test_a_refusal_of_the_databases_structure_holds_the_position_and_loses_nothing(
+    historian: Historian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NOT NULL column the owner added fails every record, and today's partition detached
+    leaves rows nowhere to go: neither is blamed on the records. The position is held, one
+    `postgres_refused` line each names the problem, and once the owner fixes it every record
+    is written once. Each write has its own answer timeout (a long bisection is no hang)."""
+    monkeypatch.setattr(postgres_output, "REFUSED_RETRY_S", 0.3)
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    sender = spool_of(tmp_path, varied(4))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == 4, timeout=30)
+                historian.rows("ALTER TABLE dmzbroker.records ADD COLUMN site text NOT NULL "
+                               "DEFAULT 'x'; ALTER TABLE dmzbroker.records ALTER site DROP DEFAULT")  # fmt: skip
+                sender.send(varied(20))
+                await eventually(lambda: "postgres_refused" in events(logs), timeout=30)
+                assert position(tmp_path) == 4
+                historian.rows("ALTER TABLE dmzbroker.records DROP COLUMN site")
+                await eventually(lambda: position(tmp_path) == 24, timeout=60)
+                historian.rows(f"ALTER TABLE dmzbroker.records DETACH PARTITION "
+                               f"dmzbroker.records_{today}")  # fmt: skip
+                sender.send(varied(20))
+                await eventually(lambda: events(logs).count("postgres_refused") >= 2, timeout=30)
+                assert position(tmp_path) == 24
+                historian.rows(
+                    f"ALTER TABLE dmzbroker.records ATTACH PARTITION dmzbroker.records_{today} "
+                    f"FOR VALUES FROM ('{today}') TO ('{today}'::date + 1)"
+                )
+                await eventually(lambda: position(tmp_path) == 44, timeout=60)
+    finally:
+        sender.close()
+    refused = [e for e in logs if e["event"] == "postgres_refused"]
+    assert len(refused) == 2  # once per problem, not once per record or per retry
+    assert "23502" in refused[0]["error"] and "position is held" in refused[0]["error"]
+    assert "23514" in refused[1]["error"] and "no partition" in refused[1]["error"]
+    assert historian.seqs() == list(range(1, 45))
+
+
+async def test_a_hostile_servers_long_messages_are_cut_before_they_are_logged(
+    historian: Historian, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trigger the owner added raises a 4 MB message at every insert: the sink logs it
+    cut to a bounded line (never whole, never escaping to output_failed), and holds."""
+    monkeypatch.setattr(postgres_output, "RETRY_MAX_S", 0.3)
+    sender = spool_of(tmp_path, varied(4))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run()):
+                await eventually(lambda: position(tmp_path) == 4, timeout=30)
+                historian.rows(
+                    "CREATE FUNCTION dmzbroker.loud() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN RAISE EXCEPTION '%%', repeat('x', 4000000) USING DETAIL = "
+                    "repeat('y', 4000000); END $$; CREATE TRIGGER loud BEFORE INSERT ON "
+                    "dmzbroker.records FOR EACH ROW EXECUTE FUNCTION dmzbroker.loud()"
+                )
+                sender.send(varied(10))
+                await eventually(lambda: "postgres_unreachable" in events(logs), timeout=30)
+                assert position(tmp_path) == 4
+                historian.rows("DROP TRIGGER loud ON dmzbroker.records")
+                await eventually(lambda: position(tmp_path) == 14, timeout=60)
+    finally:
+        sender.close()
+    assert all(len(str(e.get("error", ""))) < 2000 for e in logs)
+    assert historian.seqs() == list(range(1, 15))
+
+
+async def test_an_identity_the_policy_does_not_know_is_refused_and_moves_no_position(
+    historian: Historian, tmp_path: Path
+) -> None:
+    sender = spool_of(tmp_path, varied(10))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config("spiffe://x/typo"), tmp_path).run()):
+                await eventually(lambda: "postgres_refused" in events(logs), timeout=30)
+    finally:
+        sender.close()
+    refused = next(e for e in logs if e["event"] == "postgres_refused")
+    assert "'spiffe://x/typo' (enterprise.postgres.identity)" in refused["error"]
+    assert position(tmp_path) == 0
+
+
+async def test_the_sink_role_cannot_widen_a_view_nor_make_partitions_far_from_today(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """A `signals` row the sink's role may insert cannot put another asset's signal into an
+    asset's view (the view filters on the record's own path); ensure_partition makes no
+    partition outside [today - 400 days, today + 2 days]."""
+    sender = spool_of(tmp_path, varied(8))
+    try:
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == 8, timeout=30)
+    finally:
+        sender.close()
+    room = 'dmzbroker_assets."coldstore/storage/cold-room-1"'
+    before = historian.rows(f"SELECT DISTINCT signal FROM {room} ORDER BY 1")
+    config = historian.config()
+    async with await sink_of(config, tmp_path)._connect(config) as c:
+        await c.set_autocommit(True)
+        await c.execute(
+            "INSERT INTO dmzbroker.signals VALUES (%s, 99, 'coldstore/storage/cold-room-1', "
+            "'x', '', 'number', '', '', NULL, NULL, '{}')",
+            (WEATHER,),
+        )
+        for day in ("current_date + 3", "current_date - 401", "'2999-01-01'::date"):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                await c.execute(f"SELECT dmzbroker.ensure_partition({day})".encode())
+        await c.execute(b"SELECT dmzbroker.ensure_partition(current_date + 2)")
+    assert historian.rows(f"SELECT DISTINCT signal FROM {room} ORDER BY 1") == before
+    assert (WEATHER,) not in before and len(before) == 2
+
+
+async def test_a_host_libpq_would_take_for_a_socket_or_a_list_stops_the_half_at_start(
+    historian: Historian, tmp_path: Path
+) -> None:
+    for key, value in (("host", "/var/run/postgresql"), ("host", "@abstract"),
+                       ("host", "a.example,b.example"), ("server_name", "x/y")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"enterprise\.postgres\.{key}"):
+            await sink_of(historian.config(**{key: value}), tmp_path).start()
+    await sink_of(historian.config(host="db.example.org"), tmp_path).start()
+
+
+async def test_a_password_is_never_sent_to_a_server_asking_for_it_in_clear(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """require_auth=scram-sha-256 and channel_binding=require: a server (with a certificate
+    the CA signed) asking for the password in clear is refused before it gets it."""
+    login = historian.server.create_role("cleartext_sink", password="s3cret", cleartext=True)
+    config = historian.server.sink_config(CONSUMER_URI, login, database="historian")
+    sender = spool_of(tmp_path, varied(2))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(config, tmp_path).run()):
+                await eventually(lambda: "postgres_unreachable" in events(logs)
+                                 or "postgres_refused" in events(logs), timeout=30)  # fmt: skip
+    finally:
+        sender.close()
+    failed = next(e for e in logs if e["event"] in ("postgres_unreachable", "postgres_refused"))
+    assert "scram-sha-256" in failed["error"] and "password" in failed["error"]
+    assert "postgres_connected" not in events(logs)
+
+
+async def test_shutdown_with_a_hung_server_drops_the_session_without_asking_it_to_cancel(
+    historian: Historian, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled (the half stopping) while a write waits on a paused server: the session is
+    dropped at once; psycopg's cancel request and its 5 + 5 s waits are never run."""
+    sender = spool_of(tmp_path, varied(10))
+    sink = asyncio.create_task(sink_of(historian.config(), tmp_path).run())
+    try:
+        await eventually(lambda: position(tmp_path) == 10, timeout=30)
+        historian.server.pause()
+        sender.send(varied(10))
+        await asyncio.sleep(0.5)  # the write is sent and waits on the paused server
+        with caplog.at_level(logging.WARNING, logger="psycopg"):
+            sink.cancel()
+            await asyncio.gather(sink, return_exceptions=True)
+    finally:
+        historian.server.resume()
+        sink.cancel()
+        sender.close()
+    # psycopg's own path logs "query cancellation failed" after 5 s against a paused server
+    assert not [r for r in caplog.records if "cancel" in r.getMessage()]
+    assert position(tmp_path) == 10
+
+
+async def test_the_database_stopped_for_30_s_mid_stream_loses_nothing_and_duplicates_nothing(
+    historian: Historian, tmp_path: Path
+) -> None:
+    """The issue's test: the plant writes on while the database is down for 30 s; once it is
+    back, every record is in `records` exactly once."""
+    sender = SpoolSender(tmp_path / "spool", 1 << 20, 256 << 20)
+
+    async def plant() -> None:
+        for _ in range(1_000_000):
+            sender.send(varied(20))
+            await asyncio.sleep(0.02)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink_of(historian.config(), tmp_path).run(), plant()):
+                await eventually(lambda: position(tmp_path) > 500, timeout=30)
+                historian.server.stop()
+                stopped_at = sender.next_seq - 1
+                await asyncio.sleep(30)  # the outage itself: its length is what is tested
+                written_meanwhile = sender.next_seq - 1 - stopped_at
+                historian.server.start()
+                back_at = sender.next_seq - 1
+                await eventually(lambda: position(tmp_path) >= back_at, timeout=120)
+            last = sender.next_seq - 1
+        async with running(sink_of(historian.config(), tmp_path).run()):
+            await eventually(lambda: position(tmp_path) == last, timeout=60)
+    finally:
+        sender.close()
+    assert written_meanwhile > 1000
+    assert "postgres_unreachable" in events(logs)
+    seqs = historian.seqs()
+    assert len(seqs) == len(set(seqs)) == last
+    assert seqs == list(range(1, last + 1))

@@ -7,8 +7,11 @@ position of its own (`spool-position-postgres.json`); a batch goes in by COPY in
 temporary table and `INSERT … SELECT … ON CONFLICT DO NOTHING` on `(signal, seq,
 broker_time)` (postgres_writer.py), and the position moves only after the COMMIT. A batch
 replayed after a crash or an outage therefore never duplicates a row. A record the server
-refuses for its data is left out, logged (`postgres_refused` with its seq) and counted. Records the spool's retention drops before
-the sink read them are counted and logged (`spool_records_lost`), as for any reader.
+refuses for its data is left out only when the rest of its batch was written without it
+(postgres_writer.py); such records are counted and reported in one `postgres_refused` line
+per REFUSED_REPORT_S with their counts. A refusal no record can be blamed for (the
+database's structure) holds the position. Records the spool's retention drops before the
+sink read them are counted and logged (`spool_records_lost`), as for any reader.
 
 The schema is created once, when absent, by the `owner` login (postgres_schema.py); the
 sink's role never creates anything but its session's temporary table and, through the
@@ -19,23 +22,28 @@ outage); a refusal an owner must fix (a missing GRANT, no schema, a login the se
 refuses) is one `postgres_refused` line naming the GRANT or setting that fixes it, retried
 every `REFUSED_RETRY_S`. Neither ever stops the half. While the audit log cannot be written
 or the policy has expired, nothing new is written. It reads no row from the database (only
-whether its schema exists and which privileges it holds), and never writes anywhere the
-plant half reads.
+whether its schema exists and which privileges it holds, each answer bounded and checked),
+logs the server's texts cut to a bounded length, and never writes anywhere the plant half
+reads. Interrupted (shutdown, an answer timeout), it drops the session at once rather than
+asking a server that may be hung to cancel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 import structlog
-from psycopg import sql
+from psycopg import sql, waiting
+from psycopg.abc import PQGen
 
 from broker import safe_files
 from broker.backoff import Backoff
@@ -44,7 +52,14 @@ from broker.config import PostgresConfig, PostgresLogin
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import postgres_schema as schema
 from broker.enterprise.outputs.base import OutputContext
-from broker.enterprise.outputs.postgres_writer import INCOMING, Batch, BatchWriter
+from broker.enterprise.outputs.postgres_writer import (
+    INCOMING,
+    Batch,
+    BatchWriter,
+    Held,
+    Refusal,
+    cut,
+)
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
@@ -54,19 +69,42 @@ SLICE = 512  # records read and encoded between two turns of the event loop (~5 
 IDLE_S = 0.05
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
 CONNECT_TIMEOUT_S = 10
-ANSWER_TIMEOUT_S = 60.0  # a server that accepts and then hangs (no FIN, keepalives answered)
+# Each statement of a write: a server that accepts and then hangs (no FIN, keepalives
+# answered) is noticed this soon; a 5,000-record batch takes ~0.1-0.5 s (docs/postgres.md).
+ANSWER_TIMEOUT_S = 15.0
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # as the MQTT sink: a refused connection is cheap, and the sink is back soon
 FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss is a new one
 REFUSED_RETRY_S = 30.0  # an owner must act first: asking again often only fills logs
+REFUSED_REPORT_S = 60.0  # records left out: one postgres_refused line per interval at most
+REPORTED_MAX = 8  # distinct failures logged per outage (grouped by SQLSTATE)
+HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 PASSWORD_LIMIT = 4096  # bytes
 REFUSING = ("authentication failed", "no pg_hba.conf entry", "does not exist")  # libpq's words
 
 log = structlog.get_logger("postgres_sink")
 
 
+RV = TypeVar("RV")
+
+
 class Refused(Exception):
     """The server refuses the sink something only its owner or the operator can give."""
+
+
+class _Connection(psycopg.AsyncConnection[Any]):
+    """Interrupted (shutdown, an answer timeout), the session is dropped at once: psycopg
+    would ask the server to cancel and wait up to 10 s more for a server that may be the
+    very one that hangs (the supervisor kills a half that does not stop within 10 s)."""
+
+    async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:  # noqa: ASYNC109
+        try:
+            return await waiting.wait_async(
+                gen, self.pgconn.socket, interval=interval, timeout=timeout
+            )
+        except asyncio.CancelledError:
+            self.pgconn.finish()
+            raise
 
 
 def configured(context: OutputContext) -> PostgresSink | None:
@@ -105,6 +143,13 @@ class PostgresSink:
 
     async def start(self) -> None:
         """Nothing to bind; only a setting that can never work stops the half here."""
+        for key in ("host", "server_name"):
+            # libpq takes '/...' or '@...' for a Unix socket (no TLS) and ',' for several hosts
+            host = getattr(self._config, key)
+            if host is not None and not (HOST.fullmatch(host) or _is_ip(host)):
+                raise ConfigError(
+                    f"enterprise.postgres.{key} {host!r}: must be a DNS name or an IP address"
+                )
         name = self._config.schema
         if not schema.SCHEMA_NAME.fullmatch(name) or name.endswith(schema.VIEWS_SUFFIX):
             raise ConfigError(
@@ -124,12 +169,13 @@ class PostgresSink:
         address = f"{config.host}:{config.port}"
         backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
         down_since: float | None = None
-        reported: set[str] = set()  # the failures logged in this outage
+        reported: set[str] = set()  # the failures logged in this outage, by kind (bounded)
         announced = False
         while True:
             receiver: SpoolReceiver | None = None
             connected_at: float | None = None
             try:
+                self._check_identity()
                 # From the saved position: what an uncommitted batch had read is read again.
                 receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
                 async with await self._connect(config) as connection:
@@ -144,14 +190,14 @@ class PostgresSink:
                     try:
                         await self._forward(connection, receiver)
                     except psycopg.errors.InsufficientPrivilege as e:  # revoked while it ran
-                        refusal = await self._refusal(connection)
+                        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                            refusal = await self._refusal(connection)
                         raise refusal or Refused(self._explained(e)[1]) from None
-            except Refused as e:
-                refused, error = True, str(e)
-            except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as e:
-                refused, error = self._explained(e)
+            except (Refused, Held, psycopg.Error) as e:  # any psycopg.Error: its text is cut
+                refused, error, kind = self._failure(e)
             except TimeoutError:
                 refused, error = False, f"no answer within {ANSWER_TIMEOUT_S:g} s"
+                kind = "timeout"
             finally:
                 if receiver is not None:
                     receiver.close()
@@ -162,9 +208,9 @@ class PostgresSink:
                 down_since, reported, announced = time.monotonic(), set(), False
             delay = REFUSED_RETRY_S if refused else backoff.after(held_s)
             event = "postgres_refused" if refused else "postgres_unreachable"
-            if error not in reported:
+            if kind not in reported and len(reported) < REPORTED_MAX:
                 log.warning(event, address=address, error=error, retry_in_s=round(delay, 2))
-                reported.add(error)
+                reported.add(kind)
             await asyncio.sleep(delay)
 
     async def _connect(
@@ -192,12 +238,15 @@ class PostgresSink:
         if config.server_name and config.server_name != config.host:
             params["hostaddr"] = await _address_of(config.host, config.port)
         if login.password_file is not None:
-            params.update(password=_password(login), sslcertmode="disable")
+            # SCRAM bound to the TLS channel: neither a server asking for the password in
+            # clear nor one relaying another server's SCRAM exchange ever gets it.
+            params.update(password=_password(login), sslcertmode="disable",
+                          require_auth="scram-sha-256", channel_binding="require")  # fmt: skip
         else:
-            params.update(sslcert=str(login.cert), sslkey=str(login.key))
+            params.update(sslcert=str(login.cert), sslkey=str(login.key), require_auth="none")
         # Autocommit: each `transaction()` block is a transaction of its own, committed at
         # its end; nothing is left open between batches.
-        return await psycopg.AsyncConnection.connect(autocommit=True, **params)
+        return await _Connection.connect(autocommit=True, **params)
 
     async def _prepare(self, connection: psycopg.AsyncConnection[Any]) -> None:
         """The schema there (made by the owner if absent), every privilege the sink needs
@@ -215,6 +264,35 @@ class PostgresSink:
             sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DELETE ROWS").format(
                 sql.Identifier(INCOMING), columns
             )
+        )
+
+    def _check_identity(self) -> None:
+        """An identity the policy does not know would be granted nothing: every record
+        would be read past and lost to the historian. Refused, the position held."""
+        identity = self._config.identity
+        if not self._authz.knows(identity):
+            raise Refused(
+                f"identity {identity!r} (enterprise.postgres.identity) is not a consumer in "
+                f"the policy version {self._authz.policy.version}: nothing is written and the "
+                "position is held; name a consumer the policy grants signals to"
+            )
+
+    def _failure(self, error: Exception) -> tuple[bool, str, str]:
+        """Whether an owner must act, the line to log, and its kind: failures are logged
+        once per kind in an outage, and a server's varying texts are one kind per SQLSTATE."""
+        if isinstance(error, Held):
+            return True, self._held_line(error), f"held {error.sqlstate[:5]}"
+        if isinstance(error, psycopg.Error):
+            refused, line = self._explained(error)
+            return refused, line, f"{refused} {(error.sqlstate or type(error).__name__)[:40]}"
+        return True, str(error), str(error)
+
+    def _held_line(self, held: Held) -> str:
+        return (
+            f"{self._where} refuses a batch as a whole and no record can be blamed ({held}): "
+            "nothing is left out and the position is held; as the owner, fix what every "
+            "record fails (a NOT NULL column or CHECK added, a partition missing or "
+            "detached, a day out of ensure_partition's range: docs/postgres.md#refused-records)"
         )
 
     async def _refusal(self, connection: psycopg.AsyncConnection[Any]) -> Refused | None:
@@ -261,7 +339,7 @@ class PostgresSink:
         writes them in turn. So the sink reads batch n + 1 while the server takes batch n,
         and a batch's mark is committed only after its COMMIT (at most one batch written
         past the saved position)."""
-        writer = BatchWriter(connection, self._config.schema)
+        writer = BatchWriter(connection, self._config.schema, ANSWER_TIMEOUT_S)
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tasks:
@@ -283,6 +361,7 @@ class PostgresSink:
             if self._holding():
                 await asyncio.sleep(HELD_S)
                 continue
+            self._check_identity()  # the policy in force may have dropped it
             policy = self._authz.policy
             view = self._authz.view(self._config.identity)
             if described != policy.version:
@@ -317,22 +396,15 @@ class PostgresSink:
     async def _write(
         self, receiver: SpoolReceiver, writer: BatchWriter, batches: asyncio.Queue[Batch]
     ) -> NoReturn:
+        report = _Report(self._where)
         while True:
             batch = await batches.get()
             # Read before it held: written once allowed again (polled, as the reader does:
             # neither the audit log's state nor the policy's expiry is an event to wait on).
             while self._holding():  # noqa: ASYNC110
                 await asyncio.sleep(HELD_S)
-            refused = []
-            if batch.records:
-                async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                    refused = await writer.write(batch)
-            for refusal in refused:
-                record = refusal.record
-                log.error("postgres_refused", seq=record.seq, signal=record.signal,
-                          sqlstate=refusal.sqlstate, error=refusal.error,
-                          what_to_do=f"left out: see why {self._where} refuses it (a "
-                          "constraint, the database's encoding, a column's type)")  # fmt: skip
+            refused = await writer.write(batch) if batch.records else []
+            report.add(refused)
             receiver.commit(batch.mark)  # committed: the position moves past the batch
             self._metrics.output_records.labels(self.name).inc(len(batch.records) - len(refused))
             self._metrics.output_refused.labels(self.name).inc(len(refused))
@@ -349,13 +421,9 @@ class PostgresSink:
         """The assets and signals rows of this policy version, and a view per asset."""
         names = {"schema": sql.Identifier(self._config.schema)}
         assets = schema.asset_paths(view)
-        cursor = await connection.execute(
-            sql.SQL("SELECT a, {schema}.ensure_asset_view(a) FROM unnest(%s::text[]) a").format(
-                **names
-            ),
-            (assets,),
-        )
-        view_names = {str(a): str(v) for a, v in await cursor.fetchall()}
+        query = sql.SQL("SELECT a, {schema}.ensure_asset_view(a) FROM unnest(%s::text[]) a")
+        answered = await schema.answer(connection, query.format(**names), (assets,), len(assets), 2)
+        view_names = {str(a): str(v) for a, v in answered}
         for table, rows in (
             ("signals", list(schema.signal_rows(policy, view))),
             ("assets", list(schema.asset_rows(policy, view_names))),
@@ -373,7 +441,7 @@ class PostgresSink:
     def _explained(self, error: psycopg.Error) -> tuple[bool, str]:
         """Whether an owner or operator must act (a refusal, retried slowly), and one line:
         what failed, where, and what fixes it."""
-        text = " ".join(str(error).split())  # libpq's message spans lines
+        text = cut(str(error))  # libpq's message spans lines; the server's has no bound
         if isinstance(error, psycopg.errors.InsufficientPrivilege):
             return True, (
                 f"{text} in {self._where}: as the owner of schema {self._config.schema!r}, "
@@ -389,6 +457,41 @@ class PostgresSink:
         if any(words in text for words in REFUSING):
             return True, f"{text}: check enterprise.postgres.user, its login and the database"
         return False, text
+
+
+class _Report:
+    """Records left out, reported as one `postgres_refused` line with their counts and the
+    first of them, at most once per REFUSED_REPORT_S: a database refusing record after
+    record must not turn the record rate into the audit log's rate."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._pending: Counter[str] = Counter()  # left out since the last line, by SQLSTATE
+        self._first: Refusal | None = None
+        self._at = -REFUSED_REPORT_S
+
+    def add(self, refused: list[Refusal]) -> None:
+        for refusal in refused:
+            self._pending[refusal.sqlstate[:5]] += 1
+            self._first = self._first or refusal
+        if self._first is None or time.monotonic() - self._at < REFUSED_REPORT_S:
+            return
+        first = self._first.record
+        log.error("postgres_refused", records=self._pending.total(), seq=first.seq,
+                  signal=first.signal, sqlstate=self._first.sqlstate[:5],
+                  error=self._first.error, by_sqlstate=dict(self._pending),
+                  what_to_do=f"left out: see why {self._where} refuses them (a constraint, "
+                  "the database's encoding, a column's type); "
+                  "dmzbroker_output_refused_total counts them")  # fmt: skip
+        self._pending, self._first, self._at = Counter(), None, time.monotonic()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _password(login: PostgresLogin) -> str:

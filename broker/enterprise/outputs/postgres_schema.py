@@ -25,6 +25,9 @@ from broker.policy import Policy
 from broker.records import Record
 
 SCHEMA_VERSION = 1
+# The days ensure_partition makes a partition for, around the database's today (UTC): a
+# spool older than this is not replayed, a broker clock further ahead is wrong.
+PARTITION_DAYS_BEFORE, PARTITION_DAYS_AFTER = 400, 2
 # Needs no quoting in BI tools' SQL either; leaves room for VIEWS_SUFFIX within 63 bytes.
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,55}")
 # The per-asset views live in a schema of their own, `<schema>_assets`: a view named after
@@ -91,8 +94,11 @@ CREATE TABLE {schema}.records (
     CONSTRAINT records_signal_seq UNIQUE (signal, seq, broker_time)
 )"""
 _BY_DAY = " PARTITION BY RANGE (broker_time);"
+# Qualified by the extension's own schema: never resolved through a search_path where
+# another role could have planted a function of that name.
 _HYPERTABLE = """;
-SELECT create_hypertable({records}, 'broker_time', chunk_time_interval => interval '1 day');"""
+SELECT {timescale}.create_hypertable({records}::regclass, 'broker_time'::name,
+                                     chunk_time_interval => interval '1 day');"""
 
 # SECURITY DEFINER: they run as the owner. search_path fixed, every name qualified.
 _FUNCTIONS = """
@@ -102,6 +108,10 @@ AS $fn$
 DECLARE
     part text := 'records_' || to_char(day, 'YYYYMMDD');
 BEGIN
+    IF day IS NULL OR day < current_date - {before} OR day > current_date + {after} THEN
+        RAISE EXCEPTION 'no partition for day %: outside [today - {before} days, today + {after} days]',
+            day USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF (SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = {name} AND c.relname = 'records') <> 'p' THEN
         RETURN;  -- a hypertable: TimescaleDB makes its own chunks
@@ -154,7 +164,8 @@ BEGIN
                    jsonb_array_length(r.context -> 'alerts') AS active_alerts,
                    r.seq, r.policy_version, r.context
             FROM %1$I.records r
-            WHERE r.signal IN (SELECT s.path FROM %1$I.signals s WHERE s.asset = %4$L)
+            WHERE starts_with(r.signal, %4$L || '/')
+              AND strpos(substr(r.signal, %3$s), '/') = 0
             $view$, {name}, view_name, length(asset) + 2, asset, {views_name});
     EXECUTE format('COMMENT ON VIEW %I.%I IS %L', {views_name}, view_name, asset);
     RETURN view_name;
@@ -172,6 +183,7 @@ GRANT EXECUTE ON FUNCTION {schema}.ensure_partition(date), {schema}.ensure_asset
 """
 
 # What the sink's role needs, each with the GRANT that gives it.
+NEEDS = 7  # rows
 _NEEDS = """
 SELECT need, held FROM (VALUES
     (1, 'USAGE ON SCHEMA {name}', has_schema_privilege({literal}, 'USAGE')),
@@ -196,15 +208,44 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "views": sql.Identifier(schema + VIEWS_SUFFIX),
         "views_name": sql.Literal(schema + VIEWS_SUFFIX),
         "records": sql.Literal(f"{schema}.records"),
+        "before": sql.SQL(str(PARTITION_DAYS_BEFORE)),
+        "after": sql.SQL(str(PARTITION_DAYS_AFTER)),
     }
 
 
+async def answer(
+    connection: psycopg.AsyncConnection[Any],
+    query: sql.Composed | str,
+    params: tuple[Any, ...],
+    rows: int,
+    columns: int,
+) -> list[tuple[Any, ...]]:
+    """The answer to `query`, read row by row: exactly `rows` rows of `columns` each.
+    Anything else ends the session (OperationalError) without reading the rest, whose size
+    the server decides."""
+    found: list[tuple[Any, ...]] = []
+    async with connection.cursor() as cursor:
+        async for row in cursor.stream(query, params):
+            if len(found) == rows or len(row) != columns:
+                connection.pgconn.finish()  # not drained, not cancelled: dropped
+                raise psycopg.OperationalError(
+                    f"the server answered more than {rows} rows or rows not of {columns} "
+                    "columns to the sink's query: not a PostgreSQL it can write to"
+                )
+            found.append(tuple(row))
+    if len(found) != rows:
+        raise psycopg.OperationalError(
+            f"the server answered {len(found)} rows where {rows} were asked"
+        )
+    return found
+
+
 async def exists(connection: psycopg.AsyncConnection[Any], schema: str) -> bool:
-    cursor = await connection.execute(
-        "SELECT to_regclass(format('%%I.records', %s::text)) IS NOT NULL", (schema,)
-    )
-    row = await cursor.fetchone()
-    return bool(row and row[0])
+    [(held,)] = await answer(
+        connection, "SELECT to_regclass(format('%%I.records', %s::text)) IS NOT NULL",
+        (schema,), 1, 1,
+    )  # fmt: skip
+    return held is True
 
 
 async def create(connection: psycopg.AsyncConnection[Any], schema: str, user: str) -> str:
@@ -212,8 +253,15 @@ async def create(connection: psycopg.AsyncConnection[Any], schema: str, user: st
     its layout: 'hypertable' where TimescaleDB is installed in the database, else
     'partitions' (one per day of broker_time)."""
     names = _names(schema)
-    cursor = await connection.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
-    layout = "hypertable" if await cursor.fetchone() else "partitions"
+    # Every name below is qualified; nothing resolves through a schema others may write.
+    await connection.execute("SET LOCAL search_path = pg_catalog, pg_temp")
+    cursor = await connection.execute(
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'timescaledb'"
+    )
+    timescale = await cursor.fetchone()
+    layout = "hypertable" if timescale else "partitions"
+    names["timescale"] = sql.Identifier(timescale[0] if timescale else "")
     tables = _TABLES + (_HYPERTABLE if layout == "hypertable" else _BY_DAY)
     for text in (tables, _FUNCTIONS):
         await connection.execute(sql.SQL(text).format(**names))
@@ -239,8 +287,8 @@ async def missing(connection: psycopg.AsyncConnection[Any], schema: str) -> list
         "view": sql.Literal(f"{schema}.ensure_asset_view(text)"),
     }
     _names(schema)
-    cursor = await connection.execute(sql.SQL(_NEEDS).format(**names))
-    return [need for need, held in await cursor.fetchall() if not held]
+    needs = await answer(connection, sql.SQL(_NEEDS).format(**names), (), NEEDS, 2)
+    return [str(need) for need, held in needs if held is not True]
 
 
 def level(depth: int) -> str:

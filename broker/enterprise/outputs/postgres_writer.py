@@ -10,10 +10,19 @@ the database's encoding or a constraint the owner added does not take) would oth
 its batch at every try. `write()` then writes the batch again by halves, down to the
 refused records, and returns them: every other record is written. A half written again is
 a conflict, never a second row. It never reads a row.
+
+A refusal that comes from the database's structure rather than from a record (a NOT NULL
+column or CHECK an owner added that every record fails, a day without its partition, a
+partition the owner detached) must never cost records: a record is left out only when the
+rest of its batch was written without it and the refused stay a small share of the batch
+(REFUSED_SHARE); otherwise `write()` raises `Held` and the caller keeps its position. An
+error of the partition step is never put on a record. Each write has its own answer
+timeout, so a long bisection is never taken for a hung server.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -28,6 +37,24 @@ from broker.enterprise.outputs import postgres_schema as schema
 from broker.records import Record
 
 INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
+TEXT_LIMIT = 512  # characters of a server-supplied text kept for a log line
+REFUSED_SHARE = 100  # more than 1 record in this many (and more than one) refused: held
+
+
+def cut(text: str) -> str:
+    """A server-supplied text on one line and at most TEXT_LIMIT characters: the server
+    decides how long its messages are."""
+    short = " ".join(text[: TEXT_LIMIT * 2].split())
+    return short if len(short) <= TEXT_LIMIT else short[: TEXT_LIMIT - 1] + "…"
+
+
+class Held(Exception):
+    """The batch cannot be written as it is and no record can be blamed: the database's
+    structure refuses it (the caller holds its position and retries)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(f"{message} (SQLSTATE {sqlstate})")
+        self.sqlstate = sqlstate
 
 
 @dataclass
@@ -41,7 +68,7 @@ class Batch:
 class Refusal:
     record: Record
     sqlstate: str
-    error: str  # the server's message
+    error: str  # the server's message, cut
 
 
 def refuses_data(error: psycopg.Error) -> bool:
@@ -49,7 +76,17 @@ def refuses_data(error: psycopg.Error) -> bool:
     constraint), not the sink: writing the row again can never succeed. A unique violation
     is no such refusal (ON CONFLICT DO NOTHING takes every unique key)."""
     state = error.sqlstate or ""
-    return state[:2] in ("22", "23") and state != "23505"
+    return state[:2] in ("22", "23") and state != "23505" and not _no_partition(error)
+
+
+def _no_partition(error: psycopg.Error) -> bool:
+    """ "no partition of relation … found for row": the database's layout (a partition
+    detached or missing), never a record's fault."""
+    return error.sqlstate == "23514" and not error.diag.constraint_name
+
+
+def _held(error: psycopg.Error) -> Held:
+    return Held(error.sqlstate or "", cut(error.diag.message_primary or str(error)))
 
 
 class _Collected(AsyncWriter):
@@ -69,8 +106,11 @@ class BatchWriter:
     """Writes batches on one connection (autocommit: each batch is a BEGIN … COMMIT of its
     own), one at a time."""
 
-    def __init__(self, connection: psycopg.AsyncConnection[Any], schema_name: str) -> None:
+    def __init__(
+        self, connection: psycopg.AsyncConnection[Any], schema_name: str, answer_s: float
+    ) -> None:
         self._connection = connection
+        self._answer_s = answer_s  # for each write, not for a whole bisection
         names = {
             "schema": sql.Identifier(schema_name),
             "incoming": sql.Identifier(INCOMING),
@@ -99,48 +139,68 @@ class BatchWriter:
 
     async def write(self, batch: Batch) -> list[Refusal]:
         """The batch in a transaction of its own, committed; on a row refused for its data,
-        by halves down to the refused records, which it returns. Any other error is raised
-        (the batch not written)."""
+        by halves down to the refused records, which it returns. Held when no record can be
+        blamed (see the module's docstring); any other error is raised (the batch not
+        written)."""
         try:
             await self._write(batch.records, batch.data)
             return []
         except psycopg.Error as e:
+            if _no_partition(e):
+                raise _held(e) from None
             if not refuses_data(e):
                 raise
-        return await self._bisect(batch.records)
+            first = e
+        return await self._bisect(batch.records, first)
 
-    async def _bisect(self, records: list[Record]) -> list[Refusal]:
+    async def _bisect(self, records: list[Record], first: psycopg.Error) -> list[Refusal]:
         """Each refused record alone, in at most 2·log2(n) writes per refused record; the
         rest committed. A part known to fail is split, not written whole again."""
         refused: list[Refusal] = []
+        allowed = max(1, len(records) // REFUSED_SHARE)
+        written = 0
         half = len(records) // 2
         parts = [records[half:], records[:half]] if half else [records]
         while parts:  # ends: each part is written, or refused alone, or split in two
             part = parts.pop()
             try:
                 await self._write(part, await self.encode(part))
+                written += len(part)
             except psycopg.Error as e:
+                if _no_partition(e):
+                    raise _held(e) from None
                 if not refuses_data(e):
                     raise
-                if len(part) == 1:
-                    message = " ".join((e.diag.message_primary or str(e)).split())
-                    refused.append(Refusal(part[0], e.sqlstate or "", message))
-                else:
+                if len(part) > 1:
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]
+                elif len(refused) == allowed:  # too many to blame on records
+                    raise _held(e) from None
+                else:
+                    message = cut(e.diag.message_primary or str(e))
+                    refused.append(Refusal(part[0], e.sqlstate or "", message))
+        if not written:  # nothing to compare with: it may be the database, not the record
+            raise _held(first)
         return refused
 
     async def _write(self, records: list[Record], data: bytes) -> None:
-        """BEGIN, the days' partitions, COPY, INSERT, COMMIT; rolled back on an error."""
+        """BEGIN, the days' partitions, COPY, INSERT, COMMIT, within the answer timeout;
+        rolled back on an error. A partition refused is Held, never a record's fault."""
         days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
-        try:
-            await self._connection.execute(
-                self._partitions.format(days=sql.Literal(days), **self._names)
-            )
-            async with self._connection.cursor() as cursor, cursor.copy(self._copy) as copy:
-                await copy.write(data)
-            await self._connection.execute(self._insert)
-        except psycopg.Error:
-            if self._connection.info.transaction_status != TransactionStatus.IDLE:
-                await self._connection.execute("ROLLBACK")
-            raise
+        async with asyncio.timeout(self._answer_s):
+            try:
+                try:
+                    await self._connection.execute(
+                        self._partitions.format(days=sql.Literal(days), **self._names)
+                    )
+                except psycopg.Error as e:
+                    if e.sqlstate is None:
+                        raise  # the connection, not the database's answer
+                    raise _held(e) from e
+                async with self._connection.cursor() as cursor, cursor.copy(self._copy) as copy:
+                    await copy.write(data)
+                await self._connection.execute(self._insert)
+            except (psycopg.Error, Held):
+                if self._connection.info.transaction_status != TransactionStatus.IDLE:
+                    await self._connection.execute("ROLLBACK")
+                raise
