@@ -18,7 +18,8 @@ each certificate, that each key is its certificate's, that the client CA file ho
 only, that the anchors for the MQTT broker, the PostgreSQL server and the collector are
 certificates, and that the CRL is signed by the client CA. A PostgreSQL client key must also
 have the mode libpq accepts (0600 or less; 0640 or less when root owns it): libpq refuses any
-other at every connection, so the sink would never connect.
+other at every connection, so the sink would never connect. A PostgreSQL password file
+must give others no access and its group at most read (0640 or less).
 
 Files are read as the user that starts the command. When `run` starts as root, each half
 checks its own files again as its own user when it starts. This module never writes,
@@ -72,6 +73,7 @@ _ANCHOR_FILES = {
 }
 # Keys libpq reads (sslkey): it refuses one with more access than its mode rule allows.
 _LIBPQ_KEYS = ("enterprise.postgres.key", "enterprise.postgres.owner.key")
+_PASSWORD_FILES = ("enterprise.postgres.password_file", "enterprise.postgres.owner.password_file")
 
 
 def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]:
@@ -94,9 +96,10 @@ def problems(halves: Collection[str]) -> Callable[[BrokerConfig], Iterator[str]]
             yield from _unfit(
                 "enterprise.tls.client_ca", path, fitness.unfit_ca, fitness.CONSUMERS_CA
             )
-        for key in _LIBPQ_KEYS:
+        modes = [(k, _too_open_for_libpq) for k in _LIBPQ_KEYS]
+        for key, too_open in modes + [(k, _too_open_password) for k in _PASSWORD_FILES]:
             if key in named:
-                yield from _too_open_for_libpq(key, named[key])
+                yield from too_open(key, named[key])
         for anchor_key, fix in _ANCHOR_FILES.items():
             if anchor_key in named:
                 yield from _unfit(anchor_key, named[anchor_key], fitness.unfit_anchors, fix)
@@ -200,6 +203,19 @@ def _unfit(
         return
     if problem is not None:
         yield f"{key}: {path}: {problem}"
+
+
+def _too_open_password(key: str, path: Path) -> Iterator[str]:
+    """A password others may read, or anyone but its owner change, is no secret."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:  # said above
+        return
+    if mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO):
+        yield (
+            f"{key}: {path}: mode {mode:04o}: a password file must give others no access and "
+            "its group at most read; chmod 600 it (or 640 for a group that must read it)"
+        )
 
 
 def _too_open_for_libpq(key: str, path: Path) -> Iterator[str]:

@@ -417,6 +417,7 @@ def outputs_config(directory: Path, pki: Pki, owners: Owners, opcua_certs: Path)
     password file) and an OPC UA server, all of their files good."""
     config = full_config(directory, pki, owners)
     (directory / "pg-password").write_text("owner secret\n")
+    (directory / "pg-password").chmod(0o600)
     login = {"user": "dmzbroker_sink", "cert": str(pki.client_cert), "key": str(pki.client_key)}
     owner = {"user": "dmzbroker_owner", "password_file": "pg-password"}
     postgres = {"host": "localhost", "database": "historian", "ca": str(pki.ca),
@@ -505,6 +506,25 @@ def _libpq_refuses(cert: Path, key: Path) -> bool:
         except psycopg.OperationalError as e:
             return "has group or world access" in str(e)
     raise AssertionError("a peer that never answers was taken for a PostgreSQL server")
+
+
+def test_a_postgres_password_file_others_may_read_is_refused(
+    tmp_path: Path, pki: Pki, owners: Owners, opcua_certs: Path
+) -> None:
+    config = outputs_config(tmp_path, pki, owners, opcua_certs)
+    password = tmp_path / "pg-password"
+    for mode, refused_ in ((0o600, False), (0o640, False), (0o644, True), (0o660, True)):
+        password.chmod(mode)
+        if not refused_:
+            check(config)
+            continue
+        with pytest.raises(ConfigError) as error:
+            check(config)
+        assert str(error.value).endswith(
+            f"enterprise.postgres.owner.password_file: {password}: mode {mode:04o}: a password "
+            "file must give others no access and its group at most read; chmod 600 it (or 640 "
+            "for a group that must read it)"
+        ), error.value
 
 
 def test_a_postgres_key_is_refused_exactly_when_libpq_would_refuse_it(
