@@ -162,8 +162,13 @@ async def _signals(request: web.Request) -> web.Response:
     )
 
 
+OUTPUT = "https"  # this output's name in the registry and the metrics (docs/specs/output.md)
+
+
 async def _snapshot(request: web.Request) -> web.Response:
-    return _json({"records": request.app[STORE].snapshot(datetime.now(UTC), request[VIEW])})
+    records = request.app[STORE].snapshot(datetime.now(UTC), request[VIEW])
+    request.app[METRICS].output_records.labels(OUTPUT).inc(len(records))
+    return _json({"records": records})
 
 
 async def _signal(request: web.Request) -> web.Response:
@@ -174,6 +179,7 @@ async def _signal(request: web.Request) -> web.Response:
     record = request.app[STORE].latest(path, datetime.now(UTC))
     if record is None:
         raise web.HTTPNotFound(reason=f"no value yet for signal {path!r}")
+    request.app[METRICS].output_records.labels(OUTPUT).inc()
     return _json(record)
 
 
@@ -243,6 +249,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
                 batch = [e for e in batch if e.resync or e.record.seq > floor]
                 floor = floor if all(e.resync for e in batch) else 0
             await write(b"".join(e.frame for e in batch) or b": keepalive\n\n")
+            request.app[METRICS].output_records.labels(OUTPUT).inc(len(batch))
     except ConnectionError:
         pass  # the consumer went away
     except TimeoutError:

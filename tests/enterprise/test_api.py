@@ -124,6 +124,30 @@ async def test_metrics_are_served_only_to_a_consumer_with_a_monitoring_role(api:
     assert "dmzbroker_streams_open 0.0" in text
 
 
+async def test_the_records_served_are_counted_as_the_https_outputs(api: Api) -> None:
+    """dmzbroker_output_records_total{output="https"}: what a snapshot, a signal and a stream
+    delivered, nothing for a refused request (docs/specs/output.md)."""
+    api.store.apply([record(ROOM, -18.0, 1), record(POWER, 12.0, 2)])
+    assert (await get(api, "/v1/snapshot", api.consumer_ssl()))[0] == 200  # 2 records
+    assert (await get(api, f"/v1/signals/{ROOM}", api.consumer_ssl()))[0] == 200  # 1
+    energy = api.client_ssl(api.pki.energy_cert, api.pki.energy_key)
+    assert (await get(api, f"/v1/signals/{ROOM}", energy))[0] == 403  # not granted: none
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(api.base + "/v1/stream", ssl=api.consumer_ssl()) as response,
+    ):
+        await eventually(lambda: api.store.subscriptions)
+        api.store.apply([record(ROOM, -17.0, 3)])
+        await read_events(response, 1)  # 1
+    monitoring = api.client_ssl(api.pki.monitoring_cert, api.pki.monitoring_key)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(api.base + "/metrics", ssl=monitoring) as response,
+    ):
+        text = await response.text()
+    assert 'dmzbroker_output_records_total{output="https"} 4.0' in text
+
+
 async def test_the_monitoring_consumer_sees_no_plant_values(api: Api) -> None:
     api.store.apply([record(ROOM, -18.0, 1)])
     monitoring = api.client_ssl(api.pki.monitoring_cert, api.pki.monitoring_key)

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from broker.config import ListenConfig
-from broker.enterprise.api import create_app
+from broker.enterprise.api import OUTPUT, create_app
 from broker.enterprise.listener import Listener, fit_to_file_limit, listen
 from broker.enterprise.outputs.base import OutputContext
 from broker.errors import ConfigError
@@ -39,7 +39,7 @@ def configured(context: OutputContext) -> HttpsApi:
 
 
 class HttpsApi:
-    name = "https"
+    name = OUTPUT
 
     def __init__(self, context: OutputContext, tls: EndpointReloader) -> None:
         self._context = context
