@@ -30,6 +30,7 @@ from broker.channel.spool import SpoolSender
 from broker.config import PostgresConfig, PostgresLogin
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import postgres as postgres_output
+from broker.enterprise.outputs import postgres_connect
 from broker.enterprise.outputs.postgres import PostgresSink
 from broker.errors import ConfigError
 from broker.metrics import EnterpriseMetrics
@@ -180,7 +181,7 @@ async def test_the_schema_is_made_once_by_the_owner_as_documented_and_the_sink_m
     )  # fmt: skip
     assert door == [("door_open", 1.0, "running", 0), ("door_open", 0.0, "running", 0)]
     # INSERT only: the sink's role reads nothing, changes nothing, creates nothing.
-    async with await sink_of(historian.config(), tmp_path)._connect(historian.config()) as c:
+    async with await postgres_connect.connect(historian.config()) as c:
         await c.set_autocommit(True)
         for statement in (
             "SELECT count(*) FROM dmzbroker.records",
@@ -417,7 +418,7 @@ async def test_the_owners_functions_take_no_hostile_argument_and_no_other_role(
     finally:
         sender.close()
     config = historian.config()
-    async with await sink_of(config, tmp_path)._connect(config) as c:
+    async with await postgres_connect.connect(config) as c:
         await c.set_autocommit(True)
         for hostile in (
             'x"; DROP TABLE dmzbroker.records; --',
@@ -431,7 +432,7 @@ async def test_the_owners_functions_take_no_hostile_argument_and_no_other_role(
     # A role of the same database that was granted nothing may not call them.
     other = historian.server.create_role("someone_else")
     config = historian.server.sink_config(CONSUMER_URI, other, database="historian")
-    async with await sink_of(config, tmp_path)._connect(config) as c:
+    async with await postgres_connect.connect(config) as c:
         await c.set_autocommit(True)
         for call in ("SELECT dmzbroker.ensure_partition('2030-01-01')",
                      "SELECT dmzbroker.ensure_asset_view('a/b')"):  # fmt: skip
@@ -641,7 +642,7 @@ async def test_asset_views_take_no_name_of_a_table_nor_of_each_other(
     assets = ["records", "signals", "assets", "schema_version", "records_20260101",
               long_one, long_two, long_one[:63]]  # fmt: skip
     config = historian.config()
-    async with await sink_of(config, tmp_path)._connect(config) as c:
+    async with await postgres_connect.connect(config) as c:
         await c.set_autocommit(True)
         call = "SELECT dmzbroker.ensure_asset_view(%s)"
         names = [(await (await c.execute(call, (a,))).fetchone() or [""])[0] for a in assets]
@@ -780,7 +781,7 @@ async def test_the_sink_role_cannot_widen_a_view_nor_make_partitions_far_from_to
     room = 'dmzbroker_assets."coldstore/storage/cold-room-1"'
     before = historian.rows(f"SELECT DISTINCT signal FROM {room} ORDER BY 1")
     config = historian.config()
-    async with await sink_of(config, tmp_path)._connect(config) as c:
+    async with await postgres_connect.connect(config) as c:
         await c.set_autocommit(True)
         await c.execute(
             "INSERT INTO dmzbroker.signals VALUES (%s, 99, 'coldstore/storage/cold-room-1', "

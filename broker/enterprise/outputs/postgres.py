@@ -9,8 +9,8 @@ broker_time)` (postgres_writer.py), and the position moves only after the COMMIT
 replayed after a crash or an outage therefore never duplicates a row. A record the server
 refuses for its data is left out only when the rest of its batch was written without it
 (postgres_writer.py); such records are counted and reported in one `postgres_refused` line
-per REFUSED_REPORT_S with their counts. A refusal no record can be blamed for (the
-database's structure) holds the position. Records the spool's retention drops before the
+per REFUSED_REPORT_S with their counts (`RefusedReport`). A refusal no record can be blamed
+for (the database's structure) holds the position. Records the spool's retention drops before the
 sink read them are counted and logged (`spool_records_lost`), as for any reader.
 
 The schema is created once, when absent, by the `owner` login (postgres_schema.py); the
@@ -25,39 +25,35 @@ or the policy has expired, nothing new is written. It reads no row from the data
 whether its schema exists and which privileges it holds, each answer bounded and checked),
 logs the server's texts cut to a bounded length, and never writes anywhere the plant half
 reads. Interrupted (shutdown, an answer timeout), it drops the session at once rather than
-asking a server that may be hung to cancel.
+asking a server that may be hung to cancel (postgres_connect.py opens the sessions).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import re
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import psycopg
 import structlog
-from psycopg import sql, waiting
-from psycopg.abc import PQGen
+from psycopg import sql
 
-from broker import safe_files
 from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
-from broker.config import PostgresConfig, PostgresLogin
+from broker.config import PostgresConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import postgres_schema as schema
 from broker.enterprise.outputs.base import OutputContext
+from broker.enterprise.outputs.postgres_connect import Refused, check_hosts, connect
 from broker.enterprise.outputs.postgres_writer import (
     INCOMING,
     Batch,
     BatchWriter,
     Held,
-    Refusal,
+    RefusedReport,
     cut,
 )
 from broker.errors import ConfigError
@@ -68,7 +64,6 @@ BATCH = 5000
 SLICE = 512  # records read and encoded between two turns of the event loop (~5 ms)
 IDLE_S = 0.05
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
-CONNECT_TIMEOUT_S = 10
 # Each statement of a write: a server that accepts and then hangs (no FIN, keepalives
 # answered) is noticed this soon; a 5,000-record batch takes ~0.1-0.5 s (docs/postgres.md).
 ANSWER_TIMEOUT_S = 15.0
@@ -76,35 +71,10 @@ RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # as the MQTT sink: a refused connection is cheap, and the sink is back soon
 FRESH_AFTER_S = 30.0  # a session that held this long ended an outage: its loss is a new one
 REFUSED_RETRY_S = 30.0  # an owner must act first: asking again often only fills logs
-REFUSED_REPORT_S = 60.0  # records left out: one postgres_refused line per interval at most
 REPORTED_MAX = 8  # distinct failures logged per outage (grouped by SQLSTATE)
-HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
-PASSWORD_LIMIT = 4096  # bytes
 REFUSING = ("authentication failed", "no pg_hba.conf entry", "does not exist")  # libpq's words
 
 log = structlog.get_logger("postgres_sink")
-
-
-RV = TypeVar("RV")
-
-
-class Refused(Exception):
-    """The server refuses the sink something only its owner or the operator can give."""
-
-
-class _Connection(psycopg.AsyncConnection[Any]):
-    """Interrupted (shutdown, an answer timeout), the session is dropped at once: psycopg
-    would ask the server to cancel and wait up to 10 s more for a server that may be the
-    very one that hangs (the supervisor kills a half that does not stop within 10 s)."""
-
-    async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:  # noqa: ASYNC109
-        try:
-            return await waiting.wait_async(
-                gen, self.pgconn.socket, interval=interval, timeout=timeout
-            )
-        except asyncio.CancelledError:
-            self.pgconn.finish()
-            raise
 
 
 def configured(context: OutputContext) -> PostgresSink | None:
@@ -143,13 +113,7 @@ class PostgresSink:
 
     async def start(self) -> None:
         """Nothing to bind; only a setting that can never work stops the half here."""
-        for key in ("host", "server_name"):
-            # libpq takes '/...' or '@...' for a Unix socket (no TLS) and ',' for several hosts
-            host = getattr(self._config, key)
-            if host is not None and not (HOST.fullmatch(host) or _is_ip(host)):
-                raise ConfigError(
-                    f"enterprise.postgres.{key} {host!r}: must be a DNS name or an IP address"
-                )
+        check_hosts(self._config)
         name = self._config.schema
         if not schema.SCHEMA_NAME.fullmatch(name) or name.endswith(schema.VIEWS_SUFFIX):
             raise ConfigError(
@@ -178,7 +142,7 @@ class PostgresSink:
                 self._check_identity()
                 # From the saved position: what an uncommitted batch had read is read again.
                 receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
-                async with await self._connect(config) as connection:
+                async with await connect(config) as connection:
                     async with asyncio.timeout(ANSWER_TIMEOUT_S):
                         await self._prepare(connection)
                     connected_at = time.monotonic()
@@ -212,41 +176,6 @@ class PostgresSink:
                 log.warning(event, address=address, error=error, retry_in_s=round(delay, 2))
                 reported.add(kind)
             await asyncio.sleep(delay)
-
-    async def _connect(
-        self, config: PostgresConfig, login: PostgresLogin | None = None
-    ) -> psycopg.AsyncConnection[Any]:
-        login = login or config
-        params: dict[str, Any] = {
-            "host": config.server_name or config.host,  # the name verify-full checks
-            "port": config.port,
-            "dbname": config.database,
-            "user": login.user,
-            "sslmode": "verify-full",
-            "sslrootcert": str(config.ca),
-            "ssl_min_protocol_version": "TLSv1.2",
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            "application_name": "dmzbroker",
-            # The server converts to the database's encoding, and refuses (22P05) what it
-            # cannot hold: one record left out, not a batch the sink could never encode.
-            "client_encoding": "UTF8",
-            "options": "-c TimeZone=UTC",
-            # A silent peer (a cut cable, no FIN) is noticed in about 30 s, not hours.
-            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-            "keepalives_count": 3, "tcp_user_timeout": 30_000,
-        }  # fmt: skip
-        if config.server_name and config.server_name != config.host:
-            params["hostaddr"] = await _address_of(config.host, config.port)
-        if login.password_file is not None:
-            # SCRAM bound to the TLS channel: neither a server asking for the password in
-            # clear nor one relaying another server's SCRAM exchange ever gets it.
-            params.update(password=_password(login), sslcertmode="disable",
-                          require_auth="scram-sha-256", channel_binding="require")  # fmt: skip
-        else:
-            params.update(sslcert=str(login.cert), sslkey=str(login.key), require_auth="none")
-        # Autocommit: each `transaction()` block is a transaction of its own, committed at
-        # its end; nothing is left open between batches.
-        return await _Connection.connect(autocommit=True, **params)
 
     async def _prepare(self, connection: psycopg.AsyncConnection[Any]) -> None:
         """The schema there (made by the owner if absent), every privilege the sink needs
@@ -316,7 +245,7 @@ class PostgresSink:
                 "enterprise.postgres.owner to a role that may create it there, or create it "
                 "as docs/postgres.md#the-schema shows"
             )
-        async with await self._connect(config, config.owner) as owner, owner.transaction():
+        async with await connect(config, config.owner) as owner, owner.transaction():
             # One creator at a time (two halves started together): the second finds it.
             await owner.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (config.schema,))
             if await schema.exists(owner, config.schema):
@@ -396,7 +325,7 @@ class PostgresSink:
     async def _write(
         self, receiver: SpoolReceiver, writer: BatchWriter, batches: asyncio.Queue[Batch]
     ) -> NoReturn:
-        report = _Report(self._where)
+        report = RefusedReport(self._where)
         while True:
             batch = await batches.get()
             # Read before it held: written once allowed again (polled, as the reader does:
@@ -457,63 +386,6 @@ class PostgresSink:
         if any(words in text for words in REFUSING):
             return True, f"{text}: check enterprise.postgres.user, its login and the database"
         return False, text
-
-
-class _Report:
-    """Records left out, reported as one `postgres_refused` line with their counts and the
-    first of them, at most once per REFUSED_REPORT_S: a database refusing record after
-    record must not turn the record rate into the audit log's rate."""
-
-    def __init__(self, where: str) -> None:
-        self._where = where
-        self._pending: Counter[str] = Counter()  # left out since the last line, by SQLSTATE
-        self._first: Refusal | None = None
-        self._at = -REFUSED_REPORT_S
-
-    def add(self, refused: list[Refusal]) -> None:
-        for refusal in refused:
-            self._pending[refusal.sqlstate[:5]] += 1
-            self._first = self._first or refusal
-        if self._first is None or time.monotonic() - self._at < REFUSED_REPORT_S:
-            return
-        first = self._first.record
-        log.error("postgres_refused", records=self._pending.total(), seq=first.seq,
-                  signal=first.signal, sqlstate=self._first.sqlstate[:5],
-                  error=self._first.error, by_sqlstate=dict(self._pending),
-                  what_to_do=f"left out: see why {self._where} refuses them (a constraint, "
-                  "the database's encoding, a column's type); "
-                  "dmzbroker_output_refused_total counts them")  # fmt: skip
-        self._pending, self._first, self._at = Counter(), None, time.monotonic()
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _password(login: PostgresLogin) -> str:
-    assert login.password_file is not None
-    try:
-        data = safe_files.read_regular(login.password_file, PASSWORD_LIMIT, follow_links=True)
-    except OSError as e:
-        raise Refused(f"cannot read {login.password_file}: {e.strerror}") from None
-    return data.decode(errors="replace").partition("\n")[0].rstrip("\r")
-
-
-async def _address_of(host: str, port: int) -> str:
-    """`host` as an IP address: libpq connects to `hostaddr` and verifies the name in `host`."""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, port)
-    except OSError as e:
-        raise psycopg.OperationalError(f"cannot resolve {host!r}: {e}") from None
-    return str(found[0][4][0])
 
 
 def _since(start: float) -> float:

@@ -17,17 +17,21 @@ partition the owner detached) must never cost records: a record is left out only
 rest of its batch was written without it and the refused stay a small share of the batch
 (REFUSED_SHARE); otherwise `write()` raises `Held` and the caller keeps its position. An
 error of the partition step is never put on a record. Each write has its own answer
-timeout, so a long bisection is never taken for a hung server.
+timeout, so a long bisection is never taken for a hung server. `RefusedReport` logs the
+records left out, at most once per REFUSED_REPORT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
 import psycopg
+import structlog
 from psycopg import sql
 from psycopg.copy import AsyncCopy, AsyncWriter
 from psycopg.pq import TransactionStatus
@@ -39,6 +43,9 @@ from broker.records import Record
 INCOMING = "dmzbroker_incoming"  # the session's temporary table (pg_temp)
 TEXT_LIMIT = 512  # characters of a server-supplied text kept for a log line
 REFUSED_SHARE = 100  # more than 1 record in this many (and more than one) refused: held
+REFUSED_REPORT_S = 60.0  # records left out: one postgres_refused line per interval at most
+
+log = structlog.get_logger("postgres_sink")
 
 
 def cut(text: str) -> str:
@@ -204,3 +211,30 @@ class BatchWriter:
                 if self._connection.info.transaction_status != TransactionStatus.IDLE:
                     await self._connection.execute("ROLLBACK")
                 raise
+
+
+class RefusedReport:
+    """Records left out, reported as one `postgres_refused` line with their counts and the
+    first of them, at most once per REFUSED_REPORT_S: a database refusing record after
+    record must not turn the record rate into the audit log's rate."""
+
+    def __init__(self, where: str) -> None:
+        self._where = where
+        self._pending: Counter[str] = Counter()  # left out since the last line, by SQLSTATE
+        self._first: Refusal | None = None
+        self._at = -REFUSED_REPORT_S
+
+    def add(self, refused: list[Refusal]) -> None:
+        for refusal in refused:
+            self._pending[refusal.sqlstate[:5]] += 1
+            self._first = self._first or refusal
+        if self._first is None or time.monotonic() - self._at < REFUSED_REPORT_S:
+            return
+        first = self._first.record
+        log.error("postgres_refused", records=self._pending.total(), seq=first.seq,
+                  signal=first.signal, sqlstate=self._first.sqlstate[:5],
+                  error=self._first.error, by_sqlstate=dict(self._pending),
+                  what_to_do=f"left out: see why {self._where} refuses them (a constraint, "
+                  "the database's encoding, a column's type); "
+                  "dmzbroker_output_refused_total counts them")  # fmt: skip
+        self._pending, self._first, self._at = Counter(), None, time.monotonic()
