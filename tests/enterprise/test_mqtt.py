@@ -33,8 +33,8 @@ from paho.mqtt.properties import Properties
 from broker import policy
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import MqttConfig
-from broker.enterprise.outputs import mqtt
 from broker.enterprise.authz import Authorization
+from broker.enterprise.outputs import mqtt
 from broker.enterprise.outputs.mqtt import MqttSink
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
