@@ -3,6 +3,11 @@ certificates made by our CLI: the address space's shape, units and ranges; value
 qualities equal to the API's; subscriptions; each identity sees only its granted nodes; and
 one test for every hook into asyncua's internals (docs/opcua-server.md), so an upgrade that
 moves one fails here.
+
+One mirror serves the tests of this module that leave it as they found it (`mirror`: each
+starts with the demo policy's grants, nobody revoked, the audit log writable and no session
+or connection of another test left); a test that changes its policy, its configuration or
+its start gets its own (`own_mirror`, or `start_mirror` in the test).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import pytest_asyncio
 import structlog
 from asyncua import Client, Server, ua
 from asyncua.crypto import security_policies as sp
@@ -27,6 +33,7 @@ from asyncua.server.address_space import AddressSpace as AddressSpaceOfAsyncua
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.internal_session import InternalSession
+from asyncua.server.monitored_item_service import MonitoredItemService
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.uaerrors import BadNodeIdUnknown, BadUserAccessDenied, UaStatusCodeError
 from cryptography import x509
@@ -40,7 +47,7 @@ from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import REGISTRY, opcua
 from broker.enterprise.outputs.base import OutputContext
 from broker.enterprise.outputs.opcua import OpcUaServer
-from broker.enterprise.outputs.opcua_guard import GuardedProcessor
+from broker.enterprise.outputs.opcua_guard import GuardedProcessor, GuardedServer
 from broker.enterprise.outputs.opcua_session import (
     MAX_OPERATIONS,
     MAX_SUBSCRIPTIONS,
@@ -63,7 +70,7 @@ from tests.harness import (
     free_port,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
 
 ROOM = "coldstore/storage/cold-room-1/temperature"
 POWER = "coldstore/machine-room/compressor-1/motor_power"
@@ -198,8 +205,36 @@ async def serving(mirror: Mirror) -> AsyncIterator[Mirror]:
         mirror.audit.close()
 
 
-@pytest.fixture
-async def mirror(tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki) -> AsyncIterator[Mirror]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_mirror(
+    pki: Pki, opcua_pki: OpcUaPki, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mirror]:
+    started = await start_mirror(tmp_path_factory.mktemp("shared-mirror"), pki, opcua_pki)
+    async with serving(started) as served:
+        yield served
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def mirror(shared_mirror: Mirror) -> Mirror:
+    """The module's mirror, as a test expects to find it."""
+    await as_found(shared_mirror)
+    return shared_mirror
+
+
+async def as_found(mirror: Mirror) -> None:
+    """The demo policy's grants (a test that changes the policy has its own mirror), nobody
+    revoked, the audit log writable, every session and connection of another test gone."""
+    mirror.audit.failing = False
+    mirror.authz.use_revoked(frozenset())
+    server = mirror.server._server
+    assert server is not None and server.bserver is not None
+    bserver = server.bserver
+    await eventually(lambda: mirror.server.sessions == 0 and not bserver.clients, timeout=30)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def own_mirror(tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki) -> AsyncIterator[Mirror]:
+    """A mirror of the test's own (it changes what others would find)."""
     async with serving(await start_mirror(tmp_path, pki, opcua_pki)) as served:
         yield served
 
@@ -271,7 +306,7 @@ async def test_address_space_has_assets_as_objects_and_signals_with_units_and_ra
         assert ua.AccessLevel.CurrentWrite not in await variable.get_access_level()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def mirror_of_api(
     api: Api, tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
 ) -> AsyncIterator[Mirror]:
@@ -281,6 +316,7 @@ async def mirror_of_api(
         yield served
 
 
+@pytest.mark.asyncio(loop_scope="function")  # the api fixture's loop
 async def test_values_qualities_times_and_context_equal_the_apis(
     api: Api, mirror_of_api: Mirror
 ) -> None:
@@ -326,6 +362,7 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+@pytest.mark.asyncio(loop_scope="function")
 async def test_a_value_the_api_serves_stale_turns_stale_in_the_mirror(
     api: Api, mirror_of_api: Mirror
 ) -> None:
@@ -357,12 +394,13 @@ class Changes:
 async def test_a_subscription_delivers_every_value_change(mirror: Mirror) -> None:
     async with await secured(mirror.client(), mirror.pki) as client:
         changes = Changes()
-        subscription = await client.create_subscription(50, changes)
+        subscription = await client.create_subscription(100, changes)
         await subscription.subscribe_data_change(node_of(client, await namespace(client), ROOM))
+        await eventually(lambda: changes.values)  # the value it holds (another test's, or none)
         for seq in range(1, 6):
             mirror.store.apply([record(ROOM, -20.0 + seq, seq)])
             await eventually(lambda seq=seq: -20.0 + seq in changes.values)  # type: ignore[misc]
-        assert [v for v in changes.values if v is not None] == [-19.0, -18.0, -17.0, -16.0, -15.0]
+        assert changes.values[1:] == [-19.0, -18.0, -17.0, -16.0, -15.0]
 
 
 async def test_a_client_of_another_identity_sees_only_its_granted_nodes(mirror: Mirror) -> None:
@@ -588,12 +626,13 @@ HOOKS = {  # class → the members our subclasses override or read
     InternalServer: ("create_session", "lookup_external_session", "max_connections",
                      "max_pending_activation_seconds", "max_pending_messages_per_connection",
                      "max_session_timeout_ms", "max_subscriptions", "supported_tokens",
-                     "allow_remote_admin", "aspace"),
+                     "allow_remote_admin", "aspace", "time_task", "stop"),
     AddressSpaceOfAsyncua: ("__contains__",),
     InternalSession: ("read", "browse", "translate_browsepaths_to_nodeids", "create_subscription",
                       "create_monitored_items", "modify_monitored_items", "delete_monitored_items",
                       "set_monitoring_mode", "modify_subscription", "republish",
-                      "set_publishing_mode", "delete_subscriptions", "publish", "close_session"),
+                      "set_publishing_mode", "delete_subscriptions", "publish", "close_session",
+                      "subscription_service"),
 }  # fmt: skip
 
 
@@ -757,8 +796,9 @@ async def test_while_the_audit_log_fails_sessions_end_and_none_open(mirror: Mirr
 
 
 async def test_a_policy_that_narrows_a_view_ends_the_sessions_watching_beyond_it(
-    mirror: Mirror,
+    own_mirror: Mirror,
 ) -> None:
+    mirror = own_mirror
     demo = policy.load(DEMO_POLICY)
     roles = [
         r
@@ -797,8 +837,9 @@ async def test_requests_and_monitored_items_are_bounded_per_session(mirror: Mirr
 
 
 async def test_a_newer_policy_rebuilds_the_space_keeping_what_it_still_names(
-    mirror: Mirror,
+    own_mirror: Mirror,
 ) -> None:
+    mirror = own_mirror
     demo = policy.load(DEMO_POLICY)
     fewer = msgspec.structs.replace(
         demo, version=demo.version + 1, signals=[s for s in demo.signals if s.path != DOOR]
@@ -825,3 +866,115 @@ async def test_a_newer_policy_rebuilds_the_space_keeping_what_it_still_names(
         )
         names = {(await c.read_browse_name()).Name for c in await room.get_children()}
         assert "door_open" not in names and "temperature" in names
+
+
+async def test_run_again_after_a_failed_start_brings_up_a_new_server_never_asyncuas_twice(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_contained` runs `run` again after it failed: a server whose init or space was
+    left half made is stopped and a new one bound on the same port, so asyncua's init runs
+    once per server and the space is built whole."""
+    initialised: list[int] = []
+    init, build = GuardedServer.init, AddressSpace.use_policy
+    failures = iter([RuntimeError("no namespace"), RuntimeError("half a space")])
+
+    async def counted_init(server: GuardedServer) -> None:
+        initialised.append(id(server))
+        await init(server)
+
+    async def failing_build(space: AddressSpace, newer: policy.Policy) -> None:
+        await build(space, newer)
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+
+    monkeypatch.setattr(GuardedServer, "init", counted_init)
+    monkeypatch.setattr(AddressSpace, "use_policy", failing_build)
+    mirror = await start_mirror(tmp_path, pki, opcua_pki)
+    endpoint = mirror.server.endpoint
+    try:
+        for expected in ("no namespace", "half a space"):
+            with pytest.raises(RuntimeError, match=expected):
+                await mirror.server.run()
+            assert not mirror.server.ready
+        async with serving(mirror):
+            assert mirror.server.endpoint == endpoint  # the port clients know
+            mirror.store.apply([record(ROOM, -18.0, 1)])
+            async with await secured(mirror.client(), mirror.pki) as client:
+                await eventually(node_of(client, await namespace(client), ROOM).read_value)
+    finally:
+        await mirror.server.close()
+        mirror.audit.close()
+    assert len(initialised) == 3 and len(set(initialised)) == 3, initialised
+
+
+async def test_the_store_listener_only_notes_records_whatever_state_the_server_is_in(
+    tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
+) -> None:
+    """The listener runs in the spool reader's step (whatever it raised would end the
+    reader): before `run`, after `close`, for signals the policy does not publish."""
+    mirror = await start_mirror(tmp_path, pki, opcua_pki)
+    seen: list[int] = []
+    mirror.store.listen(lambda records: seen.extend(r.seq for r in records))
+    mirror.store.apply([record(ROOM, -18.0, 1), record("nowhere/nothing", 1.0, 2)])
+    await mirror.server.close()
+    mirror.audit.close()
+    mirror.store.apply([record(ROOM, -17.0, 3), record(ROOM, -16.0, 4)])
+    mirror.store.apply([])
+    assert seen == [1, 3, 4]  # the reader's other listeners still called, in order
+    assert mirror.server._pending[ROOM].seq == 4  # coalesced: the latest only
+
+
+async def test_values_fanning_out_to_many_items_are_written_a_budget_at_a_time(
+    mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value costs the loop one write and a notification per monitored item on it: the
+    writer yields after STEP_BUDGET of those, not after a number of values (200 values of
+    8 items each were 1,800 notifications in one step)."""
+    budget, sessions = 12, 4  # sessions per identity: a signal both see has 8 items on it
+    monkeypatch.setattr(opcua, "STEP_BUDGET", budget)
+    calls = total = 0
+    callback = MonitoredItemService.datachange_callback
+
+    async def counted(
+        service: MonitoredItemService, handle: int, value: Any, error: Any = None
+    ) -> None:
+        nonlocal calls, total
+        calls, total = calls + 1, total + 1
+        await callback(service, handle, value, error)
+
+    monkeypatch.setattr(MonitoredItemService, "datachange_callback", counted)
+    views = {identity: mirror.authz.view(identity) for identity in (CONSUMER_URI, ENERGY_URI)}
+    per_round = sessions * sum(len(view) for view in views.values())
+    async with contextlib.AsyncExitStack() as stack:
+        for identity in [*views] * sessions:
+            client = await stack.enter_async_context(
+                await secured(mirror.client(identity), mirror.pki)
+            )
+            ns = await namespace(client)
+            subscription = await client.create_subscription(100, Changes())
+            await subscription.subscribe_data_change(
+                [node_of(client, ns, p) for p in views[identity]]
+            )
+        steps: list[int] = []
+
+        async def each_loop_step() -> None:
+            nonlocal calls
+            while True:
+                await asyncio.sleep(0)
+                steps.append(calls)
+                calls = 0
+
+        calls = 0  # the items' first notifications, made as they were created
+        ticker = asyncio.create_task(each_loop_step())
+        try:
+            start, seq = total, 0
+            for rounds in range(1, 4):
+                for path in views[CONSUMER_URI]:
+                    seq += 1
+                    mirror.store.apply([record(path, float(seq), seq)])
+                await eventually(lambda rounds=rounds: total - start >= rounds * per_round)  # type: ignore[misc]
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+    assert max(steps) <= budget + 2 * sessions, sorted(steps)[-5:]

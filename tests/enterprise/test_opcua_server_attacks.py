@@ -7,6 +7,10 @@ would (no session, a None channel, another client's certificate in CreateSession
 request is sent through its lower layer (`client.uaclient`), which encodes whatever it is
 given. A second, independent stack (o6: open62541, in a child process) reads the same
 values and is refused the same way.
+
+One mirror serves the whole module (`served`); each test gets it as the others left it to
+find (`mirror`: ROOM and POWER written again, no session or connection of another test
+left, the audit log writable) with the events logged during that test only.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +33,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import pytest_asyncio
 import structlog
 from asyncua import Client, ua
 from asyncua.crypto import security_policies as sp
@@ -43,16 +49,23 @@ from broker.audit.catalogue import EVENTS
 from broker.audit.log import AuditLog
 from broker.config import BrokerConfig
 from broker.enterprise.authz import Authorization
-from broker.enterprise.outputs import opcua
+from broker.enterprise.outputs import opcua, opcua_session
 from broker.enterprise.outputs.base import OutputContext
 from broker.enterprise.outputs.opcua import OpcUaServer
+from broker.enterprise.outputs.opcua_items import (
+    MAX_ITEMS_PER_REQUEST,
+    MAX_QUEUE,
+    MIN_PUBLISHING_MS,
+)
+from broker.enterprise.outputs.opcua_session import DROPPED_GRACE_S, MAX_SESSIONS_PER_IDENTITY
 from broker.enterprise.store import Store
 from broker.metrics import EnterpriseMetrics
-from broker.records import Context, Record
+from broker.records import Alert, Context, Record
 from tests.harness import (
     CONSUMER_URI,
     DEMO_POLICY,
     ENERGY_URI,
+    MONITORING_URI,
     REPO,
     STRANGER_URI,
     Pki,
@@ -61,7 +74,7 @@ from tests.harness import (
     free_port,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
 ROOM = "coldstore/storage/cold-room-1/temperature"  # the historian's, not the energy dashboard's
 POWER = "coldstore/machine-room/compressor-1/motor_power"  # granted to both
@@ -89,7 +102,8 @@ class Keys:
 
 
 IDENTITIES = {"historian": CONSUMER_URI, "energy": ENERGY_URI, "stranger": STRANGER_URI,
-              "revoked": CONSUMER_URI, "intruder": CONSUMER_URI, "self-signed": CONSUMER_URI}  # fmt: skip
+              "prometheus": MONITORING_URI, "revoked": CONSUMER_URI, "intruder": CONSUMER_URI,
+              "self-signed": CONSUMER_URI}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +114,7 @@ def keys(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Keys:
     out = root / "issued"
     dmzbroker("certs", "issue", "opcua-server", "--ca", str(ca), "--out", str(out), "--der",
               "--uri", SERVER_URI, "--dns", "localhost", "--ip", "127.0.0.1")  # fmt: skip
-    for name in ("historian", "energy", "stranger", "revoked"):
+    for name in ("historian", "energy", "stranger", "prometheus", "revoked"):
         dmzbroker("certs", "issue", "opcua", "--ca", str(ca), "--out", str(out),
                   "--uri", IDENTITIES[name], "--name", name)  # fmt: skip
     other = root / "other-ca"  # a CA the mirror does not trust, issuing the historian's URI
@@ -160,7 +174,8 @@ class Mirror:
     server: OpcUaServer
     store: Store
     keys: Keys
-    logs: list[dict[str, Any]]  # every structlog event while it served
+    logs: list[dict[str, Any]]  # every structlog event while the test ran
+    audit: AuditLog
 
     @property
     def endpoint(self) -> str:
@@ -224,12 +239,14 @@ def _config(tmp_path: Path, pki: Pki, keys: Keys) -> BrokerConfig:
     )
 
 
-@pytest.fixture
-async def mirror(tmp_path: Path, pki: Pki, keys: Keys) -> AsyncIterator[Mirror]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(
+    pki: Pki, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mirror]:
     """The mirror serving ROOM and POWER under the demo policy, on a free port."""
+    tmp_path = tmp_path_factory.mktemp("attacked-mirror")
     demo = policy.load(DEMO_POLICY)
     store = Store(demo, queue_limit=100)
-    store.apply([served_record(ROOM, -18.5, 1), served_record(POWER, 12.25, 2)])
     audit = AuditLog(
         tmp_path / "opcua-audit", "enterprise", demo.deployment_id, Ed25519PrivateKey.generate()
     )
@@ -239,25 +256,37 @@ async def mirror(tmp_path: Path, pki: Pki, keys: Keys) -> AsyncIterator[Mirror]:
     )
     server = opcua.configured(context)
     assert isinstance(server, OpcUaServer)
+    await server.start()
+    task = asyncio.create_task(server.run())
+    try:
+        await eventually(lambda: server.ready, timeout=60)
+        yield Mirror(server, store, keys, [], audit)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.close()
+        audit.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def mirror(served: Mirror) -> AsyncIterator[Mirror]:
+    """The module's mirror as each test expects to find it, logging into the test's list."""
+    served.audit.failing = False
+    served.store.apply([served_record(ROOM, -18.5, 1), served_record(POWER, 12.25, 2)])
+    server = served.server._server
+    assert server is not None and server.bserver is not None
+    bserver, ns = server.bserver, await server.get_namespace_index(NAMESPACE)
+
+    async def as_found() -> bool:
+        if served.server.sessions or bserver.clients:
+            return False
+        nodes = [server.get_node(ua.NodeId(s, ns)) for s in (ROOM, POWER)]
+        values = [await n.read_data_value(raise_on_bad_status=False) for n in nodes]
+        return [v.Value.Value for v in values] == [-18.5, 12.25]
+
+    await eventually(as_found, timeout=30)
     with structlog.testing.capture_logs() as logs:
-        await server.start()
-        task = asyncio.create_task(server.run())
-        try:
-            served = Mirror(server, store, keys, logs)
-            await eventually(lambda: server.ready, timeout=60)
-            await eventually(lambda: _reads(served, ROOM, -18.5), timeout=30)
-            yield served
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await server.close()
-            audit.close()
-
-
-async def _reads(mirror: Mirror, signal: str, value: float) -> bool:
-    async with mirror.session() as client:
-        ns = await client.get_namespace_index(NAMESPACE)
-        return await client.get_node(ua.NodeId(signal, ns)).read_value() == value
+        yield Mirror(served.server, served.store, served.keys, logs, served.audit)
 
 
 async def unchanged(mirror: Mirror) -> None:
@@ -473,6 +502,208 @@ async def test_an_identity_the_policy_does_not_know_gets_no_session(mirror: Mirr
     assert raised.value.code == S.BadUserAccessDenied, hex(raised.value.code)
     assert refused(mirror, "session", "unknown_identity")["identity"] == STRANGER_URI
     no_session_with(mirror, "stranger")
+
+
+async def test_an_identity_granted_nothing_gets_no_session(mirror: Mirror) -> None:
+    """Prometheus may read /metrics and no signal: a session would only let it load the
+    half (monitored items on standard nodes, the session slots)."""
+    client = await mirror.secured("prometheus")
+    with pytest.raises(UaStatusCodeError) as raised:
+        await connect_or_leave(client)
+    assert raised.value.code == S.BadUserAccessDenied, hex(raised.value.code)
+    assert refused(mirror, "session", "nothing_granted")["identity"] == MONITORING_URI
+    no_session_with(mirror, "prometheus")
+
+
+async def connect_or_leave(client: Client) -> None:
+    """Connect, or fail, or (should it connect) disconnect and fail the test."""
+    await client.connect()
+    await client.disconnect()
+    pytest.fail("connected")
+
+
+async def test_one_identity_holds_at_most_its_share_of_sessions(mirror: Mirror) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(MAX_SESSIONS_PER_IDENTITY):
+            await stack.enter_async_context(mirror.session("historian"))
+        client = await mirror.secured("historian")
+        with pytest.raises(UaStatusCodeError) as raised:
+            await connect_or_leave(client)
+        assert raised.value.code == S.BadTooManySessions, hex(raised.value.code)
+        refused(mirror, "session", "too_many_sessions_of_identity")
+        async with mirror.session("energy") as energy:  # another identity still gets one
+            assert await energy.get_namespace_index(NAMESPACE) > 1
+
+
+async def test_sessions_whose_connection_dropped_end_soon_and_free_their_slots(
+    mirror: Mirror,
+) -> None:
+    """asyncua keeps a session with subscriptions for its whole timeout (60 s) after its
+    connection is gone, for a client that comes back: an identity could hold the slots
+    with connections it dropped. The mirror ends them after DROPPED_GRACE_S."""
+    clients = []
+    try:
+        for _ in range(MAX_SESSIONS_PER_IDENTITY):
+            client = await mirror.secured("historian")
+            clients.append(client)
+            await client.connect()
+            await client.create_subscription(60_000, _Changes())
+        await eventually(lambda: mirror.server.sessions == MAX_SESSIONS_PER_IDENTITY)
+        for client in clients:
+            client.uaclient.protocol.transport.abort()  # gone without CloseSession
+        await eventually(lambda: mirror.server.sessions == 0, timeout=DROPPED_GRACE_S + 20)
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+    ended = [e for e in mirror.logs if e["event"] == "opcua_session_ending"]
+    assert [e["reason"] for e in ended] == ["connection_lost"] * MAX_SESSIONS_PER_IDENTITY
+    async with mirror.session("historian") as client:  # the slots are free again
+        assert await client.get_namespace_index(NAMESPACE) > 1
+
+
+async def test_monitored_items_only_on_granted_values_and_one_per_node(mirror: Mirror) -> None:
+    """Each item costs the half's event loop a notification per value written: a session
+    may watch each of its granted values once, and of the standard nodes only the few of
+    ServerStatus (asyncua writes CurrentTime every second), in requests of at most
+    MAX_ITEMS_PER_REQUEST items."""
+    current_time = ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime)
+    async with mirror.session("historian") as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        first = await client.create_subscription(100, _Changes())
+        second = await client.create_subscription(100, _Changes())
+        room, power = ua.NodeId(ROOM, ns), ua.NodeId(POWER, ns)
+        display_name = _monitor(power, 99)
+        display_name.ItemToMonitor.AttributeId = ua.AttributeIds.DisplayName
+        asked = [
+            *(_monitor(current_time, h) for h in range(50)),
+            _monitor(ua.NodeId(ua.ObjectIds.Server_NamespaceArray), 50),
+            _monitor(room, 51),
+            _monitor(room, 52),
+            display_name,
+        ]
+        made = await client.uaclient.create_monitored_items(_items(first, asked))
+        codes = [r.StatusCode.value for r in made]
+        assert codes[:50] == [S.Good] + [S.BadTooManyMonitoredItems] * 49
+        assert codes[50:] == [S.BadNotSupported, S.Good, S.BadTooManyMonitoredItems,
+                              S.BadAttributeIdInvalid]  # fmt: skip
+        again = await client.uaclient.create_monitored_items(_items(second, [_monitor(room, 53)]))
+        assert again[0].StatusCode.value == S.BadTooManyMonitoredItems  # one per session
+        too_many = [_monitor(power, h) for h in range(MAX_ITEMS_PER_REQUEST + 1)]
+        code = await status_of(client.uaclient.create_monitored_items(_items(second, too_many)))
+        assert code == S.BadTooManyOperations, hex(code)
+        deleted = await client.uaclient.delete_monitored_items(
+            ua.DeleteMonitoredItemsParameters(
+                SubscriptionId=first.subscription_id, MonitoredItemIds=[made[51].MonitoredItemId]
+            )
+        )
+        assert deleted[0].is_good()
+        again = await client.uaclient.create_monitored_items(_items(second, [_monitor(room, 54)]))
+        assert again[0].StatusCode.value == S.Good  # its node free again
+
+
+async def test_subscriptions_and_items_are_revised_to_the_mirrors_bounds(mirror: Mirror) -> None:
+    """asyncua takes a publishing interval as asked (0.001 ms: a subscription spinning on
+    the loop) and gives a queue of 10,000 values per item when 0 is asked for."""
+    async with mirror.session("historian") as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        asked = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=0.001, RequestedLifetimeCount=4_000_000_000,
+            RequestedMaxKeepAliveCount=4_000_000_000, MaxNotificationsPerPublish=0,
+            PublishingEnabled=True, Priority=0,
+        )  # fmt: skip
+        made = await client.uaclient.create_subscription(asked, lambda _: None)
+        interval = made.RevisedPublishingInterval
+        assert interval >= MIN_PUBLISHING_MS, made
+        assert made.RevisedMaxKeepAliveCount * interval <= 60_000, made
+        assert 3 * made.RevisedMaxKeepAliveCount <= made.RevisedLifetimeCount, made
+        assert made.RevisedLifetimeCount * interval <= 300_000, made
+        modified = await client.uaclient.update_subscription(
+            ua.ModifySubscriptionParameters(
+                SubscriptionId=made.SubscriptionId, RequestedPublishingInterval=0.001,
+                RequestedLifetimeCount=4_000_000_000, RequestedMaxKeepAliveCount=4_000_000_000,
+            )
+        )  # fmt: skip
+        assert modified.RevisedPublishingInterval >= MIN_PUBLISHING_MS, modified
+        items = [_monitor(ua.NodeId(ROOM, ns), 1), _monitor(ua.NodeId(POWER, ns), 2)]
+        items[0].RequestedParameters.QueueSize = 0
+        items[1].RequestedParameters.QueueSize = 1_000_000
+        sub = _Subscribed(made.SubscriptionId)
+        created = await client.uaclient.create_monitored_items(_items(sub, items))
+        assert [r.RevisedQueueSize for r in created] == [1, MAX_QUEUE], created
+        change = ua.MonitoredItemModifyRequest(
+            MonitoredItemId=created[1].MonitoredItemId,
+            RequestedParameters=ua.MonitoringParameters(
+                ClientHandle=2, SamplingInterval=0.001, QueueSize=1_000_000, DiscardOldest=True
+            ),
+        )
+        (modified_item,) = await client.uaclient.modify_monitored_items(
+            ua.ModifyMonitoredItemsParameters(
+                SubscriptionId=made.SubscriptionId, ItemsToModify=[change],
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+            )
+        )  # fmt: skip
+        assert modified_item.RevisedQueueSize == MAX_QUEUE, modified_item
+        assert modified_item.RevisedSamplingInterval >= MIN_PUBLISHING_MS, modified_item
+
+
+async def test_a_client_that_does_not_read_its_answers_is_cut_off(
+    mirror: Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It keeps asking (Publish) and never reads: asyncua would buffer its answers without
+    bound. Past MAX_UNREAD_BYTES (lowered here, with small socket buffers, so that a few
+    answers of large alert texts pass it) its session and connection are ended."""
+    monkeypatch.setattr(opcua_session, "MAX_UNREAD_BYTES", 256 * 1024)
+    views = policy.load(DEMO_POLICY)
+    signals = [s.path for s in views.signals if s.lifecycle == "approved"]
+    pending: list[asyncio.Future[Any]] = []
+    async with mirror.session("historian") as client:
+        ns = await client.get_namespace_index(NAMESPACE)
+        subscription = await client.create_subscription(100, _Changes())
+        alerts = [client.get_node(ua.NodeId(f"{s}.ActiveAlerts", ns)) for s in signals]
+        await subscription.subscribe_data_change(alerts)
+        (session,) = opcua_session_of(mirror)
+        assert isinstance(session.transport, asyncio.Transport)
+        session.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        protocol = client.uaclient.protocol
+        assert protocol is not None and protocol.transport is not None
+        protocol.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+        )
+        protocol.transport.pause_reading()  # never reads again
+        seq = 10
+
+        def flood() -> bool:
+            nonlocal seq
+            seq += 1
+            text = f"{seq} " + "x" * 20_000
+            alert = Alert(rule="r", severity="warning", message=text, action="-", outcome="energy")
+            mirror.store.apply([_alerted(s, seq, alert) for s in signals])
+            pending.append(asyncio.ensure_future(protocol.send_request(ua.PublishRequest())))
+            return mirror.server.sessions == 0
+
+        try:
+            await eventually(flood, timeout=60, interval=0.1)
+        finally:
+            for request in pending:
+                request.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+    ended = [e for e in mirror.logs if e["event"] == "opcua_session_ending"]
+    assert [e["reason"] for e in ended] == ["not_reading"], ended
+
+
+def opcua_session_of(mirror: Mirror) -> list[opcua_session.GuardedSession]:
+    rules = mirror.server._rules
+    assert rules is not None
+    return list(rules.sessions)
+
+
+def _alerted(signal: str, seq: int, alert: Alert) -> Record:
+    record = served_record(signal, float(seq), seq)
+    record.context = Context(asset_state="running", alerts=[alert])
+    return record
 
 
 # -- services a read-only mirror refuses ---------------------------------------------------
@@ -876,6 +1107,20 @@ async def test_a_subscription_to_a_node_not_granted_delivers_nothing(mirror: Mir
         await eventually(lambda: (POWER, 13.5) in mine.seen, timeout=30)
         await eventually(lambda: (ROOM, -21.0) in theirs_changes.seen, timeout=30)
         assert {node for node, _ in mine.seen} == {POWER}, mine.seen
+
+
+@dataclass(frozen=True)
+class _Subscribed:
+    subscription_id: int
+
+
+def _items(
+    subscription: Any, items: list[ua.MonitoredItemCreateRequest]
+) -> ua.CreateMonitoredItemsParameters:
+    return ua.CreateMonitoredItemsParameters(
+        SubscriptionId=subscription.subscription_id, ItemsToCreate=items,
+        TimestampsToReturn=ua.TimestampsToReturn.Both,
+    )  # fmt: skip
 
 
 def _monitor(node: ua.NodeId, handle: int) -> ua.MonitoredItemCreateRequest:

@@ -3,9 +3,11 @@ systems (MES, SCADA at level 3, historians) that read OPC UA (docs/opcua-server.
 
 It mirrors the half's `Store`: no spool position of its own (a mirror serves latest values;
 a client that was away reads the current ones). Records arrive by `store.listen`, are
-coalesced per signal and written to the address space by `run`, a chunk at a time, so
-neither a burst of records nor a large model holds the event loop; values the store would
-now serve as stale are written stale within STALE_CHECK_S. Clients see only what the policy
+coalesced per signal and written to the address space by `run`, yielding the event loop
+after every STEP_BUDGET values and notifications (a value watched by many monitored items
+costs as many), so neither a burst of records, a large model nor many subscribers hold the
+loop the half's other outputs share; values the store would now serve as stale are written
+stale within STALE_CHECK_S. Clients see only what the policy
 grants the identity of their certificate, and can change nothing (`opcua_guard`,
 `opcua_session`). It never writes to the spool, the plant's state or anything the plant half
 reads; a client can make it do nothing but answer.
@@ -16,18 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import time
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import structlog
+from asyncua import ua
+from asyncua.ua.object_ids import ObjectIds
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from broker.config import OpcUaServerConfig
 from broker.enterprise.outputs.base import OutputContext
 from broker.enterprise.outputs.opcua_guard import GuardedServer
+from broker.enterprise.outputs.opcua_items import MAX_ITEMS_PER_REQUEST
 from broker.enterprise.outputs.opcua_session import SessionRules
-from broker.enterprise.outputs.opcua_space import CHUNK, NAMESPACE, AddressSpace
+from broker.enterprise.outputs.opcua_space import NAMESPACE, AddressSpace
 from broker.enterprise.outputs.opcua_trust import ClientTrust
 from broker.errors import ConfigError
 from broker.policy import Policy
@@ -35,6 +41,7 @@ from broker.records import Record
 from broker.trust.fitness import read_pem, unfit_leaf
 
 STALE_CHECK_S = 1.0  # how late a value turns stale in the mirror, at most, after the API
+STEP_BUDGET = 200  # values written + notifications they make, between yields (a few ms)
 SERVER_NAME = "dmzbroker read-only mirror"
 
 log = structlog.get_logger("opcua_server")
@@ -62,6 +69,7 @@ class OpcUaServer:
         self._policy: Policy | None = None  # a newer policy to build the space for
         self._wake = asyncio.Event()
         self._server: GuardedServer | None = None
+        self._tried = False  # `run` began bringing `_server` up: asyncua inits a server once
         self._space: AddressSpace | None = None
         self._rules: SessionRules | None = None
         self._built = False  # the address space holds the policy's model: sessions may open
@@ -88,19 +96,24 @@ class OpcUaServer:
         reader, which starts after every output's `start`, is not held up. Connections are
         accepted once asyncua is initialised; a session is refused as `starting`
         (`opcua_client_refused`) until the space is built."""
-        config, context = self._config, self._context
         self._certificate, self._key = self._files()
+        self._server = await self._bind()
+        self._context.store.listen(self._received)
+
+    async def _bind(self) -> GuardedServer:
+        """A new asyncua server bound to host:port (the port bound before, once there was
+        one, so the endpoint stays what clients know)."""
+        config, context = self._config, self._context
         trust = ClientTrust(context.config.enterprise.tls, context.authz)
         server = GuardedServer(trust, config.max_sessions)
         try:
-            self._port = await server.bind(config.host, config.port)
+            self._port = await server.bind(config.host, self._port)
         except OSError as e:
             raise ConfigError(
-                f"enterprise.opcua: cannot listen on {config.host}:{config.port}: "
+                f"enterprise.opcua: cannot listen on {config.host}:{self._port}: "
                 f"{e.strerror or errno.errorcode.get(e.errno or 0, e)}"
             ) from e
-        self._server = server
-        context.store.listen(self._received)
+        return server
 
     async def _serve(self, server: GuardedServer) -> tuple[AddressSpace, SessionRules]:
         """asyncua's server accepting on the bound port, its address space still empty: a
@@ -118,6 +131,14 @@ class OpcUaServer:
         rules = SessionRules(context.authz, space, self._config.max_sessions, self._closed_for)
         server.guard_with(rules)
         await server.start()
+        await server.write_attribute_value(  # told, for clients that split their requests
+            ua.NodeId(
+                ua.Int32(
+                    ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall
+                )
+            ),
+            ua.DataValue(ua.Variant(MAX_ITEMS_PER_REQUEST, ua.VariantType.UInt32)),
+        )
         log.info(
             "opcua_server_listening", address=self.endpoint, max_sessions=self._config.max_sessions
         )
@@ -150,14 +171,12 @@ class OpcUaServer:
             self._server = None
 
     async def run(self) -> NoReturn:
-        server = self._server
-        if server is None:
+        if not self._certificate:
             raise RuntimeError("OpcUaServer.run before start")
-        if self._space is None or self._rules is None:
-            self._space, self._rules = await self._serve(server)
-        space, rules = self._space, self._rules
         if not self._built:
-            await self._build(space)
+            await self._bring_up()
+        space, rules = self._space, self._rules
+        assert space is not None and rules is not None  # built
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), STALE_CHECK_S)
@@ -165,13 +184,36 @@ class OpcUaServer:
             if self._closed_for() is not None:
                 for session in list(rules.sessions):
                     session.close()
+            rules.end_dropped(time.monotonic())
             policy, self._policy = self._policy, None
             if policy is not None:
                 await space.use_policy(policy)
                 self._end_narrowed(rules)
                 self._queue_all()
-            await self._write_pending(space)
-            await self._age(space)
+            await self._write_pending(space, rules)
+            await self._age(space, rules)
+
+    async def _bring_up(self) -> None:
+        """asyncua initialised on the bound port, the space built. After a try that failed
+        part way (`run` again under `run_contained`), that server is stopped and a new one
+        bound: asyncua's init cannot run twice on one server, nor a half-made space be
+        completed."""
+        if self._tried or self._server is None:
+            await self._discard()
+            self._server = await self._bind()
+        self._tried = True
+        self._space, self._rules = await self._serve(self._server)
+        await self._build(self._space)
+
+    async def _discard(self) -> None:
+        server, self._server = self._server, None
+        self._space = self._rules = None
+        self._tried = False
+        if server is None:
+            return
+        await server.stop()
+        if server.bserver is None and server.iserver.time_task is not None:
+            await server.iserver.stop()  # its clock task, which a stop before serving leaves
 
     async def _build(self, space: AddressSpace) -> None:
         """The policy in force as the address space; sessions may open from then on."""
@@ -183,12 +225,10 @@ class OpcUaServer:
         log.info("opcua_server_ready", address=self.endpoint, signals=len(policy.signals))
 
     def _received(self, records: list[Record]) -> None:
-        """Store listener: called in the spool reader's step, so it only notes the records."""
-        pending = self._pending
-        for record in records:
-            pending[record.signal] = record
-        if records:
-            self._wake.set()
+        """Store listener, called in the spool reader's step: it only notes the records
+        (whatever it raised would end the reader), the latest of each signal."""
+        self._pending.update((record.signal, record) for record in records)
+        self._wake.set()
 
     def _queue_all(self) -> None:
         """Every latest value the store holds, written (again) at the next step."""
@@ -197,30 +237,41 @@ class OpcUaServer:
             self._pending.setdefault(record.signal, record)
         self._wake.set()
 
-    async def _write_pending(self, space: AddressSpace) -> None:
+    async def _write_pending(self, space: AddressSpace, rules: SessionRules) -> None:
+        """The pending records written, the loop yielded every STEP_BUDGET values and
+        notifications (records arriving meanwhile wait for the next round)."""
         while self._pending:
-            batch = list(self._pending.values())[:CHUNK]
-            for record in batch:
-                del self._pending[record.signal]
+            pending, self._pending = self._pending, {}
+            spent = written = 0
+            for signal, record in pending.items():
                 await space.write(record)
                 if record.quality in ("good", "uncertain"):
-                    self._fresh.add(record.signal)
+                    self._fresh.add(signal)
                 else:
-                    self._fresh.discard(record.signal)
-            self._context.metrics.output_records.labels(self.name).inc(len(batch))
-            await asyncio.sleep(0)  # the spool reader and other outputs run between chunks
+                    self._fresh.discard(signal)
+                written += 1
+                spent += 1 + rules.watchers.of(signal)
+                if spent >= STEP_BUDGET:
+                    self._context.metrics.output_records.labels(self.name).inc(written)
+                    spent = written = 0
+                    await asyncio.sleep(0)  # the spool reader and other outputs run
+            self._context.metrics.output_records.labels(self.name).inc(written)
 
-    async def _age(self, space: AddressSpace) -> None:
+    async def _age(self, space: AddressSpace, rules: SessionRules) -> None:
         """Write stale the values the store now serves as stale (as the API would)."""
         now = datetime.now(UTC)
         store = self._context.store
-        for i, signal in enumerate(list(self._fresh)):
+        spent = 0
+        for signal in list(self._fresh):
             record = store.latest(signal, now)
+            spent += 1
             if record is None or record.quality == "stale":
                 self._fresh.discard(signal)
                 if record is not None and signal not in self._pending:
                     await space.write(record)
-            if i % CHUNK == CHUNK - 1:
+                    spent += rules.watchers.of(signal)
+            if spent >= STEP_BUDGET:
+                spent = 0
                 await asyncio.sleep(0)
 
     def _end_narrowed(self, rules: SessionRules) -> None:
@@ -228,7 +279,8 @@ class OpcUaServer:
         for session in list(rules.sessions):
             peer = session.peer
             known = peer is not None and rules.authz.knows(peer.identity or "")
-            if not known or session.watches_beyond(rules.view(peer)):
+            view = rules.view(peer)
+            if not known or not view or session.watches_beyond(view):
                 log.info(
                     "opcua_session_ending",
                     reason="policy_narrowed",

@@ -11,14 +11,18 @@ is asked at each request, so a policy reload narrows it at once (and the server 
 sessions whose monitored items it narrowed, `OpcUaServer.use_policy`).
 
 asyncua keeps one subscription table for all sessions; a session may only touch its own
-subscriptions here. Bounds per session: MAX_SUBSCRIPTIONS subscriptions,
-MAX_MONITORED_ITEMS items, MAX_OPERATIONS nodes per request; `SessionRules` bounds the
-number of sessions (`max_sessions`).
+subscriptions here. Bounds per session: MAX_SUBSCRIPTIONS subscriptions, MAX_OPERATIONS
+nodes per request, monitored items as `opcua_items` revises and counts them. `SessionRules`
+bounds the sessions: `max_sessions`, MAX_SESSIONS_PER_IDENTITY, none for an identity granted
+nothing, and a session whose connection is gone ends after DROPPED_GRACE_S (asyncua keeps
+it for its timeout, for a client that reconnects). A session whose client does not read its
+responses (its connection's send buffer past MAX_UNREAD_BYTES) is ended at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,16 +31,28 @@ from asyncua import ua
 from asyncua.common.utils import ServiceError
 from asyncua.crypto.permission_rules import User
 from asyncua.server.internal_session import InternalSession
+from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 
 from broker.enterprise.authz import Authorization, Peer
+from broker.enterprise.outputs.opcua_items import (
+    ITEMS_PER_SIGNAL,
+    MAX_ITEMS_PER_REQUEST,
+    SERVER_WATCHABLE,
+    SessionItems,
+    Watchers,
+    revise_item,
+    revise_subscription,
+)
 from broker.enterprise.outputs.opcua_space import AddressSpace, status
 
 log = structlog.get_logger("opcua_server")
 
 MAX_SUBSCRIPTIONS = 8  # per session
-MAX_MONITORED_ITEMS = 20_000  # per session: a whole site's signals, twice
-MAX_OPERATIONS = 5_000  # nodes in one Read, Browse, TranslateBrowsePaths, CreateMonitoredItems
+MAX_OPERATIONS = 5_000  # nodes in one Read, Browse, TranslateBrowsePaths
+MAX_SESSIONS_PER_IDENTITY = 4  # so that one identity cannot take every session
+DROPPED_GRACE_S = 5.0  # a session whose connection is gone is ended after this
+MAX_UNREAD_BYTES = 4 * 1024 * 1024  # answers a connection's client has not read, at most
 _UNKNOWN = StatusCodes.BadNodeIdUnknown
 _NOT_OURS = StatusCodes.BadSubscriptionIdInvalid
 
@@ -56,6 +72,7 @@ class SessionRules:
         self.max_sessions = max_sessions
         self.closed_for = closed_for  # (reason, detail) no session may open now, or None
         self.sessions: set[GuardedSession] = set()
+        self.watchers = Watchers()  # monitored items per signal, all sessions together
 
     def refusal(self, peer: Peer) -> tuple[str, str, int] | None:  # opcua_guard.Refusal
         """(reason, detail, status) refusing `peer` a new session, or None."""
@@ -75,9 +92,23 @@ class SessionRules:
                 "not a consumer of the policy",
                 StatusCodes.BadUserAccessDenied,
             )
+        return self._room_refusal(peer, identity)
+
+    def _room_refusal(self, peer: Peer, identity: str) -> tuple[str, str, int] | None:
+        """A known identity refused: granted nothing, or no session left for it."""
+        if not self.view(peer):
+            return (
+                "nothing_granted",
+                "the policy grants this identity no signal",
+                StatusCodes.BadUserAccessDenied,
+            )
         if len(self.sessions) >= self.max_sessions:
             detail = f"max_sessions ({self.max_sessions}) open"
             return "too_many_sessions", detail, StatusCodes.BadTooManySessions
+        held = sum(1 for s in self.sessions if s.peer is not None and s.peer.identity == identity)
+        if held >= MAX_SESSIONS_PER_IDENTITY:
+            detail = f"{held} sessions of this identity open (at most {MAX_SESSIONS_PER_IDENTITY})"
+            return "too_many_sessions_of_identity", detail, StatusCodes.BadTooManySessions
         return None
 
     def view(self, peer: Peer | None) -> frozenset[str]:
@@ -88,6 +119,18 @@ class SessionRules:
     def visible(self, node: ua.NodeId, view: frozenset[str]) -> bool:
         signals = self.space.signals_of(node)
         return signals is None or not signals.isdisjoint(view)
+
+    def end_dropped(self, now: float) -> None:
+        """End the sessions whose connection has been gone DROPPED_GRACE_S (asyncua would
+        keep one with subscriptions for its whole timeout, holding a session slot)."""
+        for session in list(self.sessions):
+            transport = session.transport
+            if transport is None or not transport.is_closing():
+                session.dropped_at = None
+            elif session.dropped_at is None:
+                session.dropped_at = now
+            elif now - session.dropped_at >= DROPPED_GRACE_S:
+                session.end("connection_lost")
 
 
 class GuardedSession(InternalSession):
@@ -102,8 +145,8 @@ class GuardedSession(InternalSession):
         self.peer: Peer | None = None  # set once the processor accepted its creation
         self.channel_der = b""
         self.transport: asyncio.BaseTransport | None = None
-        self._items: dict[int, int] = {}  # own subscription id → its monitored items
-        self._watched: set[str] = set()  # signals monitored items were made for
+        self.dropped_at: float | None = None  # when its connection was first seen gone
+        self._items = SessionItems(rules.watchers)
 
     def bind(self, peer: Peer, channel_der: bytes, transport: asyncio.BaseTransport) -> None:
         self.peer, self.channel_der, self.transport = peer, channel_der, transport
@@ -117,26 +160,46 @@ class GuardedSession(InternalSession):
             self.transport.close()
         asyncio.get_running_loop().create_task(self.close_session(True))
 
+    def end(self, reason: str) -> None:
+        """End the session, its connection dropped at once (whatever it has not sent)."""
+        peer = self.peer
+        log.info("opcua_session_ending", reason=reason, **(peer.described() if peer else {}))
+        if isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.abort()
+        asyncio.get_running_loop().create_task(self.close_session(True))
+
     async def close_session(self, delete_subs: bool = True) -> None:
         peer = self.peer
         if peer is not None and self in self.rules.sessions:
             self.rules.sessions.discard(self)
             self.rules.authz.stream_closed(peer.serial, self)
             log.info("opcua_session_closed", **peer.described())
-        await super().close_session(delete_subs)
+        await super().close_session(delete_subs)  # its subscriptions through ours
+        self._items.clear()
 
     def watches_beyond(self, view: frozenset[str]) -> bool:
-        """Whether a monitored item made in this session watches a signal outside `view`
-        (items deleted since still count: ending a session too many is the safe side)."""
-        return not self._watched <= view
+        """Whether a monitored item of this session watches a signal outside `view`."""
+        return not self._items.signals() <= view
+
+    def _reading(self) -> None:
+        """End the session if its client does not read what it is sent (its answers would
+        pile up in memory without bound: asyncua never stops sending)."""
+        transport = self.transport
+        if (
+            isinstance(transport, asyncio.WriteTransport)
+            and transport.get_write_buffer_size() > MAX_UNREAD_BYTES
+        ):
+            self.end("not_reading")
+            raise ServiceError(StatusCodes.BadTooManyOperations)
 
     def _view(self) -> frozenset[str]:
         return self.rules.view(self.peer)
 
     def _own(self, sub_id: int) -> bool:
-        return sub_id in self._items
+        return self._items.owns(sub_id)
 
     async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
+        self._reading()
         _bounded(params.NodesToRead)
         view = self._view()
         shown = [self.rules.visible(r.NodeId, view) for r in params.NodesToRead]
@@ -145,6 +208,7 @@ class GuardedSession(InternalSession):
         return [next(results) if ok else ua.DataValue(StatusCode=status(_UNKNOWN)) for ok in shown]
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
+        self._reading()
         _bounded(params.NodesToBrowse)
         view = self._view()
         results = []
@@ -198,28 +262,43 @@ class GuardedSession(InternalSession):
         self, params: ua.CreateSubscriptionParameters, callback: Callable[..., Any],
         request_callback: Callable[..., Any] | None = None,
     ) -> ua.CreateSubscriptionResult:  # fmt: skip
-        if len(self._items) >= MAX_SUBSCRIPTIONS:
+        self._items.keep_only(self.subscription_service.subscriptions)
+        if self._items.subscriptions >= MAX_SUBSCRIPTIONS:
             raise ServiceError(StatusCodes.BadTooManySubscriptions)
-        result = await super().create_subscription(params, callback, request_callback)
-        self._items[result.SubscriptionId] = 0
-        return result
+        revise_subscription(params)
+
+        async def publish(*answer: Any) -> None:  # asyncua's sender, then a look at the buffer
+            await callback(*answer)
+            self._sent()
+
+        made = await super().create_subscription(params, publish, request_callback)
+        self._items.subscribed(made.SubscriptionId)
+        return made
+
+    def _sent(self) -> None:
+        with contextlib.suppress(ServiceError):  # in the subscription's task: no request
+            self._reading()
 
     async def create_monitored_items(
         self, params: ua.CreateMonitoredItemsParameters
     ) -> list[ua.MonitoredItemCreateResult]:
-        _bounded(params.ItemsToCreate)
+        if len(params.ItemsToCreate) > MAX_ITEMS_PER_REQUEST:
+            raise ServiceError(StatusCodes.BadTooManyOperations)
+        self._items.keep_only(self.subscription_service.subscriptions)
         if not self._own(params.SubscriptionId):
             raise ServiceError(_NOT_OURS)
         view = self._view()
-        room = MAX_MONITORED_ITEMS - sum(self._items.values())
+        room = len(view) * ITEMS_PER_SIGNAL + len(SERVER_WATCHABLE) - len(self._items)
         verdicts: list[int | None] = []
+        asked: set[ua.NodeId] = set()
         for item in params.ItemsToCreate:
-            if not self.rules.visible(item.ItemToMonitor.NodeId, view):
-                verdicts.append(_UNKNOWN)
-            elif room <= 0:
-                verdicts.append(StatusCodes.BadTooManyMonitoredItems)
-            else:
-                verdicts.append(None)
+            verdict = self._refused_item(item.ItemToMonitor, view, asked)
+            if verdict is None and room <= 0:
+                verdict = StatusCodes.BadTooManyMonitoredItems
+            verdicts.append(verdict)
+            if verdict is None:
+                asked.add(item.ItemToMonitor.NodeId)
+                revise_item(item.RequestedParameters)
                 room -= 1
         items = params.ItemsToCreate
         params.ItemsToCreate = [i for i, v in zip(items, verdicts, strict=True) if v is None]
@@ -230,17 +309,40 @@ class GuardedSession(InternalSession):
                 results.append(ua.MonitoredItemCreateResult(StatusCode=status(verdict)))
                 continue
             result = next(made)
-            if result.StatusCode.is_good():
-                self._items[params.SubscriptionId] += 1
-                self._watched |= self.rules.space.signals_of(item.ItemToMonitor.NodeId) or set()
+            if result.StatusCode.is_good() and self._own(params.SubscriptionId):
+                node = item.ItemToMonitor.NodeId
+                signals = self.rules.space.signals_of(node)
+                signal = next(iter(signals)) if signals else None
+                self._items.added(params.SubscriptionId, result.MonitoredItemId, node, signal)
             results.append(result)
         return results
+
+    def _refused_item(
+        self, target: ua.ReadValueId, view: frozenset[str], asked: set[ua.NodeId]
+    ) -> int | None:
+        """The status refusing a monitored item on `target`, or None. A node not granted is
+        answered as one that does not exist, before anything else is looked at."""
+        node = target.NodeId
+        signals = self.rules.space.signals_of(node)
+        if not self.rules.visible(node, view):
+            return _UNKNOWN
+        if signals is None and node not in SERVER_WATCHABLE:
+            return StatusCodes.BadNotSupported  # a standard node: none but ServerStatus's
+        if target.AttributeId != AttributeIds.Value:
+            return StatusCodes.BadAttributeIdInvalid  # only values change here
+        if node in asked or self._items.watches(node):
+            return StatusCodes.BadTooManyMonitoredItems  # one item per node and session
+        return None
 
     async def modify_monitored_items(
         self, params: ua.ModifyMonitoredItemsParameters
     ) -> list[ua.MonitoredItemModifyResult]:
+        if len(params.ItemsToModify) > MAX_ITEMS_PER_REQUEST:
+            raise ServiceError(StatusCodes.BadTooManyOperations)
         if not self._own(params.SubscriptionId):
             raise ServiceError(_NOT_OURS)
+        for item in params.ItemsToModify:
+            revise_item(item.RequestedParameters)
         return await super().modify_monitored_items(params)
 
     async def delete_monitored_items(
@@ -249,7 +351,9 @@ class GuardedSession(InternalSession):
         if not self._own(params.SubscriptionId):
             raise ServiceError(_NOT_OURS)
         results = await super().delete_monitored_items(params)
-        self._items[params.SubscriptionId] -= sum(r.is_good() for r in results)
+        for item, result in zip(params.MonitoredItemIds, results, strict=True):
+            if result.is_good():
+                self._items.removed(params.SubscriptionId, item)
         return results
 
     async def set_monitoring_mode(
@@ -285,10 +389,11 @@ class GuardedSession(InternalSession):
         done = iter(await super().delete_subscriptions(own) if own else [])
         results = [next(done) if self._own(i) else status(_NOT_OURS) for i in ids]
         for i in own:
-            self._items.pop(i, None)
+            self._items.unsubscribed(i)
         return results
 
     def publish(self, acks: Any = None) -> tuple[int, list[ua.StatusCode]]:
+        self._reading()
         acks = list(acks or [])
         own = [a for a in acks if self._own(a.SubscriptionId)]
         count, done = super().publish(own)
