@@ -4,19 +4,25 @@ one place every client message passes: the connection's `UaProcessor`.
 - A secure channel opens only with Basic256Sha256, Aes128_Sha256_RsaOaep or
   Aes256_Sha256_RsaPss in SignAndEncrypt, and only for a certificate our trust list accepts
   (`opcua_trust`), checked when the channel opens, before any RSA work
-  (BadSecurityChecksFailed, the connection closed). A channel without security may only
-  ask for the endpoints (discovery); a session on it is refused (BadSecurityModeRejected).
+  (BadSecurityChecksFailed, the connection closed). One OpenSecureChannel per connection
+  until the channel is open, its encrypted part at most `MAX_OPEN_ENCRYPTED_BYTES` (checked
+  before decryption); one failing in asyncua (signed by another key than its certificate's,
+  which is public) closes the connection. Until the key is proved, a refusal logs the
+  certificate's identity and serial as `claimed_identity`, `claimed_serial`. A channel
+  without security may only ask for the endpoints, `MAX_DISCOVERY` times without a
+  session; a session on it is refused (BadSecurityModeRejected).
 - A session's certificate must be its channel's; its identity is the channel
   certificate's URI SAN; the identity must be in the policy, the policy in force and the
   audit log writable, and at most `max_sessions` are open. A session is re-activated only
   from a channel with its own certificate (asyncua would hand it to any client that
   names its authentication token). A user token must be anonymous or the channel's own
   certificate. Nobody gets asyncua's Admin role.
-- Services form an allow-list: reads, browsing and subscriptions. Everything else (Write,
-  Call, Add/DeleteNodes, Add/DeleteReferences, HistoryUpdate, HistoryRead,
-  TransferSubscriptions, RegisterServer(2), and services unknown) is refused with
-  BadUserAccessDenied and logged `opcua_service_refused`, session or not.
-- Per-session filtering and limits are in `opcua_session`; transport bounds here.
+- Services form an allow-list (`opcua_services`): reads, browsing and subscriptions.
+  Everything else (Write, Call, Add/DeleteNodes, Add/DeleteReferences, HistoryUpdate,
+  HistoryRead, TransferSubscriptions, RegisterServer(2), and services unknown) is refused
+  with BadUserAccessDenied and logged `opcua_service_refused`, session or not.
+- Per-session filtering and limits are in `opcua_session`; the connections' bounds (who is
+  admitted, framing, the Hello, pacing) in `opcua_connection`.
 
 Nothing here writes to the address space, the spool, or anything the plant half reads.
 """
@@ -29,24 +35,25 @@ from typing import Any, cast
 import structlog
 from asyncua import ua
 from asyncua.common.connection import TransportLimits
-from asyncua.common.utils import Buffer
 from asyncua.crypto import security_policies as sp
 from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.server import Server
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
-from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
-from asyncua.ua.ua_binary import (
-    header_from_binary,
-    nodeid_from_binary,
-    struct_from_binary,
-    uatcp_to_binary,
-)
+from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary
 
 from broker.enterprise.authz import Peer
+from broker.enterprise.outputs.opcua_connection import (
+    MAX_CHUNK_BYTES,
+    ConnectionServer,
+    GuardedProtocol,
+    close_with_error,
+    remote_of,
+)
+from broker.enterprise.outputs.opcua_services import ALLOWED, DISCOVERY, service_name
 from broker.enterprise.outputs.opcua_session import MAX_SUBSCRIPTIONS, GuardedSession, SessionRules
 from broker.enterprise.outputs.opcua_space import status
 from broker.enterprise.outputs.opcua_trust import ClientTrust, Untrusted, split_chain
@@ -67,44 +74,12 @@ SECURITY = [
 ]
 _SECURE_URIS = frozenset(p.URI for p in SECURE_POLICIES)
 _I = ObjectIds
-DISCOVERY = frozenset(
-    {
-        _I.GetEndpointsRequest_Encoding_DefaultBinary,
-        _I.FindServersRequest_Encoding_DefaultBinary,
-        _I.CloseSecureChannelRequest_Encoding_DefaultBinary,
-    }
-)
-ALLOWED = DISCOVERY | {
-    _I.CreateSessionRequest_Encoding_DefaultBinary,
-    _I.ActivateSessionRequest_Encoding_DefaultBinary,
-    _I.CloseSessionRequest_Encoding_DefaultBinary,
-    _I.ReadRequest_Encoding_DefaultBinary,
-    _I.BrowseRequest_Encoding_DefaultBinary,
-    _I.TranslateBrowsePathsToNodeIdsRequest_Encoding_DefaultBinary,
-    _I.RegisterNodesRequest_Encoding_DefaultBinary,
-    _I.UnregisterNodesRequest_Encoding_DefaultBinary,
-    _I.CreateSubscriptionRequest_Encoding_DefaultBinary,
-    _I.ModifySubscriptionRequest_Encoding_DefaultBinary,
-    _I.DeleteSubscriptionsRequest_Encoding_DefaultBinary,
-    _I.SetPublishingModeRequest_Encoding_DefaultBinary,
-    _I.CreateMonitoredItemsRequest_Encoding_DefaultBinary,
-    _I.ModifyMonitoredItemsRequest_Encoding_DefaultBinary,
-    _I.DeleteMonitoredItemsRequest_Encoding_DefaultBinary,
-    _I.SetMonitoringModeRequest_Encoding_DefaultBinary,
-    _I.PublishRequest_Encoding_DefaultBinary,
-    _I.RepublishRequest_Encoding_DefaultBinary,
-}
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request's chunks together (asyncua: 100 MiB)
-MAX_CHUNK_BYTES = 65_535  # one chunk, refused before it is buffered whole
+MAX_OPEN_ENCRYPTED_BYTES = 4096  # an OPN's RSA-encrypted part (a real one: 2-4 blocks)
+MAX_DISCOVERY = 4  # GetEndpoints/FindServers per connection without a session
 PENDING_MESSAGES = 32  # parsed chunks queued per connection (asyncua: 500)
 ACTIVATION_S = 10.0  # a connection without an activated session is closed after this
 MAX_SESSION_TIMEOUT_MS = 60_000  # a session whose client went away lingers at most this
-
-
-def service_name(typeid: ua.NodeId) -> str:
-    found = typeid.Identifier
-    name = ObjectIdNames.get(found, str(found)) if isinstance(found, int) else str(found)
-    return name.removesuffix("_Encoding_DefaultBinary").removesuffix("Request")
 
 
 class _NoAdmin(UserManager):
@@ -125,14 +100,43 @@ class GuardedProcessor(UaProcessor):
     peer: Peer | None = None  # the channel's client, once its certificate was accepted
     channel_der: bytes = b""
 
+    refused = False  # a refusal closed the connection
+    _open_tried = False
+    _discovery = 0
+
     async def process(self, header: Any, body: Any) -> bool:
-        if header.MessageType == ua.MessageType.SecureOpen and not self._connection.is_open():
-            try:
-                self._check_opening(struct_from_binary(ua.AsymmetricAlgorithmHeader, body.copy()))
-            except Untrusted as refused:
-                self._refuse_channel(refused)
-                return False
-        return bool(await super().process(header, body))  # type: ignore[no-untyped-call]
+        if header.MessageType != ua.MessageType.SecureOpen:
+            return bool(await super().process(header, body))  # type: ignore[no-untyped-call]
+        try:
+            self._check_open_request(body.copy(header.body_size))
+        except Untrusted as refused:
+            self._refuse_channel(refused)
+            return False
+        try:
+            await super().process(header, body)  # type: ignore[no-untyped-call]
+        except Exception as e:  # a signature, a padding, a nonce: whatever fails, once
+            self._refuse_channel(Untrusted("open_failed", type(e).__name__, self.peer))
+            return False
+        return not self.refused
+
+    def _check_open_request(self, peek: Any) -> None:
+        """Refuse an OpenSecureChannel before its RSA-encrypted part is touched (`peek`: the
+        message's body alone; the buffer asyncua hands over may hold the messages after it)."""
+        try:
+            security = struct_from_binary(ua.AsymmetricAlgorithmHeader, peek)
+        except Exception:  # whatever asyncua's decoder raises on bytes it cannot read
+            raise Untrusted("open_unreadable", "the security header cannot be read") from None
+        if len(peek) > MAX_OPEN_ENCRYPTED_BYTES:
+            raise Untrusted(
+                "open_too_large",
+                f"{len(peek)} encrypted bytes, at most {MAX_OPEN_ENCRYPTED_BYTES}",
+            )
+        if self._connection.is_open():
+            return  # a renewal: its channel's certificate, checked by open_secure_channel
+        if self._open_tried:
+            raise Untrusted("second_open", "one OpenSecureChannel until the channel is open")
+        self._open_tried = True
+        self._check_opening(security)
 
     def _check_opening(self, security: ua.AsymmetricAlgorithmHeader) -> None:
         uri = security.SecurityPolicyURI
@@ -141,7 +145,7 @@ class GuardedProcessor(UaProcessor):
         if uri not in _SECURE_URIS:
             raise Untrusted("security_policy_refused", f"{uri} is not offered")
         certificate = security.SenderCertificate or b""
-        self.peer = self.trust.verify(certificate, _remote(self.name))
+        self.peer = self.trust.verify(certificate, remote_of(self.name))
         self.channel_der = split_chain(certificate)[0]
 
     def open_secure_channel(self, algohdr: Any, seqhdr: Any, body: Any) -> None:
@@ -161,16 +165,16 @@ class GuardedProcessor(UaProcessor):
         super().open_secure_channel(algohdr, seqhdr, body)  # type: ignore[no-untyped-call]
 
     def _refuse_channel(self, refused: Untrusted) -> None:
+        self.refused = True
+        claimed = not self._connection.is_open()  # the sender has not proved its key yet
         log.warning(
             "opcua_client_refused", stage="channel", reason=refused.reason,
-            detail=refused.detail, **_described(refused.peer, self.name),
+            detail=refused.detail, **_described(refused.peer, self.name, claimed=claimed),
         )  # fmt: skip
         code = StatusCodes.BadSecurityChecksFailed
         if refused.reason == "security_policy_refused":
             code = StatusCodes.BadSecurityPolicyRejected
-        error = ua.ErrorMessage(status(code), ua.String(refused.detail))
-        self._transport.write(uatcp_to_binary(cast(ua.MessageType, ua.MessageType.Error), error))
-        self._transport.close()
+        close_with_error(self._transport, code, refused.detail)
 
     async def process_message(self, seqhdr: Any, body: Any) -> bool:
         peek = body.copy()
@@ -181,6 +185,8 @@ class GuardedProcessor(UaProcessor):
             if isinstance(typeid.Identifier, int) and typeid.NamespaceIndex == 0
             else -1
         )
+        if service in DISCOVERY and self._discovery_spent(service):
+            return False
         refusal = self._refusal(service, typeid, request, peek)
         if refusal is not None:
             self._fault(request, seqhdr, refusal)
@@ -189,6 +195,25 @@ class GuardedProcessor(UaProcessor):
         if service == _I.CreateSessionRequest_Encoding_DefaultBinary:
             self._bind_created()
         return bool(result) if result is not None else True
+
+    def _discovery_spent(self, service: int) -> bool:
+        """Whether a connection without a session asked for the endpoints too often (each
+        answer is ~6 KB for a ~100-byte request): refused and closed."""
+        if (
+            self.session is not None
+            or service == _I.CloseSecureChannelRequest_Encoding_DefaultBinary
+        ):
+            return False
+        self._discovery += 1
+        if self._discovery <= MAX_DISCOVERY:
+            return False
+        detail = f"at most {MAX_DISCOVERY} discovery requests per connection without a session"
+        log.warning(
+            "opcua_client_refused", stage="connection", reason="discovery_limit",
+            detail=detail, **_described(None, self.name),
+        )  # fmt: skip
+        close_with_error(self._transport, StatusCodes.BadTooManyOperations, detail)
+        return True
 
     def _refusal(self, service: int, typeid: ua.NodeId, request: Any, peek: Any) -> int | None:
         """The status refusing this request, logged; None to let asyncua serve it."""
@@ -267,61 +292,14 @@ def _leaf(unverified: bytes | None) -> bytes:
         return b""
 
 
-def _remote(name: Any) -> str | None:
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) and len(name) >= 2 else None
-
-
-def _described(peer: Peer | None, name: Any) -> dict[str, str | None]:
+def _described(peer: Peer | None, name: Any, claimed: bool = False) -> dict[str, str | None]:
     if peer is None:
-        return {"remote": _remote(name)}
-    return peer.described()
-
-
-class _Protocol(OPCUAProtocol):
-    """A connection: our processor instead of asyncua's, and no chunk buffered past the
-    size a chunk may have (asyncua buffers whatever length a header claims)."""
-
-    rules: SessionRules
-    trust: ClientTrust
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.processor is None:
-            return  # refused at max_connections
-        processor = GuardedProcessor(self.iserver, self.transport, self.limits)
-        processor.rules, processor.trust = self.rules, self.trust
-        processor.set_policies(self.policies)  # type: ignore[no-untyped-call]
-        self.processor = processor
-
-    def data_received(self, data: bytes) -> None:
-        if len(self._buffer) + len(data) >= 8:
-            header = header_from_binary(Buffer((self._buffer + data)[:12]))
-            if header.packet_size > MAX_CHUNK_BYTES:
-                if self.transport is not None:
-                    self.transport.close()
-                return
-        super().data_received(data)
-
-
-class _BinaryServer(BinaryServer):
-    """asyncua's BinaryServer on the socket `GuardedServer.bind` bound (its own start would
-    bind again), with our protocol."""
-
-    rules: SessionRules
-    trust: ClientTrust
-    listening: asyncio.Server
-
-    async def start(self) -> None:
-        self._server = self.listening
-        self.cleanup_task = asyncio.create_task(self._close_task_loop())
-        await self.listening.start_serving()
-
-    def _make_protocol(self) -> OPCUAProtocol:
-        protocol = _Protocol(
-            self.iserver, self._policies, self.clients, self.closing_tasks, self.limits
-        )
-        protocol.rules, protocol.trust = self.rules, self.trust
-        return protocol
+        return {"remote": remote_of(name)}
+    described = peer.described()
+    if claimed:  # an unverified certificate's: never where the audit reads a verified one
+        described["claimed_identity"] = described.pop("identity")
+        described["claimed_serial"] = described.pop("serial")
+    return described
 
 
 _ANONYMOUS = User(role=UserRole.Anonymous)  # asyncua's default; the user is set at activation
@@ -379,9 +357,15 @@ class GuardedServer(Server):
         port_bound: int = self._listening.sockets[0].getsockname()[1]
         return port_bound
 
-    def _connection(self) -> OPCUAProtocol:
+    def _connection(self) -> GuardedProtocol:
         assert self.bserver is not None  # accepting only once `start` made it
-        return self.bserver._make_protocol()
+        return cast(GuardedProtocol, self.bserver._make_protocol())
+
+    def _processor(self, iserver: Any, transport: Any, limits: Any) -> GuardedProcessor:
+        processor = GuardedProcessor(iserver, transport, limits)
+        assert self._rules is not None  # `start` checked it
+        processor.rules, processor.trust = self._rules, self._trust
+        return processor
 
     async def start(self) -> None:
         """Server.start on the socket of `bind` (asyncua 2.1.0's body, less its discovery
@@ -390,8 +374,8 @@ class GuardedServer(Server):
             raise RuntimeError("GuardedServer.start before bind and guard_with")
         await self._setup_server_nodes()
         await self.iserver.start()
-        bserver = _BinaryServer(self.iserver, "", 0, self.limits)
-        bserver.rules, bserver.trust, bserver.listening = self._rules, self._trust, self._listening
+        bserver = ConnectionServer(self.iserver, "", 0, self.limits)
+        bserver.make_processor, bserver.listening = self._processor, self._listening
         bserver.set_policies(self._policies)
         await bserver.start()
         self.bserver = bserver

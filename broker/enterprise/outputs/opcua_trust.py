@@ -1,13 +1,20 @@
 """Who an OPC UA client is, decided by our checks, not asyncua's (ADR 0025).
 
 A client's application certificate (the secure channel's, as the OpenSecureChannel request
-carries it) must chain to a CA of `enterprise.tls.client_ca`, be within its validity, carry
+carries it) must be issued by a CA of `enterprise.tls.client_ca` itself, be within its validity, carry
 clientAuth, and not be revoked: neither by the CRL of `enterprise.tls.crl` (its signature
 checked by `broker.trust.revocation.read_crl`) nor by the serials the consumer endpoint holds
 in force (`authz.revoked`, which also keeps a rolled-back CRL from un-revoking anyone). A CRL
 past its nextUpdate refuses everyone unless `stale_crl: accept`, as at the HTTPS endpoint.
 The identity is the certificate's single URI SAN (`broker.enterprise.authz.peer_of`).
 asyncua's own trust store matches CRL serials only and is never used.
+
+Everything here runs on the half's event loop, for anyone who can reach the port, before the
+client proved it holds the key: the work is bounded before it starts. A certificate field
+over `MAX_CERTIFICATE_BYTES` or carrying more than one certificate after the leaf is refused
+unparsed, and certificates a client sends after its leaf are never used: handed to a path
+builder as intermediates, a few self-made CA certificates sharing one key and the site CA's
+name make it explore paths for minutes (one 2 KB message held the loop 64 s).
 
 This module reads the CA and CRL files (bounded) and nothing else; it never writes.
 """
@@ -30,6 +37,8 @@ from broker.trust.fitness import read_pem
 from broker.trust.revocation import CrlFacts, read_crl
 
 RELOAD_CHECK_S = 1.0  # how often the CA and CRL files are looked at for a change
+MAX_CERTIFICATE_BYTES = 8192  # a certificate field, leaf and any chain (an RSA-4096 leaf ~2 KB)
+MAX_CHAIN = 2  # the leaf and, as some stacks send it, its issuer (which is not used)
 
 
 class Untrusted(Exception):
@@ -88,21 +97,31 @@ class ClientTrust:
         self._reload()
 
     def verify(self, unverified: bytes, remote: str | None) -> Peer:
-        """The peer of a channel certificate (leaf first, then any intermediates); raises
+        """The peer of a channel certificate (the leaf, first in the field); raises
         Untrusted, naming why, for any certificate our trust list does not accept."""
-        self._reload()
+        if len(unverified) > MAX_CERTIFICATE_BYTES:
+            raise Untrusted(
+                "certificate_too_large",
+                f"{len(unverified)} bytes of certificates, at most {MAX_CERTIFICATE_BYTES}",
+            )
         try:
             ders = split_chain(unverified)
-            chain = [x509.load_der_x509_certificate(d) for d in ders]
+            leaf = x509.load_der_x509_certificate(ders[0])
         except ValueError as e:
             raise Untrusted("unreadable_certificate", str(e)) from None
+        if len(ders) > MAX_CHAIN:
+            raise Untrusted(
+                "chain_too_long",
+                f"{len(ders)} certificates; send the certificate alone, issued by the site CA",
+            )
         peer = peer_of(cast(ssl.SSLObject, _Der(ders[0])), remote)
+        self._reload()
         if self._problem is not None:
             raise Untrusted("trust_list_unusable", self._problem, peer)
         now = datetime.now(UTC)
-        verifier = PolicyBuilder().store(Store(self._cas)).time(now).build_client_verifier()
-        try:
-            verifier.verify(chain[0], chain[1:])
+        builder = PolicyBuilder().store(Store(self._cas)).time(now).max_chain_depth(0)
+        try:  # against the site CAs alone: what the client sent after its leaf is not used
+            builder.build_client_verifier().verify(leaf, [])
         except VerificationError as e:
             raise Untrusted("certificate_untrusted", str(e), peer) from None
         crl = self._crl
