@@ -15,14 +15,14 @@ subscriptions here. Bounds per session: MAX_SUBSCRIPTIONS subscriptions, MAX_OPE
 nodes per request, monitored items as `opcua_items` revises and counts them. `SessionRules`
 bounds the sessions: `max_sessions`, MAX_SESSIONS_PER_IDENTITY, none for an identity granted
 nothing, and a session whose connection is gone ends after DROPPED_GRACE_S (asyncua keeps
-it for its timeout, for a client that reconnects). A session whose client does not read its
-responses (its connection's send buffer past MAX_UNREAD_BYTES) is ended at once.
+it for its timeout, for a client that reconnects). A session whose client does not read the
+answers its subscriptions send (its connection's send buffer past MAX_UNREAD_BYTES, the
+connection's own bound, `opcua_connection`) is ended at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +146,7 @@ class GuardedSession(InternalSession):
         self.channel_der = b""
         self.transport: asyncio.BaseTransport | None = None
         self.dropped_at: float | None = None  # when its connection was first seen gone
+        self.ending = False
         self._items = SessionItems(rules.watchers)
 
     def bind(self, peer: Peer, channel_der: bytes, transport: asyncio.BaseTransport) -> None:
@@ -162,7 +163,9 @@ class GuardedSession(InternalSession):
 
     def end(self, reason: str) -> None:
         """End the session, its connection dropped at once (whatever it has not sent)."""
-        peer = self.peer
+        if self.ending:
+            return
+        self.ending, peer = True, self.peer
         log.info("opcua_session_ending", reason=reason, **(peer.described() if peer else {}))
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.abort()
@@ -181,17 +184,6 @@ class GuardedSession(InternalSession):
         """Whether a monitored item of this session watches a signal outside `view`."""
         return not self._items.signals() <= view
 
-    def _reading(self) -> None:
-        """End the session if its client does not read what it is sent (its answers would
-        pile up in memory without bound: asyncua never stops sending)."""
-        transport = self.transport
-        if (
-            isinstance(transport, asyncio.WriteTransport)
-            and transport.get_write_buffer_size() > MAX_UNREAD_BYTES
-        ):
-            self.end("not_reading")
-            raise ServiceError(StatusCodes.BadTooManyOperations)
-
     def _view(self) -> frozenset[str]:
         return self.rules.view(self.peer)
 
@@ -199,7 +191,6 @@ class GuardedSession(InternalSession):
         return self._items.owns(sub_id)
 
     async def read(self, params: ua.ReadParameters) -> list[ua.DataValue]:
-        self._reading()
         _bounded(params.NodesToRead)
         view = self._view()
         shown = [self.rules.visible(r.NodeId, view) for r in params.NodesToRead]
@@ -208,7 +199,6 @@ class GuardedSession(InternalSession):
         return [next(results) if ok else ua.DataValue(StatusCode=status(_UNKNOWN)) for ok in shown]
 
     async def browse(self, params: ua.BrowseParameters) -> list[ua.BrowseResult]:
-        self._reading()
         _bounded(params.NodesToBrowse)
         view = self._view()
         results = []
@@ -276,8 +266,16 @@ class GuardedSession(InternalSession):
         return made
 
     def _sent(self) -> None:
-        with contextlib.suppress(ServiceError):  # in the subscription's task: no request
-            self._reading()
+        """After each answer to a Publish, sent from the subscription's task whether the
+        client sends anything or not (the connection looks at its buffer only when it
+        handles a request, and reads none while its answers wait): a client that does not
+        read them is cut off."""
+        transport = self.transport
+        if (
+            isinstance(transport, asyncio.WriteTransport)
+            and transport.get_write_buffer_size() > MAX_UNREAD_BYTES
+        ):
+            self.end("not_reading")
 
     async def create_monitored_items(
         self, params: ua.CreateMonitoredItemsParameters
@@ -393,7 +391,6 @@ class GuardedSession(InternalSession):
         return results
 
     def publish(self, acks: Any = None) -> tuple[int, list[ua.StatusCode]]:
-        self._reading()
         acks = list(acks or [])
         own = [a for a in acks if self._own(a.SubscriptionId)]
         count, done = super().publish(own)
