@@ -35,6 +35,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 
 from broker.enterprise.authz import Authorization, Peer
+from broker.enterprise.outputs.opcua_connection import MAX_UNREAD_BYTES
 from broker.enterprise.outputs.opcua_items import (
     ITEMS_PER_SIGNAL,
     MAX_ITEMS_PER_REQUEST,
@@ -52,7 +53,6 @@ MAX_SUBSCRIPTIONS = 8  # per session
 MAX_OPERATIONS = 5_000  # nodes in one Read, Browse, TranslateBrowsePaths
 MAX_SESSIONS_PER_IDENTITY = 4  # so that one identity cannot take every session
 DROPPED_GRACE_S = 5.0  # a session whose connection is gone is ended after this
-MAX_UNREAD_BYTES = 4 * 1024 * 1024  # answers a connection's client has not read, at most
 _UNKNOWN = StatusCodes.BadNodeIdUnknown
 _NOT_OURS = StatusCodes.BadSubscriptionIdInvalid
 
