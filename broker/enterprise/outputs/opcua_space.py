@@ -141,11 +141,14 @@ class AddressSpace:
             self.node_id(signal.path), ua.QualifiedName(signal.measure, self._ns), ua.Variant(),
             datatype=ua.NodeId(ua.Int32(kind.value)),
         )  # fmt: skip
+        # Into the server's own nodes, as every value is (never a service a client could send).
         waiting = status(StatusCodes.BadWaitingForInitialData)
-        await node.write_attribute(AttributeIds.Value, ua.DataValue(StatusCode=waiting))
+        await self._server.write_attribute_value(node.nodeid, ua.DataValue(StatusCode=waiting))
         if signal.description:
-            text = ua.LocalizedText(signal.description)
-            await node.write_attribute(AttributeIds.Description, ua.DataValue(ua.Variant(text)))
+            text = ua.Variant(ua.LocalizedText(signal.description))
+            await self._server.write_attribute_value(
+                node.nodeid, ua.DataValue(text), AttributeIds.Description
+            )
         code = UNECE.get(signal.unit)
         units = ua.EUInformation(
             NamespaceUri=UNITS_NAMESPACE,
