@@ -1,0 +1,186 @@
+"""TCP reassembly for passive discovery: the segments of a capture → each direction's bytes
+in order, as a protocol reader needs them.
+
+A flow is one direction of one TCP connection (src → dst). Its bytes are placed by sequence
+number relative to the first one seen (the SYN's, or the first segment's when the capture
+starts mid-connection), modulo 2^32, so wrap-around is invisible. Retransmitted and
+overlapping bytes are dropped; a segment ahead of the next expected byte is held until the
+hole fills. Memory is bounded: at most `max_pending_bytes` held per flow (beyond, the first
+hole is given up and the next chunk says `gap=True`, with a warning), at most `max_flows`
+flows (beyond, the least recently used is dropped, with a warning). FIN (once its bytes are
+in) and RST free a flow; a bounded memory of closed flows keeps their late retransmissions
+from starting a new one.
+
+Frames are not this module's business: a Chunk is just bytes, and a reader resyncs on a gap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from broker.passive.capture import Packet
+from broker.passive.observations import Peer, Warnings
+
+SYN, FIN, RST = 0x02, 0x01, 0x04
+_MOD = 1 << 32
+_HALF = 1 << 31
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """In-order bytes of one direction of one TCP connection."""
+
+    time: float
+    src: Peer
+    dst: Peer
+    data: bytes
+    gap: bool  # bytes are missing before `data` (lost, or given up on): the parser resyncs
+
+
+def _ahead(seq: int, base: int) -> int:
+    """How far `seq` is after `base` in sequence space (negative: before), mod 2^32."""
+    return (seq - base + _HALF) % _MOD - _HALF
+
+
+@dataclass(slots=True)
+class _Flow:
+    """One direction. Positions are offsets in its byte stream (unbounded ints, so the heap
+    orders across a wrap); `seq` is the sequence number of `position`, the next byte due."""
+
+    src: Peer
+    dst: Peer
+    origin: int  # sequence number of position 0
+    seq: int
+    position: int = 0
+    held: list[tuple[int, int, float, bytes]] = field(default_factory=list)  # heap
+    held_bytes: int = 0
+    fin_at: int | None = None  # position just after the last byte, once FIN seen
+    gap: bool = False  # the next chunk follows missing bytes
+    pushed: int = 0  # heap tie-breaker: equal starts pop in arrival order
+
+    def at(self, seq: int) -> int:
+        return self.position + _ahead(seq, self.seq)
+
+    def segment(self, seq: int, time: float, data: bytes, out: list[Chunk]) -> None:
+        start = self.at(seq)
+        if start + len(data) <= self.position:
+            return  # all of it handed on already: a retransmission
+        if start > self.position:
+            self.pushed += 1
+            heapq.heappush(self.held, (start, self.pushed, time, data))
+            self.held_bytes += len(data)
+            return
+        self.deliver(start, time, data, out)
+        self.drain(out)
+
+    def deliver(self, start: int, time: float, data: bytes, out: list[Chunk]) -> None:
+        """Hand on the part of `data` (at `start` ≤ position) not handed on yet."""
+        fresh = data[self.position - start :]
+        if not fresh:
+            return
+        out.append(Chunk(time, self.src, self.dst, fresh, self.gap))
+        self.gap = False
+        self.seq = (self.seq + len(fresh)) % _MOD
+        self.position += len(fresh)
+
+    def drain(self, out: list[Chunk]) -> None:
+        """Hand on the held segments the position has reached."""
+        while self.held and self.held[0][0] <= self.position:
+            start, _, time, data = heapq.heappop(self.held)
+            self.held_bytes -= len(data)
+            self.deliver(start, time, data, out)
+
+    def give_up(self, out: list[Chunk]) -> None:
+        """Skip the first hole and hand on what follows it, marked gap."""
+        start = self.held[0][0]
+        if start > self.position:  # always, as drain() leaves nothing reachable held
+            self.seq = (self.seq + start - self.position) % _MOD
+            self.position = start
+            self.gap = True
+        self.drain(out)
+
+
+class Streams:
+    """TCP reassembly, bounded; see the module docstring."""
+
+    def __init__(
+        self, warnings: Warnings, *, max_flows: int = 10_000, max_pending_bytes: int = 256 * 1024
+    ) -> None:
+        self._warnings = warnings
+        self._max_flows = max_flows
+        self._max_held = max_pending_bytes
+        self._flows: OrderedDict[tuple[Peer, Peer], _Flow] = OrderedDict()  # LRU first
+        self._closed: OrderedDict[tuple[Peer, Peer], int] = OrderedDict()  # key → next seq
+
+    def add(self, packet: Packet) -> list[Chunk]:
+        """The chunks this TCP segment puts in order (possibly none)."""
+        out: list[Chunk] = []
+        if packet.transport != "tcp":
+            return out
+        key = (packet.src, packet.dst)
+        if packet.flags & RST:
+            self._close(key, out)
+            self._close((packet.dst, packet.src), out)
+            return out
+        seq = packet.seq
+        flow = self._flows.get(key)
+        if packet.flags & SYN:
+            seq = (seq + 1) % _MOD  # the SYN takes one sequence number
+            if flow is None or flow.origin != seq:  # else a retransmitted SYN
+                self._close(key, out)  # a new connection on the same ports
+                flow = self._open(key, seq, packet, out)
+        elif flow is None:
+            last = self._closed.get(key)
+            if not packet.payload or (
+                last is not None and _ahead(seq + len(packet.payload), last) <= 0
+            ):
+                return out  # nothing to carry, or a late retransmission after the close
+            flow = self._open(key, seq, packet, out)
+        else:
+            self._flows.move_to_end(key)
+        flow.segment(seq, packet.time, packet.payload, out)
+        while flow.held_bytes > self._max_held:
+            flow.give_up(out)
+            self._warnings.add(
+                "TCP segment missing (never captured, or too late)",
+                f"{packet.src} → {packet.dst} before packet {packet.number}",
+            )
+        if packet.flags & FIN and flow.fin_at is None:
+            flow.fin_at = flow.at(seq) + len(packet.payload)
+        if flow.fin_at is not None and flow.position >= flow.fin_at:
+            self._close(key, out)
+        return out
+
+    def flush(self) -> list[Chunk]:
+        """At the end of the file: what is still held, in order, gaps marked."""
+        out: list[Chunk] = []
+        for flow in self._flows.values():
+            while flow.held:
+                flow.give_up(out)
+        self._flows.clear()
+        self._closed.clear()
+        return out
+
+    def _open(self, key: tuple[Peer, Peer], seq: int, packet: Packet, out: list[Chunk]) -> _Flow:
+        if len(self._flows) >= self._max_flows:
+            self._close(next(iter(self._flows)), out)
+            self._warnings.add(
+                f"TCP connection state dropped (more than {self._max_flows:,} flows open)",
+                f"packet {packet.number}",
+            )
+        self._closed.pop(key, None)
+        flow = self._flows[key] = _Flow(key[0], key[1], seq, seq)
+        return flow
+
+    def _close(self, key: tuple[Peer, Peer], out: list[Chunk]) -> None:
+        """Free a flow, handing on what it held (after its holes, marked gap)."""
+        flow = self._flows.pop(key, None)
+        if flow is None:
+            return
+        while flow.held:
+            flow.give_up(out)
+        self._closed[key] = flow.seq
+        if len(self._closed) > self._max_flows:
+            self._closed.popitem(last=False)
