@@ -279,6 +279,69 @@ def test_the_plant_half_opens_only_connected_datagram_sockets() -> None:
     assert offenders(unconnected_datagrams, plant) == []
 
 
+# `discover pcap` reads a capture someone else took: broker.passive may import no module that
+# opens a socket, sends a packet or is a connector's I/O (the pure frame parsers are fine).
+# A trailing "*" also matches longer names (opcua_session).
+PASSIVE_FORBIDDEN = (
+    "socket", "asyncio", "selectors", "ssl", "aiohttp", "http.client", "urllib.request",
+    "pymodbus.client", "pymodbus.server", "pymodbus.transport", "asyncua", "aiomqtt", "paho",
+    "scapy.all", "scapy.sendrecv", "scapy.arch", "scapy.supersocket", "scapy.automaton",
+    "bacpypes3.app", "broker.plant.connectors.modbus", "broker.plant.connectors.dnp3",
+    "broker.plant.connectors.dnp3_link", "broker.plant.connectors.bacnet",
+    "broker.plant.connectors.bacnet_link", "broker.plant.connectors.opcua*",
+)  # fmt: skip
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The modules (or module.name) an import statement names, relative ones resolved as
+    from inside broker.passive."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    package = ["broker", "passive"]
+    base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+    module = ".".join(p for p in (base, node.module or "") if p)
+    return [module, *(f"{module}.{a.name}" for a in node.names)]
+
+
+def passive_imports(where: str, tree: ast.AST) -> list[str]:
+    def forbidden(name: str) -> bool:
+        return any(
+            name.startswith(p[:-1]) if p.endswith("*") else name == p or name.startswith(p + ".")
+            for p in PASSIVE_FORBIDDEN
+        )
+
+    return [
+        f"{where}:{node.lineno}: {name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in _imported(node)
+        if forbidden(name)
+    ]
+
+
+def test_passive_discovery_imports_nothing_that_opens_a_socket_or_sends() -> None:
+    passive = sorted((BROKER / "passive").glob("*.py"))
+    assert len(passive) >= 2, passive
+    assert offenders(passive_imports, passive) == []
+    for planted in (
+        "import socket\n",
+        "import asyncio.streams\n",
+        "from scapy.sendrecv import sendp\n",
+        "from scapy import all as scapy\n",
+        "from broker.plant.connectors import modbus\n",
+        "from ..plant.connectors.dnp3_link import Link\n",
+        "from broker.plant.connectors.opcua_session import SessionSettings\n",
+    ):
+        assert passive_imports("planted.py", ast.parse(planted)), planted
+    for clean in (
+        "from scapy.utils import RawPcapReader, RawPcapNgReader\n",
+        "from broker.plant.connectors import dnp3_frames, dnp3_objects, modbus_plan\n",
+        "from .observations import Peer\n",
+        "import struct\n",
+    ):
+        assert passive_imports("clean.py", ast.parse(clean)) == [], clean
+
+
 PLANTED: list[tuple[Check, str]] = [
     (write_calls, "async def f(c):\n    await c.write_register(1, 2)\n"),
     (write_calls, "async def f(app, a, o):\n    await app.write_property(a, o, 'present-value', 1)\n"),
