@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 # Real peers for the tests: a syslog collector (SIEM export), an MQTT broker (MQTT sink), a
 # PostgreSQL server (the historian sink; the tests start their own, as an unprivileged user), a
 # browser (headless Chromium renders `audit report`); nftables, iproute2 and systemd's
-# analyzer, procps's sysctl for the appliance's firewall, network-namespace and unit tests.
-SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto postgresql-15 chromium nftables iproute2 systemd procps
+# analyzer, procps's sysctl for the appliance's firewall, network-namespace and unit tests;
+# tcpdump captures the demo's own traffic for `discover pcap` (README).
+SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto postgresql-15 chromium nftables iproute2 systemd procps tcpdump
 
 .PHONY: demo test lint bench fuzz sbom clean system-packages
 
@@ -56,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/modbus_plan.py
 	$(BIN)/python bench/audit_flood.py
 	$(BIN)/python bench/diode.py
+	$(BIN)/python bench/discover_pcap.py
 
 # The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
 # a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).
