@@ -1,0 +1,407 @@
+"""DNP3 in a capture: what a master asked an outstation and what the outstation answered,
+read from the in-order bytes of each direction of a TCP connection (streams.Chunk).
+
+Link frames are checked as the standard says (header and block CRCs, dnp3_frames.crc16),
+transport segments reassembled per direction and link-address pair (dnp3_frames.Reassembler),
+responses decoded by dnp3_objects.parse_response. A master's READ gives one Request per
+range of points it names, or one for its class poll; a control or any other function that
+changes an outstation (WRITE, SELECT, OPERATE, FREEZE, restarts, unsolicited on/off, ...)
+gives Request(write=True), and an OPERATE or DIRECT_OPERATE of a binary or analog output
+the Values it wrote. Who is the outstation comes from the frames (a request goes to it, a
+response comes from it), not from the TCP ports: an outstation may be the one that dialled.
+
+Nothing here sends or answers a frame (it only reads a file's bytes). Bad input is never an
+exception: it is one warning, and the reader resyncs on the next frame start (05 64).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Final, NamedTuple
+
+from broker.passive.observations import Observation, Peer, Request, Value, Values, Warnings
+from broker.passive.streams import Chunk
+from broker.plant.connectors.dnp3_frames import (
+    MAX_FRAGMENT,
+    PRI_CONFIRMED_USER_DATA,
+    PRI_UNCONFIRMED_USER_DATA,
+    PRM,
+    START,
+    FrameError,
+    Reassembler,
+    crc16,
+)
+from broker.plant.connectors.dnp3_objects import (
+    RESPONSE,
+    STATIC_GROUP,
+    UNSOLICITED_RESPONSE,
+    Point,
+    parse_response,
+)
+from broker.plant.decode import float32_text
+
+MAX_DIRECTIONS: Final = 20_000  # directions of connections followed; least recently used go
+MAX_FRAGMENTS: Final = 4_096  # fragments in progress (each at most MAX_FRAGMENT bytes)
+
+_HEADER = 10  # start, length, control, destination, source, CRC
+_BLOCK = 16
+_USER_DATA = (PRI_CONFIRMED_USER_DATA, PRI_UNCONFIRMED_USER_DATA)
+# IEEE 1815-2012 table 4-1: the request function codes, by name.
+FUNCTIONS: Final = (
+    "CONFIRM", "READ", "WRITE", "SELECT", "OPERATE", "DIRECT_OPERATE", "DIRECT_OPERATE_NR",
+    "IMMED_FREEZE", "IMMED_FREEZE_NR", "FREEZE_CLEAR", "FREEZE_CLEAR_NR", "FREEZE_AT_TIME",
+    "FREEZE_AT_TIME_NR", "COLD_RESTART", "WARM_RESTART", "INITIALIZE_DATA",
+    "INITIALIZE_APPLICATION", "START_APPLICATION", "STOP_APPLICATION", "SAVE_CONFIGURATION",
+    "ENABLE_UNSOLICITED", "DISABLE_UNSOLICITED", "ASSIGN_CLASS", "DELAY_MEASURE",
+    "RECORD_CURRENT_TIME", "OPEN_FILE", "CLOSE_FILE", "DELETE_FILE", "GET_FILE_INFO",
+    "AUTHENTICATE_FILE", "ABORT_FILE", "ACTIVATE_CONFIG", "AUTHENTICATE_REQ", "AUTH_REQ_NO_ACK",
+)  # fmt: skip
+# Requests that change nothing in the outstation; every other one counts as a write.
+READ_ONLY: Final = frozenset({"READ", "DELAY_MEASURE", "GET_FILE_INFO"})
+_OPERATES = frozenset({"OPERATE", "DIRECT_OPERATE", "DIRECT_OPERATE_NR"})
+_CONTROLS = _OPERATES | {"SELECT"}
+POINT_TABLES: Final = frozenset({1, 3, 10, 20, 21, 30, 40})  # static groups of points
+
+# Object header qualifiers: index/count width of ranges, counts, and index-prefixed lists
+_RANGES = {0x00: 1, 0x01: 2, 0x02: 4}
+_COUNTS = {0x07: 1, 0x08: 2, 0x09: 4}
+_PREFIXED = {0x17: 1, 0x28: 2, 0x39: 4}
+_ALL = 0x06
+# Control objects: size, and the static group whose point they command
+_CONTROL_OBJECTS: Final = {
+    (12, 1): (11, 10),  # control relay output block
+    (41, 1): (5, 40), (41, 2): (3, 40), (41, 3): (5, 40), (41, 4): (9, 40),  # analog outputs
+}  # fmt: skip
+_ANALOG_OUTPUT = {1: "<i", 2: "<h", 3: "<f", 4: "<d"}
+_LATCH_ON, _LATCH_OFF, _CLOSE, _TRIP = 3, 4, 1, 2
+
+
+class _Header(NamedTuple):
+    """One object header of a request, with the indexes it names (None: all points)."""
+
+    group: int
+    variation: int
+    indexes: range | list[int] | None
+    objects: list[bytes]  # the objects it carries (controls), one per index
+
+
+_RequestMaker = Callable[[str, int, int, str], Request]  # table, start, count, function
+
+
+class _Direction:
+    """What one direction of one connection still owes a frame: bytes of a frame cut short."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.offset = 0  # bytes of the direction before the buffer: where a warning is
+        self.resyncing = (
+            False  # after a gap or a bad header: bytes before a frame start are expected
+        )
+
+
+class Dnp3Reader:
+    """Requests and Values from the DNP3 chunks of a capture's TCP connections."""
+
+    def __init__(self, warnings: Warnings) -> None:
+        self._warnings = warnings
+        self._directions: OrderedDict[tuple[Peer, Peer], _Direction] = OrderedDict()
+        self._fragments: OrderedDict[tuple[Peer, Peer, int, int], Reassembler] = OrderedDict()
+
+    def feed(self, chunk: Chunk, from_client: bool) -> list[Observation]:
+        """What `chunk` completes. `from_client` is not needed: the frames say who sent them."""
+        key = (chunk.src, chunk.dst)
+        state = self._directions.pop(key, None) or _Direction()
+        self._directions[key] = state
+        if len(self._directions) > MAX_DIRECTIONS:
+            self._directions.popitem(last=False)
+            self._warnings.add("DNP3 connections beyond the reader's bound", _where(chunk, 0))
+        if chunk.gap:
+            self._resync(chunk, state)
+        observations: list[Observation] = []
+        for source, destination, tpdu, at in self._frames(chunk, state):
+            apdu = self._reassemble(chunk, source, destination, tpdu, at)
+            if apdu is not None:
+                observations += self._apdu(chunk, source, destination, apdu, at)
+        return observations
+
+    def _resync(self, chunk: Chunk, state: _Direction) -> None:
+        """Bytes are missing before this chunk: a frame or fragment in progress is lost."""
+        if state.buffer:
+            self._warnings.add(
+                "DNP3 frame cut by a gap in the capture", _where(chunk, state.offset)
+            )
+            state.offset += len(state.buffer)
+            state.buffer = b""
+        state.resyncing = True
+        for pair in [k for k in self._fragments if k[:2] == (chunk.src, chunk.dst)]:
+            del self._fragments[pair]
+
+    def _frames(self, chunk: Chunk, state: _Direction) -> Iterator[tuple[int, int, bytes, int]]:
+        """(source, destination, user data, byte offset) of each good frame carrying data."""
+        buffer = state.buffer + chunk.data
+        pos = 0
+        while True:
+            start = buffer.find(START, pos)
+            if start < 0:  # a last 05 may begin the next frame's start
+                start = len(buffer) - 1 if buffer.endswith(START[:1]) else len(buffer)
+            if start > pos:
+                if not state.resyncing:
+                    where = _where(chunk, state.offset + pos)
+                    self._warnings.add("DNP3 bytes that are no frame", where)
+                pos = start
+            if len(buffer) - pos < _HEADER:
+                break
+            header = buffer[pos : pos + _HEADER]
+            if header[2] < 5 or int.from_bytes(header[8:10], "little") != crc16(header[:8]):
+                where = _where(chunk, state.offset + pos)
+                self._warnings.add("DNP3 frame header CRC or length wrong", where)
+                state.resyncing = True  # what follows is that frame's data: no more warnings
+                pos += len(START)
+                continue
+            user = header[2] - 5
+            size = _HEADER + user + 2 * -(-user // _BLOCK)
+            if len(buffer) - pos < size:
+                break
+            data = _user_data(buffer[pos + _HEADER : pos + size])
+            at = state.offset + pos
+            pos += size
+            state.resyncing = False
+            if data is None:
+                self._warnings.add("DNP3 frame data CRC wrong", _where(chunk, at))
+                continue
+            control = header[3]
+            # secondary frames (ACK, link status) and link services carry no application data
+            if control & PRM and control & 0x0F in _USER_DATA and data:
+                yield (
+                    int.from_bytes(header[6:8], "little"),
+                    int.from_bytes(header[4:6], "little"),
+                    data,
+                    at,
+                )
+        state.buffer = buffer[pos:]  # less than one frame (at most 292 bytes)
+        state.offset += pos
+
+    def _reassemble(
+        self, chunk: Chunk, source: int, destination: int, tpdu: bytes, at: int
+    ) -> bytes | None:
+        key = (chunk.src, chunk.dst, source, destination)
+        reassembler = self._fragments.pop(key, None) or Reassembler()
+        self._fragments[key] = reassembler
+        if len(self._fragments) > MAX_FRAGMENTS:
+            self._fragments.popitem(last=False)
+        try:
+            return reassembler.add(tpdu)
+        except FrameError:
+            self._warnings.add(f"DNP3 fragment over {MAX_FRAGMENT} bytes", _where(chunk, at))
+            return None
+
+    def _apdu(
+        self, chunk: Chunk, source: int, destination: int, apdu: bytes, at: int
+    ) -> list[Observation]:
+        if len(apdu) < 2:
+            self._warnings.add("DNP3 fragment without a function code", _where(chunk, at))
+            return []
+        function = apdu[1]
+        if function < len(FUNCTIONS):
+            return self._request(chunk, source, destination, apdu, at) if function else []
+        if function in (RESPONSE, UNSOLICITED_RESPONSE):
+            return self._response(chunk, source, apdu, at)
+        if function != RESPONSE + 2:  # 131 answers an authentication: no data
+            self._warnings.add(f"DNP3 function {function} unknown", _where(chunk, at))
+        return []
+
+    def _response(self, chunk: Chunk, outstation: int, apdu: bytes, at: int) -> list[Observation]:
+        try:
+            response = parse_response(apdu)
+        except FrameError as e:
+            self._warnings.add("DNP3 response malformed", f"{_where(chunk, at)}: {e}")
+            return []
+        for skipped in response.skipped:
+            self._warnings.add(
+                "DNP3 response objects not decoded", f"{_where(chunk, at)}: {skipped}"
+            )
+        return list(_values(response.points, chunk, outstation))
+
+    def _request(
+        self, chunk: Chunk, master: int, outstation: int, apdu: bytes, at: int
+    ) -> list[Observation]:
+        name = FUNCTIONS[apdu[1]]
+        headers: list[_Header] = []
+        if name == "READ" or name in _CONTROLS:
+            try:
+                headers = list(_headers(apdu, controls=name in _CONTROLS))
+            except FrameError as e:
+                self._warnings.add(f"DNP3 {name} request not read", f"{_where(chunk, at)}: {e}")
+        said = f"(master {master})"
+
+        def request(table: str, start: int, count: int, function: str) -> Request:
+            return Request(
+                protocol="dnp3",
+                time=chunk.time,
+                client=chunk.src.host,
+                server=chunk.dst,
+                unit=outstation,
+                table=table,
+                start=start,
+                count=count,
+                function=f"{function} {said}",
+                write=name not in READ_ONLY,
+            )
+
+        if name == "READ":
+            return _reads(headers, request)
+        if name in READ_ONLY:
+            return []  # asks for no point and changes nothing
+        observations: list[Observation] = []
+        for header in headers if name in _CONTROLS else []:
+            _, table = _CONTROL_OBJECTS[header.group, header.variation]
+            for index, body in zip(header.indexes or (), header.objects, strict=True):
+                observations.append(request(str(table), index, 1, name))
+                value = _commanded(header, body) if name in _OPERATES else None
+                if value is not None:
+                    written = Values(
+                        "dnp3", chunk.time, chunk.dst, outstation, str(table), index, (value,),
+                        written=True,
+                    )  # fmt: skip
+                    observations.append(written)
+        return observations or [request("", 0, 0, name)]
+
+
+def _where(chunk: Chunk, at: int) -> str:
+    return f"{chunk.src} → {chunk.dst} at byte {at}"
+
+
+def _user_data(blocks: bytes) -> bytes | None:
+    """A frame's user data from its CRC'd 16-byte blocks; None when a CRC is wrong."""
+    data = bytearray()
+    for start in range(0, len(blocks), _BLOCK + 2):
+        block = blocks[start : start + _BLOCK + 2]
+        if int.from_bytes(block[-2:], "little") != crc16(block[:-2]):
+            return None
+        data += block[:-2]
+    return bytes(data)
+
+
+def _headers(apdu: bytes, *, controls: bool) -> Iterator[_Header]:
+    """The object headers of a request (from byte 2), with the objects of a control."""
+    pos = 2
+
+    def take(size: int, what: str) -> bytes:
+        nonlocal pos
+        if pos + size > len(apdu):
+            raise FrameError(f"{what} at byte {pos} needs {size} bytes, {len(apdu) - pos} left")
+        pos += size
+        return apdu[pos - size : pos]
+
+    while pos < len(apdu):
+        group, variation, qualifier = take(3, "an object header")
+        number = f"g{group}v{variation} qualifier 0x{qualifier:02x}"
+        size = 0
+        if controls:
+            if (group, variation) not in _CONTROL_OBJECTS:
+                raise FrameError(f"{number}: not a control object this reader knows")
+            size = _CONTROL_OBJECTS[group, variation][0]
+        indexes, prefix = _range(qualifier, take, number)
+        if controls and indexes is None:
+            raise FrameError(f"{number}: a control names its points")
+        count = len(indexes) if indexes is not None else 0
+        if count * (prefix + size) > len(apdu) - pos:  # never trust a count over the bytes
+            raise FrameError(f"{number}: {count} objects, {len(apdu) - pos} bytes left")
+        objects, listed = [], []
+        for _ in range(count if prefix or size else 0):
+            if prefix:
+                listed.append(int.from_bytes(take(prefix, number), "little"))
+            objects.append(take(size, number))
+        # an index-prefixed header names the indexes its objects carry
+        yield _Header(group, variation, listed if prefix else indexes, objects)
+
+
+def _range(
+    qualifier: int, take: Callable[[int, str], bytes], number: str
+) -> tuple[range | None, int]:
+    """The indexes a header's qualifier and range name (None: all points; for an
+    index-prefixed list, as many as its count says), and the octets of each index prefix."""
+    if qualifier in _RANGES:
+        width = _RANGES[qualifier]
+        first = int.from_bytes(take(width, number), "little")
+        last = int.from_bytes(take(width, number), "little")
+        if last < first:
+            raise FrameError(f"{number}: range {first}..{last} runs backwards")
+        return range(first, last + 1), 0
+    if qualifier in _COUNTS:
+        return range(int.from_bytes(take(_COUNTS[qualifier], number), "little")), 0
+    if qualifier in _PREFIXED:
+        prefix = _PREFIXED[qualifier]
+        return range(int.from_bytes(take(prefix, number), "little")), prefix
+    if qualifier != _ALL:
+        raise FrameError(f"{number}: qualifier not read")
+    return None, 0
+
+
+def _reads(headers: list[_Header], request: _RequestMaker) -> list[Observation]:
+    """A READ's Requests: one for its class poll, one per run of points of a table named.
+    Headers of other groups (time, attributes, files) ask for no point and give none."""
+    classes = sorted({h.variation - 1 for h in headers if h.group == 60 and 1 <= h.variation <= 4})
+    observations: list[Observation] = []
+    if classes:
+        observations.append(request("", 0, 0, "READ class " + " ".join(map(str, classes))))
+    for h in headers:
+        table = STATIC_GROUP.get(h.group, h.group)
+        if table not in POINT_TABLES:
+            continue
+        what = f"READ g{h.group}v{h.variation}"
+        if h.indexes is None:
+            observations.append(request(str(table), 0, 0, what))
+            continue
+        runs = (
+            _runs(h.indexes) if isinstance(h.indexes, list) else [(h.indexes.start, len(h.indexes))]
+        )
+        for start, count in runs:  # a range stays a range: 2^32 indexes are never listed
+            observations.append(request(str(table), start, count, what))
+    return observations
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """(start, count) of each run of consecutive indexes, in order."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and index == sum(runs[-1]):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
+
+
+def _commanded(header: _Header, body: bytes) -> Value | None:
+    """The value a control sets: an analog output's number; a relay's latch or
+    trip/close state (None for a pulse, which leaves no state)."""
+    if header.group == 41:
+        (value,) = struct.unpack_from(_ANALOG_OUTPUT[header.variation], body)
+        return float(float32_text(value)) if header.variation == 3 else value
+    code = body[0]
+    operation, trip_close = code & 0x0F, code >> 6
+    if operation == _LATCH_ON or trip_close == _CLOSE:
+        return True
+    if operation == _LATCH_OFF or trip_close == _TRIP:
+        return False
+    return None
+
+
+def _values(points: list[Point], chunk: Chunk, outstation: int) -> Iterator[Values]:
+    """One Values per run of consecutive indexes of one static group, in order."""
+    run: list[Point] = []
+    for point in [*points, None]:
+        if point is not None and run:
+            last = run[-1]
+            if point.group == last.group and point.index == last.index + 1:
+                run.append(point)
+                continue
+        if run:
+            first = run[0]
+            yield Values(
+                "dnp3", chunk.time, chunk.src, outstation, str(first.group), first.index,
+                tuple(p.value for p in run),
+            )  # fmt: skip
+        run = [point] if point is not None else []
