@@ -1,0 +1,333 @@
+"""Modbus/TCP in a capture: turns the in-order bytes of each direction of a connection into
+the `Request`s a poller sent and the `Values` the answers (and the poller's writes) carried.
+
+It reads bytes someone else captured; it never sends, and it never answers anything. Bad input
+(a header that is not MBAP, a frame whose length does not fit its function, an answer that
+does not fit its question, bytes lost in the capture) is one `Warnings.add` and the reader goes
+on with the next frame it can trust. What it holds is bounded: per direction, less than one
+frame (260 bytes); per connection, `max_pending` unanswered requests; `max_connections`
+connections, the least recently seen forgotten first.
+
+Framing: an MBAP header (transaction id, protocol id 0, length 2..254, unit id) and the PDU.
+After a gap in the capture or a header that is not MBAP, a frame start is trusted only when
+its function code is a public one and the whole frame has the length its function gives
+(`_asked`, `_fits`): this is what re-finds the frame boundary in a stream of unknown bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import chain
+
+from broker.passive.observations import Observation, Peer, Request, Value, Values, Warnings
+from broker.passive.streams import Chunk
+from broker.plant.connectors.modbus_plan import READ_FUNCTIONS
+
+_HEADER = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id
+_TWO_WORDS = struct.Struct(">HH")  # address and quantity, or address and value
+_MANY = struct.Struct(">HHB")  # address, quantity, byte count of the values that follow
+_MAX_FRAME = 260  # MBAP header (7) + the longest PDU (253)
+_EXCEPTION = 0x80
+# Read function code → (table, most items one request may ask for), from the planner's table.
+_READS = {fc: (table, limit) for table, (fc, _method, limit) in READ_FUNCTIONS.items()}
+_BIT_READS = frozenset(
+    fc for fc, (table, _) in _READS.items() if table in ("coil", "discrete_input")
+)
+# Every public function code (Modbus Application Protocol 1.1b3, section 6): after lost bytes,
+# only a frame with one of these is trusted as a frame start.
+_PUBLIC = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 15, 16, 17, 20, 21, 22, 23, 24, 43})
+# The public functions besides 1-4 and 23 that only read (exception status, event counter and
+# log, server id, file record, FIFO queue, device identification). Any other function may
+# change the device (diagnostics restart, file writes, mask write, a private code): write=True.
+_ONLY_READ = frozenset({7, 11, 12, 17, 20, 24, 43})
+# Quantity limits of the functions that set values (section 6.11, 6.12, 6.17).
+_MAX_COILS_SET = 1968
+_MAX_REGISTERS_SET = 123
+_MAX_REGISTERS_SET_IN_23 = 121
+_COIL_ON, _COIL_OFF = 0xFF00, 0x0000
+# bits of one data byte, least significant first, as Modbus packs them
+_BITS_OF = [tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """What one request asked for: the range its answer carries, the values it sets."""
+
+    function: int
+    read: tuple[str, int, int] | None  # table, start, count
+    written: tuple[str, int, tuple[Value, ...]] | None  # table, start, values
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    at: int  # offset of its first byte in its direction, for warnings
+    tid: int  # transaction id
+    unit: int
+    pdu: bytes
+
+
+@dataclass(slots=True)
+class _Direction:
+    buffer: bytes = b""  # the first bytes of a frame not yet complete (< _MAX_FRAME)
+    offset: int = 0  # bytes of this direction seen so far, for `where` in warnings
+    synced: bool = True  # False after lost bytes: a frame start must look like one
+
+
+@dataclass(slots=True)
+class _Connection:
+    requests: _Direction = field(default_factory=_Direction)
+    answers: _Direction = field(default_factory=_Direction)
+    # (transaction id, unit id, function code) → what was asked, oldest first
+    pending: OrderedDict[tuple[int, int, int], _Asked] = field(default_factory=OrderedDict)
+
+
+class ModbusReader:
+    """Modbus/TCP frames of every connection fed to it, in capture order per direction."""
+
+    def __init__(
+        self, warnings: Warnings, *, max_connections: int = 10_000, max_pending: int = 256
+    ) -> None:
+        self._warnings = warnings
+        self._max_connections = max_connections
+        self._max_pending = max_pending
+        self._connections: OrderedDict[tuple[Peer, Peer], _Connection] = OrderedDict()
+
+    def feed(self, chunk: Chunk, from_client: bool) -> list[Observation]:
+        client, server = (chunk.src, chunk.dst) if from_client else (chunk.dst, chunk.src)
+        connection = self._connection(client, server)
+        side = connection.requests if from_client else connection.answers
+        if chunk.gap:
+            if side.buffer:
+                self._warn("Modbus frame cut by a gap in the capture", chunk, side.offset)
+            side.buffer, side.synced = b"", False
+        found: list[Observation] = []
+        for frame in self._frames(side, chunk, from_client):
+            if from_client:
+                found += self._request(connection, chunk, frame)
+            else:
+                found += self._answer(connection, chunk, frame)
+        return found
+
+    def _connection(self, client: Peer, server: Peer) -> _Connection:
+        key = (client, server)
+        connection = self._connections.get(key)
+        if connection is None:
+            connection = self._connections[key] = _Connection()
+            if len(self._connections) > self._max_connections:
+                self._connections.popitem(last=False)
+                self._warnings.add(
+                    f"Modbus connections beyond {self._max_connections}: least recently seen "
+                    "forgotten",
+                    f"{client} → {server}",
+                )
+        else:
+            self._connections.move_to_end(key)
+        return connection
+
+    def _frames(self, side: _Direction, chunk: Chunk, from_client: bool) -> list[_Frame]:
+        """The complete frames the buffer and the chunk hold; what is left of an incomplete
+        frame stays in the buffer."""
+        data = side.buffer + chunk.data
+        base = side.offset - len(side.buffer)  # offset of data[0] in this direction
+        side.offset += len(chunk.data)
+        frames = []
+        pos, end = 0, len(data)
+        while end - pos > _HEADER.size:  # a header and a function code
+            tid, protocol, length, unit = _HEADER.unpack_from(data, pos)
+            function = data[pos + _HEADER.size]
+            if protocol != 0 or not 2 <= length <= _MAX_FRAME - 6:
+                if side.synced:
+                    self._warn("Modbus header invalid (protocol id or length)", chunk, base + pos)
+                    side.synced = False
+                pos += 1
+                continue
+            if not side.synced and (function & ~_EXCEPTION) not in _PUBLIC:
+                pos += 1
+                continue
+            if pos + 6 + length > end:
+                break
+            pdu = data[pos + _HEADER.size : pos + 6 + length]
+            if not side.synced and not _fits(pdu, from_client):
+                pos += 1
+                continue
+            side.synced = True
+            frames.append(_Frame(base + pos, tid, unit, pdu))
+            pos += 6 + length
+        side.buffer = data[pos:]
+        return frames
+
+    def _request(self, connection: _Connection, chunk: Chunk, frame: _Frame) -> list[Observation]:
+        function, unit, server = frame.pdu[0], frame.unit, chunk.dst
+        asked = _asked(frame.pdu)
+        if asked is None:
+            self._warn(f"Modbus FC{function} request malformed", chunk, frame.at)
+            return []
+        self._expect(connection, (frame.tid, unit, function), asked, chunk, frame.at)
+
+        def request(table: str, start: int, count: int, write: bool) -> Request:
+            return Request(
+                "modbus", chunk.time, chunk.src.host, server, unit, table, start, count,
+                f"FC{function}", write,
+            )  # fmt: skip
+
+        found: list[Observation] = []
+        if asked.read is not None:
+            found.append(request(*asked.read, write=False))
+        if asked.written is not None:
+            table, start, values = asked.written
+            found.append(request(table, start, len(values), write=True))
+            found.append(
+                Values("modbus", chunk.time, server, unit, table, start, values, written=True)
+            )
+        if not found:
+            self._warn(f"Modbus function {function} seen (not a read or write)", chunk, frame.at)
+            found.append(request("", 0, 0, write=function not in _ONLY_READ))
+        return found
+
+    def _expect(
+        self,
+        connection: _Connection,
+        key: tuple[int, int, int],
+        asked: _Asked,
+        chunk: Chunk,
+        at: int,
+    ) -> None:
+        pending = connection.pending
+        if pending.pop(key, None) is not None:
+            self._warn("Modbus request not answered (its transaction id was used again)", chunk, at)
+        pending[key] = asked
+        if len(pending) > self._max_pending:
+            pending.popitem(last=False)
+            self._warn(
+                f"Modbus requests unanswered beyond {self._max_pending} on one connection: "
+                "oldest forgotten",
+                chunk,
+                at,
+            )
+
+    def _answer(self, connection: _Connection, chunk: Chunk, frame: _Frame) -> list[Observation]:
+        pdu, unit = frame.pdu, frame.unit
+        function = pdu[0] & ~_EXCEPTION
+        asked = connection.pending.pop((frame.tid, unit, function), None)
+        if pdu[0] & _EXCEPTION:
+            code = pdu[1] if len(pdu) > 1 else 0
+            self._warn(f"Modbus exception {code} to FC{function} at unit {unit}", chunk, frame.at)
+            return []
+        if asked is None:
+            self._warn("Modbus answer to no request seen", chunk, frame.at)
+            return []
+        if asked.read is None:  # the echo of a write, or another function's answer
+            return []
+        table, start, count = asked.read
+        values = _read_values(pdu, asked.function, count)
+        if values is None:
+            self._warn(f"Modbus FC{function} answer does not fit its request", chunk, frame.at)
+            return []
+        return [Values("modbus", chunk.time, chunk.src, unit, table, start, values)]
+
+    def _warn(self, kind: str, chunk: Chunk, at: int) -> None:
+        self._warnings.add(kind, f"{chunk.src} → {chunk.dst} at byte {at}")
+
+
+def _asked(pdu: bytes) -> _Asked | None:
+    """What a request PDU asks for; None when it is malformed (its length or a quantity is
+    not what its function allows). A function besides reads and writes: neither range."""
+    parse = _REQUESTS.get(pdu[0])
+    if parse is None:
+        return _Asked(pdu[0], None, None)
+    try:
+        return parse(pdu)
+    except struct.error:  # shorter than its function's fields
+        return None
+
+
+def _read(pdu: bytes) -> _Asked | None:
+    start, count = _TWO_WORDS.unpack_from(pdu, 1)
+    table, limit = _READS[pdu[0]]
+    if len(pdu) != 5 or not _in_range(start, count, limit):
+        return None
+    return _Asked(pdu[0], (table, start, count), None)
+
+
+def _set_one(pdu: bytes) -> _Asked | None:
+    at, value = _TWO_WORDS.unpack(pdu[1:])
+    if pdu[0] == 6:
+        return _Asked(6, None, ("holding_register", at, (value,)))
+    if value not in (_COIL_ON, _COIL_OFF):
+        return None
+    return _Asked(5, None, ("coil", at, (value == _COIL_ON,)))
+
+
+def _set_many(pdu: bytes) -> _Asked | None:
+    written = _written(pdu, 1)
+    return None if written is None else _Asked(pdu[0], None, written)
+
+
+def _read_and_set(pdu: bytes) -> _Asked | None:
+    start, count = _TWO_WORDS.unpack_from(pdu, 1)
+    written = _written(pdu, 5)
+    if written is None or not _in_range(start, count, _READS[3][1]):
+        return None
+    return _Asked(23, ("holding_register", start, count), written)
+
+
+def _written(pdu: bytes, offset: int) -> tuple[str, int, tuple[Value, ...]] | None:
+    """The coils (FC 15) or registers (FC 16, 23) a request sets from `offset` on: address,
+    quantity, byte count, values."""
+    at, quantity, byte_count = _MANY.unpack_from(pdu, offset)
+    first = offset + _MANY.size
+    if len(pdu) != first + byte_count:
+        return None
+    if pdu[0] == 15:
+        if byte_count != (quantity + 7) // 8 or not _in_range(at, quantity, _MAX_COILS_SET):
+            return None
+        return ("coil", at, _bits(pdu[first:], quantity))
+    limit = _MAX_REGISTERS_SET if pdu[0] == 16 else _MAX_REGISTERS_SET_IN_23
+    if byte_count != 2 * quantity or not _in_range(at, quantity, limit):
+        return None
+    return ("holding_register", at, struct.unpack_from(f">{quantity}H", pdu, first))
+
+
+_REQUESTS: dict[int, Callable[[bytes], _Asked | None]] = {
+    **dict.fromkeys(_READS, _read),
+    5: _set_one,
+    6: _set_one,
+    15: _set_many,
+    16: _set_many,
+    23: _read_and_set,
+}
+
+
+def _fits(pdu: bytes, from_client: bool) -> bool:
+    """Whether a frame has the length its function gives it: what a frame start found after
+    lost bytes must show before it is trusted."""
+    if from_client:
+        return _asked(pdu) is not None
+    function, size = pdu[0], len(pdu)
+    if function & _EXCEPTION:
+        return size == 2
+    if function in _READS or function == 23:
+        return size == 2 + pdu[1]
+    if function in (5, 6, 15, 16):
+        return size == 5
+    return True
+
+
+def _read_values(pdu: bytes, function: int, count: int) -> tuple[Value, ...] | None:
+    """The bits or words a read's answer carries; None when they do not fit the request."""
+    if len(pdu) < 2 or len(pdu) != 2 + pdu[1]:
+        return None
+    if function in _BIT_READS:
+        return _bits(pdu[2:], count) if pdu[1] == (count + 7) // 8 else None
+    return struct.unpack_from(f">{count}H", pdu, 2) if pdu[1] == 2 * count else None
+
+
+def _bits(data: bytes, count: int) -> tuple[bool, ...]:
+    return tuple(chain.from_iterable(_BITS_OF[byte] for byte in data))[:count]
+
+
+def _in_range(start: int, count: int, limit: int) -> bool:
+    return 1 <= count <= limit and start + count <= 0x10000
