@@ -17,12 +17,12 @@ Reads a file; never opens a socket or sends a packet.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
@@ -56,7 +56,6 @@ _IPV4_HEADER = struct.Struct("!BBHHHBB2x4s4s")
 _IPV6_HEADER = struct.Struct("!4xHBB16s16s")
 _TCP_HEADER = struct.Struct("!HHIIBB")
 _UDP_HEADER = struct.Struct("!HHH")
-_NULL_FAMILY = struct.Struct("=I")
 
 
 class CaptureError(ValueError):
@@ -187,11 +186,11 @@ class _Span(NamedTuple):
 class _Decoder:
     """Link, IP and transport headers → Packet, or None (skipped, with a warning if bad)."""
 
-    MAX_HOSTS = 4096  # address texts cached; cleared when full
+    MAX_PEERS = 65_536  # endpoints cached (a Peer is made once); cleared when full
 
     def __init__(self, warnings: Warnings) -> None:
         self._warnings = warnings
-        self._hosts: dict[bytes, str] = {}
+        self._peers: dict[tuple[bytes, int], Peer] = {}
 
     def decode(self, linktype: int, frame: bytes, number: int, stamp: float) -> Packet | None:
         try:
@@ -223,16 +222,13 @@ class _Decoder:
         return Packet(number, stamp, "udp", src, dst, frame[at + 8 : at + length])
 
     def _peer(self, address: bytes, port: int) -> Peer:
-        host = self._hosts.get(address)
-        if host is None:
-            if len(self._hosts) >= self.MAX_HOSTS:
-                self._hosts.clear()
-            host = self._hosts[address] = (
-                ".".join(map(str, address))
-                if len(address) == 4
-                else str(ipaddress.IPv6Address(address))
-            )
-        return Peer(host, port)
+        peer = self._peers.get((address, port))
+        if peer is None:
+            if len(self._peers) >= self.MAX_PEERS:
+                self._peers.clear()
+            host = ".".join(map(str, address)) if len(address) == 4 else str(IPv6Address(address))
+            peer = self._peers[address, port] = Peer(host, port)
+        return peer
 
 
 def _need(available: int, needed: int) -> None:
@@ -249,9 +245,9 @@ def _network(linktype: int, frame: bytes) -> tuple[int, int] | None:
         return (version, 0) if version in (4, 6) else None
     if linktype in (_NULL, _LOOP):
         _need(len(frame), 4)
-        family = _NULL_FAMILY.unpack_from(frame)[0]
-        if family > 0xFFFF:  # written by a host of the other byte order
-            family = int.from_bytes(frame[:4], "little" if family & 0xFF == 0 else "big")
+        family = int.from_bytes(frame[:4], "little")
+        if family > 0xFFFF:  # in the capturing host's byte order: this one was big-endian
+            family = int.from_bytes(frame[:4], "big")
         version = 4 if family == _AF_INET else 6 if family in _AF_INET6 else 0
         return (version, 4) if version else None
     raise _Bad(f"link type {linktype} not supported")
