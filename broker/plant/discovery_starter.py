@@ -42,15 +42,19 @@ class Listed:
 
 
 def starter_policy(
-    header: Sequence[str], device: Mapping[str, Any], listed: Sequence[Listed]
+    header: Sequence[str],
+    device: Mapping[str, Any],
+    listed: Sequence[Listed],
+    *,
+    more_devices: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """`header` (comment lines, `EDIT` among them), the policy's top keys and `device`,
-    then each listed signal after its comment."""
+    """`header` (comment lines, `EDIT` among them), the policy's top keys and `device` (and
+    `more_devices`: `discover pcap` drafts several), then each listed signal after its comment."""
     document = {
         "deployment_id": "change-me",
         "version": 1,
         "expires": (datetime.now(UTC) + EXPIRES_IN).strftime("%Y-%m-%dT00:00:00Z"),
-        "devices": [dict(device)],
+        "devices": [dict(device), *map(dict, more_devices)],
     }
     lines = list(header)
     lines.append(yaml.safe_dump(document, sort_keys=False, allow_unicode=True).rstrip("\n"))
