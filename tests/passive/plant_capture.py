@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,9 @@ class _Segment:
     cut: int | None = None  # bytes captured, when the snaplen cut the frame
 
 
+Frame = tuple[float, Packet | bytes, int | None]  # capture time, frame, bytes captured if cut
+
+
 def write_capture(
     path: Path,
     recording: Recording,
@@ -109,16 +113,30 @@ def write_capture(
     pcapng: bool = False,
 ) -> Path:
     """Write the recording's traffic as a capture file, impaired as asked."""
-    segments = _segments(recording.exchanges, impairments)
-    frames = [_frame(s, impairments.vlan) for s in segments]
+    messages = _messages(recording.exchanges, impairments.pipelined)
+    frames = [_frame(s, impairments.vlan) for s in _segments(messages, impairments)]
     if impairments.other_traffic:
         frames = _with_other_traffic(frames, impairments.vlan)
+    return _write(path, frames, pcapng)
+
+
+def write_conversation(
+    path: Path, messages: Sequence[tuple[float, bool, bytes]], others: Sequence[Frame] = ()
+) -> Path:
+    """A capture of one SCADA-PLC connection carrying `messages` (time, from the client, the
+    bytes: anything, hostile or not), one segment each, and `others` frames among them."""
+    segments = _segments([_Segment(t, c, data) for t, c, data in messages], Impairments())
+    frames = sorted([*(_frame(s, vlan=False) for s in segments), *others], key=lambda f: f[0])
+    return _write(path, frames, pcapng=False)
+
+
+def _write(path: Path, frames: Sequence[Frame], pcapng: bool) -> Path:
     writer = RawPcapNgWriter(str(path)) if pcapng else RawPcapWriter(str(path), linktype=1)
     writer.linktype = 1
     writer.write_header(None)
     for time, packet, cut in frames:
         data = bytes(packet)
-        sec, usec = int(time), round((time - int(time)) * 1e6)
+        sec, usec = divmod(round(time * 1e6), 1_000_000)
         if cut is None:
             writer.write_packet(data, sec=sec, usec=usec)
         else:
@@ -127,8 +145,7 @@ def write_capture(
     return path
 
 
-def _segments(exchanges: tuple[Exchange, ...], impairments: Impairments) -> list[_Segment]:
-    messages = _messages(exchanges, impairments.pipelined)
+def _segments(messages: list[_Segment], impairments: Impairments) -> list[_Segment]:
     sent = {True: 0, False: 0}
     for m in messages:  # each message acknowledges everything the other side sent before it
         m.seq, m.ack = sent[m.from_client], sent[not m.from_client]
@@ -140,10 +157,10 @@ def _segments(exchanges: tuple[Exchange, ...], impairments: Impairments) -> list
             if (impairments.split and i % 3 == 0 and len(m.data) > 1)
             else [m]
         )
+    if impairments.lose:  # before the retransmissions: a lost segment is never seen again
+        _lose(segments)
     if impairments.retransmit:
         segments = _retransmitted(segments)
-    if impairments.lose:
-        _lose(segments)
     first, last = T0 - 0.01, segments[-1].time + 0.01
     opening = [
         _Segment(first, True, b"", -1, 0, "S"),
@@ -207,7 +224,7 @@ def _lose(segments: list[_Segment]) -> None:
     del segments[answers[len(answers) * 95 // 100]]
 
 
-def _frame(s: _Segment, vlan: bool) -> tuple[float, Packet, int | None]:
+def _frame(s: _Segment, vlan: bool) -> Frame:
     client, server = (SCADA_HOST, SCADA_PORT), (PLC_HOST, PLC_PORT)
     (src, sport), (dst, dport) = (client, server) if s.from_client else (server, client)
     seq = (_ISN[s.from_client] + 1 + s.seq) % 2**32
@@ -222,9 +239,7 @@ def _link(src: str, dst: str, vlan: bool) -> Packet:
     return ether / Dot1Q(vlan=100) if vlan else ether
 
 
-def _with_other_traffic(
-    frames: list[tuple[float, Packet, int | None]], vlan: bool
-) -> list[tuple[float, Packet, int | None]]:
+def _with_other_traffic(frames: list[Frame], vlan: bool) -> list[Frame]:
     """A plant network's neighbours: ARP, a DNS query, an HTTP request, every 25 packets."""
     host, mac = "10.0.0.9", "02:00:0a:00:00:09"
     others = [
@@ -238,7 +253,7 @@ def _with_other_traffic(
         / TCP(sport=50_000, dport=80, flags="PA")
         / Raw(b"GET / HTTP/1.1\r\nHost: 10.0.0.7\r\n\r\n"),
     ]
-    out: list[tuple[float, Packet, int | None]] = []
+    out: list[Frame] = []
     for i, frame in enumerate(frames):
         out.append(frame)
         if i % 25 == 0:
