@@ -3,9 +3,9 @@
 
 It writes what the co-signed policy grants the sink's consumer identity, asked per batch, so
 a narrower policy applies from the next batch. Store-and-forward: it reads the spool with a
-position of its own (`spool-position-postgres.json`); a batch goes in by COPY into a
-temporary table and `INSERT … SELECT … ON CONFLICT DO NOTHING` on `(signal, seq,
-broker_time)` (postgres_writer.py), and the position moves only after the COMMIT. A batch
+position of its own (`spool-position-postgres.json`); a batch goes in by COPY, falling back
+to `INSERT … SELECT … ON CONFLICT DO NOTHING` on `(signal, seq, broker_time)` when a row is
+already there (postgres_writer.py), and the position moves only after the COMMIT. A batch
 replayed after a crash or an outage therefore never duplicates a row. A record the server
 refuses for its data is left out only when the rest of its batch was written without it
 (postgres_writer.py); such records are counted and reported in one `postgres_refused` line
@@ -61,7 +61,7 @@ from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 
 BATCH = 5000
-SLICE = 512  # records read and encoded between two turns of the event loop (~5 ms)
+SLICE = 128  # records read and encoded between two turns of the event loop (~1.5 ms)
 IDLE_S = 0.05
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
 # Each statement of a write: a server that accepts and then hangs (no FIN, keepalives

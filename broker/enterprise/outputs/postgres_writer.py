@@ -1,5 +1,11 @@
-"""How the PostgreSQL sink puts a batch of records into `<schema>.records`: COPY into the
-session's temporary table, `INSERT … SELECT … ON CONFLICT DO NOTHING`, COMMIT.
+"""How the PostgreSQL sink puts a batch of records into `<schema>.records`.
+
+New records (the usual case) go by one COPY straight into `records`, its own transaction:
+one round trip, and the server parses each row once. A batch that COPY cannot take whole
+(a row already there, as after a crash or an outage; a day without its partition; a record
+refused) is rolled back by the server and taken the careful way: COPY into the session's
+temporary table, `INSERT … SELECT … ON CONFLICT DO NOTHING`, COMMIT. The careful way stays
+in use until a batch of it was all new, so a replay does not pay for a COPY that fails.
 
 `encode()` is CPU only (the COPY rows, formatted by psycopg without a COPY under way), so the
 sink reads and encodes the next batch while `write()` waits for the server on this one; the
@@ -128,6 +134,8 @@ class BatchWriter:
         )
         self._names = names
         self._copy = sql.SQL("COPY pg_temp.{incoming} ({columns}) FROM STDIN").format(**names)
+        self._direct = sql.SQL("COPY {schema}.records ({columns}) FROM STDIN").format(**names)
+        self._new = True  # the last batch was all new rows: the next is tried by one COPY
         # One simple query, one round trip: if the INSERT fails, COMMIT is never run.
         self._insert = sql.SQL(
             "INSERT INTO {schema}.records ({columns}) SELECT {columns} "
@@ -149,8 +157,10 @@ class BatchWriter:
         by halves down to the refused records, which it returns. Held when no record can be
         blamed (see the module's docstring); any other error is raised (the batch not
         written)."""
+        if self._new and await self._copied(batch.data):
+            return []
         try:
-            await self._write(batch.records, batch.data)
+            self._new = await self._write(batch.records, batch.data) == len(batch.records)
             return []
         except psycopg.Error as e:
             if _no_partition(e):
@@ -190,9 +200,27 @@ class BatchWriter:
             raise _held(first)
         return refused
 
-    async def _write(self, records: list[Record], data: bytes) -> None:
+    async def _copied(self, data: bytes) -> bool:
+        """Whether one COPY into `records` took the whole batch; when the server refused it
+        (nothing written), the careful way decides what to do with it."""
+        try:
+            async with (
+                asyncio.timeout(self._answer_s),
+                self._connection.cursor() as cursor,
+                cursor.copy(self._direct) as copy,
+            ):
+                await copy.write(data)
+            return True
+        except psycopg.Error as e:
+            if e.sqlstate is None:
+                raise  # the connection, not the database's answer
+            self._new = False
+            return False
+
+    async def _write(self, records: list[Record], data: bytes) -> int:
         """BEGIN, the days' partitions, COPY, INSERT, COMMIT, within the answer timeout;
-        rolled back on an error. A partition refused is Held, never a record's fault."""
+        rolled back on an error; the number of rows inserted (the others were there). A
+        partition refused is Held, never a record's fault."""
         days = sorted({r.broker_time.astimezone(UTC).date() for r in records})
         async with asyncio.timeout(self._answer_s):
             try:
@@ -204,9 +232,11 @@ class BatchWriter:
                     if e.sqlstate is None:
                         raise  # the connection, not the database's answer
                     raise _held(e) from e
-                async with self._connection.cursor() as cursor, cursor.copy(self._copy) as copy:
-                    await copy.write(data)
-                await self._connection.execute(self._insert)
+                async with self._connection.cursor() as cursor:
+                    async with cursor.copy(self._copy) as copy:
+                        await copy.write(data)
+                    await cursor.execute(self._insert)  # the INSERT's result first
+                    return cursor.rowcount
             except (psycopg.Error, Held):
                 if self._connection.info.transaction_status != TransactionStatus.IDLE:
                     await self._connection.execute("ROLLBACK")
