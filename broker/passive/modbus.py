@@ -5,13 +5,16 @@ It reads bytes someone else captured; it never sends, and it never answers anyth
 (a header that is not MBAP, a frame whose length does not fit its function, an answer that
 does not fit its question, bytes lost in the capture) is one `Warnings.add` and the reader goes
 on with the next frame it can trust. What it holds is bounded: per direction, less than one
-frame (260 bytes); per connection, `max_pending` unanswered requests; `max_connections`
-connections, the least recently seen forgotten first.
+frame (260 bytes); per connection, `max_pending` unanswered requests, and `max_pending_total`
+in all (about 270 bytes each); `max_connections` connections. The least recently seen goes
+first, with a warning.
 
 Framing: an MBAP header (transaction id, protocol id 0, length 2..254, unit id) and the PDU.
-After a gap in the capture or a header that is not MBAP, a frame start is trusted only when
-its function code is a public one and the whole frame has the length its function gives
-(`_asked`, `_fits`): this is what re-finds the frame boundary in a stream of unknown bytes.
+At a direction's first bytes (the capture may start mid-frame), after a gap in the capture and
+after a header that is not MBAP, a frame start is trusted only when its function code is a
+public one and the whole frame has the length its function gives (`_asked`, `_fits`): this is
+what finds the frame boundary in a stream of unknown bytes. So a direction whose every frame
+uses a private function code is never read (they are not reads or writes discovery can use).
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class _Frame:
 class _Direction:
     buffer: bytes = b""  # the first bytes of a frame not yet complete (< _MAX_FRAME)
     offset: int = 0  # bytes of this direction seen so far, for `where` in warnings
-    synced: bool = True  # False after lost bytes: a frame start must look like one
+    # Whether the buffer starts where a frame starts. Not at first: a capture may begin
+    # mid-connection, mid-frame. Until then a frame start must look like one.
+    synced: bool = False
+    told: bool = False  # bytes skipped since synced was lost were warned about
 
 
 @dataclass(slots=True)
@@ -88,12 +94,20 @@ class ModbusReader:
     """Modbus/TCP frames of every connection fed to it, in capture order per direction."""
 
     def __init__(
-        self, warnings: Warnings, *, max_connections: int = 10_000, max_pending: int = 256
+        self,
+        warnings: Warnings,
+        *,
+        max_connections: int = 10_000,
+        max_pending: int = 256,
+        max_pending_total: int = 65_536,
     ) -> None:
         self._warnings = warnings
         self._max_connections = max_connections
         self._max_pending = max_pending
-        self._connections: OrderedDict[tuple[Peer, Peer], _Connection] = OrderedDict()
+        self._max_pending_total = max_pending_total
+        self._pending_total = 0
+        # (client host, port, server host, port): hashing plain tuples is cheaper than Peers
+        self._connections: OrderedDict[tuple[str, int, str, int], _Connection] = OrderedDict()
 
     def feed(self, chunk: Chunk, from_client: bool) -> list[Observation]:
         client, server = (chunk.src, chunk.dst) if from_client else (chunk.dst, chunk.src)
@@ -102,7 +116,7 @@ class ModbusReader:
         if chunk.gap:
             if side.buffer:
                 self._warn("Modbus frame cut by a gap in the capture", chunk, side.offset)
-            side.buffer, side.synced = b"", False
+            side.buffer, side.synced, side.told = b"", False, False
         found: list[Observation] = []
         for frame in self._frames(side, chunk, from_client):
             if from_client:
@@ -112,12 +126,13 @@ class ModbusReader:
         return found
 
     def _connection(self, client: Peer, server: Peer) -> _Connection:
-        key = (client, server)
+        key = (client.host, client.port, server.host, server.port)
         connection = self._connections.get(key)
         if connection is None:
             connection = self._connections[key] = _Connection()
             if len(self._connections) > self._max_connections:
-                self._connections.popitem(last=False)
+                _, forgotten = self._connections.popitem(last=False)
+                self._pending_total -= len(forgotten.pending)
                 self._warnings.add(
                     f"Modbus connections beyond {self._max_connections}: least recently seen "
                     "forgotten",
@@ -138,26 +153,31 @@ class ModbusReader:
         while end - pos > _HEADER.size:  # a header and a function code
             tid, protocol, length, unit = _HEADER.unpack_from(data, pos)
             function = data[pos + _HEADER.size]
-            if protocol != 0 or not 2 <= length <= _MAX_FRAME - 6:
-                if side.synced:
-                    self._warn("Modbus header invalid (protocol id or length)", chunk, base + pos)
-                    side.synced = False
-                pos += 1
-                continue
-            if not side.synced and (function & ~_EXCEPTION) not in _PUBLIC:
+            mbap = protocol == 0 and 2 <= length <= _MAX_FRAME - 6
+            if side.synced and not mbap:
+                self._warn("Modbus header invalid (protocol id or length)", chunk, base + pos)
+                side.synced, side.told = False, True
+            if not side.synced and (not mbap or (function & ~_EXCEPTION) not in _PUBLIC):
+                self._skip(side, chunk, base + pos)
                 pos += 1
                 continue
             if pos + 6 + length > end:
                 break
             pdu = data[pos + _HEADER.size : pos + 6 + length]
             if not side.synced and not _fits(pdu, from_client):
+                self._skip(side, chunk, base + pos)
                 pos += 1
                 continue
-            side.synced = True
+            side.synced, side.told = True, False
             frames.append(_Frame(base + pos, tid, unit, pdu))
             pos += 6 + length
         side.buffer = data[pos:]
         return frames
+
+    def _skip(self, side: _Direction, chunk: Chunk, at: int) -> None:
+        if not side.told:  # once until a frame is found: the gap or the bad header is the news
+            self._warn("Modbus bytes skipped to find where a frame starts", chunk, at)
+            side.told = True
 
     def _request(self, connection: _Connection, chunk: Chunk, frame: _Frame) -> list[Observation]:
         function, unit, server = frame.pdu[0], frame.unit, chunk.dst
@@ -198,20 +218,46 @@ class ModbusReader:
         pending = connection.pending
         if pending.pop(key, None) is not None:
             self._warn("Modbus request not answered (its transaction id was used again)", chunk, at)
+            self._pending_total -= 1
         pending[key] = asked
+        self._pending_total += 1
         if len(pending) > self._max_pending:
             pending.popitem(last=False)
+            self._pending_total -= 1
             self._warn(
                 f"Modbus requests unanswered beyond {self._max_pending} on one connection: "
                 "oldest forgotten",
                 chunk,
                 at,
             )
+        if self._pending_total > self._max_pending_total:
+            self._forget_pending(chunk, at)
+
+    def _forget_pending(self, chunk: Chunk, at: int) -> None:
+        """Forget the unanswered requests of the least recently seen connections, down to
+        three quarters of the bound, so that the walk over connections is rare."""
+        self._warn(
+            f"Modbus requests unanswered beyond {self._max_pending_total} in all: those of the "
+            "least recently seen connections forgotten",
+            chunk,
+            at,
+        )
+        for connection in self._connections.values():
+            if self._pending_total <= self._max_pending_total * 3 // 4:
+                break
+            self._pending_total -= len(connection.pending)
+            connection.pending.clear()
+
+    def _answered(self, connection: _Connection, key: tuple[int, int, int]) -> _Asked | None:
+        asked = connection.pending.pop(key, None)
+        if asked is not None:
+            self._pending_total -= 1
+        return asked
 
     def _answer(self, connection: _Connection, chunk: Chunk, frame: _Frame) -> list[Observation]:
         pdu, unit = frame.pdu, frame.unit
         function = pdu[0] & ~_EXCEPTION
-        asked = connection.pending.pop((frame.tid, unit, function), None)
+        asked = self._answered(connection, (frame.tid, unit, function))
         if pdu[0] & _EXCEPTION:
             code = pdu[1] if len(pdu) > 1 else 0
             self._warn(f"Modbus exception {code} to FC{function} at unit {unit}", chunk, frame.at)

@@ -264,6 +264,10 @@ def test_malformed_requests_give_a_warning_and_nothing_else() -> None:
         raw(6, 1, struct.pack(">BHHB", 15, 0, 9, 1) + b"\x01"),  # 9 coils in one byte
         raw(7, 1, struct.pack(">BHHH", 6, 0, 1, 2)),  # one word too many
     ]
+    first = frame(
+        registers.ReadHoldingRegistersRequest(dev_id=1, transaction_id=0, address=0, count=1)
+    )
+    assert len(ask(reader, first)) == 1  # framing found: malformed frames are now frames
     assert ask(reader, b"".join(malformed)) == []
     assert kinds(warnings) == {
         "Modbus FC3 request malformed": 2,
@@ -276,8 +280,9 @@ def test_malformed_requests_give_a_warning_and_nothing_else() -> None:
 
 
 def test_a_bad_header_is_one_warning_then_the_next_real_frame_is_found() -> None:
-    warnings = Warnings()
-    reader = ModbusReader(warnings)
+    first = frame(
+        registers.ReadHoldingRegistersRequest(dev_id=1, transaction_id=1, address=0, count=1)
+    )
     good = frame(
         registers.ReadHoldingRegistersRequest(dev_id=1, transaction_id=2, address=5, count=1)
     )
@@ -290,8 +295,25 @@ def test_a_bad_header_is_one_warning_then_the_next_real_frame_is_found() -> None
     ):
         warnings = Warnings()
         reader = ModbusReader(warnings)
+        assert len(ask(reader, first)) == 1
         assert ask(reader, bad + good) == [read(1, "holding_register", 5, 1, 3)]
         assert kinds(warnings) == {"Modbus header invalid (protocol id or length)": 1}
+
+
+def test_a_capture_that_starts_mid_frame_skips_to_the_first_whole_frame_with_one_warning() -> None:
+    warnings = Warnings()
+    reader = ModbusReader(warnings)
+    frames = [
+        frame(
+            registers.WriteMultipleRegistersRequest(
+                dev_id=1, transaction_id=t, address=t, registers=[0, 6, 259]
+            )
+        )
+        for t in range(3)
+    ]
+    got = ask(reader, frames[0][5:] + frames[1] + frames[2])
+    assert [o.start for o in got if isinstance(o, Values)] == [1, 2]
+    assert kinds(warnings) == {"Modbus bytes skipped to find where a frame starts": 1}
 
 
 def test_after_a_gap_the_partial_frame_is_dropped_and_framing_found_again() -> None:
@@ -305,7 +327,10 @@ def test_after_a_gap_the_partial_frame_is_dropped_and_framing_found_again() -> N
     # the rest of frames[1] and the start of frames[2] were lost: the chunk starts mid-frame
     got = ask(reader, frames[2][9:] + frames[3], gap=True)
     assert got == [read(1, "holding_register", 3, 2, 3)]
-    assert kinds(warnings) == {"Modbus frame cut by a gap in the capture": 1}
+    assert kinds(warnings) == {
+        "Modbus frame cut by a gap in the capture": 1,
+        "Modbus bytes skipped to find where a frame starts": 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -325,7 +350,7 @@ def test_after_a_gap_only_a_frame_start_that_looks_like_one_is_trusted(false_sta
         for t in range(3)
     )
     assert ask(reader, false_start + good, gap=True) == [read(1, "holding_register", 5, 1, 3)] * 3
-    assert len(warnings) == 0
+    assert kinds(warnings) == {"Modbus bytes skipped to find where a frame starts": 1}
 
 
 def test_unanswered_requests_are_bounded_and_reported() -> None:
@@ -370,6 +395,37 @@ def test_connections_are_bounded_least_recently_seen_forgotten() -> None:
     assert kinds(warnings) == {"Modbus connections beyond 2: least recently seen forgotten": 1}
     assert reader.feed(Chunk(2.0, PLC, clients[0], response, False), from_client=False) == []
     assert len(reader.feed(Chunk(2.0, PLC, clients[2], response, False), from_client=False)) == 1
+
+
+def test_unanswered_requests_in_all_are_bounded_least_recently_seen_connections_first() -> None:
+    warnings = Warnings()
+    reader = ModbusReader(warnings, max_pending=8, max_pending_total=16)
+    forgetting = (
+        "Modbus requests unanswered beyond 16 in all: those of the least recently seen "
+        "connections forgotten"
+    )
+    requests = [
+        frame(registers.ReadHoldingRegistersRequest(dev_id=1, transaction_id=t, address=0, count=1))
+        for t in range(6)
+    ]
+    clients = [Peer("10.0.0.5", port) for port in (40001, 40002, 40003, 40004)]
+    for client in clients:  # 24 unanswered: the first two connections' are forgotten
+        reader.feed(Chunk(1.0, client, PLC, b"".join(requests), False), from_client=True)
+    assert kinds(warnings) == {forgetting: 2}
+    response = frame(
+        registers.ReadHoldingRegistersResponse(dev_id=1, transaction_id=5, registers=[1])
+    )
+    answered = [
+        len(reader.feed(Chunk(2.0, PLC, client, response, False), from_client=False))
+        for client in clients
+    ]
+    assert answered == [0, 0, 1, 1]
+    # an answer frees its place: the bound is on what is still unanswered (10 now)
+    for client in clients[:2]:
+        for _ in range(3):
+            reader.feed(Chunk(3.0, client, PLC, requests[5], False), from_client=True)
+            reader.feed(Chunk(3.0, PLC, client, response, False), from_client=False)
+    assert kinds(warnings)[forgetting] == 2
 
 
 # A transaction: unit, table's read function, start, the values the device answers.
