@@ -224,6 +224,13 @@ fi
 ensure_secret $ETC/audit.key root:root 0600
 if has_user "$ENTERPRISE"; then
     ensure_secret $ETC/tls/server.key "$ENTERPRISE:$ENTERPRISE" 0600
+    # The enterprise outputs' logins and keys: the PostgreSQL sink's, the OPC UA server's.
+    for secret in "$R$ETC"/postgres/*.key "$R$ETC"/postgres/*password* \
+                  "$R$ETC"/opcua-server/*-key.pem; do
+        if [[ -e $secret || -L $secret ]]; then  # else the pattern matched nothing
+            ensure_secret "${secret#"$R"}" "$ENTERPRISE:$ENTERPRISE" 0600
+        fi
+    done
 fi
 if [[ $ROLE != it-host && -d $R$ETC/opcua ]]; then
     for secret in "$R$ETC"/opcua/*-key.pem "$R$ETC"/opcua/*password*; do

@@ -205,6 +205,31 @@ def test_install_creates_the_contracts_folders_and_a_second_run_changes_nothing(
     assert pwd.getpwnam(PLANT_USER).pw_shell == "/usr/sbin/nologin"
 
 
+def test_install_gives_the_enterprise_outputs_secrets_to_the_enterprise_user_alone(
+    root: Path,
+) -> None:
+    install(root)
+    etc = root / ETC
+    secrets = [etc / "postgres" / "sink.key", etc / "postgres" / "owner-password",
+               etc / "opcua-server" / "server-key.pem"]  # fmt: skip
+    public = [etc / "postgres" / "sink.crt", etc / "opcua-server" / "server.pem"]
+    for path in secrets + public:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("provisioned\n")
+        path.chmod(0o644)
+    link = etc / "postgres" / "linked-password"
+    link.symlink_to(etc / "postgres" / "sink.crt")
+    refused = install(root, check=False)
+    assert refused.returncode != 0
+    assert "is a symbolic link" in refused.stderr + refused.stdout
+    link.unlink()
+    install(root)
+    for path in secrets:
+        assert owner_and_mode(path) == (ENTERPRISE_USER, ENTERPRISE_USER, 0o600), path
+    for path in public:  # certificates are not secrets: left as provisioned
+        assert owner_and_mode(path) == ("root", "root", 0o644), path
+
+
 def test_install_refuses_a_role_whose_unit_is_missing_before_changing_anything(
     root: Path, tmp_path: Path
 ) -> None:
