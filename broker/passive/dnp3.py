@@ -96,9 +96,8 @@ class _Direction:
     def __init__(self) -> None:
         self.buffer = b""
         self.offset = 0  # bytes of the direction before the buffer: where a warning is
-        self.resyncing = (
-            False  # after a gap or a bad header: bytes before a frame start are expected
-        )
+        # after a gap or a bad header, bytes before the next frame start are expected
+        self.resyncing = False
 
 
 class Dnp3Reader:
@@ -230,8 +229,8 @@ class Dnp3Reader:
         name = FUNCTIONS[apdu[1]]
         headers: list[_Header] = []
         if name == "READ" or name in _CONTROLS:
-            try:
-                headers = list(_headers(apdu, controls=name in _CONTROLS))
+            try:  # the headers before a bad one are kept
+                headers.extend(_headers(apdu, controls=name in _CONTROLS))
             except FrameError as e:
                 self._warnings.add(f"DNP3 {name} request not read", f"{_where(chunk, at)}: {e}")
         said = f"(master {master})"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from bacpypes3.apdu import (
     APDU,
     APCISequence,
+    ConfirmedCOVNotificationRequest,
     DeleteObjectRequest,
     IAmRequest,
     ReadPropertyACK,
@@ -36,6 +38,7 @@ from bacpypes3.primitivedata import CharacterString, Enumerated, Null, ObjectIde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.passive import bacnet
 from broker.passive.bacnet import BacnetReader
 from broker.passive.capture import Packet
 from broker.passive.observations import (
@@ -226,9 +229,43 @@ def test_cov_notifications_are_values_and_name_the_device() -> None:
         subscriberProcessIdentifier=1, monitoredObjectIdentifier=AV3, lifetime=300,
         issueConfirmedNotifications=False,
     )  # fmt: skip
-    observed = feed(reader, to_device(confirmed(subscribe, 9)), to_scada(unconfirmed(note)))
+    confirmed_note = ConfirmedCOVNotificationRequest(
+        subscriberProcessIdentifier=1,
+        initiatingDeviceIdentifier=ObjectIdentifier(("device", INSTANCE)),
+        monitoredObjectIdentifier=BI2,
+        timeRemaining=300,
+        listOfValues=[
+            PropertyValue(propertyIdentifier="present-value", value=AnyValue(Enumerated(0)))
+        ],
+    )
+    observed = feed(
+        reader,
+        to_device(confirmed(subscribe, 9)),
+        to_scada(unconfirmed(note)),
+        to_scada(confirmed(confirmed_note, 3)),  # a request the device sends
+    )
     # a subscription is no poll and changes nothing: no Request
-    assert observed == [Values("bacnet", 1.1, DEVICE, INSTANCE, "analog-value", 3, (4.25,))]
+    assert observed == [
+        Values("bacnet", 1.1, DEVICE, INSTANCE, "analog-value", 3, (4.25,)),
+        Values("bacnet", 1.1, DEVICE, INSTANCE, "binary-input", 2, (False,)),
+    ]
+
+
+def test_requests_never_answered_are_forgotten_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bacnet, "MAX_PENDING", 4)
+    warnings = Warnings()
+    reader = BacnetReader(warnings)
+    ack = ReadPropertyACK(
+        objectIdentifier=AI1, propertyIdentifier="present-value", propertyValue=AnyValue(Real(1.0))
+    )
+    for invoke_id in range(6):
+        reader.feed(to_device(frames.read_property(invoke_id, AI1, "present-value")), True)
+    assert reader.feed(to_scada(answer(ack, 0)), False) == []  # forgotten
+    assert reader.feed(to_scada(answer(ack, 5)), False) != []
+    kinds = {kind: n for kind, n, _ in warnings.items()}
+    assert kinds == {"BACnet requests never answered": 2, "BACnet answer to no request seen": 1}
 
 
 def test_writes_and_services_that_change_a_device_are_writes() -> None:

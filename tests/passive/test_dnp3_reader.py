@@ -177,6 +177,9 @@ def test_each_outstation_on_a_shared_connection_is_its_own_unit() -> None:
     assert [o.unit for o in observed] == [11, OUTSTATION]
     answer = from_outstation(response(floats(3, [7.0])), outstation=11)
     assert feed(reader, to_scada(answer)) == [Values("dnp3", 1.1, RTU, 11, "30", 3, (7.0,))]
+    # an outstation that dialled the master: the frames, not the TCP roles, say who is who
+    dialled = Dnp3Reader(Warnings()).feed(to_scada(answer), from_client=True)
+    assert dialled == [Values("dnp3", 1.1, RTU, 11, "30", 3, (7.0,))]
 
 
 def test_bad_frames_are_warnings_and_the_next_good_frame_is_read() -> None:
@@ -207,14 +210,19 @@ def test_malformed_answers_unknown_functions_and_oversized_fragments_are_warning
     bad_control = bytes((0xC0, 5, 99, 9, 0x28, 1, 0, 0, 0))  # an object no control has
     huge = response(floats(0, [0.0] * 420))  # 2,105 bytes: over a fragment's 2,048
     assert feed(reader, to_scada(from_outstation(short) + from_outstation(huge))) == []
-    observed = feed(reader, to_rtu(from_master(unknown, bad_control)))
-    assert observed == [request("", 0, 0, "DIRECT_OPERATE (master 1)", write=True)]
+    bad_read = bytes((0xC0, 1, 60, 1, 0x06, 30, 5, 0x5B))  # class 0, then a qualifier unknown
+    observed = feed(reader, to_rtu(from_master(unknown, bad_control, bad_read)))
+    assert observed == [
+        request("", 0, 0, "DIRECT_OPERATE (master 1)", write=True),
+        request("", 0, 0, "READ class 0 (master 1)"),  # what came before the bad header
+    ]
     kinds = {kind for kind, _, _ in warnings.items()}
     assert kinds == {
         "DNP3 response malformed",
         "DNP3 fragment over 2048 bytes",
         "DNP3 function 77 unknown",
         "DNP3 DIRECT_OPERATE request not read",
+        "DNP3 READ request not read",
     }
 
 
