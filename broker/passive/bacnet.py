@@ -115,8 +115,10 @@ class BacnetReader:
 
     def _answer(self, packet: Packet, device: Peer, apdu: Any) -> list[Observation]:
         """An answer from the device to the request it matches (by invoke id and addresses)."""
-        invoke_id = getattr(apdu, "apduInvokeID", None)
-        asked = self._pending.pop((packet.dst, device, invoke_id), None) if invoke_id else None
+        invoke_id: int | None = getattr(apdu, "apduInvokeID", None)
+        asked = None
+        if invoke_id is not None:  # 0 is an invoke id too
+            asked = self._pending.pop((packet.dst, device, invoke_id), None)
         if isinstance(apdu, ReadPropertyACK | ReadPropertyMultipleACK):
             if asked is None:  # capture started after the request, or not an answer to one
                 self._warnings.add("BACnet answer to no request seen", f"packet {packet.number}")

@@ -206,8 +206,8 @@ def test_a_device_read_names_its_instance_and_polls_no_value() -> None:
     )
     observed = feed(
         reader,
-        to_device(frames.read_property(1, device, "object-name")),
-        to_scada(answer(ack, 1)),
+        to_device(frames.read_property(0, device, "object-name")),  # invoke id 0 is one too
+        to_scada(answer(ack, 0)),
     )
     assert observed == [Description("bacnet", DEVICE, INSTANCE, "device", INSTANCE, name="AHU-1")]
     assert reader.instance_of(DEVICE) == INSTANCE
@@ -262,7 +262,8 @@ def test_requests_never_answered_are_forgotten_oldest_first(
     )
     for invoke_id in range(6):
         reader.feed(to_device(frames.read_property(invoke_id, AI1, "present-value")), True)
-    assert reader.feed(to_scada(answer(ack, 0)), False) == []  # forgotten
+    assert reader.feed(to_scada(answer(ack, 1)), False) == []  # forgotten
+    assert reader.feed(to_scada(answer(ack, 2)), False) != []  # the oldest remembered
     assert reader.feed(to_scada(answer(ack, 5)), False) != []
     kinds = {kind: n for kind, n, _ in warnings.items()}
     assert kinds == {"BACnet requests never answered": 2, "BACnet answer to no request seen": 1}
