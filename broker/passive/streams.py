@@ -5,7 +5,8 @@ A flow is one direction of one TCP connection (src → dst). Its bytes are place
 number relative to the first one seen (the SYN's, or the first segment's when the capture
 starts mid-connection), modulo 2^32, so wrap-around is invisible. Retransmitted and
 overlapping bytes are dropped; a segment ahead of the next expected byte is held until the
-hole fills. Memory is bounded: at most `max_pending_bytes` held per flow (beyond, the first
+hole fills. Memory is bounded: at most `max_pending_bytes` held per flow, counting each
+segment's bookkeeping too, so that many tiny segments cost what they weigh (beyond, the first
 hole is given up and the next chunk says `gap=True`, with a warning), at most `max_flows`
 flows (beyond, the least recently used is dropped, with a warning). FIN (once its bytes are
 in) and RST free a flow; a bounded memory of closed flows keeps their late retransmissions
@@ -24,7 +25,9 @@ from broker.passive.capture import Packet
 from broker.passive.observations import Peer, Warnings
 
 SYN, FIN, RST = 0x02, 0x01, 0x04
+SEGMENT_OVERHEAD = 100  # bytes a held segment costs besides its data (tuple, bytes header)
 _MOD = 1 << 32
+_Key = tuple[str, int, str, int]  # a flow's src host, port, dst host, port (cheap to hash)
 _HALF = 1 << 31
 
 
@@ -65,12 +68,12 @@ class _Flow:
 
     def segment(self, seq: int, time: float, data: bytes, out: list[Chunk]) -> None:
         start = self.at(seq)
-        if start + len(data) <= self.position:
-            return  # all of it handed on already: a retransmission
+        if not data or start + len(data) <= self.position:
+            return  # a bare ACK, or all of it handed on already (a retransmission)
         if start > self.position:
             self.pushed += 1
             heapq.heappush(self.held, (start, self.pushed, time, data))
-            self.held_bytes += len(data)
+            self.held_bytes += len(data) + SEGMENT_OVERHEAD
             return
         self.deliver(start, time, data, out)
         self.drain(out)
@@ -89,7 +92,7 @@ class _Flow:
         """Hand on the held segments the position has reached."""
         while self.held and self.held[0][0] <= self.position:
             start, _, time, data = heapq.heappop(self.held)
-            self.held_bytes -= len(data)
+            self.held_bytes -= len(data) + SEGMENT_OVERHEAD
             self.deliver(start, time, data, out)
 
     def give_up(self, out: list[Chunk]) -> None:
@@ -111,18 +114,19 @@ class Streams:
         self._warnings = warnings
         self._max_flows = max_flows
         self._max_held = max_pending_bytes
-        self._flows: OrderedDict[tuple[Peer, Peer], _Flow] = OrderedDict()  # LRU first
-        self._closed: OrderedDict[tuple[Peer, Peer], int] = OrderedDict()  # key → next seq
+        self._flows: OrderedDict[_Key, _Flow] = OrderedDict()  # least recently used first
+        self._closed: OrderedDict[_Key, int] = OrderedDict()  # closed flow → its next seq
 
     def add(self, packet: Packet) -> list[Chunk]:
         """The chunks this TCP segment puts in order (possibly none)."""
         out: list[Chunk] = []
         if packet.transport != "tcp":
             return out
-        key = (packet.src, packet.dst)
+        src, dst = packet.src, packet.dst
+        key = (src.host, src.port, dst.host, dst.port)
         if packet.flags & RST:
             self._close(key, out)
-            self._close((packet.dst, packet.src), out)
+            self._close((dst.host, dst.port, src.host, src.port), out)
             return out
         seq = packet.seq
         flow = self._flows.get(key)
@@ -163,7 +167,7 @@ class Streams:
         self._closed.clear()
         return out
 
-    def _open(self, key: tuple[Peer, Peer], seq: int, packet: Packet, out: list[Chunk]) -> _Flow:
+    def _open(self, key: _Key, seq: int, packet: Packet, out: list[Chunk]) -> _Flow:
         if len(self._flows) >= self._max_flows:
             self._close(next(iter(self._flows)), out)
             self._warnings.add(
@@ -171,10 +175,10 @@ class Streams:
                 f"packet {packet.number}",
             )
         self._closed.pop(key, None)
-        flow = self._flows[key] = _Flow(key[0], key[1], seq, seq)
+        flow = self._flows[key] = _Flow(packet.src, packet.dst, seq, seq)
         return flow
 
-    def _close(self, key: tuple[Peer, Peer], out: list[Chunk]) -> None:
+    def _close(self, key: _Key, out: list[Chunk]) -> None:
         """Free a flow, handing on what it held (after its holes, marked gap)."""
         flow = self._flows.pop(key, None)
         if flow is None:

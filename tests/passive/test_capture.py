@@ -10,6 +10,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether
@@ -253,7 +255,7 @@ def test_a_missing_or_unreadable_file_is_a_capture_error(tmp_path: Path) -> None
 
 
 def test_progress_ends_at_the_file_size_and_scapy_logging_is_restored(tmp_path: Path) -> None:
-    path = _write(tmp_path / "c.pcap", [_ether() / _tcp() for _ in range(600)])
+    path = _write(tmp_path / "c.pcap", [bytes(_ether() / _tcp())] * 600)
     seen: list[int] = []
     logger = logging.getLogger("scapy.runtime")
     level = logger.level
@@ -262,3 +264,40 @@ def test_progress_ends_at_the_file_size_and_scapy_logging_is_restored(tmp_path: 
     assert seen[-1] == path.stat().st_size
     assert seen == sorted(seen)
     assert logger.level == level
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    """A good pcapng and pcap to damage (written once: scapy's writers are slow)."""
+    tmp_path = tmp_path_factory.mktemp("seeds")
+    frames = [_ether() / _tcp(bytes([i]) * 5, seq=i * 5) for i in range(3)]
+    frames.append(_ether() / Dot1Q() / IPv6(src="fd00::5", dst="fd00::7") / UDP() / b"x")
+    ng = tmp_path / "seed.pcapng"
+    with PcapNgWriter(str(ng)) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return [ng.read_bytes(), _write(tmp_path / "seed.pcap", list(frames)).read_bytes()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_any_damage_to_a_capture_gives_warnings_or_capture_error_never_a_crash(
+    seeds: list[bytes], tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    seed = bytearray(data.draw(st.sampled_from(seeds)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(seed) - 1))
+        change = data.draw(st.sampled_from(["set", "cut", "insert"]))
+        if change == "set":
+            seed[at] = data.draw(st.integers(0, 255))
+        elif change == "cut":
+            del seed[at : at + data.draw(st.integers(1, 20))]
+        else:
+            seed[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    path = tmp_path_factory.getbasetemp() / "damaged-capture"
+    path.write_bytes(bytes(seed))
+    try:
+        read = list(packets(path, Warnings()))
+    except CaptureError:
+        return
+    assert all(p.transport in ("tcp", "udp") for p in read)

@@ -15,7 +15,7 @@ from scapy.utils import PcapWriter
 
 from broker.passive.capture import Packet, packets
 from broker.passive.observations import Peer, Warnings
-from broker.passive.streams import Chunk, Streams
+from broker.passive.streams import SEGMENT_OVERHEAD, Chunk, Streams
 
 CLIENT, SERVER = Peer("10.0.0.5", 40001), Peer("10.0.0.7", 502)
 SYN, FIN, RST, ACK, PSH = 0x02, 0x01, 0x04, 0x10, 0x08
@@ -126,7 +126,7 @@ def test_sequence_numbers_wrap_around() -> None:
 
 def test_a_hole_is_given_up_beyond_the_pending_bound_and_marked() -> None:
     warnings = Warnings()
-    streams = Streams(warnings, max_pending_bytes=10)
+    streams = Streams(warnings, max_pending_bytes=2 * SEGMENT_OVERHEAD + 10)
     chunks = _feed(
         streams,
         [
@@ -151,6 +151,13 @@ def test_a_hole_is_given_up_beyond_the_pending_bound_and_marked() -> None:
             f"{CLIENT} → {SERVER} before packet 6",
         )
     ]
+
+
+def test_bare_acks_ahead_of_a_hole_hold_nothing() -> None:
+    streams = Streams(Warnings(), max_pending_bytes=10 * SEGMENT_OVERHEAD)
+    _feed(streams, [_syn(), _segment(ISN + 1, b"a"), _segment(ISN + 3, b"c")])  # "b" lost
+    assert _feed(streams, [_segment(ISN + 4, flags=ACK) for _ in range(1000)]) == []
+    assert [f.held for f in streams._flows.values()] == [[(2, 1, 0.0, b"c")]]  # at stream offset 2
 
 
 def test_flush_hands_on_what_is_held_with_its_gaps() -> None:
@@ -255,7 +262,7 @@ def test_any_reordering_and_duplication_yields_the_stream_in_order(
 
 
 @settings(max_examples=150, deadline=None)
-@given(_impaired(_UNIQUE), st.integers(1, 64), st.data())
+@given(_impaired(_UNIQUE), st.integers(1, 8 * SEGMENT_OVERHEAD), st.data())
 def test_bounded_reassembly_hands_on_pieces_in_order_never_holding_more_than_its_bound(
     case: tuple[bytes, int, list[Packet]], bound: int, data: st.DataObject
 ) -> None:
