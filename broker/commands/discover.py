@@ -1,4 +1,5 @@
-"""`discover opcua URL|dnp3 HOST:PORT|bacnet ADDRESS`: read a device and print a starter policy.
+"""`discover opcua URL|dnp3 HOST:PORT|bacnet ADDRESS`: read a device and print a starter policy;
+`discover pcap FILE`: draft one from a capture of the plant's traffic, sending nothing.
 
 It sends Browse and Read only, over a session secured exactly like the connector's (the
 server certificate pinned with `--pin` or found in `--trust`; `--security None` only when
@@ -72,6 +73,24 @@ def add_to(commands: Any) -> None:
                         "hear devices that broadcast their I-Am)")  # fmt: skip
     bacnet.set_defaults(handler=_discover_bacnet)
 
+    pcap = sub.add_parser("pcap", help="draft devices and signals from a packet capture "
+                          "of the plant's own traffic (reads the file only; sends nothing)")  # fmt: skip
+    pcap.add_argument("file", type=Path, metavar="FILE", help="a pcap or pcapng capture")
+    pcap.add_argument("--json", action="store_true",
+                      help="one JSON document on stdout: the draft, devices, signals, polled "
+                      "ranges and warnings (docs/discovery.md)")  # fmt: skip
+    pcap.add_argument("--redact", action="store_true",
+                      help="addresses as host-1, host-2…; no observed values, BACnet names or "
+                      "descriptions: a capture's draft to share with an integrator")  # fmt: skip
+    pcap.add_argument("--output", type=Path, metavar="DRAFT.yaml",
+                      help="write the draft here; the summary table goes to stdout")  # fmt: skip
+    pcap.add_argument("--port", action="append", default=[], metavar="PROTOCOL=PORT",
+                      help="another port of modbus (502), dnp3 (20000) or bacnet (47808), e.g. "
+                      "modbus=5020 (repeatable)")  # fmt: skip
+    pcap.add_argument("--site", default="site", metavar="NAME",
+                      help="the first word of each signal path (default: %(default)s)")  # fmt: skip
+    pcap.set_defaults(handler=_discover_pcap)
+
 
 def host_port(text: str) -> tuple[str, int | None]:
     """HOST or HOST:PORT (argparse type); the port's default is the protocol's."""
@@ -102,3 +121,10 @@ def _discover_bacnet(args: argparse.Namespace) -> int:
     from broker.plant.discovery_bacnet import discover_bacnet
 
     return discover_bacnet(args)
+
+
+def _discover_pcap(args: argparse.Namespace) -> int:
+    # scapy takes a while to import: only this command pays for it.
+    from broker.passive.discover import discover_pcap
+
+    return discover_pcap(args)

@@ -51,10 +51,10 @@ WRITTEN = "\n  # written by the SCADA (a setpoint): read only, never written"  #
 MAX_TEXT = 160  # characters of capture text kept in one comment or description
 _BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # YAML reads \x85, \u2028/9 as breaks
 _MASTER = re.compile(r"\(master (\d+)\)")  # how the DNP3 reader names the SCADA's address
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
-_IPV6 = re.compile(  # an IPv4-mapped tail too; a false match only hides more than asked
+_ADDRESS = re.compile(  # IPv6 (an IPv4-mapped tail too), else IPv4 (a port may follow)
     r"(?<![\w:.])(?:[0-9a-fA-F]{0,4}:){2,7}(?:[0-9a-fA-F]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:.])"
-)
+    r"|(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"
+)  # a false match (a time written 12:30:45) only hides more than asked
 
 
 class Hosts:
@@ -75,10 +75,7 @@ class Hosts:
 
     def text(self, text: str) -> str:
         """`text` with every IPv4 and IPv6 address in it shown as `__call__` shows it."""
-        if not self.redact:
-            return text
-        text = _IPV6.sub(lambda m: self(m.group()), text)
-        return _IPV4.sub(lambda m: self(m.group()), text)
+        return _ADDRESS.sub(lambda m: self(m.group()), text) if self.redact else text
 
 
 @dataclass(frozen=True)
@@ -112,6 +109,12 @@ class Draft:
     devices: list[Device]  # the devices with at least one signal, in policy order
     points: list[Point]  # every point seen, in device and address order
     left_out: list[str]  # the header's lines about what is not a signal
+
+
+def seconds(value: float) -> str:
+    """An interval as the comments show it: 1.0, 0.5, 2.25."""
+    shown = f"{value:.3g}"
+    return shown if "." in shown or "e" in shown else shown + ".0"
 
 
 def one_line(text: str) -> str:
@@ -258,7 +261,8 @@ def _interval(device: Device) -> float:
     tenths = math.ceil(round(device.scada_interval_s * 10, 6))
     interval = min(max(tenths, 1) / 10, MAX_INTERVAL_S)
     device.notes.append(
-        f"poll_interval_s {interval:g}: the SCADA's {device.scada_interval_s:.3g} s rounded up"
+        f"poll_interval_s {seconds(interval)}: the SCADA's {seconds(device.scada_interval_s)} s "
+        "(its slowest range) rounded up to 0.1 s"
     )
     return interval
 
@@ -382,7 +386,7 @@ def _evidence(
         said = one_line(guess.evidence)
     parts = [said, f"confidence {guess.confidence:.0%}"]
     if interval is not None:
-        parts.append(f"polled every {interval:.3g} s by {', '.join(by)}")
+        parts.append(f"polled every {seconds(interval)} s by {', '.join(by)}")
     elif by:
         parts.append(f"read by {', '.join(by)}")
     if guess.scale is not None:

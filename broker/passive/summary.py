@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from broker.passive.draft import Draft, Hosts, Point, one_line
+from broker.passive.draft import Draft, Hosts, Point, one_line, seconds
 from broker.passive.observations import Warnings
 from broker.passive.polls import Polled
 
@@ -93,7 +93,9 @@ def _point(point: Point, hosts: Hosts) -> dict[str, Any]:
 
 
 def table(draft: Draft) -> str:
-    """One line per point seen: what the draft makes of it."""
+    """One line per point seen: what the draft makes of it (nothing when none was seen)."""
+    if not draft.points:
+        return ""
     rows = [("device", "point", "type", "kind", "conf", "every", "by", "draft")]
     for p in draft.points:
         g = p.guess
@@ -104,7 +106,7 @@ def table(draft: Draft) -> str:
             g.type + order,
             g.kind + (" (written)" if g.written else ""),
             f"{g.confidence:.2f}",
-            "-" if p.interval_s is None else f"{p.interval_s:.3g} s",
+            "-" if p.interval_s is None else f"{seconds(p.interval_s)} s",
             ", ".join(p.polled_by) or "-",
             "signal" if p.signal else "comment",
         ))  # fmt: skip
