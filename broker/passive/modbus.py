@@ -6,7 +6,7 @@ It reads bytes someone else captured; it never sends, and it never answers anyth
 does not fit its question, bytes lost in the capture) is one `Warnings.add` and the reader goes
 on with the next frame it can trust. What it holds is bounded: per direction, less than one
 frame (260 bytes); per connection, `max_pending` unanswered requests, and `max_pending_total`
-in all (about 270 bytes each); `max_connections` connections. The least recently seen goes
+in all (about 240 bytes each); `max_connections` connections. The least recently seen goes
 first, with a warning.
 
 Framing: an MBAP header (transaction id, protocol id 0, length 2..254, unit id) and the PDU.
@@ -356,7 +356,7 @@ def _fits(pdu: bytes, from_client: bool) -> bool:
     if function & _EXCEPTION:
         return size == 2
     if function in _READS or function == 23:
-        return size == 2 + pdu[1]
+        return size >= 2 and size == 2 + pdu[1]
     if function in (5, 6, 15, 16):
         return size == 5
     return True

@@ -333,6 +333,21 @@ def test_after_a_gap_the_partial_frame_is_dropped_and_framing_found_again() -> N
     }
 
 
+def test_a_frame_too_short_for_its_function_at_a_streams_start_is_skipped() -> None:
+    warnings = Warnings()
+    reader = ModbusReader(warnings)
+    ask(
+        reader,
+        frame(
+            registers.ReadHoldingRegistersRequest(dev_id=1, transaction_id=1, address=0, count=1)
+        ),
+    )
+    good = frame(registers.ReadHoldingRegistersResponse(dev_id=1, transaction_id=1, registers=[7]))
+    got = answer(reader, raw(1, 1, b"\x03") + good)  # a read's answer of one byte
+    assert got == [Values("modbus", 2.0, PLC, 1, "holding_register", 0, (7,))]
+    assert kinds(warnings) == {"Modbus bytes skipped to find where a frame starts": 1}
+
+
 @pytest.mark.parametrize(
     "false_start",
     [
@@ -476,14 +491,46 @@ def test_frames_split_and_coalesced_any_way_give_every_request_and_value(
     assert len(warnings) == 0
 
 
+# Bytes that are, or nearly are, frames: a header with any length before any function and
+# body, and frames whose length is right for a body of any bytes.
+_CODES = st.sampled_from([*range(25), 43, 0x81, 0x83, 0x90, 0x97, 0xFF])
+HEADERISH = st.builds(
+    lambda tid, length, unit, code, rest: struct.pack(">HHHBB", tid, 0, length, unit, code) + rest,
+    st.integers(0, 3), st.integers(0, 260), st.integers(0, 2), _CODES, st.binary(max_size=260),
+)  # fmt: skip
+FRAMEISH = st.builds(
+    lambda tid, unit, code, body: raw(tid, unit, bytes([code]) + body),
+    st.integers(0, 3), st.integers(0, 2), _CODES, st.binary(max_size=252),
+)  # fmt: skip
+STREAM_PIECE = st.lists(st.one_of(st.binary(max_size=300), HEADERISH, FRAMEISH), max_size=4)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.binary(max_size=700)), max_size=20))
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), STREAM_PIECE.map(b"".join)), max_size=20))
 def test_any_bytes_in_any_chunks_give_warnings_never_an_exception_and_hold_less_than_a_frame(
     chunks: list[tuple[bool, bool, bytes]],
 ) -> None:
+    """And never a value nobody asked for: every value answered is for a range a request
+    read, every value written follows the write request that carried it."""
     reader = ModbusReader(Warnings())
+    asked: set[tuple[int, str, int, int]] = set()
     for from_client, gap, data in chunks:
-        (ask if from_client else answer)(reader, data, gap=gap)
+        found = (ask if from_client else answer)(reader, data, gap=gap)
+        for i, o in enumerate(found):
+            if isinstance(o, Request) and not o.write:
+                asked.add((o.unit, o.table, o.start, o.count))
+            elif isinstance(o, Values) and o.written:
+                assert from_client
+                carrier = found[i - 1]
+                assert isinstance(carrier, Request) and carrier.write
+                assert (carrier.table, carrier.start, carrier.count) == (
+                    o.table,
+                    o.start,
+                    len(o.values),
+                )
+            elif isinstance(o, Values):
+                assert not from_client
+                assert (o.unit, o.table, o.start, len(o.values)) in asked
     for connection in reader._connections.values():  # the bound itself, not observable otherwise
         assert len(connection.requests.buffer) < 260
         assert len(connection.answers.buffer) < 260
