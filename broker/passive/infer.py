@@ -15,6 +15,7 @@ values one way); overlapping candidates go to the strongest. Memory is bounded b
 from __future__ import annotations
 
 import struct
+from array import array
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -90,10 +91,17 @@ class Inference:
                 self._descriptions[key] = o
             return
         width = len(o.values)
+        if not width:
+            return
+        row: Sequence[Value] = o.values
+        if o.protocol == "modbus" and o.table in REGISTER_TABLES:
+            try:
+                row = array("H", o.values)  # type: ignore[type-var]
+            except (TypeError, OverflowError):  # a reader's bug, not the capture's
+                self._warnings.add("register values not 16-bit words (ignored)", str(o.server))
+                return
         block = self._blocks.get((o.protocol, o.server, o.unit, o.table, o.start, width, o.written))
         if block is None:
-            if not width:
-                return
             if self._points + width > self._max_points:
                 self._warnings.add(
                     f"more than {self._max_points:,} points (the rest ignored)", str(o.server)
@@ -103,7 +111,7 @@ class Inference:
             register = o.protocol == "modbus" and o.table in REGISTER_TABLES
             block = Block(width, register)
             self._blocks[(o.protocol, o.server, o.unit, o.table, o.start, width, o.written)] = block
-        block.add(o.values)
+        block.add(row)
 
     def guesses(self) -> list[Guess]:
         """One guess per point seen in a Values (a 32-bit pair: one, at its first address)."""
@@ -196,18 +204,18 @@ def _candidate(address: int, order: WordOrder, where: list[_Where]) -> _Candidat
     carries = (stats.events >= 2 and q >= 0.5) or (stats.events >= 1 and q >= 0.9)
     noise_low = rough(lo) and hi.steps > 0 and hi.signed_absdiff / hi.steps < STEADY_HIGH
     if not (carries or noise_low):
-        return None
+        return _weak(address, order, stats, hi, lo)
     # What carries such noise would give: near all when the value moves much less than one
     # high-word step per sample, few when it moves many. Fewer than half of that: two words.
     moves = stats.values_moved / stats.steps / 0x10000 if stats.steps else 0.0
     expected = 1 / (1 + 3 * moves)
     fit = q / expected if stats.events >= 5 else 0.5
-    if noise_low and not carries and stats.events >= 5 and fit < 0.45:
-        return None
+    floating = hi.float_hi and bool(hi.maximum & 0x7FFF)
+    if noise_low and not carries and (fit < 0.45 if stats.events >= 5 else not floating):
+        return None  # an integer's noise exactly filling its low word, high word still: no
     confidence = 0.55 + 0.3 * min(1.0, fit) if noise_low else 0.0
     if carries:
         confidence = max(confidence, 0.5 + 0.45 * q * stats.events / (stats.events + 4))
-    floating = hi.float_hi and bool(hi.maximum & 0x7FFF)
     if floating:
         confidence += 0.05
     type_ = "float32" if floating else _int32(stats)
@@ -218,6 +226,23 @@ def _candidate(address: int, order: WordOrder, where: list[_Where]) -> _Candidat
         else "low word near-random beside a steady high word"
     )
     return _Candidate(address, order, type_, min(0.97, confidence), reason, stats, hi, lo)
+
+
+def _weak(address: int, order: WordOrder, stats: Pair, hi: Column, lo: Column) -> _Candidate | None:
+    """No carry seen, but a layout that is rarely anything else: a float32 too steady to move
+    its high word (a still word in a float's exponent range beside a word of many values), or
+    a uint32 counter below 65,536 (a counter that never wrapped beside a still zero word)."""
+    if hi.changes or not lo.changes:
+        return None
+    if hi.float_hi and hi.maximum & 0x7FFF and lo.distinct is None:
+        reason = (
+            "high word still in a float32's exponent range, low word of many values (no carry seen)"
+        )
+        return _Candidate(address, order, "float32", 0.4, reason, stats, hi, lo)
+    if hi.maximum == 0 and lo.decreases == 0 and not lo.wraps and lo.rises >= 3:
+        reason = "a counter beside a still zero word (no carry seen)"
+        return _Candidate(address, order, "uint32", 0.4, reason, stats, hi, lo)
+    return None
 
 
 def _int32(stats: Pair) -> str:
@@ -333,7 +358,7 @@ def _register(col: Column, words: list[Value]) -> _Verdict:
         sure = 0.5 + 0.4 * min(1.0, col.changes / 10)
         flag = f"only 0 and 1 seen (a flag: bit 0?), changed {col.changes:,} times, {seen}"
         verdict = _Verdict("uint16", "bool", sure, flag)
-    elif col.decreases == 0 and col.rises >= 3 and not signed:
+    elif col.decreases == 0 and col.rises >= 3:  # a wrap is no sign of a sign
         wrapped = f", wrapped {col.wraps:,} times" if col.wraps else ""
         sure = 0.5 + 0.4 * min(1.0, col.rises / 20)
         verdict = _Verdict(

@@ -14,11 +14,11 @@ points change at the same moments. Memory per block is bounded by RING + BATCH r
 from __future__ import annotations
 
 import struct
-from array import array
 from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from itertools import repeat
-from operator import add, and_, lshift, or_, sub
+from operator import add, and_, ge, gt, lshift, or_, sub
 from typing import Any
 
 from broker.passive.observations import Value
@@ -29,8 +29,8 @@ SETTLED = 32_768  # steps after which a pair's carry evidence is complete enough
 DISTINCT = 64  # distinct values kept per point; beyond: "many"
 FLOAT_HI = (0x3400, 0x5400)  # high word (sign masked) of a float32 of 1.2e-7 ≤ |v| < 2.2e12
 ROUGH_STEP = 4096  # mean step of a low word that is noise (a random word's is 21,845)
-_is_negative = (0).__gt__
-_wrapped = (-0x8000).__ge__  # a 16-bit register's drop of half its range or more
+_is_negative = partial(gt, 0)  # 0 > x (int.__gt__ would refuse a float)
+_wrapped = partial(ge, -0x8000)  # a 16-bit register's drop of half its range or more
 
 
 class Column:
@@ -253,12 +253,13 @@ class Block:
         self.columns = [Column() for _ in range(width)]
         # pairs[2 * j] : (j, j + 1) high word first; pairs[2 * j + 1]: (j + 1, j) high first
         self.pairs = [Pair() for _ in range(2 * (width - 1))] if register else []
-        self.pending: list[tuple[Value, ...]] = []
-        self.previous: tuple[Value, ...] | None = None
+        self.pending: list[Sequence[Value]] = []
+        self.previous: Sequence[Value] | None = None
         self.ring: deque[Sequence[Value]] = deque(maxlen=RING)
         self.rows = 0
 
-    def add(self, values: tuple[Value, ...]) -> None:
+    def add(self, values: Sequence[Value]) -> None:
+        """One answer's values (registers: as an array("H"), which holds them in 2 bytes)."""
         self.pending.append(values)
         if len(self.pending) >= BATCH:
             self.digest()
@@ -275,7 +276,7 @@ class Block:
         self._pairs(columns, steps, new)
         self.rows += new
         self.previous = self.pending[-1]
-        self.ring.extend(map(_packer(self.register), self.pending))
+        self.ring.extend(self.pending)
         self.pending = []
 
     def _pairs(
@@ -304,14 +305,3 @@ def rough(column: Column) -> bool:
     return (
         column.distinct is None and column.steps > 0 and column.absdiff / column.steps > ROUGH_STEP
     )
-
-
-def _packer(register: bool) -> Any:
-    return _registers if register else tuple
-
-
-def _registers(row: tuple[Value, ...]) -> Sequence[Value]:
-    try:
-        return array("H", row)  # type: ignore[type-var]
-    except (TypeError, OverflowError):
-        return row
