@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from broker import safe_files
@@ -23,10 +24,17 @@ from broker.passive.bacnet import BacnetReader
 from broker.passive.capture import CaptureError, Packet, packets
 from broker.passive.dnp3 import Dnp3Reader
 from broker.passive.draft import Hosts, draft
-from broker.passive.infer import Inference
+from broker.passive.infer import Guess, Inference
 from broker.passive.modbus import ModbusReader
-from broker.passive.observations import Observation, Protocol, Request, Warnings
-from broker.passive.polls import PollLog
+from broker.passive.observations import (
+    UNKNOWN_UNIT,
+    Observation,
+    Peer,
+    Protocol,
+    Request,
+    Warnings,
+)
+from broker.passive.polls import Polled, PollLog
 from broker.passive.streams import Chunk, Streams
 from broker.plant.discovery_starter import quiet_logs
 from broker.policy.fields import NAME, SPELLING
@@ -58,9 +66,8 @@ def discover_pcap(args: argparse.Namespace) -> int:
     progress.done()
 
     hosts = Hosts(args.redact)
-    polled = capture.polls.polled()
-    drafted = draft(capture.inference.guesses(), polled, capture.polls.interval_s,
-                    site=args.site, hosts=hosts,
+    guesses, polled = capture.guesses(), capture.polled()
+    drafted = draft(guesses, polled, capture.interval_s, site=args.site, hosts=hosts,
                     source="(redacted)" if args.redact else args.file.name)  # fmt: skip
     if args.json:
         document = summary.document(drafted, polled, warnings, hosts)
@@ -124,6 +131,38 @@ class _Capture:
 
     def flush(self) -> None:
         self._chunks(self._streams.flush())
+
+    # A BACnet device's points seen before the capture named its instance carry UNKNOWN_UNIT:
+    # once it is known they are that device's (else the draft would hold it twice).
+    def _unit(self, protocol: str, server: Peer, unit: int) -> int:
+        if protocol == "bacnet" and unit == UNKNOWN_UNIT:
+            return self._bacnet_reader.instance_of(server)
+        return unit
+
+    def guesses(self) -> list[Guess]:
+        found: dict[tuple[str, Peer, int, str, int], Guess] = {}
+        for seen in self.inference.guesses():
+            guess = replace(seen, unit=self._unit(seen.protocol, seen.server, seen.unit))
+            key = (guess.protocol, guess.server, guess.unit, guess.table, guess.address)
+            other = found.get(key)
+            if other is not None:  # the same point before and after its instance was known
+                best = guess if guess.samples >= other.samples else other
+                guess = replace(best, written=guess.written or other.written)
+            found[key] = guess
+        return list(found.values())
+
+    def polled(self) -> list[Polled]:
+        return [
+            replace(p, unit=self._unit(p.protocol, p.server, p.unit)) for p in self.polls.polled()
+        ]
+
+    def interval_s(self, server: Peer, unit: int) -> float | None:
+        """`PollLog.interval_s`, over what was asked of the device before its instance was known too."""
+        units = {unit}
+        if unit != UNKNOWN_UNIT and self._bacnet_reader.instance_of(server) == unit:
+            units.add(UNKNOWN_UNIT)
+        found = [self.polls.interval_s(server, u) for u in units]
+        return max((i for i in found if i is not None), default=None)
 
     def _tcp(self, src: int, dst: int) -> tuple[str, bool] | None:
         """The protocol of a TCP segment, and whether it goes to the server (the port's end)."""

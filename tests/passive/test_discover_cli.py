@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from bacpypes3.apdu import IAmRequest, ReadPropertyACK
+from bacpypes3.constructeddata import Any as AnyValue
+from bacpypes3.primitivedata import CharacterString, ObjectIdentifier, Real
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
@@ -26,6 +29,7 @@ from broker.passive.draft import Draft, Hosts, draft
 from broker.passive.infer import Guess
 from broker.passive.observations import UNKNOWN_UNIT, Peer
 from broker.passive.polls import Polled
+from broker.plant.connectors import bacnet_frames as frames
 from broker.policy import parse
 from tests.harness import dmzbroker
 from tests.passive.plant_capture import PLC_HOST, SCADA_HOST, record, write_capture
@@ -286,6 +290,68 @@ def test_redact_leaves_no_address_or_value_of_the_capture(plant_pcap: Path) -> N
     assert all(s["type"] for s in document["signals"])  # types, intervals, ranges are kept
     intervals = {round(p["interval_s"], 2) for p in document["polled"] if not p["write"]}
     assert intervals == {0.5, 1.0, 2.0, 4.0}
+
+
+def _bacnet(src: str, dst: str, datagram: bytes, time: float) -> Any:
+    frame = Ether() / IP(src=src, dst=dst) / UDP(sport=47808, dport=47808) / datagram
+    frame.time = time
+    return frame
+
+
+def _present_value(invoke_id: int, value: float, name: str) -> list[bytes]:
+    """The SCADA's ReadProperty of analog-input 1 and the device's ACK; then its object-name."""
+    ai1 = ObjectIdentifier("analog-input,1")
+    datagrams = []
+    for prop, said in (("present-value", Real(value)), ("object-name", CharacterString(name))):
+        ack = ReadPropertyACK(
+            objectIdentifier=ai1, propertyIdentifier=prop, propertyValue=AnyValue(said)
+        )
+        ack.apduInvokeID, ack.apduSeg, ack.apduMor = invoke_id, 0, 0
+        datagrams += [
+            frames.read_property(invoke_id, ai1, prop),
+            frames._datagram(ack.encode(), expecting_reply=False),
+        ]
+        invoke_id += 1
+    return datagrams
+
+
+def test_a_bacnet_device_named_by_a_later_i_am_is_one_device_and_its_names_stay_text(
+    tmp_path: Path,
+) -> None:
+    scada, device = "10.0.0.5", "10.0.0.20"
+    i_am = IAmRequest(iAmDeviceIdentifier=ObjectIdentifier(("device", 1234)),
+                      maxAPDULengthAccepted=1476, segmentationSupported="noSegmentation",
+                      vendorID=999)  # fmt: skip
+    frames_ = []
+    for i in range(6):  # every 2 s; the I-Am comes after the first poll
+        t = 1_783_000_000.0 + 2 * i
+        for n, datagram in enumerate(
+            _present_value(10 + 2 * i, 20.0 + i / 10, "Room\ndevices: []")
+        ):
+            frames_.append(
+                _bacnet(
+                    *((scada, device) if n % 2 == 0 else (device, scada)), datagram, t + n / 100
+                )
+            )
+        if i == 0:
+            frames_.append(
+                _bacnet(
+                    device,
+                    "10.0.0.255",
+                    frames._datagram(i_am.encode(), expecting_reply=False),
+                    t + 1,
+                )
+            )
+    wrpcap(str(tmp_path / "bacnet.pcap"), frames_)
+    done = discover(str(tmp_path / "bacnet.pcap"), "--json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    policy = loaded(document["draft"])
+    (bacnet,) = policy.devices
+    assert (bacnet.host, bacnet.device_instance, bacnet.poll_interval_s) == (device, 1234, 2.0)
+    (signal,) = policy.signals
+    assert signal.path == "site/bacnet-10-0-0-20-device-1234/ai-1"
+    assert signal.description == "Room devices: []"  # a device's text stays a value
 
 
 def test_a_capture_without_plant_traffic_drafts_nothing(tmp_path: Path) -> None:
