@@ -28,6 +28,7 @@ from broker.passive.series import Block, Column, Pair, rough
 Kind = Literal["measurement", "bool", "constant", "counter", "setpoint", "state"]
 WordOrder = Literal["big", "little"]
 REGISTER_TABLES = frozenset({"holding_register", "input_register"})
+ORDER_BONUS = 0.05  # a device mostly lays its 32-bit values out one way: a tie-break only
 STEADY_HIGH = 1024  # mean step (in units of the high word) of a 32-bit value's high word
 
 
@@ -175,11 +176,14 @@ def _pairs(
         votes = {"big": 0.0, "little": 0.0}
         for _, c in found:
             votes[c.order] += c.confidence
-        order = "little" if votes["little"] > votes["big"] else "big"
+        usual = "little" if votes["little"] > votes["big"] else "big"
+
+        def first(tc: tuple[str, _Candidate], usual: str = usual) -> tuple[float, int]:
+            """Strongest first; at equal evidence, the device's usual word order."""
+            return -tc[1].confidence - ORDER_BONUS * (tc[1].order == usual), tc[1].address
+
         taken: set[tuple[str, int]] = set()
-        for table, c in sorted(found, key=lambda tc: (-tc[1].confidence, tc[1].address)):
-            if c.order != order and not (c.stats.coherence >= 0.8 and c.stats.events >= 3):
-                continue  # against the device's word order without clear carries
+        for table, c in sorted(found, key=first):
             if (table, c.address) in taken or (table, c.address + 1) in taken:
                 continue
             taken |= {(table, c.address), (table, c.address + 1)}
@@ -205,13 +209,14 @@ def _candidate(address: int, order: WordOrder, where: list[_Where]) -> _Candidat
     noise_low = rough(lo) and hi.steps > 0 and hi.signed_absdiff / hi.steps < STEADY_HIGH
     if not (carries or noise_low):
         return _weak(address, order, stats, hi, lo)
-    # What carries such noise would give: near all when the value moves much less than one
-    # high-word step per sample, few when it moves many. Fewer than half of that: two words.
+    # What carries noise would give: near all when the value moves much less than one
+    # high-word step per sample, fewer as it moves more; from about one step on, any noisy
+    # low word gives as many, which tells nothing. Fewer than half of that: two words.
     moves = stats.values_moved / stats.steps / 0x10000 if stats.steps else 0.0
-    expected = 1 / (1 + 3 * moves)
-    fit = q / expected if stats.events >= 5 else 0.5
+    telling = stats.events >= 5 and moves < 0.5
+    fit = q * (1 + 3 * moves) if telling else 0.5
     floating = hi.float_hi and bool(hi.maximum & 0x7FFF)
-    if noise_low and not carries and (fit < 0.45 if stats.events >= 5 else not floating):
+    if noise_low and not carries and (fit < 0.45 if telling else not floating):
         return None  # an integer's noise exactly filling its low word, high word still: no
     confidence = 0.55 + 0.3 * min(1.0, fit) if noise_low else 0.0
     if carries:

@@ -17,7 +17,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
-from itertools import repeat
+from itertools import compress, repeat
 from operator import add, and_, ge, gt, lshift, or_, sub
 from typing import Any
 
@@ -25,11 +25,13 @@ from broker.passive.observations import Value
 
 BATCH = 128  # rows digested at once
 RING = 256  # last rows kept per block
+CARRY_STEPS = 2  # high-word steps of a pair's step that still tell about carries
 SETTLED = 32_768  # steps after which a pair's carry evidence is complete enough
 DISTINCT = 64  # distinct values kept per point; beyond: "many"
 FLOAT_HI = (0x3400, 0x5400)  # high word (sign masked) of a float32 of 1.2e-7 ≤ |v| < 2.2e12
 ROUGH_STEP = 4096  # mean step of a low word that is noise (a random word's is 21,845)
 _is_negative = partial(gt, 0)  # 0 > x (int.__gt__ would refuse a float)
+_small = partial(ge, CARRY_STEPS)  # |Δhigh| ≤ CARRY_STEPS
 _wrapped = partial(ge, -0x8000)  # a 16-bit register's drop of half its range or more
 
 
@@ -177,35 +179,38 @@ class Pair:
                steps: tuple[list[int], list[int]], new: int) -> None:  # fmt: skip
         dhi, dlo = steps
         settled = self.steps > SETTLED  # enough evidence: only the extremes still move
-        if not settled:
-            self.steps += len(dlo)
         if not hi.moved:  # high word steady: the combined value moves as the low word does
             h = words[0][0] << 16
-            if settled:
-                self.take(h | lo.batch_low, h | lo.batch_high)
-                return
-            self.values_moved += lo.moved
-            if lo.moved:
-                self.decreases += sum(map(_is_negative, dlo))
+            if not settled:
+                self.steps += len(dlo)
+                self.values_moved += lo.moved
+                if lo.moved:
+                    self.decreases += sum(map(_is_negative, dlo))
             self.take(h | lo.batch_low, h | lo.batch_high)
             return
         combined = list(map(or_, map(lshift, words[0], repeat(16)), words[1]))
-        if settled:
-            self._fresh(combined[len(combined) - new :])
-            return
+        if not settled:
+            self._carries(combined, dhi, dlo)
+        self._fresh(combined[len(combined) - new :])
+
+    def _carries(self, combined: list[int], dhi: list[int], dlo: list[int]) -> None:
+        """Account the steps where the high word moved by at most CARRY_STEPS: a carry can
+        cancel at most one high-word step, so a jump (a motor starting) tells nothing."""
         dc = list(map(sub, combined[1:], combined))
         if min(dc) < -0x8000_0000 or max(dc) >= 0x8000_0000:
             dc = _modular(dc, 0x8000_0000, 0xFFFF_FFFF)
+        self.decreases += sum(map(_is_negative, dc))
         if min(dhi) <= -0x8000 or max(dhi) >= 0x8000:
             dhi = _modular(dhi, 0x8000, 0xFFFF)
-        hi_moves = 0x10000 * sum(map(abs, dhi))
-        moved = sum(map(abs, dc))
+        hi_steps = list(map(abs, dhi))
+        small = list(map(_small, hi_steps))
+        hi_moves = 0x10000 * sum(compress(hi_steps, small))
+        moved = sum(compress(map(abs, dc), small))
         self.hi_moves += hi_moves
-        self.cancelled += (hi_moves + lo.moved - moved) / 2
-        self.events += len(dhi) - dhi.count(0)
+        self.cancelled += (hi_moves + sum(compress(map(abs, dlo), small)) - moved) / 2
+        self.events += sum(compress(map(bool, hi_steps), small))
         self.values_moved += moved
-        self.decreases += sum(map(_is_negative, dc))
-        self._fresh(combined[len(combined) - new :])
+        self.steps += sum(small)
 
     def _fresh(self, fresh: list[int]) -> None:
         low, high = min(fresh), max(fresh)
