@@ -7,9 +7,13 @@ every guess is a `lifecycle: proposed` signal an engineer confirms. Two register
 either the low word cancels the high word's steps (carries and borrows: a counter crossing
 a 16-bit boundary, a float drifting across a mantissa step) or the low word is near-random
 noise beside a steady high word (a float32's low mantissa) and the carries seen match what
-such noise would give. Word order is voted per device (a device lays out all its 32-bit
-values one way); overlapping candidates go to the strongest. Memory is bounded by
-`max_points` (columns of distinct answered ranges; beyond: one warning, the rest dropped).
+such noise would give. Without a carry, only two layouts are taken, at low confidence: a
+float32 too steady to move its high word, a uint32 counter below 65,536. Overlapping
+candidates go to the strongest; at equal evidence, to the device's usual word order (the
+order is not forced: one PLC may hold little-endian counters and big-endian floats).
+Memory is bounded by `max_points` (columns of distinct answered ranges; beyond: one
+warning, the rest dropped). Cost per sample, 2 cores at load 1: ~0.1 µs (a still register)
+to ~0.6 µs (a noisy float32's words), plus ~2 µs per Values.
 """
 
 from __future__ import annotations

@@ -300,8 +300,8 @@ class Block:
                 pair.steps += len(dlo)  # nothing moved: nothing new
                 continue
             pair.digest(high, low, (columns[hi], columns[lo]), (dhi, dlo), new)
-            if pair.events >= 64 and pair.coherence < 0.05 and not rough(self.columns[lo]):
-                pair.dead = True  # two independent words: stop paying for them
+            if rough(high) or (pair.events >= 64 and pair.coherence < 0.05 and not rough(low)):
+                pair.dead = True  # a near-random high word, or two independent words
 
 
 def rough(column: Column) -> bool:
