@@ -63,7 +63,7 @@ from broker import logs
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.enterprise.run import POLL_S, tune_garbage_collector
 from broker.enterprise.store import Store
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.decode import RawValue
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy

@@ -19,7 +19,7 @@ import pytest
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import MaintenanceConfig
 from broker.enterprise.store import Store
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import load

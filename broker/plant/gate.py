@@ -14,7 +14,7 @@ from datetime import datetime
 
 import structlog
 
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.policy import Policy
 from broker.records import Record
 

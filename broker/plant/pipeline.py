@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.context import ContextEngine
 from broker.plant.decode import DecodeError, decoder_for
 from broker.plant.gate import Gate

@@ -28,7 +28,8 @@ from broker.config import BrokerConfig, OpcUaConfig
 from broker.errors import ChannelError
 from broker.health import ClockWatch, DiskWatch
 from broker.metrics import PlantMetrics
-from broker.plant.connectors import RawSample, SupervisedDevice, supervised_devices
+from broker.plant.connectors.base import RawSample
+from broker.plant.connectors.registry import SupervisedDevice, supervised_devices
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy

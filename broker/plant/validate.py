@@ -18,7 +18,8 @@ import msgspec
 import structlog
 
 from broker.config import PlantConfig
-from broker.plant.connectors import RawSample, connectors_for
+from broker.plant.connectors.base import RawSample
+from broker.plant.connectors.registry import connectors_for
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.plant.quality import SignalStats

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from broker import policy
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.policy import Policy
 from broker.records import Record
 

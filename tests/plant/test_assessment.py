@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.records import to_json

@@ -18,7 +18,7 @@ import yaml
 from broker import policy
 from broker.channel.spool import encode_frames
 from broker.config import MaintenanceConfig
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline

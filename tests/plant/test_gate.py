@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from broker import policy
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.gate import Gate
 from broker.policy import Policy
 from tests.harness import DEMO_POLICY

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy, load
 from broker.records import Quality, Record

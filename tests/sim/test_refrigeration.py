@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from broker import policy
-from broker.plant.connectors import RawSample
+from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus_plan import plan_reads
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import ModbusDevice

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from broker.plant.connectors import connector_for
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.dnp3 import Dnp3Connector
+from broker.plant.connectors.registry import connector_for
 from broker.policy import Dnp3Device, Dnp3Source, Signal
 from tests.harness import eventually
 from tests.plant.connectors.dnp3_outstation import (

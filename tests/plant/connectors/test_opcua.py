@@ -21,10 +21,10 @@ from cryptography import x509
 from broker import config, policy
 from broker.config import OpcUaConfig, OpcUaUserConfig
 from broker.errors import ConfigError, DeviceError, TrustError
-from broker.plant.connectors import connector_for
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings, fingerprint, open_session
+from broker.plant.connectors.registry import connector_for
 from broker.plant.decode import decoder_for
 from broker.policy import OpcUaDevice, Signal
 from tests.harness import dmzbroker, eventually, free_port

@@ -23,9 +23,10 @@ from asyncua.common.connection import TransportLimits
 from cryptography import x509
 
 from broker.audit.catalogue import EVENTS
-from broker.plant.connectors import SupervisedDevice, opcua_keepalive
+from broker.plant.connectors import opcua_keepalive
 from broker.plant.connectors.opcua import OpcUaConnector
 from broker.plant.connectors.opcua_session import SessionSettings, fingerprint
+from broker.plant.connectors.supervision import SupervisedDevice
 from tests.harness import eventually
 from tests.plant.connectors.opcua_server import OpcUaPki, OpcUaTestServer
 from tests.plant.connectors.test_opcua import (

@@ -1,0 +1,82 @@
+"""Connector registry: a protocol name in the policy → the connector that reads it."""
+
+from collections.abc import Sequence
+from functools import partial
+
+from broker.config import OpcUaConfig
+from broker.plant.connectors.bacnet import BacnetConnector
+from broker.plant.connectors.base import Connector, RawSample
+from broker.plant.connectors.dnp3 import Dnp3Connector
+from broker.plant.connectors.modbus import ModbusConnector
+from broker.plant.connectors.opcua import OpcUaConnector
+from broker.plant.connectors.opcua_session import SessionSettings
+from broker.plant.connectors.supervision import SupervisedDevice
+from broker.policy import (
+    BacnetDevice,
+    Device,
+    Dnp3Device,
+    ModbusDevice,
+    OpcUaDevice,
+    Policy,
+    Signal,
+)
+
+
+def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Connector]:
+    """Device name → its connector, reading only that device's signals (derived ones are
+    computed in the pipeline, never read)."""
+    signals_of = signals_by_device(policy)
+    return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
+
+
+def supervised_devices(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, SupervisedDevice]:
+    """Device name → its supervisor, which builds the connector itself: a device that the
+    appliance config cannot serve is `bad` on its own, and the others read (supervision.py)."""
+    signals_of = signals_by_device(policy)
+    return {
+        d.name: SupervisedDevice(
+            d.name,
+            partial(connector_for, d, signals_of[d.name], opcua),
+            [signal.path for signal in signals_of[d.name]],
+        )
+        for d in policy.devices
+    }
+
+
+def signals_by_device(policy: Policy) -> dict[str, list[Signal]]:
+    """Device name → the signals read from it, in policy order."""
+    signals_of: dict[str, list[Signal]] = {d.name: [] for d in policy.devices}
+    for signal in policy.signals:
+        if signal.device is not None:
+            signals_of[signal.device].append(signal)
+    return signals_of
+
+
+def connector_for(
+    device: Device, signals: Sequence[Signal], opcua: OpcUaConfig | None
+) -> Connector:
+    """The device's connector; `opcua` is the appliance config's `plant.opcua`.
+
+    Raises ConfigError or TrustError when an OPC UA device lacks what it needs there: the
+    client certificate, a trust list (or a pin in the policy), user credentials.
+    """
+    match device:
+        case ModbusDevice():
+            return ModbusConnector(device, signals)
+        case OpcUaDevice():
+            return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
+        case BacnetDevice():
+            return BacnetConnector(device, signals)
+        case Dnp3Device():
+            return Dnp3Connector(device, signals)
+
+
+__all__ = [
+    "Connector",
+    "RawSample",
+    "SupervisedDevice",
+    "connector_for",
+    "connectors_for",
+    "signals_by_device",
+    "supervised_devices",
+]
