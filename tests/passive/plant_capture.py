@@ -136,11 +136,13 @@ def _write(path: Path, frames: Sequence[Frame], pcapng: bool) -> Path:
     writer.write_header(None)
     for time, packet, cut in frames:
         data = bytes(packet)
+        # pcap takes whole seconds and microseconds; scapy's pcapng writer float seconds only
         sec, usec = divmod(round(time * 1e6), 1_000_000)
+        when: tuple[float, int | None] = (time, None) if pcapng else (sec, usec)
         if cut is None:
-            writer.write_packet(data, sec=sec, usec=usec)
+            writer.write_packet(data, *when)
         else:
-            writer.write_packet(data[:cut], sec=sec, usec=usec, caplen=cut, wirelen=len(data))
+            writer.write_packet(data[:cut], *when, caplen=cut, wirelen=len(data))
     writer.close()
     return path
 
