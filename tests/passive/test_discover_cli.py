@@ -108,7 +108,8 @@ def test_every_planned_request_is_inside_one_range_the_scada_polled(
     read = {(t, a) for t, s, n, _ in ranges for a in range(s, s + n)}
     # a 32-bit pair somewhere inside one range, as inference reports pairs read together
     pairs = [(t, s) for t, s, n, _ in ranges if n >= 2 and t == "holding_register"]
-    pair = data.draw(st.sampled_from(pairs)) if pairs and data.draw(st.booleans()) else None
+    with_pair: bool = bool(pairs) and data.draw(st.booleans())
+    pair = data.draw(st.sampled_from(pairs)) if with_pair else None
     guesses = [
         guess(t, a, "bool" if t == "coil" else "uint16")
         for t, a in sorted(read)
@@ -172,8 +173,11 @@ def test_written_only_points_are_comments_and_a_read_setpoint_is_marked_never_wr
 
 def test_a_range_read_once_is_not_polled_by_the_draft() -> None:
     scada = [polled("input_register", 0, 2), polled("input_register", 10, 2, None)]
-    result, _ = drafted([guess("input_register", a) for a in (0, 1, 10, 11)], scada)
+    guesses = [guess("input_register", 0, "bool", kind="bool")]  # a register only ever 0/1
+    result, _ = drafted(guesses + [guess("input_register", a) for a in (1, 10, 11)], scada)
     assert [(s, e) for _, s, e, _ in planned(result.text)] == [(0, 2)]
+    flag = next(s for s in loaded(result.text).signals if s.path.endswith("ir-0"))
+    assert (flag.source.type, flag.source.bit) == ("bool", 0)
     assert result.text is not None and "ir-10: read once in the capture" in result.text
 
 
