@@ -26,6 +26,7 @@ from broker.audit.export import SiemExporter
 from broker.audit.log import AuditLog, AuditMonitor
 from broker.audit.witness import WITNESSED
 from broker.channel.spool import SpoolReceiver
+from broker.channel.spool_watch import SpoolWatch
 from broker.config import BrokerConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.episodes import Episode
@@ -42,7 +43,7 @@ from broker.policy.watch import PolicyWatcher
 from broker.records import Record
 from broker.trust import tls
 
-POLL_S = 0.005  # how often an idle reader looks for new frames; bounds added latency
+POLL_S = 0.005  # how often an idle reader looks for new frames where the spool is not watched
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
@@ -116,7 +117,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
     finally:
         store.close()
         await stop_outputs(runs, started, failures)
-        spool.receiver.close()
+        spool.close()
 
 
 def _run(output: Output) -> asyncio.Task[NoReturn]:
@@ -229,12 +230,18 @@ async def _watch_audit(audit: AuditLog, store: Store) -> None:
 
 class _SpoolReading:
     """The spool receiver, reopened from its saved position after a failed read: a read
-    that fails midway may have moved past records it never returned."""
+    that fails midway may have moved past records it never returned; and the watch that
+    wakes it when the spool grows."""
 
     def __init__(self, directory: Path, state_dir: Path) -> None:
         self._directory = directory
         self._state_dir = state_dir
         self.receiver = SpoolReceiver(directory, state_dir)
+        self.watch = SpoolWatch(directory, POLL_S)
+
+    def close(self) -> None:
+        self.receiver.close()
+        self.watch.close()
 
     def reopen(self) -> None:
         self.receiver.close()
@@ -283,8 +290,12 @@ async def _deliver(spool: _SpoolReading, store: Store, metrics: EnterpriseMetric
         if failing.active:
             failing.end(resume_after_seq=spool.receiver.last_seq)
             pause = SPOOL_RETRY_S[0]
-        # An idle reader polls; while catching up, consumers drain between batches.
-        await asyncio.sleep(0 if records else POLL_S)
+        # An idle reader waits for the spool to grow; while catching up, consumers drain
+        # between batches.
+        if records:
+            await asyncio.sleep(0)
+        else:
+            await spool.watch.wait()
 
 
 def _witness(checkpoints: list[bytes]) -> None:

@@ -41,6 +41,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from broker.audit.log import AuditLog
 from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
+from broker.channel.spool_watch import SpoolWatch
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs.base import OutputContext
@@ -52,7 +53,7 @@ from broker.trust import tls
 
 BATCH = 2000
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
-IDLE_S = 0.05
+IDLE_S = 0.05  # how often it looks again while held back, or where the spool is not watched
 PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but does not acknowledge
 KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within twice this
 RETRY_FIRST_S = 0.5
@@ -122,6 +123,7 @@ class MqttSink:
         self._audit = audit
         self._server_name = config.server_name or config.host
         self._context = _verifying_name(config, self._server_name)
+        self._watch: SpoolWatch | None = None  # while it runs
 
     async def start(self) -> None:
         """Nothing to bind: an unreachable broker is retried in `run`, never a reason to stop."""
@@ -133,6 +135,15 @@ class MqttSink:
         """Nothing held between sessions: the position is saved after each acknowledged batch."""
 
     async def run(self) -> NoReturn:
+        # One watch for the sink's life: a fallback to polling is logged once, not per session.
+        self._watch = SpoolWatch(self._spool_dir, IDLE_S)
+        try:
+            await self._sessions()
+        finally:
+            self._watch.close()
+            self._watch = None
+
+    async def _sessions(self) -> NoReturn:
         config = self._config
         where = f"{config.host}:{config.port}"
         backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
@@ -209,6 +220,9 @@ class MqttSink:
         done.pop().result()  # raises: neither task ends otherwise
 
     async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> NoReturn:
+        watch = self._watch
+        if watch is None:
+            raise RuntimeError("the MQTT sink forwards only while it runs")
         prefix = self._config.topic_prefix
         self._delivered(receiver, 0)  # the position it starts from
         while True:
@@ -217,7 +231,7 @@ class MqttSink:
                 continue
             records = receiver.receive(max_records=BATCH)
             if not records:
-                await asyncio.sleep(IDLE_S)
+                await watch.wait()  # the spool grew, or IDLE_S where it is not watched
                 continue
             view = self._authz.view(self._config.identity)
             allowed = [r for r in records if r.signal in view]

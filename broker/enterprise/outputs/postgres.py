@@ -43,6 +43,7 @@ from psycopg import sql
 
 from broker.backoff import Backoff
 from broker.channel.spool import SpoolReceiver
+from broker.channel.spool_watch import SpoolWatch
 from broker.config import PostgresConfig
 from broker.enterprise.authz import Authorization
 from broker.enterprise.outputs import postgres_schema as schema
@@ -62,7 +63,7 @@ from broker.policy import Policy
 
 BATCH = 5000
 SLICE = 128  # records read and encoded between two turns of the event loop (~1.5 ms)
-IDLE_S = 0.05
+IDLE_S = 0.05  # how often it looks for new records where the spool is not watched
 HELD_S = 0.5  # how often a sink held back (audit log failing, policy expired) looks again
 # Each statement of a write: a server that accepts and then hangs (no FIN, keepalives
 # answered) is noticed this soon; a 5,000-record batch takes ~0.1-0.5 s (docs/postgres.md).
@@ -129,6 +130,14 @@ class PostgresSink:
         """Nothing held between sessions: the position is saved after each commit."""
 
     async def run(self) -> NoReturn:
+        # One watch for the sink's life: a fallback to polling is logged once, not per session.
+        watch = SpoolWatch(self._spool_dir, IDLE_S)
+        try:
+            await self._sessions(watch)
+        finally:
+            watch.close()
+
+    async def _sessions(self, watch: SpoolWatch) -> NoReturn:
         config = self._config
         address = f"{config.host}:{config.port}"
         backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S, fresh_after_s=FRESH_AFTER_S)
@@ -152,7 +161,7 @@ class PostgresSink:
                                  user=config.user, schema=config.schema, **after)  # fmt: skip
                         announced = True
                     try:
-                        await self._forward(connection, receiver)
+                        await self._forward(connection, receiver, watch)
                     except psycopg.errors.InsufficientPrivilege as e:  # revoked while it ran
                         async with asyncio.timeout(ANSWER_TIMEOUT_S):
                             refusal = await self._refusal(connection)
@@ -262,7 +271,10 @@ class PostgresSink:
                  layout=layout, owner=config.owner.user, user=config.user)  # fmt: skip
 
     async def _forward(
-        self, connection: psycopg.AsyncConnection[Any], receiver: SpoolReceiver
+        self,
+        connection: psycopg.AsyncConnection[Any],
+        receiver: SpoolReceiver,
+        watch: SpoolWatch,
     ) -> NoReturn:
         """Two tasks: one reads and encodes batches, yielding between slices; the other
         writes them in turn. So the sink reads batch n + 1 while the server takes batch n,
@@ -272,7 +284,7 @@ class PostgresSink:
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=1)
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._read(connection, receiver, writer, batches))
+                tasks.create_task(self._read(connection, receiver, writer, batches, watch))
                 tasks.create_task(self._write(receiver, writer, batches))
         except ExceptionGroup as failed:  # the first failure ends the session, as one would
             raise failed.exceptions[0] from None
@@ -284,6 +296,7 @@ class PostgresSink:
         receiver: SpoolReceiver,
         writer: BatchWriter,
         batches: asyncio.Queue[Batch],
+        watch: SpoolWatch,
     ) -> NoReturn:
         described: int | None = None  # the policy version the assets and signals rows are for
         while True:
@@ -300,7 +313,7 @@ class PostgresSink:
                 described = policy.version
             batch = await self._next_batch(receiver, writer, view)
             if batch is None:
-                await asyncio.sleep(IDLE_S)
+                await watch.wait()  # the spool grew, or IDLE_S where it is not watched
                 continue
             await batches.put(batch)
 
