@@ -17,6 +17,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from broker.cli import main
 from tests.harness import dmzbroker
 from tests.passive.plant_capture import PLC_HOST, SCADA_HOST, T0, write_conversation
 
@@ -102,7 +103,7 @@ def test_hostile_frames_are_warnings_and_the_good_ones_still_count(tmp_path: Pat
     assert registers(found) == {("holding_register", 0), ("holding_register", 1)}
     draft = tmp_path / "draft.yaml"
     draft.write_text(found["draft"])
-    dmzbroker("policy", "compile", str(draft), "--out", str(tmp_path / "draft.dsse.json"))
+    assert main(["policy", "compile", str(draft), "--out", str(tmp_path / "draft.dsse.json")]) == 0
 
 
 def record_offsets(capture: bytes) -> list[int]:
