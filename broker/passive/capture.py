@@ -75,6 +75,7 @@ class Packet:
     payload: bytes
     seq: int = 0  # TCP only
     flags: int = 0  # TCP only, as in the header: SYN 0x02, FIN 0x01, RST 0x04, ACK 0x10
+    ack: int = 0  # TCP only: the acknowledgement number (meaningful with the ACK flag)
 
 
 def packets(
@@ -209,12 +210,13 @@ class _Decoder:
         at, end = span.at, span.end
         if span.protocol == _TCP:
             _need(end, at + 20)
-            sport, dport, seq, _, offset, flags = _TCP_HEADER.unpack_from(frame, at)
+            sport, dport, seq, ack, offset, flags = _TCP_HEADER.unpack_from(frame, at)
             header = (offset >> 4) * 4
             if header < 20 or at + header > end:
                 raise _Bad("malformed TCP header")
             src, dst = self._peer(span.src, sport), self._peer(span.dst, dport)
-            return Packet(number, stamp, "tcp", src, dst, frame[at + header : end], seq, flags)
+            payload = frame[at + header : end]
+            return Packet(number, stamp, "tcp", src, dst, payload, seq, flags, ack)
         _need(end, at + 8)
         sport, dport, length = _UDP_HEADER.unpack_from(frame, at)
         if length < 8 or at + length > end:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from broker.passive.capture import Packet
 from broker.passive.observations import Peer, Warnings
 
-SYN, FIN, RST = 0x02, 0x01, 0x04
+SYN, FIN, RST, ACK = 0x02, 0x01, 0x04, 0x10
+MISSING = "TCP segment missing (never captured, or too late)"  # a warning kind
 SEGMENT_OVERHEAD = 100  # bytes a held segment costs besides its data (tuple, bytes header)
 _MOD = 1 << 32
 _Key = tuple[str, int, str, int]  # a flow's src host, port, dst host, port (cheap to hash)
@@ -97,25 +98,48 @@ class _Flow:
 
     def give_up(self, out: list[Chunk]) -> None:
         """Skip the first hole and hand on what follows it, marked gap."""
-        start = self.held[0][0]
-        if start > self.position:  # always, as drain() leaves nothing reachable held
+        self.skip(self.held[0][0])
+        self.drain(out)
+
+    def acknowledged(self, ack: int, out: list[Chunk]) -> bool:
+        """Give up the holes before sequence number `ack`, which the peer acknowledged (so
+        they were sent, and the capture missed them); whether there was one. Never beyond
+        the bytes held: a stray ACK far ahead cannot make the flow skip what is to come."""
+        end, gave_up = self.at(ack), False
+        while self.held and self.position < end:
+            self.skip(min(end, self.held[0][0]))
+            self.drain(out)
+            gave_up = True
+        return gave_up
+
+    def skip(self, start: int) -> None:
+        """Move on to `start`, the bytes before it missing."""
+        if start > self.position:  # always from give_up, as drain() leaves nothing reachable
             self.seq = (self.seq + start - self.position) % _MOD
             self.position = start
             self.gap = True
-        self.drain(out)
 
 
 class Streams:
     """TCP reassembly, bounded; see the module docstring."""
 
     def __init__(
-        self, warnings: Warnings, *, max_flows: int = 10_000, max_pending_bytes: int = 256 * 1024
+        self,
+        warnings: Warnings,
+        *,
+        max_flows: int = 10_000,
+        max_pending_bytes: int = 256 * 1024,
+        max_held_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._warnings = warnings
         self._max_flows = max_flows
-        self._max_held = max_pending_bytes
+        self._max_pending = max_pending_bytes
+        self._max_held = max_held_bytes
         self._flows: OrderedDict[_Key, _Flow] = OrderedDict()  # least recently used first
         self._closed: OrderedDict[_Key, int] = OrderedDict()  # closed flow → its next seq
+        # flows holding bytes behind a hole, the one waiting longest since it moved on first
+        self._waiting: OrderedDict[_Key, _Flow] = OrderedDict()
+        self._held = 0  # bytes held by all flows (their held_bytes summed)
 
     def add(self, packet: Packet) -> list[Chunk]:
         """The chunks this TCP segment puts in order (possibly none)."""
@@ -124,9 +148,12 @@ class Streams:
             return out
         src, dst = packet.src, packet.dst
         key = (src.host, src.port, dst.host, dst.port)
+        reverse = (dst.host, dst.port, src.host, src.port)
+        if packet.flags & ACK:  # first: what it acknowledges was sent before this segment
+            self._acknowledged(reverse, packet, out)
         if packet.flags & RST:
             self._close(key, out)
-            self._close((dst.host, dst.port, src.host, src.port), out)
+            self._close(reverse, out)
             return out
         seq = packet.seq
         flow = self._flows.get(key)
@@ -144,28 +171,67 @@ class Streams:
             flow = self._open(key, seq, packet, out)
         else:
             self._flows.move_to_end(key)
+        held, position = flow.held_bytes, flow.position
         flow.segment(seq, packet.time, packet.payload, out)
-        while flow.held_bytes > self._max_held:
+        while flow.held_bytes > self._max_pending:
             flow.give_up(out)
-            self._warnings.add(
-                "TCP segment missing (never captured, or too late)",
-                f"{packet.src} → {packet.dst} before packet {packet.number}",
-            )
+            self._warnings.add(MISSING, f"{src} → {dst} before packet {packet.number}")
         if packet.flags & FIN and flow.fin_at is None:
             flow.fin_at = flow.at(seq) + len(packet.payload)
-        if flow.fin_at is not None and flow.position >= flow.fin_at:
-            self._close(key, out)
+        self._moved(key, flow, held, position, out)
+        while self._held > self._max_held:
+            self._give_up_oldest(packet, out)
         return out
 
     def flush(self) -> list[Chunk]:
-        """At the end of the file: what is still held, in order, gaps marked."""
-        out: list[Chunk] = []
-        for flow in self._flows.values():
+        """At the end of the file: what is still held, in capture-time order across flows
+        (each flow's own chunks in stream order), gaps marked."""
+        held: list[list[Chunk]] = []
+        for flow in self._waiting.values():
+            held.append([])
             while flow.held:
-                flow.give_up(out)
+                flow.give_up(held[-1])
         self._flows.clear()
         self._closed.clear()
-        return out
+        self._waiting.clear()
+        self._held = 0
+        # answers held behind a client's hole must not reach a reader before their requests
+        return list(heapq.merge(*held, key=_time))
+
+    def _acknowledged(self, key: _Key, packet: Packet, out: list[Chunk]) -> None:
+        """The peer has the bytes of flow `key` up to `packet.ack`: a hole before that was
+        never captured ("ACKed unseen segment"), so what follows it goes on at once."""
+        flow = self._flows.get(key)
+        if flow is None or not flow.held:
+            return
+        held, position = flow.held_bytes, flow.position
+        if flow.acknowledged(packet.ack, out):
+            self._warnings.add(
+                MISSING, f"{packet.dst} → {packet.src} before packet {packet.number}"
+            )
+            self._moved(key, flow, held, position, out)
+
+    def _give_up_oldest(self, packet: Packet, out: list[Chunk]) -> None:
+        """Over max_held_bytes: the flow waiting longest gives up its first hole."""
+        key, flow = next(iter(self._waiting.items()))
+        held, position = flow.held_bytes, flow.position
+        flow.give_up(out)
+        self._warnings.add(
+            f"TCP hole given up (more than {self._max_held:,} bytes held in all)",
+            f"{flow.src} → {flow.dst} at packet {packet.number}",
+        )
+        self._moved(key, flow, held, position, out)
+
+    def _moved(self, key: _Key, flow: _Flow, held: int, position: int, out: list[Chunk]) -> None:
+        """Account for what `flow` holds now (it held `held` bytes at `position` before)."""
+        self._held += flow.held_bytes - held
+        if not flow.held:
+            self._waiting.pop(key, None)
+        elif key not in self._waiting or flow.position != position:
+            self._waiting[key] = flow
+            self._waiting.move_to_end(key)
+        if flow.fin_at is not None and flow.position >= flow.fin_at:
+            self._close(key, out)
 
     def _open(self, key: _Key, seq: int, packet: Packet, out: list[Chunk]) -> _Flow:
         if len(self._flows) >= self._max_flows:
@@ -174,8 +240,9 @@ class Streams:
                 f"TCP connection state dropped (more than {self._max_flows:,} flows open)",
                 f"packet {packet.number}",
             )
-        self._closed.pop(key, None)
-        flow = self._flows[key] = _Flow(packet.src, packet.dst, seq, seq)
+        # the same ports again: a reader must not join its first bytes to the last one's
+        again = self._closed.pop(key, None) is not None
+        flow = self._flows[key] = _Flow(packet.src, packet.dst, seq, seq, gap=again)
         return flow
 
     def _close(self, key: _Key, out: list[Chunk]) -> None:
@@ -183,8 +250,14 @@ class Streams:
         flow = self._flows.pop(key, None)
         if flow is None:
             return
+        self._held -= flow.held_bytes
+        self._waiting.pop(key, None)
         while flow.held:
             flow.give_up(out)
         self._closed[key] = flow.seq
         if len(self._closed) > self._max_flows:
             self._closed.popitem(last=False)
+
+
+def _time(chunk: Chunk) -> float:
+    return chunk.time
