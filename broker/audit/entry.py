@@ -9,6 +9,7 @@ null, lists and objects, so this is stable and equals the line written to disk m
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +26,17 @@ _encoder = msgspec.json.Encoder(order="sorted")
 
 
 def timestamp() -> str:
-    """Now, as every time in the audit log is written: RFC 3339 UTC, microseconds, `Z`."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Now, as every time in the audit log is written: RFC 3339 UTC, microseconds, `Z`
+    (as `datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")`, whose strftime was a quarter
+    of the writer's time: the part up to the second is formatted once per second)."""
+    global _second  # noqa: PLW0603 - a cache of one, replaced whole (no lock needed)
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    if _second[0] != seconds:
+        _second = seconds, datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{micros:06d}Z"
+
+
+_second = (-1, "")
 
 
 def canonical(fields: dict[str, Any]) -> bytes:
@@ -37,6 +47,23 @@ def entry_hash(entry: dict[str, Any]) -> str:
     """SHA-256 of the entry's canonical form without its own `hash`."""
     unhashed = {k: v for k, v in entry.items() if k != "hash"}
     return hashlib.sha256(canonical(unhashed)).hexdigest()
+
+
+def sealed_line(entry: dict[str, Any]) -> bytes:
+    """Set `hash` on an entry that has none, and return its line as written (canonical,
+    with a newline): the same bytes as `canonical(entry) + b"\\n"`, encoded once, not twice.
+
+    The inverse of raw_hash: keys are sorted, so the top-level `hash` stands right before the
+    top-level `object`, the last `,"object":` of the line (no value after it is an object,
+    and inside a JSON string every `"` is escaped).
+    """
+    unhashed = canonical(entry)
+    digest = hashlib.sha256(unhashed).hexdigest()
+    entry["hash"] = digest
+    at = unhashed.rfind(b',"object":')
+    if at < 0:  # not an entry of ours (no `object`): encode it whole
+        return canonical(entry) + b"\n"
+    return b"".join((unhashed[:at], b',"hash":"', digest.encode(), b'"', unhashed[at:], b"\n"))
 
 
 def checkpoint_message(writer: str, details: Mapping[str, Any]) -> bytes:

@@ -13,6 +13,12 @@ segment starts with an `audit_chain_break` entry naming it, which `audit verify`
 When the log cannot be written, `failing` turns true: the halves stop data crossing until a
 write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`, and written by
 `check()` once it can).
+
+Group commit (ADR 0027): each entry is written to its segment when it is recorded (a crash of
+the process loses none), and a committer thread makes everything written so far durable with
+one fdatasync, then the next batch, without waiting in between: `durable` is the last seq on
+disk, `sync()` waits for it, and a checkpoint is witnessed only once it is on disk. A failed
+fdatasync is `failing` too, until one succeeds.
 """
 
 from __future__ import annotations
@@ -37,9 +43,8 @@ from broker.audit.entry import (
     CHECKPOINT,
     DROPPED,
     EXPIRED,
-    canonical,
     checkpoint_message,
-    entry_hash,
+    sealed_line,
     timestamp,
 )
 from broker.audit.recovery import Found, examine
@@ -53,7 +58,7 @@ OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
 MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
 EXPIRY_CHECK_S = 60.0  # in the reserve, how often check() looks for segments that may go
-FSYNC_INTERVAL_S = 0.1  # entries are written at once; flushed to disk at least this often
+SYNC_RETRY_S = 0.25  # after a failed fdatasync, the committer's next try (check() tries too)
 
 
 class HeldBack(Protocol):
@@ -69,8 +74,9 @@ class HeldBack(Protocol):
 class AuditLog:
     held_back: HeldBack | None = None  # set by the forwarder; flushed by check() and close()
     # Witnesses (broker.plant.run, the SIEM export): called with each checkpoint entry (every
-    # field, seq and hash too) once it is written and fsynced. It must be cheap; what it
-    # raises is counted in `hook_failures`, never passed on to the writer.
+    # field, seq and hash too) once it is written and fsynced, in seq order, under the log's
+    # lock, from the thread that made it durable (the caller's or the committer). It must be
+    # cheap; what it raises is counted in `hook_failures`, never passed on to the writer.
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None
     # Set by _start(): the seq of the last checkpoint start-up recovery found valid
     # (broker.audit.recovery): where the log was adopted, or the last good seq of its chain
@@ -85,6 +91,11 @@ class AuditLog:
     _epoch_started: float
     _next_fd = -1  # the segment a rollover opened, used once its checkpoint is written
     _switch_after = 0  # pending lines up to and including that checkpoint
+    # Group commit (the committer thread, _commit).
+    _generation = 0  # bumped when the segment's fd is closed: an older one is not synced
+    _sync_error = False  # the last fdatasync failed: failing until one succeeds
+    _idle = False  # the committer waits for entries: wake it (else it comes back by itself)
+    _closing = False
 
     def __init__(
         self,
@@ -117,6 +128,9 @@ class AuditLog:
         self.boot_id = str(uuid.uuid4())
         self.failing = False
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
+        self._wake = threading.Condition(self._lock)  # the committer waits for new entries
+        self._io = threading.Lock()  # held over an fdatasync, and to close or switch its fd
+        self._awaiting: deque[dict[str, Any]] = deque()  # checkpoints written, not yet on disk
         self._pending: deque[bytes] = deque()
         self._partial = 0  # bytes of the first pending line already on disk
         self.dropped = 0  # entries lost because the disk refused them for too long
@@ -130,31 +144,38 @@ class AuditLog:
         self._folder_lock = FolderLock(self._dir)
         self._fd = -1
         try:
-            numbers = segment_numbers(self._dir)
-            self._used = sum(_size(segment_path(self._dir, n)) for n in numbers)
-            self._size = 0
-            self._since_checkpoint = 0
-            self._last_checkpoint = time.monotonic()
-            self._last_fsync = 0.0
-            self._last_expiry = 0.0
-            self._rollover_due = False
-            self._number = (numbers[-1] + 1) if numbers else 1
-            try:
-                self._start(numbers)
-                self._fd = self._create(self._number)
-            except OSError as e:
-                raise ChannelError(f"audit log {self._dir}: cannot start: {e}") from e
-            if self.chain_break is not None:
-                self._append(self._event(CHAIN_BREAK, "failure", self.chain_break))
-                structlog.get_logger("audit").error(
-                    CHAIN_BREAK, writer=writer, seq=self._seq, **self.chain_break
-                )
-            self._checkpoint("start")
+            self._begin()
         except BaseException:
             if self._fd >= 0:
                 os.close(self._fd)
             self._folder_lock.release()
             raise
+        self._committer = threading.Thread(target=self._commit, name=f"audit {writer}", daemon=True)
+        self._committer.start()
+
+    def _begin(self) -> None:
+        """Open a new segment where the chain continues (or breaks), and seal the start."""
+        numbers = segment_numbers(self._dir)
+        self._used = sum(_size(segment_path(self._dir, n)) for n in numbers)
+        self._size = 0
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_expiry = 0.0
+        self._rollover_due = False
+        self._number = (numbers[-1] + 1) if numbers else 1
+        try:
+            self._start(numbers)
+            self._fd = self._create(self._number)
+        except OSError as e:
+            raise ChannelError(f"audit log {self._dir}: cannot start: {e}") from e
+        self._written = self.durable = self._seq  # what the log held before this start
+        with self._lock:
+            if self.chain_break is not None:
+                self._append(self._event(CHAIN_BREAK, "failure", self.chain_break))
+                structlog.get_logger("audit").error(
+                    CHAIN_BREAK, writer=self._writer, seq=self._seq, **self.chain_break
+                )
+            self._checkpoint("start")
 
     @classmethod
     def open(cls, config: AuditConfig, appliance: str, writer: str) -> AuditLog:
@@ -175,6 +196,15 @@ class AuditLog:
     @property
     def head(self) -> tuple[int, str]:
         return self._seq, self._head
+
+    # The seq of the last entry known to be on disk (an fdatasync returned after its write).
+    durable: int
+
+    def sync(self) -> bool:
+        """Make everything recorded so far durable now, in the caller's thread: True when it
+        is on disk, False when the disk refused it (then `failing` says so)."""
+        with self._lock:
+            return self._sync()
 
     def record(
         self,
@@ -210,18 +240,20 @@ class AuditLog:
         self._append(body)
         self._since_checkpoint += 1
         if self._since_checkpoint >= self._checkpoint_every:
-            self._checkpoint("count")
+            self._checkpoint("count", wait=False)
         elif time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
-            self._checkpoint("time")
+            self._checkpoint("time", wait=False)
         elif self._size >= self._segment_bytes and not self._rollover_due and self._next_fd < 0:
             self._roll_over()
 
     def checkpoint(self, reason: str = "time") -> None:
-        """Sign the chain's head; flushed to disk at once."""
+        """Sign the chain's head; on disk and witnessed when this returns (unless failing)."""
         with self._lock:
             self._checkpoint(reason)
 
-    def _checkpoint(self, reason: str) -> None:
+    def _checkpoint(self, reason: str, *, wait: bool = True) -> None:
+        """Sign the chain's head. `wait`: make it durable now, in this thread; else the
+        committer does within one fdatasync, and witnesses it then."""
         seq, head, epoch = self._seq, self._head, self._epoch
         details: dict[str, Any] = {
             "appliance": self._appliance,
@@ -233,20 +265,18 @@ class AuditLog:
         }
         message = checkpoint_message(self._writer, details)
         details["signature"] = base64.b64encode(self._epoch_key.sign(message)).decode()
+        dropped = self.dropped
         entry = self._append(self._event(CHECKPOINT, "success", details))
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        self._flush(force=True)
-        if self._pending:
-            return  # not on disk: neither witnessed nor a point to change epochs at
-        if self.on_checkpoint is not None:
-            try:
-                self.on_checkpoint(entry)
-            except Exception:  # a witness must never stop the writer
-                self.hook_failures += 1
+        if self.dropped == dropped:  # chained: witnessed once on disk (_synced)
+            self._awaiting.append(entry)
         # Not at "stop": an epoch certified after the last entry would make the log look cut
-        # short of it (`audit verify` checks that the log reaches the last epoch).
-        if reason != "stop" and time.monotonic() - self._epoch_started >= self._epoch_s:
+        # short of it (`audit verify` checks that the log reaches the last epoch). The new
+        # epoch starts right after this checkpoint, once it is on disk (else the old key,
+        # still the certified one, is kept until the next checkpoint tries again).
+        due = reason != "stop" and time.monotonic() - self._epoch_started >= self._epoch_s
+        if (wait or due) and self._sync() and due:
             self._next_epoch(self._epoch_key)
 
     def _next_epoch(self, certifier: Ed25519PrivateKey) -> None:
@@ -294,14 +324,17 @@ class AuditLog:
         with self._lock:
             if self.held_back is not None:
                 self.held_back.flush()  # an interval's summary is due even if nothing new came
-            self._flush(force=bool(self._pending))
+            if self._pending or self._sync_error:
+                self._sync()  # what waited for the disk is written and synced at once
             if self._rollover_due:
                 self._roll_over()
             elif self.usage >= RESERVE and time.monotonic() - self._last_expiry >= EXPIRY_CHECK_S:
                 self._expire_segments()  # in the reserve few entries come to trigger it
             due = time.monotonic() - self._last_checkpoint >= self._checkpoint_s
             if due and self._since_checkpoint and not self.failing:
-                self._checkpoint("time")  # a quiet log still gets its last entries signed in time
+                self._checkpoint(
+                    "time", wait=False
+                )  # a quiet log still gets its last entries signed in time
             try:
                 fs = os.statvfs(self._dir)
             except OSError:
@@ -312,11 +345,15 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
+            self._closing = True
+            self._wake.notify()  # idle or not: it looks at _closing before it waits again
             if self._fd >= 0:
                 if self.held_back is not None:
                     self.held_back.flush(final=True)  # under the closing checkpoint
                 self._checkpoint("stop")
-                os.close(self._fd)
+                with self._io:
+                    os.close(self._fd)
+                    self._generation += 1
                 self._fd = -1
             if self._next_fd >= 0:  # a rollover whose checkpoint never reached the disk
                 os.close(self._next_fd)
@@ -324,6 +361,8 @@ class AuditLog:
                 with contextlib.suppress(OSError):
                     segment_path(self._dir, self._number + 1).unlink()  # empty, never used
             self._folder_lock.release()
+        if self._committer is not threading.current_thread():  # a witness may close the log
+            self._committer.join()
 
     def _append(self, body: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -334,7 +373,7 @@ class AuditLog:
             **body,
             "prev_hash": self._head,
         }
-        entry["hash"] = entry_hash(entry)
+        line = sealed_line(entry)
         if len(self._pending) >= PENDING_LIMIT:
             # Not chained: the chain stays whole, and what was lost is said in one entry
             # once the disk takes entries again (_flush).
@@ -343,13 +382,14 @@ class AuditLog:
             self._lost.add(entry)
             return entry
         self._seq, self._head = entry["seq"], entry["hash"]
-        self._pending.append(canonical(entry) + b"\n")
+        self._pending.append(line)
         if self._next_fd >= 0 and not self._switch_after:  # the rollover checkpoint
             self._switch_after = len(self._pending)
-        self._flush(force=False)
+        self._flush()
         return entry
 
-    def _flush(self, *, force: bool) -> None:
+    def _flush(self) -> None:
+        """Write what is pending, in order, to the segment (not yet synced: the committer)."""
         try:
             while self._pending:
                 line = self._pending[0]
@@ -359,21 +399,77 @@ class AuditLog:
                 self._size += len(line)
                 self._used += len(line)
                 self._pending.popleft()
+                self._written = self._seq - len(self._pending)  # pending seqs run up to _seq
                 if self._switch_after:
                     self._switch_after -= 1
                     if not self._switch_after:
                         self._switch_segment()
-            now = time.monotonic()
-            if force or now - self._last_fsync >= FSYNC_INTERVAL_S:
-                os.fsync(self._fd)
-                self._last_fsync = now
         except OSError:
             self.failing = True
             return
-        self.failing = False
+        self.failing = self._sync_error
+        if self._idle:
+            self._idle = False
+            self._wake.notify()
         if self._lost is not None:  # writing resumed: say what could not be kept
             lost, self._lost = self._lost, None
             self._append(self._event(DROPPED, "failure", lost.details()))
+
+    def _sync(self) -> bool:
+        """Write what is pending and fdatasync it now; True when everything is on disk."""
+        self._flush()
+        if self._pending:
+            return False
+        if self._written > self.durable:
+            self._sync_to(self._fd, self._generation, self._written)
+        return self.durable >= self._seq
+
+    def _commit(self) -> None:
+        """The committer thread: one fdatasync for everything written since the last one,
+        then the next, so entries written while one runs share the next (group commit)."""
+        while True:
+            with self._wake:
+                while not self._closing and self._written <= self.durable:
+                    self._idle = True
+                    self._wake.wait()
+                if self._closing:
+                    return
+                fd, generation, target = self._fd, self._generation, self._written
+            if not self._sync_to(fd, generation, target):
+                with self._wake:  # a failing disk is retried, not spun on
+                    self._wake.wait(SYNC_RETRY_S)
+
+    def _sync_to(self, fd: int, generation: int, target: int) -> bool:
+        """fdatasync `fd`, which holds every entry up to seq `target`, unless it was closed
+        since (a rollover syncs the segment it leaves, close() the last)."""
+        with self._io:
+            if generation != self._generation:
+                return True
+            try:
+                os.fdatasync(fd)
+                synced = True
+            except OSError:
+                synced = False
+        with self._lock:
+            if synced:
+                self._synced(target)
+            else:
+                self._sync_error = self.failing = True
+        return synced
+
+    def _synced(self, target: int) -> None:
+        """Entries up to seq `target` are on disk: say so, and witness their checkpoints."""
+        if self._sync_error:
+            self._sync_error = False
+            self.failing = bool(self._pending)  # else writes are refused too
+        self.durable = max(self.durable, target)
+        while self._awaiting and self._awaiting[0]["seq"] <= self.durable:
+            entry = self._awaiting.popleft()
+            if self.on_checkpoint is not None:
+                try:
+                    self.on_checkpoint(entry)
+                except Exception:  # a witness must never stop the writer
+                    self.hook_failures += 1
 
     def _expire_segments(self) -> None:
         """Delete the segments retention says must go (broker.audit.retention) and record
@@ -407,7 +503,8 @@ class AuditLog:
             return
         self._rollover_due = False
         self._next_fd = fd
-        self._checkpoint("rollover")  # the last entry of the old segment: _flush switches
+        # The last entry of the old segment: _flush switches, and syncs the old segment.
+        self._checkpoint("rollover", wait=False)
         if self._next_fd < 0:  # switched (else the disk refused the checkpoint: see _flush)
             self._expire_segments()
 
@@ -416,12 +513,21 @@ class AuditLog:
         written whole: a checkpoint (or part of a line) the disk refused stays due for the
         old segment, so every segment but the first still opens after a rollover checkpoint
         and no line is ever split between two segments."""
-        with contextlib.suppress(OSError):
-            os.fsync(self._fd)  # the old segment is complete whatever its last fsync says
-        os.close(self._fd)
+        with self._io:
+            try:
+                os.fdatasync(self._fd)
+                synced = True
+            except OSError:  # the segment is complete whatever its last fdatasync says
+                synced = False
+            os.close(self._fd)
+            self._generation += 1
         self._fd, self._next_fd = self._next_fd, -1
         self._number += 1
         self._size = 0
+        if synced:
+            self._synced(self._written)
+        else:
+            self._sync_error = True
 
     def _start(self, numbers: list[int]) -> None:
         """Find where the chain may continue, and the epoch key that signs from there.
