@@ -2,13 +2,15 @@
 
 Writes N entries (default 500,000, of the size a `consumer_denied` event has) with the real
 writer, checkpoints every 1,000, into a temporary directory; then verifies them as the CLI
-does, signatures included, and prints entries/s. Target: >= 200,000 entries/s on the
-reference machine (2 cores). Run: `.venv/bin/python bench/audit_verify.py [--entries N]`.
+does, signatures included, and prints entries/s. Target: >= 500,000 entries/s on the
+reference machine, 2 cores (issue 19; it was 200,000 at issue 4). Run:
+`.venv/bin/python bench/audit_verify.py [--entries N]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit.log import AuditLog
 from broker.audit.verify import verify_writer
+
+TARGET = 500_000
 
 
 def write(directory: Path, entries: int, key: Ed25519PrivateKey) -> float:
@@ -51,8 +55,9 @@ def main() -> int:
         seconds = time.perf_counter() - started
         rate = report.entries / seconds
         print(f"verify {report.entries:,} entries, {report.checkpoints:,} checkpoints in "
-              f"{seconds:.2f} s: {rate:,.0f} entries/s (target >= 200,000: "
-              f"{'PASS' if rate >= 200_000 else 'FAIL'}); intact: {report.intact}")  # fmt: skip
+              f"{seconds:.2f} s: {rate:,.0f} entries/s (target >= {TARGET:,}: "
+              f"{'PASS' if rate >= TARGET else 'FAIL'}); intact: {report.intact}; "
+              f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     return 0
 
 
