@@ -4,7 +4,9 @@ numbers, lost), within its memory bounds, and says where bytes are missing."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import struct
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -14,8 +16,9 @@ from scapy.layers.l2 import Ether
 from scapy.utils import PcapWriter
 
 from broker.passive.capture import Packet, packets
-from broker.passive.observations import Peer, Warnings
-from broker.passive.streams import SEGMENT_OVERHEAD, Chunk, Streams
+from broker.passive.modbus import ModbusReader
+from broker.passive.observations import Peer, Request, Warnings
+from broker.passive.streams import MISSING, SEGMENT_OVERHEAD, Chunk, Streams
 
 CLIENT, SERVER = Peer("10.0.0.5", 40001), Peer("10.0.0.7", 502)
 SYN, FIN, RST, ACK, PSH = 0x02, 0x01, 0x04, 0x10, 0x08
@@ -30,8 +33,16 @@ def _segment(
     src: Peer = CLIENT,
     dst: Peer = SERVER,
     n: int = 0,
+    ack: int = 0,
 ) -> Packet:
-    return Packet(n, float(n), "tcp", src, dst, data, seq % (1 << 32), flags)
+    return Packet(n, float(n), "tcp", src, dst, data, seq % (1 << 32), flags, ack % (1 << 32))
+
+
+def _ack(
+    ack: int, n: int = 0, *, src: Peer = SERVER, dst: Peer = CLIENT, data: bytes = b""
+) -> Packet:
+    """The other side acknowledging `ack` (with data of its own if given)."""
+    return _segment(900, data, ACK | PSH if data else ACK, src=src, dst=dst, n=n, ack=ack)
 
 
 def _syn(isn: int = ISN, src: Peer = CLIENT, dst: Peer = SERVER) -> Packet:
@@ -170,6 +181,211 @@ def test_flush_hands_on_what_is_held_with_its_gaps() -> None:
     assert streams.flush() == []
 
 
+def test_flush_hands_on_held_chunks_in_capture_time_order_across_flows() -> None:
+    # Both directions lost a byte and hold what follows. The answers' direction started
+    # holding first: flow by flow, an answer would reach a reader before its request.
+    streams = Streams(Warnings())
+
+    def back(seq: int, data: bytes, n: int) -> Packet:  # no ACKs: only the end gives up
+        return _segment(seq, data, PSH, src=SERVER, dst=CLIENT, n=n)
+
+    _feed(
+        streams,
+        [
+            _syn(),
+            _syn(700, src=SERVER, dst=CLIENT),
+            back(701, b"A", 3),
+            back(703, b"ans1", 4),
+            _segment(ISN + 1, b"Q", n=5, flags=PSH),
+            _segment(ISN + 3, b"req2", n=6, flags=PSH),
+            back(707, b"ans2", 7),
+        ],
+    )
+    assert [(c.src, c.data, c.gap, c.time) for c in streams.flush()] == [
+        (SERVER, b"ans1", True, 4.0),
+        (CLIENT, b"req2", True, 6.0),
+        (SERVER, b"ans2", False, 7.0),
+    ]
+
+
+def test_a_hole_the_peer_acknowledged_is_given_up_at_once() -> None:
+    warnings = Warnings()
+    streams = Streams(warnings)
+    _feed(streams, [_syn(), _syn(899, src=SERVER, dst=CLIENT), _segment(ISN + 1, b"abc", n=3)])
+    # "de" never captured; the server's ACK of "abc" alone does not pass the hole
+    assert _feed(streams, [_segment(ISN + 6, b"fgh", n=4), _ack(ISN + 4, n=5)]) == []
+    # its answer acknowledges everything: the held bytes first (they were sent before it)
+    chunks = streams.add(_ack(ISN + 9, n=6, data=b"answer"))
+    assert [(c.src, c.data, c.gap) for c in chunks] == [
+        (CLIENT, b"fgh", True),
+        (SERVER, b"answer", False),
+    ]
+    assert [(c.data, c.gap) for c in streams.add(_segment(ISN + 9, b"ijk", n=7))] == [
+        (b"ijk", False)
+    ]
+    assert warnings.items() == [(MISSING, 1, f"{CLIENT} → {SERVER} before packet 6")]
+
+
+def test_an_ack_inside_a_hole_gives_up_only_the_bytes_it_acknowledged() -> None:
+    streams = Streams(Warnings())
+    _feed(streams, [_syn(), _segment(ISN + 1, b"abc"), _segment(ISN + 6, b"fgh")])  # "de" lost
+    assert streams.add(_ack(ISN + 5)) == []  # the peer has "d", not yet "e"
+    chunks = streams.add(_segment(ISN + 4, b"de"))  # "e" retransmitted: still to come
+    assert [(c.data, c.gap) for c in chunks] == [(b"e", True), (b"fgh", False)]
+
+
+def test_a_stray_ack_far_ahead_skips_nothing_still_to_come() -> None:
+    streams = Streams(Warnings())
+    _feed(streams, [_syn(), _segment(ISN + 1, b"abc")])
+    assert streams.add(_ack(ISN + 1_000_000)) == []  # nothing held: nothing to give up
+    chunks = _feed(streams, [_segment(ISN + 4, b"de"), _segment(ISN + 8, b"hi")])  # "fg" lost
+    assert [(c.data, c.gap) for c in chunks] == [(b"de", False)]
+    chunks = _feed(streams, [_ack(ISN + 1_000_000), _segment(ISN + 10, b"jk")])
+    assert [(c.data, c.gap) for c in chunks] == [(b"hi", True), (b"jk", False)]
+
+
+def test_a_scapy_written_capture_gives_up_a_hole_its_peer_acknowledged(tmp_path: Path) -> None:
+    def frame(src: Peer, dst: Peer, seq: int, ack: int, flags: str, data: bytes = b"") -> Ether:
+        return (
+            Ether()
+            / IP(src=src.host, dst=dst.host)
+            / TCP(sport=src.port, dport=dst.port, seq=seq, ack=ack, flags=flags)
+            / data
+        )
+
+    path = tmp_path / "c.pcap"
+    with PcapWriter(str(path)) as writer:
+        for i, f in enumerate(
+            [
+                frame(CLIENT, SERVER, ISN, 0, "S"),
+                frame(SERVER, CLIENT, 899, ISN + 1, "SA"),
+                frame(CLIENT, SERVER, ISN + 1, 900, "A"),
+                # "hello" at ISN + 1 never captured
+                frame(CLIENT, SERVER, ISN + 6, 900, "PA", b"world"),
+                frame(SERVER, CLIENT, 900, ISN + 11, "PA", b"ok"),
+            ]
+        ):
+            f.time = 100.0 + i
+            writer.write(f)
+    warnings = Warnings()
+    streams = Streams(warnings)
+    chunks = [c for p in packets(path, warnings) for c in streams.add(p)]
+    assert [(c.data, c.gap) for c in chunks] == [(b"world", True), (b"ok", False)]
+    assert [kind for kind, _, _ in warnings.items()] == [MISSING]
+
+
+def test_all_flows_together_hold_at_most_max_held_bytes() -> None:
+    warnings = Warnings()
+    bound = 3 * (SEGMENT_OVERHEAD + 10) - 1
+    streams = Streams(warnings, max_held_bytes=bound)
+    a, b = Peer("10.0.1.1", 40000), Peer("10.0.1.2", 40000)
+    ten = bytes(10)
+    held = [
+        _segment(10, b"x", src=a),
+        _segment(12, ten, src=a),  # a waits for byte 11
+        _segment(10, b"y", src=b),
+        _segment(12, ten, src=b),  # b waits for byte 11 too, since later
+    ]
+    assert _feed(streams, held) == [
+        Chunk(0.0, a, SERVER, b"x", False),
+        Chunk(0.0, b, SERVER, b"y", False),
+    ]
+    chunks = streams.add(_segment(22, ten, src=b, n=5))  # a third held: one too many bytes
+    assert chunks == [Chunk(0.0, a, SERVER, ten, True)]  # a has waited longest: it gives up
+    assert warnings.items() == [
+        (
+            f"TCP hole given up (more than {bound:,} bytes held in all)",
+            1,
+            f"{a} → {SERVER} at packet 5",
+        )
+    ]
+    assert [(c.src, c.gap) for c in streams.add(_segment(22, ten, src=a))] == [(a, False)]
+    assert [(c.src, c.data, c.gap) for c in streams.add(_segment(11, b"z", src=b))] == [
+        (b, b"z", False),
+        (b, ten, False),
+        (b, ten, False),
+    ]
+
+
+@st.composite
+def _connections(draw: st.DrawFn) -> tuple[list[tuple[Peer, bytes]], list[Packet]]:
+    """Up to four connections' impaired streams, some segments never captured, the server's
+    ACKs of bytes anywhere in them (before or after the capture shows those), interleaved."""
+    streams, syns, rest = [], [], []
+    for i in range(draw(st.integers(1, 4))):
+        client = Peer("10.0.0.5", 40001 + i)
+        stream, isn, segments = draw(_impaired(_UNIQUE))
+        lost = draw(st.sets(st.integers(0, len(segments) - 1), max_size=3))
+        acked = draw(st.lists(st.integers(0, len(stream)), max_size=5))
+        streams.append((client, stream))
+        syns.append(_syn(isn, src=client))
+        rest += [
+            dataclasses.replace(s, src=client) for j, s in enumerate(segments) if j not in lost
+        ]
+        rest += [_ack(isn + 1 + k, dst=client) for k in acked]
+    return streams, syns + draw(st.permutations(rest))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _connections(),
+    st.integers(1, 8 * SEGMENT_OVERHEAD),
+    st.integers(1, 16 * SEGMENT_OVERHEAD),
+)
+def test_many_flows_with_losses_and_acks_stay_in_order_within_both_bounds(
+    case: tuple[list[tuple[Peer, bytes]], list[Packet]], per_flow: int, in_all: int
+) -> None:
+    expected, segments = case
+    streams = Streams(Warnings(), max_pending_bytes=per_flow, max_held_bytes=in_all)
+    chunks: list[Chunk] = []
+    for segment in segments:
+        chunks += streams.add(segment)
+        flows = streams._flows.values()
+        assert all(f.held_bytes <= per_flow for f in flows)
+        assert streams._held == sum(f.held_bytes for f in flows) <= in_all
+    chunks += streams.flush()
+    for client, stream in expected:
+        # each chunk is the stream's next bytes, or after a gap its bytes from further on
+        position = 0
+        for chunk in (c for c in chunks if c.src == client):
+            found = stream.find(chunk.data)
+            assert found > position if chunk.gap else found == position
+            position = found + len(chunk.data)
+
+
+def test_a_new_connection_on_the_same_ports_starts_after_a_gap() -> None:
+    streams = Streams(Warnings())
+    _feed(streams, [_syn(), _segment(ISN + 1, b"old"), _segment(ISN + 4, flags=RST)])
+    assert [(c.data, c.gap) for c in _feed(streams, [_syn(77), _segment(78, b"new")])] == [
+        (b"new", True)
+    ]
+    # a SYN with a new ISN while the old connection still looks open
+    assert [(c.data, c.gap) for c in _feed(streams, [_syn(5), _segment(6, b"newer")])] == [
+        (b"newer", True)
+    ]
+    # other ports: a first connection, nothing missing
+    other = Peer("10.0.0.5", 40002)
+    assert [
+        (c.data, c.gap)
+        for c in _feed(streams, [_syn(src=other), _segment(ISN + 1, b"x", src=other)])
+    ] == [(b"x", False)]
+
+
+def test_a_reader_does_not_join_a_new_connection_to_the_old_ones_unfinished_frame() -> None:
+    # The old connection ends one byte short of a read; the new one's first byte (its
+    # transaction id's high byte, 3) would complete it as a read of 3 registers at 32.
+    unfinished = struct.pack(">HHHBBHH", 9, 0, 6, 1, 3, 32, 0)[:-1]
+    read = struct.pack(">HHHBBHH", 0x0300, 0, 6, 1, 3, 0, 2)  # FC 3, holding registers 0-1
+    warnings = Warnings()
+    streams, reader = Streams(warnings), ModbusReader(warnings)
+    chunks = _feed(
+        streams,
+        [_syn(), _segment(ISN + 1, unfinished, flags=FIN | ACK), _syn(77), _segment(78, read, n=4)],
+    )
+    requests = [o for c in chunks for o in reader.feed(c, from_client=True)]
+    assert [(r.time, r.start, r.count) for r in requests if isinstance(r, Request)] == [(4.0, 0, 2)]
+
+
 def test_fin_closes_a_flow_once_its_bytes_are_in_and_late_retransmissions_stay_out() -> None:
     streams = Streams(Warnings())
     chunks = _feed(
@@ -182,10 +398,12 @@ def test_fin_closes_a_flow_once_its_bytes_are_in_and_late_retransmissions_stay_o
         ],
     )
     assert _data(chunks) == b"abcdef"
-    assert streams.flush() == []  # nothing held: the flow was freed
-    # the same ports again, a new connection: a new stream from its SYN
+    assert not streams._flows  # the flow was freed
+    # the same ports again, a new connection: a new stream from its SYN, not joined to the
+    # old one's bytes (a reader drops a frame the old connection left unfinished)
     chunks = _feed(streams, [_syn(77), _segment(78, b"new")])
-    assert [(c.data, c.gap) for c in chunks] == [(b"new", False)]
+    assert [(c.data, c.gap) for c in chunks] == [(b"new", True)]
+    assert streams.flush() == []
 
 
 def test_rst_frees_both_directions_handing_on_what_they_held() -> None:
