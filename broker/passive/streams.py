@@ -5,12 +5,24 @@ A flow is one direction of one TCP connection (src → dst). Its bytes are place
 number relative to the first one seen (the SYN's, or the first segment's when the capture
 starts mid-connection), modulo 2^32, so wrap-around is invisible. Retransmitted and
 overlapping bytes are dropped; a segment ahead of the next expected byte is held until the
-hole fills. Memory is bounded: at most `max_pending_bytes` held per flow, counting each
-segment's bookkeeping too, so that many tiny segments cost what they weigh (beyond, the first
-hole is given up and the next chunk says `gap=True`, with a warning), at most `max_flows`
-flows (beyond, the least recently used is dropped, with a warning). FIN (once its bytes are
-in) and RST free a flow; a bounded memory of closed flows keeps their late retransmissions
-from starting a new one.
+hole fills, or until the other direction's ACK passes the hole: the peer acknowledged bytes
+the capture never saw (Wireshark's "ACKed unseen segment"), so waiting is pointless and what
+follows goes on at once, the next chunk saying `gap=True` (with a warning). Only holes before
+bytes already held are given up that way, so a stray ACK far ahead cannot make a flow skip
+what is still to come. A capture that reorders across directions (two taps merged) can show
+an ACK before the bytes it acknowledges: those bytes come too late and are dropped.
+
+Memory is bounded by a constant whatever the capture: at most `max_pending_bytes` held per
+flow, counting each segment's bookkeeping too, so that many tiny segments cost what they weigh
+(beyond, the first hole is given up, with a warning); at most `max_held_bytes` held by all
+flows together (beyond, the flow that has waited longest since it last moved on gives up its
+first hole, with a warning); at most `max_flows` flows (beyond, the least recently used is
+dropped, with a warning). FIN (once its bytes are in) and RST free a flow; a bounded memory
+of closed flows keeps their late retransmissions from starting a new one, and makes a new
+connection on the same ports start with `gap=True`, so that a reader never joins its first
+bytes to the old connection's leftovers. At the end of the file, `flush` hands on what is
+still held in capture-time order across flows, so that a reader sees an answer after the
+request it answers.
 
 Frames are not this module's business: a Chunk is just bytes, and a reader resyncs on a gap.
 """
