@@ -11,6 +11,8 @@ draft compiles as printed. What it promises, each checked by a test:
   joins spans that touch into one request, so where two of the SCADA's ranges touch or
   overlap, the first point of the later one is left out (a comment says so) rather than
   have the broker send a request the SCADA never sent.
+- DNP3: a point the SCADA reads by range in one variation is read in that variation (a
+  float stays a float); one it only class-polls, in the outstation's default (variation 0).
 - The scale a guess suggests is a comment, never applied: it comes from how values look,
   and a wrong one would pass for a real reading once the signal is approved.
 Text from the capture (BACnet names, the readers' evidence) reaches the YAML only as a
@@ -31,6 +33,7 @@ from broker.passive.observations import UNKNOWN_UNIT, Peer, Protocol
 from broker.passive.polls import Polled
 from broker.plant.discovery_starter import EDIT, Listed, starter_policy
 from broker.policy.fields import NAME
+from broker.policy.schema import DNP3_VARIATIONS
 
 # The tables the broker reads, per protocol, and the word a signal path gives each.
 TABLE_WORDS: dict[str, dict[str, str]] = {
@@ -51,6 +54,7 @@ WRITTEN = "\n  # written by the SCADA (a setpoint): read only, never written"  #
 MAX_TEXT = 160  # characters of capture text kept in one comment or description
 _BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")  # YAML reads \x85, \u2028/9 as breaks
 _MASTER = re.compile(r"\(master (\d+)\)")  # how the DNP3 reader names the SCADA's address
+_READ_AS = re.compile(r"READ g(\d+)v(\d+) ")  # how it names a range read's group and variation
 _ADDRESS = re.compile(  # IPv6 (an IPv4-mapped tail too), else IPv4 (a port may follow)
     r"(?<![\w:.])(?:[0-9a-fA-F]{0,4}:){2,7}(?:[0-9a-fA-F]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:.])"
     r"|(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"
@@ -325,7 +329,7 @@ def _point(guess: Guess, device: Device, reads: _Reads, site: str, hosts: Hosts)
     signal = {
         "path": path,
         "device": device.name,
-        "source": _source(guess),
+        "source": _source(guess, covering),
         "unit": guess.units or "",
         "description": _description(guess, hosts),
         "lifecycle": "proposed",
@@ -353,9 +357,10 @@ def _why_not_read(guess: Guess, covering: Sequence[Polled], once: Sequence[Polle
     return "not read by any request the capture holds"
 
 
-def _source(guess: Guess) -> dict[str, Any]:
-    if guess.protocol == "dnp3":  # variation 0: the outstation's default, as a class poll gets
-        return {"group": int(guess.table), "index": guess.address, "variation": 0}
+def _source(guess: Guess, covering: Sequence[Polled]) -> dict[str, Any]:
+    if guess.protocol == "dnp3":
+        return {"group": int(guess.table), "index": guess.address,
+                "variation": _variation(guess, covering)}  # fmt: skip
     if guess.protocol == "bacnet":
         return {"object_type": guess.table, "instance": guess.address}
     if guess.table in ("coil", "discrete_input"):
@@ -366,6 +371,19 @@ def _source(guess: Guess) -> dict[str, Any]:
     elif guess.width == 2:
         source["word_order"] = guess.word_order or "big"
     return source
+
+
+def _variation(guess: Guess, covering: Sequence[Polled]) -> int:
+    """The variation the SCADA's range reads of a DNP3 point asked for, when they all asked
+    the same one: a value it reads as a float (g30v5) stays one (variation 0 may be an int32
+    for the outstation). Else 0, the outstation's default, as a class poll gets it."""
+    asked = {
+        int(m.group(2))
+        for p in covering
+        if (m := _READ_AS.match(p.function)) and m.group(1) == guess.table  # not an event group
+    }
+    only = asked.pop() if len(asked) == 1 else 0
+    return only if only in DNP3_VARIATIONS.get(int(guess.table), ()) else 0
 
 
 def _description(guess: Guess, hosts: Hosts) -> str:
