@@ -173,6 +173,8 @@ class Streams:
             seq = (seq + 1) % _MOD  # the SYN takes one sequence number
             if flow is None or flow.origin != seq:  # else a retransmitted SYN
                 self._close(key, out)  # a new connection on the same ports
+                if not packet.flags & ACK:  # the opening SYN: the old one is over both ways
+                    self._close(reverse, out)
                 flow = self._open(key, seq, packet, out)
         elif flow is None:
             last = self._closed.get(key)

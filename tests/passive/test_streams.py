@@ -45,6 +45,11 @@ def _ack(
     return _segment(900, data, ACK | PSH if data else ACK, src=src, dst=dst, n=n, ack=ack)
 
 
+def _back(seq: int, data: bytes = b"", flags: int = PSH, n: int = 0) -> Packet:
+    """A segment of the server's side (no ACK unless asked)."""
+    return _segment(seq, data, flags, src=SERVER, dst=CLIENT, n=n)
+
+
 def _syn(isn: int = ISN, src: Peer = CLIENT, dst: Peer = SERVER) -> Packet:
     return _segment(isn, flags=SYN, src=src, dst=dst)
 
@@ -184,21 +189,17 @@ def test_flush_hands_on_what_is_held_with_its_gaps() -> None:
 def test_flush_hands_on_held_chunks_in_capture_time_order_across_flows() -> None:
     # Both directions lost a byte and hold what follows. The answers' direction started
     # holding first: flow by flow, an answer would reach a reader before its request.
-    streams = Streams(Warnings())
-
-    def back(seq: int, data: bytes, n: int) -> Packet:  # no ACKs: only the end gives up
-        return _segment(seq, data, PSH, src=SERVER, dst=CLIENT, n=n)
-
+    streams = Streams(Warnings())  # no ACKs: only the end of the file gives holes up
     _feed(
         streams,
         [
             _syn(),
             _syn(700, src=SERVER, dst=CLIENT),
-            back(701, b"A", 3),
-            back(703, b"ans1", 4),
+            _back(701, b"A", n=3),
+            _back(703, b"ans1", n=4),
             _segment(ISN + 1, b"Q", n=5, flags=PSH),
             _segment(ISN + 3, b"req2", n=6, flags=PSH),
-            back(707, b"ans2", 7),
+            _back(707, b"ans2", n=7),
         ],
     )
     assert [(c.src, c.data, c.gap, c.time) for c in streams.flush()] == [
@@ -363,6 +364,12 @@ def test_a_new_connection_on_the_same_ports_starts_after_a_gap() -> None:
     assert [(c.data, c.gap) for c in _feed(streams, [_syn(5), _segment(6, b"newer")])] == [
         (b"newer", True)
     ]
+    # the server's side of the old connection is over too, what it held handed on at the SYN
+    old = _feed(streams, [_back(901, b"A"), _back(903, b"held")])
+    assert [(c.data, c.gap) for c in old] == [(b"A", False)]
+    assert [(c.data, c.gap) for c in streams.add(_syn(9))] == [(b"held", True)]
+    chunks = _feed(streams, [_back(300, flags=SYN | ACK), _back(301, b"B")])
+    assert [(c.data, c.gap) for c in chunks] == [(b"B", True)]
     # other ports: a first connection, nothing missing
     other = Peer("10.0.0.5", 40002)
     assert [
