@@ -46,6 +46,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/audit_write.py
 	$(BIN)/python bench/audit_verify.py
 	$(BIN)/python bench/mqtt_sink.py
 	$(BIN)/python bench/postgres_sink.py
@@ -58,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/audit_flood.py
 	$(BIN)/python bench/diode.py
 	$(BIN)/python bench/discover_pcap.py
+	$(BIN)/python bench/footprint.py
 
 # The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
 # a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).
