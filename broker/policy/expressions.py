@@ -22,6 +22,7 @@ more, which a plant of 1,000 assets cannot afford at every scan (ADR 0010).
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -98,7 +99,26 @@ def compile_expression(
 ) -> Expression:
     """Parse and check; `functions` maps each callable name to the arguments it accepts,
     `words` a name or function to the only words it ever is."""
-    functions = functions or {}
+    return _compiled(
+        text,
+        frozenset(names),
+        frozenset((name, frozenset(taken)) for name, taken in (functions or {}).items()),
+        frozenset((words or {}).items()),
+    )
+
+
+# A site's assets of one type repeat the same expressions over the same names: 10,000 assets
+# compile a handful of distinct ones. The result depends only on these arguments, and its
+# closures hold no state, so one compiled expression serves them all.
+@functools.lru_cache(maxsize=4096)
+def _compiled(
+    text: str,
+    names: frozenset[str],
+    function_args: frozenset[tuple[str, frozenset[str]]],
+    word_items: frozenset[tuple[str, frozenset[str]]],
+) -> Expression:
+    functions = {name: set(taken) for name, taken in function_args}
+    words = dict(word_items)
     if len(text) > MAX_LENGTH:
         raise ExpressionError(f"longer than {MAX_LENGTH} characters")
     try:
