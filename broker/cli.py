@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from broker import __version__
-from broker.commands import COMMAND_GROUPS
+from broker.commands import groups_for
 from broker.errors import DmzBrokerError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None
+    args = _parser(command).parse_args(argv)
     try:
         return int(args.handler(args))
     except DmzBrokerError as e:
@@ -62,12 +64,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line with `command`'s group only (None: every group, as `--help` needs)."""
     parser = _Parser(
         prog="dmzbroker", description="One-way, deny-by-default OT/IT boundary broker."
     )
     parser.add_argument("--version", action="version", version=f"dmzbroker {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    for group in COMMAND_GROUPS:
+    for group in groups_for(command):
         group.add_to(commands)
     return parser

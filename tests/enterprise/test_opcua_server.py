@@ -259,7 +259,7 @@ async def namespace(client: Client) -> int:
 async def test_the_registry_builds_it_only_where_configured(
     tmp_path: Path, pki: Pki, opcua_pki: OpcUaPki
 ) -> None:
-    assert opcua.configured in REGISTRY
+    assert ("opcua", "opcua") in REGISTRY
     demo = policy.load(DEMO_POLICY)
     config = broker_config(tmp_path, pki, opcua_pki, port=free_port())
     without = msgspec.structs.replace(

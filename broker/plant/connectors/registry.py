@@ -1,15 +1,15 @@
-"""Connector registry: a protocol name in the policy → the connector that reads it."""
+"""Connector registry: a protocol name in the policy → the connector that reads it.
+
+Each connector's module is imported when a device of its protocol is built, not before:
+its library (asyncua, bacpypes3, pymodbus) is memory the plant half would otherwise hold
+for a protocol its policy never names (ADR 0029).
+"""
 
 from collections.abc import Sequence
 from functools import partial
 
 from broker.config import OpcUaConfig
-from broker.plant.connectors.bacnet import BacnetConnector
 from broker.plant.connectors.base import Connector, RawSample
-from broker.plant.connectors.dnp3 import Dnp3Connector
-from broker.plant.connectors.modbus import ModbusConnector
-from broker.plant.connectors.opcua import OpcUaConnector
-from broker.plant.connectors.opcua_session import SessionSettings
 from broker.plant.connectors.supervision import SupervisedDevice
 from broker.policy import (
     BacnetDevice,
@@ -62,12 +62,21 @@ def connector_for(
     """
     match device:
         case ModbusDevice():
+            from broker.plant.connectors.modbus import ModbusConnector
+
             return ModbusConnector(device, signals)
         case OpcUaDevice():
+            from broker.plant.connectors.opcua import OpcUaConnector
+            from broker.plant.connectors.opcua_session import SessionSettings
+
             return OpcUaConnector(device, signals, SessionSettings.build(device, opcua))
         case BacnetDevice():
+            from broker.plant.connectors.bacnet import BacnetConnector
+
             return BacnetConnector(device, signals)
         case Dnp3Device():
+            from broker.plant.connectors.dnp3 import Dnp3Connector
+
             return Dnp3Connector(device, signals)
 
 
