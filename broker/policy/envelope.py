@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import rfc8785
@@ -22,6 +24,7 @@ from broker.trust.keys import key_id
 
 PAYLOAD_TYPE = "application/vnd.dmzbroker.policy+json; v=1"
 MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
+_SAFE_INTEGER = 2**53 - 1  # RFC 8785: integers JSON's doubles hold exactly
 
 
 class Signature(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -48,8 +51,38 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 def compile_policy(policy: Policy) -> Envelope:
     """An unsigned envelope holding the policy as canonical JSON."""
-    canonical = rfc8785.dumps(msgspec.to_builtins(policy))
+    canonical = canonical_json(msgspec.to_builtins(policy))
     return Envelope(PAYLOAD_TYPE, base64.b64encode(canonical).decode(), [])
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 canonical JSON of plain data: the bytes `rfc8785.dumps` gives, twice as fast
+    (a policy of 100,000 signals is 50 MB). msgspec writes the JSON, escaping strings as
+    RFC 8785 does; only what msgspec would write otherwise is prepared here: each number in
+    ECMAScript's form, by rfc8785 itself, which also refuses what JSON cannot hold (NaN,
+    integers beyond 2**53), and object keys in UTF-16 order. That order differs from code
+    point order only for text holding U+E000-U+FFFF (UTF-8 EE or EF..): then sort again."""
+    encoded = msgspec.json.encode(_prepared(value, None))
+    if b"\xee" in encoded or b"\xef" in encoded:
+        encoded = msgspec.json.encode(_prepared(value, _utf16))
+    return encoded
+
+
+def _prepared(value: Any, order: Callable[[str], Any] | None) -> Any:
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is dict:
+        return {k: _prepared(value[k], order) for k in sorted(value, key=order)}
+    if kind is list or kind is tuple:
+        return [_prepared(item, order) for item in value]
+    if kind is int and -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+        return value  # written alike by both
+    return msgspec.Raw(rfc8785.dumps(value))  # a float, or a refusal by rfc8785
+
+
+def _utf16(key: str) -> bytes:
+    return key.encode("utf-16be")
 
 
 def sign(envelope: Envelope, key: Ed25519PrivateKey) -> Envelope:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated
 
 import msgspec
-import rfc8785
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from msgspec import Meta
@@ -176,7 +175,7 @@ def unsigned(
         [_KeyEntry(o.name, o.role, public_pem(o.public_key)) for o in owners],
         _Thresholds(ot=thresholds["ot"], it=thresholds["it"]),
     )
-    payload = rfc8785.dumps(msgspec.to_builtins(document))
+    payload = envelopes.canonical_json(msgspec.to_builtins(document))
     _candidate(payload, "the new trust root")  # the same checks as loading it
     return Envelope(PAYLOAD_TYPE, base64.b64encode(payload).decode(), [])
 

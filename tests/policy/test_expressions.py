@@ -159,3 +159,17 @@ def test_the_refusal_names_the_words_it_is() -> None:
 )
 def test_comparisons_that_can_be_true_or_false_are_accepted(text: str) -> None:
     compile_expression(text, {"state"}, {"label": {"pressure"}}, WORDS)
+
+
+def test_the_same_text_is_checked_against_each_asset_s_own_names_and_words() -> None:
+    """Compiled once per distinct text and context: another asset's names, functions or
+    words are never taken for this one's."""
+    assert compile_expression("p > 1", {"p"}).names == {"p"}
+    with pytest.raises(ExpressionError, match="unknown name 'p'"):
+        compile_expression("p > 1", {"q"})
+    assert compile_expression("trend('p') > 0", {"p"}, {"trend": {"p"}}).calls == {("trend", "p")}
+    with pytest.raises(ExpressionError, match="not one of q"):
+        compile_expression("trend('p') > 0", {"p"}, {"trend": {"q"}})
+    compile_expression("state == 'on'", {"state"}, words={"state": frozenset({"on", "off"})})
+    with pytest.raises(ExpressionError, match="never 'on'"):
+        compile_expression("state == 'on'", {"state"}, words={"state": frozenset({"off"})})
