@@ -11,8 +11,8 @@ its chain only when the log ends with a checkpoint that verifies (broker.audit.r
 never otherwise: what follows that checkpoint is left as it is, unadopted, and the new
 segment starts with an `audit_chain_break` entry naming it, which `audit verify` reports.
 When the log cannot be written, `failing` turns true: the halves stop data crossing until a
-write succeeds again (entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`, and written by
-`check()` once it can).
+write succeeds again, or `check()` finds room with nothing waiting (entries waiting meanwhile
+are kept, in order, up to `PENDING_LIMIT`, and written by `check()` once it can).
 
 Group commit (ADR 0027): each entry is written to its segment when it is recorded (a crash of
 the process loses none), and a committer thread makes everything written so far durable with
@@ -342,6 +342,10 @@ class AuditLog:
                 return
             if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
                 self.failing = True
+            elif not self._pending and not self._sync_error:
+                # Room again and nothing waits: a disk found full while every entry was
+                # written (no later write to clear it) must not stay failing forever.
+                self.failing = False
 
     def close(self) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker.audit.log import MIN_FREE_BYTES, AuditLog
 from broker.channel.spool import SpoolReceiver
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
@@ -58,6 +61,26 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def test_a_disk_found_full_with_nothing_waiting_stops_failing_once_it_has_room(
+    small_fs: Path,
+) -> None:
+    """Under load, check() can find the disk short of room while the filler is still being
+    written: every entry so far was written, so no later write clears `failing`; check()
+    must, or the plant half's data path stays closed for good."""
+    with AuditLog(small_fs, "plant", "coldstore-1", Ed25519PrivateKey.generate()) as log:
+        fs = os.statvfs(small_fs)
+        filler = small_fs / "filler"
+        filler.write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - MIN_FREE_BYTES // 2))
+        log.check()
+        assert log.failing  # short of room: fail closed before an entry is refused
+        filler.unlink()
+        log.check()
+        assert not log.failing
+        seq = log.head[0]
+        log.record("test_event", category="test", outcome="success")
+        assert log.sync() and log.durable == log.head[0] > seq
+
+
 async def api_status(deployment: Deployment, pki: Pki) -> int:
     try:
         async with (
@@ -88,8 +111,9 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
     await eventually(lambda: crossed() > 0, timeout=20)
 
     filler = fill(small_fs)
-    await eventually(lambda: _status_is(deployment, pki, 503), timeout=5)
-    await eventually(lambda: any('"audit_write_failed"' in e for e in broker.events()), timeout=5)
+    # Bounds are generous: a loaded 2-core machine (load 7-9) took over 5 s to notice.
+    await eventually(lambda: _status_is(deployment, pki, 503), timeout=30)
+    await eventually(lambda: any('"audit_write_failed"' in e for e in broker.events()), timeout=30)
     metrics = await _metrics(deployment, pki)
     assert "dmzbroker_enterprise_audit_failing 1.0" in metrics  # raised in metrics too
     # The two halves notice on their own: wait for the plant half's gate to close, then
@@ -103,8 +127,8 @@ async def test_a_full_audit_disk_closes_the_data_path_until_it_has_room(
     assert sum(plant_sim.requests.values()) == polled  # the device sessions were closed
 
     filler.unlink()
-    await eventually(lambda: _status_is(deployment, pki, 200), timeout=5)
-    await eventually(lambda: crossed() > 0, timeout=5)
+    await eventually(lambda: _status_is(deployment, pki, 200), timeout=30)
+    await eventually(lambda: crossed() > 0, timeout=30)
     assert sum(plant_sim.requests.values()) > polled  # and reopened
     assert broker.stop() == 0
 
