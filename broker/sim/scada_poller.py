@@ -8,6 +8,9 @@ holds what a real SCADA's would. Development only, never imported by the broker 
 unlike the broker, this poller WRITES to the PLC.
 
     python -m broker.sim.scada_poller --port 5020 --seconds 30
+
+Started alongside the simulator (README), it keeps trying to connect for a while
+(`--connect-s`, 10 s by default) before it gives up with one error line.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import struct
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from broker.backoff import Backoff
 from broker.sim import refrigeration as sim
 
 STEP_S = 0.5  # every interval below is a multiple of it
+CONNECT_S = 10.0  # how long to keep trying to connect: the simulator may still be starting
 
 
 @dataclass(frozen=True)
@@ -143,9 +149,33 @@ class Scada:
         return header + await self._reader.readexactly(length)
 
 
-async def poll(host: str, port: int, seconds: float, unit: int = 1) -> int:
+async def connect(
+    host: str, port: int, within_s: float = CONNECT_S
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to `host:port`, tried again and again for up to `within_s` seconds;
+    the last error once that time is up. Says once on stderr that it is waiting."""
+    loop = asyncio.get_running_loop()
+    deadline, backoff = loop.time() + within_s, Backoff(0.1, 1.0)
+    said = False
+    while True:
+        try:
+            return await asyncio.open_connection(host, port)
+        except OSError:
+            wait = min(backoff.delay(), deadline - loop.time())
+            if wait <= 0:
+                raise
+            if not said:
+                print(f"scada_poller: waiting for {host}:{port} (up to {within_s:g} s)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                said = True
+            await asyncio.sleep(wait)
+
+
+async def poll(
+    host: str, port: int, seconds: float, unit: int = 1, connect_s: float = CONNECT_S
+) -> int:
     """Poll the PLC at `host:port` for `seconds` of wall time; the number of exchanges."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await connect(host, port, connect_s)
     scada, count = Scada(reader, writer, unit=unit), 0
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -169,9 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=5020)
     parser.add_argument("--unit", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--connect-s", type=float, default=CONNECT_S,
+        help=f"keep trying to connect for this long (default {CONNECT_S:g} s)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        count = asyncio.run(poll(args.host, args.port, args.seconds, args.unit))
+        count = asyncio.run(poll(args.host, args.port, args.seconds, args.unit, args.connect_s))
+    except ConnectionRefusedError as e:
+        parser.exit(2, f"scada_poller: error: {args.host}:{args.port}: {e}: is the simulator "
+                       f"running (dmzbroker sim refrigeration --port {args.port})?\n")  # fmt: skip
     except (OSError, asyncio.IncompleteReadError) as e:
         parser.exit(2, f"scada_poller: error: {args.host}:{args.port}: {e}\n")
     print(f"scada_poller: {count} exchanges with {args.host}:{args.port} in {args.seconds:g} s")
