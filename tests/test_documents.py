@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -11,7 +12,14 @@ import pytest
 import yaml
 
 from broker import config
-from broker.documents import MAX_DOCUMENT_BYTES, convert, from_text, load, parse_yaml
+from broker.documents import (
+    MAX_DOCUMENT_BYTES,
+    MAX_JSON_DOCUMENT_BYTES,
+    convert,
+    from_text,
+    load,
+    parse_yaml,
+)
 from broker.errors import ConfigError
 
 
@@ -531,3 +539,63 @@ def test_broker_yaml_errors_give_the_line_and_teach(
     with pytest.raises(ConfigError) as caught:
         config.load(path)
     assert str(caught.value).startswith(f"{path}:{line}: {expected}")
+
+
+# a JSON document: read as JSON (a large generated policy), as strictly
+
+
+def test_a_json_document_is_read_as_its_yaml_form_is(tmp_path: Path) -> None:
+    text = json.dumps({**GOOD, "cert": "c.pem"}, indent=1)
+    assert load(write(tmp_path, text), Doc) == load(
+        write(tmp_path, yaml.safe_dump(GOOD | {"cert": "c.pem"}), "y.yaml"), Doc
+    )
+
+
+def test_a_json_document_over_the_yaml_limit_is_read(tmp_path: Path) -> None:
+    listeners = [
+        {"host": f"h{i:07d}", "port": 1 + i % 65535} for i in range(MAX_DOCUMENT_BYTES // 30)
+    ]
+    path = write(tmp_path, json.dumps({"name": "plant", "listeners": listeners}))
+    assert path.stat().st_size > MAX_DOCUMENT_BYTES
+    assert len(load(path, Doc).listeners) == len(listeners)
+
+
+def test_a_large_document_that_is_not_json_is_refused_saying_why(tmp_path: Path) -> None:
+    path = write(tmp_path, b"{" + b" " * MAX_DOCUMENT_BYTES + b"name: plant}")
+    message = load_error(path)
+    size = path.stat().st_size
+    assert message.startswith(f"{path}: file is {size} bytes, over the {MAX_DOCUMENT_BYTES} ")
+    assert "not JSON (line 1 column" in message
+
+
+def test_a_file_over_the_json_limit_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("wb") as f:
+        f.truncate(MAX_JSON_DOCUMENT_BYTES + 1)  # sparse: no disk, and never read
+    assert str(MAX_JSON_DOCUMENT_BYTES) in load_error(path)
+
+
+def test_a_duplicate_key_in_json_is_refused(tmp_path: Path) -> None:
+    text = '{"name": "plant", "listeners": [{"host": "a", "port": 1, "port": 2}]}'
+    assert load_error(write(tmp_path, text)) == f"{tmp_path / 'site.yaml'}: duplicate key 'port'"
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "1e999"])
+def test_json_numbers_beyond_doubles_are_not_taken_as_json(tmp_path: Path, number: str) -> None:
+    """Then the document is YAML, and YAML's reading of the value is refused with its line."""
+    text = '{"name": "plant", "listeners": [{"host": "a", "port": NUMBER}]}'.replace(
+        "NUMBER", number
+    )
+    assert "listeners[0].port" in load_error(write(tmp_path, text))
+
+
+def test_a_yaml_flow_mapping_is_still_yaml(tmp_path: Path) -> None:
+    assert (
+        load(write(tmp_path, "{name: plant, listeners: [{host: h, port: 1}]}"), Doc).name == "plant"
+    )
+
+
+def test_a_json_document_s_errors_name_the_key_path(tmp_path: Path) -> None:
+    text = json.dumps({"name": "plant", "listeners": [{"host": "a", "port": 0}]})
+    message = load_error(write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'site.yaml'}: listeners[0].port: ")

@@ -23,7 +23,7 @@ from broker.policy.schema import Policy
 from broker.trust.keys import key_id
 
 PAYLOAD_TYPE = "application/vnd.dmzbroker.policy+json; v=1"
-MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
+MAX_ENVELOPE_BYTES = 128 * 1024 * 1024  # 100,000 signals and their model: 70 MB
 _SAFE_INTEGER = 2**53 - 1  # RFC 8785: integers JSON's doubles hold exactly
 
 
