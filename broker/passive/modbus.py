@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import NamedTuple
 
 from broker.passive.observations import Observation, Peer, Request, Value, Values, Warnings
 from broker.passive.streams import Chunk
@@ -55,8 +56,7 @@ _COIL_ON, _COIL_OFF = 0xFF00, 0x0000
 _BITS_OF = [tuple(bool(byte >> i & 1) for i in range(8)) for byte in range(256)]
 
 
-@dataclass(frozen=True, slots=True)
-class _Asked:
+class _Asked(NamedTuple):
     """What one request asked for: the range its answer carries, the values it sets."""
 
     function: int
@@ -64,8 +64,7 @@ class _Asked:
     written: tuple[str, int, tuple[Value, ...]] | None  # table, start, values
 
 
-@dataclass(frozen=True, slots=True)
-class _Frame:
+class _Frame(NamedTuple):
     at: int  # offset of its first byte in its direction, for warnings
     tid: int  # transaction id
     unit: int

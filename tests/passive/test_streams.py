@@ -4,7 +4,6 @@ numbers, lost), within its memory bounds, and says where bytes are missing."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import struct
 from pathlib import Path
@@ -320,9 +319,7 @@ def _connections(draw: st.DrawFn) -> tuple[list[tuple[Peer, bytes]], list[Packet
         acked = draw(st.lists(st.integers(0, len(stream)), max_size=5))
         streams.append((client, stream))
         syns.append(_syn(isn, src=client))
-        rest += [
-            dataclasses.replace(s, src=client) for j, s in enumerate(segments) if j not in lost
-        ]
+        rest += [s._replace(src=client) for j, s in enumerate(segments) if j not in lost]
         rest += [_ack(isn + 1 + k, dst=client) for k in acked]
     return streams, syns + draw(st.permutations(rest))
 
