@@ -8,7 +8,7 @@ numbers, or Ether/IP/UDP), at plant addresses.
     async with TcpRecorder(device_port) as proxy:     # proxy.port: where the client connects
         ...                                          # proxy.pieces: what passed, in order
     async with UdpRecorder(device_port) as proxy: ...  # one conversation per client address
-    write_pcap(path, [tcp_frames(pieces, CLIENT, SERVER), udp_frames(...)])
+    write_pcap(path, [*tcp_connections(pieces, CLIENT, SERVER), udp_frames(...)])
 
 The proxy only passes bytes on: what the capture holds is exactly what the two ends sent.
 """
@@ -225,6 +225,20 @@ def tcp_frames(
     sent[False] += 1
     frames.append(segment(end + 0.001, True, "A"))
     return frames
+
+
+def tcp_connections(
+    pieces: Sequence[Piece], client: Address, server: Address, isn: tuple[int, int] = (7, 9)
+) -> list[list[Frame]]:
+    """`tcp_frames` for each connection the proxy passed (a client that reconnected made
+    several), each from a client port of its own: `client`'s port plus its number."""
+    numbers = sorted({p.conversation for p in pieces})
+    return [
+        tcp_frames(
+            [p for p in pieces if p.conversation == n], (client[0], client[1] + n), server, isn
+        )
+        for n in numbers
+    ]
 
 
 def _syn(t: float, src: Address, dst: Address, seq: int, ack: int | None = None) -> Frame:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -46,11 +45,12 @@ from broker.policy import BacnetDevice, Dnp3Device, Dnp3Source, Signal
 from broker.policy.schema import BacnetSource
 from broker.sim.bacnet_device import SimObject
 from tests.harness import dmzbroker, eventually
+from tests.passive.conftest import discover
 from tests.passive.recorded import (
     Piece,
     TcpRecorder,
     UdpRecorder,
-    tcp_frames,
+    tcp_connections,
     udp_frames,
     write_pcap,
 )
@@ -64,15 +64,6 @@ SCADA, ENGINEERING = "10.0.0.5", "10.0.0.8"  # the poller; a laptop that browsed
 RTU, ROOM = "10.0.0.7", "10.0.0.20"  # the outstation; the BACnet room controller
 POLL_S = 0.1  # the recorded pollers' interval (the wall clock's: the tests wait this long)
 SCANS = 12  # polls recorded per conversation
-
-
-def discover(capture: Path) -> dict[str, Any]:
-    """The real CLI's --json document for `capture`."""
-    done = dmzbroker("discover", "pcap", str(capture), "--json", check=False)
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    found: dict[str, Any] = json.loads(done.stdout)
-    return found
 
 
 def assert_compiles(found: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
@@ -140,11 +131,26 @@ def dnp3_type(group: int, index: int, variation: int) -> str:
     return "uint32" if (group, index) == COUNTING else "int32"  # a counter that counted
 
 
+# What a connection the connector dropped can leave (it reconnects when an answer is late, as
+# on a loaded machine): its last frame or fragment cut short.
+CUT_SHORT = {
+    "DNP3 bytes that are no frame",
+    "DNP3 frame header CRC or length wrong",
+    "DNP3 frame data CRC wrong",
+    "DNP3 response malformed",
+}
+
+
 @dataclass(frozen=True)
 class Dnp3Capture:
     path: Path
     pieces: list[Piece]
     master: int  # the recorded master's link address
+
+    @property
+    def connections(self) -> int:
+        """How many TCP connections the master made: more than one if it reconnected."""
+        return len({p.conversation for p in self.pieces})
 
 
 def dnp3_requests(pieces: Sequence[Piece]) -> tuple[dict[str, int], dict[bytes, list[float]]]:
@@ -213,7 +219,7 @@ def dnp3_static(tmp_path_factory: pytest.TempPathFactory) -> Dnp3Capture:
     """`read: static`: a range READ of the signals' points each scan."""
     pieces = record_dnp3("static", [dnp3_signal(*p) for p in STATIC])
     path = tmp_path_factory.mktemp("dnp3") / "static.pcap"
-    write_pcap(path, [tcp_frames(pieces, (SCADA, 49_152), (RTU, 20_000))])
+    write_pcap(path, tcp_connections(pieces, (SCADA, 49_152), (RTU, 20_000)))
     return Dnp3Capture(path, pieces, MASTER)
 
 
@@ -223,14 +229,15 @@ def dnp3_events(tmp_path_factory: pytest.TempPathFactory) -> Dnp3Capture:
     signals = [dnp3_signal(30, 0, 0), dnp3_signal(20, 2, 0)]
     pieces = record_dnp3("events", signals)
     path = tmp_path_factory.mktemp("dnp3") / "events.pcap"
-    write_pcap(path, [tcp_frames(pieces, (SCADA, 49_153), (RTU, 20_000), isn=(4_294_967_000, 5))])
+    write_pcap(path, tcp_connections(pieces, (SCADA, 49_153), (RTU, 20_000), (4_294_967_000, 5)))
     return Dnp3Capture(path, pieces, MASTER)
 
 
 def check_dnp3(found: dict[str, Any], capture: Dnp3Capture, tmp_path: Path) -> dict[Any, Any]:
     """What every DNP3 draft must hold; its signals by (group, index)."""
     draft = assert_compiles(found, tmp_path)
-    assert found["warnings"] == []
+    kinds = {w["kind"] for w in found["warnings"]}
+    assert kinds <= (CUT_SHORT if capture.connections > 1 else set()), found["warnings"]
     [device] = draft["devices"]
     assert (device["protocol"], device["host"], device["port"]) == ("dnp3", RTU, 20_000)
     assert device["outstation_address"] == OUTSTATION

@@ -5,7 +5,6 @@ line and exit 2. Never a traceback."""
 
 from __future__ import annotations
 
-import json
 import random
 import struct
 from pathlib import Path
@@ -19,6 +18,7 @@ from scapy.packet import Raw
 
 from broker.cli import main
 from tests.harness import dmzbroker
+from tests.passive.conftest import discover
 from tests.passive.plant_capture import PLC_HOST, SCADA_HOST, T0, write_conversation
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,14 +81,6 @@ def broken_frames() -> list[tuple[float, bytes, None]]:
         bytes(ether / ip / UDP(sport=47_808, dport=47_808) / Raw(b"\x81\x0a\xff\xff" + garbage)),
     ]
     return [(T0 + 9.5 + i * 0.01, frame, None) for i, frame in enumerate(frames)]
-
-
-def discover(capture: Path) -> dict[str, Any]:
-    result = dmzbroker("discover", "pcap", str(capture), "--json", check=False)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    found: dict[str, Any] = json.loads(result.stdout)
-    return found
 
 
 def registers(found: dict[str, Any]) -> set[tuple[str, int]]:
