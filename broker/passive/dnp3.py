@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Final, NamedTuple
 
-from broker.passive.observations import Observation, Peer, Request, Value, Values, Warnings
+from broker.passive.observations import Observation, Request, Value, Values, Warnings
 from broker.passive.streams import Chunk
 from broker.plant.connectors.dnp3_frames import (
     MAX_FRAGMENT,
@@ -43,7 +43,7 @@ from broker.plant.connectors.dnp3_objects import (
 from broker.plant.decode import float32_text
 
 MAX_DIRECTIONS: Final = 20_000  # directions of connections followed; least recently used go
-MAX_FRAGMENTS: Final = 4_096  # fragments in progress (each at most MAX_FRAGMENT bytes)
+MAX_FRAGMENTS: Final = 4_096  # fragments in progress in all (each at most MAX_FRAGMENT bytes)
 
 _HEADER = 10  # start, length, control, destination, source, CRC
 _BLOCK = 16
@@ -88,16 +88,21 @@ class _Header(NamedTuple):
 
 
 _RequestMaker = Callable[[str, int, int, str], Request]  # table, start, count, function
+_Key = tuple[str, int, str, int]  # a direction's src host, port, dst host, port (cheap to hash)
 
 
 class _Direction:
     """What one direction of one connection still owes a frame: bytes of a frame cut short."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: _Key) -> None:
+        self.key = key
         self.buffer = b""
         self.offset = 0  # bytes of the direction before the buffer: where a warning is
         # after a gap or a bad header, bytes before the next frame start are expected
         self.resyncing = False
+        # transport reassembly per (source, destination) link address, least recently used
+        # first: kept with its direction, so a gap drops them without a look at the others
+        self.fragments: OrderedDict[tuple[int, int], Reassembler] = OrderedDict()
 
 
 class Dnp3Reader:
@@ -105,22 +110,24 @@ class Dnp3Reader:
 
     def __init__(self, warnings: Warnings) -> None:
         self._warnings = warnings
-        self._directions: OrderedDict[tuple[Peer, Peer], _Direction] = OrderedDict()
-        self._fragments: OrderedDict[tuple[Peer, Peer, int, int], Reassembler] = OrderedDict()
+        self._directions: OrderedDict[_Key, _Direction] = OrderedDict()
+        # the directions with fragments in progress, the one least recently added to first
+        self._holding: OrderedDict[_Key, _Direction] = OrderedDict()
+        self._fragment_count = 0  # their fragments in all
 
     def feed(self, chunk: Chunk, from_client: bool) -> list[Observation]:
         """What `chunk` completes. `from_client` is not needed: the frames say who sent them."""
-        key = (chunk.src, chunk.dst)
-        state = self._directions.pop(key, None) or _Direction()
+        key = (chunk.src.host, chunk.src.port, chunk.dst.host, chunk.dst.port)
+        state = self._directions.pop(key, None) or _Direction(key)
         self._directions[key] = state
         if len(self._directions) > MAX_DIRECTIONS:
-            self._directions.popitem(last=False)
+            self._drop_fragments(self._directions.popitem(last=False)[0])
             self._warnings.add("DNP3 connections beyond the reader's bound", _where(chunk, 0))
         if chunk.gap:
             self._resync(chunk, state)
         observations: list[Observation] = []
         for source, destination, tpdu, at in self._frames(chunk, state):
-            apdu = self._reassemble(chunk, source, destination, tpdu, at)
+            apdu = self._reassemble(chunk, state, (source, destination), tpdu, at)
             if apdu is not None:
                 observations += self._apdu(chunk, source, destination, apdu, at)
         return observations
@@ -134,8 +141,14 @@ class Dnp3Reader:
             state.offset += len(state.buffer)
             state.buffer = b""
         state.resyncing = True
-        for pair in [k for k in self._fragments if k[:2] == (chunk.src, chunk.dst)]:
-            del self._fragments[pair]
+        self._drop_fragments(state.key)
+
+    def _drop_fragments(self, key: _Key) -> None:
+        """Forget the fragments in progress of one direction."""
+        state = self._holding.pop(key, None)
+        if state is not None:
+            self._fragment_count -= len(state.fragments)
+            state.fragments.clear()
 
     def _frames(self, chunk: Chunk, state: _Direction) -> Iterator[tuple[int, int, bytes, int]]:
         """(source, destination, user data, byte offset) of each good frame carrying data."""
@@ -183,13 +196,22 @@ class Dnp3Reader:
         state.offset += pos
 
     def _reassemble(
-        self, chunk: Chunk, source: int, destination: int, tpdu: bytes, at: int
+        self, chunk: Chunk, state: _Direction, pair: tuple[int, int], tpdu: bytes, at: int
     ) -> bytes | None:
-        key = (chunk.src, chunk.dst, source, destination)
-        reassembler = self._fragments.pop(key, None) or Reassembler()
-        self._fragments[key] = reassembler
-        if len(self._fragments) > MAX_FRAGMENTS:
-            self._fragments.popitem(last=False)
+        reassembler = state.fragments.pop(pair, None)
+        if reassembler is None:
+            reassembler = Reassembler()
+            self._fragment_count += 1
+        state.fragments[pair] = reassembler
+        self._holding[state.key] = state
+        self._holding.move_to_end(state.key)
+        if self._fragment_count > MAX_FRAGMENTS:
+            # the least recently used pair of the direction least recently added to
+            oldest_key, oldest = next(iter(self._holding.items()))
+            oldest.fragments.popitem(last=False)
+            self._fragment_count -= 1
+            if not oldest.fragments:
+                del self._holding[oldest_key]
         try:
             return reassembler.add(tpdu)
         except FrameError:
