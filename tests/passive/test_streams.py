@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import sys
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -166,6 +167,22 @@ def test_a_hole_is_given_up_beyond_the_pending_bound_and_marked() -> None:
             f"{CLIENT} → {SERVER} before packet 6",
         )
     ]
+
+
+def test_a_held_segment_costs_no_more_than_it_is_counted() -> None:
+    """The bounds count each held segment as its data and SEGMENT_OVERHEAD: what Python
+    allocates for it (sys.getsizeof of its heap entry and of each part, the heap's pointer)
+    must not be more, even deep into a long stream (a position past 2^30 is a bigger int)."""
+    streams = Streams(Warnings())
+    _feed(streams, [_syn(), _segment(ISN + 1, b"a")])
+    flow = next(iter(streams._flows.values()))
+    flow.position, flow.pushed = 1 << 40, 1 << 20  # deep into the stream: the biggest ints
+    _feed(streams, [_segment(ISN + 3, b"c", n=7)])  # "b" lost: "c" is held
+    [entry] = flow.held
+    data = entry[-1]
+    weight = sys.getsizeof(entry) + sum(map(sys.getsizeof, entry)) + struct.calcsize("P")
+    assert weight - len(data) <= SEGMENT_OVERHEAD
+    assert flow.held_bytes == len(data) + SEGMENT_OVERHEAD
 
 
 def test_bare_acks_ahead_of_a_hole_hold_nothing() -> None:
