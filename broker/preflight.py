@@ -38,7 +38,6 @@ import structlog
 
 from broker.config import BrokerConfig
 from broker.conversion_errors import KeyPath, render_path
-from broker.documents import MAX_DOCUMENT_BYTES
 from broker.errors import TrustError
 from broker.safe_files import read_regular
 from broker.trust import fitness
@@ -154,6 +153,11 @@ def _walk(value: object, steps: KeyPath) -> Iterator[tuple[KeyPath, Path]]:
             yield from _walk(item, (*steps, name))
 
 
+# The largest file the config names: a signed policy of 100,000 signals is 70 MB
+# (broker.policy.envelope.MAX_ENVELOPE_BYTES); each file's own reader holds it to its own limit.
+_READ_LIMIT = 128 * 1024 * 1024
+
+
 def _unreadable(key: str, path: Path) -> Iterator[str]:
     if key in CREATED:
         return
@@ -170,7 +174,7 @@ def _unreadable_file(key: str, path: Path) -> str | None:
     try:
         if path.is_dir():
             return None if _FILE_OR_FOLDER.fullmatch(key) else "a folder; name the file itself"
-        read_regular(path, MAX_DOCUMENT_BYTES, follow_links=True)
+        read_regular(path, _READ_LIMIT, follow_links=True)
     except FileNotFoundError:
         hint = " (nor audit.pub beside it); make it with `dmzbroker audit keygen`"
         return f"file not found{hint if key == 'audit.key' else ''}"
