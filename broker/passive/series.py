@@ -3,36 +3,50 @@
 A block is every answer (or write) of one range: same device, table, start and length. Its
 rows are digested `BATCH` at a time, column by column, with C-level builtins (map, sum, min,
 max over a batch's column): per sample the work is a few of those, not a Python loop. Each
-column (one point) keeps count/min/max/changes/steps/monotonicity/capped distinct values;
+column (one point) keeps count/min/max/changes/steps/monotonicity/a few distinct values;
 each adjacent pair of registers, in both word orders, keeps the evidence that its two words
 are one 32-bit value: how much of the high word's moves the low word cancels (a carry or
-borrow: the low word wraps as the high word steps) and the combined value's extremes. The
-last `RING` rows are kept (packed) for what only recent samples can tell: noise, and which
-points change at the same moments. Memory per block is bounded by RING + BATCH rows.
+borrow: the low word wraps as the high word steps) and the combined value's extremes. A pair
+settles (after SETTLED steps only its extremes move) or dies: a near-random high word, two
+independent words, or a high word that jumped JUMPS times and never by a carry's step. The
+last `RING` rows are kept, packed (registers 2 bytes, bits 1 byte a value), for what only
+recent samples can tell: noise, float32 smoothness, which points change at the same moments;
+the rows not yet digested are the newest of them. `Block.cost` is what a block may hold, in
+bytes, for the caller's memory budget.
 """
 
 from __future__ import annotations
 
 import struct
+from array import array
 from collections import deque
 from collections.abc import Sequence
 from functools import partial
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import add, and_, ge, gt, lshift, or_, sub
-from typing import Any
+from typing import Any, Literal
 
 from broker.passive.observations import Value
 
 BATCH = 128  # rows digested at once
-RING = 256  # last rows kept per block
+RING = 256  # last rows kept per block (the undigested ones among them: BATCH ≤ RING)
 CARRY_STEPS = 2  # high-word steps of a pair's step that still tell about carries
 SETTLED = 32_768  # steps after which a pair's carry evidence is complete enough
-DISTINCT = 64  # distinct values kept per point; beyond: "many"
+JUMPS = 64  # high-word jumps (> CARRY_STEPS) without any carry after which a pair is dropped
+DISTINCT = 8  # distinct values kept per point; beyond: "many"
 FLOAT_HI = (0x3400, 0x5400)  # high word (sign masked) of a float32 of 1.2e-7 ≤ |v| < 2.2e12
 ROUGH_STEP = 4096  # mean step of a low word that is noise (a random word's is 21,845)
 _is_negative = partial(gt, 0)  # 0 > x (int.__gt__ would refuse a float)
 _small = partial(ge, CARRY_STEPS)  # |Δhigh| ≤ CARRY_STEPS
 _wrapped = partial(ge, -0x8000)  # a 16-bit register's drop of half its range or more
+
+Packing = Literal["words", "bits", "values"]  # registers, Modbus bits, anything else
+TEXT = 8  # characters of a text value kept (a DNP3 double-bit state's name; never parsed)
+# Bytes, at most, for the block's cost (tests/passive/test_infer.py measures them):
+COLUMN_BYTES = 1_100  # a Column, its distinct values and its numbers at their largest
+PAIR_BYTES = 550  # a Pair and its numbers
+VALUE_BYTES = 48  # a DNP3/BACnet value in a row: a float, an int, TEXT characters, a pointer
+BLOCK_BYTES = 2_000  # the block, its ring, its lists, its key in the caller's table
 
 
 class Column:
@@ -56,28 +70,52 @@ class Column:
         self.minimum: Any = None
         self.maximum: Any = None
         self.smin = self.smax = 0  # extremes of the words read as int16 (registers)
-        self.distinct: set[Value] | None = set()  # None: more than DISTINCT
-        self.kinds: set[type] = set()
+        self.distinct: tuple[Value, ...] | None = ()  # None: more than DISTINCT
+        self.kinds: frozenset[type] = frozenset()  # value types seen (not for packed rows)
         self.numeric = True
         self.float_hi = True  # every word could be a float32's high word (registers)
         self.batch_low: Any = None  # the last batch's extremes, and whether it moved
         self.batch_high: Any = None
         self.moved = 0  # Σ|Δ| of the last batch
 
-    def digest(self, col: Sequence[Any], new: int, register: bool) -> list[Any] | None:
+    @property
+    def mean_step(self) -> float:
+        return self.absdiff / self.steps if self.steps else 0.0
+
+    def merge(self, other: Column) -> None:
+        """Add the statistics another block holds of the same point (read by two ranges)."""
+        self.count += other.count
+        self.steps += other.steps
+        self.changes += other.changes
+        self.absdiff += other.absdiff
+        self.signed_absdiff += other.signed_absdiff
+        self.rises += other.rises
+        self.decreases += other.decreases
+        self.wraps += other.wraps
+        if other.minimum is not None:
+            first = self.minimum is None
+            self.minimum = other.minimum if first else min(self.minimum, other.minimum)
+            self.maximum = other.maximum if first else max(self.maximum, other.maximum)
+            self.smin = other.smin if first else min(self.smin, other.smin)
+            self.smax = other.smax if first else max(self.smax, other.smax)
+        if self.distinct is not None:
+            self.distinct = None if other.distinct is None else _few(self.distinct, other.distinct)
+        self.kinds |= other.kinds
+        self.numeric &= other.numeric
+        self.float_hi &= other.float_hi
+
+    def digest(self, col: Sequence[Any], new: int, packing: Packing) -> list[Any] | None:
         """Take the last `new` samples of `col` (which may start with the one before them);
         return its steps (None for non-numeric values)."""
         fresh = col[len(col) - new :]
         self.count += new
         if self.distinct is not None:
-            self.distinct.update(fresh)
-            if len(self.distinct) > DISTINCT:
-                self.distinct = None
-        if not register:
-            self.kinds.update(map(type, fresh))
+            self.distinct = _few(self.distinct, fresh)
+        if packing == "values":
+            self.kinds |= frozenset(map(type, fresh))
         if self.numeric:
             try:
-                return self._numeric(col, fresh, register)
+                return self._numeric(col, fresh, packing == "words")
             except TypeError:  # a string among the values: counted, not measured
                 self.numeric = False
         self.steps += len(col) - 1
@@ -133,6 +171,15 @@ class Column:
             self.float_hi = _float_hi(fresh, low, high)
 
 
+def _few(kept: Sequence[Value], more: Sequence[Value]) -> tuple[Value, ...] | None:
+    """The distinct values of both, or None when there are more than DISTINCT."""
+    seen = set(more)
+    if len(seen) > DISTINCT:
+        return None
+    seen.update(kept)
+    return None if len(seen) > DISTINCT else tuple(seen)
+
+
 def _modular(numbers: Sequence[int], half: int, mask: int) -> list[int]:
     """Each number read as a two's complement of mask's width: (x + half) & mask - half."""
     shifted = map(and_, map(add, numbers, repeat(half)), repeat(mask))
@@ -157,16 +204,18 @@ class Pair:
     extremes follow (both are monotonic in the word within each half)."""
 
     __slots__ = (
-        "cancelled", "dead", "decreases", "events", "hi_moves", "nmax", "nmin", "pmax", "pmin",
-        "steps", "values_moved",
+        "cancelled", "dead", "decreases", "events", "hi_moves", "jumps", "looked", "nmax",
+        "nmin", "pmax", "pmin", "steps", "values_moved",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.hi_moves = 0  # 65536 × Σ|Δhigh| (modulo 2^16): what the high word alone moved
         self.cancelled = 0.0  # how much of that the low word's opposite moves cancelled
         self.events = 0  # steps where the high word moved
+        self.jumps = 0  # steps where it moved by more than CARRY_STEPS (telling nothing)
         self.values_moved = 0  # Σ|Δ combined| (modulo 2^32)
-        self.steps = 0
+        self.steps = 0  # steps accounted (those with a jump are not)
+        self.looked = 0  # every step digested: the pair settles after SETTLED
         self.decreases = 0  # steps where the combined value (modulo 2^32) went down
         self.pmin = self.pmax = self.nmin = self.nmax = -1  # words < 2^31, ≥ 2^31 (-1: none)
         self.dead = False  # ruled out: no longer tracked
@@ -175,10 +224,27 @@ class Pair:
     def coherence(self) -> float:
         return self.cancelled / self.hi_moves if self.hi_moves else 0.0
 
+    def merge(self, other: Pair) -> None:
+        """Add the evidence another block holds of the same two registers."""
+        self.hi_moves += other.hi_moves
+        self.cancelled += other.cancelled
+        self.events += other.events
+        self.jumps += other.jumps
+        self.values_moved += other.values_moved
+        self.steps += other.steps
+        self.looked += other.looked
+        self.decreases += other.decreases
+        self.dead |= other.dead
+        if other.pmin >= 0:
+            self.take(other.pmin, other.pmax)
+        if other.nmin >= 0:
+            self.take(other.nmin, other.nmax)
+
     def digest(self, hi: Column, lo: Column, words: tuple[Sequence[int], Sequence[int]],
                steps: tuple[list[int], list[int]], new: int) -> None:  # fmt: skip
         dhi, dlo = steps
-        settled = self.steps > SETTLED  # enough evidence: only the extremes still move
+        settled = self.looked > SETTLED  # enough evidence: only the extremes still move
+        self.looked += len(dlo)
         if not hi.moved:  # high word steady: the combined value moves as the low word does
             h = words[0][0] << 16
             if not settled:
@@ -206,11 +272,13 @@ class Pair:
         small = list(map(_small, hi_steps))
         hi_moves = 0x10000 * sum(compress(hi_steps, small))
         moved = sum(compress(map(abs, dc), small))
+        accounted = sum(small)
         self.hi_moves += hi_moves
         self.cancelled += (hi_moves + sum(compress(map(abs, dlo), small)) - moved) / 2
         self.events += sum(compress(map(bool, hi_steps), small))
+        self.jumps += len(small) - accounted
         self.values_moved += moved
-        self.steps += sum(small)
+        self.steps += accounted
 
     def _fresh(self, fresh: list[int]) -> None:
         low, high = min(fresh), max(fresh)
@@ -242,54 +310,91 @@ class Pair:
         high = _float(self.pmax) if p else _float(self.nmin)
         return low, high
 
+    def dies(self, hi: Column, lo: Column) -> bool:
+        """Whether these two words cannot be one value, or will never tell: a near-random high
+        word; two independent words (their moves never cancel); a high word that keeps
+        jumping and never stepped as a carry would, unless the words may be a float32's."""
+        if rough(hi):
+            return True
+        if self.events >= 64 and self.coherence < 0.05 and not rough(lo):
+            return True
+        busy = lo.mean_step > ROUGH_STEP or hi.float_hi
+        return not busy and self.events == 0 and self.jumps >= JUMPS
+
 
 def _float(word: int) -> float:
     value: float = struct.unpack("<f", struct.pack("<I", word))[0]
     return value
 
 
+def pack(values: Sequence[Value], packing: Packing) -> Sequence[Value]:
+    """One answer's values as a block keeps them (registers 2 bytes each, bits 1 byte);
+    TypeError, ValueError or OverflowError when they are not what the table holds."""
+    if packing == "words":
+        return array("H", values)  # type: ignore[type-var]
+    if packing == "bits":
+        if not all(isinstance(v, bool) for v in values):
+            raise TypeError("not bits")
+        return bytes(values)  # type: ignore[arg-type]
+    return tuple(v[:TEXT] if isinstance(v, str) else v for v in values)
+
+
 class Block:
     """Every answer (or write) to one range of one device."""
 
-    __slots__ = ("columns", "pairs", "pending", "previous", "register", "ring", "rows")
+    __slots__ = ("columns", "live", "new", "packing", "pairs", "previous", "ring", "rows")
 
-    def __init__(self, width: int, register: bool) -> None:
-        self.register = register  # 16-bit Modbus registers: words, pairs tracked
+    def __init__(self, width: int, packing: Packing) -> None:
+        self.packing = packing
         self.columns = [Column() for _ in range(width)]
         # pairs[2 * j] : (j, j + 1) high word first; pairs[2 * j + 1]: (j + 1, j) high first
+        register = packing == "words"
         self.pairs = [Pair() for _ in range(2 * (width - 1))] if register else []
-        self.pending: list[Sequence[Value]] = []
-        self.previous: Sequence[Value] | None = None
+        self.live = list(range(len(self.pairs)))  # the pairs still tracked
         self.ring: deque[Sequence[Value]] = deque(maxlen=RING)
+        self.new = 0  # the ring's newest rows not digested yet
+        self.previous: Sequence[Value] | None = None  # the last row digested
         self.rows = 0
 
+    @staticmethod
+    def cost(width: int, packing: Packing) -> int:
+        """Bytes a block of `width` points may come to hold (its ring full, and its columns'
+        values at their largest): what a caller counts against its memory budget."""
+        row = {"words": 64 + 2 * width, "bits": 33 + width, "values": 56 + VALUE_BYTES * width}
+        pairs = 2 * PAIR_BYTES if packing == "words" else 0
+        return BLOCK_BYTES + (RING + 1) * row[packing] + width * (COLUMN_BYTES + pairs)
+
     def add(self, values: Sequence[Value]) -> None:
-        """One answer's values (registers: as an array("H"), which holds them in 2 bytes)."""
-        self.pending.append(values)
-        if len(self.pending) >= BATCH:
+        """One answer's values, as `pack` gave them."""
+        self.ring.append(values)
+        self.new += 1
+        if self.new >= BATCH:
             self.digest()
 
     def digest(self) -> None:
-        if not self.pending:
+        new = self.new
+        if not new:
             return
-        new = len(self.pending)
-        rows = self.pending if self.previous is None else [self.previous, *self.pending]
+        rows = list(islice(self.ring, len(self.ring) - new, None))
+        last = rows[-1]
+        if self.previous is not None:
+            rows.insert(0, self.previous)
         columns = list(zip(*rows, strict=True))
         steps = [
-            c.digest(col, new, self.register) for c, col in zip(self.columns, columns, strict=True)
+            c.digest(col, new, self.packing) for c, col in zip(self.columns, columns, strict=True)
         ]
-        self._pairs(columns, steps, new)
+        if self.live:
+            self._pairs(columns, steps, new)
         self.rows += new
-        self.previous = self.pending[-1]
-        self.ring.extend(self.pending)
-        self.pending = []
+        self.previous = last
+        self.new = 0
 
     def _pairs(
         self, columns: list[tuple[Any, ...]], steps: list[list[Any] | None], new: int
     ) -> None:
-        for j, pair in enumerate(self.pairs):
-            if pair.dead:
-                continue
+        live = []
+        for j in self.live:
+            pair = self.pairs[j]
             hi, lo = (j // 2, j // 2 + 1) if j % 2 == 0 else (j // 2 + 1, j // 2)
             dhi, dlo = steps[hi], steps[lo]
             if dhi is None or dlo is None:
@@ -298,15 +403,17 @@ class Block:
             high, low = self.columns[hi], self.columns[lo]
             if not (high.moved or low.moved or pair.steps == 0):
                 pair.steps += len(dlo)  # nothing moved: nothing new
-                continue
-            pair.digest(high, low, (columns[hi], columns[lo]), (dhi, dlo), new)
-            if rough(high) or (pair.events >= 64 and pair.coherence < 0.05 and not rough(low)):
-                pair.dead = True  # a near-random high word, or two independent words
+                pair.looked += len(dlo)
+            else:
+                pair.digest(high, low, (columns[hi], columns[lo]), (dhi, dlo), new)
+            if pair.dies(high, low):
+                pair.dead = True
+            else:
+                live.append(j)
+        self.live = live
 
 
 def rough(column: Column) -> bool:
     """Near-random from sample to sample, with many values: the low word of something wider
     (a float32's low mantissa), never a 16-bit quantity of its own."""
-    return (
-        column.distinct is None and column.steps > 0 and column.absdiff / column.steps > ROUGH_STEP
-    )
+    return column.distinct is None and column.mean_step > ROUGH_STEP

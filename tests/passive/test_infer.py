@@ -3,17 +3,19 @@ and never a merge of two registers that are not one value."""
 
 from __future__ import annotations
 
+import math
 import random
 import struct
+import tracemalloc
 from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.passive.infer import Guess, Inference
+from broker.passive.infer import MAX_OVERLAP, Guess, Inference
 from broker.passive.observations import Description, Peer, Values, Warnings
-from broker.passive.series import BATCH, RING
+from broker.passive.series import BATCH, RING, Block
 
 PLC = Peer("10.0.0.7", 502)
 HR = "holding_register"
@@ -161,7 +163,8 @@ def test_bools_counters_constants_and_states() -> None:
         return (flag, count, 1234, mode)
 
     guesses = infer(series(200, row))
-    assert (guesses[0].type, guesses[0].kind) == ("uint16", "bool")
+    assert (guesses[0].type, guesses[0].kind) == ("bool", "bool")  # drafted as its bit 0
+    assert "bit 0" in guesses[0].evidence and guesses[0].confidence >= 0.8
     assert (guesses[1].type, guesses[1].kind) == (
         "uint16",
         "counter",
@@ -222,27 +225,28 @@ def test_registers_that_change_at_the_same_answers_are_linked() -> None:
     assert guesses[2].changes_with == () and guesses[3].changes_with == ()
 
 
-def test_a_million_samples_of_one_point_keep_memory_bounded() -> None:
+def test_many_samples_of_one_point_keep_memory_bounded() -> None:
     inference = Inference()
     answers = [Values("modbus", k, PLC, 1, HR, 0, (k,)) for k in range(0x10000)]  # built once
-    for k in range(1_000_000):
+    for k in range(200_000):
         inference.add(answers[k & 0xFFFF])
     (block,) = inference._blocks.values()
-    assert len(block.ring) == RING and len(block.pending) < BATCH
+    assert len(block.ring) == RING and block.new < BATCH
     (g,) = inference.guesses()
-    assert (g.kind, g.samples) == ("counter", 1_000_000) and "wrapped 15 times" in g.evidence
+    assert (g.kind, g.samples) == ("counter", 200_000) and "wrapped 3 times" in g.evidence
 
 
-def test_points_beyond_the_bound_are_dropped_with_a_warning() -> None:
+def test_ranges_beyond_the_memory_budget_are_dropped_with_a_warning() -> None:
     warnings = Warnings()
-    inference = Inference(warnings, max_points=10)
+    budget = 2 * Block.cost(5, "words") + 5_000
+    inference = Inference(warnings, max_bytes=budget)
     for start in (0, 5, 10):
         inference.add(Values("modbus", 0, PLC, 1, HR, start, (1, 2, 3, 4, 5)))
     inference.add(Values("modbus", 0, PLC, 1, HR, 0, (1, 2, 3, 4, 5)))  # a known range still counts
     assert len(inference.guesses()) == 10
-    assert [(kind, n) for kind, n, _ in warnings.items()] == [
-        ("more than 10 points (the rest ignored)", 1)
-    ]
+    (kind, n, where), *others = warnings.items()
+    assert kind.startswith("inference memory budget of") and n == 1 and where == str(PLC)
+    assert others == []
 
 
 def test_register_values_that_are_not_words_are_a_warning_not_an_exception() -> None:
@@ -288,3 +292,138 @@ def test_any_register_series_gives_one_guess_per_point_or_pair(rows: list[list[i
     covered = [a for g in guesses.values() for a in range(g.address, g.address + g.width)]
     assert sorted(covered) == [0, 1, 2]
     assert all(0 <= g.confidence <= 1 and g.samples == len(rows) for g in guesses.values())
+
+
+# --- float32 without carries, 32-bit values with a still high word, 0/1 registers ---------
+
+
+@pytest.mark.parametrize(
+    ("value", "n", "order"),
+    [
+        (lambda k: 20 + math.sin(k / 5), 50, "big"),  # a short capture: 50 polls
+        (lambda k: round(20 + math.sin(k / 5), 1), 300, "big"),  # quantised to tenths
+        (lambda k: math.sin(k / 6), 300, "little"),  # crossing zero flips the sign bit
+        (lambda k: round(math.sin(k / 6), 2), 120, "big"),
+    ],
+)
+def test_a_float32_that_shows_no_carries_is_found_by_its_smoothness(
+    value: Callable[[int], float], n: int, order: str
+) -> None:
+    guesses = infer([(7, *words_of(value(k), order=order)) for k in range(n)])
+    assert sorted(guesses) == [0, 1]
+    g = guesses[1]
+    assert (g.type, g.word_order, g.width) == ("float32", order, 2), g.evidence
+    assert 0.5 <= g.confidence <= 0.8
+
+
+def test_what_may_be_half_of_a_float32_gets_a_low_confidence_when_nothing_is_certain() -> None:
+    # Six polls of a float32: too few to tell; each word alone would be a fair uint16.
+    guesses = infer([words_of(20 + math.sin(k / 5)) for k in range(6)])
+    assert [(g.width, g.confidence <= 0.3) for g in guesses.values()] == [(1, True)] * 2
+    assert all("half of a float32?" in g.evidence for g in guesses.values())
+    # A high word in a float's exponent range whose float32 reading is anything but smooth.
+    rows = series(200, lambda k, rng: (rng.choice((0x3F80, 0x4480, 0x4B00)), rng.randrange(65536)))
+    hi = infer(rows)[0]
+    assert hi.width == 1 and hi.confidence <= 0.3 and "half of a float32?" in hi.evidence
+
+
+def test_smoothness_never_merges_a_word_in_a_float_range_beside_a_slow_or_two_valued_one() -> None:
+    status = infer(series(300, lambda k, rng: (0x4000 + (k // 50) % 2, rng.choice((0, 9000)))))
+    assert [g.width for g in status.values()] == [1, 1]
+    adc = infer(series(300, lambda k, rng: (15000 + rng.randint(-5, 5), 400 + 30 * (k % 7))))
+    assert [g.width for g in adc.values()] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("type_", "value", "order"),
+    [
+        ("int32", lambda k: -100_000 + 7 * k, "big"),  # high word a still 0xFFFE
+        ("uint32", lambda k: 100_000 + 3 * k, "little"),  # high word a still 1
+        ("int32", lambda k: -2_000 + (37 * k) % 500, "big"),  # still 0xFFFF, low word moving
+    ],
+)
+def test_a_32_bit_value_whose_high_word_never_moved_is_a_low_confidence_32_bit_value(
+    type_: str, value: Callable[[int], int], order: str
+) -> None:
+    guesses = infer([(*words_of(value(k), type_, order), 5) for k in range(300)])
+    assert sorted(guesses) == [0, 2]  # the low half is not a 16-bit signal of its own
+    g = guesses[0]
+    assert (g.type, g.word_order, g.width) == (type_, order, 2), g.evidence
+    assert 0.3 <= g.confidence <= 0.45 and "no carry seen" in g.evidence
+    assert g.minimum == min(value(k) for k in range(300))
+
+
+def test_a_register_of_0_and_1_is_a_bool_only_once_it_changed_often_enough() -> None:
+    flag = infer([(1 if k % 40 >= 20 else 0,) for k in range(200)])[0]
+    assert (flag.type, flag.kind) == ("bool", "bool")
+    once = infer([(1 if k >= 150 else 0,) for k in range(200)])[0]
+    assert (once.type, once.kind) == ("uint16", "bool") and once.confidence <= 0.5
+    assert "a flag? (bit 0)" in once.evidence
+
+
+def test_a_dnp3_counters_evidence_is_its_rate() -> None:
+    inference = Inference()
+    for k in range(40):
+        inference.add(Values("dnp3", k, Peer("10.0.0.8", 20000), 10, "20", 0, (1000 + 3 * k,)))
+    (g,) = inference.guesses()
+    assert g.kind == "counter" and "+3 a sample" in g.evidence
+
+
+# --- cost: memory in bytes, pairs that settle or die --------------------------------------
+
+
+def test_bits_are_kept_a_byte_each_and_a_block_stays_within_its_cost() -> None:
+    rng = random.Random(5)
+    for table, width, make in (
+        (HR, 125, lambda: tuple(rng.randrange(65536) for _ in range(125))),
+        ("coil", 2000, lambda: tuple(rng.random() < 0.5 for _ in range(2000))),
+    ):
+        inference = Inference()
+        tracemalloc.start()
+        try:
+            for k in range(RING + BATCH + 7):
+                inference.add(Values("modbus", k, PLC, 1, table, 0, make()))
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        (block,) = inference._blocks.values()
+        assert all(len(row) == width for row in block.ring)
+        if table == "coil":
+            assert all(isinstance(row, bytes) for row in block.ring)
+        assert held <= Block.cost(width, block.packing)
+
+
+def test_overlapping_ranges_do_not_multiply_what_is_kept() -> None:
+    warnings = Warnings()
+    inference = Inference(warnings)
+    for k in range(3):
+        for start in range(50):  # 50 ranges of 20 registers, each one register further
+            inference.add(Values("modbus", k, PLC, 1, HR, start, tuple(range(start, start + 20))))
+    kept = len(inference._blocks)
+    assert kept <= 50 // 2  # each register digested in at most 2 × MAX_OVERLAP ranges
+    assert [g.address for g in inference.guesses()][:60] == list(range(60))
+    assert [(kind, n) for kind, n, _ in warnings.items()] == [
+        (f"range overlapping {MAX_OVERLAP} others read already (not used for types)", 50 - kept)
+    ]
+    # Ranges that nest (an HMI's screens) are all kept: most of each one is new.
+    inference = Inference(warnings)
+    for k in range(3):
+        for count in (10, 20, 5, 50, 100, 125):
+            inference.add(Values("modbus", k, PLC, 1, HR, 0, tuple(range(count))))
+    assert len(inference._blocks) == 6 and len(inference.guesses()) == 125
+
+
+def test_pairs_of_unrelated_moving_words_are_dropped_after_one_batch() -> None:
+    # A wide block of 16-bit words that all move by more than a carry's step: nothing can
+    # tell that two of them are one value, so no pair of them is tracked after a batch.
+    rows = [tuple(300 + 3 * (k % 64) + j for j in range(125)) for k in range(BATCH + 1)]
+    inference = Inference()
+    for k, row in enumerate(rows):
+        inference.add(Values("modbus", k, PLC, 1, HR, 0, row))
+    (block,) = inference._blocks.values()
+    assert block.live == [] and all(p.dead for p in block.pairs)
+    # ... while a float32 whose high word jumps at every poll is still followed and found.
+    rng = random.Random(2)
+    floats = [words_of(1000 + rng.uniform(-200, 200)) for _ in range(3 * BATCH)]
+    guesses = infer(floats)
+    assert (guesses[0].type, guesses[0].width) == ("float32", 2)
