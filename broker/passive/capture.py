@@ -33,6 +33,9 @@ from broker.passive.observations import Peer, Warnings
 
 PROGRESS_EVERY_S = 0.5
 MAX_RECORD = 4 * 0xFFFF  # bytes: the most scapy reads of one record (libpcap's cap: 262,144)
+# bytes: no pcapng block is longer (a packet and its options, a list of names or keys), so a
+# longer length is garbage (Wireshark's own cap is near 128 MiB)
+MAX_BLOCK = 16 * 1024 * 1024
 MAX_IPV6_EXTENSIONS = 8  # more chained extension headers than any real stack sends
 
 # Link-layer types (DLT / LINKTYPE numbers) this reader decodes.
@@ -118,7 +121,8 @@ def _read(
         before = stream.tell()
         try:
             data, meta = reader._read_packet(MAX_RECORD)  # what scapy's __next__ calls
-        except EOFError:
+        except EOFError:  # the end, or a record that does not fit in what is left
+            ended = stream.tell()
             break
         except (Scapy_Exception, struct.error, ValueError) as e:
             # scapy raises these on a corrupt block; what came before is kept
@@ -142,11 +146,30 @@ def _read(
             if now - last_progress >= PROGRESS_EVERY_S:
                 last_progress = now
                 progress(file.tell())
-    if stream.tell() > before:
-        # bytes after the last whole record: the capture was cut mid-record
-        warnings.add("capture file cut short", f"after packet {number}")
+    if ended > before:
+        # bytes after the last whole record: the capture was cut mid-record, or a pcapng
+        # block's length is garbage (scapy says "too short" for both)
+        warnings.add(_ending(reader, stream, before, ended), f"after packet {number}")
     if progress is not None:
         progress(file.tell())
+
+
+def _ending(reader: Any, stream: IO[bytes], at: int, ended: int) -> str:
+    """The warning kind for the bytes from `at` (after the last whole record) to `ended` (where
+    scapy gave up): "corrupt" when a pcapng block there claims a length no block has."""
+    if not isinstance(reader, RawPcapNgReader):
+        return "capture file cut short"
+    stream.seek(at)
+    while at < ended:  # the blocks scapy read whole (non-packet ones), then the one it did not
+        head = stream.read(8)
+        if len(head) < 8:
+            break
+        (length,) = struct.unpack(reader.endian + "I", head[4:])
+        if not 12 <= length <= MAX_BLOCK:
+            return "capture file corrupt"
+        at += length
+        stream.seek(at)
+    return "capture file cut short"
 
 
 def _metadata(reader: Any, meta: Any) -> tuple[int, float, int | None]:

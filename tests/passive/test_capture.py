@@ -217,6 +217,26 @@ def test_a_pcapng_cut_mid_block_keeps_what_came_before(tmp_path: Path) -> None:
     assert _kinds(warnings) == {"capture file cut short": 1}
 
 
+@pytest.mark.parametrize("length", [0xFFFF_FFF0, 17 * 1024 * 1024, 8])
+def test_a_pcapng_block_length_no_block_has_is_corrupt_not_cut_short(
+    tmp_path: Path, length: int
+) -> None:
+    ng = tmp_path / "c.pcapng"
+    with PcapNgWriter(str(ng)) as writer:
+        for i in range(3):
+            writer.write(_ether() / _tcp(bytes([i]) * 40))
+    data = bytearray(ng.read_bytes())
+    starts, at = [], 0
+    while at < len(data):  # the blocks: section header, interface, three packets
+        starts.append(at)
+        at += struct.unpack_from("<I", data, at + 4)[0]
+    struct.pack_into("<I", data, starts[-1] + 4, length)  # the third packet's block
+    ng.write_bytes(bytes(data))
+    got, warnings = _read(ng)
+    assert [p.payload[0] for p in got] == [0, 1]
+    assert warnings.items() == [("capture file corrupt", 1, "after packet 2")]
+
+
 def test_a_huge_record_length_stops_reading_with_a_warning(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.pcap", [_ether() / _tcp(), _ether() / _tcp()])
     data = bytearray(path.read_bytes())
