@@ -15,10 +15,19 @@ after a header that is not MBAP, a frame start is trusted only when its function
 public one and the whole frame has the length its function gives (`_asked`, `_fits`): this is
 what finds the frame boundary in a stream of unknown bytes. So a direction whose every frame
 uses a private function code is never read (they are not reads or writes discovery can use).
+
+Matching: an answer is matched to the pending request of its connection with its transaction
+id, unit id and function code. Lost bytes (a chunk with `gap`) end what can be matched: a gap
+in the requests drops the pending requests, and a gap in the answers drops them too unless
+the requests had a gap since the last answers came (so both directions of a new connection on
+the same ports, each starting with a gap, keep the requests it sent). So an old connection's
+request is never answered by a new one's answer; what it costs is the answers, due when
+bytes were lost, to requests a poller had in flight.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -85,8 +94,12 @@ class _Direction:
 class _Connection:
     requests: _Direction = field(default_factory=_Direction)
     answers: _Direction = field(default_factory=_Direction)
-    # (transaction id, unit id, function code) → what was asked, oldest first
-    pending: OrderedDict[tuple[int, int, int], _Asked] = field(default_factory=OrderedDict)
+    # (transaction id, unit id, function code) → (when, what was asked), oldest first
+    pending: OrderedDict[tuple[int, int, int], tuple[float, _Asked]] = field(
+        default_factory=OrderedDict
+    )
+    asked_since: float = -math.inf  # time of the requests' last gap: later ones are whole
+    answered_at: float = -math.inf  # time of the last answers
 
 
 class ModbusReader:
@@ -116,13 +129,34 @@ class ModbusReader:
             if side.buffer:
                 self._warn("Modbus frame cut by a gap in the capture", chunk, side.offset)
             side.buffer, side.synced, side.told = b"", False, False
+            self._unmatchable(connection, chunk.time, from_client)
         found: list[Observation] = []
         for frame in self._frames(side, chunk, from_client):
             if from_client:
                 found += self._request(connection, chunk, frame)
             else:
                 found += self._answer(connection, chunk, frame)
+        if not from_client:
+            connection.answered_at = chunk.time
         return found
+
+    def _unmatchable(self, connection: _Connection, time: float, from_client: bool) -> None:
+        """Drop the pending requests bytes lost at `time` leave unmatchable (see the module
+        docstring): what was asked before a gap in the requests, and before a gap in the
+        answers unless the requests had one since the answers last came."""
+        pending = connection.pending
+        if from_client:
+            connection.asked_since = time
+        if not pending:
+            return
+        if from_client:
+            kept = {}
+        elif connection.asked_since > connection.answered_at:
+            kept = {k: v for k, v in pending.items() if v[0] >= connection.asked_since}
+        else:
+            kept = {}
+        self._pending_total -= len(pending) - len(kept)
+        connection.pending = OrderedDict(kept)
 
     def _connection(self, client: Peer, server: Peer) -> _Connection:
         key = (client.host, client.port, server.host, server.port)
@@ -218,7 +252,7 @@ class ModbusReader:
         if pending.pop(key, None) is not None:
             self._warn("Modbus request not answered (its transaction id was used again)", chunk, at)
             self._pending_total -= 1
-        pending[key] = asked
+        pending[key] = (chunk.time, asked)
         self._pending_total += 1
         if len(pending) > self._max_pending:
             pending.popitem(last=False)
@@ -248,10 +282,11 @@ class ModbusReader:
             connection.pending.clear()
 
     def _answered(self, connection: _Connection, key: tuple[int, int, int]) -> _Asked | None:
-        asked = connection.pending.pop(key, None)
-        if asked is not None:
-            self._pending_total -= 1
-        return asked
+        entry = connection.pending.pop(key, None)
+        if entry is None:
+            return None
+        self._pending_total -= 1
+        return entry[1]
 
     def _answer(self, connection: _Connection, chunk: Chunk, frame: _Frame) -> list[Observation]:
         pdu, unit = frame.pdu, frame.unit

@@ -14,9 +14,10 @@ from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu import bit_message as bits
 from pymodbus.pdu import register_message as registers
 
+from broker.passive.capture import Packet
 from broker.passive.modbus import ModbusReader
 from broker.passive.observations import Observation, Peer, Request, Values, Warnings
-from broker.passive.streams import Chunk
+from broker.passive.streams import ACK, RST, SYN, Chunk, Streams
 
 SCADA = Peer("10.0.0.5", 49152)
 PLC = Peer("10.0.0.7", 502)
@@ -331,6 +332,52 @@ def test_after_a_gap_the_partial_frame_is_dropped_and_framing_found_again() -> N
         "Modbus frame cut by a gap in the capture": 1,
         "Modbus bytes skipped to find where a frame starts": 1,
     }
+
+
+@pytest.mark.parametrize("new_request_captured", [False, True])
+def test_an_old_connections_request_is_never_answered_by_a_new_one_on_the_same_ports(
+    new_request_captured: bool,
+) -> None:
+    """A connection dies with a request unanswered; the poller connects again from the same
+    port and asks with the same transaction id. The answer belongs to the new request, or to
+    none when the capture missed it: never to the old one (it would give hr-0's values)."""
+    warnings = Warnings()
+    streams, reader = Streams(warnings), ModbusReader(warnings)
+
+    def tcp(time: float, src: Peer, seq: int, flags: int, data: bytes = b"") -> Packet:
+        dst = PLC if src == SCADA else SCADA
+        return Packet(int(time * 10), time, "tcp", src, dst, data, seq, flags, 0)
+
+    def old_read(start: int) -> bytes:
+        pdu = registers.ReadHoldingRegistersRequest(
+            dev_id=1, transaction_id=1, address=start, count=2
+        )
+        return frame(pdu)
+
+    answer_frame = frame(
+        registers.ReadHoldingRegistersResponse(dev_id=1, transaction_id=1, registers=[7, 8])
+    )
+    capture = [
+        tcp(0.0, SCADA, 100, SYN),
+        tcp(0.0, PLC, 500, SYN | ACK),
+        tcp(1.0, SCADA, 101, ACK, old_read(0)),  # never answered
+        tcp(2.0, SCADA, 113, RST),
+        tcp(3.0, SCADA, 1000, SYN),  # the same ports again
+        tcp(3.0, PLC, 5000, SYN | ACK),
+    ]
+    if new_request_captured:
+        capture.append(tcp(3.5, SCADA, 1001, ACK, old_read(100)))
+    capture.append(tcp(4.0, PLC, 5001, ACK, answer_frame))
+    found = [
+        o
+        for packet in capture
+        for chunk in streams.add(packet)
+        for o in reader.feed(chunk, from_client=chunk.src == SCADA)
+    ]
+    values = [(o.start, o.values) for o in found if isinstance(o, Values)]
+    assert values == ([(100, (7, 8))] if new_request_captured else [])
+    if not new_request_captured:
+        assert kinds(warnings) == {"Modbus answer to no request seen": 1}
 
 
 def test_a_frame_too_short_for_its_function_at_a_streams_start_is_skipped() -> None:
