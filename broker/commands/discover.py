@@ -1,5 +1,6 @@
 """`discover opcua URL|dnp3 HOST:PORT|bacnet ADDRESS`: read a device and print a starter policy;
-`discover pcap FILE`: draft one from a capture of the plant's traffic, sending nothing.
+`discover pcap FILE`: draft one from a capture of the plant's traffic, sending nothing
+(docs/discovery.md).
 
 It sends Browse and Read only, over a session secured exactly like the connector's (the
 server certificate pinned with `--pin` or found in `--trust`; `--security None` only when
@@ -21,7 +22,9 @@ from broker.policy.device_schema import OPCUA_SECURITY_POLICIES
 
 
 def add_to(commands: Any) -> None:
-    group = commands.add_parser("discover", help="browse a device and print a starter policy")
+    group = commands.add_parser(
+        "discover", help="read a device, or a capture of its traffic, and print a starter policy"
+    )
     sub = group.add_subparsers(required=True, metavar="PROTOCOL")
     opcua = sub.add_parser("opcua", help="browse an OPC UA server (Browse and Read only)")
     opcua.add_argument("url", help="opc.tcp://host:port[/path]")
@@ -78,15 +81,21 @@ def add_to(commands: Any) -> None:
     pcap.add_argument("file", type=Path, metavar="FILE", help="a pcap or pcapng capture")
     pcap.add_argument("--json", action="store_true",
                       help="one JSON document on stdout: the draft, devices, signals, polled "
-                      "ranges and warnings (docs/discovery.md)")  # fmt: skip
+                      "ranges and warnings (docs/discovery.md); with --output, the draft is "
+                      "written there too")  # fmt: skip
     pcap.add_argument("--redact", action="store_true",
                       help="addresses as host-1, host-2…; no observed values, BACnet names or "
                       "descriptions: a capture's draft to share with an integrator")  # fmt: skip
     pcap.add_argument("--output", type=Path, metavar="DRAFT.yaml",
                       help="write the draft here; the summary table goes to stdout")  # fmt: skip
+    pcap.add_argument("--force", action="store_true",
+                      help="let --output replace a file that exists")  # fmt: skip
+    pcap.add_argument("--include-constant", action="store_true",
+                      help="propose Modbus registers that never changed in the capture too "
+                      "(spares, by default one header comment per run)")  # fmt: skip
     pcap.add_argument("--port", action="append", default=[], metavar="PROTOCOL=PORT",
                       help="another port of modbus (502), dnp3 (20000) or bacnet (47808), e.g. "
-                      "modbus=5020 (repeatable)")  # fmt: skip
+                      "modbus=5020 (repeatable; a port is one protocol's)")  # fmt: skip
     pcap.add_argument("--site", default="site", metavar="NAME",
                       help="the first word of each signal path (default: %(default)s)")  # fmt: skip
     pcap.set_defaults(handler=_discover_pcap)

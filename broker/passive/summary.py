@@ -3,7 +3,7 @@
 
 Everything shown passes through `Hosts`, so `--redact` holds for the table, the JSON and the
 warnings alike: addresses become pseudonyms, and with `--redact` no observed value, BACnet
-name or description is shown.
+name or description is shown. Text a capture supplied is shown only through `one_line`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from broker.passive.draft import Draft, Hosts, Point, one_line, seconds
+from broker.passive.draft import Draft, Point
 from broker.passive.observations import Warnings
 from broker.passive.polls import Polled
+from broker.passive.shown import Hosts, one_line, seconds
 
 
 def document(
@@ -54,7 +55,7 @@ def document(
             for p in polled
         ],
         "warnings": [
-            {"kind": hosts.text(kind), "count": n, "first": hosts.text(where)}
+            {"kind": one_line(hosts.text(kind)), "count": n, "first": one_line(hosts.text(where))}
             for kind, n, where in warnings.items()
         ],
     }
@@ -85,6 +86,7 @@ def _point(point: Point, hosts: Hosts) -> dict[str, Any]:
         "maximum": g.maximum if observed else None,
         "changes_with": list(g.changes_with),
         "interval_s": point.interval_s,
+        "draft_interval_s": point.draft_interval_s,
         "polled_by": list(point.polled_by),
         "name": g.name if observed else None,
         "description": g.description if observed else None,
@@ -93,10 +95,11 @@ def _point(point: Point, hosts: Hosts) -> dict[str, Any]:
 
 
 def table(draft: Draft) -> str:
-    """One line per point seen: what the draft makes of it (nothing when none was seen)."""
+    """One line per point seen: what the draft makes of it, how often the SCADA and the draft
+    read it (nothing when no point was seen)."""
     if not draft.points:
         return ""
-    rows = [("device", "point", "type", "kind", "conf", "every", "by", "draft")]
+    rows = [("device", "point", "type", "kind", "conf", "scada", "draft", "by", "in draft")]
     for p in draft.points:
         g = p.guess
         order = {"big": " BE", "little": " LE"}.get(g.word_order or "", "")
@@ -106,7 +109,8 @@ def table(draft: Draft) -> str:
             g.type + order,
             g.kind + (" (written)" if g.written else ""),
             f"{g.confidence:.2f}",
-            "-" if p.interval_s is None else f"{seconds(p.interval_s)} s",
+            _every(p.interval_s),
+            _every(p.draft_interval_s),
             ", ".join(p.polled_by) or "-",
             "signal" if p.signal else "comment",
         ))  # fmt: skip
@@ -118,6 +122,10 @@ def table(draft: Draft) -> str:
         )
         + "\n"
     )
+
+
+def _every(interval: float | None) -> str:
+    return "-" if interval is None else f"{seconds(interval)} s"
 
 
 def warnings_text(warnings: Warnings, hosts: Hosts) -> str:
