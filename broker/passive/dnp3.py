@@ -3,11 +3,11 @@ read from the in-order bytes of each direction of a TCP connection (streams.Chun
 
 Link frames are checked as the standard says (header and block CRCs, dnp3_frames.crc16),
 transport segments reassembled per direction and link-address pair (dnp3_frames.Reassembler),
-responses decoded by dnp3_objects.parse_response. A master's READ gives one Request per
-range of points it names, or one for its class poll; a control or any other function that
-changes an outstation (WRITE, SELECT, OPERATE, FREEZE, restarts, unsolicited on/off, ...)
-gives Request(write=True), and an OPERATE or DIRECT_OPERATE of a binary or analog output
-the Values it wrote. Who is the outstation comes from the frames (a request goes to it, a
+responses decoded by dnp3_objects.parse_response, requests by dnp3_requests. A master's
+READ gives one Request per range of points it names, or one for its class poll; a control or
+any other function that changes an outstation (WRITE, SELECT, OPERATE, FREEZE, restarts,
+unsolicited on/off, ...) gives Request(write=True), and an OPERATE or DIRECT_OPERATE of a
+binary or analog output the Values it wrote. Who is the outstation comes from the frames (a request goes to it, a
 response comes from it), not from the TCP ports: an outstation may be the one that dialled.
 
 Nothing here sends or answers a frame (it only reads a file's bytes). Bad input is never an
@@ -16,12 +16,22 @@ exception: it is one warning, and the reader resyncs on the next frame start (05
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from typing import Final, NamedTuple
+from collections.abc import Iterator
+from typing import Final
 
-from broker.passive.observations import Observation, Request, Value, Values, Warnings
+from broker.passive.dnp3_requests import (
+    CONTROL_OBJECTS,
+    CONTROLS,
+    FUNCTIONS,
+    OPERATES,
+    READ_ONLY,
+    Header,
+    commanded,
+    object_headers,
+    reads,
+)
+from broker.passive.observations import Observation, Request, Values, Warnings
 from broker.passive.streams import Chunk
 from broker.plant.connectors.dnp3_frames import (
     MAX_FRAGMENT,
@@ -35,12 +45,10 @@ from broker.plant.connectors.dnp3_frames import (
 )
 from broker.plant.connectors.dnp3_objects import (
     RESPONSE,
-    STATIC_GROUP,
     UNSOLICITED_RESPONSE,
     Point,
     parse_response,
 )
-from broker.plant.decode import float32_text
 
 MAX_DIRECTIONS: Final = 20_000  # directions of connections followed; least recently used go
 MAX_FRAGMENTS: Final = 4_096  # fragments in progress in all (each at most MAX_FRAGMENT bytes)
@@ -48,46 +56,6 @@ MAX_FRAGMENTS: Final = 4_096  # fragments in progress in all (each at most MAX_F
 _HEADER = 10  # start, length, control, destination, source, CRC
 _BLOCK = 16
 _USER_DATA = (PRI_CONFIRMED_USER_DATA, PRI_UNCONFIRMED_USER_DATA)
-# IEEE 1815-2012 table 4-1: the request function codes, by name.
-FUNCTIONS: Final = (
-    "CONFIRM", "READ", "WRITE", "SELECT", "OPERATE", "DIRECT_OPERATE", "DIRECT_OPERATE_NR",
-    "IMMED_FREEZE", "IMMED_FREEZE_NR", "FREEZE_CLEAR", "FREEZE_CLEAR_NR", "FREEZE_AT_TIME",
-    "FREEZE_AT_TIME_NR", "COLD_RESTART", "WARM_RESTART", "INITIALIZE_DATA",
-    "INITIALIZE_APPLICATION", "START_APPLICATION", "STOP_APPLICATION", "SAVE_CONFIGURATION",
-    "ENABLE_UNSOLICITED", "DISABLE_UNSOLICITED", "ASSIGN_CLASS", "DELAY_MEASURE",
-    "RECORD_CURRENT_TIME", "OPEN_FILE", "CLOSE_FILE", "DELETE_FILE", "GET_FILE_INFO",
-    "AUTHENTICATE_FILE", "ABORT_FILE", "ACTIVATE_CONFIG", "AUTHENTICATE_REQ", "AUTH_REQ_NO_ACK",
-)  # fmt: skip
-# Requests that change nothing in the outstation; every other one counts as a write.
-READ_ONLY: Final = frozenset({"READ", "DELAY_MEASURE", "GET_FILE_INFO"})
-_OPERATES = frozenset({"OPERATE", "DIRECT_OPERATE", "DIRECT_OPERATE_NR"})
-_CONTROLS = _OPERATES | {"SELECT"}
-POINT_TABLES: Final = frozenset({1, 3, 10, 20, 21, 30, 40})  # static groups of points
-
-# Object header qualifiers: index/count width of ranges, counts, and index-prefixed lists
-_RANGES = {0x00: 1, 0x01: 2, 0x02: 4}
-_COUNTS = {0x07: 1, 0x08: 2, 0x09: 4}
-_PREFIXED = {0x17: 1, 0x28: 2, 0x39: 4}
-_ALL = 0x06
-# Control objects: size, and the static group whose point they command
-_CONTROL_OBJECTS: Final = {
-    (12, 1): (11, 10),  # control relay output block
-    (41, 1): (5, 40), (41, 2): (3, 40), (41, 3): (5, 40), (41, 4): (9, 40),  # analog outputs
-}  # fmt: skip
-_ANALOG_OUTPUT = {1: "<i", 2: "<h", 3: "<f", 4: "<d"}
-_LATCH_ON, _LATCH_OFF, _CLOSE, _TRIP = 3, 4, 1, 2
-
-
-class _Header(NamedTuple):
-    """One object header of a request, with the indexes it names (None: all points)."""
-
-    group: int
-    variation: int
-    indexes: range | list[int] | None
-    objects: list[bytes]  # the objects it carries (controls), one per index
-
-
-_RequestMaker = Callable[[str, int, int, str], Request]  # table, start, count, function
 _Key = tuple[str, int, str, int]  # a direction's src host, port, dst host, port (cheap to hash)
 
 
@@ -249,10 +217,10 @@ class Dnp3Reader:
         self, chunk: Chunk, master: int, outstation: int, apdu: bytes, at: int
     ) -> list[Observation]:
         name = FUNCTIONS[apdu[1]]
-        headers: list[_Header] = []
-        if name == "READ" or name in _CONTROLS:
+        headers: list[Header] = []
+        if name == "READ" or name in CONTROLS:
             try:  # the headers before a bad one are kept
-                headers.extend(_headers(apdu, controls=name in _CONTROLS))
+                headers.extend(object_headers(apdu, controls=name in CONTROLS))
             except FrameError as e:
                 self._warnings.add(f"DNP3 {name} request not read", f"{_where(chunk, at)}: {e}")
         said = f"(master {master})"
@@ -272,15 +240,15 @@ class Dnp3Reader:
             )
 
         if name == "READ":
-            return _reads(headers, request)
+            return reads(headers, request)
         if name in READ_ONLY:
             return []  # asks for no point and changes nothing
         observations: list[Observation] = []
-        for header in headers if name in _CONTROLS else []:
-            _, table = _CONTROL_OBJECTS[header.group, header.variation]
+        for header in headers if name in CONTROLS else []:
+            _, table = CONTROL_OBJECTS[header.group, header.variation]
             for index, body in zip(header.indexes or (), header.objects, strict=True):
                 observations.append(request(str(table), index, 1, name))
-                value = _commanded(header, body) if name in _OPERATES else None
+                value = commanded(header, body) if name in OPERATES else None
                 if value is not None:
                     written = Values(
                         "dnp3", chunk.time, chunk.dst, outstation, str(table), index, (value,),
@@ -303,111 +271,6 @@ def _user_data(blocks: bytes) -> bytes | None:
             return None
         data += block[:-2]
     return bytes(data)
-
-
-def _headers(apdu: bytes, *, controls: bool) -> Iterator[_Header]:
-    """The object headers of a request (from byte 2), with the objects of a control."""
-    pos = 2
-
-    def take(size: int, what: str) -> bytes:
-        nonlocal pos
-        if pos + size > len(apdu):
-            raise FrameError(f"{what} at byte {pos} needs {size} bytes, {len(apdu) - pos} left")
-        pos += size
-        return apdu[pos - size : pos]
-
-    while pos < len(apdu):
-        group, variation, qualifier = take(3, "an object header")
-        number = f"g{group}v{variation} qualifier 0x{qualifier:02x}"
-        size = 0
-        if controls:
-            if (group, variation) not in _CONTROL_OBJECTS:
-                raise FrameError(f"{number}: not a control object this reader knows")
-            size = _CONTROL_OBJECTS[group, variation][0]
-        indexes, prefix = _range(qualifier, take, number)
-        if controls and indexes is None:
-            raise FrameError(f"{number}: a control names its points")
-        count = len(indexes) if indexes is not None else 0
-        if count * (prefix + size) > len(apdu) - pos:  # never trust a count over the bytes
-            raise FrameError(f"{number}: {count} objects, {len(apdu) - pos} bytes left")
-        objects, listed = [], []
-        for _ in range(count if prefix or size else 0):
-            if prefix:
-                listed.append(int.from_bytes(take(prefix, number), "little"))
-            objects.append(take(size, number))
-        # an index-prefixed header names the indexes its objects carry
-        yield _Header(group, variation, listed if prefix else indexes, objects)
-
-
-def _range(
-    qualifier: int, take: Callable[[int, str], bytes], number: str
-) -> tuple[range | None, int]:
-    """The indexes a header's qualifier and range name (None: all points; for an
-    index-prefixed list, as many as its count says), and the octets of each index prefix."""
-    if qualifier in _RANGES:
-        width = _RANGES[qualifier]
-        first = int.from_bytes(take(width, number), "little")
-        last = int.from_bytes(take(width, number), "little")
-        if last < first:
-            raise FrameError(f"{number}: range {first}..{last} runs backwards")
-        return range(first, last + 1), 0
-    if qualifier in _COUNTS:
-        return range(int.from_bytes(take(_COUNTS[qualifier], number), "little")), 0
-    if qualifier in _PREFIXED:
-        prefix = _PREFIXED[qualifier]
-        return range(int.from_bytes(take(prefix, number), "little")), prefix
-    if qualifier != _ALL:
-        raise FrameError(f"{number}: qualifier not read")
-    return None, 0
-
-
-def _reads(headers: list[_Header], request: _RequestMaker) -> list[Observation]:
-    """A READ's Requests: one for its class poll, one per run of points of a table named.
-    Headers of other groups (time, attributes, files) ask for no point and give none."""
-    classes = sorted({h.variation - 1 for h in headers if h.group == 60 and 1 <= h.variation <= 4})
-    observations: list[Observation] = []
-    if classes:
-        observations.append(request("", 0, 0, "READ class " + " ".join(map(str, classes))))
-    for h in headers:
-        table = STATIC_GROUP.get(h.group, h.group)
-        if table not in POINT_TABLES:
-            continue
-        what = f"READ g{h.group}v{h.variation}"
-        if h.indexes is None:
-            observations.append(request(str(table), 0, 0, what))
-            continue
-        runs = (
-            _runs(h.indexes) if isinstance(h.indexes, list) else [(h.indexes.start, len(h.indexes))]
-        )
-        for start, count in runs:  # a range stays a range: 2^32 indexes are never listed
-            observations.append(request(str(table), start, count, what))
-    return observations
-
-
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    """(start, count) of each run of consecutive indexes, in order."""
-    runs: list[tuple[int, int]] = []
-    for index in indexes:
-        if runs and index == sum(runs[-1]):
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((index, 1))
-    return runs
-
-
-def _commanded(header: _Header, body: bytes) -> Value | None:
-    """The value a control sets: an analog output's number; a relay's latch or
-    trip/close state (None for a pulse, which leaves no state)."""
-    if header.group == 41:
-        (value,) = struct.unpack_from(_ANALOG_OUTPUT[header.variation], body)
-        return float(float32_text(value)) if header.variation == 3 else value
-    code = body[0]
-    operation, trip_close = code & 0x0F, code >> 6
-    if operation == _LATCH_ON or trip_close == _CLOSE:
-        return True
-    if operation == _LATCH_OFF or trip_close == _TRIP:
-        return False
-    return None
 
 
 def _values(points: list[Point], chunk: Chunk, outstation: int) -> Iterator[Values]:
