@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.passive.observations import Peer, Request, Warnings
-from broker.passive.polls import Polled, PollLog
+from broker.passive.polls import Polled, PollLog, envelopes
 
 PLC = Peer("10.0.0.7", 502)
 OTHER = Peer("10.0.0.8", 502)
@@ -78,6 +78,38 @@ def test_devices_and_units_are_kept_apart_and_sorted() -> None:
         1.0,
         3.0,
     )
+
+
+def test_a_range_read_rarely_is_set_apart_and_does_not_set_the_device_interval() -> None:
+    log = PollLog()
+    poll(log, 1.0, 0, 300, count=4)  # the SCADA, every second
+    for t in (110.0, 350.0):  # an HMI's diagnostics screen, opened twice
+        log.add(request(t, 100, count=2, client="10.0.0.6"))
+    log.add(request(120.0, 200, count=2))  # read once: no interval at all
+    (envelope,) = envelopes(log.polled()).values()
+    assert [p.start for p in envelope.regular] == [0]
+    assert [(p.start, p.interval_s) for p in envelope.rare] == [(100, 240.0)]
+    assert [p.start for p in envelope.once] == [200] and envelope.most_requests == 300
+    assert log.interval_s(PLC, 1) == 1.0  # not 240 s: the rare range does not count
+
+
+def test_every_device_interval_comes_from_one_pass_over_the_log() -> None:
+    log = PollLog()
+    servers = [Peer(f"10.0.{n // 250}.{n % 250}", 502) for n in range(300)]
+    for n, server in enumerate(servers):
+        poll(log, 1.0 + n % 3, 0, 3, server=server)
+    calls = []
+    polled = log.polled
+
+    def counted() -> list[Polled]:
+        calls.append(1)
+        return polled()
+
+    log.polled = counted  # type: ignore[method-assign]
+    assert [log.interval_s(s, 1) for s in servers] == [1.0 + n % 3 for n in range(300)]
+    assert len(calls) == 1  # not once per device: quadratic in devices × ranges
+    log.add(request(200.0, 0, server=servers[0]))  # a new request: computed again
+    assert log.interval_s(servers[0], 1) is not None and len(calls) == 2
 
 
 def test_a_clock_stepping_back_gives_no_negative_interval() -> None:
