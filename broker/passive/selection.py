@@ -50,11 +50,11 @@ class Seen:
     a signal."""
 
     guess: Guess
-    covering: tuple[Polled, ...]  # regular reads holding the whole point
+    covering: tuple[Polled, ...]  # regular reads holding the whole point (read rarely: rare)
     reason: str | None  # None: a signal
 
     def interval_s(self) -> float | None:
-        """The SCADA's interval for the point: its fastest regular read."""
+        """The SCADA's interval for the point: its fastest read of `covering`."""
         return min((p.interval_s for p in self.covering if p.interval_s is not None), default=None)
 
 
@@ -124,7 +124,7 @@ def _seen(guess: Guess, envelope: Envelope) -> Seen:
     if guess.table not in TABLE_WORDS[guess.protocol]:
         reason = f"the broker does not read {guess.protocol} table {guess.table!r}"
     elif not covering and (rare := [p for p in envelope.rare if holds(p)]):
-        reason = _rarely(rare, envelope)
+        reason, covering = _rarely(rare, envelope), rare
     elif not covering and (guess.protocol == "modbus" or guess.written):
         reason = _why_not_read(guess, envelope)
     else:

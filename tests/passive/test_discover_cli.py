@@ -199,6 +199,8 @@ def test_a_range_read_rarely_does_not_slow_the_device_and_says_so() -> None:
         "request(s) against 300 of the device's most-read range; drafted, it would slow the "
         "whole device to its pace"
     ]
+    rare = next(p for p in result.points if p.guess.address == 100)
+    assert (rare.interval_s, rare.polled_by, rare.draft_interval_s) == (240.0, ("10.0.0.6",), None)
     # the SCADA's rate and the draft's side by side, in the evidence and in the table
     signal = next(p for p in result.points if p.signal)
     assert "polled every 1.0 s by 10.0.0.5, the draft reads it every 1.0 s" in signal.comment
