@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from operator import ne
 from typing import Literal, NamedTuple
 
 from broker.passive.observations import Description, Peer, Protocol, Value, Values, Warnings
@@ -244,7 +245,7 @@ def _guess_one(
         verdict = _Verdict("bool", "bool", 1.0, f"bool (a {table}), {flips}")
         low, high = bool(low), bool(high)
     else:
-        verdict = _register(col, series)
+        verdict = _register(col, series)  # type: ignore[arg-type]  # words: ints
         if verdict.type == "int16":
             low, high = col.smin, col.smax
     if doubt is not None and verdict.confidence > doubt[0]:  # may be half of a 32-bit value
@@ -257,13 +258,13 @@ def _guess_one(
     )  # fmt: skip
 
 
-def _register(col: Column, words: list[Value]) -> _Verdict:
+def _register(col: Column, words: list[int]) -> _Verdict:
     """One 16-bit register on its own: signed when its words straddle 0x8000 from near
     0xFFFF (they move less read as int16) or all sit high; then what its values look like."""
     signed = col.maximum >= 0x8000 and (col.signed_absdiff < col.absdiff or col.minimum >= 0xC000)
     type_ = "int16" if signed else "uint16"
     low, high = (col.smin, col.smax) if signed else (col.minimum, col.maximum)
-    series = [w - 0x10000 if signed and w >= 0x8000 else w for w in words if isinstance(w, int)]
+    series = [w - 0x10000 if w >= 0x8000 else w for w in words] if signed else words
     seen = f"{col.count:,} samples"
     if not col.changes:
         verdict = _Verdict(type_, "constant", 0.2, f"{type_}? never changed ({low}), {seen}")
@@ -331,9 +332,9 @@ def _scale(col: Column, magnitude: int) -> float | None:
     return 0.1 if 100 <= magnitude < 1000 else 0.01 if 1000 <= magnitude < 10000 else None
 
 
-def _noise(series: Sequence[Value]) -> str:
+def _noise(series: Sequence[float]) -> str:
     """How much a value moves from sample to sample, against its size (recent samples)."""
-    step = relative_step([float(v) for v in series if isinstance(v, int | float)])
+    step = relative_step(series)
     if step is None:
         return "one sample"
     return f"{100 * step:.2g} % noise" if step else "steady"
@@ -378,12 +379,11 @@ def _with_changes(found: list[Guess], reads: dict[Point, list[Where]]) -> list[G
 
 def _change_masks(block: Block) -> list[int]:
     """Per column, bit k set when recent row k differs from row k - 1."""
-    rows = list(block.ring)
     masks = []
-    for column in zip(*rows, strict=True):
-        mask = 0
-        for k in range(1, len(column)):
-            if column[k] != column[k - 1]:
-                mask |= 1 << k
-        masks.append(mask)
+    for column in zip(*block.ring, strict=True):
+        changed = bytes(map(ne, column[1:], column)).translate(_BITS)  # b"0110..."
+        masks.append(int(changed[::-1], 2) << 1 if changed else 0)
     return masks
+
+
+_BITS = bytes.maketrans(b"\x00\x01", b"01")

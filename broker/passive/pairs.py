@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from operator import sub
 from typing import Literal, NamedTuple
 
 from broker.passive.observations import Protocol
@@ -245,11 +245,11 @@ def decoded(words: list[int], type_: str) -> list[float]:
     return list(struct.unpack(f"{len(words)}{code}", packed))
 
 
-def relative_step(series: list[float]) -> float | None:
+def relative_step(series: Sequence[float]) -> float | None:
     """The mean step from sample to sample against the value's size (its mean or range,
     the larger), or None for fewer than two samples; 0 when it never moved."""
     if len(series) < 2:
         return None
-    steps = sum(abs(b - a) for a, b in pairwise(series)) / (len(series) - 1)
+    steps = sum(map(abs, map(sub, series[1:], series))) / (len(series) - 1)
     size = max(abs(sum(series) / len(series)), max(series) - min(series))
     return steps / size if steps and size else 0.0

@@ -55,7 +55,7 @@ class Column:
     __slots__ = (
         "absdiff", "batch_high", "batch_low", "changes", "count", "decreases", "distinct",
         "float_hi", "kinds", "maximum", "minimum", "moved", "numeric", "rises",
-        "signed_absdiff", "smax", "smin", "steps", "wraps",
+        "signed_absdiff", "smax", "smin", "smoved", "steps", "wraps",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -77,6 +77,7 @@ class Column:
         self.batch_low: Any = None  # the last batch's extremes, and whether it moved
         self.batch_high: Any = None
         self.moved = 0  # Σ|Δ| of the last batch
+        self.smoved = 0  # the same, of the words read as int16 (registers)
 
     @property
     def mean_step(self) -> float:
@@ -165,6 +166,7 @@ class Column:
             else:
                 slow = shigh = signed[0]
         self.signed_absdiff += moved
+        self.smoved = moved
         self.smin = slow if first else min(self.smin, slow)
         self.smax = shigh if first else max(self.smax, shigh)
         if self.float_hi:
@@ -318,8 +320,12 @@ class Pair:
             return True
         if self.events >= 64 and self.coherence < 0.05 and not rough(lo):
             return True
-        busy = lo.mean_step > ROUGH_STEP or hi.float_hi
-        return not busy and self.events == 0 and self.jumps >= JUMPS
+        return self.may_die(hi, lo) and self.jumps >= JUMPS
+
+    def may_die(self, hi: Column, lo: Column) -> bool:
+        """No carry seen, and not words a float32's may be (nor a noisy low word's): only a
+        carry can still make them one value, and a jumping high word never shows one."""
+        return not self.events and lo.mean_step <= ROUGH_STEP and not hi.float_hi
 
 
 def _float(word: int) -> float:
@@ -404,6 +410,11 @@ class Block:
             if not (high.moved or low.moved or pair.steps == 0):
                 pair.steps += len(dlo)  # nothing moved: nothing new
                 pair.looked += len(dlo)
+            elif min(high.moved, high.smoved) > 2 * CARRY_STEPS * len(dhi) and pair.may_die(
+                high, low
+            ):
+                pair.jumps += len(dhi)  # jumping all the batch through: no carry shows
+                pair.looked += len(dhi)
             else:
                 pair.digest(high, low, (columns[hi], columns[lo]), (dhi, dlo), new)
             if pair.dies(high, low):
