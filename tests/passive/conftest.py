@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import pickle
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,15 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
         settings.load_profile(outside)
 
 
+def run_discover(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dmzbroker discover pcap ARGS...` in a child process, whatever its outcome."""
+    return dmzbroker("discover", "pcap", *args, check=False)
+
+
 def discover(capture: Path, *more: str) -> dict[str, Any]:
     """`dmzbroker discover pcap CAPTURE --json MORE...` in a child process: its document, once
     it exited 0 without a traceback."""
-    done = dmzbroker("discover", "pcap", str(capture), "--json", *more, check=False)
+    done = run_discover(str(capture), "--json", *more)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     found: dict[str, Any] = json.loads(done.stdout)

@@ -5,7 +5,6 @@ as printed, `--json` keys, `--redact` leaves no address of the capture, bad file
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from broker.passive.shown import Hosts
 from broker.plant.connectors import bacnet_frames as frames
 from broker.policy import parse
 from tests.harness import dmzbroker
-from tests.passive.plant_capture import PLC_HOST, SCADA_HOST, record, write_capture
+from tests.passive.conftest import run_discover as discover  # the CLI, whatever its outcome
+from tests.passive.plant_capture import PLC_HOST, SCADA_HOST
 
 PLC = Peer("10.0.0.7", 502)
 SCADA = "10.0.0.5"
@@ -294,17 +294,7 @@ def test_redaction_names_addresses_by_pseudonym_in_any_text() -> None:
     assert Hosts(redact=False).text("10.0.0.7:502") == "10.0.0.7:502"
 
 
-# -- the command end to end, on the real simulator's traffic -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def plant_pcap(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    recording = asyncio.run(record(30.0))
-    return write_capture(tmp_path_factory.mktemp("pcap") / "plant.pcap", recording)
-
-
-def discover(*args: str) -> subprocess.CompletedProcess[str]:
-    return dmzbroker("discover", "pcap", *args, check=False)
+# -- the command end to end, on the real simulator's traffic (plant_pcap: conftest.py) ---------
 
 
 def one_line(done: subprocess.CompletedProcess[str], code: int) -> str:

@@ -38,9 +38,11 @@ def answer(transaction: int, first: int, second: int) -> bytes:
 
 
 def good(transaction: int, at: float) -> list[tuple[float, bool, bytes]]:
+    """A read of holding registers 0-1 and its answer; both values change from one to the
+    next (a register that never changed is not proposed)."""
     return [
         (at, True, read(transaction)),
-        (at + 0.001, False, answer(transaction, int(at) % 97, 7)),
+        (at + 0.001, False, answer(transaction, int(at) % 97, 3 * int(at) % 89)),
     ]
 
 
