@@ -138,7 +138,7 @@ def _compiled(
 
 def _check(
     node: ast.AST,
-    names: set[str],
+    names: frozenset[str],
     functions: Mapping[str, set[str]],
     used: set[str],
     calls: set[tuple[str, str]],
