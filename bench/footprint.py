@@ -163,21 +163,27 @@ def appliance(workdir: Path, args: argparse.Namespace) -> tuple[Path, int, int, 
     document = policy_document(device, args.registers, args.poll_ms / 1000)
     policy = policy_parse.from_payload(msgspec.json.encode(document), "footprint policy")
     made = provision(workdir, policy, port=api, consumer_uri=CONSUMER_URI)
+    with_mqtt_sink(workdir, made.config, mqtt, "footprint-sink")
+    context = tls.client_context(made.ca, made.client_cert, made.client_key)
+    return made.config, api, mqtt, context
+
+
+def with_mqtt_sink(workdir: Path, config_path: Path, port: int, client_id: str) -> None:
+    """The provisioned appliance's MQTT sink, publishing over mTLS to a Mosquitto on `port`:
+    its certificates, its `enterprise.mqtt` section and Mosquitto's config in `workdir`."""
     pki = workdir / "certs"
     certs.issue_server(
         pki, pki, name="mqtt-broker", dns=["localhost"], ips=["127.0.0.1"], days=DAYS
     )
     certs.issue_client(pki, pki, name="sink", uri="spiffe://bench/sink", days=DAYS)
-    config = yaml.safe_load(made.config.read_text())
+    config = yaml.safe_load(config_path.read_text())
     config["enterprise"]["mqtt"] = {
-        "host": "127.0.0.1", "port": mqtt, "server_name": "localhost", "ca": "certs/ca.crt",
+        "host": "127.0.0.1", "port": port, "server_name": "localhost", "ca": "certs/ca.crt",
         "cert": "certs/sink.crt", "key": "certs/sink.key", "identity": CONSUMER_URI,
-        "topic_prefix": TOPIC_PREFIX, "client_id": "footprint-sink",
+        "topic_prefix": TOPIC_PREFIX, "client_id": client_id,
     }  # fmt: skip
-    made.config.write_text(yaml.safe_dump(config, sort_keys=False))
-    (workdir / "mosquitto.conf").write_text(MOSQUITTO.format(port=mqtt, pki=pki))
-    context = tls.client_context(made.ca, made.client_cert, made.client_key)
-    return made.config, api, mqtt, context
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (workdir / "mosquitto.conf").write_text(MOSQUITTO.format(port=port, pki=pki))
 
 
 def processes(root: psutil.Process) -> dict[str, psutil.Process]:

@@ -43,8 +43,7 @@ import aiohttp
 import msgspec
 import pipeline
 import psutil
-import yaml
-from footprint import CONSUMER_URI, MOSQUITTO, TOPIC_PREFIX, MqttProbe, cpu_s, processes
+from footprint import CONSUMER_URI, MqttProbe, cpu_s, processes, with_mqtt_sink
 from matplotlib.figure import Figure
 from pipeline import StreamConsumer, percentile, synthetic_policy, wait_ready
 from pymodbus.server import ModbusTcpServer
@@ -53,8 +52,8 @@ from support import REPO, device_process, free_port
 
 from broker.policy import parse as policy_parse
 from broker.policy.schema import REGISTER_WIDTH
-from broker.sim.appliance import DAYS, provision
-from broker.trust import certs, tls
+from broker.sim.appliance import provision
+from broker.trust import tls
 
 SIGNALS_PER_DEVICE = 5_000  # 1,500 float32 = 3,000 holding registers: 24 requests a scan
 POLL_S = 1.0
@@ -148,18 +147,7 @@ def appliance(workdir: Path, document: dict[str, Any]) -> Setup:
     api, mqtt = free_port(), free_port()
     policy = policy_parse.from_payload(msgspec.json.encode(document), "scale policy")
     made = provision(workdir, policy, port=api, consumer_uri=CONSUMER_URI)
-    pki = workdir / "certs"
-    certs.issue_server(pki, pki, name="mqtt-broker", dns=["localhost"], ips=["127.0.0.1"],
-                       days=DAYS)  # fmt: skip
-    certs.issue_client(pki, pki, name="sink", uri="spiffe://bench/sink", days=DAYS)
-    config = yaml.safe_load(made.config.read_text())
-    config["enterprise"]["mqtt"] = {
-        "host": "127.0.0.1", "port": mqtt, "server_name": "localhost", "ca": "certs/ca.crt",
-        "cert": "certs/sink.crt", "key": "certs/sink.key", "identity": CONSUMER_URI,
-        "topic_prefix": TOPIC_PREFIX, "client_id": "scale-sink",
-    }  # fmt: skip
-    made.config.write_text(yaml.safe_dump(config, sort_keys=False))
-    (workdir / "mosquitto.conf").write_text(MOSQUITTO.format(port=mqtt, pki=pki))
+    with_mqtt_sink(workdir, made.config, mqtt, "scale-sink")
     written = workdir / "policy.json"  # as a site's tooling would write it (docs/policy.md)
     written.write_bytes(msgspec.json.format(msgspec.json.encode(document)))
     context = tls.client_context(made.ca, made.client_cert, made.client_key)
