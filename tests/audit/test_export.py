@@ -209,7 +209,15 @@ async def test_each_writers_checkpoints_reach_the_collector_within_seconds_of_be
         cli = asyncio.ensure_future(
             asyncio.to_thread(dmzbroker, "island", state, "--config", str(deployment.config))
         )
-        await eventually(lambda: made_more(count + 3) and cli.done(), timeout=30, interval=0.1)  # noqa: B023
+        try:
+            await eventually(lambda: made_more(count + 3) and cli.done(), timeout=30, interval=0.1)  # noqa: B023
+        except AssertionError:  # say what was missing: which writer did not sign in time
+            made = sorted(checkpoints_made(audit_dir, since).items(), key=lambda kv: kv[1])
+            ran = cli.result() if cli.done() else "still running"
+            raise AssertionError(
+                f"island {state}: {len(made) - count} of 3 checkpoints after {count}; made "
+                f"{made}; cli {ran}; broker events {broker.events()[-20:]}"
+            ) from None
         cli.result()
 
     def all_arrived() -> bool:
