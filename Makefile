@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/discover_pcap.py
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/scale.py --signals 1000 10000
+	$(BIN)/python bench/two_appliances.py
 
 # The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
 # a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).
