@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.synchronize import Event
@@ -63,7 +64,9 @@ max_queued_messages 0
 TARGETS = {"mqtt_p50_ms": 15.0, "cpu_per_1000": 0.44, "rss_mb": 67.0}
 
 
-def policy_document(port: int, registers: int, poll_s: float) -> dict[str, Any]:
+def policy_document(
+    port: int, registers: int, poll_s: float, requests_per_s: int = 200
+) -> dict[str, Any]:
     """One Modbus device, `registers` int16 input registers, ten signals per asset."""
     return {
         "deployment_id": "footprint",
@@ -79,7 +82,8 @@ def policy_document(port: int, registers: int, poll_s: float) -> dict[str, Any]:
                 "port": port,
                 "unit_id": 1,
                 "poll_interval_s": poll_s,
-                "max_requests_per_s": 200,  # 8 requests a scan, 80/s: above the default 20
+                # 8 requests a scan, 80/s: above the default 20 (spaced 1/requests_per_s apart)
+                "max_requests_per_s": requests_per_s,
             }
         ],
         "signals": [
@@ -160,7 +164,8 @@ def appliance(workdir: Path, args: argparse.Namespace) -> tuple[Path, int, int, 
     """The appliance's config with its MQTT sink, Mosquitto's config; the API and MQTT
     ports, and the consumer's TLS context (it subscribes to Mosquitto with it too)."""
     api, mqtt, device = free_port(), free_port(), args.device_port
-    document = policy_document(device, args.registers, args.poll_ms / 1000)
+    rate = getattr(args, "requests_per_s", 200)  # latency_stages.py sets it
+    document = policy_document(device, args.registers, args.poll_ms / 1000, rate)
     policy = policy_parse.from_payload(msgspec.json.encode(document), "footprint policy")
     made = provision(workdir, policy, port=api, consumer_uri=CONSUMER_URI)
     with_mqtt_sink(workdir, made.config, mqtt, "footprint-sink")
@@ -199,8 +204,14 @@ def cpu_s(procs: dict[str, psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs.values())
 
 
-async def measure(workdir: Path, args: argparse.Namespace) -> None:
-    config, api, mqtt, context = appliance(workdir, args)
+@contextlib.asynccontextmanager
+async def deployed(
+    workdir: Path, config: Path, api: int, context: ssl.SSLContext
+) -> AsyncIterator[
+    tuple[asyncio.subprocess.Process, subprocess.Popen[bytes], aiohttp.ClientSession]
+]:
+    """Mosquitto and `python -m broker run` on `config`, until the API answers; yields the
+    broker, Mosquitto and a session on the API. Both processes are stopped at the end."""
     mosquitto = subprocess.Popen(["mosquitto", "-c", str(workdir / "mosquitto.conf")],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     log = workdir / "broker.log"
@@ -209,13 +220,29 @@ async def measure(workdir: Path, args: argparse.Namespace) -> None:
             sys.executable, "-m", "broker", "run", "--config", str(config), "--same-user",
             "--reset-state", "--log-format", "json", stdout=out, stderr=out, cwd=REPO,
         )  # fmt: skip
-    probe: MqttProbe | None = None
     try:
         async with aiohttp.ClientSession(
             f"https://127.0.0.1:{api}", connector=aiohttp.TCPConnector(ssl=context)
         ) as session:
             await wait_ready(session, "/v1/snapshot", broker, log)  # type: ignore[arg-type]
-            probe = MqttProbe(mqtt, context)
+            yield broker, mosquitto, session
+    finally:
+        if broker.returncode is None:
+            broker.terminate()
+            try:
+                await asyncio.wait_for(broker.wait(), 15)
+            except TimeoutError:
+                broker.kill()
+                await broker.wait()
+        mosquitto.terminate()
+        mosquitto.wait(10)
+
+
+async def measure(workdir: Path, args: argparse.Namespace) -> None:
+    config, api, mqtt, context = appliance(workdir, args)
+    async with deployed(workdir, config, api, context) as (broker, mosquitto, session):
+        probe = MqttProbe(mqtt, context)
+        try:
             sse = StreamConsumer(frozenset())
             async with session.get("/v1/stream") as response:
                 response.raise_for_status()
@@ -226,18 +253,8 @@ async def measure(workdir: Path, args: argparse.Namespace) -> None:
                 reading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reading
-    finally:
-        if probe is not None:
+        finally:
             probe.close()
-        if broker.returncode is None:
-            broker.terminate()
-            try:
-                await asyncio.wait_for(broker.wait(), 15)
-            except TimeoutError:
-                broker.kill()
-                await broker.wait()
-        mosquitto.terminate()
-        mosquitto.wait(10)
 
 
 async def report(
