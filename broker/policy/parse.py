@@ -17,6 +17,7 @@ from casbin.util import glob_match as matches
 from broker import documents
 from broker.conversion_errors import choices
 from broker.errors import ConfigError
+from broker.policy.collection import collection_paused
 from broker.policy.device_schema import Device, Dnp3Device, OpcUaDevice
 from broker.policy.model import SemanticModel
 from broker.policy.schema import Dnp3Source, OpcUaSource, Policy, Signal
@@ -24,17 +25,19 @@ from broker.policy.schema import Dnp3Source, OpcUaSource, Policy, Signal
 
 def load(path: Path) -> Policy:
     """Load a policy as people write it (YAML); raises ConfigError naming file, line and key."""
-    return documents.load(path, Policy, prepare=_with_source_protocols, check=_problems)
+    with collection_paused():
+        return documents.load(path, Policy, prepare=_with_source_protocols, check=_problems)
 
 
 def from_payload(trusted_payload: bytes, source: str) -> Policy:
     """Parse the verified payload of a policy envelope (canonical JSON)."""
-    try:
-        data = msgspec.json.decode(trusted_payload)
-    except msgspec.DecodeError as e:
-        raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
-    data = _with_source_protocols(_unset_budgets_left_out(data))
-    return documents.convert(data, Policy, source, check=_problems)
+    with collection_paused():
+        try:
+            data = msgspec.json.decode(trusted_payload)
+        except msgspec.DecodeError as e:
+            raise ConfigError(f"{source}: the signed payload is not JSON: {e}") from e
+        data = _with_source_protocols(_unset_budgets_left_out(data))
+        return documents.convert(data, Policy, source, check=_problems)
 
 
 def _unset_budgets_left_out(data: Any) -> Any:

@@ -122,6 +122,7 @@ class PolicyWatcher:
                 self._state_dir,
                 datetime.now(UTC),
                 floor=self._current.record,
+                running=self._current,
             )
         except ConfigError as e:  # PolicyRefused included
             if _transient(e):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from broker.policy.activation import TrustedPolicy
+from broker.errors import PolicyRefused
+from broker.policy import envelope as envelopes
+from broker.policy.activation import TrustedPolicy, load_trusted
 from broker.policy.watch import CHECK_INTERVAL_S, PolicyWatcher
 from tests.harness import Owners, accepted_first_policy, demo_policy, eventually, sign_policy
 
@@ -82,3 +86,24 @@ async def test_a_policy_replaced_before_the_watcher_runs_is_taken_at_its_first_c
     finally:
         await updates.aclose()
     assert newer.policy.version == 2
+
+
+def test_the_running_policys_own_bytes_are_verified_not_parsed_again(
+    tmp_path: Path, owners: Owners
+) -> None:
+    envelope, state, current = accepted_first_policy(tmp_path, owners)
+    again = load_trusted(
+        envelope, current.root, state, datetime.now(UTC), floor=current.record, running=current
+    )
+    assert again.policy is current.policy and not again.new
+    # The same payload with one owner's signature gone: refused although the bytes are known.
+    signed = envelopes.read(envelope)
+    envelopes.write(msgspec.structs.replace(signed, signatures=signed.signatures[:1]), envelope)
+    with pytest.raises(PolicyRefused, match="needs 1 more"):
+        load_trusted(
+            envelope, current.root, state, datetime.now(UTC), floor=current.record, running=current
+        )
+    envelopes.write(signed, envelope)
+    later = current.policy.expires + timedelta(seconds=1)
+    with pytest.raises(PolicyRefused, match="expired"):
+        load_trusted(envelope, current.root, state, later, floor=current.record, running=current)
