@@ -79,7 +79,10 @@ def gateway_python(venv: Path, install: bool) -> Path:
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *TB_PACKAGES], check=True)
     probe = [str(python), "-c", "import thingsboard_gateway.version as v; print(v.VERSION)"]
-    if not python.exists() or subprocess.run(probe, capture_output=True).returncode != 0:
+    if (
+        not python.exists()
+        or subprocess.run(probe, check=False, capture_output=True).returncode != 0
+    ):
         raise SystemExit(f"no ThingsBoard gateway in {venv}: run this bench with --install once")
     return python
 
