@@ -186,6 +186,23 @@ def refuse_if_running(config: BrokerConfig, users: dict[str, HalfUser] | None = 
             check_free(folder, owner)
 
 
+def checked_in_child(
+    config: Path, log_format: str | None, reset_state: bool, same_user: bool
+) -> int:
+    """Run `run`'s checks in a short-lived child (`run --checks-only`) and return its exit
+    code: what it parses (a policy of 100,000 signals held 370 MB) leaves with it, where this
+    long-lived process would keep it for ever. It shares this process's stdout and stderr,
+    where it says what it refused, and dies with this process (SUPERVISOR_PID)."""
+    argv = [sys.executable, "-I", "-m", "broker", "run", "--checks-only"]
+    argv += ["--config", str(config.absolute())]
+    argv += ["--log-format", log_format] if log_format is not None else []
+    argv += ["--reset-state"] if reset_state else []
+    argv += ["--same-user"] if same_user else []
+    env = {**os.environ, SUPERVISOR_PID: str(os.getpid())}
+    code = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, check=False).returncode
+    return code if code >= 0 else 128 - code  # ended by a signal: as a shell says it
+
+
 def sharing_user() -> str:
     """The name of the one user both halves run as when `run` does not separate them."""
     try:

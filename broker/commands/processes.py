@@ -57,6 +57,8 @@ def add_to(commands: Any) -> None:
         )
         command.set_defaults(handler=handler)
         if name == "run":
+            # Internal: the short-lived child in which `run` checks everything (ADR 0031).
+            command.add_argument("--checks-only", action="store_true", help=argparse.SUPPRESS)
             command.add_argument(
                 "--same-user",
                 action="store_true",
@@ -102,6 +104,7 @@ def opened_half(
     audited: bool = True,
     admit: bool = True,
     reset_state: bool | None = None,
+    stopped_entry: bool = True,
 ) -> Iterator[tuple[config.BrokerConfig, activation.TrustedPolicy, AuditLog | None]]:
     """Config, the trust root in force, the audit log, logging, and the verified policy
     admitted into this half's state dir (with `admit=False`, checked against it and left
@@ -111,7 +114,8 @@ def opened_half(
     What was accepted before is the floor: the state dir's records and this half's own audit
     log (broker.policy.accepted). With neither, the start is refused unless `reset_state`
     (`--reset-state`, audited as `state_reset`); None: a check that admits nothing and needs
-    no record (`validate`)."""
+    no record (`validate`). `stopped_entry=False`: no `process_stopped`, for `run`'s checks,
+    after which the supervisor goes on."""
     halves = CHECKED_HALVES.get(process)
     cfg = config.load(args.config, preflight.problems(halves) if halves is not None else None)
     state_dir = state_dir_of(cfg)
@@ -193,8 +197,14 @@ def opened_half(
             yield cfg, trusted, audit
         finally:
             if audit is not None:
-                log.info("process_stopped", pid=os.getpid())
-                audit.close()
+                _close(audit, log if stopped_entry else None)
+
+
+def _close(audit: AuditLog, log: Any) -> None:
+    """Close the audit log (its final checkpoint), after `process_stopped` unless no `log`."""
+    if log is not None:
+        log.info("process_stopped", pid=os.getpid())
+    audit.close()
 
 
 @contextlib.contextmanager
@@ -262,20 +272,44 @@ def _enterprise_state(cfg: config.BrokerConfig) -> Path:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from broker.supervisor import (
-        Supervisor,
-        check_interpreter,
-        enroll_halves,
-        half_users,
-        refuse_if_running,
-    )
+    """The supervisor: its checks in a short-lived child (`--checks-only`), which refuses
+    what cannot start; then, holding none of what they parsed, it starts and keeps the
+    halves (ADR 0031). Each half still verifies and admits the policy itself."""
+    from broker.supervisor import Supervisor, checked_in_child, half_users, refuse_if_running
 
-    # Refuse a bad config or policy, missing users, or folders another instance writes,
-    # before starting any half; the halves admit (and audit) the policy themselves. The
-    # supervisor's own audit writer holds its folder: a second `run` is refused right there.
+    if args.checks_only:
+        return _run_checks(args)
+    code = checked_in_child(args.config, args.log_format, args.reset_state, args.same_user)
+    if code != 0:
+        return code  # the child said why, on the stderr it shares with this process
+    cfg = config.load(args.config)
+    users = half_users() if os.geteuid() == 0 and not args.same_user else None
+    root = trustroot.load(cfg.trust_root)
+    # This process's own writer: a second `run` is refused right there from now on.
+    with AuditLog.open(cfg.audit, root.deployment_id, "supervisor") as audit:
+        fmt = args.log_format or cfg.log.format
+        logs.configure(fmt, "supervisor", audit)
+        _log_start(args, "supervisor", audit, root.version)
+        try:
+            refuse_if_running(cfg, users)  # again: a half may have been started meanwhile
+            supervisor = Supervisor(
+                args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state, users=users
+            )
+            return run_until_signalled(supervisor.run())
+        finally:
+            structlog.get_logger("supervisor").info("process_stopped", pid=os.getpid())
+
+
+def _run_checks(args: argparse.Namespace) -> int:
+    """Everything `run` refuses before starting a half: a bad config, trust root or policy,
+    missing users, folders another instance writes; as root, each half's first audit epoch
+    enrolled. Audited under the supervisor's writer, whose folder this process holds."""
+    from broker.supervisor import check_interpreter, enroll_halves, half_users, refuse_if_running
+
     with opened_half(
-        args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state
-    ) as (cfg, _, audit):
+        args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state,
+        stopped_entry=False,
+    ) as (cfg, _, audit):  # fmt: skip
         assert audit is not None
         # As root, each half as its own user (ADR 0018); else both as this one (audited).
         users = half_users() if os.geteuid() == 0 and not args.same_user else None
@@ -284,11 +318,7 @@ def _run(args: argparse.Namespace) -> int:
             check_interpreter(users)
             # Under the trust root's deployment id, as each half opens its log.
             enroll_halves(cfg, trustroot.load(cfg.trust_root).deployment_id)
-        fmt = args.log_format or cfg.log.format
-        supervisor = Supervisor(
-            args.config, fmt, cfg.supervisor, audit, reset_state=args.reset_state, users=users
-        )
-        return run_until_signalled(supervisor.run())
+    return 0
 
 
 def no_new_privileges() -> None:
