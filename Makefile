@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # tcpdump captures the demo's own traffic for `discover pcap` (README).
 SYSTEM_PACKAGES := rsyslog rsyslog-openssl mosquitto postgresql-15 chromium nftables iproute2 systemd procps tcpdump
 
-.PHONY: demo test lint bench fuzz sbom clean system-packages
+.PHONY: demo test lint bench bench-thingsboard fuzz sbom clean system-packages
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dmzbroker needs Python 3.11"'
@@ -62,6 +62,15 @@ bench: $(STAMP)
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/scale.py --signals 1000 10000
 	$(BIN)/python bench/two_appliances.py
+
+# The contrast: the real ThingsBoard IoT Gateway 3.8.5 at the same loads, in a venv of its own
+# (bench/.tb-venv, from the package index; never a dependency of dmzbroker, never in `make test`).
+bench-thingsboard: $(STAMP)
+	$(BIN)/python bench/tb_gateway.py --install --layout ranges
+	$(BIN)/python bench/tb_gateway.py
+	for n in 1000 10000 100000; do for layout in ranges per-tag; do \
+	  $(BIN)/python bench/tb_gateway.py --registers $$n --poll-ms 1000 --layout $$layout \
+	    --windows 2 --seconds 30 --json bench/out/tb-sweep.jsonl; done; done
 
 # The schemathesis campaign of tests/enterprise/test_openapi.py, longer: a few minutes against
 # a live broker over mutual TLS, cases drawn afresh each run (`make test` runs a short, fixed one).

@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,8 @@ def timeseries(count: int, layout: str) -> list[dict[str, Any]]:
     if layout == "per-tag":
         return [{"tag": f"reg_{a}", "type": "16uint", "functionCode": 4, "objectsCount": 1,
                  "address": a} for a in range(count)]  # fmt: skip
-    return [{"tag": "reg_${address}", "type": "16uint", "functionCode": 4, "objectsCount": 1,
+    return [{"tag": f"range_{a}_${{address}}",  # a tag per range: the connector keys reads by tag
+             "type": "16uint", "functionCode": 4, "objectsCount": 1,
              "address": f"{a}-{min(a + 125, count) - 1}", "maxRegistersPerRequest": 125}
             for a in range(0, count, 125)]  # fmt: skip
 
@@ -331,6 +333,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="append each window's figures here")
     parser.add_argument("--tmpdir", type=Path, default=None)
     args = parser.parse_args()
+    # a stop from outside unwinds the with-blocks, which stop Mosquitto, devices and gateway
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     python = gateway_python(args.venv, args.install)
     args.gateway_config_dir = next(
         args.venv.glob("lib/python3*/site-packages/thingsboard_gateway/config")
@@ -340,6 +344,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dmzbroker-tb-", dir=args.tmpdir) as tmp:
         rows = measure(Path(tmp), python, args)
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         with args.json.open("a") as out:
             out.writelines(json.dumps(row) + "\n" for row in rows)
     return 0
