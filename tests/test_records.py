@@ -9,9 +9,17 @@ import msgspec
 import pytest
 
 from broker.records import (
+    Alert,
+    Assessment,
     Context,
+    Load,
+    Maintenance,
+    QualityIssue,
     Record,
+    Trend,
     Value,
+    WindowStats,
+    WorkOrder,
     decode_frame_payload,
     encode_frame_payload,
     to_json,
@@ -150,3 +158,54 @@ def test_a_payload_with_a_wrong_value_is_a_decode_error(name: str, wrong: object
     fields = {**as_dict(record()), name: wrong}
     with pytest.raises(msgspec.DecodeError):
         decode_frame_payload(msgspec.msgpack.encode([fields]))
+
+
+def scan_of_one_asset() -> list[Record]:
+    """Records as the context engine makes them: one base per asset and scan, shared by
+    identity, and copies of it carrying a record's own assessment, trend and issues."""
+    base = Context(
+        asset="site/a/pump-1",
+        asset_type="pump",
+        asset_state="running",
+        ambient={"temperature": 21.5},
+        load=Load(signal="site/a/pump-1/power", windows={"15m": WindowStats(mean=2.5, max=3.0)}),
+        maintenance=Maintenance(status="due", open_work_orders=[WorkOrder(id="7", title="seal")]),
+        alerts=[Alert(rule="hot", severity="warning", message="m", action="a", outcome="energy")],
+    )
+    trend = Trend(slope_per_h=0.25, direction="rising", window="1h")
+    assessment = Assessment(expected=20.0, deviation_pct=7.5, label="expected", direction="above")
+    issue = QualityIssue(check="out_of_range", detail="999 outside the valid range 0 to 100")
+    other = msgspec.structs.replace(base, asset="site/a/pump-2", ambient={"temperature": None})
+    contexts = [
+        base,
+        msgspec.structs.replace(base, trend=trend),
+        msgspec.structs.replace(base, assessment=assessment, trend=trend),
+        msgspec.structs.replace(base, quality_issues=[issue]),
+        other,
+        Context(asset="site/a/other"),
+    ]
+    return [record(float(i), seq=i + 1, context=c) for i, c in enumerate(contexts)]
+
+
+def test_records_sharing_a_context_round_trip_exactly_and_carry_it_once() -> None:
+    records = scan_of_one_asset()
+    payload = encode_frame_payload(records)
+    decoded = decode_frame_payload(payload)
+    assert decoded == records
+    assert [to_json(r) for r in decoded] == [to_json(r) for r in records]
+    assert len(msgspec.msgpack.decode(payload)["contexts"]) == 3  # an asset's once
+    assert decoded[0].context.alerts is decoded[1].context.alerts  # shared on this side too
+
+
+def test_a_payload_written_before_shared_contexts_still_decodes() -> None:
+    """Spools written before issue 19 hold frames of bare record arrays (ADR 0003, 0030)."""
+    records = scan_of_one_asset()
+    assert decode_frame_payload(msgspec.msgpack.encode(records)) == records
+
+
+@pytest.mark.parametrize("index", [-1, 1])
+def test_a_record_pointing_outside_its_frames_contexts_is_a_decode_error(index: int) -> None:
+    payload = msgspec.msgpack.decode(encode_frame_payload([record()]))
+    payload["records"][0][8] = index
+    with pytest.raises(msgspec.DecodeError, match="shared context"):
+        decode_frame_payload(msgspec.msgpack.encode(payload))

@@ -5,9 +5,11 @@ The plant half holds the `SpoolSender`, the only writer. The enterprise half hol
 directory: nothing it does can reach the plant half.
 
 Frame: magic | u32 payload length | u32 CRC-32 | payload. Two kinds, told apart by the magic:
-- b"DZ", records: CRC-32 of (length + payload); the payload is a MessagePack array of up to
-  FRAME_RECORDS records with consecutive seq (one encode and one CRC for all of them: a
-  record with context cost 6.3 µs to send in a frame of its own, 4.3 µs in frames of 256).
+- b"DZ", records: CRC-32 of (length + payload); the payload holds up to FRAME_RECORDS
+  records with consecutive seq (one encode and one CRC for all of them: a record with
+  context cost 6.3 µs to send in a frame of its own, 4.3 µs in frames of 256). Since issue
+  19 each asset's shared context is written once per frame (broker.records, ADR 0030: a
+  third of the bytes); payloads written before, bare arrays of records, still decode.
 - b"DA", an audit checkpoint of the plant half's audit log, crossing to be witnessed (ADR
   0003's amendment): CRC-32 of (magic + length + payload), so one damaged magic byte never
   turns a frame of one kind into the other; the payload is the checkpoint entry's canonical
