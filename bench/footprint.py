@@ -9,8 +9,9 @@ mutual TLS and subscribes to the sink's topics, and for each output notes every 
 latency: when its bytes arrive here - its source_time (the plant's read; one wall clock).
 
 Printed per window: points/s delivered and latency p50/p99 per output (SSE, MQTT), RSS of
-every process, and the broker's CPU (supervisor and halves) per 1,000 points/s delivered, as
-a share of one core. Targets (issue 19): MQTT p50 <= 15 ms; CPU <= 0.44 % per 1,000
+every process (the headline figure) and its PSS (shared pages split among the processes),
+and the broker's CPU (supervisor and halves) per 1,000 points/s delivered, as a share of one
+core. Targets (issue 19): MQTT p50 <= 15 ms; CPU <= 0.44 % per 1,000
 points/s; all the broker's processes together <= 67 MB RSS. Run from the repository root:
 `.venv/bin/python bench/footprint.py` (--help for the window and the load). Exits 0 whether
 or not the targets are met; non-zero only on a crash.
@@ -200,6 +201,15 @@ def processes(root: psutil.Process) -> dict[str, psutil.Process]:
     return found
 
 
+def pss_mb(process: psutil.Process) -> float:
+    """Proportional set size (/proc/PID/smaps_rollup): each shared page split among the
+    processes that map it, so the halves' PSS add up where their RSS counts shared pages twice."""
+    for line in Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1e3
+    raise RuntimeError(f"no Pss in /proc/{process.pid}/smaps_rollup")
+
+
 def cpu_s(procs: dict[str, psutil.Process]) -> float:
     return sum(sum(p.cpu_times()[:2]) for p in procs.values())
 
@@ -276,6 +286,7 @@ async def report(
     }
     del sse.events[:], probe.events[:]  # bounded: only the next window is kept
     rss = {role: p.memory_info().rss / 1e6 for role, p in procs.items()}
+    pss = {role: pss_mb(p) for role, p in procs.items()}
     delivered = outputs["SSE"].rate
     cpu_share = 100 * used / (end - start) / (delivered / 1000)
     load = " ".join(f"{x:.2f}" for x in psutil.getloadavg())
@@ -286,6 +297,8 @@ async def report(
     print("  RSS " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in rss.items())
           + f"; together {sum(rss.values()):.0f} MB (target <= {TARGETS['rss_mb']:.0f}); "
           f"mosquitto {psutil.Process(mosquitto.pid).memory_info().rss / 1e6:.0f} MB")  # fmt: skip
+    print("  PSS " + ", ".join(f"{role} {mb:.0f} MB" for role, mb in pss.items())
+          + f"; together {sum(pss.values()):.0f} MB (pages shared by the three counted once)")  # fmt: skip
     print(f"  CPU  {cpu_share:.2f} % of a core per 1,000 points/s (target <= "
           f"{TARGETS['cpu_per_1000']}); MQTT p50 target <= {TARGETS['mqtt_p50_ms']:.0f} ms")  # fmt: skip
     sys.stdout.flush()

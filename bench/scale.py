@@ -15,7 +15,9 @@ co-signed envelope, each a `python -m broker` process timed from outside; the ti
 over a window: scans done and scan slots skipped (the plant's metrics file), points/s
 delivered per output (SSE, MQTT; derived signals counted too), added latency p50/p99 per
 output (arrival here - source_time), RSS of every process and the broker's CPU. With several
-counts (`--signals 1000 10000 100000`) a table follows, and `--png` draws the sweep.
+counts (`--signals 1000 10000 100000`) a table follows, and `--png` draws the sweep;
+`--contrast` adds the ThingsBoard IoT Gateway's figures at the same counts (bench/tb_gateway.py
+--json), `--save` keeps the figures and `--replot` draws them again without a run.
 Targets at 100,000 signals (issue 19): no skipped scans, >= 100,000 points/s to each output,
 p99 <= 50 ms, all processes <= 500 MB RSS, first record <= 10 s, compile + verify <= 5 s.
 
@@ -28,13 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import math
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
@@ -356,8 +360,49 @@ def print_table(results: list[Result]) -> None:
               f"{broker_mb(r):>7.0f}")  # fmt: skip
 
 
-def draw(results: list[Result], png: Path) -> None:
-    """Four panels against the signal count, log-scaled: points/s, latency, RSS, start-up."""
+@dataclass(frozen=True)
+class Contrast:
+    """The ThingsBoard IoT Gateway at one signal count (bench/tb_gateway.py --json, polled
+    every POLL_S), its windows averaged."""
+
+    layout: str  # per-tag: one request a register; ranges: 125 registers a request
+    signals: int
+    points_per_s: float
+    p99_ms: float
+    rss_mb: float
+    first_s: float | None
+
+
+def read_contrast(path: Path) -> list[Contrast]:
+    """bench/tb_gateway.py's windows at this sweep's poll interval, by layout and count."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["poll_ms"] == POLL_S * 1000:
+            runs.setdefault((row["layout"], row["signals"]), []).append(row)
+    return [
+        Contrast(layout, signals,
+                 sum(w["points_per_s"] for w in rows) / len(rows),
+                 max(w["p99_ms"] for w in rows), max(w["rss_mb"] for w in rows),
+                 rows[0].get("first_s"))
+        for (layout, signals), rows in sorted(runs.items())
+    ]  # fmt: skip
+
+
+def print_contrast(contrast: list[Contrast]) -> None:
+    print(f"\nThingsBoard IoT Gateway 3.8.5 (bench/tb_gateway.py), polled every {POLL_S:g} s:")
+    print(
+        f"{'layout':>8} {'signals':>8} {'first tel.':>10} {'points/s':>10} {'p99':>9} {'RSS MB':>7}"
+    )
+    for c in contrast:
+        first = "none" if c.first_s is None else f"{c.first_s:.1f} s"
+        print(f"{c.layout:>8} {c.signals:>8,} {first:>10} {c.points_per_s:>10,.0f} "
+              f"{c.p99_ms:>6.0f} ms {c.rss_mb:>7.0f}")  # fmt: skip
+
+
+def draw(results: list[Result], png: Path, contrast: list[Contrast]) -> None:
+    """Four panels against the signal count, log-scaled: points/s, latency, RSS, start-up;
+    the ThingsBoard gateway's figures dashed (nothing delivered: no point)."""
     n = [r.signals for r in results]
     fig = Figure(figsize=(10, 7), layout="constrained")  # no pyplot: no display, no state
     axes = fig.subplots(2, 2)
@@ -373,6 +418,15 @@ def draw(results: list[Result], png: Path) -> None:
          {"compile + verify": [r.compile_s + r.verify_s for r in results],
           "first record": [r.first_read_s for r in results]}, TARGETS["first_s"]),
     ]  # fmt: skip
+    tb = {"per-tag": "black", "ranges": "grey"}  # ThingsBoard's layouts, apart from ours
+    for (ax, *_), figure in zip(panels, ("points_per_s", "p99_ms", "rss_mb", "first_s"),
+                                strict=True):  # fmt: skip
+        for layout, color in tb.items():
+            runs = [c for c in contrast if c.layout == layout]
+            values = [getattr(c, figure) or math.nan for c in runs]  # 0 or None: not drawn
+            if runs:
+                ax.plot([c.signals for c in runs], values, marker="x", linestyle="--",
+                        color=color, label=f"TB gateway {layout}")  # fmt: skip
     for ax, title, series, target in panels:
         for label, values in series.items():
             ax.plot(n, values, marker="o", label=label)
@@ -382,8 +436,9 @@ def draw(results: list[Result], png: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("signals")
         ax.set_title(title)
-        ax.legend()
-    fig.suptitle("dmzbroker on one 2-core appliance: scale sweep (bench/scale.py)")
+        ax.legend(fontsize="small")
+    fig.suptitle("dmzbroker on one 2-core appliance: scale sweep (bench/scale.py)"
+                 + (", ThingsBoard IoT Gateway 3.8.5 dashed" if contrast else ""))  # fmt: skip
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
     print(f"plot written to {png}")
@@ -395,17 +450,29 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds before the window")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the window")
     parser.add_argument("--png", type=Path, help="draw the sweep here (several --signals)")
+    parser.add_argument("--save", type=Path, help="write each count's figures here (JSON lines)")
+    parser.add_argument("--replot", type=Path, help="draw and tabulate a --save file; run nothing")
+    parser.add_argument("--contrast", type=Path,
+                        help="bench/tb_gateway.py --json figures to draw and tabulate alongside")  # fmt: skip
     parser.add_argument("--tmpdir", type=Path, default=None)
     args = parser.parse_args()
     results = []
-    for signals in args.signals:
+    if args.replot is not None:
+        results = [Result(**json.loads(line)) for line in args.replot.read_text().splitlines()]
+    for signals in [] if args.replot else args.signals:
         with tempfile.TemporaryDirectory(prefix="dmzbroker-scale-", dir=args.tmpdir) as tmp:
             results.append(asyncio.run(run_once(signals, Path(tmp), args)))
         print_result(results[-1])
+        if args.save is not None:
+            with args.save.open("a") as out:
+                out.write(json.dumps(asdict(results[-1])) + "\n")
+    contrast = read_contrast(args.contrast) if args.contrast else []
     if len(results) > 1:
         print_table(results)
+    if contrast:
+        print_contrast(contrast)
     if args.png is not None:
-        draw(results, args.png)
+        draw(results, args.png, contrast)
     return 0
 
 
