@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import gc
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,7 +41,10 @@ from broker.records import Record
 log = structlog.get_logger("plant")
 
 QUEUE_BATCHES = 256  # scans waiting for the spool; past this, connectors wait (backpressure)
-METRICS_EVERY = 8  # flag checks between two writes of the metrics file (2 s)
+METRICS_EVERY_S = 2.0  # the metrics file is rewritten this often, or less often when
+METRICS_SHARE = 0.05  # writing it would take more than this share of a core (at 100,000
+# signals its per-signal series are 28 MB and 2 s of CPU: every 2 s it took a core)
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 WITNESS_WAIT_S = 0.5  # longest an audit checkpoint waits for the spool when no scan comes
 
 
@@ -78,6 +82,7 @@ class PlantHalf:
             self._tasks = tasks
             tasks.create_task(self._write(), name="spool writer")
             tasks.create_task(self._watch_flags(config, audit), name="island and audit flags")
+            tasks.create_task(self._write_metrics(config), name="metrics file")
             self._start_reading()
             async for accepted in watcher.updates():
                 async with self._switching:
@@ -91,6 +96,7 @@ class PlantHalf:
                     self.pipeline.gate.audit_failing = old_gate.audit_failing
                     if not old_gate.audit_failing:
                         self._start_reading()
+                settle_garbage_collector()
 
     def _start_reading(self) -> None:
         assert self._tasks is not None
@@ -168,7 +174,7 @@ class PlantHalf:
         monitor = AuditMonitor(audit, "nothing crosses until it can be written")
         clock = ClockWatch()
         spool_disk = DiskWatch(config.spool.dir, "spool")
-        for round_ in itertools.count():
+        while True:
             clock.check()
             spool_disk.check()
             gate = self.pipeline.gate
@@ -186,9 +192,32 @@ class PlantHalf:
                         await self._stop_reading()
                     else:
                         self._start_reading()
-            if round_ % METRICS_EVERY == 0:
-                await asyncio.to_thread(self.metrics.write, config.spool.dir)
             await asyncio.sleep(island.CHECK_INTERVAL_S)
+
+    async def _write_metrics(self, config: BrokerConfig) -> None:
+        """The metrics file, in a task of its own: however long a write takes, the flags
+        above are still checked every CHECK_INTERVAL_S."""
+        while True:
+            cost_s = await asyncio.to_thread(self._metrics_cost_s, config)
+            await asyncio.sleep(max(METRICS_EVERY_S, cost_s / METRICS_SHARE))
+
+    def _metrics_cost_s(self, config: BrokerConfig) -> float:
+        """Write the metrics file; the CPU seconds the write took (its thread's own)."""
+        started = time.thread_time()
+        self.metrics.write(config.spool.dir)
+        return time.thread_time() - started
+
+
+def settle_garbage_collector() -> None:
+    """After a policy is loaded, its objects (hundreds of MB at 100,000 signals: signals,
+    decoders, the model and its histories) leave the cyclic collector's view: every full
+    collection walked all of them again. Young collections come less often too: a scan's
+    samples and records never form cycles, and reference counting frees them as they go."""
+    gc.unfreeze()  # a replaced policy's objects are examined (and collected) once more
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
@@ -207,6 +236,7 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLo
     )
     half = PlantHalf(sender, policy, MaintenanceBook(config.plant.maintenance))
     audit.on_checkpoint = half.witness
+    settle_garbage_collector()
     try:
         # The start checkpoint was made before the spool opened: this one, covering it
         # and the start's entries (the accepted policy), is the first to cross.
