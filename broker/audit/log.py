@@ -15,10 +15,10 @@ write succeeds again, or `check()` finds room with nothing waiting (entries wait
 are kept, in order, up to `PENDING_LIMIT`, and written by `check()` once it can).
 
 Group commit (ADR 0027): each entry is written to its segment when it is recorded (a crash of
-the process loses none), and a committer thread makes everything written so far durable with
-one fdatasync, then the next batch, without waiting in between: `durable` is the last seq on
-disk, `sync()` waits for it, and a checkpoint is witnessed only once it is on disk. A failed
-fdatasync is `failing` too, until one succeeds.
+the process loses none), and a committer thread (broker.audit.committer) makes everything
+written so far durable with one fdatasync, then the next batch, without waiting in between:
+`durable` is the last seq on disk, `sync()` waits for it, and a checkpoint is witnessed only
+once it is on disk. A failed fdatasync is `failing` too, until one succeeds.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.audit import epochs
+from broker.audit.committer import Committer
 from broker.audit.entry import (
     CHAIN_BREAK,
     CHECKPOINT,
@@ -58,7 +59,6 @@ OUTCOMES = ("success", "failure", "unknown")
 PENDING_LIMIT = 100_000  # entries kept in memory while the disk refuses them
 MIN_FREE_BYTES = 256 * 1024  # less free space than this counts as a full disk
 EXPIRY_CHECK_S = 60.0  # in the reserve, how often check() looks for segments that may go
-SYNC_RETRY_S = 0.25  # after a failed fdatasync, the committer's next try (check() tries too)
 
 
 class HeldBack(Protocol):
@@ -75,7 +75,7 @@ class AuditLog:
     held_back: HeldBack | None = None  # set by the forwarder; flushed by check() and close()
     # Witnesses (broker.plant.run, the SIEM export): called with each checkpoint entry (every
     # field, seq and hash too) once it is written and fsynced, in seq order, under the log's
-    # lock, from the thread that made it durable (the caller's or the committer). It must be
+    # lock, from the thread that made it durable (the caller's or the committer's). It must be
     # cheap; what it raises is counted in `hook_failures`, never passed on to the writer.
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None
     # Set by _start(): the seq of the last checkpoint start-up recovery found valid
@@ -91,11 +91,7 @@ class AuditLog:
     _epoch_started: float
     _next_fd = -1  # the segment a rollover opened, used once its checkpoint is written
     _switch_after = 0  # pending lines up to and including that checkpoint
-    # Group commit (the committer thread, _commit).
-    _generation = 0  # bumped when the segment's fd is closed: an older one is not synced
-    _sync_error = False  # the last fdatasync failed: failing until one succeeds
-    _idle = False  # the committer waits for entries: wake it (else it comes back by itself)
-    _closing = False
+    _committer: Committer  # set by _begin, with the segment's descriptor
 
     def __init__(
         self,
@@ -128,9 +124,6 @@ class AuditLog:
         self.boot_id = str(uuid.uuid4())
         self.failing = False
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
-        self._wake = threading.Condition(self._lock)  # the committer waits for new entries
-        self._io = threading.Lock()  # held over an fdatasync, and to close or switch its fd
-        self._awaiting: deque[dict[str, Any]] = deque()  # checkpoints written, not yet on disk
         self._pending: deque[bytes] = deque()
         self._partial = 0  # bytes of the first pending line already on disk
         self.dropped = 0  # entries lost because the disk refused them for too long
@@ -150,7 +143,6 @@ class AuditLog:
                 os.close(self._fd)
             self._folder_lock.release()
             raise
-        self._committer = threading.Thread(target=self._commit, name=f"audit {writer}", daemon=True)
         self._committer.start()
 
     def _begin(self) -> None:
@@ -168,7 +160,14 @@ class AuditLog:
             self._fd = self._create(self._number)
         except OSError as e:
             raise ChannelError(f"audit log {self._dir}: cannot start: {e}") from e
-        self._written = self.durable = self._seq  # what the log held before this start
+        self._committer = Committer(
+            f"audit {self._writer}",
+            self._fd,
+            self._seq,
+            lock=self._lock,
+            witness=self._witness,
+            health=self._health,
+        )
         with self._lock:
             if self.chain_break is not None:
                 self._append(self._event(CHAIN_BREAK, "failure", self.chain_break))
@@ -197,8 +196,11 @@ class AuditLog:
     def head(self) -> tuple[int, str]:
         return self._seq, self._head
 
-    # The seq of the last entry known to be on disk (an fdatasync returned after its write).
-    durable: int
+    @property
+    def durable(self) -> int:
+        """The seq of the last entry known to be on disk (an fdatasync returned after its
+        write)."""
+        return self._committer.durable
 
     def sync(self) -> bool:
         """Make everything recorded so far durable now, in the caller's thread: True when it
@@ -265,12 +267,9 @@ class AuditLog:
         }
         message = checkpoint_message(self._writer, details)
         details["signature"] = base64.b64encode(self._epoch_key.sign(message)).decode()
-        dropped = self.dropped
-        entry = self._append(self._event(CHECKPOINT, "success", details))
+        self._append(self._event(CHECKPOINT, "success", details), witnessed=True)
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        if self.dropped == dropped:  # chained: witnessed once on disk (_synced)
-            self._awaiting.append(entry)
         # Not at "stop": an epoch certified after the last entry would make the log look cut
         # short of it (`audit verify` checks that the log reaches the last epoch). The new
         # epoch starts right after this checkpoint, once it is on disk (else the old key,
@@ -324,7 +323,7 @@ class AuditLog:
         with self._lock:
             if self.held_back is not None:
                 self.held_back.flush()  # an interval's summary is due even if nothing new came
-            if self._pending or self._sync_error:
+            if self._pending or self._committer.sync_error:
                 self._sync()  # what waited for the disk is written and synced at once
             if self._rollover_due:
                 self._roll_over()
@@ -342,22 +341,18 @@ class AuditLog:
                 return
             if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
                 self.failing = True
-            elif not self._pending and not self._sync_error:
+            elif not self._pending and not self._committer.sync_error:
                 # Room again and nothing waits: a disk found full while every entry was
                 # written (no later write to clear it) must not stay failing forever.
                 self.failing = False
 
     def close(self) -> None:
         with self._lock:
-            self._closing = True
-            self._wake.notify()  # idle or not: it looks at _closing before it waits again
             if self._fd >= 0:
                 if self.held_back is not None:
                     self.held_back.flush(final=True)  # under the closing checkpoint
                 self._checkpoint("stop")
-                with self._io:
-                    os.close(self._fd)
-                    self._generation += 1
+                self._committer.close()
                 self._fd = -1
             if self._next_fd >= 0:  # a rollover whose checkpoint never reached the disk
                 os.close(self._next_fd)
@@ -365,10 +360,10 @@ class AuditLog:
                 with contextlib.suppress(OSError):
                     segment_path(self._dir, self._number + 1).unlink()  # empty, never used
             self._folder_lock.release()
-        if self._committer is not threading.current_thread():  # a witness may close the log
-            self._committer.join()
+        self._committer.join()
 
-    def _append(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _append(self, body: dict[str, Any], *, witnessed: bool = False) -> dict[str, Any]:
+        """Chain, seal and write an entry; `witnessed`: a checkpoint, witnessed once on disk."""
         entry: dict[str, Any] = {
             "seq": self._seq + 1,
             "time": timestamp(),
@@ -386,6 +381,8 @@ class AuditLog:
             self._lost.add(entry)
             return entry
         self._seq, self._head = entry["seq"], entry["hash"]
+        if witnessed:
+            self._committer.awaiting(entry)
         self._pending.append(line)
         if self._next_fd >= 0 and not self._switch_after:  # the rollover checkpoint
             self._switch_after = len(self._pending)
@@ -403,7 +400,7 @@ class AuditLog:
                 self._size += len(line)
                 self._used += len(line)
                 self._pending.popleft()
-                self._written = self._seq - len(self._pending)  # pending seqs run up to _seq
+                self._committer.written_to(self._seq - len(self._pending))  # pending: up to _seq
                 if self._switch_after:
                     self._switch_after -= 1
                     if not self._switch_after:
@@ -411,10 +408,7 @@ class AuditLog:
         except OSError:
             self.failing = True
             return
-        self.failing = self._sync_error
-        if self._idle:
-            self._idle = False
-            self._wake.notify()
+        self.failing = self._committer.sync_error
         if self._lost is not None:  # writing resumed: say what could not be kept
             lost, self._lost = self._lost, None
             self._append(self._event(DROPPED, "failure", lost.details()))
@@ -424,56 +418,22 @@ class AuditLog:
         self._flush()
         if self._pending:
             return False
-        if self._written > self.durable:
-            self._sync_to(self._fd, self._generation, self._written)
-        return self.durable >= self._seq
+        if self._committer.written > self._committer.durable:
+            self._committer.sync()
+        return self._committer.durable >= self._seq
 
-    def _commit(self) -> None:
-        """The committer thread: one fdatasync for everything written since the last one,
-        then the next, so entries written while one runs share the next (group commit)."""
-        while True:
-            with self._wake:
-                while not self._closing and self._written <= self.durable:
-                    self._idle = True
-                    self._wake.wait()
-                if self._closing:
-                    return
-                fd, generation, target = self._fd, self._generation, self._written
-            if not self._sync_to(fd, generation, target):
-                with self._wake:  # a failing disk is retried, not spun on
-                    self._wake.wait(SYNC_RETRY_S)
-
-    def _sync_to(self, fd: int, generation: int, target: int) -> bool:
-        """fdatasync `fd`, which holds every entry up to seq `target`, unless it was closed
-        since (a rollover syncs the segment it leaves, close() the last)."""
-        with self._io:
-            if generation != self._generation:
-                return True
+    def _witness(self, entry: dict[str, Any]) -> None:
+        """A checkpoint is on disk (the committer calls this under the lock, in seq order)."""
+        if self.on_checkpoint is not None:
             try:
-                os.fdatasync(fd)
-                synced = True
-            except OSError:
-                synced = False
-        with self._lock:
-            if synced:
-                self._synced(target)
-            else:
-                self._sync_error = self.failing = True
-        return synced
+                self.on_checkpoint(entry)
+            except Exception:  # a witness must never stop the writer
+                self.hook_failures += 1
 
-    def _synced(self, target: int) -> None:
-        """Entries up to seq `target` are on disk: say so, and witness their checkpoints."""
-        if self._sync_error:
-            self._sync_error = False
-            self.failing = bool(self._pending)  # else writes are refused too
-        self.durable = max(self.durable, target)
-        while self._awaiting and self._awaiting[0]["seq"] <= self.durable:
-            entry = self._awaiting.popleft()
-            if self.on_checkpoint is not None:
-                try:
-                    self.on_checkpoint(entry)
-                except Exception:  # a witness must never stop the writer
-                    self.hook_failures += 1
+    def _health(self, synced: bool) -> None:
+        """An fdatasync failed (the entries may be gone: failing until one succeeds), or
+        succeeded after one did."""
+        self.failing = bool(self._pending) if synced else True
 
     def _expire_segments(self) -> None:
         """Delete the segments retention says must go (broker.audit.retention) and record
@@ -517,21 +477,10 @@ class AuditLog:
         written whole: a checkpoint (or part of a line) the disk refused stays due for the
         old segment, so every segment but the first still opens after a rollover checkpoint
         and no line is ever split between two segments."""
-        with self._io:
-            try:
-                os.fdatasync(self._fd)
-                synced = True
-            except OSError:  # the segment is complete whatever its last fdatasync says
-                synced = False
-            os.close(self._fd)
-            self._generation += 1
+        self._committer.switch(self._next_fd)  # syncs and closes the old segment
         self._fd, self._next_fd = self._next_fd, -1
         self._number += 1
         self._size = 0
-        if synced:
-            self._synced(self._written)
-        else:
-            self._sync_error = True
 
     def _start(self, numbers: list[int]) -> None:
         """Find where the chain may continue, and the epoch key that signs from there.
