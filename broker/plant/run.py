@@ -40,7 +40,8 @@ from broker.records import Record
 
 log = structlog.get_logger("plant")
 
-QUEUE_BATCHES = 256  # scans waiting for the spool; past this, connectors wait (backpressure)
+QUEUE_BATCHES = 256  # batches waiting for the spool; past this, connectors wait (backpressure)
+WRITE_SAMPLES = 20_000  # samples made into records for one spool write (a few MB of records)
 METRICS_EVERY_S = 2.0  # the metrics file is rewritten this often, or less often when
 METRICS_SHARE = 0.05  # writing it would take more than this share of a core (at 100,000
 # signals its per-signal series are 28 MB and 2 s of CPU: every 2 s it took a core)
@@ -131,8 +132,12 @@ class PlantHalf:
                 with contextlib.suppress(TimeoutError):  # no scan: checkpoints still cross
                     async with asyncio.timeout(WITNESS_WAIT_S):
                         scans.append(await self._queue.get())
-            while not self._queue.empty():  # group commit: everything waiting, one fsync
+            # Group commit: what is waiting, one fsync; at most WRITE_SAMPLES a write, so a
+            # spool that fell behind does not turn a whole queue into records at once.
+            taken = sum(len(scan) for scan in scans)
+            while taken < WRITE_SAMPLES and not self._queue.empty():
                 scans.append(self._queue.get_nowait())
+                taken += len(scans[-1])
             # One scan at a time through the pipeline, so each record carries its own scan's
             # asset state.
             records = [record for scan in scans for record in self.pipeline.process(scan)]

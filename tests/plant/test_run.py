@@ -73,11 +73,11 @@ async def test_an_unexpected_exception_in_one_connector_leaves_the_other_devices
     faults = {"left": 2}
     scan = ModbusConnector._scan
 
-    async def glitching(self: ModbusConnector, clients: Any) -> list[RawSample]:
+    async def glitching(self: ModbusConnector, clients: Any, emit: Any) -> None:
         if self._device.name == "plc-a" and faults["left"]:
             faults["left"] -= 1
             raise RegisterMapGlitch("the PLC's register map changed under the library")
-        return await scan(self, clients)
+        await scan(self, clients, emit)
 
     monkeypatch.setattr(ModbusConnector, "_scan", glitching)
     sender = SpoolSender(tmp_path / "spool", segment_bytes=1 << 20, retention_bytes=1 << 24)

@@ -54,7 +54,11 @@ class Connector(Protocol):
     last_scan_s: float
 
     async def run(self, emit: Emit) -> None:
-        """Scan until cancelled, passing each scan's samples to `emit`; never returns."""
+        """Scan until cancelled, passing each scan's samples to `emit`; never returns. A
+        scan may be passed in several batches (Modbus hands each request's samples on when
+        it is answered), but the signals that share a modelled asset's state always come in
+        one batch (registry.shared_state): the pipeline builds a batch's context once all
+        of it is observed."""
         ...
 
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
@@ -116,10 +117,42 @@ class _UnitBreaker:
         self.down = False
 
 
+def emit_groups(plan: Sequence[ReadRequest], shared: Sequence[Collection[str]]) -> list[int]:
+    """For each request of `plan`, the group it is handed on with: requests that read
+    signals of one set of `shared` fall in one group (union-find), any other request is a
+    group of its own. A group is emitted once all of its requests are answered."""
+    parent = list(range(len(plan)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    request_of = {slot.signal: i for i, request in enumerate(plan) for slot in request.slots}
+    for paths in shared:
+        found = [request_of[p] for p in paths if p in request_of]
+        for i in found[1:]:
+            parent[root(i)] = root(found[0])
+    return [root(i) for i in range(len(plan))]
+
+
 class ModbusConnector:
-    def __init__(self, device: ModbusDevice, signals: Sequence[Signal]) -> None:
+    def __init__(
+        self,
+        device: ModbusDevice,
+        signals: Sequence[Signal],
+        shared: Sequence[Collection[str]] | None = None,
+    ) -> None:
+        """`shared`: sets of signals that share asset state (registry.shared_state); each
+        request's samples are handed on as soon as every request its set touches is answered.
+        None: a whole scan is one batch."""
         self._device = device
         self.plan = plan_reads(signals, device.unit_id)
+        self._groups = [0] * len(self.plan) if shared is None else emit_groups(self.plan, shared)
+        self._members: dict[int, list[int]] = {}
+        for i, group in enumerate(self._groups):
+            self._members.setdefault(group, []).append(i)
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
         self.errors = 0  # failed connections and reads
@@ -187,23 +220,30 @@ class ModbusConnector:
         loop = asyncio.get_running_loop()
         next_scan = loop.time()
         while True:
-            samples = await self._scan(clients)
+            await self._scan(clients, emit)
             device = self._device
             self._breaker.scanned(host=device.host, port=device.port, connections=len(clients))
-            await emit(samples)  # waits while the spool is behind: a late scan skips, not queues
             next_scan, missed = self._grid.next_slot(next_scan, loop.time(), self.last_scan_s)
             self.overruns += missed
             await asyncio.sleep(next_scan - loop.time())
 
-    async def _scan(self, clients: list[_Client]) -> list[RawSample]:
-        """One pass over the plan, each connection taking the next request when it is free."""
+    async def _scan(self, clients: list[_Client], emit: Emit) -> None:
+        """One pass over the plan, each connection taking the next request when it is free;
+        a group's samples are handed on when its last request is answered (emit waits while
+        the spool is behind: the scan runs late and skips slots, nothing queues)."""
         started = time.monotonic()
         results: list[list[RawSample]] = [[] for _ in self.plan]
         pending = iter(enumerate(self.plan))
+        groups, members = self._groups, self._members
+        unanswered = Counter(groups)
 
         async def work(client: _Client) -> None:
             for i, request in pending:
                 results[i] = await self._read_unless_resting(client, request)
+                group = groups[i]
+                unanswered[group] -= 1
+                if not unanswered[group]:
+                    await emit([sample for j in members[group] for sample in results[j]])
 
         # Not a TaskGroup: on 3.11 a failing child leaves this task's cancel count raised,
         # which `raise_if_cancelled` would then take for a stop request.
@@ -216,7 +256,6 @@ class ModbusConnector:
             await asyncio.wait(workers)
         self.scans += 1
         self.last_scan_s = time.monotonic() - started
-        return [sample for samples in results for sample in samples]
 
     async def _read_unless_resting(self, client: _Client, request: ReadRequest) -> list[RawSample]:
         """The request's samples; `bad` without a read while its unit's breaker rests."""

@@ -20,23 +20,27 @@ from broker.policy import (
     Policy,
     Signal,
 )
+from broker.policy.schema import DerivedSource
+
+# Sets of signal paths that share asset state: each must reach the pipeline in one batch.
+SharedState = Sequence[frozenset[str]]
 
 
 def connectors_for(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, Connector]:
     """Device name → its connector, reading only that device's signals (derived ones are
     computed in the pipeline, never read)."""
-    signals_of = signals_by_device(policy)
-    return {d.name: connector_for(d, signals_of[d.name], opcua) for d in policy.devices}
+    signals_of, shared = signals_by_device(policy), shared_state(policy)
+    return {d.name: connector_for(d, signals_of[d.name], opcua, shared) for d in policy.devices}
 
 
 def supervised_devices(policy: Policy, opcua: OpcUaConfig | None) -> dict[str, SupervisedDevice]:
     """Device name → its supervisor, which builds the connector itself: a device that the
     appliance config cannot serve is `bad` on its own, and the others read (supervision.py)."""
-    signals_of = signals_by_device(policy)
+    signals_of, shared = signals_by_device(policy), shared_state(policy)
     return {
         d.name: SupervisedDevice(
             d.name,
-            partial(connector_for, d, signals_of[d.name], opcua),
+            partial(connector_for, d, signals_of[d.name], opcua, shared),
             [signal.path for signal in signals_of[d.name]],
         )
         for d in policy.devices
@@ -52,10 +56,34 @@ def signals_by_device(policy: Policy) -> dict[str, list[Signal]]:
     return signals_of
 
 
+def shared_state(policy: Policy) -> list[frozenset[str]]:
+    """The signals each modelled asset (declared, or with a derived signal) computes its
+    state, alerts and derived signals from: its own, its ambient ones and its load. The
+    pipeline builds a batch's context once all of the batch is observed, so these must come
+    in one batch for every record of a scan to carry that scan's asset state; a signal of no
+    modelled asset carries only its asset's path and may come in any batch."""
+    modelled = {a.path for a in policy.assets}
+    modelled |= {s.asset for s in policy.signals if isinstance(s.source, DerivedSource)}
+    members: dict[str, set[str]] = {path: set() for path in modelled}
+    for signal in policy.signals:
+        if signal.asset in members:
+            members[signal.asset].add(signal.path)
+    for asset in policy.assets:
+        members[asset.path].update(asset.ambient.values())
+        if asset.load is not None:
+            members[asset.path].add(asset.load.signal)
+    return [frozenset(paths) for paths in members.values() if len(paths) > 1]
+
+
 def connector_for(
-    device: Device, signals: Sequence[Signal], opcua: OpcUaConfig | None
+    device: Device,
+    signals: Sequence[Signal],
+    opcua: OpcUaConfig | None,
+    shared: SharedState | None = None,
 ) -> Connector:
-    """The device's connector; `opcua` is the appliance config's `plant.opcua`.
+    """The device's connector; `opcua` is the appliance config's `plant.opcua`. A Modbus
+    connector hands each request's samples on when it is answered, in batches that keep
+    each of `shared` whole (None: a whole scan is one batch).
 
     Raises ConfigError or TrustError when an OPC UA device lacks what it needs there: the
     client certificate, a trust list (or a pin in the policy), user credentials.
@@ -64,7 +92,7 @@ def connector_for(
         case ModbusDevice():
             from broker.plant.connectors.modbus import ModbusConnector
 
-            return ModbusConnector(device, signals)
+            return ModbusConnector(device, signals, shared)
         case OpcUaDevice():
             from broker.plant.connectors.opcua import OpcUaConnector
             from broker.plant.connectors.opcua_session import SessionSettings
@@ -86,6 +114,7 @@ __all__ = [
     "SupervisedDevice",
     "connector_for",
     "connectors_for",
+    "shared_state",
     "signals_by_device",
     "supervised_devices",
 ]

@@ -13,7 +13,9 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from broker import policy
 from broker.plant.connectors.base import RawSample
-from broker.plant.connectors.modbus import ModbusConnector
+from broker.plant.connectors.modbus import ModbusConnector, emit_groups
+from broker.plant.connectors.modbus_plan import plan_reads
+from broker.plant.connectors.registry import shared_state
 from broker.plant.decode import decoder_for
 from broker.policy import Device, Signal
 from broker.sim.refrigeration import RefrigerationPlant
@@ -200,3 +202,40 @@ async def test_a_response_with_fewer_items_than_asked_marks_bad_and_never_crashe
         await server.wait_closed()
     assert all(s.quality == "bad" for s in collector.last().values())
     assert connector.scans >= 3  # the session stayed up: one bad answer is not a dead device
+
+
+def _input_register(path: str, address: int) -> Signal:
+    source = {"protocol": "modbus", "table": "input_register", "address": address, "type": "uint16"}
+    return msgspec.convert({"path": path, "device": "plc", "source": source}, Signal)
+
+
+def test_requests_linked_by_shared_state_fall_in_one_group_transitively() -> None:
+    places = [("a", 0), ("a", 200), ("b", 400), ("c", 600)]
+    signals = [_input_register(f"site/{asset}/r{address}", address) for asset, address in places]
+    plan = plan_reads(signals, 1)
+    assert len(plan) == 4  # gaps: a request each
+    a0, a200, b400 = (s.path for s in signals[:3])
+    groups = emit_groups(plan, [frozenset({a0, a200}), frozenset({a200, b400}), frozenset({"x"})])
+    assert groups[0] == groups[1] == groups[2] != groups[3]
+    assert len(set(emit_groups(plan, []))) == 4
+
+
+async def test_each_request_is_handed_on_when_answered_unless_an_asset_spans_requests(
+    plant_sim: RefrigerationPlant,
+) -> None:
+    apart = ModbusConnector(device(plant_sim.address[1]), SIGNALS, [])
+    collector = Collector()
+    async with running(apart, collector):
+        await eventually(lambda: len(collector.batches) >= 2 * len(apart.plan))
+    requests = [{slot.signal for slot in request.slots} for request in apart.plan]
+    assert all({s.signal for s in batch} in requests for batch in collector.batches)
+    # The demo's modelled assets read from every request: its scans stay one batch each, so
+    # every record of a scan carries that scan's asset state.
+    shared = shared_state(DEMO)
+    together = ModbusConnector(device(plant_sim.address[1]), SIGNALS, shared)
+    collector = Collector()
+    async with running(together, collector):
+        await eventually(lambda: len(collector.batches) >= 2)
+    assert all(
+        {s.signal for s in batch} == {s.path for s in SIGNALS} for batch in collector.batches
+    )
