@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -193,11 +194,20 @@ def opened_half(
             except PolicyRefused as e:
                 activation.log_refusal(e)
                 raise
-            activation.log_acceptance(trusted)
+            _accepted(trusted, admitted=admit)
             yield cfg, trusted, audit
         finally:
             if audit is not None:
                 _close(audit, log if stopped_entry else None)
+
+
+def _accepted(trusted: activation.TrustedPolicy, *, admitted: bool) -> None:
+    """`policy_accepted`; a half's policy, and all it loaded so far, then leave the cyclic
+    collector's view: they live as long as the half, and each collection while it builds its
+    pipeline walked them all again (a 100,000-signal policy is millions of objects)."""
+    activation.log_acceptance(trusted)
+    if admitted:
+        gc.freeze()
 
 
 def _close(audit: AuditLog, log: Any) -> None:

@@ -1,7 +1,12 @@
-"""The policy: the one document that decides what crosses the boundary and who sees it."""
+"""The policy: the one document that decides what crosses the boundary and who sees it.
+
+`load` is imported when first used: the parser brings casbin and the semantic model, which a
+process that only needs the schema or the trust root (`run`'s supervisor) never holds.
+"""
+
+from typing import TYPE_CHECKING
 
 from broker.policy.device_schema import BacnetDevice, Device, Dnp3Device, ModbusDevice, OpcUaDevice
-from broker.policy.parse import load
 from broker.policy.schema import (
     Asset,
     BacnetSource,
@@ -27,3 +32,15 @@ __all__ = [
     "Signal",
     "load",
 ]
+
+
+if TYPE_CHECKING:
+    from broker.policy.parse import load
+
+
+def __getattr__(name: str) -> object:
+    if name == "load":
+        from broker.policy.parse import load  # noqa: PLC0415 - see the module's docstring
+
+        return load
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

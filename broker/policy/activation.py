@@ -26,7 +26,6 @@ from broker.policy import accepted as records
 from broker.policy import envelope as envelopes
 from broker.policy import trustroot
 from broker.policy.accepted import AcceptedPolicy, AcceptedRoot
-from broker.policy.parse import from_payload
 from broker.policy.schema import Policy
 from broker.policy.trustroot import TrustRoot
 from broker.policy.verify import Verification, verified_payload
@@ -77,6 +76,10 @@ def load_trusted(
     if running is not None and running.sha256 == sha256:
         policy = running.policy  # 10 s of parsing and checks at 100,000 signals, saved
     else:
+        # Here, not at the top: the parser brings casbin and the semantic model, which `run`'s
+        # long-lived supervisor (it imports this module, never calls this) should not hold.
+        from broker.policy.parse import from_payload  # noqa: PLC0415
+
         policy = from_payload(payload, str(path))
     if policy.deployment_id != trust.deployment_id:
         raise PolicyRefused(
