@@ -225,28 +225,24 @@ class AuditLog:
             # Written only by the writer whose chain broke, at its start (above); this is the
             # process log's copy coming back through the forwarder.
             return
+        body = {
+            "event": event,
+            "category": category,
+            "outcome": outcome,
+            "actor": actor,
+            "object": object,
+            "policy_version": policy_version,
+            "details": details or {},
+        }
         with self._lock:
-            self._record(
-                {
-                    "event": event,
-                    "category": category,
-                    "outcome": outcome,
-                    "actor": actor,
-                    "object": object,
-                    "policy_version": policy_version,
-                    "details": details or {},
-                }
-            )
-
-    def _record(self, body: dict[str, Any]) -> None:
-        self._append(body)
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= self._checkpoint_every:
-            self._checkpoint("count", wait=False)
-        elif time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
-            self._checkpoint("time", wait=False)
-        elif self._size >= self._segment_bytes and not self._rollover_due and self._next_fd < 0:
-            self._roll_over()
+            self._append(body)
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self._checkpoint_every:
+                self._checkpoint("count", wait=False)
+            elif time.monotonic() - self._last_checkpoint >= self._checkpoint_s:
+                self._checkpoint("time", wait=False)
+            elif self._size >= self._segment_bytes and not self._rollover_due and self._next_fd < 0:
+                self._roll_over()
 
     def checkpoint(self, reason: str = "time") -> None:
         """Sign the chain's head; on disk and witnessed when this returns (unless failing)."""
@@ -395,7 +391,8 @@ class AuditLog:
             while self._pending:
                 line = self._pending[0]
                 while self._partial < len(line):  # a full disk can take part of a line
-                    self._partial += os.write(self._fd, memoryview(line)[self._partial :])
+                    rest = memoryview(line)[self._partial :] if self._partial else line
+                    self._partial += os.write(self._fd, rest)
                 self._partial = 0
                 self._size += len(line)
                 self._used += len(line)
