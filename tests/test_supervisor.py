@@ -730,3 +730,28 @@ async def test_relayed_output_keeps_lines_whole_and_bounds_a_long_one(
         '{"event": "one"}\n' + long_line.decode() + "no newline at the end"
     )
     assert reader.at_eof()  # all read: nothing held back
+
+
+def test_run_refuses_a_rolled_back_policy_in_its_checks_before_starting_a_half(
+    deployment: Deployment,
+) -> None:
+    """`run`'s checks run in a child of their own (ADR 0031): still before any half, with the
+    same one line, exit code and audit entry under the supervisor's writer."""
+    state = deployment.directory / "plant-state"
+    state.mkdir()
+    deployment_id = deployment.document["deployment_id"]
+    record = {"version": 99, "sha256": "ab" * 32, "deployment_id": deployment_id}
+    (state / "policy-accepted.json").write_text(json.dumps(record))
+    result = dmzbroker(
+        "run", "--config", str(deployment.config), "--same-user", "--reset-state", check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"dmzbroker: error: {deployment.policy}: version 1 is lower than version 99, already "
+        "accepted here (rollback refused)"
+    )
+    assert "half_started" not in result.stderr
+    assert not deployment.spool.exists()
+    [refused] = audited(deployment, "supervisor", "policy_refused")
+    assert refused["details"]["reason"] == "rollback"
+    assert audited(deployment, "supervisor", "process_stopped") == []  # the checks' child
