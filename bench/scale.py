@@ -402,7 +402,8 @@ def print_contrast(contrast: list[Contrast]) -> None:
 
 def draw(results: list[Result], png: Path, contrast: list[Contrast]) -> None:
     """Four panels against the signal count, log-scaled: points/s, latency, RSS, start-up;
-    the ThingsBoard gateway's figures dashed (nothing delivered: no point)."""
+    the ThingsBoard gateway's figures dashed (its first telemetry on the start-up panel).
+    Nothing delivered is no point: a log scale has no zero."""
     n = [r.signals for r in results]
     fig = Figure(figsize=(10, 7), layout="constrained")  # no pyplot: no display, no state
     axes = fig.subplots(2, 2)
@@ -429,7 +430,7 @@ def draw(results: list[Result], png: Path, contrast: list[Contrast]) -> None:
                         color=color, label=f"TB gateway {layout}")  # fmt: skip
     for ax, title, series, target in panels:
         for label, values in series.items():
-            ax.plot(n, values, marker="o", label=label)
+            ax.plot(n, [v or math.nan for v in values], marker="o", label=label)  # 0: not drawn
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target")
         ax.set_xscale("log")
