@@ -348,8 +348,8 @@ class AuditLog:
                 if self.held_back is not None:
                     self.held_back.flush(final=True)  # under the closing checkpoint
                 self._checkpoint("stop")
-                self._committer.close()
-                self._fd = -1
+            self._committer.close()  # the segment, and the thread, whatever state it is in
+            self._fd = -1
             if self._next_fd >= 0:  # a rollover whose checkpoint never reached the disk
                 os.close(self._next_fd)
                 self._next_fd = -1
