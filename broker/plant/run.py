@@ -40,7 +40,9 @@ from broker.records import Record
 
 log = structlog.get_logger("plant")
 
-QUEUE_BATCHES = 256  # batches waiting for the spool; past this, connectors wait (backpressure)
+# Samples waiting for the spool (2 s at 100,000 signals; ~25 MB): past this, connectors
+# wait (backpressure). Counted in samples, not batches: a batch is a request's or a scan's.
+QUEUE_SAMPLES = 200_000
 WRITE_SAMPLES = 20_000  # samples made into records for one spool write (a few MB of records)
 METRICS_EVERY_S = 2.0  # the metrics file is rewritten this often, or less often when
 METRICS_SHARE = 0.05  # writing it would take more than this share of a core (at 100,000
@@ -52,7 +54,9 @@ WITNESS_WAIT_S = 0.5  # longest an audit checkpoint waits for the spool when no 
 class PlantHalf:
     def __init__(self, sender: SpoolSender, policy: Policy, maintenance: MaintenanceBook) -> None:
         self._sender = sender
-        self._queue: asyncio.Queue[list[RawSample]] = asyncio.Queue(QUEUE_BATCHES)
+        self._queue: asyncio.Queue[list[RawSample]] = asyncio.Queue()  # bounded by _put
+        self._queued = 0  # samples in the queue
+        self._room = asyncio.Event()  # set when the queue falls below QUEUE_SAMPLES
         self._maintenance = maintenance
         self.pipeline = PlantPipeline(policy, maintenance)
         self._policy = policy
@@ -89,7 +93,7 @@ class PlantHalf:
                 async with self._switching:
                     await self._stop_reading()
                     while not self._queue.empty():  # read under the old policy: never crosses
-                        self._queue.get_nowait()
+                        self._taken(len(self._queue.get_nowait()))
                     old_gate = self.pipeline.gate
                     self._policy = accepted.policy
                     self.pipeline = PlantPipeline(accepted.policy, self._maintenance)
@@ -116,7 +120,20 @@ class PlantHalf:
         self._devices = supervised_devices(policy, self._opcua)
         async with asyncio.TaskGroup() as tasks:
             for name, device in self._devices.items():
-                tasks.create_task(device.run(self._queue.put), name=f"connector {name}")
+                tasks.create_task(device.run(self._put), name=f"connector {name}")
+
+    async def _put(self, samples: list[RawSample]) -> None:
+        """A connector's batch, queued for the spool; waits while QUEUE_SAMPLES wait."""
+        while self._queued >= QUEUE_SAMPLES:
+            self._room.clear()
+            await self._room.wait()
+        self._queued += len(samples)
+        self._queue.put_nowait(samples)
+
+    def _taken(self, samples: int) -> None:
+        self._queued -= samples
+        if self._queued < QUEUE_SAMPLES:
+            self._room.set()
 
     def witness(self, entry: dict[str, Any]) -> None:
         """The audit log's `on_checkpoint` hook: queue the entry to cross with the next
@@ -138,8 +155,9 @@ class PlantHalf:
             while taken < WRITE_SAMPLES and not self._queue.empty():
                 scans.append(self._queue.get_nowait())
                 taken += len(scans[-1])
-            # One scan at a time through the pipeline, so each record carries its own scan's
-            # asset state.
+            self._taken(taken)
+            # One batch at a time through the pipeline, so each record carries its own scan's
+            # asset state (a batch holds each modelled asset's signals whole: ADR 0032).
             records = [record for scan in scans for record in self.pipeline.process(scan)]
             checkpoints = self._take_checkpoints()
             if records or checkpoints:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from broker import policy
 from broker.audit.catalogue import EVENTS
 from broker.channel.spool import SpoolSender
 from broker.metrics import PLANT_FILE
+from broker.plant import run
 from broker.plant.connectors.base import RawSample
 from broker.plant.connectors.modbus import ModbusConnector
 from broker.plant.maintenance import MaintenanceBook
@@ -205,3 +207,23 @@ async def test_a_reload_adding_a_device_the_config_cannot_serve_leaves_the_rest_
     assert {"device_connector_failed", "device_connector_recovered"} <= set(EVENTS)  # audited
     assert events_of(plant, "device_connector_recovered", device="ua-plc")
     assert not events_of(plant, "device_connector_failed", device=modbus)
+
+
+async def test_connectors_wait_while_the_queue_holds_its_samples_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(run, "QUEUE_SAMPLES", 3)
+    sender = SpoolSender(tmp_path / "spool", segment_bytes=1 << 20, retention_bytes=1 << 24)
+    try:
+        half = PlantHalf(sender, DEMO, MaintenanceBook(None))
+        batch = [RawSample("a/b/c", None, datetime.now(UTC), "bad")] * 2
+        await half._put(batch)
+        await half._put(batch)  # 2 < 3 queued: goes in, however large the batch
+        blocked = asyncio.create_task(half._put(batch))
+        await asyncio.sleep(0)
+        assert not blocked.done() and half._queue.qsize() == 2  # 4 >= 3: waits
+        half._taken(len(half._queue.get_nowait()))
+        await asyncio.wait_for(blocked, 10)
+        assert half._queue.qsize() == 2
+    finally:
+        sender.close()
