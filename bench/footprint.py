@@ -61,6 +61,7 @@ tls_version tlsv1.3
 persistence false
 user root
 max_queued_messages 0
+set_tcp_nodelay true
 """
 TARGETS = {"mqtt_p50_ms": 15.0, "cpu_per_1000": 0.44, "rss_mb": 67.0}
 

@@ -33,6 +33,7 @@ require_certificate true
 use_identity_as_username true
 tls_version tlsv1.3
 persistence false
+set_tcp_nodelay true
 user root
 max_inflight_messages 0
 max_queued_messages 0

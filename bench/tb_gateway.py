@@ -59,6 +59,7 @@ CLOCK_WRAP_MS = 65_536  # a 16uint register holds the device clock mod this
 MOSQUITTO = """listener {port} 127.0.0.1
 allow_anonymous true
 persistence false
+set_tcp_nodelay true
 max_queued_messages 0
 """
 FIRST_S = 60.0  # the longest wait for the first telemetry before the windows start

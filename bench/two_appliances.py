@@ -60,6 +60,7 @@ require_certificate true
 use_identity_as_username true
 tls_version tlsv1.3
 persistence false
+set_tcp_nodelay true
 user root
 acl_file {acl}
 """

@@ -26,6 +26,7 @@ not name is verified by `enterprise.mqtt.server_name`, or refused with that key 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import defaultdict
@@ -278,6 +279,11 @@ class _Acknowledgements:
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self._paho = client._client  # private: aiomqtt has no batch publish
+        # paho leaves Nagle on: a batch's second message would wait for the broker's delayed
+        # ACK of the first (up to 40 ms on Linux) before it leaves.
+        connection = self._paho.socket()
+        if isinstance(connection, socket.socket):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._paho.on_publish = self._acknowledged  # aiomqtt's own waits only on its publish
         self._waiting: set[int] = set()
         self._all: asyncio.Future[None] | None = None
