@@ -3,7 +3,7 @@
 This is the only data type both halves share. Field names are a public contract that
 consumers' code depends on: add fields, never rename or remove one.
 
-- spool frames carry arrays of records as MessagePack (compact, typed, fast to decode on the enterprise side);
+- spool frames carry records as MessagePack, each asset's shared context once (ADR 0030) (compact, typed, fast to decode on the enterprise side);
 - consumers get JSON, with times as RFC 3339 UTC strings ending in `Z`.
 """
 
@@ -110,7 +110,10 @@ class Record(msgspec.Struct, kw_only=True, gc=False):
     seq: int = 0  # stamped by the channel sender when the record is durably written
 
 
-class _Row(msgspec.Struct, array_like=True, gc=False):
+FRAME_RECORDS = 256  # records a spool frame holds at most (a frame with context: ~150 KB)
+
+
+class _Row(msgspec.Struct, array_like=True, forbid_unknown_fields=True, gc=False):
     """A record in a frame that carries its asset's shared context once: the record's own
     fields, the index of its shared context in the frame, and the three context fields
     that differ from record to record."""
@@ -129,9 +132,10 @@ class _Row(msgspec.Struct, array_like=True, gc=False):
     quality_issues: list[QualityIssue]
 
 
-class _SharedFrame(msgspec.Struct, gc=False):
+class _SharedFrame(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A frame payload as written since issue 19: a MessagePack map (the older payload is a
-    bare array of records, which still decodes)."""
+    bare array of records, which still decodes). Unknown keys and longer rows are refused:
+    a later format's additions must count as an undecodable frame here, never be skipped."""
 
     contexts: list[Context]  # without assessment, trend and quality issues
     records: list[_Row]
@@ -193,6 +197,12 @@ def encode_frame_payload(records: Sequence[Record]) -> bytes:
     return _to_msgpack.encode({"contexts": shared, "records": rows})
 
 
+def decode_record_array(payload: bytes) -> list[Record]:
+    """A bare MessagePack array of records (the diode's datagrams, spools before issue 19);
+    raises msgspec.DecodeError on anything else, a shared-context map included."""
+    return _from_msgpack.decode(payload)
+
+
 def decode_frame_payload(payload: bytes) -> list[Record]:
     """Decode one spool payload, of either form; raises msgspec.DecodeError on anything
     malformed."""
@@ -200,6 +210,16 @@ def decode_frame_payload(payload: bytes) -> list[Record]:
         return _from_msgpack.decode(payload)
     frame = _from_shared.decode(payload)
     contexts = frame.contexts
+    # The encoder writes at most FRAME_RECORDS rows, and no context without a row: one
+    # context shared by more rows would make a small frame into a flood of JSON downstream.
+    if len(frame.records) > FRAME_RECORDS:
+        raise msgspec.DecodeError(
+            f"a frame of {len(frame.records)} records, at most {FRAME_RECORDS} are written"
+        )
+    if len(contexts) > len(frame.records):
+        raise msgspec.DecodeError(
+            f"a frame of {len(contexts)} shared contexts for {len(frame.records)} records"
+        )
     if any(not 0 <= row.shared < len(contexts) for row in frame.records):
         raise msgspec.DecodeError("a record's shared context is not in its frame")
     return [

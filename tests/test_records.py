@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 
+from broker.channel.spool import SpoolReceiver, frame, segment_path
 from broker.records import (
+    FRAME_RECORDS,
     Alert,
     Assessment,
     Context,
@@ -209,3 +214,68 @@ def test_a_record_pointing_outside_its_frames_contexts_is_a_decode_error(index: 
     payload["records"][0][8] = index
     with pytest.raises(msgspec.DecodeError, match="shared context"):
         decode_frame_payload(msgspec.msgpack.encode(payload))
+
+
+def shared_frame(records: list[Record]) -> dict[str, list[object]]:
+    decoded: dict[str, list[object]] = msgspec.msgpack.decode(encode_frame_payload(records))
+    return decoded
+
+
+def too_many_rows() -> dict[str, list[object]]:
+    return shared_frame([record(seq=i + 1) for i in range(FRAME_RECORDS + 1)])
+
+
+def more_contexts_than_rows() -> dict[str, list[object]]:
+    payload = shared_frame([record()])
+    payload["contexts"].append(payload["contexts"][0])
+    return payload
+
+
+def an_unknown_key() -> dict[str, list[object]]:
+    return shared_frame([record()]) | {"zzz": [1]}
+
+
+def a_longer_row() -> dict[str, list[object]]:
+    payload = shared_frame([record()])
+    payload["records"][0].append(None)  # type: ignore[attr-defined]
+    return payload
+
+
+HOSTILE_FRAMES = pytest.mark.parametrize(
+    ("hostile", "error"),
+    [
+        (too_many_rows, f"257 records, at most {FRAME_RECORDS}"),
+        (more_contexts_than_rows, "2 shared contexts for 1 records"),
+        (an_unknown_key, "unknown field `zzz`"),
+        (a_longer_row, "at most length 12, got 13"),
+    ],
+)
+
+
+@HOSTILE_FRAMES
+def test_a_frame_the_encoder_never_writes_is_a_decode_error(
+    hostile: Callable[[], dict[str, list[object]]], error: str
+) -> None:
+    """No amplification (one context copied into rows without bound) and no silent skip of
+    what a later format adds (ADR 0030): such a frame counts as undecodable."""
+    with pytest.raises(msgspec.DecodeError, match=re.escape(error)):
+        decode_frame_payload(msgspec.msgpack.encode(hostile()))
+
+
+def test_a_full_frame_of_one_shared_context_still_decodes() -> None:
+    records = [record(seq=i + 1) for i in range(FRAME_RECORDS)]
+    assert decode_frame_payload(encode_frame_payload(records)) == records
+
+
+@HOSTILE_FRAMES
+def test_the_spool_receiver_counts_a_hostile_frame_and_reads_on(
+    tmp_path: Path, hostile: Callable[[], dict[str, list[object]]], error: str
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [encode_frame_payload([record(seq=seq)]) for seq in (1, 2)]
+    bad = msgspec.msgpack.encode(hostile())
+    segment_path(spool, 1).write_bytes(frame(good[0]) + frame(bad) + frame(good[1]))
+    receiver = SpoolReceiver(spool, tmp_path / "state")
+    assert [r.seq for r in receiver.receive()] == [1, 2]
+    assert receiver.bad_records == 1

@@ -8,8 +8,9 @@ alone, so one lost datagram loses only what it carried:
 The CRC-32 covers the 20 header bytes before it and the payload. `session` is random per
 sender start; `seq` counts every datagram of a session from 1 (copies of one datagram share
 it). Kinds and payloads:
-- RECORDS, RESYNC: a MessagePack array of records (as a spool frame's payload), as many
-  as fit; RESYNC records are latest values sent again, below the live seq.
+- RECORDS, RESYNC: a MessagePack array of records (a spool frame's payload before ADR 0030;
+  the shared-context map is refused here), as many as fit; RESYNC records are latest values
+  sent again, below the live seq.
 - CHECKPOINT: one of the plant's audit checkpoint entries (its canonical JSON line).
 - HEARTBEAT: u64 seq of the last record sent, u64 datagrams sent (copies included).
 - FRAGMENT: u64 seq of the message's first fragment | u16 index | u16 count | u8 kind |
@@ -31,7 +32,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from broker.records import Record, decode_frame_payload
+from broker.records import Record, decode_record_array
 
 MAGIC = b"DD"
 VERSION = 1
@@ -129,7 +130,7 @@ def decode_body(kind: int, payload: bytes) -> Body:
     """The body of one datagram, or of a message reassembled from fragments."""
     if kind in (RECORDS, RESYNC):
         try:
-            records = decode_frame_payload(payload)
+            records = decode_record_array(payload)
         except msgspec.DecodeError as e:
             raise DatagramError("payload", f"records: {e}") from e
         if not records:

@@ -43,6 +43,7 @@ import structlog
 
 from broker.errors import ChannelError
 from broker.folder_lock import FolderLock
+from broker.records import FRAME_RECORDS as FRAME_RECORDS  # noqa: PLC0414 (re-exported)
 from broker.records import Record, decode_frame_payload, encode_frame_payload
 
 MAGIC = b"DZ"  # a frame of records
@@ -51,7 +52,6 @@ RESYNC_MAGIC = b"DR"  # a frame of resync records (the diode receiver's, ADR 001
 KINDS = (MAGIC, CHECKPOINT_MAGIC, RESYNC_MAGIC)
 HEADER = struct.Struct("<2sII")  # magic, payload length, CRC-32 (see the module docstring)
 MAX_PAYLOAD = 1024 * 1024  # bytes; a record is a few hundred
-FRAME_RECORDS = 256  # a frame of records with context is about 150 KB
 READ_CHUNK = 4 * MAX_PAYLOAD  # must exceed one whole frame, see SpoolReceiver._advance
 SUFFIX = ".seg"
 POSITION_FILE = "spool-position.json"

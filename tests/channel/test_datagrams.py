@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from broker.channel import datagrams as dg
 from broker.channel.sequence import HELD_BYTES, REORDER_DATAGRAMS, REORDER_S, Lost, Reorder
-from broker.records import Context, Record
+from broker.records import Context, Record, encode_frame_payload
 
 SESSION = 0x1234_5678_9ABC_DEF0
 
@@ -209,3 +209,14 @@ def test_pieces_are_numbered_when_sent_whatever_came_between() -> None:
     assert beat.seq == 1 and [d.seq for d in numbered] == list(range(2, 2 + len(pieces)))
     fragments = [d.body for d in numbered if isinstance(d.body, dg.Fragment)]
     assert {f.message for f in fragments} == {3} and pieces[-1].last_record_seq == 2
+
+
+def test_a_shared_context_payload_is_refused_and_the_next_datagram_decodes() -> None:
+    """The sender writes bare record arrays only (ADR 0030): the spool's shared-context map,
+    and the rows it would multiply, are never parsed from the diode's port."""
+    shared = encode_frame_payload([record(1), record(2)])
+    with pytest.raises(dg.DatagramError, match="records: Expected `array`, got `object`") as e:
+        dg.decode(dg.encode(dg.RECORDS, SESSION, 1, shared))
+    assert e.value.reason == "payload"
+    (good,) = dg.Framer(SESSION, dg.MIN_DATAGRAM).records([record(3)])
+    assert dg.decode(good).body == [record(3)]
