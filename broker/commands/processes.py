@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import gc
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from broker.errors import ConfigError, PolicyRefused, TrustRootRefused
 from broker.folder_lock import FolderLock
 from broker.lifecycle import run_until_signalled
 from broker.policy import accepted as records
-from broker.policy import activation, trustroot
+from broker.policy import activation, collection, trustroot
 from broker.policy import envelope as envelopes
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
@@ -207,7 +206,7 @@ def _accepted(trusted: activation.TrustedPolicy, *, admitted: bool) -> None:
     pipeline walked them all again (a 100,000-signal policy is millions of objects)."""
     activation.log_acceptance(trusted)
     if admitted:
-        gc.freeze()
+        collection.settle()
 
 
 def _close(audit: AuditLog, log: Any) -> None:

@@ -39,6 +39,7 @@ from broker.health import ClockWatch, days_left, warn_expiring_certificates
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
+from broker.policy.collection import settle
 from broker.policy.watch import PolicyWatcher
 from broker.records import Record
 from broker.trust import tls
@@ -114,6 +115,7 @@ async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: Au
                 tasks.create_task(exporter.run(), name="siem export")
             async for accepted in watcher.updates():
                 _apply(accepted.policy, store, authz, outputs, failures)
+                settle()  # the new policy out of the collector's view, the old one freed
     finally:
         store.close()
         await stop_outputs(runs, started, failures)

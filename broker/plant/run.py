@@ -35,6 +35,7 @@ from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
+from broker.policy.collection import settle
 from broker.policy.watch import PolicyWatcher
 from broker.records import Record
 
@@ -236,9 +237,7 @@ def settle_garbage_collector() -> None:
     decoders, the model and its histories) leave the cyclic collector's view: every full
     collection walked all of them again. Young collections come less often too: a scan's
     samples and records never form cycles, and reference counting frees them as they go."""
-    gc.unfreeze()  # a replaced policy's objects are examined (and collected) once more
-    gc.collect()
-    gc.freeze()
+    settle()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
