@@ -32,11 +32,13 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, NoReturn
 
 import aiomqtt
 import structlog
+from paho.mqtt import client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 
 from broker.audit.log import AuditLog
@@ -278,13 +280,21 @@ class _Acknowledgements:
     the connection, its socket callbacks and noticing its loss."""
 
     def __init__(self, client: aiomqtt.Client) -> None:
-        self._paho = client._client  # private: aiomqtt has no batch publish
+        paho = getattr(client, "_client", None)  # private: aiomqtt has no batch publish
+        if not isinstance(paho, mqtt.Client):
+            raise RuntimeError(
+                f"aiomqtt {version('aiomqtt')} holds no paho Client in Client._client: the "
+                "MQTT sink needs the aiomqtt version pyproject.toml pins"
+            )
+        self._paho = paho
         # paho leaves Nagle on: a batch's second message would wait for the broker's delayed
         # ACK of the first (up to 40 ms on Linux) before it leaves.
         connection = self._paho.socket()
         if isinstance(connection, socket.socket):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._paho.on_publish = self._acknowledged  # aiomqtt's own waits only on its publish
+        # aiomqtt's callback is replaced: its own `client.publish` would now wait out its
+        # timeout, so the sink never calls it (tests/enterprise/test_mqtt_paho.py checks).
+        self._paho.on_publish = self._acknowledged
         self._waiting: set[int] = set()
         self._all: asyncio.Future[None] | None = None
 
