@@ -137,6 +137,32 @@ def emit_groups(plan: Sequence[ReadRequest], shared: Sequence[Collection[str]]) 
     return [root(i) for i in range(len(plan))]
 
 
+class _HandOn:
+    """A scan's groups, passed to `emit` in order by a task of their own, so that the reads
+    never wait for the spool: while `emit` waits for room, the groups answered meanwhile are
+    held here (at most one scan's), and `drained` is the scan's one backpressure wait."""
+
+    def __init__(self, emit: Emit) -> None:
+        self._held: asyncio.Queue[list[RawSample] | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._forward(emit))
+
+    def put(self, samples: list[RawSample]) -> None:
+        self._held.put_nowait(samples)
+
+    async def drained(self) -> None:
+        """Once every group put is taken by `emit` (the spool's backpressure)."""
+        self._held.put_nowait(None)
+        await self._task
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        await asyncio.wait([self._task])
+
+    async def _forward(self, emit: Emit) -> None:
+        while (samples := await self._held.get()) is not None:
+            await emit(samples)
+
+
 class ModbusConnector:
     def __init__(
         self,
@@ -156,7 +182,7 @@ class ModbusConnector:
         self.scans = 0
         self.overruns = 0  # scan slots skipped because the previous scan ran late
         self.errors = 0  # failed connections and reads
-        self.last_scan_s = 0.0  # how long the last whole scan took
+        self.last_scan_s = 0.0  # how long the last scan's reads took (not its hand-on)
         self._connections = max(1, min(device.max_connections, len(self.plan)))
         self._pace = Pace(device.max_requests_per_s)
         self._refused: set[ReadRequest] = set()  # requests the device currently refuses
@@ -229,13 +255,16 @@ class ModbusConnector:
 
     async def _scan(self, clients: list[_Client], emit: Emit) -> None:
         """One pass over the plan, each connection taking the next request when it is free;
-        a group's samples are handed on when its last request is answered (emit waits while
-        the spool is behind: the scan runs late and skips slots, nothing queues)."""
+        a group's samples are handed on when its last request is answered. The reads go
+        back to back whatever the spool does: a spool that is behind (emit waits) holds the
+        scan's groups until after its last request (ADR 0032), so the wait is once a scan,
+        outside `last_scan_s`, and the scan still runs late and skips slots."""
         started = time.monotonic()
         results: list[list[RawSample]] = [[] for _ in self.plan]
         pending = iter(enumerate(self.plan))
         groups, members = self._groups, self._members
         unanswered = Counter(groups)
+        hand_on = _HandOn(emit)
 
         async def work(client: _Client) -> None:
             for i, request in pending:
@@ -243,19 +272,23 @@ class ModbusConnector:
                 group = groups[i]
                 unanswered[group] -= 1
                 if not unanswered[group]:
-                    await emit([sample for j in members[group] for sample in results[j]])
+                    hand_on.put([sample for j in members[group] for sample in results[j]])
 
         # Not a TaskGroup: on 3.11 a failing child leaves this task's cancel count raised,
         # which `raise_if_cancelled` would then take for a stop request.
         workers = [asyncio.create_task(work(client)) for client in clients]
         try:
-            await asyncio.gather(*workers)
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.wait(workers)
+            self.last_scan_s = time.monotonic() - started  # the device's time, not the spool's
+            await hand_on.drained()
         finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.wait(workers)
+            await hand_on.cancel()  # a failed scan's groups not yet taken are dropped
         self.scans += 1
-        self.last_scan_s = time.monotonic() - started
 
     async def _read_unless_resting(self, client: _Client, request: ReadRequest) -> list[RawSample]:
         """The request's samples; `bad` without a read while its unit's breaker rests."""
