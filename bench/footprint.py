@@ -43,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pipeline import StreamConsumer, percentile, wait_ready
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from support import REPO, device_process, free_port
+from support import REPO, device_process, free_port, serve_until_stopped
 
 from broker.policy import parse as policy_parse
 from broker.sim.appliance import DAYS, provision
@@ -109,12 +109,7 @@ def serve_device(port: int, registers: int, ready: Event, stop: Event) -> None:
         bits = [SimData(0, count=1, values=False, datatype=DataType.BITS)]
         device = SimDevice(id=1, simdata=(bits, bits, regs, regs))
         server = ModbusTcpServer([device], address=("127.0.0.1", port))
-        task = asyncio.create_task(server.serve_forever())
-        await asyncio.sleep(0.5)
-        ready.set()
-        await asyncio.to_thread(stop.wait)
-        await server.shutdown()
-        task.cancel()
+        await serve_until_stopped([server], ready, stop)
 
     asyncio.run(main())
 

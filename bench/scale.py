@@ -52,7 +52,7 @@ from matplotlib.figure import Figure
 from pipeline import StreamConsumer, percentile, synthetic_policy, wait_ready
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from support import REPO, device_process, free_port
+from support import REPO, device_process, free_port, serve_until_stopped
 
 from broker.policy import parse as policy_parse
 from broker.policy.schema import REGISTER_WIDTH
@@ -118,14 +118,7 @@ def serve_devices(tables: dict[int, dict[str, int]], ready: Event, stop: Event) 
             inputs = registers(size.get("input_register", 0), RAW["input_register"], False)
             device = SimDevice(id=1, simdata=(bits, bits, holding, inputs))
             servers.append(ModbusTcpServer([device], address=("127.0.0.1", port)))
-        tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
-        await asyncio.sleep(0.5)
-        ready.set()
-        await asyncio.to_thread(stop.wait)
-        for server in servers:
-            await server.shutdown()
-        for task in tasks:
-            task.cancel()
+        await serve_until_stopped(servers, ready, stop)
 
     asyncio.run(main())
 
@@ -335,7 +328,7 @@ def print_result(r: Result) -> None:
     print(f"  first record read {r.first_read_s:.1f} s after `broker run`, delivered over SSE "
           f"at {r.first_seen_s:.1f} s (target <= {TARGETS['first_s']:g})")  # fmt: skip
     print(f"  scans {r.scans:,} done, {r.skipped:,} slots skipped; "
-          f"{r.records / POLL_S:,.0f} records/s made (a read signal's, a derived one's)")  # fmt: skip
+          f"{r.records / POLL_S:,.0f} records/s offered (a scan's records: the read signals', the derived ones')")  # fmt: skip
     for name in r.rates:
         print(f"  {name:4} {r.rates[name]:9,.0f} points/s  latency p50 {r.p50_ms[name]:6.1f} ms"
               f"  p99 {r.p99_ms[name]:6.1f} ms")  # fmt: skip
@@ -410,7 +403,7 @@ def draw(results: list[Result], png: Path, contrast: list[Contrast]) -> None:
     panels: list[tuple[Any, str, dict[str, list[float]], float | None]] = [
         (axes[0][0], "records/s delivered",
          {o: [r.rates[o] for r in results] for o in ("SSE", "MQTT")}
-         | {"made": [r.records / POLL_S for r in results]}, None),
+         | {"offered": [r.records / POLL_S for r in results]}, None),
         (axes[0][1], "added latency p99 (ms)",
          {o: [r.p99_ms[o] for r in results] for o in ("SSE", "MQTT")}, TARGETS["p99_ms"]),
         (axes[1][0], "RSS of the broker's processes (MB)",

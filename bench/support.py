@@ -106,6 +106,19 @@ async def measure_ingest(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def serve_until_stopped(servers: list[Any], ready: Any, stop: Any) -> None:
+    """Serve these pymodbus servers in a device child until the parent sets `stop`; `ready`
+    once they listen."""
+    tasks = [asyncio.create_task(server.serve_forever()) for server in servers]
+    await asyncio.sleep(0.5)
+    ready.set()
+    await asyncio.to_thread(stop.wait)
+    for server in servers:
+        await server.shutdown()
+    for task in tasks:
+        task.cancel()
+
+
 def samples_and_good(samples: list[RawSample], counts: Counter[str]) -> None:
     """A `Tally`: every sample counts under `samples`, a good one under `good` too."""
     counts["samples"] += len(samples)

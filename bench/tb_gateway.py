@@ -49,7 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pipeline import percentile
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from support import REPO, device_process, free_port
+from support import REPO, device_process, free_port, serve_until_stopped
 
 TB_VERSION = "3.8.5"
 TB_PACKAGES = [f"thingsboard-gateway=={TB_VERSION}", "pymodbus==3.9.2", "pyserial",
@@ -164,14 +164,7 @@ def serve_clock_devices(plcs: list[tuple[str, int, int]], ready: Event, stop: Ev
             bits = [SimData(0, count=1, values=False, datatype=DataType.BITS)]
             device = SimDevice(id=1, simdata=(bits, bits, regs, regs), action=clock)
             servers.append(ModbusTcpServer([device], address=("127.0.0.1", port)))
-        tasks = [asyncio.create_task(s.serve_forever()) for s in servers]
-        await asyncio.sleep(0.5)
-        ready.set()
-        await asyncio.to_thread(stop.wait)
-        for server in servers:
-            await server.shutdown()
-        for task in tasks:
-            task.cancel()
+        await serve_until_stopped(servers, ready, stop)
 
     asyncio.run(main())
 
