@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -26,6 +26,9 @@ from broker.lifecycle import run_until_signalled
 from broker.policy import accepted as records
 from broker.policy import activation, collection, trustroot
 from broker.policy import envelope as envelopes
+
+if TYPE_CHECKING:
+    from broker import supervisor
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
 # Whose files each process checks before it starts (broker.preflight): `run`'s supervisor
@@ -59,6 +62,7 @@ def add_to(commands: Any) -> None:
         if name == "run":
             # Internal: the short-lived child in which `run` checks everything (ADR 0031).
             command.add_argument("--checks-only", action="store_true", help=argparse.SUPPRESS)
+            command.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)  # its pipe
             command.add_argument(
                 "--same-user",
                 action="store_true",
@@ -288,12 +292,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.checks_only:
         return _run_checks(args)
-    code = checked_in_child(args.config, args.log_format, args.reset_state, args.same_user)
+    code, checked = checked_in_child(args.config, args.log_format, args.reset_state, args.same_user)
     if code != 0:
         return code  # the child said why, on the stderr it shares with this process
-    cfg = config.load(args.config)
+    cfg, root = read_as_checked(args.config, checked)
     users = half_users() if os.geteuid() == 0 and not args.same_user else None
-    root = trustroot.load(cfg.trust_root)
     # This process's own writer: a second `run` is refused right there from now on.
     with AuditLog.open(cfg.audit, root.deployment_id, "supervisor") as audit:
         fmt = args.log_format or cfg.log.format
@@ -309,16 +312,38 @@ def _run(args: argparse.Namespace) -> int:
             structlog.get_logger("supervisor").info("process_stopped", pid=os.getpid())
 
 
+def read_as_checked(
+    path: Path, checked: supervisor.Checked | None
+) -> tuple[config.BrokerConfig, trustroot.TrustRoot]:
+    """The config at `path` and its trust root, verified alone, read again by the supervisor;
+    ConfigError unless they are what its checks child verified (`checked`): a file changed
+    since would otherwise be used unchecked, for its own audit log and to start the halves."""
+    from broker.supervisor import Checked, config_digest, refuse_unless_checked
+
+    cfg = config.load(path)
+    root = trustroot.load(cfg.trust_root)
+    refuse_unless_checked(checked, Checked(config_digest(cfg), root.sha256), path, cfg.trust_root)
+    return cfg, root
+
+
 def _run_checks(args: argparse.Namespace) -> int:
     """Everything `run` refuses before starting a half: a bad config, trust root or policy,
     missing users, folders another instance writes; as root, each half's first audit epoch
     enrolled. Audited under the supervisor's writer, whose folder this process holds."""
-    from broker.supervisor import check_interpreter, enroll_halves, half_users, refuse_if_running
+    from broker.supervisor import (
+        Checked,
+        check_interpreter,
+        config_digest,
+        enroll_halves,
+        half_users,
+        refuse_if_running,
+        report_checked,
+    )
 
     with opened_half(
         args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state,
         stopped_entry=False,
-    ) as (cfg, _, audit):  # fmt: skip
+    ) as (cfg, trusted, audit):  # fmt: skip
         assert audit is not None
         # As root, each half as its own user (ADR 0018); else both as this one (audited).
         users = half_users() if os.geteuid() == 0 and not args.same_user else None
@@ -326,7 +351,9 @@ def _run_checks(args: argparse.Namespace) -> int:
         if users is not None:
             check_interpreter(users)
             # Under the trust root's deployment id, as each half opens its log.
-            enroll_halves(cfg, trustroot.load(cfg.trust_root).deployment_id)
+            enroll_halves(cfg, trusted.root.deployment_id)
+        if args.report_fd is not None:  # what `run` may use: these, and nothing changed since
+            report_checked(args.report_fd, Checked(config_digest(cfg), trusted.root.sha256))
     return 0
 
 
