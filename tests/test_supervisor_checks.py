@@ -16,7 +16,7 @@ import yaml
 from broker import config
 from broker.commands.processes import read_as_checked
 from broker.errors import ConfigError
-from broker.supervisor import Checked, checked_in_child, config_digest, refuse_unless_checked
+from broker.run_checks import Checked, checked_in_child, config_digest, refuse_unless_checked
 from tests.harness import Deployment
 
 pytestmark = pytest.mark.timeout(90)
@@ -65,7 +65,7 @@ def test_the_config_digest_is_the_same_in_another_process(deployment: Deployment
     here = config_digest(config.load(deployment.config))
     there = subprocess.run(
         [sys.executable, "-c", "import sys; from pathlib import Path; from broker import config;"
-         "from broker.supervisor import config_digest;"
+         "from broker.run_checks import config_digest;"
          "print(config_digest(config.load(Path(sys.argv[1]))))", str(deployment.config)],
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout.strip()  # fmt: skip

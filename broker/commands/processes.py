@@ -28,7 +28,7 @@ from broker.policy import activation, collection, trustroot
 from broker.policy import envelope as envelopes
 
 if TYPE_CHECKING:
-    from broker import supervisor
+    from broker import run_checks
 
 DEFAULT_CONFIG = Path("/etc/dmzbroker/broker.yaml")
 # Whose files each process checks before it starts (broker.preflight): `run`'s supervisor
@@ -288,7 +288,8 @@ def _run(args: argparse.Namespace) -> int:
     """The supervisor: its checks in a short-lived child (`--checks-only`), which refuses
     what cannot start; then, holding none of what they parsed, it starts and keeps the
     halves (ADR 0031). Each half still verifies and admits the policy itself."""
-    from broker.supervisor import Supervisor, checked_in_child, half_users, refuse_if_running
+    from broker.run_checks import checked_in_child
+    from broker.supervisor import Supervisor, half_users, refuse_if_running
 
     if args.checks_only:
         return _run_checks(args)
@@ -313,12 +314,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def read_as_checked(
-    path: Path, checked: supervisor.Checked | None
+    path: Path, checked: run_checks.Checked | None
 ) -> tuple[config.BrokerConfig, trustroot.TrustRoot]:
     """The config at `path` and its trust root, verified alone, read again by the supervisor;
     ConfigError unless they are what its checks child verified (`checked`): a file changed
     since would otherwise be used unchecked, for its own audit log and to start the halves."""
-    from broker.supervisor import Checked, config_digest, refuse_unless_checked
+    from broker.run_checks import Checked, config_digest, refuse_unless_checked
 
     cfg = config.load(path)
     root = trustroot.load(cfg.trust_root)
@@ -330,15 +331,8 @@ def _run_checks(args: argparse.Namespace) -> int:
     """Everything `run` refuses before starting a half: a bad config, trust root or policy,
     missing users, folders another instance writes; as root, each half's first audit epoch
     enrolled. Audited under the supervisor's writer, whose folder this process holds."""
-    from broker.supervisor import (
-        Checked,
-        check_interpreter,
-        config_digest,
-        enroll_halves,
-        half_users,
-        refuse_if_running,
-        report_checked,
-    )
+    from broker.run_checks import Checked, config_digest, report_checked
+    from broker.supervisor import check_interpreter, enroll_halves, half_users, refuse_if_running
 
     with opened_half(
         args, "supervisor", _plant_state, admit=False, reset_state=args.reset_state,
