@@ -174,6 +174,19 @@ def received_checkpoints(collector: Collector, arrived: dict[tuple[str, int], fl
             arrived.setdefault((entry["writer"], entry["seq"]), now)
 
 
+def plant_notices(audit_dir: Path, event: str, since: float) -> float:
+    """The seq of the plant's latest `event` entry made after `since` (epoch seconds); inf
+    when there is none yet."""
+    folder = audit_dir / "plant"
+    found = -1
+    for n in segment_numbers(folder) if folder.is_dir() else []:
+        for e in read_entries(folder / f"{n:010d}.jsonl")[0]:
+            at = datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+            if e["event"] == event and at.timestamp() > since:
+                found = max(found, e["seq"])
+    return float("inf") if found < 0 else found
+
+
 def checkpoints_made(audit_dir: Path, since: float) -> dict[tuple[str, int], float]:
     """Every writer's checkpoints made after `since` (epoch seconds), with when."""
     made = {}
@@ -198,26 +211,44 @@ async def test_each_writers_checkpoints_reach_the_collector_within_seconds_of_be
     since = time.time()
     arrived: dict[tuple[str, int], float] = {}  # watched all along: first seen, when
 
-    def made_more(than: int) -> bool:
+    def signed_round(state: str, after: float) -> bool:
+        """The plant audited noticing this switch (made after `after`) and signed it, and the
+        enterprise signed after that (it witnesses the plant's checkpoint, then signs)."""
         received_checkpoints(collector, arrived)
-        return len(checkpoints_made(audit_dir, since)) >= than
+        noticed = plant_notices(audit_dir, f"island_mode_{state}", after)
+        made = checkpoints_made(audit_dir, since)
+        plant_signed = [at for (w, seq), at in made.items() if w == "plant" and seq > noticed]
+        return bool(plant_signed) and any(
+            w == "enterprise" and at >= min(plant_signed) for (w, _), at in made.items()
+        )
 
     for state in ("on", "off", "on", "off"):
         # The `cli` writer seals its start and stop; the plant audits noticing the flag and
         # signs that within 2 s; the enterprise witnesses the plant's checkpoint, and signs.
-        count = len(checkpoints_made(audit_dir, since))
+        # Each round waits for its own plant notice: a switch made before the plant noticed
+        # the one before would flip the flag back unseen.
+        switched = time.time()
         cli = asyncio.ensure_future(
             asyncio.to_thread(dmzbroker, "island", state, "--config", str(deployment.config))
         )
         try:
-            await eventually(lambda: made_more(count + 3) and cli.done(), timeout=30, interval=0.1)  # noqa: B023
+            await eventually(
+                lambda cli=cli, state=state, at=switched: cli.done() and signed_round(state, at),
+                timeout=30,
+                interval=0.1,
+            )
         except AssertionError:  # say what was missing: which writer did not sign in time
-            made = sorted(checkpoints_made(audit_dir, since).items(), key=lambda kv: kv[1])
+            so_far = sorted(checkpoints_made(audit_dir, since).items(), key=lambda kv: kv[1])
             ran = cli.result() if cli.done() else "still running"
             raise AssertionError(
-                f"island {state}: {len(made) - count} of 3 checkpoints after {count}; made "
-                f"{made}; cli {ran}; broker events {broker.events()[-20:]}"
+                f"island {state}: plant notice seq "
+                f"{plant_notices(audit_dir, f'island_mode_{state}', switched)}; checkpoints made "
+                f"{so_far}; cli {ran}; broker events {broker.events()[-20:]}"
             ) from None
+        assert any(
+            w == "cli" and at >= switched
+            for (w, _), at in checkpoints_made(audit_dir, since).items()
+        )
         cli.result()
 
     def all_arrived() -> bool:
