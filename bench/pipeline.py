@@ -61,13 +61,14 @@ from support import free_port
 
 from broker import logs
 from broker.channel.spool import SpoolReceiver, SpoolSender
-from broker.enterprise.run import POLL_S, tune_garbage_collector
+from broker.enterprise.run import POLL_S
 from broker.enterprise.store import Store
 from broker.plant.connectors.base import RawSample
 from broker.plant.decode import RawValue
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.policy import parse as policy_parse
+from broker.policy.collection import tune_garbage_collector
 from broker.policy.schema import REGISTER_WIDTH
 from broker.sim.appliance import provision
 from broker.trust import tls

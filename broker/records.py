@@ -147,7 +147,6 @@ _from_shared = msgspec.msgpack.Decoder(_SharedFrame)
 _to_json = msgspec.json.Encoder()
 _replace = msgspec.structs.replace
 _MAP = 0x80  # the high nibble of a MessagePack fixmap: a shared-context payload
-_NO_ISSUES: list[QualityIssue] = []
 
 
 def encode_frame_payload(records: Sequence[Record]) -> bytes:

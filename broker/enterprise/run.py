@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import gc
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,7 +38,7 @@ from broker.health import ClockWatch, days_left, warn_expiring_certificates
 from broker.metrics import EnterpriseMetrics
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
-from broker.policy.collection import settle
+from broker.policy.collection import settle, tune_garbage_collector
 from broker.policy.watch import PolicyWatcher
 from broker.records import Record
 from broker.trust import tls
@@ -47,7 +46,6 @@ from broker.trust import tls
 POLL_S = 0.005  # how often an idle reader looks for new frames where the spool is not watched
 AUDIT_CHECK_S = 0.25  # how soon a failing audit log closes the API
 TLS_CHECK_S = 1.0  # how often the TLS files are looked at; SIGHUP acts at once
-GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 SPOOL_RETRY_S = (0.05, 2.0)  # first and longest pause after a failed spool read
 # Stopping the outputs: their runs get RUN_STOP_S to end once cancelled, then their close()
 # what is left of OUTPUT_STOP_S, well within the supervisor's 10 s before it kills the half.
@@ -55,15 +53,6 @@ RUN_STOP_S = 1.5
 OUTPUT_STOP_S = 4.0
 
 log = structlog.get_logger("enterprise")
-
-
-def tune_garbage_collector() -> None:
-    """Fewer young collections. Records decoded from the spool carry lists and dicts that
-    the cyclic collector tracks though they never form cycles; at CPython's default it took
-    45 % of this half's time (docs/performance.md). Reference counting still frees each
-    record as soon as it is delivered; only cyclic garbage waits longer."""
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def run_enterprise(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from broker.plant.maintenance import MaintenanceBook
 from broker.plant.pipeline import PlantPipeline
 from broker.policy import Policy
 from broker.policy.activation import TrustedPolicy
-from broker.policy.collection import settle
+from broker.policy.collection import settle, tune_garbage_collector
 from broker.policy.watch import PolicyWatcher
 from broker.records import Record
 
@@ -48,7 +47,6 @@ WRITE_SAMPLES = 20_000  # samples made into records for one spool write (a few M
 METRICS_EVERY_S = 2.0  # the metrics file is rewritten this often, or less often when
 METRICS_SHARE = 0.05  # writing it would take more than this share of a core (at 100,000
 # signals its per-signal series are 28 MB and 2 s of CPU: every 2 s it took a core)
-GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 WITNESS_WAIT_S = 0.5  # longest an audit checkpoint waits for the spool when no scan comes
 
 
@@ -102,7 +100,7 @@ class PlantHalf:
                     self.pipeline.gate.audit_failing = old_gate.audit_failing
                     if not old_gate.audit_failing:
                         self._start_reading()
-                settle_garbage_collector()
+                settle()  # the new policy out of the collector's view, the old one freed
 
     def _start_reading(self) -> None:
         assert self._tasks is not None
@@ -232,16 +230,6 @@ class PlantHalf:
         return time.thread_time() - started
 
 
-def settle_garbage_collector() -> None:
-    """After a policy is loaded, its objects (hundreds of MB at 100,000 signals: signals,
-    decoders, the model and its histories) leave the cyclic collector's view: every full
-    collection walked all of them again. Young collections come less often too: a scan's
-    samples and records never form cycles, and reference counting frees them as they go."""
-    settle()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
 async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLog) -> None:
     sender = SpoolSender(
         config.spool.dir,
@@ -258,7 +246,8 @@ async def run_plant(config: BrokerConfig, trusted: TrustedPolicy, audit: AuditLo
     )
     half = PlantHalf(sender, policy, MaintenanceBook(config.plant.maintenance))
     audit.on_checkpoint = half.witness
-    settle_garbage_collector()
+    tune_garbage_collector()
+    settle()  # the policy, decoders, model and histories out of the collector's view
     try:
         # The start checkpoint was made before the spool opened: this one, covering it
         # and the start's entries (the accepted policy), is the first to cross.
