@@ -7,9 +7,15 @@ written while one fdatasync runs share the next. It witnesses each checkpoint on
 disk, in seq order, under the log's lock.
 
 It never writes an entry, and the writer never waits for it: the thread takes the log's lock
-only to witness a checkpoint or to report a failed (or recovered) fdatasync, never for an
-entry, so the writer and the committer do not hand the lock to each other about every
-fdatasync. A failed fdatasync is `sync_error` until one succeeds: the log is failing meanwhile.
+only to witness a checkpoint or to report a failed fdatasync, never for an entry, so the
+writer and the committer do not hand the lock to each other about every fdatasync.
+
+A failed fdatasync is final for this process (`sync_error`): Linux marks the pages it could
+not write clean, so a later fdatasync returns 0 without writing them, and a read-back finds
+them in the page cache whether or not the disk has them. Nothing after `durable` can be
+shown to be on disk again, so `durable` stays where it was, later checkpoints are never
+witnessed, and the log stays failing until the process starts again (ADR 0027, amendment 3).
+This holds for the last fdatasync of a segment at rollover as for any other.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-SYNC_RETRY_S = 0.25  # after a failed fdatasync, the committer's next try (check() tries too)
+# After a failed fdatasync the committer still syncs what is written, this often: best effort
+# (the kernel's own writeback would do it later), never counted as durable again.
+SYNC_RETRY_S = 0.25
 # Under a flood (a group of at least GATHER_FROM entries), the next fdatasync waits GATHER_S
 # so that it covers more entries: each fdatasync round costs the recording thread CPU (GIL
 # and lock hand-overs). A trickle of entries never waits (PostgreSQL's commit_delay with
@@ -33,9 +41,9 @@ GATHER_S = 0.002
 
 
 class Committer:
-    """Makes one writer's segment durable. `witness(entry)` and `health(ok)` are the log's,
-    called under its `lock`: each checkpoint entry once on disk, and a failed fdatasync (False)
-    or the first success after one (True)."""
+    """Makes one writer's segment durable. `witness(entry)` and `failed(error)` are the log's,
+    called under its `lock`: each checkpoint entry once on disk, and the first failed
+    fdatasync (once: the failure is final)."""
 
     def __init__(
         self,
@@ -45,14 +53,17 @@ class Committer:
         *,
         lock: threading.RLock,
         witness: Callable[[dict[str, Any]], None],
-        health: Callable[[bool], None],
+        failed: Callable[[OSError], None],
     ) -> None:
         self.written = self.durable = seq  # the last seq written / known to be on disk
-        self.sync_error = False  # the last fdatasync failed: what was written may be gone
+        # The first failed fdatasync: what was written after `durable` may be gone, and
+        # `durable` no longer moves. Set under _io, so no later fdatasync can move it first.
+        self.sync_error: OSError | None = None
+        self._reported = False  # `failed` was called
         self._fd = fd
         self._lock = lock
         self._witness = witness
-        self._health = health
+        self._failed = failed
         self._io = threading.Lock()  # held over an fdatasync, and to switch or close the fd
         self._awaiting: deque[dict[str, Any]] = deque()  # checkpoints not yet witnessed
         self._idle = False  # the thread waits for an entry: `written_to` wakes it
@@ -82,19 +93,15 @@ class Committer:
     def switch(self, fd: int) -> None:
         """Continue in the segment `fd` (a rollover); the current one, complete, is synced
         and closed first, and everything written so far counts as on disk if that worked.
-        Called under the log's lock."""
+        If it failed, the segment is closed all the same (it is complete, and its descriptor
+        is of no more use: a second fdatasync would not write the pages the first could
+        not), and the failure is final. Called under the log's lock."""
         target = self.written
         with self._io:
-            try:
-                os.fdatasync(self._fd)
-                synced = True
-            except OSError:  # the segment is complete whatever its last fdatasync says
-                synced = False
+            self._fdatasync(target)
             os.close(self._fd)
             self._fd = fd
-            if synced:
-                self.durable = max(self.durable, target)
-        self._after(synced)
+        self._after()
 
     def close(self) -> None:
         """Stop the thread and close the segment (under the log's lock); `join` after
@@ -126,28 +133,35 @@ class Committer:
 
     def _sync_to(self, target: int) -> bool:
         """fdatasync the segment, which holds every entry up to seq `target` (those of
-        earlier segments were synced by `switch`)."""
+        earlier segments were synced by `switch`); True when they are now durable."""
         with self._io:
             if self._fd < 0:
                 return True
-            try:
-                os.fdatasync(self._fd)
-                synced = True
-            except OSError:
-                synced = False
-            else:
-                # Only under _io: every fdatasync is, so `durable` never goes back.
-                self.durable = max(self.durable, target)
-        if synced and not self.sync_error and not self._awaiting:
+            durable = self._fdatasync(target)
+        if durable and not self._awaiting:
             return True  # the common case: nothing to tell the log, so no lock to take
         with self._lock:
-            self._after(synced)
-        return synced
+            self._after()
+        return durable
 
-    def _after(self, synced: bool) -> None:
-        """Under the log's lock: report a change of health, witness what is on disk."""
-        if synced != (not self.sync_error):
-            self.sync_error = not synced
-            self._health(synced)
+    def _fdatasync(self, target: int) -> bool:
+        """Under _io (every fdatasync is, so `durable` never goes back): sync the segment and
+        move `durable` to `target`, unless this or an earlier fdatasync failed."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            if self.sync_error is None:
+                self.sync_error = e
+            return False
+        if self.sync_error is not None:
+            return False  # written back now, perhaps, but not what the failed one lost
+        self.durable = max(self.durable, target)
+        return True
+
+    def _after(self) -> None:
+        """Under the log's lock: report the failure once, witness what is on disk."""
+        if self.sync_error is not None and not self._reported:
+            self._reported = True
+            self._failed(self.sync_error)
         while self._awaiting and self._awaiting[0]["seq"] <= self.durable:
             self._witness(self._awaiting.popleft())

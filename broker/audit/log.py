@@ -18,7 +18,8 @@ Group commit (ADR 0027): each entry is written to its segment when it is recorde
 the process loses none), and a committer thread (broker.audit.committer) makes everything
 written so far durable with one fdatasync, then the next batch, without waiting in between:
 `durable` is the last seq on disk, `sync()` waits for it, and a checkpoint is witnessed only
-once it is on disk. A failed fdatasync is `failing` too, until one succeeds.
+once it is on disk. A failed fdatasync is `failing` too, and for good: no later fdatasync can
+show that what it covered is on disk (broker.audit.committer), so only a new start clears it.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class AuditLog:
             self._seq,
             lock=self._lock,
             witness=self._witness,
-            health=self._health,
+            failed=self._sync_failed,
         )
         with self._lock:
             if self.chain_break is not None:
@@ -195,6 +196,11 @@ class AuditLog:
     @property
     def head(self) -> tuple[int, str]:
         return self._seq, self._head
+
+    @property
+    def sync_error(self) -> OSError | None:
+        """The fdatasync that failed, if one did: the log is failing until the next start."""
+        return self._committer.sync_error
 
     @property
     def durable(self) -> int:
@@ -319,7 +325,7 @@ class AuditLog:
         with self._lock:
             if self.held_back is not None:
                 self.held_back.flush()  # an interval's summary is due even if nothing new came
-            if self._pending or self._committer.sync_error:
+            if self._pending:
                 self._sync()  # what waited for the disk is written and synced at once
             if self._rollover_due:
                 self._roll_over()
@@ -337,7 +343,7 @@ class AuditLog:
                 return
             if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
                 self.failing = True
-            elif not self._pending and not self._committer.sync_error:
+            elif not self._pending and self._committer.sync_error is None:
                 # Room again and nothing waits: a disk found full while every entry was
                 # written (no later write to clear it) must not stay failing forever.
                 self.failing = False
@@ -405,7 +411,7 @@ class AuditLog:
         except OSError:
             self.failing = True
             return
-        self.failing = self._committer.sync_error
+        self.failing = self._committer.sync_error is not None
         if self._lost is not None:  # writing resumed: say what could not be kept
             lost, self._lost = self._lost, None
             self._append(self._event(DROPPED, "failure", lost.details()))
@@ -427,10 +433,10 @@ class AuditLog:
             except Exception:  # a witness must never stop the writer
                 self.hook_failures += 1
 
-    def _health(self, synced: bool) -> None:
-        """An fdatasync failed (the entries may be gone: failing until one succeeds), or
-        succeeded after one did."""
-        self.failing = bool(self._pending) if synced else True
+    def _sync_failed(self, _: OSError) -> None:
+        """An fdatasync failed: the entries after `durable` may be gone, and failing is for
+        good (the half's AuditMonitor tells the operator what to do)."""
+        self.failing = True
 
     def _expire_segments(self) -> None:
         """Delete the segments retention says must go (broker.audit.retention) and record
@@ -599,15 +605,30 @@ class AuditMonitor:
         self._audit = audit
         self._consequence = consequence
         self.failing = False
+        self._sync_told = False  # the operator was told of a failed fdatasync
         self._warned = False
         self._log = structlog.get_logger("audit")
 
     def check(self) -> bool:
         """True while the audit log cannot be written: nothing may cross meanwhile."""
         self._audit.check()
-        if self._audit.failing != self.failing:
+        sync_error = self._audit.sync_error
+        if self._audit.failing != self.failing or (sync_error and not self._sync_told):
             self.failing = self._audit.failing
-            if self.failing:
+            if sync_error is not None:
+                self._sync_told = True
+                self._log.critical(
+                    "audit_write_failed",
+                    consequence=self._consequence,
+                    error=f"fdatasync: {sync_error.strerror or sync_error}",
+                    durable_seq=self._audit.durable,
+                    action=(
+                        f"entries after seq {self._audit.durable} may not be on disk, and no "
+                        "later fdatasync can show they are: check the audit disk (dmesg), "
+                        "restart dmzbroker, then run `dmzbroker audit verify`"
+                    ),
+                )
+            elif self.failing:
                 self._log.critical(
                     "audit_write_failed",
                     consequence=self._consequence,

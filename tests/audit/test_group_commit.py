@@ -1,6 +1,7 @@
 """Group commit (ADR 0027): entries share fdatasyncs, `durable` says what is on disk, a
-checkpoint is witnessed only once it is, a failed fdatasync fails closed, and a crash of the
-process loses no entry it recorded. The lines are the bytes they were (no format change)."""
+checkpoint is witnessed only once it is, a failed fdatasync fails closed for good, and a crash
+of the process loses no entry it recorded. The lines are the bytes they were (no format
+change)."""
 
 from __future__ import annotations
 
@@ -136,11 +137,12 @@ def test_a_checkpoint_is_witnessed_once_on_disk_in_order(
     assert [seq for seq, _ in seen] == checkpoints[1:]  # all but the start's (set after it)
 
 
-def test_a_failed_fdatasync_fails_closed_until_one_succeeds(
-    tmp_path: Path, key: Ed25519PrivateKey
-) -> None:
-    """A real failure: a pipe put in the segment's place takes the write, but fdatasync on
-    it fails (EINVAL). The entries are then not durable: `failing` closes the data path."""
+def test_a_failed_fdatasync_fails_closed_for_good(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """A real failure: a pipe put in the segment's place takes the writes, but fdatasync on
+    it fails (EINVAL), and what was written meanwhile is lost for real (it went into the
+    pipe). A later fdatasync of the segment succeeds but cannot bring it back, as on Linux
+    after a failed writeback: the log stays failing, `durable` stays before the loss (the old
+    code counted it durable and recovered), and `audit verify` names the break."""
     log = AuditLog(tmp_path, "plant", APPLIANCE, key)
     try:
         record_many(log, 3)
@@ -162,9 +164,13 @@ def test_a_failed_fdatasync_fails_closed_until_one_succeeds(
                 os.close(descriptor)
         record_many(log, 1, start=5)
         log.check()
-        assert not log.failing and log.durable == log.head[0]
+        assert not log.sync()  # its fdatasync succeeded: not enough
+        assert log.failing and log.durable == durable
     finally:
         log.close()
+    report = verify_writer(tmp_path / "plant", key.public_key())
+    assert not report.intact and report.problem is not None, report.verdict
+    assert f"{path.name} line" in report.problem, report.problem
 
 
 _KILLED_CHILD = """
