@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import deque
-from dataclasses import dataclass
+from array import array
 
 from broker.policy.precision import Precision
 from broker.records import WindowStats
@@ -29,67 +28,89 @@ TREND_MAX_GAP = BUCKETS // 4  # in empty buckets
 _EMPTY = WindowStats(mean=None, max=None)
 
 
-@dataclass(slots=True)
-class _Bucket:
-    start: float
-    count: int = 0
-    total: float = 0.0
-    peak: float = -math.inf
-
-
 class _Buckets:
-    """Values kept in BUCKETS time buckets of equal width over the last `seconds`."""
+    """Values kept in BUCKETS time buckets of equal width over the last `seconds`.
+
+    The buckets are columns of plain numbers, oldest first, not an object each: a signal's
+    history costs a few hundred bytes, which at 100,000 signals is the plant half's memory.
+    """
+
+    __slots__ = ("_counts", "_next_start", "_seconds", "_starts", "_totals", "_width")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._width = seconds / BUCKETS
-        self._buckets: deque[_Bucket] = deque()
+        self._starts = array("d")  # each bucket's start
+        self._counts = array("q")  # how many values it holds
+        self._totals = array("d")  # and their sum
         self._next_start = -math.inf  # when the newest bucket is over
 
     def _open(self, t: float) -> float:
         """Open the bucket that holds `t` (callers check `_next_start` first, so that adding
         to the newest bucket costs no call); its start."""
         start = t - t % self._width
-        self._buckets.append(_Bucket(start))
+        self._starts.append(start)
+        self._counts.append(0)
+        self._totals.append(0.0)
         self._next_start = start + self._width
         return start
 
+    def _drop(self, oldest: int) -> None:
+        """Forget the `oldest` buckets."""
+        del self._starts[:oldest], self._counts[:oldest], self._totals[:oldest]
+
     def _expire(self, now: float) -> bool:
         """Drop the buckets wholly before the window ending at `now`; whether any was."""
-        buckets, oldest = self._buckets, now - self._seconds
-        if not buckets or buckets[0].start + self._width > oldest:
+        starts, oldest, width = self._starts, now - self._seconds, self._width
+        if not starts or starts[0] + width > oldest:
             return False
-        while buckets and buckets[0].start + self._width <= oldest:
-            buckets.popleft()
-        if not buckets:  # the next value, however late, opens a bucket of its own
+        gone = 1
+        while gone < len(starts) and starts[gone] + width <= oldest:
+            gone += 1
+        self._drop(gone)
+        if not starts:  # the next value, however late, opens a bucket of its own
             self._next_start = -math.inf
         return True
 
     def changes_at(self) -> float:
         """When the oldest bucket leaves the window (what was derived from it goes stale)."""
-        return self._buckets[0].start + self._width + self._seconds if self._buckets else math.inf
+        return self._starts[0] + self._width + self._seconds if self._starts else math.inf
 
 
 class Window(_Buckets):
     """Mean and max of the values seen in the last `seconds` (to one bucket's precision);
     the mean rounded to `precision`, the max as it was seen."""
 
+    __slots__ = ("_count", "_older_peak", "_peaks", "_round", "_total")
+
     def __init__(self, seconds: float, precision: Precision | None = None) -> None:
         super().__init__(seconds)
+        # Each bucket's largest value as it was seen: an integer stays one (not a column of
+        # floats), so a max reads as the device said it.
+        self._peaks: list[float] = []
         self._round = (precision or Precision()).round
         self._count = 0  # over all buckets: a mean costs no loop
         self._total = 0.0
         self._older_peak: float | None = None  # of all buckets but the newest; None: unknown
 
+    def _open(self, t: float) -> float:
+        self._peaks.append(-math.inf)
+        return super()._open(t)
+
+    def _drop(self, oldest: int) -> None:
+        super()._drop(oldest)
+        del self._peaks[:oldest]
+
     def add(self, t: float, value: float) -> None:
         if t >= self._next_start:
             self._open(t)
             self._older_peak = None
-        bucket = self._buckets[-1]  # a late value counts in the newest bucket
-        bucket.count += 1
-        bucket.total += value
-        if value > bucket.peak:  # noqa: PLR1730 - max() is a call, for every value
-            bucket.peak = value
+        # a late value counts in the newest bucket
+        self._counts[-1] += 1
+        self._totals[-1] += value
+        peaks = self._peaks
+        if value > peaks[-1]:  # noqa: PLR1730 - max() is a call, for every value
+            peaks[-1] = value
         self._count += 1
         self._total += value
 
@@ -98,23 +119,25 @@ class Window(_Buckets):
         None when the values' sum is beyond a float."""
         if self._expire(now):
             # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
-            self._count = sum(b.count for b in self._buckets)
-            self._total = sum(b.total for b in self._buckets)  # inf, not an error, at the limit
+            self._count = sum(self._counts)
+            self._total = sum(self._totals)  # inf, not an error, at the limit
             self._older_peak = None
         if self._count == 0:
             return _EMPTY
+        peaks = self._peaks
         if self._older_peak is None:  # once per bucket, not at every scan
-            older = itertools.islice(self._buckets, len(self._buckets) - 1)
-            self._older_peak = max([b.peak for b in older], default=-math.inf)
+            self._older_peak = max(itertools.islice(peaks, len(peaks) - 1), default=-math.inf)
         mean = self._total / self._count
         return WindowStats(
             mean=self._round(mean) if math.isfinite(mean) else None,
-            max=max(self._older_peak, self._buckets[-1].peak),
+            max=max(self._older_peak, peaks[-1]),
         )
 
 
 class TrendLine(_Buckets):
     """Least-squares slope per hour over the bucket means of the last `seconds`."""
+
+    __slots__ = ("_slope", "generation")
 
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
@@ -126,14 +149,12 @@ class TrendLine(_Buckets):
             self._expire(self._open(t) + self._width)
             self._slope = None
             self.generation += 1
-        bucket = self._buckets[-1]
-        bucket.count += 1
-        bucket.total += value
+        self._counts[-1] += 1
+        self._totals[-1] += value
 
     def level(self) -> float:
         """The mean of the newest bucket (call after slope_per_h() gave a slope)."""
-        newest = self._buckets[-1]
-        return newest.total / newest.count
+        return self._totals[-1] / self._counts[-1]
 
     def slope_per_h(self, now: float) -> float | None:
         """Over the window ending at `now`: a measure that stopped giving good values has
@@ -144,8 +165,8 @@ class TrendLine(_Buckets):
             self._slope = None
             self.generation += 1
         if self._slope is None and self._long_enough():
-            xs = [b.start for b in self._buckets]
-            ys = [b.total / b.count for b in self._buckets]
+            xs = self._starts.tolist()
+            ys = [total / count for total, count in zip(self._totals, self._counts, strict=True)]
             x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
             spread = sum((x - x_mean) ** 2 for x in xs)
             covariance = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys, strict=True))
@@ -154,12 +175,11 @@ class TrendLine(_Buckets):
         return self._slope
 
     def _long_enough(self) -> bool:
-        buckets = self._buckets
-        if len(buckets) < TREND_MIN_BUCKETS:
+        starts = self._starts
+        if len(starts) < TREND_MIN_BUCKETS:
             return False
         width = self._width  # starts are whole widths apart
-        if (buckets[-1].start - buckets[0].start) / width < TREND_MIN_SPAN - 0.5:
+        if (starts[-1] - starts[0]) / width < TREND_MIN_SPAN - 0.5:
             return False
-        starts = [b.start for b in buckets]
         longest = max(later - earlier for earlier, later in itertools.pairwise(starts))
         return longest / width < TREND_MAX_GAP + 1.5  # neighbours are 1 width apart
