@@ -9,8 +9,9 @@ arrives as the shortest decimal of its float32 (`float32_text`, applied by the c
 which alone sees the variant type), so it is published and scaled as a Modbus float32 is.
 Never a float-noise tail, never a rounding that loses what the device said.
 
-Decoders are built once per signal when the policy loads, so the hot path runs one small
-closure per sample. Pure: no I/O, no device access.
+Decoders are built when the policy loads, so the hot path runs one small closure per sample;
+signals decoded alike share one (`decoders_for`), so 100,000 signals of a few kinds cost a few
+closures, not 100,000. Pure: no I/O, no device access.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import decimal
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from decimal import Decimal
 
 from broker.policy import ModbusSource, Signal
@@ -53,6 +54,30 @@ _LARGEST_FLOAT = 1e308
 
 class DecodeError(ValueError):
     """The raw value cannot become a trustworthy value (wrong width, NaN, infinity, type)."""
+
+
+def decoders_for(signals: Iterable[Signal]) -> dict[str, Decoder]:
+    """Each signal's decoder by path, one shared by all the signals decoded alike."""
+    shared: dict[tuple[object, ...], Decoder] = {}
+    decoders = {}
+    for signal in signals:
+        key = _decoding(signal)
+        decoder = shared.get(key)
+        if decoder is None:
+            decoder = shared[key] = decoder_for(signal)
+        decoders[signal.path] = decoder
+    return decoders
+
+
+def _decoding(signal: Signal) -> tuple[object, ...]:
+    """Everything decoder_for reads of a signal. Scale and offset by their repr: -0.0 and
+    0.0 are equal, yet an offset of -0.0 can make a value's sign differ."""
+    source = signal.source
+    scaling = (repr(signal.scale), repr(signal.offset))
+    if not isinstance(source, ModbusSource):
+        return scaling
+    layout = (source.type, source.width, source.word_order, source.byte_order, source.bit)
+    return (*scaling, *layout)
 
 
 def decoder_for(signal: Signal) -> Decoder:

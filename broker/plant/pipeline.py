@@ -18,7 +18,7 @@ import structlog
 
 from broker.plant.connectors.base import RawSample
 from broker.plant.context import ContextEngine
-from broker.plant.decode import DecodeError, decoder_for
+from broker.plant.decode import DecodeError, decoders_for
 from broker.plant.gate import Gate
 from broker.plant.maintenance import MaintenanceBook
 from broker.plant.quality import QualityChecks
@@ -50,11 +50,9 @@ class PlantPipeline:
         self.gate = Gate(policy)
         self.checks = QualityChecks(policy.signals)
         self._context = ContextEngine(policy, maintenance or MaintenanceBook(None))
-        self._decoders = {
-            s.path: decoder_for(s)
-            for s in policy.signals
-            if not isinstance(s.source, DerivedSource)
-        }
+        self._decoders = decoders_for(
+            s for s in policy.signals if not isinstance(s.source, DerivedSource)
+        )
         self._units = {s.path: s.unit for s in policy.signals}
 
     def process(self, samples: Sequence[RawSample]) -> list[Record]:

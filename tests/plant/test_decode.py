@@ -1,4 +1,5 @@
-"""decoder_for: register words → typed values, word order, scale and offset."""
+"""decoder_for: register words → typed values, word order, scale and offset; decoders_for:
+one decoder for the signals decoded alike."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import struct
 import msgspec
 import pytest
 
-from broker.plant.decode import DecodeError, decoder_for
+from broker.plant.decode import DecodeError, decoder_for, decoders_for
 from broker.policy import Signal
 
 FORMATS = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f"}
@@ -382,3 +383,49 @@ def test_an_unscaled_opc_ua_double_is_kept_as_the_server_sent_it() -> None:
 
     assert decode(16.654695510864258) == 16.654695510864258  # a double: not ours to shorten
     assert decode(-7) == -7
+
+
+# Sharing: one decoder for the signals decoded alike, never one that decodes differently
+
+
+def named(path: str, signal_: Signal) -> Signal:
+    return msgspec.structs.replace(signal_, path=path)
+
+
+def test_signals_decoded_alike_share_one_decoder_and_the_others_have_their_own() -> None:
+    decoders = decoders_for(
+        [
+            named("a/int16", signal("int16", scale=0.1)),
+            named("b/int16", signal("int16", scale=0.1)),  # another address, the same decoding
+            named("c/int16", signal("int16", scale=0.2)),
+            named("d/int16", signal("int16", scale=0.1, offset=1.0)),
+            named("e/uint16", signal("uint16", scale=0.1)),
+            named("f/float32", signal("float32", "big")),
+            named("g/float32", signal("float32", "little")),
+            named("h/ua", opcua_signal(scale=0.1)),
+            named("i/ua", opcua_signal(scale=0.1)),
+        ]
+    )
+
+    assert decoders["a/int16"] is decoders["b/int16"]
+    assert decoders["h/ua"] is decoders["i/ua"]
+    distinct = {id(decoders[p]) for p in decoders if p not in ("b/int16", "i/ua")}
+    assert len(distinct) == 7
+    assert (decoders["a/int16"]((267,)), decoders["c/int16"]((267,))) == (26.7, 53.4)
+    assert decoders["e/uint16"]((0xFFFF,)) == 6553.5
+    words = registers("float32", 1.5)
+    assert decoders["f/float32"](words) == 1.5
+    assert decoders["g/float32"](words[::-1]) == 1.5
+
+
+def test_an_offset_of_minus_zero_is_not_taken_for_zero() -> None:
+    decoders = decoders_for(
+        [
+            named("x/plus", signal("float32", scale=2.0, offset=0.0)),
+            named("x/minus", signal("float32", scale=2.0, offset=-0.0)),
+        ]
+    )
+    negative_zero = registers("float32", -0.0)
+
+    assert math.copysign(1, decoders["x/plus"](negative_zero)) == 1
+    assert math.copysign(1, decoders["x/minus"](negative_zero)) == -1
