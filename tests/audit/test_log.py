@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -25,11 +26,12 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from structlog.testing import capture_logs
 
 from broker.audit import log as log_module
 from broker.audit.entry import checkpoint_message
 from broker.audit.epochs import read_chain
-from broker.audit.log import AuditLog
+from broker.audit.log import AuditLog, AuditMonitor
 from broker.audit.verify import verify_writer
 from tests.audit.support import (
     CHECKPOINT_EVENT,
@@ -337,6 +339,40 @@ def test_check_writes_the_kept_entries_in_order_and_clears_failing(
     report = verify_writer(tmp_path / "plant", key.public_key())
     assert report.intact, report
     assert (report.entries, report.checkpoints) == (10, 3)
+
+
+def test_a_failed_fdatasync_is_told_to_the_operator_even_while_failing_for_a_write(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write refused first (the monitor says: free space), then an fdatasync that fails
+    (mocked: a disk cannot fail on demand). That one does not recover while the half runs,
+    so the monitor says so once more, with the last seq known on disk and what to do."""
+    log = open_log(tmp_path, key)
+    monitor = AuditMonitor(log, "nothing crosses until it can be written")
+    try:
+        record_many(log, 3)
+        assert log.sync()
+        path = segments(tmp_path / "plant")[0]
+        fd = refuse_writes(path)
+        record_many(log, 2, start=3)
+
+        def fdatasync(_: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        with capture_logs() as logs:
+            assert monitor.check()
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            accept_writes(path, fd)
+            assert monitor.check() and monitor.check()
+        told = [e for e in logs if e["event"] == "audit_write_failed"]
+        assert [e.get("error") for e in told] == [None, "fdatasync: Input/output error"]
+        assert "free space" in told[0]["action"]
+        assert told[1]["durable_seq"] == log.durable < log.head[0]
+        assert "restart" in told[1]["action"] and "audit verify" in told[1]["action"]
+        assert all(e["event"] != "audit_write_recovered" for e in logs)
+    finally:
+        monkeypatch.undo()
+        log.close()
 
 
 _FILE_SIZE_LIMIT_CHILD = """
