@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
@@ -288,10 +288,11 @@ def _expected(baseline: Baseline, ambient: float, load: float) -> float:
 @dataclass(slots=True)
 class _Observer:
     """Where one signal's values go, worked out once: the names of the assets that read it
-    (its own, or as ambient or load), the load windows it feeds, its own asset's trend."""
+    (its own, or as ambient or load), the load windows it feeds, its own asset's trend.
+    Tuples, the empty one shared: there is one observer per modelled signal."""
 
-    writes: list[tuple[dict[str, Value], str]] = field(default_factory=list)
-    windows: list[Window] = field(default_factory=list)
+    writes: tuple[tuple[dict[str, Value], str], ...]
+    windows: tuple[Window, ...] = ()
     trend: TrendLine | None = None
     asset: str | None = None  # its own asset when modelled: refreshed after the scan
 
@@ -311,19 +312,24 @@ class ContextEngine:
         self._plain = {
             s.path: Context(asset=s.asset) for s in policy.signals if s.asset not in self._assets
         }
-        self._observers: dict[str, _Observer] = {}
+        writes: dict[str, list[tuple[dict[str, Value], str]]] = {}
+        windows: dict[str, tuple[Window, ...]] = {}
+        own: dict[str, tuple[TrendLine, str]] = {}
         for runtime in self._assets.values():
             model = runtime.model
             for name, path in model.inputs.items():  # its own measures, ambient, load
-                observer = self._observers.setdefault(path, _Observer())
-                observer.writes.append((runtime.names, name))
+                writes.setdefault(path, []).append((runtime.names, name))
                 if name == "load":
-                    observer.windows.extend(runtime.load_windows.values())
+                    windows[path] = (*windows.get(path, ()), *runtime.load_windows.values())
             for measure, signal in model.signals.items():
-                observer = self._observers.setdefault(signal.path, _Observer())
+                observed = writes.setdefault(signal.path, [])
                 if model.inputs.get(measure) != signal.path:  # derived: not an input
-                    observer.writes.append((runtime.names, measure))
-                observer.trend, observer.asset = runtime.trends[measure], model.path
+                    observed.append((runtime.names, measure))
+                own[signal.path] = runtime.trends[measure], model.path
+        self._observers = {
+            path: _Observer(tuple(written), windows.get(path, ()), *own.get(path, (None, None)))
+            for path, written in writes.items()
+        }
         self._own = {
             signal.path: (runtime, measure)
             for runtime in self._assets.values()

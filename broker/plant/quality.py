@@ -63,7 +63,10 @@ class _SignalChecks:
         self.previous: float | None = None
         self.previous_s = 0.0
         self.unchanged_since_s = 0.0
-        self.changes: deque[float] = deque(maxlen=NOISE_SAMPLES)
+        # the last changes, for the noise check alone: most signals have none to keep
+        self.changes: deque[float] | None = (
+            None if self.max_noise is None else deque(maxlen=NOISE_SAMPLES)
+        )
 
     def check(self, value: float, t: float) -> list[QualityIssue]:
         issues: list[QualityIssue] = []
@@ -105,10 +108,12 @@ class _SignalChecks:
                     f"(limit {self.flatline})",
                 )
             )
-        self.changes.append(change)
-        noise = self.max_noise
-        if noise is not None and len(self.changes) == NOISE_SAMPLES:
-            spread = statistics.pstdev(self.changes)
+        changes, noise = self.changes, self.max_noise
+        if changes is None or noise is None:
+            return
+        changes.append(change)
+        if len(changes) == NOISE_SAMPLES:
+            spread = statistics.pstdev(changes)
             if spread > noise:
                 issues.append(
                     QualityIssue(
