@@ -26,6 +26,12 @@
    source_time (both processes read the same wall clock).
    Target: p99 <= 50 ms, with no event missing.
 
+3. Memory (`--memory`, instead of 1 and 2). This process's RSS after the policy of
+   `--signals` is parsed, after the plant pipeline is built, and after it is warmed with a
+   day of history as in 1 (the steady state of a half that has run for a day); with
+   `--trace-memory` also the memory tracemalloc traces to each module during build and
+   warm-up (slower, and the RSS then includes the tracer's own).
+
 Run from the repository root: `make bench`, or `.venv/bin/python bench/pipeline.py --help`.
 The spool is fsynced, so the temporary directory (--tmpdir) should be on a real disk.
 Exits 0 whether or not the targets are met (PASS/FAIL is printed); non-zero only on a crash.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -47,6 +54,7 @@ import struct
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -234,18 +242,21 @@ class Rate:
 
 
 def warmed(policy: Policy, batches: Sequence[list[RawSample]]) -> PlantPipeline:
-    """A pipeline with every history filled as a broker that has run for a day would have
-    them, before the first of `batches`: scans over the 25 h before it, every 45 min (each
-    bucket of the 24 h load windows) then every 2 min for the last hour (each bucket of the
-    1 h trend lines), so trends are computed and carried, and window maxima span all their
-    buckets."""
-    before = batches[0][0].source_time
+    """A pipeline with every history filled (see `warm`) before the first of `batches`."""
+    pipeline = PlantPipeline(policy)
+    warm(pipeline, policy, batches[0][0].source_time)
+    return pipeline
+
+
+def warm(pipeline: PlantPipeline, policy: Policy, before: datetime) -> None:
+    """Fills every history of `pipeline` as a broker that has run for a day would have them
+    before `before`: scans over the 25 h before it, every 45 min (each bucket of the 24 h load
+    windows) then every 2 min for the last hour (each bucket of the 1 h trend lines), so
+    trends are computed and carried, and window maxima span all their buckets."""
     day = [before - timedelta(hours=25) + i * timedelta(minutes=45) for i in range(32)]
     hour = [before - timedelta(hours=1) + i * timedelta(minutes=2) for i in range(30)]
-    pipeline = PlantPipeline(policy)
     for scan in full_scans(policy, day + hour):
         pipeline.process(scan)
-    return pipeline
 
 
 @dataclass(frozen=True)
@@ -597,6 +608,67 @@ async def measure_latency(args: argparse.Namespace, setup: LatencySetup) -> Late
     return summarize(scans, consumer.events, args)
 
 
+# --- memory --------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, MB (Linux's /proc)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_mb: dict[str, float]  # stage → RSS after it
+    warm_cpu_s: float  # the warm-up's CPU seconds
+    traced_mb: dict[str, float]  # module → MB traced to it (with --trace-memory)
+
+
+def measure_memory(args: argparse.Namespace) -> Memory:
+    """RSS after each stage of bringing up the plant pipeline, garbage collected first."""
+    rss = {"interpreter and imports": rss_mb()}
+    policy = make_policy(args.signals, args.devices, args.model)
+    gc.collect()
+    rss["policy parsed"] = rss_mb()
+    if args.trace_memory:
+        tracemalloc.start()
+    before = datetime.now(UTC)
+    pipeline = PlantPipeline(policy)
+    gc.collect()
+    rss["pipeline built"] = rss_mb()
+    start = time.process_time()
+    warm(pipeline, policy, before)
+    warm_cpu_s = time.process_time() - start
+    gc.collect()
+    rss["warmed with a day of history"] = rss_mb()
+    traced: dict[str, float] = {}
+    if args.trace_memory:
+        snapshot = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        root = str(Path(__file__).resolve().parents[1]) + os.sep
+        for stat in snapshot.statistics("filename")[:12]:
+            name = stat.traceback[0].filename.removeprefix(root)
+            traced[name] = stat.size / 1e6
+    return Memory(rss, warm_cpu_s, traced)
+
+
+def print_memory(args: argparse.Namespace, memory: Memory) -> None:
+    model = "with" if args.model else "without"
+    print(
+        f"Plant half's memory: {args.signals:,} signals on {args.devices} devices, {model} "
+        f"a semantic model (warm-up: {memory.warm_cpu_s:.1f} CPU s)"
+    )
+    for stage, mb in memory.rss_mb.items():
+        print(f"  RSS {stage:<32}{mb:>8,.0f} MB")
+    if memory.traced_mb:
+        print("  traced during build and warm-up, by module (the RSS above includes the tracer)")
+        for name, mb in memory.traced_mb.items():
+            print(f"    {name:<54}{mb:>8,.1f} MB")
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -715,17 +787,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2, help="latency: seconds not measured")
     parser.add_argument("--tmpdir", type=Path, help="where the temporary files go")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="measure the plant pipeline's memory (RSS) instead of throughput and latency",
+    )
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="with --memory: also the memory traced to each module (slower)",
+    )
     args = parser.parse_args()
     if min(args.signals, args.devices, args.batches) < 1:
         parser.error("--signals, --devices and --batches must be at least 1")
     if min(args.rate, args.interval_ms, args.duration) <= 0 or args.warmup < 0:
         parser.error("--rate, --interval-ms and --duration must be positive")
+    if args.trace_memory and not args.memory:
+        parser.error("--trace-memory goes with --memory")
     return args
 
 
 def main() -> int:
     args = parse_args()
     logs.configure("auto", "bench")  # any log line of the broker goes to stderr
+    if args.memory:
+        memory = measure_memory(args)
+        if args.json:
+            print(json.dumps(dataclasses.asdict(memory), indent=2))
+        else:
+            print_memory(args, memory)
+        return 0
     with tempfile.TemporaryDirectory(prefix="dmzbroker-bench-", dir=args.tmpdir) as tmp:
         workdir = Path(tmp)
         throughput, cpu = measure_throughput(args, workdir / "throughput")
