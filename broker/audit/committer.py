@@ -41,7 +41,7 @@ GATHER_S = 0.002
 
 
 class Committer:
-    """Makes one writer's segment durable. `witness(entry)` and `failed(error)` are the log's,
+    """Makes one writer's segment durable. `witness(entry)` and `failed()` are the log's,
     called under its `lock`: each checkpoint entry once on disk, and the first failed
     fdatasync (once: the failure is final)."""
 
@@ -53,7 +53,7 @@ class Committer:
         *,
         lock: threading.RLock,
         witness: Callable[[dict[str, Any]], None],
-        failed: Callable[[OSError], None],
+        failed: Callable[[], None],
     ) -> None:
         self.written = self.durable = seq  # the last seq written / known to be on disk
         # The first failed fdatasync: what was written after `durable` may be gone, and
@@ -162,6 +162,6 @@ class Committer:
         """Under the log's lock: report the failure once, witness what is on disk."""
         if self.sync_error is not None and not self._reported:
             self._reported = True
-            self._failed(self.sync_error)
+            self._failed()
         while self._awaiting and self._awaiting[0]["seq"] <= self.durable:
             self._witness(self._awaiting.popleft())

@@ -433,7 +433,7 @@ class AuditLog:
             except Exception:  # a witness must never stop the writer
                 self.hook_failures += 1
 
-    def _sync_failed(self, _: OSError) -> None:
+    def _sync_failed(self) -> None:
         """An fdatasync failed: the entries after `durable` may be gone, and failing is for
         good (the half's AuditMonitor tells the operator what to do)."""
         self.failing = True
@@ -613,7 +613,7 @@ class AuditMonitor:
         """True while the audit log cannot be written: nothing may cross meanwhile."""
         self._audit.check()
         sync_error = self._audit.sync_error
-        if self._audit.failing != self.failing or (sync_error and not self._sync_told):
+        if self._audit.failing != self.failing or (sync_error is not None and not self._sync_told):
             self.failing = self._audit.failing
             if sync_error is not None:
                 self._sync_told = True
