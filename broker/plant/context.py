@@ -77,13 +77,13 @@ class _AssetRuntime:
     ) -> None:
         asset = model.asset
         self.model = model
-        self._precision = {m: precisions[s.path] for m, s in model.signals.items()}
+        precision = {m: precisions[s.path] for m, s in model.signals.items()}
         # A slope to one decimal finer than a change of the values' last digit over the window.
         window_h = duration_s(asset.trend_window) / 3600
         finer = 1 + math.ceil(math.log10(window_h))
-        self._slope_precision = {m: p.finer(finer) for m, p in self._precision.items()}
+        self._slope_precision = {m: p.finer(finer) for m, p in precision.items()}
         self._expected_precision = {
-            m: expected_precision(self._precision[m], [v for row in baseline.expected for v in row])
+            m: expected_precision(precision[m], [v for row in baseline.expected for v in row])
             for m, baseline in model.baselines.items()
         }
         self._derived = [
