@@ -17,6 +17,7 @@ from broker.commands.outputs import out_file
 from broker.errors import TrustError
 from broker.policy import envelope as envelopes
 from broker.policy import parse, report, trustroot, verify
+from broker.policy.collection import paused_throughout
 from broker.policy.envelope import Envelope
 from broker.policy.verify import OwnerKey
 from broker.trust import keys
@@ -68,6 +69,7 @@ def add_to(commands: Any) -> None:
     check.set_defaults(handler=_verify)
 
 
+@paused_throughout
 def _compile(args: argparse.Namespace) -> int:
     out = args.out or args.source.with_name(args.source.stem + ".dsse.json")
     compiled = parse.load(args.source)
@@ -146,6 +148,7 @@ def add_signature(
     return key
 
 
+@paused_throughout
 def _verify(args: argparse.Namespace) -> int:
     trust = trustroot.load(args.trust)
     envelope = envelopes.read(args.envelope)

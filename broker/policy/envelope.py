@@ -56,8 +56,26 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 def compile_policy(policy: Policy) -> Envelope:
     """An unsigned envelope holding the policy as canonical JSON."""
     with collection_paused():
-        canonical = canonical_json(msgspec.to_builtins(policy))
+        canonical = canonical_policy(policy)
     return Envelope(PAYLOAD_TYPE, base64.b64encode(canonical).decode(), [])
+
+
+def canonical_policy(policy: Policy) -> bytes:
+    """`canonical_json` of the policy's plain data, the same bytes in half the time (a policy
+    of 100,000 signals is 3 million values, which `_prepared` visits one by one in Python).
+
+    msgspec writes the policy with every object's keys sorted, in C; reading that back hands
+    only the floats to Python, each formatted by `_number` as `canonical_json` formats it (a
+    float is written in the shortest digits that read back as the same float, so `_number`
+    sees the policy's own values); written again, the rest comes out as `canonical_json`
+    writes it. This leaves out only canonical_json's refusals of what JSON cannot hold, which
+    the policy's schema refuses first: every number a policy holds is finite, and every
+    integer within 2**53 (tests/policy/test_canonical.py walks the schema to keep it so).
+    Keys with text of U+E000-U+FFFF, which UTF-16 order sorts apart: `canonical_json`."""
+    encoded = msgspec.json.encode(policy, order="sorted")
+    if b"\xee" in encoded or b"\xef" in encoded:
+        return canonical_json(msgspec.to_builtins(policy))
+    return msgspec.json.encode(_FLOATS_PREPARED.decode(encoded))
 
 
 def canonical_json(value: Any) -> bytes:
@@ -95,6 +113,9 @@ def _number(value: Any) -> Any:
         elif 1e-4 <= abs(value) < 1e16:
             return value  # shortest digits, no exponent: written alike by both
     return msgspec.Raw(rfc8785.dumps(value))  # or refused by rfc8785 (NaN, 2**60)
+
+
+_FLOATS_PREPARED = msgspec.json.Decoder(float_hook=lambda text: _number(float(text)))
 
 
 def _utf16(key: str) -> bytes:

@@ -7,6 +7,7 @@ of the policy (devices: `device_schema`; sources, the semantic model, access: `s
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -27,3 +28,11 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
 def check_name(field: str, value: str, pattern: re.Pattern[str], shape: str) -> None:
     if not pattern.fullmatch(value):
         raise ValueError(f"{field} {value!r}: must be {shape} of {SPELLING}")
+
+
+def check_finite(field: str, *values: float) -> None:
+    """A number of the policy is finite: JSON, the signed form, holds no other (YAML's `.inf`
+    and `.nan` do), and a bound of infinity means no bound at all."""
+    for value in values:
+        if not math.isfinite(value):
+            raise ValueError(f"{field}: must be a finite number, not {value}")

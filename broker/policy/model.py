@@ -60,14 +60,16 @@ class SemanticModel:
         self.precisions = Precisions(self._signals, lambda s: self.assets[s.asset].inputs)
         self.assets: dict[str, AssetModel] = {}
         declared = {a.path: (i, a) for i, a in enumerate(policy.assets)}
-        for signal in policy.signals:
-            if signal.asset not in self.assets:
-                _, asset = declared.get(signal.asset, (None, Asset(path=signal.asset)))
-                self.assets[signal.asset] = AssetModel(asset)
-            model = self.assets[signal.asset]
-            model.signals[signal.measure] = signal
+        for signal in policy.signals:  # 100,000 at a site: each path split once
+            asset_path, _, measure = signal.path.rpartition("/")
+            model = self.assets.get(asset_path)
+            if model is None:
+                found = declared.get(asset_path)
+                model = AssetModel(found[1] if found else Asset(path=asset_path))
+                self.assets[asset_path] = model
+            model.signals[measure] = signal
             if not isinstance(signal.source, DerivedSource):
-                model.inputs[signal.measure] = signal.path
+                model.inputs[measure] = signal.path
         for path, (i, asset) in declared.items():
             model = self.assets.setdefault(path, AssetModel(asset))
             self._compile_asset(f"assets[{i}]", model)

@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from broker.policy.device_schema import Device
-from broker.policy.fields import NAME, SEGMENT, SPELLING, Strict, check_name
+from broker.policy.fields import NAME, SEGMENT, SPELLING, Strict, check_finite, check_name
 
 _ASSET_PATH = re.compile(f"{SEGMENT}(/{SEGMENT}){{0,6}}")
 _SIGNAL_PATH = re.compile(f"{SEGMENT}(/{SEGMENT}){{1,7}}")  # an asset path + the measure
@@ -112,6 +112,7 @@ class Deadband(Strict, frozen=True):
     value: Annotated[float, Meta(ge=0)]
 
     def __post_init__(self) -> None:
+        check_finite("value", self.value)
         if self.kind == "percent" and self.value > 100:
             raise ValueError("a percent deadband is at most 100")
 
@@ -287,6 +288,9 @@ class Checks(Strict, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.flatline is not None:
             duration_s(self.flatline)
+        for name, limit in (("max_rate_per_s", self.max_rate_per_s), ("max_noise", self.max_noise)):
+            if limit is not None:
+                check_finite(name, limit)
 
 
 class Signal(Strict, frozen=True, kw_only=True):
@@ -374,6 +378,12 @@ class Baseline(Strict, frozen=True, kw_only=True):
     below_expected_pct: float | msgspec.UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
+        check_finite("ambient_points", *self.ambient_points)
+        check_finite("load_points", *self.load_points)
+        for row in self.expected:
+            check_finite("expected", *row)
+        check_finite("drifting_pct", self.drifting_pct)
+        check_finite("abnormal_pct", self.abnormal_pct)
         for name, points in (
             ("ambient_points", self.ambient_points),
             ("load_points", self.load_points),
