@@ -57,8 +57,9 @@ class SemanticModel:
     def __init__(self, policy: Policy) -> None:
         self.problems: list[str] = []
         self._signals = {s.path: s for s in policy.signals}
-        self.precisions = Precisions(self._signals, lambda s: self.assets[s.asset].inputs)
         self.assets: dict[str, AssetModel] = {}
+        assets = self.assets  # not `self`: a model that refers to itself waits for a collection
+        self.precisions = Precisions(self._signals, lambda s: assets[s.asset].inputs)
         declared = {a.path: (i, a) for i, a in enumerate(policy.assets)}
         for signal in policy.signals:  # 100,000 at a site: each path split once
             asset_path, _, measure = signal.path.rpartition("/")
