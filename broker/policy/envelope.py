@@ -71,7 +71,8 @@ def canonical_policy(policy: Policy) -> bytes:
     writes it. This leaves out only canonical_json's refusals of what JSON cannot hold, which
     the policy's schema refuses first: every number a policy holds is finite, and every
     integer within 2**53 (tests/policy/test_canonical.py walks the schema to keep it so).
-    Keys with text of U+E000-U+FFFF, which UTF-16 order sorts apart: `canonical_json`."""
+    A policy with text of U+E000-U+FFFF, where UTF-16 order may sort keys apart, is written
+    by `canonical_json`."""
     encoded = msgspec.json.encode(policy, order="sorted")
     if b"\xee" in encoded or b"\xef" in encoded:
         return canonical_json(msgspec.to_builtins(policy))
@@ -115,7 +116,14 @@ def _number(value: Any) -> Any:
     return msgspec.Raw(rfc8785.dumps(value))  # or refused by rfc8785 (NaN, 2**60)
 
 
-_FLOATS_PREPARED = msgspec.json.Decoder(float_hook=lambda text: _number(float(text)))
+@functools.lru_cache(maxsize=4096)
+def _float_written(text: str) -> Any:
+    """`_number` of a float as msgspec wrote it; a policy repeats a few (scale 1.0, offset 0.0)
+    hundreds of thousands of times."""
+    return _number(float(text))
+
+
+_FLOATS_PREPARED = msgspec.json.Decoder(float_hook=_float_written)
 
 
 def _utf16(key: str) -> bytes:
