@@ -125,7 +125,9 @@ async def measure(workdir: Path, args: argparse.Namespace) -> tuple[float, float
                         await asyncio.sleep(0.01)
                     reader.cancel()
                     used = [b - a for a, b in zip(cpu, _cpu(process.pid, mosquitto), strict=True)]
-                    print(f"CPU s: enterprise half {used[0]:.1f}, Mosquitto {used[1]:.1f}")
+                    print(f"CPU s: enterprise half {used[0]:.2f} ({used[0] / total * 1e6:.1f} µs "
+                          f"a record), Mosquitto {used[1]:.2f}; the half's peak RSS "
+                          f"{_peak_rss_mb(process.pid):.0f} MB", flush=True)  # fmt: skip
         if sse_s is None or mqtt_s is None:
             print(log.read_text()[-3000:], file=sys.stderr)
             raise RuntimeError(
@@ -141,6 +143,14 @@ async def measure(workdir: Path, args: argparse.Namespace) -> tuple[float, float
 def _cpu(pid: int, mosquitto: subprocess.Popen[bytes] | None) -> list[float]:
     procs = [psutil.Process(pid)] + ([psutil.Process(mosquitto.pid)] if mosquitto else [])
     return [sum(p.cpu_times()[:2]) for p in procs] + [0.0] * (2 - len(procs))
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's resident set at its highest so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
 def _state_dir(config: Path) -> Path:

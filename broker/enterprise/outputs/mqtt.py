@@ -54,10 +54,17 @@ from broker.policy import Policy
 from broker.records import Record, to_json
 from broker.trust import tls
 
-BATCH = 2000
+# Records a round reads at most. A caught-up sink reads what is there and sends it at once; one
+# that is behind takes several scans in a round, so an asset's message carries up to
+# RECORDS_PER_MESSAGE records and each record pays a smaller share of a message's cost (ADR
+# 0007's amendment). Bounded for memory (about 1.5 KB a record while its round is in hand:
+# the decoded record and its JSON) and below MQTT's 65,535 packet ids (a message per record
+# at worst, every one in flight).
+BATCH = 50_000
+YIELD_BYTES = 1 << 20  # published in a row before paho's writer gets the loop
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
 IDLE_S = 0.05  # how often it looks again while held back, or where the spool is not watched
-PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but does not acknowledge
+PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but acknowledges nothing this long
 KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within twice this
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # a refused connection costs the broker one SYN: retrying often is cheap,
@@ -169,7 +176,10 @@ class MqttSink:
                     tls_context=self._context,
                     timeout=PUBLISH_TIMEOUT_S,
                     keepalive=KEEPALIVE_S,
-                    max_inflight_messages=BATCH,  # a batch's publishes go out together
+                    # No limit: a round's publishes go out together, and BATCH bounds them.
+                    # With a limit, paho rescans every unacknowledged message at each PUBACK
+                    # (Client._update_inflight): quadratic in a round's messages.
+                    max_inflight_messages=0,
                 ) as client:
                     connected_at = time.monotonic()
                     if not announced:
@@ -236,14 +246,14 @@ class MqttSink:
                 await watch.wait()  # the spool grew, or IDLE_S where it is not watched
                 continue
             view = self._authz.view(self._config.identity)
-            allowed = [r for r in records if r.signal in view]
-            await acks.published(
-                (f"{prefix}/{asset}", to_json(message)) for asset, message in by_asset(allowed)
-            )
+            groups = by_asset(r for r in records if r.signal in view)
+            records.clear()  # the groups hold the records now, each freed once it is encoded
+            allowed = sum(map(len, groups.values()))
+            await acks.published(messages(prefix, groups))
             # Acknowledged: the position moves past the batch. Its fsync in a worker thread
             # leaves the loop to the other outputs meanwhile.
             await asyncio.to_thread(receiver.commit)
-            self._delivered(receiver, len(allowed))
+            self._delivered(receiver, allowed)
 
     def _held(self) -> bool:
         """Nothing new crosses while the audit log cannot be written or the policy expired
@@ -297,10 +307,13 @@ class _Acknowledgements:
         self._paho.on_publish = self._acknowledged
         self._waiting: set[int] = set()
         self._all: asyncio.Future[None] | None = None
+        self._last_acknowledged = 0.0  # time.monotonic() of the round's latest PUBACK
 
     async def published(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Publish each (topic, payload), retained, and return once every one is
-        acknowledged; MqttError if one cannot be sent or PUBLISH_TIMEOUT_S passes first."""
+        acknowledged; MqttError if one cannot be sent or PUBLISH_TIMEOUT_S passes without an
+        acknowledgement (a long round on a loaded machine is not a broker that stopped)."""
+        queued = 0  # payload bytes published since the loop last ran
         for topic, payload in messages:
             info = self._paho.publish(topic, payload, qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # before the watch noticed it
@@ -308,14 +321,22 @@ class _Acknowledgements:
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             self._waiting.add(info.mid)  # its PUBACK is read on this loop, after this call
+            queued += len(payload)
+            if queued >= YIELD_BYTES:
+                # paho writes on the loop's writer callback: until it runs, each message is
+                # held twice (its payload, its packet). PUBACKs read meanwhile are counted.
+                queued = 0
+                await asyncio.sleep(0)
         if not self._waiting:
             return
         self._all = asyncio.get_running_loop().create_future()
+        self._last_acknowledged = time.monotonic()
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                await self._all
-        except TimeoutError:
-            raise aiomqtt.MqttError("Operation timed out") from None
+            while not self._all.done():
+                silent_s = time.monotonic() - self._last_acknowledged
+                if silent_s >= PUBLISH_TIMEOUT_S:
+                    raise aiomqtt.MqttError("Operation timed out")
+                await asyncio.wait((self._all,), timeout=PUBLISH_TIMEOUT_S - silent_s)
         finally:
             self._waiting.clear()
             self._all = None
@@ -324,6 +345,7 @@ class _Acknowledgements:
         self, _client: object, _userdata: object, mid: int, _reason: object, _props: object
     ) -> None:
         self._waiting.discard(mid)
+        self._last_acknowledged = time.monotonic()
         if not self._waiting and self._all is not None and not self._all.done():
             self._all.set_result(None)
 
@@ -343,11 +365,20 @@ def _since(start: float) -> float:
     return round(time.monotonic() - start, 1)
 
 
-def by_asset(records: list[Record]) -> Iterator[tuple[str, list[Record]]]:
-    """The records grouped per asset path, each group in order and cut into messages."""
+def by_asset(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """The records grouped per asset path, each group in order."""
     groups: defaultdict[str, list[Record]] = defaultdict(list)
     for record in records:
         groups[record.signal.rpartition("/")[0]].append(record)
-    for asset, group in groups.items():
+    return groups
+
+
+def messages(prefix: str, groups: dict[str, list[Record]]) -> Iterator[tuple[str, bytes]]:
+    """Each group's (topic, payload) messages of up to RECORDS_PER_MESSAGE records, in order.
+    A group is taken out of `groups` as it is encoded: a round of many records never holds
+    all of them decoded and all of their JSON at once."""
+    for asset in list(groups):
+        group = groups.pop(asset)
+        topic = f"{prefix}/{asset}"
         for start in range(0, len(group), RECORDS_PER_MESSAGE):
-            yield asset, group[start : start + RECORDS_PER_MESSAGE]
+            yield topic, to_json(group[start : start + RECORDS_PER_MESSAGE])
