@@ -136,6 +136,7 @@ class Subscriber:
     port: int
     pki: Path
     received: list[tuple[str, int]] = field(default_factory=list)  # (topic, seq) as they came
+    messages: list[tuple[str, list[int]]] = field(default_factory=list)  # (topic, its seqs)
     subscribed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -160,9 +161,10 @@ class Subscriber:
                     self.subscribed.set()
                     async for message in client.messages:
                         if not message.retain:  # retained copies are old news, re-sent on subscribe
-                            self.received.extend(
-                                (str(message.topic), r["seq"]) for r in json.loads(message.payload)
-                            )
+                            topic = str(message.topic)
+                            seqs = [r["seq"] for r in json.loads(message.payload)]
+                            self.messages.append((topic, seqs))
+                            self.received.extend((topic, seq) for seq in seqs)
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.2)
 
@@ -450,3 +452,98 @@ def spool_last_seq(deployment: Deployment) -> int:
             return last
         last = batch[-1].seq
     return last
+
+
+async def retained(mosquitto: Mosquitto, topics: int) -> dict[str, list[int]]:
+    """The seqs of each topic's retained message, as a new subscriber is sent them."""
+    pki = mosquitto.pki
+    context = tls.client_context(pki / "ca.crt", pki / "subscriber.crt", pki / "subscriber.key")
+    found: dict[str, list[int]] = {}
+    async with aiomqtt.Client(
+        "localhost", mosquitto.port, identifier="test-retained", tls_context=context, timeout=5,
+        protocol=aiomqtt.ProtocolVersion(MQTTProtocolVersion.MQTTv5),
+    ) as client:  # fmt: skip
+        await client.subscribe("dmzbroker/#", qos=1)
+        async with asyncio.timeout(30):
+            async for message in client.messages:
+                assert message.retain  # nothing new is published meanwhile
+                found[str(message.topic)] = [r["seq"] for r in json.loads(message.payload)]
+                if len(found) == topics:
+                    return found
+    raise AssertionError("unreachable: the iterator ends only by raising")
+
+
+async def test_a_sink_behind_puts_several_scans_in_a_message_and_once_caught_up_sends_each_scan(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """120 scans wait in the spool when the sink starts: each asset's records go out in
+    messages of 100 (many scans each), in spool order. Then, caught up, a new scan goes out
+    at once as one message per asset; the retained message is each asset's newest."""
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    authz = Authorization(policy.load(DEMO_POLICY))
+    signals = sorted(authz.view(CONSUMER_URI))
+    assets = {signal.rpartition("/")[0] for signal in signals}
+    sender = SpoolSender(spool, 1 << 20, 64 << 20)
+    for scan in range(120):
+        sender.send([record(signal, float(scan), 0) for signal in signals])
+    backlog = sender.next_seq - 1
+    sink = MqttSink(sink_config(mosquitto, "localhost"), spool, state, authz)
+    subscriber = Subscriber(mosquitto.port, mosquitto.pki)
+    try:
+        async with listening(subscriber), running(sink.run()):
+            await eventually(lambda: set(range(1, backlog + 1)) <= subscriber.seqs, timeout=30)
+            caught_up = len(subscriber.messages)
+            sender.send([record(signal, 120.0, 0) for signal in signals])
+            scan = set(range(backlog + 1, sender.next_seq))
+            await eventually(lambda: scan <= subscriber.seqs, timeout=30)
+            await eventually(lambda: acknowledged(state) == sender.next_seq - 1, timeout=30)
+        newest = await retained(mosquitto, len(assets))
+    finally:
+        sender.close()
+    assert in_order_per_topic(subscriber.received)
+    first = subscriber.messages[:caught_up]
+    assert {topic for topic, _ in first} == {f"dmzbroker/{asset}" for asset in assets}
+    for topic in {topic for topic, _ in first}:
+        sizes = [len(seqs) for t, seqs in first if t == topic]
+        per_scan = sum(
+            signal.startswith(topic.removeprefix("dmzbroker/") + "/") for signal in signals
+        )
+        assert sum(sizes) == 120 * per_scan  # each record once: no outage, nothing repeated
+        assert sizes[:-1] == [100] * (len(sizes) - 1)  # full messages of many scans
+    # Caught up, the new scan: one message per asset, holding just that asset's records.
+    last = subscriber.messages[caught_up:]
+    assert sorted(seq for _, seqs in last for seq in seqs) == sorted(scan)
+    assert len(last) == len(assets) == len({topic for topic, _ in last})
+    assert newest == dict(last)
+
+
+async def test_a_broker_that_stops_acknowledging_ends_the_session_after_the_publish_timeout(
+    tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mosquitto hangs (SIGSTOP) with the connection open: the timeout counts from the last
+    acknowledgement, so it still ends the session when none comes; resumed, it gets all."""
+    monkeypatch.setattr(mqtt, "PUBLISH_TIMEOUT_S", 2.0)
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    sender = SpoolSender(spool, 1 << 20, 64 << 20)
+    sink = MqttSink(
+        sink_config(mosquitto, "localhost"), spool, state, Authorization(policy.load(DEMO_POLICY))
+    )
+    assert mosquitto.process is not None
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink.run(), plant(sender)):
+                await eventually(lambda: acknowledged(state) > 100, timeout=20)
+                mosquitto.process.send_signal(signal.SIGSTOP)
+                try:
+                    await eventually(
+                        lambda: any(e["event"] == "mqtt_unreachable" for e in logs), timeout=30
+                    )
+                finally:
+                    mosquitto.process.send_signal(signal.SIGCONT)
+                target = sender.next_seq - 1
+                await eventually(lambda: acknowledged(state) >= target, timeout=60)
+    finally:
+        sender.close()
+    lost = next(e for e in logs if e["event"] == "mqtt_unreachable")
+    assert lost["error"] == "Operation timed out"  # not the connection: it stayed open
+    assert [e["event"] for e in logs].count("mqtt_connected") == 2
