@@ -254,6 +254,7 @@ class Figure:
     seconds: float  # wall clock of the window
     cpu_s: float  # the process's user + system CPU over it
     done: dict[str, int]  # what it did in the window (points, requests, messages, records)
+    peer_cpu_s: float = 0.0  # the CPU of the process it talks to (Mosquitto), if watched
 
     def share(self) -> float:
         """% of one core."""
@@ -273,22 +274,32 @@ def cpu_now() -> float:
 
 
 async def paced(
-    interval: float, warmup: float, seconds: float, step: Callable[[Counter[str]], Awaitable[None]]
+    interval: float,
+    warmup: float,
+    seconds: float,
+    step: Callable[[Counter[str]], Awaitable[None]],
+    peer: int | None = None,
 ) -> Figure:
     """`step` every `interval` (at once again if it fell behind), counted over `seconds`
-    after `warmup`."""
+    after `warmup`; with `peer`, that process's CPU over the same window too."""
     loop = asyncio.get_running_loop()
+    watched = psutil.Process(peer) if peer is not None else None
+
+    def peer_cpu() -> float:
+        return 0.0 if watched is None else sum(watched.cpu_times()[:2])
+
     done: Counter[str] = Counter()
     started = next_at = loop.time()
-    window: tuple[float, float, Counter[str]] | None = None
+    window: tuple[float, float, float, Counter[str]] | None = None
     while True:
         now = loop.time()
         if window is None and now - started >= warmup:
-            window = now, cpu_now(), done.copy()
+            window = now, cpu_now(), peer_cpu(), done.copy()
         if window is not None and now - window[0] >= seconds:
             in_window = done.copy()
-            in_window.subtract(window[2])
-            return Figure(now - window[0], cpu_now() - window[1], dict(in_window))
+            in_window.subtract(window[3])
+            return Figure(now - window[0], cpu_now() - window[1], dict(in_window),
+                          peer_cpu() - window[2])  # fmt: skip
         await step(done)
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -367,10 +378,12 @@ class TlsFiles:
         return tls.client_context(self.ca, self.cert, self.key)
 
 
-async def mqtt_publisher(port: int, files: TlsFiles, messages: list[tuple[str, bytes, int]],
-                         interval: float, warmup: float, seconds: float) -> Figure:  # fmt: skip
+async def mqtt_publisher(port: int, peer: int, files: TlsFiles,
+                         messages: list[tuple[str, bytes, int]], interval: float, warmup: float,
+                         seconds: float) -> Figure:  # fmt: skip
     """`messages` (topic, payload, records) every `interval` at QoS 1, retained, on aiomqtt's
-    paho client as the sink publishes, Nagle off; each burst's PUBACKs awaited."""
+    paho client as the sink publishes, Nagle off; each burst's PUBACKs awaited. `peer`:
+    Mosquitto's pid, whose CPU is measured too."""
     loop = asyncio.get_running_loop()
     async with aiomqtt.Client(
         "127.0.0.1", port, identifier="floor-publisher",
@@ -402,13 +415,14 @@ async def mqtt_publisher(port: int, files: TlsFiles, messages: list[tuple[str, b
             all_acked[:] = [loop.create_future()]
             await asyncio.wait_for(all_acked[0], 10)
 
-        return await paced(interval, warmup, seconds, burst)
+        return await paced(interval, warmup, seconds, burst, peer)
 
 
 async def sse_server(port: int, files: TlsFiles, chunks: list[tuple[bytes, int]],
                      interval: float, warmup: float, seconds: float) -> Figure:  # fmt: skip
     """aiohttp serving one /stream consumer over mTLS: `chunks` (bytes, records) written one
-    write each, every `interval`."""
+    write each, every `interval`; the stream ends 1 s after the window, so the consumer's
+    window (as long, begun as late) ends within it."""
     figure: asyncio.Future[Figure] = asyncio.get_running_loop().create_future()
 
     async def stream(request: web.Request) -> web.StreamResponse:
@@ -420,8 +434,12 @@ async def sse_server(port: int, files: TlsFiles, chunks: list[tuple[bytes, int]]
                 await response.write(chunk)
                 done["records"] += records
 
-        if not figure.done():
-            figure.set_result(await paced(interval, warmup, seconds, write))
+        try:
+            measured = await paced(interval, warmup, seconds, write)
+            await paced(interval, 0.0, 1.0, write)
+            figure.set_result(measured)
+        except Exception as e:
+            figure.set_exception(e)
         return response
 
     app = web.Application()
@@ -457,7 +475,7 @@ async def sse_consumer(port: int, files: TlsFiles, warmup: float, seconds: float
         started, cpu = time.monotonic(), cpu_now()
         await asyncio.sleep(seconds)
         elapsed, used, records = time.monotonic() - started, cpu_now() - cpu, len(consumer.events)
-        reading.cancel()
+        await asyncio.wait_for(reading, 30)  # until the server ends the stream
         response.close()
     return Figure(elapsed, used, {"records": records})
 
@@ -526,46 +544,34 @@ def sse_chunks(records: list[Record], per_write: int) -> list[tuple[bytes, int]]
 @dataclass(frozen=True)
 class Row:
     what: str
-    figure: Figure
-    unit: str  # what counts as a point: registers (points) or records
+    reached: str  # the rate it ran at
+    figure: float  # % of a core per 1,000 points/s, or cores
+    broker: bool = True  # the broker's own work; else another process on the same cores
 
 
-def print_like_for_like(rows: list[Row], encode_us: float, record_bytes: int) -> None:
-    print("\nCPU at the like-for-like load (1,000 int16 registers / 100 ms = 10,000 points/s)")
-    print(
-        f"  {'library, alone in its process':62} {'points/s':>9} {'% core':>7} {'% / 1,000 pts/s':>16}"
-    )
-    total = 0.0
-    for row in rows:
-        rate = row.figure.per_s(row.unit)
-        per_1000 = row.figure.share() / (rate / 1000)
-        total += per_1000
-        print(f"  {row.what:62} {rate:9,.0f} {row.figure.share():7.2f} {per_1000:16.3f}")
-    encode = encode_us / 10  # µs a point x 1,000 points/s = ms/s = 0.1 % of a core per µs
-    total += encode
-    print(f"  {f'msgspec: JSON of one record ({record_bytes} B), {encode_us:.2f} µs':62} "
-          f"{'':9} {'':7} {encode:16.3f}")  # fmt: skip
-    print(f"  {'sum of these floors':62} {'':9} {'':7} {total:16.3f}")
-    print(f"  target <= {TARGET_CPU_PER_1000} %; the broker as deployed "
-          f"{BROKER_CPU_PER_1000} % (docs/performance.md)")  # fmt: skip
+def print_rows(title: str, unit: str, rows: list[Row]) -> None:
+    print(f"\n{title}\n  {'library, alone in its process':64} {'ran at':>16} {unit:>8}")
+    for row in (r for r in rows if r.broker):
+        print(f"  {row.what:64} {row.reached:>16} {row.figure:8.3f}")
+    total = sum(r.figure for r in rows if r.broker)
+    print(f"  {'sum of the broker-side libraries':64} {'':16} {total:8.3f}")
+    for row in (r for r in rows if not r.broker):
+        print(f"  {'not the broker: ' + row.what:64} {row.reached:>16} {row.figure:8.3f}")
 
 
-def print_scale(rows: list[tuple[str, float, float, str]]) -> None:
-    print(f"\nCores at the 100,000-signal load ({SCALE_RECORDS_S:,} records/s)")
-    print(f"  {'library, alone in its process':62} {'reached':>16} {'cores':>6}")
-    for what, reached, cores, unit in rows:
-        print(f"  {what:62} {f'{reached:,.0f} {unit}':>16} {cores:6.2f}")
-    print(f"  {'sum of these floors (of the 2 cores)':62} {'':16} "
-          f"{sum(r[2] for r in rows):6.2f}")  # fmt: skip
+def per_1000(figure: Figure, unit: str, cpu_s: float | None = None) -> float:
+    """% of a core per 1,000 `unit`/s (of this figure's process, or of `cpu_s`)."""
+    used = figure.cpu_s if cpu_s is None else cpu_s
+    return 100 * used / figure.done[unit] * 1000
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path) -> Iterator[None]:
+def mosquitto(workdir: Path) -> Iterator[int]:
     """Mosquitto on the config bench/footprint.py wrote (mTLS, set_tcp_nodelay)."""
     process = subprocess.Popen(["mosquitto", "-c", str(workdir / "mosquitto.conf")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        yield
+        yield process.pid
     finally:
         process.terminate()
         process.wait(10)
@@ -594,18 +600,18 @@ class Rig:
 
 def run(args: argparse.Namespace, workdir: Path) -> None:
     rig = Rig.made(workdir, args)
-    with mosquitto(workdir):
+    with mosquitto(workdir) as mqtt_pid:
         if "memory" in args.parts or "like" in args.parts:
             with device_process("modbus device", serve_device, args.device_port, args.registers):
                 if "memory" in args.parts:
                     measure_memory(rig)
                 if "like" in args.parts:
-                    run_like_for_like(args, rig)
+                    run_like_for_like(args, rig, mqtt_pid)
         if "scale" in args.parts:
-            run_scale(args, rig)
+            run_scale(args, rig, mqtt_pid)
 
 
-def run_like_for_like(args: argparse.Namespace, rig: Rig) -> None:
+def run_like_for_like(args: argparse.Namespace, rig: Rig, mqtt_pid: int) -> None:
     poll_s = args.poll_ms / 1000
     window = (args.warmup, args.seconds)
     records = like_for_like_records(policy_document(args.device_port, args.registers, poll_s))
@@ -614,45 +620,59 @@ def run_like_for_like(args: argparse.Namespace, rig: Rig) -> None:
     messages = sink_messages(batches, "floor")
     rows = []
     with in_child(modbus_client, args.device_port, args.registers, poll_s, *window) as got:
-        rows.append(Row(f"pymodbus client, {len(batches)} requests of 125 a scan", got(),
-                        "points"))  # fmt: skip
-    with in_child(mqtt_publisher, rig.mqtt, rig.client, messages, poll_s, *window) as got:
-        rows.append(Row(f"paho QoS 1 mTLS, {len(messages)} messages a scan "
-                        f"(~{len(messages[0][1])} B)", got(), "records"))  # fmt: skip
+        modbus = got()
+    rows.append(Row(f"pymodbus client, {len(batches)} requests of 125 a scan",
+                    f"{modbus.per_s('points'):,.0f} points/s", per_1000(modbus, "points")))  # fmt: skip
+    with in_child(mqtt_publisher, rig.mqtt, mqtt_pid, rig.client, messages, poll_s, *window) as got:
+        mqtt = got()
+    reached = f"{mqtt.per_s('records'):,.0f} records/s"
+    rows.append(Row(f"paho QoS 1 mTLS, {len(messages)} messages a scan (~{len(messages[0][1]):,} B)",
+                    reached, per_1000(mqtt, "records")))  # fmt: skip
     sse_port = free_port()
     chunks = sse_chunks(records, REGISTERS_PER_REQUEST)
     with (
         in_child(sse_server, sse_port, rig.server, chunks, poll_s, *window) as served,
         in_child(sse_consumer, sse_port, rig.client, *window) as consumed,
     ):
-        rows.append(Row(f"aiohttp SSE over mTLS, a write of {len(chunks[0][0]):,} B a batch",
-                        served(), "records"))  # fmt: skip
-        consumed()
-    print_like_for_like(rows, encode_floor(records), len(to_json(records[0])))
+        server, consumer = served(), consumed()
+    rows.append(Row(f"aiohttp SSE over mTLS, a write of {len(chunks[0][0]):,} B a batch",
+                    f"{server.per_s('records'):,.0f} records/s", per_1000(server, "records")))  # fmt: skip
+    encode_us = encode_floor(records)
+    rows.append(Row(f"msgspec: JSON of one record ({len(to_json(records[0]))} B), "
+                    f"{encode_us:.2f} µs", "", encode_us / 10))  # fmt: skip
+    rows.append(Row("Mosquitto, receiving paho's messages", reached,
+                    per_1000(mqtt, "records", mqtt.peer_cpu_s), broker=False))  # fmt: skip
+    rows.append(Row("the SSE consumer (bench/pipeline.py's)",
+                    f"{consumer.per_s('records'):,.0f} records/s", per_1000(consumer, "records"),
+                    broker=False))  # fmt: skip
+    print_rows(f"CPU at the like-for-like load ({args.registers:,} int16 registers every "
+               f"{args.poll_ms:g} ms), % of a core per 1,000 points/s; target <= "
+               f"{TARGET_CPU_PER_1000}, the broker as deployed {BROKER_CPU_PER_1000} "
+               "(docs/performance.md)", "%/1,000", rows)  # fmt: skip
 
 
-def run_scale(args: argparse.Namespace, rig: Rig) -> None:
+def run_scale(args: argparse.Namespace, rig: Rig, mqtt_pid: int) -> None:
     window = (args.warmup, args.seconds)
     records = scale_records()
-    rows: list[tuple[str, float, float, str]] = []
+    rows: list[Row] = []
     port = free_port()
     with (
         device_process("modbus device", serve_device, port, SCALE_DEVICE_REGISTERS),
         in_child(modbus_client, port, SCALE_DEVICE_REGISTERS, 0.1, *window) as got,
     ):
-        figure = got()
-    rows.append((f"pymodbus client, {SCALE_REGISTERS_S // REGISTERS_PER_REQUEST} requests/s of 125",
-                 figure.per_s("points"), figure.cores_at("points", SCALE_REGISTERS_S),
-                 "points/s"))  # fmt: skip
-    per_burst = SCALE_MESSAGES_S // 10
+        modbus = got()
+    rows.append(Row(f"pymodbus client, {SCALE_REGISTERS_S // REGISTERS_PER_REQUEST} requests/s "
+                    "of 125", f"{modbus.per_s('points'):,.0f} points/s",
+                    modbus.cores_at("points", SCALE_REGISTERS_S)))  # fmt: skip
     assets = sink_messages([records], "floor")
-    messages = [(f"{topic}/{i}", payload, n) for i in range(per_burst // len(assets))
+    messages = [(f"{topic}/{i}", payload, n) for i in range(SCALE_MESSAGES_S // 10 // len(assets))
                 for topic, payload, n in assets]  # fmt: skip
-    with in_child(mqtt_publisher, rig.mqtt, rig.client, messages, 0.1, *window) as got:
-        figure = got()
-    rows.append((f"paho QoS 1 mTLS, {SCALE_MESSAGES_S:,} messages/s of 11 ({len(assets[0][1]):,} B)",
-                 figure.per_s("messages"), figure.cores_at("messages", SCALE_MESSAGES_S),
-                 "msg/s"))  # fmt: skip
+    with in_child(mqtt_publisher, rig.mqtt, mqtt_pid, rig.client, messages, 0.1, *window) as got:
+        mqtt = got()
+    reached = f"{mqtt.per_s('messages'):,.0f} msg/s"
+    rows.append(Row(f"paho QoS 1 mTLS, {SCALE_MESSAGES_S:,} messages/s of 11 "
+                    f"(~{len(assets[0][1]):,} B)", reached,
+                    mqtt.cores_at("messages", SCALE_MESSAGES_S)))  # fmt: skip
     sse_port = free_port()
     chunks = sse_chunks(records, len(records)) * (SCALE_RECORDS_S // 10 // len(records))
     with (
@@ -660,17 +680,19 @@ def run_scale(args: argparse.Namespace, rig: Rig) -> None:
         in_child(sse_consumer, sse_port, rig.client, *window) as consumed,
     ):
         server, consumer = served(), consumed()
-    size = len(sse_event(records[1]))
-    rows.append((f"aiohttp SSE over mTLS, frames of ~{size} B, writes of {len(records):,}",
-                 server.per_s("records"), server.cores_at("records", SCALE_RECORDS_S),
-                 "rec/s"))  # fmt: skip
-    rows.append(("SSE consumer: aiohttp, TLS, a JSON decode a record",
-                 consumer.per_s("records"), consumer.cores_at("records", SCALE_RECORDS_S),
-                 "rec/s"))  # fmt: skip
+    rows.append(Row(f"aiohttp SSE over mTLS, frames of ~{len(sse_event(records[1]))} B, "
+                    f"writes of {len(records):,}", f"{server.per_s('records'):,.0f} rec/s",
+                    server.cores_at("records", SCALE_RECORDS_S)))  # fmt: skip
     encode_us = encode_floor(records)
-    rows.append((f"msgspec: JSON of a record with context, {encode_us:.2f} µs",
-                 SCALE_RECORDS_S, encode_us * SCALE_RECORDS_S / 1e6, "rec/s"))  # fmt: skip
-    print_scale(rows)
+    rows.append(Row(f"msgspec: JSON of a record with context, {encode_us:.2f} µs", "",
+                    encode_us * SCALE_RECORDS_S / 1e6))  # fmt: skip
+    rows.append(Row("Mosquitto, receiving paho's messages", reached,
+                    mqtt.peer_cpu_s / mqtt.done["messages"] * SCALE_MESSAGES_S, broker=False))  # fmt: skip
+    rows.append(Row("SSE consumer (bench/pipeline.py's): TLS, JSON decode",
+                    f"{consumer.per_s('records'):,.0f} rec/s",
+                    consumer.cores_at("records", SCALE_RECORDS_S), broker=False))  # fmt: skip
+    print_rows(f"Cores at the 100,000-signal load ({SCALE_RECORDS_S:,} records/s; cores = CPU "
+               "per unit here x the load's rate)", "cores", rows)  # fmt: skip
 
 
 def main() -> int:
