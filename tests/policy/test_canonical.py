@@ -124,12 +124,14 @@ CHECKED_WHEN_BUILT = {
 
 
 def _unbounded(kind: inspect.Type) -> bool:
-    if isinstance(kind, inspect.FloatType):
-        low, high = kind.ge if kind.ge is not None else kind.gt, kind.le or kind.lt
-        return low is None or high is None or not math.isfinite(low) or not math.isfinite(high)
-    if isinstance(kind, inspect.IntType):
-        low, high = kind.ge if kind.ge is not None else kind.gt, kind.le or kind.lt
-        return low is None or high is None or low < -SAFE or high > SAFE
+    if isinstance(kind, inspect.FloatType | inspect.IntType):
+        low = kind.ge if kind.ge is not None else kind.gt
+        high = kind.le if kind.le is not None else kind.lt
+        if low is None or high is None:
+            return True
+        if isinstance(kind, inspect.FloatType):
+            return not (math.isfinite(low) and math.isfinite(high))
+        return low < -SAFE or high > SAFE
     return any(_unbounded(inner) for inner in _inner(kind))
 
 
