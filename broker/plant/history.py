@@ -26,6 +26,10 @@ TREND_MIN_BUCKETS = 5
 # before the gap leave the window, the trend comes back when the new ones span half of it.
 TREND_MAX_GAP = BUCKETS // 4  # in empty buckets
 _EMPTY = WindowStats(mean=None, max=None)
+# The columns of every line without buckets, shared and never changed (a measure that never
+# gives a number, a bool, never has one): the first bucket gives a line columns of its own.
+_NO_FLOATS = array("d")
+_NO_COUNTS = array("q")
 
 
 class _Buckets:
@@ -40,15 +44,17 @@ class _Buckets:
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._width = seconds / BUCKETS
-        self._starts = array("d")  # each bucket's start
-        self._counts = array("q")  # how many values it holds
-        self._totals = array("d")  # and their sum
+        self._starts = _NO_FLOATS  # each bucket's start
+        self._counts = _NO_COUNTS  # how many values it holds
+        self._totals = _NO_FLOATS  # and their sum
         self._next_start = -math.inf  # when the newest bucket is over
 
     def _open(self, t: float) -> float:
         """Open the bucket that holds `t` (callers check `_next_start` first, so that adding
         to the newest bucket costs no call); its start."""
         start = t - t % self._width
+        if not self._starts:
+            self._starts, self._counts, self._totals = array("d"), array("q"), array("d")
         self._starts.append(start)
         self._counts.append(0)
         self._totals.append(0.0)

@@ -181,3 +181,31 @@ def test_no_trend_across_a_gap_longer_than_a_quarter_of_the_window() -> None:
     assert short.slope_per_h(T0 + after[-1] * width) == pytest.approx(1.0 / width * 3600)
     short.add(T0 + (after[-1] + TREND_MAX_GAP + 2) * width, 30.0)  # one bucket too many empty
     assert short.slope_per_h(T0 + (after[-1] + TREND_MAX_GAP + 2) * width) is None
+
+
+# Columns of plain numbers (ADR 0035): what they must not change
+
+
+def test_lines_and_windows_without_values_share_nothing_that_values_change() -> None:
+    lines, windows = [TrendLine(3600), TrendLine(3600)], [Window(900), Window(900)]
+    for i in range(BUCKETS):
+        lines[0].add(T0 + i * 120, float(i))
+        windows[0].add(T0 + i * WIDTH, float(i))
+    end = T0 + (BUCKETS - 1) * 120
+
+    assert lines[0].slope_per_h(end) == 30.0  # one per 2 min bucket
+    assert (lines[1].slope_per_h(end), lines[1].changes_at()) == (None, float("inf"))
+    assert windows[0].stats(T0 + (BUCKETS - 1) * WIDTH).max == BUCKETS - 1
+    assert windows[1].stats(T0 + (BUCKETS - 1) * WIDTH) == Window(900).stats(T0)
+    windows[1].add(T0, 4.0)
+    assert windows[1].stats(T0).mean == 4.0
+
+
+def test_a_windows_max_of_integers_is_the_integer_as_it_was_seen() -> None:
+    window = Window(900)
+    window.add(T0, 2**62 + 1)  # more digits than a float holds
+    window.add(T0 + WIDTH, 7)
+
+    largest = window.stats(T0 + WIDTH).max
+    assert largest == 2**62 + 1
+    assert type(largest) is int
