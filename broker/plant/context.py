@@ -107,13 +107,14 @@ class _AssetRuntime:
         )
         self.assessments: dict[str, Assessment] = {}
         self.base = Context(asset=asset.path, asset_type=asset.type)
+        # Bound methods, not lambdas: half the memory, for every asset
         functions: dict[str, Callable[[str], object]] = {
-            "deviation": lambda m: _field(self.assessments.get(m), "deviation_pct"),
-            "label": lambda m: _field(self.assessments.get(m), "label"),
-            "direction": lambda m: _field(self.assessments.get(m), "direction"),
-            "trend": lambda m: _field(self.trend(m), "slope_per_h"),  # as records show it
-            "load_mean": lambda w: self._load[w].mean,
-            "load_max": lambda w: self._load[w].max,
+            "deviation": self._deviation,
+            "label": self._label,
+            "direction": self._direction,
+            "trend": self._slope,
+            "load_mean": self._load_mean,
+            "load_max": self._load_max,
         }
         self._now = 0.0  # the time of the latest refresh: what trends are as of
         self._load: dict[str, WindowStats] = {}  # as of the refresh; never changed after
@@ -133,6 +134,26 @@ class _AssetRuntime:
             for rule, expression in model.rules
         ]
         self._expressions = Evaluator(self.names, functions)
+
+    # The expressions' functions of a measure `m` or a load window `w`
+
+    def _deviation(self, m: str) -> object:
+        return _field(self.assessments.get(m), "deviation_pct")
+
+    def _label(self, m: str) -> object:
+        return _field(self.assessments.get(m), "label")
+
+    def _direction(self, m: str) -> object:
+        return _field(self.assessments.get(m), "direction")
+
+    def _slope(self, m: str) -> object:
+        return _field(self.trend(m), "slope_per_h")  # as records show it
+
+    def _load_mean(self, w: str) -> object:
+        return self._load[w].mean
+
+    def _load_max(self, w: str) -> object:
+        return self._load[w].max
 
     def refresh(self, now: float) -> list[tuple[Signal, Value]]:
         """Evaluate state, derived signals, assessments and rules; the derived values."""
