@@ -4,13 +4,14 @@ Some of issue 19's targets may lie below what the stack can reach at all. This b
 measures the libraries alone, each in its cheapest correct use and in a process of its own,
 with none of the broker's data path in the figure:
 
-1. Memory. The modules each of the three processes imports as deployed, read with
-   `-X importtime` from `python -I -m broker run` (the supervisor) and from each half started
-   on its own with the same config, on a throwaway appliance at the like-for-like load with
-   the MQTT sink on, once records have reached MQTT and a /v1/stream consumer. They are then
-   imported into a fresh `python -I` in groups (asyncio and ssl; the rest of the standard
-   library; each library; the broker's own modules), RSS after each group, next to the RSS of
-   the processes as they ran (`run`, 5 s after the first record reached MQTT).
+1. Memory. The modules each of the three processes held as deployed: `python -I -m broker
+   run` (the supervisor) and each half started on its own with the same config, through
+   tests/test_footprint.py's runner (sys.modules when the process ends), on a throwaway
+   appliance at the like-for-like load with the MQTT sink on, once records have reached MQTT
+   and a /v1/stream consumer. They are then imported into a fresh `python -I` in groups
+   (asyncio and ssl; the rest of the standard library; each library; the broker's own
+   modules), RSS after each group, next to the RSS of the processes as they ran (`run`, 5 s
+   after the first record reached MQTT).
 2. CPU at the like-for-like load (1,000 int16 input registers polled every 100 ms, 10,000
    points/s), CPU time (user + system, getrusage) of the library's process over a window:
    pymodbus (a bare asyncio client, the scan's 8 requests of 125 registers sent together
