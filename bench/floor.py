@@ -67,7 +67,6 @@ from support import REPO, SPAWN, device_process, free_port
 
 from broker.enterprise.store import sse_event
 from broker.plant.pipeline import PlantPipeline
-from broker.policy import Policy
 from broker.policy import parse as policy_parse
 from broker.records import Record, to_json
 from broker.trust import tls
@@ -187,7 +186,9 @@ def listed(workdir: Path, name: str, *args: str) -> Iterator[subprocess.Popen[by
             process.wait()
 
 
-async def until_flowing(api: int, context: Any, probe: MqttProbe, running: list[Any]) -> None:
+async def until_flowing(
+    api: int, context: Any, probe: MqttProbe, running: list[subprocess.Popen[bytes]]
+) -> None:
     """Until records reached MQTT and one /v1/stream read gave bytes (so every module the
     data path imports late is in); raises if a process ended or STARTED_TIMEOUT_S passed."""
     deadline = time.monotonic() + STARTED_TIMEOUT_S
@@ -232,7 +233,9 @@ def measure_memory(rig: Rig) -> None:
         for label, mb, failed in rss_after_imports(names, workdir, role.split()[0]):
             if label == "extra":
                 extra = [
-                    n for n in failed.split() if n not in (*sys.stdlib_module_names, "__mp_main__")
+                    n
+                    for n in failed.split()
+                    if n not in (*sys.stdlib_module_names, "__main__", "__mp_main__")
                 ]
                 if extra:
                     print(f"  held here, not by the process: {', '.join(extra)}")
@@ -256,10 +259,6 @@ class Figure:
     cpu_s: float  # the process's user + system CPU over it
     done: dict[str, int]  # what it did in the window (points, requests, messages, records)
     peer_cpu_s: float = 0.0  # the CPU of the process it talks to (Mosquitto), if watched
-
-    def share(self) -> float:
-        """% of one core."""
-        return 100 * self.cpu_s / self.seconds
 
     def per_s(self, unit: str) -> float:
         return self.done[unit] / self.seconds
@@ -414,7 +413,8 @@ async def mqtt_publisher(port: int, peer: int, files: TlsFiles,
                 done["records"] += records
             done["messages"] += len(messages)
             all_acked[:] = [loop.create_future()]
-            await asyncio.wait_for(all_acked[0], 10)
+            if waiting:  # PUBACKs are read on this loop, so none came in while publishing
+                await asyncio.wait_for(all_acked[0], 10)
 
         return await paced(interval, warmup, seconds, burst, peer)
 
@@ -499,13 +499,9 @@ def encode_floor(records: list[Record]) -> float:
 
 def like_for_like_records(document: dict[str, Any]) -> list[Record]:
     """One scan of the like-for-like policy through the real plant pipeline, seqs stamped."""
-    policy = make_policy_from(document)
+    policy = policy_parse.from_payload(msgspec.json.encode(document), "floor policy")
     records = PlantPipeline(policy).process(Scanner(policy).scan(len(policy.signals)))
     return stamped(records)
-
-
-def make_policy_from(document: dict[str, Any]) -> Policy:
-    return policy_parse.from_payload(msgspec.json.encode(document), "floor policy")
 
 
 def scale_records() -> list[Record]:
