@@ -412,9 +412,8 @@ async def mqtt_publisher(port: int, peer: int, files: TlsFiles,
                 waiting.add(info.mid)
                 done["records"] += records
             done["messages"] += len(messages)
-            all_acked[:] = [loop.create_future()]
-            if waiting:  # PUBACKs are read on this loop, so none came in while publishing
-                await asyncio.wait_for(all_acked[0], 10)
+            all_acked[:] = [loop.create_future()]  # PUBACKs are read on this loop: after it
+            await asyncio.wait_for(all_acked[0], 10)
 
         return await paced(interval, warmup, seconds, burst, peer)
 
