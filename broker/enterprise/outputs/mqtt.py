@@ -54,12 +54,12 @@ from broker.policy import Policy
 from broker.records import Record, to_json
 from broker.trust import tls
 
-# Records a round reads at most. A caught-up sink reads what is there and sends it at once; one
-# that is behind takes several scans in a round, so an asset's message carries up to
+# Records a batch holds at most. A caught-up sink reads what is there and sends it at once; one
+# that is behind takes several scans in a batch, so an asset's message carries up to
 # RECORDS_PER_MESSAGE records and each record pays a smaller share of a message's cost (ADR
-# 0007's amendment). Bounded for memory (about 1.5 KB a record while its round is in hand:
-# the decoded record and its JSON) and below MQTT's 65,535 packet ids (a message per record
-# at worst, every one in flight).
+# 0007's amendment). Bounded for memory (a full batch of records with context added ~30-40 MB
+# to the half's peak RSS) and below MQTT's 65,535 packet ids (a message per record at worst,
+# every one in flight).
 BATCH = 50_000
 YIELD_BYTES = 1 << 20  # published in a row before paho's writer gets the loop
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
@@ -176,9 +176,9 @@ class MqttSink:
                     tls_context=self._context,
                     timeout=PUBLISH_TIMEOUT_S,
                     keepalive=KEEPALIVE_S,
-                    # No limit: a round's publishes go out together, and BATCH bounds them.
+                    # No limit: a batch's publishes go out together, and BATCH bounds them.
                     # With a limit, paho rescans every unacknowledged message at each PUBACK
-                    # (Client._update_inflight): quadratic in a round's messages.
+                    # (Client._update_inflight): quadratic in a batch's messages.
                     max_inflight_messages=0,
                 ) as client:
                     connected_at = time.monotonic()
@@ -307,12 +307,12 @@ class _Acknowledgements:
         self._paho.on_publish = self._acknowledged
         self._waiting: set[int] = set()
         self._all: asyncio.Future[None] | None = None
-        self._last_acknowledged = 0.0  # time.monotonic() of the round's latest PUBACK
+        self._last_acknowledged = 0.0  # time.monotonic() of the batch's latest PUBACK
 
     async def published(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Publish each (topic, payload), retained, and return once every one is
         acknowledged; MqttError if one cannot be sent or PUBLISH_TIMEOUT_S passes without an
-        acknowledgement (a long round on a loaded machine is not a broker that stopped)."""
+        acknowledgement (a long batch on a loaded machine is not a broker that stopped)."""
         queued = 0  # payload bytes published since the loop last ran
         for topic, payload in messages:
             info = self._paho.publish(topic, payload, qos=1, retain=True)
@@ -375,7 +375,7 @@ def by_asset(records: Iterable[Record]) -> dict[str, list[Record]]:
 
 def messages(prefix: str, groups: dict[str, list[Record]]) -> Iterator[tuple[str, bytes]]:
     """Each group's (topic, payload) messages of up to RECORDS_PER_MESSAGE records, in order.
-    A group is taken out of `groups` as it is encoded: a round of many records never holds
+    A group is taken out of `groups` as it is encoded: a batch of many records never holds
     all of them decoded and all of their JSON at once."""
     for asset in list(groups):
         group = groups.pop(asset)
