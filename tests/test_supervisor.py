@@ -213,8 +213,10 @@ async def test_plant_half_listens_nowhere_and_enterprise_half_never_touches_the_
 
     def plant_reads_the_plc() -> bool:
         """One reading of both halves' TCP sockets; whether it shows the plant's connection
-        to the PLC. Data crossing does not mean that connection is open yet: the BACnet
-        device's `bad` records can cross before the Modbus connector has connected."""
+        to the PLC. Data crossing does not mean that connection is open: the BACnet device's
+        `bad` records (nothing answers it) can cross before the Modbus connector has
+        connected, and a read that times out under load closes the connection until the
+        reconnect (a second or more)."""
         plant, enterprise = socket_inodes(plant_pid), socket_inodes(enterprise_pid)
         sockets = tcp_sockets()
         seen["plant"] = [s for s in sockets if s[3] in plant]
