@@ -102,8 +102,11 @@ def mqtt_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def mosquitto(tmp_path: Path, mqtt_pki: Path) -> Iterator[Mosquitto]:
-    """Mosquitto on a free port, persisting to a folder of this test's."""
+def mosquitto(
+    tmp_path: Path, mqtt_pki: Path, request: pytest.FixtureRequest
+) -> Iterator[Mosquitto]:
+    """Mosquitto on a free port, persisting to a folder of this test's; a test's indirect
+    parameter is appended to its configuration."""
     assert shutil.which("mosquitto"), "mosquitto is not installed: `make test` installs it"
     directory = tmp_path / "mosquitto"
     directory.mkdir()
@@ -111,7 +114,10 @@ def mosquitto(tmp_path: Path, mqtt_pki: Path) -> Iterator[Mosquitto]:
     found = Mosquitto(
         ["mosquitto", "-c", str(conf)], directory=directory, port=free_port(), pki=mqtt_pki
     )
-    conf.write_text(MOSQUITTO_CONF.format(port=found.port, pki=mqtt_pki, directory=directory))
+    extra = getattr(request, "param", "")
+    conf.write_text(
+        MOSQUITTO_CONF.format(port=found.port, pki=mqtt_pki, directory=directory) + extra
+    )
     found.start()
     try:
         yield found
@@ -243,6 +249,8 @@ async def test_a_broker_reached_by_its_ip_address_is_verified_by_server_name(
             async with running(sink.run()):
                 await eventually(lambda: acknowledged(state) == 5, timeout=15)
         assert [e["event"] for e in logs if e["event"].startswith("mqtt_")] == ["mqtt_connected"]
+        # Mosquitto's default max_inflight_messages, announced in its CONNACK.
+        assert next(e for e in logs if e["event"] == "mqtt_connected")["receive_maximum"] == 20
     finally:
         sender.close()
 
@@ -547,3 +555,79 @@ async def test_a_broker_that_stops_acknowledging_ends_the_session_after_the_publ
     lost = next(e for e in logs if e["event"] == "mqtt_unreachable")
     assert lost["error"] == "Operation timed out"  # not the connection: it stayed open
     assert [e["event"] for e in logs].count("mqtt_connected") == 2
+
+
+@dataclass
+class Windows:
+    """Every _Acknowledgements the sinks made, kept to read their high-water marks."""
+
+    made: list[mqtt._Acknowledgements] = field(default_factory=list)
+
+    def most_unacknowledged(self) -> int:
+        return max(acks.most_unacknowledged for acks in self.made)
+
+
+@pytest.fixture
+def windows(monkeypatch: pytest.MonkeyPatch) -> Windows:
+    found = Windows()
+
+    class Kept(mqtt._Acknowledgements):
+        def __init__(self, client: mqtt._Client) -> None:
+            super().__init__(client)
+            found.made.append(self)
+
+    monkeypatch.setattr(mqtt, "_Acknowledgements", Kept)
+    return found
+
+
+@pytest.mark.parametrize("mosquitto", ["max_inflight_messages 3\n"], indirect=True)
+async def test_a_batch_of_many_messages_keeps_to_the_brokers_receive_maximum(
+    tmp_path: Path, mosquitto: Mosquitto, windows: Windows
+) -> None:
+    """Mosquitto announces a Receive Maximum of 3 (it does not enforce it for QoS 1, so the
+    sink's own count is what is checked): a batch of ~100 messages goes out with never more
+    than 3 unacknowledged, every record arrives once and in order, and the log says 3."""
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    authz = Authorization(policy.load(DEMO_POLICY))
+    signals = sorted(authz.view(CONSUMER_URI))
+    sender = SpoolSender(spool, 1 << 20, 64 << 20)
+    for scan in range(500):  # 9,500 records, one batch: ~20 messages on each of 5 assets
+        sender.send([record(signal, float(scan), 0) for signal in signals])
+    backlog = sender.next_seq - 1
+    sink = MqttSink(sink_config(mosquitto, "localhost"), spool, state, authz)
+    subscriber = Subscriber(mosquitto.port, mosquitto.pki)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with listening(subscriber), running(sink.run()):
+                await eventually(lambda: acknowledged(state) == backlog, timeout=60)
+                await eventually(lambda: len(subscriber.received) >= backlog, timeout=30)
+    finally:
+        sender.close()
+    assert sorted(seq for _, seq in subscriber.received) == list(range(1, backlog + 1))
+    assert in_order_per_topic(subscriber.received)
+    assert len(subscriber.messages) > 90
+    assert windows.most_unacknowledged() == 3  # filled, never exceeded
+    connected = [e for e in logs if e["event"] == "mqtt_connected"]
+    assert [e["receive_maximum"] for e in connected] == [3]
+
+
+@pytest.mark.parametrize("mosquitto", ["max_inflight_messages 0\n"], indirect=True)
+async def test_a_broker_that_announces_no_receive_maximum_allows_65535_in_flight(
+    tmp_path: Path, mosquitto: Mosquitto, windows: Windows
+) -> None:
+    """Mosquitto without a limit sends no Receive Maximum: MQTT 5's default, 65,535."""
+    spool, state = tmp_path / "spool", tmp_path / "state"
+    sender = SpoolSender(spool, 1 << 20, 16 << 20)
+    sender.send([record(ROOM, 1.0, 0) for _ in range(5)])
+    sink = MqttSink(
+        sink_config(mosquitto, "localhost"), spool, state, Authorization(policy.load(DEMO_POLICY))
+    )
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running(sink.run()):
+                await eventually(lambda: acknowledged(state) == 5, timeout=15)
+    finally:
+        sender.close()
+    assert [acks._window for acks in windows.made] == [65_535]
+    connected = [e for e in logs if e["event"] == "mqtt_connected"]
+    assert [e["receive_maximum"] for e in connected] == [65_535]

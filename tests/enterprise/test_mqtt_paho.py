@@ -12,17 +12,33 @@ import pytest
 from broker.enterprise.outputs import mqtt
 
 
+def connected(receive_maximum: int | None) -> mqtt._Client:
+    """A client as after a CONNACK with this Receive Maximum (never connected: that needs a
+    running loop); None as if aiomqtt no longer passed the CONNACK to `_on_connect`."""
+    client = mqtt._Client("localhost")
+    client.receive_maximum = receive_maximum
+    return client
+
+
 async def test_the_sink_publishes_on_the_paho_client_of_the_pinned_aiomqtt() -> None:
-    client = aiomqtt.Client("localhost")  # never connected (it needs a running loop)
+    client = connected(20)
     acks = mqtt._Acknowledgements(client)
     assert client._client.on_publish == acks._acknowledged
+    # aiomqtt's CONNACK callback is the sink's, which keeps the Receive Maximum.
+    assert client._client.on_connect == client._on_connect
+    assert type(client)._on_connect is not aiomqtt.Client._on_connect
 
 
 async def test_an_aiomqtt_without_a_paho_client_is_refused_with_a_clear_error() -> None:
-    client = aiomqtt.Client("localhost")
+    client = connected(20)
     client._client = None  # type: ignore[assignment]  # as if renamed by an upgrade
     with pytest.raises(RuntimeError, match=r"holds no paho Client in Client\._client"):
         mqtt._Acknowledgements(client)
+
+
+async def test_an_aiomqtt_that_keeps_the_connack_from_the_sink_is_refused() -> None:
+    with pytest.raises(RuntimeError, match=r"did not pass its CONNACK to Client\._on_connect"):
+        mqtt._Acknowledgements(connected(None))
 
 
 def test_nothing_in_the_sink_calls_aiomqtts_publish() -> None:

@@ -40,6 +40,8 @@ import aiomqtt
 import structlog
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.audit.log import AuditLog
 from broker.backoff import Backoff
@@ -65,6 +67,8 @@ YIELD_BYTES = 1 << 20  # published in a row before paho's writer gets the loop
 RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
 IDLE_S = 0.05  # how often it looks again while held back, or where the spool is not watched
 PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but acknowledges nothing this long
+# What a broker's CONNACK without a Receive Maximum allows in flight (MQTT 5 §3.2.2.3.3).
+RECEIVE_MAXIMUM_ABSENT = 65_535
 KEEPALIVE_S = 10  # a silent connection (a cut cable, no FIN) is noticed within twice this
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 2.0  # a refused connection costs the broker one SYN: retrying often is cheap,
@@ -168,7 +172,7 @@ class MqttSink:
             try:
                 # From the saved position: what an interrupted batch had read is read again.
                 receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
-                async with aiomqtt.Client(
+                async with _Client(
                     config.host,
                     config.port,
                     identifier=config.client_id,
@@ -176,15 +180,20 @@ class MqttSink:
                     tls_context=self._context,
                     timeout=PUBLISH_TIMEOUT_S,
                     keepalive=KEEPALIVE_S,
-                    # No limit: a batch's publishes go out together, and BATCH bounds them.
-                    # With a limit, paho rescans every unacknowledged message at each PUBACK
-                    # (Client._update_inflight): quadratic in a batch's messages.
+                    # No limit in paho: the sink keeps the broker's Receive Maximum itself
+                    # (_Acknowledgements). With a limit, paho rescans every unacknowledged
+                    # message at each PUBACK (Client._update_inflight): quadratic in a batch.
                     max_inflight_messages=0,
                 ) as client:
                     connected_at = time.monotonic()
                     if not announced:
                         after = {} if down_since is None else {"down_s": _since(down_since)}
-                        log.info("mqtt_connected", address=where, **after)
+                        log.info(
+                            "mqtt_connected",
+                            address=where,
+                            receive_maximum=client.receive_maximum,  # what bounds its throughput
+                            **after,
+                        )
                         announced = True
                     await self._session(client, receiver)
             except aiomqtt.MqttError as e:
@@ -211,7 +220,7 @@ class MqttSink:
             reported.add(error)
             await asyncio.sleep(delay)
 
-    async def _session(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> None:
+    async def _session(self, client: _Client, receiver: SpoolReceiver) -> None:
         """Forward until the connection is lost, noticed when it happens: a publish waiting
         for its acknowledgement would otherwise wait out its timeout."""
         watching = asyncio.create_task(_disconnection(client))
@@ -230,7 +239,7 @@ class MqttSink:
             forwarding.result()
         done.pop().result()  # raises: neither task ends otherwise
 
-    async def _forward(self, client: aiomqtt.Client, receiver: SpoolReceiver) -> NoReturn:
+    async def _forward(self, client: _Client, receiver: SpoolReceiver) -> NoReturn:
         watch = self._watch
         if watch is None:
             raise RuntimeError("the MQTT sink forwards only while it runs")
@@ -282,21 +291,46 @@ class MqttSink:
         return text
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, keeping the Receive Maximum of the broker's CONNACK: aiomqtt passes
+    none of its properties on, and paho obeys none of them."""
+
+    receive_maximum: int | None = None  # until the CONNACK
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,  # paho's, unused
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.receive_maximum = getattr(properties, "ReceiveMaximum", RECEIVE_MAXIMUM_ABSENT)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+
 class _Acknowledgements:
     """A batch's messages published at QoS 1 and their PUBACKs awaited together, on the
-    session's paho client: one future a batch. aiomqtt's `publish` costs a task, an event, a
-    timeout task and a scan of every pending call per message, which was most of the sink's
-    time (docs/performance.md, "The enterprise half at 100,000 points/s"). aiomqtt still owns
-    the connection, its socket callbacks and noticing its loss."""
+    session's paho client. aiomqtt's `publish` costs a task, an event, a timeout task and a
+    scan of every pending call per message, which was most of the sink's time
+    (docs/performance.md, "The enterprise half at 100,000 points/s"). aiomqtt still owns the
+    connection, its socket callbacks and noticing its loss.
 
-    def __init__(self, client: aiomqtt.Client) -> None:
+    At most the broker's Receive Maximum of them are unacknowledged at a time (MQTT 5 §3.3.4;
+    a broker may disconnect a client that sends more): the rest wait for PUBACKs to make room.
+    paho's own limit is not used for it (ADR 0007's amendment: quadratic)."""
+
+    def __init__(self, client: _Client) -> None:
         paho = getattr(client, "_client", None)  # private: aiomqtt has no batch publish
-        if not isinstance(paho, mqtt.Client):
+        if not isinstance(paho, mqtt.Client) or client.receive_maximum is None:
             raise RuntimeError(
-                f"aiomqtt {version('aiomqtt')} holds no paho Client in Client._client: the "
-                "MQTT sink needs the aiomqtt version pyproject.toml pins"
+                f"aiomqtt {version('aiomqtt')} holds no paho Client in Client._client or did "
+                "not pass its CONNACK to Client._on_connect: the MQTT sink needs the aiomqtt "
+                "version pyproject.toml pins"
             )
         self._paho = paho
+        self._window = client.receive_maximum  # PUBLISHes unacknowledged at most
+        self.most_unacknowledged = 0  # the high-water mark of the window, this session
         # paho leaves Nagle on: a batch's second message would wait for the broker's delayed
         # ACK of the first (up to 40 ms on Linux) before it leaves.
         connection = self._paho.socket()
@@ -306,48 +340,62 @@ class _Acknowledgements:
         # timeout, so the sink never calls it (tests/enterprise/test_mqtt_paho.py checks).
         self._paho.on_publish = self._acknowledged
         self._waiting: set[int] = set()
-        self._all: asyncio.Future[None] | None = None
-        self._last_acknowledged = 0.0  # time.monotonic() of the batch's latest PUBACK
+        self._room: asyncio.Future[None] | None = None  # while it waits for PUBACKs
+        self._room_at = 0  # unacknowledged messages at most that end the wait
+        self._last_acknowledged = 0.0  # time.monotonic() of the session's latest PUBACK
 
     async def published(self, messages: Iterable[tuple[str, bytes]]) -> None:
         """Publish each (topic, payload), retained, and return once every one is
         acknowledged; MqttError if one cannot be sent or PUBLISH_TIMEOUT_S passes without an
         acknowledgement (a long batch on a loaded machine is not a broker that stopped)."""
         queued = 0  # payload bytes published since the loop last ran
-        for topic, payload in messages:
-            info = self._paho.publish(topic, payload, qos=1, retain=True)
-            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # before the watch noticed it
-                raise aiomqtt.MqttError("connection lost: no connection to publish on")
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-            self._waiting.add(info.mid)  # its PUBACK is read on this loop, after this call
-            queued += len(payload)
-            if queued >= YIELD_BYTES:
-                # paho writes on the loop's writer callback: until it runs, each message is
-                # held twice (its payload, its packet). PUBACKs read meanwhile are counted.
-                queued = 0
-                await asyncio.sleep(0)
-        if not self._waiting:
-            return
-        self._all = asyncio.get_running_loop().create_future()
-        self._last_acknowledged = time.monotonic()
         try:
-            while not self._all.done():
-                silent_s = time.monotonic() - self._last_acknowledged
-                if silent_s >= PUBLISH_TIMEOUT_S:
-                    raise aiomqtt.MqttError("Operation timed out")
-                await asyncio.wait((self._all,), timeout=PUBLISH_TIMEOUT_S - silent_s)
+            for topic, payload in messages:
+                if len(self._waiting) >= self._window:
+                    queued = 0  # the wait gives paho's writer the loop
+                    await self._acknowledged_down_to(self._window - 1)
+                info = self._paho.publish(topic, payload, qos=1, retain=True)
+                if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # before the watch noticed it
+                    raise aiomqtt.MqttError("connection lost: no connection to publish on")
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                self._waiting.add(info.mid)  # its PUBACK is read on this loop, after this call
+                self.most_unacknowledged = max(self.most_unacknowledged, len(self._waiting))
+                queued += len(payload)
+                if queued >= YIELD_BYTES:
+                    # paho writes on the loop's writer callback: until it runs, each message
+                    # is held twice (its payload, its packet). PUBACKs read meanwhile count.
+                    queued = 0
+                    await asyncio.sleep(0)
+            await self._acknowledged_down_to(0)
         finally:
             self._waiting.clear()
-            self._all = None
+
+    async def _acknowledged_down_to(self, unacknowledged: int) -> None:
+        """Until at most `unacknowledged` messages await their PUBACK; MqttError once
+        PUBLISH_TIMEOUT_S passes in this wait without one."""
+        if len(self._waiting) <= unacknowledged:
+            return
+        self._room = asyncio.get_running_loop().create_future()
+        self._room_at = unacknowledged
+        since = time.monotonic()  # the sink's own work before it is not the broker's silence
+        try:
+            while not self._room.done():
+                silent_s = time.monotonic() - max(since, self._last_acknowledged)
+                if silent_s >= PUBLISH_TIMEOUT_S:
+                    raise aiomqtt.MqttError("Operation timed out")
+                await asyncio.wait((self._room,), timeout=PUBLISH_TIMEOUT_S - silent_s)
+        finally:
+            self._room = None
 
     def _acknowledged(
         self, _client: object, _userdata: object, mid: int, _reason: object, _props: object
     ) -> None:
         self._waiting.discard(mid)
         self._last_acknowledged = time.monotonic()
-        if not self._waiting and self._all is not None and not self._all.done():
-            self._all.set_result(None)
+        room = self._room
+        if room is not None and len(self._waiting) <= self._room_at and not room.done():
+            room.set_result(None)
 
 
 async def _disconnection(client: aiomqtt.Client) -> NoReturn:
