@@ -79,9 +79,9 @@ HALF_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sy
 RELAY_LINE_BYTES = 64 * 1024  # a longer line from a half is copied in pieces of this size
 RELAY_DRAIN_S = 2.0  # after a half exits, how long its last lines may take to arrive
 # Added to the supervisor's nice value for the enterprise half (a CPU weight of about a third
-# of the plant's). On two cores at load 15-25, the enterprise killed and restarted 20 times
-# (tests/test_supervisor.py): at equal priority the plant skipped 1-8 scan slots in 5 of 12
-# runs (none in 6 runs without kills); with the enterprise 5 or 10 below it, none in 8.
+# of the plant's). On two cores at load 13-25, the enterprise killed and restarted 20 times
+# (tests/test_supervisor.py): at equal priority the plant skipped 1-8 scan slots in 5 of 23
+# runs, every slow scan during an enterprise start-up; 5 or 10 below it, none in 14 runs.
 ENTERPRISE_NICENESS = 5
 # What one user for both halves gives up: what the enterprise half could then do to the plant.
 GIVES_UP = (
