@@ -65,7 +65,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from support import free_port
+from support import free_port, rss_bytes
 
 from broker import logs
 from broker.channel.spool import SpoolReceiver, SpoolSender
@@ -612,12 +612,8 @@ async def measure_latency(args: argparse.Namespace, setup: LatencySetup) -> Late
 
 
 def rss_mb() -> float:
-    """This process's resident set size now, MB (Linux's /proc)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    """This process's resident set size now, MB of 2**20 bytes."""
+    return rss_bytes() / 2**20
 
 
 @dataclass(frozen=True)

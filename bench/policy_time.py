@@ -22,19 +22,15 @@ import tempfile
 from pathlib import Path
 
 import scale
+from support import rusage_cpu_s
 
 COMMANDS = ("compile", "verify")
-
-
-def child_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def timed(tree: Path, setup: scale.Setup, workdir: Path, command: str) -> tuple[float, float]:
     """Wall and CPU seconds of one `policy COMMAND` run of the CLI in `tree`."""
     scale.REPO = tree  # timed_cli runs `python -m broker` from this folder
-    before = child_cpu_s()
+    before = rusage_cpu_s(resource.RUSAGE_CHILDREN)
     if command == "compile":
         out = workdir / "compiled.dsse.json"
         wall = scale.timed_cli("policy", "compile", str(setup.policy_yaml), "--out", str(out))
@@ -42,7 +38,7 @@ def timed(tree: Path, setup: scale.Setup, workdir: Path, command: str) -> tuple[
         wall = scale.timed_cli(
             "policy", "verify", str(setup.envelope), "--trust", str(setup.trust_root)
         )
-    return wall, child_cpu_s() - before
+    return wall, rusage_cpu_s(resource.RUSAGE_CHILDREN) - before
 
 
 def main() -> int:

@@ -52,7 +52,7 @@ from matplotlib.figure import Figure
 from pipeline import StreamConsumer, percentile, synthetic_policy, wait_ready
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
-from support import REPO, device_process, free_port, serve_until_stopped
+from support import REPO, device_process, free_port, mosquitto, rss_bytes, serve_until_stopped
 
 from broker.policy import parse as policy_parse
 from broker.policy.schema import REGISTER_WIDTH
@@ -208,32 +208,29 @@ async def run_once(signals: int, workdir: Path, args: argparse.Namespace) -> Res
     document = plant_policy(signals)
     setup = appliance(workdir, document)
     compile_s, verify_s = policy_seconds(setup, workdir)
-    mosquitto = subprocess.Popen(["mosquitto", "-c", str(workdir / "mosquitto.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     log = workdir / "broker.log"
-    try:
-        with device_process("modbus devices", serve_devices, register_map(document)):
-            started = time.time()
-            with log.open("wb") as out:
-                broker = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "broker", "run", "--config", str(setup.config),
-                    "--same-user", "--reset-state", "--log-format", "json",
-                    stdout=out, stderr=out, cwd=REPO,
-                )  # fmt: skip
-            try:
-                return await measure(signals, document, setup, broker, log, started, mosquitto,
-                                     (compile_s, verify_s), args)  # fmt: skip
-            finally:
-                if broker.returncode is None:
-                    broker.terminate()
-                    try:
-                        await asyncio.wait_for(broker.wait(), 30)
-                    except TimeoutError:
-                        broker.kill()
-                        await broker.wait()
-    finally:
-        mosquitto.terminate()
-        mosquitto.wait(10)
+    with (
+        mosquitto(workdir / "mosquitto.conf") as mqtt_broker,
+        device_process("modbus devices", serve_devices, register_map(document)),
+    ):
+        started = time.time()
+        with log.open("wb") as out:
+            broker = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker", "run", "--config", str(setup.config),
+                "--same-user", "--reset-state", "--log-format", "json",
+                stdout=out, stderr=out, cwd=REPO,
+            )  # fmt: skip
+        try:
+            return await measure(signals, document, setup, broker, log, started,
+                                 mqtt_broker.pid, (compile_s, verify_s), args)  # fmt: skip
+        finally:
+            if broker.returncode is None:
+                broker.terminate()
+                try:
+                    await asyncio.wait_for(broker.wait(), 30)
+                except TimeoutError:
+                    broker.kill()
+                    await broker.wait()
 
 
 async def measure(
@@ -243,7 +240,7 @@ async def measure(
     broker: asyncio.subprocess.Process,
     log: Path,
     started: float,
-    mosquitto: subprocess.Popen[bytes],
+    mosquitto_pid: int,
     policy_s: tuple[float, float],
     args: argparse.Namespace,
 ) -> Result:
@@ -274,8 +271,8 @@ async def measure(
         finally:
             if probe is not None:
                 probe.close()
-    rss = {role: p.memory_info().rss / 1e6 for role, p in procs.items()}
-    rss["mosquitto"] = psutil.Process(mosquitto.pid).memory_info().rss / 1e6
+    rss = {role: rss_bytes(p.pid) / 1e6 for role, p in procs.items()}
+    rss["mosquitto"] = rss_bytes(mosquitto_pid) / 1e6
     outputs = {"SSE": sse.events, "MQTT": probe.events}
     windows = {name: window(events, start, end) for name, events in outputs.items()}
     return Result(

@@ -1,10 +1,12 @@
 """What the benchmarks share: the repository root, a free loopback port, the CLI, a device
-in a child process of its own, and the loop that measures what a connector ingests."""
+in a child process of its own, Mosquitto, a process's RSS and CPU time, and the loop that
+measures what a connector ingests."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import resource
 import socket
 import subprocess
 import sys
@@ -33,6 +35,33 @@ def cli(*args: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "broker", *args], check=True, capture_output=True, cwd=REPO
     )
+
+
+@contextmanager
+def mosquitto(config: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Mosquitto on `config` (bench/footprint.py writes one) until the block ends."""
+    process = subprocess.Popen(["mosquitto", "-c", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set size now (Linux's /proc; the figure psutil's rss gives)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def rusage_cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds of this process (or of its children waited for)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 @contextmanager
