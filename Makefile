@@ -61,7 +61,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/discover_pcap.py
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/scale.py --signals 1000 10000
+	$(BIN)/python bench/policy_time.py
 	$(BIN)/python bench/two_appliances.py
+	$(BIN)/python bench/floor.py
 
 # The contrast: the real ThingsBoard IoT Gateway 3.8.5 at the same loads, in a venv of its own
 # (bench/.tb-venv, from the package index; never a dependency of dmzbroker, never in `make test`).
