@@ -23,6 +23,7 @@ from broker import config
 from broker.deployment.layout import user_of, written_paths
 from broker.enterprise import listener
 from broker.enterprise.listener import RESERVED_FILES
+from broker.supervisor import ENTERPRISE_NICENESS
 from tests.harness import REPO
 
 DEPLOY = REPO / "deploy"
@@ -332,3 +333,14 @@ def test_each_half_has_resource_ceilings_and_the_connection_limit_fits_its_file_
         if half == "enterprise":
             room = int(values["LimitNOFILE"][0]) - RESERVED_FILES
             assert loaded.enterprise.listen.max_connections <= room
+
+
+def test_the_enterprise_unit_takes_the_cpu_after_the_plant_unit() -> None:
+    """As `run` does (ENTERPRISE_NICENESS), the units put the plant's polling first: a busy
+    enterprise half (start-ups, consumers) must not take the CPU its scans need."""
+    plant = service("dmzbroker-plant.service")
+    enterprise = service("dmzbroker-enterprise.service")
+    plant_nice = int(words(plant, "Nice")[0]) if "Nice" in plant else 0
+    assert int(words(enterprise, "Nice")[0]) == plant_nice + ENTERPRISE_NICENESS
+    plant_weight = int(words(plant, "CPUWeight")[0]) if "CPUWeight" in plant else 100
+    assert int(words(enterprise, "CPUWeight")[0]) < plant_weight
