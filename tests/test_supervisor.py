@@ -617,7 +617,10 @@ def current_pid(broker: BrokerProcess, half: str) -> int:
 
 def half_pids(broker: BrokerProcess) -> list[int]:
     """The pids of the halves' first starts: the plant's, then the enterprise's."""
-    first = {e["half"]: e["pid"] for e in events(broker) if e["event"] == "half_started"}
+    first: dict[str, int] = {}
+    for e in events(broker):
+        if e["event"] == "half_started":
+            first.setdefault(e["half"], e["pid"])
     return [first[half] for half in ("plant", "enterprise") if half in first]
 
 
