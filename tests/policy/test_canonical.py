@@ -11,7 +11,7 @@ policy; an older payload or a refused one takes the longer way, with the same re
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import pytest
@@ -136,11 +136,23 @@ def _unbounded(kind: inspect.Type) -> bool:
 
 
 def _inner(kind: inspect.Type) -> list[inspect.Type]:
+    """The types a union or container holds, less structs (walked on their own by _structs)."""
+    return [t for t in _contained(kind) if not isinstance(t, inspect.StructType)]
+
+
+def _contained(kind: inspect.Type) -> list[inspect.Type]:
+    """The types a union or container holds: its members, items, or a dict's values (keys are
+    written as JSON strings)."""
     if isinstance(kind, inspect.UnionType):
-        return [t for t in kind.types if not isinstance(t, inspect.StructType)]
-    if isinstance(kind, inspect.ListType | inspect.DictType):
-        inner = kind.item_type if isinstance(kind, inspect.ListType) else kind.value_type
-        return [] if isinstance(inner, inspect.StructType) else [inner]
+        return list(kind.types)
+    if isinstance(kind, inspect.TupleType):
+        return list(kind.item_types)
+    if isinstance(kind, inspect.DictType):
+        return [kind.value_type]
+    if isinstance(
+        kind, inspect.ListType | inspect.VarTupleType | inspect.SetType | inspect.FrozenSetType
+    ):
+        return [kind.item_type]
     return []
 
 
@@ -151,23 +163,53 @@ def _structs(kind: inspect.Type, seen: dict[type, inspect.StructType]) -> None:
         seen[kind.cls] = kind
         for field in kind.fields:
             _structs(field.type, seen)
-    for inner in getattr(kind, "types", ()) or ():
+    for inner in _contained(kind):
         _structs(inner, seen)
-    for attribute in ("item_type", "value_type"):
-        if (inner := getattr(kind, attribute, None)) is not None:
-            _structs(inner, seen)
 
 
-def test_every_number_field_without_bounds_is_checked_when_built() -> None:
+def unbounded_fields(root: type) -> set[tuple[str, str]]:
+    """(struct, field) of every number field under `root` whose type leaves it unbounded."""
     structs: dict[type, inspect.StructType] = {}
-    _structs(inspect.type_info(Policy), structs)
-    unbounded = {
+    _structs(inspect.type_info(root), structs)
+    return {
         (cls.__name__, field.name)
         for cls, info in structs.items()
         for field in info.fields
         if _unbounded(field.type)
     }
-    assert unbounded == CHECKED_WHEN_BUILT
+
+
+def test_every_number_field_without_bounds_is_checked_when_built() -> None:
+    assert unbounded_fields(Policy) == CHECKED_WHEN_BUILT
+
+
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class Reading(msgspec.Struct):
+    value: float
+
+
+class LaterField(msgspec.Struct):
+    """Fields a policy might grow: numbers in tuples and sets, and a struct inside a tuple."""
+
+    points: tuple[float, ...]
+    pair: tuple[int, Fraction]
+    codes: frozenset[int]
+    flags: set[Fraction]
+    readings: tuple[Reading, ...]
+    bounded: tuple[Fraction, ...]
+
+
+def test_the_walk_finds_numbers_inside_tuples_and_sets() -> None:
+    """Review R6: the walk looked only inside lists, dicts and unions, so a `tuple[float, ...]`
+    field with no check would have passed it."""
+    assert unbounded_fields(LaterField) == {
+        ("LaterField", "points"),
+        ("LaterField", "pair"),
+        ("LaterField", "codes"),
+        ("Reading", "value"),
+    }
 
 
 BASELINE = {"measure": "m", "ambient": "a", "ambient_points": [0, 1], "expected": [[1], [2]]}
