@@ -7,14 +7,15 @@ written while one fdatasync runs share the next. It witnesses each checkpoint on
 disk, in seq order, under the log's lock.
 
 It never writes an entry, and the writer never waits for it: the thread takes the log's lock
-only to witness a checkpoint or to report a failed fdatasync, never for an entry, so the
-writer and the committer do not hand the lock to each other about every fdatasync.
+only to witness a checkpoint, never for an entry, so the writer and the committer do not hand
+the lock to each other about every fdatasync.
 
 A failed fdatasync is final for this process (`sync_error`): Linux marks the pages it could
 not write clean, so a later fdatasync returns 0 without writing them, and a read-back finds
 them in the page cache whether or not the disk has them. Nothing after `durable` can be
 shown to be on disk again, so `durable` stays where it was, later checkpoints are never
-witnessed, and the log stays failing until the process starts again (ADR 0027, amendment 3).
+witnessed, and the log stays failing until the process starts again (ADR 0027, amendment 3):
+the log's `failing` reads `sync_error` itself, so it is failing the moment it is set.
 This holds for the last fdatasync of a segment at rollover as for any other.
 """
 
@@ -41,9 +42,8 @@ GATHER_S = 0.002
 
 
 class Committer:
-    """Makes one writer's segment durable. `witness(entry)` and `failed()` are the log's,
-    called under its `lock`: each checkpoint entry once on disk, and the first failed
-    fdatasync (once: the failure is final)."""
+    """Makes one writer's segment durable. `witness(entry)` is the log's, called under its
+    `lock` with each checkpoint entry once it is on disk."""
 
     def __init__(
         self,
@@ -53,17 +53,14 @@ class Committer:
         *,
         lock: threading.RLock,
         witness: Callable[[dict[str, Any]], None],
-        failed: Callable[[], None],
     ) -> None:
         self.written = self.durable = seq  # the last seq written / known to be on disk
         # The first failed fdatasync: what was written after `durable` may be gone, and
         # `durable` no longer moves. Set under _io, so no later fdatasync can move it first.
         self.sync_error: OSError | None = None
-        self._reported = False  # `failed` was called
         self._fd = fd
         self._lock = lock
         self._witness = witness
-        self._failed = failed
         self._io = threading.Lock()  # held over an fdatasync, and to switch or close the fd
         self._awaiting: deque[dict[str, Any]] = deque()  # checkpoints not yet witnessed
         self._idle = False  # the thread waits for an entry: `written_to` wakes it
@@ -138,11 +135,11 @@ class Committer:
             if self._fd < 0:
                 return True
             durable = self._fdatasync(target)
-        if durable and not self._awaiting:
-            return True  # the common case: nothing to tell the log, so no lock to take
+        if not durable or not self._awaiting:
+            return durable  # nothing moved, or nothing to witness: no lock to take
         with self._lock:
             self._after()
-        return durable
+        return True
 
     def _fdatasync(self, target: int) -> bool:
         """Under _io (every fdatasync is, so `durable` never goes back): sync the segment and
@@ -159,9 +156,6 @@ class Committer:
         return True
 
     def _after(self) -> None:
-        """Under the log's lock: report the failure once, witness what is on disk."""
-        if self.sync_error is not None and not self._reported:
-            self._reported = True
-            self._failed()
+        """Under the log's lock: witness what is on disk."""
         while self._awaiting and self._awaiting[0]["seq"] <= self.durable:
             self._witness(self._awaiting.popleft())

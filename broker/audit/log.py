@@ -123,7 +123,7 @@ class AuditLog:
         self._capacity_bytes = capacity_bytes
         self._retention_s = retention_s
         self.boot_id = str(uuid.uuid4())
-        self.failing = False
+        self._refused = False  # the disk refused a write, or has no room (see `failing`)
         self._lock = threading.RLock()  # the spool sender logs from its worker thread
         self._pending: deque[bytes] = deque()
         self._partial = 0  # bytes of the first pending line already on disk
@@ -167,7 +167,6 @@ class AuditLog:
             self._seq,
             lock=self._lock,
             witness=self._witness,
-            failed=self._sync_failed,
         )
         with self._lock:
             if self.chain_break is not None:
@@ -196,6 +195,18 @@ class AuditLog:
     @property
     def head(self) -> tuple[int, str]:
         return self._seq, self._head
+
+    @property
+    def failing(self) -> bool:
+        """True while nothing may cross: the disk refuses entries or has no room, or an
+        fdatasync failed (read from the committer at once, so no check sees one without the
+        other)."""
+        return self._refused or self._committer.sync_error is not None
+
+    @failing.setter
+    def failing(self, refused: bool) -> None:
+        """Say the disk refuses (or takes again) entries; a failed fdatasync stays failing."""
+        self._refused = refused
 
     @property
     def sync_error(self) -> OSError | None:
@@ -339,11 +350,11 @@ class AuditLog:
             try:
                 fs = os.statvfs(self._dir)
             except OSError:
-                self.failing = True
+                self._refused = True
                 return
             if fs.f_flag & os.ST_RDONLY or fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
-                self.failing = True
-            elif not self._pending and self._committer.sync_error is None:
+                self._refused = True
+            elif not self._pending:
                 # Room again and nothing waits: a disk found full while every entry was
                 # written (no later write to clear it) must not stay failing forever.
                 self.failing = False
@@ -409,9 +420,9 @@ class AuditLog:
                     if not self._switch_after:
                         self._switch_segment()
         except OSError:
-            self.failing = True
+            self._refused = True
             return
-        self.failing = self._committer.sync_error is not None
+        self._refused = False
         if self._lost is not None:  # writing resumed: say what could not be kept
             lost, self._lost = self._lost, None
             self._append(self._event(DROPPED, "failure", lost.details()))
@@ -432,11 +443,6 @@ class AuditLog:
                 self.on_checkpoint(entry)
             except Exception:  # a witness must never stop the writer
                 self.hook_failures += 1
-
-    def _sync_failed(self) -> None:
-        """An fdatasync failed: the entries after `durable` may be gone, and failing is for
-        good (the half's AuditMonitor tells the operator what to do)."""
-        self.failing = True
 
     def _expire_segments(self) -> None:
         """Delete the segments retention says must go (broker.audit.retention) and record
@@ -612,9 +618,13 @@ class AuditMonitor:
     def check(self) -> bool:
         """True while the audit log cannot be written: nothing may cross meanwhile."""
         self._audit.check()
+        failing = self._audit.failing
+        # Read after `failing`: once set it stays, so a failure found between the two reads is
+        # failing now and told now, not one interval later and a second time.
         sync_error = self._audit.sync_error
-        if self._audit.failing != self.failing or (sync_error is not None and not self._sync_told):
-            self.failing = self._audit.failing
+        failing = failing or sync_error is not None
+        if failing != self.failing or (sync_error is not None and not self._sync_told):
+            self.failing = failing
             if sync_error is not None:
                 self._sync_told = True
                 self._log.critical(

@@ -157,3 +157,34 @@ def test_a_failed_fdatasync_at_rollover_is_not_made_good_by_the_next_segment(
     finally:
         restarted.close()
     assert verify_writer(directory, key.public_key()).intact
+
+
+def test_a_failed_fdatasync_is_failing_at_once_and_told_once(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review R2: the committer sets `sync_error` under its own lock and only then takes the
+    log's lock to report it; a monitor check in between logged the failure but let data cross
+    one more interval, and the next check logged it again. The test holds the log's lock so
+    the committer's thread stops in that gap (os.fdatasync mocked: a disk cannot fail on
+    demand), checks there, then lets the report through and checks again."""
+    log = AuditLog(tmp_path, "plant", APPLIANCE, key)
+    monitor = AuditMonitor(log, "nothing crosses until it can be written")
+
+    def fdatasync(_: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    try:
+        assert log.sync()
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with capture_logs() as logs:
+            with log._lock:  # the committer's thread cannot report what it finds
+                record_many(log, 1)
+                wait_for(lambda: log.sync_error is not None)  # found, not yet reported
+                assert monitor.check()  # nothing crosses from the moment it failed
+            assert not log.sync()  # reported now, whichever thread comes first
+            assert monitor.check()
+        told = [e for e in logs if e["event"] == "audit_write_failed"]
+        assert len(told) == 1 and told[0]["error"] == "fdatasync: Input/output error"
+    finally:
+        log.close()
+        monkeypatch.undo()
