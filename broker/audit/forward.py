@@ -35,7 +35,8 @@ from broker.audit.catalogue import (
     TRUST_REASONS,
     VERSION_FIELDS,
 )
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.audit.throttle import Kind, Throttle
 
 log = structlog.get_logger("audit")

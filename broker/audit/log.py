@@ -7,12 +7,13 @@ head with the writer's current epoch key (broker.audit.epochs, ADR 0016), so the
 cannot be rebuilt by someone without it, and a key taken today cannot sign for yesterday.
 
 The writer starts a new segment file each time it opens (as the spool does). It continues
-its chain only when the log ends with a checkpoint that verifies (broker.audit.recovery);
+its chain only when the log ends with a checkpoint that verifies (broker.audit.resume);
 never otherwise: what follows that checkpoint is left as it is, unadopted, and the new
 segment starts with an `audit_chain_break` entry naming it, which `audit verify` reports.
-When the log cannot be written, `failing` turns true: the halves stop data crossing until a
-write succeeds again, or `check()` finds room with nothing waiting (entries waiting meanwhile
-are kept, in order, up to `PENDING_LIMIT`, and written by `check()` once it can).
+When the log cannot be written, `failing` turns true: the halves (broker.audit.monitor) stop
+data crossing until a write succeeds again, or `check()` finds room with nothing waiting
+(entries waiting meanwhile are kept, in order, up to `PENDING_LIMIT`, and written by `check()`
+once it can).
 
 Group commit (ADR 0027): each entry is written to its segment when it is recorded (a crash of
 the process loses none), and a committer thread (broker.audit.committer) makes everything
@@ -49,11 +50,15 @@ from broker.audit.entry import (
     sealed_line,
     timestamp,
 )
-from broker.audit.recovery import Found, examine
+
+# Importable from here for the halves and the supervisor (broker.plant.run,
+# broker.enterprise.run, broker.supervisor), which import it so today.
+from broker.audit.monitor import AuditMonitor as AuditMonitor  # noqa: PLC0414
+from broker.audit.resume import resume
 from broker.audit.retention import RESERVE, expire
 from broker.audit.segments import segment_numbers, segment_path
 from broker.config import AuditConfig
-from broker.errors import ChannelError, ConfigError, DmzBrokerError
+from broker.errors import ChannelError
 from broker.folder_lock import FolderLock
 
 OUTCOMES = ("success", "failure", "unknown")
@@ -296,15 +301,12 @@ class AuditLog:
         nothing in this process can sign for the seqs before it any more. A failure keeps
         the old key, still the certified one, until the next checkpoint tries again."""
         with contextlib.suppress(OSError):
-            self._advance(certifier)
-
-    def _advance(self, certifier: Ed25519PrivateKey) -> None:
-        epoch, key = epochs.advance(
-            self._dir, self._appliance, self._epochs, self._seq + 1, certifier
-        )
-        self._epochs.append(epoch)
-        self._epoch, self._epoch_key = epoch, key
-        self._epoch_started = time.monotonic()
+            epoch, key = epochs.advance(
+                self._dir, self._appliance, self._epochs, self._seq + 1, certifier
+            )
+            self._epochs.append(epoch)
+            self._epoch, self._epoch_key = epoch, key
+            self._epoch_started = time.monotonic()
 
     def _event(self, event: str, outcome: str, details: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -492,78 +494,14 @@ class AuditLog:
         self._size = 0
 
     def _start(self, numbers: list[int]) -> None:
-        """Find where the chain may continue, and the epoch key that signs from there.
-
-        Sets seq, head and the epoch; `chain_break` when the log is not adopted. A first
-        start (no segments, no key chain) certifies epoch 1 with the root key.
-        """
-        chain, problem = epochs.read_chain(self._dir, self._root.public)
-        # No epoch and no segment: nothing was ever vouched for (an epochs.jsonl left empty
-        # by a first start that found the disk full is no log to break).
-        first = not numbers and not chain
-        if problem is not None:
-            epochs.cut(self._dir, chain)  # new epochs follow the last one that verifies
-            if problem.endswith(epochs.TORN):
-                problem = None  # a crash during an epoch change: the old key is still certified
-        reasons = [problem] if problem is not None and not first else []
-        if not chain and not first and problem is None:
-            reasons.append(f"{epochs.CHAIN_FILE}: no certified epoch")
-        key, why = epochs.current_key(self._dir, chain)
-        if chain and key is None:
-            reasons.append(why)
-        found = examine(self._dir, numbers, chain, self._appliance, self._writer)
-        last = chain[-1] if chain else None
-        if found.problem:
-            reasons.insert(0, found.problem)
-        elif last is not None and found.highest_seq + 1 < last.from_seq:
-            reasons.append(
-                f"the log ends at seq {found.highest_seq}, but epoch {last.number} "
-                f"({epochs.CHAIN_FILE} line {last.line}) starts at seq {last.from_seq}: "
-                "entries after the last checkpoint were removed"
-            )
-        self._epochs = chain
+        """Continue the chain where broker.audit.resume finds it may (or break it there),
+        signed by the epoch it certifies."""
+        resumed = resume(self._dir, self._root, self._appliance, self._writer, numbers)
+        self._seq, self._head = resumed.seq, resumed.head
+        self._epochs, self._epoch, self._epoch_key = resumed.chain, resumed.epoch, resumed.key
         self._epoch_started = time.monotonic()
-        self.adopted_seq = found.last_good_seq
-        if first:
-            self._seq, self._head = 0, found.last_good_hash
-            self._advance(self._root_private("this is the writer's first start"))
-        elif not reasons:
-            self._seq, self._head = found.last_good_seq, found.last_good_hash
-            assert last is not None and key is not None
-            self._epoch, self._epoch_key = last, key
-            if self._seq + 1 > last.from_seq:  # else: certified at the last start, never used
-                self._advance(key)
-        else:
-            self._break(found, reasons, key, last)
-
-    def _break(
-        self,
-        found: Found,
-        reasons: list[str],
-        key: Ed25519PrivateKey | None,
-        last: epochs.Epoch | None,
-    ) -> None:
-        """Leave the tail after the last good checkpoint unadopted: the break entry (written
-        next) takes a seq above every seq found there, and links to that checkpoint."""
-        seq = max(found.highest_seq + 1, last.from_seq + 1 if last is not None else 1)
-        if key is None:
-            key = self._root_private(reasons[-1])
-            reasons.append("a new epoch certified by the root key")
-        self._seq, self._head = seq - 1, found.last_good_hash
-        self._advance(key)
-        self.chain_break = {
-            "last_good_seq": found.last_good_seq,
-            "last_good_hash": found.last_good_hash,
-            "first_bad": found.first_bad,
-            "unadopted": list(found.unadopted) if found.unadopted is not None else None,
-            "reason": "; ".join(reasons),
-        }
-
-    def _root_private(self, why: str) -> Ed25519PrivateKey:
-        try:
-            return self._root.load_private()
-        except DmzBrokerError as e:
-            raise ConfigError(f"audit log {self._dir}: {why}: {e}") from e
+        self.adopted_seq = resumed.adopted_seq
+        self.chain_break = resumed.chain_break
 
     def __enter__(self) -> AuditLog:
         return self
@@ -600,54 +538,3 @@ def _size(path: Path) -> int:
         return os.lstat(path).st_size
     except OSError:
         return 0
-
-
-class AuditMonitor:
-    """Watches a writer's health for its half: logs failure, recovery and 80 % capacity."""
-
-    CAPACITY_WARNING = RESERVE
-
-    def __init__(self, audit: AuditLog, consequence: str) -> None:
-        self._audit = audit
-        self._consequence = consequence
-        self.failing = False
-        self._sync_told = False  # the operator was told of a failed fdatasync
-        self._warned = False
-        self._log = structlog.get_logger("audit")
-
-    def check(self) -> bool:
-        """True while the audit log cannot be written: nothing may cross meanwhile."""
-        self._audit.check()
-        failing = self._audit.failing
-        # Read after `failing`: once set it stays, so a failure found between the two reads is
-        # failing now and told now, not one interval later and a second time.
-        sync_error = self._audit.sync_error
-        failing = failing or sync_error is not None
-        if failing != self.failing or (sync_error is not None and not self._sync_told):
-            self.failing = failing
-            if sync_error is not None:
-                self._sync_told = True
-                self._log.critical(
-                    "audit_write_failed",
-                    consequence=self._consequence,
-                    error=f"fdatasync: {sync_error.strerror or sync_error}",
-                    durable_seq=self._audit.durable,
-                    action=(
-                        f"entries after seq {self._audit.durable} may not be on disk, and no "
-                        "later fdatasync can show they are: check the audit disk (dmesg), "
-                        "restart dmzbroker, then run `dmzbroker audit verify`"
-                    ),
-                )
-            elif self.failing:
-                self._log.critical(
-                    "audit_write_failed",
-                    consequence=self._consequence,
-                    action="free space on the audit file system or fix the audit directory",
-                )
-            else:
-                self._log.warning("audit_write_recovered")
-        usage = self._audit.usage
-        if usage >= self.CAPACITY_WARNING and not self._warned:
-            self._log.warning("audit_capacity_warning", used_pct=round(usage * 100))
-        self._warned = usage >= self.CAPACITY_WARNING
-        return self.failing

@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.audit.verify import verify_writer
 from tests.audit.support import record_many, segments
 from tests.audit.test_group_commit import wait_for

@@ -31,7 +31,8 @@ from structlog.testing import capture_logs
 from broker.audit import log as log_module
 from broker.audit.entry import checkpoint_message
 from broker.audit.epochs import read_chain
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.audit.verify import verify_writer
 from tests.audit.support import (
     CHECKPOINT_EVENT,
