@@ -137,17 +137,23 @@ class _AssetRuntime:
 
     # The expressions' functions of a measure `m` or a load window `w`
 
+    # (each reads its field itself: rules call them for every asset at every scan)
+
     def _deviation(self, m: str) -> object:
-        return _field(self.assessments.get(m), "deviation_pct")
+        found = self.assessments.get(m)
+        return None if found is None else found.deviation_pct
 
     def _label(self, m: str) -> object:
-        return _field(self.assessments.get(m), "label")
+        found = self.assessments.get(m)
+        return None if found is None else found.label
 
     def _direction(self, m: str) -> object:
-        return _field(self.assessments.get(m), "direction")
+        found = self.assessments.get(m)
+        return None if found is None else found.direction
 
     def _slope(self, m: str) -> object:
-        return _field(self.trend(m), "slope_per_h")  # as records show it
+        found = self.trend(m)
+        return None if found is None else found.slope_per_h  # as records show it
 
     def _load_mean(self, w: str) -> object:
         return self._load[w].mean
@@ -273,10 +279,6 @@ class _AssetRuntime:
             )
         self._trend_of[measure] = (line.generation, line.changes_at(), found)
         return found
-
-
-def _field(part: Assessment | Trend | None, name: str) -> object:
-    return None if part is None else getattr(part, name)
 
 
 def _segment(points: Sequence[float], x: float) -> tuple[int, int, float]:
