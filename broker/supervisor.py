@@ -56,7 +56,8 @@ from typing import TypedDict
 import structlog
 
 from broker.audit.epochs import RootKey
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.backoff import Backoff
 from broker.config import BrokerConfig, SupervisorConfig
 from broker.deployment import enrollment

@@ -53,7 +53,6 @@ from broker.audit.entry import (
 
 # Importable from here for the halves and the supervisor (broker.plant.run,
 # broker.enterprise.run, broker.supervisor), which import it so today.
-from broker.audit.monitor import AuditMonitor as AuditMonitor  # noqa: PLC0414
 from broker.audit.resume import resume
 from broker.audit.retention import RESERVE, expire
 from broker.audit.segments import segment_numbers, segment_path

@@ -22,7 +22,8 @@ import structlog
 
 from broker.audit.crossing import CROSSING_WRITER, witness_details
 from broker.audit.export import SiemExporter
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.audit.witness import WITNESSED
 from broker.channel.spool import SpoolReceiver
 from broker.channel.spool_watch import SpoolWatch

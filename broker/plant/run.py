@@ -22,7 +22,8 @@ import structlog
 
 from broker import island
 from broker.audit.entry import canonical
-from broker.audit.log import AuditLog, AuditMonitor
+from broker.audit.log import AuditLog
+from broker.audit.monitor import AuditMonitor
 from broker.channel.spool import SpoolSender
 from broker.config import BrokerConfig, OpcUaConfig
 from broker.errors import ChannelError
