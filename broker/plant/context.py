@@ -311,13 +311,22 @@ def _expected(baseline: Baseline, ambient: float, load: float) -> float:
 @dataclass(slots=True)
 class _Observer:
     """Where one signal's values go, worked out once: the names of the assets that read it
-    (its own, or as ambient or load), the load windows it feeds, its own asset's trend.
-    Tuples, the empty one shared: there is one observer per modelled signal."""
+    (its own, or as ambient or load), the histories it feeds (the load windows, its own
+    asset's trend). Tuples, the empty one shared: there is one observer per modelled signal."""
 
     writes: tuple[tuple[dict[str, Value], str], ...]
-    windows: tuple[Window, ...] = ()
-    trend: TrendLine | None = None
+    histories: tuple[Window | TrendLine, ...] = ()
     asset: str | None = None  # its own asset when modelled: refreshed after the scan
+
+
+def _histories(
+    windows: tuple[Window, ...], own: tuple[TrendLine, str] | None
+) -> tuple[tuple[Window | TrendLine, ...], str | None]:
+    """A signal's histories (load windows, then its trend when modelled) and its asset."""
+    if own is None:
+        return windows, None
+    trend, asset = own
+    return (*windows, trend), asset
 
 
 class ContextEngine:
@@ -337,7 +346,7 @@ class ContextEngine:
         }
         writes: dict[str, list[tuple[dict[str, Value], str]]] = {}
         windows: dict[str, tuple[Window, ...]] = {}
-        own: dict[str, tuple[TrendLine, str]] = {}
+        own: dict[str, tuple[TrendLine, str]] = {}  # path → its trend and asset
         for runtime in self._assets.values():
             model = runtime.model
             for name, path in model.inputs.items():  # its own measures, ambient, load
@@ -350,11 +359,12 @@ class ContextEngine:
                     observed.append((runtime.names, measure))
                 own[signal.path] = runtime.trends[measure], model.path
         self._observers = {
-            path: _Observer(tuple(written), windows.get(path, ()), *own.get(path, (None, None)))
+            path: _Observer(tuple(written), *_histories(windows.get(path, ()), own.get(path)))
             for path, written in writes.items()
         }
+        # path → its asset, its measure, and whether that has a baseline to be assessed by
         self._own = {
-            signal.path: (runtime, measure)
+            signal.path: (runtime, measure, measure in runtime.model.baselines)
             for runtime in self._assets.values()
             for measure, signal in runtime.model.signals.items()
         }
@@ -369,10 +379,8 @@ class ContextEngine:
         for names, name in observer.writes:
             names[name] = value
         if quality == "good" and (type(value) is float or type(value) is int):  # not bool
-            for window in observer.windows:
-                window.add(t, value)
-            if observer.trend is not None:
-                observer.trend.add(t, value)
+            for history in observer.histories:
+                history.add(t, value)
         return observer.asset
 
     def refresh(self, assets: set[str], now: float) -> list[tuple[Signal, Value]]:
@@ -385,9 +393,9 @@ class ContextEngine:
         if own is None:
             plain = self._plain[path]
             return msgspec.structs.replace(plain, quality_issues=issues) if issues else plain
-        runtime, measure = own
+        runtime, measure, assessed = own
         if type(value) is float or type(value) is int:  # bool is not a number here
-            assessment = runtime.assessment_of(measure, value)
+            assessment = runtime.assessment_of(measure, value) if assessed else None
             trend = runtime.trend(measure)
             if assessment is None and trend is None and not issues:
                 return runtime.base
