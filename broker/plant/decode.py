@@ -242,19 +242,31 @@ def float32_text(value: float) -> str:
     digits always read back. In between, more digits round-trip whenever fewer do, so two
     tries out of 6..9 find the shortest. Subnormals (below 2**-126) have fewer digits of
     precision: those count up from one."""
+    bits = _float32_bits(value)
     if value != 0.0 and abs(value) < _FLOAT32_MIN_NORMAL:
-        return next(t for d in range(1, 10) if _reads_back(t := f"{value:.{d}g}", value))
+        return next(t for d in range(1, 10) if _reads_back(t := f"{value:.{d}g}", bits))
     text = f"{value:.7g}"
-    if _reads_back(text, value):
+    if _reads_back(text, bits):
         shorter = f"{value:.6g}"
-        return shorter if _reads_back(shorter, value) else text
+        # the same text when 7 digits had a trailing zero: it was just read back
+        return shorter if shorter == text or _reads_back(shorter, bits) else text
     text = f"{value:.8g}"
-    return text if _reads_back(text, value) else f"{value:.9g}"
+    return text if _reads_back(text, bits) else f"{value:.9g}"
 
 
-def _reads_back(text: str, value: float) -> bool:
+def _float32_bits(value: float) -> bytes | None:
+    """The float32 `value` as bytes, to compare each try with (one pack per try instead of
+    a pack and an unpack); None when it is no float32, which no text reads back as."""
     try:
-        return bool(_FLOAT32.unpack(_FLOAT32.pack(float(text)))[0] == value)
+        bits = _FLOAT32.pack(value)
+    except OverflowError:
+        return None
+    return bits if _FLOAT32.unpack(bits)[0] == value else None
+
+
+def _reads_back(text: str, bits: bytes | None) -> bool:
+    try:
+        return _FLOAT32.pack(float(text)) == bits
     except OverflowError:  # rounded up past the largest float32
         return False
 

@@ -72,15 +72,18 @@ class _SignalChecks:
         )
 
     def check(self, value: float, t: float) -> list[QualityIssue]:
-        issues: list[QualityIssue] = []
         valid = self.range
         if valid is not None and not valid.min <= value <= valid.max:
-            issues.append(
+            issues = [
                 QualityIssue(
                     check="out_of_range",
                     detail=f"{value:g} outside the valid range {valid.min:g} to {valid.max:g}",
                 )
-            )
+            ]
+        elif not self.remembers:
+            return NO_ISSUES  # in range, and nothing to compare: no list made per value
+        else:
+            issues = []
         if self.remembers:
             if self.previous is None:
                 self.unchanged_since_s = t
