@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 import structlog
 
@@ -60,12 +61,15 @@ class PlantPipeline:
         clock = now.timestamp()
         records: list[Record] = []
         issues_of: list[list[QualityIssue]] = []  # each record's, for its context
-        touched: set[str] = set()
+        touched: set[str | None] = set()
         stamp, read, t, seen, ahead = None, None, 0.0, 0.0, False
         newest_read = -math.inf  # the derived signals' checks go by it
-        # bound once: the loop runs for every sample
-        decode, tally, observe = self._decode, self.checks.tally, self._context.observe
-        make_record, add_record, add_issues = self._record, records.append, issues_of.append
+        newest: datetime | None = None  # the latest source time: the derived signals'
+        # bound once: the loop runs for every sample, and does what one sample needs in
+        # place (its decoding, its record) rather than in calls of its own
+        decoders, units, version = self._decoders, self._units, self._version
+        check, tally, observe = self.checks.check, self.checks.tally, self._context.observe
+        add_record, add_issues = records.append, issues_of.append
         for sample in self.gate.admit(samples, now):
             # A scan's samples share their times. History follows the source time `t`; the
             # checks and tallies (flatline, rate, gaps) follow `seen`, when it was read.
@@ -74,20 +78,47 @@ class PlantPipeline:
                 t = stamp.timestamp()
                 seen = t if read is None else read.timestamp()
                 newest_read = max(newest_read, seen)
+                newest = stamp if newest is None or stamp > newest else newest
                 ahead = t - clock > AHEAD_TOLERANCE_S
-            signal = sample.signal
-            value, quality, issues = decode(sample, seen)
+            signal, raw, quality = sample.signal, sample.raw, sample.quality
+            value: Value = None
+            if raw is None or quality == "bad":
+                quality, issues = "bad", _unread(sample.reason)
+            else:
+                try:
+                    value = decoders[signal](raw)
+                except DecodeError as e:
+                    log.warning("sample_undecodable", signal=signal, error=str(e))
+                    quality, issues = "bad", [QualityIssue(check="undecodable", detail=str(e))]
+                else:
+                    issues = check(signal, value, seen)
+                    if quality == "uncertain":
+                        issues = [_said_uncertain(sample.reason), *issues]
+                    elif issues:
+                        quality = "uncertain"
             if ahead and quality != "bad":
                 quality, issues = "uncertain", [_ahead_of(t - clock), *issues]
             tally(signal, quality, issues, seen)
-            if (asset := observe(signal, value, quality, t)) is not None:
-                touched.add(asset)
-            add_record(make_record(signal, value, quality, stamp, now))
+            touched.add(observe(signal, value, quality, t))  # None: no modelled asset
+            add_record(
+                Record(
+                    signal=signal,
+                    value=value,
+                    unit=units[signal],
+                    quality=quality,
+                    source_time=stamp,
+                    broker_time=now,
+                    policy_version=version,
+                    context=_NO_CONTEXT,  # set once the whole scan is observed
+                )
+            )
             add_issues(issues)
-        if touched:
+        touched.discard(None)
+        if touched and newest is not None:
+            assets = cast("set[str]", touched)  # None left out above
             # at the scan's time, or the broker's if a device clock is ahead of it
-            at = min(max(r.source_time for r in records), now)
-            for record, issues in self._derive(touched, at, newest_read, now):
+            at = min(newest, now)
+            for record, issues in self._derive(assets, at, newest_read, now):
                 records.append(record)
                 issues_of.append(issues)
         # The context last: every record of a scan carries the state and alerts of the scan.
@@ -99,6 +130,7 @@ class PlantPipeline:
     def _record(
         self, signal: str, value: Value, quality: Quality, source_time: datetime, now: datetime
     ) -> Record:
+        """A derived signal's record (a sample's is made in `process`, as this one is)."""
         return Record(
             signal=signal,
             value=value,
@@ -109,27 +141,6 @@ class PlantPipeline:
             policy_version=self._version,
             context=_NO_CONTEXT,  # set once the whole scan is observed
         )
-
-    def _decode(self, sample: RawSample, t: float) -> tuple[Value, Quality, list[QualityIssue]]:
-        if sample.raw is None or sample.quality == "bad":
-            if sample.reason is not None:
-                return None, "bad", [QualityIssue(check="device_status", detail=sample.reason)]
-            return None, "bad", _READ_FAILED
-        try:
-            value = self._decoders[sample.signal](sample.raw)
-        except DecodeError as e:
-            log.warning("sample_undecodable", signal=sample.signal, error=str(e))
-            return None, "bad", [QualityIssue(check="undecodable", detail=str(e))]
-        issues = self.checks.check(sample.signal, value, t)
-        if sample.quality == "uncertain":
-            said = sample.reason
-            status = (
-                _UNCERTAIN_AT_SOURCE
-                if said is None
-                else QualityIssue(check="device_status", detail=said)
-            )
-            issues = [status, *issues]
-        return value, ("uncertain" if issues else sample.quality), issues
 
     def _derive(
         self, assets: set[str], source_time: datetime, seen: float, now: datetime
@@ -145,6 +156,22 @@ class PlantPipeline:
             self._context.observe(signal.path, value, quality, t)
             derived.append((self._record(signal.path, value, quality, source_time, now), issues))
         return derived
+
+
+def _unread(reason: str | None) -> list[QualityIssue]:
+    """Why a sample the device gave no good value for is bad: in its own words if it said."""
+    if reason is None:
+        return _READ_FAILED
+    return [QualityIssue(check="device_status", detail=reason)]
+
+
+def _said_uncertain(reason: str | None) -> QualityIssue:
+    """The device marked the value uncertain, in its own words if it said why."""
+    return (
+        _UNCERTAIN_AT_SOURCE
+        if reason is None
+        else QualityIssue(check="device_status", detail=reason)
+    )
 
 
 def _ahead_of(seconds: float) -> QualityIssue:
