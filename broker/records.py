@@ -154,29 +154,36 @@ def encode_frame_payload(records: Sequence[Record]) -> bytes:
     ambient, load, maintenance and alerts are the same for every record of a scan; they
     were three quarters of the bytes), one encoder call for the frame."""
     shared_at: dict[int, int] = {}  # id(context) → index in `shared`
-    by_parts: dict[tuple[object, ...], int] = {}
+    # Contexts made from one asset's base share its parts by identity: by the id of their
+    # alerts first (one id, not four, per record with a context of its own), then compared.
+    by_alerts: dict[int, list[tuple[Context, int]]] = {}
     shared: list[Context] = []
     rows: list[tuple[object, ...]] = []
     add_row = rows.append
     for r in records:
         c = r.context
-        at = shared_at.get(id(c))  # contexts are alive through the call: ids are stable
+        key = id(c)  # contexts are alive through the call: ids are stable
+        at = shared_at.get(key)
         if at is None:
-            # Contexts made from one asset's base share its parts by identity.
-            parts = (
-                c.asset,
-                c.asset_type,
-                c.asset_state,
-                id(c.ambient),
-                id(c.load),
-                id(c.maintenance),
-                id(c.alerts),
-            )
-            at = by_parts.get(parts)
-            if at is None:
-                at = by_parts[parts] = len(shared)
+            alike = by_alerts.get(id(c.alerts))
+            if alike is None:
+                alike = by_alerts[id(c.alerts)] = []
+            for other, index in alike:
+                if (
+                    other.ambient is c.ambient
+                    and other.load is c.load
+                    and other.maintenance is c.maintenance
+                    and other.asset == c.asset
+                    and other.asset_type == c.asset_type
+                    and other.asset_state == c.asset_state
+                ):
+                    at = index
+                    break
+            else:
+                at = len(shared)
+                alike.append((c, at))
                 shared.append(_replace(c, assessment=None, trend=None, quality_issues=[]))
-            shared_at[id(c)] = at
+            shared_at[key] = at
         add_row(
             (
                 r.signal,
