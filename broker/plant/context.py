@@ -119,7 +119,8 @@ class _AssetRuntime:
         self._now = 0.0  # the time of the latest refresh: what trends are as of
         self._load: dict[str, WindowStats] = {}  # as of the refresh; never changed after
         # measure → (generation, valid until, trend): made once per bucket, not per record
-        self._trend_of: dict[str, tuple[int, float, Trend | None]] = {}
+        # (the line too, so that a trend still valid costs one lookup)
+        self._trend_of: dict[str, tuple[TrendLine, int, float, Trend | None]] = {}
         self._alerts = [  # each rule's alert, made once: only whether it is active changes
             (
                 Alert(
@@ -258,10 +259,10 @@ class _AssetRuntime:
 
     def trend(self, measure: str) -> Trend | None:
         """The measure's trend, made once per trend bucket and shared by its records."""
-        line = self.trends[measure]
         cached = self._trend_of.get(measure)
-        if cached is not None and cached[0] == line.generation and self._now < cached[1]:
-            return cached[2]
+        if cached is not None and cached[1] == cached[0].generation and self._now < cached[2]:
+            return cached[3]
+        line = self.trends[measure]
         slope = line.slope_per_h(self._now)  # drops what the window has left behind
         found = None
         if slope is not None:
@@ -277,7 +278,7 @@ class _AssetRuntime:
                 direction=direction,
                 window=self.model.asset.trend_window,
             )
-        self._trend_of[measure] = (line.generation, line.changes_at(), found)
+        self._trend_of[measure] = (line, line.generation, line.changes_at(), found)
         return found
 
 

@@ -123,7 +123,8 @@ class Window(_Buckets):
     def stats(self, now: float) -> WindowStats:
         """Mean and max over the window ending at `now`; both None without values, the mean
         None when the values' sum is beyond a float."""
-        if self._expire(now):
+        starts = self._starts  # _expire's own first test, without its call at every scan
+        if starts and starts[0] + self._width <= now - self._seconds and self._expire(now):
             # Summed afresh, not by subtraction: a huge value gone must leave nothing behind.
             self._count = sum(self._counts)
             self._total = sum(self._totals)  # inf, not an error, at the limit
