@@ -8,6 +8,8 @@ consumer. Store-and-forward: the sink reads the spool with a position of its own
 (`spool-position-mqtt.json`), so the spool is its on-disk queue: while the MQTT broker is
 unreachable the position stays, and on reconnect the records are replayed in order. The
 position moves only after the broker acknowledged a batch: delivery is at least once.
+At most the broker's Receive Maximum (from its CONNACK) of the sink's messages are
+unacknowledged at a time, as MQTT 5 requires; the rest of a batch waits for PUBACKs.
 Records the spool's retention drops before the sink read them are counted and logged
 (`spool_records_lost`), like any reader's. While the half's audit log cannot be written, or
 the policy has expired, it publishes nothing new (fail closed, as the API answers 503): the
