@@ -22,7 +22,7 @@ from broker.plant.context import ContextEngine
 from broker.plant.decode import DecodeError, decoders_for
 from broker.plant.gate import Gate
 from broker.plant.maintenance import MaintenanceBook
-from broker.plant.quality import QualityChecks
+from broker.plant.quality import NO_ISSUES, QualityChecks
 from broker.policy import Policy
 from broker.policy.schema import DerivedSource
 from broker.records import Context, Quality, QualityIssue, Record, Value
@@ -68,7 +68,8 @@ class PlantPipeline:
         # bound once: the loop runs for every sample, and does what one sample needs in
         # place (its decoding, its record) rather than in calls of its own
         decoders, units, version = self._decoders, self._units, self._version
-        check, tally, observe = self.checks.check, self.checks.tally, self._context.observe
+        check, checked = self.checks.check, self.checks.checked
+        tally, observe = self.checks.tally, self._context.observe
         add_record, add_issues = records.append, issues_of.append
         for sample in self.gate.admit(samples, now):
             # A scan's samples share their times. History follows the source time `t`; the
@@ -91,7 +92,7 @@ class PlantPipeline:
                     log.warning("sample_undecodable", signal=signal, error=str(e))
                     quality, issues = "bad", [QualityIssue(check="undecodable", detail=str(e))]
                 else:
-                    issues = check(signal, value, seen)
+                    issues = check(signal, value, seen) if signal in checked else NO_ISSUES
                     if quality == "uncertain":
                         issues = [_said_uncertain(sample.reason), *issues]
                     elif issues:

@@ -139,6 +139,8 @@ class QualityChecks:
             or s.checks.max_rate_per_s is not None
             or s.checks.max_noise is not None
         }
+        # the signals `check` judges (a view: no copy): a caller may skip it for the others
+        self.checked = self._checks.keys()
         self.stats: dict[str, SignalStats] = {
             s.path: SignalStats(failed_checks=_NOTHING_FAILED) for s in signals
         }
