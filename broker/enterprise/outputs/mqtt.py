@@ -32,7 +32,7 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -66,7 +66,14 @@ from broker.trust import tls
 # every one in flight).
 BATCH = 50_000
 YIELD_BYTES = 1 << 20  # published in a row before paho's writer gets the loop
-RECORDS_PER_MESSAGE = 100  # keeps a message well under brokers' usual size limits
+RECORDS_PER_MESSAGE = 100
+# A message's bytes at most (its whole PUBLISH packet) where the broker's CONNACK announces no
+# Maximum Packet Size: under a broker's unannounced limit of 64 KiB or more (Mosquitto's
+# message_size_limit, AWS IoT's 128 KB) and above a caught-up message (one scan, ~8 KB).
+MAX_MESSAGE_BYTES = 65_536
+# A PUBLISH's bytes besides its topic and payload: fixed header (1), remaining length (<= 4),
+# topic length (2), packet id (2), properties length (1; the sink sends no properties).
+PUBLISH_OVERHEAD = 10
 IDLE_S = 0.05  # how often it looks again while held back, or where the spool is not watched
 PUBLISH_TIMEOUT_S = 10.0  # a broker that is connected but acknowledges nothing this long
 # What a broker's CONNACK without a Receive Maximum allows in flight (MQTT 5 §3.2.2.3.3).
@@ -169,11 +176,8 @@ class MqttSink:
         reported: set[str] = set()  # the failures logged in this outage
         announced = False  # mqtt_connected logged since the outage began
         while True:
-            receiver: SpoolReceiver | None = None
             connected_at: float | None = None
             try:
-                # From the saved position: what an interrupted batch had read is read again.
-                receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
                 async with _Client(
                     config.host,
                     config.port,
@@ -197,14 +201,11 @@ class MqttSink:
                             **after,
                         )
                         announced = True
-                    await self._session(client, receiver)
+                    await self._session(client)
             except aiomqtt.MqttError as e:
                 error, spool_failed = self._explained(e), False
             except (ChannelError, OSError) as e:  # out of descriptors, an I/O error: retried
                 error, spool_failed = str(e), True
-            finally:
-                if receiver is not None:
-                    receiver.close()
             held_s = 0.0 if connected_at is None else time.monotonic() - connected_at
             if held_s >= FRESH_AFTER_S:
                 down_since = None  # the outage before this connection is over
@@ -222,11 +223,11 @@ class MqttSink:
             reported.add(error)
             await asyncio.sleep(delay)
 
-    async def _session(self, client: _Client, receiver: SpoolReceiver) -> None:
+    async def _session(self, client: _Client) -> None:
         """Forward until the connection is lost, noticed when it happens: a publish waiting
         for its acknowledgement would otherwise wait out its timeout."""
         watching = asyncio.create_task(_disconnection(client))
-        forwarding = asyncio.create_task(self._forward(client, receiver))
+        forwarding = asyncio.create_task(self._forward(client))
         try:
             done, _ = await asyncio.wait(
                 (watching, forwarding), return_when=asyncio.FIRST_COMPLETED
@@ -241,12 +242,22 @@ class MqttSink:
             forwarding.result()
         done.pop().result()  # raises: neither task ends otherwise
 
-    async def _forward(self, client: _Client, receiver: SpoolReceiver) -> NoReturn:
+    async def _forward(self, client: _Client) -> NoReturn:
+        acks = _Acknowledgements(client)
+        while True:
+            # From the saved position: what an interrupted round had read is read again.
+            receiver = SpoolReceiver(self._spool_dir, self._state_dir, reader=self.name)
+            try:
+                await self._rounds(acks, receiver)
+            finally:
+                receiver.close()
+
+    async def _rounds(self, acks: _Acknowledgements, receiver: SpoolReceiver) -> None:
+        """Rounds of records read, published and acknowledged, until one is stopped."""
         watch = self._watch
         if watch is None:
             raise RuntimeError("the MQTT sink forwards only while it runs")
         prefix = self._config.topic_prefix
-        acks = _Acknowledgements(client)
         self._delivered(receiver, 0)  # the position it starts from
         while True:
             if self._held():
@@ -260,11 +271,34 @@ class MqttSink:
             groups = by_asset(r for r in records if r.signal in view)
             records.clear()  # the groups hold the records now, each freed once it is encoded
             allowed = sum(map(len, groups.values()))
-            await acks.published(messages(prefix, groups))
+            refused: list[Record] = []
+            cut = messages(prefix, groups, acks.most_bytes, refused)
+            if not await acks.published(cut, self._still_allowed(view)):
+                # Stopped: the position stays, and a new reader starts again from it (what
+                # the round published goes out again, unless no longer granted).
+                return
             # Acknowledged: the position moves past the batch. Its fsync in a worker thread
             # leaves the loop to the other outputs meanwhile.
             await asyncio.to_thread(receiver.commit)
-            self._delivered(receiver, allowed)
+            self._delivered(receiver, allowed - len(refused))
+
+    def _still_allowed(self, view: frozenset[str]) -> Callable[[], bool]:
+        """Whether a round read with `view` may go on publishing: asked again while it runs,
+        since a round waits on its broker's acknowledgements (up to minutes, for a slow one)
+        and nothing may cross once held or no longer granted."""
+
+        def still_allowed() -> bool:
+            nonlocal view
+            if self._held():
+                return False
+            current = self._authz.view(self._config.identity)
+            if current is not view:  # a policy reloaded: the same grants, or fewer
+                if current != view:
+                    return False
+                view = current
+            return True
+
+        return still_allowed
 
     def _held(self) -> bool:
         """Nothing new crosses while the audit log cannot be written or the policy expired
@@ -294,10 +328,11 @@ class MqttSink:
 
 
 class _Client(aiomqtt.Client):
-    """aiomqtt's client, keeping the Receive Maximum of the broker's CONNACK: aiomqtt passes
-    none of its properties on, and paho obeys none of them."""
+    """aiomqtt's client, keeping the Receive Maximum and Maximum Packet Size of the broker's
+    CONNACK: aiomqtt passes none of its properties on, and paho obeys none of them."""
 
     receive_maximum: int | None = None  # until the CONNACK
+    maximum_packet_size: int | None = None  # the CONNACK's, where it announces one
 
     def _on_connect(
         self,
@@ -308,6 +343,7 @@ class _Client(aiomqtt.Client):
         properties: Properties | None = None,
     ) -> None:
         self.receive_maximum = getattr(properties, "ReceiveMaximum", RECEIVE_MAXIMUM_ABSENT)
+        self.maximum_packet_size = getattr(properties, "MaximumPacketSize", None)
         super()._on_connect(client, userdata, flags, reason_code, properties)
 
 
@@ -332,6 +368,7 @@ class _Acknowledgements:
             )
         self._paho = paho
         self._window = client.receive_maximum  # PUBLISHes unacknowledged at most
+        self.most_bytes = client.maximum_packet_size or MAX_MESSAGE_BYTES  # a PUBLISH's
         self.most_unacknowledged = 0  # the high-water mark of the window, this session
         # paho leaves Nagle on: a batch's second message would wait for the broker's delayed
         # ACK of the first (up to 40 ms on Linux) before it leaves.
@@ -345,15 +382,23 @@ class _Acknowledgements:
         self._room: asyncio.Future[None] | None = None  # while it waits for PUBACKs
         self._room_at = 0  # unacknowledged messages at most that end the wait
         self._last_acknowledged = 0.0  # time.monotonic() of the session's latest PUBACK
+        self._refusal = ""  # the first PUBACK of the session that refused its message
 
-    async def published(self, messages: Iterable[tuple[str, bytes]]) -> None:
-        """Publish each (topic, payload), retained, and return once every one is
-        acknowledged; MqttError if one cannot be sent or PUBLISH_TIMEOUT_S passes without an
-        acknowledgement (a long batch on a loaded machine is not a broker that stopped)."""
+    async def published(
+        self, messages: Iterable[tuple[str, bytes]], still_allowed: Callable[[], bool]
+    ) -> bool:
+        """Publish each (topic, payload), retained, and return True once every one is
+        acknowledged; False, having published no more, once `still_allowed()` says no (asked
+        before each wait: for room in the window, or for paho's writer). MqttError if one
+        cannot be sent, the broker refuses one (a PUBACK's reason code 0x80 or above), or
+        PUBLISH_TIMEOUT_S passes without an acknowledgement (a long batch on a loaded machine
+        is not a broker that stopped)."""
         queued = 0  # payload bytes published since the loop last ran
         try:
             for topic, payload in messages:
                 if len(self._waiting) >= self._window:
+                    if not still_allowed():
+                        break
                     queued = 0  # the wait gives paho's writer the loop
                     await self._acknowledged_down_to(self._window - 1)
                 info = self._paho.publish(topic, payload, qos=1, retain=True)
@@ -368,16 +413,27 @@ class _Acknowledgements:
                     # paho writes on the loop's writer callback: until it runs, each message
                     # is held twice (its payload, its packet). PUBACKs read meanwhile count.
                     queued = 0
+                    if not still_allowed():
+                        break
                     await asyncio.sleep(0)
+            else:
+                await self._acknowledged_down_to(0)
+                return True
+            # Stopped: what is in flight is awaited, so the next round keeps to the window.
             await self._acknowledged_down_to(0)
+            return False
         finally:
             self._waiting.clear()
 
     async def _acknowledged_down_to(self, unacknowledged: int) -> None:
         """Until at most `unacknowledged` messages await their PUBACK; MqttError once
-        PUBLISH_TIMEOUT_S passes in this wait without one."""
-        if len(self._waiting) <= unacknowledged:
-            return
+        PUBLISH_TIMEOUT_S passes in this wait without one, or once a PUBACK refused one."""
+        if len(self._waiting) > unacknowledged and not self._refusal:
+            await self._room_made(unacknowledged)
+        if self._refusal:  # not delivered: the round fails, its position stays
+            raise aiomqtt.MqttError(self._refusal)
+
+    async def _room_made(self, unacknowledged: int) -> None:
         self._room = asyncio.get_running_loop().create_future()
         self._room_at = unacknowledged
         since = time.monotonic()  # the sink's own work before it is not the broker's silence
@@ -391,12 +447,18 @@ class _Acknowledgements:
             self._room = None
 
     def _acknowledged(
-        self, _client: object, _userdata: object, mid: int, _reason: object, _props: object
+        self, _client: object, _userdata: object, mid: int, reason: object, _props: object
     ) -> None:
         self._waiting.discard(mid)
         self._last_acknowledged = time.monotonic()
+        if isinstance(reason, ReasonCode) and reason.is_failure and not self._refusal:
+            self._refusal = (
+                f"the MQTT broker refused a message: PUBACK {reason} (0x{reason.value:02X})"
+            )
         room = self._room
-        if room is not None and len(self._waiting) <= self._room_at and not room.done():
+        if room is None or room.done():
+            return
+        if len(self._waiting) <= self._room_at or self._refusal:
             room.set_result(None)
 
 
@@ -423,12 +485,44 @@ def by_asset(records: Iterable[Record]) -> dict[str, list[Record]]:
     return groups
 
 
-def messages(prefix: str, groups: dict[str, list[Record]]) -> Iterator[tuple[str, bytes]]:
-    """Each group's (topic, payload) messages of up to RECORDS_PER_MESSAGE records, in order.
-    A group is taken out of `groups` as it is encoded: a batch of many records never holds
-    all of them decoded and all of their JSON at once."""
+def messages(
+    prefix: str, groups: dict[str, list[Record]], most_bytes: int, refused: list[Record]
+) -> Iterator[tuple[str, bytes]]:
+    """Each group's (topic, payload) messages, in order, of up to RECORDS_PER_MESSAGE records
+    and `most_bytes` a PUBLISH, cut from the newest end: the last, which the broker retains,
+    holds the newest records (a whole scan of an asset, where one fits). A record that alone
+    is larger is refused: logged and appended to `refused`, never sent (the broker would
+    refuse it at every try). A group is taken out of `groups` as it is encoded: a batch of
+    many records never holds all of them decoded and all of their JSON at once."""
     for asset in list(groups):
         group = groups.pop(asset)
         topic = f"{prefix}/{asset}"
-        for start in range(0, len(group), RECORDS_PER_MESSAGE):
-            yield topic, to_json(group[start : start + RECORDS_PER_MESSAGE])
+        room = most_bytes - PUBLISH_OVERHEAD - len(topic.encode())
+        for part in _newest_last(group, RECORDS_PER_MESSAGE):
+            for payload in _payloads(part, room, refused):
+                yield topic, payload
+
+
+def _newest_last(records: list[Record], size: int) -> Iterator[list[Record]]:
+    """`records` in slices of `size`, in order, the first holding the remainder."""
+    first = len(records) % size or size
+    yield records[:first]
+    for start in range(first, len(records), size):
+        yield records[start : start + size]
+
+
+def _payloads(records: list[Record], room: int, refused: list[Record]) -> Iterator[bytes]:
+    """`records` as JSON payloads of at most `room` bytes, in order, the last the fullest."""
+    payload = to_json(records)
+    if len(payload) <= room:
+        yield payload
+    elif len(records) == 1:
+        refused.append(records[0])
+        log.error(
+            "mqtt_record_too_large", signal=records[0].signal, seq=records[0].seq,
+            bytes=len(payload), most_bytes=room,
+        )  # fmt: skip
+    else:  # records are of a size: cut where they would fit, each slice checked again
+        size = max(1, len(records) * room // len(payload))
+        for part in _newest_last(records, size):
+            yield from _payloads(part, room, refused)
