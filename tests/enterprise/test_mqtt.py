@@ -35,7 +35,7 @@ from broker import policy
 from broker.channel.spool import SpoolReceiver, SpoolSender
 from broker.config import MqttConfig
 from broker.enterprise.authz import Authorization
-from broker.enterprise.outputs import mqtt
+from broker.enterprise.outputs import mqtt, mqtt_acks
 from broker.enterprise.outputs.mqtt import MqttSink
 from broker.sim.refrigeration import RefrigerationPlant
 from broker.trust import tls
@@ -440,7 +440,7 @@ async def test_a_fault_in_forwarding_is_raised_even_when_the_connection_ends_wit
             yield  # an async generator
 
     class Faulty(MqttSink):
-        async def _forward(self, client: mqtt._Client) -> NoReturn:
+        async def _forward(self, client: mqtt_acks.Client) -> NoReturn:
             raise RuntimeError("a bug in the forwarding")
 
     config = MqttConfig(
@@ -450,7 +450,7 @@ async def test_a_fault_in_forwarding_is_raised_even_when_the_connection_ends_wit
     sink = Faulty(config, tmp_path, tmp_path, Authorization(policy.load(DEMO_POLICY)))
     for _ in range(20):  # which of two tasks done together comes first is a matter of chance
         with pytest.raises(RuntimeError, match="a bug in the forwarding"):
-            await sink._session(cast(mqtt._Client, Closed()))
+            await sink._session(cast(mqtt_acks.Client, Closed()))
 
 
 async def test_every_record_reaches_a_subscriber_across_an_outage_and_the_log_says_so(
@@ -573,7 +573,7 @@ async def test_a_broker_that_stops_acknowledging_ends_the_session_after_the_publ
 ) -> None:
     """Mosquitto hangs (SIGSTOP) with the connection open: the timeout counts from the last
     acknowledgement, so it still ends the session when none comes; resumed, it gets all."""
-    monkeypatch.setattr(mqtt, "PUBLISH_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(mqtt_acks, "PUBLISH_TIMEOUT_S", 2.0)
     spool, state = tmp_path / "spool", tmp_path / "state"
     sender = SpoolSender(spool, 1 << 20, 64 << 20)
     sink = MqttSink(
@@ -602,9 +602,9 @@ async def test_a_broker_that_stops_acknowledging_ends_the_session_after_the_publ
 
 @dataclass
 class Windows:
-    """Every _Acknowledgements the sinks made, kept to read their high-water marks."""
+    """Every Acknowledgements the sinks made, kept to read their high-water marks."""
 
-    made: list[mqtt._Acknowledgements] = field(default_factory=list)
+    made: list[mqtt_acks.Acknowledgements] = field(default_factory=list)
 
     def most_unacknowledged(self) -> int:
         return max(acks.most_unacknowledged for acks in self.made)
@@ -614,12 +614,12 @@ class Windows:
 def windows(monkeypatch: pytest.MonkeyPatch) -> Windows:
     found = Windows()
 
-    class Kept(mqtt._Acknowledgements):
-        def __init__(self, client: mqtt._Client) -> None:
+    class Kept(mqtt_acks.Acknowledgements):
+        def __init__(self, client: mqtt_acks.Client) -> None:
             super().__init__(client)
             found.made.append(self)
 
-    monkeypatch.setattr(mqtt, "_Acknowledgements", Kept)
+    monkeypatch.setattr(mqtt, "Acknowledgements", Kept)  # where the sink finds it
     return found
 
 

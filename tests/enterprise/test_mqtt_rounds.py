@@ -20,8 +20,9 @@ from broker import policy
 from broker.audit.log import AuditLog
 from broker.channel.spool import SpoolSender
 from broker.enterprise.authz import Authorization
-from broker.enterprise.outputs import mqtt
+from broker.enterprise.outputs import mqtt_acks, mqtt_messages
 from broker.enterprise.outputs.mqtt import MqttSink
+from broker.records import Record
 from tests.enterprise import test_mqtt
 from tests.enterprise.served import record
 from tests.enterprise.test_mqtt import (
@@ -86,7 +87,7 @@ async def test_a_round_stops_publishing_once_the_audit_log_fails(
     """A round of ~190 messages through a window of 3: the audit log fails at its second wait
     for room. Nothing more is published and the position stays while it fails; repaired, the
     whole backlog goes out (what the stopped round had published, again)."""
-    monkeypatch.setattr(mqtt, "RECORDS_PER_MESSAGE", 10)
+    monkeypatch.setattr(mqtt_messages, "RECORDS_PER_MESSAGE", 10)
     spool, state = tmp_path / "spool", tmp_path / "state"
     authz = Authorization(policy.load(DEMO_POLICY))
     last = backlog(spool, sorted(authz.view(CONSUMER_URI)), scans=100)
@@ -114,7 +115,7 @@ async def test_a_round_stops_publishing_what_a_reload_revoked(
     """The consumer loses an asset's signals while a round's first asset is going out: the
     round stops there and the records are read again with the new view, so the revoked
     asset, last in the round, is never published."""
-    monkeypatch.setattr(mqtt, "RECORDS_PER_MESSAGE", 10)
+    monkeypatch.setattr(mqtt_messages, "RECORDS_PER_MESSAGE", 10)
     spool, state = tmp_path / "spool", tmp_path / "state"
     signals = sorted(Authorization(policy.load(DEMO_POLICY)).view(CONSUMER_URI))
     last_asset = signals[-1].rpartition("/")[0]  # the round's last group
@@ -149,7 +150,7 @@ async def test_catch_up_messages_keep_to_the_brokers_size_limit(
     Packet Size of 12,000 bytes, or has that limit on payloads unannounced (the sink's own
     cap then, set to 12,000 here), gets every record in messages under it, newest last."""
     if not announced:
-        monkeypatch.setattr(mqtt, "MAX_MESSAGE_BYTES", 12_000)
+        monkeypatch.setattr(mqtt_acks, "MAX_MESSAGE_BYTES", 12_000)
     spool, state = tmp_path / "spool", tmp_path / "state"
     authz = Authorization(policy.load(DEMO_POLICY))
     last = backlog(spool, sorted(authz.view(CONSUMER_URI)), scans=60)
@@ -172,9 +173,9 @@ def test_a_record_larger_than_a_message_may_be_is_refused_and_logged() -> None:
     count; the records around it go out."""
     records = [record("a/b/big", 1.0, seq) for seq in (1, 2, 3)]
     records[1] = msgspec.structs.replace(records[1], unit="x" * 20_000)
-    refused: list[mqtt.Record] = []
+    refused: list[Record] = []
     with structlog.testing.capture_logs() as logs:
-        out = list(mqtt.messages("p", {"a/b": records}, 12_000, refused))
+        out = list(mqtt_messages.messages("p", {"a/b": records}, 12_000, refused))
     assert [len(payload) < 12_000 for _, payload in out] == [True, True]
     assert refused == [records[1]]
     (event,) = [e for e in logs if e["event"] == "mqtt_record_too_large"]
@@ -207,7 +208,9 @@ async def slow_acknowledgements(port: int, delay_s: float) -> AsyncIterator[int]
     """A TCP proxy to `port` on a port of its own, holding each read from the broker back
     `delay_s` (so each PUBACK too), in order; the client's bytes pass at once."""
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float):
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    ) -> None:
         try:
             while data := await reader.read(65_536):
                 if delay:
@@ -245,8 +248,8 @@ async def test_a_round_longer_than_the_publish_timeout_goes_on_while_acknowledge
     PUBACKs come ~0.2 s apart): the round takes ~5 s, over twice the publish timeout, and
     is not cut, since the timeout counts from the last acknowledgement (one counted from the
     round's start cuts it at every try: the position never moves)."""
-    monkeypatch.setattr(mqtt, "PUBLISH_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(mqtt, "RECORDS_PER_MESSAGE", 1)
+    monkeypatch.setattr(mqtt_acks, "PUBLISH_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(mqtt_messages, "RECORDS_PER_MESSAGE", 1)
     spool, state = tmp_path / "spool", tmp_path / "state"
     authz = Authorization(policy.load(DEMO_POLICY))
     last = backlog(spool, sorted(authz.view(CONSUMER_URI))[:5], scans=6)  # 30 records
