@@ -85,6 +85,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "tls_reload_refused": ("certificate", "failure"),
     "mqtt_connected": ("sink", "success"),
     "mqtt_unreachable": ("sink", "failure"),
+    "mqtt_record_too_large": ("sink", "failure"),
     # Outputs (issue 17, docs/specs/output.md): one that raised, the PostgreSQL sink, the
     # OPC UA server's clients, SSE resumption.
     "output_failed": ("sink", "failure"),
@@ -135,6 +136,7 @@ AGGREGATED = frozenset(
         "opcua_service_refused",
         "stream_resumed",
         "stream_records_gone",
+        "mqtt_record_too_large",  # a signal whose every record is too large: each scan
     }
 )
 # Events a device can trigger over and over (a signal flapping Good↔Bad, a session or a unit
