@@ -68,7 +68,8 @@ class Namespace:
 
     def up(self, interface: str, *addresses: str) -> None:
         """Addresses (IPv4 or IPv6, with prefix length) on `interface`, then the link up.
-        IPv6 addresses skip duplicate address detection: usable at once, not after ~1 s."""
+        IPv6 addresses skip duplicate address detection (as `namespaces` sets for the link-local
+        ones): usable at once, not after ~1 s."""
         for address in addresses:
             nodad = ["nodad"] if ":" in address else []
             self.run("ip", "address", "add", address, "dev", interface, *nodad)
@@ -105,6 +106,12 @@ def namespaces(*names: str) -> Iterator[list[Namespace]]:
             space = Namespace(name)
             made.append(space)
             space.run("ip", "link", "set", "lo", "up")
+            # No duplicate address detection on any interface made here later, link-local
+            # addresses included: while a router's link-local address is tentative (~1-2 s
+            # after link up) Linux sends no neighbour solicitation for a packet it forwards,
+            # so the first IPv6 connection through it could time out and leave its peer
+            # retransmitting SYN-ACKs into a later capture (a failure of test_wire).
+            space.sysctl("net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
         yield made
     finally:
         for space in made:
