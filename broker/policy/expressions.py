@@ -268,12 +268,12 @@ def _comparison(node: ast.Compare) -> _Closure:
     """`a < b <= c` as Python does it: each pair in turn, stopping at the first false one.
     The usual single comparison with a constant (`state == 'running'`) gets a closure of
     its own: rules and states are mostly that, at every scan of every asset."""
-    if len(node.ops) == 1 and isinstance(node.comparators[0], ast.Constant):
-        compare = _OPERATORS[type(node.ops[0])]
-        return _against_constant(node.left, compare, node.comparators[0].value)
     first = _closure(node.left)
     if len(node.ops) == 1:
         compare = _OPERATORS[type(node.ops[0])]
+        if isinstance(node.comparators[0], ast.Constant):
+            constant = node.comparators[0].value
+            return lambda names, functions: compare(first(names, functions), constant)
         second = _closure(node.comparators[0])
         return lambda names, functions: compare(first(names, functions), second(names, functions))
     steps = [
@@ -291,32 +291,3 @@ def _comparison(node: ast.Compare) -> _Closure:
         return True
 
     return run
-
-
-def _against_constant(left: ast.expr, compare: Callable[..., object], constant: object) -> _Closure:
-    """A name or a function's value compared with a constant, read in the same closure (as
-    `_closure` reads them) rather than in one more: the commonest shape of states and rules
-    (`state == 'running'`, `label('p') != 'expected'`, `load_mean('15m') > 20`)."""
-    if isinstance(left, ast.Name):
-        name = left.id
-
-        def name_against(names: Names, functions: Functions) -> object:
-            value = names[name]
-            if value is None:
-                raise _NoValue(name)
-            return compare(value, constant)
-
-        return name_against
-    if isinstance(left, ast.Call):
-        assert isinstance(left.func, ast.Name) and isinstance(left.args[0], ast.Constant)
-        function, argument = left.func.id, str(left.args[0].value)
-
-        def call_against(names: Names, functions: Functions) -> object:
-            value = functions[function](argument)
-            if value is None:
-                raise _NoValue(f"{function}({argument!r})")
-            return compare(value, constant)
-
-        return call_against
-    first = _closure(left)
-    return lambda names, functions: compare(first(names, functions), constant)
